@@ -1,0 +1,3 @@
+from vidray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""``vidray`` command line. Each subcommand parses its arguments and calls one
+function of the pipeline module that does the work; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vidray.errors import UserError
+
+
+def _print_summary(summary: dict) -> None:
+    # The last line of stdout is always a JSON summary, so scripts can parse it.
+    print(json.dumps(summary, sort_keys=True, default=str), flush=True)
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/demo.yaml") -> None:
+    parser.add_argument("--config", default=default, help=f"YAML config (default: {default})")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def cmd_index_folder(args: argparse.Namespace) -> None:
+    from vidray.index import index_folder
+
+    _print_summary(index_folder(Path(args.root), Path(args.out), probe=not args.no_probe))
+
+
+def cmd_index_coin(args: argparse.Namespace) -> None:
+    from vidray.index import index_coin
+
+    summary = index_coin(
+        annotations=[Path(a) for a in args.annotations],
+        taxonomy=Path(args.taxonomy),
+        videos_dir=Path(args.videos),
+        out=Path(args.out),
+        min_duration=args.min_duration,
+        max_duration=args.max_duration,
+        probe=not args.no_probe,
+    )
+    _print_summary(summary)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from vidray.preprocess import preprocess
+
+    summary = preprocess(
+        manifest=Path(args.manifest),
+        out=args.out,
+        frames=args.frames,
+        size=args.size,
+        stored_frames=args.stored_frames,
+        stored_size=args.stored_size,
+    )
+    _print_summary(summary)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from vidray.demo_data import generate_demo_videos
+
+    summary = generate_demo_videos(
+        Path(args.out), classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed
+    )
+    _print_summary(summary)
+
+
+def cmd_report_data(args: argparse.Namespace) -> None:
+    from vidray.reports import plot_data_report
+
+    paths = plot_data_report(Path(args.manifest), Path(args.out))
+    _print_summary({"figures": [str(p) for p in paths]})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from vidray.config import load_config
+    from vidray.train import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    _print_summary(run_training(cfg))
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from vidray.config import load_config
+    from vidray.tune import run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    _print_summary(run_sweep(cfg, resume=args.resume))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from vidray.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        Path(args.checkpoint), args.data, split=args.split, out_dir=Path(args.out), batch_size=args.batch_size
+    )
+    _print_summary(metrics)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from vidray.export import export_model
+
+    _print_summary({"exported": str(export_model(Path(args.checkpoint), Path(args.out)))})
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from vidray.predict import predict_videos
+
+    results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k)
+    for item in results:
+        labels = ", ".join(f"{p['label']} {p['score']:.3f}" for p in item["predictions"])
+        print(f"{item['video']}: {labels}")
+    _print_summary({"results": results})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    index = sub.add_parser("index", help="list videos and labels into a manifest Parquet file")
+    index_sub = index.add_subparsers(dest="layout", required=True)
+    folder = index_sub.add_parser("folder", help="ROOT/{train,val,test}/<Class>/<video>")
+    folder.add_argument("root")
+    folder.add_argument("--out", required=True, help="manifest .parquet to write")
+    folder.add_argument("--no-probe", action="store_true", help="skip reading duration/fps/size")
+    folder.set_defaults(func=cmd_index_folder)
+    coin = index_sub.add_parser("coin", help="COIN.json annotations + taxonomy -> 12 domain classes")
+    coin.add_argument("--annotations", nargs="+", required=True)
+    coin.add_argument("--taxonomy", required=True, help="taxonomy_domains.csv")
+    coin.add_argument("--videos", required=True, help="downloaded videos: DIR/<recipe_type>/<id>.mp4 or DIR/<id>.mp4")
+    coin.add_argument("--min-duration", type=float, default=None)
+    coin.add_argument("--max-duration", type=float, default=None)
+    coin.add_argument("--out", required=True)
+    coin.add_argument("--no-probe", action="store_true")
+    coin.set_defaults(func=cmd_index_coin)
+
+    pre = sub.add_parser("preprocess", help="decode + resize videos on Ray Data into sharded Parquet")
+    pre.add_argument("--manifest", required=True)
+    pre.add_argument("--out", required=True, help="dataset directory (local path or s3:// / gs:// URI)")
+    pre.add_argument("--frames", type=int, default=16, help="frames the model eats per clip")
+    pre.add_argument("--size", type=int, default=112, help="model input side in pixels")
+    pre.add_argument("--stored-frames", type=int, default=None, help="frames stored per video (default 2x --frames)")
+    pre.add_argument("--stored-size", type=int, default=None, help="stored square side (default 8/7 x --size)")
+    pre.set_defaults(func=cmd_preprocess)
+
+    demo = sub.add_parser("demo-data", help="write the synthetic demo dataset as real H.264 files")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--classes", type=int, default=8)
+    demo.add_argument("--videos-per-class", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_data)
+
+    report = sub.add_parser("report", help="figures")
+    report_sub = report.add_subparsers(dest="what", required=True)
+    report_data = report_sub.add_parser("data", help="class and duration distributions of a manifest")
+    report_data.add_argument("--manifest", required=True)
+    report_data.add_argument("--out", default="reports/figures")
+    report_data.set_defaults(func=cmd_report_data)
+
+    train = sub.add_parser("train", help="fine-tune on Ray Train")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser("tune", help="Ray Tune sweep over MixUp alpha, lr and weight decay")
+    _add_config_args(tune)
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    tune.set_defaults(func=cmd_tune)
+
+    ev = sub.add_parser("evaluate", help="metrics, per-class report and confusion matrix")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True, help="dataset directory written by preprocess")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--out", default="reports/eval")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="save_pretrained model + processor for transformers.pipeline")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="top-k labels for video files")
+    pr.add_argument("--model", required=True, help="directory written by `vidray export`")
+    pr.add_argument("videos", nargs="+")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"vidray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vidray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

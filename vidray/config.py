@@ -1,0 +1,233 @@
+"""Typed, validated run configuration.
+
+One YAML file (``configs/*.yaml``) maps onto :class:`VidrayConfig`; dotted
+command-line overrides (``data.frames=16 train.lr=1e-4``) are applied on top
+before validation, so a typo or a bad value fails before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vidray.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration problem, with a one-line message that names the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are almost always typos (``train.learning_rate``): refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DemoDataConfig(_Section):
+    """The embedded synthetic dataset (``vidray demo-data``)."""
+
+    classes: int = Field(8, ge=2, le=12)
+    videos_per_class: int = Field(12, ge=3)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    # Where raw videos come from: the built-in synthetic set, a
+    # ROOT/{train,val,test}/<Class>/<video> folder, or COIN annotations.
+    source: Literal["demo", "folder", "coin"] = "demo"
+    videos_dir: Path = Path("data/demo/videos")
+    manifest: Path = Path("data/demo/manifest.parquet")
+    # Sharded Parquet output of ``vidray preprocess``; a local path or s3:// / gs:// URI.
+    dataset_dir: str = "data/demo/dataset"
+
+    # COIN only.
+    annotations: list[Path] = Field(default_factory=list)
+    taxonomy: Path | None = None
+    min_duration: float | None = Field(None, ge=0)
+    max_duration: float | None = Field(None, gt=0)
+
+    # What the model eats per clip.
+    frames: int = Field(16, ge=2)
+    size: int = Field(112, ge=16)
+    # What preprocessing stores per video: more frames and a slightly larger
+    # square than the model eats, so training can jitter in time and crop in space.
+    stored_frames: int = Field(32, ge=2)
+    stored_size: int = Field(128, ge=16)
+
+    demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.stored_frames < self.frames:
+            raise ValueError(
+                f"data.stored_frames ({self.stored_frames}) must be >= data.frames ({self.frames})"
+            )
+        if self.stored_size < self.size:
+            raise ValueError(f"data.stored_size ({self.stored_size}) must be >= data.size ({self.size})")
+        if (
+            self.min_duration is not None
+            and self.max_duration is not None
+            and self.min_duration > self.max_duration
+        ):
+            raise ValueError("data.min_duration must be <= data.max_duration")
+        return self
+
+
+class ModelConfig(_Section):
+    # Hub id or local directory of a VideoMAE checkpoint.
+    name_or_path: str = "MCG-NJU/videomae-base-finetuned-kinetics"
+    # ``scratch`` builds a randomly initialised model of ``size`` (demo, CPU tests).
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    size: Literal["tiny", "small", "base"] = "base"
+    gradient_checkpointing: bool = False
+    # Interpolate the pretrained sinusoid position table to the new token grid.
+    interpolate_pos_embed: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(32, ge=1)  # global, across all workers
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    layer_decay: float = Field(1.0, gt=0, le=1)  # 1.0 = off
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(0.0, ge=0)  # 0 = off
+    cutmix_alpha: float = Field(0.0, ge=0)  # 0 = off
+    grad_accum_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_clips: int = Field(1, ge=1)
+    seed: int = 42
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=-1)
+    prefetch_batches: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(64, ge=0)
+
+
+class SearchRange(_Section):
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+class TuneConfig(_Section):
+    # Grid over MixUp alpha; lr sampled log-uniformly; weight decay grid.
+    mixup_alpha: list[float] = Field(default_factory=lambda: [0.0, 0.4])
+    lr: SearchRange | list[float] = Field(default_factory=lambda: [5e-5])
+    weight_decay: SearchRange | list[float] = Field(default_factory=lambda: [0.05])
+    num_samples: int = Field(1, ge=1)  # repeats of the grid (random draws for ranges)
+    metric: str = "val_macro_f1"
+    mode: Literal["max", "min"] = "max"
+    asha: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: derived from the cluster
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneConfig":
+        if any(a < 0 for a in self.mixup_alpha):
+            raise ValueError("tune.mixup_alpha values must be >= 0")
+        return self
+
+
+class WandbConfig(_Section):
+    enabled: bool = False
+    project: str = "vidray"
+    # offline writes locally and sends nothing; online needs WANDB_API_KEY.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class RunConfig(_Section):
+    name: str = "vidray"
+    storage_path: str = "runs"  # local path or s3:// / gs:// URI
+    reports_dir: Path = Path("reports")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class VidrayConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 1e-4). Values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"bad override {text!r}: expected dotted.key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"bad value in override {text!r}: {err}") from None
+    # YAML 1.1 reads "1e-4" as a string; pydantic turns numeric strings into floats.
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/demo.yaml for all keys)"
+        lines.append(f"{key}: {msg}")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VidrayConfig:
+    """Read YAML (or defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass --config configs/demo.yaml or another file)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return VidrayConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def require_file(path: Path | None, key: str, hint: str) -> Path:
+    """Fail early, naming the config key, when an input path is missing."""
+    if path is None:
+        raise ConfigError(f"{key} is not set ({hint})")
+    if not Path(path).exists():
+        raise ConfigError(f"{key}: {path} does not exist ({hint})")
+    return Path(path)
