@@ -1,0 +1,115 @@
+"""The on-disk contract between preprocessing and training.
+
+``DIR/dataset.json`` describes the dataset; ``DIR/{train,val,test}/*.parquet``
+hold one row per video:
+
+=================  ==========  ================================================
+column             type        meaning
+=================  ==========  ================================================
+``video``          binary      uint8 RGB frames, C-order ``[stored_frames,
+                               stored_size, stored_size, 3]``
+``label``          int64       class index into ``dataset.json["classes"]``
+``label_name``     string      class name
+``video_id``       string      stable id (file stem / YouTube id)
+``path``           string      source file
+``source_frames``  int64       frames in the source video
+``padded``         bool        source had fewer frames than stored; last repeated
+=================  ==========  ================================================
+
+Frames are stored as raw bytes rather than a Ray tensor extension so any
+Parquet reader (pandas, DuckDB, plain pyarrow) can open the shards.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vidray.errors import UserError
+from vidray.storage import join_uri, open_filesystem
+
+DATASET_INFO = "dataset.json"
+SPLITS = ("train", "val", "test")
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("video", pa.binary()),
+        ("label", pa.int64()),
+        ("label_name", pa.string()),
+        ("video_id", pa.string()),
+        ("path", pa.string()),
+        ("source_frames", pa.int64()),
+        ("padded", pa.bool_()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    classes: list[str]
+    frames: int  # frames per clip the model eats
+    size: int  # model input side
+    stored_frames: int
+    stored_size: int
+    split_counts: dict[str, int]
+    raw: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def video_shape(self) -> tuple[int, int, int, int]:
+        return (self.stored_frames, self.stored_size, self.stored_size, 3)
+
+
+def read_dataset_info(dataset_dir: str) -> DatasetInfo:
+    fs, root = open_filesystem(dataset_dir)
+    info_path = join_uri(root, DATASET_INFO)
+    try:
+        with fs.open_input_stream(info_path) as f:
+            raw = json.loads(f.read())
+    except FileNotFoundError:
+        raise UserError(
+            f"no {DATASET_INFO} in {dataset_dir}: run `vidray preprocess --manifest M --out {dataset_dir}` first"
+        ) from None
+    return DatasetInfo(
+        classes=list(raw["classes"]),
+        frames=int(raw["frames"]),
+        size=int(raw["size"]),
+        stored_frames=int(raw["stored_frames"]),
+        stored_size=int(raw["stored_size"]),
+        split_counts={s: int(v["videos"]) for s, v in raw.get("splits", {}).items()},
+        raw=raw,
+    )
+
+
+def split_uri(dataset_dir: str, split: str) -> str:
+    return join_uri(dataset_dir, split)
+
+
+def read_split(dataset_dir: str, split: str):
+    """A Ray Dataset over one split's shards (videos still as raw bytes)."""
+    import ray.data
+
+    info = read_dataset_info(dataset_dir)
+    if info.split_counts.get(split, 0) == 0:
+        raise UserError(
+            f"split {split!r} of {dataset_dir} holds no videos "
+            f"(available: {', '.join(s for s, n in info.split_counts.items() if n) or 'none'})"
+        )
+    return ray.data.read_parquet(split_uri(dataset_dir, split), columns=["video", "label"])
+
+
+def videos_from_bytes(column: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Stack a column of raw-bytes videos into one uint8 array ``[B, *shape]`` with one copy."""
+    items = list(column)
+    expected = int(np.prod(shape))
+    for item in items:
+        if len(item) != expected:
+            raise ValueError(f"video blob of {len(item)} bytes does not match shape {shape} ({expected} bytes)")
+    return np.frombuffer(b"".join(items), dtype=np.uint8).reshape(len(items), *shape)
