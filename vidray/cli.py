@@ -104,13 +104,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from vidray.predict import predict_videos
+    from vidray.predict import predict_videos, raise_for_unreadable
 
     results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k)
     for item in results:
         labels = ", ".join(f"{p['label']} {p['score']:.3f}" for p in item["predictions"])
-        print(f"{item['video']}: {labels}")
+        print(f"{item['video']}: {labels or 'unreadable (see error)'}")
     _print_summary({"results": results})
+    raise_for_unreadable(results)  # the readable videos are reported above; exit 2 if any was not
 
 
 def build_parser() -> argparse.ArgumentParser:

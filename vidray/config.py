@@ -100,6 +100,9 @@ class TrainConfig(_Section):
     grad_accum_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_clips: int = Field(1, ge=1)
+    # Random horizontal flips. Off by default: mirroring swaps left/right motion, so it is only
+    # label-preserving when no class depends on direction (COIN: on; the demo set: off).
+    hflip: bool = False
     seed: int = 42
 
     num_workers: int = Field(1, ge=1)
@@ -151,6 +154,9 @@ class WandbConfig(_Section):
 class RunConfig(_Section):
     name: str = "vidray"
     storage_path: str = "runs"  # local path or s3:// / gs:// URI
+    # Local storage_path / data.dataset_dir are refused on a multi-node cluster unless every
+    # node sees them at the same path (NFS, EFS, Filestore...): set true to vouch for that.
+    shared_filesystem: bool = False
     reports_dir: Path = Path("reports")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 

@@ -1,10 +1,21 @@
-"""Local paths and s3:// / gs:// URIs through pyarrow filesystems."""
+"""Local paths and s3:// / gs:// URIs through pyarrow filesystems, and the
+check that a path is reachable from every node of a multi-node Ray cluster."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pyarrow.fs as pafs
+
+from vidray.errors import UserError
+
+# Filesystems mounted over the network, so every node can mount them at the same
+# path. FUSE mounts of object stores (s3fs, gcsfuse, mountpoint-s3) are left out
+# on purpose: give vidray the s3:// or gs:// URI instead, pyarrow reads it directly.
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "lustre", "ceph", "glusterfs", "fuse.glusterfs", "gpfs", "beegfs"}
+)
 
 
 def is_uri(path: str) -> bool:
@@ -24,3 +35,103 @@ def join_uri(base: str, *parts: str) -> str:
     if is_uri(base):
         return "/".join([base.rstrip("/"), *parts])
     return os.path.join(base, *parts)
+
+
+def resolve_path(path: str) -> str:
+    """URIs unchanged; local paths absolute with ``~`` expanded.
+
+    Ray resolves a relative storage path in whichever process reads it, and
+    workers do not run in the driver's directory, so Ray only ever gets
+    absolute local paths.
+    """
+    path = str(path)
+    if is_uri(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _local_part(path: str) -> str | None:
+    """The local path behind ``path``, or None when it names remote storage."""
+    if path.startswith("file://"):
+        return path[len("file://") :]
+    return None if is_uri(path) else path
+
+
+def mount_fstype(path: str, mounts_file: str = "/proc/mounts") -> str | None:
+    """Filesystem type of the mount that holds ``path`` (None where /proc/mounts does not exist)."""
+    try:
+        with open(mounts_file) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best_mount, best_type = "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes spaces and tabs in mount points as octal (\040).
+        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best_mount):
+            best_mount, best_type = mount_point, fields[2]
+    return best_type
+
+
+# Node label that marks a cluster as multi-node even while only its head is up:
+# the cluster launcher configs (cluster.yaml) put it on the head, because an
+# autoscaling cluster starts with the head alone and adds workers per job.
+MULTI_NODE_LABEL = "vidray-multi-node"
+
+
+def _why_multi_node() -> str | None:
+    """Why the connected Ray cluster has (or will get) more than one node; None when it will not."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    if len(alive) > 1:
+        return f"has {len(alive)} nodes"
+    if any(node.get("Labels", {}).get(MULTI_NODE_LABEL) == "true" for node in alive):
+        return f"is labelled {MULTI_NODE_LABEL}=true (it autoscales)"
+    return None
+
+
+def check_storage_for_cluster(
+    storage_path: str, key: str, *, shared_filesystem: bool = False, num_nodes: int | None = None
+) -> str:
+    """Return ``storage_path`` as Ray should get it, refusing node-local paths on multi-node clusters.
+
+    Checkpoints and dataset shards are written by workers on every node and read
+    back wherever the next worker lands (Ray Train needs shared storage since
+    2.7), so on a cluster with more than one node a plain local path would
+    scatter them over private disks. Accepted there: s3:// and gs:// URIs, paths
+    on a network filesystem (NFS, Lustre, ...: see :data:`NETWORK_FILESYSTEMS`),
+    and any local path when the user vouches for it with ``shared_filesystem``
+    (``run.shared_filesystem: true``), e.g. a mount the driver cannot classify.
+
+    ``num_nodes`` overrides the count read from the connected cluster; without it
+    the cluster counts as multi-node when more than one node is alive or a node
+    carries the :data:`MULTI_NODE_LABEL` label. ``key`` names the config key in the error.
+    """
+    local = _local_part(str(storage_path))
+    if local is None:
+        return str(storage_path)
+    resolved = resolve_path(local)
+    if shared_filesystem:
+        return resolved
+    if num_nodes is None:
+        reason = _why_multi_node()
+    else:
+        reason = f"has {num_nodes} nodes" if num_nodes > 1 else None
+    if reason is None:
+        return resolved
+    fstype = mount_fstype(resolved)
+    if fstype in NETWORK_FILESYSTEMS:
+        return resolved
+    raise UserError(
+        f"{key}: {storage_path!r} is a node-local path ({fstype or 'unknown'} filesystem) but the Ray cluster "
+        f"{reason}, so workers on other nodes cannot see it; use s3://bucket/path or gs://bucket/path, "
+        f"or a path mounted at the same place on every node (NFS, EFS, Filestore) and set run.shared_filesystem=true"
+    )

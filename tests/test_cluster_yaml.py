@@ -1,0 +1,210 @@
+"""The cluster launcher configs, checked offline with Ray's own code.
+
+`ray up` first runs prepare_config (merge with the provider's defaults.yaml,
+merge setup commands, validate the docker section, fill per-type worker
+limits) and validate_config (ray-schema.json plus cross-field checks); then
+it contacts the cloud. We run exactly those offline steps, parse the result
+the way the head's autoscaler (v2, the `ray up` default) does, and ask Ray's
+v2 scheduler which nodes it would launch for vidray's workloads.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+from ray.autoscaler.v2.schema import AutoscalerInstance
+from ray.autoscaler.v2.utils import ResourceRequestUtil
+from ray.core.generated.autoscaler_pb2 import GangResourceRequest
+from ray.core.generated.instance_manager_pb2 import Instance, NodeKind
+
+from vidray.config import TrainConfig
+from vidray.storage import MULTI_NODE_LABEL
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"aws": REPO / "cluster.yaml", "gcp": REPO / "configs" / "cluster_gcp.yaml"}
+
+
+@pytest.fixture(params=sorted(CONFIGS), scope="module")
+def launcher(request):
+    """(provider, raw YAML, the config as `ray up` prepares it before contacting the cloud)."""
+    raw = yaml.safe_load(CONFIGS[request.param].read_text())
+    return request.param, raw, prepare_config(copy.deepcopy(raw))
+
+
+@pytest.fixture(scope="module")
+def autoscaling(launcher):
+    _, raw, _ = launcher
+    # What the head's autoscaler builds from ~/ray_bootstrap_config.yaml (it
+    # runs prepare_config + validate_config again). The content hash of
+    # file_mounts is skipped: it only detects changes between `ray up` calls.
+    return AutoscalingConfig(copy.deepcopy(raw), skip_content_hash=True)
+
+
+def test_passes_ray_schema_and_cross_field_validation(launcher):
+    provider, raw, prepared = launcher
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == provider
+    assert raw["head_node_type"] in raw["available_node_types"]
+    # Every node type declares its resources: GCP cannot detect them, and on
+    # AWS the declared ones are what the autoscaler plans with before boto3 runs.
+    for node_type in raw["available_node_types"].values():
+        assert node_type["resources"].get("CPU") is not None
+
+
+def test_head_runs_no_training_and_marks_the_cluster_multi_node(launcher):
+    _, raw, prepared = launcher
+    head = prepared["available_node_types"][raw["head_node_type"]]
+    assert "GPU" not in head["resources"] and head["max_workers"] == 0
+    assert head["labels"][MULTI_NODE_LABEL] == "true"
+
+
+def test_gpu_types_have_one_gpu_and_a_spot_and_on_demand_variant(launcher):
+    provider, raw, _ = launcher
+    types = raw["available_node_types"]
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU")}
+    assert set(gpu_types) == {"gpu_spot", "gpu_ondemand"}
+    for node_type in gpu_types.values():
+        assert node_type["resources"]["GPU"] == 1
+        assert any(key.startswith("accelerator_type:") for key in node_type["resources"])
+    spot, ondemand = types["gpu_spot"]["node_config"], types["gpu_ondemand"]["node_config"]
+    if provider == "aws":
+        assert spot["InstanceMarketOptions"]["MarketType"] == "spot"
+        assert "InstanceMarketOptions" not in ondemand
+        assert spot["InstanceType"] == ondemand["InstanceType"]
+    else:
+        assert spot["scheduling"]["provisioningModel"] == "SPOT"
+        assert ondemand["scheduling"].get("provisioningModel", "STANDARD") == "STANDARD"
+        # GPU VMs cannot live-migrate: GCE rejects them unless host maintenance terminates.
+        assert spot["scheduling"]["onHostMaintenance"] == ondemand["scheduling"]["onHostMaintenance"] == "TERMINATE"
+        assert spot["machineType"] == ondemand["machineType"]
+    assert types["gpu_spot"]["priority"] > types["gpu_ondemand"]["priority"]
+
+
+def test_workers_get_cloud_storage_credentials(launcher):
+    provider, raw, _ = launcher
+    workers = {n: t for n, t in raw["available_node_types"].items() if n != raw["head_node_type"]}
+    for name, node_type in workers.items():
+        node_config = node_type["node_config"]
+        if provider == "aws":
+            # Ray only gives the head an instance profile; workers write checkpoints to S3 themselves.
+            assert node_config["IamInstanceProfile"]["Name"], name
+        else:
+            (account,) = node_config["serviceAccounts"]
+            project = raw["provider"]["project_id"]
+            assert account["email"].endswith(f"@{project}.iam.gserviceaccount.com"), name
+            assert "https://www.googleapis.com/auth/cloud-platform" in account["scopes"]
+
+
+def test_code_reaches_every_node_without_shipping_the_environment_or_data(launcher):
+    _, raw, prepared = launcher
+    mounts = raw["file_mounts"]
+    for remote, local in mounts.items():
+        # Relative to the repository root, where `ray up` must run; never the
+        # whole tree, which `ray up` would hash file by file (.venv, data/).
+        assert (REPO / local).exists(), local
+        assert (REPO / local).resolve() != REPO, remote
+    for pattern in (".venv", "data", "runs"):
+        assert pattern in raw["rsync_exclude"]
+    # Every ~/vidray/... file the setup commands read is a mount.
+    setup = " ".join(prepared["head_setup_commands"] + prepared["worker_setup_commands"])
+    for used in set(re.findall(r"~/vidray/[\w.]+", setup)):
+        assert used in mounts, used
+    assert "-c ~/vidray/constraints.txt -e ~/vidray" in setup
+
+
+def test_constraints_pin_torch_by_version_only_so_gpu_nodes_get_the_cuda_build():
+    # The setup commands reuse constraints.txt from PyPI, whose Linux torch
+    # wheel is the CUDA build; a "+cpu" local version would pin the CPU build.
+    pins = dict(
+        line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pins["torch"]), pins["torch"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pins["ray"])
+
+
+def test_dashboard_is_internal_and_only_on_the_head(launcher):
+    _, raw, prepared = launcher
+    head_start = " ".join(prepared["head_start_ray_commands"])
+    worker_start = " ".join(prepared["worker_start_ray_commands"])
+    assert "--dashboard-host=0.0.0.0" in head_start and "--autoscaling-config" in head_start
+    assert "dashboard" not in worker_start and "$RAY_HEAD_IP:6379" in worker_start
+    # Nothing opens the dashboard port to the internet: users tunnel with `ray dashboard`.
+    assert "8265" not in yaml.safe_dump(raw["provider"])
+
+
+def test_autoscaler_parses_the_node_types(autoscaling, launcher):
+    _, raw, _ = launcher
+    node_types = autoscaling.get_node_type_configs()
+    assert set(node_types) == set(raw["available_node_types"])
+    assert autoscaling.get_max_num_worker_nodes() == raw["max_workers"]
+    assert node_types["gpu_spot"].priority > node_types["gpu_ondemand"].priority
+
+
+def _plan(autoscaling, demands=(), gangs=(), unavailable=()):
+    """{node type: count} Ray's v2 scheduler launches next to a fresh head, and the infeasible count."""
+    head = AutoscalerInstance(
+        im_instance=Instance(
+            instance_id="head-0",
+            instance_type=autoscaling.get_head_node_type(),
+            status=Instance.RAY_INSTALLING,
+            node_kind=NodeKind.HEAD,
+        )
+    )
+    request = SchedulingRequest(
+        disable_launch_config_check=True,
+        node_type_configs=autoscaling.get_node_type_configs(),
+        max_num_nodes=autoscaling.get_max_num_nodes(),
+        resource_requests=ResourceRequestUtil.group_by_count([ResourceRequestUtil.make(d) for d in demands]),
+        gang_resource_requests=[
+            GangResourceRequest(requests=[ResourceRequestUtil.make(bundle) for bundle in gang]) for gang in gangs
+        ],
+        current_instances=[head],
+        # What the autoscaler's cloud resource monitor reports right after a
+        # launch of that type timed out (e.g. no spot capacity).
+        recoverable_resource_availabilities={name: 0.0 for name in unavailable},
+    )
+    reply = ResourceDemandScheduler().schedule(request)
+    launched = {launch.instance_type: launch.count for launch in reply.to_launch}
+    return launched, len(reply.infeasible_resource_requests) + len(reply.infeasible_gang_resource_requests)
+
+
+def _train_worker_bundle(train: TrainConfig) -> dict:
+    # The per-worker resources vidray asks Ray Train for (one placement-group bundle each).
+    return {"CPU": train.cpus_per_worker, "GPU": 1 if train.use_gpu else 0}
+
+
+def test_decode_tasks_scale_out_on_cpu_nodes_not_gpu_nodes(autoscaling):
+    # `vidray preprocess`: one 1-CPU decode task per video in flight.
+    launched, infeasible = _plan(autoscaling, demands=[{"CPU": 1}] * 40)
+    assert infeasible == 0
+    assert set(launched) == {"cpu_spot"}
+
+
+def test_training_gangs_land_on_spot_gpus_first_then_on_demand(autoscaling):
+    bundle = _train_worker_bundle(TrainConfig(use_gpu=True, num_workers=4, cpus_per_worker=3))
+    # One 4-GPU trial.
+    launched, infeasible = _plan(autoscaling, gangs=[[bundle] * 4])
+    assert (launched, infeasible) == ({"gpu_spot": 4}, 0)
+    # Three concurrent 4-GPU trials: 12 GPUs, more than the spot type's max_workers.
+    spot_max = autoscaling.get_node_type_configs()["gpu_spot"].max_worker_nodes
+    launched, infeasible = _plan(autoscaling, gangs=[[bundle] * 4] * 3)
+    assert launched["gpu_spot"] == spot_max and launched["gpu_ondemand"] == 12 - spot_max and infeasible == 0
+
+
+def test_on_demand_takes_over_when_spot_launches_fail(autoscaling):
+    bundle = _train_worker_bundle(TrainConfig(use_gpu=True, num_workers=2, cpus_per_worker=3))
+    launched, infeasible = _plan(autoscaling, gangs=[[bundle] * 2], unavailable=["gpu_spot"])
+    assert (launched, infeasible) == ({"gpu_ondemand": 2}, 0)
+
+
+def test_a_worker_bigger_than_a_gpu_node_is_reported_infeasible(autoscaling):
+    gpu_cpus = autoscaling.get_node_type_configs()["gpu_spot"].resources["CPU"]
+    launched, infeasible = _plan(autoscaling, gangs=[[{"CPU": gpu_cpus + 1, "GPU": 1}]])
+    assert (launched, infeasible) == ({}, 1)

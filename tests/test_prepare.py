@@ -1,0 +1,127 @@
+"""Config -> dataset: demo generation, folder and COIN indexing, preprocessing, cheap re-runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vidray.config import ConfigError, VidrayConfig
+from vidray.demo_data import DEMO_CLASSES
+from vidray.index import load_coin_annotations, read_manifest
+from vidray.prepare import prepare_dataset
+from vidray.video import encode_mp4
+
+SMALL = {"frames": 4, "size": 28, "stored_frames": 8, "stored_size": 32}
+
+
+def config(tmp_path: Path, **data) -> VidrayConfig:
+    return VidrayConfig.model_validate(
+        {
+            "data": {
+                "videos_dir": str(tmp_path / "videos"),
+                "manifest": str(tmp_path / "manifest.parquet"),
+                "dataset_dir": str(tmp_path / "dataset"),
+                **SMALL,
+                **data,
+            }
+        }
+    )
+
+
+def dataset_json(cfg: VidrayConfig) -> dict:
+    return json.loads((Path(cfg.data.dataset_dir) / "dataset.json").read_text())
+
+
+def small_video(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    return encode_mp4(path, rng.integers(0, 255, (12, 48, 64, 3), dtype=np.uint8), fps=12)
+
+
+def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_path):
+    cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3})
+    assert prepare_dataset(cfg) == str(tmp_path / "dataset")
+
+    info = dataset_json(cfg)
+    assert info["classes"] == sorted(DEMO_CLASSES[:2])
+    assert info["discovered"] == info["processed"] == 6 and info["rejected"] == 0
+    assert {split: s["videos"] for split, s in info["splits"].items()} == {"train": 2, "val": 2, "test": 2}
+    assert (info["stored_frames"], info["stored_size"]) == (8, 32)
+
+    videos = {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*.mp4")}
+    manifest_mtime = cfg.data.manifest.stat().st_mtime_ns
+    prepare_dataset(cfg)  # everything current: no generation, no indexing, no decoding
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*.mp4")} == videos
+    assert cfg.data.manifest.stat().st_mtime_ns == manifest_mtime
+    again = dataset_json(cfg)
+    assert again["decoded_this_run"] == 0 and again["shards_reused"] == len(info["shards"])
+
+
+def test_demo_folder_that_does_not_match_the_config_is_refused(tmp_path):
+    small_video(tmp_path / "videos" / "train" / "something_else" / "x.mp4", seed=0)
+    cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3})
+    with pytest.raises(ConfigError, match=r"data.videos_dir .* holds 1 videos of 1 classes, but data.demo asks for 2"):
+        prepare_dataset(cfg)
+
+
+def test_folder_source_reindexes_when_videos_change(ray_cluster, tmp_path):
+    root = tmp_path / "videos"
+    seed = 0
+    for split, count in {"train": 3, "val": 1, "test": 1}.items():
+        for label in ("cats", "dogs"):
+            for i in range(count):
+                seed += 1
+                small_video(root / split / label / f"{label}_{i}.mp4", seed=seed)
+    cfg = config(tmp_path, source="folder")
+    prepare_dataset(cfg)
+    first = dataset_json(cfg)
+    assert first["classes"] == ["cats", "dogs"] and first["processed"] == 10
+
+    small_video(root / "train" / "dogs" / "dogs_new.mp4", seed=1234)
+    prepare_dataset(cfg)
+    second = dataset_json(cfg)
+    assert second["processed"] == 11 and second["splits"]["train"]["per_class"] == {"cats": 3, "dogs": 4}
+    # Only the train shard that gained a video is decoded again; val and test are reused.
+    assert second["decoded_this_run"] == 7 and second["shards_reused"] == 2
+
+
+def test_missing_inputs_name_the_config_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.videos_dir: .*videos does not exist \(a folder laid out as"):
+        prepare_dataset(config(tmp_path, source="folder"))
+    with pytest.raises(ConfigError, match=r"data.annotations is not set"):
+        prepare_dataset(config(tmp_path, source="coin"))
+    with pytest.raises(ConfigError, match=r"data.annotations\[0\]: .*COIN.json does not exist"):
+        prepare_dataset(config(tmp_path, source="coin", annotations=[str(tmp_path / "COIN.json")]))
+    (tmp_path / "COIN.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"data.taxonomy is not set \(COIN's taxonomy_domains.csv\)"):
+        prepare_dataset(config(tmp_path, source="coin", annotations=[str(tmp_path / "COIN.json")]))
+
+
+def test_coin_source_with_the_real_metadata(ray_cluster, shared_coin, tmp_path):
+    """Real COIN annotations + taxonomy; four videos 'downloaded' (encoded here) under real ids."""
+    train = load_coin_annotations(shared_coin / "coin_train_70.json")
+    test = load_coin_annotations(shared_coin / "coin_test_30.json")
+    picked = list(train.items())[:3] + list(test.items())[:1]
+    for index, (youtube_id, entry) in enumerate(picked):
+        small_video(tmp_path / "videos" / str(entry["recipe_type"]) / f"{youtube_id}.mp4", seed=index)
+    cfg = config(
+        tmp_path,
+        source="coin",
+        annotations=[str(shared_coin / "coin_train_70.json"), str(shared_coin / "coin_test_30.json")],
+        taxonomy=str(shared_coin / "taxonomy_domains.csv"),
+    )
+    prepare_dataset(cfg)
+
+    info = dataset_json(cfg)
+    assert len(info["classes"]) == 12
+    assert info["discovered"] == info["processed"] == 4
+    assert info["splits"]["train"]["videos"] == 3 and info["splits"]["val"]["videos"] == 1
+    manifest, classes = read_manifest(cfg.data.manifest)
+    assert classes == info["classes"]
+    labels = dict(zip(manifest["video_id"], manifest["label_index"]))
+    written = pd.concat(pd.read_parquet(Path(cfg.data.dataset_dir) / s) for s in ("train", "val"))
+    assert {vid: labels[vid] for vid in written["video_id"]} == dict(zip(written["video_id"], written["label"]))
+    assert sorted(written["video_id"]) == sorted(youtube_id for youtube_id, _ in picked)

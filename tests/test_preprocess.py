@@ -1,0 +1,298 @@
+"""Ray Data preprocessing on real files: shards, rejects, counts, resume and worker crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from vidray.dataset import read_dataset_info, read_split, videos_from_bytes
+from vidray.errors import UserError
+from vidray.index import write_manifest
+from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, Video, plan_shards, preprocess
+from vidray.video import encode_mp4, read_clip
+
+from test_video import make_bad_file
+
+CLASSES = ["alpha", "beta", "gamma"]
+# (width, height, frames): landscape, portrait, square, odd aspect, tiny; short and long.
+SHAPES = [(160, 96, 40), (96, 160, 24), (128, 128, 60), (176, 144, 33), (64, 48, 17)]
+SPLIT_OF = ["train", "train", "train", "val", "test"]
+FRAMES, SIZE = 4, 28  # stored defaults follow: 8 frames of 32 x 32
+STORED_SHAPE = (8, 32, 32, 3)
+
+HOSTILE = {  # file kind -> expected error category in rejects
+    "zero_bytes": "empty",
+    "text": "not_a_video",
+    "truncated": "corrupt",
+    "audio_only": "no_video_stream",
+    "dangling_symlink": "missing",
+    "missing": "missing",
+}
+
+
+def random_video(path: Path, width: int, height: int, frames: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (1, height, width, 3), dtype=np.uint8)
+    drift = np.arange(frames, dtype=np.uint8)[:, None, None, None] * 3  # content changes over time
+    return encode_mp4(path, base + drift, fps=20)
+
+
+def manifest_row(path: Path, label: str, split: str) -> dict:
+    return {
+        "path": str(path),
+        "video_id": path.stem,
+        "label": label,
+        "label_index": CLASSES.index(label),
+        "split": split,
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """15 good videos of varied sizes and lengths, one 3-frame video, and every kind of bad file."""
+    root = tmp_path_factory.mktemp("corpus")
+    rows = []
+    for class_index, label in enumerate(CLASSES):
+        for i, (width, height, frames) in enumerate(SHAPES):
+            path = random_video(root / label / f"{label}_{i}.mp4", width, height, frames, seed=10 * class_index + i)
+            rows.append(manifest_row(path, label, SPLIT_OF[i]))
+    short = random_video(root / "alpha" / "short.mp4", 64, 48, 3, seed=99)
+    rows.append(manifest_row(short, "alpha", "train"))
+    good_source = Path(rows[0]["path"])
+    bad = root / "bad"
+    bad.mkdir()
+    for index, kind in enumerate(HOSTILE):
+        path = make_bad_file(kind, bad, good_source)
+        rows.append(manifest_row(path, CLASSES[index % 3], SPLIT_OF[index % 5]))
+    manifest = write_manifest(rows, CLASSES, root / "manifest.parquet")
+    return {"root": root, "rows": rows, "manifest": manifest, "short": str(short)}
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dataset") / "ds"
+    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4)
+    return {"out": out, "summary": summary}
+
+
+def shard_files(out: Path) -> dict[str, float]:
+    """Relative path -> mtime of every data and record file of a dataset dir."""
+    files = list(out.glob("*/shard-*.parquet")) + list(out.glob("_shards/shard-*.json"))
+    return {str(f.relative_to(out)): f.stat().st_mtime_ns for f in files}
+
+
+def test_counts_add_up_and_dataset_json_describes_the_run(corpus, first_run):
+    summary, out = first_run["summary"], first_run["out"]
+    total = len(corpus["rows"])
+    assert summary["discovered"] == total
+    assert summary["processed"] == 16  # 15 good + the short one
+    assert summary["rejected"] == len(HOSTILE)
+    assert summary["processed"] + summary["rejected"] == summary["discovered"]
+    assert summary["padded"] == 1
+    assert summary["decoded_this_run"] == total and summary["shards_reused"] == 0
+
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["classes"] == CLASSES
+    assert (info["frames"], info["size"], info["stored_frames"], info["stored_size"]) == (4, 28, 8, 32)
+    assert info["splits"]["train"] == {
+        "videos": 10,
+        "per_class": {"alpha": 4, "beta": 3, "gamma": 3},
+        "shards": info["splits"]["train"]["shards"],
+    }
+    assert info["splits"]["val"]["videos"] == 3 and info["splits"]["test"]["videos"] == 3
+    assert info["manifest"] == str(corpus["manifest"].resolve())
+    assert len(info["manifest_sha256"]) == 64
+    assert sorted(info["shards"]) == sorted(str(p.relative_to(out)) for p in out.glob("*/shard-*.parquet"))
+
+    loaded = read_dataset_info(str(out))
+    assert loaded.video_shape == STORED_SHAPE
+    assert loaded.split_counts == {"train": 10, "val": 3, "test": 3}
+
+
+def test_every_hostile_input_is_rejected_with_its_reason(corpus, first_run):
+    out = first_run["out"]
+    rejects = pq.read_table(out / "rejects.parquet").to_pandas()
+    assert list(rejects.columns) == ["path", "video_id", "split", "label", "error", "reason"]
+    by_stem = {Path(p).stem: row for p, row in zip(rejects["path"], rejects.to_dict("records"))}
+    assert sorted(by_stem) == sorted(HOSTILE)
+    for kind, error in HOSTILE.items():
+        assert by_stem[kind]["error"] == error, by_stem[kind]
+        assert by_stem[kind]["reason"]
+    assert "dangling symlink" in by_stem["dangling_symlink"]["reason"]
+    assert "file not found" in by_stem["missing"]["reason"]
+    assert "zero bytes" in by_stem["zero_bytes"]["reason"]
+    # The CSV is the same table, for people.
+    assert pd.read_csv(out / "rejects.csv")["path"].tolist() == rejects["path"].tolist()
+    assert first_run["summary"]["rejected_by_error"] == {"empty": 1, "not_a_video": 1, "corrupt": 1,
+                                                         "no_video_stream": 1, "missing": 2}  # fmt: skip
+
+
+def test_shards_hold_every_good_video_decoded_and_labelled(corpus, first_run):
+    out = first_run["out"]
+    expected = {r["path"]: r for r in corpus["rows"] if Path(r["path"]).parent.name != "bad"}
+    seen = {}
+    for split in ("train", "val", "test"):
+        # Any Parquet reader opens a split folder: no sidecar or temporary file is in the way.
+        table = pd.read_parquet(out / split)
+        videos = videos_from_bytes(table["video"], STORED_SHAPE)
+        for row, frames in zip(table.drop(columns="video").to_dict("records"), videos):
+            source = expected[row["path"]]
+            assert source["split"] == split
+            assert (row["label"], row["label_name"]) == (source["label_index"], source["label"])
+            assert row["video_id"] == source["video_id"]
+            seen[row["path"]] = (row, frames)
+    assert sorted(seen) == sorted(expected)
+
+    for path in [corpus["rows"][0]["path"], corpus["rows"][1]["path"], corpus["short"]]:
+        row, frames = seen[path]
+        clip = read_clip(path, 8, 32, num_threads=1)
+        np.testing.assert_array_equal(frames, clip.frames)
+        assert row["source_frames"] == clip.source_frames and row["padded"] == clip.padded
+    assert seen[corpus["short"]][0]["padded"] and seen[corpus["short"]][0]["source_frames"] == 3
+
+    # Shards are written with row groups and are readable through the training-side reader.
+    assert all(pq.ParquetFile(f).metadata.num_row_groups >= 1 for f in out.glob("*/shard-*.parquet"))
+    assert read_split(str(out), "train").count() == 10
+
+
+def test_rerun_reuses_every_shard(corpus, first_run):
+    out = first_run["out"]
+    before = shard_files(out)
+    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4)
+    assert summary["decoded_this_run"] == 0 and summary["shards_written"] == 0
+    assert summary["shards_reused"] == len(list(out.glob("_shards/shard-*.json")))
+    assert shard_files(out) == before  # nothing rewritten
+    for key in ("discovered", "processed", "rejected", "padded", "splits", "shards", "rejected_by_error"):
+        assert summary[key] == first_run["summary"][key]
+
+
+def test_killed_run_recomputes_only_missing_shards(corpus, first_run, tmp_path):
+    out = tmp_path / "ds"
+    shutil.copytree(first_run["out"], out)
+    records = sorted(out.glob("_shards/shard-*.json"))
+    assert len(records) >= 3
+    # What a kill can leave behind: a shard never written, a Parquet file written
+    # but not its record, a half-written temporary, and no dataset.json.
+    lost = json.loads(records[0].read_text())
+    records[0].unlink()
+    if lost["file"]:
+        (out / lost["file"]).unlink()
+    unrecorded = json.loads(records[1].read_text())
+    records[1].unlink()
+    (out / "train" / ".shard-x.parquet.1234abcd.tmp").write_bytes(b"half a file")
+    (out / "dataset.json").unlink()
+    untouched = {k: v for k, v in shard_files(out).items() if lost["shard"] not in k and unrecorded["shard"] not in k}
+
+    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4)
+    assert summary["decoded_this_run"] == len(lost["videos"]) + len(unrecorded["videos"])
+    assert summary["shards_written"] == 2
+    after = shard_files(out)
+    assert {k: after[k] for k in untouched} == untouched
+    assert not list(out.glob("train/.*.tmp"))
+    for key in ("discovered", "processed", "rejected", "padded", "splits", "shards"):
+        assert summary[key] == first_run["summary"][key]
+    assert (out / "dataset.json").is_file()
+
+
+def test_changed_parameters_replace_old_shards(corpus, first_run, tmp_path):
+    out = tmp_path / "ds"
+    shutil.copytree(first_run["out"], out)
+    old = set(shard_files(out))
+    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=24, videos_per_shard=4)
+    assert summary["stored_size"] == 27 and summary["shards_reused"] == 0
+    new = set(shard_files(out))
+    assert not old & new  # the directory never mixes two parameter sets
+    assert sorted(summary["shards"]) == sorted(p for p in new if p.endswith(".parquet"))
+    table = pq.read_table(out / summary["shards"][0])
+    assert len(table.column("video")[0].as_py()) == 8 * 27 * 27 * 3
+
+
+def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch):
+    rows = []
+    for i in range(5):
+        rows.append(manifest_row(random_video(tmp_path / f"ok_{i}.mp4", 64, 48, 12, seed=i), CLASSES[i % 3], "train"))
+    rows.insert(2, manifest_row(random_video(tmp_path / "crashme.mp4", 64, 48, 12, seed=7), "beta", "train"))
+    manifest = write_manifest(rows, CLASSES, tmp_path / "manifest.parquet")
+    monkeypatch.setenv(CRASH_ON_ENV, "crashme")
+
+    # One shard holds all six videos, so the crash takes the other five down with it at first.
+    summary = preprocess(manifest, str(tmp_path / "ds"), frames=FRAMES, size=SIZE, videos_per_shard=64)
+    assert summary["discovered"] == 6 and summary["processed"] == 5 and summary["rejected"] == 1
+    assert summary["worker_crashes"] == 1
+    rejects = pd.read_csv(tmp_path / "ds" / "rejects.csv")
+    assert rejects["path"].tolist() == [str(tmp_path / "crashme.mp4")]
+    assert rejects["error"].tolist() == ["worker_crash"]
+    assert rejects["reason"].iloc[0].startswith(WORKER_CRASH_REASON)
+    written = pd.read_parquet(tmp_path / "ds" / "train")
+    assert sorted(written["path"]) == sorted(str(tmp_path / f"ok_{i}.mp4") for i in range(5))
+
+
+# --- planning and input errors (no Ray needed) ------------------------------------------
+
+
+def fake_videos(count: int, split: str = "train") -> list[Video]:
+    return [Video(f"/videos/{split}/v{i:04d}.mp4", f"v{i:04d}", "a", 0, split, 1000 + i, 7) for i in range(count)]
+
+
+def test_shard_boundaries_move_only_where_videos_change():
+    videos = fake_videos(400) + fake_videos(50, "val")
+    shards = plan_shards(videos, 32, 128, videos_per_shard=16)
+    assert sum(len(s.videos) for s in shards) == 450
+    assert all(len({v.split for v in s.videos}) == 1 for s in shards)
+    for split in ("train", "val"):
+        sizes = [len(s.videos) for s in shards if s.split == split]
+        assert max(sizes) <= 32 and min(sizes[:-1]) >= 4  # only a split's last shard may be short
+
+    added = plan_shards(videos + [Video("/videos/train/v0200b.mp4", "new", "a", 0, "train", 5, 7)], 32, 128, 16)
+    changed = {s.id for s in added} ^ {s.id for s in shards}
+    assert 1 <= len(changed) <= 4  # the shard that gained the video (old and new id), at most one neighbour
+
+    touched = [Video(v.path, v.video_id, v.label, v.label_index, v.split, v.size, 8) if i == 10 else v
+               for i, v in enumerate(videos)]  # fmt: skip
+    assert len({s.id for s in plan_shards(touched, 32, 128, 16)} ^ {s.id for s in shards}) == 2
+    assert not {s.id for s in plan_shards(videos, 32, 112, 16)} & {s.id for s in shards}
+
+
+def test_missing_manifest_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"manifest .*nope\.parquet not found: run `vidray index"):
+        preprocess(tmp_path / "nope.parquet", str(tmp_path / "ds"))
+
+
+def test_manifest_without_required_columns_is_a_user_error(tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({"path": ["/x.mp4"], "label": ["a"]}).replace_schema_metadata({"vidray.classes": '["a"]'})
+    pq.write_table(table, tmp_path / "m.parquet")
+    with pytest.raises(UserError, match=r"lacks column\(s\) video_id, label_index, split"):
+        preprocess(tmp_path / "m.parquet", str(tmp_path / "ds"))
+
+
+def test_inconsistent_manifest_rows_are_user_errors(tmp_path):
+    row = {"path": "/x.mp4", "video_id": "x", "label": "beta", "label_index": 0, "split": "train"}
+    write_manifest([row], CLASSES, tmp_path / "label.parquet")
+    with pytest.raises(UserError, match=r"/x.mp4 has label 'beta' but label_index 0 is 'alpha'"):
+        preprocess(tmp_path / "label.parquet", str(tmp_path / "ds"))
+    write_manifest([{**row, "label": "alpha", "split": "holdout"}], CLASSES, tmp_path / "split.parquet")
+    with pytest.raises(UserError, match=r"split 'holdout' is not one of train, val, test"):
+        preprocess(tmp_path / "split.parquet", str(tmp_path / "ds"))
+
+
+def test_unwritable_output_is_a_user_error(corpus, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match=r"cannot write the dataset to .*a-file/ds .*pass --out a writable directory"):
+        preprocess(corpus["manifest"], str(blocker / "ds"))
+
+
+def test_bad_stored_parameters_are_user_errors(corpus, tmp_path):
+    with pytest.raises(UserError, match=r"stored_frames \(4\) must be >= frames \(8\)"):
+        preprocess(corpus["manifest"], str(tmp_path / "ds"), frames=8, stored_frames=4)
+    with pytest.raises(UserError, match=r"stored_size \(100\) must be >= size \(112\)"):
+        preprocess(corpus["manifest"], str(tmp_path / "ds"), stored_size=100)

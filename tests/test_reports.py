@@ -1,0 +1,74 @@
+"""Data report figures drawn from a real manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.image import imread
+
+from vidray.demo_data import generate_demo_videos
+from vidray.errors import UserError
+from vidray.index import index_folder
+from vidray.reports import SPLIT_COLOURS, plot_data_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reports")
+    generate_demo_videos(root / "videos", classes=4, videos_per_class=3, seed=0)
+    index_folder(root / "videos", root / "manifest.parquet")
+    return root / "manifest.parquet"
+
+
+def colour_share(image: np.ndarray, colour: str) -> float:
+    """Fraction of pixels drawn in exactly this colour (within PNG rounding)."""
+    return float((np.abs(image[..., :3] - np.array(to_rgb(colour))) < 0.02).all(axis=-1).mean())
+
+
+def test_data_report_draws_both_figures_with_every_split(manifest, tmp_path):
+    paths = plot_data_report(manifest, tmp_path / "figures")
+    assert [p.name for p in paths] == ["class_distribution.png", "duration_distribution.png"]
+    for path in paths:
+        image = imread(path)
+        assert image.shape[0] >= 400 and image.shape[1] >= 600
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+        # Every split is drawn in its own colour (bars or histogram lines).
+        for split, colour in SPLIT_COLOURS.items():
+            assert colour_share(image, colour) > 0.001, f"{path.name}: no {split} data drawn"
+    bars = imread(paths[0])
+    shares = [colour_share(bars, SPLIT_COLOURS[s]) for s in ("train", "val", "test")]
+    assert max(shares) / min(shares) < 1.2  # one video per class and split: equal bar segments
+
+
+def test_unprobed_manifest_gets_only_the_class_figure(manifest, tmp_path):
+    videos = Path(manifest).parent / "videos"
+    unprobed = tmp_path / "unprobed.parquet"
+    index_folder(videos, unprobed, probe=False)
+    paths = plot_data_report(unprobed, tmp_path / "figures")
+    assert [p.name for p in paths] == ["class_distribution.png"]
+
+
+def test_missing_manifest_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=rf"manifest {tmp_path / 'none.parquet'} not found: run `vidray index"):
+        plot_data_report(tmp_path / "none.parquet", tmp_path / "figures")
+    assert not (tmp_path / "figures").exists()
+
+
+def test_cli_report_data(manifest, tmp_path):
+    out = tmp_path / "cli_figures"
+    result = subprocess.run(
+        [sys.executable, "-m", "vidray", "report", "data", "--manifest", str(manifest), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])["figures"]
+    assert sorted(Path(f).name for f in figures) == ["class_distribution.png", "duration_distribution.png"]
+    assert all(Path(f).stat().st_size > 10_000 for f in figures)

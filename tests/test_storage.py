@@ -1,0 +1,121 @@
+"""Storage paths: local vs s3:// / gs://, and the multi-node shared-storage check.
+
+The refusal on a real multi-node cluster (two `ray start` nodes) is exercised in
+tests/test_multinode.py; here the node count is passed explicitly, plus one
+check against the real single-node session cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vidray.cluster import cluster_summary, shared_storage_paths
+from vidray.config import load_config
+from vidray.errors import UserError
+from vidray.storage import (
+    NETWORK_FILESYSTEMS,
+    check_storage_for_cluster,
+    is_uri,
+    join_uri,
+    mount_fstype,
+    open_filesystem,
+    resolve_path,
+)
+
+
+def test_local_paths_round_trip_through_pyarrow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fs, root = open_filesystem("runs/exp")
+    assert isinstance(fs, pa.fs.LocalFileSystem) and root == str(tmp_path / "runs" / "exp")
+    fs.create_dir(root)
+    pq.write_table(pa.table({"x": [1, 2]}), join_uri(root, "a.parquet"), filesystem=fs)
+    assert pq.read_table(str(tmp_path / "runs" / "exp" / "a.parquet")).column("x").to_pylist() == [1, 2]
+
+
+def test_uris_are_joined_with_slashes_and_kept_verbatim():
+    assert is_uri("s3://bucket/runs") and is_uri("gs://bucket/x") and not is_uri("/data/runs")
+    assert join_uri("s3://bucket/runs/", "trial", "ckpt") == "s3://bucket/runs/trial/ckpt"
+    assert join_uri("/data/runs", "trial") == os.path.join("/data/runs", "trial")
+    assert resolve_path("gs://bucket/runs") == "gs://bucket/runs"
+
+
+def test_local_paths_are_made_absolute_for_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("runs") == str(tmp_path / "runs")
+    assert resolve_path("~/runs") == os.path.join(os.path.expanduser("~"), "runs")
+    assert check_storage_for_cluster("runs", "run.storage_path", num_nodes=1) == str(tmp_path / "runs")
+    assert check_storage_for_cluster("file://" + str(tmp_path), "run.storage_path", num_nodes=1) == str(tmp_path)
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/vidray/runs", "gs://bucket/vidray/runs"])
+def test_object_store_uris_pass_on_any_cluster(uri):
+    assert check_storage_for_cluster(uri, "run.storage_path", num_nodes=8) == uri
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [("runs", "run.storage_path"), ("data/demo/dataset", "data.dataset_dir"), ("file:///tmp/runs", "run.storage_path")],
+)
+def test_node_local_paths_are_refused_on_multi_node_clusters(path, key):
+    with pytest.raises(UserError) as err:
+        check_storage_for_cluster(path, key, num_nodes=3)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{key}: {path!r} is a node-local path")
+    assert "has 3 nodes" in message
+    assert "s3://bucket/path" in message and "gs://bucket/path" in message
+    assert "run.shared_filesystem=true" in message
+
+
+def test_shared_filesystem_opt_in_accepts_a_local_path(tmp_path):
+    path = str(tmp_path / "nfs" / "runs")
+    assert check_storage_for_cluster(path, "run.storage_path", shared_filesystem=True, num_nodes=4) == path
+
+
+def test_mount_fstype_reads_the_real_mount_table(tmp_path):
+    if not os.path.exists("/proc/mounts") or shutil.which("findmnt") is None:
+        pytest.skip("needs Linux /proc/mounts and findmnt")
+    expected = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert mount_fstype(str(tmp_path)) == expected
+    # A path that does not exist yet (a fresh runs/ dir) belongs to its parent's mount.
+    assert mount_fstype(str(tmp_path / "not" / "yet")) == expected
+
+
+def test_mount_fstype_picks_the_deepest_mount_and_unescapes_spaces(tmp_path):
+    # The /proc/mounts format: device, mount point (spaces as \040), type, options, dump, pass.
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/root / ext4 rw 0 0\n"
+        "fs-1.efs.us-west-2.amazonaws.com:/ /mnt/efs nfs4 rw,vers=4.1 0 0\n"
+        "10.0.0.2:/share /mnt/team\\040data nfs rw 0 0\n"
+        "tmpfs /mnt/efs/scratch tmpfs rw 0 0\n"
+    )
+    assert mount_fstype("/mnt/efs/vidray/runs", str(mounts)) == "nfs4"
+    assert mount_fstype("/mnt/efs/scratch/x", str(mounts)) == "tmpfs"
+    assert mount_fstype("/mnt/team data/runs", str(mounts)) == "nfs"
+    assert mount_fstype("/mnt/efsx", str(mounts)) == "ext4"
+    assert mount_fstype("/x", str(tmp_path / "no-such-file")) is None
+    assert {"nfs", "nfs4", "lustre"} <= NETWORK_FILESYSTEMS and "ext4" not in NETWORK_FILESYSTEMS
+
+
+def test_single_node_session_cluster_accepts_local_paths(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = cluster_summary()
+    assert summary["nodes"] == 1 and summary["CPU"] >= 1
+    cfg = load_config(None, ["run.storage_path=runs", "data.dataset_dir=s3://bucket/dataset"])
+    storage_path, dataset_dir = shared_storage_paths(cfg)
+    assert storage_path == str(tmp_path / "runs")
+    assert dataset_dir == "s3://bucket/dataset"
+
+
+def test_shared_filesystem_is_a_config_key():
+    assert load_config(None).run.shared_filesystem is False
+    assert load_config(None, ["run.shared_filesystem=true"]).run.shared_filesystem is True

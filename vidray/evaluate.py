@@ -1,0 +1,240 @@
+"""Evaluate a checkpoint on one split of a preprocessed dataset.
+
+The clip transform is the one training validated with (evenly spaced
+frames, centre crop, ``train.eval_clips`` clips averaged in logit space), so
+the numbers agree with the ``val_*`` metrics the checkpoint was saved with.
+The split is read shard by shard with plain pyarrow: evaluation is one
+process, and a split of stored clips fits through it quickly.
+
+Writes into ``out_dir``:
+
+* ``metrics.json``: :func:`vidray.metrics.metrics_from_confusion` plus what was evaluated
+* ``per_class.csv`` and ``per_class.md``: precision, recall, F1, support per class
+* ``confusion_matrix.png``: rows normalised to recall, raw counts annotated
+* ``predictions.csv``: video_id, path, true and predicted label, confidence
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from vidray.errors import UserError
+from vidray.metrics import confusion_matrix, metrics_from_confusion
+
+logger = logging.getLogger(__name__)
+
+# Annotate confusion-matrix cells with counts up to this many classes; beyond, the text is unreadable.
+ANNOTATE_MAX_CLASSES = 30
+
+
+def _split_batches(dataset_dir: str, dataset, split: str, batch_size: int) -> Iterator[dict[str, list]]:
+    """Record batches (as Python lists) of one split's shards, in the order dataset.json lists them."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from vidray.dataset import split_uri
+    from vidray.storage import join_uri, open_filesystem
+
+    fs, root = open_filesystem(dataset_dir)
+    listed = (dataset.raw.get("splits", {}).get(split) or {}).get("shards")
+    if listed is not None:
+        shards = [join_uri(root, name) for name in listed]
+    else:  # a dataset.json that does not list its shards: every Parquet file of the split
+        _, split_root = open_filesystem(split_uri(dataset_dir, split))
+        entries = fs.get_file_info(pafs.FileSelector(split_root, allow_not_found=True))
+        shards = sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
+    if not shards:
+        raise UserError(f"split {split!r} of {dataset_dir} holds no Parquet shards; re-run `vidray preprocess`")
+    for shard in shards:
+        try:
+            f = fs.open_input_file(shard)
+        except FileNotFoundError:
+            raise UserError(f"{shard} is listed in {dataset_dir}/dataset.json but missing; re-run `vidray preprocess`") from None
+        with f:
+            reader = pq.ParquetFile(f)
+            for batch in reader.iter_batches(batch_size=batch_size, columns=["video", "label", "video_id", "path"]):
+                yield batch.to_pydict()
+
+
+def _check_compatible(data: dict[str, Any], dataset, dataset_dir: str, split: str, checkpoint: Path) -> None:
+    if list(dataset.classes) != list(data["classes"]):
+        raise UserError(
+            f"{dataset_dir}/dataset.json classes {dataset.classes} do not match the checkpoint's labels "
+            f"{data['classes']} ({checkpoint}); evaluate on a dataset preprocessed from the same class list"
+        )
+    if dataset.split_counts.get(split, 0) == 0:
+        available = ", ".join(s for s, n in dataset.split_counts.items() if n) or "none"
+        raise UserError(f"split {split!r} of {dataset_dir} holds no videos (splits with videos: {available})")
+    if dataset.stored_frames < data["frames"] or dataset.stored_size < data["size"]:
+        raise UserError(
+            f"{dataset_dir} stores {dataset.stored_frames} frames of {dataset.stored_size}px but the model eats "
+            f"{data['frames']} frames of {data['size']}px; preprocess with at least that many frames and pixels"
+        )
+    if (dataset.stored_frames, dataset.stored_size) != (data["stored_frames"], data["stored_size"]):
+        logger.warning(
+            "%s stores %d frames of %dpx, the model was trained on %d frames of %dpx: "
+            "the centre crop sees a different field of view than in training",
+            dataset_dir, dataset.stored_frames, dataset.stored_size, data["stored_frames"], data["stored_size"],
+        )
+
+
+@torch.no_grad()
+def evaluate_checkpoint(
+    checkpoint: Path,
+    dataset_dir: str,
+    split: str = "val",
+    out_dir: Path = Path("reports/eval"),
+    batch_size: int = 8,
+    clips: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``checkpoint`` on ``split`` of ``dataset_dir``; writes the reports into ``out_dir``.
+
+    ``clips`` defaults to the ``train.eval_clips`` the checkpoint was trained
+    with. Returns the metrics dict written to ``metrics.json`` plus ``files``.
+    """
+    from vidray.augment import average_clip_logits, eval_transform
+    from vidray.dataset import read_dataset_info, videos_from_bytes
+    from vidray.model import autocast
+    from vidray.predict import eval_clips_of, inference_device, load_trained_model
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    checkpoint = Path(checkpoint)
+    model, info = load_trained_model(checkpoint)
+    data = info["data"]
+    dataset = read_dataset_info(dataset_dir)
+    _check_compatible(data, dataset, dataset_dir, split, checkpoint)
+    classes = list(data["classes"])
+    clips = clips or eval_clips_of(info)
+    device = inference_device()
+    model.to(device)
+
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    rows: list[dict[str, Any]] = []
+    loss_sum = 0.0
+    for batch in _split_batches(dataset_dir, dataset, split, batch_size):
+        try:
+            # A writable copy: the stacked array is a view of immutable bytes.
+            videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape).copy()).to(device)
+        except ValueError as err:
+            raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
+        labels = torch.tensor(batch["label"], dtype=torch.int64)
+        pixels = eval_transform(videos, frames=data["frames"], size=data["size"], clips=clips)
+        with autocast(device):
+            logits = model(pixel_values=pixels).logits
+        logits = average_clip_logits(logits.float(), clips).cpu()
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        probs = logits.softmax(-1)
+        confidence, predicted = probs.max(-1)
+        y_true += batch["label"]
+        y_pred += predicted.tolist()
+        for video_id, path, label, guess, score in zip(
+            batch["video_id"], batch["path"], batch["label"], predicted.tolist(), confidence.tolist()
+        ):
+            rows.append(
+                {
+                    "video_id": video_id,
+                    "path": path,
+                    "label": classes[label],
+                    "predicted": classes[guess],
+                    "confidence": round(score, 6),
+                    "correct": label == guess,
+                }
+            )
+
+    confusion = confusion_matrix(y_true, y_pred, len(classes))
+    metrics = metrics_from_confusion(confusion, classes)
+    metrics.update(
+        loss=loss_sum / max(len(y_true), 1),
+        checkpoint=str(checkpoint.resolve()),
+        checkpoint_epoch=info.get("epoch"),
+        dataset_dir=str(dataset_dir),
+        split=split,
+        eval_clips=clips,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "metrics": out_dir / "metrics.json",
+        "per_class_csv": out_dir / "per_class.csv",
+        "per_class_md": out_dir / "per_class.md",
+        "confusion_png": out_dir / "confusion_matrix.png",
+        "predictions": out_dir / "predictions.csv",
+    }
+    files["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
+    write_per_class_csv(metrics, files["per_class_csv"])
+    files["per_class_md"].write_text(per_class_markdown(metrics))
+    plot_confusion(confusion, classes, files["confusion_png"], title=f"{split}: {checkpoint.name}")
+    with open(files["predictions"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {**metrics, "files": {k: str(v) for k, v in files.items()}}
+
+
+def write_per_class_csv(metrics: dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for name, m in metrics["per_class"].items():
+            writer.writerow([name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", m["support"]])
+
+
+def per_class_markdown(metrics: dict[str, Any]) -> str:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, m in metrics["per_class"].items():
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    total = metrics["num_samples"]
+    lines.append(
+        f"| **macro avg** | {metrics['macro_precision']:.3f} | {metrics['macro_recall']:.3f} | "
+        f"{metrics['macro_f1']:.3f} | {total} |"
+    )
+    lines.append(f"| **accuracy (= micro P/R/F1)** | | | {metrics['accuracy']:.3f} | {total} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
+    """Rows normalised to sum 1 (the diagonal is per-class recall); cells annotated with raw counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion)
+    k = len(classes)
+    support = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
+
+    side = max(4.0, 0.5 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), labels=[f"{c} ({int(n)})" for c, n in zip(classes, support[:, 0])])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (support)")
+    if k <= ANNOTATE_MAX_CLASSES:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(
+                        j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if normalised[i, j] > 0.5 else "black",
+                    )
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    ax.set_title(f"{title}  (accuracy {accuracy:.3f}, n={int(confusion.sum())})".strip())
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

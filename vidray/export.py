@@ -1,0 +1,182 @@
+"""A trained checkpoint as a self-contained Hugging Face model directory.
+
+``vidray export --checkpoint C --out DIR`` writes::
+
+    DIR/
+      config.json                 id2label / label2id, num_frames, image_size
+      model.safetensors
+      preprocessor_config.json    VideoMAEImageProcessor: resize + centre crop + mean/std as in training
+      vidray.json                 data shape, eval clips, source checkpoint, its epoch and metrics
+      modeling_vidray_videomae.py only when the position table was interpolated (see below)
+
+so that ``transformers.pipeline("video-classification", model=DIR)`` and
+``vidray predict --model DIR`` both load it.
+
+Preprocessing. Training and evaluation see frames whose short side was
+resized to ``stored_size`` and centre-cropped; evaluation then centre-crops
+``size``. The image processor does the same thing in one step (shortest edge
+to ``stored_size``, centre crop ``size``), bilinear, normalised with the
+ImageNet mean/std of :mod:`vidray.augment`. Only temporal sampling differs:
+the pipeline decodes frames ``0 .. num_frames * frame_sampling_rate - 1``
+from the start of the video (transformers' own rule for image-processor
+models), while vidray spreads ``frames`` over the whole video. Pass
+``frame_sampling_rate ~= video_frames / num_frames`` to the pipeline to cover a
+whole video, or use ``vidray predict``, which samples exactly as evaluation did.
+No ``video_preprocessor_config.json`` is written: transformers prefers a video
+processor when one exists, and that path needs torchvision plus torchcodec.
+
+Position table. When training interpolated the pretrained sinusoid table to a
+new token grid (``vidray_pos_embed_grid`` in config.json, see
+:mod:`vidray.model`), stock ``VideoMAEForVideoClassification`` would rebuild
+HF's plain 1-D table on load and silently predict with a table the model never
+saw. Such exports get ``model_type: vidray_videomae`` and a small custom-code
+module (``auto_map``) that rebuilds the interpolated table, so they load with
+``pipeline(..., trust_remote_code=True)`` and refuse to load without it
+instead of loading wrong. Exports without an interpolated table are plain
+``videomae`` models.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vidray.augment import MEAN, STD
+from vidray.errors import UserError
+from vidray.model import POS_GRID_KEY
+from vidray.predict import INFO, eval_clips_of, load_trained_model
+
+CUSTOM_MODEL_TYPE = "vidray_videomae"
+CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
+
+# Self-contained (torch + transformers only): the export directory must not need vidray installed.
+# tests/test_export_predict.py checks the table it builds equals vidray.model.interpolate_position_table.
+CUSTOM_CODE = '''\
+"""VideoMAE fine-tuned by vidray with its sinusoid position table resized from the
+token grid it was pretrained on (``vidray_pos_embed_grid``) to the grid it runs at.
+
+Stock VideoMAE rebuilds a 1-D sinusoid table for the current token count, which
+is not the table this model was trained with; this class rebuilds the right one.
+"""
+
+import torch.nn.functional as F
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
+try:
+    # transformers >= 5 renames VideoMAE's saved q_bias/v_bias on load by model_type, and applies
+    # no renaming to custom-code classes unless it is registered for them.
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    register_checkpoint_conversion_mapping(
+        "vidray_videomae", get_checkpoint_conversion_mapping("videomae"), overwrite=True
+    )
+except ImportError:  # transformers 4 loads q_bias/v_bias as they are saved
+    pass
+
+
+class VidrayVideoMAEConfig(VideoMAEConfig):
+    model_type = "vidray_videomae"
+
+
+def _side(value):
+    return value if isinstance(value, int) else value[0]
+
+
+class VidrayVideoMAEForVideoClassification(VideoMAEForVideoClassification):
+    config_class = VidrayVideoMAEConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        source = tuple(config.vidray_pos_embed_grid)
+        cells = _side(config.image_size) // _side(config.patch_size)
+        target = (config.num_frames // config.tubelet_size, cells, cells)
+        hidden = config.hidden_size
+        table = get_sinusoid_encoding_table(source[0] * source[1] * source[2], hidden)
+        grid = table.reshape(1, *source, hidden).permute(0, 4, 1, 2, 3)
+        grid = F.interpolate(grid, size=target, mode="trilinear", align_corners=False)
+        self.videomae.embeddings.position_embeddings = grid.permute(0, 2, 3, 4, 1).reshape(1, -1, hidden).contiguous()
+'''
+
+
+def _image_processor_class():
+    try:  # transformers 5: the PIL backend needs no torchvision (AutoImageProcessor picks it when absent)
+        from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+
+        return VideoMAEImageProcessorPil
+    except ImportError:  # transformers 4: the default processor is the PIL/numpy one
+        from transformers import VideoMAEImageProcessor
+
+        return VideoMAEImageProcessor
+
+
+def image_processor_for(data: dict[str, Any]):
+    """The VideoMAE image processor that reproduces evaluation's spatial transform for ``data``."""
+    return _image_processor_class()(
+        do_resize=True,
+        size={"shortest_edge": int(data["stored_size"])},
+        resample=2,  # PIL bilinear
+        do_center_crop=True,
+        crop_size={"height": int(data["size"]), "width": int(data["size"])},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(MEAN),
+        image_std=list(STD),
+    )
+
+
+def _write_custom_code(directory: Path) -> None:
+    (directory / CUSTOM_CODE_FILE).write_text(CUSTOM_CODE)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    module = CUSTOM_CODE_FILE.removesuffix(".py")
+    config["model_type"] = CUSTOM_MODEL_TYPE
+    config["auto_map"] = {
+        "AutoConfig": f"{module}.VidrayVideoMAEConfig",
+        "AutoModelForVideoClassification": f"{module}.VidrayVideoMAEForVideoClassification",
+    }
+    config["architectures"] = ["VidrayVideoMAEForVideoClassification"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_model(checkpoint: Path, out: Path) -> Path:
+    """Write ``checkpoint`` (a `vidray train` checkpoint or an earlier export) to ``out``; returns ``out``.
+
+    ``out`` must be new, empty, or an earlier export (replaced). The directory is
+    written beside ``out`` and moved into place at the end, so a failed export
+    never leaves a half-written model under the real name.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INFO).is_file())):
+        raise UserError(f"--out {out} exists and is not an earlier vidray export; pass a new or empty directory")
+    if out.resolve() == checkpoint.resolve():
+        raise UserError(f"--out {out} is the checkpoint itself; pass a new directory")
+    model, info = load_trained_model(checkpoint)
+    data = info["data"]
+
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    image_processor_for(data).save_pretrained(staging)
+    if getattr(model.config, POS_GRID_KEY, None):
+        _write_custom_code(staging)
+    export_info = {
+        "data": {k: data[k] for k in ("frames", "size", "stored_frames", "stored_size", "classes")},
+        "config": {"train": {"eval_clips": eval_clips_of(info)}},
+        "epoch": info.get("epoch"),
+        "metrics": {k: v for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float, str))},
+        "exported_from": str(checkpoint.resolve()),
+    }
+    (staging / INFO).write_text(json.dumps(export_info, indent=2, sort_keys=True, default=str) + "\n")
+
+    if out.exists():
+        shutil.rmtree(out)
+    staging.replace(out)
+    return out
