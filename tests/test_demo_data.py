@@ -145,7 +145,7 @@ FORWARD_TREND = {
     "bar_rotating_clockwise": (bar_angle, 0.6),
     "dot_moving_down": (lambda f: centroid(f, 0), 0.15),  # y grows
     "square_fading_in": (contrast, 0.03),
-    "two_dots_approaching": (lambda f: -dot_spread(f), 0.1),
+    "two_dots_approaching": (lambda f: -dot_spread(f), 0.07),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,15 +200,33 @@ def test_predict_reports_unreadable_videos_per_video(exported, videos, tmp_path)
     assert results[3]["error"].startswith(f"{text}: not a video file")
 
 
-def test_export_errors(tmp_path, checkpoint):
+def test_export_errors(tmp_path, checkpoint, capsys):
+    from vidray.cli import main
+
     with pytest.raises(UserError, match=r"does not exist or is not a directory"):
         export_model(tmp_path / "nope", tmp_path / "out")
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"vidray export: error: {tmp_path / 'nope'} does not exist")
+    assert not (tmp_path / "out").exists()
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "thesis.tex").write_text("keep me")
     with pytest.raises(UserError, match=r"exists and is not an earlier vidray export"):
         export_model(checkpoint, occupied)
     assert (occupied / "thesis.tex").read_text() == "keep me"
+    # A training checkpoint has a vidray.json too, but is never overwritten.
+    other_checkpoint = tmp_path / "checkpoint_epoch_0004"
+    shutil.copytree(checkpoint, other_checkpoint)
+    with pytest.raises(UserError, match=r"exists and is not an earlier vidray export"):
+        export_model(checkpoint, other_checkpoint)
+    assert (other_checkpoint / "training_state.pt").is_file()
+    with pytest.raises(UserError, match=r"is the checkpoint itself"):
+        export_model(checkpoint, checkpoint)
+    # Re-exporting over an earlier export replaces it.
+    first = export_model(checkpoint, tmp_path / "again")
+    (first / "stale.txt").write_text("from an older export")
+    second = export_model(checkpoint, tmp_path / "again")
+    assert second == first and not (second / "stale.txt").exists() and (second / "model.safetensors").is_file()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -236,8 +255,18 @@ def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path):
     assert str(broken) in error_lines[0] and "corrupt" in error_lines[0]
 
 
-def test_predict_cli_bad_model_dir(tmp_path, videos):
-    run = _cli("predict", "--model", str(tmp_path), str(videos[0]))
-    assert run.returncode == 2
-    assert "Traceback" not in run.stderr
-    assert f"vidray predict: error: {tmp_path} is not a vidray checkpoint or export: vidray.json is missing" in run.stderr
+def test_predict_cli_bad_model_dir(tmp_path, videos, exported, capsys):
+    from vidray.cli import main
+
+    assert main(["predict", "--model", str(tmp_path), str(videos[0])]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vidray predict: error: {tmp_path} is not a vidray checkpoint or export: vidray.json is missing "
+        "(pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`)"
+    ]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(exported, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["predict", "--model", str(truncated), str(videos[0])]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"vidray predict: error: cannot load the model in {truncated}: ")

@@ -310,6 +310,22 @@ def test_index_coin_hostile_inputs_name_the_file(coin_files, tmp_path):
 
     assert not out.exists()  # nothing half-written on any error
 
+    # Odd entries are counted problems that name the file, not errors.
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"database": {
+        "b1": coin_entry(3, "ChangeTire", "dev", 20.0),
+        "b2": coin_entry(3, "ChangeTire", "training", "long"),
+        "b3": coin_entry("abc", "ChangeTire", "training", 20.0),
+        "b4": coin_entry(3, "MakeTea", "training", 20.0),  # task id and name disagree on the domain
+        "b5": coin_entry(3, "ChangeTire", "training", 20.0),
+    }}))  # fmt: skip
+    summary = index_coin([odd], taxonomy, videos, out, min_duration=1)
+    assert (summary["problems"], summary["selected"]) == (4, 1)
+    reasons = "\n".join(summary["problem_examples"])
+    for expected in ["b1 (", "subset 'dev'", "duration 'long'", "recipe_type 'abc'", "Vehicle but class 'MakeTea'"]:
+        assert expected in reasons
+    assert str(odd) in reasons
+
 
 # --- COIN, the real metadata ----------------------------------------------------
 

@@ -215,4 +215,3 @@ def test_bad_files_raise_a_typed_error_with_the_reason(kind, tmp_path, good_vide
     assert str(err).startswith(f"{path}: ")  # one line naming the file
     assert "\n" not in str(err)
     assert isinstance(err, UserError)  # the CLI prints it instead of a traceback
-

@@ -13,7 +13,8 @@ column             type        meaning
 ``video_id``       string      stable id (file stem / YouTube id)
 ``path``           string      source file
 ``source_frames``  int64       frames in the source video
-``padded``         bool        source had fewer frames than stored; last repeated
+``padded``         bool        source had fewer frames than stored; frames
+                               repeated evenly (segment sampling)
 =================  ==========  ================================================
 
 Frames are stored as raw bytes rather than a Ray tensor extension so any
@@ -102,7 +103,7 @@ def read_split(dataset_dir: str, split: str):
             f"split {split!r} of {dataset_dir} holds no videos "
             f"(available: {', '.join(s for s, n in info.split_counts.items() if n) or 'none'})"
         )
-    return ray.data.read_parquet(split_uri(dataset_dir, split), columns=["video", "label"])
+    return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(["video", "label"])
 
 
 def videos_from_bytes(column: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -101,7 +101,7 @@ def _moving_square(rng, t, ys, xs, height, width):
 
 def _growing_circle(rng, t, ys, xs, height, width):
     r0 = rng.uniform(0.06, 0.1) * height
-    r1 = rng.uniform(0.36, 0.46) * height
+    r1 = rng.uniform(0.34, 0.4) * height  # stays inside the frame
     cy = rng.uniform(0.4, 0.6) * height
     cx = rng.uniform(0.35, 0.65) * width
     return [_disc(ys, xs, cy, cx, r0 + (r1 - r0) * ti) for ti in t]
@@ -139,7 +139,7 @@ def _approaching_dots(rng, t, ys, xs, height, width):
     radius = rng.uniform(0.08, 0.11) * height
     cy = rng.uniform(0.35, 0.65) * height
     cx = rng.uniform(0.45, 0.55) * width
-    far = rng.uniform(0.36, 0.42) * width  # centre-to-dot distance at the start
+    far = rng.uniform(0.3, 0.36) * width  # centre-to-dot distance at the start; dots stay in frame
     near = rng.uniform(1.3, 1.6) * radius  # dots never merge
     masks = []
     for ti in t:

@@ -43,9 +43,9 @@ def _split_batches(dataset_dir: str, dataset, split: str, batch_size: int) -> It
     from vidray.storage import join_uri, open_filesystem
 
     fs, root = open_filesystem(dataset_dir)
-    listed = (dataset.raw.get("splits", {}).get(split) or {}).get("shards")
+    listed = dataset.raw.get("shards")  # "split/shard-<id>.parquet", written by preprocess
     if listed is not None:
-        shards = [join_uri(root, name) for name in listed]
+        shards = [join_uri(root, name) for name in listed if name.startswith(f"{split}/")]
     else:  # a dataset.json that does not list its shards: every Parquet file of the split
         _, split_root = open_filesystem(split_uri(dataset_dir, split))
         entries = fs.get_file_info(pafs.FileSelector(split_root, allow_not_found=True))
@@ -150,6 +150,8 @@ def evaluate_checkpoint(
                 }
             )
 
+    if not y_true:
+        raise UserError(f"the shards of split {split!r} of {dataset_dir} hold no rows; re-run `vidray preprocess`")
     confusion = confusion_matrix(y_true, y_pred, len(classes))
     metrics = metrics_from_confusion(confusion, classes)
     metrics.update(

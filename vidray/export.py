@@ -46,7 +46,7 @@ from typing import Any
 from vidray.augment import MEAN, STD
 from vidray.errors import UserError
 from vidray.model import POS_GRID_KEY
-from vidray.predict import INFO, eval_clips_of, load_trained_model
+from vidray.predict import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
 
 CUSTOM_MODEL_TYPE = "vidray_videomae"
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
@@ -145,6 +145,14 @@ def _write_custom_code(directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _is_export(directory: Path) -> bool:
+    # A training checkpoint also has vidray.json; only an export records where it came from.
+    try:
+        return "exported_from" in json.loads((directory / INFO).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def export_model(checkpoint: Path, out: Path) -> Path:
     """Write ``checkpoint`` (a `vidray train` checkpoint or an earlier export) to ``out``; returns ``out``.
 
@@ -153,17 +161,18 @@ def export_model(checkpoint: Path, out: Path) -> Path:
     never leaves a half-written model under the real name.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INFO).is_file())):
-        raise UserError(f"--out {out} exists and is not an earlier vidray export; pass a new or empty directory")
     if out.resolve() == checkpoint.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; pass a new directory")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+        raise UserError(f"--out {out} exists and is not an earlier vidray export; pass a new or empty directory")
     model, info = load_trained_model(checkpoint)
     data = info["data"]
 
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    with quiet_progress_bars():
+        model.save_pretrained(staging, safe_serialization=True)
     image_processor_for(data).save_pretrained(staging)
     if getattr(model.config, POS_GRID_KEY, None):
         _write_custom_code(staging)

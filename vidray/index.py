@@ -350,6 +350,13 @@ def _coin_domain(entry: dict[str, Any], by_id: dict[int, str], by_task: dict[str
     return domain, ""
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _scan_video_dir(videos_dir: Path) -> dict[tuple[str, str], Path]:
     """``{(subfolder or "", stem): path}`` for DIR/<id>.<ext> and DIR/<recipe_type>/<id>.<ext>."""
     found: dict[tuple[str, str], Path] = {}
@@ -416,31 +423,21 @@ def index_coin(
                 duplicates += 1
                 continue
             seen.add(video_id)
-
-            def problem(reason: str) -> None:
-                problems.append({"youtube_id": video_id, "file": str(annotation_file), "problem": reason})
-
-            domain, why = _coin_domain(entry, by_id, by_task)
-            if domain is None:
-                problem(why)
-                continue
+            domain, problem = _coin_domain(entry, by_id, by_task)
             split = COIN_SUBSETS.get(str(entry.get("subset", "")).lower())
-            if split is None:
-                problem(f"subset {entry.get('subset')!r} is not one of {', '.join(COIN_SUBSETS)}")
+            duration = _number(entry.get("duration"))
+            if not problem and split is None:
+                problem = f"subset {entry.get('subset')!r} is not one of {', '.join(COIN_SUBSETS)}"
+            if not problem and filtering and duration is None:
+                problem = f"duration {entry.get('duration')!r} is not a number, needed by the duration filter"
+            if problem:
+                problems.append({"youtube_id": video_id, "file": str(annotation_file), "problem": problem})
                 continue
-            try:
-                duration = float(entry["duration"]) if entry.get("duration") is not None else None
-            except (TypeError, ValueError):
-                duration = None
-            if filtering:
-                if duration is None:
-                    problem(f"duration {entry.get('duration')!r} is not a number, needed by the duration filter")
-                    continue
-                if (min_duration is not None and duration < min_duration) or (
-                    max_duration is not None and duration > max_duration
-                ):
-                    filtered_out += 1
-                    continue
+            if (min_duration is not None and duration < min_duration) or (
+                max_duration is not None and duration > max_duration
+            ):
+                filtered_out += 1
+                continue
             selected.append((video_id, entry, domain, split, duration))
 
     rows, missing = [], []

@@ -14,6 +14,7 @@ prints every result and then exits 2 when any video failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -59,18 +60,15 @@ def load_trained_model(path: Path) -> tuple[Any, dict[str, Any]]:
         raise UserError(f"{path} holds no model/config.json: the checkpoint is incomplete ({hint})")
     if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise UserError(f"{model_dir} holds no model.safetensors: the checkpoint is incomplete (re-export or re-train)")
-    from transformers.utils import logging as hf_logging
+    from safetensors import SafetensorError
 
-    # No "Loading weights" progress bar on the terminal of a one-line command.
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        model = _load_classifier(model_dir)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load the model in {model_dir}: {_first_line(err)}") from None
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
+        with quiet_progress_bars():
+            model = _load_classifier(model_dir)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(
+            f"cannot load the model in {model_dir}: {_first_line(err)} (re-export or re-train)"
+        ) from None
 
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if labels != list(data["classes"]):
@@ -79,6 +77,20 @@ def load_trained_model(path: Path) -> tuple[Any, dict[str, Any]]:
             "the checkpoint is damaged"
         )
     return model.eval(), info
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """No "Loading weights" / "Writing model shards" bars on the terminal of a one-line command."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _load_classifier(model_dir: Path):

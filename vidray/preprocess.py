@@ -19,13 +19,20 @@ parameters, so:
 
 Shard boundaries are cut where a path's hash says so (content-defined, not
 every N videos), so adding or removing a video changes only the shard it falls
-in: after downloading more videos, a re-run decodes little more than the new ones.
+in (rarely a neighbour too): after downloading more videos, a re-run decodes
+little more than the new ones.
 
 Fault isolation: one Ray Data task decodes one shard. A file that fails to
 decode is rejected with its reason and never stops the run. A decoder that
 kills its worker process (segfault) loses only its shard's task; such shards
 are re-run one video per Ray task, the video whose task dies is rejected with
-"decoder crashed the worker", and the others are written as usual.
+"decoder crashed the worker", and the others are written as usual. (Like any
+reject, it stays rejected on resume; delete its ``_shards`` record to retry.)
+
+Every manifest row is decoded, including rows with a ``probe_error``: the
+decoder's verdict (a typed :class:`vidray.video.VideoError`) is the reason
+recorded. Invariant, checked before ``dataset.json`` is written:
+processed + rejected == discovered.
 
 Test-only fault injection: when the environment of the process calling
 :func:`preprocess` has ``VIDRAY_TEST_CRASH_ON=<substring>``, the decode task
@@ -97,7 +104,7 @@ class Shard:
         return json.dumps({"id": self.id, "split": self.split, "videos": [asdict(v) for v in self.videos]})
 
     @staticmethod
-    def from_json(text: str) -> "Shard":
+    def from_json(text: str) -> Shard:
         raw = json.loads(text)
         return Shard(raw["id"], raw["split"], tuple(Video(**v) for v in raw["videos"]))
 
@@ -125,7 +132,9 @@ def load_videos(manifest: Path) -> tuple[list[Video], list[str]]:
         raise UserError(f"manifest {manifest}: split {bad_split[0]!r} is not one of {', '.join(SPLITS)}")
     duplicated = frame["path"][frame["path"].duplicated()]
     if len(duplicated):
-        raise UserError(f"manifest {manifest} lists {duplicated.iloc[0]} more than once; each video belongs to one split")
+        raise UserError(
+            f"manifest {manifest} lists {duplicated.iloc[0]} more than once; each video belongs to one split"
+        )
 
     videos = []
     for row in frame.itertuples(index=False):
@@ -139,7 +148,9 @@ def load_videos(manifest: Path) -> tuple[list[Video], list[str]]:
             size, mtime_ns = stat.st_size, stat.st_mtime_ns
         except OSError:
             size, mtime_ns = -1, -1
-        videos.append(Video(str(row.path), str(row.video_id), row.label, int(row.label_index), row.split, size, mtime_ns))
+        videos.append(
+            Video(str(row.path), str(row.video_id), row.label, int(row.label_index), row.split, size, mtime_ns)
+        )
     return videos, classes
 
 
@@ -203,10 +214,17 @@ def _outcome(video: Video, status: str = "processed", error: str = "", reason: s
     return {**row, **decoded}
 
 
-def _decode_video(video: Video, stored_frames: int, stored_size: int, crash_on: str | None) -> tuple[dict, bytes | None]:
+def _decode_video(
+    video: Video, stored_frames: int, stored_size: int, crash_on: str | None
+) -> tuple[dict, bytes | None]:
     """(outcome row, frame bytes or None). Never raises for a bad file."""
+    import decord
+
     from vidray.video import VideoError, read_clip
 
+    # FFmpeg's per-packet complaints about a broken file would flood the driver's
+    # log from every worker; the reason that matters is recorded in the rejects.
+    decord.logging.set_level(decord.logging.QUIET)
     if crash_on and crash_on in video.path:
         os._exit(1)  # test-only: see CRASH_ON_ENV in the module docstring
     try:
@@ -271,7 +289,12 @@ def write_shard(out: str, shard: Shard, outcomes: list[tuple[dict, bytes | None]
         _write_atomically(fs, join_uri(root, shard.parquet_name), write_parquet)
 
     rows = [{**row, "shard": shard.id} for row, _ in outcomes]
-    record = {"shard": shard.id, "split": shard.split, "file": shard.parquet_name if processed else None, "videos": rows}
+    record = {
+        "shard": shard.id,
+        "split": shard.split,
+        "file": shard.parquet_name if processed else None,
+        "videos": rows,
+    }
 
     def write_record(tmp: str) -> None:
         with fs.open_output_stream(tmp) as f:
@@ -438,10 +461,10 @@ def preprocess(
 ) -> dict[str, Any]:
     """Decode every video of ``manifest`` into the dataset directory ``out``.
 
-    Returns the summary also written to ``out/dataset.json``, plus counters of
-    this run (``decoded_this_run``, ``shards_reused``, ``shards_written``,
-    ``worker_crashes``). Re-running with the same manifest and parameters
-    reuses every finished shard.
+    Returns the summary written to ``out/dataset.json`` (with ``dataset_dir``
+    added). Besides the dataset's counts it holds this run's
+    ``decoded_this_run``, ``shards_reused`` and ``shards_written``:
+    re-running with the same manifest and parameters decodes nothing.
     """
     from vidray.cluster import init_ray
 
@@ -458,7 +481,6 @@ def preprocess(
     outcomes = _clear_stale(fs, root, shards)
     todo = [s for s in shards if s.id not in outcomes]
     reused = len(outcomes)
-    crashed: list[Shard] = []
     if todo:
         init_ray()
         crash_on = os.environ.get(CRASH_ON_ENV) or None
@@ -473,15 +495,21 @@ def preprocess(
             finished.update(_isolate_crashes(crashed, out, stored_frames, stored_size, crash_on))
         outcomes.update(finished)
 
-    summary = _summarise(shards, outcomes, classes, videos, manifest, frames, size, stored_frames, stored_size)
+    summary = {
+        "classes": classes,
+        "frames": frames,
+        "size": size,
+        "stored_frames": stored_frames,
+        "stored_size": stored_size,
+        "manifest": str(manifest.resolve()),
+        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        **_count(shards, outcomes, classes, discovered=len(videos)),
+        "seconds": round(time.monotonic() - started, 2),
+        "decoded_this_run": sum(len(s.videos) for s in todo),
+        "shards_reused": reused,
+        "shards_written": len(todo),
+    }
     rejected = [row for s in shards for row in outcomes[s.id] if row["status"] == "rejected"]
-    summary.update(
-        seconds=round(time.monotonic() - started, 2),
-        decoded_this_run=sum(len(s.videos) for s in todo),
-        shards_reused=reused,
-        shards_written=len(todo),
-        worker_crashes=sum(1 for r in rejected if r["error"] == "worker_crash"),
-    )
     _write_rejects(fs, root, rejected)
     _write_atomically(
         fs,
@@ -505,39 +533,24 @@ def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
         f.write(text.encode())
 
 
-def _summarise(shards, outcomes, classes, videos, manifest, frames, size, stored_frames, stored_size) -> dict:
+def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[str], discovered: int) -> dict:
     rows = [row for s in shards for row in outcomes[s.id]]
     processed = [r for r in rows if r["status"] == "processed"]
     rejected = [r for r in rows if r["status"] == "rejected"]
-    if len(processed) + len(rejected) != len(videos) or len(rows) != len(videos):
+    if len(processed) + len(rejected) != discovered or len(rows) != discovered:
         raise RuntimeError(
-            f"internal error: {len(processed)} processed + {len(rejected)} rejected != {len(videos)} discovered"
+            f"internal error: {len(processed)} processed + {len(rejected)} rejected != {discovered} discovered"
         )
     splits = {}
     for split in SPLITS:
         per_class = Counter(r["label"] for r in processed if r["split"] == split)
-        splits[split] = {
-            "videos": sum(per_class.values()),
-            "per_class": {name: per_class.get(name, 0) for name in classes},
-            "shards": [s.parquet_name for s in shards if s.split == split and _has_parquet(outcomes[s.id])],
-        }
+        splits[split] = {"videos": sum(per_class.values()), "per_class": {c: per_class.get(c, 0) for c in classes}}
     return {
-        "classes": classes,
-        "frames": frames,
-        "size": size,
-        "stored_frames": stored_frames,
-        "stored_size": stored_size,
         "splits": splits,
-        "manifest": str(manifest.resolve()),
-        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-        "discovered": len(videos),
+        "discovered": discovered,
         "processed": len(processed),
         "rejected": len(rejected),
         "padded": sum(1 for r in processed if r["padded"]),
         "rejected_by_error": dict(Counter(r["error"] for r in rejected)),
-        "shards": [name for split in SPLITS for name in splits[split]["shards"]],
+        "shards": [s.parquet_name for s in shards if any(r["status"] == "processed" for r in outcomes[s.id])],
     }
-
-
-def _has_parquet(rows: list[dict]) -> bool:
-    return any(r["status"] == "processed" for r in rows)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import math
 import os
 import random
@@ -222,23 +221,14 @@ def make_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
     return ray.train.RunConfig(**kwargs)
 
 
-def resolve_dataset(cfg: VidrayConfig) -> str:
-    """The dataset directory to train on: prepared by vidray.prepare when that stage is available."""
-    if importlib.util.find_spec("vidray.prepare") is None:
-        return str(cfg.data.dataset_dir)
-    from vidray.prepare import prepare_dataset
-
-    prepared = prepare_dataset(cfg)
-    return str(prepared) if isinstance(prepared, (str, os.PathLike)) else str(cfg.data.dataset_dir)
-
-
 def run_training(cfg: VidrayConfig) -> dict[str, Any]:
     """Prepare the data, train, and summarise: run dir, best and last metrics, checkpoint paths."""
     from vidray.cluster import init_ray
+    from vidray.prepare import prepare_dataset
 
-    dataset_dir = resolve_dataset(cfg)
-    trainer = build_trainer(cfg, dataset_dir=dataset_dir)
     init_ray()
+    dataset_dir = prepare_dataset(cfg)
+    trainer = build_trainer(cfg, dataset_dir=dataset_dir)
     result = trainer.fit()
     return summarize_result(result)
 

@@ -22,8 +22,9 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float = 30.0, crf: int
 
     H and W must be even (yuv420p subsampling).
     """
-    import av
     from fractions import Fraction
+
+    import av
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

@@ -1,0 +1,369 @@
+"""A real multi-node Ray cluster on this machine: four `ray start` nodes on loopback.
+
+One end-to-end scenario, in order:
+
+1. the head alone, labelled like the cluster.yaml head: node-local storage is refused;
+2. three worker nodes join: node-local storage is refused (4 nodes), the
+   shared-filesystem opt-in is accepted;
+3. preprocessing runs as Ray Data tasks spread over several nodes;
+4. a 2-worker training runs across nodes; once the first epoch's checkpoint
+   exists, one worker node is killed (its raylet and all its processes, as
+   when a spot instance disappears); Ray Train reschedules both workers on the
+   surviving nodes, resumes from the last checkpoint, and finishes with every
+   epoch trained exactly once.
+
+Each driver is a subprocess with RAY_ADDRESS set, like `ray job submit`, so
+the session's in-process cluster (conftest `ray_cluster`) is never touched.
+Every node runs on 127.0.0.2 (loopback: Ray rewrites 127.0.0.1 to the host's
+outward IP for multi-node clusters, but leaves the rest of 127.0.0.0/8 alone),
+and every process of the cluster is killed by PID at the end. `ray stop` is
+never used: it would stop every Ray cluster on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vidray.checkpoint import read_checkpoint_info
+from vidray.demo_data import generate_demo_videos
+from vidray.index import index_folder
+from vidray.storage import MULTI_NODE_LABEL
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the nodes' processes in /proc"),
+]
+
+NODE_IP = "127.0.0.2"
+RAY = str(Path(sys.executable).with_name("ray"))
+# Plain loopback clusters: no token auth (another cluster's ~/.ray/auth_token would switch it on).
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+EPOCHS = 4
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((NODE_IP, 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _proc_table() -> dict[int, tuple[int, list[str]]]:
+    """{pid: (parent pid, argv)} of every process, from /proc (argv shows Ray's process titles)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(entry)] = (parent, argv)
+    return table
+
+
+class LoopbackCluster:
+    """`ray start` nodes on 127.0.0.2 with their own ports and temp dir, killed by PID."""
+
+    def __init__(self):
+        # Short: Ray's unix socket paths live below it (108-byte limit).
+        self.temp_dir = tempfile.mkdtemp(prefix="vrmn")
+        self.gcs_port: int | None = None
+        self.node_manager_ports: dict[str, int] = {}
+
+    @property
+    def address(self) -> str:
+        return f"{NODE_IP}:{self.gcs_port}"
+
+    def _start(self, name: str, num_cpus: int, extra: list[str]) -> None:
+        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
+        command = [
+            RAY, "start", "--node-ip-address", NODE_IP, "--num-cpus", str(num_cpus),
+            "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
+            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
+            "--object-store-memory", str(150 * 2**20), "--disable-usage-stats", *extra,
+        ]  # fmt: skip
+        log = Path(self.temp_dir) / f"start-{name}.log"
+        # A file, not a pipe: the node's daemons inherit it and would hold a pipe open.
+        with open(log, "w") as out:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV}, timeout=180).returncode
+        assert code == 0, f"ray start of node {name} failed:\n{log.read_text()[-3000:]}"
+        self.node_manager_ports[name] = node_manager
+
+    def start_head(self, num_cpus: int, labels: str) -> None:
+        self.gcs_port, client, dashboard = _free_ports(3)
+        self._start(
+            "head",
+            num_cpus,
+            [
+                "--head", "--port", str(self.gcs_port), "--include-dashboard", "false",
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir, "--labels", labels,
+                # Notice a dead node within seconds rather than the default ~30 s.
+                "--system-config", json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3}),
+            ],
+        )  # fmt: skip
+
+    def add_node(self, name: str, num_cpus: int) -> None:
+        self._start(name, num_cpus, ["--address", self.address])
+
+    def processes(self) -> dict[int, tuple[int, list[str]]]:
+        """This cluster's processes: their command lines name its GCS address or temp dir."""
+        if self.gcs_port is None:
+            return {}
+        marks = (self.address, f"gcs_server_port={self.gcs_port}", self.temp_dir)
+        table = _proc_table()
+        ours = {pid: info for pid, info in table.items() if any(m in " ".join(info[1]) for m in marks)}
+        # Plus everything a raylet of ours started (workers, agents).
+        raylets = {pid for pid, (_, argv) in ours.items() if argv and Path(argv[0]).name == "raylet"}
+        ours.update({pid: info for pid, info in table.items() if info[0] in raylets})
+        return ours
+
+    def raylets(self) -> dict[int, str]:
+        """{raylet pid: node name}."""
+        names = {f"--node_manager_port={port}": name for name, port in self.node_manager_ports.items()}
+        return {
+            pid: names[flag]
+            for pid, (_, argv) in self.processes().items()
+            if argv and Path(argv[0]).name == "raylet"
+            for flag in argv
+            if flag in names
+        }
+
+    def kill_node(self, name: str) -> None:
+        """Kill one node as a vanished machine would go: its raylet and everything under it, at once."""
+        (raylet,) = [pid for pid, node in self.raylets().items() if node == name]
+        table = _proc_table()
+        doomed, frontier = {raylet}, [raylet]
+        while frontier:
+            children = [pid for pid, (parent, _) in table.items() if parent in frontier]
+            doomed.update(children)
+            frontier = children
+        for pid in doomed:
+            _kill(pid)
+
+    def shutdown(self) -> None:
+        for _ in range(10):
+            alive = self.processes()
+            if not alive:
+                return
+            for pid in alive:
+                _kill(pid)
+            time.sleep(0.5)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _driver(cluster: LoopbackCluster, code: str, cwd: Path, log: Path) -> subprocess.Popen:
+    """A Python driver connected to the cluster through RAY_ADDRESS, as under `ray job submit`."""
+    env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": cluster.address}
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, log: Path, timeout: float) -> dict:
+    """Wait for a driver; return the JSON it printed last."""
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert process.returncode == 0, f"driver failed ({process.returncode}):\n{text[-6000:]}"
+    last_json = [line for line in text.splitlines() if line.startswith("{")][-1]
+    return json.loads(last_json)
+
+
+class TaskSampler(threading.Thread):
+    """Which raylets (nodes) ran a process whose title contains ``needle``, sampled from /proc."""
+
+    def __init__(self, cluster: LoopbackCluster, needle: str):
+        super().__init__(daemon=True)
+        self.cluster, self.needle = cluster, needle
+        self.raylets: set[int] = set()
+        self.pids: set[int] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for pid, (parent, argv) in _proc_table().items():
+                if argv and self.needle in argv[0]:
+                    self.pids.add(pid)
+                    self.raylets.add(parent)
+            time.sleep(0.05)
+
+
+STORAGE_CHECK = """
+    import json
+    from vidray.cluster import init_ray, shared_storage_paths
+    from vidray.config import load_config
+    from vidray.errors import UserError
+
+    init_ray()
+    try:
+        shared_storage_paths(load_config(None, ["run.storage_path=runs"]))
+        print(json.dumps({"refused": None}))
+    except UserError as err:
+        print(json.dumps({"refused": str(err)}))
+"""
+
+PREPROCESS = """
+    import json
+    from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
+    from vidray.config import load_config
+    from vidray.errors import UserError
+    from vidray.preprocess import preprocess
+
+    manifest, dataset_dir = {manifest!r}, {dataset_dir!r}
+    init_ray()
+    try:
+        shared_storage_paths(load_config(None, ["data.dataset_dir=" + dataset_dir]))
+        refused = None
+    except UserError as err:
+        refused = str(err)
+    shared = load_config(None, ["data.dataset_dir=" + dataset_dir, "run.shared_filesystem=true"])
+    _, dataset_dir = shared_storage_paths(shared)
+    summary = preprocess(manifest, dataset_dir, frames=4, size=32, stored_frames=8, stored_size=36, videos_per_shard=2)
+    print(json.dumps({{"refused": refused, "cluster": cluster_summary(), "summary": summary}}))
+"""
+
+TRAIN = """
+    import json
+    from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
+    from vidray.config import load_config
+    from vidray.train import build_trainer, summarize_result
+
+    cfg = load_config(None, {overrides!r})
+    init_ray()
+    storage_path, dataset_dir = shared_storage_paths(cfg)
+    result = build_trainer(cfg, dataset_dir=dataset_dir).fit()
+    print(json.dumps({{"summary": summarize_result(result), "error": repr(result.error), "cluster": cluster_summary()}}, default=str))
+"""
+
+
+@pytest.fixture
+def cluster():
+    cluster = LoopbackCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+        assert not cluster.processes(), "a process of the test cluster survived"
+
+
+def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_path):
+    videos, manifest = tmp_path / "videos", tmp_path / "manifest.parquet"
+    generate_demo_videos(videos, classes=2, videos_per_class=10, seed=0)
+    index_folder(videos, manifest)
+    dataset_dir, storage = tmp_path / "dataset", tmp_path / "runs"
+
+    # 1. The head alone, labelled as cluster.yaml labels it: it will autoscale.
+    cluster.start_head(num_cpus=1, labels=f"{MULTI_NODE_LABEL}=true")
+    check = _finish(_driver(cluster, STORAGE_CHECK, tmp_path, tmp_path / "check.log"), tmp_path / "check.log", 120)
+    assert check["refused"] is not None
+    assert check["refused"].startswith("run.storage_path: 'runs' is a node-local path")
+    assert f"labelled {MULTI_NODE_LABEL}=true" in check["refused"]
+
+    # 2. Three 1-CPU worker nodes: one more than the two training workers need
+    # after a node is lost, so the survivors also leave a CPU for Ray Data.
+    for name in ("a", "b", "c"):
+        cluster.add_node(name, num_cpus=1)
+
+    # 3. Preprocessing: one Ray Data decode task per 2-video shard, spread over the nodes.
+    sampler = TaskSampler(cluster, "decode_shards")
+    sampler.start()
+    code = PREPROCESS.format(manifest=str(manifest), dataset_dir=str(dataset_dir))
+    try:
+        pre = _finish(_driver(cluster, code, tmp_path, tmp_path / "pre.log"), tmp_path / "pre.log", 240)
+    finally:
+        sampler.done.set()
+        sampler.join()
+    assert pre["cluster"]["nodes"] == 4 and pre["cluster"]["CPU"] == 4
+    assert "has 4 nodes" in pre["refused"] and "run.shared_filesystem=true" in pre["refused"]
+    assert pre["summary"]["processed"] == 20 and pre["summary"]["rejected"] == 0
+    node_raylets = cluster.raylets()
+    decode_nodes = {node_raylets[r] for r in sampler.raylets if r in node_raylets}
+    assert len(decode_nodes) >= 2, f"decode tasks ran on {decode_nodes} only"
+
+    # 4. Training across nodes; kill a node that hosts a training worker after epoch 0's checkpoint.
+    overrides = [
+        "model.init=scratch", "model.size=tiny",
+        "data.frames=4", "data.size=32", "data.stored_frames=8", "data.stored_size=36",
+        f"data.dataset_dir={dataset_dir}",
+        f"train.epochs={EPOCHS}", "train.batch_size=4", "train.num_workers=2", "train.cpus_per_worker=1",
+        "train.max_failures=2", "train.prefetch_batches=1", "train.shuffle_buffer=4",
+        f"run.storage_path={storage}", "run.name=multinode", "run.shared_filesystem=true",
+    ]  # fmt: skip
+    train_log = tmp_path / "train.log"
+    run_dir = storage / "multinode"
+    trainer = _driver(cluster, TRAIN.format(overrides=overrides), tmp_path, train_log)
+    try:
+        _wait_for(lambda: (run_dir / "checkpoint_epoch_0000" / "vidray.json").exists(), trainer, train_log, "epoch 0's checkpoint")
+        first = _train_workers(cluster)
+        assert len(first) == 2 and len(set(first.values())) == 2, f"training workers on {first}"
+        victim = sorted(set(first.values()) - {"head"})[0]
+        epochs_before_kill = len(list(run_dir.glob("checkpoint_epoch_*")))
+        cluster.kill_node(victim)
+        # Ray Train notices the lost workers and starts a new group of two on the surviving nodes.
+        _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, trainer, train_log, "restarted workers")
+        second = {pid: node for pid, node in _train_workers(cluster).items() if pid not in first}
+    except BaseException:
+        trainer.kill()
+        raise
+    result = _finish(trainer, train_log, 300)
+
+    assert epochs_before_kill < EPOCHS, "the node died after training had finished"
+    assert victim not in set(second.values()) and len(second) == 2
+    assert result["cluster"]["nodes"] == 3 and result["cluster"]["CPU"] == 3
+    assert result["error"] == "None"
+    final = read_checkpoint_info(result["summary"]["checkpoint"])
+    assert final["epoch"] == EPOCHS - 1
+    # Every epoch trained and reported exactly once: resumed from the last
+    # checkpoint, nothing redone or skipped, the optimizer step count continuous.
+    assert [m["epoch"] for m in final["history"]] == list(range(EPOCHS))
+    # 12 training videos / 2 workers / micro-batch 2 = 3 steps per epoch.
+    assert [m["global_step"] for m in final["history"]] == [3 * (epoch + 1) for epoch in range(EPOCHS)]
+
+
+def _train_workers(cluster: LoopbackCluster) -> dict[int, str]:
+    """{pid: node name} of Ray Train's worker actors (process title ray::RayTrainWorker...)."""
+    raylets = cluster.raylets()
+    return {
+        pid: raylets.get(parent, "?")
+        for pid, (parent, argv) in cluster.processes().items()
+        if argv and argv[0].startswith("ray::RayTrainWorker")
+    }
+
+
+def _wait_for(condition, driver: subprocess.Popen, log: Path, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert driver.poll() is None, f"the driver ended while waiting for {what}:\n{log.read_text()[-6000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{log.read_text()[-6000:]}"
+        time.sleep(0.2)

@@ -1,0 +1,398 @@
+"""Real Ray Train runs on CPU: a tiny VideoMAE on synthetic clips whose classes only differ in time.
+
+Three runs are shared by the tests of this module (module-scoped fixtures):
+
+* ``ordered``: 2 DDP workers on the in-order clips; rank 1 is killed once in
+  the middle of epoch 2 and the run must resume from the epoch-1 checkpoint.
+* ``shuffled``: 1 worker on the same clips with every video's frames shuffled
+  in time (the frame-order control).
+* ``shuffled_killed``: the same as ``shuffled`` with its only worker killed
+  once in the middle of epoch 1: it must reproduce ``shuffled`` exactly.
+
+The classes are two time-reversal pairs (a square moving right / left, and
+down / up): within a pair the set of frames has the same distribution, so only
+frame order separates them, while the pairs differ in appearance (horizontal
+vs vertical travel). A model that cannot see order is at 50 % within a pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray.cloudpickle
+import ray.train
+import torch
+
+from vidray import augment
+from vidray.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, load_checkpoint_model, load_training_state
+from vidray.config import load_config
+from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, videos_from_bytes
+from vidray.errors import UserError
+from vidray.model import POS_GRID_KEY
+from vidray.train import (
+    KILL_AT_EPOCH_ENV,
+    KILL_MARKER_ENV,
+    METRIC_KEYS,
+    build_trainer,
+    make_run_config,
+    parameter_groups,
+    summarize_result,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["moving_right", "moving_left", "moving_down", "moving_up"]
+PAIRS = [(0, 1), (2, 3)]
+STORED_FRAMES, STORED_SIZE, FRAMES, SIZE = 16, 40, 8, 32
+TRAIN_PER_CLASS, VAL_PER_CLASS = 48, 12
+VAL_VIDEOS = 4 * VAL_PER_CLASS - 1  # odd: two workers cannot split it evenly
+EPOCHS = 5
+
+# The callback below runs in the Ray Train controller process; ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ----------------------------------------------------------------- data
+
+
+def render_clip(label: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [T, S, S, 3]: a bright square crossing a noisy dark frame.
+
+    The forward member of each pair is drawn, then transposed (vertical pair)
+    and/or played backwards (second member), so both members of a pair share
+    one distribution of frames.
+    """
+    side = STORED_SIZE // 4
+    x = np.linspace(rng.uniform(0, 0.15 * STORED_SIZE), rng.uniform(0.6 * STORED_SIZE, STORED_SIZE - side), STORED_FRAMES)
+    y = int(round(rng.uniform(0, STORED_SIZE - side)))
+    video = rng.normal(40, 15, size=(STORED_FRAMES, STORED_SIZE, STORED_SIZE, 3))
+    color = rng.uniform(150, 255, size=3)
+    for t in range(STORED_FRAMES):
+        x0 = int(round(x[t]))
+        video[t, y : y + side, x0 : x0 + side] = color
+    video = np.clip(video, 0, 255).astype(np.uint8)
+    if label >= 2:
+        video = video.transpose(0, 2, 1, 3)
+    if label % 2:
+        video = video[::-1]
+    return np.ascontiguousarray(video)
+
+
+def write_dataset(root: Path, *, shuffle_time: bool, seed: int = 0, rows_per_shard: int = 16) -> str:
+    """Shards + dataset.json exactly as vidray/dataset.py specifies them."""
+    counts = {}
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        rng = np.random.default_rng([seed, len(split)])
+        rows = []
+        for i in range(per_class):
+            for label, name in enumerate(CLASSES):
+                video = render_clip(label, rng)
+                if shuffle_time:
+                    video = video[rng.permutation(STORED_FRAMES)]
+                rows.append(
+                    dict(
+                        video=video.tobytes(),
+                        label=label,
+                        label_name=name,
+                        video_id=f"{name}_{i:03d}",
+                        path=f"/synthetic/{split}/{name}_{i:03d}.mp4",
+                        source_frames=STORED_FRAMES,
+                        padded=False,
+                    )
+                )
+        if split == "val":
+            rows = rows[:-1]
+        rows = [rows[j] for j in np.random.default_rng([seed, 1]).permutation(len(rows))]
+        (root / split).mkdir(parents=True)
+        for k in range(0, len(rows), rows_per_shard):
+            table = pa.Table.from_pylist(rows[k : k + rows_per_shard], schema=SHARD_SCHEMA)
+            pq.write_table(table, root / split / f"part-{k // rows_per_shard:05d}.parquet")
+        counts[split] = {"videos": len(rows)}
+    info = dict(
+        classes=CLASSES, frames=FRAMES, size=SIZE, stored_frames=STORED_FRAMES, stored_size=STORED_SIZE, splits=counts
+    )
+    (root / DATASET_INFO).write_text(json.dumps(info))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory) -> str:
+    """The "pretrained" model the runs start from: a tiny random VideoMAE saved like a hub checkpoint.
+
+    Saved at 64² so training at 32² also exercises the position-table
+    interpolation (8 x 8 -> 4 x 4 patches) inside real workers and checkpoints.
+    Patch 8 keeps a 4 x 4 grid at 32², enough to see where the square is.
+    """
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    config = VideoMAEConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        patch_size=8,
+        num_frames=8,
+        image_size=64,
+        num_labels=2,
+    )
+    directory = tmp_path_factory.mktemp("start_checkpoint")
+    VideoMAEForVideoClassification(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def ordered_dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("ordered"), shuffle_time=False)
+
+
+@pytest.fixture(scope="module")
+def shuffled_dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("shuffled"), shuffle_time=True)
+
+
+# ----------------------------------------------------------------- runs
+
+
+class RecordReports(ray.train.UserCallback):
+    """Appends what every ``ray.train.report`` delivered to the controller to a JSON-lines file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"metrics": metrics[0], "checkpoint": checkpoint.path if checkpoint else None}) + "\n")
+
+
+def config_for(dataset_dir: str, start_checkpoint: str, storage: Path, name: str, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"data.dataset_dir={dataset_dir}",
+            f"data.frames={FRAMES}",
+            f"data.size={SIZE}",
+            f"data.stored_frames={STORED_FRAMES}",
+            f"data.stored_size={STORED_SIZE}",
+            "model.init=pretrained",
+            f"model.name_or_path={start_checkpoint}",
+            f"train.epochs={EPOCHS}",
+            "train.batch_size=8",
+            "train.lr=1e-3",
+            "train.warmup_epochs=0.5",
+            "train.weight_decay=0.05",
+            "train.max_failures=1",
+            "train.prefetch_batches=1",
+            "train.seed=7",
+            f"run.storage_path={storage}",
+            f"run.name={name}",
+            *overrides,
+        ],
+    )
+
+
+def run(cfg, tmp: Path, *, kill_at_epoch: int | None = None) -> dict:
+    """Fit through build_trainer with a RunConfig that also records every report."""
+    reports = tmp / f"{cfg.run.name}-reports.jsonl"
+    marker = tmp / f"{cfg.run.name}-killed"
+    env = {KILL_AT_EPOCH_ENV: str(kill_at_epoch), KILL_MARKER_ENV: str(marker)} if kill_at_epoch is not None else {}
+    run_config = make_run_config(
+        cfg, callbacks=[RecordReports(str(reports))], worker_runtime_env={"env_vars": env}
+    )
+    result = build_trainer(cfg, run_config=run_config).fit()
+    return {
+        "result": result,
+        "summary": summarize_result(result),
+        "reports": [json.loads(line) for line in reports.read_text().splitlines()],
+        "killed": marker.is_file(),
+        "cfg": cfg,
+    }
+
+
+@pytest.fixture(scope="module")
+def ordered(ray_cluster, ordered_dataset, start_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ordered_run")
+    cfg = config_for(
+        ordered_dataset, start_checkpoint, tmp / "runs", "ordered", "train.num_workers=2", "train.cpus_per_worker=0.5"
+    )
+    return run(cfg, tmp, kill_at_epoch=2)
+
+
+@pytest.fixture(scope="module")
+def shuffled(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shuffled_run")
+    return run(config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled"), tmp)
+
+
+@pytest.fixture(scope="module")
+def shuffled_killed(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shuffled_killed_run")
+    return run(config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled_killed"), tmp, kill_at_epoch=1)
+
+
+def _history(outcome: dict) -> list[dict]:
+    return json.loads((Path(outcome["result"].checkpoint.path) / INFO).read_text())["history"]
+
+
+def _pair_accuracy(confusion: list[list[int]]) -> float:
+    """Among val videos predicted inside their own pair: how often the direction is right."""
+    right = sum(confusion[a][a] + confusion[b][b] for a, b in PAIRS)
+    within = sum(confusion[a][a] + confusion[a][b] + confusion[b][a] + confusion[b][b] for a, b in PAIRS)
+    return right / within
+
+
+# ----------------------------------------------------------------- tests
+
+
+def test_two_workers_learn_temporal_classes_and_report_full_val_metrics(ordered):
+    history = _history(ordered)
+    last = history[-1]
+    assert history[0]["train_loss"] > 1.2  # ~ln 4 at the start
+    assert last["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert last["val_accuracy"] >= 0.85, [h["val_accuracy"] for h in history]
+    for metrics in history:
+        assert set(METRIC_KEYS) <= set(metrics)
+        assert {f"val_f1/{c}" for c in CLASSES} <= set(metrics)
+        # All 47 val videos, split unevenly over the two workers, are in every evaluation.
+        assert metrics["val_videos"] == VAL_VIDEOS
+        assert metrics["val_micro_f1"] == pytest.approx(metrics["val_accuracy"])
+    info = json.loads((Path(ordered["result"].checkpoint.path) / INFO).read_text())
+    confusion = np.array(info["metrics"]["val_confusion"])
+    assert confusion.sum() == VAL_VIDEOS
+    assert confusion.sum(axis=1).tolist() == [VAL_PER_CLASS] * 3 + [VAL_PER_CLASS - 1]
+    assert np.trace(confusion) / VAL_VIDEOS == pytest.approx(last["val_accuracy"])
+    summary = ordered["summary"]
+    assert summary["last"]["epoch"] == EPOCHS - 1
+    # The best epoch's checkpoint is always among those kept.
+    assert summary["best"]["val_macro_f1"] == max(h["val_macro_f1"] for h in history)
+    assert summary["checkpoint"] == ordered["result"].checkpoint.path
+
+
+def test_killed_worker_resumes_without_repeating_or_skipping_an_epoch(ordered):
+    assert ordered["killed"], "the fault hook never fired"
+    reported = [r["metrics"]["epoch"] for r in ordered["reports"]]
+    assert reported == list(range(EPOCHS))
+    assert [h["epoch"] for h in _history(ordered)] == list(range(EPOCHS))
+    # One optimizer step per global batch of 8: 192 videos -> 24 per epoch, however often a worker died.
+    assert [r["metrics"]["global_step"] for r in ordered["reports"]] == [24 * (e + 1) for e in range(EPOCHS)]
+    state = load_training_state(ordered["result"].checkpoint.path)
+    assert state["epoch"] == EPOCHS - 1 and state["global_step"] == 24 * EPOCHS
+    assert len(state["rng"]) == 2  # one RNG state per rank
+    assert Path(ordered["result"].checkpoint.path).name == f"checkpoint_epoch_{EPOCHS - 1:04d}"
+
+
+def test_checkpoint_layout_reload_and_val_predictions_match_the_report(ordered):
+    directory = Path(ordered["result"].checkpoint.path)
+    assert (directory / MODEL_DIR / "config.json").is_file()
+    assert (directory / MODEL_DIR / "model.safetensors").is_file()
+    assert (directory / TRAINING_STATE).is_file()
+    # Only the best (by val_macro_f1) and the latest checkpoints are kept.
+    kept = sorted(p.name for p in directory.parent.glob("checkpoint_epoch_*"))
+    assert len(kept) <= 2 and directory.name in kept
+
+    model, info = load_checkpoint_model(directory)
+    assert info["data"] == {
+        "classes": CLASSES, "frames": FRAMES, "size": SIZE, "stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE
+    }
+    assert info["config"]["train"]["epochs"] == EPOCHS
+    assert getattr(model.config, POS_GRID_KEY) == [4, 8, 8]  # 64² start checkpoint, trained at 32²
+    assert model.config.id2label == dict(enumerate(CLASSES))
+
+    # Re-evaluate the val shards here, outside Ray: the same predictions the workers reported.
+    table = pq.read_table(Path(ordered["cfg"].data.dataset_dir) / "val")
+    videos = torch.from_numpy(videos_from_bytes(table["video"].to_pylist(), (STORED_FRAMES, STORED_SIZE, STORED_SIZE, 3)).copy())
+    labels = np.array(table["label"].to_pylist())
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values=augment.eval_transform(videos, frames=FRAMES, size=SIZE)).logits
+    accuracy = float((logits.argmax(-1).numpy() == labels).mean())
+    assert accuracy == pytest.approx(info["metrics"]["val_accuracy"])
+
+
+def test_frame_shuffle_control_falls_to_chance_within_direction_pairs(ordered, shuffled):
+    ordered_last, shuffled_last = _history(ordered)[-1], _history(shuffled)[-1]
+    ordered_confusion = json.loads((Path(ordered["result"].checkpoint.path) / INFO).read_text())["metrics"]["val_confusion"]
+    shuffled_confusion = json.loads((Path(shuffled["result"].checkpoint.path) / INFO).read_text())["metrics"]["val_confusion"]
+    # In order the direction is read off nearly always; shuffled, a coin flip. With ~47 decisions a
+    # coin scores >= 0.75 with probability < 0.1 %, so the bound is not flaky.
+    assert _pair_accuracy(ordered_confusion) >= 0.85
+    assert _pair_accuracy(shuffled_confusion) < 0.75
+    assert shuffled_last["val_accuracy"] < ordered_last["val_accuracy"] - 0.25
+    # Appearance still separates the pairs (horizontal vs vertical travel), so it is not a broken run.
+    shuffled_confusion = np.array(shuffled_confusion)
+    pair_of_prediction = shuffled_confusion[:, [0, 1]].sum(1), shuffled_confusion[:, [2, 3]].sum(1)
+    right_pair = pair_of_prediction[0][:2].sum() + pair_of_prediction[1][2:].sum()
+    assert right_pair / shuffled_confusion.sum() >= 0.85
+
+
+def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuffled_killed):
+    assert shuffled_killed["killed"] and not shuffled["killed"]
+    a, b = _history(shuffled), _history(shuffled_killed)
+    assert [h["epoch"] for h in b] == list(range(EPOCHS))
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "global_step", "lr"):
+        assert [h[key] for h in a] == [h[key] for h in b], key
+    model_a, _ = load_checkpoint_model(shuffled["result"].checkpoint.path)
+    model_b, _ = load_checkpoint_model(shuffled_killed["result"].checkpoint.path)
+    for (name, pa_), (_, pb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(pa_, pb), name
+
+
+# ----------------------------------------------------------------- no Ray needed
+
+
+def test_parameter_groups_decay_and_layer_scales():
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    model = VideoMAEForVideoClassification(
+        VideoMAEConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, num_labels=4)
+    )
+    groups = parameter_groups(model, weight_decay=0.05, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(by_param) == len(named)
+    assert by_param[id(named["classifier.weight"])]["weight_decay"] == 0.05
+    assert by_param[id(named["classifier.bias"])]["weight_decay"] == 0.0
+    assert by_param[id(named["videomae.encoder.layer.0.layernorm_before.weight"])]["weight_decay"] == 0.0
+    assert by_param[id(named["classifier.weight"])]["lr_scale"] == 1.0
+    assert by_param[id(named["videomae.encoder.layer.2.attention.attention.query.weight"])]["lr_scale"] == 0.5
+    assert by_param[id(named["videomae.encoder.layer.0.output.dense.weight"])]["lr_scale"] == 0.125
+    assert by_param[id(named["videomae.embeddings.patch_embeddings.projection.weight"])]["lr_scale"] == 0.0625
+
+
+def test_bad_settings_fail_before_any_worker_starts(ordered_dataset, start_checkpoint, tmp_path):
+    def cfg(*overrides):
+        return config_for(ordered_dataset, start_checkpoint, tmp_path, "bad", *overrides)
+
+    with pytest.raises(UserError, match=r"train.batch_size=8 is the global batch and must be divisible by .* = 3"):
+        build_trainer(cfg("train.num_workers=3"))
+    with pytest.raises(UserError, match=r"data.frames=32 exceeds the 16 frames stored per video in .*ordered"):
+        build_trainer(cfg("data.frames=32", "data.stored_frames=32"))
+    with pytest.raises(UserError, match=r"data.size=48 exceeds the stored size 40"):
+        build_trainer(cfg("data.size=48", "data.stored_size=48"))
+    with pytest.raises(UserError, match=r"data.size=28 must be a multiple of the model's patch_size 8"):
+        build_trainer(cfg("data.size=28"))
+    with pytest.raises(UserError, match=r"fewer than one batch of 256 per worker"):
+        build_trainer(cfg("train.batch_size=256"))
+    with pytest.raises(UserError, match=r"no dataset.json in .*missing.*vidray preprocess"):
+        build_trainer(cfg(), dataset_dir=str(tmp_path / "missing"))
+
+
+def test_jobs_train_reports_config_errors_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"vidray train: error: config file not found: {tmp_path / 'nope.yaml'} "
+        "(pass --config configs/demo.yaml or another file)"
+    ]
