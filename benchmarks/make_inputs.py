@@ -43,6 +43,7 @@ KEYINT = 250
 X264_PARAMS = f"keyint={KEYINT}:min-keyint=25:cabac=1:bframes=3:b-adapt=0:ref=2:scenecut=40"
 CRF = 23
 SCENE_SECONDS = 8.0
+GRAIN = 6  # film grain amplitude, in 8-bit levels
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def presets() -> dict[str, list[VideoSpec]]:
         spec(9, 1280, 720, 20),
     ]
     quick = [spec(0, 640, 360, 6), spec(1, 1280, 720, 6), spec(2, 640, 360, 10), spec(3, 1280, 720, 4)]
-    # For the test suite: tiny, but still H.264 with B-frames and a GOP shorter than the video.
+    # For the test suite: tiny, still H.264 with CABAC and B-frames.
     smoke = [VideoSpec(f"s{i}", f"class{i % 2}", 160, 96, 2.0 + i, seed=100 + i) for i in range(3)]
     return {"full": full, "quick": quick, "smoke": smoke}
 
@@ -92,7 +93,8 @@ def _noise_texture(rng: np.random.Generator, height: int, width: int) -> np.ndar
         image += weight * F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
     image = image[0].permute(1, 2, 0).numpy()
     image = (image - image.mean()) / (image.std() + 1e-6)
-    return np.clip(128 + 45 * image, 0, 255).astype(np.uint8)
+    # Kept inside [GRAIN, 255 - GRAIN] so adding grain needs no clipping (uint8 adds, no int16 round trip).
+    return np.clip(128 + 45 * image, GRAIN, 255 - GRAIN).astype(np.uint8)
 
 
 def _frames(spec: VideoSpec):
@@ -100,7 +102,7 @@ def _frames(spec: VideoSpec):
     rng = np.random.default_rng(spec.seed)
     height, width = spec.height, spec.width
     pad = max(height, width) // 4
-    grain = [rng.integers(-6, 7, size=(height, width, 3), dtype=np.int16) for _ in range(7)]
+    grain = [rng.integers(0, 2 * GRAIN + 1, size=(height, width, 3), dtype=np.uint8) for _ in range(7)]
     scene_frames = int(SCENE_SECONDS * FPS)
     for t in range(spec.frames):
         if t % scene_frames == 0:  # scene cut: new background, new objects, new camera path
@@ -129,7 +131,8 @@ def _frames(spec: VideoSpec):
                     obj["pos"][axis] = np.clip(obj["pos"][axis], 0, limit - obj["side"])
             y, x, s = int(obj["pos"][0]), int(obj["pos"][1]), obj["side"]
             frame[y : y + s, x : x + s] = obj["tex"]
-        frame = np.clip(frame.astype(np.int16) + grain[t % len(grain)], 0, 255).astype(np.uint8)
+        frame += grain[t % len(grain)]
+        frame -= GRAIN
         yield frame
 
 
@@ -169,13 +172,18 @@ def make_inputs(preset: str, cache: Path = CACHE) -> tuple[Path, list[dict]]:
             print(f"encoded {path.name} in {time.perf_counter() - started:.1f} s", flush=True)
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            keyframes = sum(1 for packet in container.demux(stream) if packet.is_keyframe)
+            start, rate = stream.start_time or 0, stream.average_rate * stream.time_base
+            keyframes = sorted(
+                int(round(float((packet.pts - start) * rate)))
+                for packet in container.demux(stream)
+                if packet.is_keyframe and packet.pts is not None
+            )
         described.append(
             {
                 **asdict(spec),
                 "path": str(path),
                 "frames": stream.frames,
-                "keyframes": keyframes,
+                "keyframes": keyframes,  # display indices
                 "bytes": path.stat().st_size,
                 "mbit_per_s": round(path.stat().st_size * 8 / spec.seconds / 1e6, 2),
             }

@@ -49,8 +49,9 @@ pytestmark = [
 NODE_IP = "127.0.0.2"
 RAY = str(Path(sys.executable).with_name("ray"))
 # Plain loopback clusters: no token auth (another cluster's ~/.ray/auth_token would switch it on).
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-EPOCHS = 4
+# No progress bars: on a 2-core box their redraws cost more CPU than the training.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+EPOCHS = 3
 
 
 def _free_ports(n: int) -> list[int]:
@@ -126,7 +127,9 @@ class LoopbackCluster:
         )  # fmt: skip
 
     def add_node(self, name: str, num_cpus: int) -> None:
-        self._start(name, num_cpus, ["--address", self.address])
+        # The nodes share the head's session directory; one log monitor (the
+        # head's) streams it, or every worker log would reach drivers once per node.
+        self._start(name, num_cpus, ["--address", self.address, "--include-log-monitor", "false"])
 
     def processes(self) -> dict[int, tuple[int, list[str]]]:
         """This cluster's processes: their command lines name its GCS address or temp dir."""
@@ -180,24 +183,27 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _driver(cluster: LoopbackCluster, code: str, cwd: Path, log: Path) -> subprocess.Popen:
-    """A Python driver connected to the cluster through RAY_ADDRESS, as under `ray job submit`."""
+def _driver(cluster: LoopbackCluster, code: str, workdir: Path, name: str) -> subprocess.Popen:
+    """A Python driver connected to the cluster through RAY_ADDRESS, as under `ray job submit`.
+
+    It writes its result as JSON to ``workdir/<name>.json`` (argv[1]) and its output to ``<name>.log``.
+    """
     env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": cluster.address}
-    out = open(log, "w")
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    out = open(workdir / f"{name}.log", "w")
+    command = [sys.executable, "-c", textwrap.dedent(code), str(workdir / f"{name}.json")]
+    return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _finish(process: subprocess.Popen, log: Path, timeout: float) -> dict:
-    """Wait for a driver; return the JSON it printed last."""
+def _finish(process: subprocess.Popen, timeout: float) -> dict:
+    """Wait for a driver; return the JSON it wrote."""
+    result, log = Path(process.args[-1]), Path(process.args[-1]).with_suffix(".log")
     try:
         process.wait(timeout=timeout)
     finally:
         if process.poll() is None:
             process.kill()
-    text = log.read_text()
-    assert process.returncode == 0, f"driver failed ({process.returncode}):\n{text[-6000:]}"
-    last_json = [line for line in text.splitlines() if line.startswith("{")][-1]
-    return json.loads(last_json)
+    assert process.returncode == 0, f"driver failed ({process.returncode}):\n{log.read_text()[-6000:]}"
+    return json.loads(result.read_text())
 
 
 class TaskSampler(threading.Thread):
@@ -216,11 +222,11 @@ class TaskSampler(threading.Thread):
                 if argv and self.needle in argv[0]:
                     self.pids.add(pid)
                     self.raylets.add(parent)
-            time.sleep(0.05)
+            time.sleep(0.1)
 
 
 STORAGE_CHECK = """
-    import json
+    import json, sys
     from vidray.cluster import init_ray, shared_storage_paths
     from vidray.config import load_config
     from vidray.errors import UserError
@@ -228,13 +234,15 @@ STORAGE_CHECK = """
     init_ray()
     try:
         shared_storage_paths(load_config(None, ["run.storage_path=runs"]))
-        print(json.dumps({"refused": None}))
+        refused = None
     except UserError as err:
-        print(json.dumps({"refused": str(err)}))
+        refused = str(err)
+    with open(sys.argv[1], "w") as f:
+        json.dump({"refused": refused}, f)
 """
 
 PREPROCESS = """
-    import json
+    import json, sys
     from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
     from vidray.config import load_config
     from vidray.errors import UserError
@@ -249,12 +257,13 @@ PREPROCESS = """
         refused = str(err)
     shared = load_config(None, ["data.dataset_dir=" + dataset_dir, "run.shared_filesystem=true"])
     _, dataset_dir = shared_storage_paths(shared)
-    summary = preprocess(manifest, dataset_dir, frames=4, size=32, stored_frames=8, stored_size=36, videos_per_shard=2)
-    print(json.dumps({{"refused": refused, "cluster": cluster_summary(), "summary": summary}}))
+    summary = preprocess(manifest, dataset_dir, frames=4, size=32, stored_frames=8, stored_size=40, videos_per_shard=2)
+    with open(sys.argv[1], "w") as f:
+        json.dump({{"refused": refused, "cluster": cluster_summary(), "summary": summary}}, f)
 """
 
 TRAIN = """
-    import json
+    import json, sys
     from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
     from vidray.config import load_config
     from vidray.train import build_trainer, summarize_result
@@ -263,7 +272,8 @@ TRAIN = """
     init_ray()
     storage_path, dataset_dir = shared_storage_paths(cfg)
     result = build_trainer(cfg, dataset_dir=dataset_dir).fit()
-    print(json.dumps({{"summary": summarize_result(result), "error": repr(result.error), "cluster": cluster_summary()}}, default=str))
+    with open(sys.argv[1], "w") as f:
+        json.dump({{"summary": summarize_result(result), "error": repr(result.error), "cluster": cluster_summary()}}, f, default=str)
 """
 
 
@@ -285,7 +295,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
 
     # 1. The head alone, labelled as cluster.yaml labels it: it will autoscale.
     cluster.start_head(num_cpus=1, labels=f"{MULTI_NODE_LABEL}=true")
-    check = _finish(_driver(cluster, STORAGE_CHECK, tmp_path, tmp_path / "check.log"), tmp_path / "check.log", 120)
+    check = _finish(_driver(cluster, STORAGE_CHECK, tmp_path, "check"), 120)
     assert check["refused"] is not None
     assert check["refused"].startswith("run.storage_path: 'runs' is a node-local path")
     assert f"labelled {MULTI_NODE_LABEL}=true" in check["refused"]
@@ -300,7 +310,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     sampler.start()
     code = PREPROCESS.format(manifest=str(manifest), dataset_dir=str(dataset_dir))
     try:
-        pre = _finish(_driver(cluster, code, tmp_path, tmp_path / "pre.log"), tmp_path / "pre.log", 240)
+        pre = _finish(_driver(cluster, code, tmp_path, "preprocess"), 240)
     finally:
         sampler.done.set()
         sampler.join()
@@ -314,7 +324,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     # 4. Training across nodes; kill a node that hosts a training worker after epoch 0's checkpoint.
     overrides = [
         "model.init=scratch", "model.size=tiny",
-        "data.frames=4", "data.size=32", "data.stored_frames=8", "data.stored_size=36",
+        "data.frames=4", "data.size=32", "data.stored_frames=8", "data.stored_size=40",
         f"data.dataset_dir={dataset_dir}",
         f"train.epochs={EPOCHS}", "train.batch_size=4", "train.num_workers=2", "train.cpus_per_worker=1",
         "train.max_failures=2", "train.prefetch_batches=1", "train.shuffle_buffer=4",
@@ -322,7 +332,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     ]  # fmt: skip
     train_log = tmp_path / "train.log"
     run_dir = storage / "multinode"
-    trainer = _driver(cluster, TRAIN.format(overrides=overrides), tmp_path, train_log)
+    trainer = _driver(cluster, TRAIN.format(overrides=overrides), tmp_path, "train")
     try:
         _wait_for(lambda: (run_dir / "checkpoint_epoch_0000" / "vidray.json").exists(), trainer, train_log, "epoch 0's checkpoint")
         first = _train_workers(cluster)
@@ -331,12 +341,12 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         epochs_before_kill = len(list(run_dir.glob("checkpoint_epoch_*")))
         cluster.kill_node(victim)
         # Ray Train notices the lost workers and starts a new group of two on the surviving nodes.
-        _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, trainer, train_log, "restarted workers")
+        _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, trainer, train_log, "restarted workers", poll=0.5)
         second = {pid: node for pid, node in _train_workers(cluster).items() if pid not in first}
     except BaseException:
         trainer.kill()
         raise
-    result = _finish(trainer, train_log, 300)
+    result = _finish(trainer, 300)
 
     assert epochs_before_kill < EPOCHS, "the node died after training had finished"
     assert victim not in set(second.values()) and len(second) == 2
@@ -361,9 +371,9 @@ def _train_workers(cluster: LoopbackCluster) -> dict[int, str]:
     }
 
 
-def _wait_for(condition, driver: subprocess.Popen, log: Path, what: str, timeout: float = 240) -> None:
+def _wait_for(condition, driver: subprocess.Popen, log: Path, what: str, timeout: float = 240, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert driver.poll() is None, f"the driver ended while waiting for {what}:\n{log.read_text()[-6000:]}"
         assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{log.read_text()[-6000:]}"
-        time.sleep(0.2)
+        time.sleep(poll)

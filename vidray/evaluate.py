@@ -237,6 +237,6 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

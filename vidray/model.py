@@ -77,7 +77,7 @@ def install_position_table(model: VideoMAEForVideoClassification, source_grid: t
     model.config.update({POS_GRID_KEY: list(source_grid)})
 
 
-def _check_divisible(frames: int, size: int, config: VideoMAEConfig) -> None:
+def check_clip_shape(frames: int, size: int, config: VideoMAEConfig) -> None:
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     if frames % config.tubelet_size:
         raise UserError(f"data.frames={frames} must be a multiple of the model's tubelet_size {config.tubelet_size}")
@@ -89,7 +89,7 @@ def _label_maps(classes: list[str]) -> dict:
     return {"id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)}}
 
 
-def _load_pretrained_config(name_or_path: str) -> VideoMAEConfig:
+def load_pretrained_config(name_or_path: str) -> VideoMAEConfig:
     try:
         return VideoMAEConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -98,6 +98,15 @@ def _load_pretrained_config(name_or_path: str) -> VideoMAEConfig:
             f"model.name_or_path: cannot load a VideoMAE config from {name_or_path!r} ({first_line}); "
             "pass a local directory written by save_pretrained, a reachable hub id, or set model.init=scratch"
         ) from None
+
+
+def check_model_config(model_cfg: ModelConfig, frames: int, size: int) -> None:
+    """The cheap part of :func:`build_model` (config only, no weights), to fail on the driver, not in a worker."""
+    if model_cfg.init == "pretrained":
+        config = load_pretrained_config(model_cfg.name_or_path)
+    else:
+        config = VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size])
+    check_clip_shape(frames, size, config)
 
 
 def build_model(model_cfg: ModelConfig, classes: list[str], frames: int, size: int) -> VideoMAEForVideoClassification:
@@ -117,17 +126,17 @@ def build_model(model_cfg: ModelConfig, classes: list[str], frames: int, size: i
     )
     if model_cfg.init == "scratch":
         config = VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size], **common, attn_implementation="sdpa")
-        _check_divisible(frames, size, config)
+        check_clip_shape(frames, size, config)
         model = VideoMAEForVideoClassification(config)
     else:
-        pretrained = _load_pretrained_config(model_cfg.name_or_path)
+        pretrained = load_pretrained_config(model_cfg.name_or_path)
         # A model we fine-tuned earlier already carries an interpolated table: go back to its origin grid.
         source_grid = tuple(getattr(pretrained, POS_GRID_KEY, None) or token_grid(pretrained))
         keep_head = pretrained.id2label == dict(enumerate(classes))
         config = VideoMAEConfig.from_pretrained(model_cfg.name_or_path, **common)
         config.num_labels = len(classes)  # resyncs nothing else: id2label/label2id were set above
         config.update({POS_GRID_KEY: None})
-        _check_divisible(frames, size, config)
+        check_clip_shape(frames, size, config)
         model, info = VideoMAEForVideoClassification.from_pretrained(
             model_cfg.name_or_path,
             config=config,

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
+from transformers import get_cosine_schedule_with_warmup
 
 from vidray import augment
 from vidray.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_info, save_checkpoint
@@ -42,6 +43,7 @@ from vidray.config import TrainConfig, VidrayConfig
 from vidray.dataset import DatasetInfo, read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
 from vidray.metrics import confusion_matrix
+from vidray.model import check_model_config
 from vidray.storage import is_uri
 
 # What every epoch reports (plus ``val_f1/<class>`` per class, ``lr``,
@@ -128,19 +130,6 @@ def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> Cli
     return ClipShape(list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size)
 
 
-def _check_model_fits(cfg: VidrayConfig) -> None:
-    # Cheap driver-side checks so a bad model setting fails here, not as a worker traceback.
-    from transformers import VideoMAEConfig
-
-    from vidray.model import SCRATCH_SIZES, _check_divisible, _load_pretrained_config
-
-    if cfg.model.init == "pretrained":
-        model_config = _load_pretrained_config(cfg.model.name_or_path)
-    else:
-        model_config = VideoMAEConfig(**SCRATCH_SIZES[cfg.model.size])
-    _check_divisible(cfg.data.frames, cfg.data.size, model_config)
-
-
 class _FullValDataConfig(ray.train.DataConfig):
     """Train split evenly (DDP needs equal step counts); val split unevenly so no video is dropped.
 
@@ -185,7 +174,7 @@ def build_trainer(
     dataset_dir = str(dataset_dir or cfg.data.dataset_dir)
     info = read_dataset_info(dataset_dir)
     shape = check_dataset(cfg, info, dataset_dir)
-    _check_model_fits(cfg)
+    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     datasets = {
         # Fixed, seeded block order: shards written class by class still mix; the
         # per-epoch local shuffle buffer does the rest.
@@ -347,13 +336,17 @@ def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
     yield previous, True
 
 
-def _maybe_die_for_test(epoch: int, rank: int, world_size: int) -> None:
+def _maybe_die_for_test(epoch: int) -> None:
+    """Test-only fault injection (see KILL_AT_EPOCH_ENV): the last rank exits hard, once per marker file."""
     kill_epoch, marker = os.environ.get(KILL_AT_EPOCH_ENV), os.environ.get(KILL_MARKER_ENV)
-    if kill_epoch is None or marker is None or int(kill_epoch) != epoch or rank != world_size - 1:
+    if kill_epoch is None or marker is None or int(kill_epoch) != epoch:
+        return
+    context = ray.train.get_context()
+    if context.get_world_rank() != context.get_world_size() - 1:
         return
     try:
         with open(marker, "x") as f:
-            f.write(f"killed rank {rank} in epoch {epoch}\n")
+            f.write(f"killed rank {context.get_world_rank()} in epoch {epoch}\n")
     except FileExistsError:
         return
     os._exit(1)
@@ -399,34 +392,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    num_classes = len(shape.classes)
 
-    from vidray.model import autocast, build_model
+    from vidray.model import build_model
 
-    # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
+    # Same initial weights on every rank (DDP would broadcast rank 0's anyway);
+    # after that every rank draws its own dropout and augmentation streams.
     torch.manual_seed(train.seed)
     model = build_model(cfg.model, shape.classes, shape.frames, shape.size)
     generator = torch.Generator()
     _seed_everything(_seed(train.seed, rank), generator)
 
-    start_epoch, global_step, history = 0, 0, []
+    start_epoch, global_step, history, state = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
-    state = None
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
+        with checkpoint.as_directory() as directory:
             model.load_state_dict(load_file(os.path.join(directory, MODEL_DIR, "model.safetensors")))
             state = load_training_state(directory)
             history = read_checkpoint_info(directory).get("history", [])
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
 
     ddp_model = ray.train.torch.prepare_model(model)
-    micro_batch = micro_batch_size(train)
     micro_batches, steps = steps_per_epoch(config["train_videos"], train)
     optimizer = build_optimizer(model, train)
-    from transformers import get_cosine_schedule_with_warmup
-
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, num_warmup_steps=round(train.warmup_epochs * steps), num_training_steps=train.epochs * steps
     )
@@ -435,75 +424,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         if len(state["rng"]) == world_size:
             _set_rng_state(state["rng"][rank], generator)
-        else:  # a different worker count: fresh, but still seeded, streams
+        else:  # resumed with another worker count: fresh streams, still seeded
             _seed_everything(_seed(train.seed, rank, start_epoch), generator)
 
     collate = VideoBatchCollate(shape.stored_video_shape)
+    micro_batch = micro_batch_size(train)
     shuffle_buffer = max(train.shuffle_buffer, micro_batch) if train.shuffle_buffer else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
-        ddp_model.train()
-        loss_sum, seen, batches = 0.0, 0, 0
-        batch_iter = train_shard.iter_torch_batches(
+        batches = train_shard.iter_torch_batches(
             batch_size=micro_batch,
             prefetch_batches=train.prefetch_batches,
             local_shuffle_buffer_size=shuffle_buffer,
-            local_shuffle_seed=_seed(train.seed, epoch, rank),
+            local_shuffle_seed=_seed(train.seed, epoch, rank),  # a function of the epoch: resumable
             collate_fn=collate,
             drop_last=True,
         )
-        for index, (batch, is_last) in enumerate(_with_last(batch_iter)):
-            group_start = index - index % train.grad_accum_steps
-            group_size = min(train.grad_accum_steps, max(micro_batches - group_start, 1))
-            step_now = is_last or (index + 1) % train.grad_accum_steps == 0
-            videos, labels = batch["video"].to(device), batch["label"].to(device)
-            pixels = augment.train_transform(
-                videos, frames=shape.frames, size=shape.size, generator=generator, hflip=train.hflip
-            )
-            pixels, targets = augment.mix_batch(
-                pixels,
-                labels,
-                num_classes=num_classes,
-                generator=generator,
-                mixup_alpha=train.mixup_alpha,
-                cutmix_alpha=train.cutmix_alpha,
-                label_smoothing=train.label_smoothing,
-            )
-            # Gradients are all-reduced only on the micro-batch that ends an accumulation group.
-            sync = contextlib.nullcontext() if step_now or world_size == 1 else ddp_model.no_sync()
-            with sync:
-                with autocast(device):
-                    logits = ddp_model(pixel_values=pixels).logits
-                loss = augment.soft_target_cross_entropy(logits, targets)
-                (loss / group_size).backward()
-            loss_sum += loss.item()
-            seen += labels.shape[0]
-            batches += 1
-            if step_now:
-                if train.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                _maybe_die_for_test(epoch, rank, world_size)
+        loss_sum, num_batches, num_videos, global_step = train_one_epoch(
+            ddp_model, model, batches, optimizer, scheduler, generator,
+            shape=shape, train=train, device=device, micro_batches=micro_batches,
+            epoch=epoch, global_step=global_step,
+        )
         train_seconds = time.perf_counter() - started
-
         y_true, y_pred, val_loss_sum = evaluate_shard(model, val_shard, shape, micro_batch, train, device, collate)
+
+        # One collective per epoch: per-rank sums, the rank's confusion matrix and its RNG state.
         gathered = _gather(
             {
                 "loss_sum": loss_sum,
-                "batches": batches,
-                "seen": seen,
-                "confusion": confusion_matrix(y_true, y_pred, num_classes),
+                "batches": num_batches,
+                "videos": num_videos,
+                "confusion": confusion_matrix(y_true, y_pred, len(shape.classes)),
                 "val_loss_sum": val_loss_sum,
                 "rng": _rng_state(generator),
             }
         )
-        confusion = sum(g["confusion"] for g in gathered)  # whole validation set
+        confusion = sum(g["confusion"] for g in gathered)  # the whole validation set
         metrics = epoch_metrics(
             epoch,
             shape.classes,
@@ -514,7 +473,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(
             lr=scheduler.get_last_lr()[-1],
             global_step=global_step,
-            train_videos_per_s=sum(g["seen"] for g in gathered) / max(train_seconds, 1e-9),
+            train_videos_per_s=sum(g["videos"] for g in gathered) / max(train_seconds, 1e-9),
         )
         history.append(metrics)
         report_epoch(
@@ -537,17 +496,85 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
 
 
-@torch.no_grad()
-def evaluate_shard(model, val_shard, shape: ClipShape, batch_size: int, train: TrainConfig, device, collate):
-    """Predictions and summed cross-entropy on this worker's part of the validation set."""
+def train_one_epoch(
+    ddp_model: torch.nn.Module,
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    generator: torch.Generator,
+    *,
+    shape: ClipShape,
+    train: TrainConfig,
+    device: torch.device,
+    micro_batches: int,
+    epoch: int,
+    global_step: int,
+) -> tuple[float, int, int, int]:
+    """One pass over this rank's shard. Returns (summed loss, batches, videos, global step)."""
     from vidray.model import autocast
 
-    model.eval()  # the bare model: no DDP collectives, so ranks may see different batch counts
+    ddp_model.train()
+    distributed = isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel)
+    accum = train.grad_accum_steps
+    loss_sum, num_batches, num_videos = 0.0, 0, 0
+    for index, (batch, is_last) in enumerate(_with_last(batches)):
+        ends_group = is_last or (index + 1) % accum == 0
+        # The last group of an epoch may be short: average over the micro-batches it really has.
+        group_size = min(accum, max(micro_batches - (index - index % accum), 1))
+        videos, labels = batch["video"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        pixels = augment.train_transform(
+            videos, frames=shape.frames, size=shape.size, generator=generator, hflip=train.hflip
+        )
+        pixels, targets = augment.mix_batch(
+            pixels,
+            labels,
+            num_classes=len(shape.classes),
+            generator=generator,
+            mixup_alpha=train.mixup_alpha,
+            cutmix_alpha=train.cutmix_alpha,
+            label_smoothing=train.label_smoothing,
+        )
+        # DDP all-reduces gradients only on the micro-batch that ends an accumulation group.
+        sync = ddp_model.no_sync() if distributed and not ends_group else contextlib.nullcontext()
+        with sync:
+            with autocast(device):
+                logits = ddp_model(pixel_values=pixels).logits
+            loss = augment.soft_target_cross_entropy(logits, targets)
+            (loss / group_size).backward()
+        loss_sum += loss.item()
+        num_batches += 1
+        num_videos += labels.shape[0]
+        if ends_group:
+            if train.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            _maybe_die_for_test(epoch)
+    return loss_sum, num_batches, num_videos, global_step
+
+
+@torch.no_grad()
+def evaluate_shard(
+    model: torch.nn.Module, val_shard, shape: ClipShape, batch_size: int, train: TrainConfig, device, collate
+) -> tuple[list[int], list[int], float]:
+    """(labels, predictions, summed cross-entropy) on this rank's part of the validation set.
+
+    Runs the bare model, not the DDP wrapper: no collectives, so ranks may
+    hold different numbers of validation videos.
+    """
+    from vidray.model import autocast
+
+    model.eval()
     y_true: list[int] = []
     y_pred: list[int] = []
     loss_sum = 0.0
-    for batch in val_shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=train.prefetch_batches, collate_fn=collate):
-        videos, labels = batch["video"].to(device), batch["label"].to(device)
+    for batch in val_shard.iter_torch_batches(
+        batch_size=batch_size, prefetch_batches=train.prefetch_batches, collate_fn=collate
+    ):
+        videos, labels = batch["video"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
         pixels = augment.eval_transform(videos, frames=shape.frames, size=shape.size, clips=train.eval_clips)
         with autocast(device):
             logits = model(pixel_values=pixels).logits
@@ -559,10 +586,12 @@ def evaluate_shard(model, val_shard, shape: ClipShape, batch_size: int, train: T
 
 
 def report_epoch(metrics: dict[str, Any], *, model, training_state: dict[str, Any], info: dict[str, Any]) -> None:
-    """Every rank reports; rank 0 (the one passed ``model``) attaches the checkpoint."""
+    """Every rank reports (it is a barrier); rank 0, the one given ``model``, attaches the checkpoint."""
     with tempfile.TemporaryDirectory(prefix="vidray-ckpt-") as directory:
         checkpoint = None
         if model is not None:
             save_checkpoint(directory, model, training_state=training_state, info=info)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}"
+        )

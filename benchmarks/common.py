@@ -1,0 +1,184 @@
+"""What every benchmark script shares: machine description, load readings, CPU
+accounting over a process tree, medians, and the JSON result file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine_info() -> dict[str, Any]:
+    import pyarrow
+    import ray
+    import torch
+
+    cpu_model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    for module in ("decord", "av", "transformers"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    return info
+
+
+def loadavg() -> float:
+    """1-minute load average: with other jobs on the machine, timings are only comparable side by side."""
+    return round(os.getloadavg()[0], 2)
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def _read_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds used so far, user + system, all threads) from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    ppid = int(fields[1])
+    utime, stime = int(fields[11]), int(fields[12])
+    return ppid, (utime + stime) / _TICKS
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class ProcessTreeCPU:
+    """CPU seconds used by this process and all its descendants (Ray's GCS, raylet, workers).
+
+    Polls /proc every ``interval`` seconds and keeps the last reading of every
+    process seen, so the CPU of workers that exit before the end still counts
+    (up to one interval of it may be missed; reaped-children counters are not
+    used, they would count a process twice). Split into: ``ray_workers`` (processes titled
+    ``ray::*``: tasks and actors, i.e. the decode work plus Ray Data's actors),
+    ``ray_system`` (gcs_server, raylet, log monitor...), and ``driver`` (this process).
+    """
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.root = os.getpid()
+        self.seen: dict[int, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _descendants(self) -> list[int]:
+        parent_of = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                stat = _read_stat(int(name))
+                if stat:
+                    parent_of[int(name)] = stat[0]
+        tree, frontier = {self.root}, [self.root]
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parent_of.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in tree:
+                    tree.add(child)
+                    frontier.append(child)
+        return sorted(tree)
+
+    def poll(self) -> None:
+        for pid in self._descendants():
+            stat = _read_stat(pid)
+            if stat is None:
+                continue
+            entry = self.seen.setdefault(pid, {"ray_worker": False, "cpu": 0.0})
+            if not entry["ray_worker"]:
+                # Workers start as `python .../default_worker.py` and retitle themselves `ray::<task>`.
+                cmd = _cmdline(pid)
+                entry["ray_worker"] = cmd.startswith("ray::") or "default_worker.py" in cmd
+            entry["cpu"] = stat[1]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def start(self) -> "ProcessTreeCPU":
+        self.poll()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def totals(self) -> dict[str, float]:
+        out = {"driver": 0.0, "ray_workers": 0.0, "ray_system": 0.0}
+        for pid, entry in self.seen.items():
+            kind = "driver" if pid == self.root else "ray_workers" if entry["ray_worker"] else "ray_system"
+            out[kind] += entry["cpu"]
+        out["total"] = sum(out.values())
+        return {k: round(v, 3) for k, v in out.items()}
+
+
+def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
+
+
+def run_json_subprocess(args: list[str], timeout: float) -> dict[str, Any]:
+    """Run ``python <args>`` in a fresh interpreter; it prints one JSON object as its last stdout line."""
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess {' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_result(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def command_line() -> str:
+    return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,431 @@
+"""Decode + resize throughput: vidray's Ray Data preprocessing against the loops users would write.
+
+Every method produces the same thing from the same videos: ``stored_frames``
+frames per video at the centres of equal segments of the whole video, short
+side resized to ``stored_size``, centre-cropped square (vidray's sampling; see
+docs/design.md). Methods, each in a fresh Python process:
+
+``decord_1thread``      sequential loop, decord ``VideoReader(num_threads=1)`` resizing
+                        inside the decoder, ``get_batch`` of the sampled indices
+                        (seeks to the keyframe before a sample, decodes forward).
+                        One core doing only the decode work: the decoder's own rate,
+                        the per-CPU ceiling for any pipeline built on it.
+``decord_threads``      the same with decord's default threading (``num_threads=0``),
+                        what a user who does not tune it gets.
+``pyav_seek``           PyAV, the usual snippet: for each sampled frame ``container.seek``
+                        to its timestamp, decode forward to it, ``to_ndarray`` resized.
+``pyav_sequential``     PyAV decoding the whole video in order, keeping the sampled frames.
+``vidray_<k>cpu``       ``vidray.preprocess.preprocess`` into a fresh directory on a
+                        fresh local Ray cluster of ``k`` CPUs (``ray.init(num_cpus=k)``),
+                        writing the Parquet shards. Timed twice in the same cluster:
+                        ``cold`` (first call: includes starting Ray workers) and ``warm``
+                        (second call into another fresh directory: workers already up).
+                        ``ray.init`` itself is timed separately and excluded.
+
+Measured per run: wall seconds of the decode work, CPU seconds (user + system,
+all threads): for the loops ``time.process_time()`` of the process; for vidray
+the whole process tree from /proc (the driver, Ray's GCS/raylet, every Ray
+worker), also split into workers and the rest. Output frames/s counts the frames
+written (videos x stored_frames); decode frames/s the fewest frames any decoder
+must decode to produce them (from the keyframe before each sample forward;
+nearly the whole video when samples are closer together than a GOP).
+
+The machine may be shared: every run records the 1-minute load average before
+and after, methods run interleaved (order rotated per repeat), and the summary
+takes medians over repeats; ratios are computed within a repeat, then medianed.
+
+    python benchmarks/preprocess.py --preset full --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    ProcessTreeCPU,
+    command_line,
+    cpu_delta,
+    loadavg,
+    machine_info,
+    median,
+    now,
+    run_json_subprocess,
+    write_result,
+)
+from make_inputs import CACHE, make_inputs  # noqa: E402
+
+BASELINES = ("decord_1thread", "decord_threads", "pyav_seek", "pyav_sequential")
+
+
+# --------------------------------------------------------------------------- the loops users write
+
+
+def _videos(manifest: str) -> list[dict[str, Any]]:
+    from vidray.index import read_manifest
+
+    frame, _ = read_manifest(manifest)
+    return frame.sort_values("path").to_dict("records")
+
+
+def _crop(frames: np.ndarray, size: int) -> np.ndarray:
+    top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2
+    return np.ascontiguousarray(frames[:, top : top + size, left : left + size])
+
+
+def decord_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int, threads: int) -> np.ndarray:
+    import decord
+
+    from vidray.video import resized_size, segment_indices
+
+    out_w, out_h = resized_size(width, height, stored_size)
+    reader = decord.VideoReader(path, width=out_w, height=out_h, num_threads=threads)
+    indices = segment_indices(len(reader), stored_frames)
+    return _crop(reader.get_batch(indices.tolist()).asnumpy(), stored_size)
+
+
+def _frame_index(frame, stream) -> int:
+    # Display index from the timestamp; robust to B-frame reordering.
+    start = stream.start_time or 0
+    return int(round(float((frame.pts - start) * stream.time_base * stream.average_rate)))
+
+
+def pyav_seek_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int) -> tuple[np.ndarray, int]:
+    """(clip, frames decoded). Seeks to every sampled frame, as most PyAV snippets do."""
+    import av
+
+    from vidray.video import resized_size, segment_indices
+
+    out_w, out_h = resized_size(width, height, stored_size)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        indices = segment_indices(stream.frames, stored_frames)
+        start = stream.start_time or 0
+        decoded, cache, clip = 0, {}, []
+        for index in indices.tolist():
+            if index not in cache:
+                target_pts = start + int(round(index / (stream.average_rate * stream.time_base)))
+                container.seek(target_pts, stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    decoded += 1
+                    if _frame_index(frame, stream) >= index:
+                        cache[index] = frame.to_ndarray(width=out_w, height=out_h, format="rgb24")
+                        break
+            clip.append(cache[index])
+    return _crop(np.stack(clip), stored_size), decoded
+
+
+def pyav_sequential_clip(
+    path: str, width: int, height: int, stored_frames: int, stored_size: int
+) -> tuple[np.ndarray, int]:
+    """(clip, frames decoded). Decodes every frame in order up to the last sample, keeps the sampled ones."""
+    import av
+
+    from vidray.video import resized_size, segment_indices
+
+    out_w, out_h = resized_size(width, height, stored_size)
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        indices = segment_indices(stream.frames, stored_frames)
+        wanted, kept, decoded = set(indices.tolist()), {}, 0
+        for frame in container.decode(stream):
+            decoded += 1
+            index = _frame_index(frame, stream)
+            if index in wanted:
+                kept[index] = frame.to_ndarray(width=out_w, height=out_h, format="rgb24")
+            if index >= indices[-1]:
+                break
+    return _crop(np.stack([kept[i] for i in indices.tolist()]), stored_size), decoded
+
+
+def frames_to_decode(num_frames: int, keyframes: list[int], stored_frames: int) -> int:
+    """Fewest frames a decoder must decode to produce the samples: from the keyframe
+    before each sample up to it, each frame once (B-frame reordering ignored)."""
+    from vidray.video import segment_indices
+
+    needed, decoded_up_to = 0, -1
+    keyframes = sorted(set(keyframes) | {0})
+    for index in segment_indices(num_frames, stored_frames).tolist():
+        if index <= decoded_up_to:
+            continue
+        keyframe = max(k for k in keyframes if k <= index)
+        needed += index - max(keyframe, decoded_up_to + 1) + 1
+        decoded_up_to = index
+    return needed
+
+
+def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -> dict[str, Any]:
+    videos = _videos(manifest)
+    digest = hashlib.sha256()
+    clips, decoded = 0, 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for video in videos:
+        args = (video["path"], int(video["width"]), int(video["height"]), stored_frames, stored_size)
+        if method == "decord_1thread":
+            clip = decord_clip(*args, threads=1)
+        elif method == "decord_threads":
+            clip = decord_clip(*args, threads=0)
+        elif method == "pyav_seek":
+            clip, count = pyav_seek_clip(*args)
+            decoded += count
+        elif method == "pyav_sequential":
+            clip, count = pyav_sequential_clip(*args)
+            decoded += count
+        else:
+            raise ValueError(method)
+        assert clip.shape == (stored_frames, stored_size, stored_size, 3), clip.shape
+        digest.update(clip.tobytes())
+        clips += 1
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {
+        "videos": len(videos),
+        "clips": clips,
+        "wall_s": round(wall, 3),
+        "cpu_s": {"total": round(cpu, 3)},
+        "frames_decoded": decoded or None,
+        "frames_sha256": digest.hexdigest(),
+    }
+
+
+# --------------------------------------------------------------------------- vidray on Ray Data
+
+
+def _dataset_digest(dataset_dir: str) -> tuple[int, str]:
+    """(rows, sha256 of the frames in path order) of the train split written by preprocess."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(dataset_dir, "train"), columns=["path", "video"]).sort_by("path")
+    digest = hashlib.sha256()
+    for blob in table.column("video").to_pylist():
+        digest.update(blob)
+    return table.num_rows, digest.hexdigest()
+
+
+def run_vidray(
+    cpus: int, manifest: str, frames: int, size: int, stored_frames: int, stored_size: int, videos_per_shard: int | None
+) -> dict[str, Any]:
+    import ray
+
+    from vidray.preprocess import VIDEOS_PER_SHARD, preprocess
+
+    tracker = ProcessTreeCPU().start()
+    started = time.perf_counter()
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        object_store_memory=500 * 2**20,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    ray_init_s = time.perf_counter() - started
+    kwargs = dict(frames=frames, size=size, stored_frames=stored_frames, stored_size=stored_size)
+    kwargs["videos_per_shard"] = videos_per_shard or VIDEOS_PER_SHARD
+    phases = {}
+    with tempfile.TemporaryDirectory(prefix="vidray-bench-") as tmp:
+        for phase in ("cold", "warm"):
+            out = os.path.join(tmp, phase)
+            tracker.poll()
+            cpu_before, wall0 = tracker.totals(), time.perf_counter()
+            summary = preprocess(Path(manifest), out, **kwargs)
+            wall = time.perf_counter() - wall0
+            tracker.poll()
+            rows, sha = _dataset_digest(out)
+            phases[phase] = {
+                "wall_s": round(wall, 3),
+                "cpu_s": cpu_delta(tracker.totals(), cpu_before),
+                "videos": summary["discovered"],
+                "clips": rows,
+                "processed": summary["processed"],
+                "rejected": summary["rejected"],
+                "shards": len(summary["shards"]),
+                "frames_sha256": sha,
+            }
+    tracker.stop()
+    ray.shutdown()
+    return {
+        "ray_init_s": round(ray_init_s, 3),
+        "videos_per_shard": kwargs["videos_per_shard"],
+        **phases["warm"],
+        "phases": phases,
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _worker_main(args: argparse.Namespace) -> None:
+    if args.worker in BASELINES:
+        result = run_loop(args.worker, args.manifest, args.stored_frames, args.stored_size)
+    else:
+        cpus = int(args.worker.removeprefix("vidray_").removesuffix("cpu"))
+        result = run_vidray(
+            cpus, args.manifest, args.frames, args.size, args.stored_frames, args.stored_size, args.videos_per_shard
+        )
+    print(json.dumps(result))
+
+
+def _rates(run: dict[str, Any], stored_frames: int, must_decode: int) -> dict[str, Any]:
+    wall = run["wall_s"]
+    return {
+        "videos_per_s": round(run["clips"] / wall, 4),
+        "output_frames_per_s": round(run["clips"] * stored_frames / wall, 2),
+        # Decode work done per second, counting only the frames any decoder must decode.
+        "decode_frames_per_s": round(must_decode / wall, 1),
+        "cpu_s_per_video": round(run["cpu_s"]["total"] / run["clips"], 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="full", help="input set of make_inputs.py: full, quick or smoke")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the parallel vidray run")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: all baselines and vidray_1cpu, vidray_<cpus>cpu")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--videos-per-shard", type=int, default=None, help="vidray's default when unset")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/preprocess.json)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per method run")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stored-frames", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stored-size", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from vidray.preprocess import VIDEOS_PER_SHARD, default_stored
+
+    stored_frames, stored_size = default_stored(args.frames, args.size, args.stored_frames, args.stored_size)
+    args.stored_frames, args.stored_size = stored_frames, stored_size
+    if args.worker:
+        _worker_main(args)
+        return {}
+
+    from vidray.index import index_folder
+
+    machine = machine_info()
+    root, inputs = make_inputs(args.preset, args.cache)
+    source_frames = sum(v["frames"] for v in inputs)
+    must_decode = sum(frames_to_decode(v["frames"], v["keyframes"], stored_frames) for v in inputs)
+    methods = args.methods or [*BASELINES, "vidray_1cpu", f"vidray_{args.cpus}cpu"]
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="vidray-bench-manifest-") as tmp:
+        manifest = os.path.join(tmp, "manifest.parquet")
+        index_folder(root, Path(manifest))
+        for repeat in range(args.repeats):
+            shift = repeat % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                load_before = loadavg()
+                worker_args = [
+                    __file__, "--worker", method, "--manifest", manifest,
+                    "--frames", str(args.frames), "--size", str(args.size),
+                    "--stored-frames", str(stored_frames), "--stored-size", str(stored_size),
+                ]  # fmt: skip
+                if args.videos_per_shard:
+                    worker_args += ["--videos-per-shard", str(args.videos_per_shard)]
+                result = run_json_subprocess(worker_args, timeout=args.timeout)
+                run = {"method": method, "repeat": repeat, "load_before": load_before, "load_after": loadavg(), **result}
+                run.update(_rates(run, stored_frames, must_decode))
+                if "phases" in run:
+                    cold = run["phases"]["cold"]
+                    run["cold_videos_per_s"] = round(cold["clips"] / cold["wall_s"], 4)
+                runs.append(run)
+                print(
+                    f"[preprocess] repeat {repeat} {method:16s} {run['videos_per_s']:8.3f} videos/s "
+                    f"{run['cpu_s_per_video']:7.3f} CPU-s/video  load {load_before}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    summary = {}
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        summary[method] = {
+            key: median([r[key] for r in mine])
+            for key in ("videos_per_s", "output_frames_per_s", "decode_frames_per_s", "cpu_s_per_video", "wall_s")
+        }
+        if mine and "phases" in mine[0]:
+            summary[method]["cold_videos_per_s"] = median([r["cold_videos_per_s"] for r in mine])
+            summary[method]["ray_init_s"] = median([r["ray_init_s"] for r in mine])
+            summary[method]["worker_cpu_s_per_video"] = median(
+                [r["cpu_s"]["ray_workers"] / r["clips"] for r in mine]
+            )
+
+    def per_repeat_ratio(numerator: str, denominator: str, key: str = "videos_per_s", scale: float = 1.0):
+        values = []
+        for repeat in range(args.repeats):
+            num = [r for r in runs if r["method"] == numerator and r["repeat"] == repeat]
+            den = [r for r in runs if r["method"] == denominator and r["repeat"] == repeat]
+            if num and den:
+                values.append(num[0][key] / den[0][key] * scale)
+        return median(values)
+
+    parallel = f"vidray_{args.cpus}cpu"
+    ratios = {}
+    if "decord_1thread" in methods:
+        for method in methods:
+            if method != "decord_1thread":
+                ratios[f"{method}_over_decord_1thread"] = per_repeat_ratio(method, "decord_1thread")
+        if parallel in methods:
+            # Share of the single-core decoder's rate each CPU of the parallel pipeline delivers.
+            ratios["vidray_per_cpu_fraction_of_decoder"] = per_repeat_ratio(
+                parallel, "decord_1thread", scale=1 / args.cpus
+            )
+            ratios["decoder_cpu_s_over_vidray_cpu_s"] = per_repeat_ratio(
+                "decord_1thread", parallel, key="cpu_s_per_video"
+            )
+    if parallel in methods and "vidray_1cpu" in methods and args.cpus != 1:
+        ratios[f"vidray_{args.cpus}cpu_over_vidray_1cpu"] = per_repeat_ratio(parallel, "vidray_1cpu")
+
+    digests = {r["method"]: r["frames_sha256"] for r in runs if r["repeat"] == 0}
+    result = {
+        "benchmark": "preprocess",
+        "date": now(),
+        "command": command_line(),
+        "machine": machine,
+        "params": {
+            "preset": args.preset,
+            "repeats": args.repeats,
+            "cpus": args.cpus,
+            "frames": args.frames,
+            "size": args.size,
+            "stored_frames": stored_frames,
+            "stored_size": stored_size,
+            "videos_per_shard": args.videos_per_shard or VIDEOS_PER_SHARD,
+            "methods": methods,
+        },
+        "inputs": {
+            "videos": len(inputs),
+            "source_frames": source_frames,
+            # Lower bound on frames decoded to get the samples (seek to the keyframe before, decode forward).
+            "frames_to_decode": must_decode,
+            "seconds": sum(v["seconds"] for v in inputs),
+            "megabytes": round(sum(v["bytes"] for v in inputs) / 1e6, 2),
+            "files": inputs,
+        },
+        "summary": summary,
+        "ratios": ratios,
+        # Methods that decode with decord the same way must produce identical bytes.
+        "frames_sha256": digests,
+        "runs": runs,
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    path = write_result("preprocess", result, args.out)
+    print(json.dumps({"summary": summary, "ratios": ratios}, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
