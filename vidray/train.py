@@ -42,8 +42,8 @@ from vidray.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_in
 from vidray.config import TrainConfig, VidrayConfig
 from vidray.dataset import DatasetInfo, read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
-from vidray.metrics import confusion_matrix
-from vidray.model import check_model_config
+from vidray.metrics import confusion_matrix, metrics_from_confusion
+from vidray.model import autocast, build_model, check_model_config, load_model
 from vidray.storage import is_uri
 
 # What every epoch reports (plus ``val_f1/<class>`` per class, ``lr``,
@@ -364,8 +364,6 @@ def epoch_metrics(
     epoch: int, classes: list[str], confusion: np.ndarray, val_loss: float, train_loss: float
 ) -> dict[str, Any]:
     """The flat metric dict reported each epoch (see METRIC_KEYS) from the whole-val-set confusion matrix."""
-    from vidray.metrics import metrics_from_confusion
-
     m = metrics_from_confusion(confusion, classes)
     metrics = {
         "epoch": epoch,
@@ -393,25 +391,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    from vidray.model import build_model
-
-    # Same initial weights on every rank (DDP would broadcast rank 0's anyway);
-    # after that every rank draws its own dropout and augmentation streams.
-    torch.manual_seed(train.seed)
-    model = build_model(cfg.model, shape.classes, shape.frames, shape.size)
-    generator = torch.Generator()
-    _seed_everything(_seed(train.seed, rank), generator)
-
     start_epoch, global_step, history, state = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        from safetensors.torch import load_file
-
         with checkpoint.as_directory() as directory:
-            model.load_state_dict(load_file(os.path.join(directory, MODEL_DIR, "model.safetensors")))
+            # from_pretrained, not load_state_dict: HF may store some weights under other names
+            # (VideoMAE's q_bias/v_bias), and the position table is rebuilt from config.json.
+            model = load_model(os.path.join(directory, MODEL_DIR))
             state = load_training_state(directory)
             history = read_checkpoint_info(directory).get("history", [])
+        if cfg.model.gradient_checkpointing:
+            model.activation_checkpointing_enable()
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+    else:
+        # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
+        torch.manual_seed(train.seed)
+        model = build_model(cfg.model, shape.classes, shape.frames, shape.size)
+    # Every rank draws its own dropout and augmentation streams (restored below when resuming).
+    generator = torch.Generator()
+    _seed_everything(_seed(train.seed, rank), generator)
 
     ddp_model = ray.train.torch.prepare_model(model)
     micro_batches, steps = steps_per_epoch(config["train_videos"], train)
@@ -512,8 +510,6 @@ def train_one_epoch(
     global_step: int,
 ) -> tuple[float, int, int, int]:
     """One pass over this rank's shard. Returns (summed loss, batches, videos, global step)."""
-    from vidray.model import autocast
-
     ddp_model.train()
     distributed = isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel)
     accum = train.grad_accum_steps
@@ -565,8 +561,6 @@ def evaluate_shard(
     Runs the bare model, not the DDP wrapper: no collectives, so ranks may
     hold different numbers of validation videos.
     """
-    from vidray.model import autocast
-
     model.eval()
     y_true: list[int] = []
     y_pred: list[int] = []

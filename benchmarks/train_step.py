@@ -1,0 +1,579 @@
+"""Training throughput: vidray's Ray Train data path against a plain PyTorch loop over tensors in memory.
+
+Both methods run the same step on the same model and batch: vidray's
+``augment.train_transform`` (temporal jitter, random resized crop) and
+``augment.mix_batch``, VideoMAE forward (``vidray.model.build_model``,
+``vidray.model.autocast``: bf16 on CUDA), soft-target cross-entropy, backward,
+gradient clipping and AdamW (``vidray.train.build_optimizer``). Methods, each
+in a fresh Python process:
+
+``plain_<t>thr``   the step in a loop over batches gathered from one uint8 tensor
+                   holding the whole dataset in memory (random permutation per
+                   epoch), ``torch.set_num_threads(t)``. No I/O: the compute ceiling.
+``raytrain``       a ``TorchTrainer`` worker (``cpus_per_worker`` CPUs, so
+                   OMP/torch threads = that many) reading the preprocessed Parquet
+                   shards through the path ``vidray/train.py`` uses:
+                   ``read_split`` -> ``randomize_block_order`` -> dataset shard ->
+                   ``iter_torch_batches(prefetch_batches, local_shuffle_buffer_size,
+                   collate_fn=VideoBatchCollate)`` -> ``.to(device)``, a new
+                   iterator every epoch as in training.
+
+How steady state is measured: the worker times every step itself (its own
+loop, calling the vidray functions above, so the timing needs nothing from
+``train.py``). The first ``--warmup`` steps (worker start-up, model build, the
+pipeline's first read, allocator warm-up) are dropped; the throughput is
+``timed steps x batch / wall seconds from the start of the first timed step
+to the end of the last``, which includes the data pipeline's restart at every
+epoch boundary inside the timed window. Each step is split into ``data``
+(inside ``next(iterator)`` + host-to-device copy), ``augment`` and ``model``
+(forward, backward, clip, optimizer; CUDA synchronised before the clock
+stops); ``data_wait_share`` = data / step time.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one
+forward + backward (attention forced to the math SDPA kernel so it is counted
+on every device: FLOPs are a property of the model, not of the kernel), and are
+checked against the analytic ViT count. Achieved FLOP/s is reported against
+the device's measured GEMM rate (fp32 on CPU, bf16 on CUDA) and, on known GPUs,
+against the datasheet dense bf16 peak (MFU).
+
+    python benchmarks/train_step.py --models tiny small                       # CPU set
+    python benchmarks/train_step.py --device cuda --models base --sizes 112 224 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import command_line, loadavg, machine_info, median, now, run_json_subprocess, write_result  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
+
+# Datasheet dense bf16 tensor-core peaks (no sparsity), TFLOP/s; matched against torch.cuda.get_device_name().
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+}
+
+
+def device_peak_tflops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    for key, peak in BF16_PEAK_TFLOPS.items():  # most specific names first
+        if key in device_name:
+            return peak
+    return None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, stored_size: int, frames: int, size: int):
+    """A preprocessed dataset in vidray's layout, written by vidray's own shard writer.
+
+    Frames are textured, panning, grainy content (benchmarks/make_inputs.py)
+    rather than noise, so zstd compresses them like real frames.
+    """
+    import numpy as np
+
+    from make_inputs import VideoSpec, _frames
+    from vidray.dataset import DATASET_INFO
+    from vidray.preprocess import VIDEOS_PER_SHARD, Video, _outcome, plan_shards, write_shard
+
+    if (out / DATASET_INFO).is_file():
+        return out
+    rows = [("train", i) for i in range(videos)] + [("val", i) for i in range(val_videos)]
+    video_of = {}
+    for split, i in rows:
+        label = i % len(CLASSES)
+        path = f"synthetic/{split}/{CLASSES[label]}/v{i:04d}.mp4"
+        video_of[path] = Video(path, f"{split}-{i}", CLASSES[label], label, split, 0, 0)
+    shards = plan_shards(list(video_of.values()), stored_frames, stored_size, VIDEOS_PER_SHARD)
+    seed = 0
+    for shard in shards:
+        outcomes = []
+        for video in shard.videos:
+            seed += 1
+            spec = VideoSpec("x", video.label, stored_size, stored_size, stored_frames / 30, seed)
+            clip = np.stack(list(_frames(spec)))[:stored_frames]
+            outcomes.append((_outcome(video, source_frames=stored_frames, padded=False), clip.tobytes()))
+        write_shard(str(out), shard, outcomes)
+    info = {
+        "classes": CLASSES,
+        "frames": frames,
+        "size": size,
+        "stored_frames": stored_frames,
+        "stored_size": stored_size,
+        "splits": {
+            split: {"videos": sum(1 for s, _ in rows if s == split)} for split in ("train", "val", "test")
+        },
+        "synthetic": "benchmarks/train_step.py",
+    }
+    (out / DATASET_INFO).write_text(json.dumps(info, indent=1))
+    return out
+
+
+# --------------------------------------------------------------------------- the step (shared)
+
+
+def make_step(model_size: str, frames: int, size: int, device_name: str):
+    """(step(videos_uint8, labels) -> None, model, optimizer); everything from vidray."""
+    import torch
+
+    from vidray import augment
+    from vidray.config import ModelConfig, TrainConfig
+    from vidray.model import autocast, build_model
+    from vidray.train import build_optimizer
+
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size).to(device)
+    model.train()
+    train_cfg = TrainConfig()
+    optimizer = build_optimizer(model, train_cfg)
+    generator = torch.Generator().manual_seed(0)
+
+    def augment_batch(videos, labels):
+        pixels = augment.train_transform(videos, frames=frames, size=size, generator=generator, hflip=train_cfg.hflip)
+        return augment.mix_batch(
+            pixels,
+            labels,
+            num_classes=len(CLASSES),
+            generator=generator,
+            mixup_alpha=train_cfg.mixup_alpha,
+            cutmix_alpha=train_cfg.cutmix_alpha,
+            label_smoothing=train_cfg.label_smoothing,
+        )
+
+    def model_step(pixels, targets):
+        with autocast(device):
+            logits = model(pixel_values=pixels).logits
+        loss = augment.soft_target_cross_entropy(logits, targets)
+        loss.backward()
+        if train_cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return augment_batch, model_step, model, device
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Per-step (data, augment, model) seconds, and the wall clock of the timed window."""
+
+    def __init__(self, warmup: int, device):
+        self.warmup, self.device = warmup, device
+        self.steps: list[tuple[float, float, float]] = []
+        self.window_start: float | None = None
+        self.window_end = 0.0
+
+    def run(self, batches, augment_batch, model_step, total_steps: int) -> bool:
+        """Consume ``batches`` (an iterable of (videos, labels) on the host) until total_steps; True when done."""
+        iterator = iter(batches)
+        while len(self.steps) < total_steps:
+            t0 = time.perf_counter()
+            if len(self.steps) == self.warmup and self.window_start is None:
+                self.window_start = t0
+            try:
+                videos, labels = next(iterator)
+            except StopIteration:
+                return False
+            videos, labels = videos.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            pixels, targets = augment_batch(videos, labels)
+            _sync(self.device)
+            t2 = time.perf_counter()
+            model_step(pixels, targets).item()  # .item() waits for the device
+            t3 = time.perf_counter()
+            self.steps.append((t1 - t0, t2 - t1, t3 - t2))
+            self.window_end = t3
+        return True
+
+    def summary(self, batch: int) -> dict[str, Any]:
+        timed = self.steps[self.warmup :]
+        if not timed or self.window_start is None:
+            raise RuntimeError(f"no timed steps: {len(self.steps)} steps with warmup {self.warmup}")
+        wall = self.window_end - self.window_start
+        data, aug, model = (sum(s[i] for s in timed) for i in range(3))
+        return {
+            "timed_steps": len(timed),
+            "warmup_steps": self.warmup,
+            "wall_s": round(wall, 4),
+            "clips_per_s": round(len(timed) * batch / wall, 4),
+            "step_s": round(wall / len(timed), 5),
+            "data_s_per_step": round(data / len(timed), 5),
+            "augment_s_per_step": round(aug / len(timed), 5),
+            "model_s_per_step": round(model / len(timed), 5),
+            "data_wait_share": round(data / wall, 4),
+            "first_step_s": round(sum(self.steps[0]), 4),
+        }
+
+
+# --------------------------------------------------------------------------- method: plain loop
+
+
+def run_plain(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from vidray.dataset import read_dataset_info, videos_from_bytes
+
+    torch.set_num_threads(args.threads)
+    info = read_dataset_info(args.dataset)
+    table = pq.read_table(os.path.join(args.dataset, "train"), columns=["video", "label"])
+    all_videos = torch.from_numpy(videos_from_bytes(table.column("video").to_pylist(), info.video_shape).copy())
+    all_labels = torch.from_numpy(np.asarray(table.column("label").to_pylist(), dtype=np.int64))
+    augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, args.device)
+    if device.type == "cuda":
+        all_videos, all_labels = all_videos.to(device), all_labels.to(device)  # in device memory: no copies at all
+    shuffle = torch.Generator().manual_seed(1)
+    timer = StepTimer(args.warmup, device)
+    total = args.warmup + args.steps
+    while len(timer.steps) < total:  # epochs
+        order = torch.randperm(len(all_labels), generator=shuffle)
+        batches = (
+            (all_videos[order[i : i + args.batch].to(all_videos.device)], all_labels[order[i : i + args.batch].to(all_labels.device)])
+            for i in range(0, len(order) - args.batch + 1, args.batch)
+        )
+        timer.run(batches, augment_batch, model_step, total)
+    return {"torch_threads": torch.get_num_threads(), **timer.summary(args.batch)}
+
+
+# --------------------------------------------------------------------------- method: Ray Train
+
+
+def raytrain_worker_loop(config: dict[str, Any]) -> None:
+    """Runs in the Ray Train worker: vidray's ingest path, timed step by step."""
+    import ray.train
+    import torch
+
+    from vidray.config import TrainConfig
+    from vidray.train import VideoBatchCollate
+
+    args = argparse.Namespace(**config["args"])
+    train_cfg = TrainConfig()
+    device = ray.train.torch.get_device()
+    augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, str(device))
+    collate = VideoBatchCollate(tuple(config["video_shape"]))
+    shard = ray.train.get_dataset_shard("train")
+    timer = StepTimer(args.warmup, device)
+    total = args.warmup + args.steps
+    epoch = 0
+    while len(timer.steps) < total:
+        batches = shard.iter_torch_batches(
+            batch_size=args.batch,
+            prefetch_batches=train_cfg.prefetch_batches,
+            local_shuffle_buffer_size=max(train_cfg.shuffle_buffer, args.batch),
+            local_shuffle_seed=epoch,
+            collate_fn=collate,
+            drop_last=True,
+        )
+        timer.run(((b["video"], b["label"]) for b in batches), augment_batch, model_step, total)
+        epoch += 1
+    # Train V2 keeps only metrics that come with a checkpoint; the driver is on this node, so a file will do.
+    result = {"torch_threads": torch.get_num_threads(), "epochs": epoch, **timer.summary(args.batch)}
+    with open(config["result_file"], "w") as f:
+        json.dump(result, f)
+
+
+def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from vidray.config import TrainConfig
+    from vidray.dataset import read_dataset_info, read_split
+
+    started = time.perf_counter()
+    ray.init(
+        num_cpus=args.cpus,
+        num_gpus=1 if args.device == "cuda" else 0,
+        include_dashboard=False,
+        object_store_memory=1_000_000_000,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    info = read_dataset_info(args.dataset)
+    with tempfile.TemporaryDirectory(prefix="vidray-bench-train-") as storage:
+        trainer = TorchTrainer(
+            raytrain_worker_loop,
+            train_loop_config={
+                "args": vars(args),
+                "video_shape": list(info.video_shape),
+                "result_file": os.path.join(storage, "result.json"),
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=1, use_gpu=args.device == "cuda", resources_per_worker={"CPU": args.cpus_per_worker}
+            ),
+            datasets={"train": read_split(args.dataset, "train").randomize_block_order(seed=TrainConfig().seed)},
+            run_config=ray.train.RunConfig(name="bench", storage_path=storage),
+        )
+        trainer.fit()
+        with open(os.path.join(storage, "result.json")) as f:
+            measured = json.load(f)
+    total_s = time.perf_counter() - started
+    ray.shutdown()
+    return {"cpus": args.cpus, "cpus_per_worker": args.cpus_per_worker, "process_wall_s": round(total_s, 2), **measured}
+
+
+# --------------------------------------------------------------------------- FLOPs and the device's limit
+
+
+def analytic_flops(model, frames: int, size: int, batch: int) -> dict[str, float]:
+    """ViT forward FLOPs (2 per multiply-add): patch embedding, per layer 24 N d^2 + 4 N^2 d, head."""
+    config = model.config
+    patch, tubelet, d = config.patch_size, config.tubelet_size, config.hidden_size
+    tokens = (frames // tubelet) * (size // patch) ** 2
+    embed = 2 * tokens * (3 * tubelet * patch * patch) * d
+    per_layer = 2 * tokens * d * 3 * d + 4 * tokens * tokens * d + 2 * tokens * d * d + 2 * tokens * d * config.intermediate_size * 2
+    forward = batch * (embed + config.num_hidden_layers * per_layer + 2 * d * config.num_labels)
+    return {"tokens": tokens, "forward": forward}
+
+
+def count_flops(model_size: str, frames: int, size: int, batch: int) -> dict[str, Any]:
+    """Forward and forward+backward FLOPs of one batch, counted by FlopCounterMode on the CPU."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vidray.config import ModelConfig
+    from vidray.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size)
+    pixels = torch.randn(batch, frames, 3, size, size)
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as forward_counter:
+            logits = model(pixel_values=pixels).logits
+        with FlopCounterMode(display=False) as backward_counter:
+            logits.float().logsumexp(-1).mean().backward()
+    forward, backward = forward_counter.get_total_flops(), backward_counter.get_total_flops()
+    analytic = analytic_flops(model, frames, size, batch)
+    return {
+        "batch": batch,
+        "tokens_per_clip": analytic["tokens"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "forward_flops": forward,
+        "backward_flops": backward,
+        "train_flops_per_step": forward + backward,
+        "train_flops_per_clip": (forward + backward) / batch,
+        "analytic_forward_flops": analytic["forward"],
+        "counted_over_analytic_forward": round(forward / analytic["forward"], 4),
+    }
+
+
+def gemm_rate(device_name: str, seconds: float = 2.0) -> dict[str, Any]:
+    """Measured dense matmul FLOP/s with the training dtype (fp32 on CPU, bf16 on CUDA): a practical ceiling."""
+    import torch
+
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    return {"dtype": str(dtype).removeprefix("torch."), "n": n, "threads": torch.get_num_threads(), "tflops": round(2 * n**3 * runs / elapsed / 1e12, 4)}
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _worker_main(args: argparse.Namespace) -> None:
+    if args.worker == "flops":
+        result = count_flops(args.model, args.frames, args.size, args.batch)
+    elif args.worker == "gemm":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = gemm_rate(args.device)
+    elif args.worker == "plain":
+        result = run_plain(args)
+    elif args.worker == "raytrain":
+        result = run_raytrain(args)
+    else:
+        raise ValueError(args.worker)
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=["tiny", "small", "base"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[112], help="model input sides (16 frames each)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="clips per step (one worker)")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="steps dropped before timing")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--videos", type=int, default=64, help="training videos in the benchmark dataset")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray cluster")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="Ray Train worker CPUs (default: vidray's train.cpus_per_worker)")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain")
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/train_step.json)")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=112, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.cpus_per_worker is None:
+        from vidray.config import TrainConfig
+
+        args.cpus_per_worker = TrainConfig().cpus_per_worker
+    if args.worker:
+        _worker_main(args)
+        return {}
+
+    from vidray.preprocess import default_stored
+
+    machine = machine_info()
+    if args.device == "cuda" and not machine["cuda"]:
+        raise SystemExit("--device cuda but torch sees no GPU")
+    methods = args.methods or ["plain_1thr", f"plain_{args.cpus}thr", "raytrain"]
+
+    def sub(worker: str, **extra: Any) -> dict[str, Any]:
+        argv_ = [__file__, "--worker", worker, "--device", args.device, "--frames", str(args.frames)]
+        argv_ += ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        argv_ += ["--cpus", str(args.cpus), "--cpus-per-worker", str(args.cpus_per_worker)]
+        for key, value in extra.items():
+            argv_ += [f"--{key}", str(value)]
+        return run_json_subprocess(argv_, timeout=args.timeout)
+
+    gemm = {str(t): sub("gemm", threads=t) for t in sorted({1, args.cpus})} if args.device == "cpu" else {"device": sub("gemm")}
+    peak = device_peak_tflops(machine["cuda"])
+    configs, runs = [], []
+    for size in args.sizes:
+        stored_frames, stored_size = default_stored(args.frames, size, None, None)
+        dataset = args.cache / f"train-data-{args.videos}x{stored_frames}x{stored_size}"
+        build_dataset(dataset, args.videos, max(args.batch, 8), stored_frames, stored_size, args.frames, size)
+        for model in args.models:
+            flops = sub("flops", model=model, size=size)
+            configs.append({"model": model, "size": size, "stored": [stored_frames, stored_size], "flops": flops})
+            for repeat in range(args.repeats):
+                shift = repeat % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    load_before = loadavg()
+                    common = {"model": model, "size": size, "dataset": dataset}
+                    if method.startswith("plain_"):
+                        threads = int(method.removeprefix("plain_").removesuffix("thr"))
+                        result = sub("plain", threads=threads, **common)
+                    elif method == "raytrain":
+                        result = sub("raytrain", **common)
+                    else:
+                        raise SystemExit(f"unknown method {method}")
+                    achieved = flops["train_flops_per_clip"] * result["clips_per_s"] / 1e12
+                    run = {
+                        "model": model,
+                        "size": size,
+                        "method": method,
+                        "repeat": repeat,
+                        "load_before": load_before,
+                        "load_after": loadavg(),
+                        **result,
+                        "achieved_tflops": round(achieved, 5),
+                    }
+                    rate = (gemm.get(str(result["torch_threads"])) or gemm.get("device") or {}).get("tflops")
+                    run["fraction_of_gemm_rate"] = round(achieved / rate, 4) if rate else None
+                    run["mfu"] = round(achieved / peak, 4) if peak else None
+                    runs.append(run)
+                    print(
+                        f"[train_step] {model}@{size} repeat {repeat} {method:12s} {run['clips_per_s']:8.3f} clips/s "
+                        f"data wait {run['data_wait_share']:.3f}  load {load_before}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    summary: dict[str, Any] = {}
+    for config in configs:
+        key = f"{config['model']}@{config['size']}"
+        mine = [r for r in runs if r["model"] == config["model"] and r["size"] == config["size"]]
+        entry = {}
+        for method in methods:
+            rows = [r for r in mine if r["method"] == method]
+            entry[method] = {
+                k: median([r[k] for r in rows])
+                for k in ("clips_per_s", "step_s", "data_wait_share", "data_s_per_step", "augment_s_per_step",
+                          "model_s_per_step", "achieved_tflops", "fraction_of_gemm_rate", "mfu")
+            }  # fmt: skip
+            entry[method]["torch_threads"] = rows[0]["torch_threads"] if rows else None
+        ratios = {}
+        for method in methods:
+            if method == "raytrain":
+                continue
+            values = []
+            for repeat in range(args.repeats):
+                ray_run = [r for r in mine if r["method"] == "raytrain" and r["repeat"] == repeat]
+                plain_run = [r for r in mine if r["method"] == method and r["repeat"] == repeat]
+                if ray_run and plain_run:
+                    values.append(ray_run[0]["clips_per_s"] / plain_run[0]["clips_per_s"])
+            ratios[f"raytrain_over_{method}"] = median(values)
+        summary[key] = {"methods": entry, "ratios": ratios, "train_gflops_per_clip": round(config["flops"]["train_flops_per_clip"] / 1e9, 3)}
+
+    result = {
+        "benchmark": "train_step",
+        "date": now(),
+        "command": command_line(),
+        "machine": machine,
+        "params": {
+            "device": args.device,
+            "models": args.models,
+            "sizes": args.sizes,
+            "frames": args.frames,
+            "batch": args.batch,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "videos": args.videos,
+            "cpus": args.cpus,
+            "cpus_per_worker": args.cpus_per_worker,
+            "methods": methods,
+        },
+        "gemm": gemm,
+        "bf16_peak_tflops": peak,
+        "configs": configs,
+        "summary": summary,
+        "runs": runs,
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    path = write_result("train_step", result, args.out)
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

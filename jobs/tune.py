@@ -1,0 +1,17 @@
+"""The main job: a Ray Tune sweep over MixUp α, learning rate and weight decay.
+
+    python jobs/tune.py --config configs/demo.yaml            # what `make demo` runs
+    python jobs/tune.py --config configs/coin12.yaml tune.num_samples=4
+    python jobs/tune.py --config configs/coin12.yaml --resume  # continue an interrupted sweep
+    ray job submit --working-dir . -- python jobs/tune.py --config configs/coin12.yaml
+
+Same as `vidray tune`: prints the results table and its path; the last stdout
+line is a JSON summary; config and input errors print one line and exit 2.
+"""
+
+import sys
+
+from vidray.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["tune", *sys.argv[1:]]))

@@ -1,0 +1,438 @@
+"""The main job: a Ray Tune sweep over MixUp α, learning rate and weight decay.
+
+Each Tune trial runs :func:`train_trial`, a light *driver* function that builds
+one Ray Train ``TorchTrainer`` (:func:`vidray.train.build_trainer`) with the
+trial's hyper-parameters and waits on ``fit()``. The trainer's workers do the
+work; ``TuneReportCallback`` forwards each epoch's metrics (and checkpoint path)
+from Ray Train to Tune, where ASHA compares trials on ``tune.metric`` at every
+epoch and stops the weak ones early. This is the Train-V2 pattern (the old
+``Tuner(trainer)`` is deprecated).
+
+Before any trial starts, :func:`run_sweep` refuses with a one-line
+:class:`~vidray.errors.UserError` what could only fail later: an empty grid,
+an unknown metric, a trial the cluster can never place, a missing dataset or a
+bad batch size. The dataset is prepared once, here in the driver; trials only
+read it.
+
+Layout under ``run.storage_path``::
+
+    <run.name>/                      the Tune experiment (Tuner.restore reads it)
+      vidray_sweep.json              the config the sweep was started with
+      <trial dir>/                   Tune's progress.csv, result.json, TensorBoard events, wandb/
+      train_runs/<trial_id>/         that trial's Ray Train run: checkpoint_epoch_NNNN/ ...
+
+``--resume`` restores the experiment: finished trials are kept as they are,
+an interrupted trial restarts its Ray Train run under the same name, so Train
+continues from that run's latest checkpoint instead of epoch 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from vidray.config import SearchRange, TrainConfig, TuneConfig, VidrayConfig
+from vidray.errors import UserError
+from vidray.storage import join_uri, open_filesystem
+
+# The sweep's hyper-parameters: Tune samples them, each trial copies them into cfg.train
+# (``seed`` only when tune.num_samples > 1).
+SWEPT = ("mixup_alpha", "lr", "weight_decay")
+
+# Completed epochs (1, 2, ...): ASHA's time axis. Ray Train reports ``epoch``
+# 0-based; a resumed trial restarts Tune's own ``training_iteration`` at 1
+# while Train continues at its checkpointed epoch, so only a count derived
+# from the epoch stays right across --resume.
+EPOCHS_DONE = "epochs_done"
+
+# What the workers report each epoch (vidray.train.METRIC_KEYS): tune.metric must be one of them.
+TUNABLE_METRICS = (
+    "val_macro_f1",
+    "val_micro_f1",
+    "val_accuracy",
+    "val_loss",
+    "train_loss",
+    "val_macro_precision",
+    "val_macro_recall",
+    "val_micro_precision",
+    "val_micro_recall",
+)
+
+# A trial's own process only waits on Ray Train, but Tune needs a non-empty
+# resource request for it. A hundredth of a CPU keeps it from taking a core a
+# training worker or a Ray Data read task could use.
+TRIAL_DRIVER_CPU = 0.01
+
+SWEEP_CONFIG_FILE = "vidray_sweep.json"
+TRAIN_RUNS_DIR = "train_runs"
+
+
+# ------------------------------------------------------------- param space
+
+
+def _axis(values: SearchRange | list[float], key: str, log: bool):
+    """One swept key: a grid over a list, log-uniform or uniform draws over a range."""
+    if isinstance(values, SearchRange):
+        if values.low == values.high:
+            return values.low
+        return ray.tune.loguniform(values.low, values.high) if log else ray.tune.uniform(values.low, values.high)
+    if not values:
+        raise UserError(f"{key} is an empty list, so the sweep would have no trials; give at least one value")
+    return ray.tune.grid_search(list(values)) if len(values) > 1 else values[0]
+
+
+def build_param_space(tune: TuneConfig) -> dict[str, Any]:
+    """Tune's param space from ``cfg.tune``: MixUp α is always a grid; lr and weight decay a grid or a range."""
+    if not tune.mixup_alpha:
+        raise UserError("tune.mixup_alpha is an empty list, so the sweep would have no trials; e.g. [0.0, 0.4]")
+    space = {
+        "mixup_alpha": ray.tune.grid_search(list(tune.mixup_alpha)),
+        "lr": _axis(tune.lr, "tune.lr", log=True),
+        "weight_decay": _axis(tune.weight_decay, "tune.weight_decay", log=False),
+    }
+    if tune.num_samples > 1:
+        # Repeats of one grid point would otherwise be the same seeded run, bit for bit on CPU.
+        space["seed"] = ray.tune.randint(0, 2**31 - 1)
+    return space
+
+
+def count_trials(tune: TuneConfig) -> int:
+    """Trials the sweep will run: grid size x num_samples (ranges add draws, not grid points)."""
+    size = len(tune.mixup_alpha)
+    for values in (tune.lr, tune.weight_decay):
+        if isinstance(values, list):
+            size *= len(values)
+    return size * tune.num_samples
+
+
+def trial_config(cfg: VidrayConfig, params: dict[str, Any]) -> VidrayConfig:
+    """``cfg`` with one trial's hyper-parameters in ``cfg.train`` (validated again)."""
+    update = {k: float(params[k]) for k in SWEPT}
+    if "seed" in params:
+        update["seed"] = int(params["seed"])
+    train = TrainConfig.model_validate({**cfg.train.model_dump(), **update})
+    return cfg.model_copy(update={"train": train})
+
+
+def check_sweep_config(cfg: VidrayConfig) -> None:
+    tune = cfg.tune
+    if tune.metric not in TUNABLE_METRICS:
+        raise UserError(
+            f"tune.metric={tune.metric!r} is not reported by training; use one of {', '.join(TUNABLE_METRICS)}"
+        )
+    expected_mode = "min" if tune.metric.endswith("_loss") else "max"
+    if tune.mode != expected_mode:
+        raise UserError(f"tune.mode={tune.mode!r} would pick the worst trials for tune.metric={tune.metric}; set tune.mode={expected_mode}")
+    if tune.asha and tune.grace_period > cfg.train.epochs:
+        raise UserError(
+            f"tune.grace_period={tune.grace_period} is more than train.epochs={cfg.train.epochs}: ASHA could never "
+            "compare trials; lower tune.grace_period or set tune.asha=false"
+        )
+
+
+# ------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the cluster can offer one placement group: the largest node, and all nodes together."""
+
+    node_cpus: float
+    node_gpus: float
+    total_cpus: float
+    total_gpus: float
+    source: str  # for messages: "the Ray cluster" or the autoscaler's node types
+
+
+def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> Capacity | None:
+    """On a `ray up` cluster, the most its node types can add up to (live nodes undercount it).
+
+    None when there is no cluster-launcher config or a node type leaves its
+    resources to auto-detection (then nothing certain can be said).
+    """
+    import yaml
+
+    path = path.expanduser()
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text()) or {}
+    node_types = config.get("available_node_types") or {}
+    if not node_types or any("resources" not in t for t in node_types.values()):
+        return None
+    cap = int(config.get("max_workers", 10**6))
+    head = config.get("head_node_type")
+    node_cpus = max(float(t["resources"].get("CPU", 0)) for t in node_types.values())
+    node_gpus = max(float(t["resources"].get("GPU", 0)) for t in node_types.values())
+    total_cpus = total_gpus = 0.0
+    for name, node_type in node_types.items():
+        count = 1 if name == head else min(int(node_type.get("max_workers", cap)), cap)
+        total_cpus += count * float(node_type["resources"].get("CPU", 0))
+        total_gpus += count * float(node_type["resources"].get("GPU", 0))
+    return Capacity(node_cpus, node_gpus, total_cpus, total_gpus, f"the autoscaler's node types ({path})")
+
+
+def cluster_capacity() -> Capacity:
+    autoscaling = _autoscaling_capacity()
+    if autoscaling is not None:
+        return autoscaling
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return Capacity(
+        node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
+        node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0),
+        total_cpus=sum(n.get("CPU", 0.0) for n in nodes),
+        total_gpus=sum(n.get("GPU", 0.0) for n in nodes),
+        source="the Ray cluster",
+    )
+
+
+def check_trial_resources(train: TrainConfig, capacity: Capacity) -> None:
+    """Refuse a trial whose Ray Train workers could never all be placed (it would wait forever)."""
+    where = capacity.source
+    if train.use_gpu and capacity.total_gpus == 0:
+        raise UserError(f"train.use_gpu=true but {where} has no GPUs; set train.use_gpu=false or add GPU nodes")
+    if train.cpus_per_worker > capacity.node_cpus:
+        raise UserError(
+            f"train.cpus_per_worker={train.cpus_per_worker:g} but the largest node of {where} has "
+            f"{capacity.node_cpus:g} CPUs; lower train.cpus_per_worker"
+        )
+    needed_cpus = train.num_workers * train.cpus_per_worker + TRIAL_DRIVER_CPU
+    if needed_cpus > capacity.total_cpus:
+        raise UserError(
+            f"one trial needs train.num_workers x train.cpus_per_worker = {train.num_workers} x "
+            f"{train.cpus_per_worker:g} CPUs (+{TRIAL_DRIVER_CPU} for the trial driver) but {where} has "
+            f"{capacity.total_cpus:g}; lower train.num_workers or train.cpus_per_worker"
+        )
+    if train.use_gpu and train.num_workers > capacity.total_gpus:
+        raise UserError(
+            f"train.num_workers={train.num_workers} GPU workers but {where} has {capacity.total_gpus:g} GPUs; "
+            "lower train.num_workers"
+        )
+
+
+def derive_max_concurrent_trials(train: TrainConfig, capacity: Capacity) -> int:
+    """How many trials' worker groups fit side by side; Tune would otherwise start every trial at once.
+
+    Ray Train starts a run only when all its workers can be placed, so extra
+    trials would just sit in Tune waiting for resources. On CPU, one CPU is
+    left over for Ray Data's read tasks, which feed every trial's workers.
+    """
+    per_trial_cpus = train.num_workers * train.cpus_per_worker + TRIAL_DRIVER_CPU
+    fit = math.floor((capacity.total_cpus - (0 if train.use_gpu else 1)) / per_trial_cpus)
+    if train.use_gpu:
+        fit = min(fit, math.floor(capacity.total_gpus / train.num_workers))
+    return max(1, fit)
+
+
+# ------------------------------------------------------------- Ray
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_cluster_kwargs() -> dict[str, Any]:
+    """ray.init() arguments for a fresh local cluster that a sweep can rely on.
+
+    ASHA stops a trial by killing its process, which takes its Ray Train
+    controller with it; Ray Train's placement-group cleaner then frees the
+    trial's workers, and it finds out the controller died through the State
+    API, i.e. the dashboard. So the dashboard runs (on loopback), and the
+    cluster's processes are told its address: without that they would look for
+    "the" Ray instance on the machine and fail, or pick the wrong one, whenever
+    another Ray instance runs beside this one.
+    """
+    port = _free_loopback_port()
+    return dict(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
+
+
+class ReportToTune(TuneReportCallback):
+    """Ray Train -> Tune, adding :data:`EPOCHS_DONE` so ASHA and the curves count epochs, not reports."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        metrics = [{**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, train_runs: str) -> None:
+    """One trial: a full Ray Train run with the trial's hyper-parameters."""
+    from vidray.train import build_trainer, make_run_config
+
+    trial_cfg = trial_config(cfg, params)
+    run_config = make_run_config(
+        trial_cfg,
+        # The trial id, not a timestamp: a resumed trial must find its Train run again.
+        name=ray.tune.get_context().get_trial_id(),
+        storage_path=train_runs,
+        callbacks=[ReportToTune()],
+    )
+    build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir).fit()
+
+
+def wandb_callbacks(cfg: VidrayConfig) -> list:
+    """Weights & Biases logging of every trial when run.wandb.enabled.
+
+    WANDB_MODE in the environment wins over run.wandb.mode, so WANDB_MODE=offline
+    always keeps everything on disk (in each trial's wandb/ folder). Online
+    mode needs a key; without one the sweep stops here rather than prompting.
+    """
+    if not cfg.run.wandb.enabled:
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    mode = os.environ.get("WANDB_MODE") or cfg.run.wandb.mode
+    if mode in ("offline", "disabled"):
+        os.environ["WANDB_MODE"] = mode  # Ray then skips looking for an API key
+    callback = WandbLoggerCallback(project=cfg.run.wandb.project, group=cfg.run.name, mode=mode)
+    try:
+        callback.setup()
+    except ValueError as err:
+        raise UserError(
+            f"run.wandb.mode={mode} needs a Weights & Biases API key ({err}); set WANDB_API_KEY, "
+            "or run.wandb.mode=offline to log locally"
+        ) from None
+    return [callback]
+
+
+# ------------------------------------------------------------- experiment dir
+
+
+def _read_text(uri: str) -> str | None:
+    fs, path = open_filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = open_filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_experiment(cfg: VidrayConfig, experiment_path: str, resume: bool) -> None:
+    """A fresh sweep must not land on an old one; --resume needs one, started with the same config."""
+    exists = ray.tune.Tuner.can_restore(experiment_path)
+    if not resume and exists:
+        raise UserError(
+            f"{experiment_path} already holds a sweep (run.storage_path / run.name): pass --resume to continue it, "
+            f"or set run.name to a new name"
+        )
+    if resume:
+        if not exists:
+            raise UserError(
+                f"nothing to resume: no sweep at {experiment_path} (run.storage_path / run.name); run without --resume"
+            )
+        saved = _read_text(join_uri(experiment_path, SWEEP_CONFIG_FILE))
+        if saved is not None:
+            changed = _config_differences(json.loads(saved), cfg.model_dump(mode="json"))
+            changed = [key for key in changed if not key.startswith(("run.wandb", "tune.max_concurrent_trials"))]
+            if changed:
+                raise UserError(
+                    f"--resume with a config that differs from the interrupted sweep's in {', '.join(changed)}; "
+                    f"resume with the config it started with (saved in {join_uri(experiment_path, SWEEP_CONFIG_FILE)})"
+                )
+
+
+# ------------------------------------------------------------- the sweep
+
+
+def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) the sweep ``cfg`` describes; write the results table,
+    figures and the best model under ``run.reports_dir``; return a summary."""
+    from vidray.cluster import init_ray, shared_storage_paths
+    from vidray.dataset import read_dataset_info
+    from vidray.model import check_model_config
+    from vidray.prepare import prepare_dataset
+    from vidray.results import write_sweep_report
+    from vidray.train import check_dataset
+
+    # Checks that need nothing but the config come first: they are instant.
+    param_space = build_param_space(cfg.tune)
+    check_sweep_config(cfg)
+    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+
+    init_ray(**local_cluster_kwargs())
+    storage_path, dataset_dir = shared_storage_paths(cfg)
+    capacity = cluster_capacity()
+    check_trial_resources(cfg.train, capacity)
+    max_concurrent = cfg.tune.max_concurrent_trials or derive_max_concurrent_trials(cfg.train, capacity)
+    experiment_path = join_uri(storage_path, cfg.run.name)
+    # Trials run in other processes and directories: give them absolute paths.
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset_dir": dataset_dir})})
+    if Path(cfg.model.name_or_path).exists():
+        model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
+        cfg = cfg.model_copy(update={"model": model})
+    check_experiment(cfg, experiment_path, resume)
+    callbacks = wandb_callbacks(cfg)
+
+    # Once, here: every trial reads the same shards.
+    dataset_dir = prepare_dataset(cfg)
+    check_dataset(cfg, read_dataset_info(dataset_dir), dataset_dir)
+
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(
+            train_trial, cfg=cfg, dataset_dir=dataset_dir, train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR)
+        ),
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
+    if resume:
+        # Finished trials stay finished; interrupted and errored ones continue.
+        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    else:
+        _write_text(join_uri(experiment_path, SWEEP_CONFIG_FILE), cfg.model_dump_json(indent=2))
+        scheduler = None
+        if cfg.tune.asha:
+            scheduler = ray.tune.schedulers.AsyncHyperBandScheduler(
+                time_attr=EPOCHS_DONE,
+                metric=cfg.tune.metric,
+                mode=cfg.tune.mode,
+                max_t=cfg.train.epochs,
+                grace_period=cfg.tune.grace_period,
+                reduction_factor=cfg.tune.reduction_factor,
+                # A trial that reaches the last epoch ends by itself; a Tune stop would
+                # kill its Ray Train run mid-shutdown.
+                stop_last_trials=False,
+            )
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=ray.tune.TuneConfig(
+                num_samples=cfg.tune.num_samples,
+                scheduler=scheduler,
+                max_concurrent_trials=max_concurrent,
+            ),
+            run_config=ray.tune.RunConfig(name=cfg.run.name, storage_path=storage_path, callbacks=callbacks),
+        )
+    results = tuner.fit()
+    return write_sweep_report(results, cfg, experiment_path=experiment_path, dataset_dir=dataset_dir)
