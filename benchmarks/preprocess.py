@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from benchlib import (  # noqa: E402
     ProcessTreeCPU,
     command_line,
     cpu_delta,

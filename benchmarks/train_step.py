@@ -53,7 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, loadavg, machine_info, median, now, run_json_subprocess, write_result  # noqa: E402
+from benchlib import command_line, loadavg, machine_info, median, now, run_json_subprocess, write_result  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
@@ -187,13 +187,14 @@ class StepTimer:
 
     def __init__(self, warmup: int, device):
         self.warmup, self.device = warmup, device
-        self.steps: list[tuple[float, float, float]] = []
+        self.steps: list[tuple[float, float, float, bool]] = []  # data, augment, model, first of its epoch
         self.window_start: float | None = None
         self.window_end = 0.0
 
     def run(self, batches, augment_batch, model_step, total_steps: int) -> bool:
-        """Consume ``batches`` (an iterable of (videos, labels) on the host) until total_steps; True when done."""
+        """Consume ``batches`` (one epoch of (videos, labels) on the host) until total_steps; True when done."""
         iterator = iter(batches)
+        first_of_epoch = True
         while len(self.steps) < total_steps:
             t0 = time.perf_counter()
             if len(self.steps) == self.warmup and self.window_start is None:
@@ -210,8 +211,9 @@ class StepTimer:
             t2 = time.perf_counter()
             model_step(pixels, targets).item()  # .item() waits for the device
             t3 = time.perf_counter()
-            self.steps.append((t1 - t0, t2 - t1, t3 - t2))
+            self.steps.append((t1 - t0, t2 - t1, t3 - t2, first_of_epoch))
             self.window_end = t3
+            first_of_epoch = False
         return True
 
     def summary(self, batch: int) -> dict[str, Any]:
@@ -220,6 +222,10 @@ class StepTimer:
             raise RuntimeError(f"no timed steps: {len(self.steps)} steps with warmup {self.warmup}")
         wall = self.window_end - self.window_start
         data, aug, model = (sum(s[i] for s in timed) for i in range(3))
+        # Inside an epoch: every step but an epoch's first, whose data wait is the pipeline (re)start.
+        inner = [s for s in timed if not s[3]]
+        starts = [s[0] for s in timed if s[3]]
+        inner_wall = sum(s[0] + s[1] + s[2] for s in inner)
         return {
             "timed_steps": len(timed),
             "warmup_steps": self.warmup,
@@ -230,7 +236,11 @@ class StepTimer:
             "augment_s_per_step": round(aug / len(timed), 5),
             "model_s_per_step": round(model / len(timed), 5),
             "data_wait_share": round(data / wall, 4),
-            "first_step_s": round(sum(self.steps[0]), 4),
+            "within_epoch_clips_per_s": round(len(inner) * batch / inner_wall, 4) if inner else None,
+            "within_epoch_data_wait_share": round(sum(s[0] for s in inner) / inner_wall, 4) if inner else None,
+            "epoch_starts_timed": len(starts),
+            "epoch_start_wait_s": round(sum(starts) / len(starts), 4) if starts else None,
+            "first_step_s": round(sum(self.steps[0][:3]), 4),
         }
 
 
@@ -442,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="Ray Train worker CPUs (default: vidray's train.cpus_per_worker)")
     parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain")
     parser.add_argument("--cache", type=Path, default=CACHE)
-    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/train_step.json)")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/train_step_<models>.json)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
@@ -527,7 +537,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry[method] = {
                 k: median([r[k] for r in rows])
                 for k in ("clips_per_s", "step_s", "data_wait_share", "data_s_per_step", "augment_s_per_step",
-                          "model_s_per_step", "achieved_tflops", "fraction_of_gemm_rate", "mfu")
+                          "model_s_per_step", "within_epoch_clips_per_s", "within_epoch_data_wait_share",
+                          "epoch_start_wait_s", "achieved_tflops", "fraction_of_gemm_rate", "mfu")
             }  # fmt: skip
             entry[method]["torch_threads"] = rows[0]["torch_threads"] if rows else None
         ratios = {}
@@ -569,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    path = write_result("train_step", result, args.out)
+    path = write_result(f"train_step_{'_'.join(args.models)}", result, args.out)
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}", file=sys.stderr)
     return result

@@ -39,7 +39,6 @@ import pytest
 
 from vidray.checkpoint import read_checkpoint_info
 from vidray.demo_data import generate_demo_videos
-from vidray.errors import UserError
 from vidray.index import index_folder
 from vidray.storage import MULTI_NODE_LABEL
 
@@ -337,9 +336,11 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     run_dir = storage / "multinode"
     trainer = _driver(cluster, TRAIN.format(overrides=overrides), tmp_path, "train")
     try:
-        epoch0 = run_dir / "checkpoint_epoch_0000"
-        _wait_for(lambda: _complete_checkpoint_info(epoch0) is not None, trainer, train_log, "epoch 0's checkpoint")
-        saved_epoch0 = _complete_checkpoint_info(epoch0)
+        # Kill only once the controller has registered epoch 0's checkpoint (its
+        # snapshot lists it): a checkpoint directory that exists in storage but
+        # was not registered yet is not restored, and epoch 0 would be re-run.
+        _wait_for(lambda: "checkpoint_epoch_0000" in _registered_checkpoints(run_dir), trainer, train_log, "epoch 0's checkpoint")
+        saved_epoch0 = read_checkpoint_info(run_dir / "checkpoint_epoch_0000")
         first = _train_workers(cluster)
         assert len(first) == 2 and len(set(first.values())) == 2, f"training workers on {first}"
         victim = sorted(set(first.values()) - {"head"})[0]
@@ -369,12 +370,13 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     assert [m["global_step"] for m in final["history"]] == [3 * (epoch + 1) for epoch in range(EPOCHS)]
 
 
-def _complete_checkpoint_info(directory: Path) -> dict | None:
-    """vidray.json of a checkpoint once Ray has finished copying it to storage, else None."""
+def _registered_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoints Ray Train's controller has registered (its checkpoint_manager_snapshot.json)."""
     try:
-        return read_checkpoint_info(directory)
-    except (UserError, ValueError):  # not there yet / partly written
-        return None
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet / being replaced
+        return []
+    return [entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]]
 
 
 def _train_workers(cluster: LoopbackCluster) -> dict[int, str]:

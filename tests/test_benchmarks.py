@@ -1,0 +1,144 @@
+"""The benchmark scripts run end to end at toy sizes and write well-formed results.
+
+Only structure and invariants are checked (every video counted, methods that
+decode the same way produce identical frames, FLOP counts match the analytic
+ViT formula); never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    # The scripts import their siblings (benchlib, make_inputs) from their own folder.
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"vidray_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def test_frames_to_decode_counts_from_the_keyframe_before_each_sample():
+    bench = _load("preprocess")
+    # 100 frames, 4 samples at 12, 37, 62, 87.
+    # One keyframe: decode once from 0 through the last sample.
+    assert bench.frames_to_decode(100, [0], 4) == 88
+    # Keyframes at 0 and 50: 0..12, 13..37, then seek: 50..62, 63..87.
+    assert bench.frames_to_decode(100, [0, 50], 4) == 13 + 25 + 13 + 25
+    # A keyframe shortly before every sample: only keyframe..sample each time.
+    assert bench.frames_to_decode(100, [10, 35, 60, 85], 4) == 4 * 3
+
+
+def test_device_peak_table_matches_specific_names_first():
+    bench = _load("train_step")
+    assert bench.device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.device_peak_tflops("NVIDIA A10G") == 70.0
+    assert bench.device_peak_tflops("NVIDIA L4") == 121.0
+    assert bench.device_peak_tflops(None) is None
+    assert bench.device_peak_tflops("Some Future GPU") is None
+
+
+def test_process_tree_cpu_counts_child_processes():
+    benchlib = _load("benchlib")
+    tracker = benchlib.ProcessTreeCPU(interval=0.05).start()
+    # The child burns 0.5 CPU-seconds, then idles until it is killed (an exited child would be missed).
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass\ntime.sleep(60)"]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            tracker.poll()
+            if tracker.totals()["ray_system"] >= 0.5:
+                break
+            time.sleep(0.1)
+    finally:
+        tracker.stop()
+        child.kill()
+        child.wait()
+    totals = tracker.totals()
+    assert totals["ray_system"] >= 0.45  # a non-Ray child lands in ray_system ("everything else")
+    assert totals["ray_workers"] == 0
+    assert totals["total"] == pytest.approx(totals["driver"] + totals["ray_system"], abs=1e-3)
+
+
+def test_preprocess_benchmark_smoke(cache, tmp_path):
+    bench = _load("preprocess")
+    out = tmp_path / "preprocess.json"
+    methods = [*bench.BASELINES, "vidray_2cpu"]
+    bench.main(
+        ["--preset", "smoke", "--repeats", "1", "--cpus", "2", "--videos-per-shard", "1",
+         "--frames", "4", "--size", "28", "--cache", str(cache), "--out", str(out), "--methods", *methods]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    videos = result["inputs"]["videos"]
+    assert videos == 3 and result["params"]["stored_frames"] == 8 and result["params"]["stored_size"] == 32
+    assert set(result["machine"]) >= {"cpu_model", "cores", "torch", "ray", "decord", "av", "loadavg_at_start"}
+    assert [r["method"] for r in result["runs"]] == methods
+    for run in result["runs"]:
+        assert run["videos"] == videos and run["clips"] == videos, run["method"]
+        assert run["wall_s"] > 0 and run["cpu_s"]["total"] > 0
+        assert isinstance(run["load_before"], float)
+    vidray = result["runs"][-1]
+    assert vidray["processed"] == videos and vidray["rejected"] == 0
+    assert vidray["shards"] == videos  # videos_per_shard=1: one shard per video
+    assert vidray["phases"]["cold"]["clips"] == vidray["phases"]["warm"]["clips"] == videos
+    assert vidray["cpu_s"]["ray_workers"] > 0  # the decode ran in Ray workers, and they were counted
+    # decord in a loop and vidray (decord inside Ray tasks) produce the same bytes; so do the PyAV loops.
+    digests = result["frames_sha256"]
+    assert digests["decord_1thread"] == digests["decord_threads"] == digests["vidray_2cpu"]
+    assert digests["pyav_seek"] == digests["pyav_sequential"]
+    by_method = {r["method"]: r for r in result["runs"]}
+    # PyAV had to decode at least the frames from each keyframe to its samples.
+    assert by_method["pyav_sequential"]["frames_decoded"] >= result["inputs"]["frames_to_decode"]
+    assert by_method["pyav_seek"]["frames_decoded"] >= by_method["pyav_sequential"]["frames_decoded"]
+    assert set(result["summary"]) == set(methods)
+    assert {"vidray_2cpu_over_decord_1thread", "vidray_per_cpu_fraction_of_decoder"} <= set(result["ratios"])
+
+
+def test_train_step_benchmark_smoke(cache, tmp_path):
+    bench = _load("train_step")
+    out = tmp_path / "train.json"
+    bench.main(
+        ["--models", "tiny", "--frames", "4", "--sizes", "32", "--batch", "2", "--steps", "3", "--warmup", "1",
+         "--repeats", "1", "--videos", "6", "--cpus", "2", "--methods", "plain_1thr", "raytrain",
+         "--cache", str(cache), "--out", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    (config,) = result["configs"]
+    flops = config["flops"]
+    assert flops["counted_over_analytic_forward"] == pytest.approx(1.0, abs=1e-3)
+    assert flops["backward_flops"] > flops["forward_flops"] > 0
+    assert flops["tokens_per_clip"] == (4 // 2) * (32 // 16) ** 2
+    runs = {r["method"]: r for r in result["runs"]}
+    assert set(runs) == {"plain_1thr", "raytrain"}
+    for run in runs.values():
+        assert run["timed_steps"] == 3 and run["warmup_steps"] == 1
+        assert run["torch_threads"] == 1  # plain_1thr by request; the Ray worker has 1 CPU
+        assert 0 <= run["data_wait_share"] <= 1
+        assert run["clips_per_s"] > 0 and run["achieved_tflops"] > 0
+        assert run["mfu"] is None  # no GPU: no datasheet peak to divide by
+        assert run["fraction_of_gemm_rate"] is not None
+    # 6 videos in batches of 2: 3 steps per epoch, so 4 steps span two epochs (one pipeline restart).
+    assert runs["raytrain"]["epochs"] == 2 and runs["raytrain"]["epoch_starts_timed"] == 1
+    summary = result["summary"]["tiny@32"]
+    assert set(summary["methods"]) == {"plain_1thr", "raytrain"}
+    assert summary["ratios"]["raytrain_over_plain_1thr"] > 0
+    assert set(result["gemm"]) == {"1", "2"}
