@@ -10,6 +10,8 @@ in a fresh Python process:
 ``plain_<t>thr``   the step in a loop over batches gathered from one uint8 tensor
                    holding the whole dataset in memory (random permutation per
                    epoch), ``torch.set_num_threads(t)``. No I/O: the compute ceiling.
+``ingest``         the same worker with the step replaced by nothing: the clips/s
+                   the data path alone delivers to one worker (what a GPU would need).
 ``raytrain``       a ``TorchTrainer`` worker (``cpus_per_worker`` CPUs, so
                    OMP/torch threads = that many) reading the preprocessed Parquet
                    shards through the path ``vidray/train.py`` uses:
@@ -289,7 +291,15 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
     args = argparse.Namespace(**config["args"])
     train_cfg = TrainConfig()
     device = ray.train.torch.get_device()
-    augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, str(device))
+    if config["ingest_only"]:
+        # The data path alone: how many clips/s it can hand a model that costs nothing.
+        def augment_batch(videos, labels):
+            return videos, labels
+
+        def model_step(pixels, targets):
+            return pixels.flatten()[:1].float().sum()
+    else:
+        augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, str(device))
     collate = VideoBatchCollate(tuple(config["video_shape"]))
     shard = ray.train.get_dataset_shard("train")
     timer = StepTimer(args.warmup, device)
@@ -337,6 +347,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
                 "args": vars(args),
                 "video_shape": list(info.video_shape),
                 "result_file": os.path.join(storage, "result.json"),
+                "ingest_only": args.worker == "ingest",
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=1, use_gpu=args.device == "cuda", resources_per_worker={"CPU": args.cpus_per_worker}
@@ -430,7 +441,7 @@ def _worker_main(args: argparse.Namespace) -> None:
         result = gemm_rate(args.device)
     elif args.worker == "plain":
         result = run_plain(args)
-    elif args.worker == "raytrain":
+    elif args.worker in ("raytrain", "ingest"):
         result = run_raytrain(args)
     else:
         raise ValueError(args.worker)
@@ -450,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray cluster")
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="Ray Train worker CPUs (default: vidray's train.cpus_per_worker)")
-    parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain, ingest")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/train_step_<models>.json)")
     parser.add_argument("--timeout", type=float, default=900)
@@ -473,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     if args.device == "cuda" and not machine["cuda"]:
         raise SystemExit("--device cuda but torch sees no GPU")
-    methods = args.methods or ["plain_1thr", f"plain_{args.cpus}thr", "raytrain"]
+    methods = args.methods or ["plain_1thr", f"plain_{args.cpus}thr", "raytrain", "ingest"]
 
     def sub(worker: str, **extra: Any) -> dict[str, Any]:
         argv_ = [__file__, "--worker", worker, "--device", args.device, "--frames", str(args.frames)]
@@ -496,16 +507,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for repeat in range(args.repeats):
                 shift = repeat % len(methods)
                 for method in methods[shift:] + methods[:shift]:
+                    if method == "ingest" and model != args.models[0]:
+                        continue  # the data path does not depend on the model: once per input size
                     load_before = loadavg()
                     common = {"model": model, "size": size, "dataset": dataset}
                     if method.startswith("plain_"):
                         threads = int(method.removeprefix("plain_").removesuffix("thr"))
                         result = sub("plain", threads=threads, **common)
-                    elif method == "raytrain":
-                        result = sub("raytrain", **common)
+                    elif method in ("raytrain", "ingest"):
+                        result = sub(method, **common)
                     else:
                         raise SystemExit(f"unknown method {method}")
-                    achieved = flops["train_flops_per_clip"] * result["clips_per_s"] / 1e12
+                    # The ingest run trains nothing: no FLOPs to credit it with.
+                    achieved = None if method == "ingest" else flops["train_flops_per_clip"] * result["clips_per_s"] / 1e12
                     run = {
                         "model": model,
                         "size": size,
@@ -514,11 +528,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "load_before": load_before,
                         "load_after": loadavg(),
                         **result,
-                        "achieved_tflops": round(achieved, 5),
+                        "achieved_tflops": None if achieved is None else round(achieved, 5),
                     }
                     rate = (gemm.get(str(result["torch_threads"])) or gemm.get("device") or {}).get("tflops")
-                    run["fraction_of_gemm_rate"] = round(achieved / rate, 4) if rate else None
-                    run["mfu"] = round(achieved / peak, 4) if peak else None
+                    run["fraction_of_gemm_rate"] = round(achieved / rate, 4) if rate and achieved else None
+                    run["mfu"] = round(achieved / peak, 4) if peak and achieved else None
                     runs.append(run)
                     print(
                         f"[train_step] {model}@{size} repeat {repeat} {method:12s} {run['clips_per_s']:8.3f} clips/s "
@@ -543,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry[method]["torch_threads"] = rows[0]["torch_threads"] if rows else None
         ratios = {}
         for method in methods:
-            if method == "raytrain":
+            if method in ("raytrain", "ingest"):
                 continue
             values = []
             for repeat in range(args.repeats):

@@ -24,7 +24,7 @@ from ray.autoscaler.v2.utils import ResourceRequestUtil
 from ray.core.generated.autoscaler_pb2 import GangResourceRequest
 from ray.core.generated.instance_manager_pb2 import Instance, NodeKind
 
-from vidray.config import TrainConfig
+from vidray.config import TrainConfig, load_config
 from vidray.storage import MULTI_NODE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,3 +208,14 @@ def test_a_worker_bigger_than_a_gpu_node_is_reported_infeasible(autoscaling):
     gpu_cpus = autoscaling.get_node_type_configs()["gpu_spot"].resources["CPU"]
     launched, infeasible = _plan(autoscaling, gangs=[[{"CPU": gpu_cpus + 1, "GPU": 1}]])
     assert (launched, infeasible) == ({}, 1)
+
+
+def test_the_coin12_sweep_fits_the_gpu_nodes(autoscaling):
+    # configs/coin12.yaml runs one GPU worker per trial with train.cpus_per_worker
+    # CPUs: each worker must fit on one GPU node, and a sweep of several trials
+    # must scale out over the spot GPU type.
+    train = load_config(REPO / "configs" / "coin12.yaml").train
+    assert train.use_gpu
+    bundle = _train_worker_bundle(train)
+    launched, infeasible = _plan(autoscaling, gangs=[[bundle] * train.num_workers] * 4)
+    assert infeasible == 0 and launched == {"gpu_spot": 4 * train.num_workers}

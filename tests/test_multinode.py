@@ -7,7 +7,7 @@ One end-to-end scenario, in order:
    shared-filesystem opt-in is accepted;
 3. preprocessing runs as Ray Data tasks spread over several nodes;
 4. a 2-worker training runs across nodes; once the first epoch's checkpoint
-   exists, one worker node is killed (its raylet and all its processes, as
+   is registered, one worker node is killed (its raylet and all its processes, as
    when a spot instance disappears); Ray Train reschedules both workers on the
    surviving nodes, resumes from the last checkpoint, and finishes with every
    epoch trained exactly once.
@@ -119,6 +119,8 @@ class LoopbackCluster:
             "head",
             num_cpus,
             [
+                # No dashboard, so no State API: Ray Train's placement-group cleaner logs
+                # that it cannot reach it, which matters only if a Train controller dies.
                 "--head", "--port", str(self.gcs_port), "--include-dashboard", "false",
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                 "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir, "--labels", labels,
@@ -191,9 +193,9 @@ def _driver(cluster: LoopbackCluster, code: str, workdir: Path, name: str) -> su
     It writes its result as JSON to ``workdir/<name>.json`` (argv[1]) and its output to ``<name>.log``.
     """
     env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": cluster.address}
-    out = open(workdir / f"{name}.log", "w")
     command = [sys.executable, "-c", textwrap.dedent(code), str(workdir / f"{name}.json")]
-    return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(workdir / f"{name}.log", "w") as out:
+        return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _finish(process: subprocess.Popen, timeout: float) -> dict:
@@ -209,20 +211,22 @@ def _finish(process: subprocess.Popen, timeout: float) -> dict:
 
 
 class TaskSampler(threading.Thread):
-    """Which raylets (nodes) ran a process whose title contains ``needle``, sampled from /proc."""
+    """The parents (raylets, i.e. nodes) of processes whose title contains ``needle``, sampled from /proc.
 
-    def __init__(self, cluster: LoopbackCluster, needle: str):
+    A Ray worker process is a child of its node's raylet and shows the task it
+    runs in its title (``ray::MapBatches(decode_shards)``).
+    """
+
+    def __init__(self, needle: str):
         super().__init__(daemon=True)
-        self.cluster, self.needle = cluster, needle
+        self.needle = needle
         self.raylets: set[int] = set()
-        self.pids: set[int] = set()
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            for pid, (parent, argv) in _proc_table().items():
+            for parent, argv in _proc_table().values():
                 if argv and self.needle in argv[0]:
-                    self.pids.add(pid)
                     self.raylets.add(parent)
             time.sleep(0.1)
 
@@ -308,7 +312,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         cluster.add_node(name, num_cpus=1)
 
     # 3. Preprocessing: one Ray Data decode task per 2-video shard, spread over the nodes.
-    sampler = TaskSampler(cluster, "decode_shards")
+    sampler = TaskSampler("decode_shards")
     sampler.start()
     code = PREPROCESS.format(manifest=str(manifest), dataset_dir=str(dataset_dir))
     try:

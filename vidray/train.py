@@ -172,6 +172,8 @@ def build_trainer(
     does) to change where results go or to add callbacks.
     """
     dataset_dir = str(dataset_dir or cfg.data.dataset_dir)
+    if not is_uri(dataset_dir):
+        dataset_dir = os.path.abspath(dataset_dir)  # workers may run elsewhere than the driver's cwd
     info = read_dataset_info(dataset_dir)
     shape = check_dataset(cfg, info, dataset_dir)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
@@ -211,7 +213,12 @@ def make_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
 
 
 def run_training(cfg: VidrayConfig) -> dict[str, Any]:
-    """Prepare the data, train, and summarise: run dir, best and last metrics, checkpoint paths."""
+    """Prepare the data, train, and summarise: run dir, best and last metrics, checkpoint paths.
+
+    Ray Train keeps the run under ``run.storage_path/run.name``: running again
+    with the same name continues from its latest checkpoint (a finished run
+    just returns its result). Use a new ``run.name`` to start over.
+    """
     from vidray.cluster import init_ray
     from vidray.prepare import prepare_dataset
 

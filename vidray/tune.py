@@ -46,7 +46,7 @@ from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
 # The sweep's hyper-parameters: Tune samples them, each trial copies them into cfg.train
-# (``seed`` only when tune.num_samples > 1).
+# (and ``seed`` when a pure grid is repeated, see build_param_space).
 SWEPT = ("mixup_alpha", "lr", "weight_decay")
 
 # Completed epochs (1, 2, ...): ASHA's time axis. Ray Train reports ``epoch``
@@ -68,10 +68,13 @@ TUNABLE_METRICS = (
     "val_micro_recall",
 )
 
-# A trial's own process only waits on Ray Train, but Tune needs a non-empty
-# resource request for it. A hundredth of a CPU keeps it from taking a core a
-# training worker or a Ray Data read task could use.
-TRIAL_DRIVER_CPU = 0.01
+# A trial's own process only waits on Ray Train: it needs memory, not a CPU.
+# Even a fraction of a CPU would hurt: Ray Data's read tasks ask for a whole
+# CPU, so on a 2-CPU machine a 1-CPU worker plus 0.01 for the trial would leave
+# 0.99, and the workers would wait forever for data. (Tune refuses an empty request.)
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+# What Ray Data needs beside a trial's workers to read the shards (one read task).
+DATA_CPUS = 1
 
 SWEEP_CONFIG_FILE = "vidray_sweep.json"
 TRAIN_RUNS_DIR = "train_runs"
@@ -100,7 +103,7 @@ def build_param_space(tune: TuneConfig) -> dict[str, Any]:
         "lr": _axis(tune.lr, "tune.lr", log=True),
         "weight_decay": _axis(tune.weight_decay, "tune.weight_decay", log=False),
     }
-    if tune.num_samples > 1:
+    if tune.num_samples > 1 and isinstance(tune.lr, list) and isinstance(tune.weight_decay, list):
         # Repeats of one grid point would otherwise be the same seeded run, bit for bit on CPU.
         space["seed"] = ray.tune.randint(0, 2**31 - 1)
     return space
@@ -205,11 +208,11 @@ def check_trial_resources(train: TrainConfig, capacity: Capacity) -> None:
             f"train.cpus_per_worker={train.cpus_per_worker:g} but the largest node of {where} has "
             f"{capacity.node_cpus:g} CPUs; lower train.cpus_per_worker"
         )
-    needed_cpus = train.num_workers * train.cpus_per_worker + TRIAL_DRIVER_CPU
+    needed_cpus = train.num_workers * train.cpus_per_worker + DATA_CPUS
     if needed_cpus > capacity.total_cpus:
         raise UserError(
             f"one trial needs train.num_workers x train.cpus_per_worker = {train.num_workers} x "
-            f"{train.cpus_per_worker:g} CPUs (+{TRIAL_DRIVER_CPU} for the trial driver) but {where} has "
+            f"{train.cpus_per_worker:g} CPUs plus {DATA_CPUS} for Ray Data to read the shards, but {where} has "
             f"{capacity.total_cpus:g}; lower train.num_workers or train.cpus_per_worker"
         )
     if train.use_gpu and train.num_workers > capacity.total_gpus:
@@ -223,11 +226,11 @@ def derive_max_concurrent_trials(train: TrainConfig, capacity: Capacity) -> int:
     """How many trials' worker groups fit side by side; Tune would otherwise start every trial at once.
 
     Ray Train starts a run only when all its workers can be placed, so extra
-    trials would just sit in Tune waiting for resources. On CPU, one CPU is
-    left over for Ray Data's read tasks, which feed every trial's workers.
+    trials would just sit in Tune waiting for resources. :data:`DATA_CPUS` stay
+    free for Ray Data's read tasks, which feed every trial's workers.
     """
-    per_trial_cpus = train.num_workers * train.cpus_per_worker + TRIAL_DRIVER_CPU
-    fit = math.floor((capacity.total_cpus - (0 if train.use_gpu else 1)) / per_trial_cpus)
+    per_trial_cpus = train.num_workers * train.cpus_per_worker
+    fit = math.floor((capacity.total_cpus - DATA_CPUS) / per_trial_cpus)
     if train.use_gpu:
         fit = min(fit, math.floor(capacity.total_gpus / train.num_workers))
     return max(1, fit)
@@ -404,7 +407,7 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
         ray.tune.with_parameters(
             train_trial, cfg=cfg, dataset_dir=dataset_dir, train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR)
         ),
-        {"CPU": TRIAL_DRIVER_CPU},
+        TRIAL_DRIVER_RESOURCES,
     )
     if resume:
         # Finished trials stay finished; interrupted and errored ones continue.

@@ -1,0 +1,107 @@
+"""Every run config in configs/ validates; overrides work; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vidray.config import ConfigError, SearchRange, VidrayConfig, load_config
+from vidray.tune import build_param_space, count_trials
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run_configs() -> list[Path]:
+    # configs/ also holds Ray cluster-launcher files (cluster_name: ...), checked by test_cluster_yaml.py.
+    return [p for p in sorted(CONFIGS.glob("*.yaml")) if "cluster_name" not in (yaml.safe_load(p.read_text()) or {})]
+
+
+def test_the_run_configs_are_there():
+    assert {p.name for p in run_configs()} >= {"demo.yaml", "coin12.yaml", "coin12_reference.yaml"}
+
+
+@pytest.mark.parametrize("path", run_configs(), ids=lambda p: p.name)
+def test_every_run_config_validates_and_describes_a_sweep(path):
+    cfg = load_config(path)
+    build_param_space(cfg.tune)  # raises on an empty grid
+    assert count_trials(cfg.tune) >= 2
+    assert cfg.tune.metric == "val_macro_f1" and cfg.tune.mode == "max"
+
+
+def _keys(node, prefix=""):
+    keys = set()
+    for key, value in node.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict) and not set(value) <= {"low", "high"}:
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def test_demo_yaml_lists_every_key_of_the_schema():
+    # demo.yaml is the documented reference for all keys: it must not fall behind the schema.
+    written = _keys(yaml.safe_load((CONFIGS / "demo.yaml").read_text()))
+    schema = _keys(VidrayConfig().model_dump(mode="json"))
+    assert schema - written == set(), f"configs/demo.yaml lacks {sorted(schema - written)}"
+    assert written - schema == set()
+
+
+def test_demo_is_small_and_keeps_left_and_right_apart():
+    cfg = load_config(CONFIGS / "demo.yaml")
+    assert cfg.data.source == "demo" and cfg.model.init == "scratch" and cfg.model.size == "tiny"
+    assert cfg.train.hflip is False  # a flipped square_moving_right is a square_moving_left
+    assert 0.0 in cfg.tune.mixup_alpha and 0.4 in cfg.tune.mixup_alpha
+
+
+def test_coin12_reference_is_exactly_the_reference_recipe():
+    cfg = load_config(CONFIGS / "coin12_reference.yaml")
+    assert cfg.data.source == "coin"
+    assert (cfg.data.min_duration, cfg.data.max_duration) == (10, 60)
+    assert (cfg.data.frames, cfg.data.size) == (16, 112)
+    assert cfg.model.name_or_path == "MCG-NJU/videomae-base-finetuned-kinetics" and cfg.model.init == "pretrained"
+    assert (cfg.train.epochs, cfg.train.batch_size) == (15, 32)
+    assert (cfg.train.warmup_epochs, cfg.train.layer_decay, cfg.train.label_smoothing) == (0, 1.0, 0.0)
+    assert cfg.tune.mixup_alpha == [0.0, 0.4] and cfg.tune.lr == [5e-5] and cfg.tune.weight_decay == [0.05]
+    assert cfg.tune.asha is False and count_trials(cfg.tune) == 2
+
+
+def test_coin12_improves_on_the_reference_and_samples_lr_log_uniformly():
+    cfg = load_config(CONFIGS / "coin12.yaml")
+    assert cfg.model.interpolate_pos_embed and cfg.train.layer_decay < 1 and cfg.train.label_smoothing > 0
+    assert cfg.train.warmup_epochs > 0 and cfg.tune.asha
+    assert isinstance(cfg.tune.lr, SearchRange) and cfg.tune.lr.low < 5e-5 < cfg.tune.lr.high
+    space = build_param_space(cfg.tune)
+    assert space["mixup_alpha"] == {"grid_search": [0.0, 0.2, 0.4, 0.8]}
+    draws = np.array(space["lr"].sample(size=4000, random_state=np.random.default_rng(0)))
+    assert draws.min() >= cfg.tune.lr.low and draws.max() <= cfg.tune.lr.high
+    # Log-uniform: the median sits at the geometric, not the arithmetic, middle of the range.
+    assert np.median(draws) == pytest.approx(np.sqrt(cfg.tune.lr.low * cfg.tune.lr.high), rel=0.1)
+    assert count_trials(cfg.tune) == 12
+
+
+def test_overrides_apply_on_top_of_a_file():
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.epochs=2", "tune.mixup_alpha=[0.0, 0.2, 0.8]", "tune.lr={low: 1e-5, high: 1e-3}"])
+    assert cfg.train.epochs == 2
+    assert cfg.tune.mixup_alpha == [0.0, 0.2, 0.8]
+    assert cfg.tune.lr == SearchRange(low=1e-5, high=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.learning_rate=1e-4", "train.learning_rate: unknown key"),
+        ("tune.reduction_factor=1", "tune.reduction_factor"),
+        ("tune.mixup_alpha=[0.4, -1]", "tune.mixup_alpha values must be >= 0"),
+        ("tune.lr={low: 1e-3, high: 1e-5}", "tune.lr"),
+        ("tune.mode=best", "tune.mode"),
+        ("data.frames=64", "data.stored_frames (16) must be >= data.frames (64)"),
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [override])
+    message = str(err.value)
+    assert named in message and "configs/demo.yaml" in message
+    assert "\n" not in message
