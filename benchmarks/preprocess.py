@@ -19,12 +19,14 @@ docs/design.md). Methods, each in a fresh Python process:
                         only across keyframes, and skip decoding non-reference frames
                         that are not samples (``skip_frame=NONREF``). One thread. Not
                         what users write: the floor under every method here.
-``vidray_<k>cpu``       ``vidray.preprocess.preprocess`` into a fresh directory on a
+``vidray_<k>cpu[_vps<n>]`` ``vidray.preprocess.preprocess`` into a fresh directory on a
                         fresh local Ray cluster of ``k`` CPUs (``ray.init(num_cpus=k)``),
                         writing the Parquet shards. Timed twice in the same cluster:
                         ``cold`` (first call: includes starting Ray workers) and ``warm``
                         (second call into another fresh directory: workers already up).
                         ``ray.init`` itself is timed separately and excluded.
+                        ``_vps<n>``: ``videos_per_shard=n`` (a shard is one Ray task,
+                        so shards bound the parallelism), else vidray's default.
 
 Measured per run: wall seconds of the decode work, CPU seconds (user + system,
 all threads): for the loops ``time.process_time()`` of the process; for vidray
@@ -319,13 +321,25 @@ def run_vidray(
 # --------------------------------------------------------------------------- orchestration
 
 
+def parse_vidray_method(method: str) -> tuple[int, int | None]:
+    """``vidray_2cpu`` -> (2, None); ``vidray_2cpu_vps4`` -> (2, 4): CPUs, and videos per shard when given."""
+    cpus, _, shard = method.removeprefix("vidray_").partition("_vps")
+    return int(cpus.removesuffix("cpu")), int(shard) if shard else None
+
+
 def _worker_main(args: argparse.Namespace) -> None:
     if args.worker in BASELINES:
         result = run_loop(args.worker, args.manifest, args.stored_frames, args.stored_size)
     else:
-        cpus = int(args.worker.removeprefix("vidray_").removesuffix("cpu"))
+        cpus, videos_per_shard = parse_vidray_method(args.worker)
         result = run_vidray(
-            cpus, args.manifest, args.frames, args.size, args.stored_frames, args.stored_size, args.videos_per_shard
+            cpus,
+            args.manifest,
+            args.frames,
+            args.size,
+            args.stored_frames,
+            args.stored_size,
+            videos_per_shard or args.videos_per_shard,
         )
     print(json.dumps(result))
 

@@ -109,7 +109,9 @@ class LoopbackCluster:
         log = Path(self.temp_dir) / f"start-{name}.log"
         # A file, not a pipe: the node's daemons inherit it and would hold a pipe open.
         with open(log, "w") as out:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV}, timeout=180).returncode
+            # Without RAY_ADDRESS: the session's in-process cluster may have exported its own.
+            env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **RAY_ENV}
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=180).returncode
         assert code == 0, f"ray start of node {name} failed:\n{log.read_text()[-3000:]}"
         self.node_manager_ports[name] = node_manager
 
