@@ -101,6 +101,16 @@ def test_short_video_is_padded_by_repeating_frames_in_order(tmp_path):
     np.testing.assert_allclose(frame_levels(clip.frames), 40 * segment_indices(5, 16), atol=1.5)
 
 
+@pytest.mark.parametrize("stored_size", [12, 36, 54])
+def test_small_output_sizes_that_decord_cannot_resize_still_decode(tmp_path, stored_size):
+    # decord 0.6 fails its own copy for some resize targets (48x36 from 128x96):
+    # read_clip must fall back to resizing after decode, with the same sampling.
+    path = encode_mp4(tmp_path / "ramp.mp4", brightness_ramp(10, 96, 128, step=20), fps=10, crf=0)
+    clip = read_clip(path, stored_frames=5, stored_size=stored_size)
+    assert clip.frames.shape == (5, stored_size, stored_size, 3)
+    np.testing.assert_allclose(frame_levels(clip.frames), 20 * segment_indices(10, 5), atol=2.0)
+
+
 @pytest.mark.parametrize("width,height", [(320, 160), (160, 320)])
 def test_resize_short_side_then_centre_crop(tmp_path, width, height):
     # White central square (side = short side) on black, with a black cross through

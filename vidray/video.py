@@ -199,7 +199,15 @@ def read_clip(path: str | Path, stored_frames: int, stored_size: int, num_thread
         if num_frames < 1:
             raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
         indices = segment_indices(num_frames, stored_frames)
-        frames = reader.get_batch(indices.tolist()).asnumpy()
+        try:
+            frames = reader.get_batch(indices.tolist()).asnumpy()
+        except decord.DECORDError as err:
+            if "size must exactly match" not in str(err):
+                raise
+            # decord 0.6 miscomputes its copy size for some small output sizes
+            # (e.g. 48x36): decode at native size and resize here instead.
+            reader = decord.VideoReader(path, num_threads=num_threads)
+            frames = _resize_frames(reader.get_batch(indices.tolist()).asnumpy(), out_width, out_height)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         if _first_frame_decodes(path):
             raise CorruptVideoError(
@@ -211,6 +219,15 @@ def read_clip(path: str | Path, stored_frames: int, stored_size: int, num_thread
     left = (frames.shape[2] - stored_size) // 2
     frames = frames[:, top : top + stored_size, left : left + stored_size]
     return DecodedClip(np.ascontiguousarray(frames), source_frames=num_frames, padded=num_frames < stored_frames)
+
+
+def _resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    clip = F.interpolate(clip, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return clip.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _first_frame_decodes(path: str) -> bool:
