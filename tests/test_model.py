@@ -151,6 +151,9 @@ def test_bad_sources_and_shapes_fail_with_one_line_errors(tmp_path, pretrained_d
     missing = tmp_path / "no-such-model"
     with pytest.raises(UserError, match=r"model.name_or_path: cannot load .*no-such-model.*model.init=scratch"):
         build_model(_pretrained_cfg(str(missing)), CLASSES, 16, 112)
+    # A hub id goes down the same path; offline (HF_HUB_OFFLINE=1 in tests) and uncached it fails the same way.
+    with pytest.raises(UserError, match=r"model.name_or_path: cannot load a VideoMAE config from 'MCG-NJU/not-cached'"):
+        build_model(_pretrained_cfg("MCG-NJU/not-cached"), CLASSES, 16, 112)
     with pytest.raises(UserError, match=r"data.size=100 must be a multiple of the model's patch_size 16"):
         build_model(_pretrained_cfg(pretrained_dir), CLASSES, 16, 100)
     with pytest.raises(UserError, match=r"data.frames=7 must be a multiple of the model's tubelet_size 2"):
