@@ -55,7 +55,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import command_line, loadavg, machine_info, median, now, run_json_subprocess, write_result  # noqa: E402
+from benchlib import (  # noqa: E402
+    ProcessTreeCPU,
+    command_line,
+    loadavg,
+    machine_info,
+    median,
+    now,
+    run_json_subprocess,
+    write_result,
+)
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
@@ -330,6 +339,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
     from vidray.config import TrainConfig
     from vidray.dataset import read_dataset_info, read_split
 
+    tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
     ray.init(
         num_cpus=args.cpus,
@@ -359,8 +369,17 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
         with open(os.path.join(storage, "result.json")) as f:
             measured = json.load(f)
     total_s = time.perf_counter() - started
+    tracker.stop()
     ray.shutdown()
-    return {"cpus": args.cpus, "cpus_per_worker": args.cpus_per_worker, "process_wall_s": round(total_s, 2), **measured}
+    return {
+        "cpus": args.cpus,
+        "cpus_per_worker": args.cpus_per_worker,
+        "process_wall_s": round(total_s, 2),
+        # Whole run, start-up included: where the CPU went, and how many Ray worker processes were started.
+        "process_cpu_s": tracker.totals(),
+        "ray_worker_processes": sum(1 for e in tracker.seen.values() if e["ray_worker"]),
+        **measured,
+    }
 
 
 # --------------------------------------------------------------------------- FLOPs and the device's limit
