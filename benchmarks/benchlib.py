@@ -157,10 +157,23 @@ def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, fl
     return {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
 
 
-def run_json_subprocess(args: list[str], timeout: float) -> dict[str, Any]:
-    """Run ``python <args>`` in a fresh interpreter; it prints one JSON object as its last stdout line."""
+def run_json_subprocess(args: list[str], timeout: float, pythonpath: str | None = None) -> dict[str, Any]:
+    """Run ``python <args>`` in a fresh interpreter; it prints one JSON object as its last stdout line.
+
+    ``pythonpath``: import ``vidray`` from there instead (another checkout, for before/after
+    runs); the process also starts in it, so neither its nor its Ray workers' ``sys.path``
+    finds this checkout first.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.path.abspath(pythonpath)
     proc = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=os.path.abspath(pythonpath) if pythonpath else None,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark subprocess {' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -310,7 +310,10 @@ def run_vidray(
             }
     tracker.stop()
     ray.shutdown()
+    import vidray
+
     return {
+        "vidray_source": os.path.dirname(vidray.__file__),
         "ray_init_s": round(ray_init_s, 3),
         "videos_per_shard": kwargs["videos_per_shard"],
         **phases["warm"],
@@ -367,6 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/preprocess.json)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per method run")
+    parser.add_argument(
+        "--before",
+        default=None,
+        help="a directory holding another vidray package (e.g. `git archive <commit> vidray`): "
+        "every vidray method also runs against it, as <method>@before, interleaved with the current one",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--stored-frames", type=int, default=None, help=argparse.SUPPRESS)
@@ -388,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source_frames = sum(v["frames"] for v in inputs)
     must_decode = sum(frames_to_decode(v["frames"], v["keyframes"], stored_frames) for v in inputs)
     methods = args.methods or [*BASELINES, "vidray_1cpu", f"vidray_{args.cpus}cpu"]
+    if args.before:
+        methods += [f"{m}@before" for m in methods if m.startswith("vidray_")]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vidray-bench-manifest-") as tmp:
         manifest = os.path.join(tmp, "manifest.parquet")
@@ -397,13 +408,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for method in methods[shift:] + methods[:shift]:
                 load_before = loadavg()
                 worker_args = [
-                    __file__, "--worker", method, "--manifest", manifest,
+                    os.path.abspath(__file__), "--worker", method.removesuffix("@before"), "--manifest", manifest,
                     "--frames", str(args.frames), "--size", str(args.size),
                     "--stored-frames", str(stored_frames), "--stored-size", str(stored_size),
                 ]  # fmt: skip
                 if args.videos_per_shard:
                     worker_args += ["--videos-per-shard", str(args.videos_per_shard)]
-                result = run_json_subprocess(worker_args, timeout=args.timeout)
+                before = args.before if method.endswith("@before") else None
+                result = run_json_subprocess(worker_args, timeout=args.timeout, pythonpath=before)
                 run = {"method": method, "repeat": repeat, "load_before": load_before, "load_after": loadavg(), **result}
                 run.update(_rates(run, stored_frames, must_decode))
                 if "phases" in run:
@@ -440,22 +452,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 values.append(num[0][key] / den[0][key] * scale)
         return median(values)
 
-    parallel = f"vidray_{args.cpus}cpu"
+    # Ratios are taken within a repeat (runs side by side under the same load), then medianed.
     ratios = {}
-    if "decord_1thread" in methods:
+    for reference in ("decord_1thread", "pyav_lean"):
+        if reference not in methods:
+            continue
         for method in methods:
-            if method != "decord_1thread":
-                ratios[f"{method}_over_decord_1thread"] = per_repeat_ratio(method, "decord_1thread")
-        if parallel in methods:
-            # Share of the single-core decoder's rate each CPU of the parallel pipeline delivers.
-            ratios["vidray_per_cpu_fraction_of_decoder"] = per_repeat_ratio(
-                parallel, "decord_1thread", scale=1 / args.cpus
+            if method == reference:
+                continue
+            ratios[f"{method}_over_{reference}"] = per_repeat_ratio(method, reference)
+            if method.startswith("vidray_"):
+                cpus, _ = parse_vidray_method(method.removesuffix("@before"))
+                # Share of the one-process decoder's rate that each CPU of the pipeline delivers.
+                ratios[f"{method}_per_cpu_over_{reference}"] = per_repeat_ratio(method, reference, scale=1 / cpus)
+                # CPU-seconds per video the reference spends for each one the pipeline spends.
+                ratios[f"{reference}_cpu_over_{method}_cpu"] = per_repeat_ratio(reference, method, key="cpu_s_per_video")
+    for method in methods:
+        if method.startswith("vidray_1cpu") or not method.startswith("vidray_"):
+            continue
+        cpus, shard = parse_vidray_method(method.removesuffix("@before"))
+        single = "vidray_1cpu" + (f"_vps{shard}" if shard else "") + ("@before" if method.endswith("@before") else "")
+        if single in methods:
+            ratios[f"{method}_over_{single}"] = per_repeat_ratio(method, single)
+    for method in methods:
+        if f"{method}@before" in methods:
+            ratios[f"{method}_over_before"] = per_repeat_ratio(method, f"{method}@before")
+            ratios[f"{method}_before_cpu_over_after_cpu"] = per_repeat_ratio(
+                f"{method}@before", method, key="cpu_s_per_video"
             )
-            ratios["decoder_cpu_s_over_vidray_cpu_s"] = per_repeat_ratio(
-                "decord_1thread", parallel, key="cpu_s_per_video"
-            )
-    if parallel in methods and "vidray_1cpu" in methods and args.cpus != 1:
-        ratios[f"vidray_{args.cpus}cpu_over_vidray_1cpu"] = per_repeat_ratio(parallel, "vidray_1cpu")
 
     digests = {r["method"]: r["frames_sha256"] for r in runs if r["repeat"] == 0}
     result = {
@@ -473,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "stored_size": stored_size,
             "videos_per_shard": args.videos_per_shard or VIDEOS_PER_SHARD,
             "methods": methods,
+            "before": args.before,
         },
         "inputs": {
             "videos": len(inputs),

@@ -68,6 +68,7 @@ from benchlib import (  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
+RAY_METHODS = ("raytrain", "ingest")
 
 # Datasheet dense bf16 tensor-core peaks (no sparsity), TFLOP/s; matched against torch.cuda.get_device_name().
 BF16_PEAK_TFLOPS = {
@@ -460,7 +461,7 @@ def _worker_main(args: argparse.Namespace) -> None:
         result = gemm_rate(args.device)
     elif args.worker == "plain":
         result = run_plain(args)
-    elif args.worker in ("raytrain", "ingest"):
+    elif args.worker in RAY_METHODS:
         result = run_raytrain(args)
     else:
         raise ValueError(args.worker)
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if method.startswith("plain_"):
                         threads = int(method.removeprefix("plain_").removesuffix("thr"))
                         result = sub("plain", threads=threads, **common)
-                    elif method in ("raytrain", "ingest"):
+                    elif method in RAY_METHODS:
                         result = sub(method, **common)
                     else:
                         raise SystemExit(f"unknown method {method}")
@@ -576,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry[method]["torch_threads"] = rows[0]["torch_threads"] if rows else None
         ratios = {}
         for method in methods:
-            if method in ("raytrain", "ingest"):
+            if method in RAY_METHODS:
                 continue
             values = []
             for repeat in range(args.repeats):

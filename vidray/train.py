@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train.torch import TorchTrainer
 from transformers import get_cosine_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 from vidray import augment
 from vidray.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_info, save_checkpoint
@@ -397,6 +398,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    hf_logging.disable_progress_bar()  # a "Loading/Writing weights" bar per epoch only clutters worker logs
 
     start_epoch, global_step, history, state = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
