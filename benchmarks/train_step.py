@@ -398,7 +398,11 @@ def analytic_flops(model, frames: int, size: int, batch: int) -> dict[str, float
 
 
 def count_flops(model_size: str, frames: int, size: int, batch: int) -> dict[str, Any]:
-    """Forward and forward+backward FLOPs of one batch, counted by FlopCounterMode on the CPU."""
+    """Forward and forward+backward FLOPs of a batch, counted by FlopCounterMode on the CPU.
+
+    Counted on one clip and scaled: every op is linear in the batch, and a
+    base-model batch at 224² would take minutes to run on a CPU.
+    """
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -408,13 +412,13 @@ def count_flops(model_size: str, frames: int, size: int, batch: int) -> dict[str
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size)
-    pixels = torch.randn(batch, frames, 3, size, size)
+    pixels = torch.randn(1, frames, 3, size, size)
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as forward_counter:
             logits = model(pixel_values=pixels).logits
         with FlopCounterMode(display=False) as backward_counter:
             logits.float().logsumexp(-1).mean().backward()
-    forward, backward = forward_counter.get_total_flops(), backward_counter.get_total_flops()
+    forward, backward = batch * forward_counter.get_total_flops(), batch * backward_counter.get_total_flops()
     analytic = analytic_flops(model, frames, size, batch)
     return {
         "batch": batch,
@@ -429,8 +433,19 @@ def count_flops(model_size: str, frames: int, size: int, batch: int) -> dict[str
     }
 
 
-def gemm_rate(device_name: str, seconds: float = 2.0) -> dict[str, Any]:
+def gemm_rate(device_name: str, threads: int, seconds: float = 2.0) -> dict[str, Any]:
     """Measured dense matmul FLOP/s with the training dtype (fp32 on CPU, bf16 on CUDA): a practical ceiling."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _gemm_rate(device_name, seconds)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _gemm_rate(device_name: str, seconds: float) -> dict[str, Any]:
     import torch
 
     device = torch.device(device_name)
@@ -452,14 +467,7 @@ def gemm_rate(device_name: str, seconds: float = 2.0) -> dict[str, Any]:
 
 
 def _worker_main(args: argparse.Namespace) -> None:
-    if args.worker == "flops":
-        result = count_flops(args.model, args.frames, args.size, args.batch)
-    elif args.worker == "gemm":
-        import torch
-
-        torch.set_num_threads(args.threads)
-        result = gemm_rate(args.device)
-    elif args.worker == "plain":
+    if args.worker == "plain":
         result = run_plain(args)
     elif args.worker in RAY_METHODS:
         result = run_raytrain(args)
@@ -485,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/train_step_<models>.json)")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--gemm-seconds", type=float, default=2.0, help="how long to time the matmul ceiling")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=112, help=argparse.SUPPRESS)
@@ -514,7 +523,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             argv_ += [f"--{key}", str(value)]
         return run_json_subprocess(argv_, timeout=args.timeout)
 
-    gemm = {str(t): sub("gemm", threads=t) for t in sorted({1, args.cpus})} if args.device == "cpu" else {"device": sub("gemm")}
+    # In this process: the GEMM rate per thread count this machine's runs use, then FLOPs per config.
+    if args.device == "cpu":
+        gemm = {str(t): gemm_rate("cpu", t, args.gemm_seconds) for t in sorted({1, args.cpus})}
+    else:
+        gemm = {"device": gemm_rate(args.device, 1, args.gemm_seconds)}
     peak = device_peak_tflops(machine["cuda"])
     configs, runs = [], []
     for size in args.sizes:
@@ -522,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataset = args.cache / f"train-data-{args.videos}x{stored_frames}x{stored_size}"
         build_dataset(dataset, args.videos, max(args.batch, 8), stored_frames, stored_size, args.frames, size)
         for model in args.models:
-            flops = sub("flops", model=model, size=size)
+            flops = count_flops(model, args.frames, size, args.batch)
             configs.append({"model": model, "size": size, "stored": [stored_frames, stored_size], "flops": flops})
             for repeat in range(args.repeats):
                 shift = repeat % len(methods)
