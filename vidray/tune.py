@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.data
 import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -278,6 +279,9 @@ def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, 
     from vidray.train import build_trainer, make_run_config
 
     trial_cfg = trial_config(cfg, params)
+    # Several trials' data-loading progress bars interleaved in one log are noise;
+    # the datasets built below carry this context to the processes that run them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     run_config = make_run_config(
         trial_cfg,
         # The trial id, not a timestamp: a resumed trial must find its Train run again.

@@ -1,0 +1,333 @@
+"""The sweep (vidray/tune.py, vidray/results.py): the param space, every pre-flight refusal, a real
+sweep on demo videos through `python jobs/tune.py`, and --resume after the sweep's driver is killed.
+
+The real sweeps run as separate driver processes on the `ray_head` cluster (conftest.py), as
+under `ray job submit`: a driver can be killed there without killing the cluster, and ASHA's
+early stops need the cluster's State API (see vidray.tune.local_cluster_kwargs).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vidray.cli import main as cli_main
+from vidray.config import TuneConfig, load_config
+from vidray.errors import UserError
+from vidray.results import trial_label
+from vidray.tune import (
+    EPOCHS_DONE,
+    Capacity,
+    _autoscaling_capacity,
+    build_param_space,
+    check_trial_resources,
+    count_trials,
+    derive_max_concurrent_trials,
+    run_sweep,
+    trial_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+
+# Two time-reversed classes, 8 videos each (4 train, 2 val, 2 test), 4 frames of 32 px, a 2-layer model.
+TINY_DATA = [
+    "data.demo.classes=2",
+    "data.demo.videos_per_class=8",
+    "data.frames=4",
+    "data.size=32",
+    "data.stored_frames=8",
+    "data.stored_size=36",
+    "train.batch_size=4",
+    "train.warmup_epochs=0",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory, ray_cluster) -> list[str]:
+    """Overrides pointing at tiny demo videos, generated and preprocessed once for this module."""
+    from vidray.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    overrides = [
+        *TINY_DATA,
+        f"data.videos_dir={root / 'videos'}",
+        f"data.manifest={root / 'manifest.parquet'}",
+        f"data.dataset_dir={root / 'dataset'}",
+    ]
+    prepare_dataset(load_config(DEMO, overrides))
+    return overrides
+
+
+def sweep_overrides(demo_data: list[str], tmp_path: Path, *extra: str) -> list[str]:
+    return [*demo_data, f"run.storage_path={tmp_path / 'runs'}", f"run.reports_dir={tmp_path / 'reports'}", *extra]
+
+
+def start_driver(ray_head, overrides: list[str], *flags: str, env: dict | None = None) -> subprocess.Popen:
+    """`python jobs/tune.py` on the ray_head cluster, as a job would run it."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "tune.py"), "--config", str(DEMO), *flags, *overrides],
+        cwd=REPO,
+        env={**(env or os.environ), "RAY_ADDRESS": ray_head["address"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(driver: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        output, _ = driver.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        output, _ = driver.communicate()
+        pytest.fail(f"sweep driver still running after {timeout} s:\n{output[-5000:]}")
+    return output
+
+
+def trial_dirs(experiment: Path) -> list[Path]:
+    # Tune names them train_trial_<trial id>_<index>_<params>_<time>, the trial id being <run>_<NNNNN>.
+    return sorted((p for p in experiment.iterdir() if p.name.startswith("train_trial_")), key=lambda p: int(p.name.split("_")[4]))
+
+
+def trial_id(trial_dir: Path) -> str:
+    parts = trial_dir.name.split("_")
+    return f"{parts[2]}_{parts[3]}"
+
+
+def progress_epochs(trial_dir: Path) -> list[int]:
+    path = trial_dir / "progress.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [int(float(row[EPOCHS_DONE])) for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------- config -> trials
+
+
+def test_param_space_grids_ranges_and_trial_configs():
+    tune = TuneConfig(mixup_alpha=[0.0, 0.4], lr=[5e-5, 1e-4], weight_decay={"low": 0.01, "high": 0.1}, num_samples=3)
+    space = build_param_space(tune)
+    assert space["mixup_alpha"] == {"grid_search": [0.0, 0.4]}
+    assert space["lr"] == {"grid_search": [5e-5, 1e-4]}
+    draws = np.array(space["weight_decay"].sample(size=500, random_state=np.random.default_rng(0)))
+    assert 0.01 <= draws.min() and draws.max() <= 0.1 and np.median(draws) == pytest.approx(0.055, rel=0.15)
+    assert "seed" not in space  # the draws already differ
+    assert count_trials(tune) == 2 * 2 * 3
+
+    # Repeats of a pure grid get their own seeds, or they would be identical runs.
+    assert "seed" in build_param_space(TuneConfig(mixup_alpha=[0.0], lr=[1e-4], weight_decay=[0.05], num_samples=2))
+    assert build_param_space(TuneConfig(lr=[1e-4]))["lr"] == 1e-4  # one value is a constant, not a 1-point grid
+
+    cfg = load_config(DEMO)
+    trial = trial_config(cfg, {"mixup_alpha": 0.4, "lr": 2e-4, "weight_decay": 0.1, "seed": 7})
+    assert (trial.train.mixup_alpha, trial.train.lr, trial.train.weight_decay, trial.train.seed) == (0.4, 2e-4, 0.1, 7)
+    assert cfg.train.mixup_alpha == 0.0  # the sweep's config is untouched
+    assert trial_label({"mixup_alpha": 0.4, "lr": 5e-5, "weight_decay": 0.05}) == "MixUp α=0.4, lr=5e-5, wd=0.05"
+    assert trial_label({"mixup_alpha": 0.0, "lr": 1e-4, "weight_decay": 0.05}) == "No MixUp, lr=1e-4, wd=0.05"
+
+
+def test_empty_grid_is_refused_before_ray_starts(capsys):
+    assert cli_main(["tune", "--config", str(DEMO), "tune.lr=[]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vidray tune: error: tune.lr is an empty list, so the sweep would have no trials; give at least one value"
+
+
+def test_resources_and_concurrency_follow_the_cluster():
+    laptop = Capacity(node_cpus=2, node_gpus=0, total_cpus=2, total_gpus=0, source="the Ray cluster")
+    cfg = load_config(DEMO)
+    check_trial_resources(cfg.train, laptop)
+    # One CPU for the worker, one left for Ray Data: trials run one at a time.
+    assert derive_max_concurrent_trials(cfg.train, laptop) == 1
+    gpu_cluster = Capacity(node_cpus=8, node_gpus=1, total_cpus=68, total_gpus=12, source="x")
+    gpu_train = cfg.train.model_copy(update={"use_gpu": True, "num_workers": 2, "cpus_per_worker": 4})
+    assert derive_max_concurrent_trials(gpu_train, gpu_cluster) == 6  # GPUs limit: 12 / 2
+
+
+def test_an_autoscaling_cluster_counts_the_nodes_it_may_add(tmp_path):
+    # The shape of configs/cluster_gcp.yaml: no GPU node is up at the start, up to 12 may come.
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(
+        yaml.safe_dump(
+            {
+                "max_workers": 12,
+                "head_node_type": "head",
+                "available_node_types": {
+                    "head": {"resources": {"CPU": 4}, "min_workers": 0, "max_workers": 0},
+                    "gpu_spot": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 8},
+                    "gpu_on_demand": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 4},
+                },
+            }
+        )
+    )
+    capacity = _autoscaling_capacity(bootstrap)
+    assert (capacity.node_cpus, capacity.node_gpus, capacity.total_gpus) == (8, 1, 12)
+    train = load_config(REPO / "configs" / "coin12.yaml").train
+    check_trial_resources(train, capacity)  # use_gpu with no live GPU node is fine here
+    assert derive_max_concurrent_trials(train, capacity) == 12
+    # A node type whose resources Ray auto-detects: nothing certain, so no verdict.
+    config = yaml.safe_load(bootstrap.read_text())
+    del config["available_node_types"]["gpu_spot"]["resources"]
+    bootstrap.write_text(yaml.safe_dump(config))
+    assert _autoscaling_capacity(bootstrap) is None
+    assert _autoscaling_capacity(tmp_path / "absent.yaml") is None
+
+
+# ----------------------------------------------------------------- pre-flight, in process
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.use_gpu=true"], "train.use_gpu=true but the Ray cluster has no GPUs; set train.use_gpu=false"),
+        (["train.num_workers=2", "train.batch_size=8"], "lower train.num_workers or train.cpus_per_worker"),
+        (["train.cpus_per_worker=3"], "train.cpus_per_worker=3 but the largest node of the Ray cluster has 2 CPUs"),
+        (["tune.metric=val_f1"], "tune.metric='val_f1' is not reported by training"),
+        (["tune.mode=min"], "set tune.mode=max"),
+        (["tune.grace_period=5"], "tune.grace_period=5 is more than train.epochs=2"),
+        (["train.batch_size=16"], "fewer than one batch of 16 per worker; lower train.batch_size"),
+        (["data.source=folder", "data.videos_dir=/nonexistent/videos"], "data.videos_dir: /nonexistent/videos does not exist"),
+    ],
+    ids=["no-gpu", "too-many-cpus", "cpus-per-worker", "metric", "mode", "grace", "batch", "missing-videos"],
+)
+def test_preflight_refuses_before_any_trial_starts(ray_cluster, demo_data, tmp_path, overrides, message):
+    cfg = load_config(DEMO, sweep_overrides(demo_data, tmp_path, "train.epochs=2", *overrides))
+    with pytest.raises(UserError) as err:
+        run_sweep(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "runs" / "demo").exists()  # no experiment, no trial
+
+
+def test_resume_needs_an_interrupted_sweep(ray_cluster, demo_data, tmp_path):
+    with pytest.raises(UserError, match=r"nothing to resume: no sweep at .*/runs/demo \(run.storage_path / run.name\)"):
+        run_sweep(load_config(DEMO, sweep_overrides(demo_data, tmp_path)), resume=True)
+
+
+# ----------------------------------------------------------------- real sweeps
+
+
+def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, demo_data, tmp_path):
+    """Three trials (MixUp α 0 / 0.4 / 0.8) with ASHA, TensorBoard and offline W&B, then the refusals
+    that protect a finished sweep."""
+    import matplotlib.image
+
+    overrides = sweep_overrides(
+        demo_data,
+        tmp_path,
+        "tune.mixup_alpha=[0.0, 0.4, 0.8]",
+        "train.epochs=2",
+        "tune.grace_period=1",
+        "run.wandb.enabled=true",
+        "run.wandb.mode=offline",
+    )
+    # No key, no WANDB_MODE: offline must come from the config alone, and nothing may need a network.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    output = finish(start_driver(ray_head, overrides, env=env))
+    assert output.rstrip().splitlines()[-1].startswith("{"), output[-5000:]
+    summary = json.loads(output.rstrip().splitlines()[-1])
+    assert summary["trials"] == 3 and summary["errored"] == 0, output[-5000:]
+
+    reports = tmp_path / "reports"
+    markdown = (reports / "results.md").read_text()
+    labels = ["No MixUp, lr=1e-3, wd=0.05", "MixUp α=0.4, lr=1e-3, wd=0.05", "MixUp α=0.8, lr=1e-3, wd=0.05"]
+    table = [line for line in markdown.splitlines() if line.startswith("| ") and "Type" not in line]
+    assert [row.split(" | ")[0].lstrip("| ") for row in table] == labels
+    assert "| Type | Epochs | Training Loss | Test Loss | Precision | Recall | F1 | Macro-F1 | Accuracy | Best |" in markdown
+    assert f"results table: {reports / 'results.md'}" in output
+    with open(reports / "results.csv") as f:
+        assert [row["Type"] for row in csv.DictReader(f)] == labels
+
+    results = json.loads((reports / "results.json").read_text())
+    for trial in results["trials"]:
+        epochs = [row[EPOCHS_DONE] for row in trial["history"]]
+        assert epochs == list(range(1, trial["epochs_done"] + 1)) and trial["epochs_done"] >= 1
+        assert trial["status"] == ("completed" if trial["epochs_done"] == 2 else "stopped early")
+        assert 0 <= trial["last"]["val_macro_f1"] <= 1 and trial["last"]["train_loss"] > 0
+    best_value = max(t["best_value"] for t in results["trials"])
+    assert results["best"]["val_macro_f1"] == best_value
+
+    # The best checkpoint, exported for transformers and evaluated on the held-out test split.
+    best_model = reports / "best_model"
+    config = json.loads((best_model / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["square_moving_left", "square_moving_right"]
+    assert (best_model / "model.safetensors").is_file() and (best_model / "preprocessor_config.json").is_file()
+    held_out = json.loads((reports / "best_eval" / "metrics.json").read_text())
+    assert held_out["split"] == "test" and held_out["num_samples"] == 4
+    assert held_out["checkpoint"] == results["best"]["checkpoint"]
+
+    for name in ("metric_vs_mixup.png", "learning_curves.png", "confusion_matrix_best.png"):
+        image = matplotlib.image.imread(reports / "figures" / name)
+        assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0
+
+    # Tune's loggers (CSV, JSON, TensorBoard) and W&B offline runs, per trial; checkpoints per Train run.
+    experiment = tmp_path / "runs" / "demo"
+    trials = trial_dirs(experiment)
+    assert len(trials) == 3
+    for trial_dir in trials:
+        assert (trial_dir / "progress.csv").is_file() and (trial_dir / "result.json").is_file()
+        assert list(trial_dir.glob("events.out.tfevents.*"))
+        assert list((trial_dir / "wandb").glob("offline-run-*"))
+    train_runs = experiment / "train_runs"
+    assert sorted(p.name for p in train_runs.iterdir()) == sorted(t["trial_id"] for t in results["trials"])
+    assert all(list(run.glob("checkpoint_epoch_*/model/model.safetensors")) for run in train_runs.iterdir())
+
+    # A finished sweep is never overwritten, and --resume refuses a changed config.
+    again = finish(start_driver(ray_head, overrides, env=env))
+    assert "already holds a sweep (run.storage_path / run.name): pass --resume" in again
+    changed = finish(start_driver(ray_head, [*overrides, "train.epochs=3"], "--resume", env=env))
+    assert "differs from the interrupted sweep's in train.epochs" in changed
+    assert len(trial_dirs(experiment)) == 3
+
+
+def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
+    """Kill the sweep's driver (SIGKILL) while trial 2 trains, after trial 1 finished; --resume must
+    keep trial 1 as it is and continue trial 2's Ray Train run from its last checkpoint."""
+    overrides = sweep_overrides(
+        demo_data, tmp_path, "train.epochs=3", "tune.asha=false", "tune.max_concurrent_trials=1"
+    )
+    experiment = tmp_path / "runs" / "demo"
+    driver = start_driver(ray_head, overrides)
+    deadline = time.monotonic() + 400
+    while True:  # one trial at a time: trial 2 reporting means trial 1 is done
+        trials = trial_dirs(experiment) if experiment.is_dir() else []
+        if len(trials) == 2 and progress_epochs(trials[1]):
+            break
+        assert driver.poll() is None, f"the sweep ended before it could be interrupted:\n{driver.stdout.read()[-5000:]}"
+        assert time.monotonic() < deadline, "trial 2 never reported"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    time.sleep(5)  # the cluster reaps the dead driver's trial actors and Train workers
+
+    first, second = trials
+    assert progress_epochs(first) == [1, 2, 3]
+    first_progress = (first / "progress.csv").read_text()
+    second_rows = len(progress_epochs(second))
+    # What Ray Train had registered when the driver died: where it must continue from.
+    snapshot = json.loads((experiment / "train_runs" / trial_id(second) / "checkpoint_manager_snapshot.json").read_text())
+    last_epoch = max(result["metrics"]["epoch"] for result in snapshot["checkpoint_results"])  # 0-based
+
+    output = finish(start_driver(ray_head, overrides, "--resume"))
+    summary = json.loads(output.rstrip().splitlines()[-1])
+    assert summary["trials"] == 2 and summary["errored"] == 0, output[-5000:]
+
+    assert (first / "progress.csv").read_text() == first_progress  # trial 1 was not rerun
+    assert len(trial_dirs(experiment)) == 2
+    resumed = progress_epochs(second)[second_rows:]
+    # Ray Train picked up its latest registered checkpoint: the resumed run reports only what is left.
+    assert resumed == list(range(last_epoch + 2, 4)), (resumed, last_epoch)
+    assert len(resumed) < 3
+    results = json.loads((tmp_path / "reports" / "results.json").read_text())
+    assert [t["status"] for t in results["trials"]] == ["completed", "completed"]
+    assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2, 3], [1, 2, 3]]
