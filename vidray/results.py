@@ -72,12 +72,11 @@ class TrialSummary:
 
 
 def _short(value: float) -> str:
-    """5e-05 -> 5e-5, 0.05 -> 0.05, 0.0001 -> 1e-4."""
-    text = f"{value:.3g}"
-    if "e" in text:
-        mantissa, exponent = text.split("e")
-        text = f"{mantissa}e{int(exponent)}"
-    return text
+    """5e-05 -> 5e-5, 0.001 -> 1e-3, 0.05 -> 0.05, 0.4 -> 0.4: how people write learning rates."""
+    if value != 0 and abs(value) < 0.01:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.3g}"
 
 
 def trial_label(params: dict[str, Any]) -> str:
