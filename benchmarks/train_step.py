@@ -10,8 +10,6 @@ in a fresh Python process:
 ``plain_<t>thr``   the step in a loop over batches gathered from one uint8 tensor
                    holding the whole dataset in memory (random permutation per
                    epoch), ``torch.set_num_threads(t)``. No I/O: the compute ceiling.
-``ingest``         the same worker with the step replaced by nothing: the clips/s
-                   the data path alone delivers to one worker (what a GPU would need).
 ``raytrain``       a ``TorchTrainer`` worker (``cpus_per_worker`` CPUs, so
                    OMP/torch threads = that many) reading the preprocessed Parquet
                    shards through the path ``vidray/train.py`` uses:
@@ -19,17 +17,22 @@ in a fresh Python process:
                    ``iter_torch_batches(prefetch_batches, local_shuffle_buffer_size,
                    collate_fn=VideoBatchCollate)`` -> ``.to(device)``, a new
                    iterator every epoch as in training.
+``ingest``         the same worker with the step replaced by nothing: the clips/s
+                   the data path alone delivers to one worker (what a GPU would need).
 
 How steady state is measured: the worker times every step itself (its own
 loop, calling the vidray functions above, so the timing needs nothing from
 ``train.py``). The first ``--warmup`` steps (worker start-up, model build, the
-pipeline's first read, allocator warm-up) are dropped; the throughput is
+pipeline's first read, allocator warm-up) are dropped; ``clips_per_s`` is
 ``timed steps x batch / wall seconds from the start of the first timed step
 to the end of the last``, which includes the data pipeline's restart at every
 epoch boundary inside the timed window. Each step is split into ``data``
 (inside ``next(iterator)`` + host-to-device copy), ``augment`` and ``model``
 (forward, backward, clip, optimizer; CUDA synchronised before the clock
-stops); ``data_wait_share`` = data / step time.
+stops); ``data_wait_share`` = data / wall. The ``within_epoch_*`` numbers
+leave out each epoch's first step (whose data wait is the pipeline restart,
+reported as ``epoch_start_wait_s``): the rate of an epoch long enough for the
+restart not to matter (COIN: ~1000 steps an epoch).
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one
 forward + backward (attention forced to the math SDPA kernel so it is counted
@@ -513,7 +516,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     if args.device == "cuda" and not machine["cuda"]:
         raise SystemExit("--device cuda but torch sees no GPU")
-    methods = args.methods or ["plain_1thr", f"plain_{args.cpus}thr", "raytrain", "ingest"]
+    if args.methods:
+        methods = args.methods
+    elif args.device == "cuda":  # CPU threads barely matter to a GPU step
+        methods = ["plain_1thr", "raytrain", "ingest"]
+    else:
+        methods = ["plain_1thr", f"plain_{args.cpus}thr", "raytrain", "ingest"]
 
     def sub(worker: str, **extra: Any) -> dict[str, Any]:
         argv_ = [__file__, "--worker", worker, "--device", args.device, "--frames", str(args.frames)]

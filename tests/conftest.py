@@ -18,6 +18,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Test clusters live on loopback only. Ray 2.60 turns token auth on whenever
+# ~/.ray/auth_token exists (left by any earlier `ray start`), and then every
+# client must carry the token: disable it so results do not depend on the machine's history.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
