@@ -217,7 +217,7 @@ def test_resume_needs_an_interrupted_sweep(ray_cluster, demo_data, tmp_path):
 # ----------------------------------------------------------------- real sweeps
 
 
-def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, demo_data, tmp_path):
+def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_cluster, demo_data, tmp_path):
     """Three trials (MixUp α 0 / 0.4 / 0.8) with ASHA, TensorBoard and offline W&B, then the refusals
     that protect a finished sweep."""
     import matplotlib.image
@@ -282,11 +282,12 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, demo_dat
     assert sorted(p.name for p in train_runs.iterdir()) == sorted(t["trial_id"] for t in results["trials"])
     assert all(list(run.glob("checkpoint_epoch_*/model/model.safetensors")) for run in train_runs.iterdir())
 
-    # A finished sweep is never overwritten, and --resume refuses a changed config.
-    again = finish(start_driver(ray_head, overrides, env=env))
-    assert "already holds a sweep (run.storage_path / run.name): pass --resume" in again
-    changed = finish(start_driver(ray_head, [*overrides, "train.epochs=3"], "--resume", env=env))
-    assert "differs from the interrupted sweep's in train.epochs" in changed
+    # A finished sweep is never overwritten, and --resume refuses a changed config (checked in process:
+    # both refusals come before any Ray work).
+    with pytest.raises(UserError, match=r"already holds a sweep \(run.storage_path / run.name\): pass --resume"):
+        run_sweep(load_config(DEMO, overrides))
+    with pytest.raises(UserError, match="differs from the interrupted sweep's in train.epochs; resume with the config"):
+        run_sweep(load_config(DEMO, [*overrides, "train.epochs=3"]), resume=True)
     assert len(trial_dirs(experiment)) == 3
 
 
@@ -294,7 +295,7 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
     """Kill the sweep's driver (SIGKILL) while trial 2 trains, after trial 1 finished; --resume must
     keep trial 1 as it is and continue trial 2's Ray Train run from its last checkpoint."""
     overrides = sweep_overrides(
-        demo_data, tmp_path, "train.epochs=3", "tune.asha=false", "tune.max_concurrent_trials=1"
+        demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=1"
     )
     experiment = tmp_path / "runs" / "demo"
     driver = start_driver(ray_head, overrides)
@@ -311,7 +312,7 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
     time.sleep(5)  # the cluster reaps the dead driver's trial actors and Train workers
 
     first, second = trials
-    assert progress_epochs(first) == [1, 2, 3]
+    assert progress_epochs(first) == [1, 2]
     first_progress = (first / "progress.csv").read_text()
     second_rows = len(progress_epochs(second))
     # What Ray Train had registered when the driver died: where it must continue from.
@@ -326,8 +327,8 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
     assert len(trial_dirs(experiment)) == 2
     resumed = progress_epochs(second)[second_rows:]
     # Ray Train picked up its latest registered checkpoint: the resumed run reports only what is left.
-    assert resumed == list(range(last_epoch + 2, 4)), (resumed, last_epoch)
-    assert len(resumed) < 3
+    assert resumed == list(range(last_epoch + 2, 3)), (resumed, last_epoch)
+    assert len(resumed) < 2
     results = json.loads((tmp_path / "reports" / "results.json").read_text())
     assert [t["status"] for t in results["trials"]] == ["completed", "completed"]
-    assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2, 3], [1, 2, 3]]
+    assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2], [1, 2]]
