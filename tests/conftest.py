@@ -71,6 +71,7 @@ def ray_head(tmp_path_factory):
     stops exactly the processes it started when terminated; `ray stop` would stop every Ray
     instance on the machine, so it is not used.
     """
+    import shutil
     import signal
     import socket
     import subprocess
@@ -127,3 +128,4 @@ def ray_head(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the session's logs and sockets

@@ -41,7 +41,9 @@ def test_ray_job_submit_runs_the_sweep(ray_head, tmp_path):
     submission_id = f"vidray-tune-{uuid.uuid4().hex[:8]}"
     submit = subprocess.run(
         [ray, "job", "submit", "--address", ray_head["dashboard_url"], "--working-dir", ".",
-         "--submission-id", submission_id, "--", "python", "jobs/tune.py", "--config", str(config)],
+         "--submission-id", submission_id, "--",
+         # Where the job's Python finds vidray, then the job itself, exactly as the README runs it.
+         f"python -c 'import vidray; print(\"vidray from\", vidray.__file__)' && python jobs/tune.py --config {config}"],
         cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=480,
     )  # fmt: skip
     logs = submit.stdout + submit.stderr
@@ -56,6 +58,8 @@ def test_ray_job_submit_runs_the_sweep(ray_head, tmp_path):
     # The job imported vidray from the uploaded working directory, not from this checkout.
     info = client.get_job_info(submission_id)
     assert info.runtime_env["working_dir"].startswith("gcs://_ray_pkg_")
+    imported_from = Path(job_logs.split("vidray from ", 1)[1].split()[0])
+    assert "runtime_resources" in imported_from.parts and not imported_from.is_relative_to(REPO)
     rows = [line for line in (tmp_path / "reports" / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 1 and "MixUp α=0.4, lr=1e-3, wd=0.05" in rows[1]  # header + the trial
 
@@ -66,4 +70,4 @@ def test_ray_job_submit_runs_the_sweep(ray_head, tmp_path):
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         job = json.loads(response.read())
     assert job["submission_id"] == submission_id and job["status"] == "SUCCEEDED"
-    assert job["entrypoint"].startswith("python jobs/tune.py --config")
+    assert "python jobs/tune.py --config" in job["entrypoint"]

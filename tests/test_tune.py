@@ -138,6 +138,19 @@ def test_param_space_grids_ranges_and_trial_configs():
     assert trial_label({"mixup_alpha": 0.0, "lr": 1e-4, "weight_decay": 0.05}) == "No MixUp, lr=1e-4, wd=0.05"
 
 
+def test_results_table_has_the_reference_columns():
+    from vidray.results import REFERENCE_COIN12, TABLE_COLUMNS, markdown_table
+
+    assert TABLE_COLUMNS[:7] == ["Type", "Epochs", "Training Loss", "Test Loss", "Precision", "Recall", "F1"]
+    rows = [{"Type": "MixUp α=0.4, lr=5e-5, wd=0.05", "Epochs": "3/15 (stopped early)", "Training Loss": 1.4712,
+             "Test Loss": None, "Precision": 0.4, "Recall": 0.4, "F1": 0.4, "Macro-F1": 0.35, "Accuracy": 0.4,
+             "Best": 0.375, "Best epoch": 2}]  # fmt: skip
+    lines = markdown_table(rows, TABLE_COLUMNS).splitlines()
+    assert lines[2] == "| MixUp α=0.4, lr=5e-5, wd=0.05 | 3/15 (stopped early) | 1.471 | — | 0.400 | 0.400 | 0.400 | 0.350 | 0.400 | 0.375 (ep 2) |"
+    reference = markdown_table(REFERENCE_COIN12, ["Type", "Training Loss", "Test Loss", "F1"])
+    assert "| Reference: MixUp α=0.4 | 1.471 | 1.815 | 0.411 |" in reference
+
+
 def test_empty_grid_is_refused_before_ray_starts(capsys):
     assert cli_main(["tune", "--config", str(DEMO), "tune.lr=[]"]) == 2
     err = capsys.readouterr().err.strip()

@@ -363,7 +363,8 @@ def check_experiment(cfg: VidrayConfig, experiment_path: str, resume: bool) -> N
         saved = _read_text(join_uri(experiment_path, SWEEP_CONFIG_FILE))
         if saved is not None:
             changed = _config_differences(json.loads(saved), cfg.model_dump(mode="json"))
-            changed = [key for key in changed if not key.startswith(("run.wandb", "tune.max_concurrent_trials"))]
+            # Where reports and logs go may change; anything that shapes the trials may not.
+            changed = [key for key in changed if not key.startswith(("run.wandb", "run.reports_dir"))]
             if changed:
                 raise UserError(
                     f"--resume with a config that differs from the interrupted sweep's in {', '.join(changed)}; "
