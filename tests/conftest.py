@@ -86,7 +86,7 @@ def ray_head(tmp_path_factory):
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard}"
     # Short: Ray's socket paths live under it and Unix sockets allow ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="vrh", dir="/tmp")
@@ -104,22 +104,27 @@ def ray_head(tmp_path_factory):
         os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--temp-dir", temp_dir, "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(agent),
     ]  # fmt: skip
     with open(log, "w") as out:
         head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while True:  # the dashboard answers (401 without a token) once the head is up
+
+        def answers(url: str) -> bool:
             try:
-                urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=2)
-                break
+                urllib.request.urlopen(url, timeout=2)
             except urllib.error.HTTPError:
-                break
+                pass  # e.g. 401 without a token: it is up
             except OSError:
-                assert head.poll() is None, f"ray start exited early:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"Ray head not up after 180 s:\n{log.read_text()[-3000:]}"
-                time.sleep(1)
+                return False
+            return True
+
+        # Jobs are accepted once the dashboard and the head's dashboard agent (which runs them) are up.
+        while not (answers(f"{dashboard_url}/api/version") and answers(f"http://127.0.0.1:{agent}/")):
+            assert head.poll() is None, f"ray start exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"Ray head not up after 180 s:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
         yield {"address": f"127.0.0.1:{gcs}", "dashboard_url": dashboard_url, "env": env, "log": log}
     finally:
         head.send_signal(signal.SIGTERM)

@@ -42,8 +42,9 @@ def test_ray_job_submit_runs_the_sweep(ray_head, tmp_path):
     submit = subprocess.run(
         [ray, "job", "submit", "--address", ray_head["dashboard_url"], "--working-dir", ".",
          "--submission-id", submission_id, "--",
-         # Where the job's Python finds vidray, then the job itself, exactly as the README runs it.
-         f"python -c 'import vidray; print(\"vidray from\", vidray.__file__)' && python jobs/tune.py --config {config}"],
+         # Where the job's Python finds vidray, then the job itself, as the README runs it.
+         "sh", "-c", f"python -c 'import vidray; print(\"vidray from\", vidray.__file__)' && "
+         f"python jobs/tune.py --config {config}"],
         cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=480,
     )  # fmt: skip
     logs = submit.stdout + submit.stderr
