@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def vidray_phases_table(result: dict) -> str:
         if "cold_videos_per_s" not in row:
             continue
         runs = [r for r in result["runs"] if r["method"] == method]
-        per_video = {k: sorted(r["cpu_s"][k] / r["clips"] for r in runs) for k in ("ray_workers", "driver", "ray_system")}
-        split = " / ".join(_fmt(v[len(v) // 2], 2) for v in per_video.values())
+        split = " / ".join(
+            _fmt(statistics.median(r["cpu_s"][k] / r["clips"] for r in runs), 2)
+            for k in ("ray_workers", "driver", "ray_system")
+        )
         lines.append(
             f"| `{method}` | {_fmt(row['ray_init_s'])} | {_fmt(row['cold_videos_per_s'])} | "
             f"{_fmt(row['videos_per_s'])} | {split} |"

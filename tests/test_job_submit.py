@@ -45,7 +45,7 @@ def test_ray_job_submit_runs_the_sweep(ray_head, tmp_path):
          # Where the job's Python finds vidray, then the job itself, as the README runs it.
          "sh", "-c", f"python -c 'import vidray; print(\"vidray from\", vidray.__file__)' && "
          f"python jobs/tune.py --config {config}"],
-        cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=480,
+        cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     logs = submit.stdout + submit.stderr
     assert submit.returncode == 0, logs[-6000:]

@@ -244,27 +244,26 @@ def _decode_samples(path: str, count: int, width: int, height: int, num_threads:
 
 
 def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, width, height) -> dict[int, np.ndarray]:
-    codec = stream.codec_context
     index_of = {pts: i for i, pts in enumerate(timestamps)}
     keyframe_indices = sorted(index_of[pts] for pts in keyframes) or [0]
-    wanted, kept, position, packets = set(samples), {}, -1, None
+    wanted = set(samples)
+    wanted_pts = {timestamps[i] for i in wanted}
+    kept, position, frames = {}, -1, None
     for target in sorted(wanted):
         if target in kept:
             continue
         keyframe = max((k for k in keyframe_indices if k <= target), default=keyframe_indices[0])
-        if packets is None or keyframe > position:
+        if frames is None or keyframe > position:
             container.seek(timestamps[keyframe], stream=stream, backward=True)
-            packets, position = container.demux(stream), keyframe - 1
-        for packet in packets:
-            if packet.pts is not None:
-                codec.skip_frame = "DEFAULT" if index_of.get(packet.pts) in wanted else "NONREF"
-            for frame in codec.decode(packet if packet.size else None):
-                index = index_of.get(frame.pts)
-                if index is None:
-                    continue
-                position = max(position, index)
-                if index in wanted and index not in kept:
-                    kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
+            frames = _decoded_frames(stream.codec_context, container.demux(stream), wanted_pts)
+            position = keyframe - 1
+        for frame in frames:
+            index = index_of.get(frame.pts)
+            if index is None:
+                continue
+            position = max(position, index)
+            if index in wanted and index not in kept:
+                kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
             if target in kept:
                 break
     return kept
@@ -272,12 +271,28 @@ def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, widt
 
 def _decode_in_order(container, stream, wanted: set[int], width: int, height: int) -> dict[int, np.ndarray]:
     kept = {}
-    for index, frame in enumerate(container.decode(stream)):
+    for index, frame in enumerate(_decoded_frames(stream.codec_context, container.demux(stream))):
         if index in wanted:
             kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
         if len(kept) == len(wanted):
             break
     return kept
+
+
+def _decoded_frames(codec, packets, wanted_pts: set | None = None):
+    """Frames decoded from ``packets``, then the decoder's delayed frames once they run out.
+
+    With ``wanted_pts``, every other packet goes in with ``skip_frame=NONREF``:
+    the decoder drops it unless later frames reference it.
+    """
+    for packet in packets:
+        if not packet.size:
+            continue  # the demuxer's end marker, or an empty (dropped-frame) packet: not a flush
+        if wanted_pts is not None:
+            codec.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
+        yield from codec.decode(packet)
+    codec.skip_frame = "DEFAULT"
+    yield from codec.decode(None)
 
 
 def _first_frame_decodes(path: str) -> bool:
