@@ -147,6 +147,14 @@ def test_scratch_sizes_and_gradient_checkpointing():
     assert VideoMAEConfig(**SCRATCH_SIZES["base"]).to_dict()["hidden_size"] == VideoMAEConfig().hidden_size
 
 
+def test_scratch_patch_size_sets_the_token_grid():
+    model = build_model(ModelConfig(init="scratch", size="tiny", patch_size=8), CLASSES, 8, 48)
+    assert model.config.patch_size == 8 and token_grid(model.config) == (4, 6, 6)
+    assert model(pixel_values=torch.randn(1, 8, 3, 48, 48)).logits.shape == (1, 3)
+    with pytest.raises(UserError, match=r"data.size=44 must be a multiple of the model's patch_size 8"):
+        build_model(ModelConfig(init="scratch", size="tiny", patch_size=8), CLASSES, 8, 44)
+
+
 def test_bad_sources_and_shapes_fail_with_one_line_errors(tmp_path, pretrained_dir):
     missing = tmp_path / "no-such-model"
     with pytest.raises(UserError, match=r"model.name_or_path: cannot load .*no-such-model.*model.init=scratch"):

@@ -14,22 +14,15 @@ One end-to-end scenario, in order:
 
 Each driver is a subprocess with RAY_ADDRESS set, like `ray job submit`, so
 the session's in-process cluster (conftest `ray_cluster`) is never touched.
-Every node runs on 127.0.0.2 (loopback: Ray rewrites 127.0.0.1 to the host's
-outward IP for multi-node clusters, but leaves the rest of 127.0.0.0/8 alone),
-and every process of the cluster is killed by PID at the end. `ray stop` is
-never used: it would stop every Ray cluster on the machine.
+The cluster is vidray.local_cluster.LoopbackCluster: every node on 127.0.0.2,
+every process of the cluster killed by PID at the end, never `ray stop`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -40,6 +33,7 @@ import pytest
 from vidray.checkpoint import read_checkpoint_info
 from vidray.demo_data import generate_demo_videos
 from vidray.index import index_folder
+from vidray.local_cluster import LoopbackCluster, proc_table
 from vidray.storage import MULTI_NODE_LABEL
 
 pytestmark = [
@@ -47,146 +41,7 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the nodes' processes in /proc"),
 ]
 
-NODE_IP = "127.0.0.2"
-RAY = str(Path(sys.executable).with_name("ray"))
-# Plain loopback clusters: no token auth (another cluster's ~/.ray/auth_token would switch it on).
-# No progress bars: on a 2-core box their redraws cost more CPU than the training.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 EPOCHS = 3
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind((NODE_IP, 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _proc_table() -> dict[int, tuple[int, list[str]]]:
-    """{pid: (parent pid, argv)} of every process, from /proc (argv shows Ray's process titles)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (parent, argv)
-    return table
-
-
-class LoopbackCluster:
-    """`ray start` nodes on 127.0.0.2 with their own ports and temp dir, killed by PID."""
-
-    def __init__(self):
-        # Short: Ray's unix socket paths live below it (108-byte limit).
-        self.temp_dir = tempfile.mkdtemp(prefix="vrmn")
-        self.gcs_port: int | None = None
-        self.node_manager_ports: dict[str, int] = {}
-
-    @property
-    def address(self) -> str:
-        return f"{NODE_IP}:{self.gcs_port}"
-
-    def _start(self, name: str, num_cpus: int, extra: list[str]) -> None:
-        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
-        command = [
-            RAY, "start", "--node-ip-address", NODE_IP, "--num-cpus", str(num_cpus),
-            "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
-            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-            "--object-store-memory", str(150 * 2**20), "--disable-usage-stats", *extra,
-        ]  # fmt: skip
-        log = Path(self.temp_dir) / f"start-{name}.log"
-        # A file, not a pipe: the node's daemons inherit it and would hold a pipe open.
-        with open(log, "w") as out:
-            # Without RAY_ADDRESS: the session's in-process cluster may have exported its own.
-            env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **RAY_ENV}
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=180).returncode
-        assert code == 0, f"ray start of node {name} failed:\n{log.read_text()[-3000:]}"
-        self.node_manager_ports[name] = node_manager
-
-    def start_head(self, num_cpus: int, labels: str) -> None:
-        self.gcs_port, client, dashboard = _free_ports(3)
-        self._start(
-            "head",
-            num_cpus,
-            [
-                # No dashboard, so no State API: Ray Train's placement-group cleaner logs
-                # that it cannot reach it, which matters only if a Train controller dies.
-                "--head", "--port", str(self.gcs_port), "--include-dashboard", "false",
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir, "--labels", labels,
-                # Notice a dead node within seconds rather than the default ~30 s.
-                "--system-config", json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3}),
-            ],
-        )  # fmt: skip
-
-    def add_node(self, name: str, num_cpus: int) -> None:
-        # The nodes share the head's session directory; one log monitor (the
-        # head's) streams it, or every worker log would reach drivers once per node.
-        self._start(name, num_cpus, ["--address", self.address, "--include-log-monitor", "false"])
-
-    def processes(self) -> dict[int, tuple[int, list[str]]]:
-        """This cluster's processes: their command lines name its GCS address or temp dir."""
-        if self.gcs_port is None:
-            return {}
-        marks = (self.address, f"gcs_server_port={self.gcs_port}", self.temp_dir)
-        table = _proc_table()
-        ours = {pid: info for pid, info in table.items() if any(m in " ".join(info[1]) for m in marks)}
-        # Plus everything a raylet of ours started (workers, agents).
-        raylets = {pid for pid, (_, argv) in ours.items() if argv and Path(argv[0]).name == "raylet"}
-        ours.update({pid: info for pid, info in table.items() if info[0] in raylets})
-        return ours
-
-    def raylets(self) -> dict[int, str]:
-        """{raylet pid: node name}."""
-        names = {f"--node_manager_port={port}": name for name, port in self.node_manager_ports.items()}
-        return {
-            pid: names[flag]
-            for pid, (_, argv) in self.processes().items()
-            if argv and Path(argv[0]).name == "raylet"
-            for flag in argv
-            if flag in names
-        }
-
-    def kill_node(self, name: str) -> None:
-        """Kill one node as a vanished machine would go: its raylet and everything under it, at once."""
-        (raylet,) = [pid for pid, node in self.raylets().items() if node == name]
-        table = _proc_table()
-        doomed, frontier = {raylet}, [raylet]
-        while frontier:
-            children = [pid for pid, (parent, _) in table.items() if parent in frontier]
-            doomed.update(children)
-            frontier = children
-        for pid in doomed:
-            _kill(pid)
-
-    def shutdown(self) -> None:
-        for _ in range(10):
-            alive = self.processes()
-            if not alive:
-                break
-            for pid in alive:
-                _kill(pid)
-            time.sleep(0.5)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _driver(cluster: LoopbackCluster, code: str, workdir: Path, name: str) -> subprocess.Popen:
@@ -194,7 +49,7 @@ def _driver(cluster: LoopbackCluster, code: str, workdir: Path, name: str) -> su
 
     It writes its result as JSON to ``workdir/<name>.json`` (argv[1]) and its output to ``<name>.log``.
     """
-    env = {**os.environ, **RAY_ENV, "RAY_ADDRESS": cluster.address}
+    env = cluster.driver_env()
     command = [sys.executable, "-c", textwrap.dedent(code), str(workdir / f"{name}.json")]
     with open(workdir / f"{name}.log", "w") as out:
         return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -227,7 +82,7 @@ class TaskSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            for parent, argv in _proc_table().values():
+            for parent, argv in proc_table().values():
                 if argv and self.needle in argv[0]:
                     self.raylets.add(parent)
             time.sleep(0.1)

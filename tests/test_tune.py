@@ -25,17 +25,8 @@ from vidray.cli import main as cli_main
 from vidray.config import TuneConfig, load_config
 from vidray.errors import UserError
 from vidray.results import trial_label
-from vidray.tune import (
-    EPOCHS_DONE,
-    Capacity,
-    _autoscaling_capacity,
-    build_param_space,
-    check_trial_resources,
-    count_trials,
-    derive_max_concurrent_trials,
-    run_sweep,
-    trial_config,
-)
+from vidray.cluster import Capacity, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
+from vidray.tune import EPOCHS_DONE, build_param_space, count_trials, run_sweep, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -70,7 +61,8 @@ def demo_data(tmp_path_factory, ray_cluster) -> list[str]:
 
 
 def sweep_overrides(demo_data: list[str], tmp_path: Path, *extra: str) -> list[str]:
-    return [*demo_data, f"run.storage_path={tmp_path / 'runs'}", f"run.reports_dir={tmp_path / 'reports'}", *extra]
+    base = [f"run.storage_path={tmp_path / 'runs'}", f"run.reports_dir={tmp_path / 'reports'}", "tune.grace_period=1"]
+    return [*demo_data, *base, *extra]
 
 
 def start_driver(ray_head, overrides: list[str], *flags: str, env: dict | None = None) -> subprocess.Popen:
@@ -175,9 +167,15 @@ def test_empty_grid_is_refused_before_ray_starts(capsys):
 def test_resources_and_concurrency_follow_the_cluster():
     laptop = Capacity(node_cpus=2, node_gpus=0, total_cpus=2, total_gpus=0, source="the Ray cluster")
     cfg = load_config(DEMO)
-    check_trial_resources(cfg.train, laptop)
-    # One CPU for the worker, one left for Ray Data: trials run one at a time.
+    check_run_resources(cfg.train, laptop)
+    # Streaming: one CPU for the worker, one left for Ray Data, so trials run one at a time.
     assert derive_max_concurrent_trials(cfg.train, laptop) == 1
+    # Cached splits need no reader while training: a trial per CPU.
+    assert derive_max_concurrent_trials(cfg.train, laptop, data_cpus=0) == 2
+    two_workers = cfg.train.model_copy(update={"num_workers": 2})
+    check_run_resources(two_workers, laptop, data_cpus=0)
+    with pytest.raises(UserError, match=r"2 x 1 CPUs plus 1 for Ray Data to stream the shards, but the Ray cluster has 2"):
+        check_run_resources(two_workers, laptop)
     gpu_cluster = Capacity(node_cpus=8, node_gpus=1, total_cpus=68, total_gpus=12, source="x")
     gpu_train = cfg.train.model_copy(update={"use_gpu": True, "num_workers": 2, "cpus_per_worker": 4})
     assert derive_max_concurrent_trials(gpu_train, gpu_cluster) == 6  # GPUs limit: 12 / 2
@@ -202,7 +200,7 @@ def test_an_autoscaling_cluster_counts_the_nodes_it_may_add(tmp_path):
     capacity = _autoscaling_capacity(bootstrap)
     assert (capacity.node_cpus, capacity.node_gpus, capacity.total_gpus) == (8, 1, 12)
     train = load_config(REPO / "configs" / "coin12.yaml").train
-    check_trial_resources(train, capacity)  # use_gpu with no live GPU node is fine here
+    check_run_resources(train, capacity)  # use_gpu with no live GPU node is fine here
     assert derive_max_concurrent_trials(train, capacity) == 12
     # A node type whose resources Ray auto-detects: nothing certain, so no verdict.
     config = yaml.safe_load(bootstrap.read_text())
@@ -219,7 +217,8 @@ def test_an_autoscaling_cluster_counts_the_nodes_it_may_add(tmp_path):
     ("overrides", "message"),
     [
         (["train.use_gpu=true"], "train.use_gpu=true but the Ray cluster has no GPUs; set train.use_gpu=false"),
-        (["train.num_workers=2", "train.batch_size=8"], "lower train.num_workers or train.cpus_per_worker"),
+        (["train.num_workers=3", "train.batch_size=6"], "3 x 1 CPUs, but the Ray cluster has 2; lower train.num_workers"),
+        (["train.num_workers=2", "train.batch_size=8", "train.cache_dataset=never"], "plus 1 for Ray Data to stream"),
         (["train.cpus_per_worker=3"], "train.cpus_per_worker=3 but the largest node of the Ray cluster has 2 CPUs"),
         (["tune.metric=val_f1"], "tune.metric='val_f1' is not reported by training"),
         (["tune.mode=min"], "set tune.mode=max"),
@@ -227,7 +226,7 @@ def test_an_autoscaling_cluster_counts_the_nodes_it_may_add(tmp_path):
         (["train.batch_size=16"], "fewer than one batch of 16 per worker; lower train.batch_size"),
         (["data.source=folder", "data.videos_dir=/nonexistent/videos"], "data.videos_dir: /nonexistent/videos does not exist"),
     ],
-    ids=["no-gpu", "too-many-cpus", "cpus-per-worker", "metric", "mode", "grace", "batch", "missing-videos"],
+    ids=["no-gpu", "too-many-cpus", "no-cpu-to-stream", "cpus-per-worker", "metric", "mode", "grace", "batch", "missing-videos"],
 )
 def test_preflight_refuses_before_any_trial_starts(ray_cluster, demo_data, tmp_path, overrides, message):
     cfg = load_config(DEMO, sweep_overrides(demo_data, tmp_path, "train.epochs=2", *overrides))

@@ -1,14 +1,24 @@
 """Connecting to Ray: the cluster in RAY_ADDRESS (as under `ray job submit`),
-or a fresh local one; and the storage paths every node of it must reach."""
+or a fresh local one; the storage paths every node of it must reach; and what
+it can give one training run (checked before anything starts, since a run
+Ray can never place just waits)."""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
-from vidray.config import VidrayConfig
+from vidray.config import TrainConfig, VidrayConfig
+from vidray.errors import UserError
 from vidray.storage import check_storage_for_cluster
+
+# What Ray Data needs beside a run's workers to stream the shards every epoch (one
+# read task). A run whose splits are cached in the object store needs none after its start.
+DATA_CPUS = 1
 
 
 def init_ray(**local_kwargs) -> None:
@@ -41,3 +51,98 @@ def cluster_summary() -> dict:
         for name in ("CPU", "GPU", "memory", "object_store_memory"):
             totals[name] = totals.get(name, 0.0) + node["Resources"].get(name, 0.0)
     return {"nodes": len(nodes), **totals}
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the cluster can offer one placement group: the largest node, and all nodes together."""
+
+    node_cpus: float
+    node_gpus: float
+    total_cpus: float
+    total_gpus: float
+    source: str  # for messages: "the Ray cluster" or the autoscaler's node types
+
+
+def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> Capacity | None:
+    """On a `ray up` cluster, the most its node types can add up to (live nodes undercount it).
+
+    None when there is no cluster-launcher config or a node type leaves its
+    resources to auto-detection (then nothing certain can be said).
+    """
+    import yaml
+
+    path = path.expanduser()
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text()) or {}
+    node_types = config.get("available_node_types") or {}
+    if not node_types or any("resources" not in t for t in node_types.values()):
+        return None
+    cap = int(config.get("max_workers", 10**6))
+    head = config.get("head_node_type")
+    node_cpus = max(float(t["resources"].get("CPU", 0)) for t in node_types.values())
+    node_gpus = max(float(t["resources"].get("GPU", 0)) for t in node_types.values())
+    total_cpus = total_gpus = 0.0
+    for name, node_type in node_types.items():
+        count = 1 if name == head else min(int(node_type.get("max_workers", cap)), cap)
+        total_cpus += count * float(node_type["resources"].get("CPU", 0))
+        total_gpus += count * float(node_type["resources"].get("GPU", 0))
+    return Capacity(node_cpus, node_gpus, total_cpus, total_gpus, f"the autoscaler's node types ({path})")
+
+
+def cluster_capacity() -> Capacity:
+    autoscaling = _autoscaling_capacity()
+    if autoscaling is not None:
+        return autoscaling
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return Capacity(
+        node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
+        node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0),
+        total_cpus=sum(n.get("CPU", 0.0) for n in nodes),
+        total_gpus=sum(n.get("GPU", 0.0) for n in nodes),
+        source="the Ray cluster",
+    )
+
+
+def check_run_resources(train: TrainConfig, capacity: Capacity, data_cpus: int = DATA_CPUS) -> None:
+    """Refuse a run whose Ray Train workers could never all be placed, or never be fed (it would wait forever).
+
+    ``data_cpus``: CPUs Ray Data needs beside the workers: :data:`DATA_CPUS` when
+    the shards are streamed every epoch, 0 when the splits are cached.
+    """
+    where = capacity.source
+    if train.use_gpu and capacity.total_gpus == 0:
+        raise UserError(f"train.use_gpu=true but {where} has no GPUs; set train.use_gpu=false or add GPU nodes")
+    if train.cpus_per_worker > capacity.node_cpus:
+        raise UserError(
+            f"train.cpus_per_worker={train.cpus_per_worker:g} but the largest node of {where} has "
+            f"{capacity.node_cpus:g} CPUs; lower train.cpus_per_worker"
+        )
+    needed_cpus = train.num_workers * train.cpus_per_worker + data_cpus
+    if needed_cpus > capacity.total_cpus:
+        data = f" plus {data_cpus} for Ray Data to stream the shards" if data_cpus else ""
+        raise UserError(
+            f"one run needs train.num_workers x train.cpus_per_worker = {train.num_workers} x "
+            f"{train.cpus_per_worker:g} CPUs{data}, but {where} has {capacity.total_cpus:g}; "
+            "lower train.num_workers or train.cpus_per_worker"
+        )
+    if train.use_gpu and train.num_workers > capacity.total_gpus:
+        raise UserError(
+            f"train.num_workers={train.num_workers} GPU workers but {where} has {capacity.total_gpus:g} GPUs; "
+            "lower train.num_workers"
+        )
+
+
+def derive_max_concurrent_trials(train: TrainConfig, capacity: Capacity, data_cpus: int = DATA_CPUS) -> int:
+    """How many trials' worker groups fit side by side; Tune would otherwise start every trial at once.
+
+    Ray Train starts a run only when all its workers can be placed, so extra
+    trials would just sit in Tune waiting for resources. ``data_cpus`` stay
+    free for Ray Data's read tasks when the trials stream their data.
+    """
+    per_trial_cpus = train.num_workers * train.cpus_per_worker
+    fit = math.floor((capacity.total_cpus - data_cpus) / per_trial_cpus)
+    if train.use_gpu:
+        fit = min(fit, math.floor(capacity.total_gpus / train.num_workers))
+    return max(1, fit)

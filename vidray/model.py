@@ -100,12 +100,17 @@ def load_pretrained_config(name_or_path: str) -> VideoMAEConfig:
         ) from None
 
 
+def scratch_config(model_cfg: ModelConfig, **overrides) -> VideoMAEConfig:
+    patch = {"patch_size": model_cfg.patch_size} if model_cfg.patch_size else {}
+    return VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size], **patch, **overrides)
+
+
 def check_model_config(model_cfg: ModelConfig, frames: int, size: int) -> None:
     """The cheap part of :func:`build_model` (config only, no weights), to fail on the driver, not in a worker."""
     if model_cfg.init == "pretrained":
         config = load_pretrained_config(model_cfg.name_or_path)
     else:
-        config = VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size])
+        config = scratch_config(model_cfg)
     check_clip_shape(frames, size, config)
 
 
@@ -125,7 +130,7 @@ def build_model(model_cfg: ModelConfig, classes: list[str], frames: int, size: i
         **_label_maps(classes),
     )
     if model_cfg.init == "scratch":
-        config = VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size], **common, attn_implementation="sdpa")
+        config = scratch_config(model_cfg, **common, attn_implementation="sdpa")
         check_clip_shape(frames, size, config)
         model = VideoMAEForVideoClassification(config)
     else:

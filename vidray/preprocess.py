@@ -254,7 +254,9 @@ def _write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
         raise
 
 
-def write_shard(out: str, shard: Shard, outcomes: list[tuple[dict, bytes | None]]) -> list[dict]:
+def write_shard(
+    out: str, shard: Shard, outcomes: list[tuple[dict, bytes | None]], decode_seconds: float | None = None
+) -> list[dict]:
     """Write the shard's Parquet file (processed videos only; none if all were
     rejected), then its record. Returns the outcome rows, tagged with the shard id."""
     fs, root = open_filesystem(out)
@@ -293,6 +295,9 @@ def write_shard(out: str, shard: Shard, outcomes: list[tuple[dict, bytes | None]
         "shard": shard.id,
         "split": shard.split,
         "file": shard.parquet_name if processed else None,
+        # Where and how fast it was decoded: how the work spread over a cluster's nodes.
+        "node_id": _ray_node_id(),
+        "decode_seconds": None if decode_seconds is None else round(decode_seconds, 3),
         "videos": rows,
     }
 
@@ -302,6 +307,12 @@ def write_shard(out: str, shard: Shard, outcomes: list[tuple[dict, bytes | None]
 
     _write_atomically(fs, join_uri(root, shard.record_name), write_record)
     return rows
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 OUTCOME_COLUMNS = (
@@ -316,8 +327,9 @@ def decode_shards(batch: dict[str, Any], out: str, stored_frames: int, stored_si
     rows: list[dict] = []
     for text in batch["shard"]:
         shard = Shard.from_json(str(text))
+        started = time.perf_counter()
         outcomes = [_decode_video(v, stored_frames, stored_size, crash_on) for v in shard.videos]
-        rows.extend(write_shard(out, shard, outcomes))
+        rows.extend(write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started))
     return {column: [row[column] for row in rows] for column in OUTCOME_COLUMNS}
 
 

@@ -29,10 +29,8 @@ continues from that run's latest checkpoint instead of epoch 0.
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +72,6 @@ TUNABLE_METRICS = (
 # CPU, so on a 2-CPU machine a 1-CPU worker plus 0.01 for the trial would leave
 # 0.99, and the workers would wait forever for data. (Tune refuses an empty request.)
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
-# What Ray Data needs beside a trial's workers to read the shards (one read task).
-DATA_CPUS = 1
 
 SWEEP_CONFIG_FILE = "vidray_sweep.json"
 TRAIN_RUNS_DIR = "train_runs"
@@ -142,99 +138,6 @@ def check_sweep_config(cfg: VidrayConfig) -> None:
             f"tune.grace_period={tune.grace_period} is more than train.epochs={cfg.train.epochs}: ASHA could never "
             "compare trials; lower tune.grace_period or set tune.asha=false"
         )
-
-
-# ------------------------------------------------------------- resources
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What the cluster can offer one placement group: the largest node, and all nodes together."""
-
-    node_cpus: float
-    node_gpus: float
-    total_cpus: float
-    total_gpus: float
-    source: str  # for messages: "the Ray cluster" or the autoscaler's node types
-
-
-def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> Capacity | None:
-    """On a `ray up` cluster, the most its node types can add up to (live nodes undercount it).
-
-    None when there is no cluster-launcher config or a node type leaves its
-    resources to auto-detection (then nothing certain can be said).
-    """
-    import yaml
-
-    path = path.expanduser()
-    if not path.is_file():
-        return None
-    config = yaml.safe_load(path.read_text()) or {}
-    node_types = config.get("available_node_types") or {}
-    if not node_types or any("resources" not in t for t in node_types.values()):
-        return None
-    cap = int(config.get("max_workers", 10**6))
-    head = config.get("head_node_type")
-    node_cpus = max(float(t["resources"].get("CPU", 0)) for t in node_types.values())
-    node_gpus = max(float(t["resources"].get("GPU", 0)) for t in node_types.values())
-    total_cpus = total_gpus = 0.0
-    for name, node_type in node_types.items():
-        count = 1 if name == head else min(int(node_type.get("max_workers", cap)), cap)
-        total_cpus += count * float(node_type["resources"].get("CPU", 0))
-        total_gpus += count * float(node_type["resources"].get("GPU", 0))
-    return Capacity(node_cpus, node_gpus, total_cpus, total_gpus, f"the autoscaler's node types ({path})")
-
-
-def cluster_capacity() -> Capacity:
-    autoscaling = _autoscaling_capacity()
-    if autoscaling is not None:
-        return autoscaling
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return Capacity(
-        node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
-        node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0),
-        total_cpus=sum(n.get("CPU", 0.0) for n in nodes),
-        total_gpus=sum(n.get("GPU", 0.0) for n in nodes),
-        source="the Ray cluster",
-    )
-
-
-def check_trial_resources(train: TrainConfig, capacity: Capacity) -> None:
-    """Refuse a trial whose Ray Train workers could never all be placed (it would wait forever)."""
-    where = capacity.source
-    if train.use_gpu and capacity.total_gpus == 0:
-        raise UserError(f"train.use_gpu=true but {where} has no GPUs; set train.use_gpu=false or add GPU nodes")
-    if train.cpus_per_worker > capacity.node_cpus:
-        raise UserError(
-            f"train.cpus_per_worker={train.cpus_per_worker:g} but the largest node of {where} has "
-            f"{capacity.node_cpus:g} CPUs; lower train.cpus_per_worker"
-        )
-    needed_cpus = train.num_workers * train.cpus_per_worker + DATA_CPUS
-    if needed_cpus > capacity.total_cpus:
-        raise UserError(
-            f"one trial needs train.num_workers x train.cpus_per_worker = {train.num_workers} x "
-            f"{train.cpus_per_worker:g} CPUs plus {DATA_CPUS} for Ray Data to read the shards, but {where} has "
-            f"{capacity.total_cpus:g}; lower train.num_workers or train.cpus_per_worker"
-        )
-    if train.use_gpu and train.num_workers > capacity.total_gpus:
-        raise UserError(
-            f"train.num_workers={train.num_workers} GPU workers but {where} has {capacity.total_gpus:g} GPUs; "
-            "lower train.num_workers"
-        )
-
-
-def derive_max_concurrent_trials(train: TrainConfig, capacity: Capacity) -> int:
-    """How many trials' worker groups fit side by side; Tune would otherwise start every trial at once.
-
-    Ray Train starts a run only when all its workers can be placed, so extra
-    trials would just sit in Tune waiting for resources. :data:`DATA_CPUS` stay
-    free for Ray Data's read tasks, which feed every trial's workers.
-    """
-    per_trial_cpus = train.num_workers * train.cpus_per_worker
-    fit = math.floor((capacity.total_cpus - DATA_CPUS) / per_trial_cpus)
-    if train.use_gpu:
-        fit = min(fit, math.floor(capacity.total_gpus / train.num_workers))
-    return max(1, fit)
 
 
 # ------------------------------------------------------------- Ray
@@ -378,12 +281,13 @@ def check_experiment(cfg: VidrayConfig, experiment_path: str, resume: bool) -> N
 def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or with ``resume`` continue) the sweep ``cfg`` describes; write the results table,
     figures and the best model under ``run.reports_dir``; return a summary."""
+    from vidray.cluster import DATA_CPUS, check_run_resources, cluster_capacity, derive_max_concurrent_trials
     from vidray.cluster import init_ray, shared_storage_paths
     from vidray.dataset import read_dataset_info
     from vidray.model import check_model_config
     from vidray.prepare import prepare_dataset
     from vidray.results import write_sweep_report
-    from vidray.train import check_dataset
+    from vidray.train import check_dataset, should_cache_dataset
 
     # Checks that need nothing but the config come first: they are instant.
     param_space = build_param_space(cfg.tune)
@@ -393,8 +297,8 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
     init_ray(**local_cluster_kwargs())
     storage_path, dataset_dir = shared_storage_paths(cfg)
     capacity = cluster_capacity()
-    check_trial_resources(cfg.train, capacity)
-    max_concurrent = cfg.tune.max_concurrent_trials or derive_max_concurrent_trials(cfg.train, capacity)
+    # Whether the data will be cached is known only once it is prepared: check what holds either way now.
+    check_run_resources(cfg.train, capacity, data_cpus=DATA_CPUS if cfg.train.cache_dataset == "never" else 0)
     experiment_path = join_uri(storage_path, cfg.run.name)
     # Trials run in other processes and directories: give them absolute paths.
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset_dir": dataset_dir})})
@@ -406,7 +310,11 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
 
     # Once, here: every trial reads the same shards.
     dataset_dir = prepare_dataset(cfg)
-    check_dataset(cfg, read_dataset_info(dataset_dir), dataset_dir)
+    info = read_dataset_info(dataset_dir)
+    check_dataset(cfg, info, dataset_dir)
+    data_cpus = 0 if should_cache_dataset(cfg.train, info) else DATA_CPUS
+    check_run_resources(cfg.train, capacity, data_cpus)
+    max_concurrent = cfg.tune.max_concurrent_trials or derive_max_concurrent_trials(cfg.train, capacity, data_cpus)
 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
