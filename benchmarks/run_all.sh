@@ -28,5 +28,5 @@ $PY benchmarks/make_inputs.py --preset full > /dev/null
 $PY benchmarks/preprocess.py --preset full --repeats 2 \
     --methods decord_1thread decord_threads pyav_seek pyav_lean vidray_1cpu "vidray_$(nproc)cpu"
 $PY benchmarks/train_step.py --models tiny --batch 8 --steps 12 --warmup 3 --repeats 2
-$PY benchmarks/train_step.py --models small --batch 2 --steps 3 --warmup 1 --repeats 2 --methods plain_1thr raytrain
+$PY benchmarks/train_step.py --models small --batch 2 --steps 3 --warmup 1 --repeats 2 --methods plain_1thr raytrain_cached
 echo "benchmarks done in $(( $(date +%s) - start )) s; results in benchmarks/results/" >&2

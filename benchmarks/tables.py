@@ -98,6 +98,29 @@ def train_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(result: dict) -> str:
+    lines = [
+        "| layout | nodes x CPUs | cluster start s | cold videos/s | warm videos/s | shards per node (warm, per repeat) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layout, row in result["summary"].items():
+        nodes, _, cpus = layout.partition("node_")
+        spread = "; ".join("/".join(str(n) for n in per_node) for per_node in row["shards_per_node"])
+        lines.append(
+            f"| `{layout}` | {nodes} x {cpus.removesuffix('cpu')} | {_fmt(row['cluster_start_s'])} | "
+            f"{_fmt(row['cold_videos_per_s'])} | {_fmt(row['videos_per_s'])} | {spread} |"
+        )
+    ratios = ", ".join(f"{k.replace('_over_', ' / ')} = {_fmt(v)}" for k, v in result["ratios"].items())
+    inputs = result["inputs"]
+    lines.append("")
+    lines.append(
+        f"{inputs['videos']} videos ({inputs['seconds']} s, {inputs['megabytes']} MB), "
+        f"{result['params']['videos_per_shard']} video(s) per shard, median of {result['params']['repeats']} repeats; "
+        f"ratios (per repeat, then median): {ratios}; 1-min load average during the runs {_loads(result)}."
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         result = json.loads(Path(path).read_text())
@@ -105,6 +128,8 @@ def main() -> None:
         if result["benchmark"] == "preprocess":
             print(preprocess_table(result) + "\n")
             print(vidray_phases_table(result) + "\n")
+        elif result["benchmark"] == "scaling":
+            print(scaling_table(result) + "\n")
         else:
             print(train_table(result) + "\n")
 

@@ -19,6 +19,10 @@ in a fresh Python process:
                    iterator every epoch as in training.
 ``ingest``         the same worker with the step replaced by nothing: the clips/s
                    the data path alone delivers to one worker (what a GPU would need).
+``*_cached``       ``raytrain`` / ``ingest`` with the split read once into Ray's object
+                   store (``vidray.train.materialize_in_order``), what ``vidray train``
+                   does when the splits fit (``train.cache_dataset: auto``); the plain
+                   names stream the Parquet shards every epoch (``cache_dataset: never``).
 
 How steady state is measured: the worker times every step itself (its own
 loop, calling the vidray functions above, so the timing needs nothing from
@@ -71,7 +75,10 @@ from benchlib import (  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
-RAY_METHODS = ("raytrain", "ingest")
+# <method>_cached: the splits read once into the object store (train.cache_dataset), as
+# vidray/train.py does when they fit; without the suffix: streamed from Parquet every epoch.
+RAY_METHODS = ("raytrain", "ingest", "raytrain_cached", "ingest_cached")
+INGEST_METHODS = ("ingest", "ingest_cached")
 
 # Datasheet dense bf16 tensor-core peaks (no sparsity), TFLOP/s; matched against torch.cuda.get_device_name().
 BF16_PEAK_TFLOPS = {
@@ -342,6 +349,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
 
     from vidray.config import TrainConfig
     from vidray.dataset import read_dataset_info, read_split
+    from vidray.train import materialize_in_order
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
@@ -354,6 +362,12 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
     )
     info = read_dataset_info(args.dataset)
+    train_split = read_split(args.dataset, "train").randomize_block_order(seed=TrainConfig().seed)
+    cache_s = None
+    if args.worker.endswith("_cached"):
+        cache_started = time.perf_counter()
+        train_split = materialize_in_order(train_split)
+        cache_s = round(time.perf_counter() - cache_started, 2)
     with tempfile.TemporaryDirectory(prefix="vidray-bench-train-") as storage:
         trainer = TorchTrainer(
             raytrain_worker_loop,
@@ -361,12 +375,12 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
                 "args": vars(args),
                 "video_shape": list(info.video_shape),
                 "result_file": os.path.join(storage, "result.json"),
-                "ingest_only": args.worker == "ingest",
+                "ingest_only": args.worker in INGEST_METHODS,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=1, use_gpu=args.device == "cuda", resources_per_worker={"CPU": args.cpus_per_worker}
             ),
-            datasets={"train": read_split(args.dataset, "train").randomize_block_order(seed=TrainConfig().seed)},
+            datasets={"train": train_split},
             run_config=ray.train.RunConfig(name="bench", storage_path=storage),
         )
         trainer.fit()
@@ -379,6 +393,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": args.cpus,
         "cpus_per_worker": args.cpus_per_worker,
         "process_wall_s": round(total_s, 2),
+        "cache_s": cache_s,  # reading the split into the object store, once per run
         # Whole run, start-up included: where the CPU went, and how many Ray worker processes were started.
         "process_cpu_s": tracker.totals(),
         "ray_worker_processes": sum(1 for e in tracker.seen.values() if e["ray_worker"]),
@@ -492,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray cluster")
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="Ray Train worker CPUs (default: vidray's train.cpus_per_worker)")
-    parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain, ingest")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain[_cached], ingest[_cached]")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/train_step_<models>.json)")
     parser.add_argument("--timeout", type=float, default=900)
@@ -519,9 +534,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.methods:
         methods = args.methods
     elif args.device == "cuda":  # CPU threads barely matter to a GPU step
-        methods = ["plain_1thr", "raytrain", "ingest"]
+        methods = ["plain_1thr", "raytrain", "raytrain_cached", "ingest", "ingest_cached"]
     else:
-        methods = ["plain_1thr", f"plain_{args.cpus}thr", "raytrain", "ingest"]
+        methods = ["plain_1thr", f"plain_{args.cpus}thr", "raytrain", "raytrain_cached", "ingest", "ingest_cached"]
 
     def sub(worker: str, **extra: Any) -> dict[str, Any]:
         argv_ = [__file__, "--worker", worker, "--device", args.device, "--frames", str(args.frames)]
@@ -548,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for repeat in range(args.repeats):
                 shift = repeat % len(methods)
                 for method in methods[shift:] + methods[:shift]:
-                    if method == "ingest" and model != args.models[0]:
+                    if method in INGEST_METHODS and model != args.models[0]:
                         continue  # the data path does not depend on the model: once per input size
                     load_before = loadavg()
                     common = {"model": model, "size": size, "dataset": dataset}
@@ -560,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     else:
                         raise SystemExit(f"unknown method {method}")
                     # The ingest run trains nothing: no FLOPs to credit it with.
-                    achieved = None if method == "ingest" else flops["train_flops_per_clip"] * result["clips_per_s"] / 1e12
+                    achieved = None if method in INGEST_METHODS else flops["train_flops_per_clip"] * result["clips_per_s"] / 1e12
                     run = {
                         "model": model,
                         "size": size,
@@ -597,16 +612,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }  # fmt: skip
             entry[method]["torch_threads"] = rows[0]["torch_threads"] if rows else None
         ratios = {}
-        for method in methods:
-            if method in RAY_METHODS:
-                continue
-            values = []
-            for repeat in range(args.repeats):
-                ray_run = [r for r in mine if r["method"] == "raytrain" and r["repeat"] == repeat]
-                plain_run = [r for r in mine if r["method"] == method and r["repeat"] == repeat]
-                if ray_run and plain_run:
-                    values.append(ray_run[0]["clips_per_s"] / plain_run[0]["clips_per_s"])
-            ratios[f"raytrain_over_{method}"] = median(values)
+        for ray_method in ("raytrain", "raytrain_cached"):
+            for method in methods:
+                if method in RAY_METHODS or ray_method not in methods:
+                    continue
+                values = []
+                for repeat in range(args.repeats):
+                    ray_run = [r for r in mine if r["method"] == ray_method and r["repeat"] == repeat]
+                    plain_run = [r for r in mine if r["method"] == method and r["repeat"] == repeat]
+                    if ray_run and plain_run:
+                        values.append(ray_run[0]["clips_per_s"] / plain_run[0]["clips_per_s"])
+                ratios[f"{ray_method}_over_{method}"] = median(values)
         summary[key] = {"methods": entry, "ratios": ratios, "train_gflops_per_clip": round(config["flops"]["train_flops_per_clip"] / 1e9, 3)}
 
     result = {

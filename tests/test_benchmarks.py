@@ -126,7 +126,7 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
     out = tmp_path / "train.json"
     bench.main(
         ["--models", "tiny", "--frames", "4", "--sizes", "32", "--batch", "2", "--steps", "3", "--warmup", "1",
-         "--repeats", "1", "--videos", "6", "--cpus", "2", "--methods", "plain_1thr", "raytrain", "--gemm-seconds", "0.2",
+         "--repeats", "1", "--videos", "6", "--cpus", "2", "--methods", "plain_1thr", "raytrain", "raytrain_cached", "--gemm-seconds", "0.2",
          "--cache", str(cache), "--out", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())
@@ -136,7 +136,7 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
     assert flops["backward_flops"] > flops["forward_flops"] > 0
     assert flops["tokens_per_clip"] == (4 // 2) * (32 // 16) ** 2
     runs = {r["method"]: r for r in result["runs"]}
-    assert set(runs) == {"plain_1thr", "raytrain"}
+    assert set(runs) == {"plain_1thr", "raytrain", "raytrain_cached"}
     for run in runs.values():
         assert run["timed_steps"] == 3 and run["warmup_steps"] == 1
         assert run["torch_threads"] == 1  # plain_1thr by request; the Ray worker has 1 CPU
@@ -145,8 +145,38 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
         assert run["mfu"] is None  # no GPU: no datasheet peak to divide by
         assert run["fraction_of_gemm_rate"] is not None
     # 6 videos in batches of 2: 3 steps per epoch, so 4 steps span two epochs (one pipeline restart).
-    assert runs["raytrain"]["epochs"] == 2 and runs["raytrain"]["epoch_starts_timed"] == 1
+    for method in ("raytrain", "raytrain_cached"):
+        assert runs[method]["epochs"] == 2 and runs[method]["epoch_starts_timed"] == 1
+    assert runs["raytrain"]["cache_s"] is None and runs["raytrain_cached"]["cache_s"] > 0
     summary = result["summary"]["tiny@32"]
-    assert set(summary["methods"]) == {"plain_1thr", "raytrain"}
-    assert summary["ratios"]["raytrain_over_plain_1thr"] > 0
+    assert set(summary["methods"]) == {"plain_1thr", "raytrain", "raytrain_cached"}
+    assert summary["ratios"]["raytrain_over_plain_1thr"] > 0 and summary["ratios"]["raytrain_cached_over_plain_1thr"] > 0
     assert set(result["gemm"]) == {"1", "2"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LoopbackCluster finds its nodes in /proc")
+def test_scaling_benchmark_smoke(cache, tmp_path):
+    from vidray.local_cluster import NODE_IP, proc_table
+
+    bench = _load("scaling")
+    out = tmp_path / "scaling.json"
+    layouts = ["1node_1cpu", "2node_1cpu"]
+    bench.main(
+        ["--preset", "smoke", "--repeats", "1", "--layouts", *layouts, "--frames", "4", "--size", "28",
+         "--cache", str(cache), "--out", str(out)]
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    runs = {r["layout"]: r for r in result["runs"]}
+    assert set(runs) == set(layouts)
+    for layout, run in runs.items():
+        nodes, _ = bench.parse_layout(layout)
+        assert run["cluster"]["nodes"] == nodes and run["cluster"]["CPU"] == nodes
+        for phase in run["phases"].values():
+            # One video per shard: every video is one Ray task, counted on the node that decoded it.
+            assert phase["processed"] == phase["videos"] == phase["shards"] == 3 and phase["rejected"] == 0
+            assert sum(phase["shards_per_node"]) == 3 and len(phase["shards_per_node"]) <= nodes
+            assert len(phase["decode_s_per_node"]) == len(phase["shards_per_node"])
+    assert {"2node_1cpu_over_1node_1cpu", "1node_1cpu_over_2node_1cpu"} == set(result["ratios"])
+    # Nothing of the benchmark's clusters is left running.
+    assert not [argv for _, argv in proc_table().values() if any(NODE_IP in arg for arg in argv)]

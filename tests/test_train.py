@@ -17,6 +17,7 @@ vs vertical travel). A model that cannot see order is at 50 % within a pair.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -32,8 +33,8 @@ import torch
 
 from vidray import augment
 from vidray.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, load_checkpoint_model, load_training_state
-from vidray.config import load_config
-from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, videos_from_bytes
+from vidray.config import TrainConfig, load_config
+from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
 from vidray.errors import UserError
 from vidray.model import POS_GRID_KEY
 from vidray.train import (
@@ -43,6 +44,7 @@ from vidray.train import (
     build_trainer,
     make_run_config,
     parameter_groups,
+    should_cache_dataset,
     summarize_result,
 )
 
@@ -235,7 +237,9 @@ def shuffled(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def shuffled_killed(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shuffled_killed_run")
-    return run(config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled_killed"), tmp, kill_at_epoch=1)
+    # Streams the shards every epoch while `shuffled` caches them (auto): the two must still agree bit for bit.
+    cfg = config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled_killed", "train.cache_dataset=never")
+    return run(cfg, tmp, kill_at_epoch=1)
 
 
 def _history(outcome: dict) -> list[dict]:
@@ -351,7 +355,10 @@ def test_frame_shuffle_control_falls_to_chance_within_direction_pairs(ordered, s
 
 
 def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuffled_killed):
+    """Also: reading the data once into the object store (shuffled) or every epoch (shuffled_killed) is the same run."""
     assert shuffled_killed["killed"] and not shuffled["killed"]
+    assert should_cache_dataset(shuffled["cfg"].train, read_dataset_info(shuffled["cfg"].data.dataset_dir))
+    assert not should_cache_dataset(shuffled_killed["cfg"].train, read_dataset_info(shuffled_killed["cfg"].data.dataset_dir))
     a, b = _history(shuffled), _history(shuffled_killed)
     assert [h["epoch"] for h in b] == list(range(EPOCHS))
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "global_step", "lr"):
@@ -360,6 +367,18 @@ def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuf
     model_b, _ = load_checkpoint_model(shuffled_killed["result"].checkpoint.path)
     for (name, pa_), (_, pb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
         assert torch.equal(pa_, pb), name
+
+
+def test_auto_caching_takes_what_fits_in_a_quarter_of_the_object_store(ray_cluster, shuffled_dataset):
+    info = read_dataset_info(shuffled_dataset)
+    auto = TrainConfig(cache_dataset="auto")
+    assert should_cache_dataset(auto, info)
+    object_store = ray_cluster.cluster_resources()["object_store_memory"]
+    video_bytes = int(np.prod(info.video_shape))
+    too_big = {"train": int(object_store / 4 / video_bytes) + 1, "val": 0}
+    assert not should_cache_dataset(auto, dataclasses.replace(info, split_counts=too_big))
+    assert should_cache_dataset(TrainConfig(cache_dataset="always"), dataclasses.replace(info, split_counts=too_big))
+    assert not should_cache_dataset(TrainConfig(cache_dataset="never"), info)
 
 
 # ----------------------------------------------------------------- no Ray needed

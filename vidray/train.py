@@ -185,7 +185,7 @@ def build_trainer(
         "val": read_split(dataset_dir, "val"),
     }
     if should_cache_dataset(cfg.train, info):
-        datasets = {name: _materialize_in_order(ds) for name, ds in datasets.items()}
+        datasets = {name: materialize_in_order(ds) for name, ds in datasets.items()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "shape": shape, "train_videos": info.split_counts["train"]},
@@ -220,7 +220,7 @@ def should_cache_dataset(train: TrainConfig, info: DatasetInfo) -> bool:
     return stored_bytes <= CACHE_OBJECT_STORE_FRACTION * object_store
 
 
-def _materialize_in_order(ds):
+def materialize_in_order(ds):
     # Same row order as streaming with preserve_order, so a run is reproducible either way.
     ds.context.execution_options.preserve_order = True
     return ds.materialize()
