@@ -19,14 +19,19 @@ if [ "${1:-}" = "--quick" ]; then
     mkdir -p "$OUT"
     $PY benchmarks/preprocess.py --preset quick --repeats 1 --out "$OUT/preprocess.json"
     $PY benchmarks/train_step.py --models tiny --batch 8 --steps 8 --warmup 2 --repeats 1 --out "$OUT/train_step_tiny.json"
+    $PY benchmarks/scaling.py --preset quick --repeats 1 --out "$OUT/scaling.json"
     exit 0
 fi
 
+REPEATS=${REPEATS:-1}
 start=$(date +%s)
 $PY benchmarks/make_inputs.py --preset full > /dev/null
 # pyav_sequential and the before/after comparison are in docs/benchmarks.md, not in the 10-minute set.
-$PY benchmarks/preprocess.py --preset full --repeats 2 \
+# One video per shard: the 10 input videos make 10 Ray tasks, as a real dataset's hundreds of shards would.
+$PY benchmarks/preprocess.py --preset full --repeats "$REPEATS" --videos-per-shard 1 \
     --methods decord_1thread decord_threads pyav_seek pyav_lean vidray_1cpu "vidray_$(nproc)cpu"
-$PY benchmarks/train_step.py --models tiny --batch 8 --steps 12 --warmup 3 --repeats 2
-$PY benchmarks/train_step.py --models small --batch 2 --steps 3 --warmup 1 --repeats 2 --methods plain_1thr raytrain_cached
+$PY benchmarks/train_step.py --models tiny --batch 8 --steps 12 --warmup 3 --repeats "$REPEATS"
+$PY benchmarks/train_step.py --models small --batch 2 --steps 3 --warmup 1 --repeats "$REPEATS" --methods plain_1thr raytrain_cached
+# Preprocessing on 1 and 2 loopback nodes (vidray.local_cluster): docs/scaling.md.
+$PY benchmarks/scaling.py --preset full --repeats "$REPEATS"
 echo "benchmarks done in $(( $(date +%s) - start )) s; results in benchmarks/results/" >&2

@@ -42,7 +42,7 @@ def small_video(path: Path, seed: int) -> Path:
 
 
 def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_path):
-    cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3})
+    cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3}, videos_per_shard=1)
     assert prepare_dataset(cfg) == str(tmp_path / "dataset")
 
     info = dataset_json(cfg)
@@ -50,6 +50,7 @@ def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_pa
     assert info["discovered"] == info["processed"] == 6 and info["rejected"] == 0
     assert {split: s["videos"] for split, s in info["splits"].items()} == {"train": 2, "val": 2, "test": 2}
     assert (info["stored_frames"], info["stored_size"]) == (8, 32)
+    assert len(info["shards"]) == 6  # data.videos_per_shard=1: one shard, i.e. one Ray task, per video
 
     videos = {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*.mp4")}
     manifest_mtime = cfg.data.manifest.stat().st_mtime_ns

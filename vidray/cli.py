@@ -52,6 +52,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         size=args.size,
         stored_frames=args.stored_frames,
         stored_size=args.stored_size,
+        **({"videos_per_shard": args.videos_per_shard} if args.videos_per_shard else {}),
     )
     _print_summary(summary)
 
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--size", type=int, default=112, help="model input side in pixels")
     pre.add_argument("--stored-frames", type=int, default=None, help="frames stored per video (default 2x --frames)")
     pre.add_argument("--stored-size", type=int, default=None, help="stored square side (default 8/7 x --size)")
+    pre.add_argument(
+        "--videos-per-shard", type=int, default=None, help="videos per Parquet shard = per Ray task (default 8)"
+    )
     pre.set_defaults(func=cmd_preprocess)
 
     demo = sub.add_parser("demo-data", help="write the synthetic demo dataset as real H.264 files")

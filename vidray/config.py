@@ -55,6 +55,8 @@ class DataConfig(_Section):
     # square than the model eats, so training can jitter in time and crop in space.
     stored_frames: int = Field(32, ge=2)
     stored_size: int = Field(128, ge=16)
+    # Videos per Parquet shard, i.e. per preprocessing task: parallelism is at most the shard count.
+    videos_per_shard: int = Field(8, ge=1)
 
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
 

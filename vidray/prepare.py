@@ -98,5 +98,6 @@ def prepare_dataset(cfg: VidrayConfig) -> str:
         size=data.size,
         stored_frames=data.stored_frames,
         stored_size=data.stored_size,
+        videos_per_shard=data.videos_per_shard,
     )
     return data.dataset_dir
