@@ -193,6 +193,42 @@ def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, 
         callbacks=[ReportToTune()],
     )
     build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir).fit()
+    wait_until_tune_has_the_last_report()
+
+
+# How long the hand-over from Ray Train to Tune must look finished before the trial may end.
+HANDOVER_QUIET_S = 2.0
+
+
+def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
+    """Return once the trial's process has taken every report TuneReportCallback sent.
+
+    Works around a race in Ray 2.60's function trainable: the callback hands each
+    epoch's metrics to the trial's main thread through a one-slot queue, and the main
+    thread moves them into a one-slot result queue. ``fit()`` can return while the
+    last epoch's metrics are still in the first queue; if this function then returns,
+    Tune's end-of-function marker takes the result slot and the main thread blocks
+    forever putting the last epoch behind it (seen as a sweep that hangs with idle
+    CPUs). Waiting until both queues stay empty closes the window.
+    """
+    import time
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    handover = getattr(session, "_inter_actor_queue", None) if session is not None else None
+    if handover is None:
+        return
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        if handover.empty() and session.result_queue.empty():
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= HANDOVER_QUIET_S:
+                return
+        else:
+            quiet_since = None
+        time.sleep(0.05)
 
 
 def wandb_callbacks(cfg: VidrayConfig) -> list:
