@@ -3,7 +3,7 @@
 Output (``DIR`` may be a local path or an s3:// / gs:// URI)::
 
     DIR/{train,val,test}/shard-<id>.parquet   processed videos (vidray.dataset.SHARD_SCHEMA)
-    DIR/_shards/shard-<id>.json               per-video outcome of each finished shard
+    DIR/_shards/shard-<id>.json               per-video outcomes of a finished shard, its node and decode time
     DIR/rejects.parquet, DIR/rejects.csv      every rejected video and why
     DIR/dataset.json                          written last: present == complete and consistent
 
