@@ -60,6 +60,23 @@ def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
+def per_repeat_ratio(
+    runs: list[dict[str, Any]], field: str, numerator: str, denominator: str, key: str, scale: float = 1.0
+) -> float | None:
+    """Median over repeats of ``run[key]`` of the ``numerator`` run over the ``denominator`` run.
+
+    ``field`` names what the runs are told apart by (``method``, ``layout``). Each
+    ratio pairs two runs of the same repeat, i.e. taken side by side under the same load.
+    """
+    values = []
+    for repeat in sorted({r["repeat"] for r in runs}):
+        num = [r[key] for r in runs if r[field] == numerator and r["repeat"] == repeat]
+        den = [r[key] for r in runs if r[field] == denominator and r["repeat"] == repeat]
+        if num and den:
+            values.append(num[0] / den[0] * scale)
+    return median(values)
+
+
 def _read_stat(pid: int) -> tuple[int, float] | None:
     """(parent pid, CPU seconds used so far, user + system, all threads) from /proc/<pid>/stat."""
     try:

@@ -67,6 +67,7 @@ from benchlib import (  # noqa: E402
     machine_info,
     median,
     now,
+    per_repeat_ratio,
     run_json_subprocess,
     write_result,
 )
@@ -443,14 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 [r["cpu_s"]["ray_workers"] / r["clips"] for r in mine]
             )
 
-    def per_repeat_ratio(numerator: str, denominator: str, key: str = "videos_per_s", scale: float = 1.0):
-        values = []
-        for repeat in range(args.repeats):
-            num = [r for r in runs if r["method"] == numerator and r["repeat"] == repeat]
-            den = [r for r in runs if r["method"] == denominator and r["repeat"] == repeat]
-            if num and den:
-                values.append(num[0][key] / den[0][key] * scale)
-        return median(values)
+    def ratio(numerator: str, denominator: str, key: str = "videos_per_s", scale: float = 1.0):
+        return per_repeat_ratio(runs, "method", numerator, denominator, key, scale)
 
     # Ratios are taken within a repeat (runs side by side under the same load), then medianed.
     ratios = {}
@@ -460,24 +455,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method in methods:
             if method == reference:
                 continue
-            ratios[f"{method}_over_{reference}"] = per_repeat_ratio(method, reference)
+            ratios[f"{method}_over_{reference}"] = ratio(method, reference)
             if method.startswith("vidray_"):
                 cpus, _ = parse_vidray_method(method.removesuffix("@before"))
                 # Share of the one-process decoder's rate that each CPU of the pipeline delivers.
-                ratios[f"{method}_per_cpu_over_{reference}"] = per_repeat_ratio(method, reference, scale=1 / cpus)
+                ratios[f"{method}_per_cpu_over_{reference}"] = ratio(method, reference, scale=1 / cpus)
                 # CPU-seconds per video the reference spends for each one the pipeline spends.
-                ratios[f"{reference}_cpu_over_{method}_cpu"] = per_repeat_ratio(reference, method, key="cpu_s_per_video")
+                ratios[f"{reference}_cpu_over_{method}_cpu"] = ratio(reference, method, key="cpu_s_per_video")
     for method in methods:
         if method.startswith("vidray_1cpu") or not method.startswith("vidray_"):
             continue
         cpus, shard = parse_vidray_method(method.removesuffix("@before"))
         single = "vidray_1cpu" + (f"_vps{shard}" if shard else "") + ("@before" if method.endswith("@before") else "")
         if single in methods:
-            ratios[f"{method}_over_{single}"] = per_repeat_ratio(method, single)
+            ratios[f"{method}_over_{single}"] = ratio(method, single)
     for method in methods:
         if f"{method}@before" in methods:
-            ratios[f"{method}_over_before"] = per_repeat_ratio(method, f"{method}@before")
-            ratios[f"{method}_before_cpu_over_after_cpu"] = per_repeat_ratio(
+            ratios[f"{method}_over_before"] = ratio(method, f"{method}@before")
+            ratios[f"{method}_before_cpu_over_after_cpu"] = ratio(
                 f"{method}@before", method, key="cpu_s_per_video"
             )
 

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import command_line, loadavg, machine_info, median, now, write_result  # noqa: E402
+from benchlib import command_line, loadavg, machine_info, median, now, per_repeat_ratio, write_result  # noqa: E402
 from make_inputs import CACHE, make_inputs  # noqa: E402
 
 DEFAULT_LAYOUTS = ("1node_1cpu", "2node_1cpu", "1node_2cpu")
@@ -156,20 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         summary[layout]["shards_per_node"] = [r["shards_per_node"] for r in mine]
 
-    def per_repeat_ratio(numerator: str, denominator: str, key: str = "videos_per_s"):
-        values = []
-        for repeat in range(args.repeats):
-            num = [r[key] for r in runs if r["layout"] == numerator and r["repeat"] == repeat]
-            den = [r[key] for r in runs if r["layout"] == denominator and r["repeat"] == repeat]
-            if num and den:
-                values.append(num[0] / den[0])
-        return median(values)
-
     ratios = {}
     for layout in args.layouts:
         for other in args.layouts:
             if layout != other:
-                ratios[f"{layout}_over_{other}"] = per_repeat_ratio(layout, other)
+                ratios[f"{layout}_over_{other}"] = per_repeat_ratio(runs, "layout", layout, other, "videos_per_s")
     result = {
         "benchmark": "scaling",
         "date": now(),

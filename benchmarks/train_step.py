@@ -69,6 +69,7 @@ from benchlib import (  # noqa: E402
     machine_info,
     median,
     now,
+    per_repeat_ratio,
     run_json_subprocess,
     write_result,
 )
@@ -616,13 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for method in methods:
                 if method in RAY_METHODS or ray_method not in methods:
                     continue
-                values = []
-                for repeat in range(args.repeats):
-                    ray_run = [r for r in mine if r["method"] == ray_method and r["repeat"] == repeat]
-                    plain_run = [r for r in mine if r["method"] == method and r["repeat"] == repeat]
-                    if ray_run and plain_run:
-                        values.append(ray_run[0]["clips_per_s"] / plain_run[0]["clips_per_s"])
-                ratios[f"{ray_method}_over_{method}"] = median(values)
+                ratios[f"{ray_method}_over_{method}"] = per_repeat_ratio(mine, "method", ray_method, method, "clips_per_s")
         summary[key] = {"methods": entry, "ratios": ratios, "train_gflops_per_clip": round(config["flops"]["train_flops_per_clip"] / 1e9, 3)}
 
     result = {
