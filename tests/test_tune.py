@@ -308,6 +308,11 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_clus
     train_runs = experiment / "train_runs"
     assert sorted(p.name for p in train_runs.iterdir()) == sorted(t["trial_id"] for t in results["trials"])
     assert all(list(run.glob("checkpoint_epoch_*/model/model.safetensors")) for run in train_runs.iterdir())
+    # The driver decided caching once (the tiny set fits) and every trial ran with that decision;
+    # the saved sweep config keeps what the user asked for.
+    infos = list(train_runs.glob("*/checkpoint_epoch_*/vidray.json"))
+    assert infos and all(json.loads(p.read_text())["config"]["train"]["cache_dataset"] == "always" for p in infos)
+    assert json.loads((experiment / "vidray_sweep.json").read_text())["train"]["cache_dataset"] == "auto"
 
     # A finished sweep is never overwritten, and --resume refuses a changed config (checked in process:
     # both refusals come before any Ray work).

@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging
 
 from vidray import augment
 from vidray.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_info, save_checkpoint
+from vidray.cluster import DATA_CPUS
 from vidray.config import TrainConfig, VidrayConfig
 from vidray.dataset import DatasetInfo, read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
@@ -220,6 +221,11 @@ def should_cache_dataset(train: TrainConfig, info: DatasetInfo) -> bool:
     return stored_bytes <= CACHE_OBJECT_STORE_FRACTION * object_store
 
 
+def ingest_cpus(train: TrainConfig, info: DatasetInfo) -> int:
+    """CPUs Ray Data needs beside a run's workers while it trains: none once the splits are cached."""
+    return 0 if should_cache_dataset(train, info) else DATA_CPUS
+
+
 def materialize_in_order(ds):
     # Same row order as streaming with preserve_order, so a run is reproducible either way.
     ds.context.execution_options.preserve_order = True
@@ -248,13 +254,12 @@ def run_training(cfg: VidrayConfig) -> dict[str, Any]:
     with the same name continues from its latest checkpoint (a finished run
     just returns its result). Use a new ``run.name`` to start over.
     """
-    from vidray.cluster import DATA_CPUS, check_run_resources, cluster_capacity, init_ray
+    from vidray.cluster import check_run_resources, cluster_capacity, init_ray
     from vidray.prepare import prepare_dataset
 
     init_ray()
     dataset_dir = prepare_dataset(cfg)
-    data_cpus = 0 if should_cache_dataset(cfg.train, read_dataset_info(dataset_dir)) else DATA_CPUS
-    check_run_resources(cfg.train, cluster_capacity(), data_cpus)
+    check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, read_dataset_info(dataset_dir)))
     trainer = build_trainer(cfg, dataset_dir=dataset_dir)
     result = trainer.fit()
     return summarize_result(result)

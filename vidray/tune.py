@@ -323,7 +323,7 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
     from vidray.model import check_model_config
     from vidray.prepare import prepare_dataset
     from vidray.results import write_sweep_report
-    from vidray.train import check_dataset, should_cache_dataset
+    from vidray.train import check_dataset, ingest_cpus
 
     # Checks that need nothing but the config come first: they are instant.
     param_space = build_param_space(cfg.tune)
@@ -348,13 +348,18 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
     dataset_dir = prepare_dataset(cfg)
     info = read_dataset_info(dataset_dir)
     check_dataset(cfg, info, dataset_dir)
-    data_cpus = 0 if should_cache_dataset(cfg.train, info) else DATA_CPUS
+    data_cpus = ingest_cpus(cfg.train, info)
     check_run_resources(cfg.train, capacity, data_cpus)
     max_concurrent = cfg.tune.max_concurrent_trials or derive_max_concurrent_trials(cfg.train, capacity, data_cpus)
+    # The concurrency above assumes this caching decision: trials must not re-decide "auto"
+    # on a cluster whose object store has changed meanwhile (nodes gone), or a trial that
+    # streams could find no CPU left for Ray Data. (The saved sweep config keeps "auto".)
+    cached = cfg.train.model_copy(update={"cache_dataset": "never" if data_cpus else "always"})
+    trial_base = cfg.model_copy(update={"train": cached})
 
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
-            train_trial, cfg=cfg, dataset_dir=dataset_dir, train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR)
+            train_trial, cfg=trial_base, dataset_dir=dataset_dir, train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR)
         ),
         TRIAL_DRIVER_RESOURCES,
     )
