@@ -97,6 +97,7 @@ def test_overrides_apply_on_top_of_a_file():
         ("tune.lr={low: 1e-3, high: 1e-5}", "tune.lr"),
         ("tune.mode=best", "tune.mode"),
         ("data.frames=64", "data.stored_frames (16) must be >= data.frames (64)"),
+        ("model.init=pretrained", "model.patch_size applies to init=scratch only"),
     ],
 )
 def test_bad_values_name_the_key(override, named):
