@@ -66,7 +66,7 @@ def test_process_tree_cpu_counts_child_processes():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             tracker.poll()
-            if tracker.totals()["ray_system"] >= 0.4:  # /proc counts in clock ticks, a little behind
+            if tracker.seen.get(child.pid, {}).get("cpu", 0) >= 0.4:  # /proc counts in clock ticks, a little behind
                 break
             time.sleep(0.1)
     finally:
@@ -74,9 +74,12 @@ def test_process_tree_cpu_counts_child_processes():
         child.kill()
         child.wait()
     totals = tracker.totals()
-    assert totals["ray_system"] >= 0.4  # a non-Ray child lands in ray_system ("everything else")
-    assert totals["ray_workers"] == 0
-    assert totals["total"] == pytest.approx(totals["driver"] + totals["ray_system"], abs=1e-3)
+    # The child was seen, counted and classed as not a Ray worker, so it lands in ray_system
+    # ("everything else"). Whether this pytest process has Ray workers of its own depends on
+    # which tests ran before, so the check is on the child, not on the tree's ray_workers.
+    assert tracker.seen[child.pid]["cpu"] >= 0.4 and not tracker.seen[child.pid]["ray_worker"]
+    assert totals["ray_system"] >= 0.4
+    assert totals["total"] == pytest.approx(totals["driver"] + totals["ray_system"] + totals["ray_workers"], abs=1e-3)
 
 
 def test_preprocess_benchmark_smoke(cache, tmp_path):
