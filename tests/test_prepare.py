@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from vidray.config import ConfigError, VidrayConfig
 from vidray.demo_data import DEMO_CLASSES
 from vidray.index import load_coin_annotations, read_manifest
 from vidray.prepare import prepare_dataset
+from vidray.preprocess import Video, plan_shards
 from vidray.video import encode_mp4
 
 SMALL = {"frames": 4, "size": 28, "stored_frames": 8, "stored_size": 32}
@@ -34,6 +36,10 @@ def config(tmp_path: Path, **data) -> VidrayConfig:
 
 def dataset_json(cfg: VidrayConfig) -> dict:
     return json.loads((Path(cfg.data.dataset_dir) / "dataset.json").read_text())
+
+
+def videos_in_shard(cfg: VidrayConfig, parquet_name: str) -> int:
+    return pq.read_metadata(Path(cfg.data.dataset_dir) / parquet_name).num_rows
 
 
 def small_video(path: Path, seed: int) -> Path:
@@ -85,8 +91,36 @@ def test_folder_source_reindexes_when_videos_change(ray_cluster, tmp_path):
     prepare_dataset(cfg)
     second = dataset_json(cfg)
     assert second["processed"] == 11 and second["splits"]["train"]["per_class"] == {"cats": 3, "dogs": 4}
-    # Only the train shard that gained a video is decoded again; val and test are reused.
-    assert second["decoded_this_run"] == 7 and second["shards_reused"] == 2
+    # Only the train shard(s) around the new video are decoded again; val and test are reused.
+    new_shards = set(second["shards"]) - set(first["shards"])
+    assert new_shards and all(name.startswith("train/") for name in new_shards)
+    assert len(new_shards) <= 2 and second["shards_reused"] == len(second["shards"]) - len(new_shards)
+    assert second["decoded_this_run"] == sum(videos_in_shard(cfg, name) for name in new_shards) < 11
+    assert {n for n in second["shards"] if not n.startswith("train/")} == {
+        n for n in first["shards"] if not n.startswith("train/")
+    }
+
+
+def test_shard_plan_does_not_depend_on_where_videos_live():
+    # Same ids, different folders and mtimes: same boundaries and the same file order,
+    # so the same training run on any machine.
+    def plan(prefix, mtime):
+        videos = [
+            Video(f"{prefix}/train/c{i % 3}/v{i}.mp4", f"train/c{i % 3}/v{i}", f"c{i % 3}", i % 3, "train", 100, mtime)
+            for i in range(40)
+        ]
+        return plan_shards(videos, stored_frames=4, stored_size=16, videos_per_shard=4)
+
+    here, there = plan("/data/a", 1), plan("/mnt/elsewhere", 2)
+    assert [[v.video_id for v in s.videos] for s in here] == [[v.video_id for v in s.videos] for s in there]
+    assert [s.id.split("-")[0] for s in here] == [s.id.split("-")[0] for s in there]
+    assert {s.id for s in here}.isdisjoint({s.id for s in there})  # but the content hash tells them apart
+
+    def in_file_order(shards):
+        return [[v.video_id for v in s.videos] for s in sorted(shards, key=lambda s: s.parquet_name)]
+
+    assert in_file_order(here) == in_file_order(there)
+    assert 4 < len(here) < 40
 
 
 def test_missing_inputs_name_the_config_key(tmp_path):

@@ -17,7 +17,7 @@ parameters, so:
   ids and are deleted when a run starts (with the old ``dataset.json``), so a
   dataset directory always holds exactly one manifest + parameters.
 
-Shard boundaries are cut where a path's hash says so (content-defined, not
+Shard boundaries are cut where a video id's hash says so (content-defined, not
 every N videos), so adding or removing a video changes only the shard it falls
 in (rarely a neighbour too): after downloading more videos, a re-run decodes
 little more than the new ones.
@@ -156,7 +156,19 @@ def load_videos(manifest: Path) -> tuple[list[Video], list[str]]:
     return videos, classes
 
 
+def _stable_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _shard_id(videos: list[Video], stored_frames: int, stored_size: int) -> str:
+    """``<order key>-<content hash>``.
+
+    Readers list a split's files by name, so the order key (a hash of the first
+    video's id) fixes the row order from the videos alone: the same videos give
+    the same order wherever they live and whenever they were copied, and so the
+    same training run. The content hash (paths, sizes, mtimes, parameters)
+    decides whether a finished shard can be reused.
+    """
     payload = json.dumps(
         {
             "decode_version": DECODE_VERSION,
@@ -166,31 +178,32 @@ def _shard_id(videos: list[Video], stored_frames: int, stored_size: int) -> str:
         },
         sort_keys=True,
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return f"{_stable_hash(videos[0].video_id)[:8]}-{_stable_hash(payload)[:20]}"
 
 
-def _ends_shard(path: str, videos_per_shard: int) -> bool:
-    return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) % videos_per_shard == 0
+def _ends_shard(video: Video, videos_per_shard: int) -> bool:
+    # The id, not the path: boundaries must not depend on where the videos are stored.
+    return int(_stable_hash(video.video_id)[:8], 16) % videos_per_shard == 0
 
 
 def plan_shards(videos: list[Video], stored_frames: int, stored_size: int, videos_per_shard: int) -> list[Shard]:
     """Shards of one split each, ``videos_per_shard`` long on average.
 
-    Within a split, videos are ordered by path and a shard ends after a video
-    whose path hash is 0 mod ``videos_per_shard`` (but holds at least a quarter
+    Within a split, videos are ordered by id and a shard ends after a video
+    whose id hash is 0 mod ``videos_per_shard`` (but holds at least a quarter
     and at most twice that many), so boundaries move only where videos change.
     """
     shards = []
     for split in SPLITS:
         current: list[Video] = []
-        group = sorted((v for v in videos if v.split == split), key=lambda v: v.path)
+        group = sorted((v for v in videos if v.split == split), key=lambda v: (v.video_id, v.path))
         for index, video in enumerate(group):
             current.append(video)
             last = index == len(group) - 1
             if (
                 last
                 or len(current) >= 2 * videos_per_shard
-                or (len(current) >= videos_per_shard // 4 and _ends_shard(video.path, videos_per_shard))
+                or (len(current) >= videos_per_shard // 4 and _ends_shard(video, videos_per_shard))
             ):
                 shards.append(Shard(_shard_id(current, stored_frames, stored_size), split, tuple(current)))
                 current = []
