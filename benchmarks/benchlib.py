@@ -205,12 +205,24 @@ def run_json_subprocess(args: list[str], timeout: float, pythonpath: str | None 
     raise RuntimeError(f"benchmark subprocess {' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def input_totals(inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How much video a benchmark read: count, seconds of footage, megabytes on disk."""
+    return {
+        "videos": len(inputs),
+        "seconds": sum(v["seconds"] for v in inputs),
+        "megabytes": round(sum(v["bytes"] for v in inputs) / 1e6, 2),
+    }
+
+
 def write_result(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    """Write ``payload`` (stamped with the load average at the end) as JSON and say where."""
+    payload = {**payload, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
     tmp.replace(path)
+    print(f"wrote {path}", file=sys.stderr)
     return path
 
 

@@ -63,6 +63,7 @@ from benchlib import (  # noqa: E402
     ProcessTreeCPU,
     command_line,
     cpu_delta,
+    input_totals,
     loadavg,
     machine_info,
     median,
@@ -495,12 +496,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "before": args.before,
         },
         "inputs": {
-            "videos": len(inputs),
+            **input_totals(inputs),
             "source_frames": source_frames,
             # Lower bound on frames decoded to get the samples (seek to the keyframe before, decode forward).
             "frames_to_decode": must_decode,
-            "seconds": sum(v["seconds"] for v in inputs),
-            "megabytes": round(sum(v["bytes"] for v in inputs) / 1e6, 2),
             "files": inputs,
         },
         "summary": summary,
@@ -508,11 +507,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Methods that decode with decord the same way must produce identical bytes.
         "frames_sha256": digests,
         "runs": runs,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    path = write_result("preprocess", result, args.out)
+    write_result("preprocess", result, args.out)
     print(json.dumps({"summary": summary, "ratios": ratios}, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
     return result
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import command_line, loadavg, machine_info, median, now, per_repeat_ratio, write_result  # noqa: E402
+from benchlib import command_line, input_totals, loadavg, machine_info, median, now, per_repeat_ratio, write_result  # noqa: E402
 from make_inputs import CACHE, make_inputs  # noqa: E402
 
 DEFAULT_LAYOUTS = ("1node_1cpu", "2node_1cpu", "1node_2cpu")
@@ -167,19 +167,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command_line(),
         "machine": machine,
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("driver", "manifest")},
-        "inputs": {
-            "videos": len(inputs),
-            "seconds": sum(v["seconds"] for v in inputs),
-            "megabytes": round(sum(v["bytes"] for v in inputs) / 1e6, 2),
-        },
+        "inputs": input_totals(inputs),
         "summary": summary,
         "ratios": ratios,
         "runs": runs,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    path = write_result("scaling", result, args.out)
+    write_result("scaling", result, args.out)
     print(json.dumps({"summary": summary, "ratios": ratios}, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
     return result
 
 

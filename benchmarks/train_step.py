@@ -644,11 +644,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "configs": configs,
         "summary": summary,
         "runs": runs,
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    path = write_result(f"train_step_{'_'.join(args.models)}", result, args.out)
+    write_result(f"train_step_{'_'.join(args.models)}", result, args.out)
     print(json.dumps(summary, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
     return result
 
 
