@@ -19,8 +19,10 @@ and frame size (128x96 or 160x120), so preprocessing sees real variety.
 
 Output: ``ROOT/{train,val,test}/<class>/<class>_<NNN>.mp4``, real H.264 written
 through :func:`vidray.video.encode_mp4`. Every video draws from its own RNG
-seeded by ``(seed, class, index)``, and x264 is deterministic, so one seed
-gives byte-identical files.
+seeded by ``(seed, class, index)``, the drawing uses only IEEE-exact float
+operations, and x264 runs with settings whose output depends on the frames
+alone (:data:`vidray.video.DETERMINISTIC_X264`), so one seed gives
+byte-identical files whatever the thread pool, the load or the x86 machine.
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ def _soft(signed_distance: np.ndarray) -> np.ndarray:
     return np.clip(0.5 - signed_distance, 0.0, 1.0)
 
 
+# Distances as sqrt of sums of squares, not np.hypot: sqrt is correctly rounded on every
+# platform, libm's hypot need not be, and one ulp can flip a pixel's rounding.
 def _disc(ys, xs, cy, cx, radius):
-    return _soft(np.hypot(ys - cy, xs - cx) - radius)
+    return _soft(np.sqrt((ys - cy) ** 2 + (xs - cx) ** 2) - radius)
 
 
 def _square(ys, xs, cy, cx, half):
@@ -85,7 +89,7 @@ def _bar(ys, xs, cy, cx, angle, half_length, half_thickness):
     # image y points down, so growing angles turn clockwise on screen.
     dx, dy = np.cos(angle), np.sin(angle)
     along = np.clip((xs - cx) * dx + (ys - cy) * dy, -half_length, half_length)
-    return _soft(np.hypot(xs - cx - along * dx, ys - cy - along * dy) - half_thickness)
+    return _soft(np.sqrt((xs - cx - along * dx) ** 2 + (ys - cy - along * dy) ** 2) - half_thickness)
 
 
 # --- one generator per pair: returns per-frame alpha masks [T, H, W] ----------

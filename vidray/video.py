@@ -16,10 +16,23 @@ import numpy as np
 from vidray.errors import UserError
 
 
+# x264 settings that make the output depend on the input alone, not on the machine or the process.
+# - mbtree=0: the macroblock-tree lookahead is x264's one float-heavy SIMD kernel family, and it is
+#   not reproducible: on AVX-512 CPUs its result varied with what the process had allocated before
+#   (the same clip encoded 6 times in a row gave 6 different files; with asm capped at AVX2 it did
+#   not, and AVX2 and SSE4.2 builds disagreed with each other). Without it, the files are identical
+#   whatever the thread pool, the load, or the SIMD level (SSE4.2 to AVX-512 checked).
+#   For this short synthetic footage mbtree buys nothing measurable.
+# - threads=1: frame threading changes x264's decisions with the thread count, which defaults
+#   to the machine's core count.
+DETERMINISTIC_X264 = {"threads": "1", "x264-params": "mbtree=0"}
+
+
 def encode_mp4(path: str | Path, frames: np.ndarray, fps: float = 30.0, crf: int = 23) -> Path:
     """Write uint8 RGB frames ``[T, H, W, 3]`` as an H.264 mp4 (yuv420p) through PyAV's libx264.
 
-    H and W must be even (yuv420p subsampling).
+    H and W must be even (yuv420p subsampling). The bytes are a pure function of
+    ``frames``, ``fps`` and ``crf``: see :data:`DETERMINISTIC_X264`.
     """
     from fractions import Fraction
 
@@ -37,7 +50,7 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float = 30.0, crf: int
     with av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        stream.options = {"crf": str(crf), "preset": "veryfast", **DETERMINISTIC_X264}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
