@@ -4,7 +4,7 @@ Both methods run the same step on the same model and batch: vidray's
 ``augment.train_transform`` (temporal jitter, random resized crop) and
 ``augment.mix_batch``, VideoMAE forward (``vidray.model.build_model``,
 ``vidray.model.autocast``: bf16 on CUDA), soft-target cross-entropy, backward,
-gradient clipping and AdamW (``vidray.train.build_optimizer``). Methods, each
+gradient clipping and AdamW (``vidray.optim.build_optimizer``). Methods, each
 in a fresh Python process:
 
 ``plain_<t>thr``   the step in a loop over batches gathered from one uint8 tensor
@@ -20,7 +20,7 @@ in a fresh Python process:
 ``ingest``         the same worker with the step replaced by nothing: the clips/s
                    the data path alone delivers to one worker (what a GPU would need).
 ``*_cached``       ``raytrain`` / ``ingest`` with the split read once into Ray's object
-                   store (``vidray.train.materialize_in_order``), what ``vidray train``
+                   store (``vidray.ingest.materialize_in_order``), what ``vidray train``
                    does when the splits fit (``train.cache_dataset: auto``); the plain
                    names stream the Parquet shards every epoch (``cache_dataset: never``).
 
@@ -162,14 +162,14 @@ def make_step(model_size: str, frames: int, size: int, device_name: str):
     from vidray import augment
     from vidray.config import ModelConfig, TrainConfig
     from vidray.model import autocast, build_model
-    from vidray.train import build_optimizer
+    from vidray.optim import build_optimizer
 
     device = torch.device(device_name)
     torch.manual_seed(0)
     model = build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size).to(device)
     model.train()
     train_cfg = TrainConfig()
-    optimizer = build_optimizer(model, train_cfg)
+    optimizer = build_optimizer(model, train_cfg, device)
     generator = torch.Generator().manual_seed(0)
 
     def augment_batch(videos, labels):
@@ -307,7 +307,7 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
     import torch
 
     from vidray.config import TrainConfig
-    from vidray.train import VideoBatchCollate
+    from vidray.ingest import VideoBatchCollate
 
     args = argparse.Namespace(**config["args"])
     train_cfg = TrainConfig()
@@ -350,7 +350,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
 
     from vidray.config import TrainConfig
     from vidray.dataset import read_dataset_info, read_split
-    from vidray.train import materialize_in_order
+    from vidray.ingest import materialize_in_order
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()

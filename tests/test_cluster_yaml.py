@@ -104,7 +104,7 @@ def test_workers_get_cloud_storage_credentials(launcher):
 
 def test_code_reaches_every_node_without_shipping_the_environment_or_data(launcher):
     _, raw, prepared = launcher
-    mounts = raw["file_mounts"]
+    mounts = {remote: local for remote, local in raw["file_mounts"].items() if remote != AUTH_TOKEN}
     for remote, local in mounts.items():
         # Relative to the repository root, where `ray up` must run; never the
         # whole tree, which `ray up` would hash file by file (.venv, data/).
@@ -129,14 +129,39 @@ def test_constraints_pin_torch_by_version_only_so_gpu_nodes_get_the_cuda_build()
     assert re.fullmatch(r"\d+\.\d+\.\d+", pins["ray"])
 
 
-def test_dashboard_is_internal_and_only_on_the_head(launcher):
+AUTH_TOKEN = "~/.ray/auth_token"
+
+
+def test_dashboard_binds_loopback_and_token_auth_is_on_for_every_node(launcher):
     _, raw, prepared = launcher
     head_start = " ".join(prepared["head_start_ray_commands"])
     worker_start = " ".join(prepared["worker_start_ray_commands"])
-    assert "--dashboard-host=0.0.0.0" in head_start and "--autoscaling-config" in head_start
+    # The Jobs API runs any code it is sent: only the head itself (and the `ray dashboard` SSH tunnel) reaches it.
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert "--autoscaling-config" in head_start
     assert "dashboard" not in worker_start and "$RAY_HEAD_IP:6379" in worker_start
     # Nothing opens the dashboard port to the internet: users tunnel with `ray dashboard`.
     assert "8265" not in yaml.safe_dump(raw["provider"])
+    # Token auth on every node that starts Ray, with the laptop's token mounted on each.
+    for commands in (prepared["head_start_ray_commands"], prepared["worker_start_ray_commands"]):
+        start = [c for c in commands if "ray start" in c]
+        assert start and all("export RAY_AUTH_MODE=token;" in c.split("ray start")[0] for c in start), start
+    assert raw["file_mounts"][AUTH_TOKEN] == AUTH_TOKEN
+
+
+def _uses_spot(raw: dict) -> bool:
+    node_configs = yaml.safe_dump([t["node_config"] for t in raw["available_node_types"].values()])
+    return "MarketType: spot" in node_configs or "provisioningModel: SPOT" in node_configs or "preemptible: true" in node_configs
+
+
+@pytest.mark.parametrize("config", ["coin12.yaml", "coin12_reference.yaml"])
+def test_gpu_run_configs_survive_a_spot_worker_lost_mid_run(launcher, config):
+    # The launcher configs put training on spot GPUs first: a reclaimed node must cost a restart
+    # from the last checkpoint (Ray Train's FailureConfig), not the trial.
+    _, raw, _ = launcher
+    train = load_config(REPO / "configs" / config).train
+    assert train.use_gpu and _uses_spot(raw)
+    assert train.max_failures >= 1, f"configs/{config}: train.max_failures={train.max_failures}"
 
 
 def test_autoscaler_parses_the_node_types(autoscaling, launcher):

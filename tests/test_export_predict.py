@@ -219,7 +219,7 @@ def test_export_errors(tmp_path, checkpoint, capsys):
     shutil.copytree(checkpoint, other_checkpoint)
     with pytest.raises(UserError, match=r"exists and is not an earlier vidray export"):
         export_model(checkpoint, other_checkpoint)
-    assert (other_checkpoint / "training_state.pt").is_file()
+    assert (other_checkpoint / "training_state.json").is_file()
     with pytest.raises(UserError, match=r"is the checkpoint itself"):
         export_model(checkpoint, checkpoint)
     # Re-exporting over an earlier export replaces it.

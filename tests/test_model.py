@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
-from vidray.checkpoint import load_checkpoint_model, save_checkpoint
+from vidray.checkpoint import load_trained_model, save_checkpoint
+from vidray.dataset import ClipShape
 from vidray.config import ModelConfig
 from vidray.errors import UserError
 from vidray.model import POS_GRID_KEY, SCRATCH_SIZES, build_model, load_model, token_grid
@@ -121,8 +122,9 @@ def test_fewer_frames_interpolate_in_time_too(pretrained_dir):
 
 def test_saved_model_reloads_with_the_same_table_and_outputs(tmp_path, pretrained_dir):
     model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=16, size=112).eval()
-    save_checkpoint(tmp_path, model, training_state={"epoch": 0}, info={"epoch": 0})
-    loaded, _ = load_checkpoint_model(tmp_path)
+    shape = ClipShape(CLASSES, frames=16, size=112, stored_frames=32, stored_size=128)
+    save_checkpoint(tmp_path, model, training_state={"epoch": 0}, info={"epoch": 0, "data": shape.as_dict()})
+    loaded, _ = load_trained_model(tmp_path)
     loaded.eval()
     assert torch.equal(loaded.videomae.embeddings.position_embeddings, model.videomae.embeddings.position_embeddings)
     x = torch.randn(2, 16, 3, 112, 112)

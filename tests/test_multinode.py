@@ -129,14 +129,14 @@ TRAIN = """
     import json, sys
     from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
     from vidray.config import load_config
-    from vidray.train import build_trainer, summarize_result
+    from vidray.trainer import build_trainer, summarize_run
 
     cfg = load_config(None, {overrides!r})
     init_ray()
     storage_path, dataset_dir = shared_storage_paths(cfg)
     result = build_trainer(cfg, dataset_dir=dataset_dir).fit()
     with open(sys.argv[1], "w") as f:
-        json.dump({{"summary": summarize_result(result), "error": repr(result.error), "cluster": cluster_summary()}}, f, default=str)
+        json.dump({{"summary": summarize_run(result.path), "error": repr(result.error), "cluster": cluster_summary()}}, f, default=str)
 """
 
 

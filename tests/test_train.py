@@ -32,21 +32,16 @@ import ray.train
 import torch
 
 from vidray import augment
-from vidray.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, load_checkpoint_model, load_training_state
+from vidray.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, load_trained_model, load_training_state
 from vidray.config import TrainConfig, load_config
 from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
 from vidray.errors import UserError
+from vidray.faults import kill_env
+from vidray.ingest import should_cache_dataset
+from vidray.metrics import EPOCH_METRICS
 from vidray.model import POS_GRID_KEY
-from vidray.train import (
-    KILL_AT_EPOCH_ENV,
-    KILL_MARKER_ENV,
-    METRIC_KEYS,
-    build_trainer,
-    make_run_config,
-    parameter_groups,
-    should_cache_dataset,
-    summarize_result,
-)
+from vidray.optim import parameter_groups
+from vidray.trainer import build_trainer, make_run_config, summarize_run
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["moving_right", "moving_left", "moving_down", "moving_up"]
@@ -205,14 +200,14 @@ def run(cfg, tmp: Path, *, kill_at_epoch: int | None = None) -> dict:
     """Fit through build_trainer with a RunConfig that also records every report."""
     reports = tmp / f"{cfg.run.name}-reports.jsonl"
     marker = tmp / f"{cfg.run.name}-killed"
-    env = {KILL_AT_EPOCH_ENV: str(kill_at_epoch), KILL_MARKER_ENV: str(marker)} if kill_at_epoch is not None else {}
+    env = kill_env(kill_at_epoch, str(marker)) if kill_at_epoch is not None else {}
     run_config = make_run_config(
         cfg, callbacks=[RecordReports(str(reports))], worker_runtime_env={"env_vars": env}
     )
     result = build_trainer(cfg, run_config=run_config).fit()
     return {
         "result": result,
-        "summary": summarize_result(result),
+        "summary": summarize_run(result.path),
         "reports": [json.loads(line) for line in reports.read_text().splitlines()],
         "killed": marker.is_file(),
         "cfg": cfg,
@@ -281,7 +276,7 @@ def test_two_workers_learn_temporal_classes_and_report_full_val_metrics(ordered)
     assert last["train_loss"] < 0.5 * history[0]["train_loss"]
     assert last["val_accuracy"] >= 0.85, [h["val_accuracy"] for h in history]
     for metrics in history:
-        assert set(METRIC_KEYS) <= set(metrics)
+        assert set(EPOCH_METRICS) <= set(metrics)
         assert {f"val_f1/{c}" for c in CLASSES} <= set(metrics)
         # All 47 val videos, split unevenly over the two workers, are in every evaluation.
         assert metrics["val_videos"] == VAL_VIDEOS
@@ -314,12 +309,12 @@ def test_checkpoint_layout_reload_and_val_predictions_match_the_report(ordered):
     directory = Path(ordered["result"].checkpoint.path)
     assert (directory / MODEL_DIR / "config.json").is_file()
     assert (directory / MODEL_DIR / "model.safetensors").is_file()
-    assert (directory / TRAINING_STATE).is_file()
+    assert (directory / TRAINING_STATE).is_file() and (directory / TRAINING_TENSORS).is_file()
     # Only the best (by val_macro_f1) and the latest checkpoints are kept.
     kept = sorted(p.name for p in directory.parent.glob("checkpoint_epoch_*"))
     assert len(kept) <= 2 and directory.name in kept
 
-    model, info = load_checkpoint_model(directory)
+    model, info = load_trained_model(directory)
     assert info["data"] == {
         "classes": CLASSES, "frames": FRAMES, "size": SIZE, "stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE
     }
@@ -346,7 +341,7 @@ def test_frame_shuffle_control_falls_to_chance_within_direction_pairs(ordered, s
 
     # The same trained model, shown the same validation videos with their frames shuffled, loses the
     # direction too: what it learned is frame order, not a per-frame cue.
-    model, _ = load_checkpoint_model(ordered["result"].checkpoint.path)
+    model, _ = load_trained_model(ordered["result"].checkpoint.path)
     videos, labels = _val_split(shuffled_dataset)
     predictions = _predict(model, videos)
     confusion = np.zeros((4, 4), dtype=int)
@@ -363,8 +358,8 @@ def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuf
     assert [h["epoch"] for h in b] == list(range(EPOCHS))
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "global_step", "lr"):
         assert [h[key] for h in a] == [h[key] for h in b], key
-    model_a, _ = load_checkpoint_model(shuffled["result"].checkpoint.path)
-    model_b, _ = load_checkpoint_model(shuffled_killed["result"].checkpoint.path)
+    model_a, _ = load_trained_model(shuffled["result"].checkpoint.path)
+    model_b, _ = load_trained_model(shuffled_killed["result"].checkpoint.path)
     for (name, pa_), (_, pb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
         assert torch.equal(pa_, pb), name
 

@@ -133,6 +133,13 @@ def eval_transform(videos: torch.Tensor, *, frames: int, size: int, clips: int =
     return normalize(crop.reshape(batch * clips, frames, size, size, 3))
 
 
+def shuffle_frames(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``[N, T, ...]`` with each clip's T frames in its own random order (drawn from ``generator``, on the CPU)."""
+    count, frames = pixel_values.shape[:2]
+    order = torch.argsort(torch.rand(count, frames, generator=generator), dim=1).to(pixel_values.device)
+    return pixel_values[torch.arange(count, device=pixel_values.device)[:, None], order]
+
+
 def average_clip_logits(logits: torch.Tensor, clips: int) -> torch.Tensor:
     """``[B * clips, K]`` -> ``[B, K]``: the mean over each video's clips."""
     return logits.reshape(-1, clips, logits.shape[-1]).mean(dim=1)

@@ -75,7 +75,7 @@ def cmd_report_data(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from vidray.config import load_config
-    from vidray.train import run_training
+    from vidray.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
     _print_summary(run_training(cfg))

@@ -107,6 +107,8 @@ class TrainConfig(_Section):
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(0.0, ge=0)
+    # Learning-rate schedule after the warm-up, per optimizer step (Hugging Face's get_scheduler).
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     layer_decay: float = Field(1.0, gt=0, le=1)  # 1.0 = off
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup_alpha: float = Field(0.0, ge=0)  # 0 = off
@@ -213,6 +215,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[path[-1]] = value
     return raw
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``model_dump(mode="json")`` configs."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

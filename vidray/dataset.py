@@ -50,6 +50,36 @@ SHARD_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
+class ClipShape:
+    """What is stored per video and what the model eats: the data keys of every checkpoint and export."""
+
+    classes: list[str]
+    frames: int  # frames per clip the model eats
+    size: int  # model input side
+    stored_frames: int
+    stored_size: int
+
+    KEYS = ("classes", "frames", "size", "stored_frames", "stored_size")
+
+    @property
+    def stored_video_shape(self) -> tuple[int, int, int, int]:
+        return (self.stored_frames, self.stored_size, self.stored_size, 3)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.KEYS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClipShape":
+        return cls(
+            classes=list(data["classes"]),
+            frames=int(data["frames"]),
+            size=int(data["size"]),
+            stored_frames=int(data["stored_frames"]),
+            stored_size=int(data["stored_size"]),
+        )
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     classes: list[str]
     frames: int  # frames per clip the model eats

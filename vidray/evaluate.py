@@ -63,25 +63,25 @@ def _split_batches(dataset_dir: str, dataset, split: str, batch_size: int) -> It
                 yield batch.to_pydict()
 
 
-def _check_compatible(data: dict[str, Any], dataset, dataset_dir: str, split: str, checkpoint: Path) -> None:
-    if list(dataset.classes) != list(data["classes"]):
+def _check_compatible(shape, dataset, dataset_dir: str, split: str, checkpoint: Path) -> None:
+    if list(dataset.classes) != list(shape.classes):
         raise UserError(
             f"{dataset_dir}/dataset.json classes {dataset.classes} do not match the checkpoint's labels "
-            f"{data['classes']} ({checkpoint}); evaluate on a dataset preprocessed from the same class list"
+            f"{shape.classes} ({checkpoint}); evaluate on a dataset preprocessed from the same class list"
         )
     if dataset.split_counts.get(split, 0) == 0:
         available = ", ".join(s for s, n in dataset.split_counts.items() if n) or "none"
         raise UserError(f"split {split!r} of {dataset_dir} holds no videos (splits with videos: {available})")
-    if dataset.stored_frames < data["frames"] or dataset.stored_size < data["size"]:
+    if dataset.stored_frames < shape.frames or dataset.stored_size < shape.size:
         raise UserError(
             f"{dataset_dir} stores {dataset.stored_frames} frames of {dataset.stored_size}px but the model eats "
-            f"{data['frames']} frames of {data['size']}px; preprocess with at least that many frames and pixels"
+            f"{shape.frames} frames of {shape.size}px; preprocess with at least that many frames and pixels"
         )
-    if (dataset.stored_frames, dataset.stored_size) != (data["stored_frames"], data["stored_size"]):
+    if (dataset.stored_frames, dataset.stored_size) != (shape.stored_frames, shape.stored_size):
         logger.warning(
             "%s stores %d frames of %dpx, the model was trained on %d frames of %dpx: "
             "the centre crop sees a different field of view than in training",
-            dataset_dir, dataset.stored_frames, dataset.stored_size, data["stored_frames"], data["stored_size"],
+            dataset_dir, dataset.stored_frames, dataset.stored_size, shape.stored_frames, shape.stored_size,
         )
 
 
@@ -99,19 +99,18 @@ def evaluate_checkpoint(
     ``clips`` defaults to the ``train.eval_clips`` the checkpoint was trained
     with. Returns the metrics dict written to ``metrics.json`` plus ``files``.
     """
-    from vidray.augment import average_clip_logits, eval_transform
+    from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
     from vidray.dataset import read_dataset_info, videos_from_bytes
-    from vidray.model import autocast
-    from vidray.predict import eval_clips_of, inference_device, load_trained_model
+    from vidray.inference import clip_logits, inference_device
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     checkpoint = Path(checkpoint)
     model, info = load_trained_model(checkpoint)
-    data = info["data"]
+    shape = clip_shape_of(info)
     dataset = read_dataset_info(dataset_dir)
-    _check_compatible(data, dataset, dataset_dir, split, checkpoint)
-    classes = list(data["classes"])
+    _check_compatible(shape, dataset, dataset_dir, split, checkpoint)
+    classes = shape.classes
     clips = clips or eval_clips_of(info)
     device = inference_device()
     model.to(device)
@@ -127,10 +126,7 @@ def evaluate_checkpoint(
         except ValueError as err:
             raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
         labels = torch.tensor(batch["label"], dtype=torch.int64)
-        pixels = eval_transform(videos, frames=data["frames"], size=data["size"], clips=clips)
-        with autocast(device):
-            logits = model(pixel_values=pixels).logits
-        logits = average_clip_logits(logits.float(), clips).cpu()
+        logits = clip_logits(model, videos, frames=shape.frames, size=shape.size, clips=clips).cpu()
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)

@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from vidray.augment import MEAN, STD
+from vidray.checkpoint import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
+from vidray.dataset import ClipShape
 from vidray.errors import UserError
-from vidray.model import POS_GRID_KEY
-from vidray.predict import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
+from vidray.model import CUSTOM_MODEL_TYPE, POS_GRID_KEY
 
-CUSTOM_MODEL_TYPE = "vidray_videomae"
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
 
 # Self-contained (torch + transformers only): the export directory must not need vidray installed.
@@ -177,7 +177,7 @@ def export_model(checkpoint: Path, out: Path) -> Path:
     if getattr(model.config, POS_GRID_KEY, None):
         _write_custom_code(staging)
     export_info = {
-        "data": {k: data[k] for k in ("frames", "size", "stored_frames", "stored_size", "classes")},
+        "data": {k: data[k] for k in ClipShape.KEYS},
         "config": {"train": {"eval_clips": eval_clips_of(info)}},
         "epoch": info.get("epoch"),
         "metrics": {k: v for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float, str))},

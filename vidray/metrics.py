@@ -27,6 +27,31 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# ------------------------------------------------------------------ what training reports
+
+# Every epoch of every training run reports these (vidray/train.py), plus ``val_f1/<class>``
+# per class, ``val_videos``, ``lr``, ``global_step`` and the step telemetry.
+EPOCH_METRICS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "val_micro_f1",
+    "val_macro_precision",
+    "val_macro_recall",
+    "val_micro_precision",
+    "val_micro_recall",
+)
+# What a run keeps its best checkpoints by (Ray Train's CheckpointConfig) and the default tune.metric.
+SCORE_METRIC = "val_macro_f1"
+# What tune.metric may name.
+TUNABLE_METRICS = tuple(key for key in EPOCH_METRICS if key != "epoch")
+# Completed epochs (1, 2, ...), added to every report on its way to Ray Tune: ASHA's time axis and
+# the x axis of the learning curves. ``epoch`` is 0-based and restarts nowhere; Tune's own
+# ``training_iteration`` restarts at 1 when a trial is resumed, so only this count stays right.
+EPOCHS_DONE = "epochs_done"
+
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
     """``[num_classes, num_classes]`` int64 counts; rows = true class, columns = predicted."""
@@ -103,3 +128,26 @@ def metrics_from_confusion(confusion: np.ndarray, classes: Sequence[str]) -> dic
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:
     """Metrics for integer labels ``y_true``/``y_pred`` indexing into ``classes``."""
     return metrics_from_confusion(confusion_matrix(y_true, y_pred, len(classes)), classes)
+
+
+def epoch_metrics(
+    epoch: int, classes: Sequence[str], confusion: np.ndarray, val_loss: float, train_loss: float
+) -> dict[str, Any]:
+    """The flat dict one epoch reports (:data:`EPOCH_METRICS` + per-class F1) from the whole-val-set confusion matrix."""
+    m = metrics_from_confusion(confusion, classes)
+    metrics = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_accuracy": m["accuracy"],
+        "val_macro_precision": m["macro_precision"],
+        "val_macro_recall": m["macro_recall"],
+        "val_macro_f1": m["macro_f1"],
+        "val_micro_precision": m["micro_precision"],
+        "val_micro_recall": m["micro_recall"],
+        "val_micro_f1": m["micro_f1"],
+        "val_videos": m["num_samples"],
+    }
+    for name, per_class in m["per_class"].items():
+        metrics[f"val_f1/{name}"] = per_class["f1"]
+    return metrics

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 # interpolated: the (T, H, W) token grid the table was pretrained on. Loading a
 # saved model rebuilds the same table from it (see :func:`load_model`).
 POS_GRID_KEY = "vidray_pos_embed_grid"
+# model_type of an export whose table was interpolated: it ships code that rebuilds that table
+# for transformers.pipeline(trust_remote_code=True); see vidray/export.py.
+CUSTOM_MODEL_TYPE = "vidray_videomae"
 
 # Named scratch sizes (init=scratch). tiny is for CPU tests and the demo;
 # small is ViT-S (VideoMAE-S), base is ViT-B (VideoMAE-B, HF's defaults).
@@ -187,13 +190,28 @@ def reset_classifier(model: VideoMAEForVideoClassification) -> None:
 
 
 def load_model(model_dir: str) -> VideoMAEForVideoClassification:
-    """Load a classifier saved by vidray (``checkpoint/model``), restoring its interpolated position table.
+    """Load a classifier saved by vidray (a checkpoint's ``model/`` or an export), with the position
+    table it was trained with.
 
     A plain ``VideoMAEForVideoClassification.from_pretrained`` of such a
     directory loads the same weights but rebuilds HF's 1-D table, which is not
-    the table the model was trained with whenever ``vidray_pos_embed_grid`` is set.
+    the table the model was trained with whenever ``vidray_pos_embed_grid`` is
+    set. An export of such a model is tagged :data:`CUSTOM_MODEL_TYPE` (for
+    ``transformers.pipeline``); its weights are plain VideoMAE and load here
+    into the stock class.
     """
-    model = VideoMAEForVideoClassification.from_pretrained(model_dir, attn_implementation="sdpa")
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("model_type") == CUSTOM_MODEL_TYPE:
+        for key in ("model_type", "auto_map", "architectures"):
+            config.pop(key, None)
+        model = VideoMAEForVideoClassification.from_pretrained(
+            model_dir, config=VideoMAEConfig.from_dict(config), attn_implementation="sdpa"
+        )
+    else:
+        model = VideoMAEForVideoClassification.from_pretrained(model_dir, attn_implementation="sdpa")
     source_grid = getattr(model.config, POS_GRID_KEY, None)
     if source_grid:
         install_position_table(model, tuple(source_grid))

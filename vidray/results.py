@@ -32,9 +32,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from vidray.config import VidrayConfig
+from vidray.metrics import EPOCHS_DONE
 from vidray.storage import is_uri, open_filesystem
 
-EPOCHS_DONE = "epochs_done"  # = vidray.tune.EPOCHS_DONE (kept here so results import no Ray Tune)
 
 # The reference COIN-12 runs (VideoMAE-B Kinetics, 16 x 112², 15 epochs, lr 5e-5, wd 0.05,
 # batch 32), as published: micro P/R/F1; None where the reference gives no number.

@@ -1,7 +1,7 @@
 """The main job: a Ray Tune sweep over MixUp α, learning rate and weight decay.
 
 Each Tune trial runs :func:`train_trial`, a light *driver* function that builds
-one Ray Train ``TorchTrainer`` (:func:`vidray.train.build_trainer`) with the
+one Ray Train ``TorchTrainer`` (:func:`vidray.trainer.build_trainer`) with the
 trial's hyper-parameters and waits on ``fit()``. The trainer's workers do the
 work; ``TuneReportCallback`` forwards each epoch's metrics (and checkpoint path)
 from Ray Train to Tune, where ASHA compares trials on ``tune.metric`` at every
@@ -31,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +42,14 @@ import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from vidray.config import SearchRange, TrainConfig, TuneConfig, VidrayConfig
+from vidray.config import SearchRange, TrainConfig, TuneConfig, VidrayConfig, config_differences
 from vidray.errors import UserError
+from vidray.metrics import EPOCHS_DONE, TUNABLE_METRICS
 from vidray.storage import join_uri, open_filesystem
 
 # The sweep's hyper-parameters: Tune samples them, each trial copies them into cfg.train
 # (and ``seed`` when a pure grid is repeated, see build_param_space).
 SWEPT = ("mixup_alpha", "lr", "weight_decay")
-
-# Completed epochs (1, 2, ...): ASHA's time axis. Ray Train reports ``epoch``
-# 0-based; a resumed trial restarts Tune's own ``training_iteration`` at 1
-# while Train continues at its checkpointed epoch, so only a count derived
-# from the epoch stays right across --resume.
-EPOCHS_DONE = "epochs_done"
-
-# What the workers report each epoch (vidray.train.METRIC_KEYS): tune.metric must be one of them.
-TUNABLE_METRICS = (
-    "val_macro_f1",
-    "val_micro_f1",
-    "val_accuracy",
-    "val_loss",
-    "train_loss",
-    "val_macro_precision",
-    "val_macro_recall",
-    "val_micro_precision",
-    "val_micro_recall",
-)
 
 # A trial's own process only waits on Ray Train: it needs memory, not a CPU.
 # Even a fraction of a CPU would hurt: Ray Data's read tasks ask for a whole
@@ -179,7 +163,7 @@ class ReportToTune(TuneReportCallback):
 
 def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, train_runs: str) -> None:
     """One trial: a full Ray Train run with the trial's hyper-parameters."""
-    from vidray.train import build_trainer, make_run_config
+    from vidray.trainer import build_trainer, make_run_config
 
     trial_cfg = trial_config(cfg, params)
     # Several trials' data-loading progress bars interleaved in one log are noise;
@@ -198,6 +182,45 @@ def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, 
 
 # How long the hand-over from Ray Train to Tune must look finished before the trial may end.
 HANDOVER_QUIET_S = 2.0
+# Ray releases whose function trainable has the race below and the private attributes the
+# workaround reads (ray/train/_internal/session.py). tests/test_tune.py fails when the installed
+# Ray is not listed or the attributes moved, so an upgrade re-checks the workaround.
+HANDOVER_VERIFIED_RAY = ("2.60.0",)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def handover_queues():
+    """(Tune session, Train->Tune queue) of this trial's process, or None with a warning (once) when
+    the installed Ray is not one the workaround was verified with or its private attributes are gone."""
+    if ray.__version__ not in HANDOVER_VERIFIED_RAY:
+        _warn_once(
+            "version",
+            f"vidray's wait for the last Train->Tune report was verified on Ray {', '.join(HANDOVER_VERIFIED_RAY)} "
+            f"and is off on Ray {ray.__version__}; if a sweep hangs after a trial's last epoch, "
+            f"pin ray=={HANDOVER_VERIFIED_RAY[-1]}",
+        )
+        return None
+    try:
+        from ray.train._internal.session import get_session
+    except ImportError:
+        get_session = None
+    session = get_session() if get_session else None
+    if session is None or not all(hasattr(session, name) for name in ("result_queue", "_inter_actor_queue")):
+        _warn_once(
+            "attributes",
+            "vidray cannot find Ray Tune's Train->Tune report queues (ray.train._internal.session moved?); "
+            "a sweep may hang after a trial's last epoch",
+        )
+        return None
+    if session._inter_actor_queue is None:
+        return None  # Train reported nothing to this trial: nothing in flight
+    return session, session._inter_actor_queue
 
 
 def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
@@ -211,14 +234,10 @@ def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
     forever putting the last epoch behind it (seen as a sweep that hangs with idle
     CPUs). Waiting until both queues stay empty closes the window.
     """
-    import time
-
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    handover = getattr(session, "_inter_actor_queue", None) if session is not None else None
-    if handover is None:
+    queues = handover_queues()
+    if queues is None:
         return
+    session, handover = queues
     deadline = time.monotonic() + timeout
     quiet_since = None
     while time.monotonic() < deadline:
@@ -275,17 +294,6 @@ def _write_text(uri: str, text: str) -> None:
         f.write(text.encode())
 
 
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 def check_experiment(cfg: VidrayConfig, experiment_path: str, resume: bool) -> None:
     """A fresh sweep must not land on an old one; --resume needs one, started with the same config."""
     exists = ray.tune.Tuner.can_restore(experiment_path)
@@ -301,7 +309,7 @@ def check_experiment(cfg: VidrayConfig, experiment_path: str, resume: bool) -> N
             )
         saved = _read_text(join_uri(experiment_path, SWEEP_CONFIG_FILE))
         if saved is not None:
-            changed = _config_differences(json.loads(saved), cfg.model_dump(mode="json"))
+            changed = config_differences(json.loads(saved), cfg.model_dump(mode="json"))
             # Where reports and logs go may change; anything that shapes the trials may not.
             changed = [key for key in changed if not key.startswith(("run.wandb", "run.reports_dir"))]
             if changed:
@@ -323,7 +331,8 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
     from vidray.model import check_model_config
     from vidray.prepare import prepare_dataset
     from vidray.results import write_sweep_report
-    from vidray.train import check_dataset, ingest_cpus
+    from vidray.ingest import ingest_cpus
+    from vidray.trainer import check_dataset
 
     # Checks that need nothing but the config come first: they are instant.
     param_space = build_param_space(cfg.tune)
