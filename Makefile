@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The main job on the embedded default config (configs/demo.yaml). Run it again and it only
+# prints the finished sweep's results; results live in ~/ray_results/demo (see README).
 demo: setup
-	$(PY) jobs/tune.py --config configs/demo.yaml
+	$(PY) jobs/tune.py
 
 test: setup
 	$(PY) -m pytest -q --durations=15
@@ -24,5 +26,6 @@ test: setup
 bench: setup
 	bash benchmarks/run_all.sh
 
+# What `make demo` made: its videos and dataset here, its sweep and reports in ~/ray_results/demo.
 clean:
-	rm -rf data/demo runs reports .pytest_cache
+	rm -rf data/demo .pytest_cache ~/ray_results/demo

@@ -20,7 +20,8 @@ import pytest
 
 from vidray.demo_data import generate_demo_videos
 from vidray.errors import UserError
-from vidray.index import MANIFEST_SCHEMA, index_coin, index_folder, probe_video, read_manifest
+from vidray.coin import index_coin
+from vidray.index import MANIFEST_SCHEMA, index_folder, probe_video, read_manifest
 from vidray.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]

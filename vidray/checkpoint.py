@@ -52,7 +52,11 @@ def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
     (RNG states) are tagged so that :func:`_decode` gives back exactly what went in.
     """
     if isinstance(value, torch.Tensor):
-        tensors[name] = value.detach().cpu().contiguous()
+        tensor = value.detach().cpu().contiguous()
+        # safetensors refuses two entries over one buffer (the same RNG state captured twice, say).
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
+            tensor = tensor.clone()
+        tensors[name] = tensor
         return {"__tensor__": name}
     if isinstance(value, np.ndarray):
         # safetensors has no uint32 for torch; int64 holds every value, the dtype name restores it.

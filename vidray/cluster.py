@@ -21,14 +21,16 @@ from vidray.storage import check_storage_for_cluster
 DATA_CPUS = 1
 
 
-def init_ray(**local_kwargs) -> None:
-    """Connect once. ``local_kwargs`` only apply when a new local cluster starts."""
+def init_ray(logging_config: "ray.LoggingConfig | None" = None, **local_kwargs) -> None:
+    """Connect once. ``logging_config`` applies to this job's processes on any cluster;
+    ``local_kwargs`` only when a new local cluster starts."""
     if ray.is_initialized():
         return
+    job = {"logging_config": logging_config} if logging_config is not None else {}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **job)
     else:
-        ray.init(**local_kwargs)
+        ray.init(**local_kwargs, **job)
 
 
 def shared_storage_paths(cfg: VidrayConfig) -> tuple[str, str]:

@@ -173,12 +173,24 @@ class WandbConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "vidray"
-    storage_path: str = "runs"  # local path or s3:// / gs:// URI
+    # Where runs and sweeps are kept: a local path or an s3:// / gs:// URI. The default is
+    # absolute, Ray's own convention: `ray job submit --working-dir .` runs the job in a
+    # temporary copy of the repository that Ray deletes, and anything relative lands there.
+    storage_path: str = "~/ray_results"
     # Local storage_path / data.dataset_dir are refused on a multi-node cluster unless every
     # node sees them at the same path (NFS, EFS, Filestore...): set true to vouch for that.
     shared_filesystem: bool = False
-    reports_dir: Path = Path("reports")
+    # The sweep's results table, figures and best model. None: <storage_path>/<name>/reports,
+    # beside the runs (~/ray_results/<name>/reports when storage_path is a bucket).
+    reports_dir: Path | None = None
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    def reports_path(self) -> Path:
+        """Absolute local directory of this run's reports."""
+        if self.reports_dir is not None:
+            return Path(self.reports_dir).expanduser().resolve()
+        base = "~/ray_results" if "://" in self.storage_path else self.storage_path
+        return (Path(base).expanduser() / self.name / "reports").resolve()
 
 
 class VidrayConfig(_Section):
@@ -217,6 +229,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# Keys a continued run or sweep may change: where results go and how they are logged, not what is trained.
+KEYS_FREE_ON_RESUME = ("run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures")
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two ``model_dump(mode="json")`` configs."""
     keys = []
@@ -235,20 +251,25 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/demo.yaml for all keys)"
+            msg = f"unknown key (check the spelling; {DEFAULT_CONFIG.name} lists every key: {DEFAULT_CONFIG})"
         lines.append(f"{key}: {msg}")
     return f"invalid config {source}: " + "; ".join(lines)
 
 
+# The embedded default (the synthetic demo), shipped inside the package so that an installed
+# `vidray` runs without a checkout; configs/demo.yaml in the repository links to it.
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VidrayConfig:
-    """Read YAML (or defaults when ``path`` is None), apply overrides, validate."""
+    """Read YAML (or the schema's defaults when ``path`` is None), apply overrides, validate."""
     raw: dict[str, Any] = {}
     source = "(defaults)"
     if path is not None:
         source = str(path)
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass --config configs/demo.yaml or another file)")
+            raise ConfigError(f"config file not found: {path} (pass --config with a YAML file, e.g. configs/coin12.yaml)")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -65,7 +65,8 @@ def _ensure_demo_videos(data: DataConfig) -> None:
 
 def prepare_dataset(cfg: VidrayConfig) -> str:
     """Make ``cfg.data.dataset_dir`` current for ``cfg.data`` and return it."""
-    from vidray.index import index_coin, index_folder
+    from vidray.coin import index_coin
+    from vidray.index import index_folder
 
     data = cfg.data
     if data.source == "demo":

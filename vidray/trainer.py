@@ -24,7 +24,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from vidray.checkpoint import INFO, check_training_state
-from vidray.config import VidrayConfig, config_differences
+from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, config_differences
 from vidray.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.errors import UserError
 from vidray.ingest import build_datasets, data_config, ingest_cpus
@@ -35,8 +35,6 @@ from vidray.storage import join_uri, open_filesystem, resolve_path
 
 CHECKPOINTS_TO_KEEP = 2
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
-# Config keys a resumed run may change: where results are written and logged, not what is trained.
-KEYS_FREE_ON_RESUME = ("run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures")
 
 
 def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
