@@ -21,16 +21,16 @@ from vidray.storage import check_storage_for_cluster
 DATA_CPUS = 1
 
 
-def init_ray(logging_config: "ray.LoggingConfig | None" = None, **local_kwargs) -> None:
-    """Connect once. ``logging_config`` applies to this job's processes on any cluster;
-    ``local_kwargs`` only when a new local cluster starts."""
+def init_ray(*, log_to_driver: bool = True, **local_kwargs) -> None:
+    """Connect once. ``log_to_driver=False`` keeps the job's workers' output out of this console
+    (it stays in Ray's log files and the dashboard); ``local_kwargs`` only apply when a new local
+    cluster starts."""
     if ray.is_initialized():
         return
-    job = {"logging_config": logging_config} if logging_config is not None else {}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **job)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
-        ray.init(**local_kwargs, **job)
+        ray.init(log_to_driver=log_to_driver, **local_kwargs)
 
 
 def shared_storage_paths(cfg: VidrayConfig) -> tuple[str, str]:

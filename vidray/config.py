@@ -86,6 +86,9 @@ class ModelConfig(_Section):
     # Scratch models only (a checkpoint fixes its own): spatial patch side in pixels. None = 16,
     # VideoMAE's. Small inputs need small patches: a 48 px clip cut into 16 px patches is a 3 x 3 grid.
     patch_size: int | None = Field(None, ge=1)
+    # Scratch models only: frames per token (the patch embedding's temporal extent). None = 2,
+    # VideoMAE's. A longer tube lets one token see motion, which a small model learns faster.
+    tubelet_size: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
     # Interpolate the pretrained sinusoid position table to the new token grid.
     interpolate_pos_embed: bool = True
@@ -93,11 +96,12 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        if self.patch_size is not None and self.init == "pretrained":
-            raise ValueError(
-                "model.patch_size applies to init=scratch only: a pretrained checkpoint's patch size is "
-                "part of its weights; remove model.patch_size or set model.init=scratch"
-            )
+        for key in ("patch_size", "tubelet_size"):
+            if getattr(self, key) is not None and self.init == "pretrained":
+                raise ValueError(
+                    f"model.{key} applies to init=scratch only: a pretrained checkpoint's {key} is "
+                    f"part of its weights; remove model.{key} or set model.init=scratch"
+                )
         return self
 
 

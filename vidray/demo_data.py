@@ -16,7 +16,7 @@ level of an order-blind model over all classes is ``1 / pairs``, not
 
 The signal is deliberately strong (large objects, motion over much of the
 frame, moderate noise) so a tiny VideoMAE trained from scratch for a few CPU
-minutes learns it. Videos vary in duration (2.5-5 s), frame rate (15-30 fps)
+minutes learns it. Videos vary in duration (1.5-3 s), frame rate (15-30 fps)
 and frame size (128x96 or 160x120), so preprocessing sees real variety.
 
 Output: ``ROOT/{train,val,test}/<class>/<class>_<NNN>.mp4``, real H.264 written
@@ -69,7 +69,7 @@ def reversal_pairs(classes: list[str]) -> list[tuple[int, int]]:
 
 FRAME_SIZES = ((128, 96), (160, 120))  # (width, height)
 FRAME_RATES = (15, 20, 24, 25, 30)
-DURATION_RANGE = (2.5, 5.0)  # seconds
+DURATION_RANGE = (1.5, 3.0)  # seconds: at 15-30 fps, 22-90 frames, plenty for 16 stored ones
 SPLIT_FRACTIONS = {"val": 0.2, "test": 0.2}  # the rest is train
 
 

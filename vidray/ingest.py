@@ -78,8 +78,13 @@ def data_config() -> ray.train.DataConfig:
     trims rows to make the shards equal: right for training, but it would leave
     up to ``num_workers - 1`` val videos out of every evaluation.
     """
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    from ray.data import DataContext, ExecutionOptions
+
+    # DataConfig.default_ingest_options() plus preserve_order, without the deprecated exclude_resources.
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(
+        resource_limits=current.resource_limits, preserve_order=True, verbose_progress=current.verbose_progress
+    )
     return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
 
 

@@ -104,8 +104,8 @@ def load_pretrained_config(name_or_path: str) -> VideoMAEConfig:
 
 
 def scratch_config(model_cfg: ModelConfig, **overrides) -> VideoMAEConfig:
-    patch = {"patch_size": model_cfg.patch_size} if model_cfg.patch_size else {}
-    return VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size], **patch, **overrides)
+    sizes = {key: getattr(model_cfg, key) for key in ("patch_size", "tubelet_size") if getattr(model_cfg, key)}
+    return VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size], **sizes, **overrides)
 
 
 def check_model_config(model_cfg: ModelConfig, frames: int, size: int) -> None:

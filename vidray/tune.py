@@ -32,6 +32,7 @@ Train continues from that run's latest checkpoint instead of epoch 0).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -62,7 +63,6 @@ SWEPT = ("mixup_alpha", "lr", "weight_decay")
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 SWEEP_CONFIG_FILE = "vidray_sweep.json"
-
 TRAIN_RUNS_DIR = "train_runs"
 
 
@@ -358,18 +358,20 @@ class EpochLines(ray.tune.Callback):
         )
 
 
-def quiet_console(verbose: bool) -> dict[str, Any]:
-    """Console settings for a sweep: Tune's trial table and :class:`EpochLines` by default, everything with ``verbose``.
+def console_settings(verbose: bool) -> dict[str, Any]:
+    """A sweep's console: by default Tune's trial table and :class:`EpochLines`; everything with ``verbose``.
 
-    Returns the ``ray.init`` keyword that sets the log level of every process of
-    the job: Ray Train logs each report at INFO on every worker, Ray Data each
-    dataset execution; at WARNING only what needs attention reaches the console.
+    Returns the ``ray.init`` keywords to use. By default the workers' output
+    (Ray Train logs every report at INFO on every worker, Ray Data every dataset
+    execution) stays in Ray's log files and the dashboard, not on the console;
+    a failing trial still shows its error here, through Tune.
     """
     ray.data.DataContext.get_current().enable_progress_bars = verbose
-    if verbose:
-        return {}
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    return {"logging_config": ray.LoggingConfig(log_level="WARNING")}
+    if not verbose:
+        # Ray Data's own INFO lines and progress bars in this process (preprocessing, dataset reads).
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    return {"log_to_driver": verbose}
 
 
 # ------------------------------------------------------------- the sweep
@@ -398,7 +400,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     check_sweep_config(cfg)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
 
-    init_ray(**local_cluster_kwargs(), **quiet_console(verbose))
+    init_ray(**console_settings(verbose), **local_cluster_kwargs())
     storage_path, dataset_dir = shared_storage_paths(cfg)
     warn_if_inside_a_job_copy(cfg)
     capacity = cluster_capacity()
