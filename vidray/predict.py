@@ -147,7 +147,9 @@ def predict_videos(model_dir: Path, videos: list[Path], top_k: int = 3) -> list[
     results = []
     for video in videos:
         try:
-            clip = read_clip(video, int(data["stored_frames"]), int(data["stored_size"]))
+            # The decoder the training shards were made with, when the checkpoint says (dataset.json's).
+            clip = read_clip(video, int(data["stored_frames"]), int(data["stored_size"]),
+                             decoder=data.get("decoder", "pyav"))  # fmt: skip
         except VideoError as err:
             results.append({"video": str(video), "error": str(err), "predictions": []})
             continue
