@@ -1,4 +1,4 @@
-"""Decode a manifest's videos into the sharded Parquet dataset, on Ray Data.
+"""Decode a manifest's videos into the sharded Parquet dataset, one Ray task per shard.
 
 Output (``DIR`` may be a local path or an s3:// / gs:// URI)::
 
@@ -27,7 +27,7 @@ videos holds fewer of them than one of short 360p clips, and shards are
 started biggest first: the run does not end with one CPU decoding a heavy
 shard while the others idle.
 
-Fault isolation: one Ray Data task decodes one shard. A file that fails to
+Fault isolation: one Ray task decodes one shard. A file that fails to
 decode is rejected with its reason and never stops the run. A decoder that
 kills its worker process (segfault) loses only its shard's task; such shards
 are re-run one video per Ray task, the video whose task dies is rejected with
@@ -54,7 +54,6 @@ import os
 import sys
 import time
 import uuid
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -410,56 +409,50 @@ def _ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-OUTCOME_COLUMNS = (
-    "shard", "path", "video_id", "split", "label", "label_index",
-    "status", "error", "reason", "source_frames", "padded",
-)  # fmt: skip
-
-
-def decode_shards(batch: dict[str, Any], out: str, settings: DecodeSettings, crash_on: str | None):
-    """Ray Data UDF: each row of ``batch`` is one shard (as JSON); decode and
-    write it, return one outcome row per video."""
-    rows: list[dict] = []
-    for text in batch["shard"]:
-        shard = Shard.from_json(str(text))
-        started = time.perf_counter()
-        outcomes = [_decode_video(v, settings, crash_on) for v in shard.videos]
-        rows.extend(write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started))
-    return {column: [row[column] for row in rows] for column in OUTCOME_COLUMNS}
+def decode_shards(out: str, shard: Shard, settings: DecodeSettings, crash_on: str | None) -> list[dict]:
+    """Ray task: decode and write one shard, return one outcome row per video."""
+    started = time.perf_counter()
+    outcomes = [_decode_video(v, settings, crash_on) for v in shard.videos]
+    return write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started)
 
 
 # --- the run -----------------------------------------------------------------
 
+PROGRESS_EVERY_S = 15.0
+
 
 def _run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_on: str | None):
-    """{shard id: outcome rows} for the shards whose task finished."""
-    import ray.data
-    from ray.util.annotations import RayDeprecationWarning
+    """{shard id: outcome rows} for the shards whose task finished, one Ray task per shard.
 
-    ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates **ray_remote_args but has no named max_retries yet.
-        warnings.simplefilter("ignore", RayDeprecationWarning)
-        ds = ds.map_batches(
-            decode_shards,
-            batch_size=1,
-            batch_format="numpy",
-            fn_kwargs={"out": out, "settings": settings, "crash_on": crash_on},
-            **settings.task_resources(),
-            # Ray Data retries tasks forever by default, and a decoder that
-            # segfaults on a file does so every time. One retry covers a lost
-            # node; after that _isolate_crashes takes the shard over.
-            max_retries=1,
-        )
-    ds.context.max_errored_blocks = -1  # a failed shard is recovered below, never fatal
+    Plain tasks, submitted in ``shards``' order (biggest first) and waited on
+    with ``ray.wait``, which blocks without polling: the driver stays idle
+    while the CPUs decode (Ray Data's streaming executor, used before, cost the
+    driver 7x the CPU on a 2-CPU node: docs/benchmarks.md).
+    """
+    import ray
+
+    # One retry covers a lost node; a decoder that segfaults on a file does so every time,
+    # and after that retry _isolate_crashes takes the shard over.
+    task = ray.remote(max_retries=1, **settings.task_resources())(decode_shards)
+    shard_of = {task.remote(out, shard, settings, crash_on): shard for shard in shards}
     results: dict[str, list[dict]] = {}
-    for row in ds.take_all():
-        results.setdefault(row["shard"], []).append({c: _plain(row[c]) for c in OUTCOME_COLUMNS})
+    pending, started, reported = list(shard_of), time.monotonic(), time.monotonic()
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_EVERY_S)
+        for ref in done:
+            try:
+                results[shard_of[ref].id] = ray.get(ref)
+            except ray.exceptions.RayError:
+                pass  # its worker died twice (or the task raised): recovered video by video
+        if time.monotonic() - reported >= PROGRESS_EVERY_S and pending:
+            reported = time.monotonic()
+            print(
+                f"vidray preprocess: {len(shards) - len(pending)}/{len(shards)} shards decoded "
+                f"in {reported - started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
 
 
 def _isolate_crashes(shards: list[Shard], out: str, settings: DecodeSettings, crash_on: str | None):
