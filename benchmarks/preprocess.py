@@ -34,7 +34,8 @@ docs/design.md). Methods, each in a fresh Python process:
                         ``ray.init`` itself is timed separately and excluded.
                         ``_vps<n>``: ``videos_per_shard=n`` (a shard is one Ray task,
                         so shards bound the parallelism), else vidray's default.
-                        ``_decord`` / ``_torchcodec``: ``data.decoder`` (default pyav).
+                        ``_decord`` / ``_torchcodec``: ``data.decoder`` (default pyav);
+                        ``_torchcodec_cuda``: torchcodec on the GPU (a GPU machine only).
 
 Measured per run: wall seconds of the decode work, CPU seconds (user + system,
 all threads): for the loops ``time.process_time()`` of the process; for vidray
@@ -285,13 +286,16 @@ def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -
     }
 
 
-def run_side_by_side(worker_args: list[str], processes: int, timeout: float) -> dict[str, Any]:
+def run_side_by_side(worker_args: list[str], processes: int, timeout: float, cores: int | None) -> dict[str, Any]:
     """Run the same baseline worker in ``processes`` processes at once; their clips over the span
     from the first start to the last end."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def one(_) -> dict[str, Any]:
+        return run_json_subprocess(worker_args, timeout=timeout, cores=cores)
+
     with ThreadPoolExecutor(processes) as pool:
-        results = list(pool.map(lambda _: run_json_subprocess(worker_args, timeout=timeout), range(processes)))
+        results = list(pool.map(one, range(processes)))
     span = max(r["ended_at"] for r in results) - min(r["started_at"] for r in results)
     return {
         "videos": results[0]["videos"],
@@ -343,7 +347,9 @@ def run_vidray(
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
     )
     ray_init_s = time.perf_counter() - started
-    kwargs = dict(frames=frames, size=size, stored_frames=stored_frames, stored_size=stored_size, decoder=decoder)
+    name, _, device = decoder.partition("_")
+    kwargs = dict(frames=frames, size=size, stored_frames=stored_frames, stored_size=stored_size,
+                  decoder=name, decoder_device=device or "cpu")  # fmt: skip
     kwargs["videos_per_shard"] = videos_per_shard or VIDEOS_PER_SHARD
     phases = {}
     with tempfile.TemporaryDirectory(prefix="vidray-bench-") as tmp:
@@ -383,12 +389,14 @@ def run_vidray(
 
 def parse_vidray_method(method: str) -> tuple[int, int | None, str]:
     """``vidray_2cpu`` -> (2, None, "pyav"); ``vidray_2cpu_vps4_decord`` -> (2, 4, "decord"):
-    CPUs, videos per shard when given, decoder."""
+    CPUs, videos per shard when given, decoder (``torchcodec_cuda``: torchcodec on the GPU)."""
     parts = method.removeprefix("vidray_").split("_")
     cpus, shard, decoder = int(parts[0].removesuffix("cpu")), None, "pyav"
     for part in parts[1:]:
         if part.startswith("vps"):
             shard = int(part.removeprefix("vps"))
+        elif part == "cuda":
+            decoder += "_cuda"
         else:
             decoder = part
     return cpus, shard, decoder
@@ -447,6 +455,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="a directory holding another vidray package (e.g. `git archive <commit> vidray`): "
         "every vidray method also runs against it, as <method>@before, interleaved with the current one",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each method on as many cores as it has CPUs (taskset): 1 for the loops and vidray_1cpu, "
+        "2 for pyav_lean_x2 and vidray_2cpu; without it a 1-CPU Ray run borrows the other cores for Ray's own processes",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--stored-frames", type=int, default=None, help=argparse.SUPPRESS)
@@ -487,10 +501,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if args.videos_per_shard:
                     worker_args += ["--videos-per-shard", str(args.videos_per_shard)]
                 before = args.before if method.endswith("@before") else None
+                cores = None
+                if args.pin:
+                    cores = parse_vidray_method(baseline)[0] if baseline.startswith("vidray_") else processes
                 if processes > 1:
-                    result = run_side_by_side(worker_args, processes, args.timeout)
+                    result = run_side_by_side(worker_args, processes, args.timeout, cores)
                 else:
-                    result = run_json_subprocess(worker_args, timeout=args.timeout, pythonpath=before)
+                    result = run_json_subprocess(worker_args, timeout=args.timeout, pythonpath=before, cores=cores)
                 run = {"method": method, "repeat": repeat, "load_before": load_before, "load_after": loadavg(), **result}
                 run.update(_rates(run, stored_frames, must_decode))
                 if "phases" in run:
@@ -542,6 +559,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         single = parse_method_suffix(method.removesuffix("@before")) + ("@before" if method.endswith("@before") else "")
         if single in methods:
             ratios[f"{method}_over_{single}"] = ratio(method, single)
+        # Against the machine's own ceiling: as many plain decoder processes side by side as CPUs.
+        cpus, _, _ = parse_vidray_method(method.removesuffix("@before"))
+        for side_by_side, (_, processes) in SIDE_BY_SIDE.items():
+            if processes == cpus and side_by_side in methods:
+                ratios[f"{method}_over_{side_by_side}"] = ratio(method, side_by_side)
     for method in methods:
         if f"{method}@before" in methods:
             ratios[f"{method}_over_before"] = ratio(method, f"{method}@before")
@@ -566,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "videos_per_shard": args.videos_per_shard or VIDEOS_PER_SHARD,
             "methods": methods,
             "before": args.before,
+            "pinned": args.pin,
         },
         "inputs": {
             **input_totals(inputs),

@@ -233,9 +233,10 @@ def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch, d
     rows = []
     for i in range(5):
         rows.append(manifest_row(random_video(tmp_path / f"ok_{i}.mp4", 64, 48, 12, seed=i), CLASSES[i % 3], "train"))
-    rows.insert(2, manifest_row(random_video(tmp_path / "crashme.mp4", 64, 48, 12, seed=7), "beta", "train"))
+    # Its id sorts last: the worker has decoded five videos with this backend when it dies on the sixth.
+    rows.insert(2, manifest_row(random_video(tmp_path / "zz_crash.mp4", 64, 48, 12, seed=7), "beta", "train"))
     manifest = write_manifest(rows, CLASSES, tmp_path / "manifest.parquet")
-    monkeypatch.setenv(CRASH_ON_ENV, "crashme")
+    monkeypatch.setenv(CRASH_ON_ENV, "zz_crash")
 
     # One shard holds all six videos, so the crash takes the other five down with it at first.
     summary = preprocess(
@@ -244,11 +245,18 @@ def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch, d
     assert summary["discovered"] == 6 and summary["processed"] == 5 and summary["rejected"] == 1
     assert summary["rejected_by_error"] == {"worker_crash": 1}
     rejects = pd.read_csv(tmp_path / "ds" / "rejects.csv")
-    assert rejects["path"].tolist() == [str(tmp_path / "crashme.mp4")]
+    assert rejects["path"].tolist() == [str(tmp_path / "zz_crash.mp4")]
     assert rejects["error"].tolist() == ["worker_crash"]
     assert rejects["reason"].iloc[0].startswith(WORKER_CRASH_REASON)
     written = pd.read_parquet(tmp_path / "ds" / "train")
     assert sorted(written["path"]) == sorted(str(tmp_path / f"ok_{i}.mp4") for i in range(5))
+
+
+def test_gpu_decoding_without_a_gpu_in_the_cluster_is_a_user_error(corpus, ray_cluster, tmp_path):
+    with pytest.raises(UserError, match=r"data.decoder_device=cuda but the Ray cluster has no GPU"):
+        preprocess(corpus["manifest"], str(tmp_path / "ds"), decoder="torchcodec", decoder_device="cuda")
+    with pytest.raises(UserError, match=r"data.decoder_device=cuda needs data.decoder=torchcodec"):
+        preprocess(corpus["manifest"], str(tmp_path / "ds"), decoder="pyav", decoder_device="cuda")
 
 
 # --- planning and input errors (no Ray needed) ------------------------------------------
@@ -275,6 +283,7 @@ def test_shard_boundaries_move_only_where_videos_change():
                for i, v in enumerate(videos)]  # fmt: skip
     assert len({s.id for s in plan_shards(touched, 32, 128, 16)} ^ {s.id for s in shards}) == 2
     assert not {s.id for s in plan_shards(videos, 32, 112, 16)} & {s.id for s in shards}
+    assert [len(s.videos) for s in plan_shards(videos, 32, 128, 1)] == [1] * len(videos)
     # The decoder and its device are decode parameters too: switching re-decodes everything.
     assert not {s.id for s in plan_shards(videos, 32, 128, 16, decoder="torchcodec")} & {s.id for s in shards}
     cuda = plan_shards(videos, 32, 128, 16, decoder="torchcodec", decoder_device="cuda")

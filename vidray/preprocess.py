@@ -67,7 +67,7 @@ import pyarrow.parquet as pq
 from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, SPLITS
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
-from vidray.video import DecodeDevice, DecoderName
+from vidray.video import DecodeDevice, DecoderName, DecoderUnavailableError
 
 # One shard is one Parquet file and one Ray task: enough shards to keep every CPU of a
 # cluster busy to the end (COIN-12's 1,024 videos: 128), files still ~12 MB at 16x112².
@@ -120,9 +120,12 @@ class DecodeSettings:
     decoder: DecoderName = DEFAULT_DECODER
     device: DecodeDevice = "cpu"
 
-    def task_resources(self) -> dict[str, float]:
-        """Ray resources of one decode task: a CPU, and a share of a GPU when decoding on CUDA."""
-        return {"num_cpus": 1, **({"num_gpus": GPU_SHARE_PER_DECODE_TASK} if self.device == "cuda" else {})}
+    def task_options(self) -> dict[str, Any]:
+        """Ray options of one decode task: a CPU (and a share of a GPU when decoding on CUDA),
+        spread over the nodes. Ray's default keeps a driver's tasks on its own node while that
+        node has room, which left a 1-CPU worker node idle (measured: all 12 shards on the head)."""
+        gpu = {"num_gpus": GPU_SHARE_PER_DECODE_TASK} if self.device == "cuda" else {}
+        return {"num_cpus": 1, **gpu, "scheduling_strategy": "SPREAD"}
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,7 @@ def plan_shards(
     move only where videos change; a shard never exceeds twice the target
     unless one video alone does. Unprobed videos count as typical ones; with
     no probe at all this is about ``videos_per_shard`` videos a shard.
+    ``videos_per_shard=1`` is one video per shard.
     """
     params = {"stored_frames": stored_frames, "stored_size": stored_size,
               "decoder": decoder, "decoder_device": decoder_device}  # fmt: skip
@@ -283,6 +287,9 @@ def plan_shards(
             current.append(video)
             work += video.work
             last = index == len(group) - 1
+            if videos_per_shard == 1:  # as fine as it gets: a video per task, whatever its work
+                close()
+                continue
             # Past half the target, each video ends the shard with a chance of its work over half
             # the target: shards land between 1/2 and 2x the target, ~1x on average.
             if last or work >= 2 * target or (work >= target / 2 and _ends_shard(video, 2 * video.work / target)):
@@ -411,6 +418,10 @@ def _ray_node_id() -> str | None:
 
 def decode_shards(out: str, shard: Shard, settings: DecodeSettings, crash_on: str | None) -> list[dict]:
     """Ray task: decode and write one shard, return one outcome row per video."""
+    from vidray.video import require_decoder
+
+    # A node without the decoder's package is a set-up problem, not a bad video: fail the run (below).
+    require_decoder(settings.decoder, settings.device)
     started = time.perf_counter()
     outcomes = [_decode_video(v, settings, crash_on) for v in shard.videos]
     return write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started)
@@ -433,7 +444,7 @@ def _run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_o
 
     # One retry covers a lost node; a decoder that segfaults on a file does so every time,
     # and after that retry _isolate_crashes takes the shard over.
-    task = ray.remote(max_retries=1, **settings.task_resources())(decode_shards)
+    task = ray.remote(max_retries=1, **settings.task_options())(decode_shards)
     shard_of = {task.remote(out, shard, settings, crash_on): shard for shard in shards}
     results: dict[str, list[dict]] = {}
     pending, started, reported = list(shard_of), time.monotonic(), time.monotonic()
@@ -442,8 +453,11 @@ def _run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_o
         for ref in done:
             try:
                 results[shard_of[ref].id] = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(getattr(err, "cause", None), DecoderUnavailableError):
+                    raise DecoderUnavailableError(f"{err.cause} (on a Ray worker node)") from None
             except ray.exceptions.RayError:
-                pass  # its worker died twice (or the task raised): recovered video by video
+                pass  # its worker died twice: recovered video by video
         if time.monotonic() - reported >= PROGRESS_EVERY_S and pending:
             reported = time.monotonic()
             print(
@@ -459,7 +473,7 @@ def _isolate_crashes(shards: list[Shard], out: str, settings: DecodeSettings, cr
     """Re-run lost shards one video per task; a task whose worker dies marks its video."""
     import ray
 
-    decode_one = ray.remote(max_retries=0, **settings.task_resources())(_decode_video)
+    decode_one = ray.remote(max_retries=0, **settings.task_options())(_decode_video)
     results = {}
     for shard in shards:  # one shard at a time bounds the driver's memory to one shard
         refs = [decode_one.remote(v, settings, crash_on) for v in shard.videos]
@@ -489,11 +503,26 @@ def _check_cuda_workers(settings: DecodeSettings) -> None:
         )
 
     def check() -> None:
+        # On a GPU node: the packages load, CUDA is there, and one real clip decodes on it
+        # (NVDEC with the resize), so a node that cannot does not reject every video one by one.
+        import tempfile
+
+        import numpy as np
+
+        from vidray.video import VideoError, encode_mp4, read_clip
+
         require_decoder(settings.decoder, settings.device)
         require_cuda_decoding()
+        with tempfile.TemporaryDirectory() as tmp:
+            frames = np.random.default_rng(0).integers(0, 255, (8, 96, 128, 3), dtype=np.uint8)
+            path = encode_mp4(f"{tmp}/check.mp4", frames)
+            try:
+                read_clip(path, settings.stored_frames, settings.stored_size, settings.decoder, settings.device)
+            except VideoError as err:
+                raise UserError(f"data.decoder_device=cuda: a test clip does not decode on this GPU ({err.reason})")
 
     try:
-        ray.get(ray.remote(max_retries=0, **settings.task_resources())(check).remote())
+        ray.get(ray.remote(max_retries=0, **settings.task_options())(check).remote())
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
         raise UserError(str(cause) if isinstance(cause, UserError) else str(err).splitlines()[0]) from None
