@@ -347,9 +347,10 @@ def run_vidray(
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
     )
     ray_init_s = time.perf_counter() - started
-    name, _, device = decoder.partition("_")
-    kwargs = dict(frames=frames, size=size, stored_frames=stored_frames, stored_size=stored_size,
-                  decoder=name, decoder_device=device or "cpu")  # fmt: skip
+    kwargs = dict(frames=frames, size=size, stored_frames=stored_frames, stored_size=stored_size)
+    if decoder != "pyav":  # (a vidray from before data.decoder, run with --before, takes no such argument)
+        name, _, device = decoder.partition("_")
+        kwargs.update(decoder=name, decoder_device=device or "cpu")
     kwargs["videos_per_shard"] = videos_per_shard or VIDEOS_PER_SHARD
     phases = {}
     with tempfile.TemporaryDirectory(prefix="vidray-bench-") as tmp:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmark set: about 10 minutes on 2 idle cores (first run adds ~5 min to
+# The CPU benchmark set: about 14 minutes on 2 idle cores (first run adds ~5 min to
 # encode the input videos, cached in benchmarks/.cache). Writes benchmarks/results/*.json;
 # docs/benchmarks.md explains the numbers.
 #

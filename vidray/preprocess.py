@@ -263,8 +263,7 @@ def plan_shards(
     no probe at all this is about ``videos_per_shard`` videos a shard.
     ``videos_per_shard=1`` is one video per shard.
     """
-    params = {"stored_frames": stored_frames, "stored_size": stored_size,
-              "decoder": decoder, "decoder_device": decoder_device}  # fmt: skip
+    params = asdict(DecodeSettings(stored_frames, stored_size, decoder, decoder_device))
     shards = []
     for split in SPLITS:
         group = sorted((v for v in videos if v.split == split), key=lambda v: (v.video_id, v.path))
