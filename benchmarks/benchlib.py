@@ -178,8 +178,13 @@ def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, fl
 RAY_STARTUP_FAILURE = "The current node timed out during startup"
 
 
-def run_json_subprocess(args: list[str], timeout: float, pythonpath: str | None = None) -> dict[str, Any]:
+def run_json_subprocess(
+    args: list[str], timeout: float, pythonpath: str | None = None, cores: int | None = None
+) -> dict[str, Any]:
     """Run ``python <args>`` in a fresh interpreter; it prints one JSON object as its last stdout line.
+
+    ``cores``: pin the process and everything it starts (Ray's GCS, raylet, workers) to
+    the first ``cores`` cores (``taskset``), so a "1 CPU" run cannot borrow another core.
 
     ``pythonpath``: import ``vidray`` from there instead (another checkout, for before/after
     runs); the process also starts in it, so neither its nor its Ray workers' ``sys.path``
@@ -190,8 +195,9 @@ def run_json_subprocess(args: list[str], timeout: float, pythonpath: str | None 
     if pythonpath:
         env["PYTHONPATH"] = os.path.abspath(pythonpath)
     for attempt in range(2):
+        pin = ["taskset", "-c", f"0-{cores - 1}"] if cores else []
         proc = subprocess.run(
-            [sys.executable, *args],
+            [*pin, sys.executable, *args],
             capture_output=True,
             text=True,
             timeout=timeout,

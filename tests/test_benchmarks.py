@@ -85,7 +85,7 @@ def test_process_tree_cpu_counts_child_processes():
 def test_preprocess_benchmark_smoke(cache, tmp_path):
     bench = _load("preprocess")
     out = tmp_path / "preprocess.json"
-    methods = [*bench.BASELINES, "vidray_2cpu"]
+    methods = [*bench.BASELINES, "pyav_lean_x2", "vidray_2cpu", "vidray_2cpu_decord"]
     bench.main(
         ["--preset", "smoke", "--repeats", "1", "--cpus", "2", "--videos-per-shard", "1",
          "--frames", "4", "--size", "28", "--cache", str(cache), "--out", str(out), "--methods", *methods]
@@ -96,10 +96,11 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
     assert set(result["machine"]) >= {"cpu_model", "cores", "torch", "ray", "decord", "av", "loadavg_at_start"}
     assert [r["method"] for r in result["runs"]] == methods
     for run in result["runs"]:
-        assert run["videos"] == videos and run["clips"] == videos, run["method"]
+        processes = 2 if run["method"] == "pyav_lean_x2" else 1
+        assert run["videos"] == videos and run["clips"] == processes * videos, run["method"]
         assert run["wall_s"] > 0 and run["cpu_s"]["total"] > 0
         assert isinstance(run["load_before"], float)
-    vidray = result["runs"][-1]
+    vidray = next(r for r in result["runs"] if r["method"] == "vidray_2cpu")
     assert vidray["processed"] == videos and vidray["rejected"] == 0
     assert vidray["shards"] == videos  # videos_per_shard=1: one shard per video
     assert vidray["phases"]["cold"]["clips"] == vidray["phases"]["warm"]["clips"] == videos
@@ -107,7 +108,8 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
     # Every PyAV loop and vidray (PyAV inside Ray tasks, skipping frames it does not need) produce
     # the same bytes: same frames, same scaler. decord resizes with its own filter graph.
     digests = result["frames_sha256"]
-    assert digests["decord_1thread"] == digests["decord_threads"]
+    assert digests["decord_1thread"] == digests["decord_threads"] == digests["vidray_2cpu_decord"]
+    assert digests["pyav_lean_x2"] == digests["pyav_lean"]
     assert digests["pyav_seek"] == digests["pyav_sequential"] == digests["pyav_lean"] == digests["vidray_2cpu"]
     by_method = {r["method"]: r for r in result["runs"]}
     # Decoding in order must get through every frame from each keyframe to its samples;
@@ -121,7 +123,10 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
         "vidray_2cpu_per_cpu_over_decord_1thread",
         "vidray_2cpu_per_cpu_over_pyav_lean",
         "pyav_lean_cpu_over_vidray_2cpu_cpu",
+        "pyav_lean_x2_over_pyav_lean",
     } <= set(result["ratios"])
+    assert bench.parse_vidray_method("vidray_2cpu_vps4_torchcodec") == (2, 4, "torchcodec")
+    assert bench.parse_method_suffix("vidray_2cpu_vps4_decord") == "vidray_1cpu_vps4_decord"
 
 
 def test_train_step_benchmark_smoke(cache, tmp_path):

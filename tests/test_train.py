@@ -316,7 +316,8 @@ def test_checkpoint_layout_reload_and_val_predictions_match_the_report(ordered):
 
     model, info = load_trained_model(directory)
     assert info["data"] == {
-        "classes": CLASSES, "frames": FRAMES, "size": SIZE, "stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE
+        "classes": CLASSES, "frames": FRAMES, "size": SIZE, "stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE,
+        "decoder": "pyav",  # what made the shards (dataset.json), for prediction
     }
     assert info["config"]["train"]["epochs"] == EPOCHS
     assert getattr(model.config, POS_GRID_KEY) == [4, 8, 8]  # 64² start checkpoint, trained at 32²

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vidray.errors import UserError
+from vidray.video import DECODERS
 
 
 def _print_summary(summary: dict) -> None:
@@ -66,6 +67,8 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         stored_frames=args.stored_frames,
         stored_size=args.stored_size,
         **({"videos_per_shard": args.videos_per_shard} if args.videos_per_shard else {}),
+        decoder=args.decoder,
+        decoder_device=args.decoder_device,
     )
     _print_summary(summary)
 
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     coin.add_argument("--no-probe", action="store_true")
     coin.set_defaults(func=cmd_index_coin)
 
-    pre = sub.add_parser("preprocess", help="decode + resize videos on Ray Data into sharded Parquet")
+    pre = sub.add_parser("preprocess", help="decode + resize videos in Ray tasks into sharded Parquet")
     pre.add_argument("--manifest", required=True)
     pre.add_argument("--out", required=True, help="dataset directory (local path or s3:// / gs:// URI)")
     pre.add_argument("--frames", type=int, default=16, help="frames the model eats per clip")
@@ -171,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--stored-size", type=int, default=None, help="stored square side (default 8/7 x --size)")
     pre.add_argument(
         "--videos-per-shard", type=int, default=None, help="videos per Parquet shard = per Ray task (default 8)"
+    )
+    pre.add_argument("--decoder", choices=DECODERS, default="pyav", help="decoding library (default pyav)")
+    pre.add_argument(
+        "--decoder-device", choices=["cpu", "cuda"], default="cpu", help="cuda: torchcodec on the GPU (NVDEC)"
     )
     pre.set_defaults(func=cmd_preprocess)
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vidray.errors import UserError
+from vidray.video import DecodeDevice, DecoderName
 
 
 class ConfigError(UserError):
@@ -57,6 +58,11 @@ class DataConfig(_Section):
     stored_size: int = Field(128, ge=16)
     # Videos per Parquet shard, i.e. per preprocessing task: parallelism is at most the shard count.
     videos_per_shard: int = Field(8, ge=1)
+    # Which library decodes (docs/benchmarks.md compares them): pyav (default, least CPU per video),
+    # decord or torchcodec. Switching decodes the dataset again (the decoder is in every shard id).
+    decoder: DecoderName = "pyav"
+    # cuda: torchcodec decodes on the GPU's NVDEC, each decode task taking a quarter of a GPU.
+    decoder_device: DecodeDevice = "cpu"
 
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
 
@@ -68,6 +74,8 @@ class DataConfig(_Section):
             )
         if self.stored_size < self.size:
             raise ValueError(f"data.stored_size ({self.stored_size}) must be >= data.size ({self.size})")
+        if self.decoder_device == "cuda" and self.decoder != "torchcodec":
+            raise ValueError(f"data.decoder_device=cuda needs data.decoder=torchcodec, not {self.decoder}")
         if (
             self.min_duration is not None
             and self.max_duration is not None

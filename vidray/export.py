@@ -181,7 +181,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
         _write_custom_code(staging)
     config = info.get("config") or {}
     export_info = {
-        "data": {k: data[k] for k in ClipShape.KEYS},
+        "data": ClipShape.from_dict(data).as_dict(),
         "config": config if config.get("model") else {"train": {"eval_clips": eval_clips_of(info)}},
         "epoch": info.get("epoch"),
         "metrics": {k: v for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float, str))},

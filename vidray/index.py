@@ -11,9 +11,10 @@ Both write the same manifest through :func:`write_manifest`.
 The manifest has one row per present video (columns in ``MANIFEST_SCHEMA``,
 contract in docs/design.md); the class list, in label order, sits in the
 Parquet schema metadata under ``vidray.classes``. Every video is probed for
-duration, frame rate, frame count and size from container metadata (no frame
-is decoded); a file that cannot be probed keeps its row with ``probe_error``
-set, and preprocessing rejects it with that reason.
+duration, frame rate, frame count and displayed size (rotation and pixel
+aspect applied) from container metadata and its first frame; a file that
+cannot be probed keeps its row with ``probe_error`` set, and preprocessing
+rejects it with the decoder's reason.
 """
 
 from __future__ import annotations
@@ -67,19 +68,25 @@ def is_video_file(path: Path) -> bool:
 
 
 def probe_video(path: str | Path) -> dict[str, Any]:
-    """Duration, fps, frame count and size from container metadata; never raises.
+    """Duration, fps, frame count and displayed size from container metadata; never raises.
 
-    Containers without a frame count in their header (mkv, webm) get one by
-    demuxing packets, which reads the file but decodes nothing.
+    One open container: the header gives size, sample aspect ratio, rate and
+    duration; the first decoded frame its display matrix (PyAV shows it on
+    frames only), so ``width`` x ``height`` is what a player shows: a phone
+    clip coded 1280x720 and marked "rotate 90" is 720x1280. Containers without
+    a frame count in their header (mkv, webm) get one by demuxing packets,
+    which reads the file but decodes nothing more.
     """
     import av
 
+    from vidray.decode.pyav import coded_geometry, first_frame_rotation, open_video
+    from vidray.video import Geometry, VideoError, check_file
+
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            width, height = stream.width, stream.height
+        check_file(str(path))
+        container, stream = open_video(str(path))
+        with container:
+            coded = coded_geometry(str(path), stream)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else None
             if stream.duration is not None and stream.time_base is not None:
@@ -88,15 +95,22 @@ def probe_video(path: str | Path) -> dict[str, Any]:
                 duration = container.duration / av.time_base
             else:
                 duration = None
-            num_frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-        if not width or not height:
-            raise ValueError("video stream has no frame size")
+            num_frames = stream.frames
+            stream.codec_context.thread_count = 1  # one frame: threads would only add start-up
+            rotation = first_frame_rotation(container, stream)
+            if not num_frames:
+                container.seek(0)
+                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
         if not num_frames:
             raise ValueError("video stream has no frames")
+        if rotation is None:
+            raise ValueError("no decodable frames (the first frame does not decode)")
         if duration is None and fps:
             duration = num_frames / fps
+        width, height = Geometry(coded.coded_width, coded.coded_height, rotation, coded.sample_aspect_ratio).displayed_size
     except Exception as err:  # any unreadable file becomes a recorded reason, never a crash
-        reason = f"{type(err).__name__}: {err}".replace("\n", " ")
+        detail = f"{err.code}: {err.reason}" if isinstance(err, VideoError) else f"{type(err).__name__}: {err}"
+        reason = detail.replace("\n", " ")
         return {"duration": None, "fps": None, "num_frames": None, "width": None, "height": None, "probe_error": reason}
     return {
         "duration": duration,

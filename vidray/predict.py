@@ -46,7 +46,8 @@ def predict_videos(model_dir: Path, videos: list[Path], top_k: int = 3) -> list[
     results = []
     for video in videos:
         try:
-            clip = read_clip(video, shape.stored_frames, shape.stored_size)
+            # Decoded by the decoder the training shards were made with (recorded in the checkpoint).
+            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=shape.decoder)
         except VideoError as err:
             results.append({"video": str(video), "error": str(err), "predictions": []})
             continue

@@ -100,5 +100,7 @@ def prepare_dataset(cfg: VidrayConfig) -> str:
         stored_frames=data.stored_frames,
         stored_size=data.stored_size,
         videos_per_shard=data.videos_per_shard,
+        decoder=data.decoder,
+        decoder_device=data.decoder_device,
     )
     return data.dataset_dir

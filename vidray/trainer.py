@@ -57,7 +57,10 @@ def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> Cli
             f"{dataset_dir} has {info.split_counts['train']} training videos: fewer than one batch of "
             f"{micro_batch_size(cfg.train)} per worker; lower train.batch_size or train.num_workers"
         )
-    return ClipShape(list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size)
+    return ClipShape(
+        list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size,
+        decoder=info.raw.get("decoder") or "pyav",
+    )
 
 
 def make_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
