@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     coin.add_argument("--no-probe", action="store_true")
     coin.set_defaults(func=cmd_index_coin)
 
-    pre = sub.add_parser("preprocess", help="decode + resize videos in Ray tasks into sharded Parquet")
+    pre = sub.add_parser("preprocess", help="decode + resize videos on Ray Data into sharded Parquet")
     pre.add_argument("--manifest", required=True)
     pre.add_argument("--out", required=True, help="dataset directory (local path or s3:// / gs:// URI)")
     pre.add_argument("--frames", type=int, default=16, help="frames the model eats per clip")
