@@ -102,6 +102,7 @@ def evaluate_checkpoint(
     from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
     from vidray.dataset import read_dataset_info, videos_from_bytes
     from vidray.inference import clip_logits, inference_device
+    from vidray.model import to_device
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -113,7 +114,7 @@ def evaluate_checkpoint(
     classes = shape.classes
     clips = clips or eval_clips_of(info)
     device = inference_device()
-    model.to(device)
+    to_device(model, device)  # with its position table: no copy of it in every forward
 
     y_true: list[int] = []
     y_pred: list[int] = []
