@@ -99,6 +99,37 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (from /proc's parent links)."""
+    parent_of = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _read_stat(int(name))
+            if stat:
+                parent_of[int(name)] = stat[0]
+    tree, frontier = {root}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent_of.items():
+        children.setdefault(ppid, []).append(pid)
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sorted(tree)
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and its descendants (a benchmark subprocess and the Ray cluster it started), by pid."""
+    import signal
+
+    for pid in reversed(process_tree(root)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class ProcessTreeCPU:
     """CPU seconds used by this process and all its descendants (Ray's GCS, raylet, workers).
 
@@ -118,22 +149,7 @@ class ProcessTreeCPU:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _descendants(self) -> list[int]:
-        parent_of = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                stat = _read_stat(int(name))
-                if stat:
-                    parent_of[int(name)] = stat[0]
-        tree, frontier = {self.root}, [self.root]
-        children: dict[int, list[int]] = {}
-        for pid, ppid in parent_of.items():
-            children.setdefault(ppid, []).append(pid)
-        while frontier:
-            for child in children.get(frontier.pop(), []):
-                if child not in tree:
-                    tree.add(child)
-                    frontier.append(child)
-        return sorted(tree)
+        return process_tree(self.root)
 
     def poll(self) -> None:
         for pid in self._descendants():

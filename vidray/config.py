@@ -138,11 +138,26 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     prefetch_batches: int = Field(2, ge=0)
+    # Rows of vidray's seeded shuffle buffer (vidray/ingest.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
-    # Hold the decoded train/val splits in Ray's object store for the whole run instead of
-    # re-reading the Parquet shards every epoch. auto: when both fit in a quarter of the
-    # cluster's object store (the reference COIN set, ~1.6 GB, does on a 24 GB machine).
-    cache_dataset: Literal["auto", "always", "never"] = "auto"
+    # Where the decoded splits live during the run (vidray/ingest.py):
+    #   never  - re-read the Parquet shards every epoch (Ray Data streaming);
+    #   always - read them once into Ray's object store, iterate them with Ray Data every epoch;
+    #   device - also copy each worker's shard once into its device's memory (GPU memory, or the
+    #            worker's own memory on CPU) and build batches there: no Ray Data after the start;
+    #   auto   - device when the worker's shard fits a quarter of its device's memory, else the
+    #            object store when both splits fit a quarter of it, else never.
+    # Every choice gives the same batches in the same order: a run's result does not depend on it.
+    cache_dataset: Literal["auto", "always", "never", "device"] = "auto"
+    # torch.compile the model (train and eval graphs; the last, smaller eval batch is padded so it
+    # reuses the eval graph). Costs a compile at the start of every (re)started worker group.
+    compile: bool = False
+    # Step telemetry (step time, data-wait share, clips/s, TFLOP/s and MFU on CUDA) on rank 0's
+    # console every this many optimizer steps; 0 = only the per-epoch figures in the report.
+    log_every_steps: int = Field(50, ge=0)
+    # Write each epoch's checkpoint off the training thread: the ranks wait only while rank 0
+    # copies model and optimizer state to host memory. false = write and upload before going on.
+    checkpoint_in_background: bool = True
 
 
 class SearchRange(_Section):
@@ -242,7 +257,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 # Keys a continued run or sweep may change: where results go and how they are logged, not what is trained.
-KEYS_FREE_ON_RESUME = ("run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures")
+# Where the data lives (every placement gives the same batches bit for bit), how often the
+# console shows telemetry and how checkpoints are written do not change a run's results.
+KEYS_FREE_ON_RESUME = (
+    "run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures",
+    "train.cache_dataset", "train.log_every_steps", "train.checkpoint_in_background",
+)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

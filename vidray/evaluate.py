@@ -127,13 +127,14 @@ def frame_order_control(
     from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
     from vidray.dataset import read_dataset_info
     from vidray.inference import inference_device
+    from vidray.model import to_device
 
     model, info = load_trained_model(checkpoint)
     shape = clip_shape_of(info)
     dataset = read_dataset_info(dataset_dir)
     _check_compatible(shape, dataset, dataset_dir, split, Path(checkpoint))
     device = inference_device()
-    model.to(device)
+    to_device(model, device)
     confusions = {}
     for name, shuffle in (("in_order", None), ("shuffled", torch.Generator().manual_seed(seed))):
         y_true, y_pred = [], []
@@ -177,6 +178,7 @@ def evaluate_checkpoint(
     from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
     from vidray.dataset import read_dataset_info
     from vidray.inference import inference_device
+    from vidray.model import to_device
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -188,7 +190,7 @@ def evaluate_checkpoint(
     classes = shape.classes
     clips = clips or eval_clips_of(info)
     device = inference_device()
-    model.to(device)
+    to_device(model, device)  # with its position table: no copy of it in every forward
 
     y_true: list[int] = []
     y_pred: list[int] = []

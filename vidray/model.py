@@ -218,6 +218,54 @@ def load_model(model_dir: str) -> VideoMAEForVideoClassification:
     return model
 
 
+# transformers releases whose VideoMAEEmbeddings keep the position table as a plain tensor
+# attribute (not a parameter or buffer, so Module.to() leaves it where it is) and copy it to the
+# input's device in every forward. tests/test_model.py fails when the installed release is not
+# listed or the attribute changed kind, so an upgrade re-checks :func:`to_device`.
+POSITION_TABLE_VERIFIED_TRANSFORMERS = ("5.",)
+_warned_unverified: list[str] = []
+
+
+def to_device(model: VideoMAEForVideoClassification, device: torch.device) -> VideoMAEForVideoClassification:
+    """``model.to(device)``, and the position table with it, once.
+
+    HF's forward adds ``position_embeddings.detach().type_as(x).to(x.device, copy=True)``:
+    with the table left on the CPU that is a host-to-device copy from pageable memory
+    in every forward, which makes the host wait for the GPU. On the device it is a
+    device-side copy. A table that is already a buffer or parameter moves with the model.
+    """
+    import transformers
+
+    model.to(device)
+    if not transformers.__version__.startswith(POSITION_TABLE_VERIFIED_TRANSFORMERS) and not _warned_unverified:
+        _warned_unverified.append(transformers.__version__)
+        logger.warning(
+            "transformers %s is not one vidray checked VideoMAE's position table with (%s): "
+            "it may be copied to the device in every forward", transformers.__version__,
+            ", ".join(POSITION_TABLE_VERIFIED_TRANSFORMERS),
+        )
+    embeddings = model.videomae.embeddings
+    table = getattr(embeddings, "position_embeddings", None)
+    registered = {name for name, _ in embeddings.named_buffers(recurse=False)} | {
+        name for name, _ in embeddings.named_parameters(recurse=False)
+    }
+    if isinstance(table, torch.Tensor) and "position_embeddings" not in registered:
+        embeddings.position_embeddings = table.to(device)
+    return model
+
+
+def use_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for the float32 matmuls and convolutions that autocast leaves in fp32 (CUDA only).
+
+    Through the long-standing switches: torch >= 2.9 also has ``fp32_precision``, but once that
+    is set, any library that reads the old ``allow_tf32`` flag gets a RuntimeError.
+    """
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; fp32 (a no-op context) elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -96,7 +96,12 @@ def build_trainer(
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "shape": shape, "train_videos": info.split_counts["train"]},
+        train_loop_config={
+            "cfg": cfg,
+            "shape": shape,
+            "train_videos": info.split_counts["train"],
+            "val_videos": info.split_counts["val"],
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
