@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -74,6 +75,21 @@ def compile_model(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module, dynamic=False)
 
 
+def quiet_worker_logs() -> None:
+    """Keep a worker's log to what a person reads: vidray's epoch and telemetry lines.
+
+    HF's "Loading/Writing weights" bars would print every epoch, and Ray Train V2 logs every
+    report with its whole metrics dict at INFO from every rank ("Reporting training result
+    ..."), under a logger named after its source file; the metrics are in the run's results
+    and the dashboard anyway. If Ray moves that file, its lines simply come back.
+    """
+    hf_logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: VidrayConfig = config["cfg"]
     shape: ClipShape = config["shape"]
@@ -81,7 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    hf_logging.disable_progress_bar()  # a "Loading/Writing weights" bar per epoch only clutters worker logs
+    quiet_worker_logs()
     use_tf32(device)
 
     model, state, history = start_or_resume(cfg, shape)
