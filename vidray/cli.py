@@ -81,6 +81,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     _print_summary(run_training(cfg))
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from vidray.config import load_config
+    from vidray.pretrain import run_pretraining
+
+    cfg = load_config(args.config, args.overrides)
+    _print_summary(run_pretraining(cfg, restart=args.restart))
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from vidray.config import load_config
     from vidray.tune import run_sweep
@@ -165,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune on Ray Train")
     _add_config_args(train)
     train.set_defaults(func=cmd_train)
+
+    pretrain = sub.add_parser("pretrain", help="VideoMAE masked-autoencoder pretraining on Ray Train (no labels)")
+    _add_config_args(pretrain)
+    pretrain.add_argument("--restart", action="store_true", help="delete this run's checkpoints and start over")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over MixUp alpha, lr and weight decay")
     _add_config_args(tune)

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import ray
@@ -31,7 +31,7 @@ from vidray.rng import derive_seed
 CACHE_OBJECT_STORE_FRACTION = 0.25
 
 
-def should_cache_dataset(train: TrainConfig, info: DatasetInfo) -> bool:
+def should_cache_dataset(train: TrainConfig, info: DatasetInfo, splits: Sequence[str] = ("train", "val")) -> bool:
     """Whether to read the splits once into Ray's object store (``train.cache_dataset``).
 
     Streaming re-runs the Parquet read every epoch: seconds of Ray Data start-up per
@@ -42,14 +42,14 @@ def should_cache_dataset(train: TrainConfig, info: DatasetInfo) -> bool:
         return train.cache_dataset == "always"
     if not ray.is_initialized():
         return False
-    stored_bytes = int(np.prod(info.video_shape)) * sum(info.split_counts.get(s, 0) for s in ("train", "val"))
+    stored_bytes = int(np.prod(info.video_shape)) * sum(info.split_counts.get(s, 0) for s in splits)
     object_store = ray.cluster_resources().get("object_store_memory", 0)
     return stored_bytes <= CACHE_OBJECT_STORE_FRACTION * object_store
 
 
-def ingest_cpus(train: TrainConfig, info: DatasetInfo) -> int:
+def ingest_cpus(train: TrainConfig, info: DatasetInfo, splits: Sequence[str] = ("train", "val")) -> int:
     """CPUs Ray Data needs beside a run's workers while it trains: none once the splits are cached."""
-    return 0 if should_cache_dataset(train, info) else DATA_CPUS
+    return 0 if should_cache_dataset(train, info, splits) else DATA_CPUS
 
 
 def materialize_in_order(ds):
