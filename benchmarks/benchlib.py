@@ -99,6 +99,37 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (from /proc's parent links)."""
+    parent_of = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _read_stat(int(name))
+            if stat:
+                parent_of[int(name)] = stat[0]
+    tree, frontier = {root}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent_of.items():
+        children.setdefault(ppid, []).append(pid)
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sorted(tree)
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and its descendants (a benchmark subprocess and the Ray cluster it started), by pid."""
+    import signal
+
+    for pid in reversed(process_tree(root)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class ProcessTreeCPU:
     """CPU seconds used by this process and all its descendants (Ray's GCS, raylet, workers).
 
@@ -118,22 +149,7 @@ class ProcessTreeCPU:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _descendants(self) -> list[int]:
-        parent_of = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                stat = _read_stat(int(name))
-                if stat:
-                    parent_of[int(name)] = stat[0]
-        tree, frontier = {self.root}, [self.root]
-        children: dict[int, list[int]] = {}
-        for pid, ppid in parent_of.items():
-            children.setdefault(ppid, []).append(pid)
-        while frontier:
-            for child in children.get(frontier.pop(), []):
-                if child not in tree:
-                    tree.add(child)
-                    frontier.append(child)
-        return sorted(tree)
+        return process_tree(self.root)
 
     def poll(self) -> None:
         for pid in self._descendants():
@@ -178,8 +194,13 @@ def cpu_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, fl
 RAY_STARTUP_FAILURE = "The current node timed out during startup"
 
 
-def run_json_subprocess(args: list[str], timeout: float, pythonpath: str | None = None) -> dict[str, Any]:
+def run_json_subprocess(
+    args: list[str], timeout: float, pythonpath: str | None = None, cores: int | None = None
+) -> dict[str, Any]:
     """Run ``python <args>`` in a fresh interpreter; it prints one JSON object as its last stdout line.
+
+    ``cores``: pin the process and everything it starts (Ray's GCS, raylet, workers) to
+    the first ``cores`` cores (``taskset``), so a "1 CPU" run cannot borrow another core.
 
     ``pythonpath``: import ``vidray`` from there instead (another checkout, for before/after
     runs); the process also starts in it, so neither its nor its Ray workers' ``sys.path``
@@ -190,8 +211,9 @@ def run_json_subprocess(args: list[str], timeout: float, pythonpath: str | None 
     if pythonpath:
         env["PYTHONPATH"] = os.path.abspath(pythonpath)
     for attempt in range(2):
+        pin = ["taskset", "-c", f"0-{cores - 1}"] if cores else []
         proc = subprocess.run(
-            [sys.executable, *args],
+            [*pin, sys.executable, *args],
             capture_output=True,
             text=True,
             timeout=timeout,

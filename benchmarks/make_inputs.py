@@ -21,7 +21,13 @@ YouTube's H.264 has both and they set the decoder's per-frame cost.
 Videos are cached under ``benchmarks/.cache`` and re-made only when missing.
 
     python benchmarks/make_inputs.py --preset full     # 10 videos, 10-60 s, 360p and 720p
+    python benchmarks/make_inputs.py --preset mixed    # 12 videos, 6-60 s, 360p-720p, portrait, rotated
     python benchmarks/make_inputs.py --preset quick    # 4 short videos
+
+The ``mixed`` preset is what users' own folders look like: durations from 6 to
+60 s (so per-video work differs 40-fold), 360p to 720p, 4:3 and 16:9, portrait
+files, and phone-style clips coded landscape with a display matrix saying
+"rotate 90/180/270" (``rotation``; players and vidray show them upright).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class VideoSpec:
     height: int
     seconds: float
     seed: int
+    rotation: int = 0  # display-matrix rotation, degrees counter-clockwise (phone footage)
 
     @property
     def frames(self) -> int:
@@ -76,10 +83,29 @@ def presets() -> dict[str, list[VideoSpec]]:
         spec(8, 640, 360, 30),
         spec(9, 1280, 720, 20),
     ]
+    def phone(i: int, width: int, height: int, seconds: float, rotation: int = 0) -> VideoSpec:
+        shape = f"{height}p" if width >= height else f"{width}x{height}"
+        name = f"m{i:02d}_{shape}_{int(seconds)}s" + (f"_rot{rotation}" if rotation else "")
+        return VideoSpec(name, f"class{i % 2}", width, height, seconds, seed=200 + i, rotation=rotation)
+
+    mixed = [
+        phone(0, 640, 360, 6),
+        phone(1, 1280, 720, 8),
+        phone(2, 360, 640, 12),  # portrait, coded that way
+        phone(3, 1280, 720, 20, rotation=90),  # phone held upright: shown 720x1280
+        phone(4, 640, 360, 30),
+        phone(5, 854, 480, 45),
+        phone(6, 720, 1280, 15),
+        phone(7, 1280, 720, 60),
+        phone(8, 640, 360, 60),
+        phone(9, 960, 540, 25, rotation=270),
+        phone(10, 640, 480, 10),
+        phone(11, 1280, 720, 36, rotation=180),
+    ]
     quick = [spec(0, 640, 360, 6), spec(1, 1280, 720, 6), spec(2, 640, 360, 10), spec(3, 1280, 720, 4)]
     # For the test suite: tiny, still H.264 with CABAC and B-frames.
     smoke = [VideoSpec(f"s{i}", f"class{i % 2}", 160, 96, 2.0 + i, seed=100 + i) for i in range(3)]
-    return {"full": full, "quick": quick, "smoke": smoke}
+    return {"full": full, "mixed": mixed, "quick": quick, "smoke": smoke}
 
 
 def _noise_texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -145,6 +171,8 @@ def encode(spec: VideoSpec, path: Path) -> None:
         stream = container.add_stream("libx264", rate=Fraction(FPS))
         stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": str(CRF), "x264-params": X264_PARAMS}
+        if spec.rotation:
+            stream.set_display_rotation(spec.rotation)
         for frame in _frames(spec):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -12,6 +12,9 @@ docs/design.md). Methods, each in a fresh Python process:
                         the per-CPU ceiling for any pipeline built on it.
 ``decord_threads``      the same with decord's default threading (``num_threads=0``),
                         what a user who does not tune it gets.
+``torchcodec_1thread``  the usual torchcodec loop (Hugging Face's video loader):
+                        ``VideoDecoder(path, num_ffmpeg_threads=1, transforms=[Resize])``,
+                        ``get_frames_at`` the sampled indices, crop.
 ``pyav_seek``           PyAV, the usual snippet: for each sampled frame ``container.seek``
                         to its timestamp, decode forward to it, ``to_ndarray`` resized.
 ``pyav_sequential``     PyAV decoding the whole video in order, keeping the sampled frames.
@@ -19,6 +22,10 @@ docs/design.md). Methods, each in a fresh Python process:
                         only across keyframes, and skip decoding non-reference frames
                         that are not samples (``skip_frame=NONREF``). One thread. Not
                         what users write: the floor under every method here.
+``pyav_lean_x2``        two ``pyav_lean`` processes side by side, each decoding every
+                        video: what this machine's CPUs give two independent decoders
+                        (shared caches, memory bandwidth, clock), the ceiling for any
+                        parallel pipeline's speed-up over one CPU.
 ``vidray_<k>cpu[_vps<n>]`` ``vidray.preprocess.preprocess`` into a fresh directory on a
                         fresh local Ray cluster of ``k`` CPUs (``ray.init(num_cpus=k)``),
                         writing the Parquet shards. Timed twice in the same cluster:
@@ -27,6 +34,8 @@ docs/design.md). Methods, each in a fresh Python process:
                         ``ray.init`` itself is timed separately and excluded.
                         ``_vps<n>``: ``videos_per_shard=n`` (a shard is one Ray task,
                         so shards bound the parallelism), else vidray's default.
+                        ``_decord`` / ``_torchcodec``: ``data.decoder`` (default pyav);
+                        ``_torchcodec_cuda``: torchcodec on the GPU (a GPU machine only).
 
 Measured per run: wall seconds of the decode work, CPU seconds (user + system,
 all threads): for the loops ``time.process_time()`` of the process; for vidray
@@ -74,7 +83,9 @@ from benchlib import (  # noqa: E402
 )
 from make_inputs import CACHE, make_inputs  # noqa: E402
 
-BASELINES = ("decord_1thread", "decord_threads", "pyav_seek", "pyav_sequential", "pyav_lean")
+BASELINES = ("decord_1thread", "decord_threads", "torchcodec_1thread", "pyav_seek", "pyav_sequential", "pyav_lean")
+# Methods that run a baseline in several processes at once: {method: (baseline, processes)}.
+SIDE_BY_SIDE = {"pyav_lean_x2": ("pyav_lean", 2)}
 
 
 # --------------------------------------------------------------------------- the loops users write
@@ -101,6 +112,18 @@ def decord_clip(path: str, width: int, height: int, stored_frames: int, stored_s
     reader = decord.VideoReader(path, width=out_w, height=out_h, num_threads=threads)
     indices = segment_indices(len(reader), stored_frames)
     return _crop(reader.get_batch(indices.tolist()).asnumpy(), stored_size)
+
+
+def torchcodec_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int) -> np.ndarray:
+    from torchcodec.decoders import VideoDecoder
+    from torchcodec.transforms import Resize
+
+    from vidray.video import resized_size, segment_indices
+
+    out_w, out_h = resized_size(width, height, stored_size)
+    decoder = VideoDecoder(path, num_ffmpeg_threads=1, dimension_order="NHWC", transforms=[Resize((out_h, out_w))])
+    indices = segment_indices(len(decoder), stored_frames)
+    return _crop(decoder.get_frames_at(indices.tolist()).data.numpy(), stored_size)
 
 
 def _frame_index(frame, stream) -> int:
@@ -225,6 +248,7 @@ def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -
     videos = _videos(manifest)
     digest = hashlib.sha256()
     clips, decoded = 0, 0
+    started_at = time.time()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for video in videos:
         args = (video["path"], int(video["width"]), int(video["height"]), stored_frames, stored_size)
@@ -232,6 +256,8 @@ def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -
             clip = decord_clip(*args, threads=1)
         elif method == "decord_threads":
             clip = decord_clip(*args, threads=0)
+        elif method == "torchcodec_1thread":
+            clip = torchcodec_clip(*args)
         elif method == "pyav_seek":
             clip, count = pyav_seek_clip(*args)
             decoded += count
@@ -254,6 +280,32 @@ def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -
         "cpu_s": {"total": round(cpu, 3)},
         "frames_decoded": decoded or None,
         "frames_sha256": digest.hexdigest(),
+        # Wall-clock span, to combine processes that ran side by side (SIDE_BY_SIDE).
+        "started_at": started_at,
+        "ended_at": started_at + wall,
+    }
+
+
+def run_side_by_side(worker_args: list[str], processes: int, timeout: float, cores: int | None) -> dict[str, Any]:
+    """Run the same baseline worker in ``processes`` processes at once; their clips over the span
+    from the first start to the last end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_) -> dict[str, Any]:
+        return run_json_subprocess(worker_args, timeout=timeout, cores=cores)
+
+    with ThreadPoolExecutor(processes) as pool:
+        results = list(pool.map(one, range(processes)))
+    span = max(r["ended_at"] for r in results) - min(r["started_at"] for r in results)
+    return {
+        "videos": results[0]["videos"],
+        "clips": sum(r["clips"] for r in results),
+        "processes": processes,
+        "wall_s": round(span, 3),
+        "cpu_s": {"total": round(sum(r["cpu_s"]["total"] for r in results), 3)},
+        "frames_decoded": sum(r["frames_decoded"] or 0 for r in results) or None,
+        "frames_sha256": results[0]["frames_sha256"],
+        "per_process_wall_s": [r["wall_s"] for r in results],
     }
 
 
@@ -272,7 +324,14 @@ def _dataset_digest(dataset_dir: str) -> tuple[int, str]:
 
 
 def run_vidray(
-    cpus: int, manifest: str, frames: int, size: int, stored_frames: int, stored_size: int, videos_per_shard: int | None
+    cpus: int,
+    manifest: str,
+    frames: int,
+    size: int,
+    stored_frames: int,
+    stored_size: int,
+    videos_per_shard: int | None,
+    decoder: str = "pyav",
 ) -> dict[str, Any]:
     import ray
 
@@ -289,6 +348,9 @@ def run_vidray(
     )
     ray_init_s = time.perf_counter() - started
     kwargs = dict(frames=frames, size=size, stored_frames=stored_frames, stored_size=stored_size)
+    if decoder != "pyav":  # (a vidray from before data.decoder, run with --before, takes no such argument)
+        name, _, device = decoder.partition("_")
+        kwargs.update(decoder=name, decoder_device=device or "cpu")
     kwargs["videos_per_shard"] = videos_per_shard or VIDEOS_PER_SHARD
     phases = {}
     with tempfile.TemporaryDirectory(prefix="vidray-bench-") as tmp:
@@ -326,17 +388,32 @@ def run_vidray(
 # --------------------------------------------------------------------------- orchestration
 
 
-def parse_vidray_method(method: str) -> tuple[int, int | None]:
-    """``vidray_2cpu`` -> (2, None); ``vidray_2cpu_vps4`` -> (2, 4): CPUs, and videos per shard when given."""
-    cpus, _, shard = method.removeprefix("vidray_").partition("_vps")
-    return int(cpus.removesuffix("cpu")), int(shard) if shard else None
+def parse_vidray_method(method: str) -> tuple[int, int | None, str]:
+    """``vidray_2cpu`` -> (2, None, "pyav"); ``vidray_2cpu_vps4_decord`` -> (2, 4, "decord"):
+    CPUs, videos per shard when given, decoder (``torchcodec_cuda``: torchcodec on the GPU)."""
+    parts = method.removeprefix("vidray_").split("_")
+    cpus, shard, decoder = int(parts[0].removesuffix("cpu")), None, "pyav"
+    for part in parts[1:]:
+        if part.startswith("vps"):
+            shard = int(part.removeprefix("vps"))
+        elif part == "cuda":
+            decoder += "_cuda"
+        else:
+            decoder = part
+    return cpus, shard, decoder
+
+
+def parse_method_suffix(method: str) -> str:
+    """The single-CPU counterpart of a vidray method: ``vidray_2cpu_vps4_decord`` -> ``vidray_1cpu_vps4_decord``."""
+    _, shard, decoder = parse_vidray_method(method)
+    return "vidray_1cpu" + (f"_vps{shard}" if shard else "") + (f"_{decoder}" if decoder != "pyav" else "")
 
 
 def _worker_main(args: argparse.Namespace) -> None:
     if args.worker in BASELINES:
         result = run_loop(args.worker, args.manifest, args.stored_frames, args.stored_size)
     else:
-        cpus, videos_per_shard = parse_vidray_method(args.worker)
+        cpus, videos_per_shard, decoder = parse_vidray_method(args.worker)
         result = run_vidray(
             cpus,
             args.manifest,
@@ -345,6 +422,7 @@ def _worker_main(args: argparse.Namespace) -> None:
             args.stored_frames,
             args.stored_size,
             videos_per_shard or args.videos_per_shard,
+            decoder,
         )
     print(json.dumps(result))
 
@@ -355,7 +433,7 @@ def _rates(run: dict[str, Any], stored_frames: int, must_decode: int) -> dict[st
         "videos_per_s": round(run["clips"] / wall, 4),
         "output_frames_per_s": round(run["clips"] * stored_frames / wall, 2),
         # Decode work done per second, counting only the frames any decoder must decode.
-        "decode_frames_per_s": round(must_decode / wall, 1),
+        "decode_frames_per_s": round(must_decode * run["clips"] / run["videos"] / wall, 1),
         "cpu_s_per_video": round(run["cpu_s"]["total"] / run["clips"], 4),
     }
 
@@ -377,6 +455,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="a directory holding another vidray package (e.g. `git archive <commit> vidray`): "
         "every vidray method also runs against it, as <method>@before, interleaved with the current one",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each method on as many cores as it has CPUs (taskset): 1 for the loops and vidray_1cpu, "
+        "2 for pyav_lean_x2 and vidray_2cpu; without it a 1-CPU Ray run borrows the other cores for Ray's own processes",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", default=None, help=argparse.SUPPRESS)
@@ -409,15 +493,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shift = repeat % len(methods)
             for method in methods[shift:] + methods[:shift]:
                 load_before = loadavg()
+                baseline, processes = SIDE_BY_SIDE.get(method, (method.removesuffix("@before"), 1))
                 worker_args = [
-                    os.path.abspath(__file__), "--worker", method.removesuffix("@before"), "--manifest", manifest,
+                    os.path.abspath(__file__), "--worker", baseline, "--manifest", manifest,
                     "--frames", str(args.frames), "--size", str(args.size),
                     "--stored-frames", str(stored_frames), "--stored-size", str(stored_size),
                 ]  # fmt: skip
                 if args.videos_per_shard:
                     worker_args += ["--videos-per-shard", str(args.videos_per_shard)]
                 before = args.before if method.endswith("@before") else None
-                result = run_json_subprocess(worker_args, timeout=args.timeout, pythonpath=before)
+                cores = None
+                if args.pin:
+                    cores = parse_vidray_method(baseline)[0] if baseline.startswith("vidray_") else processes
+                if processes > 1:
+                    result = run_side_by_side(worker_args, processes, args.timeout, cores)
+                else:
+                    result = run_json_subprocess(worker_args, timeout=args.timeout, pythonpath=before, cores=cores)
                 run = {"method": method, "repeat": repeat, "load_before": load_before, "load_after": loadavg(), **result}
                 run.update(_rates(run, stored_frames, must_decode))
                 if "phases" in run:
@@ -458,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             ratios[f"{method}_over_{reference}"] = ratio(method, reference)
             if method.startswith("vidray_"):
-                cpus, _ = parse_vidray_method(method.removesuffix("@before"))
+                cpus, _, _ = parse_vidray_method(method.removesuffix("@before"))
                 # Share of the one-process decoder's rate that each CPU of the pipeline delivers.
                 ratios[f"{method}_per_cpu_over_{reference}"] = ratio(method, reference, scale=1 / cpus)
                 # CPU-seconds per video the reference spends for each one the pipeline spends.
@@ -466,10 +557,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in methods:
         if method.startswith("vidray_1cpu") or not method.startswith("vidray_"):
             continue
-        cpus, shard = parse_vidray_method(method.removesuffix("@before"))
-        single = "vidray_1cpu" + (f"_vps{shard}" if shard else "") + ("@before" if method.endswith("@before") else "")
+        single = parse_method_suffix(method.removesuffix("@before")) + ("@before" if method.endswith("@before") else "")
         if single in methods:
             ratios[f"{method}_over_{single}"] = ratio(method, single)
+        # Against the machine's own ceiling: as many plain decoder processes side by side as CPUs.
+        cpus, _, _ = parse_vidray_method(method.removesuffix("@before"))
+        for side_by_side, (_, processes) in SIDE_BY_SIDE.items():
+            if processes == cpus and side_by_side in methods:
+                ratios[f"{method}_over_{side_by_side}"] = ratio(method, side_by_side)
     for method in methods:
         if f"{method}@before" in methods:
             ratios[f"{method}_over_before"] = ratio(method, f"{method}@before")
@@ -494,6 +589,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "videos_per_shard": args.videos_per_shard or VIDEOS_PER_SHARD,
             "methods": methods,
             "before": args.before,
+            "pinned": args.pin,
         },
         "inputs": {
             **input_totals(inputs),

@@ -1,26 +1,32 @@
 """Does vidray's masked-autoencoder pretraining help? Fine-tune from a pretrained encoder vs from scratch.
 
-On the synthetic demo set (configs/demo.yaml: 4 classes that are 2 time-reversal
-pairs, 192 train / 64 val / 64 test videos, a tiny VideoMAE with 8 px patches on
-8 x 48² clips), in one process and one local Ray cluster:
+On the synthetic demo set (vidray/configs/demo.yaml: 4 classes that are 2
+time-reversal pairs, 150 train / 50 val / 50 test videos per class, a 2-layer
+VideoMAE with 8 px patches and 4-frame tubelets on 8 x 32² clips), each stage
+in one process and one local Ray cluster, with its own data and runs under
+``--storage``:
 
-1. ``pretrain``: ``vidray pretrain`` (vidray.pretrain.run_pretraining) on the
-   train split only (labels unused), timed end to end; its epoch history gives
-   the steady-state clips/s.
-2. for each seed, two ``vidray train`` runs (vidray.trainer.run_training) with
-   the same fine-tuning config, budget and seed: ``scratch`` (demo.yaml as is,
-   ``model.init=scratch``) and ``pretrained`` (``model.init=pretrained
-   model.name_or_path=<model_dir>``, a new head), then ``vidray evaluate`` of the
-   last checkpoint on the test split.
+1. ``data``: generate and preprocess the demo videos (vidray.prepare).
+2. ``pretrain``: ``vidray pretrain`` (vidray.pretrain.run_pretraining) on the
+   train split only (labels unused; the VideoMAE paper's "no extra data"
+   setting), timed end to end; its epoch history gives the steady clips/s.
+3. ``finetune``: for each seed, two ``vidray train`` runs
+   (vidray.trainer.run_training) with the same fine-tuning config, budget and
+   seed: ``scratch`` (demo.yaml, ``model.init=scratch``) and ``pretrained``
+   (``model.init=pretrained model.name_or_path=<model_dir>``, a new head),
+   then ``vidray evaluate`` of the last checkpoint on the test split.
 
 Reported per arm: the last epoch's val macro-F1 (no checkpoint selection), the
-best epoch's, and the last checkpoint's test macro-F1; their means over seeds;
-and pretrained - scratch. Every run starts over (``--restart``), so the numbers
-are from this invocation.
+best epoch's, the last checkpoint's test macro-F1 and accuracy; their means
+over seeds; and pretrained - scratch. Every run starts over (``--restart``), so
+the numbers are from these invocations. Each stage is one short command (the
+machine is shared); ``finetune`` adds its seeds to the result file, replacing
+runs of the same arm, seed and budget::
 
-    python benchmarks/pretrain_finetune.py --stage pretrain      # what docs/benchmarks.md reports, in two steps
-    python benchmarks/pretrain_finetune.py --stage finetune
-    python benchmarks/pretrain_finetune.py --pretrain-epochs 20 --finetune-epochs 10 --seeds 1 --out /tmp/x.json
+    python benchmarks/pretrain_finetune.py --stage data
+    python benchmarks/pretrain_finetune.py --stage pretrain
+    python benchmarks/pretrain_finetune.py --stage finetune --seeds 0 1
+    python benchmarks/pretrain_finetune.py --stage finetune --seeds 2
 """
 
 from __future__ import annotations
@@ -38,24 +44,98 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import RESULTS, command_line, loadavg, machine_info, now, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "demo.yaml"
+CONFIG = REPO / "vidray" / "configs" / "demo.yaml"
+ARMS = ("scratch", "pretrained")
+COMPARED = ("val_macro_f1_last", "val_macro_f1_best", "test_macro_f1", "test_accuracy")
 
 
-def finetune(overrides: list[str], tag: str, storage: str) -> dict[str, Any]:
+def data_overrides(storage: Path) -> list[str]:
+    data = storage / "data"
+    return [
+        f"data.videos_dir={data / 'videos'}",
+        f"data.manifest={data / 'manifest.parquet'}",
+        f"data.dataset_dir={data / 'dataset'}",
+        f"run.storage_path={storage / 'runs'}",
+    ]
+
+
+def load(args: argparse.Namespace, *overrides: str):
     from vidray.config import load_config
+
+    return load_config(CONFIG, [*data_overrides(Path(args.storage)), *overrides])
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from vidray.cluster import init_ray
+    from vidray.prepare import prepare_dataset
+
+    init_ray()
+    started = time.perf_counter()
+    dataset_dir = prepare_dataset(load(args))
+    info = json.loads((Path(dataset_dir) / "dataset.json").read_text())
+    return {
+        "dataset_dir": dataset_dir,
+        "splits": {split: counts["videos"] for split, counts in info["splits"].items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    from vidray.pretrain import run_pretraining
+
+    overrides = ["run.name=bench", *args.pretrain_override]
+    if args.pretrain_epochs is not None:
+        overrides.append(f"pretrain.epochs={args.pretrain_epochs}")
+    cfg = load(args, *overrides)
+    started = time.perf_counter()
+    summary = run_pretraining(cfg, restart=True)
+    seconds = time.perf_counter() - started
+    info = json.loads((Path(summary["checkpoint"]) / "vidray.json").read_text())
+    history = info["history"]
+    steady = [h["train_videos_per_s"] for h in history[1:]] or [history[0]["train_videos_per_s"]]
+    return {
+        "overrides": overrides,
+        "config": cfg.pretrain.model_dump(),
+        "epochs": len(history),
+        "clips_seen": sum(h["train_videos"] for h in history),
+        "wall_seconds": round(seconds, 1),
+        "wall_minutes": round(seconds / 60, 2),
+        "epoch_seconds_total": round(sum(h["epoch_seconds"] for h in history), 1),
+        "clips_per_s_median": round(statistics.median(steady), 1),
+        "clips_per_s_end_to_end": round(sum(h["train_videos"] for h in history) / seconds, 1),
+        "loss_per_epoch": [round(h["train_loss"], 4) for h in history],
+        "ingest": info.get("ingest"),
+        "masking": info["masking"],
+        "model_dir": summary["model_dir"],
+        "figures": summary["figures"],
+        "loadavg_after": loadavg(),
+    }
+
+
+def finetune(args: argparse.Namespace, arm: str, seed: int, model_dir: str) -> dict[str, Any]:
     from vidray.evaluate import evaluate_checkpoint
     from vidray.trainer import run_training
 
-    cfg = load_config(CONFIG, [*overrides, f"run.name={tag}", f"run.storage_path={storage}"])
+    extra = {
+        "scratch": [],
+        "pretrained": [
+            "model.init=pretrained", "model.patch_size=null", "model.tubelet_size=null", f"model.name_or_path={model_dir}",
+        ],
+    }[arm]  # fmt: skip
+    overrides = [f"train.epochs={args.finetune_epochs}", *args.finetune_override, *extra, f"train.seed={seed}"]
+    tag = f"bench_{arm}_e{args.finetune_epochs}_seed{seed}"
+    cfg = load(args, *overrides, f"run.name={tag}")
     started = time.perf_counter()
     summary = run_training(cfg, restart=True)
     seconds = time.perf_counter() - started
     history = json.loads((Path(summary["checkpoint"]) / "vidray.json").read_text())["history"]
     test = evaluate_checkpoint(
-        Path(summary["checkpoint"]), cfg.data.dataset_dir, split="test", out_dir=Path(storage) / tag / "test_eval"
+        Path(summary["checkpoint"]), cfg.data.dataset_dir, split="test", out_dir=Path(args.storage) / "evals" / tag
     )
     return {
-        "run": tag,
+        "arm": arm,
+        "seed": seed,
+        "finetune_epochs": args.finetune_epochs,
         "overrides": overrides,
         "seconds": round(seconds, 1),
         "val_macro_f1_last": round(history[-1]["val_macro_f1"], 4),
@@ -68,98 +148,55 @@ def finetune(overrides: list[str], tag: str, storage: str) -> dict[str, Any]:
     }
 
 
-def mean(values: list[float]) -> float:
-    return round(statistics.fmean(values), 4)
-
-
-def pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from vidray.config import load_config
-    from vidray.pretrain import run_pretraining
-
-    overrides = [f"run.storage_path={args.storage}", "run.name=bench", *args.pretrain_override]
-    if args.pretrain_epochs is not None:
-        overrides.append(f"pretrain.epochs={args.pretrain_epochs}")
-    cfg = load_config(CONFIG, overrides)
-    started = time.perf_counter()
-    summary = run_pretraining(cfg, restart=True)
-    seconds = time.perf_counter() - started
-    info = json.loads((Path(summary["checkpoint"]) / "vidray.json").read_text())
-    history = info["history"]
-    steady = [h["train_videos_per_s"] for h in history[1:]] or [history[0]["train_videos_per_s"]]
-    return {
-        "overrides": overrides,
-        "config": {k: v for k, v in cfg.pretrain.model_dump().items()},
-        "epochs": len(history),
-        "clips_seen": sum(h["train_videos"] for h in history),
-        "wall_seconds": round(seconds, 1),
-        "wall_minutes": round(seconds / 60, 2),
-        "epoch_seconds_total": round(sum(h["epoch_seconds"] for h in history), 1),
-        "clips_per_s_median": round(statistics.median(steady), 1),
-        "clips_per_s_end_to_end": round(sum(h["train_videos"] for h in history) / seconds, 1),
-        "loss_first_epoch": round(history[0]["train_loss"], 4),
-        "loss_last_epoch": round(history[-1]["train_loss"], 4),
-        "masking": info["masking"],
-        "model_dir": summary["model_dir"],
-        "figures": summary["figures"],
-        "loadavg_after": loadavg(),
-    }
-
-
-def compare(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
-    common = [f"train.epochs={args.finetune_epochs}", *args.finetune_override]
-    arms = {
-        "scratch": [],
-        "pretrained": ["model.init=pretrained", "model.patch_size=null", f"model.name_or_path={model_dir}"],
-    }
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
-    for seed in range(args.seeds):
-        for arm, extra in arms.items():  # interleaved: both arms of a seed run under the same load
-            result = finetune([*common, *extra, f"train.seed={seed}"], f"bench_{arm}_seed{seed}", args.storage)
-            runs[arm].append({"seed": seed, **result})
-            print(f"{arm} seed {seed}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    keys = ("val_macro_f1_last", "val_macro_f1_best", "test_macro_f1", "test_accuracy")
-    means = {arm: {key: mean([r[key] for r in results]) for key in keys} for arm, results in runs.items()}
-    return {
-        "finetune_epochs": args.finetune_epochs,
-        "finetune_overrides": common,
-        "seeds": list(range(args.seeds)),
-        "runs": runs,
-        "means": means,
-        "pretrained_minus_scratch": {key: round(means["pretrained"][key] - means["scratch"][key], 4) for key in keys},
-    }
+def summarise(runs: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
+    """Means per arm over the seeds both arms have at this budget, and pretrained - scratch."""
+    at_budget = [r for r in runs if r["finetune_epochs"] == epochs]
+    seeds = sorted({r["seed"] for r in at_budget if r["arm"] == "scratch"} & {r["seed"] for r in at_budget if r["arm"] == "pretrained"})
+    means = {
+        arm: {key: round(statistics.fmean(r[key] for r in at_budget if r["arm"] == arm and r["seed"] in seeds), 4) for key in COMPARED}
+        for arm in ARMS
+    } if seeds else {}  # fmt: skip
+    gain = {key: round(means["pretrained"][key] - means["scratch"][key], 4) for key in COMPARED} if seeds else {}
+    return {"finetune_epochs": epochs, "seeds": seeds, "means": means, "pretrained_minus_scratch": gain}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--stage", choices=("all", "pretrain", "finetune"), default="all",
-        help="pretrain: only step 1 (writes the result with it); finetune: only step 2, from the encoder the "
-        "result file's pretraining left (two shorter commands instead of one long one)",
-    )  # fmt: skip
+    parser.add_argument("--stage", choices=("data", "pretrain", "finetune"), required=True)
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: demo.yaml's pretrain.epochs")
-    parser.add_argument("--finetune-epochs", type=int, default=15, help="fine-tuning budget of both arms")
-    parser.add_argument("--seeds", type=int, default=3, help="train.seed 0..N-1, the same for both arms")
+    parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning budget of both arms")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of both arms")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--storage", default=str(REPO / "benchmarks" / ".cache" / "pretrain_runs"))
+    parser.add_argument("--storage", default=str(REPO / "benchmarks" / ".cache" / "pretrain_finetune"))
     parser.add_argument("--out", default=str(RESULTS / "pretrain_finetune.json"))
     args = parser.parse_args()
     out = Path(args.out)
+    payload: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_finetune"}
+    payload.pop("loadavg_at_end", None)
+    payload.setdefault("commands", {})
+    stage_key = args.stage if args.stage != "finetune" else f"finetune_e{args.finetune_epochs}_seeds{'_'.join(map(str, args.seeds))}"
+    payload["commands"][stage_key] = {"command": command_line(), "at": now(), "machine": machine_info()}
 
-    from vidray.cluster import cluster_summary
-
-    payload: dict[str, Any] = {"benchmark": "pretrain_finetune", "machine": machine_info()}
-    if args.stage == "finetune":
-        payload = json.loads(out.read_text())  # what --stage pretrain wrote
-        payload.pop("loadavg_at_end", None)
+    if args.stage == "data":
+        payload["data"] = prepare(args)
+    elif args.stage == "pretrain":
+        payload["pretraining"] = pretrain(args)
+        payload["runs"] = []  # fine-tuning runs of an earlier encoder no longer apply
+        payload["comparisons"] = {}
     else:
-        payload.update(started=now(), pretrain_command=command_line(), pretraining=pretrain(args))
-        print(f"pretraining: {json.dumps(payload['pretraining'])}", file=sys.stderr, flush=True)
-    if args.stage != "pretrain":
-        payload.update(finetune_command=command_line(), finetune_machine=machine_info(), **compare(args, payload["pretraining"]["model_dir"]))
-    payload["cluster"] = cluster_summary()
+        model_dir = payload["pretraining"]["model_dir"]
+        runs = payload.setdefault("runs", [])
+        for seed in args.seeds:
+            for arm in args.arms:  # interleaved: both arms of a seed run under the same load
+                result = finetune(args, arm, seed, model_dir)
+                runs[:] = [r for r in runs if (r["arm"], r["seed"], r["finetune_epochs"]) != (arm, seed, args.finetune_epochs)]
+                runs.append(result)
+                print(f"{arm} seed {seed}: {json.dumps(result)}", file=sys.stderr, flush=True)
+        payload.setdefault("comparisons", {})[str(args.finetune_epochs)] = summarise(runs, args.finetune_epochs)
     write_result("pretrain_finetune", payload, out)
-    print(json.dumps({k: payload.get(k) for k in ("pretraining", "means", "pretrained_minus_scratch")}))
+    print(json.dumps({k: payload.get(k) for k in ("data", "pretraining", "comparisons") if k in payload}, default=str)[-3000:])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU benchmark set: about 10 minutes on 2 idle cores (first run adds ~5 min to
+# The CPU benchmark set: about 14 minutes on 2 idle cores (first run adds ~5 min to
 # encode the input videos, cached in benchmarks/.cache). Writes benchmarks/results/*.json;
 # docs/benchmarks.md explains the numbers.
 #
@@ -26,12 +26,19 @@ fi
 REPEATS=${REPEATS:-1}
 start=$(date +%s)
 $PY benchmarks/make_inputs.py --preset full > /dev/null
+$PY benchmarks/make_inputs.py --preset mixed > /dev/null
 # pyav_sequential and the before/after comparison are in docs/benchmarks.md, not in the 10-minute set.
 # One video per shard: the 10 input videos make 10 Ray tasks, as a real dataset's hundreds of shards would.
 $PY benchmarks/preprocess.py --preset full --repeats "$REPEATS" --videos-per-shard 1 \
-    --methods decord_1thread decord_threads pyav_seek pyav_lean vidray_1cpu "vidray_$(nproc)cpu"
+    --methods decord_1thread decord_threads torchcodec_1thread pyav_seek pyav_lean pyav_lean_x2 \
+    vidray_1cpu "vidray_$(nproc)cpu" vidray_1cpu_decord vidray_1cpu_torchcodec
+# Users' own footage: 6-60 s, 360p-720p, portrait and rotated phone clips (make_inputs.py --preset mixed).
+$PY benchmarks/preprocess.py --preset mixed --repeats "$REPEATS" --videos-per-shard 1 \
+    --methods decord_1thread torchcodec_1thread pyav_lean pyav_lean_x2 vidray_1cpu "vidray_$(nproc)cpu" \
+    vidray_1cpu_decord vidray_1cpu_torchcodec --out benchmarks/results/preprocess_mixed.json
 $PY benchmarks/train_step.py --models tiny --batch 8 --steps 12 --warmup 3 --repeats "$REPEATS"
 $PY benchmarks/train_step.py --models small --batch 2 --steps 3 --warmup 1 --repeats "$REPEATS" --methods plain_1thr raytrain_cached
 # Preprocessing on 1 and 2 loopback nodes (vidray.local_cluster): docs/scaling.md.
 $PY benchmarks/scaling.py --preset full --repeats "$REPEATS"
+$PY benchmarks/scaling.py --preset mixed --repeats "$REPEATS" --out benchmarks/results/scaling_mixed.json
 echo "benchmarks done in $(( $(date +%s) - start )) s; results in benchmarks/results/" >&2

@@ -14,15 +14,20 @@ in a fresh Python process:
                    OMP/torch threads = that many) reading the preprocessed Parquet
                    shards through the path ``vidray/train.py`` uses:
                    ``read_split`` -> ``randomize_block_order`` -> dataset shard ->
-                   ``iter_torch_batches(prefetch_batches, local_shuffle_buffer_size,
-                   collate_fn=VideoBatchCollate)`` -> ``.to(device)``, a new
+                   ``vidray.ingest.open_worker_data(...).train_batches(epoch)``
+                   (rows in stored order, vidray's seeded shuffle buffer, one copy
+                   per video into the batch) -> ``.to(device)``, a new epoch
                    iterator every epoch as in training.
 ``ingest``         the same worker with the step replaced by nothing: the clips/s
                    the data path alone delivers to one worker (what a GPU would need).
 ``*_cached``       ``raytrain`` / ``ingest`` with the split read once into Ray's object
-                   store (``vidray.ingest.materialize_in_order``), what ``vidray train``
-                   does when the splits fit (``train.cache_dataset: auto``); the plain
-                   names stream the Parquet shards every epoch (``cache_dataset: never``).
+                   store (``vidray.ingest.materialize_in_order``;
+                   ``train.cache_dataset: always``); the plain names stream the
+                   Parquet shards every epoch (``cache_dataset: never``).
+``*_device``       the cached split copied once into the worker's device memory
+                   (``cache_dataset: device``, what ``auto`` picks when the shard
+                   fits): batches by a seeded permutation on the device. The copy
+                   happens before the first step; it is reported as ``device_load_s``.
 
 How steady state is measured: the worker times every step itself (its own
 loop, calling the vidray functions above, so the timing needs nothing from
@@ -62,6 +67,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from vidray.telemetry import device_peak_tflops, vit_forward_flops  # noqa: E402
+
 from benchlib import (  # noqa: E402
     ProcessTreeCPU,
     command_line,
@@ -78,30 +85,15 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
 # <method>_cached: the splits read once into the object store (train.cache_dataset), as
 # vidray/train.py does when they fit; without the suffix: streamed from Parquet every epoch.
-RAY_METHODS = ("raytrain", "ingest", "raytrain_cached", "ingest_cached")
-INGEST_METHODS = ("ingest", "ingest_cached")
-
-# Datasheet dense bf16 tensor-core peaks (no sparsity), TFLOP/s; matched against torch.cuda.get_device_name().
-BF16_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-}
+# <method>_device: each worker's shard copied once into its device's memory (train.cache_dataset: device).
+RAY_METHODS = ("raytrain", "ingest", "raytrain_cached", "ingest_cached", "raytrain_device", "ingest_device")
+INGEST_METHODS = ("ingest", "ingest_cached", "ingest_device")
+# The train.cache_dataset a Ray method's worker runs with, by its suffix.
+PLACEMENTS = {"": "never", "_cached": "always", "_device": "device"}
 
 
-def device_peak_tflops(device_name: str | None) -> float | None:
-    if not device_name:
-        return None
-    for key, peak in BF16_PEAK_TFLOPS.items():  # most specific names first
-        if key in device_name:
-            return peak
-    return None
+def placement_of(method: str) -> str:
+    return next(PLACEMENTS[suffix] for suffix in ("_cached", "_device", "") if method.endswith(suffix))
 
 
 # --------------------------------------------------------------------------- data
@@ -155,30 +147,39 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
 # --------------------------------------------------------------------------- the step (shared)
 
 
-def make_step(model_size: str, frames: int, size: int, device_name: str):
-    """(step(videos_uint8, labels) -> None, model, optimizer); everything from vidray."""
+def make_step(model_size: str, frames: int, size: int, device_name: str, compile: bool = False):
+    """(augment(videos_uint8, labels), step(pixels, targets) -> loss, model, device); everything from
+    vidray, set up the way a training worker sets it up (vidray/train.py): weights and position table
+    on the device, augmentation generators on the device, TF32, fused AdamW on CUDA, optionally compiled."""
     import torch
 
     from vidray import augment
     from vidray.config import ModelConfig, TrainConfig
-    from vidray.model import autocast, build_model
+    from vidray.model import autocast, build_model, to_device, use_tf32
     from vidray.optim import build_optimizer
+    from vidray.rng import AugmentGenerators, seed_everything
+    from vidray.train import compile_model
 
     device = torch.device(device_name)
+    use_tf32(device)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size).to(device)
+    model = to_device(build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size), device)
     model.train()
+    forward = compile_model(model) if compile else model
     train_cfg = TrainConfig()
     optimizer = build_optimizer(model, train_cfg, device)
-    generator = torch.Generator().manual_seed(0)
+    generators = AugmentGenerators.for_device(device)
+    seed_everything(0, generators.host, generators.device)
 
     def augment_batch(videos, labels):
-        pixels = augment.train_transform(videos, frames=frames, size=size, generator=generator, hflip=train_cfg.hflip)
+        pixels = augment.train_transform(
+            videos, frames=frames, size=size, generator=generators.device, hflip=train_cfg.hflip
+        )
         return augment.mix_batch(
             pixels,
             labels,
             num_classes=len(CLASSES),
-            generator=generator,
+            generator=generators.host,
             mixup_alpha=train_cfg.mixup_alpha,
             cutmix_alpha=train_cfg.cutmix_alpha,
             label_smoothing=train_cfg.label_smoothing,
@@ -186,7 +187,7 @@ def make_step(model_size: str, frames: int, size: int, device_name: str):
 
     def model_step(pixels, targets):
         with autocast(device):
-            logits = model(pixel_values=pixels).logits
+            logits = forward(pixel_values=pixels).logits
         loss = augment.soft_target_cross_entropy(logits, targets)
         loss.backward()
         if train_cfg.max_grad_norm is not None:
@@ -307,10 +308,10 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
     import torch
 
     from vidray.config import TrainConfig
-    from vidray.ingest import VideoBatchCollate
+    from vidray.ingest import open_worker_data
 
     args = argparse.Namespace(**config["args"])
-    train_cfg = TrainConfig()
+    train_cfg = TrainConfig(cache_dataset=placement_of(args.worker))
     device = ray.train.torch.get_device()
     if config["ingest_only"]:
         # The data path alone: how many clips/s it can hand a model that costs nothing.
@@ -320,25 +321,38 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
         def model_step(pixels, targets):
             return pixels.flatten()[:1].float().sum()
     else:
-        augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, str(device))
-    collate = VideoBatchCollate(tuple(config["video_shape"]))
-    shard = ray.train.get_dataset_shard("train")
+        augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, str(device), args.compile)
+    # vidray's own data path, as the training worker opens it.
+    data = open_worker_data(
+        train_cfg,
+        tuple(config["video_shape"]),
+        batch_size=args.batch,
+        train_videos=config["train_videos"],
+        val_videos=config["val_videos"],
+        device=device,
+        rank=0,
+        world_size=1,
+    )
+    if data.placement != ("device" if args.worker.endswith("_device") else "ray_data"):
+        raise RuntimeError(f"{args.worker} ran on the {data.placement} path")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(args.warmup, device)
     total = args.warmup + args.steps
     epoch = 0
     while len(timer.steps) < total:
-        batches = shard.iter_torch_batches(
-            batch_size=args.batch,
-            prefetch_batches=train_cfg.prefetch_batches,
-            local_shuffle_buffer_size=max(train_cfg.shuffle_buffer, args.batch),
-            local_shuffle_seed=epoch,
-            collate_fn=collate,
-            drop_last=True,
-        )
+        batches = data.train_batches(epoch)
         timer.run(((b["video"], b["label"]) for b in batches), augment_batch, model_step, total)
         epoch += 1
     # Train V2 keeps only metrics that come with a checkpoint; the driver is on this node, so a file will do.
-    result = {"torch_threads": torch.get_num_threads(), "epochs": epoch, **timer.summary(args.batch)}
+    result = {
+        "torch_threads": torch.get_num_threads(),
+        "epochs": epoch,
+        "placement": data.placement,
+        "device_load_s": round(data.cache.load_seconds, 3) if data.cache else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        **timer.summary(args.batch),
+    }
     with open(config["result_file"], "w") as f:
         json.dump(result, f)
 
@@ -349,8 +363,8 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from vidray.config import TrainConfig
-    from vidray.dataset import read_dataset_info, read_split
-    from vidray.ingest import materialize_in_order
+    from vidray.dataset import read_dataset_info
+    from vidray.ingest import build_datasets, data_config
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
@@ -363,12 +377,10 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
     )
     info = read_dataset_info(args.dataset)
-    train_split = read_split(args.dataset, "train").randomize_block_order(seed=TrainConfig().seed)
-    cache_s = None
-    if args.worker.endswith("_cached"):
-        cache_started = time.perf_counter()
-        train_split = materialize_in_order(train_split)
-        cache_s = round(time.perf_counter() - cache_started, 2)
+    # What the driver of `vidray train` builds for this placement (the object store when cached).
+    cache_started = time.perf_counter()
+    datasets = build_datasets(args.dataset, TrainConfig(cache_dataset=placement_of(args.worker)), info)
+    cache_s = round(time.perf_counter() - cache_started, 2) if args.worker.endswith(("_cached", "_device")) else None
     with tempfile.TemporaryDirectory(prefix="vidray-bench-train-") as storage:
         trainer = TorchTrainer(
             raytrain_worker_loop,
@@ -377,11 +389,14 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
                 "video_shape": list(info.video_shape),
                 "result_file": os.path.join(storage, "result.json"),
                 "ingest_only": args.worker in INGEST_METHODS,
+                "train_videos": info.split_counts["train"],
+                "val_videos": info.split_counts["val"],
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=1, use_gpu=args.device == "cuda", resources_per_worker={"CPU": args.cpus_per_worker}
             ),
-            datasets={"train": train_split},
+            datasets=datasets,
+            dataset_config=data_config(),
             run_config=ray.train.RunConfig(name="bench", storage_path=storage),
         )
         trainer.fit()
@@ -406,14 +421,9 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def analytic_flops(model, frames: int, size: int, batch: int) -> dict[str, float]:
-    """ViT forward FLOPs (2 per multiply-add): patch embedding, per layer 24 N d^2 + 4 N^2 d, head."""
-    config = model.config
-    patch, tubelet, d = config.patch_size, config.tubelet_size, config.hidden_size
-    tokens = (frames // tubelet) * (size // patch) ** 2
-    embed = 2 * tokens * (3 * tubelet * patch * patch) * d
-    per_layer = 2 * tokens * d * 3 * d + 4 * tokens * tokens * d + 2 * tokens * d * d + 2 * tokens * d * config.intermediate_size * 2
-    forward = batch * (embed + config.num_hidden_layers * per_layer + 2 * d * config.num_labels)
-    return {"tokens": tokens, "forward": forward}
+    """ViT forward FLOPs of a batch (vidray.telemetry.vit_forward_flops: what the training telemetry's MFU uses)."""
+    per_clip = vit_forward_flops(model.config, frames, size)
+    return {"tokens": per_clip["tokens"], "forward": batch * per_clip["forward"]}
 
 
 def count_flops(model_size: str, frames: int, size: int, batch: int) -> dict[str, Any]:
@@ -508,11 +518,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray cluster")
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="Ray Train worker CPUs (default: vidray's train.cpus_per_worker)")
-    parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain[_cached], ingest[_cached]")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: plain_1thr, plain_<cpus>thr, raytrain[_cached|_device], ingest[_cached|_device]")
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/train_step_<models>.json)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--gemm-seconds", type=float, default=2.0, help="how long to time the matmul ceiling")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=112, help=argparse.SUPPRESS)
@@ -535,9 +546,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.methods:
         methods = args.methods
     elif args.device == "cuda":  # CPU threads barely matter to a GPU step
-        methods = ["plain_1thr", "raytrain", "raytrain_cached", "ingest", "ingest_cached"]
+        methods = ["plain_1thr", "raytrain", "raytrain_cached", "raytrain_device", "ingest", "ingest_cached", "ingest_device"]
     else:
-        methods = ["plain_1thr", f"plain_{args.cpus}thr", "raytrain", "raytrain_cached", "ingest", "ingest_cached"]
+        methods = ["plain_1thr", f"plain_{args.cpus}thr", "raytrain", "raytrain_cached", "raytrain_device",
+                   "ingest", "ingest_cached", "ingest_device"]  # fmt: skip
 
     def sub(worker: str, **extra: Any) -> dict[str, Any]:
         argv_ = [__file__, "--worker", worker, "--device", args.device, "--frames", str(args.frames)]
@@ -545,6 +557,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv_ += ["--cpus", str(args.cpus), "--cpus-per-worker", str(args.cpus_per_worker)]
         for key, value in extra.items():
             argv_ += [f"--{key}", str(value)]
+        if args.compile:
+            argv_ += ["--compile"]
         return run_json_subprocess(argv_, timeout=args.timeout)
 
     # In this process: the GEMM rate per thread count this machine's runs use, then FLOPs per config.
@@ -612,12 +626,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "epoch_start_wait_s", "achieved_tflops", "fraction_of_gemm_rate", "mfu")
             }  # fmt: skip
             entry[method]["torch_threads"] = rows[0]["torch_threads"] if rows else None
+            for field in ("device_load_s", "cache_s", "peak_memory_gib"):
+                entry[method][field] = median([r.get(field) for r in rows])
         ratios = {}
-        for ray_method in ("raytrain", "raytrain_cached"):
+        for ray_method in ("raytrain", "raytrain_cached", "raytrain_device"):
             for method in methods:
                 if method in RAY_METHODS or ray_method not in methods:
                     continue
                 ratios[f"{ray_method}_over_{method}"] = per_repeat_ratio(mine, "method", ray_method, method, "clips_per_s")
+        # The data paths side by side: each against the object-store path, over a run and within an epoch.
+        for method in methods:
+            if method in INGEST_METHODS and method != "ingest_cached" and "ingest_cached" in methods:
+                for field in ("clips_per_s", "within_epoch_clips_per_s"):
+                    ratios[f"{method}_over_ingest_cached_{field}"] = per_repeat_ratio(mine, "method", method, "ingest_cached", field)
         summary[key] = {"methods": entry, "ratios": ratios, "train_gflops_per_clip": round(config["flops"]["train_flops_per_clip"] / 1e9, 3)}
 
     result = {
@@ -638,6 +659,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cpus": args.cpus,
             "cpus_per_worker": args.cpus_per_worker,
             "methods": methods,
+            "compile": args.compile,
         },
         "gemm": gemm,
         "bf16_peak_tflops": peak,

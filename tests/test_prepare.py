@@ -12,7 +12,8 @@ import pytest
 
 from vidray.config import ConfigError, VidrayConfig
 from vidray.demo_data import DEMO_CLASSES
-from vidray.index import load_coin_annotations, read_manifest
+from vidray.coin import load_coin_annotations
+from vidray.index import read_manifest
 from vidray.prepare import prepare_dataset
 from vidray.preprocess import Video, plan_shards
 from vidray.video import encode_mp4

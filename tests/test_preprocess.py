@@ -15,8 +15,8 @@ from test_video import make_bad_file
 from vidray.dataset import read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
 from vidray.index import write_manifest
-from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, Video, plan_shards, preprocess
-from vidray.video import encode_mp4, read_clip
+from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, Video, expected_work, plan_shards, preprocess
+from vidray.video import DECODERS, encode_mp4, read_clip
 
 CLASSES = ["alpha", "beta", "gamma"]
 # (width, height, frames): landscape, portrait, square, odd aspect, tiny; short and long.
@@ -208,24 +208,55 @@ def test_changed_parameters_replace_old_shards(corpus, first_run, tmp_path):
     assert len(table.column("video")[0].as_py()) == 8 * 27 * 27 * 3
 
 
-def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_accounts_for_every_video(corpus, first_run, ray_cluster, tmp_path, decoder):
+    """processed + rejected = discovered with each decoder, the same videos rejected for the same
+    reasons, the decoder recorded in dataset.json, and its frames in the shards."""
+    out = tmp_path / "ds"
+    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4, decoder=decoder)
+    assert summary["processed"] + summary["rejected"] == summary["discovered"] == len(corpus["rows"])
+    assert summary["processed"] == 16 and summary["padded"] == 1
+    assert summary["rejected_by_error"] == first_run["summary"]["rejected_by_error"]
+    assert json.loads((out / "dataset.json").read_text())["decoder"] == decoder
+    rejects = pq.read_table(out / "rejects.parquet").to_pandas()
+    assert {Path(p).stem: e for p, e in zip(rejects["path"], rejects["error"])} == HOSTILE
+    table = pd.read_parquet(out / "train")
+    row = table[table["path"] == corpus["short"]].iloc[0]
+    frames = videos_from_bytes(pd.Series([row["video"]]), STORED_SHAPE)[0]
+    np.testing.assert_array_equal(frames, read_clip(corpus["short"], 8, 32, decoder=decoder, num_threads=1).frames)
+    # Another decoder's shards are other shards: switching decodes again, nothing is mixed.
+    assert not set(summary["shards"]) & set(first_run["summary"]["shards"]) or decoder == "pyav"
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch, decoder):
     rows = []
     for i in range(5):
         rows.append(manifest_row(random_video(tmp_path / f"ok_{i}.mp4", 64, 48, 12, seed=i), CLASSES[i % 3], "train"))
-    rows.insert(2, manifest_row(random_video(tmp_path / "crashme.mp4", 64, 48, 12, seed=7), "beta", "train"))
+    # Its id sorts last: the worker has decoded five videos with this backend when it dies on the sixth.
+    rows.insert(2, manifest_row(random_video(tmp_path / "zz_crash.mp4", 64, 48, 12, seed=7), "beta", "train"))
     manifest = write_manifest(rows, CLASSES, tmp_path / "manifest.parquet")
-    monkeypatch.setenv(CRASH_ON_ENV, "crashme")
+    monkeypatch.setenv(CRASH_ON_ENV, "zz_crash")
 
     # One shard holds all six videos, so the crash takes the other five down with it at first.
-    summary = preprocess(manifest, str(tmp_path / "ds"), frames=FRAMES, size=SIZE, videos_per_shard=64)
+    summary = preprocess(
+        manifest, str(tmp_path / "ds"), frames=FRAMES, size=SIZE, videos_per_shard=64, decoder=decoder
+    )
     assert summary["discovered"] == 6 and summary["processed"] == 5 and summary["rejected"] == 1
     assert summary["rejected_by_error"] == {"worker_crash": 1}
     rejects = pd.read_csv(tmp_path / "ds" / "rejects.csv")
-    assert rejects["path"].tolist() == [str(tmp_path / "crashme.mp4")]
+    assert rejects["path"].tolist() == [str(tmp_path / "zz_crash.mp4")]
     assert rejects["error"].tolist() == ["worker_crash"]
     assert rejects["reason"].iloc[0].startswith(WORKER_CRASH_REASON)
     written = pd.read_parquet(tmp_path / "ds" / "train")
     assert sorted(written["path"]) == sorted(str(tmp_path / f"ok_{i}.mp4") for i in range(5))
+
+
+def test_gpu_decoding_without_a_gpu_in_the_cluster_is_a_user_error(corpus, ray_cluster, tmp_path):
+    with pytest.raises(UserError, match=r"data.decoder_device=cuda but the Ray cluster has no GPU"):
+        preprocess(corpus["manifest"], str(tmp_path / "ds"), decoder="torchcodec", decoder_device="cuda")
+    with pytest.raises(UserError, match=r"data.decoder_device=cuda needs data.decoder=torchcodec"):
+        preprocess(corpus["manifest"], str(tmp_path / "ds"), decoder="pyav", decoder_device="cuda")
 
 
 # --- planning and input errors (no Ray needed) ------------------------------------------
@@ -252,6 +283,58 @@ def test_shard_boundaries_move_only_where_videos_change():
                for i, v in enumerate(videos)]  # fmt: skip
     assert len({s.id for s in plan_shards(touched, 32, 128, 16)} ^ {s.id for s in shards}) == 2
     assert not {s.id for s in plan_shards(videos, 32, 112, 16)} & {s.id for s in shards}
+    assert [len(s.videos) for s in plan_shards(videos, 32, 128, 1)] == [1] * len(videos)
+    # The decoder and its device are decode parameters too: switching re-decodes everything.
+    assert not {s.id for s in plan_shards(videos, 32, 128, 16, decoder="torchcodec")} & {s.id for s in shards}
+    cuda = plan_shards(videos, 32, 128, 16, decoder="torchcodec", decoder_device="cuda")
+    assert not {s.id for s in cuda} & {s.id for s in plan_shards(videos, 32, 128, 16, decoder="torchcodec")}
+
+
+def sized_videos(specs: list[tuple[int, int, int]], split: str = "train") -> list[Video]:
+    """Videos with the index's (frames, width, height): their expected decode work."""
+    return [
+        Video(f"/v/{split}/w{i:04d}.mp4", f"w{i:04d}", "a", 0, split, 1000, 7, expected_work(*spec))
+        for i, spec in enumerate(specs)
+    ]
+
+
+def test_shards_are_balanced_by_expected_work_not_by_count():
+    # A folder like users' own: 6-60 s clips, 360p to 720p. 200 of them, vps 8.
+    rng = np.random.default_rng(0)
+    sizes = [(640, 360), (854, 480), (1280, 720), (720, 1280)]
+    specs = [(int(rng.uniform(6, 60) * 30), *sizes[rng.integers(4)]) for _ in range(200)]
+    videos = sized_videos(specs)
+    shards = plan_shards(videos, 32, 128, videos_per_shard=8)
+    assert sorted(v.video_id for s in shards for v in s.videos) == sorted(v.video_id for v in videos)
+    works = np.array([s.work for s in shards])
+    target = 8 * 2.0 ** round(np.log2(np.median([v.work for v in videos])))
+    # Every shard but the split's last holds between half and twice the target work...
+    assert works[:-1].min() >= target / 2 and works.max() <= 2 * target
+    # ...so shards of heavy videos hold fewer of them: video count and work are not proportional.
+    per_video = [s.work / len(s.videos) for s in shards]
+    counts = [len(s.videos) for s in shards]
+    assert np.corrcoef(per_video, counts)[0, 1] < -0.3
+    # Count-based planning (what an unprobed manifest gets) leaves that band on the same videos.
+    work_of = {v.video_id: v.work for v in videos}
+    unprobed = plan_shards([Video(v.path, v.video_id, "a", 0, "train", 1000, 7) for v in videos], 32, 128, 8)
+    by_count = np.array([sum(work_of[v.video_id] for v in s.videos) for s in unprobed])
+    assert by_count[:-1].min() < target / 2 and by_count.max() > 2 * target
+
+
+def test_work_balanced_boundaries_move_only_where_videos_change():
+    rng = np.random.default_rng(1)
+    specs = [(int(rng.uniform(6, 60) * 30), 640, 360) for _ in range(300)]
+    videos = sized_videos(specs)
+    shards = plan_shards(videos, 32, 128, 8)
+    bigger = Video("/v/train/w0150b.mp4", "w0150b", "a", 0, "train", 1000, 7, expected_work(1800, 1280, 720))
+    changed = {s.id for s in plan_shards(videos + [bigger], 32, 128, 8)} ^ {s.id for s in shards}
+    assert 1 <= len(changed) <= 4
+    removed = {s.id for s in plan_shards(videos[:100] + videos[101:], 32, 128, 8)} ^ {s.id for s in shards}
+    assert 1 <= len(removed) <= 4
+    # Only relative work matters (the target follows the median), and the estimate is planning
+    # data, not content: the same groups of videos keep the same ids.
+    doubled = [Video(v.path, v.video_id, "a", 0, "train", 1000, 7, v.work * 2) for v in videos]
+    assert [s.id for s in plan_shards(doubled, 32, 128, 8)] == [s.id for s in shards]
 
 
 def test_missing_manifest_is_a_user_error(tmp_path):

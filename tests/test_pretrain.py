@@ -4,7 +4,8 @@ The Ray runs (module-scoped, shared by the tests below them) pretrain a tiny
 VideoMAE from scratch on the synthetic clips of tests/test_train.py (a square
 crossing a noisy frame), labels unused:
 
-* ``uninterrupted``: 2 DDP workers, 3 epochs, the splits cached in the object store;
+* ``uninterrupted``: 2 DDP workers, 3 epochs, each worker's shard cached in its
+  device's memory (``train.cache_dataset=auto`` on CPU);
 * ``killed``: the same run streaming the shards, its rank 1 killed once in the
   middle of epoch 1: it must resume at epoch 1 and end exactly where
   ``uninterrupted`` ended (losses, weights): masks, crops and batches continue
@@ -16,6 +17,8 @@ train`` run, and its weights are checked against the pretraining checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -24,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from test_train import CLASSES, FRAMES, SIZE, config_for, run, write_dataset
+from vidray.cli import main as cli_main
 from vidray.checkpoint import MODEL_DIR, load_trained_model, load_training_state, read_checkpoint_info
 from vidray.config import ConfigError, ModelConfig, load_config
 from vidray.errors import UserError
@@ -39,7 +44,6 @@ from vidray.pretrain import (
     build_pretrainer,
     check_pretrain_config,
     make_pretraining_run_config,
-    run_pretraining,
 )
 from vidray.pretrain_figures import reconstruct
 from vidray.pretrain_model import build_pretraining_model, load_pretraining_model, save_encoder
@@ -109,16 +113,16 @@ def demo_config(*overrides: str):
     [
         (
             ["pretrain.mask_ratio=0.99"],
-            "pretrain.mask_ratio=0.99 hides all of them (a 48 px clip in 8 px patches has 6 x 6 = 36 patch "
-            "positions), leaving no visible token; lower pretrain.mask_ratio to at most 0.986",
+            "pretrain.mask_ratio=0.99 hides all of them (a 32 px clip in 8 px patches has 4 x 4 = 16 patch "
+            "positions), leaving no visible token; lower pretrain.mask_ratio to at most 0.968",
         ),
         (
             ["pretrain.mask_ratio=0.01"],
-            "pretrain.mask_ratio=0.01 hides none of them (a 48 px clip in 8 px patches has 6 x 6 = 36 patch "
-            "positions), leaving nothing to reconstruct; raise pretrain.mask_ratio to at least 0.014",
+            "pretrain.mask_ratio=0.01 hides none of them (a 32 px clip in 8 px patches has 4 x 4 = 16 patch "
+            "positions), leaving nothing to reconstruct; raise pretrain.mask_ratio to at least 0.031",
         ),
-        (["data.frames=7"], "data.frames=7 must be a multiple of the model's tubelet_size 2"),
-        (["data.size=44"], "data.size=44 must be a multiple of the model's patch_size 8"),
+        (["data.frames=6"], "data.frames=6 must be a multiple of the model's tubelet_size 4"),
+        (["data.size=36"], "data.size=36 must be a multiple of the model's patch_size 8"),
         (
             ["pretrain.batch_size=15", "train.num_workers=2"],
             "pretrain.batch_size=15 is the global batch and must be divisible by "
@@ -158,7 +162,7 @@ def test_continuing_from_a_decoder_of_another_shape_is_refused(tmp_path):
         check_pretrain_config(cfg.model_copy(update={"model": continued, "pretrain": cfg.pretrain.model_copy(update={"decoder_depth": 3})}))
     assert str(err.value) == (
         f"model.name_or_path {str(tmp_path)!r} holds a pretraining decoder of another shape: set "
-        "pretrain.decoder_depth=2 to continue with it (or point model.name_or_path at an encoder to start a new decoder)"
+        "pretrain.decoder_depth=1 to continue with it (or point model.name_or_path at an encoder to start a new decoder)"
     )
 
 
@@ -187,12 +191,12 @@ def test_continuing_pretraining_keeps_every_weight_and_interpolates_both_positio
     model_cfg = cfg.model.model_copy(update={"init": "pretrained", "patch_size": None})
 
     # From a pretraining checkpoint: encoder and decoder continue as they were.
-    same = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 8, 48)
+    same = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 8, 32)
     for (name, a), b in zip(first.state_dict().items(), same.state_dict().values()):
         assert torch.equal(a, b), name
     # From an encoder: the encoder's weights, a fresh decoder and a fresh last norm.
     encoder_only = build_pretraining_model(
-        model_cfg.model_copy(update={"name_or_path": str(tmp_path / "encoder")}), cfg.pretrain, 8, 48
+        model_cfg.model_copy(update={"name_or_path": str(tmp_path / "encoder")}), cfg.pretrain, 8, 32
     )
     reference = first.state_dict()
     for name, tensor in encoder_only.state_dict().items():
@@ -200,30 +204,30 @@ def test_continuing_pretraining_keeps_every_weight_and_interpolates_both_positio
             assert torch.equal(tensor, reference[name]), name
     assert not torch.equal(encoder_only.decoder.head.weight, first.decoder.head.weight)
 
-    # At another input size, both sinusoid tables are the 4 x 6 x 6 ones resized, not HF's 1-D rebuild.
-    smaller = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 8, 32)
-    assert getattr(smaller.config, POS_GRID_KEY) == [4, 6, 6] and token_grid(smaller.config) == (4, 4, 4)
-    smaller.save_pretrained(tmp_path / "smaller")
-    reloaded = load_pretraining_model(tmp_path / "smaller")
-    assert torch.equal(reloaded.position_embeddings, smaller.position_embeddings)
-    assert torch.equal(reloaded.videomae.embeddings.position_embeddings, smaller.videomae.embeddings.position_embeddings)
-    assert reloaded.position_embeddings.shape == (1, 64, cfg.pretrain.decoder_width)
+    # At another input size, both sinusoid tables are the 2 x 4 x 4 ones resized, not HF's 1-D rebuild.
+    larger = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 16, 48)
+    assert getattr(larger.config, POS_GRID_KEY) == [2, 4, 4] and token_grid(larger.config) == (4, 6, 6)
+    larger.save_pretrained(tmp_path / "larger")
+    reloaded = load_pretraining_model(tmp_path / "larger")
+    assert torch.equal(reloaded.position_embeddings, larger.position_embeddings)
+    assert torch.equal(reloaded.videomae.embeddings.position_embeddings, larger.videomae.embeddings.position_embeddings)
+    assert reloaded.position_embeddings.shape == (1, 144, cfg.pretrain.decoder_width)
 
 
 def test_reconstruction_keeps_the_visible_patches_and_greys_out_the_hidden_ones():
     cfg = demo_config()
-    videos = torch.randint(0, 256, (2, 16, 56, 56, 3), dtype=torch.uint8)
-    pixels = augment.eval_transform(videos, frames=8, size=48)
-    mask = tube_mask(2, (4, 6, 6), 0.75, torch.Generator().manual_seed(0))
-    # Token (t, h, w) covers frames 2t, 2t + 1 (tubelet 2) and the 8 x 8 pixels of patch (h, w).
-    hidden = mask.reshape(2, 4, 6, 6).repeat_interleave(2, 1).repeat_interleave(8, 2).repeat_interleave(8, 3).numpy()
+    videos = torch.randint(0, 256, (2, 16, 36, 36, 3), dtype=torch.uint8)
+    pixels = augment.eval_transform(videos, frames=8, size=32)
+    mask = tube_mask(2, (2, 4, 4), 0.75, torch.Generator().manual_seed(0))
+    # Token (t, h, w) covers frames 4t .. 4t + 3 (tubelet 4) and the 8 x 8 pixels of patch (h, w).
+    hidden = mask.reshape(2, 2, 4, 4).repeat_interleave(4, 1).repeat_interleave(8, 2).repeat_interleave(8, 3).numpy()
     for norm_pix_loss in (True, False):
         pretrain = cfg.pretrain.model_copy(update={"norm_pix_loss": norm_pix_loss})
-        clips = reconstruct(build_pretraining_model(cfg.model, pretrain, 8, 48), pixels, mask)
+        clips = reconstruct(build_pretraining_model(cfg.model, pretrain, 8, 32), pixels, mask)
         original = clips["original"]
-        assert original.shape == (2, 8, 48, 48, 3)
+        assert original.shape == (2, 8, 32, 32, 3)
         # The original is the eval clip (evenly spaced frames, centre crop) back in 0..1.
-        np.testing.assert_allclose(original, videos[:, 1::2, 4:52, 4:52].numpy() / 255, atol=1e-5)
+        np.testing.assert_allclose(original, videos[:, 1::2, 2:34, 2:34].numpy() / 255, atol=1e-5)
         assert (clips["masked"][hidden] == 0.5).all()
         np.testing.assert_array_equal(clips["masked"][~hidden], original[~hidden])
         np.testing.assert_array_equal(clips["reconstruction"][~hidden], original[~hidden])
@@ -255,7 +259,6 @@ def pretrain_config(dataset_dir: str, storage: Path, name: str, *overrides: str)
         "train.num_workers=2",
         "train.cpus_per_worker=0.5",
         "train.seed=3",
-        f"run.reports_dir={storage / 'reports'}",
         *overrides,
     )
 
@@ -306,7 +309,8 @@ def test_killed_worker_resumes_at_the_next_epoch_and_ends_where_the_uninterrupte
     assert [h["epoch"] for h in killed["info"]["history"]] == list(range(EPOCHS))
     state = load_training_state(killed["result"].checkpoint.path)
     assert state["epoch"] == EPOCHS - 1 and len(state["mask_rng"]) == len(state["rng"]) == 2
-    # Same masks, crops, batches and weights as if nothing had happened (cached vs streamed data, too).
+    # Same masks, crops, batches and weights as if nothing had happened, from device-cached or streamed data.
+    assert (uninterrupted["info"]["ingest"]["placement"], killed["info"]["ingest"]["placement"]) == ("device", "ray_data")
     for a, b in zip(uninterrupted["info"]["history"], killed["info"]["history"]):
         assert (a["train_loss"], a["lr"], a["global_step"]) == (b["train_loss"], b["lr"], b["global_step"])
     model_a = load_pretraining_model(Path(uninterrupted["result"].checkpoint.path) / MODEL_DIR)
@@ -316,21 +320,27 @@ def test_killed_worker_resumes_at_the_next_epoch_and_ends_where_the_uninterrupte
 
 
 @pytest.fixture(scope="module")
-def finished(uninterrupted):
-    """``vidray pretrain`` run again on the finished run: it trains nothing, writes the encoder and figures."""
-    return run_pretraining(uninterrupted["cfg"])
+def finished(uninterrupted, tmp_path_factory):
+    """``vidray pretrain --config C`` run again on the finished run (in this process, on the session's
+    cluster): it trains nothing, writes the encoder and figures; its stdout's last line is the summary."""
+    config = tmp_path_factory.mktemp("pretrain_cli") / "config.yaml"
+    config.write_text(yaml.safe_dump(uninterrupted["cfg"].model_dump(mode="json")))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli_main(["pretrain", "--config", str(config)]) in (0, None)
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])
 
 
-def test_rerunning_a_finished_run_writes_the_encoder_and_the_figures(finished, uninterrupted, capfd):
+def test_rerunning_a_finished_run_writes_the_encoder_and_the_figures(finished, uninterrupted):
     cfg = uninterrupted["cfg"]
     run_dir = Path(uninterrupted["result"].path)
     assert existing_run_state(as_pretraining(cfg), str(run_dir)) == "finished"
     assert finished["run_dir"] == str(run_dir) and finished["model_dir"] == str(run_dir / ENCODER_DIR)
     assert finished["checkpoint"] == uninterrupted["result"].checkpoint.path
-    assert finished["last"]["epoch"] == EPOCHS - 1
+    assert finished["last"]["epoch"] == EPOCHS - 1 and finished["last"]["train_loss"] > 0
     assert sorted(Path(p).name for p in finished["figures"]) == ["pretrain_loss.png", "pretrain_reconstruction.png"]
     for path in finished["figures"]:
-        assert Path(path).parent == cfg.run.reports_dir / "figures"
+        assert Path(path).parent == run_dir / "reports" / "figures"  # the pretraining run's own reports
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) > 300
     provenance = json.loads((run_dir / ENCODER_DIR / "vidray_pretrain.json").read_text())

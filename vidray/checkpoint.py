@@ -52,7 +52,11 @@ def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
     (RNG states) are tagged so that :func:`_decode` gives back exactly what went in.
     """
     if isinstance(value, torch.Tensor):
-        tensors[name] = value.detach().cpu().contiguous()
+        tensor = value.detach().cpu().contiguous()
+        # safetensors refuses two entries over one buffer (the same RNG state captured twice, say).
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
+            tensor = tensor.clone()
+        tensors[name] = tensor
         return {"__tensor__": name}
     if isinstance(value, np.ndarray):
         # safetensors has no uint32 for torch; int64 holds every value, the dtype name restores it.
@@ -92,14 +96,51 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # ------------------------------------------------------------------ write / read
 
 
-def save_checkpoint(directory: str | Path, model, *, training_state: dict[str, Any], info: dict[str, Any]) -> Path:
-    """Write model/, training_state.{json,safetensors} and vidray.json into ``directory`` (created)."""
+def host_snapshot(value: Any) -> Any:
+    """A copy of ``value`` that later training cannot change: tensors copied to host memory,
+    containers rebuilt, everything else as it is.
+
+    From a GPU the copies are asynchronous and waited for once at the end, so
+    snapshotting model and optimizer state costs about one device-to-host transfer of them.
+    """
+
+    def copy(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            item = item.detach()
+            return item.to("cpu", non_blocking=True) if item.device.type == "cuda" else item.clone()
+        if isinstance(item, dict):
+            return {k: copy(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(copy(v) for v in item)
+        if isinstance(item, np.ndarray):
+            return item.copy()
+        return item
+
+    snapshot = copy(value)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return snapshot
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model,
+    *,
+    training_state: dict[str, Any],
+    info: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write model/, training_state.{json,safetensors} and vidray.json into ``directory`` (created).
+
+    ``model_state``: the weights to write instead of the model's current ones (a
+    :func:`host_snapshot` of its ``state_dict()``, when the writing happens while the model trains on).
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with quiet_progress_bars():
-        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
+        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True, state_dict=model_state)
     tensors: dict[str, torch.Tensor] = {}
     encoded = {"format": STATE_FORMAT, "state": _encode(training_state, "state", tensors)}
     save_file(tensors, str(directory / TRAINING_TENSORS))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vidray.errors import UserError
+from vidray.video import DECODERS
 
 
 def _print_summary(summary: dict) -> None:
@@ -16,9 +17,22 @@ def _print_summary(summary: dict) -> None:
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/demo.yaml") -> None:
-    parser.add_argument("--config", default=default, help=f"YAML config (default: {default})")
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    from vidray.config import DEFAULT_CONFIG
+
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded demo, configs/demo.yaml)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def _add_rerun_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help=f"delete the {what} under run.storage_path/run.name and start over (by default a finished "
+        f"{what} is only reported and an interrupted one continues)",
+    )
 
 
 def cmd_index_folder(args: argparse.Namespace) -> None:
@@ -28,7 +42,7 @@ def cmd_index_folder(args: argparse.Namespace) -> None:
 
 
 def cmd_index_coin(args: argparse.Namespace) -> None:
-    from vidray.index import index_coin
+    from vidray.coin import index_coin
 
     summary = index_coin(
         annotations=[Path(a) for a in args.annotations],
@@ -53,6 +67,8 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         stored_frames=args.stored_frames,
         stored_size=args.stored_size,
         **({"videos_per_shard": args.videos_per_shard} if args.videos_per_shard else {}),
+        decoder=args.decoder,
+        decoder_device=args.decoder_device,
     )
     _print_summary(summary)
 
@@ -73,12 +89,25 @@ def cmd_report_data(args: argparse.Namespace) -> None:
     _print_summary({"figures": [str(p) for p in paths]})
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from vidray.cluster import init_ray
+    from vidray.config import load_config
+    from vidray.dataset import read_dataset_info
+    from vidray.prepare import prepare_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    init_ray()
+    dataset_dir = prepare_dataset(cfg)
+    info = read_dataset_info(dataset_dir)
+    _print_summary({"dataset_dir": dataset_dir, "classes": info.num_classes, "videos": info.split_counts})
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from vidray.config import load_config
     from vidray.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
-    _print_summary(run_training(cfg))
+    _print_summary(run_training(cfg, restart=args.restart))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -94,7 +123,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from vidray.tune import run_sweep
 
     cfg = load_config(args.config, args.overrides)
-    _print_summary(run_sweep(cfg, resume=args.resume))
+    _print_summary(run_sweep(cfg, restart=args.restart, verbose=args.verbose))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -154,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--videos-per-shard", type=int, default=None, help="videos per Parquet shard = per Ray task (default 8)"
     )
+    pre.add_argument("--decoder", choices=DECODERS, default="pyav", help="decoding library (default pyav)")
+    pre.add_argument(
+        "--decoder-device", choices=["cpu", "cuda"], default="cpu", help="cuda: torchcodec on the GPU (NVDEC)"
+    )
     pre.set_defaults(func=cmd_preprocess)
 
     demo = sub.add_parser("demo-data", help="write the synthetic demo dataset as real H.264 files")
@@ -170,8 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     report_data.add_argument("--out", default="reports/figures")
     report_data.set_defaults(func=cmd_report_data)
 
+    prepare = sub.add_parser(
+        "prepare", help="make the dataset a config describes: generate (demo), index and preprocess, no training"
+    )
+    _add_config_args(prepare)
+    prepare.set_defaults(func=cmd_prepare)
+
     train = sub.add_parser("train", help="fine-tune on Ray Train")
     _add_config_args(train)
+    _add_rerun_args(train, "run")
     train.set_defaults(func=cmd_train)
 
     pretrain = sub.add_parser("pretrain", help="VideoMAE masked-autoencoder pretraining on Ray Train (no labels)")
@@ -181,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over MixUp alpha, lr and weight decay")
     _add_config_args(tune)
-    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    _add_rerun_args(tune, "sweep")
+    tune.add_argument(
+        "--verbose", action="store_true", help="show Ray's full logs, every reported result and progress bars"
+    )
     tune.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("evaluate", help="metrics, per-class report and confusion matrix")

@@ -21,14 +21,16 @@ from vidray.storage import check_storage_for_cluster
 DATA_CPUS = 1
 
 
-def init_ray(**local_kwargs) -> None:
-    """Connect once. ``local_kwargs`` only apply when a new local cluster starts."""
+def init_ray(*, log_to_driver: bool = True, **local_kwargs) -> None:
+    """Connect once. ``log_to_driver=False`` keeps the job's workers' output out of this console
+    (it stays in Ray's log files and the dashboard); ``local_kwargs`` only apply when a new local
+    cluster starts."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
-        ray.init(**local_kwargs)
+        ray.init(log_to_driver=log_to_driver, **local_kwargs)
 
 
 def shared_storage_paths(cfg: VidrayConfig) -> tuple[str, str]:

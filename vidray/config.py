@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vidray.errors import UserError
+from vidray.video import DecodeDevice, DecoderName
 
 
 class ConfigError(UserError):
@@ -57,6 +58,11 @@ class DataConfig(_Section):
     stored_size: int = Field(128, ge=16)
     # Videos per Parquet shard, i.e. per preprocessing task: parallelism is at most the shard count.
     videos_per_shard: int = Field(8, ge=1)
+    # Which library decodes (docs/benchmarks.md compares them): pyav (default, least CPU per video),
+    # decord or torchcodec. Switching decodes the dataset again (the decoder is in every shard id).
+    decoder: DecoderName = "pyav"
+    # cuda: torchcodec decodes on the GPU's NVDEC, each decode task taking a quarter of a GPU.
+    decoder_device: DecodeDevice = "cpu"
 
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
 
@@ -68,6 +74,8 @@ class DataConfig(_Section):
             )
         if self.stored_size < self.size:
             raise ValueError(f"data.stored_size ({self.stored_size}) must be >= data.size ({self.size})")
+        if self.decoder_device == "cuda" and self.decoder != "torchcodec":
+            raise ValueError(f"data.decoder_device=cuda needs data.decoder=torchcodec, not {self.decoder}")
         if (
             self.min_duration is not None
             and self.max_duration is not None
@@ -86,6 +94,9 @@ class ModelConfig(_Section):
     # Scratch models only (a checkpoint fixes its own): spatial patch side in pixels. None = 16,
     # VideoMAE's. Small inputs need small patches: a 48 px clip cut into 16 px patches is a 3 x 3 grid.
     patch_size: int | None = Field(None, ge=1)
+    # Scratch models only: frames per token (the patch embedding's temporal extent). None = 2,
+    # VideoMAE's. A longer tube lets one token see motion, which a small model learns faster.
+    tubelet_size: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
     # Interpolate the pretrained sinusoid position table to the new token grid.
     interpolate_pos_embed: bool = True
@@ -93,11 +104,12 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        if self.patch_size is not None and self.init == "pretrained":
-            raise ValueError(
-                "model.patch_size applies to init=scratch only: a pretrained checkpoint's patch size is "
-                "part of its weights; remove model.patch_size or set model.init=scratch"
-            )
+        for key in ("patch_size", "tubelet_size"):
+            if getattr(self, key) is not None and self.init == "pretrained":
+                raise ValueError(
+                    f"model.{key} applies to init=scratch only: a pretrained checkpoint's {key} is "
+                    f"part of its weights; remove model.{key} or set model.init=scratch"
+                )
         return self
 
 
@@ -126,11 +138,26 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     prefetch_batches: int = Field(2, ge=0)
+    # Rows of vidray's seeded shuffle buffer (vidray/ingest.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
-    # Hold the decoded train/val splits in Ray's object store for the whole run instead of
-    # re-reading the Parquet shards every epoch. auto: when both fit in a quarter of the
-    # cluster's object store (the reference COIN set, ~1.6 GB, does on a 24 GB machine).
-    cache_dataset: Literal["auto", "always", "never"] = "auto"
+    # Where the decoded splits live during the run (vidray/ingest.py):
+    #   never  - re-read the Parquet shards every epoch (Ray Data streaming);
+    #   always - read them once into Ray's object store, iterate them with Ray Data every epoch;
+    #   device - also copy each worker's shard once into its device's memory (GPU memory, or the
+    #            worker's own memory on CPU) and build batches there: no Ray Data after the start;
+    #   auto   - device when the worker's shard fits a quarter of its device's memory, else the
+    #            object store when both splits fit a quarter of it, else never.
+    # Every choice gives the same batches in the same order: a run's result does not depend on it.
+    cache_dataset: Literal["auto", "always", "never", "device"] = "auto"
+    # torch.compile the model (train and eval graphs; the last, smaller eval batch is padded so it
+    # reuses the eval graph). Costs a compile at the start of every (re)started worker group.
+    compile: bool = False
+    # Step telemetry (step time, data-wait share, clips/s, TFLOP/s and MFU on CUDA) on rank 0's
+    # console every this many optimizer steps; 0 = only the per-epoch figures in the report.
+    log_every_steps: int = Field(50, ge=0)
+    # Write each epoch's checkpoint off the training thread: the ranks wait only while rank 0
+    # copies model and optimizer state to host memory. false = write and upload before going on.
+    checkpoint_in_background: bool = True
 
 
 class PretrainConfig(_Section):
@@ -212,12 +239,24 @@ class WandbConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "vidray"
-    storage_path: str = "runs"  # local path or s3:// / gs:// URI
+    # Where runs and sweeps are kept: a local path or an s3:// / gs:// URI. The default is
+    # absolute, Ray's own convention: `ray job submit --working-dir .` runs the job in a
+    # temporary copy of the repository that Ray deletes, and anything relative lands there.
+    storage_path: str = "~/ray_results"
     # Local storage_path / data.dataset_dir are refused on a multi-node cluster unless every
     # node sees them at the same path (NFS, EFS, Filestore...): set true to vouch for that.
     shared_filesystem: bool = False
-    reports_dir: Path = Path("reports")
+    # The sweep's results table, figures and best model. None: <storage_path>/<name>/reports,
+    # beside the runs (~/ray_results/<name>/reports when storage_path is a bucket).
+    reports_dir: Path | None = None
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    def reports_path(self) -> Path:
+        """Absolute local directory of this run's reports."""
+        if self.reports_dir is not None:
+            return Path(self.reports_dir).expanduser().resolve()
+        base = "~/ray_results" if "://" in self.storage_path else self.storage_path
+        return (Path(base).expanduser() / self.name / "reports").resolve()
 
 
 class VidrayConfig(_Section):
@@ -257,6 +296,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# Keys a continued run or sweep may change: where results go and how they are logged, not what is trained.
+# Where the data lives (every placement gives the same batches bit for bit), how often the
+# console shows telemetry and how checkpoints are written do not change a run's results.
+KEYS_FREE_ON_RESUME = (
+    "run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures",
+    "train.cache_dataset", "train.log_every_steps", "train.checkpoint_in_background",
+)
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two ``model_dump(mode="json")`` configs."""
     keys = []
@@ -275,20 +323,25 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/demo.yaml for all keys)"
+            msg = f"unknown key (check the spelling; {DEFAULT_CONFIG.name} lists every key: {DEFAULT_CONFIG})"
         lines.append(f"{key}: {msg}")
     return f"invalid config {source}: " + "; ".join(lines)
 
 
+# The embedded default (the synthetic demo), shipped inside the package so that an installed
+# `vidray` runs without a checkout; configs/demo.yaml in the repository links to it.
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VidrayConfig:
-    """Read YAML (or defaults when ``path`` is None), apply overrides, validate."""
+    """Read YAML (or the schema's defaults when ``path`` is None), apply overrides, validate."""
     raw: dict[str, Any] = {}
     source = "(defaults)"
     if path is not None:
         source = str(path)
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path} (pass --config configs/demo.yaml or another file)")
+            raise ConfigError(f"config file not found: {path} (pass --config with a YAML file, e.g. configs/coin12.yaml)")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

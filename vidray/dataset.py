@@ -58,15 +58,17 @@ class ClipShape:
     size: int  # model input side
     stored_frames: int
     stored_size: int
+    # The decoder the stored frames were made with (dataset.json): prediction decodes new videos the same way.
+    decoder: str = "pyav"
 
-    KEYS = ("classes", "frames", "size", "stored_frames", "stored_size")
+    KEYS = ("classes", "frames", "size", "stored_frames", "stored_size")  # required; decoder is optional
 
     @property
     def stored_video_shape(self) -> tuple[int, int, int, int]:
         return (self.stored_frames, self.stored_size, self.stored_size, 3)
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.KEYS}
+        return {key: getattr(self, key) for key in (*self.KEYS, "decoder")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ClipShape":
@@ -76,6 +78,7 @@ class ClipShape:
             size=int(data["size"]),
             stored_frames=int(data["stored_frames"]),
             stored_size=int(data["stored_size"]),
+            decoder=str(data.get("decoder") or "pyav"),
         )
 
 

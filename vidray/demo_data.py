@@ -2,24 +2,26 @@
 
 Classes come in pairs that are exact time-reversals of each other
 (``square_moving_left`` / ``square_moving_right``, ``circle_growing`` /
-``circle_shrinking``, ...). Both members of a pair are drawn from one
-generator with the same random parameters (colours, size, position, speed,
-noise, duration, frame rate, frame size); one class keeps the frames in
-order, its partner plays them backwards. So the *set* of frames of a clip has
-the same distribution in both classes of a pair, and a model that ignores
-frame order (a single-frame or bag-of-frames classifier) cannot beat 50 %
-within a pair. It can still tell pairs apart from appearance (a bar is not a
-circle), so the chance level of an order-blind model over all classes is
-``1 / pairs``, not ``1 / classes``; only temporal modelling gets to 100 %.
+``circle_shrinking``, ...): video ``i`` of the second class of a pair is
+video ``i`` of the first class played backwards, frame for frame (colours,
+size, position, speed, noise, duration, frame rate and frame size are drawn
+once for both), and both land in the same split. So within a pair the two
+classes hold exactly the same frames, only in opposite orders: a model that
+ignores frame order (a single-frame or bag-of-frames classifier) gives a
+video and its reversal the same answer and gets exactly one of the two right,
+50 % within a pair, and training cannot tell a pair apart by appearance
+either. Pairs do differ in appearance (a bar is not a circle), so the chance
+level of an order-blind model over all classes is ``1 / pairs``, not
+``1 / classes``; only temporal modelling gets to 100 %.
 
 The signal is deliberately strong (large objects, motion over much of the
 frame, moderate noise) so a tiny VideoMAE trained from scratch for a few CPU
-minutes learns it. Videos vary in duration (2.5-5 s), frame rate (15-30 fps)
+minutes learns it. Videos vary in duration (1.5-3 s), frame rate (15-30 fps)
 and frame size (128x96 or 160x120), so preprocessing sees real variety.
 
 Output: ``ROOT/{train,val,test}/<class>/<class>_<NNN>.mp4``, real H.264 written
-through :func:`vidray.video.encode_mp4`. Every video draws from its own RNG
-seeded by ``(seed, class, index)``, the drawing uses only IEEE-exact float
+through :func:`vidray.video.encode_mp4`. Every pair of videos draws from its
+own RNG seeded by ``(seed, pair, index)``, the drawing uses only IEEE-exact float
 operations, and x264 runs with settings whose output depends on the frames
 alone (:data:`vidray.video.DETERMINISTIC_X264`), so one seed gives
 byte-identical files whatever the thread pool, the load or the x86 machine.
@@ -55,9 +57,19 @@ DEMO_CLASSES = [
     "two_dots_separating",
 ]
 
+def reversal_pairs(classes: list[str]) -> list[tuple[int, int]]:
+    """Index pairs ``(forward, backward)`` of ``classes`` that are time-reversed demo pairs."""
+    index = {name: i for i, name in enumerate(classes)}
+    return [
+        (index[forward], index[backward])
+        for forward, backward in zip(DEMO_CLASSES[0::2], DEMO_CLASSES[1::2])
+        if forward in index and backward in index
+    ]
+
+
 FRAME_SIZES = ((128, 96), (160, 120))  # (width, height)
 FRAME_RATES = (15, 20, 24, 25, 30)
-DURATION_RANGE = (2.5, 5.0)  # seconds
+DURATION_RANGE = (1.5, 3.0)  # seconds: at 15-30 fps, 22-90 frames, plenty for 16 stored ones
 SPLIT_FRACTIONS = {"val": 0.2, "test": 0.2}  # the rest is train
 
 
@@ -234,19 +246,20 @@ def generate_demo_videos(out: Path, classes: int = 8, videos_per_class: int = 12
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
 
-    def write_one(job: tuple[int, str, int]) -> tuple[str, float]:
-        class_index, name, index = job
-        rng = np.random.default_rng([seed, class_index, index])
-        frames, fps = render_clip(name, rng)
-        path = staging / split_of_index[index] / name / f"{name}_{index:03d}.mp4"
-        encode_mp4(path, frames, fps=fps)
-        return split_of_index[index], len(frames) / fps
+    def write_pair(job: tuple[int, int]) -> list[float]:
+        pair, index = job
+        forward, backward = names[2 * pair], names[2 * pair + 1]
+        frames, fps = render_clip(forward, np.random.default_rng([seed, pair, index]))
+        split = split_of_index[index]
+        for name, clip in ((forward, frames), (backward, frames[::-1])):
+            encode_mp4(staging / split / name / f"{name}_{index:03d}.mp4", np.ascontiguousarray(clip), fps=fps)
+        return [len(frames) / fps] * 2
 
-    jobs = [(ci, name, i) for ci, name in enumerate(names) for i in range(videos_per_class)]
+    jobs = [(pair, i) for pair in range(classes // 2) for i in range(videos_per_class)]
     try:
         # numpy and x264 release the GIL for the heavy parts; threads keep it simple.
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-            results = list(pool.map(write_one, jobs))
+            durations = [seconds for pair in pool.map(write_pair, jobs) for seconds in pair]
         if out.exists():
             out.rmdir()  # empty (checked above); rename needs the name free
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,10 +272,10 @@ def generate_demo_videos(out: Path, classes: int = 8, videos_per_class: int = 12
         "out": str(out),
         "classes": names,
         "num_classes": len(names),
-        "videos": len(results),
+        "videos": len(durations),
         "per_split": {split: n * len(names) for split, n in counts.items()},
         "per_class": {name: videos_per_class for name in names},
-        "total_duration_s": round(sum(seconds for _, seconds in results), 2),
+        "total_duration_s": round(sum(durations), 2),
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 2),
     }

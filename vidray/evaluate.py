@@ -85,6 +85,82 @@ def _check_compatible(shape, dataset, dataset_dir: str, split: str, checkpoint: 
         )
 
 
+def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, shape, clips: int, device,
+                 shuffle: torch.Generator | None = None, orders: int = 1) -> Iterator[tuple[dict[str, list], torch.Tensor]]:
+    """(record batch, clip-averaged logits on the CPU) for every batch of ``split``.
+
+    With ``shuffle``, each clip's frames are put in random order, ``orders`` times
+    with fresh orders, and the logits averaged: what the model predicts once
+    frame order is gone, with little noise from any one order.
+    """
+    from vidray.dataset import videos_from_bytes
+    from vidray.inference import clip_logits
+
+    for batch in _split_batches(dataset_dir, dataset, split, batch_size):
+        try:
+            # A writable copy: the stacked array is a view of immutable bytes.
+            videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape).copy()).to(device)
+        except ValueError as err:
+            raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
+        runs = [clip_logits(model, videos, frames=shape.frames, size=shape.size, clips=clips, shuffle=shuffle)
+                for _ in range(orders if shuffle is not None else 1)]
+        yield batch, torch.stack(runs).mean(0).cpu()
+
+
+# Random frame orders per clip in the frame-order control; their logits are averaged.
+CONTROL_ORDERS = 8
+
+
+@torch.no_grad()
+def frame_order_control(
+    checkpoint: Path, dataset_dir: str, split: str, pairs: list[tuple[int, int]] | None = None,
+    batch_size: int = 16, seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy of ``checkpoint`` on ``split`` with frames in order and with each clip's frames shuffled.
+
+    Shuffling keeps every frame and destroys time, so the gap between the two
+    is what the model owes to frame order. ``pairs`` (class index pairs that
+    are time-reversals of each other, e.g. the demo's) add the accuracy within
+    pairs: among videos predicted inside their own pair, the share whose
+    direction is right. An order-blind model is at chance there, 0.5.
+    """
+    from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
+    from vidray.dataset import read_dataset_info
+    from vidray.inference import inference_device
+    from vidray.model import to_device
+
+    model, info = load_trained_model(checkpoint)
+    shape = clip_shape_of(info)
+    dataset = read_dataset_info(dataset_dir)
+    _check_compatible(shape, dataset, dataset_dir, split, Path(checkpoint))
+    device = inference_device()
+    to_device(model, device)
+    confusions = {}
+    for name, shuffle in (("in_order", None), ("shuffled", torch.Generator().manual_seed(seed))):
+        y_true, y_pred = [], []
+        for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape,
+                                          eval_clips_of(info), device, shuffle=shuffle, orders=CONTROL_ORDERS):
+            y_true += batch["label"]
+            y_pred += logits.argmax(-1).tolist()
+        confusions[name] = confusion_matrix(y_true, y_pred, len(shape.classes))
+    result: dict[str, Any] = {"split": split, "orders": CONTROL_ORDERS, "chance": 1 / len(shape.classes)}
+    for name, confusion in confusions.items():
+        result[f"{name}_accuracy"] = float(np.trace(confusion) / max(confusion.sum(), 1))
+        if pairs:
+            result[f"{name}_pair_accuracy"] = pair_accuracy(confusion, pairs)
+    if pairs:
+        result.update(chance_within_pairs=0.5, pairs=[[shape.classes[a], shape.classes[b]] for a, b in pairs])
+    return result
+
+
+def pair_accuracy(confusion: np.ndarray, pairs: list[tuple[int, int]]) -> float:
+    """Among videos of paired classes predicted inside their own pair: how often the member is right."""
+    confusion = np.asarray(confusion)
+    right = sum(confusion[a, a] + confusion[b, b] for a, b in pairs)
+    within = sum(confusion[np.ix_([a, b], [a, b])].sum() for a, b in pairs)
+    return float(right / within) if within else 0.0
+
+
 @torch.no_grad()
 def evaluate_checkpoint(
     checkpoint: Path,
@@ -100,8 +176,9 @@ def evaluate_checkpoint(
     with. Returns the metrics dict written to ``metrics.json`` plus ``files``.
     """
     from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
-    from vidray.dataset import read_dataset_info, videos_from_bytes
-    from vidray.inference import clip_logits, inference_device
+    from vidray.dataset import read_dataset_info
+    from vidray.inference import inference_device
+    from vidray.model import to_device
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -113,20 +190,14 @@ def evaluate_checkpoint(
     classes = shape.classes
     clips = clips or eval_clips_of(info)
     device = inference_device()
-    model.to(device)
+    to_device(model, device)  # with its position table: no copy of it in every forward
 
     y_true: list[int] = []
     y_pred: list[int] = []
     rows: list[dict[str, Any]] = []
     loss_sum = 0.0
-    for batch in _split_batches(dataset_dir, dataset, split, batch_size):
-        try:
-            # A writable copy: the stacked array is a view of immutable bytes.
-            videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape).copy()).to(device)
-        except ValueError as err:
-            raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
+    for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape, clips, device):
         labels = torch.tensor(batch["label"], dtype=torch.int64)
-        logits = clip_logits(model, videos, frames=shape.frames, size=shape.size, clips=clips).cpu()
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)
@@ -202,10 +273,7 @@ def per_class_markdown(metrics: dict[str, Any]) -> str:
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
     """Rows normalised to sum 1 (the diagonal is per-class recall); cells annotated with raw counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vidray.figures import SEQUENTIAL_CMAP, new_figure, save_figure
 
     confusion = np.asarray(confusion)
     k = len(classes)
@@ -213,8 +281,9 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     normalised = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
 
     side = max(4.0, 0.5 * k + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
-    image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig = new_figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(k), labels=[f"{c} ({int(n)})" for c, n in zip(classes, support[:, 0])])
@@ -230,9 +299,4 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
                     )
     accuracy = np.trace(confusion) / max(confusion.sum(), 1)
     ax.set_title(f"{title}  (accuracy {accuracy:.3f}, n={int(confusion.sum())})".strip())
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -47,7 +47,7 @@ from vidray.augment import MEAN, STD
 from vidray.checkpoint import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
 from vidray.dataset import ClipShape
 from vidray.errors import UserError
-from vidray.model import CUSTOM_MODEL_TYPE, POS_GRID_KEY
+from vidray.model import CUSTOM_MODEL_TYPE, POS_GRID_KEY, token_grid
 
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
 
@@ -153,12 +153,14 @@ def _is_export(directory: Path) -> bool:
         return False
 
 
-def export_model(checkpoint: Path, out: Path) -> Path:
+def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None) -> Path:
     """Write ``checkpoint`` (a `vidray train` checkpoint or an earlier export) to ``out``; returns ``out``.
 
-    ``out`` must be new, empty, or an earlier export (replaced). The directory is
-    written beside ``out`` and moved into place at the end, so a failed export
-    never leaves a half-written model under the real name.
+    ``held_out``: metrics of the model on a held-out split (vidray.evaluate's
+    metrics.json), for the model card. ``out`` must be new, empty, or an
+    earlier export (replaced). The directory is written beside ``out`` and
+    moved into place at the end, so a failed export never leaves a
+    half-written model under the real name.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
@@ -174,18 +176,127 @@ def export_model(checkpoint: Path, out: Path) -> Path:
     with quiet_progress_bars():
         model.save_pretrained(staging, safe_serialization=True)
     image_processor_for(data).save_pretrained(staging)
-    if getattr(model.config, POS_GRID_KEY, None):
+    pos_grid = getattr(model.config, POS_GRID_KEY, None)
+    if pos_grid:
         _write_custom_code(staging)
+    config = info.get("config") or {}
     export_info = {
-        "data": {k: data[k] for k in ClipShape.KEYS},
-        "config": {"train": {"eval_clips": eval_clips_of(info)}},
+        "data": ClipShape.from_dict(data).as_dict(),
+        "config": config if config.get("model") else {"train": {"eval_clips": eval_clips_of(info)}},
         "epoch": info.get("epoch"),
         "metrics": {k: v for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float, str))},
+        "held_out": _card_metrics(held_out) if held_out else info.get("held_out"),
         "exported_from": str(checkpoint.resolve()),
     }
     (staging / INFO).write_text(json.dumps(export_info, indent=2, sort_keys=True, default=str) + "\n")
+    (staging / "README.md").write_text(model_card(export_info, pos_grid, token_grid(model.config)))
 
     if out.exists():
         shutil.rmtree(out)
     staging.replace(out)
     return out
+
+
+def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("split", "num_samples", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "loss")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+COIN_LICENSE_NOTICE = (
+    "Trained on COIN (Tang et al., CVPR 2019), which is licensed CC BY-NC 4.0: this model is a derivative "
+    "of it and may be used for non-commercial research only."
+)
+
+
+def _seconds(value) -> str:
+    return "any" if value is None else f"{value:g}"
+
+
+def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tuple[int, int, int]) -> str:
+    """The export's README.md: what the model is, what it was trained on, how well it does, how to load it.
+
+    ``pos_grid``: the token grid the position table was interpolated from (None: not interpolated);
+    ``grid``: the model's own (T, H, W) token grid.
+    """
+    data, config = export_info["data"], export_info.get("config") or {}
+    model_cfg, data_cfg, train_cfg = config.get("model", {}), config.get("data", {}), config.get("train", {})
+    source = data_cfg.get("source")
+    pretrained = model_cfg.get("init") == "pretrained"
+    base = model_cfg.get("name_or_path") if pretrained else None
+    front = ["---", "library_name: transformers", "pipeline_tag: video-classification", "tags: [videomae, vidray]"]
+    if base and "/" in base and not Path(base).exists():
+        front.append(f"base_model: {base}")
+    if source == "coin":
+        front.append("license: cc-by-nc-4.0")
+    front.append("---")
+
+    classes = data["classes"]
+    lines = [
+        *front,
+        "",
+        f"# VideoMAE video classifier ({len(classes)} classes), fine-tuned with vidray",
+        "",
+        "## Model",
+        "",
+        f"- Start: {'`' + base + '`' if base else 'randomly initialised (' + str(model_cfg.get('size', '?')) + ' size, trained from scratch)'}.",
+        f"- Input: {data['frames']} frames of {data['size']}x{data['size']} px per clip, sampled evenly over the whole "
+        f"video ({data['stored_frames']} frames stored per video, short side resized to {data['stored_size']} px, centre crop).",
+        f"- Classes: {', '.join(classes)}.",
+        "",
+        "## Training data",
+        "",
+        {
+            "coin": "COIN's 12 domain classes (instructional YouTube videos), as selected by the vidray config "
+                    f"(durations {_seconds(data_cfg.get('min_duration'))}-{_seconds(data_cfg.get('max_duration'))} s).",
+            "demo": "vidray's synthetic demo set: classes in time-reversed pairs, so only frame order separates them.",
+            "folder": "A folder of videos laid out as ROOT/{train,val,test}/<Class>/<video>.",
+        }.get(source, "Not recorded."),
+    ]
+    if train_cfg:
+        lines += [
+            "",
+            f"Recipe: {train_cfg.get('epochs')} epochs, batch {train_cfg.get('batch_size')}, AdamW lr "
+            f"{train_cfg.get('lr')}, weight decay {train_cfg.get('weight_decay')}, {train_cfg.get('scheduler', 'cosine')} "
+            f"schedule, MixUp α {train_cfg.get('mixup_alpha')}, label smoothing {train_cfg.get('label_smoothing')}.",
+        ]
+    lines += ["", "## Results", "", "| split | videos | accuracy (= micro F1) | macro F1 |", "|---|---:|---:|---:|"]
+    metrics = export_info.get("metrics") or {}
+    if "val_accuracy" in metrics:
+        lines.append(
+            f"| val (epoch {export_info.get('epoch')}, during training) | {metrics.get('val_videos', '?')} | "
+            f"{metrics['val_accuracy']:.3f} | {metrics.get('val_macro_f1', float('nan')):.3f} |"
+        )
+    held_out = export_info.get("held_out")
+    if held_out:
+        lines.append(
+            f"| {held_out['split']} (held out) | {held_out.get('num_samples', '?')} | {held_out['accuracy']:.3f} | "
+            f"{held_out.get('macro_f1', float('nan')):.3f} |"
+        )
+    lines += ["", "## Use", "", "```python", "from transformers import pipeline", ""]
+    if pos_grid:
+        lines += [
+            'classifier = pipeline("video-classification", model="PATH/TO/THIS/FOLDER", trust_remote_code=True)',
+            "```",
+            "",
+            "`trust_remote_code=True` is needed: training resized the pretrained sinusoid position table from the "
+            f"checkpoint's {'x'.join(map(str, pos_grid))} token grid to this model's {'x'.join(map(str, grid))} grid "
+            "(frames/tubelet x patches x patches), so every token keeps the position code of the same place in the "
+            "clip. Stock VideoMAE would rebuild a plain 1-D table on load and predict with positions the model never "
+            f"saw; `{CUSTOM_CODE_FILE}` (torch + transformers only) rebuilds the right one. A model trained with "
+            "`model.interpolate_pos_embed=false`, or at its checkpoint's own resolution, loads without it.",
+        ]
+    else:
+        lines += [
+            'classifier = pipeline("video-classification", model="PATH/TO/THIS/FOLDER")',
+            "```",
+            "",
+            "A plain VideoMAE model: no custom code, no `trust_remote_code`.",
+        ]
+    lines += [
+        "",
+        "The pipeline samples frames from the start of the video; `vidray predict --model PATH video.mp4` samples them "
+        "over the whole video exactly as evaluation did.",
+    ]
+    if source == "coin":
+        lines += ["", "## License", "", COIN_LICENSE_NOTICE]
+    return "\n".join(lines) + "\n"

@@ -104,8 +104,8 @@ def load_pretrained_config(name_or_path: str) -> VideoMAEConfig:
 
 
 def scratch_config(model_cfg: ModelConfig, **overrides) -> VideoMAEConfig:
-    patch = {"patch_size": model_cfg.patch_size} if model_cfg.patch_size else {}
-    return VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size], **patch, **overrides)
+    sizes = {key: getattr(model_cfg, key) for key in ("patch_size", "tubelet_size") if getattr(model_cfg, key)}
+    return VideoMAEConfig(**SCRATCH_SIZES[model_cfg.size], **sizes, **overrides)
 
 
 def check_model_config(model_cfg: ModelConfig, frames: int, size: int) -> None:
@@ -217,6 +217,54 @@ def load_model(model_dir: str) -> VideoMAEForVideoClassification:
     if source_grid:
         install_position_table(model, tuple(source_grid))
     return model
+
+
+# transformers releases whose VideoMAEEmbeddings keep the position table as a plain tensor
+# attribute (not a parameter or buffer, so Module.to() leaves it where it is) and copy it to the
+# input's device in every forward. tests/test_model.py fails when the installed release is not
+# listed or the attribute changed kind, so an upgrade re-checks :func:`to_device`.
+POSITION_TABLE_VERIFIED_TRANSFORMERS = ("5.",)
+_warned_unverified: list[str] = []
+
+
+def to_device(model: VideoMAEForVideoClassification, device: torch.device) -> VideoMAEForVideoClassification:
+    """``model.to(device)``, and the position table with it, once.
+
+    HF's forward adds ``position_embeddings.detach().type_as(x).to(x.device, copy=True)``:
+    with the table left on the CPU that is a host-to-device copy from pageable memory
+    in every forward, which makes the host wait for the GPU. On the device it is a
+    device-side copy. A table that is already a buffer or parameter moves with the model.
+    """
+    import transformers
+
+    model.to(device)
+    if not transformers.__version__.startswith(POSITION_TABLE_VERIFIED_TRANSFORMERS) and not _warned_unverified:
+        _warned_unverified.append(transformers.__version__)
+        logger.warning(
+            "transformers %s is not one vidray checked VideoMAE's position table with (%s): "
+            "it may be copied to the device in every forward", transformers.__version__,
+            ", ".join(POSITION_TABLE_VERIFIED_TRANSFORMERS),
+        )
+    embeddings = model.videomae.embeddings
+    table = getattr(embeddings, "position_embeddings", None)
+    registered = {name for name, _ in embeddings.named_buffers(recurse=False)} | {
+        name for name, _ in embeddings.named_parameters(recurse=False)
+    }
+    if isinstance(table, torch.Tensor) and "position_embeddings" not in registered:
+        embeddings.position_embeddings = table.to(device)
+    return model
+
+
+def use_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for the float32 matmuls and convolutions that autocast leaves in fp32 (CUDA only).
+
+    Through the long-standing switches: torch >= 2.9 also has ``fp32_precision``, but once that
+    is set, any library that reads the old ``allow_tf32`` flag gets a RuntimeError.
+    """
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device):

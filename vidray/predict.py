@@ -32,6 +32,7 @@ def predict_videos(model_dir: Path, videos: list[Path], top_k: int = 3) -> list[
     """
     from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
     from vidray.inference import clip_logits, inference_device
+    from vidray.model import to_device
     from vidray.video import VideoError, read_clip
 
     if top_k < 1:
@@ -41,12 +42,13 @@ def predict_videos(model_dir: Path, videos: list[Path], top_k: int = 3) -> list[
     classes = shape.classes
     clips = eval_clips_of(info)
     device = inference_device()
-    model.to(device)
+    to_device(model, device)  # with its position table: no copy of it in every forward
 
     results = []
     for video in videos:
         try:
-            clip = read_clip(video, shape.stored_frames, shape.stored_size)
+            # Decoded by the decoder the training shards were made with (recorded in the checkpoint).
+            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=shape.decoder)
         except VideoError as err:
             results.append({"video": str(video), "error": str(err), "predictions": []})
             continue

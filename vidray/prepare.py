@@ -65,7 +65,8 @@ def _ensure_demo_videos(data: DataConfig) -> None:
 
 def prepare_dataset(cfg: VidrayConfig) -> str:
     """Make ``cfg.data.dataset_dir`` current for ``cfg.data`` and return it."""
-    from vidray.index import index_coin, index_folder
+    from vidray.coin import index_coin
+    from vidray.index import index_folder
 
     data = cfg.data
     if data.source == "demo":
@@ -99,5 +100,7 @@ def prepare_dataset(cfg: VidrayConfig) -> str:
         stored_frames=data.stored_frames,
         stored_size=data.stored_size,
         videos_per_shard=data.videos_per_shard,
+        decoder=data.decoder,
+        decoder_device=data.decoder_device,
     )
     return data.dataset_dir

@@ -7,9 +7,10 @@ Output (``DIR`` may be a local path or an s3:// / gs:// URI)::
     DIR/rejects.parquet, DIR/rejects.csv      every rejected video and why
     DIR/dataset.json                          written last: present == complete and consistent
 
-Videos are grouped per split into shards of about ``videos_per_shard``. A
-shard's id hashes its videos (path, size, mtime, label, split) and the decode
-parameters, so:
+Videos are grouped per split into shards of about ``videos_per_shard``
+typical videos' worth of decode work (:func:`plan_shards`). A shard's id
+hashes its videos (path, size, mtime, label, split) and the decode parameters
+(frames, size, decoder and its device), so:
 
 * **resume** - a shard whose ``_shards`` record exists is finished and skipped;
   a killed run, re-run, decodes only the shards it had not finished;
@@ -20,7 +21,11 @@ parameters, so:
 Shard boundaries are cut where a video id's hash says so (content-defined, not
 every N videos), so adding or removing a video changes only the shard it falls
 in (rarely a neighbour too): after downloading more videos, a re-run decodes
-little more than the new ones.
+little more than the new ones. The hash is weighed by each video's expected
+work (frames x displayed pixels, from the index), so a shard of long 720p
+videos holds fewer of them than one of short 360p clips, and shards are
+started biggest first: the run does not end with one CPU decoding a heavy
+shard while the others idle.
 
 Fault isolation: one Ray Data task decodes one shard. A file that fails to
 decode is rejected with its reason and never stops the run. A decoder that
@@ -44,13 +49,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 import uuid
-import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +67,19 @@ import pyarrow.parquet as pq
 from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, SPLITS
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
+from vidray.video import DecodeDevice, DecoderName, DecoderUnavailableError
 
 # One shard is one Parquet file and one Ray task: enough shards to keep every CPU of a
 # cluster busy to the end (COIN-12's 1,024 videos: 128), files still ~12 MB at 16x112².
 VIDEOS_PER_SHARD = 8
 # Part of every shard id: bump when decoding changes so old shards are rebuilt.
-DECODE_VERSION = 2  # 2: PyAV decoding (swscale resize) instead of decord
+DECODE_VERSION = 3  # 2: PyAV decoding (swscale resize) instead of decord; 3: rotation and pixel aspect applied
+DEFAULT_DECODER: DecoderName = "pyav"  # least CPU per video of the three (docs/benchmarks.md)
+# Expected decode work of a video in pixel-frames (frames x displayed pixels), plus what any
+# video costs whatever its length: opening, indexing packets, writing its row (about 2 s of 360p30).
+FIXED_WORK = 640 * 360 * 60
+# A decode task on a GPU node takes this share of a GPU: NVDEC runs several sessions at once.
+GPU_SHARE_PER_DECODE_TASK = 0.25
 ROW_GROUP_BYTES = 32 * 2**20
 RECORDS_DIR = "_shards"
 CRASH_ON_ENV = "VIDRAY_TEST_CRASH_ON"
@@ -94,6 +106,26 @@ class Video:
     split: str
     size: int  # bytes, -1 when the file cannot be stat'ed (it will be rejected)
     mtime_ns: int
+    # Expected decode work (pixel-frames, see FIXED_WORK); 0 when the index has no probe of it.
+    # For planning only: not part of the shard id.
+    work: float = 0.0
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How every video of a run is decoded; all of it goes into the shard ids."""
+
+    stored_frames: int
+    stored_size: int
+    decoder: DecoderName = DEFAULT_DECODER
+    device: DecodeDevice = "cpu"
+
+    def task_options(self) -> dict[str, Any]:
+        """Ray options of one decode task: a CPU (and a share of a GPU when decoding on CUDA),
+        spread over the nodes. Ray's default keeps a driver's tasks on its own node while that
+        node has room, which left a 1-CPU worker node idle (measured: all 12 shards on the head)."""
+        gpu = {"num_gpus": GPU_SHARE_PER_DECODE_TASK} if self.device == "cuda" else {}
+        return {"num_cpus": 1, **gpu, "scheduling_strategy": "SPREAD"}
 
 
 @dataclass(frozen=True)
@@ -109,6 +141,10 @@ class Shard:
     def from_json(text: str) -> Shard:
         raw = json.loads(text)
         return Shard(raw["id"], raw["split"], tuple(Video(**v) for v in raw["videos"]))
+
+    @property
+    def work(self) -> float:
+        return sum(v.work for v in self.videos)
 
     @property
     def parquet_name(self) -> str:
@@ -150,63 +186,113 @@ def load_videos(manifest: Path) -> tuple[list[Video], list[str]]:
             size, mtime_ns = stat.st_size, stat.st_mtime_ns
         except OSError:
             size, mtime_ns = -1, -1
+        work = expected_work(row.num_frames, row.width, row.height)
         videos.append(
-            Video(str(row.path), str(row.video_id), row.label, int(row.label_index), row.split, size, mtime_ns)
+            Video(str(row.path), str(row.video_id), row.label, int(row.label_index), row.split, size, mtime_ns, work)
         )
     return videos, classes
+
+
+def expected_work(num_frames, width, height) -> float:
+    """Pixel-frames to decode (plus :data:`FIXED_WORK`) from the index's probe; 0 when unprobed.
+
+    Decoding the samples costs about the whole video on real footage (samples
+    are closer together than keyframes, docs/benchmarks.md), so work grows with
+    frames x pixels.
+    """
+    values = [num_frames, width, height]
+    if any(v is None or v != v or v <= 0 for v in values):  # None, NaN (pandas' missing int) or 0
+        return 0.0
+    return float(num_frames) * float(width) * float(height) + FIXED_WORK
 
 
 def _stable_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _shard_id(videos: list[Video], stored_frames: int, stored_size: int) -> str:
+def _shard_id(videos: list[Video], params: dict[str, Any]) -> str:
     """``<order key>-<content hash>``.
 
     Readers list a split's files by name, so the order key (a hash of the first
     video's id) fixes the row order from the videos alone: the same videos give
     the same order wherever they live and whenever they were copied, and so the
-    same training run. The content hash (paths, sizes, mtimes, parameters)
-    decides whether a finished shard can be reused.
+    same training run. The content hash (paths, sizes, mtimes, the decode
+    parameters ``params``: frames, size, decoder and device) decides whether a
+    finished shard can be reused: switching decoders decodes again.
     """
     payload = json.dumps(
         {
             "decode_version": DECODE_VERSION,
-            "stored_frames": stored_frames,
-            "stored_size": stored_size,
-            "videos": [asdict(v) for v in videos],
+            **params,
+            "videos": [{k: v for k, v in asdict(video).items() if k != "work"} for video in videos],
         },
         sort_keys=True,
     )
     return f"{_stable_hash(videos[0].video_id)[:8]}-{_stable_hash(payload)[:20]}"
 
 
-def _ends_shard(video: Video, videos_per_shard: int) -> bool:
-    # The id, not the path: boundaries must not depend on where the videos are stored.
-    return int(_stable_hash(video.video_id)[:8], 16) % videos_per_shard == 0
+def _ends_shard(video: Video, share: float) -> bool:
+    """Whether a shard ends after ``video``: with probability ``share`` (its work over the target),
+    decided by its id's hash. The id, not the path: boundaries must not depend on where videos live."""
+    return int(_stable_hash(video.video_id)[:8], 16) / 2**32 < share
 
 
-def plan_shards(videos: list[Video], stored_frames: int, stored_size: int, videos_per_shard: int) -> list[Shard]:
-    """Shards of one split each, ``videos_per_shard`` long on average.
+def _target_work(videos: list[Video], videos_per_shard: int) -> float:
+    """``videos_per_shard`` typical videos' work: the split's median, rounded to a power of two so
+    that adding or removing a few videos does not move the target (and with it every boundary)."""
+    known = sorted(v.work for v in videos if v.work > 0)
+    typical = known[len(known) // 2] if known else 1.0
+    return videos_per_shard * 2.0 ** round(math.log2(typical))
 
-    Within a split, videos are ordered by id and a shard ends after a video
-    whose id hash is 0 mod ``videos_per_shard`` (but holds at least a quarter
-    and at most twice that many), so boundaries move only where videos change.
+
+def plan_shards(
+    videos: list[Video],
+    stored_frames: int,
+    stored_size: int,
+    videos_per_shard: int,
+    decoder: DecoderName = DEFAULT_DECODER,
+    decoder_device: DecodeDevice = "cpu",
+) -> list[Shard]:
+    """Shards of one split each, about ``videos_per_shard`` typical videos' work each.
+
+    Within a split, videos are ordered by id. Once a shard holds half the
+    target work, it ends after a video with a probability of that video's
+    work over half the target, decided by the video id's hash, so boundaries
+    move only where videos change; a shard never exceeds twice the target
+    unless one video alone does. Unprobed videos count as typical ones; with
+    no probe at all this is about ``videos_per_shard`` videos a shard.
+    ``videos_per_shard=1`` is one video per shard.
     """
+    params = asdict(DecodeSettings(stored_frames, stored_size, decoder, decoder_device))
     shards = []
     for split in SPLITS:
-        current: list[Video] = []
         group = sorted((v for v in videos if v.split == split), key=lambda v: (v.video_id, v.path))
+        if not group:
+            continue
+        target = _target_work(group, videos_per_shard)
+        typical = target / videos_per_shard
+        group = [v if v.work > 0 else replace(v, work=typical) for v in group]
+        current: list[Video] = []
+        work = 0.0
+
+        def close() -> None:
+            nonlocal current, work
+            shards.append(Shard(_shard_id(current, params), split, tuple(current)))
+            current, work = [], 0.0
+
         for index, video in enumerate(group):
+            if current and work >= target / 2 and work + video.work > 2 * target:
+                close()  # this video would overflow the shard: it starts the next one
             current.append(video)
+            work += video.work
             last = index == len(group) - 1
-            if (
-                last
-                or len(current) >= 2 * videos_per_shard
-                or (len(current) >= videos_per_shard // 4 and _ends_shard(video, videos_per_shard))
-            ):
-                shards.append(Shard(_shard_id(current, stored_frames, stored_size), split, tuple(current)))
-                current = []
+            if videos_per_shard == 1:  # as fine as it gets: a video per task, whatever its work
+                close()
+                continue
+            # Past half the target, each video ends the shard with a chance of its work over half
+            # the target: shards land between 1/2 and 2x the target, ~1x on average.
+            if last or work >= 2 * target or (work >= target / 2 and _ends_shard(video, 2 * video.work / target)):
+                close()
     return shards
 
 
@@ -229,9 +315,7 @@ def _outcome(video: Video, status: str = "processed", error: str = "", reason: s
     return {**row, **decoded}
 
 
-def _decode_video(
-    video: Video, stored_frames: int, stored_size: int, crash_on: str | None
-) -> tuple[dict, bytes | None]:
+def _decode_video(video: Video, settings: DecodeSettings, crash_on: str | None) -> tuple[dict, bytes | None]:
     """(outcome row, frame bytes or None). Never raises for a bad file."""
     import av.logging
 
@@ -244,7 +328,8 @@ def _decode_video(
         os._exit(1)  # test-only: see CRASH_ON_ENV in the module docstring
     try:
         # One decoder thread: Ray already runs one task per core.
-        clip = read_clip(video.path, stored_frames, stored_size, num_threads=1)
+        clip = read_clip(video.path, settings.stored_frames, settings.stored_size, decoder=settings.decoder,
+                         device=settings.device, num_threads=1)  # fmt: skip
     except VideoError as err:
         return _outcome(video, "rejected", err.code, err.reason), None
     except Exception as err:  # noqa: BLE001 - one odd file must not stop the run; its reason is recorded
@@ -330,51 +415,74 @@ def _ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def decode_shard(out: str, shard: Shard, settings: DecodeSettings, crash_on: str | None) -> list[dict]:
+    """Decode and write one shard; return one outcome row per video."""
+    from vidray.video import require_decoder
+
+    # A node without the decoder's package is a set-up problem, not a bad video: fail the run (below).
+    require_decoder(settings.decoder, settings.device)
+    started = time.perf_counter()
+    outcomes = [_decode_video(v, settings, crash_on) for v in shard.videos]
+    return write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started)
+
+
 OUTCOME_COLUMNS = (
     "shard", "path", "video_id", "split", "label", "label_index",
     "status", "error", "reason", "source_frames", "padded",
 )  # fmt: skip
 
 
-def decode_shards(batch: dict[str, Any], out: str, stored_frames: int, stored_size: int, crash_on: str | None):
-    """Ray Data UDF: each row of ``batch`` is one shard (as JSON); decode and
-    write it, return one outcome row per video."""
+def decode_shards(batch: dict[str, Any], out: str, settings: DecodeSettings, crash_on: str | None):
+    """Ray Data UDF: each row of ``batch`` is one shard (as JSON); decode and write it, return
+    one outcome row per video."""
     rows: list[dict] = []
     for text in batch["shard"]:
-        shard = Shard.from_json(str(text))
-        started = time.perf_counter()
-        outcomes = [_decode_video(v, stored_frames, stored_size, crash_on) for v in shard.videos]
-        rows.extend(write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started))
+        rows.extend(decode_shard(out, Shard.from_json(str(text)), settings, crash_on))
     return {column: [row[column] for row in rows] for column in OUTCOME_COLUMNS}
 
 
 # --- the run -----------------------------------------------------------------
 
+PROGRESS_EVERY_S = 15.0
 
-def _run_shards(shards: list[Shard], out: str, stored_frames: int, stored_size: int, crash_on: str | None):
-    """{shard id: outcome rows} for the shards whose task finished."""
+
+def _run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_on: str | None):
+    """{shard id: outcome rows} for the shards whose task finished: one Ray Data task per shard.
+
+    The shards go in biggest first (``shards``' order): the run does not end
+    with one CPU decoding a heavy shard while the others idle. Ray Data spreads
+    the tasks over the nodes. Its progress bars and per-operator stats cost
+    the driver more CPU than anything else it does here, so they are off; one
+    line every :data:`PROGRESS_EVERY_S` says how far it got.
+    """
     import ray.data
-    from ray.util.annotations import RayDeprecationWarning
 
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
     ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates **ray_remote_args but has no named max_retries yet.
-        warnings.simplefilter("ignore", RayDeprecationWarning)
-        ds = ds.map_batches(
-            decode_shards,
-            batch_size=1,
-            batch_format="numpy",
-            fn_kwargs={"out": out, "stored_frames": stored_frames, "stored_size": stored_size, "crash_on": crash_on},
-            num_cpus=1,
-            # Ray Data retries tasks forever by default, and a decoder that
-            # segfaults on a file does so every time. One retry covers a lost
-            # node; after that _isolate_crashes takes the shard over.
-            max_retries=1,
-        )
+    gpu = {"num_gpus": GPU_SHARE_PER_DECODE_TASK} if settings.device == "cuda" else {}
+    ds = ds.map_batches(
+        decode_shards,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"out": out, "settings": settings, "crash_on": crash_on},
+        num_cpus=1,
+        # Ray Data retries tasks forever by default, and a decoder that segfaults on a
+        # file does so every time. One retry covers a lost node; after that
+        # _isolate_crashes takes the shard over, video by video.
+        max_retries=1,
+        **gpu,
+    )
     ds.context.max_errored_blocks = -1  # a failed shard is recovered below, never fatal
     results: dict[str, list[dict]] = {}
-    for row in ds.take_all():
+    started = reported = time.monotonic()
+    for row in ds.iter_rows():
         results.setdefault(row["shard"], []).append({c: _plain(row[c]) for c in OUTCOME_COLUMNS})
+        if time.monotonic() - reported >= PROGRESS_EVERY_S:
+            reported = time.monotonic()
+            done = sum(1 for rows in results.values() if rows)
+            print(f"vidray preprocess: {done}/{len(shards)} shards decoded in {reported - started:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
     return results
 
 
@@ -382,23 +490,78 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _isolate_crashes(shards: list[Shard], out: str, stored_frames: int, stored_size: int, crash_on: str | None):
-    """Re-run lost shards one video per task; a task whose worker dies marks its video."""
+def _decode_checked(video: Video, settings: DecodeSettings, crash_on: str | None) -> tuple[dict, bytes | None]:
+    from vidray.video import require_decoder
+
+    require_decoder(settings.decoder, settings.device)
+    return _decode_video(video, settings, crash_on)
+
+
+def _isolate_crashes(shards: list[Shard], out: str, settings: DecodeSettings, crash_on: str | None):
+    """Re-run lost shards one video per task; a task whose worker dies marks its video.
+
+    A shard is also lost when its node lacks the decoder: that fails the run here, in one line.
+    """
     import ray
 
-    decode_one = ray.remote(num_cpus=1, max_retries=0)(_decode_video)
+    decode_one = ray.remote(max_retries=0, **settings.task_options())(_decode_checked)
     results = {}
     for shard in shards:  # one shard at a time bounds the driver's memory to one shard
-        refs = [decode_one.remote(v, stored_frames, stored_size, crash_on) for v in shard.videos]
+        refs = [decode_one.remote(v, settings, crash_on) for v in shard.videos]
         outcomes = []
         for video, ref in zip(shard.videos, refs):
             try:
                 outcomes.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(getattr(err, "cause", None), DecoderUnavailableError):
+                    raise DecoderUnavailableError(f"{err.cause} (on a Ray worker node)") from None
+                reason = f"{WORKER_CRASH_REASON} ({type(err).__name__})"
+                outcomes.append((_outcome(video, "rejected", "worker_crash", reason), None))
             except ray.exceptions.RayError as err:
                 reason = f"{WORKER_CRASH_REASON} ({type(err).__name__})"
                 outcomes.append((_outcome(video, "rejected", "worker_crash", reason), None))
         results[shard.id] = write_shard(out, shard, outcomes)
     return results
+
+
+def _check_cuda_workers(settings: DecodeSettings) -> None:
+    """Fail the run once, with a one-line reason, when GPU decode tasks cannot run or cannot decode
+    (no GPU in the cluster; no CUDA build of torch/torchcodec on the GPU node), instead of
+    waiting forever or rejecting every video one by one."""
+    import ray
+
+    from vidray.video import require_cuda_decoding, require_decoder
+
+    if not ray.cluster_resources().get("GPU"):
+        raise UserError(
+            "data.decoder_device=cuda but the Ray cluster has no GPU; use data.decoder_device=cpu "
+            "(on an autoscaling cluster, start a GPU node first)"
+        )
+
+    def check() -> None:
+        # On a GPU node: the packages load, CUDA is there, and one real clip decodes on it
+        # (NVDEC with the resize), so a node that cannot does not reject every video one by one.
+        import tempfile
+
+        import numpy as np
+
+        from vidray.video import VideoError, encode_mp4, read_clip
+
+        require_decoder(settings.decoder, settings.device)
+        require_cuda_decoding()
+        with tempfile.TemporaryDirectory() as tmp:
+            frames = np.random.default_rng(0).integers(0, 255, (8, 96, 128, 3), dtype=np.uint8)
+            path = encode_mp4(f"{tmp}/check.mp4", frames)
+            try:
+                read_clip(path, settings.stored_frames, settings.stored_size, settings.decoder, settings.device)
+            except VideoError as err:
+                raise UserError(f"data.decoder_device=cuda: a test clip does not decode on this GPU ({err.reason})")
+
+    try:
+        ray.get(ray.remote(max_retries=0, **settings.task_options())(check).remote())
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        raise UserError(str(cause) if isinstance(cause, UserError) else str(err).splitlines()[0]) from None
 
 
 def _list(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
@@ -485,33 +648,43 @@ def preprocess(
     stored_frames: int | None = None,
     stored_size: int | None = None,
     videos_per_shard: int = VIDEOS_PER_SHARD,
+    decoder: DecoderName = DEFAULT_DECODER,
+    decoder_device: DecodeDevice = "cpu",
 ) -> dict[str, Any]:
     """Decode every video of ``manifest`` into the dataset directory ``out``.
 
-    Returns the summary written to ``out/dataset.json`` (with ``dataset_dir``
-    added). Besides the dataset's counts it holds this run's
-    ``decoded_this_run``, ``shards_reused`` and ``shards_written``:
-    re-running with the same manifest and parameters decodes nothing.
+    ``decoder`` (``pyav``, ``decord``, ``torchcodec``) and ``decoder_device``
+    (``cpu``; ``cuda``: torchcodec on NVDEC, each task taking a share of a GPU)
+    say how. Returns the summary written to ``out/dataset.json`` (with
+    ``dataset_dir`` added). Besides the dataset's counts and the decoder it
+    holds this run's ``decoded_this_run``, ``shards_reused`` and
+    ``shards_written``: re-running with the same manifest and parameters decodes nothing.
     """
     from vidray.cluster import init_ray
+    from vidray.video import require_decoder
 
     started = time.monotonic()
     manifest = Path(manifest)
     stored_frames, stored_size = default_stored(frames, size, stored_frames, stored_size)
     if videos_per_shard < 1:
         raise UserError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
+    require_decoder(decoder, decoder_device)  # a missing package fails here, not once per video
+    settings = DecodeSettings(stored_frames, stored_size, decoder, decoder_device)
     videos, classes = load_videos(manifest)
     fs, root = open_filesystem(out)
     _check_writable(fs, root, out)
 
-    shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard)
+    shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard, decoder, decoder_device)
     outcomes = _clear_stale(fs, root, shards)
-    todo = [s for s in shards if s.id not in outcomes]
+    # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
+    todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))
     reused = len(outcomes)
     if todo:
         init_ray()
+        if decoder_device == "cuda":
+            _check_cuda_workers(settings)
         crash_on = os.environ.get(CRASH_ON_ENV) or None
-        finished = _run_shards(todo, out, stored_frames, stored_size, crash_on)
+        finished = _run_shards(todo, out, settings, crash_on)
         crashed = [s for s in todo if s.id not in finished]
         if crashed:
             print(
@@ -519,7 +692,7 @@ def preprocess(
                 file=sys.stderr,
                 flush=True,
             )
-            finished.update(_isolate_crashes(crashed, out, stored_frames, stored_size, crash_on))
+            finished.update(_isolate_crashes(crashed, out, settings, crash_on))
         outcomes.update(finished)
 
     summary = {
@@ -528,6 +701,8 @@ def preprocess(
         "size": size,
         "stored_frames": stored_frames,
         "stored_size": stored_size,
+        "decoder": decoder,
+        "decoder_device": decoder_device,
         "manifest": str(manifest.resolve()),
         "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
         **_count(shards, outcomes, classes, discovered=len(videos)),

@@ -11,11 +11,13 @@ encoder can learn from every video of the dataset's ``pretrain.splits``; its
 
 The worker side (:func:`pretrain_loop_per_worker`) is the fine-tuning loop's
 twin (vidray/train.py) with the classification parts taken out: the same
-ingest (the splits cached in the object store when they fit, streamed
-otherwise; the same local shuffle per epoch), the same temporal jitter and
-random resized crops (no MixUp), DDP, AdamW with VideoMAE's betas (0.9, 0.95)
-and a cosine schedule after a warm-up, one checkpoint per epoch in JSON +
-safetensors (vidray/checkpoint.py). A checkpoint holds the whole
+ingest (vidray/ingest.py: each worker's shard in its device's memory, or the
+splits in the object store, or streamed, per ``train.cache_dataset``; the same
+seeded shuffle per epoch), the same temporal jitter and random resized crops
+drawn on the device (no MixUp), DDP, AdamW with VideoMAE's betas (0.9, 0.95)
+and a cosine schedule after a warm-up, the same step telemetry, one checkpoint
+per epoch in JSON + safetensors (vidray/checkpoint.py), written in the
+background when ``train.checkpoint_in_background``. A checkpoint holds the whole
 ``VideoMAEForPreTraining`` (encoder and decoder) and every rank's random
 streams, the mask generator's included, so a resumed run draws the masks,
 crops and batches the interrupted one would have.
@@ -26,7 +28,7 @@ train`` of the same config never lands on it)::
     <run.storage_path>/<run.name>-pretrain/
       checkpoint_epoch_NNNN/    model/ (VideoMAEForPreTraining), training_state.*, vidray.json
       encoder/                  save_pretrained VideoMAEModel: the summary's model_dir
-    <run.reports_dir>/figures/pretrain_reconstruction.png, pretrain_loss.png
+      reports/figures/          pretrain_reconstruction.png, pretrain_loss.png (or under run.reports_dir when set)
 
 Rerunning the same command: a finished run is summarised (encoder and figures
 written again), an interrupted one continues from its latest checkpoint,
@@ -59,16 +61,9 @@ from vidray.config import TrainConfig, TuneConfig, VidrayConfig
 from vidray.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
 from vidray.faults import maybe_die_for_test
-from vidray.ingest import (
-    VideoBatchCollate,
-    data_config,
-    ingest_cpus,
-    materialize_in_order,
-    should_cache_dataset,
-    train_batches,
-)
+from vidray.ingest import data_config, ingest_cpus, materialize_in_order, open_worker_data, should_cache_dataset
 from vidray.masking import masked_positions, tube_mask
-from vidray.model import autocast, token_grid
+from vidray.model import autocast, to_device, token_grid, use_tf32
 from vidray.optim import build_optimizer, build_scheduler, micro_batch_size, steps_per_epoch
 from vidray.pretrain_model import (
     build_pretraining_model,
@@ -76,9 +71,10 @@ from vidray.pretrain_model import (
     load_pretraining_model,
     save_encoder,
 )
-from vidray.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
+from vidray.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
-from vidray.train import _gather, _with_last, report_epoch
+from vidray.telemetry import StepTelemetry, transformer_layer_flops
+from vidray.train import StepParts, _gather, _with_last, compile_model, report_epoch
 from vidray.trainer import (
     CHECKPOINTS_TO_KEEP,
     check_stored_clips,
@@ -99,8 +95,8 @@ LOSS_FIGURE = "pretrain_loss.png"
 FIGURE_CLIPS = 4
 # AdamW betas of VideoMAE's (and MAE's) pretraining: a shorter second-moment memory than fine-tuning's 0.999.
 MAE_BETAS = (0.9, 0.95)
-# seed_everything() seeds the augmentation generator with derive_seed(seed, 1); the masks use 2.
-MASK_STREAM = 2
+# seed_everything() seeds the augmentation generators with derive_seed(seed, 1) and (seed, 2); the masks use 3.
+MASK_STREAM = 3
 
 
 # ------------------------------------------------------------------ configuration
@@ -140,6 +136,11 @@ def run_name(cfg: VidrayConfig) -> str:
     return cfg.run.name + RUN_SUFFIX
 
 
+def reports_dir(cfg: VidrayConfig) -> Path:
+    """``run.reports_dir``, or by default the pretraining run's own: ``<storage_path>/<run.name>-pretrain/reports``."""
+    return cfg.run.model_copy(update={"name": run_name(cfg)}).reports_path()
+
+
 def check_pretrain_config(cfg: VidrayConfig) -> None:
     """Everything that needs only the config (and a checkpoint's config.json): before Ray starts."""
     check_pretraining_model(cfg.model, cfg.pretrain, cfg.data.frames, cfg.data.size)
@@ -156,7 +157,7 @@ def pretrain_videos(cfg: VidrayConfig, info: DatasetInfo) -> int:
 
 
 def check_pretrain_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
-    check_stored_clips(cfg, info, dataset_dir)
+    shape = check_stored_clips(cfg, info, dataset_dir)
     for split in cfg.pretrain.splits:
         if info.split_counts.get(split, 0) == 0:
             raise UserError(
@@ -170,15 +171,33 @@ def check_pretrain_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: st
             f"{dataset_dir} has {videos} videos in pretrain.splits {cfg.pretrain.splits}: fewer than one batch "
             f"of {batch} per worker; lower pretrain.batch_size or train.num_workers, or add splits"
         )
-    return ClipShape(list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size)
+    return shape
 
 
 # ------------------------------------------------------------------ the worker loop
 
 
-def seed_streams(seed: int, generator: torch.Generator, mask_generator: torch.Generator) -> None:
-    seed_everything(seed, generator)
+def seed_streams(seed: int, generators: AugmentGenerators, mask_generator: torch.Generator) -> None:
+    seed_everything(seed, generators.host, generators.device)
     mask_generator.manual_seed(derive_seed(seed, MASK_STREAM))
+
+
+def pretraining_flops_per_clip(config, mask_ratio: float) -> float:
+    """Model FLOPs of one pretraining clip (forward + backward = 3 x forward, as the fine-tuning telemetry):
+    patch embedding of every token, the encoder on the visible ones, the decoder on all, its head on the hidden."""
+    time_steps, height, width = token_grid(config)
+    tokens = time_steps * height * width
+    hidden = time_steps * masked_positions(height * width, mask_ratio)
+    patch_pixels = 3 * config.tubelet_size * config.patch_size**2
+    d, dd = config.hidden_size, config.decoder_hidden_size
+    forward = (
+        2 * tokens * patch_pixels * d
+        + config.num_hidden_layers * transformer_layer_flops(tokens - hidden, d, config.intermediate_size)
+        + 2 * (tokens - hidden) * d * dd  # encoder_to_decoder
+        + config.decoder_num_hidden_layers * transformer_layer_flops(tokens, dd, config.decoder_intermediate_size)
+        + 2 * hidden * dd * patch_pixels
+    )
+    return 3.0 * forward
 
 
 def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
@@ -189,12 +208,18 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     hf_logging.disable_progress_bar()
+    use_tf32(device)
 
     model, state, history = start_or_resume(cfg, shape)
     grid = token_grid(model.config)
-    # Crops and jitter are drawn on the CPU (vidray/augment.py); masks on the device that trains.
-    generator, mask_generator = torch.Generator(), torch.Generator(device=device)
-    seed_streams(derive_seed(train.seed, rank), generator, mask_generator)
+    # Frame offsets and crops from the augmentation generators (vidray/rng.py), masks from their own
+    # stream; both on the device that trains.
+    generators = AugmentGenerators.for_device(device)
+    mask_generator = torch.Generator(device=device)
+    seed_streams(derive_seed(train.seed, rank), generators, mask_generator)
+    to_device(model, device)
+    # The decoder's sinusoid table is a plain attribute too: on the device, HF's per-forward copy stays there.
+    model.position_embeddings = model.position_embeddings.to(device)
     ddp_model = ray.train.torch.prepare_model(model)
     micro_batches, steps = steps_per_epoch(config["train_videos"], train)
     optimizer = build_optimizer(model, train, device, betas=MAE_BETAS)
@@ -205,35 +230,63 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if len(state["rng"]) == world_size:
-            restore_rng_state(state["rng"][rank], generator)
+            restore_rng_state(state["rng"][rank], generators.host, generators.device)
             mask_generator.set_state(state["mask_rng"][rank])
         else:  # resumed with another worker count: fresh streams, still seeded
-            seed_streams(derive_seed(train.seed, rank, start_epoch), generator, mask_generator)
+            seed_streams(derive_seed(train.seed, rank, start_epoch), generators, mask_generator)
 
-    collate = VideoBatchCollate(shape.stored_video_shape)
     batch_size = micro_batch_size(train)
-    shard = ray.train.get_dataset_shard("train")
+    data = open_worker_data(
+        train,
+        shape.stored_video_shape,
+        batch_size=batch_size,
+        train_videos=config["train_videos"],
+        val_videos=0,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        local_world_size=context.get_local_world_size(),
+    )
+    if rank == 0 and data.cache is not None:
+        logger.info(
+            "vidray pretrain: every worker holds its shard on its %s (%d videos on rank 0, %.2f GiB, copied in %.1f s)",
+            device.type, data.cache.train_videos.shape[0], data.cache.nbytes / 2**30, data.cache.load_seconds,
+        )  # fmt: skip
+    forward = compile_model(ddp_model) if train.compile else ddp_model
+    parts = StepParts(model, ddp_model, forward, optimizer, scheduler, generators)
+    telemetry = StepTelemetry(
+        flops_per_clip=pretraining_flops_per_clip(model.config, pretrain.mask_ratio),
+        world_size=world_size,
+        device=device,
+        log_every=train.log_every_steps,
+        console=rank == 0,
+        printer=logger.info,
+    )
     masking = {
         "token_grid": list(grid),
         "mask_ratio": pretrain.mask_ratio,
         "hidden_tokens_per_clip": grid[0] * masked_positions(grid[1] * grid[2], pretrain.mask_ratio),
     }
+    report_wait_s = None
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
-        batches = train_batches(shard, batch_size=batch_size, train=train, epoch=epoch, rank=rank, collate=collate)
         loss_sum, num_batches, num_videos, global_step = pretrain_one_epoch(
-            ddp_model, model, batches, optimizer, scheduler, generator, mask_generator,
+            parts, data.train_batches(epoch), mask_generator,
             shape=shape, grid=grid, mask_ratio=pretrain.mask_ratio, train=train, device=device,
             micro_batches=micro_batches, epoch=epoch, global_step=global_step,
+            telemetry=telemetry, rank=rank, world_size=world_size,
         )  # fmt: skip
         seconds = time.perf_counter() - started
+        step_figures = telemetry.end_epoch()
         gathered = _gather(
             {
                 "loss_sum": loss_sum,
                 "batches": num_batches,
                 "videos": num_videos,
-                "rng": capture_rng_state(generator),
+                "rng": capture_rng_state(generators.host, generators.device),
                 "mask_rng": mask_generator.get_state(),
+                "telemetry": step_figures,
+                "report_wait_s": report_wait_s,
             }
         )
         metrics = {
@@ -244,7 +297,11 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
             "train_videos": sum(g["videos"] for g in gathered),
             "train_videos_per_s": sum(g["videos"] for g in gathered) / max(seconds, 1e-9),
             "epoch_seconds": seconds,
+            **gathered[0]["telemetry"],
         }
+        waits = [g["report_wait_s"] for g in gathered if g["report_wait_s"] is not None]
+        if waits:
+            metrics["last_report_wait_s"] = max(waits)
         history.append(metrics)
         if rank == 0:
             # Ray Train sends its workers' logging to the driver's console (print would arrive twice:
@@ -253,6 +310,7 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
                 "vidray pretrain: epoch %d/%d  loss %.4f  %.1f clips/s  lr %.2e",
                 epoch + 1, train.epochs, metrics["train_loss"], metrics["train_videos_per_s"], metrics["lr"],
             )  # fmt: skip
+        reported = time.perf_counter()
         report_epoch(
             metrics,
             model=model if rank == 0 else None,
@@ -269,10 +327,13 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
                 "metrics": metrics,
                 "history": history,
                 "data": shape.as_dict(),
+                "ingest": {"placement": data.placement, "load_s": data.cache.load_seconds if data.cache else None},
                 "masking": masking,
                 "config": cfg.model_dump(mode="json"),
             },
+            background=train.checkpoint_in_background,
         )
+        report_wait_s = time.perf_counter() - reported
 
 
 def start_or_resume(cfg: VidrayConfig, shape: ClipShape) -> tuple[torch.nn.Module, dict[str, Any] | None, list]:
@@ -291,12 +352,8 @@ def start_or_resume(cfg: VidrayConfig, shape: ClipShape) -> tuple[torch.nn.Modul
 
 
 def pretrain_one_epoch(
-    ddp_model: torch.nn.Module,
-    model: torch.nn.Module,
+    parts: StepParts,
     batches: Iterable[dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    generator: torch.Generator,
     mask_generator: torch.Generator,
     *,
     shape: ClipShape,
@@ -307,42 +364,65 @@ def pretrain_one_epoch(
     micro_batches: int,
     epoch: int,
     global_step: int,
+    telemetry: StepTelemetry | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[float, int, int, int]:
     """One pass over this rank's shard. Returns (summed loss, batches, videos, global step).
 
     Step structure (accumulation groups, no_sync, clipping, one scheduler step
-    per optimizer step) as vidray.train.train_one_epoch.
+    per optimizer step, the loss summed on the device and read once) as
+    vidray.train.train_one_epoch. Unlike there, the step is not free of host
+    syncs on CUDA: transformers' VideoMAEForPreTraining selects visible and
+    hidden tokens with boolean indexing, which waits for the device.
     """
-    ddp_model.train()
-    distributed = isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel)
-    context = ray.train.get_context()
+    parts.forward.train()
+    distributed = isinstance(parts.ddp_model, torch.nn.parallel.DistributedDataParallel)
     accum = train.grad_accum_steps
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    num_batches = num_videos = 0
+    num_batches = num_videos = group_videos = 0
+    last_read = {"sum": 0.0, "batches": 0}
+
+    def read_loss() -> float:
+        total = float(loss_sum.item())
+        mean = (total - last_read["sum"]) / max(num_batches - last_read["batches"], 1)
+        last_read.update(sum=total, batches=num_batches)
+        return mean
+
+    if telemetry is not None:
+        telemetry.start_epoch(epoch)
+    fetched = time.perf_counter()
     for index, (batch, is_last) in enumerate(_with_last(batches)):
         ends_group = is_last or (index + 1) % accum == 0
         group_size = min(accum, max(micro_batches - (index - index % accum), 1))
         videos = batch["video"].to(device, non_blocking=True)  # batch["label"] is never read
+        if telemetry is not None:
+            telemetry.waited(time.perf_counter() - fetched)
         pixels = augment.train_transform(
-            videos, frames=shape.frames, size=shape.size, generator=generator, hflip=train.hflip
+            videos, frames=shape.frames, size=shape.size, generator=parts.generators.device, hflip=train.hflip
         )
         mask = tube_mask(videos.shape[0], grid, mask_ratio, mask_generator)
-        sync = ddp_model.no_sync() if distributed and not ends_group else contextlib.nullcontext()
+        sync = parts.ddp_model.no_sync() if distributed and not ends_group else contextlib.nullcontext()
         with sync:
             with autocast(device):
-                loss = ddp_model(pixel_values=pixels, bool_masked_pos=mask).loss
+                loss = parts.forward(pixel_values=pixels, bool_masked_pos=mask).loss
             (loss / group_size).backward()
         loss_sum += loss.detach()
         num_batches += 1
         num_videos += videos.shape[0]
+        group_videos += videos.shape[0]
         if ends_group:
             if train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                torch.nn.utils.clip_grad_norm_(parts.model.parameters(), train.max_grad_norm)
+            parts.optimizer.step()
+            parts.scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
             global_step += 1
-            maybe_die_for_test(epoch, context.get_world_rank(), context.get_world_size())
+            if telemetry is not None:
+                telemetry.stepped(global_step, group_videos, read_loss)
+            group_videos = 0
+            maybe_die_for_test(epoch, rank, world_size)
+        fetched = time.perf_counter()
     return float(loss_sum.item()), num_batches, num_videos, global_step
 
 
@@ -484,7 +564,7 @@ def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = F
 def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict[str, Any]]) -> list[Path]:
     from vidray.pretrain_figures import plot_loss_curve, plot_reconstructions, reconstruct
 
-    figures = Path(cfg.run.reports_dir) / "figures"
+    figures = reports_dir(cfg) / "figures"
     info = read_dataset_info(dataset_dir)
     split, held_out = figure_split(cfg, info)
     rows = figure_clips(dataset_dir, info, split)

@@ -1,17 +1,13 @@
-"""Figures (PNG). Drawn on bare matplotlib ``Figure`` objects (Agg canvas),
-so nothing touches pyplot's global state or needs a display."""
+"""Data-report figures (PNG) of a manifest, in vidray's figure style (vidray/figures.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-
 from vidray.dataset import SPLITS
+from vidray.figures import SPLIT_COLOURS, light_grid, new_figure, save_figure
 from vidray.index import read_manifest
-
-SPLIT_COLOURS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868"}
 
 
 def plot_data_report(manifest: Path, out_dir: Path) -> list[Path]:
@@ -34,7 +30,7 @@ def plot_data_report(manifest: Path, out_dir: Path) -> list[Path]:
 
 def _class_distribution(frame, classes: list[str], splits: list[str], source: str, path: Path) -> Path:
     counts = frame.groupby(["label", "split"]).size()
-    fig = Figure(figsize=(max(6.0, 0.45 * len(classes) + 2.5), 5.0), layout="constrained")
+    fig = new_figure(max(6.0, 0.45 * len(classes) + 2.5), 5.0)
     ax = fig.add_subplot()
     x = np.arange(len(classes))
     bottom = np.zeros(len(classes))
@@ -53,10 +49,8 @@ def _class_distribution(frame, classes: list[str], splits: list[str], source: st
     ax.set_ylabel("videos")
     ax.set_title(f"Videos per class and split: {source} ({len(frame)} videos, {len(classes)} classes)")
     fig.legend(title="split (videos)", loc="outside right upper")  # never over a bar
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.savefig(path, dpi=120)
-    return path
+    light_grid(ax, axis="y")
+    return save_figure(fig, path)
 
 
 def _duration_distribution(frame, splits: list[str], source: str, path: Path) -> Path:
@@ -64,7 +58,7 @@ def _duration_distribution(frame, splits: list[str], source: str, path: Path) ->
     bins = np.histogram_bin_edges(durations, bins=min(40, max(5, int(np.sqrt(len(durations))))))
     if bins[0] == bins[-1]:  # all videos equally long
         bins = np.array([bins[0] - 0.5, bins[0] + 0.5])
-    fig = Figure(figsize=(8.0, 4.5), layout="constrained")
+    fig = new_figure(8.0, 4.5)
     ax = fig.add_subplot()
     for split in splits:
         values = frame.loc[frame["split"] == split, "duration"].dropna()
@@ -77,7 +71,5 @@ def _duration_distribution(frame, splits: list[str], source: str, path: Path) ->
     note = f", {unprobed} without duration" if unprobed else ""
     ax.set_title(f"Video durations per split: {source}{note}")
     ax.legend()
-    ax.grid(alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.savefig(path, dpi=120)
-    return path
+    light_grid(ax)
+    return save_figure(fig, path)

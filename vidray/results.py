@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from vidray.config import VidrayConfig
+from vidray.figures import TRIAL_CMAP, light_grid, new_figure, save_figure
 from vidray.metrics import EPOCHS_DONE
 from vidray.storage import is_uri, open_filesystem
 
@@ -190,7 +190,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) -> Path:
     """tune.metric at each trial's best epoch against MixUp α, one line per (lr, wd) setting."""
-    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     groups: dict[tuple[float, float], list[TrialSummary]] = {}
     for t in trials:
@@ -213,7 +213,7 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
             [t.params["mixup_alpha"] for t in scored],
             [t.best_value for t in scored],
             c=np.log10([t.params["lr"] for t in scored]),
-            cmap="viridis",
+            cmap=TRIAL_CMAP,
         )
         fig.colorbar(points, ax=ax, label="log10(lr)")
     alphas = sorted({t.params["mixup_alpha"] for t in trials})
@@ -221,16 +221,14 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
     ax.set_xlabel("MixUp α (0 = no MixUp)")
     ax.set_ylabel(f"{metric} (best epoch)")
     ax.set_title(f"{metric} vs MixUp α ({len(trials)} trials)")
-    ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    light_grid(ax)
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(trials: list[TrialSummary], path: Path) -> Path:
     """Train loss, val loss and val macro-F1 against epoch for every trial."""
     panels = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_macro_f1", "val macro-F1")]
-    fig = Figure(figsize=(15.0, 4.8), layout="constrained")
+    fig = new_figure(15.0, 4.8)
     axes = fig.subplots(1, len(panels))
     colours = [f"C{i % 10}" for i in range(len(trials))]
     for t, colour in zip(trials, colours):
@@ -245,13 +243,11 @@ def plot_learning_curves(trials: list[TrialSummary], path: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_xlim(0.5, max_epoch + 0.5)
-        ax.grid(alpha=0.3)
+        light_grid(ax)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
     fig.suptitle("Learning curves (x: stopped early by ASHA)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------- best model
@@ -267,19 +263,46 @@ def _local_checkpoint(path: str, scratch: Path) -> Path:
 
 
 def export_and_evaluate_best(best: TrialSummary, reports_dir: Path, dataset_dir: str) -> dict[str, Any]:
-    """Export the best checkpoint and evaluate it on the held-out split (test if there is one, else val)."""
+    """Export the best checkpoint, evaluate it on the held-out split (test if there is one, else val),
+    and run the frame-order control on that split."""
     from vidray.dataset import read_dataset_info
-    from vidray.evaluate import evaluate_checkpoint
+    from vidray.demo_data import reversal_pairs
+    from vidray.evaluate import evaluate_checkpoint, frame_order_control
     from vidray.export import export_model
 
-    split = "test" if read_dataset_info(dataset_dir).split_counts.get("test", 0) else "val"
+    info = read_dataset_info(dataset_dir)
+    split = "test" if info.split_counts.get("test", 0) else "val"
     with tempfile.TemporaryDirectory(prefix="vidray-best-") as scratch:
         checkpoint = _local_checkpoint(best.best_checkpoint, Path(scratch))
-        model_dir = export_model(checkpoint, reports_dir / "best_model")
         evaluation = evaluate_checkpoint(checkpoint, dataset_dir, split=split, out_dir=reports_dir / "best_eval")
+        model_dir = export_model(checkpoint, reports_dir / "best_model", held_out=evaluation)
+        control = frame_order_control(checkpoint, dataset_dir, split, pairs=reversal_pairs(list(info.classes)))
     figure = reports_dir / "figures" / "confusion_matrix_best.png"
     shutil.copyfile(evaluation["files"]["confusion_png"], figure)
-    return {"model_dir": str(model_dir), "split": split, "metrics": evaluation, "confusion_png": str(figure)}
+    return {
+        "model_dir": str(model_dir), "split": split, "metrics": evaluation, "confusion_png": str(figure),
+        "frame_order_control": control,
+    }
+
+
+def frame_order_markdown(control: dict[str, Any]) -> list[str]:
+    """The frame-order control as a small table and what chance is."""
+    pairs = "pairs" in control
+    header = "| frames | accuracy |" + (" accuracy within time-reversed pairs |" if pairs else "")
+    lines = [header, "|---|---:|" + ("---:|" if pairs else "")]
+    for name, label in (("in_order", "in order"), ("shuffled", f"shuffled ({control['orders']} random orders per clip)")):
+        row = f"| {label} | {control[f'{name}_accuracy']:.3f} |"
+        if pairs:
+            row += f" {control[f'{name}_pair_accuracy']:.3f} |"
+        lines.append(row)
+    note = f"Chance: {control['chance']:.3f} over all classes."
+    if pairs:
+        names = ", ".join(f"{a} / {b}" for a, b in control["pairs"])
+        note += (
+            f" Within a time-reversed pair ({names}) chance is {control['chance_within_pairs']:.1f}: a video and its"
+            " reversal hold the same frames, so a model blind to frame order gets one of the two right."
+        )
+    return [*lines, "", note]
 
 
 # ------------------------------------------------------------- report
@@ -287,7 +310,7 @@ def export_and_evaluate_best(best: TrialSummary, reports_dir: Path, dataset_dir:
 
 def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, dataset_dir: str) -> dict[str, Any]:
     """Summarise a finished ``ResultGrid``: table (md/csv/json, also printed), figures, best model."""
-    reports_dir = Path(cfg.run.reports_dir)
+    reports_dir = cfg.run.reports_path()
     figures_dir = reports_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     trials = sorted(
@@ -336,6 +359,13 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
             f"- model for `transformers.pipeline`: `{best_info['model_dir']}`",
             f"- per-class report: `{reports_dir / 'best_eval' / 'per_class.md'}`",
             f"- confusion matrix: `{best_info['confusion_png']}`",
+            "",
+            f"### Does it use time? The frame-order control on the {best_info['split']} split",
+            "",
+            "The same model and videos, once with each clip's frames in order and once shuffled "
+            "(every frame kept, time destroyed):",
+            "",
+            *frame_order_markdown(best_info["frame_order_control"]),
         ]
     else:
         lines += ["", "No trial finished an epoch with a checkpoint, so there is no best model."]
@@ -366,17 +396,37 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
             "exported_model": best_info["model_dir"],
             "held_out_split": best_info["split"],
             "held_out_metrics": {k: v for k, v in best_info["metrics"].items() if k not in ("per_class", "confusion", "files")},
+            "frame_order_control": best_info["frame_order_control"],
         },
         "figures": [str(p) for p in figures],
         **{k: str(v) for k, v in paths.items()},
     }
     paths["results_json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"\n{table}\n\nresults table: {paths['results_md']}", flush=True)
+    console = [f"\n{table}"]
+    if best_info is not None:
+        held_out, control = best_info["metrics"], best_info["frame_order_control"]
+        console.append(
+            f"\nbest: {best.label}; {best_info['split']} accuracy {held_out['accuracy']:.3f}, "
+            f"with frames shuffled {control['shuffled_accuracy']:.3f}"
+            + (f" (within time-reversed pairs {control['in_order_pair_accuracy']:.3f} -> "
+               f"{control['shuffled_pair_accuracy']:.3f}, chance 0.5)" if "pairs" in control else "")
+        )
+    console.append(f"\nresults table: {paths['results_md']}")
+    print("\n".join(console), flush=True)
+    best_summary = None
+    if best is not None:
+        best_summary = {k: summary["best"][k] for k in ("trial_id", "type", metric, "epoch", "exported_model")}
+        best_summary.update(
+            held_out_split=best_info["split"],
+            held_out_accuracy=best_info["metrics"]["accuracy"],
+            shuffled_frames_accuracy=best_info["frame_order_control"]["shuffled_accuracy"],
+        )
     return {
         "experiment_path": experiment_path,
+        "reports_dir": str(reports_dir),
         "trials": len(trials),
         "errored": sum(t.status.startswith("error") for t in trials),
-        "best": summary["best"] and {k: summary["best"][k] for k in ("trial_id", "type", metric, "epoch", "exported_model")},
+        "best": best_summary,
         "figures": summary["figures"],
         **{k: str(v) for k, v in paths.items()},
     }

@@ -1,14 +1,19 @@
 """Seeds and random state of a training worker: derived, set, captured and restored.
 
-Every rank draws its own streams (dropout from torch's global generator, the
-augmentation parameters from a dedicated ``torch.Generator``), all derived
-from ``train.seed`` and the rank. Their states go into every checkpoint, so a
-resumed single-worker CPU run continues exactly where the interrupted one was.
+Every rank draws its own streams, all derived from ``train.seed`` and the rank:
+dropout from torch's global generator(s), and the augmentation parameters from
+dedicated generators (:class:`AugmentGenerators`): per-clip tensors (frame
+offsets, crop boxes, flips) from a generator on the training device, so they
+are drawn where they are used with no host-to-device copy, and the few
+per-batch scalars of MixUp/CutMix from a host generator, which needs no copy
+either. On CPU the two are one generator. Their states go into every
+checkpoint, so a resumed run continues exactly where the interrupted one was.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,28 +25,65 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
 
 
-def seed_everything(seed: int, generator: torch.Generator) -> None:
+@dataclass
+class AugmentGenerators:
+    """The augmentation streams of one worker: ``host`` (CPU) and ``device`` (the training device's;
+    the same object as ``host`` on CPU, so a CPU run draws exactly one stream)."""
+
+    host: torch.Generator
+    device: torch.Generator
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "AugmentGenerators":
+        host = torch.Generator()
+        return cls(host, host if device.type == "cpu" else torch.Generator(device=device))
+
+    @property
+    def separate(self) -> bool:
+        return self.device is not self.host
+
+
+def seed_everything(seed: int, generator: torch.Generator, device_generator: torch.Generator | None = None) -> None:
+    """Seed torch (all devices), numpy, Python and the augmentation generator(s) from ``seed``."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     generator.manual_seed(derive_seed(seed, 1))
+    if device_generator is not None and device_generator is not generator:
+        device_generator.manual_seed(derive_seed(seed, 2))
 
 
-def capture_rng_state(generator: torch.Generator) -> dict[str, Any]:
+def capture_rng_state(generator: torch.Generator, device_generator: torch.Generator | None = None) -> dict[str, Any]:
     """Every random stream a worker draws from: torch (dropout), CUDA, numpy, Python, and augmentation."""
+    separate = device_generator is not None and device_generator is not generator
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "augment": generator.get_state(),
+        "augment_device": device_generator.get_state() if separate else None,
     }
 
 
-def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def restore_rng_state(
+    state: dict[str, Any], generator: torch.Generator, device_generator: torch.Generator | None = None
+) -> None:
+    """Put back what :func:`capture_rng_state` captured.
+
+    A device generator with no saved state (the checkpoint was written by a CPU
+    run, or before device generators existed) is seeded from the restored host
+    stream: still determined by the checkpoint, so a resume is reproducible.
+    """
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     generator.set_state(state["augment"])
+    if device_generator is not None and device_generator is not generator:
+        saved = state.get("augment_device")
+        if saved is not None:
+            device_generator.set_state(saved)
+        else:
+            device_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))

@@ -24,7 +24,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from vidray.checkpoint import INFO, check_training_state
-from vidray.config import TrainConfig, VidrayConfig, config_differences
+from vidray.config import KEYS_FREE_ON_RESUME, TrainConfig, VidrayConfig, config_differences
 from vidray.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.errors import UserError
 from vidray.ingest import build_datasets, data_config, ingest_cpus
@@ -35,12 +35,10 @@ from vidray.storage import join_uri, open_filesystem, resolve_path
 
 CHECKPOINTS_TO_KEEP = 2
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
-# Config keys a resumed run may change: where results are written and logged, not what is trained.
-KEYS_FREE_ON_RESUME = ("run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures")
 
 
 def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
-    check_stored_clips(cfg, info, dataset_dir)
+    shape = check_stored_clips(cfg, info, dataset_dir)
     for split in ("train", "val"):
         if info.split_counts.get(split, 0) == 0:
             raise UserError(f"split {split!r} of {dataset_dir} holds no videos; training needs train and val videos")
@@ -50,11 +48,11 @@ def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> Cli
             f"{dataset_dir} has {info.split_counts['train']} training videos: fewer than one batch of "
             f"{micro_batch_size(cfg.train)} per worker; lower train.batch_size or train.num_workers"
         )
-    return ClipShape(list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size)
+    return shape
 
 
-def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> None:
-    """The clips the model eats (data.frames x data.size²) must fit in what the dataset stores."""
+def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
+    """The clips the model eats (data.frames x data.size²) must fit in what the dataset stores: their ClipShape."""
     if cfg.data.frames > info.stored_frames:
         raise UserError(
             f"data.frames={cfg.data.frames} exceeds the {info.stored_frames} frames stored per video in "
@@ -65,6 +63,10 @@ def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -
             f"data.size={cfg.data.size} exceeds the stored size {info.stored_size} of {dataset_dir}; "
             "lower data.size or preprocess again at a larger size"
         )
+    return ClipShape(
+        list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size,
+        decoder=info.raw.get("decoder") or "pyav",
+    )
 
 
 def make_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
@@ -106,7 +108,12 @@ def build_trainer(
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "shape": shape, "train_videos": info.split_counts["train"]},
+        train_loop_config={
+            "cfg": cfg,
+            "shape": shape,
+            "train_videos": info.split_counts["train"],
+            "val_videos": info.split_counts["val"],
+        },
         scaling_config=scaling_config(cfg.train),
         run_config=run_config or make_run_config(cfg),
         datasets=build_datasets(dataset_dir, cfg.train, info),

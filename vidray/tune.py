@@ -20,17 +20,22 @@ Layout under ``run.storage_path``::
       vidray_sweep.json              the config the sweep was started with
       <trial dir>/                   Tune's progress.csv, result.json, TensorBoard events, wandb/
       train_runs/<trial_id>/         that trial's Ray Train run: checkpoint_epoch_NNNN/ ...
+      reports/                       results table, figures, best model (default run.reports_dir)
 
-``--resume`` restores the experiment: finished trials are kept as they are,
-an interrupted trial restarts its Ray Train run under the same name, so Train
-continues from that run's latest checkpoint instead of epoch 0.
+Running the same command again is safe: a finished sweep only prints its
+results; an interrupted one is restored (finished trials are kept as they
+are, an interrupted trial restarts its Ray Train run under the same name, so
+Train continues from that run's latest checkpoint instead of epoch 0).
+``--restart`` or a new ``run.name`` starts over.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +47,7 @@ import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from vidray.config import SearchRange, TrainConfig, TuneConfig, VidrayConfig, config_differences
+from vidray.config import KEYS_FREE_ON_RESUME, SearchRange, TrainConfig, TuneConfig, VidrayConfig, config_differences
 from vidray.errors import UserError
 from vidray.metrics import EPOCHS_DONE, TUNABLE_METRICS
 from vidray.storage import join_uri, open_filesystem
@@ -294,44 +299,100 @@ def _write_text(uri: str, text: str) -> None:
         f.write(text.encode())
 
 
-def check_experiment(cfg: VidrayConfig, experiment_path: str, resume: bool) -> None:
-    """A fresh sweep must not land on an old one; --resume needs one, started with the same config."""
-    exists = ray.tune.Tuner.can_restore(experiment_path)
-    if not resume and exists:
-        raise UserError(
-            f"{experiment_path} already holds a sweep (run.storage_path / run.name): pass --resume to continue it, "
-            f"or set run.name to a new name"
-        )
-    if resume:
-        if not exists:
+def sweep_state(cfg: VidrayConfig, experiment_path: str) -> str:
+    """``new``, ``interrupted`` or ``finished``: what ``experiment_path`` holds for ``cfg``.
+
+    Refuses, naming the keys, a sweep started with a config that shapes the
+    trials differently: continuing it would mix two experiments in one table.
+    """
+    if not ray.tune.Tuner.can_restore(experiment_path):
+        return "new"
+    saved = _read_text(join_uri(experiment_path, SWEEP_CONFIG_FILE))
+    if saved is not None:
+        changed = [
+            key
+            for key in config_differences(json.loads(saved), cfg.model_dump(mode="json"))
+            if not key.startswith(KEYS_FREE_ON_RESUME)
+        ]
+        if changed:
             raise UserError(
-                f"nothing to resume: no sweep at {experiment_path} (run.storage_path / run.name); run without --resume"
+                f"{experiment_path} holds a sweep started with another config ({', '.join(changed[:6])} differ; "
+                f"it is saved in {SWEEP_CONFIG_FILE} there): pass --restart to start it over, or set run.name to a new name"
             )
-        saved = _read_text(join_uri(experiment_path, SWEEP_CONFIG_FILE))
-        if saved is not None:
-            changed = config_differences(json.loads(saved), cfg.model_dump(mode="json"))
-            # Where reports and logs go may change; anything that shapes the trials may not.
-            changed = [key for key in changed if not key.startswith(("run.wandb", "run.reports_dir"))]
-            if changed:
-                raise UserError(
-                    f"--resume with a config that differs from the interrupted sweep's in {', '.join(changed)}; "
-                    f"resume with the config it started with (saved in {join_uri(experiment_path, SWEEP_CONFIG_FILE)})"
-                )
+    grid = ray.tune.Tuner.restore(experiment_path, trainable=train_trial).get_results()
+    return "finished" if len(grid) and grid.num_terminated == len(grid) else "interrupted"
+
+
+def delete_experiment(experiment_path: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = open_filesystem(experiment_path)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+# ------------------------------------------------------------- console
+
+
+class EpochLines(ray.tune.Callback):
+    """One line per trial per epoch on the driver's console, instead of Tune's full result dumps."""
+
+    def __init__(self, metric: str, epochs: int):
+        self.metric = metric
+        self.epochs = epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from vidray.results import trial_label
+
+        epoch = result.get(EPOCHS_DONE)
+        if epoch is None:
+            return
+        label = trial_label({k: trial.config[k] for k in SWEPT + ("seed",) if k in trial.config})
+        speed = result.get("train_videos_per_s")
+        print(
+            f"[{trial.trial_id}] {label} | epoch {epoch}/{self.epochs} | "
+            f"train loss {result.get('train_loss', float('nan')):.3f} | val loss {result.get('val_loss', float('nan')):.3f} | "
+            f"val acc {result.get('val_accuracy', float('nan')):.3f} | {self.metric} {result.get(self.metric, float('nan')):.3f}"
+            + (f" | {speed:.1f} clips/s" if speed else ""),
+            flush=True,
+        )
+
+
+def console_settings(verbose: bool) -> dict[str, Any]:
+    """A sweep's console: by default Tune's trial table and :class:`EpochLines`; everything with ``verbose``.
+
+    Returns the ``ray.init`` keywords to use. By default the workers' output
+    (Ray Train logs every report at INFO on every worker, Ray Data every dataset
+    execution) stays in Ray's log files and the dashboard, not on the console;
+    a failing trial still shows its error here, through Tune.
+    """
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        # Ray Data's own INFO lines and progress bars in this process (preprocessing, dataset reads).
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    return {"log_to_driver": verbose}
 
 
 # ------------------------------------------------------------- the sweep
 
 
-def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) the sweep ``cfg`` describes; write the results table,
-    figures and the best model under ``run.reports_dir``; return a summary."""
+def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Run the sweep ``cfg`` describes and write the results table, figures and the best model
+    under ``run.reports_dir``; return a summary with absolute paths.
+
+    A sweep lives under ``run.storage_path/run.name``. Running the same command again prints
+    the results of a finished sweep without training anything, and continues an interrupted
+    one (Tune's restore: finished trials are kept, the others resume from their last
+    checkpoint). ``restart`` (``--restart``) deletes it and starts over.
+    """
     from vidray.cluster import DATA_CPUS, check_run_resources, cluster_capacity, derive_max_concurrent_trials
     from vidray.cluster import init_ray, shared_storage_paths
     from vidray.dataset import read_dataset_info
+    from vidray.ingest import ingest_cpus
     from vidray.model import check_model_config
     from vidray.prepare import prepare_dataset
     from vidray.results import write_sweep_report
-    from vidray.ingest import ingest_cpus
     from vidray.trainer import check_dataset
 
     # Checks that need nothing but the config come first: they are instant.
@@ -339,19 +400,27 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
     check_sweep_config(cfg)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
 
-    init_ray(**local_cluster_kwargs())
+    init_ray(**console_settings(verbose), **local_cluster_kwargs())
     storage_path, dataset_dir = shared_storage_paths(cfg)
+    warn_if_inside_a_job_copy(cfg)
     capacity = cluster_capacity()
     # Whether the data will be cached is known only once it is prepared: check what holds either way now.
     check_run_resources(cfg.train, capacity, data_cpus=DATA_CPUS if cfg.train.cache_dataset == "never" else 0)
     experiment_path = join_uri(storage_path, cfg.run.name)
     # Trials run in other processes and directories: give them absolute paths.
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset_dir": dataset_dir})})
+    cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"dataset_dir": dataset_dir}),
+            "run": cfg.run.model_copy(update={"storage_path": storage_path, "reports_dir": cfg.run.reports_path()}),
+        }
+    )
     if Path(cfg.model.name_or_path).exists():
         model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
         cfg = cfg.model_copy(update={"model": model})
-    check_experiment(cfg, experiment_path, resume)
-    callbacks = wandb_callbacks(cfg)
+    if restart:
+        delete_experiment(experiment_path)
+    state = sweep_state(cfg, experiment_path)
+    callbacks = [EpochLines(cfg.tune.metric, cfg.train.epochs), *wandb_callbacks(cfg)]
 
     # Once, here: every trial reads the same shards.
     dataset_dir = prepare_dataset(cfg)
@@ -372,33 +441,57 @@ def run_sweep(cfg: VidrayConfig, resume: bool = False) -> dict[str, Any]:
         ),
         TRIAL_DRIVER_RESOURCES,
     )
-    if resume:
-        # Finished trials stay finished; interrupted and errored ones continue.
+    if state == "finished":
+        print(f"vidray tune: {experiment_path} is finished; its results follow (--restart or a new run.name "
+              "starts over)", file=sys.stderr, flush=True)
+        results = ray.tune.Tuner.restore(experiment_path, trainable=trainable).get_results()
+        return write_sweep_report(results, cfg, experiment_path=experiment_path, dataset_dir=dataset_dir)
+    if state == "interrupted":
+        print(f"vidray tune: continuing the interrupted sweep {experiment_path}", file=sys.stderr, flush=True)
+        # Finished trials stay finished; interrupted and errored ones continue from their checkpoints.
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
         _write_text(join_uri(experiment_path, SWEEP_CONFIG_FILE), cfg.model_dump_json(indent=2))
-        scheduler = None
-        if cfg.tune.asha:
-            scheduler = ray.tune.schedulers.AsyncHyperBandScheduler(
-                time_attr=EPOCHS_DONE,
-                metric=cfg.tune.metric,
-                mode=cfg.tune.mode,
-                max_t=cfg.train.epochs,
-                grace_period=cfg.tune.grace_period,
-                reduction_factor=cfg.tune.reduction_factor,
-                # A trial that reaches the last epoch ends by itself; a Tune stop would
-                # kill its Ray Train run mid-shutdown.
-                stop_last_trials=False,
-            )
         tuner = ray.tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=ray.tune.TuneConfig(
                 num_samples=cfg.tune.num_samples,
-                scheduler=scheduler,
+                scheduler=build_scheduler(cfg),
                 max_concurrent_trials=max_concurrent,
             ),
-            run_config=ray.tune.RunConfig(name=cfg.run.name, storage_path=storage_path, callbacks=callbacks),
+            run_config=ray.tune.RunConfig(
+                name=cfg.run.name, storage_path=storage_path, callbacks=callbacks, verbose=2 if verbose else 1
+            ),
         )
     results = tuner.fit()
     return write_sweep_report(results, cfg, experiment_path=experiment_path, dataset_dir=dataset_dir)
+
+
+def build_scheduler(cfg: VidrayConfig):
+    """ASHA on ``tune.metric`` over completed epochs, or None (every trial runs all epochs)."""
+    if not cfg.tune.asha:
+        return None
+    return ray.tune.schedulers.AsyncHyperBandScheduler(
+        time_attr=EPOCHS_DONE,
+        metric=cfg.tune.metric,
+        mode=cfg.tune.mode,
+        max_t=cfg.train.epochs,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+        # A trial that reaches the last epoch ends by itself; a Tune stop would
+        # kill its Ray Train run mid-shutdown.
+        stop_last_trials=False,
+    )
+
+
+def warn_if_inside_a_job_copy(cfg: VidrayConfig) -> None:
+    """Under `ray job submit --working-dir`, a relative path lands in a copy Ray deletes: say so once."""
+    if "runtime_resources" not in Path.cwd().parts:
+        return
+    relative = [key for key, value in (("run.storage_path", cfg.run.storage_path), ("run.reports_dir", cfg.run.reports_dir))
+                if value is not None and "://" not in str(value) and not str(value).startswith(("/", "~"))]
+    if relative:
+        print(f"vidray tune: warning: {', '.join(relative)} is relative, so it points into this job's working-directory "
+              f"copy ({Path.cwd()}), which Ray deletes; use an absolute path (the default is ~/ray_results)",
+              file=sys.stderr, flush=True)

@@ -1,15 +1,21 @@
-"""Reading and writing video files, through PyAV (FFmpeg).
+"""What every decoder shares, and the one entry point that picks a decoder.
 
-Decoding does only the work the sampled frames need (see :func:`read_clip`);
-container headers tell *why* a file is unusable; H.264 writing serves the demo
-data and tests.
+* :func:`read_clip` decodes a video into the stored clip with the backend named
+  by ``decoder`` (``pyav``, ``decord`` or ``torchcodec``; vidray/decode/ holds
+  one module each). All of them sample the same frames (:func:`segment_indices`),
+  show them as a player would (:class:`Geometry`: display-matrix rotation and
+  sample aspect ratio applied), resize the short side and centre-crop the same
+  way, and fail with the same :class:`VideoError` categories.
+* :func:`encode_mp4` writes H.264 for the demo data and the tests.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -28,14 +34,22 @@ from vidray.errors import UserError
 DETERMINISTIC_X264 = {"threads": "1", "x264-params": "mbtree=0"}
 
 
-def encode_mp4(path: str | Path, frames: np.ndarray, fps: float = 30.0, crf: int = 23) -> Path:
+def encode_mp4(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float = 30.0,
+    crf: int = 23,
+    rotation: int = 0,
+    sample_aspect_ratio: Fraction | None = None,
+) -> Path:
     """Write uint8 RGB frames ``[T, H, W, 3]`` as an H.264 mp4 (yuv420p) through PyAV's libx264.
 
     H and W must be even (yuv420p subsampling). The bytes are a pure function of
-    ``frames``, ``fps`` and ``crf``: see :data:`DETERMINISTIC_X264`.
+    the arguments: see :data:`DETERMINISTIC_X264`. ``rotation`` (degrees
+    counter-clockwise) goes into the display matrix, as phones write it;
+    ``sample_aspect_ratio`` marks non-square pixels (e.g. ``Fraction(4, 3)``).
+    The frames are stored as coded; players (and vidray) show them rotated and stretched.
     """
-    from fractions import Fraction
-
     import av
 
     frames = np.asarray(frames)
@@ -51,6 +65,10 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float = 30.0, crf: int
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast", **DETERMINISTIC_X264}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = Fraction(sample_aspect_ratio)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -61,6 +79,21 @@ def encode_mp4(path: str | Path, frames: np.ndarray, fps: float = 30.0, crf: int
 
 
 # --------------------------------------------------------------------------- decoding
+
+DecoderName = Literal["pyav", "decord", "torchcodec"]
+DECODERS: tuple[str, ...] = get_args(DecoderName)
+DecodeDevice = Literal["cpu", "cuda"]
+
+# What each decoder needs beyond vidray's own dependencies, and the command that installs it.
+# (make setup installs all three: Makefile, target `setup`.)
+DECODER_INSTALL = {
+    "pyav": ("av", "pip install -c constraints.txt av"),
+    "decord": ("decord", "pip install -c constraints.txt decord"),
+    "torchcodec": (
+        "torchcodec",
+        "pip install -c constraints.txt torchcodec, plus FFmpeg's shared libraries (Debian: apt-get install ffmpeg)",
+    ),
+}
 
 
 class VideoError(UserError):
@@ -99,11 +132,79 @@ class NoFramesError(VideoError):
     code = "no_frames"
 
 
+class DecoderUnavailableError(UserError):
+    """The configured decoder cannot be imported here: names the package and its install command."""
+
+
 @dataclass(frozen=True)
 class DecodedClip:
-    frames: np.ndarray  # uint8 [stored_frames, stored_size, stored_size, 3]
+    frames: np.ndarray  # uint8 [stored_frames, stored_size, stored_size, 3], as displayed
     source_frames: int  # frames the container reports for the whole video
     padded: bool  # source_frames < stored_frames, so some frames appear more than once
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a player shows a video stream's coded frames.
+
+    ``rotation``: the display matrix's counter-clockwise rotation, 0/90/180/270
+    (phones record landscape and mark "show rotated 90"). ``sample_aspect_ratio``:
+    the width of one pixel over its height (anamorphic DVD/DV footage: 32/27...);
+    a player stretches the width by it before rotating.
+    """
+
+    coded_width: int
+    coded_height: int
+    rotation: int = 0
+    sample_aspect_ratio: Fraction = Fraction(1)
+
+    @property
+    def unrotated_size(self) -> tuple[int, int]:
+        """(width, height) with square pixels, before the rotation."""
+        return max(1, round(self.coded_width * self.sample_aspect_ratio)), self.coded_height
+
+    @property
+    def displayed_size(self) -> tuple[int, int]:
+        """(width, height) as a player shows the video."""
+        width, height = self.unrotated_size
+        return (height, width) if self.rotation in (90, 270) else (width, height)
+
+    def resize_before_rotation(self, short_side: int) -> tuple[int, int]:
+        """(width, height) to scale the *coded* frame to, so that rotating it after gives
+        :meth:`resize_displayed`: the short side is the short side either way."""
+        return resized_size(*self.unrotated_size, short_side)
+
+    def resize_displayed(self, short_side: int) -> tuple[int, int]:
+        """(width, height) of the displayed frame with its short side scaled to ``short_side``."""
+        return resized_size(*self.displayed_size, short_side)
+
+
+def quarter_turns(degrees: float | None) -> int:
+    """A display-matrix angle (any sign, degrees counter-clockwise) as 0, 90, 180 or 270."""
+    if degrees is None or degrees != degrees:  # None or NaN: no display matrix
+        return 0
+    return int(round(float(degrees) / 90.0)) % 4 * 90
+
+
+def sample_aspect(value) -> Fraction:
+    """A stream's sample aspect ratio as a Fraction; unknown (None, 0, 0/1) means square pixels."""
+    try:
+        ratio = Fraction(value) if value is not None else Fraction(0)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return Fraction(1)
+    return ratio if ratio > 0 else Fraction(1)
+
+
+def rotate_frames(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """``[T, H, W, C]`` frames rotated counter-clockwise by ``rotation`` degrees (a multiple of 90)."""
+    return np.rot90(frames, k=rotation // 90, axes=(1, 2)) if rotation else frames
+
+
+def centre_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` square of ``[T, H, W, C]`` frames, contiguous."""
+    top = (frames.shape[1] - size) // 2
+    left = (frames.shape[2] - size) // 2
+    return np.ascontiguousarray(frames[:, top : top + size, left : left + size])
 
 
 # First bytes of the containers ffmpeg is likely to be handed. A file that starts
@@ -140,7 +241,8 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(short_side, round(width * short_side / height)), short_side
 
 
-def _check_file(path: str) -> None:
+def check_file(path: str) -> None:
+    """Raise the VideoError for a path that is not a readable, non-empty regular file."""
     if not os.path.lexists(path):
         raise MissingVideoError(path, "file not found")
     if not os.path.exists(path):
@@ -153,7 +255,8 @@ def _check_file(path: str) -> None:
         raise MissingVideoError(path, "not readable (permission denied)")
 
 
-def _looks_like_container(path: str) -> bool:
+def looks_like_container(path: str) -> bool:
+    """Whether the file starts like a video container (so failing to open it means: broken)."""
     with open(path, "rb") as f:
         head = f.read(192)
     if head[0:1] == head[188:189] == b"\x47":
@@ -161,160 +264,87 @@ def _looks_like_container(path: str) -> bool:
     return any(head[offset : offset + len(magic)] == magic for offset, magic in _CONTAINER_SIGNATURES)
 
 
-def _probe_frame_size(path: str) -> tuple[int, int]:
-    """(width, height) of the first video stream, read from the container header
-    with PyAV (no decoding); raises the VideoError that says why it cannot."""
-    import av
-
-    try:
-        with av.open(path, metadata_errors="ignore") as container:
-            streams = container.streams
-            if not streams.video:
-                kinds = ", ".join(sorted({s.type for s in streams})) or "none"
-                raise NoVideoStreamError(path, f"no video stream (streams: {kinds})")
-            codec = streams.video[0].codec_context
-            return int(codec.width or 0), int(codec.height or 0)
-    except av.error.FFmpegError as err:
-        detail = getattr(err, "strerror", None) or str(err)
-        if _looks_like_container(path):
-            raise CorruptVideoError(path, f"truncated or corrupt container ({detail})") from None
-        raise NotAVideoError(path, f"not a video file ({detail})") from None
+def unopenable(path: str, detail: str) -> VideoError:
+    """The error for a file the demuxer refuses: broken if it looks like a container, else not a video."""
+    if looks_like_container(path):
+        return CorruptVideoError(path, f"truncated or corrupt container ({detail})")
+    return NotAVideoError(path, f"not a video file ({detail})")
 
 
-def read_clip(path: str | Path, stored_frames: int, stored_size: int, num_threads: int = 0) -> DecodedClip:
-    """Decode ``stored_frames`` frames spread uniformly over the whole video,
-    short side resized to ``stored_size`` and centre-cropped to a square.
+def require_decoder(decoder: str, device: str = "cpu") -> None:
+    """Raise a one-line :class:`DecoderUnavailableError` unless ``decoder`` can be loaded here.
 
-    Only the decode work the samples need is done (:func:`_decode_samples`):
-    seeks only across keyframes, and the decoder skips non-reference frames
-    that are not samples. Raises a :class:`VideoError` subclass that says why
-    a file cannot be used. Pixel aspect ratio and rotation metadata are ignored.
-    ``num_threads``: FFmpeg decoder threads (0: FFmpeg's choice).
+    Imports the backend (for torchcodec that loads FFmpeg's shared libraries),
+    so a missing package fails before any video is read, not once per video.
+    Whether a CUDA device is there is for the GPU task to say (:func:`require_cuda_decoding`).
     """
-    import av
-
-    path = str(path)
-    _check_file(path)
-    width, height = _probe_frame_size(path)
-    if width <= 0 or height <= 0:
-        raise CorruptVideoError(path, f"video stream reports no frame size ({width}x{height})")
-    out_width, out_height = resized_size(width, height, stored_size)
+    if decoder not in DECODERS:
+        raise DecoderUnavailableError(f"data.decoder {decoder!r} is not one of {', '.join(DECODERS)}")
+    if device not in get_args(DecodeDevice):
+        raise DecoderUnavailableError(f"data.decoder_device {device!r} is not one of cpu, cuda")
+    if device == "cuda" and decoder != "torchcodec":
+        raise DecoderUnavailableError(
+            f"data.decoder_device=cuda needs data.decoder=torchcodec (NVDEC through torchcodec), not {decoder}"
+        )
+    package, command = DECODER_INSTALL[decoder]
     try:
-        frames, num_frames = _decode_samples(path, stored_frames, out_width, out_height, num_threads)
-    except (av.error.FFmpegError, _MissingFrames) as err:
-        detail = getattr(err, "strerror", None) or str(err)
-        if _first_frame_decodes(path):
-            raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({detail})") from None
-        raise NoFramesError(path, f"no decodable frames ({detail})") from None
-    if num_frames < 1:
-        raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
-
-    top = (frames.shape[1] - stored_size) // 2
-    left = (frames.shape[2] - stored_size) // 2
-    frames = frames[:, top : top + stored_size, left : left + stored_size]
-    return DecodedClip(np.ascontiguousarray(frames), source_frames=num_frames, padded=num_frames < stored_frames)
-
-
-class _MissingFrames(Exception):
-    """The index promised frames that the decoder never produced."""
-
-
-def _decode_samples(path: str, count: int, width: int, height: int, num_threads: int) -> tuple[np.ndarray, int]:
-    """(``count`` frames at the segment centres resized to width x height, frames in the video).
-
-    One demux pass (no decoding) indexes the packets: display order from their
-    timestamps, and where the keyframes are. Then, for the samples in order,
-    the decoder seeks only when a keyframe lies between its position and the
-    next sample (else it decodes on), and is told to skip non-reference frames
-    that are not samples (``skip_frame=NONREF``, set per packet): no other frame
-    depends on them, so they need not be decoded. With B-frames (YouTube's
-    H.264) that is about half the frames; without, it changes nothing.
-    Packets without usable timestamps: decode everything in order instead.
-    """
-    import av
-
-    with av.open(path, metadata_errors="ignore") as container:
-        stream = container.streams.video[0]
-        codec = stream.codec_context
-        codec.thread_count, codec.thread_type = num_threads, "AUTO"
-        # (pts, keyframe) of every shown frame. Packets FFmpeg flags as discard (before an
-        # edit list's start) are decoded as references but never shown: not frames of the video.
-        shown = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
-        if not shown:
-            return np.zeros((0, height, width, 3), np.uint8), 0
-        samples = segment_indices(len(shown), count).tolist()
-        timestamps = [pts for pts, _ in shown]
-        if None in timestamps or len(set(timestamps)) != len(timestamps):
-            container.seek(0)
-            kept = _decode_in_order(container, stream, set(samples), width, height)
+        if decoder == "pyav":
+            import av  # noqa: F401
+        elif decoder == "decord":
+            import decord  # noqa: F401
         else:
-            keyframes = {pts for pts, key in shown if key}
-            kept = _decode_by_timestamp(container, stream, sorted(timestamps), keyframes, samples, width, height)
-    missing = sorted(set(samples) - set(kept))
-    if missing:
-        raise _MissingFrames(f"frame {missing[0]} of {len(shown)} never decoded")
-    return np.stack([kept[i] for i in samples]), len(shown)
+            from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as err:
+        # torchcodec raises RuntimeError/OSError when FFmpeg's shared libraries are absent.
+        detail = " ".join(str(err).split())[:160]
+        raise DecoderUnavailableError(
+            f"data.decoder={decoder} needs the {package} package, which cannot be loaded here ({detail}); "
+            f"install it: {command}"
+        ) from None
 
 
-def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, width, height) -> dict[int, np.ndarray]:
-    index_of = {pts: i for i, pts in enumerate(timestamps)}
-    keyframe_indices = sorted(index_of[pts] for pts in keyframes) or [0]
-    wanted = set(samples)
-    wanted_pts = {timestamps[i] for i in wanted}
-    kept, position, frames = {}, -1, None
-    for target in sorted(wanted):
-        if target in kept:
-            continue
-        keyframe = max((k for k in keyframe_indices if k <= target), default=keyframe_indices[0])
-        if frames is None or keyframe > position:
-            container.seek(timestamps[keyframe], stream=stream, backward=True)
-            frames = _decoded_frames(stream.codec_context, container.demux(stream), wanted_pts)
-            position = keyframe - 1
-        for frame in frames:
-            index = index_of.get(frame.pts)
-            if index is None:
-                continue
-            position = max(position, index)
-            if index in wanted and index not in kept:
-                kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
-            if target in kept:
-                break
-    return kept
+def require_cuda_decoding() -> None:
+    """Raise unless this process can decode on a CUDA device (run inside a GPU task)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DecoderUnavailableError(
+            f"data.decoder_device=cuda but torch {torch.__version__} sees no CUDA device on this node; "
+            "use data.decoder_device=cpu, or give the cluster GPU nodes with CUDA builds of torch and torchcodec"
+        )
 
 
-def _decode_in_order(container, stream, wanted: set[int], width: int, height: int) -> dict[int, np.ndarray]:
-    kept = {}
-    for index, frame in enumerate(_decoded_frames(stream.codec_context, container.demux(stream))):
-        if index in wanted:
-            kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
-        if len(kept) == len(wanted):
-            break
-    return kept
+def read_clip(
+    path: str | Path,
+    stored_frames: int,
+    stored_size: int,
+    decoder: DecoderName = "pyav",
+    device: DecodeDevice = "cpu",
+    num_threads: int = 0,
+) -> DecodedClip:
+    """Decode ``stored_frames`` frames spread uniformly over the whole video, as a
+    player shows them (rotated, non-square pixels stretched), short side resized
+    to ``stored_size`` and centre-cropped to a square.
 
-
-def _decoded_frames(codec, packets, wanted_pts: set | None = None):
-    """Frames decoded from ``packets``, then the decoder's delayed frames once they run out.
-
-    With ``wanted_pts``, every other packet goes in with ``skip_frame=NONREF``:
-    the decoder drops it unless later frames reference it.
+    ``decoder`` picks the backend (vidray/decode/<name>.py); every backend opens
+    the file once where its library allows (decord needs a PyAV header read
+    first: it reports neither rotation nor pixel aspect) and raises a
+    :class:`VideoError` subclass that says why a file cannot be used.
+    ``num_threads``: decoder threads (0: the library's choice). ``device``:
+    ``cuda`` decodes on the GPU's NVDEC (torchcodec only).
     """
-    for packet in packets:
-        if not packet.size:
-            continue  # the demuxer's end marker, or an empty (dropped-frame) packet: not a flush
-        if wanted_pts is not None:
-            codec.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
-        yield from codec.decode(packet)
-    codec.skip_frame = "DEFAULT"
-    yield from codec.decode(None)
+    path = str(path)
+    check_file(path)
+    if decoder == "pyav":
+        from vidray.decode import pyav
 
+        return pyav.read_samples(path, stored_frames, stored_size, num_threads)
+    if decoder == "decord":
+        from vidray.decode import decord
 
-def _first_frame_decodes(path: str) -> bool:
-    # Tells "nothing decodes" apart from "broken later on": a decode error alone says neither.
-    import av
+        return decord.read_samples(path, stored_frames, stored_size, num_threads)
+    if decoder == "torchcodec":
+        from vidray.decode import torchcodec
 
-    try:
-        with av.open(path, metadata_errors="ignore") as container:
-            next(container.decode(video=0))
-    except (av.error.FFmpegError, StopIteration):
-        return False
-    return True
+        return torchcodec.read_samples(path, stored_frames, stored_size, num_threads, device)
+    raise DecoderUnavailableError(f"decoder {decoder!r} is not one of {', '.join(DECODERS)}")

@@ -1,0 +1,186 @@
+"""What a checkpoint holds and how it is read back: JSON + safetensors, never a pickle.
+
+Real components: a VideoMAE, AdamW after real steps, Hugging Face's cosine
+schedule, every RNG a worker draws from, the files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+from vidray.checkpoint import (
+    INFO,
+    LEGACY_TRAINING_STATE,
+    TRAINING_STATE,
+    TRAINING_TENSORS,
+    load_trained_model,
+    load_training_state,
+    save_checkpoint,
+)
+from vidray.config import TrainConfig, load_config
+from vidray.dataset import ClipShape
+from vidray.errors import UserError
+from vidray.optim import build_optimizer, build_scheduler
+from vidray.rng import capture_rng_state, restore_rng_state, seed_everything
+from vidray.trainer import existing_run_state
+
+CLASSES = ["a", "b", "c"]
+SHAPE = ClipShape(CLASSES, frames=4, size=32, stored_frames=8, stored_size=36)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model() -> VideoMAEForVideoClassification:
+    torch.manual_seed(0)
+    config = VideoMAEConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8,
+        num_frames=4, image_size=32, num_labels=3, id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)},
+    )  # fmt: skip
+    return VideoMAEForVideoClassification(config)
+
+
+def trained_state(model, steps: int = 3):
+    """A real optimizer, schedule and RNG state after ``steps`` updates."""
+    train = TrainConfig(lr=1e-3, epochs=2, warmup_epochs=0.5)
+    optimizer = build_optimizer(model, train, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, train, steps=4)
+    for _ in range(steps):
+        loss = model(pixel_values=torch.randn(2, 4, 3, 32, 32), labels=torch.tensor([0, 2])).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    generator = torch.Generator()
+    seed_everything(11, generator)
+    torch.rand(3, generator=generator)
+    return optimizer, scheduler, generator
+
+
+def test_training_state_round_trips_exactly_through_json_and_safetensors(tmp_path):
+    model = tiny_model()
+    optimizer, scheduler, generator = trained_state(model)
+    rng = capture_rng_state(generator)
+    state = {"epoch": 1, "global_step": 3, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": [rng, rng]}  # fmt: skip
+    save_checkpoint(tmp_path, model, training_state=state, info={"epoch": 1, "data": SHAPE.as_dict()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", INFO, TRAINING_STATE, TRAINING_TENSORS])
+    json.loads((tmp_path / TRAINING_STATE).read_text())  # plain JSON
+
+    loaded = load_training_state(tmp_path)
+    assert (loaded["epoch"], loaded["global_step"], len(loaded["rng"])) == (1, 3, 2)
+    # A fresh optimizer and schedule take the state and continue exactly where the saved ones are.
+    fresh_model = tiny_model()
+    fresh_optimizer, fresh_scheduler, _ = trained_state(fresh_model, steps=0)
+    fresh_optimizer.load_state_dict(loaded["optimizer"])
+    fresh_scheduler.load_state_dict(loaded["scheduler"])
+    for key, value in optimizer.state_dict()["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(fresh_optimizer.state_dict()["state"][key][name], tensor), (key, name)
+    assert fresh_optimizer.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+    scheduler.step(), fresh_scheduler.step()
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+    # Every random stream continues where it was captured.
+    expected = (torch.rand(4), np.random.rand(4), random.random(), torch.rand(4, generator=generator))
+    other = torch.Generator()
+    seed_everything(99, other)
+    restore_rng_state(loaded["rng"][1], other)
+    again = (torch.rand(4), np.random.rand(4), random.random(), torch.rand(4, generator=other))
+    assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1])
+    assert again[2] == expected[2] and torch.equal(again[3], expected[3])
+
+
+class _Exploit:
+    """What an attacker with write access to run.storage_path would plant: code that runs when unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant_legacy_checkpoint(directory: Path, marker: Path) -> None:
+    save_checkpoint(directory, tiny_model(), training_state={"epoch": 0}, info={"epoch": 0, "data": SHAPE.as_dict()})
+    for name in (TRAINING_STATE, TRAINING_TENSORS):
+        (directory / name).unlink()
+    (directory / LEGACY_TRAINING_STATE).write_bytes(pickle.dumps({"epoch": 0, "rng": _Exploit(str(marker))}))
+
+
+def test_a_pickled_training_state_is_refused_not_run(tmp_path):
+    checkpoint, marker = tmp_path / "checkpoint_epoch_0000", tmp_path / "pwned"
+    _plant_legacy_checkpoint(checkpoint, marker)
+    # Proof that the file is live: unpickling it really runs the planted command.
+    pickle.loads((checkpoint / LEGACY_TRAINING_STATE).read_bytes())
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(UserError) as err:
+        load_training_state(checkpoint)
+    message = str(err.value)
+    assert "\n" not in message and LEGACY_TRAINING_STATE in message and "never loaded" in message
+    assert "new run.name (or --restart)" in message
+    assert not marker.exists()
+    # The model itself stays usable: evaluation and export read safetensors only.
+    model, info = load_trained_model(checkpoint)
+    assert info["epoch"] == 0 and model.config.id2label == dict(enumerate(CLASSES))
+    assert not marker.exists()
+
+
+def test_a_planted_pickle_next_to_a_real_state_is_never_opened(tmp_path):
+    checkpoint, marker = tmp_path / "checkpoint_epoch_0000", tmp_path / "pwned"
+    save_checkpoint(checkpoint, tiny_model(), training_state={"epoch": 0, "global_step": 1},
+                    info={"epoch": 0, "data": SHAPE.as_dict()})  # fmt: skip
+    (checkpoint / LEGACY_TRAINING_STATE).write_bytes(pickle.dumps(_Exploit(str(marker))))
+    assert load_training_state(checkpoint) == {"epoch": 0, "global_step": 1}
+    assert not marker.exists()
+
+
+def test_resuming_a_run_whose_latest_checkpoint_is_pickled_fails_in_one_line(tmp_path):
+    run_dir, marker = tmp_path / "runs" / "old", tmp_path / "pwned"
+    _plant_legacy_checkpoint(run_dir / "checkpoint_epoch_0000", marker)
+    cfg = load_config(None, ["train.epochs=3", f"run.storage_path={tmp_path / 'runs'}", "run.name=old"])
+    with pytest.raises(UserError, match=r"training_state.pt.*never loaded.*--restart"):
+        existing_run_state(cfg, str(run_dir))
+    assert not marker.exists()
+    # Through the command line, before Ray starts any worker: one line, exit 2.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "train.epochs=3", f"run.storage_path={tmp_path / 'runs'}",
+         "run.name=old", "model.init=scratch", "model.size=tiny"],
+        capture_output=True, text=True, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"vidray train: error: {run_dir / 'checkpoint_epoch_0000'} holds")
+    assert not marker.exists()
+
+
+def test_a_run_started_with_another_config_is_not_continued(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    cfg = load_config(None, ["train.epochs=3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
+    save_checkpoint(run_dir / "checkpoint_epoch_0000", tiny_model(), training_state={"epoch": 0},
+                    info={"epoch": 0, "data": SHAPE.as_dict(), "config": cfg.model_dump(mode="json")})  # fmt: skip
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+    changed = load_config(None, ["train.epochs=3", "train.lr=1e-3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
+    with pytest.raises(UserError, match=r"started with another config \(train.lr differ\): pass --restart"):
+        existing_run_state(changed, str(run_dir))
+    # Where results go and how many failures to absorb may change between runs.
+    relaxed = load_config(None, ["train.epochs=3", "train.max_failures=2", "run.wandb.enabled=true",
+                                 f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])  # fmt: skip
+    assert existing_run_state(relaxed, str(run_dir)) == "interrupted"
+    save_checkpoint(run_dir / "checkpoint_epoch_0002", tiny_model(), training_state={"epoch": 2},
+                    info={"epoch": 2, "data": SHAPE.as_dict(), "config": cfg.model_dump(mode="json")})  # fmt: skip
+    assert existing_run_state(cfg, str(run_dir)) == "finished"
+    assert existing_run_state(cfg, str(tmp_path / "runs" / "never")) == "new"

@@ -1,0 +1,223 @@
+"""The data path (vidray/ingest.py): every place the splits can live gives the same batches.
+
+Real Parquet shards read by real Ray Data on the session's local cluster; every
+video's pixels encode its row id, so a batch's content says exactly which rows
+it holds and in which order.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vidray.config import TrainConfig
+from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, read_split
+from vidray.errors import UserError
+from vidray.ingest import (
+    DEVICE_CACHE_FRACTION,
+    BatchBuffers,
+    DeviceCache,
+    VideoBatchCollate,
+    arrow_videos,
+    device_memory_bytes,
+    materialize_in_order,
+    prefetch_in_thread,
+    should_cache_on_device,
+    shuffle_buffer_order,
+    train_batches,
+    val_batches,
+    val_rows_of_rank,
+)
+
+VIDEO_SHAPE = (2, 4, 4, 3)  # 96 bytes: row id in the first two bytes, the rest its label
+TRAIN_VIDEOS, VAL_VIDEOS = 70, 13
+BATCH = 8
+
+
+def video_of(row_id: int, label: int) -> bytes:
+    video = np.full(VIDEO_SHAPE, label, dtype=np.uint8)
+    video.reshape(-1)[:2] = (row_id % 256, row_id // 256)
+    return video.tobytes()
+
+
+def row_ids(videos: torch.Tensor) -> list[int]:
+    flat = videos.reshape(videos.shape[0], -1).to(torch.int64)
+    return (flat[:, 0] + 256 * flat[:, 1]).tolist()
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("ingest")
+    counts = {}
+    for split, count, base in (("train", TRAIN_VIDEOS, 0), ("val", VAL_VIDEOS, 1000)):
+        (root / split).mkdir()
+        rows = [
+            dict(video=video_of(base + i, i % 5), label=i % 5, label_name=f"c{i % 5}", video_id=f"{split}{i}",
+                 path=f"/x/{split}{i}.mp4", source_frames=2, padded=False)
+            for i in range(count)
+        ]  # fmt: skip
+        for k in range(0, count, 9):  # 9 rows a shard: batches straddle blocks
+            pq.write_table(pa.Table.from_pylist(rows[k : k + 9], schema=SHARD_SCHEMA), root / split / f"part-{k:05d}.parquet")
+        counts[split] = {"videos": count}
+    info = dict(classes=[f"c{i}" for i in range(5)], frames=2, size=4, stored_frames=2, stored_size=4, splits=counts)
+    (root / DATASET_INFO).write_text(json.dumps(info))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def splits(ray_cluster, dataset_dir):
+    """(streamed train, cached train, streamed val, cached val): ordered Ray Datasets, as vidray builds them."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = read_split(dataset_dir, "train").randomize_block_order(seed=3)
+    val = read_split(dataset_dir, "val")
+    return train, materialize_in_order(train), val, materialize_in_order(val)
+
+
+def _collate() -> VideoBatchCollate:
+    return VideoBatchCollate(VIDEO_SHAPE, batch_size=BATCH)
+
+
+# ----------------------------------------------------------------- no Ray needed
+
+
+def test_shuffle_buffer_order_is_a_seeded_permutation_that_ignores_the_items():
+    order = list(shuffle_buffer_order(range(100), 16, seed=5))
+    assert sorted(order) == list(range(100)) and order != list(range(100))
+    assert list(shuffle_buffer_order(range(100), 16, seed=5)) == order
+    assert list(shuffle_buffer_order(range(100), 16, seed=6)) != order
+    # What is emitted when depends on positions only: any items come out in the order of range(n).
+    letters = [f"row{i}" for i in range(100)]
+    assert list(shuffle_buffer_order(letters, 16, seed=5)) == [letters[i] for i in order]
+    assert list(shuffle_buffer_order(range(10), 0, seed=5)) == list(range(10))
+    # A buffer larger than the data is a full permutation.
+    assert sorted(shuffle_buffer_order(range(10), 64, seed=1)) == list(range(10))
+
+
+def test_arrow_videos_are_views_of_the_arrow_buffer_and_sizes_are_checked():
+    table = pa.Table.from_pylist([{"video": video_of(i, 1)} for i in range(5)])
+    column = pa.chunked_array([table["video"].chunk(0).slice(0, 2), table["video"].chunk(0).slice(2)])
+    views = arrow_videos(column, VIDEO_SHAPE)
+    assert [len(v) for v in views] == [2, 3]
+    assert [row_ids(torch.from_numpy(v.copy())) for v in views] == [[0, 1], [2, 3, 4]]
+    buffer = np.frombuffer(table["video"].chunk(0).buffers()[2], dtype=np.uint8)
+    assert np.shares_memory(views[1], buffer)  # no copy
+    bad = pa.chunked_array([pa.array([b"x" * 95], type=pa.binary())])
+    with pytest.raises(ValueError, match=r"video blob of 95 bytes does not match shape \(2, 4, 4, 3\) \(96 bytes\)"):
+        arrow_videos(bad, VIDEO_SHAPE)
+
+
+def test_batch_buffers_reuse_a_slot_only_when_nobody_holds_its_batch():
+    buffers = BatchBuffers((4, 8), torch.uint8, pin_memory=False, depth=2)
+    first = buffers.get(4)
+    second = buffers.get(4)
+    first_id = id(first)
+    del first
+    assert id(buffers.get(4)) == first_id  # nobody else held it: the same tensor again
+    kept = second
+    del second
+    assert buffers.get(4) is not kept  # still held: a fresh tensor, the kept one untouched
+    assert buffers.get(3).shape == (3, 8)  # an odd size never takes a slot
+
+
+def test_prefetch_thread_hands_over_items_and_errors_and_stops_when_abandoned():
+    assert list(prefetch_in_thread(iter(range(20)), depth=2)) == list(range(20))
+
+    def failing():
+        yield 1
+        raise RuntimeError("read failed")
+
+    with pytest.raises(RuntimeError, match="read failed"):
+        list(prefetch_in_thread(failing(), depth=2))
+    before = threading.active_count()
+    batches = prefetch_in_thread(iter(range(1000)), depth=2)
+    assert next(batches) == 0
+    batches.close()  # the consumer stops early: the producer thread must end
+    assert threading.active_count() <= before
+
+
+def test_device_caching_decision():
+    cpu = torch.device("cpu")
+    memory = device_memory_bytes(cpu, 1)
+    assert memory > 0 and device_memory_bytes(cpu, 4) == memory // 4
+    fits, too_big = int(DEVICE_CACHE_FRACTION * memory) - 1, int(DEVICE_CACHE_FRACTION * memory) + 1
+    assert should_cache_on_device(TrainConfig(cache_dataset="auto"), fits, cpu)
+    assert not should_cache_on_device(TrainConfig(cache_dataset="auto"), too_big, cpu)
+    assert should_cache_on_device(TrainConfig(cache_dataset="device"), too_big, cpu)  # forced, and it fits at all
+    for placement in ("always", "never"):
+        assert not should_cache_on_device(TrainConfig(cache_dataset=placement), 1, cpu)
+    with pytest.raises(UserError, match=r"train.cache_dataset=device: this worker's shard .* GiB but cpu has"):
+        should_cache_on_device(TrainConfig(cache_dataset="device"), memory + 1, cpu)
+
+
+def test_val_rows_of_rank_add_up_to_the_split():
+    for world in (1, 2, 3, 5):
+        assert sum(val_rows_of_rank(VAL_VIDEOS, BATCH, r, world) for r in range(world)) == VAL_VIDEOS
+    assert [val_rows_of_rank(13, 8, r, 2) for r in range(2)] == [8, 5]
+
+
+# ----------------------------------------------------------------- Ray Data
+
+
+def _batches(iterable) -> list[tuple[list[int], list[int]]]:
+    return [(row_ids(b["video"]), b["label"].tolist()) for b in iterable]
+
+
+def test_streamed_cached_and_device_paths_give_identical_batches(splits):
+    streamed, cached, val, _ = splits
+    train = TrainConfig(shuffle_buffer=16, prefetch_batches=2, seed=11)
+    cache = DeviceCache.load(
+        cached.iterator(), val.iterator(), video_shape=VIDEO_SHAPE, batch_size=BATCH, rank=0, world_size=1,
+        device=torch.device("cpu"), train_rows=TRAIN_VIDEOS, val_rows=VAL_VIDEOS,
+    )  # fmt: skip
+    assert cache.train_videos.shape == (TRAIN_VIDEOS, *VIDEO_SHAPE)
+    epochs = []
+    for epoch in (0, 1):
+        paths = {
+            name: _batches(train_batches(ds.iterator(), batch_size=BATCH, train=train, epoch=epoch, rank=0, collate=_collate()))
+            for name, ds in (("streamed", streamed), ("cached", cached))
+        }
+        paths["device"] = _batches(cache.train_batches(batch_size=BATCH, train=train, epoch=epoch, rank=0))
+        assert paths["streamed"] == paths["cached"] == paths["device"], epoch
+        ids = [i for batch, _ in paths["device"] for i in batch]
+        assert len(ids) == (TRAIN_VIDEOS // BATCH) * BATCH and len(set(ids)) == len(ids)  # last partial batch dropped
+        for batch, labels in paths["device"]:
+            assert labels == [i % 5 for i in batch]  # labels travel with their videos
+        epochs.append(ids)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    # Another rank (its own shard in real runs) gets another order from the same rows.
+    other = _batches(cache.train_batches(batch_size=BATCH, train=train, epoch=0, rank=1))
+    assert [i for b, _ in other for i in b] != epochs[0]
+
+
+def test_val_batches_cover_every_video_once_across_uneven_ranks_on_every_path(splits):
+    _, _, val, cached_val = splits
+    for world in (2, 3):
+        seen = []
+        for rank in range(world):
+            ray_data = _batches(val_batches(cached_val.iterator(), batch_size=BATCH, rank=rank, world_size=world,
+                                            prefetch_batches=1, collate=_collate()))  # fmt: skip
+            cache = DeviceCache.load(
+                cached_val.iterator(), val.iterator(), video_shape=VIDEO_SHAPE, batch_size=BATCH, rank=rank,
+                world_size=world, device=torch.device("cpu"), train_rows=0,
+                val_rows=val_rows_of_rank(VAL_VIDEOS, BATCH, rank, world),
+            )  # fmt: skip
+            assert _batches(cache.val_batches()) == ray_data
+            seen += [i for batch, _ in ray_data for i in batch]
+        assert sorted(seen) == [1000 + i for i in range(VAL_VIDEOS)], world
+
+
+def test_collate_of_numpy_rows_copies_once_into_its_buffer():
+    collate = _collate()
+    batch = {"video": np.array([video_of(i, 2) for i in range(BATCH)], dtype=object), "label": np.full(BATCH, 2)}
+    out = collate(batch)
+    assert row_ids(out["video"]) == list(range(BATCH)) and out["label"].dtype == torch.int64
+    with pytest.raises(ValueError, match="does not match shape"):
+        collate({"video": np.array([b"x"], dtype=object), "label": np.zeros(1)})
