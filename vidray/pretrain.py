@@ -40,9 +40,7 @@ accumulation and clipping, flips) comes from ``train``; what it optimises from
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -56,11 +54,10 @@ from ray.train.torch import TorchTrainer
 from transformers.utils import logging as hf_logging
 
 from vidray import augment
-from vidray.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_info
+from vidray.checkpoint import MODEL_DIR, read_checkpoint_info
 from vidray.config import TrainConfig, TuneConfig, VidrayConfig
 from vidray.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
-from vidray.faults import maybe_die_for_test
 from vidray.ingest import data_config, ingest_cpus, materialize_in_order, open_worker_data, should_cache_dataset
 from vidray.masking import masked_positions, tube_mask
 from vidray.model import autocast, to_device, token_grid, use_tf32
@@ -74,7 +71,7 @@ from vidray.pretrain_model import (
 from vidray.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
 from vidray.telemetry import StepTelemetry, transformer_layer_flops
-from vidray.train import StepParts, _gather, _with_last, compile_model, report_epoch
+from vidray.train import StepParts, _gather, compile_model, report_epoch, run_epoch, start_or_resume
 from vidray.trainer import (
     CHECKPOINTS_TO_KEEP,
     check_stored_clips,
@@ -210,7 +207,11 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
     hf_logging.disable_progress_bar()
     use_tf32(device)
 
-    model, state, history = start_or_resume(cfg, shape)
+    model, state, history = start_or_resume(
+        cfg, shape,
+        build=lambda: build_pretraining_model(cfg.model, cfg.pretrain, shape.frames, shape.size),
+        load=load_pretraining_model,
+    )  # fmt: skip
     grid = token_grid(model.config)
     # Frame offsets and crops from the augmentation generators (vidray/rng.py), masks from their own
     # stream; both on the device that trains.
@@ -336,21 +337,6 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
         report_wait_s = time.perf_counter() - reported
 
 
-def start_or_resume(cfg: VidrayConfig, shape: ClipShape) -> tuple[torch.nn.Module, dict[str, Any] | None, list]:
-    """(model, training state or None, history): from the run's latest checkpoint if it has one."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        return build_pretraining_model(cfg.model, cfg.pretrain, shape.frames, shape.size), None, []
-    with checkpoint.as_directory() as directory:
-        model = load_pretraining_model(os.path.join(directory, MODEL_DIR))
-        state = load_training_state(directory)
-        history = read_checkpoint_info(directory).get("history", [])
-    if cfg.model.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    return model, state, history
-
-
 def pretrain_one_epoch(
     parts: StepParts,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -368,62 +354,27 @@ def pretrain_one_epoch(
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[float, int, int, int]:
-    """One pass over this rank's shard. Returns (summed loss, batches, videos, global step).
+    """One pass over this rank's shard: vidray.train.run_epoch with the reconstruction loss.
+    Returns (summed loss, batches, videos, global step).
 
-    Step structure (accumulation groups, no_sync, clipping, one scheduler step
-    per optimizer step, the loss summed on the device and read once) as
-    vidray.train.train_one_epoch. Unlike there, the step is not free of host
-    syncs on CUDA: transformers' VideoMAEForPreTraining selects visible and
-    hidden tokens with boolean indexing, which waits for the device.
+    Unlike fine-tuning, the step is not free of host syncs on CUDA: transformers'
+    VideoMAEForPreTraining selects visible and hidden tokens by boolean indexing,
+    which waits for the device.
     """
-    parts.forward.train()
-    distributed = isinstance(parts.ddp_model, torch.nn.parallel.DistributedDataParallel)
-    accum = train.grad_accum_steps
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    num_batches = num_videos = group_videos = 0
-    last_read = {"sum": 0.0, "batches": 0}
 
-    def read_loss() -> float:
-        total = float(loss_sum.item())
-        mean = (total - last_read["sum"]) / max(num_batches - last_read["batches"], 1)
-        last_read.update(sum=total, batches=num_batches)
-        return mean
-
-    if telemetry is not None:
-        telemetry.start_epoch(epoch)
-    fetched = time.perf_counter()
-    for index, (batch, is_last) in enumerate(_with_last(batches)):
-        ends_group = is_last or (index + 1) % accum == 0
-        group_size = min(accum, max(micro_batches - (index - index % accum), 1))
-        videos = batch["video"].to(device, non_blocking=True)  # batch["label"] is never read
-        if telemetry is not None:
-            telemetry.waited(time.perf_counter() - fetched)
+    def reconstruction_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        videos = batch["video"]  # batch["label"] is never read
         pixels = augment.train_transform(
             videos, frames=shape.frames, size=shape.size, generator=parts.generators.device, hflip=train.hflip
         )
         mask = tube_mask(videos.shape[0], grid, mask_ratio, mask_generator)
-        sync = parts.ddp_model.no_sync() if distributed and not ends_group else contextlib.nullcontext()
-        with sync:
-            with autocast(device):
-                loss = parts.forward(pixel_values=pixels, bool_masked_pos=mask).loss
-            (loss / group_size).backward()
-        loss_sum += loss.detach()
-        num_batches += 1
-        num_videos += videos.shape[0]
-        group_videos += videos.shape[0]
-        if ends_group:
-            if train.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(parts.model.parameters(), train.max_grad_norm)
-            parts.optimizer.step()
-            parts.scheduler.step()
-            parts.optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            if telemetry is not None:
-                telemetry.stepped(global_step, group_videos, read_loss)
-            group_videos = 0
-            maybe_die_for_test(epoch, rank, world_size)
-        fetched = time.perf_counter()
-    return float(loss_sum.item()), num_batches, num_videos, global_step
+        with autocast(device):
+            return parts.forward(pixel_values=pixels, bool_masked_pos=mask).loss
+
+    return run_epoch(
+        parts, batches, reconstruction_loss, train=train, device=device, micro_batches=micro_batches,
+        epoch=epoch, global_step=global_step, telemetry=telemetry, rank=rank, world_size=world_size,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ the driver
