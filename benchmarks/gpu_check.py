@@ -21,8 +21,8 @@ section that fails or times out is recorded as such with the end of its output:
                   GPU, ViT-B 16x112², cache_dataset=auto: its history with the step telemetry
                   (step time, data-wait share, clips/s, TFLOP/s, MFU), the data placement and the
                   ranks' wait in each epoch's report (the checkpoint).
-``gpu_decode``    reserved for GPU decoding (torchcodec on CUDA, branch ``decoders``): see
-                  :func:`section_gpu_decode`; it records "not implemented" until then.
+``gpu_decode``    preprocessing's decode (vidray.video.read_clip) of generated 720p/360p H.264 with
+                  torchcodec on CUDA (NVDEC) against torchcodec and PyAV on one CPU thread: videos/s.
 ``vit_b_112_compiled``  ``raytrain_device`` with ``--compile`` (train.compile), only when the
                   budget has room left for it.
 
@@ -230,14 +230,63 @@ def section_ray_train(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
 
 
 def section_gpu_decode(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
-    """Reserved for the ``decoders`` branch: GPU decoding with torchcodec on CUDA.
+    argv = [str(Path(__file__).resolve()), "--gpu-decode-worker", "--device", args.device, "--cache", str(args.cache)]
+    return _run_for_result(lambda result: [*argv, *(["--quick"] if args.quick else []), "--result-file", result], timeout)
 
-    To add it: decode the preprocessing inputs (benchmarks/make_inputs.py, or a few of
-    them) with torchcodec's CUDA decoder at vidray's sampling, in a bounded subprocess
-    like the sections above (:func:`run_bounded`), and return videos/s, decoded frames/s
-    and GPU memory; keep its ``max_s`` in SECTIONS so the whole check stays under 8 minutes.
+
+def gpu_decode_worker(args) -> dict[str, Any]:
+    """In its own process: vidray's preprocessing decode (``read_clip``, 16 frames at 128 px from
+    each video) of the same H.264 files with torchcodec on the GPU (NVDEC) and on the CPU, and
+    with PyAV (the default) on one CPU thread: videos/s of each, one decode at a time.
+
+    The inputs are generated (two 720p and two 360p, 5 s at 30 fps; toy sizes with ``--quick``)
+    and cached. torchcodec on CUDA needs its CUDA build next to a CUDA torch (``pip install
+    torchcodec==0.17.0``, not constraints.txt's CPU pin) and FFmpeg's shared libraries; when
+    it cannot run, the section says why and still measures the CPU decoders.
     """
-    return {"status": "not implemented", "owner": "branch decoders"}
+    import numpy as np
+
+    from vidray.video import encode_mp4, read_clip
+
+    plan = [(64, 36, 30)] * 2 if args.quick else [(1280, 720, 150)] * 2 + [(640, 360, 150)] * 2
+    folder = Path(args.cache) / ("gpu-decode-quick" if args.quick else "gpu-decode")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = np.random.default_rng(0)
+    for index, (width, height, frames) in enumerate(plan):
+        path = folder / f"clip{index}_{width}x{height}.mp4"
+        if not path.exists():
+            base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+            clip = np.stack([np.roll(base, 4 * t, axis=1) for t in range(frames)])  # moving texture
+            encode_mp4(path, clip)
+        paths.append(path)
+
+    def timed(decoder: str, device: str) -> dict[str, Any]:
+        try:
+            read_clip(paths[0], 16, 128, decoder=decoder, device=device, num_threads=1)  # warm-up: load, init
+            started = time.perf_counter()
+            for path in paths:
+                read_clip(path, 16, 128, decoder=decoder, device=device, num_threads=1)
+            seconds = time.perf_counter() - started
+        except Exception as err:  # noqa: BLE001 - a backend that cannot run here is a finding, not a crash
+            return {"status": f"unavailable: {type(err).__name__}: {str(err)[:300]}"}
+        return {"status": "ok", "videos": len(paths), "seconds": round(seconds, 3), "videos_per_s": round(len(paths) / seconds, 2)}
+
+    gpu = args.device == "cuda"
+    result = {
+        "inputs": [f"{w}x{h}, {f} frames" for w, h, f in plan],
+        "pyav_cpu_1thread": timed("pyav", "cpu"),
+        "torchcodec_cpu_1thread": timed("torchcodec", "cpu"),
+        "torchcodec_cuda": timed("torchcodec", "cuda") if gpu else {"status": "not run: --device cpu"},
+    }
+    if gpu and result["torchcodec_cuda"]["status"] == "ok" and result["pyav_cpu_1thread"]["status"] == "ok":
+        import torch
+
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        result["cuda_over_pyav_1thread"] = round(
+            result["torchcodec_cuda"]["videos_per_s"] / result["pyav_cpu_1thread"]["videos_per_s"], 2
+        )
+    return result
 
 
 def ray_train_worker(args) -> dict[str, Any]:
@@ -294,13 +343,11 @@ def ray_train_worker(args) -> dict[str, Any]:
 # ones add up to the budget less RESERVE_S, so none is skipped unless one before it overran its estimate.
 SECTIONS = [
     Section("environment", section_environment, max_s=30, min_s=5),
-    Section("inputs", section_inputs, max_s=90, min_s=20),
-    Section("vit_b_112", section_vit_b_112, max_s=150, min_s=60),
+    Section("inputs", section_inputs, max_s=80, min_s=20),
+    Section("vit_b_112", section_vit_b_112, max_s=130, min_s=60),
     Section("vit_b_224", section_vit_b_224, max_s=70, min_s=40),
     Section("ray_train", section_ray_train, max_s=90, min_s=50),
-    # The decoders branch fills this in (GPU decode with torchcodec on CUDA) and takes its max_s from the
-    # sections above; it stays before the optional ones.
-    Section("gpu_decode", section_gpu_decode, max_s=10, min_s=1),
+    Section("gpu_decode", section_gpu_decode, max_s=40, min_s=15),
     Section("vit_b_112_compiled", section_vit_b_112_compiled, max_s=120, min_s=90, optional=True),
 ]
 
@@ -337,10 +384,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/gpu_check[_quick].json")
     parser.add_argument("--only", nargs="+", default=None, help="run only these sections")
     parser.add_argument("--ray-train-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-decode-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.ray_train_worker:
-        Path(args.result_file).write_text(json.dumps(ray_train_worker(args)))
+    if args.ray_train_worker or args.gpu_decode_worker:
+        worker = ray_train_worker if args.ray_train_worker else gpu_decode_worker
+        Path(args.result_file).write_text(json.dumps(worker(args)))
         return {}
     if args.cpus_per_worker is None:
         args.cpus_per_worker = 1 if args.quick else max(2, args.cpus // 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_installed_vidray_runs_a_sweep_from_any_folder(tmp_path):
-    site = tmp_path / "site"
-    # The dependencies are this environment's; the package itself is built and installed from the source tree.
+    site, source = tmp_path / "site", tmp_path / "source"
+    # The dependencies are this environment's; the package itself is built from a copy of what an sdist
+    # holds (a build in the checkout would leave build/ there) and installed.
+    shutil.copytree(REPO / "vidray", source / "vidray", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(REPO)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(source)],
         check=True, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"

@@ -32,6 +32,7 @@ import pytest
 
 from vidray.checkpoint import read_checkpoint_info
 from vidray.demo_data import generate_demo_videos
+from vidray.faults import hold_env
 from vidray.index import index_folder
 from vidray.local_cluster import LoopbackCluster, proc_table
 from vidray.storage import MULTI_NODE_LABEL
@@ -130,12 +131,13 @@ TRAIN = """
     import json, sys
     from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
     from vidray.config import load_config
-    from vidray.trainer import build_trainer, summarize_run
+    from vidray.trainer import build_trainer, make_run_config, summarize_run
 
     cfg = load_config(None, {overrides!r})
     init_ray()
     storage_path, dataset_dir = shared_storage_paths(cfg)
-    result = build_trainer(cfg, dataset_dir=dataset_dir).fit()
+    run_config = make_run_config(cfg, worker_runtime_env={{"env_vars": {hold!r}}})
+    result = build_trainer(cfg, dataset_dir=dataset_dir, run_config=run_config).fit()
     with open(sys.argv[1], "w") as f:
         json.dump({{"summary": summarize_run(result.path), "error": repr(result.error), "cluster": cluster_summary()}}, f, default=str)
 """
@@ -207,7 +209,9 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     ]  # fmt: skip
     train_log = tmp_path / "train.log"
     run_dir = storage / "multinode"
-    trainer = _driver(cluster, TRAIN.format(overrides=overrides), tmp_path, "train")
+    # The workers hold after epoch 0 until the node is gone: however fast the epochs, the kill lands mid-run.
+    release = tmp_path / "release-hold"
+    trainer = _driver(cluster, TRAIN.format(overrides=overrides, hold=hold_env(0, str(release))), tmp_path, "train")
     try:
         # Kill only once the controller has registered epoch 0's checkpoint (its
         # snapshot lists it): a checkpoint directory that exists in storage but
@@ -222,6 +226,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         # Ray Train notices the lost workers and starts a new group of two on the surviving nodes.
         _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, trainer, train_log, "restarted workers", poll=0.5)
         second = {pid: node for pid, node in _train_workers(cluster).items() if pid not in first}
+        release.touch()  # nothing holds in the new group (it starts at epoch 1); this frees a straggler
     except BaseException:
         trainer.kill()
         raise

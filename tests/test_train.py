@@ -457,7 +457,7 @@ def test_jobs_train_reports_config_errors_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"vidray train: error: config file not found: {tmp_path / 'nope.yaml'} "
-        "(pass --config configs/demo.yaml or another file)"
+        "(pass --config with a YAML file, e.g. configs/coin12.yaml)"
     ]
 
 

@@ -222,7 +222,7 @@ def test_an_autoscaling_cluster_counts_the_nodes_it_may_add(tmp_path):
         (["train.cpus_per_worker=3"], "train.cpus_per_worker=3 but the largest node of the Ray cluster has 2 CPUs"),
         (["tune.metric=val_f1"], "tune.metric='val_f1' is not reported by training"),
         (["tune.mode=min"], "set tune.mode=max"),
-        (["tune.grace_period=5"], "tune.grace_period=5 is more than train.epochs=2"),
+        (["tune.asha=true", "tune.grace_period=5"], "tune.grace_period=5 is more than train.epochs=2"),
         (["train.batch_size=16"], "fewer than one batch of 16 per worker; lower train.batch_size"),
         (["data.source=folder", "data.videos_dir=/nonexistent/videos"], "data.videos_dir: /nonexistent/videos does not exist"),
     ],
@@ -249,6 +249,7 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_clus
         tmp_path,
         "tune.mixup_alpha=[0.0, 0.4, 0.8]",
         "train.epochs=2",
+        "tune.asha=true",
         "tune.grace_period=1",
         "run.wandb.enabled=true",
         "run.wandb.mode=offline",
@@ -270,7 +271,13 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_clus
     reports = tmp_path / "reports"
     markdown = (reports / "results.md").read_text()
     labels = ["No MixUp, lr=1e-3, wd=0.05", "MixUp α=0.4, lr=1e-3, wd=0.05", "MixUp α=0.8, lr=1e-3, wd=0.05"]
-    table = [line for line in markdown.splitlines() if line.startswith("| ") and "Type" not in line]
+    lines = markdown.splitlines()
+    header = lines.index("| Type | Epochs | Training Loss | Test Loss | Precision | Recall | F1 | Macro-F1 | Accuracy | Best |")
+    table = []  # the results table: the rows below its header and separator, up to the first line that is not one
+    for line in lines[header + 2 :]:
+        if not line.startswith("| "):
+            break
+        table.append(line)
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == labels
     assert "| Type | Epochs | Training Loss | Test Loss | Precision | Recall | F1 | Macro-F1 | Accuracy | Best |" in markdown
     assert f"results table: {reports / 'results.md'}" in output
@@ -386,17 +393,6 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
 # ----------------------------------------------------------------- Ray internals vidray relies on
 
 
-def _probe_handover(config):
-    import ray.tune
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    ray.tune.report({
-        "has_session": session is not None,
-        "attributes": [name for name in ("result_queue", "_inter_actor_queue") if hasattr(session, name)],
-    })  # fmt: skip
-
-
 def test_the_train_to_tune_handover_workaround_still_finds_what_it_reads(ray_cluster, tmp_path):
     """vidray.tune.wait_until_tune_has_the_last_report reads two private attributes of Ray's
     function-trainable session. If an upgrade moves them the workaround silently stops working and
@@ -410,6 +406,17 @@ def test_the_train_to_tune_handover_workaround_still_finds_what_it_reads(ray_clu
         f"Ray {ray.__version__} is not among the versions the Train->Tune hand-over workaround was verified with "
         f"({HANDOVER_VERIFIED_RAY}): re-check the race in ray/train/_internal/session.py, then list it"
     )
+
+    def _probe_handover(config):  # defined here, so it travels by value: Ray workers cannot import this module
+        import ray.tune
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        ray.tune.report({
+            "has_session": session is not None,
+            "attributes": [name for name in ("result_queue", "_inter_actor_queue") if hasattr(session, name)],
+        })  # fmt: skip
+
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(_probe_handover, {"CPU": 0, "memory": 64 * 1024**2}),
         run_config=ray.tune.RunConfig(name="probe", storage_path=str(tmp_path)),

@@ -12,8 +12,13 @@ from vidray.errors import UserError
 from vidray.video import DECODERS
 
 
-def _print_summary(summary: dict) -> None:
-    # The last line of stdout is always a JSON summary, so scripts can parse it.
+def _print_summary(summary: dict, *, disconnect_ray: bool = False) -> None:
+    # The last line of stdout is always a JSON summary, so scripts can parse it. A command that
+    # ran on Ray disconnects first: Ray's driver threads print late messages (the raylet's
+    # worker-start warnings) to stdout, which would land after it.
+    ray = sys.modules.get("ray")
+    if disconnect_ray and ray is not None and ray.is_initialized():
+        ray.shutdown()
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
 
 
@@ -70,7 +75,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         decoder=args.decoder,
         decoder_device=args.decoder_device,
     )
-    _print_summary(summary)
+    _print_summary(summary, disconnect_ray=True)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -99,7 +104,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     init_ray()
     dataset_dir = prepare_dataset(cfg)
     info = read_dataset_info(dataset_dir)
-    _print_summary({"dataset_dir": dataset_dir, "classes": info.num_classes, "videos": info.split_counts})
+    _print_summary({"dataset_dir": dataset_dir, "classes": info.num_classes, "videos": info.split_counts}, disconnect_ray=True)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -107,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from vidray.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
-    _print_summary(run_training(cfg, restart=args.restart))
+    _print_summary(run_training(cfg, restart=args.restart), disconnect_ray=True)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -123,7 +128,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from vidray.tune import run_sweep
 
     cfg = load_config(args.config, args.overrides)
-    _print_summary(run_sweep(cfg, restart=args.restart, verbose=args.verbose))
+    _print_summary(run_sweep(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=True)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

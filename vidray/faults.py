@@ -1,18 +1,28 @@
-"""Test-only fault injection for training runs: kill a worker for real, once.
+"""Test-only fault injection for training runs: kill a worker for real, once; or hold the run.
 
-When a worker's environment sets both variables, the last rank calls
+When a worker's environment sets both kill variables, the last rank calls
 ``os._exit(1)`` after its first optimizer step of epoch ``VIDRAY_TEST_KILL_AT_EPOCH``,
 the way a lost node or an OOM kill ends a process (no exception, no cleanup).
 The marker file records that it happened, so the restarted worker group runs on.
+
+With both hold variables, every rank waits after reporting epoch
+``VIDRAY_TEST_HOLD_AFTER_EPOCH`` until the file ``VIDRAY_TEST_HOLD_RELEASE`` exists
+(at most :data:`HOLD_MAX_S`): a test that kills a whole node then knows the run is
+mid-way, however fast its epochs are.
+
 Tests pass the variables through ``RunConfig(worker_runtime_env=...)``.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 KILL_AT_EPOCH_ENV = "VIDRAY_TEST_KILL_AT_EPOCH"
 KILL_MARKER_ENV = "VIDRAY_TEST_KILL_MARKER"
+HOLD_AFTER_EPOCH_ENV = "VIDRAY_TEST_HOLD_AFTER_EPOCH"
+HOLD_RELEASE_ENV = "VIDRAY_TEST_HOLD_RELEASE"
+HOLD_MAX_S = 300
 
 
 def kill_env(epoch: int, marker: str) -> dict[str, str]:
@@ -30,3 +40,17 @@ def maybe_die_for_test(epoch: int, rank: int, world_size: int) -> None:
     except FileExistsError:
         return
     os._exit(1)
+
+
+def hold_env(epoch: int, release: str) -> dict[str, str]:
+    """The worker environment that makes :func:`maybe_hold_for_test` wait after ``epoch`` until ``release`` exists."""
+    return {HOLD_AFTER_EPOCH_ENV: str(epoch), HOLD_RELEASE_ENV: str(release)}
+
+
+def maybe_hold_for_test(epoch: int) -> None:
+    hold_epoch, release = os.environ.get(HOLD_AFTER_EPOCH_ENV), os.environ.get(HOLD_RELEASE_ENV)
+    if hold_epoch is None or release is None or int(hold_epoch) != epoch:
+        return
+    deadline = time.monotonic() + HOLD_MAX_S
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.2)

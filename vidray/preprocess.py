@@ -54,6 +54,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -461,18 +462,22 @@ def _run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_o
     context.enable_progress_bars = False
     ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
     gpu = {"num_gpus": GPU_SHARE_PER_DECODE_TASK} if settings.device == "cuda" else {}
-    ds = ds.map_batches(
-        decode_shards,
-        batch_size=1,
-        batch_format="numpy",
-        fn_kwargs={"out": out, "settings": settings, "crash_on": crash_on},
-        num_cpus=1,
-        # Ray Data retries tasks forever by default, and a decoder that segfaults on a
-        # file does so every time. One retry covers a lost node; after that
-        # _isolate_crashes takes the shard over, video by video.
-        max_retries=1,
-        **gpu,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for task retries; the remote-args route it deprecates
+        # still works until Ray 2.64 (tests/test_preprocess.py's crash tests fail if it stops).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            decode_shards,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"out": out, "settings": settings, "crash_on": crash_on},
+            num_cpus=1,
+            # Ray Data retries tasks forever by default, and a decoder that segfaults on a
+            # file does so every time. One retry covers a lost node; after that
+            # _isolate_crashes takes the shard over, video by video.
+            max_retries=1,
+            **gpu,
+        )
     ds.context.max_errored_blocks = -1  # a failed shard is recovered below, never fatal
     results: dict[str, list[dict]] = {}
     started = reported = time.monotonic()

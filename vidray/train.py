@@ -46,7 +46,7 @@ from vidray import augment
 from vidray.checkpoint import MODEL_DIR, host_snapshot, load_training_state, read_checkpoint_info, save_checkpoint
 from vidray.config import TrainConfig, VidrayConfig
 from vidray.dataset import ClipShape
-from vidray.faults import maybe_die_for_test
+from vidray.faults import maybe_die_for_test, maybe_hold_for_test
 from vidray.inference import clip_logits
 from vidray.ingest import open_worker_data
 from vidray.metrics import confusion_matrix, epoch_metrics
@@ -209,6 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             background=train.checkpoint_in_background,
         )
         report_wait_s = time.perf_counter() - reported
+        maybe_hold_for_test(epoch)
 
 
 def start_or_resume(

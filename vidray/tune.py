@@ -358,6 +358,10 @@ class EpochLines(ray.tune.Callback):
         )
 
 
+def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
 def console_settings(verbose: bool) -> dict[str, Any]:
     """A sweep's console: by default Tune's trial table and :class:`EpochLines`; everything with ``verbose``.
 
@@ -370,6 +374,9 @@ def console_settings(verbose: bool) -> dict[str, Any]:
     if not verbose:
         # Ray Data's own INFO lines and progress bars in this process (preprocessing, dataset reads).
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # ...and its warning that the bars are off, which is what we asked for.
+        for handler in logging.getLogger("ray.data").handlers:  # handlers: the record comes from a child logger
+            handler.addFilter(_drop_progress_bars_disabled)
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     return {"log_to_driver": verbose}
 
