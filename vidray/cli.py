@@ -119,8 +119,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from vidray.config import load_config
     from vidray.pretrain import run_pretraining
 
+    import ray
+
     cfg = load_config(args.config, args.overrides)
-    _print_summary(run_pretraining(cfg, restart=args.restart))
+    # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
+    connected_before = ray.is_initialized()
+    _print_summary(run_pretraining(cfg, restart=args.restart), disconnect_ray=not connected_before)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
