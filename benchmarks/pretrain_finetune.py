@@ -49,20 +49,29 @@ ARMS = ("scratch", "pretrained")
 COMPARED = ("val_macro_f1_last", "val_macro_f1_best", "test_macro_f1", "test_accuracy")
 
 
-def data_overrides(storage: Path) -> list[str]:
-    data = storage / "data"
+# The few-labels set (--labelled-per-class): other demo videos (data seed 1, none of them among the
+# pretraining videos of seed 0), N per class, split 60/20/20 like every demo set.
+LABELLED_SEED = 1
+
+
+def data_overrides(storage: Path, labelled_per_class: int | None = None) -> list[str]:
+    data = storage / ("data" if labelled_per_class is None else f"data_labelled_{labelled_per_class}")
+    few = [] if labelled_per_class is None else [f"data.demo.videos_per_class={labelled_per_class}", f"data.demo.seed={LABELLED_SEED}"]
     return [
         f"data.videos_dir={data / 'videos'}",
         f"data.manifest={data / 'manifest.parquet'}",
         f"data.dataset_dir={data / 'dataset'}",
         f"run.storage_path={storage / 'runs'}",
+        *few,
     ]
 
 
-def load(args: argparse.Namespace, *overrides: str):
+def load(args: argparse.Namespace, *overrides: str, labelled: bool = False):
+    """demo.yaml on this benchmark's data: the demo set, or with ``labelled`` the few-labels set when there is one."""
     from vidray.config import load_config
 
-    return load_config(CONFIG, [*data_overrides(Path(args.storage)), *overrides])
+    per_class = args.labelled_per_class if labelled else None
+    return load_config(CONFIG, [*data_overrides(Path(args.storage), per_class), *overrides])
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,7 +80,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
     init_ray()
     started = time.perf_counter()
-    dataset_dir = prepare_dataset(load(args))
+    dataset_dir = prepare_dataset(load(args, labelled=True))
     info = json.loads((Path(dataset_dir) / "dataset.json").read_text())
     return {
         "dataset_dir": dataset_dir,
@@ -123,8 +132,9 @@ def finetune(args: argparse.Namespace, arm: str, seed: int, model_dir: str) -> d
         ],
     }[arm]  # fmt: skip
     overrides = [f"train.epochs={args.finetune_epochs}", *args.finetune_override, *extra, f"train.seed={seed}"]
-    tag = f"bench_{arm}_e{args.finetune_epochs}_seed{seed}"
-    cfg = load(args, *overrides, f"run.name={tag}")
+    few = "" if args.labelled_per_class is None else f"_l{args.labelled_per_class}"
+    tag = f"bench_{arm}_e{args.finetune_epochs}{few}_seed{seed}"
+    cfg = load(args, *overrides, f"run.name={tag}", labelled=True)
     started = time.perf_counter()
     summary = run_training(cfg, restart=True)
     seconds = time.perf_counter() - started
@@ -136,6 +146,7 @@ def finetune(args: argparse.Namespace, arm: str, seed: int, model_dir: str) -> d
         "arm": arm,
         "seed": seed,
         "finetune_epochs": args.finetune_epochs,
+        "labelled_per_class": args.labelled_per_class,
         "overrides": overrides,
         "seconds": round(seconds, 1),
         "val_macro_f1_last": round(history[-1]["val_macro_f1"], 4),
@@ -148,16 +159,23 @@ def finetune(args: argparse.Namespace, arm: str, seed: int, model_dir: str) -> d
     }
 
 
-def summarise(runs: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
+def budget_key(epochs: int, labelled_per_class: int | None) -> str:
+    return f"{epochs}" if labelled_per_class is None else f"{epochs}_labelled_{labelled_per_class}"
+
+
+def summarise(runs: list[dict[str, Any]], epochs: int, labelled_per_class: int | None) -> dict[str, Any]:
     """Means per arm over the seeds both arms have at this budget, and pretrained - scratch."""
-    at_budget = [r for r in runs if r["finetune_epochs"] == epochs]
+    at_budget = [r for r in runs if budget_key(r["finetune_epochs"], r.get("labelled_per_class")) == budget_key(epochs, labelled_per_class)]
     seeds = sorted({r["seed"] for r in at_budget if r["arm"] == "scratch"} & {r["seed"] for r in at_budget if r["arm"] == "pretrained"})
     means = {
         arm: {key: round(statistics.fmean(r[key] for r in at_budget if r["arm"] == arm and r["seed"] in seeds), 4) for key in COMPARED}
         for arm in ARMS
     } if seeds else {}  # fmt: skip
     gain = {key: round(means["pretrained"][key] - means["scratch"][key], 4) for key in COMPARED} if seeds else {}
-    return {"finetune_epochs": epochs, "seeds": seeds, "means": means, "pretrained_minus_scratch": gain}
+    return {
+        "finetune_epochs": epochs, "labelled_per_class": labelled_per_class, "seeds": seeds,
+        "means": means, "pretrained_minus_scratch": gain,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -167,6 +185,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning budget of both arms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of both arms")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument(
+        "--labelled-per-class", type=int, default=None, metavar="N",
+        help="data and finetune: fine-tune on a separate demo set of N videos per class (data seed 1) instead of "
+        "the pretraining set; pretraining always uses the demo set's train videos",
+    )  # fmt: skip
     parser.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--finetune-override", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--storage", default=str(REPO / "benchmarks" / ".cache" / "pretrain_finetune"))
@@ -176,11 +199,13 @@ def main() -> None:
     payload: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_finetune"}
     payload.pop("loadavg_at_end", None)
     payload.setdefault("commands", {})
-    stage_key = args.stage if args.stage != "finetune" else f"finetune_e{args.finetune_epochs}_seeds{'_'.join(map(str, args.seeds))}"
+    stage_key = args.stage if args.stage != "finetune" else f"finetune_e{budget_key(args.finetune_epochs, args.labelled_per_class)}_seeds{'_'.join(map(str, args.seeds))}"
+    if args.stage == "data" and args.labelled_per_class is not None:
+        stage_key = f"data_labelled_{args.labelled_per_class}"
     payload["commands"][stage_key] = {"command": command_line(), "at": now(), "machine": machine_info()}
 
     if args.stage == "data":
-        payload["data"] = prepare(args)
+        payload["data" if args.labelled_per_class is None else f"data_labelled_{args.labelled_per_class}"] = prepare(args)
     elif args.stage == "pretrain":
         payload["pretraining"] = pretrain(args)
         payload["runs"] = []  # fine-tuning runs of an earlier encoder no longer apply
@@ -191,10 +216,12 @@ def main() -> None:
         for seed in args.seeds:
             for arm in args.arms:  # interleaved: both arms of a seed run under the same load
                 result = finetune(args, arm, seed, model_dir)
-                runs[:] = [r for r in runs if (r["arm"], r["seed"], r["finetune_epochs"]) != (arm, seed, args.finetune_epochs)]
+                key = (arm, seed, budget_key(args.finetune_epochs, args.labelled_per_class))
+                runs[:] = [r for r in runs if (r["arm"], r["seed"], budget_key(r["finetune_epochs"], r.get("labelled_per_class"))) != key]
                 runs.append(result)
                 print(f"{arm} seed {seed}: {json.dumps(result)}", file=sys.stderr, flush=True)
-        payload.setdefault("comparisons", {})[str(args.finetune_epochs)] = summarise(runs, args.finetune_epochs)
+        key = budget_key(args.finetune_epochs, args.labelled_per_class)
+        payload.setdefault("comparisons", {})[key] = summarise(runs, args.finetune_epochs, args.labelled_per_class)
     write_result("pretrain_finetune", payload, out)
     print(json.dumps({k: payload.get(k) for k in ("data", "pretraining", "comparisons") if k in payload}, default=str)[-3000:])
 
