@@ -202,15 +202,16 @@ def config_for(dataset_dir: str, start_checkpoint: str, storage: Path, name: str
     )
 
 
-def run(cfg, tmp: Path, *, kill_at_epoch: int | None = None) -> dict:
-    """Fit through build_trainer with a RunConfig that also records every report."""
+def run(cfg, tmp: Path, *, kill_at_epoch: int | None = None, build=build_trainer, run_config_of=make_run_config) -> dict:
+    """Fit through ``build`` (tests/test_pretrain.py passes the pretraining pair) with a RunConfig
+    that also records every report."""
     reports = tmp / f"{cfg.run.name}-reports.jsonl"
     marker = tmp / f"{cfg.run.name}-killed"
     env = kill_env(kill_at_epoch, str(marker)) if kill_at_epoch is not None else {}
-    run_config = make_run_config(
+    run_config = run_config_of(
         cfg, callbacks=[RecordReports(str(reports))], worker_runtime_env={"env_vars": env}
     )
-    result = build_trainer(cfg, run_config=run_config).fit()
+    result = build(cfg, run_config=run_config).fit()
     return {
         "result": result,
         "summary": summarize_run(result.path),

@@ -115,6 +115,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     _print_summary(run_training(cfg, restart=args.restart), disconnect_ray=True)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from vidray.config import load_config
+    from vidray.pretrain import run_pretraining
+
+    import ray
+
+    cfg = load_config(args.config, args.overrides)
+    # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
+    connected_before = ray.is_initialized()
+    _print_summary(run_pretraining(cfg, restart=args.restart), disconnect_ray=not connected_before)
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from vidray.config import load_config
     from vidray.tune import run_sweep
@@ -210,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     _add_rerun_args(train, "run")
     train.set_defaults(func=cmd_train)
+
+    pretrain = sub.add_parser("pretrain", help="VideoMAE masked-autoencoder pretraining on Ray Train (no labels)")
+    _add_config_args(pretrain)
+    pretrain.add_argument("--restart", action="store_true", help="delete this run's checkpoints and start over")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over MixUp alpha, lr and weight decay")
     _add_config_args(tune)

@@ -160,6 +160,45 @@ class TrainConfig(_Section):
     checkpoint_in_background: bool = True
 
 
+class PretrainConfig(_Section):
+    """Masked-autoencoder pretraining (``vidray pretrain``, vidray/pretrain.py).
+
+    How the run executes (workers, GPUs, failures, ingest, seed, gradient
+    accumulation and clipping, flips) comes from ``train``; what it optimises from here.
+    """
+
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)  # global, across all workers (train.num_workers x train.grad_accum_steps)
+    # VideoMAE's recipe: AdamW (0.9, 0.95), lr 1.5e-4 per 256 clips, wd 0.05, cosine after a linear warm-up.
+    lr: float = Field(1.5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(5.0, ge=0)
+    # Share of each clip's spatial patch positions hidden at every time step (tube masking).
+    mask_ratio: float = Field(0.9, gt=0, lt=1)
+    # Reconstruct each patch normalised by its own mean and std (VideoMAE's default), not raw pixels.
+    norm_pix_loss: bool = True
+    # The decoder only exists during pretraining; VideoMAE-B's is 4 layers of width 384, 6 heads.
+    decoder_depth: int = Field(4, ge=1)
+    decoder_width: int = Field(384, ge=8)
+    decoder_heads: int = Field(6, ge=1)
+    # Splits whose videos are pretrained on (labels are never read). Adding val or test is
+    # transductive: the encoder then has seen the clips it is later evaluated on.
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train"])
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        if not self.splits:
+            raise ValueError("pretrain.splits is empty; list at least one split, e.g. [train]")
+        if len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"pretrain.splits lists a split twice: {self.splits}")
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(
+                f"pretrain.decoder_width ({self.decoder_width}) must be divisible by "
+                f"pretrain.decoder_heads ({self.decoder_heads})"
+            )
+        return self
+
+
 class SearchRange(_Section):
     low: float = Field(gt=0)
     high: float = Field(gt=0)
@@ -225,6 +264,7 @@ class VidrayConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 

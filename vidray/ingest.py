@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -78,7 +78,7 @@ _LOAD_ROWS = 64
 # ------------------------------------------------------------------ where the splits live
 
 
-def should_cache_dataset(train: TrainConfig, info: DatasetInfo) -> bool:
+def should_cache_dataset(train: TrainConfig, info: DatasetInfo, splits: Sequence[str] = ("train", "val")) -> bool:
     """Whether to read the splits once into Ray's object store (``train.cache_dataset``).
 
     Streaming re-runs the Parquet read every epoch: seconds of Ray Data start-up per
@@ -91,14 +91,14 @@ def should_cache_dataset(train: TrainConfig, info: DatasetInfo) -> bool:
         return train.cache_dataset == "always"
     if not ray.is_initialized():
         return False
-    stored_bytes = int(np.prod(info.video_shape)) * sum(info.split_counts.get(s, 0) for s in ("train", "val"))
+    stored_bytes = int(np.prod(info.video_shape)) * sum(info.split_counts.get(s, 0) for s in splits)
     object_store = ray.cluster_resources().get("object_store_memory", 0)
     return stored_bytes <= CACHE_OBJECT_STORE_FRACTION * object_store
 
 
-def ingest_cpus(train: TrainConfig, info: DatasetInfo) -> int:
+def ingest_cpus(train: TrainConfig, info: DatasetInfo, splits: Sequence[str] = ("train", "val")) -> int:
     """CPUs Ray Data needs beside a run's workers while it trains: none once the splits are cached."""
-    return 0 if should_cache_dataset(train, info) else DATA_CPUS
+    return 0 if should_cache_dataset(train, info, splits) else DATA_CPUS
 
 
 def materialize_in_order(ds):
@@ -503,7 +503,11 @@ class DeviceCache:
         started = time.perf_counter()
         tables = train_shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches)
         train_videos, train_labels, _ = _copy_tables_to(tables, video_shape, device, train_rows)
-        val_tables = _rank_val_tables(val, batch_size=batch_size, rank=rank, world_size=world_size, prefetch_batches=prefetch_batches)
+        val_tables = (
+            _rank_val_tables(val, batch_size=batch_size, rank=rank, world_size=world_size, prefetch_batches=prefetch_batches)
+            if val is not None
+            else ()  # pretraining: no val split
+        )
         val_videos, val_labels, val_sizes = _copy_tables_to(val_tables, video_shape, device, val_rows)
         return cls(train_videos, train_labels, val_videos, val_labels, val_sizes, time.perf_counter() - started)
 
@@ -599,10 +603,12 @@ def open_worker_data(
 ) -> WorkerData:
     """This worker's batches: from its device (copied there now) or from Ray Data, per ``train.cache_dataset``.
 
-    ``train_shard`` / ``val`` default to Ray Train's dataset shards of this worker.
+    ``train_shard`` / ``val`` default to Ray Train's dataset shards of this worker; with
+    ``val_videos=0`` there is no val split (pretraining, vidray/pretrain.py).
     """
     train_shard = train_shard if train_shard is not None else ray.train.get_dataset_shard("train")
-    val = val if val is not None else ray.train.get_dataset_shard("val")
+    if val is None and val_videos:
+        val = ray.train.get_dataset_shard("val")
     # Batches alive at once on the host: the prefetch queue, the one being built, the loop's
     # look-ahead and the one in the step.
     collate = VideoBatchCollate(

@@ -167,11 +167,12 @@ def build_model(model_cfg: ModelConfig, classes: list[str], frames: int, size: i
 _HEAD_PREFIXES = ("classifier.", "fc_norm.", "videomae.layernorm.")
 
 
-def _check_loading_info(name_or_path: str, info: dict) -> None:
+def _check_loading_info(name_or_path: str, info: dict, new_prefixes: tuple[str, ...] = _HEAD_PREFIXES) -> None:
+    """Refuse a checkpoint that leaves backbone weights unloaded; ``new_prefixes`` may start fresh."""
     mismatched = sorted(key for key, *_ in info["mismatched_keys"])
     missing = sorted(info["missing_keys"])
     bad_mismatched = [k for k in mismatched if not k.startswith("classifier.")]
-    bad_missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
+    bad_missing = [k for k in missing if not k.startswith(new_prefixes)]
     if bad_mismatched or bad_missing:
         keys = ", ".join((bad_mismatched + bad_missing)[:4])
         raise UserError(

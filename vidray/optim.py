@@ -55,7 +55,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, layer_decay: f
             depth = int(name.split(".")[3]) + 1
         else:
             depth = num_layers + 1
-        decay = param.ndim > 1 and "position_embeddings" not in name
+        # mask_token: the pretraining decoder's learned placeholder (vidray/pretrain_model.py), never decayed in VideoMAE.
+        decay = param.ndim > 1 and "position_embeddings" not in name and name != "mask_token"
         group = groups.setdefault(
             (depth, decay),
             {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": layer_decay ** (num_layers + 1 - depth)},
@@ -64,12 +65,15 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, layer_decay: f
     return [groups[key] for key in sorted(groups)]
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, device: torch.device, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups`; ``betas`` (0.9, 0.95) for masked-autoencoder pretraining, as VideoMAE."""
     groups = parameter_groups(model, train.weight_decay, train.layer_decay)
     for group in groups:
         group["lr"] = train.lr * group["lr_scale"]
     # Fused AdamW: one kernel for all parameters on CUDA (no per-tensor launches); the CPU has none worth it.
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=train.lr, betas=betas, fused=device.type == "cuda")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, steps: int):

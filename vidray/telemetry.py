@@ -56,14 +56,18 @@ def vit_forward_flops(config, frames: int, size: int) -> dict[str, float]:
     tubelet, d = config.tubelet_size, config.hidden_size
     tokens = (frames // tubelet) * (size // patch) ** 2
     embed = 2 * tokens * (3 * tubelet * patch * patch) * d
-    per_layer = (
-        2 * tokens * d * 3 * d  # q, k, v
-        + 4 * tokens * tokens * d  # scores and weighted sum
-        + 2 * tokens * d * d  # output projection
-        + 2 * tokens * d * config.intermediate_size * 2  # MLP
+    forward = embed + config.num_hidden_layers * transformer_layer_flops(tokens, d, config.intermediate_size)
+    return {"tokens": tokens, "forward": forward + 2 * d * config.num_labels}
+
+
+def transformer_layer_flops(tokens: int, width: int, intermediate: int) -> float:
+    """Forward FLOPs of one pre-norm transformer layer over ``tokens`` tokens."""
+    return (
+        2 * tokens * width * 3 * width  # q, k, v
+        + 4 * tokens * tokens * width  # scores and weighted sum
+        + 2 * tokens * width * width  # output projection
+        + 2 * tokens * width * intermediate * 2  # MLP
     )
-    forward = embed + config.num_hidden_layers * per_layer + 2 * d * config.num_labels
-    return {"tokens": tokens, "forward": forward}
 
 
 def train_flops_per_clip(config, frames: int, size: int) -> float:

@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import ray
@@ -228,17 +228,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         maybe_hold_for_test(epoch)
 
 
-def start_or_resume(cfg: VidrayConfig, shape: ClipShape) -> tuple[torch.nn.Module, dict[str, Any] | None, list]:
-    """(model, training state or None, metric history): from the run's latest checkpoint if it has one."""
+def start_or_resume(
+    cfg: VidrayConfig,
+    shape: ClipShape,
+    *,
+    build: Callable[[], torch.nn.Module] | None = None,
+    load: Callable[[str], torch.nn.Module] = load_model,
+) -> tuple[torch.nn.Module, dict[str, Any] | None, list]:
+    """(model, training state or None, metric history): from the run's latest checkpoint if it has one.
+
+    ``build`` makes a new model (default: the classifier of ``cfg.model``), ``load`` reads a
+    checkpoint's ``model/``; vidray/pretrain.py passes the pretraining model's pair.
+    """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
         torch.manual_seed(cfg.train.seed)
-        return build_model(cfg.model, shape.classes, shape.frames, shape.size), None, []
+        if build is None:
+            return build_model(cfg.model, shape.classes, shape.frames, shape.size), None, []
+        return build(), None, []
     with checkpoint.as_directory() as directory:
         # from_pretrained, not load_state_dict: HF may store some weights under other names
         # (VideoMAE's q_bias/v_bias), and the position table is rebuilt from config.json.
-        model = load_model(os.path.join(directory, MODEL_DIR))
+        model = load(os.path.join(directory, MODEL_DIR))
         state = load_training_state(directory)
         history = read_checkpoint_info(directory).get("history", [])
     if cfg.model.gradient_checkpointing:
@@ -281,10 +293,53 @@ def train_one_epoch(
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[float, int, int, int]:
-    """One pass over this rank's shard. Returns (summed loss, batches, videos, global step).
+    """One fine-tuning pass over this rank's shard (:func:`run_epoch` with the classification loss).
+    Returns (summed loss, batches, videos, global step)."""
 
-    The loss is summed on the device and read back once, at the end (and at
-    telemetry log points): no host-device synchronisation per step.
+    def classification_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pixels = augment.train_transform(
+            batch["video"], frames=shape.frames, size=shape.size, generator=parts.generators.device, hflip=train.hflip
+        )
+        pixels, targets = augment.mix_batch(
+            pixels,
+            batch["label"],
+            num_classes=len(shape.classes),
+            generator=parts.generators.host,
+            mixup_alpha=train.mixup_alpha,
+            cutmix_alpha=train.cutmix_alpha,
+            label_smoothing=train.label_smoothing,
+        )
+        with autocast(device):
+            logits = parts.forward(pixel_values=pixels).logits
+        return augment.soft_target_cross_entropy(logits, targets)
+
+    return run_epoch(
+        parts, batches, classification_loss, train=train, device=device, micro_batches=micro_batches,
+        epoch=epoch, global_step=global_step, telemetry=telemetry, rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+def run_epoch(
+    parts: StepParts,
+    batches: Iterable[dict[str, torch.Tensor]],
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    *,
+    train: TrainConfig,
+    device: torch.device,
+    micro_batches: int,
+    epoch: int,
+    global_step: int,
+    telemetry: StepTelemetry | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int, int, int]:
+    """One pass over this rank's shard, ``loss_of(batch)`` (the batch on the device) the loss of a
+    micro-batch: fine-tuning's (:func:`train_one_epoch`) or pretraining's (vidray/pretrain.py).
+    Returns (summed loss, batches, videos, global step).
+
+    Gradient accumulation (DDP syncs only on a group's last micro-batch), clipping, one
+    scheduler step per optimizer step. The loss is summed on the device and read back
+    once, at the end (and at telemetry log points): no host-device synchronisation per step.
     """
     parts.forward.train()
     distributed = isinstance(parts.ddp_model, torch.nn.parallel.DistributedDataParallel)
@@ -307,32 +362,19 @@ def train_one_epoch(
         ends_group = is_last or (index + 1) % accum == 0
         # The last group of an epoch may be short: average over the micro-batches it really has.
         group_size = min(accum, max(micro_batches - (index - index % accum), 1))
-        videos, labels = batch["video"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         if telemetry is not None:
             telemetry.waited(time.perf_counter() - fetched)
-        pixels = augment.train_transform(
-            videos, frames=shape.frames, size=shape.size, generator=parts.generators.device, hflip=train.hflip
-        )
-        pixels, targets = augment.mix_batch(
-            pixels,
-            labels,
-            num_classes=len(shape.classes),
-            generator=parts.generators.host,
-            mixup_alpha=train.mixup_alpha,
-            cutmix_alpha=train.cutmix_alpha,
-            label_smoothing=train.label_smoothing,
-        )
         # DDP all-reduces gradients only on the micro-batch that ends an accumulation group.
         sync = parts.ddp_model.no_sync() if distributed and not ends_group else contextlib.nullcontext()
         with sync:
-            with autocast(device):
-                logits = parts.forward(pixel_values=pixels).logits
-            loss = augment.soft_target_cross_entropy(logits, targets)
+            loss = loss_of(batch)
             (loss / group_size).backward()
         loss_sum += loss.detach()
+        clips = batch["video"].shape[0]
         num_batches += 1
-        num_videos += labels.shape[0]
-        group_videos += labels.shape[0]
+        num_videos += clips
+        group_videos += clips
         if ends_group:
             if train.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parts.model.parameters(), train.max_grad_norm)

@@ -24,7 +24,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from vidray.checkpoint import INFO, check_training_state
-from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, config_differences
+from vidray.config import KEYS_FREE_ON_RESUME, TrainConfig, VidrayConfig, config_differences
 from vidray.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.errors import UserError
 from vidray.ingest import build_datasets, data_config, ingest_cpus
@@ -38,6 +38,21 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
 def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
+    shape = check_stored_clips(cfg, info, dataset_dir)
+    for split in ("train", "val"):
+        if info.split_counts.get(split, 0) == 0:
+            raise UserError(f"split {split!r} of {dataset_dir} holds no videos; training needs train and val videos")
+    per_worker = info.split_counts["train"] // cfg.train.num_workers
+    if per_worker < micro_batch_size(cfg.train):
+        raise UserError(
+            f"{dataset_dir} has {info.split_counts['train']} training videos: fewer than one batch of "
+            f"{micro_batch_size(cfg.train)} per worker; lower train.batch_size or train.num_workers"
+        )
+    return shape
+
+
+def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
+    """The clips the model eats (data.frames x data.size²) must fit in what the dataset stores: their ClipShape."""
     if cfg.data.frames > info.stored_frames:
         raise UserError(
             f"data.frames={cfg.data.frames} exceeds the {info.stored_frames} frames stored per video in "
@@ -47,15 +62,6 @@ def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> Cli
         raise UserError(
             f"data.size={cfg.data.size} exceeds the stored size {info.stored_size} of {dataset_dir}; "
             "lower data.size or preprocess again at a larger size"
-        )
-    for split in ("train", "val"):
-        if info.split_counts.get(split, 0) == 0:
-            raise UserError(f"split {split!r} of {dataset_dir} holds no videos; training needs train and val videos")
-    per_worker = info.split_counts["train"] // cfg.train.num_workers
-    if per_worker < micro_batch_size(cfg.train):
-        raise UserError(
-            f"{dataset_dir} has {info.split_counts['train']} training videos: fewer than one batch of "
-            f"{micro_batch_size(cfg.train)} per worker; lower train.batch_size or train.num_workers"
         )
     return ClipShape(
         list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size,
@@ -75,6 +81,12 @@ def make_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
     )
     kwargs.update(overrides)
     return ray.train.RunConfig(**kwargs)
+
+
+def scaling_config(train: TrainConfig) -> ray.train.ScalingConfig:
+    return ray.train.ScalingConfig(
+        num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
+    )
 
 
 def build_trainer(
@@ -102,11 +114,7 @@ def build_trainer(
             "train_videos": info.split_counts["train"],
             "val_videos": info.split_counts["val"],
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg.train),
         run_config=run_config or make_run_config(cfg),
         datasets=build_datasets(dataset_dir, cfg.train, info),
         dataset_config=data_config(),
@@ -195,23 +203,31 @@ def delete_run(run_dir: str) -> None:
         fs.delete_dir(path)
 
 
-def run_training(cfg: VidrayConfig, restart: bool = False) -> dict[str, Any]:
-    """Prepare the data, train (or continue, or just report a finished run), and summarise.
+def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
+    """``cfg`` with run.storage_path and data.dataset_dir as every node must get them (after init_ray())."""
+    from vidray.cluster import shared_storage_paths
 
-    Returns run dir, best and last metrics and checkpoint paths.
-    """
-    from vidray.cluster import check_run_resources, cluster_capacity, init_ray, shared_storage_paths
-    from vidray.prepare import prepare_dataset
-
-    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
-    init_ray()
     storage_path, dataset_dir = shared_storage_paths(cfg)
-    cfg = cfg.model_copy(
+    return cfg.model_copy(
         update={
             "run": cfg.run.model_copy(update={"storage_path": storage_path}),
             "data": cfg.data.model_copy(update={"dataset_dir": dataset_dir}),
         }
     )
+
+
+def run_training(cfg: VidrayConfig, restart: bool = False) -> dict[str, Any]:
+    """Prepare the data, train (or continue, or just report a finished run), and summarise.
+
+    Returns run dir, best and last metrics and checkpoint paths.
+    """
+    from vidray.cluster import check_run_resources, cluster_capacity, init_ray
+    from vidray.prepare import prepare_dataset
+
+    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    init_ray()
+    cfg = on_shared_storage(cfg)
+    storage_path, dataset_dir = cfg.run.storage_path, cfg.data.dataset_dir
     run_dir = join_uri(storage_path, cfg.run.name)
     if restart:
         delete_run(run_dir)

@@ -1,0 +1,373 @@
+"""VideoMAE masked-autoencoder pretraining: tube masks, the model and its encoder, and real Ray Train runs.
+
+The Ray runs (module-scoped, shared by the tests below them) pretrain a tiny
+VideoMAE from scratch on the synthetic clips of tests/test_train.py (a square
+crossing a noisy frame), labels unused:
+
+* ``uninterrupted``: 2 DDP workers, 3 epochs, each worker's shard cached in its
+  device's memory (``train.cache_dataset=auto`` on CPU);
+* ``killed``: the same run streaming the shards, its rank 1 killed once in the
+  middle of epoch 1: it must resume at epoch 1 and end exactly where
+  ``uninterrupted`` ended (losses, weights): masks, crops and batches continue
+  the same random streams.
+
+Then the encoder it leaves (``model_dir``) is fine-tuned by a real ``vidray
+train`` run, and its weights are checked against the pretraining checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from test_train import CLASSES, FRAMES, SIZE, config_for, run, write_dataset
+from vidray.cli import main as cli_main
+from vidray.checkpoint import MODEL_DIR, load_trained_model, load_training_state, read_checkpoint_info
+from vidray.config import ConfigError, ModelConfig, load_config
+from vidray.errors import UserError
+from vidray.masking import masked_positions, tube_mask
+from vidray.model import POS_GRID_KEY, build_model, token_grid
+from vidray import augment
+from vidray.pretrain import (
+    ENCODER_DIR,
+    as_pretraining,
+    build_pretrainer,
+    check_pretrain_config,
+    make_pretraining_run_config,
+)
+from vidray.pretrain_figures import reconstruct
+from vidray.pretrain_model import build_pretraining_model, load_pretraining_model, save_encoder
+from vidray.trainer import build_trainer, existing_run_state
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+TRAIN_VIDEOS = 4 * 48  # test_train's dataset
+GLOBAL_BATCH = 16
+TINY_DECODER = dict(decoder_depth=1, decoder_width=64, decoder_heads=4)
+
+
+# ----------------------------------------------------------------- tube masks (no Ray)
+
+
+def test_tube_mask_hides_the_same_positions_in_every_frame_and_exactly_round_ratio_of_them():
+    grid = (4, 6, 6)
+    mask = tube_mask(64, grid, 0.9, torch.Generator().manual_seed(0))
+    assert mask.shape == (64, 4 * 36) and mask.dtype == torch.bool
+    per_frame = mask.reshape(64, 4, 36)
+    # One spatial mask per clip, shared by every time step: tubes.
+    assert torch.equal(per_frame, per_frame[:, :1].expand_as(per_frame))
+    # Exactly round(0.9 x 36) = 32 positions hidden in every clip (4 visible), so 4 x 32 tokens.
+    assert masked_positions(36, 0.9) == 32
+    assert per_frame[:, 0].sum(dim=1).tolist() == [32] * 64
+    assert mask.sum(dim=1).tolist() == [128] * 64
+    # A different mask per clip: 64 draws of 4 visible positions out of 36 (58,905 ways) never all agree.
+    assert len({tuple(row.tolist()) for row in per_frame[:, 0]}) > 60
+    # Every position gets hidden and shown somewhere: no position is favoured.
+    assert 0 < per_frame[:, 0].float().mean(dim=0).min() and per_frame[:, 0].float().mean(dim=0).max() < 1
+
+
+def test_tube_masks_are_reproducible_for_a_seed_and_continue_from_a_saved_state():
+    grid = (2, 4, 4)
+    a = tube_mask(8, grid, 0.75, torch.Generator().manual_seed(3))
+    b = tube_mask(8, grid, 0.75, torch.Generator().manual_seed(3))
+    c = tube_mask(8, grid, 0.75, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.sum(dim=1).tolist() == [2 * 12] * 8  # round(0.75 x 16) = 12 per time step
+    # What a checkpoint keeps (the generator state) continues the very same stream.
+    generator = torch.Generator().manual_seed(5)
+    tube_mask(8, grid, 0.75, generator)
+    state = generator.get_state()
+    following = tube_mask(8, grid, 0.75, generator)
+    resumed = torch.Generator()
+    resumed.set_state(state)
+    assert torch.equal(tube_mask(8, grid, 0.75, resumed), following)
+
+
+def test_masked_count_rounds_and_a_mask_hiding_all_or_nothing_is_refused():
+    assert masked_positions(16, 0.9) == 14  # 14.4
+    assert masked_positions(36, 0.75) == 27
+    assert masked_positions(49, 0.9) == 44  # 44.1
+    with pytest.raises(ValueError, match="none or all"):
+        tube_mask(2, (2, 4, 4), 0.99, torch.Generator())
+
+
+# ----------------------------------------------------------------- config errors (no Ray)
+
+
+def demo_config(*overrides: str):
+    return load_config(REPO / "configs" / "demo.yaml", list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["pretrain.mask_ratio=0.99"],
+            "pretrain.mask_ratio=0.99 hides all of them (a 32 px clip in 8 px patches has 4 x 4 = 16 patch "
+            "positions), leaving no visible token; lower pretrain.mask_ratio to at most 0.968",
+        ),
+        (
+            ["pretrain.mask_ratio=0.01"],
+            "pretrain.mask_ratio=0.01 hides none of them (a 32 px clip in 8 px patches has 4 x 4 = 16 patch "
+            "positions), leaving nothing to reconstruct; raise pretrain.mask_ratio to at least 0.031",
+        ),
+        (["data.frames=6"], "data.frames=6 must be a multiple of the model's tubelet_size 4"),
+        (["data.size=36"], "data.size=36 must be a multiple of the model's patch_size 8"),
+        (
+            ["pretrain.batch_size=15", "train.num_workers=2"],
+            "pretrain.batch_size=15 is the global batch and must be divisible by "
+            "train.num_workers x train.grad_accum_steps = 2",
+        ),
+    ],
+)
+def test_a_pretraining_that_cannot_work_is_refused_from_the_config_alone(overrides, message):
+    with pytest.raises(UserError) as err:
+        check_pretrain_config(demo_config(*overrides))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("pretrain.mask_ratio=1.0", "pretrain.mask_ratio: Input should be less than 1"),
+        ("pretrain.splits=[]", "pretrain.splits is empty"),
+        ("pretrain.splits=[train, train]", "pretrain.splits lists a split twice"),
+        ("pretrain.splits=[holdout]", "pretrain.splits.0: Input should be 'train', 'val' or 'test'"),
+        ("pretrain.decoder_width=90", "pretrain.decoder_width (90) must be divisible by pretrain.decoder_heads (4)"),
+        ("pretrain.learning_rate=1", "pretrain.learning_rate: unknown key"),
+    ],
+)
+def test_bad_pretrain_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as err:
+        demo_config(override)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_continuing_from_a_decoder_of_another_shape_is_refused(tmp_path):
+    cfg = demo_config()
+    model = build_pretraining_model(cfg.model, cfg.pretrain, cfg.data.frames, cfg.data.size)
+    model.save_pretrained(tmp_path)
+    continued = cfg.model.model_copy(update={"init": "pretrained", "name_or_path": str(tmp_path), "patch_size": None})
+    with pytest.raises(UserError) as err:
+        check_pretrain_config(cfg.model_copy(update={"model": continued, "pretrain": cfg.pretrain.model_copy(update={"decoder_depth": 3})}))
+    assert str(err.value) == (
+        f"model.name_or_path {str(tmp_path)!r} holds a pretraining decoder of another shape: set "
+        "pretrain.decoder_depth=1 to continue with it (or point model.name_or_path at an encoder to start a new decoder)"
+    )
+
+
+def test_jobs_pretrain_reports_a_config_error_in_one_line_before_ray_starts():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config", "configs/demo.yaml", "pretrain.mask_ratio=0.99"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vidray pretrain: error: pretrain.mask_ratio=0.99 hides all of them")
+    assert proc.stdout == ""
+
+
+# ----------------------------------------------------------------- model and encoder (no Ray)
+
+
+def test_continuing_pretraining_keeps_every_weight_and_interpolates_both_position_tables(tmp_path):
+    cfg = demo_config()
+    torch.manual_seed(0)
+    first = build_pretraining_model(cfg.model, cfg.pretrain, cfg.data.frames, cfg.data.size)
+    first.save_pretrained(tmp_path / "full")
+    save_encoder(first, tmp_path / "encoder")
+    model_cfg = cfg.model.model_copy(update={"init": "pretrained", "patch_size": None})
+
+    # From a pretraining checkpoint: encoder and decoder continue as they were.
+    same = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 8, 32)
+    for (name, a), b in zip(first.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), name
+    # From an encoder: the encoder's weights, a fresh decoder and a fresh last norm.
+    encoder_only = build_pretraining_model(
+        model_cfg.model_copy(update={"name_or_path": str(tmp_path / "encoder")}), cfg.pretrain, 8, 32
+    )
+    reference = first.state_dict()
+    for name, tensor in encoder_only.state_dict().items():
+        if name.startswith("videomae.") and not name.startswith("videomae.layernorm."):
+            assert torch.equal(tensor, reference[name]), name
+    assert not torch.equal(encoder_only.decoder.head.weight, first.decoder.head.weight)
+
+    # At another input size, both sinusoid tables are the 2 x 4 x 4 ones resized, not HF's 1-D rebuild.
+    larger = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 16, 48)
+    assert getattr(larger.config, POS_GRID_KEY) == [2, 4, 4] and token_grid(larger.config) == (4, 6, 6)
+    larger.save_pretrained(tmp_path / "larger")
+    reloaded = load_pretraining_model(tmp_path / "larger")
+    assert torch.equal(reloaded.position_embeddings, larger.position_embeddings)
+    assert torch.equal(reloaded.videomae.embeddings.position_embeddings, larger.videomae.embeddings.position_embeddings)
+    assert reloaded.position_embeddings.shape == (1, 144, cfg.pretrain.decoder_width)
+
+
+def test_reconstruction_keeps_the_visible_patches_and_greys_out_the_hidden_ones():
+    cfg = demo_config()
+    videos = torch.randint(0, 256, (2, 16, 36, 36, 3), dtype=torch.uint8)
+    pixels = augment.eval_transform(videos, frames=8, size=32)
+    mask = tube_mask(2, (2, 4, 4), 0.75, torch.Generator().manual_seed(0))
+    # Token (t, h, w) covers frames 4t .. 4t + 3 (tubelet 4) and the 8 x 8 pixels of patch (h, w).
+    hidden = mask.reshape(2, 2, 4, 4).repeat_interleave(4, 1).repeat_interleave(8, 2).repeat_interleave(8, 3).numpy()
+    for norm_pix_loss in (True, False):
+        pretrain = cfg.pretrain.model_copy(update={"norm_pix_loss": norm_pix_loss})
+        clips = reconstruct(build_pretraining_model(cfg.model, pretrain, 8, 32), pixels, mask)
+        original = clips["original"]
+        assert original.shape == (2, 8, 32, 32, 3)
+        # The original is the eval clip (evenly spaced frames, centre crop) back in 0..1.
+        np.testing.assert_allclose(original, videos[:, 1::2, 2:34, 2:34].numpy() / 255, atol=1e-5)
+        assert (clips["masked"][hidden] == 0.5).all()
+        np.testing.assert_array_equal(clips["masked"][~hidden], original[~hidden])
+        np.testing.assert_array_equal(clips["reconstruction"][~hidden], original[~hidden])
+        # An untrained decoder's guesses are not the hidden pixels.
+        assert np.abs(clips["reconstruction"][hidden] - original[hidden]).mean() > 0.05
+
+
+# ----------------------------------------------------------------- real Ray Train runs
+
+
+def pretrain_config(dataset_dir: str, storage: Path, name: str, *overrides: str):
+    """test_train's run settings (data, seed, failures, prefetch), pretraining a tiny model from scratch."""
+    return config_for(
+        dataset_dir,
+        ModelConfig().name_or_path,  # unused: init=scratch
+        storage,
+        name,
+        "model.init=scratch",
+        "model.size=tiny",
+        "model.patch_size=8",
+        f"pretrain.epochs={EPOCHS}",
+        f"pretrain.batch_size={GLOBAL_BATCH}",
+        "pretrain.lr=1e-3",
+        "pretrain.warmup_epochs=1",
+        # Raw pixel targets: test_train's clips are mostly noise around one grey level, which the
+        # per-patch normalisation would turn into unpredictable targets (a loss stuck near 1).
+        "pretrain.norm_pix_loss=false",
+        *[f"pretrain.{key}={value}" for key, value in TINY_DECODER.items()],
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.seed=3",
+        *overrides,
+    )
+
+
+def pretrain_run(cfg, tmp: Path, *, kill_at_epoch: int | None = None) -> dict:
+    outcome = run(
+        cfg, tmp, kill_at_epoch=kill_at_epoch, build=build_pretrainer, run_config_of=make_pretraining_run_config
+    )
+    return {**outcome, "info": read_checkpoint_info(outcome["result"].checkpoint.path)}
+
+
+@pytest.fixture(scope="module")
+def clips_dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("pretrain_clips"), shuffle_time=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, clips_dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain_uninterrupted")
+    return pretrain_run(pretrain_config(clips_dataset, tmp / "runs", "uninterrupted"), tmp)
+
+
+@pytest.fixture(scope="module")
+def killed(ray_cluster, clips_dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain_killed")
+    cfg = pretrain_config(clips_dataset, tmp / "runs", "killed", "train.cache_dataset=never")
+    return pretrain_run(cfg, tmp, kill_at_epoch=1)
+
+
+def test_pretraining_loss_falls_on_two_ddp_workers(uninterrupted):
+    history = uninterrupted["info"]["history"]
+    losses = [h["train_loss"] for h in history]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(h["train_videos"] == TRAIN_VIDEOS for h in history)
+    masking = uninterrupted["info"]["masking"]
+    # 32 px in 8 px patches: 4 x 4 positions, round(0.9 x 16) = 14 hidden in each of 4 time steps.
+    assert masking == {"token_grid": [4, 4, 4], "mask_ratio": 0.9, "hidden_tokens_per_clip": 56}
+    assert Path(uninterrupted["result"].path).name == "uninterrupted-pretrain"
+
+
+def test_killed_worker_resumes_at_the_next_epoch_and_ends_where_the_uninterrupted_run_ends(killed, uninterrupted):
+    assert killed["killed"], "the fault hook never fired"
+    assert [r["metrics"]["epoch"] for r in killed["reports"]] == list(range(EPOCHS))
+    steps = TRAIN_VIDEOS // GLOBAL_BATCH
+    assert [r["metrics"]["global_step"] for r in killed["reports"]] == [steps * (e + 1) for e in range(EPOCHS)]
+    assert [h["epoch"] for h in killed["info"]["history"]] == list(range(EPOCHS))
+    state = load_training_state(killed["result"].checkpoint.path)
+    assert state["epoch"] == EPOCHS - 1 and len(state["mask_rng"]) == len(state["rng"]) == 2
+    # Same masks, crops, batches and weights as if nothing had happened, from device-cached or streamed data.
+    assert (uninterrupted["info"]["ingest"]["placement"], killed["info"]["ingest"]["placement"]) == ("device", "ray_data")
+    for a, b in zip(uninterrupted["info"]["history"], killed["info"]["history"]):
+        assert (a["train_loss"], a["lr"], a["global_step"]) == (b["train_loss"], b["lr"], b["global_step"])
+    model_a = load_pretraining_model(Path(uninterrupted["result"].checkpoint.path) / MODEL_DIR)
+    model_b = load_pretraining_model(Path(killed["result"].checkpoint.path) / MODEL_DIR)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture(scope="module")
+def finished(uninterrupted, tmp_path_factory):
+    """``vidray pretrain --config C`` run again on the finished run (in this process, on the session's
+    cluster): it trains nothing, writes the encoder and figures; its stdout's last line is the summary."""
+    config = tmp_path_factory.mktemp("pretrain_cli") / "config.yaml"
+    config.write_text(yaml.safe_dump(uninterrupted["cfg"].model_dump(mode="json")))
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli_main(["pretrain", "--config", str(config)]) in (0, None)
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+
+def test_rerunning_a_finished_run_writes_the_encoder_and_the_figures(finished, uninterrupted):
+    cfg = uninterrupted["cfg"]
+    run_dir = Path(uninterrupted["result"].path)
+    assert existing_run_state(as_pretraining(cfg), str(run_dir)) == "finished"
+    assert finished["run_dir"] == str(run_dir) and finished["model_dir"] == str(run_dir / ENCODER_DIR)
+    assert finished["checkpoint"] == uninterrupted["result"].checkpoint.path
+    assert finished["last"]["epoch"] == EPOCHS - 1 and finished["last"]["train_loss"] > 0
+    assert sorted(Path(p).name for p in finished["figures"]) == ["pretrain_loss.png", "pretrain_reconstruction.png"]
+    for path in finished["figures"]:
+        assert Path(path).parent == run_dir / "reports" / "figures"  # the pretraining run's own reports
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+    provenance = json.loads((run_dir / ENCODER_DIR / "vidray_pretrain.json").read_text())
+    assert provenance["epochs"] == EPOCHS and provenance["splits"] == ["train"]
+
+
+def test_the_encoder_loads_into_fine_tuning_exactly(finished, uninterrupted):
+    pretrained = load_pretraining_model(Path(finished["checkpoint"]) / MODEL_DIR).state_dict()
+    model_cfg = ModelConfig(init="pretrained", name_or_path=finished["model_dir"])
+    classifier = build_model(model_cfg, CLASSES, FRAMES, SIZE)
+    state = classifier.state_dict()
+    backbone = [k for k in pretrained if k.startswith("videomae.") and not k.startswith("videomae.layernorm.")]
+    assert len(backbone) == len([k for k in state if k.startswith("videomae.")]) > 20
+    for name in backbone:
+        assert torch.equal(state[name], pretrained[name]), name
+    # A new head on mean-pooled tokens; patch, tubelet, frames and size from the encoder's config.
+    assert sorted(k for k in state if not k.startswith("videomae.")) == [
+        "classifier.bias", "classifier.weight", "fc_norm.bias", "fc_norm.weight"
+    ]  # fmt: skip
+    config = classifier.config
+    assert (config.patch_size, config.tubelet_size, config.num_frames, config.image_size) == (8, 2, FRAMES, SIZE)
+    assert config.use_mean_pooling and token_grid(config) == (4, 4, 4)
+
+
+def test_vidray_train_fine_tunes_from_the_encoder(finished, clips_dataset, tmp_path):
+    cfg = config_for(clips_dataset, finished["model_dir"], tmp_path / "runs", "from_pretrained", "train.epochs=1")
+    result = build_trainer(cfg).fit()
+    model, info = load_trained_model(result.checkpoint.path)
+    assert info["metrics"]["epoch"] == 0 and np.isfinite(info["metrics"]["train_loss"])
+    assert model.config.id2label == dict(enumerate(CLASSES)) and not hasattr(model, "decoder")
