@@ -371,3 +371,23 @@ def test_vidray_train_fine_tunes_from_the_encoder(finished, clips_dataset, tmp_p
     model, info = load_trained_model(result.checkpoint.path)
     assert info["metrics"]["epoch"] == 0 and np.isfinite(info["metrics"]["train_loss"])
     assert model.config.id2label == dict(enumerate(CLASSES)) and not hasattr(model, "decoder")
+
+
+
+def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
+    """A one-trial, one-epoch sweep from the encoder (in this process, on the session's cluster):
+    the trial fine-tunes it and the sweep writes its table and exports its best model."""
+    from vidray.tune import run_sweep
+
+    cfg = config_for(
+        clips_dataset, finished["model_dir"], tmp_path / "runs", "sweep_from_pretrained",
+        "train.epochs=1", "tune.mixup_alpha=[0.0]", "tune.lr=[1e-3]", "tune.weight_decay=[0.05]", "tune.asha=false",
+    )  # fmt: skip
+    summary = run_sweep(cfg)
+    assert summary["trials"] == 1 and summary["errored"] == 0, summary
+    assert Path(summary["results_md"]).is_file()
+    best, info = load_trained_model(summary["best"]["exported_model"])
+    assert best.config.id2label == dict(enumerate(CLASSES)) and not hasattr(best, "decoder")
+    # The encoder's geometry, carried by its config into the sweep's model.
+    assert (best.config.patch_size, best.config.tubelet_size, best.config.use_mean_pooling) == (8, 2, True)
+    assert info["config"]["model"]["name_or_path"] == finished["model_dir"]

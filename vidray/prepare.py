@@ -80,8 +80,8 @@ def prepare_dataset(cfg: VidrayConfig) -> str:
     else:
         if not data.annotations:
             raise ConfigError("data.annotations is not set (list COIN annotation JSON files, e.g. [COIN.json])")
-        for index, annotations in enumerate(data.annotations):
-            require_file(annotations, f"data.annotations[{index}]", "a COIN annotation JSON file")
+        for index, annotation_file in enumerate(data.annotations):
+            require_file(annotation_file, f"data.annotations[{index}]", "a COIN annotation JSON file")
         taxonomy = require_file(data.taxonomy, "data.taxonomy", "COIN's taxonomy_domains.csv")
         require_file(data.videos_dir, "data.videos_dir", COIN_VIDEOS_HINT)
         index_coin(

@@ -51,7 +51,6 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train.torch import TorchTrainer
-from transformers.utils import logging as hf_logging
 
 from vidray import augment
 from vidray.checkpoint import MODEL_DIR, read_checkpoint_info
@@ -71,7 +70,7 @@ from vidray.pretrain_model import (
 from vidray.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
 from vidray.telemetry import StepTelemetry, transformer_layer_flops
-from vidray.train import StepParts, _gather, compile_model, report_epoch, run_epoch, start_or_resume
+from vidray.train import StepParts, _gather, compile_model, quiet_worker_logs, report_epoch, run_epoch, start_or_resume
 from vidray.trainer import (
     CHECKPOINTS_TO_KEEP,
     check_stored_clips,
@@ -204,7 +203,7 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    hf_logging.disable_progress_bar()
+    quiet_worker_logs()
     use_tf32(device)
 
     model, state, history = start_or_resume(
