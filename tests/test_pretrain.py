@@ -34,6 +34,7 @@ from test_train import CLASSES, FRAMES, SIZE, config_for, run, write_dataset
 from vidray.cli import main as cli_main
 from vidray.checkpoint import MODEL_DIR, load_trained_model, load_training_state, read_checkpoint_info
 from vidray.config import ConfigError, ModelConfig, load_config
+from vidray.dataset import read_dataset_info
 from vidray.errors import UserError
 from vidray.masking import masked_positions, tube_mask
 from vidray.model import POS_GRID_KEY, build_model, token_grid
@@ -379,15 +380,20 @@ def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     the trial fine-tunes it and the sweep writes its table and exports its best model."""
     from vidray.tune import run_sweep
 
+    # A sweep prepares its own data (here: demo videos of the clip shape the encoder was pretrained on).
+    dataset_dir = tmp_path / "dataset"
     cfg = config_for(
-        clips_dataset, finished["model_dir"], tmp_path / "runs", "sweep_from_pretrained",
+        str(dataset_dir), finished["model_dir"], tmp_path / "runs", "sweep_from_pretrained",
+        "data.source=demo", "data.demo.classes=2", "data.demo.videos_per_class=20",
+        f"data.videos_dir={tmp_path / 'videos'}", f"data.manifest={tmp_path / 'manifest.parquet'}",
         "train.epochs=1", "tune.mixup_alpha=[0.0]", "tune.lr=[1e-3]", "tune.weight_decay=[0.05]", "tune.asha=false",
     )  # fmt: skip
     summary = run_sweep(cfg)
     assert summary["trials"] == 1 and summary["errored"] == 0, summary
     assert Path(summary["results_md"]).is_file()
     best, info = load_trained_model(summary["best"]["exported_model"])
-    assert best.config.id2label == dict(enumerate(CLASSES)) and not hasattr(best, "decoder")
+    classes = read_dataset_info(str(dataset_dir)).classes
+    assert len(classes) == 2 and best.config.id2label == dict(enumerate(classes)) and not hasattr(best, "decoder")
     # The encoder's geometry, carried by its config into the sweep's model.
     assert (best.config.patch_size, best.config.tubelet_size, best.config.use_mean_pooling) == (8, 2, True)
     assert info["config"]["model"]["name_or_path"] == finished["model_dir"]

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from vidray.cli import main as cli_main
+from vidray.faults import hold_env
 from vidray.config import TuneConfig, load_config
 from vidray.errors import UserError
 from vidray.results import trial_label
@@ -110,6 +111,15 @@ def wait_for_train_to_stop(ray_head, timeout: float = 120) -> None:
             return
         assert time.monotonic() < deadline, f"still alive {timeout} s after the driver died: {alive}"
         time.sleep(1)
+
+
+def registered_checkpoints(experiment: Path, trial_dir: Path) -> list:
+    """The checkpoints Ray Train has registered for a trial's run (what a restore continues from)."""
+    try:
+        snapshot = json.loads((experiment / "train_runs" / trial_id(trial_dir) / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []
+    return snapshot.get("checkpoint_results", [])
 
 
 def progress_epochs(trial_dir: Path) -> list[int]:
@@ -347,11 +357,17 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
         demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=1"
     )
     experiment = tmp_path / "runs" / "demo"
-    driver = start_driver(ray_head, overrides)
+    # Trial 2's workers hold after epoch 0 until they die with the driver: killed that late, a trial
+    # of tiny epochs could otherwise finish before the signal lands, and there would be nothing to
+    # continue. The variables reach every worker of the job the way `ray job submit
+    # --runtime-env-json` passes them (the second driver runs without them).
+    hold = hold_env(0, str(tmp_path / "never-released"), run_suffix="_00001")
+    job_config = json.dumps({"runtime_env": {"env_vars": hold}})
+    driver = start_driver(ray_head, overrides, env={**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config})
     deadline = time.monotonic() + 900
     while True:  # one trial at a time: trial 2 reporting means trial 1 is done
         trials = trial_dirs(experiment) if experiment.is_dir() else []
-        if len(trials) == 2 and progress_epochs(trials[1]):
+        if len(trials) == 2 and progress_epochs(trials[1]) and registered_checkpoints(experiment, trials[1]):
             break
         assert driver.poll() is None, f"the sweep ended before it could be interrupted:\n{driver.stdout.read()[-5000:]}"
         assert time.monotonic() < deadline, "trial 2 never reported"
@@ -371,7 +387,7 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
     output = finish(start_driver(ray_head, overrides))  # the same command: it continues
     summary = json.loads(output.rstrip().splitlines()[-1])
     assert summary["trials"] == 2 and summary["errored"] == 0, output[-5000:]
-    assert "continuing the interrupted sweep" in output
+    assert "continuing the interrupted sweep" in output, output[-8000:]
 
     assert (first / "progress.csv").read_text() == first_progress  # trial 1 was not rerun
     assert len(trial_dirs(experiment)) == 2

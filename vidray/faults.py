@@ -7,8 +7,9 @@ The marker file records that it happened, so the restarted worker group runs on.
 
 With both hold variables, every rank waits after reporting epoch
 ``VIDRAY_TEST_HOLD_AFTER_EPOCH`` until the file ``VIDRAY_TEST_HOLD_RELEASE`` exists
-(at most :data:`HOLD_MAX_S`): a test that kills a whole node then knows the run is
-mid-way, however fast its epochs are.
+(at most :data:`HOLD_MAX_S`): a test that kills a whole node or a sweep's driver then
+knows the run is mid-way, however fast its epochs are. ``VIDRAY_TEST_HOLD_RUN`` limits
+the hold to the Ray Train runs whose name ends with it (one trial of a sweep).
 
 Tests pass the variables through ``RunConfig(worker_runtime_env=...)``.
 """
@@ -22,6 +23,7 @@ KILL_AT_EPOCH_ENV = "VIDRAY_TEST_KILL_AT_EPOCH"
 KILL_MARKER_ENV = "VIDRAY_TEST_KILL_MARKER"
 HOLD_AFTER_EPOCH_ENV = "VIDRAY_TEST_HOLD_AFTER_EPOCH"
 HOLD_RELEASE_ENV = "VIDRAY_TEST_HOLD_RELEASE"
+HOLD_RUN_ENV = "VIDRAY_TEST_HOLD_RUN"
 HOLD_MAX_S = 300
 
 
@@ -42,14 +44,18 @@ def maybe_die_for_test(epoch: int, rank: int, world_size: int) -> None:
     os._exit(1)
 
 
-def hold_env(epoch: int, release: str) -> dict[str, str]:
-    """The worker environment that makes :func:`maybe_hold_for_test` wait after ``epoch`` until ``release`` exists."""
-    return {HOLD_AFTER_EPOCH_ENV: str(epoch), HOLD_RELEASE_ENV: str(release)}
+def hold_env(epoch: int, release: str, run_suffix: str | None = None) -> dict[str, str]:
+    """The worker environment that makes :func:`maybe_hold_for_test` wait after ``epoch`` until ``release``
+    exists, in every run or only in those whose name ends with ``run_suffix``."""
+    env = {HOLD_AFTER_EPOCH_ENV: str(epoch), HOLD_RELEASE_ENV: str(release)}
+    return {**env, HOLD_RUN_ENV: run_suffix} if run_suffix else env
 
 
-def maybe_hold_for_test(epoch: int) -> None:
+def maybe_hold_for_test(epoch: int, run_name: str = "") -> None:
     hold_epoch, release = os.environ.get(HOLD_AFTER_EPOCH_ENV), os.environ.get(HOLD_RELEASE_ENV)
     if hold_epoch is None or release is None or int(hold_epoch) != epoch:
+        return
+    if not run_name.endswith(os.environ.get(HOLD_RUN_ENV, "")):
         return
     deadline = time.monotonic() + HOLD_MAX_S
     while not os.path.exists(release) and time.monotonic() < deadline:

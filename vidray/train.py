@@ -225,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             background=train.checkpoint_in_background,
         )
         report_wait_s = time.perf_counter() - reported
-        maybe_hold_for_test(epoch)
+        maybe_hold_for_test(epoch, context.get_experiment_name())
 
 
 def start_or_resume(
