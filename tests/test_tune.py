@@ -357,11 +357,12 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
         demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=1"
     )
     experiment = tmp_path / "runs" / "demo"
-    # Trial 2's workers hold after epoch 0 until they die with the driver: killed that late, a trial
+    # Trial 2's workers hold after epoch 0 until the driver is killed: killed that late, a trial
     # of tiny epochs could otherwise finish before the signal lands, and there would be nothing to
     # continue. The variables reach every worker of the job the way `ray job submit
     # --runtime-env-json` passes them (the second driver runs without them).
-    hold = hold_env(0, str(tmp_path / "never-released"), run_suffix="_00001")
+    release = tmp_path / "release-hold"
+    hold = hold_env(0, str(release), run_suffix="_00001")
     job_config = json.dumps({"runtime_env": {"env_vars": hold}})
     driver = start_driver(ray_head, overrides, env={**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config})
     deadline = time.monotonic() + 900
@@ -374,6 +375,7 @@ def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
+    release.touch()  # a held worker that outlives its driver for a while must not sit out the hold's limit
     wait_for_train_to_stop(ray_head)  # the cluster reaps the dead driver's trials and their Train runs
 
     first, second = trials
