@@ -26,19 +26,29 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One in-process local Ray cluster for the session (GCS, raylet, workers: all real)."""
+def ray_cluster(ray_head):
+    """This process connected to the session's one loopback cluster (:func:`ray_head`), as a driver.
+
+    One cluster for the whole session, shared with the drivers that tests start in subprocesses:
+    a second, in-process cluster would double Ray's own processes on two cores. It runs the
+    dashboard, so Ray Train's detached placement-group cleaners can see their controller is gone
+    and exit (without the State API they poll forever, one process per finished run).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=1_000_000_000,
-            runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
-        )
+        ray.init(address=ray_head["address"], runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray
     ray.shutdown()
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """Two state dicts hold the same keys, and equal tensors under each (zip alone would stop at the shorter)."""
+    import torch
+
+    assert list(a) == list(b), sorted(set(a) ^ set(b))
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +116,7 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
         os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--temp-dir", temp_dir, "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "2",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--object-store-memory", str(1_000_000_000),
         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(agent),
     ]  # fmt: skip
     with open(log, "w") as out:

@@ -137,7 +137,7 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
     bench.main(
         ["--models", "tiny", "--frames", "4", "--sizes", "32", "--batch", "2", "--steps", "3", "--warmup", "1",
          "--repeats", "1", "--videos", "6", "--cpus", "2", "--gemm-seconds", "0.2",
-         "--methods", "plain_1thr", "raytrain", "raytrain_cached", "raytrain_device", "ingest_device",
+         "--methods", "plain_1thr", "raytrain_cached", "ingest_device",
          "--cache", str(cache), "--out", str(out)]
     )  # fmt: skip
     result = json.loads(out.read_text())
@@ -147,7 +147,10 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
     assert flops["backward_flops"] > flops["forward_flops"] > 0
     assert flops["tokens_per_clip"] == (4 // 2) * (32 // 16) ** 2
     runs = {r["method"]: r for r in result["runs"]}
-    trained = {"plain_1thr", "raytrain", "raytrain_cached", "raytrain_device"}
+    # One Ray method that trains and one that only feeds: each starts a Ray cluster of its own, the
+    # benchmark's costliest step. raytrain and raytrain_device are run_raytrain with another placement
+    # (the streamed and device paths themselves give identical batches: tests/test_ingest.py).
+    trained = {"plain_1thr", "raytrain_cached"}
     assert set(runs) == trained | {"ingest_device"}
     for method, run in runs.items():
         assert run["timed_steps"] == 3 and run["warmup_steps"] == 1
@@ -159,17 +162,16 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
         else:
             assert run["achieved_tflops"] is None  # the data path alone trains nothing
     # 6 videos in batches of 2: 3 steps per epoch, so 4 steps span two epochs (one pipeline restart).
-    for method in ("raytrain", "raytrain_cached", "raytrain_device", "ingest_device"):
+    for method in ("raytrain_cached", "ingest_device"):
         assert runs[method]["epochs"] == 2 and runs[method]["epoch_starts_timed"] == 1
-    assert runs["raytrain"]["cache_s"] is None and runs["raytrain_cached"]["cache_s"] > 0
+    assert runs["raytrain_cached"]["cache_s"] > 0
     # Each Ray method ran on the placement its name says; the device copy is timed on its own.
-    assert {m: runs[m]["placement"] for m in runs if m != "plain_1thr"} == {
-        "raytrain": "ray_data", "raytrain_cached": "ray_data", "raytrain_device": "device", "ingest_device": "device"
-    }  # fmt: skip
-    assert runs["raytrain"]["device_load_s"] is None and runs["ingest_device"]["device_load_s"] > 0
+    assert {m: runs[m]["placement"] for m in runs if m != "plain_1thr"} == {"raytrain_cached": "ray_data", "ingest_device": "device"}
+    assert runs["raytrain_cached"]["device_load_s"] is None and runs["ingest_device"]["device_load_s"] > 0
+    assert {bench.placement_of(m) for m in ("raytrain", "raytrain_cached", "raytrain_device")} == {"never", "always", "device"}
     summary = result["summary"]["tiny@32"]
     assert set(summary["methods"]) == set(runs)
-    assert summary["ratios"]["raytrain_over_plain_1thr"] > 0 and summary["ratios"]["raytrain_device_over_plain_1thr"] > 0
+    assert summary["ratios"]["raytrain_cached_over_plain_1thr"] > 0
     assert set(result["gemm"]) == {"1", "2"}
 
 

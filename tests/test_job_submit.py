@@ -7,12 +7,15 @@ summary line says, at absolute paths that outlive the job, its working-directory
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import loopback_head
 
@@ -44,7 +47,10 @@ def test_ray_job_submit_runs_the_sweep_and_its_results_outlive_the_cluster(tmp_p
 
     ray = str(Path(sys.executable).parent / "ray")
     submission_id = f"vidray-tune-{uuid.uuid4().hex[:8]}"
-    with loopback_head(tmp_path, {"HOME": str(home)}) as head:
+    # The cluster runs as cluster.yaml runs it: token authentication on (conftest turns it off for
+    # every other test cluster). `ray job submit` carries the token through the environment.
+    token = secrets.token_hex(16)
+    with loopback_head(tmp_path, {"HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as head:
         submit = subprocess.run(
             [ray, "job", "submit", "--address", head["dashboard_url"], "--working-dir", ".",
              "--submission-id", submission_id, "--",
@@ -56,7 +62,7 @@ def test_ray_job_submit_runs_the_sweep_and_its_results_outlive_the_cluster(tmp_p
         logs = submit.stdout + submit.stderr
         assert submit.returncode == 0, logs[-6000:]
 
-        client = JobSubmissionClient(head["dashboard_url"])
+        client = JobSubmissionClient(head["dashboard_url"], headers={"Authorization": f"Bearer {token}"})
         assert client.get_job_status(submission_id) == JobStatus.SUCCEEDED
         job_logs = client.get_job_logs(submission_id)
         # The job imported vidray from the uploaded working directory, not from this checkout.
@@ -66,11 +72,15 @@ def test_ray_job_submit_runs_the_sweep_and_its_results_outlive_the_cluster(tmp_p
         assert "runtime_resources" in imported_from.parts and not imported_from.is_relative_to(REPO)
         assert imported_from.is_relative_to(head["temp_dir"])
 
-        # The dashboard's Jobs API answers for the job (with the cluster's token when auth is on).
+        # The dashboard's Jobs API refuses a request without the cluster's token (or with a wrong one)
+        # and answers one that carries it.
         url = f"{head['dashboard_url']}/api/jobs/{submission_id}"
-        token = subprocess.run([ray, "get-auth-token"], env=head["env"], capture_output=True, text=True).stdout.strip()
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+        for headers in ({}, {"Authorization": f"Bearer {secrets.token_hex(16)}"}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+            assert refused.value.code in (401, 403), refused.value
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             job = json.loads(response.read())
         assert job["submission_id"] == submission_id and job["status"] == "SUCCEEDED"
         assert "python jobs/tune.py --config" in job["entrypoint"]

@@ -30,6 +30,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import assert_same_tensors
 from test_train import CLASSES, FRAMES, SIZE, config_for, run, write_dataset
 from vidray.cli import main as cli_main
 from vidray.checkpoint import MODEL_DIR, load_trained_model, load_training_state, read_checkpoint_info
@@ -48,7 +49,7 @@ from vidray.pretrain import (
 )
 from vidray.pretrain_figures import reconstruct
 from vidray.pretrain_model import build_pretraining_model, load_pretraining_model, save_encoder
-from vidray.trainer import build_trainer, existing_run_state
+from vidray.trainer import existing_run_state
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -193,8 +194,7 @@ def test_continuing_pretraining_keeps_every_weight_and_interpolates_both_positio
 
     # From a pretraining checkpoint: encoder and decoder continue as they were.
     same = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 8, 32)
-    for (name, a), b in zip(first.state_dict().items(), same.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_tensors(first.state_dict(), same.state_dict())
     # From an encoder: the encoder's weights, a fresh decoder and a fresh last norm.
     encoder_only = build_pretraining_model(
         model_cfg.model_copy(update={"name_or_path": str(tmp_path / "encoder")}), cfg.pretrain, 8, 32
@@ -312,12 +312,12 @@ def test_killed_worker_resumes_at_the_next_epoch_and_ends_where_the_uninterrupte
     assert state["epoch"] == EPOCHS - 1 and len(state["mask_rng"]) == len(state["rng"]) == 2
     # Same masks, crops, batches and weights as if nothing had happened, from device-cached or streamed data.
     assert (uninterrupted["info"]["ingest"]["placement"], killed["info"]["ingest"]["placement"]) == ("device", "ray_data")
+    assert len(uninterrupted["info"]["history"]) == len(killed["info"]["history"]) == EPOCHS
     for a, b in zip(uninterrupted["info"]["history"], killed["info"]["history"]):
         assert (a["train_loss"], a["lr"], a["global_step"]) == (b["train_loss"], b["lr"], b["global_step"])
     model_a = load_pretraining_model(Path(uninterrupted["result"].checkpoint.path) / MODEL_DIR)
     model_b = load_pretraining_model(Path(killed["result"].checkpoint.path) / MODEL_DIR)
-    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert_same_tensors(model_a.state_dict(), model_b.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -366,18 +366,10 @@ def test_the_encoder_loads_into_fine_tuning_exactly(finished, uninterrupted):
     assert config.use_mean_pooling and token_grid(config) == (4, 4, 4)
 
 
-def test_vidray_train_fine_tunes_from_the_encoder(finished, clips_dataset, tmp_path):
-    cfg = config_for(clips_dataset, finished["model_dir"], tmp_path / "runs", "from_pretrained", "train.epochs=1")
-    result = build_trainer(cfg).fit()
-    model, info = load_trained_model(result.checkpoint.path)
-    assert info["metrics"]["epoch"] == 0 and np.isfinite(info["metrics"]["train_loss"])
-    assert model.config.id2label == dict(enumerate(CLASSES)) and not hasattr(model, "decoder")
-
-
-
 def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     """A one-trial, one-epoch sweep from the encoder (in this process, on the session's cluster):
-    the trial fine-tunes it and the sweep writes its table and exports its best model."""
+    the trial is a `vidray train` run that fine-tunes it (a new head, no decoder), and the sweep
+    writes its table and exports its best model."""
     from vidray.tune import run_sweep
 
     # A sweep prepares its own data (here: demo videos of the clip shape the encoder was pretrained on).
@@ -391,6 +383,9 @@ def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     summary = run_sweep(cfg)
     assert summary["trials"] == 1 and summary["errored"] == 0, summary
     assert Path(summary["results_md"]).is_file()
+    trained, trained_info = load_trained_model(summary["best"]["checkpoint"])
+    assert trained_info["metrics"]["epoch"] == 0 and np.isfinite(trained_info["metrics"]["train_loss"])
+    assert not hasattr(trained, "decoder")
     best, info = load_trained_model(summary["best"]["exported_model"])
     classes = read_dataset_info(str(dataset_dir)).classes
     assert len(classes) == 2 and best.config.id2label == dict(enumerate(classes)) and not hasattr(best, "decoder")

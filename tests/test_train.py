@@ -36,6 +36,7 @@ import ray.cloudpickle
 import ray.train
 import torch
 
+from conftest import assert_same_tensors
 from vidray import augment
 from vidray.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, load_trained_model, load_training_state
 from vidray.config import TrainConfig, load_config
@@ -391,8 +392,7 @@ def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuf
         assert [h[key] for h in a] == [h[key] for h in b], key
     model_a, _ = load_trained_model(shuffled["result"].checkpoint.path)
     model_b, _ = load_trained_model(shuffled_killed["result"].checkpoint.path)
-    for (name, pa_), (_, pb) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
-        assert torch.equal(pa_, pb), name
+    assert_same_tensors(model_a.state_dict(), model_b.state_dict())
 
 
 def test_auto_caching_takes_what_fits_in_a_quarter_of_the_object_store(ray_cluster, shuffled_dataset):

@@ -9,7 +9,9 @@ With both hold variables, every rank waits after reporting epoch
 ``VIDRAY_TEST_HOLD_AFTER_EPOCH`` until the file ``VIDRAY_TEST_HOLD_RELEASE`` exists
 (at most :data:`HOLD_MAX_S`): a test that kills a whole node or a sweep's driver then
 knows the run is mid-way, however fast its epochs are. ``VIDRAY_TEST_HOLD_RUN`` limits
-the hold to the Ray Train runs whose name ends with it (one trial of a sweep).
+the hold to the Ray Train runs whose name ends with it (one trial of a sweep). A release
+file that says :data:`HOLD_EXIT` ends the held process instead (``os._exit``), as Ray ends
+the workers of a dead driver: without it they would sit out the hold, or train on past it.
 
 Tests pass the variables through ``RunConfig(worker_runtime_env=...)``.
 """
@@ -25,6 +27,7 @@ HOLD_AFTER_EPOCH_ENV = "VIDRAY_TEST_HOLD_AFTER_EPOCH"
 HOLD_RELEASE_ENV = "VIDRAY_TEST_HOLD_RELEASE"
 HOLD_RUN_ENV = "VIDRAY_TEST_HOLD_RUN"
 HOLD_MAX_S = 300
+HOLD_EXIT = "exit"
 
 
 def kill_env(epoch: int, marker: str) -> dict[str, str]:
@@ -60,3 +63,9 @@ def maybe_hold_for_test(epoch: int, run_name: str = "") -> None:
     deadline = time.monotonic() + HOLD_MAX_S
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.2)
+    try:
+        with open(release) as f:
+            if f.read().strip() == HOLD_EXIT:
+                os._exit(1)
+    except OSError:
+        pass  # not released (the hold timed out): go on
