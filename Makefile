@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidray-installed
 
-.PHONY: setup ffmpeg-libs demo test bench clean
+.PHONY: setup ffmpeg-libs demo test test-quick bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=15
+
+# The inner loop: everything that needs no Ray cluster and no end-to-end run (about a minute).
+test-quick: setup
+	$(PY) -m pytest -q -m "not ray and not slow" --durations=5
 
 bench: setup
 	bash benchmarks/run_all.sh

@@ -25,6 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests on the session's Ray cluster are marked ``ray``: `make test-quick` (-m "not ray and not
+    slow") leaves them and the other multi-minute ones out; `make test` runs everything."""
+    for item in items:
+        if {"ray_cluster", "ray_head"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(ray_head):
     """This process connected to the session's one loopback cluster (:func:`ray_head`), as a driver.

@@ -84,6 +84,7 @@ def test_process_tree_cpu_counts_child_processes():
     assert totals["total"] == pytest.approx(totals["driver"] + totals["ray_system"] + totals["ray_workers"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_preprocess_benchmark_smoke(cache, tmp_path):
     bench = _load("preprocess")
     out = tmp_path / "preprocess.json"
@@ -131,6 +132,7 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
     assert bench.parse_method_suffix("vidray_2cpu_vps4_decord") == "vidray_1cpu_vps4_decord"
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_smoke(cache, tmp_path):
     bench = _load("train_step")
     out = tmp_path / "train.json"

@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_installed_vidray_runs_a_sweep_from_any_folder(tmp_path):
     site, source = tmp_path / "site", tmp_path / "source"
     # The dependencies are this environment's; the package itself is built from a copy of what an sdist

@@ -22,6 +22,7 @@ from conftest import loopback_head
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_the_sweep_and_its_results_outlive_the_cluster(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

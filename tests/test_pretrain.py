@@ -383,7 +383,8 @@ def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     summary = run_sweep(cfg)
     assert summary["trials"] == 1 and summary["errored"] == 0, summary
     assert Path(summary["results_md"]).is_file()
-    trained, trained_info = load_trained_model(summary["best"]["checkpoint"])
+    best_checkpoint = json.loads(Path(summary["results_json"]).read_text())["best"]["checkpoint"]
+    trained, trained_info = load_trained_model(best_checkpoint)
     assert trained_info["metrics"]["epoch"] == 0 and np.isfinite(trained_info["metrics"]["train_loss"])
     assert not hasattr(trained, "decoder")
     best, info = load_trained_model(summary["best"]["exported_model"])

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from vidray.cli import main as cli_main
-from vidray.faults import HOLD_EXIT, hold_env
+from vidray.faults import end_held_processes, hold_env
 from vidray.config import TuneConfig, load_config
 from vidray.errors import UserError
 from vidray.results import trial_label
@@ -251,38 +251,90 @@ def test_preflight_refuses_before_any_trial_starts(ray_cluster, demo_data, tmp_p
 # ----------------------------------------------------------------- real sweeps
 
 
-def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_cluster, demo_data, tmp_path):
-    """Three trials (MixUp α 0 / 0.4 / 0.8) with ASHA, TensorBoard and offline W&B, then the refusals
-    that protect a finished sweep."""
+def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reported_again(ray_head, ray_cluster, demo_data, tmp_path):
+    """One sweep's whole life, as a user lives it, with `python jobs/tune.py` drivers on the session's cluster:
+
+    1. two trials one at a time; the driver is SIGKILLed while trial 2 is mid-run (after trial 1 finished);
+    2. the same command continues it: trial 1 is kept as it is, trial 2 resumes from its last checkpoint;
+    3. `--restart` with a config that could not continue it (ASHA, trials side by side) starts over: the
+       results table, figures, best model, TensorBoard and offline W&B of a fresh sweep, and a console
+       a person can read;
+    4. the same command again reports the finished sweep and trains nothing; a changed config is refused.
+    """
     import matplotlib.image
 
-    overrides = sweep_overrides(
-        demo_data,
-        tmp_path,
-        "tune.mixup_alpha=[0.0, 0.4, 0.8]",
-        "train.epochs=2",
-        "tune.asha=true",
-        "tune.grace_period=1",
-        "run.wandb.enabled=true",
-        "run.wandb.mode=offline",
-    )
     # No key, no WANDB_MODE: offline must come from the config alone, and nothing may need a network.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    tracking = ["run.wandb.enabled=true", "run.wandb.mode=offline"]
+    overrides = sweep_overrides(
+        demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=1", *tracking
+    )
+    experiment = tmp_path / "runs" / "demo"
+
+    # 1. Trial 2's workers hold after epoch 0 until the driver is killed: killed that late, a trial
+    # of tiny epochs could otherwise finish before the signal lands, and there would be nothing to
+    # continue. The variables reach every worker of the job the way `ray job submit
+    # --runtime-env-json` passes them (the second driver runs without them).
+    release = tmp_path / "release-hold"
+    hold = hold_env(0, str(release), run_suffix="_00001")
+    job_config = json.dumps({"runtime_env": {"env_vars": hold}})
+    driver = start_driver(ray_head, overrides, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config})
+    deadline = time.monotonic() + 900
+    while True:  # one trial at a time: trial 2 reporting means trial 1 is done
+        trials = trial_dirs(experiment) if experiment.is_dir() else []
+        if len(trials) == 2 and progress_epochs(trials[1]) and registered_checkpoints(experiment, trials[1]):
+            break
+        assert driver.poll() is None, f"the sweep ended before it could be interrupted:\n{driver.stdout.read()[-5000:]}"
+        assert time.monotonic() < deadline, "trial 2 never reported"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    # The cluster reaps the dead driver's trial and its Ray Train controller; the held workers would
+    # sit out their task, so they end now, as a reaped process would (without training on).
+    wait_for_train_to_stop(ray_head, classes={"ImplicitFunc", "TrainController"})
+    end_held_processes(str(release))
+    wait_for_train_to_stop(ray_head)
+
+    first, second = trials
+    assert progress_epochs(first) == [1, 2]
+    first_progress = (first / "progress.csv").read_text()
+    # Trial 2 was mid-run when its driver died: held after its first epoch, one of two reported and registered.
+    assert progress_epochs(second) == [1], progress_epochs(second)
+    snapshot = json.loads((experiment / "train_runs" / trial_id(second) / "checkpoint_manager_snapshot.json").read_text())
+    assert [result["metrics"]["epoch"] for result in snapshot["checkpoint_results"]] == [0]  # 0-based
+
+    # 2. The same command continues it.
     output = finish(start_driver(ray_head, overrides, env=env))
+    summary = json.loads(output.rstrip().splitlines()[-1])
+    assert summary["trials"] == 2 and summary["errored"] == 0, output[-5000:]
+    assert "continuing the interrupted sweep" in output, output[-8000:]
+    assert (first / "progress.csv").read_text() == first_progress  # trial 1 was not rerun
+    assert len(trial_dirs(experiment)) == 2
+    # Ray Train picked up its registered checkpoint: the resumed run reports only what is left.
+    assert progress_epochs(second) == [1, 2]
+    results = json.loads((tmp_path / "reports" / "results.json").read_text())
+    assert [t["status"] for t in results["trials"]] == ["completed", "completed"]
+    assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2], [1, 2]]
+
+    # 3. --restart discards it, even with a config that could not continue it, and starts over:
+    # ASHA on, the trials side by side (the sweep derives two at a time on two CPUs).
+    overrides = sweep_overrides(demo_data, tmp_path, "train.epochs=2", "tune.asha=true", "tune.grace_period=1", *tracking)
+    output = finish(start_driver(ray_head, overrides, "--restart", env=env))
     assert output.rstrip().splitlines()[-1].startswith("{"), output[-5000:]
     summary = json.loads(output.rstrip().splitlines()[-1])
-    assert summary["trials"] == 3 and summary["errored"] == 0, output[-5000:]
+    assert summary["trials"] == 2 and summary["errored"] == 0, output[-5000:]
+    assert not first.exists() and not second.exists()
     # A console a person can read: Tune's trial table and one line per trial per epoch, no metric
     # dumps, no tracebacks, no progress bars.
     assert "Trial status" in output
     epoch_lines = [line for line in output.splitlines() if " | epoch " in line and line.startswith("[")]
-    assert 3 <= len(epoch_lines) <= 6 and all("val acc" in line for line in epoch_lines), epoch_lines
+    assert 3 <= len(epoch_lines) <= 4 and all("val acc" in line for line in epoch_lines), epoch_lines
     for noise in ("Reporting training result", "Traceback", "SystemExit", "Running Dataset", "it/s]"):
         assert noise not in output, f"{noise!r} in the console:\n{output[-5000:]}"
 
     reports = tmp_path / "reports"
     markdown = (reports / "results.md").read_text()
-    labels = ["No MixUp, lr=1e-3, wd=0.05", "MixUp α=0.4, lr=1e-3, wd=0.05", "MixUp α=0.8, lr=1e-3, wd=0.05"]
+    labels = ["No MixUp, lr=1e-3, wd=0.05", "MixUp α=0.4, lr=1e-3, wd=0.05"]
     lines = markdown.splitlines()
     header = lines.index("| Type | Epochs | Training Loss | Test Loss | Precision | Recall | F1 | Macro-F1 | Accuracy | Best |")
     table = []  # the results table: the rows below its header and separator, up to the first line that is not one
@@ -291,7 +343,6 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_clus
             break
         table.append(line)
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == labels
-    assert "| Type | Epochs | Training Loss | Test Loss | Precision | Recall | F1 | Macro-F1 | Accuracy | Best |" in markdown
     assert f"results table: {reports / 'results.md'}" in output
     with open(reports / "results.csv") as f:
         assert [row["Type"] for row in csv.DictReader(f)] == labels
@@ -319,9 +370,8 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_clus
         assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0
 
     # Tune's loggers (CSV, JSON, TensorBoard) and W&B offline runs, per trial; checkpoints per Train run.
-    experiment = tmp_path / "runs" / "demo"
     trials = trial_dirs(experiment)
-    assert len(trials) == 3
+    assert len(trials) == 2
     for trial_dir in trials:
         assert (trial_dir / "progress.csv").is_file() and (trial_dir / "result.json").is_file()
         assert list(trial_dir.glob("events.out.tfevents.*"))
@@ -335,7 +385,7 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_clus
     assert infos and all(json.loads(p.read_text())["config"]["train"]["cache_dataset"] == "always" for p in infos)
     assert json.loads((experiment / "vidray_sweep.json").read_text())["train"]["cache_dataset"] == "auto"
 
-    # The same command again: the finished sweep's results, exit 0, nothing retrained.
+    # 4. The same command again: the finished sweep's results, exit 0, nothing retrained.
     progress = {t.name: (t / "progress.csv").read_text() for t in trials}
     checkpoints = sorted(str(p) for p in train_runs.glob("*/checkpoint_epoch_*"))
     again = finish(start_driver(ray_head, overrides, env=env))
@@ -349,70 +399,7 @@ def test_sweep_end_to_end_writes_table_figures_and_best_model(ray_head, ray_clus
     # A changed config is not mixed into it (refused before any Ray work).
     with pytest.raises(UserError, match=r"started with another config \(train.epochs differ.*pass --restart"):
         run_sweep(load_config(DEMO, [*overrides, "train.epochs=3"]))
-    assert len(trial_dirs(experiment)) == 3
-
-
-def test_resume_after_the_driver_is_killed(ray_head, demo_data, tmp_path):
-    """Kill the sweep's driver (SIGKILL) while trial 2 trains, after trial 1 finished; running the same
-    command again must keep trial 1 as it is and continue trial 2's Ray Train run from its last checkpoint."""
-    overrides = sweep_overrides(
-        demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=1"
-    )
-    experiment = tmp_path / "runs" / "demo"
-    # Trial 2's workers hold after epoch 0 until the driver is killed: killed that late, a trial
-    # of tiny epochs could otherwise finish before the signal lands, and there would be nothing to
-    # continue. The variables reach every worker of the job the way `ray job submit
-    # --runtime-env-json` passes them (the second driver runs without them).
-    release = tmp_path / "release-hold"
-    hold = hold_env(0, str(release), run_suffix="_00001")
-    job_config = json.dumps({"runtime_env": {"env_vars": hold}})
-    driver = start_driver(ray_head, overrides, env={**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config})
-    deadline = time.monotonic() + 900
-    while True:  # one trial at a time: trial 2 reporting means trial 1 is done
-        trials = trial_dirs(experiment) if experiment.is_dir() else []
-        if len(trials) == 2 and progress_epochs(trials[1]) and registered_checkpoints(experiment, trials[1]):
-            break
-        assert driver.poll() is None, f"the sweep ended before it could be interrupted:\n{driver.stdout.read()[-5000:]}"
-        assert time.monotonic() < deadline, "trial 2 never reported"
-        time.sleep(0.5)
-    driver.send_signal(signal.SIGKILL)
-    driver.communicate()
-    # The cluster reaps the dead driver's trial and its Ray Train controller; the held workers would
-    # sit out their task, so they end now, as a reaped process would (without training on).
-    wait_for_train_to_stop(ray_head, classes={"ImplicitFunc", "TrainController"})
-    release.write_text(HOLD_EXIT)
-    wait_for_train_to_stop(ray_head)
-
-    first, second = trials
-    assert progress_epochs(first) == [1, 2]
-    first_progress = (first / "progress.csv").read_text()
-    # Trial 2 was mid-run when its driver died: held after its first epoch, one of two reported and registered.
-    assert progress_epochs(second) == [1], progress_epochs(second)
-    second_rows = 1
-    # What Ray Train had registered when the driver died: where it must continue from.
-    snapshot = json.loads((experiment / "train_runs" / trial_id(second) / "checkpoint_manager_snapshot.json").read_text())
-    last_epoch = max(result["metrics"]["epoch"] for result in snapshot["checkpoint_results"])  # 0-based
-    assert last_epoch == 0, snapshot["checkpoint_results"]
-
-    output = finish(start_driver(ray_head, overrides))  # the same command: it continues
-    summary = json.loads(output.rstrip().splitlines()[-1])
-    assert summary["trials"] == 2 and summary["errored"] == 0, output[-5000:]
-    assert "continuing the interrupted sweep" in output, output[-8000:]
-
-    assert (first / "progress.csv").read_text() == first_progress  # trial 1 was not rerun
     assert len(trial_dirs(experiment)) == 2
-    resumed = progress_epochs(second)[second_rows:]
-    # Ray Train picked up its latest registered checkpoint: the resumed run reports only what is left.
-    assert resumed == [2], (resumed, last_epoch)
-    results = json.loads((tmp_path / "reports" / "results.json").read_text())
-    assert [t["status"] for t in results["trials"]] == ["completed", "completed"]
-    assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2], [1, 2]]
-
-    # --restart discards it, even with a config that could not continue it (one epoch, one trial), and starts over.
-    restarted = finish(start_driver(ray_head, [*overrides, "train.epochs=1", "tune.mixup_alpha=[0.4]"], "--restart"))
-    assert json.loads(restarted.rstrip().splitlines()[-1])["errored"] == 0, restarted[-5000:]
-    assert not first.exists() and not second.exists() and len(trial_dirs(experiment)) == 1
-    assert all(progress_epochs(t) == [1] for t in trial_dirs(experiment))
 
 
 # ----------------------------------------------------------------- Ray internals vidray relies on
