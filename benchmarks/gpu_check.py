@@ -402,16 +402,16 @@ def gpu_decode_worker(args, sizes: Sizes, emit: Emit) -> None:
     from make_inputs import VideoSpec, _frames
 
     try:
-        from torchvision.io import decode_jpeg, encode_jpeg
-    except ImportError as err:  # the GPU image has torchvision; the project's venv need not
-        emit("nvjpeg", f"not measured: {type(err).__name__}: {err}")
-        return
-    try:
         import torchcodec  # noqa: F401
 
         emit("nvdec", "torchcodec is importable: not measured by this section")
     except ImportError:
         emit("nvdec", "not measured: torchcodec is not installed (NVDEC's way in from Python here)")
+    try:
+        from torchvision.io import decode_jpeg, encode_jpeg
+    except ImportError as err:  # the GPU image has torchvision; the project's venv need not
+        emit("nvjpeg", f"not measured: {type(err).__name__}: {err}")
+        return
     torch.set_num_threads(1)
     for count, width, height in sizes.jpeg_frames:
         frames = list(_frames(VideoSpec("x", "x", width, height, count / 30, 1)))[:count]
