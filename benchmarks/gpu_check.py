@@ -1,33 +1,44 @@
-"""The prepared GPU check: what vidray's GPU path does on one H100/H200, in under 8 minutes, in one JSON.
+"""The prepared GPU check: what vidray's GPU path does on one H100/H200, in one bounded call, in one JSON.
 
     bash benchmarks/gpu_check.sh                         # on the GPU machine (wraps this script)
     bash benchmarks/gpu_check.sh --device cpu --quick    # dry run of every section on a CPU
 
-Sections, in order, each in its own process with its own timeout inside one overall
-budget (``--budget``, default 450 s; gpu_check.sh kills everything at 470 s). The
-JSON (``benchmarks/results/gpu_check.json``, or ``--out``) is rewritten after every
-section, so a check that runs out of time still leaves what it measured, and a
-section that fails or times out is recorded as such with the end of its output:
+docs/benchmarks.md ("The GPU check") gives the exact device calls. Sections, in the order of their
+value, each in its own process with its own timeout inside one overall budget (``--budget``; the
+wrapper kills everything a little later). The JSON (``$OUT/gpu_check.json`` when ``OUT`` is set,
+else ``benchmarks/results/gpu_check[_quick].json``, or ``--out``) is rewritten whenever a section
+ends, and a section's own result file is rewritten whenever one of its measurements ends, so a
+section that runs out of time keeps what it measured (status ``timed out``, with its ``result``):
 
-``environment``   device, driver, library versions, the bf16 peak MFU is taken against.
-``inputs``        the synthetic datasets (vidray's shard layout, 32x128² and 32x256² stored
-                  clips; benchmarks/train_step.py: build_dataset), cached in benchmarks/.cache.
-``vit_b_112``     benchmarks/train_step.py, ViT-B 16x112², batch 32: the full training step on
-                  the device path (``raytrain_device``) and streamed (``raytrain``): clips/s,
-                  achieved TFLOP/s, MFU, data-wait share, peak memory; and the data path alone
-                  (``ingest_device``, ``ingest``).
-``vit_b_224``     the same at 16x224² (``raytrain_device``).
-``ray_train``     a 2-epoch run of the real loop (vidray.trainer.build_trainer(...).fit()) on the
-                  GPU, ViT-B 16x112², cache_dataset=auto: its history with the step telemetry
-                  (step time, data-wait share, clips/s, TFLOP/s, MFU), the data placement and the
-                  ranks' wait in each epoch's report (the checkpoint).
-``gpu_decode``    preprocessing's decode (vidray.video.read_clip) of generated 720p/360p H.264 with
-                  torchcodec on CUDA (NVDEC) against torchcodec and PyAV on one CPU thread: videos/s.
-``vit_b_112_compiled``  ``raytrain_device`` with ``--compile`` (train.compile), only when the
-                  budget has room left for it.
+``environment``   device, driver, library versions, what is importable (Ray, PyAV, pydantic...),
+                  the wheel install's seconds, the measured bf16 GEMM rate (the practical ceiling).
+``vit_b``         the training step alone, ViT-B (vidray's VideoMAE, ``vidray.model.build_model``:
+                  SDPA attention), bf16 autocast, vidray's augmentation, soft-target loss, clipping
+                  and fused AdamW, on clips already in device memory, eager, at 16x112² then
+                  16x224², batch 32: clips/s, achieved TFLOP/s, MFU, peak memory. torch and
+                  transformers only (benchmarks/train_step.py: make_step).
+``vit_b_compiled_112``  the same step through ``torch.compile`` (``train.compile``) at 16x112²,
+                  with its compile time (the first step).
+``device_ingest`` vidray's device cache (``vidray.ingest.DeviceCache``, ``cache_dataset: device``)
+                  loaded from the Parquet shards of a synthetic dataset in vidray's layout: load
+                  seconds and GB/s, then batches/s built on the device, against the host path
+                  (``vidray.ingest.train_batches``: Arrow rows, shuffle buffer, pinned batch, copy).
+                  The shards are read with pyarrow here, not Ray Data: no Ray in the process.
+``gpu_decode``    nvjpeg: ``torchvision.io.decode_jpeg(device="cuda")`` of 720p and 128² JPEG
+                  frames, batched, against the CPU decoder on one thread: frames/s. (NVDEC needs
+                  torchcodec, which the image lacks; the section says so.)
+``ray_train``     a 2-epoch run of the real loop (``vidray.trainer.build_trainer(...).fit()``)
+                  on the GPU, ViT-B 16x112², ``cache_dataset=auto``: its history with the step
+                  telemetry (step time, data-wait share, clips/s, TFLOP/s, MFU) and placement.
+                  The one section that needs Ray.
+``vit_b_compiled_224``  the compiled step at 16x224², only when the budget has room left.
+
+No module a section imports pulls in Ray or PyAV unless the section needs them (only
+``ray_train`` does); tests/test_gpu_check.py runs sections 1-3 with Ray, PyAV, decord,
+torchcodec and wandb made unimportable.
 
 ``--device cpu --quick`` runs the same sections at toy sizes (tiny model, 4x32² clips) so
-every code path runs on a CPU in a few minutes; its figures mean nothing.
+every code path runs on a CPU; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -47,11 +58,11 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchlib import command_line, kill_tree, loadavg, machine_info, now, write_result  # noqa: E402
+from benchlib import command_line, kill_tree, loadavg, now, write_result  # noqa: E402
 
 CACHE = HERE / ".cache"
 # Seconds kept back from the budget for writing the result after the last section.
-RESERVE_S = 10
+RESERVE_S = 5
 # The section subprocess running now: killed with its tree when this process is told to stop (SIGTERM
 # from gpu_check.sh's hard limit), so no Ray cluster outlives the check.
 _running: set[int] = set()
@@ -69,29 +80,55 @@ class Sizes:
 
     model: str
     frames: int
-    sizes: tuple[int, int]  # (the main size, the large one)
+    sides: tuple[int, int]  # (the main input side, the large one)
     batch: int
-    videos: int  # training videos at the main size
-    large_videos: int
-    steps: int
-    warmup: int
+    videos: int  # training videos of the synthetic dataset (device_ingest, ray_train)
+    steps: int  # timed training steps
+    warmup: int  # steps before timing (the first one compiles, when compiling)
+    ingest_epochs: int
     log_every: int
+    jpeg_frames: tuple[tuple[int, int, int], ...]  # (count, width, height)
 
 
-GPU = Sizes(model="base", frames=16, sizes=(112, 224), batch=32, videos=256, large_videos=64, steps=30, warmup=5, log_every=4)
-QUICK = Sizes(model="tiny", frames=4, sizes=(32, 48), batch=4, videos=16, large_videos=8, steps=3, warmup=1, log_every=2)
+GPU = Sizes(
+    model="base", frames=16, sides=(112, 224), batch=32, videos=256, steps=30, warmup=5, ingest_epochs=3,
+    log_every=4, jpeg_frames=((128, 1280, 720), (512, 128, 128)),
+)  # fmt: skip
+QUICK = Sizes(
+    model="tiny", frames=4, sides=(32, 48), batch=4, videos=16, steps=3, warmup=1, ingest_epochs=2,
+    log_every=2, jpeg_frames=((4, 160, 90), (8, 32, 32)),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Section:
     name: str
-    run: Callable[[argparse.Namespace, Sizes, float], dict[str, Any]]
     max_s: float  # its own timeout (less when the budget has less left)
     min_s: float  # skipped when the budget has less than this left
     optional: bool = False
 
 
-# --------------------------------------------------------------------------- running things in bounded time
+# max_s: each section's own limit, from estimates (no GPU run has calibrated them yet). The mandatory
+# ones add up to the 400 s budget less RESERVE_S, so none is skipped unless one before it overran
+# its limit; the optional one gets what the others leave.
+SECTIONS = [
+    Section("environment", max_s=30, min_s=10),
+    Section("vit_b", max_s=70, min_s=30),
+    Section("vit_b_compiled_112", max_s=90, min_s=45),
+    Section("device_ingest", max_s=50, min_s=20),
+    Section("gpu_decode", max_s=25, min_s=10),
+    Section("ray_train", max_s=110, min_s=50),
+    Section("vit_b_compiled_224", max_s=120, min_s=50, optional=True),
+]
+
+
+# --------------------------------------------------------------------------- running a section in bounded time
+
+
+class SectionError(RuntimeError):
+    def __init__(self, status: str, tail: str, partial: dict[str, Any] | None):
+        super().__init__(status)
+        self.status, self.tail, self.partial = status, tail, partial
 
 
 def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, float]:
@@ -111,211 +148,330 @@ def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, float
         finally:
             _running.discard(proc.pid)
         log.seek(0)
-        tail = log.read()[-4000:]
+        tail = log.read()[-3000:]
     return code, tail, time.perf_counter() - started
 
 
-def _train_step(args, sizes: Sizes, timeout: float, size: int, videos: int, methods: list[str], *extra: str) -> dict[str, Any]:
+def run_section(args: argparse.Namespace, name: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """(result, output tail) of section ``name``'s worker (``gpu_check.py --worker name``) in its own
+    process within ``timeout``; a worker that fails or times out raises with what it had measured."""
+    argv = [str(Path(__file__).resolve()), "--worker", name, "--device", args.device, "--cpus", str(args.cpus)]
+    argv += ["--cache", str(args.cache)] + (["--quick"] if args.quick else [])
     with tempfile.TemporaryDirectory(prefix="vidray-gpu-check-") as tmp:
-        out = Path(tmp) / "train_step.json"
-        argv = [
-            str(HERE / "train_step.py"), "--device", args.device, "--models", sizes.model, "--sizes", str(size),
-            "--frames", str(sizes.frames), "--batch", str(sizes.batch), "--steps", str(sizes.steps),
-            "--warmup", str(sizes.warmup), "--repeats", "1", "--videos", str(videos), "--cpus", str(args.cpus),
-            "--cpus-per-worker", str(args.cpus_per_worker), "--methods", *methods, "--cache", str(args.cache),
-            # Its per-method timeout never fires first: this section's own kills the whole tree.
-            "--gemm-seconds", "1", "--timeout", str(timeout + 60), "--out", str(out), *extra,
-        ]  # fmt: skip
-        code, tail, _ = run_bounded(argv, timeout)
-        if code != 0:
-            raise SectionError("timed out" if code is None else f"exit {code}", tail)
-        measured = json.loads(out.read_text())
-    key = f"{sizes.model}@{size}"
-    entry = measured["summary"][key]
-    return {
-        "command": measured["command"],
-        "train_gflops_per_clip": entry["train_gflops_per_clip"],
-        "methods": entry["methods"],
-        "ratios": entry["ratios"],
-        "gemm": measured["gemm"],
-        "bf16_peak_tflops": measured["bf16_peak_tflops"],
-        "runs": measured["runs"],
-    }
+        result_file = os.path.join(tmp, "result.json")
+        code, tail, _ = run_bounded([*argv, "--result-file", result_file], timeout)
+        partial = json.loads(Path(result_file).read_text()) if os.path.isfile(result_file) else None
+    if code != 0:
+        raise SectionError("timed out" if code is None else f"exit {code}", tail, partial)
+    return partial or {}, tail
 
 
-class SectionError(RuntimeError):
-    def __init__(self, status: str, tail: str):
-        super().__init__(status)
-        self.status, self.tail = status, tail
+class Emit:
+    """A worker's result so far, rewritten (atomically) after every measurement."""
+
+    def __init__(self, path: str):
+        self.path, self.result = path, {}
+
+    def __call__(self, key: str, value: Any) -> None:
+        self.result[key] = value
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.result, f)
+        os.replace(tmp, self.path)
 
 
-# --------------------------------------------------------------------------- sections
+# --------------------------------------------------------------------------- section workers (own process each)
 
 
-def section_environment(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
+def environment_worker(args, sizes: Sizes, emit: Emit) -> None:
+    import importlib.metadata
+    import importlib.util
+    import platform
+
     import torch
 
+    from train_step import gemm_rate
     from vidray.telemetry import device_peak_tflops
 
-    info: dict[str, Any] = {"machine": machine_info()}
+    versions = {}  # None: not importable here
+    for package in ("torch", "torchvision", "transformers", "numpy", "pyarrow", "triton", "pydantic", "ray", "av",
+                    "decord", "torchcodec", "wandb", "typing_extensions"):  # fmt: skip
+        try:
+            found = importlib.util.find_spec(package) is not None
+            versions[package] = importlib.metadata.version(package) if found else None
+        except (ImportError, ValueError):
+            versions[package] = None
+    emit("python", platform.python_version())
+    emit("executable", sys.executable)
+    emit("versions", versions)
+    emit("wheel_install_s", float(os.environ["GPU_CHECK_INSTALL_S"]) if os.environ.get("GPU_CHECK_INSTALL_S") else None)
+    emit("cpus", os.cpu_count())
+    try:
+        with open("/proc/meminfo") as f:
+            emit("meminfo", {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in ("MemTotal", "MemAvailable")})
+        shm = os.statvfs("/dev/shm")
+        emit("dev_shm_gib", round(shm.f_frsize * shm.f_blocks / 2**30, 1))
+    except OSError as err:
+        emit("meminfo", f"unavailable: {err}")
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(
-            device=props.name,
-            memory_gib=round(props.total_memory / 2**30, 1),
-            capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda,
-            bf16_peak_tflops=device_peak_tflops(props.name),
-        )
+        emit("device", {
+            "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "bf16_peak_tflops": device_peak_tflops(props.name),
+        })  # fmt: skip
         try:
             smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,power.limit,clocks.max.sm", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
+                ["nvidia-smi", "--query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.sm,temperature.gpu",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
             )  # fmt: skip
-            info["nvidia_smi"] = smi.stdout.strip()
+            emit("nvidia_smi", smi.stdout.strip() or smi.stderr.strip())
         except (OSError, subprocess.TimeoutExpired) as err:
-            info["nvidia_smi"] = f"unavailable: {err}"
-    return info
+            emit("nvidia_smi", f"unavailable: {err}")
+    emit("gemm", gemm_rate(args.device, 1 if args.device == "cuda" else os.cpu_count(), 0.3 if args.quick else 3.0))
 
 
-def section_inputs(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
-    code = (
-        "import sys, json, time; sys.path.insert(0, {here!r}); import train_step; from pathlib import Path; "
-        "from vidray.preprocess import default_stored; out = {{}}\n"
-        "for size, videos in {plan!r}:\n"
-        "    sf, ss = default_stored({frames}, size, None, None); t = time.perf_counter()\n"
-        "    path = Path({cache!r}) / f'train-data-{{videos}}x{{sf}}x{{ss}}'\n"
-        "    train_step.build_dataset(path, videos, max({batch}, 8), sf, ss, {frames}, size)\n"
-        "    out[str(size)] = {{'path': str(path), 'stored': [sf, ss], 'videos': videos, 'seconds': round(time.perf_counter() - t, 1)}}\n"
-        "Path({result!r}).write_text(json.dumps(out))"
-    ).format(
-        here=str(HERE),
-        plan=[(sizes.sizes[0], sizes.videos), (sizes.sizes[1], sizes.large_videos)],
-        frames=sizes.frames,
-        cache=str(args.cache),
-        batch=sizes.batch,
-        result="{result}",
-    )
-    return _run_for_result(lambda result: ["-c", code.replace("{result}", result)], timeout)
+def _measure_step(args, sizes: Sizes, side: int, compile: bool) -> dict[str, Any]:
+    """Clips/s of vidray's training step (augment + forward + backward + clip + AdamW) on clips in device memory."""
+    import torch
+
+    from train_step import CLASSES, make_step
+    from vidray.preprocess import default_stored
+    from vidray.telemetry import device_peak_tflops, train_flops_per_clip
+
+    started = time.perf_counter()
+    augment_batch, model_step, model, device = make_step(sizes.model, sizes.frames, side, args.device, compile=compile)
+    stored_frames, stored_size = default_stored(sizes.frames, side, None, None)
+    clips = 4 * sizes.batch
+    generator = torch.Generator(device=device).manual_seed(0)
+    videos = torch.randint(0, 256, (clips, stored_frames, stored_size, stored_size, 3), dtype=torch.uint8, device=device, generator=generator)
+    labels = torch.randint(0, len(CLASSES), (clips,), device=device, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(i: int):
+        index = torch.arange(i * sizes.batch, (i + 1) * sizes.batch, device=device) % clips
+        return model_step(*augment_batch(videos.index_select(0, index), labels.index_select(0, index)))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    setup_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    first_loss = step(0).item()  # compiles the graphs when compiling
+    first_step_s = time.perf_counter() - t0
+    for i in range(1, sizes.warmup):
+        step(i)
+    sync()
+    # Steady state: the steps queued back to back as the training loop queues them, one wait at the end.
+    t0 = time.perf_counter()
+    for i in range(sizes.steps):
+        loss = step(sizes.warmup + i)
+    last_loss = loss.item()
+    wall = time.perf_counter() - t0
+    clips_per_s = sizes.steps * sizes.batch / wall
+    flops_per_clip = train_flops_per_clip(model.config, sizes.frames, side)
+    achieved = flops_per_clip * clips_per_s / 1e12
+    peak = device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return {
+        "model": sizes.model, "frames": sizes.frames, "side": side, "batch": sizes.batch, "compiled": compile,
+        "stored": [stored_frames, stored_size], "timed_steps": sizes.steps, "warmup_steps": sizes.warmup,
+        "setup_s": round(setup_s, 2), "first_step_s": round(first_step_s, 2), "wall_s": round(wall, 4),
+        "step_s": round(wall / sizes.steps, 5), "clips_per_s": round(clips_per_s, 3),
+        "train_gflops_per_clip": round(flops_per_clip / 1e9, 2), "achieved_tflops": round(achieved, 3),
+        "mfu": round(achieved / peak, 4) if peak else None, "bf16_peak_tflops": peak,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "loss_first": round(first_loss, 4), "loss_last": round(last_loss, 4),
+        "loss_finite": bool(torch.isfinite(torch.tensor([first_loss, last_loss])).all()),
+    }  # fmt: skip
 
 
-def _run_for_result(argv_for: Callable[[str], list[str]], timeout: float) -> dict[str, Any]:
-    """Run ``python argv_for(result_file)`` within ``timeout``; it writes its JSON result to that file."""
-    with tempfile.TemporaryDirectory(prefix="vidray-gpu-check-") as tmp:
-        result = os.path.join(tmp, "result.json")
-        code, tail, _ = run_bounded(argv_for(result), timeout)
-        if code != 0 or not os.path.isfile(result):
-            raise SectionError("timed out" if code is None else f"exit {code}", tail)
-        with open(result) as f:
-            return json.load(f)
+def vit_b_worker(args, sizes: Sizes, emit: Emit) -> None:
+    for side in sizes.sides:
+        emit(str(side), _measure_step(args, sizes, side, compile=False))
 
 
-def section_vit_b_112(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
-    methods = ["raytrain_device", "raytrain", "ingest_device", "ingest"]
-    return _train_step(args, sizes, timeout, sizes.sizes[0], sizes.videos, methods)
+def vit_b_compiled_112_worker(args, sizes: Sizes, emit: Emit) -> None:
+    emit(str(sizes.sides[0]), _measure_step(args, sizes, sizes.sides[0], compile=True))
 
 
-def section_vit_b_224(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
-    return _train_step(args, sizes, timeout, sizes.sizes[1], sizes.large_videos, ["raytrain_device"])
+def vit_b_compiled_224_worker(args, sizes: Sizes, emit: Emit) -> None:
+    emit(str(sizes.sides[1]), _measure_step(args, sizes, sizes.sides[1], compile=True))
 
 
-def section_vit_b_112_compiled(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
-    return _train_step(args, sizes, timeout, sizes.sizes[0], sizes.videos, ["raytrain_device"], "--compile")
+def ensure_dataset(args, sizes: Sizes) -> tuple[Path, float]:
+    """(the synthetic dataset at the main side in vidray's layout, seconds spent building it now);
+    cached in ``--cache`` (benchmarks/train_step.py: build_dataset)."""
+    from train_step import build_dataset
+    from vidray.preprocess import default_stored
+
+    side = sizes.sides[0]
+    stored_frames, stored_size = default_stored(sizes.frames, side, None, None)
+    path = Path(args.cache) / f"train-data-{sizes.videos}x{stored_frames}x{stored_size}"
+    started = time.perf_counter()
+    build_dataset(path, sizes.videos, max(sizes.batch, 8), stored_frames, stored_size, sizes.frames, side)
+    return path, time.perf_counter() - started
 
 
-def section_ray_train(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
-    argv = [str(Path(__file__).resolve()), "--ray-train-worker", "--device", args.device, "--cpus", str(args.cpus)]
-    argv += ["--cache", str(args.cache)] + (["--quick"] if args.quick else [])
-    return _run_for_result(lambda result: [*argv, "--result-file", result], timeout)
+class ParquetShard:
+    """The one call DeviceCache.load and ingest.train_batches make of a Ray Data shard, ``iter_batches``,
+    over a split's Parquet shards read with pyarrow in stored order: vidray's device path without Ray.
+    ``read_s`` counts the seconds spent reading and decompressing."""
 
+    def __init__(self, dataset: Path, split: str):
+        self.paths = sorted((dataset / split).glob("*.parquet"))
+        self.read_s = 0.0
 
-def section_gpu_decode(args, sizes: Sizes, timeout: float) -> dict[str, Any]:
-    argv = [str(Path(__file__).resolve()), "--gpu-decode-worker", "--device", args.device, "--cache", str(args.cache)]
-    return _run_for_result(lambda result: [*argv, *(["--quick"] if args.quick else []), "--result-file", result], timeout)
+    def iter_batches(self, *, batch_size: int | None = None, batch_format: str = "pyarrow", prefetch_batches: int = 0):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-
-def gpu_decode_worker(args) -> dict[str, Any]:
-    """In its own process: vidray's preprocessing decode (``read_clip``, 16 frames at 128 px from
-    each video) of the same H.264 files with torchcodec on the GPU (NVDEC) and on the CPU, and
-    with PyAV (the default) on one CPU thread: videos/s of each, one decode at a time.
-
-    The inputs are generated (two 720p and two 360p, 5 s at 30 fps; toy sizes with ``--quick``)
-    and cached. torchcodec on CUDA needs its CUDA build next to a CUDA torch (``pip install
-    torchcodec==0.17.0``, not constraints.txt's CPU pin) and FFmpeg's shared libraries; when
-    it cannot run, the section says why and still measures the CPU decoders.
-    """
-    import numpy as np
-
-    from vidray.video import encode_mp4, read_clip
-
-    plan = [(64, 36, 30)] * 2 if args.quick else [(1280, 720, 150)] * 2 + [(640, 360, 150)] * 2
-    folder = Path(args.cache) / ("gpu-decode-quick" if args.quick else "gpu-decode")
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    rng = np.random.default_rng(0)
-    for index, (width, height, frames) in enumerate(plan):
-        path = folder / f"clip{index}_{width}x{height}.mp4"
-        if not path.exists():
-            base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-            clip = np.stack([np.roll(base, 4 * t, axis=1) for t in range(frames)])  # moving texture
-            encode_mp4(path, clip)
-        paths.append(path)
-
-    def timed(decoder: str, device: str) -> dict[str, Any]:
-        try:
-            read_clip(paths[0], 16, 128, decoder=decoder, device=device, num_threads=1)  # warm-up: load, init
+        assert batch_format == "pyarrow", batch_format
+        tables = []
+        for path in self.paths:
             started = time.perf_counter()
-            for path in paths:
-                read_clip(path, 16, 128, decoder=decoder, device=device, num_threads=1)
-            seconds = time.perf_counter() - started
-        except Exception as err:  # noqa: BLE001 - a backend that cannot run here is a finding, not a crash
-            return {"status": f"unavailable: {type(err).__name__}: {str(err)[:300]}"}
-        return {"status": "ok", "videos": len(paths), "seconds": round(seconds, 3), "videos_per_s": round(len(paths) / seconds, 2)}
-
-    gpu = args.device == "cuda"
-    result = {
-        "inputs": [f"{w}x{h}, {f} frames" for w, h, f in plan],
-        "pyav_cpu_1thread": timed("pyav", "cpu"),
-        "torchcodec_cpu_1thread": timed("torchcodec", "cpu"),
-        "torchcodec_cuda": timed("torchcodec", "cuda") if gpu else {"status": "not run: --device cpu"},
-    }
-    if gpu and result["torchcodec_cuda"]["status"] == "ok" and result["pyav_cpu_1thread"]["status"] == "ok":
-        import torch
-
-        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        result["cuda_over_pyav_1thread"] = round(
-            result["torchcodec_cuda"]["videos_per_s"] / result["pyav_cpu_1thread"]["videos_per_s"], 2
-        )
-    return result
+            table = pq.read_table(path, columns=["video", "label"])
+            self.read_s += time.perf_counter() - started
+            if batch_size is None:  # whole blocks, as Ray Data hands them over
+                yield table
+            else:
+                tables.append(table)
+        if batch_size is not None:
+            whole = pa.concat_tables(tables)
+            for start in range(0, whole.num_rows, batch_size):
+                yield whole.slice(start, batch_size)
 
 
-def ray_train_worker(args) -> dict[str, Any]:
-    """In its own process: a 2-epoch `vidray train` through build_trainer on the synthetic dataset."""
+def device_ingest_worker(args, sizes: Sizes, emit: Emit) -> None:
+    import torch
+
+    from vidray.config import TrainConfig
+    from vidray.dataset import read_dataset_info
+    from vidray.ingest import DeviceCache, VideoBatchCollate, train_batches
+
+    dataset, build_s = ensure_dataset(args, sizes)
+    info = read_dataset_info(str(dataset))
+    emit("dataset", {"path": str(dataset), "video_shape": list(info.video_shape), "splits": info.split_counts, "build_s": round(build_s, 1)})
+    device = torch.device(args.device)
+    torch.zeros(1, device=device)  # the device's context, outside the timings
+    train = TrainConfig(cache_dataset="device")
+    shard, val = ParquetShard(dataset, "train"), ParquetShard(dataset, "val")
+    cache = DeviceCache.load(
+        shard, val, video_shape=info.video_shape, batch_size=sizes.batch, rank=0, world_size=1, device=device,
+        train_rows=info.split_counts["train"], val_rows=info.split_counts["val"], prefetch_batches=train.prefetch_batches,
+    )  # fmt: skip
+    read_s = shard.read_s + val.read_s
+    emit("load", {
+        "bytes": cache.nbytes, "seconds": round(cache.load_seconds, 3), "gb_per_s": round(cache.nbytes / cache.load_seconds / 1e9, 3),
+        "parquet_read_s": round(read_s, 3),
+        "copy_gb_per_s": round(cache.nbytes / max(cache.load_seconds - read_s, 1e-9) / 1e9, 3),
+    })  # fmt: skip
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def rate(batches_of_epoch: Callable[[int], Any]) -> dict[str, Any]:
+        """Clips/s of whole epochs of batches landed on the device (each batch touched, as a step would)."""
+        clips, started = 0, time.perf_counter()
+        for epoch in range(sizes.ingest_epochs):
+            for batch in batches_of_epoch(epoch):
+                videos = batch["video"].to(device, non_blocking=True)
+                videos[:, 0, 0, 0, 0].sum()  # the batch is used on the device
+                clips += videos.shape[0]
+        sync()
+        seconds = time.perf_counter() - started
+        return {"epochs": sizes.ingest_epochs, "clips": clips, "seconds": round(seconds, 3), "clips_per_s": round(clips / seconds, 1)}
+
+    emit("device_cache", rate(lambda epoch: cache.train_batches(batch_size=sizes.batch, train=train, epoch=epoch, rank=0)))
+    collate = VideoBatchCollate(info.video_shape, pin_memory=device.type == "cuda", batch_size=sizes.batch, depth=train.prefetch_batches + 4)
+    host = ParquetShard(dataset, "train")
+    emit("host_path", rate(lambda epoch: train_batches(host, batch_size=sizes.batch, train=train, epoch=epoch, rank=0, collate=collate)))
+    result = emit.result
+    emit("device_over_host", round(result["device_cache"]["clips_per_s"] / result["host_path"]["clips_per_s"], 2))
+
+
+def gpu_decode_worker(args, sizes: Sizes, emit: Emit) -> None:
+    """JPEG frames decoded by nvjpeg (``torchvision.io.decode_jpeg`` on CUDA, one batched call) against
+    torchvision's CPU decoder on one thread; inputs are make_inputs.py's textured frames, quality 90."""
+    import numpy as np
+    import torch
+
+    from make_inputs import VideoSpec, _frames
+
+    try:
+        import torchcodec  # noqa: F401
+
+        emit("nvdec", "torchcodec is importable: not measured by this section")
+    except ImportError:
+        emit("nvdec", "not measured: torchcodec is not installed (NVDEC's way in from Python here)")
+    try:
+        from torchvision.io import decode_jpeg, encode_jpeg
+    except ImportError as err:  # the GPU image has torchvision; the project's venv need not
+        emit("nvjpeg", f"not measured: {type(err).__name__}: {err}")
+        return
+    torch.set_num_threads(1)
+    for count, width, height in sizes.jpeg_frames:
+        frames = list(_frames(VideoSpec("x", "x", width, height, count / 30, 1)))[:count]
+        jpegs = [encode_jpeg(torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1).contiguous(), quality=90) for f in frames]
+        entry: dict[str, Any] = {"frames": count, "width": width, "height": height, "jpeg_mb": round(sum(j.numel() for j in jpegs) / 1e6, 2)}
+        decode_jpeg(jpegs[:2])
+        started = time.perf_counter()
+        decoded = decode_jpeg(jpegs)
+        cpu_s = time.perf_counter() - started
+        entry["cpu_1thread"] = {"seconds": round(cpu_s, 4), "frames_per_s": round(count / cpu_s, 1)}
+        if args.device == "cuda":
+            try:
+                decode_jpeg(jpegs[:8], device="cuda")  # nvjpeg's handles and buffers
+                torch.cuda.synchronize()
+                runs, started = 3, time.perf_counter()
+                for _ in range(runs):
+                    on_gpu = decode_jpeg(jpegs, device="cuda")
+                torch.cuda.synchronize()
+                gpu_s = (time.perf_counter() - started) / runs
+                same = max(float((a.cpu().int() - b.int()).abs().float().mean()) for a, b in zip(on_gpu[:4], decoded[:4]))
+                entry["nvjpeg"] = {"seconds": round(gpu_s, 4), "frames_per_s": round(count / gpu_s, 1), "mean_abs_diff_vs_cpu": round(same, 3)}
+                entry["nvjpeg_over_cpu_1thread"] = round(cpu_s / gpu_s, 2)
+            except Exception as err:  # noqa: BLE001 - a decoder that cannot run here is a finding, not a crash
+                entry["nvjpeg"] = f"unavailable: {type(err).__name__}: {str(err)[:300]}"
+        emit(f"{width}x{height}", entry)
+
+
+def ray_train_worker(args, sizes: Sizes, emit: Emit) -> None:
+    """A 2-epoch `vidray train` through build_trainer on the synthetic dataset."""
     import ray
 
     from vidray.checkpoint import INFO
     from vidray.config import load_config
-    from vidray.preprocess import default_stored
     from vidray.trainer import build_trainer
 
-    sizes = QUICK if args.quick else GPU
-    size = sizes.sizes[0]
-    stored_frames, stored_size = default_stored(sizes.frames, size, None, None)
-    dataset = Path(args.cache) / f"train-data-{sizes.videos}x{stored_frames}x{stored_size}"
+    dataset, build_s = ensure_dataset(args, sizes)
+    from vidray.dataset import read_dataset_info
+
+    info = read_dataset_info(str(dataset))
     cpus_per_worker = 1 if args.quick else max(2, args.cpus // 2)
+    emit("dataset", {"path": str(dataset), "build_s": round(build_s, 1), "cpus_per_worker": cpus_per_worker})
+    started = time.perf_counter()
     ray.init(
+        # A cluster of its own, whatever RAY_ADDRESS says, on loopback: Ray swaps 127.0.0.1 for the
+        # host's outward address, not the rest of 127.0.0.0/8 (vidray/local_cluster.py).
+        address="local",
+        _node_ip_address="127.0.0.2",
         num_cpus=args.cpus,
         num_gpus=1 if args.device == "cuda" else 0,
         include_dashboard=False,
         log_to_driver=True,
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
     )
+    emit("ray", {"version": ray.__version__, "init_s": round(time.perf_counter() - started, 1), "resources": ray.cluster_resources()})
     with tempfile.TemporaryDirectory(prefix="vidray-gpu-check-run-") as storage:
         cfg = load_config(
             None,
             [
-                f"data.dataset_dir={dataset}", f"data.frames={sizes.frames}", f"data.size={size}",
-                f"data.stored_frames={stored_frames}", f"data.stored_size={stored_size}",
+                f"data.dataset_dir={dataset}", f"data.frames={sizes.frames}", f"data.size={info.size}",
+                f"data.stored_frames={info.stored_frames}", f"data.stored_size={info.stored_size}",
                 "model.init=scratch", f"model.size={sizes.model}", "train.epochs=2",
                 f"train.batch_size={sizes.batch}", "train.lr=1e-4", "train.warmup_epochs=0.5",
                 f"train.use_gpu={'true' if args.device == 'cuda' else 'false'}", "train.num_workers=1",
@@ -325,90 +481,83 @@ def ray_train_worker(args) -> dict[str, Any]:
         )  # fmt: skip
         started = time.perf_counter()
         result = build_trainer(cfg).fit()
-        seconds = time.perf_counter() - started
-        info = json.loads((Path(result.checkpoint.path) / INFO).read_text())
+        fit_s = time.perf_counter() - started
+        checkpoint = json.loads((Path(result.checkpoint.path) / INFO).read_text())
     ray.shutdown()
     keep = ("epoch", "train_loss", "val_loss", "val_accuracy", "global_step", "train_videos_per_s", "step_s",
             "data_wait_share", "clips_per_s", "achieved_tflops", "mfu", "last_report_wait_s")  # fmt: skip
-    return {
-        "fit_s": round(seconds, 1),
-        "placement": info["ingest"],
-        "history": [{k: h[k] for k in keep if k in h} for h in info["history"]],
-        "dataset": str(dataset),
-        "cpus_per_worker": cpus_per_worker,
-    }
+    emit("fit_s", round(fit_s, 1))
+    emit("placement", checkpoint["ingest"])
+    emit("history", [{k: h[k] for k in keep if k in h} for h in checkpoint["history"]])
 
 
-# max_s: each section's own limit, set from estimates (no GPU run has calibrated them yet): the mandatory
-# ones add up to the budget less RESERVE_S, so none is skipped unless one before it overran its estimate.
-SECTIONS = [
-    Section("environment", section_environment, max_s=30, min_s=5),
-    Section("inputs", section_inputs, max_s=80, min_s=20),
-    Section("vit_b_112", section_vit_b_112, max_s=130, min_s=60),
-    Section("vit_b_224", section_vit_b_224, max_s=70, min_s=40),
-    Section("ray_train", section_ray_train, max_s=90, min_s=50),
-    Section("gpu_decode", section_gpu_decode, max_s=40, min_s=15),
-    Section("vit_b_112_compiled", section_vit_b_112_compiled, max_s=120, min_s=90, optional=True),
-]
+WORKERS: dict[str, Callable[[argparse.Namespace, Sizes, Emit], None]] = {
+    "environment": environment_worker,
+    "vit_b": vit_b_worker,
+    "vit_b_compiled_112": vit_b_compiled_112_worker,
+    "device_ingest": device_ingest_worker,
+    "gpu_decode": gpu_decode_worker,
+    "ray_train": ray_train_worker,
+    "vit_b_compiled_224": vit_b_compiled_224_worker,
+}
+assert set(WORKERS) == {s.name for s in SECTIONS}
 
 
 # --------------------------------------------------------------------------- summary and main
 
 
 def summarize(sections: dict[str, Any]) -> dict[str, Any]:
-    """The figures the check exists for, pulled out of the sections' results."""
+    """The figures the check exists for, pulled out of the sections' results (partial ones included)."""
     summary: dict[str, Any] = {}
-    keys = ("clips_per_s", "within_epoch_clips_per_s", "achieved_tflops", "mfu", "data_wait_share",
-            "within_epoch_data_wait_share", "peak_memory_gib", "device_load_s", "step_s")  # fmt: skip
-    for name in ("vit_b_112", "vit_b_224", "vit_b_112_compiled"):
-        section = sections.get(name, {})
-        if section.get("status") != "ok":
-            continue
-        summary[name] = {
-            method: {k: figures.get(k) for k in keys} for method, figures in section["result"]["methods"].items()
-        }
-    train = sections.get("ray_train", {})
-    if train.get("status") == "ok":
-        summary["ray_train"] = {"placement": train["result"]["placement"], "last_epoch": train["result"]["history"][-1]}
+    gemm = (sections.get("environment", {}).get("result") or {}).get("gemm", {}).get("tflops")
+    for name in ("vit_b", "vit_b_compiled_112", "vit_b_compiled_224"):
+        for side, run in (sections.get(name, {}).get("result") or {}).items():
+            keys = ("clips_per_s", "step_s", "achieved_tflops", "mfu", "peak_memory_gib", "first_step_s", "loss_finite")
+            figures = {k: run.get(k) for k in keys}
+            figures["fraction_of_measured_gemm"] = round(run["achieved_tflops"] / gemm, 4) if gemm else None
+            summary[f"{name}@{side}"] = figures
+    ingest = sections.get("device_ingest", {}).get("result") or {}
+    if "device_over_host" in ingest:
+        summary["device_ingest"] = {k: ingest[k] for k in ("load", "device_cache", "host_path", "device_over_host")}
+    decode = sections.get("gpu_decode", {}).get("result") or {}
+    summary["gpu_decode"] = {k: v.get("nvjpeg_over_cpu_1thread") for k, v in decode.items() if isinstance(v, dict)}
+    train = sections.get("ray_train", {}).get("result") or {}
+    if train.get("history"):
+        summary["ray_train"] = {"fit_s": train.get("fit_s"), "placement": train.get("placement"), "last_epoch": train["history"][-1]}
+    summary["status"] = {name: section.get("status") for name, section in sections.items()}
     return summary
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    name = "gpu_check_quick.json" if args.quick or args.device == "cpu" else "gpu_check.json"
+    return Path(os.environ["OUT"]) / name if os.environ.get("OUT") else HERE / "results" / name
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="toy sizes: a dry run of every section")
-    parser.add_argument("--budget", type=float, default=450, help="seconds for all sections together")
+    parser.add_argument("--budget", type=float, default=400, help="seconds for all sections together")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
-    parser.add_argument("--cpus-per-worker", type=float, default=None, help="Ray Train worker CPUs (default: half the CPUs)")
     parser.add_argument("--cache", type=Path, default=CACHE)
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/gpu_check[_quick].json")
-    parser.add_argument("--only", nargs="+", default=None, help="run only these sections")
-    parser.add_argument("--ray-train-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--gpu-decode-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help="default $OUT/gpu_check[_quick].json, else benchmarks/results/")
+    parser.add_argument("--only", nargs="+", default=None, choices=list(WORKERS), help="run only these sections")
+    parser.add_argument("--worker", default=None, choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.ray_train_worker or args.gpu_decode_worker:
-        worker = ray_train_worker if args.ray_train_worker else gpu_decode_worker
-        Path(args.result_file).write_text(json.dumps(worker(args)))
-        return {}
-    if args.cpus_per_worker is None:
-        args.cpus_per_worker = 1 if args.quick else max(2, args.cpus // 2)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("gpu_check: torch sees no GPU (a dry run on a CPU: --device cpu --quick)")
-    signal.signal(signal.SIGTERM, _stop)
     sizes = QUICK if args.quick else GPU
-    name = "gpu_check_quick" if args.quick or args.device == "cpu" else "gpu_check"
+    if args.worker:
+        WORKERS[args.worker](args, sizes, Emit(args.result_file))
+        return {}
+    signal.signal(signal.SIGTERM, _stop)
+    out = args.out or default_out(args)
     started = time.monotonic()
     deadline = started + args.budget
     payload: dict[str, Any] = {
         "benchmark": "gpu_check",
         "date": now(),
         "command": command_line(),
-        "params": {"device": args.device, "quick": args.quick, "budget_s": args.budget, "sizes": sizes.__dict__,
-                   "cpus": args.cpus, "cpus_per_worker": args.cpus_per_worker},  # fmt: skip
+        "params": {"device": args.device, "quick": args.quick, "budget_s": args.budget, "sizes": sizes.__dict__, "cpus": args.cpus},
         "sections": {},
     }
     for section in SECTIONS:
@@ -423,20 +572,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[gpu_check] {section.name} (up to {timeout:.0f} s)", file=sys.stderr, flush=True)
             section_started = time.perf_counter()
             try:
-                record.update(status="ok", result=section.run(args, sizes, timeout))
+                result, tail = run_section(args, section.name, timeout)
+                record.update(status="ok", result=result, output_tail=tail[-800:])
             except SectionError as err:
-                record.update(status=err.status, output_tail=err.tail)
-            except Exception as err:  # a check that half-works still reports the other sections
-                record.update(status="failed", error=f"{type(err).__name__}: {err}")
+                record.update(status=err.status, result=err.partial, output_tail=err.tail)
             record["seconds"] = round(time.perf_counter() - section_started, 1)
             record["timeout_s"] = round(timeout, 1)
         record["load_after"] = loadavg()
         payload["sections"][section.name] = record
         payload["summary"] = summarize(payload["sections"])
         payload["elapsed_s"] = round(time.monotonic() - started, 1)
-        write_result(name, payload, args.out)
+        write_result("gpu_check", payload, out)
         print(f"[gpu_check] {section.name}: {record['status']} {record.get('seconds', '')}", file=sys.stderr, flush=True)
-    print(json.dumps(payload["summary"], indent=1))
+        if record["status"] not in ("ok", "skipped"):
+            print(record.get("output_tail", "")[-1500:], file=sys.stderr, flush=True)
+    print(json.dumps(payload.get("summary", {}), indent=1))
     return payload
 
 

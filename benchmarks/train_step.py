@@ -155,10 +155,9 @@ def make_step(model_size: str, frames: int, size: int, device_name: str, compile
 
     from vidray import augment
     from vidray.config import ModelConfig, TrainConfig
-    from vidray.model import autocast, build_model, to_device, use_tf32
+    from vidray.model import autocast, build_model, compile_model, to_device, use_tf32
     from vidray.optim import build_optimizer
     from vidray.rng import AugmentGenerators, seed_everything
-    from vidray.train import compile_model
 
     device = torch.device(device_name)
     use_tf32(device)

@@ -37,6 +37,10 @@ result does not depend on where its data lived:
   (:class:`VideoBatchCollate`), so the host-to-device copy is asynchronous.
 
 Clip sampling and augmentation then run on the device (vidray/augment.py).
+
+Ray is imported where a function talks to it, not by the module: the device path
+(:class:`DeviceCache`, :func:`train_batches`) runs over any object with Ray Data's
+``iter_batches``, so benchmarks/gpu_check.py measures it on a machine without Ray.
 """
 
 from __future__ import annotations
@@ -51,12 +55,8 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
-import ray
-import ray.train
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
-from vidray.cluster import DATA_CPUS
 from vidray.config import TrainConfig
 from vidray.dataset import DatasetInfo, read_split
 from vidray.errors import UserError
@@ -87,6 +87,8 @@ def should_cache_dataset(train: TrainConfig, info: DatasetInfo, splits: Sequence
     ``device`` and ``auto`` use the object store when the splits fit it: then the
     workers' one copy to their devices needs no Ray Data read task (and no CPU for it).
     """
+    import ray
+
     if train.cache_dataset in ("always", "never"):
         return train.cache_dataset == "always"
     if not ray.is_initialized():
@@ -98,6 +100,8 @@ def should_cache_dataset(train: TrainConfig, info: DatasetInfo, splits: Sequence
 
 def ingest_cpus(train: TrainConfig, info: DatasetInfo, splits: Sequence[str] = ("train", "val")) -> int:
     """CPUs Ray Data needs beside a run's workers while it trains: none once the splits are cached."""
+    from vidray.cluster import DATA_CPUS
+
     return 0 if should_cache_dataset(train, info, splits) else DATA_CPUS
 
 
@@ -127,6 +131,7 @@ def data_config() -> ray.train.DataConfig:
     trims rows to make the shards equal: right for training, but it would leave
     up to ``num_workers - 1`` val videos out of every evaluation.
     """
+    import ray.train
     from ray.data import DataContext, ExecutionOptions
 
     # DataConfig.default_ingest_options() plus preserve_order, without the deprecated exclude_resources.
@@ -299,7 +304,7 @@ class BatchBuffers:
         return self._ring[slot]
 
 
-class VideoBatchCollate(NumpyBatchCollateFn):
+class VideoBatchCollate:
     """Rows -> ``{"video": uint8 [B, Ts, S, S, 3], "label": int64 [B]}`` with one host copy per video.
 
     ``pin_memory``: build batches in pinned memory (for a GPU); ``depth``: batches that
@@ -321,7 +326,7 @@ class VideoBatchCollate(NumpyBatchCollateFn):
         return {"video": videos, "label": labels.pin_memory() if self.pin_memory else labels}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """A numpy batch of raw-bytes rows (Ray Data's ``collate_fn`` interface)."""
+        """A numpy batch of raw-bytes rows (the call Ray Data makes of a numpy ``collate_fn``)."""
         items = list(batch["video"])
         expected = int(np.prod(self.video_shape))
         videos = self._buffers.get(len(items))
@@ -606,6 +611,8 @@ def open_worker_data(
     ``train_shard`` / ``val`` default to Ray Train's dataset shards of this worker; with
     ``val_videos=0`` there is no val split (pretraining, vidray/pretrain.py).
     """
+    import ray.train
+
     train_shard = train_shard if train_shard is not None else ray.train.get_dataset_shard("train")
     if val is None and val_videos:
         val = ray.train.get_dataset_shard("val")

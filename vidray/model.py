@@ -267,6 +267,12 @@ def use_tf32(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def compile_model(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with static shapes: one graph per shape, no dynamic-shape graphs (the eval loop pads
+    its last batch, so train and eval each need exactly one)."""
+    return torch.compile(module, dynamic=False)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; fp32 (a no-op context) elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -411,9 +411,10 @@ def write_shard(
 
 
 def _ray_node_id() -> str | None:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    # A process Ray runs in has imported it; one that never did (a benchmark writing shards itself,
+    # on a machine without Ray) is on no node.
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
 def decode_shard(out: str, shard: Shard, settings: DecodeSettings, crash_on: str | None) -> list[dict]:

@@ -51,7 +51,7 @@ from vidray.faults import maybe_die_for_test, maybe_hold_for_test
 from vidray.inference import clip_logits
 from vidray.ingest import open_worker_data
 from vidray.metrics import confusion_matrix, epoch_metrics
-from vidray.model import autocast, build_model, load_model, to_device, use_tf32
+from vidray.model import autocast, build_model, compile_model, load_model, to_device, use_tf32
 from vidray.optim import build_optimizer, build_scheduler, micro_batch_size, steps_per_epoch
 from vidray.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
 from vidray.telemetry import StepTelemetry, train_flops_per_clip
@@ -67,12 +67,6 @@ class StepParts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     generators: AugmentGenerators
-
-
-def compile_model(module: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile with static shapes: one graph per shape, no dynamic-shape graphs (the eval loop pads
-    its last batch, so train and eval each need exactly one)."""
-    return torch.compile(module, dynamic=False)
 
 
 def quiet_worker_logs() -> None:
