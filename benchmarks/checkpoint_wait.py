@@ -41,10 +41,12 @@ def run_method(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from vidray.checkpoint import INFO
+    from vidray.cluster import LOOPBACK_IP
     from vidray.config import load_config
     from vidray.trainer import build_trainer
 
     ray.init(
+        _node_ip_address=LOOPBACK_IP,  # loopback only (vidray.cluster.LOOPBACK_IP)
         num_cpus=args.cpus,
         include_dashboard=False,
         object_store_memory=500_000_000,

@@ -444,6 +444,7 @@ def ray_train_worker(args, sizes: Sizes, emit: Emit) -> None:
     import ray
 
     from vidray.checkpoint import INFO
+    from vidray.cluster import LOOPBACK_IP
     from vidray.config import load_config
     from vidray.trainer import build_trainer
 
@@ -455,10 +456,9 @@ def ray_train_worker(args, sizes: Sizes, emit: Emit) -> None:
     emit("dataset", {"path": str(dataset), "build_s": round(build_s, 1), "cpus_per_worker": cpus_per_worker})
     started = time.perf_counter()
     ray.init(
-        # A cluster of its own, whatever RAY_ADDRESS says, on loopback: Ray swaps 127.0.0.1 for the
-        # host's outward address, not the rest of 127.0.0.0/8 (vidray/local_cluster.py).
+        # A cluster of its own, whatever RAY_ADDRESS says, on loopback (vidray.cluster.LOOPBACK_IP).
         address="local",
-        _node_ip_address="127.0.0.2",
+        _node_ip_address=LOOPBACK_IP,
         num_cpus=args.cpus,
         num_gpus=1 if args.device == "cuda" else 0,
         include_dashboard=False,

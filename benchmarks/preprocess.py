@@ -340,6 +340,8 @@ def run_vidray(
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
     ray.init(
+        # Loopback only, as vidray.cluster.LOOPBACK_IP (a literal: --before runs a vidray that predates it).
+        _node_ip_address="127.0.0.2",
         num_cpus=cpus,
         include_dashboard=False,
         object_store_memory=500 * 2**20,

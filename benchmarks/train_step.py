@@ -361,6 +361,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from vidray.cluster import LOOPBACK_IP
     from vidray.config import TrainConfig
     from vidray.dataset import read_dataset_info
     from vidray.ingest import build_datasets, data_config
@@ -368,6 +369,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
     ray.init(
+        _node_ip_address=LOOPBACK_IP,  # loopback only (vidray.cluster.LOOPBACK_IP)
         num_cpus=args.cpus,
         num_gpus=1 if args.device == "cuda" else 0,
         include_dashboard=False,

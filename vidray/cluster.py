@@ -16,6 +16,12 @@ from vidray.config import TrainConfig, VidrayConfig
 from vidray.errors import UserError
 from vidray.storage import check_storage_for_cluster
 
+# Where a local cluster that vidray starts listens: loopback only (its dashboard, with the Jobs API
+# that runs any code it is sent, is on 127.0.0.1 too). Not 127.0.0.1 itself: Ray rewrites that to
+# the host's outward IP (ray._private.services.resolve_ip_for_localhost) and leaves the rest of
+# 127.0.0.0/8 alone. tests/test_install.py checks a fresh cluster's node address.
+LOOPBACK_IP = "127.0.0.2"
+
 # What Ray Data needs beside a run's workers to stream the shards every epoch (one
 # read task). A run whose splits are cached in the object store needs none after its start.
 DATA_CPUS = 1
@@ -24,13 +30,13 @@ DATA_CPUS = 1
 def init_ray(*, log_to_driver: bool = True, **local_kwargs) -> None:
     """Connect once. ``log_to_driver=False`` keeps the job's workers' output out of this console
     (it stays in Ray's log files and the dashboard); ``local_kwargs`` only apply when a new local
-    cluster starts."""
+    cluster starts, on :data:`LOOPBACK_IP`."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
     else:
-        ray.init(log_to_driver=log_to_driver, **local_kwargs)
+        ray.init(log_to_driver=log_to_driver, **{"_node_ip_address": LOOPBACK_IP, **local_kwargs})
 
 
 def shared_storage_paths(cfg: VidrayConfig) -> tuple[str, str]:

@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-NODE_IP = "127.0.0.2"
+from vidray.cluster import LOOPBACK_IP
+
+NODE_IP = LOOPBACK_IP  # see vidray.cluster: Ray rewrites 127.0.0.1, not the rest of 127.0.0.0/8
 RAY = str(Path(sys.executable).with_name("ray"))
 # Plain loopback clusters: no token auth (another cluster's ~/.ray/auth_token would switch it on).
 # No progress bars: on a 2-core box their redraws cost more CPU than the work.
