@@ -64,3 +64,24 @@ def test_installed_vidray_runs_a_sweep_from_any_folder(tmp_path):
     assert Path(summary["results_md"]).is_file()
     assert (elsewhere / "data" / "dataset" / "dataset.json").is_file()  # relative data paths: the user's folder
     assert not (REPO / "data" / "videos").exists()
+
+
+@pytest.mark.slow
+def test_a_local_cluster_that_vidray_starts_stays_on_loopback(tmp_path):
+    """`vidray train/tune/...` without RAY_ADDRESS start a cluster of their own (init_ray): its node, GCS and
+    raylet are on vidray.cluster.LOOPBACK_IP, not on the host's outward IP that Ray picks for 127.0.0.1."""
+    from vidray.cluster import LOOPBACK_IP
+
+    code = (
+        "import json, ray\n"
+        "from vidray.cluster import init_ray\n"
+        "from vidray.tune import local_cluster_kwargs\n"
+        "init_ray(**local_cluster_kwargs())\n"
+        "(node,) = ray.nodes()\n"
+        "print(json.dumps({'node': node['NodeManagerAddress'], 'gcs': ray.get_runtime_context().gcs_address}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert where["node"] == LOOPBACK_IP and where["gcs"].startswith(f"{LOOPBACK_IP}:"), where

@@ -99,16 +99,23 @@ def trial_id(trial_dir: Path) -> str:
     return f"{parts[2]}_{parts[3]}"
 
 
-def wait_for_train_to_stop(
-    ray_head, timeout: float = 120, classes: frozenset[str] = frozenset({"ImplicitFunc", "TrainController", "RayTrainWorker"})
-) -> None:
-    """Until the cluster has reaped a dead driver's trials (ImplicitFunc) and their Ray Train runs."""
+TRAIN_ACTORS = frozenset({"ImplicitFunc", "TrainController", "RayTrainWorker"})
+
+
+def alive_train_actors(ray_head, classes: frozenset[str] = TRAIN_ACTORS) -> dict[str, str]:
+    """{actor id: class name} of the cluster's live trial and Ray Train actors (every driver's: the cluster is shared)."""
     from ray.util.state import list_actors
 
+    actors = list_actors(address=ray_head["dashboard_url"], filters=[("state", "=", "ALIVE")], limit=10_000)
+    return {actor.actor_id: actor.class_name for actor in actors if actor.class_name in classes}
+
+
+def wait_for_train_to_stop(ray_head, before: dict[str, str], classes: frozenset[str] = TRAIN_ACTORS, timeout: float = 120) -> None:
+    """Until the cluster has reaped a dead driver's trials (ImplicitFunc) and their Ray Train runs: every
+    such actor that was not alive already (``before``) is gone."""
     deadline = time.monotonic() + timeout
     while True:
-        actors = list_actors(address=ray_head["dashboard_url"], filters=[("state", "=", "ALIVE")], limit=10_000)
-        alive = {actor.class_name for actor in actors} & set(classes)
+        alive = {name for actor_id, name in alive_train_actors(ray_head, classes).items() if actor_id not in before}
         if not alive:
             return
         assert time.monotonic() < deadline, f"still alive {timeout} s after the driver died: {alive}"
@@ -278,6 +285,7 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     release = tmp_path / "release-hold"
     hold = hold_env(0, str(release), run_suffix="_00001")
     job_config = json.dumps({"runtime_env": {"env_vars": hold}})
+    others = alive_train_actors(ray_head)  # other drivers' on the session's cluster, if any
     driver = start_driver(ray_head, overrides, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config})
     deadline = time.monotonic() + 900
     while True:  # one trial at a time: trial 2 reporting means trial 1 is done
@@ -291,9 +299,9 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     driver.communicate()
     # The cluster reaps the dead driver's trial and its Ray Train controller; the held workers would
     # sit out their task, so they end now, as a reaped process would (without training on).
-    wait_for_train_to_stop(ray_head, classes={"ImplicitFunc", "TrainController"})
+    wait_for_train_to_stop(ray_head, others, classes=frozenset({"ImplicitFunc", "TrainController"}))
     end_held_processes(str(release))
-    wait_for_train_to_stop(ray_head)
+    wait_for_train_to_stop(ray_head, others)
 
     first, second = trials
     assert progress_epochs(first) == [1, 2]
