@@ -379,14 +379,14 @@ def predict_corpus(
     started = time.monotonic()
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if batch_size < 1 or videos_per_chunk < 1:
+        raise UserError(f"--batch-size and --videos-per-chunk must be >= 1, got {batch_size} and {videos_per_chunk}")
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir} does not exist (pass a directory written by `vidray export` or a checkpoint)")
     info = read_checkpoint_info(model_dir)
     shape = clip_shape_of(info)
-    views = Views(clips or eval_clips_of(info), crops)
+    views = Views(eval_clips_of(info) if clips is None else clips, crops)
     paths = discover(inputs)
     if not paths:
         raise UserError(f"no videos in {' '.join(map(str, inputs))}")

@@ -167,7 +167,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         from vidray.batch_predict import predict_corpus
 
         summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
-                                 crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors)  # fmt: skip
+                                 crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
+                                 videos_per_chunk=args.videos_per_chunk)  # fmt: skip
         _print_summary(summary, disconnect_ray=True)
         return
     if args.embeddings:
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--embeddings", action="store_true", help="with --out: add the pooled encoder features")
     pr.add_argument("--batch-size", type=int, default=8, help="with --out: videos per model batch")
     pr.add_argument("--actors", type=int, default=None, help="with --out: most model actors (default: one per GPU, or 1)")
+    pr.add_argument(
+        "--videos-per-chunk", type=int, default=16, help="with --out: videos per decode task and per resumable part"
+    )
     _add_view_args(pr)
     pr.set_defaults(func=cmd_predict)
     return parser

@@ -193,7 +193,7 @@ def evaluate_checkpoint(
     dataset = read_dataset_info(dataset_dir)
     _check_compatible(shape, dataset, dataset_dir, split, checkpoint)
     classes = shape.classes
-    views = Views(clips or eval_clips_of(info), crops)
+    views = Views(eval_clips_of(info) if clips is None else clips, crops)
     device = inference_device()
     to_device(model, device)  # with its position table: no copy of it in every forward
 

@@ -37,12 +37,12 @@ class Classifier:
 
         if top_k < 1:
             raise UserError(f"--top-k must be >= 1, got {top_k}")
-        Views(clips or 1, crops)  # a bad view count fails before the model loads
+        Views(1 if clips is None else clips, crops)  # a bad view count fails before the model loads
         self.model, info = load_trained_model(Path(model_dir))
         self.shape = clip_shape_of(info)
         self.classes = list(self.shape.classes)
         # The default is the view training validated with: train.eval_clips clips, the centre crop.
-        self.views = Views(clips or eval_clips_of(info), crops)
+        self.views = Views(eval_clips_of(info) if clips is None else clips, crops)
         self.top_k = min(top_k, len(self.classes))
         self.device = device or inference_device()
         to_device(self.model, self.device)  # with its position table: no copy of it in every forward
