@@ -56,7 +56,10 @@ from vidray.inference import Views
 from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, DecodeSettings, decode_or_reject, write_atomically
 from vidray.storage import is_uri, join_uri, local_file, open_filesystem
 
+# A chunk is one decode task and one part file: at most this many videos, and small enough that a
+# corpus gives at least MIN_CHUNKS tasks (a 64-video corpus in 4 tasks of 16 left CPUs idle).
 VIDEOS_PER_CHUNK = 16
+MIN_CHUNKS = 32
 PARTS_DIR = "_parts"
 PROGRESS_EVERY_S = 10.0
 # Test-only: the driver SIGKILLs itself after writing this many parts (a real, uncatchable kill).
@@ -280,7 +283,10 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         fn_constructor_kwargs={k: args[k] for k in ("model_dir", "top_k", "clips", "crops", "embeddings")},
-        **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        # On GPU nodes an actor holds a GPU (and a CPU to feed it). On CPU-only clusters it reserves
+        # args["actor_cpus"] (default none): the decode tasks then take every CPU and the model
+        # shares them; reserving a whole CPU for it would leave a 1-CPU node no CPU to decode with.
+        **({"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": args["actor_cpus"]}),
     )
     ds.context.max_errored_blocks = -1  # a lost chunk is recovered one video per task, never fatal
     by_id = {c.id: c for c in todo}
@@ -366,12 +372,14 @@ def predict_corpus(
     embeddings: bool = False,
     batch_size: int = 8,
     actors: int | None = None,
-    videos_per_chunk: int = VIDEOS_PER_CHUNK,
+    actor_cpus: float = 0.0,
+    videos_per_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Predict every video of ``inputs`` into ``out``; returns the run's summary (see the module docstring).
 
     ``clips`` (default: the model's ``train.eval_clips``) x ``crops`` are the views averaged; ``actors`` caps the model actor pool
-    (default: one per GPU, or one on a CPU-only cluster).
+    (default: one per GPU, or one on a CPU-only cluster); ``actor_cpus``: the CPUs an actor
+    reserves on a CPU-only cluster.
     """
     from vidray.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info
     from vidray.cluster import init_ray
@@ -379,7 +387,7 @@ def predict_corpus(
     started = time.monotonic()
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
-    if batch_size < 1 or videos_per_chunk < 1:
+    if batch_size < 1 or (videos_per_chunk is not None and videos_per_chunk < 1):
         raise UserError(f"--batch-size and --videos-per-chunk must be >= 1, got {batch_size} and {videos_per_chunk}")
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
@@ -392,6 +400,8 @@ def predict_corpus(
         raise UserError(f"no videos in {' '.join(map(str, inputs))}")
     settings = {"model": model_fingerprint(model_dir), "clips": views.clips, "crops": views.crops,
                 "top_k": top_k, "embeddings": embeddings}  # fmt: skip
+    # A function of the corpus alone (not of the cluster), so a resumed run plans the same chunks.
+    videos_per_chunk = videos_per_chunk or max(1, min(VIDEOS_PER_CHUNK, -(-len(paths) // MIN_CHUNKS)))
     chunks = plan_chunks(paths, settings, videos_per_chunk)
     fs, root = open_filesystem(out)
     try:
@@ -403,10 +413,10 @@ def predict_corpus(
     reused = sum(len(c.paths) for c in chunks if c.id in finished)
     progress = _Progress(len(paths), reused)
     if todo:
-        init_ray()
+        init_ray(include_dashboard=False)  # a local cluster for this command alone: no dashboard to start
         args = {
             "model_dir": str(model_dir), "top_k": top_k, "clips": views.clips, "crops": views.crops,
-            "embeddings": embeddings, "batch_size": batch_size, "actors": actors,
+            "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus,
             "settings": DecodeSettings(shape.stored_frames, shape.stored_size, shape.decoder),
             "crash_on": os.environ.get(CRASH_ON_ENV) or None,
         }  # fmt: skip

@@ -168,7 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
         summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
                                  crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
-                                 videos_per_chunk=args.videos_per_chunk)  # fmt: skip
+                                 actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk)  # fmt: skip
         _print_summary(summary, disconnect_ray=True)
         return
     if args.embeddings:
@@ -287,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8, help="with --out: videos per model batch")
     pr.add_argument("--actors", type=int, default=None, help="with --out: most model actors (default: one per GPU, or 1)")
     pr.add_argument(
-        "--videos-per-chunk", type=int, default=16, help="with --out: videos per decode task and per resumable part"
+        "--actor-cpus", type=float, default=0.0,
+        help="with --out on CPU-only clusters: CPUs each model actor reserves (default 0: it shares the decode CPUs)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--videos-per-chunk", type=int, default=None,
+        help="with --out: videos per decode task and per resumable part (default: up to 16, at least 32 chunks)",
     )
     _add_view_args(pr)
     pr.set_defaults(func=cmd_predict)
