@@ -141,19 +141,29 @@ def train_transform(
     return x.reshape(batch, frames, 3, size, size)
 
 
-def eval_transform(videos: torch.Tensor, *, frames: int, size: int, clips: int = 1) -> torch.Tensor:
-    """Evaluation clips: evenly spaced frames and an exact centre crop, no resampling.
+def crop_offsets(stored: int, size: int, crops: int = 1) -> list[tuple[int, int]]:
+    """(top, left) of each spatial crop of a stored square: 1 crop, the exact centre; 3 crops, left, centre
+    and right at mid-height (the 3-crop test of VideoMAE and SlowFast, landscape video)."""
+    middle = (stored - size) // 2
+    if crops == 1:
+        return [(middle, middle)]
+    if crops == 3:
+        return [(middle, 0), (middle, middle), (middle, stored - size)]
+    raise ValueError(f"crops must be 1 or 3, got {crops}")
 
-    uint8 ``[B, Ts, S, S, 3]`` -> float ``[B * clips, frames, 3, size, size]``,
-    clip-minor (rows ``b * clips .. b * clips + clips - 1`` belong to video ``b``);
-    average their logits with :func:`average_clip_logits`.
+
+def eval_transform(videos: torch.Tensor, *, frames: int, size: int, clips: int = 1, crops: int = 1) -> torch.Tensor:
+    """Evaluation views: evenly spaced frames and exact crops (see :func:`crop_offsets`), no resampling.
+
+    uint8 ``[B, Ts, S, S, 3]`` -> float ``[B * crops * clips, frames, 3, size, size]``,
+    view-minor (rows ``b * V .. b * V + V - 1``, ``V = crops * clips``, belong to video ``b``,
+    crop-major within it); average their logits with :func:`average_clip_logits`.
     """
     batch, stored_frames, stored = videos.shape[:3]
     index = eval_frame_indices(stored_frames, frames, clips, device=videos.device)  # [clips, T]
-    top = (stored - size) // 2
-    crop = videos[:, :, top : top + size, top : top + size]
-    crop = crop[:, index]  # [B, clips, T, size, size, 3]
-    return normalize(crop.reshape(batch * clips, frames, size, size, 3))
+    views = [videos[:, :, top : top + size, left : left + size][:, index] for top, left in crop_offsets(stored, size, crops)]
+    crop = views[0] if crops == 1 else torch.stack(views, dim=1)  # [B, (crops,) clips, T, size, size, 3]
+    return normalize(crop.reshape(batch * crops * clips, frames, size, size, 3))
 
 
 def shuffle_frames(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -164,7 +174,7 @@ def shuffle_frames(pixel_values: torch.Tensor, generator: torch.Generator) -> to
 
 
 def average_clip_logits(logits: torch.Tensor, clips: int) -> torch.Tensor:
-    """``[B * clips, K]`` -> ``[B, K]``: the mean over each video's clips."""
+    """``[B * clips, K]`` -> ``[B, K]``: the mean over each video's ``clips`` views."""
     return logits.reshape(-1, clips, logits.shape[-1]).mean(dim=1)
 
 

@@ -31,6 +31,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
 
 
+def _add_view_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clips", type=int, default=None, help="temporal clips per video (default: the train.eval_clips it validated with)"
+    )
+    parser.add_argument(
+        "--crops", type=int, choices=[1, 3], default=1, help="spatial crops: 1 centre (default) or 3 (left, centre, right)"
+    )
+
+
 def _add_rerun_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--restart",
@@ -139,7 +148,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from vidray.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
-        Path(args.checkpoint), args.data, split=args.split, out_dir=Path(args.out), batch_size=args.batch_size
+        Path(args.checkpoint), args.data, split=args.split, out_dir=Path(args.out), batch_size=args.batch_size,
+        clips=args.clips, crops=args.crops,
     )
     _print_summary(metrics)
 
@@ -153,7 +163,20 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from vidray.predict import predict_videos, raise_for_unreadable
 
-    results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k)
+    if args.out:
+        from vidray.batch_predict import predict_corpus
+
+        summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
+                                 crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
+                                 actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk)  # fmt: skip
+        _print_summary(summary, disconnect_ray=True)
+        return
+    if args.embeddings:
+        raise UserError("--embeddings needs --out (embeddings are written to OUT/predictions.parquet)")
+    folders = [v for v in args.videos if Path(v).is_dir() or "://" in v or v.endswith(".parquet")]
+    if folders:
+        raise UserError(f"{folders[0]}: folders, manifests and URIs need --out OUT (Ray Data batch prediction)")
+    results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k, clips=args.clips, crops=args.crops)
     for item in results:
         labels = ", ".join(f"{p['label']} {p['score']:.3f}" for p in item["predictions"])
         print(f"{item['video']}: {labels or 'unreadable (see error)'}")
@@ -242,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="val")
     ev.add_argument("--out", default="reports/eval")
     ev.add_argument("--batch-size", type=int, default=8)
+    _add_view_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     ex = sub.add_parser("export", help="save_pretrained model + processor for transformers.pipeline")
@@ -249,10 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=cmd_export)
 
-    pr = sub.add_parser("predict", help="top-k labels for video files")
-    pr.add_argument("--model", required=True, help="directory written by `vidray export`")
-    pr.add_argument("videos", nargs="+")
+    pr = sub.add_parser(
+        "predict", help="top-k labels for video files; with --out, for a whole corpus on Ray Data (resumable)"
+    )
+    pr.add_argument("--model", required=True, help="directory written by `vidray export`, or a checkpoint")
+    pr.add_argument(
+        "videos", nargs="+", metavar="INPUT",
+        help="video files; with --out also folders (searched recursively), manifest .parquet files, s3:// / gs:// URIs",
+    )  # fmt: skip
     pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--out", default=None, help="write OUT/predictions.parquet and OUT/rejects.csv on Ray Data")
+    pr.add_argument("--embeddings", action="store_true", help="with --out: add the pooled encoder features")
+    pr.add_argument("--batch-size", type=int, default=8, help="with --out: videos per model batch")
+    pr.add_argument("--actors", type=int, default=None, help="with --out: most model actors (default: one per GPU, or 1)")
+    pr.add_argument(
+        "--actor-cpus", type=float, default=0.0,
+        help="with --out on CPU-only clusters: CPUs each model actor reserves (default 0: it shares the decode CPUs)",
+    )  # fmt: skip
+    pr.add_argument(
+        "--videos-per-chunk", type=int, default=None,
+        help="with --out: videos per decode task and per resumable part (default: up to 16, at least 32 chunks)",
+    )
+    _add_view_args(pr)
     pr.set_defaults(func=cmd_predict)
     return parser
 

@@ -1,8 +1,10 @@
 """Evaluate a checkpoint on one split of a preprocessed dataset.
 
-The clip transform is the one training validated with (evenly spaced
+By default the views are the ones training validated with (evenly spaced
 frames, centre crop, ``train.eval_clips`` clips averaged in logit space), so
-the numbers agree with the ``val_*`` metrics the checkpoint was saved with.
+the numbers agree with the ``val_*`` metrics the checkpoint was saved with;
+``clips`` x ``crops`` (:class:`vidray.inference.Views`, e.g. 5 x 3 as published
+numbers use) change that, and ``metrics.json`` names the protocol of its numbers.
 The split is read shard by shard with plain pyarrow: evaluation is one
 process, and a split of stored clips fits through it quickly.
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from vidray.errors import UserError
+from vidray.inference import Views
 from vidray.metrics import confusion_matrix, metrics_from_confusion
 
 logger = logging.getLogger(__name__)
@@ -85,16 +88,16 @@ def _check_compatible(shape, dataset, dataset_dir: str, split: str, checkpoint: 
         )
 
 
-def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, shape, clips: int, device,
+def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, shape, views: Views, device,
                  shuffle: torch.Generator | None = None, orders: int = 1) -> Iterator[tuple[dict[str, list], torch.Tensor]]:
-    """(record batch, clip-averaged logits on the CPU) for every batch of ``split``.
+    """(record batch, view-averaged logits on the CPU) for every batch of ``split``.
 
     With ``shuffle``, each clip's frames are put in random order, ``orders`` times
     with fresh orders, and the logits averaged: what the model predicts once
     frame order is gone, with little noise from any one order.
     """
     from vidray.dataset import videos_from_bytes
-    from vidray.inference import clip_logits
+    from vidray.inference import clip_outputs
 
     for batch in _split_batches(dataset_dir, dataset, split, batch_size):
         try:
@@ -102,7 +105,7 @@ def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, 
             videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape).copy()).to(device)
         except ValueError as err:
             raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
-        runs = [clip_logits(model, videos, frames=shape.frames, size=shape.size, clips=clips, shuffle=shuffle)
+        runs = [clip_outputs(model, videos, frames=shape.frames, size=shape.size, views=views, shuffle=shuffle)[0]
                 for _ in range(orders if shuffle is not None else 1)]
         yield batch, torch.stack(runs).mean(0).cpu()
 
@@ -139,7 +142,7 @@ def frame_order_control(
     for name, shuffle in (("in_order", None), ("shuffled", torch.Generator().manual_seed(seed))):
         y_true, y_pred = [], []
         for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape,
-                                          eval_clips_of(info), device, shuffle=shuffle, orders=CONTROL_ORDERS):
+                                          Views(eval_clips_of(info)), device, shuffle=shuffle, orders=CONTROL_ORDERS):
             y_true += batch["label"]
             y_pred += logits.argmax(-1).tolist()
         confusions[name] = confusion_matrix(y_true, y_pred, len(shape.classes))
@@ -169,11 +172,13 @@ def evaluate_checkpoint(
     out_dir: Path = Path("reports/eval"),
     batch_size: int = 8,
     clips: int | None = None,
+    crops: int = 1,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``split`` of ``dataset_dir``; writes the reports into ``out_dir``.
 
     ``clips`` defaults to the ``train.eval_clips`` the checkpoint was trained
-    with. Returns the metrics dict written to ``metrics.json`` plus ``files``.
+    with, ``crops`` to the centre crop: the view training validated with. Returns the
+    metrics dict written to ``metrics.json`` (with ``protocol``) plus ``files``.
     """
     from vidray.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
     from vidray.dataset import read_dataset_info
@@ -188,7 +193,7 @@ def evaluate_checkpoint(
     dataset = read_dataset_info(dataset_dir)
     _check_compatible(shape, dataset, dataset_dir, split, checkpoint)
     classes = shape.classes
-    clips = clips or eval_clips_of(info)
+    views = Views(eval_clips_of(info) if clips is None else clips, crops)
     device = inference_device()
     to_device(model, device)  # with its position table: no copy of it in every forward
 
@@ -196,7 +201,7 @@ def evaluate_checkpoint(
     y_pred: list[int] = []
     rows: list[dict[str, Any]] = []
     loss_sum = 0.0
-    for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape, clips, device):
+    for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape, views, device):
         labels = torch.tensor(batch["label"], dtype=torch.int64)
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         probs = logits.softmax(-1)
@@ -227,7 +232,9 @@ def evaluate_checkpoint(
         checkpoint_epoch=info.get("epoch"),
         dataset_dir=str(dataset_dir),
         split=split,
-        eval_clips=clips,
+        eval_clips=views.clips,
+        eval_crops=views.crops,
+        protocol=views.describe(),
     )
 
     out_dir = Path(out_dir)

@@ -316,8 +316,11 @@ def _outcome(video: Video, status: str = "processed", error: str = "", reason: s
     return {**row, **decoded}
 
 
-def _decode_video(video: Video, settings: DecodeSettings, crash_on: str | None) -> tuple[dict, bytes | None]:
-    """(outcome row, frame bytes or None). Never raises for a bad file."""
+def decode_or_reject(path: str, settings: DecodeSettings, crash_on: str | None = None):
+    """(clip, "", "") or (None, error category, reason) for one video file. Never raises for a bad file.
+
+    Shared by preprocessing and corpus prediction (vidray/batch_predict.py), which reject alike.
+    """
     import av.logging
 
     from vidray.video import VideoError, read_clip
@@ -325,21 +328,28 @@ def _decode_video(video: Video, settings: DecodeSettings, crash_on: str | None) 
     # FFmpeg's per-packet complaints about a broken file would flood the driver's
     # log from every worker; the reason that matters is recorded in the rejects.
     av.logging.set_level(None)
-    if crash_on and crash_on in video.path:
+    if crash_on and crash_on in path:
         os._exit(1)  # test-only: see CRASH_ON_ENV in the module docstring
     try:
         # One decoder thread: Ray already runs one task per core.
-        clip = read_clip(video.path, settings.stored_frames, settings.stored_size, decoder=settings.decoder,
+        clip = read_clip(path, settings.stored_frames, settings.stored_size, decoder=settings.decoder,
                          device=settings.device, num_threads=1)  # fmt: skip
     except VideoError as err:
-        return _outcome(video, "rejected", err.code, err.reason), None
+        return None, err.code, err.reason
     except Exception as err:  # noqa: BLE001 - one odd file must not stop the run; its reason is recorded
-        reason = f"unexpected decoder error: {type(err).__name__}: {err}"[:300]
-        return _outcome(video, "rejected", "decode_error", reason), None
+        return None, "decode_error", f"unexpected decoder error: {type(err).__name__}: {err}"[:300]
+    return clip, "", ""
+
+
+def _decode_video(video: Video, settings: DecodeSettings, crash_on: str | None) -> tuple[dict, bytes | None]:
+    """(outcome row, frame bytes or None). Never raises for a bad file."""
+    clip, error, reason = decode_or_reject(video.path, settings, crash_on)
+    if clip is None:
+        return _outcome(video, "rejected", error, reason), None
     return _outcome(video, source_frames=clip.source_frames, padded=clip.padded), clip.frames.tobytes()
 
 
-def _write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
+def write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
     # Readers skip dot-files, so a half-written temporary never looks like data.
     directory, name = path.rsplit("/", 1)
     tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -389,7 +399,7 @@ def write_shard(
                 write_statistics=[name for name in SHARD_SCHEMA.names if name != "video"],
             )
 
-        _write_atomically(fs, join_uri(root, shard.parquet_name), write_parquet)
+        write_atomically(fs, join_uri(root, shard.parquet_name), write_parquet)
 
     rows = [{**row, "shard": shard.id} for row, _ in outcomes]
     record = {
@@ -406,7 +416,7 @@ def write_shard(
         with fs.open_output_stream(tmp) as f:
             f.write(json.dumps(record, indent=1).encode())
 
-    _write_atomically(fs, join_uri(root, shard.record_name), write_record)
+    write_atomically(fs, join_uri(root, shard.record_name), write_record)
     return rows
 
 
@@ -624,13 +634,13 @@ def _check_writable(fs: pafs.FileSystem, root: str, out: str) -> None:
 
 def _write_rejects(fs: pafs.FileSystem, root: str, rejected: list[dict]) -> None:
     table = pa.Table.from_pylist([{c: r[c] for c in REJECTS_SCHEMA.names} for r in rejected], schema=REJECTS_SCHEMA)
-    _write_atomically(fs, join_uri(root, "rejects.parquet"), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
+    write_atomically(fs, join_uri(root, "rejects.parquet"), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
 
     def write_csv(tmp: str) -> None:
         with fs.open_output_stream(tmp) as f:
             pacsv.write_csv(table, f)
 
-    _write_atomically(fs, join_uri(root, "rejects.csv"), write_csv)
+    write_atomically(fs, join_uri(root, "rejects.csv"), write_csv)
 
 
 def default_stored(frames: int, size: int, stored_frames: int | None, stored_size: int | None) -> tuple[int, int]:
@@ -719,7 +729,7 @@ def preprocess(
     }
     rejected = [row for s in shards for row in outcomes[s.id] if row["status"] == "rejected"]
     _write_rejects(fs, root, rejected)
-    _write_atomically(
+    write_atomically(
         fs,
         join_uri(root, DATASET_INFO),
         lambda tmp: _write_text(fs, tmp, json.dumps(summary, indent=2)),

@@ -262,9 +262,12 @@ def _local_checkpoint(path: str, scratch: Path) -> Path:
     return Path(ray.train.Checkpoint(path).to_directory(str(scratch / Path(path).name)))
 
 
-def export_and_evaluate_best(best: TrialSummary, reports_dir: Path, dataset_dir: str) -> dict[str, Any]:
-    """Export the best checkpoint, evaluate it on the held-out split (test if there is one, else val),
-    and run the frame-order control on that split."""
+def export_and_evaluate_best(
+    best: TrialSummary, reports_dir: Path, dataset_dir: str, clips: int | None = None, crops: int = 1
+) -> dict[str, Any]:
+    """Export the best checkpoint, evaluate it on the held-out split (test if there is one, else val)
+    with ``clips`` x ``crops`` views (``tune.test_clips`` / ``tune.test_crops``; by default the
+    validation view), and run the frame-order control on that split."""
     from vidray.dataset import read_dataset_info
     from vidray.demo_data import reversal_pairs
     from vidray.evaluate import evaluate_checkpoint, frame_order_control
@@ -274,7 +277,8 @@ def export_and_evaluate_best(best: TrialSummary, reports_dir: Path, dataset_dir:
     split = "test" if info.split_counts.get("test", 0) else "val"
     with tempfile.TemporaryDirectory(prefix="vidray-best-") as scratch:
         checkpoint = _local_checkpoint(best.best_checkpoint, Path(scratch))
-        evaluation = evaluate_checkpoint(checkpoint, dataset_dir, split=split, out_dir=reports_dir / "best_eval")
+        evaluation = evaluate_checkpoint(checkpoint, dataset_dir, split=split, out_dir=reports_dir / "best_eval",
+                                         clips=clips, crops=crops)
         model_dir = export_model(checkpoint, reports_dir / "best_model", held_out=evaluation)
         control = frame_order_control(checkpoint, dataset_dir, split, pairs=reversal_pairs(list(info.classes)))
     figure = reports_dir / "figures" / "confusion_matrix_best.png"
@@ -310,6 +314,8 @@ def frame_order_markdown(control: dict[str, Any]) -> list[str]:
 
 def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, dataset_dir: str) -> dict[str, Any]:
     """Summarise a finished ``ResultGrid``: table (md/csv/json, also printed), figures, best model."""
+    from vidray.inference import Views  # torch: only once a sweep has finished
+
     reports_dir = cfg.run.reports_path()
     figures_dir = reports_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -327,7 +333,7 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
     ]
     best_info = None
     if best is not None:
-        best_info = export_and_evaluate_best(best, reports_dir, dataset_dir)
+        best_info = export_and_evaluate_best(best, reports_dir, dataset_dir, cfg.tune.test_clips, cfg.tune.test_crops)
         figures.append(Path(best_info["confusion_png"]))
 
     table = markdown_table(rows, TABLE_COLUMNS)
@@ -341,7 +347,8 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
         "",
         "Values are from each trial's last epoch on the validation split. Precision, Recall and F1 are "
         "micro-averaged, as in the reference (for single-label classification they equal accuracy); "
-        f"Macro-F1 weighs every class equally. Best: the trial's best `{metric}` and its epoch.",
+        f"Macro-F1 weighs every class equally. Best: the trial's best `{metric}` and its epoch. "
+        f"Protocol: {Views(cfg.train.eval_clips).describe()} per video (the view training validates with).",
     ]
     if cfg.data.source == "coin":
         reference_columns = ["Type", "Training Loss", "Test Loss", "F1"]
@@ -354,7 +361,8 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
             "",
             f"`{metric}` = {best.best_value:.3f} at epoch {best.best_epoch} (checkpoint `{best.best_checkpoint}`).",
             f"On the **{best_info['split']}** split: accuracy {held_out['accuracy']:.3f}, "
-            f"macro-F1 {held_out['macro_f1']:.3f}, loss {held_out['loss']:.3f} ({held_out['num_samples']} videos).",
+            f"macro-F1 {held_out['macro_f1']:.3f}, loss {held_out['loss']:.3f} ({held_out['num_samples']} videos; "
+            f"protocol: {held_out['protocol']}).",
             "",
             f"- model for `transformers.pipeline`: `{best_info['model_dir']}`",
             f"- per-class report: `{reports_dir / 'best_eval' / 'per_class.md'}`",

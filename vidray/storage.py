@@ -3,8 +3,12 @@ check that a path is reachable from every node of a multi-node Ray cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import tempfile
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -28,6 +32,28 @@ def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+    """A local path holding ``path``'s bytes: the path itself (``file://`` stripped), or for an object in
+    s3:// / gs:// a temporary copy (decoders read local files), deleted afterwards.
+
+    A missing object yields a path that does not exist, so the decoder rejects it as missing."""
+    local = _local_part(str(path))
+    if local is not None:
+        yield local
+        return
+    fs, key = open_filesystem(path)
+    suffix = os.path.splitext(key)[1]
+    with tempfile.TemporaryDirectory(prefix="vidray-fetch-") as scratch:
+        copy = os.path.join(scratch, "video" + suffix)
+        try:
+            with fs.open_input_stream(key) as src, open(copy, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 * 2**20)
+        except FileNotFoundError:
+            copy = os.path.join(scratch, "missing" + suffix)
+        yield copy
 
 
 def join_uri(base: str, *parts: str) -> str:

