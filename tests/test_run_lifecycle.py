@@ -71,7 +71,7 @@ def test_restart_deletes_a_folder_vidray_marked_and_nothing_beside_it(store):
     folder = run_folder(storage, "mine")
     mark_run(folder, "train", "mine")
     (local / "mine" / "checkpoint_epoch_0000").mkdir()
-    assert read_marker(folder) == {"written_by": "vidray", "kind": "train", "name": "mine", "finished": False}
+    assert read_marker(folder) == {"written_by": "vidray", "kind": "train", "name": "mine"}
     delete_run(storage, folder)
     assert not (local / "mine").exists()
     assert (local / "neighbour" / "keep.txt").read_text() == "a neighbour"

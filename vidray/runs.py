@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 
 import pyarrow.fs as pafs
 
-from vidray.checkpoint import INFO
+from vidray.checkpoint import INFO, check_training_state
 from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbConfig, config_differences
 from vidray.errors import UserError
 from vidray.metrics import SCORE_METRIC
@@ -38,7 +38,7 @@ from vidray.storage import is_uri, join_uri, open_filesystem
 RunKind = Literal["train", "pretrain", "sweep"]
 RunState = Literal["new", "interrupted", "finished"]
 
-# Written by vidray into every run or sweep folder it creates: {"kind": ..., "name": ..., "finished": ...}.
+# Written by vidray into every run or sweep folder it creates: {"written_by": "vidray", "kind": ..., "name": ...}.
 RUN_MARKER = "vidray_run.json"
 # The config a sweep was started with (older vidray sweeps hold only this file of vidray's own).
 SWEEP_CONFIG_FILE = "vidray_sweep.json"
@@ -115,9 +115,10 @@ def read_marker(folder: str) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def mark_run(folder: str, kind: RunKind, name: str, *, finished: bool = False) -> None:
-    """Create ``folder`` (if needed) with vidray's marker: what a later ``--restart`` may delete."""
-    write_json(join_uri(folder, RUN_MARKER), {"written_by": "vidray", "kind": kind, "name": name, "finished": finished})
+def mark_run(folder: str, kind: RunKind, name: str, **state: Any) -> None:
+    """Create ``folder`` (if needed) with vidray's marker: what a later ``--restart`` may delete.
+    ``state``: what else the command records there (a sweep: ``finished=True`` once every trial is)."""
+    write_json(join_uri(folder, RUN_MARKER), {"written_by": "vidray", "kind": kind, "name": name, **state})
 
 
 def written_by_vidray(folder: str) -> bool:
@@ -216,8 +217,6 @@ def existing_run_state(cfg: VidrayConfig, run_dir: str) -> RunState:
     Refuses, naming the keys, a run started with a config that trains something else (resuming it
     would mix two runs), and a latest checkpoint vidray will not read.
     """
-    from vidray.checkpoint import check_training_state
-
     found = checkpoints(run_dir)
     if not found:
         return "new"
@@ -275,7 +274,8 @@ def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
 def console_settings(verbose: bool) -> dict[str, Any]:
     """One console for every command: vidray's lines only, or everything with ``verbose``.
 
-    Returns the ``ray.init`` keywords to use. By default the workers' output (Ray Train logs
+    Returns the ``ray.init`` keywords to use (``logging_level``: Ray's own logger in this process,
+    e.g. "Started a local Ray instance"). By default the workers' output (Ray Train logs
     every report and checkpoint at INFO on every worker, Ray Data every dataset execution, Ray
     core its own warnings) stays in Ray's log files and the dashboard, not on the console; a
     failing run still shows its error here, raised by ``fit()``.
@@ -290,7 +290,7 @@ def console_settings(verbose: bool) -> dict[str, Any]:
         for handler in logging.getLogger("ray.data").handlers:  # handlers: the record comes from a child logger
             handler.addFilter(_drop_progress_bars_disabled)
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    return {"log_to_driver": verbose}
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
 # ------------------------------------------------------------------ tracking
@@ -383,9 +383,10 @@ def start_wandb(cfg: VidrayConfig, name: str, local_dir: Path):
 
     mode = wandb_mode(cfg.run.wandb)
     try:
+        # console="off": stdout stays vidray's, whose last line is the JSON summary.
         return wandb.init(
             project=cfg.run.wandb.project, group=cfg.run.name, name=name, dir=str(local_dir), mode=mode,
-            config=cfg.model_dump(mode="json"), settings=wandb.Settings(silent=True, console="off"),  # stdout stays ours: the JSON summary is its last line
+            config=cfg.model_dump(mode="json"), settings=wandb.Settings(silent=True, console="off"),
         )  # fmt: skip
     except (wandb.errors.Error, ValueError) as err:
         raise wandb_key_error(mode, err) from None
