@@ -24,6 +24,7 @@ SECTION = "## The pipeline, step by step"
 RAY_NOISE = (
     "Checkpoint successfully created", "Reporting training result", "Starting execution", "Execution plan",
     "execution finished", "Progress bars disabled", "PreemptionWatcher", "Running Dataset", "it/s]", "Traceback",
+    "Connecting to existing Ray cluster", "Started a local Ray instance",
 )  # fmt: skip
 
 
