@@ -124,9 +124,9 @@ def test_open_run_marks_a_new_run_and_restart_refuses_a_foreign_one(store, capsy
     (local / "fresh" / "leftover").write_text("x")
     folder, state = open_run("train", "train", storage, "fresh", restart=True, state_of=lambda _: "new", finished_note="")
     assert sorted(p.name for p in (local / "fresh").iterdir()) == [RUN_MARKER]
-    for restart in (True, False):  # neither deleted nor adopted (a marker would let a later --restart delete it)
+    for restart in (True, False):  # neither deleted nor read as a run nor adopted (marked, a --restart could delete it)
         with pytest.raises(UserError, match=r"not written by vidray .*it holds keep.txt"):
-            open_run("tune", "sweep", storage, "neighbour", restart=restart, state_of=lambda _: "new", finished_note="")
+            open_run("tune", "sweep", storage, "neighbour", restart=restart, state_of=pytest.fail, finished_note="")
     assert sorted(p.name for p in (local / "neighbour").iterdir()) == ["keep.txt"]
     folder, state = open_run(
         "tune", "sweep", storage, "fresh", restart=False, state_of=lambda _: "finished", finished_note="; its results follow"

@@ -237,13 +237,18 @@ def open_run(
 ) -> tuple[str, RunState]:
     """(folder, state) of the run ``command`` is about to train, continue or report.
 
-    ``--restart`` deletes the folder first (:func:`delete_run`), ``state_of(folder)`` says what is
-    there (and refuses a changed config); the console is told what happens; a run that will train
-    gets vidray's marker before Ray writes anything into its folder.
+    ``--restart`` deletes the folder first (:func:`delete_run`); a folder vidray did not write is
+    refused; ``state_of(folder)`` says what is there (and refuses a changed config); the console is
+    told what happens; a run that will train gets vidray's marker before Ray writes into its folder.
     """
     folder = run_folder(storage_path, name)
     if restart:
         delete_run(storage_path, folder)
+    elif _entries(folder) and not written_by_vidray(folder):
+        # Neither read as a run nor adopted: a marker would let a later --restart delete someone else's files.
+        raise UserError(
+            f"{folder} exists and was not written by vidray (it holds {_contents(folder)}): set run.name to a new name"
+        )
     state = state_of(folder)
     if state == "finished":
         print(f"vidray {command}: {folder} is finished{finished_note} (--restart or a new run.name starts over)",
@@ -254,12 +259,6 @@ def open_run(
         where = "" if kind == "sweep" else " from its latest checkpoint"
         print(f"vidray {command}: continuing {what}{folder}{where}", file=sys.stderr, flush=True)
     if read_marker(folder) is None:
-        if _entries(folder) and not written_by_vidray(folder):
-            # Writing the marker here would let a later --restart delete someone else's files.
-            raise UserError(
-                f"{folder} exists and was not written by vidray (it holds {_contents(folder)}): "
-                "set run.name to a new name"
-            )
         mark_run(folder, kind, name)
     return folder, state
 
