@@ -396,6 +396,9 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     # 4. The same command again: the finished sweep's results, exit 0, nothing retrained.
     progress = {t.name: (t / "progress.csv").read_text() for t in trials}
     checkpoints = sorted(str(p) for p in train_runs.glob("*/checkpoint_epoch_*"))
+    # ...from vidray's and Tune's JSON files: Tune's pickled state is neither needed nor read.
+    assert json.loads((experiment / "vidray_run.json").read_text())["finished"] is True
+    (experiment / "tuner.pkl").rename(experiment / "tuner.pkl.aside")
     again = finish(start_driver(ray_head, overrides, env=env))
     assert json.loads(again.rstrip().splitlines()[-1])["results_md"] == str(reports / "results.md")
     assert "is finished; its results follow" in again and "| epoch " not in again

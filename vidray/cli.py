@@ -40,12 +40,15 @@ def _add_view_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_rerun_args(parser: argparse.ArgumentParser, what: str) -> None:
+def _add_rerun_args(parser: argparse.ArgumentParser, what: str, folder: str = "run.name") -> None:
     parser.add_argument(
         "--restart",
         action="store_true",
-        help=f"delete the {what} under run.storage_path/run.name and start over (by default a finished "
-        f"{what} is only reported and an interrupted one continues)",
+        help=f"delete the {what} under run.storage_path/{folder} (only a folder vidray wrote) and start over "
+        f"(by default a finished {what} is only reported and an interrupted one continues)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's full logs, every reported result and progress bars"
     )
 
 
@@ -121,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from vidray.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
-    _print_summary(run_training(cfg, restart=args.restart), disconnect_ray=True)
+    _print_summary(run_training(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=True)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -133,7 +136,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
     connected_before = ray.is_initialized()
-    _print_summary(run_pretraining(cfg, restart=args.restart), disconnect_ray=not connected_before)
+    _print_summary(run_pretraining(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=not connected_before)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -248,15 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = sub.add_parser("pretrain", help="VideoMAE masked-autoencoder pretraining on Ray Train (no labels)")
     _add_config_args(pretrain)
-    pretrain.add_argument("--restart", action="store_true", help="delete this run's checkpoints and start over")
+    _add_rerun_args(pretrain, "run", folder="<run.name>-pretrain")
     pretrain.set_defaults(func=cmd_pretrain)
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over MixUp alpha, lr and weight decay")
     _add_config_args(tune)
     _add_rerun_args(tune, "sweep")
-    tune.add_argument(
-        "--verbose", action="store_true", help="show Ray's full logs, every reported result and progress bars"
-    )
     tune.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("evaluate", help="metrics, per-class report and confusion matrix")

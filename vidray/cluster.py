@@ -5,6 +5,7 @@ Ray can never place just waits)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -27,16 +28,17 @@ LOOPBACK_IP = "127.0.0.2"
 DATA_CPUS = 1
 
 
-def init_ray(*, log_to_driver: bool = True, **local_kwargs) -> None:
+def init_ray(*, log_to_driver: bool = True, logging_level: int = logging.INFO, **local_kwargs) -> None:
     """Connect once. ``log_to_driver=False`` keeps the job's workers' output out of this console
-    (it stays in Ray's log files and the dashboard); ``local_kwargs`` only apply when a new local
-    cluster starts, on :data:`LOOPBACK_IP`."""
+    (it stays in Ray's log files and the dashboard), ``logging_level`` is that of Ray's own logger
+    here; ``local_kwargs`` only apply when a new local cluster starts, on :data:`LOOPBACK_IP`."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, logging_level=logging_level)
     else:
-        ray.init(log_to_driver=log_to_driver, **{"_node_ip_address": LOOPBACK_IP, **local_kwargs})
+        local_kwargs = {"_node_ip_address": LOOPBACK_IP, **local_kwargs}
+        ray.init(log_to_driver=log_to_driver, logging_level=logging_level, **local_kwargs)
 
 
 def shared_storage_paths(cfg: VidrayConfig) -> tuple[str, str]:

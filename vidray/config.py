@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidray.errors import UserError
 from vidray.video import DecodeDevice, DecoderName
@@ -254,6 +254,18 @@ class RunConfig(_Section):
     # beside the runs (~/ray_results/<name>/reports when storage_path is a bucket).
     reports_dir: Path | None = None
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # The run's folder is <storage_path>/<name> and --restart deletes it: a name that is a path
+        # (/, .., .) would point it at another folder, storage_path itself or the root.
+        if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+            raise ValueError(
+                f"{name!r} is not a plain folder name (it names the run's folder under run.storage_path): "
+                "use letters, digits, '-', '_' or '.', without '/' and not '.' or '..', e.g. run.name=my_run"
+            )
+        return name
 
     def reports_path(self) -> Path:
         """Absolute local directory of this run's reports."""

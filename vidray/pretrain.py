@@ -32,7 +32,7 @@ train`` of the same config never lands on it)::
 
 Rerunning the same command: a finished run is summarised (encoder and figures
 written again), an interrupted one continues from its latest checkpoint,
-``--restart`` or a new ``run.name`` starts over (vidray/trainer.py's rules).
+``--restart`` or a new ``run.name`` starts over (vidray/runs.py: the rules of every command).
 How the run executes (workers, GPUs, failures, ingest, seed, gradient
 accumulation and clipping, flips) comes from ``train``; what it optimises from
 ``pretrain`` (:func:`as_pretraining`).
@@ -41,7 +41,6 @@ accumulation and clipping, flips) comes from ``train``; what it optimises from
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,16 +70,8 @@ from vidray.rng import AugmentGenerators, capture_rng_state, derive_seed, restor
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
 from vidray.telemetry import StepTelemetry, transformer_layer_flops
 from vidray.train import StepParts, _gather, compile_model, quiet_worker_logs, report_epoch, run_epoch, start_or_resume
-from vidray.trainer import (
-    CHECKPOINTS_TO_KEEP,
-    check_stored_clips,
-    delete_run,
-    existing_run_state,
-    make_run_config,
-    on_shared_storage,
-    scaling_config,
-    summarize_run,
-)
+from vidray.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
+from vidray.trainer import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +404,15 @@ def build_pretrainer(
     )
 
 
-def run_pretraining(cfg: VidrayConfig, restart: bool = False) -> dict[str, Any]:
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """The console's line for one pretraining epoch (:class:`vidray.runs.EpochFollower`)."""
+    return (
+        f"vidray pretrain: epoch {int(metrics['epoch']) + 1}/{epochs} | loss {metrics['train_loss']:.4f} | "
+        f"{metrics['train_videos_per_s']:.1f} clips/s | lr {metrics['lr']:.2e}"
+    )
+
+
+def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Prepare the data, pretrain (or continue, or just summarise a finished run), write the encoder and figures.
 
     Returns run dir, last checkpoint and metrics, ``model_dir`` (the encoder) and the figures.
@@ -422,24 +421,22 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False) -> dict[str, Any]:
     from vidray.prepare import prepare_dataset
 
     check_pretrain_config(cfg)
-    init_ray()
+    init_ray(**console_settings(verbose))
     cfg = on_shared_storage(cfg)
     dataset_dir = cfg.data.dataset_dir
     pcfg = as_pretraining(cfg)
-    run_dir = join_uri(cfg.run.storage_path, run_name(cfg))
-    if restart:
-        delete_run(run_dir)
-    state = existing_run_state(pcfg, run_dir)
-    if state == "finished":
-        print(f"vidray pretrain: {run_dir} is finished ({pcfg.train.epochs} epochs); nothing to train "
-              "(--restart or a new run.name starts over)", file=sys.stderr, flush=True)  # fmt: skip
-    else:
-        if state == "interrupted":
-            print(f"vidray pretrain: continuing {run_dir} from its latest checkpoint", file=sys.stderr, flush=True)
+    run_dir, state = open_run(
+        "pretrain", "pretrain", cfg.run.storage_path, run_name(cfg), restart=restart,
+        state_of=lambda folder: existing_run_state(pcfg, folder),
+        finished_note=f" ({pcfg.train.epochs} epochs); nothing to train",
+    )  # fmt: skip
+    if state != "finished":
         prepare_dataset(cfg)
         info = read_dataset_info(dataset_dir)
         check_run_resources(pcfg.train, cluster_capacity(), ingest_cpus(pcfg.train, info, pcfg.pretrain.splits))
-        build_pretrainer(cfg, dataset_dir=dataset_dir).fit()
+        trainer = build_pretrainer(cfg, dataset_dir=dataset_dir)
+        with EpochFollower(run_dir, pcfg, name=run_name(cfg), line=epoch_line):
+            trainer.fit()
     return finish_run(pcfg, run_dir, dataset_dir)
 
 

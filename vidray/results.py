@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from vidray.config import VidrayConfig
 from vidray.figures import TRIAL_CMAP, light_grid, new_figure, save_figure
 from vidray.metrics import EPOCHS_DONE
-from vidray.storage import is_uri, open_filesystem
+from vidray.runs import read_json
+from vidray.storage import is_uri, join_uri, open_filesystem
 
 
 # The reference COIN-12 runs (VideoMAE-B Kinetics, 16 x 112², 15 epochs, lr 5e-5, wd 0.05,
@@ -97,6 +99,38 @@ def _history(result) -> list[dict[str, float]]:
     columns = [c for c in [EPOCHS_DONE, *LAST_EPOCH_METRICS.values(), "checkpoint_path"] if c in frame]
     rows = frame.sort_values(EPOCHS_DONE)[columns].to_dict("records")
     return [{k: (int(v) if k == EPOCHS_DONE else v) for k, v in row.items()} for row in rows]
+
+
+@dataclass
+class StoredTrial:
+    """A finished trial as Tune left it on storage, read from its params.json and result.json only
+    (what :func:`summarize_trial` reads of a Tune ``Result``; no pickle is loaded)."""
+
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    metrics_dataframe: pd.DataFrame | None
+    path: str
+    error: None = None  # a sweep is marked finished only when no trial errored
+
+
+def read_finished_trials(experiment_path: str) -> list[StoredTrial]:
+    """Every trial folder of a finished sweep (the ones holding Tune's params.json)."""
+    fs, root = open_filesystem(experiment_path)
+    trials = []
+    for entry in fs.get_file_info(pafs.FileSelector(root)):
+        trial_dir = join_uri(experiment_path, entry.base_name)
+        params = read_json(join_uri(trial_dir, "params.json")) if entry.type == pafs.FileType.Directory else None
+        if not isinstance(params, dict):
+            continue
+        _, result_path = open_filesystem(join_uri(trial_dir, "result.json"))
+        try:
+            with fs.open_input_stream(result_path) as f:
+                rows = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        except FileNotFoundError:
+            rows = []
+        frame = pd.json_normalize(rows, sep="/") if rows else None
+        trials.append(StoredTrial(config=params, metrics=rows[-1] if rows else {}, metrics_dataframe=frame, path=trial_dir))
+    return trials
 
 
 def _checkpoint_exists(path: str | None) -> bool:

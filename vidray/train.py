@@ -56,6 +56,8 @@ from vidray.optim import build_optimizer, build_scheduler, micro_batch_size, ste
 from vidray.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
 from vidray.telemetry import StepTelemetry, train_flops_per_clip
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class StepParts:
@@ -126,12 +128,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         local_world_size=context.get_local_world_size(),
     )
     if rank == 0 and data.cache is not None:
-        print(
-            f"vidray: every worker holds its shard on its {device.type} ({data.cache.train_videos.shape[0]} train + "
-            f"{data.cache.val_videos.shape[0]} val videos on rank 0, {data.cache.nbytes / 2**30:.2f} GiB, "
-            f"copied in {data.cache.load_seconds:.1f} s)",
-            flush=True,
-        )
+        logger.info(
+            "vidray: every worker holds its shard on its %s (%d train + %d val videos on rank 0, %.2f GiB, copied in %.1f s)",
+            device.type, data.cache.train_videos.shape[0], data.cache.val_videos.shape[0],
+            data.cache.nbytes / 2**30, data.cache.load_seconds,
+        )  # fmt: skip
     parts = StepParts(
         model, ddp_model, compile_model(ddp_model) if train.compile else ddp_model, optimizer, scheduler, generators
     )
@@ -142,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=device,
         log_every=train.log_every_steps,
         console=rank == 0,
-        printer=lambda line: print(line, flush=True),
+        printer=logger.info,
     )
     report_wait_s = None  # how long this rank waited in the previous epoch's report
 
@@ -192,11 +193,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["last_report_wait_s"] = max(waits)
         history.append(metrics)
         if rank == 0:
-            print(
-                StepTelemetry.line(f"epoch {epoch} done", metrics["train_loss"], step_figures)
-                + f" | val loss {metrics['val_loss']:.4f} | val macro-F1 {metrics['val_macro_f1']:.4f}",
-                flush=True,
-            )
+            # To the worker's log (the console shows it with --verbose). Not print: Ray Train V2 tees a
+            # worker's print into its logger, so each line reached the console twice.
+            logger.info(
+                "%s | val loss %.4f | val macro-F1 %.4f",
+                StepTelemetry.line(f"epoch {epoch} done", metrics["train_loss"], step_figures),
+                metrics["val_loss"], metrics["val_macro_f1"],
+            )  # fmt: skip
         reported = time.perf_counter()
         report_epoch(
             metrics,

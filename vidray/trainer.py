@@ -15,26 +15,22 @@ A run lives under ``run.storage_path/run.name``. Running the same command again:
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from vidray.checkpoint import INFO, check_training_state
-from vidray.config import KEYS_FREE_ON_RESUME, TrainConfig, VidrayConfig, config_differences
+from vidray.config import TrainConfig, VidrayConfig
 from vidray.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.errors import UserError
 from vidray.ingest import build_datasets, data_config, ingest_cpus
 from vidray.metrics import SCORE_METRIC
 from vidray.model import check_model_config
 from vidray.optim import micro_batch_size
-from vidray.storage import join_uri, open_filesystem, resolve_path
+from vidray.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
+from vidray.storage import resolve_path
 
 CHECKPOINTS_TO_KEEP = 2
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
 def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
@@ -121,88 +117,6 @@ def build_trainer(
     )
 
 
-# ------------------------------------------------------------------ a run on storage
-
-
-def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(epoch, path) of every checkpoint under ``run_dir``, oldest first."""
-    fs, root = open_filesystem(run_dir)
-    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    found = []
-    for entry in entries:
-        name = entry.base_name
-        if entry.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX):
-            suffix = name.removeprefix(CHECKPOINT_PREFIX)
-            if suffix.isdigit():
-                found.append((int(suffix), join_uri(run_dir, name)))
-    return sorted(found)
-
-
-def _read_info(checkpoint: str) -> dict[str, Any] | None:
-    fs, path = open_filesystem(join_uri(checkpoint, INFO))
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None  # a checkpoint still being written, or damaged: not one to summarise
-
-
-def summarize_run(run_dir: str) -> dict[str, Any]:
-    """Run dir, best and last metrics and their checkpoints, read from what the run left on storage."""
-    infos = [(path, info) for _, path in _checkpoints(run_dir) if (info := _read_info(path)) is not None]
-    if not infos:
-        return {"run_dir": run_dir, "checkpoint": None, "best_checkpoint": None, "last": {}, "best": {}}
-    last_path, last = infos[-1]
-    best_path, best = max(infos, key=lambda item: (item[1]["metrics"].get(SCORE_METRIC, float("-inf")), item[1]["epoch"]))
-    return {
-        "run_dir": run_dir,
-        "checkpoint": last_path,
-        "best_checkpoint": best_path,
-        "last": _scalars(last["metrics"]),
-        "best": _scalars(best["metrics"]),
-    }
-
-
-def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-
-
-def existing_run_state(cfg: VidrayConfig, run_dir: str) -> str:
-    """``new``, ``interrupted`` or ``finished``: what ``run_dir`` holds for ``cfg``.
-
-    Refuses, naming the keys, a run that was started with a config that trains
-    something else (resuming it would mix two runs), and a latest checkpoint
-    vidray will not read.
-    """
-    checkpoints = _checkpoints(run_dir)
-    if not checkpoints:
-        return "new"
-    epoch, latest = checkpoints[-1]
-    info = _read_info(latest)
-    if info is not None and "config" in info:
-        changed = [
-            key
-            for key in config_differences(info["config"], cfg.model_dump(mode="json"))
-            if not key.startswith(KEYS_FREE_ON_RESUME)
-        ]
-        if changed:
-            raise UserError(
-                f"{run_dir} holds a run started with another config ({', '.join(changed[:6])} differ): "
-                "pass --restart to start it over, or set run.name to a new name"
-            )
-    if epoch >= cfg.train.epochs - 1:
-        return "finished"
-    if "://" not in latest:  # a remote one is checked by the worker that downloads it
-        check_training_state(latest)
-    return "interrupted"
-
-
-def delete_run(run_dir: str) -> None:
-    fs, path = open_filesystem(run_dir)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
 def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
     """``cfg`` with run.storage_path and data.dataset_dir as every node must get them (after init_ray())."""
     from vidray.cluster import shared_storage_paths
@@ -216,30 +130,39 @@ def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
     )
 
 
-def run_training(cfg: VidrayConfig, restart: bool = False) -> dict[str, Any]:
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """The console's line for one fine-tuning epoch (:class:`vidray.runs.EpochFollower`)."""
+    speed = metrics.get("train_videos_per_s")
+    return (
+        f"vidray train: epoch {int(metrics['epoch']) + 1}/{epochs} | train loss {metrics['train_loss']:.4f} | "
+        f"val loss {metrics['val_loss']:.4f} | val acc {metrics['val_accuracy']:.3f} | "
+        f"val macro-F1 {metrics['val_macro_f1']:.4f}" + (f" | {speed:.1f} clips/s" if speed else "")
+    )
+
+
+def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Prepare the data, train (or continue, or just report a finished run), and summarise.
 
-    Returns run dir, best and last metrics and checkpoint paths.
+    Returns run dir, best and last metrics and checkpoint paths (``checkpoint``: the last epoch's,
+    ``best_checkpoint``: the best ``val_macro_f1``'s), the paths ``vidray evaluate`` takes.
     """
     from vidray.cluster import check_run_resources, cluster_capacity, init_ray
     from vidray.prepare import prepare_dataset
 
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
-    init_ray()
+    init_ray(**console_settings(verbose))
     cfg = on_shared_storage(cfg)
-    storage_path, dataset_dir = cfg.run.storage_path, cfg.data.dataset_dir
-    run_dir = join_uri(storage_path, cfg.run.name)
-    if restart:
-        delete_run(run_dir)
-    state = existing_run_state(cfg, run_dir)
+    dataset_dir = cfg.data.dataset_dir
+    run_dir, state = open_run(
+        "train", "train", cfg.run.storage_path, cfg.run.name, restart=restart,
+        state_of=lambda folder: existing_run_state(cfg, folder), finished_note=f" ({cfg.train.epochs} epochs); nothing to train",
+    )  # fmt: skip
     if state == "finished":
-        print(f"vidray train: {run_dir} is finished ({cfg.train.epochs} epochs); nothing to train "
-              "(--restart or a new run.name starts over)", file=sys.stderr, flush=True)
         return summarize_run(run_dir)
-    if state == "interrupted":
-        print(f"vidray train: continuing {run_dir} from its latest checkpoint", file=sys.stderr, flush=True)
 
     prepare_dataset(cfg)
     check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, read_dataset_info(dataset_dir)))
-    build_trainer(cfg, dataset_dir=dataset_dir).fit()
+    trainer = build_trainer(cfg, dataset_dir=dataset_dir)
+    with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line):
+        trainer.fit()
     return summarize_run(run_dir)

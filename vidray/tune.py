@@ -16,14 +16,15 @@ read it.
 
 Layout under ``run.storage_path``::
 
-    <run.name>/                      the Tune experiment (Tuner.restore reads it)
+    <run.name>/                      the Tune experiment (Tuner.restore reads it to continue)
+      vidray_run.json                vidray's marker ("finished" once every trial is), vidray/runs.py
       vidray_sweep.json              the config the sweep was started with
       <trial dir>/                   Tune's progress.csv, result.json, TensorBoard events, wandb/
       train_runs/<trial_id>/         that trial's Ray Train run: checkpoint_epoch_NNNN/ ...
       reports/                       results table, figures, best model (default run.reports_dir)
 
-Running the same command again is safe: a finished sweep only prints its
-results; an interrupted one is restored (finished trials are kept as they
+Running the same command again is safe (vidray/runs.py): a finished sweep only
+prints its results, read from vidray's and Tune's JSON files; an interrupted one is restored (finished trials are kept as they
 are, an interrupted trial restarts its Ray Train run under the same name, so
 Train continues from that run's latest checkpoint instead of epoch 0).
 ``--restart`` or a new ``run.name`` starts over.
@@ -31,9 +32,6 @@ Train continues from that run's latest checkpoint instead of epoch 0).
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import socket
 import sys
 import time
@@ -47,10 +45,23 @@ import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from vidray.config import KEYS_FREE_ON_RESUME, SearchRange, TrainConfig, TuneConfig, VidrayConfig, config_differences
+from vidray.config import SearchRange, TrainConfig, TuneConfig, VidrayConfig
 from vidray.errors import UserError
 from vidray.metrics import EPOCHS_DONE, TUNABLE_METRICS
-from vidray.storage import join_uri, open_filesystem
+from vidray.runs import (
+    SWEEP_CONFIG_FILE,
+    RunState,
+    console_settings,
+    mark_run,
+    open_run,
+    read_json,
+    read_marker,
+    refuse_changed_config,
+    wandb_key_error,
+    wandb_mode,
+    write_json,
+)
+from vidray.storage import join_uri
 
 # The sweep's hyper-parameters: Tune samples them, each trial copies them into cfg.train
 # (and ``seed`` when a pure grid is repeated, see build_param_space).
@@ -62,7 +73,6 @@ SWEPT = ("mixup_alpha", "lr", "weight_decay")
 # 0.99, and the workers would wait forever for data. (Tune refuses an empty request.)
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
-SWEEP_CONFIG_FILE = "vidray_sweep.json"
 TRAIN_RUNS_DIR = "train_runs"
 
 
@@ -256,79 +266,45 @@ def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
 
 
 def wandb_callbacks(cfg: VidrayConfig) -> list:
-    """Weights & Biases logging of every trial when run.wandb.enabled.
+    """Weights & Biases logging of every trial when run.wandb.enabled (each trial's wandb/ folder).
 
-    WANDB_MODE in the environment wins over run.wandb.mode, so WANDB_MODE=offline
-    always keeps everything on disk (in each trial's wandb/ folder). Online
-    mode needs a key; without one the sweep stops here rather than prompting.
+    The mode follows :func:`vidray.runs.wandb_mode`: WANDB_MODE=offline always keeps everything on
+    disk; online mode needs a key, and without one the sweep stops here rather than prompting.
     """
     if not cfg.run.wandb.enabled:
         return []
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    mode = os.environ.get("WANDB_MODE") or cfg.run.wandb.mode
-    if mode in ("offline", "disabled"):
-        os.environ["WANDB_MODE"] = mode  # Ray then skips looking for an API key
+    mode = wandb_mode(cfg.run.wandb)
     callback = WandbLoggerCallback(project=cfg.run.wandb.project, group=cfg.run.name, mode=mode)
     try:
         callback.setup()
     except ValueError as err:
-        raise UserError(
-            f"run.wandb.mode={mode} needs a Weights & Biases API key ({err}); set WANDB_API_KEY, "
-            "or run.wandb.mode=offline to log locally"
-        ) from None
+        raise wandb_key_error(mode, err) from None
     return [callback]
 
 
 # ------------------------------------------------------------- experiment dir
 
 
-def _read_text(uri: str) -> str | None:
-    fs, path = open_filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _write_text(uri: str, text: str) -> None:
-    fs, path = open_filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def sweep_state(cfg: VidrayConfig, experiment_path: str) -> str:
+def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
     """``new``, ``interrupted`` or ``finished``: what ``experiment_path`` holds for ``cfg``.
 
-    Refuses, naming the keys, a sweep started with a config that shapes the
-    trials differently: continuing it would mix two experiments in one table.
+    Refuses, naming the keys, a sweep started with a config that shapes the trials differently:
+    continuing it would mix two experiments in one table. Read from vidray's JSON files only: a
+    finished sweep is reported from them and Tune's result.json files, never from Tune's pickles.
+    Continuing an interrupted one does go through Tune's restore, which unpickles the experiment's
+    state: the storage path must be one you trust, as Ray says of its own restore.
     """
-    if not ray.tune.Tuner.can_restore(experiment_path):
+    finished = bool((read_marker(experiment_path) or {}).get("finished"))
+    if not finished and not ray.tune.Tuner.can_restore(experiment_path):
         return "new"
-    saved = _read_text(join_uri(experiment_path, SWEEP_CONFIG_FILE))
+    saved = read_json(join_uri(experiment_path, SWEEP_CONFIG_FILE))
     if saved is not None:
-        changed = [
-            key
-            for key in config_differences(json.loads(saved), cfg.model_dump(mode="json"))
-            if not key.startswith(KEYS_FREE_ON_RESUME)
-        ]
-        if changed:
-            raise UserError(
-                f"{experiment_path} holds a sweep started with another config ({', '.join(changed[:6])} differ; "
-                f"it is saved in {SWEEP_CONFIG_FILE} there): pass --restart to start it over, or set run.name to a new name"
-            )
-    grid = ray.tune.Tuner.restore(experiment_path, trainable=train_trial).get_results()
-    return "finished" if len(grid) and grid.num_terminated == len(grid) else "interrupted"
-
-
-def delete_experiment(experiment_path: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = open_filesystem(experiment_path)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
+        refuse_changed_config(saved, cfg, experiment_path, "sweep", saved_in=SWEEP_CONFIG_FILE)
+    # Sweeps of older vidray versions carry no marker: a finished one is "continued" once, which
+    # ends at once (every trial is terminated) and marks it finished.
+    return "finished" if finished else "interrupted"
 
 
 # ------------------------------------------------------------- console
@@ -358,29 +334,6 @@ class EpochLines(ray.tune.Callback):
         )
 
 
-def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Progress bars disabled")
-
-
-def console_settings(verbose: bool) -> dict[str, Any]:
-    """A sweep's console: by default Tune's trial table and :class:`EpochLines`; everything with ``verbose``.
-
-    Returns the ``ray.init`` keywords to use. By default the workers' output
-    (Ray Train logs every report at INFO on every worker, Ray Data every dataset
-    execution) stays in Ray's log files and the dashboard, not on the console;
-    a failing trial still shows its error here, through Tune.
-    """
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
-    if not verbose:
-        # Ray Data's own INFO lines and progress bars in this process (preprocessing, dataset reads).
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        # ...and its warning that the bars are off, which is what we asked for.
-        for handler in logging.getLogger("ray.data").handlers:  # handlers: the record comes from a child logger
-            handler.addFilter(_drop_progress_bars_disabled)
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    return {"log_to_driver": verbose}
-
-
 # ------------------------------------------------------------- the sweep
 
 
@@ -399,7 +352,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     from vidray.ingest import ingest_cpus
     from vidray.model import check_model_config
     from vidray.prepare import prepare_dataset
-    from vidray.results import write_sweep_report
+    from vidray.results import read_finished_trials, write_sweep_report
     from vidray.trainer import check_dataset
 
     # Checks that need nothing but the config come first: they are instant.
@@ -413,7 +366,6 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     capacity = cluster_capacity()
     # Whether the data will be cached is known only once it is prepared: check what holds either way now.
     check_run_resources(cfg.train, capacity, data_cpus=DATA_CPUS if cfg.train.cache_dataset == "never" else 0)
-    experiment_path = join_uri(storage_path, cfg.run.name)
     # Trials run in other processes and directories: give them absolute paths.
     cfg = cfg.model_copy(
         update={
@@ -424,9 +376,10 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     if Path(cfg.model.name_or_path).exists():
         model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
         cfg = cfg.model_copy(update={"model": model})
-    if restart:
-        delete_experiment(experiment_path)
-    state = sweep_state(cfg, experiment_path)
+    experiment_path, state = open_run(
+        "tune", "sweep", storage_path, cfg.run.name, restart=restart,
+        state_of=lambda folder: sweep_state(cfg, folder), finished_note="; its results follow",
+    )  # fmt: skip
     callbacks = [EpochLines(cfg.tune.metric, cfg.train.epochs), *wandb_callbacks(cfg)]
 
     # Once, here: every trial reads the same shards.
@@ -449,16 +402,13 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
         TRIAL_DRIVER_RESOURCES,
     )
     if state == "finished":
-        print(f"vidray tune: {experiment_path} is finished; its results follow (--restart or a new run.name "
-              "starts over)", file=sys.stderr, flush=True)
-        results = ray.tune.Tuner.restore(experiment_path, trainable=trainable).get_results()
+        results = read_finished_trials(experiment_path)
         return write_sweep_report(results, cfg, experiment_path=experiment_path, dataset_dir=dataset_dir)
     if state == "interrupted":
-        print(f"vidray tune: continuing the interrupted sweep {experiment_path}", file=sys.stderr, flush=True)
         # Finished trials stay finished; interrupted and errored ones continue from their checkpoints.
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
-        _write_text(join_uri(experiment_path, SWEEP_CONFIG_FILE), cfg.model_dump_json(indent=2))
+        write_json(join_uri(experiment_path, SWEEP_CONFIG_FILE), cfg.model_dump(mode="json"))
         tuner = ray.tune.Tuner(
             trainable,
             param_space=param_space,
@@ -472,6 +422,8 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
             ),
         )
     results = tuner.fit()
+    if len(results) and results.num_errors == 0 and results.num_terminated == len(results):
+        mark_run(experiment_path, "sweep", cfg.run.name, finished=True)
     return write_sweep_report(results, cfg, experiment_path=experiment_path, dataset_dir=dataset_dir)
 
 

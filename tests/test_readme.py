@@ -1,0 +1,123 @@
+"""The README's step-by-step walk-through, run as written, and the console and tracking of the
+`vidray train` (and then a `vidray pretrain`) it runs.
+
+Each command of the section's ```bash blocks runs in bash from a scratch folder that sees the
+repository's configs/, with HOME pointing at a temporary folder (so ~/ray_results is the test's)
+and RAY_ADDRESS at the session's loopback head (so the commands do not each start a cluster).
+The commands themselves are not changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = "## The pipeline, step by step"
+# Lines Ray prints at INFO (or as progress bars) that the console of a command must not show.
+RAY_NOISE = (
+    "Checkpoint successfully created", "Reporting training result", "Starting execution", "Execution plan",
+    "execution finished", "Progress bars disabled", "PreemptionWatcher", "Running Dataset", "it/s]", "Traceback",
+    "Connecting to existing Ray cluster", "Started a local Ray instance",
+)  # fmt: skip
+
+
+def readme_commands(readme: str) -> list[str]:
+    """The shell commands of the ```bash blocks between SECTION and the next ## heading."""
+    section = readme.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for command in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if command.strip() and not command.lstrip().startswith("#"):
+                commands.append(command.strip())
+    return commands
+
+
+def run_command(command: str, cwd: Path, env: dict) -> str:
+    """``command`` in bash as a user types it, stdout and stderr into one stream, as in a log file."""
+    proc = subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=900,  # a hang guard, not a speed check
+    )  # fmt: skip
+    assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stdout[-5000:]}"
+    return proc.stdout
+
+
+def summary_of(output: str) -> dict:
+    """The JSON summary every vidray command prints as its last line (on a line of its own)."""
+    return json.loads(output.rstrip().splitlines()[-1])
+
+
+def assert_clean_console(output: str, command: str, epochs: int) -> None:
+    lines = output.rstrip().splitlines()
+    epoch_lines = [line for line in lines if line.startswith(f"vidray {command}: epoch ")]
+    assert [line.split(" | ")[0] for line in epoch_lines] == [
+        f"vidray {command}: epoch {e}/{epochs}" for e in range(1, epochs + 1)
+    ], output[-5000:]
+    assert len(lines) == len(set(lines)), f"a line printed twice:\n{output[-5000:]}"
+    for noise in RAY_NOISE:
+        assert noise not in output, f"{noise!r} in the console:\n{output[-5000:]}"
+
+
+def assert_tracked(folder: Path) -> None:
+    """TensorBoard events and an offline Weights & Biases run in a train or pretrain run's folder."""
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*")), sorted(p.name for p in folder.iterdir())
+    assert list((folder / "wandb").glob("offline-run-*")), sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def walkthrough(ray_head, tmp_path_factory):
+    work = tmp_path_factory.mktemp("readme")
+    (work / "configs").symlink_to(REPO / "configs")
+    home = work / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_ADDRESS": ray_head["address"],
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # the `vidray` command
+    }
+    env = {k: v for k, v in env.items() if k != "WANDB_MODE"}  # offline must come from the config's default
+    commands = readme_commands((REPO / "README.md").read_text())
+    outputs = {command: run_command(command, work, env) for command in commands}
+    return {"work": work, "home": home, "env": env, "outputs": outputs}
+
+
+def test_the_step_by_step_section_runs_as_written(walkthrough):
+    outputs = walkthrough["outputs"]
+    assert [c.split()[1] for c in outputs] == [
+        "demo-data", "index", "report", "preprocess", "train", "evaluate", "export", "predict"
+    ]  # fmt: skip
+    summaries = {command.split()[1]: summary_of(output) for command, output in outputs.items()}
+    train = summaries["train"]
+    runs = walkthrough["home"] / "ray_results"
+    # The checkpoint the README evaluates is the one the summary names as the last epoch's.
+    assert train["checkpoint"] == str(runs / "demo_train" / "checkpoint_epoch_0002")
+    assert train["last"]["epoch"] == 2 and train["best_checkpoint"]
+    assert summaries["evaluate"]["num_samples"] == 12 and 0 <= summaries["evaluate"]["accuracy"] <= 1
+    assert len(summaries["predict"]["results"]) == 12
+
+
+def test_vidray_train_prints_one_line_per_epoch_and_tracks_the_run(walkthrough):
+    (command, output), = [(c, o) for c, o in walkthrough["outputs"].items() if c.startswith("vidray train")]
+    assert_clean_console(output, "train", epochs=3)
+    assert_tracked(walkthrough["home"] / "ray_results" / "demo_train")
+
+
+def test_vidray_pretrain_prints_one_line_per_epoch_and_tracks_the_run(walkthrough):
+    """Pretraining on the walk-through's folder, with the same console and tracking."""
+    command = (
+        "vidray pretrain --config configs/demo.yaml data.source=folder pretrain.epochs=2 run.name=demo_train "
+        "run.wandb.enabled=true"
+    )
+    output = run_command(command, walkthrough["work"], walkthrough["env"])
+    assert_clean_console(output, "pretrain", epochs=2)
+    run_dir = walkthrough["home"] / "ray_results" / "demo_train-pretrain"
+    assert summary_of(output)["model_dir"] == str(run_dir / "encoder")
+    assert_tracked(run_dir)
