@@ -52,7 +52,6 @@ import pyarrow.parquet as pq
 
 from vidray.errors import UserError
 from vidray.index import is_video_file
-from vidray.inference import Views
 from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, DecodeSettings, decode_or_reject, write_atomically
 from vidray.storage import is_uri, join_uri, local_file, open_filesystem
 
@@ -383,6 +382,7 @@ def predict_corpus(
     """
     from vidray.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info
     from vidray.cluster import init_ray
+    from vidray.inference import Views  # torch: here, not at import, so decode workers never load it
 
     started = time.monotonic()
     if top_k < 1:
