@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidray-installed
 
-.PHONY: setup ffmpeg-libs demo test test-quick bench clean
+.PHONY: setup ffmpeg-libs pipeline-env demo test test-quick bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,12 +29,33 @@ ffmpeg-libs: $(STAMP)
 
 setup: $(STAMP) ffmpeg-libs
 
+# A second venv for tests/test_pipeline_parity.py: what a user of an export has on a GPU node,
+# transformers' pipeline with its video processor, which needs torchvision (and torchcodec to
+# decode). PyPI's torchvision does not import beside the CPU torch of $(VENV) ("operator
+# torchvision::nms does not exist"), so it gets PyPI's torch + torchvision pair: measured on
+# x86_64, 80 s and 5.9 GB from local wheels (docs/benchmarks.md); no vidray in it.
+PIPELINE_VENV ?= .venv-pipeline
+PIPELINE_STAMP := $(PIPELINE_VENV)/.vidray-pipeline-installed
+ifeq ($(shell uname -m),aarch64)
+PIPELINE_TORCH := torch==2.9.1 torchvision==0.24.1 torchcodec==0.8.1
+else
+PIPELINE_TORCH := torch==2.14.1 torchvision==0.29.1 torchcodec==0.13.0
+endif
+
+$(PIPELINE_STAMP): Makefile
+	test -x $(PIPELINE_VENV)/bin/python || $(PYTHON) -m venv $(PIPELINE_VENV)
+	$(PIPELINE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PIPELINE_VENV)/bin/python -m pip install -q $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 numpy==2.4.6
+	touch $(PIPELINE_STAMP)
+
+pipeline-env: $(PIPELINE_STAMP)
+
 # The main job on the embedded default config (configs/demo.yaml). Run it again and it only
 # prints the finished sweep's results; results live in ~/ray_results/demo (see README).
 demo: setup
 	$(PY) jobs/tune.py
 
-test: setup
+test: setup pipeline-env
 	$(PY) -m pytest -q --durations=15
 
 # The inner loop: everything that needs no Ray cluster and no end-to-end run (about a minute).

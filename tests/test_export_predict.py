@@ -106,7 +106,8 @@ def exported(tmp_path_factory, checkpoint) -> Path:
 def test_export_layout(exported, checkpoint):
     names = sorted(os.listdir(exported))
     assert names == sorted(
-        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "vidray.json", CUSTOM_CODE_FILE]
+        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "video_preprocessor_config.json",
+         "vidray.json", CUSTOM_CODE_FILE]
     )
     assert not list(exported.parent.glob("*.partial"))
     config = json.loads((exported / "config.json").read_text())

@@ -69,6 +69,7 @@ def cmd_index_coin(args: argparse.Namespace) -> None:
         min_duration=args.min_duration,
         max_duration=args.max_duration,
         probe=not args.no_probe,
+        labels=args.labels,
     )
     _print_summary(summary)
 
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--out", required=True, help="manifest .parquet to write")
     folder.add_argument("--no-probe", action="store_true", help="skip reading duration/fps/size")
     folder.set_defaults(func=cmd_index_folder)
-    coin = index_sub.add_parser("coin", help="COIN.json annotations + taxonomy -> 12 domain classes")
+    coin = index_sub.add_parser("coin", help="COIN.json annotations + taxonomy -> 12 domain (or 180 task) classes")
     coin.add_argument("--annotations", nargs="+", required=True)
     coin.add_argument("--taxonomy", required=True, help="taxonomy_domains.csv")
     coin.add_argument("--videos", required=True, help="downloaded videos: DIR/<recipe_type>/<id>.mp4 or DIR/<id>.mp4")
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     coin.add_argument("--max-duration", type=float, default=None)
     coin.add_argument("--out", required=True)
     coin.add_argument("--no-probe", action="store_true")
+    coin.add_argument("--labels", choices=["domain", "task"], default="domain",
+                      help="classes: COIN's 12 domains (default) or its 180 tasks (published COIN results)")
     coin.set_defaults(func=cmd_index_coin)
 
     pre = sub.add_parser("preprocess", help="decode + resize videos on Ray Data into sharded Parquet")

@@ -1,6 +1,10 @@
 """COIN (Tang et al., CVPR 2019) as a vidray source: its annotation JSON and
-task taxonomy parsed into the 12 domain classes, and its downloaded videos
-indexed into the manifest (vidray/index.py's format).
+task taxonomy parsed into classes, and its downloaded videos indexed into the
+manifest (vidray/index.py's format).
+
+Classes: COIN's 12 domains (``labels="domain"``, vidray's default since its
+first COIN runs) or its 180 tasks (``labels="task"``, the granularity every
+published COIN result uses; config key ``data.coin_labels``).
 
 COIN is licensed CC BY-NC 4.0: research use only. vidray downloads nothing:
 videos that are selected but not on disk are listed in ``<manifest>.missing.csv``.
@@ -13,13 +17,14 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vidray.errors import UserError
 from vidray.index import EXTENSION_RANK, is_video_file, manifest_summary, probe_rows, write_manifest
 
 COIN_SUBSETS = {"training": "train", "testing": "val", "validation": "val"}
 TAXONOMY_COLUMNS = ("domain", "task_id", "task")
+CoinLabels = Literal["domain", "task"]
 
 
 def load_coin_annotations(path: Path) -> dict[str, dict[str, Any]]:
@@ -56,12 +61,13 @@ def load_coin_annotations(path: Path) -> dict[str, dict[str, Any]]:
     return raw
 
 
-def load_coin_taxonomy(path: Path) -> tuple[dict[int, str], dict[str, str], list[str]]:
-    """``(domain by task id, domain by task name, classes)`` from ``taxonomy_domains.csv``.
+def load_coin_taxonomy(path: Path, labels: CoinLabels = "domain") -> tuple[dict[int, str], dict[str, str], list[str]]:
+    """``(class by task id, class by task name, classes)`` from ``taxonomy_domains.csv``.
 
-    Class names are domain names with spaces removed (``Drink and Snack`` ->
-    ``DrinkandSnack``), sorted, so label indices do not depend on which
-    videos happen to be downloaded.
+    ``labels="domain"``: class names are domain names with spaces removed
+    (``Drink and Snack`` -> ``DrinkandSnack``); ``"task"``: the task names as
+    the taxonomy spells them (``RemoveBlackheadsWithGlue``). Sorted either way,
+    so label indices do not depend on which videos happen to be downloaded.
     """
     path = Path(path)
     try:
@@ -92,15 +98,18 @@ def load_coin_taxonomy(path: Path) -> tuple[dict[int, str], dict[str, str], list
             ) from None
         if not domain or not record["task"]:
             raise UserError(f"COIN taxonomy {path} line {line}: empty domain or task")
-        by_id[task_id] = domain
-        by_task[record["task"]] = domain
+        label = domain if labels == "domain" else record["task"]
+        by_id[task_id] = label
+        by_task[record["task"]] = label
     if not by_id:
         raise UserError(f"COIN taxonomy {path} has no rows")
     return by_id, by_task, sorted(set(by_id.values()))
 
 
-def _coin_domain(entry: dict[str, Any], by_id: dict[int, str], by_task: dict[str, str]) -> tuple[str | None, str]:
-    """Domain of an entry by ``recipe_type`` (task id), else by ``class`` (task name); or None and why."""
+def _coin_label(
+    entry: dict[str, Any], by_id: dict[int, str], by_task: dict[str, str], labels: CoinLabels = "domain"
+) -> tuple[str | None, str]:
+    """Class of an entry by ``recipe_type`` (task id), else by ``class`` (task name); or None and why."""
     recipe, task = entry.get("recipe_type"), entry.get("class")
     from_id = None
     if recipe is not None:
@@ -110,7 +119,8 @@ def _coin_domain(entry: dict[str, Any], by_id: dict[int, str], by_task: dict[str
             return None, f"recipe_type {recipe!r} is not an integer task id"
     from_name = by_task.get(task) if isinstance(task, str) else None
     if from_id and from_name and from_id != from_name:
-        return None, f"recipe_type {recipe} is in domain {from_id} but class {task!r} is in {from_name}"
+        where = "is in domain" if labels == "domain" else "is task"
+        return None, f"recipe_type {recipe} {where} {from_id} but class {task!r} {where} {from_name}"
     domain = from_id or from_name
     if domain is None:
         return None, f"task (recipe_type={recipe!r}, class={task!r}) is not in the taxonomy"
@@ -151,8 +161,9 @@ def index_coin(
     min_duration: float | None = None,
     max_duration: float | None = None,
     probe: bool = True,
+    labels: CoinLabels = "domain",
 ) -> dict[str, Any]:
-    """Index COIN videos labelled with their domain (12 classes) into ``out``.
+    """Index COIN videos labelled with their domain (12 classes) or task (180, ``labels="task"``) into ``out``.
 
     * Each entry's task is looked up by ``recipe_type`` (task id), falling back
       to its ``class`` (task name); an entry whose task is not in the taxonomy,
@@ -171,7 +182,7 @@ def index_coin(
     videos_dir = Path(videos_dir)
     if not annotations:
         raise UserError("no COIN annotation files given (pass --annotations path/to/COIN.json)")
-    by_id, by_task, classes = load_coin_taxonomy(taxonomy)
+    by_id, by_task, classes = load_coin_taxonomy(taxonomy, labels)
     if not videos_dir.is_dir():
         raise UserError(
             f"COIN videos folder {videos_dir} does not exist "
@@ -190,7 +201,7 @@ def index_coin(
                 duplicates += 1
                 continue
             seen.add(video_id)
-            domain, problem = _coin_domain(entry, by_id, by_task)
+            domain, problem = _coin_label(entry, by_id, by_task, labels)
             split = COIN_SUBSETS.get(str(entry.get("subset", "")).lower())
             duration = _number(entry.get("duration"))
             if not problem and split is None:
@@ -255,6 +266,7 @@ def index_coin(
         duration_filter=[min_duration, max_duration],
         filtered_out_by_duration=filtered_out,
         selected=len(selected),
+        labels=labels,
         selected_per_class={name: selected_per_class.get(name, 0) for name in classes},
         missing=len(missing),
         missing_csv=str(missing_csv),

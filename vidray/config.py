@@ -48,6 +48,8 @@ class DataConfig(_Section):
     taxonomy: Path | None = None
     min_duration: float | None = Field(None, ge=0)
     max_duration: float | None = Field(None, gt=0)
+    # Classes: COIN's 12 domains, or its 180 tasks (what every published COIN number is on).
+    coin_labels: Literal["domain", "task"] = "domain"
 
     # What the model eats per clip.
     frames: int = Field(16, ge=2)

@@ -3,27 +3,31 @@
 ``vidray export --checkpoint C --out DIR`` writes::
 
     DIR/
-      config.json                 id2label / label2id, num_frames, image_size
+      config.json                     id2label / label2id, num_frames, image_size
       model.safetensors
-      preprocessor_config.json    VideoMAEImageProcessor: resize + centre crop + mean/std as in training
-      vidray.json                 data shape, eval clips, source checkpoint, its epoch and metrics
-      modeling_vidray_videomae.py only when the position table was interpolated (see below)
+      video_preprocessor_config.json  VideoMAEVideoProcessor: frames over the whole video, resize,
+                                      centre crop, mean/std as in evaluation (what the pipeline uses)
+      preprocessor_config.json        VideoMAEImageProcessor, the same spatial transform, for clients
+                                      without torchvision (the pipeline then reads the first frames)
+      vidray.json                     data shape, eval clips, source checkpoint, its epoch and metrics
+      modeling_vidray_videomae.py     only when the position table was interpolated (see below)
 
 so that ``transformers.pipeline("video-classification", model=DIR)`` and
 ``vidray predict --model DIR`` both load it.
 
-Preprocessing. Training and evaluation see frames whose short side was
-resized to ``stored_size`` and centre-cropped; evaluation then centre-crops
-``size``. The image processor does the same thing in one step (shortest edge
-to ``stored_size``, centre crop ``size``), bilinear, normalised with the
-ImageNet mean/std of :mod:`vidray.augment`. Only temporal sampling differs:
-the pipeline decodes frames ``0 .. num_frames * frame_sampling_rate - 1``
-from the start of the video (transformers' own rule for image-processor
-models), while vidray spreads ``frames`` over the whole video. Pass
-``frame_sampling_rate ~= video_frames / num_frames`` to the pipeline to cover a
-whole video, or use ``vidray predict``, which samples exactly as evaluation did.
-No ``video_preprocessor_config.json`` is written: transformers prefers a video
-processor when one exists, and that path needs torchvision plus torchcodec.
+Preprocessing. vidray decodes ``stored_frames`` frames at the centres of
+equal segments of the video, short side resized to ``stored_size``, centre
+crop; evaluation then takes ``frames`` of them, evenly strided and centred in
+each stride, and centre-crops ``size`` (:func:`vidray.augment.eval_transform`).
+The video processor is transformers' stock ``VideoMAEVideoProcessor`` (no
+custom code) with ``do_sample_frames`` and ``num_frames = frames``: the pipeline
+decodes ``frames`` frames spread over the whole video, resizes the short side to
+``stored_size`` (bilinear) and centre-crops ``size``, normalised with the
+ImageNet mean/std of :mod:`vidray.augment`. What transformers cannot express is
+where in each of the ``frames`` equal segments the frame is taken: transformers
+takes each segment's first frame (``i * N // frames``), vidray a frame later
+in the segment (:func:`vidray_frame_positions`); :data:`SAMPLING_DIFFERENCES`
+lists this and the smaller differences, and the model card repeats them.
 
 Position table. When training interpolated the pretrained sinusoid table to a
 new token grid (``vidray_pos_embed_grid`` in config.json, see
@@ -32,8 +36,9 @@ HF's plain 1-D table on load and silently predict with a table the model never
 saw. Such exports get ``model_type: vidray_videomae`` and a small custom-code
 module (``auto_map``) that rebuilds the interpolated table, so they load with
 ``pipeline(..., trust_remote_code=True)`` and refuse to load without it
-instead of loading wrong. Exports without an interpolated table are plain
-``videomae`` models.
+instead of loading wrong (transformers has no option for such a table:
+huggingface/transformers#30579). The processors stay stock either way.
+Exports without an interpolated table are plain ``videomae`` models.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from vidray.checkpoint import INFO, eval_clips_of, load_trained_model, quiet_pro
 from vidray.dataset import ClipShape
 from vidray.errors import UserError
 from vidray.model import CUSTOM_MODEL_TYPE, POS_GRID_KEY, token_grid
+from vidray.video import segment_indices
 
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
 
@@ -131,6 +137,77 @@ def image_processor_for(data: dict[str, Any]):
     )
 
 
+VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
+
+
+def video_processor_config(data: dict[str, Any]) -> dict[str, Any]:
+    """transformers' ``VideoMAEVideoProcessor`` settings that reproduce evaluation's input for ``data``.
+
+    Written as JSON, not through the class: the class needs torchvision, which
+    vidray itself does not (tests/test_pipeline_parity.py loads it with
+    ``AutoVideoProcessor`` where torchvision is installed and checks every value).
+    """
+    return {
+        "video_processor_type": "VideoMAEVideoProcessor",
+        # Frames over the whole video: i * N // num_frames (transformers' default_sample_indices_fn).
+        "do_sample_frames": True,
+        "num_frames": int(data["frames"]),
+        "fps": None,
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": int(data["stored_size"])},
+        "default_to_square": False,
+        "resample": 2,  # bilinear
+        "do_center_crop": True,
+        "crop_size": {"height": int(data["size"]), "width": int(data["size"])},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(MEAN),
+        "image_std": list(STD),
+    }
+
+
+def vidray_frame_positions(num_frames: int, data: dict[str, Any]) -> list[int]:
+    """The source frames vidray's evaluation view shows the model for a video of ``num_frames`` frames:
+    ``stored_frames`` segment centres, then ``frames`` of those, centred in each stride
+    (read_clip then eval_transform with one clip)."""
+    stored = segment_indices(num_frames, int(data["stored_frames"]))
+    stride = int(data["stored_frames"]) / int(data["frames"])
+    picked = [min(int((j + 0.5) * stride), len(stored) - 1) for j in range(int(data["frames"]))]
+    return [int(stored[k]) for k in picked]
+
+
+def pipeline_frame_positions(num_frames: int, frames: int) -> list[int]:
+    """The source frames transformers' video processor samples (``default_sample_indices_fn``)."""
+    return [i * num_frames // frames for i in range(frames)]
+
+
+def _segment_phase(data: dict[str, Any]) -> float:
+    """Where in each of the ``frames`` equal segments of a long video vidray takes its frame (0: start, 1: end)."""
+    stored, frames = int(data["stored_frames"]), int(data["frames"])
+    return (int(0.5 * stored / frames) + 0.5) / (stored / frames)
+
+
+def sampling_differences(data: dict[str, Any]) -> list[str]:
+    """What still differs between ``pipeline(...)`` with the exported video processor and vidray's evaluation view."""
+    phase = _segment_phase(data)
+    return [
+        f"Frame position: both split the video into {data['frames']} equal segments and take one frame from each; "
+        f"transformers takes each segment's first frame (frame i*N//{data['frames']} of N), vidray the frame "
+        f"{phase:.2f} of the way into it (the centre of one of its {data['stored_frames']} stored segments). "
+        "A shift of that fraction of a segment, in the same order: transformers has no option for a sampling offset.",
+        "Short videos: a video with fewer frames than the model's "
+        f"{data['frames']} makes transformers raise; vidray repeats frames evenly.",
+        "Display rotation and non-square pixels: vidray shows frames as a player does (rotated by the display "
+        "matrix, pixels stretched); transformers' decoder (torchcodec) uses the coded frames.",
+        "Resize filter: vidray resizes in the decoder (FFmpeg's swscale, bilinear); transformers with torchvision "
+        "(bilinear, antialiased), and it rounds the long side down where vidray rounds it to nearest: pixel values "
+        "differ by a few grey levels.",
+        "Views: vidray's evaluation may average several temporal clips (train.eval_clips); the pipeline runs one.",
+    ]
+
+
 def _write_custom_code(directory: Path) -> None:
     (directory / CUSTOM_CODE_FILE).write_text(CUSTOM_CODE)
     config_path = directory / "config.json"
@@ -176,6 +253,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     with quiet_progress_bars():
         model.save_pretrained(staging, safe_serialization=True)
     image_processor_for(data).save_pretrained(staging)
+    (staging / VIDEO_PROCESSOR_FILE).write_text(json.dumps(video_processor_config(data), indent=2, sort_keys=True) + "\n")
     pos_grid = getattr(model.config, POS_GRID_KEY, None)
     if pos_grid:
         _write_custom_code(staging)
@@ -246,7 +324,8 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
         "## Training data",
         "",
         {
-            "coin": "COIN's 12 domain classes (instructional YouTube videos), as selected by the vidray config "
+            "coin": ("COIN's 180 task classes" if data_cfg.get("coin_labels") == "task" else "COIN's 12 domain classes")
+                    + " (instructional YouTube videos), as selected by the vidray config "
                     f"(durations {_seconds(data_cfg.get('min_duration'))}-{_seconds(data_cfg.get('max_duration'))} s).",
             "demo": "vidray's synthetic demo set: classes in time-reversed pairs, so only frame order separates them.",
             "folder": "A folder of videos laid out as ROOT/{train,val,test}/<Class>/<video>.",
@@ -276,6 +355,7 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
     if pos_grid:
         lines += [
             'classifier = pipeline("video-classification", model="PATH/TO/THIS/FOLDER", trust_remote_code=True)',
+            'print(classifier("video.mp4", top_k=3))',
             "```",
             "",
             "`trust_remote_code=True` is needed: training resized the pretrained sinusoid position table from the "
@@ -288,14 +368,25 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
     else:
         lines += [
             'classifier = pipeline("video-classification", model="PATH/TO/THIS/FOLDER")',
+            'print(classifier("video.mp4", top_k=3))',
             "```",
             "",
             "A plain VideoMAE model: no custom code, no `trust_remote_code`.",
         ]
     lines += [
         "",
-        "The pipeline samples frames from the start of the video; `vidray predict --model PATH video.mp4` samples them "
-        "over the whole video exactly as evaluation did.",
+        "Needs `torch`, `transformers`, `torchvision` and `torchcodec` (with FFmpeg's shared libraries): the pipeline "
+        f"then uses this folder's video processor (`{VIDEO_PROCESSOR_FILE}`, stock `VideoMAEVideoProcessor`), which "
+        f"decodes {data['frames']} frames spread over the whole video, resizes the short side to {data['stored_size']} px, "
+        f"centre-crops {data['size']} px and normalises as evaluation did. Without torchvision, transformers falls back "
+        "to `preprocessor_config.json` with a deprecation warning and reads only the first frames of each video: "
+        "install torchvision rather than use that path.",
+        "",
+        "### What still differs from vidray's evaluation",
+        "",
+        *[f"- {line}" for line in sampling_differences(data)],
+        "",
+        "`vidray predict --model PATH/TO/THIS/FOLDER video.mp4` predicts exactly as evaluation did.",
     ]
     if source == "coin":
         lines += ["", "## License", "", COIN_LICENSE_NOTICE]

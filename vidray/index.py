@@ -4,7 +4,7 @@ Two sources:
 
 * a folder ``ROOT/{train,val,test}/<Class>/<video>`` (:func:`index_folder`, here);
 * COIN annotations + ``taxonomy_domains.csv`` + a folder of downloaded videos,
-  labelled with COIN's 12 domains (:func:`vidray.coin.index_coin`).
+  labelled with COIN's 12 domains or 180 tasks (:func:`vidray.coin.index_coin`).
 
 Both write the same manifest through :func:`write_manifest`.
 

@@ -91,6 +91,7 @@ def prepare_dataset(cfg: VidrayConfig) -> str:
             out=data.manifest,
             min_duration=data.min_duration,
             max_duration=data.max_duration,
+            labels=data.coin_labels,
         )
     preprocess(
         data.manifest,

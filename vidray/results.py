@@ -71,6 +71,23 @@ class TrialSummary:
     best_checkpoint: str | None
     trial_dir: str
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    best_videos: int | None = None  # videos the best epoch's metric was measured on
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def wilson_interval(proportion: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % for z = 1.96) of a proportion measured on ``n`` trials.
+
+    Exact for accuracy; for F1-type metrics over ``n`` videos, a binomial yardstick of the
+    same size (their sampling noise is of that order), which is what the sweep figure needs:
+    whether a gap between trials is larger than what ``n`` videos can resolve.
+    """
+    centre = (proportion + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _short(value: float) -> str:
@@ -96,7 +113,7 @@ def _history(result) -> list[dict[str, float]]:
     if frame is None or EPOCHS_DONE not in frame:
         return []
     frame = frame.dropna(subset=[EPOCHS_DONE]).drop_duplicates(subset=[EPOCHS_DONE], keep="last")
-    columns = [c for c in [EPOCHS_DONE, *LAST_EPOCH_METRICS.values(), "checkpoint_path"] if c in frame]
+    columns = [c for c in [EPOCHS_DONE, *LAST_EPOCH_METRICS.values(), "val_videos", "checkpoint_path"] if c in frame]
     rows = frame.sort_values(EPOCHS_DONE)[columns].to_dict("records")
     return [{k: (int(v) if k == EPOCHS_DONE else v) for k, v in row.items()} for row in rows]
 
@@ -169,6 +186,7 @@ def summarize_trial(result, cfg: VidrayConfig) -> TrialSummary:
         status=status,
         last={k: float(history[-1][k]) for k in LAST_EPOCH_METRICS.values() if history and k in history[-1]},
         best_value=float(best[metric]) if best else None,
+        best_videos=int(best["val_videos"]) if best and _finite(best.get("val_videos")) else None,
         best_epoch=best[EPOCHS_DONE] if best else None,
         best_checkpoint=checkpoint,
         trial_dir=str(result.path),
@@ -222,39 +240,66 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 # ------------------------------------------------------------- figures
 
 
+def _interval_bars(trials: list[TrialSummary]) -> np.ndarray | None:
+    """``[2, len(trials)]`` distances below/above each best value to its Wilson 95 % bounds (None: no counts)."""
+    bounds = []
+    for t in trials:
+        if not t.best_videos or not 0.0 <= t.best_value <= 1.0:
+            return None
+        low, high = wilson_interval(t.best_value, t.best_videos)
+        bounds.append((t.best_value - low, high - t.best_value))
+    return np.array(bounds).T
+
+
 def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) -> Path:
-    """tune.metric at each trial's best epoch against MixUp α, one line per (lr, wd) setting."""
+    """tune.metric at each trial's best epoch against MixUp α, one line per (lr, wd) setting.
+
+    The y-axis spans the metric's whole range (0-1 for accuracy and F1: a 0.02 gap on a
+    0.98-1.00 axis looks like a collapse), and each point carries a Wilson 95 % interval over
+    the videos it was measured on, so a gap can be read against what that many videos resolve.
+    """
     fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
     groups: dict[tuple[float, float], list[TrialSummary]] = {}
     for t in trials:
         if t.best_value is not None:
             groups.setdefault((t.params["lr"], t.params["weight_decay"]), []).append(t)
+    scored = [t for group in groups.values() for t in group]
+    bounded = bool(scored) and "loss" not in metric and all(0.0 <= t.best_value <= 1.0 for t in scored)
+    with_intervals = bounded and _interval_bars(scored) is not None
     if len(groups) <= 10:
-        for (lr, wd), members in sorted(groups.items()):
+        spread = 0.012 * (max((t.params["mixup_alpha"] for t in scored), default=1.0) or 1.0)
+        for index, ((lr, wd), members) in enumerate(sorted(groups.items())):
             members = sorted(members, key=lambda t: t.params["mixup_alpha"])
-            x = [t.params["mixup_alpha"] for t in members]
+            # Settings side by side at each α (a small horizontal offset), so their intervals do not hide each other.
+            x = [t.params["mixup_alpha"] + (index - (len(groups) - 1) / 2) * spread for t in members]
             y = [t.best_value for t in members]
             line = ax.plot(x, y, marker="o", label=f"lr={_short(lr)}, wd={_short(wd)}")[0]
+            if with_intervals:
+                ax.errorbar(x, y, yerr=_interval_bars(members), fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.8)
             # Hollow markers: ASHA stopped the trial before the last epoch.
             early = [(xi, yi) for xi, yi, t in zip(x, y, members) if t.status != "completed"]
             if early:
                 ax.scatter(*zip(*early), s=90, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
-        ax.legend(title="hollow ring: stopped early", fontsize=8, title_fontsize=8)
+        ax.legend(title="hollow ring: stopped early", fontsize=8, title_fontsize=8, loc="lower right")
     else:  # lr drawn from a range: every trial is its own setting, so colour by lr instead
-        scored = [t for group in groups.values() for t in group]
-        points = ax.scatter(
-            [t.params["mixup_alpha"] for t in scored],
-            [t.best_value for t in scored],
-            c=np.log10([t.params["lr"] for t in scored]),
-            cmap=TRIAL_CMAP,
-        )
+        x, y = [t.params["mixup_alpha"] for t in scored], [t.best_value for t in scored]
+        if with_intervals:
+            ax.errorbar(x, y, yerr=_interval_bars(scored), fmt="none", ecolor="0.6", capsize=2, zorder=1)
+        points = ax.scatter(x, y, c=np.log10([t.params["lr"] for t in scored]), cmap=TRIAL_CMAP, zorder=2)
         fig.colorbar(points, ax=ax, label="log10(lr)")
     alphas = sorted({t.params["mixup_alpha"] for t in trials})
     ax.set_xticks(alphas, [_short(a) for a in alphas])
     ax.set_xlabel("MixUp α (0 = no MixUp)")
-    ax.set_ylabel(f"{metric} (best epoch)")
-    ax.set_title(f"{metric} vs MixUp α ({len(trials)} trials)")
+    if bounded:
+        ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel(f"{metric} (best epoch)" + (", full range 0-1" if bounded else ""))
+    title = f"{metric} vs MixUp α ({len(trials)} trials)"
+    if with_intervals:
+        counts = sorted({t.best_videos for t in scored})
+        videos = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        title += f"\nbars: Wilson 95 % interval over the {videos} validation videos"
+    ax.set_title(title, fontsize=10)
     light_grid(ax)
     return save_figure(fig, path)
 
