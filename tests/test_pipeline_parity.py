@@ -50,6 +50,8 @@ from vidray.predict import predict_videos
 from vidray.preprocess import preprocess
 from vidray.video import encode_mp4, read_clip
 
+pytestmark = pytest.mark.slow  # trains a model and runs a second venv (make pipeline-env)
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_SIDE = Path(__file__).with_name("pipeline_side.py")
 PIPELINE_PYTHON = Path(os.environ.get("VIDRAY_PIPELINE_PYTHON", REPO / ".venv-pipeline" / "bin" / "python"))
