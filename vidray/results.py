@@ -292,7 +292,7 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
     ax.set_xticks(alphas, [_short(a) for a in alphas])
     ax.set_xlabel("MixUp α (0 = no MixUp)")
     if bounded:
-        ax.set_ylim(0.0, 1.0)
+        ax.set_ylim(0.0, 1.02)  # a point at 1.0 stays whole
     ax.set_ylabel(f"{metric} (best epoch)" + (", full range 0-1" if bounded else ""))
     title = f"{metric} vs MixUp α ({len(trials)} trials)"
     if with_intervals:
