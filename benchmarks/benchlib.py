@@ -248,6 +248,22 @@ def write_result(name: str, payload: dict[str, Any], out: Path | None = None) ->
     return path
 
 
+def parse_layout(layout: str) -> tuple[int, int]:
+    """``2node_1cpu`` -> (2 nodes, 1 CPU each)."""
+    nodes, _, cpus = layout.partition("node_")
+    return int(nodes), int(cpus.removesuffix("cpu"))
+
+
+def start_layout(cluster, layout: str) -> float:
+    """Start ``layout``'s nodes in a fresh vidray.local_cluster.LoopbackCluster; returns the seconds it took."""
+    nodes, cpus = parse_layout(layout)
+    started = time.perf_counter()
+    cluster.start_head(num_cpus=cpus)
+    for i in range(1, nodes):
+        cluster.add_node(f"worker{i}", num_cpus=cpus)
+    return time.perf_counter() - started
+
+
 def command_line() -> str:
     return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
 

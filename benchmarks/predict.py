@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import command_line, loadavg, machine_info, now, write_result  # noqa: E402
+from benchlib import command_line, loadavg, machine_info, now, start_layout, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache" / "predict"
@@ -131,13 +131,8 @@ def run_method(method: str, files: list[str], model: Path, scratch: Path, timeou
     elif method.startswith("batch_"):
         from vidray.local_cluster import LoopbackCluster
 
-        nodes, cpus = (int(part[0]) for part in method.removeprefix("batch_").split("_"))
         with LoopbackCluster() as cluster:
-            started = time.perf_counter()
-            cluster.start_head(num_cpus=cpus)
-            for i in range(1, nodes):
-                cluster.add_node(f"worker{i}", num_cpus=cpus)
-            cluster_start = time.perf_counter() - started
+            cluster_start = start_layout(cluster, method.removeprefix("batch_"))
             env = {**cluster.driver_env(), "PYTHONPATH": base_env()["PYTHONPATH"]}
             run = timed([*vidray, "--top-k", "1", "--out", str(out), *files], env, timeout)
         summary = run.pop("summary")

@@ -34,16 +34,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import command_line, input_totals, loadavg, machine_info, median, now, per_repeat_ratio, write_result  # noqa: E402
+from benchlib import (  # noqa: E402
+    command_line, input_totals, loadavg, machine_info, median, now, parse_layout, per_repeat_ratio, start_layout,
+    write_result,
+)  # fmt: skip
 from make_inputs import CACHE, make_inputs  # noqa: E402
 
 DEFAULT_LAYOUTS = ("1node_1cpu", "2node_1cpu", "1node_2cpu")
-
-
-def parse_layout(layout: str) -> tuple[int, int]:
-    """``2node_1cpu`` -> (2 nodes, 1 CPU each)."""
-    nodes, _, cpus = layout.partition("node_")
-    return int(nodes), int(cpus.removesuffix("cpu"))
 
 
 def run_driver(args: argparse.Namespace) -> None:
@@ -82,13 +79,9 @@ def run_driver(args: argparse.Namespace) -> None:
 def run_layout(layout: str, args: argparse.Namespace, manifest: str) -> dict[str, Any]:
     from vidray.local_cluster import LoopbackCluster
 
-    nodes, cpus = parse_layout(layout)
+    nodes, _ = parse_layout(layout)
     with LoopbackCluster() as cluster:
-        started = time.perf_counter()
-        cluster.start_head(num_cpus=cpus)
-        for i in range(1, nodes):
-            cluster.add_node(f"worker{i}", num_cpus=cpus)
-        cluster_start_s = time.perf_counter() - started
+        cluster_start_s = start_layout(cluster, layout)
         command = [
             sys.executable, os.path.abspath(__file__), "--driver", "--manifest", manifest,
             "--frames", str(args.frames), "--size", str(args.size), "--videos-per-shard", str(args.videos_per_shard),

@@ -143,9 +143,12 @@ def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir
         CLASSES, tmp_path / "manifest.parquet",
     )  # fmt: skip
     assert discover([str(manifest), f"file://{corpus['good'][2]}"]) == [*map(str, corpus["good"][:2]), f"file://{corpus['good'][2]}"]
-    other = predict_corpus(model_dir, [str(manifest), f"file://{corpus['good'][2]}"], str(out), clips=1, crops=3)
+    old_parts = {p.name for p in (out / PARTS_DIR).iterdir()}
+    other = predict_corpus(model_dir, [str(manifest), f"file://{corpus['good'][2]}"], str(out), clips=1, crops=3,
+                           videos_per_chunk=3)  # fmt: skip
     assert other["reused"] == 0 and other["predicted"] == 3 and other["protocol"] == "1 clip x 3 crops (left, center, right)"
-    assert len(list((out / PARTS_DIR).iterdir())) == 1  # one chunk of 3; the 5 old parts were deleted
+    new_parts = {p.name for p in (out / PARTS_DIR).iterdir()}
+    assert len(new_parts) == 1 and not new_parts & old_parts  # one chunk of 3; the old parts were deleted
 
 
 def test_killed_driver_resumes_and_predicts_no_video_twice(corpus, model_dir, ray_cluster, tmp_path):
@@ -183,8 +186,9 @@ def test_cli_batch_mode_prints_a_json_summary_and_refuses_folders_without_out(co
     summary = json.loads(output.out.strip().splitlines()[-1])
     assert summary["discovered"] == summary["predicted"] == 1
     assert "vidray predict: 1/1 videos" in output.err  # the progress line
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(UserError, match="folder without video files"):
-        predict_corpus(model_dir, [str(corpus["folder"] / "bad" / "..")[:-3] + "b"], str(tmp_path / "p"))
+        predict_corpus(model_dir, [str(tmp_path / "empty")], str(tmp_path / "p"))
 
 
 # --- multi-view ----------------------------------------------------------------

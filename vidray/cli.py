@@ -168,12 +168,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from vidray.predict import predict_videos, raise_for_unreadable
 
     if args.out:
+        import ray
+
         from vidray.batch_predict import predict_corpus
 
+        # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
+        connected_before = ray.is_initialized()
         summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
                                  crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
                                  actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk)  # fmt: skip
-        _print_summary(summary, disconnect_ray=True)
+        _print_summary(summary, disconnect_ray=not connected_before)
         return
     if args.embeddings:
         raise UserError("--embeddings needs --out (embeddings are written to OUT/predictions.parquet)")
