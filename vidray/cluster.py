@@ -19,7 +19,7 @@ from vidray.storage import check_storage_for_cluster
 
 # Where a local cluster that vidray starts listens: loopback only (its dashboard, with the Jobs API
 # that runs any code it is sent, is on 127.0.0.1 too). Not 127.0.0.1 itself: Ray rewrites that to
-# the host's outward IP (ray._private.services.resolve_ip_for_localhost) and leaves the rest of
+# the host's outward IP (Ray's resolve_ip_for_localhost) and leaves the rest of
 # 127.0.0.0/8 alone. tests/test_install.py checks a fresh cluster's node address.
 LOOPBACK_IP = "127.0.0.2"
 
