@@ -33,7 +33,8 @@ setup: $(STAMP) ffmpeg-libs
 # transformers' pipeline with its video processor, which needs torchvision (and torchcodec to
 # decode). PyPI's torchvision does not import beside the CPU torch of $(VENV) ("operator
 # torchvision::nms does not exist"), so it gets PyPI's torch + torchvision pair: measured on
-# x86_64, 80 s and 5.9 GB from local wheels (docs/benchmarks.md); no vidray in it.
+# x86_64, 84 s and 5.9 GB from local wheels (docs/benchmarks.md); no vidray in it. The aarch64
+# pins are the machine doc's CPU pair plus torchcodec 0.8.1 (its release for torch 2.9): not measured.
 PIPELINE_VENV ?= .venv-pipeline
 PIPELINE_STAMP := $(PIPELINE_VENV)/.vidray-pipeline-installed
 ifeq ($(shell uname -m),aarch64)
