@@ -376,10 +376,6 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     if Path(cfg.model.name_or_path).exists():
         model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
         cfg = cfg.model_copy(update={"model": model})
-    experiment_path, state = open_run(
-        "tune", "sweep", storage_path, cfg.run.name, restart=restart,
-        state_of=lambda folder: sweep_state(cfg, folder), finished_note="; its results follow",
-    )  # fmt: skip
     callbacks = [EpochLines(cfg.tune.metric, cfg.train.epochs), *wandb_callbacks(cfg)]
 
     # Once, here: every trial reads the same shards.
@@ -388,6 +384,11 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     check_dataset(cfg, info, dataset_dir)
     data_cpus = ingest_cpus(cfg.train, info)
     check_run_resources(cfg.train, capacity, data_cpus)
+    # Only a sweep that passed every check gets (or loses, with --restart) its folder.
+    experiment_path, state = open_run(
+        "tune", "sweep", storage_path, cfg.run.name, restart=restart,
+        state_of=lambda folder: sweep_state(cfg, folder), finished_note="; its results follow",
+    )  # fmt: skip
     max_concurrent = cfg.tune.max_concurrent_trials or derive_max_concurrent_trials(cfg.train, capacity, data_cpus)
     # The concurrency above assumes this caching decision: trials must not re-decide "auto"
     # on a cluster whose object store has changed meanwhile (nodes gone), or a trial that
