@@ -28,7 +28,7 @@ from vidray.evaluate import evaluate_checkpoint
 from vidray.index import write_manifest
 from vidray.inference import Views, clip_outputs
 from vidray.predict import Classifier, predict_videos
-from vidray.preprocess import preprocess
+from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, preprocess
 from vidray.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,3 +263,14 @@ def test_default_evaluation_reproduces_todays_numbers_and_names_its_protocol(dat
     five_by_three = evaluate_checkpoint(model_dir, str(dataset), split="test", out_dir=tmp_path / "e15", clips=5, crops=3)
     assert five_by_three["protocol"] == "5 clips x 3 crops (left, center, right)"
     assert five_by_three["num_samples"] == metrics["num_samples"] == len(corpus["good"])
+
+
+def test_a_decoder_that_kills_its_worker_costs_one_row(corpus, model_dir, ray_cluster, tmp_path, monkeypatch):
+    """A real worker death (os._exit in the decode task, like a segfault) on one video: its chunk is
+    re-run one video per task; that video is rejected, its chunk-mates are predicted."""
+    monkeypatch.setenv(CRASH_ON_ENV, "clip1.mp4")
+    summary = predict_corpus(model_dir, [str(p) for p in corpus["good"][:3]], str(tmp_path / "out"), videos_per_chunk=3)
+    assert (summary["discovered"], summary["predicted"], summary["rejected"]) == (3, 2, 1)
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas().set_index("path")
+    assert table.loc[str(corpus["good"][1]), "error"].startswith(f"worker_crash: {WORKER_CRASH_REASON}")
+    assert table.loc[[str(corpus["good"][0]), str(corpus["good"][2])], "label"].notna().all()
