@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,8 +131,8 @@ class SectionError(RuntimeError):
         self.status, self.tail, self.partial = status, tail, partial
 
 
-def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, float]:
-    """(return code or None on timeout, the output's tail, seconds) of ``python argv`` killed with its
+def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, list[str], float]:
+    """(return code or None on timeout, the output's tail, its telemetry lines, seconds) of ``python argv`` killed with its
     whole process tree (a Ray cluster included) when it outlives ``timeout``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
@@ -148,8 +148,15 @@ def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, float
         finally:
             _running.discard(proc.pid)
         log.seek(0)
-        tail = log.read()[-3000:]
-    return code, tail, time.perf_counter() - started
+        # Ray Train's PlacementGroupCleaner warns every second it cannot reach the State API, which a
+        # cluster without a dashboard (the GPU image has none of its packages) never has: not kept.
+        kept = [line for line in log.read().splitlines() if "Failed to query Ray Train Controller" not in line]
+        # The training loop's telemetry windows (vidray.telemetry), kept whole: where a step's time goes.
+        windows = [line[line.index("vidray: epoch"):] for line in kept if "vidray: epoch" in line and "data wait" in line]
+        # torch.compile's own account when TORCH_LOGS asks for it (graph breaks, recompiles).
+        compile_log = [line for line in kept if "torch._dynamo" in line or "Graph break" in line or "ecompil" in line]
+        tail = "\n".join(kept)[-3000:]
+    return code, tail, windows + compile_log[:60], time.perf_counter() - started
 
 
 def run_section(args: argparse.Namespace, name: str, timeout: float) -> tuple[dict[str, Any], str]:
@@ -157,10 +164,14 @@ def run_section(args: argparse.Namespace, name: str, timeout: float) -> tuple[di
     process within ``timeout``; a worker that fails or times out raises with what it had measured."""
     argv = [str(Path(__file__).resolve()), "--worker", name, "--device", args.device, "--cpus", str(args.cpus)]
     argv += ["--cache", str(args.cache)] + (["--quick"] if args.quick else [])
+    argv += ["--train-epochs", str(args.train_epochs), "--train-videos", str(args.train_videos or 0)]
+    argv += ["--train-log-every", str(args.train_log_every or 0)] + (["--train-compile"] if args.train_compile else [])
     with tempfile.TemporaryDirectory(prefix="vidray-gpu-check-") as tmp:
         result_file = os.path.join(tmp, "result.json")
-        code, tail, _ = run_bounded([*argv, "--result-file", result_file], timeout)
+        code, tail, windows, _ = run_bounded([*argv, "--result-file", result_file], timeout)
         partial = json.loads(Path(result_file).read_text()) if os.path.isfile(result_file) else None
+    if windows and partial is not None:
+        partial["telemetry_windows"] = windows
     if code != 0:
         raise SectionError("timed out" if code is None else f"exit {code}", tail, partial)
     return partial or {}, tail
@@ -448,6 +459,9 @@ def ray_train_worker(args, sizes: Sizes, emit: Emit) -> None:
     from vidray.config import load_config
     from vidray.trainer import build_trainer
 
+    sizes = replace(
+        sizes, videos=args.train_videos or sizes.videos, log_every=args.train_log_every or sizes.log_every
+    )
     dataset, build_s = ensure_dataset(args, sizes)
     from vidray.dataset import read_dataset_info
 
@@ -472,7 +486,8 @@ def ray_train_worker(args, sizes: Sizes, emit: Emit) -> None:
             [
                 f"data.dataset_dir={dataset}", f"data.frames={sizes.frames}", f"data.size={info.size}",
                 f"data.stored_frames={info.stored_frames}", f"data.stored_size={info.stored_size}",
-                "model.init=scratch", f"model.size={sizes.model}", "train.epochs=2",
+                "model.init=scratch", f"model.size={sizes.model}", f"train.epochs={args.train_epochs}",
+                f"train.compile={'true' if args.train_compile else 'false'}",
                 f"train.batch_size={sizes.batch}", "train.lr=1e-4", "train.warmup_epochs=0.5",
                 f"train.use_gpu={'true' if args.device == 'cuda' else 'false'}", "train.num_workers=1",
                 f"train.cpus_per_worker={cpus_per_worker}", f"train.log_every_steps={sizes.log_every}",
@@ -542,6 +557,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=None, help="default $OUT/gpu_check[_quick].json, else benchmarks/results/")
     parser.add_argument("--only", nargs="+", default=None, choices=list(WORKERS), help="run only these sections")
+    # ray_train's run (defaults: the check's); a longer one shows the loop's steady state.
+    parser.add_argument("--train-epochs", type=int, default=2)
+    parser.add_argument("--train-videos", type=int, default=0, help="training videos of ray_train's dataset (0: the check's)")
+    parser.add_argument("--train-log-every", type=int, default=0, help="steps per telemetry window (0: the check's)")
+    parser.add_argument("--train-compile", action="store_true", help="ray_train with train.compile=true")
+    parser.add_argument("--section-max-s", type=float, default=0, help="every section's own limit (0: its default)")
     parser.add_argument("--worker", default=None, choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -557,7 +578,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "gpu_check",
         "date": now(),
         "command": command_line(),
-        "params": {"device": args.device, "quick": args.quick, "budget_s": args.budget, "sizes": sizes.__dict__, "cpus": args.cpus},
+        "params": {
+            "device": args.device, "quick": args.quick,
+            "train": {"epochs": args.train_epochs, "videos": args.train_videos, "log_every": args.train_log_every,
+                      "compile": args.train_compile},
+            "budget_s": args.budget, "sizes": sizes.__dict__, "cpus": args.cpus, "section_max_s": args.section_max_s,
+        },
         "sections": {},
     }
     for section in SECTIONS:
@@ -568,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if left < section.min_s:
             record.update(status="skipped", reason=f"{left:.0f} s of the budget left, needs {section.min_s:.0f}")
         else:
-            timeout = min(section.max_s, left)
+            timeout = min(args.section_max_s or section.max_s, left)
             print(f"[gpu_check] {section.name} (up to {timeout:.0f} s)", file=sys.stderr, flush=True)
             section_started = time.perf_counter()
             try:

@@ -73,7 +73,7 @@ def test_a_section_that_overruns_is_killed_with_its_tree():
     import gpu_check
 
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)"
-    code, _, seconds = gpu_check.run_bounded(["-c", script], timeout=2)
+    code, _, _, seconds = gpu_check.run_bounded(["-c", script], timeout=2)
     assert code is None and seconds < 60
     assert not [pid for pid in benchlib.process_tree(os.getpid()) if pid != os.getpid() and "time.sleep(300)" in _cmdline(pid)]
     assert sum(s.max_s for s in gpu_check.SECTIONS if not s.optional) <= 400 - gpu_check.RESERVE_S
