@@ -1,6 +1,6 @@
 """How long every rank waits in each epoch's ``ray.train.report`` while rank 0's checkpoint is written.
 
-A real ``vidray train`` (vidray.trainer.build_trainer(...).fit()) on a local Ray
+A real ``vidray train`` (vidray.train.driver.build_trainer(...).fit()) on a local Ray
 cluster, 2 DDP workers, a scratch ViT-B (86 M parameters: model + AdamW state
 ~1 GB a checkpoint) on toy clips so the epochs themselves are short. Methods,
 each in a fresh process, interleaved over repeats:
@@ -40,10 +40,10 @@ METHODS = {"inline": "false", "background": "true"}
 def run_method(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from vidray.checkpoint import INFO
+    from vidray.model.checkpoint import INFO
     from vidray.cluster import LOOPBACK_IP
     from vidray.config import load_config
-    from vidray.trainer import build_trainer
+    from vidray.train.driver import build_trainer
 
     ray.init(
         _node_ip_address=LOOPBACK_IP,  # loopback only (vidray.cluster.LOOPBACK_IP)

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidray import augment
-from vidray.config import ModelConfig, TrainConfig
-from vidray.demo_data import DEMO_CLASSES, generate_demo_videos
-from vidray.model import build_model
-from vidray.optim import build_optimizer, build_scheduler
-from vidray.video import read_clip
+from vidray.train import augment
+from vidray.config import ModelSettings, TrainSettings
+from vidray.data.demo import DEMO_CLASSES, generate_demo_videos
+from vidray.model.classifier import build_model
+from vidray.train.optim import build_optimizer, build_lr_schedule
+from vidray.data.video import read_clip
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "demo_design"
 
@@ -87,14 +87,14 @@ def main() -> None:
         return
     augment.CROP_SCALE = (args.crop_scale, 1.0)
     torch.manual_seed(42)
-    model_cfg = ModelConfig(init="scratch", size=args.model, patch_size=args.patch, tubelet_size=args.tubelet)
+    model_cfg = ModelSettings(init="scratch", size=args.model, patch_size=args.patch, tubelet_size=args.tubelet)
     model = build_model(model_cfg, classes, args.frames, args.size)
-    train_cfg = TrainConfig(
+    train_cfg = TrainSettings(
         epochs=args.epochs, batch_size=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup
     )
     optimizer = build_optimizer(model, train_cfg, torch.device("cpu"))
     steps = len(labels["train"]) // args.batch
-    scheduler = build_scheduler(optimizer, train_cfg, steps)
+    scheduler = build_lr_schedule(optimizer, train_cfg, steps)
     generator = torch.Generator().manual_seed(1)
 
     @torch.no_grad()

@@ -12,22 +12,22 @@ section that runs out of time keeps what it measured (status ``timed out``, with
 
 ``environment``   device, driver, library versions, what is importable (Ray, PyAV, pydantic...),
                   the wheel install's seconds, the measured bf16 GEMM rate (the practical ceiling).
-``vit_b``         the training step alone, ViT-B (vidray's VideoMAE, ``vidray.model.build_model``:
+``vit_b``         the training step alone, ViT-B (vidray's VideoMAE, ``vidray.model.classifier.build_model``:
                   SDPA attention), bf16 autocast, vidray's augmentation, soft-target loss, clipping
                   and fused AdamW, on clips already in device memory, eager, at 16x112² then
                   16x224², batch 32: clips/s, achieved TFLOP/s, MFU, peak memory. torch and
                   transformers only (benchmarks/train_step.py: make_step).
 ``vit_b_compiled_112``  the same step through ``torch.compile`` (``train.compile``) at 16x112²,
                   with its compile time (the first step).
-``device_ingest`` vidray's device cache (``vidray.ingest.DeviceCache``, ``cache_dataset: device``)
+``device_ingest`` vidray's device cache (``vidray.train.ingest.DeviceCache``, ``cache_dataset: device``)
                   loaded from the Parquet shards of a synthetic dataset in vidray's layout: load
                   seconds and GB/s, then batches/s built on the device, against the host path
-                  (``vidray.ingest.train_batches``: Arrow rows, shuffle buffer, pinned batch, copy).
+                  (``vidray.train.ingest.train_batches``: Arrow rows, shuffle buffer, pinned batch, copy).
                   The shards are read with pyarrow here, not Ray Data: no Ray in the process.
 ``gpu_decode``    nvjpeg: ``torchvision.io.decode_jpeg(device="cuda")`` of 720p and 128² JPEG
                   frames, batched, against the CPU decoder on one thread: frames/s. (NVDEC needs
                   torchcodec, which the image lacks; the section says so.)
-``ray_train``     a 2-epoch run of the real loop (``vidray.trainer.build_trainer(...).fit()``)
+``ray_train``     a 2-epoch run of the real loop (``vidray.train.driver.build_trainer(...).fit()``)
                   on the GPU, ViT-B 16x112², ``cache_dataset=auto``: its history with the step
                   telemetry (step time, data-wait share, clips/s, TFLOP/s, MFU) and placement.
                   The one section that needs Ray.
@@ -151,7 +151,7 @@ def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, list[
         # Ray Train's PlacementGroupCleaner warns every second it cannot reach the State API, which a
         # cluster without a dashboard (the GPU image has none of its packages) never has: not kept.
         kept = [line for line in log.read().splitlines() if "Failed to query Ray Train Controller" not in line]
-        # The training loop's telemetry windows (vidray.telemetry), kept whole: where a step's time goes.
+        # The training loop's telemetry windows (vidray.train.telemetry), kept whole: where a step's time goes.
         windows = [line[line.index("vidray: epoch"):] for line in kept if "vidray: epoch" in line and "data wait" in line]
         # torch.compile's own account when TORCH_LOGS asks for it (graph breaks, recompiles).
         compile_log = [line for line in kept if "torch._dynamo" in line or "Graph break" in line or "ecompil" in line]
@@ -202,7 +202,7 @@ def environment_worker(args, sizes: Sizes, emit: Emit) -> None:
     import torch
 
     from train_step import gemm_rate
-    from vidray.telemetry import device_peak_tflops
+    from vidray.train.telemetry import device_peak_tflops
 
     versions = {}  # None: not importable here
     for package in ("torch", "torchvision", "transformers", "numpy", "pyarrow", "triton", "pydantic", "ray", "av",
@@ -248,8 +248,8 @@ def _measure_step(args, sizes: Sizes, side: int, compile: bool) -> dict[str, Any
     import torch
 
     from train_step import CLASSES, make_step
-    from vidray.preprocess import default_stored
-    from vidray.telemetry import device_peak_tflops, train_flops_per_clip
+    from vidray.data.preprocess import default_stored
+    from vidray.train.telemetry import device_peak_tflops, train_flops_per_clip
 
     started = time.perf_counter()
     augment_batch, model_step, model, device = make_step(sizes.model, sizes.frames, side, args.device, compile=compile)
@@ -316,7 +316,7 @@ def ensure_dataset(args, sizes: Sizes) -> tuple[Path, float]:
     """(the synthetic dataset at the main side in vidray's layout, seconds spent building it now);
     cached in ``--cache`` (benchmarks/train_step.py: build_dataset)."""
     from train_step import build_dataset
-    from vidray.preprocess import default_stored
+    from vidray.data.preprocess import default_stored
 
     side = sizes.sides[0]
     stored_frames, stored_size = default_stored(sizes.frames, side, None, None)
@@ -358,16 +358,16 @@ class ParquetShard:
 def device_ingest_worker(args, sizes: Sizes, emit: Emit) -> None:
     import torch
 
-    from vidray.config import TrainConfig
-    from vidray.dataset import read_dataset_info
-    from vidray.ingest import DeviceCache, VideoBatchCollate, train_batches
+    from vidray.config import TrainSettings
+    from vidray.data.dataset import read_dataset_info
+    from vidray.train.ingest import DeviceCache, VideoBatchCollate, train_batches
 
     dataset, build_s = ensure_dataset(args, sizes)
     info = read_dataset_info(str(dataset))
     emit("dataset", {"path": str(dataset), "video_shape": list(info.video_shape), "splits": info.split_counts, "build_s": round(build_s, 1)})
     device = torch.device(args.device)
     torch.zeros(1, device=device)  # the device's context, outside the timings
-    train = TrainConfig(cache_dataset="device")
+    train = TrainSettings(cache_dataset="device")
     shard, val = ParquetShard(dataset, "train"), ParquetShard(dataset, "val")
     cache = DeviceCache.load(
         shard, val, video_shape=info.video_shape, batch_size=sizes.batch, rank=0, world_size=1, device=device,
@@ -454,16 +454,16 @@ def ray_train_worker(args, sizes: Sizes, emit: Emit) -> None:
     """A 2-epoch `vidray train` through build_trainer on the synthetic dataset."""
     import ray
 
-    from vidray.checkpoint import INFO
+    from vidray.model.checkpoint import INFO
     from vidray.cluster import LOOPBACK_IP
     from vidray.config import load_config
-    from vidray.trainer import build_trainer
+    from vidray.train.driver import build_trainer
 
     sizes = replace(
         sizes, videos=args.train_videos or sizes.videos, log_every=args.train_log_every or sizes.log_every
     )
     dataset, build_s = ensure_dataset(args, sizes)
-    from vidray.dataset import read_dataset_info
+    from vidray.data.dataset import read_dataset_info
 
     info = read_dataset_info(str(dataset))
     cpus_per_worker = 1 if args.quick else max(2, args.cpus // 2)

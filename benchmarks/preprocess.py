@@ -26,7 +26,7 @@ docs/design.md). Methods, each in a fresh Python process:
                         video: what this machine's CPUs give two independent decoders
                         (shared caches, memory bandwidth, clock), the ceiling for any
                         parallel pipeline's speed-up over one CPU.
-``vidray_<k>cpu[_vps<n>]`` ``vidray.preprocess.preprocess`` into a fresh directory on a
+``vidray_<k>cpu[_vps<n>]`` ``vidray.data.preprocess.preprocess`` into a fresh directory on a
                         fresh local Ray cluster of ``k`` CPUs (``ray.init(num_cpus=k)``),
                         writing the Parquet shards. Timed twice in the same cluster:
                         ``cold`` (first call: includes starting Ray workers) and ``warm``
@@ -92,7 +92,7 @@ SIDE_BY_SIDE = {"pyav_lean_x2": ("pyav_lean", 2)}
 
 
 def _videos(manifest: str) -> list[dict[str, Any]]:
-    from vidray.index import read_manifest
+    from vidray.data.index import read_manifest
 
     frame, _ = read_manifest(manifest)
     return frame.sort_values("path").to_dict("records")
@@ -106,7 +106,7 @@ def _crop(frames: np.ndarray, size: int) -> np.ndarray:
 def decord_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int, threads: int) -> np.ndarray:
     import decord
 
-    from vidray.video import resized_size, segment_indices
+    from vidray.data.video import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     reader = decord.VideoReader(path, width=out_w, height=out_h, num_threads=threads)
@@ -118,7 +118,7 @@ def torchcodec_clip(path: str, width: int, height: int, stored_frames: int, stor
     from torchcodec.decoders import VideoDecoder
     from torchcodec.transforms import Resize
 
-    from vidray.video import resized_size, segment_indices
+    from vidray.data.video import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     decoder = VideoDecoder(path, num_ffmpeg_threads=1, dimension_order="NHWC", transforms=[Resize((out_h, out_w))])
@@ -136,7 +136,7 @@ def pyav_seek_clip(path: str, width: int, height: int, stored_frames: int, store
     """(clip, frames decoded). Seeks to every sampled frame, as most PyAV snippets do."""
     import av
 
-    from vidray.video import resized_size, segment_indices
+    from vidray.data.video import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -163,7 +163,7 @@ def pyav_sequential_clip(
     """(clip, frames decoded). Decodes every frame in order up to the last sample, keeps the sampled ones."""
     import av
 
-    from vidray.video import resized_size, segment_indices
+    from vidray.data.video import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -193,7 +193,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
     """
     import av
 
-    from vidray.video import resized_size, segment_indices
+    from vidray.data.video import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -231,7 +231,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
 def frames_to_decode(num_frames: int, keyframes: list[int], stored_frames: int) -> int:
     """Fewest frames a decoder must decode to produce the samples: from the keyframe
     before each sample up to it, each frame once (B-frame reordering ignored)."""
-    from vidray.video import segment_indices
+    from vidray.data.video import segment_indices
 
     needed, decoded_up_to = 0, -1
     keyframes = sorted(set(keyframes) | {0})
@@ -335,7 +335,7 @@ def run_vidray(
 ) -> dict[str, Any]:
     import ray
 
-    from vidray.preprocess import VIDEOS_PER_SHARD, preprocess
+    from vidray.data.preprocess import VIDEOS_PER_SHARD, preprocess
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stored-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from vidray.preprocess import VIDEOS_PER_SHARD, default_stored
+    from vidray.data.preprocess import VIDEOS_PER_SHARD, default_stored
 
     stored_frames, stored_size = default_stored(args.frames, args.size, args.stored_frames, args.stored_size)
     args.stored_frames, args.stored_size = stored_frames, stored_size
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _worker_main(args)
         return {}
 
-    from vidray.index import index_folder
+    from vidray.data.index import index_folder
 
     machine = machine_info()
     root, inputs = make_inputs(args.preset, args.cache)

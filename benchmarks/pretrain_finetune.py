@@ -6,12 +6,12 @@ VideoMAE with 8 px patches and 4-frame tubelets on 8 x 32² clips), each stage
 in one process and one local Ray cluster, with its own data and runs under
 ``--storage``:
 
-1. ``data``: generate and preprocess the demo videos (vidray.prepare).
-2. ``pretrain``: ``vidray pretrain`` (vidray.pretrain.run_pretraining) on the
+1. ``data``: generate and preprocess the demo videos (vidray.data.prepare).
+2. ``pretrain``: ``vidray pretrain`` (vidray.pretrain.run.run_pretraining) on the
    train split only (labels unused; the VideoMAE paper's "no extra data"
    setting), timed end to end; its epoch history gives the steady clips/s.
 3. ``finetune``: for each seed, two ``vidray train`` runs
-   (vidray.trainer.run_training) with the same fine-tuning config, budget and
+   (vidray.train.driver.run_training) with the same fine-tuning config, budget and
    seed: ``scratch`` (demo.yaml, ``model.init=scratch``) and ``pretrained``
    (``model.init=pretrained model.name_or_path=<model_dir>``, a new head),
    then ``vidray evaluate`` of the last checkpoint on the test split.
@@ -76,7 +76,7 @@ def load(args: argparse.Namespace, *overrides: str, labelled: bool = False):
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from vidray.cluster import init_ray
-    from vidray.prepare import prepare_dataset
+    from vidray.data.prepare import prepare_dataset
 
     init_ray()
     started = time.perf_counter()
@@ -90,7 +90,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from vidray.pretrain import run_pretraining
+    from vidray.pretrain.run import run_pretraining
 
     overrides = ["run.name=bench", *args.pretrain_override]
     if args.pretrain_epochs is not None:
@@ -122,8 +122,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def finetune(args: argparse.Namespace, arm: str, seed: int, model_dir: str) -> dict[str, Any]:
-    from vidray.evaluate import evaluate_checkpoint
-    from vidray.trainer import run_training
+    from vidray.infer.evaluate import evaluate_checkpoint
+    from vidray.train.driver import run_training
 
     extra = {
         "scratch": [],

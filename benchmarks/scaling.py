@@ -3,7 +3,7 @@
 Each layout is a fresh ``vidray.local_cluster.LoopbackCluster`` (``ray start``
 nodes on loopback, the way tests/test_multinode.py runs them); a driver process
 connected through RAY_ADDRESS, as under ``ray job submit``, runs
-``vidray.preprocess.preprocess`` twice into fresh directories: *cold* (Ray Data
+``vidray.data.preprocess.preprocess`` twice into fresh directories: *cold* (Ray Data
 starts its workers on every node) and *warm* (workers up). Layouts:
 
 ``<n>node_<c>cpu``  n nodes of c CPUs each (the head is one of them).
@@ -46,7 +46,7 @@ DEFAULT_LAYOUTS = ("1node_1cpu", "2node_1cpu", "1node_2cpu")
 def run_driver(args: argparse.Namespace) -> None:
     """Inside the cluster: preprocess cold, then warm; print one JSON line."""
     from vidray.cluster import cluster_summary, init_ray
-    from vidray.preprocess import RECORDS_DIR, preprocess
+    from vidray.data.preprocess import RECORDS_DIR, preprocess
 
     init_ray()
     phases = {}
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_driver(args)
         return {}
 
-    from vidray.index import index_folder
+    from vidray.data.index import index_folder
 
     machine = machine_info()
     root, inputs = make_inputs(args.preset, args.cache)

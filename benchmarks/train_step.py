@@ -2,9 +2,9 @@
 
 Both methods run the same step on the same model and batch: vidray's
 ``augment.train_transform`` (temporal jitter, random resized crop) and
-``augment.mix_batch``, VideoMAE forward (``vidray.model.build_model``,
-``vidray.model.autocast``: bf16 on CUDA), soft-target cross-entropy, backward,
-gradient clipping and AdamW (``vidray.optim.build_optimizer``). Methods, each
+``augment.mix_batch``, VideoMAE forward (``vidray.model.classifier.build_model``,
+``vidray.model.classifier.autocast``: bf16 on CUDA), soft-target cross-entropy, backward,
+gradient clipping and AdamW (``vidray.train.optim.build_optimizer``). Methods, each
 in a fresh Python process:
 
 ``plain_<t>thr``   the step in a loop over batches gathered from one uint8 tensor
@@ -12,16 +12,16 @@ in a fresh Python process:
                    epoch), ``torch.set_num_threads(t)``. No I/O: the compute ceiling.
 ``raytrain``       a ``TorchTrainer`` worker (``cpus_per_worker`` CPUs, so
                    OMP/torch threads = that many) reading the preprocessed Parquet
-                   shards through the path ``vidray/train.py`` uses:
+                   shards through the path ``vidray/train/worker.py`` uses:
                    ``read_split`` -> ``randomize_block_order`` -> dataset shard ->
-                   ``vidray.ingest.open_worker_data(...).train_batches(epoch)``
+                   ``vidray.train.ingest.open_worker_data(...).train_batches(epoch)``
                    (rows in stored order, vidray's seeded shuffle buffer, one copy
                    per video into the batch) -> ``.to(device)``, a new epoch
                    iterator every epoch as in training.
 ``ingest``         the same worker with the step replaced by nothing: the clips/s
                    the data path alone delivers to one worker (what a GPU would need).
 ``*_cached``       ``raytrain`` / ``ingest`` with the split read once into Ray's object
-                   store (``vidray.ingest.materialize_in_order``;
+                   store (``vidray.train.ingest.materialize_in_order``;
                    ``train.cache_dataset: always``); the plain names stream the
                    Parquet shards every epoch (``cache_dataset: never``).
 ``*_device``       the cached split copied once into the worker's device memory
@@ -67,7 +67,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vidray.telemetry import device_peak_tflops, vit_forward_flops  # noqa: E402
+from vidray.train.telemetry import device_peak_tflops, vit_forward_flops  # noqa: E402
 
 from benchlib import (  # noqa: E402
     ProcessTreeCPU,
@@ -84,7 +84,7 @@ from benchlib import (  # noqa: E402
 CACHE = Path(__file__).resolve().parent / ".cache"
 CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
 # <method>_cached: the splits read once into the object store (train.cache_dataset), as
-# vidray/train.py does when they fit; without the suffix: streamed from Parquet every epoch.
+# vidray/train/worker.py does when they fit; without the suffix: streamed from Parquet every epoch.
 # <method>_device: each worker's shard copied once into its device's memory (train.cache_dataset: device).
 RAY_METHODS = ("raytrain", "ingest", "raytrain_cached", "ingest_cached", "raytrain_device", "ingest_device")
 INGEST_METHODS = ("ingest", "ingest_cached", "ingest_device")
@@ -108,8 +108,8 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
     import numpy as np
 
     from make_inputs import VideoSpec, _frames
-    from vidray.dataset import DATASET_INFO
-    from vidray.preprocess import VIDEOS_PER_SHARD, Video, _outcome, plan_shards, write_shard
+    from vidray.data.dataset import DATASET_INFO
+    from vidray.data.preprocess import VIDEOS_PER_SHARD, Video, _outcome, plan_shards, write_shard
 
     if (out / DATASET_INFO).is_file():
         return out
@@ -149,23 +149,23 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
 
 def make_step(model_size: str, frames: int, size: int, device_name: str, compile: bool = False):
     """(augment(videos_uint8, labels), step(pixels, targets) -> loss, model, device); everything from
-    vidray, set up the way a training worker sets it up (vidray/train.py): weights and position table
+    vidray, set up the way a training worker sets it up (vidray/train/worker.py): weights and position table
     on the device, augmentation generators on the device, TF32, fused AdamW on CUDA, optionally compiled."""
     import torch
 
-    from vidray import augment
-    from vidray.config import ModelConfig, TrainConfig
-    from vidray.model import autocast, build_model, compile_model, to_device, use_tf32
-    from vidray.optim import build_optimizer
-    from vidray.rng import AugmentGenerators, seed_everything
+    from vidray.train import augment
+    from vidray.config import ModelSettings, TrainSettings
+    from vidray.model.classifier import autocast, build_model, compile_model, to_device, use_tf32
+    from vidray.train.optim import build_optimizer
+    from vidray.train.rng import AugmentGenerators, seed_everything
 
     device = torch.device(device_name)
     use_tf32(device)
     torch.manual_seed(0)
-    model = to_device(build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size), device)
+    model = to_device(build_model(ModelSettings(init="scratch", size=model_size), CLASSES, frames, size), device)
     model.train()
     forward = compile_model(model) if compile else model
-    train_cfg = TrainConfig()
+    train_cfg = TrainSettings()
     optimizer = build_optimizer(model, train_cfg, device)
     generators = AugmentGenerators.for_device(device)
     seed_everything(0, generators.host, generators.device)
@@ -275,7 +275,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import torch
 
-    from vidray.dataset import read_dataset_info, videos_from_bytes
+    from vidray.data.dataset import read_dataset_info, videos_from_bytes
 
     torch.set_num_threads(args.threads)
     info = read_dataset_info(args.dataset)
@@ -306,11 +306,11 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from vidray.config import TrainConfig
-    from vidray.ingest import open_worker_data
+    from vidray.config import TrainSettings
+    from vidray.train.ingest import open_worker_data
 
     args = argparse.Namespace(**config["args"])
-    train_cfg = TrainConfig(cache_dataset=placement_of(args.worker))
+    train_cfg = TrainSettings(cache_dataset=placement_of(args.worker))
     device = ray.train.torch.get_device()
     if config["ingest_only"]:
         # The data path alone: how many clips/s it can hand a model that costs nothing.
@@ -362,9 +362,9 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from vidray.cluster import LOOPBACK_IP
-    from vidray.config import TrainConfig
-    from vidray.dataset import read_dataset_info
-    from vidray.ingest import build_datasets, data_config
+    from vidray.config import TrainSettings
+    from vidray.data.dataset import read_dataset_info
+    from vidray.train.ingest import build_datasets, data_config
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
@@ -380,7 +380,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
     info = read_dataset_info(args.dataset)
     # What the driver of `vidray train` builds for this placement (the object store when cached).
     cache_started = time.perf_counter()
-    datasets = build_datasets(args.dataset, TrainConfig(cache_dataset=placement_of(args.worker)), info)
+    datasets = build_datasets(args.dataset, TrainSettings(cache_dataset=placement_of(args.worker)), info)
     cache_s = round(time.perf_counter() - cache_started, 2) if args.worker.endswith(("_cached", "_device")) else None
     with tempfile.TemporaryDirectory(prefix="vidray-bench-train-") as storage:
         trainer = TorchTrainer(
@@ -422,7 +422,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def analytic_flops(model, frames: int, size: int, batch: int) -> dict[str, float]:
-    """ViT forward FLOPs of a batch (vidray.telemetry.vit_forward_flops: what the training telemetry's MFU uses)."""
+    """ViT forward FLOPs of a batch (vidray.train.telemetry.vit_forward_flops: what the training telemetry's MFU uses)."""
     per_clip = vit_forward_flops(model.config, frames, size)
     return {"tokens": per_clip["tokens"], "forward": batch * per_clip["forward"]}
 
@@ -437,11 +437,11 @@ def count_flops(model_size: str, frames: int, size: int, batch: int) -> dict[str
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vidray.config import ModelConfig
-    from vidray.model import build_model
+    from vidray.config import ModelSettings
+    from vidray.model.classifier import build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(init="scratch", size=model_size), CLASSES, frames, size)
+    model = build_model(ModelSettings(init="scratch", size=model_size), CLASSES, frames, size)
     pixels = torch.randn(1, frames, 3, size, size)
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as forward_counter:
@@ -532,14 +532,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cpus_per_worker is None:
-        from vidray.config import TrainConfig
+        from vidray.config import TrainSettings
 
-        args.cpus_per_worker = TrainConfig().cpus_per_worker
+        args.cpus_per_worker = TrainSettings().cpus_per_worker
     if args.worker:
         _worker_main(args)
         return {}
 
-    from vidray.preprocess import default_stored
+    from vidray.data.preprocess import default_stored
 
     machine = machine_info()
     if args.device == "cuda" and not machine["cuda"]:

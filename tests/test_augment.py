@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidray import augment
+from vidray.train import augment
 
 
 def _videos(batch=3, stored_frames=16, stored=40, seed=0) -> torch.Tensor:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray.checkpoint import (
+from vidray.model.checkpoint import (
     INFO,
     LEGACY_TRAINING_STATE,
     TRAINING_STATE,
@@ -28,12 +28,12 @@ from vidray.checkpoint import (
     load_training_state,
     save_checkpoint,
 )
-from vidray.config import TrainConfig, load_config
-from vidray.dataset import ClipShape
+from vidray.config import TrainSettings, load_config
+from vidray.data.dataset import ClipShape
 from vidray.errors import UserError
-from vidray.optim import build_optimizer, build_scheduler
-from vidray.rng import capture_rng_state, restore_rng_state, seed_everything
-from vidray.trainer import existing_run_state
+from vidray.train.optim import build_optimizer, build_lr_schedule
+from vidray.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from vidray.train.driver import existing_run_state
 
 CLASSES = ["a", "b", "c"]
 SHAPE = ClipShape(CLASSES, frames=4, size=32, stored_frames=8, stored_size=36)
@@ -52,9 +52,9 @@ def tiny_model() -> VideoMAEForVideoClassification:
 
 def trained_state(model, steps: int = 3):
     """A real optimizer, schedule and RNG state after ``steps`` updates."""
-    train = TrainConfig(lr=1e-3, epochs=2, warmup_epochs=0.5)
+    train = TrainSettings(lr=1e-3, epochs=2, warmup_epochs=0.5)
     optimizer = build_optimizer(model, train, torch.device("cpu"))
-    scheduler = build_scheduler(optimizer, train, steps=4)
+    scheduler = build_lr_schedule(optimizer, train, steps=4)
     for _ in range(steps):
         loss = model(pixel_values=torch.randn(2, 4, 3, 32, 32), labels=torch.tensor([0, 2])).loss
         loss.backward()

@@ -24,7 +24,7 @@ from ray.autoscaler.v2.utils import ResourceRequestUtil
 from ray.core.generated.autoscaler_pb2 import GangResourceRequest
 from ray.core.generated.instance_manager_pb2 import Instance, NodeKind
 
-from vidray.config import TrainConfig, load_config
+from vidray.config import TrainSettings, load_config
 from vidray.storage import MULTI_NODE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def _plan(autoscaling, demands=(), gangs=(), unavailable=()):
     return launched, len(reply.infeasible_resource_requests) + len(reply.infeasible_gang_resource_requests)
 
 
-def _train_worker_bundle(train: TrainConfig) -> dict:
+def _train_worker_bundle(train: TrainSettings) -> dict:
     # The per-worker resources vidray asks Ray Train for (one placement-group bundle each).
     return {"CPU": train.cpus_per_worker, "GPU": 1 if train.use_gpu else 0}
 
@@ -213,7 +213,7 @@ def test_decode_tasks_scale_out_on_cpu_nodes_not_gpu_nodes(autoscaling):
 
 
 def test_training_gangs_land_on_spot_gpus_first_then_on_demand(autoscaling):
-    bundle = _train_worker_bundle(TrainConfig(use_gpu=True, num_workers=4, cpus_per_worker=3))
+    bundle = _train_worker_bundle(TrainSettings(use_gpu=True, num_workers=4, cpus_per_worker=3))
     # One 4-GPU trial.
     launched, infeasible = _plan(autoscaling, gangs=[[bundle] * 4])
     assert (launched, infeasible) == ({"gpu_spot": 4}, 0)
@@ -224,7 +224,7 @@ def test_training_gangs_land_on_spot_gpus_first_then_on_demand(autoscaling):
 
 
 def test_on_demand_takes_over_when_spot_launches_fail(autoscaling):
-    bundle = _train_worker_bundle(TrainConfig(use_gpu=True, num_workers=2, cpus_per_worker=3))
+    bundle = _train_worker_bundle(TrainSettings(use_gpu=True, num_workers=2, cpus_per_worker=3))
     launched, infeasible = _plan(autoscaling, gangs=[[bundle] * 2], unavailable=["gpu_spot"])
     assert (launched, infeasible) == ({"gpu_ondemand": 2}, 0)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vidray.cli import main
-from vidray.coin import index_coin, load_coin_taxonomy
+from vidray.data.coin import index_coin, load_coin_taxonomy
 from vidray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

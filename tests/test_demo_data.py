@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from vidray.demo_data import DEMO_CLASSES, DURATION_RANGE, FRAME_RATES, FRAME_SIZES, generate_demo_videos, render_clip
+from vidray.data.demo import DEMO_CLASSES, DURATION_RANGE, FRAME_RATES, FRAME_SIZES, generate_demo_videos, render_clip
 from vidray.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def digests(root: Path) -> dict[str, str]:
 GENERATE_IN_SUBPROCESS = """
 import sys
 from pathlib import Path
-from vidray.demo_data import generate_demo_videos
+from vidray.data.demo import generate_demo_videos
 generate_demo_videos(Path(sys.argv[1]), classes=4, videos_per_class=6, seed=0)
 """
 
@@ -78,7 +78,7 @@ generate_demo_videos(Path(sys.argv[1]), classes=4, videos_per_class=6, seed=0)
 def test_same_seed_gives_byte_identical_files_even_when_generated_concurrently(demo_all, tmp_path):
     """Three generations of one set at once, two sharing this process (each with its own thread
     pool) and one in a fresh interpreter, under the load they put on each other: every file's bytes
-    agree. x264's macroblock-tree made 1 in 3 files differ here before (vidray.video.DETERMINISTIC_X264)."""
+    agree. x264's macroblock-tree made 1 in 3 files differ here before (vidray.data.video.DETERMINISTIC_X264)."""
     import threading
 
     roots = [tmp_path / f"run{i}" for i in range(3)]
@@ -112,7 +112,7 @@ def test_encoded_bytes_do_not_depend_on_the_cpu_features_x264_uses():
     import io
     from fractions import Fraction
 
-    from vidray.video import DETERMINISTIC_X264
+    from vidray.data.video import DETERMINISTIC_X264
 
     frames, fps = render_clip(DEMO_CLASSES[0], np.random.default_rng([0, 0, 0]))
 

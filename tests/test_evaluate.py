@@ -14,16 +14,16 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray.augment import eval_transform
-from vidray.checkpoint import save_checkpoint
+from vidray.train.augment import eval_transform
+from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
-from vidray.dataset import SHARD_SCHEMA
+from vidray.data.dataset import SHARD_SCHEMA
 from vidray.errors import UserError
-from vidray.evaluate import evaluate_checkpoint
-from vidray.metrics import classification_metrics
-from vidray.model import install_position_table
-from vidray.predict import predict_videos
-from vidray.video import encode_mp4, read_clip
+from vidray.infer.evaluate import evaluate_checkpoint
+from vidray.train.metrics import classification_metrics
+from vidray.model.classifier import install_position_table
+from vidray.infer.predict import predict_videos
+from vidray.data.video import encode_mp4, read_clip
 
 # "violet" has no videos at all: it must still get a row (support 0) everywhere.
 CLASSES = ["red", "green", "blue", "violet"]
@@ -83,7 +83,7 @@ def _write_dataset_json(root: Path, classes: list[str], shards: list[str], count
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """A dataset directory per vidray/dataset.py: val split in two shards, empty test split."""
+    """A dataset directory per vidray/data/dataset.py: val split in two shards, empty test split."""
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("data")
     train = _encode_videos(root / "videos", "train", 3, rng)

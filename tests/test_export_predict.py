@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray.augment import MEAN, STD, eval_transform
-from vidray.checkpoint import save_checkpoint
+from vidray.train.augment import MEAN, STD, eval_transform
+from vidray.model.checkpoint import save_checkpoint
 from vidray.errors import UserError
-from vidray.export import CUSTOM_CODE_FILE, CUSTOM_MODEL_TYPE, export_model
-from vidray.model import POS_GRID_KEY, install_position_table, interpolate_position_table, token_grid
-from vidray.predict import predict_videos
-from vidray.video import encode_mp4, read_clip
+from vidray.infer.export import CUSTOM_CODE_FILE, CUSTOM_MODEL_TYPE, export_model
+from vidray.model.classifier import POS_GRID_KEY, install_position_table, interpolate_position_table, token_grid
+from vidray.infer.predict import predict_videos
+from vidray.data.video import encode_mp4, read_clip
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["pour", "stir", "cut", "fold"]
@@ -135,7 +135,7 @@ def test_model_card_says_what_the_model_is_and_why_it_needs_remote_code(exported
 
     # A COIN fine-tune of a hub checkpoint at its own grid: base model, licence, no remote code.
     from vidray.config import load_config
-    from vidray.export import COIN_LICENSE_NOTICE, model_card
+    from vidray.infer.export import COIN_LICENSE_NOTICE, model_card
 
     cfg = load_config(None, ["data.source=coin", "data.min_duration=10", "data.max_duration=60"])
     info = {

@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vidray.demo_data import generate_demo_videos
+from vidray.data.demo import generate_demo_videos
 from vidray.errors import UserError
-from vidray.coin import index_coin
-from vidray.index import MANIFEST_SCHEMA, index_folder, probe_video, read_manifest
-from vidray.video import encode_mp4
+from vidray.data.coin import index_coin
+from vidray.data.index import MANIFEST_SCHEMA, index_folder, probe_video, read_manifest
+from vidray.data.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The data path (vidray/ingest.py): every place the splits can live gives the same batches.
+"""The data path (vidray/train/ingest.py): every place the splits can live gives the same batches.
 
 Real Parquet shards read by real Ray Data on the session's local cluster; every
 video's pixels encode its row id, so a batch's content says exactly which rows
@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vidray.config import TrainConfig
-from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, read_split
+from vidray.config import TrainSettings
+from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_split
 from vidray.errors import UserError
-from vidray.ingest import (
+from vidray.train.ingest import (
     DEVICE_CACHE_FRACTION,
     BatchBuffers,
     DeviceCache,
@@ -153,13 +153,13 @@ def test_device_caching_decision():
     memory = device_memory_bytes(cpu, 1)
     assert memory > 0 and device_memory_bytes(cpu, 4) == memory // 4
     fits, too_big = int(DEVICE_CACHE_FRACTION * memory) - 1, int(DEVICE_CACHE_FRACTION * memory) + 1
-    assert should_cache_on_device(TrainConfig(cache_dataset="auto"), fits, cpu)
-    assert not should_cache_on_device(TrainConfig(cache_dataset="auto"), too_big, cpu)
-    assert should_cache_on_device(TrainConfig(cache_dataset="device"), too_big, cpu)  # forced, and it fits at all
+    assert should_cache_on_device(TrainSettings(cache_dataset="auto"), fits, cpu)
+    assert not should_cache_on_device(TrainSettings(cache_dataset="auto"), too_big, cpu)
+    assert should_cache_on_device(TrainSettings(cache_dataset="device"), too_big, cpu)  # forced, and it fits at all
     for placement in ("always", "never"):
-        assert not should_cache_on_device(TrainConfig(cache_dataset=placement), 1, cpu)
+        assert not should_cache_on_device(TrainSettings(cache_dataset=placement), 1, cpu)
     with pytest.raises(UserError, match=r"train.cache_dataset=device: this worker's shard .* GiB but cpu has"):
-        should_cache_on_device(TrainConfig(cache_dataset="device"), memory + 1, cpu)
+        should_cache_on_device(TrainSettings(cache_dataset="device"), memory + 1, cpu)
 
 
 def test_val_rows_of_rank_add_up_to_the_split():
@@ -177,7 +177,7 @@ def _batches(iterable) -> list[tuple[list[int], list[int]]]:
 
 def test_streamed_cached_and_device_paths_give_identical_batches(splits):
     streamed, cached, val, _ = splits
-    train = TrainConfig(shuffle_buffer=16, prefetch_batches=2, seed=11)
+    train = TrainSettings(shuffle_buffer=16, prefetch_batches=2, seed=11)
     cache = DeviceCache.load(
         cached.iterator(), val.iterator(), video_shape=VIDEO_SHAPE, batch_size=BATCH, rank=0, world_size=1,
         device=torch.device("cpu"), train_rows=TRAIN_VIDEOS, val_rows=VAL_VIDEOS,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from vidray.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
+from vidray.train.metrics import classification_metrics, confusion_matrix, metrics_from_confusion
 
 CLASSES = ["a", "b", "c"]
 

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
-from vidray.checkpoint import load_trained_model, save_checkpoint
-from vidray.dataset import ClipShape
-from vidray.config import ModelConfig
+from vidray.model.checkpoint import load_trained_model, save_checkpoint
+from vidray.data.dataset import ClipShape
+from vidray.config import ModelSettings
 from vidray.errors import UserError
-from vidray.model import (
+from vidray.model.classifier import (
     POS_GRID_KEY,
     POSITION_TABLE_VERIFIED_TRANSFORMERS,
     SCRATCH_SIZES,
@@ -39,8 +39,8 @@ def pretrained_dir(tmp_path_factory) -> str:
     return str(directory)
 
 
-def _pretrained_cfg(path: str, **kwargs) -> ModelConfig:
-    return ModelConfig(name_or_path=path, init="pretrained", **kwargs)
+def _pretrained_cfg(path: str, **kwargs) -> ModelSettings:
+    return ModelSettings(name_or_path=path, init="pretrained", **kwargs)
 
 
 def _positions_seen_in_forward(model: VideoMAEForVideoClassification, frames: int, size: int) -> torch.Tensor:
@@ -54,7 +54,7 @@ def _positions_seen_in_forward(model: VideoMAEForVideoClassification, frames: in
 
 def test_pretrained_loads_backbone_and_only_reinitialises_the_head(pretrained_dir, caplog):
     reference = VideoMAEForVideoClassification.from_pretrained(pretrained_dir)
-    with caplog.at_level(logging.INFO, logger="vidray.model"):
+    with caplog.at_level(logging.INFO, logger="vidray.model.classifier"):
         model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, frames=16, size=112)
     # What HF reported as not loaded: exactly the 5-way head that became a 3-way one.
     assert "new head weights classifier.bias, classifier.weight" in caplog.text
@@ -146,7 +146,7 @@ def test_saved_model_reloads_with_the_same_table_and_outputs(tmp_path, pretraine
 
 
 def test_scratch_sizes_and_gradient_checkpointing():
-    model = build_model(ModelConfig(init="scratch", size="tiny", gradient_checkpointing=True), CLASSES, 8, 32)
+    model = build_model(ModelSettings(init="scratch", size="tiny", gradient_checkpointing=True), CLASSES, 8, 32)
     assert model.config.hidden_size == 128 and model.config.num_hidden_layers == 2
     assert model.is_activation_checkpointing
     model.train()
@@ -159,11 +159,11 @@ def test_scratch_sizes_and_gradient_checkpointing():
 
 
 def test_scratch_patch_size_sets_the_token_grid():
-    model = build_model(ModelConfig(init="scratch", size="tiny", patch_size=8), CLASSES, 8, 48)
+    model = build_model(ModelSettings(init="scratch", size="tiny", patch_size=8), CLASSES, 8, 48)
     assert model.config.patch_size == 8 and token_grid(model.config) == (4, 6, 6)
     assert model(pixel_values=torch.randn(1, 8, 3, 48, 48)).logits.shape == (1, 3)
     with pytest.raises(UserError, match=r"data.size=44 must be a multiple of the model's patch_size 8"):
-        build_model(ModelConfig(init="scratch", size="tiny", patch_size=8), CLASSES, 8, 44)
+        build_model(ModelSettings(init="scratch", size="tiny", patch_size=8), CLASSES, 8, 44)
 
 
 def test_bad_sources_and_shapes_fail_with_one_line_errors(tmp_path, pretrained_dir):
@@ -176,7 +176,7 @@ def test_bad_sources_and_shapes_fail_with_one_line_errors(tmp_path, pretrained_d
     with pytest.raises(UserError, match=r"data.size=100 must be a multiple of the model's patch_size 16"):
         build_model(_pretrained_cfg(pretrained_dir), CLASSES, 16, 100)
     with pytest.raises(UserError, match=r"data.frames=7 must be a multiple of the model's tubelet_size 2"):
-        build_model(ModelConfig(init="scratch", size="tiny"), CLASSES, 7, 32)
+        build_model(ModelSettings(init="scratch", size="tiny"), CLASSES, 7, 32)
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -190,7 +190,7 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 def test_to_device_moves_the_position_table_hf_reads_in_every_forward(pretrained_dir):
-    """The HF internal :func:`vidray.model.to_device` relies on, checked against the installed transformers."""
+    """The HF internal :func:`vidray.model.classifier.to_device` relies on, checked against the installed transformers."""
     import transformers
 
     assert transformers.__version__.startswith(POSITION_TABLE_VERIFIED_TRANSFORMERS), (

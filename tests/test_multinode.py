@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from vidray.checkpoint import read_checkpoint_info
-from vidray.demo_data import generate_demo_videos
-from vidray.faults import hold_env
-from vidray.index import index_folder
+from vidray.model.checkpoint import read_checkpoint_info
+from vidray.data.demo import generate_demo_videos
+from vidray.testing.faults import hold_env
+from vidray.data.index import index_folder
 from vidray.local_cluster import LoopbackCluster, proc_table
 from vidray.storage import MULTI_NODE_LABEL
 
@@ -95,7 +95,7 @@ PREPROCESS = """
     from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
     from vidray.config import load_config
     from vidray.errors import UserError
-    from vidray.preprocess import preprocess
+    from vidray.data.preprocess import preprocess
 
     manifest, dataset_dir = {manifest!r}, {dataset_dir!r}
     init_ray()
@@ -115,7 +115,7 @@ TRAIN = """
     import json, sys
     from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
     from vidray.config import load_config
-    from vidray.trainer import build_trainer, make_run_config, summarize_run
+    from vidray.train.driver import build_trainer, make_run_config, summarize_run
 
     cfg = load_config(None, {overrides!r})
     init_ray()

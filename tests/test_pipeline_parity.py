@@ -32,23 +32,23 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray import augment
-from vidray.checkpoint import save_checkpoint
-from vidray.dataset import videos_from_bytes
-from vidray.demo_data import generate_demo_videos
-from vidray.evaluate import evaluate_checkpoint
-from vidray.export import (
+from vidray.train import augment
+from vidray.model.checkpoint import save_checkpoint
+from vidray.data.dataset import videos_from_bytes
+from vidray.data.demo import generate_demo_videos
+from vidray.infer.evaluate import evaluate_checkpoint
+from vidray.infer.export import (
     CUSTOM_CODE_FILE,
     VIDEO_PROCESSOR_FILE,
     export_model,
     pipeline_frame_positions,
     video_processor_config,
 )
-from vidray.index import index_folder
-from vidray.model import install_position_table
-from vidray.predict import predict_videos
-from vidray.preprocess import preprocess
-from vidray.video import encode_mp4, read_clip
+from vidray.data.index import index_folder
+from vidray.model.classifier import install_position_table
+from vidray.infer.predict import predict_videos
+from vidray.data.preprocess import preprocess
+from vidray.data.video import encode_mp4, read_clip
 
 pytestmark = pytest.mark.slow  # trains a model and runs a second venv (make pipeline-env)
 
@@ -201,7 +201,7 @@ def test_pipeline_accuracy_matches_vidray_evaluate_on_the_held_out_split(parity,
 def _vidray_at_pipeline_positions(export: Path, clip: Path) -> str:
     """vidray's top-1 for ``clip`` with everything as `vidray predict` does (decode, resize, crop,
     normalise, model) but the frames taken where transformers takes them."""
-    from vidray.checkpoint import load_trained_model
+    from vidray.model.checkpoint import load_trained_model
 
     model, info = load_trained_model(export)
     count = read_clip(clip, SHAPE["frames"], SHAPE["stored_size"]).source_frames

@@ -19,17 +19,17 @@ import torch
 from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray import augment
-from vidray.batch_predict import KILL_AFTER_PARTS_ENV, PARTS_DIR, discover, predict_corpus
-from vidray.checkpoint import save_checkpoint
+from vidray.train import augment
+from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, PARTS_DIR, discover, predict_corpus
+from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
 from vidray.errors import UserError
-from vidray.evaluate import evaluate_checkpoint
-from vidray.index import write_manifest
-from vidray.inference import Views, clip_outputs
-from vidray.predict import Classifier, predict_videos
-from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, preprocess
-from vidray.video import encode_mp4
+from vidray.infer.evaluate import evaluate_checkpoint
+from vidray.data.index import write_manifest
+from vidray.model.inference import Views, clip_outputs
+from vidray.infer.predict import Classifier, predict_videos
+from vidray.data.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, preprocess
+from vidray.data.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["left", "right", "still"]

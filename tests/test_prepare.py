@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from vidray.config import ConfigError, VidrayConfig
-from vidray.demo_data import DEMO_CLASSES
-from vidray.coin import load_coin_annotations
-from vidray.index import read_manifest
-from vidray.prepare import prepare_dataset
-from vidray.preprocess import Video, plan_shards
-from vidray.video import encode_mp4
+from vidray.data.demo import DEMO_CLASSES
+from vidray.data.coin import load_coin_annotations
+from vidray.data.index import read_manifest
+from vidray.data.prepare import prepare_dataset
+from vidray.data.preprocess import Video, plan_shards
+from vidray.data.video import encode_mp4
 
 SMALL = {"frames": 4, "size": 28, "stored_frames": 8, "stored_size": 32}
 

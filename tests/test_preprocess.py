@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from test_video import make_bad_file
 
-from vidray.dataset import read_dataset_info, read_split, videos_from_bytes
+from vidray.data.dataset import read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
-from vidray.index import write_manifest
-from vidray.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, Video, expected_work, plan_shards, preprocess
-from vidray.video import DECODERS, encode_mp4, read_clip
+from vidray.data.index import write_manifest
+from vidray.data.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, Video, expected_work, plan_shards, preprocess
+from vidray.data.video import DECODERS, encode_mp4, read_clip
 
 CLASSES = ["alpha", "beta", "gamma"]
 # (width, height, frames): landscape, portrait, square, odd aspect, tiny; short and long.

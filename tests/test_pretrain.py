@@ -33,23 +33,23 @@ from PIL import Image
 from conftest import assert_same_tensors
 from test_train import CLASSES, FRAMES, SIZE, config_for, run, write_dataset
 from vidray.cli import main as cli_main
-from vidray.checkpoint import MODEL_DIR, load_trained_model, load_training_state, read_checkpoint_info
-from vidray.config import ConfigError, ModelConfig, load_config
-from vidray.dataset import read_dataset_info
+from vidray.model.checkpoint import MODEL_DIR, load_trained_model, load_training_state, read_checkpoint_info
+from vidray.config import ConfigError, ModelSettings, load_config
+from vidray.data.dataset import read_dataset_info
 from vidray.errors import UserError
-from vidray.masking import masked_positions, tube_mask
-from vidray.model import POS_GRID_KEY, build_model, token_grid
-from vidray import augment
-from vidray.pretrain import (
+from vidray.model.masking import masked_positions, tube_mask
+from vidray.model.classifier import POS_GRID_KEY, build_model, token_grid
+from vidray.train import augment
+from vidray.pretrain.run import (
     ENCODER_DIR,
     as_pretraining,
     build_pretrainer,
     check_pretrain_config,
     make_pretraining_run_config,
 )
-from vidray.pretrain_figures import reconstruct
-from vidray.pretrain_model import build_pretraining_model, load_pretraining_model, save_encoder
-from vidray.trainer import existing_run_state
+from vidray.pretrain.figures import reconstruct
+from vidray.model.pretraining import build_pretraining_model, load_pretraining_model, save_encoder
+from vidray.train.driver import existing_run_state
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -243,7 +243,7 @@ def pretrain_config(dataset_dir: str, storage: Path, name: str, *overrides: str)
     """test_train's run settings (data, seed, failures, prefetch), pretraining a tiny model from scratch."""
     return config_for(
         dataset_dir,
-        ModelConfig().name_or_path,  # unused: init=scratch
+        ModelSettings().name_or_path,  # unused: init=scratch
         storage,
         name,
         "model.init=scratch",
@@ -350,7 +350,7 @@ def test_rerunning_a_finished_run_writes_the_encoder_and_the_figures(finished, u
 
 def test_the_encoder_loads_into_fine_tuning_exactly(finished, uninterrupted):
     pretrained = load_pretraining_model(Path(finished["checkpoint"]) / MODEL_DIR).state_dict()
-    model_cfg = ModelConfig(init="pretrained", name_or_path=finished["model_dir"])
+    model_cfg = ModelSettings(init="pretrained", name_or_path=finished["model_dir"])
     classifier = build_model(model_cfg, CLASSES, FRAMES, SIZE)
     state = classifier.state_dict()
     backbone = [k for k in pretrained if k.startswith("videomae.") and not k.startswith("videomae.layernorm.")]
@@ -370,7 +370,7 @@ def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     """A one-trial, one-epoch sweep from the encoder (in this process, on the session's cluster):
     the trial is a `vidray train` run that fine-tunes it (a new head, no decoder), and the sweep
     writes its table and exports its best model."""
-    from vidray.tune import run_sweep
+    from vidray.tune.sweep import run_sweep
 
     # A sweep prepares its own data (here: demo videos of the clip shape the encoder was pretrained on).
     dataset_dir = tmp_path / "dataset"

@@ -12,10 +12,10 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from vidray.demo_data import generate_demo_videos
+from vidray.data.demo import generate_demo_videos
 from vidray.errors import UserError
-from vidray.index import index_folder
-from vidray.reports import SPLIT_COLOURS, plot_data_report
+from vidray.data.index import index_folder
+from vidray.report.data_figures import SPLIT_COLOURS, plot_data_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.image
 import pytest
 
-from vidray.results import TrialSummary, plot_metric_vs_mixup, wilson_interval
+from vidray.report.results import TrialSummary, plot_metric_vs_mixup, wilson_interval
 
 
 def test_wilson_interval():

@@ -1,4 +1,4 @@
-"""The run lifecycle shared by train, pretrain and tune (vidray/runs.py): plain run names, and a
+"""The run lifecycle shared by train, pretrain and tune (vidray/train/runs.py): plain run names, and a
 restart that deletes only folders vidray wrote, strictly under run.storage_path, on a local path and
 on a pyarrow filesystem URI. No Ray: these are decided before any Ray work starts."""
 
@@ -14,7 +14,7 @@ import pytest
 from vidray.cli import main as cli_main
 from vidray.config import ConfigError, load_config
 from vidray.errors import UserError
-from vidray.runs import RUN_MARKER, SWEEP_CONFIG_FILE, delete_run, mark_run, open_run, read_marker, run_folder
+from vidray.train.runs import RUN_MARKER, SWEEP_CONFIG_FILE, delete_run, mark_run, open_run, read_marker, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

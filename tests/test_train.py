@@ -37,18 +37,18 @@ import ray.train
 import torch
 
 from conftest import assert_same_tensors
-from vidray import augment
-from vidray.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, load_trained_model, load_training_state
-from vidray.config import TrainConfig, load_config
-from vidray.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
+from vidray.train import augment
+from vidray.model.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, load_trained_model, load_training_state
+from vidray.config import TrainSettings, load_config
+from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
 from vidray.errors import UserError
-from vidray.faults import kill_env
-from vidray.ingest import should_cache_dataset
-from vidray.metrics import EPOCH_METRICS
-from vidray.telemetry import EPOCH_TELEMETRY
-from vidray.model import POS_GRID_KEY
-from vidray.optim import parameter_groups
-from vidray.trainer import build_trainer, make_run_config, summarize_run
+from vidray.testing.faults import kill_env
+from vidray.train.ingest import should_cache_dataset
+from vidray.train.metrics import EPOCH_METRICS
+from vidray.train.telemetry import EPOCH_TELEMETRY
+from vidray.model.classifier import POS_GRID_KEY
+from vidray.train.optim import parameter_groups
+from vidray.train.driver import build_trainer, make_run_config, summarize_run
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["moving_right", "moving_left", "moving_down", "moving_up"]
@@ -89,7 +89,7 @@ def render_clip(label: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_dataset(root: Path, *, shuffle_time: bool, seed: int = 0, rows_per_shard: int = 16) -> str:
-    """Shards + dataset.json exactly as vidray/dataset.py specifies them."""
+    """Shards + dataset.json exactly as vidray/data/dataset.py specifies them."""
     counts = {}
     for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         rng = np.random.default_rng([seed, len(split)])
@@ -204,7 +204,7 @@ def config_for(dataset_dir: str, start_checkpoint: str, storage: Path, name: str
 
 
 def run(cfg, tmp: Path, *, kill_at_epoch: int | None = None, build=build_trainer, run_config_of=make_run_config) -> dict:
-    """Fit through ``build`` (tests/test_pretrain.py passes the pretraining pair) with a RunConfig
+    """Fit through ``build`` (tests/test_pretrain.py passes the pretraining pair) with a RunSettings
     that also records every report."""
     reports = tmp / f"{cfg.run.name}-reports.jsonl"
     marker = tmp / f"{cfg.run.name}-killed"
@@ -397,14 +397,14 @@ def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuf
 
 def test_auto_caching_takes_what_fits_in_a_quarter_of_the_object_store(ray_cluster, shuffled_dataset):
     info = read_dataset_info(shuffled_dataset)
-    auto = TrainConfig(cache_dataset="auto")
+    auto = TrainSettings(cache_dataset="auto")
     assert should_cache_dataset(auto, info)
     object_store = ray_cluster.cluster_resources()["object_store_memory"]
     video_bytes = int(np.prod(info.video_shape))
     too_big = {"train": int(object_store / 4 / video_bytes) + 1, "val": 0}
     assert not should_cache_dataset(auto, dataclasses.replace(info, split_counts=too_big))
-    assert should_cache_dataset(TrainConfig(cache_dataset="always"), dataclasses.replace(info, split_counts=too_big))
-    assert not should_cache_dataset(TrainConfig(cache_dataset="never"), info)
+    assert should_cache_dataset(TrainSettings(cache_dataset="always"), dataclasses.replace(info, split_counts=too_big))
+    assert not should_cache_dataset(TrainSettings(cache_dataset="never"), info)
 
 
 # ----------------------------------------------------------------- no Ray needed
@@ -484,15 +484,15 @@ def _clip_batches(count: int, size: int, seed: int) -> list[dict]:
 
 def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_nothing():
     """train.compile: the worker's own train_one_epoch / evaluate, eager and through torch.compile."""
-    from vidray.dataset import ClipShape
-    from vidray.optim import build_optimizer, build_scheduler
-    from vidray.rng import AugmentGenerators, seed_everything
-    from vidray.telemetry import StepTelemetry
-    from vidray.train import StepParts, compile_model, evaluate, train_one_epoch
+    from vidray.data.dataset import ClipShape
+    from vidray.train.optim import build_optimizer, build_lr_schedule
+    from vidray.train.rng import AugmentGenerators, seed_everything
+    from vidray.train.telemetry import StepTelemetry
+    from vidray.train.worker import StepParts, compile_model, evaluate, train_one_epoch
 
     cpu = torch.device("cpu")
     shape = ClipShape(CLASSES, FRAMES, SIZE, STORED_FRAMES, STORED_SIZE)
-    train = TrainConfig(batch_size=4, lr=1e-3, mixup_alpha=0.4, log_every_steps=1, epochs=1)
+    train = TrainSettings(batch_size=4, lr=1e-3, mixup_alpha=0.4, log_every_steps=1, epochs=1)
     batches = _clip_batches(3, 4, seed=0)
     val = _clip_batches(2, 4, seed=1)
     val[-1] = {k: v[:3] for k, v in val[-1].items()}  # an odd last batch, as a split's usually is
@@ -504,7 +504,7 @@ def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_not
         seed_everything(5, generators.host, generators.device)
         parts = StepParts(
             model, model, compile_model(model) if compiled else model, optimizer,
-            build_scheduler(optimizer, train, len(batches)), generators,
+            build_lr_schedule(optimizer, train, len(batches)), generators,
         )  # fmt: skip
         lines: list[str] = []
         telemetry = StepTelemetry(flops_per_clip=1e9, world_size=1, device=cpu, log_every=1, console=True, printer=lines.append)
@@ -531,7 +531,7 @@ def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_not
 
 
 def test_step_telemetry_reports_mfu_against_the_device_peak():
-    from vidray.telemetry import StepTelemetry, device_peak_tflops, train_flops_per_clip
+    from vidray.train.telemetry import StepTelemetry, device_peak_tflops, train_flops_per_clip
 
     assert device_peak_tflops("NVIDIA H200") == 989.0 and device_peak_tflops("NVIDIA H100 PCIe") == 756.0
     telemetry = StepTelemetry(flops_per_clip=2e12, world_size=4, device=torch.device("cpu"))
@@ -544,17 +544,17 @@ def test_step_telemetry_reports_mfu_against_the_device_peak():
     assert figures["clips_per_s"] == pytest.approx(4 * 8 / (8 * 2e12 / figures["achieved_tflops"] / 1e12))
     assert "MFU" in StepTelemetry.line("x", None, figures)
     # ViT-B at 16 x 112²: the 219 GFLOP per training clip docs/benchmarks.md counts with FlopCounterMode.
-    from vidray.config import ModelConfig
-    from vidray.model import scratch_config
+    from vidray.config import ModelSettings
+    from vidray.model.classifier import scratch_config
 
-    config = scratch_config(ModelConfig(init="scratch", size="base"), num_frames=16, image_size=112, num_labels=12)
+    config = scratch_config(ModelSettings(init="scratch", size="base"), num_frames=16, image_size=112, num_labels=12)
     assert train_flops_per_clip(config, 16, 112) / 1e9 == pytest.approx(219.5, abs=0.1)
 
 
 def test_host_snapshot_is_what_a_background_checkpoint_writes(tmp_path):
     from transformers import VideoMAEForVideoClassification
 
-    from vidray.checkpoint import host_snapshot, save_checkpoint
+    from vidray.model.checkpoint import host_snapshot, save_checkpoint
 
     model = _tiny_classifier()
     state = {"step": torch.tensor(3.0), "moments": [torch.ones(2)], "rng": (np.arange(3), 7)}
@@ -581,10 +581,10 @@ def test_background_checkpoints_rest_on_a_checked_ray_api():
 
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    from vidray.train import BACKGROUND_CHECKPOINT_VERIFIED_RAY, background_checkpoints_supported
+    from vidray.train.worker import BACKGROUND_CHECKPOINT_VERIFIED_RAY, background_checkpoints_supported
 
     assert ray.__version__ in BACKGROUND_CHECKPOINT_VERIFIED_RAY, (
-        f"ray {ray.__version__}: re-check vidray.train.report_epoch's background writer, then list it"
+        f"ray {ray.__version__}: re-check vidray.train.worker.report_epoch's background writer, then list it"
     )
     assert list(inspect.signature(StorageContext.persist_current_checkpoint).parameters) == [
         "self", "checkpoint", "checkpoint_dir_name"

@@ -1,9 +1,9 @@
-"""The sweep (vidray/tune.py, vidray/results.py): the param space, every pre-flight refusal, a real
+"""The sweep (vidray/tune/sweep.py, vidray/report/results.py): the param space, every pre-flight refusal, a real
 sweep on demo videos through `python jobs/tune.py`, and running it again (finished: report only; interrupted: continue; --restart: over).
 
 The real sweeps run as separate driver processes on the `ray_head` cluster (conftest.py), as
 under `ray job submit`: a driver can be killed there without killing the cluster, and ASHA's
-early stops need the cluster's State API (see vidray.tune.local_cluster_kwargs).
+early stops need the cluster's State API (see vidray.tune.sweep.local_cluster_kwargs).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import pytest
 import yaml
 
 from vidray.cli import main as cli_main
-from vidray.faults import end_held_processes, hold_env
-from vidray.config import TuneConfig, load_config
+from vidray.testing.faults import end_held_processes, hold_env
+from vidray.config import TuneSettings, load_config
 from vidray.errors import UserError
-from vidray.results import trial_label
+from vidray.report.results import trial_label
 from vidray.cluster import Capacity, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
-from vidray.tune import EPOCHS_DONE, build_param_space, count_trials, run_sweep, trial_config
+from vidray.tune.sweep import EPOCHS_DONE, build_param_space, count_trials, run_sweep, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -48,7 +48,7 @@ TINY_DATA = [
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory, ray_cluster) -> list[str]:
     """Overrides pointing at tiny demo videos, generated and preprocessed once for this module."""
-    from vidray.prepare import prepare_dataset
+    from vidray.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("demo")
     overrides = [
@@ -143,7 +143,7 @@ def progress_epochs(trial_dir: Path) -> list[int]:
 
 
 def test_param_space_grids_ranges_and_trial_configs():
-    tune = TuneConfig(mixup_alpha=[0.0, 0.4], lr=[5e-5, 1e-4], weight_decay={"low": 0.01, "high": 0.1}, num_samples=3)
+    tune = TuneSettings(mixup_alpha=[0.0, 0.4], lr=[5e-5, 1e-4], weight_decay={"low": 0.01, "high": 0.1}, num_samples=3)
     space = build_param_space(tune)
     assert space["mixup_alpha"] == {"grid_search": [0.0, 0.4]}
     assert space["lr"] == {"grid_search": [5e-5, 1e-4]}
@@ -153,8 +153,8 @@ def test_param_space_grids_ranges_and_trial_configs():
     assert count_trials(tune) == 2 * 2 * 3
 
     # Repeats of a pure grid get their own seeds, or they would be identical runs.
-    assert "seed" in build_param_space(TuneConfig(mixup_alpha=[0.0], lr=[1e-4], weight_decay=[0.05], num_samples=2))
-    assert build_param_space(TuneConfig(lr=[1e-4]))["lr"] == 1e-4  # one value is a constant, not a 1-point grid
+    assert "seed" in build_param_space(TuneSettings(mixup_alpha=[0.0], lr=[1e-4], weight_decay=[0.05], num_samples=2))
+    assert build_param_space(TuneSettings(lr=[1e-4]))["lr"] == 1e-4  # one value is a constant, not a 1-point grid
 
     cfg = load_config(DEMO)
     trial = trial_config(cfg, {"mixup_alpha": 0.4, "lr": 2e-4, "weight_decay": 0.1, "seed": 7})
@@ -165,7 +165,7 @@ def test_param_space_grids_ranges_and_trial_configs():
 
 
 def test_results_table_has_the_reference_columns():
-    from vidray.results import REFERENCE_COIN12, TABLE_COLUMNS, markdown_table
+    from vidray.report.results import REFERENCE_COIN12, TABLE_COLUMNS, markdown_table
 
     assert TABLE_COLUMNS[:7] == ["Type", "Epochs", "Training Loss", "Test Loss", "Precision", "Recall", "F1"]
     rows = [{"Type": "MixUp α=0.4, lr=5e-5, wd=0.05", "Epochs": "3/15 (stopped early)", "Training Loss": 1.4712,
@@ -417,13 +417,13 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
 
 
 def test_the_train_to_tune_handover_workaround_still_finds_what_it_reads(ray_cluster, tmp_path):
-    """vidray.tune.wait_until_tune_has_the_last_report reads two private attributes of Ray's
+    """vidray.tune.sweep.wait_until_tune_has_the_last_report reads two private attributes of Ray's
     function-trainable session. If an upgrade moves them the workaround silently stops working and
     sweeps can hang again: this test fails first, so the upgrade re-checks the race."""
     import ray
     import ray.tune
 
-    from vidray.tune import HANDOVER_VERIFIED_RAY
+    from vidray.tune.sweep import HANDOVER_VERIFIED_RAY
 
     assert ray.__version__ in HANDOVER_VERIFIED_RAY, (
         f"Ray {ray.__version__} is not among the versions the Train->Tune hand-over workaround was verified with "

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from vidray.errors import UserError
-from vidray.video import (
+from vidray.data.video import (
     DECODERS,
     CorruptVideoError,
     DecoderUnavailableError,
@@ -411,7 +411,7 @@ def test_missing_decoder_package_is_a_one_line_error_naming_the_install_command(
 def test_torchcodec_resizes_inside_its_one_open(rotated_videos, monkeypatch):
     """The private torchcodec hook the single-open path relies on is there (this fails when it moves),
     and the fallback without it (open twice) gives the same frames."""
-    from vidray.decode import torchcodec as backend
+    from vidray.data.decode import torchcodec as backend
 
     assert backend.single_open_supported(), "torchcodec's DecoderTransform._make_transform_spec hook moved"
     fast = read_clip(rotated_videos[90], 4, 32, decoder="torchcodec").frames

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from vidray.errors import UserError
-from vidray.video import DECODERS
+from vidray.data.video import DECODERS
 
 
 def _print_summary(summary: dict, *, disconnect_ray: bool = False) -> None:
@@ -53,13 +53,13 @@ def _add_rerun_args(parser: argparse.ArgumentParser, what: str, folder: str = "r
 
 
 def cmd_index_folder(args: argparse.Namespace) -> None:
-    from vidray.index import index_folder
+    from vidray.data.index import index_folder
 
     _print_summary(index_folder(Path(args.root), Path(args.out), probe=not args.no_probe))
 
 
 def cmd_index_coin(args: argparse.Namespace) -> None:
-    from vidray.coin import index_coin
+    from vidray.data.coin import index_coin
 
     summary = index_coin(
         annotations=[Path(a) for a in args.annotations],
@@ -75,7 +75,7 @@ def cmd_index_coin(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from vidray.preprocess import preprocess
+    from vidray.data.preprocess import preprocess
 
     summary = preprocess(
         manifest=Path(args.manifest),
@@ -92,7 +92,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from vidray.demo_data import generate_demo_videos
+    from vidray.data.demo import generate_demo_videos
 
     summary = generate_demo_videos(
         Path(args.out), classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed
@@ -101,7 +101,7 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 
 def cmd_report_data(args: argparse.Namespace) -> None:
-    from vidray.reports import plot_data_report
+    from vidray.report.data_figures import plot_data_report
 
     paths = plot_data_report(Path(args.manifest), Path(args.out))
     _print_summary({"figures": [str(p) for p in paths]})
@@ -110,8 +110,8 @@ def cmd_report_data(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from vidray.cluster import init_ray
     from vidray.config import load_config
-    from vidray.dataset import read_dataset_info
-    from vidray.prepare import prepare_dataset
+    from vidray.data.dataset import read_dataset_info
+    from vidray.data.prepare import prepare_dataset
 
     cfg = load_config(args.config, args.overrides)
     init_ray()
@@ -122,7 +122,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from vidray.config import load_config
-    from vidray.trainer import run_training
+    from vidray.train.worker.driver import run_training
 
     cfg = load_config(args.config, args.overrides)
     _print_summary(run_training(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=True)
@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from vidray.config import load_config
-    from vidray.pretrain import run_pretraining
+    from vidray.pretrain.run.run import run_pretraining
 
     import ray
 
@@ -142,14 +142,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from vidray.config import load_config
-    from vidray.tune import run_sweep
+    from vidray.tune.sweep.sweep import run_sweep
 
     cfg = load_config(args.config, args.overrides)
     _print_summary(run_sweep(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=True)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from vidray.evaluate import evaluate_checkpoint
+    from vidray.infer.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         Path(args.checkpoint), args.data, split=args.split, out_dir=Path(args.out), batch_size=args.batch_size,
@@ -159,18 +159,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from vidray.export import export_model
+    from vidray.infer.export import export_model
 
     _print_summary({"exported": str(export_model(Path(args.checkpoint), Path(args.out)))})
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from vidray.predict import predict_videos, raise_for_unreadable
+    from vidray.infer.predict import predict_videos, raise_for_unreadable
 
     if args.out:
         import ray
 
-        from vidray.batch_predict import predict_corpus
+        from vidray.infer.batch_predict import predict_corpus
 
         # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
         connected_before = ray.is_initialized()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ray
 
-from vidray.config import TrainConfig, VidrayConfig
+from vidray.config import TrainSettings, VidrayConfig
 from vidray.errors import UserError
 from vidray.storage import check_storage_for_cluster
 
@@ -115,7 +115,7 @@ def cluster_capacity() -> Capacity:
     )
 
 
-def check_run_resources(train: TrainConfig, capacity: Capacity, data_cpus: int = DATA_CPUS) -> None:
+def check_run_resources(train: TrainSettings, capacity: Capacity, data_cpus: int = DATA_CPUS) -> None:
     """Refuse a run whose Ray Train workers could never all be placed, or never be fed (it would wait forever).
 
     ``data_cpus``: CPUs Ray Data needs beside the workers: :data:`DATA_CPUS` when
@@ -144,7 +144,7 @@ def check_run_resources(train: TrainConfig, capacity: Capacity, data_cpus: int =
         )
 
 
-def derive_max_concurrent_trials(train: TrainConfig, capacity: Capacity, data_cpus: int = DATA_CPUS) -> int:
+def derive_max_concurrent_trials(train: TrainSettings, capacity: Capacity, data_cpus: int = DATA_CPUS) -> int:
     """How many trials' worker groups fit side by side; Tune would otherwise start every trial at once.
 
     Ray Train starts a run only when all its workers can be placed, so extra

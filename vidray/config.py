@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidray.errors import UserError
-from vidray.video import DecodeDevice, DecoderName
+from vidray.data.video import DecodeDevice, DecoderName
 
 
 class ConfigError(UserError):
@@ -26,7 +26,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DemoDataConfig(_Section):
+class DemoDataSettings(_Section):
     """The embedded synthetic dataset (``vidray demo-data``)."""
 
     classes: int = Field(8, ge=2, le=12)
@@ -34,7 +34,7 @@ class DemoDataConfig(_Section):
     seed: int = 0
 
 
-class DataConfig(_Section):
+class DataSettings(_Section):
     # Where raw videos come from: the built-in synthetic set, a
     # ROOT/{train,val,test}/<Class>/<video> folder, or COIN annotations.
     source: Literal["demo", "folder", "coin"] = "demo"
@@ -66,10 +66,10 @@ class DataConfig(_Section):
     # cuda: torchcodec decodes on the GPU's NVDEC, each decode task taking a quarter of a GPU.
     decoder_device: DecodeDevice = "cpu"
 
-    demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    demo: DemoDataSettings = Field(default_factory=DemoDataSettings)
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> "DataSettings":
         if self.stored_frames < self.frames:
             raise ValueError(
                 f"data.stored_frames ({self.stored_frames}) must be >= data.frames ({self.frames})"
@@ -87,7 +87,7 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelSettings(_Section):
     # Hub id or local directory of a VideoMAE checkpoint.
     name_or_path: str = "MCG-NJU/videomae-base-finetuned-kinetics"
     # ``scratch`` builds a randomly initialised model of ``size`` (demo, CPU tests).
@@ -105,7 +105,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> "ModelSettings":
         for key in ("patch_size", "tubelet_size"):
             if getattr(self, key) is not None and self.init == "pretrained":
                 raise ValueError(
@@ -115,7 +115,7 @@ class ModelConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainSettings(_Section):
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(32, ge=1)  # global, across all workers
     lr: float = Field(5e-5, gt=0)
@@ -140,9 +140,9 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     prefetch_batches: int = Field(2, ge=0)
-    # Rows of vidray's seeded shuffle buffer (vidray/ingest.py); 0 = every epoch in stored order.
+    # Rows of vidray's seeded shuffle buffer (vidray/train/ingest.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
-    # Where the decoded splits live during the run (vidray/ingest.py):
+    # Where the decoded splits live during the run (vidray/train/ingest.py):
     #   never  - re-read the Parquet shards every epoch (Ray Data streaming);
     #   always - read them once into Ray's object store, iterate them with Ray Data every epoch;
     #   device - also copy each worker's shard once into its device's memory (GPU memory, or the
@@ -162,8 +162,8 @@ class TrainConfig(_Section):
     checkpoint_in_background: bool = True
 
 
-class PretrainConfig(_Section):
-    """Masked-autoencoder pretraining (``vidray pretrain``, vidray/pretrain.py).
+class PretrainSettings(_Section):
+    """Masked-autoencoder pretraining (``vidray pretrain``, vidray/pretrain/run.py).
 
     How the run executes (workers, GPUs, failures, ingest, seed, gradient
     accumulation and clipping, flips) comes from ``train``; what it optimises from here.
@@ -188,7 +188,7 @@ class PretrainConfig(_Section):
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train"])
 
     @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
+    def _check(self) -> "PretrainSettings":
         if not self.splits:
             raise ValueError("pretrain.splits is empty; list at least one split, e.g. [train]")
         if len(set(self.splits)) != len(self.splits):
@@ -212,7 +212,7 @@ class SearchRange(_Section):
         return self
 
 
-class TuneConfig(_Section):
+class TuneSettings(_Section):
     # Grid over MixUp alpha; lr sampled log-uniformly; weight decay grid.
     mixup_alpha: list[float] = Field(default_factory=lambda: [0.0, 0.4])
     lr: SearchRange | list[float] = Field(default_factory=lambda: [5e-5])
@@ -224,26 +224,26 @@ class TuneConfig(_Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: derived from the cluster
-    # Views of the best model's held-out test (vidray.inference.Views): temporal clips (None: train.eval_clips)
+    # Views of the best model's held-out test (vidray.model.classifier.inference.Views): temporal clips (None: train.eval_clips)
     # x spatial crops (1: centre; 3: left, centre, right). The default is the view training validated with.
     test_clips: int | None = Field(None, ge=1)
     test_crops: Literal[1, 3] = 1
 
     @model_validator(mode="after")
-    def _check(self) -> "TuneConfig":
+    def _check(self) -> "TuneSettings":
         if any(a < 0 for a in self.mixup_alpha):
             raise ValueError("tune.mixup_alpha values must be >= 0")
         return self
 
 
-class WandbConfig(_Section):
+class WandbSettings(_Section):
     enabled: bool = False
     project: str = "vidray"
     # offline writes locally and sends nothing; online needs WANDB_API_KEY.
     mode: Literal["offline", "online", "disabled"] = "offline"
 
 
-class RunConfig(_Section):
+class RunSettings(_Section):
     name: str = "vidray"
     # Where runs and sweeps are kept: a local path or an s3:// / gs:// URI. The default is
     # absolute, Ray's own convention: `ray job submit --working-dir .` runs the job in a
@@ -255,7 +255,7 @@ class RunConfig(_Section):
     # The sweep's results table, figures and best model. None: <storage_path>/<name>/reports,
     # beside the runs (~/ray_results/<name>/reports when storage_path is a bucket).
     reports_dir: Path | None = None
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
 
     @field_validator("name")
     @classmethod
@@ -278,12 +278,12 @@ class RunConfig(_Section):
 
 
 class VidrayConfig(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

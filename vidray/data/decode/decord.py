@@ -1,0 +1,67 @@
+"""Decoding with decord, for users whose pipelines were built on it.
+
+decord applies the display-matrix rotation itself (its output size is the
+displayed one) but reports neither the rotation nor the sample aspect ratio,
+and it must be told the output size when the file is opened. So the geometry
+comes from a PyAV read of the container header and first frame
+(:func:`vidray.data.decode.pyav.probe_geometry`), which also tells a file that
+nothing decodes from one that breaks part-way: decord's read-ahead fails either
+way. This is the one backend that opens a file twice.
+
+decord seeks to the keyframe before each sample and decodes forward
+(``get_batch``); it cannot skip non-reference frames, so it decodes about
+twice what the PyAV backend does on B-frame footage (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import re
+
+import decord
+import numpy as np
+
+from vidray.data.decode.pyav import probe_geometry
+from vidray.data.video import CorruptVideoError, DecodedClip, NoFramesError, centre_crop, segment_indices
+
+
+def _message(err: BaseException) -> str:
+    # decord prefixes "[hh:mm:ss] /src/file.cc:123: "; keep only the message.
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^(\[[\d:]+\] \S+:\d+: )+", "", text)[:200]
+
+
+def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: int = 0) -> DecodedClip:
+    """Decode the clip (see :func:`vidray.data.video.read_clip`) with decord."""
+    geometry = probe_geometry(path)  # typed errors for files that are not videos or decode nothing
+    out_width, out_height = geometry.resize_displayed(stored_size)
+    try:
+        reader = decord.VideoReader(path, width=out_width, height=out_height, num_threads=num_threads)
+    except (decord.DECORDError, RuntimeError, AssertionError) as err:
+        raise CorruptVideoError(path, f"truncated or corrupt: decord cannot open it ({_message(err)})") from None
+    num_frames = len(reader)
+    if num_frames < 1:
+        raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
+    indices = segment_indices(num_frames, stored_frames).tolist()
+    try:
+        try:
+            frames = reader.get_batch(indices).asnumpy()
+        except decord.DECORDError as err:
+            if "size must exactly match" not in str(err):
+                raise
+            # decord 0.6 miscomputes its copy size for some small output sizes
+            # (e.g. 48x36): decode at the displayed size and resize here instead.
+            reader = decord.VideoReader(path, num_threads=num_threads)
+            frames = _resize(reader.get_batch(indices).asnumpy(), out_width, out_height)
+    except (decord.DECORDError, RuntimeError, AssertionError) as err:
+        raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
+    return DecodedClip(centre_crop(frames, stored_size), source_frames=num_frames, padded=num_frames < stored_frames)
+
+
+def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """RGB frames scaled to width x height by FFmpeg's swscale (the scaler decord itself uses)."""
+    import av
+
+    return np.stack(
+        [av.VideoFrame.from_ndarray(f, format="rgb24").to_ndarray(width=width, height=height, format="rgb24")
+         for f in frames]
+    )  # fmt: skip

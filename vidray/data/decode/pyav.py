@@ -1,0 +1,215 @@
+"""Decoding with PyAV (FFmpeg through Cython): vidray's default, the one that does the least work.
+
+One container, opened once, answers everything: the header gives the frame
+size and sample aspect ratio, one demux pass indexes the packets, the sampled
+frames are decoded (skipping what no sample needs, see :func:`_decode_samples`),
+and the first decoded frame carries the display matrix. When decoding fails,
+the same container is rewound to tell "nothing decodes" from "broken part-way".
+"""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+
+from vidray.data.video import (
+    CorruptVideoError,
+    DecodedClip,
+    Geometry,
+    NoFramesError,
+    NoVideoStreamError,
+    centre_crop,
+    quarter_turns,
+    rotate_frames,
+    sample_aspect,
+    segment_indices,
+    unopenable,
+)
+
+
+def _detail(err: BaseException) -> str:
+    return getattr(err, "strerror", None) or str(err)
+
+
+def open_video(path: str):
+    """(container, its first video stream); raises the VideoError that says why not."""
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as err:
+        raise unopenable(path, _detail(err)) from None
+    if not container.streams.video:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+        container.close()
+        raise NoVideoStreamError(path, f"no video stream (streams: {kinds})")
+    return container, container.streams.video[0]
+
+
+def coded_geometry(path: str, stream) -> Geometry:
+    """The header's frame size and sample aspect ratio (rotation 0: PyAV shows the
+    display matrix on decoded frames only, see :func:`first_frame_rotation`)."""
+    codec = stream.codec_context
+    width, height = int(codec.width or 0), int(codec.height or 0)
+    if width <= 0 or height <= 0:
+        raise CorruptVideoError(path, f"video stream reports no frame size ({width}x{height})")
+    return Geometry(width, height, 0, sample_aspect(stream.sample_aspect_ratio))
+
+
+def first_frame_rotation(container, stream, rewind: bool = False) -> int | None:
+    """Rotation of the first decodable frame (its display matrix), or None when no frame decodes.
+
+    ``rewind``: seek back to the start first (seeking also flushes the decoder),
+    so the same container answers after a failed decode too.
+    """
+    stream.codec_context.skip_frame = "DEFAULT"
+    try:
+        if rewind:
+            container.seek(0)
+        for frame in container.decode(stream):
+            return quarter_turns(frame.rotation)
+    except av.error.FFmpegError:
+        return None
+    return None
+
+
+def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: int = 0) -> DecodedClip:
+    """Decode the clip (see :func:`vidray.data.video.read_clip`) from one open container."""
+    container, stream = open_video(path)
+    with container:
+        geometry = coded_geometry(path, stream)
+        # Rotating after resizing: the short side is the short side either way, and
+        # rotating a 128-pixel frame is cheaper than rotating the source.
+        out_width, out_height = geometry.resize_before_rotation(stored_size)
+        progress = _Progress()
+        try:
+            frames, num_frames = _decode_samples(container, stream, stored_frames, out_width, out_height,
+                                                 num_threads, progress)  # fmt: skip
+        except (av.error.FFmpegError, _MissingFrames) as err:
+            # A decode error alone says neither "nothing decodes" nor "broken later on".
+            if progress.rotation is not None or first_frame_rotation(container, stream, rewind=True) is not None:
+                raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_detail(err)})") from None
+            raise NoFramesError(path, f"no decodable frames ({_detail(err)})") from None
+    if num_frames < 1:
+        raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
+    frames = centre_crop(rotate_frames(frames, progress.rotation or 0), stored_size)
+    return DecodedClip(frames, source_frames=num_frames, padded=num_frames < stored_frames)
+
+
+class _MissingFrames(Exception):
+    """The index promised frames that the decoder never produced."""
+
+
+class _Progress:
+    """What decoding has seen so far: the display rotation of the first decoded frame (None: none yet)."""
+
+    rotation: int | None = None
+
+    def saw(self, frame) -> None:
+        if self.rotation is None:
+            self.rotation = quarter_turns(frame.rotation)
+
+
+def _decode_samples(container, stream, count: int, width: int, height: int, num_threads: int,
+                    progress: _Progress) -> tuple[np.ndarray, int]:  # fmt: skip
+    """(``count`` frames at the segment centres resized to width x height, frames in the video).
+
+    One demux pass (no decoding) indexes the packets: display order from their
+    timestamps, and where the keyframes are. Then, for the samples in order,
+    the decoder seeks only when a keyframe lies between its position and the
+    next sample (else it decodes on), and is told to skip non-reference frames
+    that are not samples (``skip_frame=NONREF``, set per packet): no other frame
+    depends on them, so they need not be decoded. With B-frames (YouTube's
+    H.264) that is about half the frames; without, it changes nothing.
+    Packets without usable timestamps: decode everything in order instead.
+    """
+    codec = stream.codec_context
+    codec.thread_count, codec.thread_type = num_threads, "AUTO"
+    # (pts, keyframe) of every shown frame. Packets FFmpeg flags as discard (before an
+    # edit list's start) are decoded as references but never shown: not frames of the video.
+    shown = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
+    if not shown:
+        return np.zeros((0, height, width, 3), np.uint8), 0
+    samples = segment_indices(len(shown), count).tolist()
+    timestamps = [pts for pts, _ in shown]
+    if None in timestamps or len(set(timestamps)) != len(timestamps):
+        container.seek(0)
+        kept = _decode_in_order(container, stream, set(samples), width, height, progress)
+    else:
+        keyframes = {pts for pts, key in shown if key}
+        kept = _decode_by_timestamp(container, stream, sorted(timestamps), keyframes, samples, width, height, progress)
+    missing = sorted(set(samples) - set(kept))
+    if missing:
+        raise _MissingFrames(f"frame {missing[0]} of {len(shown)} never decoded")
+    return np.stack([kept[i] for i in samples]), len(shown)
+
+
+def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, width, height,
+                         progress: _Progress) -> dict[int, np.ndarray]:  # fmt: skip
+    index_of = {pts: i for i, pts in enumerate(timestamps)}
+    keyframe_indices = sorted(index_of[pts] for pts in keyframes) or [0]
+    wanted = set(samples)
+    wanted_pts = {timestamps[i] for i in wanted}
+    kept, position, frames = {}, -1, None
+    for target in sorted(wanted):
+        if target in kept:
+            continue
+        keyframe = max((k for k in keyframe_indices if k <= target), default=keyframe_indices[0])
+        if frames is None or keyframe > position:
+            container.seek(timestamps[keyframe], stream=stream, backward=True)
+            frames = _decoded_frames(stream.codec_context, container.demux(stream), wanted_pts)
+            position = keyframe - 1
+        for frame in frames:
+            progress.saw(frame)
+            index = index_of.get(frame.pts)
+            if index is None:
+                continue
+            position = max(position, index)
+            if index in wanted and index not in kept:
+                kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
+            if target in kept:
+                break
+    return kept
+
+
+def _decode_in_order(container, stream, wanted: set[int], width: int, height: int,
+                     progress: _Progress) -> dict[int, np.ndarray]:  # fmt: skip
+    kept = {}
+    for index, frame in enumerate(_decoded_frames(stream.codec_context, container.demux(stream))):
+        progress.saw(frame)
+        if index in wanted:
+            kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
+        if len(kept) == len(wanted):
+            break
+    return kept
+
+
+def _decoded_frames(codec, packets, wanted_pts: set | None = None):
+    """Frames decoded from ``packets``, then the decoder's delayed frames once they run out.
+
+    With ``wanted_pts``, every other packet goes in with ``skip_frame=NONREF``:
+    the decoder drops it unless later frames reference it.
+    """
+    for packet in packets:
+        if not packet.size:
+            continue  # the demuxer's end marker, or an empty (dropped-frame) packet: not a flush
+        if wanted_pts is not None:
+            codec.skip_frame = "DEFAULT" if packet.pts in wanted_pts else "NONREF"
+        yield from codec.decode(packet)
+    codec.skip_frame = "DEFAULT"
+    yield from codec.decode(None)
+
+
+def probe_geometry(path: str) -> Geometry:
+    """How the video displays (size, rotation, pixel aspect), from its header and first frame.
+
+    For decoders that need the geometry before they open the file (decord).
+    Raises the VideoError for files that are not videos, have no video stream
+    or no decodable frame.
+    """
+    container, stream = open_video(path)
+    with container:
+        geometry = coded_geometry(path, stream)
+        stream.codec_context.thread_count = 1  # one frame: threads would only add start-up
+        rotation = first_frame_rotation(container, stream)
+    if rotation is None:
+        raise NoFramesError(path, "no decodable frames (the first frame does not decode)")
+    return Geometry(geometry.coded_width, geometry.coded_height, rotation, geometry.sample_aspect_ratio)

@@ -1,0 +1,265 @@
+"""List videos and their labels into a manifest Parquet file (``vidray index``).
+
+Two sources:
+
+* a folder ``ROOT/{train,val,test}/<Class>/<video>`` (:func:`index_folder`, here);
+* COIN annotations + ``taxonomy_domains.csv`` + a folder of downloaded videos,
+  labelled with COIN's 12 domains or 180 tasks (:func:`vidray.data.coin.index_coin`).
+
+Both write the same manifest through :func:`write_manifest`.
+
+The manifest has one row per present video (columns in ``MANIFEST_SCHEMA``,
+contract in docs/design.md); the class list, in label order, sits in the
+Parquet schema metadata under ``vidray.classes``. Every video is probed for
+duration, frame rate, frame count and displayed size (rotation and pixel
+aspect applied) from container metadata and its first frame; a file that
+cannot be probed keeps its row with ``probe_error`` set, and preprocessing
+rejects it with the decoder's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vidray.data.dataset import SPLITS
+from vidray.errors import UserError
+
+# Preference order when one id exists with several extensions.
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv",
+    ".wmv", ".3gp", ".3g2", ".ts", ".mts", ".m2ts", ".ogv", ".vob", ".asf", ".mxf",
+)
+EXTENSION_RANK = {ext: rank for rank, ext in enumerate(VIDEO_EXTENSIONS)}
+
+CLASSES_KEY = b"vidray.classes"
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # absolute
+        ("video_id", pa.string()),
+        ("label", pa.string()),
+        ("label_index", pa.int64()),
+        ("split", pa.string()),
+        ("duration", pa.float64()),  # seconds
+        ("fps", pa.float64()),
+        ("num_frames", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("probe_error", pa.string()),
+    ]
+)
+_PROBE_FIELDS = ("duration", "fps", "num_frames", "width", "height", "probe_error")
+
+FOLDER_LAYOUT = "ROOT/{train,val,test}/<Class>/<video>"
+
+
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in EXTENSION_RANK
+
+
+# --- probing -----------------------------------------------------------------
+
+
+def probe_video(path: str | Path) -> dict[str, Any]:
+    """Duration, fps, frame count and displayed size from container metadata; never raises.
+
+    One open container: the header gives size, sample aspect ratio, rate and
+    duration; the first decoded frame its display matrix (PyAV shows it on
+    frames only), so ``width`` x ``height`` is what a player shows: a phone
+    clip coded 1280x720 and marked "rotate 90" is 720x1280. Containers without
+    a frame count in their header (mkv, webm) get one by demuxing packets,
+    which reads the file but decodes nothing more.
+    """
+    import av
+
+    from vidray.data.decode.pyav import coded_geometry, first_frame_rotation, open_video
+    from vidray.data.video import Geometry, VideoError, check_file
+
+    try:
+        check_file(str(path))
+        container, stream = open_video(str(path))
+        with container:
+            coded = coded_geometry(str(path), stream)
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            fps = float(rate) if rate else None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                duration = None
+            num_frames = stream.frames
+            stream.codec_context.thread_count = 1  # one frame: threads would only add start-up
+            rotation = first_frame_rotation(container, stream)
+            if not num_frames:
+                container.seek(0)
+                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+        if not num_frames:
+            raise ValueError("video stream has no frames")
+        if rotation is None:
+            raise ValueError("no decodable frames (the first frame does not decode)")
+        if duration is None and fps:
+            duration = num_frames / fps
+        width, height = Geometry(coded.coded_width, coded.coded_height, rotation, coded.sample_aspect_ratio).displayed_size
+    except Exception as err:  # any unreadable file becomes a recorded reason, never a crash
+        detail = f"{err.code}: {err.reason}" if isinstance(err, VideoError) else f"{type(err).__name__}: {err}"
+        reason = detail.replace("\n", " ")
+        return {"duration": None, "fps": None, "num_frames": None, "width": None, "height": None, "probe_error": reason}
+    return {
+        "duration": duration,
+        "fps": fps,
+        "num_frames": int(num_frames),
+        "width": int(width),
+        "height": int(height),
+        "probe_error": None,
+    }
+
+
+def probe_rows(rows: list[dict[str, Any]], probe: bool) -> None:
+    if not probe:
+        for row in rows:
+            row.update(dict.fromkeys(_PROBE_FIELDS))
+        return
+    # Opening a container is mostly I/O wait (and FFmpeg drops the GIL): threads overlap it.
+    with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
+        for row, info in zip(rows, pool.map(probe_video, [row["path"] for row in rows])):
+            row.update(info)
+
+
+# --- manifest I/O ------------------------------------------------------------
+
+
+def write_manifest(rows: list[dict[str, Any]], classes: list[str], out: Path) -> Path:
+    """Write rows atomically (temporary file + rename) with the class list in the schema metadata."""
+    out = Path(out)
+    schema = MANIFEST_SCHEMA.with_metadata({CLASSES_KEY: json.dumps(classes).encode()})
+    table = pa.Table.from_pylist(rows, schema=schema)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def read_manifest(path: str | Path):
+    """``(pandas.DataFrame, classes)`` of a manifest written by ``vidray index``.
+
+    Integer columns with nulls (unprobed videos) come back as float64, as usual in pandas.
+    """
+    path = Path(path)
+    fix = f"run `vidray index folder ROOT --out {path}` or `vidray index coin ... --out {path}`"
+    if not path.is_file():
+        raise UserError(f"manifest {path} not found: {fix}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"manifest {path} is not a readable Parquet file ({err}): {fix}") from None
+    raw_classes = (table.schema.metadata or {}).get(CLASSES_KEY)
+    if raw_classes is None:
+        raise UserError(f"manifest {path} has no {CLASSES_KEY.decode()} metadata (not written by vidray index): {fix}")
+    try:
+        classes = json.loads(raw_classes)
+    except json.JSONDecodeError:
+        classes = None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
+        raise UserError(f"manifest {path}: {CLASSES_KEY.decode()} metadata is not a JSON list of class names: {fix}")
+    absent = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    if absent:
+        raise UserError(f"manifest {path} lacks column(s) {', '.join(absent)}: {fix}")
+    frame = table.to_pandas()
+    bad = frame[(frame["label_index"] < 0) | (frame["label_index"] >= len(classes))]
+    if len(bad):
+        index = int(bad["label_index"].iloc[0])
+        raise UserError(f"manifest {path}: label_index {index} is outside the {len(classes)} classes: {fix}")
+    return frame, classes
+
+
+def manifest_summary(rows: list[dict[str, Any]], classes: list[str], out: Path) -> dict[str, Any]:
+    per_class = Counter(row["label"] for row in rows)
+    per_split = Counter(row["split"] for row in rows)
+    probe_errors = [row for row in rows if row.get("probe_error")]
+    return {
+        "manifest": str(out),
+        "classes": classes,
+        "present": len(rows),
+        "per_class": {name: per_class.get(name, 0) for name in classes},
+        "per_split": {split: per_split.get(split, 0) for split in SPLITS},
+        "probe_errors": len(probe_errors),
+        "probe_error_examples": [f"{row['path']}: {row['probe_error']}" for row in probe_errors[:5]],
+    }
+
+
+# --- folder ------------------------------------------------------------------
+
+
+def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
+    """Index ``ROOT/{train,val,test}/<Class>/<video>``; write the manifest to ``out``.
+
+    Classes are the sorted union of class folder names over all splits (an
+    empty class folder still gets a label index). Files that are not videos
+    (by extension, case-insensitive), anything nested deeper and anything
+    outside the split folders are ignored and counted. ``video_id`` is the
+    path below ROOT without extension, unique even when file names repeat.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"video folder {root} does not exist (expected layout {FOLDER_LAYOUT})")
+    split_dirs = {split: root / split for split in SPLITS if (root / split).is_dir()}
+    if not split_dirs:
+        found = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
+        raise UserError(
+            f"video folder {root} has no train/, val/ or test/ subfolder (found: {found}); "
+            f"expected layout {FOLDER_LAYOUT}"
+        )
+
+    ignored = [p for p in root.iterdir() if p.name not in split_dirs]
+    class_dirs: list[tuple[str, Path]] = []
+    for split, split_dir in split_dirs.items():
+        for entry in sorted(split_dir.iterdir()):
+            if entry.is_dir():
+                class_dirs.append((split, entry))
+            else:
+                ignored.append(entry)
+    classes = sorted({class_dir.name for _, class_dir in class_dirs})
+
+    rows = []
+    for split, class_dir in class_dirs:
+        for path in sorted(class_dir.iterdir()):
+            if not (path.is_file() and is_video_file(path)):
+                ignored.append(path)
+                continue
+            rows.append(
+                {
+                    "path": os.path.abspath(path),
+                    "video_id": path.relative_to(root).with_suffix("").as_posix(),
+                    "label": class_dir.name,
+                    "label_index": classes.index(class_dir.name),
+                    "split": split,
+                }
+            )
+    if not rows:
+        raise UserError(
+            f"no video files under {root} (looked for {', '.join(VIDEO_EXTENSIONS[:6])}, ... "
+            f"in {FOLDER_LAYOUT})"
+        )
+
+    probe_rows(rows, probe)
+    write_manifest(rows, classes, out)
+    summary = manifest_summary(rows, classes, out)
+    summary.update(
+        selected=len(rows),
+        missing=0,
+        ignored=len(ignored),
+        ignored_examples=[str(p) for p in ignored[:5]],
+    )
+    return summary

@@ -1,0 +1,107 @@
+"""Config -> a ready dataset directory: generate, index and preprocess as needed.
+
+``train`` and ``tune`` call :func:`prepare_dataset` first. Every step is
+cheap when its output is already current, so calling it again costs little:
+
+* ``demo``: generate the synthetic videos into ``data.videos_dir`` if that
+  folder is absent or empty, index it when the manifest is older than the
+  folder, preprocess (resumable, finished shards are reused).
+* ``folder``: index ``data.videos_dir`` when the manifest is older than any
+  file or folder in it, then preprocess.
+* ``coin``: always re-index (reading the annotations is quick, and
+  ``data.min_duration`` / ``data.max_duration`` may have changed; an
+  unchanged manifest reuses every shard), then preprocess.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
+from vidray.data.preprocess import preprocess
+
+FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
+COIN_VIDEOS_HINT = "downloaded COIN videos as DIR/<recipe_type>/<youtube_id>.mp4 or DIR/<youtube_id>.mp4"
+
+
+def _newest_mtime_ns(root: Path) -> int:
+    # A folder's mtime changes when entries are added, removed or renamed in it;
+    # a file's when it is rewritten. Together they catch every change that matters.
+    newest = root.stat().st_mtime_ns
+    for directory, _, files in os.walk(root):
+        newest = max(newest, os.stat(directory).st_mtime_ns)
+        for name in files:
+            try:
+                newest = max(newest, os.stat(os.path.join(directory, name)).st_mtime_ns)
+            except OSError:
+                pass  # a dangling link; indexing will say what is wrong with it
+    return newest
+
+
+def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
+    return not manifest.is_file() or manifest.stat().st_mtime_ns < _newest_mtime_ns(videos_dir)
+
+
+def _ensure_demo_videos(data: DataSettings) -> None:
+    from vidray.data.demo import DEMO_CLASSES, generate_demo_videos
+
+    videos_dir, demo = data.videos_dir, data.demo
+    if not videos_dir.exists() or (videos_dir.is_dir() and not any(videos_dir.iterdir())):
+        generate_demo_videos(videos_dir, classes=demo.classes, videos_per_class=demo.videos_per_class, seed=demo.seed)
+        return
+    # Existing videos must be the set data.demo describes; silently training on
+    # another set (fewer classes, say) would be worse than stopping.
+    classes = sorted({p.parent.name for p in videos_dir.glob("*/*/*.mp4")})
+    count = len(list(videos_dir.glob("*/*/*.mp4")))
+    wanted = sorted(DEMO_CLASSES[: demo.classes])
+    if classes != wanted or count != demo.classes * demo.videos_per_class:
+        raise ConfigError(
+            f"data.videos_dir {videos_dir} holds {count} videos of {len(classes)} classes, but data.demo asks for "
+            f"{demo.classes} classes x {demo.videos_per_class} videos: delete the folder to regenerate it, "
+            "or set data.videos_dir to an empty path"
+        )
+
+
+def prepare_dataset(cfg: VidrayConfig) -> str:
+    """Make ``cfg.data.dataset_dir`` current for ``cfg.data`` and return it."""
+    from vidray.data.coin import index_coin
+    from vidray.data.index import index_folder
+
+    data = cfg.data
+    if data.source == "demo":
+        _ensure_demo_videos(data)
+        if manifest_is_stale(data.manifest, data.videos_dir):
+            index_folder(data.videos_dir, data.manifest)
+    elif data.source == "folder":
+        require_file(data.videos_dir, "data.videos_dir", FOLDER_HINT)
+        if manifest_is_stale(data.manifest, data.videos_dir):
+            index_folder(data.videos_dir, data.manifest)
+    else:
+        if not data.annotations:
+            raise ConfigError("data.annotations is not set (list COIN annotation JSON files, e.g. [COIN.json])")
+        for index, annotation_file in enumerate(data.annotations):
+            require_file(annotation_file, f"data.annotations[{index}]", "a COIN annotation JSON file")
+        taxonomy = require_file(data.taxonomy, "data.taxonomy", "COIN's taxonomy_domains.csv")
+        require_file(data.videos_dir, "data.videos_dir", COIN_VIDEOS_HINT)
+        index_coin(
+            annotations=list(data.annotations),
+            taxonomy=taxonomy,
+            videos_dir=data.videos_dir,
+            out=data.manifest,
+            min_duration=data.min_duration,
+            max_duration=data.max_duration,
+            labels=data.coin_labels,
+        )
+    preprocess(
+        data.manifest,
+        data.dataset_dir,
+        frames=data.frames,
+        size=data.size,
+        stored_frames=data.stored_frames,
+        stored_size=data.stored_size,
+        videos_per_shard=data.videos_per_shard,
+        decoder=data.decoder,
+        decoder_device=data.decoder_device,
+    )
+    return data.dataset_dir

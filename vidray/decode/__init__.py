@@ -1,8 +1,0 @@
-"""One module per decoding library, each with ``read_samples(path, stored_frames, stored_size, ...)``.
-
-They are called through :func:`vidray.video.read_clip`, which picks one by name
-(``data.decoder``). Every module does the same thing with its library: sample
-the segment centres, apply rotation and sample aspect ratio, resize the short
-side, centre-crop, and turn the library's failures into
-:class:`vidray.video.VideoError` categories.
-"""

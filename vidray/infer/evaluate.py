@@ -1,0 +1,309 @@
+"""Evaluate a checkpoint on one split of a preprocessed dataset.
+
+By default the views are the ones training validated with (evenly spaced
+frames, centre crop, ``train.eval_clips`` clips averaged in logit space), so
+the numbers agree with the ``val_*`` metrics the checkpoint was saved with;
+``clips`` x ``crops`` (:class:`vidray.model.inference.Views`, e.g. 5 x 3 as published
+numbers use) change that, and ``metrics.json`` names the protocol of its numbers.
+The split is read shard by shard with plain pyarrow: evaluation is one
+process, and a split of stored clips fits through it quickly.
+
+Writes into ``out_dir``:
+
+* ``metrics.json``: :func:`vidray.train.metrics.metrics_from_confusion` plus what was evaluated
+* ``per_class.csv`` and ``per_class.md``: precision, recall, F1, support per class
+* ``confusion_matrix.png``: rows normalised to recall, raw counts annotated
+* ``predictions.csv``: video_id, path, true and predicted label, confidence
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from vidray.errors import UserError
+from vidray.model.inference import Views
+from vidray.train.metrics import confusion_matrix, metrics_from_confusion
+
+logger = logging.getLogger(__name__)
+
+# Annotate confusion-matrix cells with counts up to this many classes; beyond, the text is unreadable.
+ANNOTATE_MAX_CLASSES = 30
+
+
+def _split_batches(dataset_dir: str, dataset, split: str, batch_size: int) -> Iterator[dict[str, list]]:
+    """Record batches (as Python lists) of one split's shards, in the order dataset.json lists them."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from vidray.data.dataset import split_uri
+    from vidray.storage import join_uri, open_filesystem
+
+    fs, root = open_filesystem(dataset_dir)
+    listed = dataset.raw.get("shards")  # "split/shard-<id>.parquet", written by preprocess
+    if listed is not None:
+        shards = [join_uri(root, name) for name in listed if name.startswith(f"{split}/")]
+    else:  # a dataset.json that does not list its shards: every Parquet file of the split
+        _, split_root = open_filesystem(split_uri(dataset_dir, split))
+        entries = fs.get_file_info(pafs.FileSelector(split_root, allow_not_found=True))
+        shards = sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
+    if not shards:
+        raise UserError(f"split {split!r} of {dataset_dir} holds no Parquet shards; re-run `vidray preprocess`")
+    for shard in shards:
+        try:
+            f = fs.open_input_file(shard)
+        except FileNotFoundError:
+            raise UserError(f"{shard} is listed in {dataset_dir}/dataset.json but missing; re-run `vidray preprocess`") from None
+        with f:
+            reader = pq.ParquetFile(f)
+            for batch in reader.iter_batches(batch_size=batch_size, columns=["video", "label", "video_id", "path"]):
+                yield batch.to_pydict()
+
+
+def _check_compatible(shape, dataset, dataset_dir: str, split: str, checkpoint: Path) -> None:
+    if list(dataset.classes) != list(shape.classes):
+        raise UserError(
+            f"{dataset_dir}/dataset.json classes {dataset.classes} do not match the checkpoint's labels "
+            f"{shape.classes} ({checkpoint}); evaluate on a dataset preprocessed from the same class list"
+        )
+    if dataset.split_counts.get(split, 0) == 0:
+        available = ", ".join(s for s, n in dataset.split_counts.items() if n) or "none"
+        raise UserError(f"split {split!r} of {dataset_dir} holds no videos (splits with videos: {available})")
+    if dataset.stored_frames < shape.frames or dataset.stored_size < shape.size:
+        raise UserError(
+            f"{dataset_dir} stores {dataset.stored_frames} frames of {dataset.stored_size}px but the model eats "
+            f"{shape.frames} frames of {shape.size}px; preprocess with at least that many frames and pixels"
+        )
+    if (dataset.stored_frames, dataset.stored_size) != (shape.stored_frames, shape.stored_size):
+        logger.warning(
+            "%s stores %d frames of %dpx, the model was trained on %d frames of %dpx: "
+            "the centre crop sees a different field of view than in training",
+            dataset_dir, dataset.stored_frames, dataset.stored_size, shape.stored_frames, shape.stored_size,
+        )
+
+
+def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, shape, views: Views, device,
+                 shuffle: torch.Generator | None = None, orders: int = 1) -> Iterator[tuple[dict[str, list], torch.Tensor]]:
+    """(record batch, view-averaged logits on the CPU) for every batch of ``split``.
+
+    With ``shuffle``, each clip's frames are put in random order, ``orders`` times
+    with fresh orders, and the logits averaged: what the model predicts once
+    frame order is gone, with little noise from any one order.
+    """
+    from vidray.data.dataset import videos_from_bytes
+    from vidray.model.inference import clip_outputs
+
+    for batch in _split_batches(dataset_dir, dataset, split, batch_size):
+        try:
+            # A writable copy: the stacked array is a view of immutable bytes.
+            videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape).copy()).to(device)
+        except ValueError as err:
+            raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
+        runs = [clip_outputs(model, videos, frames=shape.frames, size=shape.size, views=views, shuffle=shuffle)[0]
+                for _ in range(orders if shuffle is not None else 1)]
+        yield batch, torch.stack(runs).mean(0).cpu()
+
+
+# Random frame orders per clip in the frame-order control; their logits are averaged.
+CONTROL_ORDERS = 8
+
+
+@torch.no_grad()
+def frame_order_control(
+    checkpoint: Path, dataset_dir: str, split: str, pairs: list[tuple[int, int]] | None = None,
+    batch_size: int = 16, seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy of ``checkpoint`` on ``split`` with frames in order and with each clip's frames shuffled.
+
+    Shuffling keeps every frame and destroys time, so the gap between the two
+    is what the model owes to frame order. ``pairs`` (class index pairs that
+    are time-reversals of each other, e.g. the demo's) add the accuracy within
+    pairs: among videos predicted inside their own pair, the share whose
+    direction is right. An order-blind model is at chance there, 0.5.
+    """
+    from vidray.model.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
+    from vidray.data.dataset import read_dataset_info
+    from vidray.model.inference import inference_device
+    from vidray.model.classifier import to_device
+
+    model, info = load_trained_model(checkpoint)
+    shape = clip_shape_of(info)
+    dataset = read_dataset_info(dataset_dir)
+    _check_compatible(shape, dataset, dataset_dir, split, Path(checkpoint))
+    device = inference_device()
+    to_device(model, device)
+    confusions = {}
+    for name, shuffle in (("in_order", None), ("shuffled", torch.Generator().manual_seed(seed))):
+        y_true, y_pred = [], []
+        for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape,
+                                          Views(eval_clips_of(info)), device, shuffle=shuffle, orders=CONTROL_ORDERS):
+            y_true += batch["label"]
+            y_pred += logits.argmax(-1).tolist()
+        confusions[name] = confusion_matrix(y_true, y_pred, len(shape.classes))
+    result: dict[str, Any] = {"split": split, "orders": CONTROL_ORDERS, "chance": 1 / len(shape.classes)}
+    for name, confusion in confusions.items():
+        result[f"{name}_accuracy"] = float(np.trace(confusion) / max(confusion.sum(), 1))
+        if pairs:
+            result[f"{name}_pair_accuracy"] = pair_accuracy(confusion, pairs)
+    if pairs:
+        result.update(chance_within_pairs=0.5, pairs=[[shape.classes[a], shape.classes[b]] for a, b in pairs])
+    return result
+
+
+def pair_accuracy(confusion: np.ndarray, pairs: list[tuple[int, int]]) -> float:
+    """Among videos of paired classes predicted inside their own pair: how often the member is right."""
+    confusion = np.asarray(confusion)
+    right = sum(confusion[a, a] + confusion[b, b] for a, b in pairs)
+    within = sum(confusion[np.ix_([a, b], [a, b])].sum() for a, b in pairs)
+    return float(right / within) if within else 0.0
+
+
+@torch.no_grad()
+def evaluate_checkpoint(
+    checkpoint: Path,
+    dataset_dir: str,
+    split: str = "val",
+    out_dir: Path = Path("reports/eval"),
+    batch_size: int = 8,
+    clips: int | None = None,
+    crops: int = 1,
+) -> dict[str, Any]:
+    """Metrics of ``checkpoint`` on ``split`` of ``dataset_dir``; writes the reports into ``out_dir``.
+
+    ``clips`` defaults to the ``train.eval_clips`` the checkpoint was trained
+    with, ``crops`` to the centre crop: the view training validated with. Returns the
+    metrics dict written to ``metrics.json`` (with ``protocol``) plus ``files``.
+    """
+    from vidray.model.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
+    from vidray.data.dataset import read_dataset_info
+    from vidray.model.inference import inference_device
+    from vidray.model.classifier import to_device
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    checkpoint = Path(checkpoint)
+    model, info = load_trained_model(checkpoint)
+    shape = clip_shape_of(info)
+    dataset = read_dataset_info(dataset_dir)
+    _check_compatible(shape, dataset, dataset_dir, split, checkpoint)
+    classes = shape.classes
+    views = Views(eval_clips_of(info) if clips is None else clips, crops)
+    device = inference_device()
+    to_device(model, device)  # with its position table: no copy of it in every forward
+
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    rows: list[dict[str, Any]] = []
+    loss_sum = 0.0
+    for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape, views, device):
+        labels = torch.tensor(batch["label"], dtype=torch.int64)
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        probs = logits.softmax(-1)
+        confidence, predicted = probs.max(-1)
+        y_true += batch["label"]
+        y_pred += predicted.tolist()
+        for video_id, path, label, guess, score in zip(
+            batch["video_id"], batch["path"], batch["label"], predicted.tolist(), confidence.tolist()
+        ):
+            rows.append(
+                {
+                    "video_id": video_id,
+                    "path": path,
+                    "label": classes[label],
+                    "predicted": classes[guess],
+                    "confidence": round(score, 6),
+                    "correct": label == guess,
+                }
+            )
+
+    if not y_true:
+        raise UserError(f"the shards of split {split!r} of {dataset_dir} hold no rows; re-run `vidray preprocess`")
+    confusion = confusion_matrix(y_true, y_pred, len(classes))
+    metrics = metrics_from_confusion(confusion, classes)
+    metrics.update(
+        loss=loss_sum / max(len(y_true), 1),
+        checkpoint=str(checkpoint.resolve()),
+        checkpoint_epoch=info.get("epoch"),
+        dataset_dir=str(dataset_dir),
+        split=split,
+        eval_clips=views.clips,
+        eval_crops=views.crops,
+        protocol=views.describe(),
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "metrics": out_dir / "metrics.json",
+        "per_class_csv": out_dir / "per_class.csv",
+        "per_class_md": out_dir / "per_class.md",
+        "confusion_png": out_dir / "confusion_matrix.png",
+        "predictions": out_dir / "predictions.csv",
+    }
+    files["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
+    write_per_class_csv(metrics, files["per_class_csv"])
+    files["per_class_md"].write_text(per_class_markdown(metrics))
+    plot_confusion(confusion, classes, files["confusion_png"], title=f"{split}: {checkpoint.name}")
+    with open(files["predictions"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {**metrics, "files": {k: str(v) for k, v in files.items()}}
+
+
+def write_per_class_csv(metrics: dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        for name, m in metrics["per_class"].items():
+            writer.writerow([name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", m["support"]])
+
+
+def per_class_markdown(metrics: dict[str, Any]) -> str:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, m in metrics["per_class"].items():
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    total = metrics["num_samples"]
+    lines.append(
+        f"| **macro avg** | {metrics['macro_precision']:.3f} | {metrics['macro_recall']:.3f} | "
+        f"{metrics['macro_f1']:.3f} | {total} |"
+    )
+    lines.append(f"| **accuracy (= micro P/R/F1)** | | | {metrics['accuracy']:.3f} | {total} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
+    """Rows normalised to sum 1 (the diagonal is per-class recall); cells annotated with raw counts."""
+    from vidray.figures import SEQUENTIAL_CMAP, new_figure, save_figure
+
+    confusion = np.asarray(confusion)
+    k = len(classes)
+    support = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
+
+    side = max(4.0, 0.5 * k + 2.5)
+    fig = new_figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), labels=[f"{c} ({int(n)})" for c, n in zip(classes, support[:, 0])])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (support)")
+    if k <= ANNOTATE_MAX_CLASSES:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(
+                        j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if normalised[i, j] > 0.5 else "black",
+                    )
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    ax.set_title(f"{title}  (accuracy {accuracy:.3f}, n={int(confusion.sum())})".strip())
+    return save_figure(fig, path)

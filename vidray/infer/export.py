@@ -1,0 +1,393 @@
+"""A trained checkpoint as a self-contained Hugging Face model directory.
+
+``vidray export --checkpoint C --out DIR`` writes::
+
+    DIR/
+      config.json                     id2label / label2id, num_frames, image_size
+      model.safetensors
+      video_preprocessor_config.json  VideoMAEVideoProcessor: frames over the whole video, resize,
+                                      centre crop, mean/std as in evaluation (what the pipeline uses)
+      preprocessor_config.json        VideoMAEImageProcessor, the same spatial transform, for clients
+                                      without torchvision (the pipeline then reads the first frames)
+      vidray.json                     data shape, eval clips, source checkpoint, its epoch and metrics
+      modeling_vidray_videomae.py     only when the position table was interpolated (see below)
+
+so that ``transformers.pipeline("video-classification", model=DIR)`` and
+``vidray predict --model DIR`` both load it.
+
+Preprocessing. vidray decodes ``stored_frames`` frames at the centres of
+equal segments of the video, short side resized to ``stored_size``, centre
+crop; evaluation then takes ``frames`` of them, evenly strided and centred in
+each stride, and centre-crops ``size`` (:func:`vidray.train.augment.eval_transform`).
+The video processor is transformers' stock ``VideoMAEVideoProcessor`` (no
+custom code) with ``do_sample_frames`` and ``num_frames = frames``: the pipeline
+decodes ``frames`` frames spread over the whole video, resizes the short side to
+``stored_size`` (bilinear) and centre-crops ``size``, normalised with the
+ImageNet mean/std of :mod:`vidray.train.augment`. What transformers cannot express is
+where in each of the ``frames`` equal segments the frame is taken: transformers
+takes each segment's first frame (``i * N // frames``), vidray a frame later
+in the segment (:func:`vidray_frame_positions`); :data:`SAMPLING_DIFFERENCES`
+lists this and the smaller differences, and the model card repeats them.
+
+Position table. When training interpolated the pretrained sinusoid table to a
+new token grid (``vidray_pos_embed_grid`` in config.json, see
+:mod:`vidray.model.classifier`), stock ``VideoMAEForVideoClassification`` would rebuild
+HF's plain 1-D table on load and silently predict with a table the model never
+saw. Such exports get ``model_type: vidray_videomae`` and a small custom-code
+module (``auto_map``) that rebuilds the interpolated table, so they load with
+``pipeline(..., trust_remote_code=True)`` and refuse to load without it
+instead of loading wrong (transformers has no option for such a table:
+huggingface/transformers#30579). The processors stay stock either way.
+Exports without an interpolated table are plain ``videomae`` models.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vidray.train.augment import MEAN, STD
+from vidray.model.checkpoint import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
+from vidray.data.dataset import ClipShape
+from vidray.errors import UserError
+from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, token_grid
+from vidray.data.video import segment_indices
+
+CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
+
+# Self-contained (torch + transformers only): the export directory must not need vidray installed.
+# tests/test_export_predict.py checks the table it builds equals vidray.model.classifier.interpolate_position_table.
+CUSTOM_CODE = '''\
+"""VideoMAE fine-tuned by vidray with its sinusoid position table resized from the
+token grid it was pretrained on (``vidray_pos_embed_grid``) to the grid it runs at.
+
+Stock VideoMAE rebuilds a 1-D sinusoid table for the current token count, which
+is not the table this model was trained with; this class rebuilds the right one.
+"""
+
+import torch.nn.functional as F
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
+try:
+    # transformers >= 5 renames VideoMAE's saved q_bias/v_bias on load by model_type, and applies
+    # no renaming to custom-code classes unless it is registered for them.
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    register_checkpoint_conversion_mapping(
+        "vidray_videomae", get_checkpoint_conversion_mapping("videomae"), overwrite=True
+    )
+except ImportError:  # transformers 4 loads q_bias/v_bias as they are saved
+    pass
+
+
+class VidrayVideoMAEConfig(VideoMAEConfig):
+    model_type = "vidray_videomae"
+
+
+def _side(value):
+    return value if isinstance(value, int) else value[0]
+
+
+class VidrayVideoMAEForVideoClassification(VideoMAEForVideoClassification):
+    config_class = VidrayVideoMAEConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        source = tuple(config.vidray_pos_embed_grid)
+        cells = _side(config.image_size) // _side(config.patch_size)
+        target = (config.num_frames // config.tubelet_size, cells, cells)
+        hidden = config.hidden_size
+        table = get_sinusoid_encoding_table(source[0] * source[1] * source[2], hidden)
+        grid = table.reshape(1, *source, hidden).permute(0, 4, 1, 2, 3)
+        grid = F.interpolate(grid, size=target, mode="trilinear", align_corners=False)
+        self.videomae.embeddings.position_embeddings = grid.permute(0, 2, 3, 4, 1).reshape(1, -1, hidden).contiguous()
+'''
+
+
+def _image_processor_class():
+    try:  # transformers 5: the PIL backend needs no torchvision (AutoImageProcessor picks it when absent)
+        from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+
+        return VideoMAEImageProcessorPil
+    except ImportError:  # transformers 4: the default processor is the PIL/numpy one
+        from transformers import VideoMAEImageProcessor
+
+        return VideoMAEImageProcessor
+
+
+def image_processor_for(data: dict[str, Any]):
+    """The VideoMAE image processor that reproduces evaluation's spatial transform for ``data``."""
+    return _image_processor_class()(
+        do_resize=True,
+        size={"shortest_edge": int(data["stored_size"])},
+        resample=2,  # PIL bilinear
+        do_center_crop=True,
+        crop_size={"height": int(data["size"]), "width": int(data["size"])},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(MEAN),
+        image_std=list(STD),
+    )
+
+
+VIDEO_PROCESSOR_FILE = "video_preprocessor_config.json"
+
+
+def video_processor_config(data: dict[str, Any]) -> dict[str, Any]:
+    """transformers' ``VideoMAEVideoProcessor`` settings that reproduce evaluation's input for ``data``.
+
+    Written as JSON, not through the class: the class needs torchvision, which
+    vidray itself does not (tests/test_pipeline_parity.py loads it with
+    ``AutoVideoProcessor`` where torchvision is installed and checks every value).
+    """
+    return {
+        "video_processor_type": "VideoMAEVideoProcessor",
+        # Frames over the whole video: i * N // num_frames (transformers' default_sample_indices_fn).
+        "do_sample_frames": True,
+        "num_frames": int(data["frames"]),
+        "fps": None,
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": int(data["stored_size"])},
+        "default_to_square": False,
+        "resample": 2,  # bilinear
+        "do_center_crop": True,
+        "crop_size": {"height": int(data["size"]), "width": int(data["size"])},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(MEAN),
+        "image_std": list(STD),
+    }
+
+
+def vidray_frame_positions(num_frames: int, data: dict[str, Any]) -> list[int]:
+    """The source frames vidray's evaluation view shows the model for a video of ``num_frames`` frames:
+    ``stored_frames`` segment centres, then ``frames`` of those, centred in each stride
+    (read_clip then eval_transform with one clip)."""
+    stored = segment_indices(num_frames, int(data["stored_frames"]))
+    stride = int(data["stored_frames"]) / int(data["frames"])
+    picked = [min(int((j + 0.5) * stride), len(stored) - 1) for j in range(int(data["frames"]))]
+    return [int(stored[k]) for k in picked]
+
+
+def pipeline_frame_positions(num_frames: int, frames: int) -> list[int]:
+    """The source frames transformers' video processor samples (``default_sample_indices_fn``)."""
+    return [i * num_frames // frames for i in range(frames)]
+
+
+def _segment_phase(data: dict[str, Any]) -> float:
+    """Where in each of the ``frames`` equal segments of a long video vidray takes its frame (0: start, 1: end)."""
+    stored, frames = int(data["stored_frames"]), int(data["frames"])
+    return (int(0.5 * stored / frames) + 0.5) / (stored / frames)
+
+
+def sampling_differences(data: dict[str, Any]) -> list[str]:
+    """What still differs between ``pipeline(...)`` with the exported video processor and vidray's evaluation view."""
+    phase = _segment_phase(data)
+    return [
+        f"Frame position: both split the video into {data['frames']} equal segments and take one frame from each; "
+        f"transformers takes each segment's first frame (frame i*N//{data['frames']} of N), vidray the frame "
+        f"{phase:.2f} of the way into it (the centre of one of its {data['stored_frames']} stored segments). "
+        "A shift of that fraction of a segment, in the same order: transformers has no option for a sampling offset.",
+        "Short videos: a video with fewer frames than the model's "
+        f"{data['frames']} makes transformers raise; vidray repeats frames evenly.",
+        "Display rotation and non-square pixels: vidray shows frames as a player does (rotated by the display "
+        "matrix, pixels stretched); transformers' decoder (torchcodec) uses the coded frames.",
+        "Resize filter: vidray resizes in the decoder (FFmpeg's swscale, bilinear); transformers with torchvision "
+        "(bilinear, antialiased), and it rounds the long side down where vidray rounds it to nearest: pixel values "
+        "differ by a few grey levels.",
+        "Views: vidray's evaluation may average several temporal clips (train.eval_clips); the pipeline runs one.",
+    ]
+
+
+def _write_custom_code(directory: Path) -> None:
+    (directory / CUSTOM_CODE_FILE).write_text(CUSTOM_CODE)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    module = CUSTOM_CODE_FILE.removesuffix(".py")
+    config["model_type"] = CUSTOM_MODEL_TYPE
+    config["auto_map"] = {
+        "AutoConfig": f"{module}.VidrayVideoMAEConfig",
+        "AutoModelForVideoClassification": f"{module}.VidrayVideoMAEForVideoClassification",
+    }
+    config["architectures"] = ["VidrayVideoMAEForVideoClassification"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _is_export(directory: Path) -> bool:
+    # A training checkpoint also has vidray.json; only an export records where it came from.
+    try:
+        return "exported_from" in json.loads((directory / INFO).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoint`` (a `vidray train` checkpoint or an earlier export) to ``out``; returns ``out``.
+
+    ``held_out``: metrics of the model on a held-out split (vidray.infer.evaluate's
+    metrics.json), for the model card. ``out`` must be new, empty, or an
+    earlier export (replaced). The directory is written beside ``out`` and
+    moved into place at the end, so a failed export never leaves a
+    half-written model under the real name.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.resolve() == checkpoint.resolve():
+        raise UserError(f"--out {out} is the checkpoint itself; pass a new directory")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+        raise UserError(f"--out {out} exists and is not an earlier vidray export; pass a new or empty directory")
+    model, info = load_trained_model(checkpoint)
+    data = info["data"]
+
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    with quiet_progress_bars():
+        model.save_pretrained(staging, safe_serialization=True)
+    image_processor_for(data).save_pretrained(staging)
+    (staging / VIDEO_PROCESSOR_FILE).write_text(json.dumps(video_processor_config(data), indent=2, sort_keys=True) + "\n")
+    pos_grid = getattr(model.config, POS_GRID_KEY, None)
+    if pos_grid:
+        _write_custom_code(staging)
+    config = info.get("config") or {}
+    export_info = {
+        "data": ClipShape.from_dict(data).as_dict(),
+        "config": config if config.get("model") else {"train": {"eval_clips": eval_clips_of(info)}},
+        "epoch": info.get("epoch"),
+        "metrics": {k: v for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float, str))},
+        "held_out": _card_metrics(held_out) if held_out else info.get("held_out"),
+        "exported_from": str(checkpoint.resolve()),
+    }
+    (staging / INFO).write_text(json.dumps(export_info, indent=2, sort_keys=True, default=str) + "\n")
+    (staging / "README.md").write_text(model_card(export_info, pos_grid, token_grid(model.config)))
+
+    if out.exists():
+        shutil.rmtree(out)
+    staging.replace(out)
+    return out
+
+
+def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("split", "num_samples", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "loss")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+COIN_LICENSE_NOTICE = (
+    "Trained on COIN (Tang et al., CVPR 2019), which is licensed CC BY-NC 4.0: this model is a derivative "
+    "of it and may be used for non-commercial research only."
+)
+
+
+def _seconds(value) -> str:
+    return "any" if value is None else f"{value:g}"
+
+
+def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tuple[int, int, int]) -> str:
+    """The export's README.md: what the model is, what it was trained on, how well it does, how to load it.
+
+    ``pos_grid``: the token grid the position table was interpolated from (None: not interpolated);
+    ``grid``: the model's own (T, H, W) token grid.
+    """
+    data, config = export_info["data"], export_info.get("config") or {}
+    model_cfg, data_cfg, train_cfg = config.get("model", {}), config.get("data", {}), config.get("train", {})
+    source = data_cfg.get("source")
+    pretrained = model_cfg.get("init") == "pretrained"
+    base = model_cfg.get("name_or_path") if pretrained else None
+    front = ["---", "library_name: transformers", "pipeline_tag: video-classification", "tags: [videomae, vidray]"]
+    if base and "/" in base and not Path(base).exists():
+        front.append(f"base_model: {base}")
+    if source == "coin":
+        front.append("license: cc-by-nc-4.0")
+    front.append("---")
+
+    classes = data["classes"]
+    lines = [
+        *front,
+        "",
+        f"# VideoMAE video classifier ({len(classes)} classes), fine-tuned with vidray",
+        "",
+        "## Model",
+        "",
+        f"- Start: {'`' + base + '`' if base else 'randomly initialised (' + str(model_cfg.get('size', '?')) + ' size, trained from scratch)'}.",
+        f"- Input: {data['frames']} frames of {data['size']}x{data['size']} px per clip, sampled evenly over the whole "
+        f"video ({data['stored_frames']} frames stored per video, short side resized to {data['stored_size']} px, centre crop).",
+        f"- Classes: {', '.join(classes)}.",
+        "",
+        "## Training data",
+        "",
+        {
+            "coin": ("COIN's 180 task classes" if data_cfg.get("coin_labels") == "task" else "COIN's 12 domain classes")
+                    + " (instructional YouTube videos), as selected by the vidray config "
+                    f"(durations {_seconds(data_cfg.get('min_duration'))}-{_seconds(data_cfg.get('max_duration'))} s).",
+            "demo": "vidray's synthetic demo set: classes in time-reversed pairs, so only frame order separates them.",
+            "folder": "A folder of videos laid out as ROOT/{train,val,test}/<Class>/<video>.",
+        }.get(source, "Not recorded."),
+    ]
+    if train_cfg:
+        lines += [
+            "",
+            f"Recipe: {train_cfg.get('epochs')} epochs, batch {train_cfg.get('batch_size')}, AdamW lr "
+            f"{train_cfg.get('lr')}, weight decay {train_cfg.get('weight_decay')}, {train_cfg.get('scheduler', 'cosine')} "
+            f"schedule, MixUp α {train_cfg.get('mixup_alpha')}, label smoothing {train_cfg.get('label_smoothing')}.",
+        ]
+    lines += ["", "## Results", "", "| split | videos | accuracy (= micro F1) | macro F1 |", "|---|---:|---:|---:|"]
+    metrics = export_info.get("metrics") or {}
+    if "val_accuracy" in metrics:
+        lines.append(
+            f"| val (epoch {export_info.get('epoch')}, during training) | {metrics.get('val_videos', '?')} | "
+            f"{metrics['val_accuracy']:.3f} | {metrics.get('val_macro_f1', float('nan')):.3f} |"
+        )
+    held_out = export_info.get("held_out")
+    if held_out:
+        lines.append(
+            f"| {held_out['split']} (held out) | {held_out.get('num_samples', '?')} | {held_out['accuracy']:.3f} | "
+            f"{held_out.get('macro_f1', float('nan')):.3f} |"
+        )
+    lines += ["", "## Use", "", "```python", "from transformers import pipeline", ""]
+    if pos_grid:
+        lines += [
+            'classifier = pipeline("video-classification", model="PATH/TO/THIS/FOLDER", trust_remote_code=True)',
+            'print(classifier("video.mp4", top_k=3))',
+            "```",
+            "",
+            "`trust_remote_code=True` is needed: training resized the pretrained sinusoid position table from the "
+            f"checkpoint's {'x'.join(map(str, pos_grid))} token grid to this model's {'x'.join(map(str, grid))} grid "
+            "(frames/tubelet x patches x patches), so every token keeps the position code of the same place in the "
+            "clip. Stock VideoMAE would rebuild a plain 1-D table on load and predict with positions the model never "
+            f"saw; `{CUSTOM_CODE_FILE}` (torch + transformers only) rebuilds the right one. A model trained with "
+            "`model.interpolate_pos_embed=false`, or at its checkpoint's own resolution, loads without it.",
+        ]
+    else:
+        lines += [
+            'classifier = pipeline("video-classification", model="PATH/TO/THIS/FOLDER")',
+            'print(classifier("video.mp4", top_k=3))',
+            "```",
+            "",
+            "A plain VideoMAE model: no custom code, no `trust_remote_code`.",
+        ]
+    lines += [
+        "",
+        "Needs `torch`, `transformers`, `torchvision` and `torchcodec` (with FFmpeg's shared libraries): the pipeline "
+        f"then uses this folder's video processor (`{VIDEO_PROCESSOR_FILE}`, stock `VideoMAEVideoProcessor`), which "
+        f"decodes {data['frames']} frames spread over the whole video, resizes the short side to {data['stored_size']} px, "
+        f"centre-crops {data['size']} px and normalises as evaluation did. Without torchvision, transformers falls back "
+        "to `preprocessor_config.json` with a deprecation warning and reads only the first frames of each video: "
+        "install torchvision rather than use that path.",
+        "",
+        "### What still differs from vidray's evaluation",
+        "",
+        *[f"- {line}" for line in sampling_differences(data)],
+        "",
+        "`vidray predict --model PATH/TO/THIS/FOLDER video.mp4` predicts exactly as evaluation did.",
+    ]
+    if source == "coin":
+        lines += ["", "## License", "", COIN_LICENSE_NOTICE]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,107 @@
+"""Top-k labels for video files, decoded and transformed exactly as evaluation does.
+
+:class:`Classifier` is the one prediction step of both ``vidray predict`` modes:
+a stored clip (:func:`vidray.data.video.read_clip`: ``stored_frames`` segment-centre
+frames over the whole video, short side to ``stored_size``, centre square) goes
+through the inference step every evaluation uses (:func:`vidray.model.inference.clip_outputs`,
+with the same :class:`~vidray.model.inference.Views`), then a softmax. So a video gets
+the same prediction here, in the Ray Data corpus mode (vidray/infer/batch_predict.py)
+and in ``vidray evaluate`` had it been preprocessed into the dataset.
+
+This module is the one-by-one mode (``vidray predict`` without ``--out``), for a
+handful of files: a video that cannot be read does not stop the others: its entry
+carries an ``"error"`` (naming the file and the reason) and no predictions. The
+CLI prints every result and then exits 2 when any video failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidray.errors import UserError
+from vidray.model.inference import Views
+
+
+class Classifier:
+    """A trained model loaded once, with its clip shape, classes and views: clips in, top-k rows out."""
+
+    def __init__(self, model_dir: Path, top_k: int = 3, clips: int | None = None, crops: int = 1,
+                 device: torch.device | None = None):  # fmt: skip
+        from vidray.model.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
+        from vidray.model.inference import inference_device
+        from vidray.model.classifier import to_device
+
+        if top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {top_k}")
+        Views(1 if clips is None else clips, crops)  # a bad view count fails before the model loads
+        self.model, info = load_trained_model(Path(model_dir))
+        self.shape = clip_shape_of(info)
+        self.classes = list(self.shape.classes)
+        # The default is the view training validated with: train.eval_clips clips, the centre crop.
+        self.views = Views(eval_clips_of(info) if clips is None else clips, crops)
+        self.top_k = min(top_k, len(self.classes))
+        self.device = device or inference_device()
+        to_device(self.model, self.device)  # with its position table: no copy of it in every forward
+
+    @property
+    def clip_shape(self) -> tuple[int, int, int, int]:
+        return self.shape.stored_video_shape
+
+    @torch.no_grad()
+    def predict(self, clips: np.ndarray, features: bool = False) -> list[dict[str, Any]]:
+        """uint8 ``[B, stored_frames, S, S, 3]`` -> per video ``{"label", "score", "top_k": [{"label", "score"}]}``
+        (plus ``"embedding"``, float32 ``[H]``, with ``features``). Scores are softmax probabilities
+        of the view-averaged logits."""
+        from vidray.model.inference import clip_outputs
+
+        videos = torch.from_numpy(np.ascontiguousarray(clips)).to(self.device)
+        logits, pooled = clip_outputs(self.model, videos, frames=self.shape.frames, size=self.shape.size,
+                                      views=self.views, features=features)  # fmt: skip
+        scores, ids = logits.softmax(-1).topk(self.top_k, dim=-1)
+        rows = []
+        for i, (top_scores, top_ids) in enumerate(zip(scores.cpu().tolist(), ids.cpu().tolist())):
+            top = [{"label": self.classes[c], "score": float(s)} for s, c in zip(top_scores, top_ids)]
+            row: dict[str, Any] = {"label": top[0]["label"], "score": top[0]["score"], "top_k": top}
+            if pooled is not None:
+                row["embedding"] = pooled[i].cpu().numpy().astype(np.float32)
+            rows.append(row)
+        return rows
+
+
+def predict_videos(
+    model_dir: Path, videos: list[Path], top_k: int = 3, clips: int | None = None, crops: int = 1
+) -> list[dict[str, Any]]:
+    """``[{"video", "predictions": [{"label", "score"}, ...]}]`` in input order, best first.
+
+    ``model_dir`` is an export or a checkpoint directory; ``clips`` (default: the
+    checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged. An unreadable video gets ``{"video", "error",
+    "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`.
+    """
+    from vidray.data.video import VideoError, read_clip
+
+    classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
+    shape = classifier.shape
+    results = []
+    for video in videos:
+        try:
+            # Decoded by the decoder the training shards were made with (recorded in the checkpoint).
+            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=shape.decoder)
+        except VideoError as err:
+            results.append({"video": str(video), "error": str(err), "predictions": []})
+            continue
+        (row,) = classifier.predict(clip.frames[None])
+        results.append({"video": str(video), "predictions": row["top_k"]})
+    return results
+
+
+def raise_for_unreadable(results: list[dict[str, Any]]) -> None:
+    """One UserError naming every video that could not be read (after the others were reported)."""
+    failed = [item["error"] for item in results if "error" in item]
+    if len(failed) == 1 and len(results) == 1:
+        raise UserError(failed[0])
+    if failed:
+        raise UserError(f"could not read {len(failed)} of {len(results)} videos: " + "; ".join(failed))

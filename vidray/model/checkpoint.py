@@ -1,0 +1,266 @@
+"""Everything vidray writes to and reads back from a checkpoint, and the one loader of trained models.
+
+A training checkpoint, written once per epoch by rank 0 (vidray/train/worker.py)::
+
+    checkpoint_epoch_NNNN/
+      model/                        save_pretrained(): config.json (id2label/label2id) + model.safetensors
+      training_state.json           epoch, global step, optimizer hyper-parameters, scheduler, RNG states
+      training_state.safetensors    the tensors training_state.json refers to (optimizer moments, RNG states)
+      vidray.json                   {"epoch", "metrics", "history", "data": {...}, "config": {...}}
+
+Nothing here is unpickled. Checkpoints live under ``run.storage_path``, which
+can be a shared bucket, and every resuming worker reads them: a pickle there
+would let anyone who can write to the bucket run code on every worker. So the
+training state is plain JSON plus safetensors, and a checkpoint from before
+that change (``training_state.pt``) is refused with a one-line error rather
+than loaded.
+
+:func:`load_trained_model` loads what evaluation, export and prediction need
+from either a training checkpoint (weights in ``model/``) or a ``vidray
+export`` directory (weights at the top).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidray.data.dataset import ClipShape
+from vidray.errors import UserError
+
+MODEL_DIR = "model"
+INFO = "vidray.json"
+TRAINING_STATE = "training_state.json"
+TRAINING_TENSORS = "training_state.safetensors"
+# Written by vidray 0.1 (a torch pickle): recognised only to refuse it.
+LEGACY_TRAINING_STATE = "training_state.pt"
+STATE_FORMAT = 2
+
+
+# ------------------------------------------------------------------ JSON + safetensors encoding
+
+
+def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, its tensors and arrays moved into ``tensors`` under dotted names.
+
+    Dicts with non-string keys (an optimizer's per-parameter state) and tuples
+    (RNG states) are tagged so that :func:`_decode` gives back exactly what went in.
+    """
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        # safetensors refuses two entries over one buffer (the same RNG state captured twice, say).
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
+            tensor = tensor.clone()
+        tensors[name] = tensor
+        return {"__tensor__": name}
+    if isinstance(value, np.ndarray):
+        # safetensors has no uint32 for torch; int64 holds every value, the dtype name restores it.
+        tensors[name] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind in "ui" else value.copy())
+        return {"__ndarray__": name, "dtype": value.dtype.str}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v, f"{name}.{k}", tensors) for k, v in value.items()}
+        return {"__items__": [[k, _encode(v, f"{name}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"training state entry {name} is a {type(value).__name__}: only tensors, arrays and JSON types are saved")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy().astype(np.dtype(value["dtype"]))
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {k: _decode(v, tensors) for k, v in value["__items__"]}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+# ------------------------------------------------------------------ write / read
+
+
+def host_snapshot(value: Any) -> Any:
+    """A copy of ``value`` that later training cannot change: tensors copied to host memory,
+    containers rebuilt, everything else as it is.
+
+    From a GPU the copies are asynchronous and waited for once at the end, so
+    snapshotting model and optimizer state costs about one device-to-host transfer of them.
+    """
+
+    def copy(item: Any) -> Any:
+        if isinstance(item, torch.Tensor):
+            item = item.detach()
+            return item.to("cpu", non_blocking=True) if item.device.type == "cuda" else item.clone()
+        if isinstance(item, dict):
+            return {k: copy(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return type(item)(copy(v) for v in item)
+        if isinstance(item, np.ndarray):
+            return item.copy()
+        return item
+
+    snapshot = copy(value)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return snapshot
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model,
+    *,
+    training_state: dict[str, Any],
+    info: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write model/, training_state.{json,safetensors} and vidray.json into ``directory`` (created).
+
+    ``model_state``: the weights to write instead of the model's current ones (a
+    :func:`host_snapshot` of its ``state_dict()``, when the writing happens while the model trains on).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with quiet_progress_bars():
+        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True, state_dict=model_state)
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = {"format": STATE_FORMAT, "state": _encode(training_state, "state", tensors)}
+    save_file(tensors, str(directory / TRAINING_TENSORS))
+    (directory / TRAINING_STATE).write_text(json.dumps(encoded))
+    (directory / INFO).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return directory
+
+
+def check_training_state(directory: str | Path) -> None:
+    """Refuse, in one line, a checkpoint whose training state vidray cannot (or will not) read."""
+    directory = Path(directory)
+    if (directory / TRAINING_STATE).is_file() and (directory / TRAINING_TENSORS).is_file():
+        return
+    if (directory / LEGACY_TRAINING_STATE).is_file():
+        raise UserError(
+            f"{directory} holds {LEGACY_TRAINING_STATE}, the pickled training state of vidray 0.1, which is never "
+            "loaded (unpickling runs code); start over with a new run.name (or --restart), or evaluate/export "
+            "its model/ as it is"
+        )
+    raise UserError(
+        f"{directory} has no {TRAINING_STATE} + {TRAINING_TENSORS}: not a resumable vidray checkpoint "
+        "(start over with a new run.name or --restart)"
+    )
+
+
+def load_training_state(directory: str | Path) -> dict[str, Any]:
+    """The ``training_state`` given to :func:`save_checkpoint`, read back without unpickling anything."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    check_training_state(directory)
+    encoded = json.loads((directory / TRAINING_STATE).read_text())
+    if encoded.get("format") != STATE_FORMAT:
+        raise UserError(f"{directory / TRAINING_STATE} has format {encoded.get('format')!r}, expected {STATE_FORMAT}")
+    return _decode(encoded["state"], load_file(str(directory / TRAINING_TENSORS)))
+
+
+def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:
+    """vidray.json of a checkpoint or export: epoch, metrics, history, data (a ClipShape), config."""
+    path = Path(directory) / INFO
+    if not path.is_file():
+        raise UserError(
+            f"{directory} is not a vidray checkpoint or export: {INFO} is missing "
+            "(pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`)"
+        )
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); the checkpoint is damaged") from None
+    data = info.get("data") if isinstance(info, dict) else None
+    missing = [k for k in ClipShape.KEYS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"{path} lacks data.{missing[0]}; the checkpoint is damaged or from another tool")
+    return info
+
+
+def clip_shape_of(info: dict[str, Any]) -> ClipShape:
+    return ClipShape.from_dict(info["data"])
+
+
+def eval_clips_of(info: dict[str, Any]) -> int:
+    """Clips per video the model was validated with during training (1 when not recorded)."""
+    return int(((info.get("config") or {}).get("train") or {}).get("eval_clips", 1))
+
+
+# ------------------------------------------------------------------ trained models
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """No "Loading weights" / "Writing model shards" bars on the terminal of a one-line command."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(classifier in eval mode, vidray.json) from a training checkpoint or a `vidray export` directory.
+
+    A checkpoint holds the weights in ``path/model/``; an export holds them in
+    ``path`` itself. Both carry ``vidray.json`` with the clip shape the model
+    was trained on. The position table is the one the model was trained with
+    (see :func:`vidray.model.classifier.load_model`), whichever of the two it is.
+    """
+    from safetensors import SafetensorError
+
+    from vidray.model.classifier import load_model
+
+    path = Path(path)
+    hint = "pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`"
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist or is not a directory ({hint})")
+    info = read_checkpoint_info(path)
+    model_dir = path if (path / "config.json").is_file() else path / MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{path} holds no {MODEL_DIR}/config.json: the checkpoint is incomplete ({hint})")
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UserError(f"{model_dir} holds no model.safetensors: the checkpoint is incomplete (re-export or re-train)")
+    try:
+        with quiet_progress_bars():
+            model = load_model(str(model_dir))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"cannot load the model in {model_dir}: {_first_line(err)} (re-export or re-train)") from None
+
+    classes = clip_shape_of(info).classes
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if labels != list(classes):
+        raise UserError(
+            f"{model_dir}/config.json id2label {labels} does not match {path / INFO} classes {classes}; "
+            "the checkpoint is damaged"
+        )
+    return model.eval(), info

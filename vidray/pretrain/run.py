@@ -1,0 +1,536 @@
+"""VideoMAE masked-autoencoder pretraining on Ray Train: ``vidray pretrain``.
+
+Self-supervised: the model sees each clip with ``pretrain.mask_ratio`` of its
+patch positions hidden in every frame (tube masks, vidray/model/masking.py) and
+learns to reconstruct the hidden pixels. Labels are never read, so the
+encoder can learn from every video of the dataset's ``pretrain.splits``; its
+``model_dir`` is then fine-tuned like any checkpoint::
+
+    vidray pretrain --config C                 # last stdout line: {"model_dir": ..., ...}
+    vidray train --config C model.init=pretrained model.name_or_path=<model_dir>
+
+The worker side (:func:`pretrain_loop_per_worker`) is the fine-tuning loop's
+twin (vidray/train/worker.py) with the classification parts taken out: the same
+ingest (vidray/train/ingest.py: each worker's shard in its device's memory, or the
+splits in the object store, or streamed, per ``train.cache_dataset``; the same
+seeded shuffle per epoch), the same temporal jitter and random resized crops
+drawn on the device (no MixUp), DDP, AdamW with VideoMAE's betas (0.9, 0.95)
+and a cosine schedule after a warm-up, the same step telemetry, one checkpoint
+per epoch in JSON + safetensors (vidray/model/checkpoint.py), written in the
+background when ``train.checkpoint_in_background``. A checkpoint holds the whole
+``VideoMAEForPreTraining`` (encoder and decoder) and every rank's random
+streams, the mask generator's included, so a resumed run draws the masks,
+crops and batches the interrupted one would have.
+
+Run layout, beside fine-tuning runs (``<run.name>-pretrain``, so a ``vidray
+train`` of the same config never lands on it)::
+
+    <run.storage_path>/<run.name>-pretrain/
+      checkpoint_epoch_NNNN/    model/ (VideoMAEForPreTraining), training_state.*, vidray.json
+      encoder/                  save_pretrained VideoMAEModel: the summary's model_dir
+      reports/figures/          pretrain_reconstruction.png, pretrain_loss.png (or under run.reports_dir when set)
+
+Rerunning the same command: a finished run is summarised (encoder and figures
+written again), an interrupted one continues from its latest checkpoint,
+``--restart`` or a new ``run.name`` starts over (vidray/train/runs.py: the rules of every command).
+How the run executes (workers, GPUs, failures, ingest, seed, gradient
+accumulation and clipping, flips) comes from ``train``; what it optimises from
+``pretrain`` (:func:`as_pretraining`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train.torch import TorchTrainer
+
+from vidray.train import augment
+from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
+from vidray.config import TrainSettings, TuneSettings, VidrayConfig
+from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, videos_from_bytes
+from vidray.errors import UserError
+from vidray.train.ingest import data_config, ingest_cpus, materialize_in_order, open_worker_data, should_cache_dataset
+from vidray.model.masking import masked_positions, tube_mask
+from vidray.model.classifier import autocast, to_device, token_grid, use_tf32
+from vidray.train.optim import build_optimizer, build_lr_schedule, micro_batch_size, steps_per_epoch
+from vidray.model.pretraining import (
+    build_pretraining_model,
+    check_pretraining_model,
+    load_pretraining_model,
+    save_encoder,
+)
+from vidray.train.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
+from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
+from vidray.train.telemetry import StepTelemetry, transformer_layer_flops
+from vidray.train.worker import StepParts, _gather, compile_model, quiet_worker_logs, report_epoch, run_epoch, start_or_resume
+from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
+from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
+
+logger = logging.getLogger(__name__)
+
+RUN_SUFFIX = "-pretrain"
+ENCODER_DIR = "encoder"
+RECONSTRUCTION_FIGURE = "pretrain_reconstruction.png"
+LOSS_FIGURE = "pretrain_loss.png"
+FIGURE_CLIPS = 4
+# AdamW betas of VideoMAE's (and MAE's) pretraining: a shorter second-moment memory than fine-tuning's 0.999.
+MAE_BETAS = (0.9, 0.95)
+# seed_everything() seeds the augmentation generators with derive_seed(seed, 1) and (seed, 2); the masks use 3.
+MASK_STREAM = 3
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def as_pretraining(cfg: VidrayConfig) -> VidrayConfig:
+    """The config a pretraining run executes and is identified by.
+
+    ``train`` becomes the TrainSettings the shared helpers (batch split, optimizer,
+    schedule, ingest, failures) read: ``pretrain``'s epochs, batch, lr, weight
+    decay and warm-up, with ``train``'s execution settings; what pretraining does
+    not use (MixUp, label smoothing, layer decay, the sweep) is left at fixed
+    values, so changing fine-tuning or sweep settings neither changes a
+    pretraining run nor stops it from resuming.
+    """
+    p = cfg.pretrain
+    train = TrainSettings.model_validate(
+        {
+            **cfg.train.model_dump(),
+            "epochs": p.epochs,
+            "batch_size": p.batch_size,
+            "lr": p.lr,
+            "weight_decay": p.weight_decay,
+            "warmup_epochs": p.warmup_epochs,
+            "scheduler": "cosine",
+            "layer_decay": 1.0,
+            "label_smoothing": 0.0,
+            "mixup_alpha": 0.0,
+            "cutmix_alpha": 0.0,
+            "eval_clips": 1,
+        }
+    )
+    return cfg.model_copy(update={"train": train, "tune": TuneSettings()})
+
+
+def run_name(cfg: VidrayConfig) -> str:
+    return cfg.run.name + RUN_SUFFIX
+
+
+def reports_dir(cfg: VidrayConfig) -> Path:
+    """``run.reports_dir``, or by default the pretraining run's own: ``<storage_path>/<run.name>-pretrain/reports``."""
+    return cfg.run.model_copy(update={"name": run_name(cfg)}).reports_path()
+
+
+def check_pretrain_config(cfg: VidrayConfig) -> None:
+    """Everything that needs only the config (and a checkpoint's config.json): before Ray starts."""
+    check_pretraining_model(cfg.model, cfg.pretrain, cfg.data.frames, cfg.data.size)
+    parts = cfg.train.num_workers * cfg.train.grad_accum_steps
+    if cfg.pretrain.batch_size % parts:
+        raise UserError(
+            f"pretrain.batch_size={cfg.pretrain.batch_size} is the global batch and must be divisible by "
+            f"train.num_workers x train.grad_accum_steps = {parts}"
+        )
+
+
+def pretrain_videos(cfg: VidrayConfig, info: DatasetInfo) -> int:
+    return sum(info.split_counts.get(split, 0) for split in cfg.pretrain.splits)
+
+
+def check_pretrain_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
+    shape = check_stored_clips(cfg, info, dataset_dir)
+    for split in cfg.pretrain.splits:
+        if info.split_counts.get(split, 0) == 0:
+            raise UserError(
+                f"pretrain.splits lists {split!r} but that split of {dataset_dir} holds no videos; "
+                "remove it from pretrain.splits"
+            )
+    videos = pretrain_videos(cfg, info)
+    batch = cfg.pretrain.batch_size // (cfg.train.num_workers * cfg.train.grad_accum_steps)
+    if videos // cfg.train.num_workers < batch:
+        raise UserError(
+            f"{dataset_dir} has {videos} videos in pretrain.splits {cfg.pretrain.splits}: fewer than one batch "
+            f"of {batch} per worker; lower pretrain.batch_size or train.num_workers, or add splits"
+        )
+    return shape
+
+
+# ------------------------------------------------------------------ the worker loop
+
+
+def seed_streams(seed: int, generators: AugmentGenerators, mask_generator: torch.Generator) -> None:
+    seed_everything(seed, generators.host, generators.device)
+    mask_generator.manual_seed(derive_seed(seed, MASK_STREAM))
+
+
+def pretraining_flops_per_clip(config, mask_ratio: float) -> float:
+    """Model FLOPs of one pretraining clip (forward + backward = 3 x forward, as the fine-tuning telemetry):
+    patch embedding of every token, the encoder on the visible ones, the decoder on all, its head on the hidden."""
+    time_steps, height, width = token_grid(config)
+    tokens = time_steps * height * width
+    hidden = time_steps * masked_positions(height * width, mask_ratio)
+    patch_pixels = 3 * config.tubelet_size * config.patch_size**2
+    d, dd = config.hidden_size, config.decoder_hidden_size
+    forward = (
+        2 * tokens * patch_pixels * d
+        + config.num_hidden_layers * transformer_layer_flops(tokens - hidden, d, config.intermediate_size)
+        + 2 * (tokens - hidden) * d * dd  # encoder_to_decoder
+        + config.decoder_num_hidden_layers * transformer_layer_flops(tokens, dd, config.decoder_intermediate_size)
+        + 2 * hidden * dd * patch_pixels
+    )
+    return 3.0 * forward
+
+
+def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg: VidrayConfig = config["cfg"]  # as_pretraining(): cfg.train holds pretrain's optimisation settings
+    shape: ClipShape = config["shape"]
+    train, pretrain = cfg.train, cfg.pretrain
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    quiet_worker_logs()
+    use_tf32(device)
+
+    model, state, history = start_or_resume(
+        cfg, shape,
+        build=lambda: build_pretraining_model(cfg.model, cfg.pretrain, shape.frames, shape.size),
+        load=load_pretraining_model,
+    )  # fmt: skip
+    grid = token_grid(model.config)
+    # Frame offsets and crops from the augmentation generators (vidray/train/rng.py), masks from their own
+    # stream; both on the device that trains.
+    generators = AugmentGenerators.for_device(device)
+    mask_generator = torch.Generator(device=device)
+    seed_streams(derive_seed(train.seed, rank), generators, mask_generator)
+    to_device(model, device)
+    # The decoder's sinusoid table is a plain attribute too: on the device, HF's per-forward copy stays there.
+    model.position_embeddings = model.position_embeddings.to(device)
+    ddp_model = ray.train.torch.prepare_model(model)
+    micro_batches, steps = steps_per_epoch(config["train_videos"], train)
+    optimizer = build_optimizer(model, train, device, betas=MAE_BETAS)
+    scheduler = build_lr_schedule(optimizer, train, steps)
+    start_epoch, global_step = 0, 0
+    if state is not None:
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if len(state["rng"]) == world_size:
+            restore_rng_state(state["rng"][rank], generators.host, generators.device)
+            mask_generator.set_state(state["mask_rng"][rank])
+        else:  # resumed with another worker count: fresh streams, still seeded
+            seed_streams(derive_seed(train.seed, rank, start_epoch), generators, mask_generator)
+
+    batch_size = micro_batch_size(train)
+    data = open_worker_data(
+        train,
+        shape.stored_video_shape,
+        batch_size=batch_size,
+        train_videos=config["train_videos"],
+        val_videos=0,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        local_world_size=context.get_local_world_size(),
+    )
+    if rank == 0 and data.cache is not None:
+        logger.info(
+            "vidray pretrain: every worker holds its shard on its %s (%d videos on rank 0, %.2f GiB, copied in %.1f s)",
+            device.type, data.cache.train_videos.shape[0], data.cache.nbytes / 2**30, data.cache.load_seconds,
+        )  # fmt: skip
+    forward = compile_model(ddp_model) if train.compile else ddp_model
+    parts = StepParts(model, ddp_model, forward, optimizer, scheduler, generators)
+    telemetry = StepTelemetry(
+        flops_per_clip=pretraining_flops_per_clip(model.config, pretrain.mask_ratio),
+        world_size=world_size,
+        device=device,
+        log_every=train.log_every_steps,
+        console=rank == 0,
+        printer=logger.info,
+    )
+    masking = {
+        "token_grid": list(grid),
+        "mask_ratio": pretrain.mask_ratio,
+        "hidden_tokens_per_clip": grid[0] * masked_positions(grid[1] * grid[2], pretrain.mask_ratio),
+    }
+    report_wait_s = None
+    for epoch in range(start_epoch, train.epochs):
+        started = time.perf_counter()
+        loss_sum, num_batches, num_videos, global_step = pretrain_one_epoch(
+            parts, data.train_batches(epoch), mask_generator,
+            shape=shape, grid=grid, mask_ratio=pretrain.mask_ratio, train=train, device=device,
+            micro_batches=micro_batches, epoch=epoch, global_step=global_step,
+            telemetry=telemetry, rank=rank, world_size=world_size,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        step_figures = telemetry.end_epoch()
+        gathered = _gather(
+            {
+                "loss_sum": loss_sum,
+                "batches": num_batches,
+                "videos": num_videos,
+                "rng": capture_rng_state(generators.host, generators.device),
+                "mask_rng": mask_generator.get_state(),
+                "telemetry": step_figures,
+                "report_wait_s": report_wait_s,
+            }
+        )
+        metrics = {
+            "epoch": epoch,
+            "train_loss": sum(g["loss_sum"] for g in gathered) / max(sum(g["batches"] for g in gathered), 1),
+            "lr": scheduler.get_last_lr()[-1],
+            "global_step": global_step,
+            "train_videos": sum(g["videos"] for g in gathered),
+            "train_videos_per_s": sum(g["videos"] for g in gathered) / max(seconds, 1e-9),
+            "epoch_seconds": seconds,
+            **gathered[0]["telemetry"],
+        }
+        waits = [g["report_wait_s"] for g in gathered if g["report_wait_s"] is not None]
+        if waits:
+            metrics["last_report_wait_s"] = max(waits)
+        history.append(metrics)
+        if rank == 0:
+            # Ray Train sends its workers' logging to the driver's console (print would arrive twice:
+            # Train V2 tees it into its logger).
+            logger.info(
+                "vidray pretrain: epoch %d/%d  loss %.4f  %.1f clips/s  lr %.2e",
+                epoch + 1, train.epochs, metrics["train_loss"], metrics["train_videos_per_s"], metrics["lr"],
+            )  # fmt: skip
+        reported = time.perf_counter()
+        report_epoch(
+            metrics,
+            model=model if rank == 0 else None,
+            training_state={
+                "epoch": epoch,
+                "global_step": global_step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": [g["rng"] for g in gathered],
+                "mask_rng": [g["mask_rng"] for g in gathered],
+            },
+            info={
+                "epoch": epoch,
+                "metrics": metrics,
+                "history": history,
+                "data": shape.as_dict(),
+                "ingest": {"placement": data.placement, "load_s": data.cache.load_seconds if data.cache else None},
+                "masking": masking,
+                "config": cfg.model_dump(mode="json"),
+            },
+            background=train.checkpoint_in_background,
+        )
+        report_wait_s = time.perf_counter() - reported
+
+
+def pretrain_one_epoch(
+    parts: StepParts,
+    batches: Iterable[dict[str, torch.Tensor]],
+    mask_generator: torch.Generator,
+    *,
+    shape: ClipShape,
+    grid: tuple[int, int, int],
+    mask_ratio: float,
+    train: TrainSettings,
+    device: torch.device,
+    micro_batches: int,
+    epoch: int,
+    global_step: int,
+    telemetry: StepTelemetry | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int, int, int]:
+    """One pass over this rank's shard: vidray.train.worker.run_epoch with the reconstruction loss.
+    Returns (summed loss, batches, videos, global step).
+
+    Unlike fine-tuning, the step is not free of host syncs on CUDA: transformers'
+    VideoMAEForPreTraining selects visible and hidden tokens by boolean indexing,
+    which waits for the device.
+    """
+
+    def reconstruction_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        videos = batch["video"]  # batch["label"] is never read
+        pixels = augment.train_transform(
+            videos, frames=shape.frames, size=shape.size, generator=parts.generators.device, hflip=train.hflip
+        )
+        mask = tube_mask(videos.shape[0], grid, mask_ratio, mask_generator)
+        with autocast(device):
+            return parts.forward(pixel_values=pixels, bool_masked_pos=mask).loss
+
+    return run_epoch(
+        parts, batches, reconstruction_loss, train=train, device=device, micro_batches=micro_batches,
+        epoch=epoch, global_step=global_step, telemetry=telemetry, rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def build_pretraining_datasets(dataset_dir: str, cfg: VidrayConfig, info: DatasetInfo) -> dict[str, Any]:
+    """The videos of ``pretrain.splits`` as one dataset named ``train`` (what Ray Train splits over the workers)."""
+    splits = [read_split(dataset_dir, split) for split in cfg.pretrain.splits]
+    videos = (splits[0].union(*splits[1:]) if len(splits) > 1 else splits[0]).randomize_block_order(seed=cfg.train.seed)
+    if should_cache_dataset(cfg.train, info, cfg.pretrain.splits):
+        videos = materialize_in_order(videos)
+    return {"train": videos}
+
+
+def make_pretraining_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
+    """Ray's RunSettings of a pretraining run: named ``<run.name>-pretrain``, the latest checkpoints kept."""
+    kwargs = {"name": run_name(cfg), "checkpoint_config": ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_TO_KEEP)}
+    return make_run_config(as_pretraining(cfg), **{**kwargs, **overrides})
+
+
+def build_pretrainer(
+    cfg: VidrayConfig, *, run_config: ray.train.RunConfig | None = None, dataset_dir: str | None = None
+) -> TorchTrainer:
+    """A ready-to-``fit()`` TorchTrainer pretraining on ``dataset_dir`` (default ``cfg.data.dataset_dir``)."""
+    pcfg = as_pretraining(cfg)
+    check_pretrain_config(pcfg)
+    dataset_dir = resolve_path(dataset_dir or cfg.data.dataset_dir)
+    info = read_dataset_info(dataset_dir)
+    shape = check_pretrain_dataset(pcfg, info, dataset_dir)
+    return TorchTrainer(
+        pretrain_loop_per_worker,
+        train_loop_config={"cfg": pcfg, "shape": shape, "train_videos": pretrain_videos(pcfg, info)},
+        scaling_config=scaling_config(pcfg.train),
+        run_config=run_config or make_pretraining_run_config(cfg),
+        datasets=build_pretraining_datasets(dataset_dir, pcfg, info),
+        dataset_config=data_config(),
+    )
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """The console's line for one pretraining epoch (:class:`vidray.train.runs.EpochFollower`)."""
+    return (
+        f"vidray pretrain: epoch {int(metrics['epoch']) + 1}/{epochs} | loss {metrics['train_loss']:.4f} | "
+        f"{metrics['train_videos_per_s']:.1f} clips/s | lr {metrics['lr']:.2e}"
+    )
+
+
+def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Prepare the data, pretrain (or continue, or just summarise a finished run), write the encoder and figures.
+
+    Returns run dir, last checkpoint and metrics, ``model_dir`` (the encoder) and the figures.
+    """
+    from vidray.cluster import check_run_resources, cluster_capacity, init_ray
+    from vidray.data.prepare import prepare_dataset
+
+    check_pretrain_config(cfg)
+    init_ray(**console_settings(verbose))
+    cfg = on_shared_storage(cfg)
+    dataset_dir = cfg.data.dataset_dir
+    pcfg = as_pretraining(cfg)
+    run_dir, state = open_run(
+        "pretrain", "pretrain", cfg.run.storage_path, run_name(cfg), restart=restart,
+        state_of=lambda folder: existing_run_state(pcfg, folder),
+        finished_note=f" ({pcfg.train.epochs} epochs); nothing to train",
+    )  # fmt: skip
+    if state != "finished":
+        prepare_dataset(cfg)
+        info = read_dataset_info(dataset_dir)
+        check_run_resources(pcfg.train, cluster_capacity(), ingest_cpus(pcfg.train, info, pcfg.pretrain.splits))
+        trainer = build_pretrainer(cfg, dataset_dir=dataset_dir)
+        with EpochFollower(run_dir, pcfg, name=run_name(cfg), line=epoch_line):
+            trainer.fit()
+    return finish_run(pcfg, run_dir, dataset_dir)
+
+
+def finish_run(cfg: VidrayConfig, run_dir: str, dataset_dir: str) -> dict[str, Any]:
+    """Encoder and figures from the run's latest checkpoint; the summary ``vidray pretrain`` prints."""
+    summary = summarize_run(run_dir)
+    if summary["checkpoint"] is None:
+        raise UserError(f"{run_dir} holds no readable checkpoint; start over with --restart or a new run.name")
+    with ray.train.Checkpoint(summary["checkpoint"]).as_directory() as directory:
+        model = load_pretraining_model(Path(directory) / MODEL_DIR)
+        info = read_checkpoint_info(directory)
+    model_dir = join_uri(run_dir, ENCODER_DIR)
+    provenance = {
+        "pretrained_by": "vidray pretrain",
+        "checkpoint": summary["checkpoint"],
+        "epochs": info["epoch"] + 1,
+        "splits": cfg.pretrain.splits,
+        "masking": info.get("masking"),
+        "train_loss": info["metrics"]["train_loss"],
+    }
+    publish_encoder(model, model_dir, provenance)
+    figures = write_figures(model, cfg, dataset_dir, info["history"])
+    return {
+        "run_dir": run_dir,
+        "checkpoint": summary["checkpoint"],
+        "model_dir": model_dir,
+        "last": summary["last"],
+        "figures": [str(path) for path in figures],
+    }
+
+
+def publish_encoder(model, destination: str, provenance: dict[str, Any]) -> str:
+    """:func:`vidray.model.pretraining.save_encoder` into ``destination``, a local path or a URI."""
+    if not is_uri(destination):
+        save_encoder(model, destination, provenance)
+        return destination
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="vidray-encoder-") as local:
+        save_encoder(model, local, provenance)
+        fs, path = open_filesystem(destination)
+        pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return destination
+
+
+def figure_split(cfg: VidrayConfig, info: DatasetInfo) -> tuple[str, bool]:
+    """(split, held out?) whose clips the reconstruction figure shows: one pretraining never saw, if any."""
+    for split in ("val", "test", "train"):
+        if split not in cfg.pretrain.splits and info.split_counts.get(split, 0):
+            return split, True
+    return cfg.pretrain.splits[0], False
+
+
+def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = FIGURE_CLIPS) -> list[dict[str, Any]]:
+    """Up to ``count`` rows of ``split``, one per class where it has that many: the split is read
+    in order (shards are often written class by class) until enough classes turned up."""
+    from vidray.infer.evaluate import _split_batches
+
+    chosen: dict[int, dict[str, Any]] = {}
+    spare: list[dict[str, Any]] = []
+    for batch in _split_batches(dataset_dir, info, split, batch_size=8):
+        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+            if row["label"] not in chosen:
+                chosen[row["label"]] = row
+            elif len(spare) < count:
+                spare.append(row)
+        if len(chosen) >= count:
+            break
+    return (list(chosen.values()) + spare)[:count]
+
+
+def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict[str, Any]]) -> list[Path]:
+    from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
+
+    figures = reports_dir(cfg) / "figures"
+    info = read_dataset_info(dataset_dir)
+    split, held_out = figure_split(cfg, info)
+    rows = figure_clips(dataset_dir, info, split)
+    videos = torch.from_numpy(videos_from_bytes([row["video"] for row in rows], info.video_shape).copy())
+    pixels = augment.eval_transform(videos, frames=cfg.data.frames, size=cfg.data.size)
+    grid = token_grid(model.config)
+    mask = tube_mask(len(videos), grid, cfg.pretrain.mask_ratio, torch.Generator().manual_seed(cfg.train.seed))
+    clips = reconstruct(model, pixels, mask)
+    seen = "held out from pretraining" if held_out else "pretrained on: pretrain.splits covers every split"
+    title = (
+        f"{cfg.run.name}{RUN_SUFFIX}, epoch {history[-1]['epoch'] + 1}: {split} clips ({seen})\n"
+        f"{cfg.pretrain.mask_ratio:.0%} of the {grid[1]}x{grid[2]} patch positions hidden in every frame"
+    )
+    loss_title = (
+        f"{cfg.run.name}{RUN_SUFFIX}: mask ratio {cfg.pretrain.mask_ratio:g}, "
+        f"{'per-patch normalised' if cfg.pretrain.norm_pix_loss else 'raw'} pixel targets, splits {cfg.pretrain.splits}"
+    )
+    return [
+        plot_reconstructions(clips, [row["video_id"] for row in rows], title, figures / RECONSTRUCTION_FIGURE),
+        plot_loss_curve(history, loss_title, figures / LOSS_FIGURE),
+    ]
+

@@ -1,0 +1,1 @@
+"""Stage 6, reports: a sweep's results table and figures, and the dataset's figures."""

@@ -1,0 +1,238 @@
+"""Clip sampling, spatial augmentation, normalisation and MixUp/CutMix, as
+batched torch ops on the device that trains.
+
+Input everywhere is the stored uint8 batch ``[B, Ts, S, S, 3]`` (``Ts`` =
+``stored_frames``, ``S`` = ``stored_size``, see vidray/data/dataset.py); output is
+VideoMAE's ``pixel_values`` layout ``[B, T, 3, size, size]`` float32,
+normalised with the ImageNet mean/std VideoMAE was pretrained with.
+
+All randomness comes from caller-owned ``torch.Generator``s so a run is
+reproducible and its augmentation state can be checkpointed
+(vidray/train/rng.py: AugmentGenerators). The per-clip parameters of
+:func:`train_transform` are drawn on the generator's device: with a generator
+on the GPU nothing is built on the host and copied over, so a training step
+never waits for the host. :func:`mix_batch` draws its few per-batch scalars
+from a host generator; they enter the device work as Python numbers, which
+needs no copy either. Constant tensors (mean, std) are built once per device.
+
+Horizontal flips are off unless asked for (``hflip=True``): mirroring a clip
+turns "moves left" into "moves right", so flipping is only label-preserving
+for classes that do not depend on left/right (true for COIN's activity
+domains, false for the demo set's direction classes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The statistics VideoMAE's image processor normalises with (ImageNet).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+# Random resized crop: fraction of the stored square's area, and aspect-ratio range.
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def train_frame_indices(batch: int, stored_frames: int, frames: int, generator: torch.Generator) -> torch.Tensor:
+    """``[B, frames]`` indices on the generator's device: evenly strided over the stored frames, with a random start per clip.
+
+    The stride is ``stored_frames / frames`` so a clip always spans the whole
+    video at a constant speed; the random sub-stride offset is the temporal
+    jitter (with the default 2x stored frames: odd or even frames, and rounding in between).
+    """
+    stride = stored_frames / frames
+    device = generator.device
+    offset = torch.rand(batch, 1, generator=generator, device=device) * stride
+    index = torch.floor(offset + torch.arange(frames, device=device) * stride).long()
+    return index.clamp_(max=stored_frames - 1)
+
+
+def eval_frame_indices(stored_frames: int, frames: int, clips: int = 1, device=None) -> torch.Tensor:
+    """``[clips, frames]`` indices: ``clips`` evenly spaced strided clips (one clip: centred in each stride)."""
+    stride = stored_frames / frames
+    offsets = (torch.arange(clips, dtype=torch.float64, device=device) + 0.5) * stride / clips
+    index = torch.floor(offsets[:, None] + torch.arange(frames, dtype=torch.float64, device=device) * stride).long()
+    return index.clamp_(max=stored_frames - 1)
+
+
+def _select_frames(videos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """videos ``[B, Ts, S, S, 3]``, index ``[B, T]`` -> ``[B, T, S, S, 3]``."""
+    batch = torch.arange(videos.shape[0], device=videos.device)[:, None]
+    return videos[batch, index.to(videos.device)]
+
+
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD in 0..255 as float32 tensors on ``device``, built there once (not copied in every call)."""
+    if device not in _CONSTANTS:
+        _CONSTANTS[device] = (torch.tensor(MEAN) * 255).to(device), (torch.tensor(STD) * 255).to(device)
+    return _CONSTANTS[device]
+
+
+def normalize(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 or float ``[B, T, S, S, 3]`` in 0..255 -> float ``[B, T, 3, S, S]`` normalised."""
+    mean, std = _mean_std(frames.device)
+    frames = (frames.float() - mean) / std
+    return frames.permute(0, 1, 4, 2, 3).contiguous()
+
+
+def random_crop_boxes(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """``[B, 4]`` boxes (centre x, centre y, width, height) as fractions of the square side, on the generator's device.
+
+    Area fraction uniform in CROP_SCALE, log aspect ratio uniform in CROP_RATIO;
+    a box that would not fit is shrunk to fit along its long side.
+    """
+    device = generator.device
+    area = torch.empty(batch, device=device).uniform_(*CROP_SCALE, generator=generator)
+    log_ratio = torch.empty(batch, device=device).uniform_(
+        math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=generator
+    )
+    ratio = torch.exp(log_ratio)
+    width = torch.sqrt(area * ratio).clamp(max=1.0)
+    height = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = width / 2 + torch.rand(batch, generator=generator, device=device) * (1 - width)
+    cy = height / 2 + torch.rand(batch, generator=generator, device=device) * (1 - height)
+    return torch.stack([cx, cy, width, height], dim=1)
+
+
+def train_transform(
+    videos: torch.Tensor,
+    *,
+    frames: int,
+    size: int,
+    generator: torch.Generator,
+    hflip: bool = False,
+) -> torch.Tensor:
+    """Training clip: temporal jitter, random resized crop (same box for every frame), optional flip.
+
+    ``videos`` uint8 ``[B, Ts, S, S, 3]`` on the training device -> float ``[B, frames, 3, size, size]``.
+    ``generator``: best on the same device (then nothing is copied to it); any device works.
+    """
+    batch, stored_frames = videos.shape[:2]
+    drawn_on = generator.device
+    clips = _select_frames(videos, train_frame_indices(batch, stored_frames, frames, generator))
+    boxes = random_crop_boxes(batch, generator)
+    if hflip:
+        flip = torch.rand(batch, generator=generator, device=drawn_on) < 0.5
+    else:
+        flip = torch.zeros(batch, dtype=torch.bool, device=drawn_on)
+
+    # One affine grid per clip does crop, resize and flip in a single bilinear resample.
+    # affine_grid works in [-1, 1] coordinates: scale = box side, shift = box centre.
+    cx, cy, width, height = boxes.unbind(1)
+    theta = torch.zeros(batch, 2, 3, device=drawn_on)
+    theta[:, 0, 0] = torch.where(flip, -width, width)
+    theta[:, 0, 2] = cx * 2 - 1
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = cy * 2 - 1
+
+    x = normalize(clips)  # [B, T, 3, S, S]
+    stored = x.shape[-1]
+    x = x.reshape(batch, frames * 3, stored, stored)  # frames become channels: one grid per clip
+    grid = F.affine_grid(theta.to(x.device), [batch, frames * 3, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return x.reshape(batch, frames, 3, size, size)
+
+
+def crop_offsets(stored: int, size: int, crops: int = 1) -> list[tuple[int, int]]:
+    """(top, left) of each spatial crop of a stored square: 1 crop, the exact centre; 3 crops, left, centre
+    and right at mid-height (the 3-crop test of VideoMAE and SlowFast, landscape video)."""
+    middle = (stored - size) // 2
+    if crops == 1:
+        return [(middle, middle)]
+    if crops == 3:
+        return [(middle, 0), (middle, middle), (middle, stored - size)]
+    raise ValueError(f"crops must be 1 or 3, got {crops}")
+
+
+def eval_transform(videos: torch.Tensor, *, frames: int, size: int, clips: int = 1, crops: int = 1) -> torch.Tensor:
+    """Evaluation views: evenly spaced frames and exact crops (see :func:`crop_offsets`), no resampling.
+
+    uint8 ``[B, Ts, S, S, 3]`` -> float ``[B * crops * clips, frames, 3, size, size]``,
+    view-minor (rows ``b * V .. b * V + V - 1``, ``V = crops * clips``, belong to video ``b``,
+    crop-major within it); average their logits with :func:`average_clip_logits`.
+    """
+    batch, stored_frames, stored = videos.shape[:3]
+    index = eval_frame_indices(stored_frames, frames, clips, device=videos.device)  # [clips, T]
+    views = [videos[:, :, top : top + size, left : left + size][:, index] for top, left in crop_offsets(stored, size, crops)]
+    crop = views[0] if crops == 1 else torch.stack(views, dim=1)  # [B, (crops,) clips, T, size, size, 3]
+    return normalize(crop.reshape(batch * crops * clips, frames, size, size, 3))
+
+
+def shuffle_frames(pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``[N, T, ...]`` with each clip's T frames in its own random order (drawn from ``generator``, on the CPU)."""
+    count, frames = pixel_values.shape[:2]
+    order = torch.argsort(torch.rand(count, frames, generator=generator), dim=1).to(pixel_values.device)
+    return pixel_values[torch.arange(count, device=pixel_values.device)[:, None], order]
+
+
+def average_clip_logits(logits: torch.Tensor, clips: int) -> torch.Tensor:
+    """``[B * clips, K]`` -> ``[B, K]``: the mean over each video's ``clips`` views."""
+    return logits.reshape(-1, clips, logits.shape[-1]).mean(dim=1)
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    off = smoothing / num_classes
+    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return targets.scatter_(1, labels[:, None], 1.0 - smoothing + off)
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    # torch's Beta sampler takes no generator; seed numpy's from ours instead.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def mix_batch(
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    generator: torch.Generator,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp or CutMix (one of them per batch, chosen at random when both are on) with soft targets.
+
+    Each clip is mixed with the clip at the mirrored batch position (as timm
+    does). CutMix cuts the same spatial box out of every frame (a tube) and
+    sets the mixing weight to the box's true area. Returns ``(pixel_values,
+    targets [B, K])``; each target row sums to 1. With both alphas 0 the
+    pixels are untouched and targets are the (smoothed) one-hot labels.
+    """
+    targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
+    if not (use_mixup or use_cutmix):
+        return pixel_values, targets
+    if use_mixup and use_cutmix:
+        use_cutmix = bool(torch.rand(1, generator=generator) < 0.5)
+        use_mixup = not use_cutmix
+    partner = pixel_values.flip(0)
+    if use_mixup:
+        lam = _beta(mixup_alpha, generator)
+        mixed = pixel_values * lam + partner * (1 - lam)
+    else:
+        lam = _beta(cutmix_alpha, generator)
+        height, width = pixel_values.shape[-2:]
+        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+        cy = int(torch.randint(0, height, (1,), generator=generator))
+        cx = int(torch.randint(0, width, (1,), generator=generator))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        mixed = pixel_values.clone()
+        mixed[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)
+    return mixed, targets * lam + targets.flip(0) * (1 - lam)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum(targets * log_softmax(logits))``."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()

@@ -1,0 +1,168 @@
+"""The driver side of a training run: check, build the ``TorchTrainer``, run it once, summarise.
+
+:func:`run_training` is ``vidray train``. It connects to Ray, refuses storage
+that the cluster's nodes cannot share, prepares the dataset, checks the config
+against it, and hands :func:`vidray.train.worker.train_loop_per_worker` to a
+``TorchTrainer`` (:func:`build_trainer`). Ray Tune builds the same trainer per
+trial (vidray/tune/sweep.py).
+
+A run lives under ``run.storage_path/run.name``. Running the same command again:
+
+* finished run (its last epoch is checkpointed): prints its summary, trains nothing;
+* interrupted run: continues from its latest checkpoint (Ray Train restores it);
+* ``restart=True`` (``--restart``) or a new ``run.name``: starts over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from vidray.config import TrainSettings, VidrayConfig
+from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
+from vidray.errors import UserError
+from vidray.train.ingest import build_datasets, data_config, ingest_cpus
+from vidray.train.metrics import SCORE_METRIC
+from vidray.model.classifier import check_model_config
+from vidray.train.optim import micro_batch_size
+from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
+from vidray.storage import resolve_path
+
+CHECKPOINTS_TO_KEEP = 2
+
+
+def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
+    shape = check_stored_clips(cfg, info, dataset_dir)
+    for split in ("train", "val"):
+        if info.split_counts.get(split, 0) == 0:
+            raise UserError(f"split {split!r} of {dataset_dir} holds no videos; training needs train and val videos")
+    per_worker = info.split_counts["train"] // cfg.train.num_workers
+    if per_worker < micro_batch_size(cfg.train):
+        raise UserError(
+            f"{dataset_dir} has {info.split_counts['train']} training videos: fewer than one batch of "
+            f"{micro_batch_size(cfg.train)} per worker; lower train.batch_size or train.num_workers"
+        )
+    return shape
+
+
+def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
+    """The clips the model eats (data.frames x data.size²) must fit in what the dataset stores: their ClipShape."""
+    if cfg.data.frames > info.stored_frames:
+        raise UserError(
+            f"data.frames={cfg.data.frames} exceeds the {info.stored_frames} frames stored per video in "
+            f"{dataset_dir}; lower data.frames or preprocess again with more stored frames"
+        )
+    if cfg.data.size > info.stored_size:
+        raise UserError(
+            f"data.size={cfg.data.size} exceeds the stored size {info.stored_size} of {dataset_dir}; "
+            "lower data.size or preprocess again at a larger size"
+        )
+    return ClipShape(
+        list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size,
+        decoder=info.raw.get("decoder") or "pyav",
+    )
+
+
+def make_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
+    """RunSettings from ``cfg.run``/``cfg.train``: name, absolute storage path, failures, checkpoints kept."""
+    kwargs = dict(
+        name=cfg.run.name,
+        storage_path=resolve_path(cfg.run.storage_path),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"
+        ),
+    )
+    kwargs.update(overrides)
+    return ray.train.RunConfig(**kwargs)
+
+
+def scaling_config(train: TrainSettings) -> ray.train.ScalingConfig:
+    return ray.train.ScalingConfig(
+        num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
+    )
+
+
+def build_trainer(
+    cfg: VidrayConfig,
+    *,
+    run_config: ray.train.RunConfig | None = None,
+    dataset_dir: str | None = None,
+) -> TorchTrainer:
+    """A ready-to-``fit()`` TorchTrainer for ``cfg`` on ``dataset_dir`` (default ``cfg.data.dataset_dir``).
+
+    ``run_config`` defaults to :func:`make_run_config`; pass your own (Ray Tune
+    does) to change where results go or to add callbacks.
+    """
+    from vidray.train.worker import train_loop_per_worker
+
+    dataset_dir = resolve_path(dataset_dir or cfg.data.dataset_dir)  # workers run elsewhere than the driver's cwd
+    info = read_dataset_info(dataset_dir)
+    shape = check_dataset(cfg, info, dataset_dir)
+    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "shape": shape,
+            "train_videos": info.split_counts["train"],
+            "val_videos": info.split_counts["val"],
+        },
+        scaling_config=scaling_config(cfg.train),
+        run_config=run_config or make_run_config(cfg),
+        datasets=build_datasets(dataset_dir, cfg.train, info),
+        dataset_config=data_config(),
+    )
+
+
+def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
+    """``cfg`` with run.storage_path and data.dataset_dir as every node must get them (after init_ray())."""
+    from vidray.cluster import shared_storage_paths
+
+    storage_path, dataset_dir = shared_storage_paths(cfg)
+    return cfg.model_copy(
+        update={
+            "run": cfg.run.model_copy(update={"storage_path": storage_path}),
+            "data": cfg.data.model_copy(update={"dataset_dir": dataset_dir}),
+        }
+    )
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """The console's line for one fine-tuning epoch (:class:`vidray.train.runs.EpochFollower`)."""
+    speed = metrics.get("train_videos_per_s")
+    return (
+        f"vidray train: epoch {int(metrics['epoch']) + 1}/{epochs} | train loss {metrics['train_loss']:.4f} | "
+        f"val loss {metrics['val_loss']:.4f} | val acc {metrics['val_accuracy']:.3f} | "
+        f"val macro-F1 {metrics['val_macro_f1']:.4f}" + (f" | {speed:.1f} clips/s" if speed else "")
+    )
+
+
+def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Prepare the data, train (or continue, or just report a finished run), and summarise.
+
+    Returns run dir, best and last metrics and checkpoint paths (``checkpoint``: the last epoch's,
+    ``best_checkpoint``: the best ``val_macro_f1``'s), the paths ``vidray evaluate`` takes.
+    """
+    from vidray.cluster import check_run_resources, cluster_capacity, init_ray
+    from vidray.data.prepare import prepare_dataset
+
+    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    init_ray(**console_settings(verbose))
+    cfg = on_shared_storage(cfg)
+    dataset_dir = cfg.data.dataset_dir
+    run_dir, state = open_run(
+        "train", "train", cfg.run.storage_path, cfg.run.name, restart=restart,
+        state_of=lambda folder: existing_run_state(cfg, folder), finished_note=f" ({cfg.train.epochs} epochs); nothing to train",
+    )  # fmt: skip
+    if state == "finished":
+        return summarize_run(run_dir)
+
+    prepare_dataset(cfg)
+    check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, read_dataset_info(dataset_dir)))
+    trainer = build_trainer(cfg, dataset_dir=dataset_dir)
+    with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line):
+        trainer.fit()
+    return summarize_run(run_dir)

@@ -1,0 +1,391 @@
+"""The life of a run on storage, one set of rules for ``vidray train``, ``vidray pretrain`` and ``vidray tune``.
+
+A run (or sweep) lives in ``<run.storage_path>/<name>``. Running the same command again:
+
+* new: nothing there yet; vidray creates the folder with its marker (:data:`RUN_MARKER`);
+* interrupted: continues (train and pretrain from their latest checkpoint, a sweep through Tune's restore);
+* finished: only summarised or reported, nothing trained;
+* a config that trains something else than the one the run started with is refused, naming the keys
+  (keys in :data:`vidray.config.KEYS_FREE_ON_RESUME` may differ);
+* ``--restart`` deletes the folder first, but only a folder strictly under ``run.storage_path`` that
+  vidray itself wrote (:func:`delete_run`): anything else is refused with what it holds.
+
+Also here, because all three commands share them: the console (:func:`console_settings`; Ray's own
+lines stay in its log files unless ``--verbose``) and, for train and pretrain, the driver-side
+follower (:class:`EpochFollower`) that prints one line per epoch and logs each epoch to TensorBoard
+and, when ``run.wandb.enabled``, to Weights & Biases (a sweep logs through Tune's callbacks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import pyarrow.fs as pafs
+
+from vidray.model.checkpoint import INFO, check_training_state
+from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbSettings, config_differences
+from vidray.errors import UserError
+from vidray.train.metrics import SCORE_METRIC
+from vidray.storage import is_uri, join_uri, open_filesystem
+
+RunKind = Literal["train", "pretrain", "sweep"]
+RunState = Literal["new", "interrupted", "finished"]
+
+# Written by vidray into every run or sweep folder it creates: {"written_by": "vidray", "kind": ..., "name": ...}.
+RUN_MARKER = "vidray_run.json"
+# The config a sweep was started with (older vidray sweeps hold only this file of vidray's own).
+SWEEP_CONFIG_FILE = "vidray_sweep.json"
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
+# How often the driver looks at the run's storage for a new epoch while Ray Train runs.
+FOLLOW_EVERY_S = 1.0
+
+
+# ------------------------------------------------------------------ files on storage
+
+
+def read_json(uri: str) -> Any | None:
+    """The JSON at ``uri``, or None when it is missing, being written or damaged."""
+    fs, path = open_filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def write_json(uri: str, value: Any) -> None:
+    fs, path = open_filesystem(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write((json.dumps(value, indent=2, default=str) + "\n").encode())
+
+
+def _entries(folder: str) -> list[pafs.FileInfo]:
+    fs, path = open_filesystem(folder)
+    return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+
+def _exists(uri: str) -> bool:
+    fs, path = open_filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+# ------------------------------------------------------------------ where a run lives
+
+
+def _inner_path(uri: str) -> tuple[str, str]:
+    """(filesystem identity, normalised path inside it): what two locations are compared by."""
+    fs, path = open_filesystem(uri)
+    scheme = uri.split("://", 1)[0] if is_uri(uri) else "file"
+    if scheme == "file" or isinstance(fs, pafs.LocalFileSystem):
+        return "local", os.path.realpath(path)
+    return f"{scheme}:{fs.type_name}", posixpath.normpath("/" + path.lstrip("/"))
+
+
+def strictly_under(folder: str, parent: str) -> bool:
+    (fs_a, a), (fs_b, b) = _inner_path(folder), _inner_path(parent)
+    return fs_a == fs_b and a != b and a.startswith(b.rstrip("/") + "/")
+
+
+def run_folder(storage_path: str, name: str) -> str:
+    """``<storage_path>/<name>``, refused unless it is a folder strictly under ``storage_path``."""
+    folder = join_uri(storage_path, name)
+    if not name or "/" in name or "\\" in name or name in (".", "..") or not strictly_under(folder, storage_path):
+        raise UserError(
+            f"run.name={name!r} does not name a folder inside run.storage_path {storage_path}; "
+            "use a plain name such as run.name=my_run"
+        )
+    return folder
+
+
+# ------------------------------------------------------------------ vidray's marker
+
+
+def read_marker(folder: str) -> dict[str, Any] | None:
+    marker = read_json(join_uri(folder, RUN_MARKER))
+    return marker if isinstance(marker, dict) else None
+
+
+def mark_run(folder: str, kind: RunKind, name: str, **state: Any) -> None:
+    """Create ``folder`` (if needed) with vidray's marker: what a later ``--restart`` may delete.
+    ``state``: what else the command records there (a sweep: ``finished=True`` once every trial is)."""
+    write_json(join_uri(folder, RUN_MARKER), {"written_by": "vidray", "kind": kind, "name": name, **state})
+
+
+def written_by_vidray(folder: str) -> bool:
+    """Whether ``folder`` holds vidray's marker, or (runs of older vidray versions) its sweep config
+    or a checkpoint with vidray's ``vidray.json``."""
+    entries = _entries(folder)
+    names = {entry.base_name for entry in entries}
+    if RUN_MARKER in names or SWEEP_CONFIG_FILE in names:
+        return True
+    return any(
+        entry.type == pafs.FileType.Directory and entry.base_name.startswith(CHECKPOINT_PREFIX)
+        and _exists(join_uri(folder, entry.base_name, INFO))
+        for entry in entries
+    )  # fmt: skip
+
+
+def _contents(folder: str) -> str:
+    names = sorted(entry.base_name for entry in _entries(folder))
+    return (", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")) or "nothing"
+
+
+def delete_run(storage_path: str, folder: str) -> None:
+    """``--restart``: delete ``folder`` if it is strictly under ``storage_path`` and vidray wrote it.
+
+    Anything else is refused, naming the folder and what it holds: the default storage path is
+    ``~/ray_results``, where a user's other Ray experiments live too.
+    """
+    if not strictly_under(folder, storage_path):
+        raise UserError(f"--restart: {folder} is not a folder inside run.storage_path {storage_path}; nothing deleted")
+    if not _exists(folder):
+        return
+    if not written_by_vidray(folder):
+        raise UserError(
+            f"--restart: {folder} was not written by vidray (no {RUN_MARKER}; it holds {_contents(folder)}); "
+            "nothing deleted: choose another run.name, or delete it yourself if it is yours to delete"
+        )
+    fs, path = open_filesystem(folder)
+    fs.delete_dir(path)
+
+
+# ------------------------------------------------------------------ checkpoints of a train or pretrain run
+
+
+def checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(epoch, path) of every checkpoint under ``run_dir``, oldest first."""
+    found = []
+    for entry in _entries(run_dir):
+        suffix = entry.base_name.removeprefix(CHECKPOINT_PREFIX)
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
+            found.append((int(suffix), join_uri(run_dir, entry.base_name)))
+    return sorted(found)
+
+
+def read_info(checkpoint: str) -> dict[str, Any] | None:
+    """A checkpoint's ``vidray.json``, or None for one still being written or damaged."""
+    info = read_json(join_uri(checkpoint, INFO))
+    return info if isinstance(info, dict) else None
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+
+
+def summarize_run(run_dir: str) -> dict[str, Any]:
+    """Run dir, best and last metrics and their checkpoints, read from what the run left on storage."""
+    infos = [(path, info) for _, path in checkpoints(run_dir) if (info := read_info(path)) is not None]
+    if not infos:
+        return {"run_dir": run_dir, "checkpoint": None, "best_checkpoint": None, "last": {}, "best": {}}
+    last_path, last = infos[-1]
+    best_path, best = max(infos, key=lambda item: (item[1]["metrics"].get(SCORE_METRIC, float("-inf")), item[1]["epoch"]))
+    return {
+        "run_dir": run_dir,
+        "checkpoint": last_path,
+        "best_checkpoint": best_path,
+        "last": _scalars(last["metrics"]),
+        "best": _scalars(best["metrics"]),
+    }
+
+
+def refuse_changed_config(saved: dict[str, Any], cfg: VidrayConfig, folder: str, what: str, saved_in: str = "") -> None:
+    """A UserError naming the keys when ``cfg`` would train something else than ``saved`` did."""
+    changed = [
+        key for key in config_differences(saved, cfg.model_dump(mode="json")) if not key.startswith(KEYS_FREE_ON_RESUME)
+    ]
+    if changed:
+        where = f"; it is saved in {saved_in} there" if saved_in else ""
+        raise UserError(
+            f"{folder} holds a {what} started with another config ({', '.join(changed[:6])} differ{where}): "
+            "pass --restart to start it over, or set run.name to a new name"
+        )
+
+
+def existing_run_state(cfg: VidrayConfig, run_dir: str) -> RunState:
+    """``new``, ``interrupted`` or ``finished``: what a train or pretrain ``run_dir`` holds for ``cfg``.
+
+    Refuses, naming the keys, a run started with a config that trains something else (resuming it
+    would mix two runs), and a latest checkpoint vidray will not read.
+    """
+    found = checkpoints(run_dir)
+    if not found:
+        return "new"
+    epoch, latest = found[-1]
+    info = read_info(latest)
+    if info is not None and "config" in info:
+        refuse_changed_config(info["config"], cfg, run_dir, "run")
+    if epoch >= cfg.train.epochs - 1:
+        return "finished"
+    if not is_uri(latest):  # a remote one is checked by the worker that downloads it
+        check_training_state(latest)
+    return "interrupted"
+
+
+def open_run(
+    command: str, kind: RunKind, storage_path: str, name: str, *, restart: bool, state_of: Callable[[str], RunState],
+    finished_note: str,
+) -> tuple[str, RunState]:
+    """(folder, state) of the run ``command`` is about to train, continue or report.
+
+    ``--restart`` deletes the folder first (:func:`delete_run`); a folder vidray did not write is
+    refused; ``state_of(folder)`` says what is there (and refuses a changed config); the console is
+    told what happens; a run that will train gets vidray's marker before Ray writes into its folder.
+    """
+    folder = run_folder(storage_path, name)
+    if restart:
+        delete_run(storage_path, folder)
+    elif _entries(folder) and not written_by_vidray(folder):
+        # Neither read as a run nor adopted: a marker would let a later --restart delete someone else's files.
+        raise UserError(
+            f"{folder} exists and was not written by vidray (it holds {_contents(folder)}): set run.name to a new name"
+        )
+    state = state_of(folder)
+    if state == "finished":
+        print(f"vidray {command}: {folder} is finished{finished_note} (--restart or a new run.name starts over)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return folder, state
+    if state == "interrupted":
+        what = "the interrupted sweep " if kind == "sweep" else ""
+        where = "" if kind == "sweep" else " from its latest checkpoint"
+        print(f"vidray {command}: continuing {what}{folder}{where}", file=sys.stderr, flush=True)
+    if read_marker(folder) is None:
+        mark_run(folder, kind, name)
+    return folder, state
+
+
+# ------------------------------------------------------------------ console
+
+
+def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def console_settings(verbose: bool) -> dict[str, Any]:
+    """One console for every command: vidray's lines only, or everything with ``verbose``.
+
+    Returns the ``ray.init`` keywords to use (``logging_level``: Ray's own logger in this process,
+    e.g. "Started a local Ray instance"). By default the workers' output (Ray Train logs
+    every report and checkpoint at INFO on every worker, Ray Data every dataset execution, Ray
+    core its own warnings) stays in Ray's log files and the dashboard, not on the console; a
+    failing run still shows its error here, raised by ``fit()``.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        # Ray Data's own INFO lines and progress bars in this process (preprocessing, dataset reads).
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # ...and its warning that the bars are off, which is what we asked for.
+        for handler in logging.getLogger("ray.data").handlers:  # handlers: the record comes from a child logger
+            handler.addFilter(_drop_progress_bars_disabled)
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+
+
+# ------------------------------------------------------------------ tracking
+
+
+def wandb_mode(settings: WandbSettings) -> str:
+    """WANDB_MODE in the environment wins over run.wandb.mode, so WANDB_MODE=offline always keeps
+    everything on disk; offline and disabled are exported so nothing looks for an API key."""
+    mode = os.environ.get("WANDB_MODE") or settings.mode
+    if mode in ("offline", "disabled"):
+        os.environ["WANDB_MODE"] = mode
+    return mode
+
+
+def wandb_key_error(mode: str, err: Exception) -> UserError:
+    return UserError(
+        f"run.wandb.mode={mode} needs a Weights & Biases API key ({err}); set WANDB_API_KEY, "
+        "or run.wandb.mode=offline to log locally"
+    )
+
+
+def tracking_dir(run_dir: str, name: str) -> Path:
+    """Where a train or pretrain run's TensorBoard events and wandb/ folder go: the run's own folder,
+    or for a bucket ``~/ray_results/<name>`` on the driver's machine (both write local files)."""
+    return Path(run_dir) if not is_uri(run_dir) else Path("~/ray_results").expanduser() / name
+
+
+class EpochFollower:
+    """The driver's view of a running train or pretrain run: reads each new epoch from the run's latest
+    checkpoint (its ``vidray.json`` holds the whole history, so no epoch is missed however fast they
+    come), prints one line for it and logs it to TensorBoard and, when enabled, Weights & Biases.
+
+    Used as a context manager around ``fit()``; epochs the run already had when it started are skipped.
+    """
+
+    def __init__(
+        self, run_dir: str, cfg: VidrayConfig, *, name: str, line: Callable[[dict[str, Any], int], str],
+        every_s: float = FOLLOW_EVERY_S,
+    ):  # fmt: skip
+        self.run_dir, self.cfg, self.name, self.line, self.every_s = run_dir, cfg, name, line, every_s
+        self.done = {h["epoch"] for _, path in checkpoints(run_dir)[-1:] for h in (read_info(path) or {}).get("history", [])}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="vidray-epochs", daemon=True)
+        self.local_dir = tracking_dir(run_dir, name)
+        self.tensorboard = None
+        self.wandb_run = None
+
+    def __enter__(self) -> "EpochFollower":
+        from tensorboardX import SummaryWriter
+
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR))
+        if self.cfg.run.wandb.enabled:
+            self.wandb_run = start_wandb(self.cfg, self.name, self.local_dir)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()  # what the last epoch wrote after the thread's last look
+        self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    def _follow(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        latest = checkpoints(self.run_dir)[-1:]
+        info = read_info(latest[0][1]) if latest else None
+        for metrics in (info or {}).get("history", []):
+            epoch = int(metrics["epoch"])
+            if epoch in self.done:
+                continue
+            self.done.add(epoch)
+            print(self.line(metrics, self.cfg.train.epochs), flush=True)
+            scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, epoch + 1)
+            self.tensorboard.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log({**scalars, "epoch": epoch + 1}, step=epoch + 1)
+
+
+def start_wandb(cfg: VidrayConfig, name: str, local_dir: Path):
+    """A Weights & Biases run for one train or pretrain run, logged from the driver (no worker needs wandb)."""
+    import wandb
+
+    mode = wandb_mode(cfg.run.wandb)
+    try:
+        # console="off": stdout stays vidray's, whose last line is the JSON summary.
+        return wandb.init(
+            project=cfg.run.wandb.project, group=cfg.run.name, name=name, dir=str(local_dir), mode=mode,
+            config=cfg.model_dump(mode="json"), settings=wandb.Settings(silent=True, console="off"),
+        )  # fmt: skip
+    except (wandb.errors.Error, ValueError) as err:
+        raise wandb_key_error(mode, err) from None
