@@ -121,3 +121,17 @@ def test_vidray_pretrain_prints_one_line_per_epoch_and_tracks_the_run(walkthroug
     run_dir = walkthrough["home"] / "ray_results" / "demo_train-pretrain"
     assert summary_of(output)["model_dir"] == str(run_dir / "encoder")
     assert_tracked(run_dir)
+
+
+def test_verbose_brings_back_what_the_console_leaves_out(walkthrough):
+    """``--verbose`` shows Ray's own lines again (its workers' logs, Ray Train's report and
+    checkpoint lines), beside vidray's one line per epoch and its summary."""
+    command = (
+        "vidray pretrain --verbose --config configs/demo.yaml data.source=folder pretrain.epochs=1 "
+        "run.name=demo_verbose"
+    )
+    output = run_command(command, walkthrough["work"], walkthrough["env"])
+    assert "(RayTrainWorker pid=" in output, output[-5000:]  # the workers' output reaches the console
+    assert "Checkpoint successfully created" in output, output[-5000:]
+    assert [line for line in output.splitlines() if line.startswith("vidray pretrain: epoch 1/1")], output[-5000:]
+    assert summary_of(output)["model_dir"].endswith("demo_verbose-pretrain/encoder")
