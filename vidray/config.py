@@ -224,7 +224,7 @@ class TuneSettings(_Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: derived from the cluster
-    # Views of the best model's held-out test (vidray.model.classifier.inference.Views): temporal clips (None: train.eval_clips)
+    # Views of the best model's held-out test (vidray.model.inference.Views): temporal clips (None: train.eval_clips)
     # x spatial crops (1: centre; 3: left, centre, right). The default is the view training validated with.
     test_clips: int | None = Field(None, ge=1)
     test_crops: Literal[1, 3] = 1
