@@ -178,19 +178,25 @@ def test_a_lower_stage_never_imports_a_higher_one():
 
 
 def _dynamic_imports(tree: ast.AST):
-    """(call, enclosing function or module node) for importlib.import_module / __import__ calls."""
+    """(call, scope) for importlib.import_module / __import__ calls; scope: the enclosing function, or at
+    module level the innermost enclosing ``if`` (the call itself when there is none), where a guard reads."""
 
     def walk(node, scope):
         for child in ast.iter_child_nodes(node):
-            inner = child if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else scope
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = child
+            elif isinstance(child, ast.If) and not isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = child.test
+            else:
+                inner = scope
             if isinstance(child, ast.Call):
                 func = child.func
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
                 if name in ("import_module", "__import__"):
-                    yield child, scope
+                    yield child, scope if isinstance(scope, ast.AST) else child
             yield from walk(child, inner)
 
-    yield from walk(tree, tree)
+    yield from walk(tree, None)
 
 
 def _reads_environment(scope: ast.AST) -> bool:
@@ -304,9 +310,9 @@ def test_vidray_imports_inside_functions_only_where_allowed():
     for imp in ALL_IMPORTS:
         if imp.function is not None and not _function_import_allowed(imp):
             hidden.setdefault(imp.source, []).append(f"{imp.function}:{imp.line} {imp.target}")
-    assert not hidden, f"{sum(map(len, hidden.values()))} vidray imports inside functions (move them to module level):\n" + (
-        "\n".join(f"{module}: {', '.join(places)}" for module, places in sorted(hidden.items()))
-    )
+    count = sum(map(len, hidden.values()))
+    listing = "\n".join(f"{module}: {', '.join(places)}" for module, places in sorted(hidden.items()))
+    assert not hidden, f"{count} vidray imports inside functions (move them to module level):\n{listing}"
 
 
 def _public_names(ray_root: Path, module: str) -> set[str]:
@@ -336,14 +342,14 @@ def test_no_vidray_class_is_named_like_a_ray_class():
         for name in _public_names(ray_root, module):
             if name[:1].isupper():
                 ray_names.setdefault(name, module)
-    assert {"RunConfig", "TuneConfig", "DataConfig", "ScalingConfig", "CheckpointConfig", "Checkpoint", "Result"} <= set(
-        ray_names
-    ), "Ray's public names moved: fix _public_names"
+    expected = {"RunConfig", "TuneConfig", "DataConfig", "ScalingConfig", "CheckpointConfig", "Checkpoint", "Result"}
+    assert expected <= set(ray_names), "Ray's public names moved: fix _public_names"
     clashes = []
     for module, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ClassDef) and node.name in ray_names:
-                clashes.append(f"{module}.{node.name} (line {node.lineno}) is named like {ray_names[node.name]}.{node.name}")
+                ray_class = f"{ray_names[node.name]}.{node.name}"
+                clashes.append(f"{module}.{node.name} (line {node.lineno}) is named like {ray_class}")
     assert not clashes, "rename these (they are used beside Ray's classes):\n" + "\n".join(clashes)
 
 
@@ -352,9 +358,11 @@ def test_ls_vidray_shows_the_pipeline():
     expected = (
         set(STAGE_FOLDERS) | {"testing"} | {f"{m}.py" for m in SHARED_MODULES + TOP_MODULES} | set(DATA_FOLDERS)
     )
-    assert entries == expected, f"unexpected in vidray/: {sorted(entries - expected)}; missing: {sorted(expected - entries)}"
+    unexpected, missing = sorted(entries - expected), sorted(expected - entries)
+    assert entries == expected, f"unexpected in vidray/: {unexpected}; missing: {missing}"
     # Every stage folder is a package: pyproject's packages.find skips folders without __init__.py.
-    not_packages = [f"vidray/{folder}" for folder in (*STAGE_FOLDERS, "testing") if not (PACKAGE / folder / "__init__.py").is_file()]
+    folders = (*STAGE_FOLDERS, "testing")
+    not_packages = [f"vidray/{folder}" for folder in folders if not (PACKAGE / folder / "__init__.py").is_file()]
     assert not not_packages, f"no __init__.py (an installed vidray would lack them): {not_packages}"
 
 
