@@ -12,11 +12,11 @@ from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding
 
 from vidray.model.checkpoint import load_trained_model, save_checkpoint
 from vidray.data.dataset import ClipShape
+from vidray.compat import POSITION_TABLE_VERIFIED_TRANSFORMERS
 from vidray.config import ModelSettings
 from vidray.errors import UserError
 from vidray.model.classifier import (
     POS_GRID_KEY,
-    POSITION_TABLE_VERIFIED_TRANSFORMERS,
     SCRATCH_SIZES,
     build_model,
     load_model,
@@ -194,7 +194,7 @@ def test_to_device_moves_the_position_table_hf_reads_in_every_forward(pretrained
     import transformers
 
     assert transformers.__version__.startswith(POSITION_TABLE_VERIFIED_TRANSFORMERS), (
-        f"transformers {transformers.__version__}: re-check to_device against VideoMAEEmbeddings, then list it"
+        f"transformers {transformers.__version__}: re-check to_device against VideoMAEEmbeddings, then list it in vidray/compat.py"
     )
     model = build_model(_pretrained_cfg(pretrained_dir), CLASSES, 16, 112)  # an interpolated table
     embeddings = model.videomae.embeddings

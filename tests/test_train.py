@@ -575,19 +575,3 @@ def test_host_snapshot_is_what_a_background_checkpoint_writes(tmp_path):
     restored = load_training_state(tmp_path)
     assert restored["step"].item() == 3.0 and restored["rng"][1] == 7
 
-
-def test_background_checkpoints_rest_on_a_checked_ray_api():
-    import inspect
-
-    from ray.train.v2._internal.execution.storage import StorageContext
-
-    from vidray.train.worker import BACKGROUND_CHECKPOINT_VERIFIED_RAY, background_checkpoints_supported
-
-    assert ray.__version__ in BACKGROUND_CHECKPOINT_VERIFIED_RAY, (
-        f"ray {ray.__version__}: re-check vidray.train.worker.report_epoch's background writer, then list it"
-    )
-    assert list(inspect.signature(StorageContext.persist_current_checkpoint).parameters) == [
-        "self", "checkpoint", "checkpoint_dir_name"
-    ]  # fmt: skip
-    assert {"checkpoint_upload_mode", "checkpoint_upload_fn"} <= set(inspect.signature(ray.train.report).parameters)
-    assert background_checkpoints_supported()

@@ -417,13 +417,13 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
 
 
 def test_the_train_to_tune_handover_workaround_still_finds_what_it_reads(ray_cluster, tmp_path):
-    """vidray.tune.sweep.wait_until_tune_has_the_last_report reads two private attributes of Ray's
+    """vidray.tune.sweep.wait_until_tune_has_the_last_report reads (through vidray.compat) two private attributes of Ray's
     function-trainable session. If an upgrade moves them the workaround silently stops working and
     sweeps can hang again: this test fails first, so the upgrade re-checks the race."""
     import ray
     import ray.tune
 
-    from vidray.tune.sweep import HANDOVER_VERIFIED_RAY
+    from vidray.compat import HANDOVER_VERIFIED_RAY
 
     assert ray.__version__ in HANDOVER_VERIFIED_RAY, (
         f"Ray {ray.__version__} is not among the versions the Train->Tune hand-over workaround was verified with "

@@ -51,6 +51,7 @@ from typing import Any
 from vidray.train.augment import MEAN, STD
 from vidray.model.checkpoint import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
 from vidray.data.dataset import ClipShape
+from vidray.compat import EXPORT_CODE_PRIVATE_IMPORTS, videomae_image_processor_class
 from vidray.errors import UserError
 from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, token_grid
 from vidray.data.video import segment_indices
@@ -69,22 +70,7 @@ is not the table this model was trained with; this class rebuilds the right one.
 
 import torch.nn.functional as F
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
-
-try:
-    # transformers >= 5 renames VideoMAE's saved q_bias/v_bias on load by model_type, and applies
-    # no renaming to custom-code classes unless it is registered for them.
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
-
-    register_checkpoint_conversion_mapping(
-        "vidray_videomae", get_checkpoint_conversion_mapping("videomae"), overwrite=True
-    )
-except ImportError:  # transformers 4 loads q_bias/v_bias as they are saved
-    pass
-
+''' + EXPORT_CODE_PRIVATE_IMPORTS + '''
 
 class VidrayVideoMAEConfig(VideoMAEConfig):
     model_type = "vidray_videomae"
@@ -110,20 +96,9 @@ class VidrayVideoMAEForVideoClassification(VideoMAEForVideoClassification):
 '''
 
 
-def _image_processor_class():
-    try:  # transformers 5: the PIL backend needs no torchvision (AutoImageProcessor picks it when absent)
-        from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
-
-        return VideoMAEImageProcessorPil
-    except ImportError:  # transformers 4: the default processor is the PIL/numpy one
-        from transformers import VideoMAEImageProcessor
-
-        return VideoMAEImageProcessor
-
-
 def image_processor_for(data: dict[str, Any]):
     """The VideoMAE image processor that reproduces evaluation's spatial transform for ``data``."""
-    return _image_processor_class()(
+    return videomae_image_processor_class()(
         do_resize=True,
         size={"shortest_edge": int(data["stored_size"])},
         resample=2,  # PIL bilinear

@@ -19,8 +19,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
-from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
+from vidray.compat import move_position_table_with_model, sinusoid_encoding_table
 from vidray.config import ModelSettings
 from vidray.errors import UserError
 
@@ -60,7 +60,7 @@ def interpolate_position_table(
     the frame as two neighbouring 16 px patches at 224².
     """
     source_grid, target_grid = tuple(source_grid), tuple(target_grid)
-    table = get_sinusoid_encoding_table(source_grid[0] * source_grid[1] * source_grid[2], hidden_size)
+    table = sinusoid_encoding_table(source_grid[0] * source_grid[1] * source_grid[2], hidden_size)
     if source_grid == target_grid:
         return table
     grid = table.reshape(1, *source_grid, hidden_size).permute(0, 4, 1, 2, 3)  # [1, D, T, H, W]
@@ -219,14 +219,6 @@ def load_model(model_dir: str) -> VideoMAEForVideoClassification:
     return model
 
 
-# transformers releases whose VideoMAEEmbeddings keep the position table as a plain tensor
-# attribute (not a parameter or buffer, so Module.to() leaves it where it is) and copy it to the
-# input's device in every forward. tests/test_model.py fails when the installed release is not
-# listed or the attribute changed kind, so an upgrade re-checks :func:`to_device`.
-POSITION_TABLE_VERIFIED_TRANSFORMERS = ("5.",)
-_warned_unverified: list[str] = []
-
-
 def to_device(model: VideoMAEForVideoClassification, device: torch.device) -> VideoMAEForVideoClassification:
     """``model.to(device)``, and the position table with it, once.
 
@@ -235,23 +227,8 @@ def to_device(model: VideoMAEForVideoClassification, device: torch.device) -> Vi
     in every forward, which makes the host wait for the GPU. On the device it is a
     device-side copy. A table that is already a buffer or parameter moves with the model.
     """
-    import transformers
-
     model.to(device)
-    if not transformers.__version__.startswith(POSITION_TABLE_VERIFIED_TRANSFORMERS) and not _warned_unverified:
-        _warned_unverified.append(transformers.__version__)
-        logger.warning(
-            "transformers %s is not one vidray checked VideoMAE's position table with (%s): "
-            "it may be copied to the device in every forward", transformers.__version__,
-            ", ".join(POSITION_TABLE_VERIFIED_TRANSFORMERS),
-        )
-    embeddings = model.videomae.embeddings
-    table = getattr(embeddings, "position_embeddings", None)
-    registered = {name for name, _ in embeddings.named_buffers(recurse=False)} | {
-        name for name, _ in embeddings.named_parameters(recurse=False)
-    }
-    if isinstance(table, torch.Tensor) and "position_embeddings" not in registered:
-        embeddings.position_embeddings = table.to(device)
+    move_position_table_with_model(model.videomae.embeddings, device)
     return model
 
 

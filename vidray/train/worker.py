@@ -45,6 +45,7 @@ from transformers.utils import logging as hf_logging
 
 from vidray.train import augment
 from vidray.model.checkpoint import MODEL_DIR, host_snapshot, load_training_state, read_checkpoint_info, save_checkpoint
+from vidray.compat import background_checkpoints_supported, quiet_ray_train_report_log
 from vidray.config import TrainSettings, VidrayConfig
 from vidray.data.dataset import ClipShape
 from vidray.testing.faults import maybe_die_for_test, maybe_hold_for_test
@@ -80,10 +81,7 @@ def quiet_worker_logs() -> None:
     and the dashboard anyway. If Ray moves that file, its lines simply come back.
     """
     hf_logging.disable_progress_bar()
-    with contextlib.suppress(ImportError):
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    quiet_ray_train_report_log()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -422,23 +420,10 @@ def evaluate(
     return confusion_matrix(y_true_host.numpy(), y_pred_host.numpy(), len(shape.classes)), float(loss_sum.item())
 
 
-# Ray releases whose StorageContext.persist_current_checkpoint (a DeveloperAPI, reached through
-# ray.train.get_context().get_storage()) the background checkpoint writer was checked against.
-# tests/test_train.py fails when the installed Ray is not listed or the method moved; elsewhere
-# report_epoch falls back to writing the checkpoint before it reports.
-BACKGROUND_CHECKPOINT_VERIFIED_RAY = ("2.60.0",)
 _previous_write = threading.Event()
 _previous_write.set()
 # How long a snapshot waits for the previous epoch's write (which bounds host memory to two snapshots).
 PENDING_WRITE_WAIT_S = 300
-
-
-def background_checkpoints_supported() -> bool:
-    if ray.__version__ not in BACKGROUND_CHECKPOINT_VERIFIED_RAY:
-        return False
-    from ray.train.v2._internal.execution.storage import StorageContext
-
-    return callable(getattr(StorageContext, "persist_current_checkpoint", None))
 
 
 def report_epoch(

@@ -35,7 +35,6 @@ from __future__ import annotations
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from vidray.compat import train_to_tune_report_queues
 from vidray.config import SearchRange, TrainSettings, TuneSettings, VidrayConfig
 from vidray.errors import UserError
 from vidray.train.metrics import EPOCHS_DONE, TUNABLE_METRICS
@@ -197,45 +197,6 @@ def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, 
 
 # How long the hand-over from Ray Train to Tune must look finished before the trial may end.
 HANDOVER_QUIET_S = 2.0
-# Ray releases whose function trainable has the race below and the private attributes the
-# workaround reads (ray/train/_internal/session.py). tests/test_tune.py fails when the installed
-# Ray is not listed or the attributes moved, so an upgrade re-checks the workaround.
-HANDOVER_VERIFIED_RAY = ("2.60.0",)
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def handover_queues():
-    """(Tune session, Train->Tune queue) of this trial's process, or None with a warning (once) when
-    the installed Ray is not one the workaround was verified with or its private attributes are gone."""
-    if ray.__version__ not in HANDOVER_VERIFIED_RAY:
-        _warn_once(
-            "version",
-            f"vidray's wait for the last Train->Tune report was verified on Ray {', '.join(HANDOVER_VERIFIED_RAY)} "
-            f"and is off on Ray {ray.__version__}; if a sweep hangs after a trial's last epoch, "
-            f"pin ray=={HANDOVER_VERIFIED_RAY[-1]}",
-        )
-        return None
-    try:
-        from ray.train._internal.session import get_session
-    except ImportError:
-        get_session = None
-    session = get_session() if get_session else None
-    if session is None or not all(hasattr(session, name) for name in ("result_queue", "_inter_actor_queue")):
-        _warn_once(
-            "attributes",
-            "vidray cannot find Ray Tune's Train->Tune report queues (ray.train._internal.session moved?); "
-            "a sweep may hang after a trial's last epoch",
-        )
-        return None
-    if session._inter_actor_queue is None:
-        return None  # Train reported nothing to this trial: nothing in flight
-    return session, session._inter_actor_queue
 
 
 def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
@@ -249,7 +210,7 @@ def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
     forever putting the last epoch behind it (seen as a sweep that hangs with idle
     CPUs). Waiting until both queues stay empty closes the window.
     """
-    queues = handover_queues()
+    queues = train_to_tune_report_queues()
     if queues is None:
         return
     session, handover = queues

@@ -1,0 +1,180 @@
+"""The private Ray and transformers APIs vidray relies on, checked against the installed releases.
+
+Every shim in vidray/compat.py has a test here that imports the private API, checks the attribute or
+signature the shim reads, and fails when the installed release is outside the shim's version gate,
+naming what to re-check. Nothing is mocked: these read the installed Ray and transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vidray import compat
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What marks a private Ray/transformers API in vidray's source. tests/test_compat.py's own rule:
+# only vidray/compat.py may name one.
+PRIVATE_API = re.compile(
+    r"_internal|StorageContext|_inter_actor_queue|conversion_mapping|ray\._private|_private\b"
+    r"|modeling_videomae|image_processing_\w+_videomae|transformers\.(models|utils)\."
+)
+
+
+def _installed(package: str) -> str:
+    return __import__(package).__version__
+
+
+def assert_in_ray_gate(gate: tuple[str, ...], recheck: str) -> None:
+    version = _installed("ray")
+    assert version in gate, f"Ray {version} is outside vidray.compat's gate {gate}: {recheck}, then list it"
+
+
+def assert_in_transformers_gate(gate: tuple[str, ...], recheck: str) -> None:
+    version = _installed("transformers")
+    assert version.startswith(gate), (
+        f"transformers {version} is outside vidray.compat's gate {gate}: {recheck}, then list it"
+    )
+
+
+def test_only_compat_names_a_private_ray_or_transformers_api():
+    offenders = []
+    for path in sorted((REPO / "vidray").rglob("*.py")):
+        if path.name == "compat.py" and path.parent.name == "vidray":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if PRIVATE_API.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "private Ray/transformers APIs belong in vidray/compat.py:\n" + "\n".join(offenders)
+
+
+def test_compat_imports_nothing_heavy():
+    """The GPU check imports vidray.model.classifier (and so vidray.compat) where Ray is not installed."""
+    probe = "import sys, vidray.compat; print(sorted({'ray', 'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+
+def test_ray_train_report_log_is_where_the_shim_quiets_it():
+    from ray.train.v2._internal.execution import context
+
+    assert_in_ray_gate(
+        compat.TRAIN_REPORT_LOG_VERIFIED_RAY, "re-check where Ray Train logs 'Reporting training result'"
+    )
+    assert "Reporting training result" in inspect.getsource(context)
+    assert context.logger is logging.getLogger(context.__file__)
+    level = context.logger.level
+    try:
+        compat.quiet_ray_train_report_log()
+        assert context.logger.level == logging.WARNING
+    finally:
+        context.logger.setLevel(level)
+
+
+def test_background_checkpoints_rest_on_a_checked_ray_api():
+    import ray.train
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    assert_in_ray_gate(
+        compat.BACKGROUND_CHECKPOINT_VERIFIED_RAY,
+        "re-check vidray.train.worker.report_epoch's background writer against StorageContext",
+    )
+    assert list(inspect.signature(StorageContext.persist_current_checkpoint).parameters) == [
+        "self", "checkpoint", "checkpoint_dir_name"
+    ]  # fmt: skip
+    assert {"checkpoint_upload_mode", "checkpoint_upload_fn"} <= set(inspect.signature(ray.train.report).parameters)
+    assert compat.background_checkpoints_supported()
+
+
+def test_train_to_tune_handover_queues_are_where_the_workaround_reads_them():
+    """The fast, static half; tests/test_tune.py reads the same attributes off a live trial's session."""
+    from ray.train._internal import session
+    from ray.tune.integration import ray_train
+
+    assert_in_ray_gate(
+        compat.HANDOVER_VERIFIED_RAY, "re-check the Train->Tune race in ray/train/_internal/session.py"
+    )
+    assert callable(session.get_session)
+    source = inspect.getsource(session._TrainSession)  # __init__ sets them through reset()
+    for name in compat.HANDOVER_ATTRIBUTES:
+        assert re.search(rf"self\.{name}\b[^=\n]*= ", source), f"_TrainSession no longer sets {name}"
+    assert "self.result_queue = queue.Queue(1)" in source  # the one-slot queue the race is about
+    # TuneReportCallback still hands reports over through that queue.
+    assert "_get_or_create_inter_actor_queue()" in inspect.getsource(ray_train.TuneReportCallback)
+    # Outside a trial there is no session: the shim says so without touching the attributes.
+    compat._warned.discard("attributes")
+    try:
+        with pytest.warns(RuntimeWarning, match="cannot find Ray Tune's Train->Tune report queues"):
+            assert compat.train_to_tune_report_queues() is None
+    finally:
+        compat._warned.discard("attributes")
+
+
+# ------------------------------------------------------------------------------------------ transformers
+
+
+def test_videomae_position_table_is_a_plain_attribute_built_by_the_sinusoid_helper():
+    import torch
+    from transformers import VideoMAEConfig
+    from transformers.models.videomae import modeling_videomae
+
+    assert_in_transformers_gate(
+        compat.POSITION_TABLE_VERIFIED_TRANSFORMERS,
+        "re-check vidray.model.classifier's position table (interpolate, install, to_device) "
+        "and vidray.infer.export.CUSTOM_CODE against VideoMAEEmbeddings",
+    )
+    assert list(inspect.signature(modeling_videomae.get_sinusoid_encoding_table).parameters) == ["n_position", "d_hid"]
+    table = compat.sinusoid_encoding_table(12, 8)
+    assert table.shape == (1, 12, 8) and table.dtype == torch.float32
+    config = VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=8)
+    embeddings = modeling_videomae.VideoMAEEmbeddings(config)
+    assert torch.equal(embeddings.position_embeddings, compat.sinusoid_encoding_table(2 * 2 * 2, 8))
+    registered = dict(embeddings.named_buffers()) | dict(embeddings.named_parameters())
+    assert "position_embeddings" not in registered  # so Module.to() leaves it behind
+    assert "self.position_embeddings" in inspect.getsource(modeling_videomae.VideoMAEEmbeddings.forward)
+    embeddings.to(torch.device("meta"))
+    assert embeddings.position_embeddings.device.type == "cpu"
+    compat.move_position_table_with_model(embeddings, torch.device("meta"))
+    assert embeddings.position_embeddings.device.type == "meta"
+
+
+def test_exported_code_registers_videomae_renaming_for_its_model_type():
+    from transformers import conversion_mapping
+
+    assert_in_transformers_gate(
+        compat.CONVERSION_MAPPING_VERIFIED_TRANSFORMERS,
+        "re-check that a vidray_videomae export loads its q_bias/v_bias (tests/test_export_predict.py) "
+        "and vidray.compat.EXPORT_CODE_PRIVATE_IMPORTS",
+    )
+    register = inspect.signature(conversion_mapping.register_checkpoint_conversion_mapping).parameters
+    assert list(register)[1] == "mapping" and "overwrite" in register  # the snippet passes (model_type, mapping)
+    videomae = conversion_mapping.get_checkpoint_conversion_mapping("videomae")
+    assert videomae, "transformers no longer renames VideoMAE's saved weights by model_type"
+    namespace: dict = {}
+    exec(compile(compat.EXPORT_CODE_PRIVATE_IMPORTS, "exported-code", "exec"), namespace)
+    assert namespace["get_sinusoid_encoding_table"] is not None
+    registered = conversion_mapping.get_checkpoint_conversion_mapping("vidray_videomae")
+    assert [repr(rule) for rule in registered] == [repr(rule) for rule in videomae]
+
+
+def test_torchvision_free_videomae_image_processor_is_where_the_shim_finds_it():
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    assert_in_transformers_gate(
+        compat.IMAGE_PROCESSOR_VERIFIED_TRANSFORMERS,
+        "re-check which VideoMAE image processor AutoImageProcessor picks without torchvision",
+    )
+    from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+
+    assert compat.videomae_image_processor_class() is VideoMAEImageProcessorPil
+    assert issubclass(VideoMAEImageProcessorPil, BaseImageProcessor)

@@ -1,0 +1,206 @@
+"""Every private Ray or transformers API vidray touches, in one place, each behind its version gate.
+
+A gate lists the releases the shim was checked against (Ray: exact versions; transformers: version
+prefixes). tests/test_compat.py imports each private API, checks the attribute or signature its shim
+relies on, and fails when the installed release is outside the gate: an upgrade then re-checks the
+shim named in the failure (read the Ray/transformers source it points at, fix the shim, list the
+release). Outside its gate a shim does what its comment says: fall back to public behaviour, or
+try anyway where the worst outcome is cosmetic.
+
+Shared stage: imports nothing heavy at module level. The GPU check imports vidray.model.classifier
+(and so this module) where Ray is hidden, so every shim imports Ray or transformers inside itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _ray_version() -> str:
+    import ray  # only the Ray shims call this; they run in Ray processes, where ray is loaded
+
+    return ray.__version__
+
+
+def _transformers_version() -> str:
+    import transformers  # loaded already wherever a VideoMAE is built
+
+    return transformers.__version__
+
+
+# ------------------------------------------------------------------ Ray Train V2: the report log line
+# ray/train/v2/_internal/execution/context.py logs every ray.train.report with its whole metrics dict
+# at INFO from every rank, under a logger named after that file (logging.getLogger(__file__)).
+# Soft gate: outside it the shim still tries, since the worst outcome is that those lines come back.
+# If the file moves: find the "Reporting training result" log call and point the import at its module.
+TRAIN_REPORT_LOG_VERIFIED_RAY = ("2.60.0",)
+
+
+def quiet_ray_train_report_log() -> None:
+    """Ray Train's per-report INFO line (every rank, every epoch) down to WARNING, in this process."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------ Ray Train V2: StorageContext.persist_current_checkpoint
+# The background checkpoint writer (vidray.train.worker.report_epoch) hands ray.train.report a
+# checkpoint_upload_fn that Ray runs on its upload thread; it calls
+# ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name),
+# a DeveloperAPI of ray/train/v2/_internal/execution/storage.py. Outside the gate report_epoch writes
+# the checkpoint before it reports. If it moves: re-check report_epoch's upload function against the
+# new storage API (and ray.train.report's checkpoint_upload_mode / checkpoint_upload_fn).
+BACKGROUND_CHECKPOINT_VERIFIED_RAY = ("2.60.0",)
+
+
+def background_checkpoints_supported() -> bool:
+    """Whether this Ray is one the background checkpoint writer was checked with, and still has its API."""
+    if _ray_version() not in BACKGROUND_CHECKPOINT_VERIFIED_RAY:
+        return False
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    return callable(getattr(StorageContext, "persist_current_checkpoint", None))
+
+
+# ------------------------------------------------ Ray Tune: the Train->Tune report hand-over queues
+# vidray.tune.sweep.wait_until_tune_has_the_last_report works around a race in Ray 2.60's function
+# trainable: TuneReportCallback hands each epoch's metrics to the trial's main thread through
+# session._inter_actor_queue (a one-slot Ray queue), and the main thread moves them into
+# session.result_queue; both are private attributes of ray/train/_internal/session.py's _TrainSession.
+# Outside the gate the wait is off (with a warning). If they move: re-check the race in that file
+# (does fit() still return before the last report is taken?), then point this shim at the new queues.
+HANDOVER_VERIFIED_RAY = ("2.60.0",)
+HANDOVER_ATTRIBUTES = ("result_queue", "_inter_actor_queue")
+
+
+def train_to_tune_report_queues() -> tuple[Any, Any] | None:
+    """(Tune session, Train->Tune queue) of this trial's process, or None with a warning (once) when
+    the installed Ray is not one the workaround was verified with or its private attributes are gone;
+    None without one when Train reported nothing to this trial (nothing in flight)."""
+    ray_version = _ray_version()
+    if ray_version not in HANDOVER_VERIFIED_RAY:
+        _warn_once(
+            "version",
+            f"vidray's wait for the last Train->Tune report was verified on Ray {', '.join(HANDOVER_VERIFIED_RAY)} "
+            f"and is off on Ray {ray_version}; if a sweep hangs after a trial's last epoch, "
+            f"pin ray=={HANDOVER_VERIFIED_RAY[-1]}",
+        )
+        return None
+    try:
+        from ray.train._internal.session import get_session
+    except ImportError:
+        get_session = None
+    session = get_session() if get_session else None
+    if session is None or not all(hasattr(session, name) for name in HANDOVER_ATTRIBUTES):
+        _warn_once(
+            "attributes",
+            "vidray cannot find Ray Tune's Train->Tune report queues (ray.train._internal.session moved?); "
+            "a sweep may hang after a trial's last epoch",
+        )
+        return None
+    if session._inter_actor_queue is None:
+        return None  # Train reported nothing to this trial: nothing in flight
+    return session, session._inter_actor_queue
+
+
+# ------------------------------------------ transformers: VideoMAE's sinusoid position table internals
+# transformers/models/videomae/modeling_videomae.py builds the fixed table with the module-level
+# get_sinusoid_encoding_table(n_position, d_hid) -> [1, n, d] float32, and VideoMAEEmbeddings keeps it
+# as a plain tensor attribute ``position_embeddings`` (not a parameter or buffer, so Module.to() leaves
+# it where it is) that forward() copies to the input's device every time. Outside the gate
+# move_position_table_with_model warns once and still moves a plain-attribute table. If this moves:
+# re-check vidray.model.classifier (interpolate/install_position_table, to_device) and the exported
+# model's code (vidray.infer.export.CUSTOM_CODE) against the new VideoMAEEmbeddings.
+POSITION_TABLE_VERIFIED_TRANSFORMERS = ("5.",)
+_warned_unverified: list[str] = []
+
+
+def sinusoid_encoding_table(positions: int, hidden_size: int):
+    """VideoMAE's own 1-D sinusoid position table: ``[1, positions, hidden_size]`` float32."""
+    from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
+    return get_sinusoid_encoding_table(positions, hidden_size)
+
+
+def move_position_table_with_model(embeddings, device) -> None:
+    """Put VideoMAEEmbeddings' plain-attribute position table on ``device`` (a table that is already a
+    buffer or parameter moved with the model), so forward's copy is device-side, not host-to-device."""
+    import torch
+
+    version = _transformers_version()
+    if not version.startswith(POSITION_TABLE_VERIFIED_TRANSFORMERS) and not _warned_unverified:
+        _warned_unverified.append(version)
+        logger.warning(
+            "transformers %s is not one vidray checked VideoMAE's position table with (%s): "
+            "it may be copied to the device in every forward", version,
+            ", ".join(POSITION_TABLE_VERIFIED_TRANSFORMERS),
+        )  # fmt: skip
+    table = getattr(embeddings, "position_embeddings", None)
+    registered = {name for name, _ in embeddings.named_buffers(recurse=False)} | {
+        name for name, _ in embeddings.named_parameters(recurse=False)
+    }
+    if isinstance(table, torch.Tensor) and "position_embeddings" not in registered:
+        embeddings.position_embeddings = table.to(device)
+
+
+# --------------------------------------- transformers: the exported model's private imports (as source)
+# An export whose table was interpolated ships its own modeling code (vidray.infer.export.CUSTOM_CODE),
+# run by transformers.pipeline(trust_remote_code=True) without vidray installed, so its private imports
+# travel as source text: the table builder above, and transformers/conversion_mapping.py, where
+# transformers >= 5 keeps the renaming of VideoMAE's saved q_bias/v_bias by model_type. A custom-code
+# class gets no renaming unless its model_type is registered. The try/except is the gate at load time
+# (transformers 4 has no conversion_mapping and loads q_bias/v_bias as saved). If conversion_mapping
+# moves: re-check that a vidray_videomae export still loads its q_bias/v_bias
+# (tests/test_export_predict.py) and point the snippet at the new registration.
+CONVERSION_MAPPING_VERIFIED_TRANSFORMERS = ("5.",)
+EXPORT_CODE_PRIVATE_IMPORTS = '''\
+from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
+try:
+    # transformers >= 5 renames VideoMAE's saved q_bias/v_bias on load by model_type, and applies
+    # no renaming to custom-code classes unless it is registered for them.
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    register_checkpoint_conversion_mapping(
+        "vidray_videomae", get_checkpoint_conversion_mapping("videomae"), overwrite=True
+    )
+except ImportError:  # transformers 4 loads q_bias/v_bias as they are saved
+    pass
+'''
+
+
+# ---------------------------------------------- transformers: VideoMAE's torchvision-free image processor
+# transformers 5 splits image processors by backend; the PIL one (no torchvision, which vidray does not
+# need) lives in transformers/models/videomae/image_processing_pil_videomae.py. transformers 4's default
+# VideoMAEImageProcessor is the PIL/numpy one. If the module moves: find the class AutoImageProcessor
+# picks for videomae without torchvision and import that.
+IMAGE_PROCESSOR_VERIFIED_TRANSFORMERS = ("5.",)
+
+
+def videomae_image_processor_class():
+    """The VideoMAE image processor class that needs no torchvision."""
+    try:
+        from transformers.models.videomae.image_processing_pil_videomae import VideoMAEImageProcessorPil
+
+        return VideoMAEImageProcessorPil
+    except ImportError:  # transformers 4: the default processor is the PIL/numpy one
+        from transformers import VideoMAEImageProcessor
+
+        return VideoMAEImageProcessor
