@@ -491,7 +491,7 @@ def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_not
     from vidray.model.classifier import compile_model
     from vidray.train.epoch import StepParts, run_epoch
     from vidray.train.finetune import FineTuning, evaluate
-    from vidray.train.loop import step_loss
+    from vidray.train.loop import WorkerSetup, step_loss
     from vidray.train.optim import build_optimizer, build_lr_schedule
     from vidray.train.rng import AugmentGenerators, seed_everything
     from vidray.train.telemetry import StepTelemetry
@@ -515,7 +515,7 @@ def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_not
         lines: list[str] = []
         telemetry = StepTelemetry(flops_per_clip=1e9, world_size=1, device=cpu, log_every=1, console=True, printer=lines.append)
         losses = []
-        loss_of = step_loss(FineTuning(VidrayConfig(train=train), shape, cpu), parts, shape, train)
+        loss_of = step_loss(FineTuning(WorkerSetup(VidrayConfig(train=train), shape, cpu)), parts, shape, train)
         for step, batch in enumerate(batches):
             loss_sum, count, videos, _ = run_epoch(
                 parts, [batch], loss_of, train=train, device=cpu, micro_batches=1, epoch=step,

@@ -13,19 +13,16 @@ decoder) and the masking it trained with. The driver: vidray/pretrain/driver.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vidray.config import VidrayConfig
-from vidray.data.dataset import ClipShape
 from vidray.model.classifier import autocast, token_grid
 from vidray.model.masking import masked_positions, tube_mask
 from vidray.model.pretraining import build_pretraining_model, load_pretraining_model
 from vidray.train.epoch import Batch, StepParts
 from vidray.train.ingest import WorkerData
-from vidray.train.loop import EpochSums, RandomStream, run_worker
+from vidray.train.loop import EpochSums, RandomStream, WorkerSetup, run_worker
 from vidray.train.telemetry import transformer_layer_flops
 
 # AdamW betas of VideoMAE's (and MAE's) pretraining: a shorter second-moment memory than fine-tuning's 0.999.
@@ -41,24 +38,22 @@ def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
     run_worker(config, Pretraining)
 
 
-@dataclass
 class Pretraining:
     """The masked-reconstruction task of the worker loop (:class:`vidray.train.loop.Task`)."""
 
-    cfg: VidrayConfig
-    shape: ClipShape
-    device: torch.device
-    log_prefix: str = "vidray pretrain"
-    betas: tuple[float, float] = MAE_BETAS
-    streams: dict[str, RandomStream] = field(init=False)
-    grid: tuple[int, int, int] = field(init=False)  # the model's token grid: (time, height, width)
+    log_prefix = "vidray pretrain"
+    betas = MAE_BETAS
 
-    def __post_init__(self) -> None:
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.setup = setup
+        self.pretrain = setup.cfg.pretrain
         # Masks from their own stream, on the device that trains.
-        self.streams = {"mask_rng": RandomStream(torch.Generator(device=self.device), MASK_STREAM)}
+        self.streams = {"mask_rng": RandomStream(torch.Generator(device=setup.device), MASK_STREAM)}
+        self.grid: tuple[int, int, int] = (0, 0, 0)  # the model's token grid (time, height, width), once it has one
 
     def new_model(self) -> torch.nn.Module:
-        return self._adopt(build_pretraining_model(self.cfg.model, self.cfg.pretrain, self.shape.frames, self.shape.size))
+        cfg, shape = self.setup.cfg, self.setup.shape
+        return self._adopt(build_pretraining_model(cfg.model, cfg.pretrain, shape.frames, shape.size))
 
     def load_model(self, model_dir: str) -> torch.nn.Module:
         return self._adopt(load_pretraining_model(model_dir))
@@ -67,17 +62,17 @@ class Pretraining:
         self.grid = token_grid(model.config)
         # The decoder's sinusoid table is a plain attribute, which Module.to() leaves behind: on the
         # device, HF's per-forward copy stays there (the loop's to_device moves the rest).
-        model.position_embeddings = model.position_embeddings.to(self.device)
+        model.position_embeddings = model.position_embeddings.to(self.setup.device)
         return model
 
     def flops_per_clip(self, model: torch.nn.Module) -> float:
-        return pretraining_flops_per_clip(model.config, self.cfg.pretrain.mask_ratio)
+        return pretraining_flops_per_clip(model.config, self.pretrain.mask_ratio)
 
     def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The reconstruction loss. Unlike fine-tuning's step, not free of host syncs on CUDA:
         VideoMAEForPreTraining selects visible and hidden tokens by boolean indexing."""
-        mask = tube_mask(pixels.shape[0], self.grid, self.cfg.pretrain.mask_ratio, self.streams["mask_rng"].generator)
-        with autocast(self.device):
+        mask = tube_mask(pixels.shape[0], self.grid, self.pretrain.mask_ratio, self.streams["mask_rng"].generator)
+        with autocast(self.setup.device):
             return parts.forward(pixel_values=pixels, bool_masked_pos=mask).loss
 
     def validate(self, parts: StepParts, data: WorkerData) -> dict[str, Any]:
@@ -97,13 +92,13 @@ class Pretraining:
 
     def log_line(self, epoch: int, metrics: dict[str, Any], sums: EpochSums) -> str:
         return (
-            f"vidray pretrain: epoch {epoch + 1}/{self.cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+            f"vidray pretrain: epoch {epoch + 1}/{self.setup.cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
             f"{metrics['train_videos_per_s']:.1f} clips/s  lr {metrics['lr']:.2e}"
         )
 
     def checkpoint_info(self, metrics: dict[str, Any], gathered: list[dict[str, Any]]) -> dict[str, Any]:
         time_steps, height, width = self.grid
-        ratio = self.cfg.pretrain.mask_ratio
+        ratio = self.pretrain.mask_ratio
         hidden = time_steps * masked_positions(height * width, ratio)
         return {"masking": {"token_grid": list(self.grid), "mask_ratio": ratio, "hidden_tokens_per_clip": hidden}}
 

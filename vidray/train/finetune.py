@@ -11,21 +11,21 @@ The driver that starts it: vidray/train/driver.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vidray.config import VidrayConfig
 from vidray.data.dataset import ClipShape
 from vidray.model.classifier import autocast, build_model, compile_model, load_model
 from vidray.model.inference import clip_logits
 from vidray.train import augment
 from vidray.train.epoch import Batch, StepParts
 from vidray.train.ingest import WorkerData
-from vidray.train.loop import EpochSums, RandomStream, run_worker
+from vidray.train.loop import EpochSums, RandomStream, WorkerSetup, run_worker
 from vidray.train.metrics import confusion_matrix, epoch_metrics
 from vidray.train.optim import FINETUNE_BETAS, micro_batch_size
 from vidray.train.telemetry import StepTelemetry, train_flops_per_clip
@@ -40,44 +40,44 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
 class FineTuning:
     """The classification task of the worker loop (:class:`vidray.train.loop.Task`)."""
 
-    cfg: VidrayConfig
-    shape: ClipShape
-    device: torch.device
-    log_prefix: str = "vidray"
-    betas: tuple[float, float] = FINETUNE_BETAS
-    streams: dict[str, RandomStream] = field(default_factory=dict)  # augmentation's are all it draws
+    log_prefix: ClassVar[str] = "vidray"
+    betas: ClassVar[tuple[float, float]] = FINETUNE_BETAS
+    streams: ClassVar[Mapping[str, RandomStream]] = MappingProxyType({})  # augmentation's are all it draws
+
+    setup: WorkerSetup
     eval_model: torch.nn.Module | None = None  # the bare model, compiled when train.compile: made at the first validation
 
     def new_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.model, self.shape.classes, self.shape.frames, self.shape.size)
+        cfg, shape = self.setup.cfg, self.setup.shape
+        return build_model(cfg.model, shape.classes, shape.frames, shape.size)
 
     def load_model(self, model_dir: str) -> torch.nn.Module:
         return load_model(model_dir)
 
     def flops_per_clip(self, model: torch.nn.Module) -> float:
-        return train_flops_per_clip(model.config, self.shape.frames, self.shape.size)
+        return train_flops_per_clip(model.config, self.setup.shape.frames, self.setup.shape.size)
 
     def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch) -> torch.Tensor:
-        train = self.cfg.train
+        train = self.setup.cfg.train
         pixels, targets = augment.mix_batch(
             pixels,
             batch["label"],
-            num_classes=len(self.shape.classes),
+            num_classes=len(self.setup.shape.classes),
             generator=parts.generators.host,
             mixup_alpha=train.mixup_alpha,
             cutmix_alpha=train.cutmix_alpha,
             label_smoothing=train.label_smoothing,
         )
-        with autocast(self.device):
+        with autocast(self.setup.device):
             logits = parts.forward(pixel_values=pixels).logits
         return augment.soft_target_cross_entropy(logits, targets)
 
     def validate(self, parts: StepParts, data: WorkerData) -> dict[str, Any]:
-        train = self.cfg.train
+        train = self.setup.cfg.train
         if self.eval_model is None:
             self.eval_model = compile_model(parts.model) if train.compile else parts.model
         confusion, loss_sum = evaluate(
-            self.eval_model, data.val_batches(), shape=self.shape, clips=train.eval_clips, device=self.device,
+            self.eval_model, data.val_batches(), shape=self.setup.shape, clips=train.eval_clips, device=self.setup.device,
             pad_to=micro_batch_size(train) if train.compile else None,
         )  # fmt: skip
         return {"confusion": confusion, "val_loss_sum": loss_sum}
@@ -86,7 +86,7 @@ class FineTuning:
         confusion = whole_confusion(gathered)
         metrics = epoch_metrics(
             epoch,
-            self.shape.classes,
+            self.setup.shape.classes,
             confusion,
             val_loss=sum(g["val_loss_sum"] for g in gathered) / max(int(confusion.sum()), 1),
             train_loss=sums.train_loss,

@@ -32,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import ray.train
 import ray.train.torch
@@ -57,6 +57,15 @@ logger = logging.getLogger(__name__)
 # Every variable of vidray/testing/faults.py starts with this (tests/test_train.py checks).
 TEST_ENV_PREFIX = "VIDRAY_TEST_"
 TEST_FAULTS_MODULE = "vidray.testing.faults"
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a task is made for: the run's config and clips, and this worker's training device."""
+
+    cfg: VidrayConfig
+    shape: ClipShape
+    device: torch.device
 
 
 @dataclass
@@ -86,11 +95,11 @@ class EpochSums:
 
 class Task(Protocol):
     """What one kind of training brings to :func:`run_worker`. One instance per worker and run,
-    made by ``make_task(cfg, shape, device)``."""
+    made by ``make_task(WorkerSetup)``."""
 
     log_prefix: str  # starts the worker's log lines: "vidray", "vidray pretrain"
     betas: tuple[float, float]  # AdamW's
-    streams: dict[str, RandomStream]  # checkpoint key -> stream; empty when augmentation's are all
+    streams: Mapping[str, RandomStream]  # checkpoint key -> stream; empty when augmentation's are all
 
     def new_model(self) -> torch.nn.Module:
         """A model to train from the start (on the host; the loop seeded torch the same on every rank)."""
@@ -118,7 +127,7 @@ class Task(Protocol):
         """Entries the checkpoint's vidray.json gets besides the loop's (a key the loop writes replaces its value)."""
 
 
-def run_worker(config: dict[str, Any], make_task: Callable[[VidrayConfig, ClipShape, torch.device], Task]) -> None:
+def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task]) -> None:
     """The whole life of one worker in one run (what each task's ``*_loop_per_worker`` calls).
 
     ``config``: the TorchTrainer's ``train_loop_config``: ``cfg``, ``shape``, ``train_videos``
@@ -133,7 +142,7 @@ def run_worker(config: dict[str, Any], make_task: Callable[[VidrayConfig, ClipSh
     quiet_worker_logs()
     use_tf32(device)
     faults = load_test_faults()
-    task = make_task(cfg, shape, device)
+    task = make_task(WorkerSetup(cfg, shape, device))
 
     model, state, history = start_or_resume(cfg, task)
     # Every rank draws its own dropout and augmentation streams (restored below when resuming).
@@ -277,7 +286,7 @@ def start_or_resume(cfg: VidrayConfig, task: Task) -> tuple[torch.nn.Module, dic
     return model, state, history
 
 
-def seed_streams(seed: int, generators: AugmentGenerators, streams: dict[str, RandomStream]) -> None:
+def seed_streams(seed: int, generators: AugmentGenerators, streams: Mapping[str, RandomStream]) -> None:
     """Seed torch, numpy, Python, augmentation and the task's own streams of one rank from ``seed``."""
     seed_everything(seed, generators.host, generators.device)
     for stream in streams.values():
