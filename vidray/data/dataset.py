@@ -37,7 +37,7 @@ from vidray.storage import join_uri, open_filesystem
 
 DATASET_INFO = "dataset.json"
 SPLITS = ("train", "val", "test")
-# What read_split_batches reads by default: everything but the bookkeeping columns.
+# What read_split_batches reads by default: the clip, its label and where it came from.
 SPLIT_BATCH_COLUMNS = ("video", "label", "video_id", "path")
 
 SHARD_SCHEMA = pa.schema(
