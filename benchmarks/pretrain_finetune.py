@@ -7,7 +7,7 @@ in one process and one local Ray cluster, with its own data and runs under
 ``--storage``:
 
 1. ``data``: generate and preprocess the demo videos (vidray.data.prepare).
-2. ``pretrain``: ``vidray pretrain`` (vidray.pretrain.run.run_pretraining) on the
+2. ``pretrain``: ``vidray pretrain`` (vidray.pretrain.driver.run_pretraining) on the
    train split only (labels unused; the VideoMAE paper's "no extra data"
    setting), timed end to end; its epoch history gives the steady clips/s.
 3. ``finetune``: for each seed, two ``vidray train`` runs
@@ -90,7 +90,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from vidray.pretrain.run import run_pretraining
+    from vidray.pretrain.driver import run_pretraining
 
     overrides = ["run.name=bench", *args.pretrain_override]
     if args.pretrain_epochs is not None:

@@ -12,7 +12,7 @@ in a fresh Python process:
                    epoch), ``torch.set_num_threads(t)``. No I/O: the compute ceiling.
 ``raytrain``       a ``TorchTrainer`` worker (``cpus_per_worker`` CPUs, so
                    OMP/torch threads = that many) reading the preprocessed Parquet
-                   shards through the path ``vidray/train/worker.py`` uses:
+                   shards through the path ``vidray/train/loop.py`` uses:
                    ``read_split`` -> ``randomize_block_order`` -> dataset shard ->
                    ``vidray.train.ingest.open_worker_data(...).train_batches(epoch)``
                    (rows in stored order, vidray's seeded shuffle buffer, one copy
@@ -84,7 +84,7 @@ from benchlib import (  # noqa: E402
 CACHE = Path(__file__).resolve().parent / ".cache"
 CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
 # <method>_cached: the splits read once into the object store (train.cache_dataset), as
-# vidray/train/worker.py does when they fit; without the suffix: streamed from Parquet every epoch.
+# vidray/train/loop.py does when they fit; without the suffix: streamed from Parquet every epoch.
 # <method>_device: each worker's shard copied once into its device's memory (train.cache_dataset: device).
 RAY_METHODS = ("raytrain", "ingest", "raytrain_cached", "ingest_cached", "raytrain_device", "ingest_device")
 INGEST_METHODS = ("ingest", "ingest_cached", "ingest_device")
@@ -149,7 +149,7 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
 
 def make_step(model_size: str, frames: int, size: int, device_name: str, compile: bool = False):
     """(augment(videos_uint8, labels), step(pixels, targets) -> loss, model, device); everything from
-    vidray, set up the way a training worker sets it up (vidray/train/worker.py): weights and position table
+    vidray, set up the way a training worker sets it up (vidray/train/loop.py): weights and position table
     on the device, augmentation generators on the device, TF32, fused AdamW on CUDA, optionally compiled."""
     import torch
 

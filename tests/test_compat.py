@@ -87,7 +87,7 @@ def test_background_checkpoints_rest_on_a_checked_ray_api():
 
     assert_in_ray_gate(
         compat.BACKGROUND_CHECKPOINT_VERIFIED_RAY,
-        "re-check vidray.train.worker.report_epoch's background writer against StorageContext",
+        "re-check vidray.train.epoch_report.report_epoch's background writer against StorageContext",
     )
     assert list(inspect.signature(StorageContext.persist_current_checkpoint).parameters) == [
         "self", "checkpoint", "checkpoint_dir_name"

@@ -40,7 +40,7 @@ from vidray.errors import UserError
 from vidray.model.masking import masked_positions, tube_mask
 from vidray.model.classifier import POS_GRID_KEY, build_model, token_grid
 from vidray.train import augment
-from vidray.pretrain.run import (
+from vidray.pretrain.driver import (
     ENCODER_DIR,
     as_pretraining,
     build_pretrainer,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -483,12 +484,17 @@ def _clip_batches(count: int, size: int, seed: int) -> list[dict]:
 
 
 def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_nothing():
-    """train.compile: the worker's own train_one_epoch / evaluate, eager and through torch.compile."""
+    """train.compile: the worker loop's own step (run_epoch with the fine-tuning task's loss) and evaluate,
+    eager and through torch.compile."""
+    from vidray.config import VidrayConfig
     from vidray.data.dataset import ClipShape
+    from vidray.model.classifier import compile_model
+    from vidray.train.epoch import StepParts, run_epoch
+    from vidray.train.finetune import FineTuning, evaluate
+    from vidray.train.loop import WorkerSetup, step_loss
     from vidray.train.optim import build_optimizer, build_lr_schedule
     from vidray.train.rng import AugmentGenerators, seed_everything
     from vidray.train.telemetry import StepTelemetry
-    from vidray.train.worker import StepParts, compile_model, evaluate, train_one_epoch
 
     cpu = torch.device("cpu")
     shape = ClipShape(CLASSES, FRAMES, SIZE, STORED_FRAMES, STORED_SIZE)
@@ -509,9 +515,10 @@ def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_not
         lines: list[str] = []
         telemetry = StepTelemetry(flops_per_clip=1e9, world_size=1, device=cpu, log_every=1, console=True, printer=lines.append)
         losses = []
+        loss_of = step_loss(FineTuning(WorkerSetup(VidrayConfig(train=train), shape, cpu)), parts, shape, train)
         for step, batch in enumerate(batches):
-            loss_sum, count, videos, _ = train_one_epoch(
-                parts, [batch], shape=shape, train=train, device=cpu, micro_batches=1, epoch=step,
+            loss_sum, count, videos, _ = run_epoch(
+                parts, [batch], loss_of, train=train, device=cpu, micro_batches=1, epoch=step,
                 global_step=step, telemetry=telemetry,
             )  # fmt: skip
             losses.append(loss_sum / count)
@@ -575,3 +582,27 @@ def test_host_snapshot_is_what_a_background_checkpoint_writes(tmp_path):
     restored = load_training_state(tmp_path)
     assert restored["step"].item() == 3.0 and restored["rng"][1] == 7
 
+
+def test_the_worker_loop_loads_test_faults_only_when_a_test_asks(monkeypatch):
+    """Production imports never load vidray.testing: the loop imports the fault hooks by name, and only
+    when one of their VIDRAY_TEST_* variables is in the worker's environment."""
+    from vidray.testing import faults
+    from vidray.train.loop import TEST_ENV_PREFIX, TEST_FAULTS_MODULE, load_test_faults
+
+    assert faults.__name__ == TEST_FAULTS_MODULE
+    variables = [value for name, value in vars(faults).items() if name.endswith("_ENV")]
+    assert len(variables) == 5 and all(variable.startswith(TEST_ENV_PREFIX) for variable in variables)
+    production = (
+        "import sys, vidray.cli, vidray.train.driver, vidray.pretrain.driver, vidray.tune.sweep\n"
+        "from vidray.train.loop import load_test_faults\n"
+        "assert load_test_faults() is None\n"
+        "loaded = [name for name in sys.modules if name.startswith('vidray.testing')]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith(TEST_ENV_PREFIX)}
+    subprocess.run([sys.executable, "-c", production], env=env, check=True, cwd=REPO)
+    for name in [name for name in os.environ if name.startswith(TEST_ENV_PREFIX)]:
+        monkeypatch.delenv(name)
+    assert load_test_faults() is None
+    monkeypatch.setenv(faults.HOLD_RUN_ENV, "-never")
+    assert load_test_faults() is faults

@@ -130,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from vidray.config import load_config
-    from vidray.pretrain.run import run_pretraining
+    from vidray.pretrain.driver import run_pretraining
 
     import ray
 

@@ -58,7 +58,7 @@ def quiet_ray_train_report_log() -> None:
 
 
 # ------------------------------------------------ Ray Train V2: StorageContext.persist_current_checkpoint
-# The background checkpoint writer (vidray.train.worker.report_epoch) hands ray.train.report a
+# The background checkpoint writer (vidray.train.epoch_report.report_epoch) hands ray.train.report a
 # checkpoint_upload_fn that Ray runs on its upload thread; it calls
 # ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name),
 # a DeveloperAPI of ray/train/v2/_internal/execution/storage.py. Outside the gate report_epoch writes

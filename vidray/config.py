@@ -163,7 +163,7 @@ class TrainSettings(_Section):
 
 
 class PretrainSettings(_Section):
-    """Masked-autoencoder pretraining (``vidray pretrain``, vidray/pretrain/run.py).
+    """Masked-autoencoder pretraining (``vidray pretrain``, vidray/pretrain/driver.py).
 
     How the run executes (workers, GPUs, failures, ingest, seed, gradient
     accumulation and clipping, flips) comes from ``train``; what it optimises from here.

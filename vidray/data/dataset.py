@@ -25,16 +25,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
 DATASET_INFO = "dataset.json"
 SPLITS = ("train", "val", "test")
+# What read_split_batches reads by default: the clip, its label and where it came from.
+SPLIT_BATCH_COLUMNS = ("video", "label", "video_id", "path")
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -137,6 +141,33 @@ def read_split(dataset_dir: str, split: str):
             f"(available: {', '.join(s for s, n in info.split_counts.items() if n) or 'none'})"
         )
     return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(["video", "label"])
+
+
+def read_split_batches(
+    dataset_dir: str, info: DatasetInfo, split: str, batch_size: int, columns: Sequence[str] = SPLIT_BATCH_COLUMNS
+) -> Iterator[dict[str, list]]:
+    """Record batches (as Python lists) of one split's shards, in the order dataset.json lists them.
+
+    Plain pyarrow in this process, no Ray: what ``vidray evaluate`` and the pretraining figures read.
+    """
+    fs, root = open_filesystem(dataset_dir)
+    listed = info.raw.get("shards")  # "split/shard-<id>.parquet", written by preprocess
+    if listed is not None:
+        shards = [join_uri(root, name) for name in listed if name.startswith(f"{split}/")]
+    else:  # a dataset.json that does not list its shards: every Parquet file of the split
+        _, split_root = open_filesystem(split_uri(dataset_dir, split))
+        entries = fs.get_file_info(pafs.FileSelector(split_root, allow_not_found=True))
+        shards = sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
+    if not shards:
+        raise UserError(f"split {split!r} of {dataset_dir} holds no Parquet shards; re-run `vidray preprocess`")
+    for shard in shards:
+        try:
+            f = fs.open_input_file(shard)
+        except FileNotFoundError:
+            raise UserError(f"{shard} is listed in {dataset_dir}/dataset.json but missing; re-run `vidray preprocess`") from None
+        with f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield batch.to_pydict()
 
 
 def videos_from_bytes(column: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from vidray.data.dataset import read_split_batches
 from vidray.errors import UserError
 from vidray.model.inference import Views
 from vidray.train.metrics import confusion_matrix, metrics_from_confusion
@@ -35,35 +36,6 @@ logger = logging.getLogger(__name__)
 
 # Annotate confusion-matrix cells with counts up to this many classes; beyond, the text is unreadable.
 ANNOTATE_MAX_CLASSES = 30
-
-
-def _split_batches(dataset_dir: str, dataset, split: str, batch_size: int) -> Iterator[dict[str, list]]:
-    """Record batches (as Python lists) of one split's shards, in the order dataset.json lists them."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    from vidray.data.dataset import split_uri
-    from vidray.storage import join_uri, open_filesystem
-
-    fs, root = open_filesystem(dataset_dir)
-    listed = dataset.raw.get("shards")  # "split/shard-<id>.parquet", written by preprocess
-    if listed is not None:
-        shards = [join_uri(root, name) for name in listed if name.startswith(f"{split}/")]
-    else:  # a dataset.json that does not list its shards: every Parquet file of the split
-        _, split_root = open_filesystem(split_uri(dataset_dir, split))
-        entries = fs.get_file_info(pafs.FileSelector(split_root, allow_not_found=True))
-        shards = sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
-    if not shards:
-        raise UserError(f"split {split!r} of {dataset_dir} holds no Parquet shards; re-run `vidray preprocess`")
-    for shard in shards:
-        try:
-            f = fs.open_input_file(shard)
-        except FileNotFoundError:
-            raise UserError(f"{shard} is listed in {dataset_dir}/dataset.json but missing; re-run `vidray preprocess`") from None
-        with f:
-            reader = pq.ParquetFile(f)
-            for batch in reader.iter_batches(batch_size=batch_size, columns=["video", "label", "video_id", "path"]):
-                yield batch.to_pydict()
 
 
 def _check_compatible(shape, dataset, dataset_dir: str, split: str, checkpoint: Path) -> None:
@@ -99,7 +71,7 @@ def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, 
     from vidray.data.dataset import videos_from_bytes
     from vidray.model.inference import clip_outputs
 
-    for batch in _split_batches(dataset_dir, dataset, split, batch_size):
+    for batch in read_split_batches(dataset_dir, dataset, split, batch_size):
         try:
             # A writable copy: the stacked array is a view of immutable bytes.
             videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape).copy()).to(device)

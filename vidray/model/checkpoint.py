@@ -1,6 +1,6 @@
 """Everything vidray writes to and reads back from a checkpoint, and the one loader of trained models.
 
-A training checkpoint, written once per epoch by rank 0 (vidray/train/worker.py)::
+A training checkpoint, written once per epoch by rank 0 (vidray/train/loop.py)::
 
     checkpoint_epoch_NNNN/
       model/                        save_pretrained(): config.json (id2label/label2id) + model.safetensors

@@ -1,6 +1,6 @@
 """The one inference step: stored uint8 clips in, view-averaged logits out.
 
-Epoch evaluation (vidray/train/worker.py), ``vidray evaluate``, the sweep's held-out
+Epoch evaluation (vidray/train/finetune.py), ``vidray evaluate``, the sweep's held-out
 test and both ``vidray predict`` modes all call :func:`clip_outputs` (or its
 logits-only form :func:`clip_logits`), so a video gets the same logits in all
 of them. A video is seen through :class:`Views`: ``clips`` evenly spaced

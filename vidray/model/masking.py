@@ -13,7 +13,7 @@ embedding flattens them. Every clip gets its own mask of exactly
 ``t`` time steps, so every clip has the same number of visible tokens, which
 VideoMAE needs to batch them. The positions are drawn on the device that
 trains, from the caller's generator: its state is part of every checkpoint
-(vidray/pretrain/run.py), so a resumed run draws the masks the interrupted one would have.
+(vidray/pretrain/task.py), so a resumed run draws the masks the interrupted one would have.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 :func:`run_training` is ``vidray train``. It connects to Ray, refuses storage
 that the cluster's nodes cannot share, prepares the dataset, checks the config
-against it, and hands :func:`vidray.train.worker.train_loop_per_worker` to a
-``TorchTrainer`` (:func:`build_trainer`). Ray Tune builds the same trainer per
-trial (vidray/tune/sweep.py).
+against it, and hands :func:`vidray.train.finetune.finetune_loop_per_worker` (the
+worker loop, vidray/train/loop.py, with the fine-tuning task) to a ``TorchTrainer``
+(:func:`build_trainer`). Ray Tune builds the same trainer per trial (vidray/tune/sweep.py).
 
 A run lives under ``run.storage_path/run.name``. Running the same command again:
 
@@ -20,9 +20,12 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from vidray.cluster import check_run_resources, cluster_capacity, init_ray, shared_storage_paths
 from vidray.config import TrainSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
+from vidray.data.prepare import prepare_dataset
 from vidray.errors import UserError
+from vidray.train.finetune import finetune_loop_per_worker
 from vidray.train.ingest import build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
@@ -96,14 +99,12 @@ def build_trainer(
     ``run_config`` defaults to :func:`make_run_config`; pass your own (Ray Tune
     does) to change where results go or to add callbacks.
     """
-    from vidray.train.worker import train_loop_per_worker
-
     dataset_dir = resolve_path(dataset_dir or cfg.data.dataset_dir)  # workers run elsewhere than the driver's cwd
     info = read_dataset_info(dataset_dir)
     shape = check_dataset(cfg, info, dataset_dir)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     return TorchTrainer(
-        train_loop_per_worker,
+        finetune_loop_per_worker,
         train_loop_config={
             "cfg": cfg,
             "shape": shape,
@@ -119,8 +120,6 @@ def build_trainer(
 
 def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
     """``cfg`` with run.storage_path and data.dataset_dir as every node must get them (after init_ray())."""
-    from vidray.cluster import shared_storage_paths
-
     storage_path, dataset_dir = shared_storage_paths(cfg)
     return cfg.model_copy(
         update={
@@ -146,9 +145,6 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     Returns run dir, best and last metrics and checkpoint paths (``checkpoint``: the last epoch's,
     ``best_checkpoint``: the best ``val_macro_f1``'s), the paths ``vidray evaluate`` takes.
     """
-    from vidray.cluster import check_run_resources, cluster_capacity, init_ray
-    from vidray.data.prepare import prepare_dataset
-
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     init_ray(**console_settings(verbose))
     cfg = on_shared_storage(cfg)

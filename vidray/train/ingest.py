@@ -609,7 +609,7 @@ def open_worker_data(
     """This worker's batches: from its device (copied there now) or from Ray Data, per ``train.cache_dataset``.
 
     ``train_shard`` / ``val`` default to Ray Train's dataset shards of this worker; with
-    ``val_videos=0`` there is no val split (pretraining, vidray/pretrain/run.py).
+    ``val_videos=0`` there is no val split (pretraining, vidray/pretrain/task.py).
     """
     import ray.train
 

@@ -29,7 +29,7 @@ import numpy as np
 
 # ------------------------------------------------------------------ what training reports
 
-# Every epoch of every training run reports these (vidray/train/worker.py), plus ``val_f1/<class>``
+# Every epoch of every training run reports these (vidray/train/finetune.py), plus ``val_f1/<class>``
 # per class, ``val_videos``, ``lr``, ``global_step`` and the step telemetry.
 EPOCH_METRICS = (
     "epoch",

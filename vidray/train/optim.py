@@ -65,8 +65,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, layer_decay: f
     return [groups[key] for key in sorted(groups)]
 
 
+# AdamW's betas when fine-tuning (pretraining's are vidray/pretrain/task.py's MAE_BETAS).
+FINETUNE_BETAS = (0.9, 0.999)
+
+
 def build_optimizer(
-    model: torch.nn.Module, train: TrainSettings, device: torch.device, betas: tuple[float, float] = (0.9, 0.999)
+    model: torch.nn.Module, train: TrainSettings, device: torch.device, betas: tuple[float, float] = FINETUNE_BETAS
 ) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`; ``betas`` (0.9, 0.95) for masked-autoencoder pretraining, as VideoMAE."""
     groups = parameter_groups(model, train.weight_decay, train.layer_decay)

@@ -9,15 +9,17 @@ encoder can learn from every video of the dataset's ``pretrain.splits``; its
     vidray pretrain --config C                 # last stdout line: {"model_dir": ..., ...}
     vidray train --config C model.init=pretrained model.name_or_path=<model_dir>
 
-The worker side (:func:`pretrain_loop_per_worker`) is the fine-tuning loop's
-twin (vidray/train/worker.py) with the classification parts taken out: the same
-ingest (vidray/train/ingest.py: each worker's shard in its device's memory, or the
-splits in the object store, or streamed, per ``train.cache_dataset``; the same
-seeded shuffle per epoch), the same temporal jitter and random resized crops
-drawn on the device (no MixUp), DDP, AdamW with VideoMAE's betas (0.9, 0.95)
-and a cosine schedule after a warm-up, the same step telemetry, one checkpoint
-per epoch in JSON + safetensors (vidray/model/checkpoint.py), written in the
-background when ``train.checkpoint_in_background``. A checkpoint holds the whole
+This module is the driver side: check, build the ``TorchTrainer``, run it,
+write the encoder and figures. On the workers runs the training stage's one
+worker loop (vidray/train/loop.py) with the pretraining task
+(vidray/pretrain/task.py): the same ingest (vidray/train/ingest.py: each
+worker's shard in its device's memory, or the splits in the object store, or
+streamed, per ``train.cache_dataset``; the same seeded shuffle per epoch), the
+same temporal jitter and random resized crops drawn on the device (no MixUp),
+DDP, AdamW with VideoMAE's betas (0.9, 0.95) and a cosine schedule after a
+warm-up, the same step telemetry, one checkpoint per epoch in JSON +
+safetensors (vidray/model/checkpoint.py), written in the background when
+``train.checkpoint_in_background``. A checkpoint holds the whole
 ``VideoMAEForPreTraining`` (encoder and decoder) and every rank's random
 streams, the mask generator's included, so a resumed run draws the masks,
 crops and batches the interrupted one would have.
@@ -40,50 +42,36 @@ accumulation and clipping, flips) comes from ``train``; what it optimises from
 
 from __future__ import annotations
 
-import logging
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+import pyarrow.fs as pafs
 import ray.train
-import ray.train.torch
 import torch
 from ray.train.torch import TorchTrainer
 
-from vidray.train import augment
-from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
+from vidray.cluster import check_run_resources, cluster_capacity, init_ray
 from vidray.config import TrainSettings, TuneSettings, VidrayConfig
-from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, videos_from_bytes
+from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, read_split_batches, videos_from_bytes
+from vidray.data.prepare import prepare_dataset
 from vidray.errors import UserError
-from vidray.train.ingest import data_config, ingest_cpus, materialize_in_order, open_worker_data, should_cache_dataset
-from vidray.model.masking import masked_positions, tube_mask
-from vidray.model.classifier import autocast, to_device, token_grid, use_tf32
-from vidray.train.optim import build_optimizer, build_lr_schedule, micro_batch_size, steps_per_epoch
-from vidray.model.pretraining import (
-    build_pretraining_model,
-    check_pretraining_model,
-    load_pretraining_model,
-    save_encoder,
-)
-from vidray.train.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
+from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
+from vidray.model.classifier import token_grid
+from vidray.model.masking import tube_mask
+from vidray.model.pretraining import check_pretraining_model, load_pretraining_model, save_encoder
+from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
-from vidray.train.telemetry import StepTelemetry, transformer_layer_flops
-from vidray.train.worker import StepParts, _gather, compile_model, quiet_worker_logs, report_epoch, run_epoch, start_or_resume
-from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
+from vidray.train import augment
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
-
-logger = logging.getLogger(__name__)
+from vidray.train.ingest import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
+from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
 
 RUN_SUFFIX = "-pretrain"
 ENCODER_DIR = "encoder"
 RECONSTRUCTION_FIGURE = "pretrain_reconstruction.png"
 LOSS_FIGURE = "pretrain_loss.png"
 FIGURE_CLIPS = 4
-# AdamW betas of VideoMAE's (and MAE's) pretraining: a shorter second-moment memory than fine-tuning's 0.999.
-MAE_BETAS = (0.9, 0.95)
-# seed_everything() seeds the augmentation generators with derive_seed(seed, 1) and (seed, 2); the masks use 3.
-MASK_STREAM = 3
 
 
 # ------------------------------------------------------------------ configuration
@@ -161,212 +149,6 @@ def check_pretrain_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: st
     return shape
 
 
-# ------------------------------------------------------------------ the worker loop
-
-
-def seed_streams(seed: int, generators: AugmentGenerators, mask_generator: torch.Generator) -> None:
-    seed_everything(seed, generators.host, generators.device)
-    mask_generator.manual_seed(derive_seed(seed, MASK_STREAM))
-
-
-def pretraining_flops_per_clip(config, mask_ratio: float) -> float:
-    """Model FLOPs of one pretraining clip (forward + backward = 3 x forward, as the fine-tuning telemetry):
-    patch embedding of every token, the encoder on the visible ones, the decoder on all, its head on the hidden."""
-    time_steps, height, width = token_grid(config)
-    tokens = time_steps * height * width
-    hidden = time_steps * masked_positions(height * width, mask_ratio)
-    patch_pixels = 3 * config.tubelet_size * config.patch_size**2
-    d, dd = config.hidden_size, config.decoder_hidden_size
-    forward = (
-        2 * tokens * patch_pixels * d
-        + config.num_hidden_layers * transformer_layer_flops(tokens - hidden, d, config.intermediate_size)
-        + 2 * (tokens - hidden) * d * dd  # encoder_to_decoder
-        + config.decoder_num_hidden_layers * transformer_layer_flops(tokens, dd, config.decoder_intermediate_size)
-        + 2 * hidden * dd * patch_pixels
-    )
-    return 3.0 * forward
-
-
-def pretrain_loop_per_worker(config: dict[str, Any]) -> None:
-    cfg: VidrayConfig = config["cfg"]  # as_pretraining(): cfg.train holds pretrain's optimisation settings
-    shape: ClipShape = config["shape"]
-    train, pretrain = cfg.train, cfg.pretrain
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    quiet_worker_logs()
-    use_tf32(device)
-
-    model, state, history = start_or_resume(
-        cfg, shape,
-        build=lambda: build_pretraining_model(cfg.model, cfg.pretrain, shape.frames, shape.size),
-        load=load_pretraining_model,
-    )  # fmt: skip
-    grid = token_grid(model.config)
-    # Frame offsets and crops from the augmentation generators (vidray/train/rng.py), masks from their own
-    # stream; both on the device that trains.
-    generators = AugmentGenerators.for_device(device)
-    mask_generator = torch.Generator(device=device)
-    seed_streams(derive_seed(train.seed, rank), generators, mask_generator)
-    to_device(model, device)
-    # The decoder's sinusoid table is a plain attribute too: on the device, HF's per-forward copy stays there.
-    model.position_embeddings = model.position_embeddings.to(device)
-    ddp_model = ray.train.torch.prepare_model(model)
-    micro_batches, steps = steps_per_epoch(config["train_videos"], train)
-    optimizer = build_optimizer(model, train, device, betas=MAE_BETAS)
-    scheduler = build_lr_schedule(optimizer, train, steps)
-    start_epoch, global_step = 0, 0
-    if state is not None:
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if len(state["rng"]) == world_size:
-            restore_rng_state(state["rng"][rank], generators.host, generators.device)
-            mask_generator.set_state(state["mask_rng"][rank])
-        else:  # resumed with another worker count: fresh streams, still seeded
-            seed_streams(derive_seed(train.seed, rank, start_epoch), generators, mask_generator)
-
-    batch_size = micro_batch_size(train)
-    data = open_worker_data(
-        train,
-        shape.stored_video_shape,
-        batch_size=batch_size,
-        train_videos=config["train_videos"],
-        val_videos=0,
-        device=device,
-        rank=rank,
-        world_size=world_size,
-        local_world_size=context.get_local_world_size(),
-    )
-    if rank == 0 and data.cache is not None:
-        logger.info(
-            "vidray pretrain: every worker holds its shard on its %s (%d videos on rank 0, %.2f GiB, copied in %.1f s)",
-            device.type, data.cache.train_videos.shape[0], data.cache.nbytes / 2**30, data.cache.load_seconds,
-        )  # fmt: skip
-    forward = compile_model(ddp_model) if train.compile else ddp_model
-    parts = StepParts(model, ddp_model, forward, optimizer, scheduler, generators)
-    telemetry = StepTelemetry(
-        flops_per_clip=pretraining_flops_per_clip(model.config, pretrain.mask_ratio),
-        world_size=world_size,
-        device=device,
-        log_every=train.log_every_steps,
-        console=rank == 0,
-        printer=logger.info,
-    )
-    masking = {
-        "token_grid": list(grid),
-        "mask_ratio": pretrain.mask_ratio,
-        "hidden_tokens_per_clip": grid[0] * masked_positions(grid[1] * grid[2], pretrain.mask_ratio),
-    }
-    report_wait_s = None
-    for epoch in range(start_epoch, train.epochs):
-        started = time.perf_counter()
-        loss_sum, num_batches, num_videos, global_step = pretrain_one_epoch(
-            parts, data.train_batches(epoch), mask_generator,
-            shape=shape, grid=grid, mask_ratio=pretrain.mask_ratio, train=train, device=device,
-            micro_batches=micro_batches, epoch=epoch, global_step=global_step,
-            telemetry=telemetry, rank=rank, world_size=world_size,
-        )  # fmt: skip
-        seconds = time.perf_counter() - started
-        step_figures = telemetry.end_epoch()
-        gathered = _gather(
-            {
-                "loss_sum": loss_sum,
-                "batches": num_batches,
-                "videos": num_videos,
-                "rng": capture_rng_state(generators.host, generators.device),
-                "mask_rng": mask_generator.get_state(),
-                "telemetry": step_figures,
-                "report_wait_s": report_wait_s,
-            }
-        )
-        metrics = {
-            "epoch": epoch,
-            "train_loss": sum(g["loss_sum"] for g in gathered) / max(sum(g["batches"] for g in gathered), 1),
-            "lr": scheduler.get_last_lr()[-1],
-            "global_step": global_step,
-            "train_videos": sum(g["videos"] for g in gathered),
-            "train_videos_per_s": sum(g["videos"] for g in gathered) / max(seconds, 1e-9),
-            "epoch_seconds": seconds,
-            **gathered[0]["telemetry"],
-        }
-        waits = [g["report_wait_s"] for g in gathered if g["report_wait_s"] is not None]
-        if waits:
-            metrics["last_report_wait_s"] = max(waits)
-        history.append(metrics)
-        if rank == 0:
-            # Ray Train sends its workers' logging to the driver's console (print would arrive twice:
-            # Train V2 tees it into its logger).
-            logger.info(
-                "vidray pretrain: epoch %d/%d  loss %.4f  %.1f clips/s  lr %.2e",
-                epoch + 1, train.epochs, metrics["train_loss"], metrics["train_videos_per_s"], metrics["lr"],
-            )  # fmt: skip
-        reported = time.perf_counter()
-        report_epoch(
-            metrics,
-            model=model if rank == 0 else None,
-            training_state={
-                "epoch": epoch,
-                "global_step": global_step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": [g["rng"] for g in gathered],
-                "mask_rng": [g["mask_rng"] for g in gathered],
-            },
-            info={
-                "epoch": epoch,
-                "metrics": metrics,
-                "history": history,
-                "data": shape.as_dict(),
-                "ingest": {"placement": data.placement, "load_s": data.cache.load_seconds if data.cache else None},
-                "masking": masking,
-                "config": cfg.model_dump(mode="json"),
-            },
-            background=train.checkpoint_in_background,
-        )
-        report_wait_s = time.perf_counter() - reported
-
-
-def pretrain_one_epoch(
-    parts: StepParts,
-    batches: Iterable[dict[str, torch.Tensor]],
-    mask_generator: torch.Generator,
-    *,
-    shape: ClipShape,
-    grid: tuple[int, int, int],
-    mask_ratio: float,
-    train: TrainSettings,
-    device: torch.device,
-    micro_batches: int,
-    epoch: int,
-    global_step: int,
-    telemetry: StepTelemetry | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> tuple[float, int, int, int]:
-    """One pass over this rank's shard: vidray.train.worker.run_epoch with the reconstruction loss.
-    Returns (summed loss, batches, videos, global step).
-
-    Unlike fine-tuning, the step is not free of host syncs on CUDA: transformers'
-    VideoMAEForPreTraining selects visible and hidden tokens by boolean indexing,
-    which waits for the device.
-    """
-
-    def reconstruction_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        videos = batch["video"]  # batch["label"] is never read
-        pixels = augment.train_transform(
-            videos, frames=shape.frames, size=shape.size, generator=parts.generators.device, hflip=train.hflip
-        )
-        mask = tube_mask(videos.shape[0], grid, mask_ratio, mask_generator)
-        with autocast(device):
-            return parts.forward(pixel_values=pixels, bool_masked_pos=mask).loss
-
-    return run_epoch(
-        parts, batches, reconstruction_loss, train=train, device=device, micro_batches=micro_batches,
-        epoch=epoch, global_step=global_step, telemetry=telemetry, rank=rank, world_size=world_size,
-    )  # fmt: skip
-
-
 # ------------------------------------------------------------------ the driver
 
 
@@ -417,9 +199,6 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
 
     Returns run dir, last checkpoint and metrics, ``model_dir`` (the encoder) and the figures.
     """
-    from vidray.cluster import check_run_resources, cluster_capacity, init_ray
-    from vidray.data.prepare import prepare_dataset
-
     check_pretrain_config(cfg)
     init_ray(**console_settings(verbose))
     cfg = on_shared_storage(cfg)
@@ -473,8 +252,6 @@ def publish_encoder(model, destination: str, provenance: dict[str, Any]) -> str:
     if not is_uri(destination):
         save_encoder(model, destination, provenance)
         return destination
-    import pyarrow.fs as pafs
-
     with tempfile.TemporaryDirectory(prefix="vidray-encoder-") as local:
         save_encoder(model, local, provenance)
         fs, path = open_filesystem(destination)
@@ -493,11 +270,9 @@ def figure_split(cfg: VidrayConfig, info: DatasetInfo) -> tuple[str, bool]:
 def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = FIGURE_CLIPS) -> list[dict[str, Any]]:
     """Up to ``count`` rows of ``split``, one per class where it has that many: the split is read
     in order (shards are often written class by class) until enough classes turned up."""
-    from vidray.infer.evaluate import _split_batches
-
     chosen: dict[int, dict[str, Any]] = {}
     spare: list[dict[str, Any]] = []
-    for batch in _split_batches(dataset_dir, info, split, batch_size=8):
+    for batch in read_split_batches(dataset_dir, info, split, batch_size=8):
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
             if row["label"] not in chosen:
                 chosen[row["label"]] = row
@@ -509,6 +284,7 @@ def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = F
 
 
 def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict[str, Any]]) -> list[Path]:
+    # Here, not at the top: matplotlib is slow to import and only a finished run draws.
     from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
 
     figures = reports_dir(cfg) / "figures"
