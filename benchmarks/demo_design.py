@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidray.model import transforms
 from vidray.train import augment
 from vidray.config import ModelSettings, TrainSettings
 from vidray.data.demo import DEMO_CLASSES, generate_demo_videos
@@ -102,9 +103,9 @@ def main() -> None:
         model.eval()
         correct = 0
         for i in range(0, len(labels[split]), 64):
-            pixels = augment.eval_transform(videos[split][i : i + 64], frames=args.frames, size=args.size)
+            pixels = transforms.eval_transform(videos[split][i : i + 64], frames=args.frames, size=args.size)
             if shuffle is not None:
-                pixels = augment.shuffle_frames(pixels, shuffle)
+                pixels = transforms.shuffle_frames(pixels, shuffle)
             correct += (model(pixel_values=pixels).logits.argmax(-1) == labels[split][i : i + 64]).sum().item()
         return correct / len(labels[split])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vidray.model import transforms
 from vidray.train import augment
 
 
@@ -20,8 +21,8 @@ def _indexed_videos(batch=2, stored_frames=16, stored=40) -> torch.Tensor:
 
 
 def _denormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(augment.MEAN).view(1, 1, 3, 1, 1) * 255
-    std = torch.tensor(augment.STD).view(1, 1, 3, 1, 1) * 255
+    mean = torch.tensor(transforms.MEAN).view(1, 1, 3, 1, 1) * 255
+    std = torch.tensor(transforms.STD).view(1, 1, 3, 1, 1) * 255
     return x * std + mean
 
 
@@ -53,32 +54,32 @@ def test_train_frames_are_evenly_strided_and_jittered_in_time():
 
 def test_eval_transform_is_deterministic_centre_crop_of_even_frames():
     videos = _videos(batch=2, stored=40)
-    a = augment.eval_transform(videos, frames=8, size=32)
-    assert torch.equal(a, augment.eval_transform(videos, frames=8, size=32))
+    a = transforms.eval_transform(videos, frames=8, size=32)
+    assert torch.equal(a, transforms.eval_transform(videos, frames=8, size=32))
     assert a.shape == (2, 8, 3, 32, 32)
     # Exactly the centre 32x32 of stored frames 1, 3, ..., 15: no resampling.
     expected = videos[:, 1::2, 4:36, 4:36].permute(0, 1, 4, 2, 3).float()
     torch.testing.assert_close(_denormalize(a), expected, atol=1e-3, rtol=0)
-    assert augment.eval_frame_indices(16, 8).tolist() == [[1, 3, 5, 7, 9, 11, 13, 15]]
+    assert transforms.eval_frame_indices(16, 8).tolist() == [[1, 3, 5, 7, 9, 11, 13, 15]]
 
 
 def test_eval_multi_clip_layout_and_logit_averaging():
     videos = _indexed_videos(batch=2)
-    clips = augment.eval_transform(videos, frames=4, size=32, clips=2)
+    clips = transforms.eval_transform(videos, frames=4, size=32, clips=2)
     assert clips.shape == (4, 4, 3, 32, 32)
     first_frame = _denormalize(clips)[:, 0, 0].mean(dim=(-1, -2)) / 10
     # video 0: clips 0 and 1, then video 1: clips 0 and 1 (stride 4, offsets 1 and 3)
     torch.testing.assert_close(first_frame, torch.tensor([1.0, 3.0, 1.0, 3.0]), atol=1e-3, rtol=0)
     logits = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 0.0], [0.0, 4.0]])
-    assert augment.average_clip_logits(logits, 2).tolist() == [[2.0, 1.0], [0.0, 2.0]]
+    assert transforms.average_clip_logits(logits, 2).tolist() == [[2.0, 1.0], [0.0, 2.0]]
 
 
 def test_normalisation_uses_imagenet_statistics():
     grey = torch.full((1, 1, 4, 4, 3), 128, dtype=torch.uint8)
-    out = augment.normalize(grey)
+    out = transforms.normalize(grey)
     assert out.shape == (1, 1, 3, 4, 4)
     for c in range(3):
-        expected = (128 / 255 - augment.MEAN[c]) / augment.STD[c]
+        expected = (128 / 255 - transforms.MEAN[c]) / transforms.STD[c]
         assert out[0, 0, c].allclose(torch.tensor(expected))
 
 

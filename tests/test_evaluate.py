@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray.train.augment import eval_transform
+from vidray.model.transforms import eval_transform
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
 from vidray.data.dataset import SHARD_SCHEMA

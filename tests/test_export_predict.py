@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray.train.augment import MEAN, STD, eval_transform
+from vidray.model.transforms import MEAN, STD, eval_transform
 from vidray.model.checkpoint import save_checkpoint
 from vidray.errors import UserError
 from vidray.infer.export import CUSTOM_CODE_FILE, CUSTOM_MODEL_TYPE, export_model

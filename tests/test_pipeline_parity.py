@@ -32,7 +32,7 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray.train import augment
+from vidray.model import transforms
 from vidray.model.checkpoint import save_checkpoint
 from vidray.data.dataset import videos_from_bytes
 from vidray.data.demo import generate_demo_videos
@@ -123,7 +123,7 @@ def _train(demo: dict, interpolated: bool) -> VideoMAEForVideoClassification:
         batch = torch.randint(0, len(videos), (32,), generator=generator)
         offset = int(torch.randint(0, stride, (1,), generator=generator))
         clips = videos[batch][:, offset::stride, top : top + SHAPE["size"], top : top + SHAPE["size"]]
-        loss = torch.nn.functional.cross_entropy(model(pixel_values=augment.normalize(clips)).logits, labels[batch])
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=transforms.normalize(clips)).logits, labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -208,7 +208,7 @@ def _vidray_at_pipeline_positions(export: Path, clip: Path) -> str:
     every = read_clip(clip, count, SHAPE["stored_size"]).frames  # every frame, as vidray shows it
     picked = torch.from_numpy(np.ascontiguousarray(every[pipeline_frame_positions(count, SHAPE["frames"])]))[None]
     top = (SHAPE["stored_size"] - SHAPE["size"]) // 2
-    pixels = augment.normalize(picked[:, :, top : top + SHAPE["size"], top : top + SHAPE["size"]])
+    pixels = transforms.normalize(picked[:, :, top : top + SHAPE["size"], top : top + SHAPE["size"]])
     with torch.no_grad():
         return info["data"]["classes"][int(model.eval()(pixel_values=pixels).logits.argmax(-1))]
 

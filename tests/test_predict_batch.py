@@ -19,7 +19,7 @@ import torch
 from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
-from vidray.train import augment
+from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, PARTS_DIR, discover, predict_corpus
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
@@ -197,21 +197,21 @@ def test_cli_batch_mode_prints_a_json_summary_and_refuses_folders_without_out(co
 def _old_eval_transform(videos: torch.Tensor, frames: int, size: int, clips: int) -> torch.Tensor:
     """eval_transform as it was before crops existed: the reference for the 1-crop default."""
     batch, stored_frames, stored = videos.shape[:3]
-    index = augment.eval_frame_indices(stored_frames, frames, clips, device=videos.device)
+    index = transforms.eval_frame_indices(stored_frames, frames, clips, device=videos.device)
     top = (stored - size) // 2
     crop = videos[:, :, top : top + size, top : top + size][:, index]
-    return augment.normalize(crop.reshape(batch * clips, frames, size, size, 3))
+    return transforms.normalize(crop.reshape(batch * clips, frames, size, size, 3))
 
 
 def test_views_shapes_order_and_the_one_crop_default():
     videos = torch.randint(0, 255, (2, 8, 40, 40, 3), dtype=torch.uint8)
-    assert torch.equal(augment.eval_transform(videos, frames=4, size=32, clips=2),
+    assert torch.equal(transforms.eval_transform(videos, frames=4, size=32, clips=2),
                        _old_eval_transform(videos, 4, 32, 2))  # fmt: skip
-    views = augment.eval_transform(videos, frames=4, size=32, clips=5, crops=3)
+    views = transforms.eval_transform(videos, frames=4, size=32, clips=5, crops=3)
     assert views.shape == (2 * 3 * 5, 4, 3, 32, 32)
     # Video-major, then crop, then clip: video 1's centre crop of its clips is its own 1-crop view.
-    assert torch.equal(views[15 + 5 : 15 + 10], augment.eval_transform(videos[1:], frames=4, size=32, clips=5))
-    assert augment.crop_offsets(40, 32, 3) == [(4, 0), (4, 4), (4, 8)]
+    assert torch.equal(views[15 + 5 : 15 + 10], transforms.eval_transform(videos[1:], frames=4, size=32, clips=5))
+    assert transforms.crop_offsets(40, 32, 3) == [(4, 0), (4, 4), (4, 8)]
     assert Views(5, 3).describe() == "5 clips x 3 crops (left, center, right)" and Views().count == 1
     with pytest.raises(UserError, match="--crops must be 1"):
         Views(1, 2)
@@ -224,7 +224,7 @@ def test_multi_view_outputs_average_over_each_videos_own_views(model_dir):
     assert logits.shape == (3, len(CLASSES)) and features.shape == (3, 32)
     alone, _ = clip_outputs(classifier.model, videos[2:], frames=4, size=32, views=Views(3, 3))
     assert torch.allclose(logits[2:], alone, atol=1e-5)
-    pixels = augment.eval_transform(videos[2:], frames=4, size=32, clips=3, crops=3)
+    pixels = transforms.eval_transform(videos[2:], frames=4, size=32, clips=3, crops=3)
     with torch.no_grad():
         assert torch.allclose(alone, classifier.model(pixel_values=pixels).logits.mean(0, keepdim=True), atol=1e-5)
 

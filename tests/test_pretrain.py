@@ -39,7 +39,7 @@ from vidray.data.dataset import read_dataset_info
 from vidray.errors import UserError
 from vidray.model.masking import masked_positions, tube_mask
 from vidray.model.classifier import POS_GRID_KEY, build_model, token_grid
-from vidray.train import augment
+from vidray.model import transforms
 from vidray.pretrain.driver import (
     ENCODER_DIR,
     as_pretraining,
@@ -218,7 +218,7 @@ def test_continuing_pretraining_keeps_every_weight_and_interpolates_both_positio
 def test_reconstruction_keeps_the_visible_patches_and_greys_out_the_hidden_ones():
     cfg = demo_config()
     videos = torch.randint(0, 256, (2, 16, 36, 36, 3), dtype=torch.uint8)
-    pixels = augment.eval_transform(videos, frames=8, size=32)
+    pixels = transforms.eval_transform(videos, frames=8, size=32)
     mask = tube_mask(2, (2, 4, 4), 0.75, torch.Generator().manual_seed(0))
     # Token (t, h, w) covers frames 4t .. 4t + 3 (tubelet 4) and the 8 x 8 pixels of patch (h, w).
     hidden = mask.reshape(2, 2, 4, 4).repeat_interleave(4, 1).repeat_interleave(8, 2).repeat_interleave(8, 3).numpy()

@@ -38,7 +38,7 @@ import ray.train
 import torch
 
 from conftest import assert_same_tensors
-from vidray.train import augment
+from vidray.model import transforms
 from vidray.model.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, load_trained_model, load_training_state
 from vidray.config import TrainSettings, load_config
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
@@ -269,7 +269,7 @@ def _val_split(dataset_dir: str) -> tuple[torch.Tensor, np.ndarray]:
 @torch.no_grad()
 def _predict(model, videos: torch.Tensor) -> np.ndarray:
     model.eval()
-    logits = model(pixel_values=augment.eval_transform(videos, frames=FRAMES, size=SIZE)).logits
+    logits = model(pixel_values=transforms.eval_transform(videos, frames=FRAMES, size=SIZE)).logits
     return logits.argmax(-1).numpy()
 
 

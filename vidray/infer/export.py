@@ -18,7 +18,7 @@ so that ``transformers.pipeline("video-classification", model=DIR)`` and
 Preprocessing. vidray decodes ``stored_frames`` frames at the centres of
 equal segments of the video, short side resized to ``stored_size``, centre
 crop; evaluation then takes ``frames`` of them, evenly strided and centred in
-each stride, and centre-crops ``size`` (:func:`vidray.train.augment.eval_transform`).
+each stride, and centre-crops ``size`` (:func:`vidray.train.transforms.eval_transform`).
 The video processor is transformers' stock ``VideoMAEVideoProcessor`` (no
 custom code) with ``do_sample_frames`` and ``num_frames = frames``: the pipeline
 decodes ``frames`` frames spread over the whole video, resizes the short side to
@@ -48,7 +48,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vidray.train.augment import MEAN, STD
+from vidray.model.transforms import MEAN, STD
 from vidray.model.checkpoint import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
 from vidray.data.dataset import ClipShape
 from vidray.compat import EXPORT_CODE_PRIVATE_IMPORTS, videomae_image_processor_class

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vidray.train import augment
+from vidray.model import transforms
 from vidray.errors import UserError
 from vidray.model.classifier import autocast
 
@@ -79,9 +79,9 @@ def clip_outputs(
     ``shuffle``: put each clip's frames in a random order drawn from this generator (the
     frame-order control: what is left once time is gone).
     """
-    pixels = augment.eval_transform(videos, frames=frames, size=size, clips=views.clips, crops=views.crops)
+    pixels = transforms.eval_transform(videos, frames=frames, size=size, clips=views.clips, crops=views.crops)
     if shuffle is not None:
-        pixels = augment.shuffle_frames(pixels, shuffle)
+        pixels = transforms.shuffle_frames(pixels, shuffle)
     pooled: list[torch.Tensor] = []
     hook = None
     if features:
@@ -92,8 +92,8 @@ def clip_outputs(
     finally:
         if hook is not None:
             hook.remove()
-    averaged = augment.average_clip_logits(logits.float(), views.count)
-    return averaged, (augment.average_clip_logits(pooled[0].float(), views.count) if features else None)
+    averaged = transforms.average_clip_logits(logits.float(), views.count)
+    return averaged, (transforms.average_clip_logits(pooled[0].float(), views.count) if features else None)
 
 
 def clip_logits(

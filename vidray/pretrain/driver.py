@@ -62,7 +62,7 @@ from vidray.model.masking import tube_mask
 from vidray.model.pretraining import check_pretraining_model, load_pretraining_model, save_encoder
 from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
-from vidray.train import augment
+from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
 from vidray.train.ingest import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
 from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
@@ -292,7 +292,7 @@ def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict
     split, held_out = figure_split(cfg, info)
     rows = figure_clips(dataset_dir, info, split)
     videos = torch.from_numpy(videos_from_bytes([row["video"] for row in rows], info.video_shape).copy())
-    pixels = augment.eval_transform(videos, frames=cfg.data.frames, size=cfg.data.size)
+    pixels = transforms.eval_transform(videos, frames=cfg.data.frames, size=cfg.data.size)
     grid = token_grid(model.config)
     mask = tube_mask(len(videos), grid, cfg.pretrain.mask_ratio, torch.Generator().manual_seed(cfg.train.seed))
     clips = reconstruct(model, pixels, mask)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from vidray.train import augment
+from vidray.model import transforms
 
 HIDDEN_GREY = 0.5
 FRAMES_SHOWN = 4
@@ -51,8 +51,8 @@ def reconstruct(model, pixel_values: torch.Tensor, mask: torch.Tensor) -> dict[s
     tubelet, patch = config.tubelet_size, config.patch_size
     batch, time, _, size, _ = pixel_values.shape
     prediction = model(pixel_values=pixel_values, bool_masked_pos=mask).logits.float()
-    mean = torch.tensor(augment.MEAN)[None, None, :, None, None]
-    std = torch.tensor(augment.STD)[None, None, :, None, None]
+    mean = torch.tensor(transforms.MEAN)[None, None, :, None, None]
+    std = torch.tensor(transforms.STD)[None, None, :, None, None]
     original = _patchify(pixel_values.float().cpu() * std + mean, tubelet, patch)  # 0..1
     predicted = prediction.cpu().reshape(batch, -1, tubelet * patch * patch, original.shape[-1])
     mask = mask.cpu()
