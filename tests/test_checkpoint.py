@@ -24,10 +24,10 @@ from vidray.model.checkpoint import (
     LEGACY_TRAINING_STATE,
     TRAINING_STATE,
     TRAINING_TENSORS,
-    load_trained_model,
     load_training_state,
     save_checkpoint,
 )
+from vidray.model.classifier import load_trained_model
 from vidray.config import TrainSettings, load_config
 from vidray.data.dataset import ClipShape
 from vidray.errors import UserError

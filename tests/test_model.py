@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
 
-from vidray.model.checkpoint import load_trained_model, save_checkpoint
+from vidray.model.checkpoint import save_checkpoint
+
+from vidray.model.classifier import load_trained_model
 from vidray.data.dataset import ClipShape
 from vidray.compat import POSITION_TABLE_VERIFIED_TRANSFORMERS
 from vidray.config import ModelSettings

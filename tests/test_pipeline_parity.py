@@ -201,7 +201,7 @@ def test_pipeline_accuracy_matches_vidray_evaluate_on_the_held_out_split(parity,
 def _vidray_at_pipeline_positions(export: Path, clip: Path) -> str:
     """vidray's top-1 for ``clip`` with everything as `vidray predict` does (decode, resize, crop,
     normalise, model) but the frames taken where transformers takes them."""
-    from vidray.model.checkpoint import load_trained_model
+    from vidray.model.classifier import load_trained_model
 
     model, info = load_trained_model(export)
     count = read_clip(clip, SHAPE["frames"], SHAPE["stored_size"]).source_frames

@@ -20,7 +20,8 @@ from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.model import transforms
-from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, PARTS_DIR, discover, predict_corpus
+from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus
+from vidray.infer.corpus import PARTS_DIR, discover
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
 from vidray.errors import UserError

@@ -33,7 +33,8 @@ from PIL import Image
 from conftest import assert_same_tensors
 from test_train import CLASSES, FRAMES, SIZE, config_for, run, write_dataset
 from vidray.cli import main as cli_main
-from vidray.model.checkpoint import MODEL_DIR, load_trained_model, load_training_state, read_checkpoint_info
+from vidray.model.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_info
+from vidray.model.classifier import load_trained_model
 from vidray.config import ConfigError, ModelSettings, load_config
 from vidray.data.dataset import read_dataset_info
 from vidray.errors import UserError

@@ -39,7 +39,8 @@ import torch
 
 from conftest import assert_same_tensors
 from vidray.model import transforms
-from vidray.model.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, load_trained_model, load_training_state
+from vidray.model.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, load_training_state
+from vidray.model.classifier import load_trained_model
 from vidray.config import TrainSettings, load_config
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
 from vidray.errors import UserError

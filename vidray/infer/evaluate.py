@@ -27,9 +27,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from vidray.data.dataset import read_split_batches
+from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes
 from vidray.errors import UserError
-from vidray.model.inference import Views
+from vidray.figures import SEQUENTIAL_CMAP, new_figure, save_figure
+from vidray.model.checkpoint import clip_shape_of, eval_clips_of
+from vidray.model.classifier import load_trained_model, to_device
+from vidray.model.inference import Views, clip_outputs, inference_device
 from vidray.train.metrics import confusion_matrix, metrics_from_confusion
 
 logger = logging.getLogger(__name__)
@@ -68,9 +71,6 @@ def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, 
     with fresh orders, and the logits averaged: what the model predicts once
     frame order is gone, with little noise from any one order.
     """
-    from vidray.data.dataset import videos_from_bytes
-    from vidray.model.inference import clip_outputs
-
     for batch in read_split_batches(dataset_dir, dataset, split, batch_size):
         try:
             # A writable copy: the stacked array is a view of immutable bytes.
@@ -99,11 +99,6 @@ def frame_order_control(
     pairs: among videos predicted inside their own pair, the share whose
     direction is right. An order-blind model is at chance there, 0.5.
     """
-    from vidray.model.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
-    from vidray.data.dataset import read_dataset_info
-    from vidray.model.inference import inference_device
-    from vidray.model.classifier import to_device
-
     model, info = load_trained_model(checkpoint)
     shape = clip_shape_of(info)
     dataset = read_dataset_info(dataset_dir)
@@ -152,11 +147,6 @@ def evaluate_checkpoint(
     with, ``crops`` to the centre crop: the view training validated with. Returns the
     metrics dict written to ``metrics.json`` (with ``protocol``) plus ``files``.
     """
-    from vidray.model.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
-    from vidray.data.dataset import read_dataset_info
-    from vidray.model.inference import inference_device
-    from vidray.model.classifier import to_device
-
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     checkpoint = Path(checkpoint)
@@ -252,8 +242,6 @@ def per_class_markdown(metrics: dict[str, Any]) -> str:
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
     """Rows normalised to sum 1 (the diagonal is per-class recall); cells annotated with raw counts."""
-    from vidray.figures import SEQUENTIAL_CMAP, new_figure, save_figure
-
     confusion = np.asarray(confusion)
     k = len(classes)
     support = confusion.sum(axis=1, keepdims=True)

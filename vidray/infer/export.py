@@ -48,13 +48,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vidray.model.transforms import MEAN, STD
-from vidray.model.checkpoint import INFO, eval_clips_of, load_trained_model, quiet_progress_bars
-from vidray.data.dataset import ClipShape
 from vidray.compat import EXPORT_CODE_PRIVATE_IMPORTS, videomae_image_processor_class
-from vidray.errors import UserError
-from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, token_grid
+from vidray.data.dataset import ClipShape
 from vidray.data.video import segment_indices
+from vidray.errors import UserError
+from vidray.model.checkpoint import INFO, eval_clips_of, quiet_progress_bars
+from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, token_grid
+from vidray.model.transforms import MEAN, STD
 
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
 

@@ -22,8 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidray.data.video import VideoError, read_clip
 from vidray.errors import UserError
-from vidray.model.inference import Views
+from vidray.model.checkpoint import clip_shape_of, eval_clips_of
+from vidray.model.classifier import load_trained_model, to_device
+from vidray.model.inference import Views, clip_outputs, inference_device
 
 
 class Classifier:
@@ -31,10 +34,6 @@ class Classifier:
 
     def __init__(self, model_dir: Path, top_k: int = 3, clips: int | None = None, crops: int = 1,
                  device: torch.device | None = None):  # fmt: skip
-        from vidray.model.checkpoint import clip_shape_of, eval_clips_of, load_trained_model
-        from vidray.model.inference import inference_device
-        from vidray.model.classifier import to_device
-
         if top_k < 1:
             raise UserError(f"--top-k must be >= 1, got {top_k}")
         Views(1 if clips is None else clips, crops)  # a bad view count fails before the model loads
@@ -56,8 +55,6 @@ class Classifier:
         """uint8 ``[B, stored_frames, S, S, 3]`` -> per video ``{"label", "score", "top_k": [{"label", "score"}]}``
         (plus ``"embedding"``, float32 ``[H]``, with ``features``). Scores are softmax probabilities
         of the view-averaged logits."""
-        from vidray.model.inference import clip_outputs
-
         videos = torch.from_numpy(np.ascontiguousarray(clips)).to(self.device)
         logits, pooled = clip_outputs(self.model, videos, frames=self.shape.frames, size=self.shape.size,
                                       views=self.views, features=features)  # fmt: skip
@@ -81,8 +78,6 @@ def predict_videos(
     checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged. An unreadable video gets ``{"video", "error",
     "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`.
     """
-    from vidray.data.video import VideoError, read_clip
-
     classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
     shape = classifier.shape
     results = []

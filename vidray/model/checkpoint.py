@@ -1,4 +1,4 @@
-"""Everything vidray writes to and reads back from a checkpoint, and the one loader of trained models.
+"""Everything vidray writes to and reads back from a checkpoint.
 
 A training checkpoint, written once per epoch by rank 0 (vidray/train/loop.py)::
 
@@ -15,9 +15,9 @@ training state is plain JSON plus safetensors, and a checkpoint from before
 that change (``training_state.pt``) is refused with a one-line error rather
 than loaded.
 
-:func:`load_trained_model` loads what evaluation, export and prediction need
-from either a training checkpoint (weights in ``model/``) or a ``vidray
-export`` directory (weights at the top).
+The one loader of trained models, for evaluation, export and prediction, is
+:func:`vidray.model.classifier.load_trained_model` (it needs transformers' modeling code, which
+this module does not import: the sweep's driver and trial actors read checkpoints without it).
 """
 
 from __future__ import annotations
@@ -221,46 +221,3 @@ def quiet_progress_bars():
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """(classifier in eval mode, vidray.json) from a training checkpoint or a `vidray export` directory.
-
-    A checkpoint holds the weights in ``path/model/``; an export holds them in
-    ``path`` itself. Both carry ``vidray.json`` with the clip shape the model
-    was trained on. The position table is the one the model was trained with
-    (see :func:`vidray.model.classifier.load_model`), whichever of the two it is.
-    """
-    from safetensors import SafetensorError
-
-    from vidray.model.classifier import load_model
-
-    path = Path(path)
-    hint = "pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`"
-    if not path.is_dir():
-        raise UserError(f"{path} does not exist or is not a directory ({hint})")
-    info = read_checkpoint_info(path)
-    model_dir = path if (path / "config.json").is_file() else path / MODEL_DIR
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{path} holds no {MODEL_DIR}/config.json: the checkpoint is incomplete ({hint})")
-    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise UserError(f"{model_dir} holds no model.safetensors: the checkpoint is incomplete (re-export or re-train)")
-    try:
-        with quiet_progress_bars():
-            model = load_model(str(model_dir))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise UserError(f"cannot load the model in {model_dir}: {_first_line(err)} (re-export or re-train)") from None
-
-    classes = clip_shape_of(info).classes
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if labels != list(classes):
-        raise UserError(
-            f"{model_dir}/config.json id2label {labels} does not match {path / INFO} classes {classes}; "
-            "the checkpoint is damaged"
-        )
-    return model.eval(), info

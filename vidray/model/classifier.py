@@ -14,15 +14,20 @@ new grid, so every token keeps the code of the same spot of the clip.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.compat import move_position_table_with_model, sinusoid_encoding_table
 from vidray.config import ModelSettings
 from vidray.errors import UserError
+from vidray.model.checkpoint import INFO, MODEL_DIR, clip_shape_of, quiet_progress_bars, read_checkpoint_info
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +206,6 @@ def load_model(model_dir: str) -> VideoMAEForVideoClassification:
     ``transformers.pipeline``); its weights are plain VideoMAE and load here
     into the stock class.
     """
-    import json
-    from pathlib import Path
-
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("model_type") == CUSTOM_MODEL_TYPE:
         for key in ("model_type", "auto_map", "architectures"):
@@ -253,3 +255,42 @@ def compile_model(module: torch.nn.Module) -> torch.nn.Module:
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; fp32 (a no-op context) elsewhere."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(classifier in eval mode, vidray.json) from a training checkpoint or a `vidray export` directory.
+
+    A checkpoint holds the weights in ``path/model/``; an export holds them in
+    ``path`` itself. Both carry ``vidray.json`` with the clip shape the model
+    was trained on. The position table is the one the model was trained with
+    (see :func:`vidray.model.classifier.load_model`), whichever of the two it is.
+    """
+    path = Path(path)
+    hint = "pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`"
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist or is not a directory ({hint})")
+    info = read_checkpoint_info(path)
+    model_dir = path if (path / "config.json").is_file() else path / MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{path} holds no {MODEL_DIR}/config.json: the checkpoint is incomplete ({hint})")
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UserError(f"{model_dir} holds no model.safetensors: the checkpoint is incomplete (re-export or re-train)")
+    try:
+        with quiet_progress_bars():
+            model = load_model(str(model_dir))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(f"cannot load the model in {model_dir}: {_first_line(err)} (re-export or re-train)") from None
+
+    classes = clip_shape_of(info).classes
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if labels != list(classes):
+        raise UserError(
+            f"{model_dir}/config.json id2label {labels} does not match {path / INFO} classes {classes}; "
+            "the checkpoint is damaged"
+        )
+    return model.eval(), info

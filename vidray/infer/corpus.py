@@ -1,0 +1,205 @@
+"""A corpus to predict, on disk: which videos it holds, the chunks it is cut into, their decoding
+(Ray Data tasks of :mod:`vidray.infer.batch_predict`), and the parts and files the run leaves.
+
+Everything here runs without torch: Ray's decode workers import this module (its functions are
+their tasks), and a worker that imports torch for nothing pays seconds and memory per process.
+The model side is vidray/infer/batch_predict.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vidray.data.index import is_video_file
+from vidray.data.preprocess import DecodeSettings, decode_or_reject, write_atomically
+from vidray.errors import UserError
+from vidray.storage import is_uri, join_uri, local_file, open_filesystem
+
+# A chunk is one decode task and one part file: at most this many videos, and small enough that a
+# corpus gives at least MIN_CHUNKS tasks (a 64-video corpus in 4 tasks of 16 left CPUs idle).
+VIDEOS_PER_CHUNK = 16
+
+
+MIN_CHUNKS = 32
+
+
+PARTS_DIR = "_parts"
+
+
+# Part of every chunk id: bump when the rows change so old parts are rebuilt.
+PARTS_VERSION = 1
+
+
+TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
+
+
+REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("reason", pa.string())])
+
+
+def predictions_schema(embeddings: bool) -> pa.Schema:
+    fields = [
+        ("path", pa.string()),
+        ("label", pa.string()),  # null for a rejected video
+        ("score", pa.float64()),
+        ("top_k", TOP_K_TYPE),
+        ("error", pa.string()),  # null, or "<category>: <reason>" as in rejects.csv
+    ]
+    return pa.schema(fields + ([("embedding", pa.list_(pa.float32()))] if embeddings else []))
+
+
+def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
+    try:
+        table = pq.read_table(key, filesystem=fs, columns=["path"])
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise UserError(f"{name} is not a manifest Parquet file with a `path` column ({err}); "
+                        "write one with `vidray index`") from None  # fmt: skip
+    return [p for p in table.column("path").to_pylist() if p]
+
+
+def discover(inputs: list[str]) -> list[str]:
+    """Every video of ``inputs``, each once, in input order (a folder's videos sorted by path)."""
+    found: list[str] = []
+    for name in inputs:
+        name = str(name)
+        fs, key = open_filesystem(name)
+        info = fs.get_file_info(key)
+        scheme = name.split("://", 1)[0] if is_uri(name) else "file"
+        if info.type == pafs.FileType.Directory:
+            entries = fs.get_file_info(pafs.FileSelector(key, recursive=True))
+            videos = sorted(e.path for e in entries if e.type == pafs.FileType.File and is_video_file(Path(e.path)))
+            if not videos:
+                raise UserError(f"{name} is a folder without video files (looked for .mp4, .mov, .mkv, .webm, ...)")
+            # Object stores list bucket/key: the rows keep the scheme; local folders give local paths.
+            found += [v if scheme == "file" else f"{scheme}://{v}" for v in videos]
+        elif info.type == pafs.FileType.File and key.endswith(".parquet"):
+            found += _manifest_paths(fs, key, name)
+        else:  # a video file, or a missing one: the decoder rejects it with its reason, one row
+            found.append(name if is_uri(name) else os.path.abspath(name))
+    return list(dict.fromkeys(found))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    paths: tuple[str, ...]
+
+    @property
+    def part_name(self) -> str:
+        return f"{PARTS_DIR}/part-{self.id}.parquet"
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """What identifies a model's files cheaply: name, size and mtime of each (weights, config, vidray.json)."""
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
+    stats = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def plan_chunks(paths: list[str], settings: dict[str, Any], videos_per_chunk: int = VIDEOS_PER_CHUNK) -> list[Chunk]:
+    chunks = []
+    for start in range(0, len(paths), videos_per_chunk):
+        members = tuple(paths[start : start + videos_per_chunk])
+        key = json.dumps({"paths": members, "settings": settings, "version": PARTS_VERSION}, sort_keys=True)
+        chunks.append(Chunk(hashlib.sha256(key.encode()).hexdigest()[:20], members))
+    return chunks
+
+
+def finished_parts(fs: pafs.FileSystem, root: str, chunks: list[Chunk]) -> set[str]:
+    """Ids of the chunks whose part exists; parts of other corpora or settings are deleted."""
+    entries = fs.get_file_info(pafs.FileSelector(join_uri(root, PARTS_DIR), allow_not_found=True))
+    planned = {c.id for c in chunks}
+    finished = set()
+    for entry in entries:
+        name = entry.base_name
+        if name.startswith("part-") and name.endswith(".parquet") and name[5:-8] in planned:
+            finished.add(name[5:-8])
+        elif entry.type == pafs.FileType.File:
+            fs.delete_file(entry.path)  # stale part or a dead run's temporary
+    return finished
+
+
+def decode_one(path: str, settings: DecodeSettings, crash_on: str | None) -> tuple[bytes, str, str]:
+    """(frame bytes, "", "") or (b"", category, reason)."""
+    with local_file(path) as local:
+        clip, error, reason = decode_or_reject(local, settings, crash_on)
+    return (clip.frames.tobytes(), "", "") if clip is not None else (b"", error, reason)
+
+
+DECODED_SCHEMA = pa.schema([("chunk", pa.string()), ("path", pa.string()), ("frames", pa.binary()), ("error", pa.string())])
+
+
+PREDICTED_SCHEMA = pa.schema([
+    ("chunk", pa.string()), ("path", pa.string()), ("error", pa.string()), ("label", pa.string()),
+    ("score", pa.float64()), ("top_k", pa.string()), ("embedding", pa.binary()),
+])  # fmt: skip
+
+
+def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | None) -> pa.Table:
+    """Ray Data task: each row of ``batch`` is one chunk; one output row per video. Arrow in and out:
+    frame bytes stay binary (numpy's fixed-width bytes would drop trailing zero bytes)."""
+    columns: dict[str, list] = {"chunk": [], "path": [], "frames": [], "error": []}
+    for chunk_id, paths in zip(batch.column("chunk").to_pylist(), batch.column("paths").to_pylist()):
+        for path in json.loads(paths):
+            frames, error, reason = decode_one(path, settings, crash_on)
+            columns["chunk"].append(chunk_id)
+            columns["path"].append(path)
+            columns["frames"].append(frames)
+            columns["error"].append(f"{error}: {reason}" if error else "")
+    return pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
+
+
+def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) -> None:
+    """One chunk's rows, in its paths' order, as one Parquet file written atomically."""
+    by_path = {row["path"]: row for row in rows}
+    records = []
+    for path in chunk.paths:
+        row = by_path[path]
+        record = {"path": path, "label": None, "score": None, "top_k": None, "error": row["error"] or None}
+        if not row["error"]:
+            record.update(label=row["label"], score=float(row["score"]), top_k=json.loads(row["top_k"]))
+        if embeddings:
+            record["embedding"] = np.frombuffer(row["embedding"], np.float32).tolist() if not row["error"] else None
+        records.append(record)
+    table = pa.Table.from_pylist(records, schema=predictions_schema(embeddings))
+    write_atomically(fs, join_uri(root, chunk.part_name), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
+
+
+def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, int]:
+    """predictions.parquet from the parts in discovery order (streamed: one part in memory at a time),
+    and rejects.csv. Returns the counts."""
+    schema = predictions_schema(embeddings)
+    counts = {"predicted": 0, "rejected": 0}
+    rejects: list[dict] = []
+
+    def write_predictions(tmp: str) -> None:
+        with pq.ParquetWriter(tmp, schema, filesystem=fs) as writer:
+            for chunk in chunks:
+                table = pq.read_table(join_uri(root, chunk.part_name), filesystem=fs, schema=schema)
+                writer.write_table(table)
+                for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
+                    if error is None:
+                        counts["predicted"] += 1
+                    else:
+                        category, _, reason = error.partition(": ")
+                        rejects.append({"path": path, "error": category, "reason": reason})
+                        counts["rejected"] += 1
+
+    write_atomically(fs, join_uri(root, "predictions.parquet"), write_predictions)
+
+    def write_rejects(tmp: str) -> None:
+        with fs.open_output_stream(tmp) as f:
+            pacsv.write_csv(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f)
+
+    write_atomically(fs, join_uri(root, "rejects.csv"), write_rejects)
+    return counts
