@@ -56,7 +56,8 @@ from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
 from vidray.config import TrainSettings, TuneSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
-from vidray.train.ingest import data_config, ingest_cpus, materialize_in_order, open_worker_data, should_cache_dataset
+from vidray.train.ingest import open_worker_data
+from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
 from vidray.model.masking import masked_positions, tube_mask
 from vidray.model.classifier import autocast, to_device, token_grid, use_tf32
 from vidray.train.optim import build_optimizer, build_lr_schedule, micro_batch_size, steps_per_epoch

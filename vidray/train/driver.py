@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from vidray.config import TrainSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.errors import UserError
-from vidray.train.ingest import build_datasets, data_config, ingest_cpus
+from vidray.train.placement import build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size
