@@ -22,7 +22,7 @@ section that runs out of time keeps what it measured (status ``timed out``, with
 ``device_ingest`` vidray's device cache (``vidray.train.ingest.DeviceCache``, ``cache_dataset: device``)
                   loaded from the Parquet shards of a synthetic dataset in vidray's layout: load
                   seconds and GB/s, then batches/s built on the device, against the host path
-                  (``vidray.train.ingest.train_batches``: Arrow rows, shuffle buffer, pinned batch, copy).
+                  (``vidray.train.batches.train_batches``: Arrow rows, shuffle buffer, pinned batch, copy).
                   The shards are read with pyarrow here, not Ray Data: no Ray in the process.
 ``gpu_decode``    nvjpeg: ``torchvision.io.decode_jpeg(device="cuda")`` of 720p and 128² JPEG
                   frames, batched, against the CPU decoder on one thread: frames/s. (NVDEC needs
@@ -327,7 +327,7 @@ def ensure_dataset(args, sizes: Sizes) -> tuple[Path, float]:
 
 
 class ParquetShard:
-    """The one call DeviceCache.load and ingest.train_batches make of a Ray Data shard, ``iter_batches``,
+    """The one call DeviceCache.load and batches.train_batches make of a Ray Data shard, ``iter_batches``,
     over a split's Parquet shards read with pyarrow in stored order: vidray's device path without Ray.
     ``read_s`` counts the seconds spent reading and decompressing."""
 
@@ -360,7 +360,8 @@ def device_ingest_worker(args, sizes: Sizes, emit: Emit) -> None:
 
     from vidray.config import TrainSettings
     from vidray.data.dataset import read_dataset_info
-    from vidray.train.ingest import DeviceCache, VideoBatchCollate, train_batches
+    from vidray.train.batches import VideoBatchCollate, train_batches
+    from vidray.train.ingest import DeviceCache
 
     dataset, build_s = ensure_dataset(args, sizes)
     info = read_dataset_info(str(dataset))

@@ -21,7 +21,7 @@ in a fresh Python process:
 ``ingest``         the same worker with the step replaced by nothing: the clips/s
                    the data path alone delivers to one worker (what a GPU would need).
 ``*_cached``       ``raytrain`` / ``ingest`` with the split read once into Ray's object
-                   store (``vidray.train.ingest.materialize_in_order``;
+                   store (``vidray.train.placement.materialize_in_order``;
                    ``train.cache_dataset: always``); the plain names stream the
                    Parquet shards every epoch (``cache_dataset: never``).
 ``*_device``       the cached split copied once into the worker's device memory
@@ -364,7 +364,7 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
     from vidray.cluster import LOOPBACK_IP
     from vidray.config import TrainSettings
     from vidray.data.dataset import read_dataset_info
-    from vidray.train.ingest import build_datasets, data_config
+    from vidray.train.placement import build_datasets, data_config
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()

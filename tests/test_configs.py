@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from vidray.config import ConfigError, SearchRange, VidrayConfig, load_config
-from vidray.tune.sweep import build_param_space, count_trials
+from vidray.tune.space import build_param_space, count_trials
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -1,4 +1,4 @@
-"""The data path (vidray/train/ingest.py): every place the splits can live gives the same batches.
+"""The data path (vidray/train/placement.py, batches.py, ingest.py): every place the splits can live gives the same batches.
 
 Real Parquet shards read by real Ray Data on the session's local cluster; every
 video's pixels encode its row id, so a batch's content says exactly which rows
@@ -19,21 +19,18 @@ import torch
 from vidray.config import TrainSettings
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_split
 from vidray.errors import UserError
-from vidray.train.ingest import (
-    DEVICE_CACHE_FRACTION,
+from vidray.train.batches import (
     BatchBuffers,
-    DeviceCache,
     VideoBatchCollate,
     arrow_videos,
-    device_memory_bytes,
-    materialize_in_order,
     prefetch_in_thread,
-    should_cache_on_device,
     shuffle_buffer_order,
     train_batches,
     val_batches,
     val_rows_of_rank,
 )
+from vidray.train.ingest import DEVICE_CACHE_FRACTION, DeviceCache, device_memory_bytes, should_cache_on_device
+from vidray.train.placement import materialize_in_order
 
 VIDEO_SHAPE = (2, 4, 4, 3)  # 96 bytes: row id in the first two bytes, the rest its label
 TRAIN_VIDEOS, VAL_VIDEOS = 70, 13

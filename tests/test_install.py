@@ -75,7 +75,7 @@ def test_a_local_cluster_that_vidray_starts_stays_on_loopback(tmp_path):
     code = (
         "import json, ray\n"
         "from vidray.cluster import init_ray\n"
-        "from vidray.tune.sweep import local_cluster_kwargs\n"
+        "from vidray.tune.local_ray import local_cluster_kwargs\n"
         "init_ray(**local_cluster_kwargs())\n"
         "(node,) = ray.nodes()\n"
         "print(json.dumps({'node': node['NodeManagerAddress'], 'gcs': ray.get_runtime_context().gcs_address}))\n"

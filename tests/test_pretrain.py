@@ -371,6 +371,7 @@ def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     """A one-trial, one-epoch sweep from the encoder (in this process, on the session's cluster):
     the trial is a `vidray train` run that fine-tunes it (a new head, no decoder), and the sweep
     writes its table and exports its best model."""
+    from vidray.report.results import report_sweep
     from vidray.tune.sweep import run_sweep
 
     # A sweep prepares its own data (here: demo videos of the clip shape the encoder was pretrained on).
@@ -381,7 +382,7 @@ def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
         f"data.videos_dir={tmp_path / 'videos'}", f"data.manifest={tmp_path / 'manifest.parquet'}",
         "train.epochs=1", "tune.mixup_alpha=[0.0]", "tune.lr=[1e-3]", "tune.weight_decay=[0.05]", "tune.asha=false",
     )  # fmt: skip
-    summary = run_sweep(cfg)
+    summary = report_sweep(run_sweep(cfg))
     assert summary["trials"] == 1 and summary["errored"] == 0, summary
     assert Path(summary["results_md"]).is_file()
     best_checkpoint = json.loads(Path(summary["results_json"]).read_text())["best"]["checkpoint"]

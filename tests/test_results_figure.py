@@ -5,7 +5,8 @@ from __future__ import annotations
 import matplotlib.image
 import pytest
 
-from vidray.report.results import TrialSummary, plot_metric_vs_mixup, wilson_interval
+from vidray.report.sweep_figures import plot_metric_vs_mixup, wilson_interval
+from vidray.report.trials import TrialSummary
 
 
 def test_wilson_interval():

@@ -45,7 +45,7 @@ from vidray.config import TrainSettings, load_config
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
 from vidray.errors import UserError
 from vidray.testing.faults import kill_env
-from vidray.train.ingest import should_cache_dataset
+from vidray.train.placement import should_cache_dataset
 from vidray.train.metrics import EPOCH_METRICS
 from vidray.train.telemetry import EPOCH_TELEMETRY
 from vidray.model.classifier import POS_GRID_KEY

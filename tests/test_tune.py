@@ -1,9 +1,9 @@
-"""The sweep (vidray/tune/sweep.py, vidray/report/results.py): the param space, every pre-flight refusal, a real
+"""The sweep (vidray/tune/, vidray/report/results.py): the param space, every pre-flight refusal, a real
 sweep on demo videos through `python jobs/tune.py`, and running it again (finished: report only; interrupted: continue; --restart: over).
 
 The real sweeps run as separate driver processes on the `ray_head` cluster (conftest.py), as
 under `ray job submit`: a driver can be killed there without killing the cluster, and ASHA's
-early stops need the cluster's State API (see vidray.tune.sweep.local_cluster_kwargs).
+early stops need the cluster's State API (see vidray.tune.local_ray.local_cluster_kwargs).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from vidray.cli import main as cli_main
 from vidray.testing.faults import end_held_processes, hold_env
 from vidray.config import TuneSettings, load_config
 from vidray.errors import UserError
-from vidray.report.results import trial_label
 from vidray.cluster import Capacity, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
-from vidray.tune.sweep import EPOCHS_DONE, build_param_space, count_trials, run_sweep, trial_config
+from vidray.train.metrics import EPOCHS_DONE
+from vidray.tune.space import build_param_space, count_trials, trial_config, trial_label
+from vidray.tune.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -165,7 +166,7 @@ def test_param_space_grids_ranges_and_trial_configs():
 
 
 def test_results_table_has_the_reference_columns():
-    from vidray.report.results import REFERENCE_COIN12, TABLE_COLUMNS, markdown_table
+    from vidray.report.table import REFERENCE_COIN12, TABLE_COLUMNS, markdown_table
 
     assert TABLE_COLUMNS[:7] == ["Type", "Epochs", "Training Loss", "Test Loss", "Precision", "Recall", "F1"]
     rows = [{"Type": "MixUp α=0.4, lr=5e-5, wd=0.05", "Epochs": "3/15 (stopped early)", "Training Loss": 1.4712,

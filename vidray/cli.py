@@ -142,10 +142,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from vidray.config import load_config
+    from vidray.report.results import report_sweep
     from vidray.tune.sweep import run_sweep
 
     cfg = load_config(args.config, args.overrides)
-    _print_summary(run_sweep(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=True)
+    # The sweep trains (or, when it had finished, finds its trials); the report stage writes and prints its results.
+    _print_summary(report_sweep(run_sweep(cfg, restart=args.restart, verbose=args.verbose)), disconnect_ray=True)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -140,9 +140,9 @@ class TrainSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     prefetch_batches: int = Field(2, ge=0)
-    # Rows of vidray's seeded shuffle buffer (vidray/train/ingest.py); 0 = every epoch in stored order.
+    # Rows of vidray's seeded shuffle buffer (vidray/train/batches.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
-    # Where the decoded splits live during the run (vidray/train/ingest.py):
+    # Where the decoded splits live during the run (vidray/train/placement.py, ingest.py):
     #   never  - re-read the Parquet shards every epoch (Ray Data streaming);
     #   always - read them once into Ray's object store, iterate them with Ray Data every epoch;
     #   device - also copy each worker's shard once into its device's memory (GPU memory, or the

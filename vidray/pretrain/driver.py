@@ -64,7 +64,7 @@ from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
 from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
-from vidray.train.ingest import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
+from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
 from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
 
 RUN_SUFFIX = "-pretrain"

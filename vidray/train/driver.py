@@ -26,7 +26,7 @@ from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.errors import UserError
 from vidray.train.finetune import finetune_loop_per_worker
-from vidray.train.ingest import build_datasets, data_config, ingest_cpus
+from vidray.train.placement import build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size

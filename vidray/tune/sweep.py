@@ -23,49 +23,55 @@ Layout under ``run.storage_path``::
       train_runs/<trial_id>/         that trial's Ray Train run: checkpoint_epoch_NNNN/ ...
       reports/                       results table, figures, best model (default run.reports_dir)
 
-Running the same command again is safe (vidray/train/runs.py): a finished sweep only
-prints its results, read from vidray's and Tune's JSON files; an interrupted one is restored (finished trials are kept as they
+Running the same command again is safe (vidray/train/runs.py): a finished sweep trains
+nothing (its results are then read back from vidray's and Tune's JSON files by the report,
+vidray/report/results.py); an interrupted one is restored (finished trials are kept as they
 are, an interrupted trial restarts its Ray Train run under the same name, so
 Train continues from that run's latest checkpoint instead of epoch 0).
 ``--restart`` or a new ``run.name`` starts over.
+
+The sweep writes; it does not report. :func:`run_sweep` returns a :class:`SweepOutcome`, and
+``vidray tune`` (vidray/cli.py) hands it to the report stage (results table, figures, best model).
+Here: the trial, the Train->Tune hand-over it waits on, and the run. The param space is
+space.py, ASHA and the metric scheduler.py, the console and W&B callbacks.py, the sweep's
+folder experiment.py, the local cluster local_ray.py.
 """
 
 from __future__ import annotations
 
-import socket
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.data
-import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from vidray.compat import train_to_tune_report_queues
-from vidray.config import SearchRange, TrainSettings, TuneSettings, VidrayConfig
-from vidray.errors import UserError
-from vidray.train.metrics import EPOCHS_DONE, TUNABLE_METRICS
-from vidray.train.runs import (
-    SWEEP_CONFIG_FILE,
-    RunState,
-    console_settings,
-    mark_run,
-    open_run,
-    read_json,
-    read_marker,
-    refuse_changed_config,
-    wandb_key_error,
-    wandb_mode,
-    write_json,
+from vidray.cluster import (
+    DATA_CPUS,
+    check_run_resources,
+    cluster_capacity,
+    derive_max_concurrent_trials,
+    init_ray,
+    shared_storage_paths,
 )
+from vidray.config import VidrayConfig
+from vidray.data.dataset import read_dataset_info
+from vidray.data.prepare import prepare_dataset
+from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri
-
-# The sweep's hyper-parameters: Tune samples them, each trial copies them into cfg.train
-# (and ``seed`` when a pure grid is repeated, see build_param_space).
-SWEPT = ("mixup_alpha", "lr", "weight_decay")
+from vidray.train.driver import build_trainer, check_dataset, make_run_config
+from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.placement import ingest_cpus
+from vidray.train.runs import SWEEP_CONFIG_FILE, console_settings, mark_run, open_run, write_json
+from vidray.tune.callbacks import EpochLines, wandb_callbacks
+from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
+from vidray.tune.local_ray import local_cluster_kwargs
+from vidray.tune.scheduler import build_trial_scheduler, check_sweep_config
+from vidray.tune.space import build_param_space, trial_config
 
 # A trial's own process only waits on Ray Train: it needs memory, not a CPU.
 # Even a fraction of a CPU would hurt: Ray Data's read tasks ask for a whole
@@ -74,98 +80,6 @@ SWEPT = ("mixup_alpha", "lr", "weight_decay")
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 TRAIN_RUNS_DIR = "train_runs"
-
-
-# ------------------------------------------------------------- param space
-
-
-def _axis(values: SearchRange | list[float], key: str, log: bool):
-    """One swept key: a grid over a list, log-uniform or uniform draws over a range."""
-    if isinstance(values, SearchRange):
-        if values.low == values.high:
-            return values.low
-        return ray.tune.loguniform(values.low, values.high) if log else ray.tune.uniform(values.low, values.high)
-    if not values:
-        raise UserError(f"{key} is an empty list, so the sweep would have no trials; give at least one value")
-    return ray.tune.grid_search(list(values)) if len(values) > 1 else values[0]
-
-
-def build_param_space(tune: TuneSettings) -> dict[str, Any]:
-    """Tune's param space from ``cfg.tune``: MixUp α is always a grid; lr and weight decay a grid or a range."""
-    if not tune.mixup_alpha:
-        raise UserError("tune.mixup_alpha is an empty list, so the sweep would have no trials; e.g. [0.0, 0.4]")
-    space = {
-        "mixup_alpha": ray.tune.grid_search(list(tune.mixup_alpha)),
-        "lr": _axis(tune.lr, "tune.lr", log=True),
-        "weight_decay": _axis(tune.weight_decay, "tune.weight_decay", log=False),
-    }
-    if tune.num_samples > 1 and isinstance(tune.lr, list) and isinstance(tune.weight_decay, list):
-        # Repeats of one grid point would otherwise be the same seeded run, bit for bit on CPU.
-        space["seed"] = ray.tune.randint(0, 2**31 - 1)
-    return space
-
-
-def count_trials(tune: TuneSettings) -> int:
-    """Trials the sweep will run: grid size x num_samples (ranges add draws, not grid points)."""
-    size = len(tune.mixup_alpha)
-    for values in (tune.lr, tune.weight_decay):
-        if isinstance(values, list):
-            size *= len(values)
-    return size * tune.num_samples
-
-
-def trial_config(cfg: VidrayConfig, params: dict[str, Any]) -> VidrayConfig:
-    """``cfg`` with one trial's hyper-parameters in ``cfg.train`` (validated again)."""
-    update = {k: float(params[k]) for k in SWEPT}
-    if "seed" in params:
-        update["seed"] = int(params["seed"])
-    train = TrainSettings.model_validate({**cfg.train.model_dump(), **update})
-    return cfg.model_copy(update={"train": train})
-
-
-def check_sweep_config(cfg: VidrayConfig) -> None:
-    tune = cfg.tune
-    if tune.metric not in TUNABLE_METRICS:
-        raise UserError(
-            f"tune.metric={tune.metric!r} is not reported by training; use one of {', '.join(TUNABLE_METRICS)}"
-        )
-    expected_mode = "min" if tune.metric.endswith("_loss") else "max"
-    if tune.mode != expected_mode:
-        raise UserError(f"tune.mode={tune.mode!r} would pick the worst trials for tune.metric={tune.metric}; set tune.mode={expected_mode}")
-    if tune.asha and tune.grace_period > cfg.train.epochs:
-        raise UserError(
-            f"tune.grace_period={tune.grace_period} is more than train.epochs={cfg.train.epochs}: ASHA could never "
-            "compare trials; lower tune.grace_period or set tune.asha=false"
-        )
-
-
-# ------------------------------------------------------------- Ray
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_cluster_kwargs() -> dict[str, Any]:
-    """ray.init() arguments for a fresh local cluster that a sweep can rely on.
-
-    ASHA stops a trial by killing its process, which takes its Ray Train
-    controller with it; Ray Train's placement-group cleaner then frees the
-    trial's workers, and it finds out the controller died through the State
-    API, i.e. the dashboard. So the dashboard runs (on loopback), and the
-    cluster's processes are told its address: without that they would look for
-    "the" Ray instance on the machine and fail, or pick the wrong one, whenever
-    another Ray instance runs beside this one.
-    """
-    port = _free_loopback_port()
-    return dict(
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-    )
 
 
 class ReportToTune(TuneReportCallback):
@@ -178,8 +92,6 @@ class ReportToTune(TuneReportCallback):
 
 def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, train_runs: str) -> None:
     """One trial: a full Ray Train run with the trial's hyper-parameters."""
-    from vidray.train.driver import build_trainer, make_run_config
-
     trial_cfg = trial_config(cfg, params)
     # Several trials' data-loading progress bars interleaved in one log are noise;
     # the datasets built below carry this context to the processes that run them.
@@ -226,96 +138,30 @@ def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def wandb_callbacks(cfg: VidrayConfig) -> list:
-    """Weights & Biases logging of every trial when run.wandb.enabled (each trial's wandb/ folder).
-
-    The mode follows :func:`vidray.train.runs.wandb_mode`: WANDB_MODE=offline always keeps everything on
-    disk; online mode needs a key, and without one the sweep stops here rather than prompting.
-    """
-    if not cfg.run.wandb.enabled:
-        return []
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
-    mode = wandb_mode(cfg.run.wandb)
-    callback = WandbLoggerCallback(project=cfg.run.wandb.project, group=cfg.run.name, mode=mode)
-    try:
-        callback.setup()
-    except ValueError as err:
-        raise wandb_key_error(mode, err) from None
-    return [callback]
-
-
-# ------------------------------------------------------------- experiment dir
-
-
-def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
-    """``new``, ``interrupted`` or ``finished``: what ``experiment_path`` holds for ``cfg``.
-
-    Refuses, naming the keys, a sweep started with a config that shapes the trials differently:
-    continuing it would mix two experiments in one table. Read from vidray's JSON files only: a
-    finished sweep is reported from them and Tune's result.json files, never from Tune's pickles.
-    Continuing an interrupted one does go through Tune's restore, which unpickles the experiment's
-    state: the storage path must be one you trust, as Ray says of its own restore.
-    """
-    finished = bool((read_marker(experiment_path) or {}).get("finished"))
-    if not finished and not ray.tune.Tuner.can_restore(experiment_path):
-        return "new"
-    saved = read_json(join_uri(experiment_path, SWEEP_CONFIG_FILE))
-    if saved is not None:
-        refuse_changed_config(saved, cfg, experiment_path, "sweep", saved_in=SWEEP_CONFIG_FILE)
-    # Sweeps of older vidray versions carry no marker: a finished one is "continued" once, which
-    # ends at once (every trial is terminated) and marks it finished.
-    return "finished" if finished else "interrupted"
-
-
-# ------------------------------------------------------------- console
-
-
-class EpochLines(ray.tune.Callback):
-    """One line per trial per epoch on the driver's console, instead of Tune's full result dumps."""
-
-    def __init__(self, metric: str, epochs: int):
-        self.metric = metric
-        self.epochs = epochs
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        from vidray.report.results import trial_label
-
-        epoch = result.get(EPOCHS_DONE)
-        if epoch is None:
-            return
-        label = trial_label({k: trial.config[k] for k in SWEPT + ("seed",) if k in trial.config})
-        speed = result.get("train_videos_per_s")
-        print(
-            f"[{trial.trial_id}] {label} | epoch {epoch}/{self.epochs} | "
-            f"train loss {result.get('train_loss', float('nan')):.3f} | val loss {result.get('val_loss', float('nan')):.3f} | "
-            f"val acc {result.get('val_accuracy', float('nan')):.3f} | {self.metric} {result.get(self.metric, float('nan')):.3f}"
-            + (f" | {speed:.1f} clips/s" if speed else ""),
-            flush=True,
-        )
-
-
 # ------------------------------------------------------------- the sweep
 
 
-def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Run the sweep ``cfg`` describes and write the results table, figures and the best model
-    under ``run.reports_dir``; return a summary with absolute paths.
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a sweep leaves for its report (vidray/report/results.py: report_sweep)."""
 
-    A sweep lives under ``run.storage_path/run.name``. Running the same command again prints
-    the results of a finished sweep without training anything, and continues an interrupted
+    cfg: VidrayConfig  # as the trials ran it: absolute dataset, storage and reports paths
+    experiment_path: str
+    dataset_dir: str
+    # Tune's results of this run; None when the sweep was already finished (nothing ran:
+    # its trials are read back from the experiment folder).
+    results: ray.tune.ResultGrid | None
+
+
+def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -> SweepOutcome:
+    """Run the sweep ``cfg`` describes; what it leaves (experiment folder, Tune's results) is the
+    report's input (vidray/report/results.py: report_sweep).
+
+    A sweep lives under ``run.storage_path/run.name``. Running the same command again trains
+    nothing for a finished sweep (``results`` is then None), and continues an interrupted
     one (Tune's restore: finished trials are kept, the others resume from their last
     checkpoint). ``restart`` (``--restart``) deletes it and starts over.
     """
-    from vidray.cluster import DATA_CPUS, check_run_resources, cluster_capacity, derive_max_concurrent_trials
-    from vidray.cluster import init_ray, shared_storage_paths
-    from vidray.data.dataset import read_dataset_info
-    from vidray.train.ingest import ingest_cpus
-    from vidray.model.classifier import check_model_config
-    from vidray.data.prepare import prepare_dataset
-    from vidray.report.results import read_finished_trials, write_sweep_report
-    from vidray.train.driver import check_dataset
-
     # Checks that need nothing but the config come first: they are instant.
     param_space = build_param_space(cfg.tune)
     check_sweep_config(cfg)
@@ -364,8 +210,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
         TRIAL_DRIVER_RESOURCES,
     )
     if state == "finished":
-        results = read_finished_trials(experiment_path)
-        return write_sweep_report(results, cfg, experiment_path=experiment_path, dataset_dir=dataset_dir)
+        return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
     if state == "interrupted":
         # Finished trials stay finished; interrupted and errored ones continue from their checkpoints.
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
@@ -386,33 +231,4 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     results = tuner.fit()
     if len(results) and results.num_errors == 0 and results.num_terminated == len(results):
         mark_run(experiment_path, "sweep", cfg.run.name, finished=True)
-    return write_sweep_report(results, cfg, experiment_path=experiment_path, dataset_dir=dataset_dir)
-
-
-def build_trial_scheduler(cfg: VidrayConfig):
-    """ASHA on ``tune.metric`` over completed epochs, or None (every trial runs all epochs)."""
-    if not cfg.tune.asha:
-        return None
-    return ray.tune.schedulers.AsyncHyperBandScheduler(
-        time_attr=EPOCHS_DONE,
-        metric=cfg.tune.metric,
-        mode=cfg.tune.mode,
-        max_t=cfg.train.epochs,
-        grace_period=cfg.tune.grace_period,
-        reduction_factor=cfg.tune.reduction_factor,
-        # A trial that reaches the last epoch ends by itself; a Tune stop would
-        # kill its Ray Train run mid-shutdown.
-        stop_last_trials=False,
-    )
-
-
-def warn_if_inside_a_job_copy(cfg: VidrayConfig) -> None:
-    """Under `ray job submit --working-dir`, a relative path lands in a copy Ray deletes: say so once."""
-    if "runtime_resources" not in Path.cwd().parts:
-        return
-    relative = [key for key, value in (("run.storage_path", cfg.run.storage_path), ("run.reports_dir", cfg.run.reports_dir))
-                if value is not None and "://" not in str(value) and not str(value).startswith(("/", "~"))]
-    if relative:
-        print(f"vidray tune: warning: {', '.join(relative)} is relative, so it points into this job's working-directory "
-              f"copy ({Path.cwd()}), which Ray deletes; use an absolute path (the default is ~/ray_results)",
-              file=sys.stderr, flush=True)
+    return SweepOutcome(cfg, experiment_path, dataset_dir, results)

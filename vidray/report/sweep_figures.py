@@ -1,0 +1,114 @@
+"""The sweep's figures: the metric against MixUp α (with Wilson intervals) and every trial's learning curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from vidray.figures import TRIAL_CMAP, light_grid, new_figure, save_figure
+from vidray.report.trials import TrialSummary
+from vidray.train.metrics import EPOCHS_DONE
+from vidray.tune.space import short_number
+
+
+def wilson_interval(proportion: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % for z = 1.96) of a proportion measured on ``n`` trials.
+
+    Exact for accuracy; for F1-type metrics over ``n`` videos, a binomial yardstick of the
+    same size (their sampling noise is of that order), which is what the sweep figure needs:
+    whether a gap between trials is larger than what ``n`` videos can resolve.
+    """
+    centre = (proportion + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(proportion * (1 - proportion) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval_bars(trials: list[TrialSummary]) -> np.ndarray | None:
+    """``[2, len(trials)]`` distances below/above each best value to its Wilson 95 % bounds (None: no counts)."""
+    bounds = []
+    for t in trials:
+        if not t.best_videos or not 0.0 <= t.best_value <= 1.0:
+            return None
+        low, high = wilson_interval(t.best_value, t.best_videos)
+        bounds.append((t.best_value - low, high - t.best_value))
+    return np.array(bounds).T
+
+
+def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) -> Path:
+    """tune.metric at each trial's best epoch against MixUp α, one line per (lr, wd) setting.
+
+    The y-axis spans the metric's whole range (0-1 for accuracy and F1: a 0.02 gap on a
+    0.98-1.00 axis looks like a collapse), and each point carries a Wilson 95 % interval over
+    the videos it was measured on, so a gap can be read against what that many videos resolve.
+    """
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    groups: dict[tuple[float, float], list[TrialSummary]] = {}
+    for t in trials:
+        if t.best_value is not None:
+            groups.setdefault((t.params["lr"], t.params["weight_decay"]), []).append(t)
+    scored = [t for group in groups.values() for t in group]
+    bounded = bool(scored) and "loss" not in metric and all(0.0 <= t.best_value <= 1.0 for t in scored)
+    with_intervals = bounded and _interval_bars(scored) is not None
+    if len(groups) <= 10:
+        spread = 0.012 * (max((t.params["mixup_alpha"] for t in scored), default=1.0) or 1.0)
+        for index, ((lr, wd), members) in enumerate(sorted(groups.items())):
+            members = sorted(members, key=lambda t: t.params["mixup_alpha"])
+            # Settings side by side at each α (a small horizontal offset), so their intervals do not hide each other.
+            x = [t.params["mixup_alpha"] + (index - (len(groups) - 1) / 2) * spread for t in members]
+            y = [t.best_value for t in members]
+            line = ax.plot(x, y, marker="o", label=f"lr={short_number(lr)}, wd={short_number(wd)}")[0]
+            if with_intervals:
+                ax.errorbar(x, y, yerr=_interval_bars(members), fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.8)
+            # Hollow markers: ASHA stopped the trial before the last epoch.
+            early = [(xi, yi) for xi, yi, t in zip(x, y, members) if t.status != "completed"]
+            if early:
+                ax.scatter(*zip(*early), s=90, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
+        ax.legend(title="hollow ring: stopped early", fontsize=8, title_fontsize=8, loc="lower right")
+    else:  # lr drawn from a range: every trial is its own setting, so colour by lr instead
+        x, y = [t.params["mixup_alpha"] for t in scored], [t.best_value for t in scored]
+        if with_intervals:
+            ax.errorbar(x, y, yerr=_interval_bars(scored), fmt="none", ecolor="0.6", capsize=2, zorder=1)
+        points = ax.scatter(x, y, c=np.log10([t.params["lr"] for t in scored]), cmap=TRIAL_CMAP, zorder=2)
+        fig.colorbar(points, ax=ax, label="log10(lr)")
+    alphas = sorted({t.params["mixup_alpha"] for t in trials})
+    ax.set_xticks(alphas, [short_number(a) for a in alphas])
+    ax.set_xlabel("MixUp α (0 = no MixUp)")
+    if bounded:
+        ax.set_ylim(0.0, 1.02)  # a point at 1.0 stays whole
+    ax.set_ylabel(f"{metric} (best epoch)" + (", full range 0-1" if bounded else ""))
+    title = f"{metric} vs MixUp α ({len(trials)} trials)"
+    if with_intervals:
+        counts = sorted({t.best_videos for t in scored})
+        videos = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        title += f"\nbars: Wilson 95 % interval over the {videos} validation videos"
+    ax.set_title(title, fontsize=10)
+    light_grid(ax)
+    return save_figure(fig, path)
+
+
+def plot_learning_curves(trials: list[TrialSummary], path: Path) -> Path:
+    """Train loss, val loss and val macro-F1 against epoch for every trial."""
+    panels = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_macro_f1", "val macro-F1")]
+    fig = new_figure(15.0, 4.8)
+    axes = fig.subplots(1, len(panels))
+    colours = [f"C{i % 10}" for i in range(len(trials))]
+    for t, colour in zip(trials, colours):
+        epochs = [row[EPOCHS_DONE] for row in t.history]
+        for ax, (key, _) in zip(axes, panels):
+            values = [row.get(key, np.nan) for row in t.history]
+            ax.plot(epochs, values, marker="o", markersize=3, color=colour, label=t.label)
+            if t.status == "stopped early" and epochs:
+                ax.plot(epochs[-1], values[-1], marker="x", markersize=9, color=colour)
+    max_epoch = max((t.epochs for t in trials), default=1)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_xlim(0.5, max_epoch + 0.5)
+        light_grid(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
+    fig.suptitle("Learning curves (x: stopped early by ASHA)")
+    return save_figure(fig, path)

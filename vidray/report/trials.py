@@ -1,0 +1,142 @@
+"""A sweep's trials as the report sees them: one :class:`TrialSummary` each, from Tune's results
+of this run or, for a sweep that had finished, from the JSON files Tune left in the experiment folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from vidray.config import VidrayConfig
+from vidray.storage import join_uri, open_filesystem
+from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.runs import read_json
+from vidray.tune.space import trial_label
+
+# The metrics of a trial's last epoch the results table shows, by column.
+LAST_EPOCH_METRICS = {
+    "Training Loss": "train_loss",
+    "Test Loss": "val_loss",
+    "Precision": "val_micro_precision",
+    "Recall": "val_micro_recall",
+    "F1": "val_micro_f1",
+    "Macro-F1": "val_macro_f1",
+    "Accuracy": "val_accuracy",
+}
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    label: str  # the "Type" column
+    params: dict[str, float]
+    epochs_done: int
+    epochs: int
+    status: str  # "completed", "stopped early" (ASHA) or "error: ..."
+    last: dict[str, float]  # metrics of the last epoch
+    best_value: float | None  # tune.metric at its best epoch
+    best_epoch: int | None  # epochs done at that point (1-based)
+    best_checkpoint: str | None
+    trial_dir: str
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    best_videos: int | None = None  # videos the best epoch's metric was measured on
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _history(result) -> list[dict[str, float]]:
+    """Per-epoch metrics of one trial, deduplicated by epoch (a resumed trial may repeat one)."""
+    frame = result.metrics_dataframe
+    if frame is None or EPOCHS_DONE not in frame:
+        return []
+    frame = frame.dropna(subset=[EPOCHS_DONE]).drop_duplicates(subset=[EPOCHS_DONE], keep="last")
+    columns = [c for c in [EPOCHS_DONE, *LAST_EPOCH_METRICS.values(), "val_videos", "checkpoint_path"] if c in frame]
+    rows = frame.sort_values(EPOCHS_DONE)[columns].to_dict("records")
+    return [{k: (int(v) if k == EPOCHS_DONE else v) for k, v in row.items()} for row in rows]
+
+
+@dataclass
+class StoredTrial:
+    """A finished trial as Tune left it on storage, read from its params.json and result.json only
+    (what :func:`summarize_trial` reads of a Tune ``Result``; no pickle is loaded)."""
+
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    metrics_dataframe: pd.DataFrame | None
+    path: str
+    error: None = None  # a sweep is marked finished only when no trial errored
+
+
+def read_finished_trials(experiment_path: str) -> list[StoredTrial]:
+    """Every trial folder of a finished sweep (the ones holding Tune's params.json)."""
+    fs, root = open_filesystem(experiment_path)
+    trials = []
+    for entry in fs.get_file_info(pafs.FileSelector(root)):
+        trial_dir = join_uri(experiment_path, entry.base_name)
+        params = read_json(join_uri(trial_dir, "params.json")) if entry.type == pafs.FileType.Directory else None
+        if not isinstance(params, dict):
+            continue
+        _, result_path = open_filesystem(join_uri(trial_dir, "result.json"))
+        try:
+            with fs.open_input_stream(result_path) as f:
+                rows = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        except FileNotFoundError:
+            rows = []
+        frame = pd.json_normalize(rows, sep="/") if rows else None
+        trials.append(StoredTrial(config=params, metrics=rows[-1] if rows else {}, metrics_dataframe=frame, path=trial_dir))
+    return trials
+
+
+def _checkpoint_exists(path: str | None) -> bool:
+    if not path:
+        return False
+    fs, inner = open_filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+def summarize_trial(result, cfg: VidrayConfig) -> TrialSummary:
+    params = {k: result.config[k] for k in ("mixup_alpha", "lr", "weight_decay", "seed") if k in result.config}
+    history = _history(result)
+    metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "max" else -1)
+    epochs_done = history[-1][EPOCHS_DONE] if history else 0
+    if result.error is not None:
+        status = f"error: {type(result.error).__name__}"
+    elif epochs_done < cfg.train.epochs:
+        status = "stopped early"
+    else:
+        status = "completed"
+    ranked = sorted(
+        (row for row in history if metric in row and not math.isnan(row[metric])),
+        key=lambda row: (-sign * row[metric], -row[EPOCHS_DONE]),
+    )
+    best = ranked[0] if ranked else None
+    # Ray Train keeps the best checkpoints by val macro-F1 and the latest; take the best one still on disk.
+    checkpoint = next((row["checkpoint_path"] for row in ranked if _checkpoint_exists(row.get("checkpoint_path"))), None)
+    return TrialSummary(
+        trial_id=str(result.metrics.get("trial_id") or Path(result.path).name),
+        label=trial_label(params),
+        params={k: float(v) for k, v in params.items()},
+        epochs_done=epochs_done,
+        epochs=cfg.train.epochs,
+        status=status,
+        last={k: float(history[-1][k]) for k in LAST_EPOCH_METRICS.values() if history and k in history[-1]},
+        best_value=float(best[metric]) if best else None,
+        best_videos=int(best["val_videos"]) if best and _finite(best.get("val_videos")) else None,
+        best_epoch=best[EPOCHS_DONE] if best else None,
+        best_checkpoint=checkpoint,
+        trial_dir=str(result.path),
+        history=history,
+    )
+
+
+def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
+    scored = [t for t in trials if t.best_value is not None and t.best_checkpoint]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda t: t.best_value)

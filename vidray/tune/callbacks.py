@@ -1,0 +1,52 @@
+"""What the sweep's driver shows and logs as trials report: one console line per trial per epoch, and W&B."""
+
+from __future__ import annotations
+
+import ray.tune
+
+from vidray.config import VidrayConfig
+from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.runs import wandb_key_error, wandb_mode
+from vidray.tune.space import SWEPT, trial_label
+
+
+class EpochLines(ray.tune.Callback):
+    """One line per trial per epoch on the driver's console, instead of Tune's full result dumps."""
+
+    def __init__(self, metric: str, epochs: int):
+        self.metric = metric
+        self.epochs = epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epoch = result.get(EPOCHS_DONE)
+        if epoch is None:
+            return
+        label = trial_label({k: trial.config[k] for k in SWEPT + ("seed",) if k in trial.config})
+        speed = result.get("train_videos_per_s")
+        print(
+            f"[{trial.trial_id}] {label} | epoch {epoch}/{self.epochs} | "
+            f"train loss {result.get('train_loss', float('nan')):.3f} | val loss {result.get('val_loss', float('nan')):.3f} | "
+            f"val acc {result.get('val_accuracy', float('nan')):.3f} | {self.metric} {result.get(self.metric, float('nan')):.3f}"
+            + (f" | {speed:.1f} clips/s" if speed else ""),
+            flush=True,
+        )
+
+
+def wandb_callbacks(cfg: VidrayConfig) -> list:
+    """Weights & Biases logging of every trial when run.wandb.enabled (each trial's wandb/ folder).
+
+    The mode follows :func:`vidray.train.runs.wandb_mode`: WANDB_MODE=offline always keeps everything on
+    disk; online mode needs a key, and without one the sweep stops here rather than prompting.
+    """
+    if not cfg.run.wandb.enabled:
+        return []
+    # Only for a sweep that logs to W&B: Ray's integration imports wandb itself, which takes seconds.
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    mode = wandb_mode(cfg.run.wandb)
+    callback = WandbLoggerCallback(project=cfg.run.wandb.project, group=cfg.run.name, mode=mode)
+    try:
+        callback.setup()
+    except ValueError as err:
+        raise wandb_key_error(mode, err) from None
+    return [callback]
