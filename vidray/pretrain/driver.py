@@ -60,6 +60,7 @@ from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
 from vidray.model.classifier import token_grid
 from vidray.model.masking import tube_mask
 from vidray.model.pretraining import check_pretraining_model, load_pretraining_model, save_encoder
+from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
 from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
 from vidray.model import transforms
@@ -284,9 +285,6 @@ def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = F
 
 
 def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict[str, Any]]) -> list[Path]:
-    # Here, not at the top: matplotlib is slow to import and only a finished run draws.
-    from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
-
     figures = reports_dir(cfg) / "figures"
     info = read_dataset_info(dataset_dir)
     split, held_out = figure_split(cfg, info)
