@@ -7,7 +7,7 @@ streams, so memory stays flat whatever the corpus size:
 
 * **decode**: Ray Data *tasks* (one CPU each, spread over the nodes) decode one
   chunk of videos each, with the decoder and rejection reasons of preprocessing
-  (:func:`vidray.data.preprocess.decode_or_reject`). A bad file becomes a row with its
+  (:func:`vidray.data.decode_shard.decode_or_reject`). A bad file becomes a row with its
   reason, never an error of the run.
 * **predict**: an *actor pool* (one GPU per actor on GPU nodes) holds the model
   once per actor and runs batches through :class:`vidray.infer.predict.Classifier`, the
@@ -52,7 +52,9 @@ import pyarrow.parquet as pq
 
 from vidray.errors import UserError
 from vidray.data.index import is_video_file
-from vidray.data.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, DecodeSettings, decode_or_reject, write_atomically
+from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON, decode_or_reject
+from vidray.data.shard_files import write_atomically
+from vidray.data.shards import DecodeSettings
 from vidray.storage import is_uri, join_uri, local_file, open_filesystem
 
 # A chunk is one decode task and one part file: at most this many videos, and small enough that a

@@ -53,7 +53,7 @@ from vidray.model.checkpoint import INFO, eval_clips_of, load_trained_model, qui
 from vidray.data.dataset import ClipShape
 from vidray.errors import UserError
 from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, token_grid
-from vidray.data.video import segment_indices
+from vidray.data.clip import segment_indices
 
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
 

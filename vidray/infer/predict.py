@@ -81,7 +81,8 @@ def predict_videos(
     checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged. An unreadable video gets ``{"video", "error",
     "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`.
     """
-    from vidray.data.video import VideoError, read_clip
+    from vidray.data.clip import VideoError
+    from vidray.data.video import read_clip
 
     classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
     shape = classifier.shape
