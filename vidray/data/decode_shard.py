@@ -18,11 +18,10 @@ from vidray.data.shard_files import OUTCOME_COLUMNS, outcome_row, write_shard
 from vidray.data.shards import DecodeSettings, Shard, Video
 from vidray.data.video import read_clip, require_decoder
 
-# Test-only fault injection: when the environment of the process calling
-# vidray.data.preprocess.preprocess has VIDRAY_TEST_CRASH_ON=<substring>, the decode task
-# calls os._exit(1) (a real worker death, like a segfault) on every video whose path contains it.
+# Test-only fault injection: a real worker death on chosen videos (vidray/data/preprocess.py's docstring).
 CRASH_ON_ENV = "VIDRAY_TEST_CRASH_ON"
 WORKER_CRASH_REASON = "decoder crashed the worker"
+
 
 def decode_or_reject(path: str, settings: DecodeSettings, crash_on: str | None = None):
     """(clip, "", "") or (None, error category, reason) for one video file. Never raises for a bad file.
