@@ -52,7 +52,7 @@ def encode_mp4(
     ``sample_aspect_ratio`` marks non-square pixels (e.g. ``Fraction(4, 3)``).
     The frames are stored as coded; players (and vidray) show them rotated and stretched.
     """
-    import av
+    import av  # here: PyAV is optional like every decoder library (require_decoder names its install)
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -146,7 +146,7 @@ def require_decoder(decoder: str, device: str = "cpu") -> None:
 
 def require_cuda_decoding() -> None:
     """Raise unless this process can decode on a CUDA device (run inside a GPU task)."""
-    import torch
+    import torch  # here: torch costs seconds to import, and only a GPU decode task asks this
 
     if not torch.cuda.is_available():
         raise DecoderUnavailableError(
@@ -198,10 +198,10 @@ def probe(path: str | Path) -> StreamInfo:
     header and first frame; raises the :class:`vidray.data.clip.VideoError` that says why not.
 
     Read by PyAV whatever ``data.decoder`` is: it is the one library that reports all of it without
-    decoding a clip. Imported here, on first use, like every backend (its library is optional).
+    decoding a clip.
     """
     path = str(path)
     check_file(path)
-    from vidray.data.decode import pyav
+    from vidray.data.decode import pyav  # on first use: PyAV is optional, as in read_clip
 
     return pyav.probe_stream(path)
