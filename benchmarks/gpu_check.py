@@ -248,7 +248,7 @@ def _measure_step(args, sizes: Sizes, side: int, compile: bool) -> dict[str, Any
     import torch
 
     from train_step import CLASSES, make_step
-    from vidray.data.preprocess import default_stored
+    from vidray.data.shards import default_stored
     from vidray.train.telemetry import device_peak_tflops, train_flops_per_clip
 
     started = time.perf_counter()
@@ -316,7 +316,7 @@ def ensure_dataset(args, sizes: Sizes) -> tuple[Path, float]:
     """(the synthetic dataset at the main side in vidray's layout, seconds spent building it now);
     cached in ``--cache`` (benchmarks/train_step.py: build_dataset)."""
     from train_step import build_dataset
-    from vidray.data.preprocess import default_stored
+    from vidray.data.shards import default_stored
 
     side = sizes.sides[0]
     stored_frames, stored_size = default_stored(sizes.frames, side, None, None)

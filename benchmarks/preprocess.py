@@ -106,7 +106,7 @@ def _crop(frames: np.ndarray, size: int) -> np.ndarray:
 def decord_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int, threads: int) -> np.ndarray:
     import decord
 
-    from vidray.data.video import resized_size, segment_indices
+    from vidray.data.clip import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     reader = decord.VideoReader(path, width=out_w, height=out_h, num_threads=threads)
@@ -118,7 +118,7 @@ def torchcodec_clip(path: str, width: int, height: int, stored_frames: int, stor
     from torchcodec.decoders import VideoDecoder
     from torchcodec.transforms import Resize
 
-    from vidray.data.video import resized_size, segment_indices
+    from vidray.data.clip import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     decoder = VideoDecoder(path, num_ffmpeg_threads=1, dimension_order="NHWC", transforms=[Resize((out_h, out_w))])
@@ -136,7 +136,7 @@ def pyav_seek_clip(path: str, width: int, height: int, stored_frames: int, store
     """(clip, frames decoded). Seeks to every sampled frame, as most PyAV snippets do."""
     import av
 
-    from vidray.data.video import resized_size, segment_indices
+    from vidray.data.clip import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -163,7 +163,7 @@ def pyav_sequential_clip(
     """(clip, frames decoded). Decodes every frame in order up to the last sample, keeps the sampled ones."""
     import av
 
-    from vidray.data.video import resized_size, segment_indices
+    from vidray.data.clip import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -193,7 +193,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
     """
     import av
 
-    from vidray.data.video import resized_size, segment_indices
+    from vidray.data.clip import resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -231,7 +231,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
 def frames_to_decode(num_frames: int, keyframes: list[int], stored_frames: int) -> int:
     """Fewest frames a decoder must decode to produce the samples: from the keyframe
     before each sample up to it, each frame once (B-frame reordering ignored)."""
-    from vidray.data.video import segment_indices
+    from vidray.data.clip import segment_indices
 
     needed, decoded_up_to = 0, -1
     keyframes = sorted(set(keyframes) | {0})
@@ -335,7 +335,7 @@ def run_vidray(
 ) -> dict[str, Any]:
     import ray
 
-    from vidray.data.preprocess import VIDEOS_PER_SHARD, preprocess
+    from vidray.data.preprocess import preprocess
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
@@ -353,7 +353,8 @@ def run_vidray(
     if decoder != "pyav":  # (a vidray from before data.decoder, run with --before, takes no such argument)
         name, _, device = decoder.partition("_")
         kwargs.update(decoder=name, decoder_device=device or "cpu")
-    kwargs["videos_per_shard"] = videos_per_shard or VIDEOS_PER_SHARD
+    if videos_per_shard:  # else preprocess's own default (vidray.data.shards.VIDEOS_PER_SHARD)
+        kwargs["videos_per_shard"] = videos_per_shard
     phases = {}
     with tempfile.TemporaryDirectory(prefix="vidray-bench-") as tmp:
         for phase in ("cold", "warm"):
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stored-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from vidray.data.preprocess import VIDEOS_PER_SHARD, default_stored
+    from vidray.data.shards import VIDEOS_PER_SHARD, default_stored
 
     stored_frames, stored_size = default_stored(args.frames, args.size, args.stored_frames, args.stored_size)
     args.stored_frames, args.stored_size = stored_frames, stored_size

@@ -46,7 +46,8 @@ DEFAULT_LAYOUTS = ("1node_1cpu", "2node_1cpu", "1node_2cpu")
 def run_driver(args: argparse.Namespace) -> None:
     """Inside the cluster: preprocess cold, then warm; print one JSON line."""
     from vidray.cluster import cluster_summary, init_ray
-    from vidray.data.preprocess import RECORDS_DIR, preprocess
+    from vidray.data.preprocess import preprocess
+    from vidray.data.shards import RECORDS_DIR
 
     init_ray()
     phases = {}

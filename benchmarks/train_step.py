@@ -109,7 +109,8 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
 
     from make_inputs import VideoSpec, _frames
     from vidray.data.dataset import DATASET_INFO
-    from vidray.data.preprocess import VIDEOS_PER_SHARD, Video, _outcome, plan_shards, write_shard
+    from vidray.data.shard_files import outcome_row, write_shard
+    from vidray.data.shards import VIDEOS_PER_SHARD, Video, plan_shards
 
     if (out / DATASET_INFO).is_file():
         return out
@@ -127,7 +128,7 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
             seed += 1
             spec = VideoSpec("x", video.label, stored_size, stored_size, stored_frames / 30, seed)
             clip = np.stack(list(_frames(spec)))[:stored_frames]
-            outcomes.append((_outcome(video, source_frames=stored_frames, padded=False), clip.tobytes()))
+            outcomes.append((outcome_row(video, source_frames=stored_frames, padded=False), clip.tobytes()))
         write_shard(str(out), shard, outcomes)
     info = {
         "classes": CLASSES,
@@ -539,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _worker_main(args)
         return {}
 
-    from vidray.data.preprocess import default_stored
+    from vidray.data.shards import default_stored
 
     machine = machine_info()
     if args.device == "cuda" and not machine["cuda"]:

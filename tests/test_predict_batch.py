@@ -29,7 +29,8 @@ from vidray.infer.evaluate import evaluate_checkpoint
 from vidray.data.index import write_manifest
 from vidray.model.inference import Views, clip_outputs
 from vidray.infer.predict import Classifier, predict_videos
-from vidray.data.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, preprocess
+from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
+from vidray.data.preprocess import preprocess
 from vidray.data.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from vidray.data.demo import DEMO_CLASSES
 from vidray.data.coin import load_coin_annotations
 from vidray.data.index import read_manifest
 from vidray.data.prepare import prepare_dataset
-from vidray.data.preprocess import Video, plan_shards
+from vidray.data.shards import Video, plan_shards
 from vidray.data.video import encode_mp4
 
 SMALL = {"frames": 4, "size": 28, "stored_frames": 8, "stored_size": 32}

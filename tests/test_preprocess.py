@@ -15,8 +15,11 @@ from test_video import make_bad_file
 from vidray.data.dataset import read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
 from vidray.data.index import write_manifest
-from vidray.data.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, Video, expected_work, plan_shards, preprocess
-from vidray.data.video import DECODERS, encode_mp4, read_clip
+from vidray.config import DECODERS
+from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
+from vidray.data.preprocess import preprocess
+from vidray.data.shards import Video, expected_work, plan_shards
+from vidray.data.video import encode_mp4, read_clip
 
 CLASSES = ["alpha", "beta", "gamma"]
 # (width, height, frames): landscape, portrait, square, odd aspect, tiny; short and long.

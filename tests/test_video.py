@@ -15,23 +15,20 @@ import av
 import numpy as np
 import pytest
 
-from vidray.errors import UserError
-from vidray.data.video import (
-    DECODERS,
+from vidray.config import DECODERS
+from vidray.data.clip import (
     CorruptVideoError,
-    DecoderUnavailableError,
     EmptyVideoError,
     MissingVideoError,
     NoFramesError,
     NotAVideoError,
     NoVideoStreamError,
-    encode_mp4,
-    read_clip,
-    require_decoder,
     resized_size,
     sample_aspect,
     segment_indices,
 )
+from vidray.data.video import DecoderUnavailableError, encode_mp4, read_clip, require_decoder
+from vidray.errors import UserError
 
 
 @pytest.fixture(params=DECODERS)

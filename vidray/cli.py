@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from vidray.config import DECODERS
 from vidray.errors import UserError
-from vidray.data.video import DECODERS
 
 
 def _print_summary(summary: dict, *, disconnect_ray: bool = False) -> None:

@@ -8,13 +8,19 @@ before validation, so a typo or a bad value fails before any Ray work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vidray.errors import UserError
-from vidray.data.video import DecodeDevice, DecoderName
+
+# The decoding libraries and devices of data.decoder / data.decoder_device. They live here, not in
+# the data stage, because the config names them; vidray/data/video.py maps each to its backend.
+DecoderName = Literal["pyav", "decord", "torchcodec"]
+DECODERS: tuple[str, ...] = get_args(DecoderName)
+DecodeDevice = Literal["cpu", "cuda"]
+DEFAULT_DECODER: DecoderName = "pyav"  # least CPU per video of the three (docs/benchmarks.md)
 
 
 class ConfigError(UserError):
@@ -62,7 +68,7 @@ class DataSettings(_Section):
     videos_per_shard: int = Field(8, ge=1)
     # Which library decodes (docs/benchmarks.md compares them): pyav (default, least CPU per video),
     # decord or torchcodec. Switching decodes the dataset again (the decoder is in every shard id).
-    decoder: DecoderName = "pyav"
+    decoder: DecoderName = DEFAULT_DECODER
     # cuda: torchcodec decodes on the GPU's NVDEC, each decode task taking a quarter of a GPU.
     decoder_device: DecodeDevice = "cpu"
 

@@ -132,7 +132,7 @@ def split_uri(dataset_dir: str, split: str) -> str:
 
 def read_split(dataset_dir: str, split: str):
     """A Ray Dataset over one split's shards (videos still as raw bytes)."""
-    import ray.data
+    import ray.data  # here: Ray costs seconds to import, and the rest of this module is read without it
 
     info = read_dataset_info(dataset_dir)
     if info.split_counts.get(split, 0) == 0:

@@ -23,13 +23,16 @@ import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vidray.data.clip import VideoError
 from vidray.data.dataset import SPLITS
+from vidray.data.video import probe, require_decoder
 from vidray.errors import UserError
 
 # Preference order when one id exists with several extensions.
@@ -70,52 +73,31 @@ def is_video_file(path: Path) -> bool:
 def probe_video(path: str | Path) -> dict[str, Any]:
     """Duration, fps, frame count and displayed size from container metadata; never raises.
 
-    One open container: the header gives size, sample aspect ratio, rate and
-    duration; the first decoded frame its display matrix (PyAV shows it on
-    frames only), so ``width`` x ``height`` is what a player shows: a phone
+    One open container (:func:`vidray.data.video.probe`): the header gives
+    size, sample aspect ratio, rate and duration; the first decoded frame its
+    display matrix, so ``width`` x ``height`` is what a player shows: a phone
     clip coded 1280x720 and marked "rotate 90" is 720x1280. Containers without
     a frame count in their header (mkv, webm) get one by demuxing packets,
     which reads the file but decodes nothing more.
     """
-    import av
-
-    from vidray.data.decode.pyav import coded_geometry, first_frame_rotation, open_video
-    from vidray.data.video import Geometry, VideoError, check_file
-
     try:
-        check_file(str(path))
-        container, stream = open_video(str(path))
-        with container:
-            coded = coded_geometry(str(path), stream)
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            fps = float(rate) if rate else None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / av.time_base
-            else:
-                duration = None
-            num_frames = stream.frames
-            stream.codec_context.thread_count = 1  # one frame: threads would only add start-up
-            rotation = first_frame_rotation(container, stream)
-            if not num_frames:
-                container.seek(0)
-                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
-        if not num_frames:
+        info = probe(path)
+        if not info.num_frames:
             raise ValueError("video stream has no frames")
-        if rotation is None:
+        if info.rotation is None:
             raise ValueError("no decodable frames (the first frame does not decode)")
-        if duration is None and fps:
-            duration = num_frames / fps
-        width, height = Geometry(coded.coded_width, coded.coded_height, rotation, coded.sample_aspect_ratio).displayed_size
+        duration = info.duration
+        if duration is None and info.fps:
+            duration = info.num_frames / info.fps
+        width, height = replace(info.coded, rotation=info.rotation).displayed_size
     except Exception as err:  # any unreadable file becomes a recorded reason, never a crash
         detail = f"{err.code}: {err.reason}" if isinstance(err, VideoError) else f"{type(err).__name__}: {err}"
         reason = detail.replace("\n", " ")
         return {"duration": None, "fps": None, "num_frames": None, "width": None, "height": None, "probe_error": reason}
     return {
         "duration": duration,
-        "fps": fps,
-        "num_frames": int(num_frames),
+        "fps": info.fps,
+        "num_frames": int(info.num_frames),
         "width": int(width),
         "height": int(height),
         "probe_error": None,
@@ -127,6 +109,7 @@ def probe_rows(rows: list[dict[str, Any]], probe: bool) -> None:
         for row in rows:
             row.update(dict.fromkeys(_PROBE_FIELDS))
         return
+    require_decoder("pyav")  # probing reads headers with PyAV: without it, one line here, not a reason per video
     # Opening a container is mostly I/O wait (and FFmpeg drops the GIL): threads overlap it.
     with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
         for row, info in zip(rows, pool.map(probe_video, [row["path"] for row in rows])):

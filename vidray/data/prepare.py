@@ -19,6 +19,9 @@ import os
 from pathlib import Path
 
 from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
+from vidray.data.coin import index_coin
+from vidray.data.demo import DEMO_CLASSES, generate_demo_videos
+from vidray.data.index import index_folder
 from vidray.data.preprocess import preprocess
 
 FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
@@ -44,8 +47,6 @@ def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
 
 
 def _ensure_demo_videos(data: DataSettings) -> None:
-    from vidray.data.demo import DEMO_CLASSES, generate_demo_videos
-
     videos_dir, demo = data.videos_dir, data.demo
     if not videos_dir.exists() or (videos_dir.is_dir() and not any(videos_dir.iterdir())):
         generate_demo_videos(videos_dir, classes=demo.classes, videos_per_class=demo.videos_per_class, seed=demo.seed)
@@ -65,9 +66,6 @@ def _ensure_demo_videos(data: DataSettings) -> None:
 
 def prepare_dataset(cfg: VidrayConfig) -> str:
     """Make ``cfg.data.dataset_dir`` current for ``cfg.data`` and return it."""
-    from vidray.data.coin import index_coin
-    from vidray.data.index import index_folder
-
     data = cfg.data
     if data.source == "demo":
         _ensure_demo_videos(data)

@@ -1,24 +1,26 @@
-"""What every decoder shares, and the one entry point that picks a decoder.
+"""The data stage's video API: decode a clip, probe a header, write H.264.
 
 * :func:`read_clip` decodes a video into the stored clip with the backend named
   by ``decoder`` (``pyav``, ``decord`` or ``torchcodec``; vidray/data/decode/ holds
-  one module each). All of them sample the same frames (:func:`segment_indices`),
-  show them as a player would (:class:`Geometry`: display-matrix rotation and
-  sample aspect ratio applied), resize the short side and centre-crop the same
-  way, and fail with the same :class:`VideoError` categories.
+  one module each). What the backends share (sampling, displayed geometry,
+  the :class:`vidray.data.clip.VideoError` categories) is in vidray/data/clip.py,
+  which they import; this module imports them, never the other way round.
+* :func:`probe` reads what a video's header and first frame say (``vidray index``).
+* :func:`require_decoder` fails in one line when a backend's library is missing.
 * :func:`encode_mp4` writes H.264 for the demo data and the tests.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 
+from vidray.config import DECODERS, DEFAULT_DECODER, DecodeDevice, DecoderName
+from vidray.data.clip import DecodedClip, EmptyVideoError, MissingVideoError, StreamInfo
 from vidray.errors import UserError
 
 
@@ -50,7 +52,7 @@ def encode_mp4(
     ``sample_aspect_ratio`` marks non-square pixels (e.g. ``Fraction(4, 3)``).
     The frames are stored as coded; players (and vidray) show them rotated and stretched.
     """
-    import av
+    import av  # here: PyAV is optional like every decoder library (require_decoder names its install)
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -80,10 +82,6 @@ def encode_mp4(
 
 # --------------------------------------------------------------------------- decoding
 
-DecoderName = Literal["pyav", "decord", "torchcodec"]
-DECODERS: tuple[str, ...] = get_args(DecoderName)
-DecodeDevice = Literal["cpu", "cuda"]
-
 # What each decoder needs beyond vidray's own dependencies, and the command that installs it.
 # (make setup installs all three: Makefile, target `setup`.)
 DECODER_INSTALL = {
@@ -96,149 +94,8 @@ DECODER_INSTALL = {
 }
 
 
-class VideoError(UserError):
-    """A video file that cannot be used. ``code`` is a stable category for
-    tables and tests; ``reason`` is the human detail; ``str()`` names the file."""
-
-    code = "video_error"
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-class MissingVideoError(VideoError):
-    code = "missing"
-
-
-class EmptyVideoError(VideoError):
-    code = "empty"
-
-
-class NotAVideoError(VideoError):
-    code = "not_a_video"
-
-
-class CorruptVideoError(VideoError):
-    code = "corrupt"
-
-
-class NoVideoStreamError(VideoError):
-    code = "no_video_stream"
-
-
-class NoFramesError(VideoError):
-    code = "no_frames"
-
-
 class DecoderUnavailableError(UserError):
     """The configured decoder cannot be imported here: names the package and its install command."""
-
-
-@dataclass(frozen=True)
-class DecodedClip:
-    frames: np.ndarray  # uint8 [stored_frames, stored_size, stored_size, 3], as displayed
-    source_frames: int  # frames the container reports for the whole video
-    padded: bool  # source_frames < stored_frames, so some frames appear more than once
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How a player shows a video stream's coded frames.
-
-    ``rotation``: the display matrix's counter-clockwise rotation, 0/90/180/270
-    (phones record landscape and mark "show rotated 90"). ``sample_aspect_ratio``:
-    the width of one pixel over its height (anamorphic DVD/DV footage: 32/27...);
-    a player stretches the width by it before rotating.
-    """
-
-    coded_width: int
-    coded_height: int
-    rotation: int = 0
-    sample_aspect_ratio: Fraction = Fraction(1)
-
-    @property
-    def unrotated_size(self) -> tuple[int, int]:
-        """(width, height) with square pixels, before the rotation."""
-        return max(1, round(self.coded_width * self.sample_aspect_ratio)), self.coded_height
-
-    @property
-    def displayed_size(self) -> tuple[int, int]:
-        """(width, height) as a player shows the video."""
-        width, height = self.unrotated_size
-        return (height, width) if self.rotation in (90, 270) else (width, height)
-
-    def resize_before_rotation(self, short_side: int) -> tuple[int, int]:
-        """(width, height) to scale the *coded* frame to, so that rotating it after gives
-        :meth:`resize_displayed`: the short side is the short side either way."""
-        return resized_size(*self.unrotated_size, short_side)
-
-    def resize_displayed(self, short_side: int) -> tuple[int, int]:
-        """(width, height) of the displayed frame with its short side scaled to ``short_side``."""
-        return resized_size(*self.displayed_size, short_side)
-
-
-def quarter_turns(degrees: float | None) -> int:
-    """A display-matrix angle (any sign, degrees counter-clockwise) as 0, 90, 180 or 270."""
-    if degrees is None or degrees != degrees:  # None or NaN: no display matrix
-        return 0
-    return int(round(float(degrees) / 90.0)) % 4 * 90
-
-
-def sample_aspect(value) -> Fraction:
-    """A stream's sample aspect ratio as a Fraction; unknown (None, 0, 0/1) means square pixels."""
-    try:
-        ratio = Fraction(value) if value is not None else Fraction(0)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return Fraction(1)
-    return ratio if ratio > 0 else Fraction(1)
-
-
-def rotate_frames(frames: np.ndarray, rotation: int) -> np.ndarray:
-    """``[T, H, W, C]`` frames rotated counter-clockwise by ``rotation`` degrees (a multiple of 90)."""
-    return np.rot90(frames, k=rotation // 90, axes=(1, 2)) if rotation else frames
-
-
-def centre_crop(frames: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` x ``size`` square of ``[T, H, W, C]`` frames, contiguous."""
-    top = (frames.shape[1] - size) // 2
-    left = (frames.shape[2] - size) // 2
-    return np.ascontiguousarray(frames[:, top : top + size, left : left + size])
-
-
-# First bytes of the containers ffmpeg is likely to be handed. A file that starts
-# like one of these but cannot be opened is a broken video, not a stray text file.
-_CONTAINER_SIGNATURES = (
-    (4, b"ftyp"),  # mp4 / mov / m4a / 3gp
-    (4, b"moov"),
-    (4, b"mdat"),
-    (0, b"\x1a\x45\xdf\xa3"),  # matroska / webm
-    (0, b"RIFF"),  # avi
-    (0, b"FLV"),
-    (0, b"OggS"),
-    (0, b"\x00\x00\x01\xba"),  # mpeg program stream
-)
-
-
-def segment_indices(num_frames: int, count: int) -> np.ndarray:
-    """Centre of each of ``count`` equal segments of ``[0, num_frames)``.
-
-    When ``num_frames < count`` neighbouring segments share a frame, so every
-    source frame is repeated evenly (the clip keeps its whole time span) rather
-    than the last frame being held.
-    """
-    if num_frames < 1 or count < 1:
-        raise ValueError(f"need num_frames >= 1 and count >= 1, got {num_frames}, {count}")
-    centres = (np.arange(count) + 0.5) * (num_frames / count)
-    return np.minimum(centres.astype(np.int64), num_frames - 1)
-
-
-def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side scaled to ``short_side``, aspect kept."""
-    if width <= height:
-        return short_side, max(short_side, round(height * short_side / width))
-    return max(short_side, round(width * short_side / height)), short_side
 
 
 def check_file(path: str) -> None:
@@ -253,22 +110,6 @@ def check_file(path: str) -> None:
         raise EmptyVideoError(path, "zero bytes")
     if not os.access(path, os.R_OK):
         raise MissingVideoError(path, "not readable (permission denied)")
-
-
-def looks_like_container(path: str) -> bool:
-    """Whether the file starts like a video container (so failing to open it means: broken)."""
-    with open(path, "rb") as f:
-        head = f.read(192)
-    if head[0:1] == head[188:189] == b"\x47":
-        return True  # mpeg transport stream: a sync byte every 188-byte packet
-    return any(head[offset : offset + len(magic)] == magic for offset, magic in _CONTAINER_SIGNATURES)
-
-
-def unopenable(path: str, detail: str) -> VideoError:
-    """The error for a file the demuxer refuses: broken if it looks like a container, else not a video."""
-    if looks_like_container(path):
-        return CorruptVideoError(path, f"truncated or corrupt container ({detail})")
-    return NotAVideoError(path, f"not a video file ({detail})")
 
 
 def require_decoder(decoder: str, device: str = "cpu") -> None:
@@ -305,7 +146,7 @@ def require_decoder(decoder: str, device: str = "cpu") -> None:
 
 def require_cuda_decoding() -> None:
     """Raise unless this process can decode on a CUDA device (run inside a GPU task)."""
-    import torch
+    import torch  # here: torch costs seconds to import, and only a GPU decode task asks this
 
     if not torch.cuda.is_available():
         raise DecoderUnavailableError(
@@ -318,7 +159,7 @@ def read_clip(
     path: str | Path,
     stored_frames: int,
     stored_size: int,
-    decoder: DecoderName = "pyav",
+    decoder: DecoderName = DEFAULT_DECODER,
     device: DecodeDevice = "cpu",
     num_threads: int = 0,
 ) -> DecodedClip:
@@ -335,6 +176,8 @@ def read_clip(
     """
     path = str(path)
     check_file(path)
+    # Each backend is imported on first use: its library is optional (require_decoder names
+    # the install command), and a process that uses one backend never loads the others.
     if decoder == "pyav":
         from vidray.data.decode import pyav
 
@@ -348,3 +191,17 @@ def read_clip(
 
         return torchcodec.read_samples(path, stored_frames, stored_size, num_threads, device)
     raise DecoderUnavailableError(f"decoder {decoder!r} is not one of {', '.join(DECODERS)}")
+
+
+def probe(path: str | Path) -> StreamInfo:
+    """Size, pixel aspect, rotation, frame rate, duration and frame count of one video, from its
+    header and first frame; raises the :class:`vidray.data.clip.VideoError` that says why not.
+
+    Read by PyAV whatever ``data.decoder`` is: it is the one library that reports all of it without
+    decoding a clip.
+    """
+    path = str(path)
+    check_file(path)
+    from vidray.data.decode import pyav  # on first use: PyAV is optional, as in read_clip
+
+    return pyav.probe_stream(path)

@@ -7,7 +7,7 @@ streams, so memory stays flat whatever the corpus size:
 
 * **decode**: Ray Data *tasks* (one CPU each, spread over the nodes) decode one
   chunk of videos each, with the decoder and rejection reasons of preprocessing
-  (:func:`vidray.data.preprocess.decode_or_reject`). A bad file becomes a row with its
+  (:func:`vidray.data.decode_shard.decode_or_reject`). A bad file becomes a row with its
   reason, never an error of the run.
 * **predict**: an *actor pool* (one GPU per actor on GPU nodes) holds the model
   once per actor and runs batches through :class:`vidray.infer.predict.Classifier`, the
@@ -48,7 +48,8 @@ import ray
 import ray.data
 
 from vidray.cluster import init_ray
-from vidray.data.preprocess import CRASH_ON_ENV, WORKER_CRASH_REASON, DecodeSettings
+from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
+from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
 from vidray.infer.corpus import (
     DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, PREDICTED_SCHEMA, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,

@@ -22,7 +22,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vidray.data.index import is_video_file
-from vidray.data.preprocess import DecodeSettings, decode_or_reject, write_atomically
+from vidray.data.decode_shard import decode_or_reject
+from vidray.data.shard_files import write_atomically
+from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
 from vidray.storage import is_uri, join_uri, local_file, open_filesystem
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from vidray.compat import EXPORT_CODE_PRIVATE_IMPORTS, videomae_image_processor_class
 from vidray.data.dataset import ClipShape
-from vidray.data.video import segment_indices
+from vidray.data.clip import segment_indices
 from vidray.errors import UserError
 from vidray.model.checkpoint import INFO, eval_clips_of, quiet_progress_bars
 from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, token_grid

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vidray.data.video import VideoError, read_clip
+from vidray.data.clip import VideoError
+from vidray.data.video import read_clip
 from vidray.errors import UserError
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 
+import av
 import decord
 import numpy as np
 
+from vidray.data.clip import CorruptVideoError, DecodedClip, NoFramesError, centre_crop, segment_indices
 from vidray.data.decode.pyav import probe_geometry
-from vidray.data.video import CorruptVideoError, DecodedClip, NoFramesError, centre_crop, segment_indices
 
 
 def _message(err: BaseException) -> str:
@@ -59,8 +60,6 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
 
 def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     """RGB frames scaled to width x height by FFmpeg's swscale (the scaler decord itself uses)."""
-    import av
-
     return np.stack(
         [av.VideoFrame.from_ndarray(f, format="rgb24").to_ndarray(width=width, height=height, format="rgb24")
          for f in frames]

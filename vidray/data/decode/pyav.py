@@ -12,12 +12,13 @@ from __future__ import annotations
 import av
 import numpy as np
 
-from vidray.data.video import (
+from vidray.data.clip import (
     CorruptVideoError,
     DecodedClip,
     Geometry,
     NoFramesError,
     NoVideoStreamError,
+    StreamInfo,
     centre_crop,
     quarter_turns,
     rotate_frames,
@@ -213,3 +214,31 @@ def probe_geometry(path: str) -> Geometry:
     if rotation is None:
         raise NoFramesError(path, "no decodable frames (the first frame does not decode)")
     return Geometry(geometry.coded_width, geometry.coded_height, rotation, geometry.sample_aspect_ratio)
+
+
+def probe_stream(path: str) -> StreamInfo:
+    """What :func:`vidray.data.video.probe` reports, from one open container.
+
+    The header gives size, sample aspect ratio, rate and duration; the first
+    decoded frame its display matrix (PyAV shows it on frames only). Containers
+    without a frame count in their header (mkv, webm) get one by demuxing
+    packets, which reads the file but decodes nothing more.
+    """
+    container, stream = open_video(path)
+    with container:
+        coded = coded_geometry(path, stream)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = None
+        num_frames = stream.frames
+        stream.codec_context.thread_count = 1  # one frame: threads would only add start-up
+        rotation = first_frame_rotation(container, stream)
+        if not num_frames:
+            container.seek(0)
+            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+    return StreamInfo(coded, rotation, fps, duration, int(num_frames or 0))

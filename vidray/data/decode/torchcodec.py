@@ -26,7 +26,7 @@ import torchcodec
 from torchcodec.decoders import VideoDecoder
 from torchcodec.transforms import DecoderTransform, Resize
 
-from vidray.data.video import (
+from vidray.data.clip import (
     CorruptVideoError,
     DecodedClip,
     Geometry,
@@ -108,7 +108,8 @@ def read_samples(
         decoder = _open(path, stored_size, num_threads, device)
     except (RuntimeError, ValueError) as err:
         # torchcodec's refusals do not say why (not a video? no video stream?): the
-        # header, read with PyAV on this error path only, raises the typed reason.
+        # header, read with PyAV on this error path only, raises the typed reason. (Imported
+        # here: PyAV is optional like every decoder library; require_decoder checks torchcodec's only.)
         from vidray.data.decode.pyav import probe_geometry
 
         probe_geometry(path)

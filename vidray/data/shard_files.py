@@ -1,0 +1,214 @@
+"""The files of a dataset directory: written atomically, checked, cleared of what a run does not own.
+
+Layout (``DIR`` may be a local path or an s3:// / gs:// URI)::
+
+    DIR/{train,val,test}/shard-<id>.parquet   processed videos (vidray.data.dataset.SHARD_SCHEMA)
+    DIR/_shards/shard-<id>.json               per-video outcomes of a finished shard, its node and decode time
+    DIR/rejects.parquet, DIR/rejects.csv      every rejected video and why
+    DIR/dataset.json                          written last: present == complete and consistent
+
+Every file goes in under a dot-name first and is renamed into place
+(:func:`write_atomically`), so a killed writer never leaves half a file that
+looks like data. :func:`clear_stale` deletes what does not belong to a run's
+plan (vidray/data/shards.py explains the ids) and returns the records of the
+shards already finished.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, SPLITS
+from vidray.data.shards import RECORDS_DIR, Shard, Video
+from vidray.errors import UserError
+from vidray.storage import join_uri, open_filesystem
+
+ROW_GROUP_BYTES = 32 * 2**20
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("video_id", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+        ("error", pa.string()),  # stable category, e.g. not_a_video, corrupt, worker_crash
+        ("reason", pa.string()),
+    ]
+)
+
+
+# An outcome row (:func:`outcome_row`) tagged with its shard, as write_shard returns it.
+OUTCOME_COLUMNS = (
+    "shard", "path", "video_id", "split", "label", "label_index",
+    "status", "error", "reason", "source_frames", "padded",
+)  # fmt: skip
+
+
+def outcome_row(video: Video, status: str = "processed", error: str = "", reason: str = "", **decoded) -> dict:
+    """One video's line in its shard record (and, when rejected, in rejects.parquet)."""
+    row = {
+        "path": video.path,
+        "video_id": video.video_id,
+        "split": video.split,
+        "label": video.label,
+        "label_index": video.label_index,
+        "status": status,
+        "error": error,
+        "reason": reason,
+        "source_frames": -1,
+        "padded": False,
+    }
+    return {**row, **decoded}
+
+
+def write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
+    # Readers skip dot-files, so a half-written temporary never looks like data.
+    directory, name = path.rsplit("/", 1)
+    tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    fs.create_dir(directory, recursive=True)
+    try:
+        write(tmp)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_shard(
+    out: str, shard: Shard, outcomes: list[tuple[dict, bytes | None]], decode_seconds: float | None = None
+) -> list[dict]:
+    """Write the shard's Parquet file (processed videos only; none if all were
+    rejected), then its record. Returns the outcome rows, tagged with the shard id."""
+    fs, root = open_filesystem(out)
+    processed = [(row, frames) for row, frames in outcomes if frames is not None]
+    if processed:
+        table = pa.Table.from_pydict(
+            {
+                "video": [frames for _, frames in processed],
+                "label": [row["label_index"] for row, _ in processed],
+                "label_name": [row["label"] for row, _ in processed],
+                "video_id": [row["video_id"] for row, _ in processed],
+                "path": [row["path"] for row, _ in processed],
+                "source_frames": [row["source_frames"] for row, _ in processed],
+                "padded": [row["padded"] for row, _ in processed],
+            },
+            schema=SHARD_SCHEMA,
+        )
+        rows_per_group = max(1, ROW_GROUP_BYTES // len(processed[0][1]))
+
+        def write_parquet(tmp: str) -> None:
+            pq.write_table(
+                table,
+                tmp,
+                filesystem=fs,
+                row_group_size=rows_per_group,
+                compression="zstd",
+                use_dictionary=False,
+                # Min/max statistics of megabyte-sized video blobs would bloat the footer.
+                write_statistics=[name for name in SHARD_SCHEMA.names if name != "video"],
+            )
+
+        write_atomically(fs, join_uri(root, shard.parquet_name), write_parquet)
+
+    rows = [{**row, "shard": shard.id} for row, _ in outcomes]
+    record = {
+        "shard": shard.id,
+        "split": shard.split,
+        "file": shard.parquet_name if processed else None,
+        # Where and how fast it was decoded: how the work spread over a cluster's nodes.
+        "node_id": _ray_node_id(),
+        "decode_seconds": None if decode_seconds is None else round(decode_seconds, 3),
+        "videos": rows,
+    }
+
+    def write_record(tmp: str) -> None:
+        with fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(record, indent=1).encode())
+
+    write_atomically(fs, join_uri(root, shard.record_name), write_record)
+    return rows
+
+
+def _ray_node_id() -> str | None:
+    # A process Ray runs in has imported it; one that never did (a benchmark writing shards itself,
+    # on a machine without Ray) is on no node.
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
+def _list(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
+    return [i for i in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)) if i.is_file]
+
+
+def clear_stale(fs: pafs.FileSystem, root: str, shards: list[Shard]) -> dict[str, list[dict]]:
+    """Delete what does not belong to this plan (old dataset.json first, then
+    foreign shards and leftover temporaries); return the records of finished shards."""
+    try:
+        fs.delete_file(join_uri(root, DATASET_INFO))
+    except FileNotFoundError:
+        pass
+    wanted = {s.id: s for s in shards}
+    present_parquet = set()
+    for split in SPLITS:
+        for info in _list(fs, join_uri(root, split)):
+            name = info.base_name
+            shard_id = name.removeprefix("shard-").removesuffix(".parquet")
+            ours = name.startswith("shard-") and name.endswith(".parquet")
+            if ours and shard_id in wanted and wanted[shard_id].split == split:
+                present_parquet.add(f"{split}/{name}")
+            elif ours or (name.startswith(".shard-") and name.endswith(".tmp")):
+                fs.delete_file(info.path)
+
+    finished = {}
+    for info in _list(fs, join_uri(root, RECORDS_DIR)):
+        shard_id = info.base_name.removeprefix("shard-").removesuffix(".json")
+        if info.base_name.startswith(".") or shard_id not in wanted:
+            fs.delete_file(info.path)
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                record = json.loads(f.read())
+        except (OSError, ValueError):
+            fs.delete_file(info.path)  # unreadable: decode the shard again
+            continue
+        # A record without its Parquet file (deleted by hand) means: decode again.
+        if record["file"] is None or record["file"] in present_parquet:
+            finished[shard_id] = record["videos"]
+    return finished
+
+
+def check_writable(fs: pafs.FileSystem, root: str, out: str) -> None:
+    probe = join_uri(root, f".vidray-write-test-{uuid.uuid4().hex[:8]}")
+    try:
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as err:
+        raise UserError(f"cannot write the dataset to {out} ({err}); pass --out a writable directory") from None
+
+
+def write_rejects(fs: pafs.FileSystem, root: str, rejected: list[dict]) -> None:
+    table = pa.Table.from_pylist([{c: r[c] for c in REJECTS_SCHEMA.names} for r in rejected], schema=REJECTS_SCHEMA)
+    write_atomically(fs, join_uri(root, "rejects.parquet"), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
+
+    def write_csv(tmp: str) -> None:
+        with fs.open_output_stream(tmp) as f:
+            pacsv.write_csv(table, f)
+
+    write_atomically(fs, join_uri(root, "rejects.csv"), write_csv)
+
+
+def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
