@@ -35,6 +35,11 @@ MAX_LINES = 450
 FUNCTION_IMPORTS_ALLOWED = {
     ("vidray.cli", "*"): "each subcommand imports its stage when it runs, so `vidray --help` and a "
     "subcommand's argument errors do not wait for torch and Ray to import",
+    ("vidray.data.preprocess", "preprocess"): "Ray (seconds to import) only when shards remain to decode: "
+    "a finished dataset is reported, and vidray.data.prepare and the index/report commands stay Ray-free",
+    ("vidray.data.video", "probe"): "probing goes through PyAV, an optional decoding library",
+    ("vidray.data.decode.torchcodec", "read_samples"): "a file torchcodec refuses is probed with PyAV for the "
+    "typed reason, on that error path only: PyAV is optional like every decoding library",
 }
 # read_clip (wherever vidray.data defines it) imports the decoder named by data.decoder when it is asked
 # for: each decoding library is optional (PyAV, decord, torchcodec), so importing the others would fail.
