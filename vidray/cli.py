@@ -253,20 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(prepare)
     prepare.set_defaults(func=cmd_prepare)
 
-    train = sub.add_parser("train", help="fine-tune on Ray Train")
-    _add_config_args(train)
-    _add_rerun_args(train, "run")
-    train.set_defaults(func=cmd_train)
-
-    pretrain = sub.add_parser("pretrain", help="VideoMAE masked-autoencoder pretraining on Ray Train (no labels)")
-    _add_config_args(pretrain)
-    _add_rerun_args(pretrain, "run", folder="<run.name>-pretrain")
-    pretrain.set_defaults(func=cmd_pretrain)
-
-    tune = sub.add_parser("tune", help="Ray Tune sweep over MixUp alpha, lr and weight decay")
-    _add_config_args(tune)
-    _add_rerun_args(tune, "sweep")
-    tune.set_defaults(func=cmd_tune)
+    # The commands that run on Ray and keep a folder under run.storage_path: the same arguments each.
+    for name, help_text, what, folder, func in (
+        ("train", "fine-tune on Ray Train", "run", "run.name", cmd_train),
+        ("pretrain", "VideoMAE masked-autoencoder pretraining on Ray Train (no labels)", "run", "<run.name>-pretrain",
+         cmd_pretrain),
+        ("tune", "Ray Tune sweep over MixUp alpha, lr and weight decay", "sweep", "run.name", cmd_tune),
+    ):  # fmt: skip
+        command = sub.add_parser(name, help=help_text)
+        _add_config_args(command)
+        _add_rerun_args(command, what, folder=folder)
+        command.set_defaults(func=func)
 
     ev = sub.add_parser("evaluate", help="metrics, per-class report and confusion matrix")
     ev.add_argument("--checkpoint", required=True)

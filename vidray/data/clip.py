@@ -30,28 +30,13 @@ class VideoError(UserError):
         self.reason = reason
 
 
-class MissingVideoError(VideoError):
-    code = "missing"
-
-
-class EmptyVideoError(VideoError):
-    code = "empty"
-
-
-class NotAVideoError(VideoError):
-    code = "not_a_video"
-
-
-class CorruptVideoError(VideoError):
-    code = "corrupt"
-
-
-class NoVideoStreamError(VideoError):
-    code = "no_video_stream"
-
-
-class NoFramesError(VideoError):
-    code = "no_frames"
+# The categories a rejected video is filed under (rejects.csv's `error`).
+class MissingVideoError(VideoError): code = "missing"
+class EmptyVideoError(VideoError): code = "empty"
+class NotAVideoError(VideoError): code = "not_a_video"
+class CorruptVideoError(VideoError): code = "corrupt"
+class NoVideoStreamError(VideoError): code = "no_video_stream"
+class NoFramesError(VideoError): code = "no_frames"
 
 
 @dataclass(frozen=True)
