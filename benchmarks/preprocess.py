@@ -382,7 +382,7 @@ def run_vidray(
     return {
         "vidray_source": os.path.dirname(vidray.__file__),
         "ray_init_s": round(ray_init_s, 3),
-        "videos_per_shard": kwargs["videos_per_shard"],
+        "videos_per_shard": kwargs.get("videos_per_shard"),  # None: preprocess's own default
         **phases["warm"],
         "phases": phases,
     }
