@@ -52,7 +52,7 @@ from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
 from vidray.infer.corpus import (
-    DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, PREDICTED_SCHEMA, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
+    DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
     decode_one, discover, finished_parts, model_fingerprint, plan_chunks, write_part,
 )  # fmt: skip
 from vidray.infer.predict import Classifier
@@ -61,10 +61,13 @@ from vidray.model.inference import Views
 from vidray.storage import join_uri, open_filesystem
 
 PROGRESS_EVERY_S = 10.0
-
-
 # Test-only: the driver SIGKILLs itself after writing this many parts (a real, uncatchable kill).
 KILL_AFTER_PARTS_ENV = "VIDRAY_TEST_KILL_AFTER_PARTS"
+# What the model actors hand back: one row per video of a chunk.
+PREDICTED_SCHEMA = pa.schema([
+    ("chunk", pa.string()), ("path", pa.string()), ("error", pa.string()), ("label", pa.string()),
+    ("score", pa.float64()), ("top_k", pa.string()), ("embedding", pa.binary()),
+])  # fmt: skip
 
 
 def _predicted_columns(classifier, paths, frames, errors, chunks, embeddings: bool) -> dict[str, list]:

@@ -31,21 +31,12 @@ from vidray.storage import is_uri, join_uri, local_file, open_filesystem
 # A chunk is one decode task and one part file: at most this many videos, and small enough that a
 # corpus gives at least MIN_CHUNKS tasks (a 64-video corpus in 4 tasks of 16 left CPUs idle).
 VIDEOS_PER_CHUNK = 16
-
-
 MIN_CHUNKS = 32
-
-
 PARTS_DIR = "_parts"
-
-
 # Part of every chunk id: bump when the rows change so old parts are rebuilt.
 PARTS_VERSION = 1
 
-
 TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
-
-
 REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("reason", pa.string())])
 
 
@@ -139,12 +130,6 @@ def decode_one(path: str, settings: DecodeSettings, crash_on: str | None) -> tup
 
 
 DECODED_SCHEMA = pa.schema([("chunk", pa.string()), ("path", pa.string()), ("frames", pa.binary()), ("error", pa.string())])
-
-
-PREDICTED_SCHEMA = pa.schema([
-    ("chunk", pa.string()), ("path", pa.string()), ("error", pa.string()), ("label", pa.string()),
-    ("score", pa.float64()), ("top_k", pa.string()), ("embedding", pa.binary()),
-])  # fmt: skip
 
 
 def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | None) -> pa.Table:
