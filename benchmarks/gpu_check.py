@@ -131,9 +131,9 @@ class SectionError(RuntimeError):
         self.status, self.tail, self.partial = status, tail, partial
 
 
-def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, list[str], float]:
-    """(return code or None on timeout, the output's tail, its telemetry lines, seconds) of ``python argv`` killed with its
-    whole process tree (a Ray cluster included) when it outlives ``timeout``."""
+def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, dict[str, list[str]], float]:
+    """(return code or None on timeout, the output's tail, its telemetry windows and compile log, seconds)
+    of ``python argv`` killed with its whole process tree (a Ray cluster included) when it outlives ``timeout``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+") as log:
@@ -156,7 +156,7 @@ def run_bounded(argv: list[str], timeout: float) -> tuple[int | None, str, list[
         # torch.compile's own account when TORCH_LOGS asks for it (graph breaks, recompiles).
         compile_log = [line for line in kept if "torch._dynamo" in line or "Graph break" in line or "ecompil" in line]
         tail = "\n".join(kept)[-3000:]
-    return code, tail, windows + compile_log[:60], time.perf_counter() - started
+    return code, tail, {"telemetry_windows": windows, "compile_log": compile_log[:60]}, time.perf_counter() - started
 
 
 def run_section(args: argparse.Namespace, name: str, timeout: float) -> tuple[dict[str, Any], str]:
@@ -168,10 +168,10 @@ def run_section(args: argparse.Namespace, name: str, timeout: float) -> tuple[di
     argv += ["--train-log-every", str(args.train_log_every or 0)] + (["--train-compile"] if args.train_compile else [])
     with tempfile.TemporaryDirectory(prefix="vidray-gpu-check-") as tmp:
         result_file = os.path.join(tmp, "result.json")
-        code, tail, windows, _ = run_bounded([*argv, "--result-file", result_file], timeout)
+        code, tail, logged, _ = run_bounded([*argv, "--result-file", result_file], timeout)
         partial = json.loads(Path(result_file).read_text()) if os.path.isfile(result_file) else None
-    if windows and partial is not None:
-        partial["telemetry_windows"] = windows
+    if partial is not None:
+        partial.update({key: lines for key, lines in logged.items() if lines})
     if code != 0:
         raise SectionError("timed out" if code is None else f"exit {code}", tail, partial)
     return partial or {}, tail
