@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vidray import compat
+from vidray import compat, errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,12 +112,12 @@ def test_train_to_tune_handover_queues_are_where_the_workaround_reads_them():
     # TuneReportCallback still hands reports over through that queue.
     assert "_get_or_create_inter_actor_queue()" in inspect.getsource(ray_train.TuneReportCallback)
     # Outside a trial there is no session: the shim says so without touching the attributes.
-    compat._warned.discard("attributes")
+    errors._warned.discard("handover:attributes")
     try:
         with pytest.warns(RuntimeWarning, match="cannot find Ray Tune's Train->Tune report queues"):
             assert compat.train_to_tune_report_queues() is None
     finally:
-        compat._warned.discard("attributes")
+        errors._warned.discard("handover:attributes")
 
 
 # ------------------------------------------------------------------------------------------ transformers

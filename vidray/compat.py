@@ -14,19 +14,11 @@ Shared stage: imports nothing heavy at module level. The GPU check imports vidra
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
+from vidray.errors import warn_once
+
 logger = logging.getLogger(__name__)
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
 
 def _ray_version() -> str:
     import ray  # only the Ray shims call this; they run in Ray processes, where ray is loaded
@@ -93,11 +85,11 @@ def train_to_tune_report_queues() -> tuple[Any, Any] | None:
     None without one when Train reported nothing to this trial (nothing in flight)."""
     ray_version = _ray_version()
     if ray_version not in HANDOVER_VERIFIED_RAY:
-        _warn_once(
-            "version",
+        warn_once(
             f"vidray's wait for the last Train->Tune report was verified on Ray {', '.join(HANDOVER_VERIFIED_RAY)} "
             f"and is off on Ray {ray_version}; if a sweep hangs after a trial's last epoch, "
             f"pin ray=={HANDOVER_VERIFIED_RAY[-1]}",
+            key="handover:version",
         )
         return None
     try:
@@ -106,10 +98,10 @@ def train_to_tune_report_queues() -> tuple[Any, Any] | None:
         get_session = None
     session = get_session() if get_session else None
     if session is None or not all(hasattr(session, name) for name in HANDOVER_ATTRIBUTES):
-        _warn_once(
-            "attributes",
+        warn_once(
             "vidray cannot find Ray Tune's Train->Tune report queues (ray.train._internal.session moved?); "
             "a sweep may hang after a trial's last epoch",
+            key="handover:attributes",
         )
         return None
     if session._inter_actor_queue is None:

@@ -1,4 +1,8 @@
-"""Errors meant for the person at the terminal, not for a traceback."""
+"""Errors meant for the person at the terminal, not for a traceback, and warnings said once."""
+
+import warnings
+
+_warned: set[str] = set()
 
 
 class UserError(Exception):
@@ -6,3 +10,12 @@ class UserError(Exception):
 
     Messages name the file, field or key at fault and say how to fix it.
     """
+
+
+def warn_once(message: str, key: str | None = None) -> None:
+    """A RuntimeWarning the first time ``key`` (default: the message) comes up in this process,
+    attributed to the caller's caller (the vidray function whose behaviour it explains)."""
+    key = message if key is None else key
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
-import warnings
 from typing import Any
 
 import ray
 import ray.train
 
 from vidray.compat import background_checkpoints_supported
+from vidray.errors import warn_once
 from vidray.model.checkpoint import host_snapshot, save_checkpoint
 
 _previous_write = threading.Event()
@@ -40,7 +40,7 @@ def report_epoch(
     """
     name = f"checkpoint_epoch_{metrics['epoch']:04d}"
     if background and not background_checkpoints_supported():
-        _warn_once(f"ray {ray.__version__} is not one vidray checked background checkpoints with; writing them in line")
+        warn_once(f"ray {ray.__version__} is not one vidray checked background checkpoints with; writing them in line")
         background = False
     if not background:
         with tempfile.TemporaryDirectory(prefix="vidray-ckpt-") as directory:
@@ -58,7 +58,7 @@ def report_epoch(
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         return
     if not _previous_write.wait(timeout=PENDING_WRITE_WAIT_S):
-        _warn_once(f"the previous epoch's checkpoint is still being written after {PENDING_WRITE_WAIT_S} s; not waiting for it")
+        warn_once(f"the previous epoch's checkpoint is still being written after {PENDING_WRITE_WAIT_S} s; not waiting for it")
     snapshot = host_snapshot({"model": model.state_dict(), "training_state": training_state})
     info = json.loads(json.dumps(info, default=str))  # the history list grows while this is written
     storage = ray.train.get_context().get_storage()
@@ -88,12 +88,3 @@ def report_epoch(
 def _set_previous_write(event: threading.Event) -> None:
     global _previous_write
     _previous_write = event
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
