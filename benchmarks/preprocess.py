@@ -1,7 +1,7 @@
 """Decode + resize throughput: vidray's Ray Data preprocessing against the loops users would write.
 
 Every method produces the same thing from the same videos: ``stored_frames``
-frames per video at the centres of equal segments of the whole video, short
+frames per video at the starts of equal segments of the whole video, short
 side resized to ``stored_size``, centre-cropped square (vidray's sampling; see
 docs/design.md). Methods, each in a fresh Python process:
 

@@ -57,10 +57,10 @@ def test_eval_transform_is_deterministic_centre_crop_of_even_frames():
     a = transforms.eval_transform(videos, frames=8, size=32)
     assert torch.equal(a, transforms.eval_transform(videos, frames=8, size=32))
     assert a.shape == (2, 8, 3, 32, 32)
-    # Exactly the centre 32x32 of stored frames 1, 3, ..., 15: no resampling.
-    expected = videos[:, 1::2, 4:36, 4:36].permute(0, 1, 4, 2, 3).float()
+    # Exactly the centre 32x32 of stored frames 0, 2, ..., 14: no resampling.
+    expected = videos[:, 0::2, 4:36, 4:36].permute(0, 1, 4, 2, 3).float()
     torch.testing.assert_close(_denormalize(a), expected, atol=1e-3, rtol=0)
-    assert transforms.eval_frame_indices(16, 8).tolist() == [[1, 3, 5, 7, 9, 11, 13, 15]]
+    assert transforms.eval_frame_indices(16, 8).tolist() == [[0, 2, 4, 6, 8, 10, 12, 14]]
 
 
 def test_eval_multi_clip_layout_and_logit_averaging():
@@ -68,8 +68,8 @@ def test_eval_multi_clip_layout_and_logit_averaging():
     clips = transforms.eval_transform(videos, frames=4, size=32, clips=2)
     assert clips.shape == (4, 4, 3, 32, 32)
     first_frame = _denormalize(clips)[:, 0, 0].mean(dim=(-1, -2)) / 10
-    # video 0: clips 0 and 1, then video 1: clips 0 and 1 (stride 4, offsets 1 and 3)
-    torch.testing.assert_close(first_frame, torch.tensor([1.0, 3.0, 1.0, 3.0]), atol=1e-3, rtol=0)
+    # video 0: clips 0 and 1, then video 1: clips 0 and 1 (stride 4, offsets 0 and 2)
+    torch.testing.assert_close(first_frame, torch.tensor([0.0, 2.0, 0.0, 2.0]), atol=1e-3, rtol=0)
     logits = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 0.0], [0.0, 4.0]])
     assert transforms.average_clip_logits(logits, 2).tolist() == [[2.0, 1.0], [0.0, 2.0]]
 

@@ -81,8 +81,9 @@ def frame_levels(frames: np.ndarray) -> np.ndarray:
     return frames.reshape(len(frames), -1).mean(axis=1)
 
 
-def test_segment_indices_take_the_centre_of_equal_segments():
-    assert segment_indices(64, 16).tolist() == [2 + 4 * i for i in range(16)]
+def test_segment_indices_take_the_first_frame_of_equal_segments_as_transformers_does():
+    assert segment_indices(64, 16).tolist() == [4 * i for i in range(16)]
+    assert segment_indices(100, 3).tolist() == [0, 33, 66]
     assert segment_indices(10, 10).tolist() == list(range(10))
     # Fewer frames than wanted: every frame repeated evenly, in order, spanning the video.
     short = segment_indices(5, 16)
@@ -100,7 +101,7 @@ def test_resized_size_keeps_aspect_with_short_side_fixed():
     assert resized_size(176, 144, 128) == (156, 128)
 
 
-def test_read_clip_samples_the_segment_centres(ramp_video, decoder):
+def test_read_clip_samples_the_segment_starts(ramp_video, decoder):
     clip = read_clip(ramp_video, stored_frames=16, stored_size=32, decoder=decoder)
     assert clip.frames.shape == (16, 32, 32, 3) and clip.frames.dtype == np.uint8
     assert clip.source_frames == 64 and not clip.padded
@@ -352,7 +353,7 @@ def write_variable_rate(path: Path, levels: list[int], gaps_ms: list[int]) -> Pa
 
 def test_variable_frame_rate_samples_by_frame_not_by_time(tmp_path, decoder):
     # 40 frames, the first 20 close together (10 ms apart), the rest 200 ms apart: sampling spreads
-    # over frames (segment centres of the frame count), the same for every decoder.
+    # over frames (segment starts of the frame count), the same for every decoder.
     levels = [6 * i for i in range(40)]
     gaps = [10] * 20 + [200] * 20
     path = write_variable_rate(tmp_path / "vfr.mp4", levels, gaps)

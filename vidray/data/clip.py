@@ -122,16 +122,16 @@ def centre_crop(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def segment_indices(num_frames: int, count: int) -> np.ndarray:
-    """Centre of each of ``count`` equal segments of ``[0, num_frames)``.
+    """First frame of each of ``count`` equal segments of ``[0, num_frames)``: ``i * num_frames // count``.
 
-    When ``num_frames < count`` neighbouring segments share a frame, so every
-    source frame is repeated evenly (the clip keeps its whole time span) rather
-    than the last frame being held.
+    The same integers as transformers' ``default_sample_indices_fn``, so a model exported with a
+    video processor (vidray/infer/export.py) sees in ``pipeline(...)`` the frames vidray showed it.
+    When ``num_frames < count`` neighbouring segments share a frame, so every source frame is
+    repeated evenly (the clip keeps its whole time span) rather than the last frame being held.
     """
     if num_frames < 1 or count < 1:
         raise ValueError(f"need num_frames >= 1 and count >= 1, got {num_frames}, {count}")
-    centres = (np.arange(count) + 0.5) * (num_frames / count)
-    return np.minimum(centres.astype(np.int64), num_frames - 1)
+    return np.arange(count, dtype=np.int64) * num_frames // count
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -15,19 +15,17 @@
 so that ``transformers.pipeline("video-classification", model=DIR)`` and
 ``vidray predict --model DIR`` both load it.
 
-Preprocessing. vidray decodes ``stored_frames`` frames at the centres of
+Preprocessing. vidray decodes ``stored_frames`` frames at the starts of
 equal segments of the video, short side resized to ``stored_size``, centre
-crop; evaluation then takes ``frames`` of them, evenly strided and centred in
-each stride, and centre-crops ``size`` (:func:`vidray.train.transforms.eval_transform`).
+crop; evaluation then takes ``frames`` of them, evenly strided from the first,
+and centre-crops ``size`` (:func:`vidray.model.transforms.eval_transform`).
 The video processor is transformers' stock ``VideoMAEVideoProcessor`` (no
 custom code) with ``do_sample_frames`` and ``num_frames = frames``: the pipeline
-decodes ``frames`` frames spread over the whole video, resizes the short side to
-``stored_size`` (bilinear) and centre-crops ``size``, normalised with the
-ImageNet mean/std of :mod:`vidray.train.augment`. What transformers cannot express is
-where in each of the ``frames`` equal segments the frame is taken: transformers
-takes each segment's first frame (``i * N // frames``), vidray a frame later
-in the segment (:func:`vidray_frame_positions`); :data:`SAMPLING_DIFFERENCES`
-lists this and the smaller differences, and the model card repeats them.
+decodes frame ``i * N // frames`` of a video of ``N`` frames, the same frames
+(:func:`vidray_frame_positions`, :func:`pipeline_frame_positions`), resizes the
+short side to ``stored_size`` (bilinear) and centre-crops ``size``, normalised
+with the ImageNet mean/std of :mod:`vidray.model.transforms`.
+:func:`sampling_differences` lists what still differs, and the model card repeats it.
 
 Position table. When training interpolated the pretrained sinusoid table to a
 new token grid (``vidray_pos_embed_grid`` in config.json, see
@@ -145,12 +143,11 @@ def video_processor_config(data: dict[str, Any]) -> dict[str, Any]:
 
 def vidray_frame_positions(num_frames: int, data: dict[str, Any]) -> list[int]:
     """The source frames vidray's evaluation view shows the model for a video of ``num_frames`` frames:
-    ``stored_frames`` segment centres, then ``frames`` of those, centred in each stride
+    ``stored_frames`` segment starts, then ``frames`` of those, evenly strided from the first
     (read_clip then eval_transform with one clip)."""
     stored = segment_indices(num_frames, int(data["stored_frames"]))
     stride = int(data["stored_frames"]) / int(data["frames"])
-    picked = [min(int((j + 0.5) * stride), len(stored) - 1) for j in range(int(data["frames"]))]
-    return [int(stored[k]) for k in picked]
+    return [int(stored[min(int(j * stride), len(stored) - 1)]) for j in range(int(data["frames"]))]
 
 
 def pipeline_frame_positions(num_frames: int, frames: int) -> list[int]:
@@ -158,22 +155,23 @@ def pipeline_frame_positions(num_frames: int, frames: int) -> list[int]:
     return [i * num_frames // frames for i in range(frames)]
 
 
-def _segment_phase(data: dict[str, Any]) -> float:
-    """Where in each of the ``frames`` equal segments of a long video vidray takes its frame (0: start, 1: end)."""
-    stored, frames = int(data["stored_frames"]), int(data["frames"])
-    return (int(0.5 * stored / frames) + 0.5) / (stored / frames)
-
-
 def sampling_differences(data: dict[str, Any]) -> list[str]:
     """What still differs between ``pipeline(...)`` with the exported video processor and vidray's evaluation view."""
-    phase = _segment_phase(data)
+    frames, stored = int(data["frames"]), int(data["stored_frames"])
+    if stored % frames == 0:
+        position = (
+            f"Frame positions: none. Both take frame i*N//{frames} of a video of N frames, the first of each of "
+            f"{frames} equal segments (vidray stores every {stored // frames}th segment start of {stored})."
+        )
+    else:
+        position = (
+            f"Frame position: transformers takes frame i*N//{frames} of N; vidray the nearest of its {stored} stored "
+            f"segment starts at or before it ({stored} is not a multiple of {frames}): at most one stored segment earlier."
+        )
     return [
-        f"Frame position: both split the video into {data['frames']} equal segments and take one frame from each; "
-        f"transformers takes each segment's first frame (frame i*N//{data['frames']} of N), vidray the frame "
-        f"{phase:.2f} of the way into it (the centre of one of its {data['stored_frames']} stored segments). "
-        "A shift of that fraction of a segment, in the same order: transformers has no option for a sampling offset.",
+        position,
         "Short videos: a video with fewer frames than the model's "
-        f"{data['frames']} makes transformers raise; vidray repeats frames evenly.",
+        f"{frames} makes transformers raise; vidray repeats frames evenly.",
         "Display rotation and non-square pixels: vidray shows frames as a player does (rotated by the display "
         "matrix, pixels stretched); transformers' decoder (torchcodec) uses the coded frames.",
         "Resize filter: vidray resizes in the decoder (FFmpeg's swscale, bilinear); transformers with torchvision "

@@ -18,9 +18,13 @@ STD = (0.229, 0.224, 0.225)
 
 
 def eval_frame_indices(stored_frames: int, frames: int, clips: int = 1, device=None) -> torch.Tensor:
-    """``[clips, frames]`` indices: ``clips`` evenly spaced strided clips (one clip: centred in each stride)."""
+    """``[clips, frames]`` indices: ``clips`` evenly spaced strided clips, the first at stored frame 0.
+
+    With stored frames at segment starts (vidray/data/clip.py) one clip is the first frame of each of
+    ``frames`` equal segments of the video: what transformers' video processor samples.
+    """
     stride = stored_frames / frames
-    offsets = (torch.arange(clips, dtype=torch.float64, device=device) + 0.5) * stride / clips
+    offsets = torch.arange(clips, dtype=torch.float64, device=device) * stride / clips
     index = torch.floor(offsets[:, None] + torch.arange(frames, dtype=torch.float64, device=device) * stride).long()
     return index.clamp_(max=stored_frames - 1)
 

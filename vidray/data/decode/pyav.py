@@ -111,7 +111,7 @@ class _Progress:
 
 def _decode_samples(container, stream, count: int, width: int, height: int, num_threads: int,
                     progress: _Progress) -> tuple[np.ndarray, int]:  # fmt: skip
-    """(``count`` frames at the segment centres resized to width x height, frames in the video).
+    """(``count`` frames at the segment starts resized to width x height, frames in the video).
 
     One demux pass (no decoding) indexes the packets: display order from their
     timestamps, and where the keyframes are. Then, for the samples in order,
