@@ -22,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s by default: each run's start, reports and end wait
 # for that poll. Tests run dozens of tiny runs, so they poll faster (same behaviour, less waiting).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Data (datasource V2) reads Parquet footers through a pool of 32 actors per read_parquet, each a
+# Python process of its own: on 2 cores, starting them costs seconds per read, for datasets of a few
+# small shards. One reader per read (the same footers, read by one process).
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 # Test clusters live on loopback only. Ray 2.60 turns token auth on whenever
 # ~/.ray/auth_token exists (left by any earlier `ray start`), and then every
 # client must carry the token: disable it so results do not depend on the machine's history.

@@ -148,18 +148,19 @@ def test_a_planted_pickle_next_to_a_real_state_is_never_opened(tmp_path):
     assert not marker.exists()
 
 
-def test_resuming_a_run_whose_latest_checkpoint_is_pickled_fails_in_one_line(tmp_path):
+def test_resuming_a_run_whose_latest_checkpoint_is_pickled_fails_in_one_line(ray_head, tmp_path):
     run_dir, marker = tmp_path / "runs" / "old", tmp_path / "pwned"
     _plant_legacy_checkpoint(run_dir / "checkpoint_epoch_0000", marker)
     cfg = load_config(None, ["train.epochs=3", f"run.storage_path={tmp_path / 'runs'}", "run.name=old"])
     with pytest.raises(UserError, match=r"training_state.pt.*never loaded.*--restart"):
         existing_run_state(cfg, str(run_dir))
     assert not marker.exists()
-    # Through the command line, before Ray starts any worker: one line, exit 2.
+    # Through the command line, before Ray starts any worker: one line, exit 2. The driver connects to
+    # the session's cluster (as under `ray job submit`) rather than starting one of its own.
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "train.py"), "train.epochs=3", f"run.storage_path={tmp_path / 'runs'}",
          "run.name=old", "model.init=scratch", "model.size=tiny"],
-        capture_output=True, text=True, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ray_head["address"]},
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -146,16 +146,20 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     # 1. The head alone, labelled as cluster.yaml labels it: it will autoscale.
     cluster.start_head(num_cpus=1, labels=f"{MULTI_NODE_LABEL}=true")
     # Both entry points refuse node-local storage before any work, because the head says it will
-    # autoscale: one line, exit 2, nothing written.
-    for job in ("train", "tune"):
-        proc = subprocess.run(
+    # autoscale: one line, exit 2, nothing written. The two drivers run side by side.
+    refusals = {
+        job: subprocess.Popen(
             [sys.executable, str(REPO / "jobs" / f"{job}.py"), "run.storage_path=runs", f"data.videos_dir={videos}",
              f"data.manifest={manifest}", f"data.dataset_dir={tmp_path / 'not-made'}"],
-            cwd=tmp_path, env=cluster.driver_env(), capture_output=True, text=True, timeout=180,
+            cwd=tmp_path, env=cluster.driver_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        (line,) = proc.stderr.strip().splitlines()[-1:]
-        assert line.startswith(f"vidray {job}: error: run.storage_path: 'runs' is a node-local path"), proc.stderr[-3000:]
+        for job in ("train", "tune")
+    }
+    for job, proc in refusals.items():
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 2, stderr[-3000:]
+        (line,) = stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"vidray {job}: error: run.storage_path: 'runs' is a node-local path"), stderr[-3000:]
         assert f"labelled {MULTI_NODE_LABEL}=true" in line, line
         assert not (tmp_path / "runs").exists() and not (tmp_path / "not-made").exists()
 

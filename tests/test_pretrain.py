@@ -378,7 +378,7 @@ def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     dataset_dir = tmp_path / "dataset"
     cfg = config_for(
         str(dataset_dir), finished["model_dir"], tmp_path / "runs", "sweep_from_pretrained",
-        "data.source=demo", "data.demo.classes=2", "data.demo.videos_per_class=20",
+        "data.source=demo", "data.demo.classes=2", "data.demo.videos_per_class=10",
         f"data.videos_dir={tmp_path / 'videos'}", f"data.manifest={tmp_path / 'manifest.parquet'}",
         "train.epochs=1", "tune.mixup_alpha=[0.0]", "tune.lr=[1e-3]", "tune.weight_decay=[0.05]", "tune.asha=false",
     )  # fmt: skip

@@ -122,19 +122,22 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from vidray.config import load_config
+
+    # The config before the driver: a bad file or key fails in a second, not after importing torch and Ray.
+    cfg = load_config(args.config, args.overrides)
     from vidray.train.driver import run_training
 
-    cfg = load_config(args.config, args.overrides)
     _print_summary(run_training(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=True)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from vidray.config import load_config
-    from vidray.pretrain.driver import run_pretraining
 
+    cfg = load_config(args.config, args.overrides)  # before the driver's imports, as in cmd_train
     import ray
 
-    cfg = load_config(args.config, args.overrides)
+    from vidray.pretrain.driver import run_pretraining
+
     # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
     connected_before = ray.is_initialized()
     _print_summary(run_pretraining(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=not connected_before)
@@ -142,10 +145,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from vidray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before the sweep's imports, as in cmd_train
     from vidray.report.results import report_sweep
     from vidray.tune.sweep import run_sweep
 
-    cfg = load_config(args.config, args.overrides)
     # The sweep trains (or, when it had finished, finds its trials); the report stage writes and prints its results.
     _print_summary(report_sweep(run_sweep(cfg, restart=args.restart, verbose=args.verbose)), disconnect_ray=True)
 
