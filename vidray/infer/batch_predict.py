@@ -53,11 +53,10 @@ from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
 from vidray.infer.corpus import (
     DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
-    decode_one, discover, finished_parts, model_fingerprint, plan_chunks, write_part,
+    decode_one, discover, finished_parts, group_chunks, model_fingerprint, plan_chunks, write_part,
 )  # fmt: skip
-from vidray.infer.predict import Classifier
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info
-from vidray.model.inference import Views
+from vidray.model.views import Views
 from vidray.storage import join_uri, open_filesystem
 
 PROGRESS_EVERY_S = 10.0
@@ -92,6 +91,9 @@ class BatchPredictor:
     """Ray Data actor: the model loaded once, batches of decoded videos in, prediction rows out."""
 
     def __init__(self, model_dir: str, top_k: int, clips: int, crops: int, embeddings: bool):
+        # Imported here, in the actor: the driver plans and writes without torch (seconds saved per run).
+        from vidray.infer.predict import Classifier
+
         self.classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
         self.embeddings = embeddings
 
@@ -122,10 +124,12 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     Returns the ids of the chunks written."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one line every PROGRESS_EVERY_S instead (the bars cost the driver CPU)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     actors = args["actors"] or max(1, gpus)
-    ds = ray.data.from_items([{"chunk": c.id, "paths": json.dumps(c.paths)} for c in todo],
-                             override_num_blocks=len(todo))  # fmt: skip
+    groups = group_chunks(todo, resources.get("CPU", 1))
+    ds = ray.data.from_items([{"chunks": json.dumps([[c.id, c.paths] for c in group])} for group in groups],
+                             override_num_blocks=len(groups))  # fmt: skip
     with warnings.catch_warnings():
         # As in preprocessing: Ray 2.60 has no named parameter for task retries.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
@@ -151,6 +155,8 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, 0))
     for row in ds.iter_rows():
         chunk = by_id[str(row["chunk"])]
+        if chunk.id in written:  # a retried decode task yields its chunks again
+            continue
         rows = pending.setdefault(chunk.id, [])
         rows.append(dict(row))
         if len(rows) == len(chunk.paths):
@@ -165,6 +171,8 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
 def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], progress: _Progress) -> None:
     """Chunks whose task died: decode them one video per task (a task that dies rejects its video),
     predict the rest in the driver, write their parts."""
+    from vidray.infer.predict import Classifier  # see BatchPredictor
+
     decode = ray.remote(max_retries=0, **args["settings"].task_options())(decode_one)
     classifier = Classifier(Path(args["model_dir"]), top_k=args["top_k"], clips=args["clips"], crops=args["crops"])
     for chunk in lost:  # one chunk at a time bounds the driver's memory to one chunk
