@@ -60,6 +60,7 @@ from vidray.model.views import Views
 from vidray.storage import join_uri, open_filesystem
 
 PROGRESS_EVERY_S = 10.0
+DECODE_TASKS_PER_CPU_TO_DOUBLE = 8
 # Test-only: the driver SIGKILLs itself after writing this many parts (a real, uncatchable kill).
 KILL_AFTER_PARTS_ENV = "VIDRAY_TEST_KILL_AFTER_PARTS"
 # What the model actors hand back: one row per video of a chunk.
@@ -127,7 +128,12 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     actors = args["actors"] or max(1, gpus)
-    groups = group_chunks(todo, resources.get("CPU", 1))
+    cpus = resources.get("CPU", 1)
+    groups = group_chunks(todo, cpus)
+    # Ray Data hands a CPU its next decode task ~0.15 s after the last one ends (its scheduler polls
+    # every 0.1 s). Two decode tasks per CPU hide that hand-over, at the price of a second worker
+    # start per CPU (~1 CPU-s: Python, Ray, PyAV): worth it from about 8 tasks per CPU.
+    decode_cpus = 0.5 if len(groups) >= DECODE_TASKS_PER_CPU_TO_DOUBLE * cpus else 1
     ds = ray.data.from_items([{"chunks": json.dumps([[c.id, c.paths] for c in group])} for group in groups],
                              override_num_blocks=len(groups))  # fmt: skip
     with warnings.catch_warnings():
@@ -135,7 +141,7 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(
             decode_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": args["settings"], "crash_on": args["crash_on"]},
-            compute=ray.data.TaskPoolStrategy(), num_cpus=1, max_retries=1, scheduling_strategy="SPREAD",
+            compute=ray.data.TaskPoolStrategy(), num_cpus=decode_cpus, max_retries=1, scheduling_strategy="SPREAD",
         )  # fmt: skip
     ds = ds.map_batches(
         BatchPredictor,
