@@ -5,8 +5,9 @@ extensions ``vidray index`` knows) and manifest Parquet files (their ``path``
 column), as local paths, ``file://`` or s3:// / gs:// URIs. The pipeline
 streams, so memory stays flat whatever the corpus size:
 
-* **decode**: Ray Data *tasks* (one CPU each, spread over the nodes) decode one
-  chunk of videos each, with the decoder and rejection reasons of preprocessing
+* **decode**: Ray Data *tasks* (one CPU each, or two to a CPU on long runs; spread over
+  the nodes) decode one or more consecutive chunks of videos each
+  (:func:`vidray.infer.corpus.group_chunks`), with the decoder and rejection reasons of preprocessing
   (:func:`vidray.data.decode_shard.decode_or_reject`). A bad file becomes a row with its
   reason, never an error of the run.
 * **predict**: an *actor pool* (one GPU per actor on GPU nodes) holds the model
@@ -26,8 +27,8 @@ settings are deleted first. A video belongs to exactly one chunk, and a chunk's
 rows are written once, so no video is predicted twice in the output, and no
 video whose part was written is predicted again.
 
-**Crashes.** A decoder that kills its worker (segfault) loses its chunk's task;
-such chunks are re-run one video per Ray task, the video whose task dies is
+**Crashes.** A decoder that kills its worker (segfault) loses its task; the
+task's chunks without a part are re-run one video per Ray task, the video whose task dies is
 rejected ("worker_crash"), and the others are predicted in the driver. Invariant,
 checked before anything is assembled: predicted + rejected == discovered.
 """
@@ -156,17 +157,17 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     )
     ds.context.max_errored_blocks = -1  # a lost chunk is recovered one video per task, never fatal
     by_id = {c.id: c for c in todo}
-    pending: dict[str, list[dict]] = {}
+    pending: dict[str, dict[str, dict]] = {}  # chunk id -> path -> row
     written: set[str] = set()
     kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, 0))
     for row in ds.iter_rows():
         chunk = by_id[str(row["chunk"])]
-        if chunk.id in written:  # a retried decode task yields its chunks again
+        if chunk.id in written:  # should a retried decode task yield a chunk again, it is written once
             continue
-        rows = pending.setdefault(chunk.id, [])
-        rows.append(dict(row))
+        rows = pending.setdefault(chunk.id, {})
+        rows[str(row["path"])] = dict(row)
         if len(rows) == len(chunk.paths):
-            write_part(fs, root, chunk, pending.pop(chunk.id), args["embeddings"])
+            write_part(fs, root, chunk, list(pending.pop(chunk.id).values()), args["embeddings"])
             written.add(chunk.id)
             progress.add(len(chunk.paths))
             if kill_after and len(written) >= kill_after:
