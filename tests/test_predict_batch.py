@@ -21,7 +21,7 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus
-from vidray.infer.corpus import PARTS_DIR, discover
+from vidray.infer.corpus import PARTS_DIR, discover, group_chunks, plan_chunks
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
 from vidray.errors import UserError
@@ -203,6 +203,20 @@ def _old_eval_transform(videos: torch.Tensor, frames: int, size: int, clips: int
     top = (stored - size) // 2
     crop = videos[:, :, top : top + size, top : top + size][:, index]
     return transforms.normalize(crop.reshape(batch * clips, frames, size, size, 3))
+
+
+def test_decode_tasks_group_small_chunks_and_the_driver_imports_no_torch():
+    """Tiny chunks (parts) travel several to a decode task, and the driver never imports torch:
+    both cost a run seconds (docs/benchmarks.md, section 5)."""
+    small = plan_chunks([f"/v/{i}.mp4" for i in range(64)], {}, 2)
+    groups = group_chunks(small, cpus=2)  # 64 videos, 2 CPUs: 4 tasks per CPU of 8 videos each
+    assert [len(g) for g in groups] == [4] * 8 and [c for g in groups for c in g] == small
+    full = plan_chunks([f"/v/{i}.mp4" for i in range(640)], {}, 16)
+    assert group_chunks(full, cpus=2) == [[c] for c in full]  # full chunks are a task each
+    assert group_chunks(small, cpus=64) == [[c] for c in small]  # many CPUs: a chunk per task
+    probe = "import sys, vidray.cli, vidray.infer.batch_predict; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
 
 
 def test_views_shapes_order_and_the_one_crop_default():

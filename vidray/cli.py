@@ -171,8 +171,6 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from vidray.infer.predict import predict_videos, raise_for_unreadable
-
     if args.out:
         import ray
 
@@ -190,6 +188,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     folders = [v for v in args.videos if Path(v).is_dir() or "://" in v or v.endswith(".parquet")]
     if folders:
         raise UserError(f"{folders[0]}: folders, manifests and URIs need --out OUT (Ray Data batch prediction)")
+    from vidray.infer.predict import predict_videos, raise_for_unreadable  # torch: the batch driver does without
+
     results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k, clips=args.clips, crops=args.crops)
     for item in results:
         labels = ", ".join(f"{p['label']} {p['score']:.3f}" for p in item["predictions"])

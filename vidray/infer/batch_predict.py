@@ -5,8 +5,9 @@ extensions ``vidray index`` knows) and manifest Parquet files (their ``path``
 column), as local paths, ``file://`` or s3:// / gs:// URIs. The pipeline
 streams, so memory stays flat whatever the corpus size:
 
-* **decode**: Ray Data *tasks* (one CPU each, spread over the nodes) decode one
-  chunk of videos each, with the decoder and rejection reasons of preprocessing
+* **decode**: Ray Data *tasks* (one CPU each, or two to a CPU on long runs; spread over
+  the nodes) decode one or more consecutive chunks of videos each
+  (:func:`vidray.infer.corpus.group_chunks`), with the decoder and rejection reasons of preprocessing
   (:func:`vidray.data.decode_shard.decode_or_reject`). A bad file becomes a row with its
   reason, never an error of the run.
 * **predict**: an *actor pool* (one GPU per actor on GPU nodes) holds the model
@@ -26,8 +27,8 @@ settings are deleted first. A video belongs to exactly one chunk, and a chunk's
 rows are written once, so no video is predicted twice in the output, and no
 video whose part was written is predicted again.
 
-**Crashes.** A decoder that kills its worker (segfault) loses its chunk's task;
-such chunks are re-run one video per Ray task, the video whose task dies is
+**Crashes.** A decoder that kills its worker (segfault) loses its task; the
+task's chunks without a part are re-run one video per Ray task, the video whose task dies is
 rejected ("worker_crash"), and the others are predicted in the driver. Invariant,
 checked before anything is assembled: predicted + rejected == discovered.
 """
@@ -53,14 +54,14 @@ from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
 from vidray.infer.corpus import (
     DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
-    decode_one, discover, finished_parts, model_fingerprint, plan_chunks, write_part,
+    decode_one, discover, finished_parts, group_chunks, model_fingerprint, plan_chunks, write_part,
 )  # fmt: skip
-from vidray.infer.predict import Classifier
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info
-from vidray.model.inference import Views
+from vidray.model.views import Views
 from vidray.storage import join_uri, open_filesystem
 
 PROGRESS_EVERY_S = 10.0
+DECODE_TASKS_PER_CPU_TO_DOUBLE = 8
 # Test-only: the driver SIGKILLs itself after writing this many parts (a real, uncatchable kill).
 KILL_AFTER_PARTS_ENV = "VIDRAY_TEST_KILL_AFTER_PARTS"
 # What the model actors hand back: one row per video of a chunk.
@@ -92,6 +93,9 @@ class BatchPredictor:
     """Ray Data actor: the model loaded once, batches of decoded videos in, prediction rows out."""
 
     def __init__(self, model_dir: str, top_k: int, clips: int, crops: int, embeddings: bool):
+        # Imported here, in the actor: the driver plans and writes without torch (seconds saved per run).
+        from vidray.infer.predict import Classifier
+
         self.classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
         self.embeddings = embeddings
 
@@ -122,16 +126,23 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     Returns the ids of the chunks written."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one line every PROGRESS_EVERY_S instead (the bars cost the driver CPU)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     actors = args["actors"] or max(1, gpus)
-    ds = ray.data.from_items([{"chunk": c.id, "paths": json.dumps(c.paths)} for c in todo],
-                             override_num_blocks=len(todo))  # fmt: skip
+    cpus = resources.get("CPU", 1)
+    groups = group_chunks(todo, cpus)
+    # Ray Data hands a CPU its next decode task ~0.15 s after the last one ends (its scheduler polls
+    # every 0.1 s). Two decode tasks per CPU hide that hand-over, at the price of a second worker
+    # start per CPU (~1 CPU-s: Python, Ray, PyAV): worth it from about 8 tasks per CPU.
+    decode_cpus = 0.5 if len(groups) >= DECODE_TASKS_PER_CPU_TO_DOUBLE * cpus else 1
+    ds = ray.data.from_items([{"chunks": json.dumps([[c.id, c.paths] for c in group])} for group in groups],
+                             override_num_blocks=len(groups))  # fmt: skip
     with warnings.catch_warnings():
         # As in preprocessing: Ray 2.60 has no named parameter for task retries.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(
             decode_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": args["settings"], "crash_on": args["crash_on"]},
-            compute=ray.data.TaskPoolStrategy(), num_cpus=1, max_retries=1, scheduling_strategy="SPREAD",
+            compute=ray.data.TaskPoolStrategy(), num_cpus=decode_cpus, max_retries=1, scheduling_strategy="SPREAD",
         )  # fmt: skip
     ds = ds.map_batches(
         BatchPredictor,
@@ -146,15 +157,17 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     )
     ds.context.max_errored_blocks = -1  # a lost chunk is recovered one video per task, never fatal
     by_id = {c.id: c for c in todo}
-    pending: dict[str, list[dict]] = {}
+    pending: dict[str, dict[str, dict]] = {}  # chunk id -> path -> row
     written: set[str] = set()
     kill_after = int(os.environ.get(KILL_AFTER_PARTS_ENV, 0))
     for row in ds.iter_rows():
         chunk = by_id[str(row["chunk"])]
-        rows = pending.setdefault(chunk.id, [])
-        rows.append(dict(row))
+        if chunk.id in written:  # should a retried decode task yield a chunk again, it is written once
+            continue
+        rows = pending.setdefault(chunk.id, {})
+        rows[str(row["path"])] = dict(row)
         if len(rows) == len(chunk.paths):
-            write_part(fs, root, chunk, pending.pop(chunk.id), args["embeddings"])
+            write_part(fs, root, chunk, list(pending.pop(chunk.id).values()), args["embeddings"])
             written.add(chunk.id)
             progress.add(len(chunk.paths))
             if kill_after and len(written) >= kill_after:
@@ -165,6 +178,8 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
 def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], progress: _Progress) -> None:
     """Chunks whose task died: decode them one video per task (a task that dies rejects its video),
     predict the rest in the driver, write their parts."""
+    from vidray.infer.predict import Classifier  # see BatchPredictor
+
     decode = ray.remote(max_retries=0, **args["settings"].task_options())(decode_one)
     classifier = Classifier(Path(args["model_dir"]), top_k=args["top_k"], clips=args["clips"], crops=args["crops"])
     for chunk in lost:  # one chunk at a time bounds the driver's memory to one chunk

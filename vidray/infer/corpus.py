@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -28,10 +28,15 @@ from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
 from vidray.storage import is_uri, join_uri, local_file, open_filesystem
 
-# A chunk is one decode task and one part file: at most this many videos, and small enough that a
-# corpus gives at least MIN_CHUNKS tasks (a 64-video corpus in 4 tasks of 16 left CPUs idle).
+# A chunk is one part file: at most this many videos, and small enough that a corpus gives at least
+# MIN_CHUNKS of them (a 64-video corpus in 4 chunks of 16 left CPUs idle). A decode task takes
+# one or more consecutive chunks (group_chunks): with tiny chunks, Ray Data's per-task cost
+# (its scheduler notices a finished task up to 0.1 s late) would idle the decoders a third of the time.
 VIDEOS_PER_CHUNK = 16
 MIN_CHUNKS = 32
+# Decode tasks per cluster CPU, at least, when chunks are grouped: enough that a CPU whose
+# worker starts late, or draws the slow videos, still gets its share.
+DECODE_TASKS_PER_CPU = 4
 PARTS_DIR = "_parts"
 # Part of every chunk id: bump when the rows change so old parts are rebuilt.
 PARTS_VERSION = 1
@@ -108,6 +113,20 @@ def plan_chunks(paths: list[str], settings: dict[str, Any], videos_per_chunk: in
     return chunks
 
 
+def group_chunks(chunks: list[Chunk], cpus: float) -> list[list[Chunk]]:
+    """Consecutive chunks in groups, one decode task each: up to VIDEOS_PER_CHUNK videos per task
+    while that leaves at least DECODE_TASKS_PER_CPU tasks per CPU (never splits a chunk)."""
+    videos = sum(len(c.paths) for c in chunks)
+    per_task = min(VIDEOS_PER_CHUNK, -(-videos // max(1, int(DECODE_TASKS_PER_CPU * cpus))))
+    groups: list[list[Chunk]] = []
+    for chunk in chunks:
+        if groups and sum(len(c.paths) for c in groups[-1]) + len(chunk.paths) <= per_task:
+            groups[-1].append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
+
+
 def finished_parts(fs: pafs.FileSystem, root: str, chunks: list[Chunk]) -> set[str]:
     """Ids of the chunks whose part exists; parts of other corpora or settings are deleted."""
     entries = fs.get_file_info(pafs.FileSelector(join_uri(root, PARTS_DIR), allow_not_found=True))
@@ -132,18 +151,21 @@ def decode_one(path: str, settings: DecodeSettings, crash_on: str | None) -> tup
 DECODED_SCHEMA = pa.schema([("chunk", pa.string()), ("path", pa.string()), ("frames", pa.binary()), ("error", pa.string())])
 
 
-def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | None) -> pa.Table:
-    """Ray Data task: each row of ``batch`` is one chunk; one output row per video. Arrow in and out:
-    frame bytes stay binary (numpy's fixed-width bytes would drop trailing zero bytes)."""
-    columns: dict[str, list] = {"chunk": [], "path": [], "frames": [], "error": []}
-    for chunk_id, paths in zip(batch.column("chunk").to_pylist(), batch.column("paths").to_pylist()):
-        for path in json.loads(paths):
-            frames, error, reason = decode_one(path, settings, crash_on)
-            columns["chunk"].append(chunk_id)
-            columns["path"].append(path)
-            columns["frames"].append(frames)
-            columns["error"].append(f"{error}: {reason}" if error else "")
-    return pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
+def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | None) -> Iterator[pa.Table]:
+    """Ray Data task: each row of ``batch`` is one group of chunks (``chunks``: JSON ``[[id, paths], ...]``,
+    see :func:`group_chunks`); yields one table per chunk, one row per video, so a chunk's rows
+    travel on while the task decodes the next. Arrow in and out: frame bytes stay binary
+    (numpy's fixed-width bytes would drop trailing zero bytes)."""
+    for group in batch.column("chunks").to_pylist():
+        for chunk_id, paths in json.loads(group):
+            columns: dict[str, list] = {"chunk": [], "path": [], "frames": [], "error": []}
+            for path in paths:
+                frames, error, reason = decode_one(path, settings, crash_on)
+                columns["chunk"].append(chunk_id)
+                columns["path"].append(path)
+                columns["frames"].append(frames)
+                columns["error"].append(f"{error}: {reason}" if error else "")
+            yield pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
 
 
 def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) -> None:

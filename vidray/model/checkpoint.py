@@ -25,13 +25,15 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from vidray.data.dataset import ClipShape
 from vidray.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_DIR = "model"
 INFO = "vidray.json"
@@ -51,6 +53,8 @@ def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
     Dicts with non-string keys (an optimizer's per-parameter state) and tuples
     (RNG states) are tagged so that :func:`_decode` gives back exactly what went in.
     """
+    import torch  # here: reading a checkpoint's vidray.json (a prediction driver) needs no torch
+
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu().contiguous()
         # safetensors refuses two entries over one buffer (the same RNG state captured twice, say).
@@ -103,6 +107,7 @@ def host_snapshot(value: Any) -> Any:
     From a GPU the copies are asynchronous and waited for once at the end, so
     snapshotting model and optimizer state costs about one device-to-host transfer of them.
     """
+    import torch
 
     def copy(item: Any) -> Any:
         if isinstance(item, torch.Tensor):
