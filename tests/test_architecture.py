@@ -40,6 +40,10 @@ FUNCTION_IMPORTS_ALLOWED = {
     ("vidray.data.video", "probe"): "probing goes through PyAV, an optional decoding library",
     ("vidray.data.decode.torchcodec", "read_samples"): "a file torchcodec refuses is probed with PyAV for the "
     "typed reason, on that error path only: PyAV is optional like every decoding library",
+    ("vidray.infer.batch_predict", "__init__"): "the model actor loads torch and transformers; the driver "
+    "that plans chunks and writes parts does not (about 4 s of its start on 2 cores, docs/benchmarks.md)",
+    ("vidray.infer.batch_predict", "_isolate_crashes"): "the same, on the path that re-runs the videos of a "
+    "crashed decode task in the driver",
 }
 # read_clip (wherever vidray.data defines it) imports the decoder named by data.decoder when it is asked
 # for: each decoding library is optional (PyAV, decord, torchcodec), so importing the others would fail.
