@@ -121,10 +121,10 @@ class DatasetInfo:
     def clip_bytes(self) -> int:
         """Mean bytes of a stored clip (dataset.json's stored_bytes; a raw clip's size when it has none)."""
         raw = int(np.prod(self.video_shape))
-        splits = self.raw.get("splits", {}).values()
-        stored = sum(int(s.get("stored_bytes") or raw * int(s["videos"])) for s in splits)
-        videos = sum(int(s["videos"]) for s in splits)
-        return max(1, -(-stored // videos)) if videos else raw
+        stored = self.raw.get("stored_bytes") or {}
+        videos = sum(self.split_counts.values())
+        total = sum(int(stored.get(split) or raw * count) for split, count in self.split_counts.items())
+        return max(1, -(-total // videos)) if videos else raw
 
 
 def read_dataset_info(dataset_dir: str) -> DatasetInfo:

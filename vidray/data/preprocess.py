@@ -155,16 +155,14 @@ def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[s
     splits = {}
     for split in SPLITS:
         per_class = Counter(r["label"] for r in processed if r["split"] == split)
-        # Bytes of the split's stored clips (what a cache of it holds); records older than the
-        # stores have no stored_bytes and were raw.
-        stored = sum(r.get("stored_bytes") or raw_clip_bytes for r in processed if r["split"] == split)
-        splits[split] = {
-            "videos": sum(per_class.values()),
-            "per_class": {c: per_class.get(c, 0) for c in classes},
-            "stored_bytes": stored,
-        }
+        splits[split] = {"videos": sum(per_class.values()), "per_class": {c: per_class.get(c, 0) for c in classes}}
     return {
         "splits": splits,
+        # Bytes of each split's stored clips (what a cache of it holds); records older than the
+        # stores have no stored_bytes and were raw.
+        "stored_bytes": {
+            split: sum(r.get("stored_bytes") or raw_clip_bytes for r in processed if r["split"] == split) for split in SPLITS
+        },
         "discovered": discovered,
         "processed": len(processed),
         "rejected": len(rejected),
