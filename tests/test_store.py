@@ -122,7 +122,8 @@ def test_store_is_a_validated_setting_a_cli_choice_and_part_of_the_shard_id():
 
 VIDEO_SHAPE = (4, 16, 16, 3)
 TRAIN_VIDEOS, VAL_VIDEOS, BATCH = 30, 13, 4
-DAMAGED = "train7"
+DAMAGED = "train9"  # mid-shard (shards of 7 rows): its place goes to train8, the row before it
+DAMAGED_VAL = "val5"
 
 
 def _clip(i: int) -> np.ndarray:
@@ -133,7 +134,7 @@ def _clip(i: int) -> np.ndarray:
     return np.clip(video, 0, 255).astype(np.uint8)
 
 
-def _write(root: Path, store: str, damage: str | None = None) -> str:
+def _write(root: Path, store: str, damage: tuple[str, ...] = ()) -> str:
     """A dataset of the same rows in ``store``; ``raw-decoded``: raw frames of what the jpeg store decodes to."""
     counts = {}
     for split, count in (("train", TRAIN_VIDEOS), ("val", VAL_VIDEOS)):
@@ -145,7 +146,7 @@ def _write(root: Path, store: str, damage: str | None = None) -> str:
                 out = np.empty_like(clip)
                 decode_frames_into(blob, "jpeg", out)
                 blob = out.tobytes()
-            if video_id == damage:
+            if video_id in damage:
                 blob = blob[:-30] + bytes(30)  # zeroed tail: what a torn write leaves
             rows.append(dict(video=blob, label=i % 3, label_name=f"c{i % 3}", video_id=video_id,
                              path=f"/x/{video_id}.mp4", source_frames=4, padded=False))  # fmt: skip
@@ -166,7 +167,7 @@ def stores(ray_cluster, tmp_path_factory) -> dict[str, tuple]:
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     out = {}
-    for name, store, damage in (("jpeg", "jpeg", None), ("raw", "raw-decoded", None), ("damaged", "jpeg", DAMAGED)):
+    for name, store, damage in (("jpeg", "jpeg", ()), ("raw", "raw-decoded", ()), ("damaged", "jpeg", (DAMAGED, DAMAGED_VAL))):
         root = _write(tmp_path_factory.mktemp(name), store, damage)
         train = read_split(root, "train").randomize_block_order(seed=3)
         out[name] = (train, materialize_in_order(train), materialize_in_order(read_split(root, "val")), read_dataset_info(root).store)
@@ -222,27 +223,38 @@ def test_jpeg_val_covers_every_video_once_across_uneven_ranks(stores):
         assert _same(seen_jpeg, seen_raw) and sum(len(b[1]) for b in seen_raw) == VAL_VIDEOS
 
 
-def test_a_damaged_stored_clip_is_left_out_with_its_name_and_the_rest_trains(stores):
+def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(stores):
+    """Its place goes to its predecessor, so the worker keeps every batch (DDP workers stay in step)."""
     train = TrainSettings(shuffle_buffer=0, prefetch_batches=0, seed=11)  # stored order: rows are countable
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         paths = _paths(stores["damaged"], train, 0)
     messages = {str(w.message) for w in caught if "rejected" in str(w.message)}
-    assert len(messages) == 1, messages
-    (message,) = messages
+    assert len(messages) == 2, messages  # once each, though every path met them: the damaged train and val clips
+    (message,) = [m for m in messages if DAMAGED in m]
     assert f"video {DAMAGED} rejected" in message and "checksum" in message and "\n" not in message
-    for name in ("cached", "device"):  # every path leaves out the same row
+    assert "another clip of its batch takes its place" in message
+    assert any(f"video {DAMAGED_VAL} rejected" in m and "evaluation goes on without it" in m for m in messages)
+    for name in ("cached", "device"):  # every path treats it alike
         assert _same(paths[name], paths["streamed"]), name
-    # processed + rejected = stored: every other clip is there, decoded as in the intact store.
+    # Every other clip is there, decoded as in the intact store; the damaged one's slot holds its predecessor.
     intact = _paths(stores["jpeg"], train, 0)["device"]
-    videos = torch.cat([v for v, _ in paths["device"]])
-    expected = torch.cat([v for v, _ in intact])
-    assert len(videos) == (TRAIN_VIDEOS - 1) // BATCH * BATCH
+    videos, labels = (torch.cat([b[k] for b in paths["device"]]) for k in (0, 1))
+    expected, expected_labels = (torch.cat([b[k] for b in intact]) for k in (0, 1))
     damaged = np.empty(VIDEO_SHAPE, np.uint8)
     decode_frames_into(encode_clip(_clip(int(DAMAGED.removeprefix("train"))), "jpeg", 90), "jpeg", damaged)
     (gone,) = [i for i in range(len(expected)) if torch.equal(expected[i], torch.from_numpy(damaged))]
-    kept = [i for i in range(len(expected)) if i != gone]
-    assert torch.equal(videos[: len(kept)], expected[kept])
+    assert len(videos) == len(expected) == TRAIN_VIDEOS // BATCH * BATCH
+    others = [i for i in range(len(expected)) if i != gone]
+    assert torch.equal(videos[others], expected[others]) and torch.equal(labels[others], expected_labels[others])
+    assert torch.equal(videos[gone], expected[gone - 1]) and labels[gone] == expected_labels[gone - 1]
+    # Validation leaves a damaged clip out (ranks need not agree there), on both paths alike.
+    _, _, val, store = stores["damaged"]
+    host = _tensors(val_batches(val.iterator(), batch_size=BATCH, rank=0, world_size=1, prefetch_batches=0,
+                                collate=VideoBatchCollate(VIDEO_SHAPE, batch_size=BATCH, store=store)))  # fmt: skip
+    cache = DeviceCache.load(val.iterator(), val.iterator(), video_shape=VIDEO_SHAPE, batch_size=BATCH, rank=0,
+                             world_size=1, device=torch.device("cpu"), train_rows=0, val_rows=VAL_VIDEOS, store=store)  # fmt: skip
+    assert _same(_tensors(cache.val_batches()), host) and sum(len(b[1]) for b in host) == VAL_VIDEOS - 1
 
 
 # ----------------------------------------------------------------- preprocessing writes the store

@@ -131,12 +131,12 @@ class Row:
     video_id: str = ""  # compressed stores: whom a decoding error names
 
 
-def arrow_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName = "raw") -> Iterator[Row]:
-    """The rows of an Arrow batch in order; for a compressed ``store``, without the rows whose
-    blob fails its check (:func:`intact_rows`)."""
+def arrow_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName = "raw", fill: bool = False) -> Iterator[Row]:
+    """The rows of an Arrow batch in order; for a compressed ``store``, those whose blob passes
+    its check (:func:`intact_rows`; ``fill``: a damaged one's place taken by a neighbour)."""
     labels = table.column("label").to_numpy()
     if store != "raw":
-        yield from intact_rows(table, video_shape, store, labels)
+        yield from intact_rows(table, video_shape, store, labels, fill)
         return
     start = 0
     for view in arrow_videos(table.column("video"), video_shape):
@@ -145,28 +145,46 @@ def arrow_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName =
         start += len(view)
 
 
-def intact_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName, labels: np.ndarray) -> Iterator[Row]:
+def intact_rows(
+    table: pa.Table, video_shape: tuple[int, ...], store: StoreName, labels: np.ndarray, fill: bool
+) -> Iterator[Row]:
     """Rows of a compressed store, each a view of its blob. A damaged blob (its checksum, its
-    frame table: :func:`vidray.data.store.check_blob`, microseconds, no decoding) is left out
-    with one warning naming the video, and the rest goes on. Every path (host batches, the
-    device cache, val) drops the same rows, so they still give the same batches."""
+    frame table: :func:`vidray.data.store.check_blob`, microseconds, no decoding) is rejected
+    with one warning naming the video, and the rest goes on.
+
+    ``fill`` (training): the previous intact row of the batch (the next one, for its first)
+    takes the rejected one's place, so every worker still has the rows, and so the batches,
+    of the others: a worker one batch short would leave the others waiting in DDP's
+    all-reduce. Without ``fill`` (validation, where ranks need not agree) it is left out.
+    Every path (host batches, the device cache) decides alike, so they give the same batches.
+    """
     ids = table.column("video_id").to_pylist() if "video_id" in table.column_names else None
     row = 0
+    previous: Row | None = None
+    owed = 0  # rejected rows at the start of the batch, filled by its first intact one
     for offsets, data in _binary_chunks(table.column("video")):
         for i in range(len(offsets) - 1):
             blob = data[offsets[i] : offsets[i + 1]]
             video_id = ids[row] if ids is not None else f"row {row} of a batch"
+            row += 1
             try:
                 check_blob(blob, store, video_shape)
             except StoredClipError as err:
+                instead = "another clip of its batch takes its place" if fill else "evaluation goes on without it"
                 warn_once(
-                    f"stored clip of video {video_id} rejected: {err}; training goes on without it "
+                    f"stored clip of video {video_id} rejected: {err}; {instead} "
                     "(re-run `vidray preprocess` to rebuild its shard)",
                     key=f"rejected clip {video_id}",
                 )
-            else:
-                yield Row(blob, 0, int(labels[row]), video_id)
-            row += 1
+                if fill and previous is not None:
+                    yield previous
+                elif fill:
+                    owed += 1
+                continue
+            previous = Row(blob, 0, int(labels[row - 1]), video_id)
+            for _ in range(owed + 1):
+                yield previous
+            owed = 0
 
 
 def decode_rows_into(out: np.ndarray, rows: list[Row], store: StoreName) -> None:
@@ -330,7 +348,7 @@ def train_batches(
     through the seeded shuffle buffer (:func:`shuffle_buffer_order`), last partial batch dropped."""
     # Whole blocks (batch_size=None): nothing re-batched, nothing concatenated; the rows are re-batched below.
     tables = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=train.prefetch_batches)
-    rows = (row for table in tables for row in arrow_rows(table, collate.video_shape, collate.store))
+    rows = (row for table in tables for row in arrow_rows(table, collate.video_shape, collate.store, fill=True))
     shuffled = shuffle_buffer_order(rows, shuffle_size(train, batch_size), train_shuffle_seed(train, epoch, rank))
     batches = (collate.stack(rows) for rows in _in_batches(shuffled, batch_size, drop_last=True))
     return prefetch_in_thread(batches, train.prefetch_batches)

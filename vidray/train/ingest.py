@@ -124,8 +124,8 @@ def _copy_tables_to(tables: Iterable[pa.Table], video_shape: tuple[int, ...], de
 
 @dataclass
 class StoredClips:
-    """A compressed store's clips back to back in host memory (the rows :func:`arrow_rows` keeps: a
-    damaged blob is left out as on the host path), each decoded on the CPU when a batch needs it."""
+    """A compressed store's clips back to back in host memory (the rows :func:`arrow_rows` gives, a
+    damaged blob treated as on the host path), each decoded on the CPU when a batch needs it."""
 
     data: np.ndarray  # uint8: every blob, back to back
     offsets: np.ndarray  # int64 [n + 1]: clip i is data[offsets[i]:offsets[i + 1]]
@@ -140,14 +140,15 @@ class StoredClips:
         return self.data.nbytes + self.offsets.nbytes
 
     @classmethod
-    def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName):
-        """(the clips of ``tables``, their labels int64 [n], rows kept per table), one copy of each blob."""
+    def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName, fill: bool):
+        """(the clips of ``tables``, their labels int64 [n], rows kept per table), one copy of each blob
+        (``fill``: a damaged clip's place taken as :func:`vidray.train.batches.intact_rows` says)."""
         parts: list[np.ndarray] = []
         lengths: list[int] = []
         labels: list[int] = []
         sizes: list[int] = []
         for table in tables:
-            rows = list(arrow_rows(table, video_shape, store))
+            rows = list(arrow_rows(table, video_shape, store, fill))
             if rows:
                 parts.append(np.concatenate([row.videos for row in rows]))  # this table's blobs: it can go
             lengths.extend(len(row.videos) for row in rows)
@@ -225,8 +226,8 @@ class DeviceCache:
             else ()  # pretraining: no val split
         )
         if store != "raw":
-            train_clips, train_labels, _ = StoredClips.gather(tables, video_shape, store)
-            val_clips, val_labels, val_sizes = StoredClips.gather(val_tables, video_shape, store)
+            train_clips, train_labels, _ = StoredClips.gather(tables, video_shape, store, fill=True)
+            val_clips, val_labels, val_sizes = StoredClips.gather(val_tables, video_shape, store, fill=False)
             val_sizes = [n for n in val_sizes if n]  # as val_batches skips a batch whose every clip was rejected
             seconds = time.perf_counter() - started
             return cls(train_clips, train_labels, val_clips, val_labels, val_sizes, seconds, pin_memory=device.type == "cuda")
