@@ -197,7 +197,7 @@ def _paths(stored: tuple, train: TrainSettings, epoch: int) -> dict[str, list]:
 
 def test_every_path_of_the_jpeg_store_gives_the_batches_of_raw_decoded_frames(stores):
     train = TrainSettings(shuffle_buffer=8, prefetch_batches=2, seed=11)
-    for epoch in (0, 1):
+    for epoch in (1,):  # one epoch: tests/test_ingest.py covers the epochs' orders
         raw = _paths(stores["raw"], train, epoch)
         jpeg = _paths(stores["jpeg"], train, epoch)
         assert len(raw["device"]) == TRAIN_VIDEOS // BATCH
