@@ -99,18 +99,23 @@ def placement_of(method: str) -> str:
 # --------------------------------------------------------------------------- data
 
 
-def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, stored_size: int, frames: int, size: int):
-    """A preprocessed dataset in vidray's layout, written by vidray's own shard writer.
+def build_dataset(
+    out: Path, videos: int, val_videos: int, stored_frames: int, stored_size: int, frames: int, size: int, store: str = "raw"
+):
+    """A preprocessed dataset in vidray's layout, written by vidray's own shard writer in ``store``
+    (vidray/data/store.py, at the default JPEG quality).
 
     Frames are textured, panning, grainy content (benchmarks/make_inputs.py)
-    rather than noise, so zstd compresses them like real frames.
+    rather than noise, so zstd and JPEG compress them like real frames.
     """
     import numpy as np
 
     from make_inputs import VideoSpec, _frames
+    from vidray.config import DEFAULT_JPEG_QUALITY
     from vidray.data.dataset import DATASET_INFO
     from vidray.data.shard_files import outcome_row, write_shard
     from vidray.data.shards import VIDEOS_PER_SHARD, Video, plan_shards
+    from vidray.data.store import encode_clip
 
     if (out / DATASET_INFO).is_file():
         return out
@@ -120,16 +125,19 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
         label = i % len(CLASSES)
         path = f"synthetic/{split}/{CLASSES[label]}/v{i:04d}.mp4"
         video_of[path] = Video(path, f"{split}-{i}", CLASSES[label], label, split, 0, 0)
-    shards = plan_shards(list(video_of.values()), stored_frames, stored_size, VIDEOS_PER_SHARD)
+    shards = plan_shards(list(video_of.values()), stored_frames, stored_size, VIDEOS_PER_SHARD, store=store)
     seed = 0
+    stored_bytes = {"train": 0, "val": 0, "test": 0}
     for shard in shards:
         outcomes = []
         for video in shard.videos:
             seed += 1
             spec = VideoSpec("x", video.label, stored_size, stored_size, stored_frames / 30, seed)
             clip = np.stack(list(_frames(spec)))[:stored_frames]
-            outcomes.append((outcome_row(video, source_frames=stored_frames, padded=False), clip.tobytes()))
-        write_shard(str(out), shard, outcomes)
+            blob = encode_clip(clip, store, DEFAULT_JPEG_QUALITY)
+            stored_bytes[video.split] += len(blob)
+            outcomes.append((outcome_row(video, source_frames=stored_frames, padded=False), blob))
+        write_shard(str(out), shard, outcomes, store=store)
     info = {
         "classes": CLASSES,
         "frames": frames,
@@ -139,6 +147,8 @@ def build_dataset(out: Path, videos: int, val_videos: int, stored_frames: int, s
         "splits": {
             split: {"videos": sum(1 for s, _ in rows if s == split)} for split in ("train", "val", "test")
         },
+        "store": store,
+        "stored_bytes": stored_bytes,
         "synthetic": "benchmarks/train_step.py",
     }
     (out / DATASET_INFO).write_text(json.dumps(info, indent=1))
@@ -281,7 +291,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     info = read_dataset_info(args.dataset)
     table = pq.read_table(os.path.join(args.dataset, "train"), columns=["video", "label"])
-    all_videos = torch.from_numpy(videos_from_bytes(table.column("video").to_pylist(), info.video_shape).copy())
+    all_videos = torch.from_numpy(videos_from_bytes(table.column("video").to_pylist(), info.video_shape, info.store).copy())
     all_labels = torch.from_numpy(np.asarray(table.column("label").to_pylist(), dtype=np.int64))
     augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, args.device)
     if device.type == "cuda":
@@ -332,6 +342,8 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
         device=device,
         rank=0,
         world_size=1,
+        store=config["store"],
+        clip_bytes=config["clip_bytes"],
     )
     if data.placement != ("device" if args.worker.endswith("_device") else "ray_data"):
         raise RuntimeError(f"{args.worker} ran on the {data.placement} path")
@@ -393,6 +405,8 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
                 "ingest_only": args.worker in INGEST_METHODS,
                 "train_videos": info.split_counts["train"],
                 "val_videos": info.split_counts["val"],
+                "store": info.store,
+                "clip_bytes": info.clip_bytes,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=1, use_gpu=args.device == "cuda", resources_per_worker={"CPU": args.cpus_per_worker}
@@ -415,6 +429,8 @@ def run_raytrain(args: argparse.Namespace) -> dict[str, Any]:
         # Whole run, start-up included: where the CPU went, and how many Ray worker processes were started.
         "process_cpu_s": tracker.totals(),
         "ray_worker_processes": sum(1 for e in tracker.seen.values() if e["ray_worker"]),
+        "store": info.store,
+        "bytes_per_clip": info.clip_bytes,
         **measured,
     }
 
@@ -526,6 +542,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--gemm-seconds", type=float, default=2.0, help="how long to time the matmul ceiling")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    parser.add_argument("--stores", nargs="+", default=["raw"], choices=["raw", "jpeg"],
+                        help="stored formats of the dataset (data.store), each measured with every method")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=112, help=argparse.SUPPRESS)
@@ -570,13 +588,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gemm = {"device": gemm_rate(args.device, 1, args.gemm_seconds)}
     peak = device_peak_tflops(machine["cuda"])
     configs, runs = [], []
-    for size in args.sizes:
+    for size, store in [(size, store) for size in args.sizes for store in args.stores]:
         stored_frames, stored_size = default_stored(args.frames, size, None, None)
-        dataset = args.cache / f"train-data-{args.videos}x{stored_frames}x{stored_size}"
-        build_dataset(dataset, args.videos, max(args.batch, 8), stored_frames, stored_size, args.frames, size)
+        suffix = "" if store == "raw" else f"-{store}"
+        dataset = args.cache / f"train-data-{args.videos}x{stored_frames}x{stored_size}{suffix}"
+        build_dataset(dataset, args.videos, max(args.batch, 8), stored_frames, stored_size, args.frames, size, store)
         for model in args.models:
             flops = count_flops(model, args.frames, size, args.batch)
-            configs.append({"model": model, "size": size, "stored": [stored_frames, stored_size], "flops": flops})
+            configs.append({"model": model, "size": size, "store": store, "stored": [stored_frames, stored_size], "flops": flops})
             for repeat in range(args.repeats):
                 shift = repeat % len(methods)
                 for method in methods[shift:] + methods[:shift]:
@@ -596,6 +615,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     run = {
                         "model": model,
                         "size": size,
+                        "store": store,
                         "method": method,
                         "repeat": repeat,
                         "load_before": load_before,
@@ -608,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     run["mfu"] = round(achieved / peak, 4) if peak and achieved else None
                     runs.append(run)
                     print(
-                        f"[train_step] {model}@{size} repeat {repeat} {method:12s} {run['clips_per_s']:8.3f} clips/s "
+                        f"[train_step] {model}@{size} {store} repeat {repeat} {method:12s} {run['clips_per_s']:8.3f} clips/s "
                         f"data wait {run['data_wait_share']:.3f}  load {load_before}",
                         file=sys.stderr,
                         flush=True,
@@ -616,8 +636,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     summary: dict[str, Any] = {}
     for config in configs:
-        key = f"{config['model']}@{config['size']}"
-        mine = [r for r in runs if r["model"] == config["model"] and r["size"] == config["size"]]
+        key = f"{config['model']}@{config['size']}" + ("" if config["store"] == "raw" else f"/{config['store']}")
+        mine = [r for r in runs if (r["model"], r["size"], r["store"]) == (config["model"], config["size"], config["store"])]
         entry = {}
         for method in methods:
             rows = [r for r in mine if r["method"] == method]
@@ -628,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "epoch_start_wait_s", "achieved_tflops", "fraction_of_gemm_rate", "mfu")
             }  # fmt: skip
             entry[method]["torch_threads"] = rows[0]["torch_threads"] if rows else None
-            for field in ("device_load_s", "cache_s", "peak_memory_gib"):
+            for field in ("device_load_s", "cache_s", "peak_memory_gib", "bytes_per_clip"):
                 entry[method][field] = median([r.get(field) for r in rows])
         ratios = {}
         for ray_method in ("raytrain", "raytrain_cached", "raytrain_device"):
@@ -642,6 +662,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for field in ("clips_per_s", "within_epoch_clips_per_s"):
                     ratios[f"{method}_over_ingest_cached_{field}"] = per_repeat_ratio(mine, "method", method, "ingest_cached", field)
         summary[key] = {"methods": entry, "ratios": ratios, "train_gflops_per_clip": round(config["flops"]["train_flops_per_clip"] / 1e9, 3)}
+    # Each compressed store against raw, method by method, within each repeat.
+    store_ratios: dict[str, Any] = {}
+    for run in runs:
+        run["method_store"] = f"{run['method']}/{run['store']}"
+    for store in (s for s in args.stores if s != "raw" and "raw" in args.stores):
+        for size in args.sizes:
+            same_size = [r for r in runs if r["size"] == size and r["model"] == args.models[0]]
+            store_ratios[f"{store}_over_raw@{size}"] = {
+                f"{method}_{field}": per_repeat_ratio(same_size, "method_store", f"{method}/{store}", f"{method}/raw", field)
+                for method in methods
+                for field in ("clips_per_s", "within_epoch_clips_per_s")
+            }
 
     result = {
         "benchmark": "train_step",
@@ -662,15 +694,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cpus_per_worker": args.cpus_per_worker,
             "methods": methods,
             "compile": args.compile,
+            "stores": args.stores,
         },
         "gemm": gemm,
         "bf16_peak_tflops": peak,
         "configs": configs,
         "summary": summary,
+        "store_ratios": store_ratios,
         "runs": runs,
     }
     write_result(f"train_step_{'_'.join(args.models)}", result, args.out)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({**summary, **store_ratios}, indent=1))
     return result
 
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from vidray.config import DECODERS
+from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, STORES
 from vidray.errors import UserError
 
 
@@ -87,6 +87,8 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         **({"videos_per_shard": args.videos_per_shard} if args.videos_per_shard else {}),
         decoder=args.decoder,
         decoder_device=args.decoder_device,
+        store=args.store,
+        jpeg_quality=args.jpeg_quality,
     )
     _print_summary(summary, disconnect_ray=True)
 
@@ -234,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--decoder", choices=DECODERS, default="pyav", help="decoding library (default pyav)")
     pre.add_argument(
         "--decoder-device", choices=["cpu", "cuda"], default="cpu", help="cuda: torchcodec on the GPU (NVDEC)"
+    )
+    pre.add_argument(
+        "--store", choices=STORES, default="raw",
+        help="how clips are stored: raw uint8 (exact) or jpeg per frame (~9x smaller, decoded while training)",
+    )  # fmt: skip
+    pre.add_argument(
+        "--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, help=f"--store jpeg only (default {DEFAULT_JPEG_QUALITY})"
     )
     pre.set_defaults(func=cmd_preprocess)
 

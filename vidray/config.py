@@ -21,6 +21,10 @@ DecoderName = Literal["pyav", "decord", "torchcodec"]
 DECODERS: tuple[str, ...] = get_args(DecoderName)
 DecodeDevice = Literal["cpu", "cuda"]
 DEFAULT_DECODER: DecoderName = "pyav"  # least CPU per video of the three (docs/benchmarks.md)
+# How the decoded frames are stored in the shards (data.store; vidray/data/store.py reads and writes them).
+StoreName = Literal["raw", "jpeg"]
+STORES: tuple[str, ...] = get_args(StoreName)
+DEFAULT_JPEG_QUALITY = 90  # >= 8x smaller than raw at about 36 dB on real footage (docs/benchmarks.md, "Stored format")
 
 
 class ConfigError(UserError):
@@ -71,6 +75,10 @@ class DataSettings(_Section):
     decoder: DecoderName = DEFAULT_DECODER
     # cuda: torchcodec decodes on the GPU's NVDEC, each decode task taking a quarter of a GPU.
     decoder_device: DecodeDevice = "cpu"
+    # How the clips are stored: raw uint8 (exact, 1.57 MB per 32x128² clip) or jpeg (each frame a
+    # JPEG of jpeg_quality, decoded on the worker's CPU while it trains). Part of every shard id.
+    store: StoreName = "raw"
+    jpeg_quality: int = Field(DEFAULT_JPEG_QUALITY, ge=1, le=100)
 
     demo: DemoDataSettings = Field(default_factory=DemoDataSettings)
 

@@ -6,8 +6,11 @@ hold one row per video:
 =================  ==========  ================================================
 column             type        meaning
 =================  ==========  ================================================
-``video``          binary      uint8 RGB frames, C-order ``[stored_frames,
-                               stored_size, stored_size, 3]``
+``video``          binary      the frames, as ``dataset.json["store"]`` says
+                               (vidray/data/store.py): ``raw`` (or absent):
+                               uint8 RGB, C-order ``[stored_frames,
+                               stored_size, stored_size, 3]``; ``jpeg``: a
+                               JPEG per frame in a small container
 ``label``          int64       class index into ``dataset.json["classes"]``
 ``label_name``     string      class name
 ``video_id``       string      stable id (file stem / YouTube id)
@@ -32,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from vidray.data.store import decode_frames_into
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
@@ -64,6 +68,11 @@ class ClipShape:
     stored_size: int
     # The decoder the stored frames were made with (dataset.json): prediction decodes new videos the same way.
     decoder: str = "pyav"
+    # How the shards store them (dataset.json, vidray/data/store.py): what the training workers decode.
+    store: str = "raw"
+    # Mean bytes of a stored clip (DatasetInfo.clip_bytes; 0: a raw clip's): whether a worker's shard
+    # fits its memory. Not a data key of checkpoints (as_dict).
+    clip_bytes: int = 0
 
     KEYS = ("classes", "frames", "size", "stored_frames", "stored_size")  # required; decoder is optional
 
@@ -72,7 +81,9 @@ class ClipShape:
         return (self.stored_frames, self.stored_size, self.stored_size, 3)
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in (*self.KEYS, "decoder")}
+        # The store only when not raw: the data keys of checkpoints made before stores existed stay what they were.
+        store = {"store": self.store} if self.store != "raw" else {}
+        return {**{key: getattr(self, key) for key in (*self.KEYS, "decoder")}, **store}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ClipShape":
@@ -83,6 +94,7 @@ class ClipShape:
             stored_frames=int(data["stored_frames"]),
             stored_size=int(data["stored_size"]),
             decoder=str(data.get("decoder") or "pyav"),
+            store=str(data.get("store") or "raw"),
         )
 
 
@@ -95,6 +107,7 @@ class DatasetInfo:
     stored_size: int
     split_counts: dict[str, int]
     raw: dict[str, Any]
+    store: str = "raw"  # how the shards store the clips (vidray/data/store.py)
 
     @property
     def num_classes(self) -> int:
@@ -103,6 +116,15 @@ class DatasetInfo:
     @property
     def video_shape(self) -> tuple[int, int, int, int]:
         return (self.stored_frames, self.stored_size, self.stored_size, 3)
+
+    @property
+    def clip_bytes(self) -> int:
+        """Mean bytes of a stored clip (dataset.json's stored_bytes; a raw clip's size when it has none)."""
+        raw = int(np.prod(self.video_shape))
+        stored = self.raw.get("stored_bytes") or {}
+        videos = sum(self.split_counts.values())
+        total = sum(int(stored.get(split) or raw * count) for split, count in self.split_counts.items())
+        return max(1, -(-total // videos)) if videos else raw
 
 
 def read_dataset_info(dataset_dir: str) -> DatasetInfo:
@@ -123,6 +145,7 @@ def read_dataset_info(dataset_dir: str) -> DatasetInfo:
         stored_size=int(raw["stored_size"]),
         split_counts={s: int(v["videos"]) for s, v in raw.get("splits", {}).items()},
         raw=raw,
+        store=str(raw.get("store") or "raw"),
     )
 
 
@@ -131,7 +154,7 @@ def split_uri(dataset_dir: str, split: str) -> str:
 
 
 def read_split(dataset_dir: str, split: str):
-    """A Ray Dataset over one split's shards (videos still as raw bytes)."""
+    """A Ray Dataset over one split's shards (videos still as stored bytes)."""
     import ray.data  # here: Ray costs seconds to import, and the rest of this module is read without it
 
     info = read_dataset_info(dataset_dir)
@@ -140,7 +163,9 @@ def read_split(dataset_dir: str, split: str):
             f"split {split!r} of {dataset_dir} holds no videos "
             f"(available: {', '.join(s for s, n in info.split_counts.items() if n) or 'none'})"
         )
-    return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(["video", "label"])
+    # A compressed store's clips can be rejected when read (vidray/train/batches.py): the id names them.
+    columns = ["video", "label"] if info.store == "raw" else ["video", "label", "video_id"]
+    return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(columns)
 
 
 def read_split_batches(
@@ -170,9 +195,15 @@ def read_split_batches(
                 yield batch.to_pydict()
 
 
-def videos_from_bytes(column: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """Stack a column of raw-bytes videos into one uint8 array ``[B, *shape]`` with one copy."""
+def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw") -> np.ndarray:
+    """Stack a column of stored videos into one uint8 array ``[B, *shape]`` with one copy (decoded,
+    for a compressed ``store``)."""
     items = list(column)
+    if store != "raw":
+        videos = np.empty((len(items), *shape), np.uint8)
+        for video, item in zip(videos, items):
+            decode_frames_into(item, store, video)
+        return videos
     expected = int(np.prod(shape))
     for item in items:
         if len(item) != expected:

@@ -4,7 +4,8 @@ Each video becomes a clip or a rejection with its reason (:func:`decode_or_rejec
 a file that fails to decode never stops the run. Every manifest row is
 decoded, including rows with a ``probe_error``: the decoder's verdict (a
 typed :class:`vidray.data.clip.VideoError`) is the reason recorded. The clips
-go into the shard's Parquet file (:func:`vidray.data.shard_files.write_shard`).
+go into the shard's Parquet file (:func:`vidray.data.shard_files.write_shard`),
+stored as ``data.store`` says (vidray/data/store.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from vidray.data.clip import VideoError
 from vidray.data.shard_files import OUTCOME_COLUMNS, outcome_row, write_shard
 from vidray.data.shards import DecodeSettings, Shard, Video
+from vidray.data.store import encode_clip
 from vidray.data.video import read_clip, require_decoder
 
 # Test-only fault injection: a real worker death on chosen videos (vidray/data/preprocess.py's docstring).
@@ -47,11 +49,12 @@ def decode_or_reject(path: str, settings: DecodeSettings, crash_on: str | None =
 
 
 def _decode_video(video: Video, settings: DecodeSettings, crash_on: str | None) -> tuple[dict, bytes | None]:
-    """(outcome row, frame bytes or None). Never raises for a bad file."""
+    """(outcome row, the stored clip (data.store) or None). Never raises for a bad file."""
     clip, error, reason = decode_or_reject(video.path, settings, crash_on)
     if clip is None:
         return outcome_row(video, "rejected", error, reason), None
-    return outcome_row(video, source_frames=clip.source_frames, padded=clip.padded), clip.frames.tobytes()
+    blob = encode_clip(clip.frames, settings.store, settings.jpeg_quality)
+    return outcome_row(video, source_frames=clip.source_frames, padded=clip.padded), blob
 
 
 def decode_checked(video: Video, settings: DecodeSettings, crash_on: str | None) -> tuple[dict, bytes | None]:
@@ -67,7 +70,7 @@ def decode_shard(out: str, shard: Shard, settings: DecodeSettings, crash_on: str
     require_decoder(settings.decoder, settings.device)
     started = time.perf_counter()
     outcomes = [_decode_video(v, settings, crash_on) for v in shard.videos]
-    return write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started)
+    return write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started, store=settings.store)
 
 
 def decode_shards(batch: dict[str, Any], out: str, settings: DecodeSettings, crash_on: str | None):

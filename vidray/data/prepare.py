@@ -101,5 +101,7 @@ def prepare_dataset(cfg: VidrayConfig) -> str:
         videos_per_shard=data.videos_per_shard,
         decoder=data.decoder,
         decoder_device=data.decoder_device,
+        store=data.store,
+        jpeg_quality=data.jpeg_quality,
     )
     return data.dataset_dir

@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vidray.config import DEFAULT_DECODER, DecodeDevice, DecoderName
+from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, STORES, DecodeDevice, DecoderName, StoreName
 from vidray.data.dataset import DATASET_INFO, SPLITS
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import check_writable, clear_stale, write_atomically, write_rejects, write_text
@@ -54,12 +54,15 @@ def preprocess(
     videos_per_shard: int = VIDEOS_PER_SHARD,
     decoder: DecoderName = DEFAULT_DECODER,
     decoder_device: DecodeDevice = "cpu",
+    store: StoreName = "raw",
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
 ) -> dict[str, Any]:
     """Decode every video of ``manifest`` into the dataset directory ``out``.
 
     ``decoder`` (``pyav``, ``decord``, ``torchcodec``) and ``decoder_device``
     (``cpu``; ``cuda``: torchcodec on NVDEC, each task taking a share of a GPU)
-    say how. Returns the summary written to ``out/dataset.json`` (with
+    say how; ``store`` (``raw``, ``jpeg`` at ``jpeg_quality``: vidray/data/store.py)
+    how the frames are stored. Returns the summary written to ``out/dataset.json`` (with
     ``dataset_dir`` added). Besides the dataset's counts and the decoder it
     holds this run's ``decoded_this_run``, ``shards_reused`` and
     ``shards_written``: re-running with the same manifest and parameters decodes nothing.
@@ -69,13 +72,17 @@ def preprocess(
     stored_frames, stored_size = default_stored(frames, size, stored_frames, stored_size)
     if videos_per_shard < 1:
         raise UserError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
+    if store not in STORES:
+        raise UserError(f"store {store!r} is not one of {', '.join(STORES)}")
+    if not 1 <= jpeg_quality <= 100:
+        raise UserError(f"jpeg_quality must be from 1 to 100, got {jpeg_quality}")
     require_decoder(decoder, decoder_device)  # a missing package fails here, not once per video
-    settings = DecodeSettings(stored_frames, stored_size, decoder, decoder_device)
+    settings = DecodeSettings(stored_frames, stored_size, decoder, decoder_device, store, jpeg_quality)
     videos, classes = load_videos(manifest)
     fs, root = open_filesystem(out)
     check_writable(fs, root, out)
 
-    shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard, decoder, decoder_device)
+    shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard, decoder, decoder_device, store, jpeg_quality)
     outcomes = clear_stale(fs, root, shards)
     # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
     todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))
@@ -108,9 +115,11 @@ def preprocess(
         "stored_size": stored_size,
         "decoder": decoder,
         "decoder_device": decoder_device,
+        "store": store,
+        **({"jpeg_quality": jpeg_quality} if store == "jpeg" else {}),
         "manifest": str(manifest.resolve()),
         "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-        **_count(shards, outcomes, classes, discovered=len(videos)),
+        **_count(shards, outcomes, classes, discovered=len(videos), raw_clip_bytes=stored_frames * stored_size**2 * 3),
         "seconds": round(time.monotonic() - started, 2),
         "decoded_this_run": sum(len(s.videos) for s in todo),
         "shards_reused": reused,
@@ -135,7 +144,7 @@ def preprocess(
     return {"dataset_dir": str(out), **summary}
 
 
-def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[str], discovered: int) -> dict:
+def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[str], discovered: int, raw_clip_bytes: int) -> dict:
     rows = [row for s in shards for row in outcomes[s.id]]
     processed = [r for r in rows if r["status"] == "processed"]
     rejected = [r for r in rows if r["status"] == "rejected"]
@@ -149,6 +158,11 @@ def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[s
         splits[split] = {"videos": sum(per_class.values()), "per_class": {c: per_class.get(c, 0) for c in classes}}
     return {
         "splits": splits,
+        # Bytes of each split's stored clips (what a cache of it holds); records older than the
+        # stores have no stored_bytes and were raw.
+        "stored_bytes": {
+            split: sum(r.get("stored_bytes") or raw_clip_bytes for r in processed if r["split"] == split) for split in SPLITS
+        },
         "discovered": discovered,
         "processed": len(processed),
         "rejected": len(rejected),

@@ -105,7 +105,7 @@ def isolate_crashes(shards: list[Shard], out: str, settings: DecodeSettings, cra
             except ray.exceptions.RayError as err:
                 reason = f"{WORKER_CRASH_REASON} ({type(err).__name__})"
                 outcomes.append((outcome_row(video, "rejected", "worker_crash", reason), None))
-        results[shard.id] = write_shard(out, shard, outcomes)
+        results[shard.id] = write_shard(out, shard, outcomes, store=settings.store)
     return results
 
 

@@ -25,6 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from vidray.config import StoreName
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, SPLITS
 from vidray.data.shards import RECORDS_DIR, Shard, Video
 from vidray.errors import UserError
@@ -47,7 +48,7 @@ REJECTS_SCHEMA = pa.schema(
 # An outcome row (:func:`outcome_row`) tagged with its shard, as write_shard returns it.
 OUTCOME_COLUMNS = (
     "shard", "path", "video_id", "split", "label", "label_index",
-    "status", "error", "reason", "source_frames", "padded",
+    "status", "error", "reason", "source_frames", "padded", "stored_bytes",
 )  # fmt: skip
 
 
@@ -85,10 +86,17 @@ def write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
 
 
 def write_shard(
-    out: str, shard: Shard, outcomes: list[tuple[dict, bytes | None]], decode_seconds: float | None = None
+    out: str,
+    shard: Shard,
+    outcomes: list[tuple[dict, bytes | None]],
+    decode_seconds: float | None = None,
+    store: StoreName = "raw",
 ) -> list[dict]:
     """Write the shard's Parquet file (processed videos only; none if all were
-    rejected), then its record. Returns the outcome rows, tagged with the shard id."""
+    rejected), then its record. Returns the outcome rows, tagged with the shard id.
+
+    ``store``: how the ``video`` blobs are stored (vidray/data/store.py); a compressed
+    store's blobs are written without Parquet's zstd, which would only cost time on JPEGs."""
     fs, root = open_filesystem(out)
     processed = [(row, frames) for row, frames in outcomes if frames is not None]
     if processed:
@@ -112,7 +120,7 @@ def write_shard(
                 tmp,
                 filesystem=fs,
                 row_group_size=rows_per_group,
-                compression="zstd",
+                compression={name: "none" if name == "video" and store != "raw" else "zstd" for name in SHARD_SCHEMA.names},
                 use_dictionary=False,
                 # Min/max statistics of megabyte-sized video blobs would bloat the footer.
                 write_statistics=[name for name in SHARD_SCHEMA.names if name != "video"],
@@ -120,7 +128,8 @@ def write_shard(
 
         write_atomically(fs, join_uri(root, shard.parquet_name), write_parquet)
 
-    rows = [{**row, "shard": shard.id} for row, _ in outcomes]
+    # stored_bytes: what the clip takes in the shard (its store's size), 0 when rejected.
+    rows = [{**row, "shard": shard.id, "stored_bytes": len(frames) if frames is not None else 0} for row, frames in outcomes]
     record = {
         "shard": shard.id,
         "split": shard.split,

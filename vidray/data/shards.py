@@ -3,7 +3,7 @@
 Videos are grouped per split into shards of about ``videos_per_shard``
 typical videos' worth of decode work (:func:`plan_shards`). A shard's id
 hashes its videos (path, size, mtime, label, split) and the decode parameters
-(frames, size, decoder and its device), so:
+(frames, size, decoder and its device, the store: raw or jpeg and its quality), so:
 
 * **resume** - a shard whose ``_shards`` record exists is finished and skipped;
   a killed run, re-run, decodes only the shards it had not finished;
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vidray.config import DEFAULT_DECODER, DecodeDevice, DecoderName
+from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DecodeDevice, DecoderName, StoreName
 from vidray.data.dataset import SPLITS
 from vidray.data.index import read_manifest
 from vidray.errors import UserError
@@ -64,12 +64,21 @@ class Video:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How every video of a run is decoded; all of it goes into the shard ids."""
+    """How every video of a run is decoded and stored; all of it goes into the shard ids (:meth:`id_params`)."""
 
     stored_frames: int
     stored_size: int
     decoder: DecoderName = DEFAULT_DECODER
     device: DecodeDevice = "cpu"
+    store: StoreName = "raw"  # vidray/data/store.py
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY  # store=jpeg only
+
+    def id_params(self) -> dict[str, Any]:
+        """What a shard id hashes besides its videos. The raw store adds nothing, so the ids of
+        datasets made before stores existed stay valid; jpeg adds itself and its quality."""
+        params = asdict(self)
+        del params["store"], params["jpeg_quality"]
+        return params if self.store == "raw" else {**params, "store": self.store, "jpeg_quality": self.jpeg_quality}
 
     def task_options(self) -> dict[str, Any]:
         """Ray options of one decode task: a CPU (and a share of a GPU when decoding on CUDA),
@@ -176,8 +185,9 @@ def _shard_id(videos: list[Video], params: dict[str, Any]) -> str:
     video's id) fixes the row order from the videos alone: the same videos give
     the same order wherever they live and whenever they were copied, and so the
     same training run. The content hash (paths, sizes, mtimes, the decode
-    parameters ``params``: frames, size, decoder and device) decides whether a
-    finished shard can be reused: switching decoders decodes again.
+    parameters ``params``: frames, size, decoder, device and the store)
+    decides whether a finished shard can be reused: switching decoders or
+    stores decodes again.
     """
     payload = json.dumps(
         {
@@ -211,6 +221,8 @@ def plan_shards(
     videos_per_shard: int,
     decoder: DecoderName = DEFAULT_DECODER,
     decoder_device: DecodeDevice = "cpu",
+    store: StoreName = "raw",
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
 ) -> list[Shard]:
     """Shards of one split each, about ``videos_per_shard`` typical videos' work each.
 
@@ -222,7 +234,7 @@ def plan_shards(
     no probe at all this is about ``videos_per_shard`` videos a shard.
     ``videos_per_shard=1`` is one video per shard.
     """
-    params = asdict(DecodeSettings(stored_frames, stored_size, decoder, decoder_device))
+    params = DecodeSettings(stored_frames, stored_size, decoder, decoder_device, store, jpeg_quality).id_params()
     shards = []
     for split in SPLITS:
         group = sorted((v for v in videos if v.split == split), key=lambda v: (v.video_id, v.path))

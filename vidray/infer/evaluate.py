@@ -74,7 +74,7 @@ def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, 
     for batch in read_split_batches(dataset_dir, dataset, split, batch_size):
         try:
             # A writable copy: the stacked array is a view of immutable bytes.
-            videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape).copy()).to(device)
+            videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape, dataset.store).copy()).to(device)
         except ValueError as err:
             raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
         runs = [clip_outputs(model, videos, frames=shape.frames, size=shape.size, views=views, shuffle=shuffle)[0]

@@ -289,7 +289,7 @@ def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict
     info = read_dataset_info(dataset_dir)
     split, held_out = figure_split(cfg, info)
     rows = figure_clips(dataset_dir, info, split)
-    videos = torch.from_numpy(videos_from_bytes([row["video"] for row in rows], info.video_shape).copy())
+    videos = torch.from_numpy(videos_from_bytes([row["video"] for row in rows], info.video_shape, info.store).copy())
     pixels = transforms.eval_transform(videos, frames=cfg.data.frames, size=cfg.data.size)
     grid = token_grid(model.config)
     mask = tube_mask(len(videos), grid, cfg.pretrain.mask_ratio, torch.Generator().manual_seed(cfg.train.seed))

@@ -34,7 +34,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vidray.config import TrainSettings
+from vidray.config import StoreName, TrainSettings
+from vidray.data.store import StoredClipError, check_blob, decode_frames_into
+from vidray.errors import warn_once
 from vidray.train.rng import derive_seed
 
 T = TypeVar("T")
@@ -87,15 +89,10 @@ def train_shuffle_seed(train: TrainSettings, epoch: int, rank: int) -> int:
 # ------------------------------------------------------------------ rows and batches on the host
 
 
-def arrow_videos(column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...]) -> list[np.ndarray]:
-    """Zero-copy uint8 views ``[n, *video_shape]``, one per Arrow chunk, of a binary ``video`` column.
-
-    A binary array stores its values back to back in one buffer; with every value
-    of the same length that buffer *is* the stacked videos, so nothing is copied.
-    """
-    expected = int(np.prod(video_shape))
+def _binary_chunks(column: pa.ChunkedArray | pa.Array) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(offsets, data) of each non-empty chunk of a binary column: value ``i`` is
+    ``data[offsets[i]:offsets[i + 1]]``, read straight out of the Arrow buffers (no copy)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    views = []
     for chunk in chunks:
         if len(chunk) == 0:
             continue
@@ -104,12 +101,23 @@ def arrow_videos(column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...
         offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         _, offsets_buffer, data_buffer = chunk.buffers()
         offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        yield offsets, np.frombuffer(data_buffer, dtype=np.uint8)
+
+
+def arrow_videos(column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Zero-copy uint8 views ``[n, *video_shape]``, one per Arrow chunk, of a binary ``video`` column.
+
+    A binary array stores its values back to back in one buffer; with every value
+    of the same length that buffer *is* the stacked videos, so nothing is copied.
+    """
+    expected = int(np.prod(video_shape))
+    views = []
+    for offsets, data in _binary_chunks(column):
         lengths = np.diff(offsets)
         if (lengths != expected).any():
             bad = int(lengths[lengths != expected][0])
             raise ValueError(f"video blob of {bad} bytes does not match shape {video_shape} ({expected} bytes)")
-        data = np.frombuffer(data_buffer, dtype=np.uint8)
-        views.append(data[offsets[0] : offsets[-1]].reshape(len(chunk), *video_shape))
+        views.append(data[offsets[0] : offsets[-1]].reshape(len(offsets) - 1, *video_shape))
     return views
 
 
@@ -117,18 +125,78 @@ def arrow_videos(column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...
 class Row:
     """One video of an Arrow batch: a view into the batch's buffer (no copy) and its label."""
 
-    videos: np.ndarray  # the chunk's [n, *video_shape] view
-    index: int
+    videos: np.ndarray  # raw store: the chunk's [n, *video_shape] view; else this row's stored blob (1-D)
+    index: int  # raw store: the row in ``videos``; else 0
     label: int
+    video_id: str = ""  # compressed stores: whom a decoding error names
 
 
-def arrow_rows(table: pa.Table, video_shape: tuple[int, ...]) -> Iterator[Row]:
+def arrow_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName = "raw", fill: bool = False) -> Iterator[Row]:
+    """The rows of an Arrow batch in order; for a compressed ``store``, those whose blob passes
+    its check (:func:`intact_rows`; ``fill``: a damaged one's place taken by a neighbour)."""
     labels = table.column("label").to_numpy()
+    if store != "raw":
+        yield from intact_rows(table, video_shape, store, labels, fill)
+        return
     start = 0
     for view in arrow_videos(table.column("video"), video_shape):
         for i in range(len(view)):
             yield Row(view, i, int(labels[start + i]))
         start += len(view)
+
+
+def intact_rows(
+    table: pa.Table, video_shape: tuple[int, ...], store: StoreName, labels: np.ndarray, fill: bool
+) -> Iterator[Row]:
+    """Rows of a compressed store, each a view of its blob. A damaged blob (its checksum, its
+    frame table: :func:`vidray.data.store.check_blob`, microseconds, no decoding) is rejected
+    with one warning naming the video, and the rest goes on.
+
+    ``fill`` (training): the previous intact row of the batch (the next one, for its first)
+    takes the rejected one's place, so every worker still has the rows, and so the batches,
+    of the others: a worker one batch short would leave the others waiting in DDP's
+    all-reduce. Without ``fill`` (validation, where ranks need not agree) it is left out.
+    Every path (host batches, the device cache) decides alike, so they give the same batches.
+    """
+    ids = table.column("video_id").to_pylist() if "video_id" in table.column_names else None
+    row = 0
+    previous: Row | None = None
+    owed = 0  # rejected rows at the start of the batch, filled by its first intact one
+    for offsets, data in _binary_chunks(table.column("video")):
+        for i in range(len(offsets) - 1):
+            blob = data[offsets[i] : offsets[i + 1]]
+            video_id = ids[row] if ids is not None else f"row {row} of a batch"
+            row += 1
+            try:
+                check_blob(blob, store, video_shape)
+            except StoredClipError as err:
+                instead = "another clip of its batch takes its place" if fill else "evaluation goes on without it"
+                warn_once(
+                    f"stored clip of video {video_id} rejected: {err}; {instead} "
+                    "(re-run `vidray preprocess` to rebuild its shard)",
+                    key=f"rejected clip {video_id}",
+                )
+                if fill and previous is not None:
+                    yield previous
+                elif fill:
+                    owed += 1
+                continue
+            previous = Row(blob, 0, int(labels[row - 1]), video_id)
+            for _ in range(owed + 1):
+                yield previous
+            owed = 0
+
+
+def decode_rows_into(out: np.ndarray, rows: list[Row], store: StoreName) -> None:
+    """Each row's clip into ``out[i]``: a copy (raw) or decoded (a compressed store)."""
+    for i, row in enumerate(rows):
+        if store == "raw":
+            out[i] = row.videos[row.index]
+            continue
+        try:
+            decode_frames_into(row.videos, store, out[i])
+        except StoredClipError as err:  # passed its checksum yet does not decode: made that way
+            raise StoredClipError(f"stored clip of video {row.video_id}: {err}; re-run `vidray preprocess`") from None
 
 
 class BatchBuffers:
@@ -165,23 +233,31 @@ class BatchBuffers:
 
 
 class VideoBatchCollate:
-    """Rows -> ``{"video": uint8 [B, Ts, S, S, 3], "label": int64 [B]}`` with one host copy per video.
+    """Rows -> ``{"video": uint8 [B, Ts, S, S, 3], "label": int64 [B]}`` with one host copy per video
+    (for a compressed ``store``: decoded straight into the batch tensor, in the thread that builds it).
 
     ``pin_memory``: build batches in pinned memory (for a GPU); ``depth``: batches that
     may be alive at once on CPU (see :class:`BatchBuffers`).
     """
 
-    def __init__(self, video_shape: tuple[int, ...], *, pin_memory: bool = False, batch_size: int = 0, depth: int = 4):
+    def __init__(
+        self,
+        video_shape: tuple[int, ...],
+        *,
+        pin_memory: bool = False,
+        batch_size: int = 0,
+        depth: int = 4,
+        store: StoreName = "raw",
+    ):
         self.video_shape = tuple(video_shape)
         self.pin_memory = pin_memory
+        self.store = store
         self._buffers = BatchBuffers((batch_size, *self.video_shape), torch.uint8, pin_memory=pin_memory, depth=depth)
 
     def stack(self, rows: list[Row]) -> dict[str, torch.Tensor]:
-        """Copy each row's video straight from its Arrow buffer into the batch tensor."""
+        """Copy (or decode) each row's video straight from its Arrow buffer into the batch tensor."""
         videos = self._buffers.get(len(rows))
-        out = videos.numpy()
-        for i, row in enumerate(rows):
-            out[i] = row.videos[row.index]
+        decode_rows_into(videos.numpy(), rows, self.store)
         labels = torch.tensor([row.label for row in rows], dtype=torch.int64)
         return {"video": videos, "label": labels.pin_memory() if self.pin_memory else labels}
 
@@ -190,6 +266,10 @@ class VideoBatchCollate:
         items = list(batch["video"])
         expected = int(np.prod(self.video_shape))
         videos = self._buffers.get(len(items))
+        if self.store != "raw":
+            for out, item in zip(videos.numpy(), items):
+                decode_frames_into(item, self.store, out)
+            return {"video": videos, "label": torch.from_numpy(batch["label"].astype(np.int64))}
         out = videos.numpy().reshape(len(items), -1)
         for i, item in enumerate(items):
             if len(item) != expected:
@@ -268,7 +348,7 @@ def train_batches(
     through the seeded shuffle buffer (:func:`shuffle_buffer_order`), last partial batch dropped."""
     # Whole blocks (batch_size=None): nothing re-batched, nothing concatenated; the rows are re-batched below.
     tables = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=train.prefetch_batches)
-    rows = (row for table in tables for row in arrow_rows(table, collate.video_shape))
+    rows = (row for table in tables for row in arrow_rows(table, collate.video_shape, collate.store, fill=True))
     shuffled = shuffle_buffer_order(rows, shuffle_size(train, batch_size), train_shuffle_seed(train, epoch, rank))
     batches = (collate.stack(rows) for rows in _in_batches(shuffled, batch_size, drop_last=True))
     return prefetch_in_thread(batches, train.prefetch_batches)
@@ -290,7 +370,9 @@ def val_batches(val, *, batch_size: int, rank: int, world_size: int, prefetch_ba
     """
     tables = rank_val_tables(val, batch_size=batch_size, rank=rank, world_size=world_size, prefetch_batches=prefetch_batches)
     for table in tables:
-        yield collate.stack(list(arrow_rows(table, collate.video_shape)))
+        rows = list(arrow_rows(table, collate.video_shape, collate.store))
+        if rows:  # a batch whose every clip was rejected: nothing to evaluate
+            yield collate.stack(rows)
 
 
 def val_rows_of_rank(val_videos: int, batch_size: int, rank: int, world_size: int) -> int:

@@ -65,6 +65,8 @@ def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -
     return ClipShape(
         list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size,
         decoder=info.raw.get("decoder") or "pyav",
+        store=info.store,
+        clip_bytes=info.clip_bytes,
     )
 
 

@@ -26,12 +26,16 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from vidray.config import TrainSettings
+from vidray.config import StoreName, TrainSettings
 from vidray.errors import UserError
 from vidray.train.batches import (
     BatchBuffers,
+    Row,
     VideoBatchCollate,
+    arrow_rows,
     arrow_videos,
+    decode_rows_into,
+    prefetch_in_thread,
     rank_val_tables,
     shuffle_buffer_order,
     shuffle_size,
@@ -119,6 +123,49 @@ def _copy_tables_to(tables: Iterable[pa.Table], video_shape: tuple[int, ...], de
 
 
 @dataclass
+class StoredClips:
+    """A compressed store's clips back to back in host memory (the rows :func:`arrow_rows` gives, a
+    damaged blob treated as on the host path), each decoded on the CPU when a batch needs it."""
+
+    data: np.ndarray  # uint8: every blob, back to back
+    offsets: np.ndarray  # int64 [n + 1]: clip i is data[offsets[i]:offsets[i + 1]]
+    video_shape: tuple[int, ...]
+    store: StoreName
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.offsets.nbytes
+
+    @classmethod
+    def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName, fill: bool):
+        """(the clips of ``tables``, their labels int64 [n], rows kept per table), one copy of each blob
+        (``fill``: a damaged clip's place taken as :func:`vidray.train.batches.intact_rows` says)."""
+        parts: list[np.ndarray] = []
+        lengths: list[int] = []
+        labels: list[int] = []
+        sizes: list[int] = []
+        for table in tables:
+            rows = list(arrow_rows(table, video_shape, store, fill))
+            if rows:
+                parts.append(np.concatenate([row.videos for row in rows]))  # this table's blobs: it can go
+            lengths.extend(len(row.videos) for row in rows)
+            labels.extend(row.label for row in rows)
+            sizes.append(len(rows))
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        return cls(data, offsets, tuple(video_shape), store), torch.tensor(labels, dtype=torch.int64), sizes
+
+    def decode_into(self, out: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """Clips ``positions`` decoded into ``out`` (uint8 [len(positions), *video_shape])."""
+        rows = [Row(self.data[self.offsets[p] : self.offsets[p + 1]], 0, 0, f"at cache row {p}") for p in positions]
+        decode_rows_into(out.numpy(), rows, self.store)
+        return out
+
+
+@dataclass
 class DeviceCache:
     """One worker's train shard and val share as uint8 tensors on its device; every batch by indexing.
 
@@ -127,19 +174,31 @@ class DeviceCache:
     the ``i``-th row they see; :meth:`train_batches` runs the shared shuffle buffer
     over row positions. Train batches are gathered into fresh tensors (on CPU, into
     a ring of reused ones: :class:`BatchBuffers`); val batches are views.
+
+    A compressed store (``jpeg``) is held as its compressed bytes in host memory
+    (:class:`StoredClips`: 8x or more clips per GiB) and each batch decoded on the CPU,
+    in a background thread ahead of the step, into host batch tensors (pinned for a
+    GPU) that the epoch loop moves to the device: the same batches, decoded.
     """
 
-    train_videos: torch.Tensor
+    train_videos: torch.Tensor | StoredClips
     train_labels: torch.Tensor
-    val_videos: torch.Tensor
+    val_videos: torch.Tensor | StoredClips
     val_labels: torch.Tensor
     val_batch_sizes: list[int]
     load_seconds: float = 0.0
+    pin_memory: bool = False  # decoded batches in pinned memory (a compressed store, training on a GPU)
     _buffers: BatchBuffers | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.train_videos, self.train_labels, self.val_videos, self.val_labels))
+        parts = (self.train_videos, self.train_labels, self.val_videos, self.val_labels)
+        return sum(t.nbytes if isinstance(t, StoredClips) else t.numel() * t.element_size() for t in parts)
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(train, val) videos held."""
+        return len(self.train_labels), len(self.val_labels)
 
     @classmethod
     def load(
@@ -155,24 +214,38 @@ class DeviceCache:
         train_rows: int,
         val_rows: int,
         prefetch_batches: int = 2,
+        store: StoreName = "raw",
     ) -> "DeviceCache":
-        """Copy the shard (about ``train_rows`` videos) and this rank's val batches (``val_rows``) to ``device``."""
+        """Copy the shard (about ``train_rows`` videos) and this rank's val batches (``val_rows``) to
+        ``device`` (a compressed ``store``: its bytes to host memory)."""
         started = time.perf_counter()
         tables = train_shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches)
-        train_videos, train_labels, _ = _copy_tables_to(tables, video_shape, device, train_rows)
         val_tables = (
             rank_val_tables(val, batch_size=batch_size, rank=rank, world_size=world_size, prefetch_batches=prefetch_batches)
             if val is not None
             else ()  # pretraining: no val split
         )
+        if store != "raw":
+            train_clips, train_labels, _ = StoredClips.gather(tables, video_shape, store, fill=True)
+            val_clips, val_labels, val_sizes = StoredClips.gather(val_tables, video_shape, store, fill=False)
+            val_sizes = [n for n in val_sizes if n]  # as val_batches skips a batch whose every clip was rejected
+            seconds = time.perf_counter() - started
+            return cls(train_clips, train_labels, val_clips, val_labels, val_sizes, seconds, pin_memory=device.type == "cuda")
+        train_videos, train_labels, _ = _copy_tables_to(tables, video_shape, device, train_rows)
         val_videos, val_labels, val_sizes = _copy_tables_to(val_tables, video_shape, device, val_rows)
         return cls(train_videos, train_labels, val_videos, val_labels, val_sizes, time.perf_counter() - started)
 
     def train_batches(self, *, batch_size: int, train: TrainSettings, epoch: int, rank: int) -> Iterator[dict]:
         """The same micro-batches, in the same order, as :func:`train_batches` over the shard this was loaded from."""
-        rows = self.train_videos.shape[0]
+        rows = len(self.train_labels)
         order = shuffle_buffer_order(range(rows), shuffle_size(train, batch_size), train_shuffle_seed(train, epoch, rank))
         positions = torch.from_numpy(np.fromiter(order, dtype=np.int64, count=rows))
+        if isinstance(self.train_videos, StoredClips):
+            return self._decoded_batches(self.train_videos, self.train_labels, positions, batch_size, train.prefetch_batches)
+        return self._indexed_batches(positions, batch_size)
+
+    def _indexed_batches(self, positions: torch.Tensor, batch_size: int) -> Iterator[dict]:
+        rows = len(positions)
         device = self.train_videos.device
         if device.type == "cuda":
             positions = positions.pin_memory().to(device, non_blocking=True)  # one transfer an epoch
@@ -186,8 +259,30 @@ class DeviceCache:
                 videos = torch.index_select(self.train_videos, 0, index, out=self._buffers.get(batch_size))
             yield {"video": videos, "label": self.train_labels.index_select(0, index)}
 
+    def _decoded_batches(self, clips: StoredClips, labels: torch.Tensor, positions: torch.Tensor, batch_size: int,
+                         prefetch: int, sizes: list[int] | None = None) -> Iterator[dict]:  # fmt: skip
+        """Batches of ``clips[positions]`` (``sizes`` rows each, default ``batch_size`` each, last partial
+        one dropped), decoded in a background thread ``prefetch`` batches ahead."""
+        buffers = BatchBuffers((batch_size, *clips.video_shape), torch.uint8, pin_memory=self.pin_memory, depth=prefetch + 4)
+        sizes = sizes if sizes is not None else [batch_size] * (len(positions) // batch_size)
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+        def decoded() -> Iterator[dict]:
+            for start, size in zip(starts, sizes):
+                index = positions[start : start + size]
+                yield {"video": clips.decode_into(buffers.get(size), index.numpy()), "label": labels[index]}
+
+        return prefetch_in_thread(decoded(), prefetch)
+
     def val_batches(self) -> Iterator[dict]:
         """This rank's val batches, as :func:`val_batches` gives them."""
+        if isinstance(self.val_videos, StoredClips):
+            positions = torch.arange(len(self.val_labels))
+            size = max(self.val_batch_sizes, default=1)
+            return self._decoded_batches(self.val_videos, self.val_labels, positions, size, 2, self.val_batch_sizes)
+        return self._val_views()
+
+    def _val_views(self) -> Iterator[dict]:
         start = 0
         for size in self.val_batch_sizes:
             yield {"video": self.val_videos[start : start + size], "label": self.val_labels[start : start + size]}
@@ -255,11 +350,15 @@ def open_worker_data(
     local_world_size: int = 1,
     train_shard=None,
     val=None,
+    store: StoreName = "raw",
+    clip_bytes: int = 0,
 ) -> WorkerData:
     """This worker's batches: from its device (copied there now) or from Ray Data, per ``train.cache_dataset``.
 
     ``train_shard`` / ``val`` default to Ray Train's dataset shards of this worker; with
     ``val_videos=0`` there is no val split (pretraining, vidray/pretrain/task.py).
+    ``store``: how the shards store the clips (vidray/data/store.py); ``clip_bytes``: a stored
+    clip's mean size (0: a raw one's). A compressed store's cache lives in host memory.
     """
     import ray.train  # here, not at the top: benchmarks/gpu_check.py imports this module without Ray
 
@@ -269,15 +368,16 @@ def open_worker_data(
     # Batches alive at once on the host: the prefetch queue, the one being built, the loop's
     # look-ahead and the one in the step.
     collate = VideoBatchCollate(
-        video_shape, pin_memory=device.type == "cuda", batch_size=batch_size, depth=train.prefetch_batches + 4
+        video_shape, pin_memory=device.type == "cuda", batch_size=batch_size, depth=train.prefetch_batches + 4, store=store
     )
     data = WorkerData(train, batch_size, rank, world_size, train_shard, val, collate)
     train_rows = train_videos // world_size
     val_rows = val_rows_of_rank(val_videos, batch_size, rank, world_size)
-    shard_bytes = int(np.prod(video_shape)) * (train_rows + val_rows)
+    shard_bytes = (clip_bytes or int(np.prod(video_shape))) * (train_rows + val_rows)
+    cache_device = device if store == "raw" else torch.device("cpu")
     # Every rank takes the same path: the split coordinator of the Ray Data shards starts an epoch
     # only when every shard starts it, so one rank left iterating them would wait for ever.
-    if _on_every_rank(should_cache_on_device(train, shard_bytes, device, local_world_size)):
+    if _on_every_rank(should_cache_on_device(train, shard_bytes, cache_device, local_world_size)):
         data.cache = DeviceCache.load(
             train_shard,
             val,
@@ -289,5 +389,6 @@ def open_worker_data(
             train_rows=train_rows,
             val_rows=val_rows,
             prefetch_batches=train.prefetch_batches,
+            store=store,
         )
     return data

@@ -176,11 +176,13 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
         rank=rank,
         world_size=world_size,
         local_world_size=context.get_local_world_size(),
+        store=shape.store,
+        clip_bytes=shape.clip_bytes,
     )
     if rank == 0 and data.cache is not None:
         cache = data.cache
-        held = cache.train_videos.shape[0]
-        videos = f"{held} train + {cache.val_videos.shape[0]} val videos" if val_videos else f"{held} videos"
+        held, val_held = cache.rows
+        videos = f"{held} train + {val_held} val videos" if val_videos else f"{held} videos"
         logger.info(
             "%s: every worker holds its shard on its %s (%s on rank 0, %.2f GiB, copied in %.1f s)",
             task.log_prefix, device.type, videos, cache.nbytes / 2**30, cache.load_seconds,

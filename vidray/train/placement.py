@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import ray
 import ray.train
 from ray.data import DataContext, ExecutionOptions
@@ -50,7 +49,7 @@ def should_cache_dataset(train: TrainSettings, info: DatasetInfo, splits: Sequen
         return train.cache_dataset == "always"
     if not ray.is_initialized():
         return False
-    stored_bytes = int(np.prod(info.video_shape)) * sum(info.split_counts.get(s, 0) for s in splits)
+    stored_bytes = info.clip_bytes * sum(info.split_counts.get(s, 0) for s in splits)
     object_store = ray.cluster_resources().get("object_store_memory", 0)
     return stored_bytes <= CACHE_OBJECT_STORE_FRACTION * object_store
 

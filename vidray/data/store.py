@@ -1,0 +1,102 @@
+"""How a clip's frames are stored in a shard's ``video`` blob (``data.store``), and read back.
+
+* ``raw`` - the uint8 frames, C-order ``[stored_frames, S, S, 3]``: exact, 1.57 MB per
+  32x128² clip. Training reads it without a copy (vidray/train/batches.py).
+* ``jpeg`` - each frame a baseline JPEG (libjpeg-turbo through Pillow, 4:2:0 chroma)
+  at ``data.jpeg_quality``, in one container per clip::
+
+      b"VJPG" | frames: uint32 | crc32 of the JPEG bytes: uint32 | frames + 1 offsets: uint32 | JPEG bytes
+
+  all little-endian; frame ``i`` is ``jpegs[offsets[i]:offsets[i + 1]]``, so a reader can
+  decode only the frames it samples. 8-13x smaller than raw at quality 90-75 (35-33 dB on
+  real footage); measured in docs/benchmarks.md ("Stored format").
+
+The checksum lets every reader reject a damaged blob (:func:`check_blob`) in microseconds,
+before decoding and identically on every path, so the host and device paths drop the same
+rows. Pillow's decode releases the GIL: the producer thread that decodes overlaps the step.
+(simplejpeg decodes the same bytes bit for bit about 1.4x faster, but is not a dependency.)
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from vidray.config import StoreName
+
+JPEG_MAGIC = b"VJPG"
+_HEADER = struct.Struct("<4sII")  # magic, frames, crc32
+
+
+class StoredClipError(ValueError):
+    """A stored clip that cannot be read back: its reason, one line."""
+
+
+def encode_clip(frames: np.ndarray, store: StoreName, quality: int) -> bytes:
+    """The ``video`` blob of uint8 ``frames`` ``[T, S, S, 3]`` in ``store``."""
+    if store == "raw":
+        return frames.tobytes()
+    jpegs = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+        jpegs.append(buffer.getvalue())
+    offsets = np.concatenate([[0], np.cumsum([len(j) for j in jpegs])]).astype("<u4")
+    payload = b"".join(jpegs)
+    return _HEADER.pack(JPEG_MAGIC, len(jpegs), zlib.crc32(payload)) + offsets.tobytes() + payload
+
+
+def _jpeg_offsets(blob, frames: int | None) -> tuple[np.ndarray, int]:
+    """(offsets of the frames' JPEGs, where the JPEG bytes start) of a container, checked
+    (and that it holds ``frames`` frames, unless None)."""
+    if len(blob) < _HEADER.size:
+        raise StoredClipError(f"jpeg clip of {len(blob)} bytes is shorter than its header")
+    magic, count, _ = _HEADER.unpack_from(blob)
+    if magic != JPEG_MAGIC:
+        raise StoredClipError(f"not a vidray jpeg clip (starts with {bytes(magic)!r})")
+    if frames is not None and count != frames:
+        raise StoredClipError(f"jpeg clip holds {count} frames, the dataset stores {frames}")
+    start = _HEADER.size + 4 * (count + 1)
+    offsets = np.frombuffer(blob, "<u4", count + 1, _HEADER.size) if len(blob) >= start else np.zeros(0, "<u4")
+    if len(offsets) != count + 1 or offsets[0] != 0 or (np.diff(offsets.astype(np.int64)) <= 0).any() or start + int(offsets[-1]) != len(blob):
+        raise StoredClipError(f"jpeg clip's frame offsets do not match its {len(blob)} bytes (truncated or damaged)")
+    return offsets, start
+
+
+def check_blob(blob, store: StoreName, video_shape: tuple[int, ...]) -> None:
+    """Raise :class:`StoredClipError` when ``blob`` is not an intact clip of ``video_shape`` in ``store``."""
+    if store == "raw":
+        expected = int(np.prod(video_shape))
+        if len(blob) != expected:
+            raise StoredClipError(f"raw clip of {len(blob)} bytes, the dataset stores {expected} ({video_shape})")
+        return
+    offsets, start = _jpeg_offsets(blob, video_shape[0])
+    crc = _HEADER.unpack_from(blob)[2]
+    if zlib.crc32(memoryview(blob)[start:]) != crc:
+        raise StoredClipError("jpeg clip fails its checksum (damaged bytes)")
+
+
+def decode_frames_into(blob, store: StoreName, out: np.ndarray, frames=None) -> None:
+    """Decode stored frames ``frames`` (default: all) of ``blob`` into uint8 ``out`` ``[len(frames), S, S, 3]``.
+
+    Assumes :func:`check_blob` passed; a frame the JPEG decoder still refuses raises :class:`StoredClipError`.
+    """
+    if store == "raw":
+        video = np.frombuffer(blob, np.uint8).reshape(-1, *out.shape[1:])
+        out[...] = video if frames is None else video[frames]
+        return
+    offsets, start = _jpeg_offsets(blob, out.shape[0] if frames is None else None)
+    view = memoryview(blob)
+    for i, f in enumerate(range(out.shape[0]) if frames is None else frames):
+        jpeg = view[start + int(offsets[f]) : start + int(offsets[f + 1])]
+        try:
+            # frombytes runs libjpeg-turbo on the bytes directly: Image.open would first parse the
+            # markers in Python, a third of the time of a 128² frame (docs/benchmarks.md).
+            image = Image.frombytes("RGB", (out.shape[2], out.shape[1]), jpeg, "jpeg", "RGB", "")
+        except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for a broken JPEG stream
+            raise StoredClipError(f"frame {f} does not decode: {err}") from None
+        out[i] = np.asarray(image)
