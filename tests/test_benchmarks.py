@@ -40,13 +40,13 @@ def cache(tmp_path_factory) -> Path:
 
 def test_frames_to_decode_counts_from_the_keyframe_before_each_sample():
     bench = _load("preprocess")
-    # 100 frames, 4 samples at 12, 37, 62, 87.
+    # 100 frames, 4 samples at 0, 25, 50, 75 (segment starts).
     # One keyframe: decode once from 0 through the last sample.
-    assert bench.frames_to_decode(100, [0], 4) == 88
-    # Keyframes at 0 and 50: 0..12, 13..37, then seek: 50..62, 63..87.
-    assert bench.frames_to_decode(100, [0, 50], 4) == 13 + 25 + 13 + 25
+    assert bench.frames_to_decode(100, [0], 4) == 76
+    # Keyframes at 0 and 50: 0..0, 1..25, then seek: 50..50, 51..75.
+    assert bench.frames_to_decode(100, [0, 50], 4) == 1 + 25 + 1 + 25
     # A keyframe shortly before every sample: only keyframe..sample each time.
-    assert bench.frames_to_decode(100, [10, 35, 60, 85], 4) == 4 * 3
+    assert bench.frames_to_decode(100, [0, 23, 48, 73], 4) == 1 + 3 * 3
 
 
 def test_device_peak_table_matches_specific_names_first():
