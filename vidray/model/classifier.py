@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+from transformers import VideoMAEConfig
+
+if TYPE_CHECKING:
+    from transformers import VideoMAEForVideoClassification
 
 from vidray.compat import move_position_table_with_model, sinusoid_encoding_table
 from vidray.config import ModelSettings
@@ -130,6 +133,11 @@ def build_model(model_cfg: ModelSettings, classes: list[str], frames: int, size:
     unless the checkpoint was trained on exactly these class names.
     ``init=scratch`` builds a random model of ``model_cfg.size``.
     """
+    # Here, not at the top: VideoMAE's modeling code takes seconds to import (1.4 s of a 2-core box), and
+    # the processes that only check configs (vidray tune's driver, each Tune trial, each Ray Train
+    # controller of a sweep) import this module without ever building a model.
+    from transformers import VideoMAEForVideoClassification
+
     common = dict(
         num_frames=frames,
         image_size=size,
@@ -206,6 +214,8 @@ def load_model(model_dir: str) -> VideoMAEForVideoClassification:
     ``transformers.pipeline``); its weights are plain VideoMAE and load here
     into the stock class.
     """
+    from transformers import VideoMAEForVideoClassification  # seconds to import: see build_model
+
     config = json.loads((Path(model_dir) / "config.json").read_text())
     if config.get("model_type") == CUSTOM_MODEL_TYPE:
         for key in ("model_type", "auto_map", "architectures"):

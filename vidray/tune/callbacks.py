@@ -1,8 +1,15 @@
-"""What the sweep's driver shows and logs as trials report: one console line per trial per epoch, and W&B."""
+"""What the sweep's driver shows and logs as trials report: one console line per trial per epoch, and W&B;
+and the Ray Train callback each trial's metrics reach Tune through.
+
+Kept free of vidray.tune.sweep's imports: each trial's Ray Train controller unpickles ReportToTune, so
+this module is all of vidray a controller imports for it (not the model code the sweep driver checks
+configs with, seconds per process to import).
+"""
 
 from __future__ import annotations
 
 import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from vidray.config import VidrayConfig
 from vidray.train.metrics import EPOCHS_DONE
@@ -30,6 +37,14 @@ class EpochLines(ray.tune.Callback):
             + (f" | {speed:.1f} clips/s" if speed else ""),
             flush=True,
         )
+
+
+class ReportToTune(TuneReportCallback):
+    """Ray Train -> Tune, adding :data:`EPOCHS_DONE` so ASHA and the curves count epochs, not reports."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        metrics = [{**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def wandb_callbacks(cfg: VidrayConfig) -> list:

@@ -33,8 +33,8 @@ Train continues from that run's latest checkpoint instead of epoch 0).
 The sweep writes; it does not report. :func:`run_sweep` returns a :class:`SweepOutcome`, and
 ``vidray tune`` (vidray/cli.py) hands it to the report stage (results table, figures, best model).
 Here: the trial, the Train->Tune hand-over it waits on, and the run. The param space is
-space.py, ASHA and the metric scheduler.py, the console and W&B callbacks.py, the sweep's
-folder experiment.py, the local cluster local_ray.py.
+space.py, ASHA and the metric scheduler.py, the callbacks (console, W&B, Train->Tune) callbacks.py,
+the sweep's folder experiment.py, the local cluster local_ray.py.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ from typing import Any
 import ray
 import ray.data
 import ray.tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from vidray.compat import train_to_tune_report_queues
 from vidray.cluster import (
@@ -64,10 +63,9 @@ from vidray.data.prepare import prepare_dataset
 from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri
 from vidray.train.driver import build_trainer, check_dataset, make_run_config
-from vidray.train.metrics import EPOCHS_DONE
 from vidray.train.placement import ingest_cpus
 from vidray.train.runs import SWEEP_CONFIG_FILE, console_settings, mark_run, open_run, write_json
-from vidray.tune.callbacks import EpochLines, wandb_callbacks
+from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
 from vidray.tune.local_ray import local_cluster_kwargs
 from vidray.tune.scheduler import build_trial_scheduler, check_sweep_config
@@ -80,14 +78,6 @@ from vidray.tune.space import build_param_space, trial_config
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 TRAIN_RUNS_DIR = "train_runs"
-
-
-class ReportToTune(TuneReportCallback):
-    """Ray Train -> Tune, adding :data:`EPOCHS_DONE` so ASHA and the curves count epochs, not reports."""
-
-    def after_report(self, run_context, metrics, checkpoint):
-        metrics = [{**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}, *metrics[1:]]
-        super().after_report(run_context, metrics, checkpoint)
 
 
 def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, train_runs: str) -> None:
