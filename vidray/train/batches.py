@@ -293,7 +293,7 @@ def with_frame_index(batch: dict[str, torch.Tensor], frames: np.ndarray | None, 
     """``batch`` with, when only ``frames`` of each clip were decoded, ``"frame_index"``: which (int64
     ``[B, k]``; the step checks it samples those: vidray.train.augment.check_decoded_frames); pinned with its labels."""
     if frames is not None:
-        batch["frame_index"] = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.int64))
+        batch["frame_index"] = torch.from_numpy(np.array(frames, dtype=np.int64))  # a copy: frames may be a broadcast view
     return {key: value.pin_memory() if pin_memory and key != "video" else value for key, value in batch.items()}
 
 
