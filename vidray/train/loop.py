@@ -11,7 +11,9 @@ classifier (vidray/train/finetune.py) or masked-autoencoder pretraining
   run reproduces the uninterrupted one exactly;
 * DDP, AdamW and the schedule (vidray/train/optim.py), torch.compile when ``train.compile``;
 * the data (vidray/train/ingest.py: each worker's shard on its device, in the
-  object store, or streamed);
+  object store, or streamed); from a compressed store, each epoch's batches decode only
+  the frames the steps will sample (:func:`frame_sampler`, which replays :func:`draw_step`
+  ahead on copies of the augmentation streams);
 * per epoch: the step loop (:func:`vidray.train.epoch.run_epoch`: accumulation,
   clipping, telemetry, no host sync per step on CUDA), the task's validation,
   one collective that gathers every rank's sums and states, the task's metrics,
