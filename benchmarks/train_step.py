@@ -29,6 +29,16 @@ in a fresh Python process:
                    fits): batches by a seeded permutation on the device. The copy
                    happens before the first step; it is reported as ``device_load_s``.
 
+Stores (``--stores``): the same synthetic clips as raw uint8 or in the ``jpeg`` store
+(vidray/data/store.py), each measured with every method. From ``jpeg`` the batch builder
+decodes only the stored frames each step samples, drawn ahead exactly as the training loop
+draws them (``vidray.train.loop.frame_sampler``); ``jpeg_all_frames`` is the same dataset
+decoded whole (every stored frame of a clip), side by side. Per store: ``bytes_per_clip``
+and ``decode`` (this process decoding the split's sampled frames, clips per CPU second:
+per core); per run, besides clips/s over the run and within an epoch,
+``clips_per_process_cpu_s``: clips over the CPU seconds of the worker's process (its
+batch thread included) in the timed window.
+
 How steady state is measured: the worker times every step itself (its own
 loop, calling the vidray functions above, so the timing needs nothing from
 ``train.py``). The first ``--warmup`` steps (worker start-up, model build, the
@@ -88,6 +98,8 @@ CLASSES = [f"class{i}" for i in range(12)]  # COIN's 12 domains
 # <method>_device: each worker's shard copied once into its device's memory (train.cache_dataset: device).
 RAY_METHODS = ("raytrain", "ingest", "raytrain_cached", "ingest_cached", "raytrain_device", "ingest_device")
 INGEST_METHODS = ("ingest", "ingest_cached", "ingest_device")
+# --stores: the jpeg store decoding every stored frame of a clip (no frame sampler), side by side with "jpeg".
+ALL_FRAMES = "jpeg_all_frames"
 # The train.cache_dataset a Ray method's worker runs with, by its suffix.
 PLACEMENTS = {"": "never", "_cached": "always", "_device": "device"}
 
@@ -155,13 +167,38 @@ def build_dataset(
     return out
 
 
+def decode_rate(dataset: Path, frames: int, sampled: bool = True, passes: int = 2) -> dict[str, Any]:
+    """Decode clips/s per core of the dataset's train clips: the stored frames a step samples (every
+    ``stored / frames``-th: the jitter's offset 0; not ``sampled``: every stored frame), into one reused
+    clip as the batch builder decodes them (vidray/train/batches.py), over this thread's CPU time;
+    ``passes`` over the split."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from vidray.data.dataset import read_dataset_info
+    from vidray.data.store import decode_frames_into
+    from vidray.model.transforms import eval_stored_frames
+
+    info = read_dataset_info(str(dataset))
+    blobs = pq.read_table(os.path.join(dataset, "train"), columns=["video"]).column("video").to_pylist()
+    sampled = eval_stored_frames(info.stored_frames, frames) if sampled else np.arange(info.stored_frames)
+    out = np.empty(info.video_shape, np.uint8)
+    started = time.thread_time()
+    for _ in range(passes):
+        for blob in blobs:
+            decode_frames_into(blob, info.store, out, sampled, in_place=True)
+    cpu = time.thread_time() - started
+    return {"decode_clips_per_cpu_s": round(passes * len(blobs) / cpu, 1), "decoded_frames_per_clip": len(sampled)}
+
+
 # --------------------------------------------------------------------------- the step (shared)
 
 
-def make_step(model_size: str, frames: int, size: int, device_name: str, compile: bool = False):
+def make_step(model_size: str, frames: int, size: int, device_name: str, compile: bool = False, generators=None):
     """(augment(videos_uint8, labels), step(pixels, targets) -> loss, model, device); everything from
     vidray, set up the way a training worker sets it up (vidray/train/loop.py): weights and position table
-    on the device, augmentation generators on the device, TF32, fused AdamW on CUDA, optionally compiled."""
+    on the device, augmentation generators on the device (``generators``, else new ones; seeded here),
+    TF32, fused AdamW on CUDA, optionally compiled."""
     import torch
 
     from vidray.train import augment
@@ -178,7 +215,7 @@ def make_step(model_size: str, frames: int, size: int, device_name: str, compile
     forward = compile_model(model) if compile else model
     train_cfg = TrainSettings()
     optimizer = build_optimizer(model, train_cfg, device)
-    generators = AugmentGenerators.for_device(device)
+    generators = generators or AugmentGenerators.for_device(device)
     seed_everything(0, generators.host, generators.device)
 
     def augment_batch(videos, labels):
@@ -224,6 +261,7 @@ class StepTimer:
         self.steps: list[tuple[float, float, float, bool]] = []  # data, augment, model, first of its epoch
         self.window_start: float | None = None
         self.window_end = 0.0
+        self.cpu_start = self.cpu_end = 0.0  # this process's CPU seconds (all its threads) at the window's ends
 
     def run(self, batches, augment_batch, model_step, total_steps: int) -> bool:
         """Consume ``batches`` (one epoch of (videos, labels) on the host) until total_steps; True when done."""
@@ -232,7 +270,7 @@ class StepTimer:
         while len(self.steps) < total_steps:
             t0 = time.perf_counter()
             if len(self.steps) == self.warmup and self.window_start is None:
-                self.window_start = t0
+                self.window_start, self.cpu_start = t0, time.process_time()
             try:
                 videos, labels = next(iterator)
             except StopIteration:
@@ -246,7 +284,7 @@ class StepTimer:
             model_step(pixels, targets).item()  # .item() waits for the device
             t3 = time.perf_counter()
             self.steps.append((t1 - t0, t2 - t1, t3 - t2, first_of_epoch))
-            self.window_end = t3
+            self.window_end, self.cpu_end = t3, time.process_time()
             first_of_epoch = False
         return True
 
@@ -265,6 +303,8 @@ class StepTimer:
             "warmup_steps": self.warmup,
             "wall_s": round(wall, 4),
             "clips_per_s": round(len(timed) * batch / wall, 4),
+            # Per core: the clips over the CPU seconds this process (the worker: its batch thread included) spent.
+            "clips_per_process_cpu_s": round(len(timed) * batch / max(self.cpu_end - self.cpu_start, 1e-9), 4),
             "step_s": round(wall / len(timed), 5),
             "data_s_per_step": round(data / len(timed), 5),
             "augment_s_per_step": round(aug / len(timed), 5),
@@ -317,12 +357,18 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from vidray.config import TrainSettings
+    from vidray.config import TrainSettings, VidrayConfig
+    from vidray.data.dataset import ClipShape
+    from vidray.train.finetune import FineTuning
     from vidray.train.ingest import open_worker_data
+    from vidray.train.loop import WorkerSetup, frame_sampler
+    from vidray.train.rng import AugmentGenerators, seed_everything
 
     args = argparse.Namespace(**config["args"])
     train_cfg = TrainSettings(cache_dataset=placement_of(args.worker))
     device = ray.train.torch.get_device()
+    generators = AugmentGenerators.for_device(device)
+    seed_everything(0, generators.host, generators.device)
     if config["ingest_only"]:
         # The data path alone: how many clips/s it can hand a model that costs nothing.
         def augment_batch(videos, labels):
@@ -331,7 +377,12 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
         def model_step(pixels, targets):
             return pixels.flatten()[:1].float().sum()
     else:
-        augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, str(device), args.compile)
+        augment_batch, model_step, _, device = make_step(args.model, args.frames, args.size, str(device), args.compile, generators)
+    # A compressed store decodes only the frames each step samples, drawn ahead as the training loop draws
+    # them (vidray.train.loop.frame_sampler; the ingest-only run draws them too, and uses nothing else).
+    stored_frames, stored_size = config["video_shape"][:2]
+    shape = ClipShape(CLASSES, args.frames, args.size, stored_frames, stored_size, store=config["store"])
+    task = FineTuning(WorkerSetup(VidrayConfig(train=train_cfg), shape, device))
     # vidray's own data path, as the training worker opens it.
     data = open_worker_data(
         train_cfg,
@@ -353,7 +404,8 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
     total = args.warmup + args.steps
     epoch = 0
     while len(timer.steps) < total:
-        batches = data.train_batches(epoch)
+        sampler = frame_sampler(task, generators, shape, train_cfg) if shape.store != "raw" and not args.all_frames else None
+        batches = data.train_batches(epoch, sampler)
         timer.run(((b["video"], b["label"]) for b in batches), augment_batch, model_step, total)
         epoch += 1
     # Train V2 keeps only metrics that come with a checkpoint; the driver is on this node, so a file will do.
@@ -542,8 +594,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--gemm-seconds", type=float, default=2.0, help="how long to time the matmul ceiling")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
-    parser.add_argument("--stores", nargs="+", default=["raw"], choices=["raw", "jpeg"],
-                        help="stored formats of the dataset (data.store), each measured with every method")  # fmt: skip
+    parser.add_argument("--stores", nargs="+", default=["raw"], choices=["raw", "jpeg", ALL_FRAMES],
+                        help="stored formats of the dataset (data.store), each measured with every method; "
+                             f"{ALL_FRAMES}: the jpeg store decoding every stored frame of a clip, as before the "
+                             "batch builder decoded only the sampled ones")  # fmt: skip
+    parser.add_argument("--all-frames", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=112, help=argparse.SUPPRESS)
@@ -590,19 +645,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs, runs = [], []
     for size, store in [(size, store) for size in args.sizes for store in args.stores]:
         stored_frames, stored_size = default_stored(args.frames, size, None, None)
-        suffix = "" if store == "raw" else f"-{store}"
+        data_store = "jpeg" if store == ALL_FRAMES else store
+        suffix = "" if data_store == "raw" else f"-{data_store}"
         dataset = args.cache / f"train-data-{args.videos}x{stored_frames}x{stored_size}{suffix}"
-        build_dataset(dataset, args.videos, max(args.batch, 8), stored_frames, stored_size, args.frames, size, store)
+        build_dataset(dataset, args.videos, max(args.batch, 8), stored_frames, stored_size, args.frames, size, data_store)
         for model in args.models:
             flops = count_flops(model, args.frames, size, args.batch)
-            configs.append({"model": model, "size": size, "store": store, "stored": [stored_frames, stored_size], "flops": flops})
+            decode = decode_rate(dataset, args.frames, sampled=store != ALL_FRAMES) if model == args.models[0] else configs[-1]["decode"]
+            configs.append({"model": model, "size": size, "store": store, "stored": [stored_frames, stored_size],
+                            "flops": flops, "decode": decode})  # fmt: skip
             for repeat in range(args.repeats):
                 shift = repeat % len(methods)
                 for method in methods[shift:] + methods[:shift]:
                     if method in INGEST_METHODS and model != args.models[0]:
                         continue  # the data path does not depend on the model: once per input size
                     load_before = loadavg()
-                    common = {"model": model, "size": size, "dataset": dataset}
+                    common = {"model": model, "size": size, "dataset": dataset, "all-frames": int(store == ALL_FRAMES)}
                     if method.startswith("plain_"):
                         threads = int(method.removeprefix("plain_").removesuffix("thr"))
                         result = sub("plain", threads=threads, **common)
@@ -621,6 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "load_before": load_before,
                         "load_after": loadavg(),
                         **result,
+                        "store": store,  # the dataset's is jpeg for ALL_FRAMES too
                         "achieved_tflops": None if achieved is None else round(achieved, 5),
                     }
                     rate = (gemm.get(str(result["torch_threads"])) or gemm.get("device") or {}).get("tflops")
@@ -642,8 +701,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method in methods:
             rows = [r for r in mine if r["method"] == method]
             entry[method] = {
-                k: median([r[k] for r in rows])
-                for k in ("clips_per_s", "step_s", "data_wait_share", "data_s_per_step", "augment_s_per_step",
+                k: median([r.get(k) for r in rows])
+                for k in ("clips_per_s", "clips_per_process_cpu_s", "step_s", "data_wait_share", "data_s_per_step", "augment_s_per_step",
                           "model_s_per_step", "within_epoch_clips_per_s", "within_epoch_data_wait_share",
                           "epoch_start_wait_s", "achieved_tflops", "fraction_of_gemm_rate", "mfu")
             }  # fmt: skip
@@ -661,18 +720,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if method in INGEST_METHODS and method != "ingest_cached" and "ingest_cached" in methods:
                 for field in ("clips_per_s", "within_epoch_clips_per_s"):
                     ratios[f"{method}_over_ingest_cached_{field}"] = per_repeat_ratio(mine, "method", method, "ingest_cached", field)
-        summary[key] = {"methods": entry, "ratios": ratios, "train_gflops_per_clip": round(config["flops"]["train_flops_per_clip"] / 1e9, 3)}
-    # Each compressed store against raw, method by method, within each repeat.
+        summary[key] = {"methods": entry, "ratios": ratios, "train_gflops_per_clip": round(config["flops"]["train_flops_per_clip"] / 1e9, 3),
+                        "decode": config["decode"]}  # fmt: skip
+    # Each compressed store against raw, and decoding the sampled frames against all, method by method, within each repeat.
     store_ratios: dict[str, Any] = {}
     for run in runs:
         run["method_store"] = f"{run['method']}/{run['store']}"
-    for store in (s for s in args.stores if s != "raw" and "raw" in args.stores):
+    pairs = [(s, "raw") for s in args.stores if s != "raw" and "raw" in args.stores]
+    pairs += [("jpeg", ALL_FRAMES)] if {"jpeg", ALL_FRAMES} <= set(args.stores) else []
+    for store, base in pairs:
         for size in args.sizes:
             same_size = [r for r in runs if r["size"] == size and r["model"] == args.models[0]]
-            store_ratios[f"{store}_over_raw@{size}"] = {
-                f"{method}_{field}": per_repeat_ratio(same_size, "method_store", f"{method}/{store}", f"{method}/raw", field)
+            store_ratios[f"{store}_over_{base}@{size}"] = {
+                f"{method}_{field}": per_repeat_ratio(same_size, "method_store", f"{method}/{store}", f"{method}/{base}", field)
                 for method in methods
-                for field in ("clips_per_s", "within_epoch_clips_per_s")
+                for field in ("clips_per_s", "within_epoch_clips_per_s", "clips_per_process_cpu_s")
             }
 
     result = {

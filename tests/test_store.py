@@ -33,6 +33,7 @@ from vidray.data.store import StoredClipError, check_blob, decode_frames_into, e
 from vidray.data.video import read_clip
 from vidray.config import TrainSettings
 from vidray.train.batches import train_batches, val_batches, val_rows_of_rank, VideoBatchCollate
+from vidray.train import augment
 from vidray.train.ingest import DeviceCache
 from vidray.train.placement import materialize_in_order
 
@@ -67,10 +68,14 @@ def test_round_trips_raw_exactly_and_jpeg_within_the_stated_psnr(real_clip):
         decode_frames_into(blob, "jpeg", out)
         assert psnr(out, real_clip) >= JPEG_MIN_PSNR_DB - (90 - quality) / 5, quality
         sizes[quality] = len(blob)
-        # Only the sampled frames, bit for bit what decoding every frame gives.
+        # Only the sampled frames, bit for bit what decoding every frame gives: packed, or in their places
+        # in a whole clip (what a training batch holds), the frames not sampled left as they were.
         some = np.empty((3, *real_clip.shape[1:]), np.uint8)
         decode_frames_into(blob, "jpeg", some, [1, 4, 7])
         assert np.array_equal(some, out[[1, 4, 7]])
+        whole = np.full_like(real_clip, 7)
+        decode_frames_into(blob, "jpeg", whole, np.array([1, 4, 7]), in_place=True)
+        assert np.array_equal(whole[[1, 4, 7]], out[[1, 4, 7]]) and (np.delete(whole, [1, 4, 7], axis=0) == 7).all()
         assert np.array_equal(videos_from_bytes([blob, blob], real_clip.shape, "jpeg")[1], out)
     assert sizes[75] < sizes[90] < len(raw) / 4
 
@@ -175,24 +180,37 @@ def stores(ray_cluster, tmp_path_factory) -> dict[str, tuple]:
 
 
 def _tensors(batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(b["video"].clone(), b["label"].clone()) for b in batches]
+    """(videos, labels) of each batch; of a batch that decoded only some frames, only those: [B, k, S, S, 3]."""
+    out = []
+    for b in batches:
+        videos = b["video"] if "frame_index" not in b else b["video"][torch.arange(len(b["video"]))[:, None], b["frame_index"]]
+        out.append((videos.clone(), b["label"].clone()))
+    return out
 
 
 def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
 
-def _paths(stored: tuple, train: TrainSettings, epoch: int) -> dict[str, list]:
+def _paths(stored: tuple, train: TrainSettings, epoch: int, sampler=lambda: None) -> dict[str, list]:
+    """{path: batches}; ``sampler()``: a fresh frame sampler for each path (None: every frame decoded)."""
     streamed, cached, val, store = stored
     collate = VideoBatchCollate(VIDEO_SHAPE, batch_size=BATCH, store=store)
     cache = DeviceCache.load(cached.iterator(), val.iterator(), video_shape=VIDEO_SHAPE, batch_size=BATCH, rank=0,
                              world_size=1, device=torch.device("cpu"), train_rows=TRAIN_VIDEOS, val_rows=VAL_VIDEOS,
                              store=store)  # fmt: skip
+    common = dict(batch_size=BATCH, train=train, epoch=epoch, rank=0)
     return {
-        "streamed": _tensors(train_batches(streamed.iterator(), batch_size=BATCH, train=train, epoch=epoch, rank=0, collate=collate)),
-        "cached": _tensors(train_batches(cached.iterator(), batch_size=BATCH, train=train, epoch=epoch, rank=0, collate=collate)),
-        "device": _tensors(cache.train_batches(batch_size=BATCH, train=train, epoch=epoch, rank=0)),
+        "streamed": _tensors(train_batches(streamed.iterator(), collate=collate, frames=sampler(), **common)),
+        "cached": _tensors(train_batches(cached.iterator(), collate=collate, frames=sampler(), **common)),
+        "device": _tensors(cache.train_batches(frames=sampler(), **common)),
     }
+
+
+def _frame_sampler(seed: int):
+    """What the training loop's sampler is to the batch builders: the step's frame draws, batch after batch."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda clips: augment.train_frame_indices(clips, VIDEO_SHAPE[0], 2, generator).numpy()
 
 
 def test_every_path_of_the_jpeg_store_gives_the_batches_of_raw_decoded_frames(stores):
@@ -204,6 +222,12 @@ def test_every_path_of_the_jpeg_store_gives_the_batches_of_raw_decoded_frames(st
         for name in ("streamed", "cached", "device"):
             assert _same(jpeg[name], raw["device"]), (epoch, name)
             assert _same(raw[name], raw["device"]), (epoch, name)
+        # Decoding only the frames each step samples: exactly those frames of the same batches.
+        sampled = _paths(stores["jpeg"], train, epoch, sampler=lambda: _frame_sampler(5))
+        draw = _frame_sampler(5)
+        expected = [(v[torch.arange(len(v))[:, None], torch.from_numpy(draw(len(v)))], l) for v, l in raw["device"]]
+        for name in ("streamed", "cached", "device"):
+            assert _same(sampled[name], expected), name
 
 
 def test_jpeg_val_covers_every_video_once_across_uneven_ranks(stores):
@@ -220,6 +244,12 @@ def test_jpeg_val_covers_every_video_once_across_uneven_ranks(stores):
                                          val_rows=val_rows_of_rank(VAL_VIDEOS, BATCH, rank, world), store=store)  # fmt: skip
                 assert _same(_tensors(cache.val_batches()), host), (name, world, rank)
                 seen += host
+                if name == "jpeg":  # decoding only the frames evaluation reads: those frames of the same batches
+                    some = np.array([0, 2])
+                    expected = [(v[:, some], l) for v, l in host]
+                    assert _same(_tensors(cache.val_batches(some)), expected), (world, rank)
+                    assert _same(_tensors(val_batches(val.iterator(), batch_size=BATCH, rank=rank, world_size=world,
+                                                      prefetch_batches=1, collate=collate, frames=some)), expected)  # fmt: skip
         assert _same(seen_jpeg, seen_raw) and sum(len(b[1]) for b in seen_raw) == VAL_VIDEOS
 
 
@@ -313,9 +343,19 @@ def runs(ray_cluster, start_checkpoint, tmp_path_factory) -> dict[str, dict]:
     for name, store, placement, kill in (("jpeg", "jpeg", "device", 1), ("raw", "raw-decoded", "always", None)):
         tmp = tmp_path_factory.mktemp(f"{name}_run")
         dataset = _convert(source, tmp / "data", store, sizes)
-        cfg = config_for(dataset, start_checkpoint, tmp / "runs", name, "train.epochs=2", f"train.cache_dataset={placement}")
+        # MixUp, CutMix and flips draw from the stream the frames are drawn from (one on CPU): the jpeg run's
+        # batch builder, which decodes only the sampled frames, must draw them ahead exactly as the steps do.
+        mixing = ("train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.hflip=true")
+        cfg = config_for(dataset, start_checkpoint, tmp / "runs", name, "train.epochs=2", f"train.cache_dataset={placement}", *mixing)
         outcomes[name] = run(cfg, tmp, kill_at_epoch=kill)
     return outcomes
+
+
+def test_a_batch_decoded_for_other_frames_than_its_step_samples_is_refused():
+    view = augment.draw_train_view(3, 8, 4, torch.Generator().manual_seed(0))
+    augment.check_decoded_frames(view, view.index.clone())
+    with pytest.raises(RuntimeError, match="not the frames its step samples"):
+        augment.check_decoded_frames(view, (view.index + 1) % 8)
 
 
 def test_training_from_jpeg_is_training_on_its_decoded_frames_and_resumes_bit_exactly(runs):

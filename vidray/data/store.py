@@ -80,18 +80,26 @@ def check_blob(blob, store: StoreName, video_shape: tuple[int, ...]) -> None:
         raise StoredClipError("jpeg clip fails its checksum (damaged bytes)")
 
 
-def decode_frames_into(blob, store: StoreName, out: np.ndarray, frames=None) -> None:
-    """Decode stored frames ``frames`` (default: all) of ``blob`` into uint8 ``out`` ``[len(frames), S, S, 3]``.
+def decode_frames_into(blob, store: StoreName, out: np.ndarray, frames=None, *, in_place: bool = False) -> None:
+    """Decode stored frames ``frames`` (default: all) of ``blob`` into uint8 ``out``: ``[len(frames), S, S, 3]``,
+    or with ``in_place`` the whole clip's ``[stored_frames, S, S, 3]``, stored frame ``f`` into ``out[f]``
+    (the others are left as they were: what a training step that samples ``frames`` reads).
 
     Assumes :func:`check_blob` passed; a frame the JPEG decoder still refuses raises :class:`StoredClipError`.
     """
     if store == "raw":
         video = np.frombuffer(blob, np.uint8).reshape(-1, *out.shape[1:])
-        out[...] = video if frames is None else video[frames]
+        if frames is None:
+            out[...] = video
+        elif in_place:
+            out[frames] = video[frames]
+        else:
+            out[...] = video[frames]
         return
-    offsets, start = _jpeg_offsets(blob, out.shape[0] if frames is None else None)
+    offsets, start = _jpeg_offsets(blob, out.shape[0] if frames is None or in_place else None)
     view = memoryview(blob)
     for i, f in enumerate(range(out.shape[0]) if frames is None else frames):
+        f = int(f)
         jpeg = view[start + int(offsets[f]) : start + int(offsets[f + 1])]
         try:
             # frombytes runs libjpeg-turbo on the bytes directly: Image.open would first parse the
@@ -99,4 +107,4 @@ def decode_frames_into(blob, store: StoreName, out: np.ndarray, frames=None) -> 
             image = Image.frombytes("RGB", (out.shape[2], out.shape[1]), jpeg, "jpeg", "RGB", "")
         except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for a broken JPEG stream
             raise StoredClipError(f"frame {f} does not decode: {err}") from None
-        out[i] = np.asarray(image)
+        out[f if in_place else i] = np.asarray(image)

@@ -29,6 +29,12 @@ def eval_frame_indices(stored_frames: int, frames: int, clips: int = 1, device=N
     return index.clamp_(max=stored_frames - 1)
 
 
+def eval_stored_frames(stored_frames: int, frames: int, clips: int = 1):
+    """The stored frames any of :func:`eval_frame_indices`' clips reads, sorted (numpy int64): all a
+    compressed store decodes for evaluation."""
+    return eval_frame_indices(stored_frames, frames, clips).unique().numpy()
+
+
 def select_frames(videos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """videos ``[B, Ts, S, S, 3]``, index ``[B, T]`` -> ``[B, T, S, S, 3]``."""
     batch = torch.arange(videos.shape[0], device=videos.device)[:, None]

@@ -68,7 +68,10 @@ class Pretraining:
     def flops_per_clip(self, model: torch.nn.Module) -> float:
         return pretraining_flops_per_clip(model.config, self.pretrain.mask_ratio)
 
-    def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def draw(self, generator: torch.Generator, clips: int) -> None:
+        return None  # the masks come from their own stream, drawn in the step
+
+    def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch, drawn: None) -> torch.Tensor:
         """The reconstruction loss. Unlike fine-tuning's step, not free of host syncs on CUDA:
         VideoMAEForPreTraining selects visible and hidden tokens by boolean indexing."""
         mask = tube_mask(pixels.shape[0], self.grid, self.pretrain.mask_ratio, self.streams["mask_rng"].generator)

@@ -28,7 +28,7 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,10 @@ T = TypeVar("T")
 
 # Random draws of the shuffle buffer are taken from numpy this many at a time.
 _SHUFFLE_DRAWS = 1024
+
+# The stored frames each clip of the next training batch of ``n`` clips samples, ``[n, frames]``: called once
+# per batch, in order, by whoever builds the batches (vidray/train/loop.py: frame_sampler draws them ahead).
+FrameSampler = Callable[[int], np.ndarray]
 
 
 # ------------------------------------------------------------------ the shuffle every path shares
@@ -187,14 +191,18 @@ def intact_rows(
             owed = 0
 
 
-def decode_rows_into(out: np.ndarray, rows: list[Row], store: StoreName) -> None:
-    """Each row's clip into ``out[i]``: a copy (raw) or decoded (a compressed store)."""
+def decode_rows_into(out: np.ndarray, rows: list[Row], store: StoreName, frames: np.ndarray | None = None) -> None:
+    """Each row's clip into ``out[i]``: a copy (raw) or decoded (a compressed store); with ``frames``
+    (``[len(rows), k]``, a compressed store), only row ``i``'s stored frames ``frames[i]``, in their places."""
     for i, row in enumerate(rows):
         if store == "raw":
             out[i] = row.videos[row.index]
             continue
         try:
-            decode_frames_into(row.videos, store, out[i])
+            if frames is None:
+                decode_frames_into(row.videos, store, out[i])
+            else:
+                decode_frames_into(row.videos, store, out[i], frames[i], in_place=True)
         except StoredClipError as err:  # passed its checksum yet does not decode: made that way
             raise StoredClipError(f"stored clip of video {row.video_id}: {err}; re-run `vidray preprocess`") from None
 
@@ -234,7 +242,8 @@ class BatchBuffers:
 
 class VideoBatchCollate:
     """Rows -> ``{"video": uint8 [B, Ts, S, S, 3], "label": int64 [B]}`` with one host copy per video
-    (for a compressed ``store``: decoded straight into the batch tensor, in the thread that builds it).
+    (for a compressed ``store``: decoded straight into the batch tensor, in the thread that builds it;
+    given the frames a step samples, only those, and the batch says which: ``"frame_index"`` ``[B, k]``).
 
     ``pin_memory``: build batches in pinned memory (for a GPU); ``depth``: batches that
     may be alive at once on CPU (see :class:`BatchBuffers`).
@@ -254,12 +263,14 @@ class VideoBatchCollate:
         self.store = store
         self._buffers = BatchBuffers((batch_size, *self.video_shape), torch.uint8, pin_memory=pin_memory, depth=depth)
 
-    def stack(self, rows: list[Row]) -> dict[str, torch.Tensor]:
-        """Copy (or decode) each row's video straight from its Arrow buffer into the batch tensor."""
+    def stack(self, rows: list[Row], frames: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Copy (or decode) each row's video straight from its Arrow buffer into the batch tensor
+        (a compressed store given ``frames`` ``[len(rows), k]``: only those stored frames)."""
         videos = self._buffers.get(len(rows))
-        decode_rows_into(videos.numpy(), rows, self.store)
+        frames = frames if self.store != "raw" else None  # a raw copy is one memcpy a clip: nothing to save
+        decode_rows_into(videos.numpy(), rows, self.store, frames)
         labels = torch.tensor([row.label for row in rows], dtype=torch.int64)
-        return {"video": videos, "label": labels.pin_memory() if self.pin_memory else labels}
+        return with_frame_index({"video": videos, "label": labels}, frames, self.pin_memory)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """A numpy batch of raw-bytes rows (the call Ray Data makes of a numpy ``collate_fn``)."""
@@ -276,6 +287,14 @@ class VideoBatchCollate:
                 raise ValueError(f"video blob of {len(item)} bytes does not match shape {self.video_shape} ({expected} bytes)")
             out[i] = np.frombuffer(item, dtype=np.uint8)
         return {"video": videos, "label": torch.from_numpy(batch["label"].astype(np.int64))}
+
+
+def with_frame_index(batch: dict[str, torch.Tensor], frames: np.ndarray | None, pin_memory: bool) -> dict[str, torch.Tensor]:
+    """``batch`` with, when only ``frames`` of each clip were decoded, ``"frame_index"``: which (int64
+    ``[B, k]``; the step checks it samples those: vidray.train.augment.check_decoded_frames); pinned with its labels."""
+    if frames is not None:
+        batch["frame_index"] = torch.from_numpy(np.array(frames, dtype=np.int64))  # a copy: frames may be a broadcast view
+    return {key: value.pin_memory() if pin_memory and key != "video" else value for key, value in batch.items()}
 
 
 def _in_batches(rows: Iterable[Row], batch_size: int, drop_last: bool) -> Iterator[list[Row]]:
@@ -342,15 +361,20 @@ def prefetch_in_thread(items: Iterable[T], depth: int) -> Iterator[T]:
 
 
 def train_batches(
-    shard, *, batch_size: int, train: TrainSettings, epoch: int, rank: int, collate: VideoBatchCollate
-) -> Iterator[dict]:
+    shard, *, batch_size: int, train: TrainSettings, epoch: int, rank: int, collate: VideoBatchCollate,
+    frames: FrameSampler | None = None,
+) -> Iterator[dict]:  # fmt: skip
     """This rank's training micro-batches of one epoch from its Ray Data shard: rows in stored order,
-    through the seeded shuffle buffer (:func:`shuffle_buffer_order`), last partial batch dropped."""
+    through the seeded shuffle buffer (:func:`shuffle_buffer_order`), last partial batch dropped.
+    ``frames``: a compressed store decodes only the stored frames it says each batch's step samples."""
     # Whole blocks (batch_size=None): nothing re-batched, nothing concatenated; the rows are re-batched below.
     tables = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=train.prefetch_batches)
     rows = (row for table in tables for row in arrow_rows(table, collate.video_shape, collate.store, fill=True))
     shuffled = shuffle_buffer_order(rows, shuffle_size(train, batch_size), train_shuffle_seed(train, epoch, rank))
-    batches = (collate.stack(rows) for rows in _in_batches(shuffled, batch_size, drop_last=True))
+    batches = (
+        collate.stack(rows, frames(len(rows)) if frames is not None else None)
+        for rows in _in_batches(shuffled, batch_size, drop_last=True)
+    )
     return prefetch_in_thread(batches, train.prefetch_batches)
 
 
@@ -362,17 +386,20 @@ def rank_val_tables(val, *, batch_size: int, rank: int, world_size: int, prefetc
             yield table
 
 
-def val_batches(val, *, batch_size: int, rank: int, world_size: int, prefetch_batches: int, collate) -> Iterator[dict]:
+def val_batches(
+    val, *, batch_size: int, rank: int, world_size: int, prefetch_batches: int, collate, frames: np.ndarray | None = None
+) -> Iterator[dict]:
     """Batches ``rank``, ``rank + world_size``, ... of the whole, ordered val set: every video on exactly one rank.
 
     Batches of the other ranks are skipped before collation, so they cost a
-    transfer but no copy and no forward pass.
+    transfer but no copy and no forward pass. ``frames``: the stored frames evaluation reads
+    (the same for every clip): a compressed store decodes only those.
     """
     tables = rank_val_tables(val, batch_size=batch_size, rank=rank, world_size=world_size, prefetch_batches=prefetch_batches)
     for table in tables:
         rows = list(arrow_rows(table, collate.video_shape, collate.store))
         if rows:  # a batch whose every clip was rejected: nothing to evaluate
-            yield collate.stack(rows)
+            yield collate.stack(rows, None if frames is None else np.broadcast_to(frames, (len(rows), len(frames))))
 
 
 def val_rows_of_rank(val_videos: int, batch_size: int, rank: int, world_size: int) -> int:

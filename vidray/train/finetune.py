@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from vidray.data.dataset import ClipShape
 from vidray.model.classifier import autocast, build_model, compile_model, load_model
 from vidray.model.inference import clip_logits
+from vidray.model.transforms import eval_stored_frames
 from vidray.train import augment
 from vidray.train.epoch import Batch, StepParts
 from vidray.train.ingest import WorkerData
@@ -57,16 +58,17 @@ class FineTuning:
     def flops_per_clip(self, model: torch.nn.Module) -> float:
         return train_flops_per_clip(model.config, self.setup.shape.frames, self.setup.shape.size)
 
-    def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch) -> torch.Tensor:
-        train = self.setup.cfg.train
-        pixels, targets = augment.mix_batch(
+    def draw(self, generator: torch.Generator, clips: int) -> augment.Mix | None:
+        train, size = self.setup.cfg.train, self.setup.shape.size
+        return augment.draw_mix(generator, height=size, width=size, mixup_alpha=train.mixup_alpha, cutmix_alpha=train.cutmix_alpha)
+
+    def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch, drawn: augment.Mix | None) -> torch.Tensor:
+        pixels, targets = augment.apply_mix(
             pixels,
             batch["label"],
+            drawn,
             num_classes=len(self.setup.shape.classes),
-            generator=parts.generators.host,
-            mixup_alpha=train.mixup_alpha,
-            cutmix_alpha=train.cutmix_alpha,
-            label_smoothing=train.label_smoothing,
+            label_smoothing=self.setup.cfg.train.label_smoothing,
         )
         with autocast(self.setup.device):
             logits = parts.forward(pixel_values=pixels).logits
@@ -76,8 +78,11 @@ class FineTuning:
         train = self.setup.cfg.train
         if self.eval_model is None:
             self.eval_model = compile_model(parts.model) if train.compile else parts.model
+        shape = self.setup.shape
+        # A compressed store decodes only the stored frames the eval views read.
+        frames = eval_stored_frames(shape.stored_frames, shape.frames, train.eval_clips) if shape.store != "raw" else None
         confusion, loss_sum = evaluate(
-            self.eval_model, data.val_batches(), shape=self.setup.shape, clips=train.eval_clips, device=self.setup.device,
+            self.eval_model, data.val_batches(frames), shape=shape, clips=train.eval_clips, device=self.setup.device,
             pad_to=micro_batch_size(train) if train.compile else None,
         )  # fmt: skip
         return {"confusion": confusion, "val_loss_sum": loss_sum}

@@ -30,6 +30,7 @@ from vidray.config import StoreName, TrainSettings
 from vidray.errors import UserError
 from vidray.train.batches import (
     BatchBuffers,
+    FrameSampler,
     Row,
     VideoBatchCollate,
     arrow_rows,
@@ -43,6 +44,7 @@ from vidray.train.batches import (
     train_shuffle_seed,
     val_batches,
     val_rows_of_rank,
+    with_frame_index,
 )
 
 # auto device caching takes at most this share of a worker's device memory (the model, its
@@ -158,10 +160,11 @@ class StoredClips:
         data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
         return cls(data, offsets, tuple(video_shape), store), torch.tensor(labels, dtype=torch.int64), sizes
 
-    def decode_into(self, out: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """Clips ``positions`` decoded into ``out`` (uint8 [len(positions), *video_shape])."""
+    def decode_into(self, out: torch.Tensor, positions: np.ndarray, frames: np.ndarray | None = None) -> torch.Tensor:
+        """Clips ``positions`` decoded into ``out`` (uint8 [len(positions), *video_shape]; with ``frames``
+        ``[len(positions), k]``, only those stored frames of each)."""
         rows = [Row(self.data[self.offsets[p] : self.offsets[p + 1]], 0, 0, f"at cache row {p}") for p in positions]
-        decode_rows_into(out.numpy(), rows, self.store)
+        decode_rows_into(out.numpy(), rows, self.store, frames)
         return out
 
 
@@ -235,13 +238,18 @@ class DeviceCache:
         val_videos, val_labels, val_sizes = _copy_tables_to(val_tables, video_shape, device, val_rows)
         return cls(train_videos, train_labels, val_videos, val_labels, val_sizes, time.perf_counter() - started)
 
-    def train_batches(self, *, batch_size: int, train: TrainSettings, epoch: int, rank: int) -> Iterator[dict]:
-        """The same micro-batches, in the same order, as :func:`train_batches` over the shard this was loaded from."""
+    def train_batches(
+        self, *, batch_size: int, train: TrainSettings, epoch: int, rank: int, frames: FrameSampler | None = None
+    ) -> Iterator[dict]:
+        """The same micro-batches, in the same order, as :func:`train_batches` over the shard this was loaded from
+        (``frames``: a compressed store decodes only the stored frames each batch's step samples)."""
         rows = len(self.train_labels)
         order = shuffle_buffer_order(range(rows), shuffle_size(train, batch_size), train_shuffle_seed(train, epoch, rank))
         positions = torch.from_numpy(np.fromiter(order, dtype=np.int64, count=rows))
         if isinstance(self.train_videos, StoredClips):
-            return self._decoded_batches(self.train_videos, self.train_labels, positions, batch_size, train.prefetch_batches)
+            return self._decoded_batches(
+                self.train_videos, self.train_labels, positions, batch_size, train.prefetch_batches, frames=frames
+            )
         return self._indexed_batches(positions, batch_size)
 
     def _indexed_batches(self, positions: torch.Tensor, batch_size: int) -> Iterator[dict]:
@@ -260,9 +268,11 @@ class DeviceCache:
             yield {"video": videos, "label": self.train_labels.index_select(0, index)}
 
     def _decoded_batches(self, clips: StoredClips, labels: torch.Tensor, positions: torch.Tensor, batch_size: int,
-                         prefetch: int, sizes: list[int] | None = None) -> Iterator[dict]:  # fmt: skip
+                         prefetch: int, sizes: list[int] | None = None,
+                         frames: FrameSampler | None = None) -> Iterator[dict]:  # fmt: skip
         """Batches of ``clips[positions]`` (``sizes`` rows each, default ``batch_size`` each, last partial
-        one dropped), decoded in a background thread ``prefetch`` batches ahead."""
+        one dropped), decoded in a background thread ``prefetch`` batches ahead (``frames``: only the stored
+        frames it gives for each batch, called in batch order in that thread)."""
         buffers = BatchBuffers((batch_size, *clips.video_shape), torch.uint8, pin_memory=self.pin_memory, depth=prefetch + 4)
         sizes = sizes if sizes is not None else [batch_size] * (len(positions) // batch_size)
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -270,16 +280,20 @@ class DeviceCache:
         def decoded() -> Iterator[dict]:
             for start, size in zip(starts, sizes):
                 index = positions[start : start + size]
-                yield {"video": clips.decode_into(buffers.get(size), index.numpy()), "label": labels[index]}
+                sampled = frames(int(size)) if frames is not None else None
+                videos = clips.decode_into(buffers.get(size), index.numpy(), sampled)
+                yield with_frame_index({"video": videos, "label": labels[index]}, sampled, pin_memory=False)
 
         return prefetch_in_thread(decoded(), prefetch)
 
-    def val_batches(self) -> Iterator[dict]:
-        """This rank's val batches, as :func:`val_batches` gives them."""
+    def val_batches(self, frames: np.ndarray | None = None) -> Iterator[dict]:
+        """This rank's val batches, as :func:`val_batches` gives them (``frames``: a compressed store decodes
+        only these stored frames of each clip)."""
         if isinstance(self.val_videos, StoredClips):
             positions = torch.arange(len(self.val_labels))
             size = max(self.val_batch_sizes, default=1)
-            return self._decoded_batches(self.val_videos, self.val_labels, positions, size, 2, self.val_batch_sizes)
+            every = None if frames is None else (lambda n: np.broadcast_to(frames, (n, len(frames))))
+            return self._decoded_batches(self.val_videos, self.val_labels, positions, size, 2, self.val_batch_sizes, every)
         return self._val_views()
 
     def _val_views(self) -> Iterator[dict]:
@@ -309,16 +323,21 @@ class WorkerData:
     def placement(self) -> str:
         return "device" if self.cache is not None else "ray_data"
 
-    def train_batches(self, epoch: int) -> Iterator[dict]:
+    def train_batches(self, epoch: int, frames: FrameSampler | None = None) -> Iterator[dict]:
+        """The epoch's micro-batches (``frames``: a compressed store decodes only the stored frames it samples)."""
         if self.cache is not None:
-            return self.cache.train_batches(batch_size=self.batch_size, train=self.train, epoch=epoch, rank=self.rank)
+            return self.cache.train_batches(
+                batch_size=self.batch_size, train=self.train, epoch=epoch, rank=self.rank, frames=frames
+            )
         return train_batches(
-            self.train_shard, batch_size=self.batch_size, train=self.train, epoch=epoch, rank=self.rank, collate=self.collate
-        )
+            self.train_shard, batch_size=self.batch_size, train=self.train, epoch=epoch, rank=self.rank,
+            collate=self.collate, frames=frames,
+        )  # fmt: skip
 
-    def val_batches(self) -> Iterator[dict]:
+    def val_batches(self, frames: np.ndarray | None = None) -> Iterator[dict]:
+        """This rank's val batches (``frames``: a compressed store decodes only these stored frames of a clip)."""
         if self.cache is not None:
-            return self.cache.val_batches()
+            return self.cache.val_batches(frames)
         return val_batches(
             self.val,
             batch_size=self.batch_size,
@@ -326,6 +345,7 @@ class WorkerData:
             world_size=self.world_size,
             prefetch_batches=self.train.prefetch_batches,
             collate=self.collate,
+            frames=frames,
         )
 
 

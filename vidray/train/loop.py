@@ -11,7 +11,9 @@ classifier (vidray/train/finetune.py) or masked-autoencoder pretraining
   run reproduces the uninterrupted one exactly;
 * DDP, AdamW and the schedule (vidray/train/optim.py), torch.compile when ``train.compile``;
 * the data (vidray/train/ingest.py: each worker's shard on its device, in the
-  object store, or streamed);
+  object store, or streamed); from a compressed store, each epoch's batches decode only
+  the frames the steps will sample (:func:`frame_sampler`, which replays :func:`draw_step`
+  ahead on copies of the augmentation streams);
 * per epoch: the step loop (:func:`vidray.train.epoch.run_epoch`: accumulation,
   clipping, telemetry, no host sync per step on CUDA), the task's validation,
   one collective that gathers every rank's sums and states, the task's metrics,
@@ -24,6 +26,7 @@ set one of their ``VIDRAY_TEST_*`` variables in the workers' environment.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Mapping, Protocol
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -47,6 +51,7 @@ from vidray.model.classifier import compile_model, to_device, use_tf32
 from vidray.train import augment
 from vidray.train.epoch import Batch, StepParts, run_epoch
 from vidray.train.epoch_report import report_epoch
+from vidray.train.batches import FrameSampler
 from vidray.train.ingest import WorkerData, open_worker_data
 from vidray.train.optim import build_lr_schedule, build_optimizer, micro_batch_size, steps_per_epoch
 from vidray.train.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
@@ -110,9 +115,15 @@ class Task(Protocol):
     def flops_per_clip(self, model: torch.nn.Module) -> float:
         """Model FLOPs of one training clip, forward and backward (step telemetry)."""
 
-    def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def draw(self, generator: torch.Generator, clips: int) -> Any:
+        """Whatever the task's step draws from the host augmentation stream for a micro-batch of ``clips``
+        (fine-tuning: its MixUp/CutMix), handed to :meth:`loss`. Every draw of a step goes through
+        :func:`draw_step`: a compressed store's frame sampler replays it ahead on copies of the streams."""
+
+    def loss(self, parts: StepParts, pixels: torch.Tensor, batch: Batch, drawn: Any) -> torch.Tensor:
         """The loss of a micro-batch: ``pixels`` are its clips after the shared train transform
-        (temporal jitter, random resized crops, flips), ``batch`` the micro-batch on the device."""
+        (temporal jitter, random resized crops, flips), ``batch`` the micro-batch on the device,
+        ``drawn`` what :meth:`draw` drew for it."""
 
     def validate(self, parts: StepParts, data: WorkerData) -> dict[str, Any]:
         """This rank's share of the epoch's validation: values gathered from every rank."""
@@ -203,8 +214,10 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
 
     for epoch in range(start_epoch, train.epochs):
         started = time.perf_counter()
+        # A compressed store decodes only the frames each step samples: drawn ahead, from the streams as they are now.
+        sampler = frame_sampler(task, generators, shape, train) if shape.store != "raw" else None
         loss_sum, num_batches, num_videos, global_step = run_epoch(
-            parts, data.train_batches(epoch), loss_of, train=train, device=device, micro_batches=micro_batches,
+            parts, data.train_batches(epoch, sampler), loss_of, train=train, device=device, micro_batches=micro_batches,
             epoch=epoch, global_step=global_step, telemetry=telemetry,
             after_step=functools.partial(faults.maybe_die_for_test, epoch, rank, world_size) if faults else None,
         )  # fmt: skip
@@ -295,14 +308,49 @@ def seed_streams(seed: int, generators: AugmentGenerators, streams: Mapping[str,
         stream.generator.manual_seed(derive_seed(seed, stream.stream))
 
 
+@dataclass(frozen=True)
+class StepDraws:
+    """Everything random a training step draws from the augmentation streams."""
+
+    view: augment.TrainView  # from the device stream
+    task: Any  # from the host stream (Task.draw)
+
+
+def draw_step(task: Task, generators: AugmentGenerators, shape: ClipShape, train: TrainSettings, clips: int) -> StepDraws:
+    """The draws of one micro-batch's step, in their order: the train views, then the task's."""
+    view = augment.draw_train_view(clips, shape.stored_frames, shape.frames, generators.device, train.hflip)
+    return StepDraws(view, task.draw(generators.host, clips))
+
+
+def frame_sampler(task: Task, generators: AugmentGenerators, shape: ClipShape, train: TrainSettings) -> FrameSampler:
+    """The stored frames each coming micro-batch's step will sample, for the batch builder of a compressed
+    store to decode only those (vidray/train/batches.py).
+
+    They are the draws of :func:`draw_step`, made ahead, batch after batch, on copies of the streams as
+    they are now (the start of an epoch): the steps then draw the same numbers from the real streams,
+    which the copies never touch, so checkpoints and resumes are those of a raw store. The step checks
+    it samples the frames the batch holds (:func:`vidray.train.augment.check_decoded_frames`).
+    """
+    ahead = generators.copy()
+    # On a GPU the copy draws there: on a stream of its own, so it does not queue behind the training step.
+    side = torch.cuda.Stream(ahead.device.device) if ahead.device.device.type == "cuda" else None
+
+    def frames(clips: int) -> np.ndarray:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            return draw_step(task, ahead, shape, train, clips).view.index.cpu().numpy()
+
+    return frames
+
+
 def step_loss(task: Task, parts: StepParts, shape: ClipShape, train: TrainSettings) -> Callable[[Batch], torch.Tensor]:
     """The loss :func:`run_epoch` takes: every task's clips go through the same train transform first."""
 
     def loss_of(batch: Batch) -> torch.Tensor:
-        pixels = augment.train_transform(
-            batch["video"], frames=shape.frames, size=shape.size, generator=parts.generators.device, hflip=train.hflip
-        )
-        return task.loss(parts, pixels, batch)
+        drawn = draw_step(task, parts.generators, shape, train, batch["video"].shape[0])
+        if "frame_index" in batch:  # only these stored frames were decoded
+            augment.check_decoded_frames(drawn.view, batch["frame_index"])
+        pixels = augment.apply_train_view(batch["video"], drawn.view, size=shape.size)
+        return task.loss(parts, pixels, batch, drawn.task)
 
     return loss_of
 

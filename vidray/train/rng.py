@@ -42,6 +42,16 @@ class AugmentGenerators:
     def separate(self) -> bool:
         return self.device is not self.host
 
+    def copy(self) -> "AugmentGenerators":
+        """Fresh generators in the same states (one, on CPU): draws from them leave these untouched."""
+        host = torch.Generator()
+        host.set_state(self.host.get_state())
+        if not self.separate:
+            return AugmentGenerators(host, host)
+        device = torch.Generator(device=self.device.device)
+        device.set_state(self.device.get_state())
+        return AugmentGenerators(host, device)
+
 
 def seed_everything(seed: int, generator: torch.Generator, device_generator: torch.Generator | None = None) -> None:
     """Seed torch (all devices), numpy, Python and the augmentation generator(s) from ``seed``."""
