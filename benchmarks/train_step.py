@@ -673,7 +673,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     run = {
                         "model": model,
                         "size": size,
-                        "store": store,
                         "method": method,
                         "repeat": repeat,
                         "load_before": load_before,
