@@ -26,6 +26,11 @@ docs/design.md). Methods, each in a fresh Python process:
                         video: what this machine's CPUs give two independent decoders
                         (shared caches, memory bandwidth, clock), the ceiling for any
                         parallel pipeline's speed-up over one CPU.
+``read_clip``           vidray's own decode in a plain process, no Ray: per video
+                        ``decode_or_reject`` (``read_clip``, one decoder thread) and the
+                        raw store's ``encode_clip``, what a decode task does minus Ray and
+                        the Parquet write; ``read_clip_jpeg`` with the jpeg store's encode;
+                        ``read_clip_x2`` two such processes side by side (issue 18's ceiling).
 ``vidray_<k>cpu[_vps<n>]`` ``vidray.data.preprocess.preprocess`` into a fresh directory on a
                         fresh local Ray cluster of ``k`` CPUs (``ray.init(num_cpus=k)``),
                         writing the Parquet shards. Timed twice in the same cluster:
@@ -36,6 +41,9 @@ docs/design.md). Methods, each in a fresh Python process:
                         so shards bound the parallelism), else vidray's default.
                         ``_decord`` / ``_torchcodec``: ``data.decoder`` (default pyav);
                         ``_torchcodec_cuda``: torchcodec on the GPU (a GPU machine only).
+                        ``_jpeg``: ``data.store=jpeg``. Each call's task timeline (before
+                        the first task, decode and Parquet-write task-seconds, how busy
+                        the CPUs were) comes from the shard records.
 
 Measured per run: wall seconds of the decode work, CPU seconds (user + system,
 all threads): for the loops ``time.process_time()`` of the process; for vidray
@@ -50,6 +58,8 @@ and after, methods run interleaved (order rotated per repeat), and the summary
 takes medians over repeats; ratios are computed within a repeat, then medianed.
 
     python benchmarks/preprocess.py --preset full --repeats 3
+    python benchmarks/preprocess.py --preset mixed --copies 6 --repeats 2 --methods read_clip read_clip_x2 \
+        read_clip_jpeg vidray_1cpu vidray_2cpu vidray_2cpu_jpeg     # issue 18: vidray vs its own decode
 """
 
 from __future__ import annotations
