@@ -26,6 +26,11 @@ docs/design.md). Methods, each in a fresh Python process:
                         video: what this machine's CPUs give two independent decoders
                         (shared caches, memory bandwidth, clock), the ceiling for any
                         parallel pipeline's speed-up over one CPU.
+``read_clip``           vidray's own decode in a plain process, no Ray: per video
+                        ``decode_or_reject`` (``read_clip``, one decoder thread) and the
+                        raw store's ``encode_clip``, what a decode task does minus Ray and
+                        the Parquet write; ``read_clip_jpeg`` with the jpeg store's encode;
+                        ``read_clip_x2`` two such processes side by side (issue 18's ceiling).
 ``vidray_<k>cpu[_vps<n>]`` ``vidray.data.preprocess.preprocess`` into a fresh directory on a
                         fresh local Ray cluster of ``k`` CPUs (``ray.init(num_cpus=k)``),
                         writing the Parquet shards. Timed twice in the same cluster:
@@ -36,6 +41,9 @@ docs/design.md). Methods, each in a fresh Python process:
                         so shards bound the parallelism), else vidray's default.
                         ``_decord`` / ``_torchcodec``: ``data.decoder`` (default pyav);
                         ``_torchcodec_cuda``: torchcodec on the GPU (a GPU machine only).
+                        ``_jpeg``: ``data.store=jpeg``. Each call's task timeline (before
+                        the first task, decode and Parquet-write task-seconds, how busy
+                        the CPUs were) comes from the shard records.
 
 Measured per run: wall seconds of the decode work, CPU seconds (user + system,
 all threads): for the loops ``time.process_time()`` of the process; for vidray
@@ -50,6 +58,8 @@ and after, methods run interleaved (order rotated per repeat), and the summary
 takes medians over repeats; ratios are computed within a repeat, then medianed.
 
     python benchmarks/preprocess.py --preset full --repeats 3
+    python benchmarks/preprocess.py --preset mixed --copies 6 --repeats 2 --methods read_clip read_clip_x2 \
+        read_clip_jpeg vidray_1cpu vidray_2cpu vidray_2cpu_jpeg     # issue 18: vidray vs its own decode
 """
 
 from __future__ import annotations
@@ -83,9 +93,12 @@ from benchlib import (  # noqa: E402
 )
 from make_inputs import CACHE, make_inputs  # noqa: E402
 
-BASELINES = ("decord_1thread", "decord_threads", "torchcodec_1thread", "pyav_seek", "pyav_sequential", "pyav_lean")
+BASELINES = (
+    "decord_1thread", "decord_threads", "torchcodec_1thread", "pyav_seek", "pyav_sequential", "pyav_lean",
+    "read_clip", "read_clip_jpeg",
+)  # fmt: skip
 # Methods that run a baseline in several processes at once: {method: (baseline, processes)}.
-SIDE_BY_SIDE = {"pyav_lean_x2": ("pyav_lean", 2)}
+SIDE_BY_SIDE = {"pyav_lean_x2": ("pyav_lean", 2), "read_clip_x2": ("read_clip", 2)}
 
 
 # --------------------------------------------------------------------------- the loops users write
@@ -244,10 +257,24 @@ def frames_to_decode(num_frames: int, keyframes: list[int], stored_frames: int) 
     return needed
 
 
+def vidray_clip(path: str, stored_frames: int, stored_size: int, store: str) -> tuple[np.ndarray, int]:
+    """(clip, stored bytes): what one video costs a vidray decode task, without Ray or Parquet:
+    ``decode_or_reject`` (read_clip, one decoder thread) and the store's encode."""
+    from vidray.config import DEFAULT_JPEG_QUALITY
+    from vidray.data.decode_shard import decode_or_reject
+    from vidray.data.shards import DecodeSettings
+    from vidray.data.store import encode_clip
+
+    clip, _, reason = decode_or_reject(path, DecodeSettings(stored_frames, stored_size))
+    if clip is None:
+        raise RuntimeError(f"{path}: {reason}")
+    return clip.frames, len(encode_clip(clip.frames, store, DEFAULT_JPEG_QUALITY))
+
+
 def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -> dict[str, Any]:
     videos = _videos(manifest)
     digest = hashlib.sha256()
-    clips, decoded = 0, 0
+    clips, decoded, stored_bytes = 0, 0, 0
     started_at = time.time()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for video in videos:
@@ -267,6 +294,9 @@ def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -
         elif method == "pyav_lean":
             clip, count = pyav_lean_clip(*args)
             decoded += count
+        elif method in ("read_clip", "read_clip_jpeg"):
+            clip, size = vidray_clip(video["path"], stored_frames, stored_size, "jpeg" if method.endswith("_jpeg") else "raw")
+            stored_bytes += size
         else:
             raise ValueError(method)
         assert clip.shape == (stored_frames, stored_size, stored_size, 3), clip.shape
@@ -279,6 +309,7 @@ def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -
         "wall_s": round(wall, 3),
         "cpu_s": {"total": round(cpu, 3)},
         "frames_decoded": decoded or None,
+        "stored_bytes": stored_bytes or None,
         "frames_sha256": digest.hexdigest(),
         # Wall-clock span, to combine processes that ran side by side (SIDE_BY_SIDE).
         "started_at": started_at,
@@ -323,6 +354,33 @@ def _dataset_digest(dataset_dir: str) -> tuple[int, str]:
     return table.num_rows, digest.hexdigest()
 
 
+def task_timeline(dataset_dir: str, called_at: float, returned_at: float, cpus: int) -> dict[str, Any] | None:
+    """Where a preprocess call's wall time went, from its shard records (vidray/data/shard_files.py):
+    before the first task started, inside tasks (decode, Parquet write), after the last one ended,
+    and how busy the ``cpus`` CPUs were with tasks in between."""
+    records = [json.loads(p.read_text()) for p in Path(dataset_dir, "_shards").glob("shard-*.json")]
+    if not all("started_at" in r for r in records):
+        return None  # a vidray from before the records had timestamps (--before)
+    starts, ends = [r["started_at"] for r in records], [r["finished_at"] for r in records]
+    busy = sum(end - start for start, end in zip(starts, ends))
+    decode = sum(r["decode_seconds"] for r in records)
+    write = sum(r["write_seconds"] for r in records)
+    span = max(ends) - min(starts)
+    return {
+        "tasks": len(records),
+        "before_first_task_s": round(min(starts) - called_at, 3),
+        "tasks_span_s": round(span, 3),
+        "after_last_task_s": round(returned_at - max(ends), 3),
+        "task_s": round(busy, 3),
+        "decode_s": round(decode, 3),
+        "parquet_write_s": round(write, 3),
+        # Inside a task, neither decoding nor writing: the record, the outcome rows.
+        "task_other_s": round(busy - decode - write, 3),
+        # Share of cpus x span that tasks ran: the rest is Ray Data handing out tasks, and the tail.
+        "cpu_busy_share": round(busy / (cpus * span), 3) if span > 0 else None,
+    }
+
+
 def run_vidray(
     cpus: int,
     manifest: str,
@@ -332,6 +390,7 @@ def run_vidray(
     stored_size: int,
     videos_per_shard: int | None,
     decoder: str = "pyav",
+    store: str = "raw",
 ) -> dict[str, Any]:
     import ray
 
@@ -355,18 +414,21 @@ def run_vidray(
         kwargs.update(decoder=name, decoder_device=device or "cpu")
     if videos_per_shard:  # else preprocess's own default (vidray.data.shards.VIDEOS_PER_SHARD)
         kwargs["videos_per_shard"] = videos_per_shard
+    if store != "raw":
+        kwargs["store"] = store
     phases = {}
     with tempfile.TemporaryDirectory(prefix="vidray-bench-") as tmp:
         for phase in ("cold", "warm"):
             out = os.path.join(tmp, phase)
             tracker.poll()
-            cpu_before, wall0 = tracker.totals(), time.perf_counter()
+            cpu_before, wall0, called_at = tracker.totals(), time.perf_counter(), time.time()
             summary = preprocess(Path(manifest), out, **kwargs)
             wall = time.perf_counter() - wall0
             tracker.poll()
             rows, sha = _dataset_digest(out)
             phases[phase] = {
                 "wall_s": round(wall, 3),
+                "timeline": task_timeline(out, called_at, called_at + wall, cpus),
                 "cpu_s": cpu_delta(tracker.totals(), cpu_before),
                 "videos": summary["discovered"],
                 "clips": rows,
@@ -391,32 +453,37 @@ def run_vidray(
 # --------------------------------------------------------------------------- orchestration
 
 
-def parse_vidray_method(method: str) -> tuple[int, int | None, str]:
-    """``vidray_2cpu`` -> (2, None, "pyav"); ``vidray_2cpu_vps4_decord`` -> (2, 4, "decord"):
-    CPUs, videos per shard when given, decoder (``torchcodec_cuda``: torchcodec on the GPU)."""
+def parse_vidray_method(method: str) -> tuple[int, int | None, str, str]:
+    """``vidray_2cpu`` -> (2, None, "pyav", "raw"); ``vidray_2cpu_vps4_decord_jpeg`` -> (2, 4, "decord", "jpeg"):
+    CPUs, videos per shard when given, decoder (``torchcodec_cuda``: torchcodec on the GPU), data.store."""
     parts = method.removeprefix("vidray_").split("_")
-    cpus, shard, decoder = int(parts[0].removesuffix("cpu")), None, "pyav"
+    cpus, shard, decoder, store = int(parts[0].removesuffix("cpu")), None, "pyav", "raw"
     for part in parts[1:]:
         if part.startswith("vps"):
             shard = int(part.removeprefix("vps"))
         elif part == "cuda":
             decoder += "_cuda"
+        elif part == "jpeg":
+            store = part
         else:
             decoder = part
-    return cpus, shard, decoder
+    return cpus, shard, decoder, store
 
 
 def parse_method_suffix(method: str) -> str:
     """The single-CPU counterpart of a vidray method: ``vidray_2cpu_vps4_decord`` -> ``vidray_1cpu_vps4_decord``."""
-    _, shard, decoder = parse_vidray_method(method)
-    return "vidray_1cpu" + (f"_vps{shard}" if shard else "") + (f"_{decoder}" if decoder != "pyav" else "")
+    _, shard, decoder, store = parse_vidray_method(method)
+    return (
+        "vidray_1cpu" + (f"_vps{shard}" if shard else "") + (f"_{decoder}" if decoder != "pyav" else "")
+        + (f"_{store}" if store != "raw" else "")
+    )  # fmt: skip
 
 
 def _worker_main(args: argparse.Namespace) -> None:
     if args.worker in BASELINES:
         result = run_loop(args.worker, args.manifest, args.stored_frames, args.stored_size)
     else:
-        cpus, videos_per_shard, decoder = parse_vidray_method(args.worker)
+        cpus, videos_per_shard, decoder, store = parse_vidray_method(args.worker)
         result = run_vidray(
             cpus,
             args.manifest,
@@ -426,8 +493,19 @@ def _worker_main(args: argparse.Namespace) -> None:
             args.stored_size,
             videos_per_shard or args.videos_per_shard,
             decoder,
+            store,
         )
     print(json.dumps(result))
+
+
+def link_copies(root: Path, out: Path, copies: int) -> Path:
+    """``out`` holding every video under ``root`` ``copies`` times (symbolic links ``<name>_c<k>``)."""
+    for video in sorted(root.rglob("*.mp4")):
+        target = out / video.parent.relative_to(root)
+        target.mkdir(parents=True, exist_ok=True)
+        for copy in range(copies):
+            (target / f"{video.stem}_c{copy}{video.suffix}").symlink_to(video.resolve())
+    return out
 
 
 def _rates(run: dict[str, Any], stored_frames: int, must_decode: int) -> dict[str, Any]:
@@ -450,6 +528,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--videos-per-shard", type=int, default=None, help="vidray's default when unset")
+    parser.add_argument(
+        "--copies", type=int, default=1,
+        help="index every input video this many times (symbolic links), for a run long enough to weigh fixed costs",
+    )  # fmt: skip
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/preprocess.json)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per method run")
@@ -483,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     machine = machine_info()
     root, inputs = make_inputs(args.preset, args.cache)
+    inputs = inputs * args.copies
     source_frames = sum(v["frames"] for v in inputs)
     must_decode = sum(frames_to_decode(v["frames"], v["keyframes"], stored_frames) for v in inputs)
     methods = args.methods or [*BASELINES, "vidray_1cpu", f"vidray_{args.cpus}cpu"]
@@ -491,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vidray-bench-manifest-") as tmp:
         manifest = os.path.join(tmp, "manifest.parquet")
+        if args.copies > 1:
+            root = link_copies(root, Path(tmp, "videos"), args.copies)
         index_folder(root, Path(manifest))
         for repeat in range(args.repeats):
             shift = repeat % len(methods)
@@ -538,6 +623,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary[method]["worker_cpu_s_per_video"] = median(
                 [r["cpu_s"]["ray_workers"] / r["clips"] for r in mine]
             )
+            for phase in ("cold", "warm"):
+                timelines = [r["phases"][phase]["timeline"] for r in mine if r["phases"][phase]["timeline"]]
+                if timelines:
+                    summary[method][f"{phase}_timeline"] = {k: median([t[k] for t in timelines]) for k in timelines[0]}
 
     def ratio(numerator: str, denominator: str, key: str = "videos_per_s", scale: float = 1.0):
         return per_repeat_ratio(runs, "method", numerator, denominator, key, scale)
@@ -552,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             ratios[f"{method}_over_{reference}"] = ratio(method, reference)
             if method.startswith("vidray_"):
-                cpus, _, _ = parse_vidray_method(method.removesuffix("@before"))
+                cpus = parse_vidray_method(method.removesuffix("@before"))[0]
                 # Share of the one-process decoder's rate that each CPU of the pipeline delivers.
                 ratios[f"{method}_per_cpu_over_{reference}"] = ratio(method, reference, scale=1 / cpus)
                 # CPU-seconds per video the reference spends for each one the pipeline spends.
@@ -564,10 +653,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if single in methods:
             ratios[f"{method}_over_{single}"] = ratio(method, single)
         # Against the machine's own ceiling: as many plain decoder processes side by side as CPUs.
-        cpus, _, _ = parse_vidray_method(method.removesuffix("@before"))
+        cpus = parse_vidray_method(method.removesuffix("@before"))[0]
         for side_by_side, (_, processes) in SIDE_BY_SIDE.items():
             if processes == cpus and side_by_side in methods:
                 ratios[f"{method}_over_{side_by_side}"] = ratio(method, side_by_side)
+    # Issue 18's targets: vidray on k CPUs against k plain read_clip processes side by side (the
+    # same decode work, no Ray, no Parquet), and its 1 -> k CPU speed-up against theirs (the
+    # machine's ceiling). Both for the first call in a fresh cluster (cold) and the second (warm).
+    for method in methods:
+        cpus = parse_vidray_method(method)[0] if method.startswith("vidray_") and "@" not in method else 0
+        plain = {2: "read_clip_x2"}.get(cpus)
+        if plain not in methods or "read_clip" not in methods:
+            continue
+        single = parse_method_suffix(method)
+        for phase, key in (("warm", "videos_per_s"), ("cold", "cold_videos_per_s")):
+            over_plain, speedup_over_ceiling = [], []
+            for repeat in range(max(r["repeat"] for r in runs) + 1):
+                rate = {r["method"]: r.get(key, r["videos_per_s"]) for r in runs if r["repeat"] == repeat}
+                if {method, plain, "read_clip"} <= set(rate):
+                    over_plain.append(rate[method] / rate[plain])
+                    if single in rate:
+                        speedup_over_ceiling.append(rate[method] / rate[single] / (rate[plain] / rate["read_clip"]))
+            ratios[f"{method}_{phase}_over_{plain}"] = median(over_plain)
+            ratios[f"{method}_{phase}_speedup_over_ceiling"] = median(speedup_over_ceiling)
+    if {"read_clip", "read_clip_x2"} <= set(methods):
+        ratios["ceiling_read_clip_x2_over_read_clip"] = ratio("read_clip_x2", "read_clip")
+    # What the jpeg store's encode costs against raw, in the same run.
+    for method in methods:
+        raw = method.replace("_jpeg", "")
+        if method.endswith("_jpeg") and raw in methods:
+            ratios[f"{method}_over_{raw}"] = ratio(method, raw)
+            ratios[f"{method}_cpu_over_{raw}_cpu"] = ratio(method, raw, key="cpu_s_per_video")
     for method in methods:
         if f"{method}@before" in methods:
             ratios[f"{method}_over_before"] = ratio(method, f"{method}@before")
@@ -583,6 +699,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "params": {
             "preset": args.preset,
+            "copies": args.copies,
             "repeats": args.repeats,
             "cpus": args.cpus,
             "frames": args.frames,

@@ -93,7 +93,7 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
     # One vidray method: each starts a Ray cluster of its own, the smoke test's costliest step. vidray
     # with decord is the same run_vidray with another data.decoder; that vidray's decord path (what its
     # Ray tasks write: tests/test_preprocess.py) decodes the decord baseline's frames is checked below.
-    methods = [*bench.BASELINES, "pyav_lean_x2", "vidray_2cpu"]
+    methods = [*bench.BASELINES, "pyav_lean_x2", "read_clip_x2", "vidray_2cpu"]
     bench.main(
         ["--preset", "smoke", "--repeats", "1", "--cpus", "2", "--videos-per-shard", "1",
          "--frames", "4", "--size", "28", "--cache", str(cache), "--out", str(out), "--methods", *methods]
@@ -104,7 +104,7 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
     assert set(result["machine"]) >= {"cpu_model", "cores", "torch", "ray", "decord", "av", "loadavg_at_start"}
     assert [r["method"] for r in result["runs"]] == methods
     for run in result["runs"]:
-        processes = 2 if run["method"] == "pyav_lean_x2" else 1
+        processes = 2 if run["method"].endswith("_x2") else 1
         assert run["videos"] == videos and run["clips"] == processes * videos, run["method"]
         assert run["wall_s"] > 0 and run["cpu_s"]["total"] > 0
         assert isinstance(run["load_before"], float)
@@ -123,6 +123,10 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
         vidray_decord.update(read_clip(video["path"], *shape, decoder="decord", num_threads=1).frames.tobytes())
     assert digests["decord_1thread"] == digests["decord_threads"] == vidray_decord.hexdigest()
     assert digests["pyav_lean_x2"] == digests["pyav_lean"]
+    # vidray's own decode in plain processes (the issue-18 baseline) is what its Ray tasks store.
+    assert digests["read_clip"] == digests["read_clip_x2"] == digests["read_clip_jpeg"] == digests["vidray_2cpu"]
+    timeline = vidray["phases"]["warm"]["timeline"]
+    assert timeline["tasks"] == videos and timeline["decode_s"] > 0 and timeline["cpu_busy_share"] > 0
     assert digests["pyav_seek"] == digests["pyav_sequential"] == digests["pyav_lean"] == digests["vidray_2cpu"]
     by_method = {r["method"]: r for r in result["runs"]}
     # Decoding in order must get through every frame from each keyframe to its samples;
@@ -137,8 +141,12 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
         "vidray_2cpu_per_cpu_over_pyav_lean",
         "pyav_lean_cpu_over_vidray_2cpu_cpu",
         "pyav_lean_x2_over_pyav_lean",
+        "vidray_2cpu_warm_over_read_clip_x2",
+        "vidray_2cpu_cold_over_read_clip_x2",
+        "ceiling_read_clip_x2_over_read_clip",
     } <= set(result["ratios"])
-    assert bench.parse_vidray_method("vidray_2cpu_vps4_torchcodec") == (2, 4, "torchcodec")
+    assert bench.parse_vidray_method("vidray_2cpu_vps4_torchcodec") == (2, 4, "torchcodec", "raw")
+    assert bench.parse_vidray_method("vidray_2cpu_jpeg") == (2, None, "pyav", "jpeg")
     assert bench.parse_method_suffix("vidray_2cpu_vps4_decord") == "vidray_1cpu_vps4_decord"
 
 

@@ -68,9 +68,10 @@ def decode_shard(out: str, shard: Shard, settings: DecodeSettings, crash_on: str
     # A node without the decoder's package is a set-up problem, not a bad video: fail the run
     # (vidray/data/ray_decode.py turns the lost task into one line).
     require_decoder(settings.decoder, settings.device)
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     outcomes = [_decode_video(v, settings, crash_on) for v in shard.videos]
-    return write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started, store=settings.store)
+    return write_shard(out, shard, outcomes, decode_seconds=time.perf_counter() - started, store=settings.store,
+                       started_at=started_at)  # fmt: skip
 
 
 def decode_shards(batch: dict[str, Any], out: str, settings: DecodeSettings, crash_on: str | None):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import uuid
 
 import pyarrow as pa
@@ -91,12 +92,15 @@ def write_shard(
     outcomes: list[tuple[dict, bytes | None]],
     decode_seconds: float | None = None,
     store: StoreName = "raw",
+    started_at: float | None = None,
 ) -> list[dict]:
     """Write the shard's Parquet file (processed videos only; none if all were
     rejected), then its record. Returns the outcome rows, tagged with the shard id.
 
     ``store``: how the ``video`` blobs are stored (vidray/data/store.py); a compressed
-    store's blobs are written without Parquet's zstd, which would only cost time on JPEGs."""
+    store's blobs are written without Parquet's zstd, which would only cost time on JPEGs.
+    ``started_at``: when the task started on the shard (``time.time()``), for the record's timeline."""
+    write_started = time.perf_counter()
     fs, root = open_filesystem(out)
     processed = [(row, frames) for row, frames in outcomes if frames is not None]
     if processed:
@@ -137,6 +141,11 @@ def write_shard(
         # Where and how fast it was decoded: how the work spread over a cluster's nodes.
         "node_id": _ray_node_id(),
         "decode_seconds": None if decode_seconds is None else round(decode_seconds, 3),
+        # The task's span in wall-clock time and its Parquet write: where a run's time went
+        # between tasks (benchmarks/preprocess.py reads them).
+        "write_seconds": round(time.perf_counter() - write_started, 3),
+        "started_at": started_at,
+        "finished_at": time.time(),
         "videos": rows,
     }
 
