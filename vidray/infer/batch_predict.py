@@ -122,10 +122,10 @@ class DecodingPredictor(BatchPredictor):
         self.settings, self.crash_on, self.batch_size = settings, crash_on, batch_size
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:  # type: ignore[override]
+        predict = super().__call__
         for decoded in decode_chunks(batch, self.settings, self.crash_on):
-            parts = [super(DecodingPredictor, self).__call__(decoded.slice(start, self.batch_size))
-                     for start in range(0, decoded.num_rows, self.batch_size)]  # fmt: skip
-            yield pa.concat_tables(parts)
+            starts = range(0, decoded.num_rows, self.batch_size)
+            yield pa.concat_tables([predict(decoded.slice(start, self.batch_size)) for start in starts])
 
 
 class _Progress:
