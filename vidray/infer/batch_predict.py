@@ -13,6 +13,11 @@ streams, so memory stays flat whatever the corpus size:
 * **predict**: an *actor pool* (one GPU per actor on GPU nodes) holds the model
   once per actor and runs batches through :class:`vidray.infer.predict.Classifier`, the
   same step as the one-by-one mode, so both give the same top-1 and scores.
+* **fused** (CPU-only clusters, by default): one actor per CPU decodes its chunks and predicts
+  them itself, with the same decoder and the same :class:`~vidray.infer.predict.Classifier`: no
+  decode worker processes beside the model, no frames through the object store, and an actor's
+  next chunk is queued while it works (no hand-over gap between tasks). On GPU nodes the two
+  stages above stay apart, so the GPU actors never wait on decoding (``stages``).
 * **write**: the driver collects each chunk's rows and writes them as one Parquet
   part, atomically (temporary name, then rename), under ``OUT/_parts``.
 
@@ -41,7 +46,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +67,8 @@ from vidray.storage import join_uri, open_filesystem
 
 PROGRESS_EVERY_S = 10.0
 DECODE_TASKS_PER_CPU_TO_DOUBLE = 8
+# How a run is laid out: decode and model fused in one actor per CPU, or decode tasks feeding model actors.
+STAGES = ("auto", "fused", "two")
 # Test-only: the driver SIGKILLs itself after writing this many parts (a real, uncatchable kill).
 KILL_AFTER_PARTS_ENV = "VIDRAY_TEST_KILL_AFTER_PARTS"
 # What the model actors hand back: one row per video of a chunk.
@@ -106,6 +113,21 @@ class BatchPredictor:
         return pa.Table.from_pydict(predicted, schema=PREDICTED_SCHEMA)
 
 
+class DecodingPredictor(BatchPredictor):
+    """Ray Data actor of the fused stage: groups of chunks in, each chunk decoded here
+    (:func:`decode_chunks`) and predicted in batches of ``batch_size``, one table per chunk out."""
+
+    def __init__(self, settings: DecodeSettings, crash_on: str | None, batch_size: int, **model: Any):
+        super().__init__(**model)
+        self.settings, self.crash_on, self.batch_size = settings, crash_on, batch_size
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:  # type: ignore[override]
+        predict = super().__call__
+        for decoded in decode_chunks(batch, self.settings, self.crash_on):
+            starts = range(0, decoded.num_rows, self.batch_size)
+            yield pa.concat_tables([predict(decoded.slice(start, self.batch_size)) for start in starts])
+
+
 class _Progress:
     def __init__(self, total: int, done: int):
         self.total, self.done, self.this_run = total, done, 0
@@ -128,33 +150,26 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     context.enable_progress_bars = False  # one line every PROGRESS_EVERY_S instead (the bars cost the driver CPU)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    actors = args["actors"] or max(1, gpus)
     cpus = resources.get("CPU", 1)
     groups = group_chunks(todo, cpus)
-    # Ray Data hands a CPU its next decode task ~0.15 s after the last one ends (its scheduler polls
-    # every 0.1 s). Two decode tasks per CPU hide that hand-over, at the price of a second worker
-    # start per CPU (~1 CPU-s: Python, Ray, PyAV): worth it from about 8 tasks per CPU.
-    decode_cpus = 0.5 if len(groups) >= DECODE_TASKS_PER_CPU_TO_DOUBLE * cpus else 1
     ds = ray.data.from_items([{"chunks": json.dumps([[c.id, c.paths] for c in group])} for group in groups],
                              override_num_blocks=len(groups))  # fmt: skip
-    with warnings.catch_warnings():
-        # As in preprocessing: Ray 2.60 has no named parameter for task retries.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(
-            decode_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": args["settings"], "crash_on": args["crash_on"]},
-            compute=ray.data.TaskPoolStrategy(), num_cpus=decode_cpus, max_retries=1, scheduling_strategy="SPREAD",
-        )  # fmt: skip
-    ds = ds.map_batches(
-        BatchPredictor,
-        batch_size=args["batch_size"],
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        fn_constructor_kwargs={k: args[k] for k in ("model_dir", "top_k", "clips", "crops", "embeddings")},
-        # On GPU nodes an actor holds a GPU (and a CPU to feed it). On CPU-only clusters it reserves
-        # args["actor_cpus"] (default none): the decode tasks then take every CPU and the model
-        # shares them; reserving a whole CPU for it would leave a 1-CPU node no CPU to decode with.
-        **({"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": args["actor_cpus"]}),
-    )
+    model = {k: args[k] for k in ("model_dir", "top_k", "clips", "crops", "embeddings")}
+    if resolve_stages(args["stages"], gpus) == "fused":
+        # One actor per CPU, each with its own model (small next to a decode's work). A decoder
+        # that kills its actor fails that task once more at most; the chunks it leaves without a
+        # part are isolated afterwards, as a lost decode task's are.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # see _two_stages
+            ds = ds.map_batches(
+                DecodingPredictor, batch_size=1, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=min(len(groups), args["actors"] or max(1, int(cpus)))),
+                fn_constructor_kwargs={"settings": args["settings"], "crash_on": args["crash_on"],
+                                       "batch_size": args["batch_size"], **model},
+                num_cpus=1, max_task_retries=1,
+            )  # fmt: skip
+    else:
+        ds = _two_stages(ds, len(groups), cpus, gpus, args, model)
     ds.context.max_errored_blocks = -1  # a lost chunk is recovered one video per task, never fatal
     by_id = {c.id: c for c in todo}
     pending: dict[str, dict[str, dict]] = {}  # chunk id -> path -> row
@@ -173,6 +188,39 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
             if kill_after and len(written) >= kill_after:
                 os.kill(os.getpid(), 9)  # test-only: see KILL_AFTER_PARTS_ENV
     return written
+
+
+def resolve_stages(stages: str, gpus: int) -> str:
+    """``auto``: fused on CPU-only clusters, two stages where there are GPUs."""
+    if stages not in STAGES:
+        raise UserError(f"--stages must be one of {', '.join(STAGES)}, got {stages!r}")
+    return stages if stages != "auto" else ("two" if gpus else "fused")
+
+
+def _two_stages(ds, tasks: int, cpus: float, gpus: int, args: dict[str, Any], model: dict[str, Any]):
+    """Decode tasks feeding a model actor pool (one GPU per actor on GPU nodes)."""
+    # Ray Data hands a CPU its next decode task ~0.15 s after the last one ends (its scheduler polls
+    # every 0.1 s). Two decode tasks per CPU hide that hand-over, at the price of a second worker
+    # start per CPU (~1 CPU-s: Python, Ray, PyAV): worth it from about 8 tasks per CPU.
+    decode_cpus = 0.5 if tasks >= DECODE_TASKS_PER_CPU_TO_DOUBLE * cpus else 1
+    with warnings.catch_warnings():
+        # As in preprocessing: Ray 2.60 has no named parameter for task retries.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            decode_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": args["settings"], "crash_on": args["crash_on"]},
+            compute=ray.data.TaskPoolStrategy(), num_cpus=decode_cpus, max_retries=1, scheduling_strategy="SPREAD",
+        )  # fmt: skip
+    return ds.map_batches(
+        BatchPredictor,
+        batch_size=args["batch_size"],
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=args["actors"] or max(1, gpus)),
+        fn_constructor_kwargs=model,
+        # On GPU nodes an actor holds a GPU (and a CPU to feed it). On CPU-only clusters it reserves
+        # args["actor_cpus"] (default none): the decode tasks then take every CPU and the model
+        # shares them; reserving a whole CPU for it would leave a 1-CPU node no CPU to decode with.
+        **({"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": args["actor_cpus"]}),
+    )
 
 
 def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], progress: _Progress) -> None:
@@ -211,18 +259,22 @@ def predict_corpus(
     actors: int | None = None,
     actor_cpus: float = 0.0,
     videos_per_chunk: int | None = None,
+    stages: str = "auto",
 ) -> dict[str, Any]:
     """Predict every video of ``inputs`` into ``out``; returns the run's summary (see the module docstring).
 
-    ``clips`` (default: the model's ``train.eval_clips``) x ``crops`` are the views averaged; ``actors`` caps the model actor pool
-    (default: one per GPU, or one on a CPU-only cluster); ``actor_cpus``: the CPUs an actor
-    reserves on a CPU-only cluster.
+    ``clips`` (default: the model's ``train.eval_clips``) x ``crops`` are the views averaged. ``stages``:
+    ``fused`` (one actor per CPU decodes and predicts), ``two`` (decode tasks feeding model actors)
+    or ``auto`` (fused on CPU-only clusters, two where there are GPUs). ``actors`` caps the model actor
+    pool (default: one per GPU; fused: one per CPU; two stages on CPUs: one); ``actor_cpus``: the CPUs
+    a model actor of the two-stage layout reserves on a CPU-only cluster.
     """
     started = time.monotonic()
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
     if batch_size < 1 or (videos_per_chunk is not None and videos_per_chunk < 1):
         raise UserError(f"--batch-size and --videos-per-chunk must be >= 1, got {batch_size} and {videos_per_chunk}")
+    resolve_stages(stages, 0)  # a bad value fails before anything starts
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir} does not exist (pass a directory written by `vidray export` or a checkpoint)")
@@ -250,7 +302,7 @@ def predict_corpus(
         init_ray(include_dashboard=False)  # a local cluster for this command alone: no dashboard to start
         args = {
             "model_dir": str(model_dir), "top_k": top_k, "clips": views.clips, "crops": views.crops,
-            "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus,
+            "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus, "stages": stages,
             "settings": DecodeSettings(shape.stored_frames, shape.stored_size, shape.decoder),
             "crash_on": os.environ.get(CRASH_ON_ENV) or None,
         }  # fmt: skip

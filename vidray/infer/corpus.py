@@ -152,9 +152,10 @@ DECODED_SCHEMA = pa.schema([("chunk", pa.string()), ("path", pa.string()), ("fra
 
 
 def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | None) -> Iterator[pa.Table]:
-    """Ray Data task: each row of ``batch`` is one group of chunks (``chunks``: JSON ``[[id, paths], ...]``,
-    see :func:`group_chunks`); yields one table per chunk, one row per video, so a chunk's rows
-    travel on while the task decodes the next. Arrow in and out: frame bytes stay binary
+    """Each row of ``batch`` is one group of chunks (``chunks``: JSON ``[[id, paths], ...]``,
+    see :func:`group_chunks`); yields one table per chunk, one row per video. As a Ray Data task
+    (two-stage pipeline) a chunk's rows travel on while the task decodes the next; the fused
+    stage's actors (vidray/infer/batch_predict.py) predict each chunk as it comes. Arrow in and out: frame bytes stay binary
     (numpy's fixed-width bytes would drop trailing zero bytes)."""
     for group in batch.column("chunks").to_pylist():
         for chunk_id, paths in json.loads(group):
