@@ -22,6 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s by default: each run's start, reports and end wait
 # for that poll. Tests run dozens of tiny runs, so they poll faster (same behaviour, less waiting).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's preemption watcher, an actor of its own for every worker group it starts, only acts on
+# nodes being drained (a spot instance's notice): it tells the workers (ray.train.get_preemption_info,
+# which vidray does not read) and the controller waits out the drain before restarting. No test drains
+# a node (the multi-node test kills one, which the watcher does not see), and on 2 cores its process
+# start costs every run about 1 s (22.5 -> 21.5 s, mean of 4 runs each, taken in turns: a 2-epoch run
+# of 2 workers of tests/test_train.py's shape). Without it, Ray Train is the same for all tested here.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Ray Data (datasource V2) reads Parquet footers through a pool of 32 actors per read_parquet, each a
 # Python process of its own: on 2 cores, starting them costs seconds per read, for datasets of a few
 # small shards. One reader per read (the same footers, read by one process).

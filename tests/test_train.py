@@ -7,11 +7,14 @@ Three runs are shared by the tests of this module (module-scoped fixtures):
   killed once in the middle of epoch 2 and the run must resume from the epoch-1 checkpoint.
 * ``shuffled``: 1 worker on the same clips with every video's frames shuffled
   in time (the frame-order control), fed by Ray Data from the object store
-  (``train.cache_dataset=always``).
-* ``shuffled_killed``: the same as ``shuffled`` on the device path
-  (``train.cache_dataset=device``) with its only worker killed once in the
-  middle of epoch 1: it must reproduce ``shuffled`` exactly, so the device path
-  gives the Ray Data path's batches and augmentation stream, and resumes bit-exactly.
+  (``train.cache_dataset=always``). Its shards hold the raw frames that the
+  ``jpeg`` store of those clips decodes to.
+* ``shuffled_killed``: the same clips from the ``jpeg`` store (data.store,
+  vidray/data/store.py) on the device path (``train.cache_dataset=device``, the
+  compressed clips in the worker's memory) with its only worker killed once in
+  the middle of epoch 1: it must reproduce ``shuffled`` exactly, so the device
+  path gives the Ray Data path's batches and augmentation stream, training from
+  the jpeg store is training on its decoded frames, and a run resumes bit-exactly.
 
 The classes are two time-reversal pairs (a square moving right / left, and
 down / up): within a pair the set of frames has the same distribution, so only
@@ -43,6 +46,7 @@ from vidray.model.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TE
 from vidray.model.classifier import load_trained_model
 from vidray.config import TrainSettings, load_config
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
+from vidray.data.store import encode_clip
 from vidray.errors import UserError
 from vidray.testing.faults import kill_env
 from vidray.train.placement import should_cache_dataset
@@ -127,6 +131,24 @@ def write_dataset(root: Path, *, shuffle_time: bool, seed: int = 0, rows_per_sha
     return str(root)
 
 
+def write_store_twin(source: str, root: Path, store: str) -> str:
+    """The rows of the raw dataset ``source`` in the ``jpeg`` store (quality 90), or (``raw-decoded``)
+    as raw frames of what that jpeg store decodes to: two datasets that must train alike."""
+    info = json.loads((Path(source) / DATASET_INFO).read_text())
+    shape = (info["stored_frames"], info["stored_size"], info["stored_size"], 3)
+    for split in info["splits"]:
+        (root / split).mkdir(parents=True)
+        for shard in sorted((Path(source) / split).glob("*.parquet")):
+            table = pq.read_table(shard)
+            blobs = []
+            for blob in table.column("video").to_pylist():
+                jpeg = encode_clip(np.frombuffer(blob, np.uint8).reshape(shape), "jpeg", 90)
+                blobs.append(jpeg if store == "jpeg" else videos_from_bytes([jpeg], shape, "jpeg")[0].tobytes())
+            pq.write_table(table.set_column(0, "video", pa.array(blobs, pa.binary())), root / split / shard.name)
+    (root / DATASET_INFO).write_text(json.dumps({**info, "store": "jpeg" if store == "jpeg" else "raw"}))
+    return str(root)
+
+
 @pytest.fixture(scope="module")
 def start_checkpoint(tmp_path_factory) -> str:
     """The "pretrained" model the runs start from: a tiny random VideoMAE saved like a hub checkpoint.
@@ -161,6 +183,12 @@ def ordered_dataset(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def shuffled_dataset(tmp_path_factory) -> str:
     return write_dataset(tmp_path_factory.mktemp("shuffled"), shuffle_time=True)
+
+
+@pytest.fixture(scope="module")
+def shuffled_stores(shuffled_dataset, tmp_path_factory) -> dict[str, str]:
+    """``shuffled_dataset`` in the jpeg store, and as raw frames of what that store decodes to."""
+    return {store: write_store_twin(shuffled_dataset, tmp_path_factory.mktemp(store), store) for store in ("jpeg", "raw-decoded")}
 
 
 # ----------------------------------------------------------------- runs
@@ -234,21 +262,22 @@ def ordered(ray_cluster, ordered_dataset, start_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shuffled(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
+def shuffled(ray_cluster, shuffled_stores, start_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shuffled_run")
     # Written in line (checkpoint_in_background=false), as shuffled_killed's are not: the same checkpoints either way.
     cfg = config_for(
-        shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled",
+        shuffled_stores["raw-decoded"], start_checkpoint, tmp / "runs", "shuffled",
         "train.cache_dataset=always", "train.checkpoint_in_background=false",
     )  # fmt: skip
     return run(cfg, tmp)
 
 
 @pytest.fixture(scope="module")
-def shuffled_killed(ray_cluster, shuffled_dataset, start_checkpoint, tmp_path_factory):
+def shuffled_killed(ray_cluster, shuffled_stores, start_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shuffled_killed_run")
-    # Batches from the worker's own memory while `shuffled` iterates Ray Data: the two must still agree bit for bit.
-    cfg = config_for(shuffled_dataset, start_checkpoint, tmp / "runs", "shuffled_killed", "train.cache_dataset=device")
+    # Compressed clips from the worker's own memory while `shuffled` iterates Ray Data over their decoded
+    # frames: the two must still agree bit for bit.
+    cfg = config_for(shuffled_stores["jpeg"], start_checkpoint, tmp / "runs", "shuffled_killed", "train.cache_dataset=device")
     return run(cfg, tmp, kill_at_epoch=1)
 
 
@@ -383,11 +412,14 @@ def test_frame_shuffle_control_falls_to_chance_within_direction_pairs(ordered, s
 
 def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuffled_killed):
     """Also: batches from Ray Data over the object store (shuffled) or from the worker's device (shuffled_killed)
-    are the same run, and a run resumed on the device path continues it bit for bit."""
+    are the same run, and a run resumed on the device path continues it bit for bit. And (issue 18) training
+    from the jpeg store (shuffled_killed) is training on a raw dataset of its decoded frames (shuffled)."""
     assert shuffled_killed["killed"] and not shuffled["killed"]
     assert should_cache_dataset(shuffled["cfg"].train, read_dataset_info(shuffled["cfg"].data.dataset_dir))
     assert _last_info(shuffled)["ingest"]["placement"] == "ray_data"
     assert _last_info(shuffled_killed)["ingest"]["placement"] == "device"
+    # The checkpoints record the compressed store (for prediction), and nothing for a raw one.
+    assert _last_info(shuffled_killed)["data"]["store"] == "jpeg" and "store" not in _last_info(shuffled)["data"]
     a, b = _history(shuffled), _history(shuffled_killed)
     assert [h["epoch"] for h in b] == list(range(EPOCHS))
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "global_step", "lr"):

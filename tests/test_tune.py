@@ -8,7 +8,9 @@ early stops need the cluster's State API (see vidray.tune.local_ray.local_cluste
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -130,6 +132,16 @@ def registered_checkpoints(experiment: Path, trial_dir: Path) -> list:
     except (OSError, ValueError):  # not written yet, or caught mid-write
         return []
     return snapshot.get("checkpoint_results", [])
+
+
+def saved_trial_status(experiment: Path) -> dict[str, str]:
+    """{trial id: status} in the experiment state Tune last saved (what Tuner.restore continues from)."""
+    saved = sorted(experiment.glob("experiment_state-*.json"))
+    try:
+        trial_data = json.loads(saved[-1].read_text())["trial_data"] if saved else []
+    except (OSError, ValueError):  # caught mid-write
+        return {}
+    return {state["trial_id"]: state["status"] for state in (json.loads(entry[0]) for entry in trial_data)}
 
 
 def progress_epochs(trial_dir: Path) -> list[int]:
@@ -262,9 +274,9 @@ def test_preflight_refuses_before_any_trial_starts(ray_cluster, demo_data, tmp_p
 def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reported_again(ray_head, ray_cluster, demo_data, tmp_path):
     """One sweep's whole life, as a user lives it, with `python jobs/tune.py` drivers on the session's cluster:
 
-    1. two trials one at a time; the driver is SIGKILLed while trial 2 is mid-run (after trial 1 finished);
+    1. two trials side by side; the driver is SIGKILLed while trial 2 is mid-run (after trial 1 finished);
     2. the same command continues it: trial 1 is kept as it is, trial 2 resumes from its last checkpoint;
-    3. `--restart` with a config that could not continue it (ASHA, trials side by side) starts over: the
+    3. `--restart` with a config that could not continue it (ASHA, tracked) starts over: the
        results table, figures, best model, TensorBoard and offline W&B of a fresh sweep, and a console
        a person can read;
     4. the same command again reports the finished sweep and trains nothing; a changed config is refused.
@@ -276,25 +288,28 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     # Tracking is asserted on the restarted sweep (3.) and its rerun (4.); the sweep that is killed and
     # resumed runs without it (each tracked trial starts a W&B logging actor and service of its own).
     tracking = ["run.wandb.enabled=true", "run.wandb.mode=offline"]
-    overrides = sweep_overrides(demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=1")
+    overrides = sweep_overrides(demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=2")
     experiment = tmp_path / "runs" / "demo"
 
-    # 1. Trial 2's workers hold after epoch 0 until the driver is killed: killed that late, a trial
-    # of tiny epochs could otherwise finish before the signal lands, and there would be nothing to
-    # continue. The variables reach every worker of the job the way `ray job submit
-    # --runtime-env-json` passes them (the second driver runs without them).
+    # 1. Trial 2's workers hold after epoch 0 until the driver is killed, while trial 1 trains on beside
+    # it and finishes: killed that late, a trial of tiny epochs could otherwise finish before the
+    # signal lands, and there would be nothing to continue. The variables reach every worker of the
+    # job the way `ray job submit --runtime-env-json` passes them (the second driver runs without them).
     release = tmp_path / "release-hold"
     hold = hold_env(0, str(release), run_suffix="_00001")
     job_config = json.dumps({"runtime_env": {"env_vars": hold}})
     others = alive_train_actors(ray_head)  # other drivers' on the session's cluster, if any
     driver = start_driver(ray_head, overrides, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config})
     deadline = time.monotonic() + 900
-    while True:  # one trial at a time: trial 2 reporting means trial 1 is done
+    while True:  # until the experiment state Tune restores from has trial 1 done, and trial 2 is held
         trials = trial_dirs(experiment) if experiment.is_dir() else []
-        if len(trials) == 2 and progress_epochs(trials[1]) and registered_checkpoints(experiment, trials[1]):
+        if (
+            len(trials) == 2 and progress_epochs(trials[1]) and registered_checkpoints(experiment, trials[1])
+            and saved_trial_status(experiment).get(trial_id(trials[0])) == "TERMINATED"
+        ):  # fmt: skip
             break
         assert driver.poll() is None, f"the sweep ended before it could be interrupted:\n{driver.stdout.read()[-5000:]}"
-        assert time.monotonic() < deadline, "trial 2 never reported"
+        assert time.monotonic() < deadline, "trial 1 never finished or trial 2 never reported"
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
@@ -326,7 +341,7 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2], [1, 2]]
 
     # 3. --restart discards it, even with a config that could not continue it, and starts over:
-    # ASHA on, the trials side by side (the sweep derives two at a time on two CPUs), tracked.
+    # ASHA on, the trials side by side (this time the sweep derives two at a time on two CPUs), tracked.
     overrides = sweep_overrides(demo_data, tmp_path, "train.epochs=2", "tune.asha=true", "tune.grace_period=1", *tracking)
     output = finish(start_driver(ray_head, overrides, "--restart", env=env))
     assert output.rstrip().splitlines()[-1].startswith("{"), output[-5000:]
@@ -394,13 +409,18 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     assert infos and all(json.loads(p.read_text())["config"]["train"]["cache_dataset"] == "always" for p in infos)
     assert json.loads((experiment / "vidray_sweep.json").read_text())["train"]["cache_dataset"] == "auto"
 
-    # 4. The same command again: the finished sweep's results, exit 0, nothing retrained.
+    # 4. The same command again: the finished sweep's results, exit 0, nothing retrained. It trains
+    # nothing, so it runs here, through the function jobs/tune.py calls (a driver process of its own
+    # would only add its start-up), on the same cluster.
     progress = {t.name: (t / "progress.csv").read_text() for t in trials}
     checkpoints = sorted(str(p) for p in train_runs.glob("*/checkpoint_epoch_*"))
     # ...from vidray's and Tune's JSON files: Tune's pickled state is neither needed nor read.
     assert json.loads((experiment / "vidray_run.json").read_text())["finished"] is True
     (experiment / "tuner.pkl").rename(experiment / "tuner.pkl.aside")
-    again = finish(start_driver(ray_head, overrides, env=env))
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        assert cli_main(["tune", "--config", str(DEMO), *overrides]) in (0, None)
+    again = console.getvalue()
     assert json.loads(again.rstrip().splitlines()[-1])["results_md"] == str(reports / "results.md")
     assert "is finished; its results follow" in again and "| epoch " not in again
     assert [line for line in again.splitlines() if line.startswith("| ")] == [
