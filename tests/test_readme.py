@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,14 +40,32 @@ def readme_commands(readme: str) -> list[str]:
     return commands
 
 
+def start_command(command: str, cwd: Path, env: dict) -> subprocess.Popen:
+    """``command`` in bash as a user types it, stdout and stderr into one stream, as in a log file (a file,
+    not a pipe: a command that runs beside another must not stall on a pipe nobody reads yet)."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def finish_command(proc: subprocess.Popen, command: str) -> str:
+    """The console of a command from :func:`start_command`, once it has succeeded."""
+    try:
+        proc.wait(timeout=900)  # a hang guard, not a speed check
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    with proc.log as log:
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{output[-5000:]}"
+    return output
+
+
 def run_command(command: str, cwd: Path, env: dict) -> str:
-    """``command`` in bash as a user types it, stdout and stderr into one stream, as in a log file."""
-    proc = subprocess.run(
-        ["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=900,  # a hang guard, not a speed check
-    )  # fmt: skip
-    assert proc.returncode == 0, f"README command failed ({proc.returncode}): {command}\n{proc.stdout[-5000:]}"
-    return proc.stdout
+    return finish_command(start_command(command, cwd, env), command)
 
 
 def summary_of(output: str) -> dict:
@@ -110,27 +129,49 @@ def test_vidray_train_prints_one_line_per_epoch_and_tracks_the_run(walkthrough):
     assert_tracked(walkthrough["home"] / "ray_results" / "demo_train")
 
 
-def test_vidray_pretrain_prints_one_line_per_epoch_and_tracks_the_run(walkthrough):
-    """Pretraining on the walk-through's folder, with the same console and tracking."""
-    command = (
+# Pretraining on the walk-through's folder: once as the README's train runs (clean console, tracking),
+# once with --verbose. The two runs' folders differ (run.name), and each command's console is its own
+# process's, so they run side by side on the session's cluster (1 worker of 1 CPU each, on its 2 CPUs):
+# on two cores, one run's start-up overlaps the other's.
+PRETRAIN_COMMANDS = {
+    "tracked": (
         "vidray pretrain --config configs/demo.yaml data.source=folder pretrain.epochs=2 run.name=demo_train "
         "run.wandb.enabled=true"
-    )
-    output = run_command(command, walkthrough["work"], walkthrough["env"])
+    ),
+    "verbose": (
+        "vidray pretrain --verbose --config configs/demo.yaml data.source=folder pretrain.epochs=1 "
+        "run.name=demo_verbose"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def pretrain_consoles(walkthrough) -> dict[str, str]:
+    started = {
+        name: start_command(command, walkthrough["work"], walkthrough["env"]) for name, command in PRETRAIN_COMMANDS.items()
+    }
+    try:
+        return {name: finish_command(proc, PRETRAIN_COMMANDS[name]) for name, proc in started.items()}
+    finally:
+        for proc in started.values():  # when one failed, the other is not left running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_vidray_pretrain_prints_one_line_per_epoch_and_tracks_the_run(walkthrough, pretrain_consoles):
+    """Pretraining on the walk-through's folder, with the same console and tracking."""
+    output = pretrain_consoles["tracked"]
     assert_clean_console(output, "pretrain", epochs=2)
     run_dir = walkthrough["home"] / "ray_results" / "demo_train-pretrain"
     assert summary_of(output)["model_dir"] == str(run_dir / "encoder")
     assert_tracked(run_dir)
 
 
-def test_verbose_brings_back_what_the_console_leaves_out(walkthrough):
+def test_verbose_brings_back_what_the_console_leaves_out(pretrain_consoles):
     """``--verbose`` shows Ray's own lines again (its workers' logs, Ray Train's report and
     checkpoint lines), beside vidray's one line per epoch and its summary."""
-    command = (
-        "vidray pretrain --verbose --config configs/demo.yaml data.source=folder pretrain.epochs=1 "
-        "run.name=demo_verbose"
-    )
-    output = run_command(command, walkthrough["work"], walkthrough["env"])
+    output = pretrain_consoles["verbose"]
     assert "(RayTrainWorker pid=" in output, output[-5000:]  # the workers' output reaches the console
     assert "Checkpoint successfully created" in output, output[-5000:]
     assert [line for line in output.splitlines() if line.startswith("vidray pretrain: epoch 1/1")], output[-5000:]
