@@ -49,6 +49,12 @@ _SHUFFLE_DRAWS = 1024
 FrameSampler = Callable[[int], np.ndarray]
 
 
+def every_clip_reads(frames: np.ndarray, clips: int) -> np.ndarray:
+    """``frames``, the stored frames every clip of a batch reads (evaluation), as a FrameSampler gives them:
+    ``[clips, len(frames)]`` (a broadcast view, no copy)."""
+    return np.broadcast_to(frames, (clips, len(frames)))
+
+
 # ------------------------------------------------------------------ the shuffle every path shares
 
 
@@ -399,7 +405,7 @@ def val_batches(
     for table in tables:
         rows = list(arrow_rows(table, collate.video_shape, collate.store))
         if rows:  # a batch whose every clip was rejected: nothing to evaluate
-            yield collate.stack(rows, None if frames is None else np.broadcast_to(frames, (len(rows), len(frames))))
+            yield collate.stack(rows, None if frames is None else every_clip_reads(frames, len(rows)))
 
 
 def val_rows_of_rank(val_videos: int, batch_size: int, rank: int, world_size: int) -> int:

@@ -16,6 +16,7 @@ benchmarks/gpu_check.py measures it on a machine without Ray.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from vidray.train.batches import (
     arrow_rows,
     arrow_videos,
     decode_rows_into,
+    every_clip_reads,
     prefetch_in_thread,
     rank_val_tables,
     shuffle_buffer_order,
@@ -292,7 +294,7 @@ class DeviceCache:
         if isinstance(self.val_videos, StoredClips):
             positions = torch.arange(len(self.val_labels))
             size = max(self.val_batch_sizes, default=1)
-            every = None if frames is None else (lambda n: np.broadcast_to(frames, (n, len(frames))))
+            every = None if frames is None else functools.partial(every_clip_reads, frames)
             return self._decoded_batches(self.val_videos, self.val_labels, positions, size, 2, self.val_batch_sizes, every)
         return self._val_views()
 
