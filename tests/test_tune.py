@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,17 +277,21 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
 
     1. two trials side by side; the driver is SIGKILLed while trial 2 is mid-run (after trial 1 finished);
     2. the same command continues it: trial 1 is kept as it is, trial 2 resumes from its last checkpoint;
-    3. `--restart` with a config that could not continue it (ASHA, tracked) starts over: the
-       results table, figures, best model, TensorBoard and offline W&B of a fresh sweep, and a console
-       a person can read;
+       the finished sweep's results table, figures, best model and TensorBoard, and consoles a person can read;
+    3. `--restart` with a config that could not continue it (ASHA, another grid, tracked) discards it and
+       starts over, with an offline W&B run;
     4. the same command again reports the finished sweep and trains nothing; a changed config is refused.
+
+    2. and 3. run side by side, each driver on a sweep of its own: 3. restarts a copy of the interrupted
+    sweep, taken file for file once its driver is dead, so 2. can continue the original. The cluster's
+    two CPUs are busy either way (every Ray Train run starts processes of its own), so the restarted
+    sweep is one trial of one epoch: what it shows is that it starts over, and logs to W&B (each tracked
+    trial starts a W&B logging actor and service of its own: about 10 s of a two-trial sweep's start).
     """
     import matplotlib.image
 
     # No key, no WANDB_MODE: offline must come from the config alone, and nothing may need a network.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    # Tracking is asserted on the restarted sweep (3.) and its rerun (4.); the sweep that is killed and
-    # resumed runs without it (each tracked trial starts a W&B logging actor and service of its own).
     tracking = ["run.wandb.enabled=true", "run.wandb.mode=offline"]
     overrides = sweep_overrides(demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.max_concurrent_trials=2")
     experiment = tmp_path / "runs" / "demo"
@@ -312,7 +317,7 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
         assert time.monotonic() < deadline, "trial 1 never finished or trial 2 never reported"
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
-    driver.communicate()
+    killed_output, _ = driver.communicate()
     # The cluster reaps the dead driver's trial and its Ray Train controller; the held workers would
     # sit out their task, so they end now, as a reaped process would (without training on).
     wait_for_train_to_stop(ray_head, others, classes=frozenset({"ImplicitFunc", "TrainController"}))
@@ -327,8 +332,24 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     snapshot = json.loads((experiment / "train_runs" / trial_id(second) / "checkpoint_manager_snapshot.json").read_text())
     assert [result["metrics"]["epoch"] for result in snapshot["checkpoint_results"]] == [0]  # 0-based
 
-    # 2. The same command continues it.
-    output = finish(start_driver(ray_head, overrides, env=env))
+    # 3. starts beside 2.: --restart discards a copy of the interrupted sweep (its own storage and reports,
+    # the same run.name), even with a config that could not continue it, and starts over with ASHA on, tracked.
+    restarted_root = tmp_path / "restarted"
+    restarted = restarted_root / "runs" / "demo"
+    shutil.copytree(experiment, restarted, symlinks=True)
+    copied = trial_dirs(restarted)
+    assert [p.name for p in copied] == [first.name, second.name]
+    restart_overrides = sweep_overrides(
+        demo_data, restarted_root, "train.epochs=1", "tune.asha=true", "tune.grace_period=1", "tune.mixup_alpha=[0.0]", *tracking
+    )
+    restart_driver = start_driver(ray_head, restart_overrides, "--restart", env=env)
+    try:
+        # 2. The same command continues the original.
+        output = finish(start_driver(ray_head, overrides, env=env))
+    except BaseException:
+        restart_driver.kill()  # a failure here ends the test: leave no driver behind
+        restart_driver.communicate()
+        raise
     summary = json.loads(output.rstrip().splitlines()[-1])
     assert summary["trials"] == 2 and summary["errored"] == 0, output[-5000:]
     assert "continuing the interrupted sweep" in output, output[-8000:]
@@ -336,25 +357,22 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     assert len(trial_dirs(experiment)) == 2
     # Ray Train picked up its registered checkpoint: the resumed run reports only what is left.
     assert progress_epochs(second) == [1, 2]
-    results = json.loads((tmp_path / "reports" / "results.json").read_text())
-    assert [t["status"] for t in results["trials"]] == ["completed", "completed"]
-    assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2], [1, 2]]
 
-    # 3. --restart discards it, even with a config that could not continue it, and starts over:
-    # ASHA on, the trials side by side (this time the sweep derives two at a time on two CPUs), tracked.
-    overrides = sweep_overrides(demo_data, tmp_path, "train.epochs=2", "tune.asha=true", "tune.grace_period=1", *tracking)
-    output = finish(start_driver(ray_head, overrides, "--restart", env=env))
-    assert output.rstrip().splitlines()[-1].startswith("{"), output[-5000:]
-    summary = json.loads(output.rstrip().splitlines()[-1])
-    assert summary["trials"] == 2 and summary["errored"] == 0, output[-5000:]
-    assert not first.exists() and not second.exists()
-    # A console a person can read: Tune's trial table and one line per trial per epoch, no metric
-    # dumps, no tracebacks, no progress bars.
-    assert "Trial status" in output
-    epoch_lines = [line for line in output.splitlines() if " | epoch " in line and line.startswith("[")]
-    assert 3 <= len(epoch_lines) <= 4 and all("val acc" in line for line in epoch_lines), epoch_lines
-    for noise in ("Reporting training result", "Traceback", "SystemExit", "Running Dataset", "it/s]"):
-        assert noise not in output, f"{noise!r} in the console:\n{output[-5000:]}"
+    # Consoles a person can read: Tune's trial table and one line per trial per epoch (the killed
+    # driver's for the epochs it saw, the continuing one's for what was left), no metric dumps, no
+    # tracebacks, no progress bars.
+    def epoch_lines(console: str) -> list[str]:
+        lines = [line for line in console.splitlines() if " | epoch " in line and line.startswith("[")]
+        assert all("val acc" in line for line in lines), lines
+        return sorted(f"{line.split(']')[0]}] {line.split(' | ')[1]}" for line in lines)
+
+    one, two = (f"[{trial_id(t)}]" for t in (first, second))
+    assert epoch_lines(killed_output) == [f"{one} epoch 1/2", f"{one} epoch 2/2", f"{two} epoch 1/2"], killed_output[-5000:]
+    assert epoch_lines(output) == [f"{two} epoch 2/2"], output[-5000:]
+    for console in (killed_output, output):
+        assert "Trial status" in console
+        for noise in ("Reporting training result", "Traceback", "SystemExit", "Running Dataset", "it/s]"):
+            assert noise not in console, f"{noise!r} in the console:\n{console[-5000:]}"
 
     reports = tmp_path / "reports"
     markdown = (reports / "results.md").read_text()
@@ -372,10 +390,9 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
         assert [row["Type"] for row in csv.DictReader(f)] == labels
 
     results = json.loads((reports / "results.json").read_text())
+    assert [t["status"] for t in results["trials"]] == ["completed", "completed"]
+    assert [[row[EPOCHS_DONE] for row in t["history"]] for t in results["trials"]] == [[1, 2], [1, 2]]
     for trial in results["trials"]:
-        epochs = [row[EPOCHS_DONE] for row in trial["history"]]
-        assert epochs == list(range(1, trial["epochs_done"] + 1)) and trial["epochs_done"] >= 1
-        assert trial["status"] == ("completed" if trial["epochs_done"] == 2 else "stopped early")
         assert 0 <= trial["last"]["val_macro_f1"] <= 1 and trial["last"]["train_loss"] > 0
     best_value = max(t["best_value"] for t in results["trials"])
     assert results["best"]["val_macro_f1"] == best_value
@@ -393,13 +410,12 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
         image = matplotlib.image.imread(reports / "figures" / name)
         assert image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0
 
-    # Tune's loggers (CSV, JSON, TensorBoard) and W&B offline runs, per trial; checkpoints per Train run.
+    # Tune's loggers (CSV, JSON, TensorBoard), per trial; checkpoints per Train run.
     trials = trial_dirs(experiment)
     assert len(trials) == 2
     for trial_dir in trials:
         assert (trial_dir / "progress.csv").is_file() and (trial_dir / "result.json").is_file()
         assert list(trial_dir.glob("events.out.tfevents.*"))
-        assert list((trial_dir / "wandb").glob("offline-run-*"))
     train_runs = experiment / "train_runs"
     assert sorted(p.name for p in train_runs.iterdir()) == sorted(t["trial_id"] for t in results["trials"])
     assert all(list(run.glob("checkpoint_epoch_*/model/model.safetensors")) for run in train_runs.iterdir())
@@ -409,7 +425,21 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     assert infos and all(json.loads(p.read_text())["config"]["train"]["cache_dataset"] == "always" for p in infos)
     assert json.loads((experiment / "vidray_sweep.json").read_text())["train"]["cache_dataset"] == "auto"
 
-    # 4. The same command again: the finished sweep's results, exit 0, nothing retrained. It trains
+    # 3. The restarted sweep: the copy's trials gone, one fresh trial, trained to the end under ASHA, and
+    # its W&B run kept offline beside Tune's loggers.
+    restart_output = finish(restart_driver)
+    assert restart_output.rstrip().splitlines()[-1].startswith("{"), restart_output[-5000:]
+    restart_summary = json.loads(restart_output.rstrip().splitlines()[-1])
+    assert restart_summary["trials"] == 1 and restart_summary["errored"] == 0, restart_output[-5000:]
+    assert "continuing" not in restart_output and not any(p.exists() for p in copied)
+    (fresh,) = trial_dirs(restarted)
+    assert progress_epochs(fresh) == [1] and "ASHA on `val_macro_f1` (max) on" in (restarted_root / "reports" / "results.md").read_text()
+    assert list((fresh / "wandb").glob("offline-run-*")) and list(fresh.glob("events.out.tfevents.*"))
+    assert len(epoch_lines(restart_output)) == 1 and "Trial status" in restart_output
+    for noise in ("Reporting training result", "Traceback", "SystemExit", "Running Dataset", "it/s]"):
+        assert noise not in restart_output, f"{noise!r} in the console:\n{restart_output[-5000:]}"
+
+    # 4. The same command as 2. again: the finished sweep's results, exit 0, nothing retrained. It trains
     # nothing, so it runs here, through the function jobs/tune.py calls (a driver process of its own
     # would only add its start-up), on the same cluster.
     progress = {t.name: (t / "progress.csv").read_text() for t in trials}
