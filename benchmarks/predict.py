@@ -18,11 +18,9 @@ torch, loading the model, and for vidray starting or joining Ray and its workers
 ``one_by_one``     ``vidray predict --model M FILES...``: the loop in vidray/infer/predict.py.
 ``batch_local``    ``vidray predict --model M --out OUT FILES...`` starting its own local Ray
                    (``ray.init()``, all CPUs), as a user runs it on a laptop. Its default layout
-                   on a CPU-only machine is the fused stage (actors of two CPUs decode, two threads each, and predict).
-``<batch method>_two`` / ``_fused`` / ``_fused1``  the same with ``--stages two`` (decode tasks
-                   feeding a model actor: the GPU layout), ``--stages fused``, or ``--stages fused
-                   --actor-threads 1`` (one single-threaded actor per CPU, the fused layout before
-                   its actors ran two threads), to compare the layouts side by side.
+                   on a CPU-only machine is the fused stage (one actor per CPU decodes and predicts).
+``<batch method>_two`` / ``_fused``  the same with ``--stages two`` (decode tasks feeding a model
+                   actor: the GPU layout) or ``--stages fused``, to compare the layouts side by side.
 ``batch_<n>node_<c>cpu``  the same driver joining a loopback cluster of n ``ray start`` nodes of
                    c CPUs each (vidray.local_cluster.LoopbackCluster); the cluster's start is
                    timed separately and not included (it is up before users run jobs).
@@ -64,9 +62,6 @@ from benchlib import ProcessTreeCPU, command_line, loadavg, machine_info, median
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache" / "predict"
 LAYOUTS = ("1node_1cpu", "1node_2cpu", "2node_1cpu")
-# Method suffixes that pick a batch layout (none: the default, `--stages auto`).
-LAYOUT_FLAGS = {"two": ["--stages", "two"], "fused": ["--stages", "fused"],
-                "fused1": ["--stages", "fused", "--actor-threads", "1"]}  # fmt: skip
 PIPELINE_SIDE = REPO / "tests" / "pipeline_side.py"
 PIPELINE_PYTHON = Path(os.environ.get("VIDRAY_PIPELINE_PYTHON", REPO / ".venv-pipeline" / "bin" / "python"))
 
@@ -149,10 +144,10 @@ def run_method(method: str, files: list[str], model: Path, scratch: Path, timeou
                pipeline_python: Path = PIPELINE_PYTHON, cpu_seconds: bool = False) -> dict[str, Any]:
     vidray = [sys.executable, "-m", "vidray", "predict", "--model", str(model)]
     out = scratch / f"out-{method}-{time.monotonic_ns()}"
-    layout, _, variant = method.rpartition("_")
-    if variant not in LAYOUT_FLAGS:
-        layout, variant = method, ""
-    batch = [*vidray, "--top-k", "1", "--out", str(out), *LAYOUT_FLAGS.get(variant, []), *files]
+    layout, _, stages = method.rpartition("_")
+    if stages not in ("two", "fused"):
+        layout, stages = method, None
+    batch = [*vidray, "--top-k", "1", "--out", str(out), *(["--stages", stages] if stages else []), *files]
     if method == "one_by_one":
         run = timed([*vidray, "--top-k", "1", *files], base_env(), timeout, cpu_seconds)
         results = run.pop("summary")["results"]

@@ -15,13 +15,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.model import transforms
-from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, fused_layout, predict_corpus, resolve_stages
+from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus, resolve_stages
 from vidray.infer.corpus import PARTS_DIR, discover, group_chunks, plan_chunks
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
@@ -124,9 +123,6 @@ def test_every_discovered_video_gets_one_row_and_hostile_files_cost_one_row_each
 
 
 def test_batch_and_one_by_one_give_the_same_top1_and_scores(corpus, model_dir, batch_run):
-    # The session's 2-CPU node: one fused actor decoding two chunks at once on two threads, one shared
-    # model (the batch run's 4 chunks are 4 tasks); with --embeddings, so each call's hook stays its own.
-    assert fused_layout([n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]) == (1, 2)
     table = pq.read_table(batch_run["out"] / "predictions.parquet").to_pandas().set_index("path")
     one_by_one = predict_videos(model_dir, corpus["good"], top_k=2)
     for item in one_by_one:
@@ -137,7 +133,7 @@ def test_batch_and_one_by_one_give_the_same_top1_and_scores(corpus, model_dir, b
 
 def test_the_two_stage_layout_gives_the_fused_layouts_rows(corpus, model_dir, batch_run, tmp_path):
     """Decode tasks feeding a model actor (the GPU layout, `--stages two`) against the CPU default,
-    actors that decode and predict: the same rows, rejections included."""
+    one actor per CPU that decodes and predicts: the same rows, rejections included."""
     assert (resolve_stages("auto", 0), resolve_stages("auto", 1), resolve_stages("two", 0)) == ("fused", "two", "two")
     with pytest.raises(UserError, match="--stages must be one of auto, fused, two"):
         resolve_stages("three", 0)
@@ -238,15 +234,6 @@ def test_decode_tasks_group_small_chunks_and_the_driver_imports_no_torch():
     probe = "import sys, vidray.cli, vidray.infer.batch_predict; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
-
-
-def test_fused_actors_tile_every_node_two_threads_each_where_the_cpu_counts_allow():
-    assert fused_layout([2]) == (1, 2)  # this machine: one actor, one model import, two decode threads
-    assert fused_layout([4, 2, 0]) == (3, 2)  # a CPU-less head holds no actor
-    assert fused_layout([1, 1]) == (2, 1) and fused_layout([3, 2]) == (5, 1)  # 2 would leave a CPU idle
-    assert fused_layout([2], threads=1) == (2, 1) and fused_layout([8], actors=3) == (3, 2)
-    with pytest.raises(UserError, match="--actor-threads and --actors must be >= 1, got 0 and None"):
-        fused_layout([2], threads=0)
 
 
 def test_views_shapes_order_and_the_one_crop_default():

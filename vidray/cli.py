@@ -183,7 +183,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
                                  crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
                                  actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk,
-                                 stages=args.stages, actor_threads=args.actor_threads)  # fmt: skip
+                                 stages=args.stages)  # fmt: skip
         _print_summary(summary, disconnect_ray=not connected_before)
         return
     if args.embeddings:
@@ -305,19 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="write OUT/predictions.parquet and OUT/rejects.csv on Ray Data")
     pr.add_argument("--embeddings", action="store_true", help="with --out: add the pooled encoder features")
     pr.add_argument("--batch-size", type=int, default=8, help="with --out: videos per model batch")
-    pr.add_argument(
-        "--actors", type=int, default=None,
-        help="with --out: most model actors (default: one per GPU; fused: one per --actor-threads CPUs)",
-    )  # fmt: skip
+    pr.add_argument("--actors", type=int, default=None, help="with --out: most model actors (default: one per GPU; fused: one per CPU)")
     pr.add_argument(
         "--stages", default="auto",
-        help="with --out: fused = actors decode and predict; two = decode tasks feed model actors "
+        help="with --out: fused = one actor per CPU decodes and predicts; two = decode tasks feed model actors "
         "(default auto: fused on CPU-only clusters, two on GPU clusters)",
-    )
-    pr.add_argument(
-        "--actor-threads", type=int, default=None,
-        help="with --out --stages fused: chunk groups each actor decodes at once, one thread and one CPU each "
-        "(default 2 where every node's CPU count is even, else 1)",
     )
     pr.add_argument(
         "--actor-cpus", type=float, default=0.0,

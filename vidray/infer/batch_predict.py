@@ -13,14 +13,11 @@ streams, so memory stays flat whatever the corpus size:
 * **predict**: an *actor pool* (one GPU per actor on GPU nodes) holds the model
   once per actor and runs batches through :class:`vidray.infer.predict.Classifier`, the
   same step as the one-by-one mode, so both give the same top-1 and scores.
-* **fused** (CPU-only clusters, by default): actors that decode their chunks and predict them
-  themselves, with the same decoder and the same :class:`~vidray.infer.predict.Classifier`: no
+* **fused** (CPU-only clusters, by default): one actor per CPU decodes its chunks and predicts
+  them itself, with the same decoder and the same :class:`~vidray.infer.predict.Classifier`: no
   decode worker processes beside the model, no frames through the object store, and an actor's
-  next chunk is queued while it works (no hand-over gap between tasks). An actor holds two CPUs
-  where the nodes' CPU counts allow (:func:`fused_layout`) and runs two chunk groups at once, one
-  thread each (FFmpeg decodes without the GIL), sharing one model: one torch + transformers import
-  and one worker process per two CPUs instead of per CPU. On GPU nodes the two stages above stay
-  apart, so the GPU actors never wait on decoding (``stages``).
+  next chunk is queued while it works (no hand-over gap between tasks). On GPU nodes the two
+  stages above stay apart, so the GPU actors never wait on decoding (``stages``).
 * **write**: the driver collects each chunk's rows and writes them as one Parquet
   part, atomically (temporary name, then rename), under ``OUT/_parts``.
 
@@ -44,10 +41,8 @@ checked before anything is assembled: predicted + rejected == discovered.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -72,12 +67,8 @@ from vidray.storage import join_uri, open_filesystem
 
 PROGRESS_EVERY_S = 10.0
 DECODE_TASKS_PER_CPU_TO_DOUBLE = 8
-# How a run is laid out: decode and model fused in the same actors, or decode tasks feeding model actors.
+# How a run is laid out: decode and model fused in one actor per CPU, or decode tasks feeding model actors.
 STAGES = ("auto", "fused", "two")
-# Chunk groups a fused actor runs at once, one thread each, at most. Two threads in one process
-# decode as fast as two processes here (measured on 2 CPUs: docs/benchmarks.md section 5) and
-# save a worker and a model import; more threads per process were not measurable on this machine.
-FUSED_THREADS_PER_ACTOR = 2
 # Test-only: the driver SIGKILLs itself after writing this many parts (a real, uncatchable kill).
 KILL_AFTER_PARTS_ENV = "VIDRAY_TEST_KILL_AFTER_PARTS"
 # What the model actors hand back: one row per video of a chunk.
@@ -124,40 +115,17 @@ class BatchPredictor:
 
 class DecodingPredictor(BatchPredictor):
     """Ray Data actor of the fused stage: groups of chunks in, each chunk decoded here
-    (:func:`decode_chunks`) and predicted in batches of ``batch_size``, one table per chunk out.
-
-    With several calls at once (one thread each, see :func:`fused_layout`) the threads decode side
-    by side and take turns with the model: one forward at a time, since ``--embeddings`` hooks the
-    shared model per call, and torch already spreads one forward over the actor's CPUs."""
+    (:func:`decode_chunks`) and predicted in batches of ``batch_size``, one table per chunk out."""
 
     def __init__(self, settings: DecodeSettings, crash_on: str | None, batch_size: int, **model: Any):
         super().__init__(**model)
         self.settings, self.crash_on, self.batch_size = settings, crash_on, batch_size
-        self.model_lock = threading.Lock()
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:  # type: ignore[override]
         predict = super().__call__
         for decoded in decode_chunks(batch, self.settings, self.crash_on):
             starts = range(0, decoded.num_rows, self.batch_size)
-            with self.model_lock:
-                predicted = pa.concat_tables([predict(decoded.slice(start, self.batch_size)) for start in starts])
-            yield predicted
-
-
-def fused_layout(node_cpus: list[float], threads: int | None = None, actors: int | None = None) -> tuple[int, int]:
-    """(actors, threads per actor) of the fused stage on nodes with ``node_cpus`` CPUs each.
-
-    An actor holds as many CPUs as it runs threads: the most, up to FUSED_THREADS_PER_ACTOR, that
-    divides every node's CPU count, so actors tile each node and no CPU is left over (nodes of 2
-    and 4 CPUs: 2 threads; a 1-CPU or 3-CPU node among them: 1). Then one actor per ``threads`` CPUs.
-    """
-    counts = [int(c) for c in node_cpus if int(c) > 0] or [1]
-    if threads is None:
-        common = math.gcd(*counts)
-        threads = max(t for t in range(1, FUSED_THREADS_PER_ACTOR + 1) if common % t == 0)
-    if threads < 1 or (actors is not None and actors < 1):
-        raise UserError(f"--actor-threads and --actors must be >= 1, got {threads} and {actors}")
-    return actors or max(1, sum(c // threads for c in counts)), threads
+            yield pa.concat_tables([predict(decoded.slice(start, self.batch_size)) for start in starts])
 
 
 class _Progress:
@@ -188,20 +156,17 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
                              override_num_blocks=len(groups))  # fmt: skip
     model = {k: args[k] for k in ("model_dir", "top_k", "clips", "crops", "embeddings")}
     if resolve_stages(args["stages"], gpus) == "fused":
-        # An actor per `threads` CPUs, each with its own model (small next to a decode's work). A
-        # decoder that kills its actor fails the tasks it held once more at most; the chunks they
-        # leave without a part are isolated afterwards, as a lost decode task's are.
-        node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-        actors, threads = fused_layout(node_cpus, args["actor_threads"], args["actors"])
+        # One actor per CPU, each with its own model (small next to a decode's work). A decoder
+        # that kills its actor fails that task once more at most; the chunks it leaves without a
+        # part are isolated afterwards, as a lost decode task's are.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # see _two_stages
             ds = ds.map_batches(
                 DecodingPredictor, batch_size=1, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=min(len(groups), actors), max_concurrent_calls_per_actor=threads,
-                                                   enable_true_multi_threading=threads > 1),
+                compute=ray.data.ActorPoolStrategy(size=min(len(groups), args["actors"] or max(1, int(cpus)))),
                 fn_constructor_kwargs={"settings": args["settings"], "crash_on": args["crash_on"],
                                        "batch_size": args["batch_size"], **model},
-                num_cpus=threads, max_task_retries=1,
+                num_cpus=1, max_task_retries=1,
             )  # fmt: skip
     else:
         ds = _two_stages(ds, len(groups), cpus, gpus, args, model)
@@ -295,17 +260,14 @@ def predict_corpus(
     actor_cpus: float = 0.0,
     videos_per_chunk: int | None = None,
     stages: str = "auto",
-    actor_threads: int | None = None,
 ) -> dict[str, Any]:
     """Predict every video of ``inputs`` into ``out``; returns the run's summary (see the module docstring).
 
     ``clips`` (default: the model's ``train.eval_clips``) x ``crops`` are the views averaged. ``stages``:
-    ``fused`` (actors decode and predict, ``actor_threads`` chunk groups at once), ``two`` (decode tasks feeding model actors)
+    ``fused`` (one actor per CPU decodes and predicts), ``two`` (decode tasks feeding model actors)
     or ``auto`` (fused on CPU-only clusters, two where there are GPUs). ``actors`` caps the model actor
-    pool (default: one per GPU; fused: one per ``actor_threads`` CPUs; two stages on CPUs: one);
-    ``actor_threads``: chunk groups a fused actor decodes at once, one thread and one CPU each (default:
-    :func:`fused_layout`); ``actor_cpus``: the CPUs a model actor of the two-stage layout reserves on
-    a CPU-only cluster.
+    pool (default: one per GPU; fused: one per CPU; two stages on CPUs: one); ``actor_cpus``: the CPUs
+    a model actor of the two-stage layout reserves on a CPU-only cluster.
     """
     started = time.monotonic()
     if top_k < 1:
@@ -313,7 +275,6 @@ def predict_corpus(
     if batch_size < 1 or (videos_per_chunk is not None and videos_per_chunk < 1):
         raise UserError(f"--batch-size and --videos-per-chunk must be >= 1, got {batch_size} and {videos_per_chunk}")
     resolve_stages(stages, 0)  # a bad value fails before anything starts
-    fused_layout([1], actor_threads, actors)
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir} does not exist (pass a directory written by `vidray export` or a checkpoint)")
@@ -342,7 +303,6 @@ def predict_corpus(
         args = {
             "model_dir": str(model_dir), "top_k": top_k, "clips": views.clips, "crops": views.crops,
             "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus, "stages": stages,
-            "actor_threads": actor_threads,
             "settings": DecodeSettings(shape.stored_frames, shape.stored_size, shape.decoder),
             "crash_on": os.environ.get(CRASH_ON_ENV) or None,
         }  # fmt: skip
