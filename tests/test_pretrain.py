@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 
 from conftest import assert_same_tensors
-from test_train import CLASSES, FRAMES, SIZE, config_for, run, write_dataset
+from test_train import CLASSES, FRAMES, SIZE, config_for, prepare_run, run_side_by_side, write_dataset
 from vidray.cli import main as cli_main
 from vidray.model.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_info
 from vidray.model.classifier import load_trained_model
@@ -265,10 +265,13 @@ def pretrain_config(dataset_dir: str, storage: Path, name: str, *overrides: str)
     )
 
 
-def pretrain_run(cfg, tmp: Path, *, kill_at_epoch: int | None = None) -> dict:
-    outcome = run(
+def prepare_pretrain_run(cfg, tmp: Path, *, kill_at_epoch: int | None = None) -> tuple:
+    return prepare_run(
         cfg, tmp, kill_at_epoch=kill_at_epoch, build=build_pretrainer, run_config_of=make_pretraining_run_config
     )
+
+
+def with_info(outcome: dict) -> dict:
     return {**outcome, "info": read_checkpoint_info(outcome["result"].checkpoint.path)}
 
 
@@ -278,16 +281,31 @@ def clips_dataset(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, clips_dataset, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pretrain_uninterrupted")
-    return pretrain_run(pretrain_config(clips_dataset, tmp / "runs", "uninterrupted"), tmp)
+def pretrain_runs(ray_cluster, clips_dataset, tmp_path_factory) -> dict[str, dict]:
+    """Both runs, fitted side by side (tests/test_train.py's :func:`run_side_by_side`). Their 4 workers
+    take 0.25 CPU each, so the streamed run's Ray Data reads find a free CPU beside them."""
+    tmp = tmp_path_factory.mktemp("pretrain_runs")
+    uninterrupted = pretrain_config(clips_dataset, tmp / "runs", "uninterrupted", "train.cpus_per_worker=0.25")
+    killed = pretrain_config(
+        clips_dataset, tmp / "runs", "killed", "train.cache_dataset=never", "train.cpus_per_worker=0.25"
+    )
+    outcomes = run_side_by_side(
+        {
+            "uninterrupted": prepare_pretrain_run(uninterrupted, tmp),
+            "killed": prepare_pretrain_run(killed, tmp, kill_at_epoch=1),
+        }
+    )
+    return {name: with_info(outcome) for name, outcome in outcomes.items()}
 
 
 @pytest.fixture(scope="module")
-def killed(ray_cluster, clips_dataset, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pretrain_killed")
-    cfg = pretrain_config(clips_dataset, tmp / "runs", "killed", "train.cache_dataset=never")
-    return pretrain_run(cfg, tmp, kill_at_epoch=1)
+def uninterrupted(pretrain_runs):
+    return pretrain_runs["uninterrupted"]
+
+
+@pytest.fixture(scope="module")
+def killed(pretrain_runs):
+    return pretrain_runs["killed"]
 
 
 def test_pretraining_loss_falls_on_two_ddp_workers(uninterrupted):

@@ -119,6 +119,13 @@ def test_the_step_by_step_section_runs_as_written(walkthrough):
     # The checkpoint the README evaluates is the one the summary names as the last epoch's.
     assert train["checkpoint"] == str(runs / "demo_train" / "checkpoint_epoch_0002")
     assert train["last"]["epoch"] == 2 and train["best_checkpoint"]
+    # Step 4 reuses step 3's shards, as the README says: they landed in the walk-through's folder,
+    # not in the directory of whichever Ray worker decoded them.
+    train_output = next(o for c, o in outputs.items() if c.startswith("vidray train"))
+    reused = re.search(r"decoded 0, reused (\d+)/(\d+) shards", train_output)
+    assert reused and reused[1] == reused[2], train_output[-3000:]
+    shards = list((walkthrough["work"] / "data" / "demo" / "dataset").glob("*/shard-*.parquet"))
+    assert len(shards) == int(reused[2]) and {p.parent.name for p in shards} == {"train", "val", "test"}
     assert summaries["evaluate"]["num_samples"] == 12 and 0 <= summaries["evaluate"]["accuracy"] <= 1
     assert len(summaries["predict"]["results"]) == 12
 

@@ -1,6 +1,7 @@
 """Real Ray Train runs on CPU: a tiny VideoMAE on synthetic clips whose classes only differ in time.
 
-Three runs are shared by the tests of this module (module-scoped fixtures):
+Three runs are shared by the tests of this module (module-scoped fixtures; fitted side by side
+by :func:`train_runs`):
 
 * ``ordered``: 2 DDP workers on the in-order clips, data placement ``auto``
   (which keeps each worker's shard in its memory: the device path); rank 1 is
@@ -29,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -233,52 +235,87 @@ def config_for(dataset_dir: str, start_checkpoint: str, storage: Path, name: str
     )
 
 
-def run(cfg, tmp: Path, *, kill_at_epoch: int | None = None, build=build_trainer, run_config_of=make_run_config) -> dict:
-    """Fit through ``build`` (tests/test_pretrain.py passes the pretraining pair) with a RunSettings
-    that also records every report."""
+def prepare_run(cfg, tmp: Path, *, kill_at_epoch: int | None = None, build=build_trainer, run_config_of=make_run_config):
+    """A run ready to ``fit()`` through ``build`` (tests/test_pretrain.py passes the pretraining pair),
+    with a RunSettings that also records every report: (trainer, what :func:`finish_run` needs)."""
     reports = tmp / f"{cfg.run.name}-reports.jsonl"
     marker = tmp / f"{cfg.run.name}-killed"
     env = kill_env(kill_at_epoch, str(marker)) if kill_at_epoch is not None else {}
     run_config = run_config_of(
         cfg, callbacks=[RecordReports(str(reports))], worker_runtime_env={"env_vars": env}
     )
-    result = build(cfg, run_config=run_config).fit()
+    return build(cfg, run_config=run_config), {"reports": reports, "marker": marker, "cfg": cfg}
+
+
+def finish_run(result, paths: dict) -> dict:
     return {
         "result": result,
         "summary": summarize_run(result.path),
-        "reports": [json.loads(line) for line in reports.read_text().splitlines()],
-        "killed": marker.is_file(),
-        "cfg": cfg,
+        "reports": [json.loads(line) for line in paths["reports"].read_text().splitlines()],
+        "killed": paths["marker"].is_file(),
+        "cfg": paths["cfg"],
     }
 
 
+def run(cfg, tmp: Path, **kwargs) -> dict:
+    trainer, paths = prepare_run(cfg, tmp, **kwargs)
+    return finish_run(trainer.fit(), paths)
+
+
+def run_side_by_side(prepared: dict[str, tuple]) -> dict[str, dict]:
+    """Fit the prepared runs at once, each from a thread of its own, on the session's cluster.
+
+    Every trainer is built (its splits read into the object store) before any fit starts, so no
+    run's Ray Data read waits for CPUs the others' workers hold. On two cores one run's start-up,
+    polls and checkpoint writes overlap the others' steps; each run's own numbers do not depend
+    on its neighbours (one thread per worker, its own seeds, storage and reports).
+    """
+    with ThreadPoolExecutor(len(prepared)) as pool:
+        fits = {name: pool.submit(trainer.fit) for name, (trainer, _) in prepared.items()}
+        return {name: finish_run(fits[name].result(), prepared[name][1]) for name in prepared}
+
+
 @pytest.fixture(scope="module")
-def ordered(ray_cluster, ordered_dataset, start_checkpoint, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ordered_run")
-    cfg = config_for(
+def train_runs(ray_cluster, ordered_dataset, shuffled_stores, start_checkpoint, tmp_path_factory) -> dict[str, dict]:
+    """The module's three runs, fitted side by side: their placement groups together take the
+    cluster's 2 CPUs (2 x 0.5 + 0.5 + 0.5)."""
+    tmp = tmp_path_factory.mktemp("train_runs")
+    ordered = config_for(
         ordered_dataset, start_checkpoint, tmp / "runs", "ordered", "train.num_workers=2", "train.cpus_per_worker=0.5"
     )
-    return run(cfg, tmp, kill_at_epoch=2)
-
-
-@pytest.fixture(scope="module")
-def shuffled(ray_cluster, shuffled_stores, start_checkpoint, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shuffled_run")
     # Written in line (checkpoint_in_background=false), as shuffled_killed's are not: the same checkpoints either way.
-    cfg = config_for(
-        shuffled_stores["raw-decoded"], start_checkpoint, tmp / "runs", "shuffled",
+    shuffled = config_for(
+        shuffled_stores["raw-decoded"], start_checkpoint, tmp / "runs", "shuffled", "train.cpus_per_worker=0.5",
         "train.cache_dataset=always", "train.checkpoint_in_background=false",
     )  # fmt: skip
-    return run(cfg, tmp)
+    # Compressed clips from the worker's own memory while `shuffled` iterates Ray Data over their decoded
+    # frames: the two must still agree bit for bit.
+    shuffled_killed = config_for(
+        shuffled_stores["jpeg"], start_checkpoint, tmp / "runs", "shuffled_killed", "train.cpus_per_worker=0.5",
+        "train.cache_dataset=device",
+    )  # fmt: skip
+    return run_side_by_side(
+        {
+            "ordered": prepare_run(ordered, tmp, kill_at_epoch=2),
+            "shuffled": prepare_run(shuffled, tmp),
+            "shuffled_killed": prepare_run(shuffled_killed, tmp, kill_at_epoch=1),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
-def shuffled_killed(ray_cluster, shuffled_stores, start_checkpoint, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("shuffled_killed_run")
-    # Compressed clips from the worker's own memory while `shuffled` iterates Ray Data over their decoded
-    # frames: the two must still agree bit for bit.
-    cfg = config_for(shuffled_stores["jpeg"], start_checkpoint, tmp / "runs", "shuffled_killed", "train.cache_dataset=device")
-    return run(cfg, tmp, kill_at_epoch=1)
+def ordered(train_runs):
+    return train_runs["ordered"]
+
+
+@pytest.fixture(scope="module")
+def shuffled(train_runs):
+    return train_runs["shuffled"]
+
+
+@pytest.fixture(scope="module")
+def shuffled_killed(train_runs):
+    return train_runs["shuffled_killed"]
 
 
 def _history(outcome: dict) -> list[dict]:

@@ -41,7 +41,7 @@ from vidray.data.shard_files import check_writable, clear_stale, write_atomicall
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
 from vidray.errors import UserError
-from vidray.storage import join_uri, open_filesystem
+from vidray.storage import join_uri, open_filesystem, resolve_path
 
 
 def preprocess(
@@ -69,6 +69,9 @@ def preprocess(
     """
     started = time.monotonic()
     manifest = Path(manifest)
+    # The decode tasks write the shards wherever they run: a relative path would land in each Ray
+    # worker's own directory (on a running cluster, not the caller's), away from dataset.json.
+    out = resolve_path(out)
     stored_frames, stored_size = default_stored(frames, size, stored_frames, stored_size)
     if videos_per_shard < 1:
         raise UserError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
