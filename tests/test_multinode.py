@@ -6,11 +6,11 @@ One end-to-end scenario, in order:
 2. three worker nodes join: node-local storage is refused (4 nodes), the
    shared-filesystem opt-in is accepted;
 3. preprocessing runs as Ray Data tasks spread over several nodes;
-4. a 2-worker training (the same driver, right after) runs across nodes; once the first epoch's checkpoint
-   is registered, one worker node is killed (its raylet and all its processes, as
-   when a spot instance disappears); Ray Train reschedules both workers on the
-   surviving nodes, resumes from the last checkpoint, and finishes with every
-   epoch trained exactly once.
+4. a 2-worker training (the same driver, right after) runs across nodes; once
+   the first epoch's checkpoint is registered, one worker node is killed (its
+   raylet and all its processes, as when a spot instance disappears); Ray
+   Train reschedules both workers on the surviving nodes, resumes from the
+   last checkpoint, and finishes with every epoch trained exactly once.
 
 Each driver is a subprocess with RAY_ADDRESS set, like `ray job submit`, so
 the session's in-process cluster (conftest `ray_cluster`) is never touched. The
@@ -182,7 +182,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         "train.max_failures=2", "train.prefetch_batches=1", "train.shuffle_buffer=4",
         f"run.storage_path={storage}", "run.name=multinode", "run.shared_filesystem=true",
     ]  # fmt: skip
-    train_log = tmp_path / "driver.log"
+    driver_log = tmp_path / "driver.log"
     run_dir = storage / "multinode"
     # The workers hold after epoch 0 until the node is gone: however fast the epochs, the kill lands mid-run.
     release = tmp_path / "release-hold"
@@ -198,7 +198,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
 
         # 3. Preprocessing: one Ray Data decode task per 2-video shard, spread over the nodes.
         try:
-            _wait_for(lambda: _result(tmp_path / "preprocess.json"), driver, train_log, "preprocessing")
+            _wait_for(lambda: _result(tmp_path / "preprocess.json"), driver, driver_log, "preprocessing")
         finally:
             sampler.done.set()
             sampler.join()
@@ -214,7 +214,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         # Kill only once the controller has registered epoch 0's checkpoint (its
         # snapshot lists it): a checkpoint directory that exists in storage but
         # was not registered yet is not restored, and epoch 0 would be re-run.
-        _wait_for(lambda: "checkpoint_epoch_0000" in _registered_checkpoints(run_dir), driver, train_log, "epoch 0's checkpoint")
+        _wait_for(lambda: "checkpoint_epoch_0000" in _registered_checkpoints(run_dir), driver, driver_log, "epoch 0's checkpoint")
         saved_epoch0 = read_checkpoint_info(run_dir / "checkpoint_epoch_0000")
         first = _train_workers(cluster)
         assert len(first) == 2 and len(set(first.values())) == 2, f"training workers on {first}"
@@ -222,7 +222,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         epochs_before_kill = len(list(run_dir.glob("checkpoint_epoch_*")))
         cluster.kill_node(victim)
         # Ray Train notices the lost workers and starts a new group of two on the surviving nodes.
-        _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, driver, train_log, "restarted workers", poll=0.5)
+        _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, driver, driver_log, "restarted workers", poll=0.5)
         second = {pid: node for pid, node in _train_workers(cluster).items() if pid not in first}
         release.touch()  # nothing holds in the new group (it starts at epoch 1); this frees a straggler
     except BaseException:
@@ -232,7 +232,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
 
     assert epochs_before_kill < EPOCHS, "the node died after training had finished"
     # The workers' output reaches this driver: vidray's epoch lines, not Ray Train's metric dumps.
-    log = train_log.read_text()
+    log = driver_log.read_text()
     assert "epoch 0 done" in log and "Reporting training result" not in log, log[-4000:]
     assert victim not in set(second.values()) and len(second) == 2
     assert result["cluster"]["nodes"] == 3 and result["cluster"]["CPU"] == 3
