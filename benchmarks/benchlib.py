@@ -259,8 +259,7 @@ def start_layout(cluster, layout: str) -> float:
     nodes, cpus = parse_layout(layout)
     started = time.perf_counter()
     cluster.start_head(num_cpus=cpus)
-    for i in range(1, nodes):
-        cluster.add_node(f"worker{i}", num_cpus=cpus)
+    cluster.add_nodes([f"worker{i}" for i in range(1, nodes)], num_cpus=cpus)
     return time.perf_counter() - started
 
 

@@ -6,14 +6,16 @@ One end-to-end scenario, in order:
 2. three worker nodes join: node-local storage is refused (4 nodes), the
    shared-filesystem opt-in is accepted;
 3. preprocessing runs as Ray Data tasks spread over several nodes;
-4. a 2-worker training runs across nodes; once the first epoch's checkpoint
-   is registered, one worker node is killed (its raylet and all its processes, as
-   when a spot instance disappears); Ray Train reschedules both workers on the
-   surviving nodes, resumes from the last checkpoint, and finishes with every
-   epoch trained exactly once.
+4. a 2-worker training (the same driver, right after) runs across nodes; once
+   the first epoch's checkpoint is registered, one worker node is killed (its
+   raylet and all its processes, as when a spot instance disappears); Ray
+   Train reschedules both workers on the surviving nodes, resumes from the
+   last checkpoint, and finishes with every epoch trained exactly once.
 
 Each driver is a subprocess with RAY_ADDRESS set, like `ray job submit`, so
-the session's in-process cluster (conftest `ray_cluster`) is never touched.
+the session's in-process cluster (conftest `ray_cluster`) is never touched. The
+driver of steps 3 and 4 starts while the worker nodes join, so its imports overlap
+their start (it waits for all four nodes, as a job on a cluster that is scaling up would).
 The cluster is vidray.local_cluster.LoopbackCluster: every node on 127.0.0.2,
 every process of the cluster killed by PID at the end, never `ray stop`.
 """
@@ -46,20 +48,26 @@ EPOCHS = 2
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _driver(cluster: LoopbackCluster, code: str, workdir: Path, name: str) -> subprocess.Popen:
+def _driver(cluster: LoopbackCluster, code: str, workdir: Path, results: list[str]) -> subprocess.Popen:
     """A Python driver connected to the cluster through RAY_ADDRESS, as under `ray job submit`.
 
-    It writes its result as JSON to ``workdir/<name>.json`` (argv[1]) and its output to ``<name>.log``.
+    It writes each stage's result as JSON to ``workdir/<stage>.json`` (argv[1:], in ``results``' order)
+    and its output to ``workdir/driver.log``.
     """
     env = cluster.driver_env()
-    command = [sys.executable, "-c", textwrap.dedent(code), str(workdir / f"{name}.json")]
-    with open(workdir / f"{name}.log", "w") as out:
+    command = [sys.executable, "-c", textwrap.dedent(code), *(str(workdir / f"{name}.json") for name in results)]
+    with open(workdir / "driver.log", "w") as out:
         return subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _result(path: Path) -> dict | None:
+    """A stage's JSON, once its driver has written it (written whole: a temporary file renamed)."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _finish(process: subprocess.Popen, timeout: float) -> dict:
-    """Wait for a driver; return the JSON it wrote."""
-    result, log = Path(process.args[-1]), Path(process.args[-1]).with_suffix(".log")
+    """Wait for a driver; return the JSON of its last stage."""
+    result, log = Path(process.args[-1]), Path(process.args[-1]).with_name("driver.log")
     try:
         process.wait(timeout=timeout)
     finally:
@@ -90,15 +98,26 @@ class TaskSampler(threading.Thread):
             time.sleep(0.1)
 
 
-PREPROCESS = """
-    import json, sys
+DRIVER = """
+    import json, os, sys, time
+    import ray
     from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
     from vidray.config import load_config
     from vidray.errors import UserError
     from vidray.data.preprocess import preprocess
+    from vidray.train.driver import build_trainer, make_run_config, summarize_run
 
-    manifest, dataset_dir = {manifest!r}, {dataset_dir!r}
+    def write(path, result):
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, default=str)
+        os.replace(path + ".tmp", path)
+
+    manifest, dataset_dir, nodes = {manifest!r}, {dataset_dir!r}, {nodes!r}
     init_ray()
+    while len([node for node in ray.nodes() if node["Alive"]]) < nodes:
+        time.sleep(0.1)
+
+    # 3. Preprocessing.
     try:
         shared_storage_paths(load_config(None, ["data.dataset_dir=" + dataset_dir]))
         refused = None
@@ -107,23 +126,14 @@ PREPROCESS = """
     shared = load_config(None, ["data.dataset_dir=" + dataset_dir, "run.shared_filesystem=true"])
     _, dataset_dir = shared_storage_paths(shared)
     summary = preprocess(manifest, dataset_dir, frames=4, size=32, stored_frames=8, stored_size=40, videos_per_shard=2)
-    with open(sys.argv[1], "w") as f:
-        json.dump({{"refused": refused, "cluster": cluster_summary(), "summary": summary}}, f)
-"""
+    write(sys.argv[1], {{"refused": refused, "cluster": cluster_summary(), "summary": summary}})
 
-TRAIN = """
-    import json, sys
-    from vidray.cluster import cluster_summary, init_ray, shared_storage_paths
-    from vidray.config import load_config
-    from vidray.train.driver import build_trainer, make_run_config, summarize_run
-
+    # 4. Training.
     cfg = load_config(None, {overrides!r})
-    init_ray()
     storage_path, dataset_dir = shared_storage_paths(cfg)
     run_config = make_run_config(cfg, worker_runtime_env={{"env_vars": {hold!r}}})
     result = build_trainer(cfg, dataset_dir=dataset_dir, run_config=run_config).fit()
-    with open(sys.argv[1], "w") as f:
-        json.dump({{"summary": summarize_run(result.path), "error": repr(result.error), "cluster": cluster_summary()}}, f, default=str)
+    write(sys.argv[2], {{"summary": summarize_run(result.path), "error": repr(result.error), "cluster": cluster_summary()}})
 """
 
 
@@ -163,28 +173,7 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         assert f"labelled {MULTI_NODE_LABEL}=true" in line, line
         assert not (tmp_path / "runs").exists() and not (tmp_path / "not-made").exists()
 
-    # 2. Three 1-CPU worker nodes: one more than the two training workers need
-    # after a node is lost, so the survivors also leave a CPU for Ray Data.
-    for name in ("a", "b", "c"):
-        cluster.add_node(name, num_cpus=1)
-
-    # 3. Preprocessing: one Ray Data decode task per 2-video shard, spread over the nodes.
-    sampler = TaskSampler("decode_shards")
-    sampler.start()
-    code = PREPROCESS.format(manifest=str(manifest), dataset_dir=str(dataset_dir))
-    try:
-        pre = _finish(_driver(cluster, code, tmp_path, "preprocess"), 240)
-    finally:
-        sampler.done.set()
-        sampler.join()
-    assert pre["cluster"]["nodes"] == 4 and pre["cluster"]["CPU"] == 4
-    assert "has 4 nodes" in pre["refused"] and "run.shared_filesystem=true" in pre["refused"]
-    assert pre["summary"]["processed"] == 20 and pre["summary"]["rejected"] == 0
-    node_raylets = cluster.raylets()
-    decode_nodes = {node_raylets[r] for r in sampler.raylets if r in node_raylets}
-    assert len(decode_nodes) >= 2, f"decode tasks ran on {decode_nodes} only"
-
-    # 4. Training across nodes; kill a node that hosts a training worker after epoch 0's checkpoint.
+    # 3.-4. The driver of preprocessing and training: it starts now and waits for the nodes of step 2.
     overrides = [
         "model.init=scratch", "model.size=tiny",
         "data.frames=4", "data.size=32", "data.stored_frames=8", "data.stored_size=40",
@@ -193,16 +182,39 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         "train.max_failures=2", "train.prefetch_batches=1", "train.shuffle_buffer=4",
         f"run.storage_path={storage}", "run.name=multinode", "run.shared_filesystem=true",
     ]  # fmt: skip
-    train_log = tmp_path / "train.log"
+    driver_log = tmp_path / "driver.log"
     run_dir = storage / "multinode"
     # The workers hold after epoch 0 until the node is gone: however fast the epochs, the kill lands mid-run.
     release = tmp_path / "release-hold"
-    trainer = _driver(cluster, TRAIN.format(overrides=overrides, hold=hold_env(0, str(release))), tmp_path, "train")
+    code = DRIVER.format(manifest=str(manifest), dataset_dir=str(dataset_dir), nodes=4, overrides=overrides,
+                         hold=hold_env(0, str(release)))  # fmt: skip
+    sampler = TaskSampler("decode_shards")
+    sampler.start()
+    driver = _driver(cluster, code, tmp_path, ["preprocess", "train"])
     try:
+        # 2. Three 1-CPU worker nodes join: one more than the two training workers need
+        # after a node is lost, so the survivors also leave a CPU for Ray Data.
+        cluster.add_nodes(["a", "b", "c"], num_cpus=1)
+
+        # 3. Preprocessing: one Ray Data decode task per 2-video shard, spread over the nodes.
+        try:
+            _wait_for(lambda: _result(tmp_path / "preprocess.json"), driver, driver_log, "preprocessing")
+        finally:
+            sampler.done.set()
+            sampler.join()
+        pre = _result(tmp_path / "preprocess.json")
+        assert pre["cluster"]["nodes"] == 4 and pre["cluster"]["CPU"] == 4
+        assert "has 4 nodes" in pre["refused"] and "run.shared_filesystem=true" in pre["refused"]
+        assert pre["summary"]["processed"] == 20 and pre["summary"]["rejected"] == 0
+        node_raylets = cluster.raylets()
+        decode_nodes = {node_raylets[r] for r in sampler.raylets if r in node_raylets}
+        assert len(decode_nodes) >= 2, f"decode tasks ran on {decode_nodes} only"
+
+        # 4. Training across nodes; kill a node that hosts a training worker after epoch 0's checkpoint.
         # Kill only once the controller has registered epoch 0's checkpoint (its
         # snapshot lists it): a checkpoint directory that exists in storage but
         # was not registered yet is not restored, and epoch 0 would be re-run.
-        _wait_for(lambda: "checkpoint_epoch_0000" in _registered_checkpoints(run_dir), trainer, train_log, "epoch 0's checkpoint")
+        _wait_for(lambda: "checkpoint_epoch_0000" in _registered_checkpoints(run_dir), driver, driver_log, "epoch 0's checkpoint")
         saved_epoch0 = read_checkpoint_info(run_dir / "checkpoint_epoch_0000")
         first = _train_workers(cluster)
         assert len(first) == 2 and len(set(first.values())) == 2, f"training workers on {first}"
@@ -210,17 +222,17 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
         epochs_before_kill = len(list(run_dir.glob("checkpoint_epoch_*")))
         cluster.kill_node(victim)
         # Ray Train notices the lost workers and starts a new group of two on the surviving nodes.
-        _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, trainer, train_log, "restarted workers", poll=0.5)
+        _wait_for(lambda: len(set(_train_workers(cluster)) - set(first)) == 2, driver, driver_log, "restarted workers", poll=0.5)
         second = {pid: node for pid, node in _train_workers(cluster).items() if pid not in first}
         release.touch()  # nothing holds in the new group (it starts at epoch 1); this frees a straggler
     except BaseException:
-        trainer.kill()
+        driver.kill()
         raise
-    result = _finish(trainer, 300)
+    result = _finish(driver, 300)
 
     assert epochs_before_kill < EPOCHS, "the node died after training had finished"
     # The workers' output reaches this driver: vidray's epoch lines, not Ray Train's metric dumps.
-    log = train_log.read_text()
+    log = driver_log.read_text()
     assert "epoch 0 done" in log and "Reporting training result" not in log, log[-4000:]
     assert victim not in set(second.values()) and len(second) == 2
     assert result["cluster"]["nodes"] == 3 and result["cluster"]["CPU"] == 3

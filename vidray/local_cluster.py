@@ -12,7 +12,7 @@ cluster on the machine.
 
     cluster = LoopbackCluster()
     cluster.start_head(num_cpus=1)
-    cluster.add_node("a", num_cpus=1)
+    cluster.add_nodes(["a", "b"], num_cpus=1)
     # drivers: RAY_ADDRESS=cluster.address
     cluster.shutdown()
 """
@@ -94,8 +94,9 @@ class LoopbackCluster:
         """Environment for a driver process of this cluster, as `ray job submit` would set it."""
         return {**os.environ, **RAY_ENV, "RAY_ADDRESS": self.address}
 
-    def _start(self, name: str, num_cpus: int, extra: list[str]) -> None:
-        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = free_ports(6)
+    def _launch(self, name: str, num_cpus: int, extra: list[str], ports: list[int]) -> subprocess.Popen:
+        """Start `ray start` for node ``name`` on its 6 ``ports``; :meth:`_joined` waits for it."""
+        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = ports
         command = [
             RAY, "start", "--node-ip-address", NODE_IP, "--num-cpus", str(num_cpus),
             "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
@@ -103,19 +104,27 @@ class LoopbackCluster:
             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
             "--object-store-memory", str(150 * 2**20), "--disable-usage-stats", *extra,
         ]  # fmt: skip
-        log = Path(self.temp_dir) / f"start-{name}.log"
         # A file, not a pipe: the node's daemons inherit it and would hold a pipe open.
-        with open(log, "w") as out:
+        with open(Path(self.temp_dir) / f"start-{name}.log", "w") as out:
             # Without RAY_ADDRESS: the caller may be connected to another cluster.
             env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **RAY_ENV}
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=180).returncode
-        if code != 0:
-            raise RuntimeError(f"ray start of node {name} failed:\n{log.read_text()[-3000:]}")
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.node_manager_ports[name] = node_manager
+        return process
+
+    def _joined(self, name: str, process: subprocess.Popen) -> None:
+        try:
+            code = process.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        if code != 0:
+            log = Path(self.temp_dir) / f"start-{name}.log"
+            raise RuntimeError(f"ray start of node {name} failed:\n{log.read_text()[-3000:]}")
 
     def start_head(self, num_cpus: int, labels: str | None = None) -> None:
-        self.gcs_port, client, dashboard = free_ports(3)
-        self._start(
+        self.gcs_port, client, dashboard, *ports = free_ports(3 + 6)
+        head = self._launch(
             "head",
             num_cpus,
             [
@@ -125,15 +134,30 @@ class LoopbackCluster:
                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                 "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir,
                 *(["--labels", labels] if labels else []),
-                # Notice a dead node within seconds rather than the default ~30 s.
-                "--system-config", json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3}),
+                # Notice a dead node within 1.5 s rather than the default ~15 s: 3 failed checks 0.5 s apart.
+                # A check fails at once when the raylet is gone; a busy one has the default 10 s to answer.
+                "--system-config", json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 3}),
             ],
+            ports,
         )  # fmt: skip
+        self._joined("head", head)
 
-    def add_node(self, name: str, num_cpus: int) -> None:
-        # The nodes share the head's session directory; one log monitor (the
-        # head's) streams it, or every worker log would reach drivers once per node.
-        self._start(name, num_cpus, ["--address", self.address, "--include-log-monitor", "false"])
+    def add_nodes(self, names: list[str], num_cpus: int) -> None:
+        """Worker nodes of ``num_cpus`` each, joining together as an autoscaler's batch would: their
+        `ray start`s run side by side (each waits on its daemons much of the time; 3 nodes on 2 cores:
+        4.9 s, against 6.7 s one after another)."""
+        # Every node's ports in one draw: a port drawn for one node is not yet bound when the next draws.
+        ports = free_ports(6 * len(names))
+        # Each node has a temp dir of its own below the head's, as each machine of a real cluster has
+        # (and its own log monitor streams it): in one shared session directory, nodes starting side
+        # by side would pick the same socket names (Ray numbers them after the files it finds there).
+        started = [
+            (name, self._launch(name, num_cpus, ["--address", self.address, "--temp-dir", os.path.join(self.temp_dir, name)],
+                                ports[6 * i : 6 * i + 6]))
+            for i, name in enumerate(names)
+        ]  # fmt: skip
+        for name, process in started:
+            self._joined(name, process)
 
     def processes(self) -> dict[int, tuple[int, list[str]]]:
         """This cluster's processes: their command lines name its GCS address or temp dir."""
