@@ -29,10 +29,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # start costs every run about 1 s (22.5 -> 21.5 s, mean of 4 runs each, taken in turns: a 2-epoch run
 # of 2 workers of tests/test_train.py's shape). Without it, Ray Train is the same for all tested here.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-# Ray Data (datasource V2) reads Parquet footers through a pool of 32 actors per read_parquet, each a
-# Python process of its own: on 2 cores, starting them costs seconds per read, for datasets of a few
-# small shards. One reader per read (the same footers, read by one process).
-os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 # Test clusters live on loopback only. Ray 2.60 turns token auth on whenever
 # ~/.ray/auth_token exists (left by any earlier `ray start`), and then every
 # client must carry the token: disable it so results do not depend on the machine's history.

@@ -8,6 +8,7 @@ naming what to re-check. Nothing is mocked: these read the installed Ray and tra
 from __future__ import annotations
 
 import inspect
+import os
 import logging
 import re
 import subprocess
@@ -178,3 +179,32 @@ def test_torchvision_free_videomae_image_processor_is_where_the_shim_finds_it():
 
     assert compat.videomae_image_processor_class() is VideoMAEImageProcessorPil
     assert issubclass(VideoMAEImageProcessorPil, BaseImageProcessor)
+
+
+def test_parquet_footer_readers_are_sized_where_ray_builds_its_read(monkeypatch):
+    """vidray.data.dataset.read_split sizes Ray Data's footer-reader pool through the environment, which
+    Ray reads when read_parquet builds its file indexer; the indexer keeps the size for the whole read."""
+    import ray.data
+    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
+    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
+
+    assert_in_ray_gate(compat.PARQUET_FOOTER_READERS_VERIFIED_RAY, "re-check how read_parquet sizes its footer readers")
+    assert footer_file_indexer._DEFAULT_NUM_ACTORS == compat.PARQUET_FOOTER_READERS_MAX
+    assert footer_file_indexer._DEFAULT_BATCH_SIZE == compat.PARQUET_FOOTERS_PER_READER
+    # read_parquet builds the indexer when it is called (not when the dataset executes), so a
+    # setting around the call holds for the read.
+    assert "_get_file_indexer()" in inspect.getsource(ray.data.read_api)
+
+    monkeypatch.delenv(compat.PARQUET_FOOTER_READERS_ENV, raising=False)
+    sized = {}
+    for files in (1, 10, 11, 95, 1000):
+        with compat.parquet_footer_readers_for(files):
+            sized[files] = FooterFileIndexer(ignore_missing_paths=False)._num_actors
+    assert sized == {1: 1, 10: 1, 11: 2, 95: 10, 1000: 32}
+    assert compat.PARQUET_FOOTER_READERS_ENV not in os.environ  # left as it was
+    assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == compat.PARQUET_FOOTER_READERS_MAX
+    # A user's own setting wins.
+    monkeypatch.setenv(compat.PARQUET_FOOTER_READERS_ENV, "3")
+    with compat.parquet_footer_readers_for(1000):
+        assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 3
+    assert os.environ[compat.PARQUET_FOOTER_READERS_ENV] == "3"

@@ -14,7 +14,8 @@ Shared stage: imports nothing heavy at module level. The GPU check imports vidra
 from __future__ import annotations
 
 import logging
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from vidray.errors import warn_once
 
@@ -30,6 +31,37 @@ def _transformers_version() -> str:
     import transformers  # loaded already wherever a VideoMAE is built
 
     return transformers.__version__
+
+
+# ------------------------------------------------ Ray Data: the Parquet footer readers of a read
+# ray/data/read_api.py builds read_parquet's file indexer when it is called (FooterFileIndexer,
+# ray/data/_internal/datasource_v2/formats/parquet/footer_file_indexer.py), and the indexer reads every
+# file's footer on a pool of RAY_DATA_PARQUET_FOOTER_NUM_ACTORS actors (default 32), each a Python
+# process of its own, taken from the environment in its constructor. Sized for object stores and
+# thousands of files; for a split of a few dozen shards it is seconds of process starts on a small
+# machine. Outside the gate nothing is set (Ray's default pool: slower, same result). If it moves: find
+# where the new indexer sizes its pool and point this shim at that switch.
+PARQUET_FOOTER_READERS_VERIFIED_RAY = ("2.60.0",)
+PARQUET_FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+PARQUET_FOOTERS_PER_READER = 10  # Ray's footer batch (RAY_DATA_PARQUET_FOOTER_BATCH_SIZE): one call's worth
+PARQUET_FOOTER_READERS_MAX = 32  # Ray's own default, the most this shim asks for
+
+
+@contextmanager
+def parquet_footer_readers_for(files: int) -> Iterator[None]:
+    """Within the block, a ``ray.data.read_parquet`` call reads footers with one actor per 10 of its
+    ``files`` (1 to 32) instead of Ray's 32; a value the user set in the environment wins."""
+    import os
+
+    if os.environ.get(PARQUET_FOOTER_READERS_ENV) is not None or _ray_version() not in PARQUET_FOOTER_READERS_VERIFIED_RAY:
+        yield
+        return
+    readers = min(PARQUET_FOOTER_READERS_MAX, max(1, -(-files // PARQUET_FOOTERS_PER_READER)))
+    os.environ[PARQUET_FOOTER_READERS_ENV] = str(readers)
+    try:
+        yield
+    finally:
+        os.environ.pop(PARQUET_FOOTER_READERS_ENV, None)
 
 
 # ------------------------------------------------------------------ Ray Train V2: the report log line

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from vidray.compat import PARQUET_FOOTERS_PER_READER, parquet_footer_readers_for
 from vidray.data.store import decode_frames_into
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
@@ -165,7 +166,10 @@ def read_split(dataset_dir: str, split: str):
         )
     # A compressed store's clips can be rejected when read (vidray/train/batches.py): the id names them.
     columns = ["video", "label"] if info.store == "raw" else ["video", "label", "video_id"]
-    return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(columns)
+    listed = info.raw.get("shards")
+    shards = sum(name.startswith(f"{split}/") for name in listed) if listed is not None else PARQUET_FOOTERS_PER_READER
+    with parquet_footer_readers_for(shards):  # not Ray's 32 reader processes for a few dozen shards
+        return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(columns)
 
 
 def read_split_batches(
