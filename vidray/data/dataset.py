@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vidray.compat import PARQUET_FOOTERS_PER_READER, parquet_footer_readers_for
+from vidray.compat import parquet_footer_readers_for
 from vidray.data.store import decode_frames_into
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
@@ -166,10 +166,17 @@ def read_split(dataset_dir: str, split: str):
         )
     # A compressed store's clips can be rejected when read (vidray/train/batches.py): the id names them.
     columns = ["video", "label"] if info.store == "raw" else ["video", "label", "video_id"]
-    listed = info.raw.get("shards")
-    shards = sum(name.startswith(f"{split}/") for name in listed) if listed is not None else PARQUET_FOOTERS_PER_READER
-    with parquet_footer_readers_for(shards):  # not Ray's 32 reader processes for a few dozen shards
+    shards = listed_shards(info, split)
+    # Not Ray's 32 footer-reader processes for a few dozen shards (its default where none are listed).
+    with parquet_footer_readers_for(None if shards is None else len(shards)):
         return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(columns)
+
+
+def listed_shards(info: DatasetInfo, split: str) -> list[str] | None:
+    """The split's shards as dataset.json lists them ("split/shard-<id>.parquet", written by preprocess),
+    or None for a dataset.json that does not list its shards."""
+    listed = info.raw.get("shards")
+    return None if listed is None else [name for name in listed if name.startswith(f"{split}/")]
 
 
 def read_split_batches(
@@ -180,9 +187,9 @@ def read_split_batches(
     Plain pyarrow in this process, no Ray: what ``vidray evaluate`` and the pretraining figures read.
     """
     fs, root = open_filesystem(dataset_dir)
-    listed = info.raw.get("shards")  # "split/shard-<id>.parquet", written by preprocess
+    listed = listed_shards(info, split)
     if listed is not None:
-        shards = [join_uri(root, name) for name in listed if name.startswith(f"{split}/")]
+        shards = [join_uri(root, name) for name in listed]
     else:  # a dataset.json that does not list its shards: every Parquet file of the split
         _, split_root = open_filesystem(split_uri(dataset_dir, split))
         entries = fs.get_file_info(pafs.FileSelector(split_root, allow_not_found=True))
