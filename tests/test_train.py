@@ -257,11 +257,6 @@ def finish_run(result, paths: dict) -> dict:
     }
 
 
-def run(cfg, tmp: Path, **kwargs) -> dict:
-    trainer, paths = prepare_run(cfg, tmp, **kwargs)
-    return finish_run(trainer.fit(), paths)
-
-
 def run_side_by_side(prepared: dict[str, tuple]) -> dict[str, dict]:
     """Fit the prepared runs at once, each from a thread of its own, on the session's cluster.
 
