@@ -43,7 +43,17 @@ else
 PIPELINE_TORCH := torch==2.14.1 torchvision==0.29.1 torchcodec==0.13.0
 endif
 
+# 5.9 GB once installed: refuse up front, in one line, rather than let pip die halfway with
+# "No space left on device" (how CI failed once, on a disk full of old clones).
+PIPELINE_FREE_GB := 7
+
 $(PIPELINE_STAMP): Makefile
+	@test -x $(PIPELINE_VENV)/bin/python || { \
+	  free_kb=$$(df -Pk "$(dir $(abspath $(PIPELINE_VENV)))" | awk 'NR==2 {print $$4}'); \
+	  if [ "$$free_kb" -lt $$(( $(PIPELINE_FREE_GB) * 1024 * 1024 )) ]; then \
+	    echo "pipeline-env: $(PIPELINE_VENV) needs about $(PIPELINE_FREE_GB) GB free on its disk, $$(( free_kb / 1024 / 1024 )) GB are: free some space or set PIPELINE_VENV=<a folder on a bigger disk>" >&2; \
+	    exit 1; \
+	  fi; }
 	test -x $(PIPELINE_VENV)/bin/python || $(PYTHON) -m venv $(PIPELINE_VENV)
 	$(PIPELINE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(PIPELINE_VENV)/bin/python -m pip install -q $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 numpy==2.4.6
