@@ -202,8 +202,6 @@ def test_parquet_footer_readers_are_sized_where_ray_builds_its_read(monkeypatch)
             sized[files] = FooterFileIndexer(ignore_missing_paths=False)._num_actors
     assert sized == {1: 1, 10: 1, 11: 2, 95: 10, 1000: 32}
     assert compat.PARQUET_FOOTER_READERS_ENV not in os.environ  # left as it was
-    with compat.parquet_footer_readers_for(None):  # shards not listed: Ray's own pool
-        assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == compat.PARQUET_FOOTER_READERS_MAX
     assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == compat.PARQUET_FOOTER_READERS_MAX
     # A user's own setting wins.
     monkeypatch.setenv(compat.PARQUET_FOOTER_READERS_ENV, "3")

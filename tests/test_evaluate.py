@@ -17,7 +17,7 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from vidray.model.transforms import eval_transform
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
-from vidray.data.dataset import SHARD_SCHEMA
+from vidray.data.dataset import SHARD_SCHEMA, read_dataset_info, split_shards
 from vidray.errors import UserError
 from vidray.infer.evaluate import evaluate_checkpoint
 from vidray.train.metrics import classification_metrics
@@ -202,6 +202,9 @@ def test_reads_unlisted_shards_when_dataset_json_has_no_list(tmp_path, checkpoin
     info = json.loads((copy / "dataset.json").read_text())
     del info["shards"]
     (copy / "dataset.json").write_text(json.dumps(info))
+    # Every Parquet file of the split folder, sorted: what both reads take (and what sizes Ray's footer readers).
+    shards = split_shards(str(copy), read_dataset_info(str(copy)), "val")
+    assert shards == sorted(str(p) for p in (copy / "val").glob("*.parquet")) and shards
     metrics = evaluate_checkpoint(checkpoint, str(copy), split="val", out_dir=tmp_path / "eval", batch_size=8)
     assert metrics["confusion"] == evaluated[1]["confusion"]
 

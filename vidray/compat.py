@@ -49,12 +49,11 @@ PARQUET_FOOTER_READERS_MAX = 32  # Ray's own default, the most this shim asks fo
 
 
 @contextmanager
-def parquet_footer_readers_for(files: int | None) -> Iterator[None]:
+def parquet_footer_readers_for(files: int) -> Iterator[None]:
     """Within the block, a ``ray.data.read_parquet`` call reads footers with one actor per 10 of its
-    ``files`` (1 to 32) instead of Ray's 32; a value the user set in the environment wins, and with
-    ``files`` unknown (None) Ray keeps its own."""
+    ``files`` (1 to 32) instead of Ray's 32; a value the user set in the environment wins."""
     user_set = os.environ.get(PARQUET_FOOTER_READERS_ENV) is not None
-    if files is None or user_set or _ray_version() not in PARQUET_FOOTER_READERS_VERIFIED_RAY:
+    if user_set or _ray_version() not in PARQUET_FOOTER_READERS_VERIFIED_RAY:
         yield
         return
     readers = min(PARQUET_FOOTER_READERS_MAX, max(1, -(-files // PARQUET_FOOTERS_PER_READER)))
