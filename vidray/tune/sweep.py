@@ -39,6 +39,7 @@ the sweep's folder experiment.py, the local cluster local_ray.py.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,9 @@ from typing import Any
 import ray
 import ray.data
 import ray.tune
+import ray.util.queue
 
-from vidray.compat import train_to_tune_report_queues
+from vidray.compat import HANDOVER_MARKER, train_to_tune_report_queue
 from vidray.cluster import (
     DATA_CPUS,
     check_run_resources,
@@ -79,6 +81,8 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 TRAIN_RUNS_DIR = "train_runs"
 
+logger = logging.getLogger(__name__)
+
 
 def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, train_runs: str) -> None:
     """One trial: a full Ray Train run with the trial's hyper-parameters."""
@@ -97,35 +101,35 @@ def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, 
     wait_until_tune_has_the_last_report()
 
 
-# How long the hand-over from Ray Train to Tune must look finished before the trial may end.
-HANDOVER_QUIET_S = 2.0
-
-
 def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
-    """Return once the trial's process has taken every report TuneReportCallback sent.
+    """Return once the trial's main thread has passed Tune every report TuneReportCallback sent.
 
     Works around a race in Ray 2.60's function trainable: the callback hands each
     epoch's metrics to the trial's main thread through a one-slot queue, and the main
     thread moves them into a one-slot result queue. ``fit()`` can return while the
-    last epoch's metrics are still in the first queue; if this function then returns,
-    Tune's end-of-function marker takes the result slot and the main thread blocks
-    forever putting the last epoch behind it (seen as a sweep that hangs with idle
-    CPUs). Waiting until both queues stay empty closes the window.
+    last epoch's metrics are still in the first queue, or already taken off it but not
+    yet in the second (a window no attribute shows). If this function then returned,
+    Tune's end-of-function marker would take the result slot and the main thread would
+    block forever putting the last epoch behind it (seen as a sweep that hangs with
+    idle CPUs).
+
+    The main thread itself says when that window is closed: we put a marker it drops
+    (vidray.compat.HANDOVER_MARKER) behind the last report, then a second one. The
+    queue has one slot, so the second put returns only once the main thread has taken
+    the first; and it takes the next item only after the call that handled the
+    previous one has put that into the result queue. Train puts nothing after
+    ``fit()`` returns, so the last report is then in Tune's hands. (If Tune stops the
+    trial instead of asking for more, the process ends with this thread.)
     """
-    queues = train_to_tune_report_queues()
-    if queues is None:
+    handover = train_to_tune_report_queue()
+    if handover is None:
         return
-    session, handover = queues
     deadline = time.monotonic() + timeout
-    quiet_since = None
-    while time.monotonic() < deadline:
-        if handover.empty() and session.result_queue.empty():
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= HANDOVER_QUIET_S:
-                return
-        else:
-            quiet_since = None
-        time.sleep(0.05)
+    try:
+        for _ in range(2):
+            handover.put(HANDOVER_MARKER, timeout=max(0.0, deadline - time.monotonic()))
+    except ray.util.queue.Full:
+        logger.warning("the trial's last report did not reach Tune within %.0f s; ending the trial anyway", timeout)
 
 
 # ------------------------------------------------------------- the sweep
