@@ -65,7 +65,7 @@ from vidray.data.prepare import prepare_dataset
 from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri
 from vidray.train.driver import build_trainer, check_dataset, make_run_config
-from vidray.train.placement import ingest_cpus
+from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.train.runs import SWEEP_CONFIG_FILE, console_settings, mark_run, open_run, write_json
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
@@ -84,12 +84,25 @@ TRAIN_RUNS_DIR = "train_runs"
 logger = logging.getLogger(__name__)
 
 
-def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, train_runs: str) -> None:
-    """One trial: a full Ray Train run with the trial's hyper-parameters."""
+def train_trial(
+    params: dict[str, Any],
+    *,
+    cfg: VidrayConfig,
+    dataset_dir: str,
+    train_runs: str,
+    cached_splits: dict[str, ray.data.Dataset] | None = None,
+) -> None:
+    """One trial: a full Ray Train run with the trial's hyper-parameters.
+
+    ``cached_splits``: the splits the sweep's driver read into the object store
+    (vidray.train.placement.cache_splits), when the trials cache them.
+    """
     trial_cfg = trial_config(cfg, params)
-    # Several trials' data-loading progress bars interleaved in one log are noise;
-    # the datasets built below carry this context to the processes that run them.
+    # Several trials' data-loading progress bars interleaved in one log are noise; the
+    # datasets built below (or derived from the cached ones) carry this to the processes that run them.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    for split in (cached_splits or {}).values():
+        split.context.enable_progress_bars = False
     run_config = make_run_config(
         trial_cfg,
         # The trial id, not a timestamp: a resumed trial must find its Train run again.
@@ -97,7 +110,7 @@ def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, 
         storage_path=train_runs,
         callbacks=[ReportToTune()],
     )
-    build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir).fit()
+    build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits).fit()
     wait_until_tune_has_the_last_report()
 
 
@@ -197,14 +210,22 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     cached = cfg.train.model_copy(update={"cache_dataset": "never" if data_cpus else "always"})
     trial_base = cfg.model_copy(update={"train": cached})
 
+    if state == "finished":
+        return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
+    # Cached, the splits are read once, here: the trials share this one copy in the object store
+    # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
+    # the blocks and outlives its trials; a driver that restores the sweep reads them again.
+    cached_splits = None if data_cpus else cache_splits(dataset_dir)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
-            train_trial, cfg=trial_base, dataset_dir=dataset_dir, train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR)
+            train_trial,
+            cfg=trial_base,
+            dataset_dir=dataset_dir,
+            train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR),
+            cached_splits=cached_splits,
         ),
         TRIAL_DRIVER_RESOURCES,
     )
-    if state == "finished":
-        return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
     if state == "interrupted":
         # Finished trials stay finished; interrupted and errored ones continue from their checkpoints.
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
