@@ -97,8 +97,8 @@ def test_background_checkpoints_rest_on_a_checked_ray_api():
     assert compat.background_checkpoints_supported()
 
 
-def test_train_to_tune_handover_queues_are_where_the_workaround_reads_them():
-    """The fast, static half; tests/test_tune.py reads the same attributes off a live trial's session."""
+def test_train_to_tune_handover_queue_is_where_the_workaround_uses_it():
+    """The fast, static half; tests/test_tune.py runs the workaround on a live trial where the race is widest."""
     from ray.train._internal import session
     from ray.tune.integration import ray_train
 
@@ -110,13 +110,17 @@ def test_train_to_tune_handover_queues_are_where_the_workaround_reads_them():
     for name in compat.HANDOVER_ATTRIBUTES:
         assert re.search(rf"self\.{name}\b[^=\n]*= ", source), f"_TrainSession no longer sets {name}"
     assert "self.result_queue = queue.Queue(1)" in source  # the one-slot queue the race is about
+    # The main thread drops a falsy item (the wait's marker) instead of reporting it.
+    assert not compat.HANDOVER_MARKER
+    handover = inspect.getsource(session._TrainSession._get_result_from_queues)
+    assert re.search(r"inter_actor_item = self\._inter_actor_queue\.get\(.*?\n\s+if inter_actor_item:", handover, re.S)
     # TuneReportCallback still hands reports over through that queue.
     assert "_get_or_create_inter_actor_queue()" in inspect.getsource(ray_train.TuneReportCallback)
     # Outside a trial there is no session: the shim says so without touching the attributes.
     errors._warned.discard("handover:attributes")
     try:
-        with pytest.warns(RuntimeWarning, match="cannot find Ray Tune's Train->Tune report queues"):
-            assert compat.train_to_tune_report_queues() is None
+        with pytest.warns(RuntimeWarning, match="cannot find Ray Tune's Train->Tune report queue"):
+            assert compat.train_to_tune_report_queue() is None
     finally:
         errors._warned.discard("handover:attributes")
 

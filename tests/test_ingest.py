@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from vidray.config import TrainSettings
-from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_split
+from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info
 from vidray.errors import UserError
 from vidray.train.batches import (
     BatchBuffers,
@@ -30,7 +30,7 @@ from vidray.train.batches import (
     val_rows_of_rank,
 )
 from vidray.train.ingest import DEVICE_CACHE_FRACTION, DeviceCache, device_memory_bytes, should_cache_on_device
-from vidray.train.placement import materialize_in_order
+from vidray.train.placement import build_datasets, cache_splits
 
 VIDEO_SHAPE = (2, 4, 4, 3)  # 96 bytes: row id in the first two bytes, the rest its label
 TRAIN_VIDEOS, VAL_VIDEOS = 70, 13
@@ -69,13 +69,14 @@ def dataset_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def splits(ray_cluster, dataset_dir):
-    """(streamed train, cached train, streamed val, cached val): ordered Ray Datasets, as vidray builds them."""
+    """(streamed train, cached train, streamed val, cached val): as vidray.train.placement.build_datasets builds them."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = read_split(dataset_dir, "train").randomize_block_order(seed=3)
-    val = read_split(dataset_dir, "val")
-    return train, materialize_in_order(train), val, materialize_in_order(val)
+    info = read_dataset_info(dataset_dir)
+    streamed = build_datasets(dataset_dir, TrainSettings(cache_dataset="never", seed=3), info)
+    cached = build_datasets(dataset_dir, TrainSettings(cache_dataset="always", seed=3), info)
+    return streamed["train"], cached["train"], streamed["val"], cached["val"]
 
 
 def _collate() -> VideoBatchCollate:
@@ -197,6 +198,40 @@ def test_streamed_cached_and_device_paths_give_identical_batches(splits):
     # Another rank (its own shard in real runs) gets another order from the same rows.
     other = _batches(cache.train_batches(batch_size=BATCH, train=train, epoch=0, rank=1))
     assert [i for b, _ in other for i in b] != epochs[0]
+
+
+def test_runs_given_cached_splits_share_their_blocks_each_in_its_own_order(ray_cluster, dataset_dir):
+    """A sweep's trials (vidray/tune/sweep.py) share the splits its driver cached: no block copied, and
+    each trial's train set in the block order of its seed, the order streaming gives."""
+    import ray.data
+
+    def block_refs(ds) -> list:
+        return [entry.ref for bundle in ds.iter_internal_ref_bundles() for entry in bundle.blocks]
+
+    def rows(ds) -> list[bytes]:
+        return [row["video"][:2] for row in ds.take_all()]  # the row id
+
+    info = read_dataset_info(dataset_dir)
+    context = ray.data.DataContext.get_current()
+    block_bytes, in_order = context.target_max_block_size, context.execution_options.preserve_order
+    context.target_max_block_size = 1024  # blocks of ~10 rows, not one for all these tiny shards: an order to check
+    context.execution_options.preserve_order = True  # as a run streams (placement.data_config)
+    try:
+        shared = cache_splits(dataset_dir)
+        runs = {
+            seed: build_datasets(dataset_dir, TrainSettings(cache_dataset="always", seed=seed), info, cached_splits=shared)
+            for seed in (3, 4)
+        }
+        streamed = build_datasets(dataset_dir, TrainSettings(cache_dataset="never", seed=3), info)["train"]
+        shared_blocks = sorted(ref.hex() for ref in block_refs(shared["train"]))
+        assert len(shared_blocks) > 1
+        for run in runs.values():
+            assert sorted(ref.hex() for ref in block_refs(run["train"])) == shared_blocks
+            assert run["val"] is shared["val"]
+        assert block_refs(runs[3]["train"]) != block_refs(runs[4]["train"])
+        assert rows(runs[3]["train"]) == rows(streamed)
+    finally:
+        context.target_max_block_size, context.execution_options.preserve_order = block_bytes, in_order
 
 
 def test_val_batches_cover_every_video_once_across_uneven_ranks_on_every_path(splits):

@@ -467,10 +467,15 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
 # ----------------------------------------------------------------- Ray internals vidray relies on
 
 
-def test_the_train_to_tune_handover_workaround_still_finds_what_it_reads(ray_cluster, tmp_path):
-    """vidray.tune.sweep.wait_until_tune_has_the_last_report reads (through vidray.compat) two private attributes of Ray's
-    function-trainable session. If an upgrade moves them the workaround silently stops working and
-    sweeps can hang again: this test fails first, so the upgrade re-checks the race."""
+def test_the_train_to_tune_handover_workaround_passes_tune_every_report(ray_cluster, tmp_path):
+    """vidray.tune.sweep.wait_until_tune_has_the_last_report, run where the race it closes is at its widest.
+
+    Ray 2.60's function trainable can hang a trial whose function returns while the last
+    TuneReportCallback report is between its two queues (see vidray.compat). Here the trial's own
+    thread plays the Train controller: it reports three times through a real TuneReportCallback and
+    returns right after the last put, so without the wait the end marker nearly always wins and the
+    trial hangs. With it, Tune gets all three reports and the trial ends. It also fails when an upgrade
+    moves the private queue the wait uses (vidray.compat.train_to_tune_report_queue)."""
     import ray
     import ray.tune
 
@@ -481,20 +486,25 @@ def test_the_train_to_tune_handover_workaround_still_finds_what_it_reads(ray_clu
         f"({HANDOVER_VERIFIED_RAY}): re-check the race in ray/train/_internal/session.py, then list it"
     )
 
-    def _probe_handover(config):  # defined here, so it travels by value: Ray workers cannot import this module
-        import ray.tune
-        from ray.train._internal.session import get_session
+    def _report_three_times_then_end(config):  # defined here, so it travels by value: Ray workers cannot import this module
+        from ray.tune.integration.ray_train import TuneReportCallback
 
-        session = get_session()
-        ray.tune.report({
-            "has_session": session is not None,
-            "attributes": [name for name in ("result_queue", "_inter_actor_queue") if hasattr(session, name)],
-        })  # fmt: skip
+        from vidray.compat import train_to_tune_report_queue
+        from vidray.tune.sweep import wait_until_tune_has_the_last_report
+
+        callback = TuneReportCallback()
+        found = train_to_tune_report_queue() is not None
+        for report in range(3):
+            callback.after_report(run_context=None, metrics=[{"report": report, "queue_found": found}], checkpoint=None)
+        wait_until_tune_has_the_last_report(timeout=60)
 
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(_probe_handover, {"CPU": 0, "memory": 64 * 1024**2}),
-        run_config=ray.tune.RunConfig(name="probe", storage_path=str(tmp_path)),
+        ray.tune.with_resources(_report_three_times_then_end, {"CPU": 0, "memory": 64 * 1024**2}),
+        # A regression hangs the trial: Tune stops it after the budget, and the reports below are missing.
+        tune_config=ray.tune.TuneConfig(time_budget_s=60),
+        run_config=ray.tune.RunConfig(name="handover", storage_path=str(tmp_path)),
     )
     (result,) = tuner.fit()
     assert result.error is None, result.error
-    assert result.metrics["has_session"] and result.metrics["attributes"] == ["result_queue", "_inter_actor_queue"]
+    assert result.metrics_dataframe["report"].tolist() == [0, 1, 2]
+    assert result.metrics["queue_found"] and result.metrics["done"]

@@ -100,21 +100,24 @@ def background_checkpoints_supported() -> bool:
     return callable(getattr(StorageContext, "persist_current_checkpoint", None))
 
 
-# ------------------------------------------------ Ray Tune: the Train->Tune report hand-over queues
+# ------------------------------------------------ Ray Tune: the Train->Tune report hand-over queue
 # vidray.tune.sweep.wait_until_tune_has_the_last_report works around a race in Ray 2.60's function
-# trainable: TuneReportCallback hands each epoch's metrics to the trial's main thread through
-# session._inter_actor_queue (a one-slot Ray queue), and the main thread moves them into
-# session.result_queue; both are private attributes of ray/train/_internal/session.py's _TrainSession.
-# Outside the gate the wait is off (with a warning). If they move: re-check the race in that file
-# (does fit() still return before the last report is taken?), then point this shim at the new queues.
+# trainable (ray/train/_internal/session.py, _TrainSession): TuneReportCallback puts each epoch's metrics
+# into session._inter_actor_queue (a one-slot Ray queue); the trial's main thread, in get_next ->
+# _get_result_from_queues, gets an item and report()s it into session.result_queue (one slot). The wait
+# puts HANDOVER_MARKER into that queue itself, and relies on _get_result_from_queues dropping a falsy
+# item (``if inter_actor_item:``) without reporting it. Outside the gate the wait is off (with a
+# warning). If this moves: re-check the race in that file (does fit() still return before the last
+# report is taken? is a falsy item still dropped?), then point this shim at the new queue.
 HANDOVER_VERIFIED_RAY = ("2.60.0",)
-HANDOVER_ATTRIBUTES = ("result_queue", "_inter_actor_queue")
+HANDOVER_ATTRIBUTES = ("_inter_actor_queue",)
+HANDOVER_MARKER = None  # falsy: the trial's main thread takes it off the queue and drops it
 
 
-def train_to_tune_report_queues() -> tuple[Any, Any] | None:
-    """(Tune session, Train->Tune queue) of this trial's process, or None with a warning (once) when
-    the installed Ray is not one the workaround was verified with or its private attributes are gone;
-    None without one when Train reported nothing to this trial (nothing in flight)."""
+def train_to_tune_report_queue() -> Any | None:
+    """The Train->Tune queue of this trial's process (a ``ray.util.queue.Queue``), or None with a warning
+    (once) when the installed Ray is not one the workaround was verified with or its private attribute
+    is gone; None without one when no TuneReportCallback was made in this trial (nothing in flight)."""
     ray_version = _ray_version()
     if ray_version not in HANDOVER_VERIFIED_RAY:
         warn_once(
@@ -131,14 +134,12 @@ def train_to_tune_report_queues() -> tuple[Any, Any] | None:
     session = get_session() if get_session else None
     if session is None or not all(hasattr(session, name) for name in HANDOVER_ATTRIBUTES):
         warn_once(
-            "vidray cannot find Ray Tune's Train->Tune report queues (ray.train._internal.session moved?); "
+            "vidray cannot find Ray Tune's Train->Tune report queue (ray.train._internal.session moved?); "
             "a sweep may hang after a trial's last epoch",
             key="handover:attributes",
         )
         return None
-    if session._inter_actor_queue is None:
-        return None  # Train reported nothing to this trial: nothing in flight
-    return session, session._inter_actor_queue
+    return session._inter_actor_queue  # None when no TuneReportCallback was made: nothing in flight
 
 
 # ------------------------------------------ transformers: VideoMAE's sinusoid position table internals

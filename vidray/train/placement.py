@@ -65,17 +65,38 @@ def materialize_in_order(ds):
     return ds.materialize()
 
 
-def build_datasets(dataset_dir: str, train: TrainSettings, info: DatasetInfo) -> dict[str, Any]:
-    """The train and val Ray Datasets of a run, cached in the object store when ``train.cache_dataset`` says so."""
-    datasets = {
-        # Fixed, seeded block order: shards written class by class still mix; the
-        # per-epoch shuffle buffer (batches.shuffle_buffer_order) does the rest.
+def cache_splits(dataset_dir: str) -> dict[str, Any]:
+    """The train and val splits read once into Ray's object store, in read order.
+
+    :func:`build_datasets` gives each run its seeded block order of them by moving block
+    references, not data: a sweep reads them once, in its driver, and its concurrent
+    trials share that one copy instead of each reading its own (vidray/tune/sweep.py).
+    """
+    return {split: materialize_in_order(read_split(dataset_dir, split)) for split in ("train", "val")}
+
+
+def build_datasets(
+    dataset_dir: str, train: TrainSettings, info: DatasetInfo, cached_splits: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The train and val Ray Datasets of a run, cached in the object store when ``train.cache_dataset`` says so.
+
+    ``cached_splits``: the splits :func:`cache_splits` already read (a sweep's, shared by its trials),
+    used instead of reading them again.
+    """
+    if cached_splits is None and should_cache_dataset(train, info):
+        cached_splits = cache_splits(dataset_dir)
+    # Fixed, seeded block order: shards written class by class still mix; the per-epoch
+    # shuffle buffer (batches.shuffle_buffer_order) does the rest. Cached or streamed, the
+    # same blocks in the same order (the permutation of cached blocks copies none).
+    if cached_splits is not None:
+        return {
+            "train": materialize_in_order(cached_splits["train"].randomize_block_order(seed=train.seed)),
+            "val": cached_splits["val"],
+        }
+    return {
         "train": read_split(dataset_dir, "train").randomize_block_order(seed=train.seed),
         "val": read_split(dataset_dir, "val"),
     }
-    if should_cache_dataset(train, info):
-        datasets = {name: materialize_in_order(ds) for name, ds in datasets.items()}
-    return datasets
 
 
 def data_config() -> ray.train.DataConfig:

@@ -39,6 +39,7 @@ the sweep's folder experiment.py, the local cluster local_ray.py.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,9 @@ from typing import Any
 import ray
 import ray.data
 import ray.tune
+import ray.util.queue
 
-from vidray.compat import train_to_tune_report_queues
+from vidray.compat import HANDOVER_MARKER, train_to_tune_report_queue
 from vidray.cluster import (
     DATA_CPUS,
     check_run_resources,
@@ -63,7 +65,7 @@ from vidray.data.prepare import prepare_dataset
 from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri
 from vidray.train.driver import build_trainer, check_dataset, make_run_config
-from vidray.train.placement import ingest_cpus
+from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.train.runs import SWEEP_CONFIG_FILE, console_settings, mark_run, open_run, write_json
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
@@ -79,13 +81,28 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 TRAIN_RUNS_DIR = "train_runs"
 
+logger = logging.getLogger(__name__)
 
-def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, train_runs: str) -> None:
-    """One trial: a full Ray Train run with the trial's hyper-parameters."""
+
+def train_trial(
+    params: dict[str, Any],
+    *,
+    cfg: VidrayConfig,
+    dataset_dir: str,
+    train_runs: str,
+    cached_splits: dict[str, ray.data.Dataset] | None = None,
+) -> None:
+    """One trial: a full Ray Train run with the trial's hyper-parameters.
+
+    ``cached_splits``: the splits the sweep's driver read into the object store
+    (vidray.train.placement.cache_splits), when the trials cache them.
+    """
     trial_cfg = trial_config(cfg, params)
-    # Several trials' data-loading progress bars interleaved in one log are noise;
-    # the datasets built below carry this context to the processes that run them.
+    # Several trials' data-loading progress bars interleaved in one log are noise; the
+    # datasets built below (or derived from the cached ones) carry this to the processes that run them.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    for split in (cached_splits or {}).values():
+        split.context.enable_progress_bars = False
     run_config = make_run_config(
         trial_cfg,
         # The trial id, not a timestamp: a resumed trial must find its Train run again.
@@ -93,39 +110,39 @@ def train_trial(params: dict[str, Any], *, cfg: VidrayConfig, dataset_dir: str, 
         storage_path=train_runs,
         callbacks=[ReportToTune()],
     )
-    build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir).fit()
+    build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits).fit()
     wait_until_tune_has_the_last_report()
 
 
-# How long the hand-over from Ray Train to Tune must look finished before the trial may end.
-HANDOVER_QUIET_S = 2.0
-
-
 def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
-    """Return once the trial's process has taken every report TuneReportCallback sent.
+    """Return once the trial's main thread has passed Tune every report TuneReportCallback sent.
 
     Works around a race in Ray 2.60's function trainable: the callback hands each
     epoch's metrics to the trial's main thread through a one-slot queue, and the main
     thread moves them into a one-slot result queue. ``fit()`` can return while the
-    last epoch's metrics are still in the first queue; if this function then returns,
-    Tune's end-of-function marker takes the result slot and the main thread blocks
-    forever putting the last epoch behind it (seen as a sweep that hangs with idle
-    CPUs). Waiting until both queues stay empty closes the window.
+    last epoch's metrics are still in the first queue, or already taken off it but not
+    yet in the second (a window no attribute shows). If this function then returned,
+    Tune's end-of-function marker would take the result slot and the main thread would
+    block forever putting the last epoch behind it (seen as a sweep that hangs with
+    idle CPUs).
+
+    The main thread itself says when that window is closed: we put a marker it drops
+    (vidray.compat.HANDOVER_MARKER) behind the last report, then a second one. The
+    queue has one slot, so the second put returns only once the main thread has taken
+    the first; and it takes the next item only after the call that handled the
+    previous one has put that into the result queue. Train puts nothing after
+    ``fit()`` returns, so the last report is then in Tune's hands. (If Tune stops the
+    trial instead of asking for more, the process ends with this thread.)
     """
-    queues = train_to_tune_report_queues()
-    if queues is None:
+    handover = train_to_tune_report_queue()
+    if handover is None:
         return
-    session, handover = queues
     deadline = time.monotonic() + timeout
-    quiet_since = None
-    while time.monotonic() < deadline:
-        if handover.empty() and session.result_queue.empty():
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= HANDOVER_QUIET_S:
-                return
-        else:
-            quiet_since = None
-        time.sleep(0.05)
+    try:
+        for _ in range(2):
+            handover.put(HANDOVER_MARKER, timeout=max(0.0, deadline - time.monotonic()))
+    except ray.util.queue.Full:
+        logger.warning("the trial's last report did not reach Tune within %.0f s; ending the trial anyway", timeout)
 
 
 # ------------------------------------------------------------- the sweep
@@ -193,14 +210,22 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     cached = cfg.train.model_copy(update={"cache_dataset": "never" if data_cpus else "always"})
     trial_base = cfg.model_copy(update={"train": cached})
 
+    if state == "finished":
+        return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
+    # Cached, the splits are read once, here: the trials share this one copy in the object store
+    # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
+    # the blocks and outlives its trials; a driver that restores the sweep reads them again.
+    cached_splits = None if data_cpus else cache_splits(dataset_dir)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
-            train_trial, cfg=trial_base, dataset_dir=dataset_dir, train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR)
+            train_trial,
+            cfg=trial_base,
+            dataset_dir=dataset_dir,
+            train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR),
+            cached_splits=cached_splits,
         ),
         TRIAL_DRIVER_RESOURCES,
     )
-    if state == "finished":
-        return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
     if state == "interrupted":
         # Finished trials stay finished; interrupted and errored ones continue from their checkpoints.
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
