@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
+from vidray.cli import main
 from vidray.model.transforms import MEAN, STD, eval_transform
 from vidray.model.checkpoint import save_checkpoint
 from vidray.errors import UserError
@@ -22,7 +21,6 @@ from vidray.model.classifier import POS_GRID_KEY, install_position_table, interp
 from vidray.infer.predict import predict_videos
 from vidray.data.video import encode_mp4, read_clip
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["pour", "stir", "cut", "fold"]
 DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
 PRETRAINED_GRID = (4, 4, 4)  # as if pretrained at 8 x 64², fine-tuned at 4 x 32² (grid 2 x 2 x 2)
@@ -232,8 +230,6 @@ def test_predict_reports_unreadable_videos_per_video(exported, videos, tmp_path)
 
 
 def test_export_errors(tmp_path, checkpoint, capsys):
-    from vidray.cli import main
-
     with pytest.raises(UserError, match=r"does not exist or is not a directory"):
         export_model(tmp_path / "nope", tmp_path / "out")
     assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
@@ -260,26 +256,22 @@ def test_export_errors(tmp_path, checkpoint, capsys):
     assert second == first and not (second / "stale.txt").exists() and (second / "model.safetensors").is_file()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "vidray", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path):
+def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path, capsys):
+    # In this process (the entry point, `python -m vidray`, runs in tests/test_demo_data.py and
+    # test_predict_batch.py): a fresh interpreter would spend seconds importing torch and transformers.
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(videos[0].read_bytes()[:300])  # a truncated real mp4
-    run = _cli("predict", "--model", str(exported), "--top-k", "2", str(videos[1]), str(broken))
-    assert run.returncode == 2, run.stderr
-    lines = run.stdout.strip().splitlines()
+    returncode = main(["predict", "--model", str(exported), "--top-k", "2", str(videos[1]), str(broken)])
+    run = capsys.readouterr()
+    assert returncode == 2, run.err
+    lines = run.out.strip().splitlines()
     # The readable video is still reported, top-2 with scores, then the JSON summary.
     assert lines[0].startswith(f"{videos[1]}: {CLASSES[1]} ")
     assert len(lines[0].split(", ")) == 2
     summary = json.loads(lines[-1])
     assert [len(r["predictions"]) for r in summary["results"]] == [2, 0]
-    assert "Traceback" not in run.stderr
-    error_lines = [line for line in run.stderr.splitlines() if line.startswith("vidray predict: error:")]
+    assert "Traceback" not in run.err
+    error_lines = [line for line in run.err.splitlines() if line.startswith("vidray predict: error:")]
     assert error_lines == [
         f"vidray predict: error: could not read 1 of 2 videos: {summary['results'][1]['error']}"
     ]
@@ -287,8 +279,6 @@ def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path):
 
 
 def test_predict_cli_bad_model_dir(tmp_path, videos, exported, capsys):
-    from vidray.cli import main
-
     assert main(["predict", "--model", str(tmp_path), str(videos[0])]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"vidray predict: error: {tmp_path} is not a vidray checkpoint or export: vidray.json is missing "

@@ -51,7 +51,7 @@ def row_ids(videos: torch.Tensor) -> list[int]:
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ingest")
-    counts = {}
+    counts, shards = {}, []
     for split, count, base in (("train", TRAIN_VIDEOS, 0), ("val", VAL_VIDEOS, 1000)):
         (root / split).mkdir()
         rows = [
@@ -61,8 +61,12 @@ def dataset_dir(tmp_path_factory) -> str:
         ]  # fmt: skip
         for k in range(0, count, 9):  # 9 rows a shard: batches straddle blocks
             pq.write_table(pa.Table.from_pylist(rows[k : k + 9], schema=SHARD_SCHEMA), root / split / f"part-{k:05d}.parquet")
+            shards.append(f"{split}/part-{k:05d}.parquet")
         counts[split] = {"videos": count}
-    info = dict(classes=[f"c{i}" for i in range(5)], frames=2, size=4, stored_frames=2, stored_size=4, splits=counts)
+    # Listed shards, as `vidray preprocess` writes them: Ray Data then reads their footers with one
+    # actor, not its default 32 (a pool it starts and kills on every read of the split).
+    info = dict(classes=[f"c{i}" for i in range(5)], frames=2, size=4, stored_frames=2, stored_size=4, splits=counts,
+                shards=shards)  # fmt: skip
     (root / DATASET_INFO).write_text(json.dumps(info))
     return str(root)
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -60,13 +62,26 @@ PRETRAINED_GRID = (4, 8, 8)  # as if pretrained at 16 frames x 64²; here 8 x 32
 
 
 @pytest.fixture(scope="module")
-def pipeline_python() -> Path:
+def pipeline_side(tmp_path_factory) -> Iterator[dict]:
+    """tests/pipeline_side.py --serve in the pipeline environment, started first: it imports torch and
+    transformers (~4 s) while the demo set is built, then answers each export in a fresh fork."""
     if not PIPELINE_PYTHON.is_file():
         pytest.fail(
             f"the pipeline environment {PIPELINE_PYTHON} is missing: run `make pipeline-env` "
             "(or set VIDRAY_PIPELINE_PYTHON to a Python with torch, torchvision, torchcodec and transformers)"
         )
-    return PIPELINE_PYTHON
+    log = tmp_path_factory.mktemp("pipeline_side") / "stderr.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    with open(log, "w") as stderr:
+        server = subprocess.Popen([str(PIPELINE_PYTHON), str(PIPELINE_SIDE), "--serve"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)  # fmt: skip
+    try:
+        yield {"server": server, "log": log}
+    finally:
+        server.kill()  # between requests it holds nothing to save; its own exit would take a second
+        server.wait()
+        server.stdin.close()
+        server.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +144,20 @@ def _train(demo: dict, interpolated: bool) -> VideoMAEForVideoClassification:
     return model.eval()
 
 
-def _run_pipeline(python: Path, model_dir: Path, videos: list[Path], remote: bool, tmp: Path) -> dict:
+def _run_pipeline(side: dict, model_dir: Path, videos: list[Path], remote: bool, tmp: Path) -> dict:
     request = tmp / "request.json"
     request.write_text(json.dumps({"model": str(model_dir), "videos": [str(v) for v in videos], "trust_remote_code": remote}))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    done = subprocess.run([str(python), str(PIPELINE_SIDE), str(request)], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    server = side["server"]
+    server.stdin.write(f"{request}\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], 600)
+    done = server.stdout.readline().split() if ready else ["timed out after 600 s"]
+    assert done == ["0", str(request)], f"{done}\n{side['log'].read_text()[-3000:]}"
+    return json.loads(Path(f"{request}.out").read_text())
 
 
 @pytest.fixture(scope="module", params=["plain", "interpolated"])
-def parity(request, tmp_path_factory, demo, real_clips, pipeline_python) -> dict:
+def parity(request, tmp_path_factory, pipeline_side, demo, real_clips) -> dict:
     interpolated = request.param == "interpolated"
     tmp = tmp_path_factory.mktemp(request.param)
     model = _train(demo, interpolated)
@@ -153,7 +171,7 @@ def parity(request, tmp_path_factory, demo, real_clips, pipeline_python) -> dict
     evaluated = evaluate_checkpoint(checkpoint, demo["dataset"], split="test", out_dir=tmp / "eval")
     exported = export_model(checkpoint, tmp / "export", held_out=evaluated)
     videos = [*demo["test_videos"], *real_clips]
-    theirs = _run_pipeline(pipeline_python, exported, videos, interpolated, tmp)
+    theirs = _run_pipeline(pipeline_side, exported, videos, interpolated, tmp)
     return {
         "interpolated": interpolated,
         "evaluated": evaluated,

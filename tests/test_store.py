@@ -143,7 +143,7 @@ def _clip(i: int) -> np.ndarray:
 
 def _write(root: Path, store: str, damage: tuple[str, ...] = ()) -> str:
     """A dataset of the same rows in ``store``; ``raw-decoded``: raw frames of what the jpeg store decodes to."""
-    counts = {}
+    counts, shards = {}, []
     for split, count in (("train", TRAIN_VIDEOS), ("val", VAL_VIDEOS)):
         rows = []
         for i in range(count):
@@ -160,9 +160,11 @@ def _write(root: Path, store: str, damage: tuple[str, ...] = ()) -> str:
         (root / split).mkdir(parents=True)
         for k in range(0, count, 7):  # 7 rows a shard: batches straddle blocks
             pq.write_table(pa.Table.from_pylist(rows[k : k + 7], schema=SHARD_SCHEMA), root / split / f"part-{k:05d}.parquet")
+            shards.append(f"{split}/part-{k:05d}.parquet")
         counts[split] = {"videos": count}
+    # Shards listed as `vidray preprocess` lists them (one footer-reader actor per read, not Ray's 32).
     info = dict(classes=["c0", "c1", "c2"], frames=2, size=16, stored_frames=4, stored_size=16, splits=counts,
-                store="raw" if store == "raw-decoded" else "jpeg")  # fmt: skip
+                shards=shards, store="raw" if store == "raw-decoded" else "jpeg")  # fmt: skip
     (root / DATASET_INFO).write_text(json.dumps(info))
     return str(root)
 
