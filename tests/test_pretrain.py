@@ -45,9 +45,9 @@ from vidray.pretrain.driver import (
     ENCODER_DIR,
     as_pretraining,
     build_pretrainer,
-    check_pretrain_config,
     make_pretraining_run_config,
 )
+from vidray.pretrain.checks import check_pretrain_config
 from vidray.pretrain.figures import reconstruct
 from vidray.model.pretraining import build_pretraining_model, load_pretraining_model, save_encoder
 from vidray.train.driver import existing_run_state

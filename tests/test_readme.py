@@ -92,6 +92,8 @@ def assert_tracked(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def walkthrough(ray_head, tmp_path_factory):
+    """The section's commands, one after another; the pretraining commands (below) start beside them once
+    the data they read is there (:data:`PRETRAIN_BESIDE`), and :func:`pretrain_consoles` collects them."""
     work = tmp_path_factory.mktemp("readme")
     (work / "configs").symlink_to(REPO / "configs")
     home = work / "home"
@@ -104,8 +106,16 @@ def walkthrough(ray_head, tmp_path_factory):
     }
     env = {k: v for k, v in env.items() if k != "WANDB_MODE"}  # offline must come from the config's default
     commands = readme_commands((REPO / "README.md").read_text())
-    outputs = {command: run_command(command, work, env) for command in commands}
-    return {"work": work, "home": home, "env": env, "outputs": outputs}
+    outputs, pretraining = {}, {}
+    try:
+        for command in commands:
+            if command.startswith(PRETRAIN_BESIDE) and not pretraining:
+                pretraining = {name: start_command(c, work, env) for name, c in PRETRAIN_COMMANDS.items()}
+            outputs[command] = run_command(command, work, env)
+        pretraining = pretraining or {name: start_command(c, work, env) for name, c in PRETRAIN_COMMANDS.items()}
+        yield {"work": work, "home": home, "env": env, "outputs": outputs, "pretraining": pretraining}
+    finally:
+        stop_commands(pretraining)  # a pretraining command left running when a step failed or nobody collected it
 
 
 def test_the_step_by_step_section_runs_as_written(walkthrough):
@@ -138,32 +148,37 @@ def test_vidray_train_prints_one_line_per_epoch_and_tracks_the_run(walkthrough):
 
 # Pretraining on the walk-through's folder: once as the README's train runs (clean console, tracking),
 # once with --verbose. The two runs' folders differ (run.name), and each command's console is its own
-# process's, so they run side by side on the session's cluster (1 worker of 1 CPU each, on its 2 CPUs):
-# on two cores, one run's start-up overlaps the other's.
+# process's, so they run side by side on the session's cluster, and beside the walk-through's last steps
+# (PRETRAIN_BESIDE on: evaluate, export and predict use no Ray): on two cores one process's start-up overlaps
+# another's (68 s for both fixtures, from 75 s one after the other). Half a CPU per worker, so that one CPU
+# stays free for the Ray Data reads that fill each run's cache before it starts.
 PRETRAIN_COMMANDS = {
     "tracked": (
         "vidray pretrain --config configs/demo.yaml data.source=folder pretrain.epochs=2 run.name=demo_train "
-        "run.wandb.enabled=true"
+        "run.wandb.enabled=true train.cpus_per_worker=0.5"
     ),
     "verbose": (
         "vidray pretrain --verbose --config configs/demo.yaml data.source=folder pretrain.epochs=1 "
-        "run.name=demo_verbose"
+        "run.name=demo_verbose train.cpus_per_worker=0.5"
     ),
 }
+PRETRAIN_BESIDE = "vidray evaluate"
+
+
+def stop_commands(started: dict[str, subprocess.Popen]) -> None:
+    for proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def pretrain_consoles(walkthrough) -> dict[str, str]:
-    started = {
-        name: start_command(command, walkthrough["work"], walkthrough["env"]) for name, command in PRETRAIN_COMMANDS.items()
-    }
+    started = walkthrough["pretraining"]
     try:
         return {name: finish_command(proc, PRETRAIN_COMMANDS[name]) for name, proc in started.items()}
     finally:
-        for proc in started.values():  # when one failed, the other is not left running
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        stop_commands(started)  # when one failed, the other is not left running
 
 
 def test_vidray_pretrain_prints_one_line_per_epoch_and_tracks_the_run(walkthrough, pretrain_consoles):

@@ -136,6 +136,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from vidray.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before the driver's imports, as in cmd_train
+    from vidray.pretrain.checks import check_pretrain_config
+
+    check_pretrain_config(cfg)  # a run that cannot work fails here, in about two seconds, before Ray is imported
     import ray
 
     from vidray.pretrain.driver import run_pretraining

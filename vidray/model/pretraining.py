@@ -28,8 +28,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEModel
+from transformers import VideoMAEConfig
+
+if TYPE_CHECKING:
+    from transformers import VideoMAEForPreTraining
 
 from vidray.model.checkpoint import quiet_progress_bars
 from vidray.config import ModelSettings, PretrainSettings
@@ -138,6 +143,10 @@ def install_pretraining_position_tables(model: VideoMAEForPreTraining, source_gr
 def build_pretraining_model(
     model_cfg: ModelSettings, pretrain: PretrainSettings, frames: int, size: int
 ) -> VideoMAEForPreTraining:
+    # Here, not at the top (as in vidray.model.classifier): VideoMAE's modeling code takes seconds to
+    # import, and `vidray pretrain` checks the config with this module before anything else.
+    from transformers import VideoMAEForPreTraining
+
     config = pretraining_config(model_cfg, pretrain, frames, size)
     if model_cfg.init == "scratch":
         model = VideoMAEForPreTraining(config)
@@ -159,6 +168,8 @@ def build_pretraining_model(
 
 def load_pretraining_model(model_dir: str | Path) -> VideoMAEForPreTraining:
     """A pretraining checkpoint's ``model/``, with the position tables it was trained with."""
+    from transformers import VideoMAEForPreTraining
+
     with quiet_progress_bars():
         model = VideoMAEForPreTraining.from_pretrained(str(model_dir), attn_implementation="sdpa")
     source_grid = getattr(model.config, POS_GRID_KEY, None)
@@ -190,6 +201,8 @@ def save_encoder(model: VideoMAEForPreTraining, directory: str | Path, provenanc
     ``provenance`` (run, epochs, masking, loss) goes into :data:`PROVENANCE_FILE` beside it:
     nothing in config.json tells a pretrained encoder from a randomly initialised one.
     """
+    from transformers import VideoMAEModel
+
     directory = Path(directory)
     encoder = VideoMAEModel(encoder_config(model.config))
     encoder.load_state_dict(encoder_state_dict(model), strict=True)

@@ -59,7 +59,8 @@ from vidray.errors import UserError
 from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
 from vidray.model.classifier import token_grid
 from vidray.model.masking import tube_mask
-from vidray.model.pretraining import check_pretraining_model, load_pretraining_model, save_encoder
+from vidray.model.pretraining import load_pretraining_model, save_encoder
+from vidray.pretrain.checks import check_pretrain_config
 from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
 from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
@@ -115,17 +116,6 @@ def run_name(cfg: VidrayConfig) -> str:
 def reports_dir(cfg: VidrayConfig) -> Path:
     """``run.reports_dir``, or by default the pretraining run's own: ``<storage_path>/<run.name>-pretrain/reports``."""
     return cfg.run.model_copy(update={"name": run_name(cfg)}).reports_path()
-
-
-def check_pretrain_config(cfg: VidrayConfig) -> None:
-    """Everything that needs only the config (and a checkpoint's config.json): before Ray starts."""
-    check_pretraining_model(cfg.model, cfg.pretrain, cfg.data.frames, cfg.data.size)
-    parts = cfg.train.num_workers * cfg.train.grad_accum_steps
-    if cfg.pretrain.batch_size % parts:
-        raise UserError(
-            f"pretrain.batch_size={cfg.pretrain.batch_size} is the global batch and must be divisible by "
-            f"train.num_workers x train.grad_accum_steps = {parts}"
-        )
 
 
 def pretrain_videos(cfg: VidrayConfig, info: DatasetInfo) -> int:
