@@ -1,5 +1,6 @@
 """vidray as users install it: `pip install .`, then `vidray tune --config X` from a folder that is
-not the repository, with every process (driver, Ray workers) importing the installed package."""
+not the repository, with every process (driver, Ray workers) importing the installed package, on a
+local cluster that the sweep starts on loopback."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,11 @@ def test_installed_vidray_runs_a_sweep_from_any_folder(tmp_path):
     config["run"].update(name="installed", storage_path=str(tmp_path / "ray_results"))
     (elsewhere / "mine.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
 
-    sweep = run(str(site / "bin" / "vidray"), "tune", "--config", "mine.yaml")
+    # Without RAY_ADDRESS the sweep starts a cluster of its own (init_ray): the processes that serve it,
+    # children of the driver, are read while it runs (see _LocalClusterSampler).
+    vidray = str(site / "bin" / "vidray")
+    with _LocalClusterSampler(driver=vidray) as cluster:
+        sweep = run(vidray, "tune", "--config", "mine.yaml")
     assert sweep.returncode == 0, sweep.stderr[-5000:]
     summary = json.loads(sweep.stdout.strip().splitlines()[-1])
     assert summary["trials"] == 1 and summary["errored"] == 0
@@ -65,23 +71,55 @@ def test_installed_vidray_runs_a_sweep_from_any_folder(tmp_path):
     assert (elsewhere / "data" / "dataset" / "dataset.json").is_file()  # relative data paths: the user's folder
     assert not (REPO / "data" / "videos").exists()
 
-
-@pytest.mark.slow
-def test_a_local_cluster_that_vidray_starts_stays_on_loopback(tmp_path):
-    """`vidray train/tune/...` without RAY_ADDRESS start a cluster of their own (init_ray): its node, GCS and
-    raylet are on vidray.cluster.LOOPBACK_IP, not on the host's outward IP that Ray picks for 127.0.0.1."""
+    # The local cluster that vidray started stayed on loopback: its node, GCS and raylet are on
+    # vidray.cluster.LOOPBACK_IP, not on the host's outward IP that Ray picks for 127.0.0.1. The raylet's
+    # --node_ip_address is the node's address (ray.nodes()' NodeManagerAddress), its --gcs-address the
+    # GCS's (the driver's gcs_address: the GCS picks its port), and the GCS server binds --node-ip-address.
     from vidray.cluster import LOOPBACK_IP
 
-    code = (
-        "import json, ray\n"
-        "from vidray.cluster import init_ray\n"
-        "from vidray.tune.local_ray import local_cluster_kwargs\n"
-        "init_ray(**local_cluster_kwargs())\n"
-        "(node,) = ray.nodes()\n"
-        "print(json.dumps({'node': node['NodeManagerAddress'], 'gcs': ray.get_runtime_context().gcs_address}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    where = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert where["node"] == LOOPBACK_IP and where["gcs"].startswith(f"{LOOPBACK_IP}:"), where
+    (gcs,) = cluster.found["gcs_server"]
+    (raylet,) = cluster.found["raylet"]
+    assert _flag(gcs, "--node-ip-address") == LOOPBACK_IP, gcs
+    assert _flag(raylet, "--node_ip_address") == LOOPBACK_IP, raylet
+    assert _flag(raylet, "--gcs-address").startswith(f"{LOOPBACK_IP}:"), raylet
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of ``name=value`` in a command line."""
+    return next((arg.split("=", 1)[1] for arg in argv if arg.startswith(name + "=")), None)
+
+
+class _LocalClusterSampler(threading.Thread):
+    """The command lines of the GCS servers and raylets that a driver started by this process starts, read
+    from /proc while they run: ``found`` = {"gcs_server": [argv, ...], "raylet": [argv, ...]}, one per process.
+
+    ``ray.init()`` starts them as the driver's own children. The driver is this process's child whose
+    command line holds ``driver`` (the session's `ray start` head, also a child, is not it).
+    """
+
+    def __init__(self, driver: str):
+        super().__init__(daemon=True)
+        self.driver = driver
+        self.found: dict[str, list[list[str]]] = {"gcs_server": [], "raylet": []}
+        self._seen: set[int] = set()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        from vidray.local_cluster import proc_table
+
+        while not self._done.wait(0.5):
+            table = proc_table()
+            drivers = {pid for pid, (parent, argv) in table.items() if parent == os.getpid() and self.driver in argv}
+            for pid, (parent, argv) in table.items():
+                name = Path(argv[0]).name if argv else ""
+                if parent in drivers and name in self.found and pid not in self._seen:
+                    self._seen.add(pid)
+                    self.found[name].append(argv)
+
+    def __enter__(self) -> "_LocalClusterSampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self.join()
