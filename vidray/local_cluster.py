@@ -195,13 +195,15 @@ class LoopbackCluster:
             kill(pid)
 
     def shutdown(self) -> None:
-        for _ in range(10):
+        # Killed processes are gone within a few polls; a process one of them started meanwhile
+        # shows up and is killed on the next round. Polled every 0.05 s, for 5 s at most.
+        for _ in range(100):
             alive = self.processes()
             if not alive:
                 break
             for pid in alive:
                 kill(pid)
-            time.sleep(0.5)
+            time.sleep(0.05)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "LoopbackCluster":
