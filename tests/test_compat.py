@@ -212,3 +212,21 @@ def test_parquet_footer_readers_are_sized_where_ray_builds_its_read(monkeypatch)
     with compat.parquet_footer_readers_for(1000):
         assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 3
     assert os.environ[compat.PARQUET_FOOTER_READERS_ENV] == "3"
+
+
+def test_a_first_read_inside_the_footer_reader_shim_leaves_rays_default_for_later_reads():
+    """read_parquet imports the footer indexer on its first call, and the module keeps the environment's value
+    as its default: had vidray's first read of a process been that import, every later read in the process
+    (a user's own too) would have got its one-off size (1 reader for a small split) instead of Ray's 32.
+    A fresh process, so that this first import is really the first."""
+    code = (
+        "from vidray import compat\n"
+        "with compat.parquet_footer_readers_for(5):\n"
+        "    from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer as indexer\n"
+        "    inside = indexer.FooterFileIndexer(ignore_missing_paths=False)._num_actors\n"
+        "print(inside, indexer._DEFAULT_NUM_ACTORS, indexer.FooterFileIndexer(ignore_missing_paths=False)._num_actors)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != compat.PARQUET_FOOTER_READERS_ENV}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1", str(compat.PARQUET_FOOTER_READERS_MAX), str(compat.PARQUET_FOOTER_READERS_MAX)]

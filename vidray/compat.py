@@ -56,6 +56,11 @@ def parquet_footer_readers_for(files: int) -> Iterator[None]:
     if user_set or _ray_version() not in PARQUET_FOOTER_READERS_VERIFIED_RAY:
         yield
         return
+    # Ray reads the variable twice: into a module default when read_parquet first imports the indexer,
+    # and in the indexer's constructor. Imported here first, the default stays Ray's own (32) for every
+    # later read in this process, the user's included, whichever read came first.
+    import ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer  # noqa: F401
+
     readers = min(PARQUET_FOOTER_READERS_MAX, max(1, -(-files // PARQUET_FOOTERS_PER_READER)))
     os.environ[PARQUET_FOOTER_READERS_ENV] = str(readers)
     try:
