@@ -56,10 +56,36 @@ def ray_cluster(ray_head):
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=ray_head["address"], runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    connect_to(ray_head)
     yield ray
     ray.shutdown()
+
+
+def connect_to(ray_head) -> None:
+    """Make this process a driver of the session's cluster, whatever it was connected to before."""
+    import ray
+
+    if ray.is_initialized():
+        if ray.get_runtime_context().gcs_address == ray_head["address"]:
+            return
+        ray.shutdown()  # a cluster that vidray code run in this process started for itself: it goes with it
+    ray.init(address=ray_head["address"], runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+
+
+@pytest.fixture(autouse=True)
+def _on_the_session_cluster(request):
+    """A vidray command run in this process (vidray.cli.main) disconnects Ray when it ends, as the real
+    command must. Ray work in this process after that, by vidray (init_ray: a local cluster of its own)
+    or by Ray (auto-init on first use: a default local cluster), would not run on the session's cluster,
+    and that other cluster would live on beside it to the end of the session: the sweep lifecycle test
+    in tests/test_tune.py did this (its last run_sweep, after cli_main), and every later test on "the
+    session's cluster" ran on the local one. So a test on the session's cluster starts and ends on it."""
+    on_it = "ray_cluster" in request.fixturenames
+    if on_it:
+        connect_to(request.getfixturevalue("ray_head"))
+    yield
+    if on_it:
+        connect_to(request.getfixturevalue("ray_head"))
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

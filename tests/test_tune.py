@@ -272,7 +272,7 @@ def test_preflight_refuses_before_any_trial_starts(ray_cluster, demo_data, tmp_p
 # ----------------------------------------------------------------- real sweeps
 
 
-def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reported_again(ray_head, ray_cluster, demo_data, tmp_path):
+def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reported_again(ray_head, ray_cluster, demo_data, tmp_path, monkeypatch):
     """One sweep's whole life, as a user lives it, with `python jobs/tune.py` drivers on the session's cluster:
 
     1. two trials side by side; the driver is SIGKILLed while trial 2 is mid-run (after trial 1 finished);
@@ -448,6 +448,9 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     assert json.loads((experiment / "vidray_run.json").read_text())["finished"] is True
     (experiment / "tuner.pkl").rename(experiment / "tuner.pkl.aside")
     console = io.StringIO()
+    # As the drivers above: on the session's cluster (cli_main disconnects when it ends, so the refusal's
+    # run_sweep below would otherwise start a local cluster of its own just to refuse).
+    monkeypatch.setenv("RAY_ADDRESS", ray_head["address"])
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
         assert cli_main(["tune", "--config", str(DEMO), *overrides]) in (0, None)
     again = console.getvalue()
