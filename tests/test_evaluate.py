@@ -203,7 +203,7 @@ def test_reads_unlisted_shards_when_dataset_json_has_no_list(tmp_path, checkpoin
     del info["shards"]
     (copy / "dataset.json").write_text(json.dumps(info))
     # Every Parquet file of the split folder, sorted: what both reads take (and what sizes Ray's footer readers).
-    shards = split_shards(str(copy), read_dataset_info(str(copy)), "val")
+    _, shards = split_shards(str(copy), read_dataset_info(str(copy)), "val")
     assert shards == sorted(str(p) for p in (copy / "val").glob("*.parquet")) and shards
     metrics = evaluate_checkpoint(checkpoint, str(copy), split="val", out_dir=tmp_path / "eval", batch_size=8)
     assert metrics["confusion"] == evaluated[1]["confusion"]

@@ -167,21 +167,22 @@ def read_split(dataset_dir: str, split: str):
     # A compressed store's clips can be rejected when read (vidray/train/batches.py): the id names them.
     columns = ["video", "label"] if info.store == "raw" else ["video", "label", "video_id"]
     # Not Ray's 32 footer-reader processes for a few dozen shards, started and killed on every read.
-    with parquet_footer_readers_for(len(split_shards(dataset_dir, info, split))):
+    _, shards = split_shards(dataset_dir, info, split)
+    with parquet_footer_readers_for(len(shards)):
         return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(columns)
 
 
-def split_shards(dataset_dir: str, info: DatasetInfo, split: str) -> list[str]:
-    """The split's shard paths (as ``open_filesystem(dataset_dir)`` names them): in the order dataset.json
-    lists them ("split/shard-<id>.parquet", written by preprocess), or, for a dataset.json that lists none
-    (written by hand or by an older vidray), every Parquet file of the split folder, sorted."""
+def split_shards(dataset_dir: str, info: DatasetInfo, split: str) -> tuple[pafs.FileSystem, list[str]]:
+    """(the dataset's filesystem, the split's shard paths in it): in the order dataset.json lists them
+    ("split/shard-<id>.parquet", written by preprocess), or, for a dataset.json that lists none (written
+    by hand or by an older vidray), every Parquet file of the split folder, sorted. The filesystem is
+    opened once (for a bucket, opening it can mean a request to find its region)."""
     fs, root = open_filesystem(dataset_dir)
     listed = info.raw.get("shards")
     if listed is not None:
-        return [join_uri(root, name) for name in listed if name.startswith(f"{split}/")]
-    _, split_root = open_filesystem(split_uri(dataset_dir, split))
-    entries = fs.get_file_info(pafs.FileSelector(split_root, allow_not_found=True))
-    return sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
+        return fs, [join_uri(root, name) for name in listed if name.startswith(f"{split}/")]
+    entries = fs.get_file_info(pafs.FileSelector(join_uri(root, split), allow_not_found=True))
+    return fs, sorted(e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet"))
 
 
 def read_split_batches(
@@ -191,8 +192,7 @@ def read_split_batches(
 
     Plain pyarrow in this process, no Ray: what ``vidray evaluate`` and the pretraining figures read.
     """
-    fs, _ = open_filesystem(dataset_dir)
-    shards = split_shards(dataset_dir, info, split)
+    fs, shards = split_shards(dataset_dir, info, split)
     if not shards:
         raise UserError(f"split {split!r} of {dataset_dir} holds no Parquet shards; re-run `vidray preprocess`")
     for shard in shards:
