@@ -91,7 +91,7 @@ def main() -> int:
     seen: dict = {}
     stop = threading.Event()
     sampler = threading.Thread(target=sample, args=(stop, seen), daemon=True)
-    before = {pid for pid in os.listdir("/proc") if pid.isdigit()}
+    before = {(pid, read[2]) for pid in os.listdir("/proc") if pid.isdigit() and (read := _read(pid))}
     sampler.start()
     start = time.monotonic()
     code = subprocess.call(command)
@@ -100,9 +100,10 @@ def main() -> int:
     sampler.join()
 
     kinds: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for (pid, _), entry in seen.items():
-        # Processes that were running before the command: only what they spent during it.
-        spent = (entry["last"] - entry["first"]) if pid in before else entry["last"]
+    for process, entry in seen.items():
+        # Processes that were running before the command: only what they spent during it (a pid the
+        # kernel reused meanwhile is another process: keyed by pid and start time).
+        spent = (entry["last"] - entry["first"]) if process in before else entry["last"]
         kind = kinds[kind_of(entry["name"], entry["command"])]
         kind[0] += 1
         kind[1] += spent / HZ
