@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_video import make_bad_file
 
+from vidray.cli import main as cli_main
 from vidray.data.dataset import read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
 from vidray.data.index import write_manifest
@@ -209,6 +211,26 @@ def test_changed_parameters_replace_old_shards(corpus, first_run, tmp_path):
     assert sorted(summary["shards"]) == sorted(p for p in new if p.endswith(".parquet"))
     table = pq.read_table(out / summary["shards"][0])
     assert len(table.column("video")[0].as_py()) == 8 * 27 * 27 * 3
+
+
+def test_rays_own_lines_reach_the_console_only_with_verbose(corpus, ray_head, tmp_path, monkeypatch, capsys, caplog):
+    """`vidray preprocess` has the console of every vidray command on Ray (vidray.cluster.console_settings):
+    its own line and summary; Ray Data's dataset executions (INFO records of Ray's loggers) only with
+    --verbose. Both runs connect to the session's cluster, as a command under `ray job submit` does."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_head["address"])
+    ray_records = {}
+    for flags in ([], ["--verbose"]):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            assert cli_main(["preprocess", "--manifest", str(corpus["manifest"]), "--out", str(tmp_path / f"ds{len(flags)}"),
+                             "--frames", str(FRAMES), "--size", str(SIZE), "--videos-per-shard", "4", *flags]) in (0, None)  # fmt: skip
+        console = capsys.readouterr()
+        summary = json.loads(console.out.strip().splitlines()[-1])
+        assert summary["processed"] == len(corpus["rows"]) - len(HOSTILE) and summary["rejected"] == len(HOSTILE)
+        assert "vidray preprocess: " in console.err
+        ray_records[bool(flags)] = [r.getMessage() for r in caplog.records if r.name.startswith("ray") and r.levelno < logging.WARNING]
+    assert ray_records[False] == []
+    assert any(m.startswith("Starting execution of Dataset") for m in ray_records[True]), ray_records[True]
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

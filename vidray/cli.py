@@ -47,9 +47,12 @@ def _add_rerun_args(parser: argparse.ArgumentParser, what: str, folder: str = "r
         help=f"delete the {what} under run.storage_path/{folder} (only a folder vidray wrote) and start over "
         f"(by default a finished {what} is only reported and an interrupted one continues)",
     )
-    parser.add_argument(
-        "--verbose", action="store_true", help="show Ray's full logs, every reported result and progress bars"
-    )
+    _add_verbose_arg(parser, "show Ray's full logs, every reported result and progress bars")
+
+
+def _add_verbose_arg(parser: argparse.ArgumentParser, help_text: str = "show Ray's own logs and progress bars") -> None:
+    # Every command that runs on Ray has the same console (vidray.cluster.console_settings): vidray's lines only.
+    parser.add_argument("--verbose", action="store_true", help=help_text)
 
 
 def cmd_index_folder(args: argparse.Namespace) -> None:
@@ -89,6 +92,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         decoder_device=args.decoder_device,
         store=args.store,
         jpeg_quality=args.jpeg_quality,
+        verbose=args.verbose,
     )
     _print_summary(summary, disconnect_ray=True)
 
@@ -116,8 +120,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from vidray.data.prepare import prepare_dataset
 
     cfg = load_config(args.config, args.overrides)
-    init_ray()
-    dataset_dir = prepare_dataset(cfg)
+    init_ray(verbose=args.verbose)
+    dataset_dir = prepare_dataset(cfg, verbose=args.verbose)
     info = read_dataset_info(dataset_dir)
     _print_summary({"dataset_dir": dataset_dir, "classes": info.num_classes, "videos": info.split_counts}, disconnect_ray=True)
 
@@ -186,7 +190,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
                                  crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
                                  actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk,
-                                 stages=args.stages)  # fmt: skip
+                                 stages=args.stages, verbose=args.verbose)  # fmt: skip
         _print_summary(summary, disconnect_ray=not connected_before)
         return
     if args.embeddings:
@@ -248,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, help=f"--store jpeg only (default {DEFAULT_JPEG_QUALITY})"
     )
+    _add_verbose_arg(pre)
     pre.set_defaults(func=cmd_preprocess)
 
     demo = sub.add_parser("demo-data", help="write the synthetic demo dataset as real H.264 files")
@@ -268,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="make the dataset a config describes: generate (demo), index and preprocess, no training"
     )
     _add_config_args(prepare)
+    _add_verbose_arg(prepare)
     prepare.set_defaults(func=cmd_prepare)
 
     # The commands that run on Ray and keep a folder under run.storage_path: the same arguments each.
@@ -323,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --out: videos per decode task and per resumable part (default: up to 16, at least 32 chunks)",
     )
     _add_view_args(pr)
+    _add_verbose_arg(pr, "with --out: show Ray's own logs")
     pr.set_defaults(func=cmd_predict)
     return parser
 

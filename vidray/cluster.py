@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -28,17 +29,46 @@ LOOPBACK_IP = "127.0.0.2"
 DATA_CPUS = 1
 
 
-def init_ray(*, log_to_driver: bool = True, logging_level: int = logging.INFO, **local_kwargs) -> None:
-    """Connect once. ``log_to_driver=False`` keeps the job's workers' output out of this console
-    (it stays in Ray's log files and the dashboard), ``logging_level`` is that of Ray's own logger
-    here; ``local_kwargs`` only apply when a new local cluster starts, on :data:`LOOPBACK_IP`."""
+def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def console_settings(verbose: bool) -> dict[str, Any]:
+    """One console for every command: vidray's lines only, or everything with ``verbose``.
+
+    Sets this process's Ray Data logging and progress bars, and returns the ``ray.init`` keywords
+    (``logging_level``: Ray's own logger here, e.g. "Started a local Ray instance"). By default the
+    workers' output (Ray Train logs every report and checkpoint at INFO on every worker, Ray Data
+    every dataset execution, Ray core its own warnings) stays in Ray's log files and the dashboard,
+    not on the console; a failing run still shows its error here, raised by the call that failed.
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    ray_data = logging.getLogger("ray.data")
+    # Ray Data's own INFO lines and progress bars in this process (preprocessing, dataset reads, prediction).
+    ray_data.setLevel(logging.INFO if verbose else logging.WARNING)
+    for handler in ray_data.handlers:  # handlers: the record comes from a child logger
+        # ...and its warning that the bars are off, which is what was asked for.
+        if verbose:
+            handler.removeFilter(_drop_progress_bars_disabled)
+        else:
+            handler.addFilter(_drop_progress_bars_disabled)
+    if not verbose:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+
+
+def init_ray(*, verbose: bool = False, **local_kwargs) -> None:
+    """Connect once, with the console of :func:`console_settings` (applied on every call: it is this
+    process's logging); ``local_kwargs`` only apply when a new local cluster starts, on :data:`LOOPBACK_IP`."""
+    settings = console_settings(verbose)
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, logging_level=logging_level)
+        ray.init(address=os.environ["RAY_ADDRESS"], **settings)
     else:
-        local_kwargs = {"_node_ip_address": LOOPBACK_IP, **local_kwargs}
-        ray.init(log_to_driver=log_to_driver, logging_level=logging_level, **local_kwargs)
+        ray.init(**settings, **{"_node_ip_address": LOOPBACK_IP, **local_kwargs})
 
 
 def shared_storage_paths(cfg: VidrayConfig) -> tuple[str, str]:

@@ -64,8 +64,9 @@ def _ensure_demo_videos(data: DataSettings) -> None:
         )
 
 
-def prepare_dataset(cfg: VidrayConfig) -> str:
-    """Make ``cfg.data.dataset_dir`` current for ``cfg.data`` and return it."""
+def prepare_dataset(cfg: VidrayConfig, verbose: bool = False) -> str:
+    """Make ``cfg.data.dataset_dir`` current for ``cfg.data`` and return it (``verbose``: Ray's own lines
+    on the console while it preprocesses, vidray.cluster.console_settings)."""
     data = cfg.data
     if data.source == "demo":
         _ensure_demo_videos(data)
@@ -103,5 +104,6 @@ def prepare_dataset(cfg: VidrayConfig) -> str:
         decoder_device=data.decoder_device,
         store=data.store,
         jpeg_quality=data.jpeg_quality,
+        verbose=verbose,
     )
     return data.dataset_dir

@@ -56,13 +56,15 @@ def preprocess(
     decoder_device: DecodeDevice = "cpu",
     store: StoreName = "raw",
     jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Decode every video of ``manifest`` into the dataset directory ``out``.
 
     ``decoder`` (``pyav``, ``decord``, ``torchcodec``) and ``decoder_device``
     (``cpu``; ``cuda``: torchcodec on NVDEC, each task taking a share of a GPU)
     say how; ``store`` (``raw``, ``jpeg`` at ``jpeg_quality``: vidray/data/store.py)
-    how the frames are stored. Returns the summary written to ``out/dataset.json`` (with
+    how the frames are stored; ``verbose`` puts Ray's own lines on the console
+    (vidray.cluster.console_settings). Returns the summary written to ``out/dataset.json`` (with
     ``dataset_dir`` added). Besides the dataset's counts and the decoder it
     holds this run's ``decoded_this_run``, ``shards_reused`` and
     ``shards_written``: re-running with the same manifest and parameters decodes nothing.
@@ -95,7 +97,7 @@ def preprocess(
         from vidray.cluster import init_ray
         from vidray.data.ray_decode import check_cuda_workers, isolate_crashes, run_shards
 
-        init_ray()
+        init_ray(verbose=verbose)
         if decoder_device == "cuda":
             check_cuda_workers(settings)
         crash_on = os.environ.get(CRASH_ON_ENV) or None

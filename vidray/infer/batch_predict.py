@@ -260,6 +260,7 @@ def predict_corpus(
     actor_cpus: float = 0.0,
     videos_per_chunk: int | None = None,
     stages: str = "auto",
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Predict every video of ``inputs`` into ``out``; returns the run's summary (see the module docstring).
 
@@ -267,7 +268,8 @@ def predict_corpus(
     ``fused`` (one actor per CPU decodes and predicts), ``two`` (decode tasks feeding model actors)
     or ``auto`` (fused on CPU-only clusters, two where there are GPUs). ``actors`` caps the model actor
     pool (default: one per GPU; fused: one per CPU; two stages on CPUs: one); ``actor_cpus``: the CPUs
-    a model actor of the two-stage layout reserves on a CPU-only cluster.
+    a model actor of the two-stage layout reserves on a CPU-only cluster. ``verbose``: Ray's own lines on
+    the console (vidray.cluster.console_settings).
     """
     started = time.monotonic()
     if top_k < 1:
@@ -299,7 +301,7 @@ def predict_corpus(
     reused = sum(len(c.paths) for c in chunks if c.id in finished)
     progress = _Progress(len(paths), reused)
     if todo:
-        init_ray(include_dashboard=False)  # a local cluster for this command alone: no dashboard to start
+        init_ray(verbose=verbose, include_dashboard=False)  # a local cluster for this command alone: no dashboard to start
         args = {
             "model_dir": str(model_dir), "top_k": top_k, "clips": views.clips, "crops": views.crops,
             "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus, "stages": stages,

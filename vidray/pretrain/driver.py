@@ -67,7 +67,7 @@ from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
 from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
 from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
-from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
+from vidray.train.runs import EpochFollower, existing_run_state, open_run, summarize_run
 
 RUN_SUFFIX = "-pretrain"
 ENCODER_DIR = "encoder"
@@ -191,7 +191,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
     Returns run dir, last checkpoint and metrics, ``model_dir`` (the encoder) and the figures.
     """
     check_pretrain_config(cfg)
-    init_ray(**console_settings(verbose))
+    init_ray(verbose=verbose)
     cfg = on_shared_storage(cfg)
     dataset_dir = cfg.data.dataset_dir
     pcfg = as_pretraining(cfg)
@@ -201,7 +201,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
         finished_note=f" ({pcfg.train.epochs} epochs); nothing to train",
     )  # fmt: skip
     if state != "finished":
-        prepare_dataset(cfg)
+        prepare_dataset(cfg, verbose=verbose)
         info = read_dataset_info(dataset_dir)
         check_run_resources(pcfg.train, cluster_capacity(), ingest_cpus(pcfg.train, info, pcfg.pretrain.splits))
         trainer = build_pretrainer(cfg, dataset_dir=dataset_dir)

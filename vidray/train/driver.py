@@ -30,7 +30,7 @@ from vidray.train.placement import build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size
-from vidray.train.runs import EpochFollower, console_settings, existing_run_state, open_run, summarize_run
+from vidray.train.runs import EpochFollower, existing_run_state, open_run, summarize_run
 from vidray.storage import resolve_path
 
 CHECKPOINTS_TO_KEEP = 2
@@ -151,7 +151,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     ``best_checkpoint``: the best ``val_macro_f1``'s), the paths ``vidray evaluate`` takes.
     """
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
-    init_ray(**console_settings(verbose))
+    init_ray(verbose=verbose)
     cfg = on_shared_storage(cfg)
     dataset_dir = cfg.data.dataset_dir
     run_dir, state = open_run(
@@ -161,7 +161,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     if state == "finished":
         return summarize_run(run_dir)
 
-    prepare_dataset(cfg)
+    prepare_dataset(cfg, verbose=verbose)
     check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, read_dataset_info(dataset_dir)))
     trainer = build_trainer(cfg, dataset_dir=dataset_dir)
     with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line):

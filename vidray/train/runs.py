@@ -10,8 +10,7 @@ A run (or sweep) lives in ``<run.storage_path>/<name>``. Running the same comman
 * ``--restart`` deletes the folder first, but only a folder strictly under ``run.storage_path`` that
   vidray itself wrote (:func:`delete_run`): anything else is refused with what it holds.
 
-Also here, because all three commands share them: the console (:func:`console_settings`; Ray's own
-lines stay in its log files unless ``--verbose``) and, for train and pretrain, the driver-side
+Also here, because train and pretrain share it: the driver-side
 follower (:class:`EpochFollower`) that prints one line per epoch and logs each epoch to TensorBoard
 and, when ``run.wandb.enabled``, to Weights & Biases (a sweep logs through Tune's callbacks).
 """
@@ -19,7 +18,6 @@ and, when ``run.wandb.enabled``, to Weights & Biases (a sweep logs through Tune'
 from __future__ import annotations
 
 import json
-import logging
 import os
 import posixpath
 import sys
@@ -261,35 +259,6 @@ def open_run(
     if read_marker(folder) is None:
         mark_run(folder, kind, name)
     return folder, state
-
-
-# ------------------------------------------------------------------ console
-
-
-def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Progress bars disabled")
-
-
-def console_settings(verbose: bool) -> dict[str, Any]:
-    """One console for every command: vidray's lines only, or everything with ``verbose``.
-
-    Returns the ``ray.init`` keywords to use (``logging_level``: Ray's own logger in this process,
-    e.g. "Started a local Ray instance"). By default the workers' output (Ray Train logs
-    every report and checkpoint at INFO on every worker, Ray Data every dataset execution, Ray
-    core its own warnings) stays in Ray's log files and the dashboard, not on the console; a
-    failing run still shows its error here, raised by ``fit()``.
-    """
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
-    if not verbose:
-        # Ray Data's own INFO lines and progress bars in this process (preprocessing, dataset reads).
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        # ...and its warning that the bars are off, which is what we asked for.
-        for handler in logging.getLogger("ray.data").handlers:  # handlers: the record comes from a child logger
-            handler.addFilter(_drop_progress_bars_disabled)
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
 # ------------------------------------------------------------------ tracking

@@ -66,7 +66,7 @@ from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri
 from vidray.train.driver import build_trainer, check_dataset, make_run_config
 from vidray.train.placement import cache_splits, ingest_cpus
-from vidray.train.runs import SWEEP_CONFIG_FILE, console_settings, mark_run, open_run, write_json
+from vidray.train.runs import SWEEP_CONFIG_FILE, mark_run, open_run, write_json
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
 from vidray.tune.local_ray import local_cluster_kwargs
@@ -174,7 +174,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     check_sweep_config(cfg)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
 
-    init_ray(**console_settings(verbose), **local_cluster_kwargs())
+    init_ray(verbose=verbose, **local_cluster_kwargs())
     storage_path, dataset_dir = shared_storage_paths(cfg)
     warn_if_inside_a_job_copy(cfg)
     capacity = cluster_capacity()
@@ -193,7 +193,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     callbacks = [EpochLines(cfg.tune.metric, cfg.train.epochs), *wandb_callbacks(cfg)]
 
     # Once, here: every trial reads the same shards.
-    dataset_dir = prepare_dataset(cfg)
+    dataset_dir = prepare_dataset(cfg, verbose=verbose)
     info = read_dataset_info(dataset_dir)
     check_dataset(cfg, info, dataset_dir)
     data_cpus = ingest_cpus(cfg.train, info)
