@@ -23,6 +23,7 @@ from vidray.data.clip import (
     NoFramesError,
     NotAVideoError,
     NoVideoStreamError,
+    UnsupportedByDecoderError,
     resized_size,
     sample_aspect,
     segment_indices,
@@ -245,6 +246,37 @@ def test_bad_files_raise_a_typed_error_with_the_reason(kind, tmp_path, good_vide
     assert str(err).startswith(f"{path}: ")  # one line naming the file
     assert "\n" not in str(err)
     assert isinstance(err, UserError)  # the CLI prints it instead of a traceback
+
+
+def write_av1(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
+    """An AV1 mp4 (SVT-AV1, through PyAV): web footage's newest codec, which decord's own FFmpeg build lacks."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libsvtav1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_a_codec_the_decoder_lacks_is_named_with_the_decoder_that_reads_it(tmp_path, decoder):
+    """Not "truncated or corrupt": a video PyAV decodes and the chosen decoder cannot is rejected as
+    unsupported by that decoder, naming its codec and the setting that reads it."""
+    path = write_av1(tmp_path / "web.mp4", brightness_ramp(12, 48, 64, step=20))
+    if decoder == "decord":  # decord 0.6's bundled FFmpeg has no AV1 decoder
+        with pytest.raises(UnsupportedByDecoderError) as caught:
+            read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+        assert caught.value.code == "unsupported_by_decoder"
+        assert caught.value.reason.startswith("decord cannot decode its av1 video (") and "\n" not in str(caught.value)
+        assert str(caught.value).startswith(f"{path}: ") and str(caught.value).endswith("set data.decoder=pyav")
+    else:  # PyAV's FFmpeg (dav1d) and the system's FFmpeg that torchcodec loads read it
+        clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+        assert clip.frames.shape == (8, 32, 32, 3) and clip.source_frames == 12
+        np.testing.assert_allclose(frame_levels(clip.frames), 20 * segment_indices(12, 8), atol=6)
 
 
 # --- orientation and shape as a player shows them ---------------------------------

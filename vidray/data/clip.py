@@ -37,6 +37,8 @@ class NotAVideoError(VideoError): code = "not_a_video"
 class CorruptVideoError(VideoError): code = "corrupt"
 class NoVideoStreamError(VideoError): code = "no_video_stream"
 class NoFramesError(VideoError): code = "no_frames"
+# A video PyAV decodes that the chosen decoder (decord, torchcodec on its FFmpeg build, NVDEC) cannot.
+class UnsupportedByDecoderError(VideoError): code = "unsupported_by_decoder"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import decord
 import numpy as np
 
 from vidray.data.clip import CorruptVideoError, DecodedClip, NoFramesError, centre_crop, segment_indices
-from vidray.data.decode.pyav import probe_geometry
+from vidray.data.decode.pyav import probe_geometry, refused_by
 
 
 def _message(err: BaseException) -> str:
@@ -38,7 +38,7 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
     try:
         reader = decord.VideoReader(path, width=out_width, height=out_height, num_threads=num_threads)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
-        raise CorruptVideoError(path, f"truncated or corrupt: decord cannot open it ({_message(err)})") from None
+        raise refused_by("decord", path, _message(err)) from None  # PyAV decoded its first frame above
     num_frames = len(reader)
     if num_frames < 1:
         raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")

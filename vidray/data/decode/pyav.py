@@ -23,6 +23,7 @@ from vidray.data.clip import (
     quarter_turns,
     rotate_frames,
     sample_aspect,
+    UnsupportedByDecoderError,
     segment_indices,
     unopenable,
 )
@@ -214,6 +215,18 @@ def probe_geometry(path: str) -> Geometry:
     if rotation is None:
         raise NoFramesError(path, "no decodable frames (the first frame does not decode)")
     return Geometry(geometry.coded_width, geometry.coded_height, rotation, geometry.sample_aspect_ratio)
+
+
+def refused_by(decoder: str, path: str, detail: str) -> UnsupportedByDecoderError:
+    """The error for a file ``decoder`` cannot open though PyAV decodes its first frame (the caller
+    probed it): not a corrupt file but one its build lacks the codec for (decord's bundled FFmpeg has
+    no AV1, for one). Names the codec and the decoder that reads it."""
+    container, stream = open_video(path)
+    with container:
+        codec = stream.codec_context.codec.canonical_name  # the format (av1), not the decoder (libdav1d)
+    return UnsupportedByDecoderError(
+        path, f"{decoder} cannot decode its {codec} video ({detail}), which PyAV decodes: set data.decoder=pyav"
+    )
 
 
 def probe_stream(path: str) -> StreamInfo:

@@ -110,10 +110,10 @@ def read_samples(
         # torchcodec's refusals do not say why (not a video? no video stream?): the
         # header, read with PyAV on this error path only, raises the typed reason. (Imported
         # here: PyAV is optional like every decoder library; require_decoder checks torchcodec's only.)
-        from vidray.data.decode.pyav import probe_geometry
+        from vidray.data.decode.pyav import probe_geometry, refused_by
 
         probe_geometry(path)
-        raise CorruptVideoError(path, f"truncated or corrupt: torchcodec cannot open it ({_message(err)})") from None
+        raise refused_by("torchcodec", path, _message(err)) from None
     num_frames = len(decoder)
     if num_frames < 1:
         raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
