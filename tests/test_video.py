@@ -279,6 +279,66 @@ def test_a_codec_the_decoder_lacks_is_named_with_the_decoder_that_reads_it(tmp_p
         np.testing.assert_allclose(frame_levels(clip.frames), 20 * segment_indices(12, 8), atol=6)
 
 
+def write_thumbnail_first_mkv(path: Path, frames: np.ndarray) -> Path:
+    """A web download's layout: a one-frame MJPEG thumbnail (all red) as the first video track of a
+    Matroska file, then the H.264 video."""
+    with av.open(str(path), "w", format="matroska") as container:
+        thumbnail = container.add_stream("mjpeg", rate=1)
+        video = container.add_stream("libx264", rate=10)
+        for stream, pix_fmt in ((thumbnail, "yuvj420p"), (video, "yuv420p")):
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        red = np.zeros_like(frames[0])
+        red[..., 0] = 255
+        for stream, arrays in ((thumbnail, [red]), (video, frames)):
+            for index, array in enumerate(arrays):
+                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+                frame.pts = index
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return path
+
+
+def write_song_with_cover(path: Path) -> Path:
+    """An .m4a song: one AAC stream and its cover art (a picture stream marked ``attached_pic``)."""
+    with av.open(str(path), "w", format="mp4") as container:
+        audio = container.add_stream("aac", rate=44100)
+        audio.layout = "mono"
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+        picture.pts = 0
+        for packet in [*cover.encode(picture), *cover.encode()]:
+            container.mux(packet)
+        for index in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, index * 1024
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    return path
+
+
+def test_the_video_is_the_stream_ffmpeg_picks_not_a_thumbnail_ahead_of_it(tmp_path, decoder):
+    """Every decoder reads the stream a player shows (FFmpeg's best video stream), not the first one."""
+    path = write_thumbnail_first_mkv(tmp_path / "download.mkv", brightness_ramp(12, 48, 64, step=20))
+    with av.open(str(path)) as container:
+        assert [s.codec_context.name for s in container.streams.video] == ["mjpeg", "h264"]
+    clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+    assert clip.source_frames == 12 and not clip.padded
+    np.testing.assert_allclose(frame_levels(clip.frames), 20 * segment_indices(12, 8), atol=3)
+
+
+def test_a_song_with_cover_art_has_no_video_stream(tmp_path, decoder):
+    path = write_song_with_cover(tmp_path / "song.m4a")
+    with pytest.raises(NoVideoStreamError) as caught:
+        read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+    assert caught.value.reason == "no video stream (streams: audio, cover image)"
+
+
 # --- orientation and shape as a player shows them ---------------------------------
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

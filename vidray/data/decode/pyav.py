@@ -34,16 +34,25 @@ def _detail(err: BaseException) -> str:
 
 
 def open_video(path: str):
-    """(container, its first video stream); raises the VideoError that says why not."""
+    """(container, its video stream); raises the VideoError that says why not.
+
+    The stream is the one FFmpeg picks (``av_find_best_stream``: the most frames probed, then the
+    highest bit rate), as torchcodec, decord and players do; not the first one, which in a web
+    download can be its thumbnail (a one-frame MJPEG track ahead of the video in Matroska). Cover
+    art (an ``attached_pic`` stream: the picture of a song) is not a video.
+    """
     try:
         container = av.open(path, metadata_errors="ignore")
     except av.error.FFmpegError as err:
         raise unopenable(path, _detail(err)) from None
-    if not container.streams.video:
-        kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        kinds = sorted({s.type for s in container.streams if s.type != "video"})
+        kinds += ["cover image"] if container.streams.video else []
         container.close()
-        raise NoVideoStreamError(path, f"no video stream (streams: {kinds})")
-    return container, container.streams.video[0]
+        raise NoVideoStreamError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
+    best = container.streams.best("video")
+    return container, best if best in videos else videos[0]
 
 
 def coded_geometry(path: str, stream) -> Geometry:

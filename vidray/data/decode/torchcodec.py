@@ -125,6 +125,12 @@ def read_samples(
         try:
             decoder.get_frame_at(0)
         except (RuntimeError, IndexError):
+            # Nothing decodes. If the file has no video at all (a song whose only picture is its cover,
+            # which torchcodec takes for a one-frame video), PyAV's header read says so.
+            from vidray.data.decode.pyav import open_video
+
+            container, _ = open_video(path)
+            container.close()
             raise NoFramesError(path, f"no decodable frames ({_message(err)})") from None
         raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
     frames = frames.cpu().numpy() if frames.device.type != "cpu" else frames.numpy()
