@@ -339,6 +339,54 @@ def test_a_song_with_cover_art_has_no_video_stream(tmp_path, decoder):
     assert caught.value.reason == "no video stream (streams: audio, cover image)"
 
 
+def write_cut_with_edit_list(path: Path, levels_step: int = 4, frames: int = 60, cut: int = 13) -> Path:
+    """What `ffmpeg -ss T -c copy` (or a phone's trim) writes: the packets from the keyframe before
+    frame ``cut`` on, timestamps shifted so ``cut`` is at 0, and an edit list that hides the frames
+    before it (decoded as references, never shown). Frame t of the source is grey level t * levels_step;
+    H.264 with B-frames and a keyframe every 10 frames."""
+    source = path.with_name("source.mp4")
+    with av.open(str(source), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0", "g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "2"}
+        for index, array in enumerate(brightness_ramp(frames, 48, 64, step=levels_step)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(source)) as container, av.open(str(path), "w", format="mp4") as out:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.dts is not None]
+        stream = out.add_stream_from_template(container.streams.video[0])
+        in_order = sorted(packets, key=lambda p: p.pts)
+        offset = in_order[cut].pts
+        first = max(p.dts for p in in_order[: cut + 1] if p.is_keyframe)
+        for packet in packets:
+            if packet.dts >= first:
+                packet.pts, packet.dts, packet.stream = packet.pts - offset, packet.dts - offset, stream
+                out.mux(packet)
+    return path
+
+
+def test_frames_an_edit_list_hides_are_not_frames_of_the_video(tmp_path, decoder):
+    """PyAV and decord sample the shown frames (13..59 of the source) evenly (PyAV rejected the file: it
+    looked for the first frames' keyframe among the shown ones; decord counted the hidden ones and,
+    seeking and reading on by turns, returned frames from both counts). torchcodec, which cannot reach
+    the first frames, rejects it naming the decoder that reads it, rather than repeat a later frame."""
+    path = write_cut_with_edit_list(tmp_path / "cut.mp4")
+    if decoder == "torchcodec":  # torchcodec 0.13 returns frame 7 (its first shown keyframe) for frames 0-6
+        with pytest.raises(UnsupportedByDecoderError) as caught:
+            read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+        assert caught.value.reason.startswith("torchcodec cannot decode its h264 video (its frame 0 comes back as")
+        assert caught.value.reason.endswith("which PyAV decodes: set data.decoder=pyav")
+        return
+    for stored in (8, 16):
+        clip = read_clip(path, stored_frames=stored, stored_size=32, decoder=decoder)
+        assert clip.source_frames == 47, (decoder, clip.source_frames)
+        np.testing.assert_allclose(frame_levels(clip.frames), 4 * (13 + segment_indices(47, stored)), atol=2)
+
+
 # --- orientation and shape as a player shows them ---------------------------------
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

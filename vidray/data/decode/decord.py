@@ -39,23 +39,52 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
         reader = decord.VideoReader(path, width=out_width, height=out_height, num_threads=num_threads)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise refused_by("decord", path, _message(err)) from None  # PyAV decoded its first frame above
-    num_frames = len(reader)
+    hidden = _hidden_frames(reader)
+    num_frames = len(reader) - hidden
     if num_frames < 1:
         raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
     indices = segment_indices(num_frames, stored_frames).tolist()
     try:
         try:
-            frames = reader.get_batch(indices).asnumpy()
+            frames = _read(reader, indices, hidden)
         except decord.DECORDError as err:
             if "size must exactly match" not in str(err):
                 raise
             # decord 0.6 miscomputes its copy size for some small output sizes
             # (e.g. 48x36): decode at the displayed size and resize here instead.
             reader = decord.VideoReader(path, num_threads=num_threads)
-            frames = _resize(reader.get_batch(indices).asnumpy(), out_width, out_height)
+            frames = _resize(_read(reader, indices, hidden), out_width, out_height)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
     return DecodedClip(centre_crop(frames, stored_size), source_frames=num_frames, padded=num_frames < stored_frames)
+
+
+def _hidden_frames(reader) -> int:
+    """Frames decord counts that a player never shows: those an edit list hides (a cut made with
+    `ffmpeg -ss ... -c copy`, a phone's trim), decoded as references before the video's start and
+    stamped with negative times. None for most files."""
+    if len(reader) < 1:
+        return 0
+    starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0]
+    hidden = int((starts < 0).sum())
+    return hidden if hidden < len(reader) else 0
+
+
+def _read(reader, indices: list[int], hidden: int) -> np.ndarray:
+    """Shown frames ``indices``. With hidden frames, decord's two ways of reaching a frame disagree
+    (measured on such cuts): reading on returns the next *shown* frame, a seek counts the hidden
+    ones too, and get_batch mixes both. So such a file is read in order, keeping the samples."""
+    if not hidden:
+        return reader.get_batch(indices).asnumpy()
+    reader.seek(0)
+    wanted, kept = set(indices), {}
+    for index in range(max(indices) + 1):
+        frame = reader.next()
+        if index in wanted:
+            kept[index] = frame.asnumpy()
+            if kept[index].shape[-1] != 3:  # the output-size bug read_samples works around, as next() shows it
+                raise decord.DECORDError(f"size must exactly match (decord returned {kept[index].shape})")
+    return np.stack([kept[i] for i in indices])
 
 
 def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -9,6 +9,8 @@ the same container is rewound to tell "nothing decodes" from "broken part-way".
 
 from __future__ import annotations
 
+import bisect
+
 import av
 import numpy as np
 
@@ -134,40 +136,44 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
     """
     codec = stream.codec_context
     codec.thread_count, codec.thread_type = num_threads, "AUTO"
-    # (pts, keyframe) of every shown frame. Packets FFmpeg flags as discard (before an
-    # edit list's start) are decoded as references but never shown: not frames of the video.
-    shown = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
-    if not shown:
+    # (pts, keyframe, shown) of every packet. Packets FFmpeg flags as discard (before an edit
+    # list's start: a trim, a `-c copy` cut) are decoded as references but never shown: not frames
+    # of the video. The keyframe the first shown frames decode from can be one of them.
+    packets = [(p.pts, p.is_keyframe, not p.is_discard) for p in container.demux(stream) if p.size]
+    timestamps = [pts for pts, _, shown in packets if shown]
+    if not timestamps:
         return np.zeros((0, height, width, 3), np.uint8), 0
-    samples = segment_indices(len(shown), count).tolist()
-    timestamps = [pts for pts, _ in shown]
+    samples = segment_indices(len(timestamps), count).tolist()
     if None in timestamps or len(set(timestamps)) != len(timestamps):
         container.seek(0)
         kept = _decode_in_order(container, stream, set(samples), width, height, progress)
     else:
-        keyframes = {pts for pts, key in shown if key}
+        keyframes = sorted(pts for pts, key, _ in packets if key and pts is not None)
         kept = _decode_by_timestamp(container, stream, sorted(timestamps), keyframes, samples, width, height, progress)
     missing = sorted(set(samples) - set(kept))
     if missing:
-        raise _MissingFrames(f"frame {missing[0]} of {len(shown)} never decoded")
-    return np.stack([kept[i] for i in samples]), len(shown)
+        raise _MissingFrames(f"frame {missing[0]} of {len(timestamps)} never decoded")
+    return np.stack([kept[i] for i in samples]), len(timestamps)
 
 
 def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, width, height,
                          progress: _Progress) -> dict[int, np.ndarray]:  # fmt: skip
+    """``timestamps``: the shown frames' pts, sorted; ``keyframes``: every keyframe packet's pts, sorted
+    (hidden ones included)."""
     index_of = {pts: i for i, pts in enumerate(timestamps)}
-    keyframe_indices = sorted(index_of[pts] for pts in keyframes) or [0]
+    keyframes = keyframes or [timestamps[0]]
     wanted = set(samples)
     wanted_pts = {timestamps[i] for i in wanted}
     kept, position, frames = {}, -1, None
     for target in sorted(wanted):
         if target in kept:
             continue
-        keyframe = max((k for k in keyframe_indices if k <= target), default=keyframe_indices[0])
-        if frames is None or keyframe > position:
-            container.seek(timestamps[keyframe], stream=stream, backward=True)
+        keyframe = max((k for k in keyframes if k <= timestamps[target]), default=keyframes[0])
+        first = bisect.bisect_left(timestamps, keyframe)  # the first shown frame decoding from it gives
+        if frames is None or first > position:
+            container.seek(keyframe, stream=stream, backward=True)
             frames = _decoded_frames(stream.codec_context, container.demux(stream), wanted_pts)
-            position = keyframe - 1
+            position = first - 1
         for frame in frames:
             progress.saw(frame)
             index = index_of.get(frame.pts)

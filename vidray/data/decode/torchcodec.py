@@ -120,7 +120,7 @@ def read_samples(
     samples = segment_indices(num_frames, stored_frames)
     try:
         # Frames come back in the order asked: decoded once per distinct index, sorted internally.
-        frames = decoder.get_frames_at(samples.tolist()).data
+        batch = decoder.get_frames_at(samples.tolist())
     except (RuntimeError, IndexError) as err:
         try:
             decoder.get_frame_at(0)
@@ -133,7 +133,16 @@ def read_samples(
             container.close()
             raise NoFramesError(path, f"no decodable frames ({_message(err)})") from None
         raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
-    frames = frames.cpu().numpy() if frames.device.type != "cpu" else frames.numpy()
+    # The first sample is frame 0, shown at the stream's beginning. torchcodec (exact seek mode) cannot
+    # reach the frames before a file's first shown keyframe when an edit list hides the keyframe they
+    # decode from (a trimmed phone video, a `-c copy` cut): it returns that next keyframe, with its time.
+    begin = decoder.metadata.begin_stream_seconds
+    if begin is not None and abs(float(batch.pts_seconds[0]) - begin) > 1e-3:
+        from vidray.data.decode.pyav import refused_by
+
+        raise refused_by("torchcodec", path, f"its frame 0 comes back as the one at {float(batch.pts_seconds[0]):.3f} s: "
+                         "an edit list hides the keyframe its first frames decode from")  # fmt: skip
+    frames = batch.data.cpu().numpy() if batch.data.device.type != "cpu" else batch.data.numpy()
     return DecodedClip(centre_crop(np.asarray(frames), stored_size), source_frames=num_frames,
                        padded=num_frames < stored_frames)  # fmt: skip
 
