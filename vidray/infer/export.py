@@ -178,6 +178,9 @@ def sampling_differences(data: dict[str, Any]) -> list[str]:
         "(bilinear, antialiased), and it rounds the long side down where vidray rounds it to nearest: pixel values "
         "differ by a few grey levels.",
         "Views: vidray's evaluation may average several temporal clips (train.eval_clips); the pipeline runs one.",
+        "Trimmed videos (an edit list hiding the frames before the new start, as phones and `ffmpeg -ss ... -c copy` "
+        "write them): torchcodec 0.13 can return the first shown keyframe for the frames before it; vidray decodes "
+        "the frames a player shows.",
     ]
 
 
