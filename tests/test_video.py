@@ -387,6 +387,50 @@ def test_frames_an_edit_list_hides_are_not_frames_of_the_video(tmp_path, decoder
         np.testing.assert_allclose(frame_levels(clip.frames), 4 * (13 + segment_indices(47, stored)), atol=2)
 
 
+def write_mpeg_stream(path: Path, container_format: str, codec: str, frames: int = 60) -> Path:
+    """An MPEG transport stream (.ts: screen recorders, HLS, camcorders) or program stream (.mpg: DVDs)
+    of a grey ramp (frame t is level 4t), a keyframe every 10 frames, B-frames."""
+    with av.open(str(path), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"g": "10", "bf": "2", **({"crf": "0"} if codec == "libx264" else {"qscale": "1"})}
+        for index, array in enumerate(brightness_ramp(frames, 48, 64, step=4)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = 35 + index  # starting at 1.4 s, as FFmpeg's and OBS's muxers start them
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# How far (in frames) each decoder's samples may land from the exact ones in a stream that seeks by byte
+# position, or that it is rejected naming PyAV ("refused"). Measured: decord 0.6 reads these in order,
+# exactly, but started an FFmpeg-made transport stream at its second keyframe, so it refuses them all;
+# torchcodec 0.13 seeks, and lands up to 2 frames early in a program stream (README: decoders).
+MPEG_STREAM_TOLERANCE = {
+    "pyav": {"mpegts": 0, "mpeg": 0},
+    "decord": {"mpegts": "refused", "mpeg": 0},
+    "torchcodec": {"mpegts": 0, "mpeg": 2},
+}
+
+
+@pytest.mark.parametrize("container_format, codec", [("mpegts", "libx264"), ("mpeg", "mpeg2video")])
+def test_mpeg_transport_and_program_streams_give_their_frames(tmp_path, decoder, container_format, codec):
+    """PyAV rejected such files as corrupt (FFmpeg-made .ts and .mpg: "frame 0 never decoded"; this
+    program stream: frame 30): a seek in them lands by byte position, a keyframe or more past the frame
+    asked for. It now reads them in order, as decord does."""
+    path = write_mpeg_stream(tmp_path / f"clip.{container_format}", container_format, codec)
+    tolerance = MPEG_STREAM_TOLERANCE[decoder][container_format]
+    if tolerance == "refused":
+        with pytest.raises(UnsupportedByDecoderError, match="which PyAV decodes: set data.decoder=pyav"):
+            read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+        return
+    clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+    assert clip.source_frames == 60
+    np.testing.assert_allclose(frame_levels(clip.frames), 4 * segment_indices(60, 8), atol=4 * tolerance + 3)
+
+
 # --- orientation and shape as a player shows them ---------------------------------
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

@@ -22,7 +22,7 @@ import decord
 import numpy as np
 
 from vidray.data.clip import CorruptVideoError, DecodedClip, NoFramesError, centre_crop, segment_indices
-from vidray.data.decode.pyav import probe_geometry, refused_by
+from vidray.data.decode.pyav import probe_geometry_and_seeking, refused_by
 
 
 def _message(err: BaseException) -> str:
@@ -33,27 +33,31 @@ def _message(err: BaseException) -> str:
 
 def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: int = 0) -> DecodedClip:
     """Decode the clip (see :func:`vidray.data.video.read_clip`) with decord."""
-    geometry = probe_geometry(path)  # typed errors for files that are not videos or decode nothing
+    # Typed errors for files that are not videos or decode nothing; whether seeking lands where asked.
+    geometry, container_format, seeks_precisely = probe_geometry_and_seeking(path)
+    if container_format == "mpegts":  # measured: decord 0.6 starts an MPEG-TS at its second keyframe
+        raise refused_by("decord", path, "it skips the first keyframe interval of an MPEG transport stream")
     out_width, out_height = geometry.resize_displayed(stored_size)
     try:
         reader = decord.VideoReader(path, width=out_width, height=out_height, num_threads=num_threads)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise refused_by("decord", path, _message(err)) from None  # PyAV decoded its first frame above
-    hidden = _hidden_frames(reader)
+    # Edit lists exist in MP4/MOV; MPEG program streams (.mpg, .vob) have negative times of their own.
+    hidden = _hidden_frames(reader) if seeks_precisely else 0
     num_frames = len(reader) - hidden
     if num_frames < 1:
         raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
     indices = segment_indices(num_frames, stored_frames).tolist()
     try:
         try:
-            frames = _read(reader, indices, hidden)
+            frames = _read(reader, indices, in_order=bool(hidden) or not seeks_precisely)
         except decord.DECORDError as err:
             if "size must exactly match" not in str(err):
                 raise
             # decord 0.6 miscomputes its copy size for some small output sizes
             # (e.g. 48x36): decode at the displayed size and resize here instead.
             reader = decord.VideoReader(path, num_threads=num_threads)
-            frames = _resize(_read(reader, indices, hidden), out_width, out_height)
+            frames = _resize(_read(reader, indices, in_order=bool(hidden) or not seeks_precisely), out_width, out_height)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
     return DecodedClip(centre_crop(frames, stored_size), source_frames=num_frames, padded=num_frames < stored_frames)
@@ -70,11 +74,15 @@ def _hidden_frames(reader) -> int:
     return hidden if hidden < len(reader) else 0
 
 
-def _read(reader, indices: list[int], hidden: int) -> np.ndarray:
-    """Shown frames ``indices``. With hidden frames, decord's two ways of reaching a frame disagree
-    (measured on such cuts): reading on returns the next *shown* frame, a seek counts the hidden
-    ones too, and get_batch mixes both. So such a file is read in order, keeping the samples."""
-    if not hidden:
+def _read(reader, indices: list[int], in_order: bool) -> np.ndarray:
+    """Shown frames ``indices``; ``in_order``: by reading the file from its start, keeping the samples.
+
+    decord reaches a frame by seeking or by reading on, and get_batch mixes both. Where seeking is not
+    exact that mixes two countings (measured): with frames an edit list hides, reading on returns the
+    next *shown* frame while a seek counts the hidden ones too; in MPEG transport and program streams a
+    seek lands by byte position. Such files are read in order.
+    """
+    if not in_order:
         return reader.get_batch(indices).asnumpy()
     reader.seek(0)
     wanted, kept = set(indices), {}

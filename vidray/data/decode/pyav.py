@@ -111,6 +111,11 @@ class _MissingFrames(Exception):
     """The index promised frames that the decoder never produced."""
 
 
+class _SeekOvershot(Exception):
+    """A seek landed after the frame it was for: MPEG transport and program streams (.ts, .m2ts,
+    .mpg, .vob) seek by byte position, and FFmpeg can land a keyframe or more past the target."""
+
+
 class _Progress:
     """What decoding has seen so far: the display rotation of the first decoded frame (None: none yet)."""
 
@@ -144,12 +149,16 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
     if not timestamps:
         return np.zeros((0, height, width, 3), np.uint8), 0
     samples = segment_indices(len(timestamps), count).tolist()
-    if None in timestamps or len(set(timestamps)) != len(timestamps):
+    if None in timestamps or len(set(timestamps)) != len(timestamps) or container.format.flags & _IMPRECISE_SEEK_FLAGS:
         container.seek(0)
         kept = _decode_in_order(container, stream, set(samples), width, height, progress)
     else:
         keyframes = sorted(pts for pts, key, _ in packets if key and pts is not None)
-        kept = _decode_by_timestamp(container, stream, sorted(timestamps), keyframes, samples, width, height, progress)
+        try:
+            kept = _decode_by_timestamp(container, stream, sorted(timestamps), keyframes, samples, width, height, progress)
+        except _SeekOvershot:  # this file cannot be sought precisely: read it once, in order
+            container.seek(0)
+            kept = _decode_in_order(container, stream, set(samples), width, height, progress)
     missing = sorted(set(samples) - set(kept))
     if missing:
         raise _MissingFrames(f"frame {missing[0]} of {len(timestamps)} never decoded")
@@ -179,6 +188,8 @@ def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, widt
             index = index_of.get(frame.pts)
             if index is None:
                 continue
+            if index > target and target not in kept and index > position:
+                raise _SeekOvershot()  # decoding went past the target without showing it
             position = max(position, index)
             if index in wanted and index not in kept:
                 kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
@@ -215,6 +226,12 @@ def _decoded_frames(codec, packets, wanted_pts: set | None = None):
     yield from codec.decode(None)
 
 
+# Container formats whose timestamps may jump or be missing: MPEG transport and program streams
+# (.ts, .m2ts, .mpg, .vob: AVFMT_TS_DISCONT), raw elementary streams (AVFMT_NOTIMESTAMPS). A seek in
+# them lands by byte position, a keyframe or more away from the frame asked for.
+_IMPRECISE_SEEK_FLAGS = 0x200 | 0x80
+
+
 def probe_geometry(path: str) -> Geometry:
     """How the video displays (size, rotation, pixel aspect), from its header and first frame.
 
@@ -222,14 +239,21 @@ def probe_geometry(path: str) -> Geometry:
     Raises the VideoError for files that are not videos, have no video stream
     or no decodable frame.
     """
+    return probe_geometry_and_seeking(path)[0]
+
+
+def probe_geometry_and_seeking(path: str) -> tuple[Geometry, str, bool]:
+    """:func:`probe_geometry`, the container format's name (FFmpeg's: ``mpegts``, ``mov,mp4,...``) and
+    whether a seek in it lands where asked (see _IMPRECISE_SEEK_FLAGS)."""
     container, stream = open_video(path)
     with container:
         geometry = coded_geometry(path, stream)
+        layout = container.format.name, not container.format.flags & _IMPRECISE_SEEK_FLAGS
         stream.codec_context.thread_count = 1  # one frame: threads would only add start-up
         rotation = first_frame_rotation(container, stream)
     if rotation is None:
         raise NoFramesError(path, "no decodable frames (the first frame does not decode)")
-    return Geometry(geometry.coded_width, geometry.coded_height, rotation, geometry.sample_aspect_ratio)
+    return Geometry(geometry.coded_width, geometry.coded_height, rotation, geometry.sample_aspect_ratio), *layout
 
 
 def refused_by(decoder: str, path: str, detail: str) -> UnsupportedByDecoderError:
