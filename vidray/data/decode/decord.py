@@ -25,6 +25,12 @@ from vidray.data.clip import CorruptVideoError, DecodedClip, NoFramesError, cent
 from vidray.data.decode.pyav import probe_geometry_and_seeking, refused_by
 
 
+# Containers (FFmpeg's names) where decord's seeks land on the frame asked for, measured on each: MP4/MOV
+# (edit lists aside, see _hidden_frames), Matroska/WebM, AVI, FLV. Elsewhere (WMV/ASF: frames repeated;
+# MPEG program streams; MXF, Ogg, ...) a file is read in order, which is exact everywhere.
+DECORD_SEEKS_EXACTLY = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
+
+
 def _message(err: BaseException) -> str:
     # decord prefixes "[hh:mm:ss] /src/file.cc:123: "; keep only the message.
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -34,7 +40,8 @@ def _message(err: BaseException) -> str:
 def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: int = 0) -> DecodedClip:
     """Decode the clip (see :func:`vidray.data.video.read_clip`) with decord."""
     # Typed errors for files that are not videos or decode nothing; whether seeking lands where asked.
-    geometry, container_format, seeks_precisely = probe_geometry_and_seeking(path)
+    geometry, container_format, _ = probe_geometry_and_seeking(path)
+    seeks_exactly = container_format in DECORD_SEEKS_EXACTLY
     if container_format == "mpegts":  # measured: decord 0.6 starts an MPEG-TS at its second keyframe
         raise refused_by("decord", path, "it skips the first keyframe interval of an MPEG transport stream")
     out_width, out_height = geometry.resize_displayed(stored_size)
@@ -43,21 +50,21 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise refused_by("decord", path, _message(err)) from None  # PyAV decoded its first frame above
     # Edit lists exist in MP4/MOV; MPEG program streams (.mpg, .vob) have negative times of their own.
-    hidden = _hidden_frames(reader) if seeks_precisely else 0
+    hidden = _hidden_frames(reader) if seeks_exactly else 0
     num_frames = len(reader) - hidden
     if num_frames < 1:
         raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
     indices = segment_indices(num_frames, stored_frames).tolist()
     try:
         try:
-            frames = _read(reader, indices, in_order=bool(hidden) or not seeks_precisely)
+            frames = _read(reader, indices, in_order=bool(hidden) or not seeks_exactly)
         except decord.DECORDError as err:
             if "size must exactly match" not in str(err):
                 raise
             # decord 0.6 miscomputes its copy size for some small output sizes
             # (e.g. 48x36): decode at the displayed size and resize here instead.
             reader = decord.VideoReader(path, num_threads=num_threads)
-            frames = _resize(_read(reader, indices, in_order=bool(hidden) or not seeks_precisely), out_width, out_height)
+            frames = _resize(_read(reader, indices, in_order=bool(hidden) or not seeks_exactly), out_width, out_height)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
     return DecodedClip(centre_crop(frames, stored_size), source_frames=num_frames, padded=num_frames < stored_frames)
