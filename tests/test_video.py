@@ -436,6 +436,23 @@ def test_streams_without_exact_seeking_give_their_frames(tmp_path, decoder, cont
         np.testing.assert_allclose(frame_levels(clip.frames), levels, atol=3 * tolerance + 2)
 
 
+def test_a_stream_recorded_mid_gop_starts_at_its_first_keyframe(tmp_path):
+    """A transport stream whose first packets reference a keyframe before the recording started (a
+    broadcast capture): they decode to nothing, so the video's frames are those from the first keyframe
+    on. PyAV counted the undecodable packets as frames and rejected the file ("frame 102 never decoded")."""
+    source = write_stream(tmp_path / "source.ts", "mpegts", "libx264")  # keyframes at frames 0, 10, 20, ...
+    path = tmp_path / "captured.ts"
+    with av.open(str(source)) as container, av.open(str(path), "w", format="mpegts") as out:
+        stream = out.add_stream_from_template(container.streams.video[0])
+        packets = [p for p in container.demux(container.streams.video[0]) if p.dts is not None]
+        for packet in packets[13:]:  # the capture starts inside the second GOP (frame 10's)
+            packet.stream = stream
+            out.mux(packet)
+    clip = read_clip(path, stored_frames=8, stored_size=32, decoder="pyav")
+    assert clip.source_frames == 40
+    np.testing.assert_allclose(frame_levels(clip.frames), 3 * (20 + segment_indices(40, 8)), atol=2)
+
+
 # --- orientation and shape as a player shows them ---------------------------------
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

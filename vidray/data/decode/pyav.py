@@ -145,20 +145,25 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
     # list's start: a trim, a `-c copy` cut) are decoded as references but never shown: not frames
     # of the video. The keyframe the first shown frames decode from can be one of them.
     packets = [(p.pts, p.is_keyframe, not p.is_discard) for p in container.demux(stream) if p.size]
+    # A stream recorded or cut mid-GOP (a broadcast capture, a transport stream's tail) opens with
+    # frames whose reference came before it: nothing decodes them. The video starts at its first keyframe.
+    packets = packets[next((i for i, (_, key, _) in enumerate(packets) if key), 0) :]
     timestamps = [pts for pts, _, shown in packets if shown]
     if not timestamps:
         return np.zeros((0, height, width, 3), np.uint8), 0
     samples = segment_indices(len(timestamps), count).tolist()
-    if None in timestamps or len(set(timestamps)) != len(timestamps) or container.format.flags & _IMPRECISE_SEEK_FLAGS:
+    by_pts = None not in timestamps and len(set(timestamps)) == len(timestamps)
+    index_of = {pts: i for i, pts in enumerate(sorted(timestamps))} if by_pts else None
+    if not by_pts or container.format.flags & _IMPRECISE_SEEK_FLAGS:
         container.seek(0)
-        kept = _decode_in_order(container, stream, set(samples), width, height, progress)
+        kept = _decode_in_order(container, stream, set(samples), width, height, progress, index_of)
     else:
         keyframes = sorted(pts for pts, key, _ in packets if key and pts is not None)
         try:
             kept = _decode_by_timestamp(container, stream, sorted(timestamps), keyframes, samples, width, height, progress)
         except _SeekOvershot:  # this file cannot be sought precisely: read it once, in order
             container.seek(0)
-            kept = _decode_in_order(container, stream, set(samples), width, height, progress)
+            kept = _decode_in_order(container, stream, set(samples), width, height, progress, index_of)
     missing = sorted(set(samples) - set(kept))
     if missing:
         raise _MissingFrames(f"frame {missing[0]} of {len(timestamps)} never decoded")
@@ -198,12 +203,15 @@ def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, widt
     return kept
 
 
-def _decode_in_order(container, stream, wanted: set[int], width: int, height: int,
-                     progress: _Progress) -> dict[int, np.ndarray]:  # fmt: skip
+def _decode_in_order(container, stream, wanted: set[int], width: int, height: int, progress: _Progress,
+                     index_of: dict[int, int] | None = None) -> dict[int, np.ndarray]:  # fmt: skip
+    """Decode from where the container is, keeping frames ``wanted``: each decoded frame is the one its
+    pts names in ``index_of`` (a frame that does not decode then shifts no other), else the next one."""
     kept = {}
-    for index, frame in enumerate(_decoded_frames(stream.codec_context, container.demux(stream))):
+    for count, frame in enumerate(_decoded_frames(stream.codec_context, container.demux(stream))):
         progress.saw(frame)
-        if index in wanted:
+        index = count if index_of is None else index_of.get(frame.pts)
+        if index in wanted and index not in kept:
             kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
         if len(kept) == len(wanted):
             break
