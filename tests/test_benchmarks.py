@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vidray.data.video import read_clip
@@ -242,3 +243,19 @@ def test_predict_benchmark_smoke_times_the_loop_and_the_transformers_pipeline(tm
         assert run["wall_s"] > 0 and run["videos_per_s"] > 0
     assert runs["pipeline"]["speedup_vs_one_by_one"] > 0
     assert real["speedups_vs_one_by_one"] == {"pipeline": [runs["pipeline"]["speedup_vs_one_by_one"]]}
+
+
+def test_footage_matrix_reference_is_what_the_pyav_backend_reads(tmp_path):
+    """The matrix's reference (every frame decoded in order, no seeking, picked by position) gives, on a
+    rotated phone-style clip, the frames vidray's PyAV backend reads by seeking: same geometry, same samples."""
+    from vidray.data.video import encode_mp4
+
+    bench = _load("footage_matrix")
+    levels = (np.arange(40) * 6).astype(np.uint8)
+    frames = np.broadcast_to(levels[:, None, None, None], (40, 48, 64, 3)).copy()
+    frames[:, :8, :8] = 255  # a corner marker: the rotation must be applied the same way
+    path = encode_mp4(tmp_path / "phone.mp4", frames, fps=10, crf=0, rotation=90)
+    expected, shown = bench.reference(path)
+    clip = read_clip(path, bench.STORED_FRAMES, bench.STORED_SIZE, decoder="pyav")
+    assert shown == clip.source_frames == 40
+    np.testing.assert_array_equal(expected, clip.frames)

@@ -113,7 +113,7 @@ DRIVER = """
         os.replace(path + ".tmp", path)
 
     manifest, dataset_dir, nodes = {manifest!r}, {dataset_dir!r}, {nodes!r}
-    init_ray()
+    init_ray(verbose=True)  # the workers' output reaches this driver, as under `vidray train --verbose`
     while len([node for node in ray.nodes() if node["Alive"]]) < nodes:
         time.sleep(0.1)
 

@@ -27,7 +27,7 @@ from vidray.data.decode.pyav import probe_geometry_and_seeking, refused_by
 
 # Containers (FFmpeg's names) where decord's seeks land on the frame asked for, measured on each: MP4/MOV
 # (edit lists aside, see _hidden_frames), Matroska/WebM, AVI, FLV. Elsewhere (WMV/ASF: frames repeated;
-# MPEG program streams; MXF, Ogg, ...) a file is read in order, which is exact everywhere.
+# MXF, Ogg, ...) a file is read in order. MPEG transport and program streams it cannot read either way.
 DECORD_SEEKS_EXACTLY = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
 
 
@@ -40,16 +40,16 @@ def _message(err: BaseException) -> str:
 def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: int = 0) -> DecodedClip:
     """Decode the clip (see :func:`vidray.data.video.read_clip`) with decord."""
     # Typed errors for files that are not videos or decode nothing; whether seeking lands where asked.
-    geometry, container_format, _ = probe_geometry_and_seeking(path)
+    geometry, container_format, seeks_precisely = probe_geometry_and_seeking(path)
     seeks_exactly = container_format in DECORD_SEEKS_EXACTLY
-    if container_format == "mpegts":  # measured: decord 0.6 starts an MPEG-TS at its second keyframe
-        raise refused_by("decord", path, "it skips the first keyframe interval of an MPEG transport stream")
+    if not seeks_precisely:  # measured: decord 0.6 started a .ts and a .mpg at their second keyframe
+        raise refused_by("decord", path, f"it can start a {container_format} stream at a later keyframe")
     out_width, out_height = geometry.resize_displayed(stored_size)
     try:
         reader = decord.VideoReader(path, width=out_width, height=out_height, num_threads=num_threads)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise refused_by("decord", path, _message(err)) from None  # PyAV decoded its first frame above
-    # Edit lists exist in MP4/MOV; MPEG program streams (.mpg, .vob) have negative times of their own.
+    # Edit lists exist in MP4/MOV (other containers can have negative times of their own).
     hidden = _hidden_frames(reader) if seeks_exactly else 0
     num_frames = len(reader) - hidden
     if num_frames < 1:
@@ -86,15 +86,17 @@ def _read(reader, indices: list[int], in_order: bool) -> np.ndarray:
 
     decord reaches a frame by seeking or by reading on, and get_batch mixes both. Where seeking is not
     exact that mixes two countings (measured): with frames an edit list hides, reading on returns the
-    next *shown* frame while a seek counts the hidden ones too; in MPEG transport and program streams a
-    seek lands by byte position. Such files are read in order.
+    next *shown* frame while a seek counts the hidden ones too; in a Windows Media file seeks repeated
+    frames. Such files are read in order.
     """
     if not in_order:
         return reader.get_batch(indices).asnumpy()
-    reader.seek(0)
     wanted, kept = set(indices), {}
     for index in range(max(indices) + 1):
-        frame = reader.next()
+        try:
+            frame = reader.next()
+        except StopIteration:  # fewer frames than it counted: as a truncated file fails a seek
+            raise decord.DECORDError(f"the stream ended at frame {index} of {len(reader)}") from None
         if index in wanted:
             kept[index] = frame.asnumpy()
             if kept[index].shape[-1] != 3:  # the output-size bug read_samples works around, as next() shows it

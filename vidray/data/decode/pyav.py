@@ -21,11 +21,11 @@ from vidray.data.clip import (
     NoFramesError,
     NoVideoStreamError,
     StreamInfo,
+    UnsupportedByDecoderError,
     centre_crop,
     quarter_turns,
     rotate_frames,
     sample_aspect,
-    UnsupportedByDecoderError,
     segment_indices,
     unopenable,
 )
@@ -112,8 +112,8 @@ class _MissingFrames(Exception):
 
 
 class _SeekOvershot(Exception):
-    """A seek landed after the frame it was for: MPEG transport and program streams (.ts, .m2ts,
-    .mpg, .vob) seek by byte position, and FFmpeg can land a keyframe or more past the target."""
+    """A seek landed after the frame it was for, as it does in containers that seek by byte position
+    (those are read in order from the start: _IMPRECISE_SEEK_FLAGS); here, in one whose flags did not say so."""
 
 
 class _Progress:
