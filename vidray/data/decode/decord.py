@@ -55,16 +55,17 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
     if num_frames < 1:
         raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
     indices = segment_indices(num_frames, stored_frames).tolist()
+    in_order = bool(hidden) or not seeks_exactly
     try:
         try:
-            frames = _read(reader, indices, in_order=bool(hidden) or not seeks_exactly)
+            frames = _read(reader, indices, in_order)
         except decord.DECORDError as err:
             if "size must exactly match" not in str(err):
                 raise
             # decord 0.6 miscomputes its copy size for some small output sizes
             # (e.g. 48x36): decode at the displayed size and resize here instead.
             reader = decord.VideoReader(path, num_threads=num_threads)
-            frames = _resize(_read(reader, indices, in_order=bool(hidden) or not seeks_exactly), out_width, out_height)
+            frames = _resize(_read(reader, indices, in_order), out_width, out_height)
     except (decord.DECORDError, RuntimeError, AssertionError) as err:
         raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
     return DecodedClip(centre_crop(frames, stored_size), source_frames=num_frames, padded=num_frames < stored_frames)

@@ -153,14 +153,15 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
         return np.zeros((0, height, width, 3), np.uint8), 0
     samples = segment_indices(len(timestamps), count).tolist()
     by_pts = None not in timestamps and len(set(timestamps)) == len(timestamps)
-    index_of = {pts: i for i, pts in enumerate(sorted(timestamps))} if by_pts else None
+    shown = sorted(timestamps) if by_pts else None  # display order
+    index_of = {pts: i for i, pts in enumerate(shown)} if by_pts else None
     if not by_pts or container.format.flags & _IMPRECISE_SEEK_FLAGS:
         container.seek(0)
         kept = _decode_in_order(container, stream, set(samples), width, height, progress, index_of)
     else:
         keyframes = sorted(pts for pts, key, _ in packets if key and pts is not None)
         try:
-            kept = _decode_by_timestamp(container, stream, sorted(timestamps), keyframes, samples, width, height, progress)
+            kept = _decode_by_timestamp(container, stream, shown, index_of, keyframes, samples, width, height, progress)
         except _SeekOvershot:  # this file cannot be sought precisely: read it once, in order
             container.seek(0)
             kept = _decode_in_order(container, stream, set(samples), width, height, progress, index_of)
@@ -170,11 +171,10 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
     return np.stack([kept[i] for i in samples]), len(timestamps)
 
 
-def _decode_by_timestamp(container, stream, timestamps, keyframes, samples, width, height,
+def _decode_by_timestamp(container, stream, timestamps, index_of, keyframes, samples, width, height,
                          progress: _Progress) -> dict[int, np.ndarray]:  # fmt: skip
-    """``timestamps``: the shown frames' pts, sorted; ``keyframes``: every keyframe packet's pts, sorted
-    (hidden ones included)."""
-    index_of = {pts: i for i, pts in enumerate(timestamps)}
+    """``timestamps``: the shown frames' pts, sorted, and ``index_of`` each one's place among them;
+    ``keyframes``: every keyframe packet's pts, sorted (hidden ones included)."""
     keyframes = keyframes or [timestamps[0]]
     wanted = set(samples)
     wanted_pts = {timestamps[i] for i in wanted}
