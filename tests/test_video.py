@@ -45,18 +45,34 @@ def brightness_ramp(num_frames: int, height: int, width: int, step: int) -> np.n
     return np.broadcast_to(levels[:, None, None, None], (num_frames, height, width, 3)).copy()
 
 
+def encode_frames(container, stream, frames, first_pts: int = 0) -> None:
+    """uint8 RGB ``frames`` [T, H, W, 3] into ``stream`` at pts first_pts, first_pts + 1, ..., then flushed."""
+    for index, array in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+        frame.pts = first_pts + index
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
+def encode_silence(container, stream) -> None:
+    """Ten 1024-sample frames of mono silence into the AAC ``stream``, then flushed."""
+    for index in range(10):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 44100, index * 1024
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def write_audio_only(path: Path) -> Path:
     """An .m4a holding one AAC stream and no video stream."""
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("aac", rate=44100)
         stream.layout = "mono"
-        for index in range(10):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 44100, index * 1024
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        encode_silence(container, stream)
     return path
 
 
@@ -253,13 +269,7 @@ def write_av1(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libsvtav1", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        encode_frames(container, stream, frames)
     return path
 
 
@@ -289,14 +299,8 @@ def write_thumbnail_first_mkv(path: Path, frames: np.ndarray) -> Path:
             stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         red = np.zeros_like(frames[0])
         red[..., 0] = 255
-        for stream, arrays in ((thumbnail, [red]), (video, frames)):
-            for index, array in enumerate(arrays):
-                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-                frame.pts = index
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        encode_frames(container, thumbnail, red[None])
+        encode_frames(container, video, frames)
     return path
 
 
@@ -308,17 +312,8 @@ def write_song_with_cover(path: Path) -> Path:
         cover = container.add_stream("mjpeg", rate=1)
         cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
         cover.disposition = av.stream.Disposition.attached_pic
-        picture = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
-        picture.pts = 0
-        for packet in [*cover.encode(picture), *cover.encode()]:
-            container.mux(packet)
-        for index in range(10):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 44100, index * 1024
-            for packet in audio.encode(frame):
-                container.mux(packet)
-        for packet in audio.encode():
-            container.mux(packet)
+        encode_frames(container, cover, np.zeros((1, 64, 64, 3), np.uint8))
+        encode_silence(container, audio)
     return path
 
 
@@ -343,19 +338,13 @@ def write_cut_with_edit_list(path: Path, levels_step: int = 4, frames: int = 60,
     """What `ffmpeg -ss T -c copy` (or a phone's trim) writes: the packets from the keyframe before
     frame ``cut`` on, timestamps shifted so ``cut`` is at 0, and an edit list that hides the frames
     before it (decoded as references, never shown). Frame t of the source is grey level t * levels_step;
-    H.264 with B-frames and a keyframe every 10 frames."""
+    H.264 with a keyframe every 10 frames (x264 is allowed B-frames; on this ramp it uses none)."""
     source = path.with_name("source.mp4")
     with av.open(str(source), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.options = {"crf": "0", "g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "2"}
-        for index, array in enumerate(brightness_ramp(frames, 48, 64, step=levels_step)):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        encode_frames(container, stream, brightness_ramp(frames, 48, 64, step=levels_step))
     with av.open(str(source)) as container, av.open(str(path), "w", format="mp4") as out:
         packets = [p for p in container.demux(container.streams.video[0]) if p.dts is not None]
         stream = out.add_stream_from_template(container.streams.video[0])
@@ -389,19 +378,14 @@ def test_frames_an_edit_list_hides_are_not_frames_of_the_video(tmp_path, decoder
 
 def write_stream(path: Path, container_format: str, codec: str, frames: int = 60, keyint: int = 10) -> Path:
     """A grey ramp (frame t is level 3t), a keyframe every ``keyint`` frames, in a container whose seeks are not
-    exact: an MPEG transport stream (.ts: screen recorders, HLS, camcorders; B-frames), program stream
-    (.mpg: DVDs) or Windows Media (.wmv)."""
+    exact: an MPEG transport stream (.ts: screen recorders, HLS, camcorders; x264 is allowed B-frames,
+    and on this ramp uses none), program stream (.mpg: DVDs) or Windows Media (.wmv)."""
     with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.options = {"g": str(keyint), **({"crf": "0", "bf": "2"} if codec == "libx264" else {"qscale": "1"})}
-        for index, array in enumerate(brightness_ramp(frames, 48, 64, step=3)):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = 35 + index  # starting at 1.4 s, as FFmpeg's and OBS's muxers start them
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        # Starting at 1.4 s, as FFmpeg's and OBS's muxers start them.
+        encode_frames(container, stream, brightness_ramp(frames, 48, 64, step=3), first_pts=35)
     return path
 
 
