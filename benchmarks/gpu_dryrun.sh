@@ -28,7 +28,7 @@ if [ ! -x "$VENV/bin/python3" ]; then
     # PyPI's newest typer pulls pydantic in; the image has typer without it.
     "$VENV/bin/pip" uninstall -q -y pydantic pydantic-core annotated-types typing-inspection tzdata
 fi
-for absent in ray av pydantic decord torchcodec wandb jsonschema; do
+for absent in ray av pydantic decord torchcodec wandb jsonschema simplejpeg; do
     if "$VENV/bin/python3" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$absent') is None)"; then
         echo "gpu_dryrun: $VENV has $absent, which the GPU image lacks" >&2
         exit 1

@@ -8,7 +8,8 @@
 #
 # What the image lacks (the device tool's KINDS.md lists its packages): pydantic and its three
 # helpers (vidray.config), Ray and the one requirement of Ray's that is missing there, jsonschema
-# with its three helpers. typing-extensions travels too: pydantic 2.14 needs >= 4.16 and the image's
+# with its three helpers, and simplejpeg (0.4 MB: the jpeg store's reader, vidray/data/store.py, which
+# vidray.data.dataset imports). typing-extensions travels too: pydantic 2.14 needs >= 4.16 and the image's
 # version is not known. Not carried: PyAV (35.8 MB; no section needs it: the GPU decode section is
 # nvjpeg through torchvision, which the image has), decord, torchcodec, wandb, Ray's extras.
 #
@@ -24,7 +25,7 @@ PY=${PY:-python3}
 # Pinned to what the project's venv runs (constraints.txt and its resolution), cp312 builds.
 WHEELS=(
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
-    ray==2.60.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+    ray==2.60.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 simplejpeg==1.9.0
 )
 # 64 MiB per call, less what else travels: the working tree (~1.3 MB) and a margin.
 LIMIT_BYTES=$((60 * 1024 * 1024))

@@ -13,10 +13,14 @@ measured in this one process, methods interleaved and repeated:
   a source; "exact" for lossless).
 
 Candidates: raw uint8; zstd (pyarrow's codec, lossless); JPEG per frame at two
-qualities through Pillow (libjpeg-turbo; in vidray's dependencies through
-matplotlib) and, when importable, simplejpeg (``--extra-path`` a private
-``pip install --target`` folder: it is not a vidray dependency); and vidray's own
-``jpeg`` store (vidray/data/store.py: the container and decoder training uses).
+qualities through Pillow (libjpeg-turbo), through simplejpeg (its own encoder too),
+and through vidray's own ``jpeg`` store (vidray/data/store.py: the container and
+decoder training uses: Pillow writes, simplejpeg reads into the batch), beside
+``pillow-frombytes``, the same container read with Pillow's ``Image.frombytes`` (the
+store's reader before simplejpeg). Besides the per-core rate, **decode clips/s with
+two threads** (wall): two threads each decoding every clip into a buffer of their
+own, as a worker's batch thread decodes beside the training step's Python; a decoder
+that holds the GIL for part of a frame scales less than 2x.
 
     python benchmarks/store.py                                   # -> benchmarks/results/store.json
     python benchmarks/store.py --extra-path /tmp/p18-pkgs --repeats 5
@@ -30,6 +34,7 @@ import io
 import math
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -142,6 +147,42 @@ def vidray_method(quality: int):
     return encode, decode
 
 
+def pillow_frombytes_method(quality: int):
+    """vidray's container, read with Pillow's ``Image.frombytes`` on each frame's bytes: the store's reader before simplejpeg."""
+    from PIL import Image
+
+    from vidray.data.store import _jpeg_offsets, encode_clip
+
+    def encode(clip: np.ndarray):
+        return encode_clip(clip, "jpeg", quality)
+
+    def decode(blob, frames, out):
+        offsets, start = _jpeg_offsets(blob, None)
+        view = memoryview(blob)
+        for i, f in enumerate(frames):
+            jpeg = view[start + int(offsets[f]) : start + int(offsets[f + 1])]
+            out[i] = np.asarray(Image.frombytes("RGB", (out.shape[2], out.shape[1]), jpeg, "jpeg", "RGB", ""))
+
+    return encode, decode
+
+
+def two_thread_rate(decode: Callable, flat: list, frames: np.ndarray, shape: tuple, rounds: int) -> float:
+    """Clips per wall second with two threads each decoding every clip ``rounds`` times into its own buffer."""
+    def work() -> None:
+        out = np.empty(shape, np.uint8)
+        for _ in range(rounds):
+            for s in flat:
+                decode(s, frames, out)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return 2 * rounds * len(flat) / (time.perf_counter() - started)
+
+
 def stored_bytes(stored: Any) -> int:
     if isinstance(stored, bytes):
         return len(stored)
@@ -158,9 +199,9 @@ def methods(qualities: list[int]) -> dict[str, Callable[[], tuple]]:
     found: dict[str, Callable[[], tuple]] = {"raw": raw_method, "zstd-1": lambda: zstd_method(1), "zstd-9": lambda: zstd_method(9)}
     for q in qualities:
         found[f"pillow-open-q{q}"] = lambda q=q: pillow_method(q)
-        if importlib.util.find_spec("simplejpeg"):
-            found[f"simplejpeg-q{q}"] = lambda q=q: simplejpeg_method(q, fast=False)
-            found[f"simplejpeg-q{q}-fast"] = lambda q=q: simplejpeg_method(q, fast=True)
+        found[f"simplejpeg-q{q}"] = lambda q=q: simplejpeg_method(q, fast=False)
+        found[f"simplejpeg-q{q}-fast"] = lambda q=q: simplejpeg_method(q, fast=True)
+        found[f"pillow-frombytes-q{q}"] = lambda q=q: pillow_frombytes_method(q)
         found[f"vidray-jpeg-q{q}"] = lambda q=q: vidray_method(q)
     return found
 
@@ -192,6 +233,7 @@ def measure(name: str, build: Callable[[], tuple], clips: dict[str, list[np.ndar
     cpu, wall = time.thread_time() - started_cpu, time.perf_counter() - started_wall
     result["decode_clips_per_cpu_s"] = round(rounds * len(flat) / cpu, 1)
     result["decode_clips_per_wall_s"] = round(rounds * len(flat) / wall, 1)
+    result["decode_clips_per_wall_s_2threads"] = round(two_thread_rate(decode, flat, frames, out.shape, rounds), 1)
     return result
 
 
@@ -225,7 +267,7 @@ def main() -> None:
         row = {key: value for key, value in first.items() if key.startswith(("method", "kb_", "psnr_"))}
         for kind in clips:
             row[f"smaller_{kind}"] = round(raw_kb[kind] / first[f"kb_per_clip_{kind}"], 1)
-        for key in ("encode_ms_per_clip", "decode_clips_per_cpu_s", "decode_clips_per_wall_s"):
+        for key in ("encode_ms_per_clip", "decode_clips_per_cpu_s", "decode_clips_per_wall_s", "decode_clips_per_wall_s_2threads"):
             row[key] = median([r[key] for r in runs[name]])
         table.append(row)
         print(row, flush=True)

