@@ -33,7 +33,9 @@ Stores (``--stores``): the same synthetic clips as raw uint8 or in the ``jpeg`` 
 (vidray/data/store.py), each measured with every method. From ``jpeg`` the batch builder
 decodes only the stored frames each step samples, drawn ahead exactly as the training loop
 draws them (``vidray.train.loop.frame_sampler``); ``jpeg_all_frames`` is the same dataset
-decoded whole (every stored frame of a clip), side by side. Per store: ``bytes_per_clip``
+decoded whole (every stored frame of a clip), side by side; ``jpeg_2threads`` is the same
+dataset decoded on two threads per batch (``train.decode_threads=2``; give the worker the CPUs
+with ``--cpus-per-worker 2``). Per store: ``bytes_per_clip``
 and ``decode`` (this process decoding the split's sampled frames, clips per CPU second:
 per core); per run, besides clips/s over the run and within an epoch,
 ``clips_per_process_cpu_s``: clips over the CPU seconds of the worker's process (its
@@ -100,6 +102,8 @@ RAY_METHODS = ("raytrain", "ingest", "raytrain_cached", "ingest_cached", "raytra
 INGEST_METHODS = ("ingest", "ingest_cached", "ingest_device")
 # --stores: the jpeg store decoding every stored frame of a clip (no frame sampler), side by side with "jpeg".
 ALL_FRAMES = "jpeg_all_frames"
+# --stores: the jpeg store decoded on two threads per batch (train.decode_threads=2), side by side with "jpeg".
+TWO_THREADS = "jpeg_2threads"
 # The train.cache_dataset a Ray method's worker runs with, by its suffix.
 PLACEMENTS = {"": "never", "_cached": "always", "_device": "device"}
 
@@ -365,7 +369,7 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
     from vidray.train.rng import AugmentGenerators, seed_everything
 
     args = argparse.Namespace(**config["args"])
-    train_cfg = TrainSettings(cache_dataset=placement_of(args.worker))
+    train_cfg = TrainSettings(cache_dataset=placement_of(args.worker), decode_threads=args.decode_threads)
     device = ray.train.torch.get_device()
     generators = AugmentGenerators.for_device(device)
     seed_everything(0, generators.host, generators.device)
@@ -409,8 +413,11 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
         timer.run(((b["video"], b["label"]) for b in batches), augment_batch, model_step, total)
         epoch += 1
     # Train V2 keeps only metrics that come with a checkpoint; the driver is on this node, so a file will do.
+    from vidray.train.batches import decode_threads_for
+
     result = {
         "torch_threads": torch.get_num_threads(),
+        "decode_threads": decode_threads_for(train_cfg, device),
         "epochs": epoch,
         "placement": data.placement,
         "device_load_s": round(data.cache.load_seconds, 3) if data.cache else None,
@@ -594,11 +601,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--gemm-seconds", type=float, default=2.0, help="how long to time the matmul ceiling")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
-    parser.add_argument("--stores", nargs="+", default=["raw"], choices=["raw", "jpeg", ALL_FRAMES],
+    parser.add_argument("--stores", nargs="+", default=["raw"], choices=["raw", "jpeg", ALL_FRAMES, TWO_THREADS],
                         help="stored formats of the dataset (data.store), each measured with every method; "
                              f"{ALL_FRAMES}: the jpeg store decoding every stored frame of a clip, as before the "
-                             "batch builder decoded only the sampled ones")  # fmt: skip
+                             f"batch builder decoded only the sampled ones; {TWO_THREADS}: the jpeg store decoded "
+                             "on two threads per batch (train.decode_threads=2)")  # fmt: skip
     parser.add_argument("--all-frames", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--decode-threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=112, help=argparse.SUPPRESS)
@@ -645,7 +654,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs, runs = [], []
     for size, store in [(size, store) for size in args.sizes for store in args.stores]:
         stored_frames, stored_size = default_stored(args.frames, size, None, None)
-        data_store = "jpeg" if store == ALL_FRAMES else store
+        data_store = "jpeg" if store in (ALL_FRAMES, TWO_THREADS) else store
         suffix = "" if data_store == "raw" else f"-{data_store}"
         dataset = args.cache / f"train-data-{args.videos}x{stored_frames}x{stored_size}{suffix}"
         build_dataset(dataset, args.videos, max(args.batch, 8), stored_frames, stored_size, args.frames, size, data_store)
@@ -661,6 +670,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         continue  # the data path does not depend on the model: once per input size
                     load_before = loadavg()
                     common = {"model": model, "size": size, "dataset": dataset, "all-frames": int(store == ALL_FRAMES)}
+                    if store == TWO_THREADS:
+                        common["decode-threads"] = 2
                     if method.startswith("plain_"):
                         threads = int(method.removeprefix("plain_").removesuffix("thr"))
                         result = sub("plain", threads=threads, **common)
@@ -678,7 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "load_before": load_before,
                         "load_after": loadavg(),
                         **result,
-                        "store": store,  # the dataset's is jpeg for ALL_FRAMES too
+                        "store": store,  # the dataset's is jpeg for ALL_FRAMES and TWO_THREADS too
                         "achieved_tflops": None if achieved is None else round(achieved, 5),
                     }
                     rate = (gemm.get(str(result["torch_threads"])) or gemm.get("device") or {}).get("tflops")
@@ -727,6 +738,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["method_store"] = f"{run['method']}/{run['store']}"
     pairs = [(s, "raw") for s in args.stores if s != "raw" and "raw" in args.stores]
     pairs += [("jpeg", ALL_FRAMES)] if {"jpeg", ALL_FRAMES} <= set(args.stores) else []
+    pairs += [(TWO_THREADS, "jpeg")] if {"jpeg", TWO_THREADS} <= set(args.stores) else []
     for store, base in pairs:
         for size in args.sizes:
             same_size = [r for r in runs if r["size"] == size and r["model"] == args.models[0]]

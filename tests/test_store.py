@@ -127,6 +127,34 @@ def test_a_frame_that_passes_the_checksum_but_not_the_decoder_is_refused(real_cl
         decode_frames_into(larger, "jpeg", out)
 
 
+def test_decode_threads_fill_the_same_batch_and_name_the_first_clip_that_fails(real_clip):
+    from vidray.train.batches import Row, decode_rows_into, decode_threads_for
+
+    blobs = [encode_clip(np.roll(real_clip, 7 * k, axis=2), "jpeg", 90) for k in range(6)]
+    rows = [Row(np.frombuffer(blob, np.uint8), 0, k, f"video{k}") for k, blob in enumerate(blobs)]
+    frames = np.array([[0, 3], [1, 2], [5, 7], [0, 1], [6, 7], [2, 4]])
+    for sampled in (None, frames):
+        one = np.zeros((6, *real_clip.shape), np.uint8)
+        decode_rows_into(one, rows, "jpeg", sampled)
+        for threads in (2, 4):
+            many = np.zeros_like(one)
+            decode_rows_into(many, rows, "jpeg", sampled, threads=threads)
+            assert np.array_equal(many, one), (threads, sampled is None)
+    # Rows 2 and 4 do not decode (their frame 0 is of another size): the batch's first is named, with any count.
+    other = encode_clip(np.zeros((len(real_clip), 72, 72, 3), np.uint8), "jpeg", 90)
+    for k in (4, 2):
+        rows[k] = Row(np.frombuffer(other, np.uint8), 0, k, f"video{k}")
+    for threads in (1, 3):
+        with pytest.raises(StoredClipError, match=r"^stored clip of video video2: frame 0 does not decode: 72x72"):
+            decode_rows_into(np.zeros((6, *real_clip.shape), np.uint8), rows, "jpeg", threads=threads)
+    # The default: a GPU worker's whole CPUs, one thread on CPU (its cores run the step); set, it is what is set.
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decode_threads_for(TrainSettings(cpus_per_worker=8), gpu) == 8
+    assert decode_threads_for(TrainSettings(cpus_per_worker=0.5), gpu) == 1
+    assert decode_threads_for(TrainSettings(cpus_per_worker=8), cpu) == 1
+    assert decode_threads_for(TrainSettings(cpus_per_worker=8, decode_threads=3), cpu) == 3
+
+
 def test_damaged_or_foreign_blobs_are_refused_with_a_reason(real_clip):
     blob = encode_clip(real_clip, "jpeg", 90)
     flipped = bytearray(blob)
@@ -241,13 +269,13 @@ def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
 
-def _paths(stored: tuple, train: TrainSettings, epoch: int, sampler=lambda: None) -> dict[str, list]:
+def _paths(stored: tuple, train: TrainSettings, epoch: int, sampler=lambda: None, decode_threads: int = 1) -> dict[str, list]:
     """{path: batches}; ``sampler()``: a fresh frame sampler for each path (None: every frame decoded)."""
     streamed, cached, val, store = stored
-    collate = VideoBatchCollate(VIDEO_SHAPE, batch_size=BATCH, store=store)
+    collate = VideoBatchCollate(VIDEO_SHAPE, batch_size=BATCH, store=store, decode_threads=decode_threads)
     cache = DeviceCache.load(cached.iterator(), val.iterator(), video_shape=VIDEO_SHAPE, batch_size=BATCH, rank=0,
                              world_size=1, device=torch.device("cpu"), train_rows=TRAIN_VIDEOS, val_rows=VAL_VIDEOS,
-                             store=store)  # fmt: skip
+                             store=store, decode_threads=decode_threads)  # fmt: skip
     common = dict(batch_size=BATCH, train=train, epoch=epoch, rank=0)
     return {
         "streamed": _tensors(train_batches(streamed.iterator(), collate=collate, frames=sampler(), **common)),
@@ -277,6 +305,12 @@ def test_every_path_of_the_jpeg_store_gives_the_batches_of_raw_decoded_frames(st
         expected = [(v[torch.arange(len(v))[:, None], torch.from_numpy(draw(len(v)))], l) for v, l in raw["device"]]
         for name in ("streamed", "cached", "device"):
             assert _same(sampled[name], expected), name
+        # Three threads decoding each batch (train.decode_threads): the same batches, whole or sampled.
+        threaded = _paths(stores["jpeg"], train, epoch, decode_threads=3)
+        threaded_sampled = _paths(stores["jpeg"], train, epoch, sampler=lambda: _frame_sampler(5), decode_threads=3)
+        for name in ("streamed", "cached", "device"):
+            assert _same(threaded[name], raw["device"]), name
+            assert _same(threaded_sampled[name], expected), name
 
 
 def test_jpeg_val_covers_every_video_once_across_uneven_ranks(stores):

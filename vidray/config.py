@@ -154,6 +154,11 @@ class TrainSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     prefetch_batches: int = Field(2, ge=0)
+    # Threads in each worker that decode a compressed store's batch (data.store=jpeg), a clip each;
+    # the reader releases the GIL, so they scale with cores (docs/benchmarks.md, "simplejpeg reads
+    # the store"). null: the worker's whole CPUs on a GPU (int(cpus_per_worker): its step leaves them
+    # free), 1 on CPU (the step's torch threads use them). Any count gives the same batches.
+    decode_threads: int | None = Field(None, ge=1)
     # Rows of vidray's seeded shuffle buffer (vidray/train/batches.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
     # Where the decoded splits live during the run (vidray/train/placement.py, ingest.py):
@@ -333,7 +338,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # console shows telemetry and how checkpoints are written do not change a run's results.
 KEYS_FREE_ON_RESUME = (
     "run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures",
-    "train.cache_dataset", "train.log_every_steps", "train.checkpoint_in_background",
+    "train.cache_dataset", "train.log_every_steps", "train.checkpoint_in_background", "train.decode_threads",
 )
 
 

@@ -24,9 +24,11 @@ so benchmarks/gpu_check.py measures this path on a machine without Ray.
 
 from __future__ import annotations
 
+import functools
 import queue
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -197,20 +199,48 @@ def intact_rows(
             owed = 0
 
 
-def decode_rows_into(out: np.ndarray, rows: list[Row], store: StoreName, frames: np.ndarray | None = None) -> None:
+def decode_threads_for(train: TrainSettings, device: torch.device) -> int:
+    """``train.decode_threads``, or its default: the worker's whole CPUs beside a GPU, one on CPU."""
+    if train.decode_threads is not None:
+        return train.decode_threads
+    return max(1, int(train.cpus_per_worker)) if device.type == "cuda" else 1
+
+
+@functools.cache
+def decode_pool(threads: int) -> ThreadPoolExecutor:
+    """This process's ``threads`` decode threads (one pool per count, kept for the worker's life)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="vidray-decode")
+
+
+def decode_rows_into(
+    out: np.ndarray, rows: list[Row], store: StoreName, frames: np.ndarray | None = None, *, threads: int = 1
+) -> None:
     """Each row's clip into ``out[i]``: a copy (raw) or decoded (a compressed store); with ``frames``
-    (``[len(rows), k]``, a compressed store), only row ``i``'s stored frames ``frames[i]``, in their places."""
-    for i, row in enumerate(rows):
-        if store == "raw":
+    (``[len(rows), k]``, a compressed store), only row ``i``'s stored frames ``frames[i]``, in their places.
+    A compressed store's clips decode on ``threads`` threads, a clip each: every clip has its own slot, so
+    the batch is the same for any count."""
+    if store == "raw":
+        for i, row in enumerate(rows):
             out[i] = row.videos[row.index]
-            continue
-        try:
-            if frames is None:
-                decode_frames_into(row.videos, store, out[i])
-            else:
-                decode_frames_into(row.videos, store, out[i], frames[i], in_place=True)
-        except StoredClipError as err:  # passed its checksum yet does not decode: made that way
-            raise StoredClipError(f"stored clip of video {row.video_id}: {err}; re-run `vidray preprocess`") from None
+        return
+    if threads <= 1 or len(rows) <= 1:
+        for i, row in enumerate(rows):
+            _decode_row(out, i, row, store, frames)
+        return
+    futures = [decode_pool(threads).submit(_decode_row, out, i, row, store, frames) for i, row in enumerate(rows)]
+    wait(futures)  # every clip done before a failure is raised: none left writing into a reused batch
+    for future in futures:
+        future.result()  # the first damaged row in the batch's order, as one thread would name it
+
+
+def _decode_row(out: np.ndarray, i: int, row: Row, store: StoreName, frames: np.ndarray | None) -> None:
+    try:
+        if frames is None:
+            decode_frames_into(row.videos, store, out[i])
+        else:
+            decode_frames_into(row.videos, store, out[i], frames[i], in_place=True)
+    except StoredClipError as err:  # passed its checksum yet does not decode: made that way
+        raise StoredClipError(f"stored clip of video {row.video_id}: {err}; re-run `vidray preprocess`") from None
 
 
 class BatchBuffers:
@@ -252,7 +282,8 @@ class VideoBatchCollate:
     given the frames a step samples, only those, and the batch says which: ``"frame_index"`` ``[B, k]``).
 
     ``pin_memory``: build batches in pinned memory (for a GPU); ``depth``: batches that
-    may be alive at once on CPU (see :class:`BatchBuffers`).
+    may be alive at once on CPU (see :class:`BatchBuffers`); ``decode_threads``: threads that
+    decode a compressed store's batch (:func:`decode_rows_into`).
     """
 
     def __init__(
@@ -263,10 +294,12 @@ class VideoBatchCollate:
         batch_size: int = 0,
         depth: int = 4,
         store: StoreName = "raw",
+        decode_threads: int = 1,
     ):
         self.video_shape = tuple(video_shape)
         self.pin_memory = pin_memory
         self.store = store
+        self.decode_threads = decode_threads
         self._buffers = BatchBuffers((batch_size, *self.video_shape), torch.uint8, pin_memory=pin_memory, depth=depth)
 
     def stack(self, rows: list[Row], frames: np.ndarray | None = None) -> dict[str, torch.Tensor]:
@@ -274,7 +307,7 @@ class VideoBatchCollate:
         (a compressed store given ``frames`` ``[len(rows), k]``: only those stored frames)."""
         videos = self._buffers.get(len(rows))
         frames = frames if self.store != "raw" else None  # a raw copy is one memcpy a clip: nothing to save
-        decode_rows_into(videos.numpy(), rows, self.store, frames)
+        decode_rows_into(videos.numpy(), rows, self.store, frames, threads=self.decode_threads)
         labels = torch.tensor([row.label for row in rows], dtype=torch.int64)
         return with_frame_index({"video": videos, "label": labels}, frames, self.pin_memory)
 

@@ -37,6 +37,7 @@ from vidray.train.batches import (
     arrow_rows,
     arrow_videos,
     decode_rows_into,
+    decode_threads_for,
     every_clip_reads,
     prefetch_in_thread,
     rank_val_tables,
@@ -135,6 +136,7 @@ class StoredClips:
     offsets: np.ndarray  # int64 [n + 1]: clip i is data[offsets[i]:offsets[i + 1]]
     video_shape: tuple[int, ...]
     store: StoreName
+    decode_threads: int = 1  # threads that decode a batch (vidray.train.batches.decode_rows_into)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -144,7 +146,7 @@ class StoredClips:
         return self.data.nbytes + self.offsets.nbytes
 
     @classmethod
-    def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName, fill: bool):
+    def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName, fill: bool, decode_threads: int = 1):
         """(the clips of ``tables``, their labels int64 [n], rows kept per table), one copy of each blob
         (``fill``: a damaged clip's place taken as :func:`vidray.train.batches.intact_rows` says)."""
         parts: list[np.ndarray] = []
@@ -160,13 +162,13 @@ class StoredClips:
             sizes.append(len(rows))
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-        return cls(data, offsets, tuple(video_shape), store), torch.tensor(labels, dtype=torch.int64), sizes
+        return cls(data, offsets, tuple(video_shape), store, decode_threads), torch.tensor(labels, dtype=torch.int64), sizes
 
     def decode_into(self, out: torch.Tensor, positions: np.ndarray, frames: np.ndarray | None = None) -> torch.Tensor:
         """Clips ``positions`` decoded into ``out`` (uint8 [len(positions), *video_shape]; with ``frames``
         ``[len(positions), k]``, only those stored frames of each)."""
         rows = [Row(self.data[self.offsets[p] : self.offsets[p + 1]], 0, 0, f"at cache row {p}") for p in positions]
-        decode_rows_into(out.numpy(), rows, self.store, frames)
+        decode_rows_into(out.numpy(), rows, self.store, frames, threads=self.decode_threads)
         return out
 
 
@@ -220,6 +222,7 @@ class DeviceCache:
         val_rows: int,
         prefetch_batches: int = 2,
         store: StoreName = "raw",
+        decode_threads: int = 1,
     ) -> "DeviceCache":
         """Copy the shard (about ``train_rows`` videos) and this rank's val batches (``val_rows``) to
         ``device`` (a compressed ``store``: its bytes to host memory)."""
@@ -231,8 +234,8 @@ class DeviceCache:
             else ()  # pretraining: no val split
         )
         if store != "raw":
-            train_clips, train_labels, _ = StoredClips.gather(tables, video_shape, store, fill=True)
-            val_clips, val_labels, val_sizes = StoredClips.gather(val_tables, video_shape, store, fill=False)
+            train_clips, train_labels, _ = StoredClips.gather(tables, video_shape, store, fill=True, decode_threads=decode_threads)
+            val_clips, val_labels, val_sizes = StoredClips.gather(val_tables, video_shape, store, fill=False, decode_threads=decode_threads)
             val_sizes = [n for n in val_sizes if n]  # as val_batches skips a batch whose every clip was rejected
             seconds = time.perf_counter() - started
             return cls(train_clips, train_labels, val_clips, val_labels, val_sizes, seconds, pin_memory=device.type == "cuda")
@@ -389,9 +392,11 @@ def open_worker_data(
         val = ray.train.get_dataset_shard("val")
     # Batches alive at once on the host: the prefetch queue, the one being built, the loop's
     # look-ahead and the one in the step.
+    decode_threads = decode_threads_for(train, device)
     collate = VideoBatchCollate(
-        video_shape, pin_memory=device.type == "cuda", batch_size=batch_size, depth=train.prefetch_batches + 4, store=store
-    )
+        video_shape, pin_memory=device.type == "cuda", batch_size=batch_size, depth=train.prefetch_batches + 4, store=store,
+        decode_threads=decode_threads,
+    )  # fmt: skip
     data = WorkerData(train, batch_size, rank, world_size, train_shard, val, collate)
     train_rows = train_videos // world_size
     val_rows = val_rows_of_rank(val_videos, batch_size, rank, world_size)
@@ -412,5 +417,6 @@ def open_worker_data(
             val_rows=val_rows,
             prefetch_batches=train.prefetch_batches,
             store=store,
+            decode_threads=decode_threads,
         )
     return data
