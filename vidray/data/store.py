@@ -112,7 +112,7 @@ def decode_frames_into(blob, store: StoreName, out: np.ndarray, frames=None, *, 
                 raise ValueError(f"{width}x{height} pixels, the dataset stores {frame_shape[1]}x{frame_shape[0]}")
             if target.flags.c_contiguous:
                 simplejpeg.decode_jpeg(jpeg, "RGB", buffer=target)
-            else:  # a strided view : decode, then copy in
+            else:  # a strided view: decode, then copy in
                 target[...] = simplejpeg.decode_jpeg(jpeg, "RGB")
         except ValueError as err:  # simplejpeg's error for a broken JPEG stream
             raise StoredClipError(f"frame {f} does not decode: {err}") from None
