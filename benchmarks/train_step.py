@@ -363,6 +363,7 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
 
     from vidray.config import TrainSettings, VidrayConfig
     from vidray.data.dataset import ClipShape
+    from vidray.train.batches import decode_threads_for
     from vidray.train.finetune import FineTuning
     from vidray.train.ingest import open_worker_data
     from vidray.train.loop import WorkerSetup, frame_sampler
@@ -413,8 +414,6 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
         timer.run(((b["video"], b["label"]) for b in batches), augment_batch, model_step, total)
         epoch += 1
     # Train V2 keeps only metrics that come with a checkpoint; the driver is on this node, so a file will do.
-    from vidray.train.batches import decode_threads_for
-
     result = {
         "torch_threads": torch.get_num_threads(),
         "decode_threads": decode_threads_for(train_cfg, device),

