@@ -66,8 +66,10 @@ pipeline-env: $(PIPELINE_STAMP)
 demo: setup
 	$(PY) jobs/tune.py
 
+# The whole suite, in two lanes side by side (tests/run_all.sh): the tests that run Ray, one cluster
+# at a time, and beside them the ones that need no Ray. A plain `pytest` runs the same tests in one lane.
 test: setup pipeline-env
-	$(PY) -m pytest -q --durations=15
+	bash tests/run_all.sh $(PY)
 
 # The inner loop: everything that needs no Ray cluster and no end-to-end run (about a minute).
 test-quick: setup

@@ -80,12 +80,20 @@ def _on_the_session_cluster(request):
     and that other cluster would live on beside it to the end of the session: the sweep lifecycle test
     in tests/test_tune.py did this (its last run_sweep, after cli_main), and every later test on "the
     session's cluster" ran on the local one. So a test on the session's cluster starts and ends on it."""
+    import ray
+
     on_it = "ray_cluster" in request.fixturenames
     if on_it:
         connect_to(request.getfixturevalue("ray_head"))
+    connected_before = ray.is_initialized()
     yield
     if on_it:
         connect_to(request.getfixturevalue("ray_head"))
+    elif not connected_before and ray.is_initialized() and not request.node.get_closest_marker("slow"):
+        # `make test` runs the tests without these marks beside the Ray lane (tests/run_all.sh): one that
+        # starts a cluster of its own would put two on the machine at once.
+        ray.shutdown()
+        pytest.fail("this test started Ray in this process: use the ray_cluster fixture, or mark it slow")
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# `make test`: the whole suite, as two pytest processes side by side.
+#
+#   tests/run_all.sh PYTHON        (the Makefile passes .venv's; for a part of the suite, run pytest itself)
+#
+# * The Ray lane, `-m "ray or slow"`: every test that runs Ray (the session's loopback head, clusters
+#   of their own, end-to-end runs), in order, one cluster at a time, as a plain `pytest` runs them.
+#   Its console and --durations come first.
+# * The lane beside it, `-m "not ray and not slow"` (`make test-quick`'s tests): no Ray at all, so it
+#   only adds one busy process to the machine, which the Ray lane's tests must stand anyway.
+#
+# The two marker expressions are complements, so together they are the full suite. Why two lanes,
+# and not pytest-xdist: docs/benchmarks.md, section 8. Exit status: non-zero if either lane failed.
+set -uo pipefail
+
+python=${1:?usage: tests/run_all.sh PYTHON}
+cd "$(dirname "$0")/.."
+
+beside_log=$(mktemp -t vidray-tests-no-ray.XXXXXX)
+# The lane beside writes no pytest cache: two sessions writing one .pytest_cache would race.
+"$python" -m pytest -q -m "not ray and not slow" -p no:cacheprovider --durations=5 > "$beside_log" 2>&1 &
+beside=$!
+# Ctrl-C or a failure here must not leave the other lane running.
+trap 'kill "$beside" 2> /dev/null; rm -f "$beside_log"' EXIT
+
+"$python" -m pytest -q -m "ray or slow" --durations=15
+ray_status=$?
+
+wait "$beside"
+beside_status=$?
+echo
+echo "======== run beside it: the tests that need no Ray (-m \"not ray and not slow\") ========"
+cat "$beside_log"
+if [ "$ray_status" -ne 0 ] || [ "$beside_status" -ne 0 ]; then
+  echo "make test: FAILED (Ray lane exit $ray_status, other lane exit $beside_status)" >&2
+  exit 1
+fi
+echo "make test: both lanes passed"
