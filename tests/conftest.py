@@ -38,8 +38,10 @@ from vidray.cluster import LOOPBACK_IP  # noqa: E402  (after the environment abo
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the session's Ray cluster are marked ``ray``: `make test-quick` (-m "not ray and not
-    slow") leaves them and the other multi-minute ones out; `make test` runs everything."""
+    """Tests on the session's Ray cluster are marked ``ray`` here (tests that start clusters of their own
+    carry the mark themselves): `make test-quick` (-m "not ray and not slow") leaves them and the other
+    multi-minute ones out; `make test` runs everything, the ``ray`` tests in one lane and the rest
+    beside them (tests/run_all.sh)."""
     for item in items:
         if {"ray_cluster", "ray_head"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
@@ -89,11 +91,11 @@ def _on_the_session_cluster(request):
     yield
     if on_it:
         connect_to(request.getfixturevalue("ray_head"))
-    elif not connected_before and ray.is_initialized() and not request.node.get_closest_marker("slow"):
-        # `make test` runs the tests without these marks beside the Ray lane (tests/run_all.sh): one that
+    elif not connected_before and ray.is_initialized() and not request.node.get_closest_marker("ray"):
+        # `make test` runs the tests not marked ``ray`` beside the Ray lane (tests/run_all.sh): one that
         # starts a cluster of its own would put two on the machine at once.
         ray.shutdown()
-        pytest.fail("this test started Ray in this process: use the ray_cluster fixture, or mark it slow")
+        pytest.fail("this test started Ray in this process: use the ray_cluster fixture, or mark it ray")
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

@@ -3,11 +3,12 @@
 #
 #   tests/run_all.sh PYTHON        (the Makefile passes .venv's; for a part of the suite, run pytest itself)
 #
-# * The Ray lane, `-m "ray or slow"`: every test that runs Ray (the session's loopback head, clusters
-#   of their own, end-to-end runs), in order, one cluster at a time, as a plain `pytest` runs them.
-#   Its console and --durations come first.
-# * The lane beside it, `-m "not ray and not slow"` (`make test-quick`'s tests): no Ray at all, so it
-#   only adds one busy process to the machine, which the Ray lane's tests must stand anyway.
+# * The Ray lane, `-m ray`: every test that runs Ray (on the session's loopback head, or on clusters of
+#   its own), in order, one cluster at a time, as a plain `pytest` runs them. Its console and
+#   --durations come first.
+# * The lane beside it, `-m "not ray"` (`make test-quick`'s tests, and the slow ones that run no Ray):
+#   no Ray at all, so it only adds one busy process to the machine, which the Ray lane's tests must
+#   stand anyway (tests/conftest.py fails a test here that starts Ray in its process).
 #
 # The two marker expressions are complements, so together they are the full suite. Why two lanes,
 # and not pytest-xdist: docs/benchmarks.md, section 8. Exit status: non-zero if either lane failed.
@@ -18,18 +19,18 @@ cd "$(dirname "$0")/.."
 
 beside_log=$(mktemp -t vidray-tests-no-ray.XXXXXX)
 # The lane beside writes no pytest cache: two sessions writing one .pytest_cache would race.
-"$python" -m pytest -q -m "not ray and not slow" -p no:cacheprovider --durations=5 > "$beside_log" 2>&1 &
+"$python" -m pytest -q -m "not ray" -p no:cacheprovider --durations=5 > "$beside_log" 2>&1 &
 beside=$!
 # Ctrl-C or a failure here must not leave the other lane running.
 trap 'kill "$beside" 2> /dev/null; rm -f "$beside_log"' EXIT
 
-"$python" -m pytest -q -m "ray or slow" --durations=15
+"$python" -m pytest -q -m ray --durations=15
 ray_status=$?
 
 wait "$beside"
 beside_status=$?
 echo
-echo "======== run beside it: the tests that need no Ray (-m \"not ray and not slow\") ========"
+echo "======== run beside it: the tests that run no Ray (-m \"not ray\") ========"
 cat "$beside_log"
 if [ "$ray_status" -ne 0 ] || [ "$beside_status" -ne 0 ]; then
   echo "make test: FAILED (Ray lane exit $ray_status, other lane exit $beside_status)" >&2

@@ -88,6 +88,7 @@ def test_process_tree_cpu_counts_child_processes():
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # a Ray cluster of its own
 def test_preprocess_benchmark_smoke(cache, tmp_path):
     bench = _load("preprocess")
     out = tmp_path / "preprocess.json"
@@ -152,6 +153,7 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # a Ray cluster of its own
 def test_train_step_benchmark_smoke(cache, tmp_path):
     bench = _load("train_step")
     out = tmp_path / "train.json"
@@ -192,6 +194,7 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # clusters of its own
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LoopbackCluster finds its nodes in /proc")
 def test_scaling_benchmark_smoke(cache, tmp_path):
     from vidray.local_cluster import NODE_IP, proc_table

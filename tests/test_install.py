@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # a local cluster that the sweep starts
 def test_installed_vidray_runs_a_sweep_from_any_folder(tmp_path):
     site, source = tmp_path / "site", tmp_path / "source"
     # The dependencies are this environment's; the package itself is built from a copy of what an sdist

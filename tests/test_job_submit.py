@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # a head of its own, with token authentication
 def test_ray_job_submit_runs_the_sweep_and_its_results_outlive_the_cluster(tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -41,6 +41,7 @@ from vidray.storage import MULTI_NODE_LABEL
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.ray,  # a cluster of its own
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the nodes' processes in /proc"),
 ]
 
