@@ -2,8 +2,9 @@
 
 A tiny VideoMAE is trained (vidray's own training transform, a plain PyTorch loop: the
 parity needs a model with real predictions, not Ray Train) on a 2-class demo set
-(a time-reversed pair, so only frame order separates the classes), preprocessed by
-`vidray preprocess` on the session's Ray cluster. Then, for the same model:
+(a time-reversed pair, so only frame order separates the classes), its shards decoded
+in this process by the function `vidray preprocess`'s Ray tasks run (no Ray: this module
+runs in `make test`'s lane beside the Ray tests). Then, for the same model:
 
 * `vidray evaluate` on the held-out test split, and `pipeline("video-classification")`
   on the same test videos, run in the pipeline environment (PyPI's torch with
@@ -48,7 +49,9 @@ from vidray.infer.export import (
 from vidray.data.index import index_folder
 from vidray.model.classifier import install_position_table
 from vidray.infer.predict import predict_videos
+from vidray.data.decode_shard import decode_shard
 from vidray.data.preprocess import preprocess
+from vidray.data.shards import DecodeSettings, load_videos, plan_shards
 from vidray.data.video import encode_mp4, read_clip
 
 pytestmark = pytest.mark.slow  # trains a model and runs a second venv (make pipeline-env)
@@ -85,14 +88,23 @@ def pipeline_side(tmp_path_factory) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, ray_cluster) -> dict:
-    """The demo's videos (2 classes, a time-reversed pair), indexed and preprocessed as `make demo` does."""
+def demo(tmp_path_factory) -> dict:
+    """The demo's videos (2 classes, a time-reversed pair), indexed and preprocessed as `make demo` does,
+    except that each shard is decoded here by ``decode_shard``, the function each of preprocessing's
+    Ray tasks runs on its shard. ``preprocess`` then finds every shard written, as on a rerun, and
+    writes dataset.json without starting Ray: the dataset is the one a Ray run writes."""
     root = tmp_path_factory.mktemp("demo")
     generate_demo_videos(root / "videos", classes=2, videos_per_class=VIDEOS_PER_CLASS, seed=0)
-    index_folder(root / "videos", root / "manifest.parquet")
-    info = preprocess(root / "manifest.parquet", str(root / "dataset"), **SHAPE, videos_per_shard=25)
+    manifest, dataset = root / "manifest.parquet", str(root / "dataset")
+    index_folder(root / "videos", manifest)
+    settings = DecodeSettings(SHAPE["stored_frames"], SHAPE["stored_size"])
+    for shard in plan_shards(load_videos(manifest)[0], settings.stored_frames, settings.stored_size, 25):
+        decode_shard(dataset, shard, settings, crash_on=None)
+    info = preprocess(manifest, dataset, **SHAPE, videos_per_shard=25)
+    # Every shard preprocess plans was one of these: it decoded nothing (and so started no Ray).
+    assert info["decoded_this_run"] == info["shards_written"] == 0 and info["shards_reused"] > 0
     tests = sorted((root / "videos" / "test").rglob("*.mp4"))
-    return {"dataset": str(root / "dataset"), "classes": info["classes"], "test_videos": tests}
+    return {"dataset": dataset, "classes": info["classes"], "test_videos": tests}
 
 
 @pytest.fixture(scope="module")
