@@ -11,8 +11,10 @@ crossing a noisy frame), labels unused:
   ``uninterrupted`` ended (losses, weights): masks, crops and batches continue
   the same random streams.
 
-Then the encoder it leaves (``model_dir``) is fine-tuned by a real ``vidray
-train`` run, and its weights are checked against the pretraining checkpoint.
+Then the encoder it leaves (``model_dir``) is fine-tuned by a one-trial ``vidray
+tune`` sweep (its trial runs the train loop of ``vidray train``): the trial's
+checkpoint has a new head and no decoder, and the exported model keeps the
+encoder's geometry.
 """
 
 from __future__ import annotations
@@ -387,7 +389,7 @@ def test_the_encoder_loads_into_fine_tuning_exactly(finished, uninterrupted):
 
 def test_vidray_tune_sweeps_from_the_encoder(finished, clips_dataset, tmp_path):
     """A one-trial, one-epoch sweep from the encoder (in this process, on the session's cluster):
-    the trial is a `vidray train` run that fine-tunes it (a new head, no decoder), and the sweep
+    the trial runs `vidray train`'s loop, which fine-tunes it (a new head, no decoder), and the sweep
     writes its table and exports its best model."""
     from vidray.report.results import report_sweep
     from vidray.tune.sweep import run_sweep

@@ -278,16 +278,20 @@ def train_runs(ray_cluster, ordered_dataset, shuffled_stores, start_checkpoint, 
     ordered = config_for(
         ordered_dataset, start_checkpoint, tmp / "runs", "ordered", "train.num_workers=2", "train.cpus_per_worker=0.5"
     )
+    # The shuffled pair also mixes (MixUp, CutMix, flips), so the bit-exact resume below covers the jpeg
+    # store's frame sampler replaying those draws ahead of the step. The frame-order control does not
+    # care: with its frames shuffled a model is blind to the direction however it trains.
+    mixing = ("train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.hflip=true")
     # Written in line (checkpoint_in_background=false), as shuffled_killed's are not: the same checkpoints either way.
     shuffled = config_for(
         shuffled_stores["raw-decoded"], start_checkpoint, tmp / "runs", "shuffled", "train.cpus_per_worker=0.5",
-        "train.cache_dataset=always", "train.checkpoint_in_background=false",
+        "train.cache_dataset=always", "train.checkpoint_in_background=false", *mixing,
     )  # fmt: skip
     # Compressed clips from the worker's own memory while `shuffled` iterates Ray Data over their decoded
     # frames: the two must still agree bit for bit.
     shuffled_killed = config_for(
         shuffled_stores["jpeg"], start_checkpoint, tmp / "runs", "shuffled_killed", "train.cpus_per_worker=0.5",
-        "train.cache_dataset=device",
+        "train.cache_dataset=device", *mixing,
     )  # fmt: skip
     return run_side_by_side(
         {
@@ -452,6 +456,10 @@ def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuf
     assert _last_info(shuffled_killed)["ingest"]["placement"] == "device"
     # The checkpoints record the compressed store (for prediction), and nothing for a raw one.
     assert _last_info(shuffled_killed)["data"]["store"] == "jpeg" and "store" not in _last_info(shuffled)["data"]
+    # Both mixed: MixUp, CutMix and flips drawn ahead by the jpeg store's frame sampler, through the kill.
+    for run in (shuffled, shuffled_killed):
+        train = _last_info(run)["config"]["train"]
+        assert (train["mixup_alpha"], train["cutmix_alpha"], train["hflip"]) == (0.4, 1.0, True)
     a, b = _history(shuffled), _history(shuffled_killed)
     assert [h["epoch"] for h in b] == list(range(EPOCHS))
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "global_step", "lr"):
