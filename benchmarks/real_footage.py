@@ -44,12 +44,11 @@ from pathlib import Path
 import numpy as np
 from benchlib import command_line, loadavg, machine_info, now, write_result
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes
+from vidray.data.video import probe
+from vidray.infer.evaluate import pair_accuracy
 
-from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes  # noqa: E402
-from vidray.data.video import probe  # noqa: E402
-from vidray.infer.evaluate import pair_accuracy  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 WINDOW_S = 1.5
 GAP_S = 0.5  # between a split's stretch and the next: no frame is in two splits

