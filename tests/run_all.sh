@@ -18,10 +18,8 @@ python=${1:?usage: tests/run_all.sh PYTHON}
 cd "$(dirname "$0")/.."
 
 beside_log=$(mktemp -t vidray-tests-no-ray.XXXXXX)
-# The lane beside writes no pytest cache: two sessions writing one .pytest_cache would race. It runs
-# niced: the Ray lane is the one `make test` waits for, so where the two want the same core, the Ray
-# lane's tests (and the Ray processes they start) go first, and the lane beside fills its idle time.
-nice -n 10 "$python" -m pytest -q -m "not ray" -p no:cacheprovider --durations=5 > "$beside_log" 2>&1 &
+# The lane beside writes no pytest cache: two sessions writing one .pytest_cache would race.
+"$python" -m pytest -q -m "not ray" -p no:cacheprovider --durations=5 > "$beside_log" 2>&1 &
 beside=$!
 # Ctrl-C or a failure here must not leave the other lane running.
 trap 'kill "$beside" 2> /dev/null; rm -f "$beside_log"' EXIT
