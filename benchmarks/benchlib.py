@@ -4,6 +4,7 @@ accounting over a process tree, medians, and the JSON result file."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -58,6 +59,11 @@ def loadavg() -> float:
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 4) if values else None
+
+
+def psnr(mse: float) -> float | None:
+    """PSNR in dB of 8-bit images from their mean squared error; None for identical ones."""
+    return None if mse == 0 else round(10 * math.log10(255.0**2 / mse), 2)
 
 
 def per_repeat_ratio(

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from benchlib import command_line, loadavg, machine_info, now, write_result
+from benchlib import command_line, loadavg, machine_info, now, psnr, write_result
 
 from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes
 from vidray.data.video import probe
@@ -189,7 +189,7 @@ def store_fidelity(raw_dir: str, jpeg_dir: str, split: str = "test") -> dict:
     psnrs = []
     for video_id, (clip, _) in raw.items():
         mse = float(np.mean((clip.astype(np.float32) - jpeg[video_id][0].astype(np.float32)) ** 2))
-        psnrs.append(10 * math.log10(255.0**2 / mse) if mse else float("inf"))
+        psnrs.append(psnr(mse) or float("inf"))
     return {
         "clips": len(raw),
         "raw_bytes_per_clip": int(np.mean([b for _, b in raw.values()])),

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import math
 import sys
 import tempfile
 import threading
@@ -42,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import command_line, loadavg, machine_info, median, now, write_result  # noqa: E402
+from benchlib import command_line, loadavg, machine_info, median, now, psnr, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache" / "store"
@@ -189,10 +188,6 @@ def stored_bytes(stored: Any) -> int:
     if isinstance(stored, tuple):
         return len(stored[0])
     return sum(len(f) for f in stored)
-
-
-def psnr(mse: float) -> float | None:
-    return None if mse == 0 else round(10 * math.log10(255.0**2 / mse), 2)
 
 
 def methods(qualities: list[int]) -> dict[str, Callable[[], tuple]]:
