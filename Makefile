@@ -33,7 +33,9 @@ setup: $(STAMP) ffmpeg-libs
 # transformers' pipeline with its video processor, which needs torchvision (and torchcodec to
 # decode). PyPI's torchvision does not import beside the CPU torch of $(VENV) ("operator
 # torchvision::nms does not exist"), so it gets PyPI's torch + torchvision pair: measured on
-# x86_64, 84 s and 5.9 GB from local wheels (docs/benchmarks.md); no vidray in it. The aarch64
+# x86_64, 84 s and 5.9 GB from local wheels (docs/benchmarks.md); no vidray in it. pyarrow and
+# simplejpeg are there for tests/test_device_decode.py, which runs vidray's GPU JPEG path through
+# torchvision's decoder on the CPU there (with vidray's source on PYTHONPATH). The aarch64
 # pins are the machine doc's CPU pair plus torchcodec 0.8.1 (its release for torch 2.9): not measured.
 PIPELINE_VENV ?= .venv-pipeline
 PIPELINE_STAMP := $(PIPELINE_VENV)/.vidray-pipeline-installed
@@ -56,7 +58,8 @@ $(PIPELINE_STAMP): Makefile
 	  fi; }
 	test -x $(PIPELINE_VENV)/bin/python || $(PYTHON) -m venv $(PIPELINE_VENV)
 	$(PIPELINE_VENV)/bin/python -m pip install -q --upgrade pip
-	$(PIPELINE_VENV)/bin/python -m pip install -q $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 numpy==2.4.6
+	$(PIPELINE_VENV)/bin/python -m pip install -q $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 numpy==2.4.6 \
+	  pyarrow==26.0.1 simplejpeg==1.9.0
 	touch $(PIPELINE_STAMP)
 
 pipeline-env: $(PIPELINE_STAMP)

@@ -26,7 +26,11 @@ section that runs out of time keeps what it measured (status ``timed out``, with
                   The shards are read with pyarrow here, not Ray Data: no Ray in the process.
 ``gpu_decode``    nvjpeg: ``torchvision.io.decode_jpeg(device="cuda")`` of 720p and 128² JPEG
                   frames, batched, against the CPU decoder on one thread: frames/s. (NVDEC needs
-                  torchcodec, which the image lacks; the section says so.)
+                  torchcodec, which the image lacks; the section says so.) Then vidray's own jpeg
+                  store path (``train.decode_device=cuda``, vidray/train/device_decode.py): clips/s of
+                  32-clip batches of 32x128² stored clips, 16 sampled frames decoded each, on the
+                  GPU against the host decoder on one thread, the start-up agreement check's PSNR
+                  and the pixels' difference (issue 18's target: 4,000 clips/s).
 ``ray_train``     a 2-epoch run of the real loop (``vidray.train.driver.build_trainer(...).fit()``)
                   on the GPU, ViT-B 16x112², ``cache_dataset=auto``: its history with the step
                   telemetry (step time, data-wait share, clips/s, TFLOP/s, MFU) and placement.
@@ -116,7 +120,7 @@ SECTIONS = [
     Section("vit_b", max_s=70, min_s=30),
     Section("vit_b_compiled_112", max_s=90, min_s=45),
     Section("device_ingest", max_s=50, min_s=20),
-    Section("gpu_decode", max_s=25, min_s=10),
+    Section("gpu_decode", max_s=40, min_s=10),
     Section("ray_train", max_s=110, min_s=50),
     Section("vit_b_compiled_224", max_s=120, min_s=50, optional=True),
 ]
@@ -423,6 +427,7 @@ def gpu_decode_worker(args, sizes: Sizes, emit: Emit) -> None:
         from torchvision.io import decode_jpeg, encode_jpeg
     except ImportError as err:  # the GPU image has torchvision; the project's venv need not
         emit("nvjpeg", f"not measured: {type(err).__name__}: {err}")
+        emit("vidray_jpeg_store", store_decode_rates(args, sizes))
         return
     torch.set_num_threads(1)
     for count, width, height in sizes.jpeg_frames:
@@ -449,6 +454,78 @@ def gpu_decode_worker(args, sizes: Sizes, emit: Emit) -> None:
             except Exception as err:  # noqa: BLE001 - a decoder that cannot run here is a finding, not a crash
                 entry["nvjpeg"] = f"unavailable: {type(err).__name__}: {str(err)[:300]}"
         emit(f"{width}x{height}", entry)
+    emit("vidray_jpeg_store", store_decode_rates(args, sizes))
+
+
+def store_decode_rates(args, sizes: Sizes) -> dict[str, Any]:
+    """vidray's own paths for a jpeg-store batch (``train.decode_device``): clips/s of batches of
+    ``sizes.batch`` clips of 2 x ``sizes.frames`` stored frames at the stored side, ``sizes.frames``
+    sampled frames decoded per clip, by the host decoder on one thread and by the device decoder
+    (``vidray.train.device_decode``: nvJPEG via torchcodec or torchvision, one call a batch), and
+    how far apart their pixels are. Issue 18's target for the device: 4,000 clips/s."""
+    import numpy as np
+    import torch
+
+    from make_inputs import VideoSpec, _frames
+    from vidray.config import TrainSettings
+    from vidray.data.shards import default_stored
+    from vidray.data.store import encode_clip
+    from vidray.train.batches import Row, decode_rows_into
+    from vidray.train.device_decode import DeviceJpegDecoder, agreement_db, device_decoder_for, jpeg_batch_decoder
+
+    stored_frames, side = default_stored(sizes.frames, sizes.sides[0], None, None)
+    source = np.stack(list(_frames(VideoSpec("x", "x", side, side, stored_frames / 30, 1)))[:stored_frames])
+    # Distinct clips (each a shifted copy of the textured frames), stored as preprocessing stores them.
+    blobs = [encode_clip(np.roll(source, 7 * i, axis=2), "jpeg", 90) for i in range(2 * sizes.batch)]
+    shape = (stored_frames, side, side, 3)
+    generator = np.random.default_rng(0)
+    frames = np.sort([generator.choice(stored_frames, sizes.frames, replace=False) for _ in range(sizes.batch)], axis=1)
+    out = {"stored": list(shape), "batch": sizes.batch, "sampled_frames": sizes.frames,
+           "kb_per_clip": round(float(np.mean([len(b) for b in blobs])) / 1e3, 1)}  # fmt: skip
+    batches = [blobs[i : i + sizes.batch] for i in range(0, len(blobs), sizes.batch)]
+    host = torch.empty((sizes.batch, *shape), dtype=torch.uint8)
+
+    def host_batch(batch):
+        decode_rows_into(host.numpy(), [Row(b, 0, 0, "x") for b in batch], "jpeg", frames, threads=1)
+        return host
+
+    host_batch(batches[0])
+    runs, started = 3, time.perf_counter()
+    for _ in range(runs):
+        for batch in batches:
+            host_batch(batch)
+    seconds = time.perf_counter() - started
+    out["host_1thread_clips_per_s"] = round(runs * len(blobs) / seconds, 1)
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            decoder = device_decoder_for(TrainSettings(decode_device="cuda"), device, "jpeg")
+        else:  # the dry run: the same code through a batched decoder's CPU mode, where one imports
+            backend = jpeg_batch_decoder()
+            if backend is None:
+                out["device"] = "not measured: no batched JPEG decoder imports here (torchcodec >= 0.16 or torchvision)"
+                return out
+            decoder = DeviceJpegDecoder(device, *backend)
+        out["library"] = decoder.library
+        out["agreement_db"] = round(agreement_db(decoder), 2)
+        decoder.decode(batches[0], shape, frames)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(runs):
+            for batch in batches:
+                on_device = decoder.decode(batch, shape, frames)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        out["device_clips_per_s"] = round(runs * len(blobs) / seconds, 1)
+        picked = torch.arange(sizes.batch)[:, None], torch.from_numpy(frames)
+        diff = (on_device.cpu()[picked].int() - host_batch(batches[-1])[picked].int()).abs()
+        out["device_vs_host"] = {"mean_abs_diff": round(float(diff.float().mean()), 4), "max_abs_diff": int(diff.max())}
+        out["device_over_host_1thread"] = round(out["device_clips_per_s"] / out["host_1thread_clips_per_s"], 2)
+    except Exception as err:  # noqa: BLE001 - a decoder that cannot run here is a finding, not a crash
+        out["device"] = f"unavailable: {type(err).__name__}: {str(err)[:300]}"
+    return out
 
 
 def ray_train_worker(args, sizes: Sizes, emit: Emit) -> None:

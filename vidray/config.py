@@ -159,6 +159,13 @@ class TrainSettings(_Section):
     # the store"). null: the worker's whole CPUs on a GPU (int(cpus_per_worker): its step leaves them
     # free), 1 on CPU (the step's torch threads use them). Any count gives the same batches.
     decode_threads: int | None = Field(None, ge=1)
+    # Where a compressed store's batches decode (vidray/train/device_decode.py): cuda - on the worker's
+    # GPU, every sampled frame of a batch in one nvJPEG call (torchcodec >= 0.16 or torchvision);
+    # cpu - in the worker's decode threads; auto - cuda on a GPU worker with fewer than 6 decode
+    # threads (nvJPEG at 128² matches about six) where a library can and agrees with the CPU decoder
+    # at start, else cpu. nvJPEG's pixels differ from the CPU decoder's by a level or two, so a
+    # resumed run may not change it.
+    decode_device: Literal["auto", "cpu", "cuda"] = "auto"
     # Rows of vidray's seeded shuffle buffer (vidray/train/batches.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
     # Where the decoded splits live during the run (vidray/train/placement.py, ingest.py):

@@ -70,6 +70,14 @@ def _jpeg_offsets(blob, frames: int | None) -> tuple[np.ndarray, int]:
     return offsets, start
 
 
+def jpeg_frame_spans(blob, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte positions of each of the ``frames`` stored frames' JPEGs in a jpeg clip's blob,
+    whose frame table is checked as :func:`check_blob` checks it."""
+    offsets, start = _jpeg_offsets(blob, frames)
+    offsets = offsets.astype(np.int64) + start
+    return offsets[:-1], offsets[1:]
+
+
 def check_blob(blob, store: StoreName, video_shape: tuple[int, ...]) -> None:
     """Raise :class:`StoredClipError` when ``blob`` is not an intact clip of ``video_shape`` in ``store``."""
     if store == "raw":

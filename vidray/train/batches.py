@@ -39,6 +39,7 @@ import torch
 from vidray.config import StoreName, TrainSettings
 from vidray.data.store import StoredClipError, check_blob, decode_frames_into
 from vidray.errors import warn_once
+from vidray.train.device_decode import DeviceJpegDecoder
 from vidray.train.rng import derive_seed
 
 T = TypeVar("T")
@@ -283,7 +284,8 @@ class VideoBatchCollate:
 
     ``pin_memory``: build batches in pinned memory (for a GPU); ``depth``: batches that
     may be alive at once on CPU (see :class:`BatchBuffers`); ``decode_threads``: threads that
-    decode a compressed store's batch (:func:`decode_rows_into`).
+    decode a compressed store's batch (:func:`decode_rows_into`); ``device_decoder``: decode it on
+    the GPU instead, the batch's video then built in device memory (vidray/train/device_decode.py).
     """
 
     def __init__(
@@ -295,19 +297,25 @@ class VideoBatchCollate:
         depth: int = 4,
         store: StoreName = "raw",
         decode_threads: int = 1,
+        device_decoder: DeviceJpegDecoder | None = None,
     ):
         self.video_shape = tuple(video_shape)
         self.pin_memory = pin_memory
         self.store = store
         self.decode_threads = decode_threads
+        self.device_decoder = device_decoder if store != "raw" else None
         self._buffers = BatchBuffers((batch_size, *self.video_shape), torch.uint8, pin_memory=pin_memory, depth=depth)
 
     def stack(self, rows: list[Row], frames: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Copy (or decode) each row's video straight from its Arrow buffer into the batch tensor
         (a compressed store given ``frames`` ``[len(rows), k]``: only those stored frames)."""
-        videos = self._buffers.get(len(rows))
         frames = frames if self.store != "raw" else None  # a raw copy is one memcpy a clip: nothing to save
-        decode_rows_into(videos.numpy(), rows, self.store, frames, threads=self.decode_threads)
+        if self.device_decoder is not None:
+            videos = self.device_decoder.decode([row.videos for row in rows], self.video_shape, frames,
+                                                [row.video_id for row in rows])  # fmt: skip
+        else:
+            videos = self._buffers.get(len(rows))
+            decode_rows_into(videos.numpy(), rows, self.store, frames, threads=self.decode_threads)
         labels = torch.tensor([row.label for row in rows], dtype=torch.int64)
         return with_frame_index({"video": videos, "label": labels}, frames, self.pin_memory)
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from vidray.config import StoreName, TrainSettings
 from vidray.errors import UserError
+from vidray.train.device_decode import DeviceJpegDecoder, device_decoder_for
 from vidray.train.batches import (
     BatchBuffers,
     FrameSampler,
@@ -137,6 +138,7 @@ class StoredClips:
     video_shape: tuple[int, ...]
     store: StoreName
     decode_threads: int = 1  # threads that decode a batch (vidray.train.batches.decode_rows_into)
+    device_decoder: DeviceJpegDecoder | None = None  # decode on the GPU instead (vidray/train/device_decode.py)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -146,7 +148,8 @@ class StoredClips:
         return self.data.nbytes + self.offsets.nbytes
 
     @classmethod
-    def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName, fill: bool, decode_threads: int = 1):
+    def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName, fill: bool, decode_threads: int = 1,
+               device_decoder: DeviceJpegDecoder | None = None):  # fmt: skip
         """(the clips of ``tables``, their labels int64 [n], rows kept per table), one copy of each blob
         (``fill``: a damaged clip's place taken as :func:`vidray.train.batches.intact_rows` says)."""
         parts: list[np.ndarray] = []
@@ -162,12 +165,18 @@ class StoredClips:
             sizes.append(len(rows))
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-        return cls(data, offsets, tuple(video_shape), store, decode_threads), torch.tensor(labels, dtype=torch.int64), sizes
+        clips = cls(data, offsets, tuple(video_shape), store, decode_threads, device_decoder)
+        return clips, torch.tensor(labels, dtype=torch.int64), sizes
 
-    def decode_into(self, out: torch.Tensor, positions: np.ndarray, frames: np.ndarray | None = None) -> torch.Tensor:
-        """Clips ``positions`` decoded into ``out`` (uint8 [len(positions), *video_shape]; with ``frames``
-        ``[len(positions), k]``, only those stored frames of each)."""
-        rows = [Row(self.data[self.offsets[p] : self.offsets[p + 1]], 0, 0, f"at cache row {p}") for p in positions]
+    def decode(self, positions: np.ndarray, frames: np.ndarray | None = None, buffers: BatchBuffers | None = None) -> torch.Tensor:
+        """Clips ``positions`` decoded (uint8 [len(positions), *video_shape]; with ``frames`` ``[len(positions), k]``,
+        only those stored frames of each): on the GPU by the device decoder, else into a tensor of ``buffers``."""
+        blobs = [self.data[self.offsets[p] : self.offsets[p + 1]] for p in positions]
+        names = [f"at cache row {p}" for p in positions]
+        if self.device_decoder is not None:
+            return self.device_decoder.decode(blobs, self.video_shape, frames, names)
+        out = buffers.get(len(positions))
+        rows = [Row(blob, 0, 0, name) for blob, name in zip(blobs, names)]
         decode_rows_into(out.numpy(), rows, self.store, frames, threads=self.decode_threads)
         return out
 
@@ -183,9 +192,10 @@ class DeviceCache:
     a ring of reused ones: :class:`BatchBuffers`); val batches are views.
 
     A compressed store (``jpeg``) is held as its compressed bytes in host memory
-    (:class:`StoredClips`: 8x or more clips per GiB) and each batch decoded on the CPU,
-    in a background thread ahead of the step, into host batch tensors (pinned for a
-    GPU) that the epoch loop moves to the device: the same batches, decoded.
+    (:class:`StoredClips`: 8x or more clips per GiB) and each batch decoded in a background
+    thread ahead of the step: on the CPU into host batch tensors (pinned for a GPU) that the
+    epoch loop moves to the device, or on the GPU (``train.decode_device``) straight into
+    device memory: the same batches, decoded.
     """
 
     train_videos: torch.Tensor | StoredClips
@@ -223,6 +233,7 @@ class DeviceCache:
         prefetch_batches: int = 2,
         store: StoreName = "raw",
         decode_threads: int = 1,
+        device_decoder: DeviceJpegDecoder | None = None,
     ) -> "DeviceCache":
         """Copy the shard (about ``train_rows`` videos) and this rank's val batches (``val_rows``) to
         ``device`` (a compressed ``store``: its bytes to host memory)."""
@@ -234,8 +245,9 @@ class DeviceCache:
             else ()  # pretraining: no val split
         )
         if store != "raw":
-            train_clips, train_labels, _ = StoredClips.gather(tables, video_shape, store, fill=True, decode_threads=decode_threads)
-            val_clips, val_labels, val_sizes = StoredClips.gather(val_tables, video_shape, store, fill=False, decode_threads=decode_threads)
+            decoding = {"decode_threads": decode_threads, "device_decoder": device_decoder}
+            train_clips, train_labels, _ = StoredClips.gather(tables, video_shape, store, fill=True, **decoding)
+            val_clips, val_labels, val_sizes = StoredClips.gather(val_tables, video_shape, store, fill=False, **decoding)
             val_sizes = [n for n in val_sizes if n]  # as val_batches skips a batch whose every clip was rejected
             seconds = time.perf_counter() - started
             return cls(train_clips, train_labels, val_clips, val_labels, val_sizes, seconds, pin_memory=device.type == "cuda")
@@ -278,7 +290,9 @@ class DeviceCache:
         """Batches of ``clips[positions]`` (``sizes`` rows each, default ``batch_size`` each, last partial
         one dropped), decoded in a background thread ``prefetch`` batches ahead (``frames``: only the stored
         frames it gives for each batch, called in batch order in that thread)."""
-        buffers = BatchBuffers((batch_size, *clips.video_shape), torch.uint8, pin_memory=self.pin_memory, depth=prefetch + 4)
+        buffers = None
+        if clips.device_decoder is None:
+            buffers = BatchBuffers((batch_size, *clips.video_shape), torch.uint8, pin_memory=self.pin_memory, depth=prefetch + 4)
         sizes = sizes if sizes is not None else [batch_size] * (len(positions) // batch_size)
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -286,7 +300,7 @@ class DeviceCache:
             for start, size in zip(starts, sizes):
                 index = positions[start : start + size]
                 sampled = frames(int(size)) if frames is not None else None
-                videos = clips.decode_into(buffers.get(size), index.numpy(), sampled)
+                videos = clips.decode(index.numpy(), sampled, buffers)
                 yield with_frame_index({"video": videos, "label": labels[index]}, sampled, pin_memory=False)
 
         return prefetch_in_thread(decoded(), prefetch)
@@ -393,9 +407,10 @@ def open_worker_data(
     # Batches alive at once on the host: the prefetch queue, the one being built, the loop's
     # look-ahead and the one in the step.
     decode_threads = decode_threads_for(train, device)
+    device_decoder = device_decoder_for(train, device, store, decode_threads)
     collate = VideoBatchCollate(
         video_shape, pin_memory=device.type == "cuda", batch_size=batch_size, depth=train.prefetch_batches + 4, store=store,
-        decode_threads=decode_threads,
+        decode_threads=decode_threads, device_decoder=device_decoder,
     )  # fmt: skip
     data = WorkerData(train, batch_size, rank, world_size, train_shard, val, collate)
     train_rows = train_videos // world_size
@@ -418,5 +433,6 @@ def open_worker_data(
             prefetch_batches=train.prefetch_batches,
             store=store,
             decode_threads=decode_threads,
+            device_decoder=device_decoder,
         )
     return data
