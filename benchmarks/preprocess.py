@@ -43,7 +43,9 @@ docs/design.md). Methods, each in a fresh Python process:
                         ``_torchcodec_cuda``: torchcodec on the GPU (a GPU machine only).
                         ``_jpeg``: ``data.store=jpeg``. Each call's task timeline (before
                         the first task, decode and Parquet-write task-seconds, how busy
-                        the CPUs were) comes from the shard records.
+                        the CPUs were) comes from the shard records. ``_tasks``:
+                        ``data.dispatch=ray_tasks``, the same tasks handed out by plain Ray
+                        instead of Ray Data: what Ray Data itself costs.
 
 Measured per run: wall seconds of the decode work, CPU seconds (user + system,
 all threads): for the loops ``time.process_time()`` of the process; for vidray
@@ -72,7 +74,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -391,10 +393,12 @@ def run_vidray(
     videos_per_shard: int | None,
     decoder: str = "pyav",
     store: str = "raw",
+    dispatch: str = "ray_data",
 ) -> dict[str, Any]:
     import ray
 
     from vidray.data.preprocess import preprocess
+
 
     tracker = ProcessTreeCPU().start()
     started = time.perf_counter()
@@ -416,6 +420,8 @@ def run_vidray(
         kwargs["videos_per_shard"] = videos_per_shard
     if store != "raw":
         kwargs["store"] = store
+    if dispatch != "ray_data":  # (a vidray from before data.dispatch takes no such argument)
+        kwargs["dispatch"] = dispatch
     phases = {}
     with tempfile.TemporaryDirectory(prefix="vidray-bench-") as tmp:
         for phase in ("cold", "warm"):
@@ -453,11 +459,19 @@ def run_vidray(
 # --------------------------------------------------------------------------- orchestration
 
 
-def parse_vidray_method(method: str) -> tuple[int, int | None, str, str]:
-    """``vidray_2cpu`` -> (2, None, "pyav", "raw"); ``vidray_2cpu_vps4_decord_jpeg`` -> (2, 4, "decord", "jpeg"):
-    CPUs, videos per shard when given, decoder (``torchcodec_cuda``: torchcodec on the GPU), data.store."""
+class VidrayMethod(NamedTuple):
+    cpus: int
+    videos_per_shard: int | None  # None: preprocess's own default
+    decoder: str  # pyav, decord, torchcodec; torchcodec_cuda: torchcodec on the GPU
+    store: str  # data.store
+    dispatch: str = "ray_data"  # data.dispatch; the method's suffix ``_tasks`` is ray_tasks
+
+
+def parse_vidray_method(method: str) -> VidrayMethod:
+    """``vidray_2cpu`` -> (2, None, "pyav", "raw", "ray_data");
+    ``vidray_2cpu_vps4_decord_jpeg_tasks`` -> (2, 4, "decord", "jpeg", "ray_tasks")."""
     parts = method.removeprefix("vidray_").split("_")
-    cpus, shard, decoder, store = int(parts[0].removesuffix("cpu")), None, "pyav", "raw"
+    cpus, shard, decoder, store, dispatch = int(parts[0].removesuffix("cpu")), None, "pyav", "raw", "ray_data"
     for part in parts[1:]:
         if part.startswith("vps"):
             shard = int(part.removeprefix("vps"))
@@ -465,17 +479,19 @@ def parse_vidray_method(method: str) -> tuple[int, int | None, str, str]:
             decoder += "_cuda"
         elif part == "jpeg":
             store = part
+        elif part == "tasks":
+            dispatch = "ray_tasks"
         else:
             decoder = part
-    return cpus, shard, decoder, store
+    return VidrayMethod(cpus, shard, decoder, store, dispatch)
 
 
 def parse_method_suffix(method: str) -> str:
     """The single-CPU counterpart of a vidray method: ``vidray_2cpu_vps4_decord`` -> ``vidray_1cpu_vps4_decord``."""
-    _, shard, decoder, store = parse_vidray_method(method)
+    _, shard, decoder, store, dispatch = parse_vidray_method(method)
     return (
         "vidray_1cpu" + (f"_vps{shard}" if shard else "") + (f"_{decoder}" if decoder != "pyav" else "")
-        + (f"_{store}" if store != "raw" else "")
+        + (f"_{store}" if store != "raw" else "") + ("_tasks" if dispatch == "ray_tasks" else "")
     )  # fmt: skip
 
 
@@ -483,17 +499,18 @@ def _worker_main(args: argparse.Namespace) -> None:
     if args.worker in BASELINES:
         result = run_loop(args.worker, args.manifest, args.stored_frames, args.stored_size)
     else:
-        cpus, videos_per_shard, decoder, store = parse_vidray_method(args.worker)
+        method = parse_vidray_method(args.worker)
         result = run_vidray(
-            cpus,
+            method.cpus,
             args.manifest,
             args.frames,
             args.size,
             args.stored_frames,
             args.stored_size,
-            videos_per_shard or args.videos_per_shard,
-            decoder,
-            store,
+            method.videos_per_shard or args.videos_per_shard,
+            method.decoder,
+            method.store,
+            method.dispatch,
         )
     print(json.dumps(result))
 

@@ -148,9 +148,10 @@ def test_preprocess_benchmark_smoke(cache, tmp_path):
         "vidray_2cpu_cold_over_read_clip_x2",
         "ceiling_read_clip_x2_over_read_clip",
     } <= set(result["ratios"])
-    assert bench.parse_vidray_method("vidray_2cpu_vps4_torchcodec") == (2, 4, "torchcodec", "raw")
-    assert bench.parse_vidray_method("vidray_2cpu_jpeg") == (2, None, "pyav", "jpeg")
+    assert bench.parse_vidray_method("vidray_2cpu_vps4_torchcodec") == (2, 4, "torchcodec", "raw", "ray_data")
+    assert bench.parse_vidray_method("vidray_2cpu_jpeg_tasks") == (2, None, "pyav", "jpeg", "ray_tasks")
     assert bench.parse_method_suffix("vidray_2cpu_vps4_decord") == "vidray_1cpu_vps4_decord"
+    assert bench.parse_method_suffix("vidray_2cpu_tasks") == "vidray_1cpu_tasks"
 
 
 @pytest.mark.slow

@@ -233,12 +233,20 @@ def test_rays_own_lines_reach_the_console_only_with_verbose(corpus, ray_head, tm
     assert any(m.startswith("Starting execution of Dataset") for m in ray_records[True]), ray_records[True]
 
 
+# pyav is first_run's decoder: its run here hands the tasks out as plain Ray tasks (data.dispatch), which
+# must write first_run's shards byte for byte. (Which dispatch runs a decoder does not matter: a task
+# runs the same decode_shard either way.)
+DISPATCH_OF = {"pyav": "ray_tasks"}
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_every_decoder_accounts_for_every_video(corpus, first_run, ray_cluster, tmp_path, decoder):
     """processed + rejected = discovered with each decoder, the same videos rejected for the same
     reasons, the decoder recorded in dataset.json, and its frames in the shards."""
     out = tmp_path / "ds"
-    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4, decoder=decoder)
+    dispatch = DISPATCH_OF.get(decoder, "ray_data")
+    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4, decoder=decoder,
+                         dispatch=dispatch)  # fmt: skip
     assert summary["processed"] + summary["rejected"] == summary["discovered"] == len(corpus["rows"])
     assert summary["processed"] == 16 and summary["padded"] == 1
     assert summary["rejected_by_error"] == first_run["summary"]["rejected_by_error"]
@@ -251,10 +259,16 @@ def test_every_decoder_accounts_for_every_video(corpus, first_run, ray_cluster, 
     np.testing.assert_array_equal(frames, read_clip(corpus["short"], 8, 32, decoder=decoder, num_threads=1).frames)
     # Another decoder's shards are other shards: switching decodes again, nothing is mixed.
     assert not set(summary["shards"]) & set(first_run["summary"]["shards"]) or decoder == "pyav"
+    if dispatch == "ray_tasks":  # the same shards as Ray Data's run, every file byte for byte
+        assert summary["shards"] == first_run["summary"]["shards"] and summary["decoded_this_run"] == len(corpus["rows"])
+        for name in summary["shards"]:
+            assert (out / name).read_bytes() == (first_run["out"] / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch, decoder):
+    """A worker that dies mid-shard (os._exit, as a segfaulting decoder) loses only its video, whoever
+    hands out the tasks (``DISPATCH_OF``: plain Ray tasks for one decoder, Ray Data for the others)."""
     rows = []
     for i in range(5):
         rows.append(manifest_row(random_video(tmp_path / f"ok_{i}.mp4", 64, 48, 12, seed=i), CLASSES[i % 3], "train"))
@@ -265,8 +279,9 @@ def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch, d
 
     # One shard holds all six videos, so the crash takes the other five down with it at first.
     summary = preprocess(
-        manifest, str(tmp_path / "ds"), frames=FRAMES, size=SIZE, videos_per_shard=64, decoder=decoder
-    )
+        manifest, str(tmp_path / "ds"), frames=FRAMES, size=SIZE, videos_per_shard=64, decoder=decoder,
+        dispatch=DISPATCH_OF.get(decoder, "ray_data"),
+    )  # fmt: skip
     assert summary["discovered"] == 6 and summary["processed"] == 5 and summary["rejected"] == 1
     assert summary["rejected_by_error"] == {"worker_crash": 1}
     rejects = pd.read_csv(tmp_path / "ds" / "rejects.csv")
@@ -398,3 +413,5 @@ def test_bad_stored_parameters_are_user_errors(corpus, tmp_path):
         preprocess(corpus["manifest"], str(tmp_path / "ds"), frames=8, stored_frames=4)
     with pytest.raises(UserError, match=r"stored_size \(100\) must be >= size \(112\)"):
         preprocess(corpus["manifest"], str(tmp_path / "ds"), stored_size=100)
+    with pytest.raises(UserError, match=r"dispatch 'ray_actors' is not one of ray_data, ray_tasks"):
+        preprocess(corpus["manifest"], str(tmp_path / "ds"), dispatch="ray_actors")

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, STORES
+from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES
 from vidray.errors import UserError
 
 
@@ -92,6 +92,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         decoder_device=args.decoder_device,
         store=args.store,
         jpeg_quality=args.jpeg_quality,
+        dispatch=args.dispatch,
         verbose=args.verbose,
     )
     _print_summary(summary, disconnect_ray=True)
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, help=f"--store jpeg only (default {DEFAULT_JPEG_QUALITY})"
     )
+    pre.add_argument(
+        "--dispatch", choices=DISPATCHES, default="ray_data",
+        help="who hands out the decode tasks: Ray Data (default) or plain Ray tasks (the same shards, ~1.2x faster on small clusters)",
+    )  # fmt: skip
     _add_verbose_arg(pre)
     pre.set_defaults(func=cmd_preprocess)
 

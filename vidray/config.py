@@ -24,6 +24,8 @@ DEFAULT_DECODER: DecoderName = "pyav"  # least CPU per video of the three (docs/
 # How the decoded frames are stored in the shards (data.store; vidray/data/store.py reads and writes them).
 StoreName = Literal["raw", "jpeg"]
 STORES: tuple[str, ...] = get_args(StoreName)
+Dispatch = Literal["ray_data", "ray_tasks"]
+DISPATCHES: tuple[str, ...] = get_args(Dispatch)
 DEFAULT_JPEG_QUALITY = 90  # >= 8x smaller than raw at about 36 dB on real footage (docs/benchmarks.md, "Stored format")
 
 
@@ -79,6 +81,11 @@ class DataSettings(_Section):
     # JPEG of jpeg_quality, decoded on the worker's CPU while it trains). Part of every shard id.
     store: StoreName = "raw"
     jpeg_quality: int = Field(DEFAULT_JPEG_QUALITY, ge=1, le=100)
+    # Who hands the shards' decode tasks to the cluster (vidray/data/ray_decode.py): ray_data - Ray Data
+    # (the Data view of the dashboard follows it); ray_tasks - plain Ray tasks, the same tasks without
+    # Ray Data's executor: 1.2x the videos/s on 2 CPUs, from a start 2 s sooner (docs/benchmarks.md,
+    # "Preprocessing against its own decode work"). The same shards, byte for byte: not in the shard ids.
+    dispatch: Dispatch = "ray_data"
 
     demo: DemoDataSettings = Field(default_factory=DemoDataSettings)
 

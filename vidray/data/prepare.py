@@ -104,6 +104,7 @@ def prepare_dataset(cfg: VidrayConfig, verbose: bool = False) -> str:
         decoder_device=data.decoder_device,
         store=data.store,
         jpeg_quality=data.jpeg_quality,
+        dispatch=data.dispatch,
         verbose=verbose,
     )
     return data.dataset_dir

@@ -1,4 +1,4 @@
-"""Decode a manifest's videos into the sharded Parquet dataset, on Ray Data (``vidray preprocess``).
+"""Decode a manifest's videos into the sharded Parquet dataset, on Ray (``vidray preprocess``).
 
 The stages of one run, each in its own module:
 
@@ -7,9 +7,10 @@ The stages of one run, each in its own module:
   (resume: a finished shard is reused; no mixing of manifests or parameters);
 * vidray/data/shard_files.py - the dataset directory's layout; clear what the
   plan does not own, keep what is finished, write everything atomically;
-* vidray/data/ray_decode.py - one Ray Data task per shard, biggest first (the
-  run does not end with one CPU decoding a heavy shard while the others
-  idle); a shard whose worker dies is re-run one video per task;
+* vidray/data/ray_decode.py - one Ray task per shard, handed out by Ray Data or
+  as plain Ray tasks (``dispatch``), biggest first (the run does not end with one
+  CPU decoding a heavy shard while the others idle); a shard whose worker dies is
+  re-run one video per task;
 * vidray/data/decode_shard.py - what a task does: decode each video or
   reject it with the reason, and write the shard.
 
@@ -34,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, STORES, DecodeDevice, DecoderName, StoreName
+from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES, DecodeDevice, DecoderName, Dispatch, StoreName
 from vidray.data.dataset import DATASET_INFO, SPLITS
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import check_writable, clear_stale, write_atomically, write_rejects, write_text
@@ -56,6 +57,7 @@ def preprocess(
     decoder_device: DecodeDevice = "cpu",
     store: StoreName = "raw",
     jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+    dispatch: Dispatch = "ray_data",
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Decode every video of ``manifest`` into the dataset directory ``out``.
@@ -63,7 +65,8 @@ def preprocess(
     ``decoder`` (``pyav``, ``decord``, ``torchcodec``) and ``decoder_device``
     (``cpu``; ``cuda``: torchcodec on NVDEC, each task taking a share of a GPU)
     say how; ``store`` (``raw``, ``jpeg`` at ``jpeg_quality``: vidray/data/store.py)
-    how the frames are stored; ``verbose`` puts Ray's own lines on the console
+    how the frames are stored; ``dispatch`` who hands the decode tasks out (``ray_data``, or
+    ``ray_tasks``: plain Ray tasks, the same shards); ``verbose`` puts Ray's own lines on the console
     (vidray.cluster.console_settings). Returns the summary written to ``out/dataset.json`` (with
     ``dataset_dir`` added). Besides the dataset's counts and the decoder it
     holds this run's ``decoded_this_run``, ``shards_reused`` and
@@ -79,6 +82,8 @@ def preprocess(
         raise UserError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
     if store not in STORES:
         raise UserError(f"store {store!r} is not one of {', '.join(STORES)}")
+    if dispatch not in DISPATCHES:
+        raise UserError(f"dispatch {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     if not 1 <= jpeg_quality <= 100:
         raise UserError(f"jpeg_quality must be from 1 to 100, got {jpeg_quality}")
     require_decoder(decoder, decoder_device)  # a missing package fails here, not once per video
@@ -101,7 +106,7 @@ def preprocess(
         if decoder_device == "cuda":
             check_cuda_workers(settings)
         crash_on = os.environ.get(CRASH_ON_ENV) or None
-        finished = run_shards(todo, out, settings, crash_on)
+        finished = run_shards(todo, out, settings, crash_on, dispatch)
         crashed = [s for s in todo if s.id not in finished]
         if crashed:
             print(

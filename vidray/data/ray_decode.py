@@ -1,6 +1,14 @@
-"""Decoding shards on the Ray cluster: one Ray Data task per shard, and crash isolation.
+"""Decoding shards on the Ray cluster: one task per shard, handed out by Ray Data or plain Ray, and crash isolation.
 
-Fault isolation: one Ray Data task decodes one shard (:func:`run_shards`). A
+Who hands the tasks out (``data.dispatch``): Ray Data (``ray_data``, the default: the dashboard's
+Data view follows the run) or plain Ray tasks (``ray_tasks``). Both run :func:`decode_shard` once
+per shard and write the same files. Measured on 2 CPUs (docs/benchmarks.md, "Preprocessing against
+its own decode work"), Ray Data's executor hands each finished task's CPU to the next one about
+0.13 s late (it polls its running tasks with a 0.1 s ``ray.wait`` timeout) and starts 2 s later
+(its helper actors, workers importing Ray Data): plain tasks decode 1.2x the videos/s, within 5 %
+of plain decoder processes.
+
+Fault isolation: one task decodes one shard (:func:`run_shards`). A
 decoder that kills its worker process (segfault) loses only its shard's task;
 such shards are re-run one video per Ray task (:func:`isolate_crashes`), the
 video whose task dies is rejected with "decoder crashed the worker", and the
@@ -23,7 +31,8 @@ import ray
 import ray.data
 
 from vidray.data.clip import VideoError
-from vidray.data.decode_shard import WORKER_CRASH_REASON, decode_checked, decode_shards
+from vidray.config import Dispatch
+from vidray.data.decode_shard import WORKER_CRASH_REASON, decode_checked, decode_shard, decode_shards
 from vidray.data.shard_files import OUTCOME_COLUMNS, outcome_row, write_shard
 from vidray.data.shards import GPU_SHARE_PER_DECODE_TASK, DecodeSettings, Shard
 from vidray.data.video import (
@@ -38,15 +47,20 @@ from vidray.errors import UserError
 PROGRESS_EVERY_S = 15.0
 
 
-def run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_on: str | None):
-    """{shard id: outcome rows} for the shards whose task finished: one Ray Data task per shard.
+def run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_on: str | None,
+               dispatch: Dispatch = "ray_data"):  # fmt: skip
+    """{shard id: outcome rows} for the shards whose task finished: one task per shard (``dispatch``:
+    a Ray Data task, or a plain Ray task).
 
     The shards go in biggest first (``shards``' order): the run does not end
-    with one CPU decoding a heavy shard while the others idle. Ray Data spreads
-    the tasks over the nodes. Its progress bars and per-operator stats cost
-    the driver more CPU than anything else it does here, so they are off; one
-    line every :data:`PROGRESS_EVERY_S` says how far it got.
+    with one CPU decoding a heavy shard while the others idle. Either way the
+    tasks spread over the nodes, a task is retried once (a lost node), and a
+    shard whose task failed is left out of the result for :func:`isolate_crashes`.
     """
+    if dispatch == "ray_tasks":
+        return _run_shards_as_tasks(shards, out, settings, crash_on)
+    # Ray Data's progress bars and per-operator stats cost the driver more CPU than anything else
+    # it does here, so they are off; one line every PROGRESS_EVERY_S says how far it got.
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     ds = ray.data.from_items([{"shard": s.to_json()} for s in shards], override_num_blocks=len(shards))
@@ -69,15 +83,44 @@ def run_shards(shards: list[Shard], out: str, settings: DecodeSettings, crash_on
         )
     ds.context.max_errored_blocks = -1  # a failed shard is recovered below, never fatal
     results: dict[str, list[dict]] = {}
-    started = reported = time.monotonic()
+    progress = _Progress(len(shards))
     for row in ds.iter_rows():
         results.setdefault(row["shard"], []).append({c: _plain(row[c]) for c in OUTCOME_COLUMNS})
-        if time.monotonic() - reported >= PROGRESS_EVERY_S:
-            reported = time.monotonic()
-            done = sum(1 for rows in results.values() if rows)
-            print(f"vidray preprocess: {done}/{len(shards)} shards decoded in {reported - started:.0f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        progress.update(sum(1 for rows in results.values() if rows))
     return results
+
+
+def _run_shards_as_tasks(shards: list[Shard], out: str, settings: DecodeSettings, crash_on: str | None):
+    """:func:`run_shards` without Ray Data: every shard's task submitted at once, in ``shards``' order
+    (Ray's scheduler starts the next one the moment a CPU frees), its outcome rows taken as it ends."""
+    decode = ray.remote(max_retries=1, **settings.task_options())(decode_shard)
+    pending = {decode.remote(out, shard, settings, crash_on): shard for shard in shards}
+    results: dict[str, list[dict]] = {}
+    progress = _Progress(len(shards))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY_S)
+        for ref in done:
+            shard = pending.pop(ref)
+            try:
+                results[shard.id] = ray.get(ref)
+            except ray.exceptions.RayError:
+                pass  # its worker died, or it raised (a node without the decoder): isolate_crashes says which
+        progress.update(len(results))
+    return results
+
+
+class _Progress:
+    """One line every :data:`PROGRESS_EVERY_S` on stderr: how many of the shards are decoded."""
+
+    def __init__(self, shards: int):
+        self.shards = shards
+        self.started = self.reported = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if time.monotonic() - self.reported >= PROGRESS_EVERY_S:
+            self.reported = time.monotonic()
+            print(f"vidray preprocess: {done}/{self.shards} shards decoded in {self.reported - self.started:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _plain(value):
