@@ -27,7 +27,7 @@ section that runs out of time keeps what it measured (status ``timed out``, with
 ``gpu_decode``    nvjpeg: ``torchvision.io.decode_jpeg(device="cuda")`` of 720p and 128² JPEG
                   frames, batched, against the CPU decoder on one thread: frames/s. (NVDEC needs
                   torchcodec, which the image lacks; the section says so.) Then vidray's own jpeg
-                  store path (``train.decode_device=cuda``, vidray/train/device_decode.py): clips/s of
+                  store path (``train.decode_device=cuda``, vidray/train/decoding.py): clips/s of
                   32-clip batches of 32x128² stored clips, 16 sampled frames decoded each, on the
                   GPU against the host decoder on one thread, the start-up agreement check's PSNR
                   and the pixels' difference (issue 18's target: 4,000 clips/s).
@@ -461,7 +461,7 @@ def store_decode_rates(args, sizes: Sizes) -> dict[str, Any]:
     """vidray's own paths for a jpeg-store batch (``train.decode_device``): clips/s of batches of
     ``sizes.batch`` clips of 2 x ``sizes.frames`` stored frames at the stored side, ``sizes.frames``
     sampled frames decoded per clip, by the host decoder on one thread and by the device decoder
-    (``vidray.train.device_decode``: nvJPEG via torchcodec or torchvision, one call a batch), and
+    (``vidray.train.decoding``: nvJPEG via torchcodec or torchvision, one call a batch), and
     how far apart their pixels are. Issue 18's target for the device: 4,000 clips/s."""
     import numpy as np
     import torch
@@ -471,7 +471,7 @@ def store_decode_rates(args, sizes: Sizes) -> dict[str, Any]:
     from vidray.data.shards import default_stored
     from vidray.data.store import encode_clip
     from vidray.train.batches import Row, decode_rows_into
-    from vidray.train.device_decode import DeviceJpegDecoder, agreement_db, device_decoder_for, jpeg_batch_decoder
+    from vidray.train.decoding import DeviceJpegDecoder, agreement_db, device_decoder_for, jpeg_batch_decoder
 
     stored_frames, side = default_stored(sizes.frames, sizes.sides[0], None, None)
     source = np.stack(list(_frames(VideoSpec("x", "x", side, side, stored_frames / 30, 1)))[:stored_frames])

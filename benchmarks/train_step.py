@@ -363,7 +363,7 @@ def raytrain_worker_loop(config: dict[str, Any]) -> None:
 
     from vidray.config import TrainSettings, VidrayConfig
     from vidray.data.dataset import ClipShape
-    from vidray.train.batches import decode_threads_for
+    from vidray.train.decoding import decode_threads_for
     from vidray.train.finetune import FineTuning
     from vidray.train.ingest import open_worker_data
     from vidray.train.loop import WorkerSetup, frame_sampler

@@ -1,4 +1,4 @@
-"""The GPU decode path of the jpeg store (vidray/train/device_decode.py) run on the CPU by a real batched
+"""The GPU decode path of the jpeg store (vidray/train/decoding.py) run on the CPU by a real batched
 JPEG decoder: tests/test_device_decode.py runs this in the pipeline venv (``make pipeline-env``), the
 one environment here with such a library (torchvision; the project's venv cannot import it beside its
 CPU torch), with vidray's source on PYTHONPATH.
@@ -25,7 +25,7 @@ import torch
 from vidray.config import TrainSettings
 from vidray.data.store import _HEADER, StoredClipError, encode_clip, jpeg_frame_spans
 from vidray.train.batches import VideoBatchCollate, train_batches
-from vidray.train.device_decode import DeviceJpegDecoder, agreement_db, device_decoder_for, jpeg_batch_decoder
+from vidray.train.decoding import DeviceJpegDecoder, agreement_db, device_decoder_for, jpeg_batch_decoder
 from vidray.train.ingest import DeviceCache
 
 BATCH = 4

@@ -1,4 +1,4 @@
-"""The jpeg store decoded on the training GPU (``train.decode_device``, vidray/train/device_decode.py).
+"""The jpeg store decoded on the training GPU (``train.decode_device``, vidray/train/decoding.py).
 
 No GPU runs here (benchmarks/gpu_check.py's ``store_decode`` section is the device's check). What
 runs here is everything but nvJPEG itself: the same code with a real batched JPEG decoder in CPU
@@ -21,7 +21,7 @@ import torch
 from vidray.config import ConfigError, TrainSettings, load_config
 from vidray.data.video import read_clip
 from vidray.errors import UserError
-from vidray.train.device_decode import device_decoder_for
+from vidray.train.decoding import device_decoder_for
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_PYTHON = Path(os.environ.get("VIDRAY_PIPELINE_PYTHON", REPO / ".venv-pipeline" / "bin" / "python"))

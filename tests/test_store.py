@@ -126,7 +126,8 @@ def test_a_frame_that_passes_the_checksum_but_not_the_decoder_is_refused(real_cl
 
 
 def test_decode_threads_fill_the_same_batch_and_name_the_first_clip_that_fails(real_clip):
-    from vidray.train.batches import Row, decode_rows_into, decode_threads_for
+    from vidray.train.batches import Row, decode_rows_into
+    from vidray.train.decoding import decode_threads_for
 
     blobs = [encode_clip(np.roll(real_clip, 7 * k, axis=2), "jpeg", 90) for k in range(6)]
     rows = [Row(np.frombuffer(blob, np.uint8), 0, k, f"video{k}") for k, blob in enumerate(blobs)]

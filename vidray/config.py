@@ -166,7 +166,7 @@ class TrainSettings(_Section):
     # the store"). null: the worker's whole CPUs on a GPU (int(cpus_per_worker): its step leaves them
     # free), 1 on CPU (the step's torch threads use them). Any count gives the same batches.
     decode_threads: int | None = Field(None, ge=1)
-    # Where a compressed store's batches decode (vidray/train/device_decode.py): cuda - on the worker's
+    # Where a compressed store's batches decode (vidray/train/decoding.py): cuda - on the worker's
     # GPU, every sampled frame of a batch in one nvJPEG call (torchcodec >= 0.16 or torchvision);
     # cpu - in the worker's decode threads; auto - cuda on a GPU worker with fewer than 6 decode
     # threads (nvJPEG at 128² matches about six) where a library can and agrees with the CPU decoder

@@ -39,7 +39,7 @@ import torch
 from vidray.config import StoreName, TrainSettings
 from vidray.data.store import StoredClipError, check_blob, decode_frames_into
 from vidray.errors import warn_once
-from vidray.train.device_decode import DeviceJpegDecoder
+from vidray.train.decoding import DeviceJpegDecoder
 from vidray.train.rng import derive_seed
 
 T = TypeVar("T")
@@ -200,13 +200,6 @@ def intact_rows(
             owed = 0
 
 
-def decode_threads_for(train: TrainSettings, device: torch.device) -> int:
-    """``train.decode_threads``, or its default: the worker's whole CPUs beside a GPU, one on CPU."""
-    if train.decode_threads is not None:
-        return train.decode_threads
-    return max(1, int(train.cpus_per_worker)) if device.type == "cuda" else 1
-
-
 @functools.cache
 def decode_pool(threads: int) -> ThreadPoolExecutor:
     """This process's ``threads`` decode threads (one pool per count, kept for the worker's life)."""
@@ -285,7 +278,7 @@ class VideoBatchCollate:
     ``pin_memory``: build batches in pinned memory (for a GPU); ``depth``: batches that
     may be alive at once on CPU (see :class:`BatchBuffers`); ``decode_threads``: threads that
     decode a compressed store's batch (:func:`decode_rows_into`); ``device_decoder``: decode it on
-    the GPU instead, the batch's video then built in device memory (vidray/train/device_decode.py).
+    the GPU instead, the batch's video then built in device memory (vidray/train/decoding.py).
     """
 
     def __init__(

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from vidray.config import StoreName, TrainSettings
 from vidray.errors import UserError
-from vidray.train.device_decode import DeviceJpegDecoder, device_decoder_for
+from vidray.train.decoding import DeviceJpegDecoder, decode_threads_for, device_decoder_for
 from vidray.train.batches import (
     BatchBuffers,
     FrameSampler,
@@ -38,7 +38,6 @@ from vidray.train.batches import (
     arrow_rows,
     arrow_videos,
     decode_rows_into,
-    decode_threads_for,
     every_clip_reads,
     prefetch_in_thread,
     rank_val_tables,
@@ -138,7 +137,7 @@ class StoredClips:
     video_shape: tuple[int, ...]
     store: StoreName
     decode_threads: int = 1  # threads that decode a batch (vidray.train.batches.decode_rows_into)
-    device_decoder: DeviceJpegDecoder | None = None  # decode on the GPU instead (vidray/train/device_decode.py)
+    device_decoder: DeviceJpegDecoder | None = None  # decode on the GPU instead (vidray/train/decoding.py)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

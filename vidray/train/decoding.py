@@ -1,4 +1,6 @@
-"""A compressed store's batches decoded on the training GPU (``train.decode_device``): nvJPEG, one call a batch.
+"""Where a compressed store's batches decode in a training worker: how many host threads
+(``train.decode_threads``, :func:`decode_threads_for`; the host decoder is vidray.train.batches.decode_rows_into),
+or on the GPU (``train.decode_device``): nvJPEG, one call a batch.
 
 On a GPU worker the host's cores would otherwise cap a ``jpeg`` dataset's ingest at about 500
 clips/s per decode thread (docs/benchmarks.md, section 7). Here the JPEGs of every frame a
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from vidray.config import StoreName, TrainSettings
-from vidray.data.store import StoredClipError, jpeg_frame_spans
+from vidray.data.store import StoredClipError, decode_frames_into, encode_clip, jpeg_frame_spans
 from vidray.errors import UserError, warn_once
 
 # Lowest PSNR between the device decoder and the host's on the start-up test image (nvJPEG against
@@ -48,6 +50,13 @@ MIN_AGREEMENT_DB = 40.0
 AUTO_BELOW_HOST_THREADS = 6
 
 JpegBatchDecode = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+
+
+def decode_threads_for(train: TrainSettings, device: torch.device) -> int:
+    """``train.decode_threads``, or its default: the worker's whole CPUs beside a GPU, one on CPU."""
+    if train.decode_threads is not None:
+        return train.decode_threads
+    return max(1, int(train.cpus_per_worker)) if device.type == "cuda" else 1
 
 
 def jpeg_batch_decoder() -> tuple[str, JpegBatchDecode] | None:
@@ -120,8 +129,6 @@ class DeviceJpegDecoder:
         return out
 
     def _name_the_bad_frame(self, blobs: list, video_shape: tuple[int, ...], picks: np.ndarray, names: list[str] | None) -> None:
-        from vidray.data.store import decode_frames_into
-
         scratch = np.empty((picks.shape[1], *video_shape[1:]), np.uint8)
         for i, blob in enumerate(blobs):
             try:
@@ -132,8 +139,6 @@ class DeviceJpegDecoder:
 
 def agreement_db(decoder: DeviceJpegDecoder) -> float:
     """PSNR of ``decoder`` against the host decoder (libjpeg-turbo) on a smooth 64x64 test frame at quality 90."""
-    from vidray.data.store import decode_frames_into, encode_clip
-
     y, x = np.mgrid[0:64, 0:64]
     frame = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)[None]
     blob = encode_clip(frame, "jpeg", 90)
