@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from vidray.config import ConfigError, TrainSettings, load_config
 from vidray.data.video import read_clip
 from vidray.errors import UserError
-from vidray.train.decoding import device_decoder_for
+from vidray.train.decoding import AUTO_BELOW_HOST_THREADS, device_decoder_for
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_PYTHON = Path(os.environ.get("VIDRAY_PIPELINE_PYTHON", REPO / ".venv-pipeline" / "bin" / "python"))
@@ -35,6 +36,17 @@ def test_where_the_jpeg_store_decodes_is_chosen_per_worker_and_refused_in_one_li
     assert device_decoder_for(TrainSettings(decode_device="cuda"), cpu, "raw") is None
     with pytest.raises(UserError, match=r"train.decode_device=cuda needs a GPU worker: set train.use_gpu=true"):
         device_decoder_for(TrainSettings(decode_device="cuda"), cpu, "jpeg")
+    # A GPU worker (nothing below touches CUDA before a decoder is built): auto leaves a worker with 6 or
+    # more decode threads on the host; below that it needs a library, which this venv lacks, so it
+    # says why and stays on the host, and cuda is refused in one line naming the fix.
+    gpu = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert device_decoder_for(TrainSettings(), gpu, "jpeg", host_threads=AUTO_BELOW_HOST_THREADS) is None
+    with pytest.warns(RuntimeWarning, match=r"decodes on the CPU: no library here decodes JPEG on the GPU \(install torchcodec>=0.16"):
+        assert device_decoder_for(TrainSettings(), gpu, "jpeg", host_threads=1) is None
+    with pytest.raises(UserError, match=r"train.decode_device=cuda: no library here decodes JPEG on the GPU; install torchcodec>=0.16"):
+        device_decoder_for(TrainSettings(decode_device="cuda"), gpu, "jpeg", host_threads=16)
     with pytest.raises(ConfigError, match="decode_device"):
         load_config(REPO / "configs" / "demo.yaml", ["train.decode_device=gpu"])
     assert load_config(REPO / "configs" / "demo.yaml", ["train.decode_device=cuda"]).train.decode_device == "cuda"
