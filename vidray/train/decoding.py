@@ -108,9 +108,9 @@ class DeviceJpegDecoder:
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             try:
                 images = self._decode(jpegs, self.device)
-            except RuntimeError as err:  # nvJPEG refuses the whole batch: let the host decoder name the frame
-                self._name_the_bad_frame(blobs, video_shape, picks, names)
-                raise StoredClipError(f"a batch does not decode with {self.library} on {self.device}: {err}") from None
+            except (RuntimeError, ValueError):  # the whole batch refused: a bad frame, or the decoder itself
+                self._name_the_bad_frame(blobs, video_shape, picks, names)  # raises when a frame is at fault
+                raise  # every frame decodes on the host: the device decoder failed (memory, driver), not the data
             for j, image in enumerate(images):
                 if tuple(image.shape) != (channels, height, width):
                     clip, k = divmod(j, picks.shape[1])
