@@ -39,6 +39,12 @@ class StoredClipError(ValueError):
     """A stored clip that cannot be read back: its reason, one line."""
 
 
+def clip_error(video_id: str, reason) -> StoredClipError:
+    """The one line a training worker stops with when a stored clip passed its checksum yet does not
+    decode (made that way): which video, why, and the fix. Every decoding path says it alike."""
+    return StoredClipError(f"stored clip of video {video_id}: {reason}; re-run `vidray preprocess`")
+
+
 def encode_clip(frames: np.ndarray, store: StoreName, quality: int) -> bytes:
     """The ``video`` blob of uint8 ``frames`` ``[T, S, S, 3]`` in ``store``."""
     if store == "raw":

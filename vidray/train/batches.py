@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 from vidray.config import StoreName, TrainSettings
-from vidray.data.store import StoredClipError, check_blob, decode_frames_into
+from vidray.data.store import StoredClipError, check_blob, clip_error, decode_frames_into
 from vidray.errors import warn_once
 from vidray.train.decoding import DeviceJpegDecoder
 from vidray.train.rng import derive_seed
@@ -234,7 +234,7 @@ def _decode_row(out: np.ndarray, i: int, row: Row, store: StoreName, frames: np.
         else:
             decode_frames_into(row.videos, store, out[i], frames[i], in_place=True)
     except StoredClipError as err:  # passed its checksum yet does not decode: made that way
-        raise StoredClipError(f"stored clip of video {row.video_id}: {err}; re-run `vidray preprocess`") from None
+        raise clip_error(row.video_id, err) from None
 
 
 class BatchBuffers:

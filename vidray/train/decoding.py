@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from vidray.config import StoreName, TrainSettings
-from vidray.data.store import StoredClipError, decode_frames_into, encode_clip, jpeg_frame_spans
+from vidray.data.store import StoredClipError, clip_error, decode_frames_into, encode_clip, jpeg_frame_spans
 from vidray.errors import UserError, warn_once
 
 # Lowest PSNR between the device decoder and the host's on the start-up test image (nvJPEG against
@@ -101,8 +101,8 @@ class DeviceJpegDecoder:
             starts, ends = jpeg_frame_spans(blob, stored_frames)
             view = memoryview(blob)
             pieces.extend(view[starts[f] : ends[f]] for f in row)
-        # One host copy of the batch's JPEGs (a few KB a frame); the decoders take CPU tensors.
-        payload = torch.from_numpy(np.frombuffer(b"".join(pieces), np.uint8).copy())
+        # One host copy of the batch's JPEGs (a few KB a frame), writable as torch wants; the decoders take CPU tensors.
+        payload = torch.from_numpy(np.concatenate([np.frombuffer(piece, np.uint8) for piece in pieces]))
         bounds = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
         jpegs = [payload[bounds[j] : bounds[j + 1]] for j in range(len(pieces))]
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
@@ -115,10 +115,8 @@ class DeviceJpegDecoder:
                 if tuple(image.shape) != (channels, height, width):
                     clip, k = divmod(j, picks.shape[1])
                     who = names[clip] if names else f"clip {clip}"
-                    raise StoredClipError(
-                        f"stored clip of video {who}: frame {int(picks[clip, k])} decodes to {tuple(image.shape)}, "
-                        f"the dataset stores {(channels, height, width)}; re-run `vidray preprocess`"
-                    )
+                    raise clip_error(who, f"frame {int(picks[clip, k])} decodes to {tuple(image.shape)}, "
+                                          f"the dataset stores {(channels, height, width)}")  # fmt: skip
             decoded = torch.stack(images).permute(0, 2, 3, 1).reshape(len(blobs), picks.shape[1], height, width, channels)
             out = torch.empty((len(blobs), *video_shape), dtype=torch.uint8, device=self.device)
             rows = torch.arange(len(blobs), device=self.device)[:, None]
@@ -134,7 +132,7 @@ class DeviceJpegDecoder:
             try:
                 decode_frames_into(blob, "jpeg", scratch, picks[i])
             except StoredClipError as err:
-                raise StoredClipError(f"stored clip of video {names[i] if names else i}: {err}; re-run `vidray preprocess`") from None
+                raise clip_error(names[i] if names else str(i), err) from None
 
 
 def agreement_db(decoder: DeviceJpegDecoder) -> float:
