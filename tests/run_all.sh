@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite, as two pytest processes side by side.
 #
-#   tests/run_all.sh PYTHON        (the Makefile passes .venv's; for a part of the suite, run pytest itself)
+#   tests/run_all.sh PYTHON [COMMAND...]
+#
+# PYTHON: the venv's (the Makefile passes .venv's; for a part of the suite, run pytest itself).
+# COMMAND: run first in the lane beside, before its tests: the Makefile's `make pipeline-env`, the
+# second venv that only that lane's tests use (84 s of pip from nothing, a no-op once built), so it is
+# built while the Ray lane already runs. If it fails, that lane fails without running its tests.
 #
 # * The Ray lane, `-m ray`: every test that runs Ray (on the session's loopback head, or on clusters of
 #   its own), in order, one cluster at a time, as a plain `pytest` runs them. Its console and
@@ -14,12 +19,20 @@
 # and not pytest-xdist: docs/benchmarks.md, section 8. Exit status: non-zero if either lane failed.
 set -uo pipefail
 
-python=${1:?usage: tests/run_all.sh PYTHON}
+python=${1:?usage: tests/run_all.sh PYTHON [COMMAND...]}
+shift
 cd "$(dirname "$0")/.."
 
 beside_log=$(mktemp -t vidray-tests-no-ray.XXXXXX)
-# The lane beside writes no pytest cache: two sessions writing one .pytest_cache would race.
-"$python" -m pytest -q -m "not ray" -p no:cacheprovider --durations=5 > "$beside_log" 2>&1 &
+exec 3>&2  # the console's stderr, for the one line that must not wait for the log below
+(
+  if [ $# -gt 0 ] && ! "$@"; then
+    echo "make test: \`$*\` failed, so the tests that run no Ray did not run (its output is printed at the end)" >&3
+    exit 1
+  fi
+  # The lane beside writes no pytest cache: two sessions writing one .pytest_cache would race.
+  exec "$python" -m pytest -q -m "not ray" -p no:cacheprovider --durations=5
+) > "$beside_log" 2>&1 &
 beside=$!
 # Ctrl-C or a failure here must not leave the other lane running.
 trap 'kill "$beside" 2> /dev/null; rm -f "$beside_log"' EXIT

@@ -1,0 +1,64 @@
+"""tests/run_all.sh, the two lanes of `make test`, with a stand-in for the venv's Python that records
+what it was asked to run: the Ray lane starts at once, the lane beside it runs its set-up command
+first (the Makefile's `make pipeline-env`), and a failed set-up fails `make test` in a line that names it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+RUN_ALL = Path(__file__).resolve().with_name("run_all.sh")
+
+
+def _stand_in_python(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(python, its call log, the set-up's marker): each call logs its arguments and whether the marker
+    existed when it started."""
+    calls, marker = tmp_path / "calls.txt", tmp_path / "set-up-done"
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ -e "{marker}" ]; then built=yes; else built=no; fi\n'
+        f'echo "$* | set-up done: $built" >> "{calls}"\n'
+    )
+    python.chmod(0o755)
+    return python, calls, marker
+
+
+def test_the_lane_beside_runs_its_set_up_first_and_both_lanes_run(tmp_path):
+    python, calls, marker = _stand_in_python(tmp_path)
+    done = subprocess.run(
+        # The set-up ends only once the Ray lane has started: were the lanes run one after the other,
+        # this would wait for ever (until the timeout).
+        ["bash", str(RUN_ALL), str(python), "bash", "-c", f"until [ -e '{calls}' ]; do sleep 0.05; done; touch '{marker}'"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "make test: both lanes passed" in done.stdout
+    lines = calls.read_text().splitlines()
+    # The Ray lane did not wait for the set-up (84 s of pip in a fresh clone); the lane beside ran after it.
+    assert lines[0] == "-m pytest -q -m ray --durations=15 | set-up done: no", lines
+    assert lines[1] == '-m pytest -q -m not ray -p no:cacheprovider --durations=5 | set-up done: yes', lines
+    assert len(lines) == 2
+
+
+def test_a_failed_set_up_fails_make_test_naming_it_and_runs_no_test_beside(tmp_path):
+    python, calls, _ = _stand_in_python(tmp_path)
+    done = subprocess.run(
+        ["bash", str(RUN_ALL), str(python), "bash", "-c", "echo 'pipeline-env: needs 7 GB free' >&2; exit 3"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "`bash -c echo 'pipeline-env: needs 7 GB free' >&2; exit 3` failed" in done.stderr
+    assert "make test: FAILED (Ray lane exit 0, other lane exit 1)" in done.stderr
+    assert "pipeline-env: needs 7 GB free" in done.stdout  # the set-up's own words, in the lane's log
+    assert calls.read_text().splitlines() == ["-m pytest -q -m ray --durations=15 | set-up done: no"]
+
+
+def test_without_a_set_up_command_the_lanes_run_as_before(tmp_path):
+    python, calls, _ = _stand_in_python(tmp_path)
+    done = subprocess.run(["bash", str(RUN_ALL), str(python)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(line.split(" | ")[0] for line in calls.read_text().splitlines()) == [
+        "-m pytest -q -m not ray -p no:cacheprovider --durations=5",
+        "-m pytest -q -m ray --durations=15",
+    ]
