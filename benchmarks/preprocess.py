@@ -30,7 +30,11 @@ docs/design.md). Methods, each in a fresh Python process:
                         ``decode_or_reject`` (``read_clip``, one decoder thread) and the
                         raw store's ``encode_clip``, what a decode task does minus Ray and
                         the Parquet write; ``read_clip_jpeg`` with the jpeg store's encode;
-                        ``read_clip_x2`` two such processes side by side (issue 18's ceiling).
+                        ``read_clip_x2`` two such processes side by side (issue 18's ceiling);
+                        ``read_clip_x2_ray`` the same two loops as two Ray tasks side by side on
+                        a fresh 2-CPU cluster (after one untimed call that starts the workers):
+                        what running inside a Ray worker costs the decoder, with no shards,
+                        Parquet or dispatcher.
 ``vidray_<k>cpu[_vps<n>]`` ``vidray.data.preprocess.preprocess`` into a fresh directory on a
                         fresh local Ray cluster of ``k`` CPUs (``ray.init(num_cpus=k)``),
                         writing the Parquet shards. Timed twice in the same cluster:
@@ -101,6 +105,8 @@ BASELINES = (
 )  # fmt: skip
 # Methods that run a baseline in several processes at once: {method: (baseline, processes)}.
 SIDE_BY_SIDE = {"pyav_lean_x2": ("pyav_lean", 2), "read_clip_x2": ("read_clip", 2)}
+# read_clip_x2's two loops as two Ray tasks (run_loop_in_ray_tasks).
+READ_CLIP_IN_RAY_TASKS = "read_clip_x2_ray"
 
 
 # --------------------------------------------------------------------------- the loops users write
@@ -319,27 +325,48 @@ def run_loop(method: str, manifest: str, stored_frames: int, stored_size: int) -
     }
 
 
-def run_side_by_side(worker_args: list[str], processes: int, timeout: float, cores: int | None) -> dict[str, Any]:
-    """Run the same baseline worker in ``processes`` processes at once; their clips over the span
-    from the first start to the last end."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(_) -> dict[str, Any]:
-        return run_json_subprocess(worker_args, timeout=timeout, cores=cores)
-
-    with ThreadPoolExecutor(processes) as pool:
-        results = list(pool.map(one, range(processes)))
+def side_by_side(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Loops that ran at once (:func:`run_loop` results) as one run: their clips over the span from
+    the first start to the last end."""
     span = max(r["ended_at"] for r in results) - min(r["started_at"] for r in results)
     return {
         "videos": results[0]["videos"],
         "clips": sum(r["clips"] for r in results),
-        "processes": processes,
+        "processes": len(results),
         "wall_s": round(span, 3),
         "cpu_s": {"total": round(sum(r["cpu_s"]["total"] for r in results), 3)},
         "frames_decoded": sum(r["frames_decoded"] or 0 for r in results) or None,
         "frames_sha256": results[0]["frames_sha256"],
         "per_process_wall_s": [r["wall_s"] for r in results],
     }
+
+
+def run_side_by_side(worker_args: list[str], processes: int, timeout: float, cores: int | None) -> dict[str, Any]:
+    """Run the same baseline worker in ``processes`` processes at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_) -> dict[str, Any]:
+        return run_json_subprocess(worker_args, timeout=timeout, cores=cores)
+
+    with ThreadPoolExecutor(processes) as pool:
+        return side_by_side(list(pool.map(one, range(processes))))
+
+
+def run_loop_in_ray_tasks(tasks: int, manifest: str, stored_frames: int, stored_size: int) -> dict[str, Any]:
+    """``read_clip``'s loop as ``tasks`` Ray tasks at once (``num_cpus=1`` each) on a fresh
+    ``tasks``-CPU cluster. One untimed call first starts the workers and warms their imports."""
+    import ray
+
+    ray.init(
+        _node_ip_address="127.0.0.2", num_cpus=tasks, include_dashboard=False, object_store_memory=500 * 2**20,
+        log_to_driver=False, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )  # fmt: skip
+    try:
+        loop = ray.remote(num_cpus=1)(run_loop)
+        ray.get([loop.remote("read_clip", manifest, stored_frames, stored_size) for _ in range(tasks)])
+        return side_by_side(ray.get([loop.remote("read_clip", manifest, stored_frames, stored_size) for _ in range(tasks)]))
+    finally:
+        ray.shutdown()
 
 
 # --------------------------------------------------------------------------- vidray on Ray Data
@@ -498,6 +525,8 @@ def parse_method_suffix(method: str) -> str:
 def _worker_main(args: argparse.Namespace) -> None:
     if args.worker in BASELINES:
         result = run_loop(args.worker, args.manifest, args.stored_frames, args.stored_size)
+    elif args.worker == READ_CLIP_IN_RAY_TASKS:
+        result = run_loop_in_ray_tasks(2, args.manifest, args.stored_frames, args.stored_size)
     else:
         method = parse_vidray_method(args.worker)
         result = run_vidray(
@@ -610,6 +639,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cores = None
                 if args.pin:
                     cores = parse_vidray_method(baseline)[0] if baseline.startswith("vidray_") else processes
+                    cores = 2 if baseline == READ_CLIP_IN_RAY_TASKS else cores
                 if processes > 1:
                     result = run_side_by_side(worker_args, processes, args.timeout, cores)
                 else:
@@ -695,6 +725,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ratios[f"{method}_{phase}_speedup_over_ceiling"] = median(speedup_over_ceiling)
     if {"read_clip", "read_clip_x2"} <= set(methods):
         ratios["ceiling_read_clip_x2_over_read_clip"] = ratio("read_clip_x2", "read_clip")
+    if {READ_CLIP_IN_RAY_TASKS, "read_clip_x2"} <= set(methods):  # a Ray worker against a plain process
+        ratios[f"{READ_CLIP_IN_RAY_TASKS}_over_read_clip_x2"] = ratio(READ_CLIP_IN_RAY_TASKS, "read_clip_x2")
+        ratios[f"{READ_CLIP_IN_RAY_TASKS}_cpu_over_read_clip_x2_cpu"] = ratio(
+            READ_CLIP_IN_RAY_TASKS, "read_clip_x2", key="cpu_s_per_video"
+        )
     # What the jpeg store's encode costs against raw, in the same run.
     for method in methods:
         raw = method.replace("_jpeg", "")
