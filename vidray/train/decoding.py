@@ -20,7 +20,12 @@ CPU. That is why ``train.decode_device`` is part of what a resumed run may not c
 Threads: batches are decoded ahead of the step, in a producer thread. Each decoder works on a CUDA
 stream of its own and waits for it before handing a batch over, and the batch is marked as used
 on the consumer's stream (``record_stream``), so the caching allocator does not give its memory
-to the next batch while the step still reads it.
+to the next batch while the step still reads it. That wait also leaves the stream idle whenever a
+decode call starts, which the libraries rely on: torchvision's CUDA ``decode_jpeg`` allocates its
+outputs on the caller's stream but writes them from a private one without waiting for the caller's
+(pytorch/vision#9606; torchcodec's hardware path had a similar gap until meta-pytorch/torchcodec#1634), so
+a block freed while kernels queued on the caller's stream still read it could be overwritten. With
+nothing queued on this stream, no such block exists.
 
 Nothing here imports Ray or pyarrow; the decoders' CPU mode (``device="cpu"``) runs the same code
 without a GPU (tests/test_device_decode.py runs it in the pipeline venv, which has torchvision).
