@@ -64,6 +64,11 @@ $(PIPELINE_STAMP): Makefile
 
 pipeline-env: $(PIPELINE_STAMP)
 
+# Where the tests look for it (tests/test_pipeline_parity.py and others), so that `make test
+# PIPELINE_VENV=<a folder on a bigger disk>`, as the message above advises, is found there too.
+VIDRAY_PIPELINE_PYTHON ?= $(abspath $(PIPELINE_VENV))/bin/python
+export VIDRAY_PIPELINE_PYTHON
+
 # The main job on the embedded default config (configs/demo.yaml). Run it again and it only
 # prints the finished sweep's results; results live in ~/ray_results/demo (see README).
 demo: setup

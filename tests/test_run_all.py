@@ -4,21 +4,24 @@ first (the Makefile's `make pipeline-env`), and a failed set-up fails `make test
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 RUN_ALL = Path(__file__).resolve().with_name("run_all.sh")
+REPO = RUN_ALL.parents[1]
 
 
 def _stand_in_python(tmp_path: Path) -> tuple[Path, Path, Path]:
     """(python, its call log, the set-up's marker): each call logs its arguments and whether the marker
-    existed when it started."""
+    existed when it started (and, in ``env.txt``, the pipeline venv's Python it was pointed at)."""
     calls, marker = tmp_path / "calls.txt", tmp_path / "set-up-done"
     python = tmp_path / "python"
     python.write_text(
         "#!/usr/bin/env bash\n"
         f'if [ -e "{marker}" ]; then built=yes; else built=no; fi\n'
         f'echo "$* | set-up done: $built" >> "{calls}"\n'
+        f'echo "$* | ${{VIDRAY_PIPELINE_PYTHON:-unset}}" >> "{tmp_path / "env.txt"}"\n'
     )
     python.chmod(0o755)
     return python, calls, marker
@@ -61,4 +64,28 @@ def test_without_a_set_up_command_the_lanes_run_as_before(tmp_path):
     assert sorted(line.split(" | ")[0] for line in calls.read_text().splitlines()) == [
         "-m pytest -q -m not ray -p no:cacheprovider --durations=5",
         "-m pytest -q -m ray --durations=15",
+    ]
+
+
+def test_make_test_points_both_lanes_at_the_pipeline_venv_wherever_it_is(tmp_path):
+    """`make test PIPELINE_VENV=X` (what the Makefile's disk-space message advises) builds X and the tests
+    look for X's Python, not .venv-pipeline's. Run through make itself, with the stand-in as the main venv's
+    Python (its set-up then only touches stamps under tmp_path) and X already built (its stamp is newest)."""
+    python, calls, _ = _stand_in_python(tmp_path)
+    (tmp_path / "venv").mkdir()
+    elsewhere = tmp_path / "bigger-disk" / "pipeline"
+    (elsewhere / "bin").mkdir(parents=True)
+    (elsewhere / "bin" / "python").symlink_to(python)
+    (elsewhere / ".vidray-pipeline-installed").touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "VIDRAY_PIPELINE_PYTHON"))}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), "test",
+         f"PY={python}", f"VENV={tmp_path / 'venv'}", f"PIPELINE_VENV={elsewhere}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    lanes = [line for line in (tmp_path / "env.txt").read_text().splitlines() if line.startswith("-m pytest")]
+    assert sorted(lanes) == [
+        f"-m pytest -q -m not ray -p no:cacheprovider --durations=5 | {elsewhere}/bin/python",
+        f"-m pytest -q -m ray --durations=15 | {elsewhere}/bin/python",
     ]
