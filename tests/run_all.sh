@@ -34,8 +34,9 @@ exec 3>&2  # the console's stderr, for the one line that must not wait for the l
   exec "$python" -m pytest -q -m "not ray" -p no:cacheprovider --durations=5
 ) > "$beside_log" 2>&1 &
 beside=$!
-# Ctrl-C or a failure here must not leave the other lane running.
-trap 'kill "$beside" 2> /dev/null; rm -f "$beside_log"' EXIT
+# Ctrl-C or a failure here must not leave the other lane running: the lane, and its children (the
+# set-up's make, or pytest's own subprocesses), by their process ids.
+trap 'kill "$beside" $(pgrep -P "$beside") 2> /dev/null; rm -f "$beside_log"' EXIT
 
 "$python" -m pytest -q -m ray --durations=15
 ray_status=$?

@@ -5,6 +5,7 @@ first (the Makefile's `make pipeline-env`), and a failed set-up fails `make test
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 from pathlib import Path
 
@@ -89,3 +90,37 @@ def test_make_test_points_both_lanes_at_the_pipeline_venv_wherever_it_is(tmp_pat
         f"-m pytest -q -m not ray -p no:cacheprovider --durations=5 | {elsewhere}/bin/python",
         f"-m pytest -q -m ray --durations=15 | {elsewhere}/bin/python",
     ]
+
+
+def test_stopping_make_test_stops_the_lane_beside_and_its_set_up(tmp_path):
+    """A CI timeout or a kill ends `make test`; the lane beside, still in its set-up, ends with it (by
+    process id: the lane and its children), not left building a venv for nobody."""
+    python, _, _ = _stand_in_python(tmp_path)
+    pid_file = tmp_path / "set-up.pid"
+    script = subprocess.Popen(
+        ["bash", str(RUN_ALL), str(python), "bash", "-c", f"echo $$ > '{pid_file}'; exec sleep 300"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        set_up = int(pid_file.read_text())
+        assert _alive(set_up)
+        script.terminate()
+        script.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(set_up) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(set_up), "the set-up outlived make test"
+    finally:
+        script.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
