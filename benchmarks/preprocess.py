@@ -105,8 +105,8 @@ BASELINES = (
 )  # fmt: skip
 # Methods that run a baseline in several processes at once: {method: (baseline, processes)}.
 SIDE_BY_SIDE = {"pyav_lean_x2": ("pyav_lean", 2), "read_clip_x2": ("read_clip", 2)}
-# read_clip_x2's two loops as two Ray tasks (run_loop_in_ray_tasks).
-READ_CLIP_IN_RAY_TASKS = "read_clip_x2_ray"
+# read_clip_x2's loops as as many Ray tasks, in one process's cluster (run_loop_in_ray_tasks).
+READ_CLIP_IN_RAY_TASKS, RAY_TASKS = "read_clip_x2_ray", 2
 
 
 # --------------------------------------------------------------------------- the loops users write
@@ -526,7 +526,7 @@ def _worker_main(args: argparse.Namespace) -> None:
     if args.worker in BASELINES:
         result = run_loop(args.worker, args.manifest, args.stored_frames, args.stored_size)
     elif args.worker == READ_CLIP_IN_RAY_TASKS:
-        result = run_loop_in_ray_tasks(2, args.manifest, args.stored_frames, args.stored_size)
+        result = run_loop_in_ray_tasks(RAY_TASKS, args.manifest, args.stored_frames, args.stored_size)
     else:
         method = parse_vidray_method(args.worker)
         result = run_vidray(
@@ -637,9 +637,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     worker_args += ["--videos-per-shard", str(args.videos_per_shard)]
                 before = args.before if method.endswith("@before") else None
                 cores = None
-                if args.pin:
-                    cores = parse_vidray_method(baseline)[0] if baseline.startswith("vidray_") else processes
-                    cores = 2 if baseline == READ_CLIP_IN_RAY_TASKS else cores
+                if args.pin and baseline.startswith("vidray_"):
+                    cores = parse_vidray_method(baseline)[0]
+                elif args.pin:
+                    cores = RAY_TASKS if baseline == READ_CLIP_IN_RAY_TASKS else processes
                 if processes > 1:
                     result = run_side_by_side(worker_args, processes, args.timeout, cores)
                 else:

@@ -1,12 +1,13 @@
 """tests/run_all.sh, the two lanes of `make test`, with a stand-in for the venv's Python that records
 what it was asked to run: the Ray lane starts at once, the lane beside it runs its set-up command
-first (the Makefile's `make pipeline-env`), and a failed set-up fails `make test` in a line that names it."""
+first (the Makefile's `make pipeline-env`), a failed set-up fails `make test` in a line that names it,
+both lanes find the pipeline venv wherever `PIPELINE_VENV` puts it, and stopping `make test` stops the set-up."""
 
 from __future__ import annotations
 
 import os
-import time
 import subprocess
+import time
 from pathlib import Path
 
 RUN_ALL = Path(__file__).resolve().with_name("run_all.sh")
@@ -72,7 +73,7 @@ def test_make_test_points_both_lanes_at_the_pipeline_venv_wherever_it_is(tmp_pat
     """`make test PIPELINE_VENV=X` (what the Makefile's disk-space message advises) builds X and the tests
     look for X's Python, not .venv-pipeline's. Run through make itself, with the stand-in as the main venv's
     Python (its set-up then only touches stamps under tmp_path) and X already built (its stamp is newest)."""
-    python, calls, _ = _stand_in_python(tmp_path)
+    python, _, _ = _stand_in_python(tmp_path)
     (tmp_path / "venv").mkdir()
     elsewhere = tmp_path / "bigger-disk" / "pipeline"
     (elsewhere / "bin").mkdir(parents=True)
@@ -121,6 +122,6 @@ def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, ended but not yet reaped by its parent, does not)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # no such process (any more)
         return False
     return state != "Z"
