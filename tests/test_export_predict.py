@@ -268,6 +268,8 @@ def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path, capsys):
     # The readable video is still reported, top-2 with scores, then the JSON summary.
     assert lines[0].startswith(f"{videos[1]}: {CLASSES[1]} ")
     assert len(lines[0].split(", ")) == 2
+    # The unreadable one in its place, with its reason.
+    assert lines[1].startswith(f"{broken}: unreadable: truncated or corrupt"), lines[1]
     summary = json.loads(lines[-1])
     assert [len(r["predictions"]) for r in summary["results"]] == [2, 0]
     assert "Traceback" not in run.err

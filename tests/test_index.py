@@ -70,6 +70,8 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
     (root / "val" / "extra_class").mkdir()
     write_mkv(root / "val" / "extra_class" / "clip.MKV", tiny_frames(30), fps=24)
     (root / "test" / "circle_growing" / "broken.mp4").write_bytes(b"not really an mp4" * 50)
+    # A link into storage that is gone: a video of the folder, rejected with its reason, not ignored.
+    (root / "test" / "circle_growing" / "moved.mp4").symlink_to(tmp_path / "unmounted" / "moved.mp4")
     out = tmp_path / "out" / "manifest.parquet"
 
     summary = index_folder(root, out)
@@ -77,23 +79,27 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
     demo_classes = ["circle_growing", "circle_shrinking", "square_moving_left", "square_moving_right"]
     classes = sorted(demo_classes + ["empty_class", "extra_class"])
     assert summary["classes"] == classes
-    assert summary["selected"] == summary["present"] == 14 and summary["missing"] == 0
+    assert summary["selected"] == summary["present"] == 15 and summary["missing"] == 0
     assert summary["ignored"] == 5  # README.txt, other/, notes.txt, labels.csv, nested/
     assert summary["per_class"] == {
-        "circle_growing": 4, "circle_shrinking": 3, "empty_class": 0, "extra_class": 1,
+        "circle_growing": 5, "circle_shrinking": 3, "empty_class": 0, "extra_class": 1,
         "square_moving_left": 3, "square_moving_right": 3,
     }
-    assert summary["per_split"] == {"train": 4, "val": 5, "test": 5}
-    assert summary["probe_errors"] == 1 and "broken.mp4" in summary["probe_error_examples"][0]
+    assert summary["per_split"] == {"train": 4, "val": 5, "test": 6}
+    assert summary["probe_errors"] == 2
+    assert sorted(Path(e.split(": ")[0]).name for e in summary["probe_error_examples"]) == ["broken.mp4", "moved.mp4"]
 
     table = pq.read_table(out)
     assert table.schema.remove_metadata() == MANIFEST_SCHEMA
     assert json.loads(table.schema.metadata[b"vidray.classes"]) == classes
     frame, read_classes = read_manifest(out)
     assert read_classes == classes
-    assert len(frame) == 14 and frame["video_id"].is_unique
+    assert len(frame) == 15 and frame["video_id"].is_unique
     for row in frame.itertuples():
         path = Path(row.path)
+        if path.name == "moved.mp4":
+            assert row.probe_error == f"missing: dangling symlink (points to {tmp_path / 'unmounted' / 'moved.mp4'})"
+            continue
         assert path.is_absolute() and path.is_file()
         assert row.video_id == path.relative_to(root).with_suffix("").as_posix()
         assert row.split == path.parts[-3] and row.label == path.parts[-2]

@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["left", "right", "still"]
 DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
 EVAL_CLIPS = 2
-HOSTILE = {"zero_bytes": "empty", "text": "not_a_video", "truncated": "corrupt", "audio_only": "no_video_stream"}
+# A dangling link in a folder is a video found and rejected ("missing"), not one left out of the count.
+HOSTILE = {"zero_bytes": "empty", "text": "not_a_video", "truncated": "corrupt", "audio_only": "no_video_stream",
+           "dangling_symlink": "missing"}  # fmt: skip
 
 
 def _video(path: Path, width: int, height: int, frames: int, seed: int) -> Path:

@@ -204,7 +204,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k, clips=args.clips, crops=args.crops)
     for item in results:
         labels = ", ".join(f"{p['label']} {p['score']:.3f}" for p in item["predictions"])
-        print(f"{item['video']}: {labels or 'unreadable (see error)'}")
+        reason = item.get("error", "").removeprefix(f"{item['video']}: ")  # the error names the video too
+        print(f"{item['video']}: {labels or f'unreadable: {reason}'}")
     _print_summary({"results": results})
     raise_for_unreadable(results)  # the readable videos are reported above; exit 2 if any was not
 

@@ -67,6 +67,13 @@ def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in EXTENSION_RANK
 
 
+def is_listed_video(path: Path) -> bool:
+    """A video file in a folder, or a link named like one whose target is gone. A corpus of links into
+    storage that was moved or unmounted must show each such link as a video rejected with its reason
+    ("dangling symlink (points to ...)"), not lose it from the count without a word."""
+    return is_video_file(path) and (path.is_file() or (path.is_symlink() and not path.exists()))
+
+
 # --- probing -----------------------------------------------------------------
 
 
@@ -191,7 +198,8 @@ def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
     Classes are the sorted union of class folder names over all splits (an
     empty class folder still gets a label index). Files that are not videos
     (by extension, case-insensitive), anything nested deeper and anything
-    outside the split folders are ignored and counted. ``video_id`` is the
+    outside the split folders are ignored and counted; a dangling link named like a video is indexed, so
+    that preprocessing rejects it with its reason (:func:`is_listed_video`). ``video_id`` is the
     path below ROOT without extension, unique even when file names repeat.
     """
     root = Path(root)
@@ -218,7 +226,7 @@ def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
     rows = []
     for split, class_dir in class_dirs:
         for path in sorted(class_dir.iterdir()):
-            if not (path.is_file() and is_video_file(path)):
+            if not is_listed_video(path):
                 ignored.append(path)
                 continue
             rows.append(

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vidray.data.index import is_video_file
+from vidray.data.index import is_listed_video, is_video_file
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import write_atomically
 from vidray.data.shards import DecodeSettings
@@ -65,6 +65,12 @@ def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
     return [p for p in table.column("path").to_pylist() if p]
 
 
+def _local_videos(root: str) -> Iterator[str]:
+    """The videos under a local folder, in its linked folders too (as pyarrow lists them)."""
+    for directory, _, files in os.walk(root, followlinks=True):
+        yield from (path for path in (os.path.join(directory, name) for name in files) if is_listed_video(Path(path)))
+
+
 def discover(inputs: list[str]) -> list[str]:
     """Every video of ``inputs``, each once, in input order (a folder's videos sorted by path)."""
     found: list[str] = []
@@ -74,8 +80,11 @@ def discover(inputs: list[str]) -> list[str]:
         info = fs.get_file_info(key)
         scheme = name.split("://", 1)[0] if is_uri(name) else "file"
         if info.type == pafs.FileType.Directory:
-            entries = fs.get_file_info(pafs.FileSelector(key, recursive=True))
-            videos = sorted(e.path for e in entries if e.type == pafs.FileType.File and is_video_file(Path(e.path)))
+            if scheme == "file":  # pyarrow's listing leaves out a link whose target is gone: see is_listed_video
+                videos = sorted(_local_videos(key))
+            else:
+                entries = fs.get_file_info(pafs.FileSelector(key, recursive=True))
+                videos = sorted(e.path for e in entries if e.type == pafs.FileType.File and is_video_file(Path(e.path)))
             if not videos:
                 raise UserError(f"{name} is a folder without video files (looked for .mp4, .mov, .mkv, .webm, ...)")
             # Object stores list bucket/key: the rows keep the scheme; local folders give local paths.
