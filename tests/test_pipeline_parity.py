@@ -231,8 +231,8 @@ def test_real_footage_top1_pipeline_vs_vidray_predict(parity, real_clips):
     """The pipeline's top-1 against `vidray predict`'s on real footage: the same on at least 90 % of clips.
 
     vidray takes the frames transformers' video processor takes (frame i*N//frames of N), so what
-    can still differ is the decode (rotation, resize filter and rounding: a few grey levels), which
-    matters only where the model's answer is a near tie.
+    can still differ is the decode (pixel aspect, resize filter and rounding: 1-12 grey levels on these clips,
+    benchmarks/footage_matrix.py), which matters only where the model's answer is a near tie.
     """
     ours = {r["video"]: r for r in parity["ours_real"]}
     agree = 0

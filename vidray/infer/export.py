@@ -161,22 +161,30 @@ def sampling_differences(data: dict[str, Any]) -> list[str]:
     if stored % frames == 0:
         position = (
             f"Frame positions: none. Both take frame i*N//{frames} of a video of N frames, the first of each of "
-            f"{frames} equal segments (vidray stores every {stored // frames}th segment start of {stored})."
+            f"{frames} equal segments (vidray stores {stored} segment starts and shows the model one in {stored // frames})."
         )
     else:
         position = (
             f"Frame position: transformers takes frame i*N//{frames} of N; vidray the nearest of its {stored} stored "
             f"segment starts at or before it ({stored} is not a multiple of {frames}): at most one stored segment earlier."
         )
+    # Each claim below is checked against the pinned pipeline environment by tests/test_benchmarks.py
+    # (test_the_model_card_says_what_transformers_pipeline_does_otherwise); measured per kind of file
+    # by benchmarks/footage_matrix.py (docs/benchmarks.md, section 9).
     return [
         position,
         "Short videos: a video with fewer frames than the model's "
         f"{frames} makes transformers raise; vidray repeats frames evenly.",
-        "Display rotation and non-square pixels: vidray shows frames as a player does (rotated by the display "
-        "matrix, pixels stretched); transformers' decoder (torchcodec) uses the coded frames.",
-        "Resize filter: vidray resizes in the decoder (FFmpeg's swscale, bilinear); transformers with torchvision "
-        "(bilinear, antialiased), and it rounds the long side down where vidray rounds it to nearest: pixel values "
-        "differ by a few grey levels.",
+        "Non-square pixels (DV, broadcast, some phone and web files): vidray stretches the width by the pixel "
+        "aspect ratio, as a player shows the video; transformers' decoder (torchcodec 0.13) keeps the coded width, "
+        "so the model sees such a video squeezed. Display rotation (phones) is applied by both.",
+        "MPEG transport streams (.ts, .m2ts, .mts: screen recorders, camcorders, HLS) and DVD program streams "
+        "(.mpg, .vob): torchcodec 0.13 fails on many of them in the pipeline, and on one captured mid-GOP it returns "
+        "other frames than the positions asked for; vidray reads them.",
+        "Resize: vidray resizes in the decoder (FFmpeg's swscale, bilinear, with the colour conversion); transformers "
+        "resizes RGB frames with torchvision (bilinear, antialiased), and rounds the long side down where vidray "
+        "rounds it to nearest. On real footage the model inputs differ by 1-6 grey levels on average, more on "
+        "sharp, saturated colour (about 11 on a synthetic test pattern).",
         "Views: vidray's evaluation may average several temporal clips (train.eval_clips); the pipeline runs one.",
         "Trimmed videos (an edit list hiding the frames before the new start, as phones and `ffmpeg -ss ... -c copy` "
         "write them): torchcodec 0.13 can return the first shown keyframe for the frames before it; vidray decodes "
