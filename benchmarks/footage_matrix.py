@@ -129,7 +129,7 @@ def reference(path: Path) -> tuple[np.ndarray, int]:
     """(The samples read_clip should return, the frames a player shows): every shown frame decoded in
     order from the start (PyAV, no seeking, no index), picked by position, then resized, rotated and
     cropped with the PyAV backend's own geometry."""
-    from vidray.data.decode.pyav import coded_geometry, open_video
+    from vidray.data.decode.pyav import coded_geometry, open_video, to_rgb
 
     container, stream = open_video(str(path))
     with container:
@@ -138,7 +138,7 @@ def reference(path: Path) -> tuple[np.ndarray, int]:
         frames = list(container.decode(stream))
     rotation = quarter_turns(frames[0].rotation)
     picked = [frames[i] for i in segment_indices(len(frames), STORED_FRAMES)]
-    arrays = np.stack([f.to_ndarray(width=width, height=height, format="rgb24") for f in picked])
+    arrays = np.stack([to_rgb(f, width, height) for f in picked])
     return centre_crop(rotate_frames(arrays, rotation), STORED_SIZE), len(frames)
 
 
@@ -183,19 +183,7 @@ def against_pipeline(files: dict[str, Path], python: Path, folder: Path) -> tupl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="JSON result file")
-    parser.add_argument("--long-side-down", action="store_true",
-                        help="what if: vidray rounds a resized frame's long side down, as transformers does (it "
-                             "rounds to nearest), to see what part of the pipeline column that rounding is")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.long_side_down:
-        import vidray.data.clip as clip
-
-        def round_down(width: int, height: int, short_side: int) -> tuple[int, int]:
-            if width <= height:
-                return short_side, max(short_side, height * short_side // width)
-            return max(short_side, width * short_side // height), short_side
-
-        clip.resized_size = round_down  # Geometry's methods look it up in the module at each call
     if shutil.which("ffmpeg") is None:
         sys.exit("footage_matrix: needs the ffmpeg command (Debian: apt-get install ffmpeg)")
     with tempfile.TemporaryDirectory(prefix="vidray-footage-") as tmp:
@@ -239,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ntransformers.pipeline column: {json.dumps(versions)}, model {json.dumps(MODEL_SHAPE)}")
     if args.out:
         result = {"stored_frames": STORED_FRAMES, "stored_size": STORED_SIZE, "model_shape": MODEL_SHAPE,
-                  "long_side_down": args.long_side_down, "pipeline_versions": versions, "rows": rows}  # fmt: skip
+                  "pipeline_versions": versions, "rows": rows}  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=1))
 
 

@@ -158,6 +158,7 @@ def pyav_seek_clip(path: str, width: int, height: int, stored_frames: int, store
     import av
 
     from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.decode.pyav import to_rgb
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -172,7 +173,7 @@ def pyav_seek_clip(path: str, width: int, height: int, stored_frames: int, store
                 for frame in container.decode(stream):
                     decoded += 1
                     if _frame_index(frame, stream) >= index:
-                        cache[index] = frame.to_ndarray(width=out_w, height=out_h, format="rgb24")
+                        cache[index] = to_rgb(frame, out_w, out_h)
                         break
             clip.append(cache[index])
     return _crop(np.stack(clip), stored_size), decoded
@@ -185,6 +186,7 @@ def pyav_sequential_clip(
     import av
 
     from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.decode.pyav import to_rgb
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -195,7 +197,7 @@ def pyav_sequential_clip(
             decoded += 1
             index = _frame_index(frame, stream)
             if index in wanted:
-                kept[index] = frame.to_ndarray(width=out_w, height=out_h, format="rgb24")
+                kept[index] = to_rgb(frame, out_w, out_h)
             if index >= indices[-1]:
                 break
     return _crop(np.stack([kept[i] for i in indices.tolist()]), stored_size), decoded
@@ -215,6 +217,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
     import av
 
     from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.decode.pyav import to_rgb
 
     out_w, out_h = resized_size(width, height, stored_size)
     with av.open(path) as container:
@@ -243,7 +246,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
                     frame_index = display[frame.pts]
                     position = max(position, frame_index)
                     if frame_index in wanted and frame_index not in kept:
-                        kept[frame_index] = frame.to_ndarray(width=out_w, height=out_h, format="rgb24")
+                        kept[frame_index] = to_rgb(frame, out_w, out_h)
                 if target in kept:
                     break
     return _crop(np.stack([kept[i] for i in samples]), stored_size), decoded

@@ -304,10 +304,12 @@ def test_the_model_card_says_what_transformers_pipeline_does_otherwise(tmp_path)
     def ours(name: str) -> np.ndarray:
         return bench.vidray_model_input(read_clip(files[name], bench.STORED_FRAMES, bench.STORED_SIZE).frames)
 
-    # Same frames, same geometry: the resize filters' difference only (the card's "Resize").
-    assert theirs["plain"]["mean_abs_diff"] < 15, theirs
+    # Same frames, same size (the long side rounded down by both): the resize filters' difference only, a few
+    # levels on these sharp blocks of colour (the card's "Resize"; 6.4 when vidray rounded to nearest).
+    assert theirs["plain"]["mean_abs_diff"] < 6 and "rounded down by both" in card, theirs
     # Rotation applied by both: as close as the plain file, while the frames as coded are far from the shown ones.
-    assert theirs["rotated"]["mean_abs_diff"] < 15 and "rotation (phones) is applied by both" in card, theirs
+    assert abs(theirs["rotated"]["mean_abs_diff"] - theirs["plain"]["mean_abs_diff"]) < 1, theirs
+    assert "rotation (phones) is applied by both" in card
     assert np.abs(ours("rotated") - ours("plain")).mean() > 30
     # Pixel aspect: vidray stretches, the pipeline does not.
     assert theirs["anamorphic"]["mean_abs_diff"] > 30 and "keeps the coded width" in card, theirs

@@ -87,11 +87,18 @@ def remux_faststart(src: Path, dst: Path) -> Path:
     return dst
 
 
+# The width of the grey ramps whose 3-level steps tell frames apart: resized to a 32 px short side it
+# is 41 px wide. At an odd output width every decoder's swscale rounds grey levels exactly; at an even
+# one decord's (in its own filter graph, x86's SIMD path) puts dark levels up to 2 low (docs/benchmarks.md,
+# section 9), which would blur the steps. vidray's own scaler is exact at any width (SCALE_FLAGS).
+RAMP_WIDTH = 62
+
+
 @pytest.fixture(scope="module")
 def ramp_video(tmp_path_factory) -> Path:
     # crf 0 (lossless) keeps the flat grey levels exact.
     path = tmp_path_factory.mktemp("ramp") / "ramp.mp4"
-    return encode_mp4(path, brightness_ramp(64, 48, 64, step=3), fps=25, crf=0)
+    return encode_mp4(path, brightness_ramp(64, 48, RAMP_WIDTH, step=3), fps=25, crf=0)
 
 
 def frame_levels(frames: np.ndarray) -> np.ndarray:
@@ -112,10 +119,23 @@ def test_segment_indices_take_the_first_frame_of_equal_segments_as_transformers_
 
 
 def test_resized_size_keeps_aspect_with_short_side_fixed():
-    assert resized_size(1280, 720, 128) == (228, 128)
-    assert resized_size(720, 1280, 128) == (128, 228)
+    assert resized_size(1280, 720, 128) == (227, 128)  # 227.6: the long side rounded down
+    assert resized_size(720, 1280, 128) == (128, 227)
     assert resized_size(64, 64, 128) == (128, 128)
     assert resized_size(176, 144, 128) == (156, 128)
+
+
+def test_resized_size_is_the_size_transformers_resizes_to():
+    """An export's video processor (``size: {"shortest_edge": S}``) resizes a frame to this size, so the
+    model sees in `transformers.pipeline` the scale it trained on."""
+    from transformers.image_transforms import get_resize_output_image_size
+    from transformers.image_utils import ChannelDimension
+
+    for width, height in [(1280, 720), (720, 1280), (320, 240), (176, 144), (640, 272), (1920, 1080), (854, 480), (33, 31)]:
+        for short_side in (32, 36, 112, 128, 224):
+            frame = np.zeros((height, width, 3), np.uint8)
+            theirs = get_resize_output_image_size(frame, short_side, default_to_square=False, input_data_format=ChannelDimension.LAST)
+            assert resized_size(width, height, short_side) == (theirs[1], theirs[0]), (width, height, short_side)
 
 
 def test_read_clip_samples_the_segment_starts(ramp_video, decoder):
@@ -127,7 +147,7 @@ def test_read_clip_samples_the_segment_starts(ramp_video, decoder):
 
 
 def test_short_video_is_padded_by_repeating_frames_in_order(tmp_path, decoder):
-    path = encode_mp4(tmp_path / "short.mp4", brightness_ramp(5, 48, 64, step=40), fps=10, crf=0)
+    path = encode_mp4(tmp_path / "short.mp4", brightness_ramp(5, 48, RAMP_WIDTH, step=40), fps=10, crf=0)
     clip = read_clip(path, stored_frames=16, stored_size=32, decoder=decoder)
     assert clip.frames.shape == (16, 32, 32, 3)
     assert clip.padded and clip.source_frames == 5
@@ -382,10 +402,10 @@ def write_stream(path: Path, container_format: str, codec: str, frames: int = 60
     and on this ramp uses none), program stream (.mpg: DVDs) or Windows Media (.wmv)."""
     with av.open(str(path), "w", format=container_format) as container:
         stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = RAMP_WIDTH, 48, "yuv420p"
         stream.options = {"g": str(keyint), **({"crf": "0", "bf": "2"} if codec == "libx264" else {"qscale": "1"})}
         # Starting at 1.4 s, as FFmpeg's and OBS's muxers start them.
-        encode_frames(container, stream, brightness_ramp(frames, 48, 64, step=3), first_pts=35)
+        encode_frames(container, stream, brightness_ramp(frames, 48, RAMP_WIDTH, step=3), first_pts=35)
     return path
 
 

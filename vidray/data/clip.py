@@ -137,10 +137,14 @@ def segment_indices(num_frames: int, count: int) -> np.ndarray:
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side scaled to ``short_side``, aspect kept."""
+    """(width, height) with the short side scaled to ``short_side``, aspect kept, the long side rounded
+    down: transformers' own rule (``get_resize_output_image_size``, the same float expression), so an
+    export's video processor resizes a video to the size vidray trained on (rounding to nearest
+    left the two a pixel apart on the long side: 3-4 grey levels of the model input on real
+    footage, benchmarks/footage_matrix.py)."""
     if width <= height:
-        return short_side, max(short_side, round(height * short_side / width))
-    return max(short_side, round(width * short_side / height)), short_side
+        return short_side, max(short_side, int(short_side * height / width))
+    return max(short_side, int(short_side * width / height)), short_side
 
 
 # First bytes of the containers ffmpeg is likely to be handed. A file that starts

@@ -38,8 +38,9 @@ from vidray.errors import UserError
 # cluster busy to the end (COIN-12's 1,024 videos: 128), files still ~12 MB at 16x112².
 VIDEOS_PER_SHARD = 8
 # Part of every shard id: bump when decoding changes so old shards are rebuilt.
-DECODE_VERSION = 4  # 2: PyAV decoding (swscale resize) instead of decord; 3: rotation and pixel aspect applied;
-# 4: frames at segment starts (transformers' sampling), not centres
+DECODE_VERSION = 5  # 2: PyAV decoding (swscale resize) instead of decord; 3: rotation and pixel aspect applied;
+# 4: frames at segment starts (transformers' sampling), not centres; 5: the long side rounded down (transformers'
+# resize) and swscale with exact rounding and full-resolution chroma (decode/pyav.py: SCALE_FLAGS)
 # Expected decode work of a video in pixel-frames (frames x displayed pixels), plus what any
 # video costs whatever its length: opening, indexing packets, writing its row (about 2 s of 360p30).
 FIXED_WORK = 640 * 360 * 60

@@ -181,10 +181,9 @@ def sampling_differences(data: dict[str, Any]) -> list[str]:
         "MPEG transport streams (.ts, .m2ts, .mts: screen recorders, camcorders, HLS) and DVD program streams "
         "(.mpg, .vob): torchcodec 0.13 fails on many of them in the pipeline, and on one captured mid-GOP it returns "
         "other frames than the positions asked for; vidray reads them.",
-        "Resize: vidray resizes in the decoder (FFmpeg's swscale, bilinear, with the colour conversion); transformers "
-        "resizes RGB frames with torchvision (bilinear, antialiased), and rounds the long side down where vidray "
-        "rounds it to nearest. On real footage the model inputs differ by 1-6 grey levels on average, more on "
-        "sharp, saturated colour (about 11 on a synthetic test pattern).",
+        "Resize: the same size (the short side scaled, the long side rounded down by both), with other filters: "
+        "vidray resizes in the decoder (FFmpeg's swscale, bilinear), transformers resizes RGB frames with "
+        "torchvision (bilinear, antialiased). The model inputs differ by 1-2.5 grey levels on average.",
         "Views: vidray's evaluation may average several temporal clips (train.eval_clips); the pipeline runs one.",
         "Trimmed videos (an edit list hiding the frames before the new start, as phones and `ffmpeg -ss ... -c copy` "
         "write them): torchcodec 0.13 can return the first shown keyframe for the frames before it; vidray decodes "

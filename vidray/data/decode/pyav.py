@@ -31,6 +31,20 @@ from vidray.data.clip import (
 )
 
 
+# swscale, resizing and converting to RGB in one call: bilinear, with exact rounding and chroma
+# interpolated at full horizontal resolution. Without the last two, x86's SIMD path rounds dark
+# levels 1-2 low at even output widths and smears saturated colour edges: the model input was
+# 14 grey levels from transformers.pipeline's on a colour test pattern, 2 with them
+# (benchmarks/footage_matrix.py; docs/benchmarks.md, section 9).
+_SWS = av.video.reformatter.Interpolation
+SCALE_FLAGS = int(_SWS.BILINEAR) | int(_SWS.ACCURATE_RND) | int(_SWS.FULL_CHR_H_INT)
+
+
+def to_rgb(frame, width: int, height: int) -> np.ndarray:
+    """A decoded frame as uint8 RGB ``[height, width, 3]``, scaled by swscale with :data:`SCALE_FLAGS`."""
+    return frame.to_ndarray(width=width, height=height, format="rgb24", interpolation=SCALE_FLAGS)
+
+
 def _detail(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err)
 
@@ -197,7 +211,7 @@ def _decode_by_timestamp(container, stream, timestamps, index_of, keyframes, sam
                 raise _SeekOvershot()  # decoding went past the target without showing it
             position = max(position, index)
             if index in wanted and index not in kept:
-                kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
+                kept[index] = to_rgb(frame, width, height)
             if target in kept:
                 break
     return kept
@@ -212,7 +226,7 @@ def _decode_in_order(container, stream, wanted: set[int], width: int, height: in
         progress.saw(frame)
         index = count if index_of is None else index_of.get(frame.pts)
         if index in wanted and index not in kept:
-            kept[index] = frame.to_ndarray(width=width, height=height, format="rgb24")
+            kept[index] = to_rgb(frame, width, height)
         if len(kept) == len(wanted):
             break
     return kept
