@@ -90,15 +90,15 @@ def rotate_copy(source: Path, out: Path, degrees: int) -> None:
     ``-display_rotation`` from 6.1 on. Checked: a file that is not rotated is an error, not a case."""
     import av
 
-    ffmpeg("-i", str(source), "-map", "0", "-c", "copy", "-metadata:s:v:0", f"rotate={degrees}", str(out))
-    with av.open(str(out)) as container:
-        rotation = next(container.decode(video=0)).rotation
-    if quarter_turns(rotation) != degrees % 360:  # FFmpeg >= 6.1: the option (counter-clockwise; the tag is clockwise)
-        ffmpeg("-display_rotation:v:0", str(-degrees), "-i", str(source), "-map", "0", "-c", "copy", str(out))
+    def rotation() -> int:
         with av.open(str(out)) as container:
-            rotation = next(container.decode(video=0)).rotation
-    if quarter_turns(rotation) != degrees % 360:
-        raise RuntimeError(f"{out}: ffmpeg did not mark the video rotated by {degrees} (read back: {rotation})")
+            return quarter_turns(next(container.decode(video=0)).rotation)
+
+    ffmpeg("-i", str(source), "-map", "0", "-c", "copy", "-metadata:s:v:0", f"rotate={degrees}", str(out))
+    if rotation() != degrees % 360:  # FFmpeg >= 6.1: the option (counter-clockwise; the tag is clockwise)
+        ffmpeg("-display_rotation:v:0", str(-degrees), "-i", str(source), "-map", "0", "-c", "copy", str(out))
+    if (read_back := rotation()) != degrees % 360:
+        raise RuntimeError(f"{out}: ffmpeg did not mark the video rotated by {degrees} (read back: {read_back})")
 
 
 def make_files(folder: Path) -> dict[str, Path]:

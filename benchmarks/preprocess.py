@@ -119,32 +119,27 @@ def _videos(manifest: str) -> list[dict[str, Any]]:
     return frame.sort_values("path").to_dict("records")
 
 
-def _crop(frames: np.ndarray, size: int) -> np.ndarray:
-    top, left = (frames.shape[1] - size) // 2, (frames.shape[2] - size) // 2
-    return np.ascontiguousarray(frames[:, top : top + size, left : left + size])
-
-
 def decord_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int, threads: int) -> np.ndarray:
     import decord
 
-    from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.clip import centre_crop, resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     reader = decord.VideoReader(path, width=out_w, height=out_h, num_threads=threads)
     indices = segment_indices(len(reader), stored_frames)
-    return _crop(reader.get_batch(indices.tolist()).asnumpy(), stored_size)
+    return centre_crop(reader.get_batch(indices.tolist()).asnumpy(), stored_size)
 
 
 def torchcodec_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int) -> np.ndarray:
     from torchcodec.decoders import VideoDecoder
     from torchcodec.transforms import Resize
 
-    from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.clip import centre_crop, resized_size, segment_indices
 
     out_w, out_h = resized_size(width, height, stored_size)
     decoder = VideoDecoder(path, num_ffmpeg_threads=1, dimension_order="NHWC", transforms=[Resize((out_h, out_w))])
     indices = segment_indices(len(decoder), stored_frames)
-    return _crop(decoder.get_frames_at(indices.tolist()).data.numpy(), stored_size)
+    return centre_crop(decoder.get_frames_at(indices.tolist()).data.numpy(), stored_size)
 
 
 def _frame_index(frame, stream) -> int:
@@ -157,7 +152,7 @@ def pyav_seek_clip(path: str, width: int, height: int, stored_frames: int, store
     """(clip, frames decoded). Seeks to every sampled frame, as most PyAV snippets do."""
     import av
 
-    from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.clip import centre_crop, resized_size, segment_indices
     from vidray.data.decode.pyav import to_rgb
 
     out_w, out_h = resized_size(width, height, stored_size)
@@ -176,7 +171,7 @@ def pyav_seek_clip(path: str, width: int, height: int, stored_frames: int, store
                         cache[index] = to_rgb(frame, out_w, out_h)
                         break
             clip.append(cache[index])
-    return _crop(np.stack(clip), stored_size), decoded
+    return centre_crop(np.stack(clip), stored_size), decoded
 
 
 def pyav_sequential_clip(
@@ -185,7 +180,7 @@ def pyav_sequential_clip(
     """(clip, frames decoded). Decodes every frame in order up to the last sample, keeps the sampled ones."""
     import av
 
-    from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.clip import centre_crop, resized_size, segment_indices
     from vidray.data.decode.pyav import to_rgb
 
     out_w, out_h = resized_size(width, height, stored_size)
@@ -200,7 +195,7 @@ def pyav_sequential_clip(
                 kept[index] = to_rgb(frame, out_w, out_h)
             if index >= indices[-1]:
                 break
-    return _crop(np.stack([kept[i] for i in indices.tolist()]), stored_size), decoded
+    return centre_crop(np.stack([kept[i] for i in indices.tolist()]), stored_size), decoded
 
 
 def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, stored_size: int) -> tuple[np.ndarray, int]:
@@ -216,7 +211,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
     """
     import av
 
-    from vidray.data.clip import resized_size, segment_indices
+    from vidray.data.clip import centre_crop, resized_size, segment_indices
     from vidray.data.decode.pyav import to_rgb
 
     out_w, out_h = resized_size(width, height, stored_size)
@@ -249,7 +244,7 @@ def pyav_lean_clip(path: str, width: int, height: int, stored_frames: int, store
                         kept[frame_index] = to_rgb(frame, out_w, out_h)
                 if target in kept:
                     break
-    return _crop(np.stack([kept[i] for i in samples]), stored_size), decoded
+    return centre_crop(np.stack([kept[i] for i in samples]), stored_size), decoded
 
 
 def frames_to_decode(num_frames: int, keyframes: list[int], stored_frames: int) -> int:
