@@ -48,7 +48,7 @@ def small_video(path: Path, seed: int) -> Path:
     return encode_mp4(path, rng.integers(0, 255, (12, 48, 64, 3), dtype=np.uint8), fps=12)
 
 
-def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_path):
+def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_path, capfd):
     cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3}, videos_per_shard=1)
     assert prepare_dataset(cfg) == str(tmp_path / "dataset")
 
@@ -61,11 +61,13 @@ def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_pa
 
     videos = {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*.mp4")}
     manifest_mtime = cfg.data.manifest.stat().st_mtime_ns
-    prepare_dataset(cfg)  # everything current: no generation, no indexing, no decoding
+    info_mtime = (tmp_path / "dataset" / "dataset.json").stat().st_mtime_ns
+    capfd.readouterr()
+    prepare_dataset(cfg)  # everything current: no generation, no indexing, no decoding, nothing written
+    assert "decoded 0, reused 6/6 shards" in capfd.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*.mp4")} == videos
     assert cfg.data.manifest.stat().st_mtime_ns == manifest_mtime
-    again = dataset_json(cfg)
-    assert again["decoded_this_run"] == 0 and again["shards_reused"] == len(info["shards"])
+    assert (tmp_path / "dataset" / "dataset.json").stat().st_mtime_ns == info_mtime and dataset_json(cfg) == info
 
 
 def test_demo_folder_that_does_not_match_the_config_is_refused(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,15 +162,40 @@ def test_shards_hold_every_good_video_decoded_and_labelled(corpus, first_run):
     assert read_split(str(out), "train").count() == 10
 
 
-def test_rerun_reuses_every_shard(corpus, first_run):
+def test_rerun_reuses_every_shard_and_rewrites_nothing(corpus, first_run):
+    """A rerun only reads, so a run reading the dataset beside it never finds dataset.json missing. Every
+    rerun used to delete it and write it again: a `vidray pretrain` beside another one (each prepares
+    the dataset first) failed with "no dataset.json" (tests/test_readme.py, once in a run)."""
     out = first_run["out"]
     before = shard_files(out)
-    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4)
-    assert summary["decoded_this_run"] == 0 and summary["shards_written"] == 0
-    assert summary["shards_reused"] == len(list(out.glob("_shards/shard-*.json")))
+    written = {name: (out / name).stat() for name in ("dataset.json", "rejects.parquet", "rejects.csv")}
+    missing, done = [], threading.Event()
+
+    def read_beside() -> None:
+        while not done.is_set():
+            try:
+                read_dataset_info(str(out))
+            except UserError as err:
+                missing.append(str(err))
+
+    reader = threading.Thread(target=read_beside)
+    reader.start()
+    try:
+        reruns = [preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4) for _ in range(3)]
+    finally:
+        done.set()
+        reader.join()
+    assert not missing, missing[0]
+    for summary in reruns:
+        assert summary["decoded_this_run"] == 0 and summary["shards_written"] == 0
+        assert summary["shards_reused"] == len(list(out.glob("_shards/shard-*.json")))
+        for key in ("discovered", "processed", "rejected", "padded", "splits", "shards", "rejected_by_error"):
+            assert summary[key] == first_run["summary"][key]
     assert shard_files(out) == before  # nothing rewritten
-    for key in ("discovered", "processed", "rejected", "padded", "splits", "shards", "rejected_by_error"):
-        assert summary[key] == first_run["summary"][key]
+    for name, stat in written.items():
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
+    # dataset.json still describes the run that wrote it.
+    assert json.loads((out / "dataset.json").read_text())["decoded_this_run"] == len(corpus["rows"])
 
 
 def test_killed_run_recomputes_only_missing_shards(corpus, first_run, tmp_path):

@@ -16,7 +16,9 @@ The stages of one run, each in its own module:
 
 Then, here: the rejects and ``dataset.json`` (written last: present ==
 complete and consistent), after checking the invariant processed + rejected
-== discovered.
+== discovered. A rerun that finds every shard finished and nothing stale
+leaves them as they are: it only reads, so runs that share a dataset can each
+prepare it first.
 
 Test-only fault injection: when the environment of the process calling
 :func:`preprocess` has ``VIDRAY_TEST_CRASH_ON=<substring>``, the decode task
@@ -38,7 +40,9 @@ from typing import Any
 from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES, DecodeDevice, DecoderName, Dispatch, StoreName
 from vidray.data.dataset import DATASET_INFO, SPLITS
 from vidray.data.decode_shard import CRASH_ON_ENV
-from vidray.data.shard_files import check_writable, clear_stale, write_atomically, write_rejects, write_text
+from vidray.data.shard_files import (
+    check_writable, clear_stale, find_stale, is_written, write_atomically, write_rejects, write_text,
+)  # fmt: skip
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
 from vidray.errors import UserError
@@ -67,10 +71,12 @@ def preprocess(
     say how; ``store`` (``raw``, ``jpeg`` at ``jpeg_quality``: vidray/data/store.py)
     how the frames are stored; ``dispatch`` who hands the decode tasks out (``ray_data``, or
     ``ray_tasks``: plain Ray tasks, the same shards); ``verbose`` puts Ray's own lines on the console
-    (vidray.cluster.console_settings). Returns the summary written to ``out/dataset.json`` (with
+    (vidray.cluster.console_settings). Returns what ``out/dataset.json`` says (with
     ``dataset_dir`` added). Besides the dataset's counts and the decoder it
     holds this run's ``decoded_this_run``, ``shards_reused`` and
-    ``shards_written``: re-running with the same manifest and parameters decodes nothing.
+    ``shards_written``: re-running with the same manifest and parameters decodes nothing,
+    and then leaves dataset.json as the run that wrote it left it (those three fields and
+    ``seconds`` included).
     """
     started = time.monotonic()
     manifest = Path(manifest)
@@ -93,10 +99,12 @@ def preprocess(
     check_writable(fs, root, out)
 
     shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard, decoder, decoder_device, store, jpeg_quality)
-    outcomes = clear_stale(fs, root, shards)
+    outcomes, stale = find_stale(fs, root, shards)
     # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
     todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))
     reused = len(outcomes)
+    if stale or todo:
+        clear_stale(fs, root, stale)
     if todo:
         # Ray costs seconds to import: a run that reuses every shard never loads it.
         from vidray.cluster import init_ray
@@ -136,12 +144,13 @@ def preprocess(
         "shards_written": len(todo),
     }
     rejected = [row for s in shards for row in outcomes[s.id] if row["status"] == "rejected"]
-    write_rejects(fs, root, rejected)
-    write_atomically(
-        fs,
-        join_uri(root, DATASET_INFO),
-        lambda tmp: write_text(fs, tmp, json.dumps(summary, indent=2)),
-    )
+    if not is_written(fs, root, summary):
+        write_rejects(fs, root, rejected)
+        write_atomically(
+            fs,
+            join_uri(root, DATASET_INFO),
+            lambda tmp: write_text(fs, tmp, json.dumps(summary, indent=2)),
+        )
     print(
         f"vidray preprocess: {summary['discovered']} videos -> {summary['processed']} processed "
         f"({summary['padded']} padded), {summary['rejected']} rejected"

@@ -10,8 +10,9 @@ Layout (``DIR`` may be a local path or an s3:// / gs:// URI)::
 Every file goes in under a dot-name first and is renamed into place
 (:func:`write_atomically`), so a killed writer never leaves half a file that
 looks like data. :func:`clear_stale` deletes what does not belong to a run's
-plan (vidray/data/shards.py explains the ids) and returns the records of the
-shards already finished.
+plan (vidray/data/shards.py explains the ids), once :func:`find_stale` has found
+it and the records of the shards already finished. A run that finds nothing to
+change changes nothing (:func:`is_written`).
 """
 
 from __future__ import annotations
@@ -168,15 +169,11 @@ def _list(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)) if i.is_file]
 
 
-def clear_stale(fs: pafs.FileSystem, root: str, shards: list[Shard]) -> dict[str, list[dict]]:
-    """Delete what does not belong to this plan (old dataset.json first, then
-    foreign shards and leftover temporaries); return the records of finished shards."""
-    try:
-        fs.delete_file(join_uri(root, DATASET_INFO))
-    except FileNotFoundError:
-        pass
+def find_stale(fs: pafs.FileSystem, root: str, shards: list[Shard]) -> tuple[dict[str, list[dict]], list[str]]:
+    """(the records of this plan's finished shards, the files that do not belong to it: foreign shards and
+    records, unreadable records, leftover temporaries). It only reads: :func:`clear_stale` deletes."""
     wanted = {s.id: s for s in shards}
-    present_parquet = set()
+    stale, present_parquet = [], set()
     for split in SPLITS:
         for info in _list(fs, join_uri(root, split)):
             name = info.base_name
@@ -185,24 +182,57 @@ def clear_stale(fs: pafs.FileSystem, root: str, shards: list[Shard]) -> dict[str
             if ours and shard_id in wanted and wanted[shard_id].split == split:
                 present_parquet.add(f"{split}/{name}")
             elif ours or (name.startswith(".shard-") and name.endswith(".tmp")):
-                fs.delete_file(info.path)
+                stale.append(info.path)
 
     finished = {}
     for info in _list(fs, join_uri(root, RECORDS_DIR)):
         shard_id = info.base_name.removeprefix("shard-").removesuffix(".json")
         if info.base_name.startswith(".") or shard_id not in wanted:
-            fs.delete_file(info.path)
+            stale.append(info.path)
             continue
         try:
             with fs.open_input_stream(info.path) as f:
                 record = json.loads(f.read())
         except (OSError, ValueError):
-            fs.delete_file(info.path)  # unreadable: decode the shard again
+            stale.append(info.path)  # unreadable: decode the shard again
             continue
         # A record without its Parquet file (deleted by hand) means: decode again.
         if record["file"] is None or record["file"] in present_parquet:
             finished[shard_id] = record["videos"]
-    return finished
+    return finished, stale
+
+
+def clear_stale(fs: pafs.FileSystem, root: str, stale: list[str]) -> None:
+    """Delete dataset.json first (until a run writes it again, the directory is not a dataset), then ``stale``."""
+    for path in [join_uri(root, DATASET_INFO), *stale]:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+
+# dataset.json's fields that describe the run that wrote it, not the dataset.
+RUN_FIELDS = ("seconds", "decoded_this_run", "shards_reused", "shards_written")
+
+
+def is_written(fs: pafs.FileSystem, root: str, info: dict) -> bool:
+    """Whether dataset.json and the rejects are in place and dataset.json says what ``info`` says of the
+    dataset (:data:`RUN_FIELDS` aside). A rerun that changes nothing then rewrites nothing: a second run
+    on the same dataset (a `vidray pretrain` beside a `vidray train`, each preparing it first) never finds
+    dataset.json gone, as it did while every run deleted and rewrote it."""
+    try:
+        with fs.open_input_stream(join_uri(root, DATASET_INFO)) as f:
+            written = json.loads(f.read())
+        rejects = fs.get_file_info([join_uri(root, "rejects.parquet"), join_uri(root, "rejects.csv")])
+    except (OSError, ValueError):
+        return False
+    if any(r.type != pafs.FileType.File for r in rejects) or not isinstance(written, dict):
+        return False
+
+    def dataset_part(fields: dict) -> dict:
+        return json.loads(json.dumps({k: v for k, v in fields.items() if k not in RUN_FIELDS}))
+
+    return dataset_part(written) == dataset_part(info)
 
 
 def check_writable(fs: pafs.FileSystem, root: str, out: str) -> None:
