@@ -1,12 +1,18 @@
-"""The run lifecycle shared by train, pretrain and tune (vidray/train/runs.py): plain run names, and a
+"""The run lifecycle shared by train, pretrain and tune (vidray/train/runs.py): plain run names, a
 restart that deletes only folders vidray wrote, strictly under run.storage_path, on a local path and
-on a pyarrow filesystem URI. No Ray: these are decided before any Ray work starts."""
+on a pyarrow filesystem URI, and one driver per run (vidray/train/run_lock.py). No Ray: these are
+decided before any Ray work starts."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,8 @@ import pytest
 from vidray.cli import main as cli_main
 from vidray.config import ConfigError, load_config
 from vidray.errors import UserError
+from vidray.train import run_lock
+from vidray.train.run_lock import LOCK_FILE, STALE_AFTER_S, RunLock, is_live, read_holder
 from vidray.train.runs import RUN_MARKER, SWEEP_CONFIG_FILE, delete_run, mark_run, open_run, read_marker, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,3 +143,111 @@ def test_open_run_marks_a_new_run_and_restart_refuses_a_foreign_one(store, capsy
     assert capsys.readouterr().err.strip() == (
         f"vidray tune: {folder} is finished; its results follow (--restart or a new run.name starts over)"
     )
+
+
+# ------------------------------------------------------------------ one driver per run (vidray/train/run_lock.py)
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from vidray.errors import UserError
+from vidray.train.run_lock import RunLock
+folder, go = sys.argv[1], Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+try:
+    with RunLock(folder, "vidray train"):
+        print("held", flush=True)
+        time.sleep(600)
+except UserError as err:
+    print("refused:", err, flush=True)
+"""
+
+
+def start_drivers(folder: str, tmp_path: Path, count: int) -> list[subprocess.Popen]:
+    """``count`` processes that each try to take ``folder``'s lock the moment a file appears, and the one
+    that gets it holds it (until killed), as a driver training the run would."""
+    go = tmp_path / f"go-{count}"
+    drivers = [
+        subprocess.Popen([sys.executable, "-c", HOLD, folder, str(go)], stdout=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    time.sleep(0.5)  # their imports
+    go.touch()
+    return drivers
+
+
+def test_a_run_a_live_driver_trains_is_refused_and_restart_deletes_nothing(store, tmp_path):
+    local, storage = store
+    folder, _ = open_run("train", "train", storage, "busy", restart=False, state_of=lambda _: "new", finished_note="")
+    (local / "busy" / "checkpoint_epoch_0000").mkdir()
+    (driver,) = start_drivers(folder, tmp_path, 1)
+    try:
+        assert driver.stdout.readline().strip() == "held"
+        for command, restart in (("train", False), ("train", True), ("tune", True)):
+            with pytest.raises(UserError) as refused:
+                open_run(command, "train", storage, "busy", restart=restart, state_of=pytest.fail, finished_note="")
+            message = str(refused.value)
+            assert f"{folder} is in use: `vidray train` (pid {driver.pid} on host {socket.gethostname()}, since " in message
+            assert message.endswith(f"(if that driver is gone, delete {folder}/{LOCK_FILE})") and "\n" not in message
+        assert (local / "busy" / "checkpoint_epoch_0000").is_dir()  # --restart deleted nothing
+        with pytest.raises(UserError, match="is in use"), RunLock(folder, "vidray pretrain"):
+            pytest.fail("took a lock a live driver holds")
+    finally:
+        driver.kill()
+        driver.wait()
+    # SIGKILL left its lock behind; its process is gone, so the next driver continues the run...
+    assert (local / "busy" / LOCK_FILE).is_file()
+    folder, state = open_run("train", "train", storage, "busy", restart=False, state_of=lambda _: "interrupted", finished_note="")
+    with RunLock(folder, "vidray train"):
+        assert read_holder(folder)["pid"] == os.getpid()
+    assert not (local / "busy" / LOCK_FILE).exists()  # and lets go of it when it ends
+    # ...or, with --restart, deletes it.
+    (local / "busy" / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": driver.pid, "heartbeat": 0}))
+    open_run("train", "train", storage, "busy", restart=True, state_of=lambda _: "new", finished_note="")
+    assert sorted(p.name for p in (local / "busy").iterdir()) == [RUN_MARKER]
+
+
+def test_of_drivers_starting_together_one_trains(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    drivers = start_drivers(str(folder), tmp_path, 4)
+    try:
+        first_lines = sorted(driver.stdout.readline().strip() for driver in drivers)
+    finally:
+        for driver in drivers:
+            driver.kill()
+            driver.wait()
+    assert first_lines[0] == "held" and all(line.startswith("refused: ") and "is in use" in line for line in first_lines[1:])
+
+
+def test_a_lock_is_live_while_its_process_runs_or_its_heartbeat_is_fresh():
+    here, now = socket.gethostname(), time.time()
+    parent = os.getppid()  # a live process that is not this one
+    with open(f"/proc/{parent}/stat") as f:
+        parent_start = f.read().rsplit(")", 1)[1].split()[19]
+    assert is_live({"host": here, "pid": parent, "process_start": parent_start, "heartbeat": 0})
+    # Its pid, now another process's: a driver that died and whose pid was reused holds nothing.
+    assert not is_live({"host": here, "pid": parent, "process_start": "1", "heartbeat": now})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert not is_live({"host": here, "pid": int(dead.stdout), "heartbeat": now})
+    # On another host only the heartbeat can tell.
+    assert is_live({"host": "elsewhere", "pid": 1, "heartbeat": now - STALE_AFTER_S / 2}, now=now)
+    assert not is_live({"host": "elsewhere", "pid": 1, "heartbeat": now - STALE_AFTER_S - 1}, now=now)
+    for damaged in ({}, {"host": here}, {"host": here, "pid": "x", "heartbeat": now}):
+        assert not is_live(damaged)
+
+
+def test_the_driver_beats_while_it_holds_and_leaves_another_drivers_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    folder = str(tmp_path)
+    with RunLock(folder, "vidray tune") as lock:
+        first = read_holder(folder)
+        time.sleep(0.5)
+        assert read_holder(folder)["heartbeat"] > first["heartbeat"] and read_holder(folder)["token"] == first["token"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # no temporary left beside it
+        # Taken over (this driver was thought gone): it neither beats into nor deletes the new holder's file.
+        other = {**first, "token": "another driver", "heartbeat": time.time()}
+        (tmp_path / LOCK_FILE).write_text(json.dumps(other))
+        time.sleep(0.3)
+    assert lock.holder["token"] != "another driver" and read_holder(folder) == other

@@ -30,6 +30,7 @@ from vidray.config import TuneSettings, load_config
 from vidray.errors import UserError
 from vidray.cluster import Capacity, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
 from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.run_lock import read_holder
 from vidray.tune.space import build_param_space, count_trials, trial_config, trial_label
 from vidray.tune.sweep import run_sweep
 
@@ -325,6 +326,8 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     wait_for_train_to_stop(ray_head, others)
 
     first, second = trials
+    # The killed driver held the sweep while it trained, and SIGKILL left its lock behind (stale now).
+    assert read_holder(str(experiment))["pid"] == driver.pid
     assert progress_epochs(first) == [1, 2]
     first_progress = (first / "progress.csv").read_text()
     # Trial 2 was mid-run when its driver died: held after its first epoch, one of two reported and registered.
@@ -344,8 +347,14 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     )
     restart_driver = start_driver(ray_head, restart_overrides, "--restart", env=env)
     try:
-        # 2. The same command continues the original.
-        output = finish(start_driver(ray_head, overrides, env=env))
+        # 2. The same command continues the original: it takes the dead driver's lock over, holds it while it
+        # trains (a second driver is refused then: tests/test_run_lifecycle.py), and lets go of it at the end.
+        continuing = start_driver(ray_head, overrides, env=env)
+        while (read_holder(str(experiment)) or {}).get("pid") != continuing.pid:
+            assert continuing.poll() is None, f"the continuing driver ended without holding the sweep:\n{finish(continuing)[-5000:]}"
+            time.sleep(0.2)
+        output = finish(continuing)
+        assert read_holder(str(experiment)) is None
     except BaseException:
         restart_driver.kill()  # a failure here ends the test: leave no driver behind
         restart_driver.communicate()

@@ -40,7 +40,7 @@ def local_file(path: str) -> Iterator[str]:
     s3:// / gs:// a temporary copy (decoders read local files), deleted afterwards.
 
     A missing object yields a path that does not exist, so the decoder rejects it as missing."""
-    local = _local_part(str(path))
+    local = local_part(str(path))
     if local is not None:
         yield local
         return
@@ -76,7 +76,7 @@ def resolve_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _local_part(path: str) -> str | None:
+def local_part(path: str) -> str | None:
     """The local path behind ``path``, or None when it names remote storage."""
     if path.startswith("file://"):
         return path[len("file://") :]
@@ -141,7 +141,7 @@ def check_storage_for_cluster(
     the cluster counts as multi-node when more than one node is alive or a node
     carries the :data:`MULTI_NODE_LABEL` label. ``key`` names the config key in the error.
     """
-    local = _local_part(str(storage_path))
+    local = local_part(str(storage_path))
     if local is None:
         return str(storage_path)
     resolved = resolve_path(local)

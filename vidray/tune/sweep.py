@@ -66,6 +66,7 @@ from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri
 from vidray.train.driver import build_trainer, check_dataset, make_run_config
 from vidray.train.placement import cache_splits, ingest_cpus
+from vidray.train.run_lock import RunLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, mark_run, open_run, write_json
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
@@ -212,38 +213,39 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
 
     if state == "finished":
         return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
-    # Cached, the splits are read once, here: the trials share this one copy in the object store
-    # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
-    # the blocks and outlives its trials; a driver that restores the sweep reads them again.
-    cached_splits = None if data_cpus else cache_splits(dataset_dir)
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(
-            train_trial,
-            cfg=trial_base,
-            dataset_dir=dataset_dir,
-            train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR),
-            cached_splits=cached_splits,
-        ),
-        TRIAL_DRIVER_RESOURCES,
-    )
-    if state == "interrupted":
-        # Finished trials stay finished; interrupted and errored ones continue from their checkpoints.
-        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
-    else:
-        write_json(join_uri(experiment_path, SWEEP_CONFIG_FILE), cfg.model_dump(mode="json"))
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=ray.tune.TuneConfig(
-                num_samples=cfg.tune.num_samples,
-                scheduler=build_trial_scheduler(cfg),
-                max_concurrent_trials=max_concurrent,
+    with RunLock(experiment_path, "vidray tune"):
+        # Cached, the splits are read once, here: the trials share this one copy in the object store
+        # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
+        # the blocks and outlives its trials; a driver that restores the sweep reads them again.
+        cached_splits = None if data_cpus else cache_splits(dataset_dir)
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(
+                train_trial,
+                cfg=trial_base,
+                dataset_dir=dataset_dir,
+                train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR),
+                cached_splits=cached_splits,
             ),
-            run_config=ray.tune.RunConfig(
-                name=cfg.run.name, storage_path=storage_path, callbacks=callbacks, verbose=2 if verbose else 1
-            ),
+            TRIAL_DRIVER_RESOURCES,
         )
-    results = tuner.fit()
-    if len(results) and results.num_errors == 0 and results.num_terminated == len(results):
-        mark_run(experiment_path, "sweep", cfg.run.name, finished=True)
+        if state == "interrupted":
+            # Finished trials stay finished; interrupted and errored ones continue from their checkpoints.
+            tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+        else:
+            write_json(join_uri(experiment_path, SWEEP_CONFIG_FILE), cfg.model_dump(mode="json"))
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=ray.tune.TuneConfig(
+                    num_samples=cfg.tune.num_samples,
+                    scheduler=build_trial_scheduler(cfg),
+                    max_concurrent_trials=max_concurrent,
+                ),
+                run_config=ray.tune.RunConfig(
+                    name=cfg.run.name, storage_path=storage_path, callbacks=callbacks, verbose=2 if verbose else 1
+                ),
+            )
+        results = tuner.fit()
+        if len(results) and results.num_errors == 0 and results.num_terminated == len(results):
+            mark_run(experiment_path, "sweep", cfg.run.name, finished=True)
     return SweepOutcome(cfg, experiment_path, dataset_dir, results)
