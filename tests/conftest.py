@@ -214,3 +214,38 @@ def ray_head(tmp_path_factory):
     """One loopback head (:func:`loopback_head`) for the session's tests that need `ray start` semantics."""
     with loopback_head(tmp_path_factory.mktemp("ray_head")) as head:
         yield head
+
+
+# A driver elsewhere holding a run's lock (vidray/folder_lock.py): argv folder, go-file, command.
+_HOLD_RUN_LOCK = """
+import sys, time
+from pathlib import Path
+from vidray.errors import UserError
+from vidray.folder_lock import FolderLock
+folder, go, command = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+while not go.exists():
+    time.sleep(0.005)
+try:
+    with FolderLock(folder, command):
+        print("held", flush=True)
+        time.sleep(600)
+except UserError as err:
+    print("refused:", err, flush=True)
+"""
+
+
+def start_lock_holders(folder: str, go: Path, count: int = 1, command: str = "vidray train") -> list:
+    """``count`` processes that each try to take ``folder``'s run lock the moment ``go`` appears (all at once,
+    once their imports are done); the one that gets it prints "held" and holds it, as a driver training
+    the run would, until killed; the others print "refused: <the error>" and exit."""
+    import subprocess
+    import sys
+    import time
+
+    holders = [
+        subprocess.Popen([sys.executable, "-c", _HOLD_RUN_LOCK, folder, str(go), command], stdout=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    time.sleep(0.5)  # their imports
+    go.touch()
+    return holders

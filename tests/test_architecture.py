@@ -24,7 +24,7 @@ PACKAGE = REPO / "vidray"
 STAGE_ORDER = ("shared", "data", "model", "train", "pretrain", "tune", "infer", "report", "cli")
 STAGE_FOLDERS = ("data", "model", "train", "pretrain", "tune", "infer", "report")
 TESTING = "vidray.testing"
-SHARED_MODULES = ("__init__", "config", "errors", "storage", "cluster", "local_cluster", "figures", "compat")
+SHARED_MODULES = ("__init__", "config", "errors", "storage", "folder_lock", "cluster", "local_cluster", "figures", "compat")
 TOP_MODULES = ("cli", "__main__")
 # Package data, not code: the embedded default config (vidray.config.DEFAULT_CONFIG, pyproject's package-data).
 DATA_FOLDERS = ("configs",)

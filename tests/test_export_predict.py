@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
+from conftest import start_lock_holders
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.cli import main
@@ -293,3 +295,24 @@ def test_predict_cli_bad_model_dir(tmp_path, videos, exported, capsys):
     assert main(["predict", "--model", str(truncated), str(videos[0])]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"vidray predict: error: cannot load the model in {truncated}: ")
+
+
+def test_predict_out_refuses_a_folder_another_predict_is_writing(exported, videos, tmp_path, capsys):
+    """A second `vidray predict --out OUT` while one writes OUT would predict the same chunks again, or
+    delete the first one's parts as another model's: refused in one line, before Ray or any deletion."""
+    out = tmp_path / "predictions"
+    (out / "_parts").mkdir(parents=True)
+    part = out / "_parts" / "part-0123456789abcdef.parquet"  # not this run's plan: it would delete it
+    part.write_bytes(b"the running driver's")
+    (holder,) = start_lock_holders(str(out), tmp_path / "go", command="vidray predict")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["predict", "--model", str(exported), "--out", str(out), str(videos[0])])
+    finally:
+        holder.kill()
+        holder.wait()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith(f"vidray predict: error: {out} is in use: `vidray predict` (pid {holder.pid} ")
+    assert "or pass --out another folder (if that driver is gone, delete " in line
+    assert part.read_bytes() == b"the running driver's"
+    assert not ray.is_initialized()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import start_lock_holders
 from test_video import make_bad_file
 
 from vidray.cli import main as cli_main
@@ -19,9 +21,11 @@ from vidray.data.dataset import read_dataset_info, read_split, videos_from_bytes
 from vidray.errors import UserError
 from vidray.data.index import write_manifest
 from vidray.config import DECODERS
-from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
+from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON, decode_shard
 from vidray.data.preprocess import preprocess
-from vidray.data.shards import Video, expected_work, plan_shards
+from vidray.data.shards import DecodeSettings, Video, expected_work, load_videos, plan_shards
+from vidray import folder_lock
+from vidray.folder_lock import LOCK_FILE
 from vidray.data.video import encode_mp4, read_clip
 
 CLASSES = ["alpha", "beta", "gamma"]
@@ -441,3 +445,47 @@ def test_bad_stored_parameters_are_user_errors(corpus, tmp_path):
         preprocess(corpus["manifest"], str(tmp_path / "ds"), stored_size=100)
     with pytest.raises(UserError, match=r"dispatch 'ray_actors' is not one of ray_data, ray_tasks"):
         preprocess(corpus["manifest"], str(tmp_path / "ds"), dispatch="ray_actors")
+
+
+def test_a_run_preparing_a_dataset_another_is_writing_waits_then_reuses_it(corpus, tmp_path, capfd, monkeypatch):
+    """Two sweeps started together on a fresh dataset: the second waits for the first's preprocessing, then
+    reuses its shards (they used to decode the same shards, each deleting the other's temporaries).
+
+    Without Ray: the "first" holds the dataset's lock in another process while the shards are written here
+    by ``decode_shard``, the function preprocessing's Ray tasks run; then it ends (killed: its lock left
+    stale), and the waiting run finds every shard written."""
+    out = tmp_path / "ds"
+    out.mkdir()
+    (holder,) = start_lock_holders(str(out), tmp_path / "go", command="vidray tune")
+    assert holder.stdout.readline().strip() == "held"
+    settings = DecodeSettings(*STORED_SHAPE[:2])
+    for shard in plan_shards(load_videos(corpus["manifest"])[0], *STORED_SHAPE[:2], 4):
+        decode_shard(str(out), shard, settings, crash_on=None)
+    waiting, ended = threading.Event(), threading.Event()
+    live_holder = folder_lock.live_holder
+
+    def seen(folder: str):  # the waiting run found the first one holding the dataset
+        found = live_holder(folder)
+        if found is not None:
+            waiting.set()
+        return found
+
+    monkeypatch.setattr(folder_lock, "live_holder", seen)
+
+    def end_the_first() -> None:
+        waiting.wait(timeout=600)
+        holder.kill()
+        holder.wait()
+        ended.set()
+
+    threading.Thread(target=end_the_first).start()
+    capfd.readouterr()
+    summary = preprocess(corpus["manifest"], str(out), frames=FRAMES, size=SIZE, videos_per_shard=4)
+    assert ended.is_set()  # it returned only once the first had ended
+    assert summary["decoded_this_run"] == 0 and summary["shards_reused"] == len(list(out.glob("_shards/shard-*.json")))
+    assert summary["processed"] + summary["rejected"] == summary["discovered"] == len(corpus["rows"])
+    waits = [line for line in capfd.readouterr().err.splitlines() if "waiting for" in line]
+    assert len(waits) == 1 and waits[0].startswith(
+        f"vidray preprocess: waiting for `vidray tune` (pid {holder.pid} on host {socket.gethostname()}, since "
+    ) and waits[0].endswith(f") to finish writing {out}"), waits
+    assert not (out / LOCK_FILE).exists() and (out / "dataset.json").is_file()

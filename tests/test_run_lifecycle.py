@@ -1,6 +1,6 @@
 """The run lifecycle shared by train, pretrain and tune (vidray/train/runs.py): plain run names, a
 restart that deletes only folders vidray wrote, strictly under run.storage_path, on a local path and
-on a pyarrow filesystem URI, and one driver per run (vidray/train/run_lock.py). No Ray: these are
+on a pyarrow filesystem URI, and one driver per run (vidray/folder_lock.py). No Ray: these are
 decided before any Ray work starts."""
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import start_lock_holders
+
 from vidray.cli import main as cli_main
 from vidray.config import ConfigError, load_config
 from vidray.errors import UserError
-from vidray.train import run_lock
-from vidray.train.run_lock import LOCK_FILE, STALE_AFTER_S, RunLock, is_live, read_holder
+from vidray import folder_lock
+from vidray.folder_lock import LOCK_FILE, STALE_AFTER_S, FolderLock, is_live, read_holder
 from vidray.train.runs import RUN_MARKER, SWEEP_CONFIG_FILE, delete_run, mark_run, open_run, read_marker, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,43 +147,13 @@ def test_open_run_marks_a_new_run_and_restart_refuses_a_foreign_one(store, capsy
     )
 
 
-# ------------------------------------------------------------------ one driver per run (vidray/train/run_lock.py)
-
-HOLD = """
-import sys, time
-from pathlib import Path
-from vidray.errors import UserError
-from vidray.train.run_lock import RunLock
-folder, go = sys.argv[1], Path(sys.argv[2])
-while not go.exists():
-    time.sleep(0.005)
-try:
-    with RunLock(folder, "vidray train"):
-        print("held", flush=True)
-        time.sleep(600)
-except UserError as err:
-    print("refused:", err, flush=True)
-"""
-
-
-def start_drivers(folder: str, tmp_path: Path, count: int) -> list[subprocess.Popen]:
-    """``count`` processes that each try to take ``folder``'s lock the moment a file appears, and the one
-    that gets it holds it (until killed), as a driver training the run would."""
-    go = tmp_path / f"go-{count}"
-    drivers = [
-        subprocess.Popen([sys.executable, "-c", HOLD, folder, str(go)], stdout=subprocess.PIPE, text=True)
-        for _ in range(count)
-    ]
-    time.sleep(0.5)  # their imports
-    go.touch()
-    return drivers
-
+# ------------------------------------------------------------------ one driver per run (vidray/folder_lock.py)
 
 def test_a_run_a_live_driver_trains_is_refused_and_restart_deletes_nothing(store, tmp_path):
     local, storage = store
     folder, _ = open_run("train", "train", storage, "busy", restart=False, state_of=lambda _: "new", finished_note="")
     (local / "busy" / "checkpoint_epoch_0000").mkdir()
-    (driver,) = start_drivers(folder, tmp_path, 1)
+    (driver,) = start_lock_holders(folder, tmp_path / "go")
     try:
         assert driver.stdout.readline().strip() == "held"
         for command, restart in (("train", False), ("train", True), ("tune", True)):
@@ -191,7 +163,7 @@ def test_a_run_a_live_driver_trains_is_refused_and_restart_deletes_nothing(store
             assert f"{folder} is in use: `vidray train` (pid {driver.pid} on host {socket.gethostname()}, since " in message
             assert message.endswith(f"(if that driver is gone, delete {folder}/{LOCK_FILE})") and "\n" not in message
         assert (local / "busy" / "checkpoint_epoch_0000").is_dir()  # --restart deleted nothing
-        with pytest.raises(UserError, match="is in use"), RunLock(folder, "vidray pretrain"):
+        with pytest.raises(UserError, match="is in use"), FolderLock(folder, "vidray pretrain"):
             pytest.fail("took a lock a live driver holds")
     finally:
         driver.kill()
@@ -199,7 +171,7 @@ def test_a_run_a_live_driver_trains_is_refused_and_restart_deletes_nothing(store
     # SIGKILL left its lock behind; its process is gone, so the next driver continues the run...
     assert (local / "busy" / LOCK_FILE).is_file()
     folder, state = open_run("train", "train", storage, "busy", restart=False, state_of=lambda _: "interrupted", finished_note="")
-    with RunLock(folder, "vidray train"):
+    with FolderLock(folder, "vidray train"):
         assert read_holder(folder)["pid"] == os.getpid()
     assert not (local / "busy" / LOCK_FILE).exists()  # and lets go of it when it ends
     # ...or, with --restart, deletes it.
@@ -211,7 +183,7 @@ def test_a_run_a_live_driver_trains_is_refused_and_restart_deletes_nothing(store
 def test_of_drivers_starting_together_one_trains(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    drivers = start_drivers(str(folder), tmp_path, 4)
+    drivers = start_lock_holders(str(folder), tmp_path / "go", count=4)
     try:
         first_lines = sorted(driver.stdout.readline().strip() for driver in drivers)
     finally:
@@ -231,6 +203,12 @@ def test_a_lock_is_live_while_its_process_runs_or_its_heartbeat_is_fresh():
     assert not is_live({"host": here, "pid": parent, "process_start": "1", "heartbeat": now})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert not is_live({"host": here, "pid": int(dead.stdout), "heartbeat": now})
+    # A driver that has exited but that its parent has not reaped yet (a zombie) holds nothing either.
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    while Path(f"/proc/{exited.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    assert not is_live({"host": here, "pid": exited.pid, "heartbeat": now})
+    exited.wait()
     # On another host only the heartbeat can tell.
     assert is_live({"host": "elsewhere", "pid": 1, "heartbeat": now - STALE_AFTER_S / 2}, now=now)
     assert not is_live({"host": "elsewhere", "pid": 1, "heartbeat": now - STALE_AFTER_S - 1}, now=now)
@@ -239,9 +217,9 @@ def test_a_lock_is_live_while_its_process_runs_or_its_heartbeat_is_fresh():
 
 
 def test_the_driver_beats_while_it_holds_and_leaves_another_drivers_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(folder_lock, "HEARTBEAT_S", 0.05)
     folder = str(tmp_path)
-    with RunLock(folder, "vidray tune") as lock:
+    with FolderLock(folder, "vidray tune") as lock:
         first = read_holder(folder)
         time.sleep(0.5)
         assert read_holder(folder)["heartbeat"] > first["heartbeat"] and read_holder(folder)["token"] == first["token"]

@@ -30,7 +30,7 @@ from vidray.config import TuneSettings, load_config
 from vidray.errors import UserError
 from vidray.cluster import Capacity, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
 from vidray.train.metrics import EPOCHS_DONE
-from vidray.train.run_lock import read_holder
+from vidray.folder_lock import read_holder
 from vidray.tune.space import build_param_space, count_trials, trial_config, trial_label
 from vidray.tune.sweep import run_sweep
 

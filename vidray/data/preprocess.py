@@ -46,6 +46,7 @@ from vidray.data.shard_files import (
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
 from vidray.errors import UserError
+from vidray.folder_lock import FolderLock
 from vidray.storage import join_uri, open_filesystem, resolve_path
 
 
@@ -99,58 +100,61 @@ def preprocess(
     check_writable(fs, root, out)
 
     shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard, decoder, decoder_device, store, jpeg_quality)
-    outcomes, stale = find_stale(fs, root, shards)
-    # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
-    todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))
-    reused = len(outcomes)
-    if stale or todo:
-        clear_stale(fs, root, stale)
-    if todo:
-        # Ray costs seconds to import: a run that reuses every shard never loads it.
-        from vidray.cluster import init_ray
-        from vidray.data.ray_decode import check_cuda_workers, isolate_crashes, run_shards
+    # One writer per dataset: another run preparing it (a second sweep started beside this one) waits, then
+    # reuses what this one wrote (vidray/folder_lock.py).
+    with FolderLock(out, "vidray preprocess", wait=True):
+        outcomes, stale = find_stale(fs, root, shards)
+        # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
+        todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))
+        reused = len(outcomes)
+        if stale or todo:
+            clear_stale(fs, root, stale)
+        if todo:
+            # Ray costs seconds to import: a run that reuses every shard never loads it.
+            from vidray.cluster import init_ray
+            from vidray.data.ray_decode import check_cuda_workers, isolate_crashes, run_shards
 
-        init_ray(verbose=verbose)
-        if decoder_device == "cuda":
-            check_cuda_workers(settings)
-        crash_on = os.environ.get(CRASH_ON_ENV) or None
-        finished = run_shards(todo, out, settings, crash_on, dispatch)
-        crashed = [s for s in todo if s.id not in finished]
-        if crashed:
-            print(
-                f"vidray preprocess: {len(crashed)} shard task(s) died; re-running their videos one per task",
-                file=sys.stderr,
-                flush=True,
+            init_ray(verbose=verbose)
+            if decoder_device == "cuda":
+                check_cuda_workers(settings)
+            crash_on = os.environ.get(CRASH_ON_ENV) or None
+            finished = run_shards(todo, out, settings, crash_on, dispatch)
+            crashed = [s for s in todo if s.id not in finished]
+            if crashed:
+                print(
+                    f"vidray preprocess: {len(crashed)} shard task(s) died; re-running their videos one per task",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                finished.update(isolate_crashes(crashed, out, settings, crash_on))
+            outcomes.update(finished)
+
+        summary = {
+            "classes": classes,
+            "frames": frames,
+            "size": size,
+            "stored_frames": stored_frames,
+            "stored_size": stored_size,
+            "decoder": decoder,
+            "decoder_device": decoder_device,
+            "store": store,
+            **({"jpeg_quality": jpeg_quality} if store == "jpeg" else {}),
+            "manifest": str(manifest.resolve()),
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            **_count(shards, outcomes, classes, discovered=len(videos), raw_clip_bytes=stored_frames * stored_size**2 * 3),
+            "seconds": round(time.monotonic() - started, 2),
+            "decoded_this_run": sum(len(s.videos) for s in todo),
+            "shards_reused": reused,
+            "shards_written": len(todo),
+        }
+        rejected = [row for s in shards for row in outcomes[s.id] if row["status"] == "rejected"]
+        if not is_written(fs, root, summary):
+            write_rejects(fs, root, rejected)
+            write_atomically(
+                fs,
+                join_uri(root, DATASET_INFO),
+                lambda tmp: write_text(fs, tmp, json.dumps(summary, indent=2)),
             )
-            finished.update(isolate_crashes(crashed, out, settings, crash_on))
-        outcomes.update(finished)
-
-    summary = {
-        "classes": classes,
-        "frames": frames,
-        "size": size,
-        "stored_frames": stored_frames,
-        "stored_size": stored_size,
-        "decoder": decoder,
-        "decoder_device": decoder_device,
-        "store": store,
-        **({"jpeg_quality": jpeg_quality} if store == "jpeg" else {}),
-        "manifest": str(manifest.resolve()),
-        "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
-        **_count(shards, outcomes, classes, discovered=len(videos), raw_clip_bytes=stored_frames * stored_size**2 * 3),
-        "seconds": round(time.monotonic() - started, 2),
-        "decoded_this_run": sum(len(s.videos) for s in todo),
-        "shards_reused": reused,
-        "shards_written": len(todo),
-    }
-    rejected = [row for s in shards for row in outcomes[s.id] if row["status"] == "rejected"]
-    if not is_written(fs, root, summary):
-        write_rejects(fs, root, rejected)
-        write_atomically(
-            fs,
-            join_uri(root, DATASET_INFO),
-            lambda tmp: write_text(fs, tmp, json.dumps(summary, indent=2)),
-        )
     print(
         f"vidray preprocess: {summary['discovered']} videos -> {summary['processed']} processed "
         f"({summary['padded']} padded), {summary['rejected']} rejected"

@@ -57,6 +57,7 @@ from vidray.cluster import init_ray
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
+from vidray.folder_lock import FolderLock
 from vidray.infer.corpus import (
     DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
     decode_one, discover, finished_parts, group_chunks, model_fingerprint, plan_chunks, write_part,
@@ -296,27 +297,30 @@ def predict_corpus(
         fs.create_dir(join_uri(root, PARTS_DIR), recursive=True)
     except OSError as err:
         raise UserError(f"cannot write predictions to {out} ({err}); pass --out a writable directory") from None
-    finished = finished_parts(fs, root, chunks)
-    todo = [c for c in chunks if c.id not in finished]
-    reused = sum(len(c.paths) for c in chunks if c.id in finished)
-    progress = _Progress(len(paths), reused)
-    if todo:
-        init_ray(verbose=verbose, include_dashboard=False)  # a local cluster for this command alone: no dashboard to start
-        args = {
-            "model_dir": str(model_dir), "top_k": top_k, "clips": views.clips, "crops": views.crops,
-            "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus, "stages": stages,
-            "settings": DecodeSettings(shape.stored_frames, shape.stored_size, shape.decoder),
-            "crash_on": os.environ.get(CRASH_ON_ENV) or None,
-        }  # fmt: skip
-        written = _run_chunks(todo, fs, root, args, progress)
-        lost = [c for c in todo if c.id not in written]
-        if lost:
-            print(f"vidray predict: {len(lost)} chunk task(s) died; re-running their videos one per task",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            _isolate_crashes(lost, fs, root, args, progress)
-    counts = assemble(fs, root, chunks, embeddings)
-    if counts["predicted"] + counts["rejected"] != len(paths):  # a bug, never bad input
-        raise RuntimeError(f"predicted {counts['predicted']} + rejected {counts['rejected']} != discovered {len(paths)}")
+    # One driver per output folder: a second one would predict the same chunks, or delete this one's
+    # parts as another settings' (vidray/folder_lock.py).
+    with FolderLock(out, "vidray predict", instead="pass --out another folder"):
+        finished = finished_parts(fs, root, chunks)
+        todo = [c for c in chunks if c.id not in finished]
+        reused = sum(len(c.paths) for c in chunks if c.id in finished)
+        progress = _Progress(len(paths), reused)
+        if todo:
+            init_ray(verbose=verbose, include_dashboard=False)  # a local cluster for this command alone: no dashboard to start
+            args = {
+                "model_dir": str(model_dir), "top_k": top_k, "clips": views.clips, "crops": views.crops,
+                "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus, "stages": stages,
+                "settings": DecodeSettings(shape.stored_frames, shape.stored_size, shape.decoder),
+                "crash_on": os.environ.get(CRASH_ON_ENV) or None,
+            }  # fmt: skip
+            written = _run_chunks(todo, fs, root, args, progress)
+            lost = [c for c in todo if c.id not in written]
+            if lost:
+                print(f"vidray predict: {len(lost)} chunk task(s) died; re-running their videos one per task",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                _isolate_crashes(lost, fs, root, args, progress)
+        counts = assemble(fs, root, chunks, embeddings)
+        if counts["predicted"] + counts["rejected"] != len(paths):  # a bug, never bad input
+            raise RuntimeError(f"predicted {counts['predicted']} + rejected {counts['rejected']} != discovered {len(paths)}")
     seconds = time.monotonic() - started
     return {
         "discovered": len(paths),

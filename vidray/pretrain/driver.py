@@ -67,7 +67,7 @@ from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
 from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
 from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
-from vidray.train.run_lock import RunLock
+from vidray.folder_lock import FolderLock
 from vidray.train.runs import EpochFollower, existing_run_state, open_run, summarize_run
 
 RUN_SUFFIX = "-pretrain"
@@ -202,7 +202,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
         finished_note=f" ({pcfg.train.epochs} epochs); nothing to train",
     )  # fmt: skip
     if state != "finished":
-        with RunLock(run_dir, "vidray pretrain"):
+        with FolderLock(run_dir, "vidray pretrain"):
             prepare_dataset(cfg, verbose=verbose)
             info = read_dataset_info(dataset_dir)
             check_run_resources(pcfg.train, cluster_capacity(), ingest_cpus(pcfg.train, info, pcfg.pretrain.splits))

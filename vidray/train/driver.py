@@ -30,7 +30,7 @@ from vidray.train.placement import build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size
-from vidray.train.run_lock import RunLock
+from vidray.folder_lock import FolderLock
 from vidray.train.runs import EpochFollower, existing_run_state, open_run, summarize_run
 from vidray.storage import resolve_path
 
@@ -162,7 +162,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     if state == "finished":
         return summarize_run(run_dir)
 
-    with RunLock(run_dir, "vidray train"):
+    with FolderLock(run_dir, "vidray train"):
         prepare_dataset(cfg, verbose=verbose)
         check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, read_dataset_info(dataset_dir)))
         trainer = build_trainer(cfg, dataset_dir=dataset_dir)

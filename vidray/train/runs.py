@@ -9,7 +9,7 @@ A run (or sweep) lives in ``<run.storage_path>/<name>``. Running the same comman
   (keys in :data:`vidray.config.KEYS_FREE_ON_RESUME` may differ);
 * ``--restart`` deletes the folder first, but only a folder strictly under ``run.storage_path`` that
   vidray itself wrote (:func:`delete_run`): anything else is refused with what it holds;
-* a run that another live driver is training is refused, ``--restart`` included (vidray/train/run_lock.py).
+* a run that another live driver is training is refused, ``--restart`` included (vidray/folder_lock.py).
 
 Also here, because train and pretrain share it: the driver-side
 follower (:class:`EpochFollower`) that prints one line per epoch and logs each epoch to TensorBoard
@@ -32,7 +32,7 @@ from vidray.model.checkpoint import INFO, check_training_state
 from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbSettings, config_differences
 from vidray.errors import UserError
 from vidray.train.metrics import SCORE_METRIC
-from vidray.train.run_lock import refuse_if_held
+from vidray.folder_lock import refuse_if_held
 from vidray.storage import is_uri, join_uri, open_filesystem
 
 RunKind = Literal["train", "pretrain", "sweep"]
@@ -240,8 +240,8 @@ def open_run(
     ``--restart`` deletes the folder first (:func:`delete_run`); a folder vidray did not write is
     refused; ``state_of(folder)`` says what is there (and refuses a changed config); the console is
     told what happens; a run that will train gets vidray's marker before Ray writes into its folder.
-    A run that a live driver trains is refused first (vidray/train/run_lock.py): the caller trains
-    inside ``RunLock(folder, ...)``.
+    A run that a live driver trains is refused first (vidray/folder_lock.py): the caller trains
+    inside ``FolderLock(folder, ...)``.
     """
     folder = run_folder(storage_path, name)
     refuse_if_held(f"vidray {command}", folder)  # before --restart deletes anything

@@ -66,7 +66,7 @@ from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri
 from vidray.train.driver import build_trainer, check_dataset, make_run_config
 from vidray.train.placement import cache_splits, ingest_cpus
-from vidray.train.run_lock import RunLock
+from vidray.folder_lock import FolderLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, mark_run, open_run, write_json
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
@@ -213,7 +213,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
 
     if state == "finished":
         return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
-    with RunLock(experiment_path, "vidray tune"):
+    with FolderLock(experiment_path, "vidray tune"):
         # Cached, the splits are read once, here: the trials share this one copy in the object store
         # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
         # the blocks and outlives its trials; a driver that restores the sweep reads them again.

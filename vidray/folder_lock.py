@@ -1,19 +1,24 @@
-"""One driver per run folder: a second `vidray train`, `pretrain` or `tune` on a run that a live driver
-is training is refused, and ``--restart`` does not delete it.
+"""One driver per folder that vidray writes: a run, a dataset being preprocessed, a prediction output.
 
-Without this, the same job submitted twice (two `ray job submit`s, two terminals) had both drivers train
-into one folder, each "continuing" the other's run, and ``--restart`` deleted a folder that a running
-sweep was writing.
+* A second `vidray train`, `pretrain` or `tune` on a run that a live driver is training is refused, and
+  ``--restart`` does not delete it. Before, the same job submitted twice (two `ray job submit`s, two
+  terminals) had both drivers train into one folder, each "continuing" the other's run, and
+  ``--restart`` deleted a folder that a running sweep was writing.
+* A second `vidray predict --out OUT` while one writes OUT is refused: it would predict the same chunks,
+  or delete the first one's parts as another model's.
+* A preprocessing run (``vidray preprocess``, or a train, pretrain or sweep preparing its data) waits
+  while another writes the same dataset, then reuses what that one wrote. Two sweeps started together
+  on a fresh dataset used to decode the same shards, each deleting the other's temporaries.
 
-The driver that trains a run holds ``<run folder>/.vidray_driver.json`` (:class:`RunLock`): its host,
-process id and process start time, and a heartbeat it rewrites every :data:`HEARTBEAT_S`. Another driver
-reads it (:func:`refuse_if_held`) and takes it as live when
+The driver holds ``<folder>/.vidray_driver.json`` (:class:`FolderLock`): its host, process id and
+process start time, and a heartbeat it rewrites every :data:`HEARTBEAT_S`. Another driver reads it
+(:func:`live_holder`) and takes it as live when
 
 * on the same host: that process still runs (and started when the file says: a reused pid is not it);
 * on another host, where its process cannot be looked at: its heartbeat is under :data:`STALE_AFTER_S` old.
 
 A driver killed with SIGKILL, or lost with its machine, leaves the file behind; the next driver finds it
-stale and takes the run over (continuing it, as after any interruption).
+stale and takes the folder over (continuing the run, as after any interruption).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -33,17 +39,22 @@ LOCK_FILE = ".vidray_driver.json"
 HEARTBEAT_S = 30.0
 # Four heartbeats missed: a driver on another host is gone (or its clock is far off ours).
 STALE_AFTER_S = 120.0
+RUN_ELSEWHERE = "set run.name to a new name"
+# How often a driver that waits (``wait=True``) looks again.
+WAIT_POLL_S = 1.0
 
 
 def _process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat, field 22), or None where
-    there is no /proc: with the pid, what tells a process from a later one that got its pid."""
+    there is no /proc: with the pid, what tells a process from a later one that got its pid.
+    "zombie" for a process that has exited but was not yet reaped by its parent."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             # The command name (field 2) may hold spaces and parentheses: count fields after the last ")".
-            return f.read().rsplit(")", 1)[1].split()[19]
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return "zombie" if fields[0] == "Z" else fields[19]
 
 
 def _runs(pid: int) -> bool:
@@ -76,7 +87,7 @@ def is_live(holder: dict[str, Any], now: float | None = None) -> bool:
     if not _runs(pid):
         return False
     started = _process_start(pid)
-    return started is None or holder.get("process_start") in (None, started)
+    return started != "zombie" and (started is None or holder.get("process_start") in (None, started))
 
 
 def read_holder(folder: str) -> dict[str, Any] | None:
@@ -93,45 +104,80 @@ def _is_this_process(holder: dict[str, Any]) -> bool:
     return holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
 
 
-def refuse_if_held(command: str, folder: str) -> None:
-    """A one-line UserError when a live driver other than this process holds ``folder``."""
+def live_holder(folder: str) -> dict[str, Any] | None:
+    """The live driver, other than this process, that holds ``folder``; None when none does."""
     holder = read_holder(folder)
     if holder is None or _is_this_process(holder) or not is_live(holder):
-        return
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
-    raise UserError(
-        f"{folder} is in use: `{holder.get('command', 'vidray')}` (pid {holder['pid']} on host {holder['host']}, "
-        f"since {since}) is training it; wait for it to end or stop it, or set run.name to a new name "
-        f"(if that driver is gone, delete {join_uri(folder, LOCK_FILE)})"
-    )
+        return None
+    return holder
 
 
-class RunLock:
-    """``with RunLock(folder, "vidray train"):`` this process is the run's driver until the block ends.
+def _who(holder: dict[str, Any]) -> str:
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["since"])))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        since = "an unknown time"
+    return f"`{holder.get('command', 'vidray')}` (pid {holder['pid']} on host {holder['host']}, since {since})"
 
-    Entering refuses a run that a live driver holds (:func:`refuse_if_held`) and takes over a stale lock.
+
+def refuse_if_held(command: str, folder: str, instead: str = RUN_ELSEWHERE) -> None:
+    """A one-line UserError when a live driver other than this process holds ``folder`` (``instead``: the
+    way around it that the message offers)."""
+    holder = live_holder(folder)
+    if holder is not None:
+        raise UserError(
+            f"{folder} is in use: {_who(holder)} is running on it; wait for it to end or stop it, or {instead} "
+            f"(if that driver is gone, delete {join_uri(folder, LOCK_FILE)})"
+        )
+
+
+class FolderLock:
+    """``with FolderLock(folder, "vidray train"):`` this process is the run's driver until the block ends.
+
+    Entering refuses a folder that a live driver holds (:func:`refuse_if_held`), or with ``wait`` waits
+    until none does, saying so on stderr; a stale lock is taken over.
     On a local path (or file://) the file is hard-linked into place, which fails when one is there, so of
     two drivers that start together one gets it; on s3:// or gs:// it is read, checked and written, and
     two drivers starting within that moment could both pass. A thread rewrites the heartbeat while the
     block runs; leaving deletes the file if it is still this driver's.
     """
 
-    def __init__(self, folder: str, command: str):
-        self.folder, self.command = folder, command
+    def __init__(self, folder: str, command: str, instead: str = RUN_ELSEWHERE, wait: bool = False):
+        self.folder, self.command, self.instead, self.wait = folder, command, instead, wait
         self.uri = join_uri(folder, LOCK_FILE)
         self.holder = this_driver(command)
         self._stop = threading.Event()
         self._beating: threading.Thread | None = None
 
-    def __enter__(self) -> "RunLock":
-        refuse_if_held(self.command, self.folder)
-        self._write(first=True)
-        if not self._still_ours():  # another driver took it in the same moment
-            refuse_if_held(self.command, self.folder)
-            raise UserError(f"{self.folder} was taken by another driver as this one started; set run.name to a new name")
+    def __enter__(self) -> "FolderLock":
+        while True:
+            if self.wait:
+                self._wait_until_free()
+            try:
+                self._take()
+                break
+            except UserError:
+                if not self.wait:
+                    raise  # a driver that waits lost a race for it: it waits for the winner
         self._beating = threading.Thread(target=self._beat, name="vidray-run-lock", daemon=True)
         self._beating.start()
         return self
+
+    def _take(self) -> None:
+        refuse_if_held(self.command, self.folder, self.instead)
+        self._write(first=True)
+        if not self._still_ours():
+            # Another driver took it in the same moment: refused (a driver that waits, waits for it). When
+            # no other process holds it (this process's own lock on the folder), this one goes on.
+            refuse_if_held(self.command, self.folder, self.instead)
+
+    def _wait_until_free(self) -> None:
+        told = None
+        while (holder := live_holder(self.folder)) is not None:
+            if holder.get("token") != told:  # one line per driver waited for
+                print(f"{self.command}: waiting for {_who(holder)} to finish writing {self.folder}", file=sys.stderr, flush=True)
+                told = holder.get("token")
+            time.sleep(WAIT_POLL_S)
 
     def _write(self, first: bool = False) -> None:
         text = json.dumps(self.holder, indent=1)
@@ -151,7 +197,7 @@ class RunLock:
                     os.link(tmp, local)  # fails if a lock is there: of two drivers starting together, one gets it
                     return
                 except FileExistsError:
-                    refuse_if_held(self.command, self.folder)  # a live driver's: refused; a stale one is replaced
+                    refuse_if_held(self.command, self.folder, self.instead)  # a live one: refused; a stale one: replaced
                 except OSError:
                     pass  # a filesystem without hard links
             os.replace(tmp, local)
