@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +166,34 @@ def test_coin_source_with_the_real_metadata(ray_cluster, shared_coin, tmp_path):
     written = pd.concat(pd.read_parquet(Path(cfg.data.dataset_dir) / s) for s in ("train", "val"))
     assert {vid: labels[vid] for vid in written["video_id"]} == dict(zip(written["video_id"], written["label"]))
     assert sorted(written["video_id"]) == sorted(youtube_id for youtube_id, _ in picked)
+
+
+ENSURE_DEMO_VIDEOS = """
+import sys, time
+from pathlib import Path
+from vidray.config import VidrayConfig
+from vidray.data.prepare import ensure_demo_videos
+videos, go = sys.argv[1], Path(sys.argv[2])
+data = {"videos_dir": videos, "demo": {"classes": 2, "videos_per_class": 4, "seed": 7}}
+cfg = VidrayConfig.model_validate({"data": data})
+while not go.exists():
+    time.sleep(0.005)
+ensure_demo_videos(cfg.data)
+"""
+
+
+def test_runs_started_together_on_a_fresh_demo_share_one_set_of_videos(tmp_path):
+    """Two sweeps started at once on a fresh machine both find no demo videos and both generate them:
+    the second to finish used to fail on the first's folder (an OSError from its rename); now it keeps
+    the first's set, checked like any existing set, and deletes its own."""
+    videos, go = tmp_path / "videos", tmp_path / "go"
+    runs = [
+        subprocess.Popen([sys.executable, "-c", ENSURE_DEMO_VIDEOS, str(videos), str(go)], stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    time.sleep(1.0)  # their imports
+    go.touch()
+    errors = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert len(list(videos.glob("*/*/*.mp4"))) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "videos"]  # no staging folder left

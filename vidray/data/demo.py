@@ -220,13 +220,18 @@ def _split_counts(videos_per_class: int) -> dict[str, int]:
     return {"train": videos_per_class - val - test, "val": val, "test": test}
 
 
+class DemoFolderTaken(UserError):
+    """``generate_demo_videos``'s output folder was filled by another process while this one wrote its own."""
+
+
 def generate_demo_videos(out: Path, classes: int = 8, videos_per_class: int = 12, seed: int = 0) -> dict:
     """Write ``classes`` x ``videos_per_class`` clips under ``out`` and return a summary.
 
     Per class, about 60/20/20 % go to train/val/test (at least one each).
     ``out`` must not exist or be empty; the set is built in a sibling folder
     and renamed into place, so an interrupted run never leaves half a dataset
-    that later looks complete.
+    that later looks complete; when another process renamed its set into place
+    first, :class:`DemoFolderTaken` says so and this one's is deleted.
     """
     out = Path(out)
     if not 2 <= classes <= len(DEMO_CLASSES) or classes % 2:
@@ -260,10 +265,16 @@ def generate_demo_videos(out: Path, classes: int = 8, videos_per_class: int = 12
         # numpy and x264 release the GIL for the heavy parts; threads keep it simple.
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
             durations = [seconds for pair in pool.map(write_pair, jobs) for seconds in pair]
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename needs the name free
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty (checked above); rename needs the name free
+            staging.rename(out)
+        except OSError:
+            if out.is_dir() and any(out.iterdir()):
+                # Another process wrote it meanwhile (two sweeps started together on a fresh demo).
+                raise DemoFolderTaken(f"demo output {out} was written by another process meanwhile") from None
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
-from vidray.data.demo import DEMO_CLASSES, generate_demo_videos
+from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
 from vidray.data.index import index_folder
 from vidray.data.preprocess import preprocess
 
@@ -46,11 +46,16 @@ def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
     return not manifest.is_file() or manifest.stat().st_mtime_ns < _newest_mtime_ns(videos_dir)
 
 
-def _ensure_demo_videos(data: DataSettings) -> None:
+def ensure_demo_videos(data: DataSettings) -> None:
+    """The demo's videos in ``data.videos_dir``: generated when the folder is absent or empty, otherwise
+    checked to be the set ``data.demo`` describes."""
     videos_dir, demo = data.videos_dir, data.demo
     if not videos_dir.exists() or (videos_dir.is_dir() and not any(videos_dir.iterdir())):
-        generate_demo_videos(videos_dir, classes=demo.classes, videos_per_class=demo.videos_per_class, seed=demo.seed)
-        return
+        try:
+            generate_demo_videos(videos_dir, classes=demo.classes, videos_per_class=demo.videos_per_class, seed=demo.seed)
+            return
+        except DemoFolderTaken:
+            pass  # another run started together with this one wrote them first: checked below, like any set
     # Existing videos must be the set data.demo describes; silently training on
     # another set (fewer classes, say) would be worse than stopping.
     classes = sorted({p.parent.name for p in videos_dir.glob("*/*/*.mp4")})
@@ -69,7 +74,7 @@ def prepare_dataset(cfg: VidrayConfig, verbose: bool = False) -> str:
     on the console while it preprocesses, vidray.cluster.console_settings)."""
     data = cfg.data
     if data.source == "demo":
-        _ensure_demo_videos(data)
+        ensure_demo_videos(data)
         if manifest_is_stale(data.manifest, data.videos_dir):
             index_folder(data.videos_dir, data.manifest)
     elif data.source == "folder":
