@@ -107,6 +107,10 @@ def test_every_discovered_video_gets_one_row_and_hostile_files_cost_one_row_each
 
     table = pq.read_table(out / "predictions.parquet").to_pandas()
     assert len(table) == discovered and table["path"].is_unique
+    # What the corpus was labelled as, most first: the predictions file's top-1 labels, counted.
+    assert summary["labels"] == table["label"].value_counts().to_dict()
+    assert list(summary["labels"].values()) == sorted(summary["labels"].values(), reverse=True)
+    assert sum(summary["labels"].values()) == summary["predicted"]
     by_path = table.set_index("path")
     for kind, category in HOSTILE.items():
         row = by_path.loc[str(corpus["hostile"][kind])]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -196,9 +197,11 @@ def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) 
 
 def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, int]:
     """predictions.parquet from the parts in discovery order (streamed: one part in memory at a time),
-    and rejects.csv. Returns the counts."""
+    and rejects.csv. Returns the counts: predicted, rejected, and ``labels``, the videos per top-1
+    label, most first (what the corpus was labelled as, at a glance)."""
     schema = predictions_schema(embeddings)
     counts = {"predicted": 0, "rejected": 0}
+    labels: Counter[str] = Counter()
     rejects: list[dict] = []
 
     def write_predictions(tmp: str) -> None:
@@ -206,9 +209,11 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
             for chunk in chunks:
                 table = pq.read_table(join_uri(root, chunk.part_name), filesystem=fs, schema=schema)
                 writer.write_table(table)
-                for path, error in zip(table.column("path").to_pylist(), table.column("error").to_pylist()):
+                columns = (table.column(name).to_pylist() for name in ("path", "error", "label"))
+                for path, error, label in zip(*columns):
                     if error is None:
                         counts["predicted"] += 1
+                        labels[label] += 1
                     else:
                         category, _, reason = error.partition(": ")
                         rejects.append({"path": path, "error": category, "reason": reason})
@@ -221,4 +226,4 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
             pacsv.write_csv(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f)
 
     write_atomically(fs, join_uri(root, "rejects.csv"), write_rejects)
-    return counts
+    return {**counts, "labels": dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))}
