@@ -132,7 +132,7 @@ def refuse_if_held(command: str, folder: str, instead: str = RUN_ELSEWHERE) -> N
 
 
 class FolderLock:
-    """``with FolderLock(folder, "vidray train"):`` this process is the run's driver until the block ends.
+    """``with FolderLock(folder, "vidray train"):`` this process is the folder's driver until the block ends.
 
     Entering refuses a folder that a live driver holds (:func:`refuse_if_held`), or with ``wait`` waits
     until none does, saying so on stderr; a stale lock is taken over.
@@ -159,7 +159,7 @@ class FolderLock:
             except UserError:
                 if not self.wait:
                     raise  # a driver that waits lost a race for it: it waits for the winner
-        self._beating = threading.Thread(target=self._beat, name="vidray-run-lock", daemon=True)
+        self._beating = threading.Thread(target=self._beat, name="vidray-folder-lock", daemon=True)
         self._beating.start()
         return self
 
