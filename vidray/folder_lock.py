@@ -33,7 +33,7 @@ import uuid
 from typing import Any
 
 from vidray.errors import UserError
-from vidray.storage import local_part, join_uri, open_filesystem
+from vidray.storage import join_uri, local_part, open_filesystem, read_json
 
 LOCK_FILE = ".vidray_driver.json"
 HEARTBEAT_S = 30.0
@@ -91,12 +91,7 @@ def is_live(holder: dict[str, Any], now: float | None = None) -> bool:
 
 
 def read_holder(folder: str) -> dict[str, Any] | None:
-    fs, path = open_filesystem(join_uri(folder, LOCK_FILE))
-    try:
-        with fs.open_input_stream(path) as f:
-            holder = json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+    holder = read_json(join_uri(folder, LOCK_FILE))
     return holder if isinstance(holder, dict) else None
 
 

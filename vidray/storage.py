@@ -4,11 +4,13 @@ check that a path is reachable from every node of a multi-node Ray cluster."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import posixpath
 import re
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -54,6 +56,27 @@ def local_file(path: str) -> Iterator[str]:
         except FileNotFoundError:
             copy = os.path.join(scratch, "missing" + suffix)
         yield copy
+
+
+def read_json(uri: str) -> Any | None:
+    """The JSON at ``uri``, or None when it is missing, being written or damaged."""
+    return load_json(*open_filesystem(uri))
+
+
+def load_json(fs: pafs.FileSystem, path: str) -> Any | None:
+    """:func:`read_json` for a ``path`` inside a filesystem already open."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def write_json(uri: str, value: Any) -> None:
+    fs, path = open_filesystem(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write((json.dumps(value, indent=2, default=str) + "\n").encode())
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -31,7 +31,7 @@ from vidray.config import StoreName
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, SPLITS
 from vidray.data.shards import RECORDS_DIR, Shard, Video
 from vidray.errors import UserError
-from vidray.storage import join_uri, open_filesystem
+from vidray.storage import join_uri, load_json, open_filesystem
 
 ROW_GROUP_BYTES = 32 * 2**20
 
@@ -190,10 +190,8 @@ def find_stale(fs: pafs.FileSystem, root: str, shards: list[Shard]) -> tuple[dic
         if info.base_name.startswith(".") or shard_id not in wanted:
             stale.append(info.path)
             continue
-        try:
-            with fs.open_input_stream(info.path) as f:
-                record = json.loads(f.read())
-        except (OSError, ValueError):
+        record = load_json(fs, info.path)
+        if record is None:
             stale.append(info.path)  # unreadable: decode the shard again
             continue
         # A record without its Parquet file (deleted by hand) means: decode again.
@@ -220,13 +218,11 @@ def is_written(fs: pafs.FileSystem, root: str, info: dict) -> bool:
     dataset (:data:`RUN_FIELDS` aside). A rerun that changes nothing then rewrites nothing: a second run
     on the same dataset (a `vidray pretrain` beside a `vidray train`, each preparing it first) never finds
     dataset.json gone, as it did while every run deleted and rewrote it."""
-    try:
-        with fs.open_input_stream(join_uri(root, DATASET_INFO)) as f:
-            written = json.loads(f.read())
-        rejects = fs.get_file_info([join_uri(root, "rejects.parquet"), join_uri(root, "rejects.csv")])
-    except (OSError, ValueError):
+    written = load_json(fs, join_uri(root, DATASET_INFO))
+    if not isinstance(written, dict):
         return False
-    if any(r.type != pafs.FileType.File for r in rejects) or not isinstance(written, dict):
+    rejects = fs.get_file_info([join_uri(root, "rejects.parquet"), join_uri(root, "rejects.csv")])
+    if any(r.type != pafs.FileType.File for r in rejects):
         return False
 
     def dataset_part(fields: dict) -> dict:

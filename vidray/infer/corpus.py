@@ -195,13 +195,12 @@ def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) 
     write_atomically(fs, join_uri(root, chunk.part_name), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
 
 
-def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, int]:
+def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, Any]:
     """predictions.parquet from the parts in discovery order (streamed: one part in memory at a time),
     and rejects.csv. Returns the counts: predicted, rejected, and ``labels``, the videos per top-1
     label, most first (what the corpus was labelled as, at a glance)."""
     schema = predictions_schema(embeddings)
-    counts = {"predicted": 0, "rejected": 0}
-    labels: Counter[str] = Counter()
+    labels: Counter[str] = Counter()  # of the predicted videos
     rejects: list[dict] = []
 
     def write_predictions(tmp: str) -> None:
@@ -212,12 +211,10 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
                 columns = (table.column(name).to_pylist() for name in ("path", "error", "label"))
                 for path, error, label in zip(*columns):
                     if error is None:
-                        counts["predicted"] += 1
                         labels[label] += 1
                     else:
                         category, _, reason = error.partition(": ")
                         rejects.append({"path": path, "error": category, "reason": reason})
-                        counts["rejected"] += 1
 
     write_atomically(fs, join_uri(root, "predictions.parquet"), write_predictions)
 
@@ -226,4 +223,8 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
             pacsv.write_csv(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f)
 
     write_atomically(fs, join_uri(root, "rejects.csv"), write_rejects)
-    return {**counts, "labels": dict(sorted(labels.items(), key=lambda item: (-item[1], item[0])))}
+    return {
+        "predicted": labels.total(),
+        "rejected": len(rejects),
+        "labels": dict(sorted(labels.items(), key=lambda item: (-item[1], item[0]))),
+    }

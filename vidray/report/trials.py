@@ -13,9 +13,8 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from vidray.config import VidrayConfig
-from vidray.storage import join_uri, open_filesystem
+from vidray.storage import join_uri, open_filesystem, read_json
 from vidray.train.metrics import EPOCHS_DONE
-from vidray.train.runs import read_json
 from vidray.tune.space import trial_label
 
 # The metrics of a trial's last epoch the results table shows, by column.

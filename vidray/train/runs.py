@@ -18,7 +18,6 @@ and, when ``run.wandb.enabled``, to Weights & Biases (a sweep logs through Tune'
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import sys
@@ -33,7 +32,7 @@ from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbSettings, conf
 from vidray.errors import UserError
 from vidray.train.metrics import SCORE_METRIC
 from vidray.folder_lock import refuse_if_held
-from vidray.storage import is_uri, join_uri, open_filesystem
+from vidray.storage import is_uri, join_uri, open_filesystem, read_json, write_json
 
 RunKind = Literal["train", "pretrain", "sweep"]
 RunState = Literal["new", "interrupted", "finished"]
@@ -50,23 +49,6 @@ FOLLOW_EVERY_S = 1.0
 
 
 # ------------------------------------------------------------------ files on storage
-
-
-def read_json(uri: str) -> Any | None:
-    """The JSON at ``uri``, or None when it is missing, being written or damaged."""
-    fs, path = open_filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
-def write_json(uri: str, value: Any) -> None:
-    fs, path = open_filesystem(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write((json.dumps(value, indent=2, default=str) + "\n").encode())
 
 
 def _entries(folder: str) -> list[pafs.FileInfo]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import ray.tune
 
 from vidray.config import VidrayConfig
-from vidray.storage import join_uri
-from vidray.train.runs import SWEEP_CONFIG_FILE, RunState, read_json, read_marker, refuse_changed_config
+from vidray.storage import join_uri, read_json
+from vidray.train.runs import SWEEP_CONFIG_FILE, RunState, read_marker, refuse_changed_config
 
 
 def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:

@@ -63,11 +63,11 @@ from vidray.config import VidrayConfig
 from vidray.data.dataset import read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.model.classifier import check_model_config
-from vidray.storage import join_uri
+from vidray.storage import join_uri, write_json
 from vidray.train.driver import build_trainer, check_dataset, make_run_config
 from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
-from vidray.train.runs import SWEEP_CONFIG_FILE, mark_run, open_run, write_json
+from vidray.train.runs import SWEEP_CONFIG_FILE, mark_run, open_run
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
 from vidray.tune.local_ray import local_cluster_kwargs
