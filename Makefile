@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidray-installed
 
-.PHONY: setup ffmpeg-apt ffmpeg-libs pipeline-env demo test test-quick bench clean
+.PHONY: setup ffmpeg-libs pipeline-env demo test test-quick bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,20 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 # loads the system's FFmpeg shared libraries (versions 4-8). Installed with apt when torchcodec
 # cannot load them (Debian/Ubuntu, as root; nothing to do when they are there). Where apt cannot
 # run, set-up says so and the torchcodec tests fail naming the fix: CI exercises all three.
-APT_FFMPEG = if command -v apt-get > /dev/null && [ "$$(id -u)" -eq 0 ]; then \
-	  echo "torchcodec: installing FFmpeg's shared libraries (apt-get install ffmpeg)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg > /dev/null; \
-	fi
-
-# The same install, decided before the venv exists, from the linker's cache (no libavutil of FFmpeg
-# 4-8, sonames 56-60): under `make -j2 setup`, as `make test` runs it, apt then runs beside pip instead
-# of after it (on a fresh CI machine about 30 s of download and unpacking, off the critical path).
-ffmpeg-apt:
-	@ldconfig -p 2>/dev/null | grep -q 'libavutil\.so\.\(5[6-9]\|60\) ' || { $(APT_FFMPEG); }
-
-ffmpeg-libs: $(STAMP) ffmpeg-apt
+ffmpeg-libs: $(STAMP)
 	@$(PY) -c "import torchcodec.decoders" 2>/dev/null || { \
-	  $(APT_FFMPEG); \
+	  if command -v apt-get > /dev/null && [ "$$(id -u)" -eq 0 ]; then \
+	    echo "torchcodec: installing FFmpeg's shared libraries (apt-get install ffmpeg)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg > /dev/null; \
+	  fi; \
 	  $(PY) -c "import torchcodec.decoders" 2>/dev/null || \
 	    echo "WARNING: torchcodec cannot load FFmpeg's shared libraries: install them (Debian: apt-get install ffmpeg); until then data.decoder=torchcodec and its tests fail" >&2; \
 	}
@@ -84,11 +76,10 @@ demo: setup
 
 # The whole suite, in two lanes side by side (tests/run_all.sh): the tests that run Ray, one cluster
 # at a time, and beside them the ones that need no Ray. A plain `pytest` runs the same tests in one lane.
-# Only that second lane's tests use the pipeline venv, so it is built in that lane, starting at once,
-# beside the main venv's set-up (each is one pip process, which leaves the second core idle): the Ray
-# lane (the one `make test` waits for) waits only for the main venv.
-test:
-	bash tests/run_all.sh --setup "$(MAKE) --no-print-directory -j2 setup" $(PY) $(MAKE) --no-print-directory pipeline-env
+# Only that second lane's tests use the pipeline venv, so it is built there, first, while the Ray
+# lane (the one `make test` waits for) already runs: its 84 s of pip leave the critical path.
+test: setup
+	bash tests/run_all.sh $(PY) $(MAKE) --no-print-directory pipeline-env
 
 # The inner loop: everything that needs no Ray cluster and no end-to-end run (86 s on 2 cores).
 test-quick: setup

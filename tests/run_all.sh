@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite, as two pytest processes side by side.
 #
-#   tests/run_all.sh [--setup SETUP] PYTHON [COMMAND...]
+#   tests/run_all.sh PYTHON [COMMAND...]
 #
 # PYTHON: the venv's (the Makefile passes .venv's; for a part of the suite, run pytest itself).
-# SETUP: what builds PYTHON's venv (the Makefile's `make setup`), run here first; nothing else waits
-# for it but the tests. A failed SETUP fails `make test` in a line that names it, and no test runs.
 # COMMAND: run first in the lane beside, before its tests: the Makefile's `make pipeline-env`, the
-# second venv that only that lane's tests use (84 s of pip from nothing, a no-op once built). It
-# starts at once, beside SETUP (each is one pip process: on 2 cores one pip leaves the other core
-# idle), so neither the Ray lane nor the lane beside waits for the two one after the other. The lane
-# beside then waits for SETUP too. If COMMAND fails, that lane fails without running its tests.
+# second venv that only that lane's tests use (84 s of pip from nothing, a no-op once built), so it is
+# built while the Ray lane already runs. If it fails, that lane fails without running its tests.
 #
 # * The Ray lane, `-m ray`: every test that runs Ray (on the session's loopback head, or on clusters of
 #   its own), in order, one cluster at a time, as a plain `pytest` runs them. Its console and
@@ -23,41 +19,24 @@
 # and not pytest-xdist: docs/benchmarks.md, section 8. Exit status: non-zero if either lane failed.
 set -uo pipefail
 
-setup=""
-if [ "${1:-}" = "--setup" ]; then
-  setup=${2:?usage: tests/run_all.sh [--setup SETUP] PYTHON [COMMAND...]}
-  shift 2
-fi
-python=${1:?usage: tests/run_all.sh [--setup SETUP] PYTHON [COMMAND...]}
+python=${1:?usage: tests/run_all.sh PYTHON [COMMAND...]}
 shift
 cd "$(dirname "$0")/.."
 
 beside_log=$(mktemp -t vidray-tests-no-ray.XXXXXX)
-# SETUP's outcome, for the lane beside: "ok" once PYTHON's venv is built ("failed" ends that lane).
-setup_state=$(mktemp -t vidray-tests-setup.XXXXXX)
-[ -n "$setup" ] || echo ok > "$setup_state"
 exec 3>&2  # the console's stderr, for the one line that must not wait for the log below
 (
   if [ $# -gt 0 ] && ! "$@"; then
     echo "make test: \`$*\` failed, so the tests that run no Ray did not run (its output is printed at the end)" >&3
     exit 1
   fi
-  until [ -s "$setup_state" ]; do sleep 0.2; done
-  [ "$(cat "$setup_state")" = ok ] || exit 1
   # The lane beside writes no pytest cache: two sessions writing one .pytest_cache would race.
   exec "$python" -m pytest -q -m "not ray" -p no:cacheprovider --durations=5
 ) > "$beside_log" 2>&1 &
 beside=$!
 # Ctrl-C or a failure here must not leave the other lane running: the lane, and its children (the
 # set-up's make, or pytest's own subprocesses), by their process ids.
-trap 'kill "$beside" $(pgrep -P "$beside") 2> /dev/null; rm -f "$beside_log" "$setup_state"' EXIT
-
-if [ -n "$setup" ] && ! bash -c "$setup"; then
-  echo failed > "$setup_state"
-  echo "make test: \`$setup\` failed, so no test ran" >&2
-  exit 1
-fi
-echo ok > "$setup_state"
+trap 'kill "$beside" $(pgrep -P "$beside") 2> /dev/null; rm -f "$beside_log"' EXIT
 
 "$python" -m pytest -q -m ray --durations=15
 ray_status=$?

@@ -1,8 +1,7 @@
 """tests/run_all.sh, the two lanes of `make test`, with a stand-in for the venv's Python that records
-what it was asked to run: the Ray lane starts at once (or once the main venv's set-up is done), the lane
-beside it runs its set-up command first (the Makefile's `make pipeline-env`, beside the main venv's), a
-failed set-up fails `make test` in a line that names it, both lanes find the pipeline venv wherever
-`PIPELINE_VENV` puts it, and stopping `make test` stops the set-up."""
+what it was asked to run: the Ray lane starts at once, the lane beside it runs its set-up command
+first (the Makefile's `make pipeline-env`), a failed set-up fails `make test` in a line that names it,
+both lanes find the pipeline venv wherever `PIPELINE_VENV` puts it, and stopping `make test` stops the set-up."""
 
 from __future__ import annotations
 
@@ -58,44 +57,6 @@ def test_a_failed_set_up_fails_make_test_naming_it_and_runs_no_test_beside(tmp_p
     assert "make test: FAILED (Ray lane exit 0, other lane exit 1)" in done.stderr
     assert "pipeline-env: needs 7 GB free" in done.stdout  # the set-up's own words, in the lane's log
     assert calls.read_text().splitlines() == ["-m pytest -q -m ray --durations=15 | set-up done: no"]
-
-
-def test_the_main_venvs_set_up_runs_beside_the_pipeline_venvs_and_before_every_test(tmp_path):
-    """`--setup` (the Makefile's `make setup`) starts together with the lane beside's command (`make
-    pipeline-env`), not before it; the Ray lane starts once it is done, the lane beside once both are."""
-    python, calls, setup_done = _stand_in_python(tmp_path)
-    started = tmp_path / "pipeline-env-started"
-    done = subprocess.run(
-        # SETUP ends only once COMMAND has started: were they run one after the other, this would wait for
-        # ever (until the timeout). COMMAND ends at once, so the lane beside must wait for SETUP on its own.
-        ["bash", str(RUN_ALL), "--setup", f"until [ -e '{started}' ]; do sleep 0.05; done; sleep 0.5; touch '{setup_done}'",
-         str(python), "touch", str(started)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert sorted(calls.read_text().splitlines()) == [
-        "-m pytest -q -m not ray -p no:cacheprovider --durations=5 | set-up done: yes",
-        "-m pytest -q -m ray --durations=15 | set-up done: yes",
-    ]
-
-
-def test_a_failed_main_set_up_fails_make_test_naming_it_and_stops_the_lane_beside(tmp_path):
-    python, calls, _ = _stand_in_python(tmp_path)
-    pid_file = tmp_path / "pipeline-env.pid"
-    setup = f"until [ -s '{pid_file}' ]; do sleep 0.05; done; echo 'setup: pip failed' >&2; exit 3"
-    done = subprocess.run(
-        ["bash", str(RUN_ALL), "--setup", setup, str(python), "bash", "-c", f"echo $$ > '{pid_file}'; exec sleep 300"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 1
-    assert "setup: pip failed" in done.stderr  # the set-up's own words
-    assert done.stderr.strip().splitlines()[-1] == f"make test: `{setup}` failed, so no test ran"
-    assert not calls.exists()  # no pytest ran, in either lane
-    pipeline_env = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while _alive(pipeline_env) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(pipeline_env), "the lane beside's set-up outlived make test"
 
 
 def test_without_a_set_up_command_the_lanes_run_as_before(tmp_path):
