@@ -1,4 +1,4 @@
-"""Storage paths: local vs s3:// / gs://, and the multi-node shared-storage check.
+"""Storage paths: local vs s3:// / gs://, the multi-node shared-storage check, and scratch folders.
 
 The refusal on a real multi-node cluster (two `ray start` nodes) is exercised in
 tests/test_multinode.py; here the node count is passed explicitly, plus one
@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +27,10 @@ from vidray.storage import (
     join_uri,
     mount_fstype,
     open_filesystem,
+    remove_orphaned_scratch,
     resolve_path,
+    scratch,
+    scratch_dir,
 )
 
 
@@ -119,3 +124,52 @@ def test_single_node_session_cluster_accepts_local_paths(ray_cluster, tmp_path, 
 def test_shared_filesystem_is_a_config_key():
     assert load_config(None).run.shared_filesystem is False
     assert load_config(None, ["run.shared_filesystem=true"]).run.shared_filesystem is True
+
+
+# ------------------------------------------------------------------ scratch folders of killed processes
+
+MAKE_SCRATCH = """
+import sys, time
+from vidray.storage import scratch_dir
+path = scratch_dir("ckpt")
+open(path + "/model.safetensors", "wb").write(b"weights")
+print(path, flush=True)
+time.sleep(600)
+"""
+
+
+def start_scratch_maker(tmp_path) -> tuple[subprocess.Popen, str]:
+    """A real process that made a scratch folder (a file in it) and now waits to be killed."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", MAKE_SCRATCH], env=env, stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_killed_process_scratch_folder_is_removed_by_the_next_one_and_no_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    killed, killed_dir = start_scratch_maker(tmp_path)
+    alive, alive_dir = start_scratch_maker(tmp_path)
+    try:
+        killed.kill()  # SIGKILL: no cleanup runs, as for a worker of a lost node or a dead driver
+        killed.wait()
+        assert os.path.isfile(os.path.join(killed_dir, "model.safetensors"))
+        elsewhere = tmp_path / "vidray-ckpt-another-host-1-abc"  # another container's, sharing /tmp
+        unnamed = tmp_path / "vidray-ckpt-l3u1xf5v"  # not made by scratch_dir (an older vidray's)
+        for folder in (elsewhere, unnamed):
+            folder.mkdir()
+        with scratch("ckpt") as mine:
+            assert os.path.dirname(mine) == str(tmp_path) and f"-{os.getpid()}-" in os.path.basename(mine)
+            assert not os.path.exists(killed_dir)
+            assert os.path.isfile(os.path.join(alive_dir, "model.safetensors"))  # its process still runs
+            assert elsewhere.is_dir() and unnamed.is_dir()
+        assert not os.path.exists(mine)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert remove_orphaned_scratch() == [alive_dir]
+
+
+def test_scratch_kinds_are_plain_words():
+    with pytest.raises(ValueError, match="lower-case letters only"):
+        scratch_dir("ckpt-1")

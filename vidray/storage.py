@@ -1,5 +1,6 @@
-"""Local paths and s3:// / gs:// URIs through pyarrow filesystems, and the
-check that a path is reachable from every node of a multi-node Ray cluster."""
+"""Local paths and s3:// / gs:// URIs through pyarrow filesystems, local scratch folders that a
+killed process does not leave behind, and the check that a path is reachable from every node of a
+multi-node Ray cluster."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 from typing import Any, Iterator
 
@@ -36,6 +38,65 @@ def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+# ------------------------------------------------------------------ local scratch folders
+# A checkpoint is staged in a local folder before Ray uploads it, and a Ray worker is often ended by
+# SIGKILL (a lost node, a dead driver, the OOM killer), which runs no cleanup: each such folder would stay
+# in /tmp, a whole checkpoint (GBs for ViT-B with its optimizer state) per crash of a long run. So each
+# folder is named after its host and process, and whoever makes the next one removes those of this host
+# whose process is gone. The host in the name keeps containers that share /tmp but not process ids apart.
+_SCRATCH = re.compile(r"^vidray-(?P<kind>[a-z]+)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_orphaned_scratch(root: str | None = None) -> list[str]:
+    """Remove the scratch folders (:func:`scratch_dir`) in ``root`` (default: the temporary directory)
+    of this host whose process has ended; the paths removed."""
+    root = root or tempfile.gettempdir()
+    host, removed = _host(), []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _SCRATCH.match(entry.name) if entry.name.startswith("vidray-") else None
+        if match and match["host"] == host and not _alive(int(match["pid"])) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def scratch_dir(kind: str) -> str:
+    """A new local folder for this process's temporary files of ``kind`` (``ckpt``, ``fetch``, ...),
+    which its user removes; if this process dies first, the next call on this host removes it."""
+    if not kind.isalpha() or not kind.islower():
+        raise ValueError(f"scratch kind {kind!r}: lower-case letters only")
+    remove_orphaned_scratch()
+    return tempfile.mkdtemp(prefix=f"vidray-{kind}-{_host()}-{os.getpid()}-")
+
+
+@contextlib.contextmanager
+def scratch(kind: str) -> Iterator[str]:
+    """:func:`scratch_dir`, removed when the block ends."""
+    path = scratch_dir(kind)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def local_file(path: str) -> Iterator[str]:
     """A local path holding ``path``'s bytes: the path itself (``file://`` stripped), or for an object in
@@ -48,13 +109,13 @@ def local_file(path: str) -> Iterator[str]:
         return
     fs, key = open_filesystem(path)
     suffix = os.path.splitext(key)[1]
-    with tempfile.TemporaryDirectory(prefix="vidray-fetch-") as scratch:
-        copy = os.path.join(scratch, "video" + suffix)
+    with scratch("fetch") as folder:
+        copy = os.path.join(folder, "video" + suffix)
         try:
             with fs.open_input_stream(key) as src, open(copy, "wb") as dst:
                 shutil.copyfileobj(src, dst, 8 * 2**20)
         except FileNotFoundError:
-            copy = os.path.join(scratch, "missing" + suffix)
+            copy = os.path.join(folder, "missing" + suffix)
         yield copy
 
 

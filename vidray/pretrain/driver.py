@@ -42,7 +42,6 @@ accumulation and clipping, flips) comes from ``train``; what it optimises from
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ from vidray.model.pretraining import load_pretraining_model, save_encoder
 from vidray.pretrain.checks import check_pretrain_config
 from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
 from vidray.pretrain.task import pretrain_loop_per_worker
-from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path
+from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path, scratch
 from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
 from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
@@ -245,7 +244,7 @@ def publish_encoder(model, destination: str, provenance: dict[str, Any]) -> str:
     if not is_uri(destination):
         save_encoder(model, destination, provenance)
         return destination
-    with tempfile.TemporaryDirectory(prefix="vidray-encoder-") as local:
+    with scratch("encoder") as local:
         save_encoder(model, local, provenance)
         fs, path = open_filesystem(destination)
         pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -4,7 +4,6 @@ and put through the frame-order control (does the model use time?)."""
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,14 @@ from vidray.data.demo import reversal_pairs
 from vidray.infer.evaluate import evaluate_checkpoint, frame_order_control
 from vidray.infer.export import export_model
 from vidray.report.trials import TrialSummary
-from vidray.storage import is_uri
+from vidray.storage import is_uri, scratch
 
 
-def _local_checkpoint(path: str, scratch: Path) -> Path:
+def _local_checkpoint(path: str, folder: Path) -> Path:
     """A local directory holding the checkpoint (downloaded first when it lives in object storage)."""
     if not is_uri(path):
         return Path(path)
-    return Path(ray.train.Checkpoint(path).to_directory(str(scratch / Path(path).name)))
+    return Path(ray.train.Checkpoint(path).to_directory(str(folder / Path(path).name)))
 
 
 def export_and_evaluate_best(
@@ -36,8 +35,8 @@ def export_and_evaluate_best(
     # Classes that are time-reversals of each other sharpen the control. The demo's classes come in
     # such pairs (vidray/data/demo.py); any other dataset has none, and the control is plain accuracy.
     time_reversed = reversal_pairs(list(info.classes))
-    with tempfile.TemporaryDirectory(prefix="vidray-best-") as scratch:
-        checkpoint = _local_checkpoint(best.best_checkpoint, Path(scratch))
+    with scratch("best") as folder:
+        checkpoint = _local_checkpoint(best.best_checkpoint, Path(folder))
         evaluation = evaluate_checkpoint(checkpoint, dataset_dir, split=split, out_dir=reports_dir / "best_eval",
                                          clips=clips, crops=crops)
         model_dir = export_model(checkpoint, reports_dir / "best_model", held_out=evaluation)

@@ -8,7 +8,6 @@ writes it on Ray's checkpoint-upload thread while training goes on.
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 from typing import Any
 
@@ -18,6 +17,7 @@ import ray.train
 from vidray.compat import background_checkpoints_supported
 from vidray.errors import warn_once
 from vidray.model.checkpoint import host_snapshot, save_checkpoint
+from vidray.storage import scratch, scratch_dir
 
 _previous_write = threading.Event()
 _previous_write.set()
@@ -43,7 +43,7 @@ def report_epoch(
         warn_once(f"ray {ray.__version__} is not one vidray checked background checkpoints with; writing them in line")
         background = False
     if not background:
-        with tempfile.TemporaryDirectory(prefix="vidray-ckpt-") as directory:
+        with scratch("ckpt") as directory:
             checkpoint = None
             if model is not None:
                 save_checkpoint(directory, model, training_state=training_state, info=info)
@@ -74,8 +74,9 @@ def report_epoch(
             written.set()
 
     _set_previous_write(written)
-    # Ray deletes this directory once the upload has returned (delete_local_checkpoint_after_upload).
-    directory = tempfile.mkdtemp(prefix="vidray-ckpt-")
+    # Ray deletes this directory once the upload has returned (delete_local_checkpoint_after_upload); if
+    # this process is killed first, the next scratch folder made on this node removes it.
+    directory = scratch_dir("ckpt")
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(directory),
