@@ -50,6 +50,7 @@ from vidray.config import TrainSettings, load_config
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
 from vidray.data.store import encode_clip
 from vidray.errors import UserError
+from vidray.storage import remove_orphaned_scratch
 from vidray.testing.faults import kill_env
 from vidray.train.placement import should_cache_dataset
 from vidray.train.metrics import EPOCH_METRICS
@@ -467,6 +468,8 @@ def test_interrupted_run_reproduces_the_uninterrupted_run_exactly(shuffled, shuf
     model_a, _ = load_trained_model(shuffled["result"].checkpoint.path)
     model_b, _ = load_trained_model(shuffled_killed["result"].checkpoint.path)
     assert_same_tensors(model_a.state_dict(), model_b.state_dict())
+    # Whatever checkpoint folder the killed worker was staging, the resumed run's reports removed it.
+    assert remove_orphaned_scratch() == []
 
 
 def test_auto_caching_takes_what_fits_in_a_quarter_of_the_object_store(ray_cluster, shuffled_dataset):
