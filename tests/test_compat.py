@@ -186,32 +186,45 @@ def test_torchvision_free_videomae_image_processor_is_where_the_shim_finds_it():
 
 
 def test_parquet_footer_readers_are_sized_where_ray_builds_its_read(monkeypatch):
-    """vidray.data.dataset.read_split sizes Ray Data's footer-reader pool through the environment, which
-    Ray reads when read_parquet builds its file indexer; the indexer keeps the size for the whole read."""
+    """vidray.data.dataset.read_split sizes Ray Data's footer-reader pool and its calls through the
+    environment, which Ray reads when read_parquet builds its file indexer; the indexer keeps both for the
+    whole read."""
     import ray.data
     from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
     from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
 
     assert_in_ray_gate(compat.PARQUET_FOOTER_READERS_VERIFIED_RAY, "re-check how read_parquet sizes its footer readers")
     assert footer_file_indexer._DEFAULT_NUM_ACTORS == compat.PARQUET_FOOTER_READERS_MAX
-    assert footer_file_indexer._DEFAULT_BATCH_SIZE == compat.PARQUET_FOOTERS_PER_READER
+    assert footer_file_indexer._DEFAULT_BATCH_SIZE == 10  # Ray's, replaced below
+    # One call's files are read at once on the reader's own threads: a call of 128 keeps them all busy.
+    assert footer_file_indexer._DEFAULT_IO_CONCURRENCY == compat.PARQUET_FOOTERS_PER_CALL
     # read_parquet builds the indexer when it is called (not when the dataset executes), so a
     # setting around the call holds for the read.
     assert "_get_file_indexer()" in inspect.getsource(ray.data.read_api)
 
-    monkeypatch.delenv(compat.PARQUET_FOOTER_READERS_ENV, raising=False)
+    def sizes() -> tuple[int, int]:
+        indexer = FooterFileIndexer(ignore_missing_paths=False)
+        return indexer._num_actors, indexer._footer_batch_size
+
+    for name in (compat.PARQUET_FOOTER_READERS_ENV, compat.PARQUET_FOOTER_BATCH_ENV):
+        monkeypatch.delenv(name, raising=False)
     sized = {}
-    for files in (1, 10, 11, 95, 1000):
+    for files in (1, 119, 4096, 4097, 30_000, 1_000_000):
         with compat.parquet_footer_readers_for(files):
-            sized[files] = FooterFileIndexer(ignore_missing_paths=False)._num_actors
-    assert sized == {1: 1, 10: 1, 11: 2, 95: 10, 1000: 32}
-    assert compat.PARQUET_FOOTER_READERS_ENV not in os.environ  # left as it was
-    assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == compat.PARQUET_FOOTER_READERS_MAX
-    # A user's own setting wins.
+            sized[files] = sizes()
+    assert sized == {1: (1, 128), 119: (1, 128), 4096: (1, 128), 4097: (2, 128), 30_000: (8, 128), 1_000_000: (32, 128)}
+    for name in (compat.PARQUET_FOOTER_READERS_ENV, compat.PARQUET_FOOTER_BATCH_ENV):
+        assert name not in os.environ  # left as it was
+    assert sizes() == (compat.PARQUET_FOOTER_READERS_MAX, 10)  # Ray's own outside the block
+    # A user's own setting wins, each on its own.
     monkeypatch.setenv(compat.PARQUET_FOOTER_READERS_ENV, "3")
     with compat.parquet_footer_readers_for(1000):
-        assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 3
-    assert os.environ[compat.PARQUET_FOOTER_READERS_ENV] == "3"
+        assert sizes() == (3, 128)
+    assert os.environ[compat.PARQUET_FOOTER_READERS_ENV] == "3" and compat.PARQUET_FOOTER_BATCH_ENV not in os.environ
+    monkeypatch.setenv(compat.PARQUET_FOOTER_BATCH_ENV, "7")
+    with compat.parquet_footer_readers_for(1000):
+        assert sizes() == (3, 7)
+    assert os.environ[compat.PARQUET_FOOTER_BATCH_ENV] == "7"
 
 
 def test_a_first_read_inside_the_footer_reader_shim_leaves_rays_default_for_later_reads():
@@ -226,7 +239,8 @@ def test_a_first_read_inside_the_footer_reader_shim_leaves_rays_default_for_late
         "    inside = indexer.FooterFileIndexer(ignore_missing_paths=False)._num_actors\n"
         "print(inside, indexer._DEFAULT_NUM_ACTORS, indexer.FooterFileIndexer(ignore_missing_paths=False)._num_actors)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != compat.PARQUET_FOOTER_READERS_ENV}
+    ours = (compat.PARQUET_FOOTER_READERS_ENV, compat.PARQUET_FOOTER_BATCH_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["1", str(compat.PARQUET_FOOTER_READERS_MAX), str(compat.PARQUET_FOOTER_READERS_MAX)]

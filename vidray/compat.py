@@ -38,35 +38,47 @@ def _transformers_version() -> str:
 # ray/data/read_api.py builds read_parquet's file indexer when it is called (FooterFileIndexer,
 # ray/data/_internal/datasource_v2/formats/parquet/footer_file_indexer.py), and the indexer reads every
 # file's footer on a pool of RAY_DATA_PARQUET_FOOTER_NUM_ACTORS actors (default 32), each a Python
-# process of its own, taken from the environment in its constructor. Sized for object stores and
-# thousands of files; for a split of a few dozen shards it is seconds of process starts on a small
-# machine. Outside the gate nothing is set (Ray's default pool: slower, same result). If it moves: find
-# where the new indexer sizes its pool and point this shim at that switch.
+# process of its own, handing each actor RAY_DATA_PARQUET_FOOTER_BATCH_SIZE files per call (default 10),
+# which it reads on as many threads at once (its pool has RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY, 128).
+# Both are taken from the environment in the indexer's constructor. Sized for object stores and
+# hundreds of thousands of files; a process start costs 1.2-1.4 CPU-s, so for a split of a few hundred
+# shards the pool costs more than its reads (one actor reads a call's 128 footers at once: on local or
+# network disks in milliseconds, from object storage in one round trip). Outside the gate nothing is set
+# (Ray's default pool: slower, same result). If it moves: find where the new indexer sizes its pool and
+# its calls, and point this shim at those switches.
 PARQUET_FOOTER_READERS_VERIFIED_RAY = ("2.60.0",)
 PARQUET_FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-PARQUET_FOOTERS_PER_READER = 10  # Ray's footer batch (RAY_DATA_PARQUET_FOOTER_BATCH_SIZE): one call's worth
+PARQUET_FOOTER_BATCH_ENV = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
+PARQUET_FOOTERS_PER_CALL = 128  # Ray's per-actor IO concurrency: one call keeps every thread of a reader busy
+PARQUET_FILES_PER_READER = 4096  # 32 calls of 128: about a second of reads per reader from object storage
 PARQUET_FOOTER_READERS_MAX = 32  # Ray's own default, the most this shim asks for
 
 
 @contextmanager
 def parquet_footer_readers_for(files: int) -> Iterator[None]:
-    """Within the block, a ``ray.data.read_parquet`` call reads footers with one actor per 10 of its
-    ``files`` (1 to 32) instead of Ray's 32; a value the user set in the environment wins."""
-    user_set = os.environ.get(PARQUET_FOOTER_READERS_ENV) is not None
-    if user_set or _ray_version() not in PARQUET_FOOTER_READERS_VERIFIED_RAY:
+    """Within the block, a ``ray.data.read_parquet`` call reads its ``files``' footers with one actor per
+    4,096 files (1 to 32) instead of Ray's 32, 128 files per call instead of 10; what the user set in the
+    environment wins (each variable on its own)."""
+    if _ray_version() not in PARQUET_FOOTER_READERS_VERIFIED_RAY:
         yield
         return
-    # Ray reads the variable twice: into a module default when read_parquet first imports the indexer,
-    # and in the indexer's constructor. Imported here first, the default stays Ray's own (32) for every
-    # later read in this process, the user's included, whichever read came first.
+    # Ray reads the variables twice: into module defaults when read_parquet first imports the indexer,
+    # and in the indexer's constructor. Imported here first, the defaults stay Ray's own for every later
+    # read in this process, the user's included, whichever read came first.
     import ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer  # noqa: F401
 
-    readers = min(PARQUET_FOOTER_READERS_MAX, max(1, -(-files // PARQUET_FOOTERS_PER_READER)))
-    os.environ[PARQUET_FOOTER_READERS_ENV] = str(readers)
+    readers = min(PARQUET_FOOTER_READERS_MAX, max(1, -(-files // PARQUET_FILES_PER_READER)))
+    ours = {
+        name: value
+        for name, value in ((PARQUET_FOOTER_READERS_ENV, readers), (PARQUET_FOOTER_BATCH_ENV, PARQUET_FOOTERS_PER_CALL))
+        if os.environ.get(name) is None
+    }
+    os.environ.update({name: str(value) for name, value in ours.items()})
     try:
         yield
     finally:
-        os.environ.pop(PARQUET_FOOTER_READERS_ENV, None)
+        for name in ours:
+            os.environ.pop(name, None)
 
 
 # ------------------------------------------------------------------ Ray Train V2: the report log line
