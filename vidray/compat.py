@@ -41,7 +41,7 @@ def _transformers_version() -> str:
 # process of its own, handing each actor RAY_DATA_PARQUET_FOOTER_BATCH_SIZE files per call (default 10),
 # which it reads on as many threads at once (its pool has RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY, 128).
 # Both are taken from the environment in the indexer's constructor. Sized for object stores and
-# hundreds of thousands of files; a process start costs 1.2-1.4 CPU-s, so for a split of a few hundred
+# hundreds of thousands of files; a process start costs 1.2-1.5 CPU-s, so for a split of a few hundred
 # shards the pool costs more than its reads (one actor reads a call's 128 footers at once: on local or
 # network disks in milliseconds, from object storage in one round trip). Outside the gate nothing is set
 # (Ray's default pool: slower, same result). If it moves: find where the new indexer sizes its pool and
