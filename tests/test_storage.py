@@ -129,7 +129,7 @@ def test_shared_filesystem_is_a_config_key():
 # ------------------------------------------------------------------ scratch folders of killed processes
 
 MAKE_SCRATCH = """
-import sys, time
+import time
 from vidray.storage import scratch_dir
 path = scratch_dir("ckpt")
 open(path + "/model.safetensors", "wb").write(b"weights")

@@ -71,7 +71,7 @@ def remove_orphaned_scratch(root: str | None = None) -> list[str]:
     except OSError:
         return removed
     for entry in entries:
-        match = _SCRATCH.match(entry.name) if entry.name.startswith("vidray-") else None
+        match = _SCRATCH.match(entry.name)
         if match and match["host"] == host and not _alive(int(match["pid"])) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)  # another user's stays: not ours to remove
             if not os.path.lexists(entry.path):
