@@ -55,7 +55,11 @@ CASES: dict[str, tuple[str, list[str], str]] = {
     "hevc10_mov_rot90": ("iPhone: HEVC 10-bit MOV, upright (rotate 90), timecode track",
                          ["-c:v", "libx265", "-pix_fmt", "yuv420p10le", "-x265-params", "log-level=error", "-tag:v", "hvc1",
                           "-timecode", "01:00:00:00"], "iphone.mov"),  # rotated by make_files: see rotate_copy
-    "vp9_webm": ("web VP9 (YouTube, browsers' recorders)", ["-c:v", "libvpx-vp9", "-b:v", "300k"], "vp9.webm"),
+    "vp9_webm": ("web VP9 (YouTube)", ["-c:v", "libvpx-vp9", "-b:v", "300k"], "vp9.webm"),
+    # A live WebM: no duration, no index (cues), as a browser's MediaRecorder writes it while it records.
+    "vp9_recorder_webm": ("a browser's recording (MediaRecorder): realtime VP9 and Opus, live WebM (no duration, no index)",
+                          ["-f", "lavfi", "-i", "sine=duration=4", "-c:v", "libvpx-vp9", "-deadline", "realtime",
+                           "-cpu-used", "8", "-b:v", "300k", "-c:a", "libopus", "-live", "1"], "recording.webm"),
     "av1_mp4": ("web AV1", ["-c:v", "libsvtav1"], "av1.mp4"),
     "mpeg4_avi": ("old cameras: MPEG-4 part 2 in AVI", ["-c:v", "mpeg4"], "mpeg4.avi"),
     "mjpeg_avi": ("webcams, old cameras: Motion JPEG", ["-c:v", "mjpeg"], "mjpeg.avi"),
@@ -76,6 +80,7 @@ DERIVED = {
     "trimmed_mp4": "a trim without re-encoding: an edit list hides the frames before the cut (phones, `ffmpeg -ss -c copy`)",
     "thumbnail_first_mkv": "a web download whose first video track is its thumbnail",
     "ts_from_mid_gop": "a transport stream captured mid-GOP",
+    "vp9_recorder_remuxed_webm": "that browser recording remuxed (`ffmpeg -i rec.webm -c copy`, the usual fix): duration and index added",
 }
 
 
@@ -122,6 +127,8 @@ def make_files(folder: Path) -> dict[str, Path]:
     ffmpeg("-f", "lavfi", "-i", f"{SOURCE}:duration=6", "-c:v", "libx264", "-bf", "2", "-g", "50", "-f", "mpegts", str(long_ts))
     files["ts_from_mid_gop"] = folder / "mid_gop.ts"
     files["ts_from_mid_gop"].write_bytes(long_ts.read_bytes()[188 * 300 :])  # whole 188-byte TS packets
+    files["vp9_recorder_remuxed_webm"] = folder / "recording_remuxed.webm"
+    ffmpeg("-i", str(files["vp9_recorder_webm"]), "-c", "copy", str(files["vp9_recorder_remuxed_webm"]))
     return files
 
 

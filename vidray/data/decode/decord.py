@@ -21,14 +21,15 @@ import av
 import decord
 import numpy as np
 
-from vidray.data.clip import CorruptVideoError, DecodedClip, NoFramesError, centre_crop, segment_indices
-from vidray.data.decode.pyav import probe_geometry_and_seeking, refused_by
+from vidray.data.clip import DecodedClip, NoFramesError, centre_crop, segment_indices
+from vidray.data.decode.pyav import failed_part_way, probe_geometry_and_seeking, refused_by
 
 
 # Containers (FFmpeg's names) where decord's seeks land on the frame asked for, measured on each: MP4/MOV
 # (edit lists aside, see _hidden_frames), Matroska/WebM, AVI, FLV. Elsewhere (WMV/ASF: frames repeated;
 # MXF, Ogg, ...) a file is read in order. MPEG transport and program streams it cannot read either way.
 DECORD_SEEKS_EXACTLY = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
+_DECORD_ERRORS = (decord.DECORDError, RuntimeError, AssertionError)
 
 
 def _message(err: BaseException) -> str:
@@ -47,7 +48,7 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
     out_width, out_height = geometry.resize_displayed(stored_size)
     try:
         reader = decord.VideoReader(path, width=out_width, height=out_height, num_threads=num_threads)
-    except (decord.DECORDError, RuntimeError, AssertionError) as err:
+    except _DECORD_ERRORS as err:
         raise refused_by("decord", path, _message(err)) from None  # PyAV decoded its first frame above
     # Edit lists exist in MP4/MOV (other containers can have negative times of their own).
     hidden = _hidden_frames(reader) if seeks_exactly else 0
@@ -57,18 +58,31 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
     indices = segment_indices(num_frames, stored_frames).tolist()
     in_order = bool(hidden) or not seeks_exactly
     try:
+        frames = _read_resized(reader, path, indices, in_order, out_width, out_height, num_threads)
+    except _DECORD_ERRORS as err:
+        if num_threads == 1:
+            raise failed_part_way("decord", path, _message(err), stored_frames, stored_size) from None
+        # decord takes FFmpeg's "send the next packet later" (EAGAIN) from a frame-threaded decoder for
+        # an error. Measured on realtime-mode VP9, what browsers' recorders (MediaRecorder, WebRTC) write:
+        # every read failed part-way with decord's thread count, none with one thread.
         try:
-            frames = _read(reader, indices, in_order)
-        except decord.DECORDError as err:
-            if "size must exactly match" not in str(err):
-                raise
-            # decord 0.6 miscomputes its copy size for some small output sizes
-            # (e.g. 48x36): decode at the displayed size and resize here instead.
-            reader = decord.VideoReader(path, num_threads=num_threads)
-            frames = _resize(_read(reader, indices, in_order), out_width, out_height)
-    except (decord.DECORDError, RuntimeError, AssertionError) as err:
-        raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
+            one_thread = decord.VideoReader(path, width=out_width, height=out_height, num_threads=1)
+            frames = _read_resized(one_thread, path, indices, in_order, out_width, out_height, 1)
+        except _DECORD_ERRORS:
+            raise failed_part_way("decord", path, _message(err), stored_frames, stored_size) from None
     return DecodedClip(centre_crop(frames, stored_size), source_frames=num_frames, padded=num_frames < stored_frames)
+
+
+def _read_resized(reader, path: str, indices: list[int], in_order: bool, width: int, height: int, num_threads: int):
+    """:func:`_read` at ``width`` x ``height``, around decord 0.6's copy-size bug."""
+    try:
+        return _read(reader, indices, in_order)
+    except decord.DECORDError as err:
+        if "size must exactly match" not in str(err):
+            raise
+        # decord 0.6 miscomputes its copy size for some small output sizes
+        # (e.g. 48x36): decode at the displayed size and resize here instead.
+        return _resize(_read(decord.VideoReader(path, num_threads=num_threads), indices, in_order), width, height)
 
 
 def _hidden_frames(reader) -> int:

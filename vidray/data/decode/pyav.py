@@ -22,6 +22,7 @@ from vidray.data.clip import (
     NoVideoStreamError,
     StreamInfo,
     UnsupportedByDecoderError,
+    VideoError,
     centre_crop,
     quarter_turns,
     rotate_frames,
@@ -288,6 +289,17 @@ def refused_by(decoder: str, path: str, detail: str) -> UnsupportedByDecoderErro
     return UnsupportedByDecoderError(
         path, f"{decoder} cannot decode its {codec} video ({detail}), which PyAV decodes: set data.decoder=pyav"
     )
+
+
+def failed_part_way(decoder: str, path: str, detail: str, stored_frames: int, stored_size: int) -> VideoError:
+    """The error for a file ``decoder`` stopped decoding part-way: truncated or corrupt when PyAV cannot
+    read the same samples either, else :func:`refused_by` (a file that decoder cannot read, not a broken
+    one). PyAV decodes the clip once more on this error path only."""
+    try:
+        read_samples(path, stored_frames, stored_size, num_threads=1)
+    except VideoError:
+        return CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({detail})")
+    return refused_by(decoder, path, f"it failed part-way: {detail}")
 
 
 def probe_stream(path: str) -> StreamInfo:

@@ -27,7 +27,6 @@ from torchcodec.decoders import VideoDecoder
 from torchcodec.transforms import DecoderTransform, Resize
 
 from vidray.data.clip import (
-    CorruptVideoError,
     DecodedClip,
     Geometry,
     NoFramesError,
@@ -132,11 +131,11 @@ def read_samples(
             container, _ = open_video(path)
             container.close()
             raise NoFramesError(path, f"no decodable frames ({_message(err)})") from None
-        from vidray.data.decode.pyav import probe_geometry_and_seeking, refused_by
+        from vidray.data.decode.pyav import failed_part_way, probe_geometry_and_seeking, refused_by
 
         if not probe_geometry_and_seeking(path)[2]:  # an MPEG transport or program stream: not corrupt
             raise refused_by("torchcodec", path, f"it cannot seek in this stream: {_message(err)}") from None
-        raise CorruptVideoError(path, f"truncated or corrupt: decoding failed part-way ({_message(err)})") from None
+        raise failed_part_way("torchcodec", path, _message(err), stored_frames, stored_size) from None
     # The first sample is frame 0, shown at the stream's beginning. torchcodec (exact seek mode) cannot
     # reach the frames before a file's first shown keyframe when an edit list hides the keyframe they
     # decode from (a trimmed phone video, a `-c copy` cut): it returns that next keyframe, with its time.
