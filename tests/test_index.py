@@ -72,6 +72,11 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
     (root / "test" / "circle_growing" / "broken.mp4").write_bytes(b"not really an mp4" * 50)
     # A link into storage that is gone: a video of the folder, rejected with its reason, not ignored.
     (root / "test" / "circle_growing" / "moved.mp4").symlink_to(tmp_path / "unmounted" / "moved.mp4")
+    # Hidden entries, as Hugging Face datasets' folder builders leave them out: not a class, not a video.
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    write_mkv(root / "train" / ".ipynb_checkpoints" / "clip.mkv", tiny_frames(30), fps=24)
+    (root / "val" / "__MACOSX").mkdir()  # a Mac zip's resource forks
+    (root / "val" / "extra_class" / "._clip.MKV").write_bytes(b"\x00\x05\x16\x07Mac OS X")
     out = tmp_path / "out" / "manifest.parquet"
 
     summary = index_folder(root, out)
@@ -80,7 +85,7 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
     classes = sorted(demo_classes + ["empty_class", "extra_class"])
     assert summary["classes"] == classes
     assert summary["selected"] == summary["present"] == 15 and summary["missing"] == 0
-    assert summary["ignored"] == 5  # README.txt, other/, notes.txt, labels.csv, nested/
+    assert summary["ignored"] == 8  # README.txt, other/, notes.txt, labels.csv, nested/ and the three hidden ones
     assert summary["per_class"] == {
         "circle_growing": 5, "circle_shrinking": 3, "empty_class": 0, "extra_class": 1,
         "square_moving_left": 3, "square_moving_right": 3,

@@ -21,7 +21,7 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus, resolve_stages
-from vidray.infer.corpus import PARTS_DIR, discover, group_chunks, plan_chunks
+from vidray.infer.corpus import PARTS_DIR, _shown_below, discover, group_chunks, plan_chunks
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
 from vidray.errors import UserError
@@ -218,6 +218,27 @@ def test_cli_refuses_folders_without_out_and_bad_views(corpus, model_dir, tmp_pa
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(UserError, match="folder without video files"):
         predict_corpus(model_dir, [str(tmp_path / "empty")], str(tmp_path / "p"))
+
+
+def test_a_folder_corpus_leaves_hidden_files_and_folders_out(tmp_path):
+    """What Hugging Face ``datasets`` leaves out of a folder, vidray leaves out too: a folder copied from a
+    Mac (``._clip.mp4`` resource forks, ``.Trashes``), a notebook's ``.ipynb_checkpoints``, a Mac zip's
+    ``__MACOSX``. Each would have been a row: a rejected not-a-video, or a deleted video labelled."""
+    root = tmp_path / "corpus"
+    (root / "day1").mkdir(parents=True)
+    shown = [encode_mp4(root / "clip.mp4", np.zeros((4, 16, 16, 3), np.uint8)), root / "day1" / "clip.MOV"]
+    shutil.copy(shown[0], shown[1])
+    for hidden in (".Trashes/501/deleted.mp4", "day1/.ipynb_checkpoints/clip-checkpoint.mp4", "__MACOSX/day1/._clip.MOV"):
+        (root / hidden).parent.mkdir(parents=True)
+        shutil.copy(shown[0], root / hidden)
+    (root / "day1" / "._clip.MOV").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    assert discover([str(root)]) == sorted(map(str, shown))
+    # Object stores list bucket/key paths: the same rule below the folder asked for, not above it.
+    assert _shown_below("bucket/.data", "bucket/.data/day1/clip.mp4")
+    assert not _shown_below("bucket/data", "bucket/data/.ipynb_checkpoints/clip.mp4")
+    assert not _shown_below("bucket/data", "bucket/data/day1/._clip.mp4")
+    # Asked for by name, a hidden file is a video like any other.
+    assert discover([str(root / "day1" / "._clip.MOV")]) == [str(root / "day1" / "._clip.MOV")]
 
 
 # --- multi-view ----------------------------------------------------------------

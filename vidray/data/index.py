@@ -67,6 +67,14 @@ def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in EXTENSION_RANK
 
 
+def is_hidden(name: str) -> bool:
+    """A file or folder a folder's owner does not see as data, left out as Hugging Face ``datasets``'
+    folder builders leave it out: dot-names (Jupyter's ``.ipynb_checkpoints``, macOS's ``._clip.mp4``
+    resource forks and ``.Trashes``) and the ``__MACOSX`` folder of a zip made on a Mac. Seen as a class
+    folder, one of them would add a label to the model."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def is_listed_video(path: Path) -> bool:
     """A video file in a folder, or a link named like one whose target is gone. A corpus of links into
     storage that was moved or unmounted must show each such link as a video rejected with its reason
@@ -197,8 +205,8 @@ def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
 
     Classes are the sorted union of class folder names over all splits (an
     empty class folder still gets a label index). Files that are not videos
-    (by extension, case-insensitive), anything nested deeper and anything
-    outside the split folders are ignored and counted; a dangling link named like a video is indexed, so
+    (by extension, case-insensitive), hidden files and folders (:func:`is_hidden`), anything nested deeper
+    and anything outside the split folders are ignored and counted; a dangling link named like a video is indexed, so
     that preprocessing rejects it with its reason (:func:`is_listed_video`). ``video_id`` is the
     path below ROOT without extension, unique even when file names repeat.
     """
@@ -217,7 +225,7 @@ def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
     class_dirs: list[tuple[str, Path]] = []
     for split, split_dir in split_dirs.items():
         for entry in sorted(split_dir.iterdir()):
-            if entry.is_dir():
+            if entry.is_dir() and not is_hidden(entry.name):
                 class_dirs.append((split, entry))
             else:
                 ignored.append(entry)
@@ -226,7 +234,7 @@ def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
     rows = []
     for split, class_dir in class_dirs:
         for path in sorted(class_dir.iterdir()):
-            if not is_listed_video(path):
+            if is_hidden(path.name) or not is_listed_video(path):
                 ignored.append(path)
                 continue
             rows.append(

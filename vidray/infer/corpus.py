@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vidray.data.index import is_listed_video, is_video_file
+from vidray.data.index import is_hidden, is_listed_video, is_video_file
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import write_atomically
 from vidray.data.shards import DecodeSettings
@@ -67,9 +67,16 @@ def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
 
 
 def _local_videos(root: str) -> Iterator[str]:
-    """The videos under a local folder, in its linked folders too (as pyarrow lists them)."""
-    for directory, _, files in os.walk(root, followlinks=True):
-        yield from (path for path in (os.path.join(directory, name) for name in files) if is_listed_video(Path(path)))
+    """The videos under a local folder, in its linked folders too (as pyarrow lists them), hidden ones left out."""
+    for directory, folders, files in os.walk(root, followlinks=True):
+        folders[:] = [name for name in folders if not is_hidden(name)]  # not walked into
+        paths = (os.path.join(directory, name) for name in files if not is_hidden(name))
+        yield from (path for path in paths if is_listed_video(Path(path)))
+
+
+def _shown_below(root: str, path: str) -> bool:
+    """Whether nothing on ``path`` below ``root`` is hidden (:func:`vidray.data.index.is_hidden`)."""
+    return not any(is_hidden(part) for part in path[len(root):].split("/"))
 
 
 def discover(inputs: list[str]) -> list[str]:
@@ -85,7 +92,8 @@ def discover(inputs: list[str]) -> list[str]:
                 videos = sorted(_local_videos(key))
             else:
                 entries = fs.get_file_info(pafs.FileSelector(key, recursive=True))
-                videos = sorted(e.path for e in entries if e.type == pafs.FileType.File and is_video_file(Path(e.path)))
+                videos = sorted(e.path for e in entries if e.type == pafs.FileType.File and is_video_file(Path(e.path))
+                                and _shown_below(key, e.path))  # fmt: skip
             if not videos:
                 raise UserError(f"{name} is a folder without video files (looked for .mp4, .mov, .mkv, .webm, ...)")
             # Object stores list bucket/key: the rows keep the scheme; local folders give local paths.
