@@ -31,6 +31,11 @@ from vidray.data.decode.pyav import failed_part_way, probe_geometry_and_seeking,
 DECORD_SEEKS_EXACTLY = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError, AssertionError)
 
+# decord's own FFmpeg logs decoding errors to stderr (a dozen "[h264 @ 0x...] error while decoding MB" lines
+# for one damaged file in `vidray predict`'s console); the error vidray raises carries the reason. PyAV and
+# torchcodec print nothing. This is decord's bundled FFmpeg only: no other library's logging changes.
+decord.logging.set_level(decord.logging.QUIET)
+
 
 def _message(err: BaseException) -> str:
     # decord prefixes "[hh:mm:ss] /src/file.cc:123: "; keep only the message.
