@@ -81,6 +81,7 @@ DERIVED = {
     "thumbnail_first_mkv": "a web download whose first video track is its thumbnail",
     "ts_from_mid_gop": "a transport stream captured mid-GOP",
     "vp9_recorder_remuxed_webm": "that browser recording remuxed (`ffmpeg -i rec.webm -c copy`, the usual fix): duration and index added",
+    "vp9_resolution_change_webm": "a call recording (WebRTC) whose sender halves the resolution part-way: 320x240, then 160x120",
 }
 
 
@@ -129,6 +130,14 @@ def make_files(folder: Path) -> dict[str, Path]:
     files["ts_from_mid_gop"].write_bytes(long_ts.read_bytes()[188 * 300 :])  # whole 188-byte TS packets
     files["vp9_recorder_remuxed_webm"] = folder / "recording_remuxed.webm"
     ffmpeg("-i", str(files["vp9_recorder_webm"]), "-c", "copy", str(files["vp9_recorder_remuxed_webm"]))
+    halves = []
+    for size, offset in (("320x240", 0), ("160x120", 2)):  # the pattern runs on across the change
+        halves.append(folder / f"call_{size}.webm")
+        ffmpeg("-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration=2", "-vf", f"setpts=PTS+{offset}/TB",
+               "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "300k", str(halves[-1]))  # fmt: skip
+    (folder / "call.txt").write_text("".join(f"file '{half}'\n" for half in halves))
+    files["vp9_resolution_change_webm"] = folder / "call.webm"
+    ffmpeg("-f", "concat", "-safe", "0", "-i", str(folder / "call.txt"), "-c", "copy", str(files["vp9_resolution_change_webm"]))
     return files
 
 

@@ -276,6 +276,8 @@ def test_the_model_card_says_what_transformers_pipeline_does_otherwise(tmp_path)
     refused. When a pin moves and transformers or torchcodec changes, this fails, and the card needs a look."""
     from fractions import Fraction
 
+    from test_video import write_resolution_change
+
     from vidray.data.video import encode_mp4
     from vidray.infer.export import sampling_differences
 
@@ -291,6 +293,7 @@ def test_the_model_card_says_what_transformers_pipeline_does_otherwise(tmp_path)
         "anamorphic": encode_mp4(tmp_path / "anamorphic.mp4", frames, fps=10, crf=10, sample_aspect_ratio=Fraction(2)),
         "short": encode_mp4(tmp_path / "short.mp4", frames[:6], fps=10, crf=10),
         "transport": tmp_path / "clip.ts",
+        "resized": write_resolution_change(tmp_path / "call.webm", [frames[:10], np.ascontiguousarray(frames[10:, ::2, ::2])]),
     }
     with av.open(str(files["transport"]), "w", format="mpegts") as container:
         stream = container.add_stream("libx264", rate=10)
@@ -316,7 +319,8 @@ def test_the_model_card_says_what_transformers_pipeline_does_otherwise(tmp_path)
     # Refused by the pipeline, read by vidray.
     assert "exceeds total_num_frames=6" in theirs["short"]["error"] and "makes transformers raise" in card, theirs
     assert "error" in theirs["transport"] and "transport streams" in card, theirs
-    for name in ("short", "transport"):
+    assert "error" in theirs["resized"] and "resolution change part-way" in card, theirs
+    for name in ("short", "transport", "resized"):
         assert ours(name).shape == (bench.MODEL_SHAPE["frames"], bench.MODEL_SHAPE["size"], bench.MODEL_SHAPE["size"], 3)
     assert versions["torchcodec"].startswith("0.13.") and "torchcodec 0.13" in card  # the version the card names
 

@@ -332,6 +332,38 @@ def test_a_browser_recording_decodes_with_the_decoders_own_thread_count(tmp_path
     np.testing.assert_allclose(frame_levels(clip.frames), 3 * segment_indices(60, 8), atol=4)
 
 
+def write_resolution_change(path: Path, parts: list[np.ndarray]) -> Path:
+    """A WebRTC recording's video: VP9 whose frames change size part-way (the sender adapting to its
+    connection). Each part is encoded as a browser recording; their packets follow each other in one
+    stream, which keeps the first part's size in its header (as `ffmpeg -f concat -c copy` writes it)."""
+    encoded = [write_browser_recording(path.with_name(f"{path.stem}.{i}.webm"), frames) for i, frames in enumerate(parts)]
+    with av.open(str(path), "w", format="webm") as out:
+        stream, offset = None, 0
+        for part in encoded:
+            with av.open(str(part)) as source:
+                video = source.streams.video[0]
+                stream = stream or out.add_stream_from_template(video)
+                end = offset
+                for packet in source.demux(video):
+                    if packet.dts is None:  # the flush packet
+                        continue
+                    packet.pts, packet.dts, packet.stream = packet.pts + offset, packet.dts + offset, stream
+                    end = max(end, packet.pts + (packet.duration or 0))
+                    out.mux(packet)
+                offset = end
+    return path
+
+
+def test_a_resolution_change_part_way_gives_every_frame_at_the_clips_size(tmp_path, decoder):
+    """The header says 64x48, the second half of the frames are 32x24: every frame is scaled to the clip's
+    size, none is refused (transformers' pipeline fails on such a file: the export's card says so)."""
+    ramp = brightness_ramp(60, 48, 64, step=3)
+    path = write_resolution_change(tmp_path / "call.webm", [ramp[:30], np.ascontiguousarray(ramp[30:, ::2, ::2])])
+    clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+    assert clip.frames.shape == (8, 32, 32, 3) and clip.source_frames == 60
+    np.testing.assert_allclose(frame_levels(clip.frames), 3 * segment_indices(60, 8), atol=4)
+
+
 def test_a_part_way_failure_is_corruption_only_when_pyav_fails_too(tmp_path, good_video):
     """The rule decord's and torchcodec's part-way failures go through: a file PyAV reads is one that decoder
     cannot read (named, with the setting that reads it), not a broken one."""

@@ -184,6 +184,8 @@ def sampling_differences(data: dict[str, Any]) -> list[str]:
         "Resize: the same size (the short side scaled, the long side rounded down by both), with other filters: "
         "vidray resizes in the decoder (FFmpeg's swscale, bilinear), transformers resizes RGB frames with "
         "torchvision (bilinear, antialiased). The model inputs differ by 1-2.5 grey levels on average.",
+        "A resolution change part-way (WebRTC and browser recordings adapt their resolution to the connection): "
+        "torchcodec 0.13 fails on it in the pipeline; vidray scales every frame to the clip's size.",
         "Views: vidray's evaluation may average several temporal clips (train.eval_clips); the pipeline runs one.",
         "Trimmed videos (an edit list hiding the frames before the new start, as phones and `ffmpeg -ss ... -c copy` "
         "write them): torchcodec 0.13 can return the first shown keyframe for the frames before it; vidray decodes "
