@@ -21,7 +21,7 @@ import pytest
 from vidray.data.demo import generate_demo_videos
 from vidray.errors import UserError
 from vidray.data.coin import index_coin
-from vidray.data.index import MANIFEST_SCHEMA, index_folder, probe_video, read_manifest
+from vidray.data.index import MANIFEST_SCHEMA, held_out_fraction, index_folder, probe_video, read_manifest
 from vidray.data.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +128,69 @@ def test_index_folder_without_probe_leaves_probe_columns_empty(demo_root, tmp_pa
     assert summary["present"] == 12 and summary["ignored"] == 0
     frame, _ = read_manifest(tmp_path / "m.parquet")
     assert frame[["duration", "fps", "num_frames", "width", "height", "probe_error"]].isna().all().all()
+
+
+def _val_ids(manifest: Path) -> set[str]:
+    frame, _ = read_manifest(manifest)
+    return set(frame.loc[frame["split"] == "val", "video_id"])
+
+
+def test_a_folder_without_val_lends_a_share_of_each_classs_train_videos_to_val(tmp_path):
+    """train/ and test/ only, as many datasets ship: data.val_fraction of each class's train videos become
+    val, chosen by their ids' hash: the same on every run, and a video added moves at most one other."""
+    root = tmp_path / "videos"
+    for label, count in {"many": 10, "few": 5, "one": 1}.items():
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(count):
+            (root / "train" / label / f"{label}{i}.mp4").write_bytes(b"")  # not probed: only the names count
+    (root / "test" / "many").mkdir(parents=True)
+    (root / "test" / "many" / "held.mp4").write_bytes(b"")
+    out = tmp_path / "m.parquet"
+
+    summary = index_folder(root, out, probe=False, val_fraction=0.2)
+    frame, _ = read_manifest(out)
+    per_split_class = Counter(zip(frame["split"], frame["label"]))
+    # 20 % of 10 and of 5, at least one; a class of one video keeps it for training.
+    assert (per_split_class["val", "many"], per_split_class["val", "few"], per_split_class["val", "one"]) == (2, 1, 0)
+    assert summary["val_held_out_of_train"] == 3 and summary["per_split"] == {"train": 13, "val": 3, "test": 1}
+    assert held_out_fraction(out) == 0.2
+    first = _val_ids(out)
+    assert all(video_id.startswith("train/") for video_id in first)  # ids stay the paths below ROOT
+
+    index_folder(root, out, probe=False, val_fraction=0.2)
+    assert _val_ids(out) == first  # no draw: the same videos every time
+    (root / "train" / "many" / "added.mp4").write_bytes(b"")
+    index_folder(root, out, probe=False, val_fraction=0.2)
+    assert len((_val_ids(out) ^ first) - {"train/many/added"}) <= 1
+
+    assert _val_ids(index_folder(root, out, probe=False, val_fraction=0.0)["manifest"]) == set()
+    assert held_out_fraction(out) == 0.0
+    (root / "val" / "many").mkdir(parents=True)  # a val/ of its own: nothing is lent
+    (root / "val" / "many" / "own.mp4").write_bytes(b"")
+    assert index_folder(root, out, probe=False, val_fraction=0.2)["val_held_out_of_train"] == 0
+    assert _val_ids(out) == {"val/many/own"} and held_out_fraction(out) == 0.0
+    with pytest.raises(UserError, match=r"val_fraction=1.0 is not a share of the train videos: give one in \[0, 1\)"):
+        index_folder(root, out, probe=False, val_fraction=1.0)
+
+
+def test_a_folder_is_indexed_again_when_its_val_fraction_changes(tmp_path):
+    """data.source=folder reuses its manifest while the folder is unchanged, unless the share lent to val changed."""
+    from vidray.config import DataSettings
+    from vidray.data.prepare import folder_manifest_is_stale
+
+    root = tmp_path / "videos"
+    (root / "train" / "a").mkdir(parents=True)
+    for i in range(4):
+        (root / "train" / "a" / f"{i}.mp4").write_bytes(b"")
+    data = DataSettings(source="folder", videos_dir=root, manifest=tmp_path / "m.parquet", val_fraction=0.25)
+    assert folder_manifest_is_stale(data)  # no manifest yet
+    index_folder(root, data.manifest, probe=False, val_fraction=data.val_fraction)
+    assert not folder_manifest_is_stale(data)
+    assert folder_manifest_is_stale(data.model_copy(update={"val_fraction": 0.5}))
+    (root / "val" / "a").mkdir(parents=True)  # now the folder has its own val/: the fraction no longer applies
+    (root / "val" / "a" / "v.mp4").write_bytes(b"")
+    index_folder(root, data.manifest, probe=False, val_fraction=data.val_fraction)
+    assert not folder_manifest_is_stale(data) and not folder_manifest_is_stale(data.model_copy(update={"val_fraction": 0.5}))
 
 
 def test_index_folder_bad_layouts_name_the_path_and_layout(tmp_path):

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES
+from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES, DataSettings
 from vidray.errors import UserError
 
 
@@ -58,7 +58,7 @@ def _add_verbose_arg(parser: argparse.ArgumentParser, help_text: str = "show Ray
 def cmd_index_folder(args: argparse.Namespace) -> None:
     from vidray.data.index import index_folder
 
-    _print_summary(index_folder(Path(args.root), Path(args.out), probe=not args.no_probe))
+    _print_summary(index_folder(Path(args.root), Path(args.out), probe=not args.no_probe, val_fraction=args.val_fraction))
 
 
 def cmd_index_coin(args: argparse.Namespace) -> None:
@@ -220,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("root")
     folder.add_argument("--out", required=True, help="manifest .parquet to write")
     folder.add_argument("--no-probe", action="store_true", help="skip reading duration/fps/size")
+    folder.add_argument(
+        "--val-fraction", type=float, default=DataSettings().val_fraction,
+        help="ROOT without val/: this share of each class's train videos is val, the same ones every time "
+             "(data.val_fraction; default %(default)s, 0 for none)",
+    )  # fmt: skip
     folder.set_defaults(func=cmd_index_folder)
     coin = index_sub.add_parser("coin", help="COIN.json annotations + taxonomy -> 12 domain (or 180 task) classes")
     coin.add_argument("--annotations", nargs="+", required=True)

@@ -54,6 +54,10 @@ class DataSettings(_Section):
     manifest: Path = Path("data/demo/manifest.parquet")
     # Sharded Parquet output of ``vidray preprocess``; a local path or s3:// / gs:// URI.
     dataset_dir: str = "data/demo/dataset"
+    # A folder without val/ (train/ and test/ only, as many datasets ship): this share of each class's
+    # train videos becomes val, the same ones on every run (vidray.data.index.hold_out_val). 0: none,
+    # and training refuses the folder.
+    val_fraction: float = Field(0.1, ge=0, lt=1)
 
     # COIN only.
     annotations: list[Path] = Field(default_factory=list)

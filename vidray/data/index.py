@@ -19,9 +19,10 @@ rejects it with the decoder's reason.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,8 @@ VIDEO_EXTENSIONS = (
 EXTENSION_RANK = {ext: rank for rank, ext in enumerate(VIDEO_EXTENSIONS)}
 
 CLASSES_KEY = b"vidray.classes"
+# The share of each class's train videos a folder without val/ lent to val (hold_out_val); absent: none.
+VAL_FRACTION_KEY = b"vidray.val_fraction"
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # absolute
@@ -134,10 +137,14 @@ def probe_rows(rows: list[dict[str, Any]], probe: bool) -> None:
 # --- manifest I/O ------------------------------------------------------------
 
 
-def write_manifest(rows: list[dict[str, Any]], classes: list[str], out: Path) -> Path:
-    """Write rows atomically (temporary file + rename) with the class list in the schema metadata."""
+def write_manifest(rows: list[dict[str, Any]], classes: list[str], out: Path, val_fraction: float = 0.0) -> Path:
+    """Write rows atomically (temporary file + rename) with the class list in the schema metadata, and
+    ``val_fraction`` when the rows' val split was held out of train (:func:`hold_out_val`)."""
     out = Path(out)
-    schema = MANIFEST_SCHEMA.with_metadata({CLASSES_KEY: json.dumps(classes).encode()})
+    metadata = {CLASSES_KEY: json.dumps(classes).encode()}
+    if val_fraction:
+        metadata[VAL_FRACTION_KEY] = repr(float(val_fraction)).encode()
+    schema = MANIFEST_SCHEMA.with_metadata(metadata)
     table = pa.Table.from_pylist(rows, schema=schema)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -147,6 +154,12 @@ def write_manifest(rows: list[dict[str, Any]], classes: list[str], out: Path) ->
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def held_out_fraction(path: str | Path) -> float:
+    """The ``val_fraction`` a manifest's val split was held out of train with; 0.0 when it was not."""
+    raw = (pq.read_schema(path).metadata or {}).get(VAL_FRACTION_KEY)
+    return float(raw) if raw else 0.0
 
 
 def read_manifest(path: str | Path):
@@ -200,8 +213,34 @@ def manifest_summary(rows: list[dict[str, Any]], classes: list[str], out: Path) 
 # --- folder ------------------------------------------------------------------
 
 
-def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
+def hold_out_val(rows: list[dict[str, Any]], fraction: float) -> int:
+    """Move ``fraction`` of each class's train rows to val, for a folder without val/ (as Hugging Face's
+    examples split one off when a dataset has none); returns how many moved.
+
+    Per class, the videos whose ``video_id`` hashes lowest, at least one and never the last: chosen by
+    hash, not by a draw, so the split is the same on every machine and run, and a video added to a class
+    moves at most one other between train and val (its preprocessed shards stay valid).
+    """
+    by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["split"] == "train":
+            by_class[row["label"]].append(row)
+    moved = 0
+    for members in by_class.values():
+        if len(members) < 2:
+            continue
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        for row in sorted(members, key=lambda r: hashlib.sha256(r["video_id"].encode()).hexdigest())[:count]:
+            row["split"] = "val"
+            moved += 1
+    return moved
+
+
+def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float = 0.0) -> dict[str, Any]:
     """Index ``ROOT/{train,val,test}/<Class>/<video>``; write the manifest to ``out``.
+
+    A folder without val/ lends ``val_fraction`` of each class's train videos to val (:func:`hold_out_val`;
+    ``data.val_fraction``); the summary's ``val_held_out_of_train`` says how many.
 
     Classes are the sorted union of class folder names over all splits (an
     empty class folder still gets a label index). Files that are not videos
@@ -211,6 +250,8 @@ def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
     path below ROOT without extension, unique even when file names repeat.
     """
     root = Path(root)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction={val_fraction} is not a share of the train videos: give one in [0, 1)")
     if not root.is_dir():
         raise UserError(f"video folder {root} does not exist (expected layout {FOLDER_LAYOUT})")
     split_dirs = {split: root / split for split in SPLITS if (root / split).is_dir()}
@@ -252,13 +293,16 @@ def index_folder(root: Path, out: Path, probe: bool = True) -> dict[str, Any]:
             f"in {FOLDER_LAYOUT})"
         )
 
+    held_out = val_fraction if "val" not in split_dirs and val_fraction > 0 else 0.0
+    moved = hold_out_val(rows, held_out) if held_out else 0
     probe_rows(rows, probe)
-    write_manifest(rows, classes, out)
+    write_manifest(rows, classes, out, val_fraction=held_out)
     summary = manifest_summary(rows, classes, out)
     summary.update(
         selected=len(rows),
         missing=0,
         ignored=len(ignored),
         ignored_examples=[str(p) for p in ignored[:5]],
+        val_held_out_of_train=moved,
     )
     return summary

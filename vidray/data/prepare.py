@@ -7,7 +7,8 @@ cheap when its output is already current, so calling it again costs little:
   folder is absent or empty, index it when the manifest is older than the
   folder, preprocess (resumable, finished shards are reused).
 * ``folder``: index ``data.videos_dir`` when the manifest is older than any
-  file or folder in it, then preprocess.
+  file or folder in it (or was held out with another ``data.val_fraction``: a
+  folder without val/ lends that share of its train videos to val), then preprocess.
 * ``coin``: always re-index (reading the annotations is quick, and
   ``data.min_duration`` / ``data.max_duration`` may have changed; an
   unchanged manifest reuses every shard), then preprocess.
@@ -16,12 +17,13 @@ cheap when its output is already current, so calling it again costs little:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
 from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
-from vidray.data.index import index_folder
+from vidray.data.index import held_out_fraction, index_folder
 from vidray.data.preprocess import preprocess
 
 FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
@@ -44,6 +46,13 @@ def _newest_mtime_ns(root: Path) -> int:
 
 def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
     return not manifest.is_file() or manifest.stat().st_mtime_ns < _newest_mtime_ns(videos_dir)
+
+
+def folder_manifest_is_stale(data: DataSettings) -> bool:
+    """Whether ``data.videos_dir`` must be indexed again: the manifest is older than a file in it, or a
+    folder without val/ lent its train videos to val with another ``data.val_fraction``."""
+    held_out = 0.0 if (data.videos_dir / "val").is_dir() else data.val_fraction
+    return manifest_is_stale(data.manifest, data.videos_dir) or held_out_fraction(data.manifest) != held_out
 
 
 def ensure_demo_videos(data: DataSettings) -> None:
@@ -79,8 +88,11 @@ def prepare_dataset(cfg: VidrayConfig, verbose: bool = False) -> str:
             index_folder(data.videos_dir, data.manifest)
     elif data.source == "folder":
         require_file(data.videos_dir, "data.videos_dir", FOLDER_HINT)
-        if manifest_is_stale(data.manifest, data.videos_dir):
-            index_folder(data.videos_dir, data.manifest)
+        if folder_manifest_is_stale(data):
+            summary = index_folder(data.videos_dir, data.manifest, val_fraction=data.val_fraction)
+            if summary["val_held_out_of_train"]:
+                print(f"vidray index: {data.videos_dir} has no val/: {summary['val_held_out_of_train']} of its train videos "
+                      f"are val (data.val_fraction={data.val_fraction}, the same ones on every run)", file=sys.stderr)  # fmt: skip
     else:
         if not data.annotations:
             raise ConfigError("data.annotations is not set (list COIN annotation JSON files, e.g. [COIN.json])")

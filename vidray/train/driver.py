@@ -41,7 +41,10 @@ def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> Cli
     shape = check_stored_clips(cfg, info, dataset_dir)
     for split in ("train", "val"):
         if info.split_counts.get(split, 0) == 0:
-            raise UserError(f"split {split!r} of {dataset_dir} holds no videos; training needs train and val videos")
+            raise UserError(
+                f"split {split!r} of {dataset_dir} holds no videos; training needs train and val videos "
+                "(a folder without val/: data.val_fraction > 0 holds part of train out as val)"
+            )
     per_worker = info.split_counts["train"] // cfg.train.num_workers
     if per_worker < micro_batch_size(cfg.train):
         raise UserError(
