@@ -177,6 +177,16 @@ def test_a_run_started_with_another_config_is_not_continued(tmp_path):
     changed = load_config(None, ["train.epochs=3", "train.lr=1e-3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
     with pytest.raises(UserError, match=r"started with another config \(train.lr differ\): pass --restart"):
         existing_run_state(changed, str(run_dir))
+    # A run an older vidray started, whose saved config lacks a key added since (data.val_fraction): it
+    # continues while the key keeps its default, and is refused when it is set otherwise.
+    older = cfg.model_dump(mode="json")
+    del older["data"]["val_fraction"]
+    save_checkpoint(run_dir / "checkpoint_epoch_0000", tiny_model(), training_state={"epoch": 0},
+                    info={"epoch": 0, "data": SHAPE.as_dict(), "config": older})  # fmt: skip
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+    moved = load_config(None, ["train.epochs=3", "data.val_fraction=0.3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
+    with pytest.raises(UserError, match=r"started with another config \(data.val_fraction differ\)"):
+        existing_run_state(moved, str(run_dir))
     # Where results go and how many failures to absorb may change between runs.
     relaxed = load_config(None, ["train.epochs=3", "train.max_failures=2", "run.wandb.enabled=true",
                                  f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])  # fmt: skip

@@ -180,8 +180,24 @@ def summarize_run(run_dir: str) -> dict[str, Any]:
     }
 
 
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with every key it lacks taken from ``defaults``, at every depth."""
+    out = dict(saved)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(out[key], dict) and isinstance(default, dict):
+            out[key] = _with_defaults(out[key], default)
+    return out
+
+
 def refuse_changed_config(saved: dict[str, Any], cfg: VidrayConfig, folder: str, what: str, saved_in: str = "") -> None:
-    """A UserError naming the keys when ``cfg`` would train something else than ``saved`` did."""
+    """A UserError naming the keys when ``cfg`` would train something else than ``saved`` did.
+
+    A key ``saved`` lacks was added to vidray after that run started: the run had its default's
+    behaviour, so it differs only where ``cfg`` sets another value (an upgrade alone refuses no run).
+    """
+    saved = _with_defaults(saved, VidrayConfig().model_dump(mode="json"))
     changed = [
         key for key in config_differences(saved, cfg.model_dump(mode="json")) if not key.startswith(KEYS_FREE_ON_RESUME)
     ]
