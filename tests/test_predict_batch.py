@@ -158,8 +158,9 @@ def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir
     out = tmp_path / "out"
     shutil.copytree(batch_run["out"], out)
     inputs = [str(corpus["folder"]), str(corpus["good"][0]), str(batch_run["missing"]), str(corpus["hostile"]["audio_only"])]
-    again = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3)
-    assert again["reused"] == again["discovered"] and again["predicted_this_run"] == 0
+    # The model's own decoder named: the same settings, every part reused.
+    again = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3, decoder="pyav")
+    assert again["reused"] == again["discovered"] and again["predicted_this_run"] == 0 and again["decoder"] == "pyav"
     assert pq.read_table(out / "predictions.parquet").equals(pq.read_table(batch_run["out"] / "predictions.parquet"))
 
     # Other views (and a manifest + a file:// URI as inputs): every old part is stale and deleted.
@@ -172,10 +173,11 @@ def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir
     # Through the command line's batch mode (--out): its JSON summary last on stdout, its progress line on stderr.
     capsys.readouterr()
     rc = main(["predict", "--model", str(model_dir), "--out", str(out), "--clips", "1", "--crops", "3", "--top-k", "1",
-               "--videos-per-chunk", "3", str(manifest), f"file://{corpus['good'][2]}"])  # fmt: skip
+               "--videos-per-chunk", "3", "--decoder", "decord", str(manifest), f"file://{corpus['good'][2]}"])  # fmt: skip
     assert rc == 0
     output = capsys.readouterr()
     other = json.loads(output.out.strip().splitlines()[-1])
+    assert other["decoder"] == "decord"
     assert other["discovered"] == other["predicted"] == 3 and "vidray predict: 3/3 videos" in output.err  # the progress line
     assert other["reused"] == 0 and other["protocol"] == "1 clip x 3 crops (left, center, right)"
     new_parts = {p.name for p in (out / PARTS_DIR).iterdir()}
@@ -218,6 +220,28 @@ def test_cli_refuses_folders_without_out_and_bad_views(corpus, model_dir, tmp_pa
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(UserError, match="folder without video files"):
         predict_corpus(model_dir, [str(tmp_path / "empty")], str(tmp_path / "p"))
+
+
+def test_a_file_the_models_decoder_refuses_is_predicted_with_another(model_dir, tmp_path, capsys):
+    """A model trained on decord's frames meets a browser's live WebM, which decord cannot open: the refusal
+    names `vidray predict --decoder pyav`, which predicts it (PyAV's frames are within a few grey levels of
+    decord's: docs/benchmarks.md, section 9)."""
+    from test_video import brightness_ramp, write_browser_recording
+
+    decord_model = tmp_path / "decord_model"
+    shutil.copytree(model_dir, decord_model)
+    info = json.loads((decord_model / "vidray.json").read_text())
+    info["data"]["decoder"] = "decord"
+    (decord_model / "vidray.json").write_text(json.dumps(info))
+    video = write_browser_recording(tmp_path / "recording.webm", brightness_ramp(30, 48, 64, step=3), live=True)
+
+    (refused,) = predict_videos(decord_model, [video])
+    assert refused["predictions"] == [] and refused["error"].endswith("(to predict with a model: vidray predict --decoder pyav)")
+    (read,) = predict_videos(decord_model, [video], decoder="pyav")
+    assert "error" not in read and [p["label"] for p in read["predictions"]][0] in CLASSES
+    capsys.readouterr()
+    assert main(["predict", "--model", str(decord_model), "--decoder", "pyav", str(video)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]["predictions"] == read["predictions"]
 
 
 def test_a_folder_corpus_leaves_hidden_files_and_folders_out(tmp_path):

@@ -32,6 +32,10 @@ from vidray.data.video import DecoderUnavailableError, encode_mp4, read_clip, re
 from vidray.errors import UserError
 
 
+# How a decoder's refusal ends: the setting that reads the file, for preprocessing and for prediction.
+PYAV_FIX = "set data.decoder=pyav (to predict with a model: vidray predict --decoder pyav)"
+
+
 @pytest.fixture(params=DECODERS)
 def decoder(request) -> str:
     # No skip when a backend is missing: CI must exercise all three, so a missing one fails here, loudly.
@@ -305,16 +309,17 @@ def test_a_codec_the_decoder_lacks_is_named_with_the_decoder_that_reads_it(tmp_p
             read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
         assert caught.value.code == "unsupported_by_decoder"
         assert caught.value.reason.startswith("decord cannot decode its av1 video (") and "\n" not in str(caught.value)
-        assert str(caught.value).startswith(f"{path}: ") and str(caught.value).endswith("set data.decoder=pyav")
+        assert str(caught.value).startswith(f"{path}: ") and str(caught.value).endswith(PYAV_FIX)
     else:  # PyAV's FFmpeg (dav1d) and the system's FFmpeg that torchcodec loads read it
         clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
         assert clip.frames.shape == (8, 32, 32, 3) and clip.source_frames == 12
         np.testing.assert_allclose(frame_levels(clip.frames), 20 * segment_indices(12, 8), atol=6)
 
 
-def write_browser_recording(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
-    """What a browser's recorder (MediaRecorder, WebRTC) writes: VP9 from libvpx's realtime mode, in WebM."""
-    with av.open(str(path), "w", format="webm") as container:
+def write_browser_recording(path: Path, frames: np.ndarray, fps: int = 25, live: bool = False) -> Path:
+    """What a browser's recorder (MediaRecorder, WebRTC) writes: VP9 from libvpx's realtime mode, in WebM;
+    ``live``: as MediaRecorder leaves it, with no duration and no index (the WebM muxer's live mode)."""
+    with av.open(str(path), "w", format="webm", options={"live": "1"} if live else {}) as container:
         stream = container.add_stream("libvpx-vp9", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"deadline": "realtime", "cpu-used": "8", "b": "300k"}
@@ -330,6 +335,20 @@ def test_a_browser_recording_decodes_with_the_decoders_own_thread_count(tmp_path
     clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder, num_threads=0)
     assert clip.frames.shape == (8, 32, 32, 3) and clip.source_frames == 60
     np.testing.assert_allclose(frame_levels(clip.frames), 3 * segment_indices(60, 8), atol=4)
+
+
+def test_a_browsers_live_webm_is_read_or_refused_naming_pyav(tmp_path, decoder):
+    """MediaRecorder's file as it is written: no duration, no index. decord cannot open it, and says so
+    naming PyAV (not "corrupt"); PyAV and torchcodec read its frames."""
+    path = write_browser_recording(tmp_path / "recording.webm", brightness_ramp(30, 48, 64, step=3), live=True)
+    if decoder == "decord":
+        with pytest.raises(UnsupportedByDecoderError) as caught:
+            read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+        assert caught.value.reason.startswith("decord cannot decode its vp9 video (") and str(caught.value).endswith(PYAV_FIX)
+        return
+    clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+    assert clip.source_frames == 30
+    np.testing.assert_allclose(frame_levels(clip.frames), 3 * segment_indices(30, 8), atol=4)
 
 
 def write_resolution_change(path: Path, parts: list[np.ndarray]) -> Path:
@@ -371,7 +390,7 @@ def test_a_part_way_failure_is_corruption_only_when_pyav_fails_too(tmp_path, goo
 
     readable = failed_part_way("decord", str(good_video), "its error", stored_frames=8, stored_size=32)
     assert type(readable) is UnsupportedByDecoderError
-    assert readable.reason == "decord cannot decode its h264 video (it failed part-way: its error), which PyAV decodes: set data.decoder=pyav"
+    assert readable.reason == f"decord cannot decode its h264 video (it failed part-way: its error), which PyAV decodes: {PYAV_FIX}"
     truncated = make_bad_file("truncated_faststart", tmp_path, good_video)
     broken = failed_part_way("torchcodec", str(truncated), "its error", stored_frames=8, stored_size=32)
     assert type(broken) is CorruptVideoError
@@ -457,7 +476,7 @@ def test_frames_an_edit_list_hides_are_not_frames_of_the_video(tmp_path, decoder
         with pytest.raises(UnsupportedByDecoderError) as caught:
             read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
         assert caught.value.reason.startswith("torchcodec cannot decode its h264 video (its frame 0 comes back as")
-        assert caught.value.reason.endswith("which PyAV decodes: set data.decoder=pyav")
+        assert caught.value.reason.endswith(f"which PyAV decodes: {PYAV_FIX}")
         return
     for stored in (8, 16):
         clip = read_clip(path, stored_frames=stored, stored_size=32, decoder=decoder)

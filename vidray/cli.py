@@ -191,7 +191,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
                                  crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
                                  actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk,
-                                 stages=args.stages, verbose=args.verbose)  # fmt: skip
+                                 stages=args.stages, decoder=args.decoder, verbose=args.verbose)  # fmt: skip
         _print_summary(summary, disconnect_ray=not connected_before)
         return
     if args.embeddings:
@@ -201,7 +201,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UserError(f"{folders[0]}: folders, manifests and URIs need --out OUT (Ray Data batch prediction)")
     from vidray.infer.predict import predict_videos, raise_for_unreadable  # torch: the batch driver does without
 
-    results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k, clips=args.clips, crops=args.crops)
+    results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k, clips=args.clips,
+                             crops=args.crops, decoder=args.decoder)  # fmt: skip
     for item in results:
         labels = ", ".join(f"{p['label']} {p['score']:.3f}" for p in item["predictions"])
         reason = item.get("error", "").removeprefix(f"{item['video']}: ")  # the error names the video too
@@ -339,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--videos-per-chunk", type=int, default=None,
         help="with --out: videos per decode task and per resumable part (default: up to 16, at least 32 chunks)",
     )
+    pr.add_argument(
+        "--decoder", choices=DECODERS, default=None,
+        help="decoding library (default: the one the model's training data was decoded with; another reads the "
+             "same frames within a few grey levels, and a file that one refuses)",
+    )  # fmt: skip
     _add_view_args(pr)
     _add_verbose_arg(pr, "with --out: show Ray's own logs")
     pr.set_defaults(func=cmd_predict)

@@ -54,8 +54,10 @@ import ray
 import ray.data
 
 from vidray.cluster import init_ray
+from vidray.config import DecoderName
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.shards import DecodeSettings
+from vidray.data.video import require_decoder
 from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
 from vidray.infer.corpus import (
@@ -261,13 +263,15 @@ def predict_corpus(
     actor_cpus: float = 0.0,
     videos_per_chunk: int | None = None,
     stages: str = "auto",
+    decoder: DecoderName | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Predict every video of ``inputs`` into ``out``; returns the run's summary (see the module docstring).
 
     ``clips`` (default: the model's ``train.eval_clips``) x ``crops`` are the views averaged. ``stages``:
     ``fused`` (one actor per CPU decodes and predicts), ``two`` (decode tasks feeding model actors)
-    or ``auto`` (fused on CPU-only clusters, two where there are GPUs). ``actors`` caps the model actor
+    or ``auto`` (fused on CPU-only clusters, two where there are GPUs). ``decoder`` (default: the one the
+    model's training data was decoded with) reads the videos. ``actors`` caps the model actor
     pool (default: one per GPU; fused: one per CPU; two stages on CPUs: one); ``actor_cpus``: the CPUs
     a model actor of the two-stage layout reserves on a CPU-only cluster. ``verbose``: Ray's own lines on
     the console (vidray.cluster.console_settings).
@@ -283,12 +287,17 @@ def predict_corpus(
         raise UserError(f"--model {model_dir} does not exist (pass a directory written by `vidray export` or a checkpoint)")
     info = read_checkpoint_info(model_dir)
     shape = clip_shape_of(info)
+    if decoder is not None:
+        require_decoder(decoder)  # chosen here: a missing library fails in one line, not once per video
+    decoder = decoder or shape.decoder
     views = Views(eval_clips_of(info) if clips is None else clips, crops)
     paths = discover(inputs)
     if not paths:
         raise UserError(f"no videos in {' '.join(map(str, inputs))}")
     settings = {"model": model_fingerprint(model_dir), "clips": views.clips, "crops": views.crops,
                 "top_k": top_k, "embeddings": embeddings}  # fmt: skip
+    if decoder != shape.decoder:  # the model's own decoder is in its fingerprint: parts written before stay valid
+        settings["decoder"] = decoder
     # A function of the corpus alone (not of the cluster), so a resumed run plans the same chunks.
     videos_per_chunk = videos_per_chunk or max(1, min(VIDEOS_PER_CHUNK, -(-len(paths) // MIN_CHUNKS)))
     chunks = plan_chunks(paths, settings, videos_per_chunk)
@@ -309,7 +318,7 @@ def predict_corpus(
             args = {
                 "model_dir": str(model_dir), "top_k": top_k, "clips": views.clips, "crops": views.crops,
                 "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus, "stages": stages,
-                "settings": DecodeSettings(shape.stored_frames, shape.stored_size, shape.decoder),
+                "settings": DecodeSettings(shape.stored_frames, shape.stored_size, decoder),
                 "crash_on": os.environ.get(CRASH_ON_ENV) or None,
             }  # fmt: skip
             written = _run_chunks(todo, fs, root, args, progress)
@@ -332,5 +341,6 @@ def predict_corpus(
         "predictions": join_uri(out, "predictions.parquet"),
         "rejects": join_uri(out, "rejects.csv"),
         "protocol": views.describe(),
+        "decoder": decoder,
         "embeddings": embeddings,
     }

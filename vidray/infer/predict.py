@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vidray.config import DecoderName
 from vidray.data.clip import VideoError
-from vidray.data.video import read_clip
+from vidray.data.video import read_clip, require_decoder
 from vidray.errors import UserError
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device
@@ -71,21 +72,25 @@ class Classifier:
 
 
 def predict_videos(
-    model_dir: Path, videos: list[Path], top_k: int = 3, clips: int | None = None, crops: int = 1
+    model_dir: Path, videos: list[Path], top_k: int = 3, clips: int | None = None, crops: int = 1,
+    decoder: DecoderName | None = None,
 ) -> list[dict[str, Any]]:
     """``[{"video", "predictions": [{"label", "score"}, ...]}]`` in input order, best first.
 
     ``model_dir`` is an export or a checkpoint directory; ``clips`` (default: the
-    checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged. An unreadable video gets ``{"video", "error",
+    checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged; ``decoder`` (default: the one its
+    training data was decoded with) reads the videos. An unreadable video gets ``{"video", "error",
     "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`.
     """
     classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
     shape = classifier.shape
+    if decoder is not None:
+        require_decoder(decoder)  # chosen here: a missing library fails in one line, not once per video
     results = []
     for video in videos:
         try:
-            # Decoded by the decoder the training shards were made with (recorded in the checkpoint).
-            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=shape.decoder)
+            # Decoded by the decoder the training shards were made with (recorded in the checkpoint), unless told otherwise.
+            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=decoder or shape.decoder)
         except VideoError as err:
             results.append({"video": str(video), "error": str(err), "predictions": []})
             continue

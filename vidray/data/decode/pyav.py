@@ -287,7 +287,8 @@ def refused_by(decoder: str, path: str, detail: str) -> UnsupportedByDecoderErro
     with container:
         codec = stream.codec_context.codec.canonical_name  # the format (av1), not the decoder (libdav1d)
     return UnsupportedByDecoderError(
-        path, f"{decoder} cannot decode its {codec} video ({detail}), which PyAV decodes: set data.decoder=pyav"
+        path, f"{decoder} cannot decode its {codec} video ({detail}), which PyAV decodes: "
+        "set data.decoder=pyav (to predict with a model: vidray predict --decoder pyav)"
     )
 
 
