@@ -132,6 +132,9 @@ def test_model_card_says_what_the_model_is_and_why_it_needs_remote_code(exported
     # Why: the table was resized from the pretrained 4x4x4 grid to this model's 2x2x2 grid.
     assert "from the checkpoint's 4x4x4 token grid to this model's 2x2x2 grid" in card
     assert "| val (epoch 3, during training) |" in card and "0.500" in card
+    # transformers 4.x reads the first frames (benchmarks/pipeline_frame_positions.py, run on 4.57: frames
+    # 0-3 of 60 by default, 0, 19, 39, 59 with frame_sampling_rate=15; transformers 5: 0, 15, 30, 45 as vidray).
+    assert "transformers 4.x always reads them so" in card and "pass `frame_sampling_rate=N // 4` for a video of N frames" in card
 
     # A COIN fine-tune of a hub checkpoint at its own grid: base model, licence, no remote code.
     from vidray.config import load_config

@@ -365,7 +365,10 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
         f"decodes {data['frames']} frames spread over the whole video, resizes the short side to {data['stored_size']} px, "
         f"centre-crops {data['size']} px and normalises as evaluation did. Without torchvision, transformers falls back "
         "to `preprocessor_config.json` with a deprecation warning and reads only the first frames of each video: "
-        "install torchvision rather than use that path.",
+        "install torchvision rather than use that path. transformers 4.x always reads them so: its pipeline takes "
+        f"{data['frames']} frames evenly from the first {data['frames']} x `frame_sampling_rate` (default 1), so "
+        f"pass `frame_sampling_rate=N // {data['frames']}` for a video of N frames (then within one segment of "
+        "vidray's positions), or use transformers 5.",
         "",
         "### What still differs from vidray's evaluation",
         "",

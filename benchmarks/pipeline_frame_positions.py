@@ -1,0 +1,43 @@
+"""Which frames of a video transformers' video-classification pipeline feeds a vidray export, in whichever
+environment runs it (transformers 4.x or 5.x; no vidray needed there):
+
+    python benchmarks/pipeline_frame_positions.py EXPORT_DIR RAMP.mp4 [frame_sampling_rate ...]
+
+RAMP.mp4 is a grey ramp whose frame i has level ``step * i`` (tests/test_video.py's ``brightness_ramp``,
+written lossless); ``--step`` says the step. Prints one JSON line per call: the frame index each model
+input frame shows (its mean level over ``step``), for the pipeline's defaults and for each
+``frame_sampling_rate`` given. docs/benchmarks.md, section 9, has a run on both majors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir")
+    parser.add_argument("ramp")
+    parser.add_argument("rates", nargs="*", type=int, help="frame_sampling_rate values to try besides the default")
+    parser.add_argument("--step", type=int, default=4)
+    args = parser.parse_args()
+    import transformers
+    from transformers import pipeline
+
+    classify = pipeline("video-classification", model=args.export_dir)
+    # transformers 5 preprocesses with the export's video processor, 4.x with its image processor.
+    processor = getattr(classify, "video_processor", None) or classify.image_processor
+    mean = np.array(processor.image_mean)[:, None, None]
+    std = np.array(processor.image_std)[:, None, None]
+    for kwargs in [{}] + [{"frame_sampling_rate": rate} for rate in args.rates]:
+        pixels = classify.preprocess(args.ramp, **kwargs)["pixel_values"][0].float().numpy()  # [T, 3, H, W]
+        levels = ((pixels * std + mean) * 255).mean(axis=(1, 2, 3))
+        shown = [round(float(level) / args.step, 1) for level in levels]
+        print(json.dumps({"transformers": transformers.__version__, "call": kwargs, "frames_shown": shown}))
+
+
+if __name__ == "__main__":
+    main()
