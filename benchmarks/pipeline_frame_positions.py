@@ -43,7 +43,7 @@ def main() -> None:
     import transformers
     from transformers import pipeline
 
-    classify = pipeline("video-classification", model=args.export_dir)
+    classify = pipeline("video-classification", model=args.export_dir, trust_remote_code=True)
     # transformers 5 preprocesses with the export's video processor, 4.x with its image processor.
     processor = getattr(classify, "video_processor", None) or classify.image_processor
     mean = np.array(processor.image_mean)[:, None, None]

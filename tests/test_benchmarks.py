@@ -325,6 +325,35 @@ def test_the_model_card_says_what_transformers_pipeline_does_otherwise(tmp_path)
     assert versions["torchcodec"].startswith("0.13.") and "torchcodec 0.13" in card  # the version the card names
 
 
+@pytest.mark.slow  # the pipeline environment (make pipeline-env)
+def test_the_frames_transformers_5s_pipeline_feeds_an_export_are_vidrays(tmp_path):
+    """benchmarks/pipeline_frame_positions.py in the pipeline environment: transformers 5's pipeline feeds an
+    export the segment starts vidray evaluates on, whatever frame_sampling_rate says. (transformers 4.x feeds
+    the first frames: docs/benchmarks.md, section 9, and the card says how to call it there.)"""
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    from vidray.data.clip import segment_indices
+    from vidray.infer.export import export_model
+    from vidray.model.checkpoint import save_checkpoint
+
+    python = _load("footage_matrix").pipeline_python()
+    assert python is not None, "the pipeline environment is missing: run `make pipeline-env`"
+    config = VideoMAEConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16, image_size=32,
+                            num_frames=4, patch_size=16, tubelet_size=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})  # fmt: skip
+    data = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": ["a", "b"]}
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", VideoMAEForVideoClassification(config), training_state={},
+                                 info={"epoch": 0, "metrics": {}, "data": data, "config": {"train": {"eval_clips": 1}}})  # fmt: skip
+    export = export_model(checkpoint, tmp_path / "export")
+    run = subprocess.run([str(python), str(BENCH / "pipeline_frame_positions.py"), str(export),
+                          str(tmp_path / "ramp.mp4"), "15"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    calls = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [call["call"] for call in calls] == [{}, {"frame_sampling_rate": 15}]
+    for call in calls:
+        assert call["transformers"].startswith("5.")
+        np.testing.assert_allclose(call["frames_shown"], segment_indices(60, 4), atol=0.5)
+
+
 def test_real_footage_windows_share_no_frame_across_splits():
     """benchmarks/real_footage.py's windows of a real recording: train from its start, val and test later,
     with a gap before each; held-out windows do not overlap."""
