@@ -219,7 +219,7 @@ def hold_out_val(rows: list[dict[str, Any]], fraction: float) -> int:
 
     Per class, the videos whose ``video_id`` hashes lowest, at least one and never the last: chosen by
     hash, not by a draw, so the split is the same on every machine and run, and a video added to a class
-    moves at most one other between train and val (its preprocessed shards stay valid).
+    moves at most one other between train and val (so most preprocessed shards are reused).
     """
     by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
