@@ -212,7 +212,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidray", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vidray",
+        description="Video classification on Ray: index videos, preprocess them into sharded Parquet (Ray Data), "
+        "fine-tune or pretrain VideoMAE (Ray Train), sweep (Ray Tune), evaluate, export for transformers.pipeline "
+        "and label a corpus. The usual order: index, preprocess, train or tune, evaluate, export, predict; "
+        "`vidray tune` alone runs it all on the embedded demo.",
+        epilog="`vidray COMMAND --help` for a command's options; README.md walks through them.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     index = sub.add_parser("index", help="list videos and labels into a manifest Parquet file")
@@ -274,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
 
-    report = sub.add_parser("report", help="figures")
+    report = sub.add_parser("report", help="figures of a manifest: its classes and durations (a sweep writes its own)")
     report_sub = report.add_subparsers(dest="what", required=True)
     report_data = report_sub.add_parser("data", help="class and duration distributions of a manifest")
     report_data.add_argument("--manifest", required=True)
