@@ -82,6 +82,36 @@ def test_ray_train_report_log_is_where_the_shim_quiets_it():
         context.logger.setLevel(level)
 
 
+def test_the_raylets_worker_pool_warning_is_dropped_where_the_driver_prints_it(capsys):
+    """The raylet still words its warning so, the driver still prints the raylet's pushed errors through the
+    module's print_to_stdstream, and the shim drops that warning alone (and puts the printer back)."""
+    import ray
+    import ray._private.worker as ray_worker
+
+    assert_in_ray_gate(compat.WORKER_POOL_WARNING_VERIFIED_RAY, "re-check how the driver prints the raylet's warnings")
+    raylet = Path(ray.__file__).parent / "core" / "src" / "ray" / "raylet" / "raylet"
+    assert compat.WORKER_POOL_WARNING.encode() in raylet.read_bytes()
+    listener = inspect.getsource(ray_worker.listen_error_messages)
+    assert "print_to_stdstream(" in listener and '"pid": "raylet"' in listener
+    original = ray_worker.print_to_stdstream
+    warning = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 127.0.0.2, which is 4x "
+               "the maximum expected startup concurrency (2). This could be a result of ...")  # fmt: skip
+    try:
+        compat.quiet_worker_pool_warning()
+        compat.quiet_worker_pool_warning()  # twice: still one wrapper around Ray's printer
+        assert ray_worker.print_to_stdstream.__wrapped__ is original
+        ray_worker.print_to_stdstream({"lines": [warning], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        ray_worker.print_to_stdstream({"lines": [warning, "a node died"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        out = capsys.readouterr().out
+        assert "maximum expected startup concurrency" not in out and "a node died" in out
+        compat.quiet_worker_pool_warning(False)  # --verbose: Ray's printer again
+        assert ray_worker.print_to_stdstream is original
+        ray_worker.print_to_stdstream({"lines": [warning], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        assert "4x the maximum expected startup concurrency" in capsys.readouterr().out
+    finally:
+        ray_worker.print_to_stdstream = original
+
+
 def test_background_checkpoints_rest_on_a_checked_ray_api():
     import ray.train
     from ray.train.v2._internal.execution.storage import StorageContext

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from vidray.compat import quiet_worker_pool_warning
 from vidray.config import TrainSettings, VidrayConfig
 from vidray.errors import UserError
 from vidray.storage import check_storage_for_cluster
@@ -56,6 +57,7 @@ def console_settings(verbose: bool) -> dict[str, Any]:
             handler.addFilter(_drop_progress_bars_disabled)
     if not verbose:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    quiet_worker_pool_warning(not verbose)  # a sweep's zero-CPU actors set it off on small machines
     return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
