@@ -26,6 +26,7 @@ RAY_NOISE = (
     "Checkpoint successfully created", "Reporting training result", "Starting execution", "Execution plan",
     "execution finished", "Progress bars disabled", "PreemptionWatcher", "Running Dataset", "it/s]", "Traceback",
     "Connecting to existing Ray cluster", "Started a local Ray instance",
+    "maximum expected startup concurrency",  # the raylet's, whenever its node has run 4x its CPUs in workers
 )  # fmt: skip
 
 
