@@ -395,6 +395,9 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
         table.append(line)
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == labels
     assert f"results table: {reports / 'results.md'}" in output
+    # The learning curves: the folder the console names holds every trial's TensorBoard events.
+    assert f"learning curves: tensorboard --logdir {experiment}" in output
+    assert {path.parent for path in experiment.glob("*/events.out.tfevents.*")} == set(trial_dirs(experiment))
     with open(reports / "results.csv") as f:
         assert [row["Type"] for row in csv.DictReader(f)] == labels
 

@@ -153,6 +153,9 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
                f"{control['shuffled_pair_accuracy']:.3f}, chance 0.5)" if "pairs" in control else "")
         )
     console.append(f"\nresults table: {paths['results_md']}")
+    # Tune's own hint at the start names the driver's staging copy under /tmp/ray/session_*, which
+    # goes with the session; every trial's events are in the experiment's folder.
+    console.append(f"learning curves: tensorboard --logdir {experiment_path}")
     print("\n".join(console), flush=True)
     best_summary = None
     if best is not None:
