@@ -171,6 +171,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         Path(args.checkpoint), args.data, split=args.split, out_dir=Path(args.out), batch_size=args.batch_size,
         clips=args.clips, crops=args.crops,
     )
+    print(
+        f"vidray evaluate: {metrics['split']} split, {metrics['num_samples']} videos, {metrics['protocol']}: "
+        f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, loss {metrics['loss']:.4f} "
+        f"-> {metrics['files']['confusion_png']}, {metrics['files']['per_class_md']}",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
     _print_summary(metrics)
 
 
