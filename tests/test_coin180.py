@@ -86,7 +86,10 @@ def test_cli_and_config_switch_the_labels(shared_coin, tmp_path, capsys):
         "--taxonomy", str(shared_coin / "taxonomy_domains.csv"), "--videos", str(tmp_path / "videos"),
         "--out", str(tmp_path / "m.parquet"), "--no-probe", "--labels", "task",
     ])  # fmt: skip
-    assert '"labels": "task"' in capsys.readouterr().out
+    console = capsys.readouterr()
+    assert '"labels": "task"' in console.out
+    # No video downloaded: every selected one is listed as missing, in the line for a person too.
+    assert re.fullmatch(r"vidray index: 0 videos of 180 classes; \d+ listed but not found -> .*m\.parquet\n", console.err)
 
     cfg = load_config(REPO / "configs" / "coin180.yaml")
     assert cfg.data.source == "coin" and cfg.data.coin_labels == "task"

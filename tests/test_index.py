@@ -252,6 +252,8 @@ def test_cli_index_folder_prints_json_summary_last(demo_root, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["present"] == 12 and summary["manifest"] == str(out)
+    # Before it, one line for a person (on stderr, so stdout stays the summary alone).
+    assert result.stderr.strip() == f"vidray index: 12 videos of 4 classes (train 4, val 4, test 4) -> {out}"
     assert len(read_manifest(out)[0]) == 12
 
     bad = subprocess.run(

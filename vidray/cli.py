@@ -55,10 +55,23 @@ def _add_verbose_arg(parser: argparse.ArgumentParser, help_text: str = "show Ray
     parser.add_argument("--verbose", action="store_true", help=help_text)
 
 
+def _index_line(summary: dict) -> str:
+    """The console's line for a manifest `vidray index` wrote (both sources' summaries share these keys)."""
+    splits = ", ".join(f"{split} {count}" for split, count in summary["per_split"].items() if count)
+    line = f"vidray index: {summary['present']} videos of {len(summary['classes'])} classes" + (f" ({splits})" if splits else "")
+    extras = [f"{summary[key]} {what}" for key, what in (
+        ("val_held_out_of_train", "of train lent to val"), ("ignored", "paths ignored"), ("missing", "listed but not found"),
+        ("probe_errors", "unreadable (preprocessing will reject them)"),
+    ) if summary.get(key)]  # fmt: skip
+    return line + ("; " + "; ".join(extras) if extras else "") + f" -> {summary['manifest']}"
+
+
 def cmd_index_folder(args: argparse.Namespace) -> None:
     from vidray.data.index import index_folder
 
-    _print_summary(index_folder(Path(args.root), Path(args.out), probe=not args.no_probe, val_fraction=args.val_fraction))
+    summary = index_folder(Path(args.root), Path(args.out), probe=not args.no_probe, val_fraction=args.val_fraction)
+    print(_index_line(summary), file=sys.stderr, flush=True)
+    _print_summary(summary)
 
 
 def cmd_index_coin(args: argparse.Namespace) -> None:
@@ -74,6 +87,7 @@ def cmd_index_coin(args: argparse.Namespace) -> None:
         probe=not args.no_probe,
         labels=args.labels,
     )
+    print(_index_line(summary), file=sys.stderr, flush=True)
     _print_summary(summary)
 
 
