@@ -124,6 +124,17 @@ def test_export_layout(exported, checkpoint):
     assert info["exported_from"] == str(checkpoint.resolve())
 
 
+def test_the_export_command_says_how_to_load_the_model(checkpoint, tmp_path, capsys):
+    from vidray.cli import main
+
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model")]) == 0
+    console = capsys.readouterr()
+    assert json.loads(console.out.strip().splitlines()[-1]) == {"exported": str(tmp_path / "model")}
+    assert console.err == (f'vidray export: {tmp_path / "model"} (model card: {tmp_path / "model" / "README.md"}); load it '
+                           f'with pipeline("video-classification", model="{tmp_path / "model"}", trust_remote_code=True)\n')
+
+
 def test_model_card_says_what_the_model_is_and_why_it_needs_remote_code(exported, tmp_path):
     card = (exported / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: video-classification")

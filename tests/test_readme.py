@@ -142,6 +142,9 @@ def test_the_step_by_step_section_runs_as_written(walkthrough):
     shards = list((walkthrough["work"] / "data" / "demo" / "dataset").glob("*/shard-*.parquet"))
     assert len(shards) == int(reused[2]) and {p.parent.name for p in shards} == {"train", "val", "test"}
     assert summaries["evaluate"]["num_samples"] == 12 and 0 <= summaries["evaluate"]["accuracy"] <= 1
+    export_output = next(o for c, o in outputs.items() if c.startswith("vidray export"))
+    assert ('vidray export: models/demo (model card: models/demo/README.md); load it with '
+            'pipeline("video-classification", model="models/demo")\n') in export_output  # from scratch: no remote code
     evaluate_output = next(o for c, o in outputs.items() if c.startswith("vidray evaluate"))
     assert re.search(r"^vidray evaluate: test split, 12 videos, .+: accuracy \d\.\d{3}, macro-F1 \d\.\d{3}, loss .+"
                      r" -> reports/eval/confusion_matrix\.png, reports/eval/per_class\.md$", evaluate_output, re.M), evaluate_output

@@ -195,9 +195,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from vidray.infer.export import export_model
+    from vidray.infer.export import CUSTOM_CODE_FILE, export_model
 
-    _print_summary({"exported": str(export_model(Path(args.checkpoint), Path(args.out)))})
+    out = export_model(Path(args.checkpoint), Path(args.out))
+    remote = ", trust_remote_code=True" if (out / CUSTOM_CODE_FILE).is_file() else ""
+    print(f'vidray export: {out} (model card: {out / "README.md"}); load it with '
+          f'pipeline("video-classification", model="{out}"{remote})', file=sys.stderr, flush=True)  # fmt: skip
+    _print_summary({"exported": str(out)})
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
