@@ -155,6 +155,11 @@ def test_vidray_train_prints_one_line_per_epoch_and_tracks_the_run(walkthrough):
     (command, output), = [(c, o) for c, o in walkthrough["outputs"].items() if c.startswith("vidray train")]
     assert_clean_console(output, "train", epochs=3)
     assert_tracked(walkthrough["home"] / "ray_results" / "demo_train")
+    # Then one line on where the best epoch and the learning curves are.
+    run = walkthrough["home"] / "ray_results" / "demo_train"
+    best = summary_of(output)["best_checkpoint"]
+    assert re.search(rf"^vidray train: best val macro-F1 \d\.\d{{4}} at epoch [123] \({re.escape(best)}\); "
+                     rf"learning curves: tensorboard --logdir {re.escape(str(run / 'tensorboard'))}$", output, re.M), output[-3000:]
 
 
 # Pretraining on the walk-through's folder: once as the README's train runs (clean console, tracking),
@@ -198,6 +203,8 @@ def test_vidray_pretrain_prints_one_line_per_epoch_and_tracks_the_run(walkthroug
     assert_clean_console(output, "pretrain", epochs=2)
     run_dir = walkthrough["home"] / "ray_results" / "demo_train-pretrain"
     assert summary_of(output)["model_dir"] == str(run_dir / "encoder")
+    assert (f"vidray pretrain: encoder in {run_dir / 'encoder'}; fine-tune from it with model.init=pretrained "
+            f"model.name_or_path={run_dir / 'encoder'}\n") in output
     assert_tracked(run_dir)
 
 

@@ -147,8 +147,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     # The config before the driver: a bad file or key fails in a second, not after importing torch and Ray.
     cfg = load_config(args.config, args.overrides)
     from vidray.train.driver import run_training
+    from vidray.train.runs import TENSORBOARD_DIR, tracking_dir
 
-    _print_summary(run_training(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=True)
+    summary = run_training(cfg, restart=args.restart, verbose=args.verbose)
+    best = summary["best"]
+    if best:
+        curves = tracking_dir(summary["run_dir"], cfg.run.name) / TENSORBOARD_DIR
+        print(f"vidray train: best val macro-F1 {best['val_macro_f1']:.4f} at epoch {int(best['epoch']) + 1} "
+              f"({summary['best_checkpoint']}); learning curves: tensorboard --logdir {curves}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    _print_summary(summary, disconnect_ray=True)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -164,7 +172,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
     connected_before = ray.is_initialized()
-    _print_summary(run_pretraining(cfg, restart=args.restart, verbose=args.verbose), disconnect_ray=not connected_before)
+    summary = run_pretraining(cfg, restart=args.restart, verbose=args.verbose)
+    print(f"vidray pretrain: encoder in {summary['model_dir']}; fine-tune from it with model.init=pretrained "
+          f"model.name_or_path={summary['model_dir']}", file=sys.stderr, flush=True)  # fmt: skip
+    _print_summary(summary, disconnect_ray=not connected_before)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
