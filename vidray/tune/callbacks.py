@@ -40,10 +40,24 @@ class EpochLines(ray.tune.Callback):
 
 
 class ReportToTune(TuneReportCallback):
-    """Ray Train -> Tune, adding :data:`EPOCHS_DONE` so ASHA and the curves count epochs, not reports."""
+    """Ray Train -> Tune, adding :data:`EPOCHS_DONE` so ASHA and the curves count epochs, not reports.
+
+    ``metric`` (the sweep's ``tune.metric``) leads the report after the epochs done: Tune's status table
+    shows the first four metrics of a report, which were the 0-based ``epoch`` ("epoch 1" when two of
+    two were done), the losses and accuracy, not what the sweep ranks trials by.
+    """
+
+    def __init__(self, metric: str | None = None):
+        super().__init__()
+        self.metric = metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        metrics = [{**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}, *metrics[1:]]
+        first = metrics[0]
+        leading = {EPOCHS_DONE: int(first["epoch"]) + 1, **{key: first[key] for key in (self.metric,) if key in first}}
+        for key in ("train_loss", "val_loss"):
+            if key in first:
+                leading[key] = first[key]
+        metrics = [{**leading, **{k: v for k, v in first.items() if k not in leading}}, *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)
 
 

@@ -109,7 +109,7 @@ def train_trial(
         # The trial id, not a timestamp: a resumed trial must find its Train run again.
         name=ray.tune.get_context().get_trial_id(),
         storage_path=train_runs,
-        callbacks=[ReportToTune()],
+        callbacks=[ReportToTune(cfg.tune.metric)],
     )
     build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits).fit()
     wait_until_tune_has_the_last_report()
