@@ -236,6 +236,12 @@ def hold_out_val(rows: list[dict[str, Any]], fraction: float) -> int:
     return moved
 
 
+def lent_to_val(root: Path, val_fraction: float) -> float:
+    """The share of train videos :func:`index_folder` lends to val: ``val_fraction`` when ``root`` has no
+    val/ folder of its own, else none."""
+    return 0.0 if (Path(root) / "val").is_dir() else val_fraction
+
+
 def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float = 0.0) -> dict[str, Any]:
     """Index ``ROOT/{train,val,test}/<Class>/<video>``; write the manifest to ``out``.
 
@@ -293,7 +299,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
             f"in {FOLDER_LAYOUT})"
         )
 
-    held_out = val_fraction if "val" not in split_dirs and val_fraction > 0 else 0.0
+    held_out = lent_to_val(root, val_fraction)
     moved = hold_out_val(rows, held_out) if held_out else 0
     probe_rows(rows, probe)
     write_manifest(rows, classes, out, val_fraction=held_out)

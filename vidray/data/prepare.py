@@ -23,7 +23,7 @@ from pathlib import Path
 from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
 from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
-from vidray.data.index import held_out_fraction, index_folder
+from vidray.data.index import held_out_fraction, index_folder, lent_to_val
 from vidray.data.preprocess import preprocess
 
 FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
@@ -51,7 +51,7 @@ def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
 def folder_manifest_is_stale(data: DataSettings) -> bool:
     """Whether ``data.videos_dir`` must be indexed again: the manifest is older than a file in it, or a
     folder without val/ lent its train videos to val with another ``data.val_fraction``."""
-    held_out = 0.0 if (data.videos_dir / "val").is_dir() else data.val_fraction
+    held_out = lent_to_val(data.videos_dir, data.val_fraction)
     return manifest_is_stale(data.manifest, data.videos_dir) or held_out_fraction(data.manifest) != held_out
 
 
