@@ -144,6 +144,15 @@ def require_decoder(decoder: str, device: str = "cpu") -> None:
         ) from None
 
 
+def chosen_decoder(chosen: str | None, recorded: str) -> str:
+    """``chosen`` (a user's choice, checked to load here: a missing library fails in one line, not once per
+    video) or else ``recorded`` (the decoder a model's training data was decoded with)."""
+    if chosen is None:
+        return recorded
+    require_decoder(chosen)
+    return chosen
+
+
 def require_cuda_decoding() -> None:
     """Raise unless this process can decode on a CUDA device (run inside a GPU task)."""
     import torch  # here: torch costs seconds to import, and only a GPU decode task asks this

@@ -57,7 +57,7 @@ from vidray.cluster import init_ray
 from vidray.config import DecoderName
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.shards import DecodeSettings
-from vidray.data.video import require_decoder
+from vidray.data.video import chosen_decoder
 from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
 from vidray.infer.corpus import (
@@ -287,9 +287,7 @@ def predict_corpus(
         raise UserError(f"--model {model_dir} does not exist (pass a directory written by `vidray export` or a checkpoint)")
     info = read_checkpoint_info(model_dir)
     shape = clip_shape_of(info)
-    if decoder is not None:
-        require_decoder(decoder)  # chosen here: a missing library fails in one line, not once per video
-    decoder = decoder or shape.decoder
+    decoder = chosen_decoder(decoder, shape.decoder)
     views = Views(eval_clips_of(info) if clips is None else clips, crops)
     paths = discover(inputs)
     if not paths:

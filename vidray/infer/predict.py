@@ -24,7 +24,7 @@ import torch
 
 from vidray.config import DecoderName
 from vidray.data.clip import VideoError
-from vidray.data.video import read_clip, require_decoder
+from vidray.data.video import chosen_decoder, read_clip
 from vidray.errors import UserError
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device
@@ -84,13 +84,11 @@ def predict_videos(
     """
     classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
     shape = classifier.shape
-    if decoder is not None:
-        require_decoder(decoder)  # chosen here: a missing library fails in one line, not once per video
+    decoder = chosen_decoder(decoder, shape.decoder)
     results = []
     for video in videos:
         try:
-            # Decoded by the decoder the training shards were made with (recorded in the checkpoint), unless told otherwise.
-            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=decoder or shape.decoder)
+            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=decoder)
         except VideoError as err:
             results.append({"video": str(video), "error": str(err), "predictions": []})
             continue
