@@ -53,10 +53,8 @@ class ReportToTune(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         first = metrics[0]
-        leading = {EPOCHS_DONE: int(first["epoch"]) + 1, **{key: first[key] for key in (self.metric,) if key in first}}
-        for key in ("train_loss", "val_loss"):
-            if key in first:
-                leading[key] = first[key]
+        leading = {EPOCHS_DONE: int(first["epoch"]) + 1}
+        leading.update({key: first[key] for key in (self.metric, "train_loss", "val_loss") if key in first})
         metrics = [{**leading, **{k: v for k, v in first.items() if k not in leading}}, *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)
 
