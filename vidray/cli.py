@@ -12,6 +12,11 @@ from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES, Da
 from vidray.errors import UserError
 
 
+def _tell(line: str) -> None:
+    # A command's line for a person goes to stderr, before the summary: stdout stays the JSON alone.
+    print(line, file=sys.stderr, flush=True)
+
+
 def _print_summary(summary: dict, *, disconnect_ray: bool = False) -> None:
     # The last line of stdout is always a JSON summary, so scripts can parse it. A command that
     # ran on Ray disconnects first: Ray's driver threads print late messages (the raylet's
@@ -70,7 +75,7 @@ def cmd_index_folder(args: argparse.Namespace) -> None:
     from vidray.data.index import index_folder
 
     summary = index_folder(Path(args.root), Path(args.out), probe=not args.no_probe, val_fraction=args.val_fraction)
-    print(_index_line(summary), file=sys.stderr, flush=True)
+    _tell(_index_line(summary))
     _print_summary(summary)
 
 
@@ -87,7 +92,7 @@ def cmd_index_coin(args: argparse.Namespace) -> None:
         probe=not args.no_probe,
         labels=args.labels,
     )
-    print(_index_line(summary), file=sys.stderr, flush=True)
+    _tell(_index_line(summary))
     _print_summary(summary)
 
 
@@ -153,9 +158,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     best = summary["best"]
     if best:
         curves = tracking_dir(summary["run_dir"], cfg.run.name) / TENSORBOARD_DIR
-        print(f"vidray train: best val macro-F1 {best['val_macro_f1']:.4f} at epoch {int(best['epoch']) + 1} "
-              f"({summary['best_checkpoint']}); learning curves: tensorboard --logdir {curves}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        _tell(f"vidray train: best val macro-F1 {best['val_macro_f1']:.4f} at epoch {int(best['epoch']) + 1} "
+              f"({summary['best_checkpoint']}); learning curves: tensorboard --logdir {curves}")
     _print_summary(summary, disconnect_ray=True)
 
 
@@ -173,8 +177,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
     connected_before = ray.is_initialized()
     summary = run_pretraining(cfg, restart=args.restart, verbose=args.verbose)
-    print(f"vidray pretrain: encoder in {summary['model_dir']}; fine-tune from it with model.init=pretrained "
-          f"model.name_or_path={summary['model_dir']}", file=sys.stderr, flush=True)  # fmt: skip
+    _tell(f"vidray pretrain: encoder in {summary['model_dir']}; fine-tune from it with model.init=pretrained "
+          f"model.name_or_path={summary['model_dir']}")
     _print_summary(summary, disconnect_ray=not connected_before)
 
 
@@ -196,12 +200,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         Path(args.checkpoint), args.data, split=args.split, out_dir=Path(args.out), batch_size=args.batch_size,
         clips=args.clips, crops=args.crops,
     )
-    print(
+    _tell(
         f"vidray evaluate: {metrics['split']} split, {metrics['num_samples']} videos, {metrics['protocol']}: "
         f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, loss {metrics['loss']:.4f} "
-        f"-> {metrics['files']['confusion_png']}, {metrics['files']['per_class_md']}",
-        file=sys.stderr, flush=True,
-    )  # fmt: skip
+        f"-> {metrics['files']['confusion_png']}, {metrics['files']['per_class_md']}"
+    )
     _print_summary(metrics)
 
 
@@ -210,8 +213,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     out = export_model(Path(args.checkpoint), Path(args.out))
     remote = ", trust_remote_code=True" if (out / CUSTOM_CODE_FILE).is_file() else ""
-    print(f'vidray export: {out} (model card: {out / "README.md"}); load it with '
-          f'pipeline("video-classification", model="{out}"{remote})', file=sys.stderr, flush=True)  # fmt: skip
+    _tell(f'vidray export: {out} (model card: {out / "README.md"}); load it with '
+          f'pipeline("video-classification", model="{out}"{remote})')
     _print_summary({"exported": str(out)})
 
 
