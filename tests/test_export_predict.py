@@ -296,6 +296,20 @@ def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path, capsys):
     assert str(broken) in error_lines[0] and "corrupt" in error_lines[0]
 
 
+def test_predict_names_a_file_whose_name_is_not_utf8_in_text_that_prints(exported, videos, tmp_path, capsys):
+    """A name in cp1252 bytes opens and is predicted; the lines and the JSON show its odd byte as ``\\xe9``, so
+    a terminal or pipe that takes only UTF-8 (stdout's strict encoding under a UTF-8 locale) prints them."""
+    odd = tmp_path / os.fsdecode("café.mp4".encode("cp1252"))
+    shutil.copyfile(videos[1], odd)
+    assert main(["predict", "--model", str(exported), "--top-k", "2", str(odd)]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.encode("utf-8")  # strict: no stand-in for the odd byte is left
+    line, summary = out.strip().splitlines()
+    assert line.startswith(f"{tmp_path}/caf\\xe9.mp4: {CLASSES[1]} ")
+    (result,) = json.loads(summary)["results"]
+    assert result["video"] == f"{tmp_path}/caf\\xe9.mp4" and result["predictions"][0]["label"] == CLASSES[1]
+
+
 def test_predict_cli_bad_model_dir(tmp_path, videos, exported, capsys):
     assert main(["predict", "--model", str(tmp_path), str(videos[0])]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -209,6 +210,37 @@ def test_index_folder_bad_layouts_name_the_path_and_layout(tmp_path):
     with pytest.raises(UserError, match=rf"no video files under {empty}"):
         index_folder(empty, tmp_path / "m.parquet")
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_names_that_are_not_utf8_are_refused_in_one_line_naming_them_and_the_fix(tmp_path):
+    """Names from an unzipped Windows archive (cp1252 bytes) would reach the manifest, the labels and the model:
+    refused before anything is probed or written; renamed to UTF-8, as the line says, the folder indexes."""
+    root = tmp_path / "videos"
+    odd_class = root / "train" / os.fsdecode("Crème".encode("cp1252"))
+    odd_video = root / "train" / "plain" / os.fsdecode("café.mp4".encode("cp1252"))
+    for path in (odd_class / "a.mp4", root / "train" / "plain" / "b.mp4", odd_video):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        encode_mp4(path, tiny_frames(num_frames=4), fps=10)
+    out = tmp_path / "m.parquet"
+    with pytest.raises(UserError) as refused:
+        index_folder(root, out)
+    message = str(refused.value)
+    assert message.encode("utf-8") and "\n" not in message  # prints anywhere, as one line
+    # The class folder once (not again for each video in it), then the video; each as Python shows its odd byte.
+    assert f"2 name(s) in {root} are not UTF-8 text (train/Cr\\xe8me, train/plain/caf\\xe9.mp4)" in message
+    assert f"`convmv -r -f cp1252 -t utf-8 --notest {root}`" in message
+    assert not out.exists()
+
+    result = subprocess.run([sys.executable, "-m", "vidray", "index", "folder", str(root), "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, check=False)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip() == f"vidray index: error: {message}", result.stderr
+
+    # What convmv -f cp1252 -t utf-8 does: each name's bytes read as cp1252, written as UTF-8.
+    for path in (odd_video, odd_class):
+        path.rename(path.parent / os.fsencode(path.name).decode("cp1252"))
+    summary = index_folder(root, out)
+    assert summary["classes"] == ["Crème", "plain"] and summary["present"] == 3
+    assert sorted(read_manifest(out)[0]["video_id"]) == ["train/Crème/a", "train/plain/b", "train/plain/café"]
 
 
 def test_probe_never_raises(tmp_path):

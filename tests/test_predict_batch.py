@@ -26,7 +26,7 @@ from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import main
 from vidray.errors import UserError
 from vidray.infer.evaluate import evaluate_checkpoint
-from vidray.data.index import write_manifest
+from vidray.data.index import as_text, write_manifest
 from vidray.model.inference import Views, clip_outputs
 from vidray.infer.predict import Classifier, predict_videos
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
@@ -38,8 +38,9 @@ CLASSES = ["left", "right", "still"]
 DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
 EVAL_CLIPS = 2
 # A dangling link in a folder is a video found and rejected ("missing"), not one left out of the count.
+# A good video whose name is not UTF-8 is rejected too: its row could only name it escaped (as_text).
 HOSTILE = {"zero_bytes": "empty", "text": "not_a_video", "truncated": "corrupt", "audio_only": "no_video_stream",
-           "dangling_symlink": "missing"}  # fmt: skip
+           "dangling_symlink": "missing", "name_not_utf8": "name_not_utf8"}  # fmt: skip
 
 
 def _video(path: Path, width: int, height: int, frames: int, seed: int) -> Path:
@@ -113,8 +114,11 @@ def test_every_discovered_video_gets_one_row_and_hostile_files_cost_one_row_each
     assert sum(summary["labels"].values()) == summary["predicted"]
     by_path = table.set_index("path")
     for kind, category in HOSTILE.items():
-        row = by_path.loc[str(corpus["hostile"][kind])]
+        row = by_path.loc[as_text(str(corpus["hostile"][kind]))]
         assert row["error"].startswith(f"{category}: ") and pd.isna(row["label"]) and row["embedding"] is None
+    # Named as Python shows the byte, with the fix: rename to UTF-8, and the run reuses the other videos' parts.
+    odd = by_path.loc[str(corpus["hostile"]["name_not_utf8"].parent / "caf\\xe9.mp4")]
+    assert "rename the file (or its folder) to UTF-8 (e.g. `convmv " in odd["error"] and "parts are reused" in odd["error"]
     assert by_path.loc[str(batch_run["missing"])]["error"] == "missing: file not found"
     for path in corpus["good"]:
         row = by_path.loc[str(path)]

@@ -6,6 +6,7 @@ Every decode test runs once per backend (``decoder`` fixture): they must agree.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -256,6 +257,9 @@ def make_bad_file(kind: str, directory: Path, good_video: Path) -> Path:
         pass
     elif kind == "directory":
         path.mkdir()
+    elif kind == "name_not_utf8":  # a good video named in cp1252, as unzipping a Windows archive leaves it
+        path = directory / os.fsdecode("café.mp4".encode("cp1252"))
+        path.write_bytes(data)
     else:
         raise AssertionError(kind)
     return path

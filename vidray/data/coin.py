@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vidray.errors import UserError
-from vidray.data.index import EXTENSION_RANK, is_video_file, manifest_summary, probe_rows, write_manifest
+from vidray.data.index import EXTENSION_RANK, is_video_file, manifest_summary, probe_rows, refuse_names_not_utf8, write_manifest
 
 COIN_SUBSETS = {"training": "train", "testing": "val", "validation": "val"}
 TAXONOMY_COLUMNS = ("domain", "task_id", "task")
@@ -245,6 +245,7 @@ def index_coin(
             }
         )
 
+    refuse_names_not_utf8(videos_dir, [Path(row["path"]) for row in rows])
     probe_rows(rows, probe)
     write_manifest(rows, classes, out)
     missing_csv = out.with_suffix(".missing.csv")

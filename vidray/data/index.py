@@ -85,6 +85,43 @@ def is_listed_video(path: Path) -> bool:
     return is_video_file(path) and (path.is_file() or (path.is_symlink() and not path.exists()))
 
 
+def is_text_name(path: str) -> bool:
+    """Whether ``path`` is valid UTF-8. Linux allows any bytes in a name, and unzipping a Windows archive or
+    copying from an old share leaves names in cp1252 or cp437; Python reads them with stand-ins
+    (surrogates) that open the file but cannot be written as text: not to Parquet, CSV or JSON records."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def as_text(path: str) -> str:
+    """``path`` as records can hold it: each byte of a name that is not UTF-8 shown as ``\\xNN``
+    (what Python shows for bytes), the rest as it is."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# Renames every name under a folder from a legacy encoding to UTF-8 (Debian/Ubuntu: apt install convmv).
+RENAME_TO_UTF8 = "convmv -r -f cp1252 -t utf-8 --notest"
+
+
+def refuse_names_not_utf8(root: Path, entries: list[Path]) -> None:
+    """One line naming the folder, class folders and videos (``entries``, below ``root``) whose own names are not
+    UTF-8, before anything is probed or written: the manifest holds paths as text, and a class folder's name
+    becomes a label of the model."""
+    odd = [as_text(os.path.abspath(root))] if not is_text_name(os.path.abspath(root)) else []
+    odd += [as_text(os.path.relpath(entry, root)) for entry in entries if not is_text_name(entry.name)]
+    if odd:
+        shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        where = as_text(str(root))
+        raise UserError(
+            f"{len(odd)} name(s) in {where} are not UTF-8 text ({shown}): rename them to UTF-8 from the encoding "
+            f"they were written in, e.g. `{RENAME_TO_UTF8} {where}` (cp437 for names from a zip file; without "
+            "--notest it only shows the renames)"
+        )
+
+
 # --- probing -----------------------------------------------------------------
 
 
@@ -293,6 +330,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
                     "split": split,
                 }
             )
+    refuse_names_not_utf8(root, [class_dir for _, class_dir in class_dirs] + [Path(row["path"]) for row in rows])
     if not rows:
         raise UserError(
             f"no video files under {root} (looked for {', '.join(VIDEO_EXTENSIONS[:6])}, ... "

@@ -56,6 +56,7 @@ import ray.data
 from vidray.cluster import init_ray
 from vidray.config import DecoderName
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
+from vidray.data.index import as_text
 from vidray.data.shards import DecodeSettings
 from vidray.data.video import chosen_decoder
 from vidray.errors import UserError
@@ -243,7 +244,7 @@ def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], pro
                 data, error, reason = b"", "worker_crash", f"{WORKER_CRASH_REASON} ({type(err).__name__})"
             frames.append(data)
             errors.append(f"{error}: {reason}" if error else "")
-        columns = _predicted_columns(classifier, list(chunk.paths), frames, errors, [chunk.id] * len(frames),
+        columns = _predicted_columns(classifier, [as_text(p) for p in chunk.paths], frames, errors, [chunk.id] * len(frames),
                                      args["embeddings"])  # fmt: skip
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         write_part(fs, root, chunk, rows, args["embeddings"])

@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vidray.data.index import is_hidden, is_listed_video, is_video_file
+from vidray.data.index import RENAME_TO_UTF8, as_text, is_hidden, is_listed_video, is_text_name, is_video_file
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import write_atomically
 from vidray.data.shards import DecodeSettings
@@ -159,8 +159,19 @@ def finished_parts(fs: pafs.FileSystem, root: str, chunks: list[Chunk]) -> set[s
     return finished
 
 
+# A video whose file name is not UTF-8 (vidray.data.index.is_text_name) is rejected, not predicted: its row
+# could only name it escaped (as_text), which no longer opens the file or matches a listing of the folder.
+NAME_NOT_UTF8 = (
+    "name_not_utf8",
+    f"its path is not UTF-8 text, so the predictions cannot name it as it is: rename the file (or its folder) to "
+    f"UTF-8 (e.g. `{RENAME_TO_UTF8} <folder>`) and run again; the other videos' parts are reused",
+)
+
+
 def decode_one(path: str, settings: DecodeSettings, crash_on: str | None) -> tuple[bytes, str, str]:
-    """(frame bytes, "", "") or (b"", category, reason)."""
+    """(frame bytes, "", "") or (b"", category, reason). Rows name ``path`` as :func:`as_text` shows it."""
+    if not is_text_name(path):
+        return b"", *NAME_NOT_UTF8
     with local_file(path) as local:
         clip, error, reason = decode_or_reject(local, settings, crash_on)
     return (clip.frames.tobytes(), "", "") if clip is not None else (b"", error, reason)
@@ -181,7 +192,7 @@ def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | Non
             for path in paths:
                 frames, error, reason = decode_one(path, settings, crash_on)
                 columns["chunk"].append(chunk_id)
-                columns["path"].append(path)
+                columns["path"].append(as_text(path))
                 columns["frames"].append(frames)
                 columns["error"].append(f"{error}: {reason}" if error else "")
             yield pa.Table.from_pydict(columns, schema=DECODED_SCHEMA)
@@ -191,7 +202,7 @@ def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) 
     """One chunk's rows, in its paths' order, as one Parquet file written atomically."""
     by_path = {row["path"]: row for row in rows}
     records = []
-    for path in chunk.paths:
+    for path in map(as_text, chunk.paths):
         row = by_path[path]
         record = {"path": path, "label": None, "score": None, "top_k": None, "error": row["error"] or None}
         if not row["error"]:

@@ -24,6 +24,7 @@ import torch
 
 from vidray.config import DecoderName
 from vidray.data.clip import VideoError
+from vidray.data.index import as_text
 from vidray.data.video import chosen_decoder, read_clip
 from vidray.errors import UserError
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
@@ -80,7 +81,9 @@ def predict_videos(
     ``model_dir`` is an export or a checkpoint directory; ``clips`` (default: the
     checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged; ``decoder`` (default: the one its
     training data was decoded with) reads the videos. An unreadable video gets ``{"video", "error",
-    "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`.
+    "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`. ``video`` names the
+    file as :func:`vidray.data.index.as_text` shows it (a name that is not UTF-8, escaped), so the results print
+    and serialize as text.
     """
     classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
     shape = classifier.shape
@@ -90,10 +93,10 @@ def predict_videos(
         try:
             clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=decoder)
         except VideoError as err:
-            results.append({"video": str(video), "error": str(err), "predictions": []})
+            results.append({"video": as_text(str(video)), "error": as_text(str(err)), "predictions": []})
             continue
         (row,) = classifier.predict(clip.frames[None])
-        results.append({"video": str(video), "predictions": row["top_k"]})
+        results.append({"video": as_text(str(video)), "predictions": row["top_k"]})
     return results
 
 
