@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -210,6 +211,24 @@ def test_index_folder_bad_layouts_name_the_path_and_layout(tmp_path):
     with pytest.raises(UserError, match=rf"no video files under {empty}"):
         index_folder(empty, tmp_path / "m.parquet")
     assert not (tmp_path / "m.parquet").exists()
+
+
+def test_a_class_whose_folders_spell_it_decomposed_and_composed_is_one_label(tmp_path):
+    """train/ copied from a Mac (decomposed: "e" + U+0300) and val/ made on Linux (composed: U+00E8) name the
+    same class; it is one label, in the composed form, and each row keeps the path as it is on disk."""
+    root = tmp_path / "videos"
+    decomposed = root / "train" / unicodedata.normalize("NFD", "Crème brûlée")
+    composed = root / "val" / "Crème brûlée"
+    assert decomposed.name != composed.name
+    for folder in (decomposed, composed, root / "train" / "plain", root / "val" / "plain"):
+        folder.mkdir(parents=True)
+        encode_mp4(folder / "a.mp4", tiny_frames(num_frames=4), fps=10)
+    summary = index_folder(root, tmp_path / "m.parquet")
+    assert summary["classes"] == ["Crème brûlée", "plain"] and summary["per_class"] == {"Crème brûlée": 2, "plain": 2}
+    rows, classes = read_manifest(tmp_path / "m.parquet")
+    label = dict(zip(rows["path"], rows["label"]))
+    assert label[str(decomposed / "a.mp4")] == label[str(composed / "a.mp4")] == "Crème brûlée" == classes[0]
+    assert (decomposed / "a.mp4").exists()
 
 
 def test_names_that_are_not_utf8_are_refused_in_one_line_naming_them_and_the_fix(tmp_path):

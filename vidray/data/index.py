@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -273,6 +274,13 @@ def hold_out_val(rows: list[dict[str, Any]], fraction: float) -> int:
     return moved
 
 
+def class_name(folder: Path) -> str:
+    """The label a class folder stands for: its name in Unicode's composed form (NFC). macOS writes names
+    decomposed ("e" + a combining accent), Linux and Windows mostly composed: a class whose train/ folder came
+    from a Mac and whose val/ folder did not would otherwise be two labels that print alike."""
+    return unicodedata.normalize("NFC", folder.name)
+
+
 def lent_to_val(root: Path, val_fraction: float) -> float:
     """The share of train videos :func:`index_folder` lends to val: ``val_fraction`` when ``root`` has no
     val/ folder of its own, else none."""
@@ -285,8 +293,8 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
     A folder without val/ lends ``val_fraction`` of each class's train videos to val (:func:`hold_out_val`;
     ``data.val_fraction``); the summary's ``val_held_out_of_train`` says how many.
 
-    Classes are the sorted union of class folder names over all splits (an
-    empty class folder still gets a label index). Files that are not videos
+    Classes are the sorted union of class folder names over all splits, composed alike (:func:`class_name`;
+    an empty class folder still gets a label index). Files that are not videos
     (by extension, case-insensitive), hidden files and folders (:func:`is_hidden`), anything nested deeper
     and anything outside the split folders are ignored and counted; a dangling link named like a video is indexed, so
     that preprocessing rejects it with its reason (:func:`is_listed_video`). ``video_id`` is the
@@ -313,7 +321,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
                 class_dirs.append((split, entry))
             else:
                 ignored.append(entry)
-    classes = sorted({class_dir.name for _, class_dir in class_dirs})
+    classes = sorted({class_name(class_dir) for _, class_dir in class_dirs})
 
     rows = []
     for split, class_dir in class_dirs:
@@ -325,8 +333,8 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
                 {
                     "path": os.path.abspath(path),
                     "video_id": path.relative_to(root).with_suffix("").as_posix(),
-                    "label": class_dir.name,
-                    "label_index": classes.index(class_dir.name),
+                    "label": class_name(class_dir),
+                    "label_index": classes.index(class_name(class_dir)),
                     "split": split,
                 }
             )
