@@ -34,6 +34,8 @@ from vidray.train.metrics import EPOCHS_DONE
 from vidray.folder_lock import read_holder
 from vidray.tune.space import build_param_space, count_trials, trial_config, trial_label
 from vidray.tune.sweep import run_sweep
+from vidray.train.driver import run_training
+from vidray.data.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -271,6 +273,29 @@ def test_preflight_refuses_before_any_trial_starts(ray_cluster, demo_data, tmp_p
     assert not (tmp_path / "runs" / "demo").exists()  # no experiment, no trial
 
 
+def test_classes_without_training_videos_are_named_before_training(ray_cluster, tmp_path, capsys):
+    """`train/Bird` beside `val/bird`, `test/bird`: two classes, neither in both. `vidray train` and
+    `vidray tune` say so once, before the run (here both then refuse its batch size: no Train run)."""
+    root = tmp_path / "videos"
+    rng = np.random.default_rng(0)
+    for split, classes, count in (("train", ["cat", "Bird"], 4), ("val", ["cat", "bird"], 2), ("test", ["cat", "bird"], 1)):
+        for name in classes:
+            for i in range(count):
+                encode_mp4(root / split / name / f"{i}.mp4", rng.integers(0, 255, (8, 36, 36, 3), dtype=np.uint8), fps=8)
+    overrides = [*TINY_DATA, "data.source=folder", f"data.videos_dir={root}", f"data.manifest={tmp_path / 'm.parquet'}",
+                 f"data.dataset_dir={tmp_path / 'dataset'}", f"run.storage_path={tmp_path / 'runs'}",
+                 f"run.reports_dir={tmp_path / 'reports'}", "train.batch_size=16"]  # fmt: skip
+    warning = ("warning: 1 of 3 classes have no training videos, so the model cannot learn them and they lower "
+               "val_macro_f1: bird (val 2, test 1). A class folder named differently in train/ than in val/ or test/ "
+               "makes two classes")  # fmt: skip
+    for command, run in (("vidray train", run_training), ("vidray tune", run_sweep)):
+        with pytest.raises(UserError, match="fewer than one batch of 16 per worker"):
+            run(load_config(DEMO, overrides))
+        lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert lines == [f"{command}: {warning}"]
+
+
+# ----------------------------------------------------------------- real sweeps
 # ----------------------------------------------------------------- real sweeps
 
 

@@ -15,6 +15,7 @@ A run lives under ``run.storage_path/run.name``. Running the same command again:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import ray.train
@@ -52,6 +53,21 @@ def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> Cli
             f"{micro_batch_size(cfg.train)} per worker; lower train.batch_size or train.num_workers"
         )
     return shape
+
+
+def untrainable_classes_line(info: DatasetInfo, command: str) -> str | None:
+    """A warning for the classes with no processed train video (all their videos in val/test, or all rejected):
+    the model cannot learn them, yet they count in val_macro_f1. Often a class folder named differently in
+    train/ than in val/ (``Bird`` and ``bird`` are two classes). None when every class has train videos."""
+    per_split = {split: counts.get("per_class", {}) for split, counts in info.raw.get("splits", {}).items()}
+    absent = [name for name in info.classes if not per_split.get("train", {}).get(name)]
+    if not absent or "train" not in per_split or not per_split["train"]:  # no per-class counts: nothing to say
+        return None
+    elsewhere = {name: {split: counts[name] for split, counts in per_split.items() if counts.get(name)} for name in absent}
+    shown = "; ".join(f"{name} ({', '.join(f'{s} {n}' for s, n in counts.items()) or 'no videos'})" for name, counts in elsewhere.items())
+    return (f"{command}: warning: {len(absent)} of {len(info.classes)} classes have no training videos, so the model "
+            f"cannot learn them and they lower val_macro_f1: {shown}. A class folder named differently in train/ "
+            "than in val/ or test/ makes two classes")  # fmt: skip
 
 
 def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
@@ -167,7 +183,10 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
 
     with FolderLock(run_dir, "vidray train"):
         prepare_dataset(cfg, verbose=verbose)
-        check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, read_dataset_info(dataset_dir)))
+        info = read_dataset_info(dataset_dir)
+        if line := untrainable_classes_line(info, "vidray train"):
+            print(line, file=sys.stderr, flush=True)
+        check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, info))
         trainer = build_trainer(cfg, dataset_dir=dataset_dir)
         with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line):
             trainer.fit()
