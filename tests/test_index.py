@@ -23,7 +23,7 @@ import pytest
 from vidray.data.demo import generate_demo_videos
 from vidray.errors import UserError
 from vidray.data.coin import index_coin
-from vidray.data.index import MANIFEST_SCHEMA, held_out_fraction, index_folder, probe_video, read_manifest
+from vidray.data.index import MANIFEST_SCHEMA, held_out_fraction, index_folder, lent_to_val, probe_video, read_manifest
 from vidray.data.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +173,32 @@ def test_a_folder_without_val_lends_a_share_of_each_classs_train_videos_to_val(t
     assert _val_ids(out) == {"val/many/own"} and held_out_fraction(out) == 0.0
     with pytest.raises(UserError, match=r"val_fraction=1.0 is not a share of the train videos: give one in \[0, 1\)"):
         index_folder(root, out, probe=False, val_fraction=1.0)
+
+
+def test_split_folders_may_carry_the_names_hugging_face_datasets_gives_them(tmp_path):
+    """Training/, validation/ and Test/ (any case; dev/, eval/, ...: Hugging Face's split keywords) are the three
+    splits, so a dataset laid out for the Hub keeps its own validation videos; two folders for one split are
+    refused in one line, as is a folder with none of the names."""
+    root = tmp_path / "videos"
+    for folder in ("Training", "validation", "Test"):
+        (root / folder / "cat").mkdir(parents=True)
+        (root / folder / "cat" / f"{folder.lower()}.mp4").write_bytes(b"")
+    (root / "notes").mkdir()
+    out = tmp_path / "m.parquet"
+    summary = index_folder(root, out, probe=False, val_fraction=0.2)
+    assert summary["per_split"] == {"train": 1, "val": 1, "test": 1} and summary["val_held_out_of_train"] == 0
+    assert summary["ignored_examples"] == [str(root / "notes")] and lent_to_val(root, 0.2) == 0.0
+    frame, _ = read_manifest(out)
+    assert dict(zip(frame["video_id"], frame["split"])) == {
+        "Training/cat/training": "train", "validation/cat/validation": "val", "Test/cat/test": "test"
+    }
+
+    (root / "dev").mkdir()
+    with pytest.raises(UserError) as refused:
+        index_folder(root, out, probe=False)
+    assert str(refused.value) == (f"video folder {root} has 2 folders for its val split (dev/, validation/): "
+                                  "move their videos into one and remove the others")  # fmt: skip
+    assert lent_to_val(tmp_path / "absent", 0.2) == 0.2  # no folder yet: nothing of its own to validate on
 
 
 def test_a_folder_is_indexed_again_when_its_val_fraction_changes(tmp_path):

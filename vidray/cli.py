@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="list videos and labels into a manifest Parquet file")
     index_sub = index.add_subparsers(dest="layout", required=True)
     folder = index_sub.add_parser("folder", help="ROOT/{train,val,test}/<Class>/<video>")
-    folder.add_argument("root")
+    folder.add_argument("root", help="split folders train/, val/, test/ (or as Hugging Face datasets names them: "
+                                     "training/, validation/, dev/, testing/, ..., any case), a folder per class in each")
     folder.add_argument("--out", required=True, help="manifest .parquet to write")
     folder.add_argument("--no-probe", action="store_true", help="skip reading duration/fps/size")
     folder.add_argument(

@@ -281,14 +281,43 @@ def class_name(folder: Path) -> str:
     return unicodedata.normalize("NFC", folder.name)
 
 
+# A split's folder under ROOT, named as Hugging Face `datasets` names splits (its SPLIT_KEYWORDS), in any case:
+# a dataset laid out train/validation/test for the Hub indexes as it is, not with its validation/ ignored.
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """``{split: folder}`` for the splits ``root`` has a folder for (:data:`SPLIT_FOLDER_NAMES`), in SPLITS order.
+    Two folders for one split (``val/`` and ``validation/``; ``Train/`` and ``train/``) are refused."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    found: dict[str, list[Path]] = defaultdict(list)
+    for entry in sorted(root.iterdir()):
+        for split, names in SPLIT_FOLDER_NAMES.items():
+            if entry.name.lower() in names and entry.is_dir():
+                found[split].append(entry)
+    for split, folders in found.items():
+        if len(folders) > 1:
+            names = ", ".join(f"{folder.name}/" for folder in folders)
+            raise UserError(f"video folder {root} has {len(folders)} folders for its {split} split ({names}): "
+                            "move their videos into one and remove the others")  # fmt: skip
+    return {split: found[split][0] for split in SPLITS if split in found}
+
+
 def lent_to_val(root: Path, val_fraction: float) -> float:
     """The share of train videos :func:`index_folder` lends to val: ``val_fraction`` when ``root`` has no
-    val/ folder of its own, else none."""
-    return 0.0 if (Path(root) / "val").is_dir() else val_fraction
+    val/ (or validation/, dev/, ...) folder of its own, else none."""
+    return 0.0 if "val" in split_folders(root) else val_fraction
 
 
 def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float = 0.0) -> dict[str, Any]:
-    """Index ``ROOT/{train,val,test}/<Class>/<video>``; write the manifest to ``out``.
+    """Index ``ROOT/{train,val,test}/<Class>/<video>``; write the manifest to ``out``. A split's folder may carry
+    any name Hugging Face ``datasets`` gives it (validation/, dev/, Train/, ...: :data:`SPLIT_FOLDER_NAMES`).
 
     A folder without val/ lends ``val_fraction`` of each class's train videos to val (:func:`hold_out_val`;
     ``data.val_fraction``); the summary's ``val_held_out_of_train`` says how many.
@@ -305,15 +334,15 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
         raise UserError(f"val_fraction={val_fraction} is not a share of the train videos: give one in [0, 1)")
     if not root.is_dir():
         raise UserError(f"video folder {root} does not exist (expected layout {FOLDER_LAYOUT})")
-    split_dirs = {split: root / split for split in SPLITS if (root / split).is_dir()}
+    split_dirs = split_folders(root)
     if not split_dirs:
         found = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
         raise UserError(
-            f"video folder {root} has no train/, val/ or test/ subfolder (found: {found}); "
-            f"expected layout {FOLDER_LAYOUT}"
+            f"video folder {root} has no train/, val/ or test/ subfolder (nor training/, validation/, dev/, "
+            f"testing/, ...; found: {found}); expected layout {FOLDER_LAYOUT}"
         )
 
-    ignored = [p for p in root.iterdir() if p.name not in split_dirs]
+    ignored = [p for p in root.iterdir() if p not in split_dirs.values()]
     class_dirs: list[tuple[str, Path]] = []
     for split, split_dir in split_dirs.items():
         for entry in sorted(split_dir.iterdir()):
