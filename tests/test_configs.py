@@ -88,6 +88,19 @@ def test_overrides_apply_on_top_of_a_file():
     assert cfg.tune.lr == SearchRange(low=1e-5, high=1e-3)
 
 
+def test_paths_under_the_home_are_expanded_where_no_shell_did(monkeypatch, tmp_path):
+    """`~` in a YAML file or a quoted override: the home's folder, as a shell would give it; Hub ids, URIs and
+    relative paths as they are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(CONFIGS / "demo.yaml", ["data.videos_dir=~/videos", "data.dataset_dir=~/ds", "data.annotations=[~/COIN.json]",
+                                              "data.taxonomy=~/tax.csv", "model.name_or_path=~/encoder"])  # fmt: skip
+    assert (cfg.data.videos_dir, cfg.data.taxonomy, cfg.data.annotations) == (tmp_path / "videos", tmp_path / "tax.csv", [tmp_path / "COIN.json"])
+    assert (cfg.data.dataset_dir, cfg.model.name_or_path) == (str(tmp_path / "ds"), str(tmp_path / "encoder"))
+    cfg = load_config(CONFIGS / "demo.yaml", ["data.dataset_dir=s3://bucket/ds", "data.manifest=data/m.parquet"])
+    assert (cfg.data.dataset_dir, cfg.data.manifest) == ("s3://bucket/ds", Path("data/m.parquet"))
+    assert load_config(CONFIGS / "coin12.yaml").model.name_or_path == "MCG-NJU/videomae-base-finetuned-kinetics"
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [

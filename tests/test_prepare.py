@@ -51,8 +51,12 @@ def small_video(path: Path, seed: int) -> Path:
     return encode_mp4(path, rng.integers(0, 255, (12, 48, 64, 3), dtype=np.uint8), fps=12)
 
 
-def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_path, capfd):
-    cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3}, videos_per_shard=1)
+def test_demo_source_generates_indexes_and_preprocesses_once(ray_cluster, tmp_path, capfd, monkeypatch):
+    # Paths under ~ as a YAML file gives them (no shell expands them there): each is the folder in the home.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = {key: f"~/{name}" for key, name in (("videos_dir", "videos"), ("manifest", "manifest.parquet"), ("dataset_dir", "dataset"))}
+    cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3}, videos_per_shard=1, **home)
+    assert (cfg.data.videos_dir, cfg.data.manifest) == (tmp_path / "videos", tmp_path / "manifest.parquet")
     assert prepare_dataset(cfg) == str(tmp_path / "dataset")
 
     info = dataset_json(cfg)

@@ -38,6 +38,8 @@ def test_local_paths_round_trip_through_pyarrow(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fs, root = open_filesystem("runs/exp")
     assert isinstance(fs, pa.fs.LocalFileSystem) and root == str(tmp_path / "runs" / "exp")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `--out '~/exp'`: the home's folder, as resolve_path reads it
+    assert open_filesystem("~/exp")[1] == resolve_path("~/exp") == str(tmp_path / "home" / "exp")
     fs.create_dir(root)
     pq.write_table(pa.table({"x": [1, 2]}), join_uri(root, "a.parquet"), filesystem=fs)
     assert pq.read_table(str(tmp_path / "runs" / "exp" / "a.parquet")).column("x").to_pylist() == [1, 2]

@@ -33,6 +33,17 @@ class ConfigError(UserError):
     """A configuration problem, with a one-line message that names the key."""
 
 
+def _home_expanded(value: Any) -> Any:
+    """``~`` in a local path made absolute: a shell expands it on a command line, but not in a YAML file or a
+    quoted override, where ``data.videos_dir: ~/videos`` would otherwise be refused as missing (or read and
+    written as two different folders). A Hub id or an s3:// URI never starts with ``~``."""
+    if isinstance(value, list):
+        return [_home_expanded(item) for item in value]
+    if isinstance(value, (str, Path)) and str(value).startswith("~"):
+        return type(value)(Path(value).expanduser())
+    return value
+
+
 class _Section(BaseModel):
     # Unknown keys are almost always typos (``train.learning_rate``): refuse them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -93,6 +104,8 @@ class DataSettings(_Section):
 
     demo: DemoDataSettings = Field(default_factory=DemoDataSettings)
 
+    _expand_home = field_validator("videos_dir", "manifest", "dataset_dir", "annotations", "taxonomy")(_home_expanded)
+
     @model_validator(mode="after")
     def _check(self) -> "DataSettings":
         if self.stored_frames < self.frames:
@@ -128,6 +141,8 @@ class ModelSettings(_Section):
     # Interpolate the pretrained sinusoid position table to the new token grid.
     interpolate_pos_embed: bool = True
     dropout: float = Field(0.0, ge=0, lt=1)
+
+    _expand_home = field_validator("name_or_path")(_home_expanded)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSettings":

@@ -35,7 +35,7 @@ def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))  # as resolve_path reads it
 
 
 # ------------------------------------------------------------------ local scratch folders
