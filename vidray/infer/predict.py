@@ -30,6 +30,7 @@ from vidray.errors import UserError
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device
 from vidray.model.inference import Views, clip_outputs, inference_device
+from vidray.storage import DownloadError, local_file
 
 
 class Classifier:
@@ -73,12 +74,13 @@ class Classifier:
 
 
 def predict_videos(
-    model_dir: Path, videos: list[Path], top_k: int = 3, clips: int | None = None, crops: int = 1,
+    model_dir: Path, videos: list[Path | str], top_k: int = 3, clips: int | None = None, crops: int = 1,
     decoder: DecoderName | None = None,
 ) -> list[dict[str, Any]]:
     """``[{"video", "predictions": [{"label", "score"}, ...]}]`` in input order, best first.
 
-    ``model_dir`` is an export or a checkpoint directory; ``clips`` (default: the
+    ``videos`` are local files or http(s):// URLs (each downloaded, then read). ``model_dir`` is an export or a
+    checkpoint directory; ``clips`` (default: the
     checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged; ``decoder`` (default: the one its
     training data was decoded with) reads the videos. An unreadable video gets ``{"video", "error",
     "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`. ``video`` names the
@@ -90,13 +92,16 @@ def predict_videos(
     decoder = chosen_decoder(decoder, shape.decoder)
     results = []
     for video in videos:
+        name = as_text(str(video))
         try:
-            clip = read_clip(video, shape.stored_frames, shape.stored_size, decoder=decoder)
-        except VideoError as err:
-            results.append({"video": as_text(str(video)), "error": as_text(str(err)), "predictions": []})
+            with local_file(str(video)) as local:  # a URL's video is downloaded first
+                clip = read_clip(local, shape.stored_frames, shape.stored_size, decoder=decoder)
+        except (VideoError, DownloadError) as err:
+            reason = err.reason if isinstance(err, VideoError) else str(err)
+            results.append({"video": name, "error": f"{name}: {as_text(reason)}", "predictions": []})
             continue
         (row,) = classifier.predict(clip.frames[None])
-        results.append({"video": as_text(str(video)), "predictions": row["top_k"]})
+        results.append({"video": name, "predictions": row["top_k"]})
     return results
 
 
