@@ -277,6 +277,18 @@ def test_a_folder_corpus_leaves_hidden_files_and_folders_out(tmp_path):
     assert discover([str(root / "day1" / "._clip.MOV")]) == [str(root / "day1" / "._clip.MOV")]
 
 
+def test_a_folder_corpus_with_links_back_up_its_tree_lists_each_video_once(tmp_path):
+    """A `parent -> ..` link (and a linked folder outside the corpus, which is read): each folder is read once,
+    under its first path in sorted order. Before, the walk followed the link again and again, listing the same
+    video under ever longer paths until the kernel's link limit (with two such links it never ended)."""
+    root, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    clip = encode_mp4(root / "day1" / "clip.mp4", np.zeros((4, 16, 16, 3), np.uint8))
+    shutil.copy(clip, (elsewhere / "day2").mkdir(parents=True) or elsewhere / "day2" / "clip.mp4")
+    (root / "day1" / "parent").symlink_to("..")
+    (root / "more").symlink_to(elsewhere)
+    assert discover([str(root)]) == [str(clip), str(root / "more" / "day2" / "clip.mp4")]
+
+
 # --- multi-view ----------------------------------------------------------------
 
 

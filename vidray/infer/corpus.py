@@ -67,9 +67,19 @@ def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
 
 
 def _local_videos(root: str) -> Iterator[str]:
-    """The videos under a local folder, in its linked folders too (as pyarrow lists them), hidden ones left out."""
+    """The videos under a local folder, in its linked folders too (as pyarrow lists them), hidden ones left out.
+
+    Each folder is read once, under the first path that reaches it in sorted order: a link back up the tree
+    (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again, each time listing the
+    same videos under a longer path, which grows without end once two such links meet."""
+    seen: set[tuple[int, int]] = set()
     for directory, folders, files in os.walk(root, followlinks=True):
-        folders[:] = [name for name in folders if not is_hidden(name)]  # not walked into
+        folder = os.stat(directory)
+        if (folder.st_dev, folder.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((folder.st_dev, folder.st_ino))
+        folders[:] = sorted(name for name in folders if not is_hidden(name))  # not walked into; in order
         paths = (os.path.join(directory, name) for name in files if not is_hidden(name))
         yield from (path for path in paths if is_listed_video(Path(path)))
 
