@@ -67,7 +67,9 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
     (root / "other").mkdir()
     (root / "train" / "notes.txt").write_text("not a class")
     (root / "train" / "circle_growing" / "labels.csv").write_text("a,b")
-    (root / "train" / "circle_growing" / "nested").mkdir()
+    # A class folder's subfolders are read, as torchvision's ImageFolder reads them: a session's takes, say.
+    (root / "train" / "circle_growing" / "session2").mkdir()
+    write_mkv(root / "train" / "circle_growing" / "session2" / "take.mkv", tiny_frames(30), fps=24)
     (root / "train" / "empty_class").mkdir()
     (root / "val" / "extra_class").mkdir()
     write_mkv(root / "val" / "extra_class" / "clip.MKV", tiny_frames(30), fps=24)
@@ -86,13 +88,13 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
     demo_classes = ["circle_growing", "circle_shrinking", "square_moving_left", "square_moving_right"]
     classes = sorted(demo_classes + ["empty_class", "extra_class"])
     assert summary["classes"] == classes
-    assert summary["selected"] == summary["present"] == 15 and summary["missing"] == 0
-    assert summary["ignored"] == 8  # README.txt, other/, notes.txt, labels.csv, nested/ and the three hidden ones
+    assert summary["selected"] == summary["present"] == 16 and summary["missing"] == 0
+    assert summary["ignored"] == 7  # README.txt, other/, notes.txt, labels.csv and the three hidden ones
     assert summary["per_class"] == {
-        "circle_growing": 5, "circle_shrinking": 3, "empty_class": 0, "extra_class": 1,
+        "circle_growing": 6, "circle_shrinking": 3, "empty_class": 0, "extra_class": 1,
         "square_moving_left": 3, "square_moving_right": 3,
     }
-    assert summary["per_split"] == {"train": 4, "val": 5, "test": 6}
+    assert summary["per_split"] == {"train": 5, "val": 5, "test": 6}
     assert summary["probe_errors"] == 2
     assert sorted(Path(e.split(": ")[0]).name for e in summary["probe_error_examples"]) == ["broken.mp4", "moved.mp4"]
 
@@ -101,7 +103,8 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
     assert json.loads(table.schema.metadata[b"vidray.classes"]) == classes
     frame, read_classes = read_manifest(out)
     assert read_classes == classes
-    assert len(frame) == 15 and frame["video_id"].is_unique
+    assert len(frame) == 16 and frame["video_id"].is_unique
+    assert "train/circle_growing/session2/take" in set(frame["video_id"])
     for row in frame.itertuples():
         path = Path(row.path)
         if path.name == "moved.mp4":
@@ -109,7 +112,7 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
             continue
         assert path.is_absolute() and path.is_file()
         assert row.video_id == path.relative_to(root).with_suffix("").as_posix()
-        assert row.split == path.parts[-3] and row.label == path.parts[-2]
+        assert (row.split, row.label) == path.relative_to(root).parts[:2]
         assert classes[row.label_index] == row.label
         if path.name == "broken.mp4":
             assert row.probe_error.startswith("not_a_video: not a video file")
@@ -118,7 +121,7 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
         assert pd.isna(row.probe_error)
         assert row.num_frames == decoded_frame_count(path)
         assert row.duration == pytest.approx(row.num_frames / row.fps, abs=0.05)
-        if path.suffix == ".MKV":  # frame count from demuxing, not a header
+        if path.suffix.lower() == ".mkv":  # frame count from demuxing, not a header
             assert (row.num_frames, row.fps, row.width, row.height) == (30, 24.0, 48, 32)
             assert row.duration == pytest.approx(1.25)
         else:
@@ -263,7 +266,8 @@ def test_names_that_are_not_utf8_are_refused_in_one_line_naming_them_and_the_fix
     root = tmp_path / "videos"
     odd_class = root / "train" / os.fsdecode("Crème".encode("cp1252"))
     odd_video = root / "train" / "plain" / os.fsdecode("café.mp4".encode("cp1252"))
-    for path in (odd_class / "a.mp4", root / "train" / "plain" / "b.mp4", odd_video):
+    odd_folder = root / "train" / "plain" / os.fsdecode("Schön".encode("cp1252"))  # a subfolder of takes
+    for path in (odd_class / "a.mp4", root / "train" / "plain" / "b.mp4", odd_video, odd_folder / "1.mp4", odd_folder / "2.mp4"):
         path.parent.mkdir(parents=True, exist_ok=True)
         encode_mp4(path, tiny_frames(num_frames=4), fps=10)
     out = tmp_path / "m.parquet"
@@ -271,8 +275,8 @@ def test_names_that_are_not_utf8_are_refused_in_one_line_naming_them_and_the_fix
         index_folder(root, out)
     message = str(refused.value)
     assert message.encode("utf-8") and "\n" not in message  # prints anywhere, as one line
-    # The class folder once (not again for each video in it), then the video; each as Python shows its odd byte.
-    assert f"2 name(s) in {root} are not UTF-8 text (train/Cr\\xe8me, train/plain/caf\\xe9.mp4)" in message
+    # Each folder once (not again for each video in it), then the video; each as Python shows its odd byte.
+    assert f"3 name(s) in {root} are not UTF-8 text (train/Cr\\xe8me, train/plain/Sch\\xf6n, train/plain/caf\\xe9.mp4)" in message
     assert f"`convmv -r -f cp1252 -t utf-8 --notest {root}`" in message
     assert not out.exists()
 
@@ -281,11 +285,13 @@ def test_names_that_are_not_utf8_are_refused_in_one_line_naming_them_and_the_fix
     assert result.returncode == 2 and result.stderr.strip() == f"vidray index: error: {message}", result.stderr
 
     # What convmv -f cp1252 -t utf-8 does: each name's bytes read as cp1252, written as UTF-8.
-    for path in (odd_video, odd_class):
+    for path in (odd_video, odd_folder, odd_class):
         path.rename(path.parent / os.fsencode(path.name).decode("cp1252"))
     summary = index_folder(root, out)
-    assert summary["classes"] == ["Crème", "plain"] and summary["present"] == 3
-    assert sorted(read_manifest(out)[0]["video_id"]) == ["train/Crème/a", "train/plain/b", "train/plain/café"]
+    assert summary["classes"] == ["Crème", "plain"] and summary["present"] == 5
+    assert sorted(read_manifest(out)[0]["video_id"]) == [
+        "train/Crème/a", "train/plain/Schön/1", "train/plain/Schön/2", "train/plain/b", "train/plain/café"
+    ]
 
 
 def test_probe_never_raises(tmp_path):

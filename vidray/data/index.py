@@ -79,6 +79,35 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def videos_under(folder: str | Path, ignored: list[Path] | None = None) -> list[str]:
+    """Every video below ``folder`` (:func:`is_listed_video`), in its subfolders and linked folders too, sorted:
+    what a class folder holds, read as torchvision's ``ImageFolder`` reads one, and what a corpus folder holds.
+    Hidden files and folders (:func:`is_hidden`) are left out, and with ``ignored`` added to it, as are the
+    other files that are not videos.
+
+    Each folder is read once, under the first path that reaches it in sorted order: a link back up the tree
+    (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again, each time listing the
+    same videos under a longer path, which grows without end once two such links meet."""
+    seen: set[tuple[int, int]] = set()
+    videos: list[str] = []
+    for directory, folders, files in os.walk(folder, followlinks=True):
+        identity = os.stat(directory)
+        if (identity.st_dev, identity.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
+        if ignored is not None:
+            ignored += [Path(directory, name) for name in sorted(folders) if is_hidden(name)]
+        folders[:] = sorted(name for name in folders if not is_hidden(name))  # not walked into; in order
+        for name in sorted(files):
+            path = Path(directory, name)
+            if not is_hidden(name) and is_listed_video(path):
+                videos.append(str(path))
+            elif ignored is not None:
+                ignored.append(path)
+    return sorted(videos)
+
+
 def is_listed_video(path: Path) -> bool:
     """A video file in a folder, or a link named like one whose target is gone. A corpus of links into
     storage that was moved or unmounted must show each such link as a video rejected with its reason
@@ -107,12 +136,22 @@ def as_text(path: str) -> str:
 RENAME_TO_UTF8 = "convmv -r -f cp1252 -t utf-8 --notest"
 
 
+def _first_odd_part(relative: str) -> str | None:
+    """``relative`` up to its first part that is not UTF-8 (a folder is named once, not again for each video in
+    it), or None when every part is."""
+    parts = relative.split(os.sep)
+    for end, part in enumerate(parts, start=1):
+        if not is_text_name(part):
+            return as_text(os.sep.join(parts[:end]))
+    return None
+
+
 def refuse_names_not_utf8(root: Path, entries: list[Path]) -> None:
-    """One line naming the folder, class folders and videos (``entries``, below ``root``) whose own names are not
-    UTF-8, before anything is probed or written: the manifest holds paths as text, and a class folder's name
+    """One line naming the folder, class folders, folders and videos (``entries``, below ``root``) whose names are
+    not UTF-8, before anything is probed or written: the manifest holds paths as text, and a class folder's name
     becomes a label of the model."""
     odd = [as_text(os.path.abspath(root))] if not is_text_name(os.path.abspath(root)) else []
-    odd += [as_text(os.path.relpath(entry, root)) for entry in entries if not is_text_name(entry.name)]
+    odd += dict.fromkeys(filter(None, (_first_odd_part(os.path.relpath(entry, root)) for entry in entries)))
     if odd:
         shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
         where = as_text(str(root))
@@ -324,8 +363,8 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
 
     Classes are the sorted union of class folder names over all splits, composed alike (:func:`class_name`;
     an empty class folder still gets a label index). Files that are not videos
-    (by extension, case-insensitive), hidden files and folders (:func:`is_hidden`), anything nested deeper
-    and anything outside the split folders are ignored and counted; a dangling link named like a video is indexed, so
+    (by extension, case-insensitive), hidden files and folders (:func:`is_hidden`) and anything outside the
+    split folders are ignored and counted; a class folder's subfolders are read (:func:`videos_under`); a dangling link named like a video is indexed, so
     that preprocessing rejects it with its reason (:func:`is_listed_video`). ``video_id`` is the
     path below ROOT without extension, unique even when file names repeat.
     """
@@ -354,10 +393,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
 
     rows = []
     for split, class_dir in class_dirs:
-        for path in sorted(class_dir.iterdir()):
-            if is_hidden(path.name) or not is_listed_video(path):
-                ignored.append(path)
-                continue
+        for path in map(Path, videos_under(class_dir, ignored)):
             rows.append(
                 {
                     "path": os.path.abspath(path),

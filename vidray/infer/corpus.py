@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vidray.data.index import RENAME_TO_UTF8, as_text, is_hidden, is_listed_video, is_text_name, is_video_file
+from vidray.data.index import RENAME_TO_UTF8, as_text, is_hidden, is_text_name, is_video_file, videos_under
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import write_atomically
 from vidray.data.shards import DecodeSettings
@@ -66,24 +66,6 @@ def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
     return [p for p in table.column("path").to_pylist() if p]
 
 
-def _local_videos(root: str) -> Iterator[str]:
-    """The videos under a local folder, in its linked folders too (as pyarrow lists them), hidden ones left out.
-
-    Each folder is read once, under the first path that reaches it in sorted order: a link back up the tree
-    (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again, each time listing the
-    same videos under a longer path, which grows without end once two such links meet."""
-    seen: set[tuple[int, int]] = set()
-    for directory, folders, files in os.walk(root, followlinks=True):
-        folder = os.stat(directory)
-        if (folder.st_dev, folder.st_ino) in seen:
-            folders[:] = []
-            continue
-        seen.add((folder.st_dev, folder.st_ino))
-        folders[:] = sorted(name for name in folders if not is_hidden(name))  # not walked into; in order
-        paths = (os.path.join(directory, name) for name in files if not is_hidden(name))
-        yield from (path for path in paths if is_listed_video(Path(path)))
-
-
 def _shown_below(root: str, path: str) -> bool:
     """Whether nothing on ``path`` below ``root`` is hidden (:func:`vidray.data.index.is_hidden`)."""
     return not any(is_hidden(part) for part in path[len(root):].split("/"))
@@ -102,7 +84,7 @@ def discover(inputs: list[str]) -> list[str]:
         scheme = name.split("://", 1)[0] if is_uri(name) else "file"
         if info.type == pafs.FileType.Directory:
             if scheme == "file":  # pyarrow's listing leaves out a link whose target is gone: see is_listed_video
-                videos = sorted(_local_videos(key))
+                videos = videos_under(key)
             else:
                 entries = fs.get_file_info(pafs.FileSelector(key, recursive=True))
                 videos = sorted(e.path for e in entries if e.type == pafs.FileType.File and is_video_file(Path(e.path))
