@@ -24,7 +24,7 @@ from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus, resolve_stages
 from vidray.infer.corpus import PARTS_DIR, _shown_below, discover, group_chunks, plan_chunks
 from vidray.model.checkpoint import save_checkpoint
-from vidray.cli import main
+from vidray.cli import _predict_line, main
 from vidray.errors import UserError
 from vidray.infer.evaluate import evaluate_checkpoint
 from vidray.data.index import as_text, write_manifest
@@ -137,6 +137,13 @@ def test_every_discovered_video_gets_one_row_and_hostile_files_cost_one_row_each
     rejects = pd.read_csv(out / "rejects.csv")
     assert sorted(rejects["path"]) == sorted(table.loc[table["error"].notna(), "path"])
     assert set(rejects["error"]) == {*HOSTILE.values(), "missing"}
+    # Per category, most first (rejects.csv's counts), and the console's closing line says so.
+    assert summary["rejected_by"] == rejects["error"].value_counts().to_dict() and summary["rejected_by"]["missing"] == 3
+    assert list(summary["rejected_by"].values()) == sorted(summary["rejected_by"].values(), reverse=True)
+    shown = ", ".join(f"{category} {count}" for category, count in summary["rejected_by"].items())
+    assert _predict_line(summary) == (f"vidray predict: {len(corpus['good']) + 1} of {discovered} videos labelled, "
+                                      f"{summary['rejected']} rejected ({shown}; reasons in {out / 'rejects.csv'}) "
+                                      f"-> {out / 'predictions.parquet'}")  # fmt: skip
     assert not list((out / PARTS_DIR).glob(".*"))  # no temporary left behind
 
 
@@ -173,6 +180,8 @@ def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir
     # The model's own decoder named: the same settings, every part reused.
     again = predict_corpus(model_dir, inputs, str(out), top_k=2, embeddings=True, videos_per_chunk=3, decoder="pyav")
     assert again["reused"] == again["discovered"] and again["predicted_this_run"] == 0 and again["decoder"] == "pyav"
+    assert _predict_line(again).startswith(f"vidray predict: {again['predicted']} of {again['discovered']} videos "
+                                           f"labelled ({again['discovered']} from an earlier run), ")  # fmt: skip
     assert pq.read_table(out / "predictions.parquet").equals(pq.read_table(batch_run["out"] / "predictions.parquet"))
 
     # Other views (and a manifest + a file:// URI as inputs): every old part is stale and deleted.
@@ -191,6 +200,7 @@ def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir
     other = json.loads(output.out.strip().splitlines()[-1])
     assert other["decoder"] == "decord"
     assert other["discovered"] == other["predicted"] == 3 and "vidray predict: 3/3 videos" in output.err  # the progress line
+    assert output.err.strip().splitlines()[-1] == f"vidray predict: 3 of 3 videos labelled -> {out / 'predictions.parquet'}"
     assert other["reused"] == 0 and other["protocol"] == "1 clip x 3 crops (left, center, right)"
     new_parts = {p.name for p in (out / PARTS_DIR).iterdir()}
     assert len(new_parts) == 1 and not new_parts & old_parts  # one chunk of 3; the old parts were deleted

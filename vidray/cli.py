@@ -218,6 +218,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     _print_summary({"exported": str(out)})
 
 
+def _predict_line(summary: dict) -> str:
+    """The console's closing line for `vidray predict --out`: how the corpus came out, and where."""
+    rejected = ", ".join(f"{category} {count}" for category, count in summary["rejected_by"].items())
+    return (f"vidray predict: {summary['predicted']} of {summary['discovered']} videos labelled"
+            + (f" ({summary['reused']} from an earlier run)" if summary["reused"] else "")
+            + (f", {summary['rejected']} rejected ({rejected}; reasons in {summary['rejects']})" if rejected else "")
+            + f" -> {summary['predictions']}")  # fmt: skip
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     if args.out:
         import ray
@@ -230,6 +239,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                                  crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
                                  actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk,
                                  stages=args.stages, decoder=args.decoder, verbose=args.verbose)  # fmt: skip
+        _tell(_predict_line(summary))
         _print_summary(summary, disconnect_ray=not connected_before)
         return
     if args.embeddings:

@@ -214,8 +214,8 @@ def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) 
 
 def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, Any]:
     """predictions.parquet from the parts in discovery order (streamed: one part in memory at a time),
-    and rejects.csv. Returns the counts: predicted, rejected, and ``labels``, the videos per top-1
-    label, most first (what the corpus was labelled as, at a glance)."""
+    and rejects.csv. Returns the counts: predicted, rejected, ``rejected_by`` (per category of rejects.csv) and
+    ``labels``, the videos per top-1 label (what the corpus was labelled as, at a glance), each most first."""
     schema = predictions_schema(embeddings)
     labels: Counter[str] = Counter()  # of the predicted videos
     rejects: list[dict] = []
@@ -240,8 +240,10 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
             pacsv.write_csv(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f)
 
     write_atomically(fs, join_uri(root, "rejects.csv"), write_rejects)
+    by_count = lambda counts: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))  # noqa: E731
     return {
         "predicted": labels.total(),
         "rejected": len(rejects),
-        "labels": dict(sorted(labels.items(), key=lambda item: (-item[1], item[0]))),
+        "rejected_by": by_count(Counter(row["error"] for row in rejects)),  # rejects.csv's categories, most first
+        "labels": by_count(labels),
     }
