@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES, DataSettings
+from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, SPLITS, STORES, DataSettings
 from vidray.errors import UserError
 
 
@@ -360,17 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
 
     ev = sub.add_parser("evaluate", help="metrics, per-class report and confusion matrix")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True,
+                    help="checkpoint directory of a run (the train summary's best_checkpoint), or a `vidray export` directory")
     ev.add_argument("--data", required=True, help="dataset directory written by preprocess")
-    ev.add_argument("--split", default="val")
-    ev.add_argument("--out", default="reports/eval")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--split", default="val", choices=SPLITS, help="which split's videos (default %(default)s)")
+    ev.add_argument("--out", default="reports/eval",
+                    help="folder for metrics.json, per_class.md and confusion_matrix.png (default %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (default %(default)s)")
     _add_view_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     ex = sub.add_parser("export", help="save_pretrained model + processor for transformers.pipeline")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--checkpoint", required=True, help="checkpoint directory of a run (the train summary's best_checkpoint)")
+    ex.add_argument("--out", required=True, help="folder to write, loadable by transformers.pipeline; new or an earlier export")
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser(

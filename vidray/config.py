@@ -26,6 +26,8 @@ StoreName = Literal["raw", "jpeg"]
 STORES: tuple[str, ...] = get_args(StoreName)
 Dispatch = Literal["ray_data", "ray_tasks"]
 DISPATCHES: tuple[str, ...] = get_args(Dispatch)
+# A dataset's splits, in order (vidray/data/dataset.py; the CLI offers them without importing the data stage).
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_JPEG_QUALITY = 90  # >= 8x smaller than raw at about 36 dB on real footage (docs/benchmarks.md, "Stored format")
 
 

@@ -41,7 +41,6 @@ from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
 DATASET_INFO = "dataset.json"
-SPLITS = ("train", "val", "test")
 # What read_split_batches reads by default: the clip, its label and where it came from.
 SPLIT_BATCH_COLUMNS = ("video", "label", "video_id", "path")
 

@@ -32,8 +32,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vidray.config import SPLITS
 from vidray.data.clip import VideoError
-from vidray.data.dataset import SPLITS
 from vidray.data.video import probe, require_decoder
 from vidray.errors import UserError
 

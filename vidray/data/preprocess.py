@@ -37,8 +37,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, STORES, DecodeDevice, DecoderName, Dispatch, StoreName
-from vidray.data.dataset import DATASET_INFO, SPLITS
+from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, SPLITS, STORES, DecodeDevice, DecoderName, Dispatch, StoreName
+from vidray.data.dataset import DATASET_INFO
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import (
     check_writable, clear_stale, find_stale, is_written, write_atomically, write_rejects, write_text,

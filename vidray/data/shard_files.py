@@ -28,7 +28,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vidray.config import StoreName
-from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, SPLITS
+from vidray.config import SPLITS
+from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA
 from vidray.data.shards import RECORDS_DIR, Shard, Video
 from vidray.errors import UserError
 from vidray.storage import join_uri, load_json, open_filesystem

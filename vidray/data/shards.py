@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DecodeDevice, DecoderName, StoreName
-from vidray.data.dataset import SPLITS
+from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, SPLITS, DecodeDevice, DecoderName, StoreName
 from vidray.data.index import read_manifest
 from vidray.errors import UserError
 

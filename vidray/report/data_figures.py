@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from vidray.data.dataset import SPLITS
+from vidray.config import SPLITS
 from vidray.figures import SPLIT_COLOURS, light_grid, new_figure, save_figure
 from vidray.data.index import read_manifest
 
