@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     coin.set_defaults(func=cmd_index_coin)
 
     pre = sub.add_parser("preprocess", help="decode + resize videos on Ray Data into sharded Parquet")
-    pre.add_argument("--manifest", required=True)
+    pre.add_argument("--manifest", required=True, help="manifest .parquet written by `vidray index`")
     pre.add_argument("--out", required=True, help="dataset directory (local path or s3:// / gs:// URI)")
     pre.add_argument("--frames", type=int, default=16, help="frames the model eats per clip")
     pre.add_argument("--size", type=int, default=112, help="model input side in pixels")
@@ -327,17 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_preprocess)
 
     demo = sub.add_parser("demo-data", help="write the synthetic demo dataset as real H.264 files")
-    demo.add_argument("--out", required=True)
-    demo.add_argument("--classes", type=int, default=8)
-    demo.add_argument("--videos-per-class", type=int, default=12)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", required=True, help="folder to write OUT/{train,val,test}/<Class>/*.mp4 into (new or empty)")
+    demo.add_argument("--classes", type=int, default=8, help="synthetic classes: an even number from 2 to 12, in time-reversed pairs (default %(default)s)")
+    demo.add_argument("--videos-per-class", type=int, default=12, help="spread over train/val/test (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="the same seed writes the same videos (default %(default)s)")
     demo.set_defaults(func=cmd_demo_data)
 
     report = sub.add_parser("report", help="figures of a manifest: its classes and durations (a sweep writes its own)")
     report_sub = report.add_subparsers(dest="what", required=True)
     report_data = report_sub.add_parser("data", help="class and duration distributions of a manifest")
-    report_data.add_argument("--manifest", required=True)
-    report_data.add_argument("--out", default="reports/figures")
+    report_data.add_argument("--manifest", required=True, help="manifest .parquet written by `vidray index`")
+    report_data.add_argument("--out", default="reports/figures", help="folder for the figures (default %(default)s)")
     report_data.set_defaults(func=cmd_report_data)
 
     prepare = sub.add_parser(
