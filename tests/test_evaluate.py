@@ -253,3 +253,18 @@ def test_clear_errors(checkpoint, dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("vidray evaluate: error: ") and "model.safetensors" in err[-1]
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_confusion_matrix_of_coins_180_tasks_stays_a_figure_a_person_opens(tmp_path):
+    """Half an inch per class made COIN's 180 tasks an 11,000 px square (50 s, 4.8 GB to draw); the side is
+    capped and the class names shrink to fit their rows (7 pt at 180)."""
+    import matplotlib.image
+
+    from vidray.figures import DPI
+    from vidray.infer.evaluate import CONFUSION_MAX_INCHES, plot_confusion
+
+    k = 180
+    confusion = np.random.default_rng(0).integers(0, 3, (k, k)) + 20 * np.eye(k, dtype=int)
+    png = plot_confusion(confusion, [f"task {i}" for i in range(k)], tmp_path / "confusion.png", title="test")
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert height <= CONFUSION_MAX_INCHES * DPI and width <= (CONFUSION_MAX_INCHES + 1) * DPI

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Annotate confusion-matrix cells with counts up to this many classes; beyond, the text is unreadable.
 ANNOTATE_MAX_CLASSES = 30
+CONFUSION_MAX_INCHES = 30.0  # 3,600 px at vidray.figures.DPI
 
 
 def _check_compatible(shape, dataset, dataset_dir: str, split: str, checkpoint: Path) -> None:
@@ -247,13 +248,16 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     support = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
 
-    side = max(4.0, 0.5 * k + 2.5)
+    # Half an inch per class, up to CONFUSION_MAX_INCHES: COIN's 180 tasks at half an inch drew an 11,000 px
+    # square in 50 s and 4.8 GB; capped, the names shrink to fit their rows (7 pt at 180 classes).
+    side = min(max(4.0, 0.5 * k + 2.5), CONFUSION_MAX_INCHES)
+    names_pt = min(10.0, 0.55 * 72 * side / k)
     fig = new_figure(side + 1.0, side)
     ax = fig.add_subplot()
     image = ax.imshow(normalised, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(k), labels=[f"{c} ({int(n)})" for c, n in zip(classes, support[:, 0])])
+    ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=names_pt)
+    ax.set_yticks(range(k), labels=[f"{c} ({int(n)})" for c, n in zip(classes, support[:, 0])], fontsize=names_pt)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (support)")
     if k <= ANNOTATE_MAX_CLASSES:
