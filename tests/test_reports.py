@@ -14,7 +14,7 @@ from matplotlib.image import imread
 
 from vidray.data.demo import generate_demo_videos
 from vidray.errors import UserError
-from vidray.data.index import index_folder
+from vidray.data.index import index_folder, write_manifest
 from vidray.report.data_figures import SPLIT_COLOURS, plot_data_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,21 @@ def test_unprobed_manifest_gets_only_the_class_figure(manifest, tmp_path):
     index_folder(videos, unprobed, probe=False)
     paths = plot_data_report(unprobed, tmp_path / "figures")
     assert [p.name for p in paths] == ["class_distribution.png"]
+
+
+def test_the_class_figure_of_coins_180_tasks_stays_a_figure_a_person_opens(tmp_path):
+    """Under half an inch per class, capped: COIN's 180 tasks drew an 83-inch (10,000 px) wide strip."""
+    from vidray.figures import DPI
+    from vidray.report.data_figures import CLASSES_MAX_INCHES
+
+    classes = [f"task {i:03d}" for i in range(180)]
+    rows = [{"path": f"/v/{c}/{split}.mp4", "video_id": f"{c}/{split}", "label": c, "label_index": i, "split": split}
+            for i, c in enumerate(classes) for split in ("train", "val")]  # fmt: skip
+    write_manifest(rows, classes, tmp_path / "m.parquet")
+    (path,) = plot_data_report(tmp_path / "m.parquet", tmp_path / "figures")
+    height, width, _ = imread(path).shape
+    assert width <= CLASSES_MAX_INCHES * DPI and height <= 5 * DPI
+    assert colour_share(imread(path), SPLIT_COLOURS["val"]) > 0.001  # the bars are drawn
 
 
 def test_missing_manifest_is_a_user_error(tmp_path):

@@ -28,9 +28,13 @@ def plot_data_report(manifest: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
+CLASSES_MAX_INCHES = 40.0  # 4,800 px at vidray.figures.DPI: 180 classes still get 15 pt each
+
+
 def _class_distribution(frame, classes: list[str], splits: list[str], source: str, path: Path) -> Path:
     counts = frame.groupby(["label", "split"]).size()
-    fig = new_figure(max(6.0, 0.45 * len(classes) + 2.5), 5.0)
+    # Under half an inch per class, up to CLASSES_MAX_INCHES: COIN's 180 tasks were an 83-inch (10,000 px) strip.
+    fig = new_figure(min(max(6.0, 0.45 * len(classes) + 2.5), CLASSES_MAX_INCHES), 5.0)
     ax = fig.add_subplot()
     x = np.arange(len(classes))
     bottom = np.zeros(len(classes))
