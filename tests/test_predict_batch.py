@@ -27,7 +27,8 @@ from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import _predict_line, main
 from vidray.errors import UserError
 from vidray.infer.evaluate import evaluate_checkpoint
-from vidray.data.index import as_text, write_manifest
+from vidray.data.index import write_manifest
+from vidray.data.listing import as_text
 from vidray.model.inference import Views, clip_outputs
 from vidray.infer.predict import Classifier, predict_videos
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON

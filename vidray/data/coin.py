@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vidray.errors import UserError
-from vidray.data.index import EXTENSION_RANK, is_video_file, manifest_summary, probe_rows, refuse_names_not_utf8, write_manifest
+from vidray.data.index import manifest_summary, probe_rows, write_manifest
+from vidray.data.listing import EXTENSION_RANK, is_video_file, refuse_names_not_utf8
 
 COIN_SUBSETS = {"training": "train", "testing": "val", "validation": "val"}
 TAXONOMY_COLUMNS = ("domain", "task_id", "task")

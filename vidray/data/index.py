@@ -34,15 +34,9 @@ import pyarrow.parquet as pq
 
 from vidray.config import SPLITS
 from vidray.data.clip import VideoError
+from vidray.data.listing import VIDEO_EXTENSIONS, is_hidden, refuse_names_not_utf8, videos_under
 from vidray.data.video import probe, require_decoder
 from vidray.errors import UserError
-
-# Preference order when one id exists with several extensions.
-VIDEO_EXTENSIONS = (
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv",
-    ".wmv", ".3gp", ".3g2", ".ts", ".mts", ".m2ts", ".ogv", ".vob", ".asf", ".mxf",
-)
-EXTENSION_RANK = {ext: rank for rank, ext in enumerate(VIDEO_EXTENSIONS)}
 
 CLASSES_KEY = b"vidray.classes"
 # The share of each class's train videos a folder without val/ lent to val (hold_out_val); absent: none.
@@ -65,101 +59,6 @@ MANIFEST_SCHEMA = pa.schema(
 _PROBE_FIELDS = ("duration", "fps", "num_frames", "width", "height", "probe_error")
 
 FOLDER_LAYOUT = "ROOT/{train,val,test}/<Class>/<video>"
-
-
-def is_video_file(path: Path) -> bool:
-    return path.suffix.lower() in EXTENSION_RANK
-
-
-def is_hidden(name: str) -> bool:
-    """A file or folder a folder's owner does not see as data, left out as Hugging Face ``datasets``'
-    folder builders leave it out: dot-names (Jupyter's ``.ipynb_checkpoints``, macOS's ``._clip.mp4``
-    resource forks and ``.Trashes``) and the ``__MACOSX`` folder of a zip made on a Mac. Seen as a class
-    folder, one of them would add a label to the model."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def videos_under(folder: str | Path, ignored: list[Path] | None = None) -> list[str]:
-    """Every video below ``folder`` (:func:`is_listed_video`), in its subfolders and linked folders too, sorted:
-    what a class folder holds, read as torchvision's ``ImageFolder`` reads one, and what a corpus folder holds.
-    Hidden files and folders (:func:`is_hidden`) are left out, and with ``ignored`` added to it, as are the
-    other files that are not videos.
-
-    Each folder is read once, under the first path that reaches it in sorted order: a link back up the tree
-    (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again, each time listing the
-    same videos under a longer path, which grows without end once two such links meet."""
-    seen: set[tuple[int, int]] = set()
-    videos: list[str] = []
-    for directory, folders, files in os.walk(folder, followlinks=True):
-        identity = os.stat(directory)
-        if (identity.st_dev, identity.st_ino) in seen:
-            folders[:] = []
-            continue
-        seen.add((identity.st_dev, identity.st_ino))
-        if ignored is not None:
-            ignored += [Path(directory, name) for name in sorted(folders) if is_hidden(name)]
-        folders[:] = sorted(name for name in folders if not is_hidden(name))  # not walked into; in order
-        for name in sorted(files):
-            path = Path(directory, name)
-            if not is_hidden(name) and is_listed_video(path):
-                videos.append(str(path))
-            elif ignored is not None:
-                ignored.append(path)
-    return sorted(videos)
-
-
-def is_listed_video(path: Path) -> bool:
-    """A video file in a folder, or a link named like one whose target is gone. A corpus of links into
-    storage that was moved or unmounted must show each such link as a video rejected with its reason
-    ("dangling symlink (points to ...)"), not lose it from the count without a word."""
-    return is_video_file(path) and (path.is_file() or (path.is_symlink() and not path.exists()))
-
-
-def is_text_name(path: str) -> bool:
-    """Whether ``path`` is valid UTF-8. Linux allows any bytes in a name, and unzipping a Windows archive or
-    copying from an old share leaves names in cp1252 or cp437; Python reads them with stand-ins
-    (surrogates) that open the file but cannot be written as text: not to Parquet, CSV or JSON records."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def as_text(path: str) -> str:
-    """``path`` as records can hold it: each byte of a name that is not UTF-8 shown as ``\\xNN``
-    (what Python shows for bytes), the rest as it is."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-# Renames every name under a folder from a legacy encoding to UTF-8 (Debian/Ubuntu: apt install convmv).
-RENAME_TO_UTF8 = "convmv -r -f cp1252 -t utf-8 --notest"
-
-
-def _first_odd_part(relative: str) -> str | None:
-    """``relative`` up to its first part that is not UTF-8 (a folder is named once, not again for each video in
-    it), or None when every part is."""
-    parts = relative.split(os.sep)
-    for end, part in enumerate(parts, start=1):
-        if not is_text_name(part):
-            return as_text(os.sep.join(parts[:end]))
-    return None
-
-
-def refuse_names_not_utf8(root: Path, entries: list[Path]) -> None:
-    """One line naming the folder, class folders, folders and videos (``entries``, below ``root``) whose names are
-    not UTF-8, before anything is probed or written: the manifest holds paths as text, and a class folder's name
-    becomes a label of the model."""
-    odd = [as_text(os.path.abspath(root))] if not is_text_name(os.path.abspath(root)) else []
-    odd += dict.fromkeys(filter(None, (_first_odd_part(os.path.relpath(entry, root)) for entry in entries)))
-    if odd:
-        shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
-        where = as_text(str(root))
-        raise UserError(
-            f"{len(odd)} name(s) in {where} are not UTF-8 text ({shown}): rename them to UTF-8 from the encoding "
-            f"they were written in, e.g. `{RENAME_TO_UTF8} {where}` (cp437 for names from a zip file; without "
-            "--notest it only shows the renames)"
-        )
 
 
 # --- probing -----------------------------------------------------------------
@@ -363,10 +262,11 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
 
     Classes are the sorted union of class folder names over all splits, composed alike (:func:`class_name`;
     an empty class folder still gets a label index). Files that are not videos
-    (by extension, case-insensitive), hidden files and folders (:func:`is_hidden`) and anything outside the
-    split folders are ignored and counted; a class folder's subfolders are read (:func:`videos_under`); a dangling link named like a video is indexed, so
-    that preprocessing rejects it with its reason (:func:`is_listed_video`). ``video_id`` is the
-    path below ROOT without extension, unique even when file names repeat.
+    (by extension, case-insensitive), hidden files and folders and anything outside the split folders are
+    ignored and counted; a class folder's subfolders are read, and a dangling link named like a video is indexed,
+    so that preprocessing rejects it with its reason (vidray/data/listing.py: ``videos_under``). Names that are
+    not UTF-8 are refused (``refuse_names_not_utf8``). ``video_id`` is the path below ROOT without extension,
+    unique even when file names repeat.
     """
     root = Path(root)
     if not 0 <= val_fraction < 1:

@@ -56,7 +56,7 @@ import ray.data
 from vidray.cluster import init_ray
 from vidray.config import DecoderName
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
-from vidray.data.index import as_text
+from vidray.data.listing import as_text
 from vidray.data.shards import DecodeSettings
 from vidray.data.video import chosen_decoder
 from vidray.errors import UserError

@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vidray.data.index import RENAME_TO_UTF8, as_text, is_hidden, is_text_name, is_video_file, videos_under
+from vidray.data.listing import RENAME_TO_UTF8, as_text, is_hidden, is_text_name, is_video_file, videos_under
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import write_atomically
 from vidray.data.shards import DecodeSettings
@@ -67,7 +67,7 @@ def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
 
 
 def _shown_below(root: str, path: str) -> bool:
-    """Whether nothing on ``path`` below ``root`` is hidden (:func:`vidray.data.index.is_hidden`)."""
+    """Whether nothing on ``path`` below ``root`` is hidden (:func:`vidray.data.listing.is_hidden`)."""
     return not any(is_hidden(part) for part in path[len(root):].split("/"))
 
 
@@ -83,7 +83,7 @@ def discover(inputs: list[str]) -> list[str]:
         info = fs.get_file_info(key)
         scheme = name.split("://", 1)[0] if is_uri(name) else "file"
         if info.type == pafs.FileType.Directory:
-            if scheme == "file":  # pyarrow's listing leaves out a link whose target is gone: see is_listed_video
+            if scheme == "file":  # pyarrow's listing leaves out a link whose target is gone: see vidray.data.listing.is_listed_video
                 videos = videos_under(key)
             else:
                 entries = fs.get_file_info(pafs.FileSelector(key, recursive=True))
@@ -154,7 +154,7 @@ def finished_parts(fs: pafs.FileSystem, root: str, chunks: list[Chunk]) -> set[s
     return finished
 
 
-# A video whose file name is not UTF-8 (vidray.data.index.is_text_name) is rejected, not predicted: its row
+# A video whose file name is not UTF-8 (vidray.data.listing.is_text_name) is rejected, not predicted: its row
 # could only name it escaped (as_text), which no longer opens the file or matches a listing of the folder.
 NAME_NOT_UTF8 = (
     "name_not_utf8",

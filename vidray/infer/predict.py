@@ -24,7 +24,7 @@ import torch
 
 from vidray.config import DecoderName
 from vidray.data.clip import VideoError
-from vidray.data.index import as_text
+from vidray.data.listing import as_text
 from vidray.data.video import chosen_decoder, read_clip
 from vidray.errors import UserError
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
@@ -84,7 +84,7 @@ def predict_videos(
     checkpoint's ``train.eval_clips``) x ``crops`` are the views averaged; ``decoder`` (default: the one its
     training data was decoded with) reads the videos. An unreadable video gets ``{"video", "error",
     "predictions": []}`` instead; a bad ``model_dir`` or ``top_k`` raises :class:`UserError`. ``video`` names the
-    file as :func:`vidray.data.index.as_text` shows it (a name that is not UTF-8, escaped), so the results print
+    file as :func:`vidray.data.listing.as_text` shows it (a name that is not UTF-8, escaped), so the results print
     and serialize as text.
     """
     classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
