@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,56 @@ def test_resuming_a_run_whose_latest_checkpoint_is_pickled_fails_in_one_line(ray
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"vidray train: error: {run_dir / 'checkpoint_epoch_0000'} holds")
     assert not marker.exists()
+
+
+def test_an_interrupted_run_is_not_continued_on_other_data(ray_cluster, tmp_path):
+    """A class folder added since the run started (or videos added, moved or re-encoded): its epochs so far
+    trained on the data as it was, and with a class more its checkpoint does not even load (the workers died on
+    a tensor-size mismatch). Refused in one line once the data is prepared, before any worker starts."""
+    from vidray.data.dataset import read_dataset_info
+    from vidray.data.prepare import prepare_dataset
+    from vidray.data.video import encode_mp4
+    from vidray.train.driver import FINETUNE_SPLITS, run_training
+    from vidray.train.runs import keep_to_its_data, mark_run
+
+    def videos(label: str) -> None:
+        rng = np.random.default_rng(len(label))
+        for split, count in (("train", 4), ("val", 2), ("test", 1)):
+            for i in range(count):
+                encode_mp4(tmp_path / "videos" / split / label / f"{i}.mp4", rng.integers(0, 255, (8, 36, 36, 3), np.uint8), fps=8)
+
+    for label in ("left", "right"):
+        videos(label)
+    cfg = load_config(None, [
+        "data.source=folder", f"data.videos_dir={tmp_path / 'videos'}", f"data.manifest={tmp_path / 'm.parquet'}",
+        f"data.dataset_dir={tmp_path / 'dataset'}", "data.frames=4", "data.size=32", "data.stored_frames=8",
+        "data.stored_size=36", "train.epochs=3", "train.batch_size=4", f"run.storage_path={tmp_path / 'runs'}", "run.name=r",
+        "model.init=scratch", "model.size=tiny",
+    ])  # fmt: skip
+    # The run as its driver left it after epoch 0: the data it started on recorded, one checkpoint.
+    prepare_dataset(cfg)
+    started_on = read_dataset_info(cfg.data.dataset_dir).identity(FINETUNE_SPLITS)
+    run_dir = tmp_path / "runs" / "r"
+    mark_run(str(run_dir), "train", "r")
+    keep_to_its_data(str(run_dir), "run", "new", started_on)
+    save_checkpoint(run_dir / "checkpoint_epoch_0000", tiny_model(), training_state={"epoch": 0},
+                    info={"epoch": 0, "data": SHAPE.as_dict(), "config": cfg.model_dump(mode="json")})  # fmt: skip
+
+    videos("up")
+    with pytest.raises(UserError) as refused:
+        run_training(cfg)
+    assert str(refused.value) == (
+        f"{run_dir} holds a run started on other data (classes added: up; train videos 8 -> 12; val videos 4 -> 6): "
+        "continue it on the data it started with, or pass --restart to start it over on this data, or set run.name "
+        "to a new name"
+    )
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_epoch_0000", "vidray_run.json"]  # nothing trained
+    # As it was, it is the same data again (the same shards, reused): the run would continue.
+    for split in ("train", "val", "test"):
+        shutil.rmtree(tmp_path / "videos" / split / "up")
+    prepare_dataset(cfg)
+    assert read_dataset_info(cfg.data.dataset_dir).identity(FINETUNE_SPLITS) == started_on
+    keep_to_its_data(str(run_dir), "run", "interrupted", started_on)
 
 
 def test_a_run_started_with_another_config_is_not_continued(tmp_path):

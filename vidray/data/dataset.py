@@ -26,6 +26,7 @@ Parquet reader (pandas, DuckDB, plain pyarrow) can open the shards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -116,6 +117,17 @@ class DatasetInfo:
     @property
     def video_shape(self) -> tuple[int, int, int, int]:
         return (self.stored_frames, self.stored_size, self.stored_size, 3)
+
+    def identity(self, splits: Sequence[str]) -> dict[str, Any]:
+        """What a run trained on ``splits`` of this dataset depends on: its classes, its videos per split and a
+        hash of those splits' shard names (each names its videos, their files and the decode settings:
+        vidray/data/shards.py), so a video added, removed, moved to another class or re-encoded changes it."""
+        shards = sorted(name for name in self.raw.get("shards", []) if name.split("/", 1)[0] in splits)
+        return {
+            "classes": list(self.classes),
+            "videos": {split: self.split_counts.get(split, 0) for split in splits},
+            "shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16],
+        }
 
     @property
     def clip_bytes(self) -> int:

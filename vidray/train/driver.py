@@ -32,15 +32,19 @@ from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size
 from vidray.folder_lock import FolderLock
-from vidray.train.runs import EpochFollower, existing_run_state, open_run, summarize_run
+from vidray.train.runs import EpochFollower, existing_run_state, keep_to_its_data, open_run, summarize_run
 from vidray.storage import resolve_path
 
 CHECKPOINTS_TO_KEEP = 2
 
 
+# The splits fine-tuning reads: it trains on train and picks its best epoch on val.
+FINETUNE_SPLITS = ("train", "val")
+
+
 def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
     shape = check_stored_clips(cfg, info, dataset_dir)
-    for split in ("train", "val"):
+    for split in FINETUNE_SPLITS:
         if info.split_counts.get(split, 0) == 0:
             raise UserError(
                 f"split {split!r} of {dataset_dir} holds no videos; training needs train and val videos "
@@ -184,6 +188,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     with FolderLock(run_dir, "vidray train"):
         prepare_dataset(cfg, verbose=verbose)
         info = read_dataset_info(dataset_dir)
+        keep_to_its_data(run_dir, "run", state, info.identity(FINETUNE_SPLITS))
         if line := untrainable_classes_line(info, "vidray train"):
             print(line, file=sys.stderr, flush=True)
         check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, info))

@@ -99,8 +99,10 @@ def read_marker(folder: str) -> dict[str, Any] | None:
 
 def mark_run(folder: str, kind: RunKind, name: str, **state: Any) -> None:
     """Create ``folder`` (if needed) with vidray's marker: what a later ``--restart`` may delete.
-    ``state``: what else the command records there (a sweep: ``finished=True`` once every trial is)."""
-    write_json(join_uri(folder, RUN_MARKER), {"written_by": "vidray", "kind": kind, "name": name, **state})
+    ``state``: what else the command records there (a sweep: ``finished=True`` once every trial is), beside
+    what the marker holds already (the data the run trains on: :func:`keep_to_its_data`)."""
+    marker = read_marker(folder) or {}
+    write_json(join_uri(folder, RUN_MARKER), {**marker, "written_by": "vidray", "kind": kind, "name": name, **state})
 
 
 def written_by_vidray(folder: str) -> bool:
@@ -262,6 +264,36 @@ def open_run(
     if read_marker(folder) is None:
         mark_run(folder, kind, name)
     return folder, state
+
+
+# The marker's record of the data a run trains on (vidray.data.dataset.DatasetInfo.identity).
+TRAINED_ON = "trained_on"
+
+
+def _data_changes(before: dict[str, Any], now: dict[str, Any]) -> str:
+    changes = [f"classes {how}: {', '.join(names)}" for how, names in (
+        ("added", [c for c in now["classes"] if c not in before["classes"]]),
+        ("removed", [c for c in before["classes"] if c not in now["classes"]]),
+    ) if names]  # fmt: skip
+    changes += [f"{split} videos {before['videos'].get(split)} -> {count}" for split, count in now["videos"].items()
+                if before["videos"].get(split) != count]  # fmt: skip
+    return "; ".join(changes) or "as many videos, not the same ones"
+
+
+def keep_to_its_data(folder: str, what: str, state: RunState, data: dict[str, Any]) -> None:
+    """Refuse to continue the interrupted run in ``folder`` on other data than it started on (its epochs so far
+    trained on that data; with a class added its checkpoint does not even load); record ``data`` otherwise.
+
+    Called once the data is prepared: preparing re-indexes a folder that changed since the run started."""
+    marker = read_marker(folder) or {}
+    before = marker.get(TRAINED_ON)
+    if state == "interrupted" and before is not None and before != data:
+        raise UserError(
+            f"{folder} holds a {what} started on other data ({_data_changes(before, data)}): continue it on the data "
+            "it started with, or pass --restart to start it over on this data, or set run.name to a new name"
+        )
+    if before != data:
+        write_json(join_uri(folder, RUN_MARKER), {**marker, TRAINED_ON: data})
 
 
 # ------------------------------------------------------------------ tracking

@@ -65,10 +65,10 @@ from vidray.data.dataset import read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri, write_json
-from vidray.train.driver import build_trainer, check_dataset, make_run_config, untrainable_classes_line
+from vidray.train.driver import FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, untrainable_classes_line
 from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
-from vidray.train.runs import SWEEP_CONFIG_FILE, mark_run, open_run
+from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
 from vidray.tune.local_ray import local_cluster_kwargs
@@ -217,6 +217,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     if state == "finished":
         return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
     with FolderLock(experiment_path, "vidray tune"):
+        keep_to_its_data(experiment_path, "sweep", state, info.identity(FINETUNE_SPLITS))
         # Cached, the splits are read once, here: the trials share this one copy in the object store
         # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
         # the blocks and outlives its trials; a driver that restores the sweep reads them again.
