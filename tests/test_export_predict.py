@@ -324,12 +324,26 @@ def test_predict_reads_a_video_at_a_url_as_it_reads_the_file(exported, videos, c
     assert run.err.strip().splitlines()[-1] == f"vidray predict: error: could not read 1 of 3 videos: {missing['error']}"
 
 
-def test_predict_cli_bad_model_dir(tmp_path, videos, exported, capsys):
+def test_predict_cli_bad_model_dir(tmp_path, videos, exported, checkpoint, capsys):
     assert main(["predict", "--model", str(tmp_path), str(videos[0])]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"vidray predict: error: {tmp_path} is not a vidray checkpoint or export: vidray.json is missing "
         "(pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`)"
     ]
+    # The folder of the run, or of the sweep, that the user has at hand: the line names what in it to pass.
+    run = tmp_path / "runs" / "demo_train"
+    for epoch in (0, 1):
+        shutil.copytree(checkpoint, run / f"checkpoint_epoch_{epoch:04d}")
+    assert main(["predict", "--model", str(run), str(videos[0])]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vidray predict: error: {run} is not a vidray checkpoint or export: vidray.json is missing (it is a training "
+        f"run's folder: pass one of its checkpoints, e.g. {run / 'checkpoint_epoch_0001'} (the latest; `vidray train` "
+        "names the best as best_checkpoint))"
+    )
+    sweep = tmp_path / "runs" / "demo"
+    shutil.copytree(exported, sweep / "reports" / "best_model")
+    assert main(["predict", "--model", str(sweep), str(videos[0])]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"(it is a sweep's folder: its best model is {sweep / 'reports' / 'best_model'})")
     truncated = tmp_path / "truncated"
     shutil.copytree(exported, truncated)
     weights = truncated / "model.safetensors"

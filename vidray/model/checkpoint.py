@@ -183,14 +183,23 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
     return _decode(encoded["state"], load_file(str(directory / TRAINING_TENSORS)))
 
 
+def _what_to_pass(folder: Path) -> str:
+    """The hint for a folder that is no checkpoint: the folder of a run or a sweep (what a user has at hand
+    after `vidray train` or `vidray tune`) names what in it to pass."""
+    if (folder / "reports" / "best_model" / INFO).is_file():
+        return f"it is a sweep's folder: its best model is {folder / 'reports' / 'best_model'}"
+    runs = sorted(d for d in folder.glob("checkpoint_epoch_*") if (d / INFO).is_file())
+    if runs:
+        return (f"it is a training run's folder: pass one of its checkpoints, e.g. {runs[-1]} (the latest; "
+                "`vidray train` names the best as best_checkpoint)")  # fmt: skip
+    return "pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`"
+
+
 def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:
     """vidray.json of a checkpoint or export: epoch, metrics, history, data (a ClipShape), config."""
     path = Path(directory) / INFO
     if not path.is_file():
-        raise UserError(
-            f"{directory} is not a vidray checkpoint or export: {INFO} is missing "
-            "(pass a checkpoint directory written by `vidray train` or a directory written by `vidray export`)"
-        )
+        raise UserError(f"{directory} is not a vidray checkpoint or export: {INFO} is missing ({_what_to_pass(Path(directory))})")
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as err:
