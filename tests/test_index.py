@@ -204,6 +204,29 @@ def test_split_folders_may_carry_the_names_hugging_face_datasets_gives_them(tmp_
     assert lent_to_val(tmp_path / "absent", 0.2) == 0.2  # no folder yet: nothing of its own to validate on
 
 
+def test_a_video_added_to_a_linked_class_folder_makes_the_manifest_stale(tmp_path):
+    """A class folder linked from elsewhere (a symlink farm of splits) is indexed; a video added in it must make
+    `vidray train` index again. Before, only the link itself was looked at, and the new video was never seen."""
+    import os
+
+    from vidray.data.prepare import manifest_is_stale
+
+    raw, root = tmp_path / "raw" / "cat", tmp_path / "videos"
+    raw.mkdir(parents=True)
+    (raw / "0.mp4").write_bytes(b"")
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "cat").symlink_to(raw)
+    manifest = tmp_path / "m.parquet"
+    assert index_folder(root, manifest, probe=False)["present"] == 1
+    os.utime(manifest, ns=(3 * 10**18, 3 * 10**18))  # written after everything so far, whatever the clock's resolution
+    assert not manifest_is_stale(manifest, root)
+    (raw / "1.mp4").write_bytes(b"")
+    os.utime(raw / "1.mp4", ns=(4 * 10**18, 4 * 10**18))
+    os.utime(raw, ns=(4 * 10**18, 4 * 10**18))
+    assert manifest_is_stale(manifest, root)
+    assert index_folder(root, manifest, probe=False)["present"] == 2
+
+
 def test_a_folder_is_indexed_again_when_its_val_fraction_changes(tmp_path):
     """data.source=folder reuses its manifest while the folder is unchanged, unless the share lent to val changed."""
     from vidray.config import DataSettings

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 from vidray.errors import UserError
 
@@ -33,23 +34,29 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def videos_under(folder: str | Path, ignored: list[Path] | None = None) -> list[str]:
-    """Every video below ``folder`` (:func:`is_listed_video`), in its subfolders and linked folders too, sorted:
-    what a class folder holds, read as torchvision's ``ImageFolder`` reads one, and what a corpus folder holds.
-    Hidden files and folders (:func:`is_hidden`) are left out, and with ``ignored`` added to it, as are the
-    other files that are not videos.
+def walk_once(folder: str | Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` into linked folders too, each folder once, under the first path that reaches it (in the
+    order the caller leaves in ``folders``, which it may sort or prune in place as with ``os.walk``).
 
-    Each folder is read once, under the first path that reaches it in sorted order: a link back up the tree
-    (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again, each time listing the
-    same videos under a longer path, which grows without end once two such links meet."""
+    A link back up the tree (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again,
+    each time listing the same files under a longer path, which grows without end once two such links meet."""
     seen: set[tuple[int, int]] = set()
-    videos: list[str] = []
     for directory, folders, files in os.walk(folder, followlinks=True):
         identity = os.stat(directory)
         if (identity.st_dev, identity.st_ino) in seen:
             folders[:] = []
             continue
         seen.add((identity.st_dev, identity.st_ino))
+        yield directory, folders, files
+
+
+def videos_under(folder: str | Path, ignored: list[Path] | None = None) -> list[str]:
+    """Every video below ``folder`` (:func:`is_listed_video`), in its subfolders and linked folders too
+    (:func:`walk_once`), sorted: what a class folder holds, read as torchvision's ``ImageFolder`` reads one,
+    and what a corpus folder holds. Hidden files and folders (:func:`is_hidden`) are left out, and with
+    ``ignored`` added to it, as are the other files that are not videos."""
+    videos: list[str] = []
+    for directory, folders, files in walk_once(folder):
         if ignored is not None:
             ignored += [Path(directory, name) for name in sorted(folders) if is_hidden(name)]
         folders[:] = sorted(name for name in folders if not is_hidden(name))  # not walked into; in order

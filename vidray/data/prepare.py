@@ -24,6 +24,7 @@ from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
 from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
 from vidray.data.index import held_out_fraction, index_folder, lent_to_val
+from vidray.data.listing import walk_once
 from vidray.data.preprocess import preprocess
 
 FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
@@ -32,9 +33,10 @@ COIN_VIDEOS_HINT = "downloaded COIN videos as DIR/<recipe_type>/<youtube_id>.mp4
 
 def _newest_mtime_ns(root: Path) -> int:
     # A folder's mtime changes when entries are added, removed or renamed in it;
-    # a file's when it is rewritten. Together they catch every change that matters.
+    # a file's when it is rewritten. Together they catch every change that matters,
+    # in linked folders too (a class folder linked from elsewhere is indexed: walk_once).
     newest = root.stat().st_mtime_ns
-    for directory, _, files in os.walk(root):
+    for directory, _, files in walk_once(root):
         newest = max(newest, os.stat(directory).st_mtime_ns)
         for name in files:
             try:
