@@ -718,3 +718,14 @@ def test_torchcodec_resizes_inside_its_one_open(rotated_videos, monkeypatch):
     monkeypatch.setattr(backend, "HOOK_TESTED", ())
     assert not backend.single_open_supported()
     np.testing.assert_array_equal(read_clip(rotated_videos[90], 4, 32, decoder="torchcodec").frames, fast)
+
+
+def test_a_manifest_row_naming_remote_storage_says_training_reads_local_files():
+    """A hand-written training manifest whose paths are URLs or bucket keys: each video is rejected with what
+    vidray reads where (before, "file not found"), never a crash; prediction fetches such videos itself."""
+    from vidray.data.decode_shard import decode_or_reject
+    from vidray.data.shards import DecodeSettings
+
+    for path in ("https://example.org/clip.mp4", "s3://bucket/videos/clip.mp4"):
+        clip, error, reason = decode_or_reject(path, DecodeSettings(8, 36, "pyav"))
+        assert clip is None and error == "missing" and reason.startswith("not a file on this machine: training reads")

@@ -101,6 +101,10 @@ class DecoderUnavailableError(UserError):
 def check_file(path: str) -> None:
     """Raise the VideoError for a path that is not a readable, non-empty regular file."""
     if not os.path.lexists(path):
+        if "://" in str(path) and not str(path).startswith("file://"):  # a manifest row naming remote storage
+            raise MissingVideoError(path, "not a file on this machine: training reads local video files (download "
+                                          "them and index their folder); `vidray predict` reads s3://, gs:// and "
+                                          "http(s):// videos")  # fmt: skip
         raise MissingVideoError(path, "file not found")
     if not os.path.exists(path):
         raise MissingVideoError(path, f"dangling symlink (points to {os.readlink(path)})")
