@@ -244,9 +244,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     if args.embeddings:
         raise UserError("--embeddings needs --out (embeddings are written to OUT/predictions.parquet)")
-    from vidray.storage import is_web_url
+    from vidray.storage import is_uri, is_web_url
 
-    folders = [v for v in args.videos if Path(v).is_dir() or ("://" in v and not is_web_url(v)) or v.endswith(".parquet")]
+    folders = [v for v in args.videos if Path(v).is_dir() or (is_uri(v) and not is_web_url(v)) or v.endswith(".parquet")]
     if folders:
         raise UserError(f"{folders[0]}: folders, manifests and s3:// / gs:// URIs need --out OUT (Ray Data batch prediction)")
     from vidray.infer.predict import predict_videos, raise_for_unreadable  # torch: the batch driver does without

@@ -293,13 +293,14 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
 
     rows = []
     for split, class_dir in class_dirs:
+        label = class_name(class_dir)
         for path in map(Path, videos_under(class_dir, ignored)):
             rows.append(
                 {
                     "path": os.path.abspath(path),
                     "video_id": path.relative_to(root).with_suffix("").as_posix(),
-                    "label": class_name(class_dir),
-                    "label_index": classes.index(class_name(class_dir)),
+                    "label": label,
+                    "label_index": classes.index(label),
                     "split": split,
                 }
             )

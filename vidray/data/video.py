@@ -22,6 +22,7 @@ import numpy as np
 from vidray.config import DECODERS, DEFAULT_DECODER, DecodeDevice, DecoderName
 from vidray.data.clip import DecodedClip, EmptyVideoError, MissingVideoError, StreamInfo
 from vidray.errors import UserError
+from vidray.storage import local_part
 
 
 # x264 settings that make the output depend on the input alone, not on the machine or the process.
@@ -101,7 +102,7 @@ class DecoderUnavailableError(UserError):
 def check_file(path: str) -> None:
     """Raise the VideoError for a path that is not a readable, non-empty regular file."""
     if not os.path.lexists(path):
-        if "://" in str(path) and not str(path).startswith("file://"):  # a manifest row naming remote storage
+        if local_part(str(path)) is None:  # a manifest row naming remote storage
             raise MissingVideoError(path, "not a file on this machine: training reads local video files (download "
                                           "them and index their folder); `vidray predict` reads s3://, gs:// and "
                                           "http(s):// videos")  # fmt: skip

@@ -240,10 +240,13 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
             pacsv.write_csv(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f)
 
     write_atomically(fs, join_uri(root, "rejects.csv"), write_rejects)
-    by_count = lambda counts: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))  # noqa: E731
     return {
         "predicted": labels.total(),
         "rejected": len(rejects),
-        "rejected_by": by_count(Counter(row["error"] for row in rejects)),  # rejects.csv's categories, most first
-        "labels": by_count(labels),
+        "rejected_by": _most_first(Counter(row["error"] for row in rejects)),  # rejects.csv's categories
+        "labels": _most_first(labels),
     }
+
+
+def _most_first(counts: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))

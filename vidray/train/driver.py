@@ -59,19 +59,21 @@ def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> Cli
     return shape
 
 
-def untrainable_classes_line(info: DatasetInfo, command: str) -> str | None:
-    """A warning for the classes with no processed train video (all their videos in val/test, or all rejected):
-    the model cannot learn them, yet they count in val_macro_f1. Often a class folder named differently in
-    train/ than in val/ (``Bird`` and ``bird`` are two classes). None when every class has train videos."""
+def warn_of_untrainable_classes(info: DatasetInfo, command: str) -> None:
+    """One console line naming the classes with no processed train video (all their videos in val/test, or all
+    rejected): the model cannot learn them, yet they count in val_macro_f1. Often a class folder named
+    differently in train/ than in val/ (``Bird`` and ``bird`` are two classes). Nothing when every class has
+    train videos, or the dataset records no per-class counts."""
     per_split = {split: counts.get("per_class", {}) for split, counts in info.raw.get("splits", {}).items()}
-    absent = [name for name in info.classes if not per_split.get("train", {}).get(name)]
-    if not absent or "train" not in per_split or not per_split["train"]:  # no per-class counts: nothing to say
-        return None
+    train = per_split.get("train")
+    absent = [name for name in info.classes if not train.get(name)] if train else []
+    if not absent:
+        return
     elsewhere = {name: {split: counts[name] for split, counts in per_split.items() if counts.get(name)} for name in absent}
     shown = "; ".join(f"{name} ({', '.join(f'{s} {n}' for s, n in counts.items()) or 'no videos'})" for name, counts in elsewhere.items())
-    return (f"{command}: warning: {len(absent)} of {len(info.classes)} classes have no training videos, so the model "
-            f"cannot learn them and they lower val_macro_f1: {shown}. A class folder named differently in train/ "
-            "than in val/ or test/ makes two classes")  # fmt: skip
+    print(f"{command}: warning: {len(absent)} of {len(info.classes)} classes have no training videos, so the model "
+          f"cannot learn them and they lower val_macro_f1: {shown}. A class folder named differently in train/ "
+          "than in val/ or test/ makes two classes", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
@@ -189,8 +191,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
         prepare_dataset(cfg, verbose=verbose)
         info = read_dataset_info(dataset_dir)
         keep_to_its_data(run_dir, "run", state, info.identity(FINETUNE_SPLITS))
-        if line := untrainable_classes_line(info, "vidray train"):
-            print(line, file=sys.stderr, flush=True)
+        warn_of_untrainable_classes(info, "vidray train")
         check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, info))
         trainer = build_trainer(cfg, dataset_dir=dataset_dir)
         with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line):

@@ -97,12 +97,16 @@ def read_marker(folder: str) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
+def _update_marker(folder: str, **fields: Any) -> None:
+    """Write ``fields`` into ``folder``'s marker, keeping what else it holds (creating both if needed)."""
+    write_json(join_uri(folder, RUN_MARKER), {**(read_marker(folder) or {}), **fields})
+
+
 def mark_run(folder: str, kind: RunKind, name: str, **state: Any) -> None:
     """Create ``folder`` (if needed) with vidray's marker: what a later ``--restart`` may delete.
     ``state``: what else the command records there (a sweep: ``finished=True`` once every trial is), beside
     what the marker holds already (the data the run trains on: :func:`keep_to_its_data`)."""
-    marker = read_marker(folder) or {}
-    write_json(join_uri(folder, RUN_MARKER), {**marker, "written_by": "vidray", "kind": kind, "name": name, **state})
+    _update_marker(folder, written_by="vidray", kind=kind, name=name, **state)
 
 
 def written_by_vidray(folder: str) -> bool:
@@ -285,15 +289,14 @@ def keep_to_its_data(folder: str, what: str, state: RunState, data: dict[str, An
     trained on that data; with a class added its checkpoint does not even load); record ``data`` otherwise.
 
     Called once the data is prepared: preparing re-indexes a folder that changed since the run started."""
-    marker = read_marker(folder) or {}
-    before = marker.get(TRAINED_ON)
+    before = (read_marker(folder) or {}).get(TRAINED_ON)
     if state == "interrupted" and before is not None and before != data:
         raise UserError(
             f"{folder} holds a {what} started on other data ({_data_changes(before, data)}): continue it on the data "
             "it started with, or pass --restart to start it over on this data, or set run.name to a new name"
         )
     if before != data:
-        write_json(join_uri(folder, RUN_MARKER), {**marker, TRAINED_ON: data})
+        _update_marker(folder, **{TRAINED_ON: data})
 
 
 # ------------------------------------------------------------------ tracking

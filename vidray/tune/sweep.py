@@ -40,7 +40,6 @@ the sweep's folder experiment.py, the local cluster local_ray.py.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ from vidray.data.dataset import read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri, write_json
-from vidray.train.driver import FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, untrainable_classes_line
+from vidray.train.driver import FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, warn_of_untrainable_classes
 from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
@@ -197,8 +196,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     # Once, here: every trial reads the same shards.
     dataset_dir = prepare_dataset(cfg, verbose=verbose)
     info = read_dataset_info(dataset_dir)
-    if line := untrainable_classes_line(info, "vidray tune"):
-        print(line, file=sys.stderr, flush=True)
+    warn_of_untrainable_classes(info, "vidray tune")
     check_dataset(cfg, info, dataset_dir)
     data_cpus = ingest_cpus(cfg.train, info)
     check_run_resources(cfg.train, capacity, data_cpus)
