@@ -7,10 +7,11 @@ STAMP := $(VENV)/.vidray-installed
 
 .PHONY: setup ffmpeg-libs pipeline-env demo test test-quick bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# tools/install.py: `pip install`, done by uv (20 s where pip takes 70: docs/benchmarks.md, section 8)
+# with pip's own configuration, and by pip where uv cannot.
+$(STAMP): pyproject.toml constraints.txt tools/install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) tools/install.py $(PY) -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # The three decoders (data.decoder): PyAV and decord wheels bring their own FFmpeg; torchcodec
@@ -49,7 +50,7 @@ endif
 # "No space left on device" (how CI failed once, on a disk full of old clones).
 PIPELINE_FREE_GB := 7
 
-$(PIPELINE_STAMP): Makefile
+$(PIPELINE_STAMP): Makefile | $(STAMP)
 	@test -x $(PIPELINE_VENV)/bin/python || { \
 	  free_kb=$$(df -Pk "$(dir $(abspath $(PIPELINE_VENV)))" | awk 'NR==2 {print $$4}'); \
 	  if [ "$$free_kb" -lt $$(( $(PIPELINE_FREE_GB) * 1024 * 1024 )) ]; then \
@@ -57,9 +58,8 @@ $(PIPELINE_STAMP): Makefile
 	    exit 1; \
 	  fi; }
 	test -x $(PIPELINE_VENV)/bin/python || $(PYTHON) -m venv $(PIPELINE_VENV)
-	$(PIPELINE_VENV)/bin/python -m pip install -q --upgrade pip
-	$(PIPELINE_VENV)/bin/python -m pip install -q $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 numpy==2.4.6 \
-	  pyarrow==26.0.1 simplejpeg==1.9.0
+	$(PY) tools/install.py $(PIPELINE_VENV)/bin/python -q $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 \
+	  numpy==2.4.6 pyarrow==26.0.1 simplejpeg==1.9.0
 	touch $(PIPELINE_STAMP)
 
 pipeline-env: $(PIPELINE_STAMP)
