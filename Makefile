@@ -7,8 +7,8 @@ STAMP := $(VENV)/.vidray-installed
 
 .PHONY: setup ffmpeg-libs pipeline-env demo test test-quick bench clean
 
-# tools/install.py: `pip install`, done by uv (20 s where pip takes 70: docs/benchmarks.md, section 8)
-# with pip's own configuration, and by pip where uv cannot.
+# tools/install.py: `pip install`, done by uv with pip's own configuration (34 s from nothing where pip
+# takes 59: docs/benchmarks.md, section 8), and by pip where uv cannot.
 $(STAMP): pyproject.toml constraints.txt tools/install.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) tools/install.py $(PY) -q -c constraints.txt -e '.[test]'
@@ -34,7 +34,7 @@ setup: $(STAMP) ffmpeg-libs
 # transformers' pipeline with its video processor, which needs torchvision (and torchcodec to
 # decode). PyPI's torchvision does not import beside the CPU torch of $(VENV) ("operator
 # torchvision::nms does not exist"), so it gets PyPI's torch + torchvision pair: measured on
-# x86_64, 84 s and 5.9 GB from local wheels (docs/benchmarks.md); no vidray in it. pyarrow and
+# x86_64, 37 s (89 s with pip) and 6.0 GB from local wheels (docs/benchmarks.md); no vidray in it. pyarrow and
 # simplejpeg are there for tests/test_device_decode.py, which runs vidray's GPU JPEG path through
 # torchvision's decoder on the CPU there (with vidray's source on PYTHONPATH). The aarch64
 # pins are the machine doc's CPU pair plus torchcodec 0.8.1 (its release for torch 2.9): not measured.
@@ -77,7 +77,7 @@ demo: setup
 # The whole suite, in two lanes side by side (tests/run_all.sh): the tests that run Ray, one cluster
 # at a time, and beside them the ones that need no Ray. A plain `pytest` runs the same tests in one lane.
 # Only that second lane's tests use the pipeline venv, so it is built there, first, while the Ray
-# lane (the one `make test` waits for) already runs: its 84 s of pip leave the critical path.
+# lane (the one `make test` waits for) already runs: its 37 s of install leave the critical path.
 test: setup
 	bash tests/run_all.sh $(PY) $(MAKE) --no-print-directory pipeline-env
 

@@ -5,7 +5,7 @@
 #
 # PYTHON: the venv's (the Makefile passes .venv's; for a part of the suite, run pytest itself).
 # COMMAND: run first in the lane beside, before its tests: the Makefile's `make pipeline-env`, the
-# second venv that only that lane's tests use (84 s of pip from nothing, a no-op once built), so it is
+# second venv that only that lane's tests use (37 s from nothing, a no-op once built), so it is
 # built while the Ray lane already runs. If it fails, that lane fails without running its tests.
 #
 # * The Ray lane, `-m ray`: every test that runs Ray (on the session's loopback head, or on clusters of

@@ -27,9 +27,10 @@ UV = "uv==0.13.9"
 # pip's multi-valued settings (whitespace-separated in pip's configuration) and uv's flag for each value.
 LIST_FLAGS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
               "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}  # fmt: skip
-# pip's settings that do not change what is installed, or that are passed to uv another way.
+# pip's settings that do not change what is installed (config-file: PIP_CONFIG_FILE, whose settings the
+# listing holds already).
 IGNORED = {"disable-pip-version-check", "no-cache-dir", "cache-dir", "progress-bar", "root-user-action", "retries",
-           "no-color", "quiet", "verbose", "no-input"}  # fmt: skip
+           "no-color", "quiet", "verbose", "no-input", "config-file"}  # fmt: skip
 # The sections of pip's configuration that `pip install` reads, weakest first: [install] overrides [global]
 # in pip's files, and PIP_* variables (":env:") override both.
 SECTION_RANK = {"global": 0, "install": 1, ":env:": 2}

@@ -1,0 +1,102 @@
+"""tools/install.py, the Makefile's `pip install`: uv with pip's own configuration, pip where uv cannot.
+
+Each install is real: a fresh venv, and a wheel the test writes, found through pip's configuration
+(a find-links folder set in a pip config file), with no index reached.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("tools_install", REPO / "tools" / "install.py")
+install = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(install)
+
+
+def write_wheel(folder: Path, name: str = "vidray_probe", version: str = "0.1") -> Path:
+    """A pure-Python wheel holding one module, ``name``, that sets ``VERSION``."""
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+@pytest.fixture
+def pip_config(tmp_path, monkeypatch):
+    """A pip config file (PIP_CONFIG_FILE, loaded after the machine's own) with a find-links folder that
+    holds the probe wheel, and no index: what the test installs comes from there and nowhere else."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels)
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nfind-links = {wheels}\nno-index = true\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    for key in [k for k in os.environ if k.startswith("PIP_") and k != "PIP_CONFIG_FILE"]:
+        monkeypatch.delenv(key)  # the machine's PIP_* variables would override the file
+    return wheels
+
+
+def new_venv(folder: Path) -> str:
+    venv.create(folder, with_pip=True)
+    return str(folder / "bin" / "python")
+
+
+def run_install(target: str, *pip_args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "install.py"), target, *pip_args],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_pip_settings_are_read_with_pip_precedence(pip_config, tmp_path, monkeypatch):
+    config = Path(os.environ["PIP_CONFIG_FILE"])
+    config.write_text(config.read_text() + "extra-index-url = file:///a file:///b\n[install]\nconstraint = /c.txt\n")
+    monkeypatch.setenv("PIP_FIND_LINKS", "/from/env")  # a PIP_* variable overrides every file
+    settings = install.pip_settings(sys.executable)
+    assert settings["find-links"] == "/from/env"
+    assert settings["extra-index-url"] == "file:///a file:///b" and settings["constraint"] == "/c.txt"
+    command, env = install.uv_command(Path("uv"), "py", {**settings, "cert": "/ca.pem"}, ["-q", "x"])
+    assert command[command.index("--find-links") + 1] == "/from/env"
+    assert [command[i + 1] for i, arg in enumerate(command) if arg == "--extra-index-url"] == ["file:///a", "file:///b"]
+    assert "--no-index" in command and command[-2:] == ["-q", "x"] and env["SSL_CERT_FILE"] == "/ca.pem"
+    with pytest.raises(ValueError, match="pre="):
+        install.uv_command(Path("uv"), "py", {"pre": "1"}, ["x"])  # would change what is installed
+
+
+@pytest.mark.slow
+def test_uv_installs_from_pips_configuration_with_bytecode(pip_config, tmp_path):
+    target = new_venv(tmp_path / "venv")
+    done = run_install(target, "-q", "vidray_probe")
+    assert done.returncode == 0 and "installing with pip instead" not in done.stderr, done.stderr
+    # Compiled at install: the import here writes no bytecode of its own.
+    probe = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION, vidray_probe.__cached__)"],
+                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
+                           check=True).stdout.split()  # fmt: skip
+    assert probe[0] == "0.1" and Path(probe[1]).is_file()
+
+
+@pytest.mark.slow
+def test_a_setting_uv_is_not_told_falls_back_to_pip(pip_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_PRE", "1")  # pip's --pre: uv is not told it here, so pip installs
+    target = new_venv(tmp_path / "venv")
+    done = run_install(target, "-q", "vidray_probe")
+    assert done.returncode == 0, done.stderr
+    assert "tools/install.py: pip's setting pre='1': installing with pip instead\n" in done.stderr
+    version = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert version == "0.1"
