@@ -287,13 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     folder.set_defaults(func=cmd_index_folder)
     coin = index_sub.add_parser("coin", help="COIN.json annotations + taxonomy -> 12 domain (or 180 task) classes")
-    coin.add_argument("--annotations", nargs="+", required=True)
+    coin.add_argument("--annotations", nargs="+", required=True, help="COIN.json files (subset training -> train, testing -> val)")
     coin.add_argument("--taxonomy", required=True, help="taxonomy_domains.csv")
     coin.add_argument("--videos", required=True, help="downloaded videos: DIR/<recipe_type>/<id>.mp4 or DIR/<id>.mp4")
-    coin.add_argument("--min-duration", type=float, default=None)
-    coin.add_argument("--max-duration", type=float, default=None)
-    coin.add_argument("--out", required=True)
-    coin.add_argument("--no-probe", action="store_true")
+    coin.add_argument("--min-duration", type=float, default=None, help="seconds (COIN.json's duration): shorter videos are left out")
+    coin.add_argument("--max-duration", type=float, default=None, help="seconds (COIN.json's duration): longer videos are left out")
+    coin.add_argument("--out", required=True, help="manifest Parquet file to write")
+    coin.add_argument("--no-probe", action="store_true", help="skip reading duration/fps/size")
     coin.add_argument("--labels", choices=["domain", "task"], default="domain",
                       help="classes: COIN's 12 domains (default) or its 180 tasks (published COIN results)")
     coin.set_defaults(func=cmd_index_coin)
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="video files or http(s):// URLs of videos; with --out also folders (searched recursively), manifest "
              ".parquet files (a path column of files or URLs), s3:// / gs:// URIs",
     )  # fmt: skip
-    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--top-k", type=int, default=3, help="labels per video, best first (default %(default)s)")
     pr.add_argument("--out", default=None, help="write OUT/predictions.parquet and OUT/rejects.csv on Ray Data")
     pr.add_argument("--embeddings", action="store_true", help="with --out: add the pooled encoder features")
     pr.add_argument("--batch-size", type=int, default=8, help="with --out: videos per model batch")
