@@ -75,11 +75,14 @@ def main(target: str, pip_args: list[str]) -> int:
         if not uv.is_file():
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", UV], check=True)
         command, env = uv_command(uv, target, pip_settings(target), pip_args)
+    except subprocess.CalledProcessError as error:
+        why = f"`{' '.join(map(str, error.cmd))}` failed"
+    except ValueError as error:
+        why = str(error)
+    else:
         if subprocess.run(command, env=env).returncode == 0:
             return 0
         why = "uv failed (above)"
-    except (subprocess.CalledProcessError, ValueError) as error:
-        why = str(error) if isinstance(error, ValueError) else f"{UV} could not be installed"
     print(f"tools/install.py: {why}: installing with pip instead", file=sys.stderr)
     return subprocess.run([target, "-m", "pip", "install", *pip_args]).returncode
 
