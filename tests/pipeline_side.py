@@ -8,7 +8,8 @@ PyPI's torchvision does not import. So this script imports nothing from vidray.
     .venv-pipeline/bin/python tests/pipeline_side.py REQUEST.json
     .venv-pipeline/bin/python tests/pipeline_side.py --serve
 
-REQUEST: ``{"model": DIR, "videos": [path, ...], "trust_remote_code": bool}``.
+REQUEST: ``{"model": DIR, "videos": [path, ...], "trust_remote_code": bool, "dtype": "bfloat16"}`` (dtype
+optional: the pipeline's ``dtype=torch.<dtype>``, as a user loads a model on a GPU; default float32).
 Prints one JSON object: the processor the pipeline picked, its settings, the
 warnings transformers logged, and per video the labels and scores, best first.
 
@@ -41,7 +42,8 @@ def answer(request_path: str, messages: list[str], caught: list) -> dict:
     torch.manual_seed(0)
     remote = bool(request.get("trust_remote_code"))
     processor = AutoVideoProcessor.from_pretrained(request["model"])
-    classifier = pipeline("video-classification", model=request["model"], trust_remote_code=remote)
+    dtype = getattr(torch, request.get("dtype") or "float32")
+    classifier = pipeline("video-classification", model=request["model"], trust_remote_code=remote, dtype=dtype)
     results = []
     for video in request["videos"]:
         try:
@@ -56,6 +58,7 @@ def answer(request_path: str, messages: list[str], caught: list) -> dict:
         "pipeline_video_processor": type(picked).__name__ if picked is not None else None,
         "settings": {k: v for k, v in picked.to_dict().items() if not k.startswith("_")} if picked else None,
         "model_class": type(classifier.model).__name__,
+        "model_dtype": str(classifier.model.dtype).removeprefix("torch."),
         "warnings": messages + [str(w.message) for w in caught],
         "results": results,
     }

@@ -156,9 +156,10 @@ def _train(demo: dict, interpolated: bool) -> VideoMAEForVideoClassification:
     return model.eval()
 
 
-def _run_pipeline(side: dict, model_dir: Path, videos: list[Path], remote: bool, tmp: Path) -> dict:
-    request = tmp / "request.json"
-    request.write_text(json.dumps({"model": str(model_dir), "videos": [str(v) for v in videos], "trust_remote_code": remote}))
+def _run_pipeline(side: dict, model_dir: Path, videos: list[Path], remote: bool, tmp: Path, dtype: str | None = None) -> dict:
+    request = tmp / f"request_{dtype or 'float32'}.json"
+    request.write_text(json.dumps({"model": str(model_dir), "videos": [str(v) for v in videos], "trust_remote_code": remote,
+                                   "dtype": dtype}))  # fmt: skip
     server = side["server"]
     server.stdin.write(f"{request}\n")
     server.stdin.flush()
@@ -185,6 +186,7 @@ def parity(request, tmp_path_factory, pipeline_side, demo, real_clips) -> dict:
     videos = [*demo["test_videos"], *real_clips]
     theirs = _run_pipeline(pipeline_side, exported, videos, interpolated, tmp)
     return {
+        "bfloat16": _run_pipeline(pipeline_side, exported, videos, interpolated, tmp, dtype="bfloat16"),
         "interpolated": interpolated,
         "evaluated": evaluated,
         "export": exported,
@@ -246,6 +248,26 @@ def test_real_footage_top1_pipeline_vs_vidray_predict(parity, real_clips):
     print(f"\n{kind}: real footage top-1, pipeline vs vidray predict: {agree} of {len(real_clips)}")
     assert len(real_clips) >= 10
     assert agree >= 0.9 * len(real_clips)
+
+
+def test_the_export_runs_in_bfloat16_as_loaded_on_a_gpu(parity):
+    """`pipeline(..., dtype=torch.bfloat16)`, as users load a model on a GPU (here on the CPU): the model runs
+    in bfloat16, the interpolated export's rebuilt position table included, and ranks as in float32 but where
+    bfloat16's 8-bit mantissa turns a near tie."""
+    low = parity["bfloat16"]
+    assert low["model_class"] == parity["pipeline"]["model_class"] and low["model_dtype"] == "bfloat16"
+    assert parity["pipeline"]["model_dtype"] == "float32"
+    full = parity["by_video"]
+    assert not [r for r in low["results"] if "error" in r], low["results"]
+    agree, gaps = 0, []
+    for result in low["results"]:
+        ranked = full[result["video"]]["predictions"]
+        agree += result["predictions"][0]["label"] == ranked[0]["label"]
+        scores = {p["label"]: p["score"] for p in ranked}
+        gaps += [abs(p["score"] - scores[p["label"]]) for p in result["predictions"]]
+    kind = "interpolated" if parity["interpolated"] else "plain"
+    print(f"\n{kind}: bfloat16 top-1 as float32's on {agree} of {len(low['results'])} videos, scores within {max(gaps):.4f}")
+    assert agree >= 0.95 * len(low["results"]) and max(gaps) < 0.05, (agree, len(low["results"]), max(gaps))
 
 
 def test_model_card_shows_the_working_snippet_and_what_differs(parity):
