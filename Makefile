@@ -45,6 +45,7 @@ PIPELINE_TORCH := torch==2.9.1 torchvision==0.24.1 torchcodec==0.8.1
 else
 PIPELINE_TORCH := torch==2.14.1 torchvision==0.29.1 torchcodec==0.13.0
 endif
+PIPELINE_PINS := $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 numpy==2.4.6 pyarrow==26.0.1 simplejpeg==1.9.0
 
 # 5.9 GB once installed: refuse up front, in one line, rather than let pip die halfway with
 # "No space left on device" (how CI failed once, on a disk full of old clones).
@@ -58,8 +59,7 @@ $(PIPELINE_STAMP): Makefile | $(STAMP)
 	    exit 1; \
 	  fi; }
 	test -x $(PIPELINE_VENV)/bin/python || $(PYTHON) -m venv $(PIPELINE_VENV)
-	$(PY) tools/install.py $(PIPELINE_VENV)/bin/python -q $(PIPELINE_TORCH) transformers==5.24.0 av==18.1.0 \
-	  numpy==2.4.6 pyarrow==26.0.1 simplejpeg==1.9.0
+	$(PY) tools/install.py $(PIPELINE_VENV)/bin/python -q $(PIPELINE_PINS)
 	touch $(PIPELINE_STAMP)
 
 pipeline-env: $(PIPELINE_STAMP)

@@ -12,8 +12,7 @@ scratch=${1:-/tmp/vidray-install-bench}
 rm -rf "$scratch" && mkdir -p "$scratch"
 trap 'rm -rf "$scratch"' EXIT
 # The Makefile's pipeline venv pins, read from it so that the two cannot drift apart.
-pipeline=$(make -s --no-print-directory -p -n pipeline-env 2> /dev/null | sed -n 's/^PIPELINE_TORCH := //p' | head -1)
-pipeline_pins="$pipeline transformers==5.24.0 av==18.1.0 numpy==2.4.6 pyarrow==26.0.1 simplejpeg==1.9.0"
+pipeline_pins=$(make -s --no-print-directory --eval 'print-pins: ; @echo $(PIPELINE_PINS)' print-pins)
 
 build() {  # build NAME HOW PIP_ARGS...: a venv from nothing, timed
   local name=$1 how=$2; shift 2
