@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import stat
 import subprocess
 import sys
 import venv
@@ -97,6 +98,62 @@ def test_a_setting_uv_is_not_told_falls_back_to_pip(pip_config, tmp_path, monkey
     done = run_install(target, "-q", "vidray_probe")
     assert done.returncode == 0, done.stderr
     assert "tools/install.py: pip's setting pre='1': installing with pip instead\n" in done.stderr
+    version = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert version == "0.1"
+
+
+@pytest.mark.slow
+def test_uv_is_installed_quietly_from_pips_configuration(pip_config, tmp_path, monkeypatch):
+    """A venv without uv beside its python (a fresh clone's .venv): install.py installs the pinned uv with pip,
+    from pip's configuration, and prints nothing of it. The configuration here also lists an index that lacks
+    uv, as this machine's local indexes do, which pip warns of, once per index, at `-q`."""
+    real_uv = Path(sys.executable).parent / "uv"
+    assert real_uv.is_file(), "the venv running the tests has no uv: its set-up did not run tools/install.py"
+    # The pinned uv, as a wheel pip can install offline: its one script hands over to the real binary.
+    name, version = install.UV.split("==")
+    info, script = f"{name}-{version}.dist-info", f"{name}-{version}.data/scripts/uv"
+    files = {
+        script: f'#!/bin/sh\nexec "{real_uv}" "$@"\n',
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(pip_config / f"{name}-{version}-py3-none-any.whl", "w") as archive:
+        for path, text in files.items():
+            entry = zipfile.ZipInfo(path)
+            entry.external_attr = (stat.S_IFREG | (0o755 if path == script else 0o644)) << 16  # pip keeps the exec bit
+            archive.writestr(entry, text)
+    empty_index = tmp_path / "index"
+    empty_index.mkdir()
+    config = Path(os.environ["PIP_CONFIG_FILE"])
+    config.write_text(config.read_text().replace("no-index = true\n", f"index-url = {empty_index.as_uri()}\n"))
+
+    bare = tmp_path / "bare"
+    python = new_venv(bare)
+    target = new_venv(tmp_path / "target")
+    done = subprocess.run([python, str(REPO / "tools" / "install.py"), target, "-q", "vidray_probe"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (bare / "bin" / "uv").is_file()
+    assert done.stderr == "" and done.stdout == "", done.stderr  # no pip warning, and no fallback to pip
+    version = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert version == "0.1"
+
+
+@pytest.mark.slow
+def test_a_uv_that_cannot_run_falls_back_to_pip(pip_config, tmp_path):
+    """A uv beside the python that the machine cannot execute (here: no exec bit, as on a noexec mount; or a
+    binary of another architecture): one line naming it, then pip installs, instead of a traceback."""
+    bare = tmp_path / "bare"
+    python = new_venv(bare)
+    (bare / "bin" / "uv").write_text("not a program\n")  # mode 0644
+    target = new_venv(tmp_path / "target")
+    done = subprocess.run([python, str(REPO / "tools" / "install.py"), target, "-q", "vidray_probe"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"tools/install.py: {bare / 'bin' / 'uv'} could not run (Permission denied): installing with pip instead\n"
     version = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     assert version == "0.1"

@@ -73,16 +73,22 @@ def main(target: str, pip_args: list[str]) -> int:
     uv = Path(sys.executable).parent / "uv"
     try:
         if not uv.is_file():
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", UV], check=True)
+            # -qq: errors only. pip warns once per configured index that lacks uv ("Location
+            # 'file:///.../simple/uv/' is ignored"), which is not a fault of the set-up: the first lines
+            # a newcomer's `make demo` printed. A failure still prints its error, then the line below.
+            subprocess.run([sys.executable, "-m", "pip", "install", "-qq", UV], check=True)
         command, env = uv_command(uv, target, pip_settings(target), pip_args)
     except subprocess.CalledProcessError as error:
         why = f"`{' '.join(map(str, error.cmd))}` failed"
     except ValueError as error:
         why = str(error)
     else:
-        if subprocess.run(command, env=env).returncode == 0:
-            return 0
-        why = "uv failed (above)"
+        try:
+            if subprocess.run(command, env=env).returncode == 0:
+                return 0
+            why = "uv failed (above)"
+        except OSError as error:  # a uv binary this machine cannot run (another architecture, noexec mount)
+            why = f"{uv} could not run ({error.strerror})"
     print(f"tools/install.py: {why}: installing with pip instead", file=sys.stderr)
     return subprocess.run([target, "-m", "pip", "install", *pip_args]).returncode
 
