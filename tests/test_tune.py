@@ -512,6 +512,68 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     assert len(trial_dirs(experiment)) == 2
 
 
+def test_sigterm_stops_a_sweep_and_ctrl_c_a_training_run_each_to_be_continued(ray_head, ray_cluster, demo_data, tmp_path):
+    """The signals people stop a driver with: SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler's time
+    limit) on a sweep, Ctrl-C (SIGINT) on `vidray train`, each while its run is mid-way (held after its first
+    epoch). Each driver says "interrupted" in one line, exits 130 and leaves its run to be continued: the sweep
+    not marked finished and not reported (Tune ends ``fit()`` after Ctrl-C as if it were done; vidray
+    once reported it so and marked it finished, and the same command then trained nothing more), the training
+    run with its first epoch's checkpoint. No traceback: SIGTERM killed a Ray driver at once, with the C++
+    stack trace of Ray's failure-signal handler, and Ray Train's own Ctrl-C handler ended `vidray train` with
+    exit status 1 and no word."""
+    from vidray.train.runs import checkpoints, existing_run_state
+    from vidray.tune.experiment import sweep_state
+
+    release = tmp_path / "release-hold"
+    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {"env_vars": hold_env(0, str(release))}})}
+    sweep_args = sweep_overrides(demo_data, tmp_path, "train.epochs=2", "tune.asha=false", "tune.mixup_alpha=[0.0]")
+    train_args = [*demo_data, f"run.storage_path={tmp_path / 'runs'}", "run.name=stopped", "train.epochs=2", "train.cpus_per_worker=0.5"]
+    others = alive_train_actors(ray_head)
+    sweep = start_driver(ray_head, sweep_args, env=env)
+    training = subprocess.Popen(
+        [sys.executable, "-m", "vidray", "train", "--config", str(DEMO), *train_args], cwd=REPO,
+        env={**env, "RAY_ADDRESS": ray_head["address"]}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    experiment, run_dir = tmp_path / "runs" / "demo", str(tmp_path / "runs" / "stopped")
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # until both are held after their first epoch, its checkpoint registered
+            trials = trial_dirs(experiment) if experiment.is_dir() else []
+            sweep_held = len(trials) == 1 and progress_epochs(trials[0]) == [1] and registered_checkpoints(experiment, trials[0])
+            if sweep_held and checkpoints(run_dir):
+                break
+            for driver in (sweep, training):
+                assert driver.poll() is None, f"a driver ended before it was stopped:\n{driver.stdout.read()[-5000:]}"
+            assert time.monotonic() < deadline, "the sweep's trial or the training run never finished its first epoch"
+            time.sleep(0.5)
+        sweep.send_signal(signal.SIGTERM)
+        training.send_signal(signal.SIGINT)
+        outputs = {"tune": finish(sweep, timeout=300), "train": finish(training, timeout=300)}
+    finally:
+        for driver in (sweep, training):
+            if driver.poll() is None:
+                driver.kill()
+                driver.communicate()
+        end_held_processes(str(release))  # Ray Train's workers, held in their task, end now
+        wait_for_train_to_stop(ray_head, others)
+
+    assert (sweep.returncode, training.returncode) == (130, 130), outputs
+    assert outputs["tune"].rstrip().splitlines()[-1] == (
+        "vidray tune: interrupted: 0 of 1 trials ended; the same command continues the sweep, each trial from its last finished epoch"
+    ), outputs["tune"][-3000:]
+    assert outputs["train"].rstrip().splitlines()[-1] == (
+        "vidray train: interrupted: the same command continues it from its last finished epoch"
+    ), outputs["train"][-3000:]
+    for output in outputs.values():
+        for noise in ("Traceback", "SystemExit", "SIGTERM received", "logging.cc"):
+            assert noise not in output, f"{noise!r} in the console:\n{output[-5000:]}"
+    # What the same commands would do: continue, each from what it had.
+    assert not (tmp_path / "reports" / "results.md").exists()
+    assert sweep_state(load_config(DEMO, sweep_args), str(experiment)) == "interrupted"
+    assert existing_run_state(load_config(DEMO, train_args), run_dir) == "interrupted"
+    assert [epoch for epoch, _ in checkpoints(run_dir)] == [0]
+
+
 # ----------------------------------------------------------------- Ray internals vidray relies on
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, SPLITS, STORES, DataSettings
-from vidray.errors import UserError
+from vidray.errors import Interrupted, UserError
 
 
 def _tell(line: str) -> None:
@@ -420,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"vidray {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vidray {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        detail = f": {err}" if isinstance(err, Interrupted) else ""
+        print(f"vidray {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     return 0
 

@@ -1,22 +1,26 @@
 """Connecting to Ray: the cluster in RAY_ADDRESS (as under `ray job submit`),
-or a fresh local one; the storage paths every node of it must reach; and what
+or a fresh local one; the storage paths every node of it must reach; what
 it can give one training run (checked before anything starts, since a run
-Ray can never place just waits)."""
+Ray can never place just waits); and how a driver that talks to it stops on
+Ctrl-C or SIGTERM (:func:`sigterm_as_ctrl_c`, :func:`interrupted_by_signal`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
 from vidray.compat import quiet_worker_pool_warning
 from vidray.config import TrainSettings, VidrayConfig
-from vidray.errors import UserError
+from vidray.errors import Interrupted, UserError
 from vidray.storage import check_storage_for_cluster
 
 # Where a local cluster that vidray starts listens: loopback only (its dashboard, with the Jobs API
@@ -71,6 +75,70 @@ def init_ray(*, verbose: bool = False, **local_kwargs) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **settings)
     else:
         ray.init(**settings, **{"_node_ip_address": LOOPBACK_IP, **local_kwargs})
+    sigterm_as_ctrl_c()  # after ray.init, whose core worker installs a handler of its own
+
+
+# ------------------------------------------------------------------ stopping a driver: Ctrl-C and SIGTERM
+
+# What a stop signal's number looks like on the wakeup pipe of interrupted_by_signal (one byte each).
+_STOP_SIGNAL_BYTES = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _sigterm_handler(signum: int, frame: Any) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored or left to the C default: end as Python's default would
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
+def sigterm_as_ctrl_c() -> None:
+    """Handle SIGTERM (``kill``, ``timeout``, ``ray job stop``, Kubernetes and Slurm at the end of a job) as
+    Ctrl-C: by whichever SIGINT handler is in place when it comes. Ray Tune's saves the sweep and stops
+    its trials, Ray Train's asks the run to abort, and otherwise Python raises KeyboardInterrupt; the
+    CLI then says "interrupted" in one line. Left to Ray, SIGTERM ended the driver at once (status 1), printing
+    the C++ stack trace of Ray's failure-signal handler (20-odd lines). Main thread only."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_handler)
+
+
+@contextmanager
+def interrupted_by_signal(continues: str) -> Iterator[None]:
+    """Around a driver's blocking ``trainer.fit()``: when Ctrl-C or SIGTERM arrives within the block, the
+    block ends in :class:`~vidray.errors.Interrupted` with ``continues`` (how to go on), whether ``fit()``
+    raised or returned.
+
+    Needed because Ray Train answers Ctrl-C itself: ``fit()`` registers its own SIGINT handler, which
+    asks the run to abort, after which its ``ray.get`` raises ``SystemExit(1)`` with nothing on the
+    console. The signal is seen on a pipe given to ``signal.set_wakeup_fd``, where the interpreter writes
+    the number of every signal that has a Python handler, whichever handler that is. Main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_end, write_end = os.pipe()
+    for end in (read_end, write_end):
+        os.set_blocking(end, False)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def stop_signal_came() -> bool:
+        try:
+            return not _STOP_SIGNAL_BYTES.isdisjoint(os.read(read_end, 1024))
+        except BlockingIOError:  # nothing written: no signal
+            return False
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as error:
+        if isinstance(error, Interrupted) or not stop_signal_came():
+            raise
+        raise Interrupted(continues) from None
+    else:
+        if stop_signal_came():
+            raise Interrupted(continues)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_end)
+        os.close(write_end)
 
 
 def shared_storage_paths(cfg: VidrayConfig) -> tuple[str, str]:

@@ -12,6 +12,11 @@ class UserError(Exception):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, with its state kept: the CLI prints the message (how far it got,
+    how to continue) after "interrupted" and exits 130, as for any KeyboardInterrupt."""
+
+
 def warn_once(message: str, key: str | None = None) -> None:
     """A RuntimeWarning the first time ``key`` (default: the message) comes up in this process,
     attributed to the caller's caller (the vidray function whose behaviour it explains)."""

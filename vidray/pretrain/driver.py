@@ -50,7 +50,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from vidray.cluster import check_run_resources, cluster_capacity, init_ray
+from vidray.cluster import check_run_resources, cluster_capacity, init_ray, interrupted_by_signal
 from vidray.config import TrainSettings, TuneSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, read_split_batches, videos_from_bytes
 from vidray.data.prepare import prepare_dataset
@@ -67,7 +67,7 @@ from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
 from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
 from vidray.folder_lock import FolderLock
-from vidray.train.runs import EpochFollower, existing_run_state, keep_to_its_data, open_run, summarize_run
+from vidray.train.runs import CONTINUES, EpochFollower, existing_run_state, keep_to_its_data, open_run, summarize_run
 
 RUN_SUFFIX = "-pretrain"
 ENCODER_DIR = "encoder"
@@ -207,7 +207,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
             keep_to_its_data(run_dir, "pretraining run", state, info.identity(pcfg.pretrain.splits))
             check_run_resources(pcfg.train, cluster_capacity(), ingest_cpus(pcfg.train, info, pcfg.pretrain.splits))
             trainer = build_pretrainer(cfg, dataset_dir=dataset_dir)
-            with EpochFollower(run_dir, pcfg, name=run_name(cfg), line=epoch_line):
+            with EpochFollower(run_dir, pcfg, name=run_name(cfg), line=epoch_line), interrupted_by_signal(CONTINUES):
                 trainer.fit()
     return finish_run(pcfg, run_dir, dataset_dir)
 

@@ -21,7 +21,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from vidray.cluster import check_run_resources, cluster_capacity, init_ray, shared_storage_paths
+from vidray.cluster import check_run_resources, cluster_capacity, init_ray, interrupted_by_signal, shared_storage_paths
 from vidray.config import TrainSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.data.prepare import prepare_dataset
@@ -32,7 +32,7 @@ from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size
 from vidray.folder_lock import FolderLock
-from vidray.train.runs import EpochFollower, existing_run_state, keep_to_its_data, open_run, summarize_run
+from vidray.train.runs import CONTINUES, EpochFollower, existing_run_state, keep_to_its_data, open_run, summarize_run
 from vidray.storage import resolve_path
 
 CHECKPOINTS_TO_KEEP = 2
@@ -194,6 +194,6 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
         warn_of_untrainable_classes(info, "vidray train")
         check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, info))
         trainer = build_trainer(cfg, dataset_dir=dataset_dir)
-        with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line):
+        with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line), interrupted_by_signal(CONTINUES):
             trainer.fit()
     return summarize_run(run_dir)

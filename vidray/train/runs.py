@@ -35,6 +35,8 @@ from vidray.folder_lock import refuse_if_held
 from vidray.storage import is_uri, join_uri, open_filesystem, read_json, write_json
 
 RunKind = Literal["train", "pretrain", "sweep"]
+# What the CLI says after "interrupted" when Ctrl-C or SIGTERM stops a train or pretrain run (cluster.interrupted_by_signal).
+CONTINUES = "the same command continues it from its last finished epoch"
 RunState = Literal["new", "interrupted", "finished"]
 
 # Written by vidray into every run or sweep folder it creates: {"written_by": "vidray", "kind": ..., "name": ...}.

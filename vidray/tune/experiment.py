@@ -32,6 +32,18 @@ def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
     return "finished" if finished else "interrupted"
 
 
+def trials_ended(experiment_path: str) -> int:
+    """How many trials Tune's last snapshot of the sweep holds as ended: finished, stopped by ASHA, or errored.
+
+    Not ``ResultGrid.num_terminated``: on Ctrl-C (and SIGTERM, vidray.cluster.sigterm_as_ctrl_c) Tune ends
+    ``fit()`` as if the sweep were done. It saves its snapshot, then stops the running trials and counts
+    them as terminated in the results it returns; trials it had not created yet are in neither. The
+    snapshot, saved before, still holds them as running (``ExperimentAnalysis`` loads such a trial as
+    pending), which is what Tuner.restore continues.
+    """
+    return sum(trial.status in ("TERMINATED", "ERROR") for trial in ray.tune.ExperimentAnalysis(experiment_path).trials)
+
+
 def warn_if_inside_a_job_copy(cfg: VidrayConfig) -> None:
     """Under `ray job submit --working-dir`, a relative path lands in a copy Ray deletes: say so once."""
     if "runtime_resources" not in Path.cwd().parts:

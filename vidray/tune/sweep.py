@@ -62,6 +62,7 @@ from vidray.cluster import (
 from vidray.config import VidrayConfig
 from vidray.data.dataset import read_dataset_info
 from vidray.data.prepare import prepare_dataset
+from vidray.errors import Interrupted
 from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri, write_json
 from vidray.train.driver import FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, warn_of_untrainable_classes
@@ -69,10 +70,10 @@ from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
-from vidray.tune.experiment import sweep_state, warn_if_inside_a_job_copy
+from vidray.tune.experiment import sweep_state, trials_ended, warn_if_inside_a_job_copy
 from vidray.tune.local_ray import local_cluster_kwargs
 from vidray.tune.scheduler import build_trial_scheduler, check_sweep_config
-from vidray.tune.space import build_param_space, trial_config
+from vidray.tune.space import build_param_space, count_trials, trial_config
 
 # A trial's own process only waits on Ray Train: it needs memory, not a CPU.
 # Even a fraction of a CPU would hurt: Ray Data's read tasks ask for a whole
@@ -248,6 +249,9 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
                 ),
             )
         results = tuner.fit()
-        if len(results) and results.num_errors == 0 and results.num_terminated == len(results):
+        ended, trials = trials_ended(experiment_path), count_trials(cfg.tune)
+        if ended < trials:  # Tune was stopped (Ctrl-C, SIGTERM): no report, no finished mark
+            raise Interrupted(f"{ended} of {trials} trials ended; the same command continues the sweep, each trial from its last finished epoch")
+        if results.num_errors == 0:
             mark_run(experiment_path, "sweep", cfg.run.name, finished=True)
     return SweepOutcome(cfg, experiment_path, dataset_dir, results)
