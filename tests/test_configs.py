@@ -101,6 +101,34 @@ def test_paths_under_the_home_are_expanded_where_no_shell_did(monkeypatch, tmp_p
     assert load_config(CONFIGS / "coin12.yaml").model.name_or_path == "MCG-NJU/videomae-base-finetuned-kinetics"
 
 
+def test_one_value_where_a_key_takes_a_list_is_a_list_of_one():
+    """`tune.lr=1e-4` is the one-value grid: pydantic alone refused it with an error for each form the key
+    takes ("Input should be a valid dictionary or instance of SearchRange; ...list[float]: Input should be a
+    valid list")."""
+    cfg = load_config(CONFIGS / "demo.yaml", ["tune.lr=1e-4", "tune.weight_decay=0.1", "tune.mixup_alpha=0.4",
+                                              "data.annotations=/c/COIN.json", "pretrain.splits=val"])  # fmt: skip
+    assert (cfg.tune.lr, cfg.tune.weight_decay, cfg.tune.mixup_alpha) == ([1e-4], [0.1], [0.4])
+    assert cfg.data.annotations == [Path("/c/COIN.json")] and cfg.pretrain.splits == ["val"]
+    assert count_trials(cfg.tune) == 1
+    # A range stays a range, and a list a list.
+    cfg = load_config(CONFIGS / "demo.yaml", ["tune.lr={low: 1e-5, high: 1e-3}", "tune.weight_decay=[0.01, 0.1]"])
+    assert cfg.tune.lr == SearchRange(low=1e-5, high=1e-3) and cfg.tune.weight_decay == [0.01, 0.1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tune.lr=abc", "tune.lr.0: Input should be a valid number, unable to parse string as a number"),
+        ("tune.lr={low: 1e-3, high: 1e-5}", "tune.lr: low (0.001) must be <= high (1e-05)"),
+        ("tune.weight_decay={low: 0.1}", "tune.weight_decay.high: Field required"),
+    ],
+)
+def test_a_bad_grid_or_range_gets_the_error_of_the_form_it_was_written_in(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [override])
+    assert str(err.value) == f"invalid config {CONFIGS / 'demo.yaml'}: {message}"
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [

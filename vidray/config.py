@@ -8,10 +8,11 @@ before validation, so a typo or a bad value fails before any Ray work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import field_validator, model_validator
 
 from vidray.errors import UserError
 
@@ -59,6 +60,14 @@ class DemoDataSettings(_Section):
     seed: int = 0
 
 
+def _one_or_many(value: Any) -> Any:
+    """One value where a key takes a list is a list of one: ``tune.lr=1e-4`` is the grid ``[1e-4]`` (pydantic refused it)."""
+    return value if value is None or isinstance(value, (list, tuple, dict, BaseModel)) else [value]
+
+
+OneOrMany = BeforeValidator(_one_or_many)
+
+
 class DataSettings(_Section):
     # Where raw videos come from: the built-in synthetic set, a
     # ROOT/{train,val,test}/<Class>/<video> folder, or COIN annotations.
@@ -73,7 +82,7 @@ class DataSettings(_Section):
     val_fraction: float = Field(0.1, ge=0, lt=1)
 
     # COIN only.
-    annotations: list[Path] = Field(default_factory=list)
+    annotations: Annotated[list[Path], OneOrMany] = Field(default_factory=list)
     taxonomy: Path | None = None
     min_duration: float | None = Field(None, ge=0)
     max_duration: float | None = Field(None, gt=0)
@@ -111,18 +120,12 @@ class DataSettings(_Section):
     @model_validator(mode="after")
     def _check(self) -> "DataSettings":
         if self.stored_frames < self.frames:
-            raise ValueError(
-                f"data.stored_frames ({self.stored_frames}) must be >= data.frames ({self.frames})"
-            )
+            raise ValueError(f"data.stored_frames ({self.stored_frames}) must be >= data.frames ({self.frames})")
         if self.stored_size < self.size:
             raise ValueError(f"data.stored_size ({self.stored_size}) must be >= data.size ({self.size})")
         if self.decoder_device == "cuda" and self.decoder != "torchcodec":
             raise ValueError(f"data.decoder_device=cuda needs data.decoder=torchcodec, not {self.decoder}")
-        if (
-            self.min_duration is not None
-            and self.max_duration is not None
-            and self.min_duration > self.max_duration
-        ):
+        if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
             raise ValueError("data.min_duration must be <= data.max_duration")
         return self
 
@@ -239,7 +242,7 @@ class PretrainSettings(_Section):
     decoder_heads: int = Field(6, ge=1)
     # Splits whose videos are pretrained on (labels are never read). Adding val or test is
     # transductive: the encoder then has seen the clips it is later evaluated on.
-    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train"])
+    splits: Annotated[list[Literal["train", "val", "test"]], OneOrMany] = Field(default_factory=lambda: ["train"])
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainSettings":
@@ -266,11 +269,20 @@ class SearchRange(_Section):
         return self
 
 
+# A swept value: a grid (a list, or one value) or a range ({low, high}), told apart first so that a bad value gets the
+# error of the form it was written in, not one per form; _format_validation_error drops the form from the key.
+GRID_OR_RANGE_TAGS = ("grid", "range")
+GridOrRange = Annotated[
+    Union[Annotated[SearchRange, Tag("range")], Annotated[list[float], OneOrMany, Tag("grid")]],
+    Discriminator(lambda value: "range" if isinstance(value, (dict, SearchRange)) else "grid"),
+]
+
+
 class TuneSettings(_Section):
     # Grid over MixUp alpha; lr sampled log-uniformly; weight decay grid.
-    mixup_alpha: list[float] = Field(default_factory=lambda: [0.0, 0.4])
-    lr: SearchRange | list[float] = Field(default_factory=lambda: [5e-5])
-    weight_decay: SearchRange | list[float] = Field(default_factory=lambda: [0.05])
+    mixup_alpha: Annotated[list[float], OneOrMany] = Field(default_factory=lambda: [0.0, 0.4])
+    lr: GridOrRange = Field(default_factory=lambda: [5e-5])
+    weight_decay: GridOrRange = Field(default_factory=lambda: [0.05])
     num_samples: int = Field(1, ge=1)  # repeats of the grid (random draws for ranges)
     metric: str = "val_macro_f1"
     mode: Literal["max", "min"] = "max"
@@ -392,7 +404,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        key = ".".join(str(p) for p in item["loc"] if p not in GRID_OR_RANGE_TAGS) or "<root>"
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = f"unknown key (check the spelling; {DEFAULT_CONFIG.name} lists every key: {DEFAULT_CONFIG})"
