@@ -59,9 +59,16 @@ def new_venv(folder: Path) -> str:
     return str(folder / "bin" / "python")
 
 
-def run_install(target: str, *pip_args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "install.py"), target, *pip_args],
+def run_install(target: str, *pip_args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    """tools/install.py run by ``python``: uv is looked for (and installed) beside it."""
+    return subprocess.run([python, str(REPO / "tools" / "install.py"), target, *pip_args],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def probe_version(target: str) -> str:
+    """``vidray_probe.VERSION`` as the venv of ``target`` imports it."""
+    return subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
 
 
 def test_pip_settings_are_read_with_pip_precedence(pip_config, tmp_path, monkeypatch):
@@ -98,9 +105,7 @@ def test_a_setting_uv_is_not_told_falls_back_to_pip(pip_config, tmp_path, monkey
     done = run_install(target, "-q", "vidray_probe")
     assert done.returncode == 0, done.stderr
     assert "tools/install.py: pip's setting pre='1': installing with pip instead\n" in done.stderr
-    version = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    assert version == "0.1"
+    assert probe_version(target) == "0.1"
 
 
 @pytest.mark.slow
@@ -132,14 +137,11 @@ def test_uv_is_installed_quietly_from_pips_configuration(pip_config, tmp_path, m
     bare = tmp_path / "bare"
     python = new_venv(bare)
     target = new_venv(tmp_path / "target")
-    done = subprocess.run([python, str(REPO / "tools" / "install.py"), target, "-q", "vidray_probe"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = run_install(target, "-q", "vidray_probe", python=python)
     assert done.returncode == 0, done.stderr
     assert (bare / "bin" / "uv").is_file()
     assert done.stderr == "" and done.stdout == "", done.stderr  # no pip warning, and no fallback to pip
-    version = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    assert version == "0.1"
+    assert probe_version(target) == "0.1"
 
 
 @pytest.mark.slow
@@ -150,10 +152,7 @@ def test_a_uv_that_cannot_run_falls_back_to_pip(pip_config, tmp_path):
     python = new_venv(bare)
     (bare / "bin" / "uv").write_text("not a program\n")  # mode 0644
     target = new_venv(tmp_path / "target")
-    done = subprocess.run([python, str(REPO / "tools" / "install.py"), target, "-q", "vidray_probe"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = run_install(target, "-q", "vidray_probe", python=python)
     assert done.returncode == 0, done.stderr
     assert done.stderr == f"tools/install.py: {bare / 'bin' / 'uv'} could not run (Permission denied): installing with pip instead\n"
-    version = subprocess.run([target, "-c", "import vidray_probe; print(vidray_probe.VERSION)"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    assert version == "0.1"
+    assert probe_version(target) == "0.1"

@@ -38,12 +38,18 @@ def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
+def _drop_tunes_restore_hint(record: logging.LogRecord) -> bool:
+    # Tune's line after Ctrl-C, "Resume experiment with: Tuner.restore(path=..., trainable=...)": vidray's own
+    # line follows (vidray.tune.sweep) and says to run the same command, not to call Tune's Python API.
+    return "Tuner.restore(" not in record.getMessage()
+
+
 def console_settings(verbose: bool) -> dict[str, Any]:
     """One console for every command: vidray's lines only, or everything with ``verbose``.
 
-    Sets this process's Ray Data logging and progress bars, and returns the ``ray.init`` keywords
-    (``logging_level``: Ray's own logger here, e.g. "Started a local Ray instance"). By default the
-    workers' output (Ray Train logs every report and checkpoint at INFO on every worker, Ray Data
+    Sets this process's Ray Data logging and progress bars and Tune's restore hint, and returns the
+    ``ray.init`` keywords (``logging_level``: Ray's own logger here, e.g. "Started a local Ray instance").
+    By default the workers' output (Ray Train logs every report and checkpoint at INFO on every worker, Ray Data
     every dataset execution, Ray core its own warnings) stays in Ray's log files and the dashboard,
     not on the console; a failing run still shows its error here, raised by the call that failed.
     """
@@ -61,6 +67,11 @@ def console_settings(verbose: bool) -> dict[str, Any]:
             handler.addFilter(_drop_progress_bars_disabled)
     if not verbose:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    tune_log = logging.getLogger("ray.tune.tune")  # Tune's tune.py, by its module's name
+    if verbose:
+        tune_log.removeFilter(_drop_tunes_restore_hint)
+    else:
+        tune_log.addFilter(_drop_tunes_restore_hint)
     quiet_worker_pool_warning(not verbose)  # a sweep's zero-CPU actors set it off on small machines
     return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 

@@ -150,12 +150,6 @@ def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
 # ------------------------------------------------------------- the sweep
 
 
-def _not_tunes_restore_hint(record: logging.LogRecord) -> bool:
-    # Tune's line after Ctrl-C, "Resume experiment with: Tuner.restore(path=..., trainable=...)": vidray's own line
-    # follows and says how to go on with the command (the same command), not with Tune's Python API.
-    return "Tuner.restore(" not in record.getMessage()
-
-
 @dataclass(frozen=True)
 class SweepOutcome:
     """What a sweep leaves for its report (vidray/report/results.py: report_sweep)."""
@@ -254,8 +248,6 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
                     name=cfg.run.name, storage_path=storage_path, callbacks=callbacks, verbose=2 if verbose else 1
                 ),
             )
-        if not verbose:
-            logging.getLogger(ray.tune.tune.__name__).addFilter(_not_tunes_restore_hint)
         results = tuner.fit()
         ended, trials = trials_ended(experiment_path), count_trials(cfg.tune)
         if ended < trials:  # Tune was stopped (Ctrl-C, SIGTERM): no report, no finished mark
