@@ -121,6 +121,9 @@ def test_one_value_where_a_key_takes_a_list_is_a_list_of_one():
         ("train.learning_rate=1e-4", "train.learning_rate: unknown key"),
         ("tune.reduction_factor=1", "tune.reduction_factor"),
         ("tune.mixup_alpha=[0.4, -1]", "tune.mixup_alpha values must be >= 0"),
+        # Bounded as train.lr and train.weight_decay: otherwise every such trial fails inside its worker.
+        ("tune.lr=[1e-4, 0]", "tune.lr values must be > 0 and tune.weight_decay values >= 0"),
+        ("tune.weight_decay=-0.1", "tune.lr values must be > 0 and tune.weight_decay values >= 0"),
         # A swept value gets the error of the form it was written in (grid or range), under its plain key.
         ("tune.lr=abc", "tune.lr.0: Input should be a valid number, unable to parse string as a number"),
         ("tune.lr={low: 1e-3, high: 1e-5}", "tune.lr: low (0.001) must be <= high (1e-05)"),

@@ -195,6 +195,40 @@ def test_results_table_has_the_reference_columns():
     assert "| Reference: MixUp α=0.4 | 1.471 | 1.815 | 0.411 |" in reference
 
 
+def test_a_trial_keeps_and_reports_the_best_checkpoint_by_the_metric_the_sweep_ranks_by(tmp_path):
+    """A trial's Ray Train run keeps its best checkpoints by tune.metric (they were kept by val macro-F1 whatever the
+    sweep ranked by), and a trial's best value, epoch and checkpoint are one epoch's: a val_loss sweep reported
+    the best val_loss of an epoch whose checkpoint was gone and exported another epoch's."""
+    import pandas as pd
+
+    from vidray.report.trials import StoredTrial, pick_best, summarize_trial
+    from vidray.tune.sweep import trial_run_config
+
+    cfg = load_config(DEMO, ["tune.metric=val_loss", "tune.mode=min", "train.epochs=3"])
+    kept = trial_run_config(cfg, "t0", str(tmp_path / "train_runs")).checkpoint_config
+    assert (kept.checkpoint_score_attribute, kept.checkpoint_score_order) == ("val_loss", "min")
+    assert trial_run_config(load_config(DEMO), "t0", str(tmp_path)).checkpoint_config.checkpoint_score_attribute == "val_macro_f1"
+
+    def trial(name: str, val_losses: list[float], on_disk: set[int]) -> StoredTrial:
+        rows = []
+        for epoch, loss in enumerate(val_losses, start=1):
+            checkpoint = tmp_path / name / f"checkpoint_epoch_{epoch - 1:04d}"
+            if epoch in on_disk:
+                checkpoint.mkdir(parents=True)
+            rows.append({EPOCHS_DONE: epoch, "val_loss": loss, "checkpoint_path": str(checkpoint)})
+        params = {"mixup_alpha": 0.0, "lr": 1e-3, "weight_decay": 0.05}
+        return StoredTrial(config=params, metrics={"trial_id": name}, metrics_dataframe=pd.DataFrame(rows), path=str(tmp_path / name))
+
+    # Trial a's best epoch (2) lost its checkpoint (an older vidray kept them by macro-F1): it is reported at what was kept.
+    a = summarize_trial(trial("a", [0.30, 0.10, 0.35], on_disk={1, 3}), cfg)
+    assert (a.best_epoch, a.best_value, Path(a.best_checkpoint).name) == (1, 0.30, "checkpoint_epoch_0000")
+    b = summarize_trial(trial("b", [0.40, 0.12, 0.20], on_disk={2, 3}), cfg)
+    assert (b.best_epoch, b.best_value, Path(b.best_checkpoint).name) == (2, 0.12, "checkpoint_epoch_0001")
+    assert pick_best([a, b], cfg.tune.mode) is b  # not a, on a value no checkpoint of it holds
+    none_kept = summarize_trial(trial("c", [0.5, 0.2], on_disk=set()), cfg)
+    assert (none_kept.best_epoch, none_kept.best_value, none_kept.best_checkpoint) == (2, 0.2, None)
+
+
 def test_empty_grid_is_refused_before_ray_starts(capsys):
     assert cli_main(["tune", "--config", str(DEMO), "tune.lr=[]"]) == 2
     err = capsys.readouterr().err.strip()

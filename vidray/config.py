@@ -290,8 +290,7 @@ class TuneSettings(_Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: derived from the cluster
-    # Views of the best model's held-out test (vidray.model.inference.Views): temporal clips (None: train.eval_clips)
-    # x spatial crops (1: centre; 3: left, centre, right). The default is the view training validated with.
+    # Views of the best model's held-out test: clips (None: train.eval_clips) x crops (1: centre; 3: left, centre, right).
     test_clips: int | None = Field(None, ge=1)
     test_crops: Literal[1, 3] = 1
 
@@ -299,6 +298,9 @@ class TuneSettings(_Section):
     def _check(self) -> "TuneSettings":
         if any(a < 0 for a in self.mixup_alpha):
             raise ValueError("tune.mixup_alpha values must be >= 0")
+        lrs, decays = (values if isinstance(values, list) else [] for values in (self.lr, self.weight_decay))
+        if any(v <= 0 for v in lrs) or any(v < 0 for v in decays):  # bounded as train's: a trial checks only in its worker
+            raise ValueError("tune.lr values must be > 0 and tune.weight_decay values >= 0")
         return self
 
 
@@ -380,11 +382,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-# Keys a continued run or sweep may change: where results go and how they are logged, not what is trained.
-# Where the data lives (every placement gives the same batches bit for bit), how often the
-# console shows telemetry and how checkpoints are written do not change a run's results.
+# Keys a continued run or sweep may change: where results go and how they are logged, not what is trained. Where the data
+# lives (every placement gives the same batches bit for bit), how often the console shows telemetry, how checkpoints are
+# written and the views of a sweep's held-out test (its report's, made again each time) do not change what a run learns.
 KEYS_FREE_ON_RESUME = (
-    "run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures",
+    "run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures", "tune.test_clips", "tune.test_crops",
     "train.cache_dataset", "train.log_every_steps", "train.checkpoint_in_background", "train.decode_threads",
 )
 

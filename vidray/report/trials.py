@@ -114,9 +114,11 @@ def summarize_trial(result, cfg: VidrayConfig) -> TrialSummary:
         (row for row in history if metric in row and not math.isnan(row[metric])),
         key=lambda row: (-sign * row[metric], -row[EPOCHS_DONE]),
     )
-    best = ranked[0] if ranked else None
-    # Ray Train keeps the best checkpoints by val macro-F1 and the latest; take the best one still on disk.
-    checkpoint = next((row["checkpoint_path"] for row in ranked if _checkpoint_exists(row.get("checkpoint_path"))), None)
+    # The best epoch whose checkpoint is still on disk (a trial keeps its best ones by tune.metric and its latest),
+    # so that the value, epoch and checkpoint reported are one epoch's; else the best epoch, with no checkpoint.
+    kept = next((row for row in ranked if _checkpoint_exists(row.get("checkpoint_path"))), None)
+    best = kept or (ranked[0] if ranked else None)
+    checkpoint = kept["checkpoint_path"] if kept else None
     return TrialSummary(
         trial_id=str(result.metrics.get("trial_id") or Path(result.path).name),
         label=trial_label(params),

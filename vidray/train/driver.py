@@ -96,14 +96,17 @@ def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -
     )
 
 
-def make_run_config(cfg: VidrayConfig, **overrides: Any) -> ray.train.RunConfig:
-    """RunSettings from ``cfg.run``/``cfg.train``: name, absolute storage path, failures, checkpoints kept."""
+def make_run_config(
+    cfg: VidrayConfig, *, score: str = SCORE_METRIC, score_order: str = "max", **overrides: Any
+) -> ray.train.RunConfig:
+    """RunSettings from ``cfg.run``/``cfg.train``: name, absolute storage path, failures, checkpoints kept
+    (the best :data:`CHECKPOINTS_TO_KEEP` by ``score``, and the latest)."""
     kwargs = dict(
         name=cfg.run.name,
         storage_path=resolve_path(cfg.run.storage_path),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=SCORE_METRIC, checkpoint_score_order="max"
+            num_to_keep=CHECKPOINTS_TO_KEEP, checkpoint_score_attribute=score, checkpoint_score_order=score_order
         ),
     )
     kwargs.update(overrides)

@@ -105,15 +105,21 @@ def train_trial(
     ray.data.DataContext.get_current().enable_progress_bars = False
     for split in (cached_splits or {}).values():
         split.context.enable_progress_bars = False
-    run_config = make_run_config(
-        trial_cfg,
-        # The trial id, not a timestamp: a resumed trial must find its Train run again.
-        name=ray.tune.get_context().get_trial_id(),
-        storage_path=train_runs,
-        callbacks=[ReportToTune(cfg.tune.metric)],
-    )
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_config = trial_run_config(trial_cfg, trial_id, train_runs, callbacks=[ReportToTune(cfg.tune.metric)])
     build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits).fit()
     wait_until_tune_has_the_last_report()
+
+
+def trial_run_config(trial_cfg: VidrayConfig, trial_id: str, train_runs: str, **overrides: Any) -> ray.train.RunConfig:
+    """A trial's Ray Train RunConfig: named by the trial id, not a timestamp (a resumed trial must find its
+    Train run again), and keeping the best checkpoints by the metric the sweep ranks by, so that the epoch
+    its report calls a trial's best is the one exported (kept by val macro-F1, a val_loss sweep exported
+    another epoch)."""
+    return make_run_config(
+        trial_cfg, name=trial_id, storage_path=train_runs, score=trial_cfg.tune.metric, score_order=trial_cfg.tune.mode,
+        **overrides,
+    )
 
 
 def wait_until_tune_has_the_last_report(timeout: float = 120.0) -> None:
