@@ -239,6 +239,13 @@ def test_clear_errors(checkpoint, dataset, tmp_path, capsys):
 
     with pytest.raises(UserError, match=r"no dataset\.json in"):
         evaluate_checkpoint(checkpoint, str(tmp_path / "missing_dataset"), out_dir=tmp_path / "o")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(UserError, match=r"no dataset\.json in"):  # was a NotADirectoryError traceback
+        evaluate_checkpoint(checkpoint, str(a_file), out_dir=tmp_path / "o")
+    # --out that cannot be a folder is refused before the split is evaluated, not after (a FileExistsError then).
+    with pytest.raises(UserError, match=rf"cannot write the reports to {a_file} \(File exists\); pass --out a writable"):
+        evaluate_checkpoint(checkpoint, data_dir, out_dir=a_file)
 
     other = tmp_path / "other_classes"
     shutil.copytree(dataset["dir"], other)

@@ -257,6 +257,9 @@ def test_export_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(UserError, match=r"exists and is not an earlier vidray export"):
         export_model(checkpoint, occupied)
     assert (occupied / "thesis.tex").read_text() == "keep me"
+    # Under a file, where a folder should be: one line (was a NotADirectoryError traceback).
+    with pytest.raises(UserError, match=r"cannot write --out .*thesis.tex/model \(Not a directory\); pass a new directory"):
+        export_model(checkpoint, occupied / "thesis.tex" / "model")
     # A training checkpoint has a vidray.json too, but is never overwritten.
     other_checkpoint = tmp_path / "checkpoint_epoch_0004"
     shutil.copytree(checkpoint, other_checkpoint)

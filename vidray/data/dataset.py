@@ -145,7 +145,7 @@ def read_dataset_info(dataset_dir: str) -> DatasetInfo:
     try:
         with fs.open_input_stream(info_path) as f:
             raw = json.loads(f.read())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no folder, or a file where the folder should be
         raise UserError(
             f"no {DATASET_INFO} in {dataset_dir}: run `vidray preprocess --manifest M --out {dataset_dir}` first"
         ) from None

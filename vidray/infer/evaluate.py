@@ -157,6 +157,11 @@ def evaluate_checkpoint(
     _check_compatible(shape, dataset, dataset_dir, split, checkpoint)
     classes = shape.classes
     views = Views(eval_clips_of(info) if clips is None else clips, crops)
+    out_dir = Path(out_dir)
+    try:  # before the evaluation, not after it
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write the reports to {out_dir} ({err.strerror}); pass --out a writable directory") from None
     device = inference_device()
     to_device(model, device)  # with its position table: no copy of it in every forward
 
@@ -200,8 +205,6 @@ def evaluate_checkpoint(
         protocol=views.describe(),
     )
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "metrics": out_dir / "metrics.json",
         "per_class_csv": out_dir / "per_class.csv",

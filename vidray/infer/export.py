@@ -234,7 +234,10 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
 
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as err:  # a file where a parent folder should be, or no permission
+        raise UserError(f"cannot write --out {out} ({err.strerror}); pass a new directory in a writable folder") from None
     with quiet_progress_bars():
         model.save_pretrained(staging, safe_serialization=True)
     image_processor_for(data).save_pretrained(staging)
