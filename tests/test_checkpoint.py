@@ -117,6 +117,7 @@ def _plant_legacy_checkpoint(directory: Path, marker: Path) -> None:
     save_checkpoint(directory, tiny_model(), training_state={"epoch": 0}, info={"epoch": 0, "data": SHAPE.as_dict()})
     for name in (TRAINING_STATE, TRAINING_TENSORS):
         (directory / name).unlink()
+    _as_written_before_file_sizes(directory)  # vidray 0.1 listed no files
     (directory / LEGACY_TRAINING_STATE).write_bytes(pickle.dumps({"epoch": 0, "rng": _Exploit(str(marker))}))
 
 
@@ -238,11 +239,103 @@ def test_a_run_started_with_another_config_is_not_continued(tmp_path):
     moved = load_config(None, ["train.epochs=3", "data.val_fraction=0.3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
     with pytest.raises(UserError, match=r"started with another config \(data.val_fraction differ\)"):
         existing_run_state(moved, str(run_dir))
-    # Where results go and how many failures to absorb may change between runs.
-    relaxed = load_config(None, ["train.epochs=3", "train.max_failures=2", "run.wandb.enabled=true",
-                                 f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])  # fmt: skip
+    # Where results go, how many failures to absorb and the views of a sweep's held-out test (its report's, not
+    # its training's: a finished sweep reports again with them) may change between runs.
+    relaxed = load_config(None, ["train.epochs=3", "train.max_failures=2", "run.wandb.enabled=true", "tune.test_clips=2",
+                                 "tune.test_crops=3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])  # fmt: skip
     assert existing_run_state(relaxed, str(run_dir)) == "interrupted"
     save_checkpoint(run_dir / "checkpoint_epoch_0002", tiny_model(), training_state={"epoch": 2},
                     info={"epoch": 2, "data": SHAPE.as_dict(), "config": cfg.model_dump(mode="json")})  # fmt: skip
     assert existing_run_state(cfg, str(run_dir)) == "finished"
     assert existing_run_state(cfg, str(tmp_path / "runs" / "never")) == "new"
+
+
+# ------------------------------------------------------------------ partial copies of a checkpoint
+# Ray Train copies a reported checkpoint straight into RUN/checkpoint_epoch_NNNN and registers it after the copy:
+# a Ctrl-C, killed worker or full disk during the copy leaves a partial folder, which Ray ignores when the run
+# continues (and rewrites). vidray reads the run the same way.
+
+
+def _run_checkpoint(run_dir: Path, epoch: int, cfg) -> Path:
+    history = [{"epoch": e, "val_macro_f1": 0.1 * (e + 1)} for e in range(epoch + 1)]
+    return save_checkpoint(run_dir / f"checkpoint_epoch_{epoch:04d}", tiny_model(), training_state={"epoch": epoch},
+                           info={"epoch": epoch, "metrics": history[-1], "history": history, "data": SHAPE.as_dict(),
+                                 "config": cfg.model_dump(mode="json")})  # fmt: skip
+
+
+def _cut_short(checkpoint: Path) -> None:
+    """A copy stopped after model/: the training state and vidray.json never arrived."""
+    for name in (TRAINING_STATE, TRAINING_TENSORS, INFO):
+        (checkpoint / name).unlink()
+
+
+def _as_written_before_file_sizes(checkpoint: Path) -> None:
+    info = json.loads((checkpoint / INFO).read_text())
+    info.pop("file_sizes", None)
+    (checkpoint / INFO).write_text(json.dumps(info))
+
+
+def _run(tmp_path: Path, epochs: int):
+    return tmp_path / "runs" / "r", load_config(None, [f"train.epochs={epochs}", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
+
+
+def test_a_partial_copy_before_the_last_epoch_is_ignored_and_the_run_continues(tmp_path):
+    from vidray.train.runs import EpochFollower
+
+    run_dir, cfg = _run(tmp_path, epochs=3)
+    first = _run_checkpoint(run_dir, 0, cfg)
+    _cut_short(_run_checkpoint(run_dir, 1, cfg))
+    # Not "not a resumable vidray checkpoint (start over ...)": the same command continues from epoch 0.
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+    # The driver's follower knows epoch 0 is done, and prints nothing for the partial epoch 1.
+    assert EpochFollower(str(run_dir), cfg, name="r", line=lambda m, n: "").done == {0}
+    # A run stopped during its first copy has no complete checkpoint: it starts again, it is not refused.
+    shutil.rmtree(first)
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+
+
+def test_a_partial_copy_of_the_last_epoch_leaves_the_run_unfinished(tmp_path):
+    from vidray.train.runs import summarize_run
+
+    run_dir, cfg = _run(tmp_path, epochs=2)
+    first = _run_checkpoint(run_dir, 0, cfg)
+    _cut_short(_run_checkpoint(run_dir, 1, cfg))
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"  # its last epoch is still to train
+    summary = summarize_run(str(run_dir))
+    assert (summary["checkpoint"], summary["last"]) == (str(first), {"epoch": 0, "val_macro_f1": 0.1})
+
+
+def test_a_checkpoint_with_a_file_cut_short_is_not_complete(tmp_path):
+    """Every name is there, the model's weights are not all: a copy ordered differently, or a full disk."""
+    from vidray.train.runs import summarize_run
+
+    run_dir, cfg = _run(tmp_path, epochs=2)
+    first = _run_checkpoint(run_dir, 0, cfg)
+    weights = _run_checkpoint(run_dir, 1, cfg) / "model" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+    assert summarize_run(str(run_dir))["checkpoint"] == str(first)
+    # Read through pyarrow's filesystems, as a bucket is.
+    assert existing_run_state(cfg, f"file://{run_dir}") == "interrupted"
+    assert summarize_run(f"file://{run_dir}")["checkpoint"] == f"file://{first}"
+    weights.write_bytes(whole)  # the copy finished after all
+    assert existing_run_state(cfg, str(run_dir)) == "finished"
+
+
+def test_a_checkpoint_written_before_file_sizes_is_still_read(tmp_path):
+    """A vidray.json without file_sizes: complete when it parses and the training state is there."""
+    from vidray.train.runs import summarize_run
+
+    run_dir, cfg = _run(tmp_path, epochs=3)
+    first, second = _run_checkpoint(run_dir, 0, cfg), _run_checkpoint(run_dir, 1, cfg)
+    for checkpoint in (first, second):
+        _as_written_before_file_sizes(checkpoint)
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+    assert summarize_run(str(run_dir))["checkpoint"] == str(second)
+    assert load_training_state(second) == {"epoch": 1}
+    # A partial copy of one: vidray.json arrived, the training state did not.
+    for name in (TRAINING_STATE, TRAINING_TENSORS):
+        (second / name).unlink()
+    assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+    assert summarize_run(str(run_dir))["checkpoint"] == str(first)

@@ -6,7 +6,13 @@ A training checkpoint, written once per epoch by rank 0 (vidray/train/loop.py)::
       model/                        save_pretrained(): config.json (id2label/label2id) + model.safetensors
       training_state.json           epoch, global step, optimizer hyper-parameters, scheduler, RNG states
       training_state.safetensors    the tensors training_state.json refers to (optimizer moments, RNG states)
-      vidray.json                   {"epoch", "metrics", "history", "data": {...}, "config": {...}}
+      vidray.json                   {"epoch", "metrics", "history", "data": {...}, "config": {...}, "file_sizes": {...}}
+
+Ray Train copies a reported checkpoint's files straight into the run's ``checkpoint_epoch_NNNN``, in no set
+order, and registers it only afterwards; a Ctrl-C, killed worker or full disk during the copy leaves a
+partial folder there, which Ray ignores when the run continues. vidray must ignore it too, so vidray.json,
+written last, lists every other file with its size (``file_sizes``), and :func:`complete_checkpoint_info`
+is the one test of "a complete checkpoint", whatever order the copy went in and wherever it stopped.
 
 Nothing here is unpickled. Checkpoints live under ``run.storage_path``, which
 can be a shared bucket, and every resuming worker reads them: a pickle there
@@ -28,9 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from vidray.data.dataset import ClipShape
 from vidray.errors import UserError
+from vidray.storage import load_json, open_filesystem
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +50,8 @@ TRAINING_TENSORS = "training_state.safetensors"
 # Written by vidray 0.1 (a torch pickle): recognised only to refuse it.
 LEGACY_TRAINING_STATE = "training_state.pt"
 STATE_FORMAT = 2
+# In vidray.json: {path relative to the checkpoint, "/"-separated: bytes} of every other file save_checkpoint wrote.
+FILE_SIZES = "file_sizes"
 
 
 # ------------------------------------------------------------------ JSON + safetensors encoding
@@ -150,8 +160,57 @@ def save_checkpoint(
     encoded = {"format": STATE_FORMAT, "state": _encode(training_state, "state", tensors)}
     save_file(tensors, str(directory / TRAINING_TENSORS))
     (directory / TRAINING_STATE).write_text(json.dumps(encoded))
+    # Last, and listing the rest: a copy of this folder is complete only once every listed file is there
+    # whole (complete_checkpoint_info), however the copy was ordered.
+    info = {**info, FILE_SIZES: _written_file_sizes(directory)}
     (directory / INFO).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     return directory
+
+
+def _written_file_sizes(directory: Path) -> dict[str, int]:
+    """{relative path: bytes} of what save_checkpoint wrote besides vidray.json: model/ (whatever files
+    save_pretrained chose: one safetensors file or shards) and the two training-state files."""
+    written = [p for p in (directory / MODEL_DIR).rglob("*") if p.is_file()]
+    written += [directory / TRAINING_STATE, directory / TRAINING_TENSORS]
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(written)}
+
+
+# ------------------------------------------------------------------ a complete checkpoint
+
+
+def _sizes_on_storage(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:
+    """{path after ``prefix`` (a folder ending in "/"): bytes} of every file under it, from one recursive
+    listing (one request to a bucket rather than one per file)."""
+    entries = fs.get_file_info(pafs.FileSelector(prefix.rstrip("/"), recursive=True, allow_not_found=True))
+    return {e.path[len(prefix):]: e.size for e in entries if e.type == pafs.FileType.File and e.path.startswith(prefix)}
+
+
+def _has_everything(info: dict[str, Any], sizes: dict[str, int]) -> bool:
+    """Whether the files ``info`` lists are all in ``sizes`` at their listed size (a file cut short
+    counts as missing). A checkpoint from before the list (no FILE_SIZES) is complete when it has its
+    training state: the pair, or vidray 0.1's pickle, which check_training_state then refuses by name."""
+    listed = info.get(FILE_SIZES)
+    if listed is None:
+        return (TRAINING_STATE in sizes and TRAINING_TENSORS in sizes) or LEGACY_TRAINING_STATE in sizes
+    if not isinstance(listed, dict):
+        return False
+    return all(sizes.get(name) == size for name, size in listed.items())
+
+
+def complete_checkpoint_info(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The vidray.json of ``checkpoint`` (a local path or an s3:// / gs:// URI) when the checkpoint is
+    complete, else None: still being copied, cut short, or without a vidray.json that parses.
+
+    One listing of the folder and one read of vidray.json. The listing comes first: a file that grew to
+    its listed size after it was taken only makes the answer None now and complete at the next look.
+    """
+    fs, root = open_filesystem(str(checkpoint))
+    prefix = root.rstrip("/") + "/"
+    sizes = _sizes_on_storage(fs, prefix)
+    if INFO not in sizes:
+        return None
+    info = load_json(fs, prefix + INFO)
+    return info if isinstance(info, dict) and _has_everything(info, sizes) else None
 
 
 def check_training_state(directory: str | Path) -> None:
@@ -188,7 +247,7 @@ def _what_to_pass(folder: Path) -> str:
     after `vidray train` or `vidray tune`) names what in it to pass."""
     if (folder / "reports" / "best_model" / INFO).is_file():
         return f"it is a sweep's folder: its best model is {folder / 'reports' / 'best_model'}"
-    runs = sorted(d for d in folder.glob("checkpoint_epoch_*") if (d / INFO).is_file())
+    runs = sorted(d for d in folder.glob("checkpoint_epoch_*") if complete_checkpoint_info(d) is not None)
     if runs:
         return (f"it is a training run's folder: pass one of its checkpoints, e.g. {runs[-1]} (the latest; "
                 "`vidray train` names the best as best_checkpoint)")  # fmt: skip

@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal
 
 import pyarrow.fs as pafs
 
-from vidray.model.checkpoint import INFO, check_training_state
+from vidray.model.checkpoint import INFO, check_training_state, complete_checkpoint_info
 from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbSettings, config_differences
 from vidray.errors import UserError
 from vidray.train.metrics import SCORE_METRIC
@@ -153,7 +153,8 @@ def delete_run(storage_path: str, folder: str) -> None:
 
 
 def checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(epoch, path) of every checkpoint under ``run_dir``, oldest first."""
+    """(epoch, path) of every checkpoint folder under ``run_dir``, oldest first, complete or not
+    (:func:`read_info` tells which are)."""
     found = []
     for entry in _entries(run_dir):
         suffix = entry.base_name.removeprefix(CHECKPOINT_PREFIX)
@@ -163,9 +164,21 @@ def checkpoints(run_dir: str) -> list[tuple[int, str]]:
 
 
 def read_info(checkpoint: str) -> dict[str, Any] | None:
-    """A checkpoint's ``vidray.json``, or None for one still being written or damaged."""
-    info = read_json(join_uri(checkpoint, INFO))
-    return info if isinstance(info, dict) else None
+    """A complete checkpoint's ``vidray.json``; None for a folder that Ray is still copying, or whose copy
+    a Ctrl-C, killed worker or full disk cut short (:func:`vidray.model.checkpoint.complete_checkpoint_info`).
+
+    Ray registers a checkpoint only once its copy is done and continues a run from the last one it
+    registered, rewriting a partial folder after it; vidray reads a run the same way."""
+    return complete_checkpoint_info(checkpoint)
+
+
+def latest_checkpoint(found: list[tuple[int, str]]) -> tuple[int, str, dict[str, Any]] | None:
+    """(epoch, path, vidray.json) of the newest complete checkpoint among ``found`` (:func:`checkpoints`),
+    or None when none is complete. Usually the newest folder; older ones are read only when it is partial."""
+    for epoch, path in reversed(found):
+        if (info := read_info(path)) is not None:
+            return epoch, path, info
+    return None
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -220,15 +233,19 @@ def refuse_changed_config(saved: dict[str, Any], cfg: VidrayConfig, folder: str,
 def existing_run_state(cfg: VidrayConfig, run_dir: str) -> RunState:
     """``new``, ``interrupted`` or ``finished``: what a train or pretrain ``run_dir`` holds for ``cfg``.
 
-    Refuses, naming the keys, a run started with a config that trains something else (resuming it
-    would mix two runs), and a latest checkpoint vidray will not read.
+    Reads the latest complete checkpoint: a partial folder after it is ignored, and a run with partial
+    folders only is interrupted (Ray starts it again from scratch). Refuses, naming the keys, a run
+    started with a config that trains something else (resuming it would mix two runs), and a latest
+    complete checkpoint vidray will not read.
     """
     found = checkpoints(run_dir)
     if not found:
         return "new"
-    epoch, latest = found[-1]
-    info = read_info(latest)
-    if info is not None and "config" in info:
+    latest_complete = latest_checkpoint(found)
+    if latest_complete is None:
+        return "interrupted"
+    epoch, latest, info = latest_complete
+    if "config" in info:
         refuse_changed_config(info["config"], cfg, run_dir, "run")
     if epoch >= cfg.train.epochs - 1:
         return "finished"
@@ -328,8 +345,9 @@ def tracking_dir(run_dir: str, name: str) -> Path:
 
 class EpochFollower:
     """The driver's view of a running train or pretrain run: reads each new epoch from the run's latest
-    checkpoint (its ``vidray.json`` holds the whole history, so no epoch is missed however fast they
-    come), prints one line for it and logs it to TensorBoard and, when enabled, Weights & Biases.
+    complete checkpoint (its ``vidray.json`` holds the whole history, so no epoch is missed however fast
+    they come, and one being copied waits for the next look), prints one line for it and logs it to
+    TensorBoard and, when enabled, Weights & Biases.
 
     Used as a context manager around ``fit()``; epochs the run already had when it started are skipped.
     """
@@ -339,7 +357,7 @@ class EpochFollower:
         every_s: float = FOLLOW_EVERY_S,
     ):  # fmt: skip
         self.run_dir, self.cfg, self.name, self.line, self.every_s = run_dir, cfg, name, line, every_s
-        self.done = {h["epoch"] for _, path in checkpoints(run_dir)[-1:] for h in (read_info(path) or {}).get("history", [])}
+        self.done = {h["epoch"] for h in self._history()}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="vidray-epochs", daemon=True)
         self.local_dir = tracking_dir(run_dir, name)
@@ -368,10 +386,12 @@ class EpochFollower:
         while not self.stop.wait(self.every_s):
             self.poll()
 
+    def _history(self) -> list[dict[str, Any]]:
+        latest = latest_checkpoint(checkpoints(self.run_dir))
+        return latest[2].get("history", []) if latest else []
+
     def poll(self) -> None:
-        latest = checkpoints(self.run_dir)[-1:]
-        info = read_info(latest[0][1]) if latest else None
-        for metrics in (info or {}).get("history", []):
+        for metrics in self._history():
             epoch = int(metrics["epoch"])
             if epoch in self.done:
                 continue
