@@ -233,6 +233,55 @@ def test_killed_driver_resumes_and_predicts_no_video_twice(corpus, model_dir, ra
     assert len(paths) == len(set(paths)) == summary["discovered"]
 
 
+def _rows_by_path(out: Path) -> dict[str, dict]:
+    """predictions.parquet's rows by path, in its order; each video once."""
+    rows = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert len({row["path"] for row in rows}) == len(rows)
+    return {row["path"]: row for row in rows}
+
+
+def test_a_grown_corpus_predicts_its_new_video_alone_and_a_shrunk_one_nothing(model_dir, ray_cluster, tmp_path):
+    """Labelling a growing folder, the main use of --out: a video added (sorting first) is the only one predicted,
+    the others' rows are reused as they are; videos deleted leave the output, and nothing is predicted. Before,
+    chunks were positions in the sorted list: one video sorting first shifted every chunk, and the whole corpus
+    was predicted again."""
+    folder, out = tmp_path / "videos", tmp_path / "out"
+    old = [_video(folder / f"b-old-{i}.mp4", 48, 40, 10, seed=20 + i) for i in range(4)] + [folder / "b-old-9-text.mp4"]
+    old[-1].write_text("this is a text file, not a video\n" * 50)  # rejected: its row is reused too
+
+    def run() -> dict:
+        return predict_corpus(model_dir, [str(folder)], str(out), top_k=2, embeddings=True, videos_per_chunk=2)
+
+    first = run()
+    assert (first["discovered"], first["predicted"], first["rejected"], first["reused"]) == (5, 4, 1, 0)
+    yesterday = _rows_by_path(out)
+    parts = {p.name: p.read_bytes() for p in (out / PARTS_DIR).iterdir()}
+    assert len(parts) == 3  # {0, 1}, {2, 3}, {text}
+
+    for video in old[:-1]:  # emptied: an old video decoded again would be rejected ("empty"), not its row reused
+        video.write_bytes(b"")
+    new = _video(folder / "a-new.mp4", 64, 48, 10, seed=30)
+    grown = run()
+    assert (grown["discovered"], grown["reused"], grown["predicted_this_run"]) == (6, 5, 1)
+    assert (grown["predicted"], grown["rejected"]) == (5, 1)
+    today = _rows_by_path(out)
+    assert list(today) == list(map(str, [new, *old]))  # every video once; the new one where it sorts
+    assert {path: today[path] for path in yesterday} == yesterday  # the old rows as they were
+    assert today[str(new)]["label"] in CLASSES and today[str(new)]["error"] is None
+    now = {p.name: p.read_bytes() for p in (out / PARTS_DIR).iterdir()}
+    assert now.items() >= parts.items() and len(now) == len(parts) + 1  # the old parts untouched, one new
+    assert list(pd.read_csv(out / "rejects.csv")["path"]) == [str(old[-1])]
+
+    old[0].unlink()
+    old[-1].unlink()  # a predicted video and the rejected one leave the folder
+    shrunk = run()
+    assert (shrunk["discovered"], shrunk["reused"], shrunk["predicted_this_run"]) == (4, 4, 0)
+    assert (shrunk["predicted"], shrunk["rejected"]) == (4, 0)
+    assert _rows_by_path(out) == {path: today[path] for path in map(str, [new, *old[1:-1]])}
+    assert pd.read_csv(out / "rejects.csv").empty
+    assert len(list((out / PARTS_DIR).iterdir())) == 3  # the text file's part held nothing still there: deleted
+
+
 def test_cli_refuses_folders_without_out_and_bad_views(corpus, model_dir, tmp_path, capsys):
     """The CLI's batch mode itself (JSON summary, progress line) runs in the rerun test above: a Ray
     Data run costs seconds."""

@@ -25,12 +25,15 @@ Writes ``OUT/predictions.parquet`` (one row per discovered video: ``path``,
 ``label``, ``score``, ``top_k``, ``error``; ``embedding`` with ``--embeddings``)
 and ``OUT/rejects.csv``, assembled from the parts at the end.
 
-**Resume.** A chunk's id hashes its paths and everything that shapes its rows
-(model files, views, top-k, embeddings). A part on disk is a finished chunk: a
-re-run after a kill predicts only the chunks without one, and parts of other
-settings are deleted first. A video belongs to exactly one chunk, and a chunk's
-rows are written once, so no video is predicted twice in the output, and no
-video whose part was written is predicted again.
+**Resume.** A part's name starts with a hash of everything that shapes its rows
+(model files, views, top-k, embeddings: :func:`vidray.infer.corpus.settings_id`).
+A re-run with the same settings reuses the rows of every such part for the videos
+still in the corpus, and cuts only the videos no part holds into new chunks: after
+a kill, the chunks not written; after videos were added, the new ones alone. Parts
+of other settings, and parts none of whose videos is still in the corpus, are
+deleted first. A video is held by one part at most, and a chunk's rows are written
+once, so no video is predicted twice in the output, and no video whose part was
+written is predicted again.
 
 **Crashes.** A decoder that kills its worker (segfault) loses its task; the
 task's chunks without a part are re-run one video per Ray task, the video whose task dies is
@@ -63,7 +66,7 @@ from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
 from vidray.infer.corpus import (
     DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
-    decode_one, discover, finished_parts, group_chunks, model_fingerprint, plan_chunks, write_part,
+    decode_one, discover, group_chunks, held_parts, in_discovery_order, model_fingerprint, plan_chunks, write_part,
 )  # fmt: skip
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info
 from vidray.model.views import Views
@@ -297,9 +300,6 @@ def predict_corpus(
                 "top_k": top_k, "embeddings": embeddings}  # fmt: skip
     if decoder != shape.decoder:  # the model's own decoder is in its fingerprint: parts written before stay valid
         settings["decoder"] = decoder
-    # A function of the corpus alone (not of the cluster), so a resumed run plans the same chunks.
-    videos_per_chunk = videos_per_chunk or max(1, min(VIDEOS_PER_CHUNK, -(-len(paths) // MIN_CHUNKS)))
-    chunks = plan_chunks(paths, settings, videos_per_chunk)
     fs, root = open_filesystem(out)
     try:
         fs.create_dir(join_uri(root, PARTS_DIR), recursive=True)
@@ -308,9 +308,12 @@ def predict_corpus(
     # One driver per output folder: a second one would predict the same chunks, or delete this one's
     # parts as another settings' (vidray/folder_lock.py).
     with FolderLock(out, "vidray predict", instead="pass --out another folder"):
-        finished = finished_parts(fs, root, chunks)
-        todo = [c for c in chunks if c.id not in finished]
-        reused = sum(len(c.paths) for c in chunks if c.id in finished)
+        held = held_parts(fs, root, settings, paths)
+        reused = sum(len(c.paths) for c in held)
+        held_paths = {path for chunk in held for path in chunk.paths}
+        rest = [path for path in paths if path not in held_paths]
+        # Sized by the videos to predict, not the corpus: a few new videos are cut as finely as a small corpus.
+        todo = plan_chunks(rest, settings, videos_per_chunk or max(1, min(VIDEOS_PER_CHUNK, -(-len(rest) // MIN_CHUNKS))))
         progress = _Progress(len(paths), reused)
         if todo:
             init_ray(verbose=verbose, include_dashboard=False)  # a local cluster for this command alone: no dashboard to start
@@ -326,7 +329,7 @@ def predict_corpus(
                 print(f"vidray predict: {len(lost)} chunk task(s) died; re-running their videos one per task",
                       file=sys.stderr, flush=True)  # fmt: skip
                 _isolate_crashes(lost, fs, root, args, progress)
-        counts = assemble(fs, root, chunks, embeddings)
+        counts = assemble(fs, root, in_discovery_order(held + todo, paths), embeddings)
         if counts["predicted"] + counts["rejected"] != len(paths):  # a bug, never bad input
             raise RuntimeError(f"predicted {counts['predicted']} + rejected {counts['rejected']} != discovered {len(paths)}")
     seconds = time.monotonic() - started

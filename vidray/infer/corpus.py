@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -29,8 +30,8 @@ from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
 from vidray.storage import DownloadError, is_uri, is_web_url, join_uri, local_file, open_filesystem
 
-# A chunk is one part file: at most this many videos, and small enough that a corpus gives at least
-# MIN_CHUNKS of them (a 64-video corpus in 4 chunks of 16 left CPUs idle). A decode task takes
+# A chunk is one part file: at most this many videos, and small enough that the videos a run predicts give
+# at least MIN_CHUNKS of them (a 64-video corpus in 4 chunks of 16 left CPUs idle). A decode task takes
 # one or more consecutive chunks (group_chunks): with tiny chunks, Ray Data's per-task cost
 # (its scheduler notices a finished task up to 0.1 s late) would idle the decoders a third of the time.
 VIDEOS_PER_CHUNK = 16
@@ -39,8 +40,9 @@ MIN_CHUNKS = 32
 # worker starts late, or draws the slow videos, still gets its share.
 DECODE_TASKS_PER_CPU = 4
 PARTS_DIR = "_parts"
-# Part of every chunk id: bump when the rows change so old parts are rebuilt.
-PARTS_VERSION = 1
+# Part of every settings id (part-<settings id>-<chunk id>.parquet): bump when the rows or the part
+# layout change so old parts are rebuilt. 2: parts keyed by settings, chunks planned over the videos no part holds.
+PARTS_VERSION = 2
 
 TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
 REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("reason", pa.string())])
@@ -102,7 +104,9 @@ def discover(inputs: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Chunk:
-    id: str
+    """A part file: to write (the videos it will hold) or written (those of its videos still in the corpus)."""
+
+    id: str  # <settings id>-<hash of the paths it was written with>
     paths: tuple[str, ...]
 
     @property
@@ -117,12 +121,21 @@ def model_fingerprint(model_dir: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
+def settings_id(settings: dict[str, Any]) -> str:
+    """What every part of one model and settings (model files, views, top-k, embeddings) starts its name with:
+    a re-run finds the parts it may reuse by name, whatever chunks the corpus was cut into when they were written."""
+    key = json.dumps({"settings": settings, "version": PARTS_VERSION}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def plan_chunks(paths: list[str], settings: dict[str, Any], videos_per_chunk: int = VIDEOS_PER_CHUNK) -> list[Chunk]:
+    """``paths`` (the videos no part holds yet: :func:`held_parts`) cut into chunks of ``videos_per_chunk``."""
+    prefix = settings_id(settings)
     chunks = []
     for start in range(0, len(paths), videos_per_chunk):
         members = tuple(paths[start : start + videos_per_chunk])
-        key = json.dumps({"paths": members, "settings": settings, "version": PARTS_VERSION}, sort_keys=True)
-        chunks.append(Chunk(hashlib.sha256(key.encode()).hexdigest()[:20], members))
+        digest = hashlib.sha256(json.dumps(members).encode()).hexdigest()[:20]
+        chunks.append(Chunk(f"{prefix}-{digest}", members))
     return chunks
 
 
@@ -140,18 +153,39 @@ def group_chunks(chunks: list[Chunk], cpus: float) -> list[list[Chunk]]:
     return groups
 
 
-def finished_parts(fs: pafs.FileSystem, root: str, chunks: list[Chunk]) -> set[str]:
-    """Ids of the chunks whose part exists; parts of other corpora or settings are deleted."""
+def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], paths: list[str]) -> list[Chunk]:
+    """The parts already written with ``settings``, each as the chunk of its videos still in ``paths``: those
+    videos are reused, never predicted again, however the corpus grew since (a new video shifts every position,
+    and the chunk size follows the corpus size, so chunks planned again would not match the parts).
+
+    Deleted: parts of other settings, parts none of whose videos is in ``paths`` any more, a dead run's
+    temporaries. A video held by two parts (never written so: chunks are planned over unheld videos) is
+    taken from the first by name."""
+    prefix = f"part-{settings_id(settings)}-"
+    corpus = {as_text(path): path for path in paths}  # parts name videos as their rows do
     entries = fs.get_file_info(pafs.FileSelector(join_uri(root, PARTS_DIR), allow_not_found=True))
-    planned = {c.id for c in chunks}
-    finished = set()
-    for entry in entries:
+    held, taken = [], set()
+    for entry in sorted(entries, key=lambda e: e.base_name):
+        if entry.type != pafs.FileType.File:
+            continue
         name = entry.base_name
-        if name.startswith("part-") and name.endswith(".parquet") and name[5:-8] in planned:
-            finished.add(name[5:-8])
-        elif entry.type == pafs.FileType.File:
-            fs.delete_file(entry.path)  # stale part or a dead run's temporary
-    return finished
+        if name.startswith(prefix) and name.endswith(".parquet"):
+            rows = pq.read_table(entry.path, filesystem=fs, columns=["path"]).column("path").to_pylist()
+            members = [row for row in rows if row in corpus and row not in taken]
+            if members:
+                taken.update(members)
+                held.append(Chunk(name[len("part-") : -len(".parquet")], tuple(corpus[row] for row in members)))
+                continue
+        fs.delete_file(entry.path)  # another settings' part, one whose videos are all gone, or a dead run's temporary
+    return held
+
+
+def in_discovery_order(chunks: list[Chunk], paths: list[str]) -> list[Chunk]:
+    """``chunks`` by the position of their first video in ``paths``. A fresh run's rows come out in discovery
+    order; after the corpus grew, a reused part's rows stay together (predictions.parquet is streamed one
+    part at a time), and a new video comes where its chunk's first video does."""
+    position = {path: i for i, path in enumerate(paths)}
+    return sorted(chunks, key=lambda chunk: min(position[path] for path in chunk.paths))
 
 
 # A video whose file name is not UTF-8 (vidray.data.listing.is_text_name) is rejected, not predicted: its row
@@ -213,9 +247,10 @@ def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) 
 
 
 def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, Any]:
-    """predictions.parquet from the parts in discovery order (streamed: one part in memory at a time),
-    and rejects.csv. Returns the counts: predicted, rejected, ``rejected_by`` (per category of rejects.csv) and
-    ``labels``, the videos per top-1 label (what the corpus was labelled as, at a glance), each most first."""
+    """predictions.parquet from the parts in ``chunks``' order (streamed: one part in memory at a time), each
+    part's rows of ``chunk.paths`` only (a reused part may hold videos that left the corpus), and rejects.csv.
+    Returns the counts: predicted, rejected, ``rejected_by`` (per category of rejects.csv) and ``labels``,
+    the videos per top-1 label (what the corpus was labelled as, at a glance), each most first."""
     schema = predictions_schema(embeddings)
     labels: Counter[str] = Counter()  # of the predicted videos
     rejects: list[dict] = []
@@ -224,6 +259,8 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
         with pq.ParquetWriter(tmp, schema, filesystem=fs) as writer:
             for chunk in chunks:
                 table = pq.read_table(join_uri(root, chunk.part_name), filesystem=fs, schema=schema)
+                if table.num_rows != len(chunk.paths):  # a reused part with videos that left the corpus: not their rows
+                    table = table.filter(pc.is_in(table.column("path"), pa.array([as_text(p) for p in chunk.paths])))
                 writer.write_table(table)
                 columns = (table.column(name).to_pylist() for name in ("path", "error", "label"))
                 for path, error, label in zip(*columns):
