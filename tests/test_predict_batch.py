@@ -289,6 +289,9 @@ def test_cli_refuses_folders_without_out_and_bad_views(corpus, model_dir, tmp_pa
     assert "need --out OUT" in capsys.readouterr().err
     assert main(["predict", "--model", str(model_dir), "--crops", "3", "--clips", "0", str(corpus["good"][0])]) == 2
     assert "--clips must be >= 1" in capsys.readouterr().err
+    for option in (["--actors", "-1"], ["--actor-cpus", "-0.5"]):  # refused before Ray starts, not inside Ray Data
+        assert main(["predict", "--model", str(model_dir), "--out", str(tmp_path / "o"), *option, str(corpus["folder"])]) == 2
+        assert capsys.readouterr().err.strip() == f"vidray predict: error: {option[0]} must be >= {option[0] == '--actors':d}, got {option[1]}"
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(UserError, match="folder without video files"):
         predict_corpus(model_dir, [str(tmp_path / "empty")], str(tmp_path / "p"))

@@ -283,8 +283,10 @@ def predict_corpus(
     started = time.monotonic()
     if top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {top_k}")
-    if batch_size < 1 or (videos_per_chunk is not None and videos_per_chunk < 1):
-        raise UserError(f"--batch-size and --videos-per-chunk must be >= 1, got {batch_size} and {videos_per_chunk}")
+    for option, value, least in (("--batch-size", batch_size, 1), ("--videos-per-chunk", videos_per_chunk, 1),
+                                 ("--actors", actors, 1), ("--actor-cpus", actor_cpus, 0)):  # fmt: skip
+        if value is not None and value < least:  # before Ray starts (a pool of -1 actors failed inside Ray Data)
+            raise UserError(f"{option} must be >= {least}, got {value}")
     resolve_stages(stages, 0)  # a bad value fails before anything starts
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
