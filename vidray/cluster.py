@@ -38,6 +38,12 @@ def _drop_progress_bars_disabled(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
+def _drop_ignored_block_errors(record: logging.LogRecord) -> bool:
+    # Ray Data's traceback (25-odd lines) for each block it drops under max_errored_blocks=-1, which vidray sets
+    # where it recovers lost blocks itself (a decoder that kills its worker) and says so in its own line.
+    return "Ignoring this exception with remaining max_errored_blocks" not in record.getMessage()
+
+
 def _drop_tunes_restore_hint(record: logging.LogRecord) -> bool:
     # Tune's line after Ctrl-C, "Resume experiment with: Tuner.restore(path=..., trainable=...)": vidray's own
     # line follows (vidray.tune.sweep) and says to run the same command, not to call Tune's Python API.
@@ -61,10 +67,8 @@ def console_settings(verbose: bool) -> dict[str, Any]:
     ray_data.setLevel(logging.INFO if verbose else logging.WARNING)
     for handler in ray_data.handlers:  # handlers: the record comes from a child logger
         # ...and its warning that the bars are off, which is what was asked for.
-        if verbose:
-            handler.removeFilter(_drop_progress_bars_disabled)
-        else:
-            handler.addFilter(_drop_progress_bars_disabled)
+        for drop in (_drop_progress_bars_disabled, _drop_ignored_block_errors):
+            handler.removeFilter(drop) if verbose else handler.addFilter(drop)
     if not verbose:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     tune_log = logging.getLogger("ray.tune.tune")  # Tune's tune.py, by its module's name
