@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 import unicodedata
 from collections import Counter
 from fractions import Fraction
@@ -48,6 +51,70 @@ def write_mkv(path: Path, frames: np.ndarray, fps: int) -> Path:
 def decoded_frame_count(path) -> int:
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+NOBODY = 65534  # the unprivileged user of Debian, Ubuntu and most images
+
+
+def as_another_user(fn, *args):
+    """``fn(*args)`` as a user that files' modes apply to, its result returned (its exception raised) here.
+
+    Tests run as root in some places, and root reads anything: then in a forked child that drops to nobody
+    (forked, not a new interpreter, which may sit where nobody cannot reach). Run as anyone else, in place."""
+    if os.geteuid() != 0:
+        return fn(*args)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: it never returns into pytest
+        os.close(read)
+        try:
+            try:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            except OSError as err:
+                outcome = ("skip", f"cannot drop root to uid {NOBODY} here to test permissions ({err})")
+            else:
+                try:
+                    outcome = ("returned", fn(*args))
+                except BaseException as err:  # noqa: BLE001 - handed to the parent, raised there
+                    outcome = ("raised", err)
+            payload = pickle.dumps(outcome)
+        except BaseException as err:  # noqa: BLE001
+            payload = pickle.dumps(("raised", RuntimeError(f"outcome not picklable: {err!r}")))
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        payload = pipe.read()
+    os.waitpid(pid, 0)
+    if not payload:
+        pytest.fail(f"the process running {fn.__name__} as uid {NOBODY} died")
+    kind, value = pickle.loads(payload)
+    if kind == "skip":
+        pytest.skip(value)
+    if kind == "raised":
+        raise value
+    return value
+
+
+@contextlib.contextmanager
+def open_folder():
+    """A fresh folder every user may enter and write in, for :func:`as_another_user` (pytest's tmp_path is
+    its owner's alone); removed after. Call :func:`share` on what the test writes in it."""
+    folder = Path(tempfile.mkdtemp(prefix="vidray-test-"))
+    folder.chmod(0o777)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def share(folder: Path) -> None:
+    """Folders below ``folder`` enterable and files readable by all, whatever the umask made them."""
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +382,39 @@ def test_names_that_are_not_utf8_are_refused_in_one_line_naming_them_and_the_fix
     assert sorted(read_manifest(out)[0]["video_id"]) == [
         "train/Crème/a", "train/plain/Schön/1", "train/plain/Schön/2", "train/plain/b", "train/plain/café"
     ]
+
+
+def test_a_folder_that_cannot_be_read_is_refused_naming_it_and_the_fix():
+    """Footage untarred with another owner's modes: a folder below the root that this user may not list (or
+    may list but not enter) held videos os.walk skipped without a word, and they were left out of the index,
+    the training and the counts. Now indexing stops in one line naming the folder and the fix; readable
+    again, as the line says, every video is indexed."""
+    with open_folder() as shared:
+        root, out = shared / "videos", shared / "m.parquet"
+        for video in ("train/cat/a.mp4", "train/cat/session2/b.mp4", "train/dog/c.mp4"):
+            (root / video).parent.mkdir(parents=True, exist_ok=True)
+            (root / video).write_bytes(b"")  # not probed: only the listing counts
+        share(shared)
+
+        def present() -> int:
+            return index_folder(root, out, probe=False)["present"]
+
+        # No read and no search permission, read but no search (names listed, none openable); a class folder;
+        # a split folder.
+        for folder, mode in (("train/cat/session2", 0o000), ("train/cat/session2", 0o644), ("train/dog", 0o000),
+                             ("train", 0o000)):  # fmt: skip
+            (root / folder).chmod(mode)
+            try:
+                with pytest.raises(UserError) as refused:
+                    as_another_user(present)
+            finally:
+                (root / folder).chmod(0o755)
+            assert str(refused.value) == (
+                f"folder {root / folder} cannot be read (permission denied), so its videos cannot be listed: make it "
+                f"readable (`chmod -R a+rX {root / folder}`, as its owner or with sudo) or move it out of the video folder"
+            )
+            assert not out.exists()
+        assert as_another_user(present) == 3
 
 
 def test_probe_never_raises(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,11 +14,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from vidray.config import ConfigError, VidrayConfig
+from vidray.config import ConfigError, DataSettings, VidrayConfig
 from vidray.data.demo import DEMO_CLASSES
 from vidray.data.coin import load_coin_annotations
-from vidray.data.index import read_manifest
-from vidray.data.prepare import prepare_dataset
+from vidray.data.index import index_folder, read_manifest, write_manifest
+from vidray.data.prepare import folder_manifest_is_stale, manifest_is_stale, prepare_dataset
 from vidray.data.shards import Video, plan_shards
 from vidray.data.video import encode_mp4
 
@@ -109,6 +110,59 @@ def test_folder_source_reindexes_when_videos_change(ray_cluster, tmp_path):
     assert {n for n in second["shards"] if not n.startswith("train/")} == {
         n for n in first["shards"] if not n.startswith("train/")
     }
+
+
+def age(folder: Path) -> None:
+    """Every file and folder in ``folder`` dated 2001: footage untarred with the mtimes it was packed with."""
+    for path in [*folder.rglob("*"), folder]:
+        os.utime(path, ns=(10**18, 10**18))
+
+
+def without_root(manifest: Path) -> None:
+    """``manifest`` as vidray wrote it before it recorded the folder indexed (vidray.source, vidray.root)."""
+    table = pq.read_table(manifest)
+    kept = {k: v for k, v in table.schema.metadata.items() if k not in (b"vidray.source", b"vidray.root")}
+    pq.write_table(table.replace_schema_metadata(kept), manifest)
+
+
+def test_a_manifest_of_another_folder_is_indexed_again_not_reused(tmp_path, capsys):
+    """The demo and the folder source share data/demo/manifest.parquet by default, and footage untarred after
+    the demo ran keeps its older mtimes: by mtimes alone, `vidray train data.source=folder` trained on the demo's
+    videos and classes (and the demo on the folder's). The manifest records the folder it indexed: another
+    folder's (or COIN's) is indexed again, said on the console."""
+    demo, mine, manifest = tmp_path / "demo", tmp_path / "mine", tmp_path / "manifest.parquet"
+    for root, labels in ((demo, ("circle",)), (mine, ("cats", "dogs"))):
+        for split in ("train", "val"):
+            for label in labels:
+                (root / split / label).mkdir(parents=True)
+                (root / split / label / "a.mp4").write_bytes(b"")  # not probed: only what is indexed counts
+    folder = DataSettings(source="folder", videos_dir=mine, manifest=manifest)
+    index_folder(demo, manifest, probe=False)  # the demo ran first
+    age(mine)
+    assert folder_manifest_is_stale(folder)
+    assert capsys.readouterr().err == f"vidray index: indexing {mine} into {manifest}, which was the index of {demo}\n"
+    index_folder(mine, manifest, probe=False)  # as prepare_dataset does when it is stale
+    assert read_manifest(manifest)[1] == ["cats", "dogs"]
+    assert not folder_manifest_is_stale(folder) and capsys.readouterr().err == ""  # its own: reused
+
+    age(demo)  # and back to the demo (prepare_dataset's demo branch asks manifest_is_stale)
+    assert manifest_is_stale(manifest, demo)
+    assert capsys.readouterr().err == f"vidray index: indexing {demo} into {manifest}, which was the index of {mine}\n"
+
+    # COIN's index of videos in the same folder is not the folder's index.
+    write_manifest(pq.read_table(manifest).to_pylist(), ["cats", "dogs"], manifest, source="coin", root=mine)
+    assert folder_manifest_is_stale(folder)
+    assert capsys.readouterr().err.endswith(f"which was the index of the coin videos in {mine}\n")
+
+    # A manifest from before the folder was recorded is the folder's while all its videos are below it.
+    index_folder(mine, manifest, probe=False)
+    without_root(manifest)
+    assert not folder_manifest_is_stale(folder) and capsys.readouterr().err == ""
+    index_folder(demo, manifest, probe=False)
+    without_root(manifest)
+    assert folder_manifest_is_stale(folder)
+    outside = demo / "train" / "circle" / "a.mp4"
+    assert capsys.readouterr().err.endswith(f"which listed videos outside it ({outside}, ...)\n")
 
 
 def test_shard_plan_does_not_depend_on_where_videos_live():

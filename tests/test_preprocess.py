@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from conftest import start_lock_holders
+from test_index import as_another_user, open_folder, share
 from test_video import make_bad_file
 
 from vidray.cli import main as cli_main
@@ -23,6 +25,7 @@ from vidray.data.index import write_manifest
 from vidray.config import DECODERS
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON, decode_shard
 from vidray.data.preprocess import preprocess
+from vidray.data.shard_files import find_stale
 from vidray.data.shards import DecodeSettings, Video, expected_work, load_videos, plan_shards
 from vidray import folder_lock
 from vidray.folder_lock import LOCK_FILE
@@ -358,6 +361,40 @@ def test_shard_boundaries_move_only_where_videos_change():
     assert not {s.id for s in plan_shards(videos, 32, 128, 16, decoder="torchcodec")} & {s.id for s in shards}
     cuda = plan_shards(videos, 32, 128, 16, decoder="torchcodec", decoder_device="cuda")
     assert not {s.id for s in cuda} & {s.id for s in plan_shards(videos, 32, 128, 16, decoder="torchcodec")}
+
+
+def test_a_reject_for_permission_is_decoded_again_once_the_file_may_be_read():
+    """"not readable (permission denied)" tells the user to fix the permission and run again; chmod changes
+    neither size nor mtime, so the shard holding the reject kept its id and every rerun reused the reject.
+    Now an unreadable video is part of its shard's id: fixed, the shard is decoded again (and while it is not,
+    the reject is reused, as any finished shard); processed + rejected stays the videos listed."""
+    with open_folder() as shared:
+        videos = [random_video(shared / "alpha" / f"alpha_{i}.mp4", 64, 48, 6, seed=i) for i in range(3)]
+        manifest, out = shared / "manifest.parquet", shared / "dataset"
+        write_manifest([manifest_row(v, "alpha", "train") for v in videos], CLASSES, manifest)
+        share(shared)
+        out.mkdir()
+        out.chmod(0o777)  # whatever the umask: the reader writes the shards
+        settings = DecodeSettings(8, 32)
+
+        def run() -> tuple[int, dict[str, tuple[str, str]]]:
+            """What preprocess does for each shard, without Ray: a finished shard's record is reused, any
+            other shard decoded. (shards reused, {video: (status, reason)})."""
+            shards = plan_shards(load_videos(manifest)[0], 8, 32, videos_per_shard=8)
+            finished, _ = find_stale(pafs.LocalFileSystem(), str(out), shards)
+            rows = [row for s in shards for row in finished.get(s.id) or decode_shard(str(out), s, settings, None)]
+            return len(finished), {row["video_id"]: (row["status"], row["reason"]) for row in rows}
+
+        denied = {"alpha_0": ("processed", ""), "alpha_1": ("rejected", "not readable (permission denied)"),
+                  "alpha_2": ("processed", "")}  # fmt: skip
+        videos[1].chmod(0o000)
+        assert as_another_user(run) == (0, denied)
+        assert as_another_user(run) == (1, denied)  # nothing changed: the finished shard is reused
+        videos[1].chmod(0o644)  # the fix the reason asks for
+        assert as_another_user(run) == (0, dict.fromkeys(denied, ("processed", "")))
+        assert as_another_user(run)[0] == 1
+    # Readable videos hash as before unreadable ones were told apart: existing datasets keep their shards.
+    assert plan_shards(fake_videos(3), 8, 32, 8)[0].id == "e44ff49f-c530b5951e673522ee55"
 
 
 def sized_videos(specs: list[tuple[int, int, int]], split: str = "train") -> list[Video]:

@@ -248,7 +248,7 @@ def index_coin(
 
     refuse_names_not_utf8(videos_dir, [Path(row["path"]) for row in rows])
     probe_rows(rows, probe)
-    write_manifest(rows, classes, out)
+    write_manifest(rows, classes, out, source="coin", root=videos_dir)
     missing_csv = out.with_suffix(".missing.csv")
     _write_csv(missing_csv, missing, ["youtube_id", "class", "task", "recipe_type", "split", "duration", "video_url"])
     problems_csv = out.with_suffix(".problems.csv")

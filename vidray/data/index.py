@@ -10,7 +10,8 @@ Both write the same manifest through :func:`write_manifest`.
 
 The manifest has one row per present video (columns in ``MANIFEST_SCHEMA``,
 contract in docs/design.md); the class list, in label order, sits in the
-Parquet schema metadata under ``vidray.classes``. Every video is probed for
+Parquet schema metadata under ``vidray.classes``, with the source and folder indexed
+(``vidray.source``, ``vidray.root``: :func:`indexed_from`). Every video is probed for
 duration, frame rate, frame count and displayed size (rotation and pixel
 aspect applied) from container metadata and its first frame; a file that
 cannot be probed keeps its row with ``probe_error`` set, and preprocessing
@@ -34,13 +35,16 @@ import pyarrow.parquet as pq
 
 from vidray.config import SPLITS
 from vidray.data.clip import VideoError
-from vidray.data.listing import VIDEO_EXTENSIONS, is_hidden, refuse_names_not_utf8, videos_under
+from vidray.data.listing import VIDEO_EXTENSIONS, entries_of, is_hidden, refuse_names_not_utf8, videos_under
 from vidray.data.video import probe, require_decoder
 from vidray.errors import UserError
 
 CLASSES_KEY = b"vidray.classes"
 # The share of each class's train videos a folder without val/ lent to val (hold_out_val); absent: none.
 VAL_FRACTION_KEY = b"vidray.val_fraction"
+# What was indexed: the source ("folder", "coin") and its video folder, resolved (indexed_from); absent in
+# manifests written before they were recorded.
+SOURCE_KEY, ROOT_KEY = b"vidray.source", b"vidray.root"
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # absolute
@@ -113,13 +117,24 @@ def probe_rows(rows: list[dict[str, Any]], probe: bool) -> None:
 # --- manifest I/O ------------------------------------------------------------
 
 
-def write_manifest(rows: list[dict[str, Any]], classes: list[str], out: Path, val_fraction: float = 0.0) -> Path:
-    """Write rows atomically (temporary file + rename) with the class list in the schema metadata, and
-    ``val_fraction`` when the rows' val split was held out of train (:func:`hold_out_val`)."""
+def write_manifest(
+    rows: list[dict[str, Any]],
+    classes: list[str],
+    out: Path,
+    val_fraction: float = 0.0,
+    source: str | None = None,
+    root: Path | None = None,
+) -> Path:
+    """Write rows atomically (temporary file + rename) with the class list in the schema metadata,
+    ``val_fraction`` when the rows' val split was held out of train (:func:`hold_out_val`), and the
+    ``source`` ("folder", "coin") and video folder ``root`` they were indexed from (:func:`indexed_from`)."""
     out = Path(out)
     metadata = {CLASSES_KEY: json.dumps(classes).encode()}
     if val_fraction:
         metadata[VAL_FRACTION_KEY] = repr(float(val_fraction)).encode()
+    if source is not None and root is not None:
+        # Bytes as the file system has them: a name that is not UTF-8 is kept as it is.
+        metadata.update({SOURCE_KEY: source.encode(), ROOT_KEY: os.fsencode(Path(root).resolve())})
     schema = MANIFEST_SCHEMA.with_metadata(metadata)
     table = pa.Table.from_pylist(rows, schema=schema)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +151,16 @@ def held_out_fraction(path: str | Path) -> float:
     """The ``val_fraction`` a manifest's val split was held out of train with; 0.0 when it was not."""
     raw = (pq.read_schema(path).metadata or {}).get(VAL_FRACTION_KEY)
     return float(raw) if raw else 0.0
+
+
+def indexed_from(path: str | Path) -> tuple[str, Path] | None:
+    """``(source, resolved video folder)`` a manifest was indexed from ("folder" or "coin"); None for one
+    written before vidray recorded them. A manifest path is shared (the demo and the folder source default to
+    one), so what it indexed, not only when, says whether it can be reused (vidray/data/prepare.py)."""
+    metadata = pq.read_schema(path).metadata or {}
+    if ROOT_KEY not in metadata:
+        return None
+    return metadata.get(SOURCE_KEY, b"").decode(), Path(os.fsdecode(metadata[ROOT_KEY]))
 
 
 def read_manifest(path: str | Path):
@@ -235,7 +260,7 @@ def split_folders(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         return {}
     found: dict[str, list[Path]] = defaultdict(list)
-    for entry in sorted(root.iterdir()):
+    for entry in entries_of(root):
         for split, names in SPLIT_FOLDER_NAMES.items():
             if entry.name.lower() in names and entry.is_dir():
                 found[split].append(entry)
@@ -284,7 +309,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
     ignored = [p for p in root.iterdir() if p not in split_dirs.values()]
     class_dirs: list[tuple[str, Path]] = []
     for split, split_dir in split_dirs.items():
-        for entry in sorted(split_dir.iterdir()):
+        for entry in entries_of(split_dir):
             if entry.is_dir() and not is_hidden(entry.name):
                 class_dirs.append((split, entry))
             else:
@@ -314,7 +339,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
     held_out = lent_to_val(root, val_fraction)
     moved = hold_out_val(rows, held_out) if held_out else 0
     probe_rows(rows, probe)
-    write_manifest(rows, classes, out, val_fraction=held_out)
+    write_manifest(rows, classes, out, val_fraction=held_out, source="folder", root=root)
     summary = manifest_summary(rows, classes, out)
     summary.update(
         selected=len(rows),

@@ -8,9 +8,10 @@ bytes (:func:`is_text_name`, :func:`as_text`, :func:`refuse_names_not_utf8`).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from vidray.errors import UserError
 
@@ -34,15 +35,53 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def walk_once(folder: str | Path) -> Iterator[tuple[str, list[str], list[str]]]:
+def refuse_unlistable(err: OSError) -> NoReturn:
+    """``os.walk``'s ``onerror`` for a listing whose videos are data: a folder that cannot be read (no read or
+    search permission, an I/O error) stops it with one line naming the folder and the fix. ``os.walk`` alone
+    skips such a folder, and its videos would be left out of the index (or of a prediction) without a word."""
+    folder = as_text(str(err.filename))
+    if isinstance(err, PermissionError):
+        raise UserError(
+            f"folder {folder} cannot be read (permission denied), so its videos cannot be listed: make it readable "
+            f"(`chmod -R a+rX {folder}`, as its owner or with sudo) or move it out of the video folder"
+        )
+    raise UserError(f"folder {folder} cannot be read ({err.strerror}), so its videos cannot be listed: "
+                    "check the disk or mount it is on, or move it out of the video folder")  # fmt: skip
+
+
+def require_searchable(folder: str | Path) -> None:
+    """Raise PermissionError for a folder that can be listed (read permission) but not searched (no execute
+    permission): its names are there, yet none of its entries can be opened or even stat'ed."""
+    if not os.access(folder, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
+def entries_of(folder: Path) -> list[Path]:
+    """``folder``'s entries, sorted; a folder that cannot be read is refused (:func:`refuse_unlistable`)."""
+    try:
+        require_searchable(folder)
+        return sorted(Path(folder).iterdir())
+    except OSError as err:
+        refuse_unlistable(err)
+
+
+def walk_once(folder: str | Path, onerror=None) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk`` into linked folders too, each folder once, under the first path that reaches it (in the
     order the caller leaves in ``folders``, which it may sort or prune in place as with ``os.walk``).
+    ``onerror``: as ``os.walk``'s (None: a folder that cannot be read is skipped; :func:`refuse_unlistable`).
 
     A link back up the tree (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again,
     each time listing the same files under a longer path, which grows without end once two such links meet."""
     seen: set[tuple[int, int]] = set()
-    for directory, folders, files in os.walk(folder, followlinks=True):
-        identity = os.stat(directory)
+    for directory, folders, files in os.walk(folder, onerror=onerror, followlinks=True):
+        try:
+            identity = os.stat(directory)
+            require_searchable(directory)
+        except OSError as err:
+            folders[:] = []
+            if onerror is not None:
+                onerror(err)
+            continue
         if (identity.st_dev, identity.st_ino) in seen:
             folders[:] = []
             continue
@@ -54,9 +93,11 @@ def videos_under(folder: str | Path, ignored: list[Path] | None = None) -> list[
     """Every video below ``folder`` (:func:`is_listed_video`), in its subfolders and linked folders too
     (:func:`walk_once`), sorted: what a class folder holds, read as torchvision's ``ImageFolder`` reads one,
     and what a corpus folder holds. Hidden files and folders (:func:`is_hidden`) are left out, and with
-    ``ignored`` added to it, as are the other files that are not videos."""
+    ``ignored`` added to it, as are the other files that are not videos. A folder below ``folder`` that
+    cannot be read stops the listing in one line (:func:`refuse_unlistable`): its videos are never left out
+    unsaid."""
     videos: list[str] = []
-    for directory, folders, files in walk_once(folder):
+    for directory, folders, files in walk_once(folder, onerror=refuse_unlistable):
         if ignored is not None:
             ignored += [Path(directory, name) for name in sorted(folders) if is_hidden(name)]
         folders[:] = sorted(name for name in folders if not is_hidden(name))  # not walked into; in order

@@ -5,10 +5,12 @@ cheap when its output is already current, so calling it again costs little:
 
 * ``demo``: generate the synthetic videos into ``data.videos_dir`` if that
   folder is absent or empty, index it when the manifest is older than the
-  folder, preprocess (resumable, finished shards are reused).
+  folder or indexed another one, preprocess (resumable, finished shards are reused).
 * ``folder``: index ``data.videos_dir`` when the manifest is older than any
-  file or folder in it (or was held out with another ``data.val_fraction``: a
-  folder without val/ lends that share of its train videos to val), then preprocess.
+  file or folder in it, indexed another folder (or COIN's videos: the manifest
+  records what it indexed, :func:`indexed_elsewhere`), or was held out with another
+  ``data.val_fraction`` (a folder without val/ lends that share of its train videos
+  to val), then preprocess.
 * ``coin``: always re-index (reading the annotations is quick, and
   ``data.min_duration`` / ``data.max_duration`` may have changed; an
   unchanged manifest reuses every shard), then preprocess.
@@ -20,10 +22,13 @@ import os
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
 from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
-from vidray.data.index import held_out_fraction, index_folder, lent_to_val
+from vidray.data.index import held_out_fraction, index_folder, indexed_from, lent_to_val
 from vidray.data.listing import walk_once
 from vidray.data.preprocess import preprocess
 
@@ -46,13 +51,53 @@ def _newest_mtime_ns(root: Path) -> int:
     return newest
 
 
+def _paths_outside(manifest: Path, videos_dir: Path) -> list[str]:
+    """The manifest's video paths that are not below ``videos_dir`` (as given, or resolved)."""
+    roots = {os.path.abspath(videos_dir), str(videos_dir.resolve())}
+    paths = pq.read_table(manifest, columns=["path"]).column("path").to_pylist()
+    return [p for p in paths if not any(p.startswith(os.path.join(root, "")) for root in roots)]
+
+
+def indexed_elsewhere(manifest: Path, videos_dir: Path) -> str | None:
+    """Why ``manifest`` is not the index of the folder ``videos_dir``, as the end of a sentence for the
+    console ("was the index of /data/demo/videos"); None when it is, or there is no manifest.
+
+    The demo and the folder source share a default manifest path, and a folder's files may be older than a
+    manifest another one's index wrote (untarred footage keeps its mtimes): by mtimes alone, training would
+    run on that other folder's videos and classes. The manifest records the folder it indexed
+    (:func:`vidray.data.index.indexed_from`); one written before that is the folder's while all its videos
+    are below it."""
+    if not manifest.is_file():
+        return None
+    try:
+        recorded = indexed_from(manifest)
+        outside = _paths_outside(manifest, videos_dir) if recorded is None else []
+    except (pa.ArrowException, OSError) as err:
+        return f"was not a readable manifest ({type(err).__name__})"
+    if recorded is None:
+        return f"listed videos outside it ({outside[0]}, ...)" if outside else None
+    source, root = recorded
+    if source == "folder" and root == videos_dir.resolve():
+        return None
+    return f"was the index of {root}" if source == "folder" else f"was the index of the {source} videos in {root}"
+
+
 def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
-    return not manifest.is_file() or manifest.stat().st_mtime_ns < _newest_mtime_ns(videos_dir)
+    """Whether ``videos_dir`` must be indexed (again) into ``manifest``: there is none, it is not the folder's
+    index (said on the console: :func:`indexed_elsewhere`), or it is older than a file or folder in
+    ``videos_dir``."""
+    if not manifest.is_file():
+        return True
+    elsewhere = indexed_elsewhere(manifest, videos_dir)
+    if elsewhere is not None:
+        print(f"vidray index: indexing {videos_dir} into {manifest}, which {elsewhere}", file=sys.stderr)
+        return True
+    return manifest.stat().st_mtime_ns < _newest_mtime_ns(videos_dir)
 
 
 def folder_manifest_is_stale(data: DataSettings) -> bool:
-    """Whether ``data.videos_dir`` must be indexed again: the manifest is older than a file in it, or a
-    folder without val/ lent its train videos to val with another ``data.val_fraction``."""
+    """Whether ``data.videos_dir`` must be indexed again: :func:`manifest_is_stale`, or a folder without val/
+    lent its train videos to val with another ``data.val_fraction``."""
     held_out = lent_to_val(data.videos_dir, data.val_fraction)
     return manifest_is_stale(data.manifest, data.videos_dir) or held_out_fraction(data.manifest) != held_out
 

@@ -2,8 +2,9 @@
 
 Videos are grouped per split into shards of about ``videos_per_shard``
 typical videos' worth of decode work (:func:`plan_shards`). A shard's id
-hashes its videos (path, size, mtime, label, split) and the decode parameters
-(frames, size, decoder and its device, the store: raw or jpeg and its quality), so:
+hashes its videos (path, size, mtime, label, split; that it may not be read,
+when so) and the decode parameters (frames, size, decoder and its device, the
+store: raw or jpeg and its quality), so:
 
 * **resume** - a shard whose ``_shards`` record exists is finished and skipped;
   a killed run, re-run, decodes only the shards it had not finished;
@@ -60,6 +61,9 @@ class Video:
     # Expected decode work (pixel-frames, see FIXED_WORK); 0 when the index has no probe of it.
     # For planning only: not part of the shard id.
     work: float = 0.0
+    # The file is there but this user may not read it (rejected: "not readable (permission denied)").
+    # Part of the shard id while True (_id_fields): chmod changes neither size nor mtime.
+    unreadable: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,12 @@ def load_videos(manifest: Path) -> tuple[list[Video], list[str]]:
             size, mtime_ns = stat.st_size, stat.st_mtime_ns
         except OSError:
             size, mtime_ns = -1, -1
+        # What the decoder's check reads (vidray.data.video.check_file), so the two agree on who may read it.
+        unreadable = size >= 0 and not os.access(row.path, os.R_OK)
         work = expected_work(row.num_frames, row.width, row.height)
         videos.append(
-            Video(str(row.path), str(row.video_id), row.label, int(row.label_index), row.split, size, mtime_ns, work)
+            Video(str(row.path), str(row.video_id), row.label, int(row.label_index), row.split, size, mtime_ns, work,
+                  unreadable)  # fmt: skip
         )
     return videos, classes
 
@@ -172,6 +179,18 @@ def expected_work(num_frames, width, height) -> float:
     if any(v is None or v != v or v <= 0 for v in values):  # None, NaN (pandas' missing int) or 0
         return 0.0
     return float(num_frames) * float(width) * float(height) + FIXED_WORK
+
+
+def _id_fields(video: Video) -> dict[str, Any]:
+    """What a shard id hashes of one video: all but its planning weight, and ``unreadable`` only when set.
+
+    A video rejected as unreadable gives its shard another id than it has once the user fixes the permission,
+    as the reject's reason tells them to: the shard is then decoded again, where its record of the reject
+    would otherwise be reused for ever. Readable videos hash as before ``unreadable`` existed, so the
+    shards of existing datasets stay valid. The other rejects are fixed by changing the file (its size or
+    mtime: a missing file, a dangling link) or the run's parameters (a decoder that cannot read it)."""
+    fields = {k: v for k, v in asdict(video).items() if k not in ("work", "unreadable")}
+    return {**fields, "unreadable": True} if video.unreadable else fields
 
 
 def _stable_hash(text: str) -> str:
@@ -193,7 +212,7 @@ def _shard_id(videos: list[Video], params: dict[str, Any]) -> str:
         {
             "decode_version": DECODE_VERSION,
             **params,
-            "videos": [{k: v for k, v in asdict(video).items() if k != "work"} for video in videos],
+            "videos": [_id_fields(video) for video in videos],
         },
         sort_keys=True,
     )
