@@ -6,15 +6,18 @@ and it must be told the output size when the file is opened. So the geometry
 comes from a PyAV read of the container header and first frame
 (:func:`vidray.data.decode.pyav.probe_geometry`), which also tells a file that
 nothing decodes from one that breaks part-way: decord's read-ahead fails either
-way. This is the one backend that opens a file twice.
+way. This is the one backend that opens a file more than once (and, where it
+would seek, demuxes it with PyAV first: see :func:`_seeks_misplace_frames`).
 
 decord seeks to the keyframe before each sample and decodes forward
 (``get_batch``); it cannot skip non-reference frames, so it decodes about
 twice what the PyAV backend does on B-frame footage (docs/benchmarks.md).
+Where its seeks would land on other frames than asked for, it reads the file in order instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 
 import av
@@ -22,13 +25,18 @@ import decord
 import numpy as np
 
 from vidray.data.clip import DecodedClip, NoFramesError, centre_crop, segment_indices
-from vidray.data.decode.pyav import failed_part_way, probe_geometry_and_seeking, refused_by
+from vidray.data.decode.pyav import failed_part_way, open_video, probe_geometry_and_seeking, refused_by
 
 
 # Containers (FFmpeg's names) where decord's seeks land on the frame asked for, measured on each: MP4/MOV
-# (edit lists aside, see _hidden_frames), Matroska/WebM, AVI, FLV. Elsewhere (WMV/ASF: frames repeated;
-# MXF, Ogg, ...) a file is read in order. MPEG transport and program streams it cannot read either way.
-DECORD_SEEKS_EXACTLY = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv"})
+# (edit lists aside, see _hidden_frames), Matroska/WebM, AVI, FLV; in closed GOPs with timestamps only
+# (see _seeks_misplace_frames). Elsewhere (WMV/ASF: frames repeated; MXF, Ogg, ...) a file is read in
+# order. MPEG transport and program streams it cannot read either way.
+MOV = "mov,mp4,m4a,3gp,3g2,mj2"
+DECORD_SEEKS_EXACTLY = frozenset({MOV, "matroska,webm", "avi", "flv"})
+# decord stamps a frame whose packet has no pts (AVI with B-frames) INT64_MIN in the stream's time base:
+# -3.7e17 s at 1/25, -1e14 s at 1/90000. An edit list's negative times are at most the video's length.
+_NO_TIME_BELOW = -1e9  # seconds
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError, AssertionError)
 
 # decord's own FFmpeg logs decoding errors to stderr (a dozen "[h264 @ 0x...] error while decoding MB" lines
@@ -55,13 +63,15 @@ def read_samples(path: str, stored_frames: int, stored_size: int, num_threads: i
         reader = decord.VideoReader(path, width=out_width, height=out_height, num_threads=num_threads)
     except _DECORD_ERRORS as err:
         raise refused_by("decord", path, _message(err)) from None  # PyAV decoded its first frame above
+    starts = _frame_starts(reader)
     # Edit lists exist in MP4/MOV (other containers can have negative times of their own).
-    hidden = _hidden_frames(reader) if seeks_exactly else 0
+    hidden = _hidden_frames(starts) if container_format == MOV else 0
     num_frames = len(reader) - hidden
     if num_frames < 1:
         raise NoFramesError(path, "no decodable frames (video stream holds 0 frames)")
     indices = segment_indices(num_frames, stored_frames).tolist()
-    in_order = bool(hidden) or not seeks_exactly
+    # The demux pass (a few ms) last, for the files decord would seek in only.
+    in_order = bool(hidden) or not seeks_exactly or _seeks_misplace_frames(path, starts)
     try:
         frames = _read_resized(reader, path, indices, in_order, out_width, out_height, num_threads)
     except _DECORD_ERRORS as err:
@@ -90,15 +100,53 @@ def _read_resized(reader, path: str, indices: list[int], in_order: bool, width: 
         return _resize(_read(decord.VideoReader(path, num_threads=num_threads), indices, in_order), width, height)
 
 
-def _hidden_frames(reader) -> int:
+def _frame_starts(reader) -> np.ndarray:
+    """Each frame's start in seconds as decord counts frames (sorted by pts: its display order)."""
+    if len(reader) < 1:
+        return np.zeros(0, np.float32)
+    return reader.get_frame_timestamp(list(range(len(reader))))[:, 0]
+
+
+def _hidden_frames(starts: np.ndarray) -> int:
     """Frames decord counts that a player never shows: those an edit list hides (a cut made with
     `ffmpeg -ss ... -c copy`, a phone's trim), decoded as references before the video's start and
-    stamped with negative times. None for most files."""
-    if len(reader) < 1:
-        return 0
-    starts = reader.get_frame_timestamp(list(range(len(reader))))[:, 0]
-    hidden = int((starts < 0).sum())
-    return hidden if hidden < len(reader) else 0
+    stamped with negative times. None for most files. Frames without a time are not hidden ones."""
+    hidden = int(((starts < 0) & (starts > _NO_TIME_BELOW)).sum())
+    return hidden if hidden < len(starts) else 0
+
+
+def _seeks_misplace_frames(path: str, starts: np.ndarray) -> bool:
+    """Whether decord's get_batch would return other frames than those asked for (measured, 0.6).
+
+    It numbers frames by sorting its packets' pts, and takes a keyframe's place in the file (decode
+    order) for its place in that numbering when it seeks. That holds for closed GOPs only. It fails
+    where frames have no pts (H.264 or MPEG-4 Part 2 with B-frames in AVI: frame 0 came back for frame
+    20), and in an open GOP, where frames shown before a keyframe are stored after it: x265's default
+    (HEVC), x264's --open-gop, MPEG-4 Part 2 with B-frames (frame 60 came back for 117). Reading in
+    order gives the right frames in all of them, for one decode of the file up to the last sample.
+    """
+    if bool((starts <= _NO_TIME_BELOW).any()):
+        return True
+    return _keyframe_out_of_place(path)
+
+
+def _keyframe_out_of_place(path: str) -> bool:
+    """Whether some keyframe's place in decode order is not its place in display order, or the display
+    order is unknown (pts missing or repeated). One demux pass through PyAV, no decoding: a few
+    milliseconds for a 20 s 720p MP4 (decord reads its samples in hundreds)."""
+    container, stream = open_video(path)
+    with container:
+        try:
+            # Every packet decord counts; not the demuxer's end marker (empty, without timestamps).
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream)
+                       if p.size or p.pts is not None or p.dts is not None]  # fmt: skip
+        except av.error.FFmpegError:  # a file broken part-way: read in order, which tells where it breaks
+            return True
+    times = [pts for pts, _ in packets]
+    if None in times or len(set(times)) < len(times):
+        return True
+    shown = sorted(times)
+    return any(key and bisect.bisect_left(shown, pts) != place for place, (pts, key) in enumerate(packets))
 
 
 def _read(reader, indices: list[int], in_order: bool) -> np.ndarray:
