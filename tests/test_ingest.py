@@ -22,13 +22,13 @@ from vidray.errors import UserError
 from vidray.train.batches import (
     BatchBuffers,
     VideoBatchCollate,
-    arrow_videos,
     prefetch_in_thread,
     shuffle_buffer_order,
     train_batches,
     val_batches,
     val_rows_of_rank,
 )
+from vidray.train.rows import arrow_videos
 from vidray.train.ingest import DEVICE_CACHE_FRACTION, DeviceCache, device_memory_bytes, should_cache_on_device
 from vidray.train.placement import build_datasets, cache_splits
 

@@ -369,6 +369,35 @@ def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(sto
     assert _same(_tensors(cache.val_batches()), host) and sum(len(b[1]) for b in host) == VAL_VIDEOS - 1
 
 
+def test_an_arrow_batch_whose_every_clip_is_damaged_keeps_its_rows_in_training():
+    """Ray Data hands a worker blocks of any size (streaming_split cuts pieces of one or two rows to even the
+    shards out). A damaged clip's stand-in came from its own block only, so a block with no intact clip lost its
+    rows: that worker one micro-batch short, the others waiting in DDP's all-reduce. It comes from the stream."""
+    from vidray.train.ingest import StoredClips
+    from vidray.train.rows import RowFill, arrow_rows
+
+    good = [encode_clip(_clip(i), "jpeg", 90) for i in range(3)]
+    bad = b"\0" * len(good[0])  # fails check_blob
+
+    def block(blobs: list[bytes], first: int) -> pa.Table:
+        return pa.table({"video": pa.array(blobs, pa.binary()), "label": list(range(first, first + len(blobs))),
+                         "video_id": [f"v{i}" for i in range(first, first + len(blobs))]})  # fmt: skip
+
+    def stream() -> list[pa.Table]:
+        return [block([bad], 0), block([good[0], good[1]], 1), block([bad, bad], 3), block([bad, good[2]], 5)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one per damaged clip: tested above
+        fill = RowFill()
+        labels = [row.label for table in stream() for row in arrow_rows(table, VIDEO_SHAPE, "jpeg", fill)]
+        # Every row kept: the first block's by the first intact clip, the rest by the one before them.
+        assert labels == [1, 1, 2, 2, 2, 2, 6]
+        clips, cached_labels, _ = StoredClips.gather(stream(), VIDEO_SHAPE, "jpeg", fill=True)  # the device cache alike
+        assert cached_labels.tolist() == labels and len(clips) == len(labels)
+        _, val_labels, val_sizes = StoredClips.gather(stream(), VIDEO_SHAPE, "jpeg", fill=False)  # validation: left out
+        assert val_labels.tolist() == [1, 2, 6] and val_sizes == [0, 2, 0, 1]
+
+
 # ----------------------------------------------------------------- preprocessing writes the store
 
 

@@ -29,7 +29,6 @@ import queue
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -37,10 +36,10 @@ import pyarrow as pa
 import torch
 
 from vidray.config import StoreName, TrainSettings
-from vidray.data.store import StoredClipError, check_blob, clip_error, decode_frames_into
-from vidray.errors import warn_once
+from vidray.data.store import StoredClipError, clip_error, decode_frames_into
 from vidray.train.decoding import DeviceJpegDecoder
 from vidray.train.rng import derive_seed
+from vidray.train.rows import Row, RowFill, arrow_rows
 
 T = TypeVar("T")
 
@@ -100,104 +99,6 @@ def train_shuffle_seed(train: TrainSettings, epoch: int, rank: int) -> int:
 
 
 # ------------------------------------------------------------------ rows and batches on the host
-
-
-def _binary_chunks(column: pa.ChunkedArray | pa.Array) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(offsets, data) of each non-empty chunk of a binary column: value ``i`` is
-    ``data[offsets[i]:offsets[i + 1]]``, read straight out of the Arrow buffers (no copy)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    for chunk in chunks:
-        if len(chunk) == 0:
-            continue
-        if chunk.null_count:
-            raise ValueError(f"{chunk.null_count} null video blobs in a batch")
-        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        _, offsets_buffer, data_buffer = chunk.buffers()
-        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
-        yield offsets, np.frombuffer(data_buffer, dtype=np.uint8)
-
-
-def arrow_videos(column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...]) -> list[np.ndarray]:
-    """Zero-copy uint8 views ``[n, *video_shape]``, one per Arrow chunk, of a binary ``video`` column.
-
-    A binary array stores its values back to back in one buffer; with every value
-    of the same length that buffer *is* the stacked videos, so nothing is copied.
-    """
-    expected = int(np.prod(video_shape))
-    views = []
-    for offsets, data in _binary_chunks(column):
-        lengths = np.diff(offsets)
-        if (lengths != expected).any():
-            bad = int(lengths[lengths != expected][0])
-            raise ValueError(f"video blob of {bad} bytes does not match shape {video_shape} ({expected} bytes)")
-        views.append(data[offsets[0] : offsets[-1]].reshape(len(offsets) - 1, *video_shape))
-    return views
-
-
-@dataclass(frozen=True)
-class Row:
-    """One video of an Arrow batch: a view into the batch's buffer (no copy) and its label."""
-
-    videos: np.ndarray  # raw store: the chunk's [n, *video_shape] view; else this row's stored blob (1-D)
-    index: int  # raw store: the row in ``videos``; else 0
-    label: int
-    video_id: str = ""  # compressed stores: whom a decoding error names
-
-
-def arrow_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName = "raw", fill: bool = False) -> Iterator[Row]:
-    """The rows of an Arrow batch in order; for a compressed ``store``, those whose blob passes
-    its check (:func:`intact_rows`; ``fill``: a damaged one's place taken by a neighbour)."""
-    labels = table.column("label").to_numpy()
-    if store != "raw":
-        yield from intact_rows(table, video_shape, store, labels, fill)
-        return
-    start = 0
-    for view in arrow_videos(table.column("video"), video_shape):
-        for i in range(len(view)):
-            yield Row(view, i, int(labels[start + i]))
-        start += len(view)
-
-
-def intact_rows(
-    table: pa.Table, video_shape: tuple[int, ...], store: StoreName, labels: np.ndarray, fill: bool
-) -> Iterator[Row]:
-    """Rows of a compressed store, each a view of its blob. A damaged blob (its checksum, its
-    frame table: :func:`vidray.data.store.check_blob`, microseconds, no decoding) is rejected
-    with one warning naming the video, and the rest goes on.
-
-    ``fill`` (training): the previous intact row of the batch (the next one, for its first)
-    takes the rejected one's place, so every worker still has the rows, and so the batches,
-    of the others: a worker one batch short would leave the others waiting in DDP's
-    all-reduce. Without ``fill`` (validation, where ranks need not agree) it is left out.
-    Every path (host batches, the device cache) decides alike, so they give the same batches.
-    """
-    ids = table.column("video_id").to_pylist() if "video_id" in table.column_names else None
-    row = 0
-    previous: Row | None = None
-    owed = 0  # rejected rows at the start of the batch, filled by its first intact one
-    for offsets, data in _binary_chunks(table.column("video")):
-        for i in range(len(offsets) - 1):
-            blob = data[offsets[i] : offsets[i + 1]]
-            video_id = ids[row] if ids is not None else f"row {row} of a batch"
-            row += 1
-            try:
-                check_blob(blob, store, video_shape)
-            except StoredClipError as err:
-                instead = "another clip of its batch takes its place" if fill else "evaluation goes on without it"
-                warn_once(
-                    f"stored clip of video {video_id} rejected: {err}; {instead} "
-                    "(re-run `vidray preprocess` to rebuild its shard)",
-                    key=f"rejected clip {video_id}",
-                )
-                if fill and previous is not None:
-                    yield previous
-                elif fill:
-                    owed += 1
-                continue
-            previous = Row(blob, 0, int(labels[row - 1]), video_id)
-            for _ in range(owed + 1):
-                yield previous
-            owed = 0
 
 
 @functools.cache
@@ -409,7 +310,8 @@ def train_batches(
     ``frames``: a compressed store decodes only the stored frames it says each batch's step samples."""
     # Whole blocks (batch_size=None): nothing re-batched, nothing concatenated; the rows are re-batched below.
     tables = shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=train.prefetch_batches)
-    rows = (row for table in tables for row in arrow_rows(table, collate.video_shape, collate.store, fill=True))
+    fill = RowFill()
+    rows = (row for table in tables for row in arrow_rows(table, collate.video_shape, collate.store, fill))
     shuffled = shuffle_buffer_order(rows, shuffle_size(train, batch_size), train_shuffle_seed(train, epoch, rank))
     batches = (
         collate.stack(rows, frames(len(rows)) if frames is not None else None)

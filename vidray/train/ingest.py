@@ -30,13 +30,11 @@ import torch.distributed as dist
 from vidray.config import StoreName, TrainSettings
 from vidray.errors import UserError
 from vidray.train.decoding import DeviceJpegDecoder, decode_threads_for, device_decoder_for
+from vidray.train.rows import Row, RowFill, arrow_rows, arrow_videos
 from vidray.train.batches import (
     BatchBuffers,
     FrameSampler,
-    Row,
     VideoBatchCollate,
-    arrow_rows,
-    arrow_videos,
     decode_rows_into,
     every_clip_reads,
     prefetch_in_thread,
@@ -150,13 +148,14 @@ class StoredClips:
     def gather(cls, tables: Iterable[pa.Table], video_shape: tuple[int, ...], store: StoreName, fill: bool, decode_threads: int = 1,
                device_decoder: DeviceJpegDecoder | None = None):  # fmt: skip
         """(the clips of ``tables``, their labels int64 [n], rows kept per table), one copy of each blob
-        (``fill``: a damaged clip's place taken as :func:`vidray.train.batches.intact_rows` says)."""
+        (``fill``: a damaged clip's place taken as :func:`vidray.train.rows.intact_rows` says)."""
         parts: list[np.ndarray] = []
         lengths: list[int] = []
         labels: list[int] = []
         sizes: list[int] = []
+        stand_in = RowFill() if fill else None  # one for all the tables: a stream, as the host path reads them
         for table in tables:
-            rows = list(arrow_rows(table, video_shape, store, fill))
+            rows = list(arrow_rows(table, video_shape, store, stand_in))
             if rows:
                 parts.append(np.concatenate([row.videos for row in rows]))  # this table's blobs: it can go
             lengths.extend(len(row.videos) for row in rows)

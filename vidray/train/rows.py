@@ -1,0 +1,125 @@
+"""The rows of a stored split's Arrow batches, as a worker reads them: one view per video into the buffers
+Ray Data hands over (no copy, no per-row Python bytes), and for a compressed store only the clips whose
+blob passes its check, a damaged one's place taken by a neighbour in training (:func:`intact_rows`).
+
+Nothing here imports Ray or torch: vidray/train/batches.py batches these rows, vidray/train/ingest.py
+copies them to a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from vidray.config import StoreName
+from vidray.data.store import StoredClipError, check_blob
+from vidray.errors import warn_once
+
+
+def _binary_chunks(column: pa.ChunkedArray | pa.Array) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(offsets, data) of each non-empty chunk of a binary column: value ``i`` is
+    ``data[offsets[i]:offsets[i + 1]]``, read straight out of the Arrow buffers (no copy)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        if chunk.null_count:
+            raise ValueError(f"{chunk.null_count} null video blobs in a batch")
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        yield offsets, np.frombuffer(data_buffer, dtype=np.uint8)
+
+
+def arrow_videos(column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Zero-copy uint8 views ``[n, *video_shape]``, one per Arrow chunk, of a binary ``video`` column.
+
+    A binary array stores its values back to back in one buffer; with every value
+    of the same length that buffer *is* the stacked videos, so nothing is copied.
+    """
+    expected = int(np.prod(video_shape))
+    views = []
+    for offsets, data in _binary_chunks(column):
+        lengths = np.diff(offsets)
+        if (lengths != expected).any():
+            bad = int(lengths[lengths != expected][0])
+            raise ValueError(f"video blob of {bad} bytes does not match shape {video_shape} ({expected} bytes)")
+        views.append(data[offsets[0] : offsets[-1]].reshape(len(offsets) - 1, *video_shape))
+    return views
+
+
+@dataclass(frozen=True)
+class Row:
+    """One video of an Arrow batch: a view into the batch's buffer (no copy) and its label."""
+
+    videos: np.ndarray  # raw store: the chunk's [n, *video_shape] view; else this row's stored blob (1-D)
+    index: int  # raw store: the row in ``videos``; else 0
+    label: int
+    video_id: str = ""  # compressed stores: whom a decoding error names
+
+
+@dataclass
+class RowFill:
+    """Training's stand-in for a damaged clip, carried across the Arrow batches of one stream (:func:`intact_rows`)."""
+
+    previous: Row | None = None  # the last intact row
+    owed: int = 0  # damaged rows before the first intact one, each filled by it
+
+
+def arrow_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName = "raw", fill: RowFill | None = None) -> Iterator[Row]:
+    """The rows of an Arrow batch in order; for a compressed ``store``, those whose blob passes
+    its check (:func:`intact_rows`; ``fill``, one per stream: a damaged one's place taken by a neighbour)."""
+    labels = table.column("label").to_numpy()
+    if store != "raw":
+        yield from intact_rows(table, video_shape, store, labels, fill)
+        return
+    start = 0
+    for view in arrow_videos(table.column("video"), video_shape):
+        for i in range(len(view)):
+            yield Row(view, i, int(labels[start + i]))
+        start += len(view)
+
+
+def intact_rows(
+    table: pa.Table, video_shape: tuple[int, ...], store: StoreName, labels: np.ndarray, fill: RowFill | None
+) -> Iterator[Row]:
+    """Rows of a compressed store, each a view of its blob. A damaged blob (its checksum, its
+    frame table: :func:`vidray.data.store.check_blob`, microseconds, no decoding) is rejected
+    with one warning naming the video, and the rest goes on.
+
+    ``fill`` (training): the previous intact row of the stream, in this Arrow batch or an earlier one (the
+    next one, before the first), takes the rejected one's place, so every worker still has the rows, and so the
+    batches, of the others: a worker one batch short would leave the others waiting in DDP's all-reduce (a
+    batch whose every clip was damaged lost its rows when the stand-in came from the batch alone). Without
+    ``fill`` (validation, where ranks need not agree) it is left out. Every path (host batches, the device
+    cache) decides alike, so they give the same batches.
+    """
+    ids = table.column("video_id").to_pylist() if "video_id" in table.column_names else None
+    row = 0
+    for offsets, data in _binary_chunks(table.column("video")):
+        for i in range(len(offsets) - 1):
+            blob = data[offsets[i] : offsets[i + 1]]
+            video_id = ids[row] if ids is not None else f"row {row} of a batch"
+            row += 1
+            try:
+                check_blob(blob, store, video_shape)
+            except StoredClipError as err:
+                instead = "another clip of its batch takes its place" if fill else "evaluation goes on without it"
+                warn_once(
+                    f"stored clip of video {video_id} rejected: {err}; {instead} "
+                    "(re-run `vidray preprocess` to rebuild its shard)",
+                    key=f"rejected clip {video_id}",
+                )
+                if fill and fill.previous is not None:
+                    yield fill.previous
+                elif fill:
+                    fill.owed += 1
+                continue
+            intact = Row(blob, 0, int(labels[row - 1]), video_id)
+            for _ in range(fill.owed + 1 if fill else 1):
+                yield intact
+            if fill:
+                fill.previous, fill.owed = intact, 0
