@@ -82,6 +82,35 @@ def test_ray_train_report_log_is_where_the_shim_quiets_it():
         context.logger.setLevel(level)
 
 
+def test_a_ray_start_cluster_is_found_where_ray_records_it(tmp_path, monkeypatch):
+    """ray.init() without an address joins the cluster the last `ray start` recorded in Ray's temp dir; vidray
+    looks there first, so that it joins it as Ray would rather than start its own with keywords that do not fit."""
+    from ray._common.utils import get_ray_address_file
+    from ray._private.services import get_ray_address_from_environment
+
+    assert_in_ray_gate(compat.STARTED_CLUSTER_VERIFIED_RAY, "re-check where ray.init() finds a `ray start` cluster")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert compat.started_cluster_address() is None and get_ray_address_from_environment(None, None) is None
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6379\n")  # what `ray start` writes
+    assert get_ray_address_file(None) == str(tmp_path / "ray" / "ray_current_cluster")
+    assert compat.started_cluster_address() == get_ray_address_from_environment(None, None) == "10.1.2.3:6379"
+
+
+def test_a_command_joins_the_cluster_ray_start_left_running(ray_head, tmp_path):
+    """The README's `ray start --head` then a vidray command without RAY_ADDRESS: it joins that cluster. It used to
+    pass its new-cluster keywords (node IP 127.0.0.2, a dashboard of its own) to the ray.init that joined it, and
+    failed after 60 s where the head's node IP was another (`--node-ip-address 127.0.0.1` becomes the host's)."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(ray_head["address"])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
+    probe = ("import ray; from vidray.cluster import init_ray; from vidray.tune.local_ray import local_cluster_kwargs; "
+             "init_ray(**local_cluster_kwargs()); print(ray.get_runtime_context().gcs_address)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.split()[-1] == ray_head["address"], out.stderr[-3000:]
+
+
 def test_the_raylets_worker_pool_warning_is_dropped_where_the_driver_prints_it(capsys):
     """The raylet still words its warning so, the driver still prints the raylet's pushed errors through the
     module's print_to_stdstream, and the shim drops that warning alone (and puts the printer back)."""

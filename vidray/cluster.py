@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import ray
 
-from vidray.compat import quiet_worker_pool_warning
+from vidray.compat import quiet_worker_pool_warning, started_cluster_address
 from vidray.config import TrainSettings, VidrayConfig
 from vidray.errors import Interrupted, UserError
 from vidray.storage import check_storage_for_cluster
@@ -82,12 +82,14 @@ def console_settings(verbose: bool) -> dict[str, Any]:
 
 def init_ray(*, verbose: bool = False, **local_kwargs) -> None:
     """Connect once, with the console of :func:`console_settings` (applied on every call: it is this
-    process's logging); ``local_kwargs`` only apply when a new local cluster starts, on :data:`LOOPBACK_IP`."""
+    process's logging), as Ray's own ``ray.init()`` does: to ``RAY_ADDRESS``, else to the cluster `ray start`
+    left running on this machine, else to a new local cluster on :data:`LOOPBACK_IP`, which alone gets
+    ``local_kwargs``."""
     settings = console_settings(verbose)
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **settings)
+    if address := os.environ.get("RAY_ADDRESS") or started_cluster_address():
+        ray.init(address=address, **settings)
     else:
         ray.init(**settings, **{"_node_ip_address": LOOPBACK_IP, **local_kwargs})
     sigterm_as_ctrl_c()  # after ray.init, whose core worker installs a handler of its own

@@ -136,6 +136,29 @@ def quiet_worker_pool_warning(quiet: bool = True) -> None:
     ray_worker.print_to_stdstream = print_without_the_warning
 
 
+# ------------------------------------------------ Ray core: the cluster `ray start` left on this machine
+# ray.init() without an address joins the cluster whose GCS address the last `ray start` wrote to
+# <Ray's temp dir>/ray_current_cluster (ray/_private/services.py: get_ray_address_from_environment ->
+# find_bootstrap_address -> ray._private.utils.read_ray_address; `ray stop` deletes the file). vidray
+# must know, because it starts a local cluster of its own with keywords that only fit a new one
+# (vidray.cluster.init_ray): given to a ray.init that joined the README's `ray start` head, they failed
+# after 60 s ("No node info found matching attributes: '127.0.0.2'"). Outside the gate: try anyway (where
+# the file moved, None: vidray starts its own local cluster beside that one, which works).
+STARTED_CLUSTER_VERIFIED_RAY = ("2.60.0",)
+
+
+def started_cluster_address() -> str | None:
+    """The GCS address of the cluster the last `ray start` on this machine started and no `ray stop` ended
+    (what a plain ``ray.init()`` joins), or None."""
+    if _ray_version() not in STARTED_CLUSTER_VERIFIED_RAY:
+        warn_once(f"vidray's check for a `ray start` cluster was verified on Ray {STARTED_CLUSTER_VERIFIED_RAY[-1]}")
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:
+        return None
+    return read_ray_address() or None
+
+
 # ------------------------------------------------ Ray Train V2: StorageContext.persist_current_checkpoint
 # The background checkpoint writer (vidray.train.epoch_report.report_epoch) hands ray.train.report a
 # checkpoint_upload_fn that Ray runs on its upload thread; it calls
