@@ -229,6 +229,32 @@ def test_a_trial_keeps_and_reports_the_best_checkpoint_by_the_metric_the_sweep_r
     assert (none_kept.best_epoch, none_kept.best_value, none_kept.best_checkpoint) == (2, 0.2, None)
 
 
+def test_a_sweep_on_object_storage_finds_its_best_checkpoint(tmp_path):
+    """Tune records a checkpoint's path inside its filesystem, which for object storage has no scheme
+    ("bucket/runs/..." for s3://bucket/runs): read as a local path it never existed, so a sweep on a bucket had no
+    best model, evaluation or confusion matrix. The path is made a URI of the sweep's storage again."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from vidray.report.trials import StoredTrial, checkpoint_uri, summarize_trial
+
+    assert pafs.FileSystem.from_uri("gs://bucket/vidray/runs")[1] == "bucket/vidray/runs"  # what Ray builds paths from
+    assert checkpoint_uri("bucket/vidray/runs/demo/t/checkpoint_epoch_0001", "s3://bucket/vidray/runs") == (
+        "s3://bucket/vidray/runs/demo/t/checkpoint_epoch_0001"
+    )
+    assert checkpoint_uri("bucket/runs/demo/c", "gs://bucket/runs/") == "gs://bucket/runs/demo/c"
+    assert checkpoint_uri("/runs/demo/c", "hdfs://namenode:8020/runs") == "hdfs://namenode:8020/runs/demo/c"
+    assert checkpoint_uri("/tmp/runs/demo/c", "/tmp/runs") == "/tmp/runs/demo/c"  # local storage: as it is
+    # On storage read through a URI (file://, the code path of s3:// and gs://), the checkpoint is found and named by URI.
+    checkpoint = tmp_path / "runs" / "demo" / "train_runs" / "t0" / "checkpoint_epoch_0000"
+    checkpoint.mkdir(parents=True)
+    cfg = load_config(DEMO, [f"run.storage_path=file://{tmp_path / 'runs'}", "train.epochs=1"])
+    frame = pd.DataFrame([{EPOCHS_DONE: 1, "val_macro_f1": 0.5, "checkpoint_path": str(checkpoint)}])
+    trial = StoredTrial(config={"mixup_alpha": 0.0, "lr": 1e-3, "weight_decay": 0.05}, metrics={"trial_id": "t0"},
+                        metrics_dataframe=frame, path=str(checkpoint.parents[2]))  # fmt: skip
+    assert summarize_trial(trial, cfg).best_checkpoint == f"file://{checkpoint}"
+
+
 def test_empty_grid_is_refused_before_ray_starts(capsys):
     assert cli_main(["tune", "--config", str(DEMO), "tune.lr=[]"]) == 2
     err = capsys.readouterr().err.strip()

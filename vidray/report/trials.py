@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from vidray.config import VidrayConfig
-from vidray.storage import join_uri, open_filesystem, read_json
+from vidray.storage import is_uri, join_uri, open_filesystem, read_json
 from vidray.train.metrics import EPOCHS_DONE
 from vidray.tune.space import trial_label
 
@@ -93,6 +93,17 @@ def read_finished_trials(experiment_path: str) -> list[StoredTrial]:
     return trials
 
 
+def checkpoint_uri(path: str | None, storage_path: str) -> str | None:
+    """A checkpoint path as Tune recorded it, made a URI again where the sweep's storage is one: Ray records the
+    path inside the checkpoint's filesystem, which drops the scheme of object storage ("bucket/runs/..." for
+    s3://bucket/runs/...). Read as a local path, it never existed, and a sweep on a bucket had no best model."""
+    if not path or is_uri(path) or not is_uri(storage_path):
+        return path
+    scheme, rest = storage_path.split("://", 1)
+    host = rest.split("/", 1)[0]  # s3/gs: the bucket, which the path starts with; file: none; hdfs: the namenode
+    return f"{scheme}://{path}" if path.startswith(f"{host}/") else f"{scheme}://{host}{path}"
+
+
 def _checkpoint_exists(path: str | None) -> bool:
     if not path:
         return False
@@ -116,9 +127,10 @@ def summarize_trial(result, cfg: VidrayConfig) -> TrialSummary:
     )
     # The best epoch whose checkpoint is still on disk (a trial keeps its best ones by tune.metric and its latest),
     # so that the value, epoch and checkpoint reported are one epoch's; else the best epoch, with no checkpoint.
-    kept = next((row for row in ranked if _checkpoint_exists(row.get("checkpoint_path"))), None)
+    storage = cfg.run.storage_path
+    kept = next((row for row in ranked if _checkpoint_exists(checkpoint_uri(row.get("checkpoint_path"), storage))), None)
     best = kept or (ranked[0] if ranked else None)
-    checkpoint = kept["checkpoint_path"] if kept else None
+    checkpoint = checkpoint_uri(kept["checkpoint_path"], storage) if kept else None
     return TrialSummary(
         trial_id=str(result.metrics.get("trial_id") or Path(result.path).name),
         label=trial_label(params),
