@@ -191,6 +191,25 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
         build_model(_pretrained_cfg(str(tmp_path / "a")), CLASSES, 16, 112)
 
 
+def test_fine_tuning_a_pretraining_checkpoint_classifies_from_the_mean_of_its_tokens(tmp_path):
+    """MCG-NJU/videomae-base and a `vidray pretrain` checkpoint's model/ are VideoMAEForPreTraining with
+    use_mean_pooling=false: built as HF builds a classifier from them, the head read the first token, one patch of
+    the first tubelet (VideoMAE has no CLS token). VideoMAE's recipe pools the mean, through a new fc_norm."""
+    from transformers import VideoMAEForPreTraining
+
+    torch.manual_seed(0)
+    pretraining = VideoMAEForPreTraining(VideoMAEConfig(**TINY, num_frames=4, image_size=32, patch_size=16, use_mean_pooling=False))
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    model = build_model(_pretrained_cfg(str(tmp_path / "pretraining")), CLASSES, frames=4, size=32).eval()
+    assert model.config.use_mean_pooling and model.fc_norm is not None and model.videomae.layernorm is None
+    for name, weight in pretraining.videomae.encoder.state_dict().items():  # the encoder itself is the pretrained one
+        assert torch.equal(model.videomae.encoder.state_dict()[name], weight), name
+    clip = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.videomae(clip).last_hidden_state
+        assert torch.allclose(model(clip).logits, model.classifier(model.fc_norm(tokens.mean(1))), atol=1e-6)
+
+
 def test_to_device_moves_the_position_table_hf_reads_in_every_forward(pretrained_dir):
     """The HF internal :func:`vidray.model.classifier.to_device` relies on, checked against the installed transformers."""
     import transformers

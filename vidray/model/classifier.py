@@ -157,6 +157,11 @@ def build_model(model_cfg: ModelSettings, classes: list[str], frames: int, size:
         config = VideoMAEConfig.from_pretrained(model_cfg.name_or_path, **common)
         config.num_labels = len(classes)  # resyncs nothing else: id2label/label2id were set above
         config.update({POS_GRID_KEY: None})
+        if "VideoMAEForPreTraining" in (pretrained.architectures or []):
+            # VideoMAE's fine-tuning recipe: a new fc_norm over the mean of the tokens. A pretraining checkpoint
+            # (MCG-NJU/videomae-base, a `vidray pretrain` checkpoint's model/) says use_mean_pooling=false, and HF
+            # then classifies from the first token, one patch of the first tubelet (VideoMAE has no CLS token).
+            config.use_mean_pooling = True
         check_clip_shape(frames, size, config)
         model, info = VideoMAEForVideoClassification.from_pretrained(
             model_cfg.name_or_path,
