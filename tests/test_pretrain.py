@@ -119,12 +119,12 @@ def demo_config(*overrides: str):
         (
             ["pretrain.mask_ratio=0.99"],
             "pretrain.mask_ratio=0.99 hides all of them (a 32 px clip in 8 px patches has 4 x 4 = 16 patch "
-            "positions), leaving no visible token; lower pretrain.mask_ratio to at most 0.968",
+            "positions), leaving no visible token; lower pretrain.mask_ratio to at most 0.938",
         ),
         (
             ["pretrain.mask_ratio=0.01"],
             "pretrain.mask_ratio=0.01 hides none of them (a 32 px clip in 8 px patches has 4 x 4 = 16 patch "
-            "positions), leaving nothing to reconstruct; raise pretrain.mask_ratio to at least 0.031",
+            "positions), leaving nothing to reconstruct; raise pretrain.mask_ratio to at least 0.062",
         ),
         (["data.frames=6"], "data.frames=6 must be a multiple of the model's tubelet_size 4"),
         (["data.size=36"], "data.size=36 must be a multiple of the model's patch_size 8"),
@@ -139,6 +139,15 @@ def test_a_pretraining_that_cannot_work_is_refused_from_the_config_alone(overrid
     with pytest.raises(UserError) as err:
         check_pretrain_config(demo_config(*overrides))
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("refused", ["0.99", "0.01"])
+def test_the_mask_ratio_a_refusal_suggests_is_accepted(refused):
+    """The suggested bound was refused in its turn: "at least 0.031" hid round(0.031 x 16) = 0 positions."""
+    with pytest.raises(UserError) as err:
+        check_pretrain_config(demo_config(f"pretrain.mask_ratio={refused}"))
+    suggested = str(err.value).rsplit(" ", 1)[-1]
+    check_pretrain_config(demo_config(f"pretrain.mask_ratio={suggested}"))
 
 
 @pytest.mark.parametrize(

@@ -121,12 +121,12 @@ def check_pretraining_model(model_cfg: ModelSettings, pretrain: PretrainSettings
     if hidden >= spatial:
         raise UserError(
             f"pretrain.mask_ratio={pretrain.mask_ratio} hides all of them ({where}), leaving no visible token; "
-            f"lower pretrain.mask_ratio to at most {(spatial - 0.51) / spatial:.3f}"
+            f"lower pretrain.mask_ratio to at most {(spatial - 1) / spatial:.3f}"  # hides all but one
         )
     if hidden == 0:
         raise UserError(
             f"pretrain.mask_ratio={pretrain.mask_ratio} hides none of them ({where}), leaving nothing to "
-            f"reconstruct; raise pretrain.mask_ratio to at least {0.5 / spatial:.3f}"
+            f"reconstruct; raise pretrain.mask_ratio to at least {1 / spatial:.3f}"  # hides one
         )
     return config
 
