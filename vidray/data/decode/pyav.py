@@ -152,7 +152,8 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
     that are not samples (``skip_frame=NONREF``, set per packet): no other frame
     depends on them, so they need not be decoded. With B-frames (YouTube's
     H.264) that is about half the frames; without, it changes nothing.
-    Packets without usable timestamps: decode everything in order instead.
+    Where the timestamps do not tell the display order (:func:`_pts_tell_display_order`):
+    decode everything in order instead, numbering frames as the decoder outputs them.
     """
     codec = stream.codec_context
     codec.thread_count, codec.thread_type = num_threads, "AUTO"
@@ -167,7 +168,7 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
     if not timestamps:
         return np.zeros((0, height, width, 3), np.uint8), 0
     samples = segment_indices(len(timestamps), count).tolist()
-    by_pts = None not in timestamps and len(set(timestamps)) == len(timestamps)
+    by_pts = _pts_tell_display_order(stream, timestamps)
     shown = sorted(timestamps) if by_pts else None  # display order
     index_of = {pts: i for i, pts in enumerate(shown)} if by_pts else None
     if not by_pts or container.format.flags & _IMPRECISE_SEEK_FLAGS:
@@ -184,6 +185,24 @@ def _decode_samples(container, stream, count: int, width: int, height: int, num_
     if missing:
         raise _MissingFrames(f"frame {missing[0]} of {len(timestamps)} never decoded")
     return np.stack([kept[i] for i in samples]), len(timestamps)
+
+
+def _pts_tell_display_order(stream, timestamps: list) -> bool:
+    """Whether the shown packets' pts, listed in decode (file) order, give each frame's place in display order.
+
+    Not when some are missing or repeated. Nor when the decoder reorders frames (B-frames; FFmpeg's
+    ``has_b_frames``, from the stream header or measured while probing) yet the pts never go back in
+    file order: a frame shown before one stored ahead of it has the smaller pts, so true pts go back
+    somewhere. Pts that never do were made up by FFmpeg in file order, for a container that stores
+    none: H.264 with B-frames in AVI (24 of 32 samples were other frames, or one "never decoded"), or
+    in ASF as FFmpeg writes it. (MPEG-4 Part 2 in AVI gets true pts: FFmpeg's parser knows its frame
+    types.) A stream that could reorder but does not is read in order too: right, only slower.
+    """
+    if None in timestamps or len(set(timestamps)) < len(timestamps):
+        return False
+    if not stream.codec_context.has_b_frames:
+        return True
+    return any(later < earlier for earlier, later in zip(timestamps, timestamps[1:]))
 
 
 def _decode_by_timestamp(container, stream, timestamps, index_of, keyframes, samples, width, height,

@@ -136,16 +136,27 @@ def read_samples(
         if not probe_geometry_and_seeking(path)[2]:  # an MPEG transport or program stream: not corrupt
             raise refused_by("torchcodec", path, f"it cannot seek in this stream: {_message(err)}") from None
         raise failed_part_way("torchcodec", path, _message(err), stored_frames, stored_size) from None
-    # The first sample is frame 0, shown at the stream's beginning. torchcodec (exact seek mode) cannot
-    # reach the frames before a file's first shown keyframe when an edit list hides the keyframe they
-    # decode from (a trimmed phone video, a `-c copy` cut): it returns that next keyframe, with its time.
+    # The first sample is frame 0, shown at the stream's beginning; see _late_first_frame for why it can be later.
     begin = decoder.metadata.begin_stream_seconds
     if begin is not None and abs(float(batch.pts_seconds[0]) - begin) > 1e-3:
-        from vidray.data.decode.pyav import refused_by
+        from vidray.data.decode.pyav import probe_geometry_and_seeking, refused_by
 
-        raise refused_by("torchcodec", path, f"its frame 0 comes back as the one at {float(batch.pts_seconds[0]):.3f} s: "
-                         "an edit list hides the keyframe its first frames decode from")  # fmt: skip
+        late = f"its frame 0 comes back as the one at {float(batch.pts_seconds[0]):.3f} s"
+        raise refused_by("torchcodec", path, f"{late}: {_late_first_frame(probe_geometry_and_seeking(path)[1])}")
     frames = batch.data.cpu().numpy() if batch.data.device.type != "cpu" else batch.data.numpy()
     return DecodedClip(centre_crop(np.asarray(frames), stored_size), source_frames=num_frames,
                        padded=num_frames < stored_frames)  # fmt: skip
 
+
+def _late_first_frame(container_format: str) -> str:
+    """Why torchcodec's frame 0 is stamped after the stream's beginning (measured, 0.13), by container
+    (FFmpeg's name: "mov,mp4,m4a,3gp,3g2,mj2", "avi", "asf").
+
+    In MP4/MOV: torchcodec (exact seek mode) cannot reach the frames before the first shown keyframe when an
+    edit list hides the keyframe they decode from (a trimmed phone video, a `-c copy` cut); it returns that
+    next keyframe, with its time. Elsewhere (no edit lists): B-frames in AVI, and in ASF as FFmpeg writes it,
+    whose display times FFmpeg derives from the decode times: the first frame's starts a frame or two late.
+    """
+    if container_format.startswith("mov,"):
+        return "an edit list hides the keyframe its first frames decode from"
+    return f"its {container_format} container stores no display times for B-frames, and those FFmpeg derives start late"
