@@ -51,7 +51,7 @@ from vidray.pretrain.driver import (
 )
 from vidray.pretrain.checks import check_pretrain_config
 from vidray.pretrain.figures import reconstruct
-from vidray.model.pretraining import build_pretraining_model, load_pretraining_model, save_encoder
+from vidray.model.pretraining import build_pretraining_model, load_pretraining_model, pretraining_config, save_encoder
 from vidray.train.driver import existing_run_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +178,20 @@ def test_continuing_from_a_decoder_of_another_shape_is_refused(tmp_path):
         f"model.name_or_path {str(tmp_path)!r} holds a pretraining decoder of another shape: set "
         "pretrain.decoder_depth=1 to continue with it (or point model.name_or_path at an encoder to start a new decoder)"
     )
+
+
+def test_a_decoder_of_another_mlp_width_is_continued_as_it_is(tmp_path):
+    """The decoder's MLP width is not a setting (4 x pretrain.decoder_width for a new one): a checkpoint whose decoder
+    has another passed the config check, then failed to load in every worker ("ignore_mismatched_sizes")."""
+    cfg = demo_config()
+    config = pretraining_config(cfg.model, cfg.pretrain, cfg.data.frames, cfg.data.size)
+    config.decoder_intermediate_size = 2 * cfg.pretrain.decoder_width
+    from transformers import VideoMAEForPreTraining
+
+    VideoMAEForPreTraining(config).save_pretrained(tmp_path)
+    continued = cfg.model.model_copy(update={"init": "pretrained", "name_or_path": str(tmp_path), "patch_size": None})
+    model = build_pretraining_model(continued, cfg.pretrain, cfg.data.frames, cfg.data.size)
+    assert model.config.decoder_intermediate_size == 2 * cfg.pretrain.decoder_width
 
 
 def test_jobs_pretrain_reports_a_config_error_in_one_line_before_ray_starts():

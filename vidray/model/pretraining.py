@@ -106,6 +106,8 @@ def pretraining_config(model_cfg: ModelSettings, pretrain: PretrainSettings, fra
         _check_decoder_matches(source, pretrain, model_cfg.name_or_path)
         config = VideoMAEConfig.from_pretrained(model_cfg.name_or_path, **common)
         config.update({POS_GRID_KEY: None})
+        if PRETRAINING_ARCHITECTURE in (source.architectures or []):  # its decoder goes on as it is, MLP width included
+            config.decoder_intermediate_size = source.decoder_intermediate_size
     config.architectures = [PRETRAINING_ARCHITECTURE]
     check_clip_shape(frames, size, config)
     return config
