@@ -29,7 +29,7 @@ from vidray.cli import main as cli_main
 from vidray.testing.faults import end_held_processes, hold_env
 from vidray.config import TuneSettings, load_config
 from vidray.errors import UserError
-from vidray.cluster import Capacity, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
+from vidray.cluster import Capacity, NodeShape, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
 from vidray.train.metrics import EPOCHS_DONE
 from vidray.folder_lock import read_holder
 from vidray.tune.space import build_param_space, count_trials, trial_config, trial_label
@@ -262,7 +262,7 @@ def test_empty_grid_is_refused_before_ray_starts(capsys):
 
 
 def test_resources_and_concurrency_follow_the_cluster():
-    laptop = Capacity(node_cpus=2, node_gpus=0, total_cpus=2, total_gpus=0, source="the Ray cluster")
+    laptop = Capacity((NodeShape(cpus=2, gpus=0),), source="the Ray cluster")
     cfg = load_config(DEMO)
     check_run_resources(cfg.train, laptop)
     # Streaming: one CPU for the worker, one left for Ray Data, so trials run one at a time.
@@ -273,7 +273,7 @@ def test_resources_and_concurrency_follow_the_cluster():
     check_run_resources(two_workers, laptop, data_cpus=0)
     with pytest.raises(UserError, match=r"2 x 1 CPUs plus 1 for Ray Data to stream the shards, but the Ray cluster has 2"):
         check_run_resources(two_workers, laptop)
-    gpu_cluster = Capacity(node_cpus=8, node_gpus=1, total_cpus=68, total_gpus=12, source="x")
+    gpu_cluster = Capacity((NodeShape(cpus=4, gpus=0), NodeShape(cpus=8, gpus=1, count=12)), source="x")
     gpu_train = cfg.train.model_copy(update={"use_gpu": True, "num_workers": 2, "cpus_per_worker": 4})
     assert derive_max_concurrent_trials(gpu_train, gpu_cluster) == 6  # GPUs limit: 12 / 2
 
@@ -305,6 +305,82 @@ def test_an_autoscaling_cluster_counts_the_nodes_it_may_add(tmp_path):
     bootstrap.write_text(yaml.safe_dump(config))
     assert _autoscaling_capacity(bootstrap) is None
     assert _autoscaling_capacity(tmp_path / "absent.yaml") is None
+
+
+def bootstrap_config(tmp_path: Path, node_types: dict, max_workers: int = 12) -> Path:
+    """A `ray up` cluster's ~/ray_bootstrap_config.yaml with these node types, "head" its head."""
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(yaml.safe_dump({"max_workers": max_workers, "head_node_type": "head", "available_node_types": node_types}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("cluster", "cpus_per_worker", "gpu_node_cpus"), [("cluster.yaml", 16, 4), ("configs/cluster_gcp.yaml", 12, 8)]
+)
+def test_a_gpu_worker_needs_its_cpus_on_a_gpu_node(cluster, cpus_per_worker, gpu_node_cpus):
+    # Both clusters have 16-CPU nodes without a GPU: no GPU worker of 16 CPUs fits, however many CPUs they add.
+    capacity = _autoscaling_capacity(REPO / cluster)
+    train = load_config(REPO / "configs" / "coin12.yaml").train  # use_gpu, one 4-CPU worker a trial
+    check_run_resources(train.model_copy(update={"cpus_per_worker": gpu_node_cpus}), capacity)
+    assert derive_max_concurrent_trials(train, capacity) == 12  # one per GPU node
+    too_many = train.model_copy(update={"cpus_per_worker": cpus_per_worker})
+    with pytest.raises(UserError) as err:
+        check_run_resources(too_many, capacity)
+    assert str(err.value) == (
+        f"train.use_gpu=true with train.cpus_per_worker={cpus_per_worker}: no GPU node of the autoscaler's node types "
+        f"({REPO / cluster}) has {cpus_per_worker} CPUs (its GPU nodes have {gpu_node_cpus}); lower train.cpus_per_worker"
+    )
+
+
+def test_workers_are_counted_node_by_node(tmp_path):
+    # 3 nodes of 3 CPUs: 9 CPUs, but only 3 workers of 2 CPUs (one a node), and 1 CPU left on each.
+    capacity = _autoscaling_capacity(bootstrap_config(tmp_path, {
+        "head": {"resources": {"CPU": 3}, "max_workers": 0},
+        "cpu": {"resources": {"CPU": 3}, "max_workers": 2},
+    }))  # fmt: skip
+    train = load_config(DEMO).train.model_copy(update={"cpus_per_worker": 2, "num_workers": 3})
+    check_run_resources(train, capacity)
+    with pytest.raises(UserError, match=re.escape(
+        "one run needs train.num_workers=4 workers, each with train.cpus_per_worker=2 CPUs on one node, but the nodes "
+        f"of the autoscaler's node types ({tmp_path}/ray_bootstrap_config.yaml) hold only 3 of them (3 x 3 CPUs); "
+        "lower train.num_workers or train.cpus_per_worker"
+    )):  # fmt: skip
+        check_run_resources(train.model_copy(update={"num_workers": 4}), capacity)
+    one_worker = train.model_copy(update={"num_workers": 1})
+    assert derive_max_concurrent_trials(one_worker, capacity) == 3  # not (9 - 1) // 2 = 4
+    # Two GPUs on a node of 4 CPUs hold one 4-CPU worker, not two.
+    capacity = _autoscaling_capacity(bootstrap_config(tmp_path, {
+        "head": {"resources": {"CPU": 16}, "max_workers": 0},
+        "gpu": {"resources": {"CPU": 4, "GPU": 2}, "max_workers": 1},
+    }))  # fmt: skip
+    gpu_train = train.model_copy(update={"use_gpu": True, "cpus_per_worker": 4, "num_workers": 2})
+    with pytest.raises(UserError, match=r"4 CPUs and a GPU on one node, .* hold only 1 of them \(1 x 16 CPUs, 1 x 4 CPUs and 2 GPUs\)"):
+        check_run_resources(gpu_train, capacity)
+
+
+def test_a_continued_sweep_keeps_the_caching_its_concurrency_was_counted_for(tmp_path, capsys):
+    from vidray.train.runs import mark_run, read_marker
+    from vidray.tune.experiment import trials_cache_dataset
+
+    sweep = str(tmp_path / "demo")
+    mark_run(sweep, "sweep", "demo")  # as open_run leaves a sweep's folder
+    cfg = load_config(DEMO)
+    # Started with the splits cached (2 trials on 2 CPUs, none left to stream): recorded.
+    assert trials_cache_dataset(cfg, sweep, "new", decided="always") == "always"
+    # Continued with train.cache_dataset=never: two streaming trials would leave Ray Data no CPU. Kept, in one line.
+    never = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_dataset": "never"})})
+    assert trials_cache_dataset(never, sweep, "interrupted", decided="never") == "always"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vidray tune: train.cache_dataset=never would have") and ": kept" in err
+    assert trials_cache_dataset(cfg, sweep, "interrupted", decided="always") == "always"
+    assert capsys.readouterr().err == ""
+    # Started over (--restart): decided afresh.
+    assert trials_cache_dataset(never, sweep, "new", decided="never") == "never"
+    # A sweep of an older vidray has no record: this run's decision, kept from now on.
+    older = str(tmp_path / "older")
+    mark_run(older, "sweep", "older")
+    assert trials_cache_dataset(never, older, "interrupted", decided="never") == "never"
+    assert read_marker(older)["trials_cache_dataset"] == "never"
 
 
 # ----------------------------------------------------------------- pre-flight, in process

@@ -11,10 +11,11 @@ import math
 import os
 import signal
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import ray
 
@@ -180,22 +181,73 @@ def cluster_summary() -> dict:
     return {"nodes": len(nodes), **totals}
 
 
+class NodeShape(NamedTuple):
+    """``count`` nodes with ``cpus`` CPUs and ``gpus`` GPUs each."""
+
+    cpus: float
+    gpus: float
+    count: int = 1
+
+    def workers(self, train: TrainSettings) -> int:
+        """How many of a run's Ray Train workers one such node can host. Each worker is one bundle of Ray Train's
+        placement group, ``train.cpus_per_worker`` CPUs plus, with ``train.use_gpu``, one GPU
+        (ScalingConfig.resources_per_worker), and a bundle lives on a single node: the CPUs of a GPU
+        worker must be on its GPU's node, and no worker spans two nodes' spare CPUs."""
+        fit = math.floor(self.cpus / train.cpus_per_worker + 1e-9)  # 0.3 / 0.1 is 2.999...
+        return min(fit, math.floor(self.gpus)) if train.use_gpu else fit
+
+    def describe(self) -> str:
+        gpus = f" and {self.gpus:g} GPU{'s' if self.gpus != 1 else ''}" if self.gpus else ""
+        return f"{self.count} x {self.cpus:g} CPUs{gpus}"
+
+
 @dataclass(frozen=True)
 class Capacity:
-    """What the cluster can offer one placement group: the largest node, and all nodes together."""
+    """What the cluster can offer runs' placement groups: its nodes by shape (on an autoscaling
+    cluster, each node type as many times as it may be added), and where that was read."""
 
-    node_cpus: float
-    node_gpus: float
-    total_cpus: float
-    total_gpus: float
+    nodes: tuple[NodeShape, ...]
     source: str  # for messages: "the Ray cluster" or the autoscaler's node types
+
+    @property
+    def node_cpus(self) -> float:
+        return max((node.cpus for node in self.nodes), default=0.0)
+
+    @property
+    def node_gpus(self) -> float:
+        return max((node.gpus for node in self.nodes), default=0.0)
+
+    @property
+    def total_cpus(self) -> float:
+        return sum(node.count * node.cpus for node in self.nodes)
+
+    @property
+    def total_gpus(self) -> float:
+        return sum(node.count * node.gpus for node in self.nodes)
+
+    def gpu_node_cpus(self) -> list[float]:
+        """The CPU counts of the nodes that can host a GPU worker, smallest first."""
+        return sorted({node.cpus for node in self.nodes if node.gpus >= 1})
+
+    def workers_fit(self, train: TrainSettings) -> int:
+        """How many of ``train``'s workers the cluster can host at once, node by node (:meth:`NodeShape.workers`)."""
+        return sum(node.count * node.workers(train) for node in self.nodes)
+
+    def describe(self) -> str:
+        """Its nodes as "3 x 4 CPUs, 12 x 8 CPUs and 1 GPU": alike nodes as one (a message stays one short line
+        on a large cluster), CPU-only ones first."""
+        counts: Counter[tuple[float, float]] = Counter()
+        for node in self.nodes:
+            counts[node.gpus, node.cpus] += node.count
+        return ", ".join(NodeShape(cpus, gpus, count).describe() for (gpus, cpus), count in sorted(counts.items()))
 
 
 def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> Capacity | None:
     """On a `ray up` cluster, the most its node types can add up to (live nodes undercount it).
 
     None when there is no cluster-launcher config or a node type leaves its
-    resources to auto-detection (then nothing certain can be said).
+    resources to auto-detection (then nothing certain can be said). Each type counts with its own
+    max_workers (capped by the global one): an upper bound, as the global cap also limits their sum.
     """
     import yaml
 
@@ -208,14 +260,13 @@ def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> C
         return None
     cap = int(config.get("max_workers", 10**6))
     head = config.get("head_node_type")
-    node_cpus = max(float(t["resources"].get("CPU", 0)) for t in node_types.values())
-    node_gpus = max(float(t["resources"].get("GPU", 0)) for t in node_types.values())
-    total_cpus = total_gpus = 0.0
+    nodes = []
     for name, node_type in node_types.items():
         count = 1 if name == head else min(int(node_type.get("max_workers", cap)), cap)
-        total_cpus += count * float(node_type["resources"].get("CPU", 0))
-        total_gpus += count * float(node_type["resources"].get("GPU", 0))
-    return Capacity(node_cpus, node_gpus, total_cpus, total_gpus, f"the autoscaler's node types ({path})")
+        resources = node_type["resources"]
+        if count > 0:
+            nodes.append(NodeShape(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count))
+    return Capacity(tuple(nodes), f"the autoscaler's node types ({path})")
 
 
 def cluster_capacity() -> Capacity:
@@ -223,17 +274,12 @@ def cluster_capacity() -> Capacity:
     if autoscaling is not None:
         return autoscaling
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return Capacity(
-        node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
-        node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0),
-        total_cpus=sum(n.get("CPU", 0.0) for n in nodes),
-        total_gpus=sum(n.get("GPU", 0.0) for n in nodes),
-        source="the Ray cluster",
-    )
+    return Capacity(tuple(NodeShape(n.get("CPU", 0.0), n.get("GPU", 0.0)) for n in nodes), "the Ray cluster")
 
 
 def check_run_resources(train: TrainSettings, capacity: Capacity, data_cpus: int = DATA_CPUS) -> None:
-    """Refuse a run whose Ray Train workers could never all be placed, or never be fed (it would wait forever).
+    """Refuse a run whose Ray Train workers could never all be placed, or never be fed (it would wait forever:
+    Ray Train V2 retries a worker group that never starts without end).
 
     ``data_cpus``: CPUs Ray Data needs beside the workers: :data:`DATA_CPUS` when
     the shards are streamed every epoch, 0 when the splits are cached.
@@ -245,6 +291,13 @@ def check_run_resources(train: TrainSettings, capacity: Capacity, data_cpus: int
         raise UserError(
             f"train.cpus_per_worker={train.cpus_per_worker:g} but the largest node of {where} has "
             f"{capacity.node_cpus:g} CPUs; lower train.cpus_per_worker"
+        )
+    gpu_node_cpus = capacity.gpu_node_cpus()
+    if train.use_gpu and gpu_node_cpus and train.cpus_per_worker > gpu_node_cpus[-1]:
+        raise UserError(
+            f"train.use_gpu=true with train.cpus_per_worker={train.cpus_per_worker:g}: no GPU node of {where} has "
+            f"{train.cpus_per_worker:g} CPUs (its GPU nodes have {' or '.join(f'{c:g}' for c in gpu_node_cpus)}); "
+            "lower train.cpus_per_worker"
         )
     needed_cpus = train.num_workers * train.cpus_per_worker + data_cpus
     if needed_cpus > capacity.total_cpus:
@@ -259,17 +312,26 @@ def check_run_resources(train: TrainSettings, capacity: Capacity, data_cpus: int
             f"train.num_workers={train.num_workers} GPU workers but {where} has {capacity.total_gpus:g} GPUs; "
             "lower train.num_workers"
         )
+    if (fit := capacity.workers_fit(train)) < train.num_workers:
+        # Enough CPUs in all, but split over nodes so that fewer whole workers fit (3 nodes of 3 CPUs hold
+        # 3 workers of 2 CPUs, not 4).
+        gpu = " and a GPU" if train.use_gpu else ""
+        raise UserError(
+            f"one run needs train.num_workers={train.num_workers} workers, each with train.cpus_per_worker="
+            f"{train.cpus_per_worker:g} CPUs{gpu} on one node, but the nodes of {where} hold only {fit} of them "
+            f"({capacity.describe()}); lower train.num_workers or train.cpus_per_worker"
+        )
 
 
 def derive_max_concurrent_trials(train: TrainSettings, capacity: Capacity, data_cpus: int = DATA_CPUS) -> int:
     """How many trials' worker groups fit side by side; Tune would otherwise start every trial at once.
 
     Ray Train starts a run only when all its workers can be placed, so extra
-    trials would just sit in Tune waiting for resources. ``data_cpus`` stay
+    trials would just sit in Tune waiting for resources. Counted node by node, as
+    :func:`check_run_resources` does (GPUs included); ``data_cpus`` stay
     free for Ray Data's read tasks when the trials stream their data.
     """
     per_trial_cpus = train.num_workers * train.cpus_per_worker
     fit = math.floor((capacity.total_cpus - data_cpus) / per_trial_cpus)
-    if train.use_gpu:
-        fit = min(fit, math.floor(capacity.total_gpus / train.num_workers))
+    fit = min(fit, capacity.workers_fit(train) // train.num_workers)
     return max(1, fit)

@@ -1,4 +1,5 @@
-"""The sweep's folder on storage: what it holds for a config (new, interrupted, finished), and paths that would vanish."""
+"""The sweep's folder on storage: what it holds for a config (new, interrupted, finished), how its trials get their
+data, and paths that would vanish."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import ray.tune
 
 from vidray.config import VidrayConfig
 from vidray.storage import join_uri, read_json
-from vidray.train.runs import SWEEP_CONFIG_FILE, RunState, read_marker, refuse_changed_config
+from vidray.train.runs import SWEEP_CONFIG_FILE, RunState, mark_run, read_marker, refuse_changed_config
+
+# The marker's record of how the sweep's trials get their data: "always" (the splits cached in the object store
+# once, by the sweep's driver) or "never" (streamed by Ray Data every epoch; vidray/train/placement.py).
+TRIALS_CACHE = "trials_cache_dataset"
 
 
 def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
@@ -30,6 +35,27 @@ def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
     # Sweeps of older vidray versions carry no marker: a finished one is "continued" once, which
     # ends at once (every trial is terminated) and marks it finished.
     return "finished" if finished else "interrupted"
+
+
+def trials_cache_dataset(cfg: VidrayConfig, experiment_path: str, state: RunState, decided: str) -> str:
+    """The ``train.cache_dataset`` of the sweep's trials, ``always`` or ``never``: ``decided`` (what this run
+    would choose for ``cfg``), unless the sweep is an interrupted one that started with the other choice.
+
+    That one is kept: Tune restores the sweep's max_concurrent_trials, counted for the choice it started with,
+    and trials that stream where that count left no CPU free would take every CPU with their workers while
+    Ray Data's read tasks waited for one: a sweep that hangs. The choice is recorded in vidray's marker the first
+    time (a sweep of an older vidray, which has no record, by the run that continues it).
+    """
+    kept = (read_marker(experiment_path) or {}).get(TRIALS_CACHE)
+    if state != "interrupted" or kept not in ("always", "never"):
+        mark_run(experiment_path, "sweep", cfg.run.name, **{TRIALS_CACHE: decided})
+        return decided
+    if kept != decided:
+        how = {"always": "cached in the object store", "never": "streamed every epoch"}
+        print(f"vidray tune: train.cache_dataset={cfg.train.cache_dataset} would have the trials' data {how[decided]}, "
+              f"but the interrupted sweep {experiment_path} started with it {how[kept]} and its number of concurrent "
+              "trials counts on that: kept (--restart starts the sweep over)", file=sys.stderr, flush=True)  # fmt: skip
+    return kept
 
 
 def trials_ended(experiment_path: str) -> int:

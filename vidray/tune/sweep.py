@@ -17,7 +17,7 @@ read it.
 Layout under ``run.storage_path``::
 
     <run.name>/                      the Tune experiment (Tuner.restore reads it to continue)
-      vidray_run.json                vidray's marker ("finished" once every trial is), vidray/train/runs.py
+      vidray_run.json                vidray's marker (vidray/train/runs.py), with "finished" and the trials' caching
       vidray_sweep.json              the config the sweep was started with
       <trial dir>/                   Tune's progress.csv, result.json, TensorBoard events, wandb/
       train_runs/<trial_id>/         that trial's Ray Train run: checkpoint_epoch_NNNN/ ...
@@ -70,7 +70,7 @@ from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
-from vidray.tune.experiment import sweep_state, trials_ended, warn_if_inside_a_job_copy
+from vidray.tune.experiment import sweep_state, trials_cache_dataset, trials_ended, warn_if_inside_a_job_copy
 from vidray.tune.local_ray import local_cluster_kwargs
 from vidray.tune.scheduler import build_trial_scheduler, check_sweep_config
 from vidray.tune.space import build_param_space, count_trials, trial_config
@@ -212,17 +212,19 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
         "tune", "sweep", storage_path, cfg.run.name, restart=restart,
         state_of=lambda folder: sweep_state(cfg, folder), finished_note="; its results follow",
     )  # fmt: skip
-    max_concurrent = cfg.tune.max_concurrent_trials or derive_max_concurrent_trials(cfg.train, capacity, data_cpus)
-    # The concurrency above assumes this caching decision: trials must not re-decide "auto"
-    # on a cluster whose object store has changed meanwhile (nodes gone), or a trial that
-    # streams could find no CPU left for Ray Data. (The saved sweep config keeps "auto".)
-    cached = cfg.train.model_copy(update={"cache_dataset": "never" if data_cpus else "always"})
-    trial_base = cfg.model_copy(update={"train": cached})
-
     if state == "finished":
         return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
     with FolderLock(experiment_path, "vidray tune"):
         keep_to_its_data(experiment_path, "sweep", state, info.identity(FINETUNE_SPLITS))
+        # The sweep's concurrency (derived below, or restored by Tune) assumes one caching decision: trials
+        # must not re-decide "auto" on a cluster whose object store has changed meanwhile (nodes gone), nor
+        # a continued sweep stream what it started with cached, or a trial that streams could find no CPU
+        # left for Ray Data. (The saved sweep config keeps "auto".)
+        caching = trials_cache_dataset(cfg, experiment_path, state, decided="never" if data_cpus else "always")
+        if (caching == "never") != bool(data_cpus):  # kept from the sweep's start: check the cluster for it
+            data_cpus = DATA_CPUS if caching == "never" else 0
+            check_run_resources(cfg.train, capacity, data_cpus)
+        trial_base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_dataset": caching})})
         # Cached, the splits are read once, here: the trials share this one copy in the object store
         # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
         # the blocks and outlives its trials; a driver that restores the sweep reads them again.
@@ -242,13 +244,14 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
             tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
         else:
             write_json(join_uri(experiment_path, SWEEP_CONFIG_FILE), cfg.model_dump(mode="json"))
+            derived = derive_max_concurrent_trials(cfg.train, capacity, data_cpus)  # a restored sweep keeps its own
             tuner = ray.tune.Tuner(
                 trainable,
                 param_space=param_space,
                 tune_config=ray.tune.TuneConfig(
                     num_samples=cfg.tune.num_samples,
                     scheduler=build_trial_scheduler(cfg),
-                    max_concurrent_trials=max_concurrent,
+                    max_concurrent_trials=cfg.tune.max_concurrent_trials or derived,
                 ),
                 run_config=ray.tune.RunConfig(
                     name=cfg.run.name, storage_path=storage_path, callbacks=callbacks, verbose=2 if verbose else 1
