@@ -77,6 +77,13 @@ def test_uris_are_joined_with_slashes_and_kept_verbatim():
     assert join_uri("s3://bucket/runs/", "trial", "ckpt") == "s3://bucket/runs/trial/ckpt"
     assert join_uri("/data/runs", "trial") == os.path.join("/data/runs", "trial")
     assert resolve_path("gs://bucket/runs") == "gs://bucket/runs"
+    # An S3-compatible store (MinIO, Ceph) is named by its query, which stays at the end, where pyarrow reads it:
+    # the name came after it, and every run.name was refused as not inside run.storage_path.
+    minio = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    assert join_uri(minio, "demo", "x") == "s3://bucket/runs/demo/x?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    from vidray.train.runs import run_folder
+
+    assert run_folder(minio, "demo") == "s3://bucket/runs/demo?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
 
 
 def test_local_paths_are_made_absolute_for_ray(tmp_path, monkeypatch):

@@ -245,6 +245,9 @@ def test_a_sweep_on_object_storage_finds_its_best_checkpoint(tmp_path):
     assert checkpoint_uri("bucket/runs/demo/c", "gs://bucket/runs/") == "gs://bucket/runs/demo/c"
     assert checkpoint_uri("/runs/demo/c", "hdfs://namenode:8020/runs") == "hdfs://namenode:8020/runs/demo/c"
     assert checkpoint_uri("/tmp/runs/demo/c", "/tmp/runs") == "/tmp/runs/demo/c"  # local storage: as it is
+    assert checkpoint_uri("bucket/runs/demo/c", "s3://bucket/runs?endpoint_override=minio:9000") == (
+        "s3://bucket/runs/demo/c?endpoint_override=minio:9000"  # an S3-compatible store's query goes with it
+    )
     # On storage read through a URI (file://, the code path of s3:// and gs://), the checkpoint is found and named by URI.
     checkpoint = tmp_path / "runs" / "demo" / "train_runs" / "t0" / "checkpoint_epoch_0000"
     checkpoint.mkdir(parents=True)

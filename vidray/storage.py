@@ -189,9 +189,12 @@ def write_json(uri: str, value: Any) -> None:
 
 
 def join_uri(base: str, *parts: str) -> str:
+    """``parts`` under ``base``, a local path or a URI; a URI's query (an S3-compatible store's
+    ``?endpoint_override=...``) stays at its end, where pyarrow reads it."""
     base = str(base)
     if is_uri(base):
-        return "/".join([base.rstrip("/"), *parts])
+        base, mark, query = base.partition("?")
+        return "/".join([base.rstrip("/"), *parts]) + mark + query
     return os.path.join(base, *parts)
 
 

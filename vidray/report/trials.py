@@ -100,8 +100,10 @@ def checkpoint_uri(path: str | None, storage_path: str) -> str | None:
     if not path or is_uri(path) or not is_uri(storage_path):
         return path
     scheme, rest = storage_path.split("://", 1)
+    rest, mark, query = rest.partition("?")  # an S3-compatible store's ?endpoint_override=...: kept, pyarrow needs it
     host = rest.split("/", 1)[0]  # s3/gs: the bucket, which the path starts with; file: none; hdfs: the namenode
-    return f"{scheme}://{path}" if path.startswith(f"{host}/") else f"{scheme}://{host}{path}"
+    uri = f"{scheme}://{path}" if path.startswith(f"{host}/") else f"{scheme}://{host}{path}"
+    return uri + mark + query
 
 
 def _checkpoint_exists(path: str | None) -> bool:
