@@ -386,6 +386,24 @@ def test_a_continued_sweep_keeps_the_caching_its_concurrency_was_counted_for(tmp
     assert read_marker(older)["trials_cache_dataset"] == "never"
 
 
+def test_a_continued_sweep_says_it_keeps_the_tracking_it_started_with(tmp_path, capsys):
+    """Tune's restore takes the sweep's callbacks, W&B's included, from its pickle: run.wandb (free to change on
+    resume, as a training run's tracking is) was silently ignored by a continued sweep. It is said, in one line."""
+    from vidray.train.runs import SWEEP_CONFIG_FILE, mark_run
+    from vidray.tune.experiment import sweep_state
+
+    sweep = tmp_path / "demo"
+    mark_run(str(sweep), "sweep", "demo")
+    cfg = load_config(DEMO)
+    (sweep / SWEEP_CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json")))
+    (sweep / "tuner.pkl").write_bytes(b"")  # what Tune restores from (not read here)
+    assert sweep_state(cfg, str(sweep)) == "interrupted" and capsys.readouterr().err == ""
+    assert sweep_state(load_config(DEMO, ["run.wandb.enabled=true"]), str(sweep)) == "interrupted"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"vidray tune: run.wandb differs from what the interrupted sweep {sweep}")
+    assert "a continued sweep keeps its tracking (--restart starts it over)" in err
+
+
 # ----------------------------------------------------------------- pre-flight, in process
 
 

@@ -32,6 +32,11 @@ def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
     saved = read_json(join_uri(experiment_path, SWEEP_CONFIG_FILE))
     if saved is not None:
         refuse_changed_config(saved, cfg, experiment_path, "sweep", saved_in=SWEEP_CONFIG_FILE)
+        tracked = saved.get("run", {}).get("wandb")
+        if not finished and tracked is not None and tracked != cfg.run.wandb.model_dump(mode="json"):
+            # Tune's restore takes the sweep's callbacks from its pickle, W&B's included: what was asked is not done.
+            print(f"vidray tune: run.wandb differs from what the interrupted sweep {experiment_path} started with "
+                  f"({tracked}): a continued sweep keeps its tracking (--restart starts it over)", file=sys.stderr)  # fmt: skip
     # Sweeps of older vidray versions carry no marker: a finished one is "continued" once, which
     # ends at once (every trial is terminated) and marks it finished.
     return "finished" if finished else "interrupted"
