@@ -69,14 +69,11 @@ def console_settings(verbose: bool) -> dict[str, Any]:
     for handler in ray_data.handlers:  # handlers: the record comes from a child logger
         # ...and its warning that the bars are off, which is what was asked for.
         for drop in (_drop_progress_bars_disabled, _drop_ignored_block_errors):
-            handler.removeFilter(drop) if verbose else handler.addFilter(drop)
+            (handler.removeFilter if verbose else handler.addFilter)(drop)
     if not verbose:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     tune_log = logging.getLogger("ray.tune.tune")  # Tune's tune.py, by its module's name
-    if verbose:
-        tune_log.removeFilter(_drop_tunes_restore_hint)
-    else:
-        tune_log.addFilter(_drop_tunes_restore_hint)
+    (tune_log.removeFilter if verbose else tune_log.addFilter)(_drop_tunes_restore_hint)
     quiet_worker_pool_warning(not verbose)  # a sweep's zero-CPU actors set it off on small machines
     return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 

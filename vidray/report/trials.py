@@ -129,10 +129,9 @@ def summarize_trial(result, cfg: VidrayConfig) -> TrialSummary:
     )
     # The best epoch whose checkpoint is still on disk (a trial keeps its best ones by tune.metric and its latest),
     # so that the value, epoch and checkpoint reported are one epoch's; else the best epoch, with no checkpoint.
-    storage = cfg.run.storage_path
-    kept = next((row for row in ranked if _checkpoint_exists(checkpoint_uri(row.get("checkpoint_path"), storage))), None)
+    located = ((row, checkpoint_uri(row.get("checkpoint_path"), cfg.run.storage_path)) for row in ranked)
+    kept, checkpoint = next(((row, uri) for row, uri in located if _checkpoint_exists(uri)), (None, None))
     best = kept or (ranked[0] if ranked else None)
-    checkpoint = checkpoint_uri(kept["checkpoint_path"], storage) if kept else None
     return TrialSummary(
         trial_id=str(result.metrics.get("trial_id") or Path(result.path).name),
         label=trial_label(params),
