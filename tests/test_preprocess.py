@@ -254,6 +254,11 @@ def test_rays_own_lines_reach_the_console_only_with_verbose(corpus, ray_head, tm
     ray_records = {}
     for flags in ([], ["--verbose"]):
         caplog.clear()
+        # Ray Data's logger stops its records' propagation once its first execution in this process configured it
+        # (replacing its handlers), so caplog, on the root logger, saw them only when an earlier test had run one:
+        # it listens there too.
+        ray_data = logging.getLogger("ray.data")
+        ray_data.addHandler(caplog.handler)
         with caplog.at_level(logging.DEBUG):
             assert cli_main(["preprocess", "--manifest", str(corpus["manifest"]), "--out", str(tmp_path / f"ds{len(flags)}"),
                              "--frames", str(FRAMES), "--size", str(SIZE), "--videos-per-shard", "4", *flags]) in (0, None)  # fmt: skip
@@ -261,6 +266,7 @@ def test_rays_own_lines_reach_the_console_only_with_verbose(corpus, ray_head, tm
         summary = json.loads(console.out.strip().splitlines()[-1])
         assert summary["processed"] == len(corpus["rows"]) - len(HOSTILE) and summary["rejected"] == len(HOSTILE)
         assert "vidray preprocess: " in console.err
+        ray_data.removeHandler(caplog.handler)
         ray_records[bool(flags)] = [r.getMessage() for r in caplog.records if r.name.startswith("ray") and r.levelno < logging.WARNING]
     assert ray_records[False] == []
     assert any(m.startswith("Starting execution of Dataset") for m in ray_records[True]), ray_records[True]
