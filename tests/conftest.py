@@ -239,13 +239,22 @@ def ray_head(tmp_path_factory):
         yield head
 
 
-# A driver elsewhere holding a run's lock (vidray/folder_lock.py): argv folder, go-file, command.
+# A driver elsewhere holding a run's lock (vidray/folder_lock.py): argv folder, go-file, command, and the
+# seconds each read of the lock file takes (a slow disk, where two drivers' checks overlap; 0: as it comes).
 _HOLD_RUN_LOCK = """
 import sys, time
 from pathlib import Path
+from vidray import folder_lock
 from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
-folder, go, command = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+folder, go, command, read_s = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+if read_s:
+    read_holder = folder_lock.read_holder
+    def slow_read_holder(folder):
+        holder = read_holder(folder)
+        time.sleep(read_s)
+        return holder
+    folder_lock.read_holder = slow_read_holder
 while not go.exists():
     time.sleep(0.005)
 try:
@@ -257,16 +266,17 @@ except UserError as err:
 """
 
 
-def start_lock_holders(folder: str, go: Path, count: int = 1, command: str = "vidray train") -> list:
+def start_lock_holders(folder: str, go: Path, count: int = 1, command: str = "vidray train", read_s: float = 0) -> list:
     """``count`` processes that each try to take ``folder``'s run lock the moment ``go`` appears (all at once,
     once their imports are done); the one that gets it prints "held" and holds it, as a driver training
-    the run would, until killed; the others print "refused: <the error>" and exit."""
+    the run would, until killed; the others print "refused: <the error>" and exit. ``read_s``: each of their
+    reads of the lock file takes that long (a slow disk)."""
     import subprocess
     import sys
     import time
 
     holders = [
-        subprocess.Popen([sys.executable, "-c", _HOLD_RUN_LOCK, folder, str(go), command], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", _HOLD_RUN_LOCK, folder, str(go), command, str(read_s)], stdout=subprocess.PIPE, text=True)
         for _ in range(count)
     ]
     time.sleep(0.5)  # their imports

@@ -193,6 +193,27 @@ def test_of_drivers_starting_together_one_trains(tmp_path):
     assert first_lines[0] == "held" and all(line.startswith("refused: ") and "is in use" in line for line in first_lines[1:])
 
 
+def test_of_drivers_taking_over_one_stale_lock_together_one_trains(tmp_path):
+    """A driver killed with SIGKILL left its lock; drivers that found it stale at the same moment each replaced
+    it and read their own file back, so more than one went on (without the flock of vidray.folder_lock). On a
+    local disk the race is a matter of microseconds; here each read of the lock file takes 0.2 s, as on a slow
+    network disk, so that the drivers' checks overlap (3 of 4 held, before the flock)."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "heartbeat": 0, "since": 0, "token": "dead driver"}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps(stale))
+    drivers = start_lock_holders(str(folder), tmp_path / "go", count=4, read_s=0.2)
+    try:
+        first_lines = sorted(driver.stdout.readline().strip() for driver in drivers)
+    finally:
+        for driver in drivers:
+            driver.kill()
+            driver.wait()
+    assert first_lines.count("held") == 1, first_lines
+    assert all(line.startswith("refused: ") and "is in use" in line for line in first_lines[1:]), first_lines
+
+
 def test_a_lock_is_live_while_its_process_runs_or_its_heartbeat_is_fresh():
     here, now = socket.gethostname(), time.time()
     parent = os.getppid()  # a live process that is not this one

@@ -23,6 +23,8 @@ stale and takes the folder over (continuing the run, as after any interruption).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -30,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from vidray.errors import UserError
 from vidray.storage import join_uri, local_part, open_filesystem, read_json
@@ -126,14 +128,43 @@ def refuse_if_held(command: str, folder: str, instead: str = RUN_ELSEWHERE) -> N
         )
 
 
+@contextlib.contextmanager
+def _folder_flock(uri: str) -> Iterator[None]:
+    """An exclusive flock on the local folder that holds ``uri`` while the block runs; nothing for an object store.
+
+    The hard link of :meth:`FolderLock._write` settles two drivers that find no lock. Two that find the same
+    stale lock both replace it, and without this both could read their own file back and go on: one driver
+    checks and writes while the other waits here. Where the filesystem refuses flock, the link alone decides.
+    """
+    local = local_part(uri)
+    if local is None:
+        yield
+        return
+    try:
+        fd = os.open(os.path.dirname(local) or ".", os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 class FolderLock:
     """``with FolderLock(folder, "vidray train"):`` this process is the folder's driver until the block ends.
 
     Entering refuses a folder that a live driver holds (:func:`refuse_if_held`), or with ``wait`` waits
     until none does, saying so on stderr; a stale lock is taken over.
-    On a local path (or file://) the file is hard-linked into place, which fails when one is there, so of
-    two drivers that start together one gets it; on s3:// or gs:// it is read, checked and written, and
-    two drivers starting within that moment could both pass. A thread rewrites the heartbeat while the
+    On a local path (or file://) the file is checked and put in place while this process holds an
+    exclusive ``flock`` on the folder itself (:func:`_folder_flock`), so of two drivers that start together,
+    or that take over the same stale lock together, one gets it (a flock ends with its process, so it is
+    never stale itself). On s3:// or gs:// it is read, checked and written, and two drivers starting
+    within that moment could both pass. A thread rewrites the heartbeat while the
     block runs; leaving deletes the file if it is still this driver's.
     """
 
@@ -159,8 +190,9 @@ class FolderLock:
         return self
 
     def _take(self) -> None:
-        refuse_if_held(self.command, self.folder, self.instead)
-        self._write(first=True)
+        with _folder_flock(self.uri):
+            refuse_if_held(self.command, self.folder, self.instead)
+            self._write(first=True)
         if not self._still_ours():
             # Another driver took it in the same moment: refused (a driver that waits, waits for it). When
             # no other process holds it (this process's own lock on the folder), this one goes on.
