@@ -238,6 +238,29 @@ def test_runs_given_cached_splits_share_their_blocks_each_in_its_own_order(ray_c
         context.target_max_block_size, context.execution_options.preserve_order = block_bytes, in_order
 
 
+def test_a_sweeps_trials_stream_when_it_says_so_and_count_the_node_as_shared(ray_cluster, dataset_dir):
+    """A sweep decides once whether its trials read the object store or stream (vidray/tune/sweep.py), and
+    leaves device caches to each trial's workers: a trial's ``train.cache_dataset`` stays the user's ``auto``,
+    which alone would cache these tiny splits, so ``stream`` must hold whatever ``auto`` would choose. On CPU
+    a worker's share of the node's memory is split by as many workers as the node hosts (the session's node:
+    2 CPUs), not by its own run's workers only: trials side by side each counted the whole node."""
+    from ray.data.dataset import MaterializedDataset
+
+    from vidray.train.loop import workers_sharing_node
+    from vidray.train.placement import should_cache_dataset
+
+    info = read_dataset_info(dataset_dir)
+    auto = TrainSettings(cache_dataset="auto")
+    assert should_cache_dataset(auto, info)
+    assert isinstance(build_datasets(dataset_dir, auto, info)["train"], MaterializedDataset)
+    streamed = build_datasets(dataset_dir, auto, info, stream=True)
+    assert not any(isinstance(ds, MaterializedDataset) for ds in streamed.values())
+    assert workers_sharing_node(TrainSettings(cpus_per_worker=1), 1) == 2
+    assert workers_sharing_node(TrainSettings(cpus_per_worker=0.5), 1) == 4
+    assert workers_sharing_node(TrainSettings(cpus_per_worker=1), 3) == 3  # a run's own count when larger
+    assert workers_sharing_node(TrainSettings(use_gpu=True), 1) == 1  # no GPU here: only its own
+
+
 def test_val_batches_cover_every_video_once_across_uneven_ranks_on_every_path(splits):
     _, _, val, cached_val = splits
     for world in (2, 3):

@@ -31,6 +31,7 @@ from vidray.config import TuneSettings, load_config
 from vidray.errors import UserError
 from vidray.cluster import Capacity, NodeShape, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
 from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.runs import read_marker
 from vidray.folder_lock import read_holder
 from vidray.tune.space import build_param_space, count_trials, trial_config, trial_label
 from vidray.tune.sweep import run_sweep
@@ -362,7 +363,7 @@ def test_workers_are_counted_node_by_node(tmp_path):
 
 
 def test_a_continued_sweep_keeps_the_caching_its_concurrency_was_counted_for(tmp_path, capsys):
-    from vidray.train.runs import mark_run, read_marker
+    from vidray.train.runs import mark_run
     from vidray.tune.experiment import trials_cache_dataset
 
     sweep = str(tmp_path / "demo")
@@ -621,10 +622,13 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     train_runs = experiment / "train_runs"
     assert sorted(p.name for p in train_runs.iterdir()) == sorted(t["trial_id"] for t in results["trials"])
     assert all(list(run.glob("checkpoint_epoch_*/model/model.safetensors")) for run in train_runs.iterdir())
-    # The driver decided caching once (the tiny set fits) and every trial ran with that decision;
-    # the saved sweep config keeps what the user asked for.
-    infos = list(train_runs.glob("*/checkpoint_epoch_*/vidray.json"))
-    assert infos and all(json.loads(p.read_text())["config"]["train"]["cache_dataset"] == "always" for p in infos)
+    # The driver decided the object store once for every trial (the tiny set fits: cached); the trials kept
+    # the user's "auto", so each worker kept its shard on its device as a `vidray train` run's does (before,
+    # trials got "always", and a sweep never used the device cache); the saved sweep config keeps "auto".
+    assert read_marker(str(experiment))["trials_cache_dataset"] == "always"
+    infos = [json.loads(p.read_text()) for p in train_runs.glob("*/checkpoint_epoch_*/vidray.json")]
+    assert infos and all(info["config"]["train"]["cache_dataset"] == "auto" for info in infos)
+    assert all(info["ingest"]["placement"] == "device" for info in infos)
     assert json.loads((experiment / "vidray_sweep.json").read_text())["train"]["cache_dataset"] == "auto"
 
     # 3. The restarted sweep: the copy's trials gone, one fresh trial, trained to the end under ASHA, and

@@ -60,7 +60,7 @@ _LOAD_ROWS = 64
 
 def device_memory_bytes(device: torch.device, local_world_size: int = 1) -> int:
     """Memory of ``device`` one worker may count on: a GPU's total, or on CPU the node's (its cgroup
-    limit when lower) shared by the workers on the node."""
+    limit when lower) shared by ``local_world_size`` workers (vidray.train.loop.workers_sharing_node)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

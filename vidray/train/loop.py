@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
+from vidray.cluster import NodeShape
 from vidray.compat import quiet_ray_train_report_log
 from vidray.config import TrainSettings, VidrayConfig
 from vidray.data.dataset import ClipShape
@@ -186,7 +187,7 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
         device=device,
         rank=rank,
         world_size=world_size,
-        local_world_size=context.get_local_world_size(),
+        local_world_size=workers_sharing_node(train, context.get_local_world_size()),
         store=shape.store,
         clip_bytes=shape.clip_bytes,
     )
@@ -281,6 +282,15 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
         report_wait_s = time.perf_counter() - reported
         if faults:
             faults.maybe_hold_for_test(epoch, context.get_experiment_name())
+
+
+def workers_sharing_node(train: TrainSettings, local_world_size: int) -> int:
+    """How many workers may each keep a cache in this node's memory at once: this run's on the node, or as
+    many of any run's as the node can host (:meth:`NodeShape.workers`), whichever is more. A sweep's trials
+    side by side each see only their own workers: counted alone, each would take a quarter of the node."""
+    node_id = ray.get_runtime_context().get_node_id()
+    resources = next((node["Resources"] for node in ray.nodes() if node["NodeID"] == node_id), {})
+    return max(local_world_size, NodeShape(resources.get("CPU", 0.0), resources.get("GPU", 0.0)).workers(train))
 
 
 def start_or_resume(cfg: VidrayConfig, task: Task) -> tuple[torch.nn.Module, dict[str, Any] | None, list]:

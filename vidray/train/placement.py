@@ -76,14 +76,16 @@ def cache_splits(dataset_dir: str) -> dict[str, Any]:
 
 
 def build_datasets(
-    dataset_dir: str, train: TrainSettings, info: DatasetInfo, cached_splits: dict[str, Any] | None = None
+    dataset_dir: str, train: TrainSettings, info: DatasetInfo, cached_splits: dict[str, Any] | None = None,
+    stream: bool = False,
 ) -> dict[str, Any]:
     """The train and val Ray Datasets of a run, cached in the object store when ``train.cache_dataset`` says so.
 
     ``cached_splits``: the splits :func:`cache_splits` already read (a sweep's, shared by its trials),
-    used instead of reading them again.
+    used instead of reading them again. ``stream``: streamed whatever ``train.cache_dataset`` says (a
+    sweep decided so for its trials; their workers still decide on their device caches).
     """
-    if cached_splits is None and should_cache_dataset(train, info):
+    if cached_splits is None and not stream and should_cache_dataset(train, info):
         cached_splits = cache_splits(dataset_dir)
     # Fixed, seeded block order: shards written class by class still mix; the per-epoch
     # shuffle buffer (batches.shuffle_buffer_order) does the rest. Cached or streamed, the

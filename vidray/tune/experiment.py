@@ -43,8 +43,9 @@ def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
 
 
 def trials_cache_dataset(cfg: VidrayConfig, experiment_path: str, state: RunState, decided: str) -> str:
-    """The ``train.cache_dataset`` of the sweep's trials, ``always`` or ``never``: ``decided`` (what this run
-    would choose for ``cfg``), unless the sweep is an interrupted one that started with the other choice.
+    """Whether the sweep's trials read their splits from the object store (``always``) or stream them (``never``):
+    ``decided`` (what this run would choose for ``cfg``), unless the sweep is an interrupted one that started
+    with the other choice. (Each trial's workers still decide on device caches, vidray/train/ingest.py.)
 
     That one is kept: Tune restores the sweep's max_concurrent_trials, counted for the choice it started with,
     and trials that stream where that count left no CPU free would take every CPU with their workers while

@@ -97,7 +97,9 @@ def train_trial(
     """One trial: a full Ray Train run with the trial's hyper-parameters.
 
     ``cached_splits``: the splits the sweep's driver read into the object store
-    (vidray.train.placement.cache_splits), when the trials cache them.
+    (vidray.train.placement.cache_splits), when the trials cache them; without them the trial streams
+    its splits (the driver decided that for every trial). Either way its workers keep their shards on
+    their devices when ``train.cache_dataset`` (auto, device) says so, as a `vidray train` run's do.
     """
     trial_cfg = trial_config(cfg, params)
     # Several trials' data-loading progress bars interleaved in one log are noise; the
@@ -107,7 +109,10 @@ def train_trial(
         split.context.enable_progress_bars = False
     trial_id = ray.tune.get_context().get_trial_id()
     run_config = trial_run_config(trial_cfg, trial_id, train_runs, callbacks=[ReportToTune(cfg.tune.metric)])
-    build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits).fit()
+    trainer = build_trainer(
+        trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits, stream=cached_splits is None
+    )
+    trainer.fit()
     wait_until_tune_has_the_last_report()
 
 
@@ -216,15 +221,15 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
         return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
     with FolderLock(experiment_path, "vidray tune"):
         keep_to_its_data(experiment_path, "sweep", state, info.identity(FINETUNE_SPLITS))
-        # The sweep's concurrency (derived below, or restored by Tune) assumes one caching decision: trials
-        # must not re-decide "auto" on a cluster whose object store has changed meanwhile (nodes gone), nor
-        # a continued sweep stream what it started with cached, or a trial that streams could find no CPU
-        # left for Ray Data. (The saved sweep config keeps "auto".)
+        # The sweep's concurrency (derived below, or restored by Tune) assumes one decision on the object
+        # store, made here for every trial (cached_splits, or streamed): trials must not re-decide "auto" on a
+        # cluster whose object store has changed meanwhile (nodes gone), nor a continued sweep stream what it
+        # started with cached, or a trial that streams could find no CPU left for Ray Data. Device caches are
+        # each worker's own decision, as in `vidray train` (vidray/train/ingest.py).
         caching = trials_cache_dataset(cfg, experiment_path, state, decided="never" if data_cpus else "always")
         if (caching == "never") != bool(data_cpus):  # kept from the sweep's start: check the cluster for it
             data_cpus = DATA_CPUS if caching == "never" else 0
             check_run_resources(cfg.train, capacity, data_cpus)
-        trial_base = cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_dataset": caching})})
         # Cached, the splits are read once, here: the trials share this one copy in the object store
         # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
         # the blocks and outlives its trials; a driver that restores the sweep reads them again.
@@ -232,7 +237,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(
                 train_trial,
-                cfg=trial_base,
+                cfg=cfg,
                 dataset_dir=dataset_dir,
                 train_runs=join_uri(experiment_path, TRAIN_RUNS_DIR),
                 cached_splits=cached_splits,
