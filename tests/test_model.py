@@ -144,6 +144,14 @@ def test_saved_model_reloads_with_the_same_table_and_outputs(tmp_path, pretraine
     # Fine-tuning a fine-tuned model again interpolates from the original 224² grid, not from 112².
     again = build_model(_pretrained_cfg(str(tmp_path / "model")), CLASSES, frames=16, size=112)
     assert torch.equal(again.videomae.embeddings.position_embeddings, model.videomae.embeddings.position_embeddings)
+    # ...and with interpolation off, at its own grid, it keeps the table it was trained with: nothing is resized
+    # anew (before, HF's 1-D table replaced it: positions the model never saw). At another grid, off is HF's.
+    kept = build_model(_pretrained_cfg(str(tmp_path / "model"), interpolate_pos_embed=False), CLASSES, frames=16, size=112)
+    assert torch.equal(kept.videomae.embeddings.position_embeddings, model.videomae.embeddings.position_embeddings)
+    assert getattr(kept.config, POS_GRID_KEY) == [8, 14, 14]
+    other = build_model(_pretrained_cfg(str(tmp_path / "model"), interpolate_pos_embed=False), CLASSES, frames=8, size=112)
+    assert torch.equal(other.videomae.embeddings.position_embeddings, get_sinusoid_encoding_table(4 * 7 * 7, TINY["hidden_size"]))
+    assert getattr(other.config, POS_GRID_KEY, None) is None
     assert load_model(str(tmp_path / "model")).config.id2label == model.config.id2label
 
 

@@ -88,6 +88,24 @@ def install_position_table(model: VideoMAEForVideoClassification, source_grid: t
     model.config.update({POS_GRID_KEY: list(source_grid)})
 
 
+def table_source_grid(interpolate: bool, pretrained: VideoMAEConfig, config: VideoMAEConfig) -> tuple[int, int, int] | None:
+    """The token grid whose sinusoid table a model built from ``pretrained`` as ``config`` gets, resized to its own
+    grid; None: HF's table for its grid.
+
+    A checkpoint that vidray trained with a resized table records that table's origin (:data:`POS_GRID_KEY`).
+    Resized from there when ``interpolate`` (model.interpolate_pos_embed) says so. At the checkpoint's own grid
+    the checkpoint's table is kept whatever it says: nothing is resized anew, and HF's table would be one
+    the model never saw.
+    """
+    recorded = getattr(pretrained, POS_GRID_KEY, None)
+    source = tuple(recorded or token_grid(pretrained))
+    if source == token_grid(config):
+        return None
+    if interpolate or (recorded and token_grid(pretrained) == token_grid(config)):
+        return source
+    return None
+
+
 def check_clip_shape(frames: int, size: int, config: VideoMAEConfig) -> None:
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     if frames % config.tubelet_size:
@@ -151,8 +169,6 @@ def build_model(model_cfg: ModelSettings, classes: list[str], frames: int, size:
         model = VideoMAEForVideoClassification(config)
     else:
         pretrained = load_pretrained_config(model_cfg.name_or_path)
-        # A model we fine-tuned earlier already carries an interpolated table: go back to its origin grid.
-        source_grid = tuple(getattr(pretrained, POS_GRID_KEY, None) or token_grid(pretrained))
         keep_head = pretrained.id2label == dict(enumerate(classes))
         config = VideoMAEConfig.from_pretrained(model_cfg.name_or_path, **common)
         config.num_labels = len(classes)  # resyncs nothing else: id2label/label2id were set above
@@ -173,7 +189,8 @@ def build_model(model_cfg: ModelSettings, classes: list[str], frames: int, size:
         _check_loading_info(model_cfg.name_or_path, info)
         if not keep_head:
             reset_classifier(model)
-        if model_cfg.interpolate_pos_embed and source_grid != token_grid(config):
+        # A model we fine-tuned earlier already carries a resized table: its origin grid is the source.
+        if source_grid := table_source_grid(model_cfg.interpolate_pos_embed, pretrained, config):
             install_position_table(model, source_grid)
     if model_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()

@@ -47,6 +47,7 @@ from vidray.model.classifier import (
     interpolate_position_table,
     load_pretrained_config,
     scratch_config,
+    table_source_grid,
     token_grid,
 )
 
@@ -153,14 +154,13 @@ def build_pretraining_model(
         model = VideoMAEForPreTraining(config)
     else:
         source = load_pretrained_config(model_cfg.name_or_path)
-        # A model vidray trained at another size already carries an interpolated table: start from its origin.
-        source_grid = tuple(getattr(source, POS_GRID_KEY, None) or token_grid(source))
         with quiet_progress_bars():
             model, info = VideoMAEForPreTraining.from_pretrained(
                 model_cfg.name_or_path, config=config, output_loading_info=True, attn_implementation="sdpa"
             )
         _check_loading_info(model_cfg.name_or_path, info, new_prefixes=NEW_PRETRAINING_PREFIXES)
-        if model_cfg.interpolate_pos_embed and source_grid != token_grid(config):
+        # A model vidray trained at another size already carries a resized table: its origin grid is the source.
+        if source_grid := table_source_grid(model_cfg.interpolate_pos_embed, source, config):
             install_pretraining_position_tables(model, source_grid)
     if model_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
