@@ -24,7 +24,9 @@ from ray.autoscaler.v2.utils import ResourceRequestUtil
 from ray.core.generated.autoscaler_pb2 import GangResourceRequest
 from ray.core.generated.instance_manager_pb2 import Instance, NodeKind
 
+from vidray.cluster import _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
 from vidray.config import TrainSettings, load_config
+from vidray.errors import UserError
 from vidray.storage import MULTI_NODE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,3 +246,111 @@ def test_the_coin12_sweep_fits_the_gpu_nodes(autoscaling):
     bundle = _train_worker_bundle(train)
     launched, infeasible = _plan(autoscaling, gangs=[[bundle] * train.num_workers] * 4)
     assert infeasible == 0 and launched == {"gpu_spot": 4 * train.num_workers}
+
+
+# ------------------------------------------------- what vidray counts on a `ray up` cluster (vidray.cluster)
+
+
+@pytest.mark.parametrize(
+    ("max_workers", "head_max_workers"),
+    [(None, None), (3, None), (3, 2), (0, None)],  # None: as the file has it (12 workers, 16 by type; 0 of the head's)
+)
+def test_capacity_is_what_rays_scheduler_can_launch(launcher, tmp_path, max_workers, head_max_workers):
+    # Ray's global max_workers caps the sum of worker nodes over all types (the head not among them), and the
+    # head's type adds worker nodes of its own shape up to its max_workers: every total vidray checks a run
+    # against is what Ray's own scheduler can reach under those limits, no more (it would accept a run that
+    # can never start, which Ray Train V2 then waits for forever) and no less.
+    _, raw, _ = launcher
+    raw = copy.deepcopy(raw)
+    if max_workers is not None:
+        raw["max_workers"] = max_workers
+    if head_max_workers is not None:
+        raw["available_node_types"][raw["head_node_type"]]["max_workers"] = head_max_workers
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump(raw))
+    capacity = _autoscaling_capacity(bootstrap)
+    autoscaling = AutoscalingConfig(copy.deepcopy(raw), skip_content_hash=True)
+    for train in (
+        TrainSettings(use_gpu=True, num_workers=1, cpus_per_worker=4),
+        TrainSettings(use_gpu=False, num_workers=1, cpus_per_worker=4),
+        TrainSettings(use_gpu=False, num_workers=1, cpus_per_worker=16),
+    ):
+        fit, bundle = capacity.workers_fit(train), _train_worker_bundle(train)
+        shape = (bundle, fit)
+        assert _plan(autoscaling, gangs=[[bundle] * fit])[1] == 0, shape
+        assert _plan(autoscaling, gangs=[[bundle] * (fit + 1)])[1] == 1, shape
+    for resource, total in (("CPU", capacity.total_cpus), ("GPU", capacity.total_gpus)):
+        assert _plan(autoscaling, demands=[{resource: 1}] * int(total))[1] == 0, (resource, total)
+        assert _plan(autoscaling, demands=[{resource: 1}] * (int(total) + 1))[1] == 1, (resource, total)
+
+
+def test_the_global_max_workers_caps_what_a_run_is_checked_against(tmp_path):
+    # 6 worker nodes by type, but at most 2 at once: 2 GPUs (not 4) and 4 + 2 x 16 CPUs (not 68).
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump({
+        "max_workers": 2,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 4}, "max_workers": 0},
+            "gpu_spot": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
+            "gpu_ondemand": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
+            "cpu": {"resources": {"CPU": 16}, "max_workers": 2},
+        },
+    }))  # fmt: skip
+    capacity = _autoscaling_capacity(bootstrap)
+    where = f"the autoscaler's node types ({bootstrap})"
+    gpu_train = TrainSettings(use_gpu=True, num_workers=1, cpus_per_worker=4)
+    cpu_train = TrainSettings(use_gpu=False, num_workers=1, cpus_per_worker=4)
+    assert (capacity.total_cpus, capacity.total_gpus) == (4 + 2 * 16, 2)
+    assert (capacity.node_cpus, capacity.node_gpus, capacity.gpu_node_cpus()) == (16, 1, [8])
+    assert capacity.workers_fit(gpu_train) == 2  # one a GPU node, none on the head
+    assert capacity.workers_fit(cpu_train) == 1 + 2 * 4  # the head's one, and four on each 16-CPU node
+    assert capacity.describe() == "1 x 4 CPUs plus at most 2 worker nodes of: 2 x 16 CPUs, 2 x 8 CPUs and 1 GPU"
+
+    # Runs that all six nodes would hold, refused in one line that names the cap.
+    refused = {
+        "train.num_workers=3 GPU workers but {where} has 2 GPUs within max_workers=2 worker nodes; "
+        "lower train.num_workers": gpu_train.model_copy(update={"num_workers": 3}),
+        "one run needs train.num_workers x train.cpus_per_worker = 10 x 4 CPUs plus 1 for Ray Data to stream "
+        "the shards, but {where} has 36 within max_workers=2 worker nodes; lower train.num_workers or "
+        "train.cpus_per_worker": cpu_train.model_copy(update={"num_workers": 10}),
+        "one run needs train.num_workers=7 workers, each with train.cpus_per_worker=5 CPUs on one node, but the "
+        "nodes of {where} hold only 6 of them (1 x 4 CPUs plus at most 2 worker nodes of: 2 x 16 CPUs, "
+        "2 x 8 CPUs and 1 GPU); lower train.num_workers or train.cpus_per_worker": cpu_train.model_copy(
+            update={"num_workers": 7, "cpus_per_worker": 5}
+        ),
+    }
+    for message, train in refused.items():
+        with pytest.raises(UserError) as error:
+            check_run_resources(train, capacity)
+        assert str(error.value) == message.format(where=where)
+    check_run_resources(gpu_train.model_copy(update={"num_workers": 2}), capacity)
+    check_run_resources(cpu_train.model_copy(update={"num_workers": 8}), capacity)  # 33 of 36 CPUs
+
+    # Trials side by side: one a GPU node (2, not 4); 4-CPU trials on 35 spare CPUs (8, not 16).
+    assert derive_max_concurrent_trials(gpu_train, capacity) == 2
+    assert derive_max_concurrent_trials(cpu_train, capacity) == 8
+
+
+def test_worker_nodes_of_the_head_type_count_under_the_cap(tmp_path):
+    # The head's type may add workers of its own shape (its max_workers, 0 unless set); they too count
+    # against the global max_workers, and the head itself does not.
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump({
+        "max_workers": 3,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
+            "small": {"resources": {"CPU": 2}, "max_workers": 4},
+        },
+    }))  # fmt: skip
+    capacity = _autoscaling_capacity(bootstrap)
+    assert (capacity.total_cpus, capacity.total_gpus) == (8 + 2 * 8 + 2, 3)
+    assert capacity.describe() == "1 x 8 CPUs and 1 GPU plus at most 3 worker nodes of: 3 x 2 CPUs, 2 x 8 CPUs and 1 GPU"
+    # Without a cap to bind (3 of 3+ allowed), the totals are every node's, as before.
+    config = yaml.safe_load(bootstrap.read_text())
+    config["max_workers"] = 6
+    bootstrap.write_text(yaml.safe_dump(config))
+    capacity = _autoscaling_capacity(bootstrap)
+    assert (capacity.total_cpus, capacity.total_gpus) == (8 + 2 * 8 + 4 * 2, 3)
+    assert capacity.describe() == "4 x 2 CPUs, 3 x 8 CPUs and 1 GPU"

@@ -15,7 +15,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import ray
 
@@ -200,11 +200,38 @@ class NodeShape(NamedTuple):
 
 @dataclass(frozen=True)
 class Capacity:
-    """What the cluster can offer runs' placement groups: its nodes by shape (on an autoscaling
-    cluster, each node type as many times as it may be added), and where that was read."""
+    """What the cluster can offer runs' placement groups: its nodes by shape, and where that was read.
+
+    On an autoscaling cluster: its head first, then each node type as many times as it may be added, and
+    ``max_worker_nodes``, Ray's global max_workers, which caps the sum of those worker nodes (the head aside).
+    Each total is then the most that a set of nodes within the cap reaches: an upper bound that can be met,
+    not the sum over every type, which may never all run at once."""
 
     nodes: tuple[NodeShape, ...]
     source: str  # for messages: "the Ray cluster" or the autoscaler's node types
+    max_worker_nodes: int | None = None  # None: every node counts (a live cluster)
+
+    @property
+    def capped(self) -> bool:
+        """Whether the cap leaves out some of the worker nodes the types allow."""
+        cap = self.max_worker_nodes
+        return cap is not None and sum(node.count for node in self.nodes[1:]) > cap
+
+    def _most(self, value: Callable[[NodeShape], float]) -> float:
+        """The largest sum of ``value`` (per node) over nodes that can run at once: the head and the
+        ``max_worker_nodes`` worker nodes of largest value (each costs one against the cap, so that is best)."""
+        if self.max_worker_nodes is None:
+            return sum(node.count * value(node) for node in self.nodes)
+        head, *workers = self.nodes
+        total, left = head.count * value(head), self.max_worker_nodes
+        for node in sorted(workers, key=value, reverse=True):
+            total += min(node.count, left) * value(node)
+            left -= min(node.count, left)
+        return total
+
+    def within_cap(self) -> str:
+        """For a message about a total: what limits it, when the cap does."""
+        return f" within max_workers={self.max_worker_nodes} worker nodes" if self.capped else ""
 
     @property
     def node_cpus(self) -> float:
@@ -216,11 +243,11 @@ class Capacity:
 
     @property
     def total_cpus(self) -> float:
-        return sum(node.count * node.cpus for node in self.nodes)
+        return self._most(lambda node: node.cpus)
 
     @property
     def total_gpus(self) -> float:
-        return sum(node.count * node.gpus for node in self.nodes)
+        return self._most(lambda node: node.gpus)
 
     def gpu_node_cpus(self) -> list[float]:
         """The CPU counts of the nodes that can host a GPU worker, smallest first."""
@@ -228,23 +255,31 @@ class Capacity:
 
     def workers_fit(self, train: TrainSettings) -> int:
         """How many of ``train``'s workers the cluster can host at once, node by node (:meth:`NodeShape.workers`)."""
-        return sum(node.count * node.workers(train) for node in self.nodes)
+        return int(self._most(lambda node: node.workers(train)))
 
     def describe(self) -> str:
         """Its nodes as "3 x 4 CPUs, 12 x 8 CPUs and 1 GPU": alike nodes as one (a message stays one short line
-        on a large cluster), CPU-only ones first."""
+        on a large cluster), CPU-only ones first; under a cap that leaves some out, the head and then "plus at
+        most 2 worker nodes of: ..."."""
+        nodes, cap = (self.nodes[1:], self.max_worker_nodes) if self.capped else (self.nodes, None)
         counts: Counter[tuple[float, float]] = Counter()
-        for node in self.nodes:
+        for node in nodes:
             counts[node.gpus, node.cpus] += node.count
-        return ", ".join(NodeShape(cpus, gpus, count).describe() for (gpus, cpus), count in sorted(counts.items()))
+        shapes = ", ".join(  # under the cap, each shape as many times as may run at once
+            NodeShape(cpus, gpus, count if cap is None else min(count, cap)).describe()
+            for (gpus, cpus), count in sorted(counts.items())
+        )
+        return shapes if cap is None else f"{self.nodes[0].describe()} plus at most {cap} worker nodes of: {shapes}"
 
 
 def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> Capacity | None:
     """On a `ray up` cluster, the most its node types can add up to (live nodes undercount it).
 
-    None when there is no cluster-launcher config or a node type leaves its
-    resources to auto-detection (then nothing certain can be said). Each type counts with its own
-    max_workers (capped by the global one): an upper bound, as the global cap also limits their sum.
+    None when there is no cluster-launcher config, no head_node_type among its types, or a node type leaves
+    its resources to auto-detection (then nothing certain can be said). As Ray's autoscaler counts them:
+    the head, plus worker nodes of each type up to its own max_workers (the head's type too, which
+    defaults to 0 there), and never more than the global max_workers worker nodes in all (the head not
+    among them): the Capacity's ``max_worker_nodes``.
     """
     import yaml
 
@@ -257,13 +292,19 @@ def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> C
         return None
     cap = int(config.get("max_workers", 10**6))
     head = config.get("head_node_type")
-    nodes = []
-    for name, node_type in node_types.items():
-        count = 1 if name == head else min(int(node_type.get("max_workers", cap)), cap)
+    if head not in node_types:
+        return None
+
+    def shape(node_type: dict, count: int) -> NodeShape:
         resources = node_type["resources"]
+        return NodeShape(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count)
+
+    nodes = [shape(node_types[head], 1)]
+    for name, node_type in node_types.items():
+        count = min(int(node_type.get("max_workers", 0 if name == head else cap)), cap)
         if count > 0:
-            nodes.append(NodeShape(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count))
-    return Capacity(tuple(nodes), f"the autoscaler's node types ({path})")
+            nodes.append(shape(node_type, count))
+    return Capacity(tuple(nodes), f"the autoscaler's node types ({path})", max_worker_nodes=cap)
 
 
 def cluster_capacity() -> Capacity:
@@ -301,12 +342,13 @@ def check_run_resources(train: TrainSettings, capacity: Capacity, data_cpus: int
         data = f" plus {data_cpus} for Ray Data to stream the shards" if data_cpus else ""
         raise UserError(
             f"one run needs train.num_workers x train.cpus_per_worker = {train.num_workers} x "
-            f"{train.cpus_per_worker:g} CPUs{data}, but {where} has {capacity.total_cpus:g}; "
+            f"{train.cpus_per_worker:g} CPUs{data}, but {where} has {capacity.total_cpus:g}{capacity.within_cap()}; "
             "lower train.num_workers or train.cpus_per_worker"
         )
     if train.use_gpu and train.num_workers > capacity.total_gpus:
         raise UserError(
-            f"train.num_workers={train.num_workers} GPU workers but {where} has {capacity.total_gpus:g} GPUs; "
+            f"train.num_workers={train.num_workers} GPU workers but {where} has {capacity.total_gpus:g} GPUs"
+            f"{capacity.within_cap()}; "
             "lower train.num_workers"
         )
     if (fit := capacity.workers_fit(train)) < train.num_workers:
