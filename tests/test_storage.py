@@ -20,7 +20,7 @@ import pytest
 from conftest import web_server
 
 from vidray.cluster import cluster_summary, shared_storage_paths
-from vidray.config import load_config
+from vidray.config import RunSettings, VidrayConfig, load_config
 from vidray.errors import UserError
 from vidray.storage import (
     NETWORK_FILESYSTEMS,
@@ -29,6 +29,7 @@ from vidray.storage import (
     is_uri,
     is_web_url,
     local_file,
+    local_mirror,
     join_uri,
     mount_fstype,
     open_filesystem,
@@ -37,6 +38,7 @@ from vidray.storage import (
     scratch,
     scratch_dir,
 )
+from vidray.train.runs import EpochFollower, open_run, run_folder, tracking_dir
 
 
 def test_local_paths_round_trip_through_pyarrow(tmp_path, monkeypatch):
@@ -209,3 +211,83 @@ def test_a_killed_process_scratch_folder_is_removed_by_the_next_one_and_no_other
 def test_scratch_kinds_are_plain_words():
     with pytest.raises(ValueError, match="lower-case letters only"):
         scratch_dir("ckpt-1")
+
+
+# ------------------------------------------------------------------ a bucket run's files on the driver's machine
+
+
+def test_a_bucket_runs_local_files_have_a_folder_of_their_own(tmp_path, monkeypatch):
+    """TensorBoard events, wandb/ and a sweep's reports are local files, so a run on a bucket keeps them on the
+    driver's machine: in a folder derived from its whole URI, not in ~/ray_results/<name>, which is also the folder
+    of a local run of the same name (the default storage path) and of that name on every other bucket."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    results = tmp_path / "ray_results"
+    bucket = "s3://my-bucket/team/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    on_bucket, local = RunSettings(name="demo", storage_path=bucket), RunSettings(name="demo")
+    mirror = results / "s3" / "my-bucket" / "team" / "runs" / "demo"
+    assert on_bucket.reports_path() == mirror / "reports"  # the query (an S3-compatible store's endpoint) left out
+    assert local.reports_path() == results / "demo" / "reports"  # a local run's own folder, as before
+    # Each command's tracking folder (from the run's URI) is the folder its reports default to (from storage and name).
+    assert tracking_dir(run_folder(bucket, "demo")) == mirror == on_bucket.reports_path().parent
+    local_run = run_folder(resolve_path(local.storage_path), "demo")
+    assert tracking_dir(local_run) == results / "demo" == local.reports_path().parent
+    # A pretraining run (<name>-pretrain) has its own, beside it.
+    pretrain = RunSettings(name="demo-pretrain", storage_path=bucket)
+    assert tracking_dir(run_folder(bucket, "demo-pretrain")) == pretrain.reports_path().parent
+    assert pretrain.reports_path().parent == mirror.parent / "demo-pretrain"
+    # Another bucket, prefix or scheme with the same run name: another folder each.
+    others = ["s3://other-bucket/team/runs", "s3://my-bucket/other/runs", "s3://my-bucket/team", "gs://my-bucket/team/runs",
+              f"local://{tmp_path}/team/runs", "hdfs://namenode:8020/team/runs"]  # fmt: skip
+    folders = {local_mirror(uri, "demo") for uri in others} | {mirror, results / "demo"}
+    assert len(folders) == len(others) + 2
+    assert all(folder.is_relative_to(results) for folder in folders)
+    # file:// is a local path (as the drivers give it to Ray): the run's own folder, as for a plain path.
+    assert local_mirror(f"file://{tmp_path}/team/runs", "demo") == local_mirror(f"{tmp_path}/team/runs", "demo")
+    assert local_mirror(f"file://{tmp_path}/team/runs", "demo") == tmp_path / "team" / "runs" / "demo"
+    # The same run however its URI is spelled; no credentials in a folder name, nothing outside ~/ray_results/<scheme>.
+    assert local_mirror("s3://my-bucket/team/runs/", "demo") == local_mirror("s3://my-bucket/team/runs/demo") == mirror
+    assert local_mirror("s3://KEY:SECRET@my-bucket/team/runs", "demo") == mirror
+    assert local_mirror("s3://my-bucket/../../../../etc", "demo") == results / "s3" / "my-bucket" / "etc" / "demo"
+
+
+def test_restart_of_a_bucket_run_clears_its_local_folder_and_no_other(tmp_path, monkeypatch):
+    """--restart deletes a bucket run's folder and its local one with it (the restarted run's TensorBoard curves
+    would otherwise be drawn beside the deleted run's, for the same epochs); a local run of the same name keeps
+    its files, and a refused --restart deletes nothing."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "bucket").mkdir()
+    bucket = f"local://{tmp_path / 'bucket'}"  # a URI pyarrow reads from the local disk: the code path of s3:// and gs://
+    local_storage = resolve_path("~/ray_results")
+
+    def train_once(storage: str, restart: bool = False) -> tuple[str, Path]:
+        """What a run's driver leaves on this machine: TensorBoard events (EpochFollower's) and a report."""
+        folder, _ = open_run("train", "train", storage, "demo", restart=restart, state_of=lambda _: "new", finished_note="")
+        with EpochFollower(folder, VidrayConfig(), name="demo", line=lambda metrics, epochs: ""):
+            pass
+        reports = RunSettings(name="demo", storage_path=storage).reports_path()
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / "results.md").write_text(f"results of {folder}")
+        return folder, tracking_dir(folder)
+
+    local_folder, local_tracking = train_once(local_storage)
+    assert local_tracking == Path(local_storage) / "demo"
+    local_files = sorted(p.relative_to(local_tracking) for p in local_tracking.rglob("*"))
+    assert Path("tensorboard") in local_files and Path("reports/results.md") in local_files
+    folder, mirror = train_once(bucket)
+    assert mirror != local_tracking and list((mirror / "tensorboard").iterdir())  # the old run's events
+
+    open_run("train", "train", bucket, "demo", restart=True, state_of=lambda _: "new", finished_note="")
+    assert not mirror.exists()  # its TensorBoard events and reports went with the run
+    assert sorted(p.name for p in (tmp_path / "bucket" / "demo").iterdir()) == ["vidray_run.json"]  # marked anew
+    assert sorted(p.relative_to(local_tracking) for p in local_tracking.rglob("*")) == local_files  # untouched
+    assert mirror.parent.is_dir()  # only the run's own folder is deleted, not the prefix's
+
+    # A --restart refused (a bucket folder vidray did not write) deletes nothing, here or there.
+    (tmp_path / "bucket" / "foreign").mkdir()
+    (tmp_path / "bucket" / "foreign" / "keep.txt").write_text("not vidray's")
+    foreign_mirror = local_mirror(bucket, "foreign")
+    foreign_mirror.mkdir(parents=True)
+    (foreign_mirror / "keep.txt").write_text("kept")
+    with pytest.raises(UserError, match="not written by vidray"):
+        open_run("train", "train", bucket, "foreign", restart=True, state_of=pytest.fail, finished_note="")
+    assert (foreign_mirror / "keep.txt").is_file() and (tmp_path / "bucket" / "foreign" / "keep.txt").is_file()

@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     summary = run_training(cfg, restart=args.restart, verbose=args.verbose)
     best = summary["best"]
     if best:
-        curves = tracking_dir(summary["run_dir"], cfg.run.name) / TENSORBOARD_DIR
+        curves = tracking_dir(summary["run_dir"]) / TENSORBOARD_DIR
         _tell(f"vidray train: best val macro-F1 {best['val_macro_f1']:.4f} at epoch {int(best['epoch']) + 1} "
               f"({summary['best_checkpoint']}); learning curves: tensorboard --logdir {curves}")
     _print_summary(summary, disconnect_ray=True)

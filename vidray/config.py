@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 from pydantic import field_validator, model_validator
 
 from vidray.errors import UserError
+from vidray.storage import local_mirror
 
 # The decoding libraries and devices of data.decoder / data.decoder_device. They live here, not in
 # the data stage, because the config names them; vidray/data/video.py maps each to its backend.
@@ -143,7 +144,7 @@ class ModelSettings(_Section):
     # VideoMAE's. A longer tube lets one token see motion, which a small model learns faster.
     tubelet_size: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
-    # Interpolate the pretrained sinusoid position table to the new token grid.
+    # Resize the pretrained sinusoid position table to the new token grid (a vidray checkpoint keeps its own at its grid).
     interpolate_pos_embed: bool = True
     dropout: float = Field(0.0, ge=0, lt=1)
 
@@ -228,7 +229,7 @@ class PretrainSettings(_Section):
 
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1)  # global, across all workers (train.num_workers x train.grad_accum_steps)
-    # VideoMAE's recipe: AdamW (0.9, 0.95), lr 1.5e-4 per 256 clips, wd 0.05, cosine after a linear warm-up.
+    # VideoMAE's AdamW (0.9, 0.95), wd 0.05, warm-up then cosine. lr is used as given (VideoMAE's: 1.5e-4 x batch/256).
     lr: float = Field(1.5e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(5.0, ge=0)
@@ -320,8 +321,8 @@ class RunSettings(_Section):
     # Local storage_path / data.dataset_dir are refused on a multi-node cluster unless every
     # node sees them at the same path (NFS, EFS, Filestore...): set true to vouch for that.
     shared_filesystem: bool = False
-    # The sweep's results table, figures and best model. None: <storage_path>/<name>/reports,
-    # beside the runs (~/ray_results/<name>/reports when storage_path is a bucket).
+    # The sweep's results table, figures and best model. None: <storage_path>/<name>/reports, beside the runs;
+    # for a bucket, in the run's own local folder (vidray.storage.local_mirror: ~/ray_results/s3/<bucket>/...).
     reports_dir: Path | None = None
     wandb: WandbSettings = Field(default_factory=WandbSettings)
 
@@ -338,11 +339,10 @@ class RunSettings(_Section):
         return name
 
     def reports_path(self) -> Path:
-        """Absolute local directory of this run's reports."""
+        """Absolute local directory of this run's reports (a bucket run's: beside its TensorBoard events)."""
         if self.reports_dir is not None:
             return Path(self.reports_dir).expanduser().resolve()
-        base = "~/ray_results" if "://" in self.storage_path else self.storage_path
-        return (Path(base).expanduser() / self.name / "reports").resolve()
+        return (local_mirror(self.storage_path, self.name) / "reports").resolve()
 
 
 class VidrayConfig(_Section):

@@ -15,6 +15,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -216,6 +217,31 @@ def local_part(path: str) -> str | None:
     if path.startswith("file://"):
         return path[len("file://") :]
     return None if is_uri(path) else path
+
+
+# Where a run on a bucket keeps the files that must be local files (:func:`local_mirror`), and the default
+# run.storage_path: Ray's own folder for results, on the driver's machine.
+LOCAL_RESULTS = "~/ray_results"
+
+
+def local_mirror(location: str, *parts: str) -> Path:
+    """The folder on this machine for the local files of the run at ``join_uri(location, *parts)``
+    (a run's storage path and name, or its URI): TensorBoard events and wandb/ (they write local files)
+    and a sweep's reports. A local path (``~`` expanded, or ``file://``, as :func:`local_part` reads it and
+    the drivers give it to Ray) is its own folder, which ``--restart`` deletes with the run. Any other URI's is
+    ``~/ray_results/<scheme>/<bucket or host>/<path...>``, e.g. ``~/ray_results/s3/my-bucket/team/runs/demo``
+    for ``s3://my-bucket/team/runs`` and ``demo``: derived from the whole URI, so it is neither
+    ``~/ray_results/demo`` (a local run of the same name, under the default storage path) nor the folder of
+    a run of that name on another bucket or prefix. Its query (``?endpoint_override=...``) and any
+    ``user:secret@`` before the host are left out (no credentials in a folder name), as are ``.`` and ``..``
+    (the folder stays inside ``~/ray_results/<scheme>``)."""
+    local = local_part(str(location))
+    if local is not None:
+        return Path(os.path.join(local, *parts)).expanduser()
+    scheme, _, rest = join_uri(str(location), *parts).partition("?")[0].partition("://")
+    host, _, path = rest.partition("/")
+    segments = [scheme.lower(), host.rpartition("@")[2], *posixpath.normpath("/" + path).split("/")]
+    return Path(LOCAL_RESULTS).expanduser().joinpath(*(s for s in segments if s not in ("", ".", "..")))
 
 
 def mount_fstype(path: str, mounts_file: str = "/proc/mounts") -> str | None:

@@ -8,7 +8,8 @@ A run (or sweep) lives in ``<run.storage_path>/<name>``. Running the same comman
 * a config that trains something else than the one the run started with is refused, naming the keys
   (keys in :data:`vidray.config.KEYS_FREE_ON_RESUME` may differ);
 * ``--restart`` deletes the folder first, but only a folder strictly under ``run.storage_path`` that
-  vidray itself wrote (:func:`delete_run`): anything else is refused with what it holds;
+  vidray itself wrote (:func:`delete_run`): anything else is refused with what it holds; a run on a bucket
+  also loses its local folder on this machine (TensorBoard, wandb/, reports: :func:`clear_local_mirror`);
 * a run that another live driver is training is refused, ``--restart`` included (vidray/folder_lock.py).
 
 Also here, because train and pretrain share it: the driver-side
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -32,7 +34,7 @@ from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbSettings, conf
 from vidray.errors import UserError
 from vidray.train.metrics import SCORE_METRIC
 from vidray.folder_lock import refuse_if_held
-from vidray.storage import is_uri, join_uri, open_filesystem, read_json, write_json
+from vidray.storage import is_uri, join_uri, local_mirror, local_part, open_filesystem, read_json, write_json
 
 RunKind = Literal["train", "pretrain", "sweep"]
 # What the CLI says after "interrupted" when Ctrl-C or SIGTERM stops a train or pretrain run (cluster.interrupted_by_signal).
@@ -149,6 +151,19 @@ def delete_run(storage_path: str, folder: str) -> None:
     fs.delete_dir(path)
 
 
+def clear_local_mirror(folder: str) -> None:
+    """``--restart`` of the run at ``folder`` on a bucket: delete its local files on this machine too (its own
+    folder, :func:`vidray.storage.local_mirror`: TensorBoard events, wandb/, reports), or the restarted run's
+    TensorBoard curves would be drawn beside the deleted run's for the same epochs. Nothing else is touched."""
+    mirror = local_mirror(folder)
+    try:
+        if mirror.is_dir():
+            shutil.rmtree(mirror)
+    except OSError as err:
+        raise UserError(f"--restart: {folder} is deleted but its local files in {mirror} are not ({err}); "
+                        "delete that folder yourself, or its TensorBoard curves mix with the new run's") from None
+
+
 # ------------------------------------------------------------------ checkpoints of a train or pretrain run
 
 
@@ -260,16 +275,18 @@ def open_run(
 ) -> tuple[str, RunState]:
     """(folder, state) of the run ``command`` is about to train, continue or report.
 
-    ``--restart`` deletes the folder first (:func:`delete_run`); a folder vidray did not write is
-    refused; ``state_of(folder)`` says what is there (and refuses a changed config); the console is
-    told what happens; a run that will train gets vidray's marker before Ray writes into its folder.
-    A run that a live driver trains is refused first (vidray/folder_lock.py): the caller trains
-    inside ``FolderLock(folder, ...)``.
+    ``--restart`` deletes the folder first (:func:`delete_run`; on a bucket its local folder too:
+    :func:`clear_local_mirror`); a folder vidray did not write is refused; ``state_of(folder)`` says what
+    is there (and refuses a changed config); the console is told what happens; a run that will train gets
+    vidray's marker before Ray writes into its folder. A run that a live driver trains is refused first
+    (vidray/folder_lock.py): the caller trains inside ``FolderLock(folder, ...)``.
     """
     folder = run_folder(storage_path, name)
     refuse_if_held(f"vidray {command}", folder)  # before --restart deletes anything
     if restart:
         delete_run(storage_path, folder)
+        if local_part(folder) is None:  # a local (or file://) run's files are inside its folder, deleted already
+            clear_local_mirror(folder)
     elif _entries(folder) and not written_by_vidray(folder):
         # Neither read as a run nor adopted: a marker would let a later --restart delete someone else's files.
         raise UserError(
@@ -337,10 +354,13 @@ def wandb_key_error(mode: str, err: Exception) -> UserError:
     )
 
 
-def tracking_dir(run_dir: str, name: str) -> Path:
-    """Where a train or pretrain run's TensorBoard events and wandb/ folder go: the run's own folder,
-    or for a bucket ``~/ray_results/<name>`` on the driver's machine (both write local files)."""
-    return Path(run_dir) if not is_uri(run_dir) else Path("~/ray_results").expanduser() / name
+def tracking_dir(run_dir: str) -> Path:
+    """Where a train or pretrain run's TensorBoard events and wandb/ folder go (both write local files): the run's
+    own folder, or for a bucket the run's own folder on the driver's machine (:func:`vidray.storage.local_mirror`,
+    e.g. ``~/ray_results/s3/<bucket>/<path>/<name>``), where its default ``run.reports_dir`` is too.
+    ``run_dir`` is ``<storage_path>/<name>``: the folder is derived from it whole, not from ``name`` alone, which
+    a local run of the same name (``~/ray_results/<name>``) or a run on another bucket also has."""
+    return local_mirror(run_dir)
 
 
 class EpochFollower:
@@ -360,7 +380,7 @@ class EpochFollower:
         self.done = {h["epoch"] for h in self._history()}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="vidray-epochs", daemon=True)
-        self.local_dir = tracking_dir(run_dir, name)
+        self.local_dir = tracking_dir(run_dir)
         self.tensorboard = None
         self.wandb_run = None
 
