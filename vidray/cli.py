@@ -113,6 +113,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         jpeg_quality=args.jpeg_quality,
         dispatch=args.dispatch,
         verbose=args.verbose,
+        retry_crashed=True,
     )
     _print_summary(summary, disconnect_ray=True)
 

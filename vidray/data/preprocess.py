@@ -41,7 +41,7 @@ from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, SPL
 from vidray.data.dataset import DATASET_INFO
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import (
-    check_writable, clear_stale, find_stale, is_written, write_atomically, write_rejects, write_text,
+    WORKER_CRASH, check_writable, clear_stale, find_stale, is_written, write_atomically, write_rejects, write_text,
 )  # fmt: skip
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
@@ -64,6 +64,7 @@ def preprocess(
     jpeg_quality: int = DEFAULT_JPEG_QUALITY,
     dispatch: Dispatch = "ray_data",
     verbose: bool = False,
+    retry_crashed: bool = False,
 ) -> dict[str, Any]:
     """Decode every video of ``manifest`` into the dataset directory ``out``.
 
@@ -72,7 +73,10 @@ def preprocess(
     say how; ``store`` (``raw``, ``jpeg`` at ``jpeg_quality``: vidray/data/store.py)
     how the frames are stored; ``dispatch`` who hands the decode tasks out (``ray_data``, or
     ``ray_tasks``: plain Ray tasks, the same shards); ``verbose`` puts Ray's own lines on the console
-    (vidray.cluster.console_settings). Returns what ``out/dataset.json`` says (with
+    (vidray.cluster.console_settings); ``retry_crashed`` decodes again the shards of videos that killed their
+    worker last time (``worker_crash``: it need not recur), as `vidray preprocess` does, where a train or
+    sweep preparing its data keeps the dataset as written (a run it continues must find the same data).
+    Returns what ``out/dataset.json`` says (with
     ``dataset_dir`` added). Besides the dataset's counts and the decoder it
     holds this run's ``decoded_this_run``, ``shards_reused`` and
     ``shards_written``: re-running with the same manifest and parameters decodes nothing,
@@ -103,7 +107,7 @@ def preprocess(
     # One writer per dataset: another run preparing it (a second sweep started beside this one) waits, then
     # reuses what this one wrote (vidray/folder_lock.py).
     with FolderLock(out, "vidray preprocess", wait=True):
-        outcomes, stale = find_stale(fs, root, shards)
+        outcomes, stale = find_stale(fs, root, shards, retry_crashed)
         # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
         todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))
         reused = len(outcomes)
@@ -158,13 +162,18 @@ def preprocess(
     print(
         f"vidray preprocess: {summary['discovered']} videos -> {summary['processed']} processed "
         f"({summary['padded']} padded), {summary['rejected']} rejected"
-        + (f" (see {join_uri(out, 'rejects.csv')})" if rejected else "")
+        + (f" (see {join_uri(out, 'rejects.csv')}{_crash_hint(rejected)})" if rejected else "")
         + f"; decoded {summary['decoded_this_run']}, reused {reused}/{len(shards)} shards; "
         f"{summary['seconds']} s -> {out}",
         file=sys.stderr,
         flush=True,
     )
     return {"dataset_dir": str(out), **summary}
+
+
+def _crash_hint(rejected: list[dict]) -> str:
+    crashed = sum(row["error"] == WORKER_CRASH for row in rejected)
+    return f"; {crashed} killed their decoder's worker: `vidray preprocess` tries those again" if crashed else ""
 
 
 def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[str], discovered: int, raw_clip_bytes: int) -> dict:

@@ -33,7 +33,7 @@ import ray.data
 from vidray.data.clip import VideoError
 from vidray.config import Dispatch
 from vidray.data.decode_shard import WORKER_CRASH_REASON, decode_checked, decode_shard, decode_shards
-from vidray.data.shard_files import OUTCOME_COLUMNS, outcome_row, write_shard
+from vidray.data.shard_files import OUTCOME_COLUMNS, WORKER_CRASH, outcome_row, write_shard
 from vidray.data.shards import GPU_SHARE_PER_DECODE_TASK, DecodeSettings, Shard
 from vidray.data.video import (
     DecoderUnavailableError,
@@ -144,10 +144,10 @@ def isolate_crashes(shards: list[Shard], out: str, settings: DecodeSettings, cra
                 if isinstance(getattr(err, "cause", None), DecoderUnavailableError):
                     raise DecoderUnavailableError(f"{err.cause} (on a Ray worker node)") from None
                 reason = f"{WORKER_CRASH_REASON} ({type(err).__name__})"
-                outcomes.append((outcome_row(video, "rejected", "worker_crash", reason), None))
+                outcomes.append((outcome_row(video, "rejected", WORKER_CRASH, reason), None))
             except ray.exceptions.RayError as err:
                 reason = f"{WORKER_CRASH_REASON} ({type(err).__name__})"
-                outcomes.append((outcome_row(video, "rejected", "worker_crash", reason), None))
+                outcomes.append((outcome_row(video, "rejected", WORKER_CRASH, reason), None))
         results[shard.id] = write_shard(out, shard, outcomes, store=settings.store)
     return results
 

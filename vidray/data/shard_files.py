@@ -34,6 +34,10 @@ from vidray.data.shards import RECORDS_DIR, Shard, Video
 from vidray.errors import UserError
 from vidray.storage import join_uri, load_json, open_filesystem
 
+# The error of a video whose decoder killed its worker (a crash in a decoding library, an OOM kill, a lost
+# node): the one rejection that need not recur, so `vidray preprocess` tries it again (find_stale).
+WORKER_CRASH = "worker_crash"
+
 ROW_GROUP_BYTES = 32 * 2**20
 
 REJECTS_SCHEMA = pa.schema(
@@ -170,9 +174,12 @@ def _list(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)) if i.is_file]
 
 
-def find_stale(fs: pafs.FileSystem, root: str, shards: list[Shard]) -> tuple[dict[str, list[dict]], list[str]]:
+def find_stale(
+    fs: pafs.FileSystem, root: str, shards: list[Shard], retry_crashed: bool = False
+) -> tuple[dict[str, list[dict]], list[str]]:
     """(the records of this plan's finished shards, the files that do not belong to it: foreign shards and
-    records, unreadable records, leftover temporaries). It only reads: :func:`clear_stale` deletes."""
+    records, unreadable records, leftover temporaries). It only reads: :func:`clear_stale` deletes.
+    ``retry_crashed``: a shard with a video that killed its worker (``worker_crash``) is not finished."""
     wanted = {s.id: s for s in shards}
     stale, present_parquet = [], set()
     for split in SPLITS:
@@ -196,7 +203,8 @@ def find_stale(fs: pafs.FileSystem, root: str, shards: list[Shard]) -> tuple[dic
             stale.append(info.path)  # unreadable: decode the shard again
             continue
         # A record without its Parquet file (deleted by hand) means: decode again.
-        if record["file"] is None or record["file"] in present_parquet:
+        crashed = retry_crashed and any(row.get("error") == WORKER_CRASH for row in record["videos"])
+        if (record["file"] is None or record["file"] in present_parquet) and not crashed:
             finished[shard_id] = record["videos"]
     return finished, stale
 
