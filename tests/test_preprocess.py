@@ -331,29 +331,37 @@ def test_worker_crash_loses_no_other_video(ray_cluster, tmp_path, monkeypatch, d
     assert sorted(written["path"]) == sorted(str(tmp_path / f"ok_{i}.mp4") for i in range(5))
 
 
-def test_vidray_preprocess_tries_a_video_that_killed_its_worker_again(ray_cluster, tmp_path, monkeypatch, capsys):
-    """A worker's death need not recur (an OOM kill, a lost node). A preparation for training keeps the dataset as
-    written, so a run that it continues finds the same data; `vidray preprocess` decodes that video's shard again
-    (before, the video stayed rejected on every rerun until its file changed)."""
+def test_retry_crashed_decodes_again_a_video_that_killed_its_worker(ray_cluster, tmp_path, monkeypatch, capsys):
+    """A worker's death need not recur (an OOM kill, a lost node). A rerun keeps the dataset as written (a run it
+    continues finds the same data); ``--retry-crashed`` decodes that video's shard again (before, the video stayed
+    rejected until its file changed). A retry whose videos all die again leaves no Parquet file of the old run."""
     rows = [manifest_row(random_video(tmp_path / f"ok_{i}.mp4", 64, 48, 12, seed=i), CLASSES[i % 3], "train") for i in range(3)]
     rows.append(manifest_row(random_video(tmp_path / "zz_crash.mp4", 64, 48, 12, seed=7), "beta", "train"))
     manifest = write_manifest(rows, CLASSES, tmp_path / "manifest.parquet")
-    out = str(tmp_path / "ds")
-    monkeypatch.setenv(CRASH_ON_ENV, "zz_crash")
-    crashed = preprocess(manifest, out, frames=FRAMES, size=SIZE, videos_per_shard=2)
-    assert crashed["rejected_by_error"] == {"worker_crash": 1} and crashed["processed"] == 3
-    assert "1 killed their decoder's worker: `vidray preprocess` tries those again" in capsys.readouterr().err
-    monkeypatch.delenv(CRASH_ON_ENV)  # what killed it is gone
+    out, train = str(tmp_path / "ds"), tmp_path / "ds" / "train"
 
-    kept = preprocess(manifest, out, frames=FRAMES, size=SIZE, videos_per_shard=2)
+    def run(crash_on: str | None, retry: bool) -> dict:
+        if crash_on:
+            monkeypatch.setenv(CRASH_ON_ENV, crash_on)
+        else:
+            monkeypatch.delenv(CRASH_ON_ENV, raising=False)
+        return preprocess(manifest, out, frames=FRAMES, size=SIZE, videos_per_shard=64, retry_crashed=retry)  # one shard
+
+    crashed = run("zz_crash", retry=False)
+    assert crashed["rejected_by_error"] == {"worker_crash": 1} and crashed["processed"] == 3
+    assert "1 killed their decoder's worker: --retry-crashed tries those again" in capsys.readouterr().err
+    kept = run(None, retry=False)
     assert kept["decoded_this_run"] == 0 and kept["rejected_by_error"] == {"worker_crash": 1}
-    retried = preprocess(manifest, out, frames=FRAMES, size=SIZE, videos_per_shard=2, retry_crashed=True)
-    assert retried["shards_written"] == 1 and retried["shards_reused"] == len(retried["shards"]) - 1  # its shard alone
-    assert retried["processed"] == 4 and retried["rejected"] == 0
-    assert sorted(pd.read_parquet(tmp_path / "ds" / "train")["path"]) == sorted(str(r["path"]) for r in rows)
+    # Retried while every video of the shard dies: no Parquet file is written, and the old one is gone with its
+    # record (it stayed, and Ray Data's read of the split, which lists the folder, took its 3 videos for training).
+    dead = run(".mp4", retry=True)
+    assert dead["processed"] == 0 and dead["rejected_by_error"] == {"worker_crash": 4}
+    assert not list(train.glob("*.parquet"))
+    retried = run(None, retry=True)
+    assert retried["decoded_this_run"] == 4 and retried["processed"] == 4 and retried["rejected"] == 0
+    assert sorted(pd.read_parquet(train)["path"]) == sorted(str(r["path"]) for r in rows)
     assert pd.read_csv(tmp_path / "ds" / "rejects.csv").empty
-    again = preprocess(manifest, out, frames=FRAMES, size=SIZE, videos_per_shard=2, retry_crashed=True)
-    assert again["decoded_this_run"] == 0
+    assert run(None, retry=True)["decoded_this_run"] == 0
 
 
 def test_gpu_decoding_without_a_gpu_in_the_cluster_is_a_user_error(corpus, ray_cluster, tmp_path):

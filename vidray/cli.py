@@ -45,6 +45,14 @@ def _add_view_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_retry_crashed_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retry-crashed", action="store_true",
+        help="decode again the videos whose decoder killed its worker last time (rejected as worker_crash: an OOM "
+        "kill or a lost node need not recur); the dataset may change, and a run interrupted on it then needs --restart",
+    )  # fmt: skip
+
+
 def _add_rerun_args(parser: argparse.ArgumentParser, what: str, folder: str = "run.name") -> None:
     parser.add_argument(
         "--restart",
@@ -113,7 +121,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         jpeg_quality=args.jpeg_quality,
         dispatch=args.dispatch,
         verbose=args.verbose,
-        retry_crashed=True,
+        retry_crashed=args.retry_crashed,
     )
     _print_summary(summary, disconnect_ray=True)
 
@@ -142,7 +150,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     init_ray(verbose=args.verbose)
-    dataset_dir = prepare_dataset(cfg, verbose=args.verbose)
+    dataset_dir = prepare_dataset(cfg, verbose=args.verbose, retry_crashed=args.retry_crashed)
     info = read_dataset_info(dataset_dir)
     _print_summary({"dataset_dir": dataset_dir, "classes": info.num_classes, "videos": info.split_counts}, disconnect_ray=True)
 
@@ -324,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dispatch", choices=DISPATCHES, default="ray_data",
         help="who hands out the decode tasks: Ray Data (default) or plain Ray tasks (the same shards, ~1.2x faster on small clusters)",
     )  # fmt: skip
+    _add_retry_crashed_arg(pre)
     _add_verbose_arg(pre)
     pre.set_defaults(func=cmd_preprocess)
 
@@ -345,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="make the dataset a config describes: generate (demo), index and preprocess, no training"
     )
     _add_config_args(prepare)
+    _add_retry_crashed_arg(prepare)
     _add_verbose_arg(prepare)
     prepare.set_defaults(func=cmd_prepare)
 

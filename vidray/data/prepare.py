@@ -125,9 +125,10 @@ def ensure_demo_videos(data: DataSettings) -> None:
         )
 
 
-def prepare_dataset(cfg: VidrayConfig, verbose: bool = False) -> str:
+def prepare_dataset(cfg: VidrayConfig, verbose: bool = False, retry_crashed: bool = False) -> str:
     """Make ``cfg.data.dataset_dir`` current for ``cfg.data`` and return it (``verbose``: Ray's own lines
-    on the console while it preprocesses, vidray.cluster.console_settings)."""
+    on the console while it preprocesses, vidray.cluster.console_settings; ``retry_crashed``: see
+    :func:`vidray.data.preprocess.preprocess`)."""
     data = cfg.data
     if data.source == "demo":
         ensure_demo_videos(data)
@@ -170,5 +171,6 @@ def prepare_dataset(cfg: VidrayConfig, verbose: bool = False) -> str:
         jpeg_quality=data.jpeg_quality,
         dispatch=data.dispatch,
         verbose=verbose,
+        retry_crashed=retry_crashed,
     )
     return data.dataset_dir

@@ -73,9 +73,10 @@ def preprocess(
     say how; ``store`` (``raw``, ``jpeg`` at ``jpeg_quality``: vidray/data/store.py)
     how the frames are stored; ``dispatch`` who hands the decode tasks out (``ray_data``, or
     ``ray_tasks``: plain Ray tasks, the same shards); ``verbose`` puts Ray's own lines on the console
-    (vidray.cluster.console_settings); ``retry_crashed`` decodes again the shards of videos that killed their
-    worker last time (``worker_crash``: it need not recur), as `vidray preprocess` does, where a train or
-    sweep preparing its data keeps the dataset as written (a run it continues must find the same data).
+    (vidray.cluster.console_settings); ``retry_crashed`` (``--retry-crashed`` of `vidray preprocess` and
+    `vidray prepare`) decodes again the shards of videos that killed their worker last time (``worker_crash``:
+    it need not recur). Without it a rerun keeps them as written, as a train or sweep preparing its data
+    does: a run it continues must find the same data.
     Returns what ``out/dataset.json`` says (with
     ``dataset_dir`` added). Besides the dataset's counts and the decoder it
     holds this run's ``decoded_this_run``, ``shards_reused`` and
@@ -173,7 +174,7 @@ def preprocess(
 
 def _crash_hint(rejected: list[dict]) -> str:
     crashed = sum(row["error"] == WORKER_CRASH for row in rejected)
-    return f"; {crashed} killed their decoder's worker: `vidray preprocess` tries those again" if crashed else ""
+    return f"; {crashed} killed their decoder's worker: --retry-crashed tries those again" if crashed else ""
 
 
 def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[str], discovered: int, raw_clip_bytes: int) -> dict:

@@ -203,8 +203,12 @@ def find_stale(
             stale.append(info.path)  # unreadable: decode the shard again
             continue
         # A record without its Parquet file (deleted by hand) means: decode again.
-        crashed = retry_crashed and any(row.get("error") == WORKER_CRASH for row in record["videos"])
-        if (record["file"] is None or record["file"] in present_parquet) and not crashed:
+        if retry_crashed and any(row.get("error") == WORKER_CRASH for row in record["videos"]):
+            # Decoded again: its files go first, or a retry that processes none of its videos (no Parquet
+            # written) would leave the old one beside a record that says the shard has none.
+            stale += [info.path, *([join_uri(root, record["file"])] if record["file"] in present_parquet else [])]
+            continue
+        if record["file"] is None or record["file"] in present_parquet:
             finished[shard_id] = record["videos"]
     return finished, stale
 
