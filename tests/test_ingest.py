@@ -160,7 +160,7 @@ def test_device_caching_decision():
     assert should_cache_on_device(TrainSettings(cache_dataset="device"), too_big, cpu)  # forced, and it fits at all
     for placement in ("always", "never"):
         assert not should_cache_on_device(TrainSettings(cache_dataset=placement), 1, cpu)
-    with pytest.raises(UserError, match=r"train.cache_dataset=device: this worker's shard .* GiB but cpu has"):
+    with pytest.raises(UserError, match=r"train.cache_dataset=device: this worker's shard .* GiB but its share of cpu memory is"):
         should_cache_on_device(TrainSettings(cache_dataset="device"), memory + 1, cpu)
 
 
@@ -242,8 +242,8 @@ def test_a_sweeps_trials_stream_when_it_says_so_and_count_the_node_as_shared(ray
     """A sweep decides once whether its trials read the object store or stream (vidray/tune/sweep.py), and
     leaves device caches to each trial's workers: a trial's ``train.cache_dataset`` stays the user's ``auto``,
     which alone would cache these tiny splits, so ``stream`` must hold whatever ``auto`` would choose. On CPU
-    a worker's share of the node's memory is split by as many workers as the node hosts (the session's node:
-    2 CPUs), not by its own run's workers only: trials side by side each counted the whole node."""
+    a trial's worker's share of the node's memory is split by as many workers as the node hosts (the session's
+    node: 2 CPUs), not by its own trial's workers only: trials side by side each counted the whole node."""
     from ray.data.dataset import MaterializedDataset
 
     from vidray.train.loop import workers_sharing_node

@@ -203,8 +203,8 @@ class TrainSettings(_Section):
     # Where the decoded splits live during the run (vidray/train/placement.py, ingest.py):
     #   never  - re-read the Parquet shards every epoch (Ray Data streaming);
     #   always - read them once into Ray's object store, iterate them with Ray Data every epoch;
-    #   device - also copy each worker's shard once into its device's memory (GPU memory, or on CPU
-    #            a share of the node's, split by the workers it can host) and build batches there;
+    #   device - also copy each worker's shard once into its device's memory (GPU memory, or on CPU its
+    #            share of the node's: by the run's workers there; a sweep's, by all it hosts) and build batches there;
     #   auto   - device when the worker's shard fits a quarter of its device's memory, else the
     #            object store when both splits fit a quarter of it, else never.
     # Every choice gives the same batches in the same order: a run's result does not depend on it.

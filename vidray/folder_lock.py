@@ -134,7 +134,8 @@ def _folder_flock(uri: str) -> Iterator[None]:
 
     The hard link of :meth:`FolderLock._write` settles two drivers that find no lock. Two that find the same
     stale lock both replace it, and without this both could read their own file back and go on: one driver
-    checks and writes while the other waits here. Where the filesystem refuses flock, the link alone decides.
+    checks and writes while the other waits here. Where the filesystem refuses flock (NFS: EBADF on a
+    folder), the link alone decides.
     """
     local = local_part(uri)
     if local is None:
@@ -163,8 +164,10 @@ class FolderLock:
     On a local path (or file://) the file is checked and put in place while this process holds an
     exclusive ``flock`` on the folder itself (:func:`_folder_flock`), so of two drivers that start together,
     or that take over the same stale lock together, one gets it (a flock ends with its process, so it is
-    never stale itself). On s3:// or gs:// it is read, checked and written, and two drivers starting
-    within that moment could both pass. A thread rewrites the heartbeat while the
+    never stale itself). On NFS, EFS or Filestore, Linux emulates flock with byte-range locks, which a
+    folder (opened read-only) cannot take: there only the link decides, which settles two drivers that
+    find no lock but not two that take over the same stale one in the same moment. On s3:// or gs:// it
+    is read, checked and written, and two drivers starting within that moment could both pass. A thread rewrites the heartbeat while the
     block runs; leaving deletes the file if it is still this driver's.
     """
 

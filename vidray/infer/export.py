@@ -350,8 +350,9 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
             f"checkpoint's {'x'.join(map(str, pos_grid))} token grid to this model's {'x'.join(map(str, grid))} grid "
             "(frames/tubelet x patches x patches), so every token keeps the position code of the same place in the "
             "clip. Stock VideoMAE would rebuild a plain 1-D table on load and predict with positions the model never "
-            f"saw; `{CUSTOM_CODE_FILE}` (torch + transformers only) rebuilds the right one. A model trained with "
-            "`model.interpolate_pos_embed=false`, or at its checkpoint's own resolution, loads without it.",
+            f"saw; `{CUSTOM_CODE_FILE}` (torch + transformers only) rebuilds the right one. A model whose table "
+            "was never resized (trained at its pretrained checkpoint's resolution, or with "
+            "`model.interpolate_pos_embed=false` from one whose table was not resized) loads without it.",
         ]
     else:
         lines += [

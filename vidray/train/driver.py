@@ -125,15 +125,17 @@ def build_trainer(
     run_config: ray.train.RunConfig | None = None,
     dataset_dir: str | None = None,
     cached_splits: dict[str, Any] | None = None,
-    stream: bool = False,
+    trial: bool = False,
 ) -> TorchTrainer:
     """A ready-to-``fit()`` TorchTrainer for ``cfg`` on ``dataset_dir`` (default ``cfg.data.dataset_dir``).
 
     ``run_config`` defaults to :func:`make_run_config`; pass your own (Ray Tune
     does) to change where results go or to add callbacks. ``cached_splits``: the
     splits already in the object store (:func:`vidray.train.placement.cache_splits`;
-    a sweep's trials share them), for a run that caches them; ``stream``: a run whose splits are
-    streamed, decided by its sweep (:func:`vidray.train.placement.build_datasets`).
+    a sweep's trials share them), for a run that caches them. ``trial``: a sweep's trial, whose sweep
+    decided for it: cached (``cached_splits``) or streamed, whatever ``train.cache_dataset`` would choose
+    alone; and its workers count their node's memory as shared with the trials beside them
+    (:func:`vidray.train.loop.workers_sharing_node`).
     """
     dataset_dir = resolve_path(dataset_dir or cfg.data.dataset_dir)  # workers run elsewhere than the driver's cwd
     info = read_dataset_info(dataset_dir)
@@ -146,10 +148,11 @@ def build_trainer(
             "shape": shape,
             "train_videos": info.split_counts["train"],
             "val_videos": info.split_counts["val"],
+            "node_shared": trial,
         },
         scaling_config=scaling_config(cfg.train),
         run_config=run_config or make_run_config(cfg),
-        datasets=build_datasets(dataset_dir, cfg.train, info, cached_splits, stream=stream),
+        datasets=build_datasets(dataset_dir, cfg.train, info, cached_splits, stream=trial and cached_splits is None),
         dataset_config=data_config(),
     )
 

@@ -3,7 +3,7 @@
 With ``train.cache_dataset`` ``device`` (or ``auto`` when the shard fits
 :data:`DEVICE_CACHE_FRACTION` of the device's memory; :func:`should_cache_on_device`)
 each worker copies its train shard and its val share once into uint8 tensors on its
-device (GPU memory, or its own memory on CPU) and builds every batch there by
+device (GPU memory, or its share of the node's memory on CPU) and builds every batch there by
 indexing (:class:`DeviceCache`): no Ray Data, no host copy and no host-to-device
 transfer after the first epoch. Otherwise it iterates its Ray Data shards through the
 host path of vidray/train/batches.py. Both give the same batches in the same order.
@@ -49,7 +49,7 @@ from vidray.train.batches import (
 )
 
 # auto device caching takes at most this share of a worker's device memory (the model, its
-# activations and optimizer state need the rest); on CPU, of the node's memory per local worker.
+# activations and optimizer state need the rest); on CPU, of its share of the node's memory.
 DEVICE_CACHE_FRACTION = 0.25
 # Rows (at least) of the pinned staging buffer a worker copies its shard to a GPU through.
 _LOAD_ROWS = 64
@@ -86,7 +86,7 @@ def should_cache_on_device(
     if shard_bytes > memory:
         raise UserError(
             f"train.cache_dataset=device: this worker's shard of the train and val splits takes "
-            f"{shard_bytes / 2**30:.2f} GiB but {device} has {memory / 2**30:.2f} GiB; "
+            f"{shard_bytes / 2**30:.2f} GiB but its share of {device} memory is {memory / 2**30:.2f} GiB; "
             "use train.cache_dataset=auto (it falls back to the object store or streaming) or more workers"
         )
     return True

@@ -187,7 +187,10 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
         device=device,
         rank=rank,
         world_size=world_size,
-        local_world_size=workers_sharing_node(train, context.get_local_world_size()),
+        local_world_size=(
+            workers_sharing_node(train, context.get_local_world_size()) if config.get("node_shared")
+            else context.get_local_world_size()
+        ),
         store=shape.store,
         clip_bytes=shape.clip_bytes,
     )
@@ -285,9 +288,10 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
 
 
 def workers_sharing_node(train: TrainSettings, local_world_size: int) -> int:
-    """How many workers may each keep a cache in this node's memory at once: this run's on the node, or as
-    many of any run's as the node can host (:meth:`NodeShape.workers`), whichever is more. A sweep's trials
-    side by side each see only their own workers: counted alone, each would take a quarter of the node."""
+    """How many workers of a sweep's trials may each keep a cache in this node's memory at once: this trial's on
+    the node, or as many as the node can host (:meth:`NodeShape.workers`), whichever is more. Trials side by side
+    each see only their own workers: counted alone, each would take a quarter of the node. (A `vidray train` run
+    counts its own workers: it alone would get a sixteenth of a 16-CPU node for one worker.)"""
     node_id = ray.get_runtime_context().get_node_id()
     resources = next((node["Resources"] for node in ray.nodes() if node["NodeID"] == node_id), {})
     return max(local_world_size, NodeShape(resources.get("CPU", 0.0), resources.get("GPU", 0.0)).workers(train))

@@ -7,7 +7,7 @@
   splits once into Ray's object store, Ray Data iterates the cached blocks every epoch;
 * **device** (``device``; :func:`vidray.train.ingest.should_cache_on_device`): on top of
   the object store when the splits fit it, each worker copies its shard once into one
-  uint8 tensor on its device (GPU memory, or its own memory on CPU) and builds every
+  uint8 tensor on its device (GPU memory, or its share of the node's on CPU) and builds every
   batch there by indexing (:class:`vidray.train.ingest.DeviceCache`);
 * ``auto``: device when the worker's shard fits ``DEVICE_CACHE_FRACTION`` of its
   device's memory (decided by each worker, vidray/train/ingest.py), else the object

@@ -109,10 +109,7 @@ def train_trial(
         split.context.enable_progress_bars = False
     trial_id = ray.tune.get_context().get_trial_id()
     run_config = trial_run_config(trial_cfg, trial_id, train_runs, callbacks=[ReportToTune(cfg.tune.metric)])
-    trainer = build_trainer(
-        trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits, stream=cached_splits is None
-    )
-    trainer.fit()
+    build_trainer(trial_cfg, run_config=run_config, dataset_dir=dataset_dir, cached_splits=cached_splits, trial=True).fit()
     wait_until_tune_has_the_last_report()
 
 
