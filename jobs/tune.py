@@ -7,8 +7,8 @@
 
 Same as `vidray tune`: prints the results table and its path; the last stdout
 line is a JSON summary with absolute paths; config and input errors print one
-line and exit 2. Run it again and a finished sweep only prints its results,
-an interrupted one continues.
+line and exit 2. Run it again and a finished sweep is reported again (its best
+checkpoint evaluated and exported anew) without training, an interrupted one continues.
 """
 
 import sys

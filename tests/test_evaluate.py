@@ -195,6 +195,31 @@ def test_per_class_report_and_confusion_png(evaluated):
     assert height >= 400 and width >= 400
 
 
+def test_the_frame_order_control_names_its_protocol(evaluated, checkpoint, dataset):
+    """The control runs the validation view whatever the held-out evaluation used (tune.test_clips / test_crops):
+    its result and its table in results.md say which, so its "in order" row is read against its own protocol (the
+    console put a 5-clip, 3-crop accuracy beside a 1-clip shuffled one, unnamed)."""
+    from vidray.infer.evaluate import frame_order_control
+    from vidray.report.best_model import frame_order_markdown
+
+    _, summary = evaluated
+    control = frame_order_control(checkpoint, str(dataset["dir"]), "val", batch_size=3)
+    assert control["protocol"] == summary["protocol"]  # the default view, as that evaluation's
+    assert control["in_order_accuracy"] == pytest.approx(summary["accuracy"])
+    assert f"Protocol: {control['protocol']} per video (the validation view)." in "\n".join(frame_order_markdown(control))
+
+
+def test_a_class_name_with_a_bar_stays_one_cell_of_per_class_md():
+    from vidray.infer.evaluate import per_class_markdown
+
+    row = {"precision": 0.5, "recall": 1.0, "f1": 0.667, "support": 1}
+    metrics = {"per_class": {"cats | dogs": row, "birds": row}, "num_samples": 2, "accuracy": 0.5,
+               "macro_precision": 0.5, "macro_recall": 1.0, "macro_f1": 0.667}  # fmt: skip
+    lines = per_class_markdown(metrics).splitlines()
+    assert lines[2] == r"| cats \| dogs | 0.500 | 1.000 | 0.667 | 1 |"
+    assert {line.replace(r"\|", "").count("|") for line in lines} == {6}  # five cells on every row
+
+
 def test_reads_unlisted_shards_when_dataset_json_has_no_list(tmp_path, checkpoint, dataset, evaluated):
     copy = tmp_path / "dataset"
     shutil.copytree(dataset["dir"], copy)

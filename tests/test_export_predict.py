@@ -16,7 +16,7 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.cli import main
 from vidray.model.transforms import MEAN, STD, eval_transform
-from vidray.model.checkpoint import save_checkpoint
+from vidray.model.checkpoint import INFO, save_checkpoint
 from vidray.errors import UserError
 from vidray.infer.export import CUSTOM_CODE_FILE, CUSTOM_MODEL_TYPE, export_model
 from vidray.model.classifier import POS_GRID_KEY, install_position_table, interpolate_position_table, token_grid
@@ -142,7 +142,7 @@ def test_model_card_says_what_the_model_is_and_why_it_needs_remote_code(exported
     assert "4 frames of 32x32 px" in card and "trust_remote_code=True" in card
     # Why: the table was resized from the pretrained 4x4x4 grid to this model's 2x2x2 grid.
     assert "from the checkpoint's 4x4x4 token grid to this model's 2x2x2 grid" in card
-    assert "| val (epoch 3, during training) |" in card and "0.500" in card
+    assert "| val (epoch 4, during training) |" in card and "0.500" in card  # its 0-based epoch 3: 4 epochs done
     # transformers 4.x reads the first frames (benchmarks/pipeline_frame_positions.py, run on 4.57: frames
     # 0-3 of 60 by default, 0, 19, 39, 59 with frame_sampling_rate=15; transformers 5: 0, 15, 30, 45 as vidray).
     assert "transformers 4.x always reads them so" in card and "pass `frame_sampling_rate=N // 4` for a video of N frames" in card
@@ -163,7 +163,32 @@ def test_model_card_says_what_the_model_is_and_why_it_needs_remote_code(exported
     assert "trust_remote_code" not in coin.split("## Use")[1].split("```")[1]
     assert "no `trust_remote_code`" in coin
     assert "| test (held out) | 253 | 0.600 | 0.500 |" in coin
+    assert "| val (epoch 15, during training) | 253 | 0.610 | 0.550 |" in coin  # epochs done, as the console counts
+    # COIN has no test split (its testing videos are val): the model was chosen on that split, not held out from it.
+    on_val = model_card({**info, "held_out": {**info["held_out"], "split": "val"}}, None, (8, 7, 7))
+    assert "| val (no test split: the one the model was chosen on) | 253 | 0.600 | 0.500 |" in on_val
     assert "15 epochs, batch 32, AdamW lr 5e-05, weight decay 0.05, cosine schedule" in coin
+
+
+def test_an_export_carries_no_storage_credentials(checkpoint, tmp_path):
+    """A run on s3://KEY:SECRET@bucket (pyarrow reads S3 keys from there) recorded its config, credentials included, in
+    every checkpoint; the export copied that config into the folder meant to be shared (a Hub upload, a colleague)."""
+    from vidray.config import load_config
+
+    source = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, source)
+    info = json.loads((source / INFO).read_text())
+    secret = "s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs?endpoint_override=localhost%3A9000&session_token=TOKEN9"
+    overrides = [f"run.storage_path={secret}", "data.dataset_dir=s3://AKIAEXAMPLE:wJalrSECRET@bucket/ds"]
+    info["config"] = load_config(None, overrides).model_dump(mode="json")
+    (source / INFO).write_text(json.dumps(info))
+    out = export_model(source, tmp_path / "model")
+    exported = json.loads((out / INFO).read_text())["config"]
+    assert exported["run"]["storage_path"] == "s3://bucket/runs?endpoint_override=localhost%3A9000"
+    assert exported["data"]["dataset_dir"] == "s3://bucket/ds"
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"wJalrSECRET" not in path.read_bytes() and b"TOKEN9" not in path.read_bytes(), path
 
 
 def test_pipeline_round_trip_matches_predict(exported, checkpoint, videos):

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -291,3 +292,11 @@ def test_restart_of_a_bucket_run_clears_its_local_folder_and_no_other(tmp_path, 
     with pytest.raises(UserError, match="not written by vidray"):
         open_run("train", "train", bucket, "foreign", restart=True, state_of=pytest.fail, finished_note="")
     assert (foreign_mirror / "keep.txt").is_file() and (tmp_path / "bucket" / "foreign" / "keep.txt").is_file()
+
+
+def test_json_text_is_json_every_parser_reads():
+    """A diverged trial's NaN loss went into results.json as NaN, which is not JSON (jq and JSON.parse refuse it)."""
+    from vidray.storage import json_text
+
+    text = json_text({"loss": float("nan"), "history": [{"val_loss": float("inf")}, {"val_loss": 0.5}], "n": 3, "p": Path("/x")})
+    assert json.loads(text, parse_constant=pytest.fail) == {"loss": None, "history": [{"val_loss": None}, {"val_loss": 0.5}], "n": 3, "p": "/x"}

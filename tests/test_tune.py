@@ -196,6 +196,18 @@ def test_results_table_has_the_reference_columns():
     assert "| Reference: MixUp α=0.4 | 1.471 | 1.815 | 0.411 |" in reference
 
 
+def test_the_reference_is_shown_only_beside_its_own_task():
+    """The reference lab's numbers are COIN's 12 domains on 10-60 s videos; configs/coin180.yaml's sweep (180 tasks,
+    every video) was shown them as "the same COIN-12 split"."""
+    from vidray.report.table import compares_with_reference
+
+    coin12 = load_config(REPO / "configs" / "coin12.yaml")
+    assert compares_with_reference(coin12.data)
+    assert not compares_with_reference(load_config(REPO / "configs" / "coin180.yaml").data)
+    assert not compares_with_reference(coin12.data.model_copy(update={"max_duration": None}))
+    assert not compares_with_reference(load_config(DEMO).data)
+
+
 def test_a_trial_keeps_and_reports_the_best_checkpoint_by_the_metric_the_sweep_ranks_by(tmp_path):
     """A trial's Ray Train run keeps its best checkpoints by tune.metric (they were kept by val macro-F1 whatever the
     sweep ranked by), and a trial's best value, epoch and checkpoint are one epoch's: a val_loss sweep reported

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import posixpath
 import re
@@ -182,11 +183,27 @@ def load_json(fs: pafs.FileSystem, path: str) -> Any | None:
         return None
 
 
+def json_text(value: Any) -> str:
+    """``value`` as JSON that every parser reads (jq, JSON.parse): a NaN or infinite number (a diverged loss) is
+    null, where json.dumps would write NaN, which is not JSON. Anything else JSON lacks is its str()."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def write_json(uri: str, value: Any) -> None:
     fs, path = open_filesystem(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write((json.dumps(value, indent=2, default=str) + "\n").encode())
+        f.write(json_text(value).encode())
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -242,6 +259,25 @@ def local_mirror(location: str, *parts: str) -> Path:
     host, _, path = rest.partition("/")
     segments = [scheme.lower(), host.rpartition("@")[2], *posixpath.normpath("/" + path).split("/")]
     return Path(LOCAL_RESULTS).expanduser().joinpath(*(s for s in segments if s not in ("", ".", "..")))
+
+
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def without_credentials(value: Any) -> Any:
+    """``value`` with every URI in it (it may be a dict or list of them, as a run's config) stripped of what may be a
+    secret: a ``user:secret@`` before the host (pyarrow reads S3 keys from there) and query options named like a
+    key, secret, token or password. For what leaves the user's storage: an export meant to be shared."""
+    if isinstance(value, dict):
+        return {k: without_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_credentials(v) for v in value]
+    if not isinstance(value, str) or not is_uri(value):
+        return value
+    parts = urllib.parse.urlsplit(value)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if not _SECRET_OPTION.search(k)]
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(query), parts.fragment))
 
 
 def mount_fstype(path: str, mounts_file: str = "/proc/mounts") -> str | None:

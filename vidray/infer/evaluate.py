@@ -19,7 +19,6 @@ Writes into ``out_dir``:
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +32,7 @@ from vidray.figures import SEQUENTIAL_CMAP, new_figure, save_figure
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device
 from vidray.model.inference import Views, clip_outputs, inference_device
+from vidray.storage import json_text
 from vidray.train.metrics import confusion_matrix, metrics_from_confusion
 
 logger = logging.getLogger(__name__)
@@ -107,14 +107,17 @@ def frame_order_control(
     device = inference_device()
     to_device(model, device)
     confusions = {}
+    views = Views(eval_clips_of(info))  # the validation view: 1 + CONTROL_ORDERS passes over the split
     for name, shuffle in (("in_order", None), ("shuffled", torch.Generator().manual_seed(seed))):
         y_true, y_pred = [], []
         for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape,
-                                          Views(eval_clips_of(info)), device, shuffle=shuffle, orders=CONTROL_ORDERS):
+                                          views, device, shuffle=shuffle, orders=CONTROL_ORDERS):
             y_true += batch["label"]
             y_pred += logits.argmax(-1).tolist()
         confusions[name] = confusion_matrix(y_true, y_pred, len(shape.classes))
-    result: dict[str, Any] = {"split": split, "orders": CONTROL_ORDERS, "chance": 1 / len(shape.classes)}
+    result: dict[str, Any] = {
+        "split": split, "orders": CONTROL_ORDERS, "chance": 1 / len(shape.classes), "protocol": views.describe(),
+    }
     for name, confusion in confusions.items():
         result[f"{name}_accuracy"] = float(np.trace(confusion) / max(confusion.sum(), 1))
         if pairs:
@@ -212,7 +215,7 @@ def evaluate_checkpoint(
         "confusion_png": out_dir / "confusion_matrix.png",
         "predictions": out_dir / "predictions.csv",
     }
-    files["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
+    files["metrics"].write_text(json_text(metrics))
     write_per_class_csv(metrics, files["per_class_csv"])
     files["per_class_md"].write_text(per_class_markdown(metrics))
     plot_confusion(confusion, classes, files["confusion_png"], title=f"{split}: {checkpoint.name}")
@@ -234,7 +237,8 @@ def write_per_class_csv(metrics: dict[str, Any], path: Path) -> None:
 def per_class_markdown(metrics: dict[str, Any]) -> str:
     lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for name, m in metrics["per_class"].items():
-        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+        cell = name.replace("|", "\\|")  # a folder class may hold one: the row would gain a column
+        lines.append(f"| {cell} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
     total = metrics["num_samples"]
     lines.append(
         f"| **macro avg** | {metrics['macro_precision']:.3f} | {metrics['macro_recall']:.3f} | "

@@ -53,6 +53,7 @@ from vidray.errors import UserError
 from vidray.model.checkpoint import INFO, eval_clips_of, quiet_progress_bars
 from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, token_grid
 from vidray.model.transforms import MEAN, STD
+from vidray.storage import without_credentials
 
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
 
@@ -248,7 +249,8 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     config = info.get("config") or {}
     export_info = {
         "data": ClipShape.from_dict(data).as_dict(),
-        "config": config if config.get("model") else {"train": {"eval_clips": eval_clips_of(info)}},
+        # Without credentials: a run on s3://KEY:SECRET@bucket would otherwise hand them to whoever gets the export.
+        "config": without_credentials(config) if config.get("model") else {"train": {"eval_clips": eval_clips_of(info)}},
         "epoch": info.get("epoch"),
         "metrics": {k: v for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float, str))},
         "held_out": _card_metrics(held_out) if held_out else info.get("held_out"),
@@ -276,6 +278,11 @@ COIN_LICENSE_NOTICE = (
 
 def _seconds(value) -> str:
     return "any" if value is None else f"{value:g}"
+
+
+def _epochs_done(epoch: Any) -> Any:
+    """A checkpoint's 0-based epoch as the epochs done, as vidray's console, results.md and Tune count them."""
+    return epoch + 1 if isinstance(epoch, int) else "?"
 
 
 def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tuple[int, int, int]) -> str:
@@ -330,13 +337,14 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
     metrics = export_info.get("metrics") or {}
     if "val_accuracy" in metrics:
         lines.append(
-            f"| val (epoch {export_info.get('epoch')}, during training) | {metrics.get('val_videos', '?')} | "
+            f"| val (epoch {_epochs_done(export_info.get('epoch'))}, during training) | {metrics.get('val_videos', '?')} | "
             f"{metrics['val_accuracy']:.3f} | {metrics.get('val_macro_f1', float('nan')):.3f} |"
         )
     held_out = export_info.get("held_out")
     if held_out:
         lines.append(
-            f"| {held_out['split']} (held out) | {held_out.get('num_samples', '?')} | {held_out['accuracy']:.3f} | "
+            f"| {held_out['split']} ({'held out' if held_out['split'] != 'val' else 'no test split: the one the model was chosen on'}) "
+            f"| {held_out.get('num_samples', '?')} | {held_out['accuracy']:.3f} | "
             f"{held_out.get('macro_f1', float('nan')):.3f} |"
         )
     lines += ["", "## Use", "", "```python", "from transformers import pipeline", ""]

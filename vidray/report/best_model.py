@@ -59,7 +59,7 @@ def frame_order_markdown(control: dict[str, Any]) -> list[str]:
         if pairs:
             row += f" {control[f'{name}_pair_accuracy']:.3f} |"
         lines.append(row)
-    note = f"Chance: {control['chance']:.3f} over all classes."
+    note = f"Protocol: {control['protocol']} per video (the validation view). Chance: {control['chance']:.3f} over all classes."
     if pairs:
         names = ", ".join(f"{a} / {b}" for a, b in control["pairs"])
         note += (

@@ -24,7 +24,6 @@ writes them out and prints the table.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ from vidray.config import VidrayConfig
 from vidray.model.inference import Views
 from vidray.report.best_model import export_and_evaluate_best, frame_order_markdown
 from vidray.report.sweep_figures import plot_learning_curves, plot_metric_vs_mixup
-from vidray.report.table import REFERENCE_COIN12, TABLE_COLUMNS, markdown_table, table_rows
+from vidray.report.table import REFERENCE_COIN12, TABLE_COLUMNS, compares_with_reference, markdown_table, table_rows
 from vidray.report.trials import pick_best, read_finished_trials, summarize_trial
+from vidray.storage import json_text
 from vidray.tune.sweep import SweepOutcome
 
 
@@ -83,7 +83,7 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
         f"Macro-F1 weighs every class equally. Best: the trial's best `{metric}` and its epoch. "
         f"Protocol: {Views(cfg.train.eval_clips).describe()} per video (the view training validates with).",
     ]
-    if cfg.data.source == "coin":
+    if compares_with_reference(cfg.data):
         reference_columns = ["Type", "Training Loss", "Test Loss", "F1"]
         lines += ["", "Reference (same COIN-12 split; micro F1):", "", markdown_table(REFERENCE_COIN12, reference_columns)]
     if best_info is not None:
@@ -93,7 +93,10 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
             f"## Best trial: {best.label}",
             "",
             f"`{metric}` = {best.best_value:.3f} at epoch {best.best_epoch} (checkpoint `{best.best_checkpoint}`).",
-            f"On the **{best_info['split']}** split: accuracy {held_out['accuracy']:.3f}, "
+            f"On the **{best_info['split']}** split"
+            + (" (no test split: the one the best trial and epoch were chosen on, so this is optimistic)"
+               if best_info["split"] == "val" else "")
+            + f": accuracy {held_out['accuracy']:.3f}, "
             f"macro-F1 {held_out['macro_f1']:.3f}, loss {held_out['loss']:.3f} ({held_out['num_samples']} videos; "
             f"protocol: {held_out['protocol']}).",
             "",
@@ -142,13 +145,16 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
         "figures": [str(p) for p in figures],
         **{k: str(v) for k, v in paths.items()},
     }
-    paths["results_json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    paths["results_json"].write_text(json_text(summary))
     console = [f"\n{table}"]
     if best_info is not None:
         held_out, control = best_info["metrics"], best_info["frame_order_control"]
+        # The control's two numbers share its protocol, which may not be the held-out evaluation's (tune.test_clips).
+        same = held_out["protocol"] == control["protocol"]
         console.append(
-            f"\nbest: {best.label}; {best_info['split']} accuracy {held_out['accuracy']:.3f}, "
-            f"with frames shuffled {control['shuffled_accuracy']:.3f}"
+            f"\nbest: {best.label}; {best_info['split']} accuracy {held_out['accuracy']:.3f}"
+            + ("" if same else f" ({held_out['protocol']}; {control['protocol']}: in order {control['in_order_accuracy']:.3f})")
+            + f", with frames shuffled {control['shuffled_accuracy']:.3f}"
             + (f" (within time-reversed pairs {control['in_order_pair_accuracy']:.3f} -> "
                f"{control['shuffled_pair_accuracy']:.3f}, chance 0.5)" if "pairs" in control else "")
         )

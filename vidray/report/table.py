@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from vidray.config import DataSettings
 from vidray.report.trials import LAST_EPOCH_METRICS, TrialSummary
 
 # The reference COIN-12 runs (VideoMAE-B Kinetics, 16 x 112², 15 epochs, lr 5e-5, wd 0.05,
@@ -13,6 +14,14 @@ REFERENCE_COIN12 = [
     {"Type": "Reference: no MixUp", "Training Loss": 1.121, "Test Loss": None, "F1": 0.522},
     {"Type": "Reference: MixUp α=0.4", "Training Loss": 1.471, "Test Loss": 1.815, "F1": 0.411},
 ]
+
+
+
+def compares_with_reference(data: DataSettings) -> bool:
+    """Whether a sweep's data are the reference's task: COIN's 12 domains on its 10-60 s videos (a 180-task or
+    unfiltered COIN sweep is another task, and its numbers are not comparable)."""
+    return data.source == "coin" and data.coin_labels == "domain" and (data.min_duration, data.max_duration) == (10, 60)
+
 
 TABLE_COLUMNS = ["Type", "Epochs", "Training Loss", "Test Loss", "Precision", "Recall", "F1", "Macro-F1", "Accuracy", "Best"]
 
