@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import start_lock_holders
 from vidray.cli import main as cli_main
 from vidray.testing.faults import end_held_processes, hold_env
 from vidray.config import TuneSettings, load_config
@@ -679,6 +680,22 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     ]
     assert {t.name: (t / "progress.csv").read_text() for t in trial_dirs(experiment)} == progress
     assert sorted(str(p) for p in train_runs.glob("*/checkpoint_epoch_*")) == checkpoints
+    # The report is written while the driver holds the sweep: a driver that holds it (a second report of it, a
+    # --restart) keeps this one from writing beside it (two reports at once: one failed on the best model's
+    # staging folder), and it writes nothing.
+    from vidray.report.results import report_sweep
+    from vidray.tune.sweep import SweepOutcome
+
+    (holder,) = start_lock_holders(str(experiment), tmp_path / "go", command="vidray tune")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        written = (reports / "results.md").stat().st_mtime_ns
+        with pytest.raises(UserError, match=r"is in use: `vidray tune` \(pid"):
+            report_sweep(SweepOutcome(load_config(DEMO, overrides), str(experiment), str(tmp_path), results=None))
+        assert (reports / "results.md").stat().st_mtime_ns == written
+    finally:
+        holder.kill()
+        holder.wait()
     # A changed config is not mixed into it (refused before any Ray work).
     with pytest.raises(UserError, match=r"started with another config \(train.epochs differ.*pass --restart"):
         run_sweep(load_config(DEMO, [*overrides, "train.epochs=3"]))

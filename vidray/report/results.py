@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from vidray.config import VidrayConfig
+from vidray.folder_lock import FolderLock
 from vidray.model.inference import Views
 from vidray.report.best_model import export_and_evaluate_best, frame_order_markdown
 from vidray.report.sweep_figures import plot_learning_curves, plot_metric_vs_mixup
@@ -42,9 +43,14 @@ from vidray.tune.sweep import SweepOutcome
 
 def report_sweep(outcome: SweepOutcome) -> dict[str, Any]:
     """The report of what :func:`vidray.tune.sweep.run_sweep` left: this run's Tune results, or a
-    finished sweep's trials read back from its experiment folder (no Tune pickle is loaded)."""
-    results = outcome.results if outcome.results is not None else read_finished_trials(outcome.experiment_path)
-    return write_sweep_report(results, outcome.cfg, experiment_path=outcome.experiment_path, dataset_dir=outcome.dataset_dir)
+    finished sweep's trials read back from its experiment folder (no Tune pickle is loaded).
+
+    The driver holds the sweep while it writes (vidray/folder_lock.py): two drivers reporting it at once
+    (the same command in two terminals) both wrote its best model's staging folder, and one failed; a
+    ``--restart`` could delete the checkpoint being evaluated."""
+    with FolderLock(outcome.experiment_path, "vidray tune"):
+        results = outcome.results if outcome.results is not None else read_finished_trials(outcome.experiment_path)
+        return write_sweep_report(results, outcome.cfg, experiment_path=outcome.experiment_path, dataset_dir=outcome.dataset_dir)
 
 
 def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, dataset_dir: str) -> dict[str, Any]:
