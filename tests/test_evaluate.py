@@ -195,6 +195,15 @@ def test_per_class_report_and_confusion_png(evaluated):
     assert height >= 400 and width >= 400
 
 
+def test_a_downloaded_checkpoint_is_named_by_where_it_lives(checkpoint, dataset, tmp_path):
+    """A sweep on a bucket evaluates a download of its best checkpoint: metrics.json named the scratch folder, which
+    goes, and the figure's title ended in the URI's query ("localhost:9000&scheme=http")."""
+    origin = "s3://KEY:SECRET@bucket/runs/t1/checkpoint_epoch_0003?endpoint_override=localhost%3A9000&scheme=http"
+    metrics = evaluate_checkpoint(checkpoint, str(dataset["dir"]), split="val", out_dir=tmp_path / "eval", batch_size=8, origin=origin)
+    assert metrics["checkpoint"] == "s3://bucket/runs/t1/checkpoint_epoch_0003?endpoint_override=localhost%3A9000&scheme=http"
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["checkpoint"] == metrics["checkpoint"]
+
+
 def test_the_frame_order_control_names_its_protocol(evaluated, checkpoint, dataset):
     """The control runs the validation view whatever the held-out evaluation used (tune.test_clips / test_crops):
     its result and its table in results.md say which, so its "in order" row is read against its own protocol (the

@@ -189,6 +189,11 @@ def test_an_export_carries_no_storage_credentials(checkpoint, tmp_path):
     for path in out.rglob("*"):
         if path.is_file():
             assert b"wJalrSECRET" not in path.read_bytes() and b"TOKEN9" not in path.read_bytes(), path
+    # A sweep on a bucket exports a download of its best checkpoint: the export names where the checkpoint lives,
+    # not the scratch folder (deleted when the report is written), and without the credentials either.
+    origin = "s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs/t1/checkpoint_epoch_0003?endpoint_override=h%3A9000"
+    again = export_model(source, tmp_path / "model2", origin=origin)
+    assert json.loads((again / INFO).read_text())["exported_from"] == "s3://bucket/runs/t1/checkpoint_epoch_0003?endpoint_override=h%3A9000"
 
 
 def test_pipeline_round_trip_matches_predict(exported, checkpoint, videos):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import posixpath
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,11 +29,13 @@ import torch
 
 from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes
 from vidray.errors import UserError
-from vidray.figures import SEQUENTIAL_CMAP, new_figure, save_figure
+from vidray.figures import (
+    LABEL_CHARS, SEQUENTIAL_CMAP, fit_label, new_figure, save_figure, text_inches, wrap_to_width,
+)  # fmt: skip
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device
 from vidray.model.inference import Views, clip_outputs, inference_device
-from vidray.storage import json_text
+from vidray.storage import json_text, without_credentials
 from vidray.train.metrics import confusion_matrix, metrics_from_confusion
 
 logger = logging.getLogger(__name__)
@@ -144,11 +147,14 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     clips: int | None = None,
     crops: int = 1,
+    origin: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``split`` of ``dataset_dir``; writes the reports into ``out_dir``.
 
     ``clips`` defaults to the ``train.eval_clips`` the checkpoint was trained
-    with, ``crops`` to the centre crop: the view training validated with. Returns the
+    with, ``crops`` to the centre crop: the view training validated with. ``origin``: where the
+    checkpoint lives when ``checkpoint`` is a download of it (a bucket's), named in metrics.json and
+    the figure's title instead of the download, which goes. Returns the
     metrics dict written to ``metrics.json`` (with ``protocol``) plus ``files``.
     """
     if batch_size < 1:
@@ -199,7 +205,7 @@ def evaluate_checkpoint(
     metrics = metrics_from_confusion(confusion, classes)
     metrics.update(
         loss=loss_sum / max(len(y_true), 1),
-        checkpoint=str(checkpoint.resolve()),
+        checkpoint=without_credentials(origin) if origin else str(checkpoint.resolve()),
         checkpoint_epoch=info.get("epoch"),
         dataset_dir=str(dataset_dir),
         split=split,
@@ -218,7 +224,8 @@ def evaluate_checkpoint(
     files["metrics"].write_text(json_text(metrics))
     write_per_class_csv(metrics, files["per_class_csv"])
     files["per_class_md"].write_text(per_class_markdown(metrics))
-    plot_confusion(confusion, classes, files["confusion_png"], title=f"{split}: {checkpoint.name}")
+    name = posixpath.basename(metrics["checkpoint"].partition("?")[0].rstrip("/"))  # a URI's query is no name
+    plot_confusion(confusion, classes, files["confusion_png"], title=f"{split}: {name}")
     with open(files["predictions"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -255,16 +262,33 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     support = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
 
-    # Half an inch per class, up to CONFUSION_MAX_INCHES: COIN's 180 tasks at half an inch drew an 11,000 px
-    # square in 50 s and 4.8 GB; capped, the names shrink to fit their rows (7 pt at 180 classes).
-    side = min(max(4.0, 0.5 * k + 2.5), CONFUSION_MAX_INCHES)
-    names_pt = min(10.0, 0.55 * 72 * side / k)
-    fig = new_figure(side + 1.0, side)
+    # The matrix gets half an inch per class (3 in at least), the figure the names beside and below it and the
+    # title above, all within CONFUSION_MAX_INCHES: COIN's 180 tasks at half an inch drew an 11,000 px square in
+    # 50 s and 4.8 GB; capped, the names shrink to fit their rows (6 pt at 180 classes). A name longer than
+    # LABEL_CHARS is broken over up to 3 lines where its row has room, else shortened in its middle.
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    title = f"{title}  (accuracy {accuracy:.3f}, n={int(confusion.sum())})".strip()
+    side, top = max(3.0, 0.5 * k), 0.5
+    for _ in range(3):  # the names' size follows the side, the side what the names and the title leave
+        names_pt = min(10.0, 0.55 * 72 * side / k)
+        lines = int(np.clip(72 * side / k // (1.8 * names_pt), 1, 3))  # a rotated line takes ~1.8x its size across
+        x_names = [fit_label(c, LABEL_CHARS, lines) for c in classes]
+        y_names = [f"{name} ({int(n)})" for name, n in zip(x_names, support[:, 0])]
+        x_reach = max(sum(text_inches(name, names_pt)) for name in x_names) * 0.71  # 45°: as far down as aside
+        left = max(max(text_inches(name, names_pt)[0] for name in y_names), x_reach - side / k / 2) + 0.55
+        bottom = x_reach + 0.5  # and the axis label below
+        # The colour bar (its width and gap are fractions of the matrix's side below) with its ticks and label.
+        side = min(side, CONFUSION_MAX_INCHES - bottom - top, (CONFUSION_MAX_INCHES + 0.3 - left) / 1.086)
+        right = 0.086 * side + 0.7
+        width = left + side + right
+        title_lines = wrap_to_width(title, width - 0.3, 12)
+        top = text_inches(title_lines, 12)[1] + 0.2
+    fig = new_figure(width, min(top + side + bottom, CONFUSION_MAX_INCHES))
     ax = fig.add_subplot()
     image = ax.imshow(normalised, cmap=SEQUENTIAL_CMAP, vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_xticks(range(k), labels=classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=names_pt)
-    ax.set_yticks(range(k), labels=[f"{c} ({int(n)})" for c, n in zip(classes, support[:, 0])], fontsize=names_pt)
+    ax.set_xticks(range(k), labels=x_names, rotation=45, ha="right", rotation_mode="anchor", fontsize=names_pt)
+    ax.set_yticks(range(k), labels=y_names, fontsize=names_pt)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (support)")
     if k <= ANNOTATE_MAX_CLASSES:
@@ -275,6 +299,5 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
                         j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
                         color="white" if normalised[i, j] > 0.5 else "black",
                     )
-    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
-    ax.set_title(f"{title}  (accuracy {accuracy:.3f}, n={int(confusion.sum())})".strip())
+    fig.suptitle(title_lines, fontsize=12)  # over the whole figure: a long title is not cut at the matrix's edges
     return save_figure(fig, path)

@@ -216,11 +216,12 @@ def _is_export(directory: Path) -> bool:
         return False
 
 
-def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None) -> Path:
+def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None, origin: str | None = None) -> Path:
     """Write ``checkpoint`` (a `vidray train` checkpoint or an earlier export) to ``out``; returns ``out``.
 
     ``held_out``: metrics of the model on a held-out split (vidray.infer.evaluate's
-    metrics.json), for the model card. ``out`` must be new, empty, or an
+    metrics.json), for the model card. ``origin``: where the checkpoint lives when ``checkpoint`` is a
+    download of it (a bucket's), recorded as ``exported_from``. ``out`` must be new, empty, or an
     earlier export (replaced). The directory is written beside ``out`` and
     moved into place at the end, so a failed export never leaves a
     half-written model under the real name.
@@ -254,7 +255,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
         "epoch": info.get("epoch"),
         "metrics": {k: v for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float, str))},
         "held_out": _card_metrics(held_out) if held_out else info.get("held_out"),
-        "exported_from": str(checkpoint.resolve()),
+        "exported_from": without_credentials(origin) if origin else str(checkpoint.resolve()),
     }
     (staging / INFO).write_text(json.dumps(export_info, indent=2, sort_keys=True, default=str) + "\n")
     (staging / "README.md").write_text(model_card(export_info, pos_grid, token_grid(model.config)))

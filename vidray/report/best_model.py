@@ -37,9 +37,10 @@ def export_and_evaluate_best(
     time_reversed = reversal_pairs(list(info.classes))
     with scratch("best") as folder:
         checkpoint = _local_checkpoint(best.best_checkpoint, Path(folder))
+        # Named by where it lives, not by the download of a bucket's checkpoint, which goes with the scratch folder.
         evaluation = evaluate_checkpoint(checkpoint, dataset_dir, split=split, out_dir=reports_dir / "best_eval",
-                                         clips=clips, crops=crops)
-        model_dir = export_model(checkpoint, reports_dir / "best_model", held_out=evaluation)
+                                         clips=clips, crops=crops, origin=best.best_checkpoint)
+        model_dir = export_model(checkpoint, reports_dir / "best_model", held_out=evaluation, origin=best.best_checkpoint)
         control = frame_order_control(checkpoint, dataset_dir, split, pairs=time_reversed)
     figure = reports_dir / "figures" / "confusion_matrix_best.png"
     shutil.copyfile(evaluation["files"]["confusion_png"], figure)
