@@ -174,6 +174,8 @@ def test_param_space_grids_ranges_and_trial_configs():
 
     # Repeats of a pure grid get their own seeds, or they would be identical runs.
     assert "seed" in build_param_space(TuneSettings(mixup_alpha=[0.0], lr=[1e-4], weight_decay=[0.05], num_samples=2))
+    # ...and so does a range of one value, a constant too (it got none: three identical runs).
+    assert "seed" in build_param_space(TuneSettings(lr={"low": 1e-4, "high": 1e-4}, weight_decay=[0.05], num_samples=3))
     assert build_param_space(TuneSettings(lr=[1e-4]))["lr"] == 1e-4  # one value is a constant, not a 1-point grid
 
     cfg = load_config(DEMO)

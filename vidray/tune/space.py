@@ -34,8 +34,9 @@ def build_param_space(tune: TuneSettings) -> dict[str, Any]:
         "lr": _axis(tune.lr, "tune.lr", log=True),
         "weight_decay": _axis(tune.weight_decay, "tune.weight_decay", log=False),
     }
-    if tune.num_samples > 1 and isinstance(tune.lr, list) and isinstance(tune.weight_decay, list):
-        # Repeats of one grid point would otherwise be the same seeded run, bit for bit on CPU.
+    drawn = any(isinstance(v, SearchRange) and v.low != v.high for v in (tune.lr, tune.weight_decay))
+    if tune.num_samples > 1 and not drawn:
+        # Repeats of one grid point (a range of one value too) would otherwise be the same seeded run, bit for bit on CPU.
         space["seed"] = ray.tune.randint(0, 2**31 - 1)
     return space
 
