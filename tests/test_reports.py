@@ -88,3 +88,43 @@ def test_cli_report_data(manifest, tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])["figures"]
     assert sorted(Path(f).name for f in figures) == ["class_distribution.png", "duration_distribution.png"]
     assert all(Path(f).stat().st_size > 10_000 for f in figures)
+
+
+@pytest.mark.parametrize(
+    "classes",
+    [["cut", "paste"], ["Removing_snow_from_a_car_windshield_0", "Replacing the battery of a car key with a new one"]],
+    ids=["short-names", "long-names"],
+)
+def test_the_class_figure_of_two_classes_keeps_its_title_whole_and_clear_of_the_legend(tmp_path, monkeypatch, classes):
+    """With 2 classes (a 6-inch figure) the axes title ran off the figure's left and under the legend."""
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from vidray.figures import DPI
+
+    figures, original = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: (figures.append(fig), original(fig, *a, **kw))[1])
+    rows = [{"path": f"/v/{i}/{s}{j}.mp4", "video_id": f"{i}/{s}{j}", "label": c, "label_index": i, "split": s}
+            for i, c in enumerate(classes) for s in ("train", "val", "test") for j in range(4)]  # fmt: skip
+    write_manifest(rows, classes, tmp_path / "manifest.parquet")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_data_report(tmp_path / "manifest.parquet", tmp_path / "figures")
+        (fig,) = figures
+        FigureCanvasAgg(fig)  # drawn again at the PNG's resolution, to measure where the texts landed
+        fig.set_dpi(DPI)
+        fig.canvas.draw()
+    assert not [w for w in caught if "constrained_layout" in str(w.message)]
+    renderer = fig.canvas.get_renderer()
+    (title,) = [t for t in fig.findobj(Text) if t.get_text().startswith("Videos per class")]
+    assert "manifest.parquet" in title.get_text() and "2 classes" in title.get_text()
+    box = title.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, "the title is cut"
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    assert legends and not any(box.overlaps(legend.get_window_extent(renderer)) for legend in legends)
+    for label in fig.axes[0].get_xticklabels():
+        tick = label.get_window_extent(renderer)
+        assert tick.x0 >= 0 and tick.y0 >= 0, label.get_text()

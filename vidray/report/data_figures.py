@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from vidray.config import SPLITS
-from vidray.figures import SPLIT_COLOURS, light_grid, new_figure, save_figure
+from vidray.figures import LABEL_CHARS, SPLIT_COLOURS, fit_label, light_grid, new_figure, save_figure, wrap_to_width
 from vidray.data.index import read_manifest
 
 
@@ -34,7 +34,8 @@ CLASSES_MAX_INCHES = 40.0  # 4,800 px at vidray.figures.DPI: 180 classes still g
 def _class_distribution(frame, classes: list[str], splits: list[str], source: str, path: Path) -> Path:
     counts = frame.groupby(["label", "split"]).size()
     # Under half an inch per class, up to CLASSES_MAX_INCHES: COIN's 180 tasks were an 83-inch (10,000 px) strip.
-    fig = new_figure(min(max(6.0, 0.45 * len(classes) + 2.5), CLASSES_MAX_INCHES), 5.0)
+    width = min(max(6.0, 0.45 * len(classes) + 2.5), CLASSES_MAX_INCHES)
+    fig = new_figure(width, 5.0)
     ax = fig.add_subplot()
     x = np.arange(len(classes))
     bottom = np.zeros(len(classes))
@@ -46,13 +47,18 @@ def _class_distribution(frame, classes: list[str], splits: list[str], source: st
         ax.annotate(
             f"{int(total)}", (xi, total), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", size=8
         )
-    ax.set_xticks(x, classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+    lines = int(np.clip(72 * (width - 2.5) / len(classes) // (1.8 * 9), 1, 3))  # as many as a bar's width holds
+    names = [fit_label(name, LABEL_CHARS, lines) for name in classes]
+    ax.set_xticks(x, names, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
     ax.set_xlim(-0.6, len(classes) - 0.4)
     ax.set_ylim(0, max(1.0, bottom.max()) * 1.1)
     ax.set_xlabel("class")
     ax.set_ylabel("videos")
-    ax.set_title(f"Videos per class and split: {source} ({len(frame)} videos, {len(classes)} classes)")
-    fig.legend(title="split (videos)", loc="outside right upper")  # never over a bar
+    # Over the whole figure and wrapped to it: an axes title of a narrow figure ran under the legend and off its left.
+    title = f"Videos per class and split: {source} ({len(frame)} videos, {len(classes)} classes)"
+    fig.suptitle(wrap_to_width(title, width - 0.3, 12), fontsize=12)
+    # Beside the axes, from their top (below the title; a figure legend sat at the figure's top): never over a bar.
+    ax.legend(title="split (videos)", loc="upper left", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.6)
     light_grid(ax, axis="y")
     return save_figure(fig, path)
 

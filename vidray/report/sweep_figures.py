@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.lines import Line2D
 
-from vidray.figures import TRIAL_CMAP, light_grid, new_figure, save_figure
+from vidray.figures import TRIAL_CMAP, distinct_colours, light_grid, new_figure, save_figure, text_inches
 from vidray.report.trials import TrialSummary
 from vidray.train.metrics import EPOCHS_DONE
 from vidray.tune.space import short_number
@@ -36,6 +37,31 @@ def _interval_bars(trials: list[TrialSummary]) -> np.ndarray | None:
     return np.array(bounds).T
 
 
+def _mark_unfinished(ax, x, y, trials: list[TrialSummary], colour) -> set[str]:
+    """A hollow ring around each trial ASHA stopped early, a cross on each that errored (it stopped, but not
+    because ASHA ranked it low); returns which of the two were drawn."""
+    drawn = set()
+    ring, cross = dict(s=110, facecolors="none", edgecolors=colour), dict(s=70, marker="x", c="black")
+    markers = {"stopped early": ring, "error": cross}
+    for kind, marker in markers.items():
+        points = [(xi, yi) for xi, yi, t in zip(x, y, trials) if t.status.startswith(kind)]
+        if points:
+            ax.scatter(*zip(*points), linewidths=1.5, zorder=3, **marker)
+            drawn.add(kind)
+    return drawn
+
+
+def _status_handles(drawn: set[str]) -> list[Line2D]:
+    """Legend entries for what :func:`_mark_unfinished` drew."""
+    handles = []
+    if "stopped early" in drawn:
+        ring = dict(marker="o", ms=10, mfc="none", mec="0.3", mew=1.5)
+        handles.append(Line2D([], [], ls="none", label="stopped early (ASHA)", **ring))
+    if "error" in drawn:
+        handles.append(Line2D([], [], ls="none", marker="x", ms=8, color="black", mew=1.5, label="errored"))
+    return handles
+
+
 def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) -> Path:
     """tune.metric at each trial's best epoch against MixUp α, one line per (lr, wd) setting.
 
@@ -52,6 +78,7 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
     scored = [t for group in groups.values() for t in group]
     bounded = bool(scored) and "loss" not in metric and all(0.0 <= t.best_value <= 1.0 for t in scored)
     with_intervals = bounded and _interval_bars(scored) is not None
+    drawn: set[str] = set()
     if len(groups) <= 10:
         spread = 0.012 * (max((t.params["mixup_alpha"] for t in scored), default=1.0) or 1.0)
         for index, ((lr, wd), members) in enumerate(sorted(groups.items())):
@@ -62,17 +89,18 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
             line = ax.plot(x, y, marker="o", label=f"lr={short_number(lr)}, wd={short_number(wd)}")[0]
             if with_intervals:
                 ax.errorbar(x, y, yerr=_interval_bars(members), fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.8)
-            # Hollow markers: ASHA stopped the trial before the last epoch.
-            early = [(xi, yi) for xi, yi, t in zip(x, y, members) if t.status != "completed"]
-            if early:
-                ax.scatter(*zip(*early), s=90, facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
-        ax.legend(title="hollow ring: stopped early", fontsize=8, title_fontsize=8, loc="lower right")
+            drawn |= _mark_unfinished(ax, x, y, members, line.get_color())
+        handles = ax.get_legend_handles_labels()[0] + _status_handles(drawn)
+        ax.legend(handles=handles, fontsize=8, loc="lower right")
     else:  # lr drawn from a range: every trial is its own setting, so colour by lr instead
         x, y = [t.params["mixup_alpha"] for t in scored], [t.best_value for t in scored]
         if with_intervals:
             ax.errorbar(x, y, yerr=_interval_bars(scored), fmt="none", ecolor="0.6", capsize=2, zorder=1)
         points = ax.scatter(x, y, c=np.log10([t.params["lr"] for t in scored]), cmap=TRIAL_CMAP, zorder=2)
         fig.colorbar(points, ax=ax, label="log10(lr)")
+        drawn = _mark_unfinished(ax, x, y, scored, "black")
+        if drawn:  # below the axes: a scatter of many trials has no free corner
+            fig.legend(handles=_status_handles(drawn), loc="outside lower center", ncol=2, fontsize=8)
     alphas = sorted({t.params["mixup_alpha"] for t in trials})
     ax.set_xticks(alphas, [short_number(a) for a in alphas])
     ax.set_xlabel("MixUp α (0 = no MixUp)")
@@ -89,13 +117,24 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
     return save_figure(fig, path)
 
 
+LEGEND_PT = 8
+
+
 def plot_learning_curves(trials: list[TrialSummary], path: Path) -> Path:
-    """Train loss, val loss and val macro-F1 against epoch for every trial."""
+    """Train loss, val loss and val macro-F1 against epoch for every trial.
+
+    Every trial has its own colour (vidray.figures.distinct_colours; the report sorts trials by α, lr and wd,
+    so neighbouring colours are neighbouring settings), and the legend below the panels takes as many
+    columns as the width holds and as many rows as the trials need: the figure grows with them.
+    """
     panels = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_macro_f1", "val macro-F1")]
-    fig = new_figure(15.0, 4.8)
+    width = 15.0
+    label_width = max((text_inches(t.label, LEGEND_PT)[0] for t in trials), default=1.0)
+    columns = max(1, min(len(trials), int((width - 0.5) // (label_width + 0.6))))  # + handle and gap
+    rows = math.ceil(len(trials) / columns)
+    fig = new_figure(width, 4.6 + rows * 1.35 * LEGEND_PT / 72)
     axes = fig.subplots(1, len(panels))
-    colours = [f"C{i % 10}" for i in range(len(trials))]
-    for t, colour in zip(trials, colours):
+    for t, colour in zip(trials, distinct_colours(len(trials))):
         epochs = [row[EPOCHS_DONE] for row in t.history]
         for ax, (key, _) in zip(axes, panels):
             values = [row.get(key, np.nan) for row in t.history]
@@ -109,6 +148,7 @@ def plot_learning_curves(trials: list[TrialSummary], path: Path) -> Path:
         ax.set_xlim(0.5, max_epoch + 0.5)
         light_grid(ax)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
+    if labels:
+        fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=LEGEND_PT)
     fig.suptitle("Learning curves (x: stopped early by ASHA)")
     return save_figure(fig, path)
