@@ -75,5 +75,5 @@ def test_the_device_decoder_builds_the_host_decoders_batches_on_every_path(skvid
     assert result["streamed_equals_cache"]
     # The damaged frame is named as the host path names it (tests/test_store.py), the batch not built.
     assert result["damaged"].startswith("stored clip of video v1: frame 2 does not decode"), result["damaged"]
-    assert result["damaged"].endswith("re-run `vidray preprocess`")
+    assert result["damaged"].endswith("and prepare the data again")
     assert result["cuda_on_cpu"].startswith("UserError: train.decode_device=cuda needs a GPU worker")

@@ -125,6 +125,27 @@ def test_a_frame_that_passes_the_checksum_but_not_the_decoder_is_refused(real_cl
         decode_frames_into(larger, "jpeg", out)
 
 
+def test_a_cached_clip_that_does_not_decode_is_named_by_its_video(real_clip):
+    """The device cache of a compressed store (host memory) named a clip that failed to decode "at cache row 1",
+    which no one can trace to a file; the host path names the video."""
+    import pyarrow as pa
+
+    from vidray.train.batches import BatchBuffers
+    from vidray.train.ingest import StoredClips
+
+    good = encode_clip(real_clip, "jpeg", 90)
+    foreign = encode_clip(np.zeros((len(real_clip), 72, 72, 3), np.uint8), "jpeg", 90)  # intact, another size
+    table = pa.table({"video": [good, foreign], "label": [0, 1], "video_id": ["vA", "vB"]})
+    clips, labels, sizes = StoredClips.gather([table], real_clip.shape, "jpeg", fill=True)
+    assert labels.tolist() == [0, 1] and sizes == [2]
+    buffers = BatchBuffers((2, *real_clip.shape), torch.uint8, pin_memory=False)
+    out = np.empty_like(real_clip)
+    decode_frames_into(good, "jpeg", out)
+    assert np.array_equal(clips.decode(np.array([0]), buffers=buffers)[0].numpy(), out)
+    with pytest.raises(StoredClipError, match=r"^stored clip of video vB: frame 0 does not decode: 72x72"):
+        clips.decode(np.array([0, 1]), buffers=buffers)
+
+
 def test_decode_threads_fill_the_same_batch_and_name_the_first_clip_that_fails(real_clip):
     from vidray.train.batches import Row, decode_rows_into
     from vidray.train.decoding import decode_threads_for
@@ -158,8 +179,14 @@ def test_damaged_or_foreign_blobs_are_refused_with_a_reason(real_clip):
     blob = encode_clip(real_clip, "jpeg", 90)
     flipped = bytearray(blob)
     flipped[-200] ^= 0xFF
+    # An entry of the frame table moved, still in order: the checksum covers the JPEGs only, so it passed, and
+    # frame 2 then stopped training when it did not decode.
+    offsets, start = _jpeg_offsets(blob, len(real_clip))
+    moved = bytearray(blob)
+    moved[_HEADER.size + 4 * 2 : _HEADER.size + 4 * 3] = (int(offsets[2]) + 1).to_bytes(4, "little")
     cases = {
         bytes(flipped): "fails its checksum",
+        bytes(moved): "frame table does not point at its frames' JPEGs",
         blob[:-10]: "do not match its",
         blob[:5]: "shorter than its header",
         b"RIFF" + blob[4:]: "not a vidray jpeg clip",

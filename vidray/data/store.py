@@ -39,10 +39,18 @@ class StoredClipError(ValueError):
     """A stored clip that cannot be read back: its reason, one line."""
 
 
+# How a damaged clip is stored again: a rerun of the preparation reuses every shard whose record and Parquet file
+# are there without reading them (vidray/data/shard_files.py: find_stale), so the record must go first.
+DECODE_SHARD_AGAIN = (
+    "to decode its shard again, delete that shard's record (the file under the dataset's records/ that lists the "
+    "video) and prepare the data again"
+)
+
+
 def clip_error(video_id: str, reason) -> StoredClipError:
     """The one line a training worker stops with when a stored clip passed its checksum yet does not
     decode (made that way): which video, why, and the fix. Every decoding path says it alike."""
-    return StoredClipError(f"stored clip of video {video_id}: {reason}; re-run `vidray preprocess`")
+    return StoredClipError(f"stored clip of video {video_id}: {reason}; {DECODE_SHARD_AGAIN}")
 
 
 def encode_clip(frames: np.ndarray, store: StoreName, quality: int) -> bytes:
@@ -95,6 +103,14 @@ def check_blob(blob, store: StoreName, video_shape: tuple[int, ...]) -> None:
     crc = _HEADER.unpack_from(blob)[2]
     if zlib.crc32(memoryview(blob)[start:]) != crc:
         raise StoredClipError("jpeg clip fails its checksum (damaged bytes)")
+    # The checksum covers the JPEGs, not the frame table before them: an entry moved and still in order passed,
+    # and its frame then failed to decode in the middle of training. Each frame must start with a JPEG's
+    # start-of-image marker and end with its end-of-image one.
+    data = np.frombuffer(blob, np.uint8)
+    starts, ends = start + offsets[:-1].astype(np.int64), start + offsets[1:].astype(np.int64)
+    if (ends - starts < 4).any() or (data[starts] != 0xFF).any() or (data[starts + 1] != 0xD8).any() \
+            or (data[ends - 2] != 0xFF).any() or (data[ends - 1] != 0xD9).any():
+        raise StoredClipError("jpeg clip's frame table does not point at its frames' JPEGs (damaged)")
 
 
 def decode_frames_into(blob, store: StoreName, out: np.ndarray, frames=None, *, in_place: bool = False) -> None:

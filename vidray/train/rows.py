@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import StoreName
-from vidray.data.store import StoredClipError, check_blob
+from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError, check_blob
 from vidray.errors import warn_once
 
 
@@ -109,8 +109,7 @@ def intact_rows(
             except StoredClipError as err:
                 instead = "another clip of its batch takes its place" if fill else "evaluation goes on without it"
                 warn_once(
-                    f"stored clip of video {video_id} rejected: {err}; {instead} "
-                    "(re-run `vidray preprocess` to rebuild its shard)",
+                    f"stored clip of video {video_id} rejected: {err}; {instead} ({DECODE_SHARD_AGAIN})",
                     key=f"rejected clip {video_id}",
                 )
                 if fill and fill.previous is not None:
