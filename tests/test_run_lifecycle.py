@@ -180,16 +180,20 @@ def test_a_run_a_live_driver_trains_is_refused_and_restart_deletes_nothing(store
     assert sorted(p.name for p in (local / "busy").iterdir()) == [RUN_MARKER]
 
 
-def test_of_drivers_starting_together_one_trains(tmp_path):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    drivers = start_lock_holders(str(folder), tmp_path / "go", count=4)
+def _first_lines(drivers: list) -> list[str]:
+    """What each lock holder said first ("held", or "refused: ..."), sorted; then they are stopped."""
     try:
-        first_lines = sorted(driver.stdout.readline().strip() for driver in drivers)
+        return sorted(driver.stdout.readline().strip() for driver in drivers)
     finally:
         for driver in drivers:
             driver.kill()
             driver.wait()
+
+
+def test_of_drivers_starting_together_one_trains(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    first_lines = _first_lines(start_lock_holders(str(folder), tmp_path / "go", count=4))
     assert first_lines[0] == "held" and all(line.startswith("refused: ") and "is in use" in line for line in first_lines[1:])
 
 
@@ -203,13 +207,7 @@ def test_of_drivers_taking_over_one_stale_lock_together_one_trains(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / LOCK_FILE).write_text(json.dumps(stale))
-    drivers = start_lock_holders(str(folder), tmp_path / "go", count=4, read_s=0.2)
-    try:
-        first_lines = sorted(driver.stdout.readline().strip() for driver in drivers)
-    finally:
-        for driver in drivers:
-            driver.kill()
-            driver.wait()
+    first_lines = _first_lines(start_lock_holders(str(folder), tmp_path / "go", count=4, read_s=0.2))
     assert first_lines.count("held") == 1, first_lines
     assert all(line.startswith("refused: ") and "is in use" in line for line in first_lines[1:]), first_lines
 
