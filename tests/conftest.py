@@ -239,6 +239,15 @@ def ray_head(tmp_path_factory):
         yield head
 
 
+def bootstrap_config(tmp_path: Path, node_types: dict, max_workers: int = 12) -> Path:
+    """A `ray up` cluster's ~/ray_bootstrap_config.yaml with these node types, "head" its head."""
+    import yaml
+
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(yaml.safe_dump({"max_workers": max_workers, "head_node_type": "head", "available_node_types": node_types}))
+    return path
+
+
 # A driver elsewhere holding a run's lock (vidray/folder_lock.py): argv folder, go-file, command, and the
 # seconds each read of the lock file takes (a slow disk, where two drivers' checks overlap; 0: as it comes).
 _HOLD_RUN_LOCK = """

@@ -24,6 +24,7 @@ from ray.autoscaler.v2.utils import ResourceRequestUtil
 from ray.core.generated.autoscaler_pb2 import GangResourceRequest
 from ray.core.generated.instance_manager_pb2 import Instance, NodeKind
 
+from conftest import bootstrap_config
 from vidray.cluster import _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
 from vidray.config import TrainSettings, load_config
 from vidray.errors import UserError
@@ -286,17 +287,12 @@ def test_capacity_is_what_rays_scheduler_can_launch(launcher, tmp_path, max_work
 
 def test_the_global_max_workers_caps_what_a_run_is_checked_against(tmp_path):
     # 6 worker nodes by type, but at most 2 at once: 2 GPUs (not 4) and 4 + 2 x 16 CPUs (not 68).
-    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
-    bootstrap.write_text(yaml.safe_dump({
-        "max_workers": 2,
-        "head_node_type": "head",
-        "available_node_types": {
-            "head": {"resources": {"CPU": 4}, "max_workers": 0},
-            "gpu_spot": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
-            "gpu_ondemand": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
-            "cpu": {"resources": {"CPU": 16}, "max_workers": 2},
-        },
-    }))  # fmt: skip
+    bootstrap = bootstrap_config(tmp_path, {
+        "head": {"resources": {"CPU": 4}, "max_workers": 0},
+        "gpu_spot": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
+        "gpu_ondemand": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
+        "cpu": {"resources": {"CPU": 16}, "max_workers": 2},
+    }, max_workers=2)  # fmt: skip
     capacity = _autoscaling_capacity(bootstrap)
     where = f"the autoscaler's node types ({bootstrap})"
     gpu_train = TrainSettings(use_gpu=True, num_workers=1, cpus_per_worker=4)
@@ -335,15 +331,10 @@ def test_the_global_max_workers_caps_what_a_run_is_checked_against(tmp_path):
 def test_worker_nodes_of_the_head_type_count_under_the_cap(tmp_path):
     # The head's type may add workers of its own shape (its max_workers, 0 unless set); they too count
     # against the global max_workers, and the head itself does not.
-    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
-    bootstrap.write_text(yaml.safe_dump({
-        "max_workers": 3,
-        "head_node_type": "head",
-        "available_node_types": {
-            "head": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
-            "small": {"resources": {"CPU": 2}, "max_workers": 4},
-        },
-    }))  # fmt: skip
+    bootstrap = bootstrap_config(tmp_path, {
+        "head": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
+        "small": {"resources": {"CPU": 2}, "max_workers": 4},
+    }, max_workers=3)  # fmt: skip
     capacity = _autoscaling_capacity(bootstrap)
     assert (capacity.total_cpus, capacity.total_gpus) == (8 + 2 * 8 + 2, 3)
     assert capacity.describe() == "1 x 8 CPUs and 1 GPU plus at most 3 worker nodes of: 3 x 2 CPUs, 2 x 8 CPUs and 1 GPU"

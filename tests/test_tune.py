@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import start_lock_holders
+from conftest import bootstrap_config, start_lock_holders
 from vidray.cli import main as cli_main
 from vidray.testing.faults import end_held_processes, hold_env
 from vidray.config import TuneSettings, load_config
@@ -324,13 +324,6 @@ def test_an_autoscaling_cluster_counts_the_nodes_it_may_add(tmp_path):
     bootstrap.write_text(yaml.safe_dump(config))
     assert _autoscaling_capacity(bootstrap) is None
     assert _autoscaling_capacity(tmp_path / "absent.yaml") is None
-
-
-def bootstrap_config(tmp_path: Path, node_types: dict, max_workers: int = 12) -> Path:
-    """A `ray up` cluster's ~/ray_bootstrap_config.yaml with these node types, "head" its head."""
-    path = tmp_path / "ray_bootstrap_config.yaml"
-    path.write_text(yaml.safe_dump({"max_workers": max_workers, "head_node_type": "head", "available_node_types": node_types}))
-    return path
 
 
 @pytest.mark.parametrize(

@@ -193,6 +193,11 @@ class NodeShape(NamedTuple):
         fit = math.floor(self.cpus / train.cpus_per_worker + 1e-9)  # 0.3 / 0.1 is 2.999...
         return min(fit, math.floor(self.gpus)) if train.use_gpu else fit
 
+    @classmethod
+    def of(cls, resources: dict[str, Any], count: int = 1) -> "NodeShape":
+        """From a node's resources as Ray gives them (``ray.nodes()``, a launcher config's node type)."""
+        return cls(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count)
+
     def describe(self) -> str:
         gpus = f" and {self.gpus:g} GPU{'s' if self.gpus != 1 else ''}" if self.gpus else ""
         return f"{self.count} x {self.cpus:g} CPUs{gpus}"
@@ -225,8 +230,8 @@ class Capacity:
         head, *workers = self.nodes
         total, left = head.count * value(head), self.max_worker_nodes
         for node in sorted(workers, key=value, reverse=True):
-            total += min(node.count, left) * value(node)
-            left -= min(node.count, left)
+            taken = min(node.count, left)
+            total, left = total + taken * value(node), left - taken
         return total
 
     def within_cap(self) -> str:
@@ -294,16 +299,11 @@ def _autoscaling_capacity(path: Path = Path("~/ray_bootstrap_config.yaml")) -> C
     head = config.get("head_node_type")
     if head not in node_types:
         return None
-
-    def shape(node_type: dict, count: int) -> NodeShape:
-        resources = node_type["resources"]
-        return NodeShape(float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count)
-
-    nodes = [shape(node_types[head], 1)]
+    nodes = [NodeShape.of(node_types[head]["resources"])]
     for name, node_type in node_types.items():
         count = min(int(node_type.get("max_workers", 0 if name == head else cap)), cap)
         if count > 0:
-            nodes.append(shape(node_type, count))
+            nodes.append(NodeShape.of(node_type["resources"], count))
     return Capacity(tuple(nodes), f"the autoscaler's node types ({path})", max_worker_nodes=cap)
 
 
@@ -312,7 +312,7 @@ def cluster_capacity() -> Capacity:
     if autoscaling is not None:
         return autoscaling
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return Capacity(tuple(NodeShape(n.get("CPU", 0.0), n.get("GPU", 0.0)) for n in nodes), "the Ray cluster")
+    return Capacity(tuple(NodeShape.of(n) for n in nodes), "the Ray cluster")
 
 
 def check_run_resources(train: TrainSettings, capacity: Capacity, data_cpus: int = DATA_CPUS) -> None:

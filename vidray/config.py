@@ -15,7 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 from pydantic import field_validator, model_validator
 
 from vidray.errors import UserError
-from vidray.storage import local_mirror
+from vidray.storage import LOCAL_RESULTS, local_mirror
 
 # The decoding libraries and devices of data.decoder / data.decoder_device. They live here, not in
 # the data stage, because the config names them; vidray/data/video.py maps each to its backend.
@@ -317,7 +317,7 @@ class RunSettings(_Section):
     # Where runs and sweeps are kept: a local path or an s3:// / gs:// URI. The default is
     # absolute, Ray's own convention: `ray job submit --working-dir .` runs the job in a
     # temporary copy of the repository that Ray deletes, and anything relative lands there.
-    storage_path: str = "~/ray_results"
+    storage_path: str = LOCAL_RESULTS
     # Local storage_path / data.dataset_dir are refused on a multi-node cluster unless every
     # node sees them at the same path (NFS, EFS, Filestore...): set true to vouch for that.
     shared_filesystem: bool = False

@@ -112,6 +112,12 @@ def fit_label(name: str, chars: int, lines: int = 1) -> str:
     return "\n".join(line.rstrip() or line for line in out)
 
 
+def tick_label_lines(spacing: float, size: float) -> int:
+    """How many lines (1 to 3, for :func:`fit_label`) a tick label rotated 45° at ``size`` points may take where its
+    neighbour's is ``spacing`` inches away: a rotated line takes about 1.8x its size across."""
+    return int(np.clip(72 * spacing // (1.8 * size), 1, 3))
+
+
 def distinct_colours(n: int) -> list:
     """``n`` pairwise different colours in order: tab10, then tab20, then evenly along MANY_TRIALS_CMAP (its
     table interpolated, so they stay different for any ``n``; neighbours in the order get neighbouring hues)."""

@@ -167,8 +167,8 @@ class FolderLock:
     never stale itself). On NFS, EFS or Filestore, Linux emulates flock with byte-range locks, which a
     folder (opened read-only) cannot take: there only the link decides, which settles two drivers that
     find no lock but not two that take over the same stale one in the same moment. On s3:// or gs:// it
-    is read, checked and written, and two drivers starting within that moment could both pass. A thread rewrites the heartbeat while the
-    block runs; leaving deletes the file if it is still this driver's.
+    is read, checked and written, and two drivers starting within that moment could both pass. A thread
+    rewrites the heartbeat while the block runs; leaving deletes the file if it is still this driver's.
     """
 
     def __init__(self, folder: str, command: str, instead: str = RUN_ELSEWHERE, wait: bool = False):

@@ -255,9 +255,8 @@ def local_mirror(location: str, *parts: str) -> Path:
     local = local_part(str(location))
     if local is not None:
         return Path(os.path.join(local, *parts)).expanduser()
-    scheme, _, rest = join_uri(str(location), *parts).partition("?")[0].partition("://")
-    host, _, path = rest.partition("/")
-    segments = [scheme.lower(), host.rpartition("@")[2], *posixpath.normpath("/" + path).split("/")]
+    uri = urllib.parse.urlsplit(without_credentials(join_uri(str(location), *parts)))  # scheme lower-cased
+    segments = [uri.scheme, uri.netloc, *posixpath.normpath("/" + uri.path).split("/")]
     return Path(LOCAL_RESULTS).expanduser().joinpath(*(s for s in segments if s not in ("", ".", "..")))
 
 

@@ -35,7 +35,7 @@ from vidray.errors import UserError
 from vidray.storage import join_uri, load_json, open_filesystem
 
 # The error of a video whose decoder killed its worker (a crash in a decoding library, an OOM kill, a lost
-# node): the one rejection that need not recur, so `vidray preprocess` tries it again (find_stale).
+# node): the one rejection that need not recur, so --retry-crashed tries it again (find_stale).
 WORKER_CRASH = "worker_crash"
 
 ROW_GROUP_BYTES = 32 * 2**20

@@ -30,7 +30,7 @@ import torch
 from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes
 from vidray.errors import UserError
 from vidray.figures import (
-    LABEL_CHARS, SEQUENTIAL_CMAP, fit_label, new_figure, save_figure, text_inches, wrap_to_width,
+    LABEL_CHARS, SEQUENTIAL_CMAP, fit_label, new_figure, save_figure, text_inches, tick_label_lines, wrap_to_width,
 )  # fmt: skip
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device
@@ -271,7 +271,7 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path, title:
     side, top = max(3.0, 0.5 * k), 0.5
     for _ in range(3):  # the names' size follows the side, the side what the names and the title leave
         names_pt = min(10.0, 0.55 * 72 * side / k)
-        lines = int(np.clip(72 * side / k // (1.8 * names_pt), 1, 3))  # a rotated line takes ~1.8x its size across
+        lines = tick_label_lines(side / k, names_pt)
         x_names = [fit_label(c, LABEL_CHARS, lines) for c in classes]
         y_names = [f"{name} ({int(n)})" for name, n in zip(x_names, support[:, 0])]
         x_reach = max(sum(text_inches(name, names_pt)) for name in x_names) * 0.71  # 45°: as far down as aside

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 from vidray.config import SPLITS
-from vidray.figures import LABEL_CHARS, SPLIT_COLOURS, fit_label, light_grid, new_figure, save_figure, wrap_to_width
+from vidray.figures import (
+    LABEL_CHARS, SPLIT_COLOURS, fit_label, light_grid, new_figure, save_figure, tick_label_lines, wrap_to_width,
+)  # fmt: skip
 from vidray.data.index import read_manifest
 
 
@@ -47,7 +49,7 @@ def _class_distribution(frame, classes: list[str], splits: list[str], source: st
         ax.annotate(
             f"{int(total)}", (xi, total), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", size=8
         )
-    lines = int(np.clip(72 * (width - 2.5) / len(classes) // (1.8 * 9), 1, 3))  # as many as a bar's width holds
+    lines = tick_label_lines((width - 2.5) / len(classes), 9)  # as many as a bar's width holds
     names = [fit_label(name, LABEL_CHARS, lines) for name in classes]
     ax.set_xticks(x, names, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
     ax.set_xlim(-0.6, len(classes) - 0.4)

@@ -16,7 +16,6 @@ REFERENCE_COIN12 = [
 ]
 
 
-
 def compares_with_reference(data: DataSettings) -> bool:
     """Whether a sweep's data are the reference's task: COIN's 12 domains on its 10-60 s videos (a 180-task or
     unfiltered COIN sweep is another task, and its numbers are not comparable)."""

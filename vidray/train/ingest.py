@@ -134,9 +134,9 @@ class StoredClips:
     offsets: np.ndarray  # int64 [n + 1]: clip i is data[offsets[i]:offsets[i + 1]]
     video_shape: tuple[int, ...]
     store: StoreName
+    video_ids: list[str]  # whom a decoding error names, as on the host path
     decode_threads: int = 1  # threads that decode a batch (vidray.train.batches.decode_rows_into)
     device_decoder: DeviceJpegDecoder | None = None  # decode on the GPU instead (vidray/train/decoding.py)
-    video_ids: list[str] = field(default_factory=list)  # whom a decoding error names, as on the host path
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -166,14 +166,14 @@ class StoredClips:
             sizes.append(len(rows))
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-        clips = cls(data, offsets, tuple(video_shape), store, decode_threads, device_decoder, video_ids)
+        clips = cls(data, offsets, tuple(video_shape), store, video_ids, decode_threads, device_decoder)
         return clips, torch.tensor(labels, dtype=torch.int64), sizes
 
     def decode(self, positions: np.ndarray, frames: np.ndarray | None = None, buffers: BatchBuffers | None = None) -> torch.Tensor:
         """Clips ``positions`` decoded (uint8 [len(positions), *video_shape]; with ``frames`` ``[len(positions), k]``,
         only those stored frames of each): on the GPU by the device decoder, else into a tensor of ``buffers``."""
         blobs = [self.data[self.offsets[p] : self.offsets[p + 1]] for p in positions]
-        names = [self.video_ids[p] if p < len(self.video_ids) else f"at cache row {p}" for p in positions]
+        names = [self.video_ids[p] for p in positions]
         if self.device_decoder is not None:
             return self.device_decoder.decode(blobs, self.video_shape, frames, names)
         out = buffers.get(len(positions))

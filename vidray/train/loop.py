@@ -294,7 +294,7 @@ def workers_sharing_node(train: TrainSettings, local_world_size: int) -> int:
     counts its own workers: it alone would get a sixteenth of a 16-CPU node for one worker.)"""
     node_id = ray.get_runtime_context().get_node_id()
     resources = next((node["Resources"] for node in ray.nodes() if node["NodeID"] == node_id), {})
-    return max(local_world_size, NodeShape(resources.get("CPU", 0.0), resources.get("GPU", 0.0)).workers(train))
+    return max(local_world_size, NodeShape.of(resources).workers(train))
 
 
 def start_or_resume(cfg: VidrayConfig, task: Task) -> tuple[torch.nn.Module, dict[str, Any] | None, list]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray.tune
+from ray.tune.search.sample import Domain
 
 from vidray.config import SearchRange, TrainSettings, TuneSettings, VidrayConfig
 from vidray.errors import UserError
@@ -34,7 +35,7 @@ def build_param_space(tune: TuneSettings) -> dict[str, Any]:
         "lr": _axis(tune.lr, "tune.lr", log=True),
         "weight_decay": _axis(tune.weight_decay, "tune.weight_decay", log=False),
     }
-    drawn = any(isinstance(v, SearchRange) and v.low != v.high for v in (tune.lr, tune.weight_decay))
+    drawn = any(isinstance(space[key], Domain) for key in ("lr", "weight_decay"))  # a range of one value is a constant
     if tune.num_samples > 1 and not drawn:
         # Repeats of one grid point (a range of one value too) would otherwise be the same seeded run, bit for bit on CPU.
         space["seed"] = ray.tune.randint(0, 2**31 - 1)
