@@ -6,6 +6,7 @@ import contextlib
 import glob
 import importlib.util
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # start costs every run about 1 s (22.5 -> 21.5 s, mean of 4 runs each, taken in turns: a 2-epoch run
 # of 2 workers of tests/test_train.py's shape). Without it, Ray Train is the same for all tested here.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# torch's OpenMP threads (two in a pytest process here) spin after each parallel region, waiting for the
+# next, on the cores the lane beside needs (tests/run_all.sh runs two); passive, they sleep instead. The lane
+# without Ray alone: 244.7 busy core-seconds against 271.6, the same wall (docs/benchmarks.md, section 8).
+# Read when torch loads its OpenMP runtime, so it is set before any test module imports torch; the Ray
+# clusters the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Test clusters live on loopback only. Ray 2.60 turns token auth on whenever
 # ~/.ray/auth_token exists (left by any earlier `ray start`), and then every
 # client must carry the token: disable it so results do not depend on the machine's history.
@@ -36,15 +43,22 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from vidray.cluster import LOOPBACK_IP  # noqa: E402  (after the environment above: it imports Ray)
 
+# SIGTERM, what stopping `make test` sends the lane beside the Ray lane (tests/run_all.sh), ends a pytest as
+# Ctrl-C does: fixtures tear down, so a test's own Ray cluster is stopped instead of left running.
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the session's Ray cluster are marked ``ray`` here (tests that start clusters of their own
-    carry the mark themselves): `make test-quick` (-m "not ray and not slow") leaves them and the other
-    multi-minute ones out; `make test` runs everything, the ``ray`` tests in one lane and the rest
-    beside them (tests/run_all.sh)."""
+    """Tests on the session's Ray cluster are marked ``ray`` here; tests that start clusters of their own
+    carry the mark themselves, and get ``own_cluster`` here. `make test-quick` (-m "not ray and not slow")
+    leaves them and the other multi-minute ones out; `make test` runs everything: the session cluster's
+    tests in one lane, and beside them the tests without Ray, then the ``own_cluster`` ones (tests/run_all.sh)."""
     for item in items:
-        if {"ray_cluster", "ray_head"} & set(getattr(item, "fixturenames", ())):
+        on_session_cluster = bool({"ray_cluster", "ray_head"} & set(getattr(item, "fixturenames", ())))
+        if on_session_cluster:
             item.add_marker(pytest.mark.ray)
+        elif item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.own_cluster)
 
 
 @pytest.fixture(scope="session")

@@ -201,15 +201,15 @@ def test_train_step_benchmark_smoke(cache, tmp_path):
 @pytest.mark.ray  # clusters of its own
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LoopbackCluster finds its nodes in /proc")
 def test_scaling_benchmark_smoke(cache, tmp_path):
-    from vidray.local_cluster import NODE_IP, proc_table
+    from vidray.local_cluster import loopback_cluster_processes
 
     def loopback_processes() -> set[int]:
-        return {pid for pid, (_, argv) in proc_table().items() if any(NODE_IP in arg for arg in argv)}
+        return set(loopback_cluster_processes())
 
     bench = _load("scaling")
     out = tmp_path / "scaling.json"
     layouts = ["1node_1cpu", "2node_1cpu"]
-    others = loopback_processes()  # the session's own cluster, when an earlier test started it
+    others = loopback_processes()  # none, unless a cluster of another test is still going
     bench.main(
         ["--preset", "smoke", "--repeats", "1", "--layouts", *layouts, "--frames", "4", "--size", "28",
          "--cache", str(cache), "--out", str(out)]

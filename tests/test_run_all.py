@@ -1,12 +1,16 @@
 """tests/run_all.sh, the two lanes of `make test`, with a stand-in for the venv's Python that records
 what it was asked to run: the Ray lane starts at once, the lane beside it runs its set-up command
-first (the Makefile's `make pipeline-env`), a failed set-up fails `make test` in a line that names it,
-both lanes find the pipeline venv wherever `PIPELINE_VENV` puts it, and stopping `make test` stops the set-up."""
+first (the Makefile's `make pipeline-env`), then the tests without Ray, then those with Ray clusters of
+their own; a failed set-up fails `make test` in a line that names it, both lanes find the pipeline venv
+wherever `PIPELINE_VENV` puts it, and stopping `make test` stops the set-up, and lets a pytest of the
+lane beside tear its clusters down."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +28,8 @@ def _stand_in_python(tmp_path: Path) -> tuple[Path, Path, Path]:
         f'if [ -e "{marker}" ]; then built=yes; else built=no; fi\n'
         f'echo "$* | set-up done: $built" >> "{calls}"\n'
         f'echo "$* | ${{VIDRAY_PIPELINE_PYTHON:-unset}}" >> "{tmp_path / "env.txt"}"\n'
+        # STAND_IN_FAILS: the call whose arguments hold it fails (as pytest does when a test fails).
+        'if [ -n "${STAND_IN_FAILS:-}" ] && [[ "$*" == *"$STAND_IN_FAILS"* ]]; then exit 1; fi\n'
     )
     python.chmod(0o755)
     return python, calls, marker
@@ -41,9 +47,12 @@ def test_the_lane_beside_runs_its_set_up_first_and_both_lanes_run(tmp_path):
     assert "make test: both lanes passed" in done.stdout
     lines = calls.read_text().splitlines()
     # The Ray lane did not wait for the set-up (84 s of pip in a fresh clone); the lane beside ran after it.
-    assert lines[0] == "-m pytest -q -m ray --durations=15 | set-up done: no", lines
-    assert lines[1] == '-m pytest -q -m not ray -p no:cacheprovider --durations=5 | set-up done: yes', lines
-    assert len(lines) == 2
+    assert lines[0] == "-m pytest -q -m ray and not own_cluster --durations=15 | set-up done: no", lines
+    # Beside it, the tests without Ray, then those with clusters of their own, one after the other.
+    assert lines[1:] == [
+        "-m pytest -q -m not ray -p no:cacheprovider --durations=5 | set-up done: yes",
+        "-m pytest -q -m own_cluster -p no:cacheprovider --durations=5 | set-up done: yes",
+    ], lines
 
 
 def test_a_failed_set_up_fails_make_test_naming_it_and_runs_no_test_beside(tmp_path):
@@ -56,7 +65,70 @@ def test_a_failed_set_up_fails_make_test_naming_it_and_runs_no_test_beside(tmp_p
     assert "`bash -c echo 'pipeline-env: needs 7 GB free' >&2; exit 3` failed" in done.stderr
     assert "make test: FAILED (Ray lane exit 0, other lane exit 1)" in done.stderr
     assert "pipeline-env: needs 7 GB free" in done.stdout  # the set-up's own words, in the lane's log
-    assert calls.read_text().splitlines() == ["-m pytest -q -m ray --durations=15 | set-up done: no"]
+    assert calls.read_text().splitlines() == ["-m pytest -q -m ray and not own_cluster --durations=15 | set-up done: no"]
+
+
+def test_a_failure_without_ray_still_runs_the_own_cluster_tests_and_fails_make_test(tmp_path):
+    python, calls, _ = _stand_in_python(tmp_path)
+    env = {**os.environ, "STAND_IN_FAILS": "-m not ray"}
+    done = subprocess.run(["bash", str(RUN_ALL), str(python)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1
+    assert "make test: FAILED (Ray lane exit 0, other lane exit 1)" in done.stderr
+    assert any(line.startswith("-m pytest -q -m own_cluster ") for line in calls.read_text().splitlines())
+
+
+def test_the_lanes_marker_expressions_split_tests_by_the_cluster_they_use():
+    """tests/conftest.py marks a `ray` test that uses neither session fixture `own_cluster`: collected from a
+    module of each kind (test_install's sweep starts its own cluster; test_compat has one test on the
+    session's head and the rest without Ray), each test lands in exactly one of run_all.sh's three lanes."""
+    def collected(expression: str) -> set[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", expression,
+             "tests/test_install.py", "tests/test_compat.py"],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return {line for line in done.stdout.splitlines() if "::" in line}
+
+    everything = collected("slow or not slow")
+    own, session, without = collected("own_cluster"), collected("ray and not own_cluster"), collected("not ray")
+    assert own == {"tests/test_install.py::test_installed_vidray_runs_a_sweep_from_any_folder"}
+    assert session == {"tests/test_compat.py::test_a_command_joins_the_cluster_ray_start_left_running"}
+    assert own | session | without == everything and len(own) + len(session) + len(without) == len(everything)
+
+
+def test_a_terminated_pytest_tears_its_fixtures_down(tmp_path):
+    """What stopping `make test` sends the lane beside is SIGTERM (its pytest ignores Ctrl-C: bash starts a
+    script's background commands so); tests/conftest.py turns it into Ctrl-C, so the lane's fixtures end what
+    they started (a test's own Ray cluster, whose daemons would otherwise outlive it)."""
+    started, torn_down = tmp_path / "started", tmp_path / "torn-down"
+    (tmp_path / "test_held.py").write_text(
+        "import pathlib, time\n"
+        "import pytest\n"
+        "@pytest.fixture\n"
+        "def resource():\n"
+        "    yield\n"
+        f"    pathlib.Path({str(torn_down)!r}).touch()\n"
+        "def test_held(resource):\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n"
+        "    time.sleep(120)\n"
+    )
+    # The suite's conftest as a plugin, as it loads for the suite's own tests.
+    held = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", str(tmp_path / "test_held.py")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert held.poll() is None and time.monotonic() < deadline, held.communicate()[0][-3000:]
+            time.sleep(0.05)
+        held.send_signal(signal.SIGTERM)
+        output, _ = held.communicate(timeout=60)
+    finally:
+        held.kill()
+    assert torn_down.exists(), output[-3000:]
 
 
 def test_without_a_set_up_command_the_lanes_run_as_before(tmp_path):
@@ -65,7 +137,8 @@ def test_without_a_set_up_command_the_lanes_run_as_before(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(line.split(" | ")[0] for line in calls.read_text().splitlines()) == [
         "-m pytest -q -m not ray -p no:cacheprovider --durations=5",
-        "-m pytest -q -m ray --durations=15",
+        "-m pytest -q -m own_cluster -p no:cacheprovider --durations=5",
+        "-m pytest -q -m ray and not own_cluster --durations=15",
     ]
 
 
@@ -89,7 +162,8 @@ def test_make_test_points_both_lanes_at_the_pipeline_venv_wherever_it_is(tmp_pat
     lanes = [line for line in (tmp_path / "env.txt").read_text().splitlines() if line.startswith("-m pytest")]
     assert sorted(lanes) == [
         f"-m pytest -q -m not ray -p no:cacheprovider --durations=5 | {elsewhere}/bin/python",
-        f"-m pytest -q -m ray --durations=15 | {elsewhere}/bin/python",
+        f"-m pytest -q -m own_cluster -p no:cacheprovider --durations=5 | {elsewhere}/bin/python",
+        f"-m pytest -q -m ray and not own_cluster --durations=15 | {elsewhere}/bin/python",
     ]
 
 

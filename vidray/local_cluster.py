@@ -37,6 +37,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # Plain loopback clusters: no token auth (another cluster's ~/.ray/auth_token would switch it on).
 # No progress bars: on a 2-core box their redraws cost more CPU than the work.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# Every LoopbackCluster's temp dir starts so (short: Ray's unix socket paths live below it, 108-byte limit).
+TEMP_PREFIX = "vrmn"
 
 
 def free_ports(n: int) -> list[int]:
@@ -68,6 +70,22 @@ def proc_table() -> dict[int, tuple[int, list[str]]]:
     return table
 
 
+def processes_marked(marks: tuple[str, ...]) -> dict[int, tuple[int, list[str]]]:
+    """The processes whose command line holds one of ``marks``, plus everything their raylets started
+    (workers, agents), whose command lines need not."""
+    table = proc_table()
+    ours = {pid: info for pid, info in table.items() if any(m in " ".join(info[1]) for m in marks)}
+    raylets = {pid for pid, (_, argv) in ours.items() if argv and Path(argv[0]).name == "raylet"}
+    ours.update({pid: info for pid, info in table.items() if info[0] in raylets})
+    return ours
+
+
+def loopback_cluster_processes() -> dict[int, tuple[int, list[str]]]:
+    """Every LoopbackCluster's processes on this machine, whichever process started it. Not "every process on
+    NODE_IP": other clusters on this machine use it too (the test suite's own head, in the lane beside)."""
+    return processes_marked((os.path.join(tempfile.gettempdir(), TEMP_PREFIX),))
+
+
 def kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -81,8 +99,7 @@ class LoopbackCluster:
     def __init__(self):
         if not sys.platform.startswith("linux"):
             raise RuntimeError("LoopbackCluster finds its nodes' processes in /proc: Linux only")
-        # Short: Ray's unix socket paths live below it (108-byte limit).
-        self.temp_dir = tempfile.mkdtemp(prefix="vrmn")
+        self.temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         self.gcs_port: int | None = None
         self.node_manager_ports: dict[str, int] = {}
 
@@ -163,13 +180,7 @@ class LoopbackCluster:
         """This cluster's processes: their command lines name its GCS address or temp dir."""
         if self.gcs_port is None:
             return {}
-        marks = (self.address, f"gcs_server_port={self.gcs_port}", self.temp_dir)
-        table = proc_table()
-        ours = {pid: info for pid, info in table.items() if any(m in " ".join(info[1]) for m in marks)}
-        # Plus everything a raylet of ours started (workers, agents).
-        raylets = {pid for pid, (_, argv) in ours.items() if argv and Path(argv[0]).name == "raylet"}
-        ours.update({pid: info for pid, info in table.items() if info[0] in raylets})
-        return ours
+        return processes_marked((self.address, f"gcs_server_port={self.gcs_port}", self.temp_dir))
 
     def raylets(self) -> dict[int, str]:
         """{raylet pid: node name}."""
