@@ -74,10 +74,10 @@ export VIDRAY_PIPELINE_PYTHON
 demo: setup
 	$(PY) jobs/tune.py
 
-# The whole suite, in two lanes side by side (tests/run_all.sh): the tests that run Ray, one cluster
-# at a time, and beside them the ones that need no Ray. A plain `pytest` runs the same tests in one lane.
-# Only that second lane's tests use the pipeline venv, so it is built there, first, while the Ray
-# lane (the one `make test` waits for) already runs: its 37 s of install leave the critical path.
+# The whole suite, in two lanes side by side (tests/run_all.sh): the tests on the session's Ray head,
+# and beside them the ones that need no Ray, then the ones with Ray clusters of their own. A plain
+# `pytest` runs the same tests in one lane. Only the second lane's tests use the pipeline venv, so it
+# is built there, first, while the Ray lane already runs: its 37 s of install leave the critical path.
 test: setup
 	bash tests/run_all.sh $(PY) $(MAKE) --no-print-directory pipeline-env
 
