@@ -288,7 +288,7 @@ def test_a_partial_copy_before_the_last_epoch_is_ignored_and_the_run_continues(t
     # Not "not a resumable vidray checkpoint (start over ...)": the same command continues from epoch 0.
     assert existing_run_state(cfg, str(run_dir)) == "interrupted"
     # The driver's follower knows epoch 0 is done, and prints nothing for the partial epoch 1.
-    assert EpochFollower(str(run_dir), cfg, name="r", line=lambda m, n: "").done == {0}
+    assert EpochFollower(str(run_dir), cfg, command="vidray train", name="r", line=lambda m, n: "").done == {0}
     # A run stopped during its first copy has no complete checkpoint: it starts again, it is not refused.
     shutil.rmtree(first)
     assert existing_run_state(cfg, str(run_dir)) == "interrupted"

@@ -263,7 +263,7 @@ def test_restart_of_a_bucket_run_clears_its_local_folder_and_no_other(tmp_path, 
     def train_once(storage: str, restart: bool = False) -> tuple[str, Path]:
         """What a run's driver leaves on this machine: TensorBoard events (EpochFollower's) and a report."""
         folder, _ = open_run("train", "train", storage, "demo", restart=restart, state_of=lambda _: "new", finished_note="")
-        with EpochFollower(folder, VidrayConfig(), name="demo", line=lambda metrics, epochs: ""):
+        with EpochFollower(folder, VidrayConfig(), command="vidray train", name="demo", line=lambda metrics, epochs: ""):
             pass
         reports = RunSettings(name="demo", storage_path=storage).reports_path()
         reports.mkdir(parents=True, exist_ok=True)

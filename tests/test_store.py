@@ -362,9 +362,25 @@ def test_jpeg_val_covers_every_video_once_across_uneven_ranks(stores):
         assert _same(seen_jpeg, seen_raw) and sum(len(b[1]) for b in seen_raw) == VAL_VIDEOS
 
 
-def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(stores):
-    """Its place goes to its predecessor, so the worker keeps every batch (DDP workers stay in step)."""
+def _console_warning(command: str) -> str:
+    """What the driver's console says of the damaged store's two clips, once (vidray.train.rows.rejected_clips_line)."""
+    from vidray.data.store import DECODE_SHARD_AGAIN
+
+    return (
+        f"{command}: warning: the stored clips of 2 videos ({DAMAGED}, {DAMAGED_VAL}) are damaged and rejected "
+        "(--verbose shows why): the previous intact clip of the worker's stream stands in for a training clip, a "
+        f"validation clip is left out (val_videos counts without it); {DECODE_SHARD_AGAIN}"
+    )
+
+
+def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(stores, capsys):
+    """Its place goes to its predecessor, so the worker keeps every batch (DDP workers stay in step); the
+    driver's console names it once (the worker's warning shows only with --verbose)."""
+    from vidray.train.rows import newly_rejected, rejected_ids, take_rejected
+    from vidray.tune.callbacks import EpochLines
+
     train = TrainSettings(shuffle_buffer=0, prefetch_batches=0, seed=11)  # stored order: rows are countable
+    take_rejected()  # what earlier tests of this process left
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         paths = _paths(stores["damaged"], train, 0)
@@ -372,7 +388,7 @@ def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(sto
     assert len(messages) == 2, messages  # once each, though every path met them: the damaged train and val clips
     (message,) = [m for m in messages if DAMAGED in m]
     assert f"video {DAMAGED} rejected" in message and "checksum" in message and "\n" not in message
-    assert "another clip of its batch takes its place" in message
+    assert "the previous intact clip of this worker's stream takes its place (the next one when none came before)" in message
     assert any(f"video {DAMAGED_VAL} rejected" in m and "evaluation goes on without it" in m for m in messages)
     for name in ("cached", "device"):  # every path treats it alike
         assert _same(paths[name], paths["streamed"]), name
@@ -394,6 +410,49 @@ def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(sto
     cache = DeviceCache.load(val.iterator(), val.iterator(), video_shape=VIDEO_SHAPE, batch_size=BATCH, rank=0,
                              world_size=1, device=torch.device("cpu"), train_rows=0, val_rows=VAL_VIDEOS, store=store)  # fmt: skip
     assert _same(_tensors(cache.val_batches()), host) and sum(len(b[1]) for b in host) == VAL_VIDEOS - 1
+    # Their ids go to the driver with the epoch's metrics: the worker keeps them (both, though every path met
+    # them) and the loop reports them in the first epoch of the run that met them, not again in a later one
+    # (the host path rejects them again every epoch) nor for a second rank that met one.
+    rejected = take_rejected()
+    assert rejected == [DAMAGED, DAMAGED_VAL] and take_rejected() == []
+    first = newly_rejected([rejected, [DAMAGED]], history=[])
+    assert rejected_ids(first) == rejected and newly_rejected([rejected], history=[{"epoch": 0, **first}]) == {}
+    # A sweep's console: one line on stderr, once per video for the whole sweep (its trials read the same data).
+    capsys.readouterr()  # Ray Data's progress bars so far
+    lines = EpochLines("val_macro_f1", epochs=2)
+    for trial_id, epoch, metrics in (("t1", 1, first), ("t1", 2, {}), ("t2", 1, first)):
+        trial = SimpleNamespace(trial_id=trial_id, config={"mixup_alpha": 0, "lr": 1e-4, "weight_decay": 0.05})
+        lines.on_trial_result(0, [], trial, {"epochs_done": epoch, **metrics})
+    console = capsys.readouterr()
+    assert console.err.count("vidray tune: warning:") == 1 and _console_warning("vidray tune") in console.err
+    assert sum(line.startswith(("[t1] ", "[t2] ")) for line in console.out.splitlines()) == 3  # its epoch lines
+
+
+def test_a_run_names_each_damaged_clip_once_on_its_drivers_console(ray_cluster, tmp_path, capsys):
+    """A real run on the damaged store, streamed (so its worker rejects the clips again every epoch), followed
+    as `vidray train` follows it: its worker's warnings show only with --verbose, so the driver prints one line
+    on stderr naming both videos and the fix, in the first epoch only; the first epoch's metrics keep their ids."""
+    from vidray.model.checkpoint import INFO
+    from vidray.train.driver import build_trainer, epoch_line
+    from vidray.train.rows import REJECTED_CLIPS
+    from vidray.train.runs import EpochFollower
+
+    root = _write(tmp_path / "data", "jpeg", (DAMAGED, DAMAGED_VAL))
+    cfg = load_config(None, [
+        f"data.dataset_dir={root}", "data.frames=2", "data.size=16", "data.stored_frames=4", "data.stored_size=16",
+        "model.init=scratch", "model.size=tiny", "train.epochs=2", f"train.batch_size={BATCH}",
+        "train.cache_dataset=never", f"run.storage_path={tmp_path / 'runs'}", "run.name=r",
+    ])  # fmt: skip
+    trainer = build_trainer(cfg)
+    with EpochFollower(str(tmp_path / "runs" / "r"), cfg, command="vidray train", name="r", line=epoch_line):
+        result = trainer.fit()
+    console = capsys.readouterr()
+    assert len([line for line in console.out.splitlines() if line.startswith("vidray train: epoch ")]) == 2
+    # Ray Data's progress bars share stderr (carriage returns, no newline between): the line is found in it.
+    assert console.err.count("vidray train: warning:") == 1 and _console_warning("vidray train") in console.err
+    history = json.loads((Path(result.checkpoint.path) / INFO).read_text())["history"]
+    assert [h.get(REJECTED_CLIPS) for h in history] == [json.dumps([DAMAGED, DAMAGED_VAL]), None]
+    assert [h["val_videos"] for h in history] == [VAL_VIDEOS - 1] * 2  # the damaged val clip left out
 
 
 def test_an_arrow_batch_whose_every_clip_is_damaged_keeps_its_rows_in_training():

@@ -207,7 +207,8 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
             keep_to_its_data(run_dir, "pretraining run", state, info.identity(pcfg.pretrain.splits))
             check_run_resources(pcfg.train, cluster_capacity(), ingest_cpus(pcfg.train, info, pcfg.pretrain.splits))
             trainer = build_pretrainer(cfg, dataset_dir=dataset_dir)
-            with EpochFollower(run_dir, pcfg, name=run_name(cfg), line=epoch_line), interrupted_by_signal(CONTINUES):
+            follower = EpochFollower(run_dir, pcfg, command="vidray pretrain", name=run_name(cfg), line=epoch_line)
+            with follower, interrupted_by_signal(CONTINUES):
                 trainer.fit()
     return finish_run(pcfg, run_dir, dataset_dir)
 

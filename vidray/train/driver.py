@@ -202,6 +202,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
         warn_of_untrainable_classes(info, "vidray train")
         check_run_resources(cfg.train, cluster_capacity(), ingest_cpus(cfg.train, info))
         trainer = build_trainer(cfg, dataset_dir=dataset_dir)
-        with EpochFollower(run_dir, cfg, name=cfg.run.name, line=epoch_line), interrupted_by_signal(CONTINUES):
+        follower = EpochFollower(run_dir, cfg, command="vidray train", name=cfg.run.name, line=epoch_line)
+        with follower, interrupted_by_signal(CONTINUES):
             trainer.fit()
     return summarize_run(run_dir)

@@ -1,24 +1,21 @@
 """The one worker loop of the training stage: what every Ray Train worker runs, for any task.
 
-A *task* is what one kind of training brings (:class:`Task`): fine-tuning a
-classifier (vidray/train/finetune.py) or masked-autoencoder pretraining
-(vidray/pretrain/task.py). :func:`run_worker` owns everything else, once:
+A *task* is what one kind of training brings (:class:`Task`): fine-tuning a classifier (vidray/train/finetune.py)
+or masked-autoencoder pretraining (vidray/pretrain/task.py). :func:`run_worker` owns everything else, once:
 
 * the worker's context (rank, world size, device) and its quiet logs;
-* start or resume (:func:`start_or_resume`): from the run's latest checkpoint,
-  model, optimizer, schedule and every rank's random streams (augmentation and
-  any the task adds, e.g. the mask stream), so an interrupted single-worker CPU
-  run reproduces the uninterrupted one exactly;
+* start or resume (:func:`start_or_resume`): from the run's latest checkpoint, model, optimizer, schedule and
+  every rank's random streams (augmentation and any the task adds, e.g. the mask stream), so an interrupted
+  single-worker CPU run reproduces the uninterrupted one exactly;
 * DDP, AdamW and the schedule (vidray/train/optim.py), torch.compile when ``train.compile``;
-* the data (vidray/train/ingest.py: each worker's shard on its device, in the
-  object store, or streamed); from a compressed store, each epoch's batches decode only
-  the frames the steps will sample (:func:`frame_sampler`, which replays :func:`draw_step`
-  ahead on copies of the augmentation streams);
-* per epoch: the step loop (:func:`vidray.train.epoch.run_epoch`: accumulation,
-  clipping, telemetry, no host sync per step on CUDA), the task's validation,
-  one collective that gathers every rank's sums and states, the task's metrics,
-  rank 0's log line, and the report with rank 0's checkpoint
-  (vidray/train/epoch_report.py, in the background when ``train.checkpoint_in_background``).
+* the data (vidray/train/ingest.py: each worker's shard on its device, in the object store, or streamed); from a
+  compressed store, each epoch's batches decode only the frames the steps will sample (:func:`frame_sampler`,
+  which replays :func:`draw_step` ahead on copies of the augmentation streams);
+* per epoch: the step loop (:func:`vidray.train.epoch.run_epoch`: accumulation, clipping, telemetry, no host sync
+  per step on CUDA), the task's validation, one collective that gathers every rank's sums and states (and the
+  stored clips it rejected, which the epoch's metrics name once each: vidray/train/rows.py), the task's metrics,
+  rank 0's log line, and the report with rank 0's checkpoint (vidray/train/epoch_report.py, in the background
+  when ``train.checkpoint_in_background``).
 
 Test-only fault hooks (vidray/testing/faults.py) are imported only when a test
 set one of their ``VIDRAY_TEST_*`` variables in the workers' environment.
@@ -56,6 +53,7 @@ from vidray.train.batches import FrameSampler
 from vidray.train.ingest import WorkerData, open_worker_data
 from vidray.train.optim import build_lr_schedule, build_optimizer, micro_batch_size, steps_per_epoch
 from vidray.train.rng import AugmentGenerators, capture_rng_state, derive_seed, restore_rng_state, seed_everything
+from vidray.train.rows import newly_rejected, take_rejected
 from vidray.train.telemetry import StepTelemetry
 
 logger = logging.getLogger(__name__)
@@ -229,7 +227,7 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
         step_figures = telemetry.end_epoch()
         validated = task.validate(parts, data)
 
-        # One collective per epoch: per-rank sums, validation, random states and timings.
+        # One collective per epoch: per-rank sums, validation, random states, timings and rejected stored clips.
         gathered = gather(
             {
                 "loss_sum": loss_sum,
@@ -239,6 +237,7 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
                 **{name: stream.generator.get_state() for name, stream in task.streams.items()},
                 "telemetry": step_figures,
                 "report_wait_s": report_wait_s,
+                "rejected": take_rejected(),  # this epoch's (the device cache's: at its load), vidray/train/rows.py
                 **validated,
             }
         )
@@ -254,6 +253,7 @@ def run_worker(config: dict[str, Any], make_task: Callable[[WorkerSetup], Task])
         waits = [g["report_wait_s"] for g in gathered if g["report_wait_s"] is not None]
         if waits:  # the slowest rank's wait in the previous epoch's report (checkpoint included)
             metrics["last_report_wait_s"] = max(waits)
+        metrics.update(newly_rejected((g["rejected"] for g in gathered), history))  # to the driver's console, once each
         history.append(metrics)
         if rank == 0:
             # To the worker's log (the console shows it with --verbose). Not print: Ray Train V2 tees a

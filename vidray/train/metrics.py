@@ -30,7 +30,8 @@ import numpy as np
 # ------------------------------------------------------------------ what training reports
 
 # Every epoch of every training run reports these (vidray/train/finetune.py), plus ``val_f1/<class>``
-# per class, ``val_videos``, ``lr``, ``global_step`` and the step telemetry.
+# per class, ``val_videos``, ``lr``, ``global_step`` and the step telemetry; and an epoch that rejected
+# stored clips no earlier epoch did, their ids (vidray.train.rows.REJECTED_CLIPS).
 EPOCH_METRICS = (
     "epoch",
     "train_loss",

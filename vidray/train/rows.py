@@ -1,6 +1,7 @@
 """The rows of a stored split's Arrow batches, as a worker reads them: one view per video into the buffers
 Ray Data hands over (no copy, no per-row Python bytes), and for a compressed store only the clips whose
-blob passes its check, a damaged one's place taken by a neighbour in training (:func:`intact_rows`).
+blob passes its check, a damaged one's place taken by a neighbour in training (:func:`intact_rows`); and the
+clips so rejected, on their way to the driver's console (:func:`take_rejected` to :func:`rejected_clips_line`).
 
 Nothing here imports Ray or torch: vidray/train/batches.py batches these rows, vidray/train/ingest.py
 copies them to a device.
@@ -8,8 +9,10 @@ copies them to a device.
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -88,7 +91,8 @@ def intact_rows(
 ) -> Iterator[Row]:
     """Rows of a compressed store, each a view of its blob. A damaged blob (its checksum, its
     frame table: :func:`vidray.data.store.check_blob`, microseconds, no decoding) is rejected
-    with one warning naming the video, and the rest goes on.
+    with one warning naming the video (the worker's log; the epoch's report names it on the driver's console:
+    :func:`take_rejected`), and the rest goes on.
 
     ``fill`` (training): the previous intact row of the stream, in this Arrow batch or an earlier one (the
     next one, before the first), takes the rejected one's place, so every worker still has the rows, and so the
@@ -107,7 +111,13 @@ def intact_rows(
             try:
                 check_blob(blob, store, video_shape)
             except StoredClipError as err:
-                instead = "another clip of its batch takes its place" if fill else "evaluation goes on without it"
+                _rejected_here(video_id)
+                instead = (
+                    "the previous intact clip of this worker's stream takes its place "
+                    "(the next one when none came before)"
+                    if fill
+                    else "evaluation goes on without it"
+                )
                 warn_once(
                     f"stored clip of video {video_id} rejected: {err}; {instead} ({DECODE_SHARD_AGAIN})",
                     key=f"rejected clip {video_id}",
@@ -122,3 +132,54 @@ def intact_rows(
                 yield intact
             if fill:
                 fill.previous, fill.owed = intact, 0
+
+
+# ------------------------------------------------------------------ rejected clips, to the driver's console
+# A worker's warnings reach the console only with --verbose, so the ids travel with the epoch's metrics: each worker
+# keeps those it rejected (the host path rejects a clip again every epoch, the device cache once, when it loads),
+# the loop gathers them with the epoch's sums, and an epoch reports those no earlier epoch of the run did
+# (:func:`newly_rejected`): once per video, the same epoch on every path and through a resume.
+
+# The metric: a JSON list of video ids (a string: Tune's TensorBoard logger warns about a list of names).
+REJECTED_CLIPS = "rejected_clips"
+_rejected: set[str] = set()
+_rejected_lock = threading.Lock()  # intact_rows runs in the batch prefetch threads too
+
+
+def _rejected_here(video_id: str) -> None:
+    with _rejected_lock:
+        _rejected.add(video_id)
+
+
+def take_rejected() -> list[str]:
+    """The video ids whose stored clip this process rejected since the last call, sorted (the worker loop's, per epoch)."""
+    with _rejected_lock:
+        taken = sorted(_rejected)
+        _rejected.clear()
+    return taken
+
+
+def rejected_ids(metrics: Mapping[str, Any]) -> list[str]:
+    """The video ids an epoch's ``metrics`` report as newly rejected (none: [])."""
+    return json.loads(metrics.get(REJECTED_CLIPS, "[]"))
+
+
+def newly_rejected(rejected: Iterable[Iterable[str]], history: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """What an epoch adds to its metrics for the ids every rank ``rejected``: those no epoch of ``history`` (the
+    run's before it) reported, under :data:`REJECTED_CLIPS`; nothing when there are none."""
+    reported = {video_id for metrics in history for video_id in rejected_ids(metrics)}
+    new = sorted({video_id for ids in rejected for video_id in ids} - reported)
+    return {REJECTED_CLIPS: json.dumps(new, ensure_ascii=False)} if new else {}
+
+
+def rejected_clips_line(command: str, video_ids: list[str]) -> str:
+    """The driver's console line for clips newly rejected: which videos, what took their place, the fix."""
+    if len(video_ids) == 1:
+        clips = f"the stored clip of video {video_ids[0]} is"
+    else:
+        clips = f"the stored clips of {len(video_ids)} videos ({', '.join(video_ids)}) are"
+    return (
+        f"{command}: warning: {clips} damaged and rejected (--verbose shows why): the previous intact clip of the "
+        f"worker's stream stands in for a training clip, a validation clip is left out (val_videos counts without it); "
+        f"{DECODE_SHARD_AGAIN}"
+    )

@@ -33,6 +33,7 @@ from vidray.model.checkpoint import INFO, check_training_state, complete_checkpo
 from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbSettings, config_differences
 from vidray.errors import UserError
 from vidray.train.metrics import SCORE_METRIC
+from vidray.train.rows import rejected_clips_line, rejected_ids
 from vidray.folder_lock import refuse_if_held
 from vidray.storage import is_uri, join_uri, local_mirror, local_part, open_filesystem, read_json, write_json
 
@@ -366,17 +367,19 @@ def tracking_dir(run_dir: str) -> Path:
 class EpochFollower:
     """The driver's view of a running train or pretrain run: reads each new epoch from the run's latest
     complete checkpoint (its ``vidray.json`` holds the whole history, so no epoch is missed however fast
-    they come, and one being copied waits for the next look), prints one line for it and logs it to
-    TensorBoard and, when enabled, Weights & Biases.
+    they come, and one being copied waits for the next look), prints one line for it (and one on stderr naming
+    the stored clips it rejected, which the workers' warnings tell only with --verbose) and logs it to
+    TensorBoard and, when enabled, Weights & Biases. ``command``: the warning's, e.g. "vidray train".
 
     Used as a context manager around ``fit()``; epochs the run already had when it started are skipped.
     """
 
     def __init__(
-        self, run_dir: str, cfg: VidrayConfig, *, name: str, line: Callable[[dict[str, Any], int], str],
+        self, run_dir: str, cfg: VidrayConfig, *, command: str, name: str, line: Callable[[dict[str, Any], int], str],
         every_s: float = FOLLOW_EVERY_S,
     ):  # fmt: skip
         self.run_dir, self.cfg, self.name, self.line, self.every_s = run_dir, cfg, name, line, every_s
+        self.command = command
         self.done = {h["epoch"] for h in self._history()}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="vidray-epochs", daemon=True)
@@ -417,6 +420,8 @@ class EpochFollower:
                 continue
             self.done.add(epoch)
             print(self.line(metrics, self.cfg.train.epochs), flush=True)
+            if rejected := rejected_ids(metrics):
+                print(rejected_clips_line(self.command, rejected), file=sys.stderr, flush=True)
             scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(key, value, epoch + 1)

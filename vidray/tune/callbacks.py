@@ -8,21 +8,26 @@ configs with, seconds per process to import).
 
 from __future__ import annotations
 
+import sys
+
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from vidray.config import VidrayConfig
 from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.rows import rejected_clips_line, rejected_ids
 from vidray.train.runs import wandb_key_error, wandb_mode
 from vidray.tune.space import SWEPT, trial_label
 
 
 class EpochLines(ray.tune.Callback):
-    """One line per trial per epoch on the driver's console, instead of Tune's full result dumps."""
+    """One line per trial per epoch on the driver's console, instead of Tune's full result dumps; and one on
+    stderr naming the stored clips an epoch rejected, once per video for the sweep (its trials read the same data)."""
 
     def __init__(self, metric: str, epochs: int):
         self.metric = metric
         self.epochs = epochs
+        self.rejected: set[str] = set()  # the video ids already named
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epoch = result.get(EPOCHS_DONE)
@@ -37,6 +42,9 @@ class EpochLines(ray.tune.Callback):
             + (f" | {speed:.1f} clips/s" if speed else ""),
             flush=True,
         )
+        if new := [video_id for video_id in rejected_ids(result) if video_id not in self.rejected]:
+            self.rejected.update(new)
+            print(rejected_clips_line("vidray tune", new), file=sys.stderr, flush=True)
 
 
 class ReportToTune(TuneReportCallback):
