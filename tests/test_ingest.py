@@ -8,6 +8,7 @@ it holds and in which order.
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import numpy as np
@@ -116,6 +117,28 @@ def test_arrow_videos_are_views_of_the_arrow_buffer_and_sizes_are_checked():
         arrow_videos(bad, VIDEO_SHAPE)
 
 
+def test_a_raw_blob_of_the_wrong_size_is_named_by_its_video_with_the_fix():
+    """A raw clip of another size stopped the worker with "video blob of N bytes does not match shape ...",
+    naming no video: one line now names it (the table's video_id, counted across its chunks) and says how to
+    decode its shard again, as a compressed clip that does not decode is named (vidray.data.store.clip_error)."""
+    from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError
+    from vidray.train.rows import arrow_rows
+
+    blobs = [video_of(i, 1) for i in range(5)]
+    blobs[3] = blobs[3][:-1]
+    table = pa.table({"video": pa.array(blobs, pa.binary()), "label": [1] * 5, "video_id": [f"v{i}" for i in range(5)]})
+    table = pa.concat_tables([table.slice(0, 2), table.slice(2)])  # two chunks: v3 is row 1 of the second
+    assert table.column("video").num_chunks == 2
+    expected = (r"^stored clip of video v3: video blob of 95 bytes does not match shape \(2, 4, 4, 3\) \(96 bytes\); "
+                + re.escape(DECODE_SHARD_AGAIN) + "$")  # fmt: skip
+    with pytest.raises(StoredClipError, match=expected):
+        arrow_videos(table.column("video"), VIDEO_SHAPE, table.column("video_id"))
+    with pytest.raises(StoredClipError, match=expected):  # the rows a worker batches (host path)
+        list(arrow_rows(table, VIDEO_SHAPE))
+    with pytest.raises(StoredClipError, match=r"^stored clip of video row 3 of a batch: video blob of 95 bytes"):
+        list(arrow_rows(table.drop_columns(["video_id"]), VIDEO_SHAPE))  # a batch without ids: its row
+
+
 def test_batch_buffers_reuse_a_slot_only_when_nobody_holds_its_batch():
     buffers = BatchBuffers((4, 8), torch.uint8, pin_memory=False, depth=2)
     first = buffers.get(4)
@@ -202,6 +225,33 @@ def test_streamed_cached_and_device_paths_give_identical_batches(splits):
     # Another rank (its own shard in real runs) gets another order from the same rows.
     other = _batches(cache.train_batches(batch_size=BATCH, train=train, epoch=0, rank=1))
     assert [i for b, _ in other for i in b] != epochs[0]
+
+
+def test_a_raw_clip_of_the_wrong_size_stops_every_path_naming_its_video(ray_cluster, tmp_path):
+    """The raw store's splits are read with their video ids, so a worker that meets a clip of the wrong size
+    (streamed, from the object store, or loading its device cache) names it, as it would a compressed clip."""
+    from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError
+
+    rows = [dict(video=video_of(i, 0), label=0, label_name="c0", video_id=f"clip{i}", path=f"/x/clip{i}.mp4",
+                 source_frames=2, padded=False) for i in range(6)]  # fmt: skip
+    rows[4]["video"] = rows[4]["video"][:90]
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp_path / split / "part-00000.parquet")
+    splits = {"train": {"videos": 6}, "val": {"videos": 6}}
+    info = dict(classes=["c0"], frames=2, size=4, stored_frames=2, stored_size=4, splits=splits,
+                shards=["train/part-00000.parquet", "val/part-00000.parquet"])  # fmt: skip
+    (tmp_path / DATASET_INFO).write_text(json.dumps(info))
+    info = read_dataset_info(str(tmp_path))
+    named = rf"^stored clip of video clip4: video blob of 90 bytes .*; {re.escape(DECODE_SHARD_AGAIN)}$"
+    train = TrainSettings(shuffle_buffer=0, prefetch_batches=1, seed=3)
+    for placement in ("never", "always"):
+        ds = build_datasets(str(tmp_path), TrainSettings(cache_dataset=placement, seed=3), info)
+        with pytest.raises(StoredClipError, match=named):
+            list(train_batches(ds["train"].iterator(), batch_size=2, train=train, epoch=0, rank=0, collate=_collate()))
+        with pytest.raises(StoredClipError, match=named):
+            DeviceCache.load(ds["train"].iterator(), ds["val"].iterator(), video_shape=VIDEO_SHAPE, batch_size=2, rank=0,
+                             world_size=1, device=torch.device("cpu"), train_rows=6, val_rows=6)  # fmt: skip
 
 
 def test_runs_given_cached_splits_share_their_blocks_each_in_its_own_order(ray_cluster, dataset_dir):

@@ -199,6 +199,33 @@ def test_results_table_has_the_reference_columns():
     assert "| Reference: MixUp α=0.4 | 1.471 | 1.815 | 0.411 |" in reference
 
 
+def test_the_best_epoch_is_a_whole_number_in_every_results_file_and_empty_where_a_trial_has_none(tmp_path):
+    """A sweep where one trial has no best epoch (it stopped before its first validation) wrote every other
+    trial's best epoch into results.csv as 2.0: the None made pandas make the column floats."""
+    import pandas as pd
+
+    from vidray.report.results import write_sweep_report
+    from vidray.report.trials import StoredTrial
+
+    cfg = load_config(DEMO, ["train.epochs=3", f"run.storage_path={tmp_path / 'runs'}"])
+
+    def trial(name: str, alpha: float, val_f1: list[float]) -> StoredTrial:
+        rows = [{EPOCHS_DONE: epoch, "val_macro_f1": f1, "train_loss": 1.0, "val_loss": 1.0,
+                 "checkpoint_path": str(tmp_path / name / f"checkpoint_epoch_{epoch - 1:04d}")}
+                for epoch, f1 in enumerate(val_f1, start=1)]  # fmt: skip
+        params = {"mixup_alpha": alpha, "lr": 1e-3, "weight_decay": 0.05}
+        return StoredTrial(config=params, metrics={"trial_id": name}, metrics_dataframe=pd.DataFrame(rows) if rows else None,
+                           path=str(tmp_path / name))  # fmt: skip
+
+    trials = [trial("a", 0.0, [0.30, 0.50, 0.40]), trial("b", 0.4, []), trial("c", 0.8, [0.60])]
+    out = write_sweep_report(trials, cfg, experiment_path=str(tmp_path / "sweep"), dataset_dir=str(tmp_path / "data"))
+    with open(out["results_csv"]) as f:
+        assert [(row["trial_id"], row["Best epoch"]) for row in csv.DictReader(f)] == [("a", "2"), ("b", ""), ("c", "1")]
+    table = [line for line in Path(out["results_md"]).read_text().splitlines() if line.startswith(("| MixUp", "| No MixUp"))]
+    assert [line.rsplit(" | ", 1)[1] for line in table] == ["0.500 (ep 2) |", "— |", "0.600 (ep 1) |"]
+    assert [t["best_epoch"] for t in json.loads(Path(out["results_json"]).read_text())["trials"]] == [2, None, 1]
+
+
 def test_the_reference_is_shown_only_beside_its_own_task():
     """The reference lab's numbers are COIN's 12 domains on 10-60 s videos; configs/coin180.yaml's sweep (180 tasks,
     every video) was shown them as "the same COIN-12 split"."""

@@ -17,12 +17,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
-
-import pyarrow as pa
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING, Any, Iterator
 
 from vidray.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 # Filesystems mounted over the network, so every node can mount them at the same
 # path. FUSE mounts of object stores (s3fs, gcsfuse, mountpoint-s3) are left out
@@ -48,6 +48,11 @@ def is_web_url(path: str) -> bool:
 
 def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI such as s3://bucket/key."""
+    # pyarrow here, not at module level: vidray.config imports this module (LOCAL_RESULTS, local_mirror), and the
+    # CLI's --help and argument errors need not wait for pyarrow (about 0.1 s).
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
     path = str(path)
     if is_uri(path):
         try:

@@ -175,8 +175,9 @@ def read_split(dataset_dir: str, split: str):
             f"split {split!r} of {dataset_dir} holds no videos "
             f"(available: {', '.join(s for s, n in info.split_counts.items() if n) or 'none'})"
         )
-    # A compressed store's clips can be rejected when read (vidray/train/rows.py): the id names them.
-    columns = ["video", "label"] if info.store == "raw" else ["video", "label", "video_id"]
+    # A clip that cannot be read (vidray/train/rows.py: a compressed one rejected, a raw one of the wrong size) is
+    # named by its id, which says whose shard to decode again (a few bytes a row beside its frames).
+    columns = ["video", "label", "video_id"]
     # Not Ray's 32 footer-reader processes for a few dozen shards, started and killed on every read.
     _, shards = split_shards(dataset_dir, info, split)
     with parquet_footer_readers_for(len(shards)):

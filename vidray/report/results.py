@@ -130,7 +130,10 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
     paths["results_md"].write_text(markdown)
     csv_rows = [{**row, **{f"param_{k}": v for k, v in t.params.items()}, "trial_id": t.trial_id, "status": t.status}
                 for row, t in zip(rows, trials)]
-    pd.DataFrame(csv_rows).to_csv(paths["results_csv"], index=False)
+    frame = pd.DataFrame(csv_rows)
+    if "Best epoch" in frame:  # whole numbers, empty for a trial without one: a None among them made pandas write 2.0
+        frame["Best epoch"] = frame["Best epoch"].astype("Int64")
+    frame.to_csv(paths["results_csv"], index=False)
     summary = {
         "experiment_path": experiment_path,
         "metric": metric,

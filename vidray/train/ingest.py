@@ -30,7 +30,7 @@ import torch.distributed as dist
 from vidray.config import StoreName, TrainSettings
 from vidray.errors import UserError
 from vidray.train.decoding import DeviceJpegDecoder, decode_threads_for, device_decoder_for
-from vidray.train.rows import Row, RowFill, arrow_rows, arrow_videos
+from vidray.train.rows import Row, RowFill, arrow_rows, arrow_videos, video_id_column
 from vidray.train.batches import (
     BatchBuffers,
     FrameSampler,
@@ -104,7 +104,7 @@ def _copy_tables_to(tables: Iterable[pa.Table], video_shape: tuple[int, ...], de
     staging = None
     filled = 0
     for table in tables:
-        for view in arrow_videos(table.column("video"), video_shape):
+        for view in arrow_videos(table.column("video"), video_shape, video_id_column(table)):
             n = len(view)
             if filled + n > videos.shape[0]:  # more rows than expected: grow (not the usual path)
                 grown = torch.empty((max(2 * videos.shape[0], filled + n), *video_shape), dtype=torch.uint8, device=device)

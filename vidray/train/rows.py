@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import StoreName
-from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError, check_blob
+from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError, check_blob, clip_error
 from vidray.errors import warn_once
 
 
@@ -37,21 +37,36 @@ def _binary_chunks(column: pa.ChunkedArray | pa.Array) -> Iterator[tuple[np.ndar
         yield offsets, np.frombuffer(data_buffer, dtype=np.uint8)
 
 
-def arrow_videos(column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...]) -> list[np.ndarray]:
+def arrow_videos(
+    column: pa.ChunkedArray | pa.Array, video_shape: tuple[int, ...], video_ids: pa.ChunkedArray | pa.Array | None = None
+) -> list[np.ndarray]:
     """Zero-copy uint8 views ``[n, *video_shape]``, one per Arrow chunk, of a binary ``video`` column.
 
     A binary array stores its values back to back in one buffer; with every value
     of the same length that buffer *is* the stacked videos, so nothing is copied.
+    A blob of another length stops the worker with :func:`vidray.data.store.clip_error`, one line naming
+    the video (its ``video_ids`` row, the table's column; else its row) and the fix, as a compressed
+    clip that does not decode does.
     """
     expected = int(np.prod(video_shape))
     views = []
+    start = 0
     for offsets, data in _binary_chunks(column):
         lengths = np.diff(offsets)
-        if (lengths != expected).any():
-            bad = int(lengths[lengths != expected][0])
-            raise ValueError(f"video blob of {bad} bytes does not match shape {video_shape} ({expected} bytes)")
+        wrong = np.flatnonzero(lengths != expected)
+        if len(wrong):
+            row = start + int(wrong[0])
+            who = video_ids[row].as_py() if video_ids is not None else f"row {row} of a batch"
+            reason = f"video blob of {int(lengths[wrong[0]])} bytes does not match shape {video_shape} ({expected} bytes)"
+            raise clip_error(who, reason)
         views.append(data[offsets[0] : offsets[-1]].reshape(len(offsets) - 1, *video_shape))
+        start += len(lengths)
     return views
+
+
+def video_id_column(table: pa.Table) -> pa.ChunkedArray | None:
+    """The ``video_id`` column of an Arrow batch, whom an error about a row names; None where it was not read."""
+    return table.column("video_id") if "video_id" in table.column_names else None
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,7 @@ def arrow_rows(table: pa.Table, video_shape: tuple[int, ...], store: StoreName =
         yield from intact_rows(table, video_shape, store, labels, fill)
         return
     start = 0
-    for view in arrow_videos(table.column("video"), video_shape):
+    for view in arrow_videos(table.column("video"), video_shape, video_id_column(table)):
         for i in range(len(view)):
             yield Row(view, i, int(labels[start + i]))
         start += len(view)
@@ -101,7 +116,8 @@ def intact_rows(
     ``fill`` (validation, where ranks need not agree) it is left out. Every path (host batches, the device
     cache) decides alike, so they give the same batches.
     """
-    ids = table.column("video_id").to_pylist() if "video_id" in table.column_names else None
+    column = video_id_column(table)
+    ids = column.to_pylist() if column is not None else None
     row = 0
     for offsets, data in _binary_chunks(table.column("video")):
         for i in range(len(offsets) - 1):
