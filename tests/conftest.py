@@ -44,8 +44,23 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from vidray.cluster import LOOPBACK_IP  # noqa: E402  (after the environment above: it imports Ray)
 
 # SIGTERM, what stopping `make test` sends the lane beside the Ray lane (tests/run_all.sh), ends a pytest as
-# Ctrl-C does: fixtures tear down, so a test's own Ray cluster is stopped instead of left running.
-signal.signal(signal.SIGTERM, signal.default_int_handler)
+# Ctrl-C does: fixtures tear down, so a test's own Ray cluster is stopped instead of left running. And the
+# session stops after that test even where the interrupt was caught (vidray.cli.main, run in-process by some
+# tests, turns Ctrl-C into exit status 130, and pytest would go on to the next test).
+_terminated: list[bool] = []
+
+
+def _stop_as_ctrl_c(signum, frame):
+    _terminated.append(True)
+    signal.default_int_handler(signum, frame)
+
+
+signal.signal(signal.SIGTERM, _stop_as_ctrl_c)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _terminated:
+        item.session.shouldstop = "SIGTERM: stopped as Ctrl-C stops a session"
 
 
 def pytest_collection_modifyitems(config, items):

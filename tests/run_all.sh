@@ -46,7 +46,8 @@ exec 3>&2  # the console's stderr, for the one line that must not wait for the l
 ) > "$beside_log" 2>&1 &
 beside=$!
 # Ctrl-C or a failure here must not leave the other lane running: the lane, and its children (the
-# set-up's make, or pytest's own subprocesses), by their process ids.
+# set-up's make, or its pytest), by their process ids. The lane's pytest takes SIGTERM as Ctrl-C
+# (tests/conftest.py): its fixtures stop what its tests started, their own Ray clusters included.
 trap 'kill "$beside" $(pgrep -P "$beside") 2> /dev/null; rm -f "$beside_log"' EXIT
 
 "$python" -m pytest -q -m "ray and not own_cluster" --durations=15

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vidray.config import TrainSettings
-from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info
+from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
 from vidray.errors import UserError
 from vidray.train.batches import (
     BatchBuffers,
@@ -137,6 +137,13 @@ def test_a_raw_blob_of_the_wrong_size_is_named_by_its_video_with_the_fix():
         list(arrow_rows(table, VIDEO_SHAPE))
     with pytest.raises(StoredClipError, match=r"^stored clip of video row 3 of a batch: video blob of 95 bytes"):
         list(arrow_rows(table.drop_columns(["video_id"]), VIDEO_SHAPE))  # a batch without ids: its row
+    # The numpy batches Ray Data collates, and the batches evaluation stacks (`vidray evaluate`, a sweep's
+    # held-out test): the same line, which evaluation passes on as it is.
+    numpy_batch = {"video": np.array(blobs, dtype=object), "label": np.ones(5, np.int64), "video_id": np.array([f"v{i}" for i in range(5)])}
+    with pytest.raises(StoredClipError, match=expected):
+        VideoBatchCollate(VIDEO_SHAPE, batch_size=5)(numpy_batch)
+    with pytest.raises(StoredClipError, match=expected):
+        videos_from_bytes(blobs, VIDEO_SHAPE, "raw", [f"v{i}" for i in range(5)])
 
 
 def test_batch_buffers_reuse_a_slot_only_when_nobody_holds_its_batch():

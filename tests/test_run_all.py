@@ -100,18 +100,24 @@ def test_the_lanes_marker_expressions_split_tests_by_the_cluster_they_use():
 def test_a_terminated_pytest_tears_its_fixtures_down(tmp_path):
     """What stopping `make test` sends the lane beside is SIGTERM (its pytest ignores Ctrl-C: bash starts a
     script's background commands so); tests/conftest.py turns it into Ctrl-C, so the lane's fixtures end what
-    they started (a test's own Ray cluster, whose daemons would otherwise outlive it)."""
-    started, torn_down = tmp_path / "started", tmp_path / "torn-down"
+    they started (a test's own Ray cluster, whose daemons would otherwise outlive it), and stops the session
+    after that test even where the test caught the interrupt (vidray.cli.main, run in-process, does)."""
+    started, torn_down, next_ran = tmp_path / "started", tmp_path / "torn-down", tmp_path / "next-ran"
     (tmp_path / "test_held.py").write_text(
         "import pathlib, time\n"
         "import pytest\n"
-        "@pytest.fixture\n"
+        "@pytest.fixture(scope='module')\n"
         "def resource():\n"
         "    yield\n"
         f"    pathlib.Path({str(torn_down)!r}).touch()\n"
         "def test_held(resource):\n"
         f"    pathlib.Path({str(started)!r}).touch()\n"
-        "    time.sleep(120)\n"
+        "    try:\n"
+        "        time.sleep(120)\n"
+        "    except KeyboardInterrupt:  # as vidray.cli.main does: exit status 130, no traceback\n"
+        "        pass\n"
+        "def test_next(resource):\n"
+        f"    pathlib.Path({str(next_ran)!r}).touch()\n"
     )
     # The suite's conftest as a plugin, as it loads for the suite's own tests.
     held = subprocess.Popen(
@@ -129,6 +135,7 @@ def test_a_terminated_pytest_tears_its_fixtures_down(tmp_path):
     finally:
         held.kill()
     assert torn_down.exists(), output[-3000:]
+    assert not next_ran.exists(), output[-3000:]  # the interrupt was caught, yet the session stopped
 
 
 def test_without_a_set_up_command_the_lanes_run_as_before(tmp_path):

@@ -368,15 +368,15 @@ def _console_warning(command: str) -> str:
 
     return (
         f"{command}: warning: the stored clips of 2 videos ({DAMAGED}, {DAMAGED_VAL}) are damaged and rejected "
-        "(--verbose shows why): the previous intact clip of the worker's stream stands in for a training clip, a "
-        f"validation clip is left out (val_videos counts without it); {DECODE_SHARD_AGAIN}"
+        "(--verbose shows why): in training the previous intact clip of the worker's stream stands in for each, in "
+        f"validation it is left out; {DECODE_SHARD_AGAIN}"
     )
 
 
 def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(stores, capsys):
     """Its place goes to its predecessor, so the worker keeps every batch (DDP workers stay in step); the
     driver's console names it once (the worker's warning shows only with --verbose)."""
-    from vidray.train.rows import newly_rejected, rejected_ids, take_rejected
+    from vidray.train.rows import REJECTED_CLIPS, newly_rejected, rejected_clips_line, rejected_ids, take_rejected
     from vidray.tune.callbacks import EpochLines
 
     train = TrainSettings(shuffle_buffer=0, prefetch_batches=0, seed=11)  # stored order: rows are countable
@@ -416,7 +416,7 @@ def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(sto
     rejected = take_rejected()
     assert rejected == [DAMAGED, DAMAGED_VAL] and take_rejected() == []
     first = newly_rejected([rejected, [DAMAGED]], history=[])
-    assert rejected_ids(first) == rejected and newly_rejected([rejected], history=[{"epoch": 0, **first}]) == {}
+    assert rejected_ids(first) == rejected and newly_rejected([rejected], history=[{"epoch": 0, **first}]) == {REJECTED_CLIPS: "[]"}
     # A sweep's console: one line on stderr, once per video for the whole sweep (its trials read the same data).
     capsys.readouterr()  # Ray Data's progress bars so far
     lines = EpochLines("val_macro_f1", epochs=2)
@@ -425,6 +425,9 @@ def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(sto
         lines.on_trial_result(0, [], trial, {"epochs_done": epoch, **metrics})
     console = capsys.readouterr()
     assert console.err.count("vidray tune: warning:") == 1 and _console_warning("vidray tune") in console.err
+    # A store damaged throughout: the line says how many, and names the first ten.
+    many = rejected_clips_line("vidray train", [f"v{i:02d}" for i in range(25)])
+    assert "the stored clips of 25 videos (v00, v01, v02, v03, v04, v05, v06, v07, v08, v09 and 15 more) are" in many
     assert sum(line.startswith(("[t1] ", "[t2] ")) for line in console.out.splitlines()) == 3  # its epoch lines
 
 
@@ -451,7 +454,8 @@ def test_a_run_names_each_damaged_clip_once_on_its_drivers_console(ray_cluster, 
     # Ray Data's progress bars share stderr (carriage returns, no newline between): the line is found in it.
     assert console.err.count("vidray train: warning:") == 1 and _console_warning("vidray train") in console.err
     history = json.loads((Path(result.checkpoint.path) / INFO).read_text())["history"]
-    assert [h.get(REJECTED_CLIPS) for h in history] == [json.dumps([DAMAGED, DAMAGED_VAL]), None]
+    # Every epoch reports the key (Tune's CSV logger keeps the first result's columns through a restore).
+    assert [h.get(REJECTED_CLIPS) for h in history] == [json.dumps([DAMAGED, DAMAGED_VAL]), "[]"]
     assert [h["val_videos"] for h in history] == [VAL_VIDEOS - 1] * 2  # the damaged val clip left out
 
 

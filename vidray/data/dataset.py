@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vidray.compat import parquet_footer_readers_for
-from vidray.data.store import decode_frames_into
+from vidray.data.store import decode_frames_into, wrong_size_error
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
@@ -217,9 +217,10 @@ def read_split_batches(
                 yield batch.to_pydict()
 
 
-def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw") -> np.ndarray:
+def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw", video_ids: Sequence[str] | None = None) -> np.ndarray:
     """Stack a column of stored videos into one uint8 array ``[B, *shape]`` with one copy (decoded,
-    for a compressed ``store``)."""
+    for a compressed ``store``). A raw clip of the wrong size raises :func:`vidray.data.store.wrong_size_error`,
+    naming its video from ``video_ids`` (else its row)."""
     items = list(column)
     if store != "raw":
         videos = np.empty((len(items), *shape), np.uint8)
@@ -227,7 +228,7 @@ def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw") -
             decode_frames_into(item, store, video)
         return videos
     expected = int(np.prod(shape))
-    for item in items:
+    for row, item in enumerate(items):
         if len(item) != expected:
-            raise ValueError(f"video blob of {len(item)} bytes does not match shape {shape} ({expected} bytes)")
+            raise wrong_size_error(video_ids[row] if video_ids is not None else f"row {row} of a batch", len(item), shape)
     return np.frombuffer(b"".join(items), dtype=np.uint8).reshape(len(items), *shape)

@@ -53,6 +53,13 @@ def clip_error(video_id: str, reason) -> StoredClipError:
     return StoredClipError(f"stored clip of video {video_id}: {reason}; {DECODE_SHARD_AGAIN}")
 
 
+def wrong_size_error(video_id: str, size: int, video_shape: tuple[int, ...]) -> StoredClipError:
+    """:func:`clip_error` for a raw clip of ``size`` bytes that is not ``video_shape``'s: every reader of raw
+    clips (training's rows and numpy batches, evaluation) stops on it in this one line."""
+    expected = int(np.prod(video_shape))
+    return clip_error(video_id, f"video blob of {size} bytes does not match shape {tuple(video_shape)} ({expected} bytes)")
+
+
 def encode_clip(frames: np.ndarray, store: StoreName, quality: int) -> bytes:
     """The ``video`` blob of uint8 ``frames`` ``[T, S, S, 3]`` in ``store``."""
     if store == "raw":

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes
+from vidray.data.store import StoredClipError
 from vidray.errors import UserError
 from vidray.figures import (
     LABEL_CHARS, SEQUENTIAL_CMAP, fit_label, new_figure, save_figure, text_inches, tick_label_lines, wrap_to_width,
@@ -78,7 +79,10 @@ def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, 
     for batch in read_split_batches(dataset_dir, dataset, split, batch_size):
         try:
             # A writable copy: the stacked array is a view of immutable bytes.
-            videos = torch.from_numpy(videos_from_bytes(batch["video"], dataset.video_shape, dataset.store).copy()).to(device)
+            videos = videos_from_bytes(batch["video"], dataset.video_shape, dataset.store, batch.get("video_id"))
+            videos = torch.from_numpy(videos.copy()).to(device)
+        except StoredClipError as err:  # names the video and the fix itself
+            raise UserError(f"{dataset_dir} split {split!r}: {err}") from None
         except ValueError as err:
             raise UserError(f"{dataset_dir} split {split!r}: {err}; re-run `vidray preprocess`") from None
         runs = [clip_outputs(model, videos, frames=shape.frames, size=shape.size, views=views, shuffle=shuffle)[0]

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import StoreName
-from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError, check_blob, clip_error
+from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError, check_blob, wrong_size_error
 from vidray.errors import warn_once
 
 
@@ -44,7 +44,7 @@ def arrow_videos(
 
     A binary array stores its values back to back in one buffer; with every value
     of the same length that buffer *is* the stacked videos, so nothing is copied.
-    A blob of another length stops the worker with :func:`vidray.data.store.clip_error`, one line naming
+    A blob of another length stops the worker with :func:`vidray.data.store.wrong_size_error`, one line naming
     the video (its ``video_ids`` row, the table's column; else its row) and the fix, as a compressed
     clip that does not decode does.
     """
@@ -57,8 +57,7 @@ def arrow_videos(
         if len(wrong):
             row = start + int(wrong[0])
             who = video_ids[row].as_py() if video_ids is not None else f"row {row} of a batch"
-            reason = f"video blob of {int(lengths[wrong[0]])} bytes does not match shape {video_shape} ({expected} bytes)"
-            raise clip_error(who, reason)
+            raise wrong_size_error(who, int(lengths[wrong[0]]), video_shape)
         views.append(data[offsets[0] : offsets[-1]].reshape(len(offsets) - 1, *video_shape))
         start += len(lengths)
     return views
@@ -156,7 +155,7 @@ def intact_rows(
 # the loop gathers them with the epoch's sums, and an epoch reports those no earlier epoch of the run did
 # (:func:`newly_rejected`): once per video, the same epoch on every path and through a resume.
 
-# The metric: a JSON list of video ids (a string: Tune's TensorBoard logger warns about a list of names).
+# The metric, in every epoch's: a JSON list of video ids (a string: Tune's TensorBoard logger warns about a list of names).
 REJECTED_CLIPS = "rejected_clips"
 _rejected: set[str] = set()
 _rejected_lock = threading.Lock()  # intact_rows runs in the batch prefetch threads too
@@ -182,10 +181,16 @@ def rejected_ids(metrics: Mapping[str, Any]) -> list[str]:
 
 def newly_rejected(rejected: Iterable[Iterable[str]], history: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     """What an epoch adds to its metrics for the ids every rank ``rejected``: those no epoch of ``history`` (the
-    run's before it) reported, under :data:`REJECTED_CLIPS`; nothing when there are none."""
+    run's before it) reported, under :data:`REJECTED_CLIPS`; "[]" when there are none. Every epoch has the key:
+    Tune's CSV logger appends a continued trial's rows under the header its first result wrote, so a key only
+    some epochs had would shift the columns of the rows after a restore."""
     reported = {video_id for metrics in history for video_id in rejected_ids(metrics)}
     new = sorted({video_id for ids in rejected for video_id in ids} - reported)
-    return {REJECTED_CLIPS: json.dumps(new, ensure_ascii=False)} if new else {}
+    return {REJECTED_CLIPS: json.dumps(new, ensure_ascii=False)}
+
+
+# The ids a console line names at most: a store damaged throughout says how many, and --verbose names each.
+NAMED_AT_MOST = 10
 
 
 def rejected_clips_line(command: str, video_ids: list[str]) -> str:
@@ -193,9 +198,10 @@ def rejected_clips_line(command: str, video_ids: list[str]) -> str:
     if len(video_ids) == 1:
         clips = f"the stored clip of video {video_ids[0]} is"
     else:
-        clips = f"the stored clips of {len(video_ids)} videos ({', '.join(video_ids)}) are"
+        named = ", ".join(video_ids[:NAMED_AT_MOST])
+        more = f" and {len(video_ids) - NAMED_AT_MOST} more" if len(video_ids) > NAMED_AT_MOST else ""
+        clips = f"the stored clips of {len(video_ids)} videos ({named}{more}) are"
     return (
-        f"{command}: warning: {clips} damaged and rejected (--verbose shows why): the previous intact clip of the "
-        f"worker's stream stands in for a training clip, a validation clip is left out (val_videos counts without it); "
-        f"{DECODE_SHARD_AGAIN}"
+        f"{command}: warning: {clips} damaged and rejected (--verbose shows why): in training the previous intact "
+        f"clip of the worker's stream stands in for each, in validation it is left out; {DECODE_SHARD_AGAIN}"
     )
