@@ -144,6 +144,10 @@ def test_a_cached_clip_that_does_not_decode_is_named_by_its_video(real_clip):
     assert np.array_equal(clips.decode(np.array([0]), buffers=buffers)[0].numpy(), out)
     with pytest.raises(StoredClipError, match=r"^stored clip of video vB: frame 0 does not decode: 72x72"):
         clips.decode(np.array([0, 1]), buffers=buffers)
+    # Evaluation's reader (`vidray evaluate`, a sweep's held-out test) names it alike: it said only "frame 0 does not
+    # decode", no video, and its caller then left out the fix.
+    with pytest.raises(StoredClipError, match=r"^stored clip of video vB: frame 0 does not decode: 72x72.*decode its shard again"):
+        videos_from_bytes([good, foreign], real_clip.shape, "jpeg", ["vA", "vB"])
 
 
 def test_decode_threads_fill_the_same_batch_and_name_the_first_clip_that_fails(real_clip):

@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vidray.compat import parquet_footer_readers_for
-from vidray.data.store import decode_frames_into, wrong_size_error
+from vidray.data.store import StoredClipError, clip_error, decode_frames_into, wrong_size_error
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
@@ -219,16 +219,20 @@ def read_split_batches(
 
 def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw", video_ids: Sequence[str] | None = None) -> np.ndarray:
     """Stack a column of stored videos into one uint8 array ``[B, *shape]`` with one copy (decoded,
-    for a compressed ``store``). A raw clip of the wrong size raises :func:`vidray.data.store.wrong_size_error`,
-    naming its video from ``video_ids`` (else its row)."""
+    for a compressed ``store``). A clip that cannot be read raises :class:`vidray.data.store.StoredClipError`
+    in the one line training's readers stop with: its video (from ``video_ids``, else its row), why, the fix."""
     items = list(column)
+    names = list(video_ids) if video_ids is not None else [f"row {row} of a batch" for row in range(len(items))]
     if store != "raw":
         videos = np.empty((len(items), *shape), np.uint8)
-        for video, item in zip(videos, items):
-            decode_frames_into(item, store, video)
+        for video, item, name in zip(videos, items, names):
+            try:
+                decode_frames_into(item, store, video)
+            except StoredClipError as err:  # as training's decoders name it (vidray.train.batches.decode_rows_into)
+                raise clip_error(name, err) from None
         return videos
     expected = int(np.prod(shape))
-    for row, item in enumerate(items):
+    for item, name in zip(items, names):
         if len(item) != expected:
-            raise wrong_size_error(video_ids[row] if video_ids is not None else f"row {row} of a batch", len(item), shape)
+            raise wrong_size_error(name, len(item), shape)
     return np.frombuffer(b"".join(items), dtype=np.uint8).reshape(len(items), *shape)
