@@ -280,7 +280,7 @@ def _run(tmp_path: Path, epochs: int):
 
 
 def test_a_partial_copy_before_the_last_epoch_is_ignored_and_the_run_continues(tmp_path):
-    from vidray.train.runs import EpochFollower
+    from vidray.train.follow import EpochFollower
 
     run_dir, cfg = _run(tmp_path, epochs=3)
     first = _run_checkpoint(run_dir, 0, cfg)
@@ -292,6 +292,50 @@ def test_a_partial_copy_before_the_last_epoch_is_ignored_and_the_run_continues(t
     # A run stopped during its first copy has no complete checkpoint: it starts again, it is not refused.
     shutil.rmtree(first)
     assert existing_run_state(cfg, str(run_dir)) == "interrupted"
+
+
+def test_an_epoch_checkpointed_after_a_killed_drivers_last_look_is_printed_and_logged_by_the_next_driver(tmp_path, capsys):
+    """The driver follows a run by looking at its checkpoints every second. SIGKILLed between an epoch's checkpoint
+    and its next look, it never printed or logged that epoch; the driver that continues the run does, once, and
+    the epochs the first one logged are not logged again. A run deleted by hand (not by --restart) and started
+    again under the same name starts its own record."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vidray.train.follow import TENSORBOARD_DIR, EpochFollower
+    from vidray.train.runs import mark_run
+
+    run_dir, cfg = _run(tmp_path, epochs=3)
+    mark_run(str(run_dir), "train", "r")
+
+    def follower() -> EpochFollower:
+        return EpochFollower(str(run_dir), cfg, command="vidray train", name="r", line=lambda m, n: f"epoch {m['epoch'] + 1}/{n}", every_s=3600)
+
+    killed = follower().__enter__()  # its thread never looks (every_s): the looks are the test's
+    _run_checkpoint(run_dir, 0, cfg)
+    killed.poll()
+    _run_checkpoint(run_dir, 1, cfg)  # ... and the driver is killed before its next look: no poll, no __exit__
+    killed.tensorboard.close()
+    assert capsys.readouterr().out.splitlines() == ["epoch 1/3"]
+
+    with follower():
+        pass
+    assert capsys.readouterr().out.splitlines() == ["epoch 2/3"]
+    steps = EventAccumulator(str(run_dir / TENSORBOARD_DIR)).Reload().Scalars("val_macro_f1")
+    assert sorted(event.step for event in steps) == [1, 2]  # each epoch once, across both drivers' event files
+
+    with follower():  # a third driver (the run's summary, say): everything was shown already
+        pass
+    assert capsys.readouterr().out == ""
+
+    # The folder deleted by hand, its TensorBoard and record left behind, and a new run of that name started: its
+    # epochs are its own, whatever the old record says.
+    shutil.rmtree(run_dir / "checkpoint_epoch_0000"), shutil.rmtree(run_dir / "checkpoint_epoch_0001")
+    (run_dir / "vidray_run.json").unlink()
+    mark_run(str(run_dir), "train", "r")
+    with follower() as again:
+        _run_checkpoint(run_dir, 0, cfg)
+        again.poll()
+    assert capsys.readouterr().out.splitlines() == ["epoch 1/3"]
 
 
 def test_a_partial_copy_of_the_last_epoch_leaves_the_run_unfinished(tmp_path):

@@ -39,7 +39,8 @@ from vidray.storage import (
     scratch,
     scratch_dir,
 )
-from vidray.train.runs import EpochFollower, open_run, run_folder, tracking_dir
+from vidray.train.follow import EpochFollower, tracking_dir
+from vidray.train.runs import open_run, run_folder
 
 
 def test_local_paths_round_trip_through_pyarrow(tmp_path, monkeypatch):

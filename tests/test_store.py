@@ -442,7 +442,7 @@ def test_a_run_names_each_damaged_clip_once_on_its_drivers_console(ray_cluster, 
     from vidray.model.checkpoint import INFO
     from vidray.train.driver import build_trainer, epoch_line
     from vidray.train.rows import REJECTED_CLIPS
-    from vidray.train.runs import EpochFollower
+    from vidray.train.follow import EpochFollower
 
     root = _write(tmp_path / "data", "jpeg", (DAMAGED, DAMAGED_VAL))
     cfg = load_config(None, [

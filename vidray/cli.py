@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     # The config before the driver: a bad file or key fails in a second, not after importing torch and Ray.
     cfg = load_config(args.config, args.overrides)
     from vidray.train.driver import run_training
-    from vidray.train.runs import TENSORBOARD_DIR, tracking_dir
+    from vidray.train.follow import TENSORBOARD_DIR, tracking_dir
 
     summary = run_training(cfg, restart=args.restart, verbose=args.verbose)
     best = summary["best"]

@@ -67,7 +67,8 @@ from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
 from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
 from vidray.folder_lock import FolderLock
-from vidray.train.runs import CONTINUES, EpochFollower, existing_run_state, keep_to_its_data, open_run, summarize_run
+from vidray.train.follow import EpochFollower
+from vidray.train.runs import CONTINUES, existing_run_state, keep_to_its_data, open_run, summarize_run
 
 RUN_SUFFIX = "-pretrain"
 ENCODER_DIR = "encoder"
@@ -178,7 +179,7 @@ def build_pretrainer(
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
-    """The console's line for one pretraining epoch (:class:`vidray.train.runs.EpochFollower`)."""
+    """The console's line for one pretraining epoch (:class:`vidray.train.follow.EpochFollower`)."""
     return (
         f"vidray pretrain: epoch {int(metrics['epoch']) + 1}/{epochs} | loss {metrics['train_loss']:.4f} | "
         f"{metrics['train_videos_per_s']:.1f} clips/s | lr {metrics['lr']:.2e}"

@@ -32,7 +32,8 @@ from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size
 from vidray.folder_lock import FolderLock
-from vidray.train.runs import CONTINUES, EpochFollower, existing_run_state, keep_to_its_data, open_run, summarize_run
+from vidray.train.follow import EpochFollower
+from vidray.train.runs import CONTINUES, existing_run_state, keep_to_its_data, open_run, summarize_run
 from vidray.storage import resolve_path
 
 CHECKPOINTS_TO_KEEP = 2
@@ -169,7 +170,7 @@ def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
-    """The console's line for one fine-tuning epoch (:class:`vidray.train.runs.EpochFollower`)."""
+    """The console's line for one fine-tuning epoch (:class:`vidray.train.follow.EpochFollower`)."""
     speed = metrics.get("train_videos_per_s")
     return (
         f"vidray train: epoch {int(metrics['epoch']) + 1}/{epochs} | train loss {metrics['train_loss']:.4f} | "

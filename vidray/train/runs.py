@@ -12,9 +12,7 @@ A run (or sweep) lives in ``<run.storage_path>/<name>``. Running the same comman
   also loses its local folder on this machine (TensorBoard, wandb/, reports: :func:`clear_local_mirror`);
 * a run that another live driver is training is refused, ``--restart`` included (vidray/folder_lock.py).
 
-Also here, because train and pretrain share it: the driver-side
-follower (:class:`EpochFollower`) that prints one line per epoch and logs each epoch to TensorBoard
-and, when ``run.wandb.enabled``, to Weights & Biases (a sweep logs through Tune's callbacks).
+What a train or pretrain driver prints and logs of each epoch: vidray/train/follow.py.
 """
 
 from __future__ import annotations
@@ -23,17 +21,15 @@ import os
 import posixpath
 import shutil
 import sys
-import threading
-from pathlib import Path
+import uuid
 from typing import Any, Callable, Literal
 
 import pyarrow.fs as pafs
 
 from vidray.model.checkpoint import INFO, check_training_state, complete_checkpoint_info
-from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, WandbSettings, config_differences
+from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, config_differences
 from vidray.errors import UserError
 from vidray.train.metrics import SCORE_METRIC
-from vidray.train.rows import rejected_clips_line, rejected_ids
 from vidray.folder_lock import refuse_if_held
 from vidray.storage import is_uri, join_uri, local_mirror, local_part, open_filesystem, read_json, write_json
 
@@ -42,15 +38,13 @@ RunKind = Literal["train", "pretrain", "sweep"]
 CONTINUES = "the same command continues it from its last finished epoch"
 RunState = Literal["new", "interrupted", "finished"]
 
-# Written by vidray into every run or sweep folder it creates: {"written_by": "vidray", "kind": ..., "name": ...}.
+# Written by vidray into every run or sweep folder it creates: {"written_by": "vidray", "kind": ..., "name": ...,
+# "run_id": ...}. The id tells this run from an earlier one of the same folder (vidray/train/follow.py).
 RUN_MARKER = "vidray_run.json"
+RUN_ID = "run_id"
 # The config a sweep was started with (older vidray sweeps hold only this file of vidray's own).
 SWEEP_CONFIG_FILE = "vidray_sweep.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
-TENSORBOARD_DIR = "tensorboard"
-WANDB_DIR = "wandb"
-# How often the driver looks at the run's storage for a new epoch while Ray Train runs.
-FOLLOW_EVERY_S = 1.0
 
 
 # ------------------------------------------------------------------ files on storage
@@ -111,7 +105,12 @@ def mark_run(folder: str, kind: RunKind, name: str, **state: Any) -> None:
     """Create ``folder`` (if needed) with vidray's marker: what a later ``--restart`` may delete.
     ``state``: what else the command records there (a sweep: ``finished=True`` once every trial is), beside
     what the marker holds already (the data the run trains on: :func:`keep_to_its_data`)."""
-    _update_marker(folder, written_by="vidray", kind=kind, name=name, **state)
+    _update_marker(folder, written_by="vidray", kind=kind, name=name, **{RUN_ID: run_id(folder) or uuid.uuid4().hex}, **state)
+
+
+def run_id(folder: str) -> str | None:
+    """The id :func:`mark_run` gave the run in ``folder``; None for a run of older vidray, or no run."""
+    return (read_marker(folder) or {}).get(RUN_ID)
 
 
 def written_by_vidray(folder: str) -> bool:
@@ -334,112 +333,3 @@ def keep_to_its_data(folder: str, what: str, state: RunState, data: dict[str, An
         )
     if before != data:
         _update_marker(folder, **{TRAINED_ON: data})
-
-
-# ------------------------------------------------------------------ tracking
-
-
-def wandb_mode(settings: WandbSettings) -> str:
-    """WANDB_MODE in the environment wins over run.wandb.mode, so WANDB_MODE=offline always keeps
-    everything on disk; offline and disabled are exported so nothing looks for an API key."""
-    mode = os.environ.get("WANDB_MODE") or settings.mode
-    if mode in ("offline", "disabled"):
-        os.environ["WANDB_MODE"] = mode
-    return mode
-
-
-def wandb_key_error(mode: str, err: Exception) -> UserError:
-    return UserError(
-        f"run.wandb.mode={mode} needs a Weights & Biases API key ({err}); set WANDB_API_KEY, "
-        "or run.wandb.mode=offline to log locally"
-    )
-
-
-def tracking_dir(run_dir: str) -> Path:
-    """Where a train or pretrain run's TensorBoard events and wandb/ folder go (both write local files): the run's
-    own folder, or for a bucket the run's own folder on the driver's machine (:func:`vidray.storage.local_mirror`,
-    e.g. ``~/ray_results/s3/<bucket>/<path>/<name>``), where its default ``run.reports_dir`` is too.
-    ``run_dir`` is ``<storage_path>/<name>``: the folder is derived from it whole, not from ``name`` alone, which
-    a local run of the same name (``~/ray_results/<name>``) or a run on another bucket also has."""
-    return local_mirror(run_dir)
-
-
-class EpochFollower:
-    """The driver's view of a running train or pretrain run: reads each new epoch from the run's latest
-    complete checkpoint (its ``vidray.json`` holds the whole history, so no epoch is missed however fast
-    they come, and one being copied waits for the next look), prints one line for it (and one on stderr naming
-    the stored clips it rejected, which the workers' warnings tell only with --verbose) and logs it to
-    TensorBoard and, when enabled, Weights & Biases. ``command``: the warning's, e.g. "vidray train".
-
-    Used as a context manager around ``fit()``; epochs the run already had when it started are skipped.
-    """
-
-    def __init__(
-        self, run_dir: str, cfg: VidrayConfig, *, command: str, name: str, line: Callable[[dict[str, Any], int], str],
-        every_s: float = FOLLOW_EVERY_S,
-    ):  # fmt: skip
-        self.run_dir, self.cfg, self.name, self.line, self.every_s = run_dir, cfg, name, line, every_s
-        self.command = command
-        self.done = {h["epoch"] for h in self._history()}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._follow, name="vidray-epochs", daemon=True)
-        self.local_dir = tracking_dir(run_dir)
-        self.tensorboard = None
-        self.wandb_run = None
-
-    def __enter__(self) -> "EpochFollower":
-        from tensorboardX import SummaryWriter
-
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        self.tensorboard = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR))
-        if self.cfg.run.wandb.enabled:
-            self.wandb_run = start_wandb(self.cfg, self.name, self.local_dir)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.poll()  # what the last epoch wrote after the thread's last look
-        self.tensorboard.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-    def _follow(self) -> None:
-        while not self.stop.wait(self.every_s):
-            self.poll()
-
-    def _history(self) -> list[dict[str, Any]]:
-        latest = latest_checkpoint(checkpoints(self.run_dir))
-        return latest[2].get("history", []) if latest else []
-
-    def poll(self) -> None:
-        for metrics in self._history():
-            epoch = int(metrics["epoch"])
-            if epoch in self.done:
-                continue
-            self.done.add(epoch)
-            print(self.line(metrics, self.cfg.train.epochs), flush=True)
-            if rejected := rejected_ids(metrics):
-                print(rejected_clips_line(self.command, rejected), file=sys.stderr, flush=True)
-            scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(key, value, epoch + 1)
-            self.tensorboard.flush()
-            if self.wandb_run is not None:
-                self.wandb_run.log({**scalars, "epoch": epoch + 1}, step=epoch + 1)
-
-
-def start_wandb(cfg: VidrayConfig, name: str, local_dir: Path):
-    """A Weights & Biases run for one train or pretrain run, logged from the driver (no worker needs wandb)."""
-    import wandb
-
-    mode = wandb_mode(cfg.run.wandb)
-    try:
-        # console="off": stdout stays vidray's, whose last line is the JSON summary.
-        return wandb.init(
-            project=cfg.run.wandb.project, group=cfg.run.name, name=name, dir=str(local_dir), mode=mode,
-            config=cfg.model_dump(mode="json"), settings=wandb.Settings(silent=True, console="off"),
-        )  # fmt: skip
-    except (wandb.errors.Error, ValueError) as err:
-        raise wandb_key_error(mode, err) from None

@@ -16,7 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from vidray.config import VidrayConfig
 from vidray.train.metrics import EPOCHS_DONE
 from vidray.train.rows import rejected_clips_line, rejected_ids
-from vidray.train.runs import wandb_key_error, wandb_mode
+from vidray.train.follow import wandb_key_error, wandb_mode
 from vidray.tune.space import SWEPT, trial_label
 
 
@@ -70,7 +70,7 @@ class ReportToTune(TuneReportCallback):
 def wandb_callbacks(cfg: VidrayConfig) -> list:
     """Weights & Biases logging of every trial when run.wandb.enabled (each trial's wandb/ folder).
 
-    The mode follows :func:`vidray.train.runs.wandb_mode`: WANDB_MODE=offline always keeps everything on
+    The mode follows :func:`vidray.train.follow.wandb_mode`: WANDB_MODE=offline always keeps everything on
     disk; online mode needs a key, and without one the sweep stops here rather than prompting.
     """
     if not cfg.run.wandb.enabled:
