@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vidray.compat import parquet_footer_readers_for
-from vidray.data.store import StoredClipError, clip_error, decode_frames_into, wrong_size_error
+from vidray.data.store import StoredClipError, clip_error, clip_name, decode_frames_into, wrong_size_error
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
@@ -222,7 +222,7 @@ def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw", v
     for a compressed ``store``). A clip that cannot be read raises :class:`vidray.data.store.StoredClipError`
     in the one line training's readers stop with: its video (from ``video_ids``, else its row), why, the fix."""
     items = list(column)
-    names = list(video_ids) if video_ids is not None else [f"row {row} of a batch" for row in range(len(items))]
+    names = [clip_name(video_ids, row) for row in range(len(items))]
     if store != "raw":
         videos = np.empty((len(items), *shape), np.uint8)
         for video, item, name in zip(videos, items, names):

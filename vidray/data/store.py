@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Any, Sequence
 
 import numpy as np
 import simplejpeg
@@ -51,6 +52,12 @@ def clip_error(video_id: str, reason) -> StoredClipError:
     """The one line a training worker stops with when a stored clip passed its checksum yet does not
     decode (made that way): which video, why, and the fix. Every decoding path says it alike."""
     return StoredClipError(f"stored clip of video {video_id}: {reason}; {DECODE_SHARD_AGAIN}")
+
+
+def clip_name(video_ids: Sequence[Any] | None, row: int) -> str:
+    """How the errors above name the clip in ``row`` of a batch: its video's id, else (a batch read without the
+    ``video_id`` column) its row. ``video_ids``: the batch's ids, in any indexable form (a list, a numpy array)."""
+    return str(video_ids[row]) if video_ids is not None else f"row {row} of a batch"
 
 
 def wrong_size_error(video_id: str, size: int, video_shape: tuple[int, ...]) -> StoredClipError:

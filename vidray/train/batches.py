@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 
 from vidray.config import StoreName, TrainSettings
-from vidray.data.store import StoredClipError, clip_error, decode_frames_into, wrong_size_error
+from vidray.data.store import StoredClipError, clip_error, clip_name, decode_frames_into, wrong_size_error
 from vidray.train.decoding import DeviceJpegDecoder
 from vidray.train.rng import derive_seed
 from vidray.train.rows import Row, RowFill, arrow_rows
@@ -225,7 +225,7 @@ class VideoBatchCollate:
         out = videos.numpy().reshape(len(items), -1)
         for i, item in enumerate(items):
             if len(item) != expected:
-                raise wrong_size_error(batch["video_id"][i] if "video_id" in batch else f"row {i} of a batch", len(item), self.video_shape)
+                raise wrong_size_error(clip_name(batch.get("video_id"), i), len(item), self.video_shape)
             out[i] = np.frombuffer(item, dtype=np.uint8)
         return {"video": videos, "label": torch.from_numpy(batch["label"].astype(np.int64))}
 

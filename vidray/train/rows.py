@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import StoreName
-from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError, check_blob, wrong_size_error
+from vidray.data.store import DECODE_SHARD_AGAIN, StoredClipError, check_blob, clip_name, wrong_size_error
 from vidray.errors import warn_once
 
 
@@ -56,8 +56,8 @@ def arrow_videos(
         wrong = np.flatnonzero(lengths != expected)
         if len(wrong):
             row = start + int(wrong[0])
-            who = video_ids[row].as_py() if video_ids is not None else f"row {row} of a batch"
-            raise wrong_size_error(who, int(lengths[wrong[0]]), video_shape)
+            ids = video_ids.to_pylist() if video_ids is not None else None
+            raise wrong_size_error(clip_name(ids, row), int(lengths[wrong[0]]), video_shape)
         views.append(data[offsets[0] : offsets[-1]].reshape(len(offsets) - 1, *video_shape))
         start += len(lengths)
     return views
@@ -121,7 +121,7 @@ def intact_rows(
     for offsets, data in _binary_chunks(table.column("video")):
         for i in range(len(offsets) - 1):
             blob = data[offsets[i] : offsets[i + 1]]
-            video_id = ids[row] if ids is not None else f"row {row} of a batch"
+            video_id = clip_name(ids, row)
             row += 1
             try:
                 check_blob(blob, store, video_shape)
