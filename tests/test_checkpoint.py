@@ -294,48 +294,50 @@ def test_a_partial_copy_before_the_last_epoch_is_ignored_and_the_run_continues(t
     assert existing_run_state(cfg, str(run_dir)) == "interrupted"
 
 
-def test_an_epoch_checkpointed_after_a_killed_drivers_last_look_is_printed_and_logged_by_the_next_driver(tmp_path, capsys):
-    """The driver follows a run by looking at its checkpoints every second. SIGKILLed between an epoch's checkpoint
-    and its next look, it never printed or logged that epoch; the driver that continues the run does, once, and
-    the epochs the first one logged are not logged again. A run deleted by hand (not by --restart) and started
-    again under the same name starts its own record."""
+def test_an_epoch_no_killed_driver_showed_is_printed_and_logged_once_by_the_runs_next_driver(tmp_path, capsys):
+    """The driver follows a run by looking at its checkpoints every second. SIGKILLed before its first look,
+    between two looks, or after the last epoch's checkpoint, it never printed or logged an epoch; the run's next
+    driver does, once (`vidray train` again on a finished run: catch_up), and shows nothing twice."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vidray.train.follow import TENSORBOARD_DIR, EpochFollower
-    from vidray.train.runs import mark_run
+    from vidray.train.follow import FOLLOWED, TENSORBOARD_DIR, EpochFollower
+    from vidray.train.runs import mark_run, read_marker, update_marker
 
     run_dir, cfg = _run(tmp_path, epochs=3)
     mark_run(str(run_dir), "train", "r")
 
     def follower() -> EpochFollower:
+        # every_s: its thread never looks; the looks are the test's, and a killed driver makes none after its last
         return EpochFollower(str(run_dir), cfg, command="vidray train", name="r", line=lambda m, n: f"epoch {m['epoch'] + 1}/{n}", every_s=3600)
 
-    killed = follower().__enter__()  # its thread never looks (every_s): the looks are the test's
-    _run_checkpoint(run_dir, 0, cfg)
-    killed.poll()
-    _run_checkpoint(run_dir, 1, cfg)  # ... and the driver is killed before its next look: no poll, no __exit__
-    killed.tensorboard.close()
-    assert capsys.readouterr().out.splitlines() == ["epoch 1/3"]
+    def killed(after_checkpoint_of: int, *, looked: bool) -> None:
+        driver = follower().__enter__()
+        if looked:
+            driver.poll()
+        _run_checkpoint(run_dir, after_checkpoint_of, cfg)
+        driver.tensorboard.close()  # ... and no look, no __exit__
 
-    with follower():
-        pass
-    assert capsys.readouterr().out.splitlines() == ["epoch 2/3"]
-    steps = EventAccumulator(str(run_dir / TENSORBOARD_DIR)).Reload().Scalars("val_macro_f1")
-    assert sorted(event.step for event in steps) == [1, 2]  # each epoch once, across both drivers' event files
-
-    with follower():  # a third driver (the run's summary, say): everything was shown already
-        pass
+    killed(after_checkpoint_of=0, looked=False)
     assert capsys.readouterr().out == ""
-
-    # The folder deleted by hand, its TensorBoard and record left behind, and a new run of that name started: its
-    # epochs are its own, whatever the old record says.
-    shutil.rmtree(run_dir / "checkpoint_epoch_0000"), shutil.rmtree(run_dir / "checkpoint_epoch_0001")
-    (run_dir / "vidray_run.json").unlink()
-    mark_run(str(run_dir), "train", "r")
-    with follower() as again:
-        _run_checkpoint(run_dir, 0, cfg)
-        again.poll()
+    killed(after_checkpoint_of=1, looked=True)  # its look shows epoch 1, which the first driver never did
     assert capsys.readouterr().out.splitlines() == ["epoch 1/3"]
+    killed(after_checkpoint_of=2, looked=True)  # the last epoch: the run is finished, and its end never shown
+    assert capsys.readouterr().out.splitlines() == ["epoch 2/3"]
+
+    events = run_dir / TENSORBOARD_DIR
+    follower().catch_up()
+    assert capsys.readouterr().out.splitlines() == ["epoch 3/3"]
+    files = sorted(events.iterdir())
+    follower().catch_up()  # all shown: nothing printed, not even a TensorBoard file of its own
+    assert capsys.readouterr().out == "" and sorted(events.iterdir()) == files
+    steps = EventAccumulator(str(events)).Reload().Scalars("val_macro_f1")
+    assert sorted(event.step for event in steps) == [1, 2, 3]  # each epoch once, across the drivers' files
+    assert read_marker(str(run_dir))[FOLLOWED] == [0, 1, 2]
+
+    # A run that older vidray started keeps no record: the epochs it has are taken as shown, as they were then.
+    update_marker(str(run_dir), **{FOLLOWED: None})
+    assert follower().done == {0, 1, 2}
+    assert not list(run_dir.glob(".*.tmp"))  # the marker, rewritten each epoch, is written whole (no temporaries left)
 
 
 def test_a_partial_copy_of_the_last_epoch_leaves_the_run_unfinished(tmp_path):

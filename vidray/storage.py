@@ -16,6 +16,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -205,10 +206,15 @@ def json_text(value: Any) -> str:
 
 
 def write_json(uri: str, value: Any) -> None:
+    """Whole or not at all: written beside ``uri`` under a dot-name, then moved over it. A run's marker is rewritten
+    as the run goes (vidray/train/follow.py); a driver killed mid-write must not leave it cut short."""
     fs, path = open_filesystem(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
+    directory = posixpath.dirname(path)
+    fs.create_dir(directory, recursive=True)
+    temporary = posixpath.join(directory, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    with fs.open_output_stream(temporary) as f:
         f.write(json_text(value).encode())
+    fs.move(temporary, path)
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -211,6 +211,8 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
             follower = EpochFollower(run_dir, pcfg, command="vidray pretrain", name=run_name(cfg), line=epoch_line)
             with follower, interrupted_by_signal(CONTINUES):
                 trainer.fit()
+    else:
+        EpochFollower(run_dir, pcfg, command="vidray pretrain", name=run_name(cfg), line=epoch_line).catch_up()
     return finish_run(pcfg, run_dir, dataset_dir)
 
 

@@ -194,6 +194,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
         state_of=lambda folder: existing_run_state(cfg, folder), finished_note=f" ({cfg.train.epochs} epochs); nothing to train",
     )  # fmt: skip
     if state == "finished":
+        EpochFollower(run_dir, cfg, command="vidray train", name=cfg.run.name, line=epoch_line).catch_up()
         return summarize_run(run_dir)
 
     with FolderLock(run_dir, "vidray train"):

@@ -2,14 +2,14 @@
 (:class:`EpochFollower`) prints one line per epoch and logs each epoch to TensorBoard and, when
 ``run.wandb.enabled``, to Weights & Biases (a sweep logs through Tune's callbacks: vidray/tune/callbacks.py).
 
-Each epoch is printed and logged once, by whichever driver of the run first sees its checkpoint. A driver
-killed after an epoch's checkpoint but before its next look (1 s apart) leaves that epoch to the next one:
-the follower keeps a record of the epochs it logged beside the TensorBoard events (:data:`FOLLOWED`).
+Each epoch is printed and logged by whichever driver of the run first sees its checkpoint. A driver killed
+after an epoch's checkpoint but before its next look (1 s apart), or before the look after the last epoch,
+leaves that epoch to the next driver of the run: the run's marker records the epochs its drivers logged
+(:data:`FOLLOWED`), on the run's storage, so a run continued on another machine reads it too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -21,11 +21,11 @@ from vidray.config import VidrayConfig, WandbSettings
 from vidray.errors import UserError
 from vidray.storage import local_mirror
 from vidray.train.rows import rejected_clips_line, rejected_ids
-from vidray.train.runs import checkpoints, latest_checkpoint, run_id
+from vidray.train.runs import checkpoints, latest_checkpoint, read_marker, update_marker
 
 TENSORBOARD_DIR = "tensorboard"
-# In the tracking folder: {"run_id": ..., "epochs": [...]}, the epochs a driver of that run printed and logged.
-FOLLOWED = "followed_epochs.json"
+# In the run's marker (vidray.train.runs.RUN_MARKER): the epochs a driver of the run printed and logged.
+FOLLOWED = "followed_epochs"
 # How often the driver looks at the run's storage for a new epoch while Ray Train runs.
 FOLLOW_EVERY_S = 1.0
 
@@ -72,11 +72,15 @@ class EpochFollower:
         self.run_dir, self.cfg, self.name, self.line, self.every_s = run_dir, cfg, name, line, every_s
         self.command = command
         self.local_dir = tracking_dir(run_dir)
-        self.run_id = run_id(run_dir)
-        followed = self._followed()
-        # Without a record of this run here (a run of older vidray, or continued from another machine): the
-        # epochs it has are taken as printed and logged, and the next one is the first this driver shows.
-        self.done = followed if followed is not None else {int(h["epoch"]) for h in self._history()}
+        marker = read_marker(run_dir)
+        self.marked = marker is not None  # a folder vidray marked (vidray.train.runs.open_run): the record goes there
+        followed = (marker or {}).get(FOLLOWED)
+        # Without a record (a run that older vidray started): the epochs it has are taken as printed and logged.
+        if isinstance(followed, list) and all(isinstance(epoch, int) for epoch in followed):
+            self.done = set(followed)
+        else:
+            self.done = {int(h["epoch"]) for h in self._history()}
+        self.record_failed = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="vidray-epochs", daemon=True)
         self.tensorboard = None
@@ -86,12 +90,13 @@ class EpochFollower:
         from tensorboardX import SummaryWriter
 
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        # Each driver its own events file: tensorboardX names it by the second and the process, so a run continued
-        # in the same process within a second (a notebook's Ctrl-C, then run again) overwrote the earlier one's.
+        # Each driver its own events file: tensorboardX names it by the second and the host, so a second driver
+        # of the run started within the same second on this machine overwrote the first one's file.
         suffix = f".{uuid.uuid4().hex[:8]}"
         self.tensorboard = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR), filename_suffix=suffix)
         if self.cfg.run.wandb.enabled:
             self.wandb_run = start_wandb(self.cfg, self.name, self.local_dir)
+        self._record()  # from now on the record says what is shown, whenever this driver is killed
         self.thread.start()
         return self
 
@@ -107,24 +112,25 @@ class EpochFollower:
         while not self.stop.wait(self.every_s):
             self.poll()
 
-    def _followed(self) -> set[int] | None:
-        """The epochs of this run (its marker's id) that a driver printed and logged here; None without a record."""
-        try:
-            record = json.loads((self.local_dir / FOLLOWED).read_text())
-        except (OSError, ValueError):
-            return None
-        if self.run_id is None or not isinstance(record, dict) or record.get("run_id") != self.run_id:
-            return None  # another run of the same folder (deleted by hand, not by --restart), or no id to tell
-        return {int(epoch) for epoch in record.get("epochs", [])}
-
     def _record(self) -> None:
-        """After an epoch is printed and logged (a kill in between logs it again: at least once, never lost)."""
-        if self.run_id is None:
+        """After each epoch is printed and logged (a kill in between logs it again: at least once, never lost). A
+        record that cannot be written (a bucket that does not answer) costs only a repeat later: warned once."""
+        if not self.marked:
             return
-        path = self.local_dir / FOLLOWED
-        temporary = path.with_name(f".{FOLLOWED}.{os.getpid()}")
-        temporary.write_text(json.dumps({"run_id": self.run_id, "epochs": sorted(self.done)}))
-        os.replace(temporary, path)
+        try:
+            update_marker(self.run_dir, **{FOLLOWED: sorted(self.done)})
+        except OSError as err:
+            if not self.record_failed:
+                self.record_failed = True
+                print(f"{self.command}: warning: cannot record the epochs shown in {self.run_dir} ({err}); "
+                      "a later run of this command may show some again", file=sys.stderr, flush=True)  # fmt: skip
+
+    def catch_up(self) -> None:
+        """For a run that is finished: print and log the epochs no driver did (its last driver was killed after the
+        last epoch's checkpoint and before its look). Nothing at all, not even a TensorBoard file, when none is missing."""
+        if any(int(h["epoch"]) not in self.done for h in self._history()):
+            with self:
+                pass
 
     def _history(self) -> list[dict[str, Any]]:
         latest = latest_checkpoint(checkpoints(self.run_dir))

@@ -21,7 +21,6 @@ import os
 import posixpath
 import shutil
 import sys
-import uuid
 from typing import Any, Callable, Literal
 
 import pyarrow.fs as pafs
@@ -38,10 +37,8 @@ RunKind = Literal["train", "pretrain", "sweep"]
 CONTINUES = "the same command continues it from its last finished epoch"
 RunState = Literal["new", "interrupted", "finished"]
 
-# Written by vidray into every run or sweep folder it creates: {"written_by": "vidray", "kind": ..., "name": ...,
-# "run_id": ...}. The id tells this run from an earlier one of the same folder (vidray/train/follow.py).
+# Written by vidray into every run or sweep folder it creates: {"written_by": "vidray", "kind": ..., "name": ...}.
 RUN_MARKER = "vidray_run.json"
-RUN_ID = "run_id"
 # The config a sweep was started with (older vidray sweeps hold only this file of vidray's own).
 SWEEP_CONFIG_FILE = "vidray_sweep.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
@@ -96,7 +93,7 @@ def read_marker(folder: str) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _update_marker(folder: str, **fields: Any) -> None:
+def update_marker(folder: str, **fields: Any) -> None:
     """Write ``fields`` into ``folder``'s marker, keeping what else it holds (creating both if needed)."""
     write_json(join_uri(folder, RUN_MARKER), {**(read_marker(folder) or {}), **fields})
 
@@ -105,12 +102,7 @@ def mark_run(folder: str, kind: RunKind, name: str, **state: Any) -> None:
     """Create ``folder`` (if needed) with vidray's marker: what a later ``--restart`` may delete.
     ``state``: what else the command records there (a sweep: ``finished=True`` once every trial is), beside
     what the marker holds already (the data the run trains on: :func:`keep_to_its_data`)."""
-    _update_marker(folder, written_by="vidray", kind=kind, name=name, **{RUN_ID: run_id(folder) or uuid.uuid4().hex}, **state)
-
-
-def run_id(folder: str) -> str | None:
-    """The id :func:`mark_run` gave the run in ``folder``; None for a run of older vidray, or no run."""
-    return (read_marker(folder) or {}).get(RUN_ID)
+    update_marker(folder, written_by="vidray", kind=kind, name=name, **state)
 
 
 def written_by_vidray(folder: str) -> bool:
@@ -332,4 +324,4 @@ def keep_to_its_data(folder: str, what: str, state: RunState, data: dict[str, An
             "it started with, or pass --restart to start it over on this data, or set run.name to a new name"
         )
     if before != data:
-        _update_marker(folder, **{TRAINED_ON: data})
+        update_marker(folder, **{TRAINED_ON: data})
