@@ -205,16 +205,34 @@ def json_text(value: Any) -> str:
     return json.dumps(finite(value), indent=2, default=str, allow_nan=False) + "\n"
 
 
-def write_json(uri: str, value: Any) -> None:
-    """Whole or not at all: written beside ``uri`` under a dot-name, then moved over it. A run's marker is rewritten
-    as the run goes (vidray/train/follow.py); a driver killed mid-write must not leave it cut short."""
-    fs, path = open_filesystem(uri)
-    directory = posixpath.dirname(path)
+def write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
+    """``write(temporary)`` writes the file under a dot-name beside ``path``, which is then moved over ``path``:
+    a killed writer never leaves half a file there (and readers skip dot-files, so a half-written temporary
+    never looks like data either)."""
+    directory, name = path.rsplit("/", 1)
+    tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
     fs.create_dir(directory, recursive=True)
-    temporary = posixpath.join(directory, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    with fs.open_output_stream(temporary) as f:
-        f.write(json_text(value).encode())
-    fs.move(temporary, path)
+    try:
+        write(tmp)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(uri: str, value: Any) -> None:
+    """Whole (:func:`write_atomically`): a run's marker is rewritten as the run goes (vidray/train/follow.py), and a
+    driver killed mid-write must not leave it cut short."""
+    fs, path = open_filesystem(uri)
+
+    def write(tmp: str) -> None:
+        with fs.open_output_stream(tmp) as f:
+            f.write(json_text(value).encode())
+
+    write_atomically(fs, path, write)
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -222,17 +222,16 @@ def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw", v
     for a compressed ``store``). A clip that cannot be read raises :class:`vidray.data.store.StoredClipError`
     in the one line training's readers stop with: its video (from ``video_ids``, else its row), why, the fix."""
     items = list(column)
-    names = [clip_name(video_ids, row) for row in range(len(items))]
     if store != "raw":
         videos = np.empty((len(items), *shape), np.uint8)
-        for video, item, name in zip(videos, items, names):
+        for row, (video, item) in enumerate(zip(videos, items)):
             try:
                 decode_frames_into(item, store, video)
             except StoredClipError as err:  # as training's decoders name it (vidray.train.batches.decode_rows_into)
-                raise clip_error(name, err) from None
+                raise clip_error(clip_name(video_ids, row), err) from None
         return videos
     expected = int(np.prod(shape))
-    for item, name in zip(items, names):
+    for row, item in enumerate(items):
         if len(item) != expected:
-            raise wrong_size_error(name, len(item), shape)
+            raise wrong_size_error(clip_name(video_ids, row), len(item), shape)
     return np.frombuffer(b"".join(items), dtype=np.uint8).reshape(len(items), *shape)

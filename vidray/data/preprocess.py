@@ -41,13 +41,13 @@ from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, SPL
 from vidray.data.dataset import DATASET_INFO
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import (
-    WORKER_CRASH, check_writable, clear_stale, find_stale, is_written, write_atomically, write_rejects, write_text,
+    WORKER_CRASH, check_writable, clear_stale, find_stale, is_written, write_rejects, write_text,
 )  # fmt: skip
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
 from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
-from vidray.storage import join_uri, open_filesystem, resolve_path
+from vidray.storage import join_uri, open_filesystem, resolve_path, write_atomically
 
 
 def preprocess(

@@ -8,7 +8,7 @@ Layout (``DIR`` may be a local path or an s3:// / gs:// URI)::
     DIR/dataset.json                          written last: present == complete and consistent
 
 Every file goes in under a dot-name first and is renamed into place
-(:func:`write_atomically`), so a killed writer never leaves half a file that
+(:func:`vidray.storage.write_atomically`), so a killed writer never leaves half a file that
 looks like data. :func:`clear_stale` deletes what does not belong to a run's
 plan (vidray/data/shards.py explains the ids), once :func:`find_stale` has found
 it and the records of the shards already finished. A run that finds nothing to
@@ -32,7 +32,7 @@ from vidray.config import SPLITS
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA
 from vidray.data.shards import RECORDS_DIR, Shard, Video
 from vidray.errors import UserError
-from vidray.storage import join_uri, load_json, open_filesystem
+from vidray.storage import join_uri, load_json, open_filesystem, write_atomically
 
 # The error of a video whose decoder killed its worker (a crash in a decoding library, an OOM kill, a lost
 # node): the one rejection that need not recur, so --retry-crashed tries it again (find_stale).
@@ -74,22 +74,6 @@ def outcome_row(video: Video, status: str = "processed", error: str = "", reason
         "padded": False,
     }
     return {**row, **decoded}
-
-
-def write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
-    # Readers skip dot-files, so a half-written temporary never looks like data.
-    directory, name = path.rsplit("/", 1)
-    tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-    fs.create_dir(directory, recursive=True)
-    try:
-        write(tmp)
-        fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_shard(

@@ -25,10 +25,9 @@ import pyarrow.parquet as pq
 
 from vidray.data.listing import RENAME_TO_UTF8, as_text, is_hidden, is_text_name, is_video_file, videos_under
 from vidray.data.decode_shard import decode_or_reject
-from vidray.data.shard_files import write_atomically
 from vidray.data.shards import DecodeSettings
 from vidray.errors import UserError
-from vidray.storage import DownloadError, is_uri, is_web_url, join_uri, local_file, open_filesystem
+from vidray.storage import DownloadError, is_uri, is_web_url, join_uri, local_file, open_filesystem, write_atomically
 
 # A chunk is one part file: at most this many videos, and small enough that the videos a run predicts give
 # at least MIN_CHUNKS of them (a 64-video corpus in 4 chunks of 16 left CPUs idle). A decode task takes
