@@ -187,9 +187,10 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
     Its node is vidray.cluster.LOOPBACK_IP (127.0.0.2): given 127.0.0.1, Ray would run it on the host's
     outward IP instead. The dashboard and its Jobs API answer on 127.0.0.1.
 
-    Every port is picked free and the temp dir is private, so it neither collides with nor is
-    auto-discovered by another Ray instance on the machine. Processes of this cluster are told the
-    dashboard address (Ray Train's placement-group cleaner needs the State API). `ray start --block`
+    The temp dir is private and no port is a default one, so it neither collides with nor is auto-discovered
+    by another Ray instance on the machine. The GCS binds a port itself (vidray.local_cluster says why);
+    the dashboard's and its agent's are picked free here, because they are needed before they are up.
+    Processes of this cluster are told the dashboard address (Ray Train's placement-group cleaner needs the State API). `ray start --block`
     stops exactly the processes it started when terminated; `ray stop` would stop every Ray
     instance on the machine, so it is not used. ``env_overrides`` reach the head and every job it runs.
     """
@@ -203,12 +204,14 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
     import urllib.error
     import urllib.request
 
+    from vidray.compat import started_cluster_address
+
     def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    gcs, dashboard, agent = free_port(), free_port(), free_port()
+    dashboard, agent = free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard}"
     # Short: Ray's socket paths live under it and Unix sockets allow ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="vrh", dir="/tmp")
@@ -225,7 +228,7 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
     log = Path(log_dir) / "ray_start.log"
     command = [
         os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--temp-dir", temp_dir, "--node-ip-address", LOOPBACK_IP, "--port", str(gcs), "--num-cpus", "2",
+        "--temp-dir", temp_dir, "--node-ip-address", LOOPBACK_IP, "--port", "0", "--num-cpus", "2",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--object-store-memory", str(1_000_000_000),
         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(agent),
@@ -244,12 +247,17 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
                 return False
             return True
 
-        # Jobs are accepted once the dashboard and the head's dashboard agent (which runs them) are up.
-        while not (answers(f"{dashboard_url}/api/version") and answers(f"http://127.0.0.1:{agent}/")):
+        # Jobs are accepted once the dashboard and the head's dashboard agent (which runs them) are up; the
+        # GCS address is known once `ray start` records it in the temp dir, after its node registered.
+        while not (
+            answers(f"{dashboard_url}/api/version")
+            and answers(f"http://127.0.0.1:{agent}/")
+            and (address := started_cluster_address(temp_dir))
+        ):
             assert head.poll() is None, f"ray start exited early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"Ray head not up after 180 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
-        yield {"address": f"{LOOPBACK_IP}:{gcs}", "dashboard_url": dashboard_url, "env": env, "log": log,
+        yield {"address": address, "dashboard_url": dashboard_url, "env": env, "log": log,
                "temp_dir": temp_dir, "pid": head.pid}  # fmt: skip
     finally:
         head.send_signal(signal.SIGTERM)

@@ -18,11 +18,14 @@ driver of steps 3 and 4 starts while the worker nodes join, so its imports overl
 their start (it waits for all four nodes, as a job on a cluster that is scaling up would).
 The cluster is vidray.local_cluster.LoopbackCluster: every node on 127.0.0.2,
 every process of the cluster killed by PID at the end, never `ray stop`.
+
+And a short one: a LoopbackCluster starts where ports are taken before its daemons bind them.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -250,6 +253,41 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
     assert final["history"][0] == saved_epoch0["history"][0]
     # 12 training videos / 2 workers / micro-batch 2 = 3 steps per epoch.
     assert [m["global_step"] for m in final["history"]] == [3 * (epoch + 1) for epoch in range(EPOCHS)]
+
+
+def test_a_cluster_starts_where_its_ports_are_taken_before_it_binds_them(cluster, monkeypatch):
+    """Its daemons bind ports of their own choosing (vidray.local_cluster): ports picked free and handed to
+    `ray start`, as before, were taken meanwhile by the processes of the Ray clusters beside it, once in CI,
+    and a raylet that could not bind its node manager port never registered ("The current node timed out
+    during startup"). The one port still picked, Ray Client's, is taken here before its server binds it; and
+    Ray's fixed defaults, which a second cluster on the machine would hold, are held too (the dashboard's 8265,
+    Ray Client's 10001, the dashboard agent's 52365)."""
+    import vidray.local_cluster
+
+    held = []
+    for port in (0, 8265, 10001, 52365):
+        listener = socket.socket()
+        try:
+            listener.bind(("0.0.0.0", port))
+            listener.listen()
+            held.append(listener)
+        except OSError:  # another program holds it already: just as taken
+            listener.close()
+    taken_client_port = held[0].getsockname()[1]
+    monkeypatch.setattr(vidray.local_cluster, "free_port", lambda: taken_client_port)
+    try:
+        cluster.start_head(num_cpus=1)
+        cluster.add_nodes(["a"], num_cpus=1)
+        probe = "import ray; ray.init(); print(sum(node['Alive'] for node in ray.nodes()), ray.get_runtime_context().gcs_address)"
+        out = subprocess.run([sys.executable, "-c", probe], env=cluster.driver_env(), capture_output=True, text=True, timeout=180)
+    finally:
+        for listener in held:
+            listener.close()
+    assert cluster.client_port == taken_client_port
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["2", cluster.address]
+    assert cluster.address.startswith("127.0.0.2:")
+    assert sorted(cluster.raylets().values()) == ["a", "head"]
 
 
 def _registered_checkpoints(run_dir: Path) -> list[str]:

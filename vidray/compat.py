@@ -147,16 +147,17 @@ def quiet_worker_pool_warning(quiet: bool = True) -> None:
 STARTED_CLUSTER_VERIFIED_RAY = ("2.60.0",)
 
 
-def started_cluster_address() -> str | None:
+def started_cluster_address(temp_dir: str | None = None) -> str | None:
     """The GCS address of the cluster the last `ray start` on this machine started and no `ray stop` ended
-    (what a plain ``ray.init()`` joins), or None."""
+    (what a plain ``ray.init()`` joins), or None. ``temp_dir``: that of a `ray start --temp-dir`, which
+    records its cluster there (vidray.local_cluster reads its heads' addresses so)."""
     if _ray_version() not in STARTED_CLUSTER_VERIFIED_RAY:
         warn_once(f"vidray's check for a `ray start` cluster was verified on Ray {STARTED_CLUSTER_VERIFIED_RAY[-1]}")
     try:
         from ray._private.utils import read_ray_address
     except ImportError:
         return None
-    return read_ray_address() or None
+    return read_ray_address(temp_dir) or None
 
 
 # ------------------------------------------------ Ray Train V2: StorageContext.persist_current_checkpoint

@@ -5,10 +5,18 @@ nodes, storage that one node cannot see) and for measuring how preprocessing
 scales with nodes (benchmarks/scaling.py). Used by tests/test_multinode.py.
 
 Every node runs on 127.0.0.2: Ray rewrites 127.0.0.1 to the host's outward IP
-for multi-node clusters but leaves the rest of 127.0.0.0/8 alone, so nothing
-listens beyond loopback. Each cluster has its own ports and temp dir, and is
-stopped by killing exactly its own processes: `ray stop` would stop every Ray
-cluster on the machine.
+for multi-node clusters but leaves the rest of 127.0.0.0/8 alone. Each cluster
+has its own temp dir, and its daemons bind ports of their own choosing (below),
+so clusters side by side do not collide. A cluster is stopped by killing exactly
+its own processes: `ray stop` would stop every Ray cluster on the machine.
+
+Ports: every daemon that can binds port 0 itself and reports the port it got to
+the GCS. A port picked free here and handed to `ray start`, as this module once
+did, can be taken in the seconds before its daemon binds it, by the processes of
+the other Ray clusters on the machine, which bind ports all the time. A raylet
+that cannot bind its node manager port never registers, and `ray start` gives
+up after 30 s: "The current node timed out during startup" (once in CI, beside
+the test suite's Ray lane).
 
     cluster = LoopbackCluster()
     cluster.start_head(num_cpus=1)
@@ -28,9 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vidray.cluster import LOOPBACK_IP
+from vidray.compat import started_cluster_address
 
 NODE_IP = LOOPBACK_IP  # see vidray.cluster: Ray rewrites 127.0.0.1, not the rest of 127.0.0.0/8
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -41,16 +51,10 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DAT
 TEMP_PREFIX = "vrmn"
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = []
-    for _ in range(n):
-        s = socket.socket()
+def free_port() -> int:
+    with socket.socket() as s:
         s.bind((NODE_IP, 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+        return s.getsockname()[1]
 
 
 def proc_table() -> dict[int, tuple[int, list[str]]]:
@@ -70,11 +74,11 @@ def proc_table() -> dict[int, tuple[int, list[str]]]:
     return table
 
 
-def processes_marked(marks: tuple[str, ...]) -> dict[int, tuple[int, list[str]]]:
-    """The processes whose command line holds one of ``marks``, plus everything their raylets started
-    (workers, agents), whose command lines need not."""
+def processes_marked(is_marked: Callable[[list[str]], bool]) -> dict[int, tuple[int, list[str]]]:
+    """The processes whose command line ``is_marked``, plus everything their raylets started
+    (workers, agents), whose command lines need not be."""
     table = proc_table()
-    ours = {pid: info for pid, info in table.items() if any(m in " ".join(info[1]) for m in marks)}
+    ours = {pid: info for pid, info in table.items() if is_marked(info[1])}
     raylets = {pid for pid, (_, argv) in ours.items() if argv and Path(argv[0]).name == "raylet"}
     ours.update({pid: info for pid, info in table.items() if info[0] in raylets})
     return ours
@@ -83,7 +87,8 @@ def processes_marked(marks: tuple[str, ...]) -> dict[int, tuple[int, list[str]]]
 def loopback_cluster_processes() -> dict[int, tuple[int, list[str]]]:
     """Every LoopbackCluster's processes on this machine, whichever process started it. Not "every process on
     NODE_IP": other clusters on this machine use it too (the test suite's own head, in the lane beside)."""
-    return processes_marked((os.path.join(tempfile.gettempdir(), TEMP_PREFIX),))
+    prefix = os.path.join(tempfile.gettempdir(), TEMP_PREFIX)
+    return processes_marked(lambda argv: prefix in " ".join(argv))
 
 
 def kill(pid: int) -> None:
@@ -94,31 +99,27 @@ def kill(pid: int) -> None:
 
 
 class LoopbackCluster:
-    """`ray start` nodes on 127.0.0.2 with their own ports and temp dir, killed by PID."""
+    """`ray start` nodes on 127.0.0.2 with their own temp dirs and self-bound ports, killed by PID."""
 
     def __init__(self):
         if not sys.platform.startswith("linux"):
             raise RuntimeError("LoopbackCluster finds its nodes' processes in /proc: Linux only")
         self.temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
-        self.gcs_port: int | None = None
-        self.node_manager_ports: dict[str, int] = {}
-
-    @property
-    def address(self) -> str:
-        return f"{NODE_IP}:{self.gcs_port}"
+        self.address: str | None = None  # the head's GCS, known once it is up
+        self.client_port: int | None = None
+        self.node_dirs: dict[str, str] = {}  # node name -> its `ray start --temp-dir`
 
     def driver_env(self) -> dict[str, str]:
         """Environment for a driver process of this cluster, as `ray job submit` would set it."""
         return {**os.environ, **RAY_ENV, "RAY_ADDRESS": self.address}
 
-    def _launch(self, name: str, num_cpus: int, extra: list[str], ports: list[int]) -> subprocess.Popen:
-        """Start `ray start` for node ``name`` on its 6 ``ports``; :meth:`_joined` waits for it."""
-        node_manager, object_manager, agent, agent_grpc, runtime_env, metrics = ports
+    def _launch(self, name: str, num_cpus: int, temp_dir: str, extra: list[str]) -> subprocess.Popen:
+        """Start `ray start` for node ``name``; :meth:`_joined` waits for it. Its node manager, object manager,
+        agents and metrics ports are left to the daemons (0: each binds one itself); the dashboard agent's
+        HTTP port is the one whose default is a fixed port (52365), which the next cluster's would meet."""
         command = [
-            RAY, "start", "--node-ip-address", NODE_IP, "--num-cpus", str(num_cpus),
-            "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
-            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
+            RAY, "start", "--node-ip-address", NODE_IP, "--num-cpus", str(num_cpus), "--temp-dir", temp_dir,
+            "--dashboard-agent-listen-port", "0",
             "--object-store-memory", str(150 * 2**20), "--disable-usage-stats", *extra,
         ]  # fmt: skip
         # A file, not a pipe: the node's daemons inherit it and would hold a pipe open.
@@ -126,7 +127,7 @@ class LoopbackCluster:
             # Without RAY_ADDRESS: the caller may be connected to another cluster.
             env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **RAY_ENV}
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.node_manager_ports[name] = node_manager
+        self.node_dirs[name] = temp_dir
         return process
 
     def _joined(self, name: str, process: subprocess.Popen) -> None:
@@ -140,51 +141,60 @@ class LoopbackCluster:
             raise RuntimeError(f"ray start of node {name} failed:\n{log.read_text()[-3000:]}")
 
     def start_head(self, num_cpus: int, labels: str | None = None) -> None:
-        self.gcs_port, client, dashboard, *ports = free_ports(3 + 6)
+        # The Ray Client server's port is the one Ray cannot leave to its server (0 is refused; unset, every
+        # cluster's would be 10001). Picked free, it can still be taken before the server binds it: then only
+        # that server exits (nothing here uses Ray Client), and the cluster works.
+        self.client_port = free_port()
         head = self._launch(
             "head",
             num_cpus,
+            self.temp_dir,
             [
+                # GCS port 0: the GCS binds one itself; `ray start` records the address in the temp dir.
                 # No dashboard, so no State API: Ray Train's placement-group cleaner logs
-                # that it cannot reach it, which matters only if a Train controller dies.
-                "--head", "--port", str(self.gcs_port), "--include-dashboard", "false",
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir,
+                # that it cannot reach it, which matters only if a Train controller dies. The process
+                # Ray still starts in its place (usage stats only) takes port 8265 where it is free, and
+                # where it is not, Ray logs that and the head runs without it (include-dashboard false).
+                "--head", "--port", "0", "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
+                "--ray-client-server-port", str(self.client_port),
                 *(["--labels", labels] if labels else []),
                 # Notice a dead node within 1.5 s rather than the default ~15 s: 3 failed checks 0.5 s apart.
                 # A check fails at once when the raylet is gone; a busy one has the default 10 s to answer.
                 "--system-config", json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 3}),
             ],
-            ports,
         )  # fmt: skip
         self._joined("head", head)
+        self.address = started_cluster_address(self.temp_dir)
+        if not self.address:
+            raise RuntimeError(f"ray start of the head left no address in {self.temp_dir}/ray_current_cluster")
 
     def add_nodes(self, names: list[str], num_cpus: int) -> None:
         """Worker nodes of ``num_cpus`` each, joining together as an autoscaler's batch would: their
         `ray start`s run side by side (each waits on its daemons much of the time; 3 nodes on 2 cores:
         4.9 s, against 6.7 s one after another)."""
-        # Every node's ports in one draw: a port drawn for one node is not yet bound when the next draws.
-        ports = free_ports(6 * len(names))
         # Each node has a temp dir of its own below the head's, as each machine of a real cluster has
         # (and its own log monitor streams it): in one shared session directory, nodes starting side
         # by side would pick the same socket names (Ray numbers them after the files it finds there).
         started = [
-            (name, self._launch(name, num_cpus, ["--address", self.address, "--temp-dir", os.path.join(self.temp_dir, name)],
-                                ports[6 * i : 6 * i + 6]))
-            for i, name in enumerate(names)
-        ]  # fmt: skip
+            (name, self._launch(name, num_cpus, os.path.join(self.temp_dir, name), ["--address", self.address]))
+            for name in names
+        ]
         for name, process in started:
             self._joined(name, process)
 
     def processes(self) -> dict[int, tuple[int, list[str]]]:
-        """This cluster's processes: their command lines name its GCS address or temp dir."""
-        if self.gcs_port is None:
+        """This cluster's processes: their command lines name its temp dir, or they are its head's Ray Client
+        server (whose command line names the GCS address, not known while the head starts) or a raylet's children."""
+        if self.client_port is None:
             return {}
-        return processes_marked((self.address, f"gcs_server_port={self.gcs_port}", self.temp_dir))
+        client_server = ("ray.util.client.server", f"--port={self.client_port}")
+        return processes_marked(
+            lambda argv: self.temp_dir in " ".join(argv) or all(flag in argv for flag in client_server)
+        )
 
     def raylets(self) -> dict[int, str]:
-        """{raylet pid: node name}."""
-        names = {f"--node_manager_port={port}": name for name, port in self.node_manager_ports.items()}
+        """{raylet pid: node name}, by the temp dir each node's raylet was given."""
+        names = {f"--temp_dir={temp_dir}": name for name, temp_dir in self.node_dirs.items()}
         return {
             pid: names[flag]
             for pid, (_, argv) in self.processes().items()
