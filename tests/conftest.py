@@ -187,16 +187,17 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
     Its node is vidray.cluster.LOOPBACK_IP (127.0.0.2): given 127.0.0.1, Ray would run it on the host's
     outward IP instead. The dashboard and its Jobs API answer on 127.0.0.1.
 
-    The temp dir is private and no port is a default one, so it neither collides with nor is auto-discovered
-    by another Ray instance on the machine. The GCS binds a port itself (vidray.local_cluster says why);
-    the dashboard's and its agent's are picked free here, because they are needed before they are up.
-    Processes of this cluster are told the dashboard address (Ray Train's placement-group cleaner needs the State API). `ray start --block`
-    stops exactly the processes it started when terminated; `ray stop` would stop every Ray
-    instance on the machine, so it is not used. ``env_overrides`` reach the head and every job it runs.
+    The temp dir is private and the ports it is given are not Ray's defaults, so it neither collides with
+    nor is auto-discovered by another Ray instance on the machine. The GCS binds a port itself
+    (vidray.local_cluster says why); the dashboard's and its agent's are needed before they are up, so
+    they are picked here, where no other program's bind to port 0 takes them meanwhile
+    (vidray.cluster.free_port). Processes of this cluster are told the dashboard address (Ray
+    Train's placement-group cleaner needs the State API). `ray start --block` stops exactly the processes
+    it started when terminated; `ray stop` would stop every Ray instance on the machine, so it is not
+    used. ``env_overrides`` reach the head and every job it runs.
     """
     import shutil
     import signal
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -205,13 +206,11 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
     import urllib.request
 
     from vidray.compat import started_cluster_address
+    from vidray.cluster import free_port
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    dashboard, agent = free_port(), free_port()
+    dashboard = free_port()
+    agent = free_port(besides={dashboard})
+    client = free_port(besides={dashboard, agent})
     dashboard_url = f"http://127.0.0.1:{dashboard}"
     # Short: Ray's socket paths live under it and Unix sockets allow ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="vrh", dir="/tmp")
@@ -231,7 +230,7 @@ def loopback_head(log_dir: Path, env_overrides: dict[str, str] | None = None):
         "--temp-dir", temp_dir, "--node-ip-address", LOOPBACK_IP, "--port", "0", "--num-cpus", "2",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--object-store-memory", str(1_000_000_000),
-        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(agent),
+        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
     ]  # fmt: skip
     with open(log, "w") as out:
         head = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -261,19 +261,22 @@ def test_a_cluster_starts_where_its_ports_are_taken_before_it_binds_them(cluster
     and a raylet that could not bind its node manager port never registered ("The current node timed out
     during startup"). The one port still picked, Ray Client's, is taken here before its server binds it; and
     Ray's fixed defaults, which a second cluster on the machine would hold, are held too (the dashboard's 8265,
-    Ray Client's 10001, the dashboard agent's 52365)."""
+    Ray Client's 10001, the dashboard agent's 52365), on both loopback addresses the cluster uses."""
     import vidray.local_cluster
 
-    held = []
+    held, ports = [], []
     for port in (0, 8265, 10001, 52365):
-        listener = socket.socket()
         try:
-            listener.bind(("0.0.0.0", port))
-            listener.listen()
-            held.append(listener)
+            for host in (vidray.local_cluster.NODE_IP, "127.0.0.1"):
+                listener = socket.socket()
+                held.append(listener)
+                listener.bind((host, port))
+                listener.listen()
+                port = listener.getsockname()[1]
         except OSError:  # another program holds it already: just as taken
-            listener.close()
-    taken_client_port = held[0].getsockname()[1]
+            pass
+        ports.append(port)
+    taken_client_port = ports[0]
     monkeypatch.setattr(vidray.local_cluster, "free_port", lambda: taken_client_port)
     try:
         cluster.start_head(num_cpus=1)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import signal
+import socket
 import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Collection, Iterator, NamedTuple
 
 import ray
 
@@ -29,6 +31,44 @@ from vidray.storage import check_storage_for_cluster
 # the host's outward IP (Ray's resolve_ip_for_localhost) and leaves the rest of
 # 127.0.0.0/8 alone. tests/test_install.py checks a fresh cluster's node address.
 LOOPBACK_IP = "127.0.0.2"
+
+# Ray's workers take ports from 10002-19999 (its default worker port range, which each raylet hands out).
+QUIET_PORTS_START = 20000
+
+
+def quiet_ports() -> range:
+    """Ports no bind to port 0 is given: from above Ray's worker ports to the kernel's ephemeral range, which is
+    where every such bind lands (Ray's daemons and workers bind so all the time). Empty where that range starts
+    lower."""
+    try:
+        ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_start = 32768  # Linux's default; macOS's starts at 49152
+    return range(QUIET_PORTS_START, max(ephemeral_start, QUIET_PORTS_START))
+
+
+def free_port(besides: Collection[int] = ()) -> int:
+    """A loopback port nothing holds, for a Ray server of a local cluster that cannot bind port 0 itself: a
+    quiet one (above), which no other program's bind to port 0 takes in the seconds before that server binds
+    it (vidray.local_cluster says what such a bind did to a cluster); else one the kernel picks. Not one of
+    ``besides``: ports picked for the same start, not bound yet."""
+    ports = quiet_ports()
+    for port in random.sample(ports, min(len(ports), 100)):
+        if port in besides:
+            continue
+        try:
+            for host in ("127.0.0.1", LOOPBACK_IP):  # a server on either, or on every address, holds it
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    while True:
+        with socket.socket() as s:
+            s.bind((LOOPBACK_IP, 0))
+            if (port := s.getsockname()[1]) not in besides:
+                return port
+
 
 # What Ray Data needs beside a run's workers to stream the shards every epoch (one
 # read task). A run whose splits are cached in the object store needs none after its start.

@@ -11,12 +11,14 @@ so clusters side by side do not collide. A cluster is stopped by killing exactly
 its own processes: `ray stop` would stop every Ray cluster on the machine.
 
 Ports: every daemon that can binds port 0 itself and reports the port it got to
-the GCS. A port picked free here and handed to `ray start`, as this module once
+the GCS (Ray's "bind-then-report": docs.ray.io, Ray Core internals, "Port Service
+Discovery"). A port picked free here and handed to `ray start`, as this module once
 did, can be taken in the seconds before its daemon binds it, by the processes of
 the other Ray clusters on the machine, which bind ports all the time. A raylet
 that cannot bind its node manager port never registers, and `ray start` gives
 up after 30 s: "The current node timed out during startup" (once in CI, beside
-the test suite's Ray lane).
+the test suite's Ray lane). The one port Ray cannot leave to its server is picked
+where no bind to port 0 lands (vidray.cluster.free_port).
 
     cluster = LoopbackCluster()
     cluster.start_head(num_cpus=1)
@@ -31,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vidray.cluster import LOOPBACK_IP
+from vidray.cluster import LOOPBACK_IP, free_port
 from vidray.compat import started_cluster_address
 
 NODE_IP = LOOPBACK_IP  # see vidray.cluster: Ray rewrites 127.0.0.1, not the rest of 127.0.0.0/8
@@ -49,12 +50,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # Every LoopbackCluster's temp dir starts so (short: Ray's unix socket paths live below it, 108-byte limit).
 TEMP_PREFIX = "vrmn"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((NODE_IP, 0))
-        return s.getsockname()[1]
 
 
 def proc_table() -> dict[int, tuple[int, list[str]]]:
@@ -142,8 +137,8 @@ class LoopbackCluster:
 
     def start_head(self, num_cpus: int, labels: str | None = None) -> None:
         # The Ray Client server's port is the one Ray cannot leave to its server (0 is refused; unset, every
-        # cluster's would be 10001). Picked free, it can still be taken before the server binds it: then only
-        # that server exits (nothing here uses Ray Client), and the cluster works.
+        # cluster's would be 10001), so it is picked quiet. Were it taken before the server binds it, only
+        # that server would be hit (nothing here uses Ray Client), and the cluster would work.
         self.client_port = free_port()
         head = self._launch(
             "head",
@@ -152,9 +147,9 @@ class LoopbackCluster:
             [
                 # GCS port 0: the GCS binds one itself; `ray start` records the address in the temp dir.
                 # No dashboard, so no State API: Ray Train's placement-group cleaner logs
-                # that it cannot reach it, which matters only if a Train controller dies. The process
-                # Ray still starts in its place (usage stats only) takes port 8265 where it is free, and
-                # where it is not, Ray logs that and the head runs without it (include-dashboard false).
+                # that it cannot reach it, which matters only if a Train controller dies. (The process Ray
+                # still starts in its place serves no HTTP; the one port it binds is Ray's fixed metrics
+                # port, 44227, and where another cluster holds that, it logs so and carries on.)
                 "--head", "--port", "0", "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
                 "--ray-client-server-port", str(self.client_port),
                 *(["--labels", labels] if labels else []),
@@ -184,12 +179,14 @@ class LoopbackCluster:
 
     def processes(self) -> dict[int, tuple[int, list[str]]]:
         """This cluster's processes: their command lines name its temp dir, or they are its head's Ray Client
-        server (whose command line names the GCS address, not known while the head starts) or a raylet's children."""
+        server (whose command line names the GCS address instead, or while the head starts, its port) or a
+        raylet's children."""
         if self.client_port is None:
             return {}
-        client_server = ("ray.util.client.server", f"--port={self.client_port}")
+        # The address where it is known: two clusters' client servers can share a port (gRPC's SO_REUSEPORT).
+        client_flag = f"--address={self.address}" if self.address else f"--port={self.client_port}"
         return processes_marked(
-            lambda argv: self.temp_dir in " ".join(argv) or all(flag in argv for flag in client_server)
+            lambda argv: self.temp_dir in " ".join(argv) or ("ray.util.client.server" in argv and client_flag in argv)
         )
 
     def raylets(self) -> dict[int, str]:

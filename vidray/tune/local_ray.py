@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
-
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vidray.cluster import free_port
 
 
 def local_cluster_kwargs() -> dict[str, Any]:
@@ -23,7 +18,7 @@ def local_cluster_kwargs() -> dict[str, Any]:
     "the" Ray instance on the machine and fail, or pick the wrong one, whenever
     another Ray instance runs beside this one.
     """
-    port = _free_loopback_port()
+    port = free_port()  # ray.init refuses to start where it is taken by then: one no bind to port 0 is given
     return dict(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
