@@ -53,7 +53,8 @@ def free_port(besides: Collection[int] = ()) -> int:
     it (vidray.local_cluster says what such a bind did to a cluster); else one the kernel picks. Not one of
     ``besides``: ports picked for the same start, not bound yet."""
     ports = quiet_ports()
-    for port in random.sample(ports, min(len(ports), 100)):
+    # Not the module's generator, which training seeds: processes seeded alike would try the same ports.
+    for port in random.SystemRandom().sample(ports, min(len(ports), 100)):
         if port in besides:
             continue
         try:
@@ -65,7 +66,7 @@ def free_port(besides: Collection[int] = ()) -> int:
         return port
     while True:
         with socket.socket() as s:
-            s.bind((LOOPBACK_IP, 0))
+            s.bind(("0.0.0.0", 0))  # every address: a port the kernel gives so is held on none
             if (port := s.getsockname()[1]) not in besides:
                 return port
 

@@ -148,8 +148,9 @@ class LoopbackCluster:
                 # GCS port 0: the GCS binds one itself; `ray start` records the address in the temp dir.
                 # No dashboard, so no State API: Ray Train's placement-group cleaner logs
                 # that it cannot reach it, which matters only if a Train controller dies. (The process Ray
-                # still starts in its place serves no HTTP; the one port it binds is Ray's fixed metrics
-                # port, 44227, and where another cluster holds that, it logs so and carries on.)
+                # still starts in its place, only where 127.0.0.1:8265 is free, serves no dashboard, only
+                # Prometheus metrics on Ray's fixed port 44227. Where another cluster holds either port,
+                # Ray logs so and goes on: nothing here needs that process.)
                 "--head", "--port", "0", "--include-dashboard", "false", "--dashboard-host", "127.0.0.1",
                 "--ray-client-server-port", str(self.client_port),
                 *(["--labels", labels] if labels else []),
