@@ -1,6 +1,6 @@
 """Fine-tune VideoMAE on Ray Train; the entrypoint for `ray job submit`.
 
-    python jobs/train.py train.epochs=3 train.num_workers=2      # the embedded demo config
+    python jobs/train.py train.epochs=3 train.num_workers=2 run.name=demo_train   # the embedded demo config
 
 Same as `vidray train`: the last stdout line is a JSON summary (run dir, best
 and last metrics, checkpoint paths); config errors print one line and exit 2.

@@ -101,6 +101,22 @@ def test_paths_under_the_home_are_expanded_where_no_shell_did(monkeypatch, tmp_p
     assert load_config(CONFIGS / "coin12.yaml").model.name_or_path == "MCG-NJU/videomae-base-finetuned-kinetics"
 
 
+def test_a_run_hands_its_workers_a_local_model_by_its_absolute_path(monkeypatch, tmp_path):
+    """Ray Train's workers run in folders of their own (its RAY_CHDIR_TO_TRIAL_DIR), where a relative
+    model.name_or_path that the driver had checked was taken for a hub id: `vidray train` and `vidray
+    pretrain` failed in every worker with a traceback (a sweep's trials already got it absolute)."""
+    from vidray.train.driver import on_shared_storage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "demo").mkdir(parents=True)
+    shared = ["run.shared_filesystem=true", "run.storage_path=runs", "data.dataset_dir=ds"]  # no Ray asked
+    cfg = on_shared_storage(load_config(CONFIGS / "demo.yaml", [*shared, "model.name_or_path=models/demo"]))
+    assert (cfg.model.name_or_path, cfg.run.storage_path, cfg.data.dataset_dir) == (
+        str(tmp_path / "models" / "demo"), str(tmp_path / "runs"), str(tmp_path / "ds"))  # fmt: skip
+    hub = on_shared_storage(load_config(CONFIGS / "coin12.yaml", shared))
+    assert hub.model.name_or_path == "MCG-NJU/videomae-base-finetuned-kinetics"  # no such folder here: a hub id
+
+
 def test_one_value_where_a_key_takes_a_list_is_a_list_of_one():
     """`tune.lr=1e-4` is the one-value grid: pydantic alone refused it with an error for each form the key
     takes ("Input should be a valid dictionary or instance of SearchRange; ...list[float]: Input should be a
@@ -113,6 +129,21 @@ def test_one_value_where_a_key_takes_a_list_is_a_list_of_one():
     # A range stays a range, and a list a list.
     cfg = load_config(CONFIGS / "demo.yaml", ["tune.lr={low: 1e-5, high: 1e-3}", "tune.weight_decay=[0.01, 0.1]"])
     assert cfg.tune.lr == SearchRange(low=1e-5, high=1e-3) and cfg.tune.weight_decay == [0.01, 0.1]
+
+
+def test_yaml_that_does_not_parse_is_named_on_one_line(tmp_path):
+    """PyYAML's own message is several lines with a caret drawing: an override's or a file's error was a wall."""
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", ["train.lr=[1e-4"])
+    assert str(err.value) == (
+        "bad value in override 'train.lr=[1e-4': while parsing a flow sequence: "
+        "expected ',' or ']', but got '<stream end>' at line 1, column 6"
+    )
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  lr: 1e-4\n  epochs: 3: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(broken)
+    assert str(err.value) == f"config file {broken} is not valid YAML: mapping values are not allowed here at line 3, column 12"
 
 
 @pytest.mark.parametrize(

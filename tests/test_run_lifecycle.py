@@ -139,12 +139,44 @@ def test_open_run_marks_a_new_run_and_restart_refuses_a_foreign_one(store, capsy
             open_run("tune", "sweep", storage, "neighbour", restart=restart, state_of=pytest.fail, finished_note="")
     assert sorted(p.name for p in (local / "neighbour").iterdir()) == ["keep.txt"]
     folder, state = open_run(
-        "tune", "sweep", storage, "fresh", restart=False, state_of=lambda _: "finished", finished_note="; its results follow"
+        "tune", "sweep", storage, "swept", restart=False, state_of=lambda _: "finished", finished_note="; its results follow"
     )
     assert state == "finished"
     assert capsys.readouterr().err.strip() == (
         f"vidray tune: {folder} is finished; its results follow (--restart or a new run.name starts over)"
     )
+
+
+def test_a_command_refuses_another_kind_of_run_of_its_name_and_restart_deletes_nothing(store):
+    """`vidray train` and `vidray tune` of one run.name (the demo config's) wrote one folder: the training
+    run's checkpoints went among the sweep's trials, and `vidray train --restart` deleted the whole sweep."""
+    local, storage = store
+    sweep, _ = open_run("tune", "sweep", storage, "demo", restart=False, state_of=lambda _: "new", finished_note="")
+    (local / "demo" / "train_runs").mkdir()
+    for command, kind, what in (("train", "train", "training run"), ("pretrain", "pretrain", "pretraining run")):
+        for restart in (False, True):
+            with pytest.raises(UserError) as refused:
+                open_run(command, kind, storage, "demo", restart=restart, state_of=pytest.fail, finished_note="")
+            assert str(refused.value) == (
+                f"{sweep} holds a sweep, not a {what} as `vidray {command}` writes: "
+                "set run.name to a new name (--restart does not delete another kind of run)"
+            )
+    assert (local / "demo" / "train_runs").is_dir() and read_marker(sweep)["kind"] == "sweep"
+    # The other way round, and a sweep of an older vidray (its config file only, no marker).
+    run, _ = open_run("train", "train", storage, "run", restart=False, state_of=lambda _: "new", finished_note="")
+    (local / "run" / "checkpoint_epoch_0000").mkdir()
+    with pytest.raises(UserError, match="holds a training run, not a sweep as `vidray tune` writes"):
+        open_run("tune", "sweep", storage, "run", restart=True, state_of=pytest.fail, finished_note="")
+    assert (local / "run" / "checkpoint_epoch_0000").is_dir()
+    (local / "old").mkdir()
+    (local / "old" / SWEEP_CONFIG_FILE).write_text("{}")
+    with pytest.raises(UserError, match="holds a sweep, not a training run"):
+        open_run("train", "train", storage, "old", restart=True, state_of=pytest.fail, finished_note="")
+    assert sorted(p.name for p in (local / "old").iterdir()) == [SWEEP_CONFIG_FILE]
+    # Its own kind continues, and --restart starts it over.
+    assert open_run("tune", "sweep", storage, "demo", restart=False, state_of=lambda _: "interrupted", finished_note="")[1] == "interrupted"
+    open_run("tune", "sweep", storage, "old", restart=True, state_of=lambda _: "new", finished_note="")
+    assert sorted(p.name for p in (local / "old").iterdir()) == [RUN_MARKER]
 
 
 # ------------------------------------------------------------------ one driver per run (vidray/folder_lock.py)

@@ -31,7 +31,7 @@ from vidray.testing.faults import end_held_processes, hold_env
 from vidray.config import TuneSettings, load_config
 from vidray.errors import UserError
 from vidray.cluster import Capacity, NodeShape, _autoscaling_capacity, check_run_resources, derive_max_concurrent_trials
-from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.metrics import EPOCHS_DONE, TUNABLE_METRICS
 from vidray.train.runs import read_marker
 from vidray.folder_lock import read_holder
 from vidray.tune.space import build_param_space, count_trials, trial_config, trial_label
@@ -270,6 +270,34 @@ def test_a_trial_keeps_and_reports_the_best_checkpoint_by_the_metric_the_sweep_r
     assert pick_best([a, b], cfg.tune.mode) is b  # not a, on a value no checkpoint of it holds
     none_kept = summarize_trial(trial("c", [0.5, 0.2], on_disk=set()), cfg)
     assert (none_kept.best_epoch, none_kept.best_value, none_kept.best_checkpoint) == (2, 0.2, None)
+
+
+@pytest.mark.parametrize("metric", TUNABLE_METRICS)
+def test_a_sweep_ranks_its_trials_by_any_metric_tune_metric_may_name(tmp_path, metric):
+    """tune.metric accepts every metric training reports, and the report ranks by it: the trials' histories
+    kept only the results table's columns, so a sweep ranked by val_macro_precision or val_macro_recall
+    found no value in any trial and ended with no best model."""
+    import pandas as pd
+
+    from vidray.report.trials import StoredTrial, pick_best, summarize_trial
+
+    mode = "min" if metric.endswith("loss") else "max"
+    cfg = load_config(DEMO, [f"tune.metric={metric}", f"tune.mode={mode}", "train.epochs=2"])
+
+    def trial(name: str, values: list[float]) -> StoredTrial:
+        rows = []
+        for epoch, value in enumerate(values, start=1):
+            checkpoint = tmp_path / name / f"checkpoint_epoch_{epoch - 1:04d}"
+            checkpoint.mkdir(parents=True)
+            rows.append({EPOCHS_DONE: epoch, metric: value, "checkpoint_path": str(checkpoint)})
+        params = {"mixup_alpha": 0.0, "lr": 1e-3, "weight_decay": 0.05}
+        return StoredTrial(config=params, metrics={"trial_id": name}, metrics_dataframe=pd.DataFrame(rows), path=str(tmp_path / name))
+
+    better, worse = (0.2, 0.6) if mode == "min" else (0.6, 0.2)
+    a = summarize_trial(trial("a", [worse, better]), cfg)
+    b = summarize_trial(trial("b", [worse, worse]), cfg)
+    assert (a.best_epoch, a.best_value, Path(a.best_checkpoint).name) == (2, better, "checkpoint_epoch_0001")
+    assert pick_best([b, a], mode) is a
 
 
 def test_a_sweep_on_object_storage_finds_its_best_checkpoint(tmp_path):

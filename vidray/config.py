@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 from pydantic import field_validator, model_validator
 
-from vidray.errors import UserError
+from vidray.errors import UserError, yaml_problem
 from vidray.storage import LOCAL_RESULTS, local_mirror
 
 # The decoding libraries and devices of data.decoder / data.decoder_device. They live here, not in
@@ -362,7 +362,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"bad value in override {text!r}: {err}") from None
+        raise ConfigError(f"bad value in override {text!r}: {yaml_problem(err)}") from None
     # YAML 1.1 reads "1e-4" as a string; pydantic turns numeric strings into floats.
     return key.split("."), value
 
@@ -431,7 +431,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])

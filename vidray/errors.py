@@ -17,6 +17,15 @@ class Interrupted(KeyboardInterrupt):
     how to continue) after "interrupted" and exits 130, as for any KeyboardInterrupt."""
 
 
+def yaml_problem(err: Exception) -> str:
+    """A PyYAML error on one line, what and where (its own message takes several, with a caret drawing)."""
+    problem, mark, context = (getattr(err, name, None) for name in ("problem", "problem_mark", "context"))
+    if not problem:
+        return " ".join(str(err).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{context}: {problem}{where}" if context else f"{problem}{where}"
+
+
 def warn_once(message: str, key: str | None = None) -> None:
     """A RuntimeWarning the first time ``key`` (default: the message) comes up in this process,
     attributed to the caller's caller (the vidray function whose behaviour it explains)."""

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 
 from vidray.config import VidrayConfig
 from vidray.storage import is_uri, join_uri, open_filesystem, read_json
-from vidray.train.metrics import EPOCHS_DONE
+from vidray.train.metrics import EPOCHS_DONE, TUNABLE_METRICS
 from vidray.tune.space import trial_label
 
 # The metrics of a trial's last epoch the results table shows, by column.
@@ -56,7 +56,10 @@ def _history(result) -> list[dict[str, float]]:
     if frame is None or EPOCHS_DONE not in frame:
         return []
     frame = frame.dropna(subset=[EPOCHS_DONE]).drop_duplicates(subset=[EPOCHS_DONE], keep="last")
-    columns = [c for c in [EPOCHS_DONE, *LAST_EPOCH_METRICS.values(), "val_videos", "checkpoint_path"] if c in frame]
+    # Every metric tune.metric may name, not only the table's: a sweep ranked by val_macro_recall found no
+    # value in any trial, so it had no best model.
+    wanted = dict.fromkeys([EPOCHS_DONE, *LAST_EPOCH_METRICS.values(), *TUNABLE_METRICS, "val_videos", "checkpoint_path"])
+    columns = [c for c in wanted if c in frame]
     rows = frame.sort_values(EPOCHS_DONE)[columns].to_dict("records")
     return [{k: (int(v) if k == EPOCHS_DONE else v) for k, v in row.items()} for row in rows]
 

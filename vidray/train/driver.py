@@ -16,6 +16,7 @@ A run lives under ``run.storage_path/run.name``. Running the same command again:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -159,12 +160,18 @@ def build_trainer(
 
 
 def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
-    """``cfg`` with run.storage_path and data.dataset_dir as every node must get them (after init_ray())."""
+    """``cfg`` with its paths as every worker must get them (after init_ray()): run.storage_path and
+    data.dataset_dir as every node must, and a local model.name_or_path absolute (Ray Train's workers run in
+    folders of their own, where a relative one was taken for a hub id)."""
     storage_path, dataset_dir = shared_storage_paths(cfg)
+    model = cfg.model
+    if Path(model.name_or_path).exists():
+        model = model.model_copy(update={"name_or_path": str(Path(model.name_or_path).resolve())})
     return cfg.model_copy(
         update={
             "run": cfg.run.model_copy(update={"storage_path": storage_path}),
             "data": cfg.data.model_copy(update={"dataset_dir": dataset_dir}),
+            "model": model,
         }
     )
 

@@ -261,6 +261,30 @@ def existing_run_state(cfg: VidrayConfig, run_dir: str) -> RunState:
     return "interrupted"
 
 
+# What each kind of run is called where a command meets another kind's folder.
+KIND_NAMES: dict[str, str] = {"train": "training run", "pretrain": "pretraining run", "sweep": "sweep"}
+
+
+def folder_kind(folder: str) -> str | None:
+    """The kind of run vidray wrote in ``folder``: its marker's, "sweep" for an older sweep (its config
+    file only), None where neither says (an older train or pretrain run, or no run)."""
+    if (kind := (read_marker(folder) or {}).get("kind")) is not None:
+        return kind
+    return "sweep" if _exists(join_uri(folder, SWEEP_CONFIG_FILE)) else None
+
+
+def refuse_other_kind(folder: str, kind: RunKind, command: str) -> None:
+    """A UserError when ``folder`` holds another kind of run than ``command`` trains: `vidray train` and
+    `vidray tune` of one run.name (the demo config's, for one) would write one folder, the training run's
+    checkpoints among the sweep's trials, and a --restart of either deleted the other."""
+    other = folder_kind(folder)
+    if other is not None and other != kind:
+        raise UserError(
+            f"{folder} holds a {KIND_NAMES.get(other, other)}, not a {KIND_NAMES[kind]} as `vidray {command}` writes: "
+            "set run.name to a new name (--restart does not delete another kind of run)"
+        )
+
+
 def open_run(
     command: str, kind: RunKind, storage_path: str, name: str, *, restart: bool, state_of: Callable[[str], RunState],
     finished_note: str,
@@ -275,6 +299,7 @@ def open_run(
     """
     folder = run_folder(storage_path, name)
     refuse_if_held(f"vidray {command}", folder)  # before --restart deletes anything
+    refuse_other_kind(folder, kind, command)
     if restart:
         delete_run(storage_path, folder)
         if local_part(folder) is None:  # a local (or file://) run's files are inside its folder, deleted already

@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -57,7 +56,6 @@ from vidray.cluster import (
     cluster_capacity,
     derive_max_concurrent_trials,
     init_ray,
-    shared_storage_paths,
 )
 from vidray.config import VidrayConfig
 from vidray.data.dataset import read_dataset_info
@@ -65,7 +63,9 @@ from vidray.data.prepare import prepare_dataset
 from vidray.errors import Interrupted
 from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri, write_json
-from vidray.train.driver import FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, warn_of_untrainable_classes
+from vidray.train.driver import (
+    FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, on_shared_storage, warn_of_untrainable_classes,
+)
 from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
@@ -185,21 +185,13 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
 
     init_ray(verbose=verbose, **local_cluster_kwargs())
-    storage_path, dataset_dir = shared_storage_paths(cfg)
     warn_if_inside_a_job_copy(cfg)
+    # Trials run in other processes and directories: give them absolute paths.
+    cfg = on_shared_storage(cfg.model_copy(update={"run": cfg.run.model_copy(update={"reports_dir": cfg.run.reports_path()})}))
+    storage_path, dataset_dir = cfg.run.storage_path, cfg.data.dataset_dir
     capacity = cluster_capacity()
     # Whether the data will be cached is known only once it is prepared: check what holds either way now.
     check_run_resources(cfg.train, capacity, data_cpus=DATA_CPUS if cfg.train.cache_dataset == "never" else 0)
-    # Trials run in other processes and directories: give them absolute paths.
-    cfg = cfg.model_copy(
-        update={
-            "data": cfg.data.model_copy(update={"dataset_dir": dataset_dir}),
-            "run": cfg.run.model_copy(update={"storage_path": storage_path, "reports_dir": cfg.run.reports_path()}),
-        }
-    )
-    if Path(cfg.model.name_or_path).exists():
-        model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
-        cfg = cfg.model_copy(update={"model": model})
     callbacks = [EpochLines(cfg.tune.metric, cfg.train.epochs), *wandb_callbacks(cfg)]
 
     # Once, here: every trial reads the same shards.
