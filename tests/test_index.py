@@ -195,6 +195,26 @@ def test_index_folder_probes_videos_and_counts_ignored_files(demo_root, tmp_path
             assert (row.width, row.height) in {(128, 96), (160, 120)}
 
 
+def test_videos_whose_names_differ_in_their_extension_alone_get_ids_of_their_own(tmp_path):
+    """train/cat/a.mp4 and train/cat/a.MOV (a camera's clip and its export) both got video_id train/cat/a,
+    which index_folder promises unique (shard boundaries and the train/val split go by it). Those
+    ids keep their extensions now; every other id stays the path without it, as existing datasets have it."""
+    root = tmp_path / "videos"
+    # a.mp4.mkv (a remux named after its source): its id without the extension is a.mp4's with it.
+    for video in ("train/cat/a.mp4", "train/cat/a.MOV", "train/cat/a.mp4.mkv", "train/cat/b.mp4", "train/dog/a.mp4"):
+        (root / video).parent.mkdir(parents=True, exist_ok=True)
+        (root / video).write_bytes(b"")  # not probed: only the listing counts
+    index_folder(root, tmp_path / "m.parquet", probe=False)
+    frame = read_manifest(tmp_path / "m.parquet")[0]
+    assert dict(zip(frame["path"], frame["video_id"])) == {
+        str(root / "train/cat/a.mp4"): "train/cat/a.mp4",
+        str(root / "train/cat/a.MOV"): "train/cat/a.MOV",
+        str(root / "train/cat/a.mp4.mkv"): "train/cat/a.mp4.mkv",
+        str(root / "train/cat/b.mp4"): "train/cat/b",
+        str(root / "train/dog/a.mp4"): "train/dog/a",
+    }
+
+
 def test_index_folder_without_probe_leaves_probe_columns_empty(demo_root, tmp_path):
     summary = index_folder(demo_root, tmp_path / "m.parquet", probe=False)
     assert summary["present"] == 12 and summary["ignored"] == 0
@@ -562,6 +582,43 @@ def test_index_coin_both_json_layouts_duration_filter_and_missing(coin_files, tm
     assert (summary["entries"], summary["duplicates"]) == (10, 5)
     assert (summary["selected"], summary["present"], summary["missing"], summary["problems"]) == (5, 2, 3, 0)
     assert summary["problems_csv"] is None and not out.with_suffix(".problems.csv").exists()
+
+
+def test_an_unreadable_folder_among_the_coin_videos_is_refused_or_not_read():
+    """`vidray index coin --videos` at a mount's root stopped with a PermissionError traceback on its lost+found
+    (root's alone). A folder no video is looked up in is not read now; a task's folder that cannot be read
+    is refused in one line naming it and the fix, as the folder source refuses one."""
+    with open_folder() as shared:
+        videos, out = shared / "videos", shared / "m.parquet"
+        (shared / "taxonomy_domains.csv").write_text(TAXONOMY)
+        (shared / "coin.json").write_text(json.dumps({"database": {
+            "a1": coin_entry(1, "MakeCoffee", "training", 10.0), "a8": coin_entry(3, "ChangeTire", "testing", 45.0),
+        }}))  # fmt: skip
+        for video in ("1/a1.mp4", "3/a8.mp4", "lost+found/#1234"):
+            (videos / video).parent.mkdir(parents=True, exist_ok=True)
+            (videos / video).write_bytes(b"")  # not probed: only the listing counts
+        share(shared)
+        (videos / "lost+found").chmod(0o700)
+
+        def present() -> int:
+            return index_coin([shared / "coin.json"], shared / "taxonomy_domains.csv", videos, out, probe=False)["present"]
+
+        assert present() == 2  # first here, loading what index_coin imports lazily before the fork drops root
+        assert as_another_user(present) == 2
+        out.unlink()
+        for folder, mode in (("3", 0o000), ("3", 0o644), ("", 0o000)):  # no permission; read but no search; the root
+            (videos / folder).chmod(mode)
+            try:
+                with pytest.raises(UserError) as refused:
+                    as_another_user(present)
+            finally:
+                (videos / folder).chmod(0o755)
+            assert str(refused.value) == (
+                f"folder {videos / folder} cannot be read (permission denied), so its videos cannot be listed: make it "
+                f"readable (`chmod -R a+rX {videos / folder}`, as its owner or with sudo) or move it out of the video "
+                "folder"
+            )
+            assert not out.exists()
 
 
 def test_index_coin_hostile_inputs_name_the_file(coin_files, tmp_path):

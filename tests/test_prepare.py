@@ -19,7 +19,7 @@ from vidray.data.demo import DEMO_CLASSES
 from vidray.data.coin import load_coin_annotations
 from vidray.data.index import index_folder, read_manifest, write_manifest
 from vidray.data.prepare import folder_manifest_is_stale, manifest_is_stale, prepare_dataset
-from vidray.data.shards import Video, plan_shards
+from vidray.data.shards import Video, load_videos, plan_shards
 from vidray.data.video import encode_mp4
 
 SMALL = {"frames": 4, "size": 28, "stored_frames": 8, "stored_size": 32}
@@ -163,6 +163,38 @@ def test_a_manifest_of_another_folder_is_indexed_again_not_reused(tmp_path, caps
     assert folder_manifest_is_stale(folder)
     outside = demo / "train" / "circle" / "a.mp4"
     assert capsys.readouterr().err.endswith(f"which listed videos outside it ({outside}, ...)\n")
+
+
+def test_videos_untarred_into_an_indexed_class_folder_with_their_old_dates_are_indexed(tmp_path):
+    """tar xf (as cp -a, rsync -a and unzip) sets the files it writes, and the folders it writes into, back
+    to the mtimes they were packed with: by mtimes alone the manifest looked current, and the new videos were
+    left out of training without a word. The index sees them, and an unchanged video's shard is reused."""
+    root, pack, manifest = tmp_path / "videos", tmp_path / "pack", tmp_path / "manifest.parquet"
+    for split in ("train", "val"):
+        for label in ("cats", "dogs"):
+            (root / split / label).mkdir(parents=True)
+            (root / split / label / "a.mp4").write_bytes(b"")  # not probed: only what is indexed counts
+    folder = DataSettings(source="folder", videos_dir=root, manifest=manifest)
+    index_folder(root, manifest, probe=False)
+    assert not folder_manifest_is_stale(folder)
+    shards_before = {s.id for s in plan_shards(load_videos(manifest)[0], 4, 16, videos_per_shard=1)}
+
+    (pack / "train" / "cats").mkdir(parents=True)
+    (pack / "train" / "cats" / "b.mp4").write_bytes(b"")
+    age(pack)  # packed in 2001
+    subprocess.run(["tar", "cf", tmp_path / "more.tar", "-C", pack, "train"], check=True)
+    subprocess.run(["tar", "xf", tmp_path / "more.tar", "-C", root], check=True)
+    written = [root / "train", root / "train" / "cats", root / "train" / "cats" / "b.mp4"]
+    assert all(path.stat().st_mtime_ns == 10**18 for path in written)  # older than the manifest
+
+    assert folder_manifest_is_stale(folder)
+    index_folder(root, manifest, probe=False)  # as prepare_dataset does when it is stale
+    assert sorted(read_manifest(manifest)[0]["video_id"]) == [
+        "train/cats/a", "train/cats/b", "train/dogs/a", "val/cats/a", "val/dogs/a"
+    ]
+    assert not folder_manifest_is_stale(folder)
+    shards_after = {s.id for s in plan_shards(load_videos(manifest)[0], 4, 16, videos_per_shard=1)}
+    assert shards_before < shards_after and len(shards_after - shards_before) == 1  # b's alone is new
 
 
 def test_shard_plan_does_not_depend_on_where_videos_live():

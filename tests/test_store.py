@@ -11,6 +11,7 @@ frames through Ray Data) are tests/test_train.py's ``shuffled_killed`` and ``shu
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from vidray.data.index import write_manifest
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, ClipShape, read_dataset_info, read_split, videos_from_bytes
 from vidray.data.shards import DecodeSettings, Video, plan_shards
 from vidray.data.store import _HEADER, JPEG_MAGIC, StoredClipError, _jpeg_offsets, check_blob, decode_frames_into, encode_clip
-from vidray.data.video import read_clip
+from vidray.data.video import encode_mp4, read_clip
 from vidray.config import TrainSettings
 from vidray.train.batches import train_batches, val_batches, val_rows_of_rank, VideoBatchCollate
 from vidray.train import augment
@@ -375,6 +376,31 @@ def _console_warning(command: str) -> str:
         "(--verbose shows why): in training the previous intact clip of the worker's stream stands in for each, in "
         f"validation it is left out; {DECODE_SHARD_AGAIN}"
     )
+
+
+def test_the_fix_for_a_damaged_clip_names_the_folder_its_shards_record_is_in(tmp_path):
+    """The line a damaged stored clip stops training with said to delete the shard's record "under the dataset's
+    records/", a folder no dataset has. The folder it names holds the record that lists the video, and with that
+    record deleted the shard is no longer finished: the next preparation decodes it again."""
+    from pyarrow import fs as pafs
+
+    from vidray.data.decode_shard import decode_shard
+    from vidray.data.shard_files import find_stale
+    from vidray.data.store import DECODE_SHARD_AGAIN
+
+    path = encode_mp4(tmp_path / "videos" / "train" / "c0" / "a.mp4", _clip(0), fps=10)
+    stat = path.stat()
+    video = Video(str(path), "train/c0/a", "c0", 0, "train", stat.st_size, stat.st_mtime_ns)
+    shards = plan_shards([video], stored_frames=4, stored_size=16, videos_per_shard=1)
+    dataset = tmp_path / "dataset"
+    decode_shard(str(dataset), shards[0], DecodeSettings(stored_frames=4, stored_size=16), crash_on=None)
+    assert find_stale(pafs.LocalFileSystem(), str(dataset), shards)[0].keys() == {shards[0].id}
+
+    named = re.search(r"the file under the dataset's (\S+)/ that lists the video", DECODE_SHARD_AGAIN).group(1)
+    records = list((dataset / named).iterdir())
+    assert [row["video_id"] for record in records for row in json.loads(record.read_text())["videos"]] == ["train/c0/a"]
+    records[0].unlink()
+    assert find_stale(pafs.LocalFileSystem(), str(dataset), shards)[0] == {}
 
 
 def test_a_damaged_stored_clip_is_rejected_with_its_name_and_the_rest_trains(stores, capsys):

@@ -619,6 +619,38 @@ def test_frames_stored_out_of_display_order_are_the_frames_asked_for(reordered_v
         assert frame_numbers(path, clip.frames) == segment_indices(40, stored).tolist(), (case, stored)
 
 
+# H.264 with B-frames in MPEG transport streams, as they come. options: the encoder's and the muxer's.
+MPEG_TS_BFRAMES = {
+    "segment.ts": ({}, {}),  # x264's defaults (3 B-frames, one keyframe): `ffmpeg -i x -c:v libx264 y.ts`, HLS
+    "camcorder.m2ts": ({"bf": "2", "g": "10"}, {"mpegts_m2ts_mode": "1"}),  # AVCHD: 192-byte packets, short GOPs
+}
+
+
+@pytest.mark.parametrize("name", sorted(MPEG_TS_BFRAMES))
+def test_h264_with_b_frames_in_a_transport_stream_is_read_or_refused_naming_pyav(tmp_path, decoder, name):
+    """PyAV reads every frame asked for; decord and torchcodec refuse the file naming PyAV. torchcodec 0.13
+    decoded no frame of the .ts and rejected it as having none, and took the .m2ts for a container without
+    display times ("its mpegts container stores no display times"): both are streams it cannot seek in."""
+    codec_options, muxer_options = MPEG_TS_BFRAMES[name]
+    path = tmp_path / name
+    with av.open(str(path), "w", format="mpegts", options=muxer_options) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 64, "yuv420p", codec_options
+        encode_frames(container, stream, random_blocks(40))
+    with av.open(str(path)) as container:  # the file does hold B-frames
+        assert av.video.frame.PictureType.B in {frame.pict_type for frame in container.decode(video=0)}
+    if decoder == "pyav":
+        clip = read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+        assert clip.source_frames == 40
+        assert frame_numbers(path, clip.frames) == segment_indices(40, 8).tolist()
+        return
+    with pytest.raises(UnsupportedByDecoderError) as caught:
+        read_clip(path, stored_frames=8, stored_size=32, decoder=decoder)
+    assert caught.value.code == "unsupported_by_decoder" and str(caught.value).endswith(PYAV_FIX)
+    if decoder == "torchcodec":
+        assert "it cannot seek in this stream" in caught.value.reason
+
+
 # --- orientation and shape as a player shows them ---------------------------------
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from vidray.errors import UserError
 from vidray.data.index import manifest_summary, probe_rows, write_manifest
-from vidray.data.listing import EXTENSION_RANK, is_video_file, refuse_names_not_utf8
+from vidray.data.listing import EXTENSION_RANK, entries_of, is_video_file, refuse_names_not_utf8
 
 COIN_SUBSETS = {"training": "train", "testing": "val", "validation": "val"}
 TAXONOMY_COLUMNS = ("domain", "task_id", "task")
@@ -135,22 +135,28 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _scan_video_dir(videos_dir: Path) -> dict[tuple[str, str], Path]:
-    """``{(subfolder or "", stem): path}`` for DIR/<id>.<ext> and DIR/<recipe_type>/<id>.<ext>."""
+def _scan_video_dir(videos_dir: Path, recipe_folders: set[str]) -> dict[tuple[str, str], Path]:
+    """``{(subfolder or "", stem): path}`` for DIR/<id>.<ext> and DIR/<recipe_type>/<id>.<ext>, the subfolders
+    read being those named in ``recipe_folders``, the recipe types looked up.
+
+    A folder it must read and may not (no read or search permission, an I/O error) is refused in one line naming
+    it and the fix (:func:`entries_of`), as the folder source refuses one, not with a traceback. The other
+    folders are not read, as none of their videos would be looked up: lost+found at a mount's root (its owner's
+    alone), a drive's .Trash-0.
+    """
     found: dict[tuple[str, str], Path] = {}
 
     def add(key: tuple[str, str], path: Path) -> None:
         if key not in found or EXTENSION_RANK[path.suffix.lower()] < EXTENSION_RANK[found[key].suffix.lower()]:
             found[key] = path
 
-    for entry in os.scandir(videos_dir):
-        if entry.is_dir():
-            for inner in os.scandir(entry.path):
-                path = Path(inner.path)
-                if inner.is_file() and is_video_file(path):
-                    add((entry.name, path.stem), path)
-        elif entry.is_file() and is_video_file(Path(entry.path)):
-            add(("", Path(entry.name).stem), Path(entry.path))
+    for entry in entries_of(videos_dir):
+        if entry.name in recipe_folders and entry.is_dir():
+            for inner in entries_of(entry):
+                if inner.is_file() and is_video_file(inner):
+                    add((entry.name, inner.stem), inner)
+        elif entry.is_file() and is_video_file(entry):
+            add(("", entry.stem), entry)
     return found
 
 
@@ -189,7 +195,6 @@ def index_coin(
             f"COIN videos folder {videos_dir} does not exist "
             "(create it, even empty, to list what to download; layout DIR/<recipe_type>/<id>.mp4 or DIR/<id>.mp4)"
         )
-    on_disk = _scan_video_dir(videos_dir)
 
     entries, problems, selected = 0, [], []
     duplicates = filtered_out = 0
@@ -219,6 +224,7 @@ def index_coin(
                 continue
             selected.append((video_id, entry, domain, split, duration))
 
+    on_disk = _scan_video_dir(videos_dir, {str(entry.get("recipe_type")) for _, entry, *_ in selected})
     rows, missing = [], []
     for video_id, entry, domain, split, duration in selected:
         recipe = entry.get("recipe_type")

@@ -278,6 +278,22 @@ def lent_to_val(root: Path, val_fraction: float) -> float:
     return 0.0 if "val" in split_folders(root) else val_fraction
 
 
+def video_ids(relative: list[Path]) -> list[str]:
+    """Each video's id from its path below ROOT: the path without its extension, or with it where that id would
+    be another video's too (train/cat/a.mp4 beside train/cat/a.MOV: a clip and its export). The ids of the
+    others stay as they were, and with them their shards and their train/val split (both keyed by the id)."""
+    ids = [path.with_suffix("").as_posix() for path in relative]
+    while True:
+        count = Counter(ids)
+        clashing = [i for i, video_id in enumerate(ids) if count[video_id] > 1]
+        if not clashing:
+            return ids
+        # Paths are unique, so a clash includes an id without its extension: each round keeps at least one more
+        # (a.mp4's id, kept, can be the id of a.mp4.mkv), until none clash.
+        for i in clashing:
+            ids[i] = relative[i].as_posix()
+
+
 def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float = 0.0) -> dict[str, Any]:
     """Index ``ROOT/{train,val,test}/<Class>/<video>``; write the manifest to ``out``. A split's folder may carry
     any name Hugging Face ``datasets`` gives it (validation/, dev/, Train/, ...: :data:`SPLIT_FOLDER_NAMES`).
@@ -291,7 +307,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
     ignored and counted; a class folder's subfolders are read, and a dangling link named like a video is indexed,
     so that preprocessing rejects it with its reason (vidray/data/listing.py: ``videos_under``). Names that are
     not UTF-8 are refused (``refuse_names_not_utf8``). ``video_id`` is the path below ROOT without extension,
-    unique even when file names repeat.
+    unique even when file names repeat, or with it where two differ in it alone (:func:`video_ids`).
     """
     root = Path(root)
     if not 0 <= val_fraction < 1:
@@ -316,19 +332,20 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
                 ignored.append(entry)
     classes = sorted({class_name(class_dir) for _, class_dir in class_dirs})
 
-    rows = []
+    found: list[tuple[str, str, Path]] = []  # (split, label, video)
     for split, class_dir in class_dirs:
-        label = class_name(class_dir)
-        for path in map(Path, videos_under(class_dir, ignored)):
-            rows.append(
-                {
-                    "path": os.path.abspath(path),
-                    "video_id": path.relative_to(root).with_suffix("").as_posix(),
-                    "label": label,
-                    "label_index": classes.index(label),
-                    "split": split,
-                }
-            )
+        found += [(split, class_name(class_dir), Path(path)) for path in videos_under(class_dir, ignored)]
+    ids = video_ids([path.relative_to(root) for _, _, path in found])
+    rows = [
+        {
+            "path": os.path.abspath(path),
+            "video_id": video_id,
+            "label": label,
+            "label_index": classes.index(label),
+            "split": split,
+        }
+        for (split, label, path), video_id in zip(found, ids)
+    ]
     refuse_names_not_utf8(root, [class_dir for _, class_dir in class_dirs] + [Path(row["path"]) for row in rows])
     if not rows:
         raise UserError(

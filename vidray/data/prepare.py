@@ -6,11 +6,11 @@ cheap when its output is already current, so calling it again costs little:
 * ``demo``: generate the synthetic videos into ``data.videos_dir`` if that
   folder is absent or empty, index it when the manifest is older than the
   folder or indexed another one, preprocess (resumable, finished shards are reused).
-* ``folder``: index ``data.videos_dir`` when the manifest is older than any
-  file or folder in it, indexed another folder (or COIN's videos: the manifest
-  records what it indexed, :func:`indexed_elsewhere`), or was held out with another
-  ``data.val_fraction`` (a folder without val/ lends that share of its train videos
-  to val), then preprocess.
+* ``folder``: index ``data.videos_dir`` when the manifest is older than the
+  last change to any file or folder in it (their ctime too: :func:`_changed_ns`),
+  indexed another folder (or COIN's videos: the manifest records what it indexed,
+  :func:`indexed_elsewhere`), or was held out with another ``data.val_fraction``
+  (a folder without val/ lends that share of its train videos to val), then preprocess.
 * ``coin``: always re-index (reading the annotations is quick, and
   ``data.min_duration`` / ``data.max_duration`` may have changed; an
   unchanged manifest reuses every shard), then preprocess.
@@ -36,16 +36,25 @@ FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
 COIN_VIDEOS_HINT = "downloaded COIN videos as DIR/<recipe_type>/<youtube_id>.mp4 or DIR/<youtube_id>.mp4"
 
 
-def _newest_mtime_ns(root: Path) -> int:
-    # A folder's mtime changes when entries are added, removed or renamed in it;
-    # a file's when it is rewritten. Together they catch every change that matters,
-    # in linked folders too (a class folder linked from elsewhere is indexed: walk_once).
-    newest = root.stat().st_mtime_ns
+def _changed_ns(stat: os.stat_result) -> int:
+    # A folder changes when entries are added, removed or renamed in it; a file when it is rewritten. The
+    # mtime says so, but tar, cp -a, rsync -a and unzip set it back to the one packed, for files and
+    # folders alike: videos copied in that way into an indexed class folder looked older than the manifest,
+    # which was kept without them. The ctime is set to now by any change, that one included, and no
+    # program can set it back. The mtime too: on FAT and exFAT (cameras' cards) Linux shows the creation
+    # time as ctime, which a rewrite leaves as it is.
+    return max(stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _newest_change_ns(root: Path) -> int:
+    """When anything in ``root`` last changed (:func:`_changed_ns`), in linked folders too (a class folder
+    linked from elsewhere is indexed: walk_once)."""
+    newest = _changed_ns(root.stat())
     for directory, _, files in walk_once(root):
-        newest = max(newest, os.stat(directory).st_mtime_ns)
+        newest = max(newest, _changed_ns(os.stat(directory)))
         for name in files:
             try:
-                newest = max(newest, os.stat(os.path.join(directory, name)).st_mtime_ns)
+                newest = max(newest, _changed_ns(os.stat(os.path.join(directory, name))))
             except OSError:
                 pass  # a dangling link; indexing will say what is wrong with it
     return newest
@@ -84,15 +93,15 @@ def indexed_elsewhere(manifest: Path, videos_dir: Path) -> str | None:
 
 def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
     """Whether ``videos_dir`` must be indexed (again) into ``manifest``: there is none, it is not the folder's
-    index (said on the console: :func:`indexed_elsewhere`), or it is older than a file or folder in
-    ``videos_dir``."""
+    index (said on the console: :func:`indexed_elsewhere`), or it is older than the last change to a file or
+    folder in ``videos_dir`` (:func:`_newest_change_ns`)."""
     if not manifest.is_file():
         return True
     elsewhere = indexed_elsewhere(manifest, videos_dir)
     if elsewhere is not None:
         print(f"vidray index: indexing {videos_dir} into {manifest}, which {elsewhere}", file=sys.stderr)
         return True
-    return manifest.stat().st_mtime_ns < _newest_mtime_ns(videos_dir)
+    return manifest.stat().st_mtime_ns < _newest_change_ns(videos_dir)
 
 
 def folder_manifest_is_stale(data: DataSettings) -> bool:

@@ -31,6 +31,7 @@ import simplejpeg
 from PIL import Image
 
 from vidray.config import StoreName
+from vidray.data.shards import RECORDS_DIR
 
 JPEG_MAGIC = b"VJPG"
 _HEADER = struct.Struct("<4sII")  # magic, frames, crc32
@@ -43,8 +44,8 @@ class StoredClipError(ValueError):
 # How a damaged clip is stored again: a rerun of the preparation reuses every shard whose record and Parquet file
 # are there without reading them (vidray/data/shard_files.py: find_stale), so the record must go first.
 DECODE_SHARD_AGAIN = (
-    "to decode its shard again, delete that shard's record (the file under the dataset's records/ that lists the "
-    "video) and prepare the data again"
+    f"to decode its shard again, delete that shard's record (the file under the dataset's {RECORDS_DIR}/ that lists "
+    "the video) and prepare the data again"
 )
 
 

@@ -99,6 +99,12 @@ def _open(path: str, stored_size: int, num_threads: int, device: str) -> VideoDe
     return VideoDecoder(path, transforms=[Resize((out_height, out_width))], **options)
 
 
+# Why torchcodec misreads an MPEG transport or program stream (.ts, .mts, .m2ts, .mpg), which is not corrupt:
+# it seeks in one by byte position. Measured (0.13) on H.264 with B-frames there (x264's defaults, AVCHD
+# camcorders): it decoded no frame at all, or returned a later keyframe as frame 0.
+CANNOT_SEEK = "it cannot seek in this stream"
+
+
 def read_samples(
     path: str, stored_frames: int, stored_size: int, num_threads: int = 0, device: str = "cpu"
 ) -> DecodedClip:
@@ -121,20 +127,18 @@ def read_samples(
         # Frames come back in the order asked: decoded once per distinct index, sorted internally.
         batch = decoder.get_frames_at(samples.tolist())
     except (RuntimeError, IndexError) as err:
-        try:
-            decoder.get_frame_at(0)
-        except (RuntimeError, IndexError):
-            # Nothing decodes. If the file has no video at all (a song whose only picture is its cover,
-            # which torchcodec takes for a one-frame video), PyAV's header read says so.
-            from vidray.data.decode.pyav import open_video
-
-            container, _ = open_video(path)
-            container.close()
-            raise NoFramesError(path, f"no decodable frames ({_message(err)})") from None
+        # PyAV tells why. A file with no video at all (a song whose only picture is its cover, which torchcodec
+        # takes for a one-frame video) raises NoVideoStreamError here. Where PyAV decodes the first frame, an
+        # MPEG stream is refused whether or not torchcodec got as far as its frame 0 (with B-frames it does
+        # not), and any other file is decoded by PyAV too, to tell a broken file from one torchcodec misreads.
         from vidray.data.decode.pyav import failed_part_way, probe_geometry_and_seeking, refused_by
 
-        if not probe_geometry_and_seeking(path)[2]:  # an MPEG transport or program stream: not corrupt
-            raise refused_by("torchcodec", path, f"it cannot seek in this stream: {_message(err)}") from None
+        try:
+            seeks_precisely = probe_geometry_and_seeking(path)[2]
+        except NoFramesError:
+            raise NoFramesError(path, f"no decodable frames ({_message(err)})") from None
+        if not seeks_precisely:
+            raise refused_by("torchcodec", path, f"{CANNOT_SEEK}: {_message(err)}") from None
         raise failed_part_way("torchcodec", path, _message(err), stored_frames, stored_size) from None
     # The first sample is frame 0, shown at the stream's beginning; see _late_first_frame for why it can be later.
     begin = decoder.metadata.begin_stream_seconds
@@ -142,7 +146,9 @@ def read_samples(
         from vidray.data.decode.pyav import probe_geometry_and_seeking, refused_by
 
         late = f"its frame 0 comes back as the one at {float(batch.pts_seconds[0]):.3f} s"
-        raise refused_by("torchcodec", path, f"{late}: {_late_first_frame(probe_geometry_and_seeking(path)[1])}")
+        _, container_format, seeks_precisely = probe_geometry_and_seeking(path)
+        why = _late_first_frame(container_format) if seeks_precisely else CANNOT_SEEK
+        raise refused_by("torchcodec", path, f"{late}: {why}")
     frames = batch.data.cpu().numpy() if batch.data.device.type != "cpu" else batch.data.numpy()
     return DecodedClip(centre_crop(np.asarray(frames), stored_size), source_frames=num_frames,
                        padded=num_frames < stored_frames)  # fmt: skip
