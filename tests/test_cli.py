@@ -1,10 +1,17 @@
-"""The `vidray` command's own surface: what `--help` shows for every subcommand."""
+"""The `vidray` command's own surface: what `--help` shows for every subcommand, and a cluster it cannot reach."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from vidray.cli import build_parser
+from vidray.cluster import LOOPBACK_IP, free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def commands(parser: argparse.ArgumentParser, name: str = "vidray"):
@@ -26,3 +33,34 @@ def test_every_option_and_command_has_a_help_line():
             elif action.help is None:
                 bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert not bare, f"options and commands without help: {bare}"
+
+
+def test_a_cluster_that_cannot_be_reached_is_one_line_naming_where_its_address_came_from(tmp_path):
+    """RAY_ADDRESS with no cluster there, or the record of a `ray start` head that has died without `ray stop`:
+    ray.init's ConnectionError ended `vidray train` in a traceback, and Ray's hint to run `ray stop` is an INFO
+    line the console does not show. No cluster starts here; each driver gives up on connecting after Ray's
+    own GCS wait (30 s, which no setting shortens without Ray aborting the process), so the two run at once."""
+    address = f"{LOOPBACK_IP}:{free_port()}"  # nothing listens there (127.0.0.1 Ray would swap for the host's address)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(address)  # where `ray start` records its head (RAY_TMPDIR)
+    env = {**os.environ, "RAY_NUM_REDIS_GET_RETRIES": "1", "RAY_TMPDIR": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "vidray", "train", "--config", str(REPO / "configs" / "demo.yaml")]
+    cases = {
+        "RAY_ADDRESS": ({"RAY_ADDRESS": address}, "start that cluster, or unset RAY_ADDRESS for a local cluster of vidray's own"),
+        "the cluster `ray start` left on this machine, which is gone": (
+            {}, "run `ray stop` to forget it (vidray then starts a local cluster of its own), or `ray start --head` again"),
+    }  # fmt: skip
+    drivers = {where: subprocess.Popen(command, env={**env, **extra}, cwd=tmp_path, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True) for where, (extra, _) in cases.items()}  # fmt: skip
+    try:
+        for where, (_, fix) in cases.items():
+            stdout, stderr = drivers[where].communicate(timeout=300)
+            assert (drivers[where].returncode, stdout) == (2, ""), stderr[-3000:]
+            assert stderr.strip().splitlines()[-1] == f"vidray train: error: cannot reach the Ray cluster at {address} ({where}): {fix}"
+            assert "Traceback" not in stderr, stderr[-3000:]
+    finally:
+        for driver in drivers.values():
+            if driver.poll() is None:
+                driver.kill()
+                driver.communicate()

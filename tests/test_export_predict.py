@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +305,68 @@ def test_export_errors(tmp_path, checkpoint, capsys):
     (first / "stale.txt").write_text("from an older export")
     second = export_model(checkpoint, tmp_path / "again")
     assert second == first and not (second / "stale.txt").exists() and (second / "model.safetensors").is_file()
+
+
+def test_export_to_the_current_folder_is_refused_in_one_line_and_a_name_ending_in_dotdot_is_its_folder(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    """`vidray export --out .` raised ValueError (Path(".") has no name to put `.partial` after) once the model had
+    loaded. --out is resolved now. The current folder (or one above it) is refused in one line, before the model
+    loads: an export replaces its --out whole, which would leave the shell in a deleted folder that looks empty.
+    A name ending in `..` is the folder it names (the export went to `<name>/...partial`, which replacing the folder
+    then deleted: a traceback and no export)."""
+    here = tmp_path / "here"
+    (here / "inner").mkdir(parents=True)
+    monkeypatch.chdir(here / "inner")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", "."]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vidray export: error: --out . is the current folder ({here / 'inner'}), which an export replaces as a whole; "
+        "pass a folder of its own, e.g. --out model"
+    ]
+    first = export_model(checkpoint, here / "earlier")
+    monkeypatch.chdir(first)  # an earlier export: replaced by any other --out, not while the shell is in it
+    with pytest.raises(UserError, match=r"^--out \. is the current folder \(.+\), which an export replaces as a whole"):
+        export_model(checkpoint, Path("."))
+    (first / "notes").mkdir()
+    monkeypatch.chdir(first / "notes")  # nor while the shell is in a folder of it
+    with pytest.raises(UserError, match=r"^--out \.\. is above the current folder \(.+\), .+ e\.g\. --out \.\./model$"):
+        export_model(checkpoint, Path(".."))
+    assert (first / "notes").is_dir() and (first / "model.safetensors").is_file() and not list(here.glob("*.partial"))
+
+    monkeypatch.chdir(here / "inner")
+    assert export_model(checkpoint, Path("../new/sub/..")) == Path("../new/sub/..")  # as given, for the console
+    assert (here / "new" / "model.safetensors").is_file() and not (here / "new" / "sub").exists()
+    assert not list(here.glob("*.partial")) and (here / "inner").is_dir()
+
+
+def test_a_models_decoder_that_cannot_load_here_is_one_line_before_any_video_is_read(exported, videos, tmp_path):
+    """A model trained on torchcodec's frames (vidray.json records data.decoder), predicted where torchcodec cannot
+    load (no FFmpeg shared libraries) and no --decoder given: one-by-one predict ended in a traceback, and --out
+    rejected (and kept) every video as decode_error. Now both stop in the one line `--decoder torchcodec` gives, with
+    `--decoder pyav` as the other way, before any video is read or --out written; --decoder pyav predicts them."""
+    model = tmp_path / "torchcodec_model"
+    shutil.copytree(exported, model)
+    info = json.loads((model / INFO).read_text())
+    info["data"]["decoder"] = "torchcodec"
+    (model / INFO).write_text(json.dumps(info))
+    out = tmp_path / "predictions"
+    # sys.modules[name] = None makes `import` fail, as on a machine without the package (test_video.py does the same).
+    code = ("import sys; sys.modules['torchcodec'] = None\nfrom vidray.cli import main\n"
+            "sys.exit(main(['predict', '--model', sys.argv[1], *sys.argv[2:]]))")  # fmt: skip
+    for options in ([], ["--out", str(out)]):
+        proc = subprocess.run([sys.executable, "-c", code, str(model), *options, str(videos[0])],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("vidray predict: error: the model's data.decoder=torchcodec needs the torchcodec package, "
+                               "which cannot be loaded here (")  # fmt: skip
+        assert line.endswith("install it: pip install -c constraints.txt torchcodec, plus FFmpeg's shared libraries "
+                             "(Debian: apt-get install ffmpeg), or read the videos with PyAV: --decoder pyav")  # fmt: skip
+    assert not out.exists()
+    proc = subprocess.run([sys.executable, "-c", code, str(model), "--decoder", "pyav", str(videos[0])],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["results"][0]["predictions"][0]["label"] == CLASSES[0]
 
 
 def test_predict_cli_top_k_and_clear_error(exported, videos, tmp_path, capsys):

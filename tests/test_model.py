@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -197,6 +198,43 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     config.save_pretrained(tmp_path / "a")
     with pytest.raises(UserError, match=r"does not fit a VideoMAE backbone .*patch_embeddings"):
         build_model(_pretrained_cfg(str(tmp_path / "a")), CLASSES, 16, 112)
+
+
+def test_a_checkpoint_of_another_model_type_is_refused_by_the_drivers_check(tmp_path):
+    """VideoMAEConfig reads a TimeSformer's config.json with a logged warning: the driver's check passed and
+    the refusal came from the workers, after Ray, the data and the workers had started, as a traceback."""
+    from transformers import TimesformerConfig, TimesformerForVideoClassification
+    from vidray.model.classifier import check_model_config
+
+    TimesformerForVideoClassification(TimesformerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=64, image_size=32, num_frames=4)).save_pretrained(tmp_path / "tsf")  # fmt: skip
+    with pytest.raises(UserError) as refused:
+        check_model_config(_pretrained_cfg(str(tmp_path / "tsf")), 4, 32)
+    assert str(refused.value) == (
+        f"model.name_or_path: {str(tmp_path / 'tsf')!r} holds a 'timesformer' model, not VideoMAE; point it at a "
+        "VideoMAE checkpoint (e.g. MCG-NJU/videomae-base-finetuned-kinetics) or set model.init=scratch"
+    )
+
+
+def test_a_checkpoint_on_a_bucket_is_read_through_its_uri(tmp_path, pretrained_dir):
+    """`vidray pretrain` on a bucket writes its encoder there and says to fine-tune from its URI, which
+    from_pretrained cannot read (local folders and hub ids only): the folder is copied here first, then
+    deleted. file:// is read as s3:// and gs:// are, through pyarrow's filesystem."""
+    import glob
+    import tempfile
+
+    from vidray.model.classifier import check_model_config
+
+    uri = f"file://{pretrained_dir}"
+    check_model_config(_pretrained_cfg(uri), 16, 112)
+    torch.manual_seed(1)
+    from_uri = build_model(_pretrained_cfg(uri), CLASSES, 16, 112).state_dict()
+    torch.manual_seed(1)
+    from_folder = build_model(_pretrained_cfg(pretrained_dir), CLASSES, 16, 112).state_dict()
+    assert from_uri.keys() == from_folder.keys() and all(torch.equal(from_uri[k], from_folder[k]) for k in from_uri)
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"vidray-fetch-*-{os.getpid()}-*"))  # the copies are gone
+    with pytest.raises(UserError, match=rf"^model.name_or_path: cannot load a VideoMAE config from 'file://{tmp_path}/gone' "):
+        check_model_config(_pretrained_cfg(f"file://{tmp_path}/gone"), 16, 112)
 
 
 def test_fine_tuning_a_pretraining_checkpoint_classifies_from_the_mean_of_its_tokens(tmp_path):

@@ -13,16 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import web_server
+from test_index import as_another_user, open_folder, share
 from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from vidray.model import transforms
-from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, predict_corpus, resolve_stages
-from vidray.infer.corpus import PARTS_DIR, _shown_below, discover, group_chunks, plan_chunks
+from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, _predicted_columns, predict_corpus, resolve_stages
+from vidray.infer.corpus import (
+    PARTS_DIR, _shown_below, assemble, decode_one, discover, group_chunks, held_parts, in_discovery_order, plan_chunks,
+    stamp, write_part,
+)  # fmt: skip
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import _predict_line, main
 from vidray.errors import UserError
@@ -33,6 +38,7 @@ from vidray.model.inference import Views, clip_outputs
 from vidray.infer.predict import Classifier, predict_videos
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.preprocess import preprocess
+from vidray.data.shards import DecodeSettings
 from vidray.data.video import encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +246,7 @@ def _rows_by_path(out: Path) -> dict[str, dict]:
     return {row["path"]: row for row in rows}
 
 
-def test_a_grown_corpus_predicts_its_new_video_alone_and_a_shrunk_one_nothing(model_dir, ray_cluster, tmp_path):
+def test_a_grown_corpus_predicts_its_new_video_alone_and_a_shrunk_one_nothing(model_dir, ray_cluster, tmp_path, monkeypatch):
     """Labelling a growing folder, the main use of --out: a video added (sorting first) is the only one predicted,
     the others' rows are reused as they are; videos deleted leave the output, and nothing is predicted. Before,
     chunks were positions in the sorted list: one video sorting first shifted every chunk, and the whole corpus
@@ -258,8 +264,9 @@ def test_a_grown_corpus_predicts_its_new_video_alone_and_a_shrunk_one_nothing(mo
     parts = {p.name: p.read_bytes() for p in (out / PARTS_DIR).iterdir()}
     assert len(parts) == 3  # {0, 1}, {2, 3}, {text}
 
-    for video in old[:-1]:  # emptied: an old video decoded again would be rejected ("empty"), not its row reused
-        video.write_bytes(b"")
+    # An old video decoded again would kill its worker (worker_crash), not have its row reused. Not by changing the
+    # files: a file changed since its row was written is predicted again (its stamp, corpus.is_reusable).
+    monkeypatch.setenv(CRASH_ON_ENV, "b-old-")
     new = _video(folder / "a-new.mp4", 64, 48, 10, seed=30)
     grown = run()
     assert (grown["discovered"], grown["reused"], grown["predicted_this_run"]) == (6, 5, 1)
@@ -280,6 +287,115 @@ def test_a_grown_corpus_predicts_its_new_video_alone_and_a_shrunk_one_nothing(mo
     assert _rows_by_path(out) == {path: today[path] for path in map(str, [new, *old[1:-1]])}
     assert pd.read_csv(out / "rejects.csv").empty
     assert len(list((out / PARTS_DIR).iterdir())) == 3  # the text file's part held nothing still there: deleted
+
+
+def test_a_rerun_predicts_again_what_preprocessing_would_decode_again(model_dir, ray_cluster, tmp_path, monkeypatch, capsys):
+    """A rerun reused the row of every video still in the corpus, by its path alone: a video rejected while it was
+    still being copied in stayed `corrupt` for ever, one named before its share was mounted `missing`, one whose
+    server answered 503 `download_failed`, a video replaced at its path kept its old label, and a worker crash had
+    no --retry-crashed. Rows are keyed by path, size and mtime now, as preprocessing keys a video (README, "Preprocessing
+    is resumable"): each of those is predicted again once its file changed, a failed download on every run, a worker
+    crash on request only; the other rows and their parts stay as they were."""
+    folder, out = tmp_path / "videos", tmp_path / "out"
+    done = _video(folder / "a-done.mp4", 48, 40, 10, seed=50)
+    whole = _video(tmp_path / "b-whole.mp4", 48, 40, 10, seed=51)
+    copying = folder / "b-copying.mp4"
+    copying.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])  # the copy under way: its first third
+    later = folder / "c-on-a-share.mp4"  # not mounted yet
+    crashing = _video(folder / "d-crashing.mp4", 48, 40, 10, seed=52)
+    replaced = _video(folder / "e-replaced.mp4", 48, 40, 10, seed=53)
+    served = _video(tmp_path / "served" / "f-served.mp4", 48, 40, 10, seed=54)
+    monkeypatch.setenv(CRASH_ON_ENV, "d-crashing")
+    refusing = {"status": 503}  # the web server restarting
+    with web_server(served.parent, refusing) as base:
+        inputs = [*map(str, (done, copying, later, crashing, replaced)), f"{base}/{served.name}"]
+
+        def run(*options: str) -> tuple[dict, str, dict[str, dict]]:
+            """`vidray predict --out` as typed: (its summary, its closing line, predictions.parquet's rows by path)."""
+            capsys.readouterr()
+            assert main(["predict", "--model", str(model_dir), "--out", str(out), "--videos-per-chunk", "1",
+                         "--embeddings", *options, *inputs]) == 0  # fmt: skip
+            output = capsys.readouterr()
+            summary = json.loads(output.out.strip().splitlines()[-1])
+            assert summary["predicted"] + summary["rejected"] == summary["discovered"] == len(inputs)
+            return summary, output.err.strip().splitlines()[-1], _rows_by_path(out)
+
+        _, _, before = run()
+        errors = {path: (row["error"] or "").partition(":")[0] for path, row in before.items()}
+        assert errors == dict(zip(inputs, ["", "corrupt", "missing", "worker_crash", "", "download_failed"]))
+        parts = {p.name: p.read_bytes() for p in (out / PARTS_DIR).iterdir()}
+
+        shutil.copyfile(whole, copying)  # the copy finished
+        _video(later, 48, 40, 10, seed=55)  # the share is mounted
+        _video(replaced, 64, 48, 12, seed=56)  # another video at the same path
+        refusing["status"] = None  # the server is back
+        second, line, after = run()
+        # The finished video's row, and the crash's: kept, as preprocessing keeps it, so a rerun finds the same rows.
+        assert (second["reused"], second["predicted_this_run"], second["rejected_by"]) == (2, 4, {"worker_crash": 1})
+        assert "worker_crash 1; 1 killed their decoder's worker: --retry-crashed tries those again; reasons in " in line
+        kept = [str(done), str(crashing)]
+        assert {path: after[path] for path in kept} == {path: before[path] for path in kept}
+        assert all(after[path]["error"] is None and after[path]["label"] in CLASSES for path in inputs if path != str(crashing))
+        assert not np.allclose(after[str(replaced)]["embedding"], before[str(replaced)]["embedding"])  # the new video's
+        now = {p.name: p.read_bytes() for p in (out / PARTS_DIR).iterdir()}
+        assert len(now.items() & parts.items()) == 2 and len(now) == len(inputs)  # done's and the crash's parts untouched
+
+        monkeypatch.delenv(CRASH_ON_ENV)  # the crash need not recur (an OOM kill, a lost node)
+        third, _, last = run("--retry-crashed")
+        assert (third["reused"], third["predicted_this_run"], third["rejected"]) == (5, 1, 0)
+        assert last[str(crashing)]["label"] in CLASSES and {p: r for p, r in last.items() if p != str(crashing)} == {
+            p: r for p, r in after.items() if p != str(crashing)}  # fmt: skip
+
+
+def test_a_video_rejected_as_unreadable_is_predicted_again_once_it_may_be_read(model_dir):
+    """"not readable (permission denied)" asks the user to fix the permission and run again; chmod changes neither
+    size nor mtime, so the row's stamp records whether this user may read the file too (as a shard id does), and the
+    fixed video is predicted again. What `vidray predict --out` does with its parts, without Ray, its decoding as a
+    user that file modes apply to (root reads anything)."""
+    classifier = Classifier(model_dir)
+    decode = DecodeSettings(DATA["stored_frames"], DATA["stored_size"])
+    with open_folder() as shared:
+        paths = [str(_video(shared / f"clip{i}.mp4", 48, 40, 10, seed=60 + i)) for i in range(2)]
+        share(shared)
+        fs, root = pafs.LocalFileSystem(), str(shared / "out")
+        fs.create_dir(f"{root}/{PARTS_DIR}")
+
+        def run() -> tuple[int, dict[str, str]]:
+            """(videos reused, {video: its label or its error})."""
+            stamps = as_another_user(lambda: {path: stamp(path) for path in paths})
+            held = held_parts(fs, root, {}, stamps)
+            held_paths = {path for chunk in held for path in chunk.paths}
+            todo = plan_chunks([path for path in paths if path not in held_paths], {}, 1, stamps)
+            for chunk in todo:
+                decoded = as_another_user(lambda: [decode_one(path, decode, None) for path in chunk.paths])
+                errors = [f"{error}: {reason}" if error else "" for _, error, reason in decoded]
+                columns = _predicted_columns(classifier, list(chunk.paths), [frames for frames, _, _ in decoded], errors,
+                                             [chunk.id] * len(errors), embeddings=False)  # fmt: skip
+                write_part(fs, root, chunk, [dict(zip(columns, row)) for row in zip(*columns.values())], embeddings=False)
+            assemble(fs, root, in_discovery_order(held + todo, paths), embeddings=False)
+            rows = pq.read_table(f"{root}/predictions.parquet").to_pylist()
+            return len(held_paths), {row["path"]: row["error"] or row["label"] for row in rows}
+
+        Path(paths[1]).chmod(0o000)
+        reused, rows = run()
+        assert reused == 0 and rows[paths[1]] == "missing: not readable (permission denied)" and rows[paths[0]] in CLASSES
+        assert run() == (2, rows)  # nothing changed: both rows stand
+        Path(paths[1]).chmod(0o644)  # the fix the reason asks for
+        reused, fixed = run()
+        assert reused == 1 and fixed[paths[0]] == rows[paths[0]] and fixed[paths[1]] in CLASSES
+
+
+def test_an_object_the_store_refuses_is_its_own_download_failed_row(tmp_path):
+    """An s3:// or gs:// object whose copy failed with anything but "not found" (access denied, a network error)
+    raised out of its decode task: the chunk was lost, re-run one video per task, and each of its videos filed as
+    `worker_crash: decoder crashed the worker (RayTaskError...)`. Now that video alone is `download_failed`, with
+    the store's reason. A real pyarrow S3 client, pointed at a server on loopback that denies every key."""
+    with web_server(tmp_path, refusing={"status": 403}) as base:
+        endpoint = base.removeprefix("http://")
+        uri = f"s3://KEY:SECRET@bucket/day1/clip.mp4?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        frames, error, reason = decode_one(uri, DecodeSettings(DATA["stored_frames"], DATA["stored_size"]), None)
+    assert (frames, error) == (b"", "download_failed")
+    assert reason.startswith("download failed: When reading information for key 'day1/clip.mp4'") and "ACCESS_DENIED" in reason
 
 
 def test_cli_refuses_folders_without_out_and_bad_views(corpus, model_dir, tmp_path, capsys):

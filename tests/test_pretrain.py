@@ -51,7 +51,9 @@ from vidray.pretrain.driver import (
 )
 from vidray.pretrain.checks import check_pretrain_config
 from vidray.pretrain.figures import reconstruct
-from vidray.model.pretraining import build_pretraining_model, load_pretraining_model, pretraining_config, save_encoder
+from vidray.model.pretraining import (
+    build_pretraining_model, check_pretraining_model, load_pretraining_model, pretraining_config, save_encoder,
+)
 from vidray.train.driver import existing_run_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,9 +220,13 @@ def test_continuing_pretraining_keeps_every_weight_and_interpolates_both_positio
     save_encoder(first, tmp_path / "encoder")
     model_cfg = cfg.model.model_copy(update={"init": "pretrained", "patch_size": None})
 
-    # From a pretraining checkpoint: encoder and decoder continue as they were.
+    # From a pretraining checkpoint: encoder and decoder continue as they were; from its folder's URI too (a bucket
+    # run's `vidray pretrain` writes there and names it; file:// is read as s3:// and gs:// are, copied here first).
     same = build_pretraining_model(model_cfg.model_copy(update={"name_or_path": str(tmp_path / "full")}), cfg.pretrain, 8, 32)
     assert_same_tensors(first.state_dict(), same.state_dict())
+    uri = model_cfg.model_copy(update={"name_or_path": f"file://{tmp_path / 'full'}"})
+    check_pretraining_model(uri, cfg.pretrain, 8, 32)
+    assert_same_tensors(first.state_dict(), build_pretraining_model(uri, cfg.pretrain, 8, 32).state_dict())
     # From an encoder: the encoder's weights, a fresh decoder and a fresh last norm.
     encoder_only = build_pretraining_model(
         model_cfg.model_copy(update={"name_or_path": str(tmp_path / "encoder")}), cfg.pretrain, 8, 32

@@ -45,11 +45,12 @@ def _add_view_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_retry_crashed_arg(parser: argparse.ArgumentParser) -> None:
+def _add_retry_crashed_arg(parser: argparse.ArgumentParser, then: str = "; the dataset may change, and a run "
+                           "interrupted on it then needs --restart") -> None:  # fmt: skip
     parser.add_argument(
         "--retry-crashed", action="store_true",
         help="decode again the videos whose decoder killed its worker last time (rejected as worker_crash: an OOM "
-        "kill or a lost node need not recur); the dataset may change, and a run interrupted on it then needs --restart",
+        f"kill or a lost node need not recur){then}",
     )  # fmt: skip
 
 
@@ -229,7 +230,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _predict_line(summary: dict) -> str:
     """The console's closing line for `vidray predict --out`: how the corpus came out, and where."""
+    from vidray.data.shard_files import WORKER_CRASH, crash_hint
+
     rejected = ", ".join(f"{category} {count}" for category, count in summary["rejected_by"].items())
+    rejected += crash_hint(summary["rejected_by"].get(WORKER_CRASH, 0))
     return (f"vidray predict: {summary['predicted']} of {summary['discovered']} videos labelled"
             + (f" ({summary['reused']} from an earlier run)" if summary["reused"] else "")
             + (f", {summary['rejected']} rejected ({rejected}; reasons in {summary['rejects']})" if rejected else "")
@@ -247,7 +251,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         summary = predict_corpus(Path(args.model), args.videos, args.out, top_k=args.top_k, clips=args.clips,
                                  crops=args.crops, embeddings=args.embeddings, batch_size=args.batch_size, actors=args.actors,
                                  actor_cpus=args.actor_cpus, videos_per_chunk=args.videos_per_chunk,
-                                 stages=args.stages, decoder=args.decoder, verbose=args.verbose)  # fmt: skip
+                                 stages=args.stages, decoder=args.decoder, verbose=args.verbose,
+                                 retry_crashed=args.retry_crashed)  # fmt: skip
         _tell(_predict_line(summary))
         _print_summary(summary, disconnect_ray=not connected_before)
         return
@@ -418,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoding library (default: the one the model's training data was decoded with; another reads the "
              "same frames within a few grey levels, and a file that one refuses)",
     )  # fmt: skip
+    _add_retry_crashed_arg(pr, then=", and predict them (with --out)")
     _add_view_args(pr)
     _add_verbose_arg(pr, "with --out: show Ray's own logs")
     pr.set_defaults(func=cmd_predict)

@@ -128,7 +128,16 @@ def init_ray(*, verbose: bool = False, **local_kwargs) -> None:
     if ray.is_initialized():
         return
     if address := os.environ.get("RAY_ADDRESS") or started_cluster_address():
-        ray.init(address=address, **settings)
+        try:
+            ray.init(address=address, **settings)
+        except ConnectionError:
+            # Ray's own hint for a dead head that `ray start` recorded is an INFO line, below the console's level.
+            if os.environ.get("RAY_ADDRESS"):
+                where, fix = "RAY_ADDRESS", "start that cluster, or unset RAY_ADDRESS for a local cluster of vidray's own"
+            else:
+                where = "the cluster `ray start` left on this machine, which is gone"
+                fix = "run `ray stop` to forget it (vidray then starts a local cluster of its own), or `ray start --head` again"
+            raise UserError(f"cannot reach the Ray cluster at {address} ({where}): {fix}") from None
     else:
         ray.init(**settings, **{"_node_ip_address": LOOPBACK_IP, **local_kwargs})
     sigterm_as_ctrl_c()  # after ray.init, whose core worker installs a handler of its own

@@ -127,8 +127,8 @@ def scratch(kind: str) -> Iterator[str]:
 
 
 class DownloadError(UserError):
-    """A video at an http(s):// URL that could not be fetched; ``missing``: the server says it is not there
-    (404, 410), else it failed or did not answer. Its message is the reason, without the URL."""
+    """A video at an http(s):// URL, or an s3:// / gs:// object, that could not be fetched; ``missing``: the server
+    says it is not there (404, 410), else it failed or did not answer. Its message is the reason, without the URL."""
 
     def __init__(self, reason: str, missing: bool):
         super().__init__(reason)
@@ -153,8 +153,8 @@ def local_file(path: str) -> Iterator[str]:
     s3:// / gs:// or a video at an http(s):// URL a temporary copy (decoders read local files), deleted
     afterwards.
 
-    A missing object yields a path that does not exist, so the decoder rejects it as missing; a URL that
-    cannot be fetched raises :class:`DownloadError`."""
+    A missing object yields a path that does not exist, so the decoder rejects it as missing; a URL or another
+    object that cannot be fetched raises :class:`DownloadError`."""
     local = local_part(str(path))
     if local is not None:
         yield local
@@ -172,7 +172,29 @@ def local_file(path: str) -> Iterator[str]:
                     shutil.copyfileobj(src, dst, 8 * 2**20)
             except FileNotFoundError:
                 copy = os.path.join(folder, "missing" + suffix)
+            except OSError as err:  # access denied, a network error: this video's failure, not the run's
+                raise DownloadError(f"download failed: {' '.join(str(err).split())}", missing=False) from None
         yield copy
+
+
+@contextlib.contextmanager
+def local_folder(path: str, files: tuple[str, ...] | None = None) -> Iterator[str]:
+    """What ``from_pretrained`` can read for ``path``: the path itself where it is no URI (a local folder, a hub
+    id), else a temporary copy of the folder at that URI (s3://, gs://: where `vidray pretrain` writes a bucket
+    run's encoder; file:// too, as they are read), of ``files`` in it only when given, deleted afterwards.
+    A folder or file that is not there, or cannot be read, raises pyarrow's OSError."""
+    if not is_uri(path):
+        yield str(path)
+        return
+    import pyarrow.fs as pafs  # here, as in open_filesystem
+
+    fs, root = open_filesystem(path)
+    with scratch("fetch") as folder:
+        for name in files or ("",):
+            target = os.path.join(folder, name) if name else folder
+            pafs.copy_files(join_uri(root, name) if name else root, target, source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+        yield folder
 
 
 def read_json(uri: str) -> Any | None:

@@ -41,7 +41,7 @@ from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, SPL
 from vidray.data.dataset import DATASET_INFO
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import (
-    WORKER_CRASH, check_writable, clear_stale, find_stale, is_written, write_rejects, write_text,
+    WORKER_CRASH, check_writable, clear_stale, crash_hint, find_stale, is_written, write_rejects, write_text,
 )  # fmt: skip
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
@@ -173,8 +173,7 @@ def preprocess(
 
 
 def _crash_hint(rejected: list[dict]) -> str:
-    crashed = sum(row["error"] == WORKER_CRASH for row in rejected)
-    return f"; {crashed} killed their decoder's worker: --retry-crashed tries those again" if crashed else ""
+    return crash_hint(sum(row["error"] == WORKER_CRASH for row in rejected))
 
 
 def _count(shards: list[Shard], outcomes: dict[str, list[dict]], classes: list[str], discovered: int, raw_clip_bytes: int) -> dict:

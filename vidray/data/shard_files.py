@@ -38,6 +38,13 @@ from vidray.storage import join_uri, load_json, open_filesystem, write_atomicall
 # node): the one rejection that need not recur, so --retry-crashed tries it again (find_stale).
 WORKER_CRASH = "worker_crash"
 
+
+def crash_hint(crashed: int) -> str:
+    """What a run's closing line adds when ``crashed`` videos killed their decoder's worker (preprocessing's, and
+    `vidray predict --out`'s, which keep them rejected on a rerun too)."""
+    return f"; {crashed} killed their decoder's worker: --retry-crashed tries those again" if crashed else ""
+
+
 ROW_GROUP_BYTES = 32 * 2**20
 
 REJECTS_SCHEMA = pa.schema(

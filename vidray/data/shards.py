@@ -153,19 +153,27 @@ def load_videos(manifest: Path) -> tuple[list[Video], list[str]]:
                 f"manifest {manifest}: {row.path} has label {row.label!r} but label_index {row.label_index} "
                 f"is {classes[int(row.label_index)]!r}; re-run `vidray index`"
             )
-        try:
-            stat = os.stat(row.path)
-            size, mtime_ns = stat.st_size, stat.st_mtime_ns
-        except OSError:
-            size, mtime_ns = -1, -1
-        # What the decoder's check reads (vidray.data.video.check_file), so the two agree on who may read it.
-        unreadable = size >= 0 and not os.access(row.path, os.R_OK)
+        size, mtime_ns, unreadable = file_stamp(str(row.path))
         work = expected_work(row.num_frames, row.width, row.height)
         videos.append(
             Video(str(row.path), str(row.video_id), row.label, int(row.label_index), row.split, size, mtime_ns, work,
                   unreadable)  # fmt: skip
         )
     return videos, classes
+
+
+def file_stamp(path: str) -> tuple[int, int, bool]:
+    """(size, mtime_ns, unreadable) of a video file: what a shard id hashes of it besides its path
+    (:func:`_id_fields`), and what `vidray predict --out` keys a reused row by. (-1, -1, False) when it
+    cannot be stat'ed (missing, a dangling link): it will be rejected, and its stamp changes once it is back."""
+    try:
+        stat = os.stat(path)
+        size, mtime_ns = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size, mtime_ns = -1, -1
+    # What the decoder's check reads (vidray.data.video.check_file), so the two agree on who may read it.
+    unreadable = size >= 0 and not os.access(path, os.R_OK)
+    return size, mtime_ns, unreadable
 
 
 def expected_work(num_frames, width, height) -> float:

@@ -150,12 +150,19 @@ def require_decoder(decoder: str, device: str = "cpu") -> None:
 
 
 def chosen_decoder(chosen: str | None, recorded: str) -> str:
-    """``chosen`` (a user's choice, checked to load here: a missing library fails in one line, not once per
-    video) or else ``recorded`` (the decoder a model's training data was decoded with)."""
-    if chosen is None:
-        return recorded
-    require_decoder(chosen)
-    return chosen
+    """``chosen`` (a user's choice) or else ``recorded`` (the decoder a model's training data was decoded with),
+    checked to load here either way: a missing library fails in one line, not once per video."""
+    if chosen is not None:
+        require_decoder(chosen)
+        return chosen
+    try:
+        require_decoder(recorded)
+    except DecoderUnavailableError as err:
+        # The model's data.decoder, which the user did not name: say it is the model's, and that another decoder
+        # reads the same frames within a few grey levels (docs/benchmarks.md, section 9).
+        instead = ", or read the videos with PyAV: --decoder pyav" if recorded != "pyav" else ""
+        raise DecoderUnavailableError(f"the model's {err}{instead}") from None
+    return recorded
 
 
 def require_cuda_decoding() -> None:

@@ -26,18 +26,22 @@ Writes ``OUT/predictions.parquet`` (one row per discovered video: ``path``,
 and ``OUT/rejects.csv``, assembled from the parts at the end.
 
 **Resume.** A part's name starts with a hash of everything that shapes its rows
-(model files, views, top-k, embeddings: :func:`vidray.infer.corpus.settings_id`).
-A re-run with the same settings reuses the rows of every such part for the videos
-still in the corpus, and cuts only the videos no part holds into new chunks: after
-a kill, the chunks not written; after videos were added, the new ones alone. Parts
-of other settings, and parts none of whose videos is still in the corpus, are
+(model files, views, top-k, embeddings: :func:`vidray.infer.corpus.settings_id`), and
+each row records its file's size and mtime (:func:`vidray.infer.corpus.stamp`), as
+preprocessing keys a video. A re-run with the same settings reuses every such row that
+still stands (:func:`vidray.infer.corpus.is_reusable`: its video still in the corpus, its
+file unchanged, not a failed download, not a worker crash under ``retry_crashed``), and
+cuts only the other videos into new chunks: after a kill, the chunks not written; after
+videos were added, the new ones alone; a video replaced, or rejected while it was still
+being copied in, again. Parts of other settings, and parts none of whose rows stands, are
 deleted first. A video is held by one part at most, and a chunk's rows are written
-once, so no video is predicted twice in the output, and no video whose part was
-written is predicted again.
+once, so no video is predicted twice in the output, and no video whose row stands is
+predicted again.
 
 **Crashes.** A decoder that kills its worker (segfault) loses its task; the
 task's chunks without a part are re-run one video per Ray task, the video whose task dies is
-rejected ("worker_crash"), and the others are predicted in the driver. Invariant,
+rejected ("worker_crash"; kept on a re-run, as preprocessing keeps it, unless ``retry_crashed``),
+and the others are predicted in the driver. Invariant,
 checked before anything is assembled: predicted + rejected == discovered.
 """
 
@@ -60,13 +64,14 @@ from vidray.cluster import init_ray
 from vidray.config import DecoderName
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.listing import as_text
+from vidray.data.shard_files import WORKER_CRASH
 from vidray.data.shards import DecodeSettings
 from vidray.data.video import chosen_decoder
 from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
 from vidray.infer.corpus import (
     DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
-    decode_one, discover, group_chunks, held_parts, in_discovery_order, model_fingerprint, plan_chunks, write_part,
+    decode_one, discover, group_chunks, held_parts, in_discovery_order, model_fingerprint, plan_chunks, stamp, write_part,
 )  # fmt: skip
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info
 from vidray.model.views import Views
@@ -244,7 +249,7 @@ def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], pro
             try:
                 data, error, reason = ray.get(ref)
             except ray.exceptions.RayError as err:
-                data, error, reason = b"", "worker_crash", f"{WORKER_CRASH_REASON} ({type(err).__name__})"
+                data, error, reason = b"", WORKER_CRASH, f"{WORKER_CRASH_REASON} ({type(err).__name__})"
             frames.append(data)
             errors.append(f"{error}: {reason}" if error else "")
         columns = _predicted_columns(classifier, [as_text(p) for p in chunk.paths], frames, errors, [chunk.id] * len(frames),
@@ -269,6 +274,7 @@ def predict_corpus(
     stages: str = "auto",
     decoder: DecoderName | None = None,
     verbose: bool = False,
+    retry_crashed: bool = False,
 ) -> dict[str, Any]:
     """Predict every video of ``inputs`` into ``out``; returns the run's summary (see the module docstring).
 
@@ -278,7 +284,8 @@ def predict_corpus(
     model's training data was decoded with) reads the videos. ``actors`` caps the model actor
     pool (default: one per GPU; fused: one per CPU; two stages on CPUs: one); ``actor_cpus``: the CPUs
     a model actor of the two-stage layout reserves on a CPU-only cluster. ``verbose``: Ray's own lines on
-    the console (vidray.cluster.console_settings).
+    the console (vidray.cluster.console_settings). ``retry_crashed`` (``--retry-crashed``): predict again the
+    videos that killed their decoder's worker last time; without it their rejections are reused.
     """
     started = time.monotonic()
     if top_k < 1:
@@ -310,12 +317,14 @@ def predict_corpus(
     # One driver per output folder: a second one would predict the same chunks, or delete this one's
     # parts as another settings' (vidray/folder_lock.py).
     with FolderLock(out, "vidray predict", instead="pass --out another folder"):
-        held = held_parts(fs, root, settings, paths)
+        stamps = {path: stamp(path) for path in paths}  # before any decoding: a file changed meanwhile is redone
+        held = held_parts(fs, root, settings, stamps, retry_crashed)
         reused = sum(len(c.paths) for c in held)
         held_paths = {path for chunk in held for path in chunk.paths}
         rest = [path for path in paths if path not in held_paths]
         # Sized by the videos to predict, not the corpus: a few new videos are cut as finely as a small corpus.
-        todo = plan_chunks(rest, settings, videos_per_chunk or max(1, min(VIDEOS_PER_CHUNK, -(-len(rest) // MIN_CHUNKS))))
+        per_chunk = videos_per_chunk or max(1, min(VIDEOS_PER_CHUNK, -(-len(rest) // MIN_CHUNKS)))
+        todo = plan_chunks(rest, settings, per_chunk, stamps)
         progress = _Progress(len(paths), reused)
         if todo:
             init_ray(verbose=verbose, include_dashboard=False)  # a local cluster for this command alone: no dashboard to start

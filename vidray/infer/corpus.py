@@ -25,9 +25,12 @@ import pyarrow.parquet as pq
 
 from vidray.data.listing import RENAME_TO_UTF8, as_text, is_hidden, is_text_name, is_video_file, videos_under
 from vidray.data.decode_shard import decode_or_reject
-from vidray.data.shards import DecodeSettings
+from vidray.data.shard_files import WORKER_CRASH
+from vidray.data.shards import DecodeSettings, file_stamp
 from vidray.errors import UserError
-from vidray.storage import DownloadError, is_uri, is_web_url, join_uri, local_file, open_filesystem, write_atomically
+from vidray.storage import (
+    DownloadError, is_uri, is_web_url, join_uri, local_file, local_part, open_filesystem, write_atomically,
+)  # fmt: skip
 
 # A chunk is one part file: at most this many videos, and small enough that the videos a run predicts give
 # at least MIN_CHUNKS of them (a 64-video corpus in 4 chunks of 16 left CPUs idle). A decode task takes
@@ -40,8 +43,12 @@ MIN_CHUNKS = 32
 DECODE_TASKS_PER_CPU = 4
 PARTS_DIR = "_parts"
 # Part of every settings id (part-<settings id>-<chunk id>.parquet): bump when the rows or the part
-# layout change so old parts are rebuilt. 2: parts keyed by settings, chunks planned over the videos no part holds.
-PARTS_VERSION = 2
+# layout change so old parts are rebuilt. 2: parts keyed by settings, chunks planned over the videos no part holds;
+# 3: each row keyed by its file's stamp too (a replaced or fixed file is predicted again: :func:`is_reusable`).
+PARTS_VERSION = 3
+# Rejections that say nothing of the file, tried again on every rerun whatever its stamp: a download that the
+# server or the network failed (an HTTP 503, a dropped connection, a bucket's access denied).
+RETRIED_EVERY_RUN = ("download_failed",)
 
 TOP_K_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))
 REJECTS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("reason", pa.string())])
@@ -56,6 +63,11 @@ def predictions_schema(embeddings: bool) -> pa.Schema:
         ("error", pa.string()),  # null, or "<category>: <reason>" as in rejects.csv
     ]
     return pa.schema(fields + ([("embedding", pa.list_(pa.float32()))] if embeddings else []))
+
+
+def part_schema(embeddings: bool) -> pa.Schema:
+    """A part's rows: predictions.parquet's, plus the ``stamp`` (:func:`stamp`) of the file each was made from."""
+    return predictions_schema(embeddings).append(pa.field("stamp", pa.string()))
 
 
 def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
@@ -107,6 +119,7 @@ class Chunk:
 
     id: str  # <settings id>-<hash of the paths it was written with>
     paths: tuple[str, ...]
+    stamps: tuple[str, ...] = ()  # a chunk to write: each path's stamp (:func:`stamp`) when it was planned
 
     @property
     def part_name(self) -> str:
@@ -127,14 +140,16 @@ def settings_id(settings: dict[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def plan_chunks(paths: list[str], settings: dict[str, Any], videos_per_chunk: int = VIDEOS_PER_CHUNK) -> list[Chunk]:
-    """``paths`` (the videos no part holds yet: :func:`held_parts`) cut into chunks of ``videos_per_chunk``."""
+def plan_chunks(paths: list[str], settings: dict[str, Any], videos_per_chunk: int = VIDEOS_PER_CHUNK,
+                stamps: dict[str, str] | None = None) -> list[Chunk]:  # fmt: skip
+    """``paths`` (the videos no part holds yet: :func:`held_parts`) cut into chunks of ``videos_per_chunk``,
+    each with its videos' ``stamps`` (:func:`stamp`; none given: "")."""
     prefix = settings_id(settings)
     chunks = []
     for start in range(0, len(paths), videos_per_chunk):
         members = tuple(paths[start : start + videos_per_chunk])
         digest = hashlib.sha256(json.dumps(members).encode()).hexdigest()[:20]
-        chunks.append(Chunk(f"{prefix}-{digest}", members))
+        chunks.append(Chunk(f"{prefix}-{digest}", members, tuple((stamps or {}).get(path, "") for path in members)))
     return chunks
 
 
@@ -152,16 +167,43 @@ def group_chunks(chunks: list[Chunk], cpus: float) -> list[list[Chunk]]:
     return groups
 
 
-def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], paths: list[str]) -> list[Chunk]:
-    """The parts already written with ``settings``, each as the chunk of its videos still in ``paths``: those
-    videos are reused, never predicted again, however the corpus grew since (a new video shifts every position,
-    and the chunk size follows the corpus size, so chunks planned again would not match the parts).
+def stamp(path: str) -> str:
+    """What a part keys a video's row by besides its path, as preprocessing keys a shard's videos: a local
+    file's size, mtime and whether this user may read it (:func:`vidray.data.shards.file_stamp`). "" for
+    an s3:// / gs:// object or a URL, keyed by its path alone: asking the store would cost a request per
+    video on every rerun."""
+    local = local_part(path)
+    if local is None:
+        return ""
+    size, mtime_ns, unreadable = file_stamp(local)
+    return f"{size}:{mtime_ns}" + (":unreadable" if unreadable else "")
 
-    Deleted: parts of other settings, parts none of whose videos is in ``paths`` any more, a dead run's
-    temporaries. A video held by two parts (never written so: chunks are planned over unheld videos) is
-    taken from the first by name."""
+
+def is_reusable(error: str | None, recorded: str | None, now: str, retry_crashed: bool) -> bool:
+    """Whether a part's row (its ``error``, null when predicted, and the ``recorded`` stamp) stands for a video
+    whose stamp is ``now``. Not, as preprocessing decodes such a video again (vidray/data/shards.py, ``_id_fields``;
+    shard_files.find_stale): for a file changed since (replaced; a copy then under way, now finished; a share
+    unmounted then, mounted now; a permission fixed); for a rejection that says nothing of the file
+    (:data:`RETRIED_EVERY_RUN`); with ``retry_crashed``, for a video that killed its worker (kept otherwise, as
+    preprocessing keeps it, so that a rerun finds the same rows)."""
+    if recorded != now:
+        return False
+    category = (error or "").partition(": ")[0]
+    return category not in RETRIED_EVERY_RUN and not (retry_crashed and category == WORKER_CRASH)
+
+
+def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps: dict[str, str],
+               retry_crashed: bool = False) -> list[Chunk]:  # fmt: skip
+    """The parts already written with ``settings``, each as the chunk of its videos that are still in the corpus
+    (``stamps``: each video's :func:`stamp`) and whose rows stand (:func:`is_reusable`): those videos are reused,
+    never predicted again, however the corpus grew since (a new video shifts every position, and the chunk size
+    follows the corpus size, so chunks planned again would not match the parts). A row that does not stand stays
+    in its part, left out of the chunk (and so of predictions.parquet), and its video is predicted again.
+
+    Deleted: parts of other settings, parts none of whose rows stands any more, a dead run's temporaries.
+    A video held by two parts (a row that stands is never predicted again) is taken from the first by name."""
     prefix = f"part-{settings_id(settings)}-"
-    corpus = {as_text(path): path for path in paths}  # parts name videos as their rows do
+    corpus = {as_text(path): path for path in stamps}  # parts name videos as their rows do
     entries = fs.get_file_info(pafs.FileSelector(join_uri(root, PARTS_DIR), allow_not_found=True))
     held, taken = [], set()
     for entry in sorted(entries, key=lambda e: e.base_name):
@@ -169,13 +211,15 @@ def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], paths: 
             continue
         name = entry.base_name
         if name.startswith(prefix) and name.endswith(".parquet"):
-            rows = pq.read_table(entry.path, filesystem=fs, columns=["path"]).column("path").to_pylist()
-            members = [row for row in rows if row in corpus and row not in taken]
+            table = pq.read_table(entry.path, filesystem=fs, columns=["path", "error", "stamp"])
+            rows = zip(*(table.column(column).to_pylist() for column in ("path", "error", "stamp")))
+            members = [path for path, error, recorded in rows if path in corpus and path not in taken
+                       and is_reusable(error, recorded, stamps[corpus[path]], retry_crashed)]  # fmt: skip
             if members:
                 taken.update(members)
                 held.append(Chunk(name[len("part-") : -len(".parquet")], tuple(corpus[row] for row in members)))
                 continue
-        fs.delete_file(entry.path)  # another settings' part, one whose videos are all gone, or a dead run's temporary
+        fs.delete_file(entry.path)  # another settings' part, one none of whose rows stands, or a dead run's temporary
     return held
 
 
@@ -230,24 +274,25 @@ def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | Non
 
 
 def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) -> None:
-    """One chunk's rows, in its paths' order, as one Parquet file written atomically."""
+    """One chunk's rows, in its paths' order, each with its file's stamp, as one Parquet file written atomically."""
     by_path = {row["path"]: row for row in rows}
     records = []
-    for path in map(as_text, chunk.paths):
+    for path, recorded in zip(map(as_text, chunk.paths), chunk.stamps or [""] * len(chunk.paths)):
         row = by_path[path]
-        record = {"path": path, "label": None, "score": None, "top_k": None, "error": row["error"] or None}
+        record = {"path": path, "label": None, "score": None, "top_k": None, "error": row["error"] or None,
+                  "stamp": recorded}  # fmt: skip
         if not row["error"]:
             record.update(label=row["label"], score=float(row["score"]), top_k=json.loads(row["top_k"]))
         if embeddings:
             record["embedding"] = np.frombuffer(row["embedding"], np.float32).tolist() if not row["error"] else None
         records.append(record)
-    table = pa.Table.from_pylist(records, schema=predictions_schema(embeddings))
+    table = pa.Table.from_pylist(records, schema=part_schema(embeddings))
     write_atomically(fs, join_uri(root, chunk.part_name), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
 
 
 def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, Any]:
     """predictions.parquet from the parts in ``chunks``' order (streamed: one part in memory at a time), each
-    part's rows of ``chunk.paths`` only (a reused part may hold videos that left the corpus), and rejects.csv.
+    part's rows of ``chunk.paths`` only (a reused part may hold rows that no longer stand), and rejects.csv.
     Returns the counts: predicted, rejected, ``rejected_by`` (per category of rejects.csv) and ``labels``,
     the videos per top-1 label (what the corpus was labelled as, at a glance), each most first."""
     schema = predictions_schema(embeddings)
@@ -257,8 +302,8 @@ def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, 
     def write_predictions(tmp: str) -> None:
         with pq.ParquetWriter(tmp, schema, filesystem=fs) as writer:
             for chunk in chunks:
-                table = pq.read_table(join_uri(root, chunk.part_name), filesystem=fs, schema=schema)
-                if table.num_rows != len(chunk.paths):  # a reused part with videos that left the corpus: not their rows
+                table = pq.read_table(join_uri(root, chunk.part_name), filesystem=fs, schema=schema)  # stamps left out
+                if table.num_rows != len(chunk.paths):  # a reused part with rows that no longer stand (held_parts)
                     table = table.filter(pc.is_in(table.column("path"), pa.array([as_text(p) for p in chunk.paths])))
                 writer.write_table(table)
                 columns = (table.column(name).to_pylist() for name in ("path", "error", "label"))

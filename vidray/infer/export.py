@@ -222,19 +222,27 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     ``held_out``: metrics of the model on a held-out split (vidray.infer.evaluate's
     metrics.json), for the model card. ``origin``: where the checkpoint lives when ``checkpoint`` is a
     download of it (a bucket's), recorded as ``exported_from``. ``out`` must be new, empty, or an
-    earlier export (replaced). The directory is written beside ``out`` and
-    moved into place at the end, so a failed export never leaves a
-    half-written model under the real name.
+    earlier export (replaced), and not the current folder or one above it. The directory is written
+    beside ``out`` and moved into place at the end, so a failed export never leaves a half-written
+    model under the real name.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.resolve() == checkpoint.resolve():
+    # Written as resolved: `.`, `..` or `model/..` name a folder but have no name to put `.partial` after.
+    folder = out.resolve()
+    if folder == checkpoint.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; pass a new directory")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not _is_export(out))):
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _is_export(folder))):
         raise UserError(f"--out {out} exists and is not an earlier vidray export; pass a new or empty directory")
+    here = Path.cwd().resolve()
+    if folder == here or folder in here.parents:
+        # The export replaces --out whole (below): the shell would be left in a deleted folder that looks empty.
+        raise UserError(f"--out {out} is {'the current folder' if folder == here else 'above the current folder'} "
+                        f"({folder}), which an export replaces as a whole; pass a folder of its own, "
+                        f"e.g. --out {out / 'model'}")  # fmt: skip
     model, info = load_trained_model(checkpoint)
     data = info["data"]
 
-    staging = out.with_name(out.name + ".partial")
+    staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
@@ -260,9 +268,9 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     (staging / INFO).write_text(json.dumps(export_info, indent=2, sort_keys=True, default=str) + "\n")
     (staging / "README.md").write_text(model_card(export_info, pos_grid, token_grid(model.config)))
 
-    if out.exists():
-        shutil.rmtree(out)
-    staging.replace(out)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.replace(folder)
     return out
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 from vidray.compat import move_position_table_with_model, sinusoid_encoding_table
 from vidray.config import ModelSettings
 from vidray.errors import UserError
+from vidray.storage import local_folder
 from vidray.model.checkpoint import INFO, MODEL_DIR, clip_shape_of, quiet_progress_bars, read_checkpoint_info
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,16 @@ def _label_maps(classes: list[str]) -> dict:
 
 def load_pretrained_config(name_or_path: str) -> VideoMAEConfig:
     try:
-        return VideoMAEConfig.from_pretrained(name_or_path)
+        # VideoMAEConfig reads any model's config.json with a logged warning: a TimeSformer or ViT checkpoint
+        # passed every driver-side check and was refused only in the workers, as a traceback.
+        with local_folder(name_or_path, files=("config.json",)) as source:
+            model_type = VideoMAEConfig.get_config_dict(source)[0].get("model_type", "videomae")
+            if model_type != "videomae":
+                raise UserError(
+                    f"model.name_or_path: {name_or_path!r} holds a {model_type!r} model, not VideoMAE; point it at a "
+                    "VideoMAE checkpoint (e.g. MCG-NJU/videomae-base-finetuned-kinetics) or set model.init=scratch"
+                )
+            return VideoMAEConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -147,7 +157,7 @@ def build_model(model_cfg: ModelSettings, classes: list[str], frames: int, size:
     """A VideoMAE classifier for ``classes`` eating ``frames`` x ``size``² clips.
 
     ``init=pretrained`` loads ``model_cfg.name_or_path`` (hub id or local
-    directory, same code path) and re-initialises the classification head
+    directory, same code path; a folder on a bucket is copied here first) and re-initialises the classification head
     unless the checkpoint was trained on exactly these class names.
     ``init=scratch`` builds a random model of ``model_cfg.size``.
     """
@@ -168,32 +178,42 @@ def build_model(model_cfg: ModelSettings, classes: list[str], frames: int, size:
         check_clip_shape(frames, size, config)
         model = VideoMAEForVideoClassification(config)
     else:
-        pretrained = load_pretrained_config(model_cfg.name_or_path)
-        keep_head = pretrained.id2label == dict(enumerate(classes))
-        config = VideoMAEConfig.from_pretrained(model_cfg.name_or_path, **common)
-        config.num_labels = len(classes)  # resyncs nothing else: id2label/label2id were set above
-        config.update({POS_GRID_KEY: None})
-        if "VideoMAEForPreTraining" in (pretrained.architectures or []):
-            # VideoMAE's fine-tuning recipe: a new fc_norm over the mean of the tokens. A pretraining checkpoint
-            # (MCG-NJU/videomae-base, a `vidray pretrain` checkpoint's model/) says use_mean_pooling=false, and HF
-            # then classifies from the first token, one patch of the first tubelet (VideoMAE has no CLS token).
-            config.use_mean_pooling = True
-        check_clip_shape(frames, size, config)
-        model, info = VideoMAEForVideoClassification.from_pretrained(
-            model_cfg.name_or_path,
-            config=config,
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            attn_implementation="sdpa",
-        )
-        _check_loading_info(model_cfg.name_or_path, info)
-        if not keep_head:
-            reset_classifier(model)
-        # A model we fine-tuned earlier already carries a resized table: its origin grid is the source.
-        if source_grid := table_source_grid(model_cfg.interpolate_pos_embed, pretrained, config):
-            install_position_table(model, source_grid)
+        with local_folder(model_cfg.name_or_path) as source:  # a bucket's folder: copied here first
+            model = _pretrained_classifier(model_cfg, source, classes, frames, size, common)
     if model_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    return model
+
+
+def _pretrained_classifier(model_cfg: ModelSettings, source: str, classes: list[str], frames: int, size: int,
+                           common: dict[str, Any]) -> VideoMAEForVideoClassification:  # fmt: skip
+    """:func:`build_model` from the checkpoint ``model_cfg.name_or_path`` names, read from ``source``."""
+    from transformers import VideoMAEForVideoClassification
+
+    pretrained = load_pretrained_config(source)
+    keep_head = pretrained.id2label == dict(enumerate(classes))
+    config = VideoMAEConfig.from_pretrained(source, **common)
+    config.num_labels = len(classes)  # resyncs nothing else: id2label/label2id were set above
+    config.update({POS_GRID_KEY: None})
+    if "VideoMAEForPreTraining" in (pretrained.architectures or []):
+        # VideoMAE's fine-tuning recipe: a new fc_norm over the mean of the tokens. A pretraining checkpoint
+        # (MCG-NJU/videomae-base, a `vidray pretrain` checkpoint's model/) says use_mean_pooling=false, and HF
+        # then classifies from the first token, one patch of the first tubelet (VideoMAE has no CLS token).
+        config.use_mean_pooling = True
+    check_clip_shape(frames, size, config)
+    model, info = VideoMAEForVideoClassification.from_pretrained(
+        source,
+        config=config,
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,
+        attn_implementation="sdpa",
+    )
+    _check_loading_info(model_cfg.name_or_path, info)
+    if not keep_head:
+        reset_classifier(model)
+    # A model we fine-tuned earlier already carries a resized table: its origin grid is the source.
+    if source_grid := table_source_grid(model_cfg.interpolate_pos_embed, pretrained, config):
+        install_position_table(model, source_grid)
     return model
 
 

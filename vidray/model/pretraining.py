@@ -39,6 +39,7 @@ from vidray.model.checkpoint import quiet_progress_bars
 from vidray.config import ModelSettings, PretrainSettings
 from vidray.errors import UserError
 from vidray.model.masking import masked_positions
+from vidray.storage import local_folder
 from vidray.model.classifier import (
     POS_GRID_KEY,
     _check_loading_info,
@@ -105,7 +106,8 @@ def pretraining_config(model_cfg: ModelSettings, pretrain: PretrainSettings, fra
     else:
         source = load_pretrained_config(model_cfg.name_or_path)
         _check_decoder_matches(source, pretrain, model_cfg.name_or_path)
-        config = VideoMAEConfig.from_pretrained(model_cfg.name_or_path, **common)
+        with local_folder(model_cfg.name_or_path, files=("config.json",)) as folder:  # a bucket's: copied here
+            config = VideoMAEConfig.from_pretrained(folder, **common)
         config.update({POS_GRID_KEY: None})
         if PRETRAINING_ARCHITECTURE in (source.architectures or []):  # its decoder goes on as it is, MLP width included
             config.decoder_intermediate_size = source.decoder_intermediate_size
@@ -154,9 +156,9 @@ def build_pretraining_model(
         model = VideoMAEForPreTraining(config)
     else:
         source = load_pretrained_config(model_cfg.name_or_path)
-        with quiet_progress_bars():
+        with quiet_progress_bars(), local_folder(model_cfg.name_or_path) as folder:  # a bucket's: copied here first
             model, info = VideoMAEForPreTraining.from_pretrained(
-                model_cfg.name_or_path, config=config, output_loading_info=True, attn_implementation="sdpa"
+                folder, config=config, output_loading_info=True, attn_implementation="sdpa"
             )
         _check_loading_info(model_cfg.name_or_path, info, new_prefixes=NEW_PRETRAINING_PREFIXES)
         # A model vidray trained at another size already carries a resized table: its origin grid is the source.
