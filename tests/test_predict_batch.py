@@ -37,6 +37,7 @@ from vidray.data.listing import as_text
 from vidray.model.inference import Views, clip_outputs
 from vidray.infer.predict import Classifier, predict_videos
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
+from vidray.data.shard_files import WORKER_CRASH
 from vidray.data.preprocess import preprocess
 from vidray.data.shards import DecodeSettings
 from vidray.data.video import encode_mp4
@@ -345,6 +346,44 @@ def test_a_rerun_predicts_again_what_preprocessing_would_decode_again(model_dir,
         assert (third["reused"], third["predicted_this_run"], third["rejected"]) == (5, 1, 0)
         assert last[str(crashing)]["label"] in CLASSES and {p: r for p, r in last.items() if p != str(crashing)} == {
             p: r for p, r in after.items() if p != str(crashing)}  # fmt: skip
+
+
+def test_a_retried_crash_stays_predicted_and_a_missing_object_is_looked_for_again(tmp_path):
+    """A --retry-crashed run predicts a crashed video into a part of its own, beside the part that holds its crash;
+    on the next run without the flag that crash's row stood again, and of the two parts the first by name won (a
+    hash: about one case in two), so the crash came back for good. An object or URL has no stamp to change when it
+    arrives: its `missing` row stood for ever. What `vidray predict --out` does with its parts, without Ray: rows
+    as its decoding and model leave them, written, selected and assembled by its own functions."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
+    fs.create_dir(f"{root}/{PARTS_DIR}")
+    good, crashed = (str(_video(tmp_path / f"clip{i}.mp4", 48, 40, 10, seed=70 + i)) for i in range(2))
+    url = "http://127.0.0.1:9/later.mp4"  # never fetched here: the rows say what its download gave
+    paths = [good, crashed, url]
+    stamps = {path: stamp(path) for path in paths}
+    assert stamps[url] == ""
+
+    def run(outcomes: dict[str, str], retry_crashed: bool) -> tuple[set[str], dict[str, str]]:
+        """One run: (videos reused, {video: its label or error category}); ``outcomes``: what predicting each video
+        that no part holds gives, a label or an error."""
+        held = held_parts(fs, root, {}, stamps, retry_crashed)
+        held_paths = {path for chunk in held for path in chunk.paths}
+        todo = plan_chunks([path for path in paths if path not in held_paths], {}, 3, stamps)
+        for chunk in todo:
+            rows = [{"path": path, "error": outcomes[path] if ":" in outcomes[path] else "", "label": outcomes[path],
+                     "score": 0.9, "top_k": json.dumps([{"label": outcomes[path], "score": 0.9}])} for path in chunk.paths]  # fmt: skip
+            write_part(fs, root, chunk, rows, embeddings=False)
+        assemble(fs, root, in_discovery_order(held + todo, paths), embeddings=False)
+        for part in (Path(root) / PARTS_DIR).iterdir():  # the next run comes an hour later
+            os.utime(part, (part.stat().st_mtime - 3600,) * 2)
+        rows = pq.read_table(f"{root}/predictions.parquet").to_pylist()
+        assert [row["path"] for row in rows] == paths  # every video once
+        return held_paths, {row["path"]: (row["error"] or row["label"]).partition(":")[0] for row in rows}
+
+    crash, missing = f"{WORKER_CRASH}: {WORKER_CRASH_REASON}", "missing: HTTP 404 Not Found"
+    assert run({good: "up", crashed: crash, url: missing}, False) == (set(), {good: "up", crashed: WORKER_CRASH, url: "missing"})
+    assert run({crashed: "down", url: missing}, True) == ({good}, {good: "up", crashed: "down", url: "missing"})
+    # Without the flag: the retried crash stays predicted; the URL is asked again, and is there now.
+    assert run({url: "up"}, False) == ({good, crashed}, {good: "up", crashed: "down", url: "up"})
 
 
 def test_a_video_rejected_as_unreadable_is_predicted_again_once_it_may_be_read(model_dir):

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vidray.data.listing import RENAME_TO_UTF8, as_text, is_hidden, is_text_name, is_video_file, videos_under
+from vidray.data.clip import MissingVideoError
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import WORKER_CRASH
 from vidray.data.shards import DecodeSettings, file_stamp
@@ -184,12 +185,15 @@ def is_reusable(error: str | None, recorded: str | None, now: str, retry_crashed
     whose stamp is ``now``. Not, as preprocessing decodes such a video again (vidray/data/shards.py, ``_id_fields``;
     shard_files.find_stale): for a file changed since (replaced; a copy then under way, now finished; a share
     unmounted then, mounted now; a permission fixed); for a rejection that says nothing of the file
-    (:data:`RETRIED_EVERY_RUN`); with ``retry_crashed``, for a video that killed its worker (kept otherwise, as
-    preprocessing keeps it, so that a rerun finds the same rows)."""
+    (:data:`RETRIED_EVERY_RUN`); for an object or URL (no stamp) that was missing, as nothing here says when it
+    comes (an upload then under way, a 404 until a server has it); with ``retry_crashed``, for a video that killed
+    its worker (kept otherwise, as preprocessing keeps it, so that a rerun finds the same rows)."""
     if recorded != now:
         return False
     category = (error or "").partition(": ")[0]
-    return category not in RETRIED_EVERY_RUN and not (retry_crashed and category == WORKER_CRASH)
+    if category in RETRIED_EVERY_RUN or (not now and category == MissingVideoError.code):
+        return False
+    return not (retry_crashed and category == WORKER_CRASH)
 
 
 def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps: dict[str, str],
@@ -201,12 +205,14 @@ def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps:
     in its part, left out of the chunk (and so of predictions.parquet), and its video is predicted again.
 
     Deleted: parts of other settings, parts none of whose rows stands any more, a dead run's temporaries.
-    A video held by two parts (a row that stands is never predicted again) is taken from the first by name."""
+    A video held by two parts is taken from the newer: its row in the older did not stand when the newer was
+    written (a --retry-crashed run predicts a crashed video into a part of its own, beside the crash's row,
+    which stands again on a later run without the flag)."""
     prefix = f"part-{settings_id(settings)}-"
     corpus = {as_text(path): path for path in stamps}  # parts name videos as their rows do
     entries = fs.get_file_info(pafs.FileSelector(join_uri(root, PARTS_DIR), allow_not_found=True))
     held, taken = [], set()
-    for entry in sorted(entries, key=lambda e: e.base_name):
+    for entry in sorted(entries, key=lambda e: (e.mtime_ns or 0, e.base_name), reverse=True):
         if entry.type != pafs.FileType.File:
             continue
         name = entry.base_name
