@@ -4,8 +4,9 @@
 
 Same as `vidray pretrain`: the last stdout line is a JSON summary whose
 `model_dir` is the encoder to fine-tune from (`vidray train
-model.init=pretrained model.name_or_path=<model_dir>`); config errors print
-one line and exit 2.
+model.init=pretrained model.name_or_path=<model_dir>`, plus `model.patch_size=null
+model.tubelet_size=null` with a config that sets scratch sizes, as demo.yaml does);
+config errors print one line and exit 2.
 """
 
 import sys
