@@ -187,8 +187,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     # A caller already connected to Ray (a test or notebook running the CLI in-process) keeps its connection.
     connected_before = ray.is_initialized()
     summary = run_pretraining(cfg, restart=args.restart, verbose=args.verbose)
+    sizes = "".join(f" model.{key}=null" for key in ("patch_size", "tubelet_size") if getattr(cfg.model, key))  # scratch's
     _tell(f"vidray pretrain: encoder in {summary['model_dir']}; fine-tune from it with model.init=pretrained "
-          f"model.name_or_path={summary['model_dir']}")
+          f"model.name_or_path={summary['model_dir']}{sizes}")
     _print_summary(summary, disconnect_ray=not connected_before)
 
 
