@@ -44,6 +44,8 @@ FUNCTION_IMPORTS_ALLOWED = {
     "that plans chunks and writes parts does not (about 4 s of its start on 2 cores, docs/benchmarks.md)",
     ("vidray.infer.batch_predict", "_isolate_crashes"): "the same, on the path that re-runs the videos of a "
     "crashed decode task in the driver",
+    ("vidray.tune.callbacks", "wandb_callbacks"): "Ray's W&B integration imports wandb (seconds) and the module "
+    "is unpickled by every trial's Ray Train controller: only a sweep that logs to W&B imports it",
 }
 # read_clip (wherever vidray.data defines it) imports the decoder named by data.decoder when it is asked
 # for: each decoding library is optional (PyAV, decord, torchcodec), so importing the others would fail.

@@ -57,6 +57,13 @@ def test_device_peak_table_matches_specific_names_first():
     assert bench.device_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.device_peak_tflops("NVIDIA A10G") == 70.0
     assert bench.device_peak_tflops("NVIDIA L4") == 121.0
+    # A name that holds another's: an L40 was read as an L4 (MFU 1.5x too high), an H200 NVL as an SXM H200.
+    assert bench.device_peak_tflops("NVIDIA L40") == 181.0 and bench.device_peak_tflops("NVIDIA L40S") == 362.0
+    assert bench.device_peak_tflops("NVIDIA H200 NVL") == 835.0 and bench.device_peak_tflops("NVIDIA H200") == 989.0
+    # Every name of the table reaches its own peak: none is shadowed by a name before it that it contains.
+    from vidray.train.telemetry import BF16_PEAK_TFLOPS
+
+    assert {name: bench.device_peak_tflops(f"NVIDIA {name}") for name in BF16_PEAK_TFLOPS} == BF16_PEAK_TFLOPS
     assert bench.device_peak_tflops(None) is None
     assert bench.device_peak_tflops("Some Future GPU") is None
 

@@ -340,6 +340,26 @@ def test_an_epoch_no_killed_driver_showed_is_printed_and_logged_once_by_the_runs
     assert not list(run_dir.glob(".*.tmp"))  # the marker, rewritten each epoch, is written whole (no temporaries left)
 
 
+def test_every_driver_of_a_run_logs_into_the_runs_one_wandb_run(tmp_path):
+    """A run continued by a second driver (after Ctrl-C, or a killed driver) was split over two Weights & Biases
+    runs, each driver starting one of its own: epochs 1-2 in one, the rest in another. The run's marker keeps
+    the id of its W&B run, which every later driver continues (offline here: the run's id names its folder)."""
+    from vidray.train.follow import WANDB_RUN_ID, EpochFollower, tracking_dir
+    from vidray.train.runs import mark_run, read_marker
+
+    run_dir, _ = _run(tmp_path, epochs=3)
+    cfg = load_config(None, ["train.epochs=3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r",
+                             "run.wandb.enabled=true", "run.wandb.mode=offline"])  # fmt: skip
+    mark_run(str(run_dir), "train", "r")
+    for epoch in (0, 1):  # two drivers, each seeing one epoch
+        _run_checkpoint(run_dir, epoch, cfg)
+        with EpochFollower(str(run_dir), cfg, command="vidray train", name="r", line=lambda m, n: "", every_s=3600):
+            pass
+    run_id = read_marker(str(run_dir))[WANDB_RUN_ID]
+    folders = list((tracking_dir(str(run_dir)) / "wandb").glob("offline-run-*"))
+    assert folders and {folder.name.rsplit("-", 1)[1] for folder in folders} == {run_id}
+
+
 def test_a_partial_copy_of_the_last_epoch_leaves_the_run_unfinished(tmp_path):
     from vidray.train.runs import summarize_run
 

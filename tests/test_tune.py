@@ -613,6 +613,11 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     assert len(trial_dirs(experiment)) == 2
     # Ray Train picked up its registered checkpoint: the resumed run reports only what is left.
     assert progress_epochs(second) == [1, 2]
+    # Tune's TensorBoard events of the continued trial, across its two drivers' files: each epoch at its epochs done
+    # (the second driver's epoch 2 was drawn at step 1, Tune's training_iteration, back at 1 in a continued trial).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [event.step for event in EventAccumulator(str(second)).Reload().Scalars("ray/tune/val_macro_f1")] == [1, 2]
 
     # Consoles a person can read: Tune's trial table and one line per trial per epoch (the killed
     # driver's for the epochs it saw, the continuing one's for what was left), no metric dumps, no

@@ -26,6 +26,8 @@ from vidray.train.runs import checkpoints, latest_checkpoint, read_marker, updat
 TENSORBOARD_DIR = "tensorboard"
 # In the run's marker (vidray.train.runs.RUN_MARKER): the epochs a driver of the run printed and logged.
 FOLLOWED = "followed_epochs"
+# In the run's marker: the id of the run's Weights & Biases run, which every driver of the run logs into.
+WANDB_RUN_ID = "wandb_run_id"
 # How often the driver looks at the run's storage for a new epoch while Ray Train runs.
 FOLLOW_EVERY_S = 1.0
 
@@ -75,6 +77,7 @@ class EpochFollower:
         marker = read_marker(run_dir)
         self.marked = marker is not None  # a folder vidray marked (vidray.train.runs.open_run): the record goes there
         followed = (marker or {}).get(FOLLOWED)
+        self.wandb_run_id = (marker or {}).get(WANDB_RUN_ID)
         # Without a record (a run that older vidray started): the epochs it has are taken as printed and logged.
         if isinstance(followed, list) and all(isinstance(epoch, int) for epoch in followed):
             self.done = set(followed)
@@ -95,7 +98,9 @@ class EpochFollower:
         suffix = f".{uuid.uuid4().hex[:8]}"
         self.tensorboard = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR), filename_suffix=suffix)
         if self.cfg.run.wandb.enabled:
-            self.wandb_run = start_wandb(self.cfg, self.name, self.local_dir)
+            # One W&B run for the run, whichever drivers follow it: each made its own, the epochs split between them.
+            self.wandb_run_id = self.wandb_run_id or uuid.uuid4().hex[:8]
+            self.wandb_run = start_wandb(self.cfg, self.name, self.local_dir, self.wandb_run_id)
         self._record()  # from now on the record says what is shown, whenever this driver is killed
         self.thread.start()
         return self
@@ -118,7 +123,8 @@ class EpochFollower:
         if not self.marked:
             return
         try:
-            update_marker(self.run_dir, **{FOLLOWED: sorted(self.done)})
+            wandb_id = {WANDB_RUN_ID: self.wandb_run_id} if self.wandb_run_id else {}
+            update_marker(self.run_dir, **{FOLLOWED: sorted(self.done)}, **wandb_id)
         except OSError as err:
             if not self.record_failed:
                 self.record_failed = True
@@ -154,15 +160,16 @@ class EpochFollower:
             self._record()
 
 
-def start_wandb(cfg: VidrayConfig, name: str, local_dir: Path):
-    """A Weights & Biases run for one train or pretrain run, logged from the driver (no worker needs wandb)."""
+def start_wandb(cfg: VidrayConfig, name: str, local_dir: Path, run_id: str):
+    """The Weights & Biases run ``run_id`` of one train or pretrain run, logged from the driver (no worker needs
+    wandb), and continued by the run's later drivers (``resume="allow"``)."""
     import wandb
 
     mode = wandb_mode(cfg.run.wandb)
     try:
         # console="off": stdout stays vidray's, whose last line is the JSON summary.
         return wandb.init(
-            project=cfg.run.wandb.project, group=cfg.run.name, name=name, dir=str(local_dir), mode=mode,
+            project=cfg.run.wandb.project, group=cfg.run.name, name=name, dir=str(local_dir), mode=mode, id=run_id, resume="allow",
             config=cfg.model_dump(mode="json"), settings=wandb.Settings(silent=True, console="off"),
         )  # fmt: skip
     except (wandb.errors.Error, ValueError) as err:

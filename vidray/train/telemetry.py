@@ -24,14 +24,16 @@ from typing import Any, Callable
 import torch
 
 # Datasheet dense bf16 tensor-core peaks (no sparsity), TFLOP/s; matched against torch.cuda.get_device_name(),
-# most specific names first.
+# most specific names first: each name holds the ones after it that it contains ("L40" holds "L4").
 BF16_PEAK_TFLOPS = {
+    "H200 NVL": 835.0,
     "H200": 989.0,
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
     "H100": 989.0,  # SXM
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
     "A10G": 70.0,
     "A10": 125.0,

@@ -12,6 +12,7 @@ import sys
 
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import TIMESTEPS_TOTAL
 
 from vidray.config import VidrayConfig
 from vidray.train.metrics import EPOCHS_DONE
@@ -61,7 +62,9 @@ class ReportToTune(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         first = metrics[0]
-        leading = {EPOCHS_DONE: int(first["epoch"]) + 1}
+        # timesteps_total too: the step Tune's TensorBoard logger puts a result at, which is otherwise Tune's
+        # training_iteration, back at 1 in a trial continued from its checkpoint (epochs 3-5 drawn at steps 1-3).
+        leading = {EPOCHS_DONE: int(first["epoch"]) + 1, TIMESTEPS_TOTAL: int(first["epoch"]) + 1}
         leading.update({key: first[key] for key in (self.metric, "train_loss", "val_loss") if key in first})
         metrics = [{**leading, **{k: v for k, v in first.items() if k not in leading}}, *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)
@@ -76,10 +79,10 @@ def wandb_callbacks(cfg: VidrayConfig) -> list:
     if not cfg.run.wandb.enabled:
         return []
     # Only for a sweep that logs to W&B: Ray's integration imports wandb itself, which takes seconds.
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from vidray.tune.wandb_trials import EpochStepWandb
 
     mode = wandb_mode(cfg.run.wandb)
-    callback = WandbLoggerCallback(project=cfg.run.wandb.project, group=cfg.run.name, mode=mode)
+    callback = EpochStepWandb(project=cfg.run.wandb.project, group=cfg.run.name, mode=mode, resume="allow")
     try:
         callback.setup()
     except ValueError as err:
