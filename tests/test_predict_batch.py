@@ -351,13 +351,13 @@ def test_a_rerun_predicts_again_what_preprocessing_would_decode_again(model_dir,
 def test_a_retried_crash_stays_predicted_and_a_missing_object_is_looked_for_again(tmp_path):
     """A --retry-crashed run predicts a crashed video into a part of its own, beside the part that holds its crash;
     on the next run without the flag that crash's row stood again, and of the two parts the first by name won (a
-    hash: about one case in two), so the crash came back for good. An object or URL has no stamp to change when it
-    arrives: its `missing` row stood for ever. What `vidray predict --out` does with its parts, without Ray: rows
+    hash: about one case in two), so the crash came back for good. An object on a bucket has no stamp to change
+    when it arrives (an upload under way when the run looked): its `missing` row stood for ever. What `vidray predict --out` does with its parts, without Ray: rows
     as its decoding and model leave them, written, selected and assembled by its own functions."""
     fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
     fs.create_dir(f"{root}/{PARTS_DIR}")
     good, crashed = (str(_video(tmp_path / f"clip{i}.mp4", 48, 40, 10, seed=70 + i)) for i in range(2))
-    url = "http://127.0.0.1:9/later.mp4"  # never fetched here: the rows say what its download gave
+    url = "s3://bucket/later.mp4"  # never fetched here: the rows say what its download gave
     paths = [good, crashed, url]
     stamps = {path: stamp(path) for path in paths}
     assert stamps[url] == ""
@@ -379,10 +379,10 @@ def test_a_retried_crash_stays_predicted_and_a_missing_object_is_looked_for_agai
         assert [row["path"] for row in rows] == paths  # every video once
         return held_paths, {row["path"]: (row["error"] or row["label"]).partition(":")[0] for row in rows}
 
-    crash, missing = f"{WORKER_CRASH}: {WORKER_CRASH_REASON}", "missing: HTTP 404 Not Found"
+    crash, missing = f"{WORKER_CRASH}: {WORKER_CRASH_REASON}", "missing: not found"
     assert run({good: "up", crashed: crash, url: missing}, False) == (set(), {good: "up", crashed: WORKER_CRASH, url: "missing"})
     assert run({crashed: "down", url: missing}, True) == ({good}, {good: "up", crashed: "down", url: "missing"})
-    # Without the flag: the retried crash stays predicted; the URL is asked again, and is there now.
+    # Without the flag: the retried crash stays predicted; the object is looked for again, and is there now.
     assert run({url: "up"}, False) == ({good, crashed}, {good: "up", crashed: "down", url: "up"})
 
 

@@ -180,18 +180,18 @@ def stamp(path: str) -> str:
     return f"{size}:{mtime_ns}" + (":unreadable" if unreadable else "")
 
 
-def is_reusable(error: str | None, recorded: str | None, now: str, retry_crashed: bool) -> bool:
+def is_reusable(path: str, error: str | None, recorded: str | None, now: str, retry_crashed: bool) -> bool:
     """Whether a part's row (its ``error``, null when predicted, and the ``recorded`` stamp) stands for a video
     whose stamp is ``now``. Not, as preprocessing decodes such a video again (vidray/data/shards.py, ``_id_fields``;
     shard_files.find_stale): for a file changed since (replaced; a copy then under way, now finished; a share
     unmounted then, mounted now; a permission fixed); for a rejection that says nothing of the file
-    (:data:`RETRIED_EVERY_RUN`); for an object or URL (no stamp) that was missing, as nothing here says when it
-    comes (an upload then under way, a 404 until a server has it); with ``retry_crashed``, for a video that killed
-    its worker (kept otherwise, as preprocessing keeps it, so that a rerun finds the same rows)."""
+    (:data:`RETRIED_EVERY_RUN`); for an s3:// / gs:// object (no stamp) that was missing, as nothing here says when
+    it comes (an upload then under way; a URL's 404 is its server's answer, and stands); with ``retry_crashed``,
+    for a video that killed its worker (kept otherwise, as preprocessing keeps it, so that a rerun finds the same rows)."""
     if recorded != now:
         return False
     category = (error or "").partition(": ")[0]
-    if category in RETRIED_EVERY_RUN or (not now and category == MissingVideoError.code):
+    if category in RETRIED_EVERY_RUN or (not now and category == MissingVideoError.code and not is_web_url(path)):
         return False
     return not (retry_crashed and category == WORKER_CRASH)
 
@@ -220,7 +220,7 @@ def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps:
             table = pq.read_table(entry.path, filesystem=fs, columns=["path", "error", "stamp"])
             rows = zip(*(table.column(column).to_pylist() for column in ("path", "error", "stamp")))
             members = [path for path, error, recorded in rows if path in corpus and path not in taken
-                       and is_reusable(error, recorded, stamps[corpus[path]], retry_crashed)]  # fmt: skip
+                       and is_reusable(path, error, recorded, stamps[corpus[path]], retry_crashed)]  # fmt: skip
             if members:
                 taken.update(members)
                 held.append(Chunk(name[len("part-") : -len(".parquet")], tuple(corpus[row] for row in members)))
