@@ -13,6 +13,7 @@ import sys
 import tempfile
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -404,6 +405,23 @@ def test_names_that_are_not_utf8_are_refused_in_one_line_naming_them_and_the_fix
     ]
 
 
+def assert_each_unreadable_folder_refused(root: Path, cases, index: Callable[[], int], out: Path) -> None:
+    """For each (folder below ``root``, mode): with that mode, ``index`` run as another user is refused in one line
+    naming the folder and the fix, and writes no manifest ``out``; the mode is put back after."""
+    for folder, mode in cases:
+        (root / folder).chmod(mode)
+        try:
+            with pytest.raises(UserError) as refused:
+                as_another_user(index)
+        finally:
+            (root / folder).chmod(0o755)
+        assert str(refused.value) == (
+            f"folder {root / folder} cannot be read (permission denied), so its videos cannot be listed: make it "
+            f"readable (`chmod -R a+rX {root / folder}`, as its owner or with sudo) or move it out of the video folder"
+        )
+        assert not out.exists()
+
+
 def test_a_folder_that_cannot_be_read_is_refused_naming_it_and_the_fix():
     """Footage untarred with another owner's modes: a folder below the root that this user may not list (or
     may list but not enter) held videos os.walk skipped without a word, and they were left out of the index,
@@ -421,19 +439,8 @@ def test_a_folder_that_cannot_be_read_is_refused_naming_it_and_the_fix():
 
         # No read and no search permission, read but no search (names listed, none openable); a class folder;
         # a split folder.
-        for folder, mode in (("train/cat/session2", 0o000), ("train/cat/session2", 0o644), ("train/dog", 0o000),
-                             ("train", 0o000)):  # fmt: skip
-            (root / folder).chmod(mode)
-            try:
-                with pytest.raises(UserError) as refused:
-                    as_another_user(present)
-            finally:
-                (root / folder).chmod(0o755)
-            assert str(refused.value) == (
-                f"folder {root / folder} cannot be read (permission denied), so its videos cannot be listed: make it "
-                f"readable (`chmod -R a+rX {root / folder}`, as its owner or with sudo) or move it out of the video folder"
-            )
-            assert not out.exists()
+        cases = (("train/cat/session2", 0o000), ("train/cat/session2", 0o644), ("train/dog", 0o000), ("train", 0o000))
+        assert_each_unreadable_folder_refused(root, cases, present, out)
         assert as_another_user(present) == 3
 
 
@@ -606,19 +613,8 @@ def test_an_unreadable_folder_among_the_coin_videos_is_refused_or_not_read():
         assert present() == 2  # first here, loading what index_coin imports lazily before the fork drops root
         assert as_another_user(present) == 2
         out.unlink()
-        for folder, mode in (("3", 0o000), ("3", 0o644), ("", 0o000)):  # no permission; read but no search; the root
-            (videos / folder).chmod(mode)
-            try:
-                with pytest.raises(UserError) as refused:
-                    as_another_user(present)
-            finally:
-                (videos / folder).chmod(0o755)
-            assert str(refused.value) == (
-                f"folder {videos / folder} cannot be read (permission denied), so its videos cannot be listed: make it "
-                f"readable (`chmod -R a+rX {videos / folder}`, as its owner or with sudo) or move it out of the video "
-                "folder"
-            )
-            assert not out.exists()
+        # No permission; read but no search; the root.
+        assert_each_unreadable_folder_refused(videos, (("3", 0o000), ("3", 0o644), ("", 0o000)), present, out)
 
 
 def test_index_coin_hostile_inputs_name_the_file(coin_files, tmp_path):
