@@ -48,7 +48,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # Plain loopback clusters: no token auth (another cluster's ~/.ray/auth_token would switch it on).
 # No progress bars: on a 2-core box their redraws cost more CPU than the work.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-# What `ray start` says when a node's raylet did not register within Ray's fixed 30 s (ray/_private/node.py).
+# What `ray start` says when a node's raylet did not register within the fixed 30 s Ray's node start-up waits.
 NODE_TIMED_OUT = "The current node timed out during startup"
 # Every LoopbackCluster's temp dir starts so (short: Ray's unix socket paths live below it, 108-byte limit).
 TEMP_PREFIX = "vrmn"
@@ -139,7 +139,7 @@ class LoopbackCluster:
                 return
             log = (Path(self.temp_dir) / f"start-{name}.log").read_text()
             if attempt == 1 and NODE_TIMED_OUT in log:
-                # Ray waits a fixed 30 s for a new raylet to register (ray/_private/node.py): on a 2-core machine
+                # Ray waits a fixed 30 s for a new raylet to register (no setting changes it): on a 2-core machine
                 # at load 13 (the suite's two lanes, another test's cluster starting) the GCS answered its
                 # first look only after 49 s. Its daemons are left running: stopped, then the node starts again.
                 self._stop_node(name)
