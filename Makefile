@@ -81,7 +81,7 @@ demo: setup
 test: setup
 	bash tests/run_all.sh $(PY) $(MAKE) --no-print-directory pipeline-env
 
-# The inner loop: everything that needs no Ray cluster and no end-to-end run (86 s on 2 cores).
+# The inner loop: everything that needs no Ray cluster and no end-to-end run.
 test-quick: setup
 	$(PY) -m pytest -q -m "not ray and not slow" --durations=5
 

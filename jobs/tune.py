@@ -3,7 +3,7 @@
     python jobs/tune.py                                        # the embedded demo: what `make demo` runs
     python jobs/tune.py --config configs/coin12.yaml tune.num_samples=4
     python jobs/tune.py --config configs/coin12.yaml --restart # discard that sweep and start over
-    ray job submit --working-dir . -- python jobs/tune.py --config configs/coin12.yaml
+    ray job submit --working-dir . -- python jobs/tune.py   # the demo as a job; COIN on a cluster: docs/scaling.md
 
 Same as `vidray tune`: prints the results table and its path; the last stdout
 line is a JSON summary with absolute paths; config and input errors print one

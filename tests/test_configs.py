@@ -29,6 +29,10 @@ def test_every_run_config_validates_and_describes_a_sweep(path):
     build_param_space(cfg.tune)  # raises on an empty grid
     assert count_trials(cfg.tune) >= 2
     assert cfg.tune.metric == "val_macro_f1" and cfg.tune.mode == "max"
+    # The sweep's reports sit with its runs, so the run.storage_path the cluster commands give (a bucket,
+    # an absolute path) keeps them too: a relative reports_dir, under `ray job submit --working-dir .`,
+    # lands in the job's copy of the repository, which Ray deletes (coin12's reports/coin12 did).
+    assert cfg.run.reports_dir is None
 
 
 def _keys(node, prefix=""):
@@ -110,11 +114,36 @@ def test_a_run_hands_its_workers_a_local_model_by_its_absolute_path(monkeypatch,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "demo").mkdir(parents=True)
     shared = ["run.shared_filesystem=true", "run.storage_path=runs", "data.dataset_dir=ds"]  # no Ray asked
-    cfg = on_shared_storage(load_config(CONFIGS / "demo.yaml", [*shared, "model.name_or_path=models/demo"]))
+    cfg = on_shared_storage(load_config(CONFIGS / "demo.yaml", [*shared, "model.name_or_path=models/demo"]), "vidray train")
     assert (cfg.model.name_or_path, cfg.run.storage_path, cfg.data.dataset_dir) == (
         str(tmp_path / "models" / "demo"), str(tmp_path / "runs"), str(tmp_path / "ds"))  # fmt: skip
-    hub = on_shared_storage(load_config(CONFIGS / "coin12.yaml", shared))
+    hub = on_shared_storage(load_config(CONFIGS / "coin12.yaml", shared), "vidray train")
     assert hub.model.name_or_path == "MCG-NJU/videomae-base-finetuned-kinetics"  # no such folder here: a hub id
+
+
+@pytest.mark.parametrize("command", ["vidray train", "vidray pretrain", "vidray tune"])
+def test_every_run_warns_of_an_output_path_a_ray_job_would_lose(monkeypatch, tmp_path, capsys, command):
+    """Under `ray job submit --working-dir .` the job runs in a copy of the folder that Ray deletes (under
+    .../runtime_resources/working_dir_files/), and a relative run.storage_path or run.reports_dir lands there:
+    only `vidray tune` said so. Every command gives its paths to its workers through on_shared_storage."""
+    from vidray.train.driver import on_shared_storage
+
+    job_copy = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    job_copy.mkdir(parents=True)
+    monkeypatch.chdir(job_copy)
+    shared = ["run.shared_filesystem=true", "data.dataset_dir=/data/ds"]  # no Ray asked
+    on_shared_storage(load_config(CONFIGS / "demo.yaml", [*shared, "run.storage_path=runs", "run.reports_dir=reports"]), command)
+    assert capsys.readouterr().err == (
+        f"{command}: warning: run.storage_path and run.reports_dir are relative, so they point into this job's "
+        f"working-directory copy ({job_copy}), which Ray deletes; use an absolute path (the default is ~/ray_results)\n"
+    )
+    on_shared_storage(load_config(CONFIGS / "demo.yaml", [*shared, "run.reports_dir=reports"]), command)
+    assert "warning: run.reports_dir is relative, so it points into this job's" in capsys.readouterr().err
+    on_shared_storage(load_config(CONFIGS / "demo.yaml", [*shared, "run.storage_path=/srv/runs"]), command)
+    assert capsys.readouterr().err == ""
+    monkeypatch.chdir(tmp_path)  # a plain folder: relative paths are the user's own
+    on_shared_storage(load_config(CONFIGS / "demo.yaml", [*shared, "run.storage_path=runs"]), command)
+    assert capsys.readouterr().err == ""
 
 
 def test_one_value_where_a_key_takes_a_list_is_a_list_of_one():

@@ -139,8 +139,11 @@ def test_the_step_by_step_section_runs_as_written(walkthrough):
     train_output = next(o for c, o in outputs.items() if c.startswith("vidray train"))
     reused = re.search(r"decoded 0, reused (\d+)/(\d+) shards", train_output)
     assert reused and reused[1] == reused[2], train_output[-3000:]
-    shards = list((walkthrough["work"] / "data" / "demo" / "dataset").glob("*/shard-*.parquet"))
+    shards = list((walkthrough["work"] / "data" / "walkthrough" / "dataset").glob("*/shard-*.parquet"))
     assert len(shards) == int(reused[2]) and {p.parent.name for p in shards} == {"train", "val", "test"}
+    # `make demo`'s folder (data/demo, demo.yaml's default paths) is left alone: the walk-through and the demo,
+    # run in either order, each found the other's videos there and refused to go on.
+    assert not (walkthrough["work"] / "data" / "demo").exists()
     assert summaries["evaluate"]["num_samples"] == 12 and 0 <= summaries["evaluate"]["accuracy"] <= 1
     export_output = next(o for c, o in outputs.items() if c.startswith("vidray export"))
     assert ('vidray export: models/demo (model card: models/demo/README.md); load it with '
@@ -168,13 +171,17 @@ def test_vidray_train_prints_one_line_per_epoch_and_tracks_the_run(walkthrough):
 # (PRETRAIN_BESIDE on: evaluate, export and predict use no Ray): on two cores one process's start-up overlaps
 # another's (68 s for both fixtures, from 75 s one after the other). Half a CPU per worker, so that one CPU
 # stays free for the Ray Data reads that fill each run's cache before it starts.
+WALKTHROUGH_DATA = (
+    "data.source=folder data.videos_dir=data/walkthrough/videos data.manifest=data/walkthrough/manifest.parquet "
+    "data.dataset_dir=data/walkthrough/dataset"
+)  # as the README's `vidray train` names them
 PRETRAIN_COMMANDS = {
     "tracked": (
-        "vidray pretrain --config configs/demo.yaml data.source=folder pretrain.epochs=2 run.name=demo_train "
+        f"vidray pretrain --config configs/demo.yaml {WALKTHROUGH_DATA} pretrain.epochs=2 run.name=demo_train "
         "run.wandb.enabled=true train.cpus_per_worker=0.5"
     ),
     "verbose": (
-        "vidray pretrain --verbose --config configs/demo.yaml data.source=folder pretrain.epochs=1 "
+        f"vidray pretrain --verbose --config configs/demo.yaml {WALKTHROUGH_DATA} pretrain.epochs=1 "
         "run.name=demo_verbose train.cpus_per_worker=0.5"
     ),
 }

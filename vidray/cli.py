@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument(
         "--dispatch", choices=DISPATCHES, default="ray_data",
-        help="who hands out the decode tasks: Ray Data (default) or plain Ray tasks (the same shards, ~1.2x faster on small clusters)",
+        help="who hands out the decode tasks: Ray Data (default) or plain Ray tasks (the same shards; the first task starts 1.3-1.9 s sooner)",
     )  # fmt: skip
     _add_retry_crashed_arg(pre)
     _add_verbose_arg(pre)

@@ -30,7 +30,7 @@ Dispatch = Literal["ray_data", "ray_tasks"]
 DISPATCHES: tuple[str, ...] = get_args(Dispatch)
 # A dataset's splits, in order (vidray/data/dataset.py; the CLI offers them without importing the data stage).
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-DEFAULT_JPEG_QUALITY = 90  # >= 8x smaller than raw at about 36 dB on real footage (docs/benchmarks.md, "Stored format")
+DEFAULT_JPEG_QUALITY = 90  # >= 8x smaller than raw at 38.5 dB on real footage (docs/benchmarks.md, "Stored format")
 
 
 class ConfigError(UserError):
@@ -110,7 +110,7 @@ class DataSettings(_Section):
     jpeg_quality: int = Field(DEFAULT_JPEG_QUALITY, ge=1, le=100)
     # Who hands the shards' decode tasks to the cluster (vidray/data/ray_decode.py): ray_data - Ray Data
     # (the Data view of the dashboard follows it); ray_tasks - plain Ray tasks, the same tasks without
-    # Ray Data's executor: 1.2x the videos/s on 2 CPUs, from a start 2 s sooner (docs/benchmarks.md,
+    # Ray Data's executor: the first task 1.3-1.9 s sooner, the same videos/s within noise (docs/benchmarks.md,
     # "Preprocessing against its own decode work"). The same shards, byte for byte: not in the shard ids.
     dispatch: Dispatch = "ray_data"
 

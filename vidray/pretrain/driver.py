@@ -193,7 +193,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
     """
     check_pretrain_config(cfg)
     init_ray(verbose=verbose)
-    cfg = on_shared_storage(cfg)
+    cfg = on_shared_storage(cfg, "vidray pretrain")
     dataset_dir = cfg.data.dataset_dir
     pcfg = as_pretraining(cfg)
     run_dir, state = open_run(

@@ -159,10 +159,26 @@ def build_trainer(
     )
 
 
-def on_shared_storage(cfg: VidrayConfig) -> VidrayConfig:
+def warn_if_inside_a_job_copy(cfg: VidrayConfig, command: str) -> None:
+    """Under `ray job submit --working-dir`, a relative output path lands in a copy Ray deletes: say so once."""
+    if "runtime_resources" not in Path.cwd().parts:
+        return
+    relative = [key for key, value in (("run.storage_path", cfg.run.storage_path), ("run.reports_dir", cfg.run.reports_dir))
+                if value is not None and "://" not in str(value) and not str(value).startswith(("/", "~"))]
+    if relative:
+        it = "it points" if len(relative) == 1 else "they point"
+        print(f"{command}: warning: {' and '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, so {it} into "
+              f"this job's working-directory copy ({Path.cwd()}), which Ray deletes; use an absolute path (the default is "
+              "~/ray_results)",
+              file=sys.stderr, flush=True)
+
+
+def on_shared_storage(cfg: VidrayConfig, command: str) -> VidrayConfig:
     """``cfg`` with its paths as every worker must get them (after init_ray()): run.storage_path and
     data.dataset_dir as every node must, and a local model.name_or_path absolute (Ray Train's workers run in
-    folders of their own, where a relative one was taken for a hub id)."""
+    folders of their own, where a relative one was taken for a hub id). Warns, as ``command``, of an output
+    path that a `ray job submit` would lose."""
+    warn_if_inside_a_job_copy(cfg, command)
     storage_path, dataset_dir = shared_storage_paths(cfg)
     model = cfg.model
     if Path(model.name_or_path).exists():
@@ -194,7 +210,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     """
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     init_ray(verbose=verbose)
-    cfg = on_shared_storage(cfg)
+    cfg = on_shared_storage(cfg, "vidray train")
     dataset_dir = cfg.data.dataset_dir
     run_dir, state = open_run(
         "train", "train", cfg.run.storage_path, cfg.run.name, restart=restart,

@@ -1,10 +1,9 @@
-"""The sweep's folder on storage: what it holds for a config (new, interrupted, finished), how its trials get their
-data, and paths that would vanish."""
+"""The sweep's folder on storage: what it holds for a config (new, interrupted, finished), and how its trials get
+their data."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import ray.tune
 
@@ -75,14 +74,3 @@ def trials_ended(experiment_path: str) -> int:
     """
     return sum(trial.status in ("TERMINATED", "ERROR") for trial in ray.tune.ExperimentAnalysis(experiment_path).trials)
 
-
-def warn_if_inside_a_job_copy(cfg: VidrayConfig) -> None:
-    """Under `ray job submit --working-dir`, a relative path lands in a copy Ray deletes: say so once."""
-    if "runtime_resources" not in Path.cwd().parts:
-        return
-    relative = [key for key, value in (("run.storage_path", cfg.run.storage_path), ("run.reports_dir", cfg.run.reports_dir))
-                if value is not None and "://" not in str(value) and not str(value).startswith(("/", "~"))]
-    if relative:
-        print(f"vidray tune: warning: {', '.join(relative)} is relative, so it points into this job's working-directory "
-              f"copy ({Path.cwd()}), which Ray deletes; use an absolute path (the default is ~/ray_results)",
-              file=sys.stderr, flush=True)

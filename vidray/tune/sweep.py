@@ -70,7 +70,7 @@ from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
-from vidray.tune.experiment import sweep_state, trials_cache_dataset, trials_ended, warn_if_inside_a_job_copy
+from vidray.tune.experiment import sweep_state, trials_cache_dataset, trials_ended
 from vidray.tune.local_ray import local_cluster_kwargs
 from vidray.tune.scheduler import build_trial_scheduler, check_sweep_config
 from vidray.tune.space import build_param_space, count_trials, trial_config
@@ -185,9 +185,9 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
 
     init_ray(verbose=verbose, **local_cluster_kwargs())
-    warn_if_inside_a_job_copy(cfg)
     # Trials run in other processes and directories: give them absolute paths.
-    cfg = on_shared_storage(cfg.model_copy(update={"run": cfg.run.model_copy(update={"reports_dir": cfg.run.reports_path()})}))
+    cfg = on_shared_storage(cfg, "vidray tune")
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"reports_dir": cfg.run.reports_path()})})
     storage_path, dataset_dir = cfg.run.storage_path, cfg.data.dataset_dir
     capacity = cluster_capacity()
     # Whether the data will be cached is known only once it is prepared: check what holds either way now.
