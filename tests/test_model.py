@@ -74,6 +74,26 @@ def test_pretrained_loads_backbone_and_only_reinitialises_the_head(pretrained_di
             assert torch.equal(tensor, reference_state[name]), name
 
 
+def test_a_half_precision_checkpoint_trains_in_float32(tmp_path, pretrained_dir):
+    """transformers 5 loads a checkpoint in the dtype its config.json names: a bf16 one gave bf16 weights, so AdamW
+    kept bf16 moments and rounded most fine-tuning updates away. Training builds (fine-tuning and pretraining) get
+    float32 weights whatever the file's, as transformers 4 gave."""
+    from transformers import VideoMAEForPreTraining
+
+    from vidray.config import PretrainSettings
+    from vidray.model.pretraining import build_pretraining_model
+
+    half = tmp_path / "bf16"
+    VideoMAEForVideoClassification.from_pretrained(pretrained_dir).to(torch.bfloat16).save_pretrained(half)
+    assert VideoMAEForVideoClassification.from_pretrained(half).dtype == torch.bfloat16  # what "auto" reads
+    model = build_model(_pretrained_cfg(str(half)), CLASSES, frames=16, size=224)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    half_mae = tmp_path / "bf16_mae"
+    VideoMAEForPreTraining(VideoMAEConfig(**TINY, num_frames=16, image_size=224)).to(torch.bfloat16).save_pretrained(half_mae)
+    mae = build_pretraining_model(_pretrained_cfg(str(half_mae)), PretrainSettings(), frames=16, size=224)
+    assert {p.dtype for p in mae.parameters()} == {torch.float32}
+
+
 def test_head_is_reset_even_when_sizes_match_but_classes_differ(pretrained_dir):
     five = ["A", "B", "C", "D", "E"]
     reference = VideoMAEForVideoClassification.from_pretrained(pretrained_dir)

@@ -49,7 +49,7 @@ EVAL_CLIPS = 2
 # A dangling link in a folder is a video found and rejected ("missing"), not one left out of the count.
 # A good video whose name is not UTF-8 is rejected too: its row could only name it escaped (as_text).
 HOSTILE = {"zero_bytes": "empty", "text": "not_a_video", "truncated": "corrupt", "audio_only": "no_video_stream",
-           "dangling_symlink": "missing", "name_not_utf8": "name_not_utf8"}  # fmt: skip
+           "dangling_symlink": "missing", "name_not_utf8": "name_not_utf8", "photo_jpeg": "not_a_video"}  # fmt: skip
 
 
 def _video(path: Path, width: int, height: int, frames: int, seed: int) -> Path:
@@ -435,6 +435,31 @@ def test_an_object_the_store_refuses_is_its_own_download_failed_row(tmp_path):
         frames, error, reason = decode_one(uri, DecodeSettings(DATA["stored_frames"], DATA["stored_size"]), None)
     assert (frames, error) == (b"", "download_failed")
     assert reason.startswith("download failed: When reading information for key 'day1/clip.mp4'") and "ACCESS_DENIED" in reason
+
+
+def test_paths_as_users_give_them_reach_the_decoder(corpus, tmp_path, monkeypatch):
+    """A quoted `~` (no shell expanded it) named a missing file under the working folder; a file:// URI with an
+    encoded space was missing; an ftp:// row crashed its decode task (storage tests: each by itself)."""
+    video = tmp_path / "my clip.mp4"
+    shutil.copyfile(corpus["good"][0], video)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert discover(["~/my clip.mp4", video.as_uri()]) == [str(video), video.as_uri()]
+    settings = DecodeSettings(DATA["stored_frames"], DATA["stored_size"])
+    frames, error, reason = decode_one(video.as_uri(), settings, None)
+    assert (error, reason) == ("", "") and len(frames) == DATA["stored_frames"] * DATA["stored_size"] ** 2 * 3
+    assert decode_one("ftp://host/a.mp4", settings, None)[1] == "download_failed"
+
+
+def test_parts_of_another_decoding_are_not_reused(monkeypatch):
+    """A vidray whose decoding changed (DECODE_VERSION, as preprocessing's shard ids count it) kept the rows of the
+    frames it no longer reads, and the files it once refused, for ever: the parts' names now count it."""
+    from vidray.data.shards import DECODE_VERSION
+    from vidray.infer import corpus as corpus_module
+
+    settings = {"model": "m", "clips": 1, "crops": 1, "top_k": 5, "embeddings": False}
+    before = corpus_module.settings_id(settings)
+    monkeypatch.setattr(corpus_module, "DECODE_VERSION", DECODE_VERSION + 1)
+    assert corpus_module.settings_id(settings) != before
 
 
 def test_cli_refuses_folders_without_out_and_bad_views(corpus, model_dir, tmp_path, capsys):

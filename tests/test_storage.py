@@ -29,8 +29,10 @@ from vidray.storage import (
     check_storage_for_cluster,
     is_uri,
     is_web_url,
+    listed_object_uri,
     local_file,
     local_mirror,
+    local_part,
     join_uri,
     mount_fstype,
     open_filesystem,
@@ -74,6 +76,25 @@ def test_a_video_at_a_url_is_downloaded_for_its_decoder_and_a_failed_download_sa
     assert not refused.value.missing
     with pytest.raises(UserError, match=r"^https://example.org/videos: not a folder or storage vidray can read or write"):
         open_filesystem("https://example.org/videos")
+
+
+def test_an_object_keeps_what_opening_its_folder_took_and_a_file_uri_is_decoded(tmp_path):
+    """Listing s3://KEY:SECRET@videos/day1?endpoint_override=... (MinIO, Ceph) gave rows of plain s3://videos/day1/a.mp4,
+    which went to AWS with the default keys: every video failed to download. A file:// URI is percent-encoded
+    (Path.as_uri() writes a space as %20, which pyarrow decodes); the decoder looked for "my%20clip.mp4". A URI that
+    pyarrow cannot open at all (ftp://) was an exception out of the decode task, filed as a worker crash."""
+    minio = "s3://KEY:SECRET@videos/day1?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert listed_object_uri(minio, "videos/day1/a.mp4") == "s3://KEY:SECRET@videos/day1/a.mp4?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert listed_object_uri("gs://videos/day1", "videos/day1/b c.mp4") == "gs://videos/day1/b c.mp4"
+    video = tmp_path / "my clip.mp4"
+    video.write_bytes(b"bytes")
+    assert local_part(video.as_uri()) == str(video) and local_part(str(video)) == str(video) and local_part(minio) is None
+    with local_file(video.as_uri()) as local:
+        assert Path(local).read_bytes() == b"bytes"
+    with pytest.raises(DownloadError, match="^download failed: ftp://host/a.mp4: not a folder or storage vidray can read") as ftp:
+        with local_file("ftp://host/a.mp4"):
+            pass
+    assert not ftp.value.missing
 
 
 def test_uris_are_joined_with_slashes_and_kept_verbatim():

@@ -257,6 +257,11 @@ def make_bad_file(kind: str, directory: Path, good_video: Path) -> Path:
         pass
     elif kind == "directory":
         path.mkdir()
+    elif kind in ("photo_jpeg", "photo_png"):  # a phone's photo saved or renamed as .mp4: FFmpeg opens it as one frame
+        from PIL import Image
+
+        rng = np.random.default_rng(3)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, format=kind.split("_")[1].upper())
     elif kind == "name_not_utf8":  # a good video named in cp1252, as unzipping a Windows archive leaves it
         path = directory / os.fsdecode("café.mp4".encode("cp1252"))
         path.write_bytes(data)
@@ -276,6 +281,8 @@ BAD_FILES = {
     "dangling_symlink": (MissingVideoError, "dangling symlink"),
     "missing": (MissingVideoError, "file not found"),
     "directory": (MissingVideoError, "not a regular file"),
+    "photo_jpeg": (NotAVideoError, "a still image (JPEG), not a video"),  # was a clip of 8 copies of it, labelled
+    "photo_png": (NotAVideoError, "a still image (PNG), not a video"),
 }
 
 
@@ -302,6 +309,18 @@ def write_av1(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         encode_frames(container, stream, frames)
     return path
+
+
+def test_a_relative_name_with_a_colon_is_a_file_not_a_protocol(tmp_path, monkeypatch, good_video, decoder):
+    """FFmpeg reads what comes before a colon as a protocol: `vidray predict 2024-05-01T10:30:00.mp4` in the
+    camera's folder was "truncated or corrupt container (Protocol not found)". The decoders get the absolute path."""
+    from vidray.data.video import probe
+
+    for name in ("2024-05-01T10:30:00.mp4", "cam1:front.mp4"):
+        (tmp_path / name).write_bytes(good_video.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert read_clip("2024-05-01T10:30:00.mp4", stored_frames=8, stored_size=32, decoder=decoder).frames.shape == (8, 32, 32, 3)
+    assert probe("cam1:front.mp4").num_frames == 40
 
 
 def test_a_codec_the_decoder_lacks_is_named_with_the_decoder_that_reads_it(tmp_path, decoder):

@@ -261,6 +261,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UserError("--embeddings needs --out (embeddings are written to OUT/predictions.parquet)")
     from vidray.storage import is_uri, is_web_url
 
+    args.videos = [v if is_uri(v) else str(Path(v).expanduser()) for v in args.videos]  # a `~` no shell expanded
     folders = [v for v in args.videos if Path(v).is_dir() or (is_uri(v) and not is_web_url(v)) or v.endswith(".parquet")]
     if folders:
         raise UserError(f"{folders[0]}: folders, manifests and s3:// / gs:// URIs need --out OUT (Ray Data batch prediction)")

@@ -160,7 +160,10 @@ def local_file(path: str) -> Iterator[str]:
         yield local
         return
     web = is_web_url(path)
-    fs, key = (None, urllib.parse.urlparse(path).path) if web else open_filesystem(path)
+    try:
+        fs, key = (None, urllib.parse.urlparse(path).path) if web else open_filesystem(path)
+    except (UserError, OSError) as err:  # ftp://, or a bucket whose region cannot be looked up: this video's failure
+        raise DownloadError(f"download failed: {err}", missing=False) from None
     suffix = os.path.splitext(key)[1]
     with scratch("fetch") as folder:
         copy = os.path.join(folder, "video" + suffix)
@@ -280,10 +283,19 @@ def resolve_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def listed_object_uri(folder_uri: str, listed: str) -> str:
+    """The URI of an object that listing ``folder_uri`` gave as ``listed`` (pyarrow lists ``bucket/key``): with the
+    folder's scheme, and its ``user:secret@`` and query options (an endpoint_override, a region), which reading the
+    object needs as listing it did."""
+    parts = urllib.parse.urlsplit(folder_uri)
+    user = parts.netloc.rpartition("@")[0]
+    return f"{parts.scheme}://{user + '@' if user else ''}{listed}{'?' + parts.query if parts.query else ''}"
+
+
 def local_part(path: str) -> str | None:
     """The local path behind ``path``, or None when it names remote storage."""
     if path.startswith("file://"):
-        return path[len("file://") :]
+        return urllib.parse.unquote(path[len("file://") :])  # percent-encoded, as Path.as_uri() writes it
     return None if is_uri(path) else path
 
 

@@ -161,6 +161,30 @@ _CONTAINER_SIGNATURES = (
 )
 
 
+# Still images, by their first bytes: FFmpeg opens one (image2, jpeg_pipe, png_pipe, ...) as a video of one
+# frame, which a clip would repeat 16 times and a model label with confidence. A photo saved as .mp4, or an
+# iPhone HEIC photo (an ISO BMFF file like an mp4, told apart by its brand), is not a video. GIF is left to
+# FFmpeg: an animated one is a video.
+_STILL_IMAGE_SIGNATURES = (
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (8, b"WEBP", "WebP"),
+    *((8, brand, "HEIF/AVIF") for brand in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"avif")),
+)
+
+
+def still_image_format(path: str) -> str | None:
+    """The still-image format ``path`` starts like (JPEG, PNG, ...), or None."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    for offset, magic, name in _STILL_IMAGE_SIGNATURES:
+        if head[offset : offset + len(magic)] == magic and (offset != 8 or head[:4] == b"RIFF" or head[4:8] == b"ftyp"):
+            return name
+    return None
+
+
 def looks_like_container(path: str) -> bool:
     """Whether the file starts like a video container (so failing to open it means: broken)."""
     with open(path, "rb") as f:

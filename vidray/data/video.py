@@ -20,9 +20,9 @@ from typing import get_args
 import numpy as np
 
 from vidray.config import DECODERS, DEFAULT_DECODER, DecodeDevice, DecoderName
-from vidray.data.clip import DecodedClip, EmptyVideoError, MissingVideoError, StreamInfo
+from vidray.data.clip import DecodedClip, EmptyVideoError, MissingVideoError, NotAVideoError, StreamInfo, still_image_format
 from vidray.errors import UserError
-from vidray.storage import local_part
+from vidray.storage import is_uri, local_part
 
 
 # x264 settings that make the output depend on the input alone, not on the machine or the process.
@@ -99,6 +99,14 @@ class DecoderUnavailableError(UserError):
     """The configured decoder cannot be imported here: names the package and its install command."""
 
 
+def file_path(path: str | Path) -> str:
+    """``path`` as the decoders must get it: a local one absolute. FFmpeg reads what comes before a colon as a
+    protocol name, so a relative ``2024-05-01T10:30:00.mp4`` (a camera's name for it) or ``cam1:front.mp4`` failed
+    as "Protocol not found", a corrupt file; ``./`` or an absolute path has a slash before any colon."""
+    path = str(path)
+    return path if is_uri(path) else os.path.abspath(path)
+
+
 def check_file(path: str) -> None:
     """Raise the VideoError for a path that is not a readable, non-empty regular file."""
     if not os.path.lexists(path):
@@ -115,6 +123,8 @@ def check_file(path: str) -> None:
         raise EmptyVideoError(path, "zero bytes")
     if not os.access(path, os.R_OK):
         raise MissingVideoError(path, "not readable (permission denied)")
+    if image := still_image_format(path):
+        raise NotAVideoError(path, f"a still image ({image}), not a video")
 
 
 def require_decoder(decoder: str, device: str = "cpu") -> None:
@@ -195,7 +205,7 @@ def read_clip(
     ``num_threads``: decoder threads (0: the library's choice). ``device``:
     ``cuda`` decodes on the GPU's NVDEC (torchcodec only).
     """
-    path = str(path)
+    path = file_path(path)
     check_file(path)
     # Each backend is imported on first use: its library is optional (require_decoder names
     # the install command), and a process that uses one backend never loads the others.
@@ -221,7 +231,7 @@ def probe(path: str | Path) -> StreamInfo:
     Read by PyAV whatever ``data.decoder`` is: it is the one library that reports all of it without
     decoding a clip.
     """
-    path = str(path)
+    path = file_path(path)
     check_file(path)
     from vidray.data.decode import pyav  # on first use: PyAV is optional, as in read_clip
 

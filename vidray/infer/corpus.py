@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,11 @@ from vidray.data.listing import RENAME_TO_UTF8, as_text, is_hidden, is_text_name
 from vidray.data.clip import MissingVideoError
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import WORKER_CRASH
-from vidray.data.shards import DecodeSettings, file_stamp
+from vidray.data.shards import DECODE_VERSION, DecodeSettings, file_stamp
 from vidray.errors import UserError
 from vidray.storage import (
-    DownloadError, is_uri, is_web_url, join_uri, local_file, local_part, open_filesystem, write_atomically,
+    DownloadError, is_uri, is_web_url, join_uri, listed_object_uri, local_file, local_part, open_filesystem, resolve_path,
+    write_atomically,
 )  # fmt: skip
 
 # A chunk is one part file: at most this many videos, and small enough that the videos a run predicts give
@@ -105,12 +105,13 @@ def discover(inputs: list[str]) -> list[str]:
                                 and _shown_below(key, e.path))  # fmt: skip
             if not videos:
                 raise UserError(f"{name} is a folder without video files (looked for .mp4, .mov, .mkv, .webm, ...)")
-            # Object stores list bucket/key: the rows keep the scheme; local folders give local paths.
-            found += [v if scheme == "file" else f"{scheme}://{v}" for v in videos]
+            # Object stores list bucket/key: the rows keep the scheme, and what opening the folder took (its
+            # endpoint, keys); local folders give local paths.
+            found += [v if scheme == "file" else listed_object_uri(name, v) for v in videos]
         elif info.type == pafs.FileType.File and key.endswith(".parquet"):
             found += _manifest_paths(fs, key, name)
         else:  # a video file, or a missing one: the decoder rejects it with its reason, one row
-            found.append(name if is_uri(name) else os.path.abspath(name))
+            found.append(name if is_uri(name) else resolve_path(name))  # `~` too: no shell expands a quoted one
     return list(dict.fromkeys(found))
 
 
@@ -137,7 +138,9 @@ def model_fingerprint(model_dir: Path) -> str:
 def settings_id(settings: dict[str, Any]) -> str:
     """What every part of one model and settings (model files, views, top-k, embeddings) starts its name with:
     a re-run finds the parts it may reuse by name, whatever chunks the corpus was cut into when they were written."""
-    key = json.dumps({"settings": settings, "version": PARTS_VERSION}, sort_keys=True)
+    # DECODE_VERSION: a vidray whose decoding changed (as preprocessing's shard ids count it) predicts again,
+    # rather than keep the rows of frames it no longer reads, and files it once refused.
+    key = json.dumps({"settings": settings, "version": PARTS_VERSION, "decode_version": DECODE_VERSION}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -207,6 +207,10 @@ def _pretrained_classifier(model_cfg: ModelSettings, source: str, classes: list[
         ignore_mismatched_sizes=True,
         output_loading_info=True,
         attn_implementation="sdpa",
+        # transformers 5 loads a checkpoint in the dtype its config.json names ("auto"): a half-precision one
+        # would train in it, AdamW's moments and updates too (bf16 rounds a 5e-5 step on a 0.02 weight away).
+        # Training keeps float32 weights; autocast gives the bf16 compute.
+        dtype=torch.float32,
     )
     _check_loading_info(model_cfg.name_or_path, info)
     if not keep_head:

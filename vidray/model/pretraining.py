@@ -157,8 +157,8 @@ def build_pretraining_model(
     else:
         source = load_pretrained_config(model_cfg.name_or_path)
         with quiet_progress_bars(), local_folder(model_cfg.name_or_path) as folder:  # a bucket's: copied here first
-            model, info = VideoMAEForPreTraining.from_pretrained(
-                folder, config=config, output_loading_info=True, attn_implementation="sdpa"
+            model, info = VideoMAEForPreTraining.from_pretrained(  # float32 weights whatever the file's: build_model
+                folder, config=config, output_loading_info=True, attn_implementation="sdpa", dtype=torch.float32
             )
         _check_loading_info(model_cfg.name_or_path, info, new_prefixes=NEW_PRETRAINING_PREFIXES)
         # A model vidray trained at another size already carries a resized table: its origin grid is the source.
