@@ -97,6 +97,24 @@ def test_an_object_keeps_what_opening_its_folder_took_and_a_file_uri_is_decoded(
     assert not ftp.value.missing
 
 
+def test_a_json_file_the_store_refuses_to_give_is_an_error_not_an_absent_file(tmp_path):
+    """read_json read every OSError as "no such file": a bucket's access denied or a network error made a run's
+    lock look free (`--restart` went on to delete a live run) and its marker absent (rewritten without what it
+    held). A real pyarrow S3 client on a server on loopback: a missing key is None, a refused one an error."""
+    from vidray.storage import read_json
+
+    (tmp_path / "bucket" / "runs").mkdir(parents=True)
+    (tmp_path / "bucket" / "runs" / "lock.json").write_text('{"pid": 1}')
+    refusing: dict = {}
+    with web_server(tmp_path, refusing=refusing) as base:
+        folder = f"s3://K:S@bucket/runs/{{}}?endpoint_override={base.removeprefix('http://')}&scheme=http&region=us-east-1"
+        assert read_json(folder.format("lock.json")) == {"pid": 1}
+        assert read_json(folder.format("absent.json")) is None
+        refusing["status"] = 403
+        with pytest.raises(UserError, match=r"^bucket/runs/lock.json: cannot read it \(.*ACCESS_DENIED.*\): check the storage"):
+            read_json(folder.format("lock.json"))
+
+
 def test_uris_are_joined_with_slashes_and_kept_verbatim():
     assert is_uri("s3://bucket/runs") and is_uri("gs://bucket/x") and not is_uri("/data/runs")
     assert join_uri("s3://bucket/runs/", "trial", "ckpt") == "s3://bucket/runs/trial/ckpt"

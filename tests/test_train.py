@@ -613,6 +613,31 @@ def test_compiled_and_eager_steps_agree_and_a_padded_last_eval_batch_changes_not
     assert all("s/step" in line and "data wait" in line and "clips/s" in line and "TFLOP/s" in line for line in compiled[3])
 
 
+def test_a_run_that_is_all_warm_up_is_said_so(capsys):
+    """demo.yaml warms pretraining up for 5 epochs; `vidray pretrain pretrain.epochs=2` (as the README's test runs it)
+    changed one key only, and the learning rate climbed through every step of the run, never reaching pretrain.lr
+    or decaying, without a word. The schedule is the user's to set: the driver says so, once, before the run."""
+    from vidray.train.optim import build_lr_schedule, warn_if_warmup_fills_the_run
+
+    train = TrainSettings(epochs=2, warmup_epochs=5, lr=1e-3)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=train.lr)
+    schedule = build_lr_schedule(optimizer, train, steps=10)
+    lrs = []
+    for _ in range(train.epochs * 10):
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    assert lrs == sorted(lrs) and lrs[-1] < train.lr / 2  # all warm-up: the peak is never reached
+    warn_if_warmup_fills_the_run("vidray pretrain", "pretrain", 2, 5.0)
+    assert capsys.readouterr().err == (
+        "vidray pretrain: warning: pretrain.warmup_epochs=5 is not shorter than pretrain.epochs=2, so the learning rate "
+        "warms up for the whole run, never reaching pretrain.lr or decaying: set pretrain.warmup_epochs below 2\n"
+    )
+    for epochs, warmup in ((3, 2.0), (2, 0.0), (40, 2.5)):
+        warn_if_warmup_fills_the_run("vidray train", "train", epochs, warmup)
+    assert capsys.readouterr().err == ""
+
+
 def test_step_telemetry_reports_mfu_against_the_device_peak():
     from vidray.train.telemetry import StepTelemetry, device_peak_tflops, train_flops_per_clip
 

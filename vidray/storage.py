@@ -201,7 +201,8 @@ def local_folder(path: str, files: tuple[str, ...] | None = None) -> Iterator[st
 
 
 def read_json(uri: str) -> Any | None:
-    """The JSON at ``uri``, or None when it is missing, being written or damaged."""
+    """The JSON at ``uri``, or None when it is missing, being written or damaged; a :class:`UserError` naming it
+    when the storage does not let it be read (access denied, a network error)."""
     return load_json(*open_filesystem(uri))
 
 
@@ -210,8 +211,13 @@ def load_json(fs: pafs.FileSystem, path: str) -> Any | None:
     try:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         return None
+    except OSError as err:
+        # Not "no such file": a bucket's access denied, a network error, NFS's ESTALE. Read as absent, a run lock
+        # looked free (`--restart` then deleted a live run) and a marker was written again without what it held.
+        raise UserError(f"{path}: cannot read it ({' '.join(str(err).split())}): check the storage's access "
+                        "and network, then run again") from None
 
 
 def json_text(value: Any) -> str:

@@ -62,6 +62,7 @@ from vidray.model.pretraining import load_pretraining_model, save_encoder
 from vidray.pretrain.checks import check_pretrain_config
 from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
 from vidray.pretrain.task import pretrain_loop_per_worker
+from vidray.train.optim import warn_if_warmup_fills_the_run
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path, scratch
 from vidray.model import transforms
 from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
@@ -192,6 +193,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
     Returns run dir, last checkpoint and metrics, ``model_dir`` (the encoder) and the figures.
     """
     check_pretrain_config(cfg)
+    warn_if_warmup_fills_the_run("vidray pretrain", "pretrain", cfg.pretrain.epochs, cfg.pretrain.warmup_epochs)
     init_ray(verbose=verbose)
     cfg = on_shared_storage(cfg, "vidray pretrain")
     dataset_dir = cfg.data.dataset_dir

@@ -31,7 +31,7 @@ from vidray.train.finetune import finetune_loop_per_worker
 from vidray.train.placement import build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
-from vidray.train.optim import micro_batch_size
+from vidray.train.optim import micro_batch_size, warn_if_warmup_fills_the_run
 from vidray.folder_lock import FolderLock
 from vidray.train.follow import EpochFollower
 from vidray.train.runs import CONTINUES, existing_run_state, keep_to_its_data, open_run, summarize_run
@@ -209,6 +209,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     ``best_checkpoint``: the best ``val_macro_f1``'s), the paths ``vidray evaluate`` takes.
     """
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    warn_if_warmup_fills_the_run("vidray train", "train", cfg.train.epochs, cfg.train.warmup_epochs)
     init_ray(verbose=verbose)
     cfg = on_shared_storage(cfg, "vidray train")
     dataset_dir = cfg.data.dataset_dir

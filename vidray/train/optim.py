@@ -9,6 +9,7 @@ optional layer-wise lr decay), and Hugging Face's schedules by name
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -78,6 +79,15 @@ def build_optimizer(
         group["lr"] = train.lr * group["lr_scale"]
     # Fused AdamW: one kernel for all parameters on CUDA (no per-tensor launches); the CPU has none worth it.
     return torch.optim.AdamW(groups, lr=train.lr, betas=betas, fused=device.type == "cuda")
+
+
+def warn_if_warmup_fills_the_run(command: str, section: str, epochs: int, warmup_epochs: float) -> None:
+    """Say so when a run is all warm-up: its learning rate would climb for every step, never reaching the peak or
+    decaying. Easily done: demo.yaml's pretrain.warmup_epochs is 5, and `pretrain.epochs=2` changes one key only."""
+    if warmup_epochs and warmup_epochs >= epochs:
+        print(f"{command}: warning: {section}.warmup_epochs={warmup_epochs:g} is not shorter than {section}.epochs={epochs}, "
+              f"so the learning rate warms up for the whole run, never reaching {section}.lr or decaying: set "
+              f"{section}.warmup_epochs below {epochs}", file=sys.stderr, flush=True)
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, train: TrainSettings, steps: int):

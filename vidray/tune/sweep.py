@@ -66,6 +66,7 @@ from vidray.storage import join_uri, write_json
 from vidray.train.driver import (
     FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, on_shared_storage, warn_of_untrainable_classes,
 )
+from vidray.train.optim import warn_if_warmup_fills_the_run
 from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock
 from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
@@ -183,6 +184,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     param_space = build_param_space(cfg.tune)
     check_sweep_config(cfg)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    warn_if_warmup_fills_the_run("vidray tune", "train", cfg.train.epochs, cfg.train.warmup_epochs)
 
     init_ray(verbose=verbose, **local_cluster_kwargs())
     # Trials run in other processes and directories: give them absolute paths.
