@@ -315,6 +315,20 @@ def test_a_video_added_to_a_linked_class_folder_makes_the_manifest_stale(tmp_pat
     assert index_folder(root, manifest, probe=False)["present"] == 2
 
 
+def test_a_link_up_a_class_folders_tree_lists_no_other_classs_videos(tmp_path):
+    """`train/cat/up -> ..` reaches train/: each class folder was walked with a memory of its own, so train/dog was
+    walked again through cat's link and its videos labelled cat too (twice in the manifest, under two labels)."""
+    root = tmp_path / "videos"
+    for label in ("cat", "dog"):
+        (root / "train" / label).mkdir(parents=True)
+        (root / "train" / label / f"{label}0.mp4").write_bytes(b"")
+    (root / "train" / "cat" / "up").symlink_to("..")
+    manifest = tmp_path / "m.parquet"
+    index_folder(root, manifest, probe=False)
+    rows = pq.read_table(manifest).to_pylist()
+    assert sorted((Path(r["path"]).name, r["label"]) for r in rows) == [("cat0.mp4", "cat"), ("dog0.mp4", "dog")]
+
+
 def test_a_folder_is_indexed_again_when_its_val_fraction_changes(tmp_path):
     """data.source=folder reuses its manifest while the folder is unchanged, unless the share lent to val changed."""
     from vidray.config import DataSettings

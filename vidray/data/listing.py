@@ -73,6 +73,9 @@ def walk_once(folder: str | Path, onerror=None) -> Iterator[tuple[str, list[str]
     A link back up the tree (``latest -> .``, ``parent -> ..``) would otherwise be followed again and again,
     each time listing the same files under a longer path, which grows without end once two such links meet."""
     seen: set[tuple[int, int]] = set()
+    # A link to a folder that holds ``folder`` (``parent -> ..`` in a class folder) is not walked into at all: its
+    # other subfolders are other classes' (or other splits'), and their videos would be listed as this one's.
+    root = os.path.realpath(folder)
     for directory, folders, files in os.walk(folder, onerror=onerror, followlinks=True):
         try:
             identity = os.stat(directory)
@@ -82,7 +85,8 @@ def walk_once(folder: str | Path, onerror=None) -> Iterator[tuple[str, list[str]
             if onerror is not None:
                 onerror(err)
             continue
-        if (identity.st_dev, identity.st_ino) in seen:
+        real = os.path.realpath(directory)
+        if (identity.st_dev, identity.st_ino) in seen or (real != root and root.startswith(real.rstrip(os.sep) + os.sep)):
             folders[:] = []
             continue
         seen.add((identity.st_dev, identity.st_ino))
