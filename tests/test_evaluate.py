@@ -152,7 +152,7 @@ def test_metrics_agree_with_predictions_and_direct_computation(evaluated, datase
     direct = classification_metrics(y_true, y_pred, CLASSES)
     assert {k: metrics[k] for k in direct} == direct
     assert metrics["per_class"]["violet"]["support"] == 0
-    assert metrics["split"] == "val" and metrics["eval_clips"] == EVAL_CLIPS and metrics["checkpoint_epoch"] == 1
+    assert metrics["split"] == "val" and metrics["eval_clips"] == EVAL_CLIPS and metrics["checkpoint_epochs_done"] == 2
     assert summary["files"]["metrics"] == str(out / "metrics.json")
     assert {k: v for k, v in summary.items() if k != "files"} == metrics
 

@@ -210,7 +210,9 @@ def evaluate_checkpoint(
     metrics.update(
         loss=loss_sum / max(len(y_true), 1),
         checkpoint=without_credentials(origin) if origin else str(checkpoint.resolve()),
-        checkpoint_epoch=info.get("epoch"),
+        # Epochs done, as every other output counts them (results.md's "epoch 5", the model card): vidray.json's
+        # "epoch" is the 0-based index, which results.json showed as 4 beside its best epoch 5.
+        checkpoint_epochs_done=None if info.get("epoch") is None else info["epoch"] + 1,
         dataset_dir=str(dataset_dir),
         split=split,
         eval_clips=views.clips,
