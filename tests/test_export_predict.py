@@ -20,7 +20,7 @@ from vidray.cli import main
 from vidray.model.transforms import MEAN, STD, eval_transform
 from vidray.model.checkpoint import INFO, save_checkpoint
 from vidray.errors import UserError
-from vidray.infer.export import CUSTOM_CODE_FILE, CUSTOM_MODEL_TYPE, export_model
+from vidray.infer.export import CUSTOM_CODE_FILE, CUSTOM_MODEL_TYPE, UNFINISHED, export_model
 from vidray.model.classifier import POS_GRID_KEY, install_position_table, interpolate_position_table, token_grid
 from vidray.infer.predict import predict_videos
 from vidray.data.video import encode_mp4, read_clip
@@ -338,6 +338,67 @@ def test_export_to_the_current_folder_is_refused_in_one_line_and_a_name_ending_i
     assert (here / "new" / "model.safetensors").is_file() and not (here / "new" / "sub").exists()
     assert not list(here.glob("*.partial")) and (here / "inner").is_dir()
 
+
+def _pin(file: Path) -> None:
+    """``file`` cannot be deleted until :func:`_unpin`: a real delete that stops part-way, as one cut short by Ctrl-C."""
+    if os.geteuid() != 0:
+        file.parent.chmod(0o555)  # its folder read-only
+    elif subprocess.run(["chattr", "+i", str(file)], capture_output=True).returncode:  # root deletes in any folder
+        pytest.skip("chattr +i (an immutable file) is refused on this filesystem")
+
+
+def _unpin(file: Path) -> None:
+    if os.geteuid() != 0:
+        file.parent.chmod(0o755)
+    else:
+        subprocess.run(["chattr", "-i", str(file)], capture_output=True)
+
+
+def test_replacing_an_export_whose_delete_stops_part_way_leaves_a_whole_export(checkpoint, tmp_path, capsys):
+    """An earlier export was deleted in place before the new one moved in: a delete cut short (a Ctrl-C, or here a
+    file that cannot be deleted) left --out half an export, which the next export refused as "not an earlier vidray
+    export". It is moved aside first now, the new one moved in, and only then is it deleted."""
+    out, aside = tmp_path / "model", tmp_path / "model.partial-old"
+    export_model(checkpoint, out)
+    files = sorted(os.listdir(out))
+    (out / "from_the_earlier_export.txt").write_text("gone with it")
+    _pin(out / "model.safetensors")
+    try:
+        assert export_model(checkpoint, out) == out
+    finally:
+        for pinned in (out / "model.safetensors", aside / "model.safetensors"):
+            if pinned.exists():
+                _unpin(pinned)
+    assert sorted(os.listdir(out)) == files and json.loads((out / "vidray.json").read_text())["exported_from"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"vidray export: wrote {out}, but could not delete the earlier export moved aside to {aside} (")
+    assert line.endswith(f"the next export to {out} deletes it, or delete it yourself")
+    export_model(checkpoint, out)  # and it does
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and sorted(os.listdir(out)) == files
+
+
+def test_a_folder_where_an_export_stages_is_deleted_only_when_an_export_left_it(checkpoint, tmp_path, capsys):
+    """The export writes into <out>.partial, and deleted whatever was there unread: someone's own folder of that name
+    with it. What an export cut short left there is its own (marked while written): deleted; anything else is refused."""
+    out, partial = tmp_path / "model", tmp_path / "model.partial"
+    partial.mkdir()
+    (partial / "thesis.tex").write_text("keep me")
+    with pytest.raises(UserError) as refused:
+        export_model(checkpoint, out)
+    assert str(refused.value) == (
+        f"{partial} is in the way of --out {out} (an export writes there) and vidray did not write it: "
+        "move or delete it, or pass another --out"
+    )
+    assert (partial / "thesis.tex").read_text() == "keep me" and not out.exists()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"vidray export: error: {refused.value}"]
+
+    shutil.rmtree(partial)
+    partial.mkdir()  # as an export cut short while it wrote the weights leaves it
+    (partial / UNFINISHED).touch()
+    (partial / "model.safetensors").write_bytes(b"half of the weights")
+    assert export_model(checkpoint, out) == out
+    assert not partial.exists() and (out / "model.safetensors").stat().st_size > 1000
 
 def test_a_models_decoder_that_cannot_load_here_is_one_line_before_any_video_is_read(exported, videos, tmp_path):
     """A model trained on torchcodec's frames (vidray.json records data.decoder), predicted where torchcodec cannot

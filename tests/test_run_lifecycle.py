@@ -280,3 +280,56 @@ def test_the_driver_beats_while_it_holds_and_leaves_another_drivers_lock(tmp_pat
         (tmp_path / LOCK_FILE).write_text(json.dumps(other))
         time.sleep(0.3)
     assert lock.holder["token"] != "another driver" and read_holder(folder) == other
+
+
+def test_a_heartbeat_that_fails_to_write_is_said_once_and_the_driver_beats_on(tmp_path, monkeypatch, capsys):
+    """One failed write of the heartbeat (an S3 PUT, NFS ESTALE, a full disk) ended the thread that writes it while
+    the driver trained on: STALE_AFTER_S later another driver took the run over as stale, or --restart deleted it.
+    A real write fails here: a folder stands where the lock's temporary file is written."""
+    monkeypatch.setattr(folder_lock, "HEARTBEAT_S", 0.05)
+    folder = str(tmp_path)
+    with FolderLock(folder, "vidray tune") as lock:
+        in_the_way = Path(f"{tmp_path / LOCK_FILE}.{lock.holder['token'][:8]}.tmp")
+        in_the_way.mkdir()
+        errors, deadline = "", time.monotonic() + 60
+        while "could not renew" not in errors and lock._beating.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            errors += capsys.readouterr().err
+        assert lock._beating.is_alive(), "the heartbeat ended at its first failed write"
+        failed = read_holder(folder)["heartbeat"]
+        time.sleep(0.3)  # more beats fail meanwhile: said once, not once a beat
+        in_the_way.rmdir()
+        while read_holder(folder)["heartbeat"] == failed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read_holder(folder)["heartbeat"] > failed and read_holder(folder)["token"] == lock.holder["token"]
+        errors += capsys.readouterr().err
+    (line,) = errors.splitlines()
+    assert line.startswith(f"vidray tune: could not renew the heartbeat in {tmp_path / LOCK_FILE} ([Errno 21] ")
+    assert line.endswith("check the storage (a lock not renewed for 120 s is another driver's to take over)")
+
+
+def test_a_sweep_of_a_run_a_live_driver_trains_is_refused_before_its_data_is_prepared(tmp_path, monkeypatch, capsys):
+    """A second `vidray tune` of a run that a live driver trains (with data.stored_size changed, say) prepared its data
+    first, deleting and decoding again the shards the first one was streaming, and only then was refused as in use.
+    Refused before the data is touched now, and before Ray starts (the lock is one file to read)."""
+    from vidray.tune import sweep
+
+    # A tripwire, not a stand-in: no Ray may start here (before the fix, the refusal came after it).
+    monkeypatch.setattr(sweep, "init_ray", lambda **_: pytest.fail("Ray started before the run's lock was checked"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # run.storage_path under ~, as configs/demo.yaml has it
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    folder = runs / "demo"
+    folder.mkdir(parents=True)
+    overrides = ["run.storage_path=~/runs", "run.name=demo", "data.stored_size=48", f"data.videos_dir={data / 'videos'}",
+                 f"data.manifest={data / 'm.parquet'}", f"data.dataset_dir={data / 'dataset'}"]  # fmt: skip
+    (driver,) = start_lock_holders(str(folder), tmp_path / "go", command="vidray tune")
+    try:
+        assert driver.stdout.readline().strip() == "held"
+        code = cli_main(["tune", "--config", str(DEMO), *overrides])
+    finally:
+        driver.kill()
+        driver.wait()
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and line.startswith(f"vidray tune: error: {folder} is in use: `vidray tune` (pid {driver.pid} ")
+    assert not data.exists()  # no videos generated, no manifest, no shards
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]

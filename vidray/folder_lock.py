@@ -240,10 +240,23 @@ class FolderLock:
         return holder is not None and holder.get("token") == self.holder["token"]
 
     def _beat(self) -> None:
+        failing = False
         while not self._stop.wait(HEARTBEAT_S):
-            if self._still_ours():
-                self.holder["heartbeat"] = time.time()
-                self._write()
+            try:
+                if self._still_ours():
+                    self.holder["heartbeat"] = time.time()
+                    self._write()
+            except (OSError, UserError) as err:  # a write, or a read (vidray.storage.read_json), the storage refused
+                # One failed beat (an S3 PUT, NFS ESTALE, a full disk) ended this thread while the driver trained on:
+                # its lock went stale, and another driver took the folder over, or --restart deleted it. The next
+                # beat tries again; said once per run of failures, not every HEARTBEAT_S.
+                if not failing:
+                    print(f"{self.command}: could not renew the heartbeat in {self.uri} ({err}); trying again every "
+                          f"{HEARTBEAT_S:g} s: check the storage (a lock not renewed for {STALE_AFTER_S:g} s is another "
+                          "driver's to take over)", file=sys.stderr, flush=True)  # fmt: skip
+                failing = True
+            else:
+                failing = False
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,38 @@ def _is_export(directory: Path) -> bool:
         return False
 
 
+# Marks a folder an export is writing (<out>.partial) or deleting (the earlier export, moved aside to
+# <out>.partial-old): what an interrupted export leaves of either is then known as vidray's, and deleted.
+UNFINISHED = ".vidray_unfinished"
+
+
+def _delete(folder: Path) -> None:
+    """Delete ``folder``, marked :data:`UNFINISHED` until its last other file is gone."""
+    (folder / UNFINISHED).touch()
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.name != UNFINISHED:
+            entry.unlink()
+    (folder / UNFINISHED).unlink()
+    folder.rmdir()
+
+
+def _clear_leftover(folder: Path, out: Path) -> None:
+    """Delete what an interrupted export left at ``folder`` (empty, marked :data:`UNFINISHED`, or a whole export);
+    refuse anything else there in one line: a folder of that name may be someone's own."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    ours = folder.is_dir() and not folder.is_symlink()
+    if not (ours and (not any(folder.iterdir()) or (folder / UNFINISHED).exists() or _is_export(folder))):
+        raise UserError(f"{folder} is in the way of --out {out} (an export writes there) and vidray did not write it: "
+                        "move or delete it, or pass another --out")  # fmt: skip
+    try:
+        _delete(folder)
+    except OSError as err:
+        raise UserError(f"cannot delete {folder}, left by an interrupted export ({err}): delete it yourself") from None
+
+
 def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None, origin: str | None = None) -> Path:
     """Write ``checkpoint`` (a `vidray train` checkpoint or an earlier export) to ``out``; returns ``out``.
 
@@ -239,13 +272,15 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
         raise UserError(f"--out {out} is {'the current folder' if folder == here else 'above the current folder'} "
                         f"({folder}), which an export replaces as a whole; pass a folder of its own, "
                         f"e.g. --out {out / 'model'}")  # fmt: skip
+    staging, aside = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".partial-old")
+    for leftover in (staging, aside):
+        _clear_leftover(leftover, out)
     model, info = load_trained_model(checkpoint)
     data = info["data"]
 
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
+        (staging / UNFINISHED).touch()
     except OSError as err:  # a file where a parent folder should be, or no permission
         raise UserError(f"cannot write --out {out} ({err.strerror}); pass a new directory in a writable folder") from None
     with quiet_progress_bars():
@@ -268,9 +303,18 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     (staging / INFO).write_text(json.dumps(export_info, indent=2, sort_keys=True, default=str) + "\n")
     (staging / "README.md").write_text(model_card(export_info, pos_grid, token_grid(model.config)))
 
+    (staging / UNFINISHED).unlink()  # whole now: what a stop here leaves is still known (:func:`_is_export`)
+    # Moved aside, not deleted in place: a delete cut short (Ctrl-C) left --out half an export, which the next
+    # export refused. --out is always one whole export now; a stop leaves what is left aside, deleted next time.
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.replace(aside)
     staging.replace(folder)
+    if aside.exists():
+        try:
+            _delete(aside)
+        except OSError as err:
+            print(f"vidray export: wrote {out}, but could not delete the earlier export moved aside to {aside} "
+                  f"({err}): the next export to {out} deletes it, or delete it yourself", file=sys.stderr)
     return out
 
 

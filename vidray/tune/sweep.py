@@ -62,14 +62,14 @@ from vidray.data.dataset import read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.errors import Interrupted
 from vidray.model.classifier import check_model_config
-from vidray.storage import join_uri, write_json
+from vidray.storage import join_uri, resolve_path, write_json
 from vidray.train.driver import (
     FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, on_shared_storage, warn_of_untrainable_classes,
 )
 from vidray.train.optim import warn_if_warmup_fills_the_run
 from vidray.train.placement import cache_splits, ingest_cpus
-from vidray.folder_lock import FolderLock
-from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run
+from vidray.folder_lock import FolderLock, refuse_if_held
+from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run, run_folder
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, trials_cache_dataset, trials_ended
 from vidray.tune.local_ray import local_cluster_kwargs
@@ -185,6 +185,10 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     check_sweep_config(cfg)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     warn_if_warmup_fills_the_run("vidray tune", "train", cfg.train.epochs, cfg.train.warmup_epochs)
+    # Before the data is prepared (open_run checks again, and FolderLock holds the run): a second sweep of a run
+    # that a live driver trains, with data.stored_size changed say, deleted and decoded again the shards that one
+    # was streaming, and only then was refused. It reads one file: before Ray starts, too.
+    refuse_if_held("vidray tune", run_folder(resolve_path(cfg.run.storage_path), cfg.run.name))
 
     init_ray(verbose=verbose, **local_cluster_kwargs())
     # Trials run in other processes and directories: give them absolute paths.
