@@ -216,6 +216,29 @@ def test_videos_whose_names_differ_in_their_extension_alone_get_ids_of_their_own
     }
 
 
+def test_a_folder_from_a_mac_and_its_copy_from_elsewhere_get_the_same_ids_and_val_videos(tmp_path):
+    """macOS writes names decomposed (NFD), a zip unpacked on Linux composed (NFC): the same folder gave other ids,
+    and so another val hold-out (hashed from the id) on each machine. Two names that differ only in their form,
+    both on one Linux disk, still get ids of their own."""
+    ids = {}
+    for form in ("NFD", "NFC"):
+        root = tmp_path / form
+        for i in range(10):
+            video = root / "train" / unicodedata.normalize(form, "Crème") / unicodedata.normalize(form, f"brûlée_{i}.mp4")
+            video.parent.mkdir(parents=True, exist_ok=True)
+            video.write_bytes(b"")
+        index_folder(root, tmp_path / f"{form}.parquet", probe=False, val_fraction=0.2)
+        frame = read_manifest(tmp_path / f"{form}.parquet")[0]
+        ids[form] = sorted(zip(frame["video_id"], frame["split"]))
+    assert ids["NFD"] == ids["NFC"] and {split for _, split in ids["NFC"]} == {"train", "val"}
+    both = tmp_path / "both" / "train" / "Crème"
+    both.mkdir(parents=True)
+    for form in ("NFD", "NFC"):
+        (both / unicodedata.normalize(form, "brûlée.mp4")).write_bytes(b"")
+    index_folder(tmp_path / "both", tmp_path / "both.parquet", probe=False)
+    assert read_manifest(tmp_path / "both.parquet")[0]["video_id"].nunique() == 2
+
+
 def test_index_folder_without_probe_leaves_probe_columns_empty(demo_root, tmp_path):
     summary = index_folder(demo_root, tmp_path / "m.parquet", probe=False)
     assert summary["present"] == 12 and summary["ignored"] == 0
@@ -327,6 +350,24 @@ def test_a_link_up_a_class_folders_tree_lists_no_other_classs_videos(tmp_path):
     index_folder(root, manifest, probe=False)
     rows = pq.read_table(manifest).to_pylist()
     assert sorted((Path(r["path"]).name, r["label"]) for r in rows) == [("cat0.mp4", "cat"), ("dog0.mp4", "dog")]
+
+
+def test_a_class_folder_linked_from_storage_that_is_not_mounted_is_refused(tmp_path):
+    """`train/cat -> /mnt/ext/cat` with /mnt/ext unmounted: the dangling link was counted as an ignored file, so the
+    class vanished and every class after it took another label index, without a word."""
+    root = tmp_path / "videos"
+    (root / "train" / "dog").mkdir(parents=True)
+    (root / "train" / "dog" / "d0.mp4").write_bytes(b"")
+    (root / "train" / "cat").symlink_to(tmp_path / "ext" / "cat")
+    manifest = tmp_path / "m.parquet"
+    with pytest.raises(UserError, match=rf"^{root / 'train' / 'cat'} links to {tmp_path / 'ext' / 'cat'}, which is not "
+                                        r"there \(storage not mounted\?\): mount it, or remove the link"):
+        index_folder(root, manifest, probe=False)
+    assert not manifest.exists()
+    (tmp_path / "ext" / "cat").mkdir(parents=True)
+    (tmp_path / "ext" / "cat" / "c0.mp4").write_bytes(b"")
+    index_folder(root, manifest, probe=False)
+    assert sorted(pq.read_table(manifest).column("label").to_pylist()) == ["cat", "dog"]
 
 
 def test_a_folder_is_indexed_again_when_its_val_fraction_changes(tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from vidray.config import ConfigError, DataSettings, VidrayConfig
 from vidray.data.demo import DEMO_CLASSES
 from vidray.data.coin import load_coin_annotations
+from vidray.data import index as indexing
 from vidray.data.index import index_folder, read_manifest, write_manifest
 from vidray.data.prepare import folder_manifest_is_stale, manifest_is_stale, prepare_dataset
 from vidray.data.shards import Video, load_videos, plan_shards
@@ -195,6 +197,53 @@ def test_videos_untarred_into_an_indexed_class_folder_with_their_old_dates_are_i
     assert not folder_manifest_is_stale(folder)
     shards_after = {s.id for s in plan_shards(load_videos(manifest)[0], 4, 16, videos_per_shard=1)}
     assert shards_before < shards_after and len(shards_after - shards_before) == 1  # b's alone is new
+
+
+def test_a_video_copied_in_while_the_folder_is_probed_is_indexed_on_the_next_run(tmp_path, monkeypatch):
+    """Indexing lists the folder, probes every video (minutes on a big set), then writes the manifest. The manifest's
+    mtime was the end of that, so a video copied in while the others were probed was older than the manifest: never
+    listed, and never indexed on a later run either. Here it is copied in as the first video is probed, by a hook
+    that then probes it for real."""
+    root, manifest = tmp_path / "videos", tmp_path / "manifest.parquet"
+    small_video(root / "train" / "cats" / "a.mp4", seed=1)
+    small_video(root / "train" / "dogs" / "a.mp4", seed=2)
+    late = root / "train" / "dogs" / "copied_in_while_probing.mp4"
+    probe_video, copying = indexing.probe_video, threading.Lock()
+
+    def probed_while_a_video_is_copied_in(path):
+        with copying:  # the probes run in threads: one copy
+            if not late.exists():
+                small_video(late, seed=3)
+        return probe_video(path)
+
+    monkeypatch.setattr(indexing, "probe_video", probed_while_a_video_is_copied_in)
+    index_folder(root, manifest)
+    monkeypatch.undo()
+    frame, _ = read_manifest(manifest)
+    assert sorted(frame["video_id"]) == ["train/cats/a", "train/dogs/a"] and frame["probe_error"].isna().all()
+
+    assert manifest_is_stale(manifest, root)  # the next prepare_dataset indexes again
+    index_folder(root, manifest)  # as prepare_dataset does when it is stale
+    assert sorted(read_manifest(manifest)[0]["video_id"]) == [
+        "train/cats/a", "train/dogs/a", "train/dogs/copied_in_while_probing"
+    ]
+    assert not manifest_is_stale(manifest, root)
+
+
+def test_a_manifest_kept_in_its_video_folder_is_stale_only_once_the_folder_changes(tmp_path):
+    """`vidray index folder /videos --out /videos/manifest.parquet`: the manifest carries the time its listing began,
+    and writing it changed its own folder after that, so it was stale as soon as written: every run indexed and
+    probed every video again."""
+    root = tmp_path / "videos"
+    manifest = root / "manifest.parquet"
+    small_video(root / "train" / "cats" / "a.mp4", seed=1)
+    small_video(root / "train" / "dogs" / "a.mp4", seed=2)
+    index_folder(root, manifest)
+    assert not manifest_is_stale(manifest, root)
+    small_video(root / "train" / "dogs" / "b.mp4", seed=3)
+    assert manifest_is_stale(manifest, root)
+    index_folder(root, manifest)
+    assert not manifest_is_stale(manifest, root) and len(read_manifest(manifest)[0]) == 3
 
 
 def test_shard_plan_does_not_depend_on_where_videos_live():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,9 @@ import pyarrow.parquet as pq
 
 from vidray.config import SPLITS
 from vidray.data.clip import VideoError
-from vidray.data.listing import VIDEO_EXTENSIONS, entries_of, is_hidden, refuse_names_not_utf8, videos_under
+from vidray.data.listing import (
+    VIDEO_EXTENSIONS, entries_of, is_hidden, is_video_file, refuse_names_not_utf8, videos_under,
+)  # fmt: skip
 from vidray.data.video import probe, require_decoder
 from vidray.errors import UserError
 
@@ -63,6 +66,8 @@ MANIFEST_SCHEMA = pa.schema(
 _PROBE_FIELDS = ("duration", "fps", "num_frames", "width", "height", "probe_error")
 
 FOLDER_LAYOUT = "ROOT/{train,val,test}/<Class>/<video>"
+# Longer than one tick of the clock that stamps files' times (1/HZ on Linux: 4 ms at HZ=250, 10 ms at HZ=100).
+CLOCK_TICK_S = 0.02
 
 
 # --- probing -----------------------------------------------------------------
@@ -281,17 +286,21 @@ def lent_to_val(root: Path, val_fraction: float) -> float:
 def video_ids(relative: list[Path]) -> list[str]:
     """Each video's id from its path below ROOT: the path without its extension, or with it where that id would
     be another video's too (train/cat/a.mp4 beside train/cat/a.MOV: a clip and its export). The ids of the
-    others stay as they were, and with them their shards and their train/val split (both keyed by the id)."""
-    ids = [path.with_suffix("").as_posix() for path in relative]
+    others stay as they were, and with them their shards and their train/val split (both keyed by the id).
+
+    In Unicode's composed form (NFC), as class names are (:func:`class_name`): a folder copied from a Mac (names
+    decomposed) and the same folder unzipped elsewhere gave other ids, so another val hold-out (keyed by the id)."""
+    ids = [unicodedata.normalize("NFC", path.with_suffix("").as_posix()) for path in relative]
     while True:
         count = Counter(ids)
         clashing = [i for i, video_id in enumerate(ids) if count[video_id] > 1]
         if not clashing:
             return ids
-        # Paths are unique, so a clash includes an id without its extension: each round keeps at least one more
-        # (a.mp4's id, kept, can be the id of a.mp4.mkv), until none clash.
+        # Each round moves every clashing id on one step: with its extension, then (two names that differ only
+        # in their Unicode form, as Linux allows) the path as it is. Paths are unique, so the rounds end.
         for i in clashing:
-            ids[i] = relative[i].as_posix()
+            composed = unicodedata.normalize("NFC", relative[i].as_posix())
+            ids[i] = composed if ids[i] != composed else relative[i].as_posix()
 
 
 def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float = 0.0) -> dict[str, Any]:
@@ -314,6 +323,14 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
         raise UserError(f"val_fraction={val_fraction} is not a share of the train videos: give one in [0, 1)")
     if not root.is_dir():
         raise UserError(f"video folder {root} does not exist (expected layout {FOLDER_LAYOUT})")
+    # The manifest gets the mtime of when the listing began, not of when it is written after minutes of probing: a
+    # video copied in meanwhile was not listed but was older than the file, so never indexed (the staleness check,
+    # vidray.data.prepare.manifest_is_stale, compares the manifest's mtime with the folder's changes). The mtime,
+    # not a metadata key: manifests already written keep working, and the check stays one stat. The pause: files
+    # are stamped by a clock that ticks every few ms (Linux's coarse clock), so one changed just after
+    # ``listed_at`` may carry a time before it; the listing starts a tick later, so such a file is listed.
+    listed_at = time.time_ns()
+    time.sleep(CLOCK_TICK_S)
     split_dirs = split_folders(root)
     if not split_dirs:
         found = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
@@ -328,6 +345,11 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
         for entry in entries_of(split_dir):
             if entry.is_dir() and not is_hidden(entry.name):
                 class_dirs.append((split, entry))
+            elif entry.is_symlink() and not entry.exists() and not is_hidden(entry.name) and not is_video_file(entry):
+                # A class folder linked from storage that is not mounted: left out, it took its class with it, and
+                # every later class's label index moved down one. The manifest must not be written without it.
+                raise UserError(f"{entry} links to {os.readlink(entry)}, which is not there (storage not mounted?): "
+                                "mount it, or remove the link to leave that class out")
             else:
                 ignored.append(entry)
     classes = sorted({class_name(class_dir) for _, class_dir in class_dirs})
@@ -357,6 +379,7 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
     moved = hold_out_val(rows, held_out) if held_out else 0
     probe_rows(rows, probe)
     write_manifest(rows, classes, out, val_fraction=held_out, source="folder", root=root)
+    os.utime(out, ns=(listed_at, listed_at))
     summary = manifest_summary(rows, classes, out)
     summary.update(
         selected=len(rows),

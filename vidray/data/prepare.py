@@ -29,7 +29,7 @@ from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
 from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
 from vidray.data.index import held_out_fraction, index_folder, indexed_from, lent_to_val
-from vidray.data.listing import walk_once
+from vidray.data.listing import is_hidden, is_video_file, walk_once
 from vidray.data.preprocess import preprocess
 
 FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
@@ -46,13 +46,27 @@ def _changed_ns(stat: os.stat_result) -> int:
     return max(stat.st_mtime_ns, stat.st_ctime_ns)
 
 
-def _newest_change_ns(root: Path) -> int:
-    """When anything in ``root`` last changed (:func:`_changed_ns`), in linked folders too (a class folder
-    linked from elsewhere is indexed: walk_once)."""
-    newest = _changed_ns(root.stat())
+def _newest_change_ns(root: Path, manifest: Path) -> int:
+    """When a video or folder in ``root`` last changed (:func:`_changed_ns`), in linked folders too (a class folder
+    linked from elsewhere is indexed: walk_once).
+
+    Among files, only videos' own times count: a manifest kept in the folder (`--out /videos/manifest.parquet`) is
+    not its data. Its folder changed when the manifest was written into it, after the listing began (the mtime
+    the manifest carries): that folder counts from the manifest's ctime, the moment it was written, else such a
+    manifest was stale as soon as it was written, and every run probed every video again."""
+    own = manifest.parent.stat()
+    written = manifest.stat().st_ctime_ns
+
+    def folder_changed(stat: os.stat_result) -> int:
+        changed = _changed_ns(stat)
+        return 0 if (stat.st_dev, stat.st_ino) == (own.st_dev, own.st_ino) and changed <= written else changed
+
+    newest = folder_changed(root.stat())
     for directory, _, files in walk_once(root):
-        newest = max(newest, _changed_ns(os.stat(directory)))
+        newest = max(newest, folder_changed(os.stat(directory)))
         for name in files:
+            if is_hidden(name) or not is_video_file(Path(name)):
+                continue
             try:
                 newest = max(newest, _changed_ns(os.stat(os.path.join(directory, name))))
             except OSError:
@@ -94,14 +108,15 @@ def indexed_elsewhere(manifest: Path, videos_dir: Path) -> str | None:
 def manifest_is_stale(manifest: Path, videos_dir: Path) -> bool:
     """Whether ``videos_dir`` must be indexed (again) into ``manifest``: there is none, it is not the folder's
     index (said on the console: :func:`indexed_elsewhere`), or it is older than the last change to a file or
-    folder in ``videos_dir`` (:func:`_newest_change_ns`)."""
+    folder in ``videos_dir`` (:func:`_newest_change_ns`). Its mtime is when its listing began
+    (:func:`vidray.data.index.index_folder`), so a video copied in while the folder was probed counts as a change."""
     if not manifest.is_file():
         return True
     elsewhere = indexed_elsewhere(manifest, videos_dir)
     if elsewhere is not None:
         print(f"vidray index: indexing {videos_dir} into {manifest}, which {elsewhere}", file=sys.stderr)
         return True
-    return manifest.stat().st_mtime_ns < _newest_change_ns(videos_dir)
+    return manifest.stat().st_mtime_ns < _newest_change_ns(videos_dir, manifest)
 
 
 def folder_manifest_is_stale(data: DataSettings) -> bool:
