@@ -364,6 +364,10 @@ def test_a_class_folder_linked_from_storage_that_is_not_mounted_is_refused(tmp_p
                                         r"there \(storage not mounted\?\): mount it, or remove the link"):
         index_folder(root, manifest, probe=False)
     assert not manifest.exists()
+    (root / "train" / "notes.txt").symlink_to(tmp_path / "share" / "notes.txt")  # a file's link: ignored, as before
+    (root / "train" / "cat").unlink()
+    assert index_folder(root, manifest, probe=False)["ignored"] == 1
+    (root / "train" / "cat").symlink_to(tmp_path / "ext" / "cat")
     (tmp_path / "ext" / "cat").mkdir(parents=True)
     (tmp_path / "ext" / "cat" / "c0.mp4").write_bytes(b"")
     index_folder(root, manifest, probe=False)

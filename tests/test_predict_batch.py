@@ -450,6 +450,15 @@ def test_paths_as_users_give_them_reach_the_decoder(corpus, tmp_path, monkeypatc
     assert decode_one("ftp://host/a.mp4", settings, None)[1] == "download_failed"
 
 
+def test_a_name_starting_with_a_tilde_is_a_file_here(corpus, model_dir, tmp_path, monkeypatch, capsys):
+    """`vidray predict ~clip1.mp4` (bash leaves a `~name` that is no user's as it is): Path.expanduser raised
+    "Could not determine home directory", a traceback."""
+    shutil.copyfile(corpus["good"][0], tmp_path / "~clip1.mp4")
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", str(model_dir), "~clip1.mp4"]) == 0
+    assert "~clip1.mp4" in capsys.readouterr().out
+
+
 def test_parts_of_another_decoding_are_not_reused(monkeypatch):
     """A vidray whose decoding changed (DECODE_VERSION, as preprocessing's shard ids count it) kept the rows of the
     frames it no longer reads, and the files it once refused, for ever: the parts' names now count it."""

@@ -308,6 +308,25 @@ def test_a_heartbeat_that_fails_to_write_is_said_once_and_the_driver_beats_on(tm
     assert line.endswith("check the storage (a lock not renewed for 120 s is another driver's to take over)")
 
 
+def test_storage_that_stops_answering_does_not_end_a_run_or_its_console(tmp_path, capsys):
+    """A read the storage refuses (a 503, NFS ESTALE: read_json raises where it read "no file") ended the epoch
+    follower's thread, and at the run's end made the lock's release fail the finished run. A real read error here: a
+    folder stands where the file is (IsADirectoryError)."""
+    from vidray.config import VidrayConfig
+    from vidray.train.follow import EpochFollower
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint_epoch_0000" / "vidray.json").mkdir(parents=True)  # a checkpoint whose info cannot be read
+    follower = EpochFollower(str(run_dir), VidrayConfig(), command="vidray train", name="r", line=lambda m, n: "", every_s=3600)
+    follower.poll()  # this look sees nothing; the next one tries again
+    with FolderLock(str(tmp_path), "vidray train"):
+        (tmp_path / LOCK_FILE).unlink()
+        (tmp_path / LOCK_FILE).mkdir()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"vidray train: could not release the lock {tmp_path / LOCK_FILE} (") and line.endswith(
+        f"it is free to take once {STALE_AFTER_S:g} s old")
+
+
 def test_a_sweep_of_a_run_a_live_driver_trains_is_refused_before_its_data_is_prepared(tmp_path, monkeypatch, capsys):
     """A second `vidray tune` of a run that a live driver trains (with data.stored_size changed, say) prepared its data
     first, deleting and decoding again the shards the first one was streaming, and only then was refused as in use.

@@ -311,6 +311,20 @@ def write_av1(path: Path, frames: np.ndarray, fps: int = 10) -> Path:
     return path
 
 
+def test_moving_kinds_of_image_formats_are_videos(tmp_path, good_video):
+    """A raw MJPEG stream (an IP camera's .mjpeg) starts as a JPEG does, an animated PNG as a PNG: each is a video."""
+    frames = np.stack([np.full((32, 48, 3), 40 * i, np.uint8) for i in range(6)])
+    for name, container_format, codec, pix_fmt in (("cam.mjpeg", "mjpeg", "mjpeg", "yuvj420p"), ("anim.mp4", "apng", "apng", "rgb24")):
+        with av.open(str(tmp_path / name), mode="w", format=container_format) as container:
+            stream = container.add_stream(codec, rate=5)
+            stream.width, stream.height, stream.pix_fmt = 48, 32, pix_fmt
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        clip = read_clip(tmp_path / name, stored_frames=6, stored_size=32, decoder="pyav")
+        assert clip.source_frames == 6, name
+
+
 def test_a_relative_name_with_a_colon_is_a_file_not_a_protocol(tmp_path, monkeypatch, good_video, decoder):
     """FFmpeg reads what comes before a colon as a protocol: `vidray predict 2024-05-01T10:30:00.mp4` in the
     camera's folder was "truncated or corrupt container (Protocol not found)". The decoders get the absolute path."""

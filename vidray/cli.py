@@ -259,9 +259,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     if args.embeddings:
         raise UserError("--embeddings needs --out (embeddings are written to OUT/predictions.parquet)")
+    from os.path import expanduser  # not Path.expanduser: it raises on `~name` where no user has that name
     from vidray.storage import is_uri, is_web_url
-
-    args.videos = [v if is_uri(v) else str(Path(v).expanduser()) for v in args.videos]  # a `~` no shell expanded
+    args.videos = [v if is_uri(v) else expanduser(v) for v in args.videos]  # a `~` no shell expanded
     folders = [v for v in args.videos if Path(v).is_dir() or (is_uri(v) and not is_web_url(v)) or v.endswith(".parquet")]
     if folders:
         raise UserError(f"{folders[0]}: folders, manifests and s3:// / gs:// URIs need --out OUT (Ray Data batch prediction)")

@@ -262,9 +262,15 @@ class FolderLock:
         self._stop.set()
         if self._beating is not None:
             self._beating.join()
-        if self._still_ours():
-            fs, path = open_filesystem(self.uri)
-            try:
-                fs.delete_file(path)
-            except FileNotFoundError:
-                pass
+        try:
+            if self._still_ours():
+                fs, path = open_filesystem(self.uri)
+                try:
+                    fs.delete_file(path)
+                except FileNotFoundError:
+                    pass
+        except (OSError, UserError) as err:
+            # The run itself is over: storage that does not answer now must not turn it into a failure, nor hide the
+            # error it ends with. The lock, no longer renewed, is stale after STALE_AFTER_S and free to take.
+            print(f"{self.command}: could not release the lock {self.uri} ({err}); it is free to take once "
+                  f"{STALE_AFTER_S:g} s old", file=sys.stderr, flush=True)

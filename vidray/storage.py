@@ -291,11 +291,11 @@ def resolve_path(path: str) -> str:
 
 def listed_object_uri(folder_uri: str, listed: str) -> str:
     """The URI of an object that listing ``folder_uri`` gave as ``listed`` (pyarrow lists ``bucket/key``): with the
-    folder's scheme, and its ``user:secret@`` and query options (an endpoint_override, a region), which reading the
-    object needs as listing it did."""
+    folder's scheme and query options (an endpoint_override, a region), which reading the object needs as listing it
+    did. Not its keys (:func:`without_credentials`): the URI is the video's name in every row, predictions.parquet
+    and the console included; keys come from the environment (AWS_ACCESS_KEY_ID, ...), as pyarrow reads them."""
     parts = urllib.parse.urlsplit(folder_uri)
-    user = parts.netloc.rpartition("@")[0]
-    return f"{parts.scheme}://{user + '@' if user else ''}{listed}{'?' + parts.query if parts.query else ''}"
+    return without_credentials(f"{parts.scheme}://{listed}{'?' + parts.query if parts.query else ''}")
 
 
 def local_part(path: str) -> str | None:

@@ -176,12 +176,15 @@ _STILL_IMAGE_SIGNATURES = (
 
 
 def still_image_format(path: str) -> str | None:
-    """The still-image format ``path`` starts like (JPEG, PNG, ...), or None."""
+    """The still-image format ``path`` starts like (JPEG, PNG, ...), or None. Not the moving kinds that share their
+    first bytes: a raw MJPEG stream (an IP camera's .mjpeg, JPEG after JPEG) and an animated PNG (its acTL chunk
+    comes before the first image's data)."""
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(4096)
     for offset, magic, name in _STILL_IMAGE_SIGNATURES:
         if head[offset : offset + len(magic)] == magic and (offset != 8 or head[:4] == b"RIFF" or head[4:8] == b"ftyp"):
-            return name
+            moving = (name == "JPEG" and path.lower().endswith((".mjpeg", ".mjpg"))) or (name == "PNG" and b"acTL" in head)
+            return None if moving else name
     return None
 
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from vidray.config import SPLITS
 from vidray.data.clip import VideoError
 from vidray.data.listing import (
-    VIDEO_EXTENSIONS, entries_of, is_hidden, is_video_file, refuse_names_not_utf8, videos_under,
+    VIDEO_EXTENSIONS, entries_of, is_hidden, refuse_names_not_utf8, videos_under,
 )  # fmt: skip
 from vidray.data.video import probe, require_decoder
 from vidray.errors import UserError
@@ -345,7 +345,9 @@ def index_folder(root: Path, out: Path, probe: bool = True, val_fraction: float 
         for entry in entries_of(split_dir):
             if entry.is_dir() and not is_hidden(entry.name):
                 class_dirs.append((split, entry))
-            elif entry.is_symlink() and not entry.exists() and not is_hidden(entry.name) and not is_video_file(entry):
+            elif entry.is_symlink() and not entry.exists() and not is_hidden(entry.name) and not (
+                Path(entry.name).suffix and Path(os.readlink(entry)).suffix  # notes.txt -> /mnt/share/notes.txt: a file's
+            ):
                 # A class folder linked from storage that is not mounted: left out, it took its class with it, and
                 # every later class's label index moved down one. The manifest must not be written without it.
                 raise UserError(f"{entry} links to {os.readlink(entry)}, which is not there (storage not mounted?): "

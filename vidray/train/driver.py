@@ -163,7 +163,10 @@ def warn_if_inside_a_job_copy(cfg: VidrayConfig, command: str) -> None:
     """Under `ray job submit --working-dir`, a relative output path lands in a copy Ray deletes: say so once."""
     if "runtime_resources" not in Path.cwd().parts:
         return
-    relative = [key for key, value in (("run.storage_path", cfg.run.storage_path), ("run.reports_dir", cfg.run.reports_dir))
+    outputs = [("run.storage_path", cfg.run.storage_path)]
+    if command != "vidray train":  # a training run writes no reports
+        outputs.append(("run.reports_dir", cfg.run.reports_dir))
+    relative = [key for key, value in outputs
                 if value is not None and "://" not in str(value) and not str(value).startswith(("/", "~"))]
     if relative:
         it = "it points" if len(relative) == 1 else "they point"

@@ -125,7 +125,7 @@ class EpochFollower:
         try:
             wandb_id = {WANDB_RUN_ID: self.wandb_run_id} if self.wandb_run_id else {}
             update_marker(self.run_dir, **{FOLLOWED: sorted(self.done)}, **wandb_id)
-        except OSError as err:
+        except (OSError, UserError) as err:  # a write, or a read (vidray.storage.read_json), the storage refused
             if not self.record_failed:
                 self.record_failed = True
                 print(f"{self.command}: warning: cannot record the epochs shown in {self.run_dir} ({err}); "
@@ -139,7 +139,10 @@ class EpochFollower:
                 pass
 
     def _history(self) -> list[dict[str, Any]]:
-        latest = latest_checkpoint(checkpoints(self.run_dir))
+        try:
+            latest = latest_checkpoint(checkpoints(self.run_dir))
+        except (OSError, UserError):  # storage that did not answer this look (a 503, ESTALE): the next one tries again
+            return []
         return latest[2].get("history", []) if latest else []
 
     def poll(self) -> None:
