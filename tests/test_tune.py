@@ -329,6 +329,56 @@ def test_a_sweep_on_object_storage_finds_its_best_checkpoint(tmp_path):
     assert summarize_trial(trial, cfg).best_checkpoint == f"file://{checkpoint}"
 
 
+@pytest.mark.parametrize("uri", [False, True], ids=["local", "file-uri"])
+def test_a_trial_whose_last_report_tune_never_got_is_summarized_from_its_checkpoint(tmp_path, uri):
+    """A sweep stopped after a trial's Ray Train run wrote its last epoch's checkpoint and before Tune took that
+    epoch's report lost the epoch's row in result.json; the rerun resumed from that checkpoint with nothing left to
+    train. The trial read "2/3 (stopped early)", its metrics one epoch old, and its best epoch, the last, was never
+    its best. The epochs Tune lacks are read from the history in its latest checkpoint's vidray.json."""
+    import torch
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    from vidray.data.dataset import ClipShape
+    from vidray.model.checkpoint import save_checkpoint
+    from vidray.report.trials import read_finished_trials, summarize_trial
+
+    storage = tmp_path / "runs"
+    experiment, trial_id = storage / "demo", "2c1a0_00000"
+    run_dir = experiment / "train_runs" / trial_id
+    torch.manual_seed(0)
+    model = VideoMAEForVideoClassification(VideoMAEConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, num_frames=4,
+        image_size=32, num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1},
+    ))  # fmt: skip
+    shape = ClipShape(["a", "b"], frames=4, size=32, stored_frames=8, stored_size=36)
+    f1s = [0.40, 0.55, 0.70]  # the last epoch is the best
+    history = [{"epoch": e, "train_loss": 1.0 - 0.1 * e, "val_loss": 0.9 - 0.1 * e, "val_macro_f1": f1, "val_accuracy": f1,
+                "val_videos": 4} for e, f1 in enumerate(f1s)]  # fmt: skip
+    for epoch in (1, 2):  # Ray Train kept these two (epoch 0 was dropped: num_to_keep)
+        save_checkpoint(run_dir / f"checkpoint_epoch_{epoch:04d}", model, training_state={"epoch": epoch},
+                        info={"epoch": epoch, "metrics": history[epoch], "history": history[: epoch + 1],
+                              "data": shape.as_dict()})  # fmt: skip
+    # Tune's trial folder, as Tune writes it: its rows stop at epoch 2 (2 of 3 done), checkpoint paths as Ray records them.
+    trial_dir = experiment / f"train_trial_{trial_id}_0_lr=0.0010,mixup_alpha=0.0000,weight_decay=0.0500"
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "params.json").write_text(json.dumps({"mixup_alpha": 0.0, "lr": 1e-3, "weight_decay": 0.05}))
+    rows = [{EPOCHS_DONE: m["epoch"] + 1, **m, "trial_id": trial_id, "training_iteration": m["epoch"] + 1,
+             "checkpoint_path": str(run_dir / f"checkpoint_epoch_{m['epoch']:04d}")} for m in history[:2]]  # fmt: skip
+    (trial_dir / "result.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    where = f"file://{storage}" if uri else str(storage)
+    cfg = load_config(DEMO, [f"run.storage_path={where}", "train.epochs=3", "tune.metric=val_macro_f1", "tune.mode=max"])
+    [trial] = read_finished_trials(f"{where}/demo")
+    summary = summarize_trial(trial, cfg)
+    assert (summary.status, summary.epochs_done, summary.epochs) == ("completed", 3, 3)
+    assert summary.last["val_macro_f1"] == 0.70 and summary.last["train_loss"] == pytest.approx(0.8)
+    last = f"{'file://' if uri else ''}{run_dir / 'checkpoint_epoch_0002'}"
+    assert (summary.best_epoch, summary.best_value, summary.best_checkpoint, summary.best_videos) == (3, 0.70, last, 4)
+    # Tune's rows stay as they were (epoch 2 still names the path Ray recorded); only epoch 3 is added.
+    assert [row[EPOCHS_DONE] for row in summary.history] == [1, 2, 3]
+    assert summary.history[1]["checkpoint_path"] == str(run_dir / "checkpoint_epoch_0001")
+    assert summary.history[2]["checkpoint_path"] == last
+
 def test_empty_grid_is_refused_before_ray_starts(capsys):
     assert cli_main(["tune", "--config", str(DEMO), "tune.lr=[]"]) == 2
     err = capsys.readouterr().err.strip()

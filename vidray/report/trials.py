@@ -15,7 +15,9 @@ import pyarrow.fs as pafs
 from vidray.config import VidrayConfig
 from vidray.storage import is_uri, join_uri, open_filesystem, read_json
 from vidray.train.metrics import EPOCHS_DONE, TUNABLE_METRICS
+from vidray.train.runs import checkpoints, latest_checkpoint
 from vidray.tune.space import trial_label
+from vidray.tune.sweep import TRAIN_RUNS_DIR
 
 # The metrics of a trial's last epoch the results table shows, by column.
 LAST_EPOCH_METRICS = {
@@ -27,6 +29,9 @@ LAST_EPOCH_METRICS = {
     "Macro-F1": "val_macro_f1",
     "Accuracy": "val_accuracy",
 }
+# The metrics a trial's history keeps per epoch: every metric tune.metric may name, not only the table's (a sweep
+# ranked by val_macro_recall found no value in any trial, so it had no best model).
+HISTORY_METRICS = tuple(dict.fromkeys([*LAST_EPOCH_METRICS.values(), *TUNABLE_METRICS, "val_videos"]))
 
 
 @dataclass
@@ -56,9 +61,7 @@ def _history(result) -> list[dict[str, float]]:
     if frame is None or EPOCHS_DONE not in frame:
         return []
     frame = frame.dropna(subset=[EPOCHS_DONE]).drop_duplicates(subset=[EPOCHS_DONE], keep="last")
-    # Every metric tune.metric may name, not only the table's: a sweep ranked by val_macro_recall found no
-    # value in any trial, so it had no best model.
-    wanted = dict.fromkeys([EPOCHS_DONE, *LAST_EPOCH_METRICS.values(), *TUNABLE_METRICS, "val_videos", "checkpoint_path"])
+    wanted = dict.fromkeys([EPOCHS_DONE, *HISTORY_METRICS, "checkpoint_path"])
     columns = [c for c in wanted if c in frame]
     rows = frame.sort_values(EPOCHS_DONE)[columns].to_dict("records")
     return [{k: (int(v) if k == EPOCHS_DONE else v) for k, v in row.items()} for row in rows]
@@ -109,6 +112,44 @@ def checkpoint_uri(path: str | None, storage_path: str) -> str | None:
     return uri + mark + query
 
 
+def _train_run_dir(result, storage_path: str) -> str | None:
+    """The trial's Ray Train run, ``<experiment>/train_runs/<trial_id>`` (vidray/tune/sweep.py's layout), beside
+    its Tune trial folder; None without a trial id (Tune recorded no result of it)."""
+    trial_id = result.metrics.get("trial_id")
+    if not trial_id:
+        return None
+    trial_dir, mark, query = checkpoint_uri(str(result.path), storage_path).partition("?")  # a live Result's path has no scheme
+    experiment = trial_dir.rstrip("/").rsplit("/", 1)[0] + mark + query
+    return join_uri(experiment, TRAIN_RUNS_DIR, str(trial_id))
+
+
+def _with_checkpointed_epochs(history: list[dict[str, Any]], result, storage_path: str) -> list[dict[str, Any]]:
+    """``history`` with the epochs Tune never got, from the history in the trial's latest checkpoint's vidray.json.
+
+    A sweep stopped (Ctrl-C, SIGTERM, a dead driver) after Ray Train wrote an epoch's checkpoint and before Tune
+    took that epoch's report lost the epoch's row; the rerun resumed from that checkpoint, so nothing reported it
+    again. After the last epoch, a trial that had trained every epoch read "stopped early", its last metrics and
+    best one epoch old, and that epoch's checkpoint never its best. (`vidray train` catches up the same way,
+    vidray/train/follow.py.) Tune's rows are kept where they exist."""
+    run_dir = _train_run_dir(result, storage_path)
+    found = checkpoints(run_dir) if run_dir else []
+    latest = latest_checkpoint(found)
+    if latest is None:
+        return history
+    folders = dict(found)  # 0-based epoch -> its checkpoint folder (Ray keeps only some)
+    reported = {row[EPOCHS_DONE] for row in history}
+    missing = []
+    for metrics in latest[2].get("history", []):
+        epoch = int(metrics["epoch"])  # 0-based, as checkpoint_epoch_NNNN counts
+        if epoch + 1 in reported:
+            continue
+        row = {EPOCHS_DONE: epoch + 1, **{k: metrics[k] for k in HISTORY_METRICS if k in metrics}}
+        if epoch in folders:
+            row["checkpoint_path"] = folders[epoch]
+        missing.append(row)
+    return sorted([*history, *missing], key=lambda row: row[EPOCHS_DONE])
+
+
 def _checkpoint_exists(path: str | None) -> bool:
     if not path:
         return False
@@ -117,7 +158,7 @@ def _checkpoint_exists(path: str | None) -> bool:
 
 def summarize_trial(result, cfg: VidrayConfig) -> TrialSummary:
     params = {k: result.config[k] for k in ("mixup_alpha", "lr", "weight_decay", "seed") if k in result.config}
-    history = _history(result)
+    history = _with_checkpointed_epochs(_history(result), result, cfg.run.storage_path)
     metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "max" else -1)
     epochs_done = history[-1][EPOCHS_DONE] if history else 0
     if result.error is not None:
