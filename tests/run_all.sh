@@ -23,6 +23,9 @@
 # use the session's cluster `own_cluster`). Why lanes, and not pytest-xdist: docs/benchmarks.md,
 # section 8. Exit status: non-zero if either lane failed.
 set -uo pipefail
+# A crash of a lane's pytest (a segfault at the interpreter's exit, after every test passed: stop 51) prints the
+# Python stack of every thread, so it names its cause; pytest's own fault handler is off by then.
+export PYTHONFAULTHANDLER=1
 
 python=${1:?usage: tests/run_all.sh PYTHON [COMMAND...]}
 shift
