@@ -36,9 +36,7 @@ import pyarrow.parquet as pq
 
 from vidray.config import SPLITS
 from vidray.data.clip import VideoError
-from vidray.data.listing import (
-    VIDEO_EXTENSIONS, entries_of, is_hidden, refuse_names_not_utf8, videos_under,
-)  # fmt: skip
+from vidray.data.listing import VIDEO_EXTENSIONS, entries_of, is_hidden, refuse_names_not_utf8, videos_under
 from vidray.data.video import probe, require_decoder
 from vidray.errors import UserError
 

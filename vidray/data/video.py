@@ -22,7 +22,7 @@ import numpy as np
 from vidray.config import DECODERS, DEFAULT_DECODER, DecodeDevice, DecoderName
 from vidray.data.clip import DecodedClip, EmptyVideoError, MissingVideoError, NotAVideoError, StreamInfo, still_image_format
 from vidray.errors import UserError
-from vidray.storage import is_uri, local_part
+from vidray.storage import local_part, resolve_path
 
 
 # x264 settings that make the output depend on the input alone, not on the machine or the process.
@@ -97,14 +97,6 @@ DECODER_INSTALL = {
 
 class DecoderUnavailableError(UserError):
     """The configured decoder cannot be imported here: names the package and its install command."""
-
-
-def file_path(path: str | Path) -> str:
-    """``path`` as the decoders must get it: a local one absolute. FFmpeg reads what comes before a colon as a
-    protocol name, so a relative ``2024-05-01T10:30:00.mp4`` (a camera's name for it) or ``cam1:front.mp4`` failed
-    as "Protocol not found", a corrupt file; ``./`` or an absolute path has a slash before any colon."""
-    path = str(path)
-    return path if is_uri(path) else os.path.abspath(path)
 
 
 def check_file(path: str) -> None:
@@ -205,7 +197,7 @@ def read_clip(
     ``num_threads``: decoder threads (0: the library's choice). ``device``:
     ``cuda`` decodes on the GPU's NVDEC (torchcodec only).
     """
-    path = file_path(path)
+    path = resolve_path(path)  # absolute: FFmpeg reads a relative `cam1:front.mp4` as protocol `cam1`
     check_file(path)
     # Each backend is imported on first use: its library is optional (require_decoder names
     # the install command), and a process that uses one backend never loads the others.
@@ -231,7 +223,7 @@ def probe(path: str | Path) -> StreamInfo:
     Read by PyAV whatever ``data.decoder`` is: it is the one library that reports all of it without
     decoding a clip.
     """
-    path = file_path(path)
+    path = resolve_path(path)  # absolute: FFmpeg reads a relative `cam1:front.mp4` as protocol `cam1`
     check_file(path)
     from vidray.data.decode import pyav  # on first use: PyAV is optional, as in read_clip
 

@@ -169,10 +169,9 @@ def warn_if_inside_a_job_copy(cfg: VidrayConfig, command: str) -> None:
     relative = [key for key, value in outputs
                 if value is not None and "://" not in str(value) and not str(value).startswith(("/", "~"))]
     if relative:
-        it = "it points" if len(relative) == 1 else "they point"
-        print(f"{command}: warning: {' and '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, so {it} into "
-              f"this job's working-directory copy ({Path.cwd()}), which Ray deletes; use an absolute path (the default is "
-              "~/ray_results)",
+        verb = "is relative, so it points" if len(relative) == 1 else "are relative, so they point"
+        print(f"{command}: warning: {' and '.join(relative)} {verb} into this job's working-directory copy "
+              f"({Path.cwd()}), which Ray deletes; use an absolute path (the default is ~/ray_results)",
               file=sys.stderr, flush=True)
 
 
