@@ -733,6 +733,26 @@ def test_index_coin_hostile_inputs_name_the_file(coin_files, tmp_path):
     assert str(odd) in reasons
 
 
+def test_a_coin_task_id_written_as_a_float_or_a_string_finds_its_task_folder(coin_files, tmp_path):
+    """A COIN.json rewritten by a tool that keeps numbers as floats (pandas' to_json) has recipe_type 3.0: its
+    videos were looked up in folder '3.0' and listed missing though present in DIR/3/. 3.0 and "3" are task 3;
+    3.5 names no task and is a problem, as "abc" is."""
+    _, taxonomy, videos = coin_files
+    annotations = tmp_path / "floats.json"
+    annotations.write_text(json.dumps({"database": {
+        "a8": coin_entry(3.0, "ChangeTire", "training", 45.0),  # videos/3/a8.mkv
+        "a1": coin_entry("1", "MakeCoffee", "testing", 10.0),  # videos/1/a1.mp4
+        "c1": coin_entry(3.5, "ChangeTire", "training", 20.0),
+        "c2": coin_entry(True, "ChangeTire", "training", 20.0),
+    }}))  # fmt: skip
+    summary = index_coin([annotations], taxonomy, videos, tmp_path / "m.parquet", probe=False)
+    assert (summary["present"], summary["missing"], summary["problems"]) == (2, 0, 2)
+    reasons = "\n".join(summary["problem_examples"])
+    assert "recipe_type 3.5 is not an integer task id" in reasons and "recipe_type True" in reasons
+    frame, _ = read_manifest(tmp_path / "m.parquet")
+    assert dict(zip(frame["video_id"], frame["label"])) == {"a8": "Vehicle", "a1": "DrinkandSnack"}
+
+
 # --- COIN, the real metadata ----------------------------------------------------
 
 

@@ -114,10 +114,10 @@ def _coin_label(
     recipe, task = entry.get("recipe_type"), entry.get("class")
     from_id = None
     if recipe is not None:
-        try:
-            from_id = by_id.get(int(recipe))
-        except (TypeError, ValueError):
+        task_id = _task_id(recipe)
+        if task_id is None:
             return None, f"recipe_type {recipe!r} is not an integer task id"
+        from_id = by_id.get(task_id)
     from_name = by_task.get(task) if isinstance(task, str) else None
     if from_id and from_name and from_id != from_name:
         where = "is in domain" if labels == "domain" else "is task"
@@ -126,6 +126,22 @@ def _coin_label(
     if domain is None:
         return None, f"task (recipe_type={recipe!r}, class={task!r}) is not in the taxonomy"
     return domain, ""
+
+
+def _task_id(recipe: Any) -> int | None:
+    """``recipe_type`` as an int: 12, "12", and 12.0 (a JSON file rewritten by a float-minded tool) are task 12,
+    whose videos are in folder ``12``; None for what is not a whole number."""
+    if isinstance(recipe, bool):
+        return None
+    if isinstance(recipe, int):
+        return recipe
+    number = _number(recipe)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _task_folder(recipe: Any) -> str:
+    task_id = _task_id(recipe)
+    return str(task_id) if task_id is not None else str(recipe)
 
 
 def _number(value: Any) -> float | None:
@@ -224,11 +240,11 @@ def index_coin(
                 continue
             selected.append((video_id, entry, domain, split, duration))
 
-    on_disk = _scan_video_dir(videos_dir, {str(entry.get("recipe_type")) for _, entry, *_ in selected})
+    on_disk = _scan_video_dir(videos_dir, {_task_folder(entry.get("recipe_type")) for _, entry, *_ in selected})
     rows, missing = [], []
     for video_id, entry, domain, split, duration in selected:
         recipe = entry.get("recipe_type")
-        path = on_disk.get((str(recipe), video_id)) or on_disk.get(("", video_id))
+        path = on_disk.get((_task_folder(recipe), video_id)) or on_disk.get(("", video_id))
         if path is None:
             missing.append(
                 {
