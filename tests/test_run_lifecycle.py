@@ -24,6 +24,7 @@ from vidray.config import ConfigError, load_config
 from vidray.errors import UserError
 from vidray import folder_lock
 from vidray.folder_lock import LOCK_FILE, STALE_AFTER_S, FolderLock, is_live, read_holder
+from vidray.train import runs
 from vidray.train.runs import RUN_MARKER, SWEEP_CONFIG_FILE, delete_run, mark_run, open_run, read_marker, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +211,35 @@ def test_a_run_a_live_driver_trains_is_refused_and_restart_deletes_nothing(store
     (local / "busy" / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": driver.pid, "heartbeat": 0}))
     open_run("train", "train", storage, "busy", restart=True, state_of=lambda _: "new", finished_note="")
     assert sorted(p.name for p in (local / "busy").iterdir()) == [RUN_MARKER]
+
+
+def test_of_two_restarts_at_once_the_second_deletes_nothing_the_first_trains(store, tmp_path, monkeypatch):
+    """Two `--restart`s of one run at the same moment both found it free before either held it: the second then
+    deleted what the first had begun (its lock and marker included), and both trained. The deleting is done
+    holding the lock: here the other driver takes it just after this one looked, and this one is refused."""
+    local, storage = store
+    folder, _ = open_run("train", "train", storage, "twice", restart=False, state_of=lambda _: "new", finished_note="")
+    (local / "twice" / "checkpoint_epoch_0000").mkdir()
+    holders = []
+
+    def another_driver_arrives(*args):
+        # Between this driver's look at the lock and its deleting: the other one takes the run.
+        holders.extend(start_lock_holders(folder, tmp_path / "go"))
+        assert holders[0].stdout.readline().strip() == "held"
+        return runs.refuse_other_kind.__wrapped__(*args)
+
+    another_driver_arrives.__wrapped__ = runs.refuse_other_kind
+    monkeypatch.setattr(runs, "refuse_other_kind", another_driver_arrives)
+    try:
+        with pytest.raises(UserError, match=rf"{folder} is in use: `vidray train` ") as refused:
+            open_run("train", "train", storage, "twice", restart=True, state_of=pytest.fail, finished_note="")
+        assert f"(pid {holders[0].pid} on host" in str(refused.value)
+        assert (local / "twice" / "checkpoint_epoch_0000").is_dir() and (local / "twice" / RUN_MARKER).is_file()
+        assert read_holder(folder)["pid"] == holders[0].pid  # its lock untouched
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
 
 
 def _first_lines(drivers: list) -> list[str]:

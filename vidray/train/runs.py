@@ -17,6 +17,7 @@ What a train or pretrain driver prints and logs of each epoch: vidray/train/foll
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
@@ -29,7 +30,7 @@ from vidray.model.checkpoint import INFO, check_training_state, complete_checkpo
 from vidray.config import KEYS_FREE_ON_RESUME, VidrayConfig, config_differences
 from vidray.errors import UserError
 from vidray.train.metrics import SCORE_METRIC
-from vidray.folder_lock import refuse_if_held
+from vidray.folder_lock import LOCK_FILE, FolderLock, refuse_if_held
 from vidray.storage import is_uri, join_uri, local_mirror, local_part, open_filesystem, read_json, write_json
 
 RunKind = Literal["train", "pretrain", "sweep"]
@@ -124,11 +125,13 @@ def _contents(folder: str) -> str:
     return (", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")) or "nothing"
 
 
-def delete_run(storage_path: str, folder: str) -> None:
-    """``--restart``: delete ``folder`` if it is strictly under ``storage_path`` and vidray wrote it.
+def delete_run(storage_path: str, folder: str, command: str = "vidray") -> None:
+    """``--restart``: delete what ``folder`` holds if it is strictly under ``storage_path`` and vidray wrote it.
 
     Anything else is refused, naming the folder and what it holds: the default storage path is
-    ``~/ray_results``, where a user's other Ray experiments live too.
+    ``~/ray_results``, where a user's other Ray experiments live too. The deleting is done holding the run's lock
+    (:class:`FolderLock`, as ``command``): two `--restart`s of one run at the same moment both found it free, and
+    one deleted what the other had started to train; now the second is refused.
     """
     if not strictly_under(folder, storage_path):
         raise UserError(f"--restart: {folder} is not a folder inside run.storage_path {storage_path}; nothing deleted")
@@ -139,8 +142,18 @@ def delete_run(storage_path: str, folder: str) -> None:
             f"--restart: {folder} was not written by vidray (no {RUN_MARKER}; it holds {_contents(folder)}); "
             "nothing deleted: choose another run.name, or delete it yourself if it is yours to delete"
         )
-    fs, path = open_filesystem(folder)
-    fs.delete_dir(path)
+    fs, _ = open_filesystem(folder)
+    with FolderLock(folder, command):
+        for entry in _entries(folder):
+            if entry.base_name == LOCK_FILE:
+                continue  # this driver's: released (deleted) as the block ends
+            if entry.type == pafs.FileType.Directory:
+                fs.delete_dir(entry.path)
+            else:
+                fs.delete_file(entry.path)
+    if (local := local_part(folder)) is not None:
+        with contextlib.suppress(OSError):  # only if still empty: another driver may have taken it since
+            os.rmdir(local)
 
 
 def clear_local_mirror(folder: str) -> None:
@@ -301,7 +314,7 @@ def open_run(
     refuse_if_held(f"vidray {command}", folder)  # before --restart deletes anything
     refuse_other_kind(folder, kind, command)
     if restart:
-        delete_run(storage_path, folder)
+        delete_run(storage_path, folder, f"vidray {command}")
         if local_part(folder) is None:  # a local (or file://) run's files are inside its folder, deleted already
             clear_local_mirror(folder)
     elif _entries(folder) and not written_by_vidray(folder):
