@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,22 +215,36 @@ def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps:
     prefix = f"part-{settings_id(settings)}-"
     corpus = {as_text(path): path for path in stamps}  # parts name videos as their rows do
     entries = fs.get_file_info(pafs.FileSelector(join_uri(root, PARTS_DIR), allow_not_found=True))
-    held, taken = [], set()
-    for entry in sorted(entries, key=lambda e: (e.mtime_ns or 0, e.base_name), reverse=True):
+    held, taken, parts = [], set(), []
+    for entry in entries:
         if entry.type != pafs.FileType.File:
             continue
-        name = entry.base_name
-        if name.startswith(prefix) and name.endswith(".parquet"):
-            table = pq.read_table(entry.path, filesystem=fs, columns=["path", "error", "stamp"])
-            rows = zip(*(table.column(column).to_pylist() for column in ("path", "error", "stamp")))
-            members = [path for path, error, recorded in rows if path in corpus and path not in taken
-                       and is_reusable(path, error, recorded, stamps[corpus[path]], retry_crashed)]  # fmt: skip
-            if members:
-                taken.update(members)
-                held.append(Chunk(name[len("part-") : -len(".parquet")], tuple(corpus[row] for row in members)))
-                continue
-        fs.delete_file(entry.path)  # another settings' part, one none of whose rows stands, or a dead run's temporary
+        if entry.base_name.startswith(prefix) and entry.base_name.endswith(".parquet"):
+            parts.append((_written_ns(fs, entry), entry.base_name, entry))
+        else:
+            fs.delete_file(entry.path)  # another settings' part, or a dead run's temporary
+    for _, name, entry in sorted(parts, reverse=True):  # the newest first
+        table = pq.read_table(entry.path, filesystem=fs, columns=["path", "error", "stamp"])
+        rows = zip(*(table.column(column).to_pylist() for column in ("path", "error", "stamp")))
+        members = [path for path, error, recorded in rows if path in corpus and path not in taken
+                   and is_reusable(path, error, recorded, stamps[corpus[path]], retry_crashed)]  # fmt: skip
+        if members:
+            taken.update(members)
+            held.append(Chunk(name[len("part-") : -len(".parquet")], tuple(corpus[row] for row in members)))
+        else:
+            fs.delete_file(entry.path)  # none of its rows stands
     return held
+
+
+# A part's write time, in its Parquet metadata: which of two parts holding a video is the newer must survive a copy of
+# the output (`cp -r`, `aws s3 sync`), which gives its files the copy's times, in the order it wrote them.
+WRITTEN_NS = b"vidray_written_ns"
+
+
+def _written_ns(fs: pafs.FileSystem, entry: pafs.FileInfo) -> int:
+    """When the part ``entry`` was written: its metadata's time; the file's own for a part written without it."""
+    written = (pq.read_schema(entry.path, filesystem=fs).metadata or {}).get(WRITTEN_NS)
+    return int(written) if written is not None else entry.mtime_ns or 0
 
 
 def in_discovery_order(chunks: list[Chunk], paths: list[str]) -> list[Chunk]:
@@ -295,7 +310,7 @@ def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) 
         if embeddings:
             record["embedding"] = np.frombuffer(row["embedding"], np.float32).tolist() if not row["error"] else None
         records.append(record)
-    table = pa.Table.from_pylist(records, schema=part_schema(embeddings))
+    table = pa.Table.from_pylist(records, schema=part_schema(embeddings).with_metadata({WRITTEN_NS: str(time.time_ns())}))
     write_atomically(fs, join_uri(root, chunk.part_name), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
 
 
