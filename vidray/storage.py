@@ -293,9 +293,18 @@ def listed_object_uri(folder_uri: str, listed: str) -> str:
     """The URI of an object that listing ``folder_uri`` gave as ``listed`` (pyarrow lists ``bucket/key``): with the
     folder's scheme and query options (an endpoint_override, a region), which reading the object needs as listing it
     did. Not its keys (:func:`without_credentials`): the URI is the video's name in every row, predictions.parquet
-    and the console included; keys come from the environment (AWS_ACCESS_KEY_ID, ...), as pyarrow reads them."""
+    and the console included; keys come from the environment (AWS_ACCESS_KEY_ID, ...), as pyarrow reads them.
+
+    The key is percent-encoded, as pyarrow's FileSystem.from_uri decodes it: a raw space or non-ASCII letter made the
+    URI unparsable (the object rejected as download_failed on every run), a raw ``?`` or ``#`` cut the key short (another
+    object read). What pyarrow parses raw stays raw, so a name that opened before keeps its row's name."""
     parts = urllib.parse.urlsplit(folder_uri)
-    return without_credentials(f"{parts.scheme}://{listed}{'?' + parts.query if parts.query else ''}")
+    key = urllib.parse.quote(listed, safe=_RAW_IN_URI_PATH)
+    return without_credentials(f"{parts.scheme}://{key}{'?' + parts.query if parts.query else ''}")
+
+
+# What may stand unencoded in a URI's path (RFC 3986's pchar, besides letters, digits and -._~), as pyarrow reads it.
+_RAW_IN_URI_PATH = "/!$&'()*+,;=:@"
 
 
 def local_part(path: str) -> str | None:
