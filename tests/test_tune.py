@@ -775,9 +775,17 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     # As the drivers above: on the session's cluster (cli_main disconnects when it ends, so the refusal's
     # run_sweep below would otherwise start a local cluster of its own just to refuse).
     monkeypatch.setenv("RAY_ADDRESS", ray_head["address"])
+    # As if a video had been added to the validation split since the sweep trained: the report evaluates its best
+    # model on the data as it is now, beside metrics of the data it trained on, and says so.
+    marker = json.loads((experiment / "vidray_run.json").read_text())
+    marker["trained_on"]["videos"]["val"] -= 1
+    (experiment / "vidray_run.json").write_text(json.dumps(marker))
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
         assert cli_main(["tune", "--config", str(DEMO), *overrides]) in (0, None)
     again = console.getvalue()
+    val_videos = marker["trained_on"]["videos"]["val"]
+    assert (f"vidray tune: {experiment} is a sweep finished on other data than this (val videos {val_videos} -> "
+            f"{val_videos + 1}): the report below evaluates") in again  # fmt: skip
     assert json.loads(again.rstrip().splitlines()[-1])["results_md"] == str(reports / "results.md")
     assert "is finished; its results follow" in again and "| epoch " not in again
     assert [line for line in again.splitlines() if line.startswith("| ")] == [

@@ -363,3 +363,13 @@ def keep_to_its_data(folder: str, what: str, state: RunState, data: dict[str, An
         )
     if before != data:
         update_marker(folder, **{TRAINED_ON: data})
+
+
+def warn_if_finished_on_other_data(folder: str, what: str, data: dict[str, Any], command: str) -> None:
+    """One line on stderr when the finished run in ``folder`` was trained on other data than ``data``: its report
+    evaluates its best model on the data as it is now, beside validation metrics of the data it trained on."""
+    before = (read_marker(folder) or {}).get(TRAINED_ON)
+    if before is not None and before != data:
+        print(f"{command}: {folder} is a {what} finished on other data than this ({_data_changes(before, data)}): the "
+              "report below evaluates its best model on the data as it is now; --restart trains it again on this data",
+              file=sys.stderr, flush=True)  # fmt: skip

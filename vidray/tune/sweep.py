@@ -69,7 +69,7 @@ from vidray.train.driver import (
 from vidray.train.optim import warn_if_warmup_fills_the_run
 from vidray.train.placement import cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock, refuse_if_held
-from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run, run_folder
+from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run, run_folder, warn_if_finished_on_other_data
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
 from vidray.tune.experiment import sweep_state, trials_cache_dataset, trials_ended
 from vidray.tune.local_ray import local_cluster_kwargs
@@ -213,6 +213,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
         state_of=lambda folder: sweep_state(cfg, folder), finished_note="; its results follow",
     )  # fmt: skip
     if state == "finished":
+        warn_if_finished_on_other_data(experiment_path, "sweep", info.identity(FINETUNE_SPLITS), "vidray tune")
         return SweepOutcome(cfg, experiment_path, dataset_dir, results=None)
     with FolderLock(experiment_path, "vidray tune"):
         keep_to_its_data(experiment_path, "sweep", state, info.identity(FINETUNE_SPLITS))
