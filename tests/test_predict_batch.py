@@ -25,8 +25,8 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, _predicted_columns, predict_corpus, resolve_stages
 from vidray.infer.corpus import (
-    PARTS_DIR, _shown_below, assemble, decode_one, discover, group_chunks, held_parts, in_discovery_order, plan_chunks,
-    stamp, write_part,
+    PARTS_DIR, _shown_below, assemble, decode_one, discover, group_chunks, held_parts, in_discovery_order, model_fingerprint,
+    plan_chunks, stamp, write_part,
 )  # fmt: skip
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import _predict_line, main
@@ -475,6 +475,19 @@ def test_parts_of_another_decoding_are_not_reused(monkeypatch):
     before = corpus_module.settings_id(settings)
     monkeypatch.setattr(corpus_module, "DECODE_VERSION", DECODE_VERSION + 1)
     assert corpus_module.settings_id(settings) != before
+
+
+def test_a_copy_of_the_model_keeps_its_parts_and_another_weight_does_not(model_dir, tmp_path):
+    """The model's fingerprint (part of every part's name) was its files' names, sizes and mtimes: a copy of the same
+    model (`cp -r`, a container fetching it again) changed it, and every part was deleted and the whole corpus
+    predicted again. It is the files' contents now."""
+    copy = shutil.copytree(model_dir, tmp_path / "copy", copy_function=shutil.copyfile)  # new mtimes
+    assert model_fingerprint(copy) == model_fingerprint(model_dir)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one byte of the last weight
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(copy) != model_fingerprint(model_dir)
 
 
 def test_cli_refuses_folders_without_out_and_bad_views(corpus, model_dir, tmp_path, capsys):

@@ -130,10 +130,17 @@ class Chunk:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """What identifies a model's files cheaply: name, size and mtime of each (weights, config, vidray.json)."""
+    """What identifies a model: the name and contents of each of its files (weights, config, vidray.json), read in
+    blocks. Not their mtimes: a copy of the same model (`cp -r`, a container fetching it again) changed the settings
+    id, and every part of the corpus was deleted and predicted again."""
     files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
-    stats = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(json.dumps([str(path.relative_to(model_dir)), path.stat().st_size]).encode())
+        with open(path, "rb") as f:
+            while block := f.read(8 * 2**20):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def settings_id(settings: dict[str, Any]) -> str:
