@@ -15,12 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
 from vidray.errors import UserError
-from vidray.data.index import manifest_summary, probe_rows, write_manifest
+from vidray.data.index import CLOCK_TICK_S, manifest_summary, probe_rows, unchanged_probes, write_manifest
 from vidray.data.listing import EXTENSION_RANK, entries_of, is_video_file, refuse_names_not_utf8
 
 COIN_SUBSETS = {"training": "train", "testing": "val", "validation": "val"}
@@ -240,6 +241,11 @@ def index_coin(
                 continue
             selected.append((video_id, entry, domain, split, duration))
 
+    # The manifest's mtime is when its listing began, as index_folder's is: the next index reuses the probe of a
+    # video that has not changed since (unchanged_probes). The pause: a video changed after it was probed must carry
+    # a later time, and the clock that stamps files ticks every few ms (CLOCK_TICK_S).
+    listed_at = time.time_ns()
+    time.sleep(CLOCK_TICK_S)
     on_disk = _scan_video_dir(videos_dir, {_task_folder(entry.get("recipe_type")) for _, entry, *_ in selected})
     rows, missing = [], []
     for video_id, entry, domain, split, duration in selected:
@@ -269,8 +275,9 @@ def index_coin(
         )
 
     refuse_names_not_utf8(videos_dir, [Path(row["path"]) for row in rows])
-    probe_rows(rows, probe)
+    probe_rows(rows, probe, unchanged_probes(out) if probe else None)
     write_manifest(rows, classes, out, source="coin", root=videos_dir)
+    os.utime(out, ns=(listed_at, listed_at))
     missing_csv = out.with_suffix(".missing.csv")
     _write_csv(missing_csv, missing, ["youtube_id", "class", "task", "recipe_type", "split", "duration", "video_url"])
     problems_csv = out.with_suffix(".problems.csv")

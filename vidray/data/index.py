@@ -105,16 +105,59 @@ def probe_video(path: str | Path) -> dict[str, Any]:
     }
 
 
-def probe_rows(rows: list[dict[str, Any]], probe: bool) -> None:
+def probe_rows(rows: list[dict[str, Any]], probe: bool, known: dict[str, dict[str, Any]] | None = None) -> None:
+    """Set each row's probe fields: none without ``probe``; else ``known``'s for its path (:func:`unchanged_probes`),
+    or what :func:`probe_video` finds."""
     if not probe:
         for row in rows:
             row.update(dict.fromkeys(_PROBE_FIELDS))
         return
+    known = known or {}
+    for row in rows:
+        row.update(known.get(row["path"], {}))
+    unknown = [row for row in rows if row["path"] not in known]
     require_decoder("pyav")  # probing reads headers with PyAV: without it, one line here, not a reason per video
     # Opening a container is mostly I/O wait (and FFmpeg drops the GIL): threads overlap it.
     with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
-        for row, info in zip(rows, pool.map(probe_video, [row["path"] for row in rows])):
+        for row, info in zip(unknown, pool.map(probe_video, [row["path"] for row in unknown])):
             row.update(info)
+
+
+def changed_ns(stat: os.stat_result) -> int:
+    """When a file or folder last changed: whether a manifest is stale (vidray/data/prepare.py), whether a video's
+    probe can be reused (:func:`unchanged_probes`)."""
+    # A folder changes when entries are added, removed or renamed in it; a file when it is rewritten. The
+    # mtime says so, but tar, cp -a, rsync -a and unzip set it back to the one packed, for files and
+    # folders alike: videos copied in that way into an indexed class folder looked older than the manifest,
+    # which was kept without them. The ctime is set to now by any change, that one included, and no
+    # program can set it back. The mtime too: on FAT and exFAT (cameras' cards) Linux shows the creation
+    # time as ctime, which a rewrite leaves as it is.
+    return max(stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def unchanged_probes(manifest: Path) -> dict[str, dict[str, Any]]:
+    """``{path: probe fields}`` of an earlier ``manifest``'s rows whose video has not changed (:func:`changed_ns`)
+    since that manifest's listing began (its mtime, as index_folder and index_coin set it): what probing it again
+    would find. COIN is indexed again on every start (vidray/data/prepare.py), and probing ~11,800 videos took
+    minutes. Rows never probed (``probe=False``) or whose probe failed (a file still being copied, storage that
+    was away) are left out, to be probed again; none without a readable manifest."""
+    try:
+        with open(manifest, "rb") as f:  # one file: the mtime is that of the rows read
+            listed_at = os.fstat(f.fileno()).st_mtime_ns
+            table = pq.read_table(f, columns=["path", *_PROBE_FIELDS])
+    except (pa.ArrowException, OSError):
+        return {}
+    known = {}
+    for row in table.to_pylist():
+        if row["num_frames"] is None or row["probe_error"] is not None:
+            continue
+        try:
+            changed = changed_ns(os.stat(row["path"]))
+        except OSError:
+            continue  # gone, or a dangling link: probing says why
+        if changed <= listed_at:
+            known[row.pop("path")] = row
+    return known
 
 
 # --- manifest I/O ------------------------------------------------------------

@@ -7,13 +7,14 @@ cheap when its output is already current, so calling it again costs little:
   folder is absent or empty, index it when the manifest is older than the
   folder or indexed another one, preprocess (resumable, finished shards are reused).
 * ``folder``: index ``data.videos_dir`` when the manifest is older than the
-  last change to any file or folder in it (their ctime too: :func:`_changed_ns`),
+  last change to any file or folder in it (their ctime too: :func:`changed_ns`),
   indexed another folder (or COIN's videos: the manifest records what it indexed,
   :func:`indexed_elsewhere`), or was held out with another ``data.val_fraction``
   (a folder without val/ lends that share of its train videos to val), then preprocess.
 * ``coin``: always re-index (reading the annotations is quick, and
-  ``data.min_duration`` / ``data.max_duration`` may have changed; an
-  unchanged manifest reuses every shard), then preprocess.
+  ``data.min_duration`` / ``data.max_duration`` may have changed; a video
+  unchanged since the last index keeps its probe, an unchanged manifest
+  reuses every shard), then preprocess.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
 from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
-from vidray.data.index import held_out_fraction, index_folder, indexed_from, lent_to_val
+from vidray.data.index import changed_ns, held_out_fraction, index_folder, indexed_from, lent_to_val
 from vidray.data.listing import is_hidden, is_video_file, walk_once
 from vidray.data.preprocess import preprocess
 
@@ -36,18 +37,8 @@ FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
 COIN_VIDEOS_HINT = "downloaded COIN videos as DIR/<recipe_type>/<youtube_id>.mp4 or DIR/<youtube_id>.mp4"
 
 
-def _changed_ns(stat: os.stat_result) -> int:
-    # A folder changes when entries are added, removed or renamed in it; a file when it is rewritten. The
-    # mtime says so, but tar, cp -a, rsync -a and unzip set it back to the one packed, for files and
-    # folders alike: videos copied in that way into an indexed class folder looked older than the manifest,
-    # which was kept without them. The ctime is set to now by any change, that one included, and no
-    # program can set it back. The mtime too: on FAT and exFAT (cameras' cards) Linux shows the creation
-    # time as ctime, which a rewrite leaves as it is.
-    return max(stat.st_mtime_ns, stat.st_ctime_ns)
-
-
 def _newest_change_ns(root: Path, manifest: Path) -> int:
-    """When a video or folder in ``root`` last changed (:func:`_changed_ns`), in linked folders too (a class folder
+    """When a video or folder in ``root`` last changed (:func:`changed_ns`), in linked folders too (a class folder
     linked from elsewhere is indexed: walk_once).
 
     Among files, only videos' own times count: a manifest kept in the folder (`--out /videos/manifest.parquet`) is
@@ -58,7 +49,7 @@ def _newest_change_ns(root: Path, manifest: Path) -> int:
     written = manifest.stat().st_ctime_ns
 
     def folder_changed(stat: os.stat_result) -> int:
-        changed = _changed_ns(stat)
+        changed = changed_ns(stat)
         return 0 if (stat.st_dev, stat.st_ino) == (own.st_dev, own.st_ino) and changed <= written else changed
 
     newest = folder_changed(root.stat())
@@ -68,7 +59,7 @@ def _newest_change_ns(root: Path, manifest: Path) -> int:
             if is_hidden(name) or not is_video_file(Path(name)):
                 continue
             try:
-                newest = max(newest, _changed_ns(os.stat(os.path.join(directory, name))))
+                newest = max(newest, changed_ns(os.stat(os.path.join(directory, name))))
             except OSError:
                 pass  # a dangling link; indexing will say what is wrong with it
     return newest
