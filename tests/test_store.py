@@ -151,6 +151,25 @@ def test_a_cached_clip_that_does_not_decode_is_named_by_its_video(real_clip):
         videos_from_bytes([good, foreign], real_clip.shape, "jpeg", ["vA", "vB"])
 
 
+def test_evaluation_and_the_pretraining_figure_refuse_a_clip_that_fails_its_checksum(real_clip, tmp_path):
+    """`vidray evaluate` and pretraining's reconstruction figure read a compressed store through videos_from_bytes,
+    which decoded without the checksum training checks: a byte flipped in a frame's JPEG data mostly still decodes,
+    and the clip was scored with wrong pixels. It is refused now, naming its video and the fix, and the figure
+    shows another clip."""
+    from vidray.pretrain.driver import figure_clips
+
+    good = encode_clip(real_clip, "jpeg", 90)
+    offsets, start = _jpeg_offsets(good, len(real_clip))
+    flipped = bytearray(good)
+    flipped[start + int(offsets[2]) + 100] ^= 0x01  # inside frame 2's entropy-coded data: decodes, to other pixels
+    with pytest.raises(StoredClipError, match=r"^stored clip of video vB: jpeg clip fails its checksum.*decode its shard again"):
+        videos_from_bytes([good, bytes(flipped)], real_clip.shape, "jpeg", ["vA", "vB"])
+
+    root = _write(tmp_path, "jpeg", damage=("val0",))
+    info = read_dataset_info(root)
+    assert [row["video_id"] for row in figure_clips(root, info, "val")] == ["val1", "val2", "val3", "val4"]  # val0: damaged
+
+
 def test_decode_threads_fill_the_same_batch_and_name_the_first_clip_that_fails(real_clip):
     from vidray.train.batches import Row, decode_rows_into
     from vidray.train.decoding import decode_threads_for

@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vidray.compat import parquet_footer_readers_for
-from vidray.data.store import StoredClipError, clip_error, clip_name, decode_frames_into, wrong_size_error
+from vidray.data.store import StoredClipError, check_blob, clip_error, clip_name, decode_frames_into, wrong_size_error
 from vidray.errors import UserError
 from vidray.storage import join_uri, open_filesystem
 
@@ -226,6 +226,9 @@ def videos_from_bytes(column: Any, shape: tuple[int, ...], store: str = "raw", v
         videos = np.empty((len(items), *shape), np.uint8)
         for row, (video, item) in enumerate(zip(videos, items)):
             try:
+                # The checksum first, as training's readers check it (vidray.train.rows.intact_rows): a damaged byte
+                # in a frame's data mostly decodes, to wrong pixels that evaluation then scored.
+                check_blob(item, store, shape)
                 decode_frames_into(item, store, video)
             except StoredClipError as err:  # as training's decoders name it (vidray.train.batches.decode_rows_into)
                 raise clip_error(clip_name(video_ids, row), err) from None

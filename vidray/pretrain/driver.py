@@ -54,6 +54,7 @@ from vidray.cluster import check_run_resources, cluster_capacity, init_ray, inte
 from vidray.config import TrainSettings, TuneSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, read_split_batches, videos_from_bytes
 from vidray.data.prepare import prepare_dataset
+from vidray.data.store import StoredClipError, check_blob
 from vidray.errors import UserError
 from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
 from vidray.model.classifier import token_grid
@@ -268,11 +269,14 @@ def figure_split(cfg: VidrayConfig, info: DatasetInfo) -> tuple[str, bool]:
 
 def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = FIGURE_CLIPS) -> list[dict[str, Any]]:
     """Up to ``count`` rows of ``split``, one per class where it has that many: the split is read
-    in order (shards are often written class by class) until enough classes turned up."""
+    in order (shards are often written class by class) until enough classes turned up. A damaged clip
+    (:func:`vidray.data.store.check_blob`) is passed over, as training passed over it (and reported it)."""
     chosen: dict[int, dict[str, Any]] = {}
     spare: list[dict[str, Any]] = []
     for batch in read_split_batches(dataset_dir, info, split, batch_size=8):
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+            if not _intact(row["video"], info):
+                continue
             if row["label"] not in chosen:
                 chosen[row["label"]] = row
             elif len(spare) < count:
@@ -282,12 +286,21 @@ def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = F
     return (list(chosen.values()) + spare)[:count]
 
 
+def _intact(blob: bytes, info: DatasetInfo) -> bool:
+    try:
+        check_blob(blob, info.store, info.video_shape)
+    except StoredClipError:
+        return False
+    return True
+
+
 def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict[str, Any]]) -> list[Path]:
     figures = reports_dir(cfg) / "figures"
     info = read_dataset_info(dataset_dir)
     split, held_out = figure_split(cfg, info)
     rows = figure_clips(dataset_dir, info, split)
-    videos = torch.from_numpy(videos_from_bytes([row["video"] for row in rows], info.video_shape, info.store).copy())
+    video_ids = [row["video_id"] for row in rows]
+    videos = torch.from_numpy(videos_from_bytes([row["video"] for row in rows], info.video_shape, info.store, video_ids).copy())
     pixels = transforms.eval_transform(videos, frames=cfg.data.frames, size=cfg.data.size)
     grid = token_grid(model.config)
     mask = tube_mask(len(videos), grid, cfg.pretrain.mask_ratio, torch.Generator().manual_seed(cfg.train.seed))
@@ -302,7 +315,7 @@ def write_figures(model, cfg: VidrayConfig, dataset_dir: str, history: list[dict
         f"{'per-patch normalised' if cfg.pretrain.norm_pix_loss else 'raw'} pixel targets, splits {cfg.pretrain.splits}"
     )
     return [
-        plot_reconstructions(clips, [row["video_id"] for row in rows], title, figures / RECONSTRUCTION_FIGURE),
+        plot_reconstructions(clips, video_ids, title, figures / RECONSTRUCTION_FIGURE),
         plot_loss_curve(history, loss_title, figures / LOSS_FIGURE),
     ]
 
