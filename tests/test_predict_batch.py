@@ -456,6 +456,28 @@ def test_paths_as_users_give_them_reach_the_decoder(corpus, tmp_path, monkeypatc
     assert decode_one("ftp://host/a.mp4", settings, None)[1] == "download_failed"
 
 
+def test_a_url_with_a_space_or_an_accent_is_downloaded_and_one_urllib_cannot_send_is_its_own_row(corpus, model_dir, tmp_path):
+    """`https://host/my clip.mp4` and `https://host/vidéo.mp4`, as users type them: urllib refused to send them
+    (http.client.InvalidURL, UnicodeEncodeError), which escaped the download: in batch mode a worker_crash row
+    kept for ever, without --out a traceback. The URL's path is percent-encoded now (an %XX already there kept), and
+    a URL that still cannot be sent (a port that is no number) is a download_failed row."""
+    names = ["a b.mp4", "vidéo.mp4", "100%.mp4"]
+    for name in names:
+        (tmp_path / "site").mkdir(exist_ok=True)
+        shutil.copyfile(corpus["good"][0], tmp_path / "site" / name)
+    settings = DecodeSettings(DATA["stored_frames"], DATA["stored_size"])
+    with web_server(tmp_path / "site") as base:
+        for url in [f"{base}/{name}" for name in names] + [f"{base}/a%20b.mp4"]:
+            frames, error, reason = decode_one(url, settings, None)
+            assert (error, reason) == ("", "") and len(frames) == DATA["stored_frames"] * DATA["stored_size"] ** 2 * 3, url
+        bad_port = base.rpartition(":")[0] + ":http/a b.mp4"
+        assert decode_one(bad_port, settings, None) == (b"", "download_failed", "download failed: nonnumeric port: 'http'")
+        read, unsent = predict_videos(model_dir, [f"{base}/vidéo.mp4", bad_port])  # without --out
+    assert [p["label"] for p in read["predictions"]][0] in CLASSES
+    assert unsent == {"video": bad_port, "error": f"{bad_port}: download failed: nonnumeric port: 'http'", "predictions": []}
+    assert decode_one(f"{base}/a b.mp4", settings, None)[1] == "download_failed"  # the server is gone: refused
+
+
 def test_a_name_starting_with_a_tilde_is_a_file_here(corpus, model_dir, tmp_path, monkeypatch, capsys):
     """`vidray predict ~clip1.mp4` (bash leaves a `~name` that is no user's as it is): Path.expanduser raised
     "Could not determine home directory", a traceback."""

@@ -5,6 +5,7 @@ from every node of a multi-node Ray cluster."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import math
 import os
@@ -35,6 +36,9 @@ NETWORK_FILESYSTEMS = frozenset(
 
 # Seconds a download of one video may wait on its server for a byte before the video is rejected.
 DOWNLOAD_TIMEOUT_S = 60.0
+# What may stand unencoded in a URI's path (RFC 3986's pchar, besides letters, digits and -._~), as pyarrow and web
+# servers read it: a key or URL path is percent-encoded but for these, so a name that opened before keeps its row's name.
+_RAW_IN_URI_PATH = "/!$&'()*+,;=:@"
 
 
 def is_uri(path: str) -> bool:
@@ -135,9 +139,18 @@ class DownloadError(UserError):
         self.missing = missing
 
 
+def _encoded_url(url: str) -> str:
+    """``url`` with its path and query percent-encoded where they are not (a space, a non-ASCII letter: as a user types
+    a URL), which urllib refuses to send; an ``%XX`` already there is kept, a lone ``%`` encoded."""
+    parts = urllib.parse.urlsplit(url)
+    path, query = (urllib.parse.quote(re.sub(r"%(?![0-9A-Fa-f]{2})", "%25", text), safe="%?" + _RAW_IN_URI_PATH)
+                   for text in (parts.path, parts.query))  # fmt: skip
+    return urllib.parse.urlunsplit(parts._replace(path=path, query=query))
+
+
 def _download(url: str, to: str) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": "vidray"})  # some servers refuse urllib's own
     try:
+        request = urllib.request.Request(_encoded_url(url), headers={"User-Agent": "vidray"})  # some servers refuse urllib's own
         with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as src, open(to, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 * 2**20)
     except urllib.error.HTTPError as err:
@@ -145,6 +158,8 @@ def _download(url: str, to: str) -> None:
     except (urllib.error.URLError, OSError) as err:  # refused, unknown host, timed out, cut off
         reason = getattr(err, "reason", None) or err
         raise DownloadError(f"download failed: {reason}", missing=False) from None
+    except (http.client.HTTPException, ValueError) as err:  # a URL urllib cannot send (a bad port), a reply cut short
+        raise DownloadError(f"download failed: {err}", missing=False) from None
 
 
 @contextlib.contextmanager
@@ -162,7 +177,7 @@ def local_file(path: str) -> Iterator[str]:
     web = is_web_url(path)
     try:
         fs, key = (None, urllib.parse.urlparse(path).path) if web else open_filesystem(path)
-    except (UserError, OSError) as err:  # ftp://, or a bucket whose region cannot be looked up: this video's failure
+    except (UserError, OSError, ValueError) as err:  # ftp://, a bucket's region not found, http://[::1/...: this video's failure
         raise DownloadError(f"download failed: {err}", missing=False) from None
     suffix = os.path.splitext(key)[1]
     with scratch("fetch") as folder:
@@ -301,10 +316,6 @@ def listed_object_uri(folder_uri: str, listed: str) -> str:
     parts = urllib.parse.urlsplit(folder_uri)
     key = urllib.parse.quote(listed, safe=_RAW_IN_URI_PATH)
     return without_credentials(f"{parts.scheme}://{key}{'?' + parts.query if parts.query else ''}")
-
-
-# What may stand unencoded in a URI's path (RFC 3986's pchar, besides letters, digits and -._~), as pyarrow reads it.
-_RAW_IN_URI_PATH = "/!$&'()*+,;=:@"
 
 
 def local_part(path: str) -> str | None:
