@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -38,15 +40,17 @@ from vidray.cli import main as cli_main
 from vidray.model.checkpoint import MODEL_DIR, load_training_state, read_checkpoint_info
 from vidray.model.classifier import load_trained_model
 from vidray.config import ConfigError, ModelSettings, load_config
-from vidray.data.dataset import read_dataset_info
+from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info
 from vidray.errors import UserError
 from vidray.model.masking import masked_positions, tube_mask
 from vidray.model.classifier import POS_GRID_KEY, build_model, token_grid
 from vidray.model import transforms
+from vidray.pretrain import driver as pretrain_driver
 from vidray.pretrain.driver import (
     ENCODER_DIR,
     as_pretraining,
     build_pretrainer,
+    figure_clips,
     make_pretraining_run_config,
 )
 from vidray.pretrain.checks import check_pretrain_config
@@ -266,6 +270,50 @@ def test_reconstruction_keeps_the_visible_patches_and_greys_out_the_hidden_ones(
         np.testing.assert_array_equal(clips["reconstruction"][~hidden], original[~hidden])
         # An untrained decoder's guesses are not the hidden pixels.
         assert np.abs(clips["reconstruction"][hidden] - original[hidden]).mean() > 0.05
+
+
+def _labelled_split(root: Path, labels: list[int], rows_per_shard: int = 16) -> str:
+    """A raw-store dataset whose train split holds rows labelled ``labels``, in that order, over several shards."""
+    rows = [dict(video=bytes([i % 256]) * (2 * 8 * 8 * 3), label=label, label_name=f"c{label}", video_id=f"v{i}",
+                 path=f"/x/v{i}.mp4", source_frames=2, padded=False) for i, label in enumerate(labels)]  # fmt: skip
+    (root / "train").mkdir(parents=True)
+    shards = []
+    for k in range(0, len(rows), rows_per_shard):
+        shards.append(f"train/part-{k:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[k : k + rows_per_shard], schema=SHARD_SCHEMA), root / shards[-1])
+    classes = [f"c{label}" for label in range(max(labels) + 1)]
+    per_class = {name: labels.count(label) for label, name in enumerate(classes)}
+    (root / DATASET_INFO).write_text(json.dumps(dict(
+        classes=classes, frames=2, size=8, stored_frames=2, stored_size=8, shards=shards,
+        splits={"train": {"videos": len(rows), "per_class": per_class}},
+    )))  # fmt: skip
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "labels, chosen, read_at_most",
+    [
+        ([0] * 48, ["v0", "v1", "v2", "v3"], 8),  # one class (an unlabelled corpus): the first batch
+        ([0] * 16 + [1] * 16 + [2] * 16, ["v0", "v16", "v32", "v1"], 40),  # fewer classes than clips: until the last
+        ([k // 8 for k in range(40)], ["v0", "v8", "v16", "v24"], 32),  # as many classes or more: one per class
+    ],
+)
+def test_figure_clips_stop_reading_once_the_classes_the_split_holds_turned_up(tmp_path, monkeypatch, labels, chosen, read_at_most):
+    """The reconstruction figure's clips (every `vidray pretrain`, a finished one too) were read until 4 classes
+    turned up: a split of fewer classes was read whole, into Python bytes, for 4 clips. Its classes are
+    dataset.json's now, and reading stops once each has a clip and 4 are chosen: the same clips as before."""
+    root = _labelled_split(tmp_path, labels)
+    read = []
+    real = pretrain_driver.read_split_batches
+
+    def counted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            read.append(len(batch["label"]))
+            yield batch
+
+    monkeypatch.setattr(pretrain_driver, "read_split_batches", counted)
+    assert [row["video_id"] for row in figure_clips(root, read_dataset_info(root), "train")] == chosen
+    assert sum(read) <= read_at_most
 
 
 # ----------------------------------------------------------------- real Ray Train runs

@@ -118,6 +118,11 @@ class DatasetInfo:
     def video_shape(self) -> tuple[int, int, int, int]:
         return (self.stored_frames, self.stored_size, self.stored_size, 3)
 
+    def classes_in(self, split: str) -> int:
+        """How many classes ``split`` holds videos of (dataset.json's per-class counts; all of them where it has none)."""
+        per_class = self.raw.get("splits", {}).get(split, {}).get("per_class")
+        return sum(1 for videos in per_class.values() if videos) if per_class else self.num_classes
+
     def identity(self, splits: Sequence[str]) -> dict[str, Any]:
         """What a run trained on ``splits`` of this dataset depends on: its classes, its videos per split and a
         hash of those splits' shard names (each names its videos, their files and the decode settings:

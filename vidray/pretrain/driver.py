@@ -271,6 +271,9 @@ def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = F
     """Up to ``count`` rows of ``split``, one per class where it has that many: the split is read
     in order (shards are often written class by class) until enough classes turned up. A damaged clip
     (:func:`vidray.data.store.check_blob`) is passed over, as training passed over it (and reported it)."""
+    # Enough once every class the split holds has a clip (``count`` at most) and other clips fill ``count``: waiting
+    # for ``count`` classes on a split with fewer (an unlabelled corpus has one) read all of it, on every pretrain.
+    classes = min(count, info.classes_in(split))
     chosen: dict[int, dict[str, Any]] = {}
     spare: list[dict[str, Any]] = []
     for batch in read_split_batches(dataset_dir, info, split, batch_size=8):
@@ -281,7 +284,7 @@ def figure_clips(dataset_dir: str, info: DatasetInfo, split: str, count: int = F
                 chosen[row["label"]] = row
             elif len(spare) < count:
                 spare.append(row)
-        if len(chosen) >= count:
+        if len(chosen) >= classes and len(chosen) + len(spare) >= count:
             break
     return (list(chosen.values()) + spare)[:count]
 
