@@ -25,8 +25,8 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, _predicted_columns, predict_corpus, resolve_stages
 from vidray.infer.corpus import (
-    PARTS_DIR, _shown_below, assemble, decode_one, discover, group_chunks, held_parts, in_discovery_order, model_fingerprint,
-    plan_chunks, stamp, write_part,
+    PARTS_DIR, _shown_below, assemble, decode_one, discover, group_chunks, held_parts, in_discovery_order, is_reusable,
+    model_fingerprint, plan_chunks, stamp, write_part,
 )  # fmt: skip
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import _predict_line, main
@@ -390,6 +390,23 @@ def test_a_retried_crash_stays_predicted_and_a_missing_object_is_looked_for_agai
     for part, copied_at in zip(parts, reversed(times)):
         os.utime(part, ns=(copied_at, copied_at))
     assert run({url: "up"}, False) == ({good, crashed}, {good: "up", crashed: "down", url: "up"})
+
+
+def test_a_file_its_worker_did_not_find_is_looked_for_again_and_an_absent_one_waits_for_its_file(tmp_path):
+    """On a multi-node cluster (a node without the mount) or after an NFS error, a worker found no file that the
+    driver had stamped: its `missing: file not found` row stood for ever, the stamp being valid and unchanged. A
+    missing row stands now only where its stamp says so too (the file absent, or unreadable, when planned)."""
+    video = str(_video(tmp_path / "clip.mp4", 48, 40, 10, seed=80))
+    absent = str(tmp_path / "not-yet.mp4")
+    seen, unseen = stamp(video), stamp(absent)
+    assert not is_reusable(video, "missing: file not found", seen, seen, False)
+    assert is_reusable(absent, "missing: file not found", unseen, unseen, False)  # until it appears: its stamp changes
+    assert is_reusable(video, None, seen, seen, False)
+    fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
+    stamps = {video: seen, absent: unseen}
+    (chunk,) = plan_chunks([video, absent], {}, 2, stamps)
+    write_part(fs, root, chunk, [{"path": path, "error": "missing: file not found"} for path in chunk.paths], embeddings=False)
+    assert [held.paths for held in held_parts(fs, root, {}, stamps)] == [(absent,)]  # the video is predicted again
 
 
 def test_a_video_rejected_as_unreadable_is_predicted_again_once_it_may_be_read(model_dir):

@@ -191,18 +191,27 @@ def stamp(path: str) -> str:
     return f"{size}:{mtime_ns}" + (":unreadable" if unreadable else "")
 
 
+def _says_unreadable(recorded: str) -> bool:
+    """Whether a stamp says its file could not be read when it was taken: not there (file_stamp's -1, -1: a missing
+    file, a dangling link) or not readable by this user. "" (an object, no stamp) says nothing."""
+    return recorded.startswith("-1:") or recorded.endswith(":unreadable")
+
+
 def is_reusable(path: str, error: str | None, recorded: str | None, now: str, retry_crashed: bool) -> bool:
     """Whether a part's row (its ``error``, null when predicted, and the ``recorded`` stamp) stands for a video
     whose stamp is ``now``. Not, as preprocessing decodes such a video again (vidray/data/shards.py, ``_id_fields``;
     shard_files.find_stale): for a file changed since (replaced; a copy then under way, now finished; a share
     unmounted then, mounted now; a permission fixed); for a rejection that says nothing of the file
-    (:data:`RETRIED_EVERY_RUN`); for an s3:// / gs:// object (no stamp) that was missing, as nothing here says when
-    it comes (an upload then under way; a URL's 404 is its server's answer, and stands); with ``retry_crashed``,
-    for a video that killed its worker (kept otherwise, as preprocessing keeps it, so that a rerun finds the same rows)."""
+    (:data:`RETRIED_EVERY_RUN`); for a video found missing that its stamp does not say was (:func:`_says_unreadable`):
+    an s3:// / gs:// object (no stamp), as nothing here says when it comes (an upload then under way; a URL's 404 is
+    its server's answer, and stands), or a file the driver saw but its worker did not (a node without the mount, an
+    NFS error), whose stamp would not change; with ``retry_crashed``, for a video that killed its worker (kept
+    otherwise, as preprocessing keeps it, so that a rerun finds the same rows)."""
     if recorded != now:
         return False
     category = (error or "").partition(": ")[0]
-    if category in RETRIED_EVERY_RUN or (not now and category == MissingVideoError.code and not is_web_url(path)):
+    unexplained_missing = category == MissingVideoError.code and not is_web_url(path) and not _says_unreadable(now)
+    if category in RETRIED_EVERY_RUN or unexplained_missing:
         return False
     return not (retry_crashed and category == WORKER_CRASH)
 
