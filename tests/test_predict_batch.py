@@ -473,6 +473,22 @@ def test_paths_as_users_give_them_reach_the_decoder(corpus, tmp_path, monkeypatc
     assert decode_one("ftp://host/a.mp4", settings, None)[1] == "download_failed"
 
 
+def test_a_manifests_relative_paths_are_read_as_the_command_lines(corpus, tmp_path, monkeypatch):
+    """`vidray predict --out o videos/ list.parquet` with a row `videos/a.mp4`: the folder's video came as an absolute
+    path, the row's as it was written, and the video was two rows (and a relative path left to the decode worker, whose
+    working folder is not the user's). Rows are resolved as command-line paths are now, `~` expanded too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    video, elsewhere = tmp_path / "videos" / "a.mp4", tmp_path / "home" / "b.mp4"
+    for path in (video, elsewhere):
+        path.parent.mkdir(parents=True)
+        shutil.copyfile(corpus["good"][0], path)
+    rows = [{"path": path, "video_id": str(i), "label": "left", "label_index": 0, "split": "test"}
+            for i, path in enumerate(["videos/a.mp4", "~/b.mp4", "https://example.org/c.mp4"])]  # fmt: skip
+    write_manifest(rows, CLASSES, tmp_path / "list.parquet")
+    assert discover(["videos", "list.parquet"]) == [str(video), str(elsewhere), "https://example.org/c.mp4"]
+
+
 def test_a_url_with_a_space_or_an_accent_is_downloaded_and_one_urllib_cannot_send_is_its_own_row(corpus, model_dir, tmp_path):
     """`https://host/my clip.mp4` and `https://host/vidéo.mp4`, as users type them: urllib refused to send them
     (http.client.InvalidURL, UnicodeEncodeError), which escaped the download: in batch mode a worker_crash row

@@ -78,7 +78,9 @@ def _manifest_paths(fs: pafs.FileSystem, key: str, name: str) -> list[str]:
     except (pa.ArrowException, OSError, KeyError) as err:
         raise UserError(f"{name} is not a manifest Parquet file with a `path` column ({err}); "
                         "write one with `vidray index`") from None  # fmt: skip
-    return [p for p in table.column("path").to_pylist() if p]
+    # Its local paths as the command line's (and preprocessing's: vidray.data.video.read_clip) are read: relative to
+    # the working folder, `~` expanded. Kept relative, a video both listed in a folder and named here was two rows.
+    return [resolve_path(p) for p in table.column("path").to_pylist() if p]
 
 
 def _shown_below(root: str, path: str) -> bool:
