@@ -162,21 +162,42 @@ def progress_epochs(trial_dir: Path) -> list[int]:
 # ----------------------------------------------------------------- config -> trials
 
 
+def _trials(space: dict) -> list[dict]:
+    """The trials' configs Tune makes of ``space`` (its variant generator, as Tuner.fit runs it)."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    return [config for _, config in generate_variants(space)]
+
+
 def test_param_space_grids_ranges_and_trial_configs():
     tune = TuneSettings(mixup_alpha=[0.0, 0.4], lr=[5e-5, 1e-4], weight_decay={"low": 0.01, "high": 0.1}, num_samples=3)
-    space = build_param_space(tune)
+    space = build_param_space(tune, seed=5)
     assert space["mixup_alpha"] == {"grid_search": [0.0, 0.4]}
     assert space["lr"] == {"grid_search": [5e-5, 1e-4]}
-    draws = np.array(space["weight_decay"].sample(size=500, random_state=np.random.default_rng(0)))
-    assert 0.01 <= draws.min() and draws.max() <= 0.1 and np.median(draws) == pytest.approx(0.055, rel=0.15)
-    assert "seed" not in space  # the draws already differ
-    assert count_trials(tune) == 2 * 2 * 3
+    trials = _trials(space)
+    assert len(trials) == count_trials(tune) == 2 * 2 * 3
+    assert all(0.01 <= t["weight_decay"] <= 0.1 for t in trials) and all("seed" not in t for t in trials)  # draws differ
 
-    # Repeats of a pure grid get their own seeds, or they would be identical runs.
-    assert "seed" in build_param_space(TuneSettings(mixup_alpha=[0.0], lr=[1e-4], weight_decay=[0.05], num_samples=2))
+    # Every α trains the same drawn points (Tune drew each trial's own: an α's result hung on its draws), and
+    # the same config draws the same points again (a --restart; Tune's own draws were unseeded).
+    def points(trials: list[dict], alpha: float) -> list[tuple]:
+        return sorted((t["lr"], t["weight_decay"]) for t in trials if t["mixup_alpha"] == alpha)
+
+    assert points(trials, 0.0) == points(trials, 0.4) and len(set(points(trials, 0.0))) == 6
+    assert _trials(build_param_space(tune, seed=5)) == trials and _trials(build_param_space(tune, seed=6)) != trials
+    # lr over a range is drawn log-uniformly: the median sits at the geometric, not the arithmetic, middle.
+    many = build_param_space(TuneSettings(mixup_alpha=[0.0], lr={"low": 1e-5, "high": 1e-3}, num_samples=1000), seed=0)
+    lrs = np.array([t["lr"] for t in _trials(many)])
+    assert lrs.min() >= 1e-5 and lrs.max() <= 1e-3
+    assert abs(np.log10(np.median(lrs)) - -4) < 0.15  # the arithmetic middle, 5e-4, is 0.7 decades above
+
+    # Repeats of a pure grid get their own seeds, or they would be identical runs; each repeat the same for every α.
+    repeated = _trials(build_param_space(TuneSettings(mixup_alpha=[0.0, 0.4], lr=[1e-4], weight_decay=[0.05], num_samples=2), 5))
+    seeds = {alpha: sorted(t["seed"] for t in repeated if t["mixup_alpha"] == alpha) for alpha in (0.0, 0.4)}
+    assert seeds[0.0] == seeds[0.4] and len(set(seeds[0.0])) == 2
     # ...and so does a range of one value, a constant too (it got none: three identical runs).
-    assert "seed" in build_param_space(TuneSettings(lr={"low": 1e-4, "high": 1e-4}, weight_decay=[0.05], num_samples=3))
-    assert build_param_space(TuneSettings(lr=[1e-4]))["lr"] == 1e-4  # one value is a constant, not a 1-point grid
+    assert len({t["seed"] for t in _trials(build_param_space(TuneSettings(lr={"low": 1e-4, "high": 1e-4}, num_samples=3), 5))}) == 3
+    assert build_param_space(TuneSettings(lr=[1e-4]), 5)["lr"] == 1e-4  # one value is a constant, not a 1-point grid
 
     cfg = load_config(DEMO)
     trial = trial_config(cfg, {"mixup_alpha": 0.4, "lr": 2e-4, "weight_decay": 0.1, "seed": 7})

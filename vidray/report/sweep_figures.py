@@ -63,7 +63,7 @@ def _status_handles(drawn: set[str]) -> list[Line2D]:
 
 
 def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) -> Path:
-    """tune.metric at each trial's best epoch against MixUp α, one line per (lr, wd) setting.
+    """tune.metric at each trial's best epoch against MixUp α, one line per (lr, wd[, seed]) setting.
 
     The y-axis spans the metric's whole range (0-1 for accuracy and F1: a 0.02 gap on a
     0.98-1.00 axis looks like a collapse), and each point carries a Wilson 95 % interval over
@@ -71,22 +71,25 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
     """
     fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
-    groups: dict[tuple[float, float], list[TrialSummary]] = {}
+    # One line per setting that every α trained (build_param_space gives each α the same draws, and the same seed to
+    # each repeat of a grid): the seed too, or a grid's repeats were joined into one zig-zag line.
+    groups: dict[tuple[float, float, int | None], list[TrialSummary]] = {}
     for t in trials:
         if t.best_value is not None:
-            groups.setdefault((t.params["lr"], t.params["weight_decay"]), []).append(t)
+            groups.setdefault((t.params["lr"], t.params["weight_decay"], t.params.get("seed")), []).append(t)
     scored = [t for group in groups.values() for t in group]
     bounded = bool(scored) and "loss" not in metric and all(0.0 <= t.best_value <= 1.0 for t in scored)
     with_intervals = bounded and _interval_bars(scored) is not None
     drawn: set[str] = set()
     if len(groups) <= 10:
         spread = 0.012 * (max((t.params["mixup_alpha"] for t in scored), default=1.0) or 1.0)
-        for index, ((lr, wd), members) in enumerate(sorted(groups.items())):
+        for index, ((lr, wd, seed), members) in enumerate(sorted(groups.items(), key=lambda item: (item[0][:2], item[0][2] or 0))):
             members = sorted(members, key=lambda t: t.params["mixup_alpha"])
             # Settings side by side at each α (a small horizontal offset), so their intervals do not hide each other.
             x = [t.params["mixup_alpha"] + (index - (len(groups) - 1) / 2) * spread for t in members]
             y = [t.best_value for t in members]
-            line = ax.plot(x, y, marker="o", label=f"lr={short_number(lr)}, wd={short_number(wd)}")[0]
+            label = f"lr={short_number(lr)}, wd={short_number(wd)}" + (f", seed={seed}" if seed is not None else "")
+            line = ax.plot(x, y, marker="o", label=label)[0]
             if with_intervals:
                 ax.errorbar(x, y, yerr=_interval_bars(members), fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.8)
             drawn |= _mark_unfinished(ax, x, y, members, line.get_color())

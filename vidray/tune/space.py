@@ -2,43 +2,67 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+import numpy as np
 import ray.tune
-from ray.tune.search.sample import Domain
 
 from vidray.config import SearchRange, TrainSettings, TuneSettings, VidrayConfig
 from vidray.errors import UserError
 
-# The sweep's hyper-parameters: Tune samples them, each trial copies them into cfg.train
-# (and ``seed`` when a pure grid is repeated, see build_param_space).
+# The sweep's hyper-parameters: each trial copies them into cfg.train (and ``seed`` when a pure grid is
+# repeated, see build_param_space).
 SWEPT = ("mixup_alpha", "lr", "weight_decay")
+# Which of ``tune.num_samples`` drawn points a trial trains: a grid axis, so that every MixUp α gets the same points.
+DRAW = "draw"
 
 
-def _axis(values: SearchRange | list[float], key: str, log: bool):
-    """One swept key: a grid over a list, log-uniform or uniform draws over a range."""
+def _axis(values: SearchRange | list[float], key: str):
+    """One swept key that is not drawn: a grid over a list, a constant for one value (or a range of one)."""
     if isinstance(values, SearchRange):
-        if values.low == values.high:
-            return values.low
-        return ray.tune.loguniform(values.low, values.high) if log else ray.tune.uniform(values.low, values.high)
+        return values.low
     if not values:
         raise UserError(f"{key} is an empty list, so the sweep would have no trials; give at least one value")
     return ray.tune.grid_search(list(values)) if len(values) > 1 else values[0]
 
 
-def build_param_space(tune: TuneSettings) -> dict[str, Any]:
-    """Tune's param space from ``cfg.tune``: MixUp α is always a grid; lr and weight decay a grid or a range."""
+def _draws(values: SearchRange, log: bool, count: int, rng: np.random.Generator) -> list[float]:
+    """``count`` draws over a range: log-uniform (learning rates) or uniform."""
+    if log:
+        return np.exp(rng.uniform(np.log(values.low), np.log(values.high), count)).tolist()
+    return rng.uniform(values.low, values.high, count).tolist()
+
+
+def _drawn_value(values: list, config: dict[str, Any]) -> Any:
+    return values[config[DRAW]]  # the trial's config, its grid keys resolved
+
+
+def build_param_space(tune: TuneSettings, seed: int) -> dict[str, Any]:
+    """Tune's param space from ``cfg.tune``: MixUp α is always a grid; lr and weight decay a grid or a range.
+
+    A range's ``tune.num_samples`` points are drawn here, once, from ``seed`` (``train.seed``), and every α
+    trains the same points: Tune drew each trial's own, so each α's result hung on its lr draws as much as on
+    α (4 α x 3 draws over a decade of lr), and from an unseeded generator, so a --restart trained other points.
+    """
     if not tune.mixup_alpha:
         raise UserError("tune.mixup_alpha is an empty list, so the sweep would have no trials; e.g. [0.0, 0.4]")
-    space = {
-        "mixup_alpha": ray.tune.grid_search(list(tune.mixup_alpha)),
-        "lr": _axis(tune.lr, "tune.lr", log=True),
-        "weight_decay": _axis(tune.weight_decay, "tune.weight_decay", log=False),
-    }
-    drawn = any(isinstance(space[key], Domain) for key in ("lr", "weight_decay"))  # a range of one value is a constant
+    rng = np.random.default_rng(seed)
+    space: dict[str, Any] = {"mixup_alpha": ray.tune.grid_search(list(tune.mixup_alpha))}
+    drawn: dict[str, list] = {}
+    for key, values, log in (("lr", tune.lr, True), ("weight_decay", tune.weight_decay, False)):
+        if isinstance(values, SearchRange) and values.low != values.high:
+            drawn[key] = _draws(values, log, tune.num_samples, rng)
+        else:
+            space[key] = _axis(values, f"tune.{key}")
     if tune.num_samples > 1 and not drawn:
         # Repeats of one grid point (a range of one value too) would otherwise be the same seeded run, bit for bit on CPU.
-        space["seed"] = ray.tune.randint(0, 2**31 - 1)
+        drawn["seed"] = rng.integers(0, 2**31 - 1, tune.num_samples).tolist()
+    if tune.num_samples == 1:
+        space.update({key: values[0] for key, values in drawn.items()})
+    elif drawn:
+        space[DRAW] = ray.tune.grid_search(list(range(tune.num_samples)))
+        space.update({key: ray.tune.sample_from(partial(_drawn_value, values)) for key, values in drawn.items()})
     return space
 
 

@@ -181,7 +181,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     checkpoint). ``restart`` (``--restart``) deletes it and starts over.
     """
     # Checks that need nothing but the config come first: they are instant.
-    param_space = build_param_space(cfg.tune)
+    param_space = build_param_space(cfg.tune, cfg.train.seed)
     check_sweep_config(cfg)
     check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
     warn_if_warmup_fills_the_run("vidray tune", "train", cfg.train.epochs, cfg.train.warmup_epochs)
@@ -250,7 +250,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
                 trainable,
                 param_space=param_space,
                 tune_config=ray.tune.TuneConfig(
-                    num_samples=cfg.tune.num_samples,
+                    num_samples=1,  # tune.num_samples is an axis of the space's grid (build_param_space)
                     scheduler=build_trial_scheduler(cfg),
                     max_concurrent_trials=cfg.tune.max_concurrent_trials or derived,
                 ),
