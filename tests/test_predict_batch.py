@@ -707,13 +707,27 @@ def test_default_evaluation_reproduces_todays_numbers_and_names_its_protocol(dat
 
 def test_a_decoder_that_kills_its_worker_costs_one_row(corpus, model_dir, ray_cluster, tmp_path, monkeypatch):
     """A real worker death (os._exit in the decode task, like a segfault) on one video: its chunk is
-    re-run one video per task; that video is rejected, its chunk-mates are predicted."""
+    re-run one video per task; that video is rejected, its chunk-mates are predicted, --batch-size videos a forward
+    pass in the driver (a whole chunk's views at once ran it out of memory), as one by one."""
     monkeypatch.setenv(CRASH_ON_ENV, "clip1.mp4")
-    summary = predict_corpus(model_dir, [str(p) for p in corpus["good"][:3]], str(tmp_path / "out"), videos_per_chunk=3)
-    assert (summary["discovered"], summary["predicted"], summary["rejected"]) == (3, 2, 1)
+    passes: list[int] = []  # the videos of each forward pass in this process: the driver's
+    predict = Classifier.predict
+
+    def counted(self, clips, **options):
+        passes.append(len(clips))
+        return predict(self, clips, **options)
+
+    monkeypatch.setattr(Classifier, "predict", counted)
+    videos = [str(p) for p in corpus["good"][:4]]
+    summary = predict_corpus(model_dir, videos, str(tmp_path / "out"), videos_per_chunk=4, batch_size=2)
+    assert (summary["discovered"], summary["predicted"], summary["rejected"]) == (4, 3, 1)
+    assert passes == [2, 1]
     table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas().set_index("path")
     assert table.loc[str(corpus["good"][1]), "error"].startswith(f"worker_crash: {WORKER_CRASH_REASON}")
-    assert table.loc[[str(corpus["good"][0]), str(corpus["good"][2])], "label"].notna().all()
+    for item in predict_videos(model_dir, [videos[0], *videos[2:]]):
+        row = table.loc[item["video"]]
+        assert [p["label"] for p in row["top_k"]] == [p["label"] for p in item["predictions"]]
+        assert [p["score"] for p in row["top_k"]] == pytest.approx([p["score"] for p in item["predictions"]], abs=1e-5)
 
 
 def test_ray_datas_traceback_for_each_dropped_block_stays_off_the_console_without_verbose(monkeypatch):

@@ -90,13 +90,16 @@ PREDICTED_SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
-def _predicted_columns(classifier, paths, frames, errors, chunks, embeddings: bool) -> dict[str, list]:
-    """Prediction rows for decoded videos (``frames`` bytes) and rejection rows for the others."""
+def _predicted_columns(classifier, paths, frames, errors, chunks, embeddings: bool,
+                       batch_size: int | None = None) -> dict[str, list]:  # fmt: skip
+    """Prediction rows for decoded videos (``frames`` bytes), ``batch_size`` of them a forward pass (None: all, a batch
+    its caller sized), and rejection rows for the others."""
     ok = [i for i, error in enumerate(errors) if not error]
-    rows = {}
-    if ok:
-        clips = np.stack([np.frombuffer(frames[i], np.uint8).reshape(classifier.clip_shape) for i in ok])
-        rows = dict(zip(ok, classifier.predict(clips, features=embeddings)))
+    rows, size = {}, batch_size or max(1, len(ok))
+    for start in range(0, len(ok), size):
+        batch = ok[start : start + size]
+        clips = np.stack([np.frombuffer(frames[i], np.uint8).reshape(classifier.clip_shape) for i in batch])
+        rows.update(zip(batch, classifier.predict(clips, features=embeddings)))
     columns: dict[str, list] = {"chunk": list(chunks), "path": list(paths), "error": list(errors),
                                 "label": [], "score": [], "top_k": [], "embedding": []}  # fmt: skip
     for i in range(len(paths)):
@@ -252,8 +255,10 @@ def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], pro
                 data, error, reason = b"", WORKER_CRASH, f"{WORKER_CRASH_REASON} ({type(err).__name__})"
             frames.append(data)
             errors.append(f"{error}: {reason}" if error else "")
+        # --batch-size videos a pass, as the fused stage: a whole chunk's views at once (--videos-per-chunk 128 x 5 clips
+        # x 3 crops: 1,920) ran the driver out of memory, on every rerun.
         columns = _predicted_columns(classifier, [as_text(p) for p in chunk.paths], frames, errors, [chunk.id] * len(frames),
-                                     args["embeddings"])  # fmt: skip
+                                     args["embeddings"], args["batch_size"])  # fmt: skip
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         write_part(fs, root, chunk, rows, args["embeddings"])
         progress.add(len(chunk.paths))
