@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ import torch
 
 from vidray.config import TrainSettings
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, read_dataset_info, videos_from_bytes
+from vidray.data.store import encode_clip
 from vidray.errors import UserError
 from vidray.train.batches import (
     BatchBuffers,
@@ -30,7 +32,7 @@ from vidray.train.batches import (
     val_rows_of_rank,
 )
 from vidray.train.rows import arrow_videos
-from vidray.train.ingest import DEVICE_CACHE_FRACTION, DeviceCache, device_memory_bytes, should_cache_on_device
+from vidray.train.ingest import DEVICE_CACHE_FRACTION, DeviceCache, StoredClips, device_memory_bytes, should_cache_on_device
 from vidray.train.placement import build_datasets, cache_splits
 
 VIDEO_SHAPE = (2, 4, 4, 3)  # 96 bytes: row id in the first two bytes, the rest its label
@@ -342,3 +344,27 @@ def test_collate_of_numpy_rows_copies_once_into_its_buffer():
     assert row_ids(out["video"]) == list(range(BATCH)) and out["label"].dtype == torch.int64
     with pytest.raises(ValueError, match="does not match shape"):
         collate({"video": np.array([b"x"], dtype=object), "label": np.zeros(1)})
+
+
+def test_a_compressed_cache_is_held_once_in_host_memory_while_it_loads():
+    """A compressed store's cache (data.store=jpeg, train.cache_dataset auto or device) copied each table's clips into
+    a part, then the parts into one array while they were all alive: loading it peaked at twice its size in host
+    memory, where the auto rule budgets it once. The same bytes and offsets come back."""
+    ramp = np.linspace(0, 1, 64)[None, :, None, None] * np.linspace(0, 1, 64)[None, None, :, None]
+    noise = np.random.default_rng(0).integers(0, 30, (40 * 5, 4, 64, 64, 3))
+    blobs = [encode_clip(np.clip(20 + 100 * ramp + i + noise[i], 0, 255).astype(np.uint8), "jpeg", 90) for i in range(200)]
+    tables = [pa.table({"video": blobs[k : k + 5], "label": [k % 3] * 5, "video_id": [f"v{k + j}" for j in range(5)]})
+              for k in range(0, 200, 5)]  # fmt: skip
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        clips, labels, sizes = StoredClips.gather(tables, (4, 64, 64, 3), "jpeg", fill=True)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert clips.data.tobytes() == b"".join(blobs)
+    assert clips.offsets.tolist() == [0, *np.cumsum([len(blob) for blob in blobs]).tolist()]
+    assert clips.video_ids == [f"v{i}" for i in range(200)] and sizes == [5] * 40
+    assert labels.tolist() == [k // 5 * 5 % 3 for k in range(200)]
+    assert peak <= 1.2 * clips.data.nbytes, peak / clips.data.nbytes

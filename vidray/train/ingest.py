@@ -150,7 +150,10 @@ class StoredClips:
                device_decoder: DeviceJpegDecoder | None = None):  # fmt: skip
         """(the clips of ``tables``, their labels int64 [n], rows kept per table), one copy of each blob
         (``fill``: a damaged clip's place taken as :func:`vidray.train.rows.intact_rows` says)."""
-        parts: list[np.ndarray] = []
+        # Each blob appended in place (realloc: a grown buffer is not copied beside the old one, and the slack is
+        # an eighth at most). The tables' blobs concatenated as parts, then the parts into one array, held the
+        # cache twice at its end, where the auto rule (should_cache_on_device) budgets it once.
+        data = bytearray()
         lengths: list[int] = []
         labels: list[int] = []
         sizes: list[int] = []
@@ -158,15 +161,14 @@ class StoredClips:
         stand_in = RowFill() if fill else None  # one for all the tables: a stream, as the host path reads them
         for table in tables:
             rows = list(arrow_rows(table, video_shape, store, stand_in))
-            if rows:
-                parts.append(np.concatenate([row.videos for row in rows]))  # this table's blobs: it can go
+            for row in rows:
+                data.extend(row.videos)  # a copy: the table can go
             lengths.extend(len(row.videos) for row in rows)
             labels.extend(row.label for row in rows)
             video_ids.extend(row.video_id for row in rows)
             sizes.append(len(rows))
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-        data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-        clips = cls(data, offsets, tuple(video_shape), store, video_ids, decode_threads, device_decoder)
+        clips = cls(np.frombuffer(data, np.uint8), offsets, tuple(video_shape), store, video_ids, decode_threads, device_decoder)
         return clips, torch.tensor(labels, dtype=torch.int64), sizes
 
     def decode(self, positions: np.ndarray, frames: np.ndarray | None = None, buffers: BatchBuffers | None = None) -> torch.Tensor:
