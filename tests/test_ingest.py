@@ -280,21 +280,49 @@ def test_runs_given_cached_splits_share_their_blocks_each_in_its_own_order(ray_c
     context.target_max_block_size = 1024  # blocks of ~10 rows, not one for all these tiny shards: an order to check
     context.execution_options.preserve_order = True  # as a run streams (placement.data_config)
     try:
-        shared = cache_splits(dataset_dir)
+        shared = cache_splits(dataset_dir, 3)
         runs = {
             seed: build_datasets(dataset_dir, TrainSettings(cache_dataset="always", seed=seed), info, cached_splits=shared)
             for seed in (3, 4)
         }
         streamed = build_datasets(dataset_dir, TrainSettings(cache_dataset="never", seed=3), info)["train"]
-        shared_blocks = sorted(ref.hex() for ref in block_refs(shared["train"]))
+        shared_blocks = sorted(ref.hex() for ref in block_refs(shared.train))
         assert len(shared_blocks) > 1
         for run in runs.values():
             assert sorted(ref.hex() for ref in block_refs(run["train"])) == shared_blocks
-            assert run["val"] is shared["val"]
+            assert run["val"] is shared.val
         assert block_refs(runs[3]["train"]) != block_refs(runs[4]["train"])
         assert rows(runs[3]["train"]) == rows(streamed)
     finally:
         context.target_max_block_size, context.execution_options.preserve_order = block_bytes, in_order
+
+
+def test_a_streamed_split_comes_in_its_seeds_order_without_waiting_for_all_of_it(splits, dataset_dir, capsys):
+    """Streamed, the train split (and pretraining's splits together) were put in order by Ray's
+    ``randomize_block_order``, which waits for every block before it passes one on: each epoch read the whole
+    split into the object store (spilled to disk when larger than it) before the first batch. Its shards are read
+    in a seeded order now: the plan is a read alone, and the order is the seed's."""
+    from vidray.config import load_config
+    from vidray.pretrain.driver import build_pretraining_datasets
+
+    streamed = splits[0]
+    cfg = load_config(None, ["pretrain.splits=[train,val]", "train.cache_dataset=never", "train.seed=3"])
+    pretraining = build_pretraining_datasets(dataset_dir, cfg, read_dataset_info(dataset_dir))["train"]
+    for ds in (streamed, pretraining):
+        ds.explain()
+        plan = capsys.readouterr().out
+        assert "ReadFiles" in plan and "RandomizeBlocks" not in plan and "AllToAll" not in plan, plan
+    def shards(ds) -> list[tuple[int, int]]:
+        """(split, shard) of the rows in the order they come: 9 rows a shard, val's ids from 1000."""
+        ids = [row["video"][0] + 256 * row["video"][1] for row in ds.take_all()]
+        return list(dict.fromkeys((i // 1000, i % 1000 // 9) for i in ids))
+
+    train_shards = [(0, k) for k in range(-(-TRAIN_VIDEOS // 9))]
+    order = shards(streamed)
+    assert sorted(order) == train_shards and order != train_shards  # every shard, not as written
+    reread = build_datasets(dataset_dir, TrainSettings(cache_dataset="never", seed=3), read_dataset_info(dataset_dir))["train"]
+    assert shards(reread) == order  # the seed's order
+    assert sorted(shards(pretraining)) == train_shards + [(1, k) for k in range(-(-VAL_VIDEOS // 9))]
 
 
 def test_a_sweeps_trials_stream_when_it_says_so_and_count_the_node_as_shared(ray_cluster, dataset_dir):

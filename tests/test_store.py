@@ -28,7 +28,9 @@ import torch
 
 from vidray.config import ConfigError, load_config
 from vidray.data.index import write_manifest
-from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA, ClipShape, read_dataset_info, read_split, videos_from_bytes
+from vidray.data.dataset import (
+    DATASET_INFO, SHARD_SCHEMA, ClipShape, read_dataset_info, read_split, read_splits_in_order, videos_from_bytes,
+)  # fmt: skip
 from vidray.data.shards import DecodeSettings, Video, plan_shards
 from vidray.data.store import _HEADER, JPEG_MAGIC, StoredClipError, _jpeg_offsets, check_blob, decode_frames_into, encode_clip
 from vidray.data.video import encode_mp4, read_clip
@@ -301,7 +303,7 @@ def stores(ray_cluster, tmp_path_factory) -> dict[str, tuple]:
     out = {}
     for name, store, damage in (("jpeg", "jpeg", ()), ("raw", "raw-decoded", ()), ("damaged", "jpeg", (DAMAGED, DAMAGED_VAL))):
         root = _write(tmp_path_factory.mktemp(name), store, damage)
-        train = read_split(root, "train").randomize_block_order(seed=3)
+        train = read_splits_in_order(root, ["train"], 3)
         out[name] = (train, materialize_in_order(train), materialize_in_order(read_split(root, "val")), read_dataset_info(root).store)
     return out
 

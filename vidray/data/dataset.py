@@ -171,22 +171,49 @@ def split_uri(dataset_dir: str, split: str) -> str:
 
 
 def read_split(dataset_dir: str, split: str):
-    """A Ray Dataset over one split's shards (videos still as stored bytes)."""
+    """A Ray Dataset over one split's shards (videos still as stored bytes), in the order Ray lists them."""
     import ray.data  # here: Ray costs seconds to import, and the rest of this module is read without it
 
     info = read_dataset_info(dataset_dir)
-    if info.split_counts.get(split, 0) == 0:
-        raise UserError(
-            f"split {split!r} of {dataset_dir} holds no videos "
-            f"(available: {', '.join(s for s, n in info.split_counts.items() if n) or 'none'})"
-        )
-    # A clip that cannot be read (vidray/train/rows.py: a compressed one rejected, a raw one of the wrong size) is
-    # named by its id, which says whose shard to decode again (a few bytes a row beside its frames).
-    columns = ["video", "label", "video_id"]
+    _refuse_empty(dataset_dir, info, (split,))
     # Not Ray's 32 footer-reader processes for a few dozen shards, started and killed on every read.
     _, shards = split_shards(dataset_dir, info, split)
     with parquet_footer_readers_for(len(shards)):
-        return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(columns)
+        return ray.data.read_parquet(split_uri(dataset_dir, split)).select_columns(SPLIT_COLUMNS)
+
+
+def read_splits_in_order(dataset_dir: str, splits: Sequence[str], order_seed: int):
+    """A Ray Dataset over the shards of ``splits`` together, read in the order of ``order_seed``: with
+    ``preserve_order`` their rows come in it, so shards written class by class (and splits) mix.
+
+    Ray's ``randomize_block_order`` would give an order too, but it waits for every block of the dataset before
+    it passes one on: streamed, the whole split went through the object store (spilled to disk when larger)
+    every epoch, and the first batch waited for all of it. An order of the shards costs nothing to stream."""
+    import ray.data
+
+    info = read_dataset_info(dataset_dir)
+    _refuse_empty(dataset_dir, info, splits)
+    fs, shards = None, []
+    for split in splits:
+        fs, in_split = split_shards(dataset_dir, info, split)
+        shards += in_split
+    in_order = [shards[i] for i in np.random.default_rng(order_seed).permutation(len(shards))]
+    with parquet_footer_readers_for(len(shards)):
+        return ray.data.read_parquet(in_order, filesystem=fs).select_columns(SPLIT_COLUMNS)
+
+
+# A clip that cannot be read (vidray/train/rows.py: a compressed one rejected, a raw one of the wrong size) is named
+# by its id, which says whose shard to decode again (a few bytes a row beside its frames).
+SPLIT_COLUMNS = ["video", "label", "video_id"]
+
+
+def _refuse_empty(dataset_dir: str, info: DatasetInfo, splits: Sequence[str]) -> None:
+    for split in splits:
+        if info.split_counts.get(split, 0) == 0:
+            raise UserError(
+                f"split {split!r} of {dataset_dir} holds no videos "
+                f"(available: {', '.join(s for s, n in info.split_counts.items() if n) or 'none'})"
+            )
 
 
 def split_shards(dataset_dir: str, info: DatasetInfo, split: str) -> tuple[pafs.FileSystem, list[str]]:

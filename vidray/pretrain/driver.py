@@ -52,7 +52,7 @@ from ray.train.torch import TorchTrainer
 
 from vidray.cluster import check_run_resources, cluster_capacity, init_ray, interrupted_by_signal
 from vidray.config import TrainSettings, TuneSettings, VidrayConfig
-from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split, read_split_batches, videos_from_bytes
+from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split_batches, read_splits_in_order, videos_from_bytes
 from vidray.data.prepare import prepare_dataset
 from vidray.data.store import StoredClipError, check_blob
 from vidray.errors import UserError
@@ -148,8 +148,7 @@ def check_pretrain_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: st
 
 def build_pretraining_datasets(dataset_dir: str, cfg: VidrayConfig, info: DatasetInfo) -> dict[str, Any]:
     """The videos of ``pretrain.splits`` as one dataset named ``train`` (what Ray Train splits over the workers)."""
-    splits = [read_split(dataset_dir, split) for split in cfg.pretrain.splits]
-    videos = (splits[0].union(*splits[1:]) if len(splits) > 1 else splits[0]).randomize_block_order(seed=cfg.train.seed)
+    videos = read_splits_in_order(dataset_dir, cfg.pretrain.splits, cfg.train.seed)
     if should_cache_dataset(cfg.train, info, cfg.pretrain.splits):
         videos = materialize_in_order(videos)
     return {"train": videos}

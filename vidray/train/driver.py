@@ -28,7 +28,7 @@ from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.errors import UserError
 from vidray.train.finetune import finetune_loop_per_worker
-from vidray.train.placement import build_datasets, data_config, ingest_cpus
+from vidray.train.placement import CachedSplits, build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
 from vidray.model.classifier import check_model_config
 from vidray.train.optim import micro_batch_size, warn_if_warmup_fills_the_run
@@ -126,7 +126,7 @@ def build_trainer(
     *,
     run_config: ray.train.RunConfig | None = None,
     dataset_dir: str | None = None,
-    cached_splits: dict[str, Any] | None = None,
+    cached_splits: CachedSplits | None = None,
     trial: bool = False,
 ) -> TorchTrainer:
     """A ready-to-``fit()`` TorchTrainer for ``cfg`` on ``dataset_dir`` (default ``cfg.data.dataset_dir``).

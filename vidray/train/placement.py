@@ -22,6 +22,7 @@ streamed: every placement gives the same batches (vidray/train/batches.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import ray
@@ -30,7 +31,7 @@ from ray.data import DataContext, ExecutionOptions
 
 from vidray.cluster import DATA_CPUS
 from vidray.config import TrainSettings
-from vidray.data.dataset import DatasetInfo, read_split
+from vidray.data.dataset import DatasetInfo, read_split, read_splits_in_order
 
 # auto caching takes at most this share of the cluster's object store.
 CACHE_OBJECT_STORE_FRACTION = 0.25
@@ -65,18 +66,30 @@ def materialize_in_order(ds):
     return ds.materialize()
 
 
-def cache_splits(dataset_dir: str) -> dict[str, Any]:
-    """The train and val splits read once into Ray's object store, in read order.
+@dataclass(frozen=True)
+class CachedSplits:
+    """The train and val splits read once into Ray's object store, the train split's shards in the order of
+    ``seed`` (:func:`vidray.data.dataset.read_splits_in_order`)."""
 
-    :func:`build_datasets` gives each run its seeded block order of them by moving block
-    references, not data: a sweep reads them once, in its driver, and its concurrent
-    trials share that one copy instead of each reading its own (vidray/tune/sweep.py).
+    train: Any  # ray.data.MaterializedDataset
+    val: Any
+    seed: int
+
+
+def cache_splits(dataset_dir: str, seed: int) -> CachedSplits:
+    """The train and val splits read once into Ray's object store, train in the shard order of ``seed``, the
+    order a run of that seed streams them in.
+
+    A sweep reads them once, in its driver, and its concurrent trials share that one copy instead of each
+    reading its own (vidray/tune/sweep.py); a trial with a seed of its own reorders the blocks
+    (:func:`build_datasets`).
     """
-    return {split: materialize_in_order(read_split(dataset_dir, split)) for split in ("train", "val")}
+    return CachedSplits(materialize_in_order(read_splits_in_order(dataset_dir, ["train"], seed)),
+                        materialize_in_order(read_split(dataset_dir, "val")), seed)  # fmt: skip
 
 
 def build_datasets(
-    dataset_dir: str, train: TrainSettings, info: DatasetInfo, cached_splits: dict[str, Any] | None = None,
+    dataset_dir: str, train: TrainSettings, info: DatasetInfo, cached_splits: CachedSplits | None = None,
     stream: bool = False,
 ) -> dict[str, Any]:
     """The train and val Ray Datasets of a run, cached in the object store when ``train.cache_dataset`` says so.
@@ -84,21 +97,21 @@ def build_datasets(
     ``cached_splits``: the splits :func:`cache_splits` already read (a sweep's, shared by its trials),
     used instead of reading them again. ``stream``: streamed whatever ``train.cache_dataset`` says (a
     sweep decided so for its trials; their workers still decide on their device caches).
+
+    The train split comes in the fixed shard order of ``train.seed``: shards written class by class still mix;
+    the per-epoch shuffle buffer (batches.shuffle_buffer_order) does the rest. Cached or streamed, the same rows
+    in the same order, but for a sweep's trial with a seed other than the sweep's (a repeat of a grid point),
+    whose cached blocks are put in that seed's order by Ray's ``randomize_block_order`` (references moved,
+    no data copied; the trials of one sweep all stream or all read the cache).
     """
     if cached_splits is None and not stream and should_cache_dataset(train, info):
-        cached_splits = cache_splits(dataset_dir)
-    # Fixed, seeded block order: shards written class by class still mix; the per-epoch
-    # shuffle buffer (batches.shuffle_buffer_order) does the rest. Cached or streamed, the
-    # same blocks in the same order (the permutation of cached blocks copies none).
-    if cached_splits is not None:
-        return {
-            "train": materialize_in_order(cached_splits["train"].randomize_block_order(seed=train.seed)),
-            "val": cached_splits["val"],
-        }
-    return {
-        "train": read_split(dataset_dir, "train").randomize_block_order(seed=train.seed),
-        "val": read_split(dataset_dir, "val"),
-    }
+        cached_splits = cache_splits(dataset_dir, train.seed)
+    if cached_splits is None:
+        return {"train": read_splits_in_order(dataset_dir, ["train"], train.seed), "val": read_split(dataset_dir, "val")}
+    cached_train = cached_splits.train
+    if cached_splits.seed != train.seed:
+        cached_train = materialize_in_order(cached_train.randomize_block_order(seed=train.seed))
+    return {"train": cached_train, "val": cached_splits.val}
 
 
 def data_config() -> ray.train.DataConfig:

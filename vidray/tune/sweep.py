@@ -67,7 +67,7 @@ from vidray.train.driver import (
     FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, on_shared_storage, warn_of_untrainable_classes,
 )
 from vidray.train.optim import warn_if_warmup_fills_the_run
-from vidray.train.placement import cache_splits, ingest_cpus
+from vidray.train.placement import CachedSplits, cache_splits, ingest_cpus
 from vidray.folder_lock import FolderLock, refuse_if_held
 from vidray.train.runs import SWEEP_CONFIG_FILE, keep_to_its_data, mark_run, open_run, run_folder, warn_if_finished_on_other_data
 from vidray.tune.callbacks import EpochLines, ReportToTune, wandb_callbacks
@@ -93,7 +93,7 @@ def train_trial(
     cfg: VidrayConfig,
     dataset_dir: str,
     train_runs: str,
-    cached_splits: dict[str, ray.data.Dataset] | None = None,
+    cached_splits: CachedSplits | None = None,
 ) -> None:
     """One trial: a full Ray Train run with the trial's hyper-parameters.
 
@@ -106,7 +106,7 @@ def train_trial(
     # Several trials' data-loading progress bars interleaved in one log are noise; the
     # datasets built below (or derived from the cached ones) carry this to the processes that run them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    for split in (cached_splits or {}).values():
+    for split in (cached_splits.train, cached_splits.val) if cached_splits else ():
         split.context.enable_progress_bars = False
     trial_id = ray.tune.get_context().get_trial_id()
     run_config = trial_run_config(trial_cfg, trial_id, train_runs, callbacks=[ReportToTune(cfg.tune.metric)])
@@ -227,9 +227,9 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
             data_cpus = DATA_CPUS if caching == "never" else 0
             check_run_resources(cfg.train, capacity, data_cpus)
         # Cached, the splits are read once, here: the trials share this one copy in the object store
-        # (N concurrent trials used to hold N), each in its own seeded block order. This driver owns
+        # (N concurrent trials used to hold N), in the shard order of the sweep's seed. This driver owns
         # the blocks and outlives its trials; a driver that restores the sweep reads them again.
-        cached_splits = None if data_cpus else cache_splits(dataset_dir)
+        cached_splits = None if data_cpus else cache_splits(dataset_dir, cfg.train.seed)
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(
                 train_trial,
