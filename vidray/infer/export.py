@@ -42,7 +42,6 @@ Exports without an interpolated table are plain ``videomae`` models.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from vidray.compat import EXPORT_CODE_PRIVATE_IMPORTS, videomae_image_processor_
 from vidray.data.dataset import ClipShape
 from vidray.data.clip import segment_indices
 from vidray.errors import UserError
+from vidray.infer.export_folder import UNFINISHED, clear_leftover, delete_folder, is_export
 from vidray.model.checkpoint import INFO, eval_clips_of, quiet_progress_bars
 from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, token_grid
 from vidray.model.transforms import MEAN, STD
@@ -209,46 +209,6 @@ def _write_custom_code(directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _is_export(directory: Path) -> bool:
-    # A training checkpoint also has vidray.json; only an export records where it came from.
-    try:
-        return "exported_from" in json.loads((directory / INFO).read_text())
-    except (OSError, ValueError):
-        return False
-
-
-# Marks a folder an export is writing (<out>.partial) or deleting (the earlier export, moved aside to
-# <out>.partial-old): what an interrupted export leaves of either is then known as vidray's, and deleted.
-UNFINISHED = ".vidray_unfinished"
-
-
-def _delete(folder: Path) -> None:
-    """Delete ``folder``, marked :data:`UNFINISHED` until its last other file is gone."""
-    (folder / UNFINISHED).touch()
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        elif entry.name != UNFINISHED:
-            entry.unlink()
-    (folder / UNFINISHED).unlink()
-    folder.rmdir()
-
-
-def _clear_leftover(folder: Path, out: Path) -> None:
-    """Delete what an interrupted export left at ``folder`` (empty, marked :data:`UNFINISHED`, or a whole export);
-    refuse anything else there in one line: a folder of that name may be someone's own."""
-    if not folder.exists() and not folder.is_symlink():
-        return
-    ours = folder.is_dir() and not folder.is_symlink()
-    if not (ours and (not any(folder.iterdir()) or (folder / UNFINISHED).exists() or _is_export(folder))):
-        raise UserError(f"{folder} is in the way of --out {out} (an export writes there) and vidray did not write it: "
-                        "move or delete it, or pass another --out")  # fmt: skip
-    try:
-        _delete(folder)
-    except OSError as err:
-        raise UserError(f"cannot delete {folder}, left by an interrupted export ({err}): delete it yourself") from None
-
-
 def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None, origin: str | None = None) -> Path:
     """Write ``checkpoint`` (a `vidray train` checkpoint or an earlier export) to ``out``; returns ``out``.
 
@@ -264,7 +224,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     folder = out.resolve()
     if folder == checkpoint.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; pass a new directory")
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _is_export(folder))):
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not is_export(folder))):
         raise UserError(f"--out {out} exists and is not an earlier vidray export; pass a new or empty directory")
     here = Path.cwd().resolve()
     if folder == here or folder in here.parents:
@@ -274,7 +234,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
                         f"e.g. --out {out / 'model'}")  # fmt: skip
     staging, aside = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".partial-old")
     for leftover in (staging, aside):
-        _clear_leftover(leftover, out)
+        clear_leftover(leftover, out)
     model, info = load_trained_model(checkpoint)
     data = info["data"]
 
@@ -303,7 +263,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     (staging / INFO).write_text(json.dumps(export_info, indent=2, sort_keys=True, default=str) + "\n")
     (staging / "README.md").write_text(model_card(export_info, pos_grid, token_grid(model.config)))
 
-    (staging / UNFINISHED).unlink()  # whole now: what a stop here leaves is still known (:func:`_is_export`)
+    (staging / UNFINISHED).unlink()  # whole now: what a stop here leaves is still known (export_folder.is_export)
     # Moved aside, not deleted in place: a delete cut short (Ctrl-C) left --out half an export, which the next
     # export refused. --out is always one whole export now; a stop leaves what is left aside, deleted next time.
     if folder.exists():
@@ -311,7 +271,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     staging.replace(folder)
     if aside.exists():
         try:
-            _delete(aside)
+            delete_folder(aside)
         except OSError as err:
             print(f"vidray export: wrote {out}, but could not delete the earlier export moved aside to {aside} "
                   f"({err}): the next export to {out} deletes it, or delete it yourself", file=sys.stderr)
