@@ -298,6 +298,18 @@ def _epochs_done(epoch: Any) -> Any:
     return epoch + 1 if isinstance(epoch, int) else "?"
 
 
+def _hub_repo_id(name: str) -> bool:
+    """Whether ``name`` is a Hub repo id (owner/name), as base_model must be for the Hub to take the card: not a URI
+    (a `vidray pretrain` encoder on a bucket) nor a local path, found here or not."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # transformers' own dependency
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1 and not name.startswith((".", "~")) and not Path(name).exists()
+
+
 def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tuple[int, int, int]) -> str:
     """The export's README.md: what the model is, what it was trained on, how well it does, how to load it.
 
@@ -310,7 +322,7 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
     pretrained = model_cfg.get("init") == "pretrained"
     base = model_cfg.get("name_or_path") if pretrained else None
     front = ["---", "library_name: transformers", "pipeline_tag: video-classification", "tags: [videomae, vidray]"]
-    if base and "/" in base and not Path(base).exists():
+    if base and _hub_repo_id(base):
         front.append(f"base_model: {base}")
     if source == "coin":
         front.append("license: cc-by-nc-4.0")
@@ -385,7 +397,9 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
         ]
     lines += [
         "",
-        "Needs `torch`, `transformers`, `torchvision` and `torchcodec` (with FFmpeg's shared libraries): the pipeline "
+        # av: transformers' VideoClassificationPipeline refuses to start without PyAV (requires_backends), torchcodec decoding or not.
+        "Needs `torch`, `transformers`, `torchvision`, `torchcodec` (with FFmpeg's shared libraries) and `av` (PyAV, "
+        "which transformers' video-classification pipeline requires to start): the pipeline "
         f"then uses this folder's video processor (`{VIDEO_PROCESSOR_FILE}`, stock `VideoMAEVideoProcessor`), which "
         f"decodes {data['frames']} frames spread over the whole video, resizes the short side to {data['stored_size']} px, "
         f"centre-crops {data['size']} px and normalises as evaluation did. Without torchvision, transformers falls back "

@@ -1,0 +1,58 @@
+"""`vidray export` on tiny real checkpoints: where it reads and writes, what the model card says, what it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+from vidray.infer.export import export_model, model_card
+from vidray.model.checkpoint import save_checkpoint
+
+CLASSES = ["pour", "stir"]
+DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=DATA["size"],
+            num_frames=DATA["frames"], patch_size=16, tubelet_size=2)  # fmt: skip
+
+
+def _checkpoint(directory: Path, model) -> Path:
+    info = {"epoch": 3, "metrics": {"val_accuracy": 0.5}, "data": DATA, "config": {"train": {"eval_clips": 1}}}
+    return save_checkpoint(directory, model, training_state={"epoch": 3}, info=info)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = VideoMAEConfig(**TINY, id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)})
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_epoch_0003", VideoMAEForVideoClassification(config))
+
+
+def _card(model: dict, held_out: dict | None = None, eval_clips: int = 1) -> str:
+    info = {"data": DATA, "config": {"model": model, "train": {"eval_clips": eval_clips}}, "epoch": 3,
+            "metrics": {}, "held_out": held_out}  # fmt: skip
+    return model_card(info, None, (2, 2, 2))
+
+
+def test_the_card_says_the_pipeline_needs_pyav(checkpoint, tmp_path):
+    """transformers' VideoClassificationPipeline refuses to start without PyAV (requires_backends(self, "av"),
+    decoding with torchcodec or not): a user who installed what the card listed got "requires the PyAv library"."""
+    import inspect
+
+    from transformers.pipelines.video_classification import VideoClassificationPipeline
+
+    assert 'requires_backends(self, "av")' in inspect.getsource(VideoClassificationPipeline.__init__)
+    card = (export_model(checkpoint, tmp_path / "model") / "README.md").read_text()
+    assert "`torchcodec` (with FFmpeg's shared libraries) and `av` (PyAV" in card
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "with `torchvision`, `torchcodec` and `av` (PyAV" in readme
+
+
+def test_base_model_is_only_a_hub_repo_id():
+    """The Hub refuses a card whose base_model is no repo id: a `vidray pretrain` encoder on a bucket or a local
+    path that is not there (another machine's) was written as one."""
+    for path in ("s3://bucket/runs/demo-pretrain/encoder", "/abs/missing/encoder", "../runs/encoder"):
+        card = _card({"init": "pretrained", "name_or_path": path})
+        assert "base_model" not in card and f"Start: `{path}`" in card
+    assert "\nbase_model: MCG-NJU/videomae-base\n" in _card({"init": "pretrained", "name_or_path": "MCG-NJU/videomae-base"})
