@@ -25,8 +25,8 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, _predicted_columns, predict_corpus, resolve_stages
 from vidray.infer.corpus import (
-    PARTS_DIR, _shown_below, assemble, decode_one, discover, group_chunks, held_parts, in_discovery_order, is_reusable,
-    model_fingerprint, plan_chunks, stamp, write_part,
+    MODEL_KEY, PARTS_DIR, SETTINGS_ID_KEY, _shown_below, assemble, decode_one, discover, group_chunks, held_parts,
+    in_discovery_order, is_reusable, model_fingerprint, plan_chunks, stamp, write_part,
 )  # fmt: skip
 from vidray.model.checkpoint import save_checkpoint
 from vidray.cli import _predict_line, main
@@ -212,6 +212,8 @@ def test_rerun_reuses_every_part_and_other_settings_start_over(corpus, model_dir
     assert other["reused"] == 0 and other["protocol"] == "1 clip x 3 crops (left, center, right)"
     new_parts = {p.name for p in (out / PARTS_DIR).iterdir()}
     assert len(new_parts) == 1 and not new_parts & old_parts  # one chunk of 3; the old parts were deleted
+    metadata = pq.read_schema(out / "predictions.parquet").metadata  # which model and settings labelled the corpus
+    assert metadata[SETTINGS_ID_KEY] == new_parts.pop().split("-")[1].encode() and metadata[MODEL_KEY] == bytes(model_dir.resolve())
 
 
 def test_killed_driver_resumes_and_predicts_no_video_twice(corpus, model_dir, ray_cluster, tmp_path):
@@ -372,7 +374,7 @@ def test_a_retried_crash_stays_predicted_and_a_missing_object_is_looked_for_agai
             rows = [{"path": path, "error": outcomes[path] if ":" in outcomes[path] else "", "label": outcomes[path],
                      "score": 0.9, "top_k": json.dumps([{"label": outcomes[path], "score": 0.9}])} for path in chunk.paths]  # fmt: skip
             write_part(fs, root, chunk, rows, embeddings=False)
-        assemble(fs, root, in_discovery_order(held + todo, paths), embeddings=False)
+        assemble(fs, root, in_discovery_order(held + todo, paths), embeddings=False, settings={}, model="m")
         for part in (Path(root) / PARTS_DIR).iterdir():  # the next run comes an hour later
             os.utime(part, (part.stat().st_mtime - 3600,) * 2)
         rows = pq.read_table(f"{root}/predictions.parquet").to_pylist()
@@ -409,6 +411,27 @@ def test_a_file_its_worker_did_not_find_is_looked_for_again_and_an_absent_one_wa
     assert [held.paths for held in held_parts(fs, root, {}, stamps)] == [(absent,)]  # the video is predicted again
 
 
+def test_another_models_output_goes_with_its_parts_and_the_output_names_its_settings(tmp_path):
+    """After a finished run with model A, a run with model B into the same --out was killed: A's parts were deleted,
+    but A's predictions.parquet and rejects.csv stayed, nothing in them saying they were A's. They go with the parts
+    now, and predictions.parquet's metadata names its settings id and model."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
+    paths = [str(_video(tmp_path / f"clip{i}.mp4", 48, 40, 10, seed=90 + i)) for i in range(2)]
+    stamps = {path: stamp(path) for path in paths}
+    a, b = {"model": "a", "top_k": 3}, {"model": "b", "top_k": 3}
+    (chunk,) = plan_chunks(paths, a, 2, stamps)
+    rows = [{"path": path, "error": "", "label": "left", "score": 0.9, "top_k": json.dumps([{"label": "left", "score": 0.9}])}
+            for path in paths]  # fmt: skip
+    write_part(fs, root, chunk, rows, embeddings=False)
+    assemble(fs, root, [chunk], embeddings=False, settings=a, model="/models/a")
+    metadata = pq.read_schema(f"{root}/predictions.parquet").metadata
+    assert (metadata[SETTINGS_ID_KEY], metadata[MODEL_KEY]) == (chunk.id.split("-")[0].encode(), b"/models/a")
+    assert [held.id for held in held_parts(fs, root, a, stamps)] == [chunk.id]  # the same settings: all stays
+    assert (Path(root) / "predictions.parquet").exists() and (Path(root) / "rejects.csv").exists()
+    assert held_parts(fs, root, b, stamps) == []  # model B's run, killed before it assembled anything
+    assert sorted(p.name for p in Path(root).rglob("*")) == [PARTS_DIR]
+
+
 def test_a_video_rejected_as_unreadable_is_predicted_again_once_it_may_be_read(model_dir):
     """"not readable (permission denied)" asks the user to fix the permission and run again; chmod changes neither
     size nor mtime, so the row's stamp records whether this user may read the file too (as a shard id does), and the
@@ -434,7 +457,7 @@ def test_a_video_rejected_as_unreadable_is_predicted_again_once_it_may_be_read(m
                 columns = _predicted_columns(classifier, list(chunk.paths), [frames for frames, _, _ in decoded], errors,
                                              [chunk.id] * len(errors), embeddings=False)  # fmt: skip
                 write_part(fs, root, chunk, [dict(zip(columns, row)) for row in zip(*columns.values())], embeddings=False)
-            assemble(fs, root, in_discovery_order(held + todo, paths), embeddings=False)
+            assemble(fs, root, in_discovery_order(held + todo, paths), embeddings=False, settings={}, model="m")
             rows = pq.read_table(f"{root}/predictions.parquet").to_pylist()
             return len(held_paths), {row["path"]: row["error"] or row["label"] for row in rows}
 

@@ -345,7 +345,7 @@ def predict_corpus(
                 print(f"vidray predict: {len(lost)} chunk task(s) died; re-running their videos one per task",
                       file=sys.stderr, flush=True)  # fmt: skip
                 _isolate_crashes(lost, fs, root, args, progress)
-        counts = assemble(fs, root, in_discovery_order(held + todo, paths), embeddings)
+        counts = assemble(fs, root, in_discovery_order(held + todo, paths), embeddings, settings, str(model_dir))
         if counts["predicted"] + counts["rejected"] != len(paths):  # a bug, never bad input
             raise RuntimeError(f"predicted {counts['predicted']} + rejected {counts['rejected']} != discovered {len(paths)}")
     seconds = time.monotonic() - started

@@ -44,6 +44,11 @@ MIN_CHUNKS = 32
 # worker starts late, or draws the slow videos, still gets its share.
 DECODE_TASKS_PER_CPU = 4
 PARTS_DIR = "_parts"
+# What a run assembles from its parts (:func:`assemble`), beside PARTS_DIR.
+OUTPUTS = ("predictions.parquet", "rejects.csv")
+# predictions.parquet's metadata: the settings id (:func:`settings_id`) of the parts it was assembled from, and the model
+# folder they were predicted with, so a reader can tell which model and settings labelled the corpus.
+SETTINGS_ID_KEY, MODEL_KEY = b"vidray_settings_id", b"vidray_model"
 # Part of every settings id (part-<settings id>-<chunk id>.parquet): bump when the rows or the part
 # layout change so old parts are rebuilt. 2: parts keyed by settings, chunks planned over the videos no part holds;
 # 3: each row keyed by its file's stamp too (a replaced or fixed file is predicted again: :func:`is_reusable`).
@@ -226,21 +231,25 @@ def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps:
     follows the corpus size, so chunks planned again would not match the parts). A row that does not stand stays
     in its part, left out of the chunk (and so of predictions.parquet), and its video is predicted again.
 
-    Deleted: parts of other settings, parts none of whose rows stands any more, a dead run's temporaries.
+    Deleted: parts of other settings, and with them the :data:`OUTPUTS` assembled from them (a run killed before its
+    own were written left another model's predictions, unmarked), parts none of whose rows stands any more, a dead
+    run's temporaries.
     A video held by two parts is taken from the newer: its row in the older did not stand when the newer was
     written (a --retry-crashed run predicts a crashed video into a part of its own, beside the crash's row,
     which stands again on a later run without the flag)."""
     prefix = f"part-{settings_id(settings)}-"
     corpus = {as_text(path): path for path in stamps}  # parts name videos as their rows do
     entries = fs.get_file_info(pafs.FileSelector(join_uri(root, PARTS_DIR), allow_not_found=True))
-    held, taken, parts = [], set(), []
-    for entry in entries:
-        if entry.type != pafs.FileType.File:
-            continue
-        if entry.base_name.startswith(prefix) and entry.base_name.endswith(".parquet"):
-            parts.append((_written_ns(fs, entry), entry.base_name, entry))
-        else:
-            fs.delete_file(entry.path)  # another settings' part, or a dead run's temporary
+    files = [entry for entry in entries if entry.type == pafs.FileType.File]
+    ours = {entry.base_name for entry in files if entry.base_name.startswith(prefix) and entry.base_name.endswith(".parquet")}
+    stale = [entry for entry in files if entry.base_name not in ours]  # other settings' parts, a dead run's temporaries
+    if any(entry.base_name.startswith("part-") for entry in stale):
+        for name in OUTPUTS:  # before the parts: deleted after them, a kill between would leave these
+            _delete_if_there(fs, join_uri(root, name))
+    for entry in stale:
+        fs.delete_file(entry.path)
+    held, taken = [], set()
+    parts = [(_written_ns(fs, entry), entry.base_name, entry) for entry in files if entry.base_name in ours]
     for _, name, entry in sorted(parts, reverse=True):  # the newest first
         table = pq.read_table(entry.path, filesystem=fs, columns=["path", "error", "stamp"])
         rows = zip(*(table.column(column).to_pylist() for column in ("path", "error", "stamp")))
@@ -252,6 +261,13 @@ def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps:
         else:
             fs.delete_file(entry.path)  # none of its rows stands
     return held
+
+
+def _delete_if_there(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 # A part's write time, in its Parquet metadata: which of two parts holding a video is the newer must survive a copy of
@@ -332,12 +348,13 @@ def write_part(fs, root: str, chunk: Chunk, rows: list[dict], embeddings: bool) 
     write_atomically(fs, join_uri(root, chunk.part_name), lambda tmp: pq.write_table(table, tmp, filesystem=fs))
 
 
-def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool) -> dict[str, Any]:
+def assemble(fs, root: str, chunks: list[Chunk], embeddings: bool, settings: dict[str, Any], model: str) -> dict[str, Any]:
     """predictions.parquet from the parts in ``chunks``' order (streamed: one part in memory at a time), each
     part's rows of ``chunk.paths`` only (a reused part may hold rows that no longer stand), and rejects.csv.
+    predictions.parquet's metadata names the parts' ``settings`` (their id) and the ``model`` folder.
     Returns the counts: predicted, rejected, ``rejected_by`` (per category of rejects.csv) and ``labels``,
     the videos per top-1 label (what the corpus was labelled as, at a glance), each most first."""
-    schema = predictions_schema(embeddings)
+    schema = predictions_schema(embeddings).with_metadata({SETTINGS_ID_KEY: settings_id(settings), MODEL_KEY: model})
     labels: Counter[str] = Counter()  # of the predicted videos
     rejects: list[dict] = []
 
