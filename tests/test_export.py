@@ -56,3 +56,21 @@ def test_base_model_is_only_a_hub_repo_id():
         card = _card({"init": "pretrained", "name_or_path": path})
         assert "base_model" not in card and f"Start: `{path}`" in card
     assert "\nbase_model: MCG-NJU/videomae-base\n" in _card({"init": "pretrained", "name_or_path": "MCG-NJU/videomae-base"})
+
+
+def test_the_card_gives_the_held_out_views_and_the_predict_command_that_uses_them():
+    """A sweep measures its held-out accuracy with tune.test_clips x tune.test_crops views; the card showed it as
+    plain "held out" and said `vidray predict --model` (one centre crop, the training's eval clips) predicts so."""
+    held_out = {"split": "test", "num_samples": 40, "accuracy": 0.75, "macro_f1": 0.7, "eval_clips": 5, "eval_crops": 3,
+                "protocol": "5 clips x 3 crops (left, center, right)", "checkpoint": "/runs/t1/checkpoint_epoch_0003"}
+    card = _card({}, held_out, eval_clips=2)
+    assert "| test (held out, 5 clips x 3 crops (left, center, right) per video) | 40 | 0.750 | 0.700 |" in card
+    assert ("`vidray predict --model PATH/TO/THIS/FOLDER --clips 5 --crops 3 video.mp4` predicts exactly as evaluation "
+            "did (5 clips x 3 crops (left, center, right) per video).") in card  # fmt: skip
+    # The default view (the training's eval clips, the centre crop): no options to give.
+    single = {**held_out, "eval_clips": 2, "eval_crops": 1, "protocol": "2 clips x 1 crop (center)"}
+    assert "`vidray predict --model PATH/TO/THIS/FOLDER video.mp4` predicts exactly as evaluation did." in _card({}, single, 2)
+    # export_model keeps the views of the metrics it is given (evaluate's metrics.json).
+    from vidray.infer.export import _card_metrics
+
+    assert {"eval_clips": 5, "eval_crops": 3, "protocol": held_out["protocol"]}.items() <= _card_metrics(held_out).items()

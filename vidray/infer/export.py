@@ -279,7 +279,9 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
 
 
 def _card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("split", "num_samples", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "loss")
+    # With its views (vidray.infer.evaluate): a sweep's tune.test_clips x tune.test_crops is not what predict runs by default.
+    keys = ("split", "num_samples", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "loss",
+            "eval_clips", "eval_crops", "protocol")  # fmt: skip
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -308,6 +310,17 @@ def _hub_repo_id(name: str) -> bool:
     except HFValidationError:
         return False
     return name.count("/") == 1 and not name.startswith((".", "~")) and not Path(name).exists()
+
+
+def _predict_line(export_info: dict[str, Any]) -> str:
+    """The card's `vidray predict` command that predicts as the held-out number was measured: its views when they
+    are not predict's default (the train.eval_clips it was validated with, one centre crop)."""
+    held_out = export_info.get("held_out") or {}
+    clips, crops = held_out.get("eval_clips"), held_out.get("eval_crops")
+    views = f" --clips {clips}" if clips and clips != eval_clips_of(export_info) else ""
+    views += f" --crops {crops}" if crops and crops != 1 else ""
+    measured = f" ({held_out['protocol']} per video)" if views and held_out.get("protocol") else ""
+    return f"`vidray predict --model PATH/TO/THIS/FOLDER{views} video.mp4` predicts exactly as evaluation did{measured}."
 
 
 def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tuple[int, int, int]) -> str:
@@ -367,8 +380,10 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
         )
     held_out = export_info.get("held_out")
     if held_out:
+        how = "held out" if held_out["split"] != "val" else "no test split: the one the model was chosen on"
+        how += f", {held_out['protocol']} per video" if held_out.get("protocol") else ""
         lines.append(
-            f"| {held_out['split']} ({'held out' if held_out['split'] != 'val' else 'no test split: the one the model was chosen on'}) "
+            f"| {held_out['split']} ({how}) "
             f"| {held_out.get('num_samples', '?')} | {held_out['accuracy']:.3f} | "
             f"{held_out.get('macro_f1', float('nan')):.3f} |"
         )
@@ -413,7 +428,7 @@ def model_card(export_info: dict[str, Any], pos_grid: list[int] | None, grid: tu
         "",
         *[f"- {line}" for line in sampling_differences(data)],
         "",
-        "`vidray predict --model PATH/TO/THIS/FOLDER video.mp4` predicts exactly as evaluation did.",
+        _predict_line(export_info),
     ]
     if source == "coin":
         lines += ["", "## License", "", COIN_LICENSE_NOTICE]
