@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
 
+from vidray.cli import main
+from vidray.errors import UserError
 from vidray.infer.export import export_model, model_card
 from vidray.model.checkpoint import save_checkpoint
+from vidray.model.classifier import load_trained_model
 
 CLASSES = ["pour", "stir"]
 DATA = {"frames": 4, "size": 32, "stored_frames": 8, "stored_size": 40, "classes": CLASSES}
@@ -74,3 +78,26 @@ def test_the_card_gives_the_held_out_views_and_the_predict_command_that_uses_the
     from vidray.infer.export import _card_metrics
 
     assert {"eval_clips": 5, "eval_crops": 3, "protocol": held_out["protocol"]}.items() <= _card_metrics(held_out).items()
+
+
+def test_a_pretrain_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """A `vidray pretrain` checkpoint's model/ is VideoMAEForPreTraining: export printed transformers' table of
+    unexpected and missing weights, then called the checkpoint damaged."""
+    config = VideoMAEConfig(**TINY, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                            decoder_intermediate_size=64, use_mean_pooling=False)  # fmt: skip
+    pretrain = _checkpoint(tmp_path / "demo-pretrain" / "checkpoint_epoch_0000", VideoMAEForPreTraining(config))
+    assert json.loads((pretrain / "model" / "config.json").read_text())["architectures"] == ["VideoMAEForPreTraining"]
+    assert main(["export", "--checkpoint", str(pretrain), "--out", str(tmp_path / "model")]) == 2
+    console = capsys.readouterr()
+    assert console.err.splitlines() == [
+        f"vidray export: error: {pretrain} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first "
+        "(`vidray train model.init=pretrained model.name_or_path=<run>/encoder`, the encoder `vidray pretrain` "
+        "reported), then use that run's checkpoint"
+    ]
+    assert "damaged" not in console.err and "UNEXPECTED" not in console.out + console.err
+    assert not (tmp_path / "model").exists()
+    # `vidray predict --model` and `vidray evaluate` load it the same way; the run's encoder is named when it is there.
+    VideoMAEForPreTraining(config).videomae.save_pretrained(tmp_path / "demo-pretrain" / "encoder")
+    encoder = tmp_path / "demo-pretrain" / "encoder"
+    with pytest.raises(UserError, match=rf"^{pretrain} is a `vidray pretrain` checkpoint: .+ model\.name_or_path={encoder}`"):
+        load_trained_model(pretrain)

@@ -318,6 +318,22 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _refuse_pretraining_checkpoint(path: Path, model_dir: Path) -> None:
+    """A `vidray pretrain` checkpoint holds a VideoMAEForPreTraining (encoder and decoder, no classifier): loaded as
+    a classifier, transformers printed its table of unexpected and missing weights and the head's made-up labels
+    then read as a damaged checkpoint. Said in one line instead, before anything loads."""
+    try:
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # not this case: load_model says what is wrong with the file
+    if "VideoMAEForPreTraining" in architectures:
+        encoder = path.parent / "encoder"  # beside the run's checkpoints (vidray/pretrain/driver.py)
+        encoder = encoder if (encoder / "config.json").is_file() else "<run>/encoder"
+        raise UserError(f"{path} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first (`vidray "
+                        f"train model.init=pretrained model.name_or_path={encoder}`, the encoder `vidray pretrain` "
+                        "reported), then use that run's checkpoint")  # fmt: skip
+
+
 def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """(classifier in eval mode, vidray.json) from a training checkpoint or a `vidray export` directory.
 
@@ -336,6 +352,7 @@ def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise UserError(f"{path} holds no {MODEL_DIR}/config.json: the checkpoint is incomplete ({hint})")
     if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise UserError(f"{model_dir} holds no model.safetensors: the checkpoint is incomplete (re-export or re-train)")
+    _refuse_pretraining_checkpoint(path, model_dir)
     try:
         with quiet_progress_bars():
             model = load_model(str(model_dir))
