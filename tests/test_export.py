@@ -101,3 +101,29 @@ def test_a_pretrain_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     encoder = tmp_path / "demo-pretrain" / "encoder"
     with pytest.raises(UserError, match=rf"^{pretrain} is a `vidray pretrain` checkpoint: .+ model\.name_or_path={encoder}`"):
         load_trained_model(pretrain)
+
+
+def test_export_to_a_uri_is_refused_in_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    """--out s3://bucket/x went through Path() as the local folder ./s3:/bucket/x: written there, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", "s3://b/x"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "vidray export: error: --out s3://b/x is a URI; vidray export writes a local folder: export to one, then "
+        "upload it (e.g. `aws s3 cp --recursive DIR s3://b/x`)"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_on_a_bucket_is_downloaded_and_exported(checkpoint, tmp_path, capsys):
+    """`vidray train` on a bucket reports best_checkpoint as a URI, which export refused as not a directory. It is
+    downloaded first now, as the sweep's report does (file:// goes through pyarrow's filesystems as s3:// does)."""
+    uri = checkpoint.resolve().as_uri()
+    assert uri.startswith("file:///")
+    assert main(["export", "--checkpoint", uri, "--out", str(tmp_path / "model")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"exported": str(tmp_path / "model")}
+    assert json.loads((tmp_path / "model" / "vidray.json").read_text())["exported_from"] == uri
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    missing = (tmp_path / "nope").as_uri()
+    assert main(["export", "--checkpoint", missing, "--out", str(tmp_path / "other")]) == 2
+    assert capsys.readouterr().err.startswith(f"vidray export: error: cannot download the checkpoint {missing} (")
+    assert not (tmp_path / "other").exists()

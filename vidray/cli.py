@@ -220,9 +220,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from vidray.infer.export import CUSTOM_CODE_FILE, export_model
+    from vidray.infer.export import CUSTOM_CODE_FILE, export_checkpoint
 
-    out = export_model(Path(args.checkpoint), Path(args.out))
+    out = export_checkpoint(args.checkpoint, args.out)  # a bucket's checkpoint downloaded, a URI --out refused
     remote = ", trust_remote_code=True" if (out / CUSTOM_CODE_FILE).is_file() else ""
     _tell(f'vidray export: {out} (model card: {out / "README.md"}); load it with '
           f'pipeline("video-classification", model="{out}"{remote})')
@@ -389,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     ex = sub.add_parser("export", help="save_pretrained model + processor for transformers.pipeline")
-    ex.add_argument("--checkpoint", required=True, help="checkpoint directory of a run (the train summary's best_checkpoint)")
-    ex.add_argument("--out", required=True, help="folder to write, loadable by transformers.pipeline; new or an earlier export")
+    ex.add_argument("--checkpoint", required=True, help="checkpoint directory of a run (the train summary's best_checkpoint, on a bucket too)")
+    ex.add_argument("--out", required=True, help="local folder to write, loadable by transformers.pipeline; new or an earlier export")
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser(

@@ -52,9 +52,9 @@ from vidray.data.clip import segment_indices
 from vidray.errors import UserError
 from vidray.infer.export_folder import UNFINISHED, clear_leftover, delete_folder, is_export
 from vidray.model.checkpoint import INFO, eval_clips_of, quiet_progress_bars
-from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, token_grid
+from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, local_checkpoint, token_grid
 from vidray.model.transforms import MEAN, STD
-from vidray.storage import without_credentials
+from vidray.storage import is_uri, scratch, without_credentials
 
 CUSTOM_CODE_FILE = "modeling_vidray_videomae.py"
 
@@ -207,6 +207,19 @@ def _write_custom_code(directory: Path) -> None:
     }
     config["architectures"] = ["VidrayVideoMAEForVideoClassification"]
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_checkpoint(checkpoint: str, out: str) -> Path:
+    """`vidray export`: :func:`export_model` of ``checkpoint`` as the command line names it (a bucket's, as
+    `vidray train` reports best_checkpoint when run.storage_path is one, is downloaded first) to ``out``."""
+    if is_uri(out):  # as a Path, s3://bucket/x is the local folder ./s3:/bucket/x: the export went there, exit 0
+        shown = without_credentials(out)
+        raise UserError(f"--out {shown} is a URI; vidray export writes a local folder: export to one, then upload "
+                        f"it (e.g. `aws s3 cp --recursive DIR {shown}`)")  # fmt: skip
+    if not is_uri(checkpoint):
+        return export_model(Path(checkpoint), Path(out))
+    with scratch("export") as folder:
+        return export_model(local_checkpoint(checkpoint, Path(folder)), Path(out), origin=checkpoint)
 
 
 def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None, origin: str | None = None) -> Path:

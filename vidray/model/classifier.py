@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 from vidray.compat import move_position_table_with_model, sinusoid_encoding_table
 from vidray.config import ModelSettings
 from vidray.errors import UserError
-from vidray.storage import local_folder
+from vidray.storage import is_uri, local_folder, without_credentials
 from vidray.model.checkpoint import INFO, MODEL_DIR, clip_shape_of, quiet_progress_bars, read_checkpoint_info
 
 logger = logging.getLogger(__name__)
@@ -332,6 +332,19 @@ def _refuse_pretraining_checkpoint(path: Path, model_dir: Path) -> None:
         raise UserError(f"{path} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first (`vidray "
                         f"train model.init=pretrained model.name_or_path={encoder}`, the encoder `vidray pretrain` "
                         "reported), then use that run's checkpoint")  # fmt: skip
+
+
+def local_checkpoint(path: str, folder: Path) -> Path:
+    """A local directory holding the checkpoint (downloaded into ``folder`` first when it lives in object storage)."""
+    if not is_uri(path):
+        return Path(path)
+    import ray.train  # here: seconds to import, and only a bucket's checkpoint needs it
+
+    try:
+        return Path(ray.train.Checkpoint(path).to_directory(str(folder / Path(path).name)))
+    except (OSError, ValueError) as err:  # not there, no access, a scheme pyarrow has no filesystem for
+        raise UserError(f"cannot download the checkpoint {without_credentials(path)} ({_first_line(err)}); "
+                        "pass a checkpoint folder on a bucket or a local one") from None  # fmt: skip
 
 
 def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:

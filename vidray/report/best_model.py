@@ -7,21 +7,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import ray.train
-
 from vidray.data.dataset import read_dataset_info
 from vidray.data.demo import reversal_pairs
 from vidray.infer.evaluate import evaluate_checkpoint, frame_order_control
 from vidray.infer.export import export_model
+from vidray.model.classifier import local_checkpoint
 from vidray.report.trials import TrialSummary
-from vidray.storage import is_uri, scratch
-
-
-def _local_checkpoint(path: str, folder: Path) -> Path:
-    """A local directory holding the checkpoint (downloaded first when it lives in object storage)."""
-    if not is_uri(path):
-        return Path(path)
-    return Path(ray.train.Checkpoint(path).to_directory(str(folder / Path(path).name)))
+from vidray.storage import scratch
 
 
 def export_and_evaluate_best(
@@ -36,7 +28,7 @@ def export_and_evaluate_best(
     # such pairs (vidray/data/demo.py); any other dataset has none, and the control is plain accuracy.
     time_reversed = reversal_pairs(list(info.classes))
     with scratch("best") as folder:
-        checkpoint = _local_checkpoint(best.best_checkpoint, Path(folder))
+        checkpoint = local_checkpoint(best.best_checkpoint, Path(folder))
         # Named by where it lives, not by the download of a bucket's checkpoint, which goes with the scratch folder.
         evaluation = evaluate_checkpoint(checkpoint, dataset_dir, split=split, out_dir=reports_dir / "best_eval",
                                          clips=clips, crops=crops, origin=best.best_checkpoint)
