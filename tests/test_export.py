@@ -11,7 +11,7 @@ from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVide
 
 from vidray.cli import main
 from vidray.errors import UserError
-from vidray.infer.export import export_model, model_card
+from vidray.infer.export import CUSTOM_CODE_FILE, export_model, model_card
 from vidray.model.checkpoint import save_checkpoint
 from vidray.model.classifier import load_trained_model
 
@@ -127,3 +127,29 @@ def test_a_checkpoint_on_a_bucket_is_downloaded_and_exported(checkpoint, tmp_pat
     assert main(["export", "--checkpoint", missing, "--out", str(tmp_path / "other")]) == 2
     assert capsys.readouterr().err.startswith(f"vidray export: error: cannot download the checkpoint {missing} (")
     assert not (tmp_path / "other").exists()
+
+
+def test_re_exporting_into_a_clone_of_a_pushed_export_keeps_its_repository(checkpoint, tmp_path):
+    """The folder of an earlier export was replaced whole: a Hub clone's .git and the user's files went with it."""
+    out = export_model(checkpoint, tmp_path / "model")
+    (out / ".git").mkdir()
+    (out / ".git" / "config").write_text("[remote \"origin\"]\n")
+    (out / "notes.txt").write_text("mine")
+    (out / "model.safetensors").write_bytes(b"the weights the clone had")
+    (out / CUSTOM_CODE_FILE).write_text("# an earlier model's: this one has no resized position table")
+    export_model(checkpoint, out)
+    assert not (out / CUSTOM_CODE_FILE).exists()  # written for some models only: not the user's
+    assert (out / ".git" / "config").read_text() == "[remote \"origin\"]\n" and (out / "notes.txt").read_text() == "mine"
+    assert (out / "model.safetensors").read_bytes() != b"the weights the clone had"
+    assert json.loads((out / "vidray.json").read_text())["exported_from"] == str(checkpoint.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_leftover_holding_a_repository_is_never_deleted(checkpoint, tmp_path):
+    """An export stopped while it moved the clone's .git into its new export: that folder is refused, not cleared."""
+    out, partial = tmp_path / "model", tmp_path / "model.partial"
+    export_model(checkpoint, partial)  # a whole export, as staged
+    (partial / ".git").mkdir()
+    with pytest.raises(UserError, match=rf"^{partial} holds a \.git: an export to {out} stopped while it moved"):
+        export_model(checkpoint, out)
+    assert (partial / ".git").is_dir() and not out.exists()

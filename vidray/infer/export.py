@@ -50,7 +50,7 @@ from vidray.compat import EXPORT_CODE_PRIVATE_IMPORTS, videomae_image_processor_
 from vidray.data.dataset import ClipShape
 from vidray.data.clip import segment_indices
 from vidray.errors import UserError
-from vidray.infer.export_folder import UNFINISHED, clear_leftover, delete_folder, is_export
+from vidray.infer.export_folder import UNFINISHED, carry_repository, clear_leftover, delete_folder, is_export
 from vidray.model.checkpoint import INFO, eval_clips_of, quiet_progress_bars
 from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, local_checkpoint, token_grid
 from vidray.model.transforms import MEAN, STD
@@ -227,8 +227,8 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
 
     ``held_out``: metrics of the model on a held-out split (vidray.infer.evaluate's
     metrics.json), for the model card. ``origin``: where the checkpoint lives when ``checkpoint`` is a
-    download of it (a bucket's), recorded as ``exported_from``. ``out`` must be new, empty, or an
-    earlier export (replaced), and not the current folder or one above it. The directory is written
+    download of it (a bucket's), recorded as ``exported_from``. ``out`` must be new, empty, or an earlier
+    export (replaced; a git clone of one keeps its repository), not the current folder or one above it. Written
     beside ``out`` and moved into place at the end, so a failed export never leaves a half-written
     model under the real name.
     """
@@ -280,6 +280,7 @@ def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = 
     # Moved aside, not deleted in place: a delete cut short (Ctrl-C) left --out half an export, which the next
     # export refused. --out is always one whole export now; a stop leaves what is left aside, deleted next time.
     if folder.exists():
+        carry_repository(folder, staging, written_sometimes=(CUSTOM_CODE_FILE,))
         folder.replace(aside)
     staging.replace(folder)
     if aside.exists():
