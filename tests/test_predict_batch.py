@@ -20,7 +20,7 @@ import torch
 from conftest import web_server
 from test_index import as_another_user, open_folder, share
 from test_video import make_bad_file
-from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
 
 from vidray.model import transforms
 from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, _predicted_columns, predict_corpus, resolve_stages
@@ -430,6 +430,42 @@ def test_another_models_output_goes_with_its_parts_and_the_output_names_its_sett
     assert (Path(root) / "predictions.parquet").exists() and (Path(root) / "rejects.csv").exists()
     assert held_parts(fs, root, b, stamps) == []  # model B's run, killed before it assembled anything
     assert sorted(p.name for p in Path(root).rglob("*")) == [PARTS_DIR]
+
+
+def test_a_pretrain_checkpoint_is_refused_before_an_earlier_models_output_is_deleted(tmp_path, monkeypatch, capsys):
+    """`vidray predict --out o --model <a pretrain checkpoint>` after a finished run with another model: the refusal
+    came only where Ray's model actors loaded it, after the earlier model's predictions.parquet, rejects.csv and parts
+    had been deleted as another settings'; the user got a Ray traceback. Refused now in one line before either."""
+    from vidray.infer import batch_predict
+
+    fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
+    paths = [str(_video(tmp_path / "clip.mp4", 48, 40, 10, seed=95))]
+    earlier = {"model": "another", "top_k": 3}
+    (chunk,) = plan_chunks(paths, earlier, 1, {path: stamp(path) for path in paths})
+    write_part(fs, root, chunk, [{"path": paths[0], "error": "", "label": "left", "score": 0.9,
+                                  "top_k": json.dumps([{"label": "left", "score": 0.9}])}], embeddings=False)  # fmt: skip
+    assemble(fs, root, [chunk], embeddings=False, settings=earlier, model="/models/another")
+    before = sorted(p.relative_to(root) for p in Path(root).rglob("*"))
+    config = VideoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            image_size=DATA["size"], num_frames=DATA["frames"], patch_size=16, tubelet_size=2,
+                            decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                            decoder_intermediate_size=64, use_mean_pooling=False)  # fmt: skip
+    info = {"epoch": 0, "metrics": {}, "data": DATA, "config": {"train": {"eval_clips": 1}}}
+    pretrain = save_checkpoint(tmp_path / "demo-pretrain" / "checkpoint_epoch_0000", VideoMAEForPreTraining(config),
+                               training_state={}, info=info)  # fmt: skip
+
+    def no_ray(**_):
+        raise AssertionError("Ray started: the refusal came after the earlier output was planned over")
+
+    monkeypatch.setattr(batch_predict, "init_ray", no_ray)
+    assert main(["predict", "--out", root, "--model", str(pretrain), *paths]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"vidray predict: error: {pretrain} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first "
+        "(`vidray train model.init=pretrained model.name_or_path=<run>/encoder`, the encoder `vidray pretrain` "
+        "reported), then use that run's checkpoint"
+    ]
+    assert sorted(p.relative_to(root) for p in Path(root).rglob("*")) == before
+    assert pq.read_schema(f"{root}/predictions.parquet").metadata[MODEL_KEY] == b"/models/another"
 
 
 def test_a_video_rejected_as_unreadable_is_predicted_again_once_it_may_be_read(model_dir):

@@ -73,7 +73,7 @@ from vidray.infer.corpus import (
     DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
     decode_one, discover, group_chunks, held_parts, in_discovery_order, model_fingerprint, plan_chunks, stamp, write_part,
 )  # fmt: skip
-from vidray.model.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info
+from vidray.model.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info, refuse_pretraining_checkpoint
 from vidray.model.views import Views
 from vidray.storage import join_uri, open_filesystem
 
@@ -304,6 +304,8 @@ def predict_corpus(
     if not model_dir.is_dir():
         raise UserError(f"--model {model_dir} does not exist (pass a directory written by `vidray export` or a checkpoint)")
     info = read_checkpoint_info(model_dir)
+    # Here, not only where the model actors load it: held_parts would first delete an earlier run's output.
+    refuse_pretraining_checkpoint(model_dir)
     shape = clip_shape_of(info)
     decoder = chosen_decoder(decoder, shape.decoder)
     views = Views(eval_clips_of(info) if clips is None else clips, crops)

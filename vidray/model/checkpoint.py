@@ -270,6 +270,29 @@ def read_checkpoint_info(directory: str | Path) -> dict[str, Any]:
     return info
 
 
+def model_folder(path: Path) -> Path:
+    """Where the model's config.json and weights are: ``path`` itself for an export, ``path/model`` for a checkpoint."""
+    return path if (path / "config.json").is_file() else path / MODEL_DIR
+
+
+def refuse_pretraining_checkpoint(path: str | Path) -> None:
+    """A `vidray pretrain` checkpoint holds a VideoMAEForPreTraining (encoder and decoder, no classifier): loaded as
+    a classifier, transformers printed its table of unexpected and missing weights and the head's made-up labels
+    then read as a damaged checkpoint. Said in one line instead, from config.json alone (no torch), so that
+    `vidray predict --out` says it before it deletes an earlier run's output or starts Ray."""
+    path = Path(path)
+    try:
+        architectures = json.loads((model_folder(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # not this case: loading the model says what is wrong with the file
+    if "VideoMAEForPreTraining" in architectures:
+        encoder = path.parent / "encoder"  # beside the run's checkpoints (vidray/pretrain/driver.py)
+        encoder = encoder if (encoder / "config.json").is_file() else "<run>/encoder"
+        raise UserError(f"{path} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first (`vidray "
+                        f"train model.init=pretrained model.name_or_path={encoder}`, the encoder `vidray pretrain` "
+                        "reported), then use that run's checkpoint")  # fmt: skip
+
+
 def clip_shape_of(info: dict[str, Any]) -> ClipShape:
     return ClipShape.from_dict(info["data"])
 

@@ -31,7 +31,9 @@ from vidray.compat import move_position_table_with_model, sinusoid_encoding_tabl
 from vidray.config import ModelSettings
 from vidray.errors import UserError
 from vidray.storage import is_uri, local_folder, without_credentials
-from vidray.model.checkpoint import INFO, MODEL_DIR, clip_shape_of, quiet_progress_bars, read_checkpoint_info
+from vidray.model.checkpoint import (
+    INFO, MODEL_DIR, clip_shape_of, model_folder, quiet_progress_bars, read_checkpoint_info, refuse_pretraining_checkpoint,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -318,22 +320,6 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _refuse_pretraining_checkpoint(path: Path, model_dir: Path) -> None:
-    """A `vidray pretrain` checkpoint holds a VideoMAEForPreTraining (encoder and decoder, no classifier): loaded as
-    a classifier, transformers printed its table of unexpected and missing weights and the head's made-up labels
-    then read as a damaged checkpoint. Said in one line instead, before anything loads."""
-    try:
-        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return  # not this case: load_model says what is wrong with the file
-    if "VideoMAEForPreTraining" in architectures:
-        encoder = path.parent / "encoder"  # beside the run's checkpoints (vidray/pretrain/driver.py)
-        encoder = encoder if (encoder / "config.json").is_file() else "<run>/encoder"
-        raise UserError(f"{path} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first (`vidray "
-                        f"train model.init=pretrained model.name_or_path={encoder}`, the encoder `vidray pretrain` "
-                        "reported), then use that run's checkpoint")  # fmt: skip
-
-
 def local_checkpoint(path: str, folder: Path) -> Path:
     """A local directory holding the checkpoint (downloaded into ``folder`` first when it lives in object storage)."""
     if not is_uri(path):
@@ -360,12 +346,12 @@ def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     if not path.is_dir():
         raise UserError(f"{path} does not exist or is not a directory ({hint})")
     info = read_checkpoint_info(path)
-    model_dir = path if (path / "config.json").is_file() else path / MODEL_DIR
+    model_dir = model_folder(path)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{path} holds no {MODEL_DIR}/config.json: the checkpoint is incomplete ({hint})")
     if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         raise UserError(f"{model_dir} holds no model.safetensors: the checkpoint is incomplete (re-export or re-train)")
-    _refuse_pretraining_checkpoint(path, model_dir)
+    refuse_pretraining_checkpoint(path)
     try:
         with quiet_progress_bars():
             model = load_model(str(model_dir))
