@@ -216,13 +216,14 @@ def test_the_confusion_matrix_keeps_its_size_and_title_with_long_names(tmp_path,
 
 def test_a_repeated_grid_draws_a_line_per_seed_not_one_zig_zag(tmp_path, monkeypatch):
     """A pure grid repeated (tune.num_samples > 1) gives each repeat a seed of its own, the same for every α
-    (vidray/tune/space.py): its trials were joined into one line by (lr, wd), going up and down at each α."""
+    (vidray/tune/space.py): its trials were joined into one line by (lr, wd), going up and down at each α. The
+    seeds come as trial summaries hold them, floats, and are labelled as whole numbers."""
     figures = _saved_figures(monkeypatch)
     trials = [
         TrialSummary(trial_id=f"t{a}-{seed}", label="", params={"mixup_alpha": a, "lr": 1e-4, "weight_decay": 0.05, "seed": seed},
                      epochs_done=4, epochs=4, status="completed", last={}, best_value=value, best_epoch=4,
                      best_checkpoint="c", trial_dir="d", best_videos=200)
-        for (a, seed), value in {(0.0, 11): 0.9, (0.0, 22): 0.7, (0.4, 11): 0.85, (0.4, 22): 0.75}.items()
+        for (a, seed), value in {(0.0, 11.0): 0.9, (0.0, 22.0): 0.7, (0.4, 11.0): 0.85, (0.4, 22.0): 0.75}.items()
     ]  # fmt: skip
     plot_metric_vs_mixup(trials, "val_macro_f1", tmp_path / "metric_vs_mixup.png")
     lines = [line for line in figures[0].axes[0].lines if line.get_marker() == "o"]

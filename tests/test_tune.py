@@ -184,6 +184,10 @@ def test_param_space_grids_ranges_and_trial_configs():
         return sorted((t["lr"], t["weight_decay"]) for t in trials if t["mixup_alpha"] == alpha)
 
     assert points(trials, 0.0) == points(trials, 0.4) and len(set(points(trials, 0.0))) == 6
+    # Consecutive trials cover every α (Tune varies the first grid key by name fastest): ASHA compares a trial with
+    # those that reached its rung before it, so an α whose trials all came first was judged against another history.
+    coin12 = _trials(build_param_space(load_config(REPO / "configs" / "coin12.yaml").tune, 0))
+    assert [t["mixup_alpha"] for t in coin12[:4]] == [0.0, 0.2, 0.4, 0.8]
     assert _trials(build_param_space(tune, seed=5)) == trials and _trials(build_param_space(tune, seed=6)) != trials
     # lr over a range is drawn log-uniformly: the median sits at the geometric, not the arithmetic, middle.
     many = build_param_space(TuneSettings(mixup_alpha=[0.0], lr={"low": 1e-5, "high": 1e-3}, num_samples=1000), seed=0)

@@ -88,7 +88,7 @@ def plot_metric_vs_mixup(trials: list[TrialSummary], metric: str, path: Path) ->
             # Settings side by side at each α (a small horizontal offset), so their intervals do not hide each other.
             x = [t.params["mixup_alpha"] + (index - (len(groups) - 1) / 2) * spread for t in members]
             y = [t.best_value for t in members]
-            label = f"lr={short_number(lr)}, wd={short_number(wd)}" + (f", seed={seed}" if seed is not None else "")
+            label = f"lr={short_number(lr)}, wd={short_number(wd)}" + (f", seed={int(seed)}" if seed is not None else "")  # stored as a float
             line = ax.plot(x, y, marker="o", label=label)[0]
             if with_intervals:
                 ax.errorbar(x, y, yerr=_interval_bars(members), fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.8)
