@@ -226,9 +226,20 @@ def test_a_run_started_with_another_config_is_not_continued(tmp_path):
     save_checkpoint(run_dir / "checkpoint_epoch_0000", tiny_model(), training_state={"epoch": 0},
                     info={"epoch": 0, "data": SHAPE.as_dict(), "config": cfg.model_dump(mode="json")})  # fmt: skip
     assert existing_run_state(cfg, str(run_dir)) == "interrupted"
-    changed = load_config(None, ["train.epochs=3", "train.lr=1e-3", f"run.storage_path={tmp_path / 'runs'}", "run.name=r"])
-    with pytest.raises(UserError, match=r"started with another config \(train.lr differ\): pass --restart"):
-        existing_run_state(changed, str(run_dir))
+    where = [f"run.storage_path={tmp_path / 'runs'}", "run.name=r"]
+    changed = ["train.epochs=3", "train.lr=1e-3", *where]
+    with pytest.raises(UserError, match=r"started with another config \(train.lr differ\): continue it as it started "
+                       r"with the override\(s\) train.lr=5e-05, or pass --restart"):  # fmt: skip
+        existing_run_state(load_config(None, changed), str(run_dir))
+    # The overrides it names continue it: a config file an upgrade changed (coin12.yaml's shuffle buffer) refused
+    # every run started with the earlier one, offering only to start over or elsewhere.
+    assert existing_run_state(load_config(None, [*changed, "train.lr=5e-05"]), str(run_dir)) == "interrupted"
+    moved = ["train.epochs=3", "train.shuffle_buffer=1024", "data.dataset_dir=/data/my videos", *where]
+    with pytest.raises(UserError) as refused:
+        existing_run_state(load_config(None, moved), str(run_dir))
+    hint = str(refused.value).split("with the override(s) ")[1].split(", or pass")[0]
+    assert hint == f"data.dataset_dir={cfg.data.dataset_dir} train.shuffle_buffer=64", hint
+    assert existing_run_state(load_config(None, [*moved, *hint.split(" ")]), str(run_dir)) == "interrupted"
     # A run an older vidray started, whose saved config lacks a key added since (data.val_fraction): it
     # continues while the key keeps its default, and is refused when it is set otherwise.
     older = cfg.model_dump(mode="json")

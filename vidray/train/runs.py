@@ -18,6 +18,7 @@ What a train or pretrain driver prints and logs of each epoch: vidray/train/foll
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
@@ -244,10 +245,23 @@ def refuse_changed_config(saved: dict[str, Any], cfg: VidrayConfig, folder: str,
     ]
     if changed:
         where = f"; it is saved in {saved_in} there" if saved_in else ""
+        # How to continue it instead: a config file changed by an upgrade (coin12.yaml's shuffle buffer) refused every
+        # run started with the earlier one, and the message offered only to start over or elsewhere.
+        as_started = " ".join(_as_override(key, saved) for key in changed) if len(changed) <= 6 else ""
         raise UserError(
             f"{folder} holds a {what} started with another config ({', '.join(changed[:6])} differ{where}): "
-            "pass --restart to start it over, or set run.name to a new name"
+            + (f"continue it as it started with the override(s) {as_started}, or " if as_started else "")
+            + "pass --restart to start it over, or set run.name to a new name"
         )
+
+
+def _as_override(key: str, saved: dict[str, Any]) -> str:
+    """``key=value``, ``key`` dotted, ``value`` as ``saved`` holds it, written as the command line takes it (YAML)."""
+    value: Any = saved
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    text = value if isinstance(value, str) and value and all(c not in value for c in " :#'\"{}[],") else json.dumps(value)
+    return f"{key}={text}"
 
 
 def existing_run_state(cfg: VidrayConfig, run_dir: str) -> RunState:
