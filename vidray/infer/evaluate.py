@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import logging
 import posixpath
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from vidray.data.dataset import read_dataset_info, read_split_batches, videos_from_bytes
-from vidray.data.store import StoredClipError
+from vidray.data.store import StoredClipError, clip_name
 from vidray.errors import UserError
 from vidray.figures import (
     LABEL_CHARS, SEQUENTIAL_CMAP, fit_label, new_figure, save_figure, text_inches, tick_label_lines, wrap_to_width,
@@ -68,18 +69,43 @@ def _check_compatible(shape, dataset, dataset_dir: str, split: str, checkpoint: 
         )
 
 
+def _intact_rows(batch: dict[str, list], dataset, left_out: list[str]) -> dict[str, list]:
+    """``batch`` without its stored clips that fail their check or do not decode, each named in ``left_out``."""
+    keep = []
+    for row, item in enumerate(batch["video"]):
+        try:
+            videos_from_bytes([item], dataset.video_shape, dataset.store, [clip_name(batch.get("video_id"), row)])
+            keep.append(row)
+        except StoredClipError as err:
+            left_out.append(str(err))
+    return {key: [values[row] for row in keep] for key, values in batch.items()}
+
+
 def split_logits(model, dataset_dir: str, dataset, split: str, batch_size: int, shape, views: Views, device,
-                 shuffle: torch.Generator | None = None, orders: int = 1) -> Iterator[tuple[dict[str, list], torch.Tensor]]:
+                 shuffle: torch.Generator | None = None, orders: int = 1,
+                 left_out: list[str] | None = None) -> Iterator[tuple[dict[str, list], torch.Tensor]]:  # fmt: skip
     """(record batch, view-averaged logits on the CPU) for every batch of ``split``.
 
     With ``shuffle``, each clip's frames are put in random order, ``orders`` times
     with fresh orders, and the logits averaged: what the model predicts once
     frame order is gone, with little noise from any one order.
+
+    A stored clip that fails its checksum or does not decode is left out and named in ``left_out``, as training's
+    validation leaves it out (vidray/train/rows.py): a sweep that finished around one could not report it. Without
+    ``left_out`` it stops the evaluation, in one line naming the video and the fix.
     """
     for batch in read_split_batches(dataset_dir, dataset, split, batch_size):
         try:
             # A writable copy: the stacked array is a view of immutable bytes.
-            videos = videos_from_bytes(batch["video"], dataset.video_shape, dataset.store, batch.get("video_id"))
+            try:
+                videos = videos_from_bytes(batch["video"], dataset.video_shape, dataset.store, batch.get("video_id"))
+            except StoredClipError:
+                if left_out is None:
+                    raise
+                batch = _intact_rows(batch, dataset, left_out)
+                if not batch["video"]:
+                    continue
+                videos = videos_from_bytes(batch["video"], dataset.video_shape, dataset.store, batch.get("video_id"))
             videos = torch.from_numpy(videos.copy()).to(device)
         except StoredClipError as err:  # names the video and the fix itself
             raise UserError(f"{dataset_dir} split {split!r}: {err}") from None
@@ -117,8 +143,8 @@ def frame_order_control(
     views = Views(eval_clips_of(info))  # the validation view: 1 + CONTROL_ORDERS passes over the split
     for name, shuffle in (("in_order", None), ("shuffled", torch.Generator().manual_seed(seed))):
         y_true, y_pred = [], []
-        for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape,
-                                          views, device, shuffle=shuffle, orders=CONTROL_ORDERS):
+        for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape, views, device,
+                                          shuffle=shuffle, orders=CONTROL_ORDERS, left_out=[]):  # named by the evaluation
             y_true += batch["label"]
             y_pred += logits.argmax(-1).tolist()
         confusions[name] = confusion_matrix(y_true, y_pred, len(shape.classes))
@@ -181,8 +207,9 @@ def evaluate_checkpoint(
     y_true: list[int] = []
     y_pred: list[int] = []
     rows: list[dict[str, Any]] = []
+    left_out: list[str] = []
     loss_sum = 0.0
-    for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape, views, device):
+    for batch, logits in split_logits(model, dataset_dir, dataset, split, batch_size, shape, views, device, left_out=left_out):
         labels = torch.tensor(batch["label"], dtype=torch.int64)
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         probs = logits.softmax(-1)
@@ -203,6 +230,9 @@ def evaluate_checkpoint(
                 }
             )
 
+    if left_out:
+        print(f"vidray evaluate: {len(left_out)} stored clip(s) of split {split!r} left out, as training's validation "
+              f"leaves them: {left_out[0]}", file=sys.stderr, flush=True)  # fmt: skip
     if not y_true:
         raise UserError(f"the shards of split {split!r} of {dataset_dir} hold no rows; re-run `vidray preprocess`")
     confusion = confusion_matrix(y_true, y_pred, len(classes))
@@ -218,6 +248,7 @@ def evaluate_checkpoint(
         eval_clips=views.clips,
         eval_crops=views.crops,
         protocol=views.describe(),
+        left_out=left_out,  # damaged stored clips, each in the one line that names its video and the fix
     )
 
     files = {

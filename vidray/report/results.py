@@ -104,7 +104,9 @@ def write_sweep_report(results, cfg: VidrayConfig, *, experiment_path: str, data
                if best_info["split"] == "val" else "")
             + f": accuracy {held_out['accuracy']:.3f}, "
             f"macro-F1 {held_out['macro_f1']:.3f}, loss {held_out['loss']:.3f} ({held_out['num_samples']} videos; "
-            f"protocol: {held_out['protocol']}).",
+            f"protocol: {held_out['protocol']})."
+            + (f" {len(held_out['left_out'])} damaged stored clip(s) left out, as validation leaves them: "
+               f"{held_out['left_out'][0]}" if held_out.get("left_out") else ""),
             "",
             f"- model for `transformers.pipeline`: `{best_info['model_dir']}`",
             f"- per-class report: `{reports_dir / 'best_eval' / 'per_class.md'}`",
