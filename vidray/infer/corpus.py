@@ -29,6 +29,7 @@ from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import WORKER_CRASH
 from vidray.data.shards import DECODE_VERSION, DecodeSettings, file_stamp
 from vidray.errors import UserError
+from vidray.model.checkpoint import INFO, model_folder
 from vidray.storage import (
     DownloadError, is_uri, is_web_url, join_uri, listed_object_uri, local_file, local_part, open_filesystem, resolve_path,
     write_atomically,
@@ -137,10 +138,14 @@ class Chunk:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """What identifies a model: the name and contents of each of its files (weights, config, vidray.json), read in
-    blocks. Not their mtimes: a copy of the same model (`cp -r`, a container fetching it again) changed the settings
-    id, and every part of the corpus was deleted and predicted again."""
-    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
+    """What identifies a model: the name and contents of each file that prediction reads of it (its model folder's
+    weights and config, and vidray.json), read in blocks. Not their mtimes: a copy of the same model (`cp -r`, a
+    container fetching it again) changed the settings id, and every part of the corpus was deleted and predicted again.
+    Not a checkpoint's training state (training_state.json and .safetensors, optimizer moments twice the weights' size),
+    which no prediction reads: hashing it cost seconds per run on a large model, with every part reused."""
+    model_dir = Path(model_dir)
+    weights = (p for p in model_folder(model_dir).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
+    files = sorted({*weights, model_dir / INFO})  # an export's vidray.json is in its model folder, a checkpoint's beside it
     digest = hashlib.sha256()
     for path in files:
         digest.update(json.dumps([str(path.relative_to(model_dir)), path.stat().st_size]).encode())
