@@ -254,9 +254,8 @@ def held_parts(fs: pafs.FileSystem, root: str, settings: dict[str, Any], stamps:
     for entry in stale:
         fs.delete_file(entry.path)
     held, taken = [], set()
-    parts = [(_written_ns(fs, entry), entry.base_name, entry) for entry in files if entry.base_name in ours]
-    for _, name, entry in sorted(parts, reverse=True):  # the newest first
-        table = pq.read_table(entry.path, filesystem=fs, columns=["path", "error", "stamp"])
+    parts = [_read_part(fs, entry) for entry in files if entry.base_name in ours]
+    for _, name, entry, table in sorted(parts, key=lambda part: part[:2], reverse=True):  # the newest first
         rows = zip(*(table.column(column).to_pylist() for column in ("path", "error", "stamp")))
         members = [path for path, error, recorded in rows if path in corpus and path not in taken
                    and is_reusable(path, error, recorded, stamps[corpus[path]], retry_crashed)]  # fmt: skip
@@ -280,10 +279,13 @@ def _delete_if_there(fs: pafs.FileSystem, path: str) -> None:
 WRITTEN_NS = b"vidray_written_ns"
 
 
-def _written_ns(fs: pafs.FileSystem, entry: pafs.FileInfo) -> int:
-    """When the part ``entry`` was written: its metadata's time; the file's own for a part written without it."""
-    written = (pq.read_schema(entry.path, filesystem=fs).metadata or {}).get(WRITTEN_NS)
-    return int(written) if written is not None else entry.mtime_ns or 0
+def _read_part(fs: pafs.FileSystem, entry: pafs.FileInfo) -> tuple[int, str, pafs.FileInfo, pa.Table]:
+    """(when it was written, its name, ``entry``, its path, error and stamp columns) of the part ``entry``, read once:
+    the write time is in its metadata, which reading the columns brings (a read of the footer before them doubled a
+    resume's requests to a bucket); the file's own time for a part written without it."""
+    table = pq.read_table(entry.path, filesystem=fs, columns=["path", "error", "stamp"])
+    written = (table.schema.metadata or {}).get(WRITTEN_NS)
+    return int(written) if written is not None else entry.mtime_ns or 0, entry.base_name, entry, table
 
 
 def in_discovery_order(chunks: list[Chunk], paths: list[str]) -> list[Chunk]:
