@@ -419,6 +419,32 @@ def test_a_file_its_worker_did_not_find_is_looked_for_again_and_an_absent_one_wa
     assert [held.paths for held in held_parts(fs, root, {}, stamps)] == [(absent,)]  # the video is predicted again
 
 
+def test_a_folder_or_a_fifo_named_as_a_video_stays_rejected_until_it_changes(tmp_path):
+    """Every `missing` row whose stamp said neither absent nor unreadable was retried: a manifest row naming a folder
+    or a FIFO ("not a regular file") was planned and rejected again on every run, Ray started for it each time. It
+    stands now until its stamp changes; a file not found that its stamp saw there is still looked for again."""
+    folder, fifo = tmp_path / "folder.mp4", tmp_path / "fifo.mp4"
+    folder.mkdir()
+    os.mkfifo(fifo)
+    video = str(_video(tmp_path / "clip.mp4", 48, 40, 10, seed=85))
+    paths = [str(folder), str(fifo), video]
+    stamps = {path: stamp(path) for path in paths}
+    decode = DecodeSettings(DATA["stored_frames"], DATA["stored_size"])
+    errors = {path: ": ".join(decode_one(path, decode, None)[1:]) for path in paths[:2]}
+    assert set(errors.values()) == {"missing: not a regular file"}
+    for path, error in errors.items():
+        assert is_reusable(path, error, stamps[path], stamps[path], False)
+    assert not is_reusable(video, "missing: file not found", stamps[video], stamps[video], False)
+    errors[video] = "missing: file not found"  # its worker did not see it (a node without the mount)
+    fs, root = pafs.LocalFileSystem(), str(tmp_path / "out")
+    (chunk,) = plan_chunks(paths, {}, 3, stamps)
+    write_part(fs, root, chunk, [{"path": path, "error": errors[path]} for path in paths], embeddings=False)
+    assert [held.paths for held in held_parts(fs, root, {}, stamps)] == [tuple(paths[:2])]  # the video alone is redone
+    folder.rmdir()
+    folder.write_bytes(b"")  # replaced: its stamp changed, so it is tried again
+    assert not is_reusable(str(folder), errors[str(folder)], stamps[str(folder)], stamp(str(folder)), False)
+
+
 def test_another_models_output_goes_with_its_parts_and_the_output_names_its_settings(tmp_path):
     """After a finished run with model A, a run with model B into the same --out was killed: A's parts were deleted,
     but A's predictions.parquet and rejects.csv stayed, nothing in them saying they were A's. They go with the parts

@@ -209,21 +209,36 @@ def _says_unreadable(recorded: str) -> bool:
     return recorded.startswith("-1:") or recorded.endswith(":unreadable")
 
 
+# The `missing` reasons of a local file (vidray.data.video.check_file) that say no file was there: with a stamp of one
+# that was, its worker did not see what the driver did. The others ("not a regular file": a folder, a FIFO; "not
+# readable") say what the stamped file is, and stand until its stamp changes: retried, they were rejected again on
+# every run, and Ray started for them each time.
+NOT_FOUND_REASONS = ("file not found", "dangling symlink")
+
+
+def _unexplained_missing(path: str, error: str, now: str) -> bool:
+    """Whether ``error`` says ``path`` was missing where nothing says why it would stay so: an s3:// / gs:// object
+    (no stamp; not a URL, whose 404 is its server's answer), or a file not found that its stamp ``now`` saw there."""
+    category, _, reason = error.partition(": ")
+    if category != MissingVideoError.code or is_web_url(path):
+        return False
+    return not now or (reason.startswith(NOT_FOUND_REASONS) and not _says_unreadable(now))
+
+
 def is_reusable(path: str, error: str | None, recorded: str | None, now: str, retry_crashed: bool) -> bool:
     """Whether a part's row (its ``error``, null when predicted, and the ``recorded`` stamp) stands for a video
     whose stamp is ``now``. Not, as preprocessing decodes such a video again (vidray/data/shards.py, ``_id_fields``;
     shard_files.find_stale): for a file changed since (replaced; a copy then under way, now finished; a share
     unmounted then, mounted now; a permission fixed); for a rejection that says nothing of the file
-    (:data:`RETRIED_EVERY_RUN`); for a video found missing that its stamp does not say was (:func:`_says_unreadable`):
-    an s3:// / gs:// object (no stamp), as nothing here says when it comes (an upload then under way; a URL's 404 is
-    its server's answer, and stands), or a file the driver saw but its worker did not (a node without the mount, an
-    NFS error), whose stamp would not change; with ``retry_crashed``, for a video that killed its worker (kept
-    otherwise, as preprocessing keeps it, so that a rerun finds the same rows)."""
+    (:data:`RETRIED_EVERY_RUN`); for a video found missing that nothing says stays so (:func:`_unexplained_missing`):
+    an s3:// / gs:// object, as nothing here says when it comes (an upload then under way), or a file the driver saw
+    but its worker did not find (a node without the mount, an NFS error), whose stamp would not change; with
+    ``retry_crashed``, for a video that killed its worker (kept otherwise, as preprocessing keeps it, so that a rerun
+    finds the same rows)."""
     if recorded != now:
         return False
     category = (error or "").partition(": ")[0]
-    unexplained_missing = category == MissingVideoError.code and not is_web_url(path) and not _says_unreadable(now)
-    if category in RETRIED_EVERY_RUN or unexplained_missing:
+    if category in RETRIED_EVERY_RUN or _unexplained_missing(path, error or "", now):
         return False
     return not (retry_crashed and category == WORKER_CRASH)
 
