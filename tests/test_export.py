@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,12 +81,14 @@ def test_the_card_gives_the_held_out_views_and_the_predict_command_that_uses_the
     assert {"eval_clips": 5, "eval_crops": 3, "protocol": held_out["protocol"]}.items() <= _card_metrics(held_out).items()
 
 
+PRETRAIN = VideoMAEConfig(**TINY, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                          decoder_intermediate_size=64, use_mean_pooling=False)  # fmt: skip
+
+
 def test_a_pretrain_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     """A `vidray pretrain` checkpoint's model/ is VideoMAEForPreTraining: export printed transformers' table of
     unexpected and missing weights, then called the checkpoint damaged."""
-    config = VideoMAEConfig(**TINY, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                            decoder_intermediate_size=64, use_mean_pooling=False)  # fmt: skip
-    pretrain = _checkpoint(tmp_path / "demo-pretrain" / "checkpoint_epoch_0000", VideoMAEForPreTraining(config))
+    pretrain = _checkpoint(tmp_path / "demo-pretrain" / "checkpoint_epoch_0000", VideoMAEForPreTraining(PRETRAIN))
     assert json.loads((pretrain / "model" / "config.json").read_text())["architectures"] == ["VideoMAEForPreTraining"]
     assert main(["export", "--checkpoint", str(pretrain), "--out", str(tmp_path / "model")]) == 2
     console = capsys.readouterr()
@@ -97,7 +100,7 @@ def test_a_pretrain_checkpoint_is_refused_in_one_line(tmp_path, capsys):
     assert "damaged" not in console.err and "UNEXPECTED" not in console.out + console.err
     assert not (tmp_path / "model").exists()
     # `vidray predict --model` and `vidray evaluate` load it the same way; the run's encoder is named when it is there.
-    VideoMAEForPreTraining(config).videomae.save_pretrained(tmp_path / "demo-pretrain" / "encoder")
+    VideoMAEForPreTraining(PRETRAIN).videomae.save_pretrained(tmp_path / "demo-pretrain" / "encoder")
     encoder = tmp_path / "demo-pretrain" / "encoder"
     with pytest.raises(UserError, match=rf"^{pretrain} is a `vidray pretrain` checkpoint: .+ model\.name_or_path={encoder}`"):
         load_trained_model(pretrain)
@@ -127,6 +130,29 @@ def test_a_checkpoint_on_a_bucket_is_downloaded_and_exported(checkpoint, tmp_pat
     assert main(["export", "--checkpoint", missing, "--out", str(tmp_path / "other")]) == 2
     assert capsys.readouterr().err.startswith(f"vidray export: error: cannot download the checkpoint {missing} (")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_checkpoint_on_a_bucket_is_named_by_its_uri_in_errors(checkpoint, tmp_path, capsys):
+    """An export of a bucket's checkpoint that failed named the temporary folder it was downloaded to
+    (/tmp/vidray-export-...), deleted by the time the user read it, and a pretrain checkpoint's hint pointed at an
+    encoder beside that folder; they name the URI, and the encoder beside it, now."""
+    pretrain = _checkpoint(tmp_path / "demo-pretrain" / "checkpoint_epoch_0009", VideoMAEForPreTraining(PRETRAIN))
+    VideoMAEForPreTraining(PRETRAIN).videomae.save_pretrained(tmp_path / "demo-pretrain" / "encoder")
+    uri, encoder = pretrain.as_uri(), (tmp_path / "demo-pretrain" / "encoder").as_uri()
+    capsys.readouterr()  # saving's progress bars
+    assert main(["export", "--checkpoint", uri, "--out", str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"vidray export: error: {uri} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first "
+        f"(`vidray train model.init=pretrained model.name_or_path={encoder}`, the encoder `vidray pretrain` "
+        "reported), then use that run's checkpoint"
+    ]
+    # Any error about the checkpoint: here one whose weights are missing.
+    incomplete = shutil.copytree(checkpoint, tmp_path / "incomplete" / "checkpoint_epoch_0003")
+    (incomplete / "model" / "model.safetensors").unlink()
+    assert main(["export", "--checkpoint", incomplete.as_uri(), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vidray export: error: {incomplete.as_uri()}/model holds no model.safetensors") and "vidray-" not in err
+    assert not (tmp_path / "model").exists()
 
 
 def test_re_exporting_into_a_clone_of_a_pushed_export_keeps_its_repository(checkpoint, tmp_path):

@@ -52,7 +52,7 @@ from vidray.data.clip import segment_indices
 from vidray.errors import UserError
 from vidray.infer.export_folder import UNFINISHED, carry_repository, clear_leftover, delete_folder, is_export
 from vidray.model.checkpoint import INFO, eval_clips_of, quiet_progress_bars
-from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, load_trained_model, local_checkpoint, token_grid
+from vidray.model.classifier import CUSTOM_MODEL_TYPE, POS_GRID_KEY, downloaded_checkpoint, load_trained_model, token_grid
 from vidray.model.transforms import MEAN, STD
 from vidray.storage import is_uri, scratch, without_credentials
 
@@ -218,8 +218,8 @@ def export_checkpoint(checkpoint: str, out: str) -> Path:
                         f"it (e.g. `aws s3 cp --recursive DIR {shown}`)")  # fmt: skip
     if not is_uri(checkpoint):
         return export_model(Path(checkpoint), Path(out))
-    with scratch("export") as folder:
-        return export_model(local_checkpoint(checkpoint, Path(folder)), Path(out), origin=checkpoint)
+    with scratch("export") as folder, downloaded_checkpoint(checkpoint, Path(folder)) as local:  # errors name the URI
+        return export_model(local, Path(out), origin=checkpoint)
 
 
 def export_model(checkpoint: Path, out: Path, held_out: dict[str, Any] | None = None, origin: str | None = None) -> Path:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import posixpath
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,7 @@ import pyarrow.fs as pafs
 
 from vidray.data.dataset import ClipShape
 from vidray.errors import UserError
-from vidray.storage import load_json, open_filesystem
+from vidray.storage import is_uri, load_json, open_filesystem, without_credentials
 
 if TYPE_CHECKING:
     import torch
@@ -275,22 +277,38 @@ def model_folder(path: Path) -> Path:
     return path if (path / "config.json").is_file() else path / MODEL_DIR
 
 
-def refuse_pretraining_checkpoint(path: str | Path) -> None:
+def refuse_pretraining_checkpoint(path: str | Path, origin: str | None = None) -> None:
     """A `vidray pretrain` checkpoint holds a VideoMAEForPreTraining (encoder and decoder, no classifier): loaded as
     a classifier, transformers printed its table of unexpected and missing weights and the head's made-up labels
     then read as a damaged checkpoint. Said in one line instead, from config.json alone (no torch), so that
-    `vidray predict --out` says it before it deletes an earlier run's output or starts Ray."""
-    path = Path(path)
+    `vidray predict --out` says it before it deletes an earlier run's output or starts Ray. ``origin``: where
+    ``path`` was downloaded from (a bucket's checkpoint), named instead of the download, which is deleted."""
     try:
-        architectures = json.loads((model_folder(path) / "config.json").read_text()).get("architectures") or []
+        architectures = json.loads((model_folder(Path(path)) / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return  # not this case: loading the model says what is wrong with the file
     if "VideoMAEForPreTraining" in architectures:
-        encoder = path.parent / "encoder"  # beside the run's checkpoints (vidray/pretrain/driver.py)
-        encoder = encoder if (encoder / "config.json").is_file() else "<run>/encoder"
-        raise UserError(f"{path} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first (`vidray "
-                        f"train model.init=pretrained model.name_or_path={encoder}`, the encoder `vidray pretrain` "
-                        "reported), then use that run's checkpoint")  # fmt: skip
+        shown = without_credentials(origin) if origin else path
+        raise UserError(f"{shown} is a `vidray pretrain` checkpoint: it has no classifier; fine-tune it first (`vidray "
+                        f"train model.init=pretrained model.name_or_path={_run_encoder(origin or str(path))}`, the "
+                        "encoder `vidray pretrain` reported), then use that run's checkpoint")  # fmt: skip
+
+
+def _run_encoder(checkpoint: str) -> str:
+    """The encoder `vidray pretrain` writes beside its run's checkpoints (vidray/pretrain/driver.py), a local folder
+    or a bucket's, when it is there; else a placeholder."""
+    if is_uri(checkpoint):
+        parts = urllib.parse.urlsplit(checkpoint)
+        run = posixpath.dirname(parts.path.rstrip("/"))
+        encoder = urllib.parse.urlunsplit(parts._replace(path=posixpath.join(run, "encoder")))
+    else:
+        encoder = str(Path(checkpoint).parent / "encoder")
+    try:
+        fs, folder = open_filesystem(encoder)
+        there = fs.get_file_info(folder.rstrip("/") + "/config.json").type == pafs.FileType.File
+    except (OSError, UserError):  # no access to the bucket, a scheme pyarrow cannot open: not named
+        there = False
+    return without_credentials(encoder) if there else "<run>/encoder"
 
 
 def clip_shape_of(info: dict[str, Any]) -> ClipShape:

@@ -14,10 +14,11 @@ new grid, so every token keeps the code of the same spot of the clip.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -331,6 +332,21 @@ def local_checkpoint(path: str, folder: Path) -> Path:
     except (OSError, ValueError) as err:  # not there, no access, a scheme pyarrow has no filesystem for
         raise UserError(f"cannot download the checkpoint {without_credentials(path)} ({_first_line(err)}); "
                         "pass a checkpoint folder on a bucket or a local one") from None  # fmt: skip
+
+
+@contextlib.contextmanager
+def downloaded_checkpoint(uri: str, folder: Path) -> Iterator[Path]:
+    """:func:`local_checkpoint` of ``uri``, a classifier's checkpoint in object storage, for the block. An error that
+    names the download (raised in the block too) names ``uri`` instead: the download is deleted by the time the user
+    reads it. A pretraining checkpoint is refused here, where the hint can name the encoder beside ``uri``."""
+    local = local_checkpoint(uri, folder)
+    try:
+        refuse_pretraining_checkpoint(local, origin=uri)
+        yield local
+    except UserError as err:
+        if str(local) not in str(err):
+            raise
+        raise UserError(str(err).replace(str(local), without_credentials(uri))) from None
 
 
 def load_trained_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
