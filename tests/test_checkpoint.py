@@ -416,3 +416,27 @@ def test_a_checkpoint_written_before_file_sizes_is_still_read(tmp_path):
         (second / name).unlink()
     assert existing_run_state(cfg, str(run_dir)) == "interrupted"
     assert summarize_run(str(run_dir))["checkpoint"] == str(first)
+
+
+def test_a_cpu_run_on_a_gpu_node_leaves_cuda_alone(monkeypatch):
+    """A CPU run (train.use_gpu=false) on a GPU node saved and restored CUDA's random streams because CUDA was there,
+    and its checkpoint snapshot waited on CUDA because CUDA was started: each worker held a context on GPU 0. Here
+    CUDA 'is there' and any use of it fails the test."""
+    from vidray.model.checkpoint import host_snapshot
+    from vidray.train.rng import AugmentGenerators
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a CPU run used CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    for name in ("get_rng_state_all", "set_rng_state_all", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    generators = AugmentGenerators.for_device(torch.device("cpu"))
+    state = capture_rng_state(generators.host, generators.device)
+    assert state["cuda"] is None
+    restore_rng_state(state, generators.host, generators.device)
+    weights = {"w": torch.arange(3.0), "nested": [torch.ones(2)]}
+    snapshot = host_snapshot(weights)
+    weights["w"].add_(1)
+    assert snapshot["w"].tolist() == [0.0, 1.0, 2.0] and snapshot["nested"][0].tolist() == [1.0, 1.0]

@@ -124,7 +124,10 @@ def host_snapshot(value: Any) -> Any:
     def copy(item: Any) -> Any:
         if isinstance(item, torch.Tensor):
             item = item.detach()
-            return item.to("cpu", non_blocking=True) if item.device.type == "cuda" else item.clone()
+            if item.device.type == "cuda":
+                from_cuda.append(True)
+                return item.to("cpu", non_blocking=True)
+            return item.clone()
         if isinstance(item, dict):
             return {k: copy(v) for k, v in item.items()}
         if isinstance(item, (list, tuple)):
@@ -133,8 +136,9 @@ def host_snapshot(value: Any) -> Any:
             return item.copy()
         return item
 
+    from_cuda: list[bool] = []
     snapshot = copy(value)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if from_cuda:  # the copies were queued (non_blocking): wait for them. Not on CUDA otherwise, which would start it
         torch.cuda.synchronize()
     return snapshot
 

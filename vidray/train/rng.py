@@ -63,12 +63,18 @@ def seed_everything(seed: int, generator: torch.Generator, device_generator: tor
         device_generator.manual_seed(derive_seed(seed, 2))
 
 
+def _on_cuda(generator: torch.Generator, device_generator: torch.Generator | None) -> bool:
+    """Whether the worker trains on CUDA (its device stream is a CUDA generator of its own). Not whether CUDA is
+    there: a CPU run on a GPU node started CUDA in every worker to save its streams, a context on GPU 0 each."""
+    return device_generator is not None and device_generator is not generator and device_generator.device.type == "cuda"
+
+
 def capture_rng_state(generator: torch.Generator, device_generator: torch.Generator | None = None) -> dict[str, Any]:
     """Every random stream a worker draws from: torch (dropout), CUDA, numpy, Python, and augmentation."""
     separate = device_generator is not None and device_generator is not generator
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state_all() if _on_cuda(generator, device_generator) else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
         "augment": generator.get_state(),
@@ -86,7 +92,7 @@ def restore_rng_state(
     stream: still determined by the checkpoint, so a resume is reproducible.
     """
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and _on_cuda(generator, device_generator):
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
