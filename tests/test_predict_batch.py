@@ -23,7 +23,7 @@ from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
 
 from vidray.model import transforms
-from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, _predicted_columns, predict_corpus, resolve_stages
+from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, BatchPredictor, _predicted_columns, predict_corpus, resolve_stages
 from vidray.infer.corpus import (
     MODEL_KEY, PARTS_DIR, SETTINGS_ID_KEY, _shown_below, assemble, decode_one, discover, group_chunks, held_parts,
     in_discovery_order, is_reusable, model_fingerprint, plan_chunks, stamp, write_part,
@@ -856,3 +856,11 @@ def test_ray_datas_traceback_for_each_dropped_block_stays_off_the_console_withou
         assert all(handler.filter(record) for handler in handlers)
     finally:
         console_settings(verbose=False)
+
+
+def test_an_actor_given_no_gpu_predicts_on_the_cpu_of_a_gpu_node(model_dir, monkeypatch):
+    """Ray leaves CUDA_VISIBLE_DEVICES alone for a worker it gave no GPU: on a GPU node every CPU actor of the fused
+    stage (`--stages fused`) put a model of its own on GPU 0. An actor runs on CUDA only when Ray gave it a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as this process sees it
+    predictor = BatchPredictor(str(model_dir), top_k=2, clips=1, crops=1, embeddings=False)
+    assert predictor.classifier.device.type == "cpu"

@@ -111,6 +111,14 @@ def _predicted_columns(classifier, paths, frames, errors, chunks, embeddings: bo
     return columns
 
 
+def _actor_device():
+    """Where an actor's model runs: on its GPU only when Ray gave it one. Ray leaves CUDA_VISIBLE_DEVICES alone for
+    a worker given none, so on a GPU node each CPU actor of the fused stage put a model of its own on GPU 0."""
+    import torch
+
+    return torch.device("cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu")
+
+
 class BatchPredictor:
     """Ray Data actor: the model loaded once, batches of decoded videos in, prediction rows out."""
 
@@ -118,7 +126,7 @@ class BatchPredictor:
         # Imported here, in the actor: the driver plans and writes without torch (seconds saved per run).
         from vidray.infer.predict import Classifier
 
-        self.classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
+        self.classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops, device=_actor_device())
         self.embeddings = embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
