@@ -834,10 +834,14 @@ def test_a_sweep_through_its_life_killed_resumed_restarted_with_asha_and_reporte
     finally:
         holder.kill()
         holder.wait()
-    # A changed config is not mixed into it (refused before any Ray work).
-    with pytest.raises(UserError, match=r"started with another config \(train.epochs differ.*pass --restart"):
-        run_sweep(load_config(DEMO, [*overrides, "train.epochs=3"]))
+    # A changed config is not mixed into it, and is refused before its data is prepared: another stored size
+    # decoded the dataset again, deleting the shards the sweep was started on, and only then was refused.
+    dataset = Path(next(o for o in demo_data if o.startswith("data.dataset_dir=")).split("=", 1)[1])
+    shards = {f: f.stat().st_mtime_ns for f in dataset.rglob("*") if f.is_file()}
+    with pytest.raises(UserError, match=r"another config \(data.stored_size, train.epochs differ.*pass --restart"):
+        run_sweep(load_config(DEMO, [*overrides, "train.epochs=3", "data.stored_size=40"]))
     assert len(trial_dirs(experiment)) == 2
+    assert {f: f.stat().st_mtime_ns for f in dataset.rglob("*") if f.is_file()} == shards
 
 
 def test_sigterm_stops_a_sweep_and_ctrl_c_a_training_run_each_to_be_continued(ray_head, ray_cluster, demo_data, tmp_path):

@@ -16,8 +16,9 @@ from vidray.train.runs import SWEEP_CONFIG_FILE, RunState, mark_run, read_marker
 TRIALS_CACHE = "trials_cache_dataset"
 
 
-def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
-    """``new``, ``interrupted`` or ``finished``: what ``experiment_path`` holds for ``cfg``.
+def sweep_state(cfg: VidrayConfig, experiment_path: str, tell: bool = True) -> RunState:
+    """``new``, ``interrupted`` or ``finished``: what ``experiment_path`` holds for ``cfg``; ``tell``: say on
+    the console what a continued sweep keeps of its start that ``cfg`` asks otherwise (its tracking).
 
     Refuses, naming the keys, a sweep started with a config that shapes the trials differently:
     continuing it would mix two experiments in one table. Read from vidray's JSON files only: a
@@ -32,7 +33,7 @@ def sweep_state(cfg: VidrayConfig, experiment_path: str) -> RunState:
     if saved is not None:
         refuse_changed_config(saved, cfg, experiment_path, "sweep", saved_in=SWEEP_CONFIG_FILE)
         tracked = saved.get("run", {}).get("wandb")
-        if not finished and tracked is not None and tracked != cfg.run.wandb.model_dump(mode="json"):
+        if tell and not finished and tracked is not None and tracked != cfg.run.wandb.model_dump(mode="json"):
             # Tune's restore takes the sweep's callbacks from its pickle, W&B's included: what was asked is not done.
             print(f"vidray tune: run.wandb differs from what the interrupted sweep {experiment_path} started with "
                   f"({tracked}): a continued sweep keeps its tracking (--restart starts it over)", file=sys.stderr)  # fmt: skip

@@ -200,6 +200,11 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     check_run_resources(cfg.train, capacity, data_cpus=DATA_CPUS if cfg.train.cache_dataset == "never" else 0)
     callbacks = [EpochLines(cfg.tune.metric, cfg.train.epochs), *wandb_callbacks(cfg)]
 
+    if not restart:
+        # A changed config is refused before the data is prepared (open_run checks again): `vidray tune
+        # data.stored_size=160` on a sweep of 128 decoded the dataset again, deleting the shards it was started on,
+        # and only then was refused. `vidray train` and `vidray pretrain` open their runs before preparing.
+        sweep_state(cfg, run_folder(storage_path, cfg.run.name), tell=False)
     # Once, here: every trial reads the same shards.
     dataset_dir = prepare_dataset(cfg, verbose=verbose)
     info = read_dataset_info(dataset_dir)
