@@ -30,7 +30,7 @@ def decode_or_reject(path: str, settings: DecodeSettings, crash_on: str | None =
 
     Shared by preprocessing and corpus prediction (vidray/infer/batch_predict.py), which reject alike.
     """
-    import av.logging  # here: PyAV is optional like every decoder library (see require_decoder)
+    import av.logging  # here, not at the top (0.15 s): the drivers import this module and may decode nothing
 
     # FFmpeg's per-packet complaints about a broken file would flood the driver's
     # log from every worker; the reason that matters is recorded in the rejects.

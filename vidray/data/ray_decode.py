@@ -13,7 +13,7 @@ decoder that kills its worker process (segfault) loses only its shard's task;
 such shards are re-run one video per Ray task (:func:`isolate_crashes`), the
 video whose task dies is rejected with "decoder crashed the worker", and the
 others are written as usual. (Like any reject, it stays rejected on resume;
-delete its ``_shards`` record to retry.)
+``--retry-crashed`` decodes it again: the crash need not recur.)
 
 This module imports Ray, which costs seconds: vidray/data/preprocess.py loads it
 only when a run has shards to decode.

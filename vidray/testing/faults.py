@@ -13,7 +13,8 @@ the hold to the Ray Train runs whose name ends with it (one trial of a sweep). A
 file that says :data:`HOLD_EXIT` ends the held process instead (``os._exit``), as Ray ends
 the workers of a dead driver: without it they would sit out the hold, or train on past it.
 
-Tests pass the variables through ``RunSettings(worker_runtime_env=...)``.
+Tests pass the variables (:func:`hold_env`) in the job's runtime_env, as `ray job submit
+--runtime-env-json` does (``RAY_JOB_CONFIG_JSON_ENV_VAR`` for a driver they start).
 """
 
 from __future__ import annotations
