@@ -56,6 +56,8 @@ from vidray.model.classifier import (
 # the encoder's last norm when the checkpoint is a mean-pooling encoder or classifier.
 NEW_PRETRAINING_PREFIXES = ("decoder.", "encoder_to_decoder.", "mask_token", "videomae.layernorm.")
 PRETRAINING_ARCHITECTURE = "VideoMAEForPreTraining"
+# VideoMAE's own pretraining code draws the mask token from trunc_normal_(std=0.02).
+MASK_TOKEN_STD = 0.02
 PROVENANCE_FILE = "vidray_pretrain.json"
 
 
@@ -154,6 +156,8 @@ def build_pretraining_model(
     config = pretraining_config(model_cfg, pretrain, frames, size)
     if model_cfg.init == "scratch":
         model = VideoMAEForPreTraining(config)
+        start_mask_token(model)  # HF leaves it zero
+        check_finite_weights(model, loaded=set(), name_or_path=None)
     else:
         source = load_pretrained_config(model_cfg.name_or_path)
         with quiet_progress_bars(), local_folder(model_cfg.name_or_path) as folder:  # a bucket's: copied here first
@@ -161,12 +165,38 @@ def build_pretraining_model(
                 folder, config=config, output_loading_info=True, attn_implementation="sdpa", dtype=torch.float32
             )
         _check_loading_info(model_cfg.name_or_path, info, new_prefixes=NEW_PRETRAINING_PREFIXES)
+        fresh = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+        if "mask_token" in fresh:
+            start_mask_token(model)
+        loaded = {name for name, _ in model.named_parameters()} - fresh
+        check_finite_weights(model, loaded=loaded, name_or_path=model_cfg.name_or_path)
         # A model vidray trained at another size already carries a resized table: its origin grid is the source.
         if source_grid := table_source_grid(model_cfg.interpolate_pos_embed, source, config):
             install_pretraining_position_tables(model, source_grid)
     if model_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+def start_mask_token(model: VideoMAEForPreTraining) -> None:
+    """The mask token as VideoMAE starts it. transformers' ``_init_weights`` covers Linear, Conv and
+    LayerNorm modules only: a checkpoint without a decoder left this bare parameter as ``from_pretrained``
+    allocated it, uninitialised memory (1e38 or NaN: a NaN first loss, then every weight NaN)."""
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(model.mask_token, std=MASK_TOKEN_STD)
+
+
+def check_finite_weights(model: torch.nn.Module, loaded: set[str], name_or_path: str | None) -> None:
+    """Refuse a NaN or infinite weight before training spreads it to every other one."""
+    for name, param in model.named_parameters():
+        if torch.isfinite(param).all():
+            continue
+        if name in loaded:
+            raise UserError(
+                f"model.name_or_path {name_or_path!r} holds non-finite values in {name} (a run that diverged?); "
+                "point model.name_or_path at another checkpoint"
+            )
+        raise RuntimeError(f"bug: {name} was initialised with non-finite values")
 
 
 def load_pretraining_model(model_dir: str | Path) -> VideoMAEForPreTraining:
