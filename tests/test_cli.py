@@ -64,3 +64,20 @@ def test_a_cluster_that_cannot_be_reached_is_one_line_naming_where_its_address_c
             if driver.poll() is None:
                 driver.kill()
                 driver.communicate()
+
+
+def test_ray_address_of_a_dashboard_is_one_line_saying_what_to_set(tmp_path):
+    """RAY_ADDRESS=http://127.0.0.1:8265, the Jobs API's address that Ray's job docs have users export: ray.init
+    raised ValueError (ray/client_builder.py) and every local vidray command ended in a traceback. Nothing listens
+    at the address (Ray refuses the scheme before connecting anyway), and no cluster starts."""
+    address = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "RAY_ADDRESS": address}
+    command = [sys.executable, "-m", "vidray", "prepare", "--config", str(REPO / "configs" / "demo.yaml")]
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"vidray prepare: error: RAY_ADDRESS={address} is a Ray dashboard's address (its Jobs API), which `ray job "
+        "submit` uses; vidray connects to the cluster itself: unset RAY_ADDRESS (vidray then joins the cluster `ray "
+        "start` left on this machine, or starts its own), or set it to the head's HOST:6379"
+    ]
+    assert list(tmp_path.iterdir()) == []  # refused before the data is prepared

@@ -138,6 +138,16 @@ def init_ray(*, verbose: bool = False, **local_kwargs) -> None:
                 where = "the cluster `ray start` left on this machine, which is gone"
                 fix = "run `ray stop` to forget it (vidray then starts a local cluster of its own), or `ray start --head` again"
             raise UserError(f"cannot reach the Ray cluster at {address} ({where}): {fix}") from None
+        except ValueError:
+            # Ray's refusal of an http(s):// address (client_builder._get_builder_from_address), a multi-line
+            # message; its other ValueErrors (ray:// without ray[client], ...) are not this mistake.
+            if not address.startswith(("http://", "https://")):
+                raise
+            raise UserError(
+                f"RAY_ADDRESS={address} is a Ray dashboard's address (its Jobs API), which `ray job submit` uses; vidray "
+                "connects to the cluster itself: unset RAY_ADDRESS (vidray then joins the cluster `ray start` left on this "
+                "machine, or starts its own), or set it to the head's HOST:6379"
+            ) from None
     else:
         ray.init(**settings, **{"_node_ip_address": LOOPBACK_IP, **local_kwargs})
     sigterm_as_ctrl_c()  # after ray.init, whose core worker installs a handler of its own
