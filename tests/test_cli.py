@@ -1,15 +1,21 @@
-"""The `vidray` command's own surface: what `--help` shows for every subcommand, and a cluster it cannot reach."""
+"""The `vidray` command's own surface: what `--help` shows for every subcommand, where overrides may go, the
+settings `vidray preprocess` takes from its flags, and a cluster it cannot reach."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from vidray.cli import build_parser
+import pytest
+
+from vidray.cli import build_parser, main
 from vidray.cluster import LOOPBACK_IP, free_port
+from vidray.config import load_config
+from vidray.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +70,63 @@ def test_a_cluster_that_cannot_be_reached_is_one_line_naming_where_its_address_c
             if driver.poll() is None:
                 driver.kill()
                 driver.communicate()
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain", "tune", "prepare"])
+def test_overrides_may_come_before_between_and_after_options(command, capsys):
+    """`vidray tune --config my.yaml tune.num_samples=4 --restart run.name=x` ended in `unrecognized arguments:
+    run.name=x` under the top-level usage. Every override reaches the config, in the order given (the last of a
+    key wins): the config refuses train.lr=-1, which came after an option, and not train.epochs=0, which a later
+    override replaced. Nothing runs: the config fails before Ray or torch is imported."""
+    config = str(REPO / "configs" / "demo.yaml")
+    options = ["--verbose"] if command == "prepare" else ["--restart", "--verbose"]
+    argv = [command, "train.epochs=0", options[0], "--config", config, "train.epochs=1", *options[1:], "train.lr=-1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vidray {command}: error: invalid config {config}: train.lr: "), err
+    assert "train.epochs" not in err[0]
+    # An unknown option is still refused, under the command's own usage.
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "train.lr=1e-4", "--restrat", "train.epochs=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[0].startswith(f"usage: vidray {command} ")
+    assert err[-1] == f"vidray {command}: error: unrecognized arguments: --restrat"
+
+
+def test_preprocess_stores_what_a_training_config_of_the_same_frames_and_size_plans():
+    """`vidray preprocess --frames 8` stored 16 frames at 8/7 x size, while `vidray train data.frames=8` plans the
+    data.* defaults (32 frames of 128 px): training on that dataset planned other shard ids and decoded it all
+    again. The flags are now a DataSettings, so a flag left out takes its data.* default, and the checks are the
+    config's, the bad ones named by flag in one line."""
+    from vidray.cli import PREPROCESS_KEYS, preprocess_settings
+
+    def settings(*flags: str):
+        return preprocess_settings(build_parser().parse_args(["preprocess", "--manifest", "m.parquet", "--out", "D", *flags]))
+
+    for flags in ([], ["--frames", "8"], ["--frames", "8", "--size", "64"], ["--size", "120", "--stored-size", "140"],
+                  ["--store", "jpeg", "--jpeg-quality", "75", "--videos-per-shard", "3", "--dispatch", "ray_tasks"]):
+        overrides = [f"data.{flag[2:].replace('-', '_')}={value}" for flag, value in zip(flags[::2], flags[1::2])]
+        data, config = settings(*flags), load_config(None, overrides).data
+        assert {key: getattr(data, key) for key in PREPROCESS_KEYS} == {key: getattr(config, key) for key in PREPROCESS_KEYS}
+    assert (settings("--frames", "8").stored_frames, settings("--size", "64").stored_size) == (32, 128)
+    for flags, message in (
+        (["--frames", "40"], "--stored-frames (32) must be >= --frames (40)"),
+        (["--size", "8"], "--size=8: Input should be greater than or equal to 16"),
+        (["--decoder-device", "cuda"], "--decoder-device=cuda needs --decoder=torchcodec, not pyav"),
+    ):  # fmt: skip
+        with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+            settings(*flags)
+
+
+@pytest.mark.parametrize("shard", ["0", "-1"])
+def test_zero_videos_per_shard_is_refused_like_a_negative_count(shard, tmp_path, capsys):
+    """`vidray preprocess --videos-per-shard 0` became 8 (0 read as "not given"); it is refused in one line now,
+    before the manifest is read."""
+    manifest = tmp_path / "manifest.parquet"  # never read: the flag is refused first
+    assert main(["preprocess", "--manifest", str(manifest), "--out", str(tmp_path / "ds"), "--videos-per-shard", shard]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vidray preprocess: error: --videos-per-shard={shard}: Input should be greater than or equal to 1"]
+    assert not (tmp_path / "ds").exists()
 
 
 def test_ray_address_of_a_dashboard_is_one_line_saying_what_to_set(tmp_path):

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from vidray.config import DECODERS, DEFAULT_JPEG_QUALITY, DISPATCHES, SPLITS, STORES, DataSettings
+from pydantic import ValidationError
+
+from vidray.config import DECODERS, DISPATCHES, SPLITS, STORES, DataSettings
 from vidray.errors import Interrupted, UserError
+
+# `vidray preprocess`'s flags for data.* keys (--stored-frames: data.stored_frames), each the keyword of preprocess().
+PREPROCESS_KEYS = ("frames", "size", "stored_frames", "stored_size", "videos_per_shard", "decoder", "decoder_device",
+                   "store", "jpeg_quality", "dispatch")  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    def set_defaults(self, **kwargs) -> None:  # a command's own parser, whose usage main's errors show
+        super().set_defaults(parser=self, **kwargs)
 
 
 def _tell(line: str) -> None:
@@ -91,39 +103,31 @@ def cmd_index_folder(args: argparse.Namespace) -> None:
 def cmd_index_coin(args: argparse.Namespace) -> None:
     from vidray.data.coin import index_coin
 
-    summary = index_coin(
-        annotations=[Path(a) for a in args.annotations],
-        taxonomy=Path(args.taxonomy),
-        videos_dir=Path(args.videos),
-        out=Path(args.out),
-        min_duration=args.min_duration,
-        max_duration=args.max_duration,
-        probe=not args.no_probe,
-        labels=args.labels,
-    )
+    summary = index_coin(annotations=[Path(a) for a in args.annotations], taxonomy=Path(args.taxonomy),
+                         videos_dir=Path(args.videos), out=Path(args.out), min_duration=args.min_duration,
+                         max_duration=args.max_duration, probe=not args.no_probe, labels=args.labels)  # fmt: skip
     _tell(_index_line(summary))
     _print_summary(summary)
+
+
+def preprocess_settings(args: argparse.Namespace) -> DataSettings:
+    """`vidray preprocess`'s flags as the config's data section: a flag left out takes the data.* key's default, and
+    the config's checks decide, so `vidray train` with the same data.frames and data.size finds the same shards."""
+    given = {key: getattr(args, key) for key in PREPROCESS_KEYS if getattr(args, key) is not None}
+    try:
+        return DataSettings(manifest=args.manifest, dataset_dir=args.out, **given)
+    except ValidationError as err:  # each key named by its flag: data.stored_frames as --stored-frames
+        problems = "; ".join((f"data.{e['loc'][0]}={e['input']}: " if e["loc"] else "") + e["msg"].removeprefix(
+            "Value error, ") for e in err.errors())  # fmt: skip
+        raise UserError(re.sub(r"data\.(\w+)", lambda key: "--" + key[1].replace("_", "-"), problems)) from None
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from vidray.data.preprocess import preprocess
 
-    summary = preprocess(
-        manifest=Path(args.manifest),
-        out=args.out,
-        frames=args.frames,
-        size=args.size,
-        stored_frames=args.stored_frames,
-        stored_size=args.stored_size,
-        **({"videos_per_shard": args.videos_per_shard} if args.videos_per_shard else {}),
-        decoder=args.decoder,
-        decoder_device=args.decoder_device,
-        store=args.store,
-        jpeg_quality=args.jpeg_quality,
-        dispatch=args.dispatch,
-        verbose=args.verbose,
-        retry_crashed=args.retry_crashed,
-    )
+    data = preprocess_settings(args)
+    summary = preprocess(data.manifest, data.dataset_dir, **{key: getattr(data, key) for key in PREPROCESS_KEYS},
+                         verbose=args.verbose, retry_crashed=args.retry_crashed)  # fmt: skip
     _print_summary(summary, disconnect_ray=True)
 
 
@@ -279,7 +283,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vidray",
         description="Video classification on Ray: index videos, preprocess them into sharded Parquet (Ray Data), "
         "fine-tune or pretrain VideoMAE (Ray Train), sweep (Ray Tune), evaluate, export for transformers.pipeline "
@@ -317,28 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preprocess", help="decode + resize videos on Ray Data into sharded Parquet")
     pre.add_argument("--manifest", required=True, help="manifest .parquet written by `vidray index`")
     pre.add_argument("--out", required=True, help="dataset directory (local path or s3:// / gs:// URI)")
-    pre.add_argument("--frames", type=int, default=16, help="frames the model eats per clip")
-    pre.add_argument("--size", type=int, default=112, help="model input side in pixels")
-    pre.add_argument("--stored-frames", type=int, default=None, help="frames stored per video (default 2x --frames)")
-    pre.add_argument("--stored-size", type=int, default=None, help="stored square side (default 8/7 x --size)")
-    pre.add_argument(
-        "--videos-per-shard", type=int, default=None, help="videos per Parquet shard = per Ray task (default 8)"
-    )
-    pre.add_argument("--decoder", choices=DECODERS, default="pyav", help="decoding library (default pyav)")
-    pre.add_argument(
-        "--decoder-device", choices=["cpu", "cuda"], default="cpu", help="cuda: torchcodec on the GPU (NVDEC)"
-    )
-    pre.add_argument(
-        "--store", choices=STORES, default="raw",
-        help="how clips are stored: raw uint8 (exact) or jpeg per frame (~9x smaller, decoded while training)",
-    )  # fmt: skip
-    pre.add_argument(
-        "--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, help=f"--store jpeg only (default {DEFAULT_JPEG_QUALITY})"
-    )
-    pre.add_argument(
-        "--dispatch", choices=DISPATCHES, default="ray_data",
-        help="who hands out the decode tasks: Ray Data (default) or plain Ray tasks (the same shards; the first task starts 1.3-1.9 s sooner)",
-    )  # fmt: skip
+    # Each flag's default is its data.* key's (preprocess_settings), so a training config of the same frames and
+    # size stores the same clips.
+    data = DataSettings()
+    for flag, kind, help_text in (
+        ("frames", int, "frames the model eats per clip"), ("size", int, "model input side in pixels"),
+        ("stored-frames", int, "frames stored per video, >= --frames"), ("stored-size", int, "stored square side, >= --size"),
+        ("videos-per-shard", int, "videos per Parquet shard = per Ray task"), ("decoder", DECODERS, "decoding library"),
+        ("decoder-device", ["cpu", "cuda"], "cuda: torchcodec on the GPU (NVDEC)"),
+        ("store", STORES, "how clips are stored: raw uint8 (exact) or jpeg per frame (~9x smaller, decoded while training)"),
+        ("jpeg-quality", int, "--store jpeg only"),
+        ("dispatch", DISPATCHES, "who hands out the decode tasks: Ray Data or plain Ray tasks (the same shards; the "
+         "first task starts 1.3-1.9 s sooner)"),
+    ):  # fmt: skip
+        key = flag.replace("-", "_")
+        pre.add_argument(f"--{flag}", default=None, help=f"{help_text} (data.{key}; default {getattr(data, key)})",
+                         **({"type": kind} if kind is int else {"choices": kind}))  # fmt: skip
     _add_retry_crashed_arg(pre)
     _add_verbose_arg(pre)
     pre.set_defaults(func=cmd_preprocess)
@@ -357,9 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_data.add_argument("--out", default="reports/figures", help="folder for the figures (default %(default)s)")
     report_data.set_defaults(func=cmd_report_data)
 
-    prepare = sub.add_parser(
-        "prepare", help="make the dataset a config describes: generate (demo), index and preprocess, no training"
-    )
+    prepare = sub.add_parser("prepare", help="make the dataset a config describes: generate (demo), index and preprocess, no training")
     _add_config_args(prepare)
     _add_retry_crashed_arg(prepare)
     _add_verbose_arg(prepare)
@@ -393,9 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="local folder to write, loadable by transformers.pipeline; new or an earlier export")
     ex.set_defaults(func=cmd_export)
 
-    pr = sub.add_parser(
-        "predict", help="top-k labels for video files; with --out, for a whole corpus on Ray Data (resumable)"
-    )
+    pr = sub.add_parser("predict", help="top-k labels for video files; with --out, for a whole corpus on Ray Data (resumable)")
     pr.add_argument("--model", required=True, help="directory written by `vidray export`, or a checkpoint")
     pr.add_argument(
         "videos", nargs="+", metavar="INPUT",
@@ -416,10 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--actor-cpus", type=float, default=0.0,
         help="with --out --stages two on CPU-only clusters: CPUs each model actor reserves (default 0: it shares the decode CPUs)",
     )  # fmt: skip
-    pr.add_argument(
-        "--videos-per-chunk", type=int, default=None,
-        help="with --out: videos per decode task and per resumable part (default: up to 16, at least 32 chunks)",
-    )
+    pr.add_argument("--videos-per-chunk", type=int, default=None,
+                    help="with --out: videos per decode task and per resumable part (default: up to 16, at least 32 chunks)")
     pr.add_argument(
         "--decoder", choices=DECODERS, default=None,
         help="decoding library (default: the one the model's training data was decoded with; another reads the "
@@ -433,7 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Overrides may come before, between or after options: argparse leaves those after an option over
+    # (parse_intermixed_args refuses subcommands), and an unknown option is refused under its command's usage.
+    args, extra = build_parser().parse_known_args(argv)
+    if unknown := [arg for arg in extra if arg.startswith("-") or not hasattr(args, "overrides")]:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides += extra
     try:
         args.func(args)
     except UserError as err:
