@@ -436,6 +436,43 @@ def test_a_reject_for_permission_is_decoded_again_once_the_file_may_be_read():
     assert plan_shards(fake_videos(3), 8, 32, 8)[0].id == "e44ff49f-c530b5951e673522ee55"
 
 
+def test_a_video_its_task_did_not_find_where_the_driver_found_it_is_decoded_again(tmp_path):
+    """`data.videos_dir` on the head's disk and not mounted on a worker node: the driver stamps the video (it is
+    there), the task on the other node rejects it "file not found", and the shard's id stays the same on every
+    rerun (the driver still sees the file): its record was reused for ever. Now such a record is not finished:
+    the shard is decoded again. A video the driver does not find either stays rejected until it is back."""
+    videos = [random_video(tmp_path / "videos" / f"alpha_{i}.mp4", 64, 48, 6, seed=i) for i in range(2)]
+    manifest, out, aside = tmp_path / "manifest.parquet", tmp_path / "dataset", tmp_path / "aside.mp4"
+    write_manifest([manifest_row(v, "alpha", "train") for v in videos], CLASSES, manifest)
+    fs, settings = pafs.LocalFileSystem(), DecodeSettings(8, 32)
+
+    def plan() -> list:
+        return plan_shards(load_videos(manifest)[0], 8, 32, videos_per_shard=8)
+
+    (shard,) = plan()
+    assert all(v.size > 0 for v in shard.videos)  # stamped present, as the driver saw them
+    # The task "on another node": the file is not where it looks (moved away and back, mtime and all).
+    videos[1].rename(aside)
+    rows = decode_shard(str(out), shard, settings, None)
+    aside.rename(videos[1])
+    assert [(r["status"], r["reason"]) for r in rows] == [("processed", ""), ("rejected", "file not found")]
+    assert plan() == [shard]  # the same id: the driver's stamp did not change
+    finished, stale = find_stale(fs, str(out), [shard])
+    assert finished == {}  # decoded again, its record and Parquet cleared first
+    assert sorted(stale) == sorted(str(out / name) for name in (shard.record_name, shard.parquet_name))
+    rows = decode_shard(str(out), shard, settings, None)  # the rerun, on a node that has the file
+    assert [r["status"] for r in rows] == ["processed", "processed"]
+    assert find_stale(fs, str(out), [shard]) == ({shard.id: rows}, [])
+
+    # Missing for the driver too (stamp -1): rejected, and the record stands until the file is back.
+    videos[1].rename(aside)
+    (gone,) = plan()
+    rows = decode_shard(str(out), gone, settings, None)
+    assert rows[1]["reason"] == "file not found"
+    finished, _ = find_stale(fs, str(out), [gone])
+    assert finished == {gone.id: rows}
+
+
 def sized_videos(specs: list[tuple[int, int, int]], split: str = "train") -> list[Video]:
     """Videos with the index's (frames, width, height): their expected decode work."""
     return [

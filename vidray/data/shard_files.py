@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from vidray.config import StoreName
 from vidray.config import SPLITS
+from vidray.data.clip import MissingVideoError
 from vidray.data.dataset import DATASET_INFO, SHARD_SCHEMA
 from vidray.data.shards import RECORDS_DIR, Shard, Video
 from vidray.errors import UserError
@@ -177,7 +178,8 @@ def find_stale(
 ) -> tuple[dict[str, list[dict]], list[str]]:
     """(the records of this plan's finished shards, the files that do not belong to it: foreign shards and
     records, unreadable records, leftover temporaries). It only reads: :func:`clear_stale` deletes.
-    ``retry_crashed``: a shard with a video that killed its worker (``worker_crash``) is not finished."""
+    ``retry_crashed``: a shard with a video that killed its worker (``worker_crash``) is not finished. Nor is one
+    whose record says a video was not found where the plan's stamp of it says it is there (:func:`_missing_there`)."""
     wanted = {s.id: s for s in shards}
     stale, present_parquet = [], set()
     for split in SPLITS:
@@ -201,7 +203,8 @@ def find_stale(
             stale.append(info.path)  # unreadable: decode the shard again
             continue
         # A record without its Parquet file (deleted by hand) means: decode again.
-        if retry_crashed and any(row.get("error") == WORKER_CRASH for row in record["videos"]):
+        crashed = retry_crashed and any(row.get("error") == WORKER_CRASH for row in record["videos"])
+        if crashed or _missing_there(wanted[shard_id], record["videos"]):
             # Decoded again: its files go first, or a retry that processes none of its videos (no Parquet
             # written) would leave the old one beside a record that says the shard has none.
             stale += [info.path, *([join_uri(root, record["file"])] if record["file"] in present_parquet else [])]
@@ -209,6 +212,25 @@ def find_stale(
         if record["file"] is None or record["file"] in present_parquet:
             finished[shard_id] = record["videos"]
     return finished, stale
+
+
+# The reasons of a "missing" reject that the driver's stamp can contradict: the file was not where its task looked.
+NOT_FOUND_REASONS = ("file not found", "dangling symlink")
+
+
+def _missing_there(shard: Shard, rows: list[dict]) -> bool:
+    """Whether a video of ``shard`` was rejected as not found by its decode task while the driver, planning
+    ``shard``, found it (its stamp's size >= 0): a node without the videos' mount (a folder on the head's disk only),
+    an NFS hiccup. The shard's id does not change, since the driver still sees the file, so its record would be
+    reused for ever; decoded again, it is read wherever its task runs this time. (`vidray predict --out` does the
+    same: vidray/infer/corpus.py, _unexplained_missing.) A video the driver does not find either (size -1) stays
+    rejected: its stamp, and with it the shard's id, changes once it is back."""
+    seen = {video.path for video in shard.videos if video.size >= 0}
+    return any(
+        row.get("error") == MissingVideoError.code and str(row.get("reason")).startswith(NOT_FOUND_REASONS)
+        and row.get("path") in seen
+        for row in rows
+    )  # fmt: skip
 
 
 def clear_stale(fs: pafs.FileSystem, root: str, stale: list[str]) -> None:
