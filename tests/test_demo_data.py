@@ -12,7 +12,10 @@ import av
 import numpy as np
 import pytest
 
-from vidray.data.demo import DEMO_CLASSES, DURATION_RANGE, FRAME_RATES, FRAME_SIZES, generate_demo_videos, render_clip
+from vidray.data.demo import (
+    DEMO_CLASSES, DURATION_RANGE, FRAME_RATES, FRAME_SIZES, GENERATOR_VERSION, generate_demo_videos,
+    recorded_demo_settings, render_clip, settings_file,
+)  # fmt: skip
 from vidray.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +47,11 @@ def test_layout_summary_and_decodable_h264(demo_all):
     files = sorted(root.rglob("*"))
     videos = [f for f in files if f.is_file()]
     assert len(videos) == 36 and all(f.suffix == ".mp4" for f in videos)  # nothing else, no .part leftovers
+    # Beside the folder, the settings it was made with (vidray.data.prepare checks a run's against them).
+    assert recorded_demo_settings(root) == {
+        "classes": 12, "videos_per_class": 3, "seed": 0, "generator": GENERATOR_VERSION,
+        "folder": [root.stat().st_dev, root.stat().st_ino]}  # fmt: skip
+    assert sorted(p.name for p in root.parent.iterdir()) == [settings_file(root).name, "videos"]
     for split in ("train", "val", "test"):
         assert sorted(p.name for p in (root / split).iterdir()) == sorted(DEMO_CLASSES)
         for name in DEMO_CLASSES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from vidray.config import ConfigError, DataSettings, VidrayConfig
-from vidray.data.demo import DEMO_CLASSES
+from vidray.data.demo import DEMO_CLASSES, GENERATOR_VERSION, drawn_with_seed, settings_file
 from vidray.data.coin import load_coin_annotations
 from vidray.data import index as indexing
 from vidray.data.index import index_folder, read_manifest, write_manifest
-from vidray.data.prepare import folder_manifest_is_stale, manifest_is_stale, prepare_dataset
+from vidray.data.prepare import ensure_demo_videos, folder_manifest_is_stale, manifest_is_stale, prepare_dataset
 from vidray.data.shards import Video, load_videos, plan_shards
 from vidray.data.video import encode_mp4
 
@@ -85,6 +86,39 @@ def test_demo_folder_that_does_not_match_the_config_is_refused(tmp_path):
     cfg = config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3})
     with pytest.raises(ConfigError, match=r"data.videos_dir .* holds 1 videos of 1 classes, but data.demo asks for 2"):
         prepare_dataset(cfg)
+
+
+def test_a_demo_folder_of_another_seed_is_refused_and_one_made_before_seeds_were_recorded_too(tmp_path):
+    """`make demo`, then `python jobs/tune.py data.demo.seed=1`: the folder held the right classes and counts, so
+    the run trained on seed 0's videos while its config said seed 1. The folder records the settings it was made
+    with now, and another seed is refused in one line. A folder made before that (no record) is accepted for the
+    seed its videos were drawn with, and then gets its record, and refused for any other."""
+    def ensure(seed: int) -> None:
+        ensure_demo_videos(config(tmp_path, source="demo", demo={"classes": 2, "videos_per_class": 3, "seed": seed}).data)
+
+    videos = tmp_path / "videos"
+    ensure(0)  # generated
+    record = settings_file(videos)
+    assert json.loads(record.read_text()) == {"classes": 2, "videos_per_class": 3, "seed": 0, "generator": GENERATOR_VERSION,
+                                              "folder": [videos.stat().st_dev, videos.stat().st_ino]}  # fmt: skip
+    files = {p: p.stat().st_mtime_ns for p in videos.rglob("*.mp4")}
+    ensure(0)  # the same set: nothing to say
+    refusal = "^" + re.escape(f"data.videos_dir {videos} holds the demo videos of data.demo.seed=0, but the config asks "
+                              "for 1: delete the folder to regenerate it, or set data.videos_dir to another (empty) path") + "$"
+    with pytest.raises(ConfigError, match=refusal):
+        ensure(1)
+
+    record.unlink()  # as a folder made before the record (or copied in by hand: recorded for another folder)
+    with pytest.raises(ConfigError, match="^" + re.escape(f"data.videos_dir {videos} holds demo videos that data.demo.seed=1 does not draw")):
+        ensure(1)
+    assert not record.exists()
+    ensure(0)  # its own seed: accepted, and recorded
+    assert json.loads(record.read_text())["seed"] == 0
+    with pytest.raises(ConfigError, match=refusal):
+        ensure(1)
+    assert {p: p.stat().st_mtime_ns for p in videos.rglob("*.mp4")} == files  # never regenerated
+    # The seed is told from the videos' headers, which draws of every seed give; a few seeds are all told apart.
+    assert [drawn_with_seed(videos, 2, 3, seed) for seed in range(6)] == [True, False, False, False, False, False]
 
 
 def test_folder_source_reindexes_when_videos_change(ray_cluster, tmp_path):
@@ -335,4 +369,5 @@ def test_runs_started_together_on_a_fresh_demo_share_one_set_of_videos(tmp_path)
     errors = [run.communicate(timeout=600)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], errors
     assert len(list(videos.glob("*/*/*.mp4"))) == 8
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "videos"]  # no staging folder left
+    # No staging folder left; the settings the set was made with beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["go", settings_file(videos).name, "videos"])

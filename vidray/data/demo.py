@@ -25,10 +25,14 @@ own RNG seeded by ``(seed, pair, index)``, the drawing uses only IEEE-exact floa
 operations, and x264 runs with settings whose output depends on the frames
 alone (:data:`vidray.data.video.DETERMINISTIC_X264`), so one seed gives
 byte-identical files whatever the thread pool, the load or the x86 machine.
+
+The settings a set was made with are recorded beside its folder (:func:`settings_file`), so that a run asking
+for another set (another seed, say) is refused instead of training on this one (vidray/data/prepare.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -38,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from vidray.errors import UserError
-from vidray.data.video import encode_mp4
+from vidray.data.video import encode_mp4, probe
 
 # Pairs are adjacent, so the first ``classes`` names always keep pairs intact.
 # Within each pair the first name is the forward rendering of its generator.
@@ -71,6 +75,11 @@ FRAME_SIZES = ((128, 96), (160, 120))  # (width, height)
 FRAME_RATES = (15, 20, 24, 25, 30)
 DURATION_RANGE = (1.5, 3.0)  # seconds: at 15-30 fps, 22-90 frames, plenty for 16 stored ones
 SPLIT_FRACTIONS = {"val": 0.2, "test": 0.2}  # the rest is train
+# What the name of a demo folder's record of its settings (:func:`settings_file`) ends with.
+SETTINGS_SUFFIX = ".vidray-demo.json"
+# Bump when what a seed draws changes (the classes' order, the drawing, the frame sizes, rates, durations, splits):
+# a folder made before is then another set than the settings now give.
+GENERATOR_VERSION = 1
 
 
 # --- drawing: soft-edged alpha masks on a pixel-centre grid -----------------
@@ -189,6 +198,13 @@ def _colours(rng) -> tuple[np.ndarray, np.ndarray]:
             return background.astype(np.float32), foreground.astype(np.float32)
 
 
+def _clip_format(rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(width, height, fps, frames) of a clip: the first draws of its RNG."""
+    width, height = FRAME_SIZES[rng.integers(len(FRAME_SIZES))]
+    fps = int(FRAME_RATES[rng.integers(len(FRAME_RATES))])
+    return int(width), int(height), fps, int(round(rng.uniform(*DURATION_RANGE) * fps))
+
+
 def render_clip(name: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Frames ``[T, H, W, 3]`` uint8 and the frame rate of one clip of class ``name``.
 
@@ -196,9 +212,7 @@ def render_clip(name: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     states ``render_clip(partner)`` is exactly ``render_clip(name)[::-1]``.
     """
     generator, reverse = _RENDERERS[name]
-    width, height = FRAME_SIZES[rng.integers(len(FRAME_SIZES))]
-    fps = int(FRAME_RATES[rng.integers(len(FRAME_RATES))])
-    num_frames = int(round(rng.uniform(*DURATION_RANGE) * fps))
+    width, height, fps, num_frames = _clip_format(rng)
     background, foreground = _colours(rng)
     noise_sigma = rng.uniform(4.0, 12.0)
 
@@ -278,6 +292,7 @@ def generate_demo_videos(out: Path, classes: int = 8, videos_per_class: int = 12
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    record_demo_settings(out, demo_settings(classes, videos_per_class, seed))  # this set's, not one written meanwhile
 
     return {
         "out": str(out),
@@ -290,3 +305,61 @@ def generate_demo_videos(out: Path, classes: int = 8, videos_per_class: int = 12
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def demo_settings(classes: int, videos_per_class: int, seed: int) -> dict:
+    """What decides which videos a demo set holds (:data:`SETTINGS_FILE`): ``data.demo``'s keys and the generator's version."""
+    return {"classes": classes, "videos_per_class": videos_per_class, "seed": seed, "generator": GENERATOR_VERSION}
+
+
+def settings_file(root: Path) -> Path:
+    """Where the settings of the demo set in ``root`` are recorded: beside the folder, not in it, where indexing
+    would count it among the files that are not videos. Hidden, as the folder's staging copy."""
+    return Path(root).parent / f".{Path(root).name}{SETTINGS_SUFFIX}"
+
+
+def _folder_identity(root: Path) -> list[int]:
+    stat = os.stat(root)
+    return [stat.st_dev, stat.st_ino]
+
+
+def recorded_demo_settings(root: Path) -> dict | None:
+    """The settings recorded for the demo folder ``root``; None when there are none (made before they were
+    recorded), none that read as such, or they were recorded for another folder of that name (one deleted, and
+    this one copied in by hand)."""
+    try:
+        recorded = json.loads(settings_file(root).read_text())
+        ours = isinstance(recorded, dict) and recorded.get("folder") == _folder_identity(root)
+    except (OSError, ValueError):
+        return None
+    return recorded if ours else None
+
+
+def record_demo_settings(root: Path, settings: dict) -> None:
+    """Record ``settings`` for the demo folder ``root`` (written whole, with the folder's identity); where this
+    user may not write, nothing is recorded (the set is then checked as an unrecorded one on every run)."""
+    record, tmp = settings_file(root), settings_file(root).with_name(f"{settings_file(root).name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({**settings, "folder": _folder_identity(root)}))
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def drawn_with_seed(root: Path, classes: int, videos_per_class: int, seed: int) -> bool:
+    """Whether the demo set in ``root`` (of ``classes`` x ``videos_per_class`` videos, made before sets recorded their
+    settings) was drawn with ``seed``: each video of the first class has the frame size, rate and length that the
+    seed's first draws give it (:func:`_clip_format`). Another seed matches one video's three with a chance of about
+    1 in 300, all of a class's (at least 3) with a negligible one. Read from the files' headers: no x264 version
+    or machine can change them, as it may change the bytes."""
+    name, splits = DEMO_CLASSES[0], _split_counts(videos_per_class)
+    split_of_index = [split for split, n in splits.items() for _ in range(n)]
+    for index in range(videos_per_class):
+        width, height, fps, num_frames = _clip_format(np.random.default_rng([seed, 0, index]))
+        try:
+            info = probe(Path(root) / split_of_index[index] / name / f"{name}_{index:03d}.mp4")
+        except (UserError, OSError):  # not there, or not a video: not the set the seed draws
+            return False
+        if (info.coded.coded_width, info.coded.coded_height, info.fps, info.num_frames) != (width, height, fps, num_frames):
+            return False
+    return True

@@ -28,7 +28,10 @@ import pyarrow.parquet as pq
 
 from vidray.config import ConfigError, DataSettings, VidrayConfig, require_file
 from vidray.data.coin import index_coin
-from vidray.data.demo import DEMO_CLASSES, DemoFolderTaken, generate_demo_videos
+from vidray.data.demo import (
+    DEMO_CLASSES, DemoFolderTaken, demo_settings, drawn_with_seed, generate_demo_videos, record_demo_settings,
+    recorded_demo_settings,
+)  # fmt: skip
 from vidray.data.index import changed_ns, held_out_fraction, index_folder, indexed_from, lent_to_val
 from vidray.data.listing import is_hidden, is_video_file, walk_once
 from vidray.data.preprocess import preprocess
@@ -138,6 +141,30 @@ def ensure_demo_videos(data: DataSettings) -> None:
             f"{demo.classes} classes x {demo.videos_per_class} videos: delete the folder to regenerate it, "
             "or set data.videos_dir to an empty path"
         )
+    _check_demo_settings(data)
+
+
+def _check_demo_settings(data: DataSettings) -> None:
+    """The set in ``data.videos_dir`` (its classes and counts checked) must be the one ``data.demo`` draws: the
+    settings it was made with are recorded beside it (vidray.data.demo.settings_file). A set made before they were
+    recorded is this seed's when its videos' frame sizes, rates and lengths are the seed's draws
+    (vidray.data.demo.drawn_with_seed); it gets its record then. Another seed's set is refused either way: the
+    run would train on it while its saved config names this seed."""
+    videos_dir, demo = data.videos_dir, data.demo
+    wanted = demo_settings(demo.classes, demo.videos_per_class, demo.seed)
+    recorded = recorded_demo_settings(videos_dir)
+    fix = "delete the folder to regenerate it, or set data.videos_dir to another (empty) path"
+    if recorded is None:
+        if not drawn_with_seed(videos_dir, demo.classes, demo.videos_per_class, demo.seed):
+            raise ConfigError(f"data.videos_dir {videos_dir} holds demo videos that data.demo.seed={demo.seed} does not "
+                              f"draw (another seed's, made before the folder recorded its seed): {fix}")  # fmt: skip
+        record_demo_settings(videos_dir, wanted)
+        return
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            what = ("another version of vidray's demo generator" if key == "generator"
+                    else f"data.demo.{key}={recorded.get(key)!r}, but the config asks for {value!r}")  # fmt: skip
+            raise ConfigError(f"data.videos_dir {videos_dir} holds the demo videos of {what}: {fix}")
 
 
 def prepare_dataset(cfg: VidrayConfig, verbose: bool = False, retry_crashed: bool = False) -> str:
