@@ -226,3 +226,81 @@ def test_bad_values_name_the_key(override, named):
     message = str(err.value)
     assert named in message and "configs/demo.yaml" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        # inf and nan were taken as numbers: a run's lr of inf, a sweep's grid of nan.
+        ("train.lr=.inf", "train.lr: Input should be a finite number"),
+        ("train.max_grad_norm=.inf", "train.max_grad_norm: Input should be a finite number"),
+        ("tune.lr=[.nan]", "tune.lr.0: Input should be a finite number"),
+        ("tune.weight_decay={low: 0.01, high: .inf}", "tune.weight_decay.high: Input should be a finite number"),
+        ("pretrain.lr=.inf", "pretrain.lr: Input should be a finite number"),
+        # As a Path, s3://bucket/reports was the local folder s3:/bucket/reports, under the working directory.
+        ("run.reports_dir=s3://bucket/reports", "run.reports_dir: s3://bucket/reports is a URI, but reports are written on this machine"),
+        # prepare.py indexes a demo or folder source without COIN's duration filter: it was ignored without a word.
+        ("data.min_duration=10", "data.min_duration applies to data.source=coin only (demo keeps every video): remove it"),
+    ],
+)
+def test_values_that_never_worked_are_refused_naming_the_key(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [override])
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_key_repeated_in_a_config_file_is_refused(tmp_path):
+    """YAML keeps a repeated key's last value: a `train:` appended to coin12.yaml replaced its whole train section
+    (use_gpu, layer_decay, label_smoothing back to their defaults) without a word."""
+    appended = tmp_path / "coin12_30.yaml"
+    text = (CONFIGS / "coin12.yaml").read_text()
+    appended.write_text(text + "train:\n  epochs: 30\n")
+    first, last = text.splitlines().index("train:") + 1, len(text.splitlines()) + 1
+    with pytest.raises(ConfigError) as err:
+        load_config(appended)
+    assert str(err.value) == (f"config file {appended} is not valid YAML: the key train is given twice, at lines {first} and "
+                              f"{last} (YAML would keep only the last): merge them")  # fmt: skip
+    nested = tmp_path / "nested.yaml"
+    for body, key, lines in [("# lines count from 1\ntrain:\n  lr: 1e-4\n  epochs: 2\n  lr: 2e-4\n", "train.lr", "3 and 5"),
+                             ("tune: {lr: {low: 1.0e-5, low: 1.0e-4, high: 1.0e-3}}\n", "tune.lr.low", "1 and 1")]:  # fmt: skip
+        nested.write_text(body)
+        with pytest.raises(ConfigError) as err:
+            load_config(nested)
+        assert str(err.value).endswith(f"the key {key} is given twice, at lines {lines} (YAML would keep only the last): merge them")
+    nested.write_text("train: &t {epochs: 2}\npretrain: *t\n")  # an alias repeats a mapping, not a key
+    assert (load_config(nested).train.epochs, load_config(nested).pretrain.epochs) == (2, 2)
+
+
+def test_a_text_key_takes_an_override_as_typed(tmp_path):
+    """`run.name=2024-06-01` (a YAML date), `run.name=42` and `run.wandb.project=2024` were refused ("Input should be
+    a valid string") and shell quotes never reach YAML: a text key takes the text as typed. Other keys keep YAML's
+    types, and a file keeps YAML's meaning, its error saying to quote the value."""
+    cfg = load_config(CONFIGS / "demo.yaml", ["run.name=2024-06-01", "run.wandb.project=2024", "data.videos_dir=2024",
+                                              "tune.metric=1", "train.epochs=2"])  # fmt: skip
+    assert (cfg.run.name, cfg.run.wandb.project, cfg.data.videos_dir, cfg.tune.metric) == ("2024-06-01", "2024", Path("2024"), "1")
+    assert cfg.train.epochs == 2
+    assert load_config(None, ["run.name=42"]).run.name == "42"
+    assert load_config(None, ["run.name='my run'"]).run.name == "my run"  # quoted as YAML: unquoted, as before
+    with pytest.raises(ConfigError, match="train.epochs: Input should be a valid integer"):
+        load_config(None, ["train.epochs=2024-06-01"])
+    config = tmp_path / "dated.yaml"
+    config.write_text("run:\n  name: 2024-06-01\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == (f"invalid config {config}: run.name: Input should be a valid string "
+                              "(YAML read 2024-06-01 as date: put it in quotes)")  # fmt: skip
+    config.write_text('run:\n  name: "2024-06-01"\n')
+    assert load_config(config).run.name == "2024-06-01"
+
+
+def test_a_run_started_with_an_ignored_coin_filter_continues_without_it():
+    """A folder run started with data.min_duration (ignored then, refused now) is continued without it: the filter
+    never applied, so the saved config does not differ for it. On a COIN source it does."""
+    from vidray.config import config_differences
+
+    new = load_config(None, ["data.source=folder"]).model_dump(mode="json")
+    saved = {**new, "data": {**new["data"], "min_duration": 10.0, "max_duration": 60.0}}
+    assert config_differences(saved, new) == []
+    coin = load_config(None, ["data.source=coin"]).model_dump(mode="json")
+    saved = {**coin, "data": {**coin["data"], "min_duration": 10.0}}
+    assert config_differences(saved, coin) == ["data.min_duration"]

@@ -1,9 +1,6 @@
-"""Typed, validated run configuration.
-
-One YAML file (``configs/*.yaml``) maps onto :class:`VidrayConfig`; dotted
-command-line overrides (``data.frames=16 train.lr=1e-4``) are applied on top
-before validation, so a typo or a bad value fails before any Ray work starts.
-"""
+"""Typed, validated run configuration: one YAML file (``configs/*.yaml``) maps onto :class:`VidrayConfig`; dotted
+command-line overrides (``data.frames=16 train.lr=1e-4``) are applied on top before validation, so a typo or a bad
+value fails before any Ray work starts."""
 
 from __future__ import annotations
 
@@ -17,8 +14,7 @@ from pydantic import field_validator, model_validator
 from vidray.errors import UserError, yaml_problem
 from vidray.storage import LOCAL_RESULTS, local_mirror
 
-# The decoding libraries and devices of data.decoder / data.decoder_device. They live here, not in
-# the data stage, because the config names them; vidray/data/video.py maps each to its backend.
+# data.decoder's libraries and data.decoder_device's devices, here as the config names them (vidray/data/video.py maps them).
 DecoderName = Literal["pyav", "decord", "torchcodec"]
 DECODERS: tuple[str, ...] = get_args(DecoderName)
 DecodeDevice = Literal["cpu", "cuda"]
@@ -30,6 +26,7 @@ Dispatch = Literal["ray_data", "ray_tasks"]
 DISPATCHES: tuple[str, ...] = get_args(Dispatch)
 # A dataset's splits, in order (vidray/data/dataset.py; the CLI offers them without importing the data stage).
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+COIN_FILTERS = ("min_duration", "max_duration")  # data.*: COIN's duration filter, refused with another source
 DEFAULT_JPEG_QUALITY = 90  # >= 8x smaller than raw at 38.5 dB on real footage (docs/benchmarks.md, "Stored format")
 
 
@@ -38,19 +35,16 @@ class ConfigError(UserError):
 
 
 def _home_expanded(value: Any) -> Any:
-    """``~`` in a local path made absolute: a shell expands it on a command line, but not in a YAML file or a
-    quoted override, where ``data.videos_dir: ~/videos`` would otherwise be refused as missing (or read and
-    written as two different folders). A Hub id or an s3:// URI never starts with ``~``."""
+    """``~`` in a local path made absolute: a shell expands it on a command line, not in a YAML file or a quoted override,
+    where ``data.videos_dir: ~/videos`` would be refused as missing (or read and written as two different folders)."""
     if isinstance(value, list):
         return [_home_expanded(item) for item in value]
-    if isinstance(value, (str, Path)) and str(value).startswith("~"):
-        return type(value)(Path(value).expanduser())
-    return value
+    return type(value)(Path(value).expanduser()) if isinstance(value, (str, Path)) and str(value).startswith("~") else value
 
 
 class _Section(BaseModel):
-    # Unknown keys are almost always typos (``train.learning_rate``): refuse them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are almost always typos (``train.learning_rate``): refuse them. So is an inf or nan (``train.lr=.inf``).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DemoDataSettings(_Section):
@@ -61,28 +55,22 @@ class DemoDataSettings(_Section):
     seed: int = 0
 
 
-def _one_or_many(value: Any) -> Any:
-    """One value where a key takes a list is a list of one: ``tune.lr=1e-4`` is the grid ``[1e-4]`` (pydantic refused it)."""
-    return value if value is None or isinstance(value, (list, tuple, dict, BaseModel)) else [value]
-
-
-OneOrMany = BeforeValidator(_one_or_many)
+# One value where a key takes a list is a list of one: ``tune.lr=1e-4`` is the grid ``[1e-4]`` (pydantic refused it).
+OneOrMany = BeforeValidator(lambda v: v if v is None or isinstance(v, (list, tuple, dict, BaseModel)) else [v])
 
 
 class DataSettings(_Section):
-    # Where raw videos come from: the built-in synthetic set, a
-    # ROOT/{train,val,test}/<Class>/<video> folder, or COIN annotations.
+    # Where raw videos come from: the built-in synthetic set, a ROOT/{train,val,test}/<Class>/<video> folder, or COIN.
     source: Literal["demo", "folder", "coin"] = "demo"
     videos_dir: Path = Path("data/demo/videos")
     manifest: Path = Path("data/demo/manifest.parquet")
     # Sharded Parquet output of ``vidray preprocess``; a local path or s3:// / gs:// URI.
     dataset_dir: str = "data/demo/dataset"
-    # A folder without val/ (train/ and test/ only, as many datasets ship): this share of each class's
-    # train videos becomes val, the same ones on every run (vidray.data.index.hold_out_val). 0: none,
-    # and training refuses the folder.
+    # A folder without val/ (train/ and test/ only, as many datasets ship): this share of each class's train videos
+    # becomes val, the same ones on every run (vidray.data.index.hold_out_val). 0: none, and training refuses the folder.
     val_fraction: float = Field(0.1, ge=0, lt=1)
 
-    # COIN only.
+    # COIN only (a demo or folder source is indexed without them: DataSettings refuses a duration filter there).
     annotations: Annotated[list[Path], OneOrMany] = Field(default_factory=list)
     taxonomy: Path | None = None
     min_duration: float | None = Field(None, ge=0)
@@ -93,14 +81,12 @@ class DataSettings(_Section):
     # What the model eats per clip.
     frames: int = Field(16, ge=2)
     size: int = Field(112, ge=16)
-    # What preprocessing stores per video: more frames and a slightly larger
-    # square than the model eats, so training can jitter in time and crop in space.
+    # What preprocessing stores per video: more frames and a larger square, so training can jitter in time and crop.
     stored_frames: int = Field(32, ge=2)
     stored_size: int = Field(128, ge=16)
     # Videos per Parquet shard, i.e. per preprocessing task: parallelism is at most the shard count.
     videos_per_shard: int = Field(8, ge=1)
-    # Which library decodes (docs/benchmarks.md compares them): pyav (default, least CPU per video),
-    # decord or torchcodec. Switching decodes the dataset again (the decoder is in every shard id).
+    # Which library decodes (docs/benchmarks.md): pyav (least CPU per video), decord or torchcodec; in every shard id.
     decoder: DecoderName = DEFAULT_DECODER
     # cuda: torchcodec decodes on the GPU's NVDEC, each decode task taking a quarter of a GPU.
     decoder_device: DecodeDevice = "cpu"
@@ -108,10 +94,9 @@ class DataSettings(_Section):
     # JPEG of jpeg_quality, decoded on the worker's CPU while it trains). Part of every shard id.
     store: StoreName = "raw"
     jpeg_quality: int = Field(DEFAULT_JPEG_QUALITY, ge=1, le=100)
-    # Who hands the shards' decode tasks to the cluster (vidray/data/ray_decode.py): ray_data - Ray Data
-    # (the Data view of the dashboard follows it); ray_tasks - plain Ray tasks, the same tasks without
-    # Ray Data's executor: the first task 1.3-1.9 s sooner, the same videos/s within noise (docs/benchmarks.md,
-    # "Preprocessing against its own decode work"). The same shards, byte for byte: not in the shard ids.
+    # Who hands the shards' decode tasks to the cluster (vidray/data/ray_decode.py): ray_data - Ray Data (the dashboard's
+    # Data view follows it); ray_tasks - plain Ray tasks, without Ray Data's executor: the first task 1.3-1.9 s sooner, the
+    # same videos/s (docs/benchmarks.md, "Preprocessing against its own decode work"). The same shards, byte for byte.
     dispatch: Dispatch = "ray_data"
 
     demo: DemoDataSettings = Field(default_factory=DemoDataSettings)
@@ -128,6 +113,8 @@ class DataSettings(_Section):
             raise ValueError(f"data.decoder_device=cuda needs data.decoder=torchcodec, not {self.decoder}")
         if self.min_duration is not None and self.max_duration is not None and self.min_duration > self.max_duration:
             raise ValueError("data.min_duration must be <= data.max_duration")
+        if self.source != "coin" and (key := next((k for k in COIN_FILTERS if getattr(self, k) is not None), None)):
+            raise ValueError(f"data.{key} applies to data.source=coin only ({self.source} keeps every video): remove it")
         return self
 
 
@@ -137,11 +124,9 @@ class ModelSettings(_Section):
     # ``scratch`` builds a randomly initialised model of ``size`` (demo, CPU tests).
     init: Literal["pretrained", "scratch"] = "pretrained"
     size: Literal["tiny", "small", "base"] = "base"
-    # Scratch models only (a checkpoint fixes its own): spatial patch side in pixels. None = 16,
-    # VideoMAE's. Small inputs need small patches: a 48 px clip cut into 16 px patches is a 3 x 3 grid.
+    # Scratch models only (a checkpoint fixes its own). patch_size: side in pixels, None = 16 (a 48 px clip in 16 px patches
+    # is 3 x 3); tubelet_size: frames per token, None = 2 (longer: a token sees motion, which a small model learns faster).
     patch_size: int | None = Field(None, ge=1)
-    # Scratch models only: frames per token (the patch embedding's temporal extent). None = 2,
-    # VideoMAE's. A longer tube lets one token see motion, which a small model learns faster.
     tubelet_size: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
     # Resize the pretrained sinusoid position table to the new token grid (a vidray checkpoint keeps its own at its grid).
@@ -154,10 +139,8 @@ class ModelSettings(_Section):
     def _check(self) -> "ModelSettings":
         for key in ("patch_size", "tubelet_size"):
             if getattr(self, key) is not None and self.init == "pretrained":
-                raise ValueError(
-                    f"model.{key} applies to init=scratch only: a pretrained checkpoint's {key} is "
-                    f"part of its weights; remove model.{key} or set model.init=scratch"
-                )
+                raise ValueError(f"model.{key} applies to init=scratch only: a pretrained checkpoint's {key} is part of "
+                                 f"its weights; remove model.{key} or set model.init=scratch")
         return self
 
 
@@ -176,8 +159,7 @@ class TrainSettings(_Section):
     grad_accum_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_clips: int = Field(1, ge=1)
-    # Random horizontal flips. Off by default: mirroring swaps left/right motion, so it is only
-    # label-preserving when no class depends on direction (COIN: on; the demo set: off).
+    # Random horizontal flips: they swap left/right motion, so only where no class depends on it (COIN: on; demo: off).
     hflip: bool = False
     seed: int = 42
 
@@ -186,50 +168,42 @@ class TrainSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     prefetch_batches: int = Field(2, ge=0)
-    # Threads in each worker that decode a compressed store's batch (data.store=jpeg), a clip each;
-    # the reader releases the GIL, so they scale with cores (docs/benchmarks.md, "simplejpeg reads
-    # the store"). null: the worker's whole CPUs on a GPU (int(cpus_per_worker): its step leaves them
-    # free), 1 on CPU (the step's torch threads use them). Any count gives the same batches.
+    # Threads in each worker that decode a compressed store's batch (data.store=jpeg), a clip each; the reader releases the
+    # GIL, so they scale with cores (docs/benchmarks.md, "simplejpeg reads the store"). null: the worker's whole CPUs on a
+    # GPU (int(cpus_per_worker): its step leaves them free), 1 on CPU (its torch threads use them). Any count: same batches.
     decode_threads: int | None = Field(None, ge=1)
-    # Where a compressed store's batches decode (vidray/train/decoding.py): cuda - on the worker's
-    # GPU, every sampled frame of a batch in one nvJPEG call (torchcodec >= 0.16 or torchvision);
-    # cpu - in the worker's decode threads; auto - cuda on a GPU worker with fewer than 6 decode
-    # threads (nvJPEG at 128² matches about six) where a library can and agrees with the CPU decoder
-    # at start, else cpu. nvJPEG's pixels differ from the CPU decoder's by a level or two, so a
-    # resumed run may not change it.
+    # Where a compressed store's batches decode (vidray/train/decoding.py): cuda - on the worker's GPU, every sampled
+    # frame of a batch in one nvJPEG call (torchcodec >= 0.16 or torchvision); cpu - in the worker's decode threads;
+    # auto - cuda on a GPU worker with fewer than 6 decode threads (nvJPEG at 128² matches about six) where a library can
+    # and agrees with the CPU decoder at start, else cpu. nvJPEG's pixels differ by a level or two: a resumed run keeps it.
     decode_device: Literal["auto", "cpu", "cuda"] = "auto"
     # Rows of vidray's seeded shuffle buffer (vidray/train/batches.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
-    # Where the decoded splits live during the run (vidray/train/placement.py, ingest.py):
+    # Where the decoded splits live during the run (vidray/train/placement.py, ingest.py); every choice gives the same
+    # batches in the same order, so a run's result does not depend on it:
     #   never  - re-read the Parquet shards every epoch (Ray Data streaming);
     #   always - read them once into Ray's object store, iterate them with Ray Data every epoch;
-    #   device - also copy each worker's shard once into its device's memory (GPU memory, or on CPU its
-    #            share of the node's: by the run's workers there; a sweep's, by all it hosts) and build batches there;
-    #   auto   - device when the worker's shard fits a quarter of its device's memory, else the
-    #            object store when both splits fit a quarter of it, else never.
-    # Every choice gives the same batches in the same order: a run's result does not depend on it.
+    #   device - also copy each worker's shard once into its device's memory (GPU memory, or on CPU its share of the
+    #            node's: by the run's workers there; a sweep's, by all it hosts) and build batches there;
+    #   auto   - device when the worker's shard fits a quarter of its device's memory, else always when both splits
+    #            fit a quarter of the object store, else never.
     cache_dataset: Literal["auto", "always", "never", "device"] = "auto"
-    # torch.compile the model (train and eval graphs; the last, smaller eval batch is padded so it
-    # reuses the eval graph). Costs a compile at the start of every (re)started worker group.
+    # torch.compile the model (train and eval graphs; the last eval batch padded to reuse its graph), at every (re)start.
     compile: bool = False
-    # Step telemetry (step time, data-wait share, clips/s, TFLOP/s and MFU on CUDA) on rank 0's
-    # console every this many optimizer steps; 0 = only the per-epoch figures in the report.
+    # Step telemetry (step time, data wait, clips/s, TFLOP/s, MFU) on rank 0's console every this many steps; 0: per epoch.
     log_every_steps: int = Field(50, ge=0)
-    # Write each epoch's checkpoint off the training thread: the ranks wait only while rank 0
-    # copies model and optimizer state to host memory. false = write and upload before going on.
+    # Write each epoch's checkpoint off the training thread (the ranks wait for rank 0's copy to host memory); false: inline.
     checkpoint_in_background: bool = True
 
 
 class PretrainSettings(_Section):
-    """Masked-autoencoder pretraining (``vidray pretrain``, vidray/pretrain/driver.py).
-
-    How the run executes (workers, GPUs, failures, ingest, seed, gradient
-    accumulation and clipping, flips) comes from ``train``; what it optimises from here.
-    """
+    """Masked-autoencoder pretraining (``vidray pretrain``, vidray/pretrain/driver.py). How the run executes (workers, GPUs,
+    failures, ingest, seed, gradient accumulation and clipping, flips) comes from ``train``; what it optimises from here."""
 
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1)  # global, across all workers (train.num_workers x train.grad_accum_steps)
-    # VideoMAE's AdamW (0.9, 0.95), wd 0.05, warm-up then cosine. lr is used as given (VideoMAE's: 1.5e-4 x batch/256).
+    # VideoMAE's AdamW (0.9, 0.95), wd 0.05, warm-up then cosine. lr is the absolute learning rate, never scaled by
+    # batch_size: VideoMAE's base 1.5e-4 x batch/256 is 1.875e-5 at batch 32, 8x below this default; scale a copied base lr.
     lr: float = Field(1.5e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(5.0, ge=0)
@@ -241,8 +215,7 @@ class PretrainSettings(_Section):
     decoder_depth: int = Field(4, ge=1)
     decoder_width: int = Field(384, ge=8)
     decoder_heads: int = Field(6, ge=1)
-    # Splits whose videos are pretrained on (labels are never read). Adding val or test is
-    # transductive: the encoder then has seen the clips it is later evaluated on.
+    # Splits pretrained on (labels are never read). Adding val or test is transductive: the encoder sees its test clips.
     splits: Annotated[list[Literal["train", "val", "test"]], OneOrMany] = Field(default_factory=lambda: ["train"])
 
     @model_validator(mode="after")
@@ -252,10 +225,8 @@ class PretrainSettings(_Section):
         if len(set(self.splits)) != len(self.splits):
             raise ValueError(f"pretrain.splits lists a split twice: {self.splits}")
         if self.decoder_width % self.decoder_heads:
-            raise ValueError(
-                f"pretrain.decoder_width ({self.decoder_width}) must be divisible by "
-                f"pretrain.decoder_heads ({self.decoder_heads})"
-            )
+            raise ValueError(f"pretrain.decoder_width ({self.decoder_width}) must be divisible by "
+                             f"pretrain.decoder_heads ({self.decoder_heads})")
         return self
 
 
@@ -312,30 +283,32 @@ class WandbSettings(_Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
 
 
+def _local_folder(value: Any) -> Any:
+    if isinstance(value, str) and "://" in value:
+        raise ValueError(f"{value} is a URI, but reports are written on this machine: give a local folder, or null for "
+                         "<storage_path>/<name>/reports (for a bucket storage_path, a local ~/ray_results/<scheme>/...)")
+    return value
+
+
 class RunSettings(_Section):
     name: str = "vidray"
-    # Where runs and sweeps are kept: a local path or an s3:// / gs:// URI. The default is
-    # absolute, Ray's own convention: `ray job submit --working-dir .` runs the job in a
-    # temporary copy of the repository that Ray deletes, and anything relative lands there.
+    # Where runs and sweeps are kept: a local path or an s3:// / gs:// URI. The default is absolute, Ray's convention:
+    # `ray job submit --working-dir .` runs the job in a copy of the repository that Ray deletes (relative lands there).
     storage_path: str = LOCAL_RESULTS
-    # Local storage_path / data.dataset_dir are refused on a multi-node cluster unless every
-    # node sees them at the same path (NFS, EFS, Filestore...): set true to vouch for that.
+    # true: every node sees a local storage_path / data.dataset_dir at one path (NFS...); else refused on several nodes.
     shared_filesystem: bool = False
-    # The sweep's results table, figures and best model. None: <storage_path>/<name>/reports, beside the runs;
-    # for a bucket, in the run's own local folder (vidray.storage.local_mirror: ~/ray_results/s3/<bucket>/...).
-    reports_dir: Path | None = None
+    # The sweep's results table, figures and best model: a local folder (as a Path, s3://b/r was the folder s3:/b/r).
+    # None: <storage_path>/<name>/reports; for a bucket, the run's local folder (vidray.storage.local_mirror).
+    reports_dir: Annotated[Path | None, BeforeValidator(_local_folder)] = None
     wandb: WandbSettings = Field(default_factory=WandbSettings)
 
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        # The run's folder is <storage_path>/<name> and --restart deletes it: a name that is a path
-        # (/, .., .) would point it at another folder, storage_path itself or the root.
+        # The run's folder is <storage_path>/<name>, which --restart deletes: a path (/, .., .) would point it elsewhere.
         if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
-            raise ValueError(
-                f"{name!r} is not a plain folder name (it names the run's folder under run.storage_path): "
-                "use letters, digits, '-', '_' or '.', without '/' and not '.' or '..', e.g. run.name=my_run"
-            )
+            raise ValueError(f"{name!r} is not a plain folder name (it names the run's folder under run.storage_path): "
+                             "use letters, digits, '-', '_' or '.', without '/' and not '.' or '..', e.g. run.name=my_run")
         return name
 
     def reports_path(self) -> Path:
@@ -355,16 +328,23 @@ class VidrayConfig(_Section):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=1e-4`` -> (["train", "lr"], 1e-4). Values are parsed as YAML."""
+    """``train.lr=1e-4`` -> (["train", "lr"], 1e-4). Values are parsed as YAML, but a text field takes the text as typed
+    where YAML reads another type (``run.name=2024-06-01``, a date: shell quotes never reach YAML)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    path = key.split(".")
+    if not sep or not key or any(not part for part in path):
         raise ConfigError(f"bad override {text!r}: expected dotted.key=value, e.g. train.lr=1e-4")
+    field: Any = VidrayConfig  # the key's type: a field of plain text (a name, a path, a URI) takes the text as typed
+    for part in path:
+        field = getattr(getattr(field, "model_fields", {}).get(part), "annotation", None)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"bad value in override {text!r}: {yaml_problem(err)}") from None
+        if field not in (str, Path):
+            raise ConfigError(f"bad value in override {text!r}: {yaml_problem(err)}") from None
+        value = None
     # YAML 1.1 reads "1e-4" as a string; pydantic turns numeric strings into floats.
-    return key.split("."), value
+    return path, raw.strip() if field in (str, Path) and raw.strip() and not isinstance(value, str) else value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -372,9 +352,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path, value = parse_override(text)
         node = raw
         for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
+            child = node[part] = {} if node.get(part) is None else node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {part!r} is not a section")
             node = child
@@ -382,9 +360,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-# Keys a continued run or sweep may change: where results go and how they are logged, not what is trained. Where the data
-# lives (every placement gives the same batches bit for bit), how often the console shows telemetry, how checkpoints are
-# written and the views of a sweep's held-out test (its report's, made again each time) do not change what a run learns.
+# Keys a continued run or sweep may change: where results go and how they are logged, where the data lives (the same batches
+# bit for bit), console telemetry, how checkpoints are written, a sweep's test views (made again): not what a run learns.
 KEYS_FREE_ON_RESUME = (
     "run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures", "tune.test_clips", "tune.test_crops",
     "train.cache_dataset", "train.log_every_steps", "train.checkpoint_in_background", "train.decode_threads",
@@ -393,6 +370,9 @@ KEYS_FREE_ON_RESUME = (
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two ``model_dump(mode="json")`` configs."""
+    if not prefix:  # a COIN duration filter saved with another source never applied (DataSettings refuses it now)
+        old, new = ({**c, "data": {k: v for k, v in c.get("data", {}).items()
+                                   if k not in COIN_FILTERS or c["data"].get("source") == "coin"}} for c in (old, new))
     keys = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -410,26 +390,45 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = f"unknown key (check the spelling; {DEFAULT_CONFIG.name} lists every key: {DEFAULT_CONFIG})"
+        elif item["type"] in ("string_type", "path_type") and not isinstance(item["input"], (str, list, dict, type(None))):
+            msg += f" (YAML read {item['input']} as {type(item['input']).__name__}: put it in quotes)"
         lines.append(f"{key}: {msg}")
     return f"invalid config {source}: " + "; ".join(lines)
 
 
-# The embedded default (the synthetic demo), shipped inside the package so that an installed
-# `vidray` runs without a checkout; configs/demo.yaml in the repository links to it.
+# The embedded default (the demo), in the package: an installed `vidray` runs without a checkout (configs/demo.yaml links).
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load refusing a key repeated in a mapping, at any depth: YAML keeps the last (a second train: hid the first)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        todo, walked = [("", node)], set()  # (dotted prefix, node); a node is walked once: an alias may hold its parent
+        while todo:
+            prefix, parent = todo.pop()
+            walked.add(id(parent))
+            lines: dict[str, Any] = {}
+            sequence = enumerate(parent.value) if isinstance(parent, yaml.SequenceNode) else []
+            pairs = parent.value if isinstance(parent, yaml.MappingNode) else sequence
+            for key, value in pairs:
+                name = f"{prefix}{getattr(key, 'value', key)}"
+                if (first := lines.setdefault(name, key)) is not key:  # a sequence's key, an index, is never repeated
+                    raise yaml.YAMLError(f"the key {name} is given twice, at lines {first.start_mark.line + 1} and "
+                                         f"{key.start_mark.line + 1} (YAML would keep only the last): merge them")
+                todo += [] if id(value) in walked else [(f"{name}.", value)]
+        return super().construct_document(node)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VidrayConfig:
     """Read YAML (or the schema's defaults when ``path`` is None), apply overrides, validate."""
     raw: dict[str, Any] = {}
-    source = "(defaults)"
+    source, path = ("(defaults)", None) if path is None else (str(path), Path(path))
     if path is not None:
-        source = str(path)
-        path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (pass --config with a YAML file, e.g. configs/coin12.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
         if not isinstance(raw, dict):
