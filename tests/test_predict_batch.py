@@ -23,12 +23,14 @@ from test_video import make_bad_file
 from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification
 
 from vidray.model import transforms
-from vidray.infer.batch_predict import KILL_AFTER_PARTS_ENV, BatchPredictor, _predicted_columns, predict_corpus, resolve_stages
+from vidray.infer.batch_predict import (
+    KILL_AFTER_PARTS_ENV, BatchPredictor, _predicted_columns, predict_corpus, resolve_stages, shipped_model,
+)  # fmt: skip
 from vidray.infer.corpus import (
     MODEL_KEY, PARTS_DIR, SETTINGS_ID_KEY, _shown_below, assemble, decode_one, discover, group_chunks, held_parts,
     in_discovery_order, is_reusable, model_fingerprint, plan_chunks, stamp, write_part,
 )  # fmt: skip
-from vidray.model.checkpoint import MODEL_DIR, TRAINING_TENSORS, save_checkpoint
+from vidray.model.checkpoint import INFO, MODEL_DIR, TRAINING_STATE, TRAINING_TENSORS, save_checkpoint
 from vidray.cli import _predict_line, main
 from vidray.errors import UserError
 from vidray.infer.evaluate import evaluate_checkpoint
@@ -40,7 +42,7 @@ from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.shard_files import WORKER_CRASH
 from vidray.data.preprocess import preprocess
 from vidray.data.shards import DecodeSettings
-from vidray.data.video import encode_mp4
+from vidray.data.video import DecoderUnavailableError, encode_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["left", "right", "still"]
@@ -826,6 +828,28 @@ def test_a_decoder_that_kills_its_worker_costs_one_row(corpus, model_dir, ray_cl
         assert [p["label"] for p in row["top_k"]] == [p["label"] for p in item["predictions"]]
         assert [p["score"] for p in row["top_k"]] == pytest.approx([p["score"] for p in item["predictions"]], abs=1e-5)
 
+    # A node without the decoder's package is no crash: its videos were each a decode_error row (torchcodec's import
+    # failing in decode_or_reject), reused on every rerun after the package was installed. Now the run stops in one
+    # line, as preprocessing's does, and writes no row. The package is hidden from this job's Ray workers alone
+    # (tests/gpu_image_site on their PYTHONPATH): the driver loads it, so it checks the decoder and goes on.
+    import ray
+
+    monkeypatch.delenv(CRASH_ON_ENV)
+    site = os.pathsep.join([str(REPO / "tests" / "gpu_image_site"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    address = ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    try:
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": site, "VIDRAY_HIDE_PACKAGES": "torchcodec"}})
+        out = tmp_path / "no-decoder"
+        with pytest.raises(DecoderUnavailableError) as stopped:
+            predict_corpus(model_dir, videos, str(out), videos_per_chunk=4, decoder="torchcodec")
+    finally:
+        ray.shutdown()  # this job's workers go with it; the fixture connects the next test as before
+    message = str(stopped.value)
+    assert message.startswith("data.decoder=torchcodec needs the torchcodec package, which cannot be loaded here (")
+    assert message.endswith(" (on a Ray worker node)") and "\n" not in message
+    assert not list((out / PARTS_DIR).iterdir()) and not (out / "predictions.parquet").exists()
+
 
 def test_ray_datas_traceback_for_each_dropped_block_stays_off_the_console_without_verbose(monkeypatch):
     """vidray recovers the blocks a crashing decoder loses (max_errored_blocks=-1) and says so in one line; Ray Data
@@ -864,3 +888,43 @@ def test_an_actor_given_no_gpu_predicts_on_the_cpu_of_a_gpu_node(model_dir, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as this process sees it
     predictor = BatchPredictor(str(model_dir), top_k=2, clips=1, crops=1, embeddings=False)
     assert predictor.classifier.device.type == "cpu"
+
+
+def _unknown_codec(good: Path, path: Path) -> Path:
+    """``good`` with its video's sample entry (stsd) naming a codec nobody knows: a real file on which every
+    decoder of vidray raised AttributeError (from vidray.data.decode.pyav.coded_geometry), not a VideoError."""
+    data = good.read_bytes()
+    at = data.index(b"avc1", data.index(b"stsd"))
+    path.write_bytes(data[:at] + b"zzzz" + data[at + 4 :])
+    return path
+
+
+def test_one_by_one_prediction_rejects_a_file_as_the_corpus_mode_does(corpus, model_dir, tmp_path):
+    """`vidray predict` without --out caught VideoError and download errors alone: a file on which the decoder raised
+    anything else ended the command in a traceback, the videos after it not predicted. It uses --out's
+    decode-or-reject now (corpus.fetch_or_reject): the file gets its error entry, with the reason --out's row gives."""
+    good, odd = corpus["good"][0], _unknown_codec(corpus["good"][0], tmp_path / "unknown-codec.mp4")
+    results = predict_videos(model_dir, [odd, good], top_k=2)
+    assert [item["video"] for item in results] == [str(odd), str(good)]
+    _, category, reason = decode_one(str(odd), DecodeSettings(DATA["stored_frames"], DATA["stored_size"]), None)
+    assert category and results[0] == {"video": str(odd), "error": f"{odd}: {reason}", "predictions": []}
+    assert results[1]["predictions"][0]["label"] in CLASSES
+
+
+def test_a_model_actor_on_a_node_without_the_model_folder_loads_the_drivers_copy(model_dir, corpus, tmp_path, monkeypatch):
+    """`vidray predict --out --model <a folder on the head's disk>` on a multi-node cluster: the model actors run on
+    the GPU worker nodes (the head has none), where the folder does not exist, and failed so. The driver puts the
+    files prediction reads (its fingerprint's: no training state) in the object store; an actor that does not find
+    the folder loads a temporary copy of them, deleted once loaded, and predicts as one given the folder."""
+    shipped = shipped_model(model_dir)
+    assert INFO in shipped and f"{MODEL_DIR}/config.json" in shipped and f"{MODEL_DIR}/model.safetensors" in shipped
+    assert not {TRAINING_STATE, TRAINING_TENSORS} & set(shipped)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where the copy goes, to see that it went
+    elsewhere = str(tmp_path / "on-the-head-only")
+    with pytest.raises(UserError, match="does not exist"):  # without the copy, as before
+        BatchPredictor(elsewhere, top_k=2, clips=1, crops=1, embeddings=False)
+    copied = BatchPredictor(elsewhere, top_k=2, clips=1, crops=1, embeddings=False, shipped=shipped)
+    assert list(tmp_path.iterdir()) == []
+    local = BatchPredictor(str(model_dir), top_k=2, clips=1, crops=1, embeddings=False, shipped=shipped)
+    clips = np.stack([np.random.default_rng(i).integers(0, 255, local.classifier.clip_shape, np.uint8) for i in range(2)])
+    assert copied.classifier.predict(clips) == local.classifier.predict(clips)

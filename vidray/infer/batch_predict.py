@@ -9,10 +9,13 @@ streams, so memory stays flat whatever the corpus size:
   the nodes) decode one or more consecutive chunks of videos each
   (:func:`vidray.infer.corpus.group_chunks`), with the decoder and rejection reasons of preprocessing
   (:func:`vidray.data.decode_shard.decode_or_reject`). A bad file becomes a row with its
-  reason, never an error of the run.
+  reason, never an error of the run; a node without the decoder's package stops the run in one
+  line, as in preprocessing, and writes no rows for its videos.
 * **predict**: an *actor pool* (one GPU per actor on GPU nodes) holds the model
   once per actor and runs batches through :class:`vidray.infer.predict.Classifier`, the
-  same step as the one-by-one mode, so both give the same top-1 and scores.
+  same step as the one-by-one mode, so both give the same top-1 and scores. ``--model`` is a
+  folder on the driver's disk: an actor on a node without it loads the copy of its files that the
+  driver put in the object store (:func:`shipped_model`).
 * **fused** (CPU-only clusters, by default): one actor per CPU decodes its chunks and predicts
   them itself, with the same decoder and the same :class:`~vidray.infer.predict.Classifier`: no
   decode worker processes beside the model, no frames through the object store, and an actor's
@@ -50,6 +53,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -66,12 +70,12 @@ from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON
 from vidray.data.listing import as_text
 from vidray.data.shard_files import WORKER_CRASH
 from vidray.data.shards import DecodeSettings
-from vidray.data.video import chosen_decoder
+from vidray.data.video import DecoderUnavailableError, chosen_decoder
 from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
 from vidray.infer.corpus import (
-    DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks,
-    decode_one, discover, group_chunks, held_parts, in_discovery_order, model_fingerprint, plan_chunks, stamp, write_part,
+    DECODED_SCHEMA, MIN_CHUNKS, PARTS_DIR, VIDEOS_PER_CHUNK, Chunk, assemble, decode_chunks, decode_one_checked,
+    discover, group_chunks, held_parts, in_discovery_order, model_files, model_fingerprint, plan_chunks, stamp, write_part,
 )  # fmt: skip
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of, read_checkpoint_info, refuse_pretraining_checkpoint
 from vidray.model.views import Views
@@ -119,14 +123,36 @@ def _actor_device():
     return torch.device("cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu")
 
 
+def shipped_model(model_dir: Path) -> dict[str, np.ndarray]:
+    """The files prediction reads of ``model_dir`` (those its fingerprint hashes), by path relative to it: what
+    the driver puts in Ray's object store for a model actor on a node without ``model_dir`` (:func:`_loaded`)."""
+    return {path.relative_to(model_dir).as_posix(): np.fromfile(path, np.uint8) for path in model_files(model_dir)}
+
+
+def _loaded(model_dir: str, shipped, load):
+    """``load(folder)`` of ``model_dir``, or, where this node has no such folder (a model on the head's disk, an actor
+    on a GPU worker node: it failed with "does not exist"), of a temporary copy of the ``shipped`` files
+    (:func:`shipped_model`, or its object ref), deleted once loaded. Not the copy where the folder is there: it
+    costs each actor a write of the weights (~350 MB for ViT-B)."""
+    if shipped is None or Path(model_dir).is_dir():
+        return load(Path(model_dir))
+    files = ray.get(shipped) if isinstance(shipped, ray.ObjectRef) else shipped
+    with tempfile.TemporaryDirectory(prefix="vidray-model-") as folder:
+        for name, data in files.items():
+            (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(folder) / name).write_bytes(memoryview(data))  # from the object store's memory, no copy
+        return load(Path(folder))
+
+
 class BatchPredictor:
     """Ray Data actor: the model loaded once, batches of decoded videos in, prediction rows out."""
 
-    def __init__(self, model_dir: str, top_k: int, clips: int, crops: int, embeddings: bool):
+    def __init__(self, model_dir: str, top_k: int, clips: int, crops: int, embeddings: bool, shipped=None):
         # Imported here, in the actor: the driver plans and writes without torch (seconds saved per run).
         from vidray.infer.predict import Classifier
 
-        self.classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops, device=_actor_device())
+        self.classifier = _loaded(model_dir, shipped, lambda folder: Classifier(
+            folder, top_k=top_k, clips=clips, crops=crops, device=_actor_device()))  # fmt: skip
         self.embeddings = embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -177,7 +203,7 @@ def _run_chunks(todo: list[Chunk], fs, root: str, args: dict[str, Any], progress
     groups = group_chunks(todo, cpus)
     ds = ray.data.from_items([{"chunks": json.dumps([[c.id, c.paths] for c in group])} for group in groups],
                              override_num_blocks=len(groups))  # fmt: skip
-    model = {k: args[k] for k in ("model_dir", "top_k", "clips", "crops", "embeddings")}
+    model = {k: args[k] for k in ("model_dir", "top_k", "clips", "crops", "embeddings", "shipped")}
     if resolve_stages(args["stages"], gpus) == "fused":
         # One actor per CPU, each with its own model (small next to a decode's work). A decoder
         # that kills its actor fails that task once more at most; the chunks it leaves without a
@@ -251,7 +277,7 @@ def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], pro
     predict the rest in the driver, write their parts."""
     from vidray.infer.predict import Classifier  # see BatchPredictor
 
-    decode = ray.remote(max_retries=0, **args["settings"].task_options())(decode_one)
+    decode = ray.remote(max_retries=0, **args["settings"].task_options())(decode_one_checked)
     classifier = Classifier(Path(args["model_dir"]), top_k=args["top_k"], clips=args["clips"], crops=args["crops"])
     for chunk in lost:  # one chunk at a time bounds the driver's memory to one chunk
         refs = [decode.remote(path, args["settings"], args["crash_on"]) for path in chunk.paths]
@@ -259,6 +285,10 @@ def _isolate_crashes(lost: list[Chunk], fs, root: str, args: dict[str, Any], pro
         for ref in refs:
             try:
                 data, error, reason = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(getattr(err, "cause", None), DecoderUnavailableError):  # a node problem, as preprocessing
+                    raise DecoderUnavailableError(f"{err.cause} (on a Ray worker node)") from None  # says it
+                data, error, reason = b"", WORKER_CRASH, f"{WORKER_CRASH_REASON} ({type(err).__name__})"
             except ray.exceptions.RayError as err:
                 data, error, reason = b"", WORKER_CRASH, f"{WORKER_CRASH_REASON} ({type(err).__name__})"
             frames.append(data)
@@ -348,6 +378,8 @@ def predict_corpus(
                 "embeddings": embeddings, "batch_size": batch_size, "actors": actors, "actor_cpus": actor_cpus, "stages": stages,
                 "settings": DecodeSettings(shape.stored_frames, shape.stored_size, decoder),
                 "crash_on": os.environ.get(CRASH_ON_ENV) or None,
+                # For a model actor on a node without model_dir: one copy in the object store, fetched once per node.
+                "shipped": ray.put(shipped_model(model_dir)),
             }  # fmt: skip
             written = _run_chunks(todo, fs, root, args, progress)
             lost = [c for c in todo if c.id not in written]

@@ -28,6 +28,7 @@ from vidray.data.clip import MissingVideoError
 from vidray.data.decode_shard import decode_or_reject
 from vidray.data.shard_files import WORKER_CRASH
 from vidray.data.shards import DECODE_VERSION, DecodeSettings, file_stamp
+from vidray.data.video import require_decoder
 from vidray.errors import UserError
 from vidray.model.checkpoint import INFO, model_folder
 from vidray.storage import (
@@ -144,15 +145,19 @@ def model_fingerprint(model_dir: Path) -> str:
     Not a checkpoint's training state (training_state.json and .safetensors, optimizer moments twice the weights' size),
     which no prediction reads: hashing it cost seconds per run on a large model, with every part reused."""
     model_dir = Path(model_dir)
-    weights = (p for p in model_folder(model_dir).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
-    files = sorted({*weights, model_dir / INFO})  # an export's vidray.json is in its model folder, a checkpoint's beside it
     digest = hashlib.sha256()
-    for path in files:
+    for path in model_files(model_dir):
         digest.update(json.dumps([str(path.relative_to(model_dir)), path.stat().st_size]).encode())
         with open(path, "rb") as f:
             while block := f.read(8 * 2**20):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The files of ``model_dir`` that prediction reads (:func:`model_fingerprint`), sorted."""
+    weights = (p for p in model_folder(model_dir).rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
+    return sorted({*weights, model_dir / INFO})  # an export's vidray.json is in its model folder, a checkpoint's beside it
 
 
 def settings_id(settings: dict[str, Any]) -> str:
@@ -320,16 +325,28 @@ NAME_NOT_UTF8 = (
 )
 
 
+def fetch_or_reject(path: str, settings: DecodeSettings, crash_on: str | None = None):
+    """:func:`decode_or_reject` for a local file or a URL's video (downloaded first): (clip, "", "") or (None, category,
+    reason), never raising for a bad file. Both prediction modes (vidray/infer/predict.py too) reject alike."""
+    try:
+        with local_file(path) as local:
+            return decode_or_reject(local, settings, crash_on)
+    except DownloadError as err:  # an http(s):// video the server does not give
+        return None, "missing" if err.missing else "download_failed", str(err)
+
+
 def decode_one(path: str, settings: DecodeSettings, crash_on: str | None) -> tuple[bytes, str, str]:
     """(frame bytes, "", "") or (b"", category, reason). Rows name ``path`` as :func:`as_text` shows it."""
     if not is_text_name(path):
         return b"", *NAME_NOT_UTF8
-    try:
-        with local_file(path) as local:
-            clip, error, reason = decode_or_reject(local, settings, crash_on)
-    except DownloadError as err:  # an http(s):// video the server does not give
-        return b"", "missing" if err.missing else "download_failed", str(err)
+    clip, error, reason = fetch_or_reject(path, settings, crash_on)
     return (clip.frames.tobytes(), "", "") if clip is not None else (b"", error, reason)
+
+
+def decode_one_checked(path: str, settings: DecodeSettings, crash_on: str | None) -> tuple[bytes, str, str]:
+    """:func:`decode_one` in a task of its own (crash isolation): the node must have the decoder, as for a chunk."""
+    require_decoder(settings.decoder, settings.device)
+    return decode_one(path, settings, crash_on)
 
 
 DECODED_SCHEMA = pa.schema([("chunk", pa.string()), ("path", pa.string()), ("frames", pa.binary()), ("error", pa.string())])
@@ -341,6 +358,10 @@ def decode_chunks(batch: pa.Table, settings: DecodeSettings, crash_on: str | Non
     (two-stage pipeline) a chunk's rows travel on while the task decodes the next; the fused
     stage's actors (vidray/infer/batch_predict.py) predict each chunk as it comes. Arrow in and out: frame bytes stay binary
     (numpy's fixed-width bytes would drop trailing zero bytes)."""
+    # A node without the decoder's package is a set-up problem, not a bad video: each of its videos was a
+    # decode_error row, reused on every rerun. The task fails instead, and with it the run
+    # (batch_predict._isolate_crashes says it in one line), as preprocessing does (vidray/data/decode_shard.py).
+    require_decoder(settings.decoder, settings.device)
     for group in batch.column("chunks").to_pylist():
         for chunk_id, paths in json.loads(group):
             columns: dict[str, list] = {"chunk": [], "path": [], "frames": [], "error": []}

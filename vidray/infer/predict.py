@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from vidray.config import DecoderName
-from vidray.data.clip import VideoError
 from vidray.data.listing import as_text
-from vidray.data.video import chosen_decoder, read_clip
+from vidray.data.shards import DecodeSettings
+from vidray.data.video import chosen_decoder
 from vidray.errors import UserError
+from vidray.infer.corpus import fetch_or_reject
 from vidray.model.checkpoint import clip_shape_of, eval_clips_of
 from vidray.model.classifier import load_trained_model, to_device
 from vidray.model.inference import Views, clip_outputs, inference_device
-from vidray.storage import DownloadError, local_file
 
 
 class Classifier:
@@ -90,14 +90,14 @@ def predict_videos(
     classifier = Classifier(Path(model_dir), top_k=top_k, clips=clips, crops=crops)
     shape = classifier.shape
     decoder = chosen_decoder(decoder, shape.decoder)
+    settings = DecodeSettings(shape.stored_frames, shape.stored_size, decoder)
     results = []
     for video in videos:
         name = as_text(str(video))
-        try:
-            with local_file(str(video)) as local:  # a URL's video is downloaded first
-                clip = read_clip(local, shape.stored_frames, shape.stored_size, decoder=decoder)
-        except (VideoError, DownloadError) as err:
-            reason = err.reason if isinstance(err, VideoError) else str(err)
+        # The --out mode's decode-or-reject: a file whose decoder raised anything but a VideoError ended the
+        # command in a traceback here, the videos after it not predicted.
+        clip, _, reason = fetch_or_reject(str(video), settings)
+        if clip is None:
             results.append({"video": name, "error": f"{name}: {as_text(reason)}", "predictions": []})
             continue
         (row,) = classifier.predict(clip.frames[None])
