@@ -129,7 +129,8 @@ DRIVER = """
         refused = str(err)
     shared = load_config(None, ["data.dataset_dir=" + dataset_dir, "run.shared_filesystem=true"])
     _, dataset_dir = shared_storage_paths(shared)
-    summary = preprocess(manifest, dataset_dir, frames=4, size=32, stored_frames=8, stored_size=40, videos_per_shard=2)
+    summary = preprocess(manifest, dataset_dir, frames=4, size=32, stored_frames=8, stored_size=40, videos_per_shard=2,
+                         shared_filesystem=True)
     write(sys.argv[1], {{"refused": refused, "cluster": cluster_summary(), "summary": summary}})
 
     # 4. Training.
@@ -159,21 +160,25 @@ def test_preprocess_and_train_across_nodes_and_survive_losing_one(cluster, tmp_p
 
     # 1. The head alone, labelled as cluster.yaml labels it: it will autoscale.
     cluster.start_head(num_cpus=1, labels=f"{MULTI_NODE_LABEL}=true")
-    # Both entry points refuse node-local storage before any work, because the head says it will
-    # autoscale: one line, exit 2, nothing written. The two drivers run side by side.
+    # The entry points refuse node-local storage before any work, because the head says it will
+    # autoscale: one line, exit 2, nothing written. The drivers run side by side. jobs/preprocess.py
+    # (`vidray prepare`) decoded onto each node's own disk, dataset.json on the head listing every shard.
     refusals = {
         job: subprocess.Popen(
             [sys.executable, str(REPO / "jobs" / f"{job}.py"), "run.storage_path=runs", f"data.videos_dir={videos}",
-             f"data.manifest={manifest}", f"data.dataset_dir={tmp_path / 'not-made'}"],
+             f"data.manifest={manifest}", f"data.dataset_dir={tmp_path / 'not-made'}",
+             "data.demo.classes=2", "data.demo.videos_per_class=10"],  # the set in videos: prepare would decode it
             cwd=tmp_path, env=cluster.driver_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        for job in ("train", "tune")
+        for job in ("train", "tune", "preprocess")
     }
     for job, proc in refusals.items():
         _, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 2, stderr[-3000:]
         (line,) = stderr.strip().splitlines()[-1:]
-        assert line.startswith(f"vidray {job}: error: run.storage_path: 'runs' is a node-local path"), stderr[-3000:]
+        refused = f"vidray {job}: error: run.storage_path: 'runs'" if job != "preprocess" else (
+            f"vidray prepare: error: data.dataset_dir: '{tmp_path / 'not-made'}'")  # fmt: skip
+        assert line.startswith(f"{refused} is a node-local path"), stderr[-3000:]
         assert f"labelled {MULTI_NODE_LABEL}=true" in line, line
         assert not (tmp_path / "runs").exists() and not (tmp_path / "not-made").exists()
 

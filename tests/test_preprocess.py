@@ -574,6 +574,32 @@ def test_preprocess_plans_with_the_shards_its_dataset_holds(tmp_path):
     assert summary["shards_reused"] == len(list((out / "_shards").glob("shard-*.json")))
 
 
+def test_a_dataset_inside_a_ray_jobs_working_dir_copy_is_warned_of(tmp_path, monkeypatch, capsys):
+    """`ray job submit --working-dir . -- python jobs/preprocess.py`: the job runs in a copy of the folder that Ray
+    deletes, and the default relative data.dataset_dir lands in it. `vidray train` warned of its own outputs
+    there; the data stage said nothing. (Every shard is decoded beforehand, in this process: no Ray starts.)"""
+    job_copy = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    job_copy.mkdir(parents=True)
+    videos = [Video(str(tmp_path / f"gone_{i}.mp4"), f"gone_{i}", "alpha", 0, "train", -1, -1) for i in range(2)]
+    manifest = write_manifest([manifest_row(Path(v.path), "alpha", "train") for v in videos], CLASSES, tmp_path / "m.parquet")
+
+    def prepared(out: Path, key: str = "--out") -> str:
+        for shard in plan_shards(load_videos(manifest)[0], 8, 32, 8):
+            decode_shard(str(out.absolute()), shard, DecodeSettings(8, 32), None)
+        capsys.readouterr()
+        assert preprocess(manifest, str(out), frames=FRAMES, size=SIZE, out_key=key)["decoded_this_run"] == 0
+        return capsys.readouterr().err
+
+    monkeypatch.chdir(job_copy)
+    assert prepared(Path("data/ds"), "data.dataset_dir").startswith(  # relative, as by default
+        f"vidray preprocess: warning: data.dataset_dir ({job_copy / 'data' / 'ds'}) is inside this job's "
+        f"working-directory copy ({job_copy}), which Ray deletes when the job ends; use an absolute path outside it\n"
+    )
+    assert "warning" not in prepared(tmp_path / "ds")  # outside the copy
+    monkeypatch.chdir(tmp_path)  # a plain folder: the user's own
+    assert "warning" not in prepared(tmp_path / "ds2")
+
+
 def test_missing_manifest_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"manifest .*nope\.parquet not found: run `vidray index"):
         preprocess(tmp_path / "nope.parquet", str(tmp_path / "ds"))

@@ -34,7 +34,8 @@ from vidray.data.demo import (
 )  # fmt: skip
 from vidray.data.index import changed_ns, held_out_fraction, index_folder, indexed_from, lent_to_val
 from vidray.data.listing import is_hidden, is_video_file, walk_once
-from vidray.data.preprocess import preprocess
+from vidray.data.preprocess import preprocess, refuse_node_local_output
+from vidray.storage import resolve_path
 
 FOLDER_HINT = "a folder laid out as ROOT/{train,val,test}/<Class>/<video>"
 COIN_VIDEOS_HINT = "downloaded COIN videos as DIR/<recipe_type>/<youtube_id>.mp4 or DIR/<youtube_id>.mp4"
@@ -172,6 +173,8 @@ def prepare_dataset(cfg: VidrayConfig, verbose: bool = False, retry_crashed: boo
     on the console while it preprocesses, vidray.cluster.console_settings; ``retry_crashed``: see
     :func:`vidray.data.preprocess.preprocess`)."""
     data = cfg.data
+    # Connected to a cluster already (`vidray prepare`, train, tune): refused before generating or indexing.
+    refuse_node_local_output(resolve_path(data.dataset_dir), "data.dataset_dir", cfg.run.shared_filesystem)
     if data.source == "demo":
         ensure_demo_videos(data)
         if manifest_is_stale(data.manifest, data.videos_dir):
@@ -214,5 +217,7 @@ def prepare_dataset(cfg: VidrayConfig, verbose: bool = False, retry_crashed: boo
         dispatch=data.dispatch,
         verbose=verbose,
         retry_crashed=retry_crashed,
+        shared_filesystem=cfg.run.shared_filesystem,
+        out_key="data.dataset_dir",
     )
     return data.dataset_dir

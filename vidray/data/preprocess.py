@@ -48,7 +48,7 @@ from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_
 from vidray.data.video import require_decoder
 from vidray.errors import UserError
 from vidray.folder_lock import FolderLock
-from vidray.storage import join_uri, open_filesystem, resolve_path, write_atomically
+from vidray.storage import check_storage_for_cluster, join_uri, open_filesystem, resolve_path, write_atomically
 
 
 def preprocess(
@@ -66,6 +66,8 @@ def preprocess(
     dispatch: Dispatch = "ray_data",
     verbose: bool = False,
     retry_crashed: bool = False,
+    shared_filesystem: bool = False,
+    out_key: str = "--out",
 ) -> dict[str, Any]:
     """Decode every video of ``manifest`` into the dataset directory ``out``.
 
@@ -77,7 +79,9 @@ def preprocess(
     (vidray.cluster.console_settings); ``retry_crashed`` (``--retry-crashed`` of `vidray preprocess` and
     `vidray prepare`) decodes again the shards of videos that killed their worker last time (``worker_crash``:
     it need not recur). Without it a rerun keeps them as written, as a train or sweep preparing its data
-    does: a run it continues must find the same data.
+    does: a run it continues must find the same data. ``shared_filesystem`` (``run.shared_filesystem``): the
+    user vouches that a local ``out`` is the same folder on every node; without it a node-local ``out`` is
+    refused on a multi-node cluster (:func:`refuse_node_local_output`, naming ``out_key``).
     Returns what ``out/dataset.json`` says (with
     ``dataset_dir`` added). Besides the dataset's counts and the decoder it
     holds this run's ``decoded_this_run``, ``shards_reused`` and
@@ -90,6 +94,8 @@ def preprocess(
     # The decode tasks write the shards wherever they run: a relative path would land in each Ray
     # worker's own directory (on a running cluster, not the caller's), away from dataset.json.
     out = resolve_path(out)
+    warn_if_inside_a_job_copy(out, out_key)
+    refuse_node_local_output(out, out_key, shared_filesystem)  # connected already (`vidray prepare`): before writing
     stored_frames, stored_size = default_stored(frames, size, stored_frames, stored_size)
     if videos_per_shard < 1:
         raise UserError(f"videos_per_shard must be >= 1, got {videos_per_shard}")
@@ -115,14 +121,16 @@ def preprocess(
         # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
         todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))
         reused = len(outcomes)
-        if stale or todo:
-            clear_stale(fs, root, stale)
         if todo:
             # Ray costs seconds to import: a run that reuses every shard never loads it.
             from vidray.cluster import init_ray
             from vidray.data.ray_decode import check_cuda_workers, isolate_crashes, run_shards
 
             init_ray(verbose=verbose)
+            refuse_node_local_output(out, out_key, shared_filesystem)  # before anything is deleted
+        if stale or todo:
+            clear_stale(fs, root, stale)
+        if todo:
             if decoder_device == "cuda":
                 check_cuda_workers(settings)
             crash_on = os.environ.get(CRASH_ON_ENV) or None
@@ -173,6 +181,28 @@ def preprocess(
         flush=True,
     )
     return {"dataset_dir": str(out), **summary}
+
+
+def refuse_node_local_output(out: str, key: str, shared_filesystem: bool = False) -> None:
+    """Refuse (one line naming ``key``) a dataset directory on a node's own disk when the connected Ray cluster has,
+    or will get, several nodes: the decode tasks are spread over the nodes and each would write its shards to its
+    own node, while dataset.json on the driver's lists them all (vidray.storage.check_storage_for_cluster, as
+    `vidray train` checks it). Nothing to check while this process is not connected to Ray: importing Ray to ask
+    costs seconds, and a run that decodes nothing never does."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        check_storage_for_cluster(out, key, shared_filesystem=shared_filesystem)
+
+
+def warn_if_inside_a_job_copy(out: str, key: str) -> None:
+    """Under `ray job submit --working-dir`, the job runs in a copy of that folder that Ray deletes when the job
+    ends: a dataset directory inside it (a relative data.dataset_dir, as by default) goes with it. Say so once.
+    (vidray/train/driver.py's warn_if_inside_a_job_copy says it of the run's outputs.)"""
+    cwd = Path.cwd()
+    if "runtime_resources" not in cwd.parts or "://" in out or not Path(out).is_relative_to(cwd):
+        return
+    print(f"vidray preprocess: warning: {key} ({out}) is inside this job's working-directory copy ({cwd}), which Ray "
+          "deletes when the job ends; use an absolute path outside it", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _crash_hint(rejected: list[dict]) -> str:
