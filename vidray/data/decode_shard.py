@@ -25,7 +25,7 @@ CRASH_ON_ENV = "VIDRAY_TEST_CRASH_ON"
 WORKER_CRASH_REASON = "decoder crashed the worker"
 
 
-def decode_or_reject(path: str, settings: DecodeSettings, crash_on: str | None = None):
+def decode_or_reject(path: str, settings: DecodeSettings, crash_on: str | None = None, num_threads: int = 1):
     """(clip, "", "") or (None, error category, reason) for one video file. Never raises for a bad file.
 
     Shared by preprocessing and corpus prediction (vidray/infer/batch_predict.py), which reject alike.
@@ -38,9 +38,9 @@ def decode_or_reject(path: str, settings: DecodeSettings, crash_on: str | None =
     if crash_on and crash_on in path:
         os._exit(1)  # test-only: see CRASH_ON_ENV
     try:
-        # One decoder thread: Ray already runs one task per core.
+        # One decoder thread by default: Ray already runs one task per core (0: the library's choice).
         clip = read_clip(path, settings.stored_frames, settings.stored_size, decoder=settings.decoder,
-                         device=settings.device, num_threads=1)  # fmt: skip
+                         device=settings.device, num_threads=num_threads)  # fmt: skip
     except VideoError as err:
         return None, err.code, err.reason
     except Exception as err:  # noqa: BLE001 - one odd file must not stop the run; its reason is recorded

@@ -325,12 +325,12 @@ NAME_NOT_UTF8 = (
 )
 
 
-def fetch_or_reject(path: str, settings: DecodeSettings, crash_on: str | None = None):
+def fetch_or_reject(path: str, settings: DecodeSettings, crash_on: str | None = None, num_threads: int = 1):
     """:func:`decode_or_reject` for a local file or a URL's video (downloaded first): (clip, "", "") or (None, category,
     reason), never raising for a bad file. Both prediction modes (vidray/infer/predict.py too) reject alike."""
     try:
         with local_file(path) as local:
-            return decode_or_reject(local, settings, crash_on)
+            return decode_or_reject(local, settings, crash_on, num_threads)
     except DownloadError as err:  # an http(s):// video the server does not give
         return None, "missing" if err.missing else "download_failed", str(err)
 

@@ -96,7 +96,7 @@ def predict_videos(
         name = as_text(str(video))
         # The --out mode's decode-or-reject: a file whose decoder raised anything but a VideoError ended the
         # command in a traceback here, the videos after it not predicted.
-        clip, _, reason = fetch_or_reject(str(video), settings)
+        clip, _, reason = fetch_or_reject(str(video), settings, num_threads=0)  # one video at a time: every core
         if clip is None:
             results.append({"video": name, "error": f"{name}: {as_text(reason)}", "predictions": []})
             continue
