@@ -188,12 +188,13 @@ def test_an_interrupted_run_is_not_continued_on_other_data(ray_cluster, tmp_path
 
     for label in ("left", "right"):
         videos(label)
-    cfg = load_config(None, [
+    overrides = [
         "data.source=folder", f"data.videos_dir={tmp_path / 'videos'}", f"data.manifest={tmp_path / 'm.parquet'}",
         f"data.dataset_dir={tmp_path / 'dataset'}", "data.frames=4", "data.size=32", "data.stored_frames=8",
         "data.stored_size=36", "train.epochs=3", "train.batch_size=4", f"run.storage_path={tmp_path / 'runs'}", "run.name=r",
         "model.init=scratch", "model.size=tiny",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
     # The run as its driver left it after epoch 0: the data it started on recorded, one checkpoint.
     prepare_dataset(cfg)
     started_on = read_dataset_info(cfg.data.dataset_dir).identity(FINETUNE_SPLITS)
@@ -202,6 +203,11 @@ def test_an_interrupted_run_is_not_continued_on_other_data(ray_cluster, tmp_path
     keep_to_its_data(str(run_dir), "run", "new", started_on)
     save_checkpoint(run_dir / "checkpoint_epoch_0000", tiny_model(), training_state={"epoch": 0},
                     info={"epoch": 0, "data": SHAPE.as_dict(), "config": cfg.model_dump(mode="json")})  # fmt: skip
+
+    # A run the cluster cannot place is refused before --restart deletes this one (it was deleted, then refused).
+    with pytest.raises(UserError, match=r"^train.cpus_per_worker=1000 but the largest node of the Ray cluster has"):
+        run_training(load_config(None, [*overrides, "train.cpus_per_worker=1000"]), restart=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_epoch_0000", "vidray_run.json"]
 
     videos("up")
     with pytest.raises(UserError) as refused:
@@ -259,6 +265,35 @@ def test_a_run_started_with_another_config_is_not_continued(tmp_path):
                     info={"epoch": 2, "data": SHAPE.as_dict(), "config": cfg.model_dump(mode="json")})  # fmt: skip
     assert existing_run_state(cfg, str(run_dir)) == "finished"
     assert existing_run_state(cfg, str(tmp_path / "runs" / "never")) == "new"
+
+
+def test_a_run_that_cannot_train_here_is_refused_before_restart_deletes_it(tmp_path):
+    """`vidray train --restart train.use_gpu=true` on a CPU cluster deleted the run, prepared the data, and only then
+    was refused. open_run's can_train (the drivers' resource check) comes before the delete, and before a new run is
+    marked or an interrupted one announced; a finished run, only summarised, is not checked."""
+    from vidray.train.runs import RUN_MARKER, mark_run, open_run
+
+    def cannot_train():
+        raise UserError("train.use_gpu=true but the Ray cluster has no GPUs")
+
+    storage, (run_dir, cfg) = str(tmp_path / "runs"), _run(tmp_path, epochs=2)
+    mark_run(str(run_dir), "train", "r")
+    first = _run_checkpoint(run_dir, 0, cfg)
+
+    def opened(restart: bool, can_train=cannot_train, name: str = "r"):
+        return open_run("train", "train", storage, name, restart=restart, finished_note="", can_train=can_train,
+                        state_of=lambda folder: existing_run_state(cfg, folder))  # fmt: skip
+
+    for restart in (True, False):
+        with pytest.raises(UserError, match="no GPUs"):
+            opened(restart)
+        assert first.is_dir() and (run_dir / RUN_MARKER).is_file()
+    with pytest.raises(UserError, match="no GPUs"):
+        opened(False, name="new")
+    assert not (tmp_path / "runs" / "new").exists()  # not marked either
+    _run_checkpoint(run_dir, 1, cfg)
+    assert opened(False) == (str(run_dir), "finished")  # summarised wherever it is asked
+    assert opened(True, can_train=lambda: None) == (str(run_dir), "new") and not first.exists()
 
 
 # ------------------------------------------------------------------ partial copies of a checkpoint
@@ -379,7 +414,11 @@ def test_a_partial_copy_of_the_last_epoch_leaves_the_run_unfinished(tmp_path):
     _cut_short(_run_checkpoint(run_dir, 1, cfg))
     assert existing_run_state(cfg, str(run_dir)) == "interrupted"  # its last epoch is still to train
     summary = summarize_run(str(run_dir))
-    assert (summary["checkpoint"], summary["last"]) == (str(first), {"epoch": 0, "val_macro_f1": 0.1})
+    # The summary counts epochs done, as the console's "epoch 1/2" and a sweep's summary do (`best.epoch: 0` read as
+    # "no epoch finished"); the checkpoint keeps its 0-based index, as its folder's name.
+    assert (summary["checkpoint"], summary["last"], summary["best"]) == (str(first), {"epoch": 1, "val_macro_f1": 0.1},
+                                                                         {"epoch": 1, "val_macro_f1": 0.1})  # fmt: skip
+    assert json.loads((first / INFO).read_text())["metrics"]["epoch"] == 0
 
 
 def test_a_checkpoint_with_a_file_cut_short_is_not_complete(tmp_path):

@@ -213,6 +213,49 @@ def test_jobs_pretrain_reports_a_config_error_in_one_line_before_ray_starts():
     assert proc.stdout == ""
 
 
+def test_model_dropout_neither_reaches_pretraining_nor_stops_it_resuming(tmp_path):
+    """model.dropout is fine-tuning's: it was applied to the pretraining encoder and decoder (VideoMAE pretrains
+    without), and a pretraining run started before `model.dropout=0.1` was added for fine-tuning was refused."""
+    from vidray.model.checkpoint import save_checkpoint
+
+    cfg = demo_config("train.epochs=3", "pretrain.epochs=3", f"run.storage_path={tmp_path}", "model.dropout=0.1")
+    pcfg = as_pretraining(cfg)
+    assert pcfg.model.dropout == 0.0 and cfg.model.dropout == 0.1
+    config = pretraining_config(pcfg.model, pcfg.pretrain, cfg.data.frames, cfg.data.size)
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.0
+    run_dir = tmp_path / "demo-pretrain"
+    model = build_pretraining_model(pcfg.model, pcfg.pretrain, cfg.data.frames, cfg.data.size)
+    started = as_pretraining(demo_config("train.epochs=3", "pretrain.epochs=3", f"run.storage_path={tmp_path}"))
+    save_checkpoint(run_dir / "checkpoint_epoch_0000", model, training_state={"epoch": 0},
+                    info={"epoch": 0, "config": started.model_dump(mode="json")})  # fmt: skip
+    assert existing_run_state(pcfg, str(run_dir)) == "interrupted"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=1e-4", "train.lr=1e-4 has no effect on `vidray pretrain`: pretrain.lr sets it there; pass pretrain.lr=1e-4 instead"),
+        ("train.weight_decay=0.1", "train.weight_decay=0.1 has no effect on `vidray pretrain`: pretrain.weight_decay sets it "
+                                   "there; pass pretrain.weight_decay=0.1 instead"),
+        ("train.mixup_alpha=0.4", "train.mixup_alpha=0.4 has no effect on `vidray pretrain`: drop the override"),
+        ("model.dropout=0.1", "model.dropout=0.1 has no effect on `vidray pretrain`: drop the override"),
+    ],
+)  # fmt: skip
+def test_an_override_pretraining_ignores_is_refused(override, message):
+    """`vidray pretrain train.lr=1e-4` pretrained at pretrain.lr without a word. Overrides only: demo.yaml sets
+    train.lr for `vidray train`, and `vidray pretrain --config configs/demo.yaml` must run as shipped."""
+    from vidray.pretrain.driver import PRETRAINING_SETS
+    from vidray.train.runs import refuse_ignored_overrides
+
+    with pytest.raises(UserError) as err:
+        refuse_ignored_overrides("vidray pretrain", ["pretrain.epochs=2", override], PRETRAINING_SETS)
+    assert str(err.value) == message
+    # Each of them is ignored indeed: the pretraining run is the same with or without them.
+    cfg = demo_config("train.lr=1e-4", "train.weight_decay=0.3", "train.mixup_alpha=0.4", "model.dropout=0.1")
+    assert as_pretraining(cfg).model_dump() == as_pretraining(demo_config()).model_dump()
+    refuse_ignored_overrides("vidray pretrain", ["pretrain.lr=1e-4", "train.num_workers=2", "data.frames=8"], PRETRAINING_SETS)
+
+
 # ----------------------------------------------------------------- model and encoder (no Ray)
 
 
@@ -436,7 +479,7 @@ def test_rerunning_a_finished_run_writes_the_encoder_and_the_figures(finished, u
     assert existing_run_state(as_pretraining(cfg), str(run_dir)) == "finished"
     assert finished["run_dir"] == str(run_dir) and finished["model_dir"] == str(run_dir / ENCODER_DIR)
     assert finished["checkpoint"] == uninterrupted["result"].checkpoint.path
-    assert finished["last"]["epoch"] == EPOCHS - 1 and finished["last"]["train_loss"] > 0
+    assert finished["last"]["epoch"] == EPOCHS and finished["last"]["train_loss"] > 0
     assert sorted(Path(p).name for p in finished["figures"]) == ["pretrain_loss.png", "pretrain_reconstruction.png"]
     for path in finished["figures"]:
         assert Path(path).parent == run_dir / "reports" / "figures"  # the pretraining run's own reports

@@ -367,7 +367,7 @@ def test_two_workers_learn_temporal_classes_and_report_full_val_metrics(ordered)
     assert confusion.sum(axis=1).tolist() == [VAL_PER_CLASS] * 3 + [VAL_PER_CLASS - 1]
     assert np.trace(confusion) / VAL_VIDEOS == pytest.approx(last["val_accuracy"])
     summary = ordered["summary"]
-    assert summary["last"]["epoch"] == EPOCHS - 1
+    assert summary["last"]["epoch"] == EPOCHS  # epochs done, as the console counts them
     # The best epoch's checkpoint is always among those kept.
     assert summary["best"]["val_macro_f1"] == max(h["val_macro_f1"] for h in history)
     assert summary["checkpoint"] == ordered["result"].checkpoint.path
@@ -522,6 +522,38 @@ def test_bad_settings_fail_before_any_worker_starts(ordered_dataset, start_check
         build_trainer(cfg("train.batch_size=256"))
     with pytest.raises(UserError, match=r"no dataset.json in .*missing.*vidray preprocess"):
         build_trainer(cfg(), dataset_dir=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.grad_accum_steps=3"], "train.batch_size=16 is the global batch and must be divisible by "
+                                       "train.num_workers x train.grad_accum_steps = 3"),
+        (["data.store=jpeg", "train.decode_device=cuda"], "train.decode_device=cuda needs a GPU worker: set "
+                                                          "train.use_gpu=true, or train.decode_device=auto"),
+    ],
+    ids=["micro-batch", "decode-device"],
+)  # fmt: skip
+def test_a_config_that_cannot_train_is_refused_before_ray_starts(tmp_path, overrides, message):
+    """`vidray train train.grad_accum_steps=3` on the demo started Ray, deleted the run it was asked to --restart,
+    prepared the whole dataset and only then was refused; train.decode_device=cuda on CPU workers got as far as
+    every worker. Now before Ray starts (this lane fails a test that starts it): the run is still there."""
+    from vidray.pretrain.driver import run_pretraining
+    from vidray.train.driver import run_training
+    from vidray.train.runs import RUN_MARKER, mark_run
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=r", "data.source=folder", f"data.videos_dir={tmp_path / 'none'}",
+        f"data.manifest={tmp_path / 'm.parquet'}", f"data.dataset_dir={tmp_path / 'dataset'}", *overrides,
+    ])  # fmt: skip
+    for run, folder in ((run_training, "r"), (run_pretraining, "r-pretrain")):
+        if run is run_pretraining and "train.grad_accum_steps=3" in overrides:
+            message = message.replace("train.batch_size=16", "pretrain.batch_size=16")
+        mark_run(str(tmp_path / "runs" / folder), "pretrain" if "pretrain" in folder else "train", folder)
+        with pytest.raises(UserError) as refused:
+            run(cfg, restart=True)
+        assert str(refused.value) == message
+        assert (tmp_path / "runs" / folder / RUN_MARKER).is_file()
 
 
 def test_jobs_train_reports_config_errors_in_one_line(tmp_path):

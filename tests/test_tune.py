@@ -543,6 +543,33 @@ def test_a_continued_sweep_says_it_keeps_the_tracking_it_started_with(tmp_path, 
     assert "a continued sweep keeps its tracking (--restart starts it over)" in err
 
 
+def test_a_sweep_neither_takes_nor_compares_the_train_keys_its_trials_set(tmp_path):
+    """Each trial takes lr, weight decay and MixUp α from tune.*: `vidray tune train.lr=1e-4` trained every trial at
+    tune.lr without a word (its saved config showing 1e-4), and a sweep continued after demo.yaml's train.lr (`vidray
+    train`'s) was edited was refused, "train.lr differ", for a value none of its trials used."""
+    from vidray.train.runs import SWEEP_CONFIG_FILE, SWEEP_SETS, mark_run, refuse_ignored_overrides
+    from vidray.tune.experiment import sweep_state
+
+    for override, owner in (("train.lr=1e-4", "tune.lr"), ("train.weight_decay=0.1", "tune.weight_decay"),
+                            ("train.mixup_alpha=0.4", "tune.mixup_alpha")):  # fmt: skip
+        value = override.split("=")[1]
+        with pytest.raises(UserError) as err:
+            refuse_ignored_overrides("vidray tune", ["tune.asha=false", override], SWEEP_SETS)
+        assert str(err.value) == f"{override} has no effect on `vidray tune`: {owner} sets it there; pass {owner}={value} instead"
+        assert getattr(load_config(DEMO, [f"{owner}={value}"]).tune, owner.split(".")[1]) == [float(value)]  # as offered
+    # The shipped configs set train.lr for `vidray train` in the file that `vidray tune` reads too: not refused.
+    refuse_ignored_overrides("vidray tune", ["tune.lr=1e-4", "train.epochs=3", "train.seed=1"], SWEEP_SETS)
+
+    sweep = tmp_path / "demo"
+    mark_run(str(sweep), "sweep", "demo")
+    (sweep / SWEEP_CONFIG_FILE).write_text(json.dumps(load_config(DEMO).model_dump(mode="json")))
+    (sweep / "tuner.pkl").write_bytes(b"")  # what Tune restores from (not read here)
+    edited = load_config(DEMO, ["train.lr=2e-4", "train.weight_decay=0.2", "train.mixup_alpha=0.8"])
+    assert sweep_state(edited, str(sweep), tell=False) == "interrupted"
+    with pytest.raises(UserError, match=r"started with another config \(tune.lr differ"):
+        sweep_state(load_config(DEMO, ["tune.lr=2e-4"]), str(sweep), tell=False)
+
+
 # ----------------------------------------------------------------- pre-flight, in process
 
 

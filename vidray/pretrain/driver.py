@@ -51,7 +51,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from vidray.cluster import check_run_resources, cluster_capacity, init_ray, interrupted_by_signal
-from vidray.config import TrainSettings, TuneSettings, VidrayConfig
+from vidray.config import ModelSettings, TrainSettings, TuneSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info, read_split_batches, read_splits_in_order, videos_from_bytes
 from vidray.data.prepare import prepare_dataset
 from vidray.data.store import StoredClipError, check_blob
@@ -66,7 +66,10 @@ from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.train.optim import warn_if_warmup_fills_the_run
 from vidray.storage import is_uri, join_uri, open_filesystem, resolve_path, scratch
 from vidray.model import transforms
-from vidray.train.driver import CHECKPOINTS_TO_KEEP, check_stored_clips, make_run_config, on_shared_storage, scaling_config
+from vidray.train.driver import (
+    CHECKPOINTS_TO_KEEP, check_decode_device, check_resources_before_the_data, check_stored_clips, make_run_config,
+    on_shared_storage, scaling_config,
+)
 from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
 from vidray.folder_lock import FolderLock
 from vidray.train.follow import EpochFollower
@@ -82,34 +85,43 @@ FIGURE_CLIPS = 4
 # ------------------------------------------------------------------ configuration
 
 
+# The train.* keys a pretraining run takes from pretrain.* (the rest of ``train`` is how it runs: workers, GPUs, ...).
+FROM_PRETRAIN = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs")
+# What pretraining does not use (MixUp, label smoothing, layer decay; dropout: VideoMAE pretrains without), at fixed values.
+FIXED_FOR_PRETRAINING = {
+    "train.scheduler": "cosine", "train.layer_decay": 1.0, "train.label_smoothing": 0.0, "train.mixup_alpha": 0.0,
+    "train.cutmix_alpha": 0.0, "train.eval_clips": 1, "model.dropout": 0.0,
+}  # fmt: skip
+# Keys `vidray pretrain` never reads, each beside the one that sets it there (None: nothing does): refused on its
+# command line (vidray.train.runs.refuse_ignored_overrides).
+PRETRAINING_SETS: dict[str, str | None] = {
+    **{f"train.{key}": f"pretrain.{key}" for key in FROM_PRETRAIN}, **dict.fromkeys(FIXED_FOR_PRETRAINING),
+}
+
+
 def as_pretraining(cfg: VidrayConfig) -> VidrayConfig:
     """The config a pretraining run executes and is identified by.
 
     ``train`` becomes the TrainSettings the shared helpers (batch split, optimizer,
     schedule, ingest, failures) read: ``pretrain``'s epochs, batch, lr, weight
-    decay and warm-up, with ``train``'s execution settings; what pretraining does
-    not use (MixUp, label smoothing, layer decay, the sweep) is left at fixed
-    values, so changing fine-tuning or sweep settings neither changes a
-    pretraining run nor stops it from resuming.
+    decay and warm-up (:data:`FROM_PRETRAIN`), with ``train``'s execution settings;
+    what pretraining does not use (:data:`FIXED_FOR_PRETRAINING`: MixUp, label smoothing,
+    layer decay, model.dropout; and the sweep) is left at fixed values, so changing
+    fine-tuning or sweep settings neither changes a pretraining run nor stops it from resuming.
     """
     p = cfg.pretrain
-    train = TrainSettings.model_validate(
-        {
-            **cfg.train.model_dump(),
-            "epochs": p.epochs,
-            "batch_size": p.batch_size,
-            "lr": p.lr,
-            "weight_decay": p.weight_decay,
-            "warmup_epochs": p.warmup_epochs,
-            "scheduler": "cosine",
-            "layer_decay": 1.0,
-            "label_smoothing": 0.0,
-            "mixup_alpha": 0.0,
-            "cutmix_alpha": 0.0,
-            "eval_clips": 1,
+    sections = {"train": cfg.train.model_dump(), "model": cfg.model.model_dump()}
+    sections["train"].update({key: getattr(p, key) for key in FROM_PRETRAIN})
+    for key, value in FIXED_FOR_PRETRAINING.items():
+        section, name = key.split(".")
+        sections[section][name] = value
+    return cfg.model_copy(
+        update={
+            "train": TrainSettings.model_validate(sections["train"]),
+            "model": ModelSettings.model_validate(sections["model"]),
+            "tune": TuneSettings(),
         }
     )
-    return cfg.model_copy(update={"train": train, "tune": TuneSettings()})
 
 
 def run_name(cfg: VidrayConfig) -> str:
@@ -193,6 +205,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
     Returns run dir, last checkpoint and metrics, ``model_dir`` (the encoder) and the figures.
     """
     check_pretrain_config(cfg)
+    check_decode_device(cfg.train, cfg.data.store)
     warn_if_warmup_fills_the_run("vidray pretrain", "pretrain", cfg.pretrain.epochs, cfg.pretrain.warmup_epochs)
     init_ray(verbose=verbose)
     cfg = on_shared_storage(cfg, "vidray pretrain")
@@ -202,6 +215,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
         "pretrain", "pretrain", cfg.run.storage_path, run_name(cfg), restart=restart,
         state_of=lambda folder: existing_run_state(pcfg, folder),
         finished_note=f" ({pcfg.train.epochs} epochs); nothing to train",
+        can_train=lambda: check_resources_before_the_data(pcfg.train),
     )  # fmt: skip
     if state != "finished":
         with FolderLock(run_dir, "vidray pretrain"):

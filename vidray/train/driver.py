@@ -1,10 +1,12 @@
 """The driver side of a training run: check, build the ``TorchTrainer``, run it once, summarise.
 
-:func:`run_training` is ``vidray train``. It connects to Ray, refuses storage
-that the cluster's nodes cannot share, prepares the dataset, checks the config
-against it, and hands :func:`vidray.train.finetune.finetune_loop_per_worker` (the
-worker loop, vidray/train/loop.py, with the fine-tuning task) to a ``TorchTrainer``
-(:func:`build_trainer`). Ray Tune builds the same trainer per trial (vidray/tune/sweep.py).
+:func:`run_training` is ``vidray train``. It checks what the config alone decides
+(before Ray starts), connects to Ray, refuses storage that the cluster's nodes cannot
+share and a run they cannot place (before ``--restart`` deletes anything), prepares the
+dataset, checks the config against it, and hands
+:func:`vidray.train.finetune.finetune_loop_per_worker` (the worker loop, vidray/train/loop.py,
+with the fine-tuning task) to a ``TorchTrainer`` (:func:`build_trainer`). Ray Tune builds the
+same trainer per trial (vidray/tune/sweep.py).
 
 A run lives under ``run.storage_path/run.name``. Running the same command again:
 
@@ -20,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
-from vidray.cluster import check_run_resources, cluster_capacity, init_ray, interrupted_by_signal, shared_storage_paths
-from vidray.config import TrainSettings, VidrayConfig
+from vidray.cluster import DATA_CPUS, check_run_resources, cluster_capacity, init_ray, interrupted_by_signal, shared_storage_paths
+from vidray.config import StoreName, TrainSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.errors import UserError
+from vidray.train.decoding import device_decoder_for
 from vidray.train.finetune import finetune_loop_per_worker
 from vidray.train.placement import CachedSplits, build_datasets, data_config, ingest_cpus
 from vidray.train.metrics import SCORE_METRIC
@@ -42,6 +46,26 @@ CHECKPOINTS_TO_KEEP = 2
 
 # The splits fine-tuning reads: it trains on train and picks its best epoch on val.
 FINETUNE_SPLITS = ("train", "val")
+
+
+def check_decode_device(train: TrainSettings, store: StoreName) -> None:
+    """``train.decode_device=cuda`` on CPU workers (of a compressed store) refused from the config, by the workers'
+    own check: on a CPU device it decides without a decoder. A GPU worker's library is checked on the GPU."""
+    if not train.use_gpu:
+        device_decoder_for(train, torch.device("cpu"), store)
+
+
+def check_training_config(cfg: VidrayConfig) -> None:
+    """What a fine-tuning config must satisfy on its own: checked before Ray starts (`vidray train
+    train.grad_accum_steps=3` of a batch of 16 started Ray, prepared the data and deleted a --restart's run first)."""
+    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    micro_batch_size(cfg.train)
+    check_decode_device(cfg.train, cfg.data.store)
+
+
+def check_resources_before_the_data(train: TrainSettings) -> None:
+    """:func:`check_run_resources` of what holds whether or not the data will be cached (known once it is prepared)."""
+    check_run_resources(train, cluster_capacity(), data_cpus=DATA_CPUS if train.cache_dataset == "never" else 0)
 
 
 def check_dataset(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -> ClipShape:
@@ -90,6 +114,7 @@ def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -
             f"data.size={cfg.data.size} exceeds the stored size {info.stored_size} of {dataset_dir}; "
             "lower data.size or preprocess again at a larger size"
         )
+    check_decode_device(cfg.train, info.store)  # a sweep's trials: refused before any starts
     return ClipShape(
         list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size,
         decoder=info.raw.get("decoder") or "pyav",
@@ -210,7 +235,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     Returns run dir, best and last metrics and checkpoint paths (``checkpoint``: the last epoch's,
     ``best_checkpoint``: the best ``val_macro_f1``'s), the paths ``vidray evaluate`` takes.
     """
-    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    check_training_config(cfg)
     warn_if_warmup_fills_the_run("vidray train", "train", cfg.train.epochs, cfg.train.warmup_epochs)
     init_ray(verbose=verbose)
     cfg = on_shared_storage(cfg, "vidray train")
@@ -218,6 +243,7 @@ def run_training(cfg: VidrayConfig, restart: bool = False, verbose: bool = False
     run_dir, state = open_run(
         "train", "train", cfg.run.storage_path, cfg.run.name, restart=restart,
         state_of=lambda folder: existing_run_state(cfg, folder), finished_note=f" ({cfg.train.epochs} epochs); nothing to train",
+        can_train=lambda: check_resources_before_the_data(cfg.train),
     )  # fmt: skip
     if state == "finished":
         EpochFollower(run_dir, cfg, command="vidray train", name=cfg.run.name, line=epoch_line).catch_up()

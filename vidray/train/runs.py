@@ -206,8 +206,18 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
 
+def _epochs_done(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's metrics for people: ``epoch`` counts the epochs done (1 after the first), as the console's
+    "epoch 1/2" and a sweep's summary do. Checkpoints and their history keep the 0-based index their folders carry."""
+    scalars = _scalars(metrics)
+    if "epoch" in scalars:
+        scalars["epoch"] = int(scalars["epoch"]) + 1
+    return scalars
+
+
 def summarize_run(run_dir: str) -> dict[str, Any]:
-    """Run dir, best and last metrics and their checkpoints, read from what the run left on storage."""
+    """Run dir, best and last metrics (``epoch``: epochs done, counted from 1) and their checkpoints, read from
+    what the run left on storage."""
     infos = [(path, info) for _, path in checkpoints(run_dir) if (info := read_info(path)) is not None]
     if not infos:
         return {"run_dir": run_dir, "checkpoint": None, "best_checkpoint": None, "last": {}, "best": {}}
@@ -217,8 +227,8 @@ def summarize_run(run_dir: str) -> dict[str, Any]:
         "run_dir": run_dir,
         "checkpoint": last_path,
         "best_checkpoint": best_path,
-        "last": _scalars(last["metrics"]),
-        "best": _scalars(best["metrics"]),
+        "last": _epochs_done(last["metrics"]),
+        "best": _epochs_done(best["metrics"]),
     }
 
 
@@ -233,16 +243,22 @@ def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
     return out
 
 
+# The train.* keys a sweep's trials take from tune.* (vidray/tune/space.py), each beside the key that sets it: a
+# sweep never reads them, so it neither compares them when continued nor takes them on its command line.
+SWEEP_SETS = {"train.mixup_alpha": "tune.mixup_alpha", "train.lr": "tune.lr", "train.weight_decay": "tune.weight_decay"}
+
+
 def refuse_changed_config(saved: dict[str, Any], cfg: VidrayConfig, folder: str, what: str, saved_in: str = "") -> None:
     """A UserError naming the keys when ``cfg`` would train something else than ``saved`` did.
 
     A key ``saved`` lacks was added to vidray after that run started: the run had its default's
     behaviour, so it differs only where ``cfg`` sets another value (an upgrade alone refuses no run).
+    A sweep (``what``) does not compare the keys its trials set (:data:`SWEEP_SETS`): demo.yaml's train.lr,
+    `vidray train`'s, edited refused every demo sweep started before, for a value none of its trials used.
     """
     saved = _with_defaults(saved, VidrayConfig().model_dump(mode="json"))
-    changed = [
-        key for key in config_differences(saved, cfg.model_dump(mode="json")) if not key.startswith(KEYS_FREE_ON_RESUME)
-    ]
+    free = KEYS_FREE_ON_RESUME + (tuple(SWEEP_SETS) if what == "sweep" else ())
+    changed = [key for key in config_differences(saved, cfg.model_dump(mode="json")) if not key.startswith(free)]
     if changed:
         where = f"; it is saved in {saved_in} there" if saved_in else ""
         # How to continue it instead: a config file changed by an upgrade (coin12.yaml's shuffle buffer) refused every
@@ -253,6 +269,22 @@ def refuse_changed_config(saved: dict[str, Any], cfg: VidrayConfig, folder: str,
             + (f"continue it as it started with the override(s) {as_started}, or " if as_started else "")
             + "pass --restart to start it over, or set run.name to a new name"
         )
+
+
+def refuse_ignored_overrides(command: str, overrides: list[str], set_by: dict[str, str | None]) -> None:
+    """A one-line UserError for a command-line override of a key ``command`` never reads: ``set_by`` maps each such
+    key to the one that sets it there (a sweep's trials take train.lr from tune.lr), or to None where nothing does.
+
+    Overrides only, whatever their value: a config file serves every command (demo.yaml's train.lr is `vidray
+    train`'s, and `vidray tune` and `vidray pretrain` read the same file), an override is asked of this command.
+    `vidray tune train.lr=1e-4` trained every trial at tune.lr, without a word, and its saved config showed 1e-4."""
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() not in set_by:
+            continue
+        owner = set_by[key.strip()]
+        instead = f"{owner} sets it there; pass {owner}={value} instead" if owner else "drop the override"
+        raise UserError(f"{text} has no effect on `{command}`: {instead}")
 
 
 def _as_override(key: str, saved: dict[str, Any]) -> str:
@@ -314,7 +346,7 @@ def refuse_other_kind(folder: str, kind: RunKind, command: str) -> None:
 
 def open_run(
     command: str, kind: RunKind, storage_path: str, name: str, *, restart: bool, state_of: Callable[[str], RunState],
-    finished_note: str,
+    finished_note: str, can_train: Callable[[], None] = lambda: None,
 ) -> tuple[str, RunState]:
     """(folder, state) of the run ``command`` is about to train, continue or report.
 
@@ -323,11 +355,16 @@ def open_run(
     is there (and refuses a changed config); the console is told what happens; a run that will train gets
     vidray's marker before Ray writes into its folder. A run that a live driver trains is refused first
     (vidray/folder_lock.py): the caller trains inside ``FolderLock(folder, ...)``.
+
+    ``can_train()`` refuses a run that cannot train here (the cluster's resources): before ``--restart`` deletes
+    anything (`vidray train --restart train.use_gpu=true` on a CPU cluster deleted the run, then was refused), and
+    before a run that will train is announced or marked; not for a finished run, which is only summarised.
     """
     folder = run_folder(storage_path, name)
     refuse_if_held(f"vidray {command}", folder)  # before --restart deletes anything
     refuse_other_kind(folder, kind, command)
     if restart:
+        can_train()
         delete_run(storage_path, folder, f"vidray {command}")
         if local_part(folder) is None:  # a local (or file://) run's files are inside its folder, deleted already
             clear_local_mirror(folder)
@@ -341,6 +378,8 @@ def open_run(
         print(f"vidray {command}: {folder} is finished{finished_note} (--restart or a new run.name starts over)",
               file=sys.stderr, flush=True)  # fmt: skip
         return folder, state
+    if not restart:
+        can_train()
     if state == "interrupted":
         what = "the interrupted sweep " if kind == "sweep" else ""
         where = "" if kind == "sweep" else " from its latest checkpoint"

@@ -10,10 +10,11 @@ import ray.tune
 
 from vidray.config import SearchRange, TrainSettings, TuneSettings, VidrayConfig
 from vidray.errors import UserError
+from vidray.train.runs import SWEEP_SETS
 
 # The sweep's hyper-parameters: each trial copies them into cfg.train (and ``seed`` when a pure grid is
-# repeated, see build_param_space).
-SWEPT = ("mixup_alpha", "lr", "weight_decay")
+# repeated, see build_param_space). Named once, in SWEEP_SETS: a sweep neither reads train's nor compares them.
+SWEPT = tuple(key.removeprefix("train.") for key in SWEEP_SETS)
 # Which of ``tune.num_samples`` drawn points a trial trains: a grid axis, so that every MixUp α gets the same points.
 # Its name sorts after "mixup_alpha": Tune varies the first grid key by name fastest, so consecutive trials cover every
 # α. Named "draw" it came first: every α=0 trial ran before any α=0.8 one, and ASHA, whose rungs compare a trial with
