@@ -24,6 +24,7 @@ from vidray.data.clip import (
     NoFramesError,
     NotAVideoError,
     NoVideoStreamError,
+    UnknownCodecError,
     UnsupportedByDecoderError,
     resized_size,
     sample_aspect,
@@ -262,6 +263,9 @@ def make_bad_file(kind: str, directory: Path, good_video: Path) -> Path:
 
         rng = np.random.default_rng(3)
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, format=kind.split("_")[1].upper())
+    elif kind == "unknown_codec":  # the video's sample entry (stsd) names a codec FFmpeg does not know
+        at = data.index(b"avc1", data.index(b"stsd"))
+        path.write_bytes(data[:at] + b"zzzz" + data[at + 4 :])
     elif kind == "name_not_utf8":  # a good video named in cp1252, as unzipping a Windows archive leaves it
         path = directory / os.fsdecode("café.mp4".encode("cp1252"))
         path.write_bytes(data)
@@ -283,6 +287,8 @@ BAD_FILES = {
     "directory": (MissingVideoError, "not a regular file"),
     "photo_jpeg": (NotAVideoError, "a still image (JPEG), not a video"),  # was a clip of 8 copies of it, labelled
     "photo_png": (NotAVideoError, "a still image (PNG), not a video"),
+    # Every decoder raised AttributeError here (PyAV gives such a stream no codec_context), a traceback, not a reject.
+    "unknown_codec": (UnknownCodecError, "its video codec is not one FFmpeg can decode"),
 }
 
 
@@ -300,6 +306,20 @@ def test_bad_files_raise_a_typed_error_with_the_reason(kind, tmp_path, good_vide
     assert str(err).startswith(f"{path}: ")  # one line naming the file
     assert "\n" not in str(err)
     assert isinstance(err, UserError)  # the CLI prints it instead of a traceback
+
+
+def test_probing_a_video_whose_codec_ffmpeg_does_not_know_gives_its_category(tmp_path, good_video):
+    """`vidray index` probes with PyAV whatever the decoder: it recorded "AttributeError: 'NoneType' object has no
+    attribute 'width'" for such a file, and `probe` raised it. Now the category and the one-line reason."""
+    from vidray.data.index import probe_video
+    from vidray.data.video import probe
+
+    path = make_bad_file("unknown_codec", tmp_path, good_video)
+    with pytest.raises(UnknownCodecError) as caught:
+        probe(path)
+    assert caught.value.code == "unknown_codec" and isinstance(caught.value, UserError)
+    assert str(caught.value) == f"{path}: {caught.value.reason}" and "\n" not in str(caught.value)
+    assert probe_video(path)["probe_error"] == f"unknown_codec: {caught.value.reason}"
 
 
 def write_av1(path: Path, frames: np.ndarray, fps: int = 10) -> Path:

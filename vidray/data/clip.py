@@ -37,6 +37,9 @@ class NotAVideoError(VideoError): code = "not_a_video"
 class CorruptVideoError(VideoError): code = "corrupt"
 class NoVideoStreamError(VideoError): code = "no_video_stream"
 class NoFramesError(VideoError): code = "no_frames"
+# A video stream whose codec FFmpeg has no decoder for (a tag it does not know, or a codec its build lacks):
+# no decoder of vidray reads it, so it is not the chosen decoder's (unsupported_by_decoder) nor a broken file.
+class UnknownCodecError(VideoError): code = "unknown_codec"
 # A video PyAV decodes that the chosen decoder (decord, torchcodec on its FFmpeg build, NVDEC) cannot.
 class UnsupportedByDecoderError(VideoError): code = "unsupported_by_decoder"
 

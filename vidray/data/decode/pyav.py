@@ -21,6 +21,7 @@ from vidray.data.clip import (
     NoFramesError,
     NoVideoStreamError,
     StreamInfo,
+    UnknownCodecError,
     UnsupportedByDecoderError,
     VideoError,
     centre_crop,
@@ -56,7 +57,8 @@ def open_video(path: str):
     The stream is the one FFmpeg picks (``av_find_best_stream``: the most frames probed, then the
     highest bit rate), as torchcodec, decord and players do; not the first one, which in a web
     download can be its thumbnail (a one-frame MJPEG track ahead of the video in Matroska). Cover
-    art (an ``attached_pic`` stream: the picture of a song) is not a video.
+    art (an ``attached_pic`` stream: the picture of a song) is not a video, and a stream whose codec
+    FFmpeg cannot decode is passed over (:class:`UnknownCodecError` when no other is left).
     """
     try:
         container = av.open(path, metadata_errors="ignore")
@@ -68,8 +70,14 @@ def open_video(path: str):
         kinds += ["cover image"] if container.streams.video else []
         container.close()
         raise NoVideoStreamError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
+    # PyAV gives a stream FFmpeg has no decoder for no codec_context (and no way to read its codec tag):
+    # such a stream is passed over, as FFmpeg's own pick does when asked for a decoder (torchcodec, decord).
+    decodable = [s for s in videos if s.codec_context is not None]
+    if not decodable:
+        container.close()
+        raise UnknownCodecError(path, "its video codec is not one FFmpeg can decode (unknown, or missing from PyAV's FFmpeg build)")
     best = container.streams.best("video")
-    return container, best if best in videos else videos[0]
+    return container, best if best in decodable else decodable[0]
 
 
 def coded_geometry(path: str, stream) -> Geometry:
