@@ -308,6 +308,19 @@ def test_bad_files_raise_a_typed_error_with_the_reason(kind, tmp_path, good_vide
     assert isinstance(err, UserError)  # the CLI prints it instead of a traceback
 
 
+def test_the_reasons_that_say_no_file_was_there_are_the_ones_a_missing_file_gets(tmp_path, good_video):
+    """Preprocessing (shard_files) and `vidray predict --out` (infer/corpus) decode again a video its task did not
+    find though the driver did, telling "not there" by these reasons: one constant, the reasons check_file gives."""
+    from vidray.data.shard_files import NOT_FOUND_REASONS
+    from vidray.infer import corpus
+
+    assert corpus.NOT_FOUND_REASONS is NOT_FOUND_REASONS
+    for kind, not_there in (("missing", True), ("dangling_symlink", True), ("directory", False)):
+        with pytest.raises(MissingVideoError) as caught:
+            read_clip(make_bad_file(kind, tmp_path, good_video), stored_frames=8, stored_size=32)
+        assert caught.value.reason.startswith(NOT_FOUND_REASONS) == not_there, kind
+
+
 def test_probing_a_video_whose_codec_ffmpeg_does_not_know_gives_its_category(tmp_path, good_video):
     """`vidray index` probes with PyAV whatever the decoder: it recorded "AttributeError: 'NoneType' object has no
     attribute 'width'" for such a file, and `probe` raised it. Now the category and the one-line reason."""

@@ -214,7 +214,10 @@ def find_stale(
     return finished, stale
 
 
-# The reasons of a "missing" reject that the driver's stamp can contradict: the file was not where its task looked.
+# The `missing` reasons (vidray.data.video.check_file) that say no file was there, which the driver's stamp of one
+# that was contradicts: its task did not see what the driver did. The others ("not a regular file": a folder, a
+# FIFO; "not readable") say what the stamped file is, and stand until its stamp changes: retried, they were rejected
+# again on every run. (vidray/infer/corpus.py decides the same for `vidray predict --out`'s parts.)
 NOT_FOUND_REASONS = ("file not found", "dangling symlink")
 
 

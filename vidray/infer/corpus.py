@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from vidray.data.listing import RENAME_TO_UTF8, as_text, is_hidden, is_text_name, is_video_file, videos_under
 from vidray.data.clip import MissingVideoError
 from vidray.data.decode_shard import decode_or_reject
-from vidray.data.shard_files import WORKER_CRASH
+from vidray.data.shard_files import NOT_FOUND_REASONS, WORKER_CRASH
 from vidray.data.shards import DECODE_VERSION, DecodeSettings, file_stamp
 from vidray.data.video import require_decoder
 from vidray.errors import UserError
@@ -212,13 +212,6 @@ def _says_unreadable(recorded: str) -> bool:
     """Whether a stamp says its file could not be read when it was taken: not there (file_stamp's -1, -1: a missing
     file, a dangling link) or not readable by this user. "" (an object, no stamp) says nothing."""
     return recorded.startswith("-1:") or recorded.endswith(":unreadable")
-
-
-# The `missing` reasons of a local file (vidray.data.video.check_file) that say no file was there: with a stamp of one
-# that was, its worker did not see what the driver did. The others ("not a regular file": a folder, a FIFO; "not
-# readable") say what the stamped file is, and stand until its stamp changes: retried, they were rejected again on
-# every run, and Ray started for them each time.
-NOT_FOUND_REASONS = ("file not found", "dangling symlink")
 
 
 def _unexplained_missing(path: str, error: str, now: str) -> bool:
