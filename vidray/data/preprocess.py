@@ -41,8 +41,8 @@ from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, SPL
 from vidray.data.dataset import DATASET_INFO
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import (
-    WORKER_CRASH, check_writable, clear_stale, crash_hint, find_stale, is_written, recorded_shard_ids, write_rejects,
-    write_text,
+    WORKER_CRASH, check_writable, clear_stale, crash_hint, find_stale, inside_job_copy, is_written, recorded_shard_ids,
+    write_rejects, write_text,
 )  # fmt: skip
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
@@ -198,11 +198,10 @@ def warn_if_inside_a_job_copy(out: str, key: str) -> None:
     """Under `ray job submit --working-dir`, the job runs in a copy of that folder that Ray deletes when the job
     ends: a dataset directory inside it (a relative data.dataset_dir, as by default) goes with it. Say so once.
     (vidray/train/driver.py's warn_if_inside_a_job_copy says it of the run's outputs.)"""
-    cwd = Path.cwd()
-    if "runtime_resources" not in cwd.parts or "://" in out or not Path(out).is_relative_to(cwd):
+    if not inside_job_copy(out):
         return
-    print(f"vidray preprocess: warning: {key} ({out}) is inside this job's working-directory copy ({cwd}), which Ray "
-          "deletes when the job ends; use an absolute path outside it", file=sys.stderr, flush=True)  # fmt: skip
+    print(f"vidray preprocess: warning: {key} ({out}) is inside this job's working-directory copy ({Path.cwd()}), "
+          "which Ray deletes when the job ends; use an absolute path outside it", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _crash_hint(rejected: list[dict]) -> str:

@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -292,3 +293,14 @@ def write_rejects(fs: pafs.FileSystem, root: str, rejected: list[dict]) -> None:
 def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
+
+
+def inside_job_copy(path: str) -> bool:
+    """Whether ``path`` (a relative one: from the working directory) lies in the working-directory copy that a
+    `ray job submit --working-dir` job runs in. Ray unpacks that copy under .../runtime_resources/working_dir_files/
+    and deletes it, with whatever was written inside it, relative path or absolute. (Here, not in vidray/cluster.py,
+    which imports Ray: preprocessing warns with it before deciding whether it needs Ray, and train imports data.)"""
+    cwd = Path.cwd()  # the real path (os.getcwd): compared with the resolved ``path``
+    if "runtime_resources" not in cwd.parts or "://" in str(path):
+        return False
+    return Path(path).expanduser().resolve().is_relative_to(cwd)

@@ -29,6 +29,7 @@ from vidray.cluster import DATA_CPUS, check_run_resources, cluster_capacity, ini
 from vidray.config import StoreName, TrainSettings, VidrayConfig
 from vidray.data.dataset import ClipShape, DatasetInfo, read_dataset_info
 from vidray.data.prepare import prepare_dataset
+from vidray.data.shard_files import inside_job_copy
 from vidray.errors import UserError
 from vidray.train.decoding import device_decoder_for
 from vidray.train.finetune import finetune_loop_per_worker
@@ -185,19 +186,19 @@ def build_trainer(
 
 
 def warn_if_inside_a_job_copy(cfg: VidrayConfig, command: str) -> None:
-    """Under `ray job submit --working-dir`, a relative output path lands in a copy Ray deletes: say so once."""
-    if "runtime_resources" not in Path.cwd().parts:
-        return
+    """Under `ray job submit --working-dir`, an output path in the job's working-directory copy (a relative one, or
+    an absolute one inside it) is lost when Ray deletes the copy: say so once."""
     outputs = [("run.storage_path", cfg.run.storage_path)]
     if command != "vidray train":  # a training run writes no reports
         outputs.append(("run.reports_dir", cfg.run.reports_dir))
-    relative = [key for key, value in outputs
-                if value is not None and "://" not in str(value) and not str(value).startswith(("/", "~"))]
-    if relative:
-        verb = "is relative, so it points" if len(relative) == 1 else "are relative, so they point"
-        print(f"{command}: warning: {' and '.join(relative)} {verb} into this job's working-directory copy "
-              f"({Path.cwd()}), which Ray deletes; use an absolute path (the default is ~/ray_results)",
-              file=sys.stderr, flush=True)
+    inside = [(key, str(value)) for key, value in outputs if value is not None and inside_job_copy(str(value))]
+    if inside:
+        one, relative = len(inside) == 1, not any(Path(value).expanduser().is_absolute() for _, value in inside)
+        verb = "points" if one else "point"
+        verb = (("is relative, so it " if one else "are relative, so they ") + verb) if relative else verb
+        print(f"{command}: warning: {' and '.join(key for key, _ in inside)} {verb} into this job's working-directory "
+              f"copy ({Path.cwd()}), which Ray deletes; use {'an absolute path' if relative else 'a path outside it'} "
+              "(the default is ~/ray_results)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def on_shared_storage(cfg: VidrayConfig, command: str) -> VidrayConfig:
