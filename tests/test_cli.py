@@ -93,6 +93,20 @@ def test_overrides_may_come_before_between_and_after_options(command, capsys):
     assert err[-1] == f"vidray {command}: error: unrecognized arguments: --restrat"
 
 
+@pytest.mark.parametrize(("command", "override", "instead"), [
+    ("tune", "train.lr=1e-4", "tune.lr sets it there; pass tune.lr=1e-4 instead"),
+    ("pretrain", "train.epochs=3", "pretrain.epochs sets it there; pass pretrain.epochs=3 instead"),
+    ("pretrain", "model.dropout=0.1", "drop the override"),
+])  # fmt: skip
+def test_an_override_the_command_ignores_is_refused_before_anything_runs(command, override, instead, capsys):
+    """`vidray tune train.lr=1e-4` (the help's own example was train.lr=1e-4) trained every trial at tune.lr without a
+    word, and its saved config showed 1e-4; `vidray pretrain train.epochs=3` ran pretrain.epochs. One line now."""
+    assert main([command, "--config", str(REPO / "configs" / "demo.yaml"), override]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vidray {command}: error: {override} has no effect on `vidray {command}`: {instead}"]
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
 def test_preprocess_stores_what_a_training_config_of_the_same_frames_and_size_plans():
     """`vidray preprocess --frames 8` stored 16 frames at 8/7 x size, while `vidray train data.frames=8` plans the
     data.* defaults (32 frames of 128 px): training on that dataset planned other shard ids and decoded it all

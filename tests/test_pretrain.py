@@ -244,7 +244,7 @@ def test_model_dropout_neither_reaches_pretraining_nor_stops_it_resuming(tmp_pat
 def test_an_override_pretraining_ignores_is_refused(override, message):
     """`vidray pretrain train.lr=1e-4` pretrained at pretrain.lr without a word. Overrides only: demo.yaml sets
     train.lr for `vidray train`, and `vidray pretrain --config configs/demo.yaml` must run as shipped."""
-    from vidray.pretrain.driver import PRETRAINING_SETS
+    from vidray.pretrain.checks import PRETRAINING_SETS
     from vidray.train.runs import refuse_ignored_overrides
 
     with pytest.raises(UserError) as err:

@@ -181,6 +181,14 @@ def test_node_local_paths_are_refused_on_multi_node_clusters(path, key):
     assert "run.shared_filesystem=true" in message
 
 
+def test_a_flag_is_refused_with_the_flag_that_vouches_for_it():
+    """`vidray preprocess --out` has no run.shared_filesystem to set: its refusal names its own --shared-filesystem."""
+    with pytest.raises(UserError, match=r"^--out: 'ds' is a node-local path .* and pass --shared-filesystem$"):
+        check_storage_for_cluster("ds", "--out", num_nodes=2)
+    assert "--shared-filesystem" in subprocess.run([sys.executable, "-m", "vidray", "preprocess", "--help"],
+                                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+
 def test_shared_filesystem_opt_in_accepts_a_local_path(tmp_path):
     path = str(tmp_path / "nfs" / "runs")
     assert check_storage_for_cluster(path, "run.storage_path", shared_filesystem=True, num_nodes=4) == path

@@ -45,7 +45,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded demo, configs/demo.yaml)"
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=3")
 
 
 def _add_view_args(parser: argparse.ArgumentParser) -> None:
@@ -67,12 +67,9 @@ def _add_retry_crashed_arg(parser: argparse.ArgumentParser, then: str = "; the d
 
 
 def _add_rerun_args(parser: argparse.ArgumentParser, what: str, folder: str = "run.name") -> None:
-    parser.add_argument(
-        "--restart",
-        action="store_true",
-        help=f"delete the {what} under run.storage_path/{folder} (only a folder vidray wrote) and start over "
-        f"(by default a finished {what} is only reported and an interrupted one continues)",
-    )
+    parser.add_argument("--restart", action="store_true", help=f"delete the {what} under run.storage_path/{folder} (only "
+                        f"a folder vidray wrote) and start over (by default a finished {what} is only reported and an "
+                        "interrupted one continues)")  # fmt: skip
     _add_verbose_arg(parser, "show Ray's full logs, every reported result and progress bars")
 
 
@@ -127,17 +124,14 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
     data = preprocess_settings(args)
     summary = preprocess(data.manifest, data.dataset_dir, **{key: getattr(data, key) for key in PREPROCESS_KEYS},
-                         verbose=args.verbose, retry_crashed=args.retry_crashed)  # fmt: skip
+                         verbose=args.verbose, retry_crashed=args.retry_crashed, shared_filesystem=args.shared_filesystem)
     _print_summary(summary, disconnect_ray=True)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from vidray.data.demo import generate_demo_videos
 
-    summary = generate_demo_videos(
-        Path(args.out), classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed
-    )
-    _print_summary(summary)
+    _print_summary(generate_demo_videos(Path(args.out), classes=args.classes, videos_per_class=args.videos_per_class, seed=args.seed))
 
 
 def cmd_report_data(args: argparse.Namespace) -> None:
@@ -172,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     best = summary["best"]
     if best:
         curves = tracking_dir(summary["run_dir"]) / TENSORBOARD_DIR
-        _tell(f"vidray train: best val macro-F1 {best['val_macro_f1']:.4f} at epoch {int(best['epoch']) + 1} "
+        _tell(f"vidray train: best val macro-F1 {best['val_macro_f1']:.4f} at epoch {int(best['epoch'])} "
               f"({summary['best_checkpoint']}); learning curves: tensorboard --logdir {curves}")
     _print_summary(summary, disconnect_ray=True)
 
@@ -181,8 +175,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from vidray.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before the driver's imports, as in cmd_train
-    from vidray.pretrain.checks import check_pretrain_config
+    from vidray.pretrain.checks import PRETRAINING_SETS, check_pretrain_config
+    from vidray.train.runs import refuse_ignored_overrides
 
+    refuse_ignored_overrides("vidray pretrain", args.overrides, PRETRAINING_SETS)
     check_pretrain_config(cfg)  # a run that cannot work fails here, in about two seconds, before Ray is imported
     import ray
 
@@ -202,7 +198,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)  # before the sweep's imports, as in cmd_train
     from vidray.report.results import report_sweep
+    from vidray.train.runs import SWEEP_SETS, refuse_ignored_overrides
     from vidray.tune.sweep import run_sweep
+
+    refuse_ignored_overrides("vidray tune", args.overrides, SWEEP_SETS)
 
     # The sweep trains (or, when it had finished, finds its trials); the report stage writes and prints its results.
     _print_summary(report_sweep(run_sweep(cfg, restart=args.restart, verbose=args.verbose)), disconnect_ray=True)
@@ -337,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         key = flag.replace("-", "_")
         pre.add_argument(f"--{flag}", default=None, help=f"{help_text} (data.{key}; default {getattr(data, key)})",
                          **({"type": kind} if kind is int else {"choices": kind}))  # fmt: skip
+    pre.add_argument("--shared-filesystem", action="store_true", help="--out is mounted at the same place on every node "
+                     "of a multi-node cluster (run.shared_filesystem): a node-local --out is refused there")  # fmt: skip
     _add_retry_crashed_arg(pre)
     _add_verbose_arg(pre)
     pre.set_defaults(func=cmd_preprocess)

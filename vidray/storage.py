@@ -444,5 +444,6 @@ def check_storage_for_cluster(
     raise UserError(
         f"{key}: {storage_path!r} is a node-local path ({fstype or 'unknown'} filesystem) but the Ray cluster "
         f"{reason}, so workers on other nodes cannot see it; use s3://bucket/path or gs://bucket/path, "
-        f"or a path mounted at the same place on every node (NFS, EFS, Filestore) and set run.shared_filesystem=true"
+        f"or a path mounted at the same place on every node (NFS, EFS, Filestore) and "
+        + ("pass --shared-filesystem" if key.startswith("--") else "set run.shared_filesystem=true")
     )

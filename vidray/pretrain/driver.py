@@ -60,7 +60,7 @@ from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
 from vidray.model.classifier import token_grid
 from vidray.model.masking import tube_mask
 from vidray.model.pretraining import load_pretraining_model, save_encoder
-from vidray.pretrain.checks import check_pretrain_config
+from vidray.pretrain.checks import FIXED_FOR_PRETRAINING, FROM_PRETRAIN, check_pretrain_config
 from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
 from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.train.optim import warn_if_warmup_fills_the_run
@@ -83,20 +83,6 @@ FIGURE_CLIPS = 4
 
 
 # ------------------------------------------------------------------ configuration
-
-
-# The train.* keys a pretraining run takes from pretrain.* (the rest of ``train`` is how it runs: workers, GPUs, ...).
-FROM_PRETRAIN = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs")
-# What pretraining does not use (MixUp, label smoothing, layer decay; dropout: VideoMAE pretrains without), at fixed values.
-FIXED_FOR_PRETRAINING = {
-    "train.scheduler": "cosine", "train.layer_decay": 1.0, "train.label_smoothing": 0.0, "train.mixup_alpha": 0.0,
-    "train.cutmix_alpha": 0.0, "train.eval_clips": 1, "model.dropout": 0.0,
-}  # fmt: skip
-# Keys `vidray pretrain` never reads, each beside the one that sets it there (None: nothing does): refused on its
-# command line (vidray.train.runs.refuse_ignored_overrides).
-PRETRAINING_SETS: dict[str, str | None] = {
-    **{f"train.{key}": f"pretrain.{key}" for key in FROM_PRETRAIN}, **dict.fromkeys(FIXED_FOR_PRETRAINING),
-}
 
 
 def as_pretraining(cfg: VidrayConfig) -> VidrayConfig:

@@ -61,10 +61,10 @@ from vidray.config import VidrayConfig
 from vidray.data.dataset import read_dataset_info
 from vidray.data.prepare import prepare_dataset
 from vidray.errors import Interrupted
-from vidray.model.classifier import check_model_config
 from vidray.storage import join_uri, resolve_path, write_json
 from vidray.train.driver import (
-    FINETUNE_SPLITS, build_trainer, check_dataset, make_run_config, on_shared_storage, warn_of_untrainable_classes,
+    FINETUNE_SPLITS, build_trainer, check_dataset, check_resources_before_the_data, check_training_config, make_run_config,
+    on_shared_storage, warn_of_untrainable_classes,
 )
 from vidray.train.optim import warn_if_warmup_fills_the_run
 from vidray.train.placement import CachedSplits, cache_splits, ingest_cpus
@@ -183,7 +183,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     # Checks that need nothing but the config come first: they are instant.
     param_space = build_param_space(cfg.tune, cfg.train.seed)
     check_sweep_config(cfg)
-    check_model_config(cfg.model, cfg.data.frames, cfg.data.size)
+    check_training_config(cfg)  # what `vidray train` checks before Ray starts: the trials train so
     warn_if_warmup_fills_the_run("vidray tune", "train", cfg.train.epochs, cfg.train.warmup_epochs)
     # Before the data is prepared (open_run checks again, and FolderLock holds the run): a second sweep of a run
     # that a live driver trains, with data.stored_size changed say, deleted and decoded again the shards that one
@@ -196,8 +196,7 @@ def run_sweep(cfg: VidrayConfig, restart: bool = False, verbose: bool = False) -
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"reports_dir": cfg.run.reports_path()})})
     storage_path, dataset_dir = cfg.run.storage_path, cfg.data.dataset_dir
     capacity = cluster_capacity()
-    # Whether the data will be cached is known only once it is prepared: check what holds either way now.
-    check_run_resources(cfg.train, capacity, data_cpus=DATA_CPUS if cfg.train.cache_dataset == "never" else 0)
+    check_resources_before_the_data(cfg.train)
     callbacks = [EpochLines(cfg.tune.metric, cfg.train.epochs), *wandb_callbacks(cfg)]
 
     if not restart:
