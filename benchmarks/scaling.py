@@ -55,9 +55,9 @@ def run_driver(args: argparse.Namespace) -> None:
         for phase in ("cold", "warm"):
             out = os.path.join(tmp, phase)
             started = time.perf_counter()
-            summary = preprocess(
-                Path(args.manifest), out, frames=args.frames, size=args.size, videos_per_shard=args.videos_per_shard
-            )
+            # Every LoopbackCluster node runs on this machine, so a local folder is shared by all of them.
+            summary = preprocess(Path(args.manifest), out, frames=args.frames, size=args.size,
+                                 videos_per_shard=args.videos_per_shard, shared_filesystem=True)  # fmt: skip
             wall = time.perf_counter() - started
             records = [json.loads(p.read_text()) for p in Path(out, RECORDS_DIR).glob("*.json")]
             per_node = Counter(r["node_id"] for r in records)

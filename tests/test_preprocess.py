@@ -261,7 +261,8 @@ def test_rays_own_lines_reach_the_console_only_with_verbose(corpus, ray_head, tm
         ray_data.addHandler(caplog.handler)
         with caplog.at_level(logging.DEBUG):
             assert cli_main(["preprocess", "--manifest", str(corpus["manifest"]), "--out", str(tmp_path / f"ds{len(flags)}"),
-                             "--frames", str(FRAMES), "--size", str(SIZE), "--videos-per-shard", "4", *flags]) in (0, None)  # fmt: skip
+                             "--frames", str(FRAMES), "--size", str(SIZE), "--stored-frames", str(STORED_SHAPE[0]),
+                             "--stored-size", str(STORED_SHAPE[1]), "--videos-per-shard", "4", *flags]) in (0, None)  # fmt: skip
         console = capsys.readouterr()
         summary = json.loads(console.out.strip().splitlines()[-1])
         assert summary["processed"] == len(corpus["rows"]) - len(HOSTILE) and summary["rejected"] == len(HOSTILE)
