@@ -117,14 +117,14 @@ def test_preprocess_stores_what_a_training_config_of_the_same_frames_and_size_pl
     def settings(*flags: str):
         return preprocess_settings(build_parser().parse_args(["preprocess", "--manifest", "m.parquet", "--out", "D", *flags]))
 
-    for flags in ([], ["--frames", "8"], ["--frames", "8", "--size", "64"], ["--size", "120", "--stored-size", "140"],
+    for flags in ([], ["--frames", "8"], ["--frames", "8", "--size", "64"], ["--size", "120", "--stored-size", "140"], ["--size", "224"],
                   ["--store", "jpeg", "--jpeg-quality", "75", "--videos-per-shard", "3", "--dispatch", "ray_tasks"]):
         overrides = [f"data.{flag[2:].replace('-', '_')}={value}" for flag, value in zip(flags[::2], flags[1::2])]
         data, config = settings(*flags), load_config(None, overrides).data
         assert {key: getattr(data, key) for key in PREPROCESS_KEYS} == {key: getattr(config, key) for key in PREPROCESS_KEYS}
     assert (settings("--frames", "8").stored_frames, settings("--size", "64").stored_size) == (32, 128)
     for flags, message in (
-        (["--frames", "40"], "--stored-frames (32) must be >= --frames (40)"),
+        (["--frames", "40", "--stored-frames", "36"], "--stored-frames (36) must be >= --frames (40)"),
         (["--size", "8"], "--size=8: Input should be greater than or equal to 16"),
         (["--decoder-device", "cuda"], "--decoder-device=cuda needs --decoder=torchcodec, not pyav"),
     ):  # fmt: skip

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vidray.cli import build_parser, preprocess_settings
 from vidray.config import ConfigError, SearchRange, VidrayConfig, load_config
 from vidray.tune.space import build_param_space, count_trials
 
@@ -291,6 +292,25 @@ def test_a_text_key_takes_an_override_as_typed(tmp_path):
                               "(YAML read 2024-06-01 as date: put it in quotes)")  # fmt: skip
     config.write_text('run:\n  name: "2024-06-01"\n')
     assert load_config(config).run.name == "2024-06-01"
+    # Null, lists and maps are no text: refused as before (data.dataset_dir=null wrote the dataset to a folder ./null).
+    for override in ("data.dataset_dir=null", "run.storage_path=[a, b]", "run.name={a: 1}"):
+        with pytest.raises(ConfigError, match="Input should be a valid string"):
+            load_config(None, [override])
+
+
+def test_the_stored_clip_follows_a_larger_model_input_unless_set():
+    """data.stored_* default to 32 frames of 128 px: `vidray train data.size=224` (ViT-B's input) was refused, "stored_size
+    (128) must be >= data.size (224)", and `vidray preprocess --size 224` once it took the config's defaults. A larger
+    input now stores 2x its frames and 8/7 of its size; up to 16 frames of 112 px the defaults stand, so the shards of
+    every dataset made before keep their ids."""
+    stored = lambda *overrides: (lambda d: (d.stored_frames, d.stored_size))(load_config(None, list(overrides)).data)
+    assert stored() == stored("data.frames=8", "data.size=64") == (32, 128)
+    assert stored("data.size=224") == (32, 256) and stored("data.frames=48") == (96, 128)
+    assert stored("data.size=224", "data.stored_size=240", "data.stored_frames=20") == (20, 240)
+    with pytest.raises(ConfigError, match=r"data.stored_size \(200\) must be >= data.size \(224\)"):
+        load_config(None, ["data.size=224", "data.stored_size=200"])
+    args = build_parser().parse_args(["preprocess", "--manifest", "m.parquet", "--out", "ds", "--size", "224"])
+    assert (preprocess_settings(args).stored_frames, preprocess_settings(args).stored_size) == (32, 256)
 
 
 def test_a_run_started_with_an_ignored_coin_filter_continues_without_it():

@@ -4,6 +4,7 @@ value fails before any Ray work starts."""
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -47,9 +48,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class DemoDataSettings(_Section):
-    """The embedded synthetic dataset (``vidray demo-data``)."""
-
+class DemoDataSettings(_Section):  # the embedded synthetic dataset (`vidray demo-data`)
     classes: int = Field(8, ge=2, le=12)
     videos_per_class: int = Field(12, ge=3)
     seed: int = 0
@@ -82,6 +81,7 @@ class DataSettings(_Section):
     frames: int = Field(16, ge=2)
     size: int = Field(112, ge=16)
     # What preprocessing stores per video: more frames and a larger square, so training can jitter in time and crop.
+    # Unset: 32 frames of 128 px, or 2x frames and 8/7 x size where those are more (data.size=224 stores 256).
     stored_frames: int = Field(32, ge=2)
     stored_size: int = Field(128, ge=16)
     # Videos per Parquet shard, i.e. per preprocessing task: parallelism is at most the shard count.
@@ -102,6 +102,14 @@ class DataSettings(_Section):
     demo: DemoDataSettings = Field(default_factory=DemoDataSettings)
 
     _expand_home = field_validator("videos_dir", "manifest", "dataset_dir", "annotations", "taxonomy")(_home_expanded)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_defaults(cls, data: Any) -> Any:
+        for key, source, scale, least in (("stored_frames", "frames", 2, 32), ("stored_size", "size", 8 / 7, 128)):
+            if isinstance(data, dict) and data.get(key) is None and isinstance(data.get(source), int):
+                data = {**data, key: max(least, round(data[source] * scale))}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "DataSettings":
@@ -168,9 +176,8 @@ class TrainSettings(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=-1)
     prefetch_batches: int = Field(2, ge=0)
-    # Threads in each worker that decode a compressed store's batch (data.store=jpeg), a clip each; the reader releases the
-    # GIL, so they scale with cores (docs/benchmarks.md, "simplejpeg reads the store"). null: the worker's whole CPUs on a
-    # GPU (int(cpus_per_worker): its step leaves them free), 1 on CPU (its torch threads use them). Any count: same batches.
+    # Threads per worker decoding a jpeg store's batch, a clip each (simplejpeg releases the GIL). null: int(cpus_per_worker)
+    # on a GPU (its step leaves them free), 1 on CPU (its torch threads use them). Any count gives the same batches.
     decode_threads: int | None = Field(None, ge=1)
     # Where a compressed store's batches decode (vidray/train/decoding.py): cuda - on the worker's GPU, every sampled
     # frame of a batch in one nvJPEG call (torchcodec >= 0.16 or torchvision); cpu - in the worker's decode threads;
@@ -179,14 +186,11 @@ class TrainSettings(_Section):
     decode_device: Literal["auto", "cpu", "cuda"] = "auto"
     # Rows of vidray's seeded shuffle buffer (vidray/train/batches.py); 0 = every epoch in stored order.
     shuffle_buffer: int = Field(64, ge=0)
-    # Where the decoded splits live during the run (vidray/train/placement.py, ingest.py); every choice gives the same
-    # batches in the same order, so a run's result does not depend on it:
-    #   never  - re-read the Parquet shards every epoch (Ray Data streaming);
-    #   always - read them once into Ray's object store, iterate them with Ray Data every epoch;
-    #   device - also copy each worker's shard once into its device's memory (GPU memory, or on CPU its share of the
-    #            node's: by the run's workers there; a sweep's, by all it hosts) and build batches there;
-    #   auto   - device when the worker's shard fits a quarter of its device's memory, else always when both splits
-    #            fit a quarter of the object store, else never.
+    # Where the decoded splits live (vidray/train/placement.py, ingest.py; the same batches either way, but for a sweep's
+    # trial with a seed of its own: placement.build_datasets): never - re-read the shards every epoch (streamed);
+    # always - read once into Ray's object store; device - also copy each worker's shard once into its device's memory
+    # (on CPU, its share of the node's); auto - device where that shard fits a quarter of the device's memory, else
+    # always where both splits fit a quarter of the object store, else never.
     cache_dataset: Literal["auto", "always", "never", "device"] = "auto"
     # torch.compile the model (train and eval graphs; the last eval batch padded to reuse its graph), at every (re)start.
     compile: bool = False
@@ -211,8 +215,7 @@ class PretrainSettings(_Section):
     mask_ratio: float = Field(0.9, gt=0, lt=1)
     # Reconstruct each patch normalised by its own mean and std (VideoMAE's default), not raw pixels.
     norm_pix_loss: bool = True
-    # The decoder only exists during pretraining; VideoMAE-B's is 4 layers of width 384, 6 heads.
-    decoder_depth: int = Field(4, ge=1)
+    decoder_depth: int = Field(4, ge=1)  # the decoder exists during pretraining only; VideoMAE-B's: 4 x 384 wide, 6 heads
     decoder_width: int = Field(384, ge=8)
     decoder_heads: int = Field(6, ge=1)
     # Splits pretrained on (labels are never read). Adding val or test is transductive: the encoder sees its test clips.
@@ -251,7 +254,6 @@ GridOrRange = Annotated[
 
 
 class TuneSettings(_Section):
-    # Grid over MixUp alpha; lr sampled log-uniformly; weight decay grid.
     mixup_alpha: Annotated[list[float], OneOrMany] = Field(default_factory=lambda: [0.0, 0.4])
     lr: GridOrRange = Field(default_factory=lambda: [5e-5])
     weight_decay: GridOrRange = Field(default_factory=lambda: [0.05])
@@ -279,8 +281,7 @@ class TuneSettings(_Section):
 class WandbSettings(_Section):
     enabled: bool = False
     project: str = "vidray"
-    # offline writes locally and sends nothing; online needs WANDB_API_KEY.
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline: written here, nothing sent; online: WANDB_API_KEY
 
 
 def _local_folder(value: Any) -> Any:
@@ -297,7 +298,7 @@ class RunSettings(_Section):
     storage_path: str = LOCAL_RESULTS
     # true: every node sees a local storage_path / data.dataset_dir at one path (NFS...); else refused on several nodes.
     shared_filesystem: bool = False
-    # The sweep's results table, figures and best model: a local folder (as a Path, s3://b/r was the folder s3:/b/r).
+    # The sweep's results table, figures and best model: a local folder (a URI is refused: it became the folder s3:/b/r).
     # None: <storage_path>/<name>/reports; for a bucket, the run's local folder (vidray.storage.local_mirror).
     reports_dir: Annotated[Path | None, BeforeValidator(_local_folder)] = None
     wandb: WandbSettings = Field(default_factory=WandbSettings)
@@ -342,9 +343,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as err:
         if field not in (str, Path):
             raise ConfigError(f"bad value in override {text!r}: {yaml_problem(err)}") from None
-        value = None
-    # YAML 1.1 reads "1e-4" as a string; pydantic turns numeric strings into floats.
-    return path, raw.strip() if field in (str, Path) and raw.strip() and not isinstance(value, str) else value
+        return path, raw.strip()
+    # YAML 1.1 reads "1e-4" as a string; pydantic turns numeric strings into floats. Null, lists and maps stay refused.
+    return path, raw.strip() if field in (str, Path) and isinstance(value, (int, float, date)) else value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -360,8 +361,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-# Keys a continued run or sweep may change: where results go and how they are logged, where the data lives (the same batches
-# bit for bit), console telemetry, how checkpoints are written, a sweep's test views (made again): not what a run learns.
+# Keys a continued run or sweep may change: where results go and are logged, where the data lives, telemetry, checkpointing, test views.
 KEYS_FREE_ON_RESUME = (
     "run.wandb", "run.reports_dir", "run.shared_filesystem", "train.max_failures", "tune.test_clips", "tune.test_crops",
     "train.cache_dataset", "train.log_every_steps", "train.checkpoint_in_background", "train.decode_threads",
