@@ -25,8 +25,8 @@ from vidray.data.index import write_manifest
 from vidray.config import DECODERS
 from vidray.data.decode_shard import CRASH_ON_ENV, WORKER_CRASH_REASON, decode_shard
 from vidray.data.preprocess import preprocess
-from vidray.data.shard_files import find_stale, recorded_shard_ids
-from vidray.data.shards import FIXED_WORK, DecodeSettings, Video, expected_work, load_videos, plan_shards
+from vidray.data.shard_files import find_stale
+from vidray.data.shards import DecodeSettings, Video, expected_work, load_videos, plan_shards
 from vidray import folder_lock
 from vidray.folder_lock import LOCK_FILE
 from vidray.data.video import encode_mp4, read_clip
@@ -519,60 +519,6 @@ def test_work_balanced_boundaries_move_only_where_videos_change():
     # data, not content: the same groups of videos keep the same ids.
     doubled = [Video(v.path, v.video_id, "a", 0, "train", 1000, 7, v.work * 2) for v in videos]
     assert [s.id for s in plan_shards(doubled, 32, 128, 8)] == [s.id for s in shards]
-
-
-def edge_videos(count: int, prefix: str, edge_share: float, spread: float = 0.5, power: int = 26) -> list[Video]:
-    """``count`` videos of a split whose median work is ``edge_share`` of the point where the planner's
-    power-of-two target flips (2**26.5 pixel-frames: rounded, 2**26 below it, 2**27 above)."""
-    rng = np.random.default_rng(3)
-    works = np.sort(rng.uniform(1 - spread, 1 + spread, count))
-    works *= 2 ** (power + 0.5) * edge_share / works[count // 2]
-    return [Video(f"/v/train/{prefix}{i:04d}.mp4", f"{prefix}{i:04d}", "a", 0, "train", 1000, 7, float(work))
-            for i, work in zip(rng.permutation(count), works)]  # fmt: skip
-
-
-def test_a_grown_split_keeps_its_shards_when_its_median_crosses_the_targets_rounding_point():
-    """The target work per shard is the split's median rounded to a power of two. A median near the rounding
-    point flipped to the neighbouring power when a few videos came, moving every boundary: 7 of 77 shards kept,
-    the whole split decoded again. The plan now keeps the target of the shards already written."""
-    videos = edge_videos(400, "w", edge_share=0.999)
-    written = {s.id for s in plan_shards(videos, 32, 128, 8)}
-    grown = videos + edge_videos(4, "x", edge_share=1.5, spread=0)  # ids after every "w": the last shard changes
-    assert sorted(v.work for v in grown)[len(grown) // 2] > 2**26.5  # the grown split's own target is 2**27...
-    assert sum(s.id in written for s in plan_shards(grown, 32, 128, 8)) < len(written) / 4  # ...with other boundaries
-    kept = plan_shards(grown, 32, 128, 8, reuse=written)
-    assert sum(s.id in written for s in kept) >= len(written) - 2  # the shard the videos joined, and its neighbour
-    assert sorted(v.video_id for s in kept for v in s.videos) == sorted(v.video_id for v in grown)
-    # With nothing written, or nothing of this plan's, the median's own target: as before.
-    fresh = [s.id for s in plan_shards(grown, 32, 128, 8)]
-    assert [s.id for s in plan_shards(grown, 32, 128, 8, reuse={"0000-other"})] == fresh
-
-
-def test_preprocess_plans_with_the_shards_its_dataset_holds(tmp_path):
-    """`vidray preprocess` of a grown manifest keeps the written shards' target: here every shard of its plan is
-    written (those of the first manifest, and the grown one's new shards decoded as preprocess would), so it
-    starts no Ray and decodes nothing. Planned with the grown median's own target, it would decode the split
-    again (and in this lane, which runs no Ray, fail on starting it)."""
-    def manifest(videos: list[Video], name: str) -> Path:
-        rows = [{"path": v.path, "video_id": v.video_id, "label": "alpha", "label_index": 0, "split": "train",
-                 "num_frames": round(v.work - FIXED_WORK), "width": 1, "height": 1} for v in videos]  # fmt: skip
-        assert min(row["num_frames"] for row in rows) > 0  # probed: each video's work is in the manifest
-        return write_manifest(rows, CLASSES, tmp_path / name)
-
-    def decode_missing(videos: list[Video], reuse: set[str]) -> None:
-        """What preprocess's tasks do, in this process: the videos are not there, so each is a reject."""
-        for shard in plan_shards(load_videos(manifest(videos, "m.parquet"))[0], 8, 32, 8, reuse=reuse):
-            if shard.id not in reuse:
-                decode_shard(str(out), shard, DecodeSettings(8, 32), None)
-
-    out = tmp_path / "ds"
-    first = edge_videos(400, "w", edge_share=0.999)
-    grown = first + edge_videos(4, "x", edge_share=1.5, spread=0)
-    decode_missing(first, set())
-    decode_missing(grown, recorded_shard_ids(pafs.LocalFileSystem(), str(out)))
-    summary = preprocess(manifest(grown, "grown.parquet"), str(out), frames=FRAMES, size=SIZE, videos_per_shard=8)
-    assert (summary["decoded_this_run"], summary["rejected"]) == (0, len(grown))
-    assert summary["shards_reused"] == len(list((out / "_shards").glob("shard-*.json")))
 
 
 def test_a_dataset_inside_a_ray_jobs_working_dir_copy_is_warned_of(tmp_path, monkeypatch, capsys):

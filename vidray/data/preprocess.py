@@ -41,8 +41,8 @@ from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, DISPATCHES, SPL
 from vidray.data.dataset import DATASET_INFO
 from vidray.data.decode_shard import CRASH_ON_ENV
 from vidray.data.shard_files import (
-    WORKER_CRASH, check_writable, clear_stale, crash_hint, find_stale, inside_job_copy, is_written, recorded_shard_ids,
-    write_rejects, write_text,
+    WORKER_CRASH, check_writable, clear_stale, crash_hint, find_stale, inside_job_copy, is_written, write_rejects,
+    write_text,
 )  # fmt: skip
 from vidray.data.shards import VIDEOS_PER_SHARD, DecodeSettings, Shard, default_stored, load_videos, plan_shards
 from vidray.data.video import require_decoder
@@ -111,12 +111,10 @@ def preprocess(
     fs, root = open_filesystem(out)
     check_writable(fs, root, out)
 
+    shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard, decoder, decoder_device, store, jpeg_quality)
     # One writer per dataset: another run preparing it (a second sweep started beside this one) waits, then
     # reuses what this one wrote (vidray/folder_lock.py).
     with FolderLock(out, "vidray preprocess", wait=True):
-        # Planned holding the lock: the plan keeps what is written (plan_shards' reuse), by whichever run.
-        shards = plan_shards(videos, stored_frames, stored_size, videos_per_shard, decoder, decoder_device, store,
-                             jpeg_quality, reuse=recorded_shard_ids(fs, root))  # fmt: skip
         outcomes, stale = find_stale(fs, root, shards, retry_crashed)
         # Biggest first: the last tasks to start are the shortest, so no CPU waits long for one at the end.
         todo = sorted((s for s in shards if s.id not in outcomes), key=lambda s: (-s.work, s.id))

@@ -167,13 +167,6 @@ def _list(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)) if i.is_file]
 
 
-def recorded_shard_ids(fs: pafs.FileSystem, root: str) -> set[str]:
-    """The ids of the shards whose records are in the dataset directory: what a new plan tries to keep
-    (:func:`vidray.data.shards.plan_shards`' ``reuse``). Listed only; :func:`find_stale` reads them."""
-    records = _list(fs, join_uri(root, RECORDS_DIR))
-    return {i.base_name.removeprefix("shard-").removesuffix(".json") for i in records if i.base_name.startswith("shard-")}
-
-
 def find_stale(
     fs: pafs.FileSystem, root: str, shards: list[Shard], retry_crashed: bool = False
 ) -> tuple[dict[str, list[dict]], list[str]]:

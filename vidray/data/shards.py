@@ -17,9 +17,7 @@ every N videos), so adding or removing a video changes only the shard it falls
 in (rarely a neighbour too): after downloading more videos, a re-run decodes
 little more than the new ones. The hash is weighed by each video's expected
 work (frames x displayed pixels, from the index), so a shard of long 720p
-videos holds fewer of them than one of short 360p clips. The work target a
-split's shards aim at is a power of two that the shards already written keep
-(``plan_shards(reuse=...)``), so a grown split does not move every boundary.
+videos holds fewer of them than one of short 360p clips.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 from vidray.config import DEFAULT_DECODER, DEFAULT_JPEG_QUALITY, SPLITS, DecodeDevice, DecoderName, StoreName
 from vidray.data.index import read_manifest
@@ -235,11 +233,12 @@ def _ends_shard(video: Video, share: float) -> bool:
     return int(_stable_hash(video.video_id)[:8], 16) / 2**32 < share
 
 
-def _typical_exponent(videos: list[Video]) -> int:
-    """log2 of a typical video's work (the split's median), rounded: the target is a power of two, so
-    that adding or removing a few videos does not move it (and with it every boundary)."""
+def _target_work(videos: list[Video], videos_per_shard: int) -> float:
+    """``videos_per_shard`` typical videos' work: the split's median, rounded to a power of two so
+    that adding or removing a few videos does not move the target (and with it every boundary)."""
     known = sorted(v.work for v in videos if v.work > 0)
-    return round(math.log2(known[len(known) // 2])) if known else 0
+    typical = known[len(known) // 2] if known else 1.0
+    return videos_per_shard * 2.0 ** round(math.log2(typical))
 
 
 def plan_shards(
@@ -251,7 +250,6 @@ def plan_shards(
     decoder_device: DecodeDevice = "cpu",
     store: StoreName = "raw",
     jpeg_quality: int = DEFAULT_JPEG_QUALITY,
-    reuse: Collection[str] = (),
 ) -> list[Shard]:
     """Shards of one split each, about ``videos_per_shard`` typical videos' work each.
 
@@ -262,54 +260,35 @@ def plan_shards(
     unless one video alone does. Unprobed videos count as typical ones; with
     no probe at all this is about ``videos_per_shard`` videos a shard.
     ``videos_per_shard=1`` is one video per shard.
-
-    ``reuse``: the ids of shards already written. A split whose median sits near the rounding point of
-    its power-of-two target would flip to the neighbouring power when a few videos come or go, and every
-    boundary of the split with it (a grown COIN decoded again from scratch): so the neighbouring targets
-    are planned too, and the plan that keeps the most written shards wins (the median's own on a tie).
     """
     params = DecodeSettings(stored_frames, stored_size, decoder, decoder_device, store, jpeg_quality).id_params()
-    reuse = frozenset(reuse)
     shards = []
     for split in SPLITS:
         group = sorted((v for v in videos if v.split == split), key=lambda v: (v.video_id, v.path))
         if not group:
             continue
-        exponent = _typical_exponent(group)
-        plans = [
-            _plan_split(split, group, videos_per_shard, videos_per_shard * 2.0 ** (exponent + step), params)
-            for step in ((0, -1, 1) if reuse else (0,))
-        ]
-        shards += max(plans, key=lambda plan: sum(shard.id in reuse for shard in plan))  # the first on a tie
-    return shards
+        target = _target_work(group, videos_per_shard)
+        typical = target / videos_per_shard
+        group = [v if v.work > 0 else replace(v, work=typical) for v in group]
+        current: list[Video] = []
+        work = 0.0
 
+        def close() -> None:
+            nonlocal current, work
+            shards.append(Shard(_shard_id(current, params), split, tuple(current)))
+            current, work = [], 0.0
 
-def _plan_split(
-    split: str, group: list[Video], videos_per_shard: int, target: float, params: dict[str, Any]
-) -> list[Shard]:
-    """One split's videos (ordered by id) cut into shards of about ``target`` work (:func:`plan_shards`)."""
-    typical = target / videos_per_shard
-    group = [v if v.work > 0 else replace(v, work=typical) for v in group]
-    shards: list[Shard] = []
-    current: list[Video] = []
-    work = 0.0
-
-    def close() -> None:
-        nonlocal current, work
-        shards.append(Shard(_shard_id(current, params), split, tuple(current)))
-        current, work = [], 0.0
-
-    for index, video in enumerate(group):
-        if current and work >= target / 2 and work + video.work > 2 * target:
-            close()  # this video would overflow the shard: it starts the next one
-        current.append(video)
-        work += video.work
-        last = index == len(group) - 1
-        if videos_per_shard == 1:  # as fine as it gets: a video per task, whatever its work
-            close()
-            continue
-        # Past half the target, each video ends the shard with a chance of its work over half
-        # the target: shards land between 1/2 and 2x the target, ~1x on average.
-        if last or work >= 2 * target or (work >= target / 2 and _ends_shard(video, 2 * video.work / target)):
-            close()
+        for index, video in enumerate(group):
+            if current and work >= target / 2 and work + video.work > 2 * target:
+                close()  # this video would overflow the shard: it starts the next one
+            current.append(video)
+            work += video.work
+            last = index == len(group) - 1
+            if videos_per_shard == 1:  # as fine as it gets: a video per task, whatever its work
+                close()
+                continue
+            # Past half the target, each video ends the shard with a chance of its work over half
+            # the target: shards land between 1/2 and 2x the target, ~1x on average.
+            if last or work >= 2 * target or (work >= target / 2 and _ends_shard(video, 2 * video.work / target)):
+                close()
     return shards
