@@ -231,6 +231,56 @@ def test_model_dropout_neither_reaches_pretraining_nor_stops_it_resuming(tmp_pat
     assert existing_run_state(pcfg, str(run_dir)) == "interrupted"
 
 
+def _pretraining_run_as_started(tmp_path, epoch: int, *, saved_dropout: float) -> tuple[Path, list[str]]:
+    """A pretraining run folder as a driver left it (its overrides beside it): a complete checkpoint at ``epoch``
+    whose saved config has ``model.dropout`` at ``saved_dropout``, as runs before 23223fe saved it."""
+    from vidray.model.checkpoint import save_checkpoint
+
+    overrides = ["pretrain.epochs=3", "pretrain.lr=2e-4", f"run.storage_path={tmp_path}"]
+    cfg = as_pretraining(demo_config(*overrides))
+    started = cfg.model_dump(mode="json")
+    started["model"]["dropout"] = saved_dropout
+    run_dir = tmp_path / "demo-pretrain"
+    model = build_pretraining_model(cfg.model, cfg.pretrain, cfg.data.frames, cfg.data.size)
+    save_checkpoint(run_dir / f"checkpoint_epoch_{epoch:04d}", model, training_state={"epoch": epoch},
+                    info={"epoch": epoch, "metrics": {"train_loss": 1.0}, "config": started})  # fmt: skip
+    return run_dir, overrides
+
+
+def test_a_pretraining_run_started_with_model_dropout_is_continued_and_summarised(tmp_path):
+    """Pretraining fixes model.dropout at 0.0 since 23223fe: a run started before with `model.dropout: 0.1` (a config
+    shared with fine-tuning) was refused ("model.dropout differ"), offering model.dropout=0.1, which `vidray pretrain`
+    refuses as an override it ignores: only --restart was left, for a run that could not even be summarised."""
+    run_dir, overrides = _pretraining_run_as_started(tmp_path, 0, saved_dropout=0.1)
+    pcfg = as_pretraining(demo_config(*overrides, "model.dropout=0.1"))
+    assert pcfg.model.dropout == 0.0
+    assert pretrain_driver.pretraining_run_state(pcfg, str(run_dir)) == "interrupted"
+    finished, _ = _pretraining_run_as_started(tmp_path, 2, saved_dropout=0.1)
+    assert pretrain_driver.pretraining_run_state(pcfg, str(finished)) == "finished"
+
+
+def test_a_changed_pretraining_key_is_refused_naming_only_what_vidray_pretrain_takes(tmp_path):
+    """pretrain.lr changed: as_pretraining copies it into train.lr, and the refusal named both, offering train.lr=...,
+    which `vidray pretrain` refuses. It names pretrain.lr alone now, and its hint continues the run."""
+    from vidray.pretrain.checks import PRETRAINING_SETS
+    from vidray.train.runs import refuse_ignored_overrides
+
+    run_dir, overrides = _pretraining_run_as_started(tmp_path, 0, saved_dropout=0.0)
+    changed = [*overrides, "pretrain.lr=1e-3", "train.lr=3e-4"]  # train.lr: demo.yaml's for fine-tuning, edited
+    with pytest.raises(UserError) as refused:
+        pretrain_driver.pretraining_run_state(as_pretraining(demo_config(*changed)), str(run_dir))
+    message = str(refused.value)
+    assert "(pretrain.lr differ)" in message, message
+    hint = message.split("with the override(s) ")[1].split(", or pass")[0]
+    assert hint == "pretrain.lr=0.0002", hint
+    refuse_ignored_overrides("vidray pretrain", hint.split(" "), PRETRAINING_SETS)  # the command line takes it
+    continued = as_pretraining(demo_config(*changed, *hint.split(" ")))
+    assert pretrain_driver.pretraining_run_state(continued, str(run_dir)) == "interrupted"
+    # The comparison of a training run's (train.lr is what it trains with) still compares every key.
+    with pytest.raises(UserError, match=r"\(pretrain.lr, train.lr differ\)"):
+        existing_run_state(as_pretraining(demo_config(*changed)), str(run_dir))
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

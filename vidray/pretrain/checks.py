@@ -23,6 +23,13 @@ FIXED_FOR_PRETRAINING = {
 PRETRAINING_SETS: dict[str, str | None] = {
     **{f"train.{key}": f"pretrain.{key}" for key in FROM_PRETRAIN}, **dict.fromkeys(FIXED_FOR_PRETRAINING),
 }
+# What a pretraining run's saved config is not compared on when it continues (vidray.train.runs.refuse_changed_config):
+# the train.* keys it takes from pretrain.* (the pretrain.* keys are compared instead, so a refusal offers
+# pretrain.lr=..., not train.lr=..., which its command line refuses), what it fixes, and the sweep section it resets.
+# A run started with another fixed value is continued: model.dropout=0.1 reached pretraining before it was fixed
+# at 0.0 (VideoMAE pretrains without), and such a run could then be neither continued nor summarised. Its model
+# keeps the dropout its checkpoint's config.json was saved with (the worker loads that as it is).
+NOT_COMPARED_ON_RESUME: tuple[str, ...] = (*PRETRAINING_SETS, "tune.")
 
 
 def check_pretrain_config(cfg: VidrayConfig) -> None:

@@ -60,7 +60,7 @@ from vidray.model.checkpoint import MODEL_DIR, read_checkpoint_info
 from vidray.model.classifier import token_grid
 from vidray.model.masking import tube_mask
 from vidray.model.pretraining import load_pretraining_model, save_encoder
-from vidray.pretrain.checks import FIXED_FOR_PRETRAINING, FROM_PRETRAIN, check_pretrain_config
+from vidray.pretrain.checks import FIXED_FOR_PRETRAINING, FROM_PRETRAIN, NOT_COMPARED_ON_RESUME, check_pretrain_config
 from vidray.pretrain.figures import plot_loss_curve, plot_reconstructions, reconstruct
 from vidray.pretrain.task import pretrain_loop_per_worker
 from vidray.train.optim import warn_if_warmup_fills_the_run
@@ -73,7 +73,7 @@ from vidray.train.driver import (
 from vidray.train.placement import data_config, ingest_cpus, materialize_in_order, should_cache_dataset
 from vidray.folder_lock import FolderLock
 from vidray.train.follow import EpochFollower
-from vidray.train.runs import CONTINUES, existing_run_state, keep_to_its_data, open_run, summarize_run
+from vidray.train.runs import CONTINUES, RunState, existing_run_state, keep_to_its_data, open_run, summarize_run
 
 RUN_SUFFIX = "-pretrain"
 ENCODER_DIR = "encoder"
@@ -108,6 +108,12 @@ def as_pretraining(cfg: VidrayConfig) -> VidrayConfig:
             "tune": TuneSettings(),
         }
     )
+
+
+def pretraining_run_state(pcfg: VidrayConfig, run_dir: str) -> RunState:
+    """What the pretraining ``run_dir`` holds for ``pcfg`` (:func:`as_pretraining`'s): its saved config compared on
+    what a user sets, not on what pretraining derives or fixes (:data:`NOT_COMPARED_ON_RESUME`)."""
+    return existing_run_state(pcfg, run_dir, not_compared=NOT_COMPARED_ON_RESUME)
 
 
 def run_name(cfg: VidrayConfig) -> str:
@@ -199,7 +205,7 @@ def run_pretraining(cfg: VidrayConfig, restart: bool = False, verbose: bool = Fa
     pcfg = as_pretraining(cfg)
     run_dir, state = open_run(
         "pretrain", "pretrain", cfg.run.storage_path, run_name(cfg), restart=restart,
-        state_of=lambda folder: existing_run_state(pcfg, folder),
+        state_of=lambda folder: pretraining_run_state(pcfg, folder),
         finished_note=f" ({pcfg.train.epochs} epochs); nothing to train",
         can_train=lambda: check_resources_before_the_data(pcfg.train),
     )  # fmt: skip

@@ -6,7 +6,7 @@ A run (or sweep) lives in ``<run.storage_path>/<name>``. Running the same comman
 * interrupted: continues (train and pretrain from their latest checkpoint, a sweep through Tune's restore);
 * finished: only summarised or reported, nothing trained;
 * a config that trains something else than the one the run started with is refused, naming the keys
-  (keys in :data:`vidray.config.KEYS_FREE_ON_RESUME` may differ);
+  (keys in :data:`vidray.config.KEYS_FREE_ON_RESUME` may differ, and those the kind of run derives or fixes);
 * ``--restart`` deletes the folder first, but only a folder strictly under ``run.storage_path`` that
   vidray itself wrote (:func:`delete_run`): anything else is refused with what it holds; a run on a bucket
   also loses its local folder on this machine (TensorBoard, wandb/, reports: :func:`clear_local_mirror`);
@@ -248,16 +248,20 @@ def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
 SWEEP_SETS = {"train.mixup_alpha": "tune.mixup_alpha", "train.lr": "tune.lr", "train.weight_decay": "tune.weight_decay"}
 
 
-def refuse_changed_config(saved: dict[str, Any], cfg: VidrayConfig, folder: str, what: str, saved_in: str = "") -> None:
+def refuse_changed_config(
+    saved: dict[str, Any], cfg: VidrayConfig, folder: str, what: str, saved_in: str = "", not_compared: tuple[str, ...] = ()
+) -> None:
     """A UserError naming the keys when ``cfg`` would train something else than ``saved`` did.
 
     A key ``saved`` lacks was added to vidray after that run started: the run had its default's
     behaviour, so it differs only where ``cfg`` sets another value (an upgrade alone refuses no run).
     A sweep (``what``) does not compare the keys its trials set (:data:`SWEEP_SETS`): demo.yaml's train.lr,
     `vidray train`'s, edited refused every demo sweep started before, for a value none of its trials used.
+    ``not_compared``: more keys (or sections) the caller's kind of run derives or fixes, so that the hint names only
+    keys its command takes (a pretraining run's: vidray.pretrain.checks.NOT_COMPARED_ON_RESUME).
     """
     saved = _with_defaults(saved, VidrayConfig().model_dump(mode="json"))
-    free = KEYS_FREE_ON_RESUME + (tuple(SWEEP_SETS) if what == "sweep" else ())
+    free = KEYS_FREE_ON_RESUME + not_compared + (tuple(SWEEP_SETS) if what == "sweep" else ())
     changed = [key for key in config_differences(saved, cfg.model_dump(mode="json")) if not key.startswith(free)]
     if changed:
         where = f"; it is saved in {saved_in} there" if saved_in else ""
@@ -296,13 +300,14 @@ def _as_override(key: str, saved: dict[str, Any]) -> str:
     return f"{key}={text}"
 
 
-def existing_run_state(cfg: VidrayConfig, run_dir: str) -> RunState:
+def existing_run_state(cfg: VidrayConfig, run_dir: str, not_compared: tuple[str, ...] = ()) -> RunState:
     """``new``, ``interrupted`` or ``finished``: what a train or pretrain ``run_dir`` holds for ``cfg``.
 
     Reads the latest complete checkpoint: a partial folder after it is ignored, and a run with partial
     folders only is interrupted (Ray starts it again from scratch). Refuses, naming the keys, a run
     started with a config that trains something else (resuming it would mix two runs), and a latest
-    complete checkpoint vidray will not read.
+    complete checkpoint vidray will not read. ``not_compared``: keys this kind of run derives or fixes
+    (:func:`refuse_changed_config`; `vidray train` compares every key).
     """
     found = checkpoints(run_dir)
     if not found:
@@ -312,7 +317,7 @@ def existing_run_state(cfg: VidrayConfig, run_dir: str) -> RunState:
         return "interrupted"
     epoch, latest, info = latest_complete
     if "config" in info:
-        refuse_changed_config(info["config"], cfg, run_dir, "run")
+        refuse_changed_config(info["config"], cfg, run_dir, "run", not_compared=not_compared)
     if epoch >= cfg.train.epochs - 1:
         return "finished"
     if not is_uri(latest):  # a remote one is checked by the worker that downloads it
