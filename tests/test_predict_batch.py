@@ -900,9 +900,10 @@ def _unknown_codec(good: Path, path: Path) -> Path:
 
 
 def test_one_by_one_prediction_rejects_a_file_as_the_corpus_mode_does(corpus, model_dir, tmp_path):
-    """`vidray predict` without --out caught VideoError and download errors alone: a file on which the decoder raised
-    anything else ended the command in a traceback, the videos after it not predicted. It uses --out's
-    decode-or-reject now (corpus.fetch_or_reject): the file gets its error entry, with the reason --out's row gives."""
+    """Both modes reject a file alike: `vidray predict` without --out caught VideoError and download errors alone, and
+    its own way; it uses --out's decode-or-reject now (corpus.fetch_or_reject), so the file gets the reason --out's row
+    gives, and a decoder raising anything else is a reject there too. (This file, a sample entry naming an unknown codec,
+    raised AttributeError in every decoder, a traceback here, until 1aaac47 made it an unknown_codec reject.)"""
     good, odd = corpus["good"][0], _unknown_codec(corpus["good"][0], tmp_path / "unknown-codec.mp4")
     results = predict_videos(model_dir, [odd, good], top_k=2)
     assert [item["video"] for item in results] == [str(odd), str(good)]

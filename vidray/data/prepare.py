@@ -158,7 +158,7 @@ def _check_demo_settings(data: DataSettings) -> None:
     if recorded is None:
         if not drawn_with_seed(videos_dir, demo.classes, demo.videos_per_class, demo.seed):
             raise ConfigError(f"data.videos_dir {videos_dir} holds demo videos that data.demo.seed={demo.seed} does not "
-                              f"draw (another seed's, made before the folder recorded its seed): {fix}")  # fmt: skip
+                              f"draw (another seed's, or an earlier vidray's generator: made before the folder recorded its settings): {fix}")  # fmt: skip
         record_demo_settings(videos_dir, wanted)
         return
     for key, value in wanted.items():
