@@ -437,7 +437,7 @@ def test_a_reject_for_permission_is_decoded_again_once_the_file_may_be_read():
     assert plan_shards(fake_videos(3), 8, 32, 8)[0].id == "e44ff49f-c530b5951e673522ee55"
 
 
-def test_a_video_its_task_did_not_find_where_the_driver_found_it_is_decoded_again(tmp_path):
+def test_a_video_its_task_did_not_find_where_the_driver_found_it_is_decoded_again(tmp_path, capsys):
     """`data.videos_dir` on the head's disk and not mounted on a worker node: the driver stamps the video (it is
     there), the task on the other node rejects it "file not found", and the shard's id stays the same on every
     rerun (the driver still sees the file): its record was reused for ever. Now such a record is not finished:
@@ -458,12 +458,16 @@ def test_a_video_its_task_did_not_find_where_the_driver_found_it_is_decoded_agai
     aside.rename(videos[1])
     assert [(r["status"], r["reason"]) for r in rows] == [("processed", ""), ("rejected", "file not found")]
     assert plan() == [shard]  # the same id: the driver's stamp did not change
+    capsys.readouterr()
     finished, stale = find_stale(fs, str(out), [shard])
     assert finished == {}  # decoded again, its record and Parquet cleared first
     assert sorted(stale) == sorted(str(out / name) for name in (shard.record_name, shard.parquet_name))
+    assert capsys.readouterr().err == ("vidray preprocess: decoding 1 shard(s) again: their tasks did not find a video "
+                                       "this machine sees (a node without the videos' mount?)\n")  # fmt: skip
     rows = decode_shard(str(out), shard, settings, None)  # the rerun, on a node that has the file
     assert [r["status"] for r in rows] == ["processed", "processed"]
     assert find_stale(fs, str(out), [shard]) == ({shard.id: rows}, [])
+    assert capsys.readouterr().err == ""
 
     # Missing for the driver too (stamp -1): rejected, and the record stands until the file is back.
     videos[1].rename(aside)

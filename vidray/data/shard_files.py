@@ -186,7 +186,7 @@ def find_stale(
             elif ours or (name.startswith(".shard-") and name.endswith(".tmp")):
                 stale.append(info.path)
 
-    finished = {}
+    finished, unseen = {}, 0
     for info in _list(fs, join_uri(root, RECORDS_DIR)):
         shard_id = info.base_name.removeprefix("shard-").removesuffix(".json")
         if info.base_name.startswith(".") or shard_id not in wanted:
@@ -198,13 +198,17 @@ def find_stale(
             continue
         # A record without its Parquet file (deleted by hand) means: decode again.
         crashed = retry_crashed and any(row.get("error") == WORKER_CRASH for row in record["videos"])
-        if crashed or _missing_there(wanted[shard_id], record["videos"]):
+        unseen += (missing_there := _missing_there(wanted[shard_id], record["videos"]))
+        if crashed or missing_there:
             # Decoded again: its files go first, or a retry that processes none of its videos (no Parquet
             # written) would leave the old one beside a record that says the shard has none.
             stale += [info.path, *([join_uri(root, record["file"])] if record["file"] in present_parquet else [])]
             continue
         if record["file"] is None or record["file"] in present_parquet:
             finished[shard_id] = record["videos"]
+    if unseen:  # decoded again on every run while it lasts: say why, or it looks like a dataset that never settles
+        print(f"vidray preprocess: decoding {unseen} shard(s) again: their tasks did not find a video this machine sees "
+              "(a node without the videos' mount?)", file=sys.stderr, flush=True)  # fmt: skip
     return finished, stale
 
 
