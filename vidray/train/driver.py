@@ -115,7 +115,6 @@ def check_stored_clips(cfg: VidrayConfig, info: DatasetInfo, dataset_dir: str) -
             f"data.size={cfg.data.size} exceeds the stored size {info.stored_size} of {dataset_dir}; "
             "lower data.size or preprocess again at a larger size"
         )
-    check_decode_device(cfg.train, info.store)  # a sweep's trials: refused before any starts
     return ClipShape(
         list(info.classes), cfg.data.frames, cfg.data.size, info.stored_frames, info.stored_size,
         decoder=info.raw.get("decoder") or "pyav",
